@@ -1,0 +1,96 @@
+"""The contract every method follows, and the forward helpers they share."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ccmem.loading import LoadedModel
+from ccmem.memory import Memory
+
+
+@dataclass
+class Method(ABC):
+    """A way to keep context: ``add`` folds new context tokens into a :class:`Memory`.
+
+    Subclasses are dataclasses whose fields are their hyper-parameters; ``name`` is the registry key.
+    ``prepare`` attaches whatever the method needs to the model (adapters, attention hooks) once.
+    """
+
+    name: ClassVar[str]
+    #: True where ``add`` uses trained parameters (an adapter); the harness says when they are untrained.
+    needs_adapter: ClassVar[bool] = False
+
+    def prepare(self, lm: LoadedModel) -> None:  # noqa: B027 - optional hook
+        """Attach modules or hooks to the model (called once per model)."""
+
+    def new_memory(self, lm: LoadedModel) -> Memory:
+        """An empty memory for this model."""
+        return Memory(meta=self.memory_meta(lm))
+
+    def memory_meta(self, lm: LoadedModel) -> dict[str, str]:
+        """Identity stamped into memories, checked when they are loaded again."""
+        return {"model": lm.fingerprint, "method": self.name, **self.config_meta()}
+
+    def config_meta(self) -> dict[str, str]:
+        """Hyper-parameters that change what a memory means."""
+        return {}
+
+    def add_sink(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
+        """Keep ``ids`` (a system prompt, BOS) uncompressed at the front of the memory."""
+        if memory.steps or memory.num_slots != memory.sink:
+            raise ValueError("the attention sink must be added before any other context")
+        cache = memory.to_cache()
+        run_decoder(lm, ids, cache, memory.next_position)
+        return _with_layers(memory, Memory.layers_of(cache), sink=memory.sink + ids.shape[-1], advance=ids.shape[-1])
+
+    @abstractmethod
+    def add(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
+        """Fold the context tokens ``ids`` (shape ``[1, n]``) into ``memory``; return the new memory."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters a training recipe should update (none for training-free methods)."""
+        return []
+
+
+def _with_layers(memory: Memory, layers: list[tuple[torch.Tensor, torch.Tensor]], **changes: Any) -> Memory:
+    advance = changes.pop("advance", 0)
+    out = Memory(
+        layers=layers,
+        next_position=memory.next_position + advance,
+        steps=changes.pop("steps", memory.steps),
+        sink=changes.pop("sink", memory.sink),
+        meta=dict(memory.meta),
+        context_ids=changes.pop("context_ids", memory.context_ids),
+    )
+    return out
+
+
+def positions(start: int, length: int, device: torch.device) -> torch.Tensor:
+    """Position ids ``start .. start+length-1`` as a ``[1, length]`` tensor."""
+    return torch.arange(start, start + length, device=device)[None]
+
+
+def run_decoder(
+    lm: LoadedModel,
+    ids: torch.Tensor | None,
+    cache: Any,
+    start: int,
+    *,
+    inputs_embeds: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Run the decoder stack only (no LM head: memory writing needs no logits) and fill ``cache``."""
+    length = (ids if ids is not None else inputs_embeds).shape[1]  # type: ignore[union-attr]
+    return lm.model.base_model(
+        input_ids=ids,
+        inputs_embeds=inputs_embeds,
+        cache=cache,
+        position_ids=positions(start, length, lm.device),
+        use_cache=True,
+        **kwargs,
+    )

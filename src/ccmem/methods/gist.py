@@ -1,0 +1,38 @@
+"""Gisting (Mu et al., NeurIPS 2023, arXiv:2304.08467): the whole context compressed once into gist tokens.
+
+The baseline CCM builds on: one <COMP> block after the *entire* context, no recurrence. In a growing
+interaction each ``add`` therefore recompresses everything seen so far (kept as ``Memory.context_ids``),
+which costs a pass over the whole history per turn but keeps memory at ``n_tok`` slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ccmem.loading import LoadedModel
+from ccmem.memory import Memory
+from ccmem.methods.base import _with_layers
+from ccmem.methods.ccm import CCM
+
+
+@dataclass
+class Gist(CCM):
+    """Gist tokens: ``n_tok`` <COMP> slots summarising the whole context at once."""
+
+    name: ClassVar[str] = "gist"
+    update: ClassVar[str] = "concat"
+
+    def add(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
+        context = ids if memory.context_ids is None else torch.cat([memory.context_ids, ids], dim=-1)
+        sink = torch.arange(memory.sink, device=lm.device)
+        # The sink occupies positions 0..sink-1, so the context always restarts right after it.
+        base = Memory(layers=memory.select(sink), next_position=memory.sink, sink=memory.sink, meta=memory.meta)
+        comp = self.compress_step(lm, base, context)
+        layers = [
+            (torch.cat([k, ck], dim=-2), torch.cat([v, cv], dim=-2))
+            for (k, v), (ck, cv) in zip(base.layers or [(c[0][..., :0, :], c[1][..., :0, :]) for c in comp], comp, strict=True)
+        ]
+        return _with_layers(base, layers, steps=1, advance=context.shape[-1] + self.n_tok, context_ids=context)

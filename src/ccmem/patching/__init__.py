@@ -1,0 +1,1 @@
+"""The only package that touches transformers internals: attention registration and cache access."""

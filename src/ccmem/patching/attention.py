@@ -1,0 +1,130 @@
+"""CCM attention, registered through transformers' public ``AttentionInterface``.
+
+A model switched to ``ccm_sdpa`` or ``ccm_eager`` behaves exactly like ``sdpa`` / ``eager`` until a
+forward receives an :class:`AttentionPlan` as the ``ccm_plan`` keyword (transformers passes extra forward
+keywords down to the attention function). With a plan, the attention appends the merged <COMP> keys and
+values (CCM-merge) and uses the plan's mask instead of the model's causal one. No model file is forked.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+from ccmem.masks import MaskPlan, to_additive
+
+PLAN_KWARG = "ccm_plan"
+BASE_IMPLEMENTATION = {"ccm_sdpa": "sdpa", "ccm_eager": "eager"}
+
+
+@dataclass
+class AttentionPlan:
+    """A :class:`MaskPlan` moved to the model's device and dtype, ready for every layer."""
+
+    mask: torch.Tensor  # [B, 1, L, L + M] additive
+    mix_index: torch.Tensor  # [B, M]
+    mix_weights: torch.Tensor  # [B, M, M]
+
+    @classmethod
+    def from_mask_plan(cls, plan: MaskPlan, dtype: torch.dtype, device: torch.device) -> AttentionPlan:
+        allowed = plan.allowed if plan.allowed.dim() == 3 else plan.allowed[None]
+        mix_index = plan.mix_index if plan.mix_index.dim() == 2 else plan.mix_index[None]
+        mix_weights = plan.mix_weights if plan.mix_weights.dim() == 3 else plan.mix_weights[None]
+        return cls(
+            mask=to_additive(allowed, dtype).to(device),
+            mix_index=mix_index.to(device),
+            mix_weights=mix_weights.to(device=device, dtype=dtype),
+        )
+
+
+def _with_merged(states: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+    """Append the merged <COMP> entries ``mix_weights @ states[comp]`` after the sequence axis."""
+    if plan.mix_index.shape[-1] == 0:
+        return states
+    batch, heads, _, dim = states.shape
+    index = plan.mix_index[:, None, :, None].expand(batch, heads, -1, dim)
+    comp = states.gather(2, index)
+    merged = plan.mix_weights[:, None].to(states.dtype) @ comp
+    return torch.cat([states, merged], dim=2)
+
+
+def _generic_eager(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention for model files that do not define ``eager_attention_forward``."""
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    weights = query @ key.transpose(2, 3) * scale
+    if kwargs.get("softcap") is not None:
+        weights = torch.tanh(weights / kwargs["softcap"]) * kwargs["softcap"]
+    if attention_mask is not None:
+        weights = weights + attention_mask[:, :, :, : key.shape[-2]]
+    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return (weights @ value).transpose(1, 2).contiguous(), weights
+
+
+def _eager_for(module: nn.Module) -> Callable[..., Any]:
+    """The model file's own eager attention (it knows its quirks, e.g. soft-capping), else a generic one."""
+    source = inspect.getmodule(type(module))
+    return getattr(source, "eager_attention_forward", _generic_eager)
+
+
+def _make(base: str) -> Callable[..., Any]:
+    def ccm_attention(
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        plan: AttentionPlan | None = kwargs.pop(PLAN_KWARG, None)
+        if plan is not None:
+            key, value = _with_merged(key, plan), _with_merged(value, plan)
+            attention_mask = plan.mask.to(query.dtype)
+        if base == "sdpa":
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return _eager_for(module)(module, query, key, value, attention_mask, **kwargs)
+
+    ccm_attention.__name__ = f"ccm_{base}_attention"
+    return ccm_attention
+
+
+def register() -> None:
+    """Make ``ccm_sdpa`` and ``ccm_eager`` known to transformers (idempotent)."""
+    AttentionInterface.register("ccm_sdpa", _make("sdpa"))
+    AttentionInterface.register("ccm_eager", _make("eager"))
+    AttentionMaskInterface.register("ccm_sdpa", sdpa_mask)
+    AttentionMaskInterface.register("ccm_eager", eager_mask)
+
+
+def use_ccm_attention(model: nn.Module) -> None:
+    """Switch a loaded model to the CCM variant of its current attention implementation."""
+    register()
+    current = model.config._attn_implementation or "sdpa"
+    if current in BASE_IMPLEMENTATION:
+        return
+    if current not in ("sdpa", "eager"):
+        raise ValueError(
+            f"ccmem compression needs 'sdpa' or 'eager' attention, but the model uses {current!r}; "
+            "load it with attn_implementation='sdpa' or 'eager'"
+        )
+    model.set_attn_implementation(f"ccm_{current}")

@@ -1,0 +1,61 @@
+"""Tiny randomly initialised models of several families, built from configs in code (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+)
+
+from ccmem.loading import LoadedModel
+
+VOCAB = 97
+
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, max_position_embeddings=256)
+
+CONFIGS = {
+    "llama-gqa": lambda: LlamaConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2),
+    "mistral": lambda: MistralConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2, sliding_window=None),
+    "qwen2": lambda: Qwen2Config(**COMMON, num_attention_heads=4, num_key_value_heads=2),
+    "gpt-neox": lambda: GPTNeoXConfig(**COMMON, num_attention_heads=4),
+    "gemma3": lambda: Gemma3TextConfig(
+        **COMMON, num_attention_heads=4, num_key_value_heads=1, head_dim=8, sliding_window=512
+    ),
+}
+
+
+class TinyTokenizer:
+    """Just enough tokenizer for tests: characters -> ids (mod vocab), no chat template."""
+
+    chat_template = None
+    eos_token_id = 1
+    pad_token_id = 0
+    bos_token_id = None
+    eos_token = "</s>"
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [3 + (ord(c) % (VOCAB - 3)) for c in text]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(chr(97 + (int(i) % 26)) for i in ids if int(i) > 2)
+
+    def convert_tokens_to_ids(self, token):
+        return None
+
+
+def tiny_model(family: str = "llama-gqa", attn: str = "sdpa", seed: int = 0) -> LoadedModel:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(CONFIGS[family](), attn_implementation=attn, dtype=torch.float32)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=TinyTokenizer(), name=f"tiny-{family}")
+
+
+@pytest.fixture
+def tiny_llama() -> LoadedModel:
+    return tiny_model("llama-gqa")
