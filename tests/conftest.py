@@ -59,3 +59,11 @@ def tiny_model(family: str = "llama-gqa", attn: str = "sdpa", seed: int = 0) -> 
 @pytest.fixture
 def tiny_llama() -> LoadedModel:
     return tiny_model("llama-gqa")
+
+
+def randomize_lora(method, scale: float = 0.1, seed: int = 0) -> None:
+    """Give every LoRA B matrix non-zero weights, so a wrong gate or mask shows in the logits."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for lora in method.loras.values():
+            lora.lora_B.copy_(torch.randn(lora.lora_B.shape, generator=generator) * scale)

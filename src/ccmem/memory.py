@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import DynamicCache
 
@@ -68,6 +68,23 @@ class Memory:
         if not self.layers:
             return DynamicCache()
         return DynamicCache(ddp_cache_data=[(k, v) for k, v in self.layers])
+
+    def generate_inputs(self, query_ids: torch.Tensor) -> dict[str, torch.Tensor | DynamicCache]:
+        """Keyword arguments for ``model.generate(**memory.generate_inputs(query))``.
+
+        ``generate`` expects ``input_ids`` to cover the cached positions too, so the memory slots are
+        represented by placeholder ids it never reads; position ids continue the interaction's positions.
+        """
+        query_ids = query_ids[None] if query_ids.dim() == 1 else query_ids
+        batch, n = query_ids.shape
+        placeholder = query_ids.new_full((batch, self.num_slots), int(query_ids[0, 0]))
+        input_ids = torch.cat([placeholder, query_ids], dim=1)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "position_ids": torch.arange(self.next_position, self.next_position + n, device=query_ids.device)[None],
+            "cache": self.to_cache(),
+        }
 
     @staticmethod
     def layers_of(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -128,7 +145,7 @@ class Memory:
                 n_layers = len([k for k in f.keys() if k.endswith(".keys")])
                 layers = [(f.get_tensor(f"layers.{i}.keys"), f.get_tensor(f"layers.{i}.values")) for i in range(n_layers)]
                 context = f.get_tensor("context_ids") if "context_ids" in f.keys() else None
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, SafetensorError) as err:
             if isinstance(err, MemoryMismatchError):
                 raise
             raise MemoryMismatchError(f"{path} is not a readable safetensors memory file: {err}") from err

@@ -117,8 +117,20 @@ class CCM(Method):
             )
         embed = model.get_input_embeddings().weight
         self.comp_embeddings = CompEmbeddings(self.n_tok, embed.shape[1], init_from=embed.detach()).to(embed.device)
-        self.gate.install(model.base_model)
+        self._hook = self.gate.install(model.base_model)
+        self._attn = model.config._attn_implementation
         use_ccm_attention(model)
+
+    def release(self, lm: LoadedModel) -> None:
+        """Undo :meth:`prepare`: put the original projections and attention back (the adapter is dropped)."""
+        if self.comp_embeddings is None:
+            return
+        for path, wrapped in self.loras.items():
+            parent = lm.model.base_model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else lm.model.base_model
+            setattr(parent, path.rsplit(".", 1)[-1], wrapped.base)
+        self._hook.remove()
+        lm.model.set_attn_implementation(self._attn)
+        self.loras, self.comp_embeddings = {}, None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         if self.comp_embeddings is None:

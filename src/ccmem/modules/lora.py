@@ -30,14 +30,14 @@ class LoRAGate:
     def set(self, comp_mask: torch.Tensor | None) -> None:
         self.value = comp_mask if comp_mask is not None and bool(comp_mask.any()) else None
 
-    def install(self, decoder: nn.Module) -> None:
+    def install(self, decoder: nn.Module) -> torch.utils.hooks.RemovableHandle:
         """Set the gate from each ``decoder(..., ccm_comp_mask=...)`` call; a call without it turns LoRA off."""
 
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
             self.set(kwargs.pop(GATE_KWARG, None))
             return args, kwargs
 
-        decoder.register_forward_pre_hook(hook, with_kwargs=True)
+        return decoder.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 class GatedLoRALinear(nn.Module):

@@ -1,0 +1,72 @@
+"""Turn chat messages into the text a model reads, one increment at a time.
+
+Compression works on increments (each new turn is a chunk), but chat templates render whole
+conversations. :class:`ChatFormat` renders ``history + new`` and keeps only what ``history`` did not
+already produce, so each chunk is exactly the text the full conversation would contain.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+Message = dict[str, str]
+ROLES = ("system", "user", "assistant")
+
+
+def check_messages(messages: Sequence[Any]) -> list[Message]:
+    """Validate chat messages; raise a clear error naming the bad one."""
+    if isinstance(messages, dict):
+        messages = [messages]
+    out = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+            raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {msg!r}")
+        if msg["role"] not in ROLES:
+            raise ValueError(f"message {i} has role {msg['role']!r}; use one of {', '.join(ROLES)}")
+        if not isinstance(msg["content"], str):
+            raise ValueError(f"message {i} content must be a string")
+        out.append({"role": msg["role"], "content": msg["content"]})
+    return out
+
+
+class ChatFormat:
+    """Renders messages with the tokenizer's chat template, or a plain ``Role: text`` format without one."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.templated = bool(getattr(tokenizer, "chat_template", None))
+
+    def render(self, messages: list[Message], generation_prompt: bool = False) -> str:
+        if self.templated:
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=generation_prompt
+            )
+            return str(text)
+        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+        return text + ("Assistant:" if generation_prompt else "")
+
+    def delta(self, history: list[Message], new: list[Message], generation_prompt: bool = False) -> str:
+        """Text that ``new`` adds after ``history``."""
+        before = self.render(history) if history else ""
+        after = self.render(history + new, generation_prompt)
+        if after.startswith(before):
+            return after[len(before) :]
+        logger.warning("chat template does not render incrementally; formatting the new turns on their own")
+        return self.render(new, generation_prompt)
+
+    def stop_ids(self) -> set[int]:
+        """Token ids that end an answer (EOS and the template's end-of-turn token)."""
+        ids = set()
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+            tid = self.tokenizer.convert_tokens_to_ids(token)
+            unk = getattr(self.tokenizer, "unk_token_id", None)
+            if isinstance(tid, int) and tid != unk:
+                ids.add(tid)
+        return ids

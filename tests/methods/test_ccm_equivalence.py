@@ -1,0 +1,108 @@
+"""The backbone: parallel (masked) training forward == recurrent inference, for every CCM variant."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ccmem.methods.base import positions
+from ccmem.methods.ccm import Sample
+from ccmem.registry import get_method
+from tests.conftest import randomize_lora, tiny_model
+
+SINK = [5, 6, 7]
+CHUNKS = [[10, 11, 12, 13], [20, 21, 22], [30, 31, 32, 33, 34]]
+TAIL = [40, 41, 42]
+TOL = 1e-4
+
+
+def recurrent_logits(lm, method, chunks, tail, sink):
+    """Compress chunk by chunk, then read the tail with the memory; logits of every chunk and of the tail."""
+    memory = method.add_sink(lm, method.new_memory(lm), torch.tensor([sink]))
+    chunk_logits = []
+    for chunk in chunks:
+        seen = memory if method.recurrent else memory.__class__(layers=memory.select(torch.arange(memory.sink)))
+        out = lm.model(
+            input_ids=torch.tensor([chunk]),
+            cache=seen.to_cache(),
+            position_ids=positions(memory.next_position, len(chunk), lm.device),
+        )
+        chunk_logits.append(out.logits[0])
+        memory = method.add(lm, memory, torch.tensor([chunk]))
+    tail_out = lm.model(
+        input_ids=torch.tensor([tail]),
+        cache=memory.to_cache(),
+        position_ids=positions(memory.next_position, len(tail), lm.device),
+    )
+    return chunk_logits, tail_out.logits[0], memory
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "gpt-neox", "mistral", "qwen2", "gemma3"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", ["ccm-concat", "ccm-merge"])
+@pytest.mark.parametrize("recurrent", [True, False])
+def test_parallel_forward_equals_recurrent_inference(family, attn, name, recurrent):
+    lm = tiny_model(family, attn)
+    method = get_method(name, n_tok=2, recurrent=recurrent)
+    method.prepare(lm)
+    randomize_lora(method)
+    batch = method.make_batch([Sample(CHUNKS, TAIL, SINK)])
+    with torch.no_grad():
+        parallel = method.parallel_forward(lm, batch).logits[0]
+        chunk_logits, tail_logits, memory = recurrent_logits(lm, method, CHUNKS, TAIL, SINK)
+
+    start = batch.tail_start[0]
+    torch.testing.assert_close(parallel[start : start + len(TAIL)], tail_logits, atol=TOL, rtol=0)
+    # Context tokens too: chunk t read Mem(t-1) in both computations.
+    offset = len(SINK)
+    for chunk, logits in zip(CHUNKS, chunk_logits, strict=True):
+        torch.testing.assert_close(parallel[offset : offset + len(chunk)], logits, atol=TOL, rtol=0)
+        offset += len(chunk) + method.n_tok
+    expected_slots = len(SINK) + (2 * len(CHUNKS) if name == "ccm-concat" else 2)
+    assert memory.num_slots == expected_slots
+
+
+def test_equivalence_is_not_vacuous():
+    """The tail really reads compressed memory: its logits differ from full attention and from LoRA off."""
+    lm = tiny_model("llama-gqa")
+    method = get_method("ccm-concat", n_tok=2)
+    method.prepare(lm)
+    randomize_lora(method, scale=0.5)
+    batch = method.make_batch([Sample(CHUNKS, TAIL, SINK)])
+    start = batch.tail_start[0]
+    with torch.no_grad():
+        compressed = method.parallel_forward(lm, batch).logits[0, start:]
+        full = lm.model(input_ids=torch.tensor([SINK + sum(CHUNKS, []) + TAIL])).logits[0, -len(TAIL) :]
+        for lora in method.loras.values():
+            lora.lora_B.zero_()
+        no_lora = method.parallel_forward(lm, batch).logits[0, start:]
+    assert (compressed - full).abs().max() > 1e-3
+    assert (compressed - no_lora).abs().max() > 1e-3
+
+
+def test_batched_parallel_forward_equals_unbatched():
+    lm = tiny_model("llama-gqa")
+    method = get_method("ccm-merge", n_tok=3)
+    method.prepare(lm)
+    randomize_lora(method)
+    samples = [Sample(CHUNKS, TAIL, SINK), Sample([[50, 51], [52, 53, 54, 55]], [60, 61, 62, 63], [])]
+    with torch.no_grad():
+        batched = method.parallel_forward(lm, method.make_batch(samples)).logits
+        for b, sample in enumerate(samples):
+            single_batch = method.make_batch([sample])
+            single = method.parallel_forward(lm, single_batch).logits[0]
+            n = single_batch.lengths[0]
+            torch.testing.assert_close(batched[b, :n], single, atol=TOL, rtol=0)
+
+
+def test_gist_parallel_equals_recurrent():
+    lm = tiny_model("qwen2")
+    method = get_method("gist", n_tok=2)
+    method.prepare(lm)
+    randomize_lora(method)
+    batch = method.make_batch([Sample([sum(CHUNKS, [])], TAIL, SINK)])
+    with torch.no_grad():
+        parallel = method.parallel_forward(lm, batch).logits[0, batch.tail_start[0] :]
+        _, tail_logits, memory = recurrent_logits(lm, method, CHUNKS, TAIL, SINK)
+    torch.testing.assert_close(parallel, tail_logits, atol=TOL, rtol=0)
+    assert memory.num_slots == len(SINK) + 2

@@ -1,0 +1,85 @@
+"""Mask builders against the slow, literal reference, plus the pictures in their docstrings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ccmem.masks import Role, build_plan, collate_plans, layout, reference_allowed
+
+chunk_lists = st.lists(st.integers(min_value=0, max_value=5), min_size=0, max_size=4)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    chunks=chunk_lists,
+    n_tok=st.integers(1, 3),
+    tail=st.integers(0, 4),
+    sink=st.integers(0, 3),
+    update=st.sampled_from(["concat", "merge"]),
+    recurrent=st.booleans(),
+)
+def test_build_plan_matches_reference_loop(chunks, n_tok, tail, sink, update, recurrent):
+    plan = build_plan(chunks, n_tok, tail, sink_length=sink, update=update, recurrent=recurrent)
+    expected = reference_allowed(chunks, n_tok, tail, sink_length=sink, update=update, recurrent=recurrent)
+    assert plan.allowed.tolist() == expected
+
+
+def test_concat_picture_from_docstring():
+    plan = build_plan([2, 2], 1, 2, update="concat")
+    picture = [
+        "x.......",
+        "xx......",
+        "xxx.....",
+        "..xx....",
+        "..xxx...",
+        "..xxxx..",
+        "..x..xx.",
+        "..x..xxx",
+    ]
+    assert ["".join("x" if v else "." for v in row) for row in plan.allowed.tolist()] == picture
+
+
+def test_merge_weights_are_running_averages():
+    plan = build_plan([1, 1, 1], 2, 1, update="merge")
+    # <COMP> order: step1 slot0, step1 slot1, step2 slot0, ...; merged entry of step 3, slot 0:
+    weights = plan.mix_weights
+    assert torch.allclose(weights[4], torch.tensor([1 / 3, 0, 1 / 3, 0, 1 / 3, 0]))
+    assert torch.allclose(weights.sum(-1), torch.ones(6))
+
+
+def test_tail_reads_only_last_merged_memory():
+    plan = build_plan([2, 2], 1, 1, update="merge")
+    length = 7
+    tail_row = plan.allowed[-1]
+    assert tail_row[:length].tolist() == [False] * 6 + [True]
+    assert tail_row[length:].tolist() == [False, True]
+
+
+def test_non_recurrent_chunks_do_not_see_memory():
+    plan = build_plan([2, 2], 1, 1, update="concat", recurrent=False)
+    second_chunk_first_token = 3
+    assert plan.allowed[second_chunk_first_token].tolist() == [False, False, False, True, False, False, False]
+    assert plan.allowed[-1, 2] and plan.allowed[-1, 5]  # the tail still reads every <COMP>
+
+
+def test_layout_roles_and_slots():
+    lay = layout([2, 1], 2, 1, sink_length=1)
+    assert lay.role.tolist() == [Role.SINK, Role.CHUNK, Role.CHUNK, Role.COMP, Role.COMP, Role.CHUNK, Role.COMP, Role.COMP, Role.TAIL]
+    assert lay.slot.tolist() == [-1, -1, -1, 0, 1, -1, 0, 1, -1]
+
+
+def test_n_tok_below_one_is_refused():
+    with pytest.raises(ValueError, match="n_tok must be at least 1"):
+        build_plan([3], 0, 1)
+
+
+def test_collate_pads_without_empty_rows():
+    plans = [build_plan([2], 1, 1, update="merge"), build_plan([1, 1, 1], 1, 2, update="merge")]
+    batch = collate_plans(plans)
+    assert batch.allowed.shape == (2, 8, 8 + 3)
+    assert bool(batch.allowed.any(-1).all())  # every query row, padding included, attends somewhere
+    n = plans[0].position_ids.numel()
+    assert not batch.allowed[0, :n, n:8].any()  # real tokens never read padding
