@@ -147,6 +147,14 @@ def _materialize_builtin(name: str, dtype: torch.dtype) -> Path:
     return target
 
 
+def hub_offline() -> bool:
+    """True when the user switched the hub off (``HF_HUB_OFFLINE=1``): then never wait on the network."""
+    import huggingface_hub.constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return bool(huggingface_hub.constants.HF_HUB_OFFLINE) or any(f.lower() in ("1", "true", "yes") for f in flags)
+
+
 def _looks_like_hub_id(spec: str) -> bool:
     parts = spec.split("/")
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
@@ -179,9 +187,10 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, **load_kw)
     elif _looks_like_hub_id(spec):
+        offline = hub_offline()
         try:
-            tokenizer = AutoTokenizer.from_pretrained(spec)
-            model = AutoModelForCausalLM.from_pretrained(spec, **load_kw)
+            tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=offline)
+            model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=offline, **load_kw)
         except OSError as err:
             raise ModelNotFoundError(
                 f"could not load {spec!r} from the Hugging Face hub ({err.__class__.__name__}). Without hub access, "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from typing import Any
 
 from ccmem.methods.base import Method
@@ -28,10 +30,12 @@ def get_method(name: str, **options: Any) -> Method:
         cls = METHODS[name]
     except KeyError:
         raise UnknownMethodError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}") from None
-    try:
-        return cls(**options)
-    except TypeError as err:
-        fields = [f for f in getattr(cls, "__dataclass_fields__", {}) if not f.startswith("_")]
-        raise ValueError(
-            f"bad option for method {name!r} ({err}); its options are: {', '.join(fields) or 'none'}"
-        ) from None
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key in options:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(
+                f"method {name!r} has no option {key!r}{hint}; its options are: {', '.join(valid) or 'none'}"
+            )
+    return cls(**options)

@@ -1,0 +1,279 @@
+"""The ``ccmem`` command: a thin layer that parses options and calls :mod:`ccmem.api` and the recipes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ccmem.loading import BUILTIN_MODELS, DEFAULT_MODEL, cache_dir
+from ccmem.registry import METHODS
+
+app = typer.Typer(
+    help="Compressed Context Memory: keep a long LM interaction in a small compressed key/value memory.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help=f"Built-in name ({', '.join(BUILTIN_MODELS)}), local Hugging Face folder, .gguf file, or hub id (online only).",
+    ),
+]
+MethodOpt = Annotated[str, typer.Option("--method", help=f"Context method: {', '.join(METHODS)}.")]
+AdapterOpt = Annotated[
+    Path | None,
+    typer.Option("--adapter", help="Trained compression adapter (.safetensors). Default: the one shipped for the model."),
+]
+NTokOpt = Annotated[
+    int | None, typer.Option("--n-tok", help="<COMP> tokens per chunk for ccm-*/gist (default: the method's, 4).")
+]
+RecurrentOpt = Annotated[
+    bool,
+    typer.Option(
+        "--recurrent/--no-recurrent",
+        help="ccm-*: compress each chunk with the memory so far (recurrent) or alone (as for ICL demonstrations).",
+    ),
+]
+SystemOpt = Annotated[
+    str, typer.Option("--system", help="System prompt, kept uncompressed as the attention sink ('' for none).")
+]
+MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens to generate per answer.")]
+
+
+def _method_options(method: str, n_tok: int | None, recurrent: bool) -> dict[str, Any]:
+    if not method.startswith(("ccm", "gist")):
+        return {}
+    options: dict[str, Any] = {"recurrent": recurrent}
+    if n_tok is not None:
+        options["n_tok"] = n_tok
+    return options
+
+
+def _session(model: str, method: str, adapter: Path | None, n_tok: int | None, recurrent: bool, system: str) -> Any:
+    import ccmem  # deferred: importing torch/transformers makes --help slow
+
+    with console.status(f"loading {model} with {method}..."):
+        session = ccmem.load(
+            model,
+            method=method,
+            adapter=adapter,
+            system_prompt=system or None,
+            **_method_options(method, n_tok, recurrent),
+        )
+    if not session.adapter_trained:
+        err_console.print(
+            f"[yellow]note:[/] no trained adapter for {method} on {model}: <COMP> tokens are untrained, "
+            "so answers will not use the compressed context. Pass --adapter PATH."
+        )
+    return session
+
+
+@app.command()
+def demo(
+    model: ModelOpt = DEFAULT_MODEL,
+    methods: Annotated[
+        str, typer.Option("--methods", help="Comma-separated methods to compare side by side.")
+    ] = "full,none,ccm-concat,ccm-merge",
+    n_tok: NTokOpt = None,
+    max_new_tokens: MaxNewOpt = 24,
+    out: Annotated[Path | None, typer.Option("--out", help="Also append every row as JSON to this .jsonl file.")] = None,
+) -> None:
+    """Run the pre-defined conversations with every method and print answers, memory and time side by side."""
+    from ccmem.demo import run_demo
+    from ccmem.loading import load_model
+    from ccmem.registry import get_method
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    for name in names:
+        get_method(name)  # fail fast on a typo, with the list of valid names
+    with console.status(f"loading {model}..."):
+        lm = load_model(model)
+    table = Table(title=f"ccmem demo on {model}: answers from memory", show_lines=True)
+    for col, kw in [
+        ("method", {"style": "bold"}),
+        ("question", {}),
+        ("answer", {"max_width": 48}),
+        ("ok", {"justify": "center"}),
+        ("slots", {"justify": "right"}),
+        ("memory", {"justify": "right"}),
+        ("seconds", {"justify": "right"}),
+    ]:
+        table.add_column(col, **kw)
+    untrained = set()
+    with console.status("running...") as status:
+        for row in run_demo(lm, names, n_tok=n_tok, max_new_tokens=max_new_tokens, out=out):
+            status.update(f"{row.method}: {row.question}")
+            label = row.method + (" [yellow](untrained)[/]" if row.adapter == "untrained" else "")
+            if row.adapter == "untrained":
+                untrained.add(row.method)
+            table.add_row(
+                label,
+                row.question,
+                row.answer,
+                "[green]yes[/]" if row.correct else "[red]no[/]",
+                str(row.memory_slots),
+                f"{row.memory_bytes / 1024:.0f} KiB",
+                f"{row.compress_seconds:.1f}+{row.answer_seconds:.1f}",
+            )
+    console.print(table)
+    console.print("seconds = compressing the conversation + answering; slots/memory = key/value positions kept.")
+    if untrained:
+        console.print(
+            f"[yellow]{', '.join(sorted(untrained))}: no trained compression adapter ships for {model} yet, so "
+            "these rows show untrained <COMP> tokens (the context is effectively lost). Train one with the "
+            "training recipe, then pass it with ccmem chat --adapter.[/]"
+        )
+
+
+@app.command()
+def chat(
+    model: ModelOpt = DEFAULT_MODEL,
+    method: MethodOpt = "ccm-concat",
+    adapter: AdapterOpt = None,
+    n_tok: NTokOpt = None,
+    recurrent: RecurrentOpt = True,
+    system: SystemOpt = "You are a helpful assistant.",
+    max_new_tokens: MaxNewOpt = 128,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy; higher samples more freely.")] = 0.0,
+) -> None:
+    """Chat interactively; each finished exchange is compressed into memory. Type /help for commands."""
+    session = _session(model, method, adapter, n_tok, recurrent, system)
+    console.print(f"[bold]ccmem chat[/] ({model}, {method}). /help for commands, /quit to leave.")
+    while True:
+        try:
+            line = console.input("[bold green]you>[/] ").strip()
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return
+        if not line:
+            continue
+        if line.startswith("/"):
+            if _chat_command(session, line):
+                return
+            continue
+        console.print("[bold blue]bot>[/] ", end="")
+        pieces = []
+        for piece in session.stream(line, max_new_tokens=max_new_tokens, temperature=temperature):
+            pieces.append(piece)
+            console.print(piece, end="", highlight=False, markup=False)
+        console.print()
+        session.remember(line, "".join(pieces).strip())
+        console.print(
+            f"[dim]memory: {session.memory.num_slots} slots, {session.memory.nbytes / 1024:.0f} KiB[/]"
+        )
+
+
+def _chat_command(session: Any, line: str) -> bool:
+    """Handle a /command; True means quit."""
+    command, _, arg = line.partition(" ")
+    if command in ("/quit", "/exit"):
+        return True
+    if command == "/reset":
+        session.reset()
+        console.print("[dim]memory cleared[/]")
+    elif command == "/memory":
+        mem = session.memory
+        console.print(f"{mem.num_slots} slots, {mem.nbytes} bytes, {mem.steps} chunks, next position {mem.next_position}")
+    elif command == "/save" and arg:
+        console.print(f"saved to {session.save_memory(arg.strip())}")
+    elif command == "/load" and arg:
+        session.load_memory(arg.strip())
+        console.print("memory loaded")
+    else:
+        console.print("/reset  /memory  /save PATH  /load PATH  /quit")
+    return False
+
+
+@app.command()
+def compress(
+    text_file: Annotated[Path, typer.Argument(help="Plain-text file to compress into memory.", exists=True, dir_okay=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the memory (.safetensors).")],
+    model: ModelOpt = DEFAULT_MODEL,
+    method: MethodOpt = "ccm-concat",
+    adapter: AdapterOpt = None,
+    n_tok: NTokOpt = None,
+    recurrent: RecurrentOpt = True,
+    system: SystemOpt = "You are a helpful assistant.",
+    chunk_tokens: Annotated[int, typer.Option(min=1, help="ccm-*: tokens per compressed chunk.")] = 256,
+) -> None:
+    """Compress a text file into a memory file that `ccmem ask` can answer from."""
+    session = _session(model, method, adapter, n_tok, recurrent, system)
+    session.max_chunk_tokens = chunk_tokens
+    text = text_file.read_text(encoding="utf-8", errors="replace")
+    with console.status(f"compressing {text_file}..."):
+        session.add(text)
+    path = session.save_memory(out)
+    mem = session.memory
+    console.print(f"wrote {path}: {mem.num_slots} slots, {mem.nbytes / 1024:.0f} KiB, {mem.next_position} positions read")
+
+
+@app.command()
+def ask(
+    memory_file: Annotated[Path, typer.Argument(help="Memory written by `ccmem compress`.", exists=True, dir_okay=False)],
+    question: Annotated[str, typer.Argument(help="What to ask about the compressed context.")],
+    model: ModelOpt = DEFAULT_MODEL,
+    method: MethodOpt = "ccm-concat",
+    adapter: AdapterOpt = None,
+    n_tok: NTokOpt = None,
+    recurrent: RecurrentOpt = True,
+    system: SystemOpt = "You are a helpful assistant.",
+    max_new_tokens: MaxNewOpt = 128,
+) -> None:
+    """Answer a question from a saved memory (same model, method and adapter as the one that wrote it)."""
+    session = _session(model, method, adapter, n_tok, recurrent, system)
+    session.load_memory(memory_file)
+    for piece in session.stream(question, max_new_tokens=max_new_tokens):
+        console.print(piece, end="", highlight=False, markup=False)
+    console.print()
+
+
+@app.command("methods")
+def list_methods() -> None:
+    """List the context methods and what each keeps."""
+    table = Table("method", "what it does")
+    for name, cls in METHODS.items():
+        table.add_row(name, (cls.__doc__ or "").strip().splitlines()[0])
+    console.print(table)
+
+
+@app.command("models")
+def list_models() -> None:
+    """List the built-in (offline) models and where their dequantized copies are cached."""
+    table = Table("name", "model", "install")
+    for name, spec in BUILTIN_MODELS.items():
+        table.add_row(name, spec.description, spec.install)
+    console.print(table)
+    console.print(f"cache: {cache_dir()} (set CCMEM_CACHE to move it)")
+
+
+def main() -> None:
+    """Console entry point: user errors become one red line and exit code 2, never a traceback."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("ccmem.api").setLevel(logging.ERROR)  # the commands print their own note on adapters
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as err:  # noqa: BLE001 - the CLI promises one line per error
+        if os.environ.get("CCMEM_DEBUG"):
+            raise
+        err_console.print(f"[red]error:[/] {err}", highlight=False)
+        err_console.print("[dim](set CCMEM_DEBUG=1 for the full traceback)[/]")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

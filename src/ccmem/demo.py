@@ -1,0 +1,86 @@
+"""``ccmem demo``: every method on the pre-defined conversations, side by side."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ccmem.api import CompressedLM, load
+from ccmem.examples import EXAMPLES, Example
+from ccmem.loading import LoadedModel
+from ccmem.methods.ccm import CCM
+
+logger = logging.getLogger(__name__)
+
+DEMO_METHODS = ("full", "none", "ccm-concat", "ccm-merge")
+
+
+@dataclass
+class DemoRow:
+    """One answer, with what it cost. Written as a JSON line by ``ccmem demo --out``."""
+
+    example: str
+    method: str
+    adapter: str  # "trained", "untrained" or "-" (methods without an adapter)
+    question: str
+    answer: str
+    correct: bool
+    memory_slots: int
+    memory_bytes: int
+    compress_seconds: float
+    answer_seconds: float
+
+
+def run_session(session: CompressedLM, example: Example, max_new_tokens: int) -> Iterator[DemoRow]:
+    """Compress the example's turns, then answer each question from memory."""
+    started = time.perf_counter()
+    for user, assistant in example.turns:
+        session.remember(user, assistant)
+    compress_seconds = time.perf_counter() - started
+    method = session.method
+    adapter = ("trained" if session.adapter_trained else "untrained") if method.needs_adapter else "-"
+    for question in example.questions:
+        started = time.perf_counter()
+        answer = session.generate(question.text, max_new_tokens=max_new_tokens)
+        yield DemoRow(
+            example=example.name,
+            method=method.name,
+            adapter=adapter,
+            question=question.text,
+            answer=answer,
+            correct=question.expected.lower() in answer.lower(),
+            memory_slots=session.memory.num_slots,
+            memory_bytes=session.memory.nbytes,
+            compress_seconds=round(compress_seconds, 3),
+            answer_seconds=round(time.perf_counter() - started, 3),
+        )
+
+
+def run_demo(
+    lm: LoadedModel,
+    methods: Sequence[str] = DEMO_METHODS,
+    *,
+    n_tok: int | None = None,
+    max_new_tokens: int = 24,
+    examples: Sequence[Example] = EXAMPLES,
+    out: Path | None = None,
+) -> Iterator[DemoRow]:
+    """Yield a :class:`DemoRow` per (method, question); one model is shared, adapters are swapped in and out."""
+    for name in methods:
+        options = {"n_tok": n_tok} if n_tok is not None and name.startswith(("ccm", "gist")) else {}
+        session = load(lm, method=name, **options)
+        try:
+            for example in examples:
+                session.reset()
+                for row in run_session(session, example, max_new_tokens):
+                    if out is not None:
+                        with out.open("a") as f:
+                            f.write(json.dumps(asdict(row)) + "\n")
+                    yield row
+        finally:
+            if isinstance(session.method, CCM):
+                session.method.release(lm)
