@@ -264,7 +264,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("ccmem.api").setLevel(logging.ERROR)  # the commands print their own note on adapters
     try:
-        app()
+        app(prog_name="ccmem")
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as err:  # noqa: BLE001 - the CLI promises one line per error

@@ -1,0 +1,76 @@
+"""The embedded default model (SmolLM2-135M-Instruct), offline. Marked: these load real weights."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import ccmem
+from ccmem.loading import builtin_gguf_path, load_model
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return load_model("smollm2-135m")
+
+
+def test_cached_copy_gives_the_same_logits_as_the_gguf(smollm):
+    gguf = builtin_gguf_path("smollm2-135m")
+    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    ids = smollm.tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(smollm.model(ids).logits, direct(ids).logits, atol=0, rtol=0)
+
+
+def test_full_equals_transformers_generate_on_a_chat(smollm):
+    session = ccmem.load(smollm, method="full")
+    session.add([{"role": "user", "content": "My dog is called Biscuit."}, {"role": "assistant", "content": "Nice!"}])
+    query = session.query_ids("What is my dog called?")
+    ours = list(session.stream_ids(query, max_new_tokens=24))  # stops at <|im_end|>, as generate does
+    text = session.format.render(session.history + [{"role": "user", "content": "What is my dog called?"}], True)
+    # The same conversation as one prompt, through plain transformers.
+    full_ids = smollm.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    reference = smollm.model.generate(full_ids, max_new_tokens=24, do_sample=False)
+    assert ours == reference[0, full_ids.shape[1] :].tolist()
+    assert ours[-1] == smollm.tokenizer.eos_token_id
+    assert "Biscuit" in session.generate("What is my dog called?", max_new_tokens=16)
+
+
+def test_ccm_compresses_a_conversation_into_fewer_slots(smollm):
+    full = ccmem.load(smollm, method="full")
+    concat = ccmem.load(smollm, method="ccm-concat", n_tok=4)
+    try:
+        for session in (full, concat):
+            for i in range(3):
+                session.remember(f"Fact number {i}: the code word is alpha{i}.", "Noted.")
+        assert concat.memory.num_slots * 3 < full.memory.num_slots
+        assert concat.memory.nbytes * 3 < full.memory.nbytes
+        assert concat.generate("Say hello.", max_new_tokens=4)
+    finally:
+        concat.method.release(smollm)
+
+
+def test_demo_command_runs_offline(tmp_path):
+    out = tmp_path / "demo.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ccmem.cli", "demo", "--methods", "full,none,ccm-merge", "--max-new-tokens", "8", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"HF_HUB_OFFLINE": "1", "COLUMNS": "200", **{k: v for k, v in __import__("os").environ.items()}},
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["method"] for r in rows} == {"full", "none", "ccm-merge"}
+    assert all(r["memory_slots"] > 0 and r["memory_bytes"] > 0 for r in rows)
+    merge = [r for r in rows if r["method"] == "ccm-merge"]
+    full = [r for r in rows if r["method"] == "full"]
+    assert merge[0]["memory_slots"] < full[0]["memory_slots"]
+    assert "untrained" in " ".join(proc.stdout.split())  # says plainly that no adapter ships yet
