@@ -202,7 +202,7 @@ class CompressedLM:
             if token in stops:
                 break
             tokens.append(token)
-            text = self.lm.tokenizer.decode(tokens, skip_special_tokens=True)
+            text = str(self.lm.tokenizer.decode(tokens, skip_special_tokens=True))
             if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
                 continue
             if len(text) > len(shown):
@@ -244,8 +244,10 @@ def load(
     ``method_options`` are the method's hyper-parameters, e.g. ``n_tok=4, recurrent=False``.
     """
     compression = get_method(method, **method_options)
-    lm = model if isinstance(model, LoadedModel) else load_model(
-        model, dtype=dtype, attn_implementation=attn_implementation
+    lm = (
+        model
+        if isinstance(model, LoadedModel)
+        else load_model(model, dtype=dtype, attn_implementation=attn_implementation)
     )
     trained = False
     if isinstance(compression, CCM):

@@ -42,9 +42,7 @@ class ChatFormat:
 
     def render(self, messages: list[Message], generation_prompt: bool = False) -> str:
         if self.templated:
-            text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=generation_prompt
-            )
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
             return str(text)
         text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
         return text + ("Assistant:" if generation_prompt else "")

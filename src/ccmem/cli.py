@@ -29,16 +29,21 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help=f"Built-in name ({', '.join(BUILTIN_MODELS)}), local Hugging Face folder, .gguf file, or hub id (online only).",
+        help=f"Built-in name ({', '.join(BUILTIN_MODELS)}), local Hugging Face folder, .gguf file, "
+        "or hub id (online only).",
     ),
 ]
 MethodOpt = Annotated[str, typer.Option("--method", help=f"Context method: {', '.join(METHODS)}.")]
 AdapterOpt = Annotated[
     Path | None,
-    typer.Option("--adapter", help="Trained compression adapter (.safetensors). Default: the one shipped for the model."),
+    typer.Option(
+        "--adapter",
+        help="Trained compression adapter (.safetensors). Default: the one shipped for the model.",
+    ),
 ]
 NTokOpt = Annotated[
-    int | None, typer.Option("--n-tok", help="<COMP> tokens per chunk for ccm-*/gist (default: the method's, 4).")
+    int | None,
+    typer.Option("--n-tok", help="<COMP> tokens per chunk for ccm-*/gist (default: the method's, 4)."),
 ]
 RecurrentOpt = Annotated[
     bool,
@@ -48,7 +53,8 @@ RecurrentOpt = Annotated[
     ),
 ]
 SystemOpt = Annotated[
-    str, typer.Option("--system", help="System prompt, kept uncompressed as the attention sink ('' for none).")
+    str,
+    typer.Option("--system", help="System prompt, kept uncompressed as the attention sink ('' for none)."),
 ]
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens to generate per answer.")]
 
@@ -89,7 +95,9 @@ def demo(
     ] = "full,none,ccm-concat,ccm-merge",
     n_tok: NTokOpt = None,
     max_new_tokens: MaxNewOpt = 24,
-    out: Annotated[Path | None, typer.Option("--out", help="Also append every row as JSON to this .jsonl file.")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Also append every row as JSON to this .jsonl file.")
+    ] = None,
 ) -> None:
     """Run the pre-defined conversations with every method and print answers, memory and time side by side."""
     from ccmem.demo import run_demo
@@ -102,7 +110,7 @@ def demo(
     with console.status(f"loading {model}..."):
         lm = load_model(model)
     table = Table(title=f"ccmem demo on {model}: answers from memory", show_lines=True)
-    for col, kw in [
+    columns: list[tuple[str, dict[str, Any]]] = [
         ("method", {"style": "bold"}),
         ("question", {}),
         ("answer", {"max_width": 48}),
@@ -110,7 +118,8 @@ def demo(
         ("slots", {"justify": "right"}),
         ("memory", {"justify": "right"}),
         ("seconds", {"justify": "right"}),
-    ]:
+    ]
+    for col, kw in columns:
         table.add_column(col, **kw)
     untrained = set()
     with console.status("running...") as status:
@@ -171,9 +180,7 @@ def chat(
             console.print(piece, end="", highlight=False, markup=False)
         console.print()
         session.remember(line, "".join(pieces).strip())
-        console.print(
-            f"[dim]memory: {session.memory.num_slots} slots, {session.memory.nbytes / 1024:.0f} KiB[/]"
-        )
+        console.print(f"[dim]memory: {session.memory.num_slots} slots, {session.memory.nbytes / 1024:.0f} KiB[/]")
 
 
 def _chat_command(session: Any, line: str) -> bool:
@@ -186,7 +193,9 @@ def _chat_command(session: Any, line: str) -> bool:
         console.print("[dim]memory cleared[/]")
     elif command == "/memory":
         mem = session.memory
-        console.print(f"{mem.num_slots} slots, {mem.nbytes} bytes, {mem.steps} chunks, next position {mem.next_position}")
+        console.print(
+            f"{mem.num_slots} slots, {mem.nbytes} bytes, {mem.steps} chunks, next position {mem.next_position}"
+        )
     elif command == "/save" and arg:
         console.print(f"saved to {session.save_memory(arg.strip())}")
     elif command == "/load" and arg:
@@ -199,7 +208,9 @@ def _chat_command(session: Any, line: str) -> bool:
 
 @app.command()
 def compress(
-    text_file: Annotated[Path, typer.Argument(help="Plain-text file to compress into memory.", exists=True, dir_okay=False)],
+    text_file: Annotated[
+        Path, typer.Argument(help="Plain-text file to compress into memory.", exists=True, dir_okay=False)
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the memory (.safetensors).")],
     model: ModelOpt = DEFAULT_MODEL,
     method: MethodOpt = "ccm-concat",
@@ -217,12 +228,16 @@ def compress(
         session.add(text)
     path = session.save_memory(out)
     mem = session.memory
-    console.print(f"wrote {path}: {mem.num_slots} slots, {mem.nbytes / 1024:.0f} KiB, {mem.next_position} positions read")
+    console.print(
+        f"wrote {path}: {mem.num_slots} slots, {mem.nbytes / 1024:.0f} KiB, {mem.next_position} positions read"
+    )
 
 
 @app.command()
 def ask(
-    memory_file: Annotated[Path, typer.Argument(help="Memory written by `ccmem compress`.", exists=True, dir_okay=False)],
+    memory_file: Annotated[
+        Path, typer.Argument(help="Memory written by `ccmem compress`.", exists=True, dir_okay=False)
+    ],
     question: Annotated[str, typer.Argument(help="What to ask about the compressed context.")],
     model: ModelOpt = DEFAULT_MODEL,
     method: MethodOpt = "ccm-concat",
@@ -267,7 +282,7 @@ def main() -> None:
         app(prog_name="ccmem")
     except KeyboardInterrupt:
         sys.exit(130)
-    except Exception as err:  # noqa: BLE001 - the CLI promises one line per error
+    except Exception as err:
         if os.environ.get("CCMEM_DEBUG"):
             raise
         err_console.print(f"[red]error:[/] {err}", highlight=False)

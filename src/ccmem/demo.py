@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from ccmem.api import CompressedLM, load
 from ccmem.examples import EXAMPLES, Example
@@ -71,7 +72,7 @@ def run_demo(
 ) -> Iterator[DemoRow]:
     """Yield a :class:`DemoRow` per (method, question); one model is shared, adapters are swapped in and out."""
     for name in methods:
-        options = {"n_tok": n_tok} if n_tok is not None and name.startswith(("ccm", "gist")) else {}
+        options: dict[str, Any] = {"n_tok": n_tok} if n_tok is not None and name.startswith(("ccm", "gist")) else {}
         session = load(lm, method=name, **options)
         try:
             for example in examples:

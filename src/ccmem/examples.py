@@ -25,7 +25,10 @@ EXAMPLES: list[Example] = [
     Example(
         name="personal facts",
         turns=[
-            ("Hi! My name is Alice and I live in Lisbon.", "Nice to meet you, Alice! Lisbon is a beautiful city."),
+            (
+                "Hi! My name is Alice and I live in Lisbon.",
+                "Nice to meet you, Alice! Lisbon is a beautiful city.",
+            ),
             ("I have a dog called Biscuit.", "Biscuit is a lovely name for a dog."),
             ("I work as a nurse at the city hospital.", "That sounds like rewarding work."),
             ("My favourite food is grilled sardines.", "Grilled sardines are a Lisbon classic!"),

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -73,7 +73,7 @@ class LoadedModel:
             )
         }
         digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
-        emb = self.model.get_input_embeddings().weight
+        emb = cast(torch.Tensor, self.model.get_input_embeddings().weight)
         digest.update(emb[:8].detach().float().cpu().numpy().tobytes())
         return digest.hexdigest()[:16]
 
@@ -115,9 +115,9 @@ def builtin_gguf_path(name: str) -> Path:
 def _forget_quantization(model: PreTrainedModel) -> None:
     """A model dequantized from GGUF still says it is quantized; clear that so it saves as plain floats."""
     if hasattr(model, "hf_quantizer"):
-        model.hf_quantizer = None
+        setattr(model, "hf_quantizer", None)  # noqa: B010 - typed as a module attribute by torch
     if hasattr(model, "is_quantized"):
-        model.is_quantized = False
+        setattr(model, "is_quantized", False)  # noqa: B010
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
 
@@ -201,6 +201,6 @@ def load_model(
             f"unknown model {spec!r}. Built-in models: {', '.join(BUILTIN_MODELS)}; "
             "or pass a local Hugging Face folder, a .gguf file, or a hub id such as 'org/name'"
         )
-    model.to(device)
+    model.to(torch.device(device))  # type: ignore[arg-type]
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec if spec in BUILTIN_MODELS else str(spec))

@@ -60,7 +60,10 @@ class Memory:
     def clone(self) -> Memory:
         context = None if self.context_ids is None else self.context_ids.clone()
         return replace(
-            self, layers=[(k.clone(), v.clone()) for k, v in self.layers], meta=dict(self.meta), context_ids=context
+            self,
+            layers=[(k.clone(), v.clone()) for k, v in self.layers],
+            meta=dict(self.meta),
+            context_ids=context,
         )
 
     def to_cache(self) -> DynamicCache:
@@ -89,7 +92,7 @@ class Memory:
     @staticmethod
     def layers_of(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer ``(keys, values)`` of a filled cache."""
-        return [(layer.keys, layer.values) for layer in cache.layers]
+        return [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr,misc]
 
     def select(self, index: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Keys/values at the given slot indices, every layer."""
@@ -143,7 +146,9 @@ class Memory:
                 if header.get("format") != "ccmem.memory":
                     raise MemoryMismatchError(f"{path} is not a ccmem memory file")
                 n_layers = len([k for k in f.keys() if k.endswith(".keys")])
-                layers = [(f.get_tensor(f"layers.{i}.keys"), f.get_tensor(f"layers.{i}.values")) for i in range(n_layers)]
+                layers = [
+                    (f.get_tensor(f"layers.{i}.keys"), f.get_tensor(f"layers.{i}.values")) for i in range(n_layers)
+                ]
                 context = f.get_tensor("context_ids") if "context_ids" in f.keys() else None
         except (OSError, ValueError, SafetensorError) as err:
             if isinstance(err, MemoryMismatchError):

@@ -11,9 +11,7 @@ from ccmem.methods.ccm import CCMConcat, CCMMerge
 from ccmem.methods.full import FullContext, NoContext
 from ccmem.methods.gist import Gist
 
-METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (FullContext, NoContext, CCMConcat, CCMMerge, Gist)
-}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FullContext, NoContext, CCMConcat, CCMMerge, Gist)}
 
 
 class UnknownMethodError(ValueError):

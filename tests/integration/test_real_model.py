@@ -34,7 +34,7 @@ def test_full_equals_transformers_generate_on_a_chat(smollm):
     session.add([{"role": "user", "content": "My dog is called Biscuit."}, {"role": "assistant", "content": "Nice!"}])
     query = session.query_ids("What is my dog called?")
     ours = list(session.stream_ids(query, max_new_tokens=24))  # stops at <|im_end|>, as generate does
-    text = session.format.render(session.history + [{"role": "user", "content": "What is my dog called?"}], True)
+    text = session.format.render([*session.history, {"role": "user", "content": "What is my dog called?"}], True)
     # The same conversation as one prompt, through plain transformers.
     full_ids = smollm.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
     reference = smollm.model.generate(full_ids, max_new_tokens=24, do_sample=False)
@@ -60,7 +60,18 @@ def test_ccm_compresses_a_conversation_into_fewer_slots(smollm):
 def test_demo_command_runs_offline(tmp_path):
     out = tmp_path / "demo.jsonl"
     proc = subprocess.run(
-        [sys.executable, "-m", "ccmem.cli", "demo", "--methods", "full,none,ccm-merge", "--max-new-tokens", "8", "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "ccmem.cli",
+            "demo",
+            "--methods",
+            "full,none,ccm-merge",
+            "--max-new-tokens",
+            "8",
+            "--out",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         timeout=600,

@@ -21,7 +21,11 @@ def test_full_equals_plain_transformers_generation(family):
         session.add_ids(chunk)
     ours = list(session.stream_ids(query, max_new_tokens=12, stop_ids=set()))
     reference = lm.model.generate(
-        input_ids=torch.tensor([sum(context, []) + query]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
+        input_ids=torch.tensor([sum(context, []) + query]),
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
     )
     assert ours == reference[0, -12:].tolist()
 
@@ -77,7 +81,11 @@ def test_load_with_adapter_marks_session_trained(tmp_path):
         (lambda: get_method("ccm-concat", n_tok=0), ValueError, "n_tok must be at least 1"),
         (lambda: get_method("ccm-concat", ntok=2), ValueError, "its options are: n_tok"),
         (lambda: ccmem.load("no-such-model"), ValueError, "Built-in models: smollm2-135m"),
-        (lambda: ccmem.load(tiny_model(), method="full", adapter="x.safetensors"), ValueError, "takes no adapter"),
+        (
+            lambda: ccmem.load(tiny_model(), method="full", adapter="x.safetensors"),
+            ValueError,
+            "takes no adapter",
+        ),
     ],
 )
 def test_bad_input_gets_a_clear_error(call, error, message):

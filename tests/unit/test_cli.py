@@ -40,7 +40,10 @@ def test_methods_lists_the_registry(monkeypatch, capsys):
         (["demo", "--methods", "full,ccm-foo"], "unknown method 'ccm-foo'; valid methods"),
         (["demo", "--model", "no-such-model"], "unknown model 'no-such-model'"),
         (["chat", "--model", "/nonexistent/folder/x.gguf"], "no GGUF file"),
-        (["chat", "--method", "ccm-concat", "--n-tok", "0", "--model", "none-model"], "n_tok must be at least 1"),
+        (
+            ["chat", "--method", "ccm-concat", "--n-tok", "0", "--model", "none-model"],
+            "n_tok must be at least 1",
+        ),
     ],
 )
 def test_bad_input_is_one_line(monkeypatch, capsys, args, message):

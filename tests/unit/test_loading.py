@@ -13,12 +13,12 @@ def test_unknown_name_lists_builtins():
 
 
 def test_folder_without_config(tmp_path):
-    with pytest.raises(ModelNotFoundError, match="has no config.json"):
+    with pytest.raises(ModelNotFoundError, match=r"has no config\.json"):
         load_model(str(tmp_path))
 
 
 def test_missing_gguf(tmp_path):
-    with pytest.raises(ModelNotFoundError, match="no GGUF file"):
+    with pytest.raises(ModelNotFoundError, match=r"no GGUF file"):
         load_model(str(tmp_path / "x.gguf"))
 
 

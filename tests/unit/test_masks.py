@@ -67,7 +67,17 @@ def test_non_recurrent_chunks_do_not_see_memory():
 
 def test_layout_roles_and_slots():
     lay = layout([2, 1], 2, 1, sink_length=1)
-    assert lay.role.tolist() == [Role.SINK, Role.CHUNK, Role.CHUNK, Role.COMP, Role.COMP, Role.CHUNK, Role.COMP, Role.COMP, Role.TAIL]
+    assert lay.role.tolist() == [
+        Role.SINK,
+        Role.CHUNK,
+        Role.CHUNK,
+        Role.COMP,
+        Role.COMP,
+        Role.CHUNK,
+        Role.COMP,
+        Role.COMP,
+        Role.TAIL,
+    ]
     assert lay.slot.tolist() == [-1, -1, -1, 0, 1, -1, 0, 1, -1]
 
 

@@ -17,7 +17,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from safetensors import safe_open
@@ -80,7 +80,9 @@ class CCM(Method):
 
     def __post_init__(self) -> None:
         if self.n_tok < 1:
-            raise ValueError(f"n_tok must be at least 1 (got {self.n_tok}): it is the number of <COMP> tokens per chunk")
+            raise ValueError(
+                f"n_tok must be at least 1 (got {self.n_tok}): it is the number of <COMP> tokens per chunk"
+            )
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank must be at least 1 (got {self.lora_rank})")
         self.gate = LoRAGate()
@@ -115,7 +117,7 @@ class CCM(Method):
                 f"found no attention projection named {list(targets)} in this {model_type} model; "
                 "pass lora_targets with the names of its attention linear layers"
             )
-        embed = model.get_input_embeddings().weight
+        embed = cast(torch.Tensor, model.get_input_embeddings().weight)
         self.comp_embeddings = CompEmbeddings(self.n_tok, embed.shape[1], init_from=embed.detach()).to(embed.device)
         self._hook = self.gate.install(model.base_model)
         self._attn = model.config._attn_implementation
@@ -217,7 +219,9 @@ class CCM(Method):
         mask[:, ids.shape[1] :] = True
         return torch.cat([embeds, comp], dim=1), mask
 
-    def compress_step(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def compress_step(
+        self, lm: LoadedModel, memory: Memory, ids: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Keys/values of the <COMP> tokens after reading chunk ``ids`` with the memory it may see."""
         self.prepare(lm)
         seen = memory if self.recurrent else Memory(layers=memory.select(torch.arange(memory.sink, device=lm.device)))
@@ -230,7 +234,9 @@ class CCM(Method):
         comp = self.compress_step(lm, memory, ids)
         layers = [
             (torch.cat([k, ck], dim=-2), torch.cat([v, cv], dim=-2))
-            for (k, v), (ck, cv) in zip(memory.layers or [(ck[..., :0, :], cv[..., :0, :]) for ck, cv in comp], comp, strict=True)
+            for (k, v), (ck, cv) in zip(
+                memory.layers or [(ck[..., :0, :], cv[..., :0, :]) for ck, cv in comp], comp, strict=True
+            )
         ]
         return _with_layers(memory, layers, steps=memory.steps + 1, advance=ids.shape[-1] + self.n_tok)
 
@@ -312,7 +318,7 @@ class CCMMerge(CCM):
         layers = []
         for i, (ck, cv) in enumerate(comp):
             if memory.steps == 0:
-                sink_k, sink_v = (memory.layers[i] if memory.layers else (ck[..., :0, :], cv[..., :0, :]))
+                sink_k, sink_v = memory.layers[i] if memory.layers else (ck[..., :0, :], cv[..., :0, :])
                 layers.append((torch.cat([sink_k, ck], -2), torch.cat([sink_v, cv], -2)))
                 continue
             k, v = memory.layers[i]

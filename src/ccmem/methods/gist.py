@@ -33,6 +33,8 @@ class Gist(CCM):
         comp = self.compress_step(lm, base, context)
         layers = [
             (torch.cat([k, ck], dim=-2), torch.cat([v, cv], dim=-2))
-            for (k, v), (ck, cv) in zip(base.layers or [(c[0][..., :0, :], c[1][..., :0, :]) for c in comp], comp, strict=True)
+            for (k, v), (ck, cv) in zip(
+                base.layers or [(c[0][..., :0, :], c[1][..., :0, :]) for c in comp], comp, strict=True
+            )
         ]
         return _with_layers(base, layers, steps=1, advance=context.shape[-1] + self.n_tok, context_ids=context)

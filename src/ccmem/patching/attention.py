@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
@@ -116,7 +116,7 @@ def register() -> None:
     AttentionMaskInterface.register("ccm_eager", eager_mask)
 
 
-def use_ccm_attention(model: nn.Module) -> None:
+def use_ccm_attention(model: PreTrainedModel) -> None:
     """Switch a loaded model to the CCM variant of its current attention implementation."""
     register()
     current = model.config._attn_implementation or "sdpa"
