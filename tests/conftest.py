@@ -67,3 +67,18 @@ def randomize_lora(method, scale: float = 0.1, seed: int = 0) -> None:
     with torch.no_grad():
         for lora in method.loras.values():
             lora.lora_B.copy_(torch.randn(lora.lora_B.shape, generator=generator) * scale)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A tiny LLaMA saved as a Hugging Face folder, with a word-level tokenizer (``w0`` .. ``w49``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path / "tiny-model"
+    tiny_model().model.save_pretrained(folder)
+    vocab = {"[UNK]": 0, "</s>": 1} | {f"w{i}": i + 2 for i in range(50)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>").save_pretrained(folder)
+    return folder

@@ -96,7 +96,9 @@ class CompressedLM:
             if not messages:
                 raise ValueError("nothing to add: the message list is empty")
             text = self.format.delta(self.history, messages)
-            self.history = self.history + messages
+            memory = self.add_ids(self._ids(text))
+            self.history = self.history + messages  # only once the turns are really in memory
+            return memory
         return self.add_ids(self._ids(text))
 
     def add_ids(self, ids: torch.Tensor | Sequence[int]) -> Memory:
@@ -110,13 +112,17 @@ class CompressedLM:
         return self.memory
 
     def _fold(self, ids: torch.Tensor) -> None:
+        """Compress ``ids`` chunk by chunk; the memory changes only if every chunk succeeds."""
         step = self.max_chunk_tokens if isinstance(self.method, CCM) else ids.shape[1]
         extra = self.method.n_tok if isinstance(self.method, CCM) else 0
-        for start in range(0, ids.shape[1], step):
-            chunk = ids[:, start : start + step]
-            self._check_room(chunk.shape[1] + extra)
-            with torch.no_grad():
-                self.memory = self.method.add(self.lm, self.memory, chunk)
+        n_chunks = -(-ids.shape[1] // step)
+        if self.method.uses_positions:
+            self._check_room(ids.shape[1] + n_chunks * extra)
+        memory = self.memory
+        with torch.no_grad():
+            for start in range(0, ids.shape[1], step):
+                memory = self.method.add(self.lm, memory, ids[:, start : start + step])
+        self.memory = memory
 
     def remember(self, user: str, assistant: str) -> Memory:
         """Fold a finished exchange into memory (what a chat does after each answer)."""

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 import ccmem
 from ccmem.loading import builtin_gguf_path, load_model
@@ -22,11 +21,10 @@ def smollm():
 
 
 def test_cached_copy_gives_the_same_logits_as_the_gguf(smollm):
-    gguf = builtin_gguf_path("smollm2-135m")
-    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    direct = load_model(str(builtin_gguf_path("smollm2-135m")))  # the .gguf spec path, dequantized afresh
     ids = smollm.tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
     with torch.no_grad():
-        torch.testing.assert_close(smollm.model(ids).logits, direct(ids).logits, atol=0, rtol=0)
+        torch.testing.assert_close(smollm.model(ids).logits, direct.model(ids).logits, atol=0, rtol=0)
 
 
 def test_full_equals_transformers_generate_on_a_chat(smollm):

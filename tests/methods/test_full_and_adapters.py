@@ -107,6 +107,22 @@ def test_empty_input_and_too_long_context():
         session.add([{"role": "bot", "content": "hi"}])
 
 
+def test_a_failed_add_leaves_memory_and_history_untouched():
+    session = CompressedLM(tiny_model(), get_method("ccm-concat", n_tok=2), system_prompt="sys", max_chunk_tokens=50)
+    session.add([{"role": "user", "content": "hello"}])
+    before_memory, before_history = session.memory, list(session.history)
+    with pytest.raises(ContextTooLongError):
+        session.add([{"role": "user", "content": "x" * 400}])  # 8 chunks: the last ones pass the limit
+    assert session.memory is before_memory
+    assert session.history == before_history
+
+
+def test_none_takes_any_length_of_context():
+    session = CompressedLM(tiny_model(), get_method("none"), system_prompt=None)
+    session.add_ids(list(range(3, 90)) * 4)  # longer than the model's 256 positions: dropped anyway
+    assert session.memory.num_slots == 0
+
+
 def test_long_input_is_chunked_for_ccm():
     session = CompressedLM(tiny_model(), get_method("ccm-concat", n_tok=2), system_prompt=None, max_chunk_tokens=10)
     session.add_ids(list(range(3, 28)))  # 25 tokens -> 3 chunks

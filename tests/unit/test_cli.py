@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import sys
 
 import pytest
@@ -58,3 +59,48 @@ def test_missing_file_argument_is_reported(monkeypatch, capsys, tmp_path):
     assert code == 2
     assert "does not exist" in text
     assert "Traceback" not in text
+
+
+def test_compress_then_ask_from_the_memory_file(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12")
+    memory = tmp_path / "notes.safetensors"
+    common = ["--model", str(tiny_model_dir), "--method", "ccm-concat", "--n-tok", "2", "--system", ""]
+    code, out = run_cli(
+        monkeypatch, capsys, "compress", str(text), "--out", str(memory), "--chunk-tokens", "5", *common
+    )
+    assert code == 0, out
+    assert "6 slots" in out  # 12 tokens -> 3 chunks of at most 5 -> 3 x 2 <COMP> slots
+    assert "untrained" in " ".join(out.split())
+    code, out = run_cli(monkeypatch, capsys, "ask", str(memory), "w3 w4", "--max-new-tokens", "3", *common)
+    assert code == 0, out
+    common[3] = "ccm-merge"
+    code, out = run_cli(monkeypatch, capsys, "ask", str(memory), "w3", *common)
+    assert code == 2
+    assert "method='ccm-concat'" in out
+
+
+def test_chat_answers_and_compresses_each_exchange(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    saved = tmp_path / "chat.safetensors"
+    lines = ["w1 w2 w3", "/memory", f"/save {saved}", "/reset", "/memory", "/quit"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    code, out = run_cli(
+        monkeypatch,
+        capsys,
+        "chat",
+        "--model",
+        str(tiny_model_dir),
+        "--method",
+        "ccm-merge",
+        "--n-tok",
+        "3",
+        "--system",
+        "",
+        "--max-new-tokens",
+        "4",
+    )
+    assert code == 0, out
+    assert "bot>" in out
+    assert "3 slots" in out  # one exchange compressed into the 3 <COMP> slots
+    assert "0 slots" in out  # after /reset
+    assert saved.is_file()

@@ -28,20 +28,10 @@ def test_hub_id_offline_says_how_to_use_a_local_folder(monkeypatch):
         load_model("no-such-org/no-such-model")
 
 
-def test_local_folder_loads_and_runs(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
+def test_local_folder_loads_and_runs(tiny_model_dir):
     import ccmem
-    from tests.conftest import tiny_model
 
-    tiny_model().model.save_pretrained(tmp_path)
-    vocab = {"[UNK]": 0, "</s>": 1} | {f"w{i}": i + 2 for i in range(50)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>").save_pretrained(tmp_path)
-
-    session = ccmem.load(str(tmp_path), method="ccm-merge", n_tok=2, system_prompt=None)
+    session = ccmem.load(str(tiny_model_dir), method="ccm-merge", n_tok=2, system_prompt=None)
     session.add("w1 w2 w3 w4")
     assert session.memory.num_slots == 2
     assert isinstance(session.generate("w5 w6", max_new_tokens=3), str)

@@ -24,6 +24,8 @@ class Method(ABC):
     name: ClassVar[str]
     #: True where ``add`` uses trained parameters (an adapter); the harness says when they are untrained.
     needs_adapter: ClassVar[bool] = False
+    #: False where added context does not use up positions (``none``), so no length limit applies to it.
+    uses_positions: ClassVar[bool] = True
 
     def prepare(self, lm: LoadedModel) -> None:  # noqa: B027 - optional hook
         """Attach modules or hooks to the model (called once per model)."""

@@ -28,6 +28,7 @@ class NoContext(Method):
     """Drop the context (keep only the attention sink): the lower bound every compression must beat."""
 
     name = "none"
+    uses_positions = False
 
     def add(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
         # Positions do not advance either: the model sees the query as if the context never happened.
