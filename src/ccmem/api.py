@@ -199,6 +199,39 @@ class CompressedLM:
                     return
                 inputs = torch.tensor([[token]], device=self.lm.device)
 
+    def score_ids(self, query: torch.Tensor | Sequence[int], options: Sequence[Sequence[int]]) -> list[float]:
+        """Summed log-likelihood of each option's tokens after ``query``, read with the memory."""
+        query = torch.as_tensor(query, dtype=torch.long, device=self.lm.device).reshape(1, -1)
+        if not options or any(len(o) == 0 for o in options):
+            raise ValueError("give at least one option, and no empty option")
+        scores = []
+        with torch.no_grad():
+            for option in options:
+                target = torch.as_tensor(option, dtype=torch.long, device=self.lm.device).reshape(1, -1)
+                inputs = torch.cat([query, target[:, :-1]], dim=1)
+                self._check_room(inputs.shape[1])
+                out = self.lm.model(
+                    input_ids=inputs,
+                    cache=self.memory.to_cache(),
+                    position_ids=positions(self.memory.next_position, inputs.shape[1], self.lm.device),
+                    logits_to_keep=target.shape[1],  # logits only where the option's tokens are predicted
+                )
+                logprobs = torch.log_softmax(out.logits[0].float(), dim=-1)
+                scores.append(float(logprobs.gather(1, target[0, :, None]).sum()))
+        return scores
+
+    def score(self, prompt: str | Sequence[Message], options: Sequence[str]) -> list[float]:
+        """Log-likelihood of each answer option to ``prompt`` given the memory (MetaICL-style scoring)."""
+        if not options or any(not o for o in options):
+            raise ValueError("give at least one option, and no empty option")
+        ids = [self.lm.tokenizer.encode(o, add_special_tokens=False) for o in options]
+        return self.score_ids(self.query_ids(prompt), ids)
+
+    def choose(self, prompt: str | Sequence[Message], options: Sequence[str]) -> int:
+        """Index of the most likely option."""
+        scores = self.score(prompt, options)
+        return max(range(len(scores)), key=scores.__getitem__)
+
     def stream(self, prompt: str | Sequence[Message], max_new_tokens: int = 64, **kwargs: Any) -> Iterator[str]:
         """Yield the answer to ``prompt`` as text pieces while it is generated."""
         stops = self.format.stop_ids()

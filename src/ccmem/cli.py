@@ -114,7 +114,8 @@ def demo(
         ("method", {"style": "bold"}),
         ("question", {}),
         ("answer", {"max_width": 48}),
-        ("ok", {"justify": "center"}),
+        ("gen ok", {"justify": "center"}),
+        ("score ok", {"justify": "center"}),
         ("slots", {"justify": "right"}),
         ("memory", {"justify": "right"}),
         ("seconds", {"justify": "right"}),
@@ -133,12 +134,16 @@ def demo(
                 row.question,
                 row.answer,
                 "[green]yes[/]" if row.correct else "[red]no[/]",
+                "[green]yes[/]" if row.option_correct else "[red]no[/]",
                 str(row.memory_slots),
                 f"{row.memory_bytes / 1024:.0f} KiB",
                 f"{row.compress_seconds:.1f}+{row.answer_seconds:.1f}",
             )
     console.print(table)
-    console.print("seconds = compressing the conversation + answering; slots/memory = key/value positions kept.")
+    console.print(
+        "gen ok: the generated answer contains the fact; score ok: the fact is the most likely of 4 options. "
+        "seconds = compressing the conversation + answering; slots/memory = key/value positions kept."
+    )
     if untrained:
         console.print(
             f"[yellow]{', '.join(sorted(untrained))}: no trained compression adapter ships for {model} yet, so "

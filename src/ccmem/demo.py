@@ -29,7 +29,8 @@ class DemoRow:
     adapter: str  # "trained", "untrained" or "-" (methods without an adapter)
     question: str
     answer: str
-    correct: bool
+    correct: bool  # the free-generation answer contains the expected word
+    option_correct: bool  # the expected option has the highest likelihood among the question's options
     memory_slots: int
     memory_bytes: int
     compress_seconds: float
@@ -47,6 +48,8 @@ def run_session(session: CompressedLM, example: Example, max_new_tokens: int) ->
     for question in example.questions:
         started = time.perf_counter()
         answer = session.generate(question.text, max_new_tokens=max_new_tokens)
+        # Options are scored as the start of the answer, the way the model would phrase it.
+        chosen = session.choose(question.text, question.options) if question.distractors else -1
         yield DemoRow(
             example=example.name,
             method=method.name,
@@ -54,6 +57,7 @@ def run_session(session: CompressedLM, example: Example, max_new_tokens: int) ->
             question=question.text,
             answer=answer,
             correct=question.expected.lower() in answer.lower(),
+            option_correct=chosen == 0,
             memory_slots=session.memory.num_slots,
             memory_bytes=session.memory.nbytes,
             compress_seconds=round(compress_seconds, 3),

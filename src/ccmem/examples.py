@@ -11,7 +11,12 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Question:
     text: str
-    expected: str  # a word the right answer contains (case-insensitive)
+    expected: str  # a word the right answer contains (case-insensitive); also the right option
+    distractors: tuple[str, ...] = ()  # wrong options for likelihood scoring
+
+    @property
+    def options(self) -> list[str]:
+        return [self.expected, *self.distractors]
 
 
 @dataclass(frozen=True)
@@ -34,9 +39,9 @@ EXAMPLES: list[Example] = [
             ("My favourite food is grilled sardines.", "Grilled sardines are a Lisbon classic!"),
         ],
         questions=[
-            Question("What is the name of my dog?", "Biscuit"),
-            Question("In which city do I live?", "Lisbon"),
-            Question("What is my job?", "nurse"),
+            Question("What is the name of my dog?", "Biscuit", ("Max", "Luna", "Rocky")),
+            Question("In which city do I live?", "Lisbon", ("Madrid", "Paris", "Berlin")),
+            Question("What is my job?", "nurse", ("teacher", "lawyer", "pilot")),
         ],
     ),
 ]

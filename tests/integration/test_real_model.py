@@ -82,4 +82,8 @@ def test_demo_command_runs_offline(tmp_path):
     merge = [r for r in rows if r["method"] == "ccm-merge"]
     full = [r for r in rows if r["method"] == "full"]
     assert merge[0]["memory_slots"] < full[0]["memory_slots"]
+    # With the whole history SmolLM2 ranks every stated fact first among 4 options; with none it cannot.
+    none = [r for r in rows if r["method"] == "none"]
+    assert all(r["option_correct"] for r in full)
+    assert sum(r["option_correct"] for r in none) < len(none)
     assert "untrained" in " ".join(proc.stdout.split())  # says plainly that no adapter ships yet

@@ -128,3 +128,21 @@ def test_long_input_is_chunked_for_ccm():
     session.add_ids(list(range(3, 28)))  # 25 tokens -> 3 chunks
     assert session.memory.steps == 3
     assert session.memory.num_slots == 6
+
+
+def test_option_scores_are_the_log_likelihood_under_full_context():
+    lm = tiny_model()
+    session = CompressedLM(lm, get_method("full"), system_prompt=None)
+    context, query, options = [5, 6, 7, 8], [12, 13], [[20, 21, 22], [30]]
+    session.add_ids(context)
+    scores = session.score_ids(query, options)
+    for option, score in zip(options, scores, strict=True):
+        seq = torch.tensor([context + query + option])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(lm.model(seq).logits[0], -1)
+        start = len(context) + len(query)
+        expected = sum(float(logprobs[start - 1 + i, t]) for i, t in enumerate(option))
+        assert score == pytest.approx(expected, abs=1e-4)
+    assert session.memory.num_slots == len(context)  # scoring leaves the memory as it was
+    with pytest.raises(ValueError, match="no empty option"):
+        session.score_ids(query, [[1], []])
