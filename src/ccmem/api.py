@@ -80,7 +80,8 @@ class CompressedLM:
             system = [{"role": "system", "content": self.system_prompt}]
             ids = self._ids(self.format.delta([], system))
             if self.sink:
-                self.memory = self.method.add_sink(self.lm, self.memory, ids)
+                with torch.no_grad():
+                    self.memory = self.method.add_sink(self.lm, self.memory, ids)
             else:
                 self._fold(ids)
             self.history = system

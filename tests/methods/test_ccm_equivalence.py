@@ -106,3 +106,23 @@ def test_gist_parallel_equals_recurrent():
         _, tail_logits, memory = recurrent_logits(lm, method, CHUNKS, TAIL, SINK)
     torch.testing.assert_close(parallel, tail_logits, atol=TOL, rtol=0)
     assert memory.num_slots == len(SINK) + 2
+
+
+def test_parallel_loss_uses_only_answer_tokens_and_matches_full_logits():
+    lm = tiny_model("llama-gqa")
+    method = get_method("ccm-concat", n_tok=2)
+    method.prepare(lm)
+    randomize_lora(method)
+    samples = [Sample(CHUNKS, [*TAIL, 43, 44], SINK, answer_start=3), Sample([[50, 51]], [60, 61, 62], [], 1)]
+    batch = method.make_batch(samples)
+    labelled = (batch.labels != -100).nonzero().tolist()
+    starts = [batch.tail_start[b] + s.answer_start for b, s in enumerate(samples)]
+    assert all(i >= starts[b] and not batch.comp[b, i] for b, i in labelled)
+    assert len(labelled) == 2 + 2  # [43, 44] and [61, 62]
+    with torch.no_grad():
+        loss = method.parallel_loss(lm, batch)
+        logits = method.parallel_forward(lm, batch).logits
+    expected = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+    torch.testing.assert_close(loss, expected)

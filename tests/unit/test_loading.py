@@ -35,3 +35,20 @@ def test_local_folder_loads_and_runs(tiny_model_dir):
     session.add("w1 w2 w3 w4")
     assert session.memory.num_slots == 2
     assert isinstance(session.generate("w5 w6", max_new_tokens=3), str)
+
+
+def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    from ccmem.loading import cache_dir
+
+    monkeypatch.setenv("CCMEM_CACHE", str(tmp_path / "elsewhere"))
+    assert cache_dir() == tmp_path / "elsewhere"
+
+
+def test_session_memory_carries_no_autograd_graph():
+    from ccmem.api import CompressedLM
+    from ccmem.registry import get_method
+    from tests.conftest import tiny_model
+
+    session = CompressedLM(tiny_model(), get_method("ccm-merge", n_tok=2), system_prompt="sys")
+    session.add_ids([5, 6, 7])
+    assert all(not k.requires_grad and not v.requires_grad for k, v in session.memory.layers)

@@ -44,11 +44,16 @@ class AdapterMismatchError(ValueError):
 
 @dataclass
 class Sample:
-    """One interaction for parallel training: ``[sink][c1]...[ck][tail]`` as token ids."""
+    """One interaction for parallel training: ``[sink][c1]...[ck][tail]`` as token ids.
+
+    ``tail[answer_start:]`` are the tokens trained on (the answer); everything before them (sink,
+    context, <COMP>, the question) is read but never a label.
+    """
 
     chunks: list[list[int]]
     tail: list[int]
     sink: list[int] = field(default_factory=list)
+    answer_start: int = 0
 
 
 @dataclass
@@ -56,6 +61,7 @@ class ParallelBatch:
     """Model inputs for one masked forward over a batch of interactions."""
 
     input_ids: torch.Tensor  # [B, L]; <COMP> positions hold a placeholder id
+    labels: torch.Tensor  # [B, L]; the token at each answer position, -100 elsewhere
     comp: torch.Tensor  # [B, L] bool
     slots: torch.Tensor  # [B, L] slot index at <COMP> positions, 0 elsewhere
     plan: MaskPlan
@@ -268,16 +274,18 @@ class CCM(Method):
         lengths = [len(r) for r in rows]
         width = max(lengths)
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
         comp_mask = torch.zeros(len(rows), width, dtype=torch.bool)
         slot_ids = torch.zeros(len(rows), width, dtype=torch.long)
-        for b, row in enumerate(rows):
+        for b, (row, sample) in enumerate(zip(rows, samples, strict=True)):
             input_ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+            answer = tail_start[b] + sample.answer_start
+            labels[b, answer : len(row)] = input_ids[b, answer : len(row)]
             comp_mask[b, : len(row)] = comps[b]
             slot_ids[b, : len(row)] = slots[b]
-        return ParallelBatch(input_ids, comp_mask, slot_ids, collate_plans(plans), lengths, tail_start)
+        return ParallelBatch(input_ids, labels, comp_mask, slot_ids, collate_plans(plans), lengths, tail_start)
 
-    def parallel_forward(self, lm: LoadedModel, batch: ParallelBatch, **kwargs: Any) -> Any:
-        """One masked forward of the full model over ``batch``: every compression step at once."""
+    def _parallel_inputs(self, lm: LoadedModel, batch: ParallelBatch) -> dict[str, Any]:
         self.prepare(lm)
         assert self.comp_embeddings is not None
         device = lm.device
@@ -286,15 +294,36 @@ class CCM(Method):
         embeds = lm.model.get_input_embeddings()(ids)
         embeds = self.comp_embeddings.fill(embeds, comp, batch.slots.to(device))
         plan = AttentionPlan.from_mask_plan(batch.plan, embeds.dtype, device)
-        length = ids.shape[1]
-        return lm.model(
-            inputs_embeds=embeds,
-            attention_mask=plan.mask[..., :length],
-            position_ids=batch.plan.position_ids.to(device),
-            use_cache=False,
-            **{PLAN_KWARG: plan, GATE_KWARG: comp},
-            **kwargs,
-        )
+        return {
+            "inputs_embeds": embeds,
+            "attention_mask": plan.mask[..., : ids.shape[1]],
+            "position_ids": batch.plan.position_ids.to(device),
+            "use_cache": False,
+            PLAN_KWARG: plan,
+            GATE_KWARG: comp,
+        }
+
+    def parallel_forward(self, lm: LoadedModel, batch: ParallelBatch, **kwargs: Any) -> Any:
+        """One masked forward of the full model over ``batch``: every compression step at once."""
+        return lm.model(**self._parallel_inputs(lm, batch), **kwargs)
+
+    def parallel_loss(self, lm: LoadedModel, batch: ParallelBatch) -> torch.Tensor:
+        """Mean next-token loss over the answer tokens, with logits computed only where labels exist.
+
+        The LM head over a 49k vocabulary dominates the cost of a small model; context and <COMP>
+        positions have no label, so their logits are never formed.
+        """
+        hidden = lm.model.base_model(**self._parallel_inputs(lm, batch)).last_hidden_state
+        labels = batch.labels.to(hidden.device)[:, 1:]
+        keep = labels != -100
+        if not bool(keep.any()):
+            raise ValueError("this batch has no answer tokens to train on (check answer_start)")
+        head = lm.model.get_output_embeddings()
+        logits = head(hidden[:, :-1][keep]).float()
+        softcap = getattr(lm.model.config.get_text_config(), "final_logit_softcapping", None)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return nn.functional.cross_entropy(logits, labels[keep])
 
 
 @dataclass
