@@ -87,3 +87,25 @@ def test_demo_command_runs_offline(tmp_path):
     assert all(r["option_correct"] for r in full)
     assert sum(r["option_correct"] for r in none) < len(none)
     assert "untrained" in " ".join(proc.stdout.split())  # says plainly that no adapter ships yet
+
+
+@pytest.mark.parametrize("name", ["ccm-concat", "ccm-merge"])
+def test_parallel_equals_recurrent_on_smollm2(smollm, name):
+    from ccmem.methods.ccm import Sample
+    from tests.conftest import randomize_lora
+    from tests.methods.test_ccm_equivalence import recurrent_logits
+
+    tok = smollm.tokenizer
+    chunks = [tok.encode(t) for t in ("My dog is Biscuit.", "I live in Lisbon and work as a nurse.")]
+    tail, sink = tok.encode("Where do I live?"), tok.encode("System: be brief.")
+    method = ccmem.get_method(name, n_tok=4)
+    method.prepare(smollm)
+    try:
+        randomize_lora(method, scale=0.02)
+        batch = method.make_batch([Sample(chunks, tail, sink)])
+        with torch.no_grad():
+            parallel = method.parallel_forward(smollm, batch).logits[0, batch.tail_start[0] :]
+            _, recurrent, _ = recurrent_logits(smollm, method, chunks, tail, sink)
+        torch.testing.assert_close(parallel, recurrent, atol=2e-4, rtol=0)  # measured: 6e-5 on logits of ~30
+    finally:
+        method.release(smollm)
