@@ -1,0 +1,1 @@
+"""Datasets: loaders for the formats users download, offline generators, and conversion to samples."""

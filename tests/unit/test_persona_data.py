@@ -1,0 +1,66 @@
+"""The offline persona-fact generator: seeded, held-out values, strict loader, training samples."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ccmem.data.persona import FACTS, DatasetFormatError, generate, read_jsonl, split_values, write_jsonl
+from ccmem.data.samples import chat_sample
+from tests.conftest import TinyTokenizer
+
+
+def test_same_seed_same_dialogs_and_other_seed_differs(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", generate(20, "train", seed=1))
+    b = write_jsonl(tmp_path / "b.jsonl", generate(20, "train", seed=1))
+    c = write_jsonl(tmp_path / "c.jsonl", generate(20, "train", seed=2))
+    assert a.read_text() == b.read_text() != c.read_text()
+
+
+def test_test_dialogs_ask_only_values_never_seen_in_training():
+    train_values = {w.strip(".") for d in generate(300, "train") for turn in d.turns for w in turn[0].split()}
+    for dialog in generate(100, "test"):
+        assert dialog.answer not in train_values
+        assert dialog.answer in dialog.options and len(set(dialog.options)) == 4
+        assert any(dialog.answer in user for user, _ in dialog.turns)
+    for kind in FACTS.values():
+        assert not set(split_values(kind, "test")) & set(split_values(kind, "train"))
+
+
+def test_roundtrip_and_errors_name_file_line_and_field(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", generate(3, "test"))
+    assert [d.answer for d in read_jsonl(path)] == [d.answer for d in generate(3, "test")]
+    lines = path.read_text().splitlines()
+    bad = json.loads(lines[1])
+    bad["options"] = "Biscuit"
+    path.write_text("\n".join([lines[0], json.dumps(bad)]) + "\n")
+    with pytest.raises(DatasetFormatError, match=r"d\.jsonl:2: field 'options' must be a list"):
+        read_jsonl(path)
+    path.write_text("{not json\n")
+    with pytest.raises(DatasetFormatError, match=r"d\.jsonl:1: not valid JSON"):
+        read_jsonl(path)
+
+
+def test_chat_sample_labels_only_the_answer():
+    tok = TinyTokenizer()
+    sample = chat_sample(tok, [("I live in Oslo.", "Noted!")], "Where do I live?", "Oslo", system="Be brief.")
+    assert sample.sink == tok.encode("System: Be brief.\n")
+    assert sample.chunks == [tok.encode("User: I live in Oslo.\nAssistant: Noted!\n")]
+    question = tok.encode("User: Where do I live?\nAssistant:")
+    assert sample.tail[: sample.answer_start] == question
+    assert sample.tail[sample.answer_start :] == [*tok.encode("Oslo"), tok.eos_token_id]
+
+
+def test_chat_sample_tokenizes_exactly_like_inference():
+    from ccmem.api import CompressedLM
+    from ccmem.registry import get_method
+    from tests.conftest import tiny_model
+
+    turns = [("I live in Oslo.", "Noted!"), ("I work as a pilot.", "Cool.")]
+    sample = chat_sample(TinyTokenizer(), turns, "Where do I live?", "Oslo", system="Be brief.")
+    session = CompressedLM(tiny_model(), get_method("full"), system_prompt="Be brief.")
+    for user, assistant in turns:
+        session.remember(user, assistant)
+    assert session.memory.next_position == len(sample.sink) + sum(len(c) for c in sample.chunks)
+    assert session.query_ids("Where do I live?")[0].tolist() == sample.tail[: sample.answer_start]
