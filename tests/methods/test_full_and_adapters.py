@@ -60,6 +60,12 @@ def test_adapter_roundtrip_and_mismatch(tmp_path):
         get_method("ccm-concat", n_tok=4).load_adapter(tiny_model(), path)
     with pytest.raises(AdapterMismatchError, match="trained for 'tiny-llama-gqa'"):
         get_method("ccm-concat", n_tok=2).load_adapter(tiny_model("qwen2"), path)
+    with pytest.raises(AdapterMismatchError, match="does not fit this model's layers"):
+        get_method("ccm-concat", n_tok=2, lora_targets=("q_proj",)).load_adapter(tiny_model(), path)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 16)
+    with pytest.raises(AdapterMismatchError, match="not a readable safetensors adapter"):
+        get_method("ccm-concat", n_tok=2).load_adapter(tiny_model(), junk)
 
 
 def test_load_with_adapter_marks_session_trained(tmp_path):

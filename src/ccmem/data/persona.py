@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from ccmem.fileio import atomic_path
 
 GENERATOR_VERSION = "persona-v1"
 ACKS = ("Got it!", "Thanks for telling me.", "Nice, I'll remember that.", "Good to know.", "Noted!")
@@ -103,16 +104,9 @@ def generate(
 def write_jsonl(path: str | os.PathLike[str], dialogs: Iterator[PersonaDialog] | list[PersonaDialog]) -> Path:
     """Write dialogs as JSON lines, atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for dialog in dialogs:
-                f.write(json.dumps(asdict(dialog)) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
+        for dialog in dialogs:
+            f.write(json.dumps(asdict(dialog)) + "\n")
     return path
 
 

@@ -14,16 +14,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, cast
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ccmem.fileio import atomic_path
 from ccmem.loading import LoadedModel
 from ccmem.masks import MaskPlan, build_plan, collate_plans
 from ccmem.memory import Memory
@@ -175,16 +175,9 @@ class CCM(Method):
     def save_adapter(self, lm: LoadedModel, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
         """Write the adapter as safetensors with its identity in the metadata (atomically)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = self.adapter_meta(lm) | {"extra": json.dumps(extra or {}, sort_keys=True)}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({k: v.contiguous().cpu() for k, v in self.adapter_state().items()}, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous().cpu() for k, v in self.adapter_state().items()}, str(tmp), metadata=meta)
         return path
 
     def load_adapter(self, lm: LoadedModel, path: str | os.PathLike[str]) -> None:
@@ -193,19 +186,27 @@ class CCM(Method):
         if not path.is_file():
             raise FileNotFoundError(f"no adapter file at {path}")
         self.prepare(lm)
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != "ccmem.adapter":
-                raise AdapterMismatchError(f"{path} is not a ccmem adapter file")
-            wanted = self.adapter_meta(lm)
-            for key in ("model", "method", "n_tok", "lora_rank"):
-                if meta.get(key) != wanted[key]:
-                    hint = f" (it was trained for {meta.get('model_name')!r})" if key == "model" else ""
-                    raise AdapterMismatchError(
-                        f"adapter {path} has {key}={meta.get(key)!r}{hint} but this run has {key}={wanted[key]!r}; "
-                        "use an adapter trained for this model and method, or change the method options to match"
-                    )
-            state = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            state, meta = self._read_adapter(path)
+        except SafetensorError as err:
+            raise AdapterMismatchError(f"{path} is not a readable safetensors adapter: {err}") from None
+        if meta.get("format") != "ccmem.adapter":
+            raise AdapterMismatchError(f"{path} is not a ccmem adapter file")
+        wanted = self.adapter_meta(lm)
+        for key in ("model", "method", "n_tok", "lora_rank"):
+            if meta.get(key) != wanted[key]:
+                hint = f" (it was trained for {meta.get('model_name')!r})" if key == "model" else ""
+                raise AdapterMismatchError(
+                    f"adapter {path} has {key}={meta.get(key)!r}{hint} but this run has {key}={wanted[key]!r}; "
+                    "use an adapter trained for this model and method, or change the method options to match"
+                )
+        expected = set(self.adapter_state())
+        if set(state) != expected:
+            differing = sorted(expected ^ set(state))[:3]
+            raise AdapterMismatchError(
+                f"adapter {path} does not fit this model's layers (e.g. {differing} is in one but not the other); "
+                "was it trained with other lora_targets?"
+            )
         assert self.comp_embeddings is not None
         with torch.no_grad():
             self.comp_embeddings.weight.copy_(state["comp_embeddings"])
@@ -213,6 +214,11 @@ class CCM(Method):
                 lora.lora_A.copy_(state[f"lora.{p}.A"])
                 lora.lora_B.copy_(state[f"lora.{p}.B"])
         self.adapter_hash = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+    @staticmethod
+    def _read_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
 
     # ------------------------------------------------------------------ recurrent inference
 
