@@ -48,7 +48,7 @@ class Method(ABC):
             raise ValueError("the attention sink must be added before any other context")
         cache = memory.to_cache()
         run_decoder(lm, ids, cache, memory.next_position)
-        return _with_layers(memory, Memory.layers_of(cache), sink=memory.sink + ids.shape[-1], advance=ids.shape[-1])
+        return updated_memory(memory, Memory.layers_of(cache), sink=memory.sink + ids.shape[-1], advance=ids.shape[-1])
 
     @abstractmethod
     def add(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
@@ -59,17 +59,24 @@ class Method(ABC):
         return []
 
 
-def _with_layers(memory: Memory, layers: list[tuple[torch.Tensor, torch.Tensor]], **changes: Any) -> Memory:
-    advance = changes.pop("advance", 0)
-    out = Memory(
+def updated_memory(
+    memory: Memory,
+    layers: list[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    advance: int = 0,
+    steps: int | None = None,
+    sink: int | None = None,
+    context_ids: torch.Tensor | None = None,
+) -> Memory:
+    """A new memory holding ``layers``, with positions moved on by ``advance`` tokens."""
+    return Memory(
         layers=layers,
         next_position=memory.next_position + advance,
-        steps=changes.pop("steps", memory.steps),
-        sink=changes.pop("sink", memory.sink),
+        steps=memory.steps if steps is None else steps,
+        sink=memory.sink if sink is None else sink,
         meta=dict(memory.meta),
-        context_ids=changes.pop("context_ids", memory.context_ids),
+        context_ids=memory.context_ids if context_ids is None else context_ids,
     )
-    return out
 
 
 def positions(start: int, length: int, device: torch.device) -> torch.Tensor:

@@ -27,7 +27,7 @@ from ccmem.fileio import atomic_path
 from ccmem.loading import LoadedModel
 from ccmem.masks import MaskPlan, build_plan, collate_plans
 from ccmem.memory import Memory
-from ccmem.methods.base import Method, _with_layers, run_decoder
+from ccmem.methods.base import Method, run_decoder, updated_memory
 from ccmem.modules import GATE_KWARG, CompEmbeddings, GatedLoRALinear, LoRAGate
 from ccmem.patching.attention import PLAN_KWARG, AttentionPlan, use_ccm_attention
 
@@ -250,7 +250,7 @@ class CCM(Method):
                 memory.layers or [(ck[..., :0, :], cv[..., :0, :]) for ck, cv in comp], comp, strict=True
             )
         ]
-        return _with_layers(memory, layers, steps=memory.steps + 1, advance=ids.shape[-1] + self.n_tok)
+        return updated_memory(memory, layers, steps=memory.steps + 1, advance=ids.shape[-1] + self.n_tok)
 
     # ------------------------------------------------------------------ parallel training
 
@@ -361,4 +361,4 @@ class CCMMerge(CCM):
             mk = k[..., s:, :] * (1 - 1 / t) + ck / t
             mv = v[..., s:, :] * (1 - 1 / t) + cv / t
             layers.append((torch.cat([k[..., :s, :], mk], -2), torch.cat([v[..., :s, :], mv], -2)))
-        return _with_layers(memory, layers, steps=t, advance=ids.shape[-1] + self.n_tok)
+        return updated_memory(memory, layers, steps=t, advance=ids.shape[-1] + self.n_tok)

@@ -8,7 +8,7 @@ import torch
 
 from ccmem.loading import LoadedModel
 from ccmem.memory import Memory
-from ccmem.methods.base import Method, _with_layers, run_decoder
+from ccmem.methods.base import Method, run_decoder, updated_memory
 
 
 @dataclass
@@ -20,7 +20,7 @@ class FullContext(Method):
     def add(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
         cache = memory.to_cache()
         run_decoder(lm, ids, cache, memory.next_position)
-        return _with_layers(memory, Memory.layers_of(cache), steps=memory.steps + 1, advance=ids.shape[-1])
+        return updated_memory(memory, Memory.layers_of(cache), steps=memory.steps + 1, advance=ids.shape[-1])
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 
 from ccmem.loading import LoadedModel
 from ccmem.memory import Memory
-from ccmem.methods.base import _with_layers
+from ccmem.methods.base import updated_memory
 from ccmem.methods.ccm import CCM
 
 
@@ -37,4 +37,4 @@ class Gist(CCM):
                 base.layers or [(c[0][..., :0, :], c[1][..., :0, :]) for c in comp], comp, strict=True
             )
         ]
-        return _with_layers(base, layers, steps=1, advance=context.shape[-1] + self.n_tok, context_ids=context)
+        return updated_memory(base, layers, steps=1, advance=context.shape[-1] + self.n_tok, context_ids=context)
