@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ccmem.chat import ChatFormat, Message, check_messages
+from ccmem.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat, Message, check_messages
 from ccmem.loading import DEFAULT_MODEL, LoadedModel, load_model
 from ccmem.memory import Memory
 from ccmem.methods.base import Method, positions
@@ -25,8 +25,6 @@ from ccmem.methods.ccm import CCM
 from ccmem.registry import get_method
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
 
 class ContextTooLongError(ValueError):

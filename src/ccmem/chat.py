@@ -14,6 +14,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 Message = dict[str, str]
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."  # short: it stays uncompressed in every memory
 ROLES = ("system", "user", "assistant")
 
 

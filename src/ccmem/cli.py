@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ccmem.chat import DEFAULT_SYSTEM_PROMPT
 from ccmem.loading import BUILTIN_MODELS, DEFAULT_MODEL, cache_dir
 from ccmem.registry import METHODS
 
@@ -159,7 +160,7 @@ def chat(
     adapter: AdapterOpt = None,
     n_tok: NTokOpt = None,
     recurrent: RecurrentOpt = True,
-    system: SystemOpt = "You are a helpful assistant.",
+    system: SystemOpt = DEFAULT_SYSTEM_PROMPT,
     max_new_tokens: MaxNewOpt = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy; higher samples more freely.")] = 0.0,
 ) -> None:
@@ -222,7 +223,7 @@ def compress(
     adapter: AdapterOpt = None,
     n_tok: NTokOpt = None,
     recurrent: RecurrentOpt = True,
-    system: SystemOpt = "You are a helpful assistant.",
+    system: SystemOpt = DEFAULT_SYSTEM_PROMPT,
     chunk_tokens: Annotated[int, typer.Option(min=1, help="ccm-*: tokens per compressed chunk.")] = 256,
 ) -> None:
     """Compress a text file into a memory file that `ccmem ask` can answer from."""
@@ -249,7 +250,7 @@ def ask(
     adapter: AdapterOpt = None,
     n_tok: NTokOpt = None,
     recurrent: RecurrentOpt = True,
-    system: SystemOpt = "You are a helpful assistant.",
+    system: SystemOpt = DEFAULT_SYSTEM_PROMPT,
     max_new_tokens: MaxNewOpt = 128,
 ) -> None:
     """Answer a question from a saved memory (same model, method and adapter as the one that wrote it)."""
