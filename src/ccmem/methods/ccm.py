@@ -38,6 +38,22 @@ LORA_TARGETS: dict[str, tuple[str, ...]] = {
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
+def appended(memory: Memory, comp: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every layer of ``memory`` with the <COMP> keys/values ``comp`` appended (an empty memory: just ``comp``)."""
+    if not memory.layers:
+        return comp
+    return [
+        (torch.cat([k, ck], dim=-2), torch.cat([v, cv], dim=-2))
+        for (k, v), (ck, cv) in zip(memory.layers, comp, strict=True)
+    ]
+
+
+def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """The module holding submodule ``path`` of ``root``, and the attribute name it is held under."""
+    head, _, leaf = path.rpartition(".")
+    return (root.get_submodule(head) if head else root), leaf
+
+
 class AdapterMismatchError(ValueError):
     """An adapter file made for another model or method."""
 
@@ -111,9 +127,8 @@ class CCM(Method):
         model_type = model.config.get_text_config().model_type
         targets = self.lora_targets or LORA_TARGETS.get(model_type, DEFAULT_LORA_TARGETS)
         for path, module in list(model.base_model.named_modules()):
-            leaf = path.rsplit(".", 1)[-1]
+            parent, leaf = _parent(model.base_model, path)
             if leaf in targets and isinstance(module, nn.Linear):
-                parent = model.base_model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model.base_model
                 wrapped = GatedLoRALinear(module, self.gate, self.lora_rank, self.lora_alpha, self.lora_dropout)
                 wrapped.to(device=module.weight.device)
                 setattr(parent, leaf, wrapped)
@@ -134,8 +149,7 @@ class CCM(Method):
         if self.comp_embeddings is None:
             return
         for path, wrapped in self.loras.items():
-            parent = lm.model.base_model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else lm.model.base_model
-            setattr(parent, path.rsplit(".", 1)[-1], wrapped.base)
+            setattr(*_parent(lm.model.base_model, path), wrapped.base)
         self._hook.remove()
         lm.model.set_attn_implementation(self._attn)
         self.loras, self.comp_embeddings = {}, None
@@ -243,13 +257,7 @@ class CCM(Method):
         return [(k[..., -self.n_tok :, :], v[..., -self.n_tok :, :]) for k, v in Memory.layers_of(cache)]
 
     def add(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
-        comp = self.compress_step(lm, memory, ids)
-        layers = [
-            (torch.cat([k, ck], dim=-2), torch.cat([v, cv], dim=-2))
-            for (k, v), (ck, cv) in zip(
-                memory.layers or [(ck[..., :0, :], cv[..., :0, :]) for ck, cv in comp], comp, strict=True
-            )
-        ]
+        layers = appended(memory, self.compress_step(lm, memory, ids))
         return updated_memory(memory, layers, steps=memory.steps + 1, advance=ids.shape[-1] + self.n_tok)
 
     # ------------------------------------------------------------------ parallel training
@@ -350,14 +358,11 @@ class CCMMerge(CCM):
     def add(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
         comp = self.compress_step(lm, memory, ids)
         t = memory.steps + 1
+        if memory.steps == 0:  # Mem(1) = h(1): the first <COMP> block goes in after the sink as it is
+            return updated_memory(memory, appended(memory, comp), steps=t, advance=ids.shape[-1] + self.n_tok)
+        s = memory.sink
         layers = []
-        for i, (ck, cv) in enumerate(comp):
-            if memory.steps == 0:
-                sink_k, sink_v = memory.layers[i] if memory.layers else (ck[..., :0, :], cv[..., :0, :])
-                layers.append((torch.cat([sink_k, ck], -2), torch.cat([sink_v, cv], -2)))
-                continue
-            k, v = memory.layers[i]
-            s = memory.sink
+        for (k, v), (ck, cv) in zip(memory.layers, comp, strict=True):
             mk = k[..., s:, :] * (1 - 1 / t) + ck / t
             mv = v[..., s:, :] * (1 - 1 / t) + cv / t
             layers.append((torch.cat([k[..., :s, :], mk], -2), torch.cat([v[..., :s, :], mv], -2)))

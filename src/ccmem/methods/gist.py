@@ -15,7 +15,7 @@ import torch
 from ccmem.loading import LoadedModel
 from ccmem.memory import Memory
 from ccmem.methods.base import updated_memory
-from ccmem.methods.ccm import CCM
+from ccmem.methods.ccm import CCM, appended
 
 
 @dataclass
@@ -30,11 +30,5 @@ class Gist(CCM):
         sink = torch.arange(memory.sink, device=lm.device)
         # The sink occupies positions 0..sink-1, so the context always restarts right after it.
         base = Memory(layers=memory.select(sink), next_position=memory.sink, sink=memory.sink, meta=memory.meta)
-        comp = self.compress_step(lm, base, context)
-        layers = [
-            (torch.cat([k, ck], dim=-2), torch.cat([v, cv], dim=-2))
-            for (k, v), (ck, cv) in zip(
-                base.layers or [(c[0][..., :0, :], c[1][..., :0, :]) for c in comp], comp, strict=True
-            )
-        ]
+        layers = appended(base, self.compress_step(lm, base, context))
         return updated_memory(base, layers, steps=1, advance=context.shape[-1] + self.n_tok, context_ids=context)
