@@ -261,6 +261,57 @@ def ask(
     console.print()
 
 
+@app.command(
+    context_settings={"help_option_names": ["--help", "-h"]},
+    epilog="Examples:\n\n  ccmem train persona-ccm-concat\n\n"
+    "  ccmem train persona-ccm-merge train.max_steps=50 method.n_tok=2 run_id=try1\n\n"
+    "  ccmem train persona-full  then  ccmem train persona-ccm-concat load_path=runs/persona-full\n\n"
+    "  accelerate launch -m ccmem.cli train persona-ccm-concat   (several processes/GPUs)",
+)
+def train(
+    preset: Annotated[
+        str | None,
+        typer.Argument(help="Preset name (see --show-presets) or a YAML config file. Omit to start from defaults."),
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="key=value settings that override the preset, e.g. train.lr=1e-4 data.n_train=500."),
+    ] = None,
+    wandb: Annotated[bool, typer.Option("--wandb", help="Also log to Weights & Biases (never required).")] = False,
+    show_config: Annotated[bool, typer.Option("--show-config", help="Print the resolved config and exit.")] = False,
+    show_keys: Annotated[bool, typer.Option("--show-keys", help="List every config key with its type.")] = False,
+    show_presets: Annotated[bool, typer.Option("--show-presets", help="List the named presets.")] = False,
+) -> None:
+    """Train a compression adapter (or a stage-1 LoRA) on the HF Trainer; rerunning the same run_id resumes it.
+
+    Everything lands in OUTPUT_DIR/RUN_ID (default runs/<preset>): config.yaml, checkpoints, log.jsonl,
+    TensorBoard events, and the result: adapter.safetensors (ccm-*) or stage1_lora.safetensors (full).
+    """
+    import yaml
+
+    from ccmem.train.config import VALID_KEYS, load_config, preset_names
+
+    if show_presets:
+        for name in preset_names():
+            console.print(name)
+        return
+    if show_keys:
+        for key, kind in VALID_KEYS.items():
+            console.print(f"{key}  [dim]{getattr(kind, '__name__', kind)}[/]", highlight=False)
+        return
+    config = load_config(preset, list(overrides or []) + (["wandb=true"] if wandb else []))
+    if show_config:
+        console.print(yaml.safe_dump(config.to_dict(), sort_keys=False), highlight=False)
+        return
+    from ccmem.train.trainer import train as run_training
+
+    result = run_training(config)
+    console.print(
+        f"[bold]done[/]: {result.steps} steps, best eval loss {result.eval_loss}, "
+        f"{result.tokens_per_second:.0f} tokens/s this session -> {result.output}"
+    )
+
+
 @app.command("methods")
 def list_methods() -> None:
     """List the context methods and what each keeps."""

@@ -4,9 +4,12 @@ The task that exercises chat memory and runs here without any download. Seeded a
 (``GENERATOR_VERSION``): the same seed gives the same file. Test dialogs ask only about values that no
 training dialog contains, so a model that answers them read the value from memory, not from its weights.
 
+Small-talk turns (no fact) can be mixed in, so that memory has to keep the facts among chatter; the
+``validation`` split uses training values with its own random stream (for early stopping).
+
 Record format (one JSON object per line)::
 
-    {"id": "train-0", "split": "train", "version": "persona-v1",
+    {"id": "train-0", "split": "train", "version": "persona-v2",
      "turns": [["I have a dog called Biscuit.", "What a lovely name!"], ...],
      "question": "What is my dog called?", "answer": "Biscuit", "options": ["Biscuit", "Max", ...]}
 """
@@ -22,8 +25,20 @@ from pathlib import Path
 
 from ccmem.fileio import atomic_path
 
-GENERATOR_VERSION = "persona-v1"
+GENERATOR_VERSION = "persona-v2"
 ACKS = ("Got it!", "Thanks for telling me.", "Nice, I'll remember that.", "Good to know.", "Noted!")
+SMALL_TALK = (
+    ("It has been raining all day here.", "Rainy days are perfect for a good book and a warm drink."),
+    ("I finally finished that long report at work.", "Well done! That must feel like a weight off your shoulders."),
+    ("My neighbour is playing loud music again.", "That sounds annoying. Maybe a friendly word would help."),
+    ("I think I will go for a walk later.", "A walk is a great way to clear your head."),
+    ("I watched a documentary about whales last night.", "Whales are fascinating animals. Did you enjoy it?"),
+    ("The coffee machine at the office broke today.", "Oh no, that can make a morning much harder."),
+    ("I am trying to read more books this year.", "That is a great goal. Short daily sessions add up quickly."),
+    ("We had a big family dinner on Sunday.", "That sounds lovely. Family dinners are special."),
+)
+SPLITS = ("train", "validation", "test")
+Range = int | tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -80,19 +95,35 @@ def split_values(kind: FactKind, split: str) -> list[str]:
     return test if split == "test" else [v for v in kind.values if v not in test]
 
 
+def _bounds(name: str, value: Range, low: int, high: int) -> tuple[int, int]:
+    lo, hi = (value, value) if isinstance(value, int) else value
+    if not low <= lo <= hi <= high:
+        raise ValueError(f"{name} must be a number or a (min, max) range within {low}..{high}, got {value!r}")
+    return lo, hi
+
+
 def generate(
-    n: int, split: str, *, seed: int = 0, facts_per_dialog: int = 3, n_options: int = 4
+    n: int,
+    split: str,
+    *,
+    seed: int = 0,
+    facts_per_dialog: Range = 3,
+    small_talk: Range = 0,
+    n_options: int = 4,
 ) -> Iterator[PersonaDialog]:
-    """``n`` dialogs of ``facts_per_dialog`` stated facts each, ending with a question about one of them."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if not 1 <= facts_per_dialog <= len(FACTS):
-        raise ValueError(f"facts_per_dialog must be between 1 and {len(FACTS)}, got {facts_per_dialog}")
+    """``n`` dialogs that state ``facts_per_dialog`` facts among ``small_talk`` fact-free turns and end with a
+    question about one fact. Both counts may be ``(min, max)`` ranges, drawn per dialog."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    facts = _bounds("facts_per_dialog", facts_per_dialog, 1, len(FACTS))
+    chatter = _bounds("small_talk", small_talk, 0, len(SMALL_TALK))
     rng = random.Random(f"{GENERATOR_VERSION}-{split}-{seed}")
     for i in range(n):
-        kinds = rng.sample(sorted(FACTS), facts_per_dialog)
+        kinds = rng.sample(sorted(FACTS), rng.randint(*facts))
         values = {k: rng.choice(split_values(FACTS[k], split)) for k in kinds}
         turns = [(FACTS[k].statement.format(value=values[k]), rng.choice(ACKS)) for k in kinds]
+        for turn in rng.sample(SMALL_TALK, rng.randint(*chatter)):
+            turns.insert(rng.randint(0, len(turns)), turn)
         asked = rng.choice(kinds)
         answer = values[asked]
         distractors = rng.sample([v for v in FACTS[asked].values if v != answer], n_options - 1)

@@ -58,6 +58,30 @@ class Method(ABC):
         """Parameters a training recipe should update (none for training-free methods)."""
         return []
 
+    # Training: ``make_batch`` lays samples out, ``training_loss`` is the loss of one batch.
+    def make_batch(self, samples: list[Any], pad_id: int = 0) -> Any:
+        raise NotImplementedError(f"method {self.name!r} cannot be trained; train full, ccm-concat or ccm-merge")
+
+    def training_loss(self, lm: LoadedModel, batch: Any) -> torch.Tensor:
+        raise NotImplementedError(f"method {self.name!r} cannot be trained; train full, ccm-concat or ccm-merge")
+
+
+def answer_loss(lm: LoadedModel, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss where ``labels`` (aligned with ``hidden``) are set, with logits formed only there.
+
+    The LM head over a large vocabulary dominates the cost of a small model; context and <COMP>
+    positions have no label, so their logits are never computed.
+    """
+    labels = labels.to(hidden.device)[:, 1:]
+    keep = labels != -100
+    if not bool(keep.any()):
+        raise ValueError("this batch has no answer tokens to train on (check answer_start)")
+    logits = lm.model.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    softcap = getattr(lm.model.config.get_text_config(), "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return nn.functional.cross_entropy(logits, labels[keep])
+
 
 def updated_memory(
     memory: Memory,

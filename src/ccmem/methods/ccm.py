@@ -27,7 +27,7 @@ from ccmem.fileio import atomic_path
 from ccmem.loading import LoadedModel
 from ccmem.masks import MaskPlan, build_plan, collate_plans
 from ccmem.memory import Memory
-from ccmem.methods.base import Method, run_decoder, updated_memory
+from ccmem.methods.base import Method, answer_loss, run_decoder, updated_memory
 from ccmem.modules import GATE_KWARG, CompEmbeddings, GatedLoRALinear, LoRAGate
 from ccmem.patching.attention import PLAN_KWARG, AttentionPlan, use_ccm_attention
 
@@ -322,22 +322,11 @@ class CCM(Method):
         return lm.model(**self._parallel_inputs(lm, batch), **kwargs)
 
     def parallel_loss(self, lm: LoadedModel, batch: ParallelBatch) -> torch.Tensor:
-        """Mean next-token loss over the answer tokens, with logits computed only where labels exist.
-
-        The LM head over a 49k vocabulary dominates the cost of a small model; context and <COMP>
-        positions have no label, so their logits are never formed.
-        """
+        """Mean next-token loss over the answer tokens of one masked forward (logits only at labels)."""
         hidden = lm.model.base_model(**self._parallel_inputs(lm, batch)).last_hidden_state
-        labels = batch.labels.to(hidden.device)[:, 1:]
-        keep = labels != -100
-        if not bool(keep.any()):
-            raise ValueError("this batch has no answer tokens to train on (check answer_start)")
-        head = lm.model.get_output_embeddings()
-        logits = head(hidden[:, :-1][keep]).float()
-        softcap = getattr(lm.model.config.get_text_config(), "final_logit_softcapping", None)
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        return nn.functional.cross_entropy(logits, labels[keep])
+        return answer_loss(lm, hidden, batch.labels)
+
+    training_loss = parallel_loss
 
 
 @dataclass

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ccmem.loading import LoadedModel
 from ccmem.memory import Memory
-from ccmem.methods.base import Method, run_decoder, updated_memory
+from ccmem.methods.base import Method, answer_loss, run_decoder, updated_memory
+
+
+@dataclass
+class FlatBatch:
+    """Whole interactions as plain causal sequences (right-padded), labels on the answers only."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor
 
 
 @dataclass
@@ -21,6 +31,26 @@ class FullContext(Method):
         cache = memory.to_cache()
         run_decoder(lm, ids, cache, memory.next_position)
         return updated_memory(memory, Memory.layers_of(cache), steps=memory.steps + 1, advance=ids.shape[-1])
+
+    def make_batch(self, samples: list[Any], pad_id: int = 0) -> FlatBatch:
+        """Each sample as ``[sink][c1]...[ck][tail]`` read with ordinary causal attention (stage-1 finetuning)."""
+        rows = [[*s.sink, *(t for c in s.chunks for t in c), *s.tail] for s in samples]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        labels = torch.full_like(ids, -100)
+        mask = torch.zeros_like(ids)
+        for b, (row, s) in enumerate(zip(rows, samples, strict=True)):
+            ids[b, : len(row)] = torch.tensor(row)
+            mask[b, : len(row)] = 1
+            answer = len(row) - len(s.tail) + s.answer_start
+            labels[b, answer : len(row)] = ids[b, answer : len(row)]
+        return FlatBatch(ids, labels, mask)
+
+    def training_loss(self, lm: LoadedModel, batch: FlatBatch) -> torch.Tensor:
+        hidden = lm.model.base_model(
+            input_ids=batch.input_ids.to(lm.device), attention_mask=batch.attention_mask.to(lm.device), use_cache=False
+        ).last_hidden_state
+        return answer_loss(lm, hidden, batch.labels)
 
 
 @dataclass

@@ -1,0 +1,277 @@
+"""Readers for the file formats the seed datasets are downloaded in, turned into :class:`MemoryExample`.
+
+Each reader takes what users actually have on disk:
+
+* **MetaICL** (``data/<task>/<task>_<k>_<seed>_<split>.jsonl``, records ``{"input", "output", "options"}``):
+  ``k`` demonstrations are the context segments, a test input is the query, options are scored.
+* **LaMP-2** (``<split>_questions.json`` + ``<split>_outputs.json``): the user's first ``k`` profile items
+  (movie ``description``/``tag``, or news ``title``/``text``/``category``) are the context segments.
+* **DailyDialog** (the HF ``dialog`` column as jsonl/json/parquet, or the original ``dialogues_*.txt`` with
+  ``__eou__`` separators) and **SODA** (the HF ``dialogue`` column): earlier turns are the context, the last
+  utterance is the answer to the one before it.
+* **pretrain**: plain ``.txt`` documents (earlier segments compressed, the next one predicted) mixed
+  with dialog files.
+
+Every error names the file, the line (or record) and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ccmem.data.persona import DatasetFormatError
+from ccmem.data.records import MemoryExample
+
+SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
+LAMP2_MOVIE_TAGS = (
+    "sci-fi", "based on a book", "comedy", "action", "twist ending", "dystopia", "dark comedy", "classic",
+    "psychology", "fantasy", "romance", "thought-provoking", "social commentary", "violence", "true story",
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- generic record files
+
+
+def read_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, record)`` for each record of a .jsonl, .json (a list, or {"data": [...]}) or .parquet file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no dataset file at {path}")
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DatasetFormatError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+        for i, record in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path}:record {i + 1}", record
+        return
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise DatasetFormatError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise DatasetFormatError(f"{path}: expected a JSON list of records")
+        for i, record in enumerate(data):
+            yield f"{path}:record {i + 1}", _mapping(record, f"{path}:record {i + 1}")
+        return
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DatasetFormatError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+            yield f"{path}:{line_no}", _mapping(record, f"{path}:{line_no}")
+
+
+def _mapping(record: Any, where: str) -> dict[str, Any]:
+    if not isinstance(record, dict):
+        raise DatasetFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+def field_of(record: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    value: Any = record.get(key)
+    if not isinstance(value, kind) or (isinstance(value, list) and not all(isinstance(v, str) for v in value)):
+        what = "a list of strings" if kind is list else f"a {kind.__name__}"
+        raise DatasetFormatError(f"{where}: field {key!r} must be {what}")
+    return value
+
+
+def split_file(folder: Path, split: str, suffixes: tuple[str, ...] = (".jsonl", ".json", ".parquet", ".txt")) -> Path:
+    """The file for ``split`` in ``folder`` (names like train.jsonl, validation-00000.parquet, dialogues_dev.txt)."""
+    if folder.is_file():
+        return folder
+    names = SPLIT_NAMES[split]
+    found = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix in suffixes and any(re.search(rf"(^|[_\-/.]){n}([_\-.]|$)", p.name) for n in names)
+    )
+    if not found:
+        raise FileNotFoundError(f"no {split} file ({'/'.join(names)} with {', '.join(suffixes)}) in {folder}")
+    return found[0]
+
+
+# ---------------------------------------------------------------------------- MetaICL
+
+
+def metaicl(folder: Path, split: str, k: int) -> list[MemoryExample]:
+    """Every task folder under ``folder``: ``k`` train demonstrations as context, each test record as a query."""
+    tasks = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    if not tasks:
+        raise FileNotFoundError(
+            f"{folder}: expected one folder per MetaICL task (data/<task>/<task>_16_100_train.jsonl)"
+        )
+    examples = []
+    for task_dir in tasks:
+        train_files = sorted(task_dir.glob(f"{task_dir.name}_*_train.jsonl"))
+        if not train_files:
+            raise FileNotFoundError(f"{task_dir}: no {task_dir.name}_<k>_<seed>_train.jsonl")
+        demos = [_metaicl_record(r, w) for w, r in read_records(train_files[0])]
+        if split == "train":  # each training record is the query once, with k other records as demonstrations
+            for i, (query, answer, options) in enumerate(demos):
+                others = [d for j, d in enumerate(demos) if j != i]
+                context = [_demo(x, y) for x, y, _ in (others[i % max(1, len(others)) :] + others)[:k]]
+                examples.append(
+                    MemoryExample(f"{task_dir.name}-train-{i}", context, query, answer, options, False, task_dir.name)
+                )
+            continue
+        prefix = train_files[0].name.removesuffix("_train.jsonl")
+        wanted = ("dev", "test") if split == "validation" else ("test",)
+        target = next(
+            (task_dir / f"{prefix}_{s}.jsonl" for s in wanted if (task_dir / f"{prefix}_{s}.jsonl").is_file()), None
+        )
+        if target is None:
+            raise FileNotFoundError(f"{task_dir}: no {prefix}_{'/'.join(wanted)}.jsonl")
+        context = [_demo(x, y) for x, y, _ in demos[:k]]
+        for i, (w, r) in enumerate(read_records(target)):
+            query, answer, options = _metaicl_record(r, w)
+            examples.append(
+                MemoryExample(f"{task_dir.name}-{split}-{i}", context, query, answer, options, False, task_dir.name)
+            )
+    return examples
+
+
+def _metaicl_record(record: dict[str, Any], where: str) -> tuple[str, str, list[str]]:
+    x = field_of(record, "input", str, where)
+    y = field_of(record, "output", str, where)
+    options = field_of(record, "options", list, where) if record.get("options") else []
+    if options and y not in options:
+        raise DatasetFormatError(f"{where}: field 'output' ({y!r}) is not one of 'options'")
+    return f"{x}\n", y, options
+
+
+def _demo(x: str, y: str) -> str:
+    return f"{x}{y}\n\n"
+
+
+# ---------------------------------------------------------------------------- LaMP-2
+
+
+def lamp2(folder: Path, split: str, k: int) -> list[MemoryExample]:
+    """LaMP-2 questions with their gold outputs; the first ``k`` profile items are the context."""
+    name = {"train": "train", "validation": "dev", "test": "test"}[split]
+    questions = folder / f"{name}_questions.json"
+    outputs = folder / f"{name}_outputs.json"
+    for p in (questions, outputs):
+        if not p.is_file():
+            raise FileNotFoundError(f"LaMP-2 needs {p.name} in {folder} (as downloaded from the LaMP benchmark)")
+    try:
+        gold_doc = json.loads(outputs.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DatasetFormatError(f"{outputs}:{err.lineno}: not valid JSON ({err.msg})") from None
+    golds_list = gold_doc.get("golds") if isinstance(gold_doc, dict) else None
+    if not isinstance(golds_list, list):
+        raise DatasetFormatError(f"{outputs}: field 'golds' must be a list of {{'id', 'output'}}")
+    golds = {str(g.get("id")): g.get("output") for g in golds_list if isinstance(g, dict)}
+    examples = []
+    for where, record in read_records(questions):
+        qid = str(record.get("id"))
+        text = field_of(record, "input", str, where)
+        profile = record.get("profile")
+        if not isinstance(profile, list) or not all(isinstance(p, dict) for p in profile):
+            raise DatasetFormatError(f"{where}: field 'profile' must be a list of objects")
+        if qid not in golds or not isinstance(golds[qid], str):
+            raise DatasetFormatError(f"{where}: question id {qid!r} has no string output in {outputs.name}")
+        options = _lamp_options(text)
+        answer = str(golds[qid])
+        if answer not in options:
+            options = [*options, answer]
+        context = [_profile_item(p, f"{where} profile item {i + 1}") for i, p in enumerate(profile[:k])]
+        examples.append(MemoryExample(qid, context, f"{text}\nAnswer: ", answer, options, False, "LaMP-2"))
+    return examples
+
+
+def _lamp_options(text: str) -> list[str]:
+    match = re.search(r"(?:tags|categories):\s*\[([^\]]+)\]", text)
+    if match:
+        return [t.strip() for t in match.group(1).split(",") if t.strip()]
+    return list(LAMP2_MOVIE_TAGS)
+
+
+def _profile_item(item: dict[str, Any], where: str) -> str:
+    if "tag" in item:
+        return f"Movie: {field_of(item, 'description', str, where)}\nTag: {field_of(item, 'tag', str, where)}\n\n"
+    if "category" in item:
+        title = item.get("title") or ""
+        return f"Article: {title} {field_of(item, 'text', str, where)}".strip() + (
+            f"\nCategory: {field_of(item, 'category', str, where)}\n\n"
+        )
+    raise DatasetFormatError(f"{where}: a LaMP-2 profile item needs 'description' and 'tag' (or 'text' and 'category')")
+
+
+# ---------------------------------------------------------------------------- dialogs
+
+
+def dialogs(path: Path, split: str, key: str, k: int, task: str) -> list[MemoryExample]:
+    """Dialog records (``key`` holds the utterances) as chat examples: the last utterance answers the one before."""
+    file = split_file(path, split)
+    examples: list[MemoryExample] = []
+    records: Iterator[tuple[str, dict[str, Any]]]
+    if file.suffix == ".txt":  # the original DailyDialog release: one dialog per line, utterances end in __eou__
+        records = (
+            (f"{file}:{i}", {key: [u.strip() for u in line.split("__eou__") if u.strip()]})
+            for i, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1)
+            if line.strip()
+        )
+    else:
+        records = read_records(file)
+    for where, record in records:
+        utterances = field_of(record, key, list, where)
+        if len(utterances) % 2:  # keep user/assistant pairs: drop the first utterance
+            utterances = utterances[1:]
+        if len(utterances) < 4:  # no earlier turn to remember
+            continue
+        pairs = [(utterances[i], utterances[i + 1]) for i in range(0, len(utterances) - 2, 2)][-k:]
+        examples.append(
+            MemoryExample(f"{task}-{split}-{len(examples)}", pairs, utterances[-2], utterances[-1], task=task)
+        )
+    return examples
+
+
+# ---------------------------------------------------------------------------- pretrain mix
+
+
+def document_split(name: str) -> str:
+    """Stable split of a document by its name: 1 in 10 validation, 1 in 10 test, never shared."""
+    bucket = zlib.crc32(name.encode()) % 10
+    return "test" if bucket == 0 else "validation" if bucket == 1 else "train"
+
+
+def pretrain(folder: Path, split: str, k: int, words_per_segment: int = 64) -> list[MemoryExample]:
+    """Plain-text documents (``*.txt``): up to ``k`` segments compressed, the next predicted; plus dialog files
+    (``*.jsonl`` with a ``dialogue`` or ``dialog`` column) as chat examples."""
+    texts = sorted(folder.rglob("*.txt")) if folder.is_dir() else [folder]
+    examples = []
+    for doc in texts:
+        if document_split(doc.name) != split:
+            continue
+        words = doc.read_text(encoding="utf-8", errors="replace").split()
+        segments = [" ".join(words[i : i + words_per_segment]) + " " for i in range(0, len(words), words_per_segment)]
+        for start in range(0, max(0, len(segments) - 1), k + 1):
+            window = segments[start : start + k + 1]
+            if len(window) >= 2:
+                examples.append(
+                    MemoryExample(f"{doc.stem}-{start}", window[:-1], "", window[-1], chat=False, task="text")
+                )
+    chat = []
+    for file in sorted(folder.rglob("*.jsonl")) if folder.is_dir() else []:
+        first = next(read_records(file), None)
+        key = "dialogue" if first and "dialogue" in first[1] else "dialog"
+        every = dialogs(file, split, key, k, "chat")  # a single file holds all splits: split it by record
+        chat += [e for j, e in enumerate(every) if document_split(f"{file.name}:{j}") == split]
+    mixed = []  # interleave text and chat so every batch sees both
+    for i in range(max(len(examples), len(chat))):
+        mixed += examples[i : i + 1] + chat[i : i + 1]
+    if not mixed:
+        raise FileNotFoundError(f"{folder}: no .txt documents or dialog .jsonl files for the {split} split")
+    return mixed

@@ -1,0 +1,62 @@
+"""The one record every dataset loader produces, and how it becomes a training :class:`Sample`.
+
+A :class:`MemoryExample` is context to compress (chat turns or plain-text segments, one compression
+step each), then a query, its answer and, for classification tasks, the answer options. Training and
+evaluation read the same records, so a loader written once serves ``ccmem train`` and ``ccmem eval``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ccmem.chat import ChatFormat
+from ccmem.data.samples import chat_sample
+from ccmem.methods.ccm import Sample
+
+Turn = tuple[str, str]
+
+
+@dataclass
+class MemoryExample:
+    """Context segments, then ``query`` -> ``answer``.
+
+    ``chat=True``: ``context`` holds (user, assistant) turns and the query is a new user turn, all in
+    the model's chat template. ``chat=False``: ``context`` holds plain-text segments (demonstrations,
+    profile items, paragraphs) and the query is plain text continued by the answer.
+    """
+
+    id: str
+    context: list[Any]  # list[Turn] when chat else list[str]
+    query: str
+    answer: str
+    options: list[str] = field(default_factory=list)
+    chat: bool = True
+    task: str = ""
+
+    def __post_init__(self) -> None:
+        if self.options and self.answer not in self.options:
+            raise ValueError(f"example {self.id}: the answer {self.answer!r} is not one of its options")
+
+
+def text_sample(tokenizer: Any, segments: list[str], query: str, answer: str, *, system: str | None = None) -> Sample:
+    """Plain-text counterpart of :func:`chat_sample`: each segment is one chunk, the answer continues the query."""
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    sink = encode(ChatFormat(tokenizer).delta([], [{"role": "system", "content": system}])) if system else []
+    query_ids = encode(query)
+    return Sample(
+        chunks=[encode(s) for s in segments],
+        tail=query_ids + encode(answer),
+        sink=sink,
+        answer_start=len(query_ids),
+    )
+
+
+def to_sample(tokenizer: Any, example: MemoryExample, *, system: str | None = None) -> Sample:
+    """Tokenize ``example`` exactly as :class:`ccmem.CompressedLM` reads it at evaluation time."""
+    if example.chat:
+        return chat_sample(tokenizer, example.context, example.query, example.answer, system=system)
+    return text_sample(tokenizer, example.context, example.query, example.answer, system=system)

@@ -1,0 +1,278 @@
+"""Typed training configuration: dataclasses, named YAML presets, and ``key=value`` overrides.
+
+A run is described by one :class:`TrainConfig`. Presets live in ``ccmem/configs/<name>.yaml`` (also
+reachable as ``configs/`` at the repository root); any field can be overridden from the command line
+with a dotted key, Hydra-style: ``ccmem train persona-ccm-concat train.max_steps=50 method.n_tok=2``.
+Unknown keys are refused with the closest valid key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ccmem.chat import DEFAULT_SYSTEM_PROMPT
+from ccmem.loading import DEFAULT_MODEL
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says which key and how to fix it."""
+
+
+@dataclass
+class MethodConfig:
+    """Which method to train and its hyper-parameters (see ``ccmem methods``)."""
+
+    name: str = "ccm-concat"  # full (stage 1: plain LoRA), ccm-concat or ccm-merge (stage 2)
+    n_tok: int = 4  # <COMP> tokens per context segment
+    recurrent: bool = True  # compress each segment with the memory so far (False: independent segments)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] | None = None  # default: the attention projections of the model family
+
+
+@dataclass
+class DataConfig:
+    """What to train on. ``dataset`` names a loader (see ``ccmem data --help``)."""
+
+    dataset: str = "persona"
+    path: str | None = None  # file or folder in the dataset's own format; generators need none
+    eval_path: str | None = None  # held-out file for early stopping; default: a validation split
+    n_train: int = 2400  # examples to generate (generators) or keep (files; 0 = all)
+    n_eval: int = 64
+    k: int = 16  # demonstrations (MetaICL) / profile items (LaMP) / most facts (persona) per example
+    small_talk: int = 2  # persona: most fact-free turns mixed into a dialog
+    seed: int = 0
+    max_length: int = 1024  # longest sample in tokens; longer ones are skipped (and counted)
+    system: str | None = DEFAULT_SYSTEM_PROMPT  # kept uncompressed as the attention sink, as at inference
+
+
+@dataclass
+class OptimConfig:
+    """The optimisation recipe (the reference's defaults)."""
+
+    lr: float = 3e-4
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int = 300
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    precision: str = "auto"  # auto (bf16 where the GPU has it, else fp32), bf16, fp16 or fp32
+    eval_steps: int = 50
+    save_steps: int = 50  # a checkpoint every this many steps (a multiple of eval_steps)
+    save_total_limit: int = 2
+    patience: int = 0  # early stopping after this many evaluations without improvement (0: off)
+    logging_steps: int = 10
+    seed: int = 42
+
+
+@dataclass
+class TrainConfig:
+    """One training run. ``runs/<run_id>/`` holds its config, checkpoints, logs and the trained adapter."""
+
+    run_id: str = ""
+    output_dir: str = "runs"
+    model: str = DEFAULT_MODEL
+    load_path: str | None = None  # stage-1 LoRA (a finished ``method.name=full`` run) merged before training
+    wandb: bool = False
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: OptimConfig = field(default_factory=OptimConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_id
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes what is trained (not where it is written)."""
+        d = self.to_dict()
+        for key in ("run_id", "output_dir", "wandb"):
+            d.pop(key)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _keys(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Every dotted key of a config dataclass -> its type."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            out.update(_keys(kind, f"{prefix}{f.name}."))  # type: ignore[arg-type]
+        else:
+            out[f"{prefix}{f.name}"] = kind
+    return out
+
+
+VALID_KEYS = _keys(TrainConfig)
+
+
+#: Hugging Face / reference names users type by habit -> ours.
+ALIASES = {
+    "learning_rate": "train.lr",
+    "lr_scheduler_type": "train.scheduler",
+    "per_device_train_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "warmup": "train.warmup_ratio",
+    "comp_token": "method.n_tok",
+    "n_comp": "method.n_tok",
+    "comp_type": "method.name",
+    "model_name": "model",
+    "early_stopping_patience": "train.patience",
+}
+
+
+def _unknown(key: str) -> ConfigError:
+    alias = ALIASES.get(key.rpartition(".")[2])
+    close = [alias] if alias else difflib.get_close_matches(key, list(VALID_KEYS), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint} (see `ccmem train --show-keys`)")
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Check ``value`` against the declared type of ``key`` (ints are accepted for floats)."""
+    kind = VALID_KEYS[key]
+    allowed = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"{key} cannot be empty")
+    for option in allowed:
+        origin = typing.get_origin(option) or option
+        if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin is list and isinstance(value, list | tuple):
+            return [str(v) for v in value]
+        if origin in (str, bool) and type(value) is origin:
+            return value
+    names = " or ".join(getattr(a, "__name__", str(a)) for a in allowed)
+    raise ConfigError(f"{key} must be {names}, got {value!r}")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and f"{prefix}{k}" not in VALID_KEYS:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _apply(config: TrainConfig, flat: dict[str, Any]) -> TrainConfig:
+    d = config.to_dict()
+    for key, value in flat.items():
+        if key not in VALID_KEYS:
+            raise _unknown(key)
+        *path, leaf = key.split(".")
+        node = d
+        for part in path:
+            node = node[part]
+        node[leaf] = _coerce(key, value)
+    return TrainConfig(
+        **{k: v for k, v in d.items() if k not in ("method", "data", "train")},
+        method=MethodConfig(**d["method"]),
+        data=DataConfig(**d["data"]),
+        train=OptimConfig(**d["train"]),
+    )
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=1e-4"`` -> ``("train.lr", 0.0001)``; values are read as YAML scalars."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. train.max_steps=100")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and key.strip() in VALID_KEYS and VALID_KEYS[key.strip()] is float:
+        with contextlib.suppress(ValueError):  # YAML reads "3e-4" as a string
+            value = float(value)
+    return key.strip(), value
+
+
+def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """A preset name or YAML file, then the ``key=value`` overrides; ``run_id`` defaults to the preset name."""
+    config = TrainConfig()
+    if preset:
+        path = Path(preset)
+        if not path.suffix:
+            path = PRESET_DIR / f"{preset}.yaml"
+        if not path.is_file():
+            close = difflib.get_close_matches(preset, preset_names(), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; presets: {', '.join(preset_names())}"
+            raise ConfigError(f"no preset or config file {preset!r}{hint}")
+        config = _apply(config, _flatten(read_yaml(path)))
+        if not config.run_id:
+            config.run_id = path.stem
+    config = _apply(config, dict(parse_override(o) for o in overrides))
+    if not config.run_id:
+        config.run_id = f"{config.data.dataset}-{config.method.name}"
+    check(config)
+    return config
+
+
+def check(config: TrainConfig) -> None:
+    """Refuse settings that cannot work, before any model is loaded."""
+    from ccmem.registry import METHODS
+
+    if config.method.name not in ("full", "ccm-concat", "ccm-merge"):
+        raise ConfigError(
+            f"method.name={config.method.name!r} cannot be trained; use full (stage 1), ccm-concat or ccm-merge"
+            + ("" if config.method.name in METHODS else f" (known methods: {', '.join(METHODS)})")
+        )
+    t = config.train
+    for key in ("batch_size", "grad_accum", "max_steps", "eval_steps", "save_steps", "logging_steps"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key} must be at least 1, got {getattr(t, key)}")
+    if t.save_steps % t.eval_steps:
+        raise ConfigError(
+            f"train.save_steps ({t.save_steps}) must be a multiple of train.eval_steps ({t.eval_steps}), "
+            "so that the best checkpoint can be restored"
+        )
+    if t.precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise ConfigError(f"train.precision must be auto, bf16, fp16 or fp32, got {t.precision!r}")
+    if not config.run_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ConfigError(f"run_id {config.run_id!r} may only hold letters, digits, '-', '_' and '.'")
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every setting that differs between two config dicts."""
+    a, b = _flatten(old), _flatten(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]

@@ -1,0 +1,405 @@
+"""``ccmem train``: the reference's two-stage recipe on the Hugging Face Trainer.
+
+Stage 1 (``method.name=full``) finetunes a plain LoRA with full attention (peft); stage 2
+(``ccm-concat``/``ccm-merge``) trains the <COMP> embeddings and the conditional LoRA, with the stage-1
+LoRA merged in first when ``load_path`` names that run. One masked forward per sample covers every
+compression step (:meth:`ccmem.methods.ccm.CCM.parallel_loss`).
+
+The Trainer brings the rest: gradient accumulation, schedules, mixed precision, ``accelerate launch``
+with several processes, checkpoints that hold optimizer/scheduler/RNG/data position, early stopping
+with best-checkpoint restore, TensorBoard and (only with ``wandb=true``) Weights & Biases. Checkpoints
+hold only the trainable tensors, so they stay a few MB.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
+
+from ccmem.data.loaders import load_examples
+from ccmem.data.records import to_sample
+from ccmem.fileio import atomic_path
+from ccmem.loading import LoadedModel, load_model
+from ccmem.methods.base import Method
+from ccmem.methods.ccm import CCM, DEFAULT_LORA_TARGETS, LORA_TARGETS, Sample
+from ccmem.registry import get_method
+from ccmem.train.config import ConfigError, TrainConfig, differences
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_WEIGHTS = "model.safetensors"  # the file name the Trainer looks for when resuming
+STAGE1_WEIGHTS = "stage1_lora.safetensors"
+ADAPTER_FILE = "adapter.safetensors"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    output: Path  # the trained adapter (stage 2) or stage-1 LoRA file
+    steps: int
+    seconds: float
+    tokens: int
+    eval_loss: float | None
+    resumed_from: str | None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+class TrainingModule(nn.Module):
+    """The model plus the method's extra trainable modules, so the Trainer (and DDP) see every parameter."""
+
+    def __init__(self, lm: LoadedModel, method: Method):
+        super().__init__()
+        self.model = lm.model
+        if isinstance(method, CCM):
+            self.comp = method.comp_embeddings
+        self.lm = lm
+        self.method = method
+        self.tokens_seen = 0
+
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        if self.training:
+            self.tokens_seen += (
+                int(sum(batch.lengths)) if hasattr(batch, "lengths") else int(batch.attention_mask.sum())
+            )
+        return {"loss": self.method.training_loss(self.lm, batch)}
+
+
+class SampleDataset(torch.utils.data.Dataset):
+    def __init__(self, samples: list[Sample]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> Sample:
+        return self.samples[i]
+
+
+class CompressionTrainer(Trainer):
+    """The HF Trainer with a loss from the method and checkpoints of the trainable tensors only."""
+
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        outputs = model(**inputs)
+        return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
+
+    def prediction_step(
+        self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Any = None
+    ) -> tuple[torch.Tensor, None, None]:
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
+        if not self.args.should_save:
+            return
+        folder = Path(output_dir or str(self.args.output_dir))
+        folder.mkdir(parents=True, exist_ok=True)
+        module = self.accelerator.unwrap_model(self.model)
+        trainable = {n: p.detach().contiguous().cpu() for n, p in module.named_parameters() if p.requires_grad}
+        with atomic_path(folder / CHECKPOINT_WEIGHTS) as tmp:
+            save_file(trainable, str(tmp), metadata={"format": "pt"})
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        # Checkpoints hold only trainable tensors: frozen base weights are "missing" by design.
+        module = self.accelerator.unwrap_model(self.model)
+        trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+        lost = trainable & set(load_result.missing_keys)
+        if lost or load_result.unexpected_keys:
+            raise RuntimeError(
+                f"checkpoint does not match this run (missing {sorted(lost)[:3]}, "
+                f"unexpected {load_result.unexpected_keys[:3]}); start a new run_id"
+            )
+
+
+class JsonlLogger(TrainerCallback):
+    """Every Trainer log line (loss, lr, eval_loss) as JSON, with throughput, in ``<run>/log.jsonl``."""
+
+    def __init__(self, path: Path, module: TrainingModule):
+        self.path = path
+        self.module = module
+        self.started = time.perf_counter()
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        elapsed = time.perf_counter() - self.started
+        row = {
+            "step": state.global_step,
+            **logs,
+            "tokens": self.module.tokens_seen,
+            "tokens_per_second": round(self.module.tokens_seen / elapsed, 1) if elapsed else None,
+        }
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+# ---------------------------------------------------------------------------- stage 1 (plain LoRA)
+
+
+def _lora_targets(lm: LoadedModel, config: TrainConfig) -> list[str]:
+    model_type = lm.model.config.get_text_config().model_type
+    return list(config.method.lora_targets or LORA_TARGETS.get(model_type, DEFAULT_LORA_TARGETS))
+
+
+def add_stage1_lora(lm: LoadedModel, config: TrainConfig) -> None:
+    """Inject a plain (always active) peft LoRA into the attention projections; only it is trainable."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    m = config.method
+    lora = LoraConfig(
+        r=m.lora_rank,
+        lora_alpha=m.lora_alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float
+        lora_dropout=m.lora_dropout,
+        target_modules=_lora_targets(lm, config),
+    )
+    inject_adapter_in_model(lora, lm.model)
+    for name, p in lm.model.named_parameters():
+        p.requires_grad_("lora_" in name)
+
+
+def save_stage1(lm: LoadedModel, config: TrainConfig, path: Path) -> Path:
+    """The stage-1 LoRA as safetensors: per projection ``<path>.A``/``.B``, with model identity and scaling."""
+    state = {}
+    for name, module in lm.model.named_modules():
+        a, b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+        if isinstance(a, nn.ModuleDict) and isinstance(b, nn.ModuleDict) and "default" in a:
+            state[f"{name}.A"] = cast(torch.Tensor, a["default"].weight).detach().contiguous().cpu()
+            state[f"{name}.B"] = cast(torch.Tensor, b["default"].weight).detach().contiguous().cpu()
+    meta = {
+        "format": "ccmem.stage1",
+        "model": lm.fingerprint,
+        "model_name": lm.name,
+        "scaling": str(config.method.lora_alpha / config.method.lora_rank),
+    }
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
+    return path
+
+
+def merge_stage1(lm: LoadedModel, load_path: str | os.PathLike[str]) -> str:
+    """Add a finished stage-1 LoRA into the base weights (W += s·B·A); returns its file hash.
+
+    ``load_path`` is a stage-1 run folder or its ``stage1_lora.safetensors``; a file made for another
+    model is refused.
+    """
+    import hashlib
+
+    from safetensors import safe_open
+
+    path = Path(load_path)
+    if path.is_dir():
+        path = path / STAGE1_WEIGHTS
+    if not path.is_file():
+        raise ConfigError(f"load_path {load_path}: no stage-1 LoRA there (expected {STAGE1_WEIGHTS} of a finished run)")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != "ccmem.stage1":
+        raise ConfigError(f"load_path {path} is not a ccmem stage-1 LoRA file")
+    if meta.get("model") != lm.fingerprint:
+        raise ConfigError(
+            f"load_path {path} was trained for model {meta.get('model_name')!r}, not for {lm.name!r}; "
+            "run stage 1 on this model first"
+        )
+    state = load_file(str(path))
+    scaling = float(meta["scaling"])
+    with torch.no_grad():
+        for key in state:
+            if key.endswith(".A"):
+                weight = cast(torch.Tensor, lm.model.get_submodule(key[:-2]).weight)
+                delta = state[key[:-2] + ".B"].float() @ state[key].float()
+                weight += (scaling * delta).to(weight.dtype)
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def samples_for(lm: LoadedModel, config: TrainConfig, split: str) -> list[Sample]:
+    """Tokenized samples of ``split``; ones longer than ``data.max_length`` are skipped (with a warning)."""
+    examples = load_examples(config.data, split)
+    samples = [to_sample(lm.tokenizer, e, system=config.data.system) for e in examples]
+    n_tok = config.method.n_tok if config.method.name != "full" else 0
+
+    def length(s: Sample) -> int:
+        return len(s.sink) + sum(len(c) + n_tok for c in s.chunks) + len(s.tail)
+
+    kept = [s for s in samples if length(s) <= config.data.max_length]
+    if len(kept) < len(samples):
+        logger.warning(
+            "%s: skipped %d samples longer than %d tokens", split, len(samples) - len(kept), config.data.max_length
+        )
+    if not kept:
+        raise ConfigError(f"no {split} sample fits data.max_length={config.data.max_length}")
+    return kept
+
+
+def prepare_run_dir(config: TrainConfig) -> str | None:
+    """Create ``runs/<run_id>``, or check that an existing one holds the same config; return a checkpoint to resume."""
+    run_dir = config.run_dir
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        old = yaml.safe_load(saved.read_text())
+        new = config.to_dict()
+        changed = [d for d in differences(old, new) if not d.startswith(("wandb", "output_dir"))]
+        if changed:
+            raise ConfigError(
+                f"run {config.run_id!r} exists with another config; refusing to resume it with: "
+                + "; ".join(changed)
+                + ". Use a new run_id, or the original settings."
+            )
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(saved) as tmp:
+            tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return str(checkpoints[-1]) if checkpoints else None
+
+
+def _precision(name: str) -> str:
+    if name == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return name
+
+
+def train(config: TrainConfig, *, lm: LoadedModel | None = None) -> TrainResult:
+    """Run (or resume) the training described by ``config``; returns where the result is and what it cost."""
+    resume = prepare_run_dir(config)
+    run_dir = config.run_dir
+    lm = lm or load_model(config.model)
+    torch.manual_seed(config.train.seed)
+    stage1_hash = merge_stage1(lm, config.load_path) if config.load_path else None
+    m = config.method
+    method = (
+        get_method(m.name)
+        if m.name == "full"
+        else get_method(
+            m.name,
+            n_tok=m.n_tok,
+            recurrent=m.recurrent,
+            lora_rank=m.lora_rank,
+            lora_alpha=m.lora_alpha,
+            lora_dropout=m.lora_dropout,
+            lora_targets=tuple(m.lora_targets) if m.lora_targets else None,
+        )
+    )
+    for p in lm.model.parameters():
+        p.requires_grad_(False)
+    if isinstance(method, CCM):
+        method.prepare(lm)
+        for p in method.trainable_parameters():
+            p.requires_grad_(True)
+    else:
+        add_stage1_lora(lm, config)
+    if config.train.gradient_checkpointing:
+        lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.model.config.use_cache = False
+
+    train_set = SampleDataset(samples_for(lm, config, "train"))
+    eval_set = SampleDataset(samples_for(lm, config, "validation"))
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    module = TrainingModule(lm, method)
+    t = config.train
+    report_to = ["tensorboard"] if _has("tensorboard") else []
+    if config.wandb:
+        report_to.append("wandb")
+    precision = _precision(t.precision)
+    args = TrainingArguments(
+        output_dir=str(run_dir),
+        run_name=config.run_id,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=round(t.warmup_ratio * t.max_steps),
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        eval_strategy="steps",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=t.logging_steps,
+        report_to=report_to,
+        seed=t.seed,
+        data_seed=t.seed,
+        prediction_loss_only=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,
+        use_cpu=not _has_accelerator(),  # also lets `accelerate launch` run several CPU processes (gloo)
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+    )
+    callbacks: list[TrainerCallback] = [JsonlLogger(run_dir / "log.jsonl", module)]
+    if t.patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.patience))
+    trainer = CompressionTrainer(
+        model=module,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=lambda samples: {"batch": method.make_batch(samples, pad)},
+        callbacks=callbacks,
+    )
+    if resume:
+        logger.info("resuming %s from %s", config.run_id, resume)
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - started
+    eval_loss = trainer.state.best_metric
+    summary = {
+        "run_id": config.run_id,
+        "config_hash": config.fingerprint(),
+        "steps": trainer.state.global_step,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "eval_loss": eval_loss,
+        "train_seconds_this_session": round(seconds, 1),
+        "tokens_this_session": module.tokens_seen,
+        "tokens_per_second": round(module.tokens_seen / seconds, 1) if seconds else None,
+        "train_examples": len(train_set),
+        "processes": trainer.args.world_size,
+        "data": config.data.dataset,
+        "stage1": stage1_hash,
+        "resumed_from": resume,
+    }
+    output = run_dir / (ADAPTER_FILE if isinstance(method, CCM) else STAGE1_WEIGHTS)
+    if trainer.args.should_save:  # rank 0 only under `accelerate launch`
+        if isinstance(method, CCM):
+            method.save_adapter(lm, output, extra=summary | {"config": config.to_dict()})
+        else:
+            save_stage1(lm, config, output)
+        with atomic_path(run_dir / "summary.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=2))
+    return TrainResult(run_dir, output, trainer.state.global_step, seconds, module.tokens_seen, eval_loss, resume)
+
+
+def _has_accelerator() -> bool:
+    return torch.cuda.is_available() or torch.backends.mps.is_available()
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None

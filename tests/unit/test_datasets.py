@@ -1,0 +1,128 @@
+"""Dataset loaders on small fixtures in each dataset's real download format, and the training collator."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from ccmem.data import icl
+from ccmem.data.formats import document_split
+from ccmem.data.loaders import UnknownDatasetError, load_examples
+from ccmem.data.persona import DatasetFormatError
+from ccmem.data.records import to_sample
+from ccmem.methods.ccm import CCMConcat
+from ccmem.train.config import DataConfig
+from tests.conftest import TinyTokenizer
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+CASES = [
+    ("metaicl", "metaicl", "train"),
+    ("metaicl", "metaicl", "test"),
+    ("lamp2", "lamp2", "train"),
+    ("lamp2", "lamp2", "validation"),
+    ("dailydialog", "dailydialog", "train"),  # HF jsonl
+    ("dailydialog", "dailydialog", "validation"),  # HF parquet
+    ("dailydialog", "dailydialog_raw", "test"),  # the original __eou__ text release
+    ("soda", "soda", "train"),
+    ("unified", "unified", "train"),
+    ("pretrain", "pretrain", "train"),
+    ("persona", None, "train"),
+    ("icl", None, "test"),
+]
+
+
+def _config(dataset: str, folder: str | None, **kw) -> DataConfig:
+    return DataConfig(dataset=dataset, path=str(FIXTURES / folder) if folder else None, k=4, n_train=6, n_eval=6, **kw)
+
+
+@pytest.mark.parametrize(("dataset", "folder", "split"), CASES)
+def test_collator_puts_comp_after_each_segment_and_labels_only_the_answer(dataset, folder, split):
+    examples = load_examples(_config(dataset, folder), split)
+    assert examples, f"{dataset}/{split} gave no examples"
+    tok = TinyTokenizer()
+    samples = [to_sample(tok, e, system="Be brief.") for e in examples]
+    method = CCMConcat(n_tok=2)
+    batch = method.make_batch(samples, pad_id=0)
+    for b, (example, sample) in enumerate(zip(examples, samples, strict=True)):
+        assert len(sample.chunks) == len(example.context) >= 1
+        # <COMP> slots sit right after each context segment, n_tok of them.
+        pos, expected_comp = len(sample.sink), []
+        for chunk in sample.chunks:
+            pos += len(chunk)
+            expected_comp += [pos, pos + 1]
+            pos += 2
+        assert torch.nonzero(batch.comp[b]).flatten().tolist() == expected_comp
+        # Labels: nothing before the answer (sink, context, <COMP>, query), the answer tokens after it.
+        answer_at = batch.tail_start[b] + sample.answer_start
+        assert (batch.labels[b, :answer_at] == -100).all()
+        assert batch.labels[b, answer_at : batch.lengths[b]].tolist() == sample.tail[sample.answer_start :]
+        assert example.answer and (not example.options or example.answer in example.options)
+
+
+def test_unified_mixes_icl_and_dialogs_and_pretrain_mixes_text_and_chat():
+    unified = load_examples(_config("unified", "unified"), "train")
+    assert {e.chat for e in unified} == {True, False}
+    pretrain = load_examples(_config("pretrain", "pretrain"), "train")
+    assert {e.task for e in pretrain} == {"text", "chat"}
+
+
+def test_lamp2_reads_options_from_the_question_and_profile_items_as_context():
+    [ex] = load_examples(_config("lamp2", "lamp2"), "validation")
+    assert ex.answer == "comedy" and len(ex.options) == 15
+    assert ex.context[0].startswith("Movie: Two friends") and "Tag: comedy" in ex.context[0]
+
+
+def test_metaicl_context_is_k_demonstrations_and_test_reads_test_file():
+    examples = load_examples(_config("metaicl", "metaicl"), "test")
+    sst = [e for e in examples if e.task == "sst2"]
+    assert [e.answer for e in sst] == ["positive", "negative"]
+    assert len(sst[0].context) == 4 and sst[0].context[0] == "a gripping, beautifully acted film\npositive\n\n"
+
+
+def test_generated_splits_never_share_items_and_are_seeded(tmp_path):
+    train_words = {e.query for e in icl.examples(200, "train", k=2)} | {
+        c.split("\n")[0] for e in icl.examples(200, "test", k=4) for c in e.context
+    }
+    test = icl.examples(50, "test", k=4)
+    assert not {e.query for e in test} & train_words
+    assert [e.answer for e in icl.examples(5, "train", seed=3)] == [e.answer for e in icl.examples(5, "train", seed=3)]
+    folder = icl.write_metaicl(tmp_path / "icl", 2, k=4)
+    read = load_examples(DataConfig(dataset="metaicl", path=str(folder), k=4), "test")
+    assert read and all(len(e.context) == 4 and e.answer in e.options for e in read)
+    assert {document_split(f"doc{i}") for i in range(50)} == {"train", "validation", "test"}
+
+
+def test_malformed_files_name_file_line_and_field(tmp_path):
+    bad = tmp_path / "dd"
+    bad.mkdir()
+    rows = [{"dialog": ["a", "b"]}, {"dialog": "not a list"}]
+    (bad / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DatasetFormatError, match=r"train\.jsonl:2: field 'dialog' must be a list of strings"):
+        load_examples(DataConfig(dataset="dailydialog", path=str(bad)), "train")
+    meta = tmp_path / "meta"
+    shutil.copytree(FIXTURES / "metaicl", meta)
+    with (meta / "sst2" / "sst2_4_100_train.jsonl").open("a") as f:
+        f.write('{"input": "x", "output": "maybe", "options": ["negative", "positive"]}\n')
+    with pytest.raises(DatasetFormatError, match=r"sst2_4_100_train\.jsonl:5: field 'output' \('maybe'\) is not one"):
+        load_examples(DataConfig(dataset="metaicl", path=str(meta)), "train")
+    lamp = tmp_path / "lamp"
+    shutil.copytree(FIXTURES / "lamp2", lamp)
+    (lamp / "dev_outputs.json").write_text(json.dumps({"task": "LaMP_2", "golds": []}))
+    with pytest.raises(DatasetFormatError, match=r"dev_questions\.json:record 1: question id '200' has no"):
+        load_examples(DataConfig(dataset="lamp2", path=str(lamp)), "validation")
+
+
+def test_missing_paths_and_unknown_datasets_are_explained(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"data.path .* does not exist"):
+        load_examples(DataConfig(dataset="soda", path=str(tmp_path / "nope")), "train")
+    with pytest.raises(ValueError, match=r"set data.path"):
+        load_examples(DataConfig(dataset="soda"), "train")
+    with pytest.raises(FileNotFoundError, match="no test file"):
+        load_examples(DataConfig(dataset="dailydialog", path=str(FIXTURES / "lamp2")), "test")
+    with pytest.raises(UnknownDatasetError, match="did you mean 'persona'"):
+        load_examples(DataConfig(dataset="persona2"), "train")

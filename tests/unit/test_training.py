@@ -1,0 +1,127 @@
+"""``ccmem train``: config presets and overrides, the Trainer run, resume, refusals, stage 1 -> stage 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ccmem.api import load
+from ccmem.train.config import ConfigError, load_config, preset_names
+from ccmem.train.trainer import STAGE1_WEIGHTS, train
+from tests.conftest import tiny_model
+
+TINY = [
+    "data.k=1",
+    "data.small_talk=0",
+    "data.n_train=16",
+    "data.n_eval=4",
+    "data.max_length=250",
+    "data.system=Hi.",
+    "train.batch_size=4",
+    "train.max_steps=4",
+    "train.eval_steps=2",
+    "train.save_steps=2",
+    "train.logging_steps=1",
+    "train.lr=1e-2",
+]
+
+
+def _config(tmp_path, *extra: str, preset: str = "persona-ccm-concat"):
+    return load_config(preset, [f"output_dir={tmp_path}", "model=tiny", *TINY, *extra])
+
+
+def test_presets_cover_the_recipe_and_overrides_are_typed_and_checked():
+    assert {"persona-ccm-concat", "persona-ccm-merge", "persona-full"} <= set(preset_names())
+    config = load_config("persona-ccm-merge", ["train.lr=1e-4", "method.n_tok=2", "method.lora_targets=[q_proj]"])
+    assert (config.run_id, config.train.lr, config.method.n_tok) == ("persona-ccm-merge", 1e-4, 2)
+    assert config.method.lora_targets == ["q_proj"]
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.learning_rate'; did you mean 'train.lr'"):
+        load_config("persona-ccm-concat", ["train.learning_rate=1e-4"])
+    with pytest.raises(ConfigError, match=r"method.n_tok must be int, got 'four'"):
+        load_config(None, ["method.n_tok=four"])
+    with pytest.raises(ConfigError, match="must look like key=value"):
+        load_config(None, ["train.lr"])
+    with pytest.raises(ConfigError, match="cannot be trained"):
+        load_config(None, ["method.name=gist"])
+    with pytest.raises(ConfigError, match=r"multiple of train.eval_steps"):
+        load_config(None, ["train.save_steps=30"])
+    assert load_config(None, ["train.lr=1e-4"]).fingerprint() != load_config(None, []).fingerprint()
+
+
+def test_train_writes_adapter_logs_and_small_checkpoints_and_the_adapter_loads(tmp_path):
+    lm = tiny_model()
+    result = train(_config(tmp_path), lm=lm)
+    run = tmp_path / "persona-ccm-concat"
+    assert result.output == run / "adapter.safetensors" and result.steps == 4
+    assert result.eval_loss is not None and result.tokens > 0
+    logged = (run / "log.jsonl").read_text()
+    assert '"eval_loss"' in logged and '"tokens_per_second"' in logged
+    checkpoint = load_file(run / "checkpoint-4" / "model.safetensors")
+    assert all("lora" in k or k == "comp.weight" for k in checkpoint)  # trainable tensors only
+    trained = load_file(result.output)
+    assert trained["comp_embeddings"].abs().sum() > 0
+    assert any(v.abs().sum() > 0 for k, v in trained.items() if k.endswith(".B"))  # LoRA B starts at zero
+    session = load(tiny_model(), "ccm-concat", adapter=result.output, system_prompt="Hi.")
+    assert session.adapter_trained
+
+
+def test_resume_continues_where_the_run_stopped_and_ends_like_an_uninterrupted_run(tmp_path):
+    full = train(_config(tmp_path / "a", "train.patience=0"), lm=tiny_model())
+    config = _config(tmp_path / "b", "train.patience=0")
+    train(config, lm=tiny_model())
+    run = config.run_dir
+    import shutil
+
+    shutil.rmtree(run / "checkpoint-4")  # as if the session ended after step 2
+    (run / "adapter.safetensors").unlink()
+    resumed = train(config, lm=tiny_model())
+    assert resumed.resumed_from and resumed.resumed_from.endswith("checkpoint-2")
+    a, b = load_file(full.output), load_file(resumed.output)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_resume_with_a_changed_config_is_refused_with_the_difference(tmp_path):
+    train(_config(tmp_path, "train.max_steps=2"), lm=tiny_model())
+    with pytest.raises(ConfigError, match=r"train.lr: 0.01 -> 0.001"):
+        train(_config(tmp_path, "train.max_steps=2", "train.lr=1e-3"), lm=tiny_model())
+
+
+def test_stage1_lora_then_stage2_on_top_and_load_path_for_another_model_is_refused(tmp_path):
+    stage1 = train(_config(tmp_path, "train.max_steps=2", preset="persona-full"), lm=tiny_model())
+    assert stage1.output.name == STAGE1_WEIGHTS
+    lm = tiny_model()
+    before = lm.model.model.layers[0].self_attn.q_proj.weight.clone()
+    train(_config(tmp_path, "train.max_steps=2", f"load_path={stage1.run_dir}"), lm=lm)
+    assert not torch.equal(before, lm.model.model.layers[0].self_attn.q_proj.base.weight)
+    with pytest.raises(ConfigError, match="was trained for model 'tiny-llama-gqa'"):
+        train(
+            _config(tmp_path, "train.max_steps=2", "run_id=other", f"load_path={stage1.run_dir}"),
+            lm=tiny_model("qwen2"),
+        )
+    with pytest.raises(ConfigError, match="no stage-1 LoRA there"):
+        train(_config(tmp_path, "run_id=none", f"load_path={tmp_path}"), lm=tiny_model())
+
+
+def test_accelerate_launch_with_two_cpu_processes(tmp_path, tiny_model_dir):
+    """The same command under ``accelerate launch`` with 2 processes (gloo on CPU): DDP over both, rank 0 writes."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "ccmem.cli", "train", "persona-ccm-concat", f"model={tiny_model_dir}",
+        f"output_dir={tmp_path}", *TINY, "train.max_steps=2",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "persona-ccm-concat"
+    assert (run / "adapter.safetensors").is_file()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 2
