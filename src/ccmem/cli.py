@@ -312,6 +312,137 @@ def train(
     )
 
 
+def _adapters(specs: list[str] | None) -> dict[str, Path]:
+    adapters = {}
+    for spec in specs or []:
+        method, sep, path = spec.partition("=")
+        if not sep or not path:
+            raise typer.BadParameter(
+                f"--adapter {spec!r} must look like METHOD=PATH, e.g. ccm-concat=runs/x/adapter.safetensors"
+            )
+        adapters[method.strip()] = Path(path)
+    return adapters
+
+
+@app.command("eval")
+def eval_command(
+    dataset: Annotated[
+        str, typer.Argument(help="Dataset loader: persona, icl, metaicl, lamp2, dailydialog, soda, unified, pretrain.")
+    ],
+    path: Annotated[
+        Path | None, typer.Option("--path", help="Downloaded dataset file/folder (generators need none).")
+    ] = None,
+    split: Annotated[str, typer.Option("--split", help="train, validation or test.")] = "test",
+    n: Annotated[int, typer.Option("--n", min=1, help="Most examples (generators make exactly this many).")] = 100,
+    k: Annotated[
+        int, typer.Option("--k", min=1, help="Context segments per example: demonstrations, profile items, facts.")
+    ] = 3,
+    small_talk: Annotated[int, typer.Option("--small-talk", min=0, help="persona: fact-free turns per dialog.")] = 2,
+    seed: Annotated[int, typer.Option("--seed", help="Generator seed.")] = 0,
+    model: ModelOpt = DEFAULT_MODEL,
+    methods: Annotated[
+        str, typer.Option("--methods", help="Comma-separated methods, run side by side.")
+    ] = "full,none,ccm-concat,ccm-merge",
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option("--adapter", help="METHOD=PATH of a trained adapter (repeatable). Default: the shipped one."),
+    ] = None,
+    n_tok: NTokOpt = None,
+    generate: Annotated[
+        bool, typer.Option("--generate/--no-generate", help="Also generate answers (EM, contains, ROUGE-L).")
+    ] = False,
+    max_new_tokens: MaxNewOpt = 24,
+    system: SystemOpt = DEFAULT_SYSTEM_PROMPT,
+    label: Annotated[str, typer.Option("--label", help="Free text stored in each row to tell runs apart.")] = "",
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSONL file the rows are appended to.")] = Path(
+        "results/eval.jsonl"
+    ),
+) -> None:
+    """Evaluate several methods on the same examples: accuracy (option scoring), perplexity, optional generation.
+
+    Rows (quality, memory slots/bytes, tokens/s, method, model, adapter, training data, config hash) are appended
+    to --out; `ccmem report` turns them into tables and a plot.
+    """
+    from ccmem.data.loaders import load_examples
+    from ccmem.evaluate import EvalSettings, compare
+    from ccmem.loading import load_model
+    from ccmem.registry import get_method
+    from ccmem.train.config import DataConfig
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    for name in names:
+        get_method(name)
+    cfg = DataConfig(
+        dataset=dataset, path=str(path) if path else None, n_train=n, n_eval=n, k=k, small_talk=small_talk, seed=seed
+    )
+    examples = load_examples(cfg, split)[:n]
+    with console.status(f"loading {model}..."):
+        lm = load_model(model)
+    settings = EvalSettings(
+        generate=generate,
+        max_new_tokens=max_new_tokens,
+        system=system or None,
+        method_options={"n_tok": n_tok} if n_tok is not None else {},
+    )
+    table = Table(title=f"ccmem eval: {dataset}/{split}, {len(examples)} examples, {model}")
+    for col in (
+        "method",
+        "adapter",
+        "accuracy",
+        "gen contains",
+        "ROUGE-L",
+        "perplexity",
+        "KV slots",
+        "KiB",
+        "tokens/s",
+    ):
+        table.add_column(col, justify="left" if col in ("method", "adapter") else "right")
+    from rich.progress import Progress
+
+    def fmt(x: float | None, digits: int = 3) -> str:
+        return "-" if x is None else f"{x:.{digits}f}"
+
+    with Progress(console=err_console, transient=True) as bar:
+        task = bar.add_task("evaluating", total=len(examples) * len(names))
+        done: dict[str, int] = {}
+
+        def progress(method: str, i: int) -> None:
+            done[method] = i
+            bar.update(task, completed=sum(done.values()), description=method)
+
+        for row in compare(
+            lm, names, examples, dataset=dataset, split=split, settings=settings,
+            adapters=_adapters(adapter), label=label, out=out, progress=progress,
+        ):  # fmt: skip
+            table.add_row(
+                row.method, row.adapter, fmt(row.accuracy), fmt(row.contains), fmt(row.rouge_l),
+                fmt(row.perplexity, 2), f"{row.memory_slots:.1f}", f"{row.memory_bytes / 1024:.0f}",
+                f"{row.tokens_per_second:.0f}",
+            )  # fmt: skip
+    console.print(table)
+    console.print(f"rows appended to {out}")
+
+
+@app.command()
+def report(
+    results: Annotated[list[Path], typer.Argument(help="JSONL files written by `ccmem eval`.")],
+    out_dir: Annotated[
+        Path, typer.Option("--out-dir", "-o", help="Where report.md, report.csv and the plot go.")
+    ] = Path("results/report"),
+    metric: Annotated[
+        str | None, typer.Option("--metric", help="Quality metric to plot (default: accuracy if every row has it).")
+    ] = None,
+) -> None:
+    """Aggregate eval rows (any mix of methods, datasets, adapters) into markdown/CSV tables and a PNG plot."""
+    from ccmem.evaluate import read_rows
+    from ccmem.report import markdown, write_report
+
+    rows = read_rows(results)
+    paths = write_report(rows, out_dir, metric)
+    console.print(markdown(rows), highlight=False, markup=False)
+    console.print(f"wrote {paths['markdown']}, {paths['csv']}, {paths['plot']}")
+
+
 @app.command("methods")
 def list_methods() -> None:
     """List the context methods and what each keeps."""

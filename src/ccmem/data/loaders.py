@@ -31,13 +31,17 @@ def _persona(cfg: DataConfig, split: str) -> list[MemoryExample]:
         dialogs = persona.read_jsonl(cfg.eval_path if split != "train" and cfg.eval_path else cfg.path)
     else:
         n = cfg.n_train if split == "train" else cfg.n_eval
+        facts, chatter = min(cfg.k, len(persona.FACTS)), min(cfg.small_talk, len(persona.SMALL_TALK))
+        # Training and validation draw up to k facts and small_talk chatter turns per dialog; the test split
+        # uses exactly that many, so a benchmark controls how long the dialogs are.
+        ranges = split != "test"
         dialogs = list(
             persona.generate(
                 n,
                 split,
                 seed=cfg.seed,
-                facts_per_dialog=(1, min(cfg.k, len(persona.FACTS))),
-                small_talk=(0, min(cfg.small_talk, len(persona.SMALL_TALK))),
+                facts_per_dialog=(1, facts) if ranges else facts,
+                small_talk=(0, chatter) if ranges else chatter,
             )
         )
     return [persona_example(d) for d in dialogs]

@@ -1,0 +1,317 @@
+"""``ccmem eval``: several methods on the same examples, side by side, one JSONL row per (method, dataset).
+
+For every example the context is compressed segment by segment into the method's memory, then:
+
+* **accuracy**: the answer options are scored by summed log-likelihood given the memory (MetaICL-style;
+  :meth:`ccmem.CompressedLM.score_ids`) and the most likely one must be the answer;
+* **perplexity**: of the reference answer given the memory (DailyDialog-style);
+* with ``generate``: greedy generation, scored by **exact match**, **contains** (the answer appears in the
+  generation) and **ROUGE-L** F1.
+
+Each row records what it cost (mean memory slots and bytes, context tokens, compression throughput) and
+what produced it (method, model, adapter hash, the dataset it was trained on, data, config hash).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from ccmem.api import CompressedLM, load
+from ccmem.data.records import MemoryExample, to_sample
+from ccmem.loading import LoadedModel
+from ccmem.methods.ccm import CCM
+
+
+@dataclass
+class EvalRow:
+    """One method on one dataset: quality, cost, provenance. Written as a JSON line."""
+
+    method: str
+    model: str
+    adapter: str  # file hash, "untrained", or "-" for methods without an adapter
+    train_dataset: str  # what the adapter was trained on ("-" when nothing was trained)
+    dataset: str
+    split: str
+    examples: int
+    accuracy: float | None  # option scoring
+    perplexity: float | None
+    exact_match: float | None
+    contains: float | None
+    rouge_l: float | None
+    memory_slots: float  # mean key/value positions kept after the context
+    memory_bytes: float
+    context_tokens: float  # mean tokens of context read
+    tokens_per_second: float  # context tokens compressed per second
+    seconds: float
+    config_hash: str
+    label: str = ""  # free text to tell runs apart in reports (e.g. "k=4")
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalSettings:
+    generate: bool = False
+    max_new_tokens: int = 24
+    system: str | None = None
+    method_options: dict[str, Any] = field(default_factory=dict)
+
+    def fingerprint(self, dataset: str, n: int) -> str:
+        blob = json.dumps({"dataset": dataset, "n": n, **asdict(self)}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def normalize(text: str) -> str:
+    """Lower case, no punctuation or articles, single spaces (SQuAD-style answer normalisation)."""
+    text = re.sub(r"[^\w\s]", " ", text.lower())
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 over normalised words (longest common subsequence)."""
+    p, r = normalize(prediction).split(), normalize(reference).split()
+    if not p or not r:
+        return float(p == r)
+    prev = [0] * (len(r) + 1)
+    for a in p:
+        cur = [0]
+        for j, b in enumerate(r):
+            cur.append(prev[j] + 1 if a == b else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(p), lcs / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+# ---------------------------------------------------------------------------- one example
+
+
+def _encode(session: CompressedLM, text: str) -> list[int]:
+    return list(session.lm.tokenizer.encode(text, add_special_tokens=False))
+
+
+def read_context(session: CompressedLM, example: MemoryExample) -> None:
+    """Compress the example's context, one segment per step, into a fresh memory."""
+    session.reset()
+    for segment in example.context:
+        if example.chat:
+            session.remember(*segment)
+        else:
+            session.add(segment)
+
+
+def context_tokens(session: CompressedLM, example: MemoryExample) -> int:
+    """Tokens of context the example holds, counted as :func:`to_sample` (= inference) tokenizes them."""
+    sample = to_sample(session.lm.tokenizer, example, system=session.system_prompt)
+    return sum(len(c) for c in sample.chunks)
+
+
+def query_ids(session: CompressedLM, example: MemoryExample) -> list[int]:
+    if example.chat:
+        return session.query_ids(example.query)[0].tolist()
+    return _encode(session, example.query)
+
+
+def generate_answer(session: CompressedLM, example: MemoryExample, query: list[int], max_new_tokens: int) -> str:
+    """Greedy answer; plain-text tasks stop at the end of the line."""
+    tokens: list[int] = []
+    for token in session.stream_ids(query, max_new_tokens):
+        if token in session.format.stop_ids():
+            break
+        tokens.append(token)
+        if not example.chat and "\n" in str(session.lm.tokenizer.decode(tokens)):
+            break
+    text = str(session.lm.tokenizer.decode(tokens, skip_special_tokens=True))
+    return text.split("\n")[0].strip() if not example.chat else text.strip()
+
+
+# ---------------------------------------------------------------------------- a method on a dataset
+
+
+def adapter_provenance(session: CompressedLM, adapter_path: Path | None) -> tuple[str, str]:
+    """(adapter hash or state, the dataset it was trained on) for the row."""
+    method = session.method
+    if not isinstance(method, CCM):
+        return "-", "-"
+    if not session.adapter_trained:
+        return "untrained", "-"
+    train_dataset = "?"
+    if adapter_path is not None and adapter_path.is_file():
+        with safe_open(str(adapter_path), framework="pt") as f:
+            extra = json.loads((f.metadata() or {}).get("extra", "{}"))
+        train_dataset = extra.get("data") or extra.get("config", {}).get("data", {}).get("dataset", "?")
+    return method.adapter_hash, train_dataset
+
+
+def evaluate(
+    session: CompressedLM,
+    examples: Sequence[MemoryExample],
+    *,
+    dataset: str,
+    split: str = "test",
+    settings: EvalSettings | None = None,
+    adapter_path: Path | None = None,
+    label: str = "",
+    progress: Callable[[int], None] | None = None,
+) -> EvalRow:
+    """Run ``session``'s method over ``examples`` and aggregate one :class:`EvalRow`."""
+    settings = settings or EvalSettings()
+    if not examples:
+        raise ValueError(f"no examples to evaluate for {dataset}/{split}")
+    correct: list[float] = []
+    nll: list[float] = []
+    n_answer_tokens = 0
+    em: list[float] = []
+    contains: list[float] = []
+    rouge: list[float] = []
+    slots: list[int] = []
+    nbytes: list[int] = []
+    tokens: list[int] = []
+    compress_seconds = 0.0
+    started = time.perf_counter()
+    with torch.no_grad():
+        for i, example in enumerate(examples):
+            t0 = time.perf_counter()
+            read_context(session, example)
+            compress_seconds += time.perf_counter() - t0
+            tokens.append(context_tokens(session, example))
+            slots.append(session.memory.num_slots)
+            nbytes.append(session.memory.nbytes)
+            query = query_ids(session, example)
+            if example.options:
+                scores = session.score_ids(query, [_encode(session, o) for o in example.options])
+                correct.append(
+                    float(example.options[max(range(len(scores)), key=scores.__getitem__)] == example.answer)
+                )
+            answer = _encode(session, example.answer)
+            nll.append(-session.score_ids(query, [answer])[0])
+            n_answer_tokens += len(answer)
+            if settings.generate:
+                text = generate_answer(session, example, query, settings.max_new_tokens)
+                em.append(float(normalize(text) == normalize(example.answer)))
+                contains.append(float(normalize(example.answer) in normalize(text)))
+                rouge.append(rouge_l(text, example.answer))
+            if progress:
+                progress(i + 1)
+    adapter, train_dataset = adapter_provenance(session, adapter_path)
+    return EvalRow(
+        method=session.method.name,
+        model=session.lm.name,
+        adapter=adapter,
+        train_dataset=train_dataset,
+        dataset=dataset,
+        split=split,
+        examples=len(examples),
+        accuracy=_mean(correct),
+        perplexity=math.exp(sum(nll) / n_answer_tokens) if n_answer_tokens else None,
+        exact_match=_mean(em),
+        contains=_mean(contains),
+        rouge_l=_mean(rouge),
+        memory_slots=sum(slots) / len(slots),
+        memory_bytes=sum(nbytes) / len(nbytes),
+        context_tokens=sum(tokens) / len(tokens),
+        tokens_per_second=round(sum(tokens) / compress_seconds, 1) if compress_seconds else 0.0,
+        seconds=round(time.perf_counter() - started, 2),
+        config_hash=settings.fingerprint(dataset, len(examples)),
+        label=label,
+    )
+
+
+def compare(
+    lm: LoadedModel,
+    methods: Sequence[str],
+    examples: Sequence[MemoryExample],
+    *,
+    dataset: str,
+    split: str = "test",
+    settings: EvalSettings | None = None,
+    adapters: dict[str, Path] | None = None,
+    label: str = "",
+    out: Path | None = None,
+    progress: Callable[[str, int], None] | None = None,
+) -> Iterator[EvalRow]:
+    """Every method on the same examples with one shared model; rows are appended to ``out`` as they finish."""
+    settings = settings or EvalSettings()
+    adapters = adapters or {}
+    for name in methods:
+        options = settings.method_options if name.startswith(("ccm", "gist")) else {}
+        session = load(lm, method=name, adapter=adapters.get(name), system_prompt=settings.system, **options)
+        try:
+            path = adapters.get(name) or _shipped(session)
+            row = evaluate(
+                session,
+                examples,
+                dataset=dataset,
+                split=split,
+                settings=settings,
+                adapter_path=path,
+                label=label,
+                progress=functools.partial(progress, name) if progress else None,
+            )
+        finally:
+            if isinstance(session.method, CCM):
+                session.method.release(lm)
+        if out is not None:
+            append_row(out, row)
+        yield row
+
+
+def _shipped(session: CompressedLM) -> Path | None:
+    from ccmem.api import shipped_adapter
+
+    return shipped_adapter(session.lm.name, session.method.name) if session.adapter_trained else None
+
+
+def append_row(path: Path, row: EvalRow) -> None:
+    """Append one row as a JSON line (a line is written whole, so a crash never leaves half a row)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(asdict(row)) + "\n")
+
+
+def read_rows(paths: Sequence[Path]) -> list[EvalRow]:
+    """Rows from JSONL files written by ``ccmem eval``; a malformed line names its file and line."""
+    from ccmem.data.persona import DatasetFormatError
+
+    rows = []
+    fields = dataclasses.fields(EvalRow)
+    names = {f.name for f in fields}
+    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"no results file at {path}")
+        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DatasetFormatError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+            missing = [k for k in required if k not in record] if isinstance(record, dict) else ["all"]
+            if missing:
+                raise DatasetFormatError(
+                    f"{path}:{line_no}: not a ccmem eval row (missing field {', '.join(missing[:4])})"
+                )
+            rows.append(EvalRow(**{k: v for k, v in record.items() if k in names}))
+    return rows

@@ -1,0 +1,113 @@
+"""``ccmem report``: aggregate ``ccmem eval`` rows into markdown and CSV tables and a quality-vs-memory plot."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from ccmem.evaluate import EvalRow
+
+COLUMNS = (
+    ("method", "method"),
+    ("adapter", "adapter"),
+    ("train_dataset", "trained on"),
+    ("dataset", "dataset"),
+    ("label", "label"),
+    ("examples", "n"),
+    ("accuracy", "accuracy"),
+    ("contains", "gen contains"),
+    ("exact_match", "EM"),
+    ("rouge_l", "ROUGE-L"),
+    ("perplexity", "perplexity"),
+    ("memory_slots", "KV slots"),
+    ("memory_bytes", "memory KiB"),
+    ("context_tokens", "context tokens"),
+    ("tokens_per_second", "tokens/s"),
+)
+QUALITY = ("accuracy", "contains", "rouge_l", "exact_match", "perplexity")
+
+
+def _cell(key: str, value: object) -> str:
+    if value is None:
+        return "-"
+    if key == "memory_bytes":
+        return f"{float(value) / 1024:.0f}"  # type: ignore[arg-type]
+    if key in ("accuracy", "contains", "exact_match", "rouge_l"):
+        return f"{float(value):.3f}"  # type: ignore[arg-type]
+    if isinstance(value, float):
+        return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+    return str(value)
+
+
+def markdown(rows: Sequence[EvalRow]) -> str:
+    """One line per row, grouped by dataset and label, with only the columns some row fills."""
+    keys = [(k, title) for k, title in COLUMNS if any(getattr(r, k) not in (None, "") for r in rows)]
+    ordered = sorted(rows, key=lambda r: (r.dataset, r.label, r.memory_slots))
+    lines = ["| " + " | ".join(t for _, t in keys) + " |", "|" + "---|" * len(keys)]
+    for r in ordered:
+        lines.append("| " + " | ".join(_cell(k, getattr(r, k)) for k, _ in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: Sequence[EvalRow], path: Path) -> Path:
+    fields = list(asdict(rows[0]))
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow(asdict(r))
+    return path
+
+
+def pick_metric(rows: Sequence[EvalRow]) -> str:
+    """The first quality metric every row has."""
+    for metric in QUALITY:
+        if all(getattr(r, metric) is not None for r in rows):
+            return metric
+    raise ValueError(
+        "these rows share no quality metric to plot (accuracy, contains, rouge_l, exact_match, perplexity)"
+    )
+
+
+def plot(rows: Sequence[EvalRow], path: Path, metric: str | None = None) -> Path:
+    """Quality against memory (KV slots, log scale), one line per method through its rows."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("the plot needs matplotlib: pip install 'ccmem[eval]'") from None
+    metric = metric or pick_metric(rows)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for method in sorted({r.method for r in rows}):
+        points = sorted((r.memory_slots, getattr(r, metric)) for r in rows if r.method == method)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("memory (key/value slots, log scale)")
+    ax.set_ylabel(metric)
+    datasets = ", ".join(sorted({r.dataset for r in rows}))
+    models = ", ".join(sorted({r.model for r in rows}))
+    ax.set_title(f"{metric} vs memory: {datasets} ({models})", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(rows: Sequence[EvalRow], out_dir: Path, metric: str | None = None) -> dict[str, Path]:
+    """``report.md``, ``report.csv`` and ``quality_vs_memory.png`` in ``out_dir``."""
+    if not rows:
+        raise ValueError("no result rows to report")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = out_dir / "report.md"
+    md.write_text(markdown(rows), encoding="utf-8")
+    return {
+        "markdown": md,
+        "csv": write_csv(rows, out_dir / "report.csv"),
+        "plot": plot(rows, out_dir / "quality_vs_memory.png", metric),
+    }

@@ -1,0 +1,91 @@
+"""``ccmem eval`` and ``ccmem report``: metrics, the cost columns, provenance, and the files users read."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ccmem.api import load
+from ccmem.data import icl
+from ccmem.data.records import to_sample
+from ccmem.evaluate import EvalSettings, compare, evaluate, read_rows, rouge_l
+from ccmem.report import markdown, write_report
+from tests.conftest import tiny_model
+from tests.unit.test_cli import run_cli
+
+
+def test_rouge_l_and_normalisation():
+    assert rouge_l("The cat sat.", "cat sat on the mat") == pytest.approx(2 * 1 * 0.5 / 1.5)
+    assert rouge_l("Biscuit", "biscuit!") == 1.0
+    assert rouge_l("dog", "cat") == 0.0
+
+
+def _manual_choice(lm, example, system):
+    """The option a plain causal forward over the whole text prefers (no memory code involved)."""
+    sample = to_sample(lm.tokenizer, example, system=system)
+    prefix = sample.sink + [t for c in sample.chunks for t in c] + sample.tail[: sample.answer_start]
+    scores = []
+    for option in example.options:
+        ids = lm.tokenizer.encode(option)
+        seq = torch.tensor([prefix + ids])
+        logprobs = torch.log_softmax(lm.model(input_ids=seq).logits[0, :-1].float(), -1)
+        scores.append(float(logprobs[len(prefix) - 1 :].gather(1, torch.tensor(ids)[:, None]).sum()))
+    return example.options[max(range(len(scores)), key=scores.__getitem__)]
+
+
+def test_full_context_accuracy_equals_a_plain_forward_and_memory_columns_are_exact():
+    lm = tiny_model()
+    examples = icl.examples(6, "test", k=3, seed=1)
+    settings = EvalSettings(system="Hi.")
+    session = load(lm, "full", system_prompt="Hi.")
+    row = evaluate(session, examples, dataset="icl", settings=settings)
+    with torch.no_grad():
+        expected = sum(_manual_choice(lm, e, "Hi.") == e.answer for e in examples) / len(examples)
+    assert row.accuracy == pytest.approx(expected)
+    sink = len(to_sample(lm.tokenizer, examples[0], system="Hi.").sink)
+    context = [sum(len(c) for c in to_sample(lm.tokenizer, e, system="Hi.").chunks) for e in examples]
+    assert row.context_tokens == pytest.approx(sum(context) / len(context))
+    assert row.memory_slots == pytest.approx(sink + row.context_tokens)
+    assert row.perplexity is not None and row.perplexity > 1
+    rows = {
+        r.method: r
+        for r in compare(lm, ["none", "ccm-concat", "ccm-merge"], examples, dataset="icl", settings=settings)
+    }
+    assert rows["none"].memory_slots == sink
+    assert rows["ccm-concat"].memory_slots == sink + 4 * 3  # n_tok slots per demonstration
+    assert rows["ccm-merge"].memory_slots == sink + 4  # constant
+    assert rows["ccm-concat"].adapter == "untrained" and rows["none"].adapter == "-"
+
+
+def test_generation_metrics_are_filled_when_asked():
+    lm = tiny_model()
+    examples = icl.examples(2, "test", k=2)
+    row = evaluate(load(lm, "full"), examples, dataset="icl", settings=EvalSettings(generate=True, max_new_tokens=3))
+    assert row.exact_match is not None and row.contains is not None and 0 <= row.rouge_l <= 1
+
+
+def test_eval_then_report_from_the_command_line(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    out = tmp_path / "eval.jsonl"
+    code, text = run_cli(
+        monkeypatch, capsys, "eval", "icl", "--model", str(tiny_model_dir), "--n", "3", "--k", "2",
+        "--methods", "full,none,ccm-merge", "--out", str(out), "--label", "k=2",
+    )  # fmt: skip
+    assert code == 0, text
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["full", "none", "ccm-merge"]
+    assert all(r["examples"] == 3 and r["config_hash"] and r["label"] == "k=2" for r in rows)
+    code, text = run_cli(monkeypatch, capsys, "report", str(out), "--out-dir", str(tmp_path / "rep"))
+    assert code == 0, text
+    assert (tmp_path / "rep" / "quality_vs_memory.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "rep" / "report.csv").read_text().count("\n") == 4
+    assert markdown(read_rows([out])).count("\n") == 5
+    (tmp_path / "bad.jsonl").write_text('{"method": "full"}\n')
+    code, text = run_cli(monkeypatch, capsys, "report", str(tmp_path / "bad.jsonl"))
+    assert code == 2 and "bad.jsonl:1: not a ccmem eval row (missing field model" in " ".join(text.split())
+
+
+def test_report_refuses_rows_without_a_shared_metric(tmp_path):
+    with pytest.raises(ValueError, match="no result rows"):
+        write_report([], tmp_path)
