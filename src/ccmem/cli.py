@@ -443,6 +443,38 @@ def report(
     console.print(f"wrote {paths['markdown']}, {paths['csv']}, {paths['plot']}")
 
 
+@app.command()
+def data(
+    generator: Annotated[str, typer.Argument(help="persona (chat facts) or icl (in-context classification).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write into.")],
+    n_train: Annotated[int, typer.Option("--n-train", min=1, help="persona: training dialogs.")] = 2400,
+    n_test: Annotated[int, typer.Option("--n-test", min=1, help="persona: validation and test dialogs each.")] = 200,
+    k: Annotated[int, typer.Option("--k", min=1, help="persona: most facts per dialog; icl: demonstrations.")] = 3,
+    small_talk: Annotated[int, typer.Option("--small-talk", min=0, help="persona: most small-talk turns.")] = 2,
+    tasks: Annotated[int, typer.Option("--tasks", min=1, help="icl: number of tasks.")] = 20,
+    seed: Annotated[int, typer.Option("--seed", help="Generator seed (same seed, same files).")] = 0,
+) -> None:
+    """Write an offline dataset to files in the format its loader reads (persona JSONL, or MetaICL's layout).
+
+    Test items never occur in training: test dialogs ask about held-out values, icl test queries are held-out words.
+    """
+    if generator == "persona":
+        from ccmem.data import persona
+
+        for split, n in (("train", n_train), ("validation", n_test), ("test", n_test)):
+            facts, chatter = ((1, k), (0, small_talk)) if split != "test" else (k, small_talk)
+            dialogs = persona.generate(n, split, seed=seed, facts_per_dialog=facts, small_talk=chatter)
+            persona.write_jsonl(out / f"{split}.jsonl", dialogs)
+        console.print(f"wrote {out}/train.jsonl, validation.jsonl, test.jsonl ({persona.GENERATOR_VERSION})")
+    elif generator == "icl":
+        from ccmem.data import icl
+
+        icl.write_metaicl(out, tasks, k=k, seed=seed)
+        console.print(f"wrote {tasks} tasks in MetaICL layout under {out} ({icl.GENERATOR_VERSION})")
+    else:
+        raise typer.BadParameter(f"unknown generator {generator!r}; use persona or icl")
+
+
 @app.command("methods")
 def list_methods() -> None:
     """List the context methods and what each keeps."""

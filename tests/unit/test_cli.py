@@ -9,7 +9,7 @@ import pytest
 
 from ccmem import cli
 
-COMMANDS = ["demo", "chat", "compress", "ask", "methods", "models", "train", "eval", "report"]
+COMMANDS = ["demo", "chat", "compress", "ask", "methods", "models", "train", "eval", "report", "data"]
 
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:

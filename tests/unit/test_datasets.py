@@ -126,3 +126,18 @@ def test_missing_paths_and_unknown_datasets_are_explained(tmp_path):
         load_examples(DataConfig(dataset="dailydialog", path=str(FIXTURES / "lamp2")), "test")
     with pytest.raises(UnknownDatasetError, match="did you mean 'persona'"):
         load_examples(DataConfig(dataset="persona2"), "train")
+
+
+def test_generated_files_are_read_back_by_the_loaders(monkeypatch, capsys, tmp_path):
+    from tests.unit.test_cli import run_cli
+
+    code, text = run_cli(
+        monkeypatch, capsys, "data", "persona", "-o", str(tmp_path / "p"), "--n-train", "5", "--n-test", "3"
+    )
+    assert code == 0, text
+    cfg = DataConfig(dataset="persona", path=str(tmp_path / "p"))
+    assert len(load_examples(cfg, "train")) == 5 and len(load_examples(cfg, "test")) == 3
+    assert all(len(e.context) == 3 + 2 for e in load_examples(cfg, "test"))  # exactly k facts + small talk
+    code, text = run_cli(monkeypatch, capsys, "data", "icl", "-o", str(tmp_path / "i"), "--tasks", "2", "--k", "4")
+    assert code == 0, text
+    assert load_examples(DataConfig(dataset="metaicl", path=str(tmp_path / "i"), k=4), "test")

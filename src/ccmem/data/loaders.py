@@ -27,8 +27,8 @@ class UnknownDatasetError(ValueError):
 
 
 def _persona(cfg: DataConfig, split: str) -> list[MemoryExample]:
-    if cfg.path:
-        dialogs = persona.read_jsonl(cfg.eval_path if split != "train" and cfg.eval_path else cfg.path)
+    if cfg.path:  # a .jsonl file (eval_path for the held-out splits) or a folder written by `ccmem data persona`
+        dialogs = persona.read_jsonl(formats.split_file(_path(cfg, split), split, (".jsonl",)))
     else:
         n = cfg.n_train if split == "train" else cfg.n_eval
         facts, chatter = min(cfg.k, len(persona.FACTS)), min(cfg.small_talk, len(persona.SMALL_TALK))

@@ -328,6 +328,22 @@ class CCM(Method):
 
     training_loss = parallel_loss
 
+    def recurrent_loss(self, lm: LoadedModel, sample: Sample) -> torch.Tensor:
+        """The same loss computed the slow way: compress chunk by chunk (backpropagating through the
+        memory), then read the tail with it. The reference that ``parallel_loss`` must equal, and the
+        baseline of ``benchmarks/train_throughput.py``."""
+        self.prepare(lm)
+        memory = self.new_memory(lm)
+        if sample.sink:
+            memory = self.add_sink(lm, memory, torch.tensor([sample.sink], device=lm.device))
+        for chunk in sample.chunks:
+            memory = self.add(lm, memory, torch.tensor([chunk], device=lm.device))
+        tail = torch.tensor([sample.tail], device=lm.device)
+        hidden = run_decoder(lm, tail, memory.to_cache(), memory.next_position).last_hidden_state
+        labels = torch.full_like(tail, -100)
+        labels[:, sample.answer_start :] = tail[:, sample.answer_start :]
+        return answer_loss(lm, hidden, labels)
+
 
 @dataclass
 class CCMConcat(CCM):
