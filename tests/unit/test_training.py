@@ -56,7 +56,7 @@ def test_presets_cover_the_recipe_and_overrides_are_typed_and_checked():
 
 def test_train_writes_adapter_logs_and_small_checkpoints_and_the_adapter_loads(tmp_path):
     lm = tiny_model()
-    result = train(_config(tmp_path), lm=lm)
+    result = train(_config(tmp_path, "train.gradient_checkpointing=true", "train.grad_accum=2"), lm=lm)
     run = tmp_path / "persona-ccm-concat"
     assert result.output == run / "adapter.safetensors" and result.steps == 4
     assert result.eval_loss is not None and result.tokens > 0

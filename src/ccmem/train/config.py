@@ -72,7 +72,7 @@ class OptimConfig:
     grad_accum: int = 1
     max_steps: int = 300
     max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = True  # trades ~30% more compute for much less activation memory
     precision: str = "auto"  # auto (bf16 where the GPU has it, else fp32), bf16, fp16 or fp32
     eval_steps: int = 50
     save_steps: int = 50  # a checkpoint every this many steps (a multiple of eval_steps)
