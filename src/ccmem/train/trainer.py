@@ -307,7 +307,7 @@ def train(config: TrainConfig, *, lm: LoadedModel | None = None) -> TrainResult:
     else:
         add_stage1_lora(lm, config)
     if config.train.gradient_checkpointing:
-        lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     lm.model.config.use_cache = False
 
     train_set = SampleDataset(samples_for(lm, config, "train"))
