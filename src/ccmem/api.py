@@ -23,6 +23,7 @@ from ccmem.memory import Memory
 from ccmem.methods.base import Method, positions
 from ccmem.methods.ccm import CCM
 from ccmem.registry import get_method
+from ccmem.stage1 import merge_stage1
 
 logger = logging.getLogger(__name__)
 
@@ -273,12 +274,15 @@ def load(
     max_chunk_tokens: int = 512,
     attn_implementation: str = "sdpa",
     dtype: torch.dtype = torch.float32,
+    stage1: str | os.PathLike[str] | None = None,
     **method_options: Any,
 ) -> CompressedLM:
     """Load ``model`` with compression ``method`` and return a :class:`CompressedLM`.
 
     ``adapter``: path of a trained compression adapter; ``None`` uses the one ccmem ships for this model
     and method when there is one (otherwise the method runs untrained, and says so).
+    ``stage1``: a stage-1 LoRA run (``ccmem train persona-full``) merged into the weights first; adapters
+    trained on top of one require it.
     ``method_options`` are the method's hyper-parameters, e.g. ``n_tok=4, recurrent=False``.
     """
     compression = get_method(method, **method_options)
@@ -287,6 +291,8 @@ def load(
         if isinstance(model, LoadedModel)
         else load_model(model, dtype=dtype, attn_implementation=attn_implementation)
     )
+    if stage1 is not None:
+        merge_stage1(lm, stage1)
     trained = False
     if isinstance(compression, CCM):
         compression.prepare(lm)

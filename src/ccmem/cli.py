@@ -354,6 +354,10 @@ def eval_command(
     max_new_tokens: MaxNewOpt = 24,
     system: SystemOpt = DEFAULT_SYSTEM_PROMPT,
     label: Annotated[str, typer.Option("--label", help="Free text stored in each row to tell runs apart.")] = "",
+    stage1: Annotated[
+        Path | None,
+        typer.Option("--stage1", help="Stage-1 LoRA run merged into the model first (e.g. runs/persona-full)."),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="JSONL file the rows are appended to.")] = Path(
         "results/eval.jsonl"
     ),
@@ -378,6 +382,10 @@ def eval_command(
     examples = load_examples(cfg, split)[:n]
     with console.status(f"loading {model}..."):
         lm = load_model(model)
+    if stage1 is not None:
+        from ccmem.stage1 import merge_stage1
+
+        merge_stage1(lm, stage1)
     settings = EvalSettings(
         generate=generate,
         max_new_tokens=max_new_tokens,

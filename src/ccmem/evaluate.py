@@ -235,6 +235,7 @@ def evaluate(
         seconds=round(time.perf_counter() - started, 2),
         config_hash=settings.fingerprint(dataset, len(examples)),
         label=label,
+        extra={"stage1": session.lm.stage1} if session.lm.stage1 else {},
     )
 
 

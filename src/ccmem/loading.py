@@ -56,6 +56,7 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     name: str
+    stage1: str | None = None  # hash of a stage-1 LoRA merged into the weights (ccmem.stage1)
 
     @property
     def fingerprint(self) -> str:

@@ -12,8 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from ccmem.api import load
+from ccmem.methods.ccm import AdapterMismatchError
+from ccmem.stage1 import STAGE1_WEIGHTS
 from ccmem.train.config import ConfigError, load_config, preset_names
-from ccmem.train.trainer import STAGE1_WEIGHTS, train
+from ccmem.train.trainer import train
 from tests.conftest import tiny_model
 
 TINY = [
@@ -99,14 +101,18 @@ def test_stage1_lora_then_stage2_on_top_and_load_path_for_another_model_is_refus
     assert stage1.output.name == STAGE1_WEIGHTS
     lm = tiny_model()
     before = lm.model.model.layers[0].self_attn.q_proj.weight.clone()
-    train(_config(tmp_path, "train.max_steps=2", f"load_path={stage1.run_dir}"), lm=lm)
+    stage2 = train(_config(tmp_path, "train.max_steps=2", f"load_path={stage1.run_dir}"), lm=lm)
     assert not torch.equal(before, lm.model.model.layers[0].self_attn.q_proj.base.weight)
+    # The stage-2 adapter only makes sense on top of its stage-1 LoRA: refused without it, accepted with it.
+    with pytest.raises(AdapterMismatchError, match="trained on top of stage-1 LoRA"):
+        load(tiny_model(), "ccm-concat", adapter=stage2.output)
+    assert load(tiny_model(), "ccm-concat", adapter=stage2.output, stage1=stage1.run_dir).adapter_trained
     with pytest.raises(ConfigError, match="was trained for model 'tiny-llama-gqa'"):
         train(
             _config(tmp_path, "train.max_steps=2", "run_id=other", f"load_path={stage1.run_dir}"),
             lm=tiny_model("qwen2"),
         )
-    with pytest.raises(ConfigError, match="no stage-1 LoRA there"):
+    with pytest.raises(ConfigError, match="load_path: no stage-1 LoRA at"):
         train(_config(tmp_path, "run_id=none", f"load_path={tmp_path}"), lm=tiny_model())
 
 

@@ -184,6 +184,7 @@ class CCM(Method):
             "recurrent": str(self.recurrent),
             "lora_rank": str(self.lora_rank),
             "lora_alpha": str(self.lora_alpha),
+            "stage1": lm.stage1 or "",
         }
 
     def save_adapter(self, lm: LoadedModel, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
@@ -214,6 +215,11 @@ class CCM(Method):
                     f"adapter {path} has {key}={meta.get(key)!r}{hint} but this run has {key}={wanted[key]!r}; "
                     "use an adapter trained for this model and method, or change the method options to match"
                 )
+        if meta.get("stage1", "") != wanted["stage1"]:
+            raise AdapterMismatchError(
+                f"adapter {path} was trained on top of stage-1 LoRA {meta.get('stage1') or 'none'}, but this model has "
+                f"{wanted['stage1'] or 'none'} merged in; pass the same stage-1 run (ccmem.load(..., stage1=PATH))"
+            )
         expected = set(self.adapter_state())
         if set(state) != expected:
             differing = sorted(expected ^ set(state))[:3]

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 
@@ -34,12 +33,12 @@ from ccmem.loading import LoadedModel, load_model
 from ccmem.methods.base import Method
 from ccmem.methods.ccm import CCM, DEFAULT_LORA_TARGETS, LORA_TARGETS, Sample
 from ccmem.registry import get_method
+from ccmem.stage1 import STAGE1_WEIGHTS, Stage1Error, merge_stage1, save_stage1
 from ccmem.train.config import ConfigError, TrainConfig, differences
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_WEIGHTS = "model.safetensors"  # the file name the Trainer looks for when resuming
-STAGE1_WEIGHTS = "stage1_lora.safetensors"
 ADAPTER_FILE = "adapter.safetensors"
 
 
@@ -173,60 +172,6 @@ def add_stage1_lora(lm: LoadedModel, config: TrainConfig) -> None:
         p.requires_grad_("lora_" in name)
 
 
-def save_stage1(lm: LoadedModel, config: TrainConfig, path: Path) -> Path:
-    """The stage-1 LoRA as safetensors: per projection ``<path>.A``/``.B``, with model identity and scaling."""
-    state = {}
-    for name, module in lm.model.named_modules():
-        a, b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
-        if isinstance(a, nn.ModuleDict) and isinstance(b, nn.ModuleDict) and "default" in a:
-            state[f"{name}.A"] = cast(torch.Tensor, a["default"].weight).detach().contiguous().cpu()
-            state[f"{name}.B"] = cast(torch.Tensor, b["default"].weight).detach().contiguous().cpu()
-    meta = {
-        "format": "ccmem.stage1",
-        "model": lm.fingerprint,
-        "model_name": lm.name,
-        "scaling": str(config.method.lora_alpha / config.method.lora_rank),
-    }
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
-    return path
-
-
-def merge_stage1(lm: LoadedModel, load_path: str | os.PathLike[str]) -> str:
-    """Add a finished stage-1 LoRA into the base weights (W += s·B·A); returns its file hash.
-
-    ``load_path`` is a stage-1 run folder or its ``stage1_lora.safetensors``; a file made for another
-    model is refused.
-    """
-    import hashlib
-
-    from safetensors import safe_open
-
-    path = Path(load_path)
-    if path.is_dir():
-        path = path / STAGE1_WEIGHTS
-    if not path.is_file():
-        raise ConfigError(f"load_path {load_path}: no stage-1 LoRA there (expected {STAGE1_WEIGHTS} of a finished run)")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != "ccmem.stage1":
-        raise ConfigError(f"load_path {path} is not a ccmem stage-1 LoRA file")
-    if meta.get("model") != lm.fingerprint:
-        raise ConfigError(
-            f"load_path {path} was trained for model {meta.get('model_name')!r}, not for {lm.name!r}; "
-            "run stage 1 on this model first"
-        )
-    state = load_file(str(path))
-    scaling = float(meta["scaling"])
-    with torch.no_grad():
-        for key in state:
-            if key.endswith(".A"):
-                weight = cast(torch.Tensor, lm.model.get_submodule(key[:-2]).weight)
-                delta = state[key[:-2] + ".B"].float() @ state[key].float()
-                weight += (scaling * delta).to(weight.dtype)
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
 # ---------------------------------------------------------------------------- the run
 
 
@@ -283,7 +228,10 @@ def train(config: TrainConfig, *, lm: LoadedModel | None = None) -> TrainResult:
     run_dir = config.run_dir
     lm = lm or load_model(config.model)
     torch.manual_seed(config.train.seed)
-    stage1_hash = merge_stage1(lm, config.load_path) if config.load_path else None
+    try:
+        stage1_hash = merge_stage1(lm, config.load_path) if config.load_path else None
+    except Stage1Error as err:
+        raise ConfigError(f"load_path: {err}") from None
     m = config.method
     method = (
         get_method(m.name)
@@ -389,7 +337,7 @@ def train(config: TrainConfig, *, lm: LoadedModel | None = None) -> TrainResult:
         if isinstance(method, CCM):
             method.save_adapter(lm, output, extra=summary | {"config": config.to_dict()})
         else:
-            save_stage1(lm, config, output)
+            save_stage1(lm, output, scaling=config.method.lora_alpha / config.method.lora_rank)
         with atomic_path(run_dir / "summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
     return TrainResult(run_dir, output, trainer.state.global_step, seconds, module.tokens_seen, eval_loss, resume)
