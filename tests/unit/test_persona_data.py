@@ -64,3 +64,21 @@ def test_chat_sample_tokenizes_exactly_like_inference():
         session.remember(user, assistant)
     assert session.memory.next_position == len(sample.sink) + sum(len(c) for c in sample.chunks)
     assert session.query_ids("Where do I live?")[0].tolist() == sample.tail[: sample.answer_start]
+
+
+def test_small_talk_and_fact_ranges_and_the_validation_split():
+    from ccmem.data.persona import SMALL_TALK
+
+    chatter = {u for u, _ in SMALL_TALK}
+    dialogs = list(generate(200, "train", facts_per_dialog=(1, 3), small_talk=(0, 2)))
+    facts = [sum(u not in chatter for u, _ in d.turns) for d in dialogs]
+    talk = [sum(u in chatter for u, _ in d.turns) for d in dialogs]
+    assert set(facts) == {1, 2, 3} and set(talk) == {0, 1, 2}
+    exact = list(generate(20, "test", facts_per_dialog=3, small_talk=2))
+    assert all(len(d.turns) == 5 for d in exact)
+    validation = list(generate(50, "validation"))
+    train_values = {v for k in FACTS.values() for v in split_values(k, "train")}
+    assert all(d.answer in train_values for d in validation)
+    assert [d.turns for d in validation] != [d.turns for d in generate(50, "train")]
+    with pytest.raises(ValueError, match=r"small_talk must be a number or a \(min, max\) range"):
+        next(generate(1, "train", small_talk=(2, 1)))
