@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ccmem.data.persona import FACTS, DatasetFormatError, generate, read_jsonl, split_values, write_jsonl
+from ccmem.data.persona import FACTS, SPLITS, DatasetFormatError, generate, read_jsonl, split_values, write_jsonl
 from ccmem.data.samples import chat_sample
 from tests.conftest import TinyTokenizer
 
@@ -76,9 +76,9 @@ def test_small_talk_and_fact_ranges_and_the_validation_split():
     assert set(facts) == {1, 2, 3} and set(talk) == {0, 1, 2}
     exact = list(generate(20, "test", facts_per_dialog=3, small_talk=2))
     assert all(len(d.turns) == 5 for d in exact)
-    validation = list(generate(50, "validation"))
-    train_values = {v for k in FACTS.values() for v in split_values(k, "train")}
-    assert all(d.answer in train_values for d in validation)
-    assert [d.turns for d in validation] != [d.turns for d in generate(50, "train")]
+    values = {split: {v for k in FACTS.values() for v in split_values(k, split)} for split in SPLITS}
+    assert not values["train"] & values["validation"] and not values["validation"] & values["test"]
+    for split in SPLITS:  # answers and every option come from the split's own values
+        assert all({d.answer, *d.options} <= values[split] for d in generate(50, split, facts_per_dialog=(1, 7)))
     with pytest.raises(ValueError, match=r"small_talk must be a number or a \(min, max\) range"):
         next(generate(1, "train", small_talk=(2, 1)))

@@ -89,6 +89,13 @@ LOADERS: dict[str, Loader] = {
 }
 
 
+def data_version(cfg: DataConfig) -> str:
+    """What the examples came from: a generator version, or the files read."""
+    if cfg.path:
+        return f"files:{cfg.path}"
+    return {"persona": persona.GENERATOR_VERSION, "icl": icl.GENERATOR_VERSION}.get(cfg.dataset, cfg.dataset)
+
+
 def load_examples(cfg: DataConfig, split: str = "train") -> list[MemoryExample]:
     """The examples of ``cfg.dataset`` for ``split`` (train, validation or test)."""
     if split not in SPLITS:

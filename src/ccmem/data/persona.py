@@ -1,15 +1,15 @@
 """Persona-fact dialogs, generated offline: facts stated in early turns, asked about at the end.
 
 The task that exercises chat memory and runs here without any download. Seeded and versioned
-(``GENERATOR_VERSION``): the same seed gives the same file. Test dialogs ask only about values that no
-training dialog contains, so a model that answers them read the value from memory, not from its weights.
-
-Small-talk turns (no fact) can be mixed in, so that memory has to keep the facts among chatter; the
-``validation`` split uses training values with its own random stream (for early stopping).
+(``GENERATOR_VERSION``): the same seed gives the same file. Train, validation and test dialogs use
+disjoint values (and draw their answer options from their own split), so a model that answers a test
+question read the value from memory: it cannot have memorised it, and the pools (30-90 values per kind)
+are too large to guess from. Small-talk turns (no fact) can be mixed in, so that memory has to keep the
+facts among chatter.
 
 Record format (one JSON object per line)::
 
-    {"id": "train-0", "split": "train", "version": "persona-v2",
+    {"id": "train-0", "split": "train", "version": "persona-v3",
      "turns": [["I have a dog called Biscuit.", "What a lovely name!"], ...],
      "question": "What is my dog called?", "answer": "Biscuit", "options": ["Biscuit", "Max", ...]}
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ccmem.fileio import atomic_path
 
-GENERATOR_VERSION = "persona-v2"
+GENERATOR_VERSION = "persona-v3"
 ACKS = ("Got it!", "Thanks for telling me.", "Nice, I'll remember that.", "Good to know.", "Noted!")
 SMALL_TALK = (
     ("It has been raining all day here.", "Rainy days are perfect for a good book and a warm drink."),
@@ -52,30 +52,296 @@ FACTS: dict[str, FactKind] = {
     "dog": FactKind(
         "I have a dog called {value}.",
         "What is my dog called?",
-        ("Biscuit", "Max", "Luna", "Rocky", "Pepper", "Mochi", "Ziggy", "Bruno", "Nala", "Toby"),
+        (
+            "Biscuit",
+            "Max",
+            "Luna",
+            "Rocky",
+            "Pepper",
+            "Mochi",
+            "Ziggy",
+            "Bruno",
+            "Nala",
+            "Toby",
+            "Coco",
+            "Daisy",
+            "Milo",
+            "Rosie",
+            "Buster",
+            "Hazel",
+            "Oscar",
+            "Ruby",
+            "Teddy",
+            "Willow",
+            "Ginger",
+            "Murphy",
+            "Olive",
+            "Duke",
+            "Penny",
+            "Scout",
+            "Maple",
+            "Otis",
+            "Pickles",
+            "Waffles",
+            "Bandit",
+            "Juniper",
+            "Chester",
+            "Poppy",
+            "Rusty",
+            "Sadie",
+            "Winston",
+            "Clover",
+            "Dexter",
+            "Pumpkin",
+            "Bear",
+            "Honey",
+            "Tucker",
+            "Marble",
+            "Noodle",
+            "Archie",
+            "Bella",
+            "Kiwi",
+            "Sprout",
+            "Fudge",
+        ),
     ),
     "city": FactKind(
         "I live in {value}.",
         "In which city do I live?",
-        ("Lisbon", "Oslo", "Nairobi", "Lima", "Osaka", "Denver", "Krakow", "Hanoi", "Dublin", "Cairo"),
+        (
+            "Lisbon",
+            "Oslo",
+            "Nairobi",
+            "Lima",
+            "Osaka",
+            "Denver",
+            "Krakow",
+            "Hanoi",
+            "Dublin",
+            "Cairo",
+            "Porto",
+            "Bergen",
+            "Accra",
+            "Quito",
+            "Kyoto",
+            "Austin",
+            "Gdansk",
+            "Manila",
+            "Galway",
+            "Tunis",
+            "Seville",
+            "Tampere",
+            "Dakar",
+            "Bogota",
+            "Sapporo",
+            "Boston",
+            "Poznan",
+            "Jakarta",
+            "Cork",
+            "Rabat",
+            "Valencia",
+            "Uppsala",
+            "Lagos",
+            "Medellin",
+            "Nagoya",
+            "Seattle",
+            "Riga",
+            "Hobart",
+            "Zurich",
+            "Tbilisi",
+            "Geneva",
+            "Vilnius",
+            "Perth",
+            "Montreal",
+            "Bilbao",
+            "Malmo",
+            "Durban",
+            "Santiago",
+            "Busan",
+            "Glasgow",
+        ),
     ),
     "job": FactKind(
         "I work as a {value}.",
         "What is my job?",
-        ("nurse", "pilot", "baker", "lawyer", "plumber", "teacher", "chemist", "farmer", "dentist", "architect"),
+        (
+            "nurse",
+            "pilot",
+            "baker",
+            "lawyer",
+            "plumber",
+            "teacher",
+            "chemist",
+            "farmer",
+            "dentist",
+            "architect",
+            "carpenter",
+            "librarian",
+            "journalist",
+            "pharmacist",
+            "firefighter",
+            "electrician",
+            "photographer",
+            "veterinarian",
+            "translator",
+            "accountant",
+            "mechanic",
+            "florist",
+            "surgeon",
+            "geologist",
+            "butcher",
+            "tailor",
+            "barber",
+            "cartographer",
+            "astronomer",
+            "locksmith",
+            "beekeeper",
+            "sculptor",
+            "paramedic",
+            "economist",
+            "jeweller",
+            "glassblower",
+            "welder",
+            "zoologist",
+            "shepherd",
+            "potter",
+        ),
     ),
     "food": FactKind(
         "My favourite food is {value}.",
         "What is my favourite food?",
-        ("sushi", "lasagna", "tacos", "curry", "paella", "falafel", "ramen", "pierogi", "goulash", "risotto"),
+        (
+            "sushi",
+            "lasagna",
+            "tacos",
+            "curry",
+            "paella",
+            "falafel",
+            "ramen",
+            "pierogi",
+            "goulash",
+            "risotto",
+            "dumplings",
+            "burritos",
+            "moussaka",
+            "pho",
+            "kimchi",
+            "gnocchi",
+            "couscous",
+            "biryani",
+            "ceviche",
+            "empanadas",
+            "hummus",
+            "fondue",
+            "tiramisu",
+            "pancakes",
+            "shakshuka",
+            "bibimbap",
+            "pad thai",
+            "churros",
+            "baklava",
+            "gazpacho",
+            "tempura",
+            "poutine",
+            "pretzels",
+            "samosas",
+            "waffles",
+            "crepes",
+            "nachos",
+            "lentil soup",
+            "meatballs",
+            "polenta",
+        ),
     ),
     "color": FactKind(
         "My favourite colour is {value}.",
         "What is my favourite colour?",
-        ("blue", "green", "purple", "orange", "yellow", "red", "teal", "pink", "grey", "brown"),
+        (
+            "blue",
+            "green",
+            "purple",
+            "orange",
+            "yellow",
+            "red",
+            "teal",
+            "pink",
+            "grey",
+            "brown",
+            "maroon",
+            "navy",
+            "turquoise",
+            "lavender",
+            "crimson",
+            "beige",
+            "olive",
+            "coral",
+            "amber",
+            "indigo",
+            "magenta",
+            "cyan",
+            "ivory",
+            "silver",
+            "gold",
+            "violet",
+            "scarlet",
+            "mint",
+            "peach",
+            "charcoal",
+        ),
+    ),
+    "sister": FactKind(
+        "My sister's name is {value}.",
+        "What is my sister's name?",
+        (
+            "Anna",
+            "Clara",
+            "Sofia",
+            "Maya",
+            "Elena",
+            "Ingrid",
+            "Priya",
+            "Chloe",
+            "Hannah",
+            "Leila",
+            "Nora",
+            "Greta",
+            "Amira",
+            "Yuki",
+            "Fatima",
+            "Lucia",
+            "Zara",
+            "Ines",
+            "Marta",
+            "Keiko",
+            "Olga",
+            "Tessa",
+            "Freya",
+            "Imani",
+            "Rosa",
+            "Vera",
+            "Lena",
+            "Aisha",
+            "Mila",
+            "Jade",
+            "Dora",
+            "Paula",
+            "Sonia",
+            "Edith",
+            "Wanda",
+            "Hilda",
+            "Nadia",
+            "Irene",
+            "Petra",
+            "Alma",
+        ),
+    ),
+    "number": FactKind(
+        "My favourite number is {value}.",
+        "What is my favourite number?",
+        tuple(str(n) for n in range(10, 100)),
     ),
 }
-HELD_OUT_EVERY = 5  # every 5th value of each kind appears only in test dialogs
+HELD_OUT_EVERY = 5  # value i of a kind: i % 5 == 0 only in test dialogs, i % 5 == 1 only in validation ones
 
 
 @dataclass
@@ -90,9 +356,11 @@ class PersonaDialog:
 
 
 def split_values(kind: FactKind, split: str) -> list[str]:
-    """The values a split may use: test gets every ``HELD_OUT_EVERY``-th, train the rest."""
-    test = [v for i, v in enumerate(kind.values) if i % HELD_OUT_EVERY == 0]
-    return test if split == "test" else [v for v in kind.values if v not in test]
+    """The values a split may use: disjoint for train, validation and test (every ``HELD_OUT_EVERY``-th)."""
+    bucket = {"test": 0, "validation": 1}.get(split)
+    if bucket is None:
+        return [v for i, v in enumerate(kind.values) if i % HELD_OUT_EVERY > 1]
+    return [v for i, v in enumerate(kind.values) if i % HELD_OUT_EVERY == bucket]
 
 
 def _bounds(name: str, value: Range, low: int, high: int) -> tuple[int, int]:
@@ -126,7 +394,8 @@ def generate(
             turns.insert(rng.randint(0, len(turns)), turn)
         asked = rng.choice(kinds)
         answer = values[asked]
-        distractors = rng.sample([v for v in FACTS[asked].values if v != answer], n_options - 1)
+        # Distractors come from the same split, so a test question's options are all values never trained on.
+        distractors = rng.sample([v for v in split_values(FACTS[asked], split) if v != answer], n_options - 1)
         options = [answer, *distractors]
         rng.shuffle(options)
         yield PersonaDialog(f"{split}-{i}", split, GENERATOR_VERSION, turns, FACTS[asked].question, answer, options)

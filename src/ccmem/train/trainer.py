@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 
-from ccmem.data.loaders import load_examples
+from ccmem.data.loaders import data_version, load_examples
 from ccmem.data.records import to_sample
 from ccmem.fileio import atomic_path
 from ccmem.loading import LoadedModel, load_model
@@ -329,6 +329,7 @@ def train(config: TrainConfig, *, lm: LoadedModel | None = None) -> TrainResult:
         "train_examples": len(train_set),
         "processes": trainer.args.world_size,
         "data": config.data.dataset,
+        "data_version": data_version(config.data),
         "stage1": stage1_hash,
         "resumed_from": resume,
     }
