@@ -45,6 +45,13 @@ def test_methods_lists_the_registry(monkeypatch, capsys):
             ["chat", "--method", "ccm-concat", "--n-tok", "0", "--model", "none-model"],
             "n_tok must be at least 1",
         ),
+        (["train", "persona-ccm-concat", "train.learning_rate=1e-4"], "did you mean 'train.lr'?"),
+        (["train", "persona-concat"], "did you mean 'persona-ccm-concat'?"),
+        (["train", "persona-ccm-concat", "method.n_tok=four"], "method.n_tok must be int, got 'four'"),
+        (["eval", "persona", "--methods", "full,ccm-foo"], "unknown method 'ccm-foo'"),
+        (["eval", "metaicl", "--methods", "full"], "set data.path to the downloaded folder"),
+        (["data", "nonsense", "-o", "x"], "unknown generator 'nonsense'"),
+        (["report", "/nonexistent/eval.jsonl"], "no results file at /nonexistent/eval.jsonl"),
     ],
 )
 def test_bad_input_is_one_line(monkeypatch, capsys, args, message):
