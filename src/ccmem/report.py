@@ -29,6 +29,11 @@ COLUMNS = (
 QUALITY = ("accuracy", "contains", "rouge_l", "exact_match", "perplexity")
 
 
+def display_method(row: EvalRow) -> str:
+    """The method as reports name it: ``full (stage 1)`` when a stage-1 LoRA was merged in."""
+    return row.method + (" (stage 1)" if row.extra.get("stage1") else "")
+
+
 def _cell(key: str, value: object) -> str:
     if value is None:
         return "-"
@@ -47,7 +52,8 @@ def markdown(rows: Sequence[EvalRow]) -> str:
     ordered = sorted(rows, key=lambda r: (r.dataset, r.label, r.memory_slots))
     lines = ["| " + " | ".join(t for _, t in keys) + " |", "|" + "---|" * len(keys)]
     for r in ordered:
-        lines.append("| " + " | ".join(_cell(k, getattr(r, k)) for k, _ in keys) + " |")
+        cells = [display_method(r) if k == "method" else _cell(k, getattr(r, k)) for k, _ in keys]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -82,8 +88,8 @@ def plot(rows: Sequence[EvalRow], path: Path, metric: str | None = None) -> Path
         raise RuntimeError("the plot needs matplotlib: pip install 'ccmem[eval]'") from None
     metric = metric or pick_metric(rows)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for method in sorted({r.method for r in rows}):
-        points = sorted((r.memory_slots, getattr(r, metric)) for r in rows if r.method == method)
+    for method in sorted({display_method(r) for r in rows}):
+        points = sorted((r.memory_slots, getattr(r, metric)) for r in rows if display_method(r) == method)
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
     ax.set_xscale("log")
     ax.set_xlabel("memory (key/value slots, log scale)")
