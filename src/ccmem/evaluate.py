@@ -30,6 +30,7 @@ import torch
 from safetensors import safe_open
 
 from ccmem.api import CompressedLM, load
+from ccmem.chat import DEFAULT_SYSTEM_PROMPT
 from ccmem.data.records import MemoryExample, to_sample
 from ccmem.loading import LoadedModel
 from ccmem.methods.ccm import CCM
@@ -65,7 +66,7 @@ class EvalRow:
 class EvalSettings:
     generate: bool = False
     max_new_tokens: int = 24
-    system: str | None = None
+    system: str | None = DEFAULT_SYSTEM_PROMPT  # as at training and in ccmem.load
     method_options: dict[str, Any] = field(default_factory=dict)
 
     def fingerprint(self, dataset: str, n: int) -> str:
