@@ -32,6 +32,7 @@ from safetensors import safe_open
 from ccmem.api import CompressedLM, load
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT
 from ccmem.data.records import MemoryExample, to_sample
+from ccmem.fileio import DatasetFormatError, jsonl_records
 from ccmem.loading import LoadedModel
 from ccmem.methods.ccm import CCM
 
@@ -294,26 +295,14 @@ def append_row(path: Path, row: EvalRow) -> None:
 
 def read_rows(paths: Sequence[Path]) -> list[EvalRow]:
     """Rows from JSONL files written by ``ccmem eval``; a malformed line names its file and line."""
-    from ccmem.data.persona import DatasetFormatError
-
     rows = []
     fields = dataclasses.fields(EvalRow)
     names = {f.name for f in fields}
     required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     for path in paths:
-        if not path.is_file():
-            raise FileNotFoundError(f"no results file at {path}")
-        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DatasetFormatError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-            missing = [k for k in required if k not in record] if isinstance(record, dict) else ["all"]
+        for where, record in jsonl_records(path, what="results file"):
+            missing = [k for k in required if k not in record]
             if missing:
-                raise DatasetFormatError(
-                    f"{path}:{line_no}: not a ccmem eval row (missing field {', '.join(missing[:4])})"
-                )
+                raise DatasetFormatError(f"{where}: not a ccmem eval row (missing field {', '.join(missing[:4])})")
             rows.append(EvalRow(**{k: v for k, v in record.items() if k in names}))
     return rows

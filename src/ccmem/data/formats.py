@@ -24,8 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ccmem.data.persona import DatasetFormatError
 from ccmem.data.records import MemoryExample
+from ccmem.fileio import DatasetFormatError, jsonl_records
 
 SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
 LAMP2_MOVIE_TAGS = (
@@ -61,15 +61,7 @@ def read_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         for i, record in enumerate(data):
             yield f"{path}:record {i + 1}", _mapping(record, f"{path}:record {i + 1}")
         return
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DatasetFormatError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-            yield f"{path}:{line_no}", _mapping(record, f"{path}:{line_no}")
+    yield from jsonl_records(path)
 
 
 def _mapping(record: Any, where: str) -> dict[str, Any]:

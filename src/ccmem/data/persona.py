@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ccmem.fileio import atomic_path
+from ccmem.fileio import DatasetFormatError, atomic_path, jsonl_records  # DatasetFormatError: also imported from here
 
 GENERATOR_VERSION = "persona-v3"
 ACKS = ("Got it!", "Thanks for telling me.", "Nice, I'll remember that.", "Good to know.", "Noted!")
@@ -410,41 +410,27 @@ def write_jsonl(path: str | os.PathLike[str], dialogs: Iterator[PersonaDialog] |
     return path
 
 
-class DatasetFormatError(ValueError):
-    """A data file that does not have the expected format; the message names file, line and field."""
-
-
 def read_jsonl(path: str | os.PathLike[str]) -> list[PersonaDialog]:
     """Read persona dialogs; a malformed record is reported with its file, line and field."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no dataset file at {path}")
     dialogs = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DatasetFormatError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-            for key, kind in (("turns", list), ("question", str), ("answer", str), ("options", list)):
-                if not isinstance(record.get(key), kind):
-                    raise DatasetFormatError(f"{path}:{line_no}: field {key!r} must be a {kind.__name__}")
-            if record["answer"] not in record["options"]:
-                raise DatasetFormatError(f"{path}:{line_no}: field 'answer' is not one of 'options'")
-            turns = record["turns"]
-            if not all(isinstance(t, list) and len(t) == 2 and all(isinstance(s, str) for s in t) for t in turns):
-                raise DatasetFormatError(f"{path}:{line_no}: field 'turns' must hold [user, assistant] string pairs")
-            dialogs.append(
-                PersonaDialog(
-                    id=str(record.get("id", f"line-{line_no}")),
-                    split=str(record.get("split", "")),
-                    version=str(record.get("version", "")),
-                    turns=[(u, a) for u, a in turns],
-                    question=record["question"],
-                    answer=record["answer"],
-                    options=list(record["options"]),
-                )
+    for where, record in jsonl_records(path):
+        for key, kind in (("turns", list), ("question", str), ("answer", str), ("options", list)):
+            if not isinstance(record.get(key), kind):
+                raise DatasetFormatError(f"{where}: field {key!r} must be a {kind.__name__}")
+        if record["answer"] not in record["options"]:
+            raise DatasetFormatError(f"{where}: field 'answer' is not one of 'options'")
+        turns = record["turns"]
+        if not all(isinstance(t, list) and len(t) == 2 and all(isinstance(s, str) for s in t) for t in turns):
+            raise DatasetFormatError(f"{where}: field 'turns' must hold [user, assistant] string pairs")
+        dialogs.append(
+            PersonaDialog(
+                id=str(record.get("id", f"line-{where.rpartition(':')[2]}")),
+                split=str(record.get("split", "")),
+                version=str(record.get("version", "")),
+                turns=[(u, a) for u, a in turns],
+                question=record["question"],
+                answer=record["answer"],
+                options=list(record["options"]),
             )
+        )
     return dialogs
