@@ -138,8 +138,9 @@ def query_ids(session: CompressedLM, example: MemoryExample) -> list[int]:
 def generate_answer(session: CompressedLM, example: MemoryExample, query: list[int], max_new_tokens: int) -> str:
     """Greedy answer; plain-text tasks stop at the end of the line."""
     tokens: list[int] = []
-    for token in session.stream_ids(query, max_new_tokens):
-        if token in session.format.stop_ids():
+    stops = session.format.stop_ids()
+    for token in session.stream_ids(query, max_new_tokens, stop_ids=stops):
+        if token in stops:
             break
         tokens.append(token)
         if not example.chat and "\n" in str(session.lm.tokenizer.decode(tokens)):
@@ -201,13 +202,16 @@ def evaluate(
             slots.append(session.memory.num_slots)
             nbytes.append(session.memory.nbytes)
             query = query_ids(session, example)
+            answer = _encode(session, example.answer)
             if example.options:
                 scores = session.score_ids(query, [_encode(session, o) for o in example.options])
                 correct.append(
                     float(example.options[max(range(len(scores)), key=scores.__getitem__)] == example.answer)
                 )
-            answer = _encode(session, example.answer)
-            nll.append(-session.score_ids(query, [answer])[0])
+                answer_score = scores[example.options.index(example.answer)]  # the answer is one of the options
+            else:
+                answer_score = session.score_ids(query, [answer])[0]
+            nll.append(-answer_score)
             n_answer_tokens += len(answer)
             if settings.generate:
                 text = generate_answer(session, example, query, settings.max_new_tokens)
