@@ -57,6 +57,14 @@ SystemOpt = Annotated[
     str,
     typer.Option("--system", help="System prompt, kept uncompressed as the attention sink ('' for none)."),
 ]
+Stage1Opt = Annotated[
+    Path | None,
+    typer.Option(
+        "--stage1",
+        help="Stage-1 LoRA run (`ccmem train persona-full`) merged into the model first; needed by adapters "
+        "trained on top of one.",
+    ),
+]
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens to generate per answer.")]
 
 
@@ -69,7 +77,15 @@ def _method_options(method: str, n_tok: int | None, recurrent: bool) -> dict[str
     return options
 
 
-def _session(model: str, method: str, adapter: Path | None, n_tok: int | None, recurrent: bool, system: str) -> Any:
+def _session(
+    model: str,
+    method: str,
+    adapter: Path | None,
+    n_tok: int | None,
+    recurrent: bool,
+    system: str,
+    stage1: Path | None,
+) -> Any:
     import ccmem  # deferred: importing torch/transformers makes --help slow
 
     with console.status(f"loading {model} with {method}..."):
@@ -77,6 +93,7 @@ def _session(model: str, method: str, adapter: Path | None, n_tok: int | None, r
             model,
             method=method,
             adapter=adapter,
+            stage1=stage1,
             system_prompt=system or None,
             **_method_options(method, n_tok, recurrent),
         )
@@ -161,11 +178,12 @@ def chat(
     n_tok: NTokOpt = None,
     recurrent: RecurrentOpt = True,
     system: SystemOpt = DEFAULT_SYSTEM_PROMPT,
+    stage1: Stage1Opt = None,
     max_new_tokens: MaxNewOpt = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy; higher samples more freely.")] = 0.0,
 ) -> None:
     """Chat interactively; each finished exchange is compressed into memory. Type /help for commands."""
-    session = _session(model, method, adapter, n_tok, recurrent, system)
+    session = _session(model, method, adapter, n_tok, recurrent, system, stage1)
     console.print(f"[bold]ccmem chat[/] ({model}, {method}). /help for commands, /quit to leave.")
     while True:
         try:
@@ -224,10 +242,11 @@ def compress(
     n_tok: NTokOpt = None,
     recurrent: RecurrentOpt = True,
     system: SystemOpt = DEFAULT_SYSTEM_PROMPT,
+    stage1: Stage1Opt = None,
     chunk_tokens: Annotated[int, typer.Option(min=1, help="ccm-*: tokens per compressed chunk.")] = 256,
 ) -> None:
     """Compress a text file into a memory file that `ccmem ask` can answer from."""
-    session = _session(model, method, adapter, n_tok, recurrent, system)
+    session = _session(model, method, adapter, n_tok, recurrent, system, stage1)
     session.max_chunk_tokens = chunk_tokens
     text = text_file.read_text(encoding="utf-8", errors="replace")
     with console.status(f"compressing {text_file}..."):
@@ -251,10 +270,11 @@ def ask(
     n_tok: NTokOpt = None,
     recurrent: RecurrentOpt = True,
     system: SystemOpt = DEFAULT_SYSTEM_PROMPT,
+    stage1: Stage1Opt = None,
     max_new_tokens: MaxNewOpt = 128,
 ) -> None:
     """Answer a question from a saved memory (same model, method and adapter as the one that wrote it)."""
-    session = _session(model, method, adapter, n_tok, recurrent, system)
+    session = _session(model, method, adapter, n_tok, recurrent, system, stage1)
     session.load_memory(memory_file)
     for piece in session.stream(question, max_new_tokens=max_new_tokens):
         console.print(piece, end="", highlight=False, markup=False)
@@ -354,10 +374,7 @@ def eval_command(
     max_new_tokens: MaxNewOpt = 24,
     system: SystemOpt = DEFAULT_SYSTEM_PROMPT,
     label: Annotated[str, typer.Option("--label", help="Free text stored in each row to tell runs apart.")] = "",
-    stage1: Annotated[
-        Path | None,
-        typer.Option("--stage1", help="Stage-1 LoRA run merged into the model first (e.g. runs/persona-full)."),
-    ] = None,
+    stage1: Stage1Opt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="JSONL file the rows are appended to.")] = Path(
         "results/eval.jsonl"
     ),

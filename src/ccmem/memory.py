@@ -150,11 +150,11 @@ class Memory:
             raise MemoryMismatchError(f"{path} is not a readable safetensors memory file: {err}") from err
         meta = json.loads(header.get("meta", "{}"))
         for key, wanted in (expect or {}).items():
-            found = meta.get(key)
+            found = meta.get(key, "")  # a key older memories lack reads as empty, like stage1 on plain weights
             if found != wanted:
                 raise MemoryMismatchError(
                     f"memory {path} was made with {key}={found!r}, but this model has {key}={wanted!r}; "
-                    "load it with the same model and method that wrote it"
+                    "load it with the same model, stage-1 LoRA, method and adapter that wrote it"
                 )
         return cls(
             layers=layers,

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from ccmem.api import load
+from ccmem.memory import MemoryMismatchError
 from ccmem.methods.ccm import AdapterMismatchError
 from ccmem.stage1 import STAGE1_WEIGHTS
 from ccmem.train.config import ConfigError, load_config, preset_names
@@ -106,7 +107,14 @@ def test_stage1_lora_then_stage2_on_top_and_load_path_for_another_model_is_refus
     # The stage-2 adapter only makes sense on top of its stage-1 LoRA: refused without it, accepted with it.
     with pytest.raises(AdapterMismatchError, match="trained on top of stage-1 LoRA"):
         load(tiny_model(), "ccm-concat", adapter=stage2.output)
-    assert load(tiny_model(), "ccm-concat", adapter=stage2.output, stage1=stage1.run_dir).adapter_trained
+    on_stage1 = load(tiny_model(), "ccm-concat", adapter=stage2.output, stage1=stage1.run_dir)
+    assert on_stage1.adapter_trained
+    # A memory made on the stage-1 weights is refused by the plain model, whose keys and values differ.
+    on_stage1.remember("I live in Oslo.", "Noted!")
+    memory = on_stage1.save_memory(tmp_path / "m.safetensors")
+    with pytest.raises(MemoryMismatchError, match=r"stage1='[0-9a-f]+', but this model has stage1=''"):
+        load(tiny_model(), "ccm-concat").load_memory(memory)
+    load(tiny_model(), "ccm-concat", adapter=stage2.output, stage1=stage1.run_dir).load_memory(memory)
     with pytest.raises(ConfigError, match="was trained for model 'tiny-llama-gqa'"):
         train(
             _config(tmp_path, "train.max_steps=2", "run_id=other", f"load_path={stage1.run_dir}"),

@@ -35,8 +35,9 @@ class Method(ABC):
         return Memory(meta=self.memory_meta(lm))
 
     def memory_meta(self, lm: LoadedModel) -> dict[str, str]:
-        """Identity stamped into memories, checked when they are loaded again."""
-        return {"model": lm.fingerprint, "method": self.name, **self.config_meta()}
+        """Identity stamped into memories, checked when they are loaded again (a memory made on weights with a
+        stage-1 LoRA merged in means something else to the plain model)."""
+        return {"model": lm.fingerprint, "stage1": lm.stage1 or "", "method": self.name, **self.config_meta()}
 
     def config_meta(self) -> dict[str, str]:
         """Hyper-parameters that change what a memory means."""
