@@ -65,6 +65,7 @@ def test_train_writes_adapter_logs_and_small_checkpoints_and_the_adapter_loads(t
     assert result.eval_loss is not None and result.tokens > 0
     logged = (run / "log.jsonl").read_text()
     assert '"eval_loss"' in logged and '"tokens_per_second"' in logged
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))  # `tensorboard --logdir runs/<run_id>`
     checkpoint = load_file(run / "checkpoint-4" / "model.safetensors")
     assert all("lora" in k or k == "comp.weight" for k in checkpoint)  # trainable tensors only
     trained = load_file(result.output)

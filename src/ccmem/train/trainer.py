@@ -263,9 +263,7 @@ def train(config: TrainConfig, *, lm: LoadedModel | None = None) -> TrainResult:
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     module = TrainingModule(lm, method)
     t = config.train
-    report_to = ["tensorboard"] if _has("tensorboard") else []
-    if config.wandb:
-        report_to.append("wandb")
+    report_to = ["wandb"] if config.wandb else []  # TensorBoard is added below, with its folder in the run
     precision = _precision(t.precision)
     args = TrainingArguments(
         output_dir=str(run_dir),
@@ -301,6 +299,12 @@ def train(config: TrainConfig, *, lm: LoadedModel | None = None) -> TrainResult:
         fp16=precision == "fp16",
     )
     callbacks: list[TrainerCallback] = [JsonlLogger(run_dir / "log.jsonl", module)]
+    if _has("tensorboard"):
+        from transformers.integrations import TensorBoardCallback
+
+        board = TensorBoardCallback()
+        board.logging_dir = str(run_dir / "tensorboard")  # else runs/<run_id>/runs/<date>: one folder per session
+        callbacks.append(board)
     if t.patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.patience))
     trainer = CompressionTrainer(
