@@ -295,12 +295,12 @@ def load(
         merge_stage1(lm, stage1)
     trained = False
     if isinstance(compression, CCM):
-        compression.prepare(lm)
         path = Path(adapter) if adapter is not None else shipped_adapter(lm.name, compression.name)
         if path is not None:
-            compression.load_adapter(lm, path)
+            compression.load_adapter(lm, path)  # prepares the model with the layers the adapter was trained on
             trained = True
         else:
+            compression.prepare(lm)
             logger.warning(
                 "no trained adapter for %s with %s: <COMP> tokens are untrained, answers will not use the context",
                 lm.name,

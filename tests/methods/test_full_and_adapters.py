@@ -62,10 +62,27 @@ def test_adapter_roundtrip_and_mismatch(tmp_path):
         get_method("ccm-concat", n_tok=2).load_adapter(tiny_model("qwen2"), path)
     with pytest.raises(AdapterMismatchError, match="does not fit this model's layers"):
         get_method("ccm-concat", n_tok=2, lora_targets=("q_proj",)).load_adapter(tiny_model(), path)
+    with pytest.raises(AdapterMismatchError, match=r"lora_alpha='16\.0'"):
+        get_method("ccm-concat", n_tok=2, lora_alpha=32.0).load_adapter(tiny_model(), path)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00" * 16)
     with pytest.raises(AdapterMismatchError, match="not a readable safetensors adapter"):
         get_method("ccm-concat", n_tok=2).load_adapter(tiny_model(), junk)
+
+
+def test_adapter_trained_on_other_layers_loads_without_naming_them(tmp_path):
+    """An adapter trained with ``method.lora_targets=[...]`` (here MLP too) carries them: load() adapts those."""
+    lm = tiny_model()
+    method = get_method("ccm-concat", n_tok=2, lora_targets=("q_proj", "v_proj", "up_proj", "down_proj"))
+    method.prepare(lm)
+    randomize_lora(method)
+    path = method.save_adapter(lm, tmp_path / "mlp.safetensors")
+    session = ccmem.load(tiny_model(), method="ccm-concat", n_tok=2, adapter=path, system_prompt=None)
+    loaded = session.method.adapter_state()  # type: ignore[attr-defined]
+    assert loaded.keys() == method.adapter_state().keys()
+    assert any(".mlp.down_proj." in k for k in loaded)
+    for key, value in method.adapter_state().items():
+        torch.testing.assert_close(loaded[key], value)
 
 
 def test_load_with_adapter_marks_session_trained(tmp_path):

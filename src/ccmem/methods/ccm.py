@@ -200,15 +200,18 @@ class CCM(Method):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no adapter file at {path}")
-        self.prepare(lm)
         try:
             state, meta = self._read_adapter(path)
         except SafetensorError as err:
             raise AdapterMismatchError(f"{path} is not a readable safetensors adapter: {err}") from None
         if meta.get("format") != "ccmem.adapter":
             raise AdapterMismatchError(f"{path} is not a ccmem adapter file")
+        if self.comp_embeddings is None and self.lora_targets is None:
+            # The file says which layers it adapts (e.g. MLP too, trained with method.lora_targets=[...]).
+            self.lora_targets = tuple(sorted({k.split(".")[-2] for k in state if k.startswith("lora.")})) or None
+        self.prepare(lm)
         wanted = self.adapter_meta(lm)
-        for key in ("model", "method", "n_tok", "lora_rank"):
+        for key in ("model", "method", "n_tok", "lora_rank", "lora_alpha"):
             if meta.get(key) != wanted[key]:
                 hint = f" (it was trained for {meta.get('model_name')!r})" if key == "model" else ""
                 raise AdapterMismatchError(
