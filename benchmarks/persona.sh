@@ -6,7 +6,8 @@
 # 2. dialogs like the training ones (3 facts + 2 small-talk turns), option scoring;
 # 3. 1, 3 and 5 facts without small talk: how memory grows per method (ccm-merge stays constant);
 # 4. with STAGE1_RUN (a finished `ccmem train persona-full`): `full` on the stage-1 finetuned model;
-# 5. training throughput, parallel vs recurrent; 6. the reports (tables + quality-vs-memory plots).
+# 5. cross-dataset: the persona-trained adapters on generated in-context classification (8 demonstrations);
+# 6. training throughput, parallel vs recurrent; 7. the reports (tables + quality-vs-memory plots).
 # Run nothing else meanwhile: two torch processes on 2 cores slow each other 3-5x and spoil the tokens/s.
 set -euo pipefail
 out="${1:-results/persona}"
@@ -24,7 +25,10 @@ for k in 1 3 5; do
   ccmem eval persona --n 30 --k "$k" --small-talk 0 --label "$k facts" --seed 1 \
     --methods full,ccm-concat,ccm-merge --out "$out/turns.jsonl"
 done
+ccmem eval icl --n 100 --k 8 --label "cross-dataset: icl, 8 demos" \
+  --methods full,none,ccm-concat,ccm-merge --out "$out/cross.jsonl"
 python benchmarks/train_throughput.py --out "$out/throughput.jsonl"
 ccmem report "$out/eval.jsonl" --out-dir "$out/report"
 ccmem report "$out/short.jsonl" --out-dir "$out/report-short"
 ccmem report "$out/turns.jsonl" --out-dir "$out/report-turns"
+ccmem report "$out/cross.jsonl" --out-dir "$out/report-cross"
