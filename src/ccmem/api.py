@@ -27,6 +27,8 @@ from ccmem.stage1 import merge_stage1
 
 logger = logging.getLogger(__name__)
 
+SCORE_REDUCTIONS = ("sum", "mean")  # how an option's token log-probabilities become one score
+
 
 class ContextTooLongError(ValueError):
     """The interaction would pass the model's maximum position."""
@@ -199,11 +201,19 @@ class CompressedLM:
                     return
                 inputs = torch.tensor([[token]], device=self.lm.device)
 
-    def score_ids(self, query: torch.Tensor | Sequence[int], options: Sequence[Sequence[int]]) -> list[float]:
-        """Summed log-likelihood of each option's tokens after ``query``, read with the memory."""
+    def score_ids(
+        self, query: torch.Tensor | Sequence[int], options: Sequence[Sequence[int]], *, reduce: str = "sum"
+    ) -> list[float]:
+        """Log-likelihood of each option's tokens after ``query``, read with the memory.
+
+        ``reduce="sum"`` (MetaICL's scoring) adds the tokens' log-probabilities, which favours short options;
+        ``reduce="mean"`` divides by the option's token count (length-normalised).
+        """
         query = torch.as_tensor(query, dtype=torch.long, device=self.lm.device).reshape(1, -1)
         if not options or any(len(o) == 0 for o in options):
             raise ValueError("give at least one option, and no empty option")
+        if reduce not in SCORE_REDUCTIONS:
+            raise ValueError(f"reduce must be one of {SCORE_REDUCTIONS}, got {reduce!r}")
         scores = []
         with torch.no_grad():
             for option in options:
@@ -217,19 +227,23 @@ class CompressedLM:
                     logits_to_keep=target.shape[1],  # logits only where the option's tokens are predicted
                 )
                 logprobs = torch.log_softmax(out.logits[0].float(), dim=-1)
-                scores.append(float(logprobs.gather(1, target[0, :, None]).sum()))
+                token_logprobs = logprobs.gather(1, target[0, :, None])
+                scores.append(float(token_logprobs.sum() if reduce == "sum" else token_logprobs.mean()))
         return scores
 
-    def score(self, prompt: str | Sequence[Message], options: Sequence[str]) -> list[float]:
-        """Log-likelihood of each answer option to ``prompt`` given the memory (MetaICL-style scoring)."""
+    def score(self, prompt: str | Sequence[Message], options: Sequence[str], *, reduce: str = "sum") -> list[float]:
+        """Log-likelihood of each answer option to ``prompt`` given the memory (MetaICL-style scoring).
+
+        ``reduce``: ``"sum"`` over the option's tokens, or ``"mean"`` (length-normalised); see :meth:`score_ids`.
+        """
         if not options or any(not o for o in options):
             raise ValueError("give at least one option, and no empty option")
         ids = [self.lm.tokenizer.encode(o, add_special_tokens=False) for o in options]
-        return self.score_ids(self.query_ids(prompt), ids)
+        return self.score_ids(self.query_ids(prompt), ids, reduce=reduce)
 
-    def choose(self, prompt: str | Sequence[Message], options: Sequence[str]) -> int:
-        """Index of the most likely option."""
-        scores = self.score(prompt, options)
+    def choose(self, prompt: str | Sequence[Message], options: Sequence[str], *, reduce: str = "sum") -> int:
+        """Index of the most likely option (``reduce`` as in :meth:`score`)."""
+        scores = self.score(prompt, options, reduce=reduce)
         return max(range(len(scores)), key=scores.__getitem__)
 
     def stream(self, prompt: str | Sequence[Message], max_new_tokens: int = 64, **kwargs: Any) -> Iterator[str]:

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -372,6 +372,14 @@ def eval_command(
         bool, typer.Option("--generate/--no-generate", help="Also generate answers (EM, contains, ROUGE-L).")
     ] = False,
     max_new_tokens: MaxNewOpt = 24,
+    score: Annotated[
+        Literal["sum", "mean"],
+        typer.Option(
+            "--score",
+            help="How an answer option's token log-probabilities are combined: sum (MetaICL) or mean "
+            "(length-normalised, less biased towards short options).",
+        ),
+    ] = "sum",
     system: SystemOpt = DEFAULT_SYSTEM_PROMPT,
     label: Annotated[str, typer.Option("--label", help="Free text stored in each row to tell runs apart.")] = "",
     stage1: Stage1Opt = None,
@@ -407,6 +415,7 @@ def eval_command(
         generate=generate,
         max_new_tokens=max_new_tokens,
         system=system or None,
+        score=score,
         method_options={"n_tok": n_tok} if n_tok is not None else {},
     )
     table = Table(title=f"ccmem eval: {dataset}/{split}, {len(examples)} examples, {model}")

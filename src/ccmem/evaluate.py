@@ -3,7 +3,8 @@
 For every example the context is compressed segment by segment into the method's memory, then:
 
 * **accuracy**: the answer options are scored by summed log-likelihood given the memory (MetaICL-style;
-  :meth:`ccmem.CompressedLM.score_ids`) and the most likely one must be the answer;
+  :meth:`ccmem.CompressedLM.score_ids`; ``score="mean"`` divides by the option's length) and the most likely
+  one must be the answer;
 * **perplexity**: of the reference answer given the memory (DailyDialog-style);
 * with ``generate``: greedy generation, scored by **exact match**, **contains** (the answer appears in the
   generation) and **ROUGE-L** F1.
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ccmem.api import CompressedLM, load
+from ccmem.api import SCORE_REDUCTIONS, CompressedLM, load
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT
 from ccmem.data.records import MemoryExample, to_sample
 from ccmem.fileio import DatasetFormatError, jsonl_records
@@ -69,9 +70,17 @@ class EvalSettings:
     max_new_tokens: int = 24
     system: str | None = DEFAULT_SYSTEM_PROMPT  # as at training and in ccmem.load
     method_options: dict[str, Any] = field(default_factory=dict)
+    score: str = "sum"  # option scoring: "sum" (MetaICL) or "mean" (length-normalised) log-likelihood
+
+    def __post_init__(self) -> None:
+        if self.score not in SCORE_REDUCTIONS:
+            raise ValueError(f"score must be one of {SCORE_REDUCTIONS}, got {self.score!r}")
 
     def fingerprint(self, dataset: str, n: int) -> str:
-        blob = json.dumps({"dataset": dataset, "n": n, **asdict(self)}, sort_keys=True, default=str)
+        settings = asdict(self)
+        if self.score == "sum":
+            del settings["score"]  # the default before the option existed: older rows keep their hash
+        blob = json.dumps({"dataset": dataset, "n": n, **settings}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -204,11 +213,14 @@ def evaluate(
             query = query_ids(session, example)
             answer = _encode(session, example.answer)
             if example.options:
-                scores = session.score_ids(query, [_encode(session, o) for o in example.options])
+                options = [_encode(session, o) for o in example.options]
+                scores = session.score_ids(query, options, reduce=settings.score)
                 correct.append(
                     float(example.options[max(range(len(scores)), key=scores.__getitem__)] == example.answer)
                 )
-                answer_score = scores[example.options.index(example.answer)]  # the answer is one of the options
+                # the answer is one of the options; perplexity needs its summed log-likelihood
+                answer_at = example.options.index(example.answer)
+                answer_score = scores[answer_at] * (len(options[answer_at]) if settings.score == "mean" else 1)
             else:
                 answer_score = session.score_ids(query, [answer])[0]
             nll.append(-answer_score)
@@ -241,7 +253,10 @@ def evaluate(
         seconds=round(time.perf_counter() - started, 2),
         config_hash=settings.fingerprint(dataset, len(examples)),
         label=label,
-        extra={"stage1": session.lm.stage1} if session.lm.stage1 else {},
+        extra={
+            **({"stage1": session.lm.stage1} if session.lm.stage1 else {}),
+            **({"score": settings.score} if settings.score != "sum" else {}),
+        },
     )
 
 

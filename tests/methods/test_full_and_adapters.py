@@ -169,3 +169,7 @@ def test_option_scores_are_the_log_likelihood_under_full_context():
     assert session.memory.num_slots == len(context)  # scoring leaves the memory as it was
     with pytest.raises(ValueError, match="no empty option"):
         session.score_ids(query, [[1], []])
+    mean = session.score_ids(query, options, reduce="mean")  # length-normalised: per-token average
+    assert mean == pytest.approx([s / len(o) for s, o in zip(scores, options, strict=True)], abs=1e-5)
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        session.score_ids(query, options, reduce="max")

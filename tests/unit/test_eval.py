@@ -22,7 +22,7 @@ def test_rouge_l_and_normalisation():
     assert rouge_l("dog", "cat") == 0.0
 
 
-def _manual_choice(lm, example, system):
+def _manual_choice(lm, example, system, reduce="sum"):
     """The option a plain causal forward over the whole text prefers (no memory code involved)."""
     sample = to_sample(lm.tokenizer, example, system=system)
     prefix = sample.sink + [t for c in sample.chunks for t in c] + sample.tail[: sample.answer_start]
@@ -31,7 +31,8 @@ def _manual_choice(lm, example, system):
         ids = lm.tokenizer.encode(option)
         seq = torch.tensor([prefix + ids])
         logprobs = torch.log_softmax(lm.model(input_ids=seq).logits[0, :-1].float(), -1)
-        scores.append(float(logprobs[len(prefix) - 1 :].gather(1, torch.tensor(ids)[:, None]).sum()))
+        picked = logprobs[len(prefix) - 1 :].gather(1, torch.tensor(ids)[:, None])
+        scores.append(float(picked.sum() if reduce == "sum" else picked.mean()))
     return example.options[max(range(len(scores)), key=scores.__getitem__)]
 
 
@@ -59,6 +60,26 @@ def test_full_context_accuracy_equals_a_plain_forward_and_memory_columns_are_exa
     assert rows["ccm-concat"].adapter == "untrained" and rows["none"].adapter == "-"
 
 
+def test_length_normalised_scoring_changes_only_the_choice_and_is_recorded():
+    lm = tiny_model()
+    examples = icl.examples(8, "test", k=2, seed=3)
+    for e in examples:  # options of clearly different lengths, so sum and mean can disagree
+        e.options = [o * (i + 1) if o != e.answer else o for i, o in enumerate(e.options)]
+    summed = evaluate(load(lm, "full"), examples, dataset="icl", settings=EvalSettings())
+    mean = evaluate(load(lm, "full"), examples, dataset="icl", settings=EvalSettings(score="mean"))
+    with torch.no_grad():
+        expected = [_manual_choice(lm, e, EvalSettings().system, "mean") == e.answer for e in examples]
+    assert mean.accuracy == pytest.approx(sum(expected) / len(examples))
+    assert mean.perplexity == pytest.approx(summed.perplexity)  # of the answer, however options are scored
+    assert mean.extra == {"score": "mean"} and summed.extra == {}
+    assert mean.config_hash != summed.config_hash
+    assert "full (mean score)" in markdown([mean, summed])
+    # rows written before the option existed (results/persona/eval.jsonl) keep their hash
+    assert EvalSettings(generate=True, max_new_tokens=16).fingerprint("persona", 100) == "a7361a40d080"
+    with pytest.raises(ValueError, match="score must be one of"):
+        EvalSettings(score="max")
+
+
 def test_generation_metrics_are_filled_when_asked():
     lm = tiny_model()
     examples = icl.examples(2, "test", k=2)
@@ -76,6 +97,12 @@ def test_eval_then_report_from_the_command_line(monkeypatch, capsys, tmp_path, t
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["method"] for r in rows] == ["full", "none", "ccm-merge"]
     assert all(r["examples"] == 3 and r["config_hash"] and r["label"] == "k=2" for r in rows)
+    code, text = run_cli(
+        monkeypatch, capsys, "eval", "icl", "--model", str(tiny_model_dir), "--n", "3", "--k", "2",
+        "--methods", "full", "--score", "mean", "--out", str(tmp_path / "mean.jsonl"),
+    )  # fmt: skip
+    assert code == 0, text
+    assert json.loads((tmp_path / "mean.jsonl").read_text())["extra"] == {"score": "mean"}
     code, text = run_cli(monkeypatch, capsys, "report", str(out), "--out-dir", str(tmp_path / "rep"))
     assert code == 0, text
     assert (tmp_path / "rep" / "quality_vs_memory.png").read_bytes()[:4] == b"\x89PNG"
