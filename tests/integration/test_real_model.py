@@ -99,7 +99,7 @@ def test_shipped_concat_adapter_reads_held_out_facts_from_memory(smollm):
     examples = load_examples(DataConfig(n_eval=16, k=3, small_talk=2, seed=5), "test")
     rows = {r.method: r for r in compare(smollm, ["none", "ccm-concat"], examples, dataset="persona")}
     assert rows["ccm-concat"].adapter != "untrained"
-    assert rows["ccm-concat"].accuracy >= 0.6 > rows["none"].accuracy + 0.2  # measured: 0.85 vs 0.32 on 100
+    assert rows["ccm-concat"].accuracy >= 0.6 > rows["none"].accuracy + 0.2  # measured: 0.96 vs 0.32 on 100
 
 
 @pytest.mark.parametrize("name", ["ccm-concat", "ccm-merge"])
