@@ -3,6 +3,7 @@
 #   bash benchmarks/persona.sh [OUT_DIR] [STAGE1_RUN]
 # Test dialogs ask about values never seen in training (persona-v3), with answer options of the same kind.
 # 1. long dialogs (3 facts + 5 small-talk turns): every method, option scoring and free generation;
+#    and the same dialogs with length-normalised option scoring (--score mean);
 # 2. dialogs like the training ones (3 facts + 2 small-talk turns), option scoring;
 # 3. 1, 3 and 5 facts without small talk: how memory grows per method (ccm-merge stays constant);
 # 4. with STAGE1_RUN (a finished `ccmem train persona-full`): `full` on the stage-1 finetuned model;
@@ -19,6 +20,8 @@ if [ -n "$stage1" ]; then
   ccmem eval persona --n 100 --k 3 --small-talk 5 --generate --max-new-tokens 16 --label "3 facts + 5 chat, stage 1" \
     --methods full --stage1 "$stage1" --out "$out/eval.jsonl"
 fi
+ccmem eval persona --n 100 --k 3 --small-talk 5 --score mean --label "3 facts + 5 chat, mean score" \
+  --methods full,none,ccm-concat,ccm-merge --out "$out/score-mean.jsonl"
 ccmem eval persona --n 100 --k 3 --small-talk 2 --label "3 facts + 2 chat" --seed 2 \
   --methods full,none,ccm-concat,ccm-merge --out "$out/short.jsonl"
 for k in 1 3 5; do
