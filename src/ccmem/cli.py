@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT
@@ -469,11 +470,13 @@ def report(
 ) -> None:
     """Aggregate eval rows (any mix of methods, datasets, adapters) into markdown/CSV tables and a PNG plot."""
     from ccmem.evaluate import read_rows
-    from ccmem.report import markdown, write_report
+    from ccmem.report import markdown, mismatches, write_report
 
     rows = read_rows(results)
     paths = write_report(rows, out_dir, metric)
     console.print(markdown(rows), highlight=False, markup=False)
+    for warning in mismatches(rows):
+        console.print(f"[yellow]not comparable:[/] {escape(warning)}", highlight=False)
     console.print(f"wrote {paths['markdown']}, {paths['csv']}, {paths['plot']}")
 
 

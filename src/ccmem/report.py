@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -59,6 +60,28 @@ def markdown(rows: Sequence[EvalRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def mismatches(rows: Sequence[EvalRow]) -> list[str]:
+    """One warning per table group (dataset and label) whose rows were not measured on the same examples
+    with the same settings (their config hashes differ), so that their numbers do not compare."""
+    groups: dict[tuple[str, str], dict[str, list[EvalRow]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        groups[(r.dataset, r.label)][r.config_hash].append(r)
+    warnings = []
+    for (dataset, label), by_hash in sorted(groups.items()):
+        if len(by_hash) < 2:
+            continue
+        parts = "; ".join(
+            f"{h}: {', '.join(display_method(r) for r in group)} ({', '.join(sorted({str(r.examples) for r in group}))}"
+            " examples)"
+            for h, group in sorted(by_hash.items())
+        )
+        warnings.append(
+            f"rows of {dataset} labelled {label!r} were measured with different settings or examples "
+            f"(config hash {parts}): rerun them with the same `ccmem eval` options before comparing them"
+        )
+    return warnings
+
+
 def write_csv(rows: Sequence[EvalRow], path: Path) -> Path:
     fields = list(asdict(rows[0]))
     with path.open("w", newline="", encoding="utf-8") as f:
@@ -113,7 +136,8 @@ def write_report(rows: Sequence[EvalRow], out_dir: Path, metric: str | None = No
         raise ValueError("no result rows to report")
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "report.md"
-    md.write_text(markdown(rows), encoding="utf-8")
+    notes = "".join(f"\n> **Not comparable**: {w}\n" for w in mismatches(rows))
+    md.write_text(markdown(rows) + notes, encoding="utf-8")
     return {
         "markdown": md,
         "csv": write_csv(rows, out_dir / "report.csv"),

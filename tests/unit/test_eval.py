@@ -10,8 +10,8 @@ import torch
 from ccmem.api import load
 from ccmem.data import icl
 from ccmem.data.records import to_sample
-from ccmem.evaluate import EvalSettings, compare, evaluate, read_rows, rouge_l
-from ccmem.report import markdown, write_report
+from ccmem.evaluate import EvalRow, EvalSettings, compare, evaluate, read_rows, rouge_l
+from ccmem.report import markdown, mismatches, write_report
 from tests.conftest import tiny_model
 from tests.unit.test_cli import run_cli
 
@@ -116,3 +116,25 @@ def test_eval_then_report_from_the_command_line(monkeypatch, capsys, tmp_path, t
 def test_report_refuses_rows_without_a_shared_metric(tmp_path):
     with pytest.raises(ValueError, match="no result rows"):
         write_report([], tmp_path)
+
+
+def _row(method: str, config_hash: str, examples: int, label: str = "8 demos") -> EvalRow:
+    return EvalRow(
+        method=method, model="m", adapter="-", train_dataset="-", dataset="icl", split="test", examples=examples,
+        accuracy=0.5, perplexity=None, exact_match=None, contains=None, rouge_l=None, memory_slots=10.0,
+        memory_bytes=100.0, context_tokens=8.0, tokens_per_second=1.0, seconds=1.0, config_hash=config_hash,
+        label=label,
+    )  # fmt: skip
+
+
+def test_report_flags_a_table_whose_rows_were_measured_on_different_examples(tmp_path):
+    same = [_row("full", "aaa", 100), _row("none", "aaa", 100), _row("full", "ccc", 30, label="other")]
+    assert mismatches(same) == []
+    mixed = [_row("full", "aaa", 60), _row("none", "aaa", 60), _row("ccm-concat", "bbb", 100)]
+    (warning,) = mismatches(mixed)
+    assert "'8 demos'" in warning and "aaa: full, none (60 examples)" in warning
+    assert "bbb: ccm-concat (100 examples)" in warning
+    write_report(mixed, tmp_path)
+    assert "**Not comparable**" in (tmp_path / "report.md").read_text()
+    write_report(same, tmp_path)
+    assert "Not comparable" not in (tmp_path / "report.md").read_text()
