@@ -1,7 +1,9 @@
 """Training throughput: one masked forward per batch (parallel) vs compressing step by step (recurrent).
 
 Both compute the same loss and gradients (tests/methods/test_ccm_equivalence.py); this measures what the
-parallel form saves, on the same samples, in one run, and prints the ratio. Run:
+parallel form saves, on the same samples, in one run, and prints the ratio. The recurrent form takes one
+dialog at a time, so parallel is also timed at batch 1: that ratio is what the single masked forward saves
+without the help of batching. Run:
 
     python benchmarks/train_throughput.py                       # SmolLM2-135M, ccm-concat, 32 persona dialogs
     python benchmarks/train_throughput.py --method ccm-merge --samples 16
@@ -46,28 +48,37 @@ def main() -> None:
     tokens = sum(len(s.sink) + sum(len(c) + method.n_tok for c in s.chunks) + len(s.tail) for s in samples)  # type: ignore[attr-defined]
     pad = lm.tokenizer.pad_token_id or 0
 
-    def parallel() -> None:
-        for i in range(0, len(samples), args.batch_size):
-            loss = method.parallel_loss(lm, method.make_batch(samples[i : i + args.batch_size], pad))  # type: ignore[attr-defined]
+    def parallel(batch_size: int) -> None:
+        for i in range(0, len(samples), batch_size):
+            loss = method.parallel_loss(lm, method.make_batch(samples[i : i + batch_size], pad))  # type: ignore[attr-defined]
             loss.backward()
 
     def recurrent() -> None:
         for s in samples:
             method.recurrent_loss(lm, s).backward()  # type: ignore[attr-defined]
 
+    # The recurrent form runs one dialog at a time; "parallel_batch1" isolates what one masked forward saves
+    # from what batching dialogs together saves.
+    runs = [("parallel", lambda: parallel(args.batch_size))]
+    if args.batch_size > 1:
+        runs.append(("parallel_batch1", lambda: parallel(1)))
+    runs.append(("recurrent", recurrent))
     results = {}
-    for name, run in (("parallel", parallel), ("recurrent", recurrent)):
+    for name, run in runs:
         method.parallel_loss(lm, method.make_batch(samples[:2], pad)).backward()  # type: ignore[attr-defined]  # warm-up
         started = time.perf_counter()
         run()
         seconds = time.perf_counter() - started
         results[name] = {"seconds": round(seconds, 2), "tokens_per_second": round(tokens / seconds, 1)}
         print(f"{name:>9}: {tokens} tokens in {seconds:.1f} s = {tokens / seconds:.0f} tokens/s", flush=True)
-    ratio = results["parallel"]["tokens_per_second"] / results["recurrent"]["tokens_per_second"]
+    recurrent_tps = results["recurrent"]["tokens_per_second"]
+    ratio = results["parallel"]["tokens_per_second"] / recurrent_tps
     print(
         f"parallel / recurrent throughput: {ratio:.1f}x ({args.method}, {args.model}, {len(samples)} dialogs, "
         f"batch {args.batch_size}, {torch.get_num_threads()} threads)"
     )
+    if "parallel_batch1" in results:
+        print(f"parallel (batch 1) / recurrent: {results['parallel_batch1']['tokens_per_second'] / recurrent_tps:.1f}x")
     if args.out:
         row = {
             "benchmark": "train_throughput",
