@@ -92,8 +92,33 @@ def test_resume_continues_where_the_run_stopped_and_ends_like_an_uninterrupted_r
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 
+def test_group_by_length_batches_similar_dialogs_and_keeps_older_hashes(tmp_path):
+    # 64 dialogs of 1-3 facts and 0-3 small-talk turns: enough for the sampler to sort groups of 4 batches.
+    varied = ["data.n_train=64", "data.k=3", "data.small_talk=3", "data.max_length=1024"]
+    varied += ["train.max_steps=4", "train.eval_steps=4", "train.save_steps=4"]
+    padding = {}
+    for grouped in (False, True):
+        config = _config(tmp_path / str(grouped), *varied, f"train.group_by_length={grouped}")
+        train(config, lm=tiny_model())
+        padding[grouped] = json.loads((config.run_dir / "summary.json").read_text())["padding_fraction"]
+    assert padding[True] < padding[False], padding
+    # A config at the default hashes as it did before the field existed, so shipped runs still match presets.
+    config = load_config("persona-ccm-concat", [])
+    assert config.fingerprint() == "c93635b8109f"
+    assert load_config("persona-ccm-concat", ["train.group_by_length=true"]).fingerprint() != config.fingerprint()
+
+
 def test_resume_with_a_changed_config_is_refused_with_the_difference(tmp_path):
-    train(_config(tmp_path, "train.max_steps=2"), lm=tiny_model())
+    config = _config(tmp_path, "train.max_steps=2")
+    train(config, lm=tiny_model())
+    # A run made before train.group_by_length existed (its config.yaml lacks it) resumes with the default...
+    saved = config.run_dir / "config.yaml"
+    saved.write_text(saved.read_text().replace("  group_by_length: false\n", ""))
+    assert "group_by_length" not in saved.read_text()
+    assert train(config, lm=tiny_model()).resumed_from
+    # ...but not with another value: that would change the data order mid-run.
+    with pytest.raises(ConfigError, match=r"train.group_by_length: False -> True"):
+        train(_config(tmp_path, "train.max_steps=2", "train.group_by_length=true"), lm=tiny_model())
     with pytest.raises(ConfigError, match=r"train.lr: 0.01 -> 0.001"):
         train(_config(tmp_path, "train.max_steps=2", "train.lr=1e-3"), lm=tiny_model())
 

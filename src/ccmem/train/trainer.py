@@ -34,7 +34,7 @@ from ccmem.methods.base import Method
 from ccmem.methods.ccm import CCM, DEFAULT_LORA_TARGETS, LORA_TARGETS, Sample
 from ccmem.registry import get_method
 from ccmem.stage1 import STAGE1_WEIGHTS, Stage1Error, merge_stage1, save_stage1
-from ccmem.train.config import ConfigError, TrainConfig, differences
+from ccmem.train.config import ConfigError, TrainConfig, differences, with_later_fields
 
 logger = logging.getLogger(__name__)
 
@@ -67,25 +67,36 @@ class TrainingModule(nn.Module):
             self.comp = method.comp_embeddings
         self.lm = lm
         self.method = method
-        self.tokens_seen = 0
+        self.tokens_seen = 0  # real tokens trained on (<COMP> included, padding not)
+        self.positions_seen = 0  # batch rows x width: real tokens plus padding
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
         if self.training:
             self.tokens_seen += (
                 int(sum(batch.lengths)) if hasattr(batch, "lengths") else int(batch.attention_mask.sum())
             )
+            self.positions_seen += batch.input_ids.numel()
         return {"loss": self.method.training_loss(self.lm, batch)}
+
+    @property
+    def padding_fraction(self) -> float | None:
+        """Share of the computed positions that were padding (``train.group_by_length`` lowers it)."""
+        return round(1 - self.tokens_seen / self.positions_seen, 3) if self.positions_seen else None
 
 
 class SampleDataset(torch.utils.data.Dataset):
+    """Samples as the Trainer's sampler reads them: ``input_ids`` (all the sample's tokens, for the length that
+    ``train.group_by_length`` groups by) and the ``sample`` itself, which the collator lays out."""
+
     def __init__(self, samples: list[Sample]):
         self.samples = samples
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> Sample:
-        return self.samples[i]
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        s = self.samples[i]
+        return {"input_ids": [*s.sink, *(t for c in s.chunks for t in c), *s.tail], "sample": s}
 
 
 class CompressionTrainer(Trainer):
@@ -143,6 +154,7 @@ class JsonlLogger(TrainerCallback):
             **logs,
             "tokens": self.module.tokens_seen,
             "tokens_per_second": round(self.module.tokens_seen / elapsed, 1) if elapsed else None,
+            "padding_fraction": self.module.padding_fraction,
         }
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
@@ -199,7 +211,7 @@ def prepare_run_dir(config: TrainConfig) -> str | None:
     run_dir = config.run_dir
     saved = run_dir / "config.yaml"
     if saved.is_file():
-        old = yaml.safe_load(saved.read_text())
+        old = with_later_fields(yaml.safe_load(saved.read_text()))
         new = config.to_dict()
         changed = [d for d in differences(old, new) if not d.startswith(("wandb", "output_dir"))]
         if changed:
@@ -289,6 +301,7 @@ def train(config: TrainConfig, *, lm: LoadedModel | None = None) -> TrainResult:
         report_to=report_to,
         seed=t.seed,
         data_seed=t.seed,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         prediction_loss_only=True,
         remove_unused_columns=False,
         dataloader_num_workers=0,
@@ -312,7 +325,7 @@ def train(config: TrainConfig, *, lm: LoadedModel | None = None) -> TrainResult:
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=lambda samples: {"batch": method.make_batch(samples, pad)},
+        data_collator=lambda items: {"batch": method.make_batch([item["sample"] for item in items], pad)},
         callbacks=callbacks,
     )
     if resume:
@@ -330,6 +343,7 @@ def train(config: TrainConfig, *, lm: LoadedModel | None = None) -> TrainResult:
         "train_seconds_this_session": round(seconds, 1),
         "tokens_this_session": module.tokens_seen,
         "tokens_per_second": round(module.tokens_seen / seconds, 1) if seconds else None,
+        "padding_fraction": module.padding_fraction,
         "train_examples": len(train_set),
         "processes": trainer.args.world_size,
         "data": config.data.dataset,
