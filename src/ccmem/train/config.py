@@ -73,9 +73,9 @@ class OptimConfig:
     max_steps: int = 300
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = True  # trades ~30% more compute for much less activation memory
-    # Batch samples of similar length (HF's LengthGroupedSampler): less padding, ~1.6x the tokens/s on persona
-    # dialogs of 0-5 small-talk turns (benchmarks/length_grouping.py); another data order, so off by default:
-    # the shipped adapters were trained without it and their presets reproduce them.
+    # Batch samples of similar length (HF's LengthGroupedSampler): less padding, ~1.55x the tokens/s on persona
+    # dialogs of 0-5 small-talk turns (benchmarks/length_grouping.py), but a slightly weaker concat adapter
+    # there (README "Training"); off by default, and the presets reproduce the shipped adapters without it.
     group_by_length: bool = False
     precision: str = "auto"  # auto (bf16 where the GPU has it, else fp32), bf16, fp16 or fp32
     eval_steps: int = 50
