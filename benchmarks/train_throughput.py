@@ -37,20 +37,19 @@ def main() -> None:
 
     lm = load_model(args.model)
     method = get_method(args.method)
-    method.prepare(lm)
     for p in lm.model.parameters():
         p.requires_grad_(False)
-    params = method.trainable_parameters()
+    params = list(method.module_for(lm).parameters())  # type: ignore[union-attr]
     for p in params:
         p.requires_grad_(True)
     examples = load_examples(DataConfig(n_train=args.samples, k=args.k, small_talk=args.small_talk), "train")
     samples = [to_sample(lm.tokenizer, e, system="You are a helpful assistant.") for e in examples]
-    tokens = sum(len(s.sink) + sum(len(c) + method.n_tok for c in s.chunks) + len(s.tail) for s in samples)  # type: ignore[attr-defined]
+    tokens = sum(method.sample_length(s) for s in samples)
     pad = lm.tokenizer.pad_token_id or 0
 
     def parallel(batch_size: int) -> None:
         for i in range(0, len(samples), batch_size):
-            loss = method.parallel_loss(lm, method.make_batch(samples[i : i + batch_size], pad))  # type: ignore[attr-defined]
+            loss = method.training_loss(lm, method.make_batch(samples[i : i + batch_size], pad))  # type: ignore[attr-defined]
             loss.backward()
 
     def recurrent() -> None:
@@ -65,7 +64,7 @@ def main() -> None:
     runs.append(("recurrent", recurrent))
     results = {}
     for name, run in runs:
-        method.parallel_loss(lm, method.make_batch(samples[:2], pad)).backward()  # type: ignore[attr-defined]  # warm-up
+        method.training_loss(lm, method.make_batch(samples[:2], pad)).backward()  # type: ignore[attr-defined]  # warm-up
         started = time.perf_counter()
         run()
         seconds = time.perf_counter() - started

@@ -61,12 +61,19 @@ def tiny_llama() -> LoadedModel:
     return tiny_model("llama-gqa")
 
 
-def randomize_lora(method, scale: float = 0.1, seed: int = 0) -> None:
+def lora_pairs(method, lm):
+    """The LoRA pairs of ``method``'s trainable state for ``lm`` (CCM/gist: ``state.lora``; full: the state)."""
+    state = method.module_for(lm)
+    lora = getattr(state, "lora", state)
+    return [lora.pair(p) for p in lora.paths]
+
+
+def randomize_lora(method, lm, scale: float = 0.1, seed: int = 0) -> None:
     """Give every LoRA B matrix non-zero weights, so a wrong gate or mask shows in the logits."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for lora in method.loras.values():
-            lora.lora_B.copy_(torch.randn(lora.lora_B.shape, generator=generator) * scale)
+        for pair in lora_pairs(method, lm):
+            pair.B.copy_(torch.randn(pair.B.shape, generator=generator) * scale)
 
 
 @pytest.fixture

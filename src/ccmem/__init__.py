@@ -4,10 +4,11 @@ Keep a long interaction (chat, stream, in-context examples) in a small compresse
 and measure what that costs in quality and saves in memory and time.
 """
 
+import ccmem.methods  # noqa: F401 - registers the built-in methods
 from ccmem.api import CompressedLM, load
 from ccmem.loading import BUILTIN_MODELS, DEFAULT_MODEL, LoadedModel, load_model
 from ccmem.memory import Memory
-from ccmem.registry import METHODS, get_method, method_names
+from ccmem.registry import METHODS, get_method, method_names, register
 
 __version__ = "0.1.0"
 
@@ -23,4 +24,5 @@ __all__ = [
     "load",
     "load_model",
     "method_names",
+    "register",
 ]

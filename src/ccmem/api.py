@@ -11,18 +11,18 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ccmem.adapter import Adapter, load_adapter, options_with_adapter, read_adapter, shipped_adapter
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat, Message, check_messages
+from ccmem.generation import Sampling, decode
 from ccmem.loading import DEFAULT_MODEL, LoadedModel, load_model
 from ccmem.memory import Memory
 from ccmem.methods.base import Method, positions
-from ccmem.methods.ccm import CCM
-from ccmem.registry import get_method
+from ccmem.registry import get_method, method_class
 from ccmem.stage1 import merge_stage1
 
 logger = logging.getLogger(__name__)
@@ -34,19 +34,14 @@ class ContextTooLongError(ValueError):
     """The interaction would pass the model's maximum position."""
 
 
-def shipped_adapter(model_name: str, method: str) -> Path | None:
-    """The adapter ccmem ships for ``(model, method)``, if any."""
-    candidate = resources.files("ccmem") / "adapters" / model_name / f"{method}.safetensors"
-    path = Path(str(candidate))
-    return path if path.is_file() else None
-
-
 class CompressedLM:
     """A language model whose context lives in a compressed memory managed by one method.
 
     ``add`` folds new context into :attr:`memory`; ``generate``/``stream`` answer from the memory without
     changing it; ``remember`` folds a finished exchange back in. ``history`` keeps the *text* of the
     turns only so the chat template can be applied to increments; the model never reads it again.
+    The method is attached to the model only during each call, so several sessions (with different
+    methods) can share one loaded model.
     """
 
     def __init__(
@@ -56,20 +51,20 @@ class CompressedLM:
         *,
         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
         sink: bool = True,
-        max_chunk_tokens: int = 512,
-        adapter_trained: bool = False,
+        adapter: Adapter | None = None,
     ):
-        if max_chunk_tokens < 1:
-            raise ValueError(f"max_chunk_tokens must be at least 1, got {max_chunk_tokens}")
         self.lm = lm
         self.method = method
+        self.adapter = adapter
         self.format = ChatFormat(lm.tokenizer)
         self.system_prompt = system_prompt
         self.sink = sink
-        self.max_chunk_tokens = max_chunk_tokens
-        self.adapter_trained = adapter_trained or not method.needs_adapter
-        method.prepare(lm)
         self.reset()
+
+    @property
+    def adapter_trained(self) -> bool:
+        """False when the method needs trained weights and runs without them (its memory is then meaningless)."""
+        return not self.method.needs_adapter or self.method.adapter_hash != "untrained"
 
     # ------------------------------------------------------------------ memory
 
@@ -81,7 +76,7 @@ class CompressedLM:
             system = [{"role": "system", "content": self.system_prompt}]
             ids = self._ids(self.format.delta([], system))
             if self.sink:
-                with torch.no_grad():
+                with torch.no_grad(), self.method.attached(self.lm):
                     self.memory = self.method.add_sink(self.lm, self.memory, ids)
             else:
                 self._fold(ids)
@@ -92,39 +87,51 @@ class CompressedLM:
         if isinstance(context, str):
             if not context.strip():
                 raise ValueError("nothing to add: the text is empty")
-            text = context
-        else:
-            messages = check_messages(context)  # type: ignore[arg-type]
-            if not messages:
-                raise ValueError("nothing to add: the message list is empty")
-            text = self.format.delta(self.history, messages)
-            memory = self.add_ids(self._ids(text))
-            self.history = self.history + messages  # only once the turns are really in memory
-            return memory
-        return self.add_ids(self._ids(text))
+            return self.add_ids(self._ids(context))
+        if not isinstance(context, dict | list | tuple):
+            raise ValueError(
+                f"add() takes text (a str) or chat messages ({{'role': ..., 'content': ...}} dicts), "
+                f"got {type(context).__name__}"
+            )
+        messages = check_messages(context)  # type: ignore[arg-type]
+        if not messages:
+            raise ValueError("nothing to add: the message list is empty")
+        memory = self.add_ids(self._ids(self.format.delta(self.history, messages)))
+        self.history = self.history + messages  # only once the turns are really in memory
+        return memory
 
     def add_ids(self, ids: torch.Tensor | Sequence[int]) -> Memory:
-        """Compress context given as token ids; long inputs are split into ``max_chunk_tokens`` chunks."""
-        ids = torch.as_tensor(ids, dtype=torch.long, device=self.lm.device)
-        if ids.dim() == 1:
-            ids = ids[None]
+        """Compress context given as token ids (the method decides how to cut it)."""
+        ids = self._check_ids(ids, "context")
         if ids.numel() == 0:
             raise ValueError("nothing to add: no tokens")
         self._fold(ids)
         return self.memory
 
+    def _check_ids(self, ids: torch.Tensor | Sequence[int], what: str) -> torch.Tensor:
+        try:
+            tensor = torch.as_tensor(ids, device=self.lm.device)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"the {what} must be a sequence of token ids (ints), got {type(ids).__name__}") from None
+        if tensor.numel() and (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool):
+            raise ValueError(f"the {what} must be token ids (ints), got {tensor.dtype} values")
+        tensor = tensor.long()
+        if tensor.dim() == 1:
+            tensor = tensor[None]
+        if tensor.dim() != 2 or tensor.shape[0] != 1:
+            raise ValueError(f"the {what} must be one sequence of token ids, got shape {tuple(tensor.shape)}")
+        if tensor.numel() and (int(tensor.min()) < 0 or int(tensor.max()) >= self.lm.vocab_size):
+            bad = int(tensor.max()) if int(tensor.max()) >= self.lm.vocab_size else int(tensor.min())
+            raise ValueError(
+                f"token id {bad} in the {what} is outside this model's vocabulary (0..{self.lm.vocab_size - 1})"
+            )
+        return tensor
+
     def _fold(self, ids: torch.Tensor) -> None:
-        """Compress ``ids`` chunk by chunk; the memory changes only if every chunk succeeds."""
-        step = self.max_chunk_tokens if isinstance(self.method, CCM) else ids.shape[1]
-        extra = self.method.n_tok if isinstance(self.method, CCM) else 0
-        n_chunks = -(-ids.shape[1] // step)
-        if self.method.uses_positions:
-            self._check_room(ids.shape[1] + n_chunks * extra)
-        memory = self.memory
-        with torch.no_grad():
-            for start in range(0, ids.shape[1], step):
-                memory = self.method.add(self.lm, memory, ids[:, start : start + step])
-        self.memory = memory
+        """Compress ``ids`` into memory; the memory changes only if the whole add succeeds."""
+        self._check_room(self.method.positions_needed(self.memory, ids.shape[1]))
+        with torch.no_grad(), self.method.attached(self.lm):
+            self.memory = self.method.add(self.lm, self.memory, ids)
 
     def remember(self, user: str, assistant: str) -> Memory:
         """Fold a finished exchange into memory (what a chat does after each answer)."""
@@ -132,11 +139,24 @@ class CompressedLM:
 
     def save_memory(self, path: str | os.PathLike[str]) -> Path:
         """Write the memory (safetensors, atomic) with the identity of this model and method."""
-        return self.memory.save(path)
+        memory = self.memory
+        if self.system_prompt is not None and self.sink:
+            memory = memory.with_layers(memory.layers, memory.positions)
+            memory.meta["system_prompt"] = self.system_prompt  # the sink it holds, restored by load_memory
+        return memory.save(path)
 
     def load_memory(self, path: str | os.PathLike[str]) -> Memory:
-        """Replace the memory by a saved one; refuse one made by another model, method or adapter."""
-        self.memory = Memory.load(path, expect=self.method.memory_meta(self.lm), device=self.lm.device)
+        """Replace the memory by a saved one; refuse one made by another model, method or adapter, or a damaged one.
+
+        The chat history restarts from the memory's own system prompt (it is in the memory's sink).
+        """
+        self.memory = Memory.load(
+            path, expect=self.method.memory_meta(self.lm), shape=self.lm.kv_shape, device=self.lm.device
+        )
+        system = self.memory.meta.get("system_prompt")
+        self.history = [{"role": "system", "content": system}] if system is not None else []
+        if system is not None:
+            self.system_prompt = system
         return self.memory
 
     # ------------------------------------------------------------------ generation
@@ -155,6 +175,8 @@ class CompressedLM:
 
     def query_ids(self, prompt: str | Sequence[Message]) -> torch.Tensor:
         """Token ids of a question, formatted as a new user turn that asks for an answer."""
+        if not isinstance(prompt, str | list | tuple | dict):
+            raise ValueError(f"the prompt must be text or chat messages, got {type(prompt).__name__}")
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else check_messages(prompt)
         if not messages or not any(m["content"].strip() for m in messages):
             raise ValueError("the prompt is empty")
@@ -173,33 +195,13 @@ class CompressedLM:
         """Yield generated token ids one by one, reading ``query`` with the memory (greedy by default)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        query = torch.as_tensor(query, dtype=torch.long, device=self.lm.device)
-        query = query[None] if query.dim() == 1 else query
+        sampling = Sampling(temperature, top_p, seed)
+        query = self._check_ids(query, "query")
         if query.numel() == 0:
             raise ValueError("the query has no tokens")
         self._check_room(query.shape[1] + max_new_tokens)
         stops = self.format.stop_ids() if stop_ids is None else stop_ids
-        generator = torch.Generator(device=self.lm.device)
-        if seed is not None:
-            generator.manual_seed(seed)
-        cache = self.memory.to_cache()
-        position = self.memory.next_position
-        inputs = query
-        with torch.no_grad():
-            for _ in range(max_new_tokens):
-                out = self.lm.model(
-                    input_ids=inputs,
-                    cache=cache,
-                    position_ids=positions(position, inputs.shape[1], self.lm.device),
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
-                position += inputs.shape[1]
-                token = _pick(out.logits[0, -1], temperature, top_p, generator)
-                yield token
-                if token in stops:
-                    return
-                inputs = torch.tensor([[token]], device=self.lm.device)
+        return decode(self.lm, self.method, self.memory, query, max_new_tokens, sampling=sampling, stop_ids=stops)
 
     def score_ids(
         self, query: torch.Tensor | Sequence[int], options: Sequence[Sequence[int]], *, reduce: str = "sum"
@@ -209,26 +211,26 @@ class CompressedLM:
         ``reduce="sum"`` (MetaICL's scoring) adds the tokens' log-probabilities, which favours short options;
         ``reduce="mean"`` divides by the option's token count (length-normalised).
         """
-        query = torch.as_tensor(query, dtype=torch.long, device=self.lm.device).reshape(1, -1)
+        query = self._check_ids(query, "query")
         if not options or any(len(o) == 0 for o in options):
             raise ValueError("give at least one option, and no empty option")
         if reduce not in SCORE_REDUCTIONS:
             raise ValueError(f"reduce must be one of {SCORE_REDUCTIONS}, got {reduce!r}")
         scores = []
-        with torch.no_grad():
-            for option in options:
-                target = torch.as_tensor(option, dtype=torch.long, device=self.lm.device).reshape(1, -1)
-                inputs = torch.cat([query, target[:, :-1]], dim=1)
-                self._check_room(inputs.shape[1])
+        for option in options:
+            target = self._check_ids(option, "option")
+            inputs = torch.cat([query, target[:, :-1]], dim=1)
+            self._check_room(inputs.shape[1])
+            with torch.no_grad(), self.method.attached(self.lm):
                 out = self.lm.model(
                     input_ids=inputs,
                     cache=self.memory.to_cache(),
                     position_ids=positions(self.memory.next_position, inputs.shape[1], self.lm.device),
                     logits_to_keep=target.shape[1],  # logits only where the option's tokens are predicted
                 )
-                logprobs = torch.log_softmax(out.logits[0].float(), dim=-1)
-                token_logprobs = logprobs.gather(1, target[0, :, None])
-                scores.append(float(token_logprobs.sum() if reduce == "sum" else token_logprobs.mean()))
+            logprobs = torch.log_softmax(out.logits[0].float(), dim=-1)
+            token_logprobs = logprobs.gather(1, target[0, :, None])
+            scores.append(float(token_logprobs.sum() if reduce == "sum" else token_logprobs.mean()))
         return scores
 
     def score(self, prompt: str | Sequence[Message], options: Sequence[str], *, reduce: str = "sum") -> list[float]:
@@ -236,8 +238,8 @@ class CompressedLM:
 
         ``reduce``: ``"sum"`` over the option's tokens, or ``"mean"`` (length-normalised); see :meth:`score_ids`.
         """
-        if not options or any(not o for o in options):
-            raise ValueError("give at least one option, and no empty option")
+        if not options or any(not isinstance(o, str) or not o for o in options):
+            raise ValueError("give at least one option, and no empty option (options are strings)")
         ids = [self.lm.tokenizer.encode(o, add_special_tokens=False) for o in options]
         return self.score_ids(self.query_ids(prompt), ids, reduce=reduce)
 
@@ -267,17 +269,6 @@ class CompressedLM:
         return "".join(self.stream(prompt, max_new_tokens, **kwargs)).strip()
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    if temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(0) - sorted_probs < top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
 def load(
     model: str | LoadedModel = DEFAULT_MODEL,
     method: str = "ccm-concat",
@@ -285,21 +276,25 @@ def load(
     adapter: str | os.PathLike[str] | None = None,
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
     sink: bool = True,
-    max_chunk_tokens: int = 512,
     attn_implementation: str = "sdpa",
     dtype: torch.dtype = torch.float32,
     stage1: str | os.PathLike[str] | None = None,
     **method_options: Any,
 ) -> CompressedLM:
-    """Load ``model`` with compression ``method`` and return a :class:`CompressedLM`.
+    """Load ``model`` with context method ``method`` and return a :class:`CompressedLM`.
 
-    ``adapter``: path of a trained compression adapter; ``None`` uses the one ccmem ships for this model
-    and method when there is one (otherwise the method runs untrained, and says so).
+    ``adapter``: path of a trained adapter; ``None`` uses the one ccmem ships for this model and method when
+    the method needs one (otherwise it runs untrained, and says so). The adapter's options (``n_tok``,
+    ``recurrent``, ...) fill in those not given; a given option that conflicts with the adapter is refused.
     ``stage1``: a stage-1 LoRA run (``ccmem train persona-full``) merged into the weights first; adapters
     trained on top of one require it.
-    ``method_options`` are the method's hyper-parameters, e.g. ``n_tok=4, recurrent=False``.
+    ``method_options`` are the method's options, e.g. ``n_tok=4, recurrent=False`` (``ccmem methods`` lists them).
+    A loaded model (``model=lm.lm``) can be shared by several sessions with different methods.
     """
-    compression = get_method(method, **method_options)
+    cls = method_class(method)
+    get_method(method, **method_options)  # refuse a bad option before spending time on the model
+    if adapter is not None and not cls.trainable:
+        raise ValueError(f"method {method!r} takes no adapter; drop adapter= or pick a trainable method")
     lm = (
         model
         if isinstance(model, LoadedModel)
@@ -307,26 +302,17 @@ def load(
     )
     if stage1 is not None:
         merge_stage1(lm, stage1)
-    trained = False
-    if isinstance(compression, CCM):
-        path = Path(adapter) if adapter is not None else shipped_adapter(lm.name, compression.name)
-        if path is not None:
-            compression.load_adapter(lm, path)  # prepares the model with the layers the adapter was trained on
-            trained = True
-        else:
-            compression.prepare(lm)
+    path = Path(adapter) if adapter is not None else (shipped_adapter(lm.name, method) if cls.needs_adapter else None)
+    found = read_adapter(path) if path is not None else None
+    if found is not None:
+        compression = get_method(method, **options_with_adapter(method, found, method_options))
+        load_adapter(compression, lm, found)
+    else:
+        compression = get_method(method, **method_options)
+        if cls.needs_adapter:
             logger.warning(
-                "no trained adapter for %s with %s: <COMP> tokens are untrained, answers will not use the context",
+                "no trained adapter for %s with %s: it runs untrained, answers will not use the context",
                 lm.name,
-                compression.name,
+                method,
             )
-    elif adapter is not None:
-        raise ValueError(f"method {method!r} takes no adapter; drop adapter= or pick a compression method")
-    return CompressedLM(
-        lm,
-        compression,
-        system_prompt=system_prompt,
-        sink=sink,
-        max_chunk_tokens=max_chunk_tokens,
-        adapter_trained=trained,
-    )
+    return CompressedLM(lm, compression, system_prompt=system_prompt, sink=sink, adapter=found)

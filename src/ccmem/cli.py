@@ -15,7 +15,8 @@ from rich.table import Table
 
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT
 from ccmem.loading import BUILTIN_MODELS, DEFAULT_MODEL, cache_dir
-from ccmem.registry import METHODS
+from ccmem.options import OptionError, parse_value
+from ccmem.registry import method_classes, method_names
 
 app = typer.Typer(
     help="Compressed Context Memory: keep a long LM interaction in a small compressed key/value memory.",
@@ -35,7 +36,9 @@ ModelOpt = Annotated[
         "or hub id (online only).",
     ),
 ]
-MethodOpt = Annotated[str, typer.Option("--method", help=f"Context method: {', '.join(METHODS)}.")]
+MethodOpt = Annotated[
+    str, typer.Option("--method", help=f"Context method: {', '.join(method_names())} (see `ccmem methods`).")
+]
 AdapterOpt = Annotated[
     Path | None,
     typer.Option(
@@ -45,13 +48,23 @@ AdapterOpt = Annotated[
 ]
 NTokOpt = Annotated[
     int | None,
-    typer.Option("--n-tok", help="<COMP> tokens per chunk for ccm-*/gist (default: the method's, 4)."),
+    typer.Option("--n-tok", help="Shortcut for -O n_tok=N: <COMP> tokens per step (ccm-*, gist; default 4)."),
 ]
 RecurrentOpt = Annotated[
-    bool,
+    bool | None,
     typer.Option(
         "--recurrent/--no-recurrent",
-        help="ccm-*: compress each chunk with the memory so far (recurrent) or alone (as for ICL demonstrations).",
+        help="Shortcut for -O recurrent=...: ccm-* compress each chunk with the memory so far (default) or alone "
+        "(as for ICL demonstrations). Default: the adapter's setting.",
+    ),
+]
+OptionsOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--option",
+        "-O",
+        help="Method option KEY=VALUE, repeatable (e.g. -O n_tok=2 -O ratio=0.25). With several methods, each "
+        "option goes to the methods that have it. `ccmem methods NAME` lists a method's options.",
     ),
 ]
 SystemOpt = Annotated[
@@ -69,12 +82,18 @@ Stage1Opt = Annotated[
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens to generate per answer.")]
 
 
-def _method_options(method: str, n_tok: int | None, recurrent: bool) -> dict[str, Any]:
-    if not method.startswith(("ccm", "gist")):
-        return {}
-    options: dict[str, Any] = {"recurrent": recurrent}
+def _options(n_tok: int | None, recurrent: bool | None, pairs: list[str] | None) -> dict[str, Any]:
+    """Method options from ``-O key=value`` pairs and the shortcut flags (values parsed as YAML scalars)."""
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise OptionError(f"-O {pair!r} must look like KEY=VALUE, e.g. -O n_tok=2")
+        options[key.strip()] = parse_value(raw)
     if n_tok is not None:
         options["n_tok"] = n_tok
+    if recurrent is not None:
+        options["recurrent"] = recurrent
     return options
 
 
@@ -82,25 +101,19 @@ def _session(
     model: str,
     method: str,
     adapter: Path | None,
-    n_tok: int | None,
-    recurrent: bool,
-    system: str,
+    options: dict[str, Any],
+    system: str | None,
     stage1: Path | None,
 ) -> Any:
     import ccmem  # deferred: importing torch/transformers makes --help slow
+    from ccmem.registry import get_method
 
+    get_method(method, **options)  # a wrong option fails before the model loads
     with console.status(f"loading {model} with {method}..."):
-        session = ccmem.load(
-            model,
-            method=method,
-            adapter=adapter,
-            stage1=stage1,
-            system_prompt=system or None,
-            **_method_options(method, n_tok, recurrent),
-        )
+        session = ccmem.load(model, method=method, adapter=adapter, stage1=stage1, system_prompt=system, **options)
     if not session.adapter_trained:
         err_console.print(
-            f"[yellow]note:[/] no trained adapter for {method} on {model}: <COMP> tokens are untrained, "
+            f"[yellow]note:[/] no trained adapter for {method} on {model}: it runs untrained, "
             "so answers will not use the compressed context. Pass --adapter PATH."
         )
     return session
@@ -113,6 +126,7 @@ def demo(
         str, typer.Option("--methods", help="Comma-separated methods to compare side by side.")
     ] = "full,none,ccm-concat,ccm-merge",
     n_tok: NTokOpt = None,
+    option: OptionsOpt = None,
     max_new_tokens: MaxNewOpt = 24,
     out: Annotated[
         Path | None, typer.Option("--out", help="Also append every row as JSON to this .jsonl file.")
@@ -120,12 +134,15 @@ def demo(
 ) -> None:
     """Run the pre-defined conversations with every method and print answers, memory and time side by side."""
     from ccmem.demo import run_demo
+    from ccmem.evaluate import check_options_apply, options_for
     from ccmem.loading import load_model
     from ccmem.registry import get_method
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
+    options = _options(n_tok, None, option)
+    check_options_apply(names, options)
     for name in names:
-        get_method(name)  # fail fast on a typo, with the list of valid names
+        get_method(name, **options_for(name, options))  # fail fast on a typo, with the list of valid names
     with console.status(f"loading {model}..."):
         lm = load_model(model)
     table = Table(title=f"ccmem demo on {model}: answers from memory", show_lines=True)
@@ -143,7 +160,7 @@ def demo(
         table.add_column(col, **kw)
     untrained = set()
     with console.status("running...") as status:
-        for row in run_demo(lm, names, n_tok=n_tok, max_new_tokens=max_new_tokens, out=out):
+        for row in run_demo(lm, names, options=options, max_new_tokens=max_new_tokens, out=out):
             status.update(f"{row.method}: {row.question}")
             label = row.method + (" [yellow](untrained)[/]" if row.adapter == "untrained" else "")
             if row.adapter == "untrained":
@@ -177,14 +194,15 @@ def chat(
     method: MethodOpt = "ccm-concat",
     adapter: AdapterOpt = None,
     n_tok: NTokOpt = None,
-    recurrent: RecurrentOpt = True,
+    recurrent: RecurrentOpt = None,
+    option: OptionsOpt = None,
     system: SystemOpt = DEFAULT_SYSTEM_PROMPT,
     stage1: Stage1Opt = None,
     max_new_tokens: MaxNewOpt = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy; higher samples more freely.")] = 0.0,
 ) -> None:
     """Chat interactively; each finished exchange is compressed into memory. Type /help for commands."""
-    session = _session(model, method, adapter, n_tok, recurrent, system, stage1)
+    session = _session(model, method, adapter, _options(n_tok, recurrent, option), system or None, stage1)
     console.print(f"[bold]ccmem chat[/] ({model}, {method}). /help for commands, /quit to leave.")
     while True:
         try:
@@ -218,9 +236,8 @@ def _chat_command(session: Any, line: str) -> bool:
         console.print("[dim]memory cleared[/]")
     elif command == "/memory":
         mem = session.memory
-        console.print(
-            f"{mem.num_slots} slots, {mem.nbytes} bytes, {mem.steps} chunks, next position {mem.next_position}"
-        )
+        segments = ", ".join(f"{n} {kind}" for kind, n in mem.segment_lengths().items())
+        console.print(f"{mem.num_slots} slots ({segments}), {mem.nbytes} bytes, next position {mem.next_position}")
     elif command == "/save" and arg:
         console.print(f"saved to {session.save_memory(arg.strip())}")
     elif command == "/load" and arg:
@@ -231,25 +248,53 @@ def _chat_command(session: Any, line: str) -> bool:
     return False
 
 
+def read_text_file(path: Path) -> str:
+    """A text file's contents; binary files are refused, and bytes that are not UTF-8 are replaced with a warning."""
+    data = path.read_bytes()
+    if b"\x00" in data[:8192]:
+        raise OptionError(f"{path} looks like a binary file (it holds NUL bytes); compress plain text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", errors="replace")
+        err_console.print(
+            f"[yellow]warning:[/] {path} is not valid UTF-8: {text.count(chr(0xFFFD))} characters were replaced "
+            "by U+FFFD (convert it with e.g. `iconv -f latin1 -t utf-8` to keep them)"
+        )
+        return text
+
+
 @app.command()
 def compress(
     text_file: Annotated[
-        Path, typer.Argument(help="Plain-text file to compress into memory.", exists=True, dir_okay=False)
+        Path, typer.Argument(help="Plain-text (UTF-8) file to compress into memory.", exists=True, dir_okay=False)
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the memory (.safetensors).")],
     model: ModelOpt = DEFAULT_MODEL,
     method: MethodOpt = "ccm-concat",
     adapter: AdapterOpt = None,
     n_tok: NTokOpt = None,
-    recurrent: RecurrentOpt = True,
+    recurrent: RecurrentOpt = None,
+    option: OptionsOpt = None,
     system: SystemOpt = DEFAULT_SYSTEM_PROMPT,
     stage1: Stage1Opt = None,
-    chunk_tokens: Annotated[int, typer.Option(min=1, help="ccm-*: tokens per compressed chunk.")] = 256,
+    chunk_tokens: Annotated[
+        int | None,
+        typer.Option(min=1, help="Shortcut for -O max_chunk_tokens=N: tokens per compressed chunk (ccm-*; 512)."),
+    ] = None,
 ) -> None:
     """Compress a text file into a memory file that `ccmem ask` can answer from."""
-    session = _session(model, method, adapter, n_tok, recurrent, system, stage1)
-    session.max_chunk_tokens = chunk_tokens
-    text = text_file.read_text(encoding="utf-8", errors="replace")
+    if out.exists() and out.resolve() == text_file.resolve():
+        raise OptionError(f"--out {out} is the input file; choose another path for the memory")
+    if out.is_dir():
+        raise OptionError(f"--out {out} is a directory; give a file path such as {out / 'memory.safetensors'}")
+    text = read_text_file(text_file)
+    if not text.strip():
+        raise OptionError(f"{text_file} is empty: nothing to compress")
+    options = _options(n_tok, recurrent, option)
+    if chunk_tokens is not None:
+        options["max_chunk_tokens"] = chunk_tokens
+    session = _session(model, method, adapter, options, system or None, stage1)
     with console.status(f"compressing {text_file}..."):
         session.add(text)
     path = session.save_memory(out)
@@ -269,14 +314,26 @@ def ask(
     method: MethodOpt = "ccm-concat",
     adapter: AdapterOpt = None,
     n_tok: NTokOpt = None,
-    recurrent: RecurrentOpt = True,
-    system: SystemOpt = DEFAULT_SYSTEM_PROMPT,
+    recurrent: RecurrentOpt = None,
+    option: OptionsOpt = None,
+    system: Annotated[
+        str | None,
+        typer.Option(
+            "--system",
+            help="Not needed: the memory holds the system prompt it was compressed with. If given, it must match.",
+        ),
+    ] = None,
     stage1: Stage1Opt = None,
     max_new_tokens: MaxNewOpt = 128,
 ) -> None:
     """Answer a question from a saved memory (same model, method and adapter as the one that wrote it)."""
-    session = _session(model, method, adapter, n_tok, recurrent, system, stage1)
+    session = _session(model, method, adapter, _options(n_tok, recurrent, option), None, stage1)
     session.load_memory(memory_file)
+    if system is not None and system != (session.system_prompt or ""):
+        raise OptionError(
+            f"{memory_file} was compressed with the system prompt {session.system_prompt!r}, which it keeps; "
+            "drop --system (a memory cannot take another system prompt)"
+        )
     for piece in session.stream(question, max_new_tokens=max_new_tokens):
         console.print(piece, end="", highlight=False, markup=False)
     console.print()
@@ -303,14 +360,15 @@ def train(
     show_keys: Annotated[bool, typer.Option("--show-keys", help="List every config key with its type.")] = False,
     show_presets: Annotated[bool, typer.Option("--show-presets", help="List the named presets.")] = False,
 ) -> None:
-    """Train a compression adapter (or a stage-1 LoRA) on the HF Trainer; rerunning the same run_id resumes it.
+    """Train a method's adapter (or a stage-1 LoRA: method.name=full) on the HF Trainer; rerunning resumes.
 
     Everything lands in OUTPUT_DIR/RUN_ID (default runs/<preset>): config.yaml, checkpoints, log.jsonl,
-    TensorBoard events, and the result: adapter.safetensors (ccm-*) or stage1_lora.safetensors (full).
+    TensorBoard events, and the result: adapter.safetensors. Rerunning a finished run changes nothing.
     """
     import yaml
 
-    from ccmem.train.config import VALID_KEYS, load_config, preset_names
+    from ccmem.options import type_name
+    from ccmem.train.config import VALID_KEYS, load_config, method_keys, preset_names
 
     if show_presets:
         for name in preset_names():
@@ -318,7 +376,9 @@ def train(
         return
     if show_keys:
         for key, kind in VALID_KEYS.items():
-            console.print(f"{key}  [dim]{getattr(kind, '__name__', kind)}[/]", highlight=False)
+            console.print(f"{key}  [dim]{type_name(kind)}[/]", highlight=False)
+        for key, (kind, owners) in method_keys().items():
+            console.print(f"{key}  [dim]{type_name(kind)}  (option of {', '.join(owners)})[/]", highlight=False)
         return
     config = load_config(preset, list(overrides or []) + (["wandb=true"] if wandb else []))
     if show_config:
@@ -327,6 +387,12 @@ def train(
     from ccmem.train.trainer import train as run_training
 
     result = run_training(config)
+    if result.finished_before:
+        console.print(
+            f"run {config.run_id!r} already finished ({result.steps} steps, best eval loss {result.eval_loss}): "
+            f"nothing to do. Its adapter: {result.output}. Use a new run_id to train again."
+        )
+        return
     console.print(
         f"[bold]done[/]: {result.steps} steps, best eval loss {result.eval_loss}, "
         f"{result.tokens_per_second:.0f} tokens/s this session -> {result.output}"
@@ -369,6 +435,8 @@ def eval_command(
         typer.Option("--adapter", help="METHOD=PATH of a trained adapter (repeatable). Default: the shipped one."),
     ] = None,
     n_tok: NTokOpt = None,
+    recurrent: RecurrentOpt = None,
+    option: OptionsOpt = None,
     generate: Annotated[
         bool, typer.Option("--generate/--no-generate", help="Also generate answers (EM, contains, ROUGE-L).")
     ] = False,
@@ -394,14 +462,16 @@ def eval_command(
     to --out; `ccmem report` turns them into tables and a plot.
     """
     from ccmem.data.loaders import load_examples
-    from ccmem.evaluate import EvalSettings, compare
+    from ccmem.evaluate import EvalSettings, check_options_apply, compare, options_for
     from ccmem.loading import load_model
     from ccmem.registry import get_method
     from ccmem.train.config import DataConfig
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
+    options = _options(n_tok, recurrent, option)
+    check_options_apply(names, options)
     for name in names:
-        get_method(name)
+        get_method(name, **options_for(name, options))
     cfg = DataConfig(
         dataset=dataset, path=str(path) if path else None, n_train=n, n_eval=n, k=k, small_talk=small_talk, seed=seed
     )
@@ -417,7 +487,7 @@ def eval_command(
         max_new_tokens=max_new_tokens,
         system=system or None,
         score=score,
-        method_options={"n_tok": n_tok} if n_tok is not None else {},
+        method_options=options,
     )
     table = Table(title=f"ccmem eval: {dataset}/{split}, {len(examples)} examples, {model}")
     for col in (
@@ -513,12 +583,25 @@ def data(
 
 
 @app.command("methods")
-def list_methods() -> None:
-    """List the context methods and what each keeps."""
-    table = Table("method", "what it does")
-    for name, cls in METHODS.items():
-        table.add_row(name, (cls.__doc__ or "").strip().splitlines()[0])
-    console.print(table)
+def list_methods(
+    name: Annotated[str | None, typer.Argument(help="Show one method's options in full.")] = None,
+) -> None:
+    """List the context methods: kind, what each keeps, options with defaults, and the paper."""
+    from ccmem.registry import method_class
+
+    classes = {name: method_class(name)} if name else method_classes()
+    for method, cls in classes.items():
+        flags = [flag for flag in ("trainable", "needs_adapter", "needs_attention", "budgeted") if getattr(cls, flag)]
+        console.print(f"[bold]{method}[/]  [cyan]{cls.kind}[/]" + (f"  [dim]{', '.join(flags)}[/]" if flags else ""))
+        console.print(f"  {escape(cls.summary())}", highlight=False)
+        if cls.paper:
+            console.print(f"  [dim]paper: {escape(cls.paper)}[/]", highlight=False)
+        specs = cls.option_specs()
+        if name:
+            for spec in specs:
+                console.print(f"  -O {spec.name}={spec.default!r}  [dim]({spec.type_name})[/] {escape(spec.help)}")
+        elif specs:
+            console.print("  [dim]options:[/] " + ", ".join(f"{s.name}={s.default!r}" for s in specs), highlight=False)
 
 
 @app.command("models")

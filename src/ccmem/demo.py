@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from ccmem.api import CompressedLM, load
+from ccmem.evaluate import check_options_apply, options_for
 from ccmem.examples import EXAMPLES, Example
 from ccmem.loading import LoadedModel
-from ccmem.methods.ccm import CCM
 
 logger = logging.getLogger(__name__)
 
@@ -69,23 +69,23 @@ def run_demo(
     lm: LoadedModel,
     methods: Sequence[str] = DEMO_METHODS,
     *,
-    n_tok: int | None = None,
+    options: dict[str, Any] | None = None,
     max_new_tokens: int = 24,
     examples: Sequence[Example] = EXAMPLES,
     out: Path | None = None,
 ) -> Iterator[DemoRow]:
-    """Yield a :class:`DemoRow` per (method, question); one model is shared, adapters are swapped in and out."""
+    """Yield a :class:`DemoRow` per (method, question); one model is shared by every method in turn.
+
+    ``options`` are method options, each given to the methods that declare it (e.g. ``n_tok`` to CCM and gist).
+    """
+    options = options or {}
+    check_options_apply(methods, options)
     for name in methods:
-        options: dict[str, Any] = {"n_tok": n_tok} if n_tok is not None and name.startswith(("ccm", "gist")) else {}
-        session = load(lm, method=name, **options)
-        try:
-            for example in examples:
-                session.reset()
-                for row in run_session(session, example, max_new_tokens):
-                    if out is not None:
-                        with out.open("a") as f:
-                            f.write(json.dumps(asdict(row)) + "\n")
-                    yield row
-        finally:
-            if isinstance(session.method, CCM):
-                session.method.release(lm)
+        session = load(lm, method=name, **options_for(name, options))
+        for example in examples:
+            session.reset()
+            for row in run_session(session, example, max_new_tokens):
+                if out is not None:
+                    with out.open("a") as f:
+                        f.write(json.dumps(asdict(row)) + "\n")
+                yield row

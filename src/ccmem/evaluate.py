@@ -28,14 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from ccmem.api import SCORE_REDUCTIONS, CompressedLM, load
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT
 from ccmem.data.records import MemoryExample, to_sample
 from ccmem.fileio import DatasetFormatError, jsonl_records
 from ccmem.loading import LoadedModel
-from ccmem.methods.ccm import CCM
+from ccmem.options import OptionError
+from ccmem.registry import method_class
 
 
 @dataclass
@@ -62,6 +62,7 @@ class EvalRow:
     config_hash: str
     label: str = ""  # free text to tell runs apart in reports (e.g. "k=4")
     extra: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # method options given (not the defaults)
 
 
 @dataclass
@@ -161,19 +162,28 @@ def generate_answer(session: CompressedLM, example: MemoryExample, query: list[i
 # ---------------------------------------------------------------------------- a method on a dataset
 
 
-def adapter_provenance(session: CompressedLM, adapter_path: Path | None) -> tuple[str, str]:
-    """(adapter hash or state, the dataset it was trained on) for the row."""
-    method = session.method
-    if not isinstance(method, CCM):
-        return "-", "-"
-    if not session.adapter_trained:
-        return "untrained", "-"
-    train_dataset = "?"
-    if adapter_path is not None and adapter_path.is_file():
-        with safe_open(str(adapter_path), framework="pt") as f:
-            extra = json.loads((f.metadata() or {}).get("extra", "{}"))
-        train_dataset = extra.get("data") or extra.get("config", {}).get("data", {}).get("dataset", "?")
-    return method.adapter_hash, train_dataset
+def adapter_provenance(session: CompressedLM) -> tuple[str, str]:
+    """(adapter hash, "untrained" or "-"; the dataset it was trained on) for the row."""
+    if session.adapter is None:
+        return ("untrained" if session.method.needs_adapter else "-"), "-"
+    return session.adapter.hash, session.adapter.train_dataset
+
+
+def options_for(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``options`` that method ``name`` declares (an option applies to the methods that have it)."""
+    declared = {spec.name for spec in method_class(name).option_specs()}
+    return {k: v for k, v in options.items() if k in declared}
+
+
+def check_options_apply(names: Sequence[str], options: dict[str, Any]) -> None:
+    """Refuse an option that none of ``names`` declares (a typo would otherwise be ignored silently)."""
+    declared = {spec.name for name in names for spec in method_class(name).option_specs()}
+    unused = [k for k in options if k not in declared]
+    if unused:
+        raise OptionError(
+            f"no method among {', '.join(names)} has the option {unused[0]!r}; their options: "
+            f"{', '.join(sorted(declared)) or 'none'} (see `ccmem methods`)"
+        )
 
 
 def evaluate(
@@ -183,7 +193,6 @@ def evaluate(
     dataset: str,
     split: str = "test",
     settings: EvalSettings | None = None,
-    adapter_path: Path | None = None,
     label: str = "",
     progress: Callable[[int], None] | None = None,
 ) -> EvalRow:
@@ -232,7 +241,7 @@ def evaluate(
                 rouge.append(rouge_l(text, example.answer))
             if progress:
                 progress(i + 1)
-    adapter, train_dataset = adapter_provenance(session, adapter_path)
+    adapter, train_dataset = adapter_provenance(session)
     return EvalRow(
         method=session.method.name,
         model=session.lm.name,
@@ -257,6 +266,7 @@ def evaluate(
             **({"stage1": session.lm.stage1} if session.lm.stage1 else {}),
             **({"score": settings.score} if settings.score != "sum" else {}),
         },
+        options=options_for(session.method.name, settings.method_options),
     )
 
 
@@ -276,33 +286,22 @@ def compare(
     """Every method on the same examples with one shared model; rows are appended to ``out`` as they finish."""
     settings = settings or EvalSettings()
     adapters = adapters or {}
+    check_options_apply(methods, settings.method_options)
     for name in methods:
-        options = settings.method_options if name.startswith(("ccm", "gist")) else {}
+        options = options_for(name, settings.method_options)
         session = load(lm, method=name, adapter=adapters.get(name), system_prompt=settings.system, **options)
-        try:
-            path = adapters.get(name) or _shipped(session)
-            row = evaluate(
-                session,
-                examples,
-                dataset=dataset,
-                split=split,
-                settings=settings,
-                adapter_path=path,
-                label=label,
-                progress=functools.partial(progress, name) if progress else None,
-            )
-        finally:
-            if isinstance(session.method, CCM):
-                session.method.release(lm)
+        row = evaluate(
+            session,
+            examples,
+            dataset=dataset,
+            split=split,
+            settings=settings,
+            label=label,
+            progress=functools.partial(progress, name) if progress else None,
+        )
         if out is not None:
             append_row(out, row)
         yield row
-
-
-def _shipped(session: CompressedLM) -> Path | None:
-    from ccmem.api import shipped_adapter
-
-    return shipped_adapter(session.lm.name, session.method.name) if session.adapter_trained else None
 
 
 def append_row(path: Path, row: EvalRow) -> None:

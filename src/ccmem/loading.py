@@ -14,12 +14,14 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from ccmem.memory import KVShape
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     name: str
     stage1: str | None = None  # hash of a stage-1 LoRA merged into the weights (ccmem.stage1)
+    _kv_shape: KVShape | None = field(default=None, repr=False, compare=False)
 
     @property
     def fingerprint(self) -> str:
@@ -85,6 +88,24 @@ class LoadedModel:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model can read (its input embedding rows)."""
+        return int(cast(torch.Tensor, self.model.get_input_embeddings().weight).shape[0])
+
+    @property
+    def kv_shape(self) -> KVShape:
+        """Layers, key/value heads, head size and dtype of this model's cache, read off one real forward."""
+        if self._kv_shape is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+            with torch.no_grad():
+                self.model.base_model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), cache=cache)
+            keys = cast(torch.Tensor, cache.layers[0].keys)  # type: ignore[union-attr]
+            self._kv_shape = KVShape(len(cache.layers), int(keys.shape[1]), int(keys.shape[3]), keys.dtype)
+        return self._kv_shape
 
     @property
     def max_positions(self) -> int | None:

@@ -1,14 +1,30 @@
-"""The compressed memory: per-layer key/value tensors plus what is needed to use them safely.
+"""The compressed memory: per-layer key/value tensors in typed segments, plus what is needed to use them safely.
 
-A :class:`Memory` is plain data (tensors and metadata). :meth:`Memory.to_cache` turns it into a fresh
-transformers ``DynamicCache`` for a forward or ``model.generate(...)``, so generating never mutates the
-memory itself. Saved files are safetensors with string metadata, written atomically.
+A :class:`Memory` is plain data (tensors and metadata); methods return a new one instead of changing it.
+Every layer holds the same three segments, in this order::
+
+    [ sink | compressed | window ]
+
+``sink``        tokens kept uncompressed at the front (the system prompt: the attention sink);
+``compressed``  what a method keeps of older context: <COMP> keys/values (CCM, gist), the entries an eviction
+                method selected (H2O, SnapKV, ...); its length may differ from layer to layer;
+``window``      raw recent tokens, in order (all of the context for ``full``; the recent window of StreamingLLM).
+
+``positions[i][b, h, s]`` is the position id slot ``s`` of layer ``i`` was written at (``-1`` for a blend of
+several positions, such as a CCM-merge slot), so that keys can be inspected or re-based later.
+``state`` holds tensors a method needs to continue (CCM-merge's step count, gist's uncompressed context,
+H2O's accumulated attention): they are saved with the memory but are not key/value memory.
+
+:meth:`Memory.to_cache` turns a memory into a fresh transformers ``DynamicCache`` for a forward or
+``model.generate(...)``, so generating never mutates the memory itself. Saved files are safetensors with
+string metadata, written atomically, and validated completely when loaded.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -20,55 +36,117 @@ from transformers import DynamicCache
 
 from ccmem.fileio import atomic_path
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+SEGMENTS = ("sink", "compressed", "window")
+
+KV = tuple[torch.Tensor, torch.Tensor]
 
 
 class MemoryMismatchError(ValueError):
-    """A saved memory does not belong to the model or method it is being loaded into."""
+    """A saved memory that cannot be used here: another model, method or adapter, or a damaged file."""
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """What every memory of a model must look like: layers, key/value heads, head size, dtype."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
 
 
 @dataclass
 class Memory:
     """Compressed key/value memory of one interaction.
 
-    ``layers[i] = (keys, values)`` with shape ``[batch, kv_heads, slots, head_dim]``.
-    ``next_position`` is the position id the next token will get (CCM keeps the positions of the full
-    interaction); ``steps`` counts compressed chunks (the ``t`` of CCM-merge's running average);
-    ``sink`` is how many leading slots are the attention sink.
+    ``layers[i] = (keys, values)`` with shape ``[batch, kv_heads, slots_i, head_dim]``; ``next_position`` is
+    the position id the next token will get; ``sink`` and ``window`` count the leading and trailing slots of
+    those segments (the same in every layer); the slots between them are the compressed segment.
     """
 
-    layers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    layers: list[KV] = field(default_factory=list)
+    positions: list[torch.Tensor] = field(default_factory=list)
     next_position: int = 0
-    steps: int = 0
     sink: int = 0
+    window: int = 0
     meta: dict[str, str] = field(default_factory=dict)
-    #: Uncompressed context tokens, kept only by methods that recompress from scratch (gist); not KV memory.
-    context_ids: torch.Tensor | None = None
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- size
+
+    @property
+    def slots_per_layer(self) -> list[int]:
+        """Key/value positions held by each layer."""
+        return [int(k.shape[-2]) for k, _ in self.layers]
 
     @property
     def num_slots(self) -> int:
-        """Number of key/value positions held (per layer)."""
-        return int(self.layers[0][0].shape[-2]) if self.layers else 0
+        """Key/value positions per layer (their mean, rounded down, where layers hold different numbers)."""
+        counts = self.slots_per_layer
+        return sum(counts) // len(counts) if counts else 0
 
     @property
     def nbytes(self) -> int:
-        """Bytes taken by all keys and values."""
+        """Bytes taken by all keys and values (``state`` is not key/value memory and is not counted)."""
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers)
+
+    def segment_lengths(self, layer: int = 0) -> dict[str, int]:
+        """``{"sink": n, "compressed": n, "window": n}`` slots of one layer."""
+        total = self.slots_per_layer[layer] if self.layers else 0
+        return {"sink": self.sink, "compressed": total - self.sink - self.window, "window": self.window}
 
     def is_empty(self) -> bool:
         return self.num_slots == 0
 
+    # ---------------------------------------------------------------- derived memories
+
     def clone(self) -> Memory:
-        context = None if self.context_ids is None else self.context_ids.clone()
         return replace(
             self,
             layers=[(k.clone(), v.clone()) for k, v in self.layers],
+            positions=[p.clone() for p in self.positions],
             meta=dict(self.meta),
-            context_ids=context,
+            state={k: v.clone() for k, v in self.state.items()},
         )
 
+    def with_layers(
+        self,
+        layers: list[KV],
+        positions: list[torch.Tensor],
+        *,
+        advance: int = 0,
+        **changes: Any,
+    ) -> Memory:
+        """A new memory holding ``layers``, with positions moved on by ``advance`` tokens (other fields as given)."""
+        return replace(
+            self,
+            layers=layers,
+            positions=positions,
+            next_position=changes.pop("next_position", self.next_position + advance),
+            meta=dict(self.meta),
+            state=dict(changes.pop("state", self.state)),
+            **changes,
+        )
+
+    def select(self, index: torch.Tensor) -> tuple[list[KV], list[torch.Tensor]]:
+        """Keys/values and positions at the given slot indices (1-D: the same slots in every layer and head)."""
+        layers = [(k.index_select(-2, index), v.index_select(-2, index)) for k, v in self.layers]
+        return layers, [p.index_select(-1, index) for p in self.positions]
+
+    def prefix(self, n: int) -> Memory:
+        """The first ``n`` slots of every layer (e.g. only the sink); the window is dropped."""
+        layers, positions = self.select(torch.arange(n, device=self.device))
+        return replace(self, layers=layers, positions=positions, window=0, meta=dict(self.meta), state={})
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0][0].device if self.layers else torch.device("cpu")
+
+    # ---------------------------------------------------------------- use with transformers
+
     def to_cache(self) -> DynamicCache:
-        """A new ``DynamicCache`` holding a copy of this memory (empty memory -> empty cache)."""
+        """A new ``DynamicCache`` holding this memory (empty memory -> empty cache)."""
         if not self.layers:
             return DynamicCache()
         return DynamicCache(ddp_cache_data=[(k, v) for k, v in self.layers])
@@ -78,7 +156,10 @@ class Memory:
 
         ``generate`` expects ``input_ids`` to cover the cached positions too, so the memory slots are
         represented by placeholder ids it never reads; position ids continue the interaction's positions.
+        Only for memories whose layers hold the same number of slots.
         """
+        if len(set(self.slots_per_layer)) > 1:
+            raise ValueError("model.generate needs the same number of cached slots in every layer")
         query_ids = query_ids[None] if query_ids.dim() == 1 else query_ids
         batch, n = query_ids.shape
         placeholder = query_ids.new_full((batch, self.num_slots), int(query_ids[0, 0]))
@@ -91,76 +172,188 @@ class Memory:
         }
 
     @staticmethod
-    def layers_of(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def layers_of(cache: DynamicCache) -> list[KV]:
         """Per-layer ``(keys, values)`` of a filled cache."""
         return [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr,misc]
 
-    def select(self, index: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Keys/values at the given slot indices, every layer."""
-        return [(k.index_select(-2, index), v.index_select(-2, index)) for k, v in self.layers]
-
-    # ---------------------------------------------------------------- persistence
+    # ---------------------------------------------------------------- files
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write to a safetensors file atomically (a crash never leaves a half-written file)."""
-        path = Path(path)
-        tensors = {}
-        for i, (k, v) in enumerate(self.layers):
-            tensors[f"layers.{i}.keys"] = k.detach().contiguous().cpu()
-            tensors[f"layers.{i}.values"] = v.detach().contiguous().cpu()
-        if self.context_ids is not None:
-            tensors["context_ids"] = self.context_ids.contiguous().cpu()
-        metadata = {
-            "format": "ccmem.memory",
-            "format_version": FORMAT_VERSION,
-            "next_position": str(self.next_position),
-            "steps": str(self.steps),
-            "sink": str(self.sink),
-            "meta": json.dumps(self.meta, sort_keys=True),
-        }
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
-        return path
+        """Write to a safetensors file atomically; see :func:`save_memory`."""
+        return save_memory(self, path)
 
     @classmethod
-    def load(
-        cls,
-        path: str | os.PathLike[str],
-        *,
-        expect: dict[str, str] | None = None,
-        device: torch.device | str = "cpu",
-    ) -> Memory:
-        """Read a memory; refuse it when any ``expect`` entry differs from what it was saved with."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no memory file at {path}")
-        try:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
-                header: dict[str, Any] = f.metadata() or {}
-                if header.get("format") != "ccmem.memory":
-                    raise MemoryMismatchError(f"{path} is not a ccmem memory file")
-                n_layers = len([k for k in f.keys() if k.endswith(".keys")])
-                layers = [
-                    (f.get_tensor(f"layers.{i}.keys"), f.get_tensor(f"layers.{i}.values")) for i in range(n_layers)
-                ]
-                context = f.get_tensor("context_ids") if "context_ids" in f.keys() else None
-        except (OSError, ValueError, SafetensorError) as err:
-            if isinstance(err, MemoryMismatchError):
-                raise
-            raise MemoryMismatchError(f"{path} is not a readable safetensors memory file: {err}") from err
-        meta = json.loads(header.get("meta", "{}"))
-        for key, wanted in (expect or {}).items():
-            found = meta.get(key, "")  # a key older memories lack reads as empty, like stage1 on plain weights
-            if found != wanted:
-                raise MemoryMismatchError(
-                    f"memory {path} was made with {key}={found!r}, but this model has {key}={wanted!r}; "
-                    "load it with the same model, stage-1 LoRA, method and adapter that wrote it"
-                )
-        return cls(
-            layers=layers,
-            next_position=int(header.get("next_position", 0)),
-            steps=int(header.get("steps", 0)),
-            sink=int(header.get("sink", 0)),
-            meta=meta,
-            context_ids=context,
+    def load(cls, path: str | os.PathLike[str], **kwargs: Any) -> Memory:
+        """Read and validate a saved memory; see :func:`load_memory`."""
+        return load_memory(path, **kwargs)
+
+    # ---------------------------------------------------------------- checks
+
+    def check(self, shape: KVShape | None = None, *, where: str = "memory") -> None:
+        """Raise :class:`MemoryMismatchError` naming what is wrong, in the user's terms, if the memory is not sound.
+
+        Checks segment counts and positions against the tensors, and (with ``shape``) the model's layers, heads,
+        head size and dtype, and that every key and value is finite.
+        """
+
+        def bad(message: str) -> MemoryMismatchError:
+            return MemoryMismatchError(f"{where} is damaged or not for this model: {message}")
+
+        if len(self.positions) != len(self.layers):
+            raise bad(f"{len(self.layers)} key/value layers but {len(self.positions)} position tables")
+        if self.next_position < 0 or self.sink < 0 or self.window < 0:
+            raise bad(f"negative next_position/sink/window ({self.next_position}/{self.sink}/{self.window})")
+        if shape is not None and self.layers and len(self.layers) != shape.layers:
+            raise bad(f"{len(self.layers)} layers, but the model has {shape.layers}")
+        batch = None
+        for i, ((k, v), pos) in enumerate(zip(self.layers, self.positions, strict=True)):
+            if k.dim() != 4 or k.shape != v.shape:
+                raise bad(f"layer {i}: keys {tuple(k.shape)} and values {tuple(v.shape)} must have the same 4-D shape")
+            batch = k.shape[0] if batch is None else batch
+            if k.shape[0] != batch:
+                raise bad(f"layer {i} holds {k.shape[0]} sequences, layer 0 holds {batch}")
+            if shape is not None:
+                if (k.shape[1], k.shape[3]) != (shape.kv_heads, shape.head_dim):
+                    raise bad(
+                        f"layer {i} has {k.shape[1]} heads of size {k.shape[3]}, the model "
+                        f"{shape.kv_heads} of size {shape.head_dim}"
+                    )
+                if k.dtype != shape.dtype or v.dtype != shape.dtype:
+                    raise bad(f"layer {i} holds {k.dtype}/{v.dtype} tensors, the model computes in {shape.dtype}")
+            if not k.is_floating_point() or not v.is_floating_point():
+                raise bad(f"layer {i} holds {k.dtype} tensors; keys and values are floating point")
+            if not bool(torch.isfinite(k).all()) or not bool(torch.isfinite(v).all()):
+                raise bad(f"layer {i} holds NaN or infinite keys/values")
+            if self.sink + self.window > k.shape[2]:
+                raise bad(f"sink ({self.sink}) + window ({self.window}) exceed the {k.shape[2]} slots of layer {i}")
+            if pos.shape != k.shape[:3]:
+                raise bad(f"layer {i}: positions of shape {tuple(pos.shape)} for keys of shape {tuple(k.shape)}")
+            if pos.numel() and (int(pos.max()) >= max(self.next_position, 1) or int(pos.min()) < -1):
+                raise bad(f"layer {i} has slot positions outside -1..next_position-1 ({self.next_position - 1})")
+
+
+def positions_for(start: int, length: int, like: torch.Tensor) -> torch.Tensor:
+    """``[batch, heads, length]`` positions ``start .. start+length-1`` for keys shaped like ``like``."""
+    batch, heads = like.shape[0], like.shape[1]
+    return torch.arange(start, start + length, device=like.device).expand(batch, heads, length).clone()
+
+
+def constant_positions(value: int, length: int, like: torch.Tensor) -> torch.Tensor:
+    """``[batch, heads, length]`` filled with ``value`` (``-1`` marks blended slots)."""
+    return torch.full((like.shape[0], like.shape[1], length), value, dtype=torch.long, device=like.device)
+
+
+def concat_layers(parts: Sequence[list[KV]]) -> list[KV]:
+    """Layer-wise concatenation along the slot axis (empty parts are skipped)."""
+    parts = [p for p in parts if p]
+    if not parts:
+        return []
+    return [
+        (torch.cat([p[i][0] for p in parts], dim=-2), torch.cat([p[i][1] for p in parts], dim=-2))
+        for i in range(len(parts[0]))
+    ]
+
+
+def concat_positions(parts: Sequence[list[torch.Tensor]]) -> list[torch.Tensor]:
+    parts = [p for p in parts if p]
+    if not parts:
+        return []
+    return [torch.cat([p[i] for p in parts], dim=-1) for i in range(len(parts[0]))]
+
+
+# ---------------------------------------------------------------- persistence
+
+
+def save_memory(memory: Memory, path: str | os.PathLike[str]) -> Path:
+    """Write ``memory`` to a safetensors file atomically (a crash never leaves a half-written file)."""
+    path = Path(path)
+    tensors = {}
+    for i, ((k, v), pos) in enumerate(zip(memory.layers, memory.positions, strict=True)):
+        tensors[f"layers.{i}.keys"] = k.detach().contiguous().cpu()
+        tensors[f"layers.{i}.values"] = v.detach().contiguous().cpu()
+        tensors[f"layers.{i}.positions"] = pos.contiguous().cpu()
+    for name, value in memory.state.items():
+        tensors[f"state.{name}"] = value.detach().contiguous().cpu()
+    metadata = {
+        "format": "ccmem.memory",
+        "format_version": FORMAT_VERSION,
+        "next_position": str(memory.next_position),
+        "sink": str(memory.sink),
+        "window": str(memory.window),
+        "meta": json.dumps(memory.meta, sort_keys=True),
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return path
+
+
+def _int_field(header: dict[str, Any], key: str, path: Path) -> int:
+    raw = header.get(key, "0")
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        raise MemoryMismatchError(f"memory {path}: {key}={raw!r} is not a whole number") from None
+
+
+def load_memory(
+    path: str | os.PathLike[str],
+    *,
+    expect: dict[str, str] | None = None,
+    shape: KVShape | None = None,
+    device: torch.device | str = "cpu",
+) -> Memory:
+    """Read and validate a memory; refuse it when any ``expect`` entry differs from what it was saved with."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no memory file at {path}")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            header: dict[str, Any] = f.metadata() or {}
+            if header.get("format") != "ccmem.memory":
+                raise MemoryMismatchError(f"{path} is not a ccmem memory file")
+            names = set(f.keys())
+            tensors = {name: f.get_tensor(name) for name in names}
+    except (OSError, ValueError, SafetensorError) as err:
+        if isinstance(err, MemoryMismatchError):
+            raise
+        raise MemoryMismatchError(f"{path} is not a readable safetensors memory file: {err}") from err
+    version = header.get("format_version")
+    if version != FORMAT_VERSION:
+        raise MemoryMismatchError(
+            f"memory {path} has format version {version!r}; this ccmem reads version {FORMAT_VERSION}. "
+            "Compress the context again to make a new memory file"
         )
+    try:
+        meta = json.loads(header.get("meta", "{}"))
+    except json.JSONDecodeError:
+        raise MemoryMismatchError(f"memory {path}: its metadata is not valid JSON") from None
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise MemoryMismatchError(f"memory {path}: its metadata must map names to strings")
+    for key, wanted in (expect or {}).items():
+        found = meta.get(key, "")  # a key older memories lack reads as empty, like stage1 on plain weights
+        if found != wanted:
+            raise MemoryMismatchError(
+                f"memory {path} was made with {key}={found!r}, but this model has {key}={wanted!r}; "
+                "load it with the same model, stage-1 LoRA, method and adapter that wrote it"
+            )
+    n_layers = len([n for n in names if n.startswith("layers.") and n.endswith(".keys")])
+    layers, positions = [], []
+    for i in range(n_layers):
+        missing = [
+            f"layers.{i}.{part}" for part in ("keys", "values", "positions") if f"layers.{i}.{part}" not in names
+        ]
+        if missing:
+            raise MemoryMismatchError(f"memory {path} is damaged: {missing[0]} is missing")
+        layers.append((tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"]))
+        positions.append(tensors[f"layers.{i}.positions"].long())
+    memory = Memory(
+        layers=layers,
+        positions=positions,
+        next_position=_int_field(header, "next_position", path),
+        sink=_int_field(header, "sink", path),
+        window=_int_field(header, "window", path),
+        meta=meta,
+        state={n.removeprefix("state."): t for n, t in tensors.items() if n.startswith("state.")},
+    )
+    memory.check(shape, where=f"memory {path}")
+    return memory

@@ -1,39 +1,90 @@
-"""Method name -> class. Everything else looks methods up here, so a new method is one file plus one line."""
+"""Method name -> class. Methods register themselves with :func:`register`; everything else looks them up here.
+
+A new method is one file in ``ccmem/methods/`` with ``@register`` on its dataclass, plus its import in
+``ccmem/methods/__init__.py`` and one line in the contract tests' case list (``tests/methods/cases.py``).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any
+import typing
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from ccmem.methods.base import Method
-from ccmem.methods.ccm import CCMConcat, CCMMerge
-from ccmem.methods.full import FullContext, NoContext
-from ccmem.methods.gist import Gist
+from ccmem.options import OptionError, coerce
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FullContext, NoContext, CCMConcat, CCMMerge, Gist)}
+if TYPE_CHECKING:
+    from ccmem.methods.base import Method
+
+M = TypeVar("M", bound="type[Method]")
+
+#: Every registered method, filled as ``ccmem.methods`` is imported (use :func:`method_classes`).
+METHODS: dict[str, type[Method]] = {}
 
 
 class UnknownMethodError(ValueError):
     """A method name that is not registered."""
 
 
+def register(cls: M) -> M:
+    """Class decorator: make a method dataclass available under its ``name``."""
+    from ccmem.methods.base import KINDS
+
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls.__name__} must be a dataclass (its fields are its options)")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__name__} needs a class attribute `name`")
+    if METHODS.get(name, cls) is not cls:
+        raise ValueError(f"method name {name!r} is taken by {METHODS[name].__name__}")
+    if cls.kind not in KINDS:
+        raise ValueError(f"{cls.__name__}.kind must be one of {KINDS}, got {cls.kind!r}")
+    METHODS[name] = cls
+    return cls
+
+
+def method_classes() -> dict[str, type[Method]]:
+    """Every registered method by name, baselines first, then learned, then training-free methods."""
+    import ccmem.methods  # noqa: F401 - importing the package registers the built-in methods
+    from ccmem.methods.base import KINDS
+
+    order = list(METHODS)
+    return dict(sorted(METHODS.items(), key=lambda item: (KINDS.index(item[1].kind), order.index(item[0]))))
+
+
 def method_names() -> list[str]:
-    return list(METHODS)
+    return list(method_classes())
 
 
-def get_method(name: str, **options: Any) -> Method:
-    """Instantiate method ``name`` with its hyper-parameters; unknown names list the valid ones."""
+def method_class(name: str) -> type[Method]:
+    """The class registered as ``name``; unknown names list the valid ones."""
+    methods = method_classes()
     try:
-        cls = METHODS[name]
+        return methods[name]
     except KeyError:
-        raise UnknownMethodError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}") from None
+        close = difflib.get_close_matches(name, list(methods), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UnknownMethodError(f"unknown method {name!r}{hint}; valid methods: {', '.join(methods)}") from None
+
+
+def check_options(name: str, options: dict[str, Any], *, prefix: str = "") -> dict[str, Any]:
+    """``options`` checked against method ``name``'s declared options: names (closest valid one suggested) and
+    types (lists become tuples where a tuple is declared); returns them converted."""
+    cls = method_class(name)
+    hints = typing.get_type_hints(cls)
     valid = [f.name for f in dataclasses.fields(cls)]
-    for key in options:
+    out = {}
+    for key, value in options.items():
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(
+            raise OptionError(
                 f"method {name!r} has no option {key!r}{hint}; its options are: {', '.join(valid) or 'none'}"
             )
-    return cls(**options)
+        out[key] = coerce(prefix + key, hints[key], value)
+    return out
+
+
+def get_method(name: str, **options: Any) -> Method:
+    """Instantiate method ``name`` with its options; unknown names and options are refused with the valid ones."""
+    return method_class(name)(**check_options(name, options))

@@ -44,15 +44,12 @@ def test_full_equals_transformers_generate_on_a_chat(smollm):
 def test_ccm_compresses_a_conversation_into_fewer_slots(smollm):
     full = ccmem.load(smollm, method="full")
     concat = ccmem.load(smollm, method="ccm-concat", n_tok=4)
-    try:
-        for session in (full, concat):
-            for i in range(3):
-                session.remember(f"Fact number {i}: the code word is alpha{i}.", "Noted.")
-        assert concat.memory.num_slots * 3 < full.memory.num_slots
-        assert concat.memory.nbytes * 3 < full.memory.nbytes
-        assert concat.generate("Say hello.", max_new_tokens=4)
-    finally:
-        concat.method.release(smollm)
+    for session in (full, concat):
+        for i in range(3):
+            session.remember(f"Fact number {i}: the code word is alpha{i}.", "Noted.")
+    assert concat.memory.num_slots * 3 < full.memory.num_slots
+    assert concat.memory.nbytes * 3 < full.memory.nbytes
+    assert concat.generate("Say hello.", max_new_tokens=4)
 
 
 def test_demo_command_runs_offline(tmp_path):
@@ -104,7 +101,7 @@ def test_shipped_concat_adapter_reads_held_out_facts_from_memory(smollm):
 
 @pytest.mark.parametrize("name", ["ccm-concat", "ccm-merge"])
 def test_parallel_equals_recurrent_on_smollm2(smollm, name):
-    from ccmem.methods.ccm import Sample
+    from ccmem.data.samples import Sample
     from tests.conftest import randomize_lora
     from tests.methods.test_ccm_equivalence import recurrent_logits
 
@@ -112,13 +109,9 @@ def test_parallel_equals_recurrent_on_smollm2(smollm, name):
     chunks = [tok.encode(t) for t in ("My dog is Biscuit.", "I live in Lisbon and work as a nurse.")]
     tail, sink = tok.encode("Where do I live?"), tok.encode("System: be brief.")
     method = ccmem.get_method(name, n_tok=4)
-    method.prepare(smollm)
-    try:
-        randomize_lora(method, scale=0.02)
-        batch = method.make_batch([Sample(chunks, tail, sink)])
-        with torch.no_grad():
-            parallel = method.parallel_forward(smollm, batch).logits[0, batch.tail_start[0] :]
-            _, recurrent, _ = recurrent_logits(smollm, method, chunks, tail, sink)
-        torch.testing.assert_close(parallel, recurrent, atol=2e-4, rtol=0)  # measured: 6e-5 on logits of ~30
-    finally:
-        method.release(smollm)
+    randomize_lora(method, smollm, scale=0.02)
+    batch = method.make_batch([Sample(chunks, tail, sink)])
+    with torch.no_grad():
+        parallel = method.parallel_forward(smollm, batch).logits[0, batch.tail_start[0] :]
+        _, recurrent, _ = recurrent_logits(smollm, method, chunks, tail, sink)
+    torch.testing.assert_close(parallel, recurrent, atol=2e-4, rtol=0)  # measured: 6e-5 on logits of ~30

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ccmem.data.samples import Sample
 from ccmem.methods.base import positions
-from ccmem.methods.ccm import Sample
 from ccmem.registry import get_method
-from tests.conftest import randomize_lora, tiny_model
+from tests.conftest import lora_pairs, randomize_lora, tiny_model
 
 SINK = [5, 6, 7]
 CHUNKS = [[10, 11, 12, 13], [20, 21, 22], [30, 31, 32, 33, 34]]
@@ -18,10 +18,15 @@ TOL = 1e-4
 
 def recurrent_logits(lm, method, chunks, tail, sink):
     """Compress chunk by chunk, then read the tail with the memory; logits of every chunk and of the tail."""
+    with method.attached(lm):
+        return _recurrent_logits(lm, method, chunks, tail, sink)
+
+
+def _recurrent_logits(lm, method, chunks, tail, sink):
     memory = method.add_sink(lm, method.new_memory(lm), torch.tensor([sink]))
     chunk_logits = []
     for chunk in chunks:
-        seen = memory if method.recurrent else memory.__class__(layers=memory.select(torch.arange(memory.sink)))
+        seen = memory if getattr(method, "recurrent", True) else memory.prefix(memory.sink)
         out = lm.model(
             input_ids=torch.tensor([chunk]),
             cache=seen.to_cache(),
@@ -44,8 +49,7 @@ def recurrent_logits(lm, method, chunks, tail, sink):
 def test_parallel_forward_equals_recurrent_inference(family, attn, name, recurrent):
     lm = tiny_model(family, attn)
     method = get_method(name, n_tok=2, recurrent=recurrent)
-    method.prepare(lm)
-    randomize_lora(method)
+    randomize_lora(method, lm)
     batch = method.make_batch([Sample(CHUNKS, TAIL, SINK)])
     with torch.no_grad():
         parallel = method.parallel_forward(lm, batch).logits[0]
@@ -66,15 +70,14 @@ def test_equivalence_is_not_vacuous():
     """The tail really reads compressed memory: its logits differ from full attention and from LoRA off."""
     lm = tiny_model("llama-gqa")
     method = get_method("ccm-concat", n_tok=2)
-    method.prepare(lm)
-    randomize_lora(method, scale=0.5)
+    randomize_lora(method, lm, scale=0.5)
     batch = method.make_batch([Sample(CHUNKS, TAIL, SINK)])
     start = batch.tail_start[0]
     with torch.no_grad():
         compressed = method.parallel_forward(lm, batch).logits[0, start:]
         full = lm.model(input_ids=torch.tensor([SINK + sum(CHUNKS, []) + TAIL])).logits[0, -len(TAIL) :]
-        for lora in method.loras.values():
-            lora.lora_B.zero_()
+        for pair in lora_pairs(method, lm):
+            pair.B.zero_()
         no_lora = method.parallel_forward(lm, batch).logits[0, start:]
     assert (compressed - full).abs().max() > 1e-3
     assert (compressed - no_lora).abs().max() > 1e-3
@@ -83,8 +86,7 @@ def test_equivalence_is_not_vacuous():
 def test_batched_parallel_forward_equals_unbatched():
     lm = tiny_model("llama-gqa")
     method = get_method("ccm-merge", n_tok=3)
-    method.prepare(lm)
-    randomize_lora(method)
+    randomize_lora(method, lm)
     samples = [Sample(CHUNKS, TAIL, SINK), Sample([[50, 51], [52, 53, 54, 55]], [60, 61, 62, 63], [])]
     with torch.no_grad():
         batched = method.parallel_forward(lm, method.make_batch(samples)).logits
@@ -98,8 +100,7 @@ def test_batched_parallel_forward_equals_unbatched():
 def test_gist_parallel_equals_recurrent():
     lm = tiny_model("qwen2")
     method = get_method("gist", n_tok=2)
-    method.prepare(lm)
-    randomize_lora(method)
+    randomize_lora(method, lm)
     batch = method.make_batch([Sample([sum(CHUNKS, [])], TAIL, SINK)])
     with torch.no_grad():
         parallel = method.parallel_forward(lm, batch).logits[0, batch.tail_start[0] :]
@@ -111,8 +112,7 @@ def test_gist_parallel_equals_recurrent():
 def test_parallel_loss_uses_only_answer_tokens_and_matches_full_logits():
     lm = tiny_model("llama-gqa")
     method = get_method("ccm-concat", n_tok=2)
-    method.prepare(lm)
-    randomize_lora(method)
+    randomize_lora(method, lm)
     samples = [Sample(CHUNKS, [*TAIL, 43, 44], SINK, answer_start=3), Sample([[50, 51]], [60, 61, 62], [], 1)]
     batch = method.make_batch(samples)
     labelled = (batch.labels != -100).nonzero().tolist()
@@ -120,7 +120,7 @@ def test_parallel_loss_uses_only_answer_tokens_and_matches_full_logits():
     assert all(i >= starts[b] and not batch.comp[b, i] for b, i in labelled)
     assert len(labelled) == 2 + 2  # [43, 44] and [61, 62]
     with torch.no_grad():
-        loss = method.parallel_loss(lm, batch)
+        loss = method.training_loss(lm, batch)
         logits = method.parallel_forward(lm, batch).logits
     expected = torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1), ignore_index=-100
@@ -133,17 +133,18 @@ def test_parallel_training_loss_and_gradients_equal_backprop_through_the_recurre
     """One masked forward trains exactly what compressing step by step would: same loss, same gradients."""
     lm = tiny_model("llama-gqa")
     method = get_method(name, n_tok=2)
-    method.prepare(lm)
-    randomize_lora(method)
+    randomize_lora(method, lm)
     sample = Sample(CHUNKS, TAIL, SINK, answer_start=2)
-    params = method.trainable_parameters()
+    params = list(method.module_for(lm).parameters())
+    for p in params:
+        p.requires_grad_(True)
 
     def grads(loss):
         # The last layer's q/o projections at <COMP> positions feed nothing the loss reads: zero (or no) gradient.
         got = torch.autograd.grad(loss, params, allow_unused=True)
         return [torch.zeros_like(p) if g is None else g for p, g in zip(params, got, strict=True)]
 
-    parallel = method.parallel_loss(lm, method.make_batch([sample]))
+    parallel = method.training_loss(lm, method.make_batch([sample]))
     parallel_grads = grads(parallel)
     recurrent = method.recurrent_loss(lm, sample)
     recurrent_grads = grads(recurrent)

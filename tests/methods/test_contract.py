@@ -1,102 +1,168 @@
-"""One contract, every registered method: a new method is tested the day it is added."""
+"""One contract, every registered method (driven by ``tests/methods/cases.py``): a method is tested the day it
+is added."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import ccmem
+from ccmem.adapter import save_adapter
 from ccmem.api import CompressedLM
+from ccmem.data.samples import Sample
 from ccmem.memory import Memory, MemoryMismatchError
-from ccmem.registry import METHODS, get_method
+from ccmem.registry import method_classes
 from tests.conftest import tiny_model
+from tests.methods.cases import CASES, CHUNKS, cases
 
-CONTEXT = [[10, 11, 12, 13, 14], [20, 21, 22, 23], [30, 31, 32]]
-
-
-def session(name: str, **options) -> CompressedLM:
-    lm = tiny_model()
-    return CompressedLM(lm, get_method(name, **options), system_prompt="sys")
+SYSTEM = "sys"
+SINK = len("System: sys\n")  # the tiny tokenizer: one token per character, plain "Role: text" format
+QUERY = [40, 41]
 
 
-@pytest.mark.parametrize("name", list(METHODS))
-def test_method_contract(name, tmp_path):
-    lm = session(name)
-    sink = lm.memory.num_slots
-    assert sink == len("sys\n") + len("System: ")  # the system prompt is the attention sink
-    slots = []
-    for chunk in CONTEXT:
+def session(case, lm=None, **kwargs) -> CompressedLM:
+    return CompressedLM(
+        lm or tiny_model(), ccmem.get_method(case.method, **case.options), system_prompt=SYSTEM, **kwargs
+    )
+
+
+def randomize_state(method, lm, seed=0) -> None:
+    """Non-trivial trained state, so that a test passing with an untrained (zero-update) adapter proves nothing."""
+    state = method.module_for(lm)
+    if state is None:
+        return
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in state.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.1)
+
+
+def test_every_registered_method_has_a_case():
+    assert {c.method for c in CASES} == set(method_classes())
+
+
+@pytest.mark.parametrize("case", cases())
+def test_add_changes_the_memory_as_declared_and_its_size_is_exact(case):
+    lm = session(case)
+    assert lm.memory.num_slots == SINK and lm.memory.segment_lengths()["sink"] == SINK
+    growth = []
+    for chunk in CHUNKS:
         lm.add_ids(chunk)
-        slots.append(lm.memory.num_slots)
-    assert lm.memory.nbytes == sum(k.numel() * 4 + v.numel() * 4 for k, v in lm.memory.layers)
-    answer = list(lm.stream_ids([40, 41], max_new_tokens=4, stop_ids=set()))
-    assert len(answer) == 4
-    # generating does not change memory
-    assert lm.memory.num_slots == slots[-1]
+        growth.append(lm.memory.num_slots - SINK)
+        memory = lm.memory
+        assert memory.nbytes == sum(k.numel() * 4 + v.numel() * 4 for k, v in memory.layers)
+        assert memory.slots_per_layer == [k.shape[-2] for k, _ in memory.layers]
+        assert sum(memory.segment_lengths().values()) == memory.num_slots
+        memory.check(lm.lm.kv_shape)  # positions, segments and shapes agree with the tensors
+    assert tuple(growth) == case.growth
 
+
+@pytest.mark.parametrize("case", cases())
+def test_generation_leaves_the_memory_and_a_saved_memory_answers_the_same(case, tmp_path):
+    lm = session(case)
+    randomize_state(lm.method, lm.lm)
+    for chunk in CHUNKS:
+        lm.add_ids(chunk)
+    before = lm.memory
+    answer = list(lm.stream_ids(QUERY, max_new_tokens=4, stop_ids=set()))
+    assert len(answer) == 4 and lm.memory is before
     path = lm.save_memory(tmp_path / "mem.safetensors")
-    again = list(lm.stream_ids([40, 41], max_new_tokens=4, stop_ids=set()))
     lm.reset()
     lm.load_memory(path)
-    assert list(lm.stream_ids([40, 41], max_new_tokens=4, stop_ids=set())) == again == answer
+    assert list(lm.stream_ids(QUERY, max_new_tokens=4, stop_ids=set())) == answer
+    assert lm.memory.num_slots == before.num_slots and lm.memory.next_position == before.next_position
 
 
-def test_slot_growth_per_method():
-    n_tok = 3
-    growth = {}
-    for name in METHODS:
-        lm = session(name, **({"n_tok": n_tok} if name.startswith(("ccm", "gist")) else {}))
-        start = lm.memory.num_slots
-        counts = []
-        for chunk in CONTEXT:
-            lm.add_ids(chunk)
-            counts.append(lm.memory.num_slots - start)
-        growth[name] = counts
-    assert growth["full"] == [5, 9, 12]
-    assert growth["none"] == [0, 0, 0]
-    assert growth["ccm-concat"] == [3, 6, 9]
-    assert growth["ccm-merge"] == [3, 3, 3]  # constant as turns grow
-    assert growth["gist"] == [3, 3, 3]
+@pytest.mark.parametrize("case", cases())
+def test_detaching_leaves_the_model_bit_identical(case):
+    lm = tiny_model()
+    ids = torch.tensor([[4, 5, 6, 7]])
+    with torch.no_grad():
+        before = lm.model(input_ids=ids).logits
+    s = session(case, lm)
+    randomize_state(s.method, lm)
+    for chunk in CHUNKS:
+        s.add_ids(chunk)
+    list(s.stream_ids(QUERY, max_new_tokens=3, stop_ids=set()))
+    s.score_ids(QUERY, [[50, 51], [52]])
+    with torch.no_grad():
+        after = lm.model(input_ids=ids).logits
+    assert torch.equal(before, after)
+    assert lm.model.config._attn_implementation == "sdpa"
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in lm.model.modules())
+
+
+@pytest.mark.parametrize("case", cases())
+def test_a_memory_from_another_method_or_model_is_refused(case, tmp_path):
+    s = session(case)
+    s.add_ids(CHUNKS[0])
+    path = s.save_memory(tmp_path / "m.safetensors")
+    other = next(c for c in CASES if c.method != case.method)
+    with pytest.raises(MemoryMismatchError, match=f"method='{case.method}'"):
+        session(other).load_memory(path)
+    with pytest.raises(MemoryMismatchError, match="model="):
+        CompressedLM(tiny_model("qwen2"), ccmem.get_method(case.method, **case.options)).load_memory(path)
+
+
+@pytest.mark.parametrize("case", cases(trainable=True))
+def test_trainable_methods_learn_and_their_saved_adapter_reloads_to_the_same_logits(case, tmp_path):
+    lm = tiny_model()
+    method = ccmem.get_method(case.method, **case.options)
+    state = method.module_for(lm)
+    state.requires_grad_(True)
+    batch = method.make_batch([Sample(CHUNKS, [40, 41, 42, 43], [5, 6], answer_start=1)] * 2)
+    optimizer = torch.optim.Adam(state.parameters(), lr=1e-2)
+    losses = []
+    with method.attached(lm):
+        for _ in range(8):
+            loss = method.training_loss(lm, batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0] - 0.1, losses
+    path = save_adapter(method, lm, tmp_path / "adapter.safetensors")
+
+    trained = CompressedLM(lm, method, system_prompt=SYSTEM)
+    reloaded = ccmem.load(tiny_model(), case.method, adapter=path, system_prompt=SYSTEM)
+    for s in (trained, reloaded):
+        for chunk in CHUNKS:
+            s.add_ids(chunk)
+    assert trained.score_ids(QUERY, [[50, 51]]) == pytest.approx(reloaded.score_ids(QUERY, [[50, 51]]), abs=1e-6)
+    for (k1, v1), (k2, v2) in zip(trained.memory.layers, reloaded.memory.layers, strict=True):
+        torch.testing.assert_close(k1, k2)
+        torch.testing.assert_close(v1, v2)
 
 
 def test_merge_memory_is_running_average_of_independent_compressions():
     """Non-recurrent merge = slot-wise mean of what non-recurrent concat stores per step."""
     lm = tiny_model()
-    concat = get_method("ccm-concat", n_tok=2, recurrent=False)
-    concat.prepare(lm)
-    mem_c = concat.new_memory(lm)
-    for chunk in CONTEXT:
-        mem_c = concat.add(lm, mem_c, torch.tensor([chunk]))
-    concat.release(lm)
-    merge = get_method("ccm-merge", n_tok=2, recurrent=False)
-    merge.prepare(lm)
-    merge.comp_embeddings.weight.data.copy_(concat.comp_embeddings.weight.data) if concat.comp_embeddings else None
-    mem_m = merge.new_memory(lm)
-    for chunk in CONTEXT:
-        mem_m = merge.add(lm, mem_m, torch.tensor([chunk]))
+    concat = ccmem.get_method("ccm-concat", n_tok=2, recurrent=False)
+    merge = ccmem.get_method("ccm-merge", n_tok=2, recurrent=False)
+    randomize_state(concat, lm)
+    merge.module_for(lm).load_state_dict(concat.module_for(lm).state_dict())
+    memories = []
+    for method in (concat, merge):
+        memory = method.new_memory(lm)
+        with method.attached(lm), torch.no_grad():
+            for chunk in CHUNKS:
+                memory = method.add(lm, memory, torch.tensor([chunk]))
+        memories.append(memory)
+    mem_c, mem_m = memories
     for (kc, vc), (km, vm) in zip(mem_c.layers, mem_m.layers, strict=True):
         torch.testing.assert_close(km, kc.reshape(1, kc.shape[1], 3, 2, -1).mean(2), atol=1e-5, rtol=0)
         torch.testing.assert_close(vm, vc.reshape(1, vc.shape[1], 3, 2, -1).mean(2), atol=1e-5, rtol=0)
-
-
-def test_memory_from_other_method_or_model_is_refused(tmp_path):
-    lm = session("ccm-concat")
-    lm.add_ids(CONTEXT[0])
-    path = lm.save_memory(tmp_path / "m.safetensors")
-    other = session("ccm-merge")
-    with pytest.raises(MemoryMismatchError, match="method='ccm-concat'"):
-        other.load_memory(path)
-    other_model = CompressedLM(tiny_model("qwen2"), get_method("ccm-concat"), system_prompt="sys")
-    with pytest.raises(MemoryMismatchError, match="model="):
-        other_model.load_memory(path)
+    assert (mem_m.positions[0] == -1).all()  # blended slots have no single position
 
 
 def test_memory_save_is_atomic_and_roundtrips(tmp_path):
     k = torch.randn(1, 2, 3, 4)
-    mem = Memory(layers=[(k, k + 1)], next_position=7, steps=2, sink=1, meta={"method": "x"})
+    pos = torch.arange(3).expand(1, 2, 3)
+    mem = Memory(layers=[(k, k + 1)], positions=[pos], next_position=7, sink=1, window=2, meta={"method": "x"})
     path = mem.save(tmp_path / "deep" / "m.safetensors")
     assert [p.name for p in path.parent.iterdir()] == ["m.safetensors"]  # no temporary left behind
     back = Memory.load(path, expect={"method": "x"})
-    assert (back.next_position, back.steps, back.sink, back.num_slots) == (7, 2, 1, 3)
+    assert (back.next_position, back.sink, back.window, back.num_slots) == (7, 1, 2, 3)
     torch.testing.assert_close(back.layers[0][1], k + 1)
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")
     with pytest.raises(MemoryMismatchError, match="not a readable"):
@@ -104,15 +170,16 @@ def test_memory_save_is_atomic_and_roundtrips(tmp_path):
 
 
 def test_memory_works_as_a_transformers_cache_in_generate():
-    lm = session("ccm-concat")
-    for chunk in CONTEXT:
+    lm = session(CASES[2])
+    for chunk in CHUNKS:
         lm.add_ids(chunk)
-    ours = list(lm.stream_ids([40, 41], max_new_tokens=5, stop_ids=set()))
-    out = lm.lm.model.generate(
-        **lm.memory.generate_inputs(torch.tensor([40, 41])),
-        max_new_tokens=5,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
+    ours = list(lm.stream_ids(QUERY, max_new_tokens=5, stop_ids=set()))
+    with lm.method.attached(lm.lm):
+        out = lm.lm.model.generate(
+            **lm.memory.generate_inputs(torch.tensor(QUERY)),
+            max_new_tokens=5,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
     assert out[0, -5:].tolist() == ours

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import ccmem
+from ccmem.adapter import AdapterMismatchError, read_adapter, save_adapter
 from ccmem.api import CompressedLM, ContextTooLongError
-from ccmem.methods.ccm import AdapterMismatchError
 from ccmem.registry import UnknownMethodError, get_method
 from tests.conftest import randomize_lora, tiny_model
 
@@ -39,62 +39,91 @@ def test_none_answers_as_if_there_were_no_context():
     assert list(with_context.stream_ids(query, 6, stop_ids=set())) == list(empty.stream_ids(query, 6, stop_ids=set()))
 
 
-def test_adapter_roundtrip_and_mismatch(tmp_path):
+def _state(method, lm):
+    return {k: v.clone() for k, v in method.module_for(lm).state_dict().items()}
+
+
+def test_adapter_roundtrip_fills_in_its_options_and_refuses_conflicts(tmp_path):
     lm = tiny_model()
-    method = get_method("ccm-concat", n_tok=2)
-    method.prepare(lm)
-    randomize_lora(method)
-    path = method.save_adapter(lm, tmp_path / "a.safetensors", extra={"steps": 3})
-    state = {k: v.clone() for k, v in method.adapter_state().items()}
+    method = get_method("ccm-concat", n_tok=2, recurrent=False, lora_rank=4)
+    randomize_lora(method, lm)
+    path = save_adapter(method, lm, tmp_path / "a.safetensors", extra={"steps": 3})
+    adapter = read_adapter(path)
+    assert adapter.options["n_tok"] == 2 and adapter.extra == {"steps": 3}
 
-    fresh = tiny_model()
-    loaded = get_method("ccm-concat", n_tok=2)
-    loaded.load_adapter(fresh, path)
-    for key, value in loaded.adapter_state().items():
-        torch.testing.assert_close(value, state[key])
-    assert loaded.adapter_hash != "untrained"
-
-    with pytest.raises(AdapterMismatchError, match="method='ccm-concat'"):
-        get_method("ccm-merge", n_tok=2).load_adapter(tiny_model(), path)
-    with pytest.raises(AdapterMismatchError, match="n_tok='2'"):
-        get_method("ccm-concat", n_tok=4).load_adapter(tiny_model(), path)
-    with pytest.raises(AdapterMismatchError, match="trained for 'tiny-llama-gqa'"):
-        get_method("ccm-concat", n_tok=2).load_adapter(tiny_model("qwen2"), path)
-    with pytest.raises(AdapterMismatchError, match="does not fit this model's layers"):
-        get_method("ccm-concat", n_tok=2, lora_targets=("q_proj",)).load_adapter(tiny_model(), path)
-    with pytest.raises(AdapterMismatchError, match=r"lora_alpha='16\.0'"):
-        get_method("ccm-concat", n_tok=2, lora_alpha=32.0).load_adapter(tiny_model(), path)
+    # No options given: the adapter's are used (n_tok, recurrent, rank), and its weights are loaded.
+    session = ccmem.load(tiny_model(), "ccm-concat", adapter=path, system_prompt=None)
+    assert (session.method.n_tok, session.method.recurrent, session.method.lora_rank) == (2, False, 4)
+    assert session.adapter_trained and session.method.adapter_hash == adapter.hash
+    for key, value in _state(method, lm).items():
+        torch.testing.assert_close(session.method.module_for(session.lm).state_dict()[key], value)
+    # Options that agree, or only change how it runs, are fine; a conflicting one is refused with both values.
+    ccmem.load(tiny_model(), "ccm-concat", adapter=path, n_tok=2, max_chunk_tokens=7)
+    with pytest.raises(AdapterMismatchError, match=r"trained with n_tok=2, but n_tok=4 was asked"):
+        ccmem.load(tiny_model(), "ccm-concat", adapter=path, n_tok=4)
+    with pytest.raises(AdapterMismatchError, match=r"trained with recurrent=False"):
+        ccmem.load(tiny_model(), "ccm-concat", adapter=path, recurrent=True)
+    with pytest.raises(AdapterMismatchError, match="trained for method 'ccm-concat', not 'ccm-merge'"):
+        ccmem.load(tiny_model(), "ccm-merge", adapter=path)
+    with pytest.raises(AdapterMismatchError, match="trained for 'tiny-llama-gqa', not for 'tiny-qwen2'"):
+        ccmem.load(tiny_model("qwen2"), "ccm-concat", adapter=path)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00" * 16)
     with pytest.raises(AdapterMismatchError, match="not a readable safetensors adapter"):
-        get_method("ccm-concat", n_tok=2).load_adapter(tiny_model(), junk)
+        ccmem.load(tiny_model(), "ccm-concat", adapter=junk)
+
+
+def test_the_shipped_adapters_in_the_old_format_still_load(tmp_path):
+    """Adapters written before the generic format (format version 1) are read through the method's converter."""
+    from safetensors.torch import save_file
+
+    lm = tiny_model()
+    method = get_method("ccm-merge", n_tok=2)
+    randomize_lora(method, lm)
+    state = method.module_for(lm).state_dict()
+    old = {"comp_embeddings": state["comp.weight"]}
+    for key, value in state.items():
+        if key.startswith("lora.pairs."):
+            path, part = key[len("lora.pairs.") :].rsplit(".", 1)
+            old[f"lora.{path.replace('/', '.')}.{part}"] = value
+    meta = {"format": "ccmem.adapter", "model": lm.fingerprint, "model_name": lm.name, "method": "ccm-merge",
+            "n_tok": "2", "recurrent": "True", "lora_rank": "8", "lora_alpha": "16.0", "stage1": ""}  # fmt: skip
+    save_file(old, str(tmp_path / "old.safetensors"), metadata=meta)
+    session = ccmem.load(tiny_model(), "ccm-merge", adapter=tmp_path / "old.safetensors")
+    assert session.method.n_tok == 2 and session.adapter_trained
+    for key, value in state.items():
+        torch.testing.assert_close(session.method.module_for(session.lm).state_dict()[key], value)
 
 
 def test_adapter_trained_on_other_layers_loads_without_naming_them(tmp_path):
     """An adapter trained with ``method.lora_targets=[...]`` (here MLP too) carries them: load() adapts those."""
     lm = tiny_model()
     method = get_method("ccm-concat", n_tok=2, lora_targets=("q_proj", "v_proj", "up_proj", "down_proj"))
-    method.prepare(lm)
-    randomize_lora(method)
-    path = method.save_adapter(lm, tmp_path / "mlp.safetensors")
-    session = ccmem.load(tiny_model(), method="ccm-concat", n_tok=2, adapter=path, system_prompt=None)
-    loaded = session.method.adapter_state()  # type: ignore[attr-defined]
-    assert loaded.keys() == method.adapter_state().keys()
-    assert any(".mlp.down_proj." in k for k in loaded)
-    for key, value in method.adapter_state().items():
-        torch.testing.assert_close(loaded[key], value)
+    randomize_lora(method, lm)
+    path = save_adapter(method, lm, tmp_path / "mlp.safetensors")
+    session = ccmem.load(tiny_model(), method="ccm-concat", adapter=path, system_prompt=None)
+    loaded = session.method.module_for(session.lm).state_dict()
+    assert loaded.keys() == method.module_for(lm).state_dict().keys()
+    assert any("mlp/down_proj" in k for k in loaded)
+    with pytest.raises(AdapterMismatchError, match="lora_targets"):
+        ccmem.load(tiny_model(), method="ccm-concat", adapter=path, lora_targets=["q_proj"])
 
 
-def test_load_with_adapter_marks_session_trained(tmp_path):
+def test_one_loaded_model_serves_several_methods_in_turn():
     lm = tiny_model()
-    method = get_method("ccm-merge", n_tok=2)
-    method.prepare(lm)
-    path = method.save_adapter(lm, tmp_path / "m.safetensors")
-    method.release(lm)
-    session = ccmem.load(lm, method="ccm-merge", n_tok=2, adapter=path, system_prompt=None)
-    assert session.adapter_trained
-    untrained = ccmem.load(tiny_model(), method="ccm-merge", n_tok=2, system_prompt=None)
-    assert not untrained.adapter_trained
+    ids = torch.tensor([[4, 5, 6]])
+    with torch.no_grad():
+        before = lm.model(input_ids=ids).logits
+    concat = ccmem.load(lm, method="ccm-concat", n_tok=2, system_prompt="s")
+    randomize_lora(concat.method, lm, 0.5)
+    merge = ccmem.load(concat.lm, method="ccm-merge", n_tok=2, system_prompt="s")  # was refused before
+    for session in (concat, merge, concat):
+        session.add_ids([7, 8, 9])
+        list(session.stream_ids([10], 2, stop_ids=set()))
+    sink = len("System: s\n")  # the tiny tokenizer has one token per character
+    assert concat.memory.num_slots == sink + 2 * 2 and merge.memory.num_slots == sink + 2  # concat added twice
+    with torch.no_grad():
+        assert torch.equal(lm.model(input_ids=ids).logits, before)
 
 
 @pytest.mark.parametrize(
@@ -102,10 +131,10 @@ def test_load_with_adapter_marks_session_trained(tmp_path):
     [
         (lambda: get_method("ccm-foo"), UnknownMethodError, "valid methods: full, none, ccm-concat"),
         (lambda: get_method("ccm-concat", n_tok=0), ValueError, "n_tok must be at least 1"),
-        (lambda: get_method("ccm-concat", ntok=2), ValueError, "its options are: n_tok"),
+        (lambda: get_method("ccm-concat", ntok=2), ValueError, r"no option 'ntok' \(did you mean 'n_tok'\?\)"),
         (lambda: ccmem.load("no-such-model"), ValueError, "Built-in models: smollm2-135m"),
         (
-            lambda: ccmem.load(tiny_model(), method="full", adapter="x.safetensors"),
+            lambda: ccmem.load(tiny_model(), method="none", adapter="x.safetensors"),
             ValueError,
             "takes no adapter",
         ),
@@ -131,7 +160,7 @@ def test_empty_input_and_too_long_context():
 
 
 def test_a_failed_add_leaves_memory_and_history_untouched():
-    session = CompressedLM(tiny_model(), get_method("ccm-concat", n_tok=2), system_prompt="sys", max_chunk_tokens=50)
+    session = CompressedLM(tiny_model(), get_method("ccm-concat", n_tok=2, max_chunk_tokens=50), system_prompt="sys")
     session.add([{"role": "user", "content": "hello"}])
     before_memory, before_history = session.memory, list(session.history)
     with pytest.raises(ContextTooLongError):
@@ -147,10 +176,10 @@ def test_none_takes_any_length_of_context():
 
 
 def test_long_input_is_chunked_for_ccm():
-    session = CompressedLM(tiny_model(), get_method("ccm-concat", n_tok=2), system_prompt=None, max_chunk_tokens=10)
+    session = CompressedLM(tiny_model(), get_method("ccm-concat", n_tok=2, max_chunk_tokens=10), system_prompt=None)
     session.add_ids(list(range(3, 28)))  # 25 tokens -> 3 chunks
-    assert session.memory.steps == 3
     assert session.memory.num_slots == 6
+    assert session.memory.next_position == 25 + 3 * 2
 
 
 def test_option_scores_are_the_log_likelihood_under_full_context():

@@ -11,10 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ccmem.adapter import AdapterMismatchError, read_adapter
 from ccmem.api import load
 from ccmem.memory import MemoryMismatchError
-from ccmem.methods.ccm import AdapterMismatchError
-from ccmem.stage1 import STAGE1_WEIGHTS
 from ccmem.train.config import ConfigError, load_config, preset_names
 from ccmem.train.trainer import train
 from tests.conftest import tiny_model
@@ -43,15 +42,30 @@ def test_presets_cover_the_recipe_and_overrides_are_typed_and_checked():
     assert {"persona-ccm-concat", "persona-ccm-merge", "persona-full"} <= set(preset_names())
     config = load_config("persona-ccm-merge", ["train.lr=1e-4", "method.n_tok=2", "method.lora_targets=[q_proj]"])
     assert (config.run_id, config.train.lr, config.method.n_tok) == ("persona-ccm-merge", 1e-4, 2)
-    assert config.method.lora_targets == ["q_proj"]
+    assert config.method.lora_targets == ("q_proj",)
     with pytest.raises(ConfigError, match=r"unknown config key 'train.learning_rate'; did you mean 'train.lr'"):
         load_config("persona-ccm-concat", ["train.learning_rate=1e-4"])
     with pytest.raises(ConfigError, match=r"method.n_tok must be int, got 'four'"):
         load_config(None, ["method.n_tok=four"])
     with pytest.raises(ConfigError, match="must look like key=value"):
         load_config(None, ["train.lr"])
-    with pytest.raises(ConfigError, match="cannot be trained"):
-        load_config(None, ["method.name=gist"])
+    with pytest.raises(ConfigError, match="cannot be trained; trainable methods: full, ccm-concat"):
+        load_config(None, ["method.name=none"])
+    # method.* keys are the method's own options: gist has no `recurrent`, full has no `n_tok`
+    assert load_config(None, ["method.name=gist", "method.n_tok=2"]).method.n_tok == 2
+    with pytest.raises(ConfigError, match="method 'full' has no option 'n_tok'"):
+        load_config(None, ["method.name=full", "method.n_tok=2"])
+    with pytest.raises(ConfigError, match=r"no option 'ntok' \(did you mean 'n_tok'\?\)"):
+        load_config(None, ["method.ntok=2"])
+    # Everything the real run would refuse is refused here too, before anything is written.
+    for bad, message in [
+        ("method.n_tok=0", "n_tok must be at least 1"),
+        ("train.lr=-1", "train.lr must be positive"),
+        ("data.dataset=nonsense", "unknown data.dataset 'nonsense'"),
+        ("train.scheduler=cosin", "train.scheduler must be one of"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config("persona-ccm-concat", [bad])
     with pytest.raises(ConfigError, match=r"multiple of train.eval_steps"):
         load_config(None, ["train.save_steps=30"])
     assert load_config(None, ["train.lr=1e-4"]).fingerprint() != load_config(None, []).fingerprint()
@@ -67,9 +81,9 @@ def test_train_writes_adapter_logs_and_small_checkpoints_and_the_adapter_loads(t
     assert '"eval_loss"' in logged and '"tokens_per_second"' in logged
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))  # `tensorboard --logdir runs/<run_id>`
     checkpoint = load_file(run / "checkpoint-4" / "model.safetensors")
-    assert all("lora" in k or k == "comp.weight" for k in checkpoint)  # trainable tensors only
+    assert all(k.startswith("method_state.") for k in checkpoint)  # trainable tensors only
     trained = load_file(result.output)
-    assert trained["comp_embeddings"].abs().sum() > 0
+    assert trained["comp.weight"].abs().sum() > 0
     assert any(v.abs().sum() > 0 for k, v in trained.items() if k.endswith(".B"))  # LoRA B starts at zero
     session = load(tiny_model(), "ccm-concat", adapter=result.output, system_prompt="Hi.")
     assert session.adapter_trained
@@ -108,9 +122,15 @@ def test_group_by_length_batches_similar_dialogs_and_keeps_older_hashes(tmp_path
     assert load_config("persona-ccm-concat", ["train.group_by_length=true"]).fingerprint() != config.fingerprint()
 
 
-def test_resume_with_a_changed_config_is_refused_with_the_difference(tmp_path):
+def test_a_finished_run_is_a_no_op_and_resume_with_a_changed_config_is_refused(tmp_path):
     config = _config(tmp_path, "train.max_steps=2")
     train(config, lm=tiny_model())
+    summary = (config.run_dir / "summary.json").read_text()
+    again = train(config, lm=tiny_model())
+    assert again.finished_before and again.steps == 2 and again.tokens == 0
+    assert (config.run_dir / "summary.json").read_text() == summary  # not rewritten, no step past max_steps
+    assert not (config.run_dir / "checkpoint-3").exists()
+    (config.run_dir / "summary.json").unlink()  # as if the session had ended before the run finished
     # A run made before train.group_by_length existed (its config.yaml lacks it) resumes with the default...
     saved = config.run_dir / "config.yaml"
     saved.write_text(saved.read_text().replace("  group_by_length: false\n", ""))
@@ -123,13 +143,21 @@ def test_resume_with_a_changed_config_is_refused_with_the_difference(tmp_path):
         train(_config(tmp_path, "train.max_steps=2", "train.lr=1e-3"), lm=tiny_model())
 
 
+def test_a_run_that_fails_before_training_does_not_block_its_run_id(tmp_path):
+    config = _config(tmp_path, "data.max_length=5")  # no sample fits: refused after the data is read
+    with pytest.raises(ConfigError, match="no train sample fits"):
+        train(config, lm=tiny_model())
+    assert not (config.run_dir / "config.yaml").exists()
+    assert train(_config(tmp_path, "train.max_steps=1", "train.eval_steps=1", "train.save_steps=1"), lm=tiny_model())
+
+
 def test_stage1_lora_then_stage2_on_top_and_load_path_for_another_model_is_refused(tmp_path):
     stage1 = train(_config(tmp_path, "train.max_steps=2", preset="persona-full"), lm=tiny_model())
-    assert stage1.output.name == STAGE1_WEIGHTS
+    assert read_adapter(stage1.output).method == "full"  # stage 1 is an ordinary adapter of `full`
     lm = tiny_model()
     before = lm.model.model.layers[0].self_attn.q_proj.weight.clone()
     stage2 = train(_config(tmp_path, "train.max_steps=2", f"load_path={stage1.run_dir}"), lm=lm)
-    assert not torch.equal(before, lm.model.model.layers[0].self_attn.q_proj.base.weight)
+    assert not torch.equal(before, lm.model.model.layers[0].self_attn.q_proj.weight)
     # The stage-2 adapter only makes sense on top of its stage-1 LoRA: refused without it, accepted with it.
     with pytest.raises(AdapterMismatchError, match="trained on top of stage-1 LoRA"):
         load(tiny_model(), "ccm-concat", adapter=stage2.output)

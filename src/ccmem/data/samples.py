@@ -1,11 +1,31 @@
-"""Turn a chat (context turns, a question, its answer) into a parallel-training :class:`Sample`."""
+"""The training record every method lays out (:class:`Sample`), and how a chat becomes one."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from ccmem.chat import ChatFormat, Message
-from ccmem.methods.ccm import Sample
+
+
+@dataclass
+class Sample:
+    """One interaction as token ids: ``[sink][c1]...[ck][tail]``.
+
+    ``chunks`` are the context segments (turns, demonstrations), compressed one step each by recurrent
+    methods; ``tail[answer_start:]`` are the tokens trained on (the answer); everything before them (sink,
+    context, the question) is read but never a label.
+    """
+
+    chunks: list[list[int]]
+    tail: list[int]
+    sink: list[int] = field(default_factory=list)
+    answer_start: int = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        """Every token in reading order (what full attention reads)."""
+        return [*self.sink, *(t for c in self.chunks for t in c), *self.tail]
 
 
 def chat_sample(

@@ -1,34 +1,196 @@
-"""The contract every method follows, and the forward helpers they share."""
+"""The contract every method follows, and the forward helpers they share.
+
+A method is a dataclass whose fields are its options (the single place they are declared: the training
+config, ``ccmem eval -O``, adapter files and ``ccmem methods`` all read them from here). The harness never
+asks which method it holds; it reads capability flags (:attr:`Method.trainable`, :attr:`Method.needs_adapter`,
+:attr:`Method.uses_positions`, ...) and calls the hooks below.
+
+Life of a method on a model::
+
+    method = get_method("ccm-concat", n_tok=4)
+    with method.attached(lm):                        # adds its hooks/modules to the model for this scope only
+        memory = method.add_sink(lm, method.new_memory(lm), system_ids)
+        memory = method.add(lm, memory, context_ids) # the method cuts the context as it needs
+    # the model is exactly as it was before
+
+Trainable state (embeddings, LoRA, an encoder, a classifier head) is one ``nn.Module``, built for a model
+by :meth:`Method.build` and reached through :meth:`Method.module_for`; the trainer and the adapter files
+handle it without knowing what is inside.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+import weakref
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from ccmem.data.samples import Sample
 from ccmem.loading import LoadedModel
-from ccmem.memory import Memory
+from ccmem.memory import Memory, concat_layers, concat_positions, positions_for
+from ccmem.options import type_name
+
+#: The model each method is attached to right now (weak: a dropped model is forgotten).
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, Method] = weakref.WeakKeyDictionary()
+
+KINDS = ("baseline", "learned", "training-free")
+
+
+def option(default: Any, help: str, **kwargs: Any) -> Any:
+    """A method option: a dataclass field with a default and the one-line help ``ccmem methods`` prints."""
+    if isinstance(default, list | dict | set):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One option of a method, as ``ccmem methods``, ``--show-keys`` and the CLI present it."""
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+
+    @property
+    def type_name(self) -> str:
+        return type_name(self.type)
+
+
+@dataclass
+class DecodeState:
+    """What the generation loop holds while it decodes; a method's :meth:`Method.decode_step` may change it.
+
+    ``cache`` holds the memory's keys/values followed by those of the query and of the tokens generated so
+    far; ``position`` is the position id the next token will get; ``tokens`` the ids generated so far.
+    A method may evict entries from ``cache`` or replace it, but must keep ``position`` consistent.
+    """
+
+    cache: Any
+    position: int
+    memory: Memory
+    tokens: list[int]
 
 
 @dataclass
 class Method(ABC):
     """A way to keep context: ``add`` folds new context tokens into a :class:`Memory`.
 
-    Subclasses are dataclasses whose fields are their hyper-parameters; ``name`` is the registry key.
-    ``prepare`` attaches whatever the method needs to the model (adapters, attention hooks) once.
+    Subclasses are dataclasses whose fields are their options (declared with :func:`option`), registered
+    under :attr:`name` with :func:`ccmem.registry.register`.
     """
 
     name: ClassVar[str]
-    #: True where ``add`` uses trained parameters (an adapter); the harness says when they are untrained.
+    #: ``baseline`` (full, none), ``learned`` (trained compression) or ``training-free`` (KV eviction).
+    kind: ClassVar[str] = "baseline"
+    #: The paper the method comes from (``ccmem methods`` prints it).
+    paper: ClassVar[str] = ""
+    #: The method has trainable state and a training loss (``ccmem train`` accepts it).
+    trainable: ClassVar[bool] = False
+    #: ``add`` uses trained parameters: without an adapter the method runs untrained, and the harness says so.
     needs_adapter: ClassVar[bool] = False
     #: False where added context does not use up positions (``none``), so no length limit applies to it.
     uses_positions: ClassVar[bool] = True
+    #: The method reads attention scores (through :mod:`ccmem.patching`) to decide what to keep.
+    needs_attention: ClassVar[bool] = False
+    #: The method keeps a memory budget (``ratio`` of the context, or ``max_slots``).
+    budgeted: ClassVar[bool] = False
+    #: Options an adapter may have been trained with other values of, without its weights meaning something else.
+    runtime_options: ClassVar[frozenset[str]] = frozenset()
 
-    def prepare(self, lm: LoadedModel) -> None:  # noqa: B027 - optional hook
-        """Attach modules or hooks to the model (called once per model)."""
+    def __post_init__(self) -> None:
+        self.check_options()
+        self._module: nn.Module | None = None
+        self._built_for: str | None = None
+        #: Hash of the adapter file loaded into :meth:`module_for` ("untrained" until one is).
+        self.adapter_hash = "untrained"
+
+    # ------------------------------------------------------------------ options
+
+    def check_options(self) -> None:  # noqa: B027 - optional hook
+        """Raise ``ValueError`` naming an option whose value cannot work (called on construction)."""
+
+    def options(self) -> dict[str, Any]:
+        """Every option and its value."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def option_specs(cls) -> list[OptionSpec]:
+        """The options this method declares, with types, defaults and help."""
+        hints = typing.get_type_hints(cls)
+        specs = []
+        for f in dataclasses.fields(cls):
+            factory: Any = f.default_factory
+            default = f.default if f.default is not dataclasses.MISSING else factory()
+            specs.append(OptionSpec(f.name, hints[f.name], default, f.metadata.get("help", "")))
+        return specs
+
+    @classmethod
+    def summary(cls) -> str:
+        """The first line of the docstring."""
+        return (cls.__doc__ or "").strip().splitlines()[0]
+
+    # ------------------------------------------------------------------ trainable state
+
+    def build(self, lm: LoadedModel) -> nn.Module | None:
+        """Create this method's trainable state for ``lm`` (``None``: nothing to train)."""
+        return None
+
+    def module_for(self, lm: LoadedModel) -> nn.Module | None:
+        """The trainable state for ``lm``, built on first use; one method instance serves one model."""
+        if self._built_for is None:
+            self._module = self.build(lm)
+            if self._module is not None:
+                self._module.requires_grad_(False)  # a training recipe turns gradients on for what it trains
+            self._built_for = lm.fingerprint
+        elif self._built_for != lm.fingerprint:
+            raise ValueError(
+                f"this {self.name} method was set up for another model; create a new one with get_method({self.name!r})"
+            )
+        return self._module
+
+    @classmethod
+    def legacy_adapter(
+        cls, state: dict[str, torch.Tensor], meta: dict[str, str]
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Options and tensors of an adapter file from before the generic format (methods that wrote one)."""
+        raise NotImplementedError(f"{cls.name} adapters were never written in the old format")
+
+    # ------------------------------------------------------------------ attach / detach
+
+    @contextmanager
+    def attached(self, lm: LoadedModel) -> Iterator[None]:
+        """Attach to ``lm`` for the scope of the ``with`` block, then leave the model exactly as it was.
+
+        Re-entrant for the same method; another method attached to the same model at the same time is refused.
+        """
+        model = lm.model
+        current = _ATTACHED.get(model)
+        if current is self:
+            yield
+            return
+        if current is not None:
+            raise RuntimeError(
+                f"the model is in use by method {current.name!r}; finish that call before using {self.name!r} "
+                "(methods share a model one after another, not at the same time)"
+            )
+        with ExitStack() as stack:
+            _ATTACHED[model] = self
+            stack.callback(_ATTACHED.pop, model, None)
+            self.install(lm, stack)
+            yield
+
+    def install(self, lm: LoadedModel, stack: ExitStack) -> None:  # noqa: B027 - optional hook
+        """Add hooks/attention functions to the model, registering their removal on ``stack``."""
+
+    # ------------------------------------------------------------------ memory
 
     def new_memory(self, lm: LoadedModel) -> Memory:
         """An empty memory for this model."""
@@ -37,34 +199,50 @@ class Method(ABC):
     def memory_meta(self, lm: LoadedModel) -> dict[str, str]:
         """Identity stamped into memories, checked when they are loaded again (a memory made on weights with a
         stage-1 LoRA merged in means something else to the plain model)."""
-        return {"model": lm.fingerprint, "stage1": lm.stage1 or "", "method": self.name, **self.config_meta()}
+        meta = {"model": lm.fingerprint, "stage1": lm.stage1 or "", "method": self.name}
+        meaning = {k: str(v) for k, v in self.options().items() if k not in self.runtime_options}
+        if self.trainable:
+            meaning["adapter"] = self.adapter_hash
+        return meta | meaning
 
-    def config_meta(self) -> dict[str, str]:
-        """Hyper-parameters that change what a memory means."""
-        return {}
+    def positions_needed(self, memory: Memory, n_tokens: int) -> int:
+        """Position ids that adding ``n_tokens`` of context to ``memory`` uses up (checked against the model's
+        limit before any work is done)."""
+        return n_tokens if self.uses_positions else 0
 
     def add_sink(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
         """Keep ``ids`` (a system prompt, BOS) uncompressed at the front of the memory."""
-        if memory.steps or memory.num_slots != memory.sink:
+        if memory.num_slots != memory.sink:
             raise ValueError("the attention sink must be added before any other context")
-        cache = memory.to_cache()
-        run_decoder(lm, ids, cache, memory.next_position)
-        return updated_memory(memory, Memory.layers_of(cache), sink=memory.sink + ids.shape[-1], advance=ids.shape[-1])
+        layers, positions = read_raw(lm, memory, ids)
+        return memory.with_layers(layers, positions, advance=ids.shape[-1], sink=memory.sink + ids.shape[-1])
 
     @abstractmethod
     def add(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
-        """Fold the context tokens ``ids`` (shape ``[1, n]``) into ``memory``; return the new memory."""
+        """Fold the context tokens ``ids`` (shape ``[1, n]``) into ``memory``; return the new memory.
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Parameters a training recipe should update (none for training-free methods)."""
-        return []
+        How the context is cut (chunks, spans, a budget) is the method's decision.
+        """
 
-    # Training: ``make_batch`` lays samples out, ``training_loss`` is the loss of one batch.
-    def make_batch(self, samples: list[Any], pad_id: int = 0) -> Any:
-        raise NotImplementedError(f"method {self.name!r} cannot be trained; train full, ccm-concat or ccm-merge")
+    def decode_step(self, lm: LoadedModel, state: DecodeState) -> None:  # noqa: B027 - optional hook
+        """Called by the generation loop after every generated token (evict, compress a finished segment...)."""
+
+    # ------------------------------------------------------------------ training
+
+    def sample_length(self, sample: Sample) -> int:
+        """Tokens the sample takes once laid out for training (``data.max_length`` is checked against it)."""
+        return len(sample.sink) + sum(len(c) for c in sample.chunks) + len(sample.tail)
+
+    def make_batch(self, samples: list[Sample], pad_id: int = 0) -> Any:
+        """Lay a batch of samples out for :meth:`training_loss`."""
+        raise NotImplementedError(f"method {self.name!r} cannot be trained")
 
     def training_loss(self, lm: LoadedModel, batch: Any) -> torch.Tensor:
-        raise NotImplementedError(f"method {self.name!r} cannot be trained; train full, ccm-concat or ccm-merge")
+        """Mean loss of one batch from :meth:`make_batch` (called while attached)."""
+        raise NotImplementedError(f"method {self.name!r} cannot be trained")
+
+
+# ---------------------------------------------------------------------------- helpers shared by methods
 
 
 def answer_loss(lm: LoadedModel, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -82,26 +260,6 @@ def answer_loss(lm: LoadedModel, hidden: torch.Tensor, labels: torch.Tensor) -> 
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return nn.functional.cross_entropy(logits, labels[keep])
-
-
-def updated_memory(
-    memory: Memory,
-    layers: list[tuple[torch.Tensor, torch.Tensor]],
-    *,
-    advance: int = 0,
-    steps: int | None = None,
-    sink: int | None = None,
-    context_ids: torch.Tensor | None = None,
-) -> Memory:
-    """A new memory holding ``layers``, with positions moved on by ``advance`` tokens."""
-    return Memory(
-        layers=layers,
-        next_position=memory.next_position + advance,
-        steps=memory.steps if steps is None else steps,
-        sink=memory.sink if sink is None else sink,
-        meta=dict(memory.meta),
-        context_ids=memory.context_ids if context_ids is None else context_ids,
-    )
 
 
 def positions(start: int, length: int, device: torch.device) -> torch.Tensor:
@@ -128,3 +286,26 @@ def run_decoder(
         use_cache=True,
         **kwargs,
     )
+
+
+def read_raw(lm: LoadedModel, memory: Memory, ids: torch.Tensor, **kwargs: Any) -> tuple[list, list[torch.Tensor]]:
+    """Read ``ids`` with ``memory``; every layer's keys/values and positions, the new tokens' appended."""
+    cache = memory.to_cache()
+    run_decoder(lm, ids, cache, memory.next_position, **kwargs)
+    layers = Memory.layers_of(cache)
+    new = [positions_for(memory.next_position, ids.shape[-1], k) for k, _ in layers]
+    return layers, concat_positions([memory.positions, new])
+
+
+__all__ = [
+    "KINDS",
+    "DecodeState",
+    "Method",
+    "OptionSpec",
+    "answer_loss",
+    "concat_layers",
+    "option",
+    "positions",
+    "read_raw",
+    "run_decoder",
+]

@@ -1,15 +1,23 @@
-"""The two reference points of every report: the whole context, and no context at all."""
+"""The two reference points of every report: the whole context, and no context at all.
+
+``full`` can also be finetuned (stage 1 of the CCM recipe): an always-on LoRA trained with full attention,
+saved as an ordinary adapter; ``ccmem.load(..., stage1=RUN)`` and ``load_path=RUN`` merge it into the weights.
+"""
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar, cast
 
 import torch
 
+from ccmem.data.samples import Sample
 from ccmem.loading import LoadedModel
 from ccmem.memory import Memory
-from ccmem.methods.base import Method, answer_loss, run_decoder, updated_memory
+from ccmem.methods.base import Method, answer_loss, option, read_raw
+from ccmem.modules import LoRASet, default_targets
+from ccmem.registry import register
 
 
 @dataclass
@@ -21,20 +29,46 @@ class FlatBatch:
     attention_mask: torch.Tensor
 
 
+@register
 @dataclass
 class FullContext(Method):
     """Keep every context token in the key/value cache (the upper bound on quality and on memory)."""
 
-    name = "full"
+    name: ClassVar[str] = "full"
+    trainable: ClassVar[bool] = True
+    runtime_options: ClassVar[frozenset[str]] = frozenset({"lora_dropout"})
+
+    lora_rank: int = option(8, "rank of the LoRA finetuned with full attention (stage 1)")
+    lora_alpha: float = option(16.0, "LoRA scale numerator (the update is scaled by alpha / rank)")
+    lora_dropout: float = option(0.0, "dropout on the LoRA input during training")
+    lora_targets: tuple[str, ...] | None = option(
+        None, "linear layers the LoRA adapts (default: the model family's attention projections)"
+    )
+
+    def check_options(self) -> None:
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be at least 1 (got {self.lora_rank})")
+        if self.lora_targets is not None:
+            self.lora_targets = tuple(self.lora_targets)
+
+    def build(self, lm: LoadedModel) -> LoRASet:
+        targets = self.lora_targets or default_targets(lm.model)
+        return LoRASet(lm.model.base_model, targets, self.lora_rank, self.lora_alpha, self.lora_dropout)
+
+    def install(self, lm: LoadedModel, stack: ExitStack) -> None:
+        lora = cast(LoRASet, self.module_for(lm))
+        if self.adapter_hash == "untrained" and not any(p.requires_grad for p in lora.parameters()):
+            return  # neither loaded nor being trained: B is zero, so skip the hooks' cost (the plain model)
+        for handle in lora.attach(lm.model.base_model, gate=None):
+            stack.callback(handle.remove)
 
     def add(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
-        cache = memory.to_cache()
-        run_decoder(lm, ids, cache, memory.next_position)
-        return updated_memory(memory, Memory.layers_of(cache), steps=memory.steps + 1, advance=ids.shape[-1])
+        layers, positions = read_raw(lm, memory, ids)
+        return memory.with_layers(layers, positions, advance=ids.shape[-1], window=memory.window + ids.shape[-1])
 
-    def make_batch(self, samples: list[Any], pad_id: int = 0) -> FlatBatch:
+    def make_batch(self, samples: list[Sample], pad_id: int = 0) -> FlatBatch:
         """Each sample as ``[sink][c1]...[ck][tail]`` read with ordinary causal attention (stage-1 finetuning)."""
-        rows = [[*s.sink, *(t for c in s.chunks for t in c), *s.tail] for s in samples]
+        rows = [s.tokens for s in samples]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         labels = torch.full_like(ids, -100)
@@ -47,18 +81,22 @@ class FullContext(Method):
         return FlatBatch(ids, labels, mask)
 
     def training_loss(self, lm: LoadedModel, batch: FlatBatch) -> torch.Tensor:
-        hidden = lm.model.base_model(
-            input_ids=batch.input_ids.to(lm.device), attention_mask=batch.attention_mask.to(lm.device), use_cache=False
-        ).last_hidden_state
-        return answer_loss(lm, hidden, batch.labels)
+        with self.attached(lm):
+            hidden = lm.model.base_model(
+                input_ids=batch.input_ids.to(lm.device),
+                attention_mask=batch.attention_mask.to(lm.device),
+                use_cache=False,
+            ).last_hidden_state
+            return answer_loss(lm, hidden, batch.labels)
 
 
+@register
 @dataclass
 class NoContext(Method):
     """Drop the context (keep only the attention sink): the lower bound every compression must beat."""
 
-    name = "none"
-    uses_positions = False
+    name: ClassVar[str] = "none"
+    uses_positions: ClassVar[bool] = False
 
     def add(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
         # Positions do not advance either: the model sees the query as if the context never happened.

@@ -1,8 +1,10 @@
 """Gisting (Mu et al., NeurIPS 2023, arXiv:2304.08467): the whole context compressed once into gist tokens.
 
 The baseline CCM builds on: one <COMP> block after the *entire* context, no recurrence. In a growing
-interaction each ``add`` therefore recompresses everything seen so far (kept as ``Memory.context_ids``),
-which costs a pass over the whole history per turn but keeps memory at ``n_tok`` slots.
+interaction each ``add`` therefore recompresses everything seen so far (kept in ``Memory.state`` as
+``context_ids``, which is not key/value memory), which costs a pass over the whole history per turn but keeps
+memory at ``n_tok`` slots. Trained with the same recipe as CCM (the reference's ``comp_type fixed``): the
+parallel layout is CCM's with the whole context as one chunk.
 """
 
 from __future__ import annotations
@@ -12,23 +14,44 @@ from typing import ClassVar
 
 import torch
 
+from ccmem.data.samples import Sample
 from ccmem.loading import LoadedModel
-from ccmem.memory import Memory
-from ccmem.methods.base import updated_memory
-from ccmem.methods.ccm import CCM, appended
+from ccmem.memory import Memory, concat_layers, concat_positions
+from ccmem.methods.ccm import CompTokens, ParallelBatch, lay_out
+from ccmem.registry import register
 
 
+@register
 @dataclass
-class Gist(CCM):
+class Gist(CompTokens):
     """Gist tokens: ``n_tok`` <COMP> slots summarising the whole context at once."""
 
     name: ClassVar[str] = "gist"
-    update: ClassVar[str] = "concat"
+    paper: ClassVar[str] = "Mu et al., Learning to Compress Prompts with Gist Tokens, NeurIPS 2023"
+
+    def positions_needed(self, memory: Memory, n_tokens: int) -> int:
+        # The context restarts right after the sink each time; only the first add places the gist tokens.
+        return n_tokens + (0 if "context_ids" in memory.state else self.n_tok)
 
     def add(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
-        context = ids if memory.context_ids is None else torch.cat([memory.context_ids, ids], dim=-1)
-        sink = torch.arange(memory.sink, device=lm.device)
-        # The sink occupies positions 0..sink-1, so the context always restarts right after it.
-        base = Memory(layers=memory.select(sink), next_position=memory.sink, sink=memory.sink, meta=memory.meta)
-        layers = appended(base, self.compress_step(lm, base, context))
-        return updated_memory(base, layers, steps=1, advance=context.shape[-1] + self.n_tok, context_ids=context)
+        previous = memory.state.get("context_ids")
+        context = ids if previous is None else torch.cat([previous.to(ids.device), ids], dim=-1)
+        base = memory.prefix(memory.sink)
+        # The sink occupies positions 0..sink-1, so the context always starts right after it.
+        start = memory.sink
+        comp = self.compress_step(lm, base, context, start)
+        layers = concat_layers([base.layers, comp])
+        positions = concat_positions([base.positions, self.comp_positions(comp, start + context.shape[-1])])
+        return base.with_layers(
+            layers,
+            positions,
+            next_position=start + context.shape[-1] + self.n_tok,
+            state={"context_ids": context},
+        )
+
+    def lay_out(self, samples: list[Sample], pad_id: int) -> ParallelBatch:
+        whole = [Sample([[t for c in s.chunks for t in c]], s.tail, s.sink, s.answer_start) for s in samples]
+        return lay_out(whole, pad_id, n_tok=self.n_tok, update="concat", recurrent=True)
+
+    def sample_length(self, sample: Sample) -> int:
+        return len(sample.tokens) + self.n_tok

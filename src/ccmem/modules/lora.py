@@ -1,24 +1,48 @@
-"""Token-gated ("conditional") LoRA: ``W x + g ⊙ (B A x)·scale`` with ``g`` = 1 only at <COMP> positions.
+"""LoRA applied through forward hooks: ``W x + g ⊙ (B A x)·scale``, optionally gated per token.
 
-CCM trains a LoRA that is active only while the model writes memory, so the base model's behaviour on
-every other token is untouched (CCM, section 3.2). peft's LoRA applies to every token and its activated
-LoRA gates on an invocation *sequence*, not on arbitrary positions, so the gate lives here.
+CCM trains a LoRA that is active only while the model writes memory ("conditional LoRA", CCM section 3.2):
+``g`` is 1 at <COMP> positions and 0 elsewhere, so the base model's behaviour on every other token is
+untouched. peft's LoRA applies to every token and its activated LoRA gates on an invocation *sequence*,
+not on arbitrary positions, so the gate lives here. With no gate (``gate=None``) the LoRA is an ordinary,
+always-on one (stage 1 of the CCM recipe).
 
-The gate is shared state read by every wrapped layer. :meth:`LoRAGate.install` sets it at the start of
-every decoder forward from the ``ccm_comp_mask`` keyword (absent: off), and leaves it set afterwards:
-gradient checkpointing recomputes the layers during backward, and they must see the same gate again.
-Passing the mask as a forward keyword also lets a HF Trainer batch carry it like any other input.
+The LoRA weights live in a :class:`LoRASet` (an ``nn.Module`` that a method owns); the model is never
+rewritten. :meth:`LoRASet.attach` adds a forward hook to each target linear layer and returns the handles;
+removing them leaves the model exactly as it was.
+
+The gate is shared state read by every hooked layer. :meth:`LoRAGate.install` sets it at the start of every
+decoder forward from the ``ccm_comp_mask`` keyword (absent: off), and leaves it set afterwards: gradient
+checkpointing recomputes the layers during backward, and they must see the same gate again. Passing the mask
+as a forward keyword also lets a HF Trainer batch carry it like any other input.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, cast
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 GATE_KWARG = "ccm_comp_mask"
+
+#: LoRA targets (attention projections) by model family; anything else uses the LLaMA names.
+LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "gpt_neox": ("query_key_value", "dense"),
+}
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def default_targets(model: nn.Module) -> tuple[str, ...]:
+    """The attention projections of ``model``'s family."""
+    config = model.config.get_text_config()  # type: ignore[union-attr,operator]
+    return LORA_TARGETS.get(config.model_type, DEFAULT_LORA_TARGETS)
+
+
+def _key(path: str) -> str:
+    return path.replace(".", "/")  # module paths hold dots, which nn.Module attribute names may not
 
 
 class LoRAGate:
@@ -30,7 +54,7 @@ class LoRAGate:
     def set(self, comp_mask: torch.Tensor | None) -> None:
         self.value = comp_mask if comp_mask is not None and bool(comp_mask.any()) else None
 
-    def install(self, decoder: nn.Module) -> torch.utils.hooks.RemovableHandle:
+    def install(self, decoder: nn.Module) -> RemovableHandle:
         """Set the gate from each ``decoder(..., ccm_comp_mask=...)`` call; a call without it turns LoRA off."""
 
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -40,35 +64,87 @@ class LoRAGate:
         return decoder.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-class GatedLoRALinear(nn.Module):
-    """Wraps a frozen ``nn.Linear``; adds the low-rank update only where the gate is on."""
+class LoRAPair(nn.Module):
+    """The low-rank update ``(B A x)·scale`` of one linear layer (B starts at zero: no change until trained)."""
 
-    def __init__(self, base: nn.Linear, gate: LoRAGate, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0):
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dtype: torch.dtype):
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be at least 1, got {rank}")
-        self.base = base
-        self.gate = gate
-        self.rank = rank
         self.scale = alpha / rank
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=base.weight.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-    @property
-    def weight(self) -> torch.Tensor:  # some model code reads ``proj.weight.dtype``
-        return self.base.weight
+        self.A = nn.Parameter(torch.empty(rank, in_features, dtype=dtype))
+        self.B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        gate = self.gate.value
-        if gate is None:
-            return out
-        if gate.shape != x.shape[:-1]:
-            raise RuntimeError(
-                f"LoRA gate of shape {tuple(gate.shape)} does not match the input {tuple(x.shape[:-1])}; "
-                "set the gate for the sequence being run"
+        return (x @ self.A.t().to(x.dtype)) @ self.B.t().to(x.dtype) * self.scale
+
+
+class LoRASet(nn.Module):
+    """LoRA pairs for the linear layers of ``model`` whose attribute name is in ``targets``.
+
+    ``paths`` lists the adapted layers (module paths inside the model); the pairs are keyed by them.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        targets: Iterable[str],
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        targets = tuple(targets)
+        self.pairs = nn.ModuleDict()
+        self.paths: list[str] = []
+        for path, module in model.named_modules():
+            if path.rpartition(".")[2] in targets and isinstance(module, nn.Linear):
+                pair = LoRAPair(module.in_features, module.out_features, rank, alpha, module.weight.dtype)
+                self.pairs[_key(path)] = pair.to(module.weight.device)
+                self.paths.append(path)
+        if not self.paths:
+            model_type = getattr(model.config.get_text_config(), "model_type", "?")  # type: ignore[union-attr,operator]
+            raise ValueError(
+                f"found no linear layer named {list(targets)} in this {model_type} model; "
+                "pass lora_targets with the names of its attention (or MLP) linear layers"
             )
-        update = (self.dropout(x) @ self.lora_A.t().to(x.dtype)) @ self.lora_B.t().to(x.dtype)
-        return out + update * (self.scale * gate[..., None].to(x.dtype))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def pair(self, path: str) -> LoRAPair:
+        return self.pairs[_key(path)]  # type: ignore[return-value]
+
+    def attach(self, model: nn.Module, gate: LoRAGate | None) -> list[RemovableHandle]:
+        """Hook every adapted layer of ``model``; ``gate=None`` applies the LoRA to every token."""
+        handles = []
+        for path in self.paths:
+            pair = self.pair(path)
+
+            def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor, pair: LoRAPair = pair) -> Any:
+                x = args[0]
+                if gate is None:
+                    return out + pair(self.dropout(x))
+                if gate.value is None:
+                    return out
+                if gate.value.shape != x.shape[:-1]:
+                    raise RuntimeError(
+                        f"LoRA gate of shape {tuple(gate.value.shape)} does not match the input "
+                        f"{tuple(x.shape[:-1])}; set the gate for the sequence being run"
+                    )
+                return out + pair(self.dropout(x)) * gate.value[..., None].to(x.dtype)
+
+            handles.append(model.get_submodule(path).register_forward_hook(hook))
+        return handles
+
+    def merge_into(self, model: nn.Module) -> None:
+        """Add ``scale·B·A`` into the adapted layers' weights for good (stage 1 of the CCM recipe)."""
+        with torch.no_grad():
+            for path in self.paths:
+                pair = self.pair(path)
+                weight = cast(torch.Tensor, model.get_submodule(path).weight)
+                weight += (pair.scale * pair.B.float() @ pair.A.float()).to(weight.dtype)
+
+    @property
+    def targets(self) -> list[str]:
+        """The distinct layer names adapted (``q_proj``, ``up_proj``, ...), sorted."""
+        return sorted({p.rpartition(".")[2] for p in self.paths})

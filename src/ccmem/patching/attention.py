@@ -9,7 +9,8 @@ values (CCM-merge) and uses the plan's mask instead of the model's causal one. N
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,15 +117,29 @@ def register() -> None:
     AttentionMaskInterface.register("ccm_eager", eager_mask)
 
 
-def use_ccm_attention(model: PreTrainedModel) -> None:
-    """Switch a loaded model to the CCM variant of its current attention implementation."""
+@contextmanager
+def compression_attention(model: PreTrainedModel) -> Iterator[None]:
+    """Switch ``model`` to the ccmem variant of its attention implementation for a scope, then switch back.
+
+    The variant behaves exactly like the original until a forward passes a plan or a capture request.
+    """
     register()
     current = model.config._attn_implementation or "sdpa"
-    if current in BASE_IMPLEMENTATION:
+    if current in BASE_IMPLEMENTATION:  # already switched by an enclosing scope
+        yield
         return
     if current not in ("sdpa", "eager"):
         raise ValueError(
             f"ccmem compression needs 'sdpa' or 'eager' attention, but the model uses {current!r}; "
             "load it with attn_implementation='sdpa' or 'eager'"
         )
+    if not model._can_set_attn_implementation():
+        raise ValueError(
+            f"{type(model).__name__} does not route attention through transformers' AttentionInterface, so "
+            "ccmem cannot read or mask its attention; use a model family that does (LLaMA, Mistral, Qwen2, ...)"
+        )
     model.set_attn_implementation(f"ccm_{current}")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(current)

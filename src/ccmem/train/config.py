@@ -8,12 +8,10 @@ Unknown keys are refused with the closest valid key.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import hashlib
 import json
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,25 +21,55 @@ import yaml
 
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT
 from ccmem.loading import DEFAULT_MODEL
+from ccmem.options import OptionError, coerce, parse_value
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(OptionError):
     """A configuration that cannot be used; the message says which key and how to fix it."""
 
 
-@dataclass
 class MethodConfig:
-    """Which method to train and its hyper-parameters (see ``ccmem methods``)."""
+    """Which method to train (``name``) and its options, as the method declares them (``ccmem methods``).
 
-    name: str = "ccm-concat"  # full (stage 1: plain LoRA), ccm-concat or ccm-merge (stage 2)
-    n_tok: int = 4  # <COMP> tokens per context segment
-    recurrent: bool = True  # compress each segment with the memory so far (False: independent segments)
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: list[str] | None = None  # default: the attention projections of the model family
+    Options are read as attributes (``config.method.n_tok``); options left out take the method's defaults.
+    There is no second list of method options here: ``method.<option>`` accepts exactly what the method has.
+    """
+
+    def __init__(self, name: str = "ccm-concat", **options: Any):
+        from ccmem.registry import check_options, method_class
+
+        try:
+            method_class(name)
+            checked = check_options(name, options, prefix="method.")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self.name = name
+        self.options: dict[str, Any] = checked
+
+    def __getattr__(self, key: str) -> Any:
+        if key.startswith("_") or key in ("name", "options"):
+            raise AttributeError(key)
+        try:
+            return self.resolved()[key]
+        except KeyError:
+            raise AttributeError(f"method {self.name!r} has no option {key!r}") from None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MethodConfig) and self.to_dict() == other.to_dict()
+
+    def resolved(self) -> dict[str, Any]:
+        """Every option of the method, defaults filled in."""
+        from ccmem.registry import get_method
+
+        try:
+            return get_method(self.name, **self.options).options()
+        except ValueError as err:
+            raise ConfigError(f"method: {err}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **{k: list(v) if isinstance(v, tuple) else v for k, v in self.resolved().items()}}
 
 
 @dataclass
@@ -88,7 +116,7 @@ class OptimConfig:
 
 #: Fields added after runs were made, with the default that keeps the behaviour those runs had: a config
 #: at that default hashes as before, and an older run's config.yaml without the field still resumes.
-LATER_FIELDS: dict[str, Any] = {"train.group_by_length": False}
+LATER_FIELDS: dict[str, Any] = {"train.group_by_length": False, "method.max_chunk_tokens": 512}
 
 
 def with_later_fields(saved: dict[str, Any]) -> dict[str, Any]:
@@ -96,8 +124,17 @@ def with_later_fields(saved: dict[str, Any]) -> dict[str, Any]:
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
     for key, default in LATER_FIELDS.items():
         section, name = key.split(".")
+        if section == "method" and name not in _method_options(out.get("method", {}).get("name", "")):
+            continue  # an option of other methods only
         out.setdefault(section, {}).setdefault(name, default)
     return out
+
+
+def _method_options(name: str) -> list[str]:
+    from ccmem.registry import METHODS, method_classes
+
+    method_classes()
+    return [spec.name for spec in METHODS[name].option_specs()] if name in METHODS else []
 
 
 @dataclass
@@ -118,7 +155,10 @@ class TrainConfig:
         return Path(self.output_dir) / self.run_id
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["method"] = self.method.to_dict()
+        d["data"], d["train"] = dataclasses.asdict(self.data), dataclasses.asdict(self.train)
+        return d
 
     def fingerprint(self) -> str:
         """Hash of everything that changes what is trained (not where it is written)."""
@@ -127,18 +167,20 @@ class TrainConfig:
             d.pop(key)
         for key, default in LATER_FIELDS.items():
             section, name = key.split(".")
-            if d[section][name] == default:
+            if name in d[section] and d[section][name] == default:
                 del d[section][name]  # as before the field existed: older runs and presets keep their hash
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _keys(cls: type, prefix: str = "") -> dict[str, Any]:
-    """Every dotted key of a config dataclass -> its type."""
+    """Every dotted key of a config dataclass -> its type (``method.*`` keys are the method's own options)."""
     out: dict[str, Any] = {}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
-        if dataclasses.is_dataclass(kind):
+        if kind is MethodConfig:
+            out[f"{prefix}{f.name}.name"] = str
+        elif dataclasses.is_dataclass(kind):
             out.update(_keys(kind, f"{prefix}{f.name}."))  # type: ignore[arg-type]
         else:
             out[f"{prefix}{f.name}"] = kind
@@ -146,6 +188,18 @@ def _keys(cls: type, prefix: str = "") -> dict[str, Any]:
 
 
 VALID_KEYS = _keys(TrainConfig)
+
+
+def method_keys() -> dict[str, tuple[Any, list[str]]]:
+    """``method.<option>`` -> (type, the trainable methods that declare it): what ``method.*`` accepts."""
+    from ccmem.registry import method_classes
+
+    out: dict[str, tuple[Any, list[str]]] = {}
+    for name, cls in method_classes().items():
+        if cls.trainable:
+            for spec in cls.option_specs():
+                out.setdefault(f"method.{spec.name}", (spec.type, []))[1].append(name)
+    return out
 
 
 #: Hugging Face / reference names users type by habit -> ours.
@@ -171,31 +225,17 @@ def _unknown(key: str) -> ConfigError:
 
 
 def _coerce(key: str, value: Any) -> Any:
-    """Check ``value`` against the declared type of ``key`` (ints are accepted for floats)."""
-    kind = VALID_KEYS[key]
-    allowed = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
-    if value is None:
-        if type(None) in allowed:
-            return None
-        raise ConfigError(f"{key} cannot be empty")
-    for option in allowed:
-        origin = typing.get_origin(option) or option
-        if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if origin is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if origin is list and isinstance(value, list | tuple):
-            return [str(v) for v in value]
-        if origin in (str, bool) and type(value) is origin:
-            return value
-    names = " or ".join(getattr(a, "__name__", str(a)) for a in allowed)
-    raise ConfigError(f"{key} must be {names}, got {value!r}")
+    """Check ``value`` against the declared type of ``key``."""
+    try:
+        return coerce(key, VALID_KEYS[key], value)
+    except OptionError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
-        if isinstance(v, dict) and f"{prefix}{k}" not in VALID_KEYS:
+        if isinstance(v, dict) and f"{prefix}{k}" not in VALID_KEYS and not prefix.startswith("method"):
             out.update(_flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
@@ -204,17 +244,23 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _apply(config: TrainConfig, flat: dict[str, Any]) -> TrainConfig:
     d = config.to_dict()
+    name, options = config.method.name, dict(config.method.options)
     for key, value in flat.items():
-        if key not in VALID_KEYS:
+        if key == "method.name":
+            name = _coerce(key, value)
+        elif key.startswith("method."):
+            options[key.removeprefix("method.")] = value  # checked against the method below
+        elif key not in VALID_KEYS:
             raise _unknown(key)
-        *path, leaf = key.split(".")
-        node = d
-        for part in path:
-            node = node[part]
-        node[leaf] = _coerce(key, value)
+        else:
+            *path, leaf = key.split(".")
+            node = d
+            for part in path:
+                node = node[part]
+            node[leaf] = _coerce(key, value)
     return TrainConfig(
         **{k: v for k, v in d.items() if k not in ("method", "data", "train")},
-        method=MethodConfig(**d["method"]),
+        method=MethodConfig(name, **options),
         data=DataConfig(**d["data"]),
         train=OptimConfig(**d["train"]),
     )
@@ -239,14 +285,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} must look like key=value, e.g. train.max_steps=100")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    if isinstance(value, str) and key.strip() in VALID_KEYS and VALID_KEYS[key.strip()] is float:
-        with contextlib.suppress(ValueError):  # YAML reads "3e-4" as a string
-            value = float(value)
-    return key.strip(), value
+    return key.strip(), parse_value(raw, VALID_KEYS.get(key.strip()))
 
 
 def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
@@ -271,18 +310,38 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
 
 
 def check(config: TrainConfig) -> None:
-    """Refuse settings that cannot work, before any model is loaded."""
-    from ccmem.registry import METHODS
+    """Refuse settings that cannot work, before anything is loaded or written (``--show-config`` runs it too)."""
+    from ccmem.data.loaders import LOADERS
+    from ccmem.registry import method_class, method_classes
 
-    if config.method.name not in ("full", "ccm-concat", "ccm-merge"):
+    cls = method_class(config.method.name)
+    if not cls.trainable:
+        trainable = [n for n, c in method_classes().items() if c.trainable]
         raise ConfigError(
-            f"method.name={config.method.name!r} cannot be trained; use full (stage 1), ccm-concat or ccm-merge"
-            + ("" if config.method.name in METHODS else f" (known methods: {', '.join(METHODS)})")
+            f"method.name={config.method.name!r} cannot be trained; trainable methods: {', '.join(trainable)}"
         )
+    config.method.resolved()  # the method's own checks (n_tok >= 1, ...)
+    if config.data.dataset not in LOADERS:
+        close = difflib.get_close_matches(config.data.dataset, list(LOADERS), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"unknown data.dataset {config.data.dataset!r}; {hint}datasets: {', '.join(LOADERS)}")
+    d = config.data
+    for key in ("n_eval", "k", "max_length"):
+        if getattr(d, key) < 1:
+            raise ConfigError(f"data.{key} must be at least 1, got {getattr(d, key)}")
+    for key in ("n_train", "small_talk"):
+        if getattr(d, key) < 0:
+            raise ConfigError(f"data.{key} must not be negative, got {getattr(d, key)}")
     t = config.train
     for key in ("batch_size", "grad_accum", "max_steps", "eval_steps", "save_steps", "logging_steps"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key} must be at least 1, got {getattr(t, key)}")
+    if not t.lr > 0:
+        raise ConfigError(f"train.lr must be positive, got {t.lr}")
+    if not 0 <= t.warmup_ratio < 1:
+        raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    if t.weight_decay < 0 or t.max_grad_norm < 0 or t.patience < 0 or t.save_total_limit < 1:
+        raise ConfigError("train.weight_decay, max_grad_norm and patience must not be negative, save_total_limit >= 1")
     if t.save_steps % t.eval_steps:
         raise ConfigError(
             f"train.save_steps ({t.save_steps}) must be a multiple of train.eval_steps ({t.eval_steps}), "
@@ -290,6 +349,9 @@ def check(config: TrainConfig) -> None:
         )
     if t.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError(f"train.precision must be auto, bf16, fp16 or fp32, got {t.precision!r}")
+    schedulers = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+    if t.scheduler not in schedulers:
+        raise ConfigError(f"train.scheduler must be one of {', '.join(schedulers)}, got {t.scheduler!r}")
     if not config.run_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise ConfigError(f"run_id {config.run_id!r} may only hold letters, digits, '-', '_' and '.'")
 

@@ -1,9 +1,12 @@
-"""``ccmem train``: the reference's two-stage recipe on the Hugging Face Trainer.
+"""``ccmem train``: one recipe for every trainable method, on the Hugging Face Trainer.
 
-Stage 1 (``method.name=full``) finetunes a plain LoRA with full attention (peft); stage 2
-(``ccm-concat``/``ccm-merge``) trains the <COMP> embeddings and the conditional LoRA, with the stage-1
-LoRA merged in first when ``load_path`` names that run. One masked forward per sample covers every
-compression step (:meth:`ccmem.methods.ccm.CCM.parallel_loss`).
+The recipe knows no method: it builds the method's trainable state (one ``nn.Module``,
+:meth:`~ccmem.methods.base.Method.module_for`), freezes the model, attaches the method for the run, and asks
+the method to lay out batches (``make_batch``) and compute their loss (``training_loss``). The result is a
+generic adapter file (:mod:`ccmem.adapter`). The reference's two stages are two runs of it: stage 1
+(``method.name=full``: an always-on LoRA with full attention), then stage 2 (``ccm-concat``, ``ccm-merge``,
+``gist``: <COMP> embeddings and the conditional LoRA, one masked forward per sample covering every
+compression step) with the stage-1 LoRA merged in first when ``load_path`` names that run.
 
 The Trainer brings the rest: gradient accumulation, schedules, mixed precision, ``accelerate launch``
 with several processes, checkpoints that hold optimizer/scheduler/RNG/data position, early stopping
@@ -26,31 +29,32 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 
+from ccmem.adapter import save_adapter
 from ccmem.data.loaders import data_version, load_examples
 from ccmem.data.records import to_sample
+from ccmem.data.samples import Sample
 from ccmem.fileio import atomic_path
 from ccmem.loading import LoadedModel, load_model
 from ccmem.methods.base import Method
-from ccmem.methods.ccm import CCM, DEFAULT_LORA_TARGETS, LORA_TARGETS, Sample
 from ccmem.registry import get_method
-from ccmem.stage1 import STAGE1_WEIGHTS, Stage1Error, merge_stage1, save_stage1
+from ccmem.stage1 import ADAPTER_FILE, Stage1Error, merge_stage1
 from ccmem.train.config import ConfigError, TrainConfig, differences, with_later_fields
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_WEIGHTS = "model.safetensors"  # the file name the Trainer looks for when resuming
-ADAPTER_FILE = "adapter.safetensors"
 
 
 @dataclass
 class TrainResult:
     run_dir: Path
-    output: Path  # the trained adapter (stage 2) or stage-1 LoRA file
+    output: Path  # the trained adapter file
     steps: int
     seconds: float
     tokens: int
     eval_loss: float | None
     resumed_from: str | None
+    finished_before: bool = False  # the run had already finished: nothing was trained this time
 
     @property
     def tokens_per_second(self) -> float:
@@ -58,13 +62,12 @@ class TrainResult:
 
 
 class TrainingModule(nn.Module):
-    """The model plus the method's extra trainable modules, so the Trainer (and DDP) see every parameter."""
+    """The model plus the method's trainable state, so the Trainer (and DDP) see every parameter."""
 
-    def __init__(self, lm: LoadedModel, method: Method):
+    def __init__(self, lm: LoadedModel, method: Method, state: nn.Module):
         super().__init__()
         self.model = lm.model
-        if isinstance(method, CCM):
-            self.comp = method.comp_embeddings
+        self.method_state = state
         self.lm = lm
         self.method = method
         self.tokens_seen = 0  # real tokens trained on (<COMP> included, padding not)
@@ -160,43 +163,14 @@ class JsonlLogger(TrainerCallback):
             f.write(json.dumps(row) + "\n")
 
 
-# ---------------------------------------------------------------------------- stage 1 (plain LoRA)
-
-
-def _lora_targets(lm: LoadedModel, config: TrainConfig) -> list[str]:
-    model_type = lm.model.config.get_text_config().model_type
-    return list(config.method.lora_targets or LORA_TARGETS.get(model_type, DEFAULT_LORA_TARGETS))
-
-
-def add_stage1_lora(lm: LoadedModel, config: TrainConfig) -> None:
-    """Inject a plain (always active) peft LoRA into the attention projections; only it is trainable."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    m = config.method
-    lora = LoraConfig(
-        r=m.lora_rank,
-        lora_alpha=m.lora_alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float
-        lora_dropout=m.lora_dropout,
-        target_modules=_lora_targets(lm, config),
-    )
-    inject_adapter_in_model(lora, lm.model)
-    for name, p in lm.model.named_parameters():
-        p.requires_grad_("lora_" in name)
-
-
 # ---------------------------------------------------------------------------- the run
 
 
-def samples_for(lm: LoadedModel, config: TrainConfig, split: str) -> list[Sample]:
-    """Tokenized samples of ``split``; ones longer than ``data.max_length`` are skipped (with a warning)."""
+def samples_for(lm: LoadedModel, config: TrainConfig, method: Method, split: str) -> list[Sample]:
+    """Tokenized samples of ``split``; ones longer than ``data.max_length`` once laid out are skipped (warned)."""
     examples = load_examples(config.data, split)
     samples = [to_sample(lm.tokenizer, e, system=config.data.system) for e in examples]
-    n_tok = config.method.n_tok if config.method.name != "full" else 0
-
-    def length(s: Sample) -> int:
-        return len(s.sink) + sum(len(c) + n_tok for c in s.chunks) + len(s.tail)
-
-    kept = [s for s in samples if length(s) <= config.data.max_length]
+    kept = [s for s in samples if method.sample_length(s) <= config.data.max_length]
     if len(kept) < len(samples):
         logger.warning(
             "%s: skipped %d samples longer than %d tokens", split, len(samples) - len(kept), config.data.max_length
@@ -207,10 +181,15 @@ def samples_for(lm: LoadedModel, config: TrainConfig, split: str) -> list[Sample
 
 
 def prepare_run_dir(config: TrainConfig) -> str | None:
-    """Create ``runs/<run_id>``, or check that an existing one holds the same config; return a checkpoint to resume."""
+    """Check that an existing ``runs/<run_id>`` holds the same config; return the checkpoint to resume from.
+
+    Nothing is written here: ``config.yaml`` is written once the data and model are ready, so a run that
+    fails before training starts does not block its run_id.
+    """
     run_dir = config.run_dir
     saved = run_dir / "config.yaml"
-    if saved.is_file():
+    checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    if saved.is_file() and (checkpoints or (run_dir / "summary.json").is_file()):
         old = with_later_fields(yaml.safe_load(saved.read_text()))
         new = config.to_dict()
         changed = [d for d in differences(old, new) if not d.startswith(("wandb", "output_dir"))]
@@ -220,12 +199,31 @@ def prepare_run_dir(config: TrainConfig) -> str | None:
                 + "; ".join(changed)
                 + ". Use a new run_id, or the original settings."
             )
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(saved) as tmp:
-            tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     return str(checkpoints[-1]) if checkpoints else None
+
+
+def finished_run(config: TrainConfig) -> TrainResult | None:
+    """The result of ``config``'s run if it already finished with this config (rerunning it is a no-op)."""
+    run_dir = config.run_dir
+    summary_file, output = run_dir / "summary.json", run_dir / ADAPTER_FILE
+    if not (summary_file.is_file() and output.is_file()):
+        return None
+    summary = json.loads(summary_file.read_text())
+    if summary.get("config_hash") != config.fingerprint():
+        raise ConfigError(
+            f"run {config.run_id!r} already finished with another config (hash {summary.get('config_hash')}); "
+            "use a new run_id"
+        )
+    return TrainResult(
+        run_dir, output, int(summary.get("steps", 0)), 0.0, 0, summary.get("eval_loss"), None, finished_before=True
+    )
+
+
+def _write_config(config: TrainConfig) -> None:
+    saved = config.run_dir / "config.yaml"
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(saved) as tmp:
+        tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def _precision(name: str) -> str:
@@ -235,45 +233,37 @@ def _precision(name: str) -> str:
 
 
 def train(config: TrainConfig, *, lm: LoadedModel | None = None) -> TrainResult:
-    """Run (or resume) the training described by ``config``; returns where the result is and what it cost."""
+    """Run (or resume) the training described by ``config``; returns where the result is and what it cost.
+
+    A run that already finished with the same config is not trained again: its result is returned as it is.
+    """
     resume = prepare_run_dir(config)
+    done = finished_run(config)
+    if done is not None:
+        logger.warning("run %s already finished (%d steps): %s", config.run_id, done.steps, done.output)
+        return done
     run_dir = config.run_dir
+    method = get_method(config.method.name, **config.method.options)
     lm = lm or load_model(config.model)
     torch.manual_seed(config.train.seed)
     try:
         stage1_hash = merge_stage1(lm, config.load_path) if config.load_path else None
     except Stage1Error as err:
         raise ConfigError(f"load_path: {err}") from None
-    m = config.method
-    method = (
-        get_method(m.name)
-        if m.name == "full"
-        else get_method(
-            m.name,
-            n_tok=m.n_tok,
-            recurrent=m.recurrent,
-            lora_rank=m.lora_rank,
-            lora_alpha=m.lora_alpha,
-            lora_dropout=m.lora_dropout,
-            lora_targets=tuple(m.lora_targets) if m.lora_targets else None,
-        )
-    )
     for p in lm.model.parameters():
         p.requires_grad_(False)
-    if isinstance(method, CCM):
-        method.prepare(lm)
-        for p in method.trainable_parameters():
-            p.requires_grad_(True)
-    else:
-        add_stage1_lora(lm, config)
+    state = method.module_for(lm)
+    if state is None:
+        raise ConfigError(f"method {method.name!r} has no trainable state")
+    state.requires_grad_(True)
     if config.train.gradient_checkpointing:
         lm.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     lm.model.config.use_cache = False
 
-    train_set = SampleDataset(samples_for(lm, config, "train"))
-    eval_set = SampleDataset(samples_for(lm, config, "validation"))
+    train_set = SampleDataset(samples_for(lm, config, method, "train"))
+    eval_set = SampleDataset(samples_for(lm, config, method, "validation"))
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    module = TrainingModule(lm, method)
+    module = TrainingModule(lm, method, state)
     t = config.train
     report_to = ["wandb"] if config.wandb else []  # TensorBoard is added below, with its folder in the run
     precision = _precision(t.precision)
@@ -330,8 +320,10 @@ def train(config: TrainConfig, *, lm: LoadedModel | None = None) -> TrainResult:
     )
     if resume:
         logger.info("resuming %s from %s", config.run_id, resume)
+    _write_config(config)
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
+    with method.attached(lm):
+        trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
     eval_loss = trainer.state.best_metric
     summary = {
@@ -351,12 +343,9 @@ def train(config: TrainConfig, *, lm: LoadedModel | None = None) -> TrainResult:
         "stage1": stage1_hash,
         "resumed_from": resume,
     }
-    output = run_dir / (ADAPTER_FILE if isinstance(method, CCM) else STAGE1_WEIGHTS)
+    output = run_dir / ADAPTER_FILE
     if trainer.args.should_save:  # rank 0 only under `accelerate launch`
-        if isinstance(method, CCM):
-            method.save_adapter(lm, output, extra=summary | {"config": config.to_dict()})
-        else:
-            save_stage1(lm, output, scaling=config.method.lora_alpha / config.method.lora_rank)
+        save_adapter(method, lm, output, extra=summary | {"config": config.to_dict()})
         with atomic_path(run_dir / "summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
     return TrainResult(run_dir, output, trainer.state.global_step, seconds, module.tokens_seen, eval_loss, resume)

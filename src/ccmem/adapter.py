@@ -1,0 +1,197 @@
+"""Adapter files: a method's trainable state (one ``nn.Module``) as safetensors, with its full config beside it.
+
+The file is the same for every method (as peft writes ``LoraConfig`` beside the weights): the tensors are the
+module's ``state_dict``; the metadata names the format, the method, every option it was trained with, the
+model (fingerprint and name), the stage-1 LoRA it was trained on top of, and free ``extra`` provenance (the
+training summary and config). Loading one fills in the options the user did not give and refuses a
+conflicting one, so ``ccmem.load(model, "ccm-concat", adapter=path)`` needs no ``n_tok``.
+
+Adapters written before this format (version 1, CCM only) are read through the method's ``legacy_adapter``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ccmem.fileio import atomic_path
+from ccmem.loading import LoadedModel
+from ccmem.options import OptionError
+from ccmem.registry import UnknownMethodError, check_options, method_class
+
+if TYPE_CHECKING:
+    from ccmem.methods.base import Method
+
+FORMAT = "ccmem.adapter"
+FORMAT_VERSION = "2"
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter file that does not fit: another model, method or stage-1 LoRA, conflicting options, damage."""
+
+
+@dataclass
+class Adapter:
+    """A read adapter file."""
+
+    path: Path
+    method: str
+    options: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    model: str  # fingerprint of the model it was trained on
+    model_name: str
+    stage1: str  # hash of the stage-1 LoRA it was trained on top of ("" for none)
+    hash: str  # of the file's bytes: what memories and result rows record
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def train_dataset(self) -> str:
+        """The dataset the adapter was trained on, from its provenance ("?" when it does not say)."""
+        config = self.extra.get("config", {})
+        data = config.get("data", {}) if isinstance(config, dict) else {}
+        return str(self.extra.get("data") or data.get("dataset") or "?")
+
+
+def shipped_adapter(model_name: str, method: str) -> Path | None:
+    """The adapter ccmem ships for ``(model, method)``, if any."""
+    candidate = resources.files("ccmem") / "adapters" / model_name / f"{method}.safetensors"
+    path = Path(str(candidate))
+    return path if path.is_file() else None
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def read_adapter(path: str | os.PathLike[str]) -> Adapter:
+    """Read an adapter file; a file that is not one is refused with what it is instead."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no adapter file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterMismatchError(f"{path} is not a readable safetensors adapter: {err}") from None
+    if meta.get("format") != FORMAT:
+        hint = (
+            " (it is a stage-1 LoRA: pass it as stage1=, not adapter=)" if meta.get("format") == "ccmem.stage1" else ""
+        )
+        raise AdapterMismatchError(f"{path} is not a ccmem adapter file{hint}")
+    name = meta.get("method", "")
+    try:
+        cls = method_class(name)
+    except UnknownMethodError:
+        raise AdapterMismatchError(f"adapter {path} is for method {name!r}, which this ccmem does not have") from None
+    try:
+        if meta.get("format_version") is None:
+            options, tensors = cls.legacy_adapter(tensors, meta)
+        else:
+            options = json.loads(meta.get("options", "{}"))
+        options = check_options(name, options)
+        extra = json.loads(meta.get("extra", "{}"))
+    except (KeyError, ValueError, NotImplementedError) as err:
+        raise AdapterMismatchError(f"adapter {path} has damaged or unknown metadata: {err}") from None
+    return Adapter(
+        path=path,
+        method=name,
+        options=options,
+        tensors=tensors,
+        model=meta.get("model", ""),
+        model_name=meta.get("model_name", "?"),
+        stage1=meta.get("stage1", ""),
+        hash=file_hash(path),
+        extra=extra if isinstance(extra, dict) else {},
+    )
+
+
+def save_adapter(
+    method: Method, lm: LoadedModel, path: str | os.PathLike[str], extra: dict[str, Any] | None = None
+) -> Path:
+    """Write ``method``'s trainable state for ``lm`` with its identity and options (atomically)."""
+    module = method.module_for(lm)
+    if module is None:
+        raise ValueError(f"method {method.name!r} has no trainable state to save")
+    path = Path(path)
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "method": method.name,
+        "options": json.dumps(method.options(), sort_keys=True),
+        "model": lm.fingerprint,
+        "model_name": lm.name,
+        "stage1": lm.stage1 or "",
+        "extra": json.dumps(extra or {}, sort_keys=True, default=str),
+    }
+    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return path
+
+
+def options_with_adapter(name: str, adapter: Adapter, given: dict[str, Any]) -> dict[str, Any]:
+    """The options to build method ``name`` with: the adapter's, with ``given`` ones that do not conflict."""
+    cls = method_class(name)
+    if adapter.method != name:
+        raise AdapterMismatchError(
+            f"adapter {adapter.path} was trained for method {adapter.method!r}, not {name!r}; "
+            f"use --method {adapter.method} or an adapter trained for {name}"
+        )
+    try:
+        given = check_options(name, given)
+    except OptionError as err:
+        raise AdapterMismatchError(str(err)) from None
+    for key, value in given.items():
+        if key in cls.runtime_options or key not in adapter.options:
+            continue
+        if adapter.options[key] != value:
+            raise AdapterMismatchError(
+                f"adapter {adapter.path} was trained with {key}={adapter.options[key]!r}, but {key}={value!r} was "
+                f"asked; leave {key} out to use the adapter's value, or use an adapter trained with {key}={value!r}"
+            )
+    return adapter.options | given
+
+
+def load_adapter(method: Method, lm: LoadedModel, adapter: Adapter) -> None:
+    """Fill ``method``'s trainable state for ``lm`` from ``adapter``; refuse one made for another model."""
+    if adapter.model != lm.fingerprint:
+        raise AdapterMismatchError(
+            f"adapter {adapter.path} was trained for {adapter.model_name!r}, not for {lm.name!r} "
+            "(its layers or weights differ); use an adapter trained for this model"
+        )
+    if adapter.stage1 != (lm.stage1 or ""):
+        raise AdapterMismatchError(
+            f"adapter {adapter.path} was trained on top of stage-1 LoRA {adapter.stage1 or 'none'}, but this model has "
+            f"{lm.stage1 or 'none'} merged in; pass the same stage-1 run (ccmem.load(..., stage1=PATH))"
+        )
+    module = method.module_for(lm)
+    if module is None:
+        raise AdapterMismatchError(f"method {method.name!r} takes no adapter")
+    expected = module.state_dict()
+    if set(expected) != set(adapter.tensors):
+        differing = sorted(set(expected) ^ set(adapter.tensors))[:3]
+        raise AdapterMismatchError(
+            f"adapter {adapter.path} does not fit this model's layers (e.g. {differing} is in one but not the other); "
+            "was it trained with other lora_targets?"
+        )
+    for key, tensor in adapter.tensors.items():
+        if tensor.shape != expected[key].shape:
+            raise AdapterMismatchError(
+                f"adapter {adapter.path}: {key} has shape {tuple(tensor.shape)}, this model needs "
+                f"{tuple(expected[key].shape)}"
+            )
+        if not bool(torch.isfinite(tensor.float()).all()):
+            raise AdapterMismatchError(f"adapter {adapter.path} is damaged: {key} holds NaN or infinite values")
+    with torch.no_grad():
+        module.load_state_dict({k: v.to(expected[k].dtype) for k, v in adapter.tensors.items()})
+    method.adapter_hash = adapter.hash

@@ -1,0 +1,71 @@
+"""Typed option values: parse ``key=value`` text and check a value against a declared type.
+
+Shared by the training config (``train.lr=1e-4``) and method options (``-O n_tok=2``, ``method.n_tok=2``), so
+both accept and refuse the same things with the same words.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+import typing
+from typing import Any
+
+import yaml
+
+
+class OptionError(ValueError):
+    """A value that does not fit its option; the message names the option and the expected type."""
+
+
+def type_name(kind: Any) -> str:
+    """``int``, ``float | None``, ``tuple[str, ...]``: a declared type as users read it."""
+    args = typing.get_args(kind)
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        return " | ".join(type_name(a) for a in args)
+    if args:
+        inner = ", ".join("..." if a is Ellipsis else type_name(a) for a in args)
+        return f"{getattr(typing.get_origin(kind), '__name__', kind)}[{inner}]"
+    return "None" if kind is type(None) else getattr(kind, "__name__", str(kind))
+
+
+def parse_value(raw: str, kind: Any = None) -> Any:
+    """Text from the command line as a YAML scalar or list (``4``, ``true``, ``[q_proj, v_proj]``, ``1e-4``)."""
+    if not raw.strip():
+        return None
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if isinstance(value, str) and _allows(kind, float):
+        with contextlib.suppress(ValueError):  # YAML reads "3e-4" as a string
+            value = float(value)
+    return value
+
+
+def _allows(kind: Any, wanted: type) -> bool:
+    allowed = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+    return any((typing.get_origin(a) or a) is wanted for a in allowed)
+
+
+def coerce(key: str, kind: Any, value: Any) -> Any:
+    """Check ``value`` against ``kind`` (ints are accepted for floats, lists for tuples); return it converted."""
+    allowed = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise OptionError(f"{key} cannot be empty")
+    for option in allowed:
+        origin = typing.get_origin(option) or option
+        if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if origin is float and isinstance(value, str):
+            with contextlib.suppress(ValueError):  # YAML reads "3e-4" as a string
+                return float(value)
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin in (list, tuple) and isinstance(value, list | tuple):
+            return origin(str(v) for v in value)
+        if origin in (str, bool) and type(value) is origin:
+            return value
+    raise OptionError(f"{key} must be {type_name(kind)}, got {value!r}")

@@ -1,0 +1,44 @@
+"""The case list every contract test runs over: one line per method (with the options it is tested with).
+
+Adding a method to ccmem means adding its line here; ``test_every_registered_method_has_a_case`` fails until
+then. ``growth`` is what ``add`` must do to the memory: the slots beyond the sink after each chunk of
+:data:`CHUNKS` is added (5, 4 and 3 tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+CHUNKS = [[10, 11, 12, 13, 14], [20, 21, 22, 23], [30, 31, 32]]
+
+
+@dataclass(frozen=True)
+class Case:
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+    growth: tuple[int, ...] = ()
+
+    @property
+    def id(self) -> str:
+        return self.method + "".join(f"-{k}={v}" for k, v in self.options.items())
+
+
+CASES = [
+    Case("full", growth=(5, 9, 12)),
+    Case("none", growth=(0, 0, 0)),
+    Case("ccm-concat", {"n_tok": 3}, growth=(3, 6, 9)),
+    Case("ccm-concat", {"n_tok": 2, "recurrent": False}, growth=(2, 4, 6)),
+    Case("ccm-merge", {"n_tok": 3}, growth=(3, 3, 3)),  # constant as turns grow
+    Case("gist", {"n_tok": 3}, growth=(3, 3, 3)),
+]
+
+
+def cases(**flags: bool) -> list[Any]:
+    """pytest params of the cases whose method has the given capability flags (e.g. ``trainable=True``)."""
+    import pytest
+
+    from ccmem.registry import method_class
+
+    chosen = [c for c in CASES if all(getattr(method_class(c.method), k) == v for k, v in flags.items())]
+    return [pytest.param(c, id=c.id) for c in chosen]
