@@ -22,6 +22,8 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden
 CONFIGS = {
     "llama-gqa": lambda: LlamaConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2),
     "mistral": lambda: MistralConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2, sliding_window=None),
+    # A window shorter than the test sequences, so that it really cuts (every layer slides).
+    "mistral-window": lambda: MistralConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2, sliding_window=5),
     "qwen2": lambda: Qwen2Config(**COMMON, num_attention_heads=4, num_key_value_heads=2),
     "gpt-neox": lambda: GPTNeoXConfig(**COMMON, num_attention_heads=4),
     "gemma3": lambda: Gemma3TextConfig(

@@ -40,6 +40,7 @@ __all__ = [
     "layout",
     "reference_allowed",
     "to_additive",
+    "windowed",
 ]
 
 
@@ -95,6 +96,8 @@ class MaskPlan:
     real positions, columns ``L..L+M-1`` the merged <COMP> entries (``M = 0`` for concat).
     ``mix_index[m]`` is the position of the m-th <COMP> token and ``mix_weights[m, m']`` the weight of
     <COMP> ``m'`` in merged entry ``m``. ``comp`` marks <COMP> positions (the gate of the conditional LoRA).
+    ``order[k]`` is where key column ``k`` sits in the cache that recurrent inference reads (merged entries
+    come right after the sink there); :func:`windowed` counts a sliding window in that order.
     Batched plans (from :func:`collate_plans`) carry a leading batch dimension on every tensor.
     """
 
@@ -103,6 +106,7 @@ class MaskPlan:
     comp: torch.Tensor
     mix_index: torch.Tensor
     mix_weights: torch.Tensor
+    order: torch.Tensor
 
     @property
     def merges(self) -> bool:
@@ -187,15 +191,20 @@ def build_plan(
         )
         merged_cols = reader & (lay.step[:, None] == c_step[None, :] + 1)
         allowed = torch.cat([allowed, merged_cols], dim=1)
+        # In the recurrent cache the merged memory sits between the sink and the chunk being read.
+        order = torch.cat([torch.arange(length) + len(comp_pos), sink_length + torch.arange(len(comp_pos))])
+        order[:sink_length] = torch.arange(sink_length)
     else:
         comp_pos = comp_pos[:0]
         mix_weights = torch.zeros(0, 0)
+        order = torch.arange(length)
     return MaskPlan(
         allowed=allowed,
         position_ids=torch.arange(length, dtype=torch.long) + position_offset,
         comp=comp,
         mix_index=comp_pos,
         mix_weights=mix_weights,
+        order=order,
     )
 
 
@@ -254,7 +263,10 @@ def collate_plans(plans: list[MaskPlan]) -> MaskPlan:
     comp = torch.zeros(batch, length, dtype=torch.bool)
     mix_index = torch.zeros(batch, m, dtype=torch.long)
     mix_weights = torch.zeros(batch, m, m)
+    order = torch.arange(length + m).repeat(batch, 1) + length + m  # padding columns: after every real one
     for b, (p, n, nm) in enumerate(zip(plans, lengths, n_mix, strict=True)):
+        order[b, :n] = p.order[:n]
+        order[b, length : length + nm] = p.order[n:]
         allowed[b, :n, :n] = p.allowed[:, :n]
         allowed[b, :n, length : length + nm] = p.allowed[:, n:]
         pad = torch.arange(n, length)
@@ -265,7 +277,34 @@ def collate_plans(plans: list[MaskPlan]) -> MaskPlan:
         comp[b, :n] = p.comp
         mix_index[b, :nm] = p.mix_index
         mix_weights[b, :nm, :nm] = p.mix_weights
-    return MaskPlan(allowed, position_ids, comp, mix_index, mix_weights)
+    return MaskPlan(allowed, position_ids, comp, mix_index, mix_weights, order)
+
+
+def windowed(allowed: torch.Tensor, order: torch.Tensor, window: int) -> torch.Tensor:
+    """``allowed`` restricted to a sliding window: each query keeps its last ``window`` allowed keys.
+
+    "Last" is counted in ``order``, the order of the keys in the cache recurrent inference reads, which is
+    what a sliding-window model's own mask counts in (a key ``window`` or more slots back is not seen).
+    CCM-concat, recurrent, ``n_tok=1``, window 3 (``x`` = attends; ``-`` = allowed but out of the window)::
+
+                  c1 c1 C1 c2 c2 C2 t  t
+        c2        .  .  x  x  .  .  .  .
+        c2        .  .  x  x  x  .  .  .
+        C2        .  .  -  x  x  x  .  .      <- C1 is 3 slots back: [C1][c2][c2][C2]
+        t         .  .  x  .  .  x  x  .
+        t         .  .  -  .  .  x  x  x      <- the tail's cache is [C1][C2][t][t]
+    """
+    if window < 1:
+        raise ValueError(f"a sliding window must hold at least one key, got {window}")
+    batched = allowed.dim() == 3
+    allowed = allowed if batched else allowed[None]
+    order = order if order.dim() == 2 else order[None].expand(allowed.shape[0], -1)
+    rank = order.argsort(dim=-1)  # column index at each cache slot
+    in_order = allowed.gather(2, rank[:, None, :].expand_as(allowed))
+    from_end = in_order.flip(-1).cumsum(-1).flip(-1)  # allowed keys at or after each slot
+    kept = in_order & (from_end <= window)
+    out = torch.zeros_like(allowed).scatter(2, rank[:, None, :].expand_as(allowed), kept)
+    return out if batched else out[0]
 
 
 def to_additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -42,7 +42,7 @@ def _recurrent_logits(lm, method, chunks, tail, sink):
     return chunk_logits, tail_out.logits[0], memory
 
 
-@pytest.mark.parametrize("family", ["llama-gqa", "gpt-neox", "mistral", "qwen2", "gemma3"])
+@pytest.mark.parametrize("family", ["llama-gqa", "gpt-neox", "mistral", "qwen2", "gemma3", "mistral-window"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("name", ["ccm-concat", "ccm-merge"])
 @pytest.mark.parametrize("recurrent", [True, False])
@@ -97,8 +97,9 @@ def test_batched_parallel_forward_equals_unbatched():
             torch.testing.assert_close(batched[b, :n], single, atol=TOL, rtol=0)
 
 
-def test_gist_parallel_equals_recurrent():
-    lm = tiny_model("qwen2")
+@pytest.mark.parametrize("family", ["qwen2", "mistral-window"])
+def test_gist_parallel_equals_recurrent(family):
+    lm = tiny_model(family)
     method = get_method("gist", n_tok=2)
     randomize_lora(method, lm)
     batch = method.make_batch([Sample([sum(CHUNKS, [])], TAIL, SINK)])

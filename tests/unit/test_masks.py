@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ccmem.masks import Role, build_plan, collate_plans, layout, reference_allowed
+from ccmem.masks import Role, build_plan, collate_plans, layout, reference_allowed, windowed
 
 chunk_lists = st.lists(st.integers(min_value=0, max_value=5), min_size=0, max_size=4)
 
@@ -93,3 +93,44 @@ def test_collate_pads_without_empty_rows():
     assert bool(batch.allowed.any(-1).all())  # every query row, padding included, attends somewhere
     n = plans[0].position_ids.numel()
     assert not batch.allowed[0, :n, n:8].any()  # real tokens never read padding
+
+
+def _slow_windowed(allowed, order, window):
+    """Spelled out: for each query, walk the keys in cache order from the last one back, keep `window` of them."""
+    out = [[False] * len(row) for row in allowed]
+    cache_order = sorted(range(len(order)), key=lambda k: int(order[k]))
+    for q, row in enumerate(allowed):
+        kept = 0
+        for k in reversed(cache_order):
+            if row[k] and kept < window:
+                out[q][k] = True
+                kept += 1
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    chunks=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+    n_tok=st.integers(1, 2),
+    tail=st.integers(1, 3),
+    sink=st.integers(0, 2),
+    update=st.sampled_from(["concat", "merge"]),
+    recurrent=st.booleans(),
+    window=st.integers(1, 6),
+)
+def test_windowed_keeps_the_last_keys_in_cache_order(chunks, n_tok, tail, sink, update, recurrent, window):
+    plan = build_plan(chunks, n_tok, tail, sink_length=sink, update=update, recurrent=recurrent)
+    got = windowed(plan.allowed, plan.order, window)
+    assert got.tolist() == _slow_windowed(plan.allowed.tolist(), plan.order.tolist(), window)
+    assert (got.sum(-1) == plan.allowed.sum(-1).clamp(max=window)).all()
+    batched = collate_plans([plan, build_plan([2], 1, 1)])
+    assert torch.equal(windowed(batched.allowed, batched.order, window)[0, : len(got), : got.shape[1] - plan.mix_index.numel()],
+                       got[:, : got.shape[1] - plan.mix_index.numel()])  # fmt: skip
+
+
+def test_windowed_picture_from_docstring():
+    plan = build_plan([2, 2], 1, 2)
+    rows = windowed(plan.allowed, plan.order, 3).int().tolist()
+    assert rows[3] == [0, 0, 1, 1, 0, 0, 0, 0]
+    assert rows[5] == [0, 0, 0, 1, 1, 1, 0, 0]
+    assert rows[7] == [0, 0, 0, 0, 0, 1, 1, 1]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-from ccmem.masks import MaskPlan, to_additive
+from ccmem.masks import MaskPlan, to_additive, windowed
 
 PLAN_KWARG = "ccm_plan"
 BASE_IMPLEMENTATION = {"ccm_sdpa": "sdpa", "ccm_eager": "eager"}
@@ -28,11 +28,18 @@ BASE_IMPLEMENTATION = {"ccm_sdpa": "sdpa", "ccm_eager": "eager"}
 
 @dataclass
 class AttentionPlan:
-    """A :class:`MaskPlan` moved to the model's device and dtype, ready for every layer."""
+    """A :class:`MaskPlan` moved to the model's device and dtype, ready for every layer.
+
+    Sliding-window layers (the attention call says ``sliding_window=W``) get the plan's mask restricted to
+    the window as recurrent inference counts it (:func:`ccmem.masks.windowed`), built once per window size.
+    """
 
     mask: torch.Tensor  # [B, 1, L, L + M] additive
     mix_index: torch.Tensor  # [B, M]
     mix_weights: torch.Tensor  # [B, M, M]
+    allowed: torch.Tensor  # [B, L, L + M] bool
+    order: torch.Tensor  # [B, L + M]
+    windows: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def from_mask_plan(cls, plan: MaskPlan, dtype: torch.dtype, device: torch.device) -> AttentionPlan:
@@ -43,7 +50,18 @@ class AttentionPlan:
             mask=to_additive(allowed, dtype).to(device),
             mix_index=mix_index.to(device),
             mix_weights=mix_weights.to(device=device, dtype=dtype),
+            allowed=allowed.to(device),
+            order=plan.order.to(device),
         )
+
+    def mask_for(self, sliding_window: int | None) -> torch.Tensor:
+        """The additive mask for a layer with this sliding window (``None``: full attention)."""
+        if sliding_window is None or sliding_window >= self.allowed.shape[-1]:
+            return self.mask
+        if sliding_window not in self.windows:
+            allowed = windowed(self.allowed, self.order, sliding_window)
+            self.windows[sliding_window] = to_additive(allowed, self.mask.dtype)
+        return self.windows[sliding_window]
 
 
 def _with_merged(states: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
@@ -100,7 +118,7 @@ def _make(base: str) -> Callable[..., Any]:
         plan: AttentionPlan | None = kwargs.pop(PLAN_KWARG, None)
         if plan is not None:
             key, value = _with_merged(key, plan), _with_merged(value, plan)
-            attention_mask = plan.mask.to(query.dtype)
+            attention_mask = plan.mask_for(kwargs.get("sliding_window")).to(query.dtype)
         if base == "sdpa":
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         return _eager_for(module)(module, query, key, value, attention_mask, **kwargs)
