@@ -124,8 +124,8 @@ def test_windowed_keeps_the_last_keys_in_cache_order(chunks, n_tok, tail, sink, 
     assert got.tolist() == _slow_windowed(plan.allowed.tolist(), plan.order.tolist(), window)
     assert (got.sum(-1) == plan.allowed.sum(-1).clamp(max=window)).all()
     batched = collate_plans([plan, build_plan([2], 1, 1)])
-    assert torch.equal(windowed(batched.allowed, batched.order, window)[0, : len(got), : got.shape[1] - plan.mix_index.numel()],
-                       got[:, : got.shape[1] - plan.mix_index.numel()])  # fmt: skip
+    real = got.shape[1] - plan.mix_index.numel()  # merged columns move in a batch; compare the real ones
+    assert torch.equal(windowed(batched.allowed, batched.order, window)[0, : len(got), :real], got[:, :real])
 
 
 def test_windowed_picture_from_docstring():
