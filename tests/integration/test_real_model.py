@@ -90,7 +90,7 @@ def test_demo_command_runs_offline(tmp_path):
 def test_shipped_concat_adapter_reads_held_out_facts_from_memory(smollm):
     """On test dialogs whose values never occur in training, the shipped adapter picks the stated value."""
     from ccmem.data.loaders import load_examples
-    from ccmem.evaluate import compare
+    from ccmem.eval.harness import compare
     from ccmem.train.config import DataConfig
 
     examples = load_examples(DataConfig(n_eval=16, k=3, small_talk=2, seed=5), "test")

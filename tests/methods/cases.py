@@ -31,6 +31,15 @@ CASES = [
     Case("ccm-concat", {"n_tok": 2, "recurrent": False}, growth=(2, 4, 6)),
     Case("ccm-merge", {"n_tok": 3}, growth=(3, 3, 3)),  # constant as turns grow
     Case("gist", {"n_tok": 3}, growth=(3, 3, 3)),
+    # Training-free eviction at half the context: floor(0.5 * 5), floor(0.5 * 9), floor(0.5 * 12) entries.
+    Case("streaming-llm", {"ratio": 0.5}, growth=(2, 4, 6)),
+    Case("h2o", {"ratio": 0.5}, growth=(2, 4, 6)),
+    Case("h2o", {"ratio": 0.5, "recent": 2}, growth=(2, 4, 6)),
+    Case("snapkv", {"ratio": 0.5, "window_size": 2}, growth=(2, 4, 6)),
+    Case("tova", {"ratio": 0.5}, growth=(2, 4, 6)),
+    Case("knorm", {"ratio": 0.5}, growth=(2, 4, 6)),
+    Case("expected-attention", {"ratio": 0.5, "n_future_positions": 16}, growth=(2, 4, 6)),
+    Case("knorm", {"max_slots": 16}, growth=(4, 4, 4)),  # a slot cap: 16 slots in all, 12 of them the sink
 ]
 
 

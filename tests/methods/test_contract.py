@@ -101,7 +101,7 @@ def test_a_memory_from_another_method_or_model_is_refused(case, tmp_path):
     with pytest.raises(MemoryMismatchError, match=f"method='{case.method}'"):
         session(other).load_memory(path)
     with pytest.raises(MemoryMismatchError, match="model="):
-        CompressedLM(tiny_model("qwen2"), ccmem.get_method(case.method, **case.options)).load_memory(path)
+        session(case, tiny_model("qwen2")).load_memory(path)
 
 
 @pytest.mark.parametrize("case", cases(trainable=True))
@@ -183,3 +183,75 @@ def test_memory_works_as_a_transformers_cache_in_generate():
             pad_token_id=0,
         )
     assert out[0, -5:].tolist() == ours
+
+
+@pytest.mark.parametrize("case", cases(budgeted=True))
+def test_a_budget_that_keeps_everything_equals_full(case):
+    lm = tiny_model()
+    options = {k: v for k, v in case.options.items() if k not in ("ratio", "max_slots")}
+    budgeted = CompressedLM(lm, ccmem.get_method(case.method, **options, ratio=1.0), system_prompt=SYSTEM)
+    full = CompressedLM(lm, ccmem.get_method("full"), system_prompt=SYSTEM)
+    for s in (budgeted, full):
+        for chunk in CHUNKS:
+            s.add_ids(chunk)
+    for (k1, v1), (k2, v2) in zip(budgeted.memory.layers, full.memory.layers, strict=True):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    assert list(budgeted.stream_ids(QUERY, 5, stop_ids=set())) == list(full.stream_ids(QUERY, 5, stop_ids=set()))
+
+
+@pytest.mark.parametrize("case", cases(budgeted=True))
+def test_budget_options_are_checked(case):
+    with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\]"):
+        ccmem.get_method(case.method, ratio=1.5)
+    with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\]"):
+        ccmem.get_method(case.method, ratio=0)
+    with pytest.raises(ValueError, match=f"max_slots=5 is below the {SINK} slots of the sink"):
+        session(type(case)(case.method, {"max_slots": 5}))
+
+
+@pytest.mark.parametrize("case", cases(needs_attention=True))
+def test_a_method_that_reads_attention_refuses_a_model_that_cannot_give_it(case, monkeypatch):
+    lm = tiny_model()
+    monkeypatch.setattr(type(lm.model), "_can_set_attn_implementation", classmethod(lambda cls: False))
+    with pytest.raises(ValueError, match="does not route attention through transformers' AttentionInterface"):
+        session(case, lm)
+    lm = tiny_model()
+    lm.model.config._attn_implementation_internal = "flex_attention"
+    with pytest.raises(ValueError, match="needs 'sdpa' or 'eager' attention, but the model uses 'flex_attention'"):
+        session(case, lm)
+
+
+def test_attention_scores_are_read_without_switching_the_model_to_eager():
+    """SnapKV's votes, read through the capture under sdpa, equal those computed from eager attention weights."""
+    from ccmem.patching.attention import CAPTURE_KWARG, AttentionCapture, compression_attention
+
+    lm = tiny_model()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    capture = AttentionCapture(queries_wanted=3)
+    with torch.no_grad(), compression_attention(lm.model):
+        lm.model(input_ids=ids, **{CAPTURE_KWARG: capture})
+    eager = tiny_model(attn="eager")
+    with torch.no_grad():
+        attentions = eager.model(input_ids=ids, output_attentions=True).attentions
+    for layer, weights in enumerate(attentions):
+        torch.testing.assert_close(capture.weights[layer], weights[:, :, -3:].sum(dim=2), atol=1e-5, rtol=0)
+
+
+def test_streaming_llm_holds_the_cache_while_generating():
+    """The decode hook: each generated token evicts the oldest entry after the sinks, so memory stays constant."""
+    from ccmem.generation import decode
+
+    s = session(next(c for c in CASES if c.method == "streaming-llm"))
+    for chunk in CHUNKS:
+        s.add_ids(chunk)
+    sizes = []
+    original = s.method.decode_step
+
+    def spy(lm, state):
+        original(lm, state)
+        sizes.append(int(state.cache.layers[0].keys.shape[-2]))
+
+    s.method.decode_step = spy  # type: ignore[method-assign]
+    tokens = list(decode(s.lm, s.method, s.memory, torch.tensor([QUERY]), 12))
+    assert len(tokens) == 12
+    assert sizes == [s.memory.num_slots + len(QUERY)] * 12  # without the hook it would grow by one per token

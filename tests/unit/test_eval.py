@@ -10,8 +10,8 @@ import torch
 from ccmem.api import load
 from ccmem.data import icl
 from ccmem.data.records import to_sample
-from ccmem.evaluate import EvalRow, EvalSettings, compare, evaluate, read_rows, rouge_l
-from ccmem.report import markdown, mismatches, write_report
+from ccmem.eval.harness import EvalRow, EvalSettings, compare, evaluate, read_rows, rouge_l
+from ccmem.eval.report import markdown, mismatches, write_report
 from tests.conftest import tiny_model
 from tests.unit.test_cli import run_cli
 

@@ -52,3 +52,34 @@ def test_session_memory_carries_no_autograd_graph():
     session = CompressedLM(tiny_model(), get_method("ccm-merge", n_tok=2), system_prompt="sys")
     session.add_ids([5, 6, 7])
     assert all(not k.requires_grad and not v.requires_grad for k, v in session.memory.layers)
+
+
+def test_a_write_killed_midway_keeps_the_old_file_and_its_temporary_is_swept(tmp_path):
+    """``kill -9`` during an atomic write: the old file stays whole, and the next write removes the leftover."""
+    import subprocess
+    import sys
+    import time
+
+    from ccmem.fileio import atomic_path
+
+    target = tmp_path / "memory.safetensors"
+    target.write_bytes(b"old contents")
+    script = (
+        "import time, sys\n"
+        "from ccmem.fileio import atomic_path\n"
+        f"with atomic_path({str(target)!r}) as tmp:\n"
+        "    tmp.write_bytes(b'x' * 1000)\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
+    proc.kill()
+    proc.wait()
+    time.sleep(0.1)
+    leftovers = list(tmp_path.glob(".memory.safetensors.*.tmp"))
+    assert len(leftovers) == 1 and target.read_bytes() == b"old contents"
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"new contents")
+    assert target.read_bytes() == b"new contents"
+    assert list(tmp_path.iterdir()) == [target]

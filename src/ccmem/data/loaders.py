@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ccmem.data import formats, icl, persona
+from ccmem.data import formats, icl, persona, text
 from ccmem.data.records import MemoryExample
 
 if TYPE_CHECKING:
@@ -86,6 +86,9 @@ LOADERS: dict[str, Loader] = {
     "soda": lambda cfg, split: formats.dialogs(_path(cfg, split), split, "dialogue", cfg.k, "soda"),
     "unified": _unified,
     "pretrain": lambda cfg, split: formats.pretrain(_path(cfg, split), split, cfg.k),
+    "text": lambda cfg, split: text.examples(
+        cfg.n_train if split == "train" else cfg.n_eval, split, seed=cfg.seed, path=cfg.path
+    ),
 }
 
 
@@ -93,7 +96,8 @@ def data_version(cfg: DataConfig) -> str:
     """What the examples came from: a generator version, or the files read."""
     if cfg.path:
         return f"files:{cfg.path}"
-    return {"persona": persona.GENERATOR_VERSION, "icl": icl.GENERATOR_VERSION}.get(cfg.dataset, cfg.dataset)
+    versions = {"persona": persona.GENERATOR_VERSION, "icl": icl.GENERATOR_VERSION, "text": text.GENERATOR_VERSION}
+    return versions.get(cfg.dataset, cfg.dataset)
 
 
 def load_examples(cfg: DataConfig, split: str = "train") -> list[MemoryExample]:
@@ -110,4 +114,4 @@ def load_examples(cfg: DataConfig, split: str = "train") -> list[MemoryExample]:
         raise FileNotFoundError(f"data.path {cfg.path} does not exist")
     examples = loader(cfg, split)
     limit = cfg.n_train if split == "train" else cfg.n_eval
-    return examples[:limit] if limit and cfg.path else examples
+    return examples[:limit] if limit and cfg.path and cfg.dataset != "text" else examples

@@ -3,4 +3,14 @@
 Importing this package registers the built-in methods; add a new method's module here.
 """
 
-from ccmem.methods import ccm, full, gist  # noqa: F401 - imported to register them
+from ccmem.methods import (  # noqa: F401 - imported to register them
+    ccm,
+    expected_attention,
+    full,
+    gist,
+    h2o,
+    knorm,
+    snapkv,
+    streaming,
+    tova,
+)

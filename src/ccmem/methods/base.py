@@ -77,6 +77,7 @@ class DecodeState:
     position: int
     memory: Memory
     tokens: list[int]
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # a method's own bookkeeping while decoding
 
 
 @dataclass

@@ -1,9 +1,17 @@
-"""CCM attention, registered through transformers' public ``AttentionInterface``.
+"""ccmem's attention, registered through transformers' public ``AttentionInterface``.
 
-A model switched to ``ccm_sdpa`` or ``ccm_eager`` behaves exactly like ``sdpa`` / ``eager`` until a
-forward receives an :class:`AttentionPlan` as the ``ccm_plan`` keyword (transformers passes extra forward
-keywords down to the attention function). With a plan, the attention appends the merged <COMP> keys and
-values (CCM-merge) and uses the plan's mask instead of the model's causal one. No model file is forked.
+A model switched to ``ccm_sdpa`` or ``ccm_eager`` (for a scope: :func:`compression_attention`) behaves exactly
+like ``sdpa`` / ``eager`` until a forward passes one of two keywords, which transformers hands down to the
+attention function of every layer:
+
+* ``ccm_plan=AttentionPlan``: parallel CCM training. The attention appends the merged <COMP> keys and values
+  (CCM-merge) and uses the plan's mask instead of the model's causal one.
+* ``ccm_capture=AttentionCapture``: KV methods that rank entries by attention (H2O, SnapKV, TOVA) or by the
+  queries (Expected Attention). The attention still runs as sdpa/eager; in addition, for just the newest
+  queries the capture asks for, their softmax weights (summed over those queries) and/or the queries themselves
+  are recorded per layer. The model never has to switch to eager attention for the whole sequence.
+
+No model file is forked.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 from ccmem.masks import MaskPlan, to_additive, windowed
 
 PLAN_KWARG = "ccm_plan"
+CAPTURE_KWARG = "ccm_capture"
 BASE_IMPLEMENTATION = {"ccm_sdpa": "sdpa", "ccm_eager": "eager"}
 
 
@@ -62,6 +71,56 @@ class AttentionPlan:
             allowed = windowed(self.allowed, self.order, sliding_window)
             self.windows[sliding_window] = to_additive(allowed, self.mask.dtype)
         return self.windows[sliding_window]
+
+
+@dataclass
+class AttentionCapture:
+    """What one forward should record, per layer, about its newest ``queries`` queries (``None``: all of them).
+
+    ``weights[layer]``: ``[batch, query_heads, keys]``, the softmax attention weights of those queries summed over
+    them (causally masked, as the layer computed them; soft-capping included). ``queries[layer]``:
+    ``[batch, query_heads, n, head_dim]``, the queries after position encoding.
+    """
+
+    queries_wanted: int | None = None
+    want_weights: bool = True
+    want_queries: bool = False
+    weights: dict[int, torch.Tensor] = field(default_factory=dict)
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)
+    scaling: dict[int, float] = field(default_factory=dict)  # the factor each layer scales q·k by
+
+    def record(
+        self,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None,
+        softcap: float | None,
+    ) -> None:
+        layer = getattr(module, "layer_idx", None)
+        if layer is None:
+            layer = len(self.weights) if self.want_weights else len(self.queries)
+        q_len, k_len = query.shape[2], key.shape[2]
+        n = q_len if self.queries_wanted is None else min(self.queries_wanted, q_len)
+        q = query[:, :, q_len - n :]
+        self.scaling[layer] = scaling if scaling is not None else q.shape[-1] ** -0.5
+        if self.want_queries:
+            self.queries[layer] = q.detach()
+        if not self.want_weights:
+            return
+        groups = query.shape[1] // key.shape[1]
+        k = key.repeat_interleave(groups, dim=1) if groups > 1 else key
+        scores = (q.float() @ k.float().transpose(2, 3)) * self.scaling[layer]
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = attention_mask[:, :, -n:, :k_len]
+            scores = scores + (mask.float() if mask.dtype != torch.bool else torch.where(mask, 0.0, float("-inf")))
+        else:  # sdpa with an implicit causal mask: query i of this forward sees keys up to k_len - q_len + i
+            rows = torch.arange(q_len - n, q_len, device=q.device)[:, None] + (k_len - q_len)
+            scores = scores.masked_fill(torch.arange(k_len, device=q.device)[None, :] > rows, float("-inf"))
+        self.weights[layer] = torch.softmax(scores, dim=-1).sum(dim=2)
 
 
 def _with_merged(states: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
@@ -116,6 +175,9 @@ def _make(base: str) -> Callable[..., Any]:
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         plan: AttentionPlan | None = kwargs.pop(PLAN_KWARG, None)
+        capture: AttentionCapture | None = kwargs.pop(CAPTURE_KWARG, None)
+        if capture is not None:
+            capture.record(module, query, key, attention_mask, kwargs.get("scaling"), kwargs.get("softcap"))
         if plan is not None:
             key, value = _with_merged(key, plan), _with_merged(value, plan)
             attention_mask = plan.mask_for(kwargs.get("sliding_window")).to(query.dtype)

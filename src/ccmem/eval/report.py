@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from ccmem.evaluate import EvalRow
+from ccmem.eval.harness import EvalRow
 
 COLUMNS = (
     ("method", "method"),

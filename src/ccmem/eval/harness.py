@@ -63,6 +63,7 @@ class EvalRow:
     label: str = ""  # free text to tell runs apart in reports (e.g. "k=4")
     extra: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)  # method options given (not the defaults)
+    budget: float | None = None  # the share of the context a budgeted method kept (``ccmem compare``)
 
 
 @dataclass
@@ -72,6 +73,8 @@ class EvalSettings:
     system: str | None = DEFAULT_SYSTEM_PROMPT  # as at training and in ccmem.load
     method_options: dict[str, Any] = field(default_factory=dict)
     score: str = "sum"  # option scoring: "sum" (MetaICL) or "mean" (length-normalised) log-likelihood
+    data: dict[str, Any] = field(default_factory=dict)  # how the examples were made (k, seed, ...), when known
+    model: str = ""  # which model, when rows of several models may meet
 
     def __post_init__(self) -> None:
         if self.score not in SCORE_REDUCTIONS:
@@ -79,8 +82,9 @@ class EvalSettings:
 
     def fingerprint(self, dataset: str, n: int) -> str:
         settings = asdict(self)
-        if self.score == "sum":
-            del settings["score"]  # the default before the option existed: older rows keep their hash
+        for key, default in (("score", "sum"), ("data", {}), ("model", "")):
+            if settings[key] == default:
+                del settings[key]  # the default before the field existed: older rows keep their hash
         blob = json.dumps({"dataset": dataset, "n": n, **settings}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

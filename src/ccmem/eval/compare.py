@@ -1,0 +1,259 @@
+"""``ccmem compare``: methods x tasks x memory budgets in one run, one report.
+
+Every cell of the grid is one method on one task's examples (:func:`ccmem.eval.harness.evaluate`), at one
+budget for methods that take one (``ratio`` = the share of the context kept: 1/2 ... 1/16 of ``full``), at
+their own memory size otherwise (``full``, ``none``, CCM, gist). Rows are appended to ``rows.jsonl`` as cells
+finish, so an interrupted run resumes where it stopped; a row is reused only if it was made with the same
+settings (its config hash), so rows of different settings never meet in one table.
+
+A second measurement times decoding: tokens/s of greedy generation after histories of growing length, per
+method (budgeted methods at ``decode_budget``), which is where a smaller cache pays off.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ccmem.api import load
+from ccmem.data.loaders import data_version, load_examples
+from ccmem.eval.harness import EvalRow, EvalSettings, append_row, check_options_apply, evaluate, options_for
+from ccmem.fileio import jsonl_records
+from ccmem.loading import LoadedModel
+from ccmem.registry import method_class
+from ccmem.train.config import DataConfig
+
+
+@dataclass(frozen=True)
+class Task:
+    """A dataset the grid runs on, and the metric its plot shows."""
+
+    name: str
+    description: str
+    dataset: str
+    metric: str  # "accuracy" (higher is better) or "perplexity" (lower is better)
+    k: int = 3
+    small_talk: int = 0
+    seed: int = 0
+
+
+TASKS: dict[str, Task] = {
+    "persona": Task("persona", "persona facts: 3 facts among 5 small-talk turns", "persona", "accuracy", 3, 5),
+    "icl": Task("icl", "in-context classification: 8 demonstrations", "icl", "accuracy", k=8),
+    "text": Task("text", "long-text perplexity: Shakespeare, ~2000 characters of context", "text", "perplexity"),
+}
+DEFAULT_METHODS = (
+    "full",
+    "none",
+    "ccm-concat",
+    "ccm-merge",
+    "streaming-llm",
+    "h2o",
+    "snapkv",
+    "tova",
+    "knorm",
+    "expected-attention",
+)
+DEFAULT_BUDGETS = (1 / 2, 1 / 4, 1 / 8, 1 / 16)
+
+
+@dataclass
+class CompareSettings:
+    """The grid: which methods, tasks, budgets and how many examples; what is timed for decoding."""
+
+    methods: Sequence[str] = DEFAULT_METHODS
+    tasks: Sequence[str] = tuple(TASKS)
+    budgets: Sequence[float] = DEFAULT_BUDGETS
+    n: int = 30
+    options: dict[str, Any] = field(default_factory=dict)  # method options, each to the methods that have it
+    system: str | None = "You are a helpful assistant."
+    decode_lengths: Sequence[int] = (128, 512, 1024)  # history tokens before decoding is timed
+    decode_tokens: int = 32
+    decode_budget: float = 1 / 8
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task {unknown[0]!r}; tasks: {', '.join(TASKS)}")
+        for name in self.methods:
+            method_class(name)
+        check_options_apply(self.methods, self.options)
+        for b in self.budgets:
+            if not 0 < b <= 1:
+                raise ValueError(f"budgets are shares of the context in (0, 1], got {b}")
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}")
+        if not 0 < self.decode_budget <= 1:
+            raise ValueError(f"decode_budget must be in (0, 1], got {self.decode_budget}")
+
+    def eval_settings(self, task: Task, model: str) -> EvalSettings:
+        data = {"k": task.k, "small_talk": task.small_talk, "seed": task.seed, "description": task.description}
+        return EvalSettings(system=self.system, method_options=dict(self.options), data=data, model=model)
+
+
+@dataclass(frozen=True)
+class Cell:
+    task: str
+    method: str
+    budget: float | None
+
+    @property
+    def label(self) -> str:
+        return f"{self.task}: {self.method}" + (f" at {budget_text(self.budget)}" if self.budget else "")
+
+
+def budget_text(budget: float | None) -> str:
+    """``1/8`` for 0.125, ``0.3`` for 0.3, ``-`` for none."""
+    if budget is None:
+        return "-"
+    inverse = 1 / budget
+    return f"1/{round(inverse)}" if abs(inverse - round(inverse)) < 1e-6 else f"{budget:g}"
+
+
+def grid(settings: CompareSettings) -> list[Cell]:
+    cells = []
+    for task in settings.tasks:
+        for name in settings.methods:
+            budgets = settings.budgets if method_class(name).budgeted else [None]
+            cells += [Cell(task, name, b) for b in budgets]
+    return cells
+
+
+def task_examples(task: Task, n: int) -> list[Any]:
+    config = DataConfig(dataset=task.dataset, n_train=n, n_eval=n, k=task.k, small_talk=task.small_talk, seed=task.seed)
+    return load_examples(config, "test")[:n]
+
+
+def _key(row: EvalRow) -> tuple[Any, ...]:
+    return row.dataset, row.method, row.budget, row.config_hash, json.dumps(row.options, sort_keys=True)
+
+
+def read_cached(path: Path) -> list[EvalRow]:
+    if not path.is_file():
+        return []
+    fields = set(EvalRow.__dataclass_fields__)
+    return [EvalRow(**{k: v for k, v in rec.items() if k in fields}) for _, rec in jsonl_records(path, "rows file")]
+
+
+def run_grid(
+    lm: LoadedModel,
+    settings: CompareSettings,
+    out_dir: Path,
+    *,
+    progress: Callable[[Cell, int, int], None] | None = None,
+) -> Iterator[EvalRow]:
+    """Evaluate every cell not already in ``out_dir/rows.jsonl`` (with the same settings); yield every row."""
+    rows_file = out_dir / "rows.jsonl"
+    cached = {_key(r): r for r in read_cached(rows_file)}
+    for task_name in settings.tasks:
+        task = TASKS[task_name]
+        examples = task_examples(task, settings.n)
+        eval_settings = settings.eval_settings(task, lm.name)
+        for cell in (c for c in grid(settings) if c.task == task_name):
+            options = options_for(cell.method, settings.options)
+            probe = EvalRow(**_empty_row(cell, eval_settings.fingerprint(task.name, len(examples)), options))
+            if _key(probe) in cached:
+                if progress:
+                    progress(cell, len(examples), len(examples))
+                yield cached[_key(probe)]
+                continue
+            budget: dict[str, Any] = {"ratio": cell.budget} if cell.budget is not None else {}
+            session = load(lm, method=cell.method, system_prompt=settings.system, **options, **budget)
+            report = functools.partial(_report, progress, cell, len(examples)) if progress else None
+            row = evaluate(session, examples, dataset=task.name, settings=eval_settings, label=task.description,
+                           progress=report)  # fmt: skip
+            row.budget = cell.budget
+            row.extra["data_version"] = data_version(DataConfig(dataset=task.dataset))
+            append_row(rows_file, row)
+            yield row
+
+
+def _report(progress: Callable[[Cell, int, int], None], cell: Cell, total: int, done: int) -> None:
+    progress(cell, done, total)
+
+
+def _empty_row(cell: Cell, config_hash: str, options: dict[str, Any]) -> dict[str, Any]:
+    return dict(
+        method=cell.method, model="", adapter="", train_dataset="", dataset=cell.task, split="test", examples=0,
+        accuracy=None, perplexity=None, exact_match=None, contains=None, rouge_l=None, memory_slots=0.0,
+        memory_bytes=0.0, context_tokens=0.0, tokens_per_second=0.0, seconds=0.0, config_hash=config_hash,
+        options=options, budget=cell.budget,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- decode speed
+
+
+@dataclass
+class DecodeRow:
+    """Greedy decoding speed after a history of ``history_tokens`` tokens, with what the memory held."""
+
+    method: str
+    budget: float | None
+    history_tokens: int
+    memory_slots: int
+    memory_bytes: int
+    new_tokens: int
+    tokens_per_second: float
+    model: str
+    config_hash: str
+
+
+def decode_history(lm: LoadedModel, length: int) -> list[int]:
+    """``length`` tokens of packaged text (the long-text task's documents), the same for every method."""
+    from ccmem.data.text import text_files
+
+    text = "".join(p.read_text(encoding="utf-8", errors="replace") for p in text_files(None)[:3])
+    ids = list(lm.tokenizer.encode(text, add_special_tokens=False))
+    if len(ids) < length:
+        raise ValueError(f"the packaged text holds {len(ids)} tokens, fewer than the {length} asked for")
+    return ids[:length]
+
+
+def run_decode_speed(
+    lm: LoadedModel, settings: CompareSettings, out_dir: Path, *, progress: Callable[[str], None] | None = None
+) -> list[DecodeRow]:
+    """Time ``decode_tokens`` greedy tokens after each history length, per method; cached in ``decode.jsonl``."""
+    path = out_dir / "decode.jsonl"
+    blob = json.dumps(
+        {"lengths": list(settings.decode_lengths), "tokens": settings.decode_tokens, "model": lm.name,
+         "budget": settings.decode_budget, "options": settings.options, "system": settings.system},
+        sort_keys=True,
+    )  # fmt: skip
+    config_hash = hashlib.sha256(blob.encode()).hexdigest()[:12]
+    cached = [DecodeRow(**rec) for _, rec in jsonl_records(path, "decode file")] if path.is_file() else []
+    done = {(r.method, r.history_tokens) for r in cached if r.config_hash == config_hash}
+    rows = [r for r in cached if r.config_hash == config_hash]
+    limit = lm.max_positions or max(settings.decode_lengths) + settings.decode_tokens + 64
+    for name in settings.methods:
+        budget = settings.decode_budget if method_class(name).budgeted else None
+        for length in settings.decode_lengths:
+            if (name, length) in done:
+                continue
+            if length + settings.decode_tokens + 64 > limit:
+                continue
+            if progress:
+                progress(f"decode: {name} after {length} tokens")
+            options: dict[str, Any] = options_for(name, settings.options) | ({"ratio": budget} if budget else {})
+            session = load(lm, method=name, system_prompt=settings.system, **options)
+            session.add_ids(decode_history(lm, length))
+            query = session.query_ids("Go on.")
+            list(session.stream_ids(query, 2, stop_ids=set()))  # warm-up
+            started = time.perf_counter()
+            n = sum(1 for _ in session.stream_ids(query, settings.decode_tokens, stop_ids=set()))
+            seconds = time.perf_counter() - started
+            row = DecodeRow(
+                name, budget, length, session.memory.num_slots, session.memory.nbytes, n, round(n / seconds, 2),
+                lm.name, config_hash,
+            )  # fmt: skip
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(asdict(row)) + "\n")
+            rows.append(row)
+    return rows

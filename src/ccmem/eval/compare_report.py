@@ -1,0 +1,237 @@
+"""The ``ccmem compare`` report: per task a table of quality against memory budget and a plot of quality
+against KV bytes; a plot of decode speed against history length; as markdown and as one self-contained HTML
+page (plots embedded), all made from the result rows.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ccmem.eval.compare import TASKS, DecodeRow, budget_text
+from ccmem.eval.harness import EvalRow
+from ccmem.eval.report import display_method, mismatches
+from ccmem.registry import method_class
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("the compare report's plots need matplotlib: pip install 'ccmem[eval]'") from None
+    return plt
+
+
+def _metric(rows: Sequence[EvalRow], task: str) -> str:
+    return TASKS[task].metric if task in TASKS else ("accuracy" if rows[0].accuracy is not None else "perplexity")
+
+
+def _value(row: EvalRow, metric: str) -> float | None:
+    value = getattr(row, metric)
+    return None if value is None else float(value)
+
+
+def _fmt(value: float | None, metric: str) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if metric == "accuracy" else f"{value:.2f}"
+
+
+def task_table(rows: Sequence[EvalRow], task: str) -> str:
+    """Markdown: one line per method, the metric at each budget (budgeted methods) or at the method's own size."""
+    metric = _metric(rows, task)
+    budgets = sorted({r.budget for r in rows if r.budget is not None}, reverse=True)
+    header = ["method", "kind", "own size", *(f"{budget_text(b)} of full" for b in budgets)]
+    lines = [f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
+    by_method: dict[str, dict[float | None, EvalRow]] = defaultdict(dict)
+    for r in rows:
+        by_method[display_method(r)][r.budget] = r
+    for name, cells in by_method.items():
+        own = cells.get(None)
+        own_text = f"{_fmt(_value(own, metric), metric)} ({own.memory_slots:.0f} slots)" if own else ""
+        kind = method_class(next(iter(cells.values())).method).kind
+        budget_cells = []
+        for b in budgets:
+            row = cells.get(b)
+            budget_cells.append(f"{_fmt(_value(row, metric), metric)} ({row.memory_slots:.0f})" if row else "")
+        lines.append(f"| {name} | {kind} | {own_text} | {' | '.join(budget_cells)} |")
+    direction = "higher is better" if metric == "accuracy" else "lower is better"
+    note = f"\n{metric} ({direction}); in brackets: mean KV slots per layer, the system prompt's included.\n"
+    return "\n".join(lines) + "\n" + note
+
+
+def learned_vs_training_free(rows: Sequence[EvalRow], budget: float = 1 / 8) -> list[str]:
+    """Per accuracy task: each learned method against the best training-free method at ``budget`` and at the
+    next larger budget, with the slots each used (what the README's target compares)."""
+    notes = []
+    for task in sorted({r.dataset for r in rows}):
+        task_rows = [r for r in rows if r.dataset == task]
+        if _metric(task_rows, task) != "accuracy":
+            continue
+        learned = [r for r in task_rows if method_class(r.method).kind == "learned" and r.budget is None]
+        free = [r for r in task_rows if method_class(r.method).kind == "training-free" and r.budget is not None]
+        for b in sorted({r.budget for r in free if r.budget is not None and r.budget >= budget - 1e-9}):
+            at = [r for r in free if r.budget is not None and abs(r.budget - b) < 1e-9]
+            best = max(at, key=lambda r: r.accuracy or 0.0)
+            for row in learned:
+                verdict = "beats" if (row.accuracy or 0) > (best.accuracy or 0) else "does not beat"
+                notes.append(
+                    f"{task}: {row.method} ({row.accuracy:.3f}, {row.memory_slots:.0f} slots) {verdict} the best "
+                    f"training-free method at {budget_text(b)} of full, {best.method} ({best.accuracy:.3f}, "
+                    f"{best.memory_slots:.0f} slots)"
+                )
+            if len(notes) >= 2 * max(1, len(learned)):
+                break
+    return notes
+
+
+def plot_quality(rows: Sequence[EvalRow], task: str, path: Path) -> Path:
+    """Quality against KV bytes: a line per budgeted method, a point per other method, full/none as lines."""
+    plt = _pyplot()
+    metric = _metric(rows, task)
+    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    names = sorted({r.method for r in rows})
+    for name in names:
+        points = sorted((r.memory_bytes / 1024, _value(r, metric)) for r in rows if r.method == name)
+        points = [(x, y) for x, y in points if y is not None]
+        if not points:
+            continue
+        if name in ("full", "none"):
+            ax.axhline(points[0][1], linestyle="--", color="black" if name == "full" else "grey", linewidth=1)
+            ax.annotate(name, (points[0][0], points[0][1]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.plot([points[0][0]], [points[0][1]], marker="s", color="black" if name == "full" else "grey")
+            continue
+        style = "-o" if len(points) > 1 else "*"
+        ax.plot(
+            [p[0] for p in points], [p[1] for p in points], style, label=name, markersize=7 if len(points) > 1 else 12
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("KV memory per example (KiB, log scale)")
+    ax.set_ylabel(metric + (" (lower is better)" if metric == "perplexity" else ""))
+    if metric == "perplexity":
+        ax.set_yscale("log")
+    model = ", ".join(sorted({r.model for r in rows}))
+    ax.set_title(f"{TASKS[task].description if task in TASKS else task} ({model})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_decode(rows: Sequence[DecodeRow], path: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.2, 4.2))
+    for name in sorted({r.method for r in rows}):
+        points = sorted((r.history_tokens, r.tokens_per_second) for r in rows if r.method == name)
+        budget = next(r.budget for r in rows if r.method == name)
+        label = name + (f" ({budget_text(budget)})" if budget else "")
+        ax.plot([p[0] for p in points], [p[1] for p in points], "-o", label=label)
+    ax.set_xlabel("history read before decoding (tokens)")
+    ax.set_ylabel("greedy decode speed (tokens/s)")
+    ax.set_title(f"decode speed against history length ({', '.join(sorted({r.model for r in rows}))})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def decode_table(rows: Sequence[DecodeRow]) -> str:
+    lengths = sorted({r.history_tokens for r in rows})
+    header = ["method", "budget", *(f"{n} tokens: tok/s (slots)" for n in lengths)]
+    lines = [f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
+    for name in sorted({r.method for r in rows}):
+        mine = {r.history_tokens: r for r in rows if r.method == name}
+        budget = next(iter(mine.values())).budget
+        cells = [f"{mine[n].tokens_per_second:.1f} ({mine[n].memory_slots})" if n in mine else "" for n in lengths]
+        lines.append(f"| {name} | {budget_text(budget)} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_compare_report(
+    rows: Sequence[EvalRow], decode_rows: Sequence[DecodeRow], out_dir: Path, *, header: str = ""
+) -> dict[str, Path]:
+    """``report.md``, ``report.html`` (self-contained) and the PNGs in ``out_dir``."""
+    if not rows:
+        raise ValueError("no result rows to report")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sections: list[tuple[str, str, Path | None]] = []
+    paths: dict[str, Path] = {}
+    for task in sorted({r.dataset for r in rows}, key=lambda t: list(TASKS).index(t) if t in TASKS else 99):
+        task_rows = [r for r in rows if r.dataset == task]
+        png = plot_quality(task_rows, task, out_dir / f"quality_vs_kv_{task}.png")
+        paths[f"plot_{task}"] = png
+        warnings = "".join(f"\n> **Not comparable**: {w}\n" for w in mismatches(task_rows))
+        examples = max(r.examples for r in task_rows)
+        title = f"{TASKS[task].description if task in TASKS else task} ({examples} examples)"
+        sections.append((title, task_table(task_rows, task) + warnings, png))
+    notes = learned_vs_training_free(rows)
+    if notes:
+        sections.append(("Learned against training-free at the same budget", "".join(f"- {n}\n" for n in notes), None))
+    if decode_rows:
+        speed = plot_decode(decode_rows, out_dir / "decode_speed.png")
+        paths["plot_decode"] = speed
+        sections.append(("Decode speed", decode_table(decode_rows), speed))
+    md = [f"# ccmem compare\n\n{header}\n"]
+    for title, body, image in sections:
+        md.append(f"## {title}\n\n{body}\n" + (f"![{title}]({image.name})\n" if image else ""))
+    paths["markdown"] = out_dir / "report.md"
+    paths["markdown"].write_text("\n".join(md), encoding="utf-8")
+    paths["html"] = out_dir / "report.html"
+    paths["html"].write_text(_html(header, sections), encoding="utf-8")
+    return paths
+
+
+def _html(header: str, sections: Sequence[tuple[str, str, Path | None]]) -> str:
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>ccmem compare</title><style>"
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}"
+        "th{background:#f3f3f3}img{max-width:100%}blockquote{color:#a33}</style></head><body>",
+        f"<h1>ccmem compare</h1><p>{html.escape(header)}</p>",
+    ]
+    for title, body, png in sections:
+        parts.append(f"<h2>{html.escape(title)}</h2>{_markdown_to_html(body)}")
+        if png is not None:
+            data = base64.b64encode(png.read_bytes()).decode()
+            parts.append(f"<img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _markdown_to_html(text: str) -> str:
+    """The small markdown the report writes (tables, bullets, block quotes, paragraphs) as HTML."""
+    out, table, items = [], [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            table.append([c.strip() for c in line.strip("|").split("|")])
+            continue
+        if table:
+            head, *body = [r for r in table if not all(set(c) <= {"-"} for c in r)]
+            out.append(
+                "<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
+                + "</table>"
+            )  # fmt: skip
+            table = []
+        if line.startswith("- "):
+            items.append(f"<li>{html.escape(line[2:])}</li>")
+            continue
+        if items:
+            out.append("<ul>" + "".join(items) + "</ul>")
+            items = []
+        if line.startswith("> "):
+            out.append(f"<blockquote>{html.escape(line[2:].replace('**', ''))}</blockquote>")
+        elif line.strip():
+            out.append(f"<p>{html.escape(line)}</p>")
+    return "\n".join(out)

@@ -1,0 +1,86 @@
+"""``ccmem compare``: the grid, resuming from cached rows, rows of other settings kept apart, the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ccmem.eval import compare as compare_module
+from ccmem.eval.compare import CompareSettings, grid, run_decode_speed, run_grid
+from ccmem.eval.compare_report import write_compare_report
+from tests.conftest import tiny_model
+from tests.unit.test_cli import run_cli
+
+SETTINGS = dict(
+    methods=["full", "none", "ccm-merge", "knorm", "snapkv"],
+    tasks=["persona", "icl", "text"],
+    budgets=[1 / 2, 1 / 4],
+    n=2,
+    options={"window_size": 4},
+    system="Hi.",
+    decode_lengths=[16, 32],
+    decode_tokens=3,
+)
+
+
+def test_grid_runs_budgeted_methods_at_every_budget_and_the_others_once():
+    cells = grid(CompareSettings(**SETTINGS))
+    per_task = [(c.method, c.budget) for c in cells if c.task == "persona"]
+    assert per_task == [("full", None), ("none", None), ("ccm-merge", None), ("knorm", 0.5), ("knorm", 0.25),
+                        ("snapkv", 0.5), ("snapkv", 0.25)]  # fmt: skip
+    assert len(cells) == 3 * 7
+
+
+def test_compare_runs_resumes_and_reports(tmp_path, monkeypatch):
+    lm = tiny_model(positions=8192)  # one token per character: the long-text task reads ~2,500 tokens
+    settings = CompareSettings(**SETTINGS)
+    rows = list(run_grid(lm, settings, tmp_path))
+    assert len(rows) == 21
+    persona = {(r.method, r.budget): r for r in rows if r.dataset == "persona"}
+    full, half, quarter = persona[("full", None)], persona[("knorm", 0.5)], persona[("knorm", 0.25)]
+    assert quarter.memory_slots < half.memory_slots < full.memory_slots
+    assert persona[("snapkv", 0.5)].options == {"window_size": 4} and persona[("knorm", 0.5)].options == {}
+    assert all(r.perplexity is not None for r in rows if r.dataset == "text")
+    assert len({r.config_hash for r in rows if r.dataset == "persona"}) == 1  # one table, one setting
+
+    # A second run evaluates nothing: every cell comes from rows.jsonl.
+    def fail(*args, **kwargs):
+        raise AssertionError("a cached cell was evaluated again")
+
+    monkeypatch.setattr(compare_module, "evaluate", fail)
+    again = list(run_grid(lm, settings, tmp_path))
+    assert [(r.method, r.budget, r.accuracy) for r in again] == [(r.method, r.budget, r.accuracy) for r in rows]
+    monkeypatch.undo()
+
+    # Other settings (more examples) are measured anew and never mixed with the cached rows.
+    more = list(run_grid(lm, CompareSettings(**(SETTINGS | {"n": 3, "tasks": ["persona"]})), tmp_path))
+    assert all(r.examples == 3 for r in more)
+    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 21 + 7
+
+    decode_rows = run_decode_speed(lm, settings, tmp_path)
+    assert {(r.method, r.history_tokens) for r in decode_rows} == {
+        (m, n) for m in SETTINGS["methods"] for n in (16, 32)
+    }
+    knorm = {r.history_tokens: r for r in decode_rows if r.method == "knorm"}
+    assert knorm[32].budget == pytest.approx(1 / 8) and knorm[32].memory_slots < 32
+    paths = write_compare_report(rows, decode_rows, tmp_path, header="tiny")
+    page = paths["html"].read_text()
+    assert page.count("data:image/png;base64,") == 4  # three tasks and decode speed, embedded
+    assert "<table>" in page and "knorm" in page
+    md = paths["markdown"].read_text()
+    assert "| knorm | training-free |" in md and "1/4 of full" in md
+
+
+def test_compare_command_line(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    args = ["compare", "--model", str(tiny_model_dir), "--methods", "full,none,knorm", "--tasks", "icl",
+            "--budgets", "1/2", "--n", "2", "--no-decode", "--out-dir", str(tmp_path)]  # fmt: skip
+    code, text = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, text
+    assert (tmp_path / "report.html").is_file() and (tmp_path / "quality_vs_kv_icl.png").is_file()
+    methods = [json.loads(line)["method"] for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert methods == ["full", "none", "knorm"]
+    code, text = run_cli(monkeypatch, capsys, "compare", "--tasks", "poetry", "--out-dir", str(tmp_path))
+    assert code == 2 and "unknown task 'poetry'" in text
+    code, text = run_cli(monkeypatch, capsys, "compare", "--budgets", "1/0", "--out-dir", str(tmp_path))
+    assert code == 2 and "must be a share of the context such as 1/8" in text
