@@ -146,40 +146,41 @@ def demo(
         get_method(name, **options_for(name, options))  # fail fast on a typo, with the list of valid names
     with console.status(f"loading {model}..."):
         lm = load_model(model)
-    table = Table(title=f"ccmem demo on {model}: answers from memory", show_lines=True)
-    columns: list[tuple[str, dict[str, Any]]] = [
-        ("method", {"style": "bold"}),
-        ("question", {}),
-        ("answer", {"max_width": 48}),
-        ("gen ok", {"justify": "center"}),
-        ("score ok", {"justify": "center"}),
-        ("slots", {"justify": "right"}),
-        ("memory", {"justify": "right"}),
-        ("seconds", {"justify": "right"}),
-    ]
-    for col, kw in columns:
-        table.add_column(col, **kw)
+    rows = []
     untrained = set()
     with console.status("running...") as status:
         for row in run_demo(lm, names, options=options, max_new_tokens=max_new_tokens, out=out):
             status.update(f"{row.method}: {row.question}")
-            label = row.method + (" [yellow](untrained)[/]" if row.adapter == "untrained" else "")
+            rows.append(row)
             if row.adapter == "untrained":
                 untrained.add(row.method)
+    console.print(f"[bold]ccmem demo on {model}: answers from memory[/]")
+    width = max(len(n) + (len(" (untrained)") if n in untrained else 0) for n in names)
+    for example, question in dict.fromkeys((r.example, r.question) for r in rows):
+        console.print(f"\n[bold]{escape(example)}[/]: {escape(question)}", highlight=False)
+        table = Table(box=None, padding=(0, 1), show_edge=False, header_style="dim")
+        table.add_column("method", no_wrap=True, min_width=width)
+        numbers = (("gen", 3), ("score", 5), ("slots", 5), ("KiB", 5), ("s", 4))
+        # The answer gets what the terminal has left (one space between columns), at least 12 characters.
+        answer = max(12, console.width - width - sum(d for _, d in numbers) - 2 * (len(numbers) + 1) - 1)
+        table.add_column("answer", no_wrap=True, overflow="ellipsis", width=answer)
+        for col, digits in numbers:
+            table.add_column(col, justify="right", no_wrap=True, width=digits)
+        for row in (r for r in rows if (r.example, r.question) == (example, question)):
+            label = row.method + (" [yellow](untrained)[/]" if row.adapter == "untrained" else "")
             table.add_row(
                 label,
-                row.question,
-                row.answer,
+                escape(" ".join(row.answer.split())),
                 "[green]yes[/]" if row.correct else "[red]no[/]",
                 "[green]yes[/]" if row.option_correct else "[red]no[/]",
                 str(row.memory_slots),
-                f"{row.memory_bytes / 1024:.0f} KiB",
-                f"{row.compress_seconds:.1f}+{row.answer_seconds:.1f}",
+                f"{row.memory_bytes / 1024:.0f}",
+                f"{row.compress_seconds + row.answer_seconds:.1f}",
             )
-    console.print(table)
+        console.print(table)
     console.print(
-        "gen ok: the generated answer contains the fact; score ok: the fact is the most likely of 4 options. "
-        "seconds = compressing the conversation + answering; slots/memory = key/value positions kept."
+        "\ngen: the generated answer contains the fact; score: the fact is the most likely of 4 options; "
+        "slots/KiB: key/value memory kept; s: seconds to compress the conversation and answer."
     )
     if untrained:
         console.print(

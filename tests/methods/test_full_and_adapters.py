@@ -202,3 +202,55 @@ def test_option_scores_are_the_log_likelihood_under_full_context():
     assert mean == pytest.approx([s / len(o) for s, o in zip(scores, options, strict=True)], abs=1e-5)
     with pytest.raises(ValueError, match="reduce must be one of"):
         session.score_ids(query, options, reduce="max")
+
+
+def test_api_refuses_bad_input_with_clear_errors():
+    session = CompressedLM(tiny_model(), get_method("full"), system_prompt=None)
+    for bad, message in [(None, "got NoneType"), (123, "got int"), (b"bytes", "got bytes")]:
+        with pytest.raises(ValueError, match=message):
+            session.add(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"token id 500 in the context is outside this model's vocabulary \(0..96\)"):
+        session.add_ids([5, 500])
+    with pytest.raises(ValueError, match="token id -1"):
+        session.add_ids([-1])
+    with pytest.raises(ValueError, match="must be token ids"):
+        session.add_ids([1.5, 2.0])
+    session.add_ids([5, 6])
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+        list(session.stream_ids([7], 3, temperature=1.0, top_p=0))
+    with pytest.raises(ValueError, match="temperature must be 0"):
+        list(session.stream_ids([7], 3, temperature=-1))
+    with pytest.raises(ValueError, match="options are strings"):
+        session.score("question", ["yes", 3])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda meta, t: meta.update(next_position="-50"), "negative next_position"),
+        (lambda meta, t: meta.update(sink="999"), r"sink \(999\) \+ window"),
+        (lambda meta, t: meta.update(next_position="many"), "next_position='many' is not a whole number"),
+        (lambda meta, t: meta.update(meta="{not json"), "metadata is not valid JSON"),
+        (lambda meta, t: t.update({"layers.0.keys": t["layers.0.keys"].to(torch.int32)}), "int32"),
+        (lambda meta, t: t["layers.1.values"].view(-1).__setitem__(0, float("nan")), "NaN or infinite"),
+        (lambda meta, t: t.update({k: v[:, :1] for k, v in t.items() if k.startswith("layers.0.")}), "1 heads of"),
+        (lambda meta, t: t.update({"layers.0.keys": t["layers.0.keys"][:, :1]}), "must have the same 4-D shape"),
+        (lambda meta, t: t.pop("layers.1.positions"), "layers.1.positions is missing"),
+        (lambda meta, t: [t.pop(k) for k in list(t) if k.startswith("layers.1.")], "1 layers, but the model has 2"),
+    ],
+)
+def test_a_memory_file_edited_by_hand_is_refused_with_what_is_wrong(tmp_path, edit, message):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ccmem.memory import MemoryMismatchError
+
+    session = CompressedLM(tiny_model(), get_method("full"), system_prompt="s")
+    session.add_ids([5, 6, 7])
+    path = session.save_memory(tmp_path / "m.safetensors")
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    edit(meta, tensors)
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(MemoryMismatchError, match=message):
+        session.load_memory(path)

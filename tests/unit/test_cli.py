@@ -113,3 +113,62 @@ def test_chat_answers_and_compresses_each_exchange(monkeypatch, capsys, tiny_mod
     assert "3 slots" in out  # one exchange compressed into the 3 <COMP> slots
     assert "0 slots" in out  # after /reset
     assert saved.is_file()
+
+
+def test_compress_refuses_bad_paths_and_binary_input_before_any_work(monkeypatch, capsys, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("some notes")
+    for out, message in [(text, "is the input file"), (tmp_path, "is a directory")]:
+        code, output = run_cli(monkeypatch, capsys, "compress", str(text), "-o", str(out), "--model", "no-such-model")
+        assert code == 2 and message in " ".join(output.split()), output  # refused before the model is looked up
+    assert text.read_text() == "some notes"
+    binary = tmp_path / "image.bin"
+    binary.write_bytes(b"\x89PNG\x00\x00\x01")
+    code, output = run_cli(monkeypatch, capsys, "compress", str(binary), "-o", str(tmp_path / "m.safetensors"))
+    assert code == 2 and "looks like a binary file" in output
+
+
+def test_compress_says_when_bytes_were_replaced(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("w1 caf\xe9 w2".encode("latin-1"))
+    code, output = run_cli(
+        monkeypatch, capsys, "compress", str(latin), "-o", str(tmp_path / "m.safetensors"),
+        "--model", str(tiny_model_dir), "--method", "full", "--system", "",
+    )  # fmt: skip
+    assert code == 0, output
+    assert "is not valid UTF-8: 1 characters were replaced" in " ".join(output.split())
+
+
+def test_ask_explains_that_the_memory_keeps_its_system_prompt(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    text = tmp_path / "notes.txt"
+    text.write_text("w1 w2 w3")
+    memory = tmp_path / "m.safetensors"
+    common = ["--model", str(tiny_model_dir), "--method", "full"]
+    assert run_cli(monkeypatch, capsys, "compress", str(text), "-o", str(memory), *common, "--system", "w4")[0] == 0
+    code, output = run_cli(monkeypatch, capsys, "ask", str(memory), "w1", *common, "--system", "w5")
+    assert code == 2 and "was compressed with the system prompt 'w4'" in " ".join(output.split())
+    code, output = run_cli(monkeypatch, capsys, "ask", str(memory), "w1", *common, "--max-new-tokens", "2")
+    assert code == 0, output
+
+
+def test_methods_lists_kind_options_and_paper(monkeypatch, capsys):
+    code, text = run_cli(monkeypatch, capsys, "methods")
+    assert code == 0
+    flat = " ".join(text.split())
+    assert "snapkv training-free" in flat and "window_size=64" in flat and "ratio=0.125" in flat
+    assert "ccm-concat learned" in flat and "Kim et al." in flat
+    code, text = run_cli(monkeypatch, capsys, "methods", "h2o")
+    assert code == 0 and "-O recent=0" in text and "snapkv" not in text
+
+
+def test_demo_is_readable_in_an_80_column_terminal(monkeypatch, capsys, tiny_model_dir):
+    monkeypatch.setattr(cli, "console", cli.Console(width=80, force_terminal=False))
+    methods = "full,none,expected-attention,streaming-llm"
+    code, text = run_cli(monkeypatch, capsys, "demo", "--model", str(tiny_model_dir), "--methods", methods,
+                         "--max-new-tokens", "12")  # fmt: skip
+    assert code == 0, text
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert sum("expected-attention" in line for line in lines) >= 3  # one row per question, name not cut
+    answer_rows = [line for line in lines if line.lstrip().startswith("streaming-llm")]
+    assert answer_rows and all(len(line) <= 80 for line in answer_rows)
