@@ -255,3 +255,35 @@ def test_streaming_llm_holds_the_cache_while_generating():
     tokens = list(decode(s.lm, s.method, s.memory, torch.tensor([QUERY]), 12))
     assert len(tokens) == 12
     assert sizes == [s.memory.num_slots + len(QUERY)] * 12  # without the hook it would grow by one per token
+
+
+@pytest.mark.parametrize("case", cases(batchable=True))
+def test_a_batch_of_padded_contexts_equals_one_at_a_time(case):
+    """Two interactions of different lengths (one with more turns) in padded forwards: the same memories."""
+    lm = tiny_model()
+    method = ccmem.get_method(case.method, **case.options)
+    randomize_state(method, lm)
+    contexts = [CHUNKS, [[60, 61], [62, 63, 64, 65, 66, 67]]]
+    singles = []
+    for context in contexts:
+        s = CompressedLM(lm, method, system_prompt=SYSTEM if not singles else "s")
+        for chunk in context:
+            s.add_ids(chunk)
+        singles.append(s.memory)
+    batch = [CompressedLM(lm, method, system_prompt=p) for p in (SYSTEM, "s")]
+    memories = [b.memory for b in batch]
+    with torch.no_grad(), method.attached(lm):
+        for step in range(3):
+            rows = [b for b, c in enumerate(contexts) if step < len(c)]
+            added = method.add_batch(lm, [memories[b] for b in rows], [torch.tensor([contexts[b][step]]) for b in rows])
+            for b, memory in zip(rows, added, strict=True):
+                memories[b] = memory
+    for single, batched in zip(singles, memories, strict=True):
+        assert batched.num_slots == single.num_slots and batched.next_position == single.next_position
+        assert batched.segment_lengths() == single.segment_lengths()
+        for (k1, v1), (k2, v2), p1, p2 in zip(
+            single.layers, batched.layers, single.positions, batched.positions, strict=True
+        ):
+            assert torch.equal(p1, p2)
+            torch.testing.assert_close(k1, k2, atol=1e-5, rtol=0)
+            torch.testing.assert_close(v1, v2, atol=1e-5, rtol=0)

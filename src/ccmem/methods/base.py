@@ -103,6 +103,8 @@ class Method(ABC):
     needs_attention: ClassVar[bool] = False
     #: The method keeps a memory budget (``ratio`` of the context, or ``max_slots``).
     budgeted: ClassVar[bool] = False
+    #: ``add_batch`` reads several interactions in padded forwards (equal to one at a time), not in a loop.
+    batchable: ClassVar[bool] = False
     #: Options an adapter may have been trained with other values of, without its weights meaning something else.
     runtime_options: ClassVar[frozenset[str]] = frozenset()
 
@@ -225,6 +227,13 @@ class Method(ABC):
         How the context is cut (chunks, spans, a budget) is the method's decision.
         """
 
+    def add_batch(self, lm: LoadedModel, memories: list[Memory], ids: list[torch.Tensor]) -> list[Memory]:
+        """``add`` for several interactions (each its own memory and ``[1, n_i]`` ids); the same memories as
+        one at a time. Methods with :attr:`batchable` set do it in padded forwards; others one by one."""
+        if len(memories) != len(ids):
+            raise ValueError(f"{len(memories)} memories but {len(ids)} id sequences")
+        return [self.add(lm, m, i) for m, i in zip(memories, ids, strict=True)]
+
     def decode_step(self, lm: LoadedModel, state: DecodeState) -> None:  # noqa: B027 - optional hook
         """Called by the generation loop after every generated token (evict, compress a finished segment...)."""
 
@@ -298,8 +307,93 @@ def read_raw(lm: LoadedModel, memory: Memory, ids: torch.Tensor, **kwargs: Any) 
     return layers, concat_positions([memory.positions, new])
 
 
+@dataclass
+class BatchRead:
+    """Per row of a padded forward: every layer's keys/values (the memory's, then the new tokens'), and where
+    the row's real key columns and queries were in the padded forward (to cut a batched capture per row)."""
+
+    layers: list[list[tuple[torch.Tensor, torch.Tensor]]]
+    key_columns: list[torch.Tensor]
+    n_new: list[int]
+
+
+def read_batch(
+    lm: LoadedModel,
+    memories: list[Memory],
+    inputs: list[torch.Tensor],
+    *,
+    embeds: bool = False,
+    gate_last: int = 0,
+    **kwargs: Any,
+) -> BatchRead:
+    """Read each row's new tokens with its own memory in one padded forward.
+
+    Memories are left-padded to the longest, new tokens right-aligned after them (``[pad][memory][pad][new]``),
+    with an attention mask over the padding and each row's own position ids, so every row computes what it
+    would alone. ``inputs`` are ``[1, n_i]`` ids, or ``[1, n_i, hidden]`` embeddings with ``embeds=True``;
+    ``gate_last`` turns the gated LoRA on for each row's last ``gate_last`` inputs (<COMP> tokens).
+    """
+    from ccmem.modules import GATE_KWARG
+
+    device = lm.device
+    batch = len(memories)
+    slots = []
+    for m in memories:
+        counts = set(m.slots_per_layer)
+        if len(counts) > 1:
+            raise ValueError("batched reading needs memories with the same number of slots in every layer")
+        slots.append(counts.pop() if counts else 0)
+    n_new = [int(x.shape[1]) for x in inputs]
+    s_max, n_max = max(slots), max(n_new)
+    shape = lm.kv_shape
+    layers = []
+    for layer in range(shape.layers):
+        k = torch.zeros(batch, shape.kv_heads, s_max, shape.head_dim, dtype=shape.dtype, device=device)
+        v = torch.zeros_like(k)
+        for b, m in enumerate(memories):
+            if slots[b]:
+                k[b, :, s_max - slots[b] :] = m.layers[layer][0][0]
+                v[b, :, s_max - slots[b] :] = m.layers[layer][1][0]
+        layers.append((k, v))
+    cache = Memory(layers=layers).to_cache() if s_max else Memory().to_cache()
+    mask = torch.zeros(batch, s_max + n_max, dtype=torch.long, device=device)
+    position_ids = torch.zeros(batch, n_max, dtype=torch.long, device=device)
+    gate = torch.zeros(batch, n_max, dtype=torch.bool, device=device)
+    if embeds:
+        x = torch.zeros(batch, n_max, inputs[0].shape[-1], dtype=inputs[0].dtype, device=device)
+    else:
+        x = torch.zeros(batch, n_max, dtype=torch.long, device=device)
+    for b, (m, n) in enumerate(zip(memories, n_new, strict=True)):
+        mask[b, s_max - slots[b] : s_max] = 1
+        mask[b, s_max + n_max - n :] = 1
+        position_ids[b, n_max - n :] = torch.arange(m.next_position, m.next_position + n, device=device)
+        x[b, n_max - n :] = inputs[b][0]
+        if gate_last:
+            gate[b, n_max - gate_last :] = True
+    extra = {GATE_KWARG: gate} if gate_last else {}
+    lm.model.base_model(
+        **({"inputs_embeds": x} if embeds else {"input_ids": x}),
+        attention_mask=mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=True,
+        **extra,
+        **kwargs,
+    )
+    filled = Memory.layers_of(cache)
+    rows, columns = [], []
+    for b, n in enumerate(n_new):
+        keep = torch.cat([torch.arange(s_max - slots[b], s_max), torch.arange(s_max + n_max - n, s_max + n_max)]).to(
+            device
+        )
+        columns.append(keep)
+        rows.append([(k[b : b + 1].index_select(2, keep), v[b : b + 1].index_select(2, keep)) for k, v in filled])
+    return BatchRead(rows, columns, n_new)
+
+
 __all__ = [
     "KINDS",
+    "BatchRead",
     "DecodeState",
     "Method",
     "OptionSpec",
@@ -307,6 +401,7 @@ __all__ = [
     "concat_layers",
     "option",
     "positions",
+    "read_batch",
     "read_raw",
     "run_decoder",
 ]

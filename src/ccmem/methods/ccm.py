@@ -25,7 +25,7 @@ from ccmem.data.samples import Sample
 from ccmem.loading import LoadedModel
 from ccmem.masks import MaskPlan, build_plan, collate_plans
 from ccmem.memory import KV, Memory, concat_layers, concat_positions, constant_positions, positions_for
-from ccmem.methods.base import Method, answer_loss, option, run_decoder
+from ccmem.methods.base import Method, answer_loss, option, read_batch, run_decoder
 from ccmem.modules import GATE_KWARG, CompEmbeddings, LoRAGate, LoRASet, default_targets
 from ccmem.patching.attention import PLAN_KWARG, AttentionPlan, compression_attention
 from ccmem.registry import register
@@ -92,6 +92,7 @@ class CompTokens(Method):
     kind: ClassVar[str] = "learned"
     trainable: ClassVar[bool] = True
     needs_adapter: ClassVar[bool] = True
+    batchable: ClassVar[bool] = True
     runtime_options: ClassVar[frozenset[str]] = frozenset({"lora_dropout", "max_chunk_tokens"})
     update: ClassVar[str] = "concat"
 
@@ -251,11 +252,28 @@ class CCM(CompTokens):
     def add_chunk(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
         """One compression step: chunk ``ids`` and its <COMP> tokens, the <COMP> keys/values kept."""
         seen = memory if self.recurrent else memory.prefix(memory.sink)
-        start = memory.next_position
-        comp = self.compress_step(lm, seen, ids, start)
+        return self.fold(memory, self.compress_step(lm, seen, ids, memory.next_position), ids.shape[-1])
+
+    def fold(self, memory: Memory, comp: list[KV], n_chunk: int) -> Memory:
+        """``memory`` updated with the <COMP> keys/values of a chunk of ``n_chunk`` tokens (concat: appended)."""
+        start = memory.next_position + n_chunk
         layers = concat_layers([memory.layers, comp])
-        positions = concat_positions([memory.positions, self.comp_positions(comp, start + ids.shape[-1])])
-        return memory.with_layers(layers, positions, advance=ids.shape[-1] + self.n_tok)
+        positions = concat_positions([memory.positions, self.comp_positions(comp, start)])
+        return memory.with_layers(layers, positions, advance=n_chunk + self.n_tok)
+
+    def add_batch(self, lm: LoadedModel, memories: list[Memory], ids: list[torch.Tensor]) -> list[Memory]:
+        """Step t compresses the t-th chunk of every interaction that has one, in one padded forward."""
+        chunks = [self._chunks(i) for i in ids]
+        out = list(memories)
+        for t in range(max(len(c) for c in chunks)):
+            rows = [b for b, c in enumerate(chunks) if t < len(c)]
+            seen = [out[b] if self.recurrent else out[b].prefix(out[b].sink) for b in rows]
+            inputs = [self._comp_inputs(lm, chunks[b][t])[0] for b in rows]
+            read = read_batch(lm, seen, inputs, embeds=True, gate_last=self.n_tok)
+            for b, layers in zip(rows, read.layers, strict=True):
+                comp = [(k[..., -self.n_tok :, :], v[..., -self.n_tok :, :]) for k, v in layers]
+                out[b] = self.fold(out[b], comp, chunks[b][t].shape[-1])
+        return out
 
     def lay_out(self, samples: list[Sample], pad_id: int) -> ParallelBatch:
         return lay_out(samples, pad_id, n_tok=self.n_tok, update=self.update, recurrent=self.recurrent)
@@ -294,14 +312,12 @@ class CCMMerge(CCM):
     name: ClassVar[str] = "ccm-merge"
     update: ClassVar[str] = "merge"
 
-    def add_chunk(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
+    def fold(self, memory: Memory, comp: list[KV], n_chunk: int) -> Memory:
         t = int(memory.state.get("merge_steps", torch.tensor(0))) + 1
         state = {**memory.state, "merge_steps": torch.tensor(t)}
         if t == 1:  # Mem(1) = h(1): the first <COMP> block goes in after the sink as it is
-            first = super().add_chunk(lm, memory, ids)
+            first = super().fold(memory, comp, n_chunk)
             return first.with_layers(first.layers, first.positions, state=state)
-        seen = memory if self.recurrent else memory.prefix(memory.sink)
-        comp = self.compress_step(lm, seen, ids, memory.next_position)
         s = memory.sink
         layers = []
         for (k, v), (ck, cv) in zip(memory.layers, comp, strict=True):
@@ -309,4 +325,4 @@ class CCMMerge(CCM):
             mv = v[..., s:, :] * (1 - 1 / t) + cv / t
             layers.append((torch.cat([k[..., :s, :], mk], -2), torch.cat([v[..., :s, :], mv], -2)))
         positions = [torch.cat([p[..., :s], constant_positions(-1, self.n_tok, p)], -1) for p in memory.positions]
-        return memory.with_layers(layers, positions, advance=ids.shape[-1] + self.n_tok, state=state)
+        return memory.with_layers(layers, positions, advance=n_chunk + self.n_tok, state=state)

@@ -24,7 +24,7 @@ import torch
 
 from ccmem.loading import LoadedModel
 from ccmem.memory import KV, Memory, concat_positions, positions_for
-from ccmem.methods.base import Method, option, run_decoder
+from ccmem.methods.base import Method, option, read_batch, run_decoder
 from ccmem.patching.attention import CAPTURE_KWARG, AttentionCapture, compression_attention
 
 
@@ -73,6 +73,7 @@ class KVEviction(Method):
 
     kind: ClassVar[str] = "training-free"
     budgeted: ClassVar[bool] = True
+    batchable: ClassVar[bool] = True
 
     ratio: float = option(0.125, "share of the context's key/value entries kept, in (0, 1]; 1 keeps all (= full)")
     max_slots: int | None = option(None, "cap on the memory's slots in all, sink included (replaces ratio)")
@@ -119,21 +120,39 @@ class KVEviction(Method):
         cache = memory.to_cache()
         extra: dict[str, Any] = {CAPTURE_KWARG: capture} if capture else {}
         run_decoder(lm, ids, cache, memory.next_position, **extra)
-        layers = Memory.layers_of(cache)
-        new = [positions_for(memory.next_position, ids.shape[-1], k) for k, _ in layers]
+        return self._evict(lm, memory, Memory.layers_of(cache), capture, ids.shape[-1])
+
+    def add_batch(self, lm: LoadedModel, memories: list[Memory], ids: list[torch.Tensor]) -> list[Memory]:
+        n_max = max(int(i.shape[-1]) for i in ids)
+        capture = self.capture(n_max)
+        extra: dict[str, Any] = {}
+        if capture is not None:
+            capture.query_mask = torch.zeros(len(ids), n_max, dtype=torch.bool, device=lm.device)
+            for b, i in enumerate(ids):
+                capture.query_mask[b, n_max - i.shape[-1] :] = True
+            extra[CAPTURE_KWARG] = capture
+        read = read_batch(lm, memories, ids, **extra)
+        return [
+            self._evict(lm, m, layers, capture.row(b, read.key_columns[b], n) if capture else None, n)
+            for b, (m, layers, n) in enumerate(zip(memories, read.layers, read.n_new, strict=True))
+        ]
+
+    def _evict(
+        self, lm: LoadedModel, memory: Memory, layers: list[KV], capture: AttentionCapture | None, n_new: int
+    ) -> Memory:
+        """Keep the budget of ``layers`` (the memory's entries, then the ``n_new`` just read)."""
+        new = [positions_for(memory.next_position, n_new, k) for k, _ in layers]
         positions = concat_positions([memory.positions, new])
-        context = int(memory.state.get("context_tokens", torch.tensor(0))) + ids.shape[-1]
+        context = int(memory.state.get("context_tokens", torch.tensor(0))) + n_new
         keep = self.budget(memory.sink, context)
         state: dict[str, torch.Tensor] = {"context_tokens": torch.tensor(context)}
-        candidates = Candidates(
-            layers, positions, memory.sink, ids.shape[-1], memory.next_position + ids.shape[-1], capture, memory
-        )
+        candidates = Candidates(layers, positions, memory.sink, n_new, memory.next_position + n_new, capture, memory)
         n_candidates = layers[0][0].shape[2] - memory.sink
         scored = self.score(lm, candidates) if keep < n_candidates or self.carries_state else None
         if keep >= n_candidates:
             if scored is not None:
                 state |= {name: torch.stack(per_layer) for name, per_layer in scored.carry.items()}
-            return memory.with_layers(layers, positions, advance=ids.shape[-1], state=state)
+            return memory.with_layers(layers, positions, advance=n_new, state=state)
         assert scored is not None
         kept_layers, kept_positions = [], []
         carried: dict[str, list[torch.Tensor]] = {name: [] for name in scored.carry}
@@ -151,7 +170,7 @@ class KVEviction(Method):
             for name, per_layer in scored.carry.items():
                 carried[name].append(per_layer[i].gather(2, index))
         state |= {name: torch.stack(per_layer) for name, per_layer in carried.items()}
-        return memory.with_layers(kept_layers, kept_positions, advance=ids.shape[-1], state=state)
+        return memory.with_layers(kept_layers, kept_positions, advance=n_new, state=state)
 
     #: True for methods whose ``carry`` must be updated at every add, even when nothing is evicted.
     carries_state: ClassVar[bool] = False

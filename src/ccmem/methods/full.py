@@ -14,8 +14,8 @@ import torch
 
 from ccmem.data.samples import Sample
 from ccmem.loading import LoadedModel
-from ccmem.memory import Memory
-from ccmem.methods.base import Method, answer_loss, option, read_raw
+from ccmem.memory import Memory, concat_positions, positions_for
+from ccmem.methods.base import Method, answer_loss, option, read_batch, read_raw
 from ccmem.modules import LoRASet, default_targets
 from ccmem.registry import register
 
@@ -36,6 +36,7 @@ class FullContext(Method):
 
     name: ClassVar[str] = "full"
     trainable: ClassVar[bool] = True
+    batchable: ClassVar[bool] = True
     runtime_options: ClassVar[frozenset[str]] = frozenset({"lora_dropout"})
 
     lora_rank: int = option(8, "rank of the LoRA finetuned with full attention (stage 1)")
@@ -65,6 +66,14 @@ class FullContext(Method):
     def add(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
         layers, positions = read_raw(lm, memory, ids)
         return memory.with_layers(layers, positions, advance=ids.shape[-1], window=memory.window + ids.shape[-1])
+
+    def add_batch(self, lm: LoadedModel, memories: list[Memory], ids: list[torch.Tensor]) -> list[Memory]:
+        read = read_batch(lm, memories, ids)
+        out = []
+        for m, layers, n in zip(memories, read.layers, read.n_new, strict=True):
+            positions = concat_positions([m.positions, [positions_for(m.next_position, n, k) for k, _ in layers]])
+            out.append(m.with_layers(layers, positions, advance=n, window=m.window + n))
+        return out
 
     def make_batch(self, samples: list[Sample], pad_id: int = 0) -> FlatBatch:
         """Each sample as ``[sink][c1]...[ck][tail]`` read with ordinary causal attention (stage-1 finetuning)."""
@@ -97,6 +106,7 @@ class NoContext(Method):
 
     name: ClassVar[str] = "none"
     uses_positions: ClassVar[bool] = False
+    batchable: ClassVar[bool] = True  # nothing to read
 
     def add(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
         # Positions do not advance either: the model sees the query as if the context never happened.

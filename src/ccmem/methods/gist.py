@@ -17,6 +17,7 @@ import torch
 from ccmem.data.samples import Sample
 from ccmem.loading import LoadedModel
 from ccmem.memory import Memory, concat_layers, concat_positions
+from ccmem.methods.base import read_batch
 from ccmem.methods.ccm import CompTokens, ParallelBatch, lay_out
 from ccmem.registry import register
 
@@ -34,20 +35,31 @@ class Gist(CompTokens):
         return n_tokens + (0 if "context_ids" in memory.state else self.n_tok)
 
     def add(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
-        previous = memory.state.get("context_ids")
-        context = ids if previous is None else torch.cat([previous.to(ids.device), ids], dim=-1)
-        base = memory.prefix(memory.sink)
-        # The sink occupies positions 0..sink-1, so the context always starts right after it.
-        start = memory.sink
-        comp = self.compress_step(lm, base, context, start)
-        layers = concat_layers([base.layers, comp])
-        positions = concat_positions([base.positions, self.comp_positions(comp, start + context.shape[-1])])
-        return base.with_layers(
-            layers,
-            positions,
-            next_position=start + context.shape[-1] + self.n_tok,
-            state={"context_ids": context},
-        )
+        return self.add_batch(lm, [memory], [ids])[0]
+
+    def add_batch(self, lm: LoadedModel, memories: list[Memory], ids: list[torch.Tensor]) -> list[Memory]:
+        contexts, bases = [], []
+        for memory, new in zip(memories, ids, strict=True):
+            previous = memory.state.get("context_ids")
+            contexts.append(new if previous is None else torch.cat([previous.to(new.device), new], dim=-1))
+            # The sink occupies positions 0..sink-1, so the context always starts right after it.
+            base = memory.prefix(memory.sink)
+            bases.append(base.with_layers(base.layers, base.positions, next_position=memory.sink))
+        inputs = [self._comp_inputs(lm, c)[0] for c in contexts]
+        read = read_batch(lm, bases, inputs, embeds=True, gate_last=self.n_tok)
+        out = []
+        for base, context, layers in zip(bases, contexts, read.layers, strict=True):
+            comp = [(k[..., -self.n_tok :, :], v[..., -self.n_tok :, :]) for k, v in layers]
+            start = base.sink + context.shape[-1]
+            out.append(
+                base.with_layers(
+                    concat_layers([base.layers, comp]),
+                    concat_positions([base.positions, self.comp_positions(comp, start)]),
+                    next_position=start + self.n_tok,
+                    state={"context_ids": context},
+                )
+            )
+        return out
 
     def lay_out(self, samples: list[Sample], pad_id: int) -> ParallelBatch:
         whole = [Sample([[t for c in s.chunks for t in c]], s.tail, s.sink, s.answer_start) for s in samples]

@@ -50,9 +50,11 @@ class SnapKV(KVEviction):
         for i, (k, _) in enumerate(c.layers):
             votes = c.capture.weights[i][:, :, c.sink :] / window  # [B, Hq, candidates]
             outside = votes[..., : votes.shape[-1] - window]
-            pooled = torch.nn.functional.avg_pool1d(
-                outside, self.kernel_size, stride=1, padding=self.kernel_size // 2, count_include_pad=True
-            )
+            pooled = outside  # nothing before the window yet: nothing to pool
+            if outside.shape[-1]:
+                pooled = torch.nn.functional.avg_pool1d(
+                    outside, self.kernel_size, stride=1, padding=self.kernel_size // 2, count_include_pad=True
+                )
             grouped = self.group_mean(pooled, k.shape[1])
             scores.append(torch.cat([grouped, grouped.new_zeros(*grouped.shape[:2], window)], dim=-1))
             forced.append(self.newest_mask(c, i, window))

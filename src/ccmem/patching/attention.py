@@ -85,6 +85,8 @@ class AttentionCapture:
     queries_wanted: int | None = None
     want_weights: bool = True
     want_queries: bool = False
+    #: ``[batch, queries]``, False for padding queries of a batched forward: they add nothing to ``weights``.
+    query_mask: torch.Tensor | None = None
     weights: dict[int, torch.Tensor] = field(default_factory=dict)
     queries: dict[int, torch.Tensor] = field(default_factory=dict)
     scaling: dict[int, float] = field(default_factory=dict)  # the factor each layer scales q·k by
@@ -120,7 +122,19 @@ class AttentionCapture:
         else:  # sdpa with an implicit causal mask: query i of this forward sees keys up to k_len - q_len + i
             rows = torch.arange(q_len - n, q_len, device=q.device)[:, None] + (k_len - q_len)
             scores = scores.masked_fill(torch.arange(k_len, device=q.device)[None, :] > rows, float("-inf"))
-        self.weights[layer] = torch.softmax(scores, dim=-1).sum(dim=2)
+        weights = torch.softmax(scores, dim=-1)
+        if self.query_mask is not None:
+            weights = weights * self.query_mask[:, None, q_len - n :, None].to(weights.dtype)
+        self.weights[layer] = weights.sum(dim=2)
+
+    def row(self, b: int, keys: torch.Tensor, n_queries: int) -> AttentionCapture:
+        """Row ``b`` of a batched capture, with only its real key columns (``keys``) and its ``n_queries`` queries."""
+        view = AttentionCapture(self.queries_wanted, self.want_weights, self.want_queries, scaling=dict(self.scaling))
+        view.weights = {layer: w[b : b + 1][..., keys] for layer, w in self.weights.items()}
+        view.queries = {
+            layer: q[b : b + 1, :, q.shape[2] - min(n_queries, q.shape[2]) :] for layer, q in self.queries.items()
+        }
+        return view
 
 
 def _with_merged(states: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
