@@ -378,9 +378,9 @@ def train(
         return
     if show_keys:
         for key, kind in VALID_KEYS.items():
-            console.print(f"{key}  [dim]{type_name(kind)}[/]", highlight=False)
+            console.print(f"{key}  [dim]{escape(type_name(kind))}[/]", highlight=False)
         for key, (kind, owners) in method_keys().items():
-            console.print(f"{key}  [dim]{type_name(kind)}  (option of {', '.join(owners)})[/]", highlight=False)
+            console.print(f"{key}  [dim]{escape(type_name(kind))}  (option of {', '.join(owners)})[/]", highlight=False)
         return
     config = load_config(preset, list(overrides or []) + (["wandb=true"] if wandb else []))
     if show_config:
@@ -695,7 +695,10 @@ def list_methods(
         specs = cls.option_specs()
         if name:
             for spec in specs:
-                console.print(f"  -O {spec.name}={spec.default!r}  [dim]({spec.type_name})[/] {escape(spec.help)}")
+                console.print(
+                    f"  -O {spec.name}={spec.default!r}  [dim]({escape(spec.type_name)})[/] {escape(spec.help)}",
+                    highlight=False,
+                )
         elif specs:
             console.print("  [dim]options:[/] " + ", ".join(f"{s.name}={s.default!r}" for s in specs), highlight=False)
 

@@ -138,7 +138,7 @@ class Method(ABC):
     @classmethod
     def summary(cls) -> str:
         """The first line of the docstring."""
-        return (cls.__doc__ or "").strip().splitlines()[0]
+        return (cls.__doc__ or "").strip().splitlines()[0].replace("``", "")
 
     # ------------------------------------------------------------------ trainable state
 
