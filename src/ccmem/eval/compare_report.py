@@ -118,7 +118,11 @@ def plot_quality(rows: Sequence[EvalRow], task: str, path: Path) -> Path:
     if metric == "perplexity":
         ax.set_yscale("log")
     model = ", ".join(sorted({r.model for r in rows}))
-    ax.set_title(f"{TASKS[task].description if task in TASKS else task} ({model})", fontsize=9)
+    return _finish(plt, fig, ax, f"{TASKS[task].description if task in TASKS else task} ({model})", path)
+
+
+def _finish(plt: Any, fig: Any, ax: Any, title: str, path: Path) -> Path:
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -137,13 +141,8 @@ def plot_decode(rows: Sequence[DecodeRow], path: Path) -> Path:
         ax.plot([p[0] for p in points], [p[1] for p in points], "-o", label=label)
     ax.set_xlabel("history read before decoding (tokens)")
     ax.set_ylabel("greedy decode speed (tokens/s)")
-    ax.set_title(f"decode speed against history length ({', '.join(sorted({r.model for r in rows}))})", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    models = ", ".join(sorted({r.model for r in rows}))
+    return _finish(plt, fig, ax, f"decode speed against history length ({models})", path)
 
 
 def decode_table(rows: Sequence[DecodeRow]) -> str:

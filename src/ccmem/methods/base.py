@@ -65,6 +65,28 @@ class OptionSpec:
 
 
 @dataclass
+class LoRAOptions:
+    """The options of a method that trains a LoRA, declared once (CCM, gist and the stage-1 ``full`` share them)."""
+
+    lora_rank: int = option(8, "rank of the LoRA")
+    lora_alpha: float = option(16.0, "LoRA scale numerator (the update is scaled by alpha / rank)")
+    lora_dropout: float = option(0.0, "dropout on the LoRA input during training")
+    lora_targets: tuple[str, ...] | None = option(
+        None, "linear layers the LoRA adapts (default: the model family's attention projections)"
+    )
+
+    def check_lora_options(self) -> None:
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be at least 1 (got {self.lora_rank})")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be positive (got {self.lora_alpha})")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1) (got {self.lora_dropout})")
+        if self.lora_targets is not None:
+            self.lora_targets = tuple(self.lora_targets)
+
+
+@dataclass
 class DecodeState:
     """What the generation loop holds while it decodes; a method's :meth:`Method.decode_step` may change it.
 
@@ -395,6 +417,7 @@ __all__ = [
     "KINDS",
     "BatchRead",
     "DecodeState",
+    "LoRAOptions",
     "Method",
     "OptionSpec",
     "answer_loss",

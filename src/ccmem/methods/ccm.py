@@ -25,7 +25,7 @@ from ccmem.data.samples import Sample
 from ccmem.loading import LoadedModel
 from ccmem.masks import MaskPlan, build_plan, collate_plans
 from ccmem.memory import KV, Memory, concat_layers, concat_positions, constant_positions, positions_for
-from ccmem.methods.base import Method, answer_loss, option, read_batch, run_decoder
+from ccmem.methods.base import LoRAOptions, Method, answer_loss, option, read_batch, run_decoder
 from ccmem.modules import GATE_KWARG, CompEmbeddings, LoRAGate, LoRASet, default_targets
 from ccmem.patching.attention import PLAN_KWARG, AttentionPlan, compression_attention
 from ccmem.registry import register
@@ -86,7 +86,7 @@ def lay_out(samples: list[Sample], pad_id: int, *, n_tok: int, update: str, recu
 
 
 @dataclass
-class CompTokens(Method):
+class CompTokens(Method, LoRAOptions):
     """<COMP> tokens with a conditional LoRA (shared by CCM and gist; not registered itself)."""
 
     kind: ClassVar[str] = "learned"
@@ -97,26 +97,13 @@ class CompTokens(Method):
     update: ClassVar[str] = "concat"
 
     n_tok: int = option(4, "<COMP> tokens per compression step: the memory slots one step writes")
-    lora_rank: int = option(8, "rank of the conditional LoRA")
-    lora_alpha: float = option(16.0, "LoRA scale numerator (the update is scaled by alpha / rank)")
-    lora_dropout: float = option(0.0, "dropout on the LoRA input during training")
-    lora_targets: tuple[str, ...] | None = option(
-        None, "linear layers the LoRA adapts (default: the model family's attention projections)"
-    )
 
     def check_options(self) -> None:
         if self.n_tok < 1:
             raise ValueError(
                 f"n_tok must be at least 1 (got {self.n_tok}): it is the number of <COMP> tokens per chunk"
             )
-        if self.lora_rank < 1:
-            raise ValueError(f"lora_rank must be at least 1 (got {self.lora_rank})")
-        if self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be positive (got {self.lora_alpha})")
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"lora_dropout must be in [0, 1) (got {self.lora_dropout})")
-        if self.lora_targets is not None:
-            self.lora_targets = tuple(self.lora_targets)
+        self.check_lora_options()
 
     # ------------------------------------------------------------------ state and attaching
 

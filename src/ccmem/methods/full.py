@@ -15,7 +15,7 @@ import torch
 from ccmem.data.samples import Sample
 from ccmem.loading import LoadedModel
 from ccmem.memory import Memory, concat_positions, positions_for
-from ccmem.methods.base import Method, answer_loss, option, read_batch, read_raw
+from ccmem.methods.base import LoRAOptions, Method, answer_loss, read_batch, read_raw
 from ccmem.modules import LoRASet, default_targets
 from ccmem.registry import register
 
@@ -31,26 +31,19 @@ class FlatBatch:
 
 @register
 @dataclass
-class FullContext(Method):
-    """Keep every context token in the key/value cache (the upper bound on quality and on memory)."""
+class FullContext(Method, LoRAOptions):
+    """Keep every context token in the key/value cache (the upper bound on quality and on memory).
+
+    Its LoRA options are for finetuning it with full attention (stage 1 of the CCM recipe).
+    """
 
     name: ClassVar[str] = "full"
     trainable: ClassVar[bool] = True
     batchable: ClassVar[bool] = True
     runtime_options: ClassVar[frozenset[str]] = frozenset({"lora_dropout"})
 
-    lora_rank: int = option(8, "rank of the LoRA finetuned with full attention (stage 1)")
-    lora_alpha: float = option(16.0, "LoRA scale numerator (the update is scaled by alpha / rank)")
-    lora_dropout: float = option(0.0, "dropout on the LoRA input during training")
-    lora_targets: tuple[str, ...] | None = option(
-        None, "linear layers the LoRA adapts (default: the model family's attention projections)"
-    )
-
     def check_options(self) -> None:
-        if self.lora_rank < 1:
-            raise ValueError(f"lora_rank must be at least 1 (got {self.lora_rank})")
-        if self.lora_targets is not None:
-            self.lora_targets = tuple(self.lora_targets)
+        self.check_lora_options()
 
     def build(self, lm: LoadedModel) -> LoRASet:
         targets = self.lora_targets or default_targets(lm.model)
