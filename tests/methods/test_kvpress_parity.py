@@ -40,8 +40,12 @@ def smollm():
     return ccmem.load_model("smollm2-135m")
 
 
-def _tie_tolerant_mismatches(ours: torch.Tensor, theirs: torch.Tensor, scores: torch.Tensor) -> list[str]:
-    """Rows (layer, head) whose kept sets differ by more than entries tied with kvpress's cut-off score."""
+def _tie_tolerant_mismatches(ours: torch.Tensor, theirs: torch.Tensor, scores: torch.Tensor | None) -> list[str]:
+    """Rows (layer, head) whose kept sets differ by more than entries tied with kvpress's cut-off score.
+
+    Tied means within 1e-4 of the cut-off score, relatively (Expected Attention's scores are tiny, so an
+    absolute tolerance would excuse almost everything); without recorded scores, sets must be equal.
+    """
     bad = []
     n_kept = theirs.shape[-1]
     for layer in range(theirs.shape[0]):
@@ -49,9 +53,12 @@ def _tie_tolerant_mismatches(ours: torch.Tensor, theirs: torch.Tensor, scores: t
             a, b = set(ours[layer, head].tolist()), set(theirs[layer, head].tolist())
             if a == b:
                 continue
-            row = scores[layer, head]
+            if scores is None:
+                bad.append(f"layer {layer} head {head}: kept sets differ")
+                continue
+            row = scores[layer, head].double()
             cut = row.sort(descending=True).values[n_kept - 1]
-            tied = {int(j) for j in torch.nonzero((row - cut).abs() <= 1e-6 * max(1.0, float(cut.abs()))).flatten()}
+            tied = {int(j) for j in torch.nonzero((row - cut).abs() <= 1e-4 * abs(float(cut)) + 1e-12).flatten()}
             if not (a ^ b) <= tied:
                 only_ours, only_theirs = sorted(a - b)[:5], sorted(b - a)[:5]
                 bad.append(f"layer {layer} head {head}: {only_ours} kept only by ccmem, {only_theirs} only by kvpress")
@@ -69,6 +76,5 @@ def test_ccmem_keeps_the_positions_kvpress_keeps(smollm, press, name):
         ours = torch.stack([p[0].sort(dim=-1).values for p in session.memory.positions])  # [layers, heads, kept]
         theirs = recorded[f"kept_{r}"].long()
         assert ours.shape == theirs.shape, (r, ours.shape, theirs.shape)
-        scores = recorded.get("scores", torch.zeros(theirs.shape[0], theirs.shape[1], len(ids)))
-        mismatches = _tie_tolerant_mismatches(ours, theirs, scores.float())
+        mismatches = _tie_tolerant_mismatches(ours, theirs, recorded.get("scores"))
         assert not mismatches, f"{press} on {name} at ratio {r}: " + "; ".join(mismatches[:3])
