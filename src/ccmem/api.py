@@ -209,27 +209,35 @@ class CompressedLM:
         """Log-likelihood of each option's tokens after ``query``, read with the memory.
 
         ``reduce="sum"`` (MetaICL's scoring) adds the tokens' log-probabilities, which favours short options;
-        ``reduce="mean"`` divides by the option's token count (length-normalised).
+        ``reduce="mean"`` divides by the option's token count (length-normalised). All options are read in one
+        forward (a row each, padded at the end, where causal attention keeps padding from mattering).
         """
         query = self._check_ids(query, "query")
         if not options or any(len(o) == 0 for o in options):
             raise ValueError("give at least one option, and no empty option")
         if reduce not in SCORE_REDUCTIONS:
             raise ValueError(f"reduce must be one of {SCORE_REDUCTIONS}, got {reduce!r}")
+        targets = [self._check_ids(o, "option")[0] for o in options]
+        longest = max(len(t) for t in targets)
+        width = query.shape[1] + longest - 1
+        self._check_room(width)
+        rows = query.new_zeros(len(targets), width)
+        rows[:, : query.shape[1]] = query[0]
+        for b, target in enumerate(targets):
+            rows[b, query.shape[1] : query.shape[1] + len(target) - 1] = target[:-1]
+        cache = Memory(layers=[(k.expand(len(targets), -1, -1, -1), v.expand(len(targets), -1, -1, -1))
+                               for k, v in self.memory.layers]).to_cache()  # fmt: skip
+        with torch.no_grad(), self.method.attached(self.lm):
+            out = self.lm.model(
+                input_ids=rows,
+                cache=cache,
+                position_ids=positions(self.memory.next_position, width, self.lm.device).expand(len(targets), -1),
+                logits_to_keep=longest,  # logits only where the options' tokens are predicted
+            )
         scores = []
-        for option in options:
-            target = self._check_ids(option, "option")
-            inputs = torch.cat([query, target[:, :-1]], dim=1)
-            self._check_room(inputs.shape[1])
-            with torch.no_grad(), self.method.attached(self.lm):
-                out = self.lm.model(
-                    input_ids=inputs,
-                    cache=self.memory.to_cache(),
-                    position_ids=positions(self.memory.next_position, inputs.shape[1], self.lm.device),
-                    logits_to_keep=target.shape[1],  # logits only where the option's tokens are predicted
-                )
-            logprobs = torch.log_softmax(out.logits[0].float(), dim=-1)
-            token_logprobs = logprobs.gather(1, target[0, :, None])
+        for b, target in enumerate(targets):
+            logprobs = torch.log_softmax(out.logits[b, : len(target)].float(), dim=-1)
+            token_logprobs = logprobs.gather(1, target[:, None])
             scores.append(float(token_logprobs.sum() if reduce == "sum" else token_logprobs.mean()))
         return scores
 

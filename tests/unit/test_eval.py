@@ -138,3 +138,20 @@ def test_report_flags_a_table_whose_rows_were_measured_on_different_examples(tmp
     assert "**Not comparable**" in (tmp_path / "report.md").read_text()
     write_report(same, tmp_path)
     assert "Not comparable" not in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("method", ["full", "ccm-merge", "snapkv"])
+def test_batched_evaluation_gives_the_rows_of_one_at_a_time(method):
+    """Contexts compressed in padded batches (the default for batchable methods) score as one by one."""
+    lm = tiny_model()
+    examples = icl.examples(5, "test", k=3, seed=2)
+    rows = []
+    for batch_size in (1, 3):
+        session = load(lm, method, system_prompt="Hi.", **({"window_size": 4} if method == "snapkv" else {}))
+        rows.append(
+            evaluate(session, examples, dataset="icl", settings=EvalSettings(system="Hi.", batch_size=batch_size))
+        )
+    one, batched = rows
+    assert batched.accuracy == one.accuracy and batched.memory_slots == one.memory_slots
+    assert batched.perplexity == pytest.approx(one.perplexity, rel=1e-4)
+    assert batched.config_hash == one.config_hash  # the batch size changes the speed, not what is measured

@@ -29,11 +29,13 @@ from typing import Any
 
 import torch
 
-from ccmem.api import SCORE_REDUCTIONS, CompressedLM, load
+from ccmem.api import SCORE_REDUCTIONS, CompressedLM, ContextTooLongError, load
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT
 from ccmem.data.records import MemoryExample, to_sample
+from ccmem.data.samples import Sample
 from ccmem.fileio import DatasetFormatError, jsonl_records
 from ccmem.loading import LoadedModel
+from ccmem.memory import Memory
 from ccmem.options import OptionError
 from ccmem.registry import method_class
 
@@ -75,13 +77,17 @@ class EvalSettings:
     score: str = "sum"  # option scoring: "sum" (MetaICL) or "mean" (length-normalised) log-likelihood
     data: dict[str, Any] = field(default_factory=dict)  # how the examples were made (k, seed, ...), when known
     model: str = ""  # which model, when rows of several models may meet
+    batch_size: int = 8  # contexts compressed together by methods that batch (the same memories; only faster)
 
     def __post_init__(self) -> None:
         if self.score not in SCORE_REDUCTIONS:
             raise ValueError(f"score must be one of {SCORE_REDUCTIONS}, got {self.score!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
 
     def fingerprint(self, dataset: str, n: int) -> str:
         settings = asdict(self)
+        del settings["batch_size"]  # changes the speed, not what is measured
         for key, default in (("score", "sum"), ("data", {}), ("model", "")):
             if settings[key] == default:
                 del settings[key]  # the default before the field existed: older rows keep their hash
@@ -137,16 +143,26 @@ def read_context(session: CompressedLM, example: MemoryExample) -> None:
             session.add(segment)
 
 
-def context_tokens(session: CompressedLM, example: MemoryExample) -> int:
-    """Tokens of context the example holds, counted as :func:`to_sample` (= inference) tokenizes them."""
-    sample = to_sample(session.lm.tokenizer, example, system=session.system_prompt)
-    return sum(len(c) for c in sample.chunks)
-
-
-def query_ids(session: CompressedLM, example: MemoryExample) -> list[int]:
-    if example.chat:
-        return session.query_ids(example.query)[0].tolist()
-    return _encode(session, example.query)
+def read_contexts(session: CompressedLM, samples: Sequence[Sample]) -> list[Memory]:
+    """The memories of several examples' contexts (each from the session's sink), compressed in padded batches:
+    step t adds the t-th segment of every example that has one (:meth:`Method.add_batch`)."""
+    session.reset()
+    memories = [session.memory] * len(samples)
+    method, lm = session.method, session.lm
+    limit = lm.max_positions
+    with torch.no_grad(), method.attached(lm):
+        for t in range(max(len(s.chunks) for s in samples)):
+            rows = [i for i, s in enumerate(samples) if t < len(s.chunks)]
+            ids = [torch.tensor([samples[i].chunks[t]], dtype=torch.long, device=lm.device) for i in rows]
+            for i, x in zip(rows, ids, strict=True):
+                reach = memories[i].next_position + method.positions_needed(memories[i], x.shape[1])
+                if limit is not None and reach > limit:
+                    raise ContextTooLongError(
+                        f"an example's context would reach position {reach}; the model allows {limit}"
+                    )
+            for i, memory in zip(rows, method.add_batch(lm, [memories[i] for i in rows], ids), strict=True):
+                memories[i] = memory
+    return memories
 
 
 def generate_answer(session: CompressedLM, example: MemoryExample, query: list[int], max_new_tokens: int) -> str:
@@ -215,15 +231,25 @@ def evaluate(
     tokens: list[int] = []
     compress_seconds = 0.0
     started = time.perf_counter()
+    samples = [to_sample(session.lm.tokenizer, e, system=session.system_prompt) for e in examples]
+    batched = session.method.batchable and session.sink and settings.batch_size > 1
+    step = settings.batch_size if batched else 1
+    memories: list[Memory] = []
     with torch.no_grad():
-        for i, example in enumerate(examples):
-            t0 = time.perf_counter()
-            read_context(session, example)
-            compress_seconds += time.perf_counter() - t0
-            tokens.append(context_tokens(session, example))
+        for i, (example, sample) in enumerate(zip(examples, samples, strict=True)):
+            if i % step == 0:  # compress the next group of contexts
+                t0 = time.perf_counter()
+                if batched:
+                    memories = read_contexts(session, samples[i : i + step])
+                else:
+                    read_context(session, example)
+                    memories = [session.memory]
+                compress_seconds += time.perf_counter() - t0
+            session.memory = memories[i % step]
+            tokens.append(sum(len(c) for c in sample.chunks))
             slots.append(session.memory.num_slots)
             nbytes.append(session.memory.nbytes)
-            query = query_ids(session, example)
+            query = sample.tail[: sample.answer_start]
             answer = _encode(session, example.answer)
             if example.options:
                 options = [_encode(session, o) for o in example.options]
