@@ -22,7 +22,7 @@ from ccmem.generation import Sampling, decode
 from ccmem.loading import DEFAULT_MODEL, LoadedModel, load_model
 from ccmem.memory import Memory
 from ccmem.methods.base import Method, positions
-from ccmem.registry import get_method, method_class
+from ccmem.registry import DEFAULT_METHOD, get_method, method_class
 from ccmem.stage1 import merge_stage1
 
 logger = logging.getLogger(__name__)
@@ -279,7 +279,7 @@ class CompressedLM:
 
 def load(
     model: str | LoadedModel = DEFAULT_MODEL,
-    method: str = "ccm-concat",
+    method: str = DEFAULT_METHOD,
     *,
     adapter: str | os.PathLike[str] | None = None,
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,

@@ -14,10 +14,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT
-from ccmem.eval.compare import DEFAULT_METHODS as DEFAULT_COMPARE_METHODS
 from ccmem.loading import BUILTIN_MODELS, DEFAULT_MODEL, cache_dir
 from ccmem.options import OptionError, parse_value
-from ccmem.registry import method_classes, method_names
+from ccmem.registry import DEFAULT_METHOD, method_classes, method_names
 
 app = typer.Typer(
     help="Compressed Context Memory: keep a long LM interaction in a small compressed key/value memory.",
@@ -98,6 +97,20 @@ def _options(n_tok: int | None, recurrent: bool | None, pairs: list[str] | None)
     return options
 
 
+def _method_list(methods: str | None, model: str, kinds: tuple[str, ...] = ("baseline", "learned")) -> list[str]:
+    """The methods named on the command line, or the registry's default for the model."""
+    from ccmem.registry import default_methods, method_class
+
+    if methods is None:
+        return default_methods(model, kinds)
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    for name in names:
+        method_class(name)  # fail fast on a typo, with the list of valid names
+    if not names:
+        raise OptionError("--methods names no method")
+    return names
+
+
 def _session(
     model: str,
     method: str,
@@ -124,8 +137,13 @@ def _session(
 def demo(
     model: ModelOpt = DEFAULT_MODEL,
     methods: Annotated[
-        str, typer.Option("--methods", help="Comma-separated methods to compare side by side.")
-    ] = "full,none,ccm-concat,ccm-merge",
+        str | None,
+        typer.Option(
+            "--methods",
+            help="Comma-separated methods to compare side by side. Default: the baselines and every learned method "
+            "with an adapter for the model.",
+        ),
+    ] = None,
     n_tok: NTokOpt = None,
     option: OptionsOpt = None,
     max_new_tokens: MaxNewOpt = 24,
@@ -139,7 +157,7 @@ def demo(
     from ccmem.loading import load_model
     from ccmem.registry import get_method
 
-    names = [m.strip() for m in methods.split(",") if m.strip()]
+    names = _method_list(methods, model)
     options = _options(n_tok, None, option)
     check_options_apply(names, options)
     for name in names:
@@ -193,7 +211,7 @@ def demo(
 @app.command()
 def chat(
     model: ModelOpt = DEFAULT_MODEL,
-    method: MethodOpt = "ccm-concat",
+    method: MethodOpt = DEFAULT_METHOD,
     adapter: AdapterOpt = None,
     n_tok: NTokOpt = None,
     recurrent: RecurrentOpt = None,
@@ -273,7 +291,7 @@ def compress(
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the memory (.safetensors).")],
     model: ModelOpt = DEFAULT_MODEL,
-    method: MethodOpt = "ccm-concat",
+    method: MethodOpt = DEFAULT_METHOD,
     adapter: AdapterOpt = None,
     n_tok: NTokOpt = None,
     recurrent: RecurrentOpt = None,
@@ -313,7 +331,7 @@ def ask(
     ],
     question: Annotated[str, typer.Argument(help="What to ask about the compressed context.")],
     model: ModelOpt = DEFAULT_MODEL,
-    method: MethodOpt = "ccm-concat",
+    method: MethodOpt = DEFAULT_METHOD,
     adapter: AdapterOpt = None,
     n_tok: NTokOpt = None,
     recurrent: RecurrentOpt = None,
@@ -430,8 +448,13 @@ def eval_command(
     seed: Annotated[int, typer.Option("--seed", help="Generator seed.")] = 0,
     model: ModelOpt = DEFAULT_MODEL,
     methods: Annotated[
-        str, typer.Option("--methods", help="Comma-separated methods, run side by side.")
-    ] = "full,none,ccm-concat,ccm-merge",
+        str | None,
+        typer.Option(
+            "--methods",
+            help="Comma-separated methods, run side by side. Default: the baselines and every learned method with "
+            "an adapter for the model.",
+        ),
+    ] = None,
     adapter: Annotated[
         list[str] | None,
         typer.Option("--adapter", help="METHOD=PATH of a trained adapter (repeatable). Default: the shipped one."),
@@ -469,7 +492,7 @@ def eval_command(
     from ccmem.registry import get_method
     from ccmem.train.config import DataConfig
 
-    names = [m.strip() for m in methods.split(",") if m.strip()]
+    names = _method_list(methods, model)
     options = _options(n_tok, recurrent, option)
     check_options_apply(names, options)
     for name in names:
@@ -545,8 +568,13 @@ def _fraction(text: str) -> float:
 )
 def compare(
     methods: Annotated[
-        str, typer.Option("--methods", help="Comma-separated methods (`ccmem methods`); default: every built-in one.")
-    ] = ",".join(DEFAULT_COMPARE_METHODS),
+        str | None,
+        typer.Option(
+            "--methods",
+            help="Comma-separated methods (`ccmem methods`). Default: every registered method, learned ones only "
+            "where an adapter ships for the model.",
+        ),
+    ] = None,
     tasks: Annotated[
         str,
         typer.Option(
@@ -587,7 +615,7 @@ def compare(
     from ccmem.loading import load_model
 
     settings = CompareSettings(
-        methods=[m.strip() for m in methods.split(",") if m.strip()],
+        methods=_method_list(methods, model, ("baseline", "learned", "training-free")),
         tasks=[t.strip() for t in tasks.split(",") if t.strip()],
         budgets=[_fraction(b) for b in budgets.split(",") if b.strip()],
         n=n,

@@ -14,10 +14,9 @@ from ccmem.api import CompressedLM, load
 from ccmem.eval.harness import check_options_apply, options_for
 from ccmem.examples import EXAMPLES, Example
 from ccmem.loading import LoadedModel
+from ccmem.registry import default_methods
 
 logger = logging.getLogger(__name__)
-
-DEMO_METHODS = ("full", "none", "ccm-concat", "ccm-merge")
 
 
 @dataclass
@@ -67,7 +66,7 @@ def run_session(session: CompressedLM, example: Example, max_new_tokens: int) ->
 
 def run_demo(
     lm: LoadedModel,
-    methods: Sequence[str] = DEMO_METHODS,
+    methods: Sequence[str] | None = None,
     *,
     options: dict[str, Any] | None = None,
     max_new_tokens: int = 24,
@@ -76,9 +75,12 @@ def run_demo(
 ) -> Iterator[DemoRow]:
     """Yield a :class:`DemoRow` per (method, question); one model is shared by every method in turn.
 
+    ``methods``: default, the baselines and the learned methods that have an adapter for the model.
+
     ``options`` are method options, each given to the methods that declare it (e.g. ``n_tok`` to CCM and gist).
     """
     options = options or {}
+    methods = default_methods(lm.name) if methods is None else methods
     check_options_apply(methods, options)
     for name in methods:
         session = load(lm, method=name, **options_for(name, options))

@@ -20,6 +20,8 @@ M = TypeVar("M", bound="type[Method]")
 
 #: Every registered method, filled as ``ccmem.methods`` is imported (use :func:`method_classes`).
 METHODS: dict[str, type[Method]] = {}
+#: The method ``ccmem.load``, ``ccmem chat`` and ``ccmem train`` use when none is named.
+DEFAULT_METHOD = "ccm-concat"
 
 
 class UnknownMethodError(ValueError):
@@ -54,6 +56,18 @@ def method_classes() -> dict[str, type[Method]]:
 
 def method_names() -> list[str]:
     return list(method_classes())
+
+
+def default_methods(model_name: str, kinds: tuple[str, ...] = ("baseline", "learned")) -> list[str]:
+    """The registered methods of ``kinds`` worth running on ``model_name`` by default: learned methods only
+    where an adapter ships for that model (untrained, their memory means nothing)."""
+    from ccmem.adapter import shipped_adapter
+
+    return [
+        name
+        for name, cls in method_classes().items()
+        if cls.kind in kinds and (not cls.needs_adapter or shipped_adapter(model_name, name) is not None)
+    ]
 
 
 def method_class(name: str) -> type[Method]:

@@ -287,3 +287,39 @@ def test_a_batch_of_padded_contexts_equals_one_at_a_time(case):
             assert torch.equal(p1, p2)
             torch.testing.assert_close(k1, k2, atol=1e-5, rtol=0)
             torch.testing.assert_close(v1, v2, atol=1e-5, rtol=0)
+
+
+def test_the_harness_names_no_method():
+    """api, eval, demo, train and cli ask capabilities; a method's name or class appears only in its own file."""
+    import ast
+    from pathlib import Path
+
+    src = Path(ccmem.__file__).parent
+    harness = [
+        src / "api.py",
+        src / "demo.py",
+        src / "cli.py",
+        *(src / "eval").glob("*.py"),
+        *(src / "train").glob("*.py"),
+    ]
+    names = set(method_classes())
+    classes = {cls.__name__ for cls in method_classes().values()} | {"CCM", "CompTokens", "KVEviction"}
+    found = []
+    for path in harness:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and node.value in names:
+                found.append(f"{path.name}:{node.lineno} {node.value!r}")
+            if (
+                isinstance(node, ast.Name | ast.Attribute)
+                and getattr(node, "id", getattr(node, "attr", None)) in classes
+            ):
+                found.append(f"{path.name}:{node.lineno} {getattr(node, 'id', getattr(node, 'attr', ''))}")
+            module = getattr(node, "module", None) or ""
+            if (
+                isinstance(node, ast.ImportFrom)
+                and module.startswith("ccmem.methods.")
+                and module != "ccmem.methods.base"
+            ):
+                found.append(f"{path.name}:{node.lineno} imports {module}")
+    assert not found, found

@@ -48,18 +48,6 @@ TASKS: dict[str, Task] = {
     "icl": Task("icl", "in-context classification: 8 demonstrations", "icl", "accuracy", k=8),
     "text": Task("text", "long-text perplexity: Shakespeare, ~2000 characters of context", "text", "perplexity"),
 }
-DEFAULT_METHODS = (
-    "full",
-    "none",
-    "ccm-concat",
-    "ccm-merge",
-    "streaming-llm",
-    "h2o",
-    "snapkv",
-    "tova",
-    "knorm",
-    "expected-attention",
-)
 DEFAULT_BUDGETS = (1 / 2, 1 / 4, 1 / 8, 1 / 16)
 
 
@@ -67,7 +55,7 @@ DEFAULT_BUDGETS = (1 / 2, 1 / 4, 1 / 8, 1 / 16)
 class CompareSettings:
     """The grid: which methods, tasks, budgets and how many examples; what is timed for decoding."""
 
-    methods: Sequence[str] = DEFAULT_METHODS
+    methods: Sequence[str] = ()  # default: every registered method ready for the model (``default_methods``)
     tasks: Sequence[str] = tuple(TASKS)
     budgets: Sequence[float] = DEFAULT_BUDGETS
     n: int = 30
@@ -81,6 +69,8 @@ class CompareSettings:
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             raise ValueError(f"unknown task {unknown[0]!r}; tasks: {', '.join(TASKS)}")
+        if not self.methods:
+            raise ValueError("no methods to compare")
         for name in self.methods:
             method_class(name)
         check_options_apply(self.methods, self.options)

@@ -98,15 +98,17 @@ def plot_quality(rows: Sequence[EvalRow], task: str, path: Path) -> Path:
     metric = _metric(rows, task)
     fig, ax = plt.subplots(figsize=(7.2, 4.6))
     names = sorted({r.method for r in rows})
+    baselines = sorted((n for n in names if method_class(n).kind == "baseline"), key=lambda n: -_bytes(rows, n))
     for name in names:
         points = sorted((r.memory_bytes / 1024, _value(r, metric)) for r in rows if r.method == name)
         points = [(x, y) for x, y in points if y is not None]
         if not points:
             continue
-        if name in ("full", "none"):
-            ax.axhline(points[0][1], linestyle="--", color="black" if name == "full" else "grey", linewidth=1)
+        if method_class(name).kind == "baseline":  # full and none: reference lines
+            shade = "black" if name == baselines[0] else "grey"
+            ax.axhline(points[0][1], linestyle="--", color=shade, linewidth=1)
             ax.annotate(name, (points[0][0], points[0][1]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-            ax.plot([points[0][0]], [points[0][1]], marker="s", color="black" if name == "full" else "grey")
+            ax.plot([points[0][0]], [points[0][1]], marker="s", color=shade)
             continue
         style = "-o" if len(points) > 1 else "*"
         ax.plot(
@@ -129,6 +131,10 @@ def _finish(plt: Any, fig: Any, ax: Any, title: str, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _bytes(rows: Sequence[EvalRow], method: str) -> float:
+    return max(r.memory_bytes for r in rows if r.method == method)
 
 
 def plot_decode(rows: Sequence[DecodeRow], path: Path) -> Path:

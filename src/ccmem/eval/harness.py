@@ -202,7 +202,7 @@ def check_options_apply(names: Sequence[str], options: dict[str, Any]) -> None:
     if unused:
         raise OptionError(
             f"no method among {', '.join(names)} has the option {unused[0]!r}; their options: "
-            f"{', '.join(sorted(declared)) or 'none'} (see `ccmem methods`)"
+            f"{', '.join(sorted(declared)) or '(no options)'} (see `ccmem methods`)"
         )
 
 

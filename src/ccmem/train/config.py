@@ -22,6 +22,7 @@ import yaml
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT
 from ccmem.loading import DEFAULT_MODEL
 from ccmem.options import OptionError, coerce, parse_value
+from ccmem.registry import DEFAULT_METHOD
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -37,7 +38,7 @@ class MethodConfig:
     There is no second list of method options here: ``method.<option>`` accepts exactly what the method has.
     """
 
-    def __init__(self, name: str = "ccm-concat", **options: Any):
+    def __init__(self, name: str = DEFAULT_METHOD, **options: Any):
         from ccmem.registry import check_options, method_class
 
         try:
