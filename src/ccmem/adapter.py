@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from ccmem.fileio import atomic_path
 from ccmem.loading import LoadedModel
 from ccmem.options import OptionError
-from ccmem.registry import UnknownMethodError, check_options, method_class
+from ccmem.registry import UnknownMethodError, check_options, method_class, method_classes
 
 if TYPE_CHECKING:
     from ccmem.methods.base import Method
@@ -66,6 +66,16 @@ def shipped_adapter(model_name: str, method: str) -> Path | None:
     candidate = resources.files("ccmem") / "adapters" / model_name / f"{method}.safetensors"
     path = Path(str(candidate))
     return path if path.is_file() else None
+
+
+def default_methods(model_name: str, kinds: tuple[str, ...] = ("baseline", "learned")) -> list[str]:
+    """The registered methods of ``kinds`` worth running on ``model_name`` by default: learned methods only
+    where an adapter ships for that model (untrained, their memory means nothing)."""
+    return [
+        name
+        for name, cls in method_classes().items()
+        if cls.kind in kinds and (not cls.needs_adapter or shipped_adapter(model_name, name) is not None)
+    ]
 
 
 def file_hash(path: Path) -> str:

@@ -99,7 +99,8 @@ def _options(n_tok: int | None, recurrent: bool | None, pairs: list[str] | None)
 
 def _method_list(methods: str | None, model: str, kinds: tuple[str, ...] = ("baseline", "learned")) -> list[str]:
     """The methods named on the command line, or the registry's default for the model."""
-    from ccmem.registry import default_methods, method_class
+    from ccmem.adapter import default_methods
+    from ccmem.registry import method_class
 
     if methods is None:
         return default_methods(model, kinds)

@@ -10,11 +10,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ccmem.adapter import default_methods
 from ccmem.api import CompressedLM, load
 from ccmem.eval.harness import check_options_apply, options_for
 from ccmem.examples import EXAMPLES, Example
 from ccmem.loading import LoadedModel
-from ccmem.registry import default_methods
 
 logger = logging.getLogger(__name__)
 

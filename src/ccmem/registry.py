@@ -46,8 +46,11 @@ def register(cls: M) -> M:
 
 
 def method_classes() -> dict[str, type[Method]]:
-    """Every registered method by name, baselines first, then learned, then training-free methods."""
-    import ccmem.methods  # noqa: F401 - importing the package registers the built-in methods
+    """Every registered method by name, baselines first, then learned, then training-free methods.
+
+    The built-in methods are registered when the ``ccmem`` package is imported (it imports ``ccmem.methods``),
+    which happens before any of its modules, this one included, can be used.
+    """
     from ccmem.methods.base import KINDS
 
     order = list(METHODS)
@@ -56,18 +59,6 @@ def method_classes() -> dict[str, type[Method]]:
 
 def method_names() -> list[str]:
     return list(method_classes())
-
-
-def default_methods(model_name: str, kinds: tuple[str, ...] = ("baseline", "learned")) -> list[str]:
-    """The registered methods of ``kinds`` worth running on ``model_name`` by default: learned methods only
-    where an adapter ships for that model (untrained, their memory means nothing)."""
-    from ccmem.adapter import shipped_adapter
-
-    return [
-        name
-        for name, cls in method_classes().items()
-        if cls.kind in kinds and (not cls.needs_adapter or shipped_adapter(model_name, name) is not None)
-    ]
 
 
 def method_class(name: str) -> type[Method]:
