@@ -21,7 +21,7 @@ from ccmem.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat, Message, check_message
 from ccmem.generation import Sampling, decode
 from ccmem.loading import DEFAULT_MODEL, LoadedModel, load_model
 from ccmem.memory import Memory
-from ccmem.methods.base import Method, positions
+from ccmem.methods.base import Method, logits_for, positions, read_batch
 from ccmem.registry import DEFAULT_METHOD, get_method, method_class
 from ccmem.stage1 import merge_stage1
 
@@ -275,6 +275,44 @@ class CompressedLM:
     def generate(self, prompt: str | Sequence[Message], max_new_tokens: int = 64, **kwargs: Any) -> str:
         """The answer to ``prompt`` given the memory (the memory itself is not changed)."""
         return "".join(self.stream(prompt, max_new_tokens, **kwargs)).strip()
+
+
+def score_batch(
+    lm: LoadedModel,
+    method: Method,
+    items: Sequence[tuple[Memory, Sequence[int], Sequence[Sequence[int]]]],
+    *,
+    reduce: str = "sum",
+) -> list[list[float]]:
+    """:meth:`CompressedLM.score_ids` for several ``(memory, query, options)`` at once: every option of every
+    item is a row of one padded forward (each row reads its own memory, as :func:`ccmem.methods.base.read_batch`)."""
+    if reduce not in SCORE_REDUCTIONS:
+        raise ValueError(f"reduce must be one of {SCORE_REDUCTIONS}, got {reduce!r}")
+    memories, rows, targets = [], [], []
+    limit = lm.max_positions
+    for memory, query, options in items:
+        if not options or any(len(o) == 0 for o in options):
+            raise ValueError("give at least one option, and no empty option")
+        for option in options:
+            row = [*query, *option[:-1]]
+            if limit is not None and memory.next_position + len(row) > limit:
+                raise ContextTooLongError(f"scoring would reach position {memory.next_position + len(row)}; "
+                                          f"the model allows {limit}")  # fmt: skip
+            memories.append(memory)
+            rows.append(torch.tensor([row], dtype=torch.long, device=lm.device))
+            targets.append(torch.tensor(option, dtype=torch.long, device=lm.device))
+    with torch.no_grad(), method.attached(lm):
+        read = read_batch(lm, memories, rows)
+        # logits only where an option's tokens are predicted: the last len(option) positions of each row
+        hidden = torch.cat([read.hidden[r, -len(t) :] for r, t in enumerate(targets)])
+        logprobs = torch.log_softmax(logits_for(lm, hidden), dim=-1)
+    picked = logprobs.gather(1, torch.cat(targets)[:, None])[:, 0].split([len(t) for t in targets])
+    flat = [float(p.sum() if reduce == "sum" else p.mean()) for p in picked]
+    out, at = [], 0
+    for _, _, options in items:
+        out.append(flat[at : at + len(options)])
+        at += len(options)
+    return out
 
 
 def load(

@@ -140,11 +140,19 @@ def test_report_flags_a_table_whose_rows_were_measured_on_different_examples(tmp
     assert "Not comparable" not in (tmp_path / "report.md").read_text()
 
 
+@pytest.mark.parametrize("task", ["icl", "text"])
 @pytest.mark.parametrize("method", ["full", "ccm-merge", "snapkv"])
-def test_batched_evaluation_gives_the_rows_of_one_at_a_time(method):
-    """Contexts compressed in padded batches (the default for batchable methods) score as one by one."""
-    lm = tiny_model()
-    examples = icl.examples(5, "test", k=3, seed=2)
+def test_batched_evaluation_gives_the_rows_of_one_at_a_time(method, task, tmp_path):
+    """Contexts compressed and answers scored in padded batches (the default for batchable methods) give the
+    numbers of one example at a time: accuracy from options (icl), perplexity of a continuation (text)."""
+    from ccmem.data import text
+
+    lm = tiny_model(positions=1024)
+    if task == "icl":
+        examples = icl.examples(5, "test", k=3, seed=2)
+    else:
+        (tmp_path / "doc.txt").write_text("".join(f"line {i} of a long text about the sea\n" for i in range(400)))
+        examples = text.examples(5, "test", path=tmp_path, context_chars=300, answer_chars=80, segment_chars=90)
     rows = []
     for batch_size in (1, 3):
         session = load(lm, method, system_prompt="Hi.", **({"window_size": 4} if method == "snapkv" else {}))

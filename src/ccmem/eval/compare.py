@@ -41,12 +41,22 @@ class Task:
     k: int = 3
     small_talk: int = 0
     seed: int = 0
+    context_chars: int = 0  # text tasks: characters of context, and of the continuation scored
+    answer_chars: int = 0
 
 
 TASKS: dict[str, Task] = {
     "persona": Task("persona", "persona facts: 3 facts among 5 small-talk turns", "persona", "accuracy", 3, 5),
     "icl": Task("icl", "in-context classification: 8 demonstrations", "icl", "accuracy", k=8),
-    "text": Task("text", "long-text perplexity: Shakespeare, ~2000 characters of context", "text", "perplexity"),
+    # ~360 tokens of context and ~80 scored: long enough that 1/16 keeps ~20 entries, short enough for the CPU grid
+    "text": Task(
+        "text",
+        "continuation perplexity: Shakespeare, 1,200 characters of context",
+        "text",
+        "perplexity",
+        context_chars=1200,
+        answer_chars=300,
+    ),
 }
 DEFAULT_BUDGETS = (1 / 2, 1 / 4, 1 / 8, 1 / 16)
 
@@ -83,7 +93,8 @@ class CompareSettings:
             raise ValueError(f"decode_budget must be in (0, 1], got {self.decode_budget}")
 
     def eval_settings(self, task: Task, model: str) -> EvalSettings:
-        data = {"k": task.k, "small_talk": task.small_talk, "seed": task.seed, "description": task.description}
+        data = {"k": task.k, "small_talk": task.small_talk, "seed": task.seed, "description": task.description,
+                "chars": [task.context_chars, task.answer_chars]}  # fmt: skip
         return EvalSettings(system=self.system, method_options=dict(self.options), data=data, model=model)
 
 
@@ -116,6 +127,12 @@ def grid(settings: CompareSettings) -> list[Cell]:
 
 
 def task_examples(task: Task, n: int) -> list[Any]:
+    if task.context_chars:
+        from ccmem.data import text
+
+        return text.examples(
+            n, "test", seed=task.seed, context_chars=task.context_chars, answer_chars=task.answer_chars
+        )
     config = DataConfig(dataset=task.dataset, n_train=n, n_eval=n, k=task.k, small_talk=task.small_talk, seed=task.seed)
     return load_examples(config, "test")[:n]
 

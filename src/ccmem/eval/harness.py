@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ccmem.api import SCORE_REDUCTIONS, CompressedLM, ContextTooLongError, load
+from ccmem.api import SCORE_REDUCTIONS, CompressedLM, ContextTooLongError, load, score_batch
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT
 from ccmem.data.records import MemoryExample, to_sample
 from ccmem.data.samples import Sample
@@ -235,9 +235,13 @@ def evaluate(
     batched = session.method.batchable and session.sink and settings.batch_size > 1
     step = settings.batch_size if batched else 1
     memories: list[Memory] = []
+    group_scores: list[list[float]] = []
     with torch.no_grad():
         for i, (example, sample) in enumerate(zip(examples, samples, strict=True)):
-            if i % step == 0:  # compress the next group of contexts
+            query = sample.tail[: sample.answer_start]
+            answer = _encode(session, example.answer)
+            options = [_encode(session, o) for o in example.options] if example.options else [answer]
+            if i % step == 0:  # compress the next group of contexts (and, batched, score its options)
                 t0 = time.perf_counter()
                 if batched:
                     memories = read_contexts(session, samples[i : i + step])
@@ -245,15 +249,20 @@ def evaluate(
                     read_context(session, example)
                     memories = [session.memory]
                 compress_seconds += time.perf_counter() - t0
+                if batched:
+                    group = list(zip(examples[i : i + step], samples[i : i + step], memories, strict=True))
+                    items = [
+                        (m, s.tail[: s.answer_start], [_encode(session, o) for o in (e.options or [e.answer])])
+                        for e, s, m in group
+                    ]
+                    group_scores = score_batch(session.lm, session.method, items, reduce=settings.score)
             session.memory = memories[i % step]
             tokens.append(sum(len(c) for c in sample.chunks))
             slots.append(session.memory.num_slots)
             nbytes.append(session.memory.nbytes)
-            query = sample.tail[: sample.answer_start]
-            answer = _encode(session, example.answer)
+            reduce = settings.score if example.options else "sum"
+            scores = group_scores[i % step] if batched else session.score_ids(query, options, reduce=reduce)
             if example.options:
-                options = [_encode(session, o) for o in example.options]
-                scores = session.score_ids(query, options, reduce=settings.score)
                 correct.append(
                     float(example.options[max(range(len(scores)), key=scores.__getitem__)] == example.answer)
                 )
@@ -261,7 +270,7 @@ def evaluate(
                 answer_at = example.options.index(example.answer)
                 answer_score = scores[answer_at] * (len(options[answer_at]) if settings.score == "mean" else 1)
             else:
-                answer_score = session.score_ids(query, [answer])[0]
+                answer_score = scores[0] * (len(answer) if batched and settings.score == "mean" else 1)
             nll.append(-answer_score)
             n_answer_tokens += len(answer)
             if settings.generate:

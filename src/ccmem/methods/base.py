@@ -287,11 +287,16 @@ def answer_loss(lm: LoadedModel, hidden: torch.Tensor, labels: torch.Tensor) -> 
     keep = labels != -100
     if not bool(keep.any()):
         raise ValueError("this batch has no answer tokens to train on (check answer_start)")
-    logits = lm.model.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    return nn.functional.cross_entropy(logits_for(lm, hidden[:, :-1][keep]), labels[keep])
+
+
+def logits_for(lm: LoadedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head's float logits for the given hidden states (with the model's final soft-capping, if any)."""
+    logits = lm.model.get_output_embeddings()(hidden).float()
     softcap = getattr(lm.model.config.get_text_config(), "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    return nn.functional.cross_entropy(logits, labels[keep])
+    return logits
 
 
 def positions(start: int, length: int, device: torch.device) -> torch.Tensor:
@@ -337,6 +342,7 @@ class BatchRead:
     layers: list[list[tuple[torch.Tensor, torch.Tensor]]]
     key_columns: list[torch.Tensor]
     n_new: list[int]
+    hidden: torch.Tensor  # [batch, longest new, hidden]: the last layer's output, each row right-aligned
 
 
 def read_batch(
@@ -393,7 +399,7 @@ def read_batch(
         if gate_last:
             gate[b, n_max - gate_last :] = True
     extra = {GATE_KWARG: gate} if gate_last else {}
-    lm.model.base_model(
+    out = lm.model.base_model(
         **({"inputs_embeds": x} if embeds else {"input_ids": x}),
         attention_mask=mask,
         position_ids=position_ids,
@@ -410,7 +416,7 @@ def read_batch(
         )
         columns.append(keep)
         rows.append([(k[b : b + 1].index_select(2, keep), v[b : b + 1].index_select(2, keep)) for k, v in filled])
-    return BatchRead(rows, columns, n_new)
+    return BatchRead(rows, columns, n_new, out.last_hidden_state)
 
 
 __all__ = [
@@ -422,6 +428,7 @@ __all__ = [
     "OptionSpec",
     "answer_loss",
     "concat_layers",
+    "logits_for",
     "option",
     "positions",
     "read_batch",
