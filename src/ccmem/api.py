@@ -227,7 +227,7 @@ class CompressedLM:
             rows[b, query.shape[1] : query.shape[1] + len(target) - 1] = target[:-1]
         cache = Memory(layers=[(k.expand(len(targets), -1, -1, -1), v.expand(len(targets), -1, -1, -1))
                                for k, v in self.memory.layers]).to_cache()  # fmt: skip
-        with torch.no_grad(), self.method.attached(self.lm):
+        with torch.no_grad(), self.method.attached(self.lm, reading=True):
             out = self.lm.model(
                 input_ids=rows,
                 cache=cache,
@@ -301,7 +301,7 @@ def score_batch(
             memories.append(memory)
             rows.append(torch.tensor([row], dtype=torch.long, device=lm.device))
             targets.append(torch.tensor(option, dtype=torch.long, device=lm.device))
-    with torch.no_grad(), method.attached(lm):
+    with torch.no_grad(), method.attached(lm, reading=True):
         read = read_batch(lm, memories, rows)
         # logits only where an option's tokens are predicted: the last len(option) positions of each row
         hidden = torch.cat([read.hidden[r, -len(t) :] for r, t in enumerate(targets)])

@@ -54,8 +54,9 @@ def decode(
 ) -> Iterator[int]:
     """Yield generated token ids one by one after reading ``query`` (``[1, n]``) with ``memory``.
 
-    The method is attached for each model call only, so a generator left half-consumed never leaves hooks on
-    the model. Generation stops after a token in ``stop_ids`` (which is yielded) or ``max_new_tokens``.
+    The method is attached for each model call only (and not at all if it does not change reading), so a
+    generator left half-consumed never leaves hooks on the model. Generation stops after a token in
+    ``stop_ids`` (which is yielded) or ``max_new_tokens``.
     """
     generator = torch.Generator(device=lm.device)
     if sampling.seed is not None:
@@ -63,7 +64,7 @@ def decode(
     state = DecodeState(cache=memory.to_cache(), position=memory.next_position, memory=memory, tokens=[])
     inputs = query
     for _ in range(max_new_tokens):
-        with torch.no_grad(), method.attached(lm):
+        with torch.no_grad(), method.attached(lm, reading=True):
             out = lm.model(
                 input_ids=inputs,
                 cache=state.cache,

@@ -323,3 +323,30 @@ def test_the_harness_names_no_method():
             ):
                 found.append(f"{path.name}:{node.lineno} imports {module}")
     assert not found, found
+
+
+def test_a_memory_whose_layers_hold_different_numbers_of_entries_is_exact_and_roundtrips(tmp_path):
+    """Per-layer budgets (pyramid-style presses) are representable: sizes stay exact and save/load keeps them."""
+    k0, k1 = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 3, 4)
+    positions = [torch.arange(5).expand(1, 2, 5), torch.tensor([0, 2, 4]).expand(1, 2, 3)]
+    memory = Memory(layers=[(k0, k0 + 1), (k1, k1 + 1)], positions=positions, next_position=5, sink=1)
+    assert memory.slots_per_layer == [5, 3] and memory.num_slots == 4
+    assert memory.nbytes == (5 + 3) * 2 * 2 * 4 * 4
+    assert memory.segment_lengths(1) == {"sink": 1, "compressed": 2, "window": 0}
+    back = Memory.load(memory.save(tmp_path / "m.safetensors"))
+    assert back.slots_per_layer == [5, 3] and torch.equal(back.positions[1], positions[1])
+    with pytest.raises(ValueError, match="same number of cached slots in every layer"):
+        back.generate_inputs(torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("case", cases())
+def test_a_method_that_says_it_does_not_change_reading_reads_the_same_attached(case, monkeypatch):
+    """``changes_reading() == False`` lets scoring and decoding skip attaching: it must not change a logit."""
+    s = session(case)
+    randomize_state(s.method, s.lm)
+    for chunk in CHUNKS:
+        s.add_ids(chunk)
+    light = s.score_ids(QUERY, [[50, 51], [52]]), list(s.stream_ids(QUERY, 4, stop_ids=set()))
+    monkeypatch.setattr(s.method, "changes_reading", lambda lm: True)
+    attached = s.score_ids(QUERY, [[50, 51], [52]]), list(s.stream_ids(QUERY, 4, stop_ids=set()))
+    assert light == attached

@@ -172,3 +172,21 @@ def test_demo_is_readable_in_an_80_column_terminal(monkeypatch, capsys, tiny_mod
     assert sum("expected-attention" in line for line in lines) >= 3  # one row per question, name not cut
     answer_rows = [line for line in lines if line.lstrip().startswith("streaming-llm")]
     assert answer_rows and all(len(line) <= 80 for line in answer_rows)
+
+
+def test_a_training_free_method_compresses_and_answers_from_the_command_line(
+    monkeypatch, capsys, tmp_path, tiny_model_dir
+):
+    text = tmp_path / "notes.txt"
+    text.write_text(" ".join(f"w{i % 40}" for i in range(64)))
+    memory = tmp_path / "m.safetensors"
+    common = ["--model", str(tiny_model_dir), "--method", "snapkv", "-O", "ratio=0.25", "-O", "window_size=4"]
+    code, out = run_cli(monkeypatch, capsys, "compress", str(text), "-o", str(memory), *common, "--system", "")
+    assert code == 0, out
+    assert "16 slots" in " ".join(out.split())  # a quarter of the 64 tokens
+    code, out = run_cli(monkeypatch, capsys, "ask", str(memory), "w3", *common, "--max-new-tokens", "2")
+    assert code == 0, out
+    code, out = run_cli(monkeypatch, capsys, "ask", str(memory), "w3", *common[:4], "-O", "ratio=0.5")
+    assert code == 2 and "ratio" in out  # another budget: another memory
+    code, out = run_cli(monkeypatch, capsys, "compress", str(text), "-o", str(memory), *common, "-O", "ratio=2")
+    assert code == 2 and "ratio must be in (0, 1]" in out

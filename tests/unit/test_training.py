@@ -193,3 +193,15 @@ def test_accelerate_launch_with_two_cpu_processes(tmp_path, tiny_model_dir):
     assert (run / "adapter.safetensors").is_file()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 2
+
+
+def test_gist_trains_through_the_same_recipe_and_its_adapter_loads(tmp_path):
+    """The trainer knows no method: gist (the whole context compressed at once) trains like CCM."""
+    result = train(_config(tmp_path, "train.max_steps=2", preset="persona-gist"), lm=tiny_model())
+    adapter = read_adapter(result.output)
+    assert adapter.method == "gist" and adapter.options["n_tok"] == 4
+    assert adapter.extra["config"]["method"]["name"] == "gist"
+    session = load(tiny_model(), "gist", adapter=result.output, system_prompt="Hi.")
+    assert session.adapter_trained
+    session.remember("I live in Oslo.", "Noted!")
+    assert session.memory.segment_lengths()["compressed"] == 4

@@ -190,12 +190,23 @@ class Method(ABC):
 
     # ------------------------------------------------------------------ attach / detach
 
+    def changes_reading(self, lm: LoadedModel) -> bool:
+        """Whether reading tokens with a memory (scoring a query, decoding) needs the method attached. Methods
+        whose hooks only act while writing memory (gated LoRA at <COMP> tokens, attention captures) say False,
+        which spares every decoded token the cost of attaching."""
+        return True
+
     @contextmanager
-    def attached(self, lm: LoadedModel) -> Iterator[None]:
+    def attached(self, lm: LoadedModel, *, reading: bool = False) -> Iterator[None]:
         """Attach to ``lm`` for the scope of the ``with`` block, then leave the model exactly as it was.
 
-        Re-entrant for the same method; another method attached to the same model at the same time is refused.
+        ``reading=True``: the scope only reads with a memory; methods that do not change reading
+        (:meth:`changes_reading`) then attach nothing. Re-entrant for the same method; another method attached
+        to the same model at the same time is refused.
         """
+        if reading and not self.changes_reading(lm):
+            yield
+            return
         model = lm.model
         current = _ATTACHED.get(model)
         if current is self:

@@ -117,6 +117,9 @@ class CompTokens(Method, LoRAOptions):
     def state(self, lm: LoadedModel) -> CompState:
         return cast(CompState, self.module_for(lm))
 
+    def changes_reading(self, lm: LoadedModel) -> bool:
+        return False  # the LoRA is gated off outside <COMP> tokens, and reading passes no mask plan
+
     def install(self, lm: LoadedModel, stack: ExitStack) -> None:
         """Hook the gated LoRA into the decoder, and switch attention to the variant that reads mask plans."""
         state = self.state(lm)

@@ -95,6 +95,9 @@ class KVEviction(Method):
 
     # ------------------------------------------------------------------ shared machinery
 
+    def changes_reading(self, lm: LoadedModel) -> bool:
+        return False  # attention is only captured while context is added
+
     def install(self, lm: LoadedModel, stack: ExitStack) -> None:
         if self.needs_attention:
             stack.enter_context(compression_attention(lm.model))

@@ -49,11 +49,18 @@ class FullContext(Method, LoRAOptions):
         targets = self.lora_targets or default_targets(lm.model)
         return LoRASet(lm.model.base_model, targets, self.lora_rank, self.lora_alpha, self.lora_dropout)
 
-    def install(self, lm: LoadedModel, stack: ExitStack) -> None:
+    def _lora_active(self, lm: LoadedModel) -> bool:
         lora = cast(LoRASet, self.module_for(lm))
-        if self.adapter_hash == "untrained" and not any(p.requires_grad for p in lora.parameters()):
-            return  # neither loaded nor being trained: B is zero, so skip the hooks' cost (the plain model)
-        for handle in lora.attach(lm.model.base_model, gate=None):
+        # Neither loaded nor being trained: B is zero, so the plain model, without the hooks' cost.
+        return self.adapter_hash != "untrained" or any(p.requires_grad for p in lora.parameters())
+
+    def changes_reading(self, lm: LoadedModel) -> bool:
+        return self._lora_active(lm)
+
+    def install(self, lm: LoadedModel, stack: ExitStack) -> None:
+        if not self._lora_active(lm):
+            return
+        for handle in cast(LoRASet, self.module_for(lm)).attach(lm.model.base_model, gate=None):
             stack.callback(handle.remove)
 
     def add(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
@@ -99,6 +106,10 @@ class NoContext(Method):
 
     name: ClassVar[str] = "none"
     uses_positions: ClassVar[bool] = False
+
+    def changes_reading(self, lm: LoadedModel) -> bool:
+        return False
+
     batchable: ClassVar[bool] = True  # nothing to read
 
     def add(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
