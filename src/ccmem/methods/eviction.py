@@ -74,6 +74,8 @@ class KVEviction(Method):
     kind: ClassVar[str] = "training-free"
     budgeted: ClassVar[bool] = True
     batchable: ClassVar[bool] = True
+    #: True for methods whose ``carry`` must be updated at every add, even when nothing is evicted.
+    carries_state: ClassVar[bool] = False
 
     ratio: float = option(0.125, "share of the context's key/value entries kept, in (0, 1]; 1 keeps all (= full)")
     max_slots: int | None = option(None, "cap on the memory's slots in all, sink included (replaces ratio)")
@@ -174,9 +176,6 @@ class KVEviction(Method):
                 carried[name].append(per_layer[i].gather(2, index))
         state |= {name: torch.stack(per_layer) for name, per_layer in carried.items()}
         return memory.with_layers(kept_layers, kept_positions, advance=n_new, state=state)
-
-    #: True for methods whose ``carry`` must be updated at every add, even when nothing is evicted.
-    carries_state: ClassVar[bool] = False
 
     @staticmethod
     def _select(scored: Scores, layer: int, candidate_positions: torch.Tensor, keep: int) -> torch.Tensor:
