@@ -22,7 +22,7 @@ import yaml
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT
 from ccmem.loading import DEFAULT_MODEL
 from ccmem.options import OptionError, coerce, parse_value
-from ccmem.registry import DEFAULT_METHOD
+from ccmem.registry import DEFAULT_METHOD, METHODS, check_options, get_method, method_class, method_classes
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -39,8 +39,6 @@ class MethodConfig:
     """
 
     def __init__(self, name: str = DEFAULT_METHOD, **options: Any):
-        from ccmem.registry import check_options, method_class
-
         try:
             method_class(name)
             checked = check_options(name, options, prefix="method.")
@@ -62,8 +60,6 @@ class MethodConfig:
 
     def resolved(self) -> dict[str, Any]:
         """Every option of the method, defaults filled in."""
-        from ccmem.registry import get_method
-
         try:
             return get_method(self.name, **self.options).options()
         except ValueError as err:
@@ -132,10 +128,7 @@ def with_later_fields(saved: dict[str, Any]) -> dict[str, Any]:
 
 
 def _method_options(name: str) -> list[str]:
-    from ccmem.registry import METHODS, method_classes
-
-    method_classes()
-    return [spec.name for spec in METHODS[name].option_specs()] if name in METHODS else []
+    return [spec.name for spec in method_classes()[name].option_specs()] if name in METHODS else []
 
 
 @dataclass
@@ -193,8 +186,6 @@ VALID_KEYS = _keys(TrainConfig)
 
 def method_keys() -> dict[str, tuple[Any, list[str]]]:
     """``method.<option>`` -> (type, the trainable methods that declare it): what ``method.*`` accepts."""
-    from ccmem.registry import method_classes
-
     out: dict[str, tuple[Any, list[str]]] = {}
     for name, cls in method_classes().items():
         if cls.trainable:
@@ -313,7 +304,6 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
 def check(config: TrainConfig) -> None:
     """Refuse settings that cannot work, before anything is loaded or written (``--show-config`` runs it too)."""
     from ccmem.data.loaders import LOADERS
-    from ccmem.registry import method_class, method_classes
 
     cls = method_class(config.method.name)
     if not cls.trainable:
