@@ -23,7 +23,15 @@ from typing import Any
 
 from ccmem.api import load
 from ccmem.data.loaders import data_version, load_examples
-from ccmem.eval.harness import EvalRow, EvalSettings, append_row, check_options_apply, evaluate, options_for
+from ccmem.eval.harness import (
+    EvalRow,
+    EvalSettings,
+    adapter_provenance,
+    append_row,
+    check_options_apply,
+    evaluate,
+    options_for,
+)
 from ccmem.fileio import jsonl_records
 from ccmem.loading import LoadedModel
 from ccmem.registry import method_class
@@ -140,8 +148,13 @@ def task_examples(task: Task, n: int) -> list[Any]:
     return load_examples(config, "test")[:n]
 
 
-def _key(row: EvalRow) -> tuple[Any, ...]:
-    return row.dataset, row.method, row.budget, row.config_hash, json.dumps(row.options, sort_keys=True)
+def _key(task: str, method: str, budget: float | None, config_hash: str, options: dict[str, Any], adapter: str) -> str:
+    """What makes a cached row reusable: the same cell, settings, options and adapter."""
+    return json.dumps([task, method, budget, config_hash, options, adapter], sort_keys=True)
+
+
+def _row_key(row: EvalRow) -> str:
+    return _key(row.dataset, row.method, row.budget, row.config_hash, row.options, row.adapter)
 
 
 def read_cached(path: Path) -> list[EvalRow]:
@@ -160,21 +173,22 @@ def run_grid(
 ) -> Iterator[EvalRow]:
     """Evaluate every cell not already in ``out_dir/rows.jsonl`` (with the same settings); yield every row."""
     rows_file = out_dir / "rows.jsonl"
-    cached = {_key(r): r for r in read_cached(rows_file)}
+    cached = {_row_key(r): r for r in read_cached(rows_file)}
     for task_name in settings.tasks:
         task = TASKS[task_name]
         examples = task_examples(task, settings.n)
         eval_settings = settings.eval_settings(task, lm.name)
+        config_hash = eval_settings.fingerprint(task.name, len(examples))
         for cell in (c for c in grid(settings) if c.task == task_name):
             options = options_for(cell.method, settings.options)
-            probe = EvalRow(**_empty_row(cell, eval_settings.fingerprint(task.name, len(examples)), options))
-            if _key(probe) in cached:
-                if progress:
-                    progress(cell, len(examples), len(examples))
-                yield cached[_key(probe)]
-                continue
             budget: dict[str, Any] = {"ratio": cell.budget} if cell.budget is not None else {}
             session = load(lm, method=cell.method, system_prompt=settings.system, **options, **budget)
+            key = _key(task.name, cell.method, cell.budget, config_hash, options, adapter_provenance(session)[0])
+            if key in cached:
+                if progress:
+                    progress(cell, len(examples), len(examples))
+                yield cached[key]
+                continue
             report = functools.partial(_report, progress, cell, len(examples)) if progress else None
             row = evaluate(session, examples, dataset=task.name, settings=eval_settings, label=task.description,
                            progress=report)  # fmt: skip
@@ -186,15 +200,6 @@ def run_grid(
 
 def _report(progress: Callable[[Cell, int, int], None], cell: Cell, total: int, done: int) -> None:
     progress(cell, done, total)
-
-
-def _empty_row(cell: Cell, config_hash: str, options: dict[str, Any]) -> dict[str, Any]:
-    return dict(
-        method=cell.method, model="", adapter="", train_dataset="", dataset=cell.task, split="test", examples=0,
-        accuracy=None, perplexity=None, exact_match=None, contains=None, rouge_l=None, memory_slots=0.0,
-        memory_bytes=0.0, context_tokens=0.0, tokens_per_second=0.0, seconds=0.0, config_hash=config_hash,
-        options=options, budget=cell.budget,
-    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- decode speed
