@@ -153,10 +153,8 @@ class CompressedLM:
         self.memory = Memory.load(
             path, expect=self.method.memory_meta(self.lm), shape=self.lm.kv_shape, device=self.lm.device
         )
-        system = self.memory.meta.get("system_prompt")
-        self.history = [{"role": "system", "content": system}] if system is not None else []
-        if system is not None:
-            self.system_prompt = system
+        self.system_prompt = self.memory.meta.get("system_prompt", self.system_prompt)
+        self.history = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
         return self.memory
 
     # ------------------------------------------------------------------ generation
