@@ -122,7 +122,7 @@ class AttentionCapture:
         else:  # sdpa with an implicit causal mask: query i of this forward sees keys up to k_len - q_len + i
             rows = torch.arange(q_len - n, q_len, device=q.device)[:, None] + (k_len - q_len)
             scores = scores.masked_fill(torch.arange(k_len, device=q.device)[None, :] > rows, float("-inf"))
-        weights = torch.softmax(scores, dim=-1)
+        weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a padding query may see no key at all
         if self.query_mask is not None:
             weights = weights * self.query_mask[:, None, q_len - n :, None].to(weights.dtype)
         self.weights[layer] = weights.sum(dim=2)
