@@ -223,50 +223,11 @@ def chat(
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy; higher samples more freely.")] = 0.0,
 ) -> None:
     """Chat interactively; each finished exchange is compressed into memory. Type /help for commands."""
+    from ccmem.serve.chat import run_chat
+
     session = _session(model, method, adapter, _options(n_tok, recurrent, option), system or None, stage1)
     console.print(f"[bold]ccmem chat[/] ({model}, {method}). /help for commands, /quit to leave.")
-    while True:
-        try:
-            line = console.input("[bold green]you>[/] ").strip()
-        except (EOFError, KeyboardInterrupt):
-            console.print()
-            return
-        if not line:
-            continue
-        if line.startswith("/"):
-            if _chat_command(session, line):
-                return
-            continue
-        console.print("[bold blue]bot>[/] ", end="")
-        pieces = []
-        for piece in session.stream(line, max_new_tokens=max_new_tokens, temperature=temperature):
-            pieces.append(piece)
-            console.print(piece, end="", highlight=False, markup=False)
-        console.print()
-        session.remember(line, "".join(pieces).strip())
-        console.print(f"[dim]memory: {session.memory.num_slots} slots, {session.memory.nbytes / 1024:.0f} KiB[/]")
-
-
-def _chat_command(session: Any, line: str) -> bool:
-    """Handle a /command; True means quit."""
-    command, _, arg = line.partition(" ")
-    if command in ("/quit", "/exit"):
-        return True
-    if command == "/reset":
-        session.reset()
-        console.print("[dim]memory cleared[/]")
-    elif command == "/memory":
-        mem = session.memory
-        segments = ", ".join(f"{n} {kind}" for kind, n in mem.segment_lengths().items())
-        console.print(f"{mem.num_slots} slots ({segments}), {mem.nbytes} bytes, next position {mem.next_position}")
-    elif command == "/save" and arg:
-        console.print(f"saved to {session.save_memory(arg.strip())}")
-    elif command == "/load" and arg:
-        session.load_memory(arg.strip())
-        console.print("memory loaded")
-    else:
-        console.print("/reset  /memory  /save PATH  /load PATH  /quit")
-    return False
+    run_chat(session, console, max_new_tokens=max_new_tokens, temperature=temperature)
 
 
 def read_text_file(path: Path) -> str:

@@ -1,0 +1,1 @@
+"""Where compressed memory meets its users: the interactive chat loop (and, next, the HTTP server)."""

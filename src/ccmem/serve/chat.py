@@ -1,0 +1,73 @@
+"""``ccmem chat``: an interactive loop; each finished exchange is folded into the session's compressed memory.
+
+Commands: ``/memory`` (what the memory holds), ``/save PATH``, ``/load PATH``, ``/reset``, ``/quit``. A command
+that fails (a missing or foreign memory file) says why and the chat goes on with its memory unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from rich.console import Console
+from rich.markup import escape
+
+from ccmem.api import CompressedLM
+
+HELP = "/memory  /save PATH  /load PATH  /reset  /quit"
+
+
+def run_chat(
+    session: CompressedLM,
+    console: Console,
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    read_line: Callable[[str], str] | None = None,
+) -> None:
+    """Talk until ``/quit`` or end of input: stream each answer, then remember the exchange."""
+    read_line = read_line or console.input
+    while True:
+        try:
+            line = read_line("[bold green]you>[/] ").strip()
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return
+        if not line:
+            continue
+        if line.startswith("/"):
+            if command(session, console, line):
+                return
+            continue
+        console.print("[bold blue]bot>[/] ", end="")
+        pieces = []
+        for piece in session.stream(line, max_new_tokens=max_new_tokens, temperature=temperature):
+            pieces.append(piece)
+            console.print(piece, end="", highlight=False, markup=False)
+        console.print()
+        session.remember(line, "".join(pieces).strip())
+        console.print(f"[dim]memory: {session.memory.num_slots} slots, {session.memory.nbytes / 1024:.0f} KiB[/]")
+
+
+def command(session: CompressedLM, console: Console, line: str) -> bool:
+    """Handle a /command; True means quit."""
+    name, _, arg = line.partition(" ")
+    try:
+        if name in ("/quit", "/exit"):
+            return True
+        if name == "/reset":
+            session.reset()
+            console.print("[dim]memory cleared[/]")
+        elif name == "/memory":
+            mem = session.memory
+            segments = ", ".join(f"{n} {kind}" for kind, n in mem.segment_lengths().items())
+            console.print(f"{mem.num_slots} slots ({segments}), {mem.nbytes} bytes, next position {mem.next_position}")
+        elif name == "/save" and arg.strip():
+            console.print(f"saved to {session.save_memory(arg.strip())}")
+        elif name == "/load" and arg.strip():
+            session.load_memory(arg.strip())
+            console.print("memory loaded")
+        else:
+            console.print(HELP)
+    except (OSError, ValueError) as err:  # the memory stays as it was
+        console.print(f"[red]{escape(str(err))}[/]")
+    return False
