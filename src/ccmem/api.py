@@ -21,7 +21,7 @@ from ccmem.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat, Message, check_message
 from ccmem.generation import Sampling, decode
 from ccmem.loading import DEFAULT_MODEL, LoadedModel, load_model
 from ccmem.memory import Memory
-from ccmem.methods.base import Method, logits_for, positions, read_batch
+from ccmem.methods.base import Method, logits_for, read_batch
 from ccmem.registry import DEFAULT_METHOD, get_method, method_class
 from ccmem.stage1 import merge_stage1
 
@@ -32,6 +32,16 @@ SCORE_REDUCTIONS = ("sum", "mean")  # how an option's token log-probabilities be
 
 class ContextTooLongError(ValueError):
     """The interaction would pass the model's maximum position."""
+
+
+def check_room(lm: LoadedModel, memory: Memory, n_new: int) -> None:
+    """Refuse, before any work, to read ``n_new`` more tokens after ``memory`` past the model's last position."""
+    limit = lm.max_positions
+    if limit is not None and memory.next_position + n_new > limit:
+        raise ContextTooLongError(
+            f"this interaction would reach position {memory.next_position + n_new}, but the model allows "
+            f"{limit}; call reset() to start over, or use a method that keeps fewer positions"
+        )
 
 
 class CompressedLM:
@@ -164,12 +174,7 @@ class CompressedLM:
         return torch.tensor([ids], dtype=torch.long, device=self.lm.device)
 
     def _check_room(self, n_new: int) -> None:
-        limit = self.lm.max_positions
-        if limit is not None and self.memory.next_position + n_new > limit:
-            raise ContextTooLongError(
-                f"this interaction would reach position {self.memory.next_position + n_new}, but the model allows "
-                f"{limit}; call reset() to start over, or use a method that keeps fewer positions"
-            )
+        check_room(self.lm, self.memory, n_new)
 
     def query_ids(self, prompt: str | Sequence[Message]) -> torch.Tensor:
         """Token ids of a question, formatted as a new user turn that asks for an answer."""
@@ -208,36 +213,13 @@ class CompressedLM:
 
         ``reduce="sum"`` (MetaICL's scoring) adds the tokens' log-probabilities, which favours short options;
         ``reduce="mean"`` divides by the option's token count (length-normalised). All options are read in one
-        forward (a row each, padded at the end, where causal attention keeps padding from mattering).
+        padded forward (:func:`score_batch`).
         """
-        query = self._check_ids(query, "query")
+        query = self._check_ids(query, "query")[0].tolist()
         if not options or any(len(o) == 0 for o in options):
             raise ValueError("give at least one option, and no empty option")
-        if reduce not in SCORE_REDUCTIONS:
-            raise ValueError(f"reduce must be one of {SCORE_REDUCTIONS}, got {reduce!r}")
-        targets = [self._check_ids(o, "option")[0] for o in options]
-        longest = max(len(t) for t in targets)
-        width = query.shape[1] + longest - 1
-        self._check_room(width)
-        rows = query.new_zeros(len(targets), width)
-        rows[:, : query.shape[1]] = query[0]
-        for b, target in enumerate(targets):
-            rows[b, query.shape[1] : query.shape[1] + len(target) - 1] = target[:-1]
-        cache = Memory(layers=[(k.expand(len(targets), -1, -1, -1), v.expand(len(targets), -1, -1, -1))
-                               for k, v in self.memory.layers]).to_cache()  # fmt: skip
-        with torch.no_grad(), self.method.attached(self.lm, reading=True):
-            out = self.lm.model(
-                input_ids=rows,
-                cache=cache,
-                position_ids=positions(self.memory.next_position, width, self.lm.device).expand(len(targets), -1),
-                logits_to_keep=longest,  # logits only where the options' tokens are predicted
-            )
-        scores = []
-        for b, target in enumerate(targets):
-            logprobs = torch.log_softmax(out.logits[b, : len(target)].float(), dim=-1)
-            token_logprobs = logprobs.gather(1, target[:, None])
-            scores.append(float(token_logprobs.sum() if reduce == "sum" else token_logprobs.mean()))
-        return scores
+        targets = [self._check_ids(o, "option")[0].tolist() for o in options]
+        return score_batch(self.lm, self.method, [(self.memory, query, targets)], reduce=reduce)[0]
 
     def score(self, prompt: str | Sequence[Message], options: Sequence[str], *, reduce: str = "sum") -> list[float]:
         """Log-likelihood of each answer option to ``prompt`` given the memory (MetaICL-style scoring).
@@ -287,15 +269,12 @@ def score_batch(
     if reduce not in SCORE_REDUCTIONS:
         raise ValueError(f"reduce must be one of {SCORE_REDUCTIONS}, got {reduce!r}")
     memories, rows, targets = [], [], []
-    limit = lm.max_positions
     for memory, query, options in items:
         if not options or any(len(o) == 0 for o in options):
             raise ValueError("give at least one option, and no empty option")
         for option in options:
             row = [*query, *option[:-1]]
-            if limit is not None and memory.next_position + len(row) > limit:
-                raise ContextTooLongError(f"scoring would reach position {memory.next_position + len(row)}; "
-                                          f"the model allows {limit}")  # fmt: skip
+            check_room(lm, memory, len(row))
             memories.append(memory)
             rows.append(torch.tensor([row], dtype=torch.long, device=lm.device))
             targets.append(torch.tensor(option, dtype=torch.long, device=lm.device))

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ccmem.api import SCORE_REDUCTIONS, CompressedLM, ContextTooLongError, load, score_batch
+from ccmem.api import SCORE_REDUCTIONS, CompressedLM, check_room, load, score_batch
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT
 from ccmem.data.records import MemoryExample, to_sample
 from ccmem.data.samples import Sample
@@ -149,17 +149,12 @@ def read_contexts(session: CompressedLM, samples: Sequence[Sample]) -> list[Memo
     session.reset()
     memories = [session.memory] * len(samples)
     method, lm = session.method, session.lm
-    limit = lm.max_positions
     with torch.no_grad(), method.attached(lm):
         for t in range(max(len(s.chunks) for s in samples)):
             rows = [i for i, s in enumerate(samples) if t < len(s.chunks)]
             ids = [torch.tensor([samples[i].chunks[t]], dtype=torch.long, device=lm.device) for i in rows]
             for i, x in zip(rows, ids, strict=True):
-                reach = memories[i].next_position + method.positions_needed(memories[i], x.shape[1])
-                if limit is not None and reach > limit:
-                    raise ContextTooLongError(
-                        f"an example's context would reach position {reach}; the model allows {limit}"
-                    )
+                check_room(lm, memories[i], method.positions_needed(memories[i], x.shape[1]))
             for i, memory in zip(rows, method.add_batch(lm, [memories[i] for i in rows], ids), strict=True):
                 memories[i] = memory
     return memories

@@ -34,7 +34,7 @@ from torch import nn
 
 from ccmem.data.samples import Sample
 from ccmem.loading import LoadedModel
-from ccmem.memory import Memory, concat_layers, concat_positions, positions_for
+from ccmem.memory import Memory, concat_positions, positions_for
 from ccmem.options import type_name
 
 #: The model each method is attached to right now (weak: a dropped model is forgotten).
@@ -336,13 +336,18 @@ def run_decoder(
     )
 
 
+def positions_after(memory: Memory, layers: list, n_new: int) -> list[torch.Tensor]:
+    """Slot positions of ``layers`` that hold ``memory``'s slots followed by ``n_new`` tokens read after it."""
+    new = [positions_for(memory.next_position, n_new, k) for k, _ in layers]
+    return concat_positions([memory.positions, new])
+
+
 def read_raw(lm: LoadedModel, memory: Memory, ids: torch.Tensor, **kwargs: Any) -> tuple[list, list[torch.Tensor]]:
     """Read ``ids`` with ``memory``; every layer's keys/values and positions, the new tokens' appended."""
     cache = memory.to_cache()
     run_decoder(lm, ids, cache, memory.next_position, **kwargs)
     layers = Memory.layers_of(cache)
-    new = [positions_for(memory.next_position, ids.shape[-1], k) for k, _ in layers]
-    return layers, concat_positions([memory.positions, new])
+    return layers, positions_after(memory, layers, ids.shape[-1])
 
 
 @dataclass
@@ -438,10 +443,10 @@ __all__ = [
     "Method",
     "OptionSpec",
     "answer_loss",
-    "concat_layers",
     "logits_for",
     "option",
     "positions",
+    "positions_after",
     "read_batch",
     "read_raw",
     "run_decoder",

@@ -23,8 +23,8 @@ from typing import Any, ClassVar
 import torch
 
 from ccmem.loading import LoadedModel
-from ccmem.memory import KV, Memory, concat_positions, positions_for
-from ccmem.methods.base import Method, option, read_batch, run_decoder
+from ccmem.memory import KV, Memory
+from ccmem.methods.base import Method, option, positions_after, read_batch, run_decoder
 from ccmem.patching.attention import CAPTURE_KWARG, AttentionCapture, compression_attention
 
 
@@ -146,8 +146,7 @@ class KVEviction(Method):
         self, lm: LoadedModel, memory: Memory, layers: list[KV], capture: AttentionCapture | None, n_new: int
     ) -> Memory:
         """Keep the budget of ``layers`` (the memory's entries, then the ``n_new`` just read)."""
-        new = [positions_for(memory.next_position, n_new, k) for k, _ in layers]
-        positions = concat_positions([memory.positions, new])
+        positions = positions_after(memory, layers, n_new)
         context = int(memory.state.get("context_tokens", torch.tensor(0))) + n_new
         keep = self.budget(memory.sink, context)
         state: dict[str, torch.Tensor] = {"context_tokens": torch.tensor(context)}

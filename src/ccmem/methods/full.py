@@ -14,8 +14,8 @@ import torch
 
 from ccmem.data.samples import Sample
 from ccmem.loading import LoadedModel
-from ccmem.memory import Memory, concat_positions, positions_for
-from ccmem.methods.base import LoRAOptions, Method, answer_loss, read_batch, read_raw
+from ccmem.memory import Memory
+from ccmem.methods.base import LoRAOptions, Method, answer_loss, positions_after, read_batch, read_raw
 from ccmem.modules import LoRASet, default_targets
 from ccmem.registry import register
 
@@ -71,8 +71,7 @@ class FullContext(Method, LoRAOptions):
         read = read_batch(lm, memories, ids)
         out = []
         for m, layers, n in zip(memories, read.layers, read.n_new, strict=True):
-            positions = concat_positions([m.positions, [positions_for(m.next_position, n, k) for k, _ in layers]])
-            out.append(m.with_layers(layers, positions, advance=n, window=m.window + n))
+            out.append(m.with_layers(layers, positions_after(m, layers, n), advance=n, window=m.window + n))
         return out
 
     def make_batch(self, samples: list[Sample], pad_id: int = 0) -> FlatBatch:
