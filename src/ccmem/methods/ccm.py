@@ -166,6 +166,13 @@ class CompTokens(Method, LoRAOptions):
         run_decoder(lm, None, cache, start, inputs_embeds=embeds, **{GATE_KWARG: comp})
         return [(k[..., -self.n_tok :, :], v[..., -self.n_tok :, :]) for k, v in Memory.layers_of(cache)]
 
+    def compress_batch(self, lm: LoadedModel, seen: list[Memory], ids: list[torch.Tensor]) -> list[list[KV]]:
+        """:meth:`compress_step` for several chunks, each read with its own memory, in one padded forward
+        (each memory's ``next_position`` is where its chunk starts)."""
+        inputs = [self._comp_inputs(lm, chunk)[0] for chunk in ids]
+        read = read_batch(lm, seen, inputs, embeds=True, gate_last=self.n_tok)
+        return [[(k[..., -self.n_tok :, :], v[..., -self.n_tok :, :]) for k, v in layers] for layers in read.layers]
+
     def comp_positions(self, comp: list[KV], start: int) -> list[torch.Tensor]:
         return [positions_for(start, self.n_tok, k) for k, _ in comp]
 
@@ -258,10 +265,8 @@ class CCM(CompTokens):
         for t in range(max(len(c) for c in chunks)):
             rows = [b for b, c in enumerate(chunks) if t < len(c)]
             seen = [out[b] if self.recurrent else out[b].prefix(out[b].sink) for b in rows]
-            inputs = [self._comp_inputs(lm, chunks[b][t])[0] for b in rows]
-            read = read_batch(lm, seen, inputs, embeds=True, gate_last=self.n_tok)
-            for b, layers in zip(rows, read.layers, strict=True):
-                comp = [(k[..., -self.n_tok :, :], v[..., -self.n_tok :, :]) for k, v in layers]
+            comps = self.compress_batch(lm, seen, [chunks[b][t] for b in rows])
+            for b, comp in zip(rows, comps, strict=True):
                 out[b] = self.fold(out[b], comp, chunks[b][t].shape[-1])
         return out
 

@@ -17,7 +17,6 @@ import torch
 from ccmem.data.samples import Sample
 from ccmem.loading import LoadedModel
 from ccmem.memory import Memory, concat_layers, concat_positions
-from ccmem.methods.base import read_batch
 from ccmem.methods.ccm import CompTokens, ParallelBatch, lay_out
 from ccmem.registry import register
 
@@ -45,11 +44,8 @@ class Gist(CompTokens):
             # The sink occupies positions 0..sink-1, so the context always starts right after it.
             base = memory.prefix(memory.sink)
             bases.append(base.with_layers(base.layers, base.positions, next_position=memory.sink))
-        inputs = [self._comp_inputs(lm, c)[0] for c in contexts]
-        read = read_batch(lm, bases, inputs, embeds=True, gate_last=self.n_tok)
         out = []
-        for base, context, layers in zip(bases, contexts, read.layers, strict=True):
-            comp = [(k[..., -self.n_tok :, :], v[..., -self.n_tok :, :]) for k, v in layers]
+        for base, context, comp in zip(bases, contexts, self.compress_batch(lm, bases, contexts), strict=True):
             start = base.sink + context.shape[-1]
             out.append(
                 base.with_layers(
