@@ -17,7 +17,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from ccmem.eval.harness import (
     check_options_apply,
     evaluate,
     options_for,
+    read_rows,
 )
 from ccmem.fileio import jsonl_records
 from ccmem.loading import LoadedModel
@@ -158,10 +159,7 @@ def _row_key(row: EvalRow) -> str:
 
 
 def read_cached(path: Path) -> list[EvalRow]:
-    if not path.is_file():
-        return []
-    fields = set(EvalRow.__dataclass_fields__)
-    return [EvalRow(**{k: v for k, v in rec.items() if k in fields}) for _, rec in jsonl_records(path, "rows file")]
+    return read_rows([path]) if path.is_file() else []
 
 
 def run_grid(
@@ -224,11 +222,12 @@ def decode_history(lm: LoadedModel, length: int) -> list[int]:
     """``length`` tokens of packaged text (the long-text task's documents), the same for every method."""
     from ccmem.data.text import text_files
 
-    text = "".join(p.read_text(encoding="utf-8", errors="replace") for p in text_files(None)[:3])
-    ids = list(lm.tokenizer.encode(text, add_special_tokens=False))
-    if len(ids) < length:
-        raise ValueError(f"the packaged text holds {len(ids)} tokens, fewer than the {length} asked for")
-    return ids[:length]
+    ids: list[int] = []
+    for path in text_files(None):  # tokenize only as many plays as the history needs
+        ids += lm.tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)
+        if len(ids) >= length:
+            return ids[:length]
+    raise ValueError(f"the packaged text holds {len(ids)} tokens, fewer than the {length} asked for")
 
 
 def run_decode_speed(
@@ -247,18 +246,18 @@ def run_decode_speed(
     done = {(r.method, r.history_tokens) for r in cached if r.config_hash == config_hash}
     rows = [r for r in cached if r.config_hash == config_hash]
     limit = lm.max_positions or max(settings.decode_lengths) + settings.decode_tokens + 64
+    lengths = [n for n in settings.decode_lengths if n + settings.decode_tokens + 64 <= limit]
+    history = decode_history(lm, max(lengths)) if lengths else []  # read once, cut per length
     for name in settings.methods:
         budget = settings.decode_budget if method_class(name).budgeted else None
-        for length in settings.decode_lengths:
+        for length in lengths:
             if (name, length) in done:
-                continue
-            if length + settings.decode_tokens + 64 > limit:
                 continue
             if progress:
                 progress(f"decode: {name} after {length} tokens")
             options: dict[str, Any] = options_for(name, settings.options) | ({"ratio": budget} if budget else {})
             session = load(lm, method=name, system_prompt=settings.system, **options)
-            session.add_ids(decode_history(lm, length))
+            session.add_ids(history[:length])
             query = session.query_ids("Go on.")
             list(session.stream_ids(query, 2, stop_ids=set()))  # warm-up
             seconds = float("inf")
@@ -270,8 +269,6 @@ def run_decode_speed(
                 name, budget, length, session.memory.num_slots, session.memory.nbytes, n, round(n / seconds, 2),
                 lm.name, config_hash,
             )  # fmt: skip
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(asdict(row)) + "\n")
+            append_row(path, row)
             rows.append(row)
     return rows

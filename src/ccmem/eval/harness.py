@@ -338,8 +338,8 @@ def compare(
         yield row
 
 
-def append_row(path: Path, row: EvalRow) -> None:
-    """Append one row as a JSON line (a line is written whole, so a crash never leaves half a row)."""
+def append_row(path: Path, row: Any) -> None:
+    """Append one result row (a dataclass) as a JSON line (written whole, so a crash never leaves half a row)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(asdict(row)) + "\n")
