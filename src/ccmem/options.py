@@ -66,6 +66,9 @@ def coerce(key: str, kind: Any, value: Any) -> Any:
             return value
         if origin in (list, tuple) and isinstance(value, list | tuple):
             return origin(str(v) for v in value)
+        if origin is dict and isinstance(value, dict):
+            value_type = (typing.get_args(option) or (str, str))[1]
+            return {str(k): coerce(f"{key}.{k}", value_type, v) for k, v in value.items()}
         if origin in (str, bool) and type(value) is origin:
             return value
     raise OptionError(f"{key} must be {type_name(kind)}, got {value!r}")

@@ -84,3 +84,45 @@ def test_compare_command_line(monkeypatch, capsys, tmp_path, tiny_model_dir):
     assert code == 2 and "unknown task 'poetry'" in text
     code, text = run_cli(monkeypatch, capsys, "compare", "--budgets", "1/0", "--out-dir", str(tmp_path))
     assert code == 2 and "must be a share of the context such as 1/8" in text
+
+
+def test_adapter_variants_run_side_by_side_with_the_gap_they_close(tmp_path):
+    from ccmem.adapter import save_adapter
+    from ccmem.registry import get_method
+    from tests.conftest import randomize_lora
+
+    lm = tiny_model(positions=8192)
+    method = get_method("ccm-concat")
+    randomize_lora(method, lm)
+    path = save_adapter(method, lm, tmp_path / "other.safetensors")
+    settings = CompareSettings(
+        methods=["full", "none", "ccm-concat", "ccm-concat@other"], adapters={"ccm-concat@other": str(path)},
+        tasks=["dialogs-5", "passages"], budgets=[0.5], n=3, system="Hi.", decode_lengths=[],
+    )  # fmt: skip
+    rows = list(run_grid(lm, settings, tmp_path))
+    named = {(r.dataset, r.extra.get("variant", r.method)): r for r in rows}
+    assert named[("dialogs-5", "ccm-concat@other")].adapter != named[("dialogs-5", "ccm-concat")].adapter
+    assert all(r.extra["by"]["distance"] for r in rows if r.dataset == "dialogs-5")
+    paths = write_compare_report(rows, [], tmp_path)
+    report = paths["markdown"].read_text()
+    assert "| ccm-concat@other |" in report and "gap closed" in report and "Accuracy by distance" in report
+    with pytest.raises(ValueError, match="needs an adapter"):
+        CompareSettings(methods=["ccm-concat@x"], tasks=["persona"])
+    with pytest.raises(ValueError, match="not among the methods"):
+        CompareSettings(methods=["full"], adapters={"ccm-merge@x": str(path)}, tasks=["persona"])
+
+
+def test_gap_closed_is_the_share_of_the_none_to_full_distance():
+    from ccmem.eval.compare_report import gap_closed
+    from ccmem.eval.harness import EvalRow
+
+    def row(method, accuracy=None, perplexity=None):
+        return EvalRow(
+            method, "m", "-", "-", "t", "test", 1, accuracy, perplexity, None, None, None, 1, 1, 1, 1, 1, "h"
+        )
+
+    rows = [row("full", 0.8), row("none", 0.2), row("ccm-concat", 0.65)]
+    assert gap_closed(rows, rows[2], "accuracy") == pytest.approx(0.75)
+    ppl = [row("full", perplexity=20.0), row("none", perplexity=80.0), row("ccm-merge", perplexity=40.0)]
+    assert gap_closed(ppl, ppl[2], "perplexity") == pytest.approx(0.5)
+    assert gap_closed(rows[2:], rows[2], "accuracy") is None

@@ -205,3 +205,30 @@ def test_gist_trains_through_the_same_recipe_and_its_adapter_loads(tmp_path):
     assert session.adapter_trained
     session.remember("I live in Oslo.", "Noted!")
     assert session.memory.segment_lengths()["compressed"] == 4
+
+
+def test_init_from_starts_from_an_adapter_and_refuses_one_of_another_shape(tmp_path):
+    first = train(_config(tmp_path / "a", "train.max_steps=2"), lm=tiny_model())
+    # A merge run can start from the concat adapter (same state); with lr 0 it ends exactly where it started.
+    warm = _config(tmp_path / "b", f"init_from={first.output}", "train.lr=1e-12", "train.max_steps=2",
+                   preset="persona-ccm-merge")  # fmt: skip
+    result = train(warm, lm=tiny_model())
+    a, b = load_file(first.output), load_file(result.output)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    assert warm.fingerprint() != _config(tmp_path / "b", preset="persona-ccm-merge").fingerprint()
+    with pytest.raises(ConfigError, match=r"init_from: .*n_tok=4.*n_tok=2"):
+        train(_config(tmp_path / "c", f"init_from={first.output}", "method.n_tok=2"), lm=tiny_model())
+    with pytest.raises(ConfigError, match="ships no ccm-concat adapter for tiny"):
+        train(_config(tmp_path / "d", "init_from=shipped"), lm=tiny_model())
+
+
+def test_unified_preset_trains_on_the_mixture(tmp_path):
+    config = _config(
+        tmp_path, "init_from=null", "data.n_train=10", "data.mixture={dialogs: 0.6, persona: 0.2, icl: 0.2}",
+        "train.max_steps=2", "data.max_length=4000", preset="unified-ccm-concat",
+    )  # fmt: skip
+    assert config.data.dataset == "mixture" and config.train.group_by_length
+    result = train(config, lm=tiny_model(positions=8192))
+    assert result.steps == 2 and read_adapter(result.output).train_dataset == "mixture"

@@ -7,12 +7,14 @@ file and never share items between splits.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ccmem.data import formats, icl, persona, text
+from ccmem.data import dialogs, formats, icl, passages, persona, text
 from ccmem.data.records import MemoryExample
 
 if TYPE_CHECKING:
@@ -47,10 +49,86 @@ def _persona(cfg: DataConfig, split: str) -> list[MemoryExample]:
     return [persona_example(d) for d in dialogs]
 
 
-def persona_example(d: persona.PersonaDialog) -> MemoryExample:
+def persona_example(d: persona.PersonaDialog, task: str = "persona") -> MemoryExample:
     return MemoryExample(
-        d.id, [tuple(t) for t in d.turns], d.question, d.answer, list(d.options), chat=True, task="persona"
+        d.id,
+        [tuple(t) for t in d.turns],
+        d.question,
+        d.answer,
+        list(d.options),
+        chat=True,
+        task=task,
+        groups=dict(d.groups),
     )
+
+
+def _dialogs(cfg: DataConfig, split: str) -> list[MemoryExample]:
+    if cfg.path:  # a .jsonl file of dialogs (persona's record format)
+        found = persona.read_jsonl(formats.split_file(_path(cfg, split), split, (".jsonl",)))
+    else:
+        n = cfg.n_train if split == "train" else cfg.n_eval
+        facts, turns = dialogs.split_shape(split, min(cfg.k, 6), cfg.turns or 20)
+        found = list(dialogs.generate(n, split, seed=cfg.seed, facts=facts, turns=turns, templates=cfg.templates))
+    return [persona_example(d, "dialogs") for d in found]
+
+
+def _passages(cfg: DataConfig, split: str) -> list[MemoryExample]:
+    n = cfg.n_train if split == "train" else cfg.n_eval
+    return [persona_example(d, "passages") for d in passages.generate(n, split, seed=cfg.seed, k=min(cfg.k, 8))]
+
+
+#: Each family's settings inside a mixture (its own k and lengths; data.k and friends set the single datasets).
+MIXTURE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dialogs": {"k": 6, "turns": 20},
+    "persona": {"k": 3, "small_talk": 5},
+    "icl": {"k": 8},
+    "passages": {"k": 3},
+    "text": {},
+}
+
+
+class MixtureError(ValueError):
+    """A mixture that cannot be built (an unknown family, a weight with no data)."""
+
+
+def _mixture(cfg: DataConfig, split: str) -> list[MemoryExample]:
+    """Families drawn by weight (``data.mixture``), shuffled together with the data seed."""
+    weights = cfg.mixture or {}
+    if not weights:
+        raise MixtureError("dataset 'mixture' needs data.mixture, e.g. {dialogs: 0.6, icl: 0.2, text: 0.2}")
+    for family, weight in weights.items():
+        if family not in MIXTURE_DEFAULTS:
+            raise MixtureError(f"data.mixture: unknown family {family!r}; families: {', '.join(MIXTURE_DEFAULTS)}")
+        if weight < 0:
+            raise MixtureError(f"data.mixture: weight of {family!r} must not be negative, got {weight}")
+    total = sum(weights.values())
+    if total <= 0:
+        raise MixtureError("data.mixture: the weights sum to zero")
+    n = cfg.n_train if split == "train" else cfg.n_eval
+    mixed: list[MemoryExample] = []
+    for family, weight in weights.items():
+        if weight == 0:
+            continue
+        share = max(1, round(n * weight / total))
+        sub = dataclasses.replace(
+            cfg,
+            dataset=family,
+            path=None,
+            eval_path=None,
+            mixture=None,
+            n_train=share,
+            n_eval=share,
+            **MIXTURE_DEFAULTS[family],
+        )
+        try:
+            found = LOADERS[family](sub, split)
+        except (OSError, ValueError) as err:
+            raise MixtureError(f"data.mixture: family {family!r} has weight {weight} but no data: {err}") from None
+        if not found:
+            raise MixtureError(f"data.mixture: family {family!r} has weight {weight} but produced no {split} examples")
+        mixed += found[:share]
+    random.Random(f"mixture-{split}-{cfg.seed}").shuffle(mixed)
+    return mixed
 
 
 def _path(cfg: DataConfig, split: str) -> Path:
@@ -85,6 +163,9 @@ LOADERS: dict[str, Loader] = {
     "dailydialog": lambda cfg, split: formats.dialogs(_path(cfg, split), split, "dialog", cfg.k, "dailydialog"),
     "soda": lambda cfg, split: formats.dialogs(_path(cfg, split), split, "dialogue", cfg.k, "soda"),
     "unified": _unified,
+    "dialogs": _dialogs,
+    "passages": _passages,
+    "mixture": _mixture,
     "pretrain": lambda cfg, split: formats.pretrain(_path(cfg, split), split, cfg.k),
     "text": lambda cfg, split: text.examples(
         cfg.n_train if split == "train" else cfg.n_eval, split, seed=cfg.seed, path=cfg.path
@@ -96,7 +177,17 @@ def data_version(cfg: DataConfig) -> str:
     """What the examples came from: a generator version, or the files read."""
     if cfg.path:
         return f"files:{cfg.path}"
-    versions = {"persona": persona.GENERATOR_VERSION, "icl": icl.GENERATOR_VERSION, "text": text.GENERATOR_VERSION}
+    versions = {
+        "persona": persona.GENERATOR_VERSION,
+        "icl": icl.GENERATOR_VERSION,
+        "text": text.GENERATOR_VERSION,
+        "dialogs": dialogs.GENERATOR_VERSION,
+        "passages": passages.GENERATOR_VERSION,
+    }
+    if cfg.dataset == "mixture" and cfg.mixture:
+        return "+".join(f"{versions.get(f, f)}:{w:g}" for f, w in cfg.mixture.items())
+    if cfg.dataset == "dialogs" and cfg.templates:
+        return f"{dialogs.GENERATOR_VERSION}:{Path(cfg.templates).name}"
     return versions.get(cfg.dataset, cfg.dataset)
 
 

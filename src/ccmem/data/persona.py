@@ -20,7 +20,7 @@ import json
 import os
 import random
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ccmem.fileio import DatasetFormatError, atomic_path, jsonl_records  # DatasetFormatError: also imported from here
@@ -353,6 +353,7 @@ class PersonaDialog:
     question: str
     answer: str
     options: list[str]
+    groups: dict[str, str] = field(default_factory=dict)  # what evaluation breaks accuracy down by
 
 
 def split_values(kind: FactKind, split: str) -> list[str]:
@@ -406,7 +407,10 @@ def write_jsonl(path: str | os.PathLike[str], dialogs: Iterator[PersonaDialog] |
     path = Path(path)
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for dialog in dialogs:
-            f.write(json.dumps(asdict(dialog)) + "\n")
+            record = asdict(dialog)
+            if not record["groups"]:
+                del record["groups"]  # persona records stay as they were
+            f.write(json.dumps(record) + "\n")
     return path
 
 
@@ -422,6 +426,9 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[PersonaDialog]:
         turns = record["turns"]
         if not all(isinstance(t, list) and len(t) == 2 and all(isinstance(s, str) for s in t) for t in turns):
             raise DatasetFormatError(f"{where}: field 'turns' must hold [user, assistant] string pairs")
+        groups = record.get("groups", {})
+        if not isinstance(groups, dict) or not all(isinstance(v, str) for v in groups.values()):
+            raise DatasetFormatError(f"{where}: field 'groups' must map names to strings")
         dialogs.append(
             PersonaDialog(
                 id=str(record.get("id", f"line-{where.rpartition(':')[2]}")),
@@ -431,6 +438,7 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[PersonaDialog]:
                 question=record["question"],
                 answer=record["answer"],
                 options=list(record["options"]),
+                groups=dict(groups),
             )
         )
     return dialogs

@@ -33,6 +33,9 @@ class MemoryExample:
     options: list[str] = field(default_factory=list)
     chat: bool = True
     task: str = ""
+    groups: dict[str, str] = field(
+        default_factory=dict
+    )  # e.g. {"distance": "2-4"}: accuracy is also reported per group
 
     def __post_init__(self) -> None:
         if self.options and self.answer not in self.options:

@@ -52,6 +52,7 @@ class Task:
     seed: int = 0
     context_chars: int = 0  # text tasks: characters of context, and of the continuation scored
     answer_chars: int = 0
+    turns: int = 0  # dialogs: turns per test dialog
 
 
 TASKS: dict[str, Task] = {
@@ -67,6 +68,17 @@ TASKS: dict[str, Task] = {
         answer_chars=300,
     ),
 }
+for _turns in (5, 10, 20):
+    TASKS[f"dialogs-{_turns}"] = Task(
+        f"dialogs-{_turns}",
+        f"varied fact dialogs: 3-5 facts in {_turns} turns, unseen wordings and kinds",
+        "dialogs",
+        "accuracy",
+        k=5,
+        turns=_turns,
+    )
+TASKS["passages"] = Task("passages", "QA over 3 Wikipedia passages shared in a chat", "passages", "accuracy", k=3)
+DEFAULT_TASKS = ("persona", "icl", "text")
 DEFAULT_BUDGETS = (1 / 2, 1 / 4, 1 / 8, 1 / 16)
 
 
@@ -75,7 +87,10 @@ class CompareSettings:
     """The grid: which methods, tasks, budgets and how many examples; what is timed for decoding."""
 
     methods: Sequence[str] = ()  # default: every registered method ready for the model (``default_methods``)
-    tasks: Sequence[str] = tuple(TASKS)
+    tasks: Sequence[str] = DEFAULT_TASKS
+    # adapter files by method or variant: {"ccm-concat": path} replaces the shipped adapter; a variant
+    # "ccm-concat@persona" (listed in methods) runs the method with that adapter beside the others
+    adapters: dict[str, str] = field(default_factory=dict)
     budgets: Sequence[float] = DEFAULT_BUDGETS
     n: int = 30
     options: dict[str, Any] = field(default_factory=dict)  # method options, each to the methods that have it
@@ -92,8 +107,15 @@ class CompareSettings:
         if not self.methods:
             raise ValueError("no methods to compare")
         for name in self.methods:
-            method_class(name)
-        check_options_apply(self.methods, self.options)
+            cls = method_class(base_method(name))
+            if "@" in name and name not in self.adapters:
+                raise ValueError(f"method variant {name!r} needs an adapter: --adapter {name}=PATH")
+            if name in self.adapters and not cls.trainable:
+                raise ValueError(f"method {base_method(name)!r} takes no adapter")
+        unused = [v for v in self.adapters if v not in self.methods]
+        if unused:
+            raise ValueError(f"adapter given for {unused[0]!r}, which is not among the methods compared")
+        check_options_apply([base_method(m) for m in self.methods], self.options)
         for b in self.budgets:
             if not 0 < b <= 1:
                 raise ValueError(f"budgets are shares of the context in (0, 1], got {b}")
@@ -121,6 +143,11 @@ class Cell:
         return f"{self.task}: {self.method}" + (f" at {budget_text(self.budget)}" if self.budget else "")
 
 
+def base_method(name: str) -> str:
+    """``ccm-concat`` for the variant ``ccm-concat@persona`` (the same method with another adapter)."""
+    return name.partition("@")[0]
+
+
 def budget_text(budget: float | None) -> str:
     """``1/8`` for 0.125, ``0.3`` for 0.3, ``-`` for none."""
     if budget is None:
@@ -133,7 +160,7 @@ def grid(settings: CompareSettings) -> list[Cell]:
     cells = []
     for task in settings.tasks:
         for name in settings.methods:
-            budgets = settings.budgets if method_class(name).budgeted else [None]
+            budgets = settings.budgets if method_class(base_method(name)).budgeted else [None]
             cells += [Cell(task, name, b) for b in budgets]
     return cells
 
@@ -145,7 +172,15 @@ def task_examples(task: Task, n: int) -> list[Any]:
         return text.examples(
             n, "test", seed=task.seed, context_chars=task.context_chars, answer_chars=task.answer_chars
         )
-    config = DataConfig(dataset=task.dataset, n_train=n, n_eval=n, k=task.k, small_talk=task.small_talk, seed=task.seed)
+    config = DataConfig(
+        dataset=task.dataset,
+        n_train=n,
+        n_eval=n,
+        k=task.k,
+        small_talk=task.small_talk,
+        seed=task.seed,
+        turns=task.turns,
+    )
     return load_examples(config, "test")[:n]
 
 
@@ -178,20 +213,28 @@ def run_grid(
         eval_settings = settings.eval_settings(task, lm.name)
         config_hash = eval_settings.fingerprint(task.name, len(examples))
         for cell in (c for c in grid(settings) if c.task == task_name):
-            options = options_for(cell.method, settings.options)
+            method = base_method(cell.method)
+            options = options_for(method, settings.options)
             budget: dict[str, Any] = {"ratio": cell.budget} if cell.budget is not None else {}
-            session = load(lm, method=cell.method, system_prompt=settings.system, **options, **budget)
-            key = _key(task.name, cell.method, cell.budget, config_hash, options, adapter_provenance(session)[0])
+            adapter = settings.adapters.get(cell.method)
+            session = load(lm, method=method, adapter=adapter, system_prompt=settings.system, **options, **budget)
+            key = _key(task.name, method, cell.budget, config_hash, options, adapter_provenance(session)[0])
             if key in cached:
                 if progress:
                     progress(cell, len(examples), len(examples))
-                yield cached[key]
+                row = cached[key]
+                row.extra.pop("variant", None)
+                if cell.method != method:
+                    row.extra["variant"] = cell.method
+                yield row
                 continue
             report = functools.partial(_report, progress, cell, len(examples)) if progress else None
             row = evaluate(session, examples, dataset=task.name, settings=eval_settings, label=task.description,
                            progress=report)  # fmt: skip
             row.budget = cell.budget
             row.extra["data_version"] = data_version(DataConfig(dataset=task.dataset))
+            if cell.method != method:
+                row.extra["variant"] = cell.method
             append_row(rows_file, row)
             yield row
 
@@ -248,7 +291,7 @@ def run_decode_speed(
     limit = lm.max_positions or max(settings.decode_lengths) + settings.decode_tokens + 64
     lengths = [n for n in settings.decode_lengths if n + settings.decode_tokens + 64 <= limit]
     history = decode_history(lm, max(lengths)) if lengths else []  # read once, cut per length
-    for name in settings.methods:
+    for name in dict.fromkeys(base_method(m) for m in settings.methods):  # variants decode as fast as their method
         budget = settings.decode_budget if method_class(name).budgeted else None
         for length in lengths:
             if (name, length) in done:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import html
+import itertools
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,11 +45,26 @@ def _fmt(value: float | None, metric: str) -> str:
     return f"{value:.3f}" if metric == "accuracy" else f"{value:.2f}"
 
 
+def gap_closed(rows: Sequence[EvalRow], row: EvalRow, metric: str) -> float | None:
+    """The share of the none -> full gap that ``row`` recovers (1.0: as good as full context; perplexity is
+    compared in log space), or None without both baselines or a gap."""
+    import math
+
+    ends = {r.method: _value(r, metric) for r in rows if r.method in ("full", "none") and r.budget is None}
+    full, none, value = ends.get("full"), ends.get("none"), _value(row, metric)
+    if full is None or none is None or value is None:
+        return None
+    if metric == "perplexity":
+        full, none, value = (math.log(max(v, 1e-9)) for v in (full, none, value))
+    return None if abs(full - none) < 1e-9 else (value - none) / (full - none)
+
+
 def task_table(rows: Sequence[EvalRow], task: str) -> str:
-    """Markdown: one line per method, the metric at each budget (budgeted methods) or at the method's own size."""
+    """Markdown: one line per method, the metric at each budget (budgeted methods) or at the method's own size,
+    and the share of the none -> full gap each method closes at its own size."""
     metric = _metric(rows, task)
     budgets = sorted({r.budget for r in rows if r.budget is not None}, reverse=True)
-    header = ["method", "kind", "own size", *(f"{budget_text(b)} of full" for b in budgets)]
+    header = ["method", "kind", "own size", "gap closed", *(f"{budget_text(b)} of full" for b in budgets)]
     lines = [f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
     by_method: dict[str, dict[float | None, EvalRow]] = defaultdict(dict)
     for r in rows:
@@ -56,15 +72,41 @@ def task_table(rows: Sequence[EvalRow], task: str) -> str:
     for name, cells in by_method.items():
         own = cells.get(None)
         own_text = f"{_fmt(_value(own, metric), metric)} ({own.memory_slots:.0f} slots)" if own else ""
+        share = gap_closed(rows, own, metric) if own and own.method not in ("full", "none") else None
+        share_text = f"{share:.0%}" if share is not None else ""
         kind = method_class(next(iter(cells.values())).method).kind
         budget_cells = []
         for b in budgets:
             row = cells.get(b)
             budget_cells.append(f"{_fmt(_value(row, metric), metric)} ({row.memory_slots:.0f})" if row else "")
-        lines.append(f"| {name} | {kind} | {own_text} | {' | '.join(budget_cells)} |")
+        lines.append(f"| {name} | {kind} | {own_text} | {share_text} | {' | '.join(budget_cells)} |")
     direction = "higher is better" if metric == "accuracy" else "lower is better"
-    note = f"\n{metric} ({direction}); in brackets: mean KV slots per layer, the system prompt's included.\n"
-    return "\n".join(lines) + "\n" + note
+    note = (
+        f"\n{metric} ({direction}); in brackets: mean KV slots per layer, the system prompt's included; gap closed: "
+        "(method - none) / (full - none)" + (", on log perplexity" if metric == "perplexity" else "") + ".\n"
+    )
+    return "\n".join(lines) + "\n" + note + group_table(rows, "distance")
+
+
+def _leading_number(text: str) -> tuple[float, str]:
+    digits = "".join(itertools.takewhile(str.isdigit, text))
+    return (float(digits) if digits else float("inf"), text)
+
+
+def group_table(rows: Sequence[EvalRow], group: str) -> str:
+    """Markdown: accuracy of each method (at its own size) per value of ``group`` (e.g. turns between the fact
+    and the question), from the rows' per-example breakdown; empty when no row has one."""
+    own = [r for r in rows if r.budget is None and group in r.extra.get("by", {})]
+    if not own:
+        return ""
+    values = sorted({v for r in own for v in r.extra["by"][group]}, key=_leading_number)
+    lines = [f"\nAccuracy by {group} (turns between the asked fact's last mention and the question; n in brackets):\n",
+             f"| method | {' | '.join(values)} |", "|---|" + "---|" * len(values)]  # fmt: skip
+    for r in own:
+        cells = r.extra["by"][group]
+        text = [f"{cells[v]['accuracy']:.2f} ({cells[v]['n']})" if v in cells else "" for v in values]
+        lines.append(f"| {display_method(r)} | {' | '.join(text)} |")
+    return "\n".join(lines) + "\n"
 
 
 def learned_vs_training_free(rows: Sequence[EvalRow], budget: float = 1 / 8) -> list[str]:

@@ -231,6 +231,7 @@ def evaluate(
     step = settings.batch_size if batched else 1
     memories: list[Memory] = []
     group_scores: list[list[float]] = []
+    by_group: dict[str, dict[str, list[float]]] = {}  # "distance" -> "2-4" -> correct flags
     with torch.no_grad():
         for i, (example, sample) in enumerate(zip(examples, samples, strict=True)):
             query = sample.tail[: sample.answer_start]
@@ -261,6 +262,8 @@ def evaluate(
                 correct.append(
                     float(example.options[max(range(len(scores)), key=scores.__getitem__)] == example.answer)
                 )
+                for name, value in example.groups.items():
+                    by_group.setdefault(name, {}).setdefault(value, []).append(correct[-1])
                 # the answer is one of the options; perplexity needs its summed log-likelihood
                 answer_at = example.options.index(example.answer)
                 answer_score = scores[answer_at] * (len(options[answer_at]) if settings.score == "mean" else 1)
@@ -299,9 +302,18 @@ def evaluate(
         extra={
             **({"stage1": session.lm.stage1} if session.lm.stage1 else {}),
             **({"score": settings.score} if settings.score != "sum" else {}),
+            **({"by": _group_accuracy(by_group)} if by_group else {}),
         },
         options=options_for(session.method.name, settings.method_options),
     )
+
+
+def _group_accuracy(by_group: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """``{"distance": {"2-4": {"accuracy": 0.8, "n": 25}}}``: accuracy within each group of examples."""
+    return {
+        name: {value: {"accuracy": sum(flags) / len(flags), "n": len(flags)} for value, flags in sorted(values.items())}
+        for name, values in by_group.items()
+    }
 
 
 def compare(

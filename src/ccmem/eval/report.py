@@ -33,7 +33,7 @@ QUALITY = ("accuracy", "contains", "rouge_l", "exact_match", "perplexity")
 def display_method(row: EvalRow) -> str:
     """The method as reports name it: ``full (stage 1)`` when a stage-1 LoRA was merged in, ``(mean score)``
     when options were scored by length-normalised log-likelihood."""
-    name = row.method + (" (stage 1)" if row.extra.get("stage1") else "")
+    name = str(row.extra.get("variant") or row.method) + (" (stage 1)" if row.extra.get("stage1") else "")
     return name + (" (mean score)" if row.extra.get("score") == "mean" else "")
 
 

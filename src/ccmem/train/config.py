@@ -80,6 +80,11 @@ class DataConfig:
     n_eval: int = 64
     k: int = 16  # demonstrations (MetaICL) / profile items (LaMP) / most facts (persona) per example
     small_talk: int = 2  # persona: most fact-free turns mixed into a dialog
+    turns: int = 0  # dialogs: most turns per dialog (the test split: exactly this many); 0 = the generator's 1-20
+    templates: str | None = None  # dialogs: a template file (see ccmem.data.templates); default: the packaged one
+    # mixture: family -> weight, e.g. {dialogs: 0.6, icl: 0.15, passages: 0.15, text: 0.1}; n_train and n_eval
+    # are shared out by weight, each family with its own defaults (ccmem.data.loaders.MIXTURE_DEFAULTS)
+    mixture: dict[str, float] | None = None
     seed: int = 0
     max_length: int = 1024  # longest sample in tokens; longer ones are skipped (and counted)
     system: str | None = DEFAULT_SYSTEM_PROMPT  # kept uncompressed as the attention sink, as at inference
@@ -113,17 +118,24 @@ class OptimConfig:
 
 #: Fields added after runs were made, with the default that keeps the behaviour those runs had: a config
 #: at that default hashes as before, and an older run's config.yaml without the field still resumes.
-LATER_FIELDS: dict[str, Any] = {"train.group_by_length": False, "method.max_chunk_tokens": 512}
+LATER_FIELDS: dict[str, Any] = {
+    "train.group_by_length": False,
+    "method.max_chunk_tokens": 512,
+    "data.turns": 0,
+    "data.templates": None,
+    "data.mixture": None,
+    "init_from": None,
+}
 
 
 def with_later_fields(saved: dict[str, Any]) -> dict[str, Any]:
     """A saved config dict with the :data:`LATER_FIELDS` it predates filled in at their defaults."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
     for key, default in LATER_FIELDS.items():
-        section, name = key.split(".")
+        section, _, name = key.rpartition(".")
         if section == "method" and name not in _method_options(out.get("method", {}).get("name", "")):
             continue  # an option of other methods only
-        out.setdefault(section, {}).setdefault(name, default)
+        (out.setdefault(section, {}) if section else out).setdefault(name, default)
     return out
 
 
@@ -139,6 +151,9 @@ class TrainConfig:
     output_dir: str = "runs"
     model: str = DEFAULT_MODEL
     load_path: str | None = None  # stage-1 LoRA (a finished ``method.name=full`` run) merged before training
+    # start the trainable state from an adapter file instead of from scratch ("shipped": the adapter ccmem
+    # ships for this model and method); the run then continues training it on this run's data
+    init_from: str | None = None
     wandb: bool = False
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -160,9 +175,10 @@ class TrainConfig:
         for key in ("run_id", "output_dir", "wandb"):
             d.pop(key)
         for key, default in LATER_FIELDS.items():
-            section, name = key.split(".")
-            if name in d[section] and d[section][name] == default:
-                del d[section][name]  # as before the field existed: older runs and presets keep their hash
+            section, _, name = key.rpartition(".")
+            node = d[section] if section else d
+            if name in node and node[name] == default:
+                del node[name]  # as before the field existed: older runs and presets keep their hash
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -317,6 +333,18 @@ def check(config: TrainConfig) -> None:
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(f"unknown data.dataset {config.data.dataset!r}; {hint}datasets: {', '.join(LOADERS)}")
     d = config.data
+    if d.dataset == "mixture" or d.mixture:
+        from ccmem.data.loaders import MIXTURE_DEFAULTS
+
+        if d.dataset != "mixture":
+            raise ConfigError(f"data.mixture is set but data.dataset is {d.dataset!r}; set data.dataset=mixture")
+        if not d.mixture:
+            raise ConfigError("data.dataset=mixture needs data.mixture, e.g. {dialogs: 0.6, icl: 0.2, text: 0.2}")
+        unknown = [f for f in d.mixture if f not in MIXTURE_DEFAULTS]
+        if unknown:
+            raise ConfigError(f"data.mixture: unknown family {unknown[0]!r}; families: {', '.join(MIXTURE_DEFAULTS)}")
+        if any(w < 0 for w in d.mixture.values()) or sum(d.mixture.values()) <= 0:
+            raise ConfigError(f"data.mixture: weights must be >= 0 and not all zero, got {d.mixture}")
     for key in ("n_eval", "k", "max_length"):
         if getattr(d, key) < 1:
             raise ConfigError(f"data.{key} must be at least 1, got {getattr(d, key)}")

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 
-from ccmem.adapter import save_adapter
+from ccmem.adapter import AdapterMismatchError, load_adapter, read_adapter, save_adapter, shipped_adapter
 from ccmem.data.loaders import data_version, load_examples
 from ccmem.data.records import to_sample
 from ccmem.data.samples import Sample
@@ -255,6 +255,8 @@ def train(config: TrainConfig, *, lm: LoadedModel | None = None) -> TrainResult:
     state = method.module_for(lm)
     if state is None:
         raise ConfigError(f"method {method.name!r} has no trainable state")
+    if config.init_from:
+        init_state(method, lm, config.init_from)
     state.requires_grad_(True)
     if config.train.gradient_checkpointing:
         lm.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -349,6 +351,35 @@ def train(config: TrainConfig, *, lm: LoadedModel | None = None) -> TrainResult:
         with atomic_path(run_dir / "summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
     return TrainResult(run_dir, output, trainer.state.global_step, seconds, module.tokens_seen, eval_loss, resume)
+
+
+def init_state(method: Method, lm: LoadedModel, source: str) -> None:
+    """Start ``method``'s trainable state from an adapter file (``init_from``; "shipped": ccmem's own).
+
+    The adapter may come from another method with the same state (a ``ccm-concat`` adapter can start a
+    ``ccm-merge`` run), but options that shape the state (``n_tok``, LoRA rank and targets ...) must agree.
+    """
+    path = shipped_adapter(lm.name, method.name) if source == "shipped" else Path(source)
+    if path is None:
+        raise ConfigError(f"init_from=shipped: ccmem ships no {method.name} adapter for {lm.name}; give a file")
+    try:
+        adapter = read_adapter(path)
+        ours = method.options()
+        for key, value in adapter.options.items():
+            if key in ours and key not in method.runtime_options and _canonical(ours[key]) != _canonical(value):
+                raise AdapterMismatchError(
+                    f"{path} was trained with {key}={value!r}, this run has {key}={ours[key]!r}; set method.{key} "
+                    f"to {value!r} or start from scratch"
+                )
+        load_adapter(method, lm, adapter)
+    except (AdapterMismatchError, FileNotFoundError) as err:
+        raise ConfigError(f"init_from: {err}") from None
+    logger.info("initialised %s from %s (%s)", method.name, path, adapter.hash)
+
+
+def _canonical(value: Any) -> Any:
+    """Option values compared as sets where order carries no meaning (``lora_targets``)."""
+    return sorted(map(str, value)) if isinstance(value, list | tuple) else value
 
 
 def _has_accelerator() -> bool:

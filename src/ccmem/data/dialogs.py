@@ -1,0 +1,193 @@
+"""Varied fact dialogs, generated offline: the data that teaches a memory to keep facts however they are said.
+
+Where ``persona`` has one wording per fact kind, ``dialogs`` draws from a template file
+(:mod:`ccmem.data.templates`, ``templates/facts.txt``): many wordings per kind (plain, indirect, embedded in a
+longer turn), corrections ("actually, I moved to Porto") whose answer is the *new* value, two dozen fact
+kinds (names, places, dates, numbers, preferences, relations, plans), 1-6 facts among small talk in dialogs of
+up to 20 turns, and answers either bare or as a sentence ("You live in Porto.").
+
+Generalisation is built into the splits: train, validation and test use disjoint wordings (``@validation`` /
+``@test`` templates), disjoint values (every fifth value of a kind is test-only, the next validation-only), and
+the test split also asks about kinds that never appear in training (``kind: ... @test``). Small talk comes from
+a built-in list and, when installed, the English conversations of ``chatterbot-corpus`` (real dialog lines,
+BSD-3; ``pip install --no-deps chatterbot-corpus==1.3.3``).
+
+Records are persona records (``ccmem.data.persona``) plus ``groups``, which evaluation breaks accuracy down
+by: ``distance`` (turns between the asked fact's last mention and the question), ``kind`` (``seen`` or
+``held-out``) and ``corrected`` (``yes``/``no``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+
+from ccmem.data.persona import SMALL_TALK, PersonaDialog
+from ccmem.data.templates import DEFAULT_FILE, SPLITS, FactKind, Template, TemplateBank, parse_templates
+
+GENERATOR_VERSION = "dialogs-v1"
+HELD_OUT_EVERY = 5
+CHATTERBOT_HINT = "pip install --no-deps chatterbot-corpus==1.3.3"
+Range = int | tuple[int, int]
+#: chatterbot's English files that hold chat between people (the others are trivia or about the bot itself)
+CHATTY_FILES = (
+    "conversations", "emotion", "food", "gossip", "greetings", "health", "humor", "literature", "money", "movies",
+    "psychology", "sports",
+)  # fmt: skip
+DISTANCE_BUCKETS = ((0, 1, "0-1"), (2, 4, "2-4"), (5, 9, "5-9"), (10, 10**6, "10+"))
+
+
+def split_values(kind: FactKind, split: str) -> list[str]:
+    """Values a split may use: disjoint across splits; a held-out kind's values are all test values."""
+    if kind.held_out:
+        return list(kind.values) if split == "test" else []
+    bucket = {"test": 0, "validation": 1}.get(split)
+    if bucket is None:
+        return [v for i, v in enumerate(kind.values) if i % HELD_OUT_EVERY > 1]
+    return [v for i, v in enumerate(kind.values) if i % HELD_OUT_EVERY == bucket]
+
+
+def distance_bucket(turns_back: int) -> str:
+    return next(label for lo, hi, label in DISTANCE_BUCKETS if lo <= turns_back <= hi)
+
+
+@lru_cache(maxsize=1)
+def small_talk() -> tuple[tuple[str, str], ...]:
+    """(user, assistant) turns without facts: the built-in ones, plus chatterbot's English conversations."""
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"the dialogs generator draws small talk from chatterbot-corpus: {CHATTERBOT_HINT}")
+    import yaml
+
+    pairs = list(SMALL_TALK)
+    folder = Path(next(iter(spec.submodule_search_locations))) / "data" / "english"
+    for file in sorted(folder.glob("*.yml")):
+        if file.stem not in CHATTY_FILES:
+            continue
+        try:
+            convs = yaml.safe_load(file.read_text(encoding="utf-8")).get("conversations", [])
+        except (yaml.YAMLError, AttributeError, UnicodeDecodeError):
+            continue
+        for conv in convs:
+            lines = [str(x).strip() for x in conv if isinstance(x, (str, int, float))]
+            for user, reply in zip(lines[::2], lines[1::2], strict=False):
+                if len(user.split()) >= 3 and not user.isupper() and 2 <= len(reply) <= 300 and len(user) <= 200:
+                    pairs.append((user, reply))
+    return tuple(dict.fromkeys(pairs))
+
+
+def split_shape(split: str, k: int, turns: int) -> tuple[Range, Range]:
+    """(facts, turns) for a split: training and validation draw 1..k facts in 1..turns turns; the test split has
+    exactly ``turns`` turns and 3..k facts, so a benchmark controls the dialog length and asks among several facts."""
+    k = max(1, min(k, turns))
+    if split == "test":
+        return (min(3, k), k), turns
+    return (1, k), (1, turns)
+
+
+def _bounds(name: str, value: Range, low: int, high: int) -> tuple[int, int]:
+    lo, hi = (value, value) if isinstance(value, int) else value
+    if not low <= lo <= hi <= high:
+        raise ValueError(f"{name} must be a number or a (min, max) range within {low}..{high}, got {value!r}")
+    return lo, hi
+
+
+def _state(rng: random.Random, bank: TemplateBank, template: Template, value: str, embed: float) -> str:
+    text = template.render(value=value)
+    if rng.random() < embed and (bank.leads or bank.tails):
+        lead = rng.choice(bank.leads) + " " if bank.leads and rng.random() < 0.6 else ""
+        tail = " " + rng.choice(bank.tails) if bank.tails and (not lead or rng.random() < 0.5) else ""
+        text = f"{lead}{text}{tail}"
+    return text
+
+
+def generate(
+    n: int,
+    split: str,
+    *,
+    seed: int = 0,
+    facts: Range = (1, 6),
+    turns: Range = (1, 20),
+    n_options: int = 5,
+    corrections: float = 0.25,
+    embed: float = 0.5,
+    sentence_answers: float = 0.5,
+    templates: str | Path | TemplateBank | None = None,
+) -> Iterator[PersonaDialog]:
+    """``n`` dialogs of ``split``: ``facts`` facts (and maybe a correction) among small talk, ``turns`` turns in
+    all, then a question about one fact with ``n_options`` answer options. Counts may be ``(min, max)`` ranges.
+
+    ``corrections``: chance that a dialog corrects one of its facts later; ``embed``: chance that a statement
+    is wrapped in a longer turn; ``sentence_answers``: chance that the answer is a sentence, not the bare value.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    bank = templates if isinstance(templates, TemplateBank) else load_bank(templates)
+    kinds = [k for k in bank.kinds_for(split) if len(split_values(k, split)) >= 2]
+    if not kinds:
+        raise ValueError(f"the template file {bank.path} has no fact kind for the {split} split")
+    lo, hi = _bounds("facts", facts, 1, 200)
+    n_facts = (min(lo, len(kinds)), min(hi, len(kinds)))  # a small template file has fewer kinds than asked for
+    n_turns = _bounds("turns", turns, 1, 200)
+    if n_options < 2:
+        raise ValueError(f"n_options must be at least 2, got {n_options}")
+    chatter = small_talk()
+    rng = random.Random(f"{GENERATOR_VERSION}-{split}-{seed}")
+    for i in range(n):
+        total = rng.randint(*n_turns)
+        chosen = rng.sample(kinds, min(rng.randint(*n_facts), total))
+        values = {k.name: rng.choice(split_values(k, split)) for k in chosen}
+        sequence: list[tuple[str | None, str, str]] = [  # (kind, or None for small talk; user; assistant)
+            (k.name, _state(rng, bank, rng.choice(k.for_split("say", split)), values[k.name], embed), "")
+            for k in chosen
+        ]
+        old: dict[str, str] = {}  # the corrected kind -> its earlier value
+        fixable = [k for k in chosen if k.for_split("fix", split) and len(split_values(k, split)) >= 3]
+        if fixable and len(sequence) < total and rng.random() < corrections:
+            k = rng.choice(fixable)
+            old[k.name] = values[k.name]
+            values[k.name] = rng.choice([v for v in split_values(k, split) if v != old[k.name]])
+            fix = rng.choice(k.for_split("fix", split)).render(value=values[k.name], old=old[k.name])
+            after = next(j for j, (name, _, _) in enumerate(sequence) if name == k.name)
+            sequence.insert(rng.randint(after + 1, len(sequence)), (k.name, fix, ""))
+        for user, reply in rng.sample(chatter, min(total - len(sequence), len(chatter))):
+            sequence.insert(rng.randint(0, len(sequence)), (None, user, reply))
+        mention: dict[str, int] = {}  # kind -> index of its latest mention
+        dialog: list[tuple[str, str]] = []
+        for j, (name, user, reply) in enumerate(sequence):
+            dialog.append((user, reply or rng.choice(bank.acks)))
+            if name is not None:
+                mention[name] = j
+        asked = rng.choice(chosen)
+        answer_value = values[asked.name]
+        forms = asked.for_split("answer", split)
+        form = rng.choice(forms) if forms and rng.random() < sentence_answers else None
+        pool = [v for v in split_values(asked, split) if v != answer_value and v != old.get(asked.name)]
+        distractors = ([old[asked.name]] if asked.name in old else []) + rng.sample(
+            pool, min(n_options - 1 - (asked.name in old), len(pool))
+        )
+        option_values = [answer_value, *distractors]
+        rng.shuffle(option_values)
+        options = [form.render(value=v) if form else v for v in option_values]
+        answer = form.render(value=answer_value) if form else answer_value
+        question = rng.choice(asked.for_split("ask", split)).text
+        groups = {
+            "distance": distance_bucket(len(dialog) - 1 - mention[asked.name]),
+            "kind": "held-out" if asked.held_out else "seen",
+            "corrected": "yes" if asked.name in old else "no",
+            "turns": str(len(dialog)),
+        }
+        yield PersonaDialog(f"{split}-{i}", split, GENERATOR_VERSION, dialog, question, answer, options, groups=groups)
+
+
+def load_bank(templates: str | Path | None = None) -> TemplateBank:
+    """The template bank of ``templates`` (a file), or the packaged one."""
+    return _cached_bank(str(Path(templates or DEFAULT_FILE).resolve()))
+
+
+@lru_cache(maxsize=4)
+def _cached_bank(path: str) -> TemplateBank:
+    return parse_templates(path)

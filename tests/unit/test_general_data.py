@@ -1,0 +1,194 @@
+"""The general training data: template files, varied fact dialogs, passage QA and mixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ccmem.data import dialogs, passages
+from ccmem.data.loaders import MixtureError, data_version, load_examples
+from ccmem.data.templates import DEFAULT_FILE, TemplateError, parse_templates
+from ccmem.train.config import ConfigError, DataConfig, load_config
+
+SMALL = """\
+ack: Got it.
+ack: Thanks!
+lead: Long day today.
+tail: Anyway, how are you?
+kind: city
+values: Lisbon | Oslo | Nairobi | Lima | Osaka | Denver | Krakow | Hanoi | Dublin | Cairo | Porto | Bergen
+say: I live in {value}.
+say: Home for me is {value} these days.
+say@validation: My flat is in {value}.
+say@test: These days I wake up in {value}.
+fix: Actually, I moved to {value}; I left {old}.
+fix@validation: Scratch that, I live in {value} now.
+fix@test: Update: {value} is home now, not {old}.
+ask: In which city do I live?
+ask@validation: Where is my home?
+ask@test: Which city am I based in?
+answer: You live in {value}.
+answer@test: You are based in {value}.
+kind: pet @test
+values: Biscuit | Max | Luna | Rocky | Pepper | Mochi
+say: My dog is called {value}.
+ask: What is my dog's name?
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "facts.txt") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_small_bank_parses_with_splits_and_held_out_kind(tmp_path):
+    bank = parse_templates(write(tmp_path, SMALL))
+    city, pet = bank.kinds["city"], bank.kinds["pet"]
+    assert [t.text for t in city.for_split("say", "train")] == [
+        "I live in {value}.",
+        "Home for me is {value} these days.",
+    ]
+    assert [t.text for t in city.for_split("say", "test")] == ["These days I wake up in {value}."]
+    assert pet.held_out and pet.for_split("say", "train") == [] and len(pet.for_split("say", "test")) == 1
+    assert [k.name for k in bank.kinds_for("train")] == ["city"]
+    assert [k.name for k in bank.kinds_for("test")] == ["city", "pet"]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("say: I live in {town}.", "unknown placeholder {town}"),
+        ("ask: Where is {value}?", "unknown placeholder {value}"),
+        ("say: I live here.", "must contain {value} exactly once"),
+        ("say@later: I live in {value}.", "unknown split '@later'"),
+        ("sya: I live in {value}.", "unknown key 'sya'"),
+        ("say: I live in {value.", "unbalanced brace"),
+    ],
+)
+def test_bad_template_line_names_file_line_and_problem(tmp_path, line, message):
+    lines = SMALL.splitlines()
+    at = lines.index("ask: In which city do I live?")
+    lines.insert(at, line)
+    path = write(tmp_path, "\n".join(lines))
+    with pytest.raises(TemplateError, match=message) as err:
+        parse_templates(path)
+    assert f"{path}:{at + 1}:" in str(err.value)
+
+
+def test_test_split_sharing_a_training_wording_is_refused(tmp_path):
+    text = SMALL.replace("say@test: These days I wake up in {value}.", "say@test: I live in {value}.")
+    with pytest.raises(TemplateError, match="also used by the train split"):
+        parse_templates(write(tmp_path, text))
+
+
+def test_kind_without_a_test_question_is_refused(tmp_path):
+    with pytest.raises(TemplateError, match="no ask@test template"):
+        parse_templates(write(tmp_path, SMALL.replace("ask@test: Which city am I based in?\n", "")))
+
+
+def test_packaged_templates_are_valid_and_varied():
+    bank = parse_templates(DEFAULT_FILE)
+    seen = [k for k in bank.kinds.values() if not k.held_out]
+    held = [k for k in bank.kinds.values() if k.held_out]
+    assert len(seen) >= 15 and len(held) >= 3
+    for kind in seen:
+        assert len(kind.for_split("say", "train")) >= 4, kind.name
+        assert kind.for_split("say", "test") and kind.for_split("ask", "test"), kind.name
+        assert len(dialogs.split_values(kind, "test")) >= 5, kind.name
+
+
+def test_dialog_splits_share_no_values_wordings_or_held_out_kinds():
+    bank = parse_templates(DEFAULT_FILE)
+
+    def answered_from(dialog, split):
+        """Kinds whose ``split`` values (bare or in an answer sentence) give this dialog's answer."""
+        return {
+            k.name
+            for k in bank.kinds.values()
+            for v in dialogs.split_values(k, split)
+            if dialog.answer == v or any(t.render(value=v) == dialog.answer for t in k.templates["answer"])
+        }
+
+    questions = {
+        split: {t.text for k in bank.kinds.values() for t in k.for_split("ask", split)} for split in dialogs.SPLITS
+    }
+    train = list(dialogs.generate(300, "train", seed=1))
+    test = list(dialogs.generate(300, "test", seed=1))
+    assert all(answered_from(d, "test") for d in test)
+    assert not any(answered_from(d, "test") for d in train)  # no test value is ever a training answer
+    assert {d.question for d in train} <= questions["train"]
+    assert {d.question for d in test} <= questions["test"] and not questions["train"] & questions["test"]
+    held_out = {k.name for k in bank.kinds.values() if k.held_out}
+    assert any(answered_from(d, "test") & held_out for d in test)
+    assert any(d.groups["kind"] == "held-out" for d in test)
+    assert all(d.groups["kind"] == "seen" for d in train)
+
+
+def test_dialogs_are_deterministic_and_follow_the_requested_shape():
+    a = list(dialogs.generate(50, "train", seed=3, facts=(1, 6), turns=(1, 20)))
+    b = list(dialogs.generate(50, "train", seed=3, facts=(1, 6), turns=(1, 20)))
+    assert a == b
+    assert all(1 <= len(d.turns) <= 20 for d in a) and max(len(d.turns) for d in a) >= 15
+    fixed = list(dialogs.generate(20, "test", seed=0, facts=(1, 4), turns=10))
+    assert all(len(d.turns) == 10 for d in fixed)
+    assert all(d.answer in d.options and len(set(d.options)) == len(d.options) for d in a + fixed)
+
+
+def test_corrections_ask_for_the_new_value_and_offer_the_old_one():
+    found = [
+        d
+        for d in dialogs.generate(200, "train", seed=0, corrections=1.0, turns=(4, 12))
+        if d.groups["corrected"] == "yes"
+    ]
+    assert len(found) > 10
+    for d in found:
+        assert len(set(d.options)) >= 2 and d.answer in d.options
+
+
+def test_distance_counts_turns_since_the_asked_fact():
+    for d in dialogs.generate(100, "validation", seed=0):
+        assert d.groups["distance"] in {label for _, _, label in dialogs.DISTANCE_BUCKETS}
+
+
+def test_passage_questions_can_only_be_answered_from_the_shared_articles():
+    chats = passages.generate(40, "test", k=3)
+    for chat in chats:
+        assert len(chat.turns) == 3 and chat.answer in chat.options and len(chat.options) == 5
+        shared = "\n".join(u for u, _ in chat.turns)
+        if chat.groups["asks"] == "title":
+            assert chat.answer in shared
+    train_titles = {u.split("\n\n", 1)[1].split(":")[0] for c in passages.generate(200, "train") for u, _ in c.turns}
+    test_titles = {u.split("\n\n", 1)[1].split(":")[0] for c in chats for u, _ in c.turns}
+    assert not train_titles & test_titles
+
+
+def test_mixture_shares_examples_by_weight_and_reports_versions():
+    cfg = DataConfig(dataset="mixture", mixture={"dialogs": 0.5, "icl": 0.25, "passages": 0.25}, n_train=40)
+    found = load_examples(cfg, "train")
+    tasks = [e.task for e in found]
+    assert tasks.count("dialogs") == 20 and tasks.count("icl") == 10 and tasks.count("passages") == 10
+    assert tasks != sorted(tasks)  # shuffled together
+    assert data_version(cfg) == "dialogs-v1:0.5+icl-v1:0.25+passages-v1:0.25"
+
+
+def test_mixture_family_without_data_is_refused(tmp_path):
+    only_held_out = write(tmp_path, "ack: Ok.\n" + SMALL[SMALL.index("kind: pet @test") :])
+    cfg = DataConfig(dataset="mixture", mixture={"dialogs": 1.0, "icl": 0.5}, templates=str(only_held_out))
+    with pytest.raises(
+        MixtureError, match=r"family 'dialogs' has weight 1.0 but no data: .* no fact kind for the train"
+    ):
+        load_examples(cfg, "train")
+    assert load_examples(cfg, "test")  # the held-out kind makes test dialogs
+    with pytest.raises(ConfigError, match="unknown family 'chats'"):
+        load_config("persona-ccm-concat", ["data.dataset=mixture", "data.mixture={chats: 1.0}"])
+    with pytest.raises(ConfigError, match=r"needs data\.mixture"):
+        load_config("persona-ccm-concat", ["data.dataset=mixture"])
+
+
+def test_mixture_weight_on_the_command_line_is_a_mapping():
+    config = load_config("persona-ccm-concat", ["data.dataset=mixture", "data.mixture={dialogs: 0.7, text: 0.3}"])
+    assert config.data.mixture == {"dialogs": 0.7, "text": 0.3}
+    with pytest.raises(ConfigError, match=r"data\.mixture\.text must be float"):
+        load_config("persona-ccm-concat", ["data.dataset=mixture", "data.mixture={dialogs: 0.7, text: lots}"])
