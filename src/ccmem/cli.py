@@ -705,7 +705,7 @@ def data(
                 made = dialogs.generate(n, split, seed=seed, facts=facts, turns=length, templates=templates)
                 version = dialogs.GENERATOR_VERSION
             else:
-                made = passages.generate(n, split, seed=seed, k=k)
+                made = iter(passages.generate(n, split, seed=seed, k=k))
                 version = passages.GENERATOR_VERSION
             persona.write_jsonl(out / f"{split}.jsonl", made)
         console.print(f"wrote {out}/train.jsonl, validation.jsonl, test.jsonl ({version})")

@@ -192,3 +192,17 @@ def test_mixture_weight_on_the_command_line_is_a_mapping():
     assert config.data.mixture == {"dialogs": 0.7, "text": 0.3}
     with pytest.raises(ConfigError, match=r"data\.mixture\.text must be float"):
         load_config("persona-ccm-concat", ["data.dataset=mixture", "data.mixture={dialogs: 0.7, text: lots}"])
+
+
+def test_data_command_writes_dialogs_the_loader_reads_back_and_names_a_bad_template_line(monkeypatch, capsys, tmp_path):
+    from tests.unit.test_cli import run_cli
+
+    code, text = run_cli(monkeypatch, capsys, "data", "dialogs", "-o", str(tmp_path / "d"), "--n-train", "12",
+                         "--n-test", "4", "--turns", "6")  # fmt: skip
+    assert code == 0 and "dialogs-v1" in text
+    test = load_examples(DataConfig(dataset="dialogs", path=str(tmp_path / "d")), "test")
+    assert len(test) == 4 and all(len(e.context) == 6 and e.groups["distance"] for e in test)
+    bad = write(tmp_path, SMALL.replace("say: I live in {value}.", "say: I live in {town}."))
+    code, text = run_cli(monkeypatch, capsys, "data", "dialogs", "-o", str(tmp_path / "e"), "--templates", str(bad))
+    assert code != 0 and f"{bad}:7: unknown placeholder {{town}}" in " ".join(text.split())
+    assert "Traceback" not in text

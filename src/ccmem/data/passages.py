@@ -59,7 +59,7 @@ def articles() -> tuple[dict[str, str], ...]:
         raise PassageSourceError(f"passage QA reads packaged Wikipedia summaries; install them with: {PACKAGE_HINT}")
     path = Path(next(iter(spec.submodule_search_locations))) / "data" / "summaries_en-us.json"
     data = json.loads(path.read_text(encoding="utf-8"))
-    out = []
+    out: list[dict[str, str]] = []
     for item in data.values():
         title, extract, description = item.get("title"), item.get("extract"), item.get("description")
         if title and description and extract and len(extract) >= 200 and "{" not in extract + title:
@@ -102,7 +102,7 @@ def generate(n: int, split: str, *, seed: int = 0, k: int = 3, n_options: int = 
     if len(pool) < k + n_options:
         raise PassageSourceError(f"too few articles in the {split} split ({len(pool)})")
     rng = random.Random(f"{GENERATOR_VERSION}-{split}-{seed}")
-    out = []
+    out: list[PersonaDialog] = []
     while len(out) < n:
         shared = rng.sample(pool, k)
         target = rng.choice(shared)
