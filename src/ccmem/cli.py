@@ -396,7 +396,11 @@ def _adapters(specs: list[str] | None) -> dict[str, Path]:
 @app.command("eval")
 def eval_command(
     dataset: Annotated[
-        str, typer.Argument(help="Dataset loader: persona, icl, metaicl, lamp2, dailydialog, soda, unified, pretrain.")
+        str,
+        typer.Argument(
+            help="Dataset loader: persona, dialogs, passages, icl, text, metaicl, lamp2, dailydialog, soda, unified, "
+            "pretrain."
+        ),
     ],
     path: Annotated[
         Path | None, typer.Option("--path", help="Downloaded dataset file/folder (generators need none).")
@@ -407,6 +411,9 @@ def eval_command(
         int, typer.Option("--k", min=1, help="Context segments per example: demonstrations, profile items, facts.")
     ] = 3,
     small_talk: Annotated[int, typer.Option("--small-talk", min=0, help="persona: fact-free turns per dialog.")] = 2,
+    turns: Annotated[
+        int, typer.Option("--turns", min=0, help="dialogs: turns per test dialog (0: 20); --k caps the facts.")
+    ] = 0,
     seed: Annotated[int, typer.Option("--seed", help="Generator seed.")] = 0,
     model: ModelOpt = DEFAULT_MODEL,
     methods: Annotated[
@@ -460,7 +467,14 @@ def eval_command(
     for name in names:
         get_method(name, **options_for(name, options))
     cfg = DataConfig(
-        dataset=dataset, path=str(path) if path else None, n_train=n, n_eval=n, k=k, small_talk=small_talk, seed=seed
+        dataset=dataset,
+        path=str(path) if path else None,
+        n_train=n,
+        n_eval=n,
+        k=k,
+        small_talk=small_talk,
+        turns=turns,
+        seed=seed,
     )
     examples = load_examples(cfg, split)[:n]
     with console.status(f"loading {model}..."):
