@@ -1,0 +1,287 @@
+"""GSM8K: the real file format, answer extraction, step boundaries, and the offline arithmetic generator."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ccmem.data.gsm8k import (
+    GENERATOR_VERSION,
+    TEMPLATES,
+    DatasetFormatError,
+    accuracy,
+    extract_answer,
+    generate,
+    is_correct,
+    normalise_number,
+    read_jsonl,
+    read_split,
+    split_of,
+    step_boundaries,
+    strip_calculator,
+    write_jsonl,
+)
+
+FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "gsm8k"
+ANNOTATION = re.compile(r"<<([^<>=]+)=([^<>=]+)>>")
+
+
+def _check_annotations(text: str) -> int:
+    """Verify every ``<<expr=result>>`` with Python's own arithmetic; return how many there are."""
+    found = ANNOTATION.findall(text)
+    assert text.count("<<") == text.count(">>") == len(found)
+    for expr, result in found:
+        assert re.fullmatch(r"[\d.+\-*/() ]+", expr), expr
+        assert eval(expr, {"__builtins__": {}}) == pytest.approx(float(result)), f"{expr} != {result}"
+    return len(found)
+
+
+# ------------------------------------------------------------------------------------------ the real format
+
+
+def test_reads_official_files_splitting_solution_from_normalised_answer():
+    problems = read_jsonl(FIXTURE / "test.jsonl")
+    assert [p.answer for p in problems] == ["360", "1250", "12", "33", "30"]  # "#### 1,250" -> "1250"
+    first = problems[0]
+    assert first.id == "test-0" and first.split == "test" and first.version == ""
+    assert first.question.startswith("A bakery sells muffins")
+    assert first.solution.endswith("So it made 120*3 = $<<120*3=360>>360.")
+    assert all("####" not in p.solution for p in problems)
+    for p in problems:
+        _check_annotations(p.solution)
+        assert is_correct(p.answer_text, p.answer)
+
+
+def test_read_split_holds_out_the_last_of_train_for_validation(tmp_path):
+    train = read_jsonl(FIXTURE / "train.jsonl")
+    parts = {s: read_split(FIXTURE, s, n_validation=2) for s in ("train", "validation", "test")}
+    assert [p.question for p in parts["train"]] == [p.question for p in train[:3]]
+    assert [p.question for p in parts["validation"]] == [p.question for p in train[3:]]
+    assert [p.id for p in parts["validation"]] == ["train-3", "train-4"]  # traceable to train.jsonl's records
+    assert all(p.split == s for s, ps in parts.items() for p in ps)
+    assert len(parts["test"]) == 5
+    # The official repository's layout, one folder up, is found too; a single file is read whole.
+    shutil.copytree(FIXTURE, tmp_path / "grade_school_math" / "data")
+    assert read_split(tmp_path, "test") == parts["test"]
+    assert [p.split for p in read_split(FIXTURE / "train.jsonl", "validation")] == ["validation"] * 5
+    with pytest.raises(ValueError, match="too few to hold out 500"):
+        read_split(FIXTURE, "train")
+    with pytest.raises(ValueError, match="split must be one of"):
+        read_split(FIXTURE, "dev")
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"answer": "1+1 = <<1+1=2>>2\n#### 2"}, "field 'question' must be a non-empty string"),
+        ({"question": "How many?"}, "field 'answer' must be a non-empty string"),
+        ({"question": "How many?", "answer": 7}, "field 'answer' must be a non-empty string"),
+        (
+            {"question": "How many?", "answer": "1+1 = <<1+1=2>>2"},
+            "field 'answer' must end with a '#### <number>' line",
+        ),
+        ({"question": "How many?", "answer": "#### 2\nextra line"}, "field 'answer' must end with a '#### <number>'"),
+        ({"question": "How many?", "answer": "Two.\n#### two"}, "field 'answer' has a final answer 'two' that is not"),
+        (
+            {"question": "How many?", "answer": "#### 12,34"},
+            "field 'answer' has a final answer '12,34' that is not a number",
+        ),
+        ({"question": "How many?", "answer": "#### 2", "split": 3}, "field 'split' must be a string"),
+    ],
+)
+def test_malformed_records_name_file_line_and_field(tmp_path, record, message):
+    path = tmp_path / "bad.jsonl"
+    good = {"question": "How many?", "answer": "1+1 = <<1+1=2>>2\n#### 2"}
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps(record) + "\n")
+    with pytest.raises(DatasetFormatError, match=rf"bad\.jsonl:3: {re.escape(message)}"):
+        read_jsonl(path)
+
+
+def test_missing_file_and_invalid_json_are_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no GSM8K file"):
+        read_jsonl(tmp_path / "absent.jsonl")
+    (tmp_path / "x.jsonl").write_text("{oops\n")
+    with pytest.raises(DatasetFormatError, match=r"x\.jsonl:1: not valid JSON"):
+        read_jsonl(tmp_path / "x.jsonl")
+
+
+# ------------------------------------------------------------------------------------------ answers
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Natalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72", "72"),
+        ("#### -3", "-3"),
+        ("#### 1,234", "1234"),
+        ("####1250", "1250"),
+        ("#### $1,250.00.", "1250"),
+        ("The answer is $1,250.00.", "1250"),
+        ("So she has 12.0 apples left.", "12"),
+        ("It costs $3.50.", "3.5"),
+        ("The temperature fell to -4 degrees.", "-4"),
+        ("He owes -$15 now.", "-15"),
+        ("Ages 3-4", "4"),  # a range's hyphen is no minus sign
+        ("It is .5 of the cake.", "0.5"),
+        ("1,2345 grains", "2345"),  # not a thousands grouping
+        ("Values 3,4,5", "5"),
+        ("I don't know.", None),
+        ("", None),
+        ("#### 7\n\nQuestion: Ann has 5 pens.\n#### 5", "7"),  # the first final answer counts
+        ("The total is 18.\n####", "18"),  # an empty final line falls back to the last number
+        ("It took 90 minutes, that is 1.5 hours.", "1.5"),
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("72", "72"),
+        (" 1,234 ", "1234"),
+        ("$1,250.00", "1250"),
+        ("12.0", "12"),
+        ("3.50", "3.5"),
+        ("-3", "-3"),
+        ("-0.0", "0"),
+        ("0.25", "0.25"),
+        ("7.", "7"),
+        ("12,34", None),
+        ("seven", None),
+        ("5 apples", None),
+        ("", None),
+    ],
+)
+def test_normalise_number(text, expected):
+    assert normalise_number(text) == expected
+
+
+def test_is_correct_and_accuracy_compare_numbers_not_strings():
+    assert is_correct("The answer is $1,250.00.", "1250")
+    assert is_correct("#### 3.50", "3.5") and is_correct("It is 12.0", "12")
+    assert is_correct("so 5*3 = 15\n#### 15", "Three fives.\n#### 15")  # a whole GSM8K answer as reference
+    assert not is_correct("#### 16", "15") and not is_correct("no idea", "15")
+    assert not is_correct("#### 15", "fifteen")
+    assert accuracy(["#### 1", "#### 2", "3", "none"], ["1", "2", "4", "5"]) == 0.5
+    with pytest.raises(ValueError, match="2 predictions but 1 references"):
+        accuracy(["1", "2"], ["1"])
+    with pytest.raises(ValueError, match="no predictions"):
+        accuracy([], [])
+
+
+def test_strip_calculator_removes_only_annotations():
+    text = "She earns 12/60 = $<<12/60=0.2>>0.2 per minute.\nSo <<0.2*50=10>>10 in total."
+    assert strip_calculator(text) == "She earns 12/60 = $0.2 per minute.\nSo 10 in total."
+    assert strip_calculator("1 < 2 and 3 > 2") == "1 < 2 and 3 > 2"
+
+
+# ------------------------------------------------------------------------------------------ boundaries
+
+
+def test_step_boundaries_follow_results_sentences_and_lines():
+    text = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nIt was sunny. So she sold 48+24 = <<48+24=72>>72 in all."
+    first_result = text.index("24 clips") + 2
+    first_line = text.index("May.") + 4
+    second_result = text.index("72 in") + 2
+    assert step_boundaries(text) == [
+        first_result,  # the result after '='
+        first_line,  # the sentence holding '=' ends
+        first_line + 1,  # the newline
+        # "It was sunny." states no conclusion: not a boundary.
+        second_result,
+        len(text),  # the conclusion sentence and the end of the text
+    ]
+    plain = strip_calculator(text)
+    may = plain.index("May.") + 4
+    assert step_boundaries(plain) == [plain.index("24 clips") + 2, may, may + 1, plain.index("72 in") + 2, len(plain)]
+
+
+def test_step_boundaries_handle_money_results_and_never_land_inside_annotations():
+    text = "He earns 12/60 = $<<12/60=0.2>>0.2 each minute, <<0.2*50=10>>10 in all"
+    assert step_boundaries(text) == [text.index("0.2 each") + 3, text.index("10 in") + 2, len(text)]
+    assert step_boundaries("Total <<2+3=5>> apples. Thus done.") == [len("Total <<2+3=5>> apples."), 34]
+    assert step_boundaries("") == [] and step_boundaries("no steps") == [8]
+    for p in generate(100, "train", seed=3):
+        spans = [m.span() for m in re.finditer(r"<<[^<>]*>>", p.solution)]
+        offsets = step_boundaries(p.solution)
+        assert offsets == sorted(set(offsets)) and offsets[0] > 0 and offsets[-1] == len(p.solution)
+        assert not [i for i in offsets for start, end in spans if start < i < end]
+        assert offsets == step_boundaries(p.solution)  # deterministic
+        assert len(offsets) >= 3 * p.solution.count("\n")  # each line: a result, its sentence, its newline
+
+
+# ------------------------------------------------------------------------------------------ generator
+
+
+def test_same_seed_same_problems_other_seed_differs(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", generate(50, "train", seed=1))
+    b = write_jsonl(tmp_path / "b.jsonl", generate(50, "train", seed=1))
+    c = write_jsonl(tmp_path / "c.jsonl", generate(50, "train", seed=2))
+    assert a.read_text() == b.read_text() != c.read_text()
+
+
+def test_test_questions_never_appear_in_train_or_validation():
+    train = {p.question for seed in (0, 1) for p in generate(2000, "train", seed=seed)}
+    validation = {p.question for p in generate(300, "validation")}
+    test = [p.question for p in generate(300, "test", seed=7)]
+    assert len(set(test)) == len(test) == 300  # distinct within a split too
+    assert not set(test) & train and not set(test) & validation and not validation & train
+    assert {split_of(q) for q in test} == {"test"} and {split_of(q) for q in train} == {"train"}
+
+
+def test_generated_arithmetic_is_correct_and_answers_extract():
+    problems = [p for split in ("train", "validation", "test") for p in generate(70, split, seed=11)][:200]
+    assert len(problems) == 200
+    for p in problems:
+        steps = _check_annotations(p.solution)
+        assert 2 <= steps <= 5 and steps == len(p.solution.split("\n"))
+        assert re.fullmatch(r"\d+", p.answer), p.answer  # whole, non-negative answers
+        assert extract_answer(p.answer_text) == p.answer
+        assert p.answer_text.endswith(f"\n#### {p.answer}")
+        # The number written after each annotation is the annotation's result.
+        for result, shown in re.findall(r"=([^<>=]+)>>(\d+)", p.solution):
+            assert result == shown
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_every_template_takes_two_to_five_exact_steps(name):
+    assert len(TEMPLATES) >= 8
+    rng = random.Random(name)
+    questions = set()
+    for _ in range(60):
+        question, steps, answer = TEMPLATES[name](rng)
+        questions.add(question)
+        assert 2 <= len(steps) <= 5 and all(_check_annotations(s) == 1 for s in steps)
+        assert isinstance(answer, int) and answer >= 0
+        assert steps[-1].rstrip(".").split(" = ")[-1].split(">>")[-1].split()[0] == str(answer)
+    assert len(questions) > 50  # names and numbers vary
+
+
+def test_write_then_read_gives_the_same_problems_in_the_official_format(tmp_path):
+    problems = generate(40, "test", seed=5)
+    path = write_jsonl(tmp_path / "gsm" / "test.jsonl", problems)
+    assert read_jsonl(path) == problems
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        assert list(record)[:2] == ["question", "answer"]
+        assert re.search(r"\n#### \d+$", record["answer"])
+    assert not list(path.parent.glob("*.tmp"))
+    assert (problems[0].id, problems[0].split, problems[0].version) == ("test-0", "test", GENERATOR_VERSION)
+    # Generated files feed the same folder reader as the download.
+    write_jsonl(tmp_path / "gsm" / "train.jsonl", generate(30, "train"))
+    assert len(read_split(tmp_path / "gsm", "validation", n_validation=10)) == 10
+
+
+def test_generate_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="split must be one of"):
+        generate(3, "dev")
+    with pytest.raises(ValueError, match="must not be negative"):
+        generate(-1, "train")
+    assert generate(0, "test") == []
