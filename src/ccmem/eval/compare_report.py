@@ -129,12 +129,14 @@ def learned_vs_training_free(rows: Sequence[EvalRow], budget: float = 1 / 8) -> 
                 best = max((r for r in free if r.budget == b), key=lambda r: r.accuracy or 0.0)
                 verdict = "beats" if (row.accuracy or 0) > (best.accuracy or 0) else "does not beat"
                 notes.append(
-                    f"{task}: {row.method} ({row.accuracy:.3f}, {row.memory_slots:.0f} slots) {verdict} the best "
-                    f"training-free method at {budget_text(b)} of full, {best.method} ({best.accuracy:.3f}, "
+                    f"{task}: {display_method(row)} ({row.accuracy:.3f}, {row.memory_slots:.0f} slots) {verdict} the "
+                    f"best training-free method at {budget_text(b)} of full, {best.method} ({best.accuracy:.3f}, "
                     f"{best.memory_slots:.0f} slots)"
                 )
             if not fair:
-                notes.append(f"{task}: {row.method} holds more slots ({row.memory_slots:.0f}) than any budget tried")
+                notes.append(
+                    f"{task}: {display_method(row)} holds more slots ({row.memory_slots:.0f}) than any budget tried"
+                )
     return notes
 
 
