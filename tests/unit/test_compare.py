@@ -117,8 +117,9 @@ def test_gap_closed_is_the_share_of_the_none_to_full_distance():
     from ccmem.eval.harness import EvalRow
 
     def row(method, accuracy=None, perplexity=None):
+        slots = {"full": 200, "none": 10}.get(method, 40)  # the baseline holding more memory is the full context
         return EvalRow(
-            method, "m", "-", "-", "t", "test", 1, accuracy, perplexity, None, None, None, 1, 1, 1, 1, 1, "h"
+            method, "m", "-", "-", "t", "test", 1, accuracy, perplexity, None, None, None, slots, 1, 1, 1, 1, "h"
         )
 
     rows = [row("full", 0.8), row("none", 0.2), row("ccm-concat", 0.65)]

@@ -47,11 +47,15 @@ def _fmt(value: float | None, metric: str) -> str:
 
 def gap_closed(rows: Sequence[EvalRow], row: EvalRow, metric: str) -> float | None:
     """The share of the none -> full gap that ``row`` recovers (1.0: as good as full context; perplexity is
-    compared in log space), or None without both baselines or a gap."""
+    compared in log space), or None without both baselines or a gap. The baselines are the rows of kind
+    ``baseline``: the one holding the most memory is the full context, the one holding the least none."""
     import math
 
-    ends = {r.method: _value(r, metric) for r in rows if r.method in ("full", "none") and r.budget is None}
-    full, none, value = ends.get("full"), ends.get("none"), _value(row, metric)
+    ends = sorted((r for r in rows if method_class(r.method).kind == "baseline" and r.budget is None),
+                  key=lambda r: r.memory_slots)  # fmt: skip
+    if len(ends) < 2 or ends[0].memory_slots == ends[-1].memory_slots:
+        return None
+    full, none, value = _value(ends[-1], metric), _value(ends[0], metric), _value(row, metric)
     if full is None or none is None or value is None:
         return None
     if metric == "perplexity":
@@ -72,7 +76,7 @@ def task_table(rows: Sequence[EvalRow], task: str) -> str:
     for name, cells in by_method.items():
         own = cells.get(None)
         own_text = f"{_fmt(_value(own, metric), metric)} ({own.memory_slots:.0f} slots)" if own else ""
-        share = gap_closed(rows, own, metric) if own and own.method not in ("full", "none") else None
+        share = gap_closed(rows, own, metric) if own and method_class(own.method).kind != "baseline" else None
         share_text = f"{share:.0%}" if share is not None else ""
         kind = method_class(next(iter(cells.values())).method).kind
         budget_cells = []
