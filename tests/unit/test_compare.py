@@ -84,6 +84,11 @@ def test_compare_command_line(monkeypatch, capsys, tmp_path, tiny_model_dir):
     assert code == 2 and "unknown task 'poetry'" in text
     code, text = run_cli(monkeypatch, capsys, "compare", "--budgets", "1/0", "--out-dir", str(tmp_path))
     assert code == 2 and "must be a share of the context such as 1/8" in text
+    code, text = run_cli(monkeypatch, capsys, "compare", "--adapter", "ccm-concat", "--out-dir", str(tmp_path))
+    assert code == 2 and "must look like METHOD=PATH" in " ".join(text.split())
+    code, text = run_cli(monkeypatch, capsys, "compare", "--methods", "full", "--adapter", "knorm@x=a.safetensors",
+                         "--out-dir", str(tmp_path))  # fmt: skip
+    assert code == 2 and "method 'knorm' takes no adapter" in " ".join(text.split())
 
 
 def test_adapter_variants_run_side_by_side_with_the_gap_they_close(tmp_path):
