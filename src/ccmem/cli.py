@@ -667,7 +667,7 @@ def report(
 @app.command(
     epilog="Examples:\n\n  ccmem data dialogs -o data/dialogs --turns 20\n\n"
     "  ccmem data dialogs -o data/mine --templates my_facts.txt   (your own wordings and fact kinds)\n\n"
-    "  ccmem train unified-ccm-concat data.dataset=dialogs data.path=data/mine",
+    "  ccmem train persona-ccm-concat data.dataset=dialogs data.path=data/mine run_id=mine",
 )
 def data(
     generator: Annotated[
