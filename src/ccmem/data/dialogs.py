@@ -19,19 +19,17 @@ by: ``distance`` (turns between the asked fact's last mention and the question),
 
 from __future__ import annotations
 
-import importlib.util
 import random
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
-from ccmem.data.persona import SMALL_TALK, PersonaDialog
+from ccmem.data.persona import SMALL_TALK, PersonaDialog, Range, bounds, values_of_split
 from ccmem.data.templates import DEFAULT_FILE, SPLITS, FactKind, Template, TemplateBank, parse_templates
+from ccmem.fileio import package_dir
 
 GENERATOR_VERSION = "dialogs-v1"
-HELD_OUT_EVERY = 5
 CHATTERBOT_HINT = "pip install --no-deps chatterbot-corpus==1.3.3"
-Range = int | tuple[int, int]
 #: chatterbot's English files that hold chat between people (the others are trivia or about the bot itself)
 CHATTY_FILES = (
     "conversations", "emotion", "food", "gossip", "greetings", "health", "humor", "literature", "money", "movies",
@@ -44,10 +42,7 @@ def split_values(kind: FactKind, split: str) -> list[str]:
     """Values a split may use: disjoint across splits; a held-out kind's values are all test values."""
     if kind.held_out:
         return list(kind.values) if split == "test" else []
-    bucket = {"test": 0, "validation": 1}.get(split)
-    if bucket is None:
-        return [v for i, v in enumerate(kind.values) if i % HELD_OUT_EVERY > 1]
-    return [v for i, v in enumerate(kind.values) if i % HELD_OUT_EVERY == bucket]
+    return values_of_split(kind.values, split)
 
 
 def distance_bucket(turns_back: int) -> str:
@@ -57,13 +52,13 @@ def distance_bucket(turns_back: int) -> str:
 @lru_cache(maxsize=1)
 def small_talk() -> tuple[tuple[str, str], ...]:
     """(user, assistant) turns without facts: the built-in ones, plus chatterbot's English conversations."""
-    spec = importlib.util.find_spec("chatterbot_corpus")
-    if spec is None or not spec.submodule_search_locations:
+    root = package_dir("chatterbot_corpus")
+    if root is None:
         raise ModuleNotFoundError(f"the dialogs generator draws small talk from chatterbot-corpus: {CHATTERBOT_HINT}")
     import yaml
 
     pairs = list(SMALL_TALK)
-    folder = Path(next(iter(spec.submodule_search_locations))) / "data" / "english"
+    folder = root / "data" / "english"
     for file in sorted(folder.glob("*.yml")):
         if file.stem not in CHATTY_FILES:
             continue
@@ -86,13 +81,6 @@ def split_shape(split: str, k: int, turns: int) -> tuple[Range, Range]:
     if split == "test":
         return (min(3, k), k), turns
     return (1, k), (1, turns)
-
-
-def _bounds(name: str, value: Range, low: int, high: int) -> tuple[int, int]:
-    lo, hi = (value, value) if isinstance(value, int) else value
-    if not low <= lo <= hi <= high:
-        raise ValueError(f"{name} must be a number or a (min, max) range within {low}..{high}, got {value!r}")
-    return lo, hi
 
 
 def _state(rng: random.Random, bank: TemplateBank, template: Template, value: str, embed: float) -> str:
@@ -129,9 +117,9 @@ def generate(
     kinds = [k for k in bank.kinds_for(split) if len(split_values(k, split)) >= 2]
     if not kinds:
         raise ValueError(f"the template file {bank.path} has no fact kind for the {split} split")
-    lo, hi = _bounds("facts", facts, 1, 200)
+    lo, hi = bounds("facts", facts, 1, 200)
     n_facts = (min(lo, len(kinds)), min(hi, len(kinds)))  # a small template file has fewer kinds than asked for
-    n_turns = _bounds("turns", turns, 1, 200)
+    n_turns = bounds("turns", turns, 1, 200)
     if n_options < 2:
         raise ValueError(f"n_options must be at least 2, got {n_options}")
     chatter = small_talk()

