@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -146,6 +147,22 @@ class CompressedLM:
     def remember(self, user: str, assistant: str) -> Memory:
         """Fold a finished exchange into memory (what a chat does after each answer)."""
         return self.add([{"role": "user", "content": user}, {"role": "assistant", "content": assistant}])
+
+    def restore(self, memory: Memory, history: Sequence[Message]) -> None:
+        """Continue an interaction saved elsewhere (a session store): ``memory`` must be this model's and
+        method's, ``history`` the transcript (system prompt first, if any) whose turns it holds."""
+        memory.check(self.lm.kv_shape, where="the restored memory")
+        messages = check_messages(list(history))
+        self.memory = memory
+        self.history = messages
+        if messages and messages[0]["role"] == "system":
+            self.system_prompt = messages[0]["content"]
+
+    def fork(self) -> CompressedLM:
+        """A session with the same model, method and (immutable) memory whose later changes are its own."""
+        twin = copy.copy(self)
+        twin.history = list(self.history)
+        return twin
 
     def save_memory(self, path: str | os.PathLike[str]) -> Path:
         """Write the memory (safetensors, atomic) with the identity of this model and method."""

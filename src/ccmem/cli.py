@@ -80,6 +80,14 @@ Stage1Opt = Annotated[
     ),
 ]
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens to generate per answer.")]
+StoreOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--store",
+        help="Session store folder (SQLite index + memory files). Default: $CCMEM_SESSIONS or "
+        "~/.local/share/ccmem/sessions.",
+    ),
+]
 
 
 def _options(n_tok: int | None, recurrent: bool | None, pairs: list[str] | None) -> dict[str, Any]:
@@ -221,13 +229,31 @@ def chat(
     stage1: Stage1Opt = None,
     max_new_tokens: MaxNewOpt = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy; higher samples more freely.")] = 0.0,
+    session_name: Annotated[
+        str | None,
+        typer.Option(
+            "--session",
+            help="Keep the chat as a named session in the session store: it is saved after every exchange and "
+            "continues where it stopped next time (the same session the Python API and `ccmem serve` use). "
+            "It must be resumed with the model, method and adapter that made it.",
+        ),
+    ] = None,
+    store: StoreOpt = None,
 ) -> None:
     """Chat interactively; each finished exchange is compressed into memory. Type /help for commands."""
     from ccmem.serve.chat import run_chat
+    from ccmem.serve.sessions import SessionBinding, SessionStore, check_name, default_store_root
 
+    if session_name is not None:
+        check_name(session_name)  # before the model loads
     session = _session(model, method, adapter, _options(n_tok, recurrent, option), system or None, stage1)
+    binding = None
+    if session_name is not None:
+        binding = SessionBinding(SessionStore(store or default_store_root()), session_name)
+        record = binding.open(session)
+        console.print(f"[dim]session {session_name}: {record.turns} earlier turns, {session.memory.num_slots} slots[/]")
     console.print(f"[bold]ccmem chat[/] ({model}, {method}). /help for commands, /quit to leave.")
-    run_chat(session, console, max_new_tokens=max_new_tokens, temperature=temperature)
+    run_chat(session, console, max_new_tokens=max_new_tokens, temperature=temperature, binding=binding)
 
 
 def read_text_file(path: Path) -> str:

@@ -203,3 +203,20 @@ def test_a_failing_chat_command_says_why_and_the_chat_goes_on(monkeypatch, capsy
     assert code == 0, out
     assert "is not a readable safetensors memory file" in flat and "no memory file at" in flat
     assert "slots (0 sink" in flat  # the chat went on, with its memory
+
+
+def test_chat_session_continues_where_it_stopped(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    common = ["chat", "--model", str(tiny_model_dir), "--method", "ccm-concat", "--n-tok", "2", "--system", ""]
+    common += ["--max-new-tokens", "3", "--session", "notes", "--store", str(tmp_path / "store")]
+    monkeypatch.setattr("sys.stdin", io.StringIO("w1 w2 w3\nw4 w5\n/quit\n"))
+    code, out = run_cli(monkeypatch, capsys, *common)
+    assert code == 0, out
+    assert "session notes: 0 earlier turns" in out
+    monkeypatch.setattr("sys.stdin", io.StringIO("/memory\n/quit\n"))
+    code, out = run_cli(monkeypatch, capsys, *common)
+    assert code == 0, out
+    assert "session notes: 2 earlier turns, 4 slots" in " ".join(out.split())  # two exchanges x 2 <COMP> slots
+    code, out = run_cli(monkeypatch, capsys, *[a if a != "ccm-concat" else "ccm-merge" for a in common])
+    assert code == 2 and "was made with" in " ".join(out.split()) and "Traceback" not in out
+    code, out = run_cli(monkeypatch, capsys, *common[:-4], "--session", "../x")
+    assert code == 2 and "invalid session name" in out

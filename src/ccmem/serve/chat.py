@@ -7,11 +7,15 @@ that fails (a missing or foreign memory file) says why and the chat goes on with
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
 
 from ccmem.api import CompressedLM
+
+if TYPE_CHECKING:
+    from ccmem.serve.sessions import SessionBinding
 
 HELP = "/memory  /save PATH  /load PATH  /reset  /quit"
 
@@ -23,8 +27,12 @@ def run_chat(
     max_new_tokens: int = 128,
     temperature: float = 0.0,
     read_line: Callable[[str], str] | None = None,
+    binding: SessionBinding | None = None,
 ) -> None:
-    """Talk until ``/quit`` or end of input: stream each answer, then remember the exchange."""
+    """Talk until ``/quit`` or end of input: stream each answer, then remember the exchange.
+
+    With a ``binding`` the session is saved to its store after every exchange (and ``/reset`` starts it over).
+    """
     read_line = read_line or console.input
     while True:
         try:
@@ -35,7 +43,7 @@ def run_chat(
         if not line:
             continue
         if line.startswith("/"):
-            if command(session, console, line):
+            if command(session, console, line, binding):
                 return
             continue
         console.print("[bold blue]bot>[/] ", end="")
@@ -45,10 +53,15 @@ def run_chat(
             console.print(piece, end="", highlight=False, markup=False)
         console.print()
         session.remember(line, "".join(pieces).strip())
+        if binding is not None:
+            try:
+                binding.commit(session)
+            except ValueError as err:  # e.g. another process saved the session meanwhile: say so, go on
+                console.print(f"[red]not saved: {escape(str(err))}[/]")
         console.print(f"[dim]memory: {session.memory.num_slots} slots, {session.memory.nbytes / 1024:.0f} KiB[/]")
 
 
-def command(session: CompressedLM, console: Console, line: str) -> bool:
+def command(session: CompressedLM, console: Console, line: str, binding: SessionBinding | None = None) -> bool:
     """Handle a /command; True means quit."""
     name, _, arg = line.partition(" ")
     try:
@@ -56,6 +69,8 @@ def command(session: CompressedLM, console: Console, line: str) -> bool:
             return True
         if name == "/reset":
             session.reset()
+            if binding is not None:
+                binding.reset(session)
             console.print("[dim]memory cleared[/]")
         elif name == "/memory":
             mem = session.memory
@@ -64,6 +79,10 @@ def command(session: CompressedLM, console: Console, line: str) -> bool:
         elif name == "/save" and arg.strip():
             console.print(f"saved to {session.save_memory(arg.strip())}")
         elif name == "/load" and arg.strip():
+            if binding is not None:
+                console.print("[red]/load replaces the memory, which a stored session cannot take; chat without "
+                              "--session to load a memory file[/]")
+                return False
             session.load_memory(arg.strip())
             console.print("memory loaded")
         else:

@@ -1,0 +1,436 @@
+"""Named sessions that outlive a process: a compressed memory, its transcript and the settings that made it.
+
+One :class:`SessionStore` is a folder::
+
+    <root>/sessions.db                          SQLite (WAL): one row per session, one per transcript message
+    <root>/memories/<owner>/<name>.<version>.safetensors   the memory of each saved version
+
+A save writes the new memory file first (atomically, under a new version number), then records the new
+version and the new transcript messages in one SQLite transaction, then removes the previous file. A process
+killed at any point leaves the last committed version loadable and the database consistent: a file of a version
+that was never committed is ignored (and overwritten by the next save of that version); a file of an older
+version that survived the kill is swept on the next save.
+
+Sessions belong to an *owner* (the hash of a bearer token for the server; ``""`` for local use): another owner
+neither sees nor can guess them (its lookups answer "no such session", as for a name never used).
+``ccmem chat --session NAME``, the Python API (:meth:`SessionStore.open`) and ``ccmem serve`` share one store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ccmem.chat import Message
+from ccmem.memory import Memory, MemoryMismatchError
+
+if TYPE_CHECKING:
+    from ccmem.api import CompressedLM
+
+SCHEMA_VERSION = 1
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_RULE = "1-64 characters: letters, digits, '_', '-', '.', starting with a letter or digit"
+
+
+class SessionError(ValueError):
+    """A session request that cannot be served; the message says why and what to do."""
+
+
+class UnknownSessionError(SessionError, KeyError):
+    """No session of that name for this owner."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class SessionExistsError(SessionError):
+    """A session of that name already exists for this owner."""
+
+
+class SessionMismatchError(SessionError):
+    """The session was made with another model, method, adapter or options than the one asked to use it."""
+
+
+class StoreError(SessionError):
+    """The store's database cannot be used (not a SQLite file, made by a newer ccmem, ...)."""
+
+
+class VersionConflictError(SessionError):
+    """The session changed since it was read (another request or process saved it first)."""
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is a safe session name (usable in a file path), else :class:`SessionError`."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
+        raise SessionError(f"invalid session name {name!r}: use {NAME_RULE}")
+    return name
+
+
+def owner_of(token: str | None) -> str:
+    """The owner id of a bearer token (its hash: tokens are never stored), or ``""`` without one."""
+    return hashlib.sha256(token.encode()).hexdigest()[:32] if token else ""
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """What the store knows about one session (the memory itself is read by :meth:`SessionStore.memory`)."""
+
+    name: str
+    owner: str
+    identity: dict[str, str]  # the method's memory_meta: model fingerprint, method, options, adapter hash
+    settings: dict[str, Any]  # how to recreate the session: model, method, adapter path, options, system prompt
+    transcript: list[Message]
+    version: int
+    memory_bytes: int
+    memory_slots: int
+    created: float
+    updated: float
+
+    @property
+    def turns(self) -> int:
+        """Finished user messages in the transcript."""
+        return sum(1 for m in self.transcript if m["role"] == "user")
+
+
+class SessionStore:
+    """Sessions in SQLite plus safetensors memory files under ``root`` (created if missing).
+
+    Thread-safe (one connection guarded by a lock); several processes may share one store (SQLite WAL with a
+    busy timeout), and :meth:`save` with ``expect_version`` refuses to overwrite a version it did not read.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, max_sessions: int | None = None):
+        self.root = Path(root).expanduser()
+        self.max_sessions = max_sessions
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.root / "sessions.db"
+        self._lock = threading.RLock()
+        try:
+            self._db = sqlite3.connect(self.db_path, timeout=30.0, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # a committed version survives a power cut too
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._create_schema()
+        except sqlite3.DatabaseError as err:
+            raise StoreError(
+                f"{self.db_path} is not a ccmem session database ({err}); point the store at another folder "
+                "or move that file away"
+            ) from None
+
+    # ------------------------------------------------------------------ schema
+
+    def _create_schema(self) -> None:
+        with self._transaction() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS store_info (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            row = db.execute("SELECT value FROM store_info WHERE key='schema_version'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO store_info VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.db_path} was written by a newer ccmem (schema {row[0]}, this one reads "
+                    f"{SCHEMA_VERSION}); upgrade ccmem"
+                )
+            db.execute(
+                """CREATE TABLE IF NOT EXISTS sessions (
+                    owner TEXT NOT NULL, name TEXT NOT NULL,
+                    identity TEXT NOT NULL, settings TEXT NOT NULL,
+                    version INTEGER NOT NULL DEFAULT 0,
+                    memory_bytes INTEGER NOT NULL DEFAULT 0, memory_slots INTEGER NOT NULL DEFAULT 0,
+                    created REAL NOT NULL, updated REAL NOT NULL,
+                    PRIMARY KEY (owner, name))"""
+            )
+            db.execute(
+                """CREATE TABLE IF NOT EXISTS messages (
+                    owner TEXT NOT NULL, name TEXT NOT NULL, seq INTEGER NOT NULL,
+                    role TEXT NOT NULL, content TEXT NOT NULL,
+                    PRIMARY KEY (owner, name, seq),
+                    FOREIGN KEY (owner, name) REFERENCES sessions (owner, name) ON DELETE CASCADE)"""
+            )
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE: other processes wait instead of failing mid-way)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> SessionStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ files
+
+    def _folder(self, owner: str) -> Path:
+        return self.root / "memories" / (owner or "local")
+
+    def memory_path(self, record: SessionRecord) -> Path | None:
+        """The memory file of the record's version (None before the first save)."""
+        if record.version == 0:
+            return None
+        return self._folder(record.owner) / f"{record.name}.{record.version}.safetensors"
+
+    def _sweep(self, owner: str, name: str, keep: int) -> None:
+        """Remove memory files of versions older than ``keep`` (left by a save that was killed before cleanup)."""
+        for path in self._folder(owner).glob(f"{name}.*.safetensors"):
+            version = path.name[len(name) + 1 : -len(".safetensors")]
+            if version.isdigit() and int(version) < keep:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+    # ------------------------------------------------------------------ queries
+
+    def _record(self, row: tuple[Any, ...]) -> SessionRecord:
+        owner, name, identity, settings, version, nbytes, slots, created, updated = row
+        with self._lock:
+            messages = self._db.execute(
+                "SELECT role, content FROM messages WHERE owner=? AND name=? ORDER BY seq", (owner, name)
+            ).fetchall()
+        return SessionRecord(
+            name=name,
+            owner=owner,
+            identity=json.loads(identity),
+            settings=json.loads(settings),
+            transcript=[{"role": r, "content": c} for r, c in messages],
+            version=version,
+            memory_bytes=nbytes,
+            memory_slots=slots,
+            created=created,
+            updated=updated,
+        )
+
+    _COLUMNS = "owner, name, identity, settings, version, memory_bytes, memory_slots, created, updated"
+
+    def get(self, name: str, owner: str = "") -> SessionRecord:
+        """The session ``name`` of ``owner``; :class:`UnknownSessionError` if there is none."""
+        check_name(name)
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {self._COLUMNS} FROM sessions WHERE owner=? AND name=?", (owner, name)
+            ).fetchone()
+        if row is None:
+            raise UnknownSessionError(
+                f"no session {name!r}; create it first (ccmem chat --session {name} creates it, the server "
+                "creates one with POST /v1/sessions)"
+            )
+        return self._record(row)
+
+    def exists(self, name: str, owner: str = "") -> bool:
+        check_name(name)
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM sessions WHERE owner=? AND name=?", (owner, name)).fetchone()
+        return row is not None
+
+    def list(self, owner: str = "") -> list[SessionRecord]:
+        """The sessions of ``owner``, most recently updated first."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {self._COLUMNS} FROM sessions WHERE owner=? ORDER BY updated DESC", (owner,)
+            ).fetchall()
+        return [self._record(row) for row in rows]
+
+    def count(self) -> int:
+        """Sessions of all owners (the server's limit counts them all)."""
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0])
+
+    # ------------------------------------------------------------------ changes
+
+    def create(self, name: str, identity: dict[str, str], settings: dict[str, Any], owner: str = "") -> SessionRecord:
+        """A new, empty session; :class:`SessionExistsError` if the name is taken (for this owner)."""
+        check_name(name)
+        now = time.time()
+        with self._transaction() as db:
+            if self.max_sessions is not None:
+                n = int(db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0])
+                if n >= self.max_sessions:
+                    raise SessionError(f"the store holds its limit of {self.max_sessions} sessions; delete one first")
+            try:
+                db.execute(
+                    "INSERT INTO sessions (owner, name, identity, settings, created, updated) VALUES (?,?,?,?,?,?)",
+                    (owner, name, json.dumps(identity, sort_keys=True), json.dumps(settings), now, now),
+                )
+            except sqlite3.IntegrityError:
+                raise SessionExistsError(f"a session named {name!r} exists already; pick another name") from None
+        return self.get(name, owner)
+
+    def save(
+        self,
+        name: str,
+        memory: Memory,
+        transcript: Sequence[Message],
+        owner: str = "",
+        *,
+        expect_version: int | None = None,
+    ) -> SessionRecord:
+        """Store a new version: ``memory`` and the whole ``transcript`` (which must extend the stored one).
+
+        ``expect_version``: refuse (:class:`VersionConflictError`) if another save happened since that version
+        was read, instead of silently dropping its turns.
+        """
+        record = self.get(name, owner)
+        if expect_version is not None and record.version != expect_version:
+            raise VersionConflictError(
+                f"session {name!r} was saved by another request (version {record.version}, expected "
+                f"{expect_version}); read it again and retry"
+            )
+        old = record.transcript
+        if list(transcript[: len(old)]) != old:
+            raise SessionError(f"the new transcript of session {name!r} does not extend the stored one")
+        version = record.version + 1
+        folder = self._folder(owner)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{name}.{version}.safetensors"
+        memory.save(path)  # atomic; not yet the session's memory: the commit below makes it so
+        now = time.time()
+        with self._transaction() as db:
+            current = db.execute("SELECT version FROM sessions WHERE owner=? AND name=?", (owner, name)).fetchone()
+            if current is None:
+                path.unlink(missing_ok=True)
+                raise UnknownSessionError(f"session {name!r} was deleted while it was being saved")
+            if current[0] != record.version:
+                raise VersionConflictError(
+                    f"session {name!r} was saved by another request meanwhile (version {current[0]}); retry"
+                )
+            db.executemany(
+                "INSERT INTO messages (owner, name, seq, role, content) VALUES (?,?,?,?,?)",
+                [(owner, name, i, m["role"], m["content"]) for i, m in enumerate(transcript) if i >= len(old)],
+            )
+            db.execute(
+                "UPDATE sessions SET version=?, memory_bytes=?, memory_slots=?, updated=? WHERE owner=? AND name=?",
+                (version, memory.nbytes, memory.num_slots, now, owner, name),
+            )
+        self._sweep(owner, name, keep=version)
+        return self.get(name, owner)
+
+    def delete(self, name: str, owner: str = "") -> None:
+        """Remove the session, its transcript and its memory files."""
+        self.get(name, owner)  # unknown -> UnknownSessionError
+        with self._transaction() as db:
+            db.execute("DELETE FROM messages WHERE owner=? AND name=?", (owner, name))
+            db.execute("DELETE FROM sessions WHERE owner=? AND name=?", (owner, name))
+        for path in self._folder(owner).glob(f"{name}.*.safetensors"):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    # ------------------------------------------------------------------ memories
+
+    def memory(self, record: SessionRecord, **load_kwargs: Any) -> Memory | None:
+        """The memory of ``record``'s version, validated (``load_kwargs`` as :func:`ccmem.memory.load_memory`);
+        None before the first save."""
+        path = self.memory_path(record)
+        if path is None:
+            return None
+        if not path.is_file():
+            raise MemoryMismatchError(
+                f"the memory file of session {record.name!r} (version {record.version}) is missing: {path}"
+            )
+        return Memory.load(path, **load_kwargs)
+
+    # ------------------------------------------------------------------ with a CompressedLM
+
+    def open(self, name: str, session: CompressedLM, owner: str = "", *, create: bool = True) -> SessionRecord:
+        """Put the stored memory and transcript of ``name`` into ``session`` (creating the session if ``create``).
+
+        Refuses (:class:`SessionMismatchError`) a session made with another model, method, options or adapter,
+        naming what differs.
+        """
+        identity = session.method.memory_meta(session.lm)
+        if not self.exists(name, owner):
+            if not create:
+                self.get(name, owner)  # raises UnknownSessionError
+            record = self.create(name, identity, settings_of(session), owner)
+            return self.save(name, session.memory, session.history, owner, expect_version=record.version)
+        record = self.get(name, owner)
+        check_identity(record, identity)
+        memory = self.memory(record, expect=identity, shape=session.lm.kv_shape, device=session.lm.device)
+        if memory is not None:
+            session.restore(memory, record.transcript)
+        return record
+
+    def commit(
+        self, name: str, session: CompressedLM, owner: str = "", *, expect_version: int | None = None
+    ) -> SessionRecord:
+        """Save ``session``'s memory and transcript as the next version of ``name``."""
+        return self.save(name, session.memory, session.history, owner, expect_version=expect_version)
+
+
+def settings_of(session: CompressedLM) -> dict[str, Any]:
+    """What a session was made with, in the user's terms (shown by stats; the identity is what is checked)."""
+    return {
+        "model": session.lm.name,
+        "method": session.method.name,
+        "options": {
+            k: v if isinstance(v, int | float | str | bool) or v is None else str(v)
+            for k, v in session.method.options().items()
+        },
+        "adapter": session.method.adapter_hash if session.method.trainable else None,
+        "system_prompt": session.system_prompt,
+    }
+
+
+def check_identity(record: SessionRecord, identity: dict[str, str]) -> None:
+    """Refuse to use ``record`` with a model/method/adapter whose memory identity differs, naming the difference."""
+    for key in sorted(set(record.identity) | set(identity)):
+        have, want = record.identity.get(key, ""), identity.get(key, "")
+        if have != want:
+            made = record.settings
+            raise SessionMismatchError(
+                f"session {record.name!r} was made with {key}={have!r} (model {made.get('model')}, method "
+                f"{made.get('method')}), but it is being used with {key}={want!r}; use the same model, method "
+                "and adapter, or start a new session"
+            )
+
+
+def default_store_root() -> Path:
+    """``$CCMEM_SESSIONS``, else ``~/.local/share/ccmem/sessions``."""
+    configured = os.environ.get("CCMEM_SESSIONS")
+    return Path(configured) if configured else Path.home() / ".local" / "share" / "ccmem" / "sessions"
+
+
+@dataclass
+class SessionBinding:
+    """One :class:`CompressedLM` kept in sync with one stored session (what ``ccmem chat --session`` uses)."""
+
+    store: SessionStore
+    name: str
+    owner: str = ""
+    version: int = 0
+
+    def open(self, session: CompressedLM) -> SessionRecord:
+        """Load the stored session into ``session`` (or create it)."""
+        record = self.store.open(self.name, session, self.owner)
+        self.version = record.version
+        return record
+
+    def commit(self, session: CompressedLM) -> SessionRecord:
+        """Save ``session`` as the next version; refuses if another process saved the session meanwhile."""
+        record = self.store.commit(self.name, session, self.owner, expect_version=self.version)
+        self.version = record.version
+        return record
+
+    def reset(self, session: CompressedLM) -> SessionRecord:
+        """Start the session over: its transcript and memory are replaced by ``session``'s (just reset)."""
+        self.store.delete(self.name, self.owner)
+        self.version = 0
+        return self.open(session)

@@ -1,0 +1,238 @@
+"""The session store: SQLite index and transcripts, safetensors memories, crash safety, owners, bad input."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+import ccmem
+from ccmem.memory import Memory, MemoryMismatchError, positions_for
+from ccmem.serve.sessions import (
+    SessionError,
+    SessionExistsError,
+    SessionMismatchError,
+    SessionStore,
+    StoreError,
+    UnknownSessionError,
+    VersionConflictError,
+    check_name,
+    owner_of,
+)
+from tests.conftest import tiny_model
+
+IDENTITY = {"model": "m", "method": "full"}
+
+
+def memory_of(step: int, slots: int = 3) -> Memory:
+    """A small memory whose metadata and sizes record ``step`` (so a loaded version can be matched)."""
+    generator = torch.Generator().manual_seed(step)
+    keys = torch.randn(1, 2, slots, 8, generator=generator)
+    layers = [(keys, keys + 1)]
+    return Memory(
+        layers=layers, positions=[positions_for(0, slots, keys)], next_position=slots, meta={"step": str(step)}
+    )
+
+
+def test_save_and_reload_a_session_keeps_memory_transcript_and_version(tmp_path):
+    store = SessionStore(tmp_path)
+    store.create("alice", IDENTITY, {"model": "m"})
+    transcript = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    record = store.save("alice", memory_of(1), transcript)
+    store.close()
+
+    again = SessionStore(tmp_path).get("alice")
+    assert again.version == record.version == 1
+    assert again.transcript == transcript and again.turns == 1
+    loaded = SessionStore(tmp_path).memory(again)
+    assert loaded is not None and loaded.meta["step"] == "1"
+    assert torch.equal(loaded.layers[0][0], memory_of(1).layers[0][0])
+
+
+def test_a_save_replaces_the_previous_memory_file(tmp_path):
+    store = SessionStore(tmp_path)
+    store.create("s", IDENTITY, {})
+    store.save("s", memory_of(1), [{"role": "user", "content": "a"}])
+    record = store.save("s", memory_of(2), [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+    files = sorted(p.name for p in (tmp_path / "memories").rglob("*.safetensors"))
+    assert files == ["s.2.safetensors"] and record.memory_slots == 3
+
+
+def test_database_runs_in_wal_mode(tmp_path):
+    SessionStore(tmp_path).create("s", IDENTITY, {})
+    with sqlite3.connect(tmp_path / "sessions.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_sessions_of_one_owner_are_invisible_to_another(tmp_path):
+    store = SessionStore(tmp_path)
+    alice, bob = owner_of("token-a"), owner_of("token-b")
+    store.create("notes", IDENTITY, {}, owner=alice)
+    with pytest.raises(UnknownSessionError):
+        store.get("notes", owner=bob)
+    with pytest.raises(UnknownSessionError):
+        store.delete("notes", owner=bob)
+    assert [r.name for r in store.list(alice)] == ["notes"] and store.list(bob) == []
+    store.create("notes", IDENTITY, {}, owner=bob)  # the same name for another owner is another session
+    assert store.count() == 2
+    assert "token-a" not in (tmp_path / "sessions.db").read_bytes().decode("latin1")  # tokens are never stored
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", "", ".hidden", "x" * 65, "a b", "a..b", "ü"])
+def test_unsafe_session_names_are_refused(tmp_path, name):
+    with pytest.raises(SessionError, match="invalid session name"):
+        SessionStore(tmp_path).create(name, IDENTITY, {})
+
+
+def test_safe_names_pass():
+    assert check_name("chat-2024_01.v2") == "chat-2024_01.v2"
+
+
+def test_creating_twice_and_unknown_sessions_say_so(tmp_path):
+    store = SessionStore(tmp_path)
+    store.create("s", IDENTITY, {})
+    with pytest.raises(SessionExistsError, match="exists already"):
+        store.create("s", IDENTITY, {})
+    with pytest.raises(UnknownSessionError, match="no session 'nope'"):
+        store.get("nope")
+
+
+def test_a_stale_version_is_refused_instead_of_dropping_turns(tmp_path):
+    store = SessionStore(tmp_path)
+    store.create("s", IDENTITY, {})
+    store.save("s", memory_of(1), [{"role": "user", "content": "a"}])
+    with pytest.raises(VersionConflictError, match="another request"):
+        store.save("s", memory_of(2), [{"role": "user", "content": "a"}], expect_version=0)
+
+
+def test_a_transcript_that_does_not_extend_the_stored_one_is_refused(tmp_path):
+    store = SessionStore(tmp_path)
+    store.create("s", IDENTITY, {})
+    store.save("s", memory_of(1), [{"role": "user", "content": "a"}])
+    with pytest.raises(SessionError, match="does not extend"):
+        store.save("s", memory_of(2), [{"role": "user", "content": "b"}])
+
+
+def test_the_session_limit_is_enforced(tmp_path):
+    store = SessionStore(tmp_path, max_sessions=2)
+    store.create("a", IDENTITY, {})
+    store.create("b", IDENTITY, {})
+    with pytest.raises(SessionError, match="limit of 2 sessions"):
+        store.create("c", IDENTITY, {})
+
+
+def test_delete_removes_rows_and_files(tmp_path):
+    store = SessionStore(tmp_path)
+    store.create("s", IDENTITY, {})
+    store.save("s", memory_of(1), [{"role": "user", "content": "a"}])
+    store.delete("s")
+    assert not store.exists("s") and not list((tmp_path / "memories").rglob("*.safetensors"))
+    store.create("s", IDENTITY, {})
+    assert store.get("s").transcript == []  # no message of the deleted session comes back
+
+
+def test_a_file_that_is_not_a_database_is_a_clear_error(tmp_path):
+    (tmp_path / "sessions.db").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match="not a ccmem session database"):
+        SessionStore(tmp_path)
+
+
+def test_a_missing_memory_file_is_a_clear_error(tmp_path):
+    store = SessionStore(tmp_path)
+    store.create("s", IDENTITY, {})
+    record = store.save("s", memory_of(1), [{"role": "user", "content": "a"}])
+    store.memory_path(record).unlink()
+    with pytest.raises(MemoryMismatchError, match="is missing"):
+        store.memory(record)
+
+
+# ---------------------------------------------------------------- crash safety
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from ccmem.serve.sessions import SessionStore
+    from tests.unit.test_sessions import memory_of, IDENTITY
+    store = SessionStore(sys.argv[1])
+    if not store.exists("s"):
+        store.create("s", IDENTITY, {})
+    print("ready", flush=True)
+    while True:
+        record = store.get("s")
+        step = len(record.transcript) + 1
+        transcript = record.transcript + [{"role": "user", "content": str(step)}]
+        store.save("s", memory_of(step, slots=2 + step % 5), transcript, expect_version=record.version)
+    """
+)
+
+
+def test_kill_9_at_random_points_leaves_the_last_version_loadable(tmp_path):
+    """A writer saving in a loop is killed with SIGKILL at random moments; every time, the store opens, the
+    recorded version's memory loads and matches the transcript, and no other version's file lingers past a save."""
+    rng = random.Random(0)
+    root = tmp_path / "store"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), *sys.path]))
+    saved = []
+    for _ in range(6):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(root)], stdout=subprocess.PIPE, env=env, cwd=os.getcwd()
+        )
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        time.sleep(rng.uniform(0.05, 0.6))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        store = SessionStore(root)
+        record = store.get("s")
+        steps = [int(m["content"]) for m in record.transcript]
+        assert steps == list(range(1, len(steps) + 1))  # no message lost or doubled
+        memory = store.memory(record)
+        if record.version:
+            assert memory is not None and memory.meta["step"] == str(len(steps))
+            assert memory.num_slots == 2 + len(steps) % 5
+        saved.append(record.version)
+        store.close()
+    assert saved[-1] > saved[0] > 0  # the writers really saved between kills
+
+
+# ---------------------------------------------------------------- with a CompressedLM
+
+
+@pytest.fixture
+def lm():
+    return tiny_model("llama-gqa")
+
+
+def test_open_restores_memory_and_history_of_a_compressed_session(tmp_path, lm):
+    store = SessionStore(tmp_path)
+    first = ccmem.load(lm, method="ccm-concat")
+    store.open("talk", first)
+    first.remember("my dog is rex", "nice")
+    store.commit("talk", first)
+
+    second = ccmem.load(lm, method="ccm-concat")
+    record = store.open("talk", second)
+    assert record.turns == 1 and second.history == first.history
+    assert second.memory.num_slots == first.memory.num_slots
+    assert torch.equal(second.memory.layers[0][0], first.memory.layers[0][0])
+    query = second.query_ids("what is my dog called?")
+    assert list(second.stream_ids(query, 5)) == list(first.stream_ids(query, 5))
+
+
+def test_a_session_made_with_another_method_is_refused_by_name(tmp_path, lm):
+    store = SessionStore(tmp_path)
+    store.open("talk", ccmem.load(lm, method="ccm-concat"))
+    with pytest.raises(SessionMismatchError, match="method='ccm-concat'"):
+        store.open("talk", ccmem.load(lm, method="full"))
+
+
+def test_open_without_create_refuses_an_unknown_session(tmp_path, lm):
+    with pytest.raises(UnknownSessionError):
+        SessionStore(tmp_path).open("nope", ccmem.load(lm, method="full"), create=False)
