@@ -1,0 +1,384 @@
+"""``ccmem stream``: perplexity of a text many times the model's context, read at constant memory, with the
+window baselines at the same memory in the same run.
+
+Every method reads the same token stream block by block (:class:`ccmem.stream.KVStream`) and is scored on every
+token it predicts: perplexity per position bucket, peak key/value bytes (the largest cache one forward ran with),
+the memory kept between blocks, tokens/s. ``max_positions`` emulates a context limit (every position id a
+stream uses stays below it; ``full`` stops where it would pass it), so "a stream of 10x the context" can be run
+on a CPU; with ``max_positions=0`` the model's own limit applies. Rows are written to ``rows.jsonl``, a table to
+``report.md`` and the plot to ``stream.png``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ccmem.data.text import TextSourceError, text_files
+from ccmem.fileio import atomic_path
+from ccmem.loading import LoadedModel
+from ccmem.memory import KV, Memory
+from ccmem.methods.base import logits_for
+from ccmem.stream import (
+    Compressor,
+    KVStream,
+    PositionLimitError,
+    StreamOptionError,
+    layouts_at_same_memory,
+)
+
+STREAM_METHODS = ("ccm-concat", "ccm-merge", "streaming-llm", "window", "full")
+DEFAULT_METHODS = STREAM_METHODS
+
+Progress = Callable[[str, int, int], None]  # (method, tokens read, tokens in all)
+
+
+@dataclass
+class StreamSettings:
+    """One ``ccmem stream`` run (the CLI's options)."""
+
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    max_positions: int = 512  # the emulated context; 0: the model's own max_position_embeddings
+    contexts: float = 10.0  # stream length, in contexts
+    sink: int = 4
+    window: int = 128
+    comp_slots: int = 32
+    block: int = 32
+    bucket_tokens: int = 0  # perplexity buckets; 0: one per context
+    full_cap_mib: float | None = None  # full stops before its cache passes this
+    text: str | None = None  # file or folder of .txt files; None: the packaged Shakespeare plays
+    adapters: dict[str, str] = field(default_factory=dict)  # ccm-* method -> adapter file (default: shipped)
+    label: str = ""
+
+    def check(self) -> None:
+        """Raise :class:`StreamOptionError` naming the option that cannot work."""
+        unknown = [m for m in self.methods if m not in STREAM_METHODS]
+        if unknown or not self.methods:
+            problem = f"unknown stream method {unknown[0]!r}" if unknown else "methods names no method"
+            raise StreamOptionError(f"{problem}; stream methods: {', '.join(STREAM_METHODS)}")
+        if self.max_positions < 0:
+            raise StreamOptionError(f"max_positions must be 0 (the model's own) or positive, got {self.max_positions}")
+        if not self.contexts > 0:
+            raise StreamOptionError(f"contexts (the stream's length in contexts) must be positive, got {self.contexts}")
+        if self.bucket_tokens < 0:
+            raise StreamOptionError(f"bucket_tokens must be 0 (one per context) or positive, got {self.bucket_tokens}")
+        if self.full_cap_mib is not None and not self.full_cap_mib > 0:
+            raise StreamOptionError(f"full_cap_mib must be positive, got {self.full_cap_mib}")
+        bad = [m for m in self.adapters if m not in ("ccm-concat", "ccm-merge")]
+        if bad:
+            raise StreamOptionError(f"an adapter is only for ccm-concat or ccm-merge, not {bad[0]!r}")
+
+    def fingerprint(self) -> str:
+        blob = json.dumps({k: v for k, v in asdict(self).items() if k != "label"}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@dataclass
+class StreamRow:
+    """One method over one stream: quality per position bucket, memory, speed, and why it stopped, if it did."""
+
+    method: str
+    model: str
+    adapter: str  # file hash, "untrained", or "-"
+    text: str
+    tokens: int  # tokens of the stream
+    tokens_read: int  # tokens this method read before it stopped (all, unless it stopped)
+    max_positions: int  # the context limit the run emulated
+    layout: dict[str, Any]  # sink, window, comp_slots, block, n_tok, grow
+    rerotated: bool  # keys re-rotated as the window slides (positions re-based)
+    memory_slots: int  # slots held between blocks at the end
+    memory_bytes: int  # key/value bytes held between blocks, largest over the stream
+    peak_kv_bytes: int  # the largest key/value cache one forward ran with
+    peak_kv_bytes_1x: int  # the same over the stream's first context only
+    peak_ratio: float  # peak_kv_bytes / peak_kv_bytes_1x
+    perplexity: float | None  # over every token this method predicted
+    perplexity_1x: float | None  # over the first context
+    perplexity_after_1x: float | None  # past the first context
+    buckets: list[dict[str, Any]]  # {"start", "end", "tokens", "perplexity", "kv_bytes"}
+    max_position: int  # the largest position id used
+    tokens_per_second: float
+    seconds: float
+    stopped: str | None  # why the method stopped early (full: positions or memory cap)
+    config_hash: str
+    label: str = ""
+
+
+# ---------------------------------------------------------------------------- text
+
+
+def stream_text(tokenizer: Any, path: str | Path | None, n_tokens: int) -> tuple[list[int], str]:
+    """The first ``n_tokens`` tokens of ``path`` (a file, or a folder of ``.txt`` books read in name order,
+    PG19's layout) or of the packaged Shakespeare plays; and a name for the source."""
+    if path is not None and not Path(path).exists():
+        raise TextSourceError(f"no file or folder at {path} (--text)")
+    files = text_files(path)
+    source = str(path) if path is not None else "shakespeare (packaged plays)"
+    ids: list[int] = []
+    for f in files:
+        text = f.read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            continue
+        need = n_tokens - len(ids)
+        piece = text[: need * 8 + 1000]  # prose has ~4 characters a token: enough, without tokenizing a whole book
+        tokens = tokenizer.encode(piece, add_special_tokens=False)
+        if len(tokens) < need and len(piece) < len(text):
+            tokens = tokenizer.encode(text + "\n\n", add_special_tokens=False)
+        ids += tokens[:need]
+        if len(ids) >= n_tokens:
+            break
+    if len(ids) < 2:
+        where = (
+            f"{path} is empty" if path is not None and Path(path).is_file() else f"the .txt files at {source} are empty"
+        )
+        raise TextSourceError(f"no text to stream: {where} (--text)")
+    return ids, source
+
+
+# ---------------------------------------------------------------------------- one method
+
+
+def ccm_compressor(lm: LoadedModel, name: str, adapter: str | None) -> tuple[Compressor, int, str]:
+    """The compression step of CCM ``name`` with its adapter (the shipped one by default): the compressor,
+    its ``n_tok`` and the adapter's hash."""
+    from ccmem.api import load
+
+    session = load(lm, method=name, adapter=adapter, system_prompt=None)
+    method: Any = session.method
+
+    def compress(seen: Memory, ids: torch.Tensor, start: int) -> list[KV]:
+        with method.attached(lm):
+            return list(method.compress_step(lm, seen, ids, start))
+
+    return compress, int(method.n_tok), str(method.adapter_hash)
+
+
+def score_stream(
+    lm: LoadedModel,
+    stream: KVStream,
+    ids: torch.Tensor,
+    *,
+    cap_bytes: float | None = None,
+    on_block: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, str | None]:
+    """Read ``ids`` (``[1, n]``) through ``stream`` block by block; ``nll[i]``, the negative log-likelihood of
+    token ``i + 1`` given tokens ``0..i`` (``nan`` for the last and for those not reached), and why reading stopped
+    early. Indexing by the position that predicts keeps a method's scores within the tokens it read."""
+    n = ids.shape[1]
+    nll = torch.full((n,), math.nan)
+    block = stream.layout.block
+    for a in range(0, n - 1, block):
+        b = min(a + block, n)
+        if cap_bytes is not None and stream.memory.nbytes + (b - a) * stream.slot_bytes > cap_bytes:
+            return nll, f"stopped at token {a}: its cache would pass the memory cap ({cap_bytes / 2**20:g} MiB)"
+        try:
+            hidden = stream.read(ids[:, a:b])
+        except PositionLimitError:
+            return nll, f"stopped at token {a}: reading on would pass position {stream.limit} (max_positions)"
+        targets = ids[0, a + 1 : b + 1]
+        logprobs = torch.log_softmax(logits_for(lm, hidden[0, : targets.numel()]), dim=-1)
+        nll[a : a + targets.numel()] = -logprobs.gather(1, targets[:, None].to(logprobs.device))[:, 0].cpu()
+        if on_block is not None:
+            on_block(b)
+    return nll, None
+
+
+def _perplexity(nll: torch.Tensor) -> float | None:
+    seen = nll[~nll.isnan()]
+    return float(torch.exp(seen.mean())) if seen.numel() else None
+
+
+def run_method(
+    lm: LoadedModel,
+    name: str,
+    ids: list[int],
+    settings: StreamSettings,
+    *,
+    text: str = "",
+    progress: Progress | None = None,
+) -> StreamRow:
+    """Stream ``ids`` with one method at the memory the settings give every method."""
+    limit = context_limit(lm, settings)
+    compressor, n_tok, adapter = None, 0, "-"
+    if name.startswith("ccm-"):
+        compressor, n_tok, adapter = ccm_compressor(lm, name, settings.adapters.get(name))
+    layout = layouts_at_same_memory(settings.sink, settings.window, settings.comp_slots, settings.block, n_tok)[name]
+    stream = KVStream(lm, layout, compressor=compressor, limit=limit)
+    tensor = torch.tensor([ids], dtype=torch.long, device=lm.device)
+    bucket = settings.bucket_tokens or limit
+    n_buckets = -(-len(ids) // bucket)
+    kept_bytes = [0] * n_buckets
+    peak_1x = 0
+
+    def on_block(done: int) -> None:
+        nonlocal peak_1x
+        kept_bytes[(done - 1) // bucket] = max(kept_bytes[(done - 1) // bucket], stream.memory.nbytes)
+        if done <= limit:
+            peak_1x = stream.peak_bytes
+        if progress is not None:
+            progress(name, done, len(ids))
+
+    cap = settings.full_cap_mib * 2**20 if settings.full_cap_mib is not None and layout.grow else None
+    started = time.perf_counter()
+    with torch.no_grad():
+        nll, stopped = score_stream(lm, stream, tensor, cap_bytes=cap, on_block=on_block)
+    seconds = time.perf_counter() - started
+    buckets = []
+    for i in range(n_buckets):
+        part = nll[i * bucket : (i + 1) * bucket]
+        buckets.append(
+            {
+                "start": i * bucket,
+                "end": min((i + 1) * bucket, len(ids)),
+                "tokens": int((~part.isnan()).sum()),
+                "perplexity": _perplexity(part),
+                "kv_bytes": kept_bytes[i] or None,
+            }
+        )
+    return StreamRow(
+        method=name,
+        model=lm.name,
+        adapter=adapter,
+        text=text,
+        tokens=len(ids),
+        tokens_read=stream.tokens_read,
+        max_positions=limit,
+        layout=asdict(layout),
+        rerotated=not layout.grow,
+        memory_slots=stream.memory.num_slots,
+        memory_bytes=max(kept_bytes),
+        peak_kv_bytes=stream.peak_bytes,
+        peak_kv_bytes_1x=peak_1x,
+        peak_ratio=stream.peak_bytes / peak_1x if peak_1x else math.nan,
+        perplexity=_perplexity(nll),
+        perplexity_1x=_perplexity(nll[:limit]),
+        perplexity_after_1x=_perplexity(nll[limit:]),
+        buckets=buckets,
+        max_position=stream.max_position,
+        tokens_per_second=stream.tokens_read / seconds if seconds > 0 else 0.0,
+        seconds=seconds,
+        stopped=stopped,
+        config_hash=settings.fingerprint(),
+        label=settings.label,
+    )
+
+
+def context_limit(lm: LoadedModel, settings: StreamSettings) -> int:
+    """The context limit the run uses: ``max_positions``, at most the model's own (0: the model's own)."""
+    own = lm.max_positions
+    if settings.max_positions == 0:
+        if own is None:
+            raise StreamOptionError("the model declares no max_position_embeddings; set max_positions")
+        return own
+    if own is not None and settings.max_positions > own:
+        raise StreamOptionError(
+            f"max_positions={settings.max_positions} is more than the model's own {own}; an emulated context limit "
+            "must be at most the real one"
+        )
+    return settings.max_positions
+
+
+def check_layouts(lm: LoadedModel, settings: StreamSettings, n_tok: int = 4) -> None:
+    """Refuse settings whose layouts do not fit the context limit, before any work (names the option)."""
+    settings.check()
+    limit = context_limit(lm, settings)
+    layouts = layouts_at_same_memory(settings.sink, settings.window, settings.comp_slots, settings.block, n_tok)
+    for name in settings.methods:
+        layouts[name].check(limit)
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def run_stream(
+    lm: LoadedModel, settings: StreamSettings, out_dir: Path | None = None, *, progress: Progress | None = None
+) -> list[StreamRow]:
+    """Every method of ``settings`` over the same stream; rows, ``report.md`` and ``stream.png`` into ``out_dir``."""
+    check_layouts(lm, settings)
+    limit = context_limit(lm, settings)
+    ids, source = stream_text(lm.tokenizer, settings.text, max(2, round(settings.contexts * limit)))
+    rows = [run_method(lm, name, ids, settings, text=source, progress=progress) for name in settings.methods]
+    if out_dir is not None:
+        write_outputs(rows, out_dir)
+    return rows
+
+
+def write_outputs(rows: list[StreamRow], out_dir: Path) -> dict[str, Path]:
+    """``rows.jsonl`` (this run's rows, replacing the last run's), ``report.md`` and ``stream.png``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"rows": out_dir / "rows.jsonl", "markdown": out_dir / "report.md", "plot": out_dir / "stream.png"}
+    with atomic_path(paths["rows"]) as tmp:
+        tmp.write_text("".join(json.dumps(asdict(r)) + "\n" for r in rows), encoding="utf-8")
+    with atomic_path(paths["markdown"]) as tmp:
+        tmp.write_text(markdown(rows), encoding="utf-8")
+    plot(rows, paths["plot"])
+    return paths
+
+
+def read_rows(path: Path) -> list[StreamRow]:
+    """Rows written by :func:`write_outputs`."""
+    from ccmem.fileio import jsonl_records
+
+    return [StreamRow(**record) for _, record in jsonl_records(path, "stream rows file")]
+
+
+def _fmt(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def markdown(rows: list[StreamRow]) -> str:
+    """One line per method: memory, peak ratio, perplexity in and past the first context, speed, stops."""
+    if not rows:
+        return ""
+    r0 = rows[0]
+    lines = [
+        f"{r0.model}; {r0.text}; {r0.tokens} tokens = {r0.tokens / r0.max_positions:.1f} x a context of "
+        f"{r0.max_positions} positions.\n",
+        "| method | adapter | sink / compressed / window | kept slots | kept KiB | peak KV KiB | peak 10x / 1x "
+        "| ppl 1st context | ppl after | ppl all | tokens/s | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lay = r.layout
+        shape = "all tokens" if lay["grow"] else f"{lay['sink']} / {lay['comp_slots']} / {lay['window']}"
+        lines.append(
+            f"| {r.method} | {r.adapter} | {shape} | {r.memory_slots} | {r.memory_bytes / 1024:.0f} "
+            f"| {r.peak_kv_bytes / 1024:.0f} | {_fmt(r.peak_ratio, 2)} | {_fmt(r.perplexity_1x)} "
+            f"| {_fmt(r.perplexity_after_1x)} | {_fmt(r.perplexity)} | {r.tokens_per_second:.0f} | {r.stopped or ''} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[StreamRow], path: Path) -> Path:
+    """Perplexity per position bucket (top) and key/value memory held (bottom) of every method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    for r in rows:
+        xs = [(b["start"] + b["end"]) / 2 for b in r.buckets if b["perplexity"] is not None]
+        top.plot(xs, [b["perplexity"] for b in r.buckets if b["perplexity"] is not None], marker="o", label=r.method)
+        kv = [(b["start"] + b["end"]) / 2 for b in r.buckets if b["kv_bytes"]]
+        bottom.plot(kv, [b["kv_bytes"] / 1024 for b in r.buckets if b["kv_bytes"]], marker="o", label=r.method)
+    if rows:
+        for ax in (top, bottom):
+            ax.axvline(rows[0].max_positions, color="grey", linestyle=":", linewidth=1)
+        top.set_title(f"{rows[0].model}: {rows[0].tokens} tokens, context {rows[0].max_positions} (dotted)")
+    top.set_ylabel("perplexity per bucket")
+    bottom.set_ylabel("KV memory held (KiB)")
+    bottom.set_xlabel("position in the stream (tokens)")
+    top.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,91 @@
+"""Re-basing rotary position embeddings (RoPE) of cached keys: pure functions, no model code but a lookup.
+
+A RoPE key written at position ``p`` is ``R(p)·k``, a rotation of each pair of dimensions ``(i, i + d/2)`` by
+``p·θ_i``. Rotations compose, ``R(q - p)·R(p)·k = R(q)·k``, so a cached key can be moved to position ``q``
+without the token that wrote it: :func:`rotate_keys` by ``q - p``. Values carry no position and never change.
+This is what lets ``ccmem stream`` keep position ids inside the cache (StreamingLLM's rule; kvpress's
+``KeyRerotationPress`` does the same after pruning) so a text longer than the model's context never runs out
+of positions.
+
+Covered: every model whose keys are rotated by one static table of frequencies per layer in the
+``rotate_half`` layout of transformers: LLaMA, Mistral, Qwen2 (one table), Gemma 3 (one table per layer type:
+local and global layers) and GPT-NeoX (partial rotary: only the first ``2·len(inv_freq)`` dimensions turn, the
+rest pass through). Refused with a clear error: models without RoPE, and RoPE whose frequencies depend on the
+sequence length (``dynamic`` NTK, ``longrope``), where a key's rotation is not a function of its position alone.
+Attention scaling factors of ``yarn``/``llama3`` multiply cos and sin of every position alike, so a pure
+rotation by the difference is still exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ccmem.loading import LoadedModel
+
+#: RoPE variants whose frequencies are fixed, so a key at position p is exactly R(p)·k.
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+
+
+class RopeError(ValueError):
+    """A model whose cached keys cannot be moved to other positions."""
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``[x1, x2] -> [-x2, x1]`` over the last dimension (the pairing transformers' RoPE uses)."""
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def rotate_keys(keys: torch.Tensor, delta: torch.Tensor | int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """``keys`` (``[..., n, head_dim]``) moved by ``delta`` positions (an int, or ``[n]``: one per slot).
+
+    Only the first ``2·len(inv_freq)`` dimensions rotate (all of them but for partial rotary). The angle is
+    computed in float64, so moving a key far and back returns it to float32 rounding.
+    """
+    n = keys.shape[-2]
+    delta_t = torch.as_tensor(delta, device=keys.device).to(torch.float64).expand(n)
+    if not bool((delta_t != 0).any()):
+        return keys
+    dim = 2 * inv_freq.numel()
+    if dim > keys.shape[-1]:
+        raise RopeError(f"{inv_freq.numel()} RoPE frequencies do not fit keys of size {keys.shape[-1]}")
+    angle = delta_t[:, None] * inv_freq.to(device=keys.device, dtype=torch.float64)[None]
+    angle = torch.cat([angle, angle], dim=-1)
+    cos, sin = angle.cos().to(keys.dtype), angle.sin().to(keys.dtype)
+    turning, passing = keys[..., :dim], keys[..., dim:]
+    turned = turning * cos + rotate_half(turning) * sin
+    return torch.cat([turned, passing], dim=-1) if passing.shape[-1] else turned
+
+
+def layer_frequencies(lm: LoadedModel) -> list[torch.Tensor]:
+    """Per decoder layer, the inverse frequencies its keys were rotated with; :class:`RopeError` if there are none
+    or they change with the sequence length."""
+    cfg = lm.model.config.get_text_config()
+    family = getattr(cfg, "model_type", type(lm.model).__name__)
+    rotary: Any = getattr(lm.model.base_model, "rotary_emb", None)
+    layers = int(cfg.num_hidden_layers)
+    if rotary is None:
+        raise RopeError(
+            f"{family} models have no rotary position embedding ccmem can re-base; ccmem stream needs a RoPE model "
+            "(llama, mistral, qwen2, gemma3, gpt-neox)"
+        )
+    if isinstance(getattr(rotary, "inv_freq", None), torch.Tensor):
+        kinds = [str(rotary.rope_type)] * layers
+        freqs = [rotary.inv_freq] * layers
+    else:
+        types = list(getattr(cfg, "layer_types", None) or [])
+        if len(types) != layers or not all(
+            isinstance(getattr(rotary, f"{t}_inv_freq", None), torch.Tensor) for t in types
+        ):
+            raise RopeError(f"{family}: cannot find the RoPE frequencies of each layer, so keys cannot be re-based")
+        kinds = [str(rotary.rope_type[t]) for t in types]
+        freqs = [getattr(rotary, f"{t}_inv_freq") for t in types]
+    bad = sorted({k for k in kinds if k not in STATIC_ROPE})
+    if bad:
+        raise RopeError(
+            f"{family} uses {bad[0]} RoPE, whose frequencies change with the sequence length, so cached keys "
+            f"cannot be moved exactly; ccmem stream supports RoPE types {', '.join(STATIC_ROPE)}"
+        )
+    return [f.detach().float() for f in freqs]

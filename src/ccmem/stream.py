@@ -1,0 +1,258 @@
+"""Text of any length at constant memory: attention sink + compressed blocks + a raw window, positions re-based.
+
+The cache of a stream is laid out as::
+
+    slot:     0 .. s-1        s .. s+c-1                 s+c .. s+c+w-1        (next block)
+              [ sink (raw) ]  [ compressed (<= C slots) ] [ window (raw, <= W) ] [ block being read ]
+    position: 0 .. s-1        s .. s+c-1                 s+c .. s+c+w-1        s+c+w ..
+
+Every slot is rotated for the position of its own index (StreamingLLM's rule: positions within the cache, not
+within the text), so no position id ever reaches ``sink + C + W + block``, however long the text. Each step
+reads one block of tokens with the cache; what no longer fits the window leaves it, oldest first. With a
+compressor (CCM), the tokens leaving the window are read once more, with the sink and the compressed slots,
+followed by ``n_tok`` <COMP> tokens, whose keys/values join the compressed segment as one *group*. When the
+groups pass ``C`` slots, the two oldest are merged into one (their average, weighted by the blocks each stands
+for: the oldest group becomes CCM-merge's running average of everything old). Slots that move to another index
+have their keys re-rotated (:func:`ccmem.rope.rotate_keys`).
+
+**A blended slot's position.** A merged group is not written at one position: ``Memory.positions`` marks its
+slots ``-1``, as CCM-merge does. Under re-basing a blend is rotated for the index it occupies, like every slot:
+before two groups are averaged, the newer one is rotated onto the older one's slots, so both parts agree on
+one position, and the blend moves with its index afterwards.
+
+``full`` (``grow=True``) keeps every token at its text position and stops where the model's positions end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+
+from ccmem.loading import LoadedModel
+from ccmem.memory import KV, Memory, positions_for
+from ccmem.methods.base import positions_after, run_decoder
+from ccmem.rope import layer_frequencies, rotate_keys
+
+#: ``compressor(seen, ids, start)``: keys/values of the slots that stand for ``ids`` (``[1, n]``), read after
+#: the memory ``seen`` from position ``start``; their positions start at ``start + n`` (CCM's <COMP> tokens).
+Compressor = Callable[[Memory, torch.Tensor, int], list[KV]]
+
+
+class StreamOptionError(ValueError):
+    """Stream settings that cannot work (the message names the option)."""
+
+
+class PositionLimitError(RuntimeError):
+    """A read would pass the last position the stream may use (``full`` stops here)."""
+
+
+@dataclass(frozen=True)
+class StreamLayout:
+    """What a stream keeps: ``sink`` first tokens, at most ``comp_slots`` compressed slots written ``n_tok`` per
+    block that leaves a ``window`` of recent tokens, read ``block`` tokens at a time. ``grow``: keep everything
+    (``full``)."""
+
+    sink: int
+    window: int
+    comp_slots: int = 0
+    block: int = 32
+    n_tok: int = 0
+    grow: bool = False
+
+    @property
+    def kept_slots(self) -> int:
+        """Slots held between blocks once the stream is past its start (its constant memory)."""
+        return self.sink + self.comp_slots + self.window
+
+    @property
+    def positions_needed(self) -> int:
+        """The most positions one forward uses: reading a block after a full cache, or compressing a block."""
+        return max(self.kept_slots + self.block, self.sink + self.comp_slots + self.block + self.n_tok)
+
+    def fills_within(self) -> int:
+        """Tokens read before the memory holds all it ever will (then its size is constant)."""
+        groups = self.comp_slots // self.n_tok if self.n_tok else 0
+        return self.sink + self.window + groups * self.block + self.block
+
+    def check(self, limit: int | None) -> None:
+        """Raise :class:`StreamOptionError` naming the option that does not fit."""
+        for name in ("sink", "window", "comp_slots"):
+            if getattr(self, name) < 0:
+                raise StreamOptionError(f"{name} must not be negative (got {getattr(self, name)})")
+        if self.block < 1:
+            raise StreamOptionError(f"block must be at least 1 token (got {self.block})")
+        if self.n_tok and (self.comp_slots < self.n_tok or self.comp_slots % self.n_tok):
+            raise StreamOptionError(
+                f"comp_slots={self.comp_slots} must be a positive multiple of the {self.n_tok} slots one "
+                "compressed block writes (n_tok)"
+            )
+        if not self.grow and self.kept_slots < 1:
+            raise StreamOptionError("sink + comp_slots + window keep nothing; give the window at least one token")
+        if limit is not None and not self.grow and self.positions_needed > limit:
+            raise StreamOptionError(
+                f"sink {self.sink} + comp_slots {self.comp_slots} + window {self.window} + block {self.block} need "
+                f"{self.positions_needed} positions, more than the {limit} allowed (max_positions); lower window, "
+                "comp_slots or block, or raise max_positions"
+            )
+
+
+def layouts_at_same_memory(sink: int, window: int, comp_slots: int, block: int, n_tok: int) -> dict[str, StreamLayout]:
+    """The layout of each stream method, all keeping ``sink + comp_slots + window`` slots between blocks.
+
+    ``ccm-concat`` keeps them as given; ``ccm-merge`` one group of ``n_tok`` slots and a window longer by the
+    rest; ``streaming-llm`` the sink and a window of the rest; ``window`` a window of them all; ``full`` all.
+    """
+    total = sink + comp_slots + window
+    return {
+        "ccm-concat": StreamLayout(sink, window, comp_slots, block, n_tok),
+        "ccm-merge": StreamLayout(sink, total - sink - n_tok, n_tok, block, n_tok),
+        "streaming-llm": StreamLayout(sink, total - sink, 0, block),
+        "window": StreamLayout(0, total, 0, block),
+        "full": StreamLayout(0, 0, 0, block, grow=True),
+    }
+
+
+def _cat(parts: list[list[KV]]) -> list[KV]:
+    """Layer-wise concatenation along the slot axis of the parts that hold slots."""
+    parts = [p for p in parts if _length(p)]
+    if not parts:
+        return []
+    return [
+        (torch.cat([p[i][0] for p in parts], -2), torch.cat([p[i][1] for p in parts], -2)) for i in range(len(parts[0]))
+    ]
+
+
+def _slots(layers: list[KV], start: int, end: int) -> list[KV]:
+    return [(k[..., start:end, :], v[..., start:end, :]) for k, v in layers]
+
+
+def _length(layers: list[KV]) -> int:
+    return int(layers[0][0].shape[-2]) if layers else 0
+
+
+class KVStream:
+    """One stream's cache: :meth:`read` a block, get its hidden states; memory stays within the layout."""
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        layout: StreamLayout,
+        *,
+        compressor: Compressor | None = None,
+        limit: int | None = None,
+    ):
+        if (compressor is None) != (layout.n_tok == 0):
+            raise StreamOptionError("a layout with n_tok compressed slots per block needs a compressor, and only then")
+        layout.check(limit)
+        self.lm = lm
+        self.layout = layout
+        self.compressor = compressor
+        self.limit = limit
+        self.freqs = None if layout.grow else layer_frequencies(lm)
+        self.memory = Memory()
+        self.window_ids = torch.zeros(1, 0, dtype=torch.long, device=lm.device)
+        self.weights: list[int] = []  # per compressed group: the blocks it stands for
+        self.tokens_read = 0
+        self.peak_bytes = 0  # the largest key/value cache one forward ran with
+        self.slot_bytes = 0
+        self.max_position = -1  # the largest position id used
+
+    @property
+    def compressed_slots(self) -> int:
+        return self.memory.num_slots - self.memory.sink - self.memory.window
+
+    def _use_positions(self, start: int, n: int) -> None:
+        if self.limit is not None and start + n > self.limit:
+            raise PositionLimitError(f"reading {n} more tokens from position {start} would pass position {self.limit}")
+        self.max_position = max(self.max_position, start + n - 1)
+
+    def read(self, ids: torch.Tensor) -> torch.Tensor:
+        """Read ``ids`` (``[1, n]``) with the cache; returns their last hidden states, keeps what the layout keeps."""
+        m, n = self.memory, ids.shape[1]
+        self._use_positions(m.next_position, n)
+        cache = m.to_cache()
+        hidden = run_decoder(self.lm, ids, cache, m.next_position).last_hidden_state
+        layers = Memory.layers_of(cache)
+        self.slot_bytes = Memory(layers=_slots(layers, 0, 1)).nbytes  # keys and values of one slot, all layers
+        self.peak_bytes = max(self.peak_bytes, Memory(layers=layers).nbytes)
+        self.memory = m.with_layers(layers, positions_after(m, layers, n), advance=n, window=m.window + n)
+        self.tokens_read += n
+        if not self.layout.grow:
+            self.window_ids = torch.cat([self.window_ids, ids], dim=1)
+            self._fill_sink()
+            self._slide()
+        return cast(torch.Tensor, hidden)
+
+    def _fill_sink(self) -> None:
+        """The stream's first tokens become the sink (only while nothing has been compressed or evicted)."""
+        m = self.memory
+        take = min(self.layout.sink - m.sink, m.window)
+        if take > 0:
+            self.memory = m.with_layers(m.layers, m.positions, sink=m.sink + take, window=m.window - take)
+            self.window_ids = self.window_ids[:, take:]
+
+    def _slide(self) -> None:
+        """Move what passes the window out of it: into a compressed group, or away; re-base what stays."""
+        m = self.memory
+        evict = m.window - self.layout.window
+        if evict <= 0:
+            return
+        s, c = m.sink, self.compressed_slots
+        sink, comp = _slots(m.layers, 0, s), _slots(m.layers, s, s + c)
+        if self.compressor is not None:
+            comp = self._add_group(sink, comp, self.window_ids[:, :evict])
+        self.window_ids = self.window_ids[:, evict:]
+        # the window's first kept slot moves from index s + c + evict to index s + (compressed slots now)
+        window = self._rotate(_slots(m.layers, s + c + evict, m.num_slots), _length(comp) - c - evict)
+        layers = _cat([sink, comp, window])
+        self.memory = m.with_layers(
+            layers, self._positions(layers, s), next_position=_length(layers), window=m.window - evict
+        )
+
+    def _add_group(self, sink: list[KV], comp: list[KV], ids: torch.Tensor) -> list[KV]:
+        """Compress ``ids`` after the sink and compressed slots; append the group, merge the oldest two if over."""
+        assert self.compressor is not None
+        s, c, n, t = _length(sink), _length(comp), ids.shape[1], self.layout.n_tok
+        seen_layers = _cat([sink, comp])
+        seen = Memory(layers=seen_layers, positions=self._positions(seen_layers, s), next_position=s + c, sink=s)
+        self._use_positions(s + c, n + t)
+        self.peak_bytes = max(self.peak_bytes, (s + c + n + t) * self.slot_bytes)
+        group = self._rotate(self.compressor(seen, ids, s + c), -n)  # written after the block, moved onto its slots
+        comp = _cat([comp, group])
+        self.weights.append(1)
+        if _length(comp) > self.layout.comp_slots:
+            comp = self._merge_oldest(comp)
+        return comp
+
+    def _merge_oldest(self, comp: list[KV]) -> list[KV]:
+        """The two oldest groups become their weighted average; the groups after them move ``n_tok`` slots back."""
+        t = self.layout.n_tok
+        w0, w1 = self.weights[0], self.weights[1]
+        older, newer = _slots(comp, 0, t), self._rotate(_slots(comp, t, 2 * t), -t)
+        blend = [
+            ((k0 * w0 + k1 * w1) / (w0 + w1), (v0 * w0 + v1 * w1) / (w0 + w1))
+            for (k0, v0), (k1, v1) in zip(older, newer, strict=True)
+        ]
+        self.weights[:2] = [w0 + w1]
+        return _cat([blend, self._rotate(_slots(comp, 2 * t, _length(comp)), -t)])
+
+    def _rotate(self, layers: list[KV], delta: int) -> list[KV]:
+        """Keys moved by ``delta`` positions (values carry none)."""
+        if delta == 0 or not _length(layers):
+            return layers
+        assert self.freqs is not None
+        return [(rotate_keys(k, delta, f), v) for (k, v), f in zip(layers, self.freqs, strict=True)]
+
+    def _positions(self, layers: list[KV], sink: int) -> list[torch.Tensor]:
+        """Each slot's position: its index, or -1 for the slots of a blended group (see the module docstring)."""
+        if not layers:
+            return []
+        k, t = layers[0][0], self.layout.n_tok
+        out = positions_for(0, _length(layers), k)
+        for g, w in enumerate(self.weights):
+            if w > 1:
+                out[..., sink + g * t : sink + (g + 1) * t] = -1
+        return [out.clone() for _ in layers]
