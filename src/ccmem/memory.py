@@ -15,9 +15,15 @@ several positions, such as a CCM-merge slot), so that keys can be inspected or r
 ``state`` holds tensors a method needs to continue (CCM-merge's step count, gist's uncompressed context,
 H2O's accumulated attention): they are saved with the memory but are not key/value memory.
 
+:meth:`Memory.compact` holds a memory's keys/values at a storage precision (bfloat16, float16, int8 with
+per-channel scales; :mod:`ccmem.precision`) as a :class:`CompactMemory`, what a server keeping many sessions
+holds in RAM; :meth:`CompactMemory.expanded` gives back a usable memory in the model's dtype. Positions and
+``state`` are never converted: they stay exact.
+
 :meth:`Memory.to_cache` turns a memory into a fresh transformers ``DynamicCache`` for a forward or
 ``model.generate(...)``, so generating never mutates the memory itself. Saved files are safetensors with
-string metadata, written atomically, and validated completely when loaded.
+string metadata, written atomically (at a storage precision: ``save(path, dtype="int8")``), and validated
+completely when loaded; a loaded memory is in the model's dtype, whatever precision its file holds.
 """
 
 from __future__ import annotations
@@ -35,8 +41,12 @@ from safetensors.torch import save_file
 from transformers import DynamicCache
 
 from ccmem.fileio import atomic_path
+from ccmem.precision import STORAGE_DTYPES, PackedTensor, dtype_name, pack_keys, pack_values, scale_shapes, storage_name
 
-FORMAT_VERSION = "2"
+#: The format this ccmem writes for int8 memories (version 3 added int8 keys/values with their scales). Float
+#: memories are written as version 2, whose layout they keep, so an older ccmem still reads them.
+FORMAT_VERSION = "3"
+READABLE_VERSIONS = ("2", "3")
 SEGMENTS = ("sink", "compressed", "window")
 
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -90,6 +100,11 @@ class Memory:
     def nbytes(self) -> int:
         """Bytes taken by all keys and values (``state`` is not key/value memory and is not counted)."""
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers)
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The dtype keys and values are held in (None for a memory without layers)."""
+        return self.layers[0][0].dtype if self.layers else None
 
     def segment_lengths(self, layer: int = 0) -> dict[str, int]:
         """``{"sink": n, "compressed": n, "window": n}`` slots of one layer."""
@@ -176,11 +191,36 @@ class Memory:
         """Per-layer ``(keys, values)`` of a filled cache."""
         return [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr,misc]
 
-    # ---------------------------------------------------------------- files
+    # ---------------------------------------------------------------- storage precision and files
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write to a safetensors file atomically; see :func:`save_memory`."""
-        return save_memory(self, path)
+    def compact(self, dtype: str, *, device: torch.device | str | None = None) -> CompactMemory:
+        """This memory with keys/values held at storage precision ``dtype`` (``"float32"``, ``"bfloat16"``,
+        ``"float16"`` or ``"int8"``; see :mod:`ccmem.precision`), on ``device`` (default: where it is).
+
+        Positions and ``state`` are kept exactly. Expand the result before using it with a model.
+        """
+        storage = storage_name(dtype)
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.detach() if device is None else t.detach().to(device)
+
+        layers = [(pack_keys(move(k), storage), pack_values(move(v), storage)) for k, v in self.layers]
+        return CompactMemory(
+            storage=storage,
+            source_dtype=self.dtype or torch.float32,
+            layers=layers,
+            positions=[move(p) for p in self.positions],
+            next_position=self.next_position,
+            sink=self.sink,
+            window=self.window,
+            meta=dict(self.meta),
+            state={name: move(t) for name, t in self.state.items()},
+        )
+
+    def save(self, path: str | os.PathLike[str], dtype: str | None = None) -> Path:
+        """Write to a safetensors file atomically, keys/values at storage precision ``dtype`` (default: the
+        memory's own dtype); see :func:`save_memory`."""
+        return save_memory(self, path, dtype=dtype)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], **kwargs: Any) -> Memory:
@@ -232,6 +272,56 @@ class Memory:
                 raise bad(f"layer {i} has slot positions outside -1..next_position-1 ({self.next_position - 1})")
 
 
+@dataclass(frozen=True)
+class CompactMemory:
+    """A :class:`Memory` whose keys/values are held at a storage precision (``storage``): what a memory file
+    holds, and what a server keeping many sessions in RAM can hold. :meth:`expanded` makes it usable again.
+
+    ``source_dtype`` is the dtype the memory was computed in (what :meth:`expanded` returns by default).
+    """
+
+    storage: str
+    source_dtype: torch.dtype
+    layers: list[tuple[PackedTensor, PackedTensor]]
+    positions: list[torch.Tensor]
+    next_position: int
+    sink: int
+    window: int
+    meta: dict[str, str]
+    state: dict[str, torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by keys and values, int8 scales included (as :attr:`Memory.nbytes`, ``state`` and
+        positions are not counted)."""
+        return sum(k.nbytes + v.nbytes for k, v in self.layers)
+
+    @property
+    def slots_per_layer(self) -> list[int]:
+        return [int(k.shape[-2]) for k, _ in self.layers]
+
+    def expanded(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Memory:
+        """The usable memory, keys/values in ``dtype`` (default: the dtype it was computed in) on ``device``."""
+        dtype = dtype or self.source_dtype
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t if device is None else t.to(device)
+
+        return Memory(
+            layers=[(k.unpack(dtype, device), v.unpack(dtype, device)) for k, v in self.layers],
+            positions=[move(p) for p in self.positions],
+            next_position=self.next_position,
+            sink=self.sink,
+            window=self.window,
+            meta=dict(self.meta),
+            state={name: move(t) for name, t in self.state.items()},
+        )
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write to a safetensors file atomically, at this memory's storage precision; see :func:`save_memory`."""
+        return save_memory(self, path)
+
+
 def positions_for(start: int, length: int, like: torch.Tensor) -> torch.Tensor:
     """``[batch, heads, length]`` positions ``start .. start+length-1`` for keys shaped like ``like``."""
     batch, heads = like.shape[0], like.shape[1]
@@ -264,19 +354,32 @@ def concat_positions(parts: Sequence[list[torch.Tensor]]) -> list[torch.Tensor]:
 # ---------------------------------------------------------------- persistence
 
 
-def save_memory(memory: Memory, path: str | os.PathLike[str]) -> Path:
-    """Write ``memory`` to a safetensors file atomically (a crash never leaves a half-written file)."""
+def save_memory(memory: Memory | CompactMemory, path: str | os.PathLike[str], *, dtype: str | None = None) -> Path:
+    """Write ``memory`` to a safetensors file atomically (a crash never leaves a half-written file).
+
+    ``dtype`` is the storage precision of keys/values (``"float32"``, ``"bfloat16"``, ``"float16"``, ``"int8"``;
+    default: the memory's own dtype, or a compact memory's own precision); the file records it, and
+    :func:`load_memory` expands keys/values to the model's dtype again. Positions and ``state`` are stored exactly.
+    """
     path = Path(path)
+    if isinstance(memory, Memory):
+        memory = memory.compact(dtype or dtype_name(memory.dtype or torch.float32))
+    elif dtype is not None and storage_name(dtype) != memory.storage:
+        memory = memory.expanded().compact(dtype)
     tensors = {}
     for i, ((k, v), pos) in enumerate(zip(memory.layers, memory.positions, strict=True)):
-        tensors[f"layers.{i}.keys"] = k.detach().contiguous().cpu()
-        tensors[f"layers.{i}.values"] = v.detach().contiguous().cpu()
+        for part, packed in (("keys", k), ("values", v)):
+            tensors[f"layers.{i}.{part}"] = packed.data.contiguous().cpu()
+            if packed.scale is not None:
+                tensors[f"layers.{i}.{part}_scale"] = packed.scale.contiguous().cpu()
         tensors[f"layers.{i}.positions"] = pos.contiguous().cpu()
     for name, value in memory.state.items():
         tensors[f"state.{name}"] = value.detach().contiguous().cpu()
     metadata = {
         "format": "ccmem.memory",
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if memory.storage == "int8" else "2",
+        "storage": memory.storage,
+        "computed_dtype": dtype_name(memory.source_dtype),
         "next_position": str(memory.next_position),
         "sink": str(memory.sink),
         "window": str(memory.window),
@@ -295,19 +398,65 @@ def _int_field(header: dict[str, Any], key: str, path: Path) -> int:
         raise MemoryMismatchError(f"memory {path}: {key}={raw!r} is not a whole number") from None
 
 
+def _packed_layer(
+    tensors: dict[str, torch.Tensor], i: int, storage: str, path: Path
+) -> tuple[PackedTensor, PackedTensor]:
+    """Layer ``i``'s keys and values as stored, refused (naming what is wrong) when they do not match ``storage``."""
+
+    def bad(message: str) -> MemoryMismatchError:
+        return MemoryMismatchError(f"memory {path} is damaged: {message}")
+
+    keys, values = tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"]
+    for part, t in (("keys", keys), ("values", values)):
+        if t.dtype != STORAGE_DTYPES[storage]:
+            raise bad(f"layer {i} {part} are stored as {dtype_name(t.dtype)}, but the file records {storage} storage")
+    if storage != "int8":
+        return PackedTensor(keys), PackedTensor(values)
+    if keys.dim() != 4 or keys.shape != values.shape:
+        raise bad(f"layer {i}: keys {tuple(keys.shape)} and values {tuple(values.shape)} must have the same 4-D shape")
+    packed = []
+    for part, data, wanted in zip(("keys", "values"), (keys, values), scale_shapes(tuple(keys.shape)), strict=True):
+        name = f"layers.{i}.{part}_scale"
+        scale = tensors.get(name)
+        if scale is None:
+            raise bad(f"{name} is missing (int8 {part} cannot be read without their scales)")
+        if tuple(scale.shape) != wanted:
+            raise bad(f"{name} has shape {tuple(scale.shape)}; int8 {part} of shape {tuple(data.shape)} need {wanted}")
+        if scale.dtype != torch.float32:
+            raise bad(f"{name} is {dtype_name(scale.dtype)}; scales are float32")
+        if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+            raise bad(f"{name} holds scales that are not finite and positive")
+        packed.append(PackedTensor(data, scale))
+    return packed[0], packed[1]
+
+
 def load_memory(
     path: str | os.PathLike[str],
     *,
     expect: dict[str, str] | None = None,
     shape: KVShape | None = None,
     device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> Memory:
-    """Read and validate a memory; refuse it when any ``expect`` entry differs from what it was saved with."""
+    """Read and validate a memory; refuse it when any ``expect`` entry differs from what it was saved with.
+
+    Keys/values come back in ``shape.dtype`` (the model's), else ``dtype``, else the dtype the memory was computed
+    in, whatever storage precision the file holds (:func:`save_memory`); ``shape`` is then checked in full.
+    """
+    compact = _read_compact(path, expect)
+    memory = compact.expanded(shape.dtype if shape is not None else dtype, device)
+    memory.check(shape, where=f"memory {path}")
+    return memory
+
+
+def _read_compact(path: str | os.PathLike[str], expect: dict[str, str] | None) -> CompactMemory:
+    """A memory file as stored, its header, identity and storage validated (the key/value tensors themselves are
+    checked by :meth:`Memory.check` once expanded)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no memory file at {path}")
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
             header: dict[str, Any] = f.metadata() or {}
             if header.get("format") != "ccmem.memory":
                 raise MemoryMismatchError(f"{path} is not a ccmem memory file")
@@ -318,10 +467,10 @@ def load_memory(
             raise
         raise MemoryMismatchError(f"{path} is not a readable safetensors memory file: {err}") from err
     version = header.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise MemoryMismatchError(
-            f"memory {path} has format version {version!r}; this ccmem reads version {FORMAT_VERSION}. "
-            "Compress the context again to make a new memory file"
+            f"memory {path} has format version {version!r}; this ccmem reads versions "
+            f"{', '.join(READABLE_VERSIONS)}. Compress the context again to make a new memory file"
         )
     try:
         meta = json.loads(header.get("meta", "{}"))
@@ -337,6 +486,14 @@ def load_memory(
                 "load it with the same model, stage-1 LoRA, method and adapter that wrote it"
             )
     n_layers = len([n for n in names if n.startswith("layers.") and n.endswith(".keys")])
+    first = tensors.get("layers.0.keys")
+    # files written before storage precisions (version 2 without "storage") hold keys/values as computed
+    recorded = header.get("storage", dtype_name(first.dtype) if first is not None else "float32")
+    if recorded not in STORAGE_DTYPES:
+        raise MemoryMismatchError(
+            f"memory {path} records storage {recorded!r}; this ccmem reads {', '.join(STORAGE_DTYPES)} "
+            "(keys and values are floating point, or int8 with scales)"
+        )
     layers, positions = [], []
     for i in range(n_layers):
         missing = [
@@ -344,9 +501,16 @@ def load_memory(
         ]
         if missing:
             raise MemoryMismatchError(f"memory {path} is damaged: {missing[0]} is missing")
-        layers.append((tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"]))
+        keys, values = _packed_layer(tensors, i, recorded, path)
+        layers.append((keys, values))
         positions.append(tensors[f"layers.{i}.positions"].long())
-    memory = Memory(
+    computed = header.get("computed_dtype", dtype_name(first.dtype) if first is not None else "float32")
+    source = STORAGE_DTYPES.get(computed)
+    if source is None or source == torch.int8:
+        raise MemoryMismatchError(f"memory {path}: computed_dtype {computed!r} is not a floating point dtype")
+    return CompactMemory(
+        storage=recorded,
+        source_dtype=source,
         layers=layers,
         positions=positions,
         next_position=_int_field(header, "next_position", path),
@@ -355,5 +519,3 @@ def load_memory(
         meta=meta,
         state={n.removeprefix("state."): t for n, t in tensors.items() if n.startswith("state.")},
     )
-    memory.check(shape, where=f"memory {path}")
-    return memory
