@@ -164,13 +164,17 @@ class CompressedLM:
         twin.history = list(self.history)
         return twin
 
-    def save_memory(self, path: str | os.PathLike[str]) -> Path:
-        """Write the memory (safetensors, atomic) with the identity of this model and method."""
+    def save_memory(self, path: str | os.PathLike[str], dtype: str | None = None) -> Path:
+        """Write the memory (safetensors, atomic) with the identity of this model and method.
+
+        ``dtype``: storage precision of keys/values, ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"int8"``
+        (per-channel scales; :mod:`ccmem.precision`); default: the model's dtype. :meth:`load_memory` reads any.
+        """
         memory = self.memory
         if self.system_prompt is not None and self.sink:
             memory = memory.with_layers(memory.layers, memory.positions)
             memory.meta["system_prompt"] = self.system_prompt  # the sink it holds, restored by load_memory
-        return memory.save(path)
+        return memory.save(path, dtype=dtype)
 
     def load_memory(self, path: str | os.PathLike[str]) -> Memory:
         """Replace the memory by a saved one; refuse one made by another model, method or adapter, or a damaged one.

@@ -80,6 +80,10 @@ Stage1Opt = Annotated[
     ),
 ]
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens to generate per answer.")]
+MEMORY_DTYPE_HELP = (
+    "float32, bfloat16, float16 (half the bytes) or int8 (a quarter, plus one float32 scale per key channel and "
+    "per value slot)"
+)
 StoreOpt = Annotated[
     Path | None,
     typer.Option(
@@ -290,6 +294,14 @@ def compress(
         int | None,
         typer.Option(min=1, help="Shortcut for -O max_chunk_tokens=N: tokens per compressed chunk (ccm-*; 512)."),
     ] = None,
+    memory_dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--memory-dtype",
+            help=f"Precision the memory file stores keys/values in: {MEMORY_DTYPE_HELP}. `ccmem ask` reads any "
+            "(expanded to the model's dtype). Default: the model's dtype.",
+        ),
+    ] = None,
 ) -> None:
     """Compress a text file into a memory file that `ccmem ask` can answer from."""
     if out.exists() and out.resolve() == text_file.resolve():
@@ -302,14 +314,24 @@ def compress(
     options = _options(n_tok, recurrent, option)
     if chunk_tokens is not None:
         options["max_chunk_tokens"] = chunk_tokens
+    storage = _memory_dtype(memory_dtype)
     session = _session(model, method, adapter, options, system or None, stage1)
     with console.status(f"compressing {text_file}..."):
         session.add(text)
-    path = session.save_memory(out)
+    path = session.save_memory(out, dtype=storage)
     mem = session.memory
+    held = mem.compact(storage).nbytes if storage else mem.nbytes
     console.print(
-        f"wrote {path}: {mem.num_slots} slots, {mem.nbytes / 1024:.0f} KiB, {mem.next_position} positions read"
+        f"wrote {path}: {mem.num_slots} slots, {held / 1024:.0f} KiB, {mem.next_position} positions read"
+        + (f" (stored as {storage})" if storage else "")
     )
+
+
+def _memory_dtype(name: str | None) -> str | None:
+    """A --memory-dtype value, checked before any model is loaded."""
+    from ccmem.precision import storage_name
+
+    return None if name is None else storage_name(name)
 
 
 @app.command()
@@ -472,6 +494,14 @@ def eval_command(
     system: SystemOpt = DEFAULT_SYSTEM_PROMPT,
     label: Annotated[str, typer.Option("--label", help="Free text stored in each row to tell runs apart.")] = "",
     stage1: Stage1Opt = None,
+    memory_dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--memory-dtype",
+            help=f"Answer from each example's memory stored at this precision and expanded again: {MEMORY_DTYPE_HELP}. "
+            "Rows record it (extra.memory_dtype) and count the bytes held at it.",
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="JSONL file the rows are appended to.")] = Path(
         "results/eval.jsonl"
     ),
@@ -492,6 +522,7 @@ def eval_command(
     check_options_apply(names, options)
     for name in names:
         get_method(name, **options_for(name, options))
+    storage = _memory_dtype(memory_dtype)
     cfg = DataConfig(
         dataset=dataset,
         path=str(path) if path else None,
@@ -515,6 +546,7 @@ def eval_command(
         system=system or None,
         score=score,
         method_options=options,
+        memory_dtype=storage,
     )
     table = Table(title=f"ccmem eval: {dataset}/{split}, {len(examples)} examples, {model}")
     for col in (

@@ -37,6 +37,7 @@ from ccmem.fileio import DatasetFormatError, jsonl_records
 from ccmem.loading import LoadedModel
 from ccmem.memory import Memory
 from ccmem.options import OptionError
+from ccmem.precision import storage_name
 from ccmem.registry import method_class
 
 
@@ -78,17 +79,20 @@ class EvalSettings:
     data: dict[str, Any] = field(default_factory=dict)  # how the examples were made (k, seed, ...), when known
     model: str = ""  # which model, when rows of several models may meet
     batch_size: int = 8  # contexts compressed together by methods that batch (the same memories; only faster)
+    memory_dtype: str | None = None  # answer from memories stored at this precision (ccmem.precision); None: as made
 
     def __post_init__(self) -> None:
         if self.score not in SCORE_REDUCTIONS:
             raise ValueError(f"score must be one of {SCORE_REDUCTIONS}, got {self.score!r}")
+        if self.memory_dtype is not None:
+            self.memory_dtype = storage_name(self.memory_dtype)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
 
     def fingerprint(self, dataset: str, n: int) -> str:
         settings = asdict(self)
         del settings["batch_size"]  # changes the speed, not what is measured
-        for key, default in (("score", "sum"), ("data", {}), ("model", "")):
+        for key, default in (("score", "sum"), ("data", {}), ("model", ""), ("memory_dtype", None)):
             if settings[key] == default:
                 del settings[key]  # the default before the field existed: older rows keep their hash
         blob = json.dumps({"dataset": dataset, "n": n, **settings}, sort_keys=True, default=str)
@@ -245,6 +249,11 @@ def evaluate(
                     read_context(session, example)
                     memories = [session.memory]
                 compress_seconds += time.perf_counter() - t0
+                held = [m.nbytes for m in memories]
+                if settings.memory_dtype is not None:  # answer from the memory as a store holding it would give it back
+                    stored = [m.compact(settings.memory_dtype) for m in memories]
+                    memories = [c.expanded() for c in stored]
+                    held = [c.nbytes for c in stored]
                 if batched:
                     group = list(zip(examples[i : i + step], samples[i : i + step], memories, strict=True))
                     items = [
@@ -255,7 +264,7 @@ def evaluate(
             session.memory = memories[i % step]
             tokens.append(sum(len(c) for c in sample.chunks))
             slots.append(session.memory.num_slots)
-            nbytes.append(session.memory.nbytes)
+            nbytes.append(held[i % step])
             reduce = settings.score if example.options else "sum"
             scores = group_scores[i % step] if batched else session.score_ids(query, options, reduce=reduce)
             if example.options:
@@ -302,6 +311,7 @@ def evaluate(
         extra={
             **({"stage1": session.lm.stage1} if session.lm.stage1 else {}),
             **({"score": settings.score} if settings.score != "sum" else {}),
+            **({"memory_dtype": settings.memory_dtype} if settings.memory_dtype else {}),
             **({"by": _group_accuracy(by_group)} if by_group else {}),
         },
         options=options_for(session.method.name, settings.method_options),
