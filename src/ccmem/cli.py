@@ -723,6 +723,115 @@ def report(
 
 
 @app.command(
+    epilog="Examples:\n\n  ccmem stream   (Shakespeare, 10 x an emulated 512-position context, every method)\n\n"
+    "  ccmem stream --text pg19/test --max-positions 0 --contexts 2 --window 1024 --comp-slots 128 --block 128\n\n"
+    "  ccmem stream --methods ccm-concat,streaming-llm --adapter ccm-concat=runs/x/adapter.safetensors",
+)
+def stream(
+    text: Annotated[
+        Path | None,
+        typer.Option(
+            "--text",
+            help="A text file, or a folder of .txt books read in name order (PG19's layout). Default: the plays of "
+            "the `shakespeare` package (offline).",
+        ),
+    ] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    methods: Annotated[
+        str,
+        typer.Option(
+            "--methods",
+            help="Comma-separated, all at the same memory: ccm-concat and ccm-merge (sink + compressed blocks + "
+            "window), streaming-llm (sink + window), window (window alone), full (everything, until it would pass "
+            "--max-positions or --full-cap-mib).",
+        ),
+    ] = "ccm-concat,ccm-merge,streaming-llm,window,full",
+    max_positions: Annotated[
+        int,
+        typer.Option(
+            "--max-positions",
+            min=0,
+            help="Context limit to emulate: no stream uses a position id at or past it (0: the model's own "
+            "max_position_embeddings, 8192 for SmolLM2). Small values make '10 x the context' runnable on a CPU.",
+        ),
+    ] = 512,
+    contexts: Annotated[
+        float, typer.Option("--contexts", help="Stream length in contexts (tokens = contexts x max positions).")
+    ] = 10.0,
+    sink: Annotated[int, typer.Option("--sink", min=0, help="First tokens kept as attention sinks.")] = 4,
+    window: Annotated[
+        int, typer.Option("--window", min=0, help="Recent tokens kept raw by ccm-*; the baselines get the same memory.")
+    ] = 128,
+    comp_slots: Annotated[
+        int,
+        typer.Option(
+            "--comp-slots",
+            min=0,
+            help="Most compressed slots of ccm-concat (a multiple of the adapter's n_tok; older slots are merged); "
+            "ccm-merge keeps n_tok and a longer window.",
+        ),
+    ] = 32,
+    block: Annotated[
+        int,
+        typer.Option(
+            "--block", min=1, help="Tokens read per step; what leaves the window is compressed a block at a time."
+        ),
+    ] = 32,
+    bucket_tokens: Annotated[
+        int, typer.Option("--bucket-tokens", min=0, help="Tokens per perplexity bucket (0: one bucket per context).")
+    ] = 0,
+    full_cap_mib: Annotated[
+        float | None, typer.Option("--full-cap-mib", help="full stops before its cache passes this many MiB.")
+    ] = None,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option("--adapter", help="METHOD=PATH of a ccm-* adapter (repeatable). Default: the shipped one."),
+    ] = None,
+    label: Annotated[str, typer.Option("--label", help="Free text stored in each row to tell runs apart.")] = "",
+    out_dir: Annotated[
+        Path, typer.Option("--out-dir", "-o", help="Where rows.jsonl (this run's), report.md and stream.png go.")
+    ] = Path("results/stream"),
+) -> None:
+    """Read a text many times the model's context at constant memory: perplexity per position bucket, peak KV bytes
+    and tokens/s of every method at the same memory, with positions re-based (RoPE keys re-rotated) as it slides."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ccmem.eval.stream import StreamSettings, check_layouts, markdown, run_stream
+    from ccmem.loading import load_model
+
+    settings = StreamSettings(
+        methods=[m.strip() for m in methods.split(",") if m.strip()],
+        max_positions=max_positions,
+        contexts=contexts,
+        sink=sink,
+        window=window,
+        comp_slots=comp_slots,
+        block=block,
+        bucket_tokens=bucket_tokens,
+        full_cap_mib=full_cap_mib,
+        text=str(text) if text is not None else None,
+        adapters={name: str(path) for name, path in _adapters(adapter).items()},
+        label=label,
+    )
+    settings.check()
+    with console.status(f"loading {model}..."):
+        lm = load_model(model)
+    check_layouts(lm, settings)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(method: str, done: int, total: int) -> None:
+            if method not in tasks:
+                tasks[method] = bar.add_task(method, total=total)
+            bar.update(tasks[method], completed=done)
+
+        rows = run_stream(lm, settings, out_dir, progress=progress)
+    console.print(markdown(rows), highlight=False, markup=False)
+    console.print(f"wrote {out_dir / 'rows.jsonl'}, {out_dir / 'report.md'} and {out_dir / 'stream.png'}")
+
+
+@app.command(
     epilog="Examples:\n\n  ccmem data dialogs -o data/dialogs --turns 20\n\n"
     "  ccmem data dialogs -o data/mine --templates my_facts.txt   (your own wordings and fact kinds)\n\n"
     "  ccmem train persona-ccm-concat data.dataset=dialogs data.path=data/mine run_id=mine",

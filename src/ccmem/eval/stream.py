@@ -72,6 +72,8 @@ class StreamSettings:
             raise StreamOptionError(f"bucket_tokens must be 0 (one per context) or positive, got {self.bucket_tokens}")
         if self.full_cap_mib is not None and not self.full_cap_mib > 0:
             raise StreamOptionError(f"full_cap_mib must be positive, got {self.full_cap_mib}")
+        if self.text is not None and not Path(self.text).exists():
+            raise TextSourceError(f"no file or folder at {self.text} (--text)")
         bad = [m for m in self.adapters if m not in ("ccm-concat", "ccm-merge")]
         if bad:
             raise StreamOptionError(f"an adapter is only for ccm-concat or ccm-merge, not {bad[0]!r}")

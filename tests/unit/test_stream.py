@@ -1,0 +1,254 @@
+"""``ccmem stream``: RoPE re-basing equals computing at the new positions, memory stays constant over streams many
+times the model's positions, baselines hold the same memory, and bad input is one clear error."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+from transformers import DynamicCache
+from typer.testing import CliRunner
+
+from ccmem import cli
+from ccmem.data.text import TextSourceError
+from ccmem.eval.stream import StreamSettings, run_method, run_stream, score_stream, stream_text
+from ccmem.memory import Memory
+from ccmem.methods.base import logits_for
+from ccmem.rope import RopeError, layer_frequencies, rotate_keys
+from ccmem.stream import KVStream, StreamLayout, StreamOptionError, layouts_at_same_memory
+from tests.conftest import VOCAB, TinyTokenizer, tiny_model
+
+ROPE_FAMILIES = ["llama-gqa", "mistral", "qwen2", "gemma3", "gpt-neox"]
+
+
+def cached_layers(lm, ids: torch.Tensor, position_ids: torch.Tensor):
+    cache = DynamicCache()
+    with torch.no_grad():
+        lm.model.base_model(input_ids=ids, position_ids=position_ids, cache=cache, use_cache=True)
+    return Memory.layers_of(cache)
+
+
+@pytest.mark.parametrize("family", ROPE_FAMILIES)
+def test_keys_moved_to_new_positions_equal_keys_computed_there(family):
+    lm = tiny_model(family)
+    ids = torch.randint(3, VOCAB, (1, 10), generator=torch.Generator().manual_seed(1))
+    at_p = cached_layers(lm, ids, torch.arange(5, 15)[None])
+    at_q = cached_layers(lm, ids, torch.arange(45, 55)[None])  # the same text 40 positions later
+    for (kp, vp), (kq, vq), freqs in zip(at_p, at_q, layer_frequencies(lm), strict=True):
+        torch.testing.assert_close(rotate_keys(kp, 40, freqs), kq, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(vp, vq, atol=2e-5, rtol=1e-4)  # values carry no position
+
+
+@pytest.mark.parametrize("family", ROPE_FAMILIES)
+def test_each_slot_moves_by_its_own_delta(family):
+    lm = tiny_model(family)
+    ids = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(2))
+    p, q = torch.tensor([0, 3, 9, 10, 40, 2]), torch.tensor([7, 1, 60, 10, 0, 33])
+    # layer 0's keys depend on nothing but their own token and position, whatever the others' positions
+    kp, kq = cached_layers(lm, ids, p[None])[0][0], cached_layers(lm, ids, q[None])[0][0]
+    torch.testing.assert_close(rotate_keys(kp, q - p, layer_frequencies(lm)[0]), kq, atol=2e-5, rtol=1e-4)
+
+
+def test_rotations_compose_and_invert_and_leave_the_unrotated_part():
+    keys = torch.randn(1, 2, 5, 8)
+    freqs = torch.tensor([1.0, 0.1])  # partial rotary: 4 of 8 dimensions turn
+    there = rotate_keys(keys, 1000, freqs)
+    torch.testing.assert_close(rotate_keys(there, -1000, freqs), keys, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rotate_keys(rotate_keys(keys, 3, freqs), 4, freqs), rotate_keys(keys, 7, freqs))
+    assert torch.equal(there[..., 4:], keys[..., 4:])
+
+
+def test_length_dependent_rope_is_refused():
+    lm = tiny_model("llama-gqa")
+    lm.model.base_model.rotary_emb.rope_type = "dynamic"
+    with pytest.raises(RopeError, match="dynamic RoPE"):
+        layer_frequencies(lm)
+
+
+def reference_window_nll(lm, ids: torch.Tensor, window: int, block: int) -> torch.Tensor:
+    """A sliding window the slow way: keys stay at their text positions, nothing is re-rotated."""
+    nll = torch.full((ids.shape[1],), math.nan)
+    kept = None
+    for a in range(0, ids.shape[1] - 1, block):
+        b = min(a + block, ids.shape[1])
+        cache = DynamicCache(ddp_cache_data=kept) if kept else DynamicCache()
+        with torch.no_grad():
+            hidden = lm.model.base_model(
+                input_ids=ids[:, a:b], position_ids=torch.arange(a, b)[None], cache=cache, use_cache=True
+            ).last_hidden_state
+        targets = ids[0, a + 1 : b + 1]
+        logprobs = torch.log_softmax(logits_for(lm, hidden[0, : targets.numel()]), -1)
+        nll[a : a + targets.numel()] = -logprobs.gather(1, targets[:, None])[:, 0]
+        kept = [(k[:, :, -window:], v[:, :, -window:]) for k, v in Memory.layers_of(cache)]
+    return nll
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen2"])
+def test_rebased_window_equals_a_window_at_text_positions(family):
+    # A window alone keeps every distance between keys and queries, so re-basing must change nothing; the
+    # re-based stream stays below 64 positions while the reference goes to 200.
+    lm = tiny_model(family, positions=64)
+    ids = torch.randint(3, VOCAB, (1, 200), generator=torch.Generator().manual_seed(3))
+    stream = KVStream(lm, StreamLayout(sink=0, window=24, block=8), limit=64)
+    with torch.no_grad():
+        got, stopped = score_stream(lm, stream, ids)
+    assert stopped is None and stream.max_position < 64
+    torch.testing.assert_close(got[:-1], reference_window_nll(lm, ids, 24, 8)[:-1], atol=1e-4, rtol=1e-4)
+
+
+def fake_compressor(n_tok: int):
+    """Group number g (from 1) written as keys and values all equal to g, so merges can be read off the values."""
+    count = [0]
+
+    def compress(seen, ids, start):
+        count[0] += 1
+        kv = torch.full((1, 2, n_tok, 8), float(count[0]))
+        return [(kv.clone(), kv.clone()), (kv.clone(), kv.clone())]
+
+    return compress
+
+
+def test_oldest_groups_merge_into_a_running_average():
+    lm = tiny_model("llama-gqa", positions=64)
+    ids = torch.randint(3, VOCAB, (1, 4 + 8 + 6 * 4), generator=torch.Generator().manual_seed(4))
+    stream = KVStream(lm, StreamLayout(4, 8, comp_slots=4, block=4, n_tok=2), compressor=fake_compressor(2), limit=64)
+    with torch.no_grad():
+        for a in range(0, ids.shape[1], 4):
+            stream.read(ids[:, a : a + 4])
+    values = stream.memory.layers[0][1][0, 0, 4:8, 0]  # 6 groups: the oldest five averaged, then the newest
+    assert values.tolist() == pytest.approx([3.0, 3.0, 6.0, 6.0])
+    assert stream.memory.positions[0][0, 0].tolist() == [0, 1, 2, 3, -1, -1, 6, 7, *range(8, 16)]
+    assert stream.memory.segment_lengths() == {"sink": 4, "compressed": 4, "window": 8}
+
+
+def test_memory_is_constant_over_a_stream_ten_times_the_model_positions():
+    lm = tiny_model("llama-gqa", positions=64)
+    settings = StreamSettings(
+        methods=["ccm-concat", "ccm-merge", "streaming-llm", "window", "full"],
+        max_positions=0,  # the tiny model's own 64
+        contexts=10,
+        sink=2,
+        window=16,
+        comp_slots=8,
+        block=8,
+    )
+    ids = torch.randint(3, VOCAB, (640,), generator=torch.Generator().manual_seed(5)).tolist()
+    rows = {name: run_method(lm, name, ids, settings, text="random") for name in settings.methods}
+    for name in ("ccm-concat", "ccm-merge", "streaming-llm", "window"):
+        r = rows[name]
+        assert r.tokens_read == 640 and r.stopped is None
+        assert r.peak_ratio == 1.0, name  # the first context already reaches the peak
+        assert r.max_position < 64
+        assert r.memory_slots == 2 + 8 + 16  # the same memory for every method
+        assert math.isfinite(r.perplexity) and r.buckets[-1]["tokens"] == 63  # the last token predicts nothing
+    assert len({rows[n].peak_kv_bytes for n in ("ccm-concat", "ccm-merge", "streaming-llm", "window")}) == 1
+    assert len({rows[n].memory_bytes for n in ("ccm-concat", "ccm-merge", "streaming-llm", "window")}) == 1
+    full = rows["full"]
+    assert full.tokens_read == 64 and "would pass position 64" in full.stopped
+    assert full.perplexity_after_1x is None and full.perplexity_1x is not None
+
+
+def test_layouts_share_one_memory_budget():
+    layouts = layouts_at_same_memory(sink=4, window=128, comp_slots=32, block=32, n_tok=4)
+    kept = {name: lay.kept_slots for name, lay in layouts.items() if not lay.grow}
+    assert set(kept.values()) == {164}
+    assert layouts["ccm-merge"].comp_slots == 4 and layouts["window"].sink == 0
+
+
+@pytest.mark.parametrize(
+    ("layout", "limit", "message"),
+    [
+        (StreamLayout(4, 100, 8, 16, 4), 64, "need 128 positions, more than the 64 allowed"),
+        (StreamLayout(4, 16, 6, 8, 4), 64, "comp_slots=6 must be a positive multiple"),
+        (StreamLayout(-1, 16), 64, "sink must not be negative"),
+        (StreamLayout(4, 16, 0, 0), 64, "block must be at least 1"),
+        (StreamLayout(0, 0), 64, "keep nothing"),
+    ],
+)
+def test_layouts_that_do_not_fit_are_refused_by_name(layout, limit, message):
+    with pytest.raises(StreamOptionError, match=message):
+        layout.check(limit)
+
+
+def test_bad_text_sources_are_named(tmp_path):
+    tok = TinyTokenizer()
+    (tmp_path / "empty.txt").write_text("   \n")
+    with pytest.raises(TextSourceError, match=r"empty\.txt is empty"):
+        stream_text(tok, tmp_path / "empty.txt", 100)
+    with pytest.raises(TextSourceError, match=r"no file or folder at .*missing"):
+        stream_text(tok, tmp_path / "missing", 100)
+    (tmp_path / "books").mkdir()
+    (tmp_path / "books" / "notes.md").write_text("not a book")
+    with pytest.raises(TextSourceError, match=r"no \.txt file"):
+        stream_text(tok, tmp_path / "books", 100)
+    (tmp_path / "books" / "1.txt").write_text("abc " * 10)
+    (tmp_path / "books" / "2.txt").write_text("xyz " * 100)
+    ids, _ = stream_text(tok, tmp_path / "books", 100)  # PG19 layout: books in name order
+    assert len(ids) == 100 and ids[:3] == tok.encode("abc")
+
+
+def test_settings_that_cannot_work_are_refused():
+    lm = tiny_model("llama-gqa", positions=64)
+    for settings, message in [
+        (StreamSettings(methods=["h2o"]), "unknown stream method 'h2o'"),
+        (StreamSettings(max_positions=128), "more than the model's own 64"),
+        (StreamSettings(max_positions=64, window=60), "more than the 64 allowed"),
+        (StreamSettings(contexts=0), "contexts"),
+    ]:
+        with pytest.raises(StreamOptionError, match=message):
+            run_stream(lm, settings)
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def words(n: int) -> str:
+    return " ".join(f"w{(i * 7) % 50}" for i in range(n))
+
+
+def test_stream_command_writes_rows_report_and_plot(tiny_model_dir, tmp_path):
+    text = tmp_path / "book.txt"
+    text.write_text(words(400))
+    out = tmp_path / "out"
+    args = ["stream", "--model", str(tiny_model_dir), "--text", str(text), "--max-positions", "48", "--contexts", "4"]
+    args += ["--sink", "2", "--window", "8", "--comp-slots", "8", "--block", "8", "--out-dir", str(out)]
+    args += ["--methods", "ccm-concat,streaming-llm,window,full"]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["ccm-concat", "streaming-llm", "window", "full"]
+    assert all(r["tokens"] == 192 and r["max_position"] < 48 for r in rows)
+    assert (out / "stream.png").stat().st_size > 0 and "streaming-llm" in (out / "report.md").read_text()
+    printed = " ".join(result.output.split())
+    assert "| full |" in printed and "stopped at token 48: reading on would pass position 48" in printed
+
+
+def test_stream_help_explains_every_option():
+    result = CliRunner().invoke(cli.app, ["stream", "--help"])
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    for flag in ("--text", "--max-positions", "--contexts", "--sink", "--window", "--comp-slots", "--block"):
+        assert flag in text
+    assert text.count("--") >= 14
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--text", "/nonexistent/book.txt"], "no file or folder at /nonexistent/book.txt (--text)"),
+        (["--window", "100"], "more than the 48 allowed"),
+        (["--methods", "full,h2o"], "unknown stream method 'h2o'"),
+    ],
+)
+def test_stream_bad_input_is_one_line(monkeypatch, capsys, tiny_model_dir, extra, message):
+    args = ["ccmem", "stream", "--model", str(tiny_model_dir), "--max-positions", "48", "--window", "8", *extra]
+    monkeypatch.setattr(sys, "argv", args)
+    monkeypatch.delenv("CCMEM_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    out = capsys.readouterr()
+    text = " ".join((out.out + out.err).split())
+    assert exit_info.value.code == 2 and message in text and "Traceback" not in text
