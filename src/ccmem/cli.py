@@ -723,7 +723,7 @@ def report(
 
 
 @app.command(
-    epilog="Examples:\n\n  ccmem stream   (Shakespeare, 10 x an emulated 512-position context, every method)\n\n"
+    epilog="Examples:\n\n  ccmem stream   (Shakespeare, 10 x an emulated 256-position context, every method)\n\n"
     "  ccmem stream --text pg19/test --max-positions 0 --contexts 2 --window 1024 --comp-slots 128 --block 128\n\n"
     "  ccmem stream --methods ccm-concat,streaming-llm --adapter ccm-concat=runs/x/adapter.safetensors",
 )
@@ -754,14 +754,14 @@ def stream(
             help="Context limit to emulate: no stream uses a position id at or past it (0: the model's own "
             "max_position_embeddings, 8192 for SmolLM2). Small values make '10 x the context' runnable on a CPU.",
         ),
-    ] = 512,
+    ] = 256,
     contexts: Annotated[
         float, typer.Option("--contexts", help="Stream length in contexts (tokens = contexts x max positions).")
     ] = 10.0,
     sink: Annotated[int, typer.Option("--sink", min=0, help="First tokens kept as attention sinks.")] = 4,
     window: Annotated[
         int, typer.Option("--window", min=0, help="Recent tokens kept raw by ccm-*; the baselines get the same memory.")
-    ] = 128,
+    ] = 64,
     comp_slots: Annotated[
         int,
         typer.Option(
@@ -770,7 +770,7 @@ def stream(
             help="Most compressed slots of ccm-concat (a multiple of the adapter's n_tok; older slots are merged); "
             "ccm-merge keeps n_tok and a longer window.",
         ),
-    ] = 32,
+    ] = 16,
     block: Annotated[
         int,
         typer.Option(

@@ -38,25 +38,34 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
-def rotate_keys(keys: torch.Tensor, delta: torch.Tensor | int, inv_freq: torch.Tensor) -> torch.Tensor:
-    """``keys`` (``[..., n, head_dim]``) moved by ``delta`` positions (an int, or ``[n]``: one per slot).
-
-    Only the first ``2·len(inv_freq)`` dimensions rotate (all of them but for partial rotary). The angle is
-    computed in float64, so moving a key far and back returns it to float32 rounding.
-    """
-    n = keys.shape[-2]
-    delta_t = torch.as_tensor(delta, device=keys.device).to(torch.float64).expand(n)
-    if not bool((delta_t != 0).any()):
-        return keys
-    dim = 2 * inv_freq.numel()
-    if dim > keys.shape[-1]:
-        raise RopeError(f"{inv_freq.numel()} RoPE frequencies do not fit keys of size {keys.shape[-1]}")
-    angle = delta_t[:, None] * inv_freq.to(device=keys.device, dtype=torch.float64)[None]
+def rotation(
+    delta: torch.Tensor | int, n: int, inv_freq: torch.Tensor, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos`` and ``sin`` (``[n, 2·len(inv_freq)]``, dtype and device of ``like``) of a move by ``delta`` positions
+    (an int, or ``[n]``: one per slot). The angle is computed in float64, so moving a key far and back returns it
+    to float32 rounding."""
+    delta_t = torch.as_tensor(delta, device=like.device).to(torch.float64).expand(n)
+    angle = delta_t[:, None] * inv_freq.to(device=like.device, dtype=torch.float64)[None]
     angle = torch.cat([angle, angle], dim=-1)
-    cos, sin = angle.cos().to(keys.dtype), angle.sin().to(keys.dtype)
+    return angle.cos().to(like.dtype), angle.sin().to(like.dtype)
+
+
+def apply_rotation(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``keys`` (``[..., n, head_dim]``) rotated by :func:`rotation`'s ``cos``/``sin``; only the first
+    ``cos.shape[-1]`` dimensions turn (all of them but for partial rotary)."""
+    dim = cos.shape[-1]
+    if dim > keys.shape[-1]:
+        raise RopeError(f"{dim // 2} RoPE frequencies do not fit keys of size {keys.shape[-1]}")
     turning, passing = keys[..., :dim], keys[..., dim:]
     turned = turning * cos + rotate_half(turning) * sin
     return torch.cat([turned, passing], dim=-1) if passing.shape[-1] else turned
+
+
+def rotate_keys(keys: torch.Tensor, delta: torch.Tensor | int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """``keys`` (``[..., n, head_dim]``) moved by ``delta`` positions (an int, or ``[n]``: one per slot)."""
+    if isinstance(delta, int) and delta == 0:
+        return keys
+    return apply_rotation(keys, *rotation(delta, keys.shape[-2], inv_freq, keys))
 
 
 def layer_frequencies(lm: LoadedModel) -> list[torch.Tensor]:
@@ -88,4 +97,5 @@ def layer_frequencies(lm: LoadedModel) -> list[torch.Tensor]:
             f"{family} uses {bad[0]} RoPE, whose frequencies change with the sequence length, so cached keys "
             f"cannot be moved exactly; ccmem stream supports RoPE types {', '.join(STATIC_ROPE)}"
         )
-    return [f.detach().float() for f in freqs]
+    tables = {id(f): f.detach().float() for f in freqs}  # layers that share a table share one tensor
+    return [tables[id(f)] for f in freqs]

@@ -34,7 +34,7 @@ import torch
 from ccmem.loading import LoadedModel
 from ccmem.memory import KV, Memory, positions_for
 from ccmem.methods.base import positions_after, run_decoder
-from ccmem.rope import layer_frequencies, rotate_keys
+from ccmem.rope import apply_rotation, layer_frequencies, rotation
 
 #: ``compressor(seen, ids, start)``: keys/values of the slots that stand for ``ids`` (``[1, n]``), read after
 #: the memory ``seen`` from position ``start``; their positions start at ``start + n`` (CCM's <COMP> tokens).
@@ -240,11 +240,18 @@ class KVStream:
         return _cat([blend, self._rotate(_slots(comp, 2 * t, _length(comp)), -t)])
 
     def _rotate(self, layers: list[KV], delta: int) -> list[KV]:
-        """Keys moved by ``delta`` positions (values carry none)."""
-        if delta == 0 or not _length(layers):
+        """Keys moved by ``delta`` positions (values carry none); one cos/sin table per distinct RoPE table."""
+        n = _length(layers)
+        if delta == 0 or not n:
             return layers
         assert self.freqs is not None
-        return [(rotate_keys(k, delta, f), v) for (k, v), f in zip(layers, self.freqs, strict=True)]
+        tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        out = []
+        for (k, v), f in zip(layers, self.freqs, strict=True):
+            if id(f) not in tables:
+                tables[id(f)] = rotation(delta, n, f, k)
+            out.append((apply_rotation(k, *tables[id(f)]), v))
+        return out
 
     def _positions(self, layers: list[KV], sink: int) -> list[torch.Tensor]:
         """Each slot's position: its index, or -1 for the slots of a blended group (see the module docstring)."""

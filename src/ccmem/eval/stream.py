@@ -46,11 +46,11 @@ class StreamSettings:
     """One ``ccmem stream`` run (the CLI's options)."""
 
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    max_positions: int = 512  # the emulated context; 0: the model's own max_position_embeddings
+    max_positions: int = 256  # the emulated context; 0: the model's own max_position_embeddings
     contexts: float = 10.0  # stream length, in contexts
     sink: int = 4
-    window: int = 128
-    comp_slots: int = 32
+    window: int = 64
+    comp_slots: int = 16
     block: int = 32
     bucket_tokens: int = 0  # perplexity buckets; 0: one per context
     full_cap_mib: float | None = None  # full stops before its cache passes this
