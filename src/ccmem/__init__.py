@@ -5,7 +5,7 @@ and measure what that costs in quality and saves in memory and time.
 """
 
 import ccmem.methods  # noqa: F401 - registers the built-in methods
-from ccmem.api import CompressedLM, load
+from ccmem.api import CompressedLM, generate_batch, load
 from ccmem.loading import BUILTIN_MODELS, DEFAULT_MODEL, LoadedModel, load_model
 from ccmem.memory import Memory
 from ccmem.registry import METHODS, get_method, method_names, register
@@ -20,6 +20,7 @@ __all__ = [
     "LoadedModel",
     "Memory",
     "__version__",
+    "generate_batch",
     "get_method",
     "load",
     "load_model",

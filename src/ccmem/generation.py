@@ -1,20 +1,25 @@
-"""The one decoding loop: token ids one at a time, reading a query with a memory, calling the method each step.
+"""The decoding loops: token ids one at a time, reading a query with a memory, calling the method each step.
 
 Chat, the server, evaluation and tests all generate through :func:`decode`, so a method's
 :meth:`~ccmem.methods.base.Method.decode_step` (evict, compress a finished segment) runs wherever text is
-generated. The memory itself is never changed: the loop works on a copy in a transformers cache.
+generated. :func:`decode_batch` decodes several sessions (each its own memory and query) in one padded
+forward per step, with the same tokens as :func:`decode` row by row. The memory itself is never changed:
+the loops work on a copy in a transformers cache.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from ccmem.loading import LoadedModel
 from ccmem.memory import Memory
-from ccmem.methods.base import DecodeState, Method, positions
+from ccmem.methods.base import DecodeState, Method, pad_rows, positions
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,13 @@ class Sampling:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (the probability mass sampled from), got {self.top_p}")
 
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The random stream this sampling draws from (seeded with :attr:`seed` when given)."""
+        generator = torch.Generator(device=device)
+        if self.seed is not None:
+            generator.manual_seed(self.seed)
+        return generator
+
     def pick(self, logits: torch.Tensor, generator: torch.Generator) -> int:
         if self.temperature == 0:
             return int(logits.argmax())
@@ -38,6 +50,7 @@ class Sampling:
         if self.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             keep = sorted_probs.cumsum(0) - sorted_probs < self.top_p
+            keep[0] = True  # the most likely token always stays (a top_p below float precision keeps only it)
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
         return int(torch.multinomial(probs, 1, generator=generator))
 
@@ -58,9 +71,7 @@ def decode(
     generator left half-consumed never leaves hooks on the model. Generation stops after a token in
     ``stop_ids`` (which is yielded) or ``max_new_tokens``.
     """
-    generator = torch.Generator(device=lm.device)
-    if sampling.seed is not None:
-        generator.manual_seed(sampling.seed)
+    generator = sampling.generator(lm.device)
     state = DecodeState(cache=memory.to_cache(), position=memory.next_position, memory=memory, tokens=[])
     inputs = query
     for _ in range(max_new_tokens):
@@ -80,3 +91,120 @@ def decode(
         if token in stop_ids:
             return
         inputs = torch.tensor([[token]], device=lm.device)
+
+
+def decode_batch(
+    lm: LoadedModel,
+    method: Method,
+    memories: Sequence[Memory],
+    queries: Sequence[torch.Tensor],
+    max_new_tokens: int | Sequence[int],
+    *,
+    sampling: Sampling | Sequence[Sampling] = Sampling(),
+    stop_ids: set[int] = frozenset(),  # type: ignore[assignment]
+) -> Iterator[list[int | None]]:
+    """:func:`decode` for several sessions at once: each step yields one entry per row, the token generated for
+    that row, or ``None`` once the row has finished (its stop token yielded, or its ``max_new_tokens`` reached).
+
+    Row ``i`` reads ``queries[i]`` (``[1, n_i]``) with ``memories[i]``; memories may differ in length and
+    positions. ``max_new_tokens`` and ``sampling`` are one for all rows or one per row (a row's seed gives
+    the tokens :func:`decode` gives with that seed). All active rows share one padded forward per step
+    (:func:`~ccmem.methods.base.pad_rows`); rows leave the batch as they finish. A method that cannot
+    decode in a batch (:attr:`~ccmem.methods.base.Method.decode_batchable` False: it hooks each step) has its
+    rows decoded one by one in step with each other: the same tokens, without the speed-up.
+    Arguments are checked when called, before the first step.
+    """
+    n = len(memories)
+    if len(queries) != n:
+        raise ValueError(f"{n} memories but {len(queries)} queries")
+    limits = _per_row(max_new_tokens, n, "max_new_tokens")
+    samplings = _per_row(sampling, n, "sampling")
+    if any(k < 0 for k in limits):
+        raise ValueError(f"max_new_tokens must not be negative, got {list(limits)}")
+    for i, q in enumerate(queries):
+        if q.dim() != 2 or q.shape[0] != 1 or q.shape[1] == 0:
+            raise ValueError(f"query {i} must be one non-empty sequence of ids, shape [1, n]; got {tuple(q.shape)}")
+    if not method.decode_batchable:
+        rows = [
+            decode(lm, method, m, q, k, sampling=s, stop_ids=stop_ids)
+            for m, q, k, s in zip(memories, queries, limits, samplings, strict=True)
+        ]
+        return _in_step(rows, limits, stop_ids)
+    return _decode_padded(lm, method, memories, queries, limits, samplings, stop_ids)
+
+
+def _per_row(value: T | Sequence[T], n: int, name: str) -> list[T]:
+    if isinstance(value, Sequence):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} values for {n} rows; give one, or one per row")
+        return list(value)
+    return [value] * n
+
+
+def _in_step(rows: list[Iterator[int]], limits: list[int], stop_ids: set[int]) -> Iterator[list[int | None]]:
+    """Single-row decoders advanced together, with :func:`decode_batch`'s step format."""
+    counts = [0] * len(rows)
+    active = [k > 0 for k in limits]
+    while any(active):
+        step: list[int | None] = [None] * len(rows)
+        for b, row in enumerate(rows):
+            if active[b]:
+                token = step[b] = next(row)
+                counts[b] += 1
+                active[b] = token not in stop_ids and counts[b] < limits[b]
+        yield step
+
+
+def _decode_padded(
+    lm: LoadedModel,
+    method: Method,
+    memories: Sequence[Memory],
+    queries: Sequence[torch.Tensor],
+    limits: list[int],
+    samplings: list[Sampling],
+    stop_ids: set[int],
+) -> Iterator[list[int | None]]:
+    """The batched loop: the queries read in one padded forward, then one forward per step for the active rows."""
+    active = [b for b, k in enumerate(limits) if k > 0]  # batch row i decodes session active[i]
+    if not active:
+        return
+    generators = [s.generator(lm.device) for s in samplings]
+    rows = pad_rows(lm, [memories[b] for b in active], [queries[b] for b in active])
+    cache, inputs, mask, position_ids = rows.cache, rows.inputs, rows.attention_mask, rows.position_ids
+    next_position = torch.tensor([[memories[b].next_position + queries[b].shape[1]] for b in active], device=lm.device)
+    counts = [0] * len(memories)
+    while True:
+        with torch.no_grad(), method.attached(lm, reading=True):
+            out = lm.model(
+                input_ids=inputs,
+                attention_mask=mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            tokens = [samplings[b].pick(out.logits[i, -1], generators[b]) for i, b in enumerate(active)]
+        step: list[int | None] = [None] * len(memories)
+        keep = []
+        for i, (b, token) in enumerate(zip(active, tokens, strict=True)):
+            step[b] = token
+            counts[b] += 1
+            if token not in stop_ids and counts[b] < limits[b]:
+                keep.append(i)
+        yield step
+        if not keep:
+            return
+        if len(keep) < len(active):
+            index = torch.tensor(keep, device=lm.device)
+            mask, next_position = mask[index], next_position[index]
+            # Columns that every remaining row pads (the finished rows' longer memories) are dropped.
+            first = int(mask.any(dim=0).nonzero()[0])
+            mask = mask[:, first:]
+            for layer in cache.layers:
+                layer.keys = layer.keys[index, :, first:]
+                layer.values = layer.values[index, :, first:]
+            active = [active[i] for i in keep]
+        inputs = torch.tensor([[tokens[i]] for i in keep], device=lm.device)
+        position_ids = next_position
+        next_position = next_position + 1
+        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)

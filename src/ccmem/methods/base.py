@@ -24,7 +24,7 @@ import dataclasses
 import typing
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -127,6 +127,9 @@ class Method(ABC):
     budgeted: ClassVar[bool] = False
     #: ``add_batch`` reads several interactions in padded forwards (equal to one at a time), not in a loop.
     batchable: ClassVar[bool] = False
+    #: Decoding needs no per-session hook (:meth:`decode_step` does nothing), so ``decode_batch`` may decode
+    #: several sessions in one padded forward per step; False makes it decode them one by one.
+    decode_batchable: ClassVar[bool] = True
     #: Options an adapter may have been trained with other values of, without its weights meaning something else.
     runtime_options: ClassVar[frozenset[str]] = frozenset()
 
@@ -268,7 +271,8 @@ class Method(ABC):
         return [self.add(lm, m, i) for m, i in zip(memories, ids, strict=True)]
 
     def decode_step(self, lm: LoadedModel, state: DecodeState) -> None:  # noqa: B027 - optional hook
-        """Called by the generation loop after every generated token (evict, compress a finished segment...)."""
+        """Called by the generation loop after every generated token (evict, compress a finished segment...).
+        A method that overrides it sets :attr:`decode_batchable` to False."""
 
     # ------------------------------------------------------------------ training
 
@@ -361,24 +365,30 @@ class BatchRead:
     hidden: torch.Tensor  # [batch, longest new, hidden]: the last layer's output, each row right-aligned
 
 
-def read_batch(
-    lm: LoadedModel,
-    memories: list[Memory],
-    inputs: list[torch.Tensor],
-    *,
-    embeds: bool = False,
-    gate_last: int = 0,
-    **kwargs: Any,
-) -> BatchRead:
-    """Read each row's new tokens with its own memory in one padded forward.
+@dataclass
+class PaddedRows:
+    """Inputs of one padded forward in which each row reads its new tokens with its own memory."""
 
-    Memories are left-padded to the longest, new tokens right-aligned after them (``[pad][memory][pad][new]``),
-    with an attention mask over the padding and each row's own position ids, so every row computes what it
-    would alone. ``inputs`` are ``[1, n_i]`` ids, or ``[1, n_i, hidden]`` embeddings with ``embeds=True``;
-    ``gate_last`` turns the gated LoRA on for each row's last ``gate_last`` inputs (<COMP> tokens).
+    cache: Any  # the memories' keys/values, each row left-padded to the longest
+    inputs: torch.Tensor  # [batch, longest new] ids, or [batch, longest new, hidden] embeddings
+    attention_mask: torch.Tensor  # [batch, longest memory + longest new]: 1 on real slots and tokens
+    position_ids: torch.Tensor  # [batch, longest new]: each row's own positions (0 on padding)
+    slots: list[int]
+    n_new: list[int]
+
+
+def pad_rows(lm: LoadedModel, memories: Sequence[Memory], inputs: Sequence[torch.Tensor]) -> PaddedRows:
+    """Lay out rows of ``(memory, new tokens)`` for one forward where every row computes what it would alone.
+
+    Memories are left-padded to the longest, new tokens right-aligned after them, so every row's last new
+    token is in the last column (where the next token is predicted)::
+
+        row 0   [ m0 m0 m0 m0 ][ n0 n0 n0 ]     m: a memory slot (already keys/values in the cache)
+        row 1   [ .  .  m1 m1 ][ .  n1 n1 ]     n: a new token; .: padding, masked out
+                 cache columns   input columns
+
+    ``inputs`` are ``[1, n_i]`` ids, or ``[1, n_i, hidden]`` embeddings (all rows alike).
     """
-    from ccmem.modules import GATE_KWARG
-
     device = lm.device
     batch = len(memories)
     slots = []
@@ -402,37 +412,57 @@ def read_batch(
     cache = Memory(layers=layers).to_cache() if s_max else Memory().to_cache()
     mask = torch.zeros(batch, s_max + n_max, dtype=torch.long, device=device)
     position_ids = torch.zeros(batch, n_max, dtype=torch.long, device=device)
-    gate = torch.zeros(batch, n_max, dtype=torch.bool, device=device)
-    if embeds:
-        x = torch.zeros(batch, n_max, inputs[0].shape[-1], dtype=inputs[0].dtype, device=device)
-    else:
-        x = torch.zeros(batch, n_max, dtype=torch.long, device=device)
+    x = inputs[0].new_zeros(batch, n_max, *inputs[0].shape[2:])
     for b, (m, n) in enumerate(zip(memories, n_new, strict=True)):
         mask[b, s_max - slots[b] : s_max] = 1
         mask[b, s_max + n_max - n :] = 1
         position_ids[b, n_max - n :] = torch.arange(m.next_position, m.next_position + n, device=device)
         x[b, n_max - n :] = inputs[b][0]
-        if gate_last:
-            gate[b, n_max - gate_last :] = True
-    extra = {GATE_KWARG: gate} if gate_last else {}
+    return PaddedRows(cache, x, mask, position_ids, slots, n_new)
+
+
+def read_batch(
+    lm: LoadedModel,
+    memories: list[Memory],
+    inputs: list[torch.Tensor],
+    *,
+    embeds: bool = False,
+    gate_last: int = 0,
+    **kwargs: Any,
+) -> BatchRead:
+    """Read each row's new tokens with its own memory in one padded forward (laid out by :func:`pad_rows`).
+
+    ``inputs`` are ``[1, n_i]`` ids, or ``[1, n_i, hidden]`` embeddings with ``embeds=True``;
+    ``gate_last`` turns the gated LoRA on for each row's last ``gate_last`` inputs (<COMP> tokens).
+    """
+    from ccmem.modules import GATE_KWARG
+
+    rows = pad_rows(lm, memories, inputs)
+    device, slots = lm.device, rows.slots
+    s_max, n_max = max(slots), max(rows.n_new)
+    extra = {}
+    if gate_last:
+        gate = torch.zeros(len(memories), n_max, dtype=torch.bool, device=device)
+        gate[:, n_max - gate_last :] = True
+        extra[GATE_KWARG] = gate
     out = lm.model.base_model(
-        **({"inputs_embeds": x} if embeds else {"input_ids": x}),
-        attention_mask=mask,
-        position_ids=position_ids,
-        cache=cache,
+        **({"inputs_embeds": rows.inputs} if embeds else {"input_ids": rows.inputs}),
+        attention_mask=rows.attention_mask,
+        position_ids=rows.position_ids,
+        cache=rows.cache,
         use_cache=True,
         **extra,
         **kwargs,
     )
-    filled = Memory.layers_of(cache)
-    rows, columns = [], []
-    for b, n in enumerate(n_new):
+    filled = Memory.layers_of(rows.cache)
+    layers, columns = [], []
+    for b, n in enumerate(rows.n_new):
         keep = torch.cat([torch.arange(s_max - slots[b], s_max), torch.arange(s_max + n_max - n, s_max + n_max)]).to(
             device
         )
         columns.append(keep)
-        rows.append([(k[b : b + 1].index_select(2, keep), v[b : b + 1].index_select(2, keep)) for k, v in filled])
-    return BatchRead(rows, columns, n_new, out.last_hidden_state)
+        layers.append([(k[b : b + 1].index_select(2, keep), v[b : b + 1].index_select(2, keep)) for k, v in filled])
+    return BatchRead(layers, columns, rows.n_new, out.last_hidden_state)
 
 
 __all__ = [
@@ -442,9 +472,11 @@ __all__ = [
     "LoRAOptions",
     "Method",
     "OptionSpec",
+    "PaddedRows",
     "answer_loss",
     "logits_for",
     "option",
+    "pad_rows",
     "positions",
     "positions_after",
     "read_batch",

@@ -27,6 +27,7 @@ class StreamingLLM(KVEviction):
 
     name: ClassVar[str] = "streaming-llm"
     paper: ClassVar[str] = "Xiao et al., Efficient Streaming Language Models with Attention Sinks, ICLR 2024"
+    decode_batchable: ClassVar[bool] = False  # decode_step evicts from each session's own cache
 
     n_sink: int = option(4, "first positions of the interaction always kept (the system prompt counts)")
 

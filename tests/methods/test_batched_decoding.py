@@ -1,0 +1,189 @@
+"""Several sessions decoded in one padded forward per step give the tokens each gives alone (``decode_batch``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+import ccmem
+from ccmem.api import CompressedLM, generate_batch
+from ccmem.generation import Sampling, decode, decode_batch
+from ccmem.methods.base import Method
+from ccmem.registry import method_classes
+from tests.conftest import randomize_lora, tiny_model
+from tests.methods.cases import cases
+from tests.methods.test_contract import randomize_state
+
+# Sessions of different lengths and positions: a long history, no memory at all, one short turn, a long turn.
+SYSTEMS = ["sys", None, "longer", "s"]
+HISTORIES = [[list(range(10, 30))] * 3, [], [[5, 6, 7]], [list(range(40, 90)), list(range(20, 60))]]
+QUERIES = [[40, 41], [42], [43, 44, 45, 46], [47, 48, 49]]
+LIMITS = [6, 3, 8, 5]  # rows finish at different steps, the longest memory before the others
+
+
+def sessions(lm, method) -> list[CompressedLM]:
+    out = []
+    for system, history in zip(SYSTEMS, HISTORIES, strict=True):
+        s = CompressedLM(lm, method, system_prompt=system)
+        for turn in history:
+            s.add_ids(turn)
+        out.append(s)
+    return out
+
+
+def one_at_a_time(lm, method, memories, sampling=None, stop_ids=frozenset(), limits=LIMITS) -> list[list[int]]:
+    sampling = sampling or [Sampling()] * len(memories)
+    return [
+        list(decode(lm, method, m, torch.tensor([q]), k, sampling=s, stop_ids=stop_ids))
+        for m, q, k, s in zip(memories, QUERIES, limits, sampling, strict=True)
+    ]
+
+
+def batched(lm, method, memories, sampling=None, stop_ids=frozenset(), limits=LIMITS) -> list[list[int]]:
+    steps = list(
+        decode_batch(
+            lm,
+            method,
+            memories,
+            [torch.tensor([q]) for q in QUERIES],
+            limits,
+            sampling=sampling or Sampling(),
+            stop_ids=stop_ids,
+        )
+    )
+    rows = [[step[b] for step in steps] for b in range(len(memories))]
+    for row in rows:  # a row's tokens, then None to the end: never a token after it finished
+        n = sum(t is not None for t in row)
+        assert all(t is not None for t in row[:n]) and all(t is None for t in row[n:])
+    assert any(t is not None for t in steps[-1])  # no step in which every row had already finished
+    return [[t for t in row if t is not None] for row in rows]
+
+
+@dataclass(frozen=True)
+class Recording(Sampling):
+    """Greedy (or sampled) picking that keeps the logits it was given, to compare them and not only tokens."""
+
+    seen: list[torch.Tensor] = field(default_factory=list, compare=False)
+
+    def pick(self, logits: torch.Tensor, generator: torch.Generator) -> int:
+        self.seen.append(logits.detach().clone())
+        return super().pick(logits, generator)
+
+
+def assert_same_logits(alone: list[Recording], together: list[Recording]) -> None:
+    for a, b in zip(alone, together, strict=True):
+        torch.testing.assert_close(torch.stack(b.seen), torch.stack(a.seen), atol=1e-5, rtol=0)
+
+
+def method_for(name: str, lm, **options) -> Method:
+    method = ccmem.get_method(name, **options)
+    if name.startswith("ccm"):
+        randomize_lora(method, lm)
+    return method
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "mistral", "qwen2", "gpt-neox", "gemma3"])
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("full", {}), ("none", {}), ("ccm-concat", {"n_tok": 3}), ("ccm-merge", {"n_tok": 3}), ("h2o", {"ratio": 0.5})],
+)
+def test_greedy_batched_decoding_equals_one_session_at_a_time(family, name, options):
+    lm = tiny_model(family)
+    method = method_for(name, lm, **options)
+    memories = [s.memory for s in sessions(lm, method)]
+    assert len({m.num_slots for m in memories}) == len(memories)
+    alone, together = [Recording() for _ in memories], [Recording() for _ in memories]
+    single = one_at_a_time(lm, method, memories, alone)
+    assert [len(t) for t in single] == LIMITS
+    assert batched(lm, method, memories, together) == single
+    assert_same_logits(alone, together)  # positions and masks right, not only the same argmax
+
+
+@pytest.mark.parametrize("case", cases())
+def test_every_method_decodes_a_batch_as_one_at_a_time(case):
+    """The contract: with trained state, greedy, and with a stop token that ends some rows early."""
+    lm = tiny_model()
+    method = ccmem.get_method(case.method, **case.options)
+    randomize_state(method, lm)
+    memories = [s.memory for s in sessions(lm, method)]
+    single = one_at_a_time(lm, method, memories)
+    stop = {single[2][1]}  # ends row 2 at its second token, and any other row that meets it
+    alone, together = [Recording() for _ in memories], [Recording() for _ in memories]
+    expected = one_at_a_time(lm, method, memories, alone, stop_ids=stop)
+    assert batched(lm, method, memories, together, stop_ids=stop) == expected
+    assert_same_logits(alone, together)
+
+
+@pytest.mark.parametrize("name", ["full", "ccm-concat", "streaming-llm"])
+def test_sampling_with_a_seed_per_row_equals_sampling_one_at_a_time(name):
+    lm = tiny_model("qwen2")
+    method = method_for(name, lm, **({"ratio": 0.5} if name == "streaming-llm" else {}))
+    memories = [s.memory for s in sessions(lm, method)]
+    sampling = [Sampling(temperature=1.5, top_p=0.9, seed=seed) for seed in (3, 4, 5, 3)]
+    single = one_at_a_time(lm, method, memories, sampling)
+    assert batched(lm, method, memories, sampling) == single
+    assert single != one_at_a_time(lm, method, memories)  # it really sampled
+
+
+def test_a_method_that_evicts_while_decoding_is_decoded_row_by_row(monkeypatch):
+    """streaming-llm's decode_step acts on each session's own cache: every row still gets it, every step."""
+    lm = tiny_model()
+    method = ccmem.get_method("streaming-llm", ratio=0.5)
+    assert not method.decode_batchable
+    memories = [s.memory for s in sessions(lm, method)]
+    calls = []
+    original = method.decode_step
+
+    def spy(lm_, state):
+        original(lm_, state)
+        calls.append(int(state.cache.layers[0].keys.shape[0]))  # batch size of the cache it evicts from
+
+    monkeypatch.setattr(method, "decode_step", spy)
+    single = one_at_a_time(lm, method, memories)
+    calls.clear()
+    assert batched(lm, method, memories) == single
+    assert calls == [1] * sum(LIMITS)
+
+
+def test_every_method_that_hooks_decoding_declares_it_cannot_batch_it():
+    """A method overriding decode_step with decode_batchable left True would get wrong tokens in a batch."""
+    hooked = {n for n, cls in method_classes().items() if cls.decode_step is not Method.decode_step}
+    assert hooked == {n for n, cls in method_classes().items() if not cls.decode_batchable}
+    assert "streaming-llm" in hooked
+
+
+def test_rows_with_nothing_to_generate_and_bad_arguments():
+    lm = tiny_model()
+    method = ccmem.get_method("full")
+    memories = [s.memory for s in sessions(lm, method)]
+    queries = [torch.tensor([q]) for q in QUERIES]
+    steps = list(decode_batch(lm, method, memories, queries, [0, 2, 0, 1]))
+    assert [[t is None for t in step] for step in steps] == [[True, False, True, False], [True, False, True, True]]
+    assert list(decode_batch(lm, method, memories, queries, 0)) == []
+    with pytest.raises(ValueError, match="4 memories but 3 queries"):
+        decode_batch(lm, method, memories, queries[:3], 2)
+    with pytest.raises(ValueError, match="max_new_tokens has 2 values for 4 rows"):
+        decode_batch(lm, method, memories, queries, [1, 2])
+    with pytest.raises(ValueError, match="query 1 must be one non-empty sequence"):
+        decode_batch(lm, method, memories, [queries[0], torch.tensor([[]]).long(), *queries[2:]], 2)
+
+
+def test_generate_batch_answers_as_each_session_alone_and_refuses_mixed_sessions():
+    lm = tiny_model()
+    method = method_for("ccm-concat", lm, n_tok=2)
+    chats = sessions(lm, method)
+    prompts = ["hello", "what is it?", "tell me more please", "x"]
+    alone = [s.generate(p, max_new_tokens=5) for s, p in zip(chats, prompts, strict=True)]
+    assert generate_batch(chats, prompts, max_new_tokens=5) == alone
+    sampled = [s.generate(p, 5, temperature=1.0, seed=i) for i, (s, p) in enumerate(zip(chats, prompts, strict=True))]
+    assert generate_batch(chats, prompts, 5, temperature=1.0, seed=[0, 1, 2, 3]) == sampled
+    with pytest.raises(ValueError, match="session 1 has its own copy of the model"):
+        generate_batch([chats[0], CompressedLM(tiny_model(), method)], ["a", "b"])
+    with pytest.raises(ValueError, match="session 1 uses method 'full'"):
+        generate_batch([chats[0], CompressedLM(lm, ccmem.get_method("full"))], ["a", "b"])
+    with pytest.raises(ValueError, match="session 1 uses method 'ccm-concat' with other options"):
+        generate_batch([chats[0], CompressedLM(lm, ccmem.get_method("ccm-concat", n_tok=3))], ["a", "b"])
+    with pytest.raises(ValueError, match="one prompt per session"):
+        generate_batch(chats, prompts[:2])
