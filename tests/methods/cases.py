@@ -31,6 +31,10 @@ CASES = [
     Case("ccm-concat", {"n_tok": 2, "recurrent": False}, growth=(2, 4, 6)),
     Case("ccm-merge", {"n_tok": 3}, growth=(3, 3, 3)),  # constant as turns grow
     Case("gist", {"n_tok": 3}, growth=(3, 3, 3)),
+    # IC-Former: the whole context so far -> num_query_tokens digests per chunk, then the FT marker.
+    Case("icformer", {"num_query_tokens": 3, "num_hidden_layers": 2}, growth=(4, 4, 4)),
+    # Chunks of <= 4 tokens: 5 -> 2 chunks, 9 -> 3, 12 -> 3 (equal cuts of 4).
+    Case("icformer", {"num_query_tokens": 2, "use_chunk": True, "max_chunk_len": 4}, growth=(5, 7, 7)),
     # Training-free eviction at half the context: floor(0.5 * 5), floor(0.5 * 9), floor(0.5 * 12) entries.
     Case("streaming-llm", {"ratio": 0.5}, growth=(2, 4, 6)),
     Case("h2o", {"ratio": 0.5}, growth=(2, 4, 6)),

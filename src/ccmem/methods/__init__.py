@@ -9,6 +9,7 @@ from ccmem.methods import (  # noqa: F401 - imported to register them
     full,
     gist,
     h2o,
+    icformer,
     knorm,
     snapkv,
     streaming,

@@ -1,0 +1,261 @@
+"""IC-Former (Wang et al., Findings of EMNLP 2024, arXiv:2406.13618): a small former compresses, the LM never reads
+the context.
+
+``num_query_tokens`` digest tokens cross-attend to the context's token embeddings (the frozen LM's own embedding
+layer) in a ``num_hidden_layers``-layer former (:mod:`ccmem.modules.icformer`); the digests are soft-prompt
+embeddings, and the memory is the frozen LM's keys/values of ``[digests][FT]`` read after the sink. The LM's
+decoder layers run over ``q`` digests per chunk plus one marker, never over the context.
+
+A context longer than ``max_seq_len`` is refused unless ``use_chunk``; then (as the reference) it is split into
+``ceil(n / max_chunk_len)`` chunks of equal size, each compressed alone and the digests concatenated. The former
+cannot extend digests, so each ``add`` recompresses the whole context so far (kept in ``Memory.state``, as gist
+does); that costs one former pass over the context and one LM pass over the digests.
+
+Training (the LM stays frozen; the former is the one trainable module): ``objective=finetune`` lays out
+``[sink][digests][FT][prompt answer]`` with the loss on the answer; ``objective=pretrain`` autoencodes the context
+(``[sink][digests][AE][context]``) and models its continuation (``[sink][digests][LM][continuation]``: the tokens
+after the first ``max_seq_len``). ``avg_level`` is the loss reduction: ``token`` averages over every target token
+of the batch, ``sentence`` averages each sample's tokens first (the reference's gradient manager, as a loss).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, cast
+
+import torch
+from torch.nn import functional as F
+
+from ccmem.data.samples import Sample
+from ccmem.loading import LoadedModel
+from ccmem.memory import Memory, concat_positions, positions_for
+from ccmem.methods.base import Method, logits_for, option, run_decoder
+from ccmem.modules.icformer import ICFormer
+from ccmem.registry import register
+
+OBJECTIVES = ("finetune", "pretrain")
+AVG_LEVELS = ("token", "sentence")
+
+
+@dataclass
+class Row:
+    """One LM sequence of a training batch: ``[sink][digests of sample's chunks][marker][tail]``."""
+
+    sample: int  # index of the sample (and of its digests) in the batch
+    sink: list[int]
+    marker: int
+    tail: list[int]
+    label_from: int  # tail[label_from:] are targets
+
+
+@dataclass
+class DigestBatch:
+    """Context chunks for one padded former pass, and the LM rows that read their digests."""
+
+    chunks: list[list[int]]  # every chunk of every sample, in order
+    owner: list[int]  # the sample each chunk belongs to
+    rows: list[Row]
+    n_samples: int
+    pad_id: int
+
+
+@register
+@dataclass
+class ICFormerMethod(Method):
+    """IC-Former: digest tokens of a small former cross-attend to context embeddings; the LM never reads the context."""
+
+    name: ClassVar[str] = "icformer"
+    kind: ClassVar[str] = "learned"
+    paper: ClassVar[str] = (
+        "Wang et al., In-Context Former: Lightning-fast Compressing Context for Large Language Model, "
+        "Findings of EMNLP 2024"
+    )
+    trainable: ClassVar[bool] = True
+    needs_adapter: ClassVar[bool] = True
+    runtime_options: ClassVar[frozenset[str]] = frozenset(
+        {"max_seq_len", "use_chunk", "max_chunk_len", "objective", "avg_level"}
+    )
+
+    num_hidden_layers: int = option(3, "layers of the former")
+    num_query_tokens: int = option(128, "digest tokens per chunk: the memory slots one chunk becomes")
+    max_seq_len: int = option(512, "longest context compressed at once (longer: an error, or chunks with use_chunk)")
+    use_chunk: bool = option(False, "split a context longer than max_seq_len into chunks, digests concatenated")
+    max_chunk_len: int = option(512, "longest chunk with use_chunk (the context is cut into equal chunks)")
+    objective: str = option("finetune", "training loss: finetune (answer after digests + prompt) or pretrain")
+    avg_level: str = option("token", "loss reduction: token (mean over all targets) or sentence (of sample means)")
+
+    def check_options(self) -> None:
+        for key in ("num_hidden_layers", "num_query_tokens", "max_seq_len", "max_chunk_len"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1 (got {getattr(self, key)})")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})")
+        if self.avg_level not in AVG_LEVELS:
+            raise ValueError(f"avg_level must be one of {', '.join(AVG_LEVELS)} (got {self.avg_level!r})")
+
+    # ------------------------------------------------------------------ state
+
+    def build(self, lm: LoadedModel) -> ICFormer:
+        cfg = lm.model.config.get_text_config()
+        embed = cast(torch.Tensor, lm.model.get_input_embeddings().weight)
+        hidden = int(embed.shape[1])
+        heads = int(getattr(cfg, "num_attention_heads", 0) or 1)
+        if hidden % heads or (hidden // heads) % 2:
+            heads = 1
+        former = ICFormer(
+            hidden,
+            self.num_hidden_layers,
+            self.num_query_tokens,
+            num_heads=heads,
+            intermediate_size=getattr(cfg, "intermediate_size", None),
+            init_from=embed.detach(),
+        )
+        return former.to(device=embed.device, dtype=embed.dtype)
+
+    def former(self, lm: LoadedModel) -> ICFormer:
+        return cast(ICFormer, self.module_for(lm))
+
+    def changes_reading(self, lm: LoadedModel) -> bool:
+        return False  # the memory is ordinary keys/values; reading with it needs nothing attached
+
+    # ------------------------------------------------------------------ chunking
+
+    def split(self, n: int) -> list[int]:
+        """Chunk lengths of a context of ``n`` tokens (refused when empty, or too long without ``use_chunk``)."""
+        if n < 1:
+            raise ValueError("icformer cannot compress an empty context")
+        if not self.use_chunk:
+            if n > self.max_seq_len:
+                raise ValueError(
+                    f"the context has {n} tokens, more than max_seq_len={self.max_seq_len}; set use_chunk=true to "
+                    f"compress it in chunks of at most max_chunk_len={self.max_chunk_len}, or raise max_seq_len"
+                )
+            return [n]
+        count = -(-n // self.max_chunk_len)
+        size = -(-n // count)  # equal chunks, as the reference cuts them
+        return [min(size, n - i) for i in range(0, n, size)]
+
+    def n_digests(self, n: int) -> int:
+        return self.num_query_tokens * len(self.split(n))
+
+    # ------------------------------------------------------------------ compression
+
+    def digests(self, lm: LoadedModel, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Digest embeddings ``[q, hidden]`` of each chunk of ids, in one padded former pass."""
+        embed = lm.model.get_input_embeddings()
+        lengths = [int(c.numel()) for c in chunks]
+        ids = torch.zeros(len(chunks), max(lengths), dtype=torch.long, device=lm.device)
+        for i, c in enumerate(chunks):
+            ids[i, : lengths[i]] = c.reshape(-1).to(lm.device)
+        out = self.former(lm)(embed(ids), lengths)
+        return list(out)
+
+    def soft_prompt(self, lm: LoadedModel, context: torch.Tensor) -> torch.Tensor:
+        """``[1, digests + 1, hidden]``: the digests of ``context`` (``[1, n]`` ids), then the FT marker."""
+        sizes = self.split(int(context.shape[-1]))
+        chunks = list(context.reshape(-1).split(sizes))
+        digests = torch.cat(self.digests(lm, chunks), dim=0)
+        marker = self.former(lm).marker(ICFormer.FT, digests.dtype)
+        return torch.cat([digests, marker], dim=0)[None]
+
+    def positions_needed(self, memory: Memory, n_tokens: int) -> int:
+        seen = memory.state.get("context_ids")
+        total = n_tokens + (int(seen.shape[-1]) if seen is not None else 0)
+        return max(0, memory.sink + self.n_digests(total) + 1 - memory.next_position) if n_tokens else 0
+
+    def add(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
+        if ids.numel() == 0:
+            raise ValueError("icformer cannot compress an empty context")
+        previous = memory.state.get("context_ids")
+        context = ids if previous is None else torch.cat([previous.to(ids.device), ids], dim=-1)
+        prompt = self.soft_prompt(lm, context)
+        base = memory.prefix(memory.sink)
+        cache = base.to_cache()
+        run_decoder(lm, None, cache, memory.sink, inputs_embeds=prompt.to(lm.dtype))
+        layers = Memory.layers_of(cache)
+        n = prompt.shape[1]
+        positions = concat_positions([base.positions, [positions_for(memory.sink, n, k) for k, _ in layers]])
+        return base.with_layers(layers, positions, next_position=memory.sink + n, state={"context_ids": context})
+
+    # ------------------------------------------------------------------ training
+
+    def _targets(self, sample: Sample) -> tuple[list[int], list[tuple[int, list[int], int]]]:
+        """The context to compress and the ``(marker, tail, label_from)`` rows that read its digests."""
+        if self.objective == "finetune":
+            context = [t for c in sample.chunks for t in c]
+            return context, [(ICFormer.FT, list(sample.tail), sample.answer_start)]
+        text = [t for c in sample.chunks for t in c] + list(sample.tail)
+        context, rest = text[: self.max_seq_len], text[self.max_seq_len : 2 * self.max_seq_len]
+        rows = [(ICFormer.AE, context, 0)]
+        if rest:
+            rows.append((ICFormer.LM, rest, 0))
+        return context, rows
+
+    def sample_length(self, sample: Sample) -> int:
+        context, rows = self._targets(sample)
+        return len(sample.sink) + self.n_digests(len(context)) + 1 + max(len(tail) for _, tail, _ in rows)
+
+    def make_batch(self, samples: list[Sample], pad_id: int = 0) -> DigestBatch:
+        chunks: list[list[int]] = []
+        owner: list[int] = []
+        rows: list[Row] = []
+        for i, sample in enumerate(samples):
+            context, targets = self._targets(sample)
+            start = 0
+            for size in self.split(len(context)):
+                chunks.append(context[start : start + size])
+                owner.append(i)
+                start += size
+            rows += [Row(i, list(sample.sink), marker, tail, frm) for marker, tail, frm in targets]
+        return DigestBatch(chunks, owner, rows, len(samples), pad_id)
+
+    def loss_terms(self, lm: LoadedModel, batch: DigestBatch) -> tuple[torch.Tensor, int]:
+        """``(summed loss, count)`` of a batch: summed over target tokens (``token``) or over samples' mean
+        losses (``sentence``). Batches of any split add up: ``sum(totals) / sum(counts)`` is the loss of their
+        union, which is what makes accumulation over single samples equal one padded batch."""
+        former = self.former(lm)
+        embed = lm.model.get_input_embeddings()
+        dtype = cast(torch.Tensor, embed.weight).dtype
+        digests = self.digests(lm, [torch.tensor(c) for c in batch.chunks])
+        per_sample: list[list[torch.Tensor]] = [[] for _ in range(batch.n_samples)]
+        for d, i in zip(digests, batch.owner, strict=True):
+            per_sample[i].append(d)
+        parts, labels = [], []
+        for row in batch.rows:
+            sink = embed(torch.tensor(row.sink, dtype=torch.long, device=lm.device))
+            tail = embed(torch.tensor(row.tail, dtype=torch.long, device=lm.device))
+            soft = torch.cat([*per_sample[row.sample], former.marker(row.marker, dtype)], dim=0)
+            parts.append(torch.cat([sink, soft.to(dtype), tail], dim=0))
+            label = torch.full((parts[-1].shape[0],), -100, dtype=torch.long)
+            first = len(row.sink) + soft.shape[0] + row.label_from
+            label[first:] = torch.tensor(row.tail[row.label_from :], dtype=torch.long)
+            labels.append(label)
+        width = max(p.shape[0] for p in parts)
+        inputs = parts[0].new_zeros(len(parts), width, parts[0].shape[1])
+        mask = torch.zeros(len(parts), width, dtype=torch.long, device=lm.device)
+        label_ids = torch.full((len(parts), width), -100, dtype=torch.long)
+        for b, (p, label) in enumerate(zip(parts, labels, strict=True)):
+            inputs[b, : p.shape[0]] = p
+            mask[b, : p.shape[0]] = 1
+            label_ids[b, : p.shape[0]] = label
+        positions = torch.arange(width, device=lm.device).expand(len(parts), width)
+        hidden = lm.model.base_model(
+            inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=False
+        ).last_hidden_state
+        target = label_ids.to(lm.device)[:, 1:]
+        keep = target != -100
+        if not bool(keep.any()):
+            raise ValueError("this batch has no target tokens to train on")
+        losses = F.cross_entropy(logits_for(lm, hidden[:, :-1][keep]), target[keep], reduction="none")
+        if self.avg_level == "token":
+            return losses.sum(), int(keep.sum())
+        row_of = torch.arange(len(parts), device=lm.device)[:, None].expand_as(keep)[keep]
+        sample_of = torch.tensor([r.sample for r in batch.rows], device=lm.device)[row_of]
+        sums = torch.zeros(batch.n_samples, device=lm.device).index_add(0, sample_of, losses)
+        counts = torch.zeros(batch.n_samples, device=lm.device).index_add(0, sample_of, torch.ones_like(losses))
+        has = counts > 0
+        return (sums[has] / counts[has]).sum(), int(has.sum())
+
+    def training_loss(self, lm: LoadedModel, batch: Any) -> torch.Tensor:
+        total, count = self.loss_terms(lm, batch)
+        return total / count

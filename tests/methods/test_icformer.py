@@ -1,0 +1,176 @@
+"""IC-Former: chunking, shapes on every family, the LM never reading the context, training equal to inference,
+gradient accumulation equal to one padded batch, and checkpoints that do not fit refused by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ccmem
+from ccmem.adapter import AdapterMismatchError, save_adapter
+from ccmem.data.samples import Sample
+from ccmem.methods.base import answer_loss, run_decoder
+from tests.conftest import tiny_model
+from tests.methods.test_contract import randomize_state
+
+
+def icformer(**options):
+    return ccmem.get_method("icformer", **{"num_query_tokens": 3, "num_hidden_layers": 2, **options})
+
+
+def test_chunks_are_equal_cuts_of_at_most_max_chunk_len_and_overlong_context_names_use_chunk():
+    chunked = icformer(use_chunk=True, max_chunk_len=4)
+    assert chunked.split(4) == [4] and chunked.split(5) == [3, 2] and chunked.split(9) == [3, 3, 3]
+    assert sum(chunked.split(1000)) == 1000 and max(chunked.split(1000)) <= 4
+    plain = icformer(max_seq_len=8)
+    assert plain.split(8) == [8]
+    with pytest.raises(ValueError, match="9 tokens, more than max_seq_len=8; set use_chunk=true"):
+        plain.split(9)
+    with pytest.raises(ValueError, match="empty context"):
+        plain.split(0)
+    for bad, message in [
+        ({"num_query_tokens": 0}, "num_query_tokens must be at least 1"),
+        ({"avg_level": "word"}, "avg_level must be one of token, sentence"),
+        ({"objective": "chat"}, "objective must be one of finetune, pretrain"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            icformer(**bad)
+
+
+def test_an_overlong_or_empty_context_is_refused_through_the_api():
+    s = ccmem.CompressedLM(tiny_model(), icformer(max_seq_len=8), system_prompt="sys")
+    with pytest.raises(ValueError, match="use_chunk"):
+        s.add_ids(list(range(10, 20)))
+    s.add_ids(list(range(10, 15)))
+    with pytest.raises(ValueError, match="use_chunk"):  # the context so far counts: 5 + 4 > 8
+        s.add_ids(list(range(20, 24)))
+    method, lm = s.method, s.lm
+    with pytest.raises(ValueError, match="empty context"), method.attached(lm):
+        method.add(lm, method.new_memory(lm), torch.zeros(1, 0, dtype=torch.long))
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen2", "gpt-neox", "gemma3", "mistral-window"])
+def test_memory_is_the_digests_and_fits_every_family(family):
+    lm = tiny_model(family)
+    method = icformer(use_chunk=True, max_chunk_len=6)
+    s = ccmem.CompressedLM(lm, method, system_prompt="sys")
+    sink = s.memory.num_slots
+    s.add_ids(list(range(10, 23)))  # 13 tokens -> 3 chunks of <= 6
+    assert s.memory.num_slots == sink + 3 * 3 + 1 and s.memory.next_position == sink + 10
+    s.memory.check(lm.kv_shape)
+    hidden = lm.model.get_input_embeddings().weight.shape[1]
+    with torch.no_grad():
+        digests = method.digests(lm, [torch.arange(10, 17), torch.arange(10, 14)])
+    assert [tuple(d.shape) for d in digests] == [(3, hidden), (3, hidden)]
+    assert len(list(s.stream_ids([40, 41], max_new_tokens=3, stop_ids=set()))) == 3
+
+
+def test_compression_never_runs_the_lm_decoder_over_the_context():
+    lm = tiny_model()
+    s = ccmem.CompressedLM(lm, icformer(), system_prompt="sys")
+    seen: list[int] = []
+
+    def record(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        seen.append(hidden.shape[1])
+
+    handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in lm.model.base_model.layers]
+    try:
+        s.add_ids(list(range(10, 70)))  # 60 context tokens
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen == [3 + 1] * len(lm.model.base_model.layers)  # the digests and the FT marker, once per layer
+
+
+def test_padded_contexts_give_the_digests_each_gives_alone():
+    lm = tiny_model()
+    method = icformer()
+    randomize_state(method, lm)
+    chunks = [torch.arange(10, 17), torch.arange(30, 33), torch.arange(50, 55)]
+    with torch.no_grad():
+        together = method.digests(lm, chunks)
+        alone = [method.digests(lm, [c])[0] for c in chunks]
+    for a, b in zip(together, alone, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_training_loss_equals_reading_the_answer_after_the_compressed_memory():
+    """The training layout ([sink][digests][FT][tail], one forward) is what inference computes from the memory."""
+    lm = tiny_model()
+    method = icformer(use_chunk=True, max_chunk_len=5)
+    randomize_state(method, lm)
+    sample = Sample([[10, 11, 12, 13], [14, 15, 16, 17, 18]], [40, 41, 42, 43], [5, 6], answer_start=2)
+    with torch.no_grad(), method.attached(lm):
+        trained = method.training_loss(lm, method.make_batch([sample]))
+        memory = method.add_sink(lm, method.new_memory(lm), torch.tensor([sample.sink]))
+        memory = method.add(lm, memory, torch.tensor([[t for c in sample.chunks for t in c]]))
+        tail = torch.tensor([sample.tail])
+        hidden = run_decoder(lm, tail, memory.to_cache(), memory.next_position).last_hidden_state
+        labels = torch.full_like(tail, -100)
+        labels[:, sample.answer_start :] = tail[:, sample.answer_start :]
+        read = answer_loss(lm, hidden, labels)  # the answer starts after the FT marker, inside the tail
+    torch.testing.assert_close(trained, read, atol=1e-5, rtol=0)
+
+
+SAMPLES = [
+    Sample([[10, 11, 12, 13, 14, 15]], [40, 41, 42], [5], answer_start=1),
+    Sample([[20, 21, 22]], [43, 44, 45, 46, 47, 48], [5], answer_start=2),
+    Sample([[30, 31, 32, 33, 34, 35, 36, 37, 38]], [49, 50], [5], answer_start=0),
+]
+
+
+@pytest.mark.parametrize("objective", ["finetune", "pretrain"])
+@pytest.mark.parametrize("avg_level", ["token", "sentence"])
+def test_accumulating_single_samples_equals_one_padded_batch(avg_level, objective):
+    lm = tiny_model()
+    method = icformer(avg_level=avg_level, objective=objective, max_seq_len=8, use_chunk=objective == "finetune",
+                      max_chunk_len=4)  # fmt: skip
+    former = method.module_for(lm)
+    randomize_state(method, lm)
+    former.requires_grad_(True)
+    with method.attached(lm):
+        method.training_loss(lm, method.make_batch(SAMPLES)).backward()
+        batched = [p.grad.clone() for p in former.parameters()]
+        former.zero_grad()
+        terms = [method.loss_terms(lm, method.make_batch([s])) for s in SAMPLES]
+        count = sum(c for _, c in terms)
+        for total, _ in terms:  # what an accumulating loop does: each micro-batch's sum over the window's count
+            (total / count).backward()
+        accumulated = [p.grad.clone() for p in former.parameters()]
+    for a, b in zip(batched, accumulated, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    if avg_level == "sentence":
+        assert count == len(SAMPLES)
+
+
+def test_pretraining_autoencodes_the_context_and_models_its_continuation():
+    method = icformer(objective="pretrain", max_seq_len=6)
+    batch = method.make_batch([Sample([[10, 11, 12, 13], [14, 15, 16, 17]], [18, 19], [5])])
+    assert batch.chunks == [[10, 11, 12, 13, 14, 15]]
+    assert [(r.marker, r.tail, r.label_from) for r in batch.rows] == [
+        (0, [10, 11, 12, 13, 14, 15], 0),
+        (1, [16, 17, 18, 19], 0),
+    ]
+    short = method.make_batch([Sample([[10, 11]], [], [5])])
+    assert [r.marker for r in short.rows] == [0]  # nothing to continue: autoencoding only
+    lm = tiny_model()
+    with method.attached(lm):
+        assert torch.isfinite(method.training_loss(lm, batch))
+
+
+def test_an_adapter_of_other_sizes_or_for_another_lm_is_refused_naming_the_mismatch(tmp_path):
+    lm = tiny_model()
+    method = icformer()
+    randomize_state(method, lm)
+    path = save_adapter(method, lm, tmp_path / "icformer.safetensors")
+    loaded = ccmem.load(tiny_model(), "icformer", adapter=path)
+    assert loaded.method.num_query_tokens == 3 and loaded.method.num_hidden_layers == 2
+    with pytest.raises(AdapterMismatchError, match="trained with num_query_tokens=3, but num_query_tokens=4"):
+        ccmem.load(tiny_model(), "icformer", adapter=path, num_query_tokens=4)
+    with pytest.raises(AdapterMismatchError, match="trained with num_hidden_layers=2, but num_hidden_layers=3"):
+        ccmem.load(tiny_model(), "icformer", adapter=path, num_hidden_layers=3)
+    with pytest.raises(AdapterMismatchError, match="was trained for 'tiny-llama-gqa', not for 'tiny-qwen2'"):
+        ccmem.load(tiny_model("qwen2"), "icformer", adapter=path)
+    # runtime options (chunking) may differ from training
+    assert ccmem.load(tiny_model(), "icformer", adapter=path, use_chunk=True).method.use_chunk
