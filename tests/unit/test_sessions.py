@@ -1,4 +1,8 @@
-"""The session store: SQLite index and transcripts, safetensors memories, crash safety, owners, bad input."""
+"""The session store: SQLite index and transcripts, safetensors memories, crash safety, owners, bad input.
+
+Tests taking ``make_store`` pin the contract every store keeps and run on SQLite and on Redis
+(``tests/unit/conftest.py`` starts a redis-server); the others are about the SQLite store's files.
+"""
 
 from __future__ import annotations
 
@@ -42,17 +46,17 @@ def memory_of(step: int, slots: int = 3) -> Memory:
     )
 
 
-def test_save_and_reload_a_session_keeps_memory_transcript_and_version(tmp_path):
-    store = SessionStore(tmp_path)
+def test_save_and_reload_a_session_keeps_memory_transcript_and_version(make_store):
+    store = make_store()
     store.create("alice", IDENTITY, {"model": "m"})
     transcript = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     record = store.save("alice", memory_of(1), transcript)
     store.close()
 
-    again = SessionStore(tmp_path).get("alice")
+    again = make_store().get("alice")
     assert again.version == record.version == 1
     assert again.transcript == transcript and again.turns == 1
-    loaded = SessionStore(tmp_path).memory(again)
+    loaded = make_store().memory(again)
     assert loaded is not None and loaded.meta["step"] == "1"
     assert torch.equal(loaded.layers[0][0], memory_of(1).layers[0][0])
 
@@ -72,8 +76,8 @@ def test_database_runs_in_wal_mode(tmp_path):
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_sessions_of_one_owner_are_invisible_to_another(tmp_path):
-    store = SessionStore(tmp_path)
+def test_sessions_of_one_owner_are_invisible_to_another(make_store):
+    store = make_store()
     alice, bob = owner_of("token-a"), owner_of("token-b")
     store.create("notes", IDENTITY, {}, owner=alice)
     with pytest.raises(UnknownSessionError):
@@ -83,21 +87,29 @@ def test_sessions_of_one_owner_are_invisible_to_another(tmp_path):
     assert [r.name for r in store.list(alice)] == ["notes"] and store.list(bob) == []
     store.create("notes", IDENTITY, {}, owner=bob)  # the same name for another owner is another session
     assert store.count() == 2
-    assert "token-a" not in (tmp_path / "sessions.db").read_bytes().decode("latin1")  # tokens are never stored
+
+
+def test_tokens_are_never_stored(tmp_path):
+    store = SessionStore(tmp_path)
+    store.create("notes", IDENTITY, {}, owner=owner_of("token-a"))
+    assert "token-a" not in (tmp_path / "sessions.db").read_bytes().decode("latin1")
 
 
 @pytest.mark.parametrize("name", ["../etc", "a/b", "", ".hidden", "x" * 65, "a b", "a..b", "ü"])
-def test_unsafe_session_names_are_refused(tmp_path, name):
+def test_unsafe_session_names_are_refused(make_store, name):
+    store = make_store()
     with pytest.raises(SessionError, match="invalid session name"):
-        SessionStore(tmp_path).create(name, IDENTITY, {})
+        store.create(name, IDENTITY, {})
+    with pytest.raises(SessionError, match="invalid session name"):
+        store.get(name)
 
 
 def test_safe_names_pass():
     assert check_name("chat-2024_01.v2") == "chat-2024_01.v2"
 
 
-def test_creating_twice_and_unknown_sessions_say_so(tmp_path):
-    store = SessionStore(tmp_path)
+def test_creating_twice_and_unknown_sessions_say_so(make_store):
+    store = make_store()
     store.create("s", IDENTITY, {})
     with pytest.raises(SessionExistsError, match="exists already"):
         store.create("s", IDENTITY, {})
@@ -105,38 +117,58 @@ def test_creating_twice_and_unknown_sessions_say_so(tmp_path):
         store.get("nope")
 
 
-def test_a_stale_version_is_refused_instead_of_dropping_turns(tmp_path):
-    store = SessionStore(tmp_path)
+def test_a_stale_version_is_refused_instead_of_dropping_turns(make_store):
+    store = make_store()
     store.create("s", IDENTITY, {})
     store.save("s", memory_of(1), [{"role": "user", "content": "a"}])
     with pytest.raises(VersionConflictError, match="another request"):
         store.save("s", memory_of(2), [{"role": "user", "content": "a"}], expect_version=0)
 
 
-def test_a_transcript_that_does_not_extend_the_stored_one_is_refused(tmp_path):
-    store = SessionStore(tmp_path)
+def test_a_transcript_that_does_not_extend_the_stored_one_is_refused(make_store):
+    store = make_store()
     store.create("s", IDENTITY, {})
     store.save("s", memory_of(1), [{"role": "user", "content": "a"}])
     with pytest.raises(SessionError, match="does not extend"):
         store.save("s", memory_of(2), [{"role": "user", "content": "b"}])
 
 
-def test_the_session_limit_is_enforced(tmp_path):
-    store = SessionStore(tmp_path, max_sessions=2)
+def test_the_session_limit_is_enforced(make_store):
+    store = make_store(max_sessions=2)
     store.create("a", IDENTITY, {})
     store.create("b", IDENTITY, {})
     with pytest.raises(SessionError, match="limit of 2 sessions"):
         store.create("c", IDENTITY, {})
 
 
-def test_delete_removes_rows_and_files(tmp_path):
+def test_delete_removes_the_session_and_its_transcript(make_store):
+    store = make_store()
+    store.create("s", IDENTITY, {})
+    record = store.save("s", memory_of(1), [{"role": "user", "content": "a"}])
+    store.delete("s")
+    assert not store.exists("s") and store.count() == 0 and store.list() == []
+    with pytest.raises(UnknownSessionError):
+        store.delete("s")
+    store.create("s", IDENTITY, {})
+    assert store.get("s").transcript == []  # no message of the deleted session comes back
+    with pytest.raises(VersionConflictError):  # a save read before the delete does not land in the new session
+        store.save("s", memory_of(2), [{"role": "user", "content": "a"}], expect_version=record.version)
+
+
+def test_delete_removes_the_memory_files(tmp_path):
     store = SessionStore(tmp_path)
     store.create("s", IDENTITY, {})
     store.save("s", memory_of(1), [{"role": "user", "content": "a"}])
     store.delete("s")
-    assert not store.exists("s") and not list((tmp_path / "memories").rglob("*.safetensors"))
-    store.create("s", IDENTITY, {})
-    assert store.get("s").transcript == []  # no message of the deleted session comes back
+    assert not list((tmp_path / "memories").rglob("*.safetensors"))
+
+
+def test_list_is_most_recent_first(make_store):
+    store = make_store()
+    for name in ("a", "b", "c"):
+        store.create(name, IDENTITY, {})
+    store.save("a", memory_of(1), [{"role": "user", "content": "x"}])
+    assert [r.name for r in store.list()] == ["a", "c", "b"]
 
 
 def test_a_file_that_is_not_a_database_is_a_clear_error(tmp_path):
@@ -210,8 +242,8 @@ def lm():
     return tiny_model("llama-gqa")
 
 
-def test_open_restores_memory_and_history_of_a_compressed_session(tmp_path, lm):
-    store = SessionStore(tmp_path)
+def test_open_restores_memory_and_history_of_a_compressed_session(make_store, lm):
+    store = make_store()
     first = ccmem.load(lm, method="ccm-concat")
     store.open("talk", first)
     first.remember("my dog is rex", "nice")
@@ -226,13 +258,13 @@ def test_open_restores_memory_and_history_of_a_compressed_session(tmp_path, lm):
     assert list(second.stream_ids(query, 5)) == list(first.stream_ids(query, 5))
 
 
-def test_a_session_made_with_another_method_is_refused_by_name(tmp_path, lm):
-    store = SessionStore(tmp_path)
+def test_a_session_made_with_another_method_is_refused_by_name(make_store, lm):
+    store = make_store()
     store.open("talk", ccmem.load(lm, method="ccm-concat"))
     with pytest.raises(SessionMismatchError, match="method='ccm-concat'"):
         store.open("talk", ccmem.load(lm, method="full"))
 
 
-def test_open_without_create_refuses_an_unknown_session(tmp_path, lm):
+def test_open_without_create_refuses_an_unknown_session(make_store, lm):
     with pytest.raises(UnknownSessionError):
-        SessionStore(tmp_path).open("nope", ccmem.load(lm, method="full"), create=False)
+        make_store().open("nope", ccmem.load(lm, method="full"), create=False)
