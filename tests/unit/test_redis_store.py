@@ -170,6 +170,21 @@ def test_a_lock_outlives_its_ttl_while_held_and_a_waiter_gives_up_with_409(store
     assert issubclass(SessionBusyError, VersionConflictError)  # the server answers 409
 
 
+def test_a_lock_never_released_lapses_once_held_past_its_hold_limit(store):
+    """A request dropped before it released its session (the lock object is simply left behind) stops being renewed
+    after ``lock_hold`` and lapses, instead of keeping the session from every worker until a restart."""
+    holder, waiter = store(lock_ttl=0.3, lock_hold=0.6), store()
+
+    async def main():
+        await holder.lock("s").__aenter__()  # never exited
+        started = time.monotonic()
+        async with waiter.lock("s"):
+            return time.monotonic() - started
+
+    waited = asyncio.run(main())
+    assert 0.6 <= waited < 2.0
+
+
 HOLDER = textwrap.dedent(
     """
     import sys, time

@@ -64,6 +64,10 @@ LOCK_TTL = 30.0
 #: Seconds a request waits for a session another request holds, before it is refused with 409 "busy, retry".
 #: Requests for one session queue behind each other; two minutes covers a queue of several long generations.
 LOCK_WAIT = 120.0
+#: Seconds one request may keep a session: renewal stops after this, so a lock its request never released (a request
+#: dropped before its answer started, a stuck thread) lapses like a crashed worker's instead of blocking the session
+#: until the worker restarts. Ten minutes is far above one answer of --max-new-tokens on a CPU.
+LOCK_HOLD = 600.0
 #: Seconds between attempts while waiting (Redis locks are polled; loopback round trips are ~0.1 ms).
 LOCK_POLL = 0.02
 
@@ -113,8 +117,8 @@ class RedisSessionStore(BaseSessionStore):
     """Sessions (records, transcripts, safetensors memories) in the Redis at ``url`` (``redis://HOST:PORT/DB``).
 
     ``prefix`` namespaces the keys, so several stores (or tests) can share one Redis. Thread-safe (redis-py's
-    connection pool); any number of processes may share one store. ``lock_ttl``/``lock_wait``: see
-    :data:`LOCK_TTL` and :data:`LOCK_WAIT`.
+    connection pool); any number of processes may share one store. ``lock_ttl``, ``lock_wait``, ``lock_hold``:
+    see :data:`LOCK_TTL`, :data:`LOCK_WAIT`, :data:`LOCK_HOLD`.
     """
 
     def __init__(
@@ -125,11 +129,12 @@ class RedisSessionStore(BaseSessionStore):
         max_sessions: int | None = None,
         lock_ttl: float = LOCK_TTL,
         lock_wait: float = LOCK_WAIT,
+        lock_hold: float = LOCK_HOLD,
     ):
         self.url = url
         self.prefix = prefix
         self.max_sessions = max_sessions
-        self.lock_ttl, self.lock_wait = lock_ttl, lock_wait
+        self.lock_ttl, self.lock_wait, self.lock_hold = lock_ttl, lock_wait, lock_hold
         try:
             self._redis = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30)
         except ValueError as err:
@@ -350,9 +355,9 @@ class RedisSessionLock:
 
     Waiting polls every :data:`LOCK_POLL` seconds without blocking the event loop, up to the store's
     ``lock_wait`` (then :class:`SessionBusyError`). While held, a task renews it every third of ``lock_ttl``, so a
-    long request keeps it and a crashed worker's lock lapses ``lock_ttl`` after its last renewal. A lock that lapsed
-    anyway (the event loop stalled past the ttl) is only logged: the save's version check still refuses a save
-    that would drop another request's turns.
+    long request keeps it (up to ``lock_hold``) and a crashed worker's lock lapses ``lock_ttl`` after its last
+    renewal. A lock that lapsed anyway (the event loop stalled past the ttl) is only logged: the save's version
+    check still refuses a save that would drop another request's turns.
     """
 
     def __init__(self, store: RedisSessionStore, lock: Lock, name: str):
@@ -373,16 +378,23 @@ class RedisSessionLock:
         while not self._try(lambda: self._lock.acquire(blocking=False)):
             if loop.time() >= deadline:
                 raise SessionBusyError(
-                    f"session {self.name!r} is busy: another request has held it for over {self.store.lock_wait:g} s; "
-                    "retry later"
+                    f"session {self.name!r} is busy: other requests held it for the {self.store.lock_wait:g} s this "
+                    "one waited; retry later"
                 )
             await asyncio.sleep(LOCK_POLL)
         self._renewal = asyncio.create_task(self._renew())
         return self
 
     async def _renew(self) -> None:
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self.store.lock_hold
         while True:
             await asyncio.sleep(self.store.lock_ttl / 3)
+            if loop.time() >= until:
+                logger.warning(
+                    "session %r has been held for %g s; its lock is no longer renewed", self.name, self.store.lock_hold
+                )
+                return
             try:
                 self._try(self._lock.reacquire)
             except (LockError, StoreError) as err:
