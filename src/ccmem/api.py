@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ccmem.adapter import Adapter, load_adapter, options_with_adapter, read_adapter, shipped_adapter
-from ccmem.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat, Message, check_messages
+from ccmem.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat, Message, TextStream, check_messages
 from ccmem.generation import Sampling, decode, decode_batch
 from ccmem.loading import DEFAULT_MODEL, LoadedModel, load_model
 from ccmem.memory import Memory
@@ -260,18 +260,13 @@ class CompressedLM:
     def stream(self, prompt: str | Sequence[Message], max_new_tokens: int = 64, **kwargs: Any) -> Iterator[str]:
         """Yield the answer to ``prompt`` as text pieces while it is generated."""
         stops = self.format.stop_ids()
-        tokens: list[int] = []
-        shown = ""
+        text = TextStream(self.lm.tokenizer)
         for token in self.stream_ids(self.query_ids(prompt), max_new_tokens, **kwargs):
             if token in stops:
                 break
-            tokens.append(token)
-            text = str(self.lm.tokenizer.decode(tokens, skip_special_tokens=True))
-            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-                continue
-            if len(text) > len(shown):
-                yield text[len(shown) :]
-                shown = text
+            piece = text.push(token)
+            if piece:
+                yield piece
 
     def generate(self, prompt: str | Sequence[Message], max_new_tokens: int = 64, **kwargs: Any) -> str:
         """The answer to ``prompt`` given the memory (the memory itself is not changed)."""
@@ -327,19 +322,8 @@ def generate_batch(
     model and one method (same options and adapter); ``max_new_tokens`` and ``seed`` may be given per session."""
     if not sessions or len(prompts) != len(sessions):
         raise ValueError(f"give one prompt per session ({len(sessions)} sessions, {len(prompts)} prompts)")
+    _check_shared(sessions, "batched generation")
     first = sessions[0]
-    meaning = first.method.memory_meta(first.lm)
-    for i, s in enumerate(sessions):
-        if s.lm is not first.lm:
-            raise ValueError(
-                f"session {i} has its own copy of the model; batched generation needs sessions of one loaded "
-                "model (load(model=first.lm, ...) shares it)"
-            )
-        if s.method.memory_meta(s.lm) != meaning:
-            raise ValueError(
-                f"session {i} uses method {s.method.name!r} with other options or adapter than session 0 "
-                f"({first.method.name!r}); batched generation needs one method for all sessions"
-            )
     limits = [max_new_tokens] * len(sessions) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     seeds = list(seed) if isinstance(seed, Sequence) else [seed] * len(sessions)
     if len(limits) != len(sessions) or len(seeds) != len(sessions):

@@ -69,3 +69,22 @@ class ChatFormat:
             if isinstance(tid, int) and tid != unk:
                 ids.add(tid)
         return ids
+
+
+class TextStream:
+    """Token ids in, text pieces out: decodes the answer so far and yields only what is new (waiting while a
+    multi-byte character is incomplete), so a streamed answer concatenates to exactly the decoded answer."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.text = ""
+
+    def push(self, token: int) -> str:
+        """The text ``token`` adds ("" while a character is incomplete)."""
+        self.tokens.append(token)
+        text = str(self.tokenizer.decode(self.tokens, skip_special_tokens=True))
+        if text.endswith("\ufffd") or len(text) <= len(self.text):
+            return ""
+        piece, self.text = text[len(self.text) :], text
+        return piece

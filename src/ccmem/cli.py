@@ -260,6 +260,91 @@ def chat(
     run_chat(session, console, max_new_tokens=max_new_tokens, temperature=temperature, binding=binding)
 
 
+@app.command(
+    epilog="Example: ccmem serve --port 8000 --token $TOKEN, then with the openai client: "
+    "OpenAI(base_url='http://127.0.0.1:8000/v1', api_key=TOKEN).chat.completions.create("
+    "model='smollm2-135m:ccm-concat', messages=[...], extra_body={'session': 'alice'}). "
+    "Sessions are created with POST /v1/sessions."
+)
+def serve(
+    model: ModelOpt = DEFAULT_MODEL,
+    method: MethodOpt = DEFAULT_METHOD,
+    adapter: AdapterOpt = None,
+    n_tok: NTokOpt = None,
+    option: OptionsOpt = None,
+    system: SystemOpt = DEFAULT_SYSTEM_PROMPT,
+    stage1: Stage1Opt = None,
+    store: StoreOpt = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port (0: any free port).")] = 8000,
+    token: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--token",
+            help="Accept this bearer token (repeatable); then every request needs one, and a session is visible only "
+            "to the token that made it. Default: $CCMEM_TOKENS (comma-separated), else an open server.",
+        ),
+    ] = None,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", min=1, help="The most tokens one request may generate (max_tokens).")
+    ] = 512,
+    max_input_tokens: Annotated[
+        int, typer.Option("--max-input-tokens", min=1, help="The most tokens of new context one request may add.")
+    ] = 4096,
+    max_message_bytes: Annotated[
+        int, typer.Option("--max-message-bytes", min=1, help="The most UTF-8 bytes in one message (413 beyond).")
+    ] = 32768,
+    max_sessions: Annotated[
+        int, typer.Option("--max-sessions", min=1, help="The most sessions the store may hold, all tokens together.")
+    ] = 1000,
+    max_batch: Annotated[
+        int, typer.Option("--max-batch", min=1, help="Generation requests of different sessions decoded together.")
+    ] = 8,
+    log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level (debug, info, warning).")] = "info",
+    redis_url: Annotated[
+        str | None,
+        typer.Option(
+            "--redis",
+            envvar="CCMEM_REDIS",
+            show_envvar=False,
+            help="Keep sessions in the Redis at this URL (redis://HOST:PORT/DB) instead of the SQLite --store, so that "
+            "several `ccmem serve` workers (behind one load balancer) share them: any worker answers any session, and "
+            "requests for one session wait for each other (a lock per session in Redis). Default: $CCMEM_REDIS.",
+        ),
+    ] = None,
+) -> None:
+    """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/models, /v1/sessions) that keeps each
+    conversation as a compressed memory."""
+    from ccmem.serve.engine import Engine, Limits
+    from ccmem.serve.server import bind, run
+    from ccmem.serve.sessions import BaseSessionStore, SessionStore, default_store_root
+
+    bind(host, port).close()  # a port in use fails before the model loads
+    tokens = token or [t.strip() for t in os.environ.get("CCMEM_TOKENS", "").split(",") if t.strip()]
+    sessions: BaseSessionStore
+    if redis_url:
+        if store is not None:
+            raise ValueError("give --store (SQLite) or --redis (or $CCMEM_REDIS), not both: sessions live in one place")
+        from ccmem.serve.redis_store import RedisSessionStore, redacted
+
+        sessions, where = RedisSessionStore(redis_url), f"Redis {redacted(redis_url)}"
+    else:
+        sessions = SessionStore(store or default_store_root())
+        where = str(sessions.root)
+    base = _session(model, method, adapter, _options(n_tok, None, option), system or None, stage1)
+    limits = Limits(
+        max_new_tokens=max_new_tokens,
+        max_input_tokens=max_input_tokens,
+        max_message_bytes=max_message_bytes,
+        max_sessions=max_sessions,
+        max_batch=max_batch,
+    )
+    engine = Engine(base, sessions, model_id=f"{model}:{method}", limits=limits)
+    auth = f"{len(tokens)} bearer token(s)" if tokens else "no auth (open to anyone who can reach it)"
+    console.print(f"[bold]ccmem serve[/]: {model}:{method} on http://{host}:{port}/v1, {auth}, store {where}")
+    run(engine, host=host, port=port, tokens=tokens, log_level=log_level)
+
+
 def read_text_file(path: Path) -> str:
     """A text file's contents; binary files are refused, and bytes that are not UTF-8 are replaced with a warning."""
     data = path.read_bytes()

@@ -9,7 +9,7 @@ import pytest
 
 from ccmem import cli
 
-COMMANDS = ["demo", "chat", "compress", "ask", "methods", "models", "train", "eval", "report", "data"]
+COMMANDS = ["demo", "chat", "serve", "compress", "ask", "methods", "models", "train", "eval", "report", "data"]
 
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
@@ -220,3 +220,61 @@ def test_chat_session_continues_where_it_stopped(monkeypatch, capsys, tiny_model
     assert code == 2 and "was made with" in " ".join(out.split()) and "Traceback" not in out
     code, out = run_cli(monkeypatch, capsys, *common[:-4], "--session", "../x")
     assert code == 2 and "invalid session name" in out
+
+
+def test_serve_refuses_a_port_in_use_before_loading_the_model(monkeypatch, capsys, tmp_path):
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = str(taken.getsockname()[1])
+    code, out = run_cli(monkeypatch, capsys, "serve", "--port", port, "--model", "no-such-model")
+    taken.close()
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in " ".join(out.split()) and "Traceback" not in out
+
+
+def test_serve_runs_as_a_user_starts_it_and_answers_the_openai_client(tiny_model_dir, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import time
+
+    from openai import OpenAI
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "ccmem.cli", "serve", "--model", str(tiny_model_dir), "--method", "ccm-merge"]
+    command += ["--port", str(port), "--store", str(tmp_path / "store"), "--log-level", "warning", "--system", ""]
+    env = dict(os.environ, CCMEM_TOKENS="t1,t2")
+    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="t1", max_retries=0)
+        for _ in range(300):
+            try:
+                models = [m.id for m in client.models.list()]
+                break
+            except Exception:
+                assert server.poll() is None, server.stdout.read().decode() if server.stdout else ""
+                time.sleep(0.1)
+        assert models == [f"{tiny_model_dir}:ccm-merge"]
+        client.post("/sessions", body={"name": "chat1"}, cast_to=dict)
+        for words in ("w1 w2 w3", "w4 w5"):
+            reply = client.chat.completions.create(
+                model=models[0],
+                messages=[{"role": "user", "content": words}],
+                max_tokens=3,
+                extra_body={"session": "chat1"},
+            )
+            assert reply.choices[0].finish_reason in ("stop", "length")
+        assert client.get("/sessions/chat1", cast_to=dict)["turns"] == 2
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+def test_serve_refuses_a_store_whose_database_is_not_one(monkeypatch, capsys, tmp_path):
+    (tmp_path / "sessions.db").write_bytes(b"definitely not sqlite" * 64)
+    code, out = run_cli(monkeypatch, capsys, "serve", "--store", str(tmp_path), "--port", "0", "--model", "x")
+    assert code == 2 and "is not a ccmem session database" in " ".join(out.split()) and "Traceback" not in out

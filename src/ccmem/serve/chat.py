@@ -80,8 +80,10 @@ def command(session: CompressedLM, console: Console, line: str, binding: Session
             console.print(f"saved to {session.save_memory(arg.strip())}")
         elif name == "/load" and arg.strip():
             if binding is not None:
-                console.print("[red]/load replaces the memory, which a stored session cannot take; chat without "
-                              "--session to load a memory file[/]")
+                console.print(
+                    "[red]/load replaces the memory, which a stored session cannot take; chat without "
+                    "--session to load a memory file[/]"
+                )
                 return False
             session.load_memory(arg.strip())
             console.print("memory loaded")

@@ -18,6 +18,7 @@ neither sees nor can guess them (its lookups answer "no such session", as for a 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -115,6 +116,7 @@ class SessionStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.db_path = self.root / "sessions.db"
         self._lock = threading.RLock()
+        self._session_locks: dict[tuple[str, str], asyncio.Lock] = {}
         try:
             self._db = sqlite3.connect(self.db_path, timeout=30.0, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -178,6 +180,11 @@ class SessionStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def lock(self, name: str, owner: str = "") -> contextlib.AbstractAsyncContextManager[Any]:
+        """An async lock held while one request works on the session (in this process; several processes on one
+        SQLite store rely on :meth:`save`'s version check instead, and the Redis store locks across them)."""
+        return self._session_locks.setdefault((owner, name), asyncio.Lock())
 
     # ------------------------------------------------------------------ files
 

@@ -1,0 +1,531 @@
+"""What ``ccmem serve`` does with a request, independent of HTTP: sessions, prefix reuse, batched decoding.
+
+One loaded model and method serve every request. All model work runs on one worker thread (a method is
+attached to the model per call, and two threads attaching at once would mix their hooks); requests wait on
+it without blocking the event loop. Generation requests that are waiting together are decoded together, one
+padded forward per step for all of them (:func:`ccmem.generation.decode_batch`).
+
+How a request's messages meet the memory:
+
+- **With a session** (``session`` in the body): the stored memory holds the conversation so far. The request
+  sends only the new messages, or the whole conversation: it is taken as whole when it starts with a system
+  message or repeats the session's transcript from its start; then it must extend the transcript exactly (else
+  409: start a new session). The new messages before the last (user) one are compressed first, the last one is
+  answered, and the exchange is compressed and saved as the session's next version, only once it succeeded.
+- **Without a session** (as plain OpenAI clients talk): the whole list is sent each time. The engine keeps the
+  memories of recent conversations by the hash of their messages and reuses the longest prefix it holds, so
+  only the messages it has not seen are compressed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+from ccmem.api import CompressedLM, add_batch
+from ccmem.chat import Message, TextStream
+from ccmem.generation import Sampling, decode_batch
+from ccmem.memory import Memory
+from ccmem.serve.sessions import BaseSessionStore, SessionError, SessionRecord, check_identity, settings_of
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class RequestError(ValueError):
+    """A request that cannot be served as sent (HTTP 400); the message says what to change."""
+
+
+class ConflictError(SessionError):
+    """The messages do not extend what the session holds (HTTP 409)."""
+
+
+@dataclass
+class Limits:
+    """Bounds on what one request or the whole server may ask for."""
+
+    max_message_bytes: int = 32_768  # UTF-8 bytes of one message's content
+    max_messages: int = 256  # messages in one request
+    max_new_tokens: int = 512  # the most a request may ask to generate
+    max_input_tokens: int = 4_096  # tokens of new context one request may add (what is compressed or read)
+    max_sessions: int = 1_000  # sessions in the store, all owners together
+    max_batch: int = 8  # generation requests decoded together
+    prefix_cache: int = 64  # memories kept for reuse by requests without a session
+    live_sessions: int = 256  # sessions kept decoded in RAM between requests
+
+    def check(self) -> None:
+        for name, value in vars(self).items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"limit {name} must be a positive whole number, got {value!r}")
+
+
+@dataclass
+class Params:
+    """How to answer: sampling and length."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Answer:
+    """What :meth:`Engine.chat` produced, filled while it streams: text, why it stopped, what it cost."""
+
+    text: str = ""
+    finish_reason: str = "stop"
+    prompt_tokens: int = 0  # tokens read this request: new context compressed + the query
+    completion_tokens: int = 0
+    reused_messages: int = 0  # messages whose memory was found (session or prefix cache), not compressed again
+    memory_slots: int = 0
+    memory_bytes: int = 0
+    session: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- the model worker
+
+
+class _Call:
+    def __init__(self, fn: Callable[[], Any], done: Callable[[Any, BaseException | None], None]):
+        self.fn, self.done = fn, done
+
+
+class _Fold:
+    def __init__(
+        self, session: CompressedLM, groups: list[list[Message]], done: Callable[[Any, BaseException | None], None]
+    ):
+        self.session, self.groups, self.done = session, groups, done
+
+
+class _Generate:
+    def __init__(
+        self, memory: Memory, query: torch.Tensor, limit: int, sampling: Sampling, emit: Callable[[Any], None]
+    ):
+        self.memory, self.query, self.limit, self.sampling, self.emit = memory, query, limit, sampling, emit
+
+
+class ModelWorker:
+    """The one thread that runs the model: calls in arrival order, then the waiting compressions read together,
+    then the waiting generations decoded together."""
+
+    def __init__(self, session: CompressedLM, max_batch: int):
+        self.session = session
+        self.max_batch = max_batch
+        self.stop_ids = session.format.stop_ids()
+        self._jobs: queue.Queue[_Call | _Fold | _Generate | None] = queue.Queue()
+        self.batches: list[int] = []  # size of each decoded batch (for stats and tests)
+        self.fold_batches: list[int] = []  # sessions compressing together
+        self._thread = threading.Thread(target=self._run, name="ccmem-model", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _settler(future: asyncio.Future[Any]) -> Callable[[Any, BaseException | None], None]:
+        """A callback for the model thread that settles ``future`` on its own event loop."""
+        loop = future.get_loop()
+
+        def done(result: Any, error: BaseException | None) -> None:
+            def settle() -> None:
+                if future.cancelled():
+                    return
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(result)
+
+            with contextlib.suppress(RuntimeError):  # the request's event loop is gone: nobody is waiting
+                loop.call_soon_threadsafe(settle)
+
+        return done
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the model thread; its exception is raised here."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._jobs.put(_Call(fn, self._settler(future)))
+        return await future
+
+    async def fold(self, session: CompressedLM, groups: list[list[Message]]) -> None:
+        """Compress ``groups`` of messages into ``session``, one group after the other; sessions folding at the
+        same time are read together (:func:`ccmem.api.add_batch`)."""
+        if not groups:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._jobs.put(_Fold(session, groups, self._settler(future)))
+        await future
+
+    def generate(self, memory: Memory, query: torch.Tensor, limit: int, sampling: Sampling) -> asyncio.Queue[Any]:
+        """Start decoding; the queue receives token ids, then ``None`` (finished) or an exception."""
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue[Any] = asyncio.Queue()
+
+        def emit(item: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the request's event loop is gone: nobody is waiting
+                loop.call_soon_threadsafe(out.put_nowait, item)
+
+        self._jobs.put(_Generate(memory, query, limit, sampling, emit))
+        return out
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            jobs = [job]
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    more = self._jobs.get_nowait()
+                    if more is None:
+                        self._jobs.put(None)
+                        break
+                    jobs.append(more)
+            for call in (j for j in jobs if isinstance(j, _Call)):
+                try:
+                    result = call.fn()
+                except BaseException as err:  # handed to the awaiting request, which turns it into a response
+                    call.done(None, err)
+                else:
+                    call.done(result, None)
+            folds = [j for j in jobs if isinstance(j, _Fold)]
+            if folds:
+                self._fold(folds)
+            waiting = [j for j in jobs if isinstance(j, _Generate)]
+            for start in range(0, len(waiting), self.max_batch):
+                self._decode(waiting[start : start + self.max_batch])
+
+    def _fold(self, jobs: list[_Fold]) -> None:
+        """Step t compresses the t-th group of every job that has one, up to ``max_batch`` sessions per read."""
+        self.fold_batches.append(len(jobs))
+        failed: dict[int, BaseException] = {}
+        for t in range(max(len(j.groups) for j in jobs)):
+            active = [i for i, j in enumerate(jobs) if t < len(j.groups) and i not in failed]
+            for start in range(0, len(active), self.max_batch):
+                rows = active[start : start + self.max_batch]
+                try:
+                    add_batch([jobs[i].session for i in rows], [jobs[i].groups[t] for i in rows])
+                except BaseException:  # find whose context failed; the others go on
+                    for i in rows:
+                        try:
+                            jobs[i].session.add(jobs[i].groups[t])
+                        except BaseException as err:
+                            failed[i] = err
+        for i, job in enumerate(jobs):
+            job.done(None, failed.get(i))
+
+    def _decode(self, jobs: list[_Generate]) -> None:
+        self.batches.append(len(jobs))
+        lm, method = self.session.lm, self.session.method
+        try:
+            steps = decode_batch(
+                lm,
+                method,
+                [j.memory for j in jobs],
+                [j.query for j in jobs],
+                [j.limit for j in jobs],
+                sampling=[j.sampling for j in jobs],
+                stop_ids=self.stop_ids,
+            )
+            for tokens in steps:
+                for job, token in zip(jobs, tokens, strict=True):
+                    if token is not None:
+                        job.emit(token)
+        except BaseException as err:
+            for job in jobs:
+                job.emit(err)
+            return
+        for job in jobs:
+            job.emit(None)
+
+
+# ---------------------------------------------------------------- the engine
+
+
+def _group_turns(messages: Sequence[Message]) -> list[list[Message]]:
+    """Messages in the groups a chat compresses them in: a user message with the assistant reply after it."""
+    groups: list[list[Message]] = []
+    for message in messages:
+        if message["role"] == "assistant" and groups and groups[-1][-1]["role"] == "user":
+            groups[-1].append(message)
+        else:
+            groups.append([message])
+    return groups
+
+
+def _prefix_key(owner: str, system: str | None, messages: Sequence[Message]) -> str:
+    text = json.dumps([owner, system, list(messages)], ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class Engine:
+    """Answers chat requests for one loaded model and method, keeping memories in a session store (SQLite or Redis)."""
+
+    def __init__(self, base: CompressedLM, store: BaseSessionStore, *, model_id: str, limits: Limits | None = None):
+        self.base = base
+        self.store = store
+        self.model_id = model_id
+        self.limits = limits or Limits()
+        self.limits.check()
+        self.store.max_sessions = self.limits.max_sessions
+        self.identity = base.method.memory_meta(base.lm)
+        self.worker = ModelWorker(base, self.limits.max_batch)
+        self._live: OrderedDict[tuple[str, str], tuple[int, CompressedLM]] = OrderedDict()
+        self._prefixes: OrderedDict[str, CompressedLM] = OrderedDict()
+        self._systems: dict[str | None, CompressedLM] = {base.system_prompt: base.fork()}
+
+    def close(self) -> None:
+        self.worker.close()
+
+    # ------------------------------------------------------------------ sessions
+
+    def _lock(self, owner: str, name: str) -> contextlib.AbstractAsyncContextManager[Any]:
+        """The store's lock of one session: requests for it never interleave (across processes with Redis)."""
+        return self.store.lock(name, owner)
+
+    async def _start(self, system: str | None) -> CompressedLM:
+        """A fresh session with ``system`` as its sink (computed once per system prompt)."""
+        if system not in self._systems:
+
+            def build() -> CompressedLM:
+                fresh = self.base.fork()
+                fresh.system_prompt = system
+                fresh.reset()
+                return fresh
+
+            self._systems[system] = await self.worker.call(build)
+            if len(self._systems) > self.limits.prefix_cache:
+                self._systems.pop(next(k for k in self._systems if k != self.base.system_prompt))
+        return self._systems[system].fork()
+
+    async def create_session(self, owner: str, name: str, system: str | None) -> SessionRecord:
+        session = await self._start(system if system is not None else self.base.system_prompt)
+        record = self.store.create(name, self.identity, settings_of(session), owner)
+        return self.store.save(name, session.memory, session.history, owner, expect_version=record.version)
+
+    async def _load(self, owner: str, name: str) -> tuple[SessionRecord, CompressedLM]:
+        record = self.store.get(name, owner)
+        check_identity(record, self.identity)
+        live = self._live.get((owner, name))
+        if live is not None and live[0] == record.version:
+            self._live.move_to_end((owner, name))
+            return record, live[1].fork()
+        if record.version == 0:  # created, but its first save never happened (a crash): start it afresh
+            return record, await self._start(record.settings.get("system_prompt", self.base.system_prompt))
+        lm = self.base.lm
+
+        def read() -> CompressedLM:
+            session = self.base.fork()
+            memory = self.store.memory(record, expect=self.identity, shape=lm.kv_shape, device=lm.device)
+            assert memory is not None  # version > 0 has a memory file (store.memory raises if it is missing)
+            session.restore(memory, record.transcript)
+            return session
+
+        return record, await self.worker.call(read)
+
+    def _keep_live(self, owner: str, name: str, version: int, session: CompressedLM) -> None:
+        self._live[(owner, name)] = (version, session)
+        self._live.move_to_end((owner, name))
+        while len(self._live) > self.limits.live_sessions:
+            self._live.popitem(last=False)
+
+    def delete_session(self, owner: str, name: str) -> None:
+        self.store.delete(name, owner)
+        self._live.pop((owner, name), None)
+
+    # ------------------------------------------------------------------ requests
+
+    def _count(self, session: CompressedLM, messages: Sequence[Message]) -> int:
+        return sum(len(session.lm.tokenizer.encode(m["content"], add_special_tokens=False)) for m in messages)
+
+    def _split(self, messages: Sequence[Message]) -> tuple[list[Message], Message]:
+        if not messages or messages[-1]["role"] != "user":
+            raise RequestError("the last message must be the user's (the one to answer)")
+        return list(messages[:-1]), messages[-1]
+
+    @staticmethod
+    def new_messages(transcript: Sequence[Message], messages: Sequence[Message]) -> list[Message]:
+        """The part of a session request's ``messages`` the session does not hold yet (the rule in the module doc)."""
+        held = list(transcript)
+        body = [m for m in held if m["role"] != "system"]
+        if messages[0]["role"] == "system":
+            if list(messages[: len(held)]) != held:
+                raise ConflictError(
+                    "these messages do not extend the session's conversation (they start with a system message, "
+                    "so they are taken as the whole conversation, but differ from what the session holds at "
+                    f"message {_first_difference(held, messages)}); send only the new messages, or start a new session"
+                )
+            return list(messages[len(held) :])
+        if body and list(messages[: len(body)]) == body:
+            return list(messages[len(body) :])
+        return list(messages)
+
+    async def chat(
+        self, owner: str, messages: Sequence[Message], params: Params, session: str | None = None
+    ) -> tuple[Answer, AsyncIterator[str]]:
+        """Prepare an answer (errors in the request are raised here) and return it with its text pieces.
+
+        The session is saved once the pieces have all been produced; a failure before that leaves it unchanged.
+        """
+        if params.max_new_tokens > self.limits.max_new_tokens:
+            raise RequestError(
+                f"max_tokens is {params.max_new_tokens}, this server allows at most {self.limits.max_new_tokens}"
+            )
+        answer = Answer(session=session)
+        lock = self._lock(owner, session) if session is not None else None
+        if lock is not None:
+            await lock.__aenter__()
+        try:
+            if session is not None:
+                record, state = await self._load(owner, session)
+                new = self.new_messages(record.transcript, messages)
+                if not new:
+                    raise RequestError("the session holds all of these messages already; send a new user message")
+                if any(m["role"] == "system" for m in new):
+                    raise ConflictError("a session's system prompt is set when it is created; start a new session")
+                answer.reused_messages = len(messages) - len(new)
+                fold, query = self._split(new)
+            else:
+                record = None
+                system = messages[0]["content"] if messages[0]["role"] == "system" else self.base.system_prompt
+                body = list(messages[1:] if messages[0]["role"] == "system" else messages)
+                if any(m["role"] == "system" for m in body):
+                    raise RequestError("a system message may only come first")
+                before, query = self._split(body)
+                state, reused = await self._from_prefix(owner, system, before)
+                fold = before[reused:]
+                answer.reused_messages = reused
+            answer.prompt_tokens = self._count(state, [*fold, query])
+            if answer.prompt_tokens > self.limits.max_input_tokens:
+                raise RequestError(
+                    f"this request adds {answer.prompt_tokens} tokens of context; this server reads at most "
+                    f"{self.limits.max_input_tokens} per request: send the conversation in several requests"
+                )
+            await self.worker.fold(state, _group_turns(fold))
+            if session is None:
+                self._remember_prefix(owner, system, before, state)
+            query_ids = await self.worker.call(lambda: self._query(state, query, params))
+        except BaseException:
+            if lock is not None:
+                await lock.__aexit__(None, None, None)
+            raise
+        return answer, self._pieces(owner, session, record, state, query, query_ids, params, answer, lock)
+
+    def _query(self, state: CompressedLM, query: Message, params: Params) -> torch.Tensor:
+        ids = state.query_ids([query])
+        from ccmem.api import check_room
+
+        check_room(state.lm, state.memory, ids.shape[1] + params.max_new_tokens)
+        return ids
+
+    async def _pieces(
+        self,
+        owner: str,
+        name: str | None,
+        record: SessionRecord | None,
+        state: CompressedLM,
+        query: Message,
+        query_ids: torch.Tensor,
+        params: Params,
+        answer: Answer,
+        lock: contextlib.AbstractAsyncContextManager[Any] | None,
+    ) -> AsyncIterator[str]:
+        try:
+            sampling = Sampling(params.temperature, params.top_p, params.seed)
+            tokens = self.worker.generate(state.memory, query_ids, params.max_new_tokens, sampling)
+            text = TextStream(state.lm.tokenizer)
+            answer.finish_reason = "length"
+            held = ""  # text kept back while it could still be the start of a stop string
+            while True:
+                item = await tokens.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                answer.completion_tokens += 1
+                if item in self.worker.stop_ids:
+                    answer.finish_reason = "stop"
+                    break
+                held += text.push(item)
+                cut = _stop_at(held, params.stop)
+                if cut is not None:
+                    held = held[:cut]
+                    answer.finish_reason = "stop"
+                    break
+                keep = _longest_stop_prefix(held, params.stop)
+                if len(held) > keep:
+                    answer.text += held[: len(held) - keep]
+                    yield held[: len(held) - keep]
+                    held = held[len(held) - keep :]
+            if held:
+                answer.text += held
+                yield held
+            if name is not None and record is not None:
+                reply = answer.text.strip()
+                await self.worker.fold(state, [[query, {"role": "assistant", "content": reply}]])
+                saved = self.store.save(name, state.memory, state.history, owner, expect_version=record.version)
+                self._keep_live(owner, name, saved.version, state)
+            answer.memory_slots = state.memory.num_slots
+            answer.memory_bytes = state.memory.nbytes
+        finally:
+            if lock is not None:
+                await lock.__aexit__(None, None, None)
+
+    async def _from_prefix(self, owner: str, system: str | None, before: list[Message]) -> tuple[CompressedLM, int]:
+        """The memory of the longest prefix of ``before`` held (at turn boundaries), and how many messages it covers."""
+        for n in range(len(before), 0, -1):
+            found = self._prefixes.get(_prefix_key(owner, system, before[:n]))
+            if found is not None:
+                self._prefixes.move_to_end(_prefix_key(owner, system, before[:n]))
+                return found.fork(), n
+        return await self._start(system), 0
+
+    def _remember_prefix(self, owner: str, system: str | None, before: list[Message], state: CompressedLM) -> None:
+        if not before:
+            return
+        self._prefixes[_prefix_key(owner, system, before)] = state.fork()
+        while len(self._prefixes) > self.limits.prefix_cache:
+            self._prefixes.popitem(last=False)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "sessions": self.store.count(),
+            "live_sessions": len(self._live),
+            "prefix_cache": len(self._prefixes),
+            "batches": len(self.worker.batches),
+            "largest_batch": max(self.worker.batches, default=0),
+        }
+
+
+def _first_difference(a: Sequence[Message], b: Sequence[Message]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def _stop_at(text: str, stops: Sequence[str]) -> int | None:
+    found = [text.find(s) for s in stops if s and s in text]
+    return min(found) if found else None
+
+
+def _longest_stop_prefix(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that begins some stop string (held back until it is decided)."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if stop.startswith(text[-n:]):
+                best = n
+                break
+    return best

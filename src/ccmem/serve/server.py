@@ -1,0 +1,444 @@
+"""``ccmem serve``: an OpenAI-compatible HTTP server that keeps each conversation as a compressed memory.
+
+Endpoints (OpenAPI schema at ``/openapi.json``, docs at ``/docs``):
+
+- ``POST /v1/chat/completions``: OpenAI's chat completions, non-streaming or streaming (server-sent events).
+  ccmem extension: ``"session": NAME`` in the body (``extra_body={"session": NAME}`` with the ``openai``
+  client) answers from that stored session and saves the exchange into it. How messages meet the memory:
+  :mod:`ccmem.serve.engine`.
+- ``GET /v1/models``: the one model served (its id is ``<model>:<method>``).
+- ``POST /v1/sessions``, ``GET /v1/sessions``, ``GET /v1/sessions/{name}``, ``DELETE /v1/sessions/{name}``.
+- ``GET /health``.
+
+With tokens configured, every request but ``/health`` needs ``Authorization: Bearer <token>``, and a session
+is visible only to the token that made it. Errors are OpenAI-shaped ``{"error": {"message", "type", "code"}}``
+with status 400 (bad request), 401, 404 (unknown model or session), 409 (a session conflict), 413 (too large).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Header, Path, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ccmem.api import ContextTooLongError
+from ccmem.chat import Message
+from ccmem.serve.engine import Answer, ConflictError, Engine, Params
+from ccmem.serve.sessions import (
+    NAME_RULE,
+    SessionError,
+    SessionExistsError,
+    SessionMismatchError,
+    SessionRecord,
+    UnknownSessionError,
+    VersionConflictError,
+    check_name,
+    owner_of,
+)
+
+SESSION_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+# ---------------------------------------------------------------- request and response bodies
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class ChatRequest(BaseModel):
+    """OpenAI's chat completion request (the fields ccmem uses; others are accepted and ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0 (the default here) decodes greedily")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=1, description="ccmem answers with one choice")
+    stream: bool = False
+    seed: int | None = None
+    stop: str | list[str] | None = Field(default=None, description="up to 4 strings that end the answer")
+    user: str | None = None
+    session: str | None = Field(
+        default=None, pattern=SESSION_NAME, description="ccmem: answer from this stored session and save into it"
+    )
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class MemoryInfo(BaseModel):
+    """ccmem's extension of a completion: what the memory held and what was reused."""
+
+    session: str | None
+    memory_slots: int
+    memory_bytes: int
+    reused_messages: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    ccmem: MemoryInfo
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "ccmem"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class SessionCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, pattern=SESSION_NAME, description=f"default: a random name; {NAME_RULE}")
+    system_prompt: str | None = Field(default=None, max_length=8192, description="default: the server's")
+
+
+class SessionInfo(BaseModel):
+    id: str
+    object: Literal["session"] = "session"
+    created: int
+    updated: int
+    turns: int
+    messages: int
+    memory_slots: int
+    memory_bytes: int
+    version: int
+    model: str | None
+    method: str | None
+
+
+class SessionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[SessionInfo]
+
+
+class Deleted(BaseModel):
+    id: str
+    object: Literal["session"] = "session"
+    deleted: bool = True
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in [
+        (400, "the request is malformed or asks for more than the server allows"),
+        (401, "a bearer token is required, or the one given is not accepted"),
+        (404, "no such model or session"),
+        (409, "the request conflicts with the session's state"),
+        (413, "a message is too large"),
+    ]
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.code, self.kind = status, message, code, kind
+
+
+def error_response(status: int, message: str, code: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": code}})
+
+
+def _info(record: SessionRecord) -> SessionInfo:
+    return SessionInfo(
+        id=record.name,
+        created=int(record.created),
+        updated=int(record.updated),
+        turns=record.turns,
+        messages=len(record.transcript),
+        memory_slots=record.memory_slots,
+        memory_bytes=record.memory_bytes,
+        version=record.version,
+        model=record.settings.get("model"),
+        method=record.settings.get("method"),
+    )
+
+
+# ---------------------------------------------------------------- the app
+
+
+def owner(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
+    """The owner of the request: its bearer token's hash (401 without a valid one), or "" on an open server."""
+    tokens: tuple[str, ...] = request.app.state.tokens
+    if not tokens:
+        return ""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.encode(), t.encode()) for t in tokens):
+        raise ApiError(401, "give a valid bearer token: Authorization: Bearer <token>", "invalid_api_key")
+    return owner_of(token)
+
+
+Owner = Annotated[str, Depends(owner)]
+SessionName = Annotated[str, Path(pattern=SESSION_NAME, description=NAME_RULE)]
+
+
+def create_app(engine: Engine, *, tokens: Sequence[str] = ()) -> FastAPI:
+    """The FastAPI app serving ``engine``; with ``tokens``, a bearer token from that list is required."""
+    app = FastAPI(
+        title="ccmem",
+        version="1",
+        description="OpenAI-compatible chat completions over compressed context memories, with stored sessions.",
+    )
+    app.state.engine = engine
+    app.state.tokens = tuple(tokens)
+    started = int(time.time())
+    limits = engine.limits
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError) -> JSONResponse:
+        return error_response(err.status, err.message, err.code, err.kind)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return error_response(err.status_code, str(err.detail), f"http_{err.status_code}")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        problems = []
+        for e in err.errors()[:5]:
+            where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+            problems.append(f"{where or 'body'}: {e.get('msg', 'invalid')}")
+        return error_response(400, "invalid request: " + "; ".join(problems), "invalid_request")
+
+    @app.exception_handler(SessionError)
+    async def session_error(request: Request, err: SessionError) -> JSONResponse:
+        status, code = 400, "invalid_session"
+        if isinstance(err, UnknownSessionError):
+            status, code = 404, "session_not_found"
+        elif isinstance(err, SessionExistsError | SessionMismatchError | VersionConflictError | ConflictError):
+            status, code = 409, "session_conflict"
+        return error_response(status, str(err), code)
+
+    @app.exception_handler(ValueError)
+    async def bad_value(request: Request, err: ValueError) -> JSONResponse:
+        code = "context_length_exceeded" if isinstance(err, ContextTooLongError) else "invalid_request"
+        return error_response(400, str(err), code)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": engine.model_id} | engine.stats()
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
+    async def models(who: Owner) -> ModelList:
+        return ModelList(data=[ModelCard(id=engine.model_id, created=started)])
+
+    @app.post("/v1/sessions", response_model=SessionInfo, status_code=201, responses=ERRORS)
+    async def create_session(body: SessionCreate, who: Owner) -> SessionInfo:
+        name = body.name or f"sess-{secrets.token_hex(8)}"
+        if body.system_prompt is not None:
+            _check_size(body.system_prompt, "system_prompt", limits.max_message_bytes)
+        return _info(await engine.create_session(who, name, body.system_prompt))
+
+    @app.get("/v1/sessions", response_model=SessionList, responses=ERRORS)
+    async def list_sessions(who: Owner) -> SessionList:
+        return SessionList(data=[_info(r) for r in engine.store.list(who)])
+
+    @app.get("/v1/sessions/{name}", response_model=SessionInfo, responses=ERRORS)
+    async def get_session(name: SessionName, who: Owner) -> SessionInfo:
+        check_name(name)
+        return _info(engine.store.get(name, who))
+
+    @app.delete("/v1/sessions/{name}", response_model=Deleted, responses=ERRORS)
+    async def delete_session(name: SessionName, who: Owner) -> Deleted:
+        check_name(name)
+        engine.delete_session(who, name)
+        return Deleted(id=name)
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletion,
+        responses=ERRORS | {200: {"content": {"text/event-stream": {}}, "description": "the completion"}},
+    )
+    async def chat_completions(body: ChatRequest, who: Owner) -> Any:
+        if body.model != engine.model_id:
+            raise ApiError(
+                404,
+                f"model {body.model!r} is not served here; this server serves {engine.model_id!r}",
+                "model_not_found",
+            )
+        messages = _messages(body.messages, limits.max_messages, limits.max_message_bytes)
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ApiError(400, "stop takes at most 4 non-empty strings", "invalid_stop")
+        params = Params(
+            max_new_tokens=body.max_completion_tokens or body.max_tokens or min(256, limits.max_new_tokens),
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop=tuple(stops),
+        )
+        answer, pieces = await engine.chat(who, messages, params, session=body.session)
+        ident = f"chatcmpl-{secrets.token_hex(12)}"
+        created = int(time.time())
+        if body.stream:
+            return StreamingResponse(
+                _events(ident, created, engine.model_id, answer, pieces), media_type="text/event-stream"
+            )
+        async for _ in pieces:
+            pass
+        return _completion(ident, created, engine.model_id, answer)
+
+    return app
+
+
+def _check_size(text: str, where: str, limit: int) -> None:
+    size = len(text.encode("utf-8", errors="surrogatepass"))
+    if size > limit:
+        raise ApiError(413, f"{where} is {size} bytes; this server takes at most {limit} per message", "too_large")
+
+
+def _messages(messages: list[ChatMessage], max_messages: int, max_bytes: int) -> list[Message]:
+    if len(messages) > max_messages:
+        raise ApiError(400, f"{len(messages)} messages; this server takes at most {max_messages}", "too_many_messages")
+    out = []
+    for i, m in enumerate(messages):
+        content = m.content if isinstance(m.content, str) else "".join(part.text for part in m.content)
+        _check_size(content, f"messages.{i}.content", max_bytes)
+        out.append({"role": m.role, "content": content})
+    return out
+
+
+def _completion(ident: str, created: int, model: str, answer: Answer) -> ChatCompletion:
+    return ChatCompletion(
+        id=ident,
+        created=created,
+        model=model,
+        choices=[
+            Choice(index=0, message=AssistantMessage(content=answer.text.strip()), finish_reason=answer.finish_reason)  # type: ignore[arg-type]
+        ],
+        usage=Usage(
+            prompt_tokens=answer.prompt_tokens,
+            completion_tokens=answer.completion_tokens,
+            total_tokens=answer.prompt_tokens + answer.completion_tokens,
+        ),
+        ccmem=MemoryInfo(
+            session=answer.session,
+            memory_slots=answer.memory_slots,
+            memory_bytes=answer.memory_bytes,
+            reused_messages=answer.reused_messages,
+        ),
+    )
+
+
+async def _events(
+    ident: str, created: int, model: str, answer: Answer, pieces: AsyncIterator[str]
+) -> AsyncIterator[str]:
+    """Server-sent events as OpenAI streams them: a role chunk, content chunks, a finish chunk, ``[DONE]``."""
+
+    def chunk(delta: dict[str, str], finish: str | None = None, **extra: Any) -> str:
+        body = {
+            "id": ident,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            **extra,
+        }
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    try:
+        async for piece in pieces:
+            yield chunk({"content": piece})
+    except Exception as err:  # the status line is sent already: report the failure in the stream
+        yield f"data: {json.dumps({'error': {'message': str(err), 'type': 'server_error', 'code': None}})}\n\n"
+        return
+    info = _completion(ident, created, model, answer)
+    yield chunk({}, answer.finish_reason, usage=info.usage.model_dump(), ccmem=info.ccmem.model_dump())
+    yield "data: [DONE]\n\n"
+
+
+def bind(host: str, port: int) -> Any:
+    """A listening socket on ``host:port``, or a clear error when the port is taken or the host is unknown."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise ValueError(f"cannot listen on host {host!r}: {err.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise ValueError(
+            f"cannot listen on {host}:{port}: {err.strerror}; another server may be using the port "
+            "(pick another with --port)"
+        ) from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def run(
+    engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, tokens: Sequence[str] = (), log_level: str = "info"
+) -> None:
+    """Serve ``engine`` until interrupted (the port is checked before anything else starts)."""
+    import uvicorn
+
+    sock = bind(host, port)
+    config = uvicorn.Config(create_app(engine, tokens=tokens), log_level=log_level)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        engine.close()

@@ -1,0 +1,392 @@
+"""``ccmem serve``: OpenAI-compatible completions over stored sessions, prefix reuse, auth, validation, batching."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+import ccmem
+from ccmem.serve.engine import Engine, Limits, Params
+from ccmem.serve.server import bind, create_app
+from ccmem.serve.sessions import SessionStore
+from tests.conftest import randomize_lora, tiny_model
+
+MODEL = "tiny:ccm-concat"
+
+
+def make_engine(tmp_path, **limits) -> Engine:
+    lm = tiny_model("llama-gqa", positions=2048)
+    base = ccmem.load(lm, method="ccm-concat", n_tok=2, system_prompt="be brief")
+    randomize_lora(base.method, lm)  # so that a wrong memory shows in the answers
+    defaults = dict(max_new_tokens=16, max_input_tokens=400, max_message_bytes=400, max_sessions=8, max_messages=20)
+    return Engine(base, SessionStore(tmp_path / "store"), model_id=MODEL, limits=Limits(**(defaults | limits)))
+
+
+@pytest.fixture
+def engine(tmp_path):
+    engine = make_engine(tmp_path)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture
+def client(engine):
+    with TestClient(create_app(engine)) as client:
+        yield client
+
+
+def ask(client, messages, session=None, **body):
+    payload = {"model": MODEL, "messages": messages, "max_tokens": 6} | body
+    if session is not None:
+        payload["session"] = session
+    return client.post("/v1/chat/completions", json=payload)
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def direct_answer(engine, turns, question, max_new_tokens=6):
+    """What the model answers with ``turns`` (user, assistant) compressed one exchange at a time, without the server."""
+    session = engine.base.fork()
+    for u, a in turns:
+        session.remember(u, a)
+    return session.generate(question, max_new_tokens=max_new_tokens)
+
+
+# ---------------------------------------------------------------- sessions
+
+
+def test_a_session_keeps_the_conversation_between_requests(client, engine):
+    made = client.post("/v1/sessions", json={"name": "s1"})
+    assert made.status_code == 201 and made.json()["id"] == "s1" and made.json()["turns"] == 0
+    first = ask(client, [user("my cat is tom")], session="s1")
+    assert first.status_code == 200, first.text
+    a1 = first.json()["choices"][0]["message"]["content"]
+    assert first.json()["ccmem"]["session"] == "s1"
+    second = ask(client, [user("what is my cat called")], session="s1")  # only the new turn
+    a2 = second.json()["choices"][0]["message"]["content"]
+    assert a2 == direct_answer(engine, [("my cat is tom", a1)], "what is my cat called")
+    info = client.get("/v1/sessions/s1").json()
+    assert info["turns"] == 2 and info["messages"] == 5  # system + 2 exchanges
+    assert info["memory_slots"] > 0
+    # the whole conversation, as OpenAI clients send it: only the last message is new
+    whole = [user("my cat is tom"), assistant(a1), user("what is my cat called"), assistant(a2), user("and my dog")]
+    third = ask(client, whole, session="s1")
+    assert third.status_code == 200 and third.json()["ccmem"]["reused_messages"] == 4
+    assert client.get("/v1/sessions/s1").json()["turns"] == 3
+
+
+def test_a_session_survives_a_server_restart(tmp_path):
+    engine = make_engine(tmp_path)
+    with TestClient(create_app(engine)) as client:
+        client.post("/v1/sessions", json={"name": "keep"})
+        ask(client, [user("remember 42")], session="keep")
+    engine.close()
+    engine = make_engine(tmp_path)
+    with TestClient(create_app(engine)) as client:
+        info = client.get("/v1/sessions/keep").json()
+        assert info["turns"] == 1
+        assert ask(client, [user("what number")], session="keep").status_code == 200
+        assert client.get("/v1/sessions/keep").json()["turns"] == 2
+    engine.close()
+
+
+def test_a_failed_request_leaves_the_session_as_it_was(client, engine, monkeypatch):
+    client.post("/v1/sessions", json={"name": "s"})
+    ask(client, [user("hello")], session="s")
+    before = client.get("/v1/sessions/s").json()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the model failed")
+
+    monkeypatch.setattr("ccmem.serve.engine.decode_batch", broken)
+    with pytest.raises(RuntimeError):  # the test client re-raises server errors
+        ask(client, [user("this one fails")], session="s")
+    monkeypatch.undo()
+    assert client.get("/v1/sessions/s").json() == before
+    assert ask(client, [user("and this one works")], session="s").status_code == 200  # the lock was released
+    assert client.get("/v1/sessions/s").json()["turns"] == 2
+
+
+def test_whole_conversation_that_does_not_extend_the_session_is_a_conflict(client):
+    client.post("/v1/sessions", json={"name": "s"})
+    ask(client, [user("hello")], session="s")
+    other = [{"role": "system", "content": "be brief"}, user("something else"), assistant("x"), user("hi")]
+    response = ask(client, other, session="s")
+    assert response.status_code == 409
+    assert "do not extend" in response.json()["error"]["message"]
+
+
+def test_a_session_made_with_another_method_is_a_conflict_that_names_it(tmp_path, engine, client):
+    other = ccmem.load(engine.base.lm, method="full", system_prompt="be brief")
+    engine.store.open("made-elsewhere", other)
+    response = ask(client, [user("hi")], session="made-elsewhere")
+    assert response.status_code == 409 and "method='full'" in response.json()["error"]["message"]
+
+
+def test_session_endpoints_list_and_delete(client):
+    for name in ("a", "b"):
+        assert client.post("/v1/sessions", json={"name": name}).status_code == 201
+    assert client.post("/v1/sessions", json={"name": "a"}).status_code == 409
+    assert sorted(s["id"] for s in client.get("/v1/sessions").json()["data"]) == ["a", "b"]
+    assert client.delete("/v1/sessions/a").json() == {"id": "a", "object": "session", "deleted": True}
+    assert client.get("/v1/sessions/a").status_code == 404
+    assert ask(client, [user("hi")], session="a").status_code == 404
+    unnamed = client.post("/v1/sessions", json={})
+    assert unnamed.status_code == 201 and unnamed.json()["id"].startswith("sess-")
+
+
+# ---------------------------------------------------------------- without a session
+
+
+def test_without_a_session_the_longest_known_prefix_is_reused(client, engine):
+    q1 = ask(client, [user("I live in Oslo")]).json()["choices"][0]["message"]["content"]
+    convo = [user("I live in Oslo"), assistant(q1), user("where do I live")]
+    second = ask(client, convo).json()
+    assert second["ccmem"]["reused_messages"] == 0  # nothing before this request to reuse
+    a2 = second["choices"][0]["message"]["content"]
+    assert a2 == direct_answer(engine, [("I live in Oslo", q1)], "where do I live")
+    third = ask(client, [*convo, assistant(a2), user("say it again")]).json()
+    assert third["ccmem"]["reused_messages"] == 2  # the first exchange's memory came from the cache
+    expected = direct_answer(engine, [("I live in Oslo", q1), ("where do I live", a2)], "say it again")
+    assert third["choices"][0]["message"]["content"] == expected
+    assert third["usage"]["prompt_tokens"] < second["usage"]["prompt_tokens"] + len("where do I live") + len(a2) + 20
+
+
+def test_streaming_gives_the_same_answer_as_non_streaming(client):
+    messages = [user("tell me something")]
+    plain = ask(client, messages, max_tokens=10).json()
+    with client.stream(
+        "POST", "/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 10, "stream": True}
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text.strip() == plain["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+    assert chunks[-1]["usage"]["completion_tokens"] == plain["usage"]["completion_tokens"]
+
+
+def test_a_stop_string_ends_the_answer_before_it(client):
+    full = ask(client, [user("go on")], max_tokens=12).json()["choices"][0]["message"]["content"]
+    if len(full) < 4:
+        pytest.skip("the tiny model's answer is too short to cut")
+    stop = full[2:4]
+    cut = ask(client, [user("go on")], max_tokens=12, stop=stop).json()["choices"][0]
+    assert cut["message"]["content"] == full[: full.index(stop)].strip() and cut["finish_reason"] == "stop"
+
+
+# ---------------------------------------------------------------- auth
+
+
+def test_a_session_is_visible_only_to_the_token_that_made_it(engine):
+    with TestClient(create_app(engine, tokens=["alpha", "beta"])) as client:
+        alpha = {"Authorization": "Bearer alpha"}
+        beta = {"Authorization": "Bearer beta"}
+        assert client.get("/v1/models").status_code == 401
+        assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert client.post("/v1/sessions", json={"name": "mine"}, headers=alpha).status_code == 201
+        assert client.get("/v1/sessions/mine", headers=beta).status_code == 404
+        assert client.get("/v1/sessions", headers=beta).json()["data"] == []
+        body = {"model": MODEL, "messages": [user("hi")], "max_tokens": 2, "session": "mine"}
+        assert client.post("/v1/chat/completions", json=body, headers=beta).status_code == 404
+        assert client.post("/v1/chat/completions", json=body, headers=alpha).status_code == 200
+        assert client.get("/health").status_code == 200  # for load balancers, no token
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"model": MODEL, "messages": []}, 400, "messages"),
+        ({"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400, "content"),
+        ({"model": MODEL, "messages": [user("x")], "max_tokens": -1}, 400, "max_tokens"),
+        ({"model": MODEL, "messages": [user("x")], "max_tokens": 10_000}, 400, "at most 16"),
+        ({"model": MODEL, "messages": [user("x")], "temperature": "hot"}, 400, "temperature"),
+        ({"model": MODEL, "messages": [user("x")], "n": 3}, 400, "n"),
+        ({"model": MODEL, "messages": [user("x"), assistant("y")]}, 400, "last message must be the user's"),
+        ({"model": MODEL, "messages": [user("x"), {"role": "system", "content": "s"}, user("y")]}, 400, "first"),
+        ({"model": MODEL, "messages": [user("x" * 500)]}, 413, "at most 400"),
+        ({"model": MODEL, "messages": [user("x")] * 21}, 400, "at most 20"),
+        ({"model": MODEL, "messages": [user("x")], "session": "../etc"}, 400, "session"),
+        ({"model": MODEL, "messages": [user("x")], "session": "ghost"}, 404, "no session 'ghost'"),
+        ({"model": "gpt-4", "messages": [user("x")]}, 404, "not served here"),
+        ({"messages": [user("x")]}, 400, "model"),
+    ],
+)
+def test_bad_requests_get_a_4xx_that_says_why(client, body, status, message):
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]["message"]
+
+
+def test_malformed_json_and_bad_session_paths_are_4xx(client):
+    response = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+    assert client.get("/v1/sessions/..%2F..%2Fetc").status_code in (400, 404)
+    assert client.get("/v1/sessions/a b").status_code == 400
+    assert client.post("/v1/sessions", json={"name": "../x"}).status_code == 400
+
+
+def test_too_many_sessions_is_refused(tmp_path):
+    engine = make_engine(tmp_path, max_sessions=2)
+    with TestClient(create_app(engine)) as client:
+        assert client.post("/v1/sessions", json={}).status_code == 201
+        assert client.post("/v1/sessions", json={}).status_code == 201
+        refused = client.post("/v1/sessions", json={})
+        assert refused.status_code == 400 and "limit of 2 sessions" in refused.json()["error"]["message"]
+    engine.close()
+
+
+def test_too_much_new_context_in_one_request_is_refused(client):
+    long = [user("w " * 150), assistant("ok"), user("w " * 150), assistant("ok"), user("q")]
+    response = ask(client, long)
+    assert response.status_code == 400 and "at most 400 per request" in response.json()["error"]["message"]
+
+
+def test_a_port_in_use_is_a_clear_error():
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    with pytest.raises(ValueError, match=f"cannot listen on 127.0.0.1:{port}"):
+        bind("127.0.0.1", port)
+    taken.close()
+
+
+# ---------------------------------------------------------------- batching
+
+
+def test_concurrent_requests_are_decoded_together_with_the_same_answers(tmp_path):
+    engine = make_engine(tmp_path)
+    prompts = [[user("a" * (3 + 5 * i))] for i in range(4)]  # different lengths
+    params = Params(max_new_tokens=6)
+
+    async def answer(messages):
+        result, pieces = await engine.chat("", messages, params)
+        return "".join([p async for p in pieces]), result
+
+    async def together():
+        release = threading.Event()
+        blocker = asyncio.ensure_future(engine.worker.call(release.wait))  # hold the worker while requests queue
+        tasks = [asyncio.ensure_future(answer(p)) for p in prompts]
+        await asyncio.sleep(0.2)
+        release.set()
+        await blocker
+        return await asyncio.gather(*tasks)
+
+    async def one_by_one():
+        return [await answer(p) for p in prompts]
+
+    batched = asyncio.run(together())
+    assert max(engine.worker.batches) > 1  # some requests really shared a forward
+    engine.worker.batches.clear()
+    single = asyncio.run(one_by_one())
+    assert max(engine.worker.batches) == 1
+    assert [text for text, _ in batched] == [text for text, _ in single]
+    engine.close()
+
+
+def test_sessions_compressing_at_once_get_the_memories_they_get_one_at_a_time(tmp_path):
+    """Exchanges of different sessions finished together are compressed in one padded read (ccm add_batch)."""
+    params = Params(max_new_tokens=4)
+
+    async def talk(engine, name, turns):
+        out = []
+        for text in turns:
+            _, pieces = await engine.chat("", [user(text)], params, session=name)
+            out.append("".join([p async for p in pieces]))
+        return out
+
+    async def run(engine, together):
+        scripts = {f"s{i}": [f"fact {'x' * (2 + 3 * i)}", "what was it"] for i in range(3)}
+        for name in scripts:
+            await engine.create_session("", name, None)
+        if not together:
+            return [await talk(engine, n, t) for n, t in scripts.items()]
+        release = threading.Event()
+        blocker = asyncio.ensure_future(engine.worker.call(release.wait))
+        tasks = [asyncio.ensure_future(talk(engine, n, t)) for n, t in scripts.items()]
+        await asyncio.sleep(0.2)
+        release.set()
+        await blocker
+        return await asyncio.gather(*tasks)
+
+    first, second = make_engine(tmp_path / "a"), make_engine(tmp_path / "b")
+    batched, single = asyncio.run(run(first, True)), asyncio.run(run(second, False))
+    assert max(first.worker.fold_batches) > 1 and max(second.worker.fold_batches) == 1
+    assert batched == single
+    for name in ("s0", "s1", "s2"):
+        assert first.store.get(name).memory_slots == second.store.get(name).memory_slots
+    first.close()
+    second.close()
+
+
+# ---------------------------------------------------------------- a real server and the official client
+
+
+@pytest.fixture
+def live_server(engine):
+    import uvicorn
+
+    sock = bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, tokens=["secret"]), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(100):
+        if server.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/v1"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_the_official_openai_client_talks_to_a_live_server(live_server):
+    from openai import AuthenticationError, NotFoundError, OpenAI
+
+    client = OpenAI(base_url=live_server, api_key="secret", max_retries=0)
+    assert [m.id for m in client.models.list()] == [MODEL]
+    reply = client.chat.completions.create(model=MODEL, messages=[user("hi there")], max_tokens=5)
+    assert reply.choices[0].message.role == "assistant" and reply.usage.completion_tokens >= 1
+    client.post("/sessions", body={"name": "live"}, cast_to=dict)
+    streamed = client.chat.completions.create(
+        model=MODEL, messages=[user("hi there")], max_tokens=5, stream=True, extra_body={"session": "live"}
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices)
+    assert text.strip() == reply.choices[0].message.content  # the same memory (system prompt only), greedy
+    info = client.get("/sessions/live", cast_to=dict)
+    assert info["turns"] == 1
+    with pytest.raises(NotFoundError):
+        client.chat.completions.create(model=MODEL, messages=[user("x")], extra_body={"session": "nobody"})
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=live_server, api_key="wrong", max_retries=0).models.list()
+
+
+def test_a_top_p_below_float_precision_keeps_the_most_likely_token():
+    """Found by fuzzing the server: top_p=5e-324 is 0 in float32 and used to keep no token at all."""
+    import torch
+
+    from ccmem.generation import Sampling
+
+    logits = torch.tensor([0.1, 3.0, 0.2])
+    assert Sampling(temperature=2.0, top_p=5e-324).pick(logits, torch.Generator().manual_seed(0)) == 1
