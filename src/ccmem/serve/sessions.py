@@ -14,10 +14,14 @@ version that survived the kill is swept on the next save.
 Sessions belong to an *owner* (the hash of a bearer token for the server; ``""`` for local use): another owner
 neither sees nor can guess them (its lookups answer "no such session", as for a name never used).
 ``ccmem chat --session NAME``, the Python API (:meth:`SessionStore.open`) and ``ccmem serve`` share one store.
+:class:`BaseSessionStore` holds what every store shares (the rules of a save, ``open``/``commit`` with a
+:class:`CompressedLM`); :class:`ccmem.serve.redis_store.RedisSessionStore` keeps sessions in Redis instead, so
+that several server processes share them.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import hashlib
@@ -30,7 +34,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ccmem.chat import Message
 from ccmem.memory import Memory, MemoryMismatchError
@@ -41,6 +45,7 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 NAME_RULE = "1-64 characters: letters, digits, '_', '-', '.', starting with a letter or digit"
+StoreT = TypeVar("StoreT", bound="BaseSessionStore")
 
 
 class SessionError(ValueError):
@@ -103,7 +108,120 @@ class SessionRecord:
         return sum(1 for m in self.transcript if m["role"] == "user")
 
 
-class SessionStore:
+def unknown_session(name: str) -> UnknownSessionError:
+    """The error for a session ``name`` that this owner does not have (the same words from every store)."""
+    return UnknownSessionError(
+        f"no session {name!r}; create it first (ccmem chat --session {name} creates it, the server "
+        "creates one with POST /v1/sessions)"
+    )
+
+
+def check_update(record: SessionRecord, transcript: Sequence[Message], expect_version: int | None) -> None:
+    """Refuse a save of ``transcript`` over ``record``: a stale ``expect_version``, or a transcript that does not
+    extend the stored one (every store applies these rules before writing)."""
+    if expect_version is not None and record.version != expect_version:
+        raise VersionConflictError(
+            f"session {record.name!r} was saved by another request (version {record.version}, expected "
+            f"{expect_version}); read it again and retry"
+        )
+    old = record.transcript
+    if list(transcript[: len(old)]) != old:
+        raise SessionError(f"the new transcript of session {record.name!r} does not extend the stored one")
+
+
+class BaseSessionStore(abc.ABC):
+    """What the engine, ``ccmem chat --session`` and the Python API need of a session store.
+
+    Subclasses keep records, transcripts and memories (:class:`SessionStore` in SQLite and files, the Redis store
+    in Redis); ``open``/``commit`` with a :class:`CompressedLM` are shared. ``max_sessions`` bounds
+    :meth:`create` (all owners together; None: no bound).
+    """
+
+    max_sessions: int | None
+
+    @abc.abstractmethod
+    def get(self, name: str, owner: str = "") -> SessionRecord:
+        """The session ``name`` of ``owner``; :class:`UnknownSessionError` if there is none."""
+
+    @abc.abstractmethod
+    def exists(self, name: str, owner: str = "") -> bool:
+        """Whether ``owner`` has a session ``name``."""
+
+    @abc.abstractmethod
+    def list(self, owner: str = "") -> list[SessionRecord]:
+        """The sessions of ``owner``, most recently updated first."""
+
+    @abc.abstractmethod
+    def count(self) -> int:
+        """Sessions of all owners (the server's limit counts them all)."""
+
+    @abc.abstractmethod
+    def create(self, name: str, identity: dict[str, str], settings: dict[str, Any], owner: str = "") -> SessionRecord:
+        """A new, empty session; :class:`SessionExistsError` if the name is taken (for this owner)."""
+
+    @abc.abstractmethod
+    def save(
+        self,
+        name: str,
+        memory: Memory,
+        transcript: Sequence[Message],
+        owner: str = "",
+        *,
+        expect_version: int | None = None,
+    ) -> SessionRecord:
+        """Store the next version: ``memory`` and the whole ``transcript`` (:func:`check_update`'s rules)."""
+
+    @abc.abstractmethod
+    def delete(self, name: str, owner: str = "") -> None:
+        """Remove the session, its transcript and its memory."""
+
+    @abc.abstractmethod
+    def memory(self, record: SessionRecord, **load_kwargs: Any) -> Memory | None:
+        """The memory of ``record``'s version, validated; None before the first save."""
+
+    @abc.abstractmethod
+    def lock(self, name: str, owner: str = "") -> contextlib.AbstractAsyncContextManager[Any]:
+        """An async lock held while one request works on the session."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the store's connections."""
+
+    def __enter__(self: StoreT) -> StoreT:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ with a CompressedLM
+
+    def open(self, name: str, session: CompressedLM, owner: str = "", *, create: bool = True) -> SessionRecord:
+        """Put the stored memory and transcript of ``name`` into ``session`` (creating the session if ``create``).
+
+        Refuses (:class:`SessionMismatchError`) a session made with another model, method, options or adapter,
+        naming what differs.
+        """
+        identity = session.method.memory_meta(session.lm)
+        if not self.exists(name, owner):
+            if not create:
+                self.get(name, owner)  # raises UnknownSessionError
+            record = self.create(name, identity, settings_of(session), owner)
+            return self.save(name, session.memory, session.history, owner, expect_version=record.version)
+        record = self.get(name, owner)
+        check_identity(record, identity)
+        memory = self.memory(record, expect=identity, shape=session.lm.kv_shape, device=session.lm.device)
+        if memory is not None:
+            session.restore(memory, record.transcript)
+        return record
+
+    def commit(
+        self, name: str, session: CompressedLM, owner: str = "", *, expect_version: int | None = None
+    ) -> SessionRecord:
+        """Save ``session``'s memory and transcript as the next version of ``name``."""
+        return self.save(name, session.memory, session.history, owner, expect_version=expect_version)
+
+
+class SessionStore(BaseSessionStore):
     """Sessions in SQLite plus safetensors memory files under ``root`` (created if missing).
 
     Thread-safe (one connection guarded by a lock); several processes may share one store (SQLite WAL with a
@@ -175,12 +293,6 @@ class SessionStore:
         with self._lock:
             self._db.close()
 
-    def __enter__(self) -> SessionStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def lock(self, name: str, owner: str = "") -> contextlib.AbstractAsyncContextManager[Any]:
         """An async lock held while one request works on the session (in this process; several processes on one
         SQLite store rely on :meth:`save`'s version check instead, and the Redis store locks across them)."""
@@ -236,10 +348,7 @@ class SessionStore:
                 f"SELECT {self._COLUMNS} FROM sessions WHERE owner=? AND name=?", (owner, name)
             ).fetchone()
         if row is None:
-            raise UnknownSessionError(
-                f"no session {name!r}; create it first (ccmem chat --session {name} creates it, the server "
-                "creates one with POST /v1/sessions)"
-            )
+            raise unknown_session(name)
         return self._record(row)
 
     def exists(self, name: str, owner: str = "") -> bool:
@@ -296,14 +405,8 @@ class SessionStore:
         was read, instead of silently dropping its turns.
         """
         record = self.get(name, owner)
-        if expect_version is not None and record.version != expect_version:
-            raise VersionConflictError(
-                f"session {name!r} was saved by another request (version {record.version}, expected "
-                f"{expect_version}); read it again and retry"
-            )
+        check_update(record, transcript, expect_version)
         old = record.transcript
-        if list(transcript[: len(old)]) != old:
-            raise SessionError(f"the new transcript of session {name!r} does not extend the stored one")
         version = record.version + 1
         folder = self._folder(owner)
         folder.mkdir(parents=True, exist_ok=True)
@@ -354,33 +457,6 @@ class SessionStore:
             )
         return Memory.load(path, **load_kwargs)
 
-    # ------------------------------------------------------------------ with a CompressedLM
-
-    def open(self, name: str, session: CompressedLM, owner: str = "", *, create: bool = True) -> SessionRecord:
-        """Put the stored memory and transcript of ``name`` into ``session`` (creating the session if ``create``).
-
-        Refuses (:class:`SessionMismatchError`) a session made with another model, method, options or adapter,
-        naming what differs.
-        """
-        identity = session.method.memory_meta(session.lm)
-        if not self.exists(name, owner):
-            if not create:
-                self.get(name, owner)  # raises UnknownSessionError
-            record = self.create(name, identity, settings_of(session), owner)
-            return self.save(name, session.memory, session.history, owner, expect_version=record.version)
-        record = self.get(name, owner)
-        check_identity(record, identity)
-        memory = self.memory(record, expect=identity, shape=session.lm.kv_shape, device=session.lm.device)
-        if memory is not None:
-            session.restore(memory, record.transcript)
-        return record
-
-    def commit(
-        self, name: str, session: CompressedLM, owner: str = "", *, expect_version: int | None = None
-    ) -> SessionRecord:
-        """Save ``session``'s memory and transcript as the next version of ``name``."""
-        return self.save(name, session.memory, session.history, owner, expect_version=expect_version)
-
 
 def settings_of(session: CompressedLM) -> dict[str, Any]:
     """What a session was made with, in the user's terms (shown by stats; the identity is what is checked)."""
@@ -419,7 +495,7 @@ def default_store_root() -> Path:
 class SessionBinding:
     """One :class:`CompressedLM` kept in sync with one stored session (what ``ccmem chat --session`` uses)."""
 
-    store: SessionStore
+    store: BaseSessionStore
     name: str
     owner: str = ""
     version: int = 0
