@@ -483,7 +483,7 @@ def train(
     import yaml
 
     from ccmem.options import type_name
-    from ccmem.train.config import VALID_KEYS, load_config, method_keys, preset_names
+    from ccmem.train.config import REFERENCE_KEYS, VALID_KEYS, load_config, method_keys, preset_names
 
     if show_presets:
         for name in preset_names():
@@ -494,6 +494,8 @@ def train(
             console.print(f"{key}  [dim]{escape(type_name(kind))}[/]", highlight=False)
         for key, (kind, owners) in method_keys().items():
             console.print(f"{key}  [dim]{escape(type_name(kind))}  (option of {', '.join(owners)})[/]", highlight=False)
+        for name, (target, note) in REFERENCE_KEYS.items():  # the IC-Former scripts' option names
+            console.print(f"{name} -> {target or '-'}  [dim]{escape(note)}[/]", highlight=False)
         return
     config = load_config(preset, list(overrides or []) + (["wandb=true"] if wandb else []))
     if show_config:

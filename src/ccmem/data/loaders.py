@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ccmem.data import dialogs, formats, icl, passages, persona, text
+from ccmem.data import dialogs, formats, icl, passages, persona, pwc, text
 from ccmem.data.records import MemoryExample
 
 if TYPE_CHECKING:
@@ -160,6 +160,13 @@ def _icl(cfg: DataConfig, split: str) -> list[MemoryExample]:
     return icl.examples(n, split, k=cfg.k, seed=cfg.seed)
 
 
+def _pwc(cfg: DataConfig, split: str) -> list[MemoryExample]:
+    """PwC jsonl files (``data.path``), or PwC-style records generated from the packaged Wikipedia summaries."""
+    if cfg.path:
+        return pwc.pwc(_path(cfg, split), split)
+    return pwc.generated(cfg.n_train if split == "train" else cfg.n_eval, split, seed=cfg.seed)
+
+
 LOADERS: dict[str, Loader] = {
     "persona": _persona,
     "icl": _icl,
@@ -172,6 +179,8 @@ LOADERS: dict[str, Loader] = {
     "passages": _passages,
     "mixture": _mixture,
     "pretrain": lambda cfg, split: formats.pretrain(_path(cfg, split), split, cfg.k),
+    "pwc": _pwc,
+    "pile": lambda cfg, split: pwc.pile(_path(cfg, split), split),
     "text": lambda cfg, split: text.examples(
         cfg.n_train if split == "train" else cfg.n_eval, split, seed=cfg.seed, path=cfg.path
     ),
@@ -188,6 +197,7 @@ def data_version(cfg: DataConfig) -> str:
         "text": text.GENERATOR_VERSION,
         "dialogs": dialogs.GENERATOR_VERSION,
         "passages": passages.GENERATOR_VERSION,
+        "pwc": pwc.GENERATOR_VERSION,
     }
     if cfg.dataset == "mixture" and cfg.mixture:
         return "+".join(f"{versions.get(f, f)}:{w:g}" for f, w in cfg.mixture.items())

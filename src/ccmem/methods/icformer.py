@@ -56,7 +56,8 @@ class DigestBatch:
     owner: list[int]  # the sample each chunk belongs to
     rows: list[Row]
     n_samples: int
-    pad_id: int
+    input_ids: torch.Tensor  # [rows, width]: the LM rows' ids, digests and markers as pad (the trainer counts it)
+    lengths: list[int]  # real positions per LM row (digests and marker included)
 
 
 @register
@@ -199,6 +200,7 @@ class ICFormerMethod(Method):
         chunks: list[list[int]] = []
         owner: list[int] = []
         rows: list[Row] = []
+        layout: list[list[int]] = []
         for i, sample in enumerate(samples):
             context, targets = self._targets(sample)
             start = 0
@@ -206,8 +208,14 @@ class ICFormerMethod(Method):
                 chunks.append(context[start : start + size])
                 owner.append(i)
                 start += size
-            rows += [Row(i, list(sample.sink), marker, tail, frm) for marker, tail, frm in targets]
-        return DigestBatch(chunks, owner, rows, len(samples), pad_id)
+            n_digests = self.n_digests(len(context))
+            for marker, tail, frm in targets:
+                rows.append(Row(i, list(sample.sink), marker, tail, frm))
+                layout.append([*sample.sink, *[pad_id] * (n_digests + 1), *tail])
+        ids = torch.full((len(layout), max(map(len, layout))), pad_id, dtype=torch.long)
+        for b, row in enumerate(layout):
+            ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+        return DigestBatch(chunks, owner, rows, len(samples), ids, [len(r) for r in layout])
 
     def loss_terms(self, lm: LoadedModel, batch: DigestBatch) -> tuple[torch.Tensor, int]:
         """``(summed loss, count)`` of a batch: summed over target tokens (``token``) or over samples' mean

@@ -225,7 +225,37 @@ ALIASES = {
 }
 
 
+#: The IC-Former reference scripts' options (its pretrain/finetune/generate.sh) -> where they live here, and how.
+REFERENCE_KEYS: dict[str, tuple[str, str]] = {
+    "data_path": ("data.path", ""),
+    "lm_path": ("model", ""),
+    "icformer_path": ("init_from", "an adapter file to start from"),
+    "save_path": ("output_dir", "the run lands in output_dir/run_id"),
+    "num_hidden_layers": ("method.num_hidden_layers", ""),
+    "num_query_tokens": ("method.num_query_tokens", ""),
+    "max_seq_len": ("method.max_seq_len", ""),
+    "use_chunk": ("method.use_chunk", ""),
+    "max_chunk_len": ("method.max_chunk_len", ""),
+    "avg_level": ("method.avg_level", "the loss reduction of a padded batch"),
+    "seed": ("train.seed", ""),
+    "lr": ("train.lr", ""),
+    "gradient_accumulation": ("train.batch_size", "a padded batch equals the reference's accumulated samples"),
+    "max_epoch": ("train.max_steps", "epochs x data.n_train / train.batch_size"),
+    "save_interval": ("train.save_steps", "in batches: contexts / train.batch_size"),
+    "clip_grad": ("train.max_grad_norm", "0 turns clipping off"),
+    "max_norm": ("train.max_grad_norm", ""),
+    "shuffle": ("", "always on: the Trainer reshuffles every epoch"),
+    "save_optimizer": ("", "always on: checkpoints hold the optimizer and scheduler"),
+    "max_new_tokens": ("", "an option of ccmem generate / ccmem eval"),
+    "output_file": ("", "ccmem generate --output"),
+}
+
+
 def _unknown(key: str) -> ConfigError:
+    if key in REFERENCE_KEYS:
+        target, note = REFERENCE_KEYS[key]
+        where = f"use {target!r}" if target else "no key"
+        return ConfigError(f"{key!r} is the IC-Former scripts' name: {where}{f' ({note})' if note else ''}")
     alias = ALIASES.get(key.rpartition(".")[2])
     close = [alias] if alias else difflib.get_close_matches(key, list(VALID_KEYS), n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""

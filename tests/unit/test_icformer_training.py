@@ -1,0 +1,107 @@
+"""IC-Former's data (Pile and PwC files, the offline PwC-style generator) and its presets on the training harness."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ccmem.adapter import read_adapter
+from ccmem.api import load
+from ccmem.data import pwc
+from ccmem.data.loaders import load_examples
+from ccmem.fileio import DatasetFormatError
+from ccmem.train.config import ConfigError, DataConfig, load_config
+from ccmem.train.trainer import train
+from tests.conftest import tiny_model
+
+FIXTURES = "tests/fixtures"
+TINY = [
+    "model=tiny",
+    "method.num_query_tokens=4",
+    "method.num_hidden_layers=1",
+    "train.batch_size=2",
+    "train.max_steps=2",
+    "train.eval_steps=2",
+    "train.save_steps=2",
+    "train.logging_steps=1",
+]
+
+
+def test_pwc_and_pile_files_are_read_in_their_own_format():
+    train_set = load_examples(DataConfig(dataset="pwc", path=f"{FIXTURES}/pwc", n_train=0), "train")
+    assert len(train_set) == 4 and not train_set[0].chat
+    first = train_set[0]
+    assert first.context[0].startswith("Marie Curie") and first.query == "Summarize the text in one sentence.\n"
+    assert len(load_examples(DataConfig(dataset="pwc", path=f"{FIXTURES}/pwc"), "test")) == 2
+    pile = load_examples(DataConfig(dataset="pile", path=f"{FIXTURES}/pile", n_train=0), "train")
+    assert len(pile) == 4 and pile[1].context[0].startswith("def parse_header")
+    assert len(load_examples(DataConfig(dataset="pile", path=f"{FIXTURES}/pile"), "validation")) == 2  # val.jsonl
+    answers = [r["answer"] for r in pwc.read_pwc(Path(f"{FIXTURES}/pwc/test.jsonl"))]
+    assert answers == ["As early as the 7th century BC.", "In the leaves of plants."]
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"input": "text", "prompt": "q?"}, "bad.jsonl:2: missing field 'answer'"),
+        ({"input": "", "prompt": "q?", "answer": "a"}, "bad.jsonl:2: field 'input' must be a non-empty string"),
+        ({"input": "text", "prompt": 3, "answer": "a"}, "bad.jsonl:2: field 'prompt' must be a non-empty string"),
+    ],
+)
+def test_a_bad_pwc_record_is_named_by_file_line_and_field(tmp_path, record, message):
+    good = {"input": "text", "prompt": "q?", "answer": "a"}
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(DatasetFormatError, match=message):
+        pwc.read_pwc(path)
+
+
+def test_a_pile_line_without_text_is_named(tmp_path):
+    (tmp_path / "train.jsonl").write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"meta": {}}) + "\n")
+    with pytest.raises(DatasetFormatError, match=r"train.jsonl:2: missing field 'text'"):
+        load_examples(DataConfig(dataset="pile", path=str(tmp_path)), "train")
+
+
+def test_the_generator_is_seeded_and_its_splits_share_no_context(tmp_path):
+    a, b = pwc.generate(40, "train", seed=3), pwc.generate(40, "train", seed=3)
+    assert a == b and a != pwc.generate(40, "train", seed=4)
+    assert all(r["input"] and r["prompt"] and r["answer"] for r in a)
+    test = pwc.generate(40, "test", seed=3)
+    assert not {r["input"] for r in a} & {r["input"] for r in test}
+    kinds = {r["prompt"] for r in a}
+    assert len(kinds) > 4  # several kinds of prompt
+    assert pwc.read_pwc(pwc.write_jsonl(test, tmp_path / "test.jsonl")) == test
+    made = load_examples(DataConfig(dataset="pwc", n_train=5, seed=3), "train")  # no path: generated
+    assert [e.answer for e in made] == [r["answer"] for r in a[:5]]
+
+
+def test_reference_option_names_point_to_the_harness_keys():
+    with pytest.raises(ConfigError, match=r"'max_epoch' is the IC-Former scripts' name: use 'train\.max_steps'"):
+        load_config("icformer-finetune", ["max_epoch=2"])
+    with pytest.raises(ConfigError, match=r"'icformer_path' is the IC-Former scripts' name: use 'init_from'"):
+        load_config("icformer-finetune", ["icformer_path=x"])
+    config = load_config("icformer-pretrain", [])
+    assert (config.method.objective, config.method.num_query_tokens, config.train.lr) == ("pretrain", 128, 1e-4)
+
+
+def test_icformer_finetune_preset_trains_two_steps_and_its_adapter_loads(tmp_path):
+    config = load_config("icformer-finetune", [f"output_dir={tmp_path}", f"data.path={FIXTURES}/pwc", *TINY])
+    result = train(config, lm=tiny_model(positions=512))
+    assert result.steps == 2 and result.eval_loss is not None
+    adapter = read_adapter(result.output)
+    assert adapter.method == "icformer" and adapter.options["num_query_tokens"] == 4
+    session = load(tiny_model(positions=512), "icformer", adapter=result.output, system_prompt=None)
+    assert session.adapter_trained
+    session.add("A short context to compress.")
+    assert session.memory.num_slots == 4 + 1
+
+
+def test_icformer_pretrain_preset_trains_on_the_pile_format(tmp_path):
+    config = load_config(
+        "icformer-pretrain",
+        [f"output_dir={tmp_path}", "data.dataset=pile", f"data.path={FIXTURES}/pile", "method.max_seq_len=200", *TINY],
+    )
+    result = train(config, lm=tiny_model(positions=512))
+    assert result.steps == 2 and read_adapter(result.output).options["objective"] == "pretrain"
