@@ -8,6 +8,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -65,13 +66,13 @@ def make_store(request: pytest.FixtureRequest, tmp_path) -> Iterator[Callable[..
 
         url, prefix = request.getfixturevalue("redis_url"), f"test-{uuid.uuid4().hex[:12]}"
 
-        def make(**kwargs: object) -> BaseSessionStore:
-            opened.append(RedisSessionStore(url, prefix=prefix, **kwargs))  # type: ignore[arg-type]
+        def make(**kwargs: Any) -> BaseSessionStore:
+            opened.append(RedisSessionStore(url, prefix=prefix, **kwargs))
             return opened[-1]
     else:
 
-        def make(**kwargs: object) -> BaseSessionStore:
-            opened.append(SessionStore(tmp_path, **kwargs))  # type: ignore[arg-type]
+        def make(**kwargs: Any) -> BaseSessionStore:
+            opened.append(SessionStore(tmp_path, **kwargs))
             return opened[-1]
 
     yield make
