@@ -34,7 +34,7 @@ from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
-from redis.exceptions import LockError, RedisError
+from redis.exceptions import AuthenticationError, LockError, RedisError
 from redis.lock import Lock
 
 from ccmem.chat import Message
@@ -58,7 +58,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 #: Seconds a lock lives without renewal: a worker that crashes (kill -9, lost machine) frees its sessions this long
-#: after its last renewal. A live holder renews every third of it, so a lock outlives any request; 30 s leaves a
+#: after its last renewal. A live holder renews every third of it, so a lock lasts as long as its request; 30 s leaves a
 #: stalled event loop (a long save, a GC pause) two missed renewals before the lock could lapse.
 LOCK_TTL = 30.0
 #: Seconds a request waits for a session another request holds, before it is refused with 409 "busy, retry".
@@ -87,11 +87,15 @@ def redacted(url: str) -> str:
 
 
 def _unreachable(url: str, err: BaseException) -> StoreError:
-    port = urlsplit(url).port or 6379
-    return StoreError(
-        f"cannot use Redis at {redacted(url)}: {err}. Start one with `redis-server --port {port}` (or give the URL "
-        "of a running Redis with --redis / $CCMEM_REDIS)"
-    )
+    """The error for a Redis that cannot be used; when nothing answers at ``url``, it says how to start one."""
+    message = f"cannot use Redis at {redacted(url)}: {err}"
+    if isinstance(err, redis.ConnectionError | redis.TimeoutError) and not isinstance(err, AuthenticationError):
+        port = urlsplit(url).port or 6379
+        message += (
+            f". Start one with `redis-server --port {port}` (or give the URL of a running Redis with --redis / "
+            "$CCMEM_REDIS)"
+        )
+    return StoreError(message)
 
 
 def _reporting(method: Callable[P, T]) -> Callable[P, T]:
