@@ -455,6 +455,37 @@ def ask(
 
 
 @app.command(
+    epilog="Example:\n\n  ccmem generate pwc/test.jsonl --method METHOD --adapter RUN/adapter.safetensors -o out.jsonl"
+)
+def generate(
+    test_file: Annotated[
+        Path, typer.Argument(help="Prompt-with-Context jsonl (input, prompt, answer per line).", exists=True)
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="JSONL file the answers are written to.")] = Path(
+        "output.jsonl"
+    ),
+    model: ModelOpt = DEFAULT_MODEL,
+    method: MethodOpt = DEFAULT_METHOD,
+    adapter: AdapterOpt = None,
+    option: OptionsOpt = None,
+    system: SystemOpt = "",
+    stage1: Stage1Opt = None,
+    max_new_tokens: MaxNewOpt = 256,
+) -> None:
+    """Answer every record of a PwC file from its compressed input; one JSON line per record (output, answer,
+    ROUGE-L, memory slots)."""
+    from ccmem.data.pwc import read_pwc
+    from ccmem.eval.generate import generate_file
+
+    records = read_pwc(test_file)
+    session = _session(model, method, adapter, _options(None, None, option), system or None, stage1)
+    with console.status(f"answering {len(records)} records..."):
+        rows = generate_file(session, records, output, max_new_tokens=max_new_tokens)
+    mean = sum(r["rouge_l"] for r in rows) / len(rows) if rows else 0.0
+    console.print(f"{len(rows)} answers -> {output} (mean ROUGE-L {mean:.3f})")
+
+
+@app.command(
     context_settings={"help_option_names": ["--help", "-h"]},
     epilog="Examples:\n\n  ccmem train persona-ccm-concat\n\n"
     "  ccmem train persona-ccm-merge train.max_steps=50 method.n_tok=2 run_id=try1\n\n"

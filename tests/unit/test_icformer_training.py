@@ -105,3 +105,32 @@ def test_icformer_pretrain_preset_trains_on_the_pile_format(tmp_path):
     )
     result = train(config, lm=tiny_model(positions=512))
     assert result.steps == 2 and read_adapter(result.output).options["objective"] == "pretrain"
+
+
+def test_generate_answers_every_pwc_record_into_the_output_file(tmp_path):
+    from ccmem.eval.generate import generate_file
+
+    session = load(tiny_model(positions=512), "icformer", system_prompt=None, num_query_tokens=4)
+    records = pwc.read_pwc(Path(f"{FIXTURES}/pwc/test.jsonl"))
+    rows = generate_file(session, records, tmp_path / "out" / "answers.jsonl", max_new_tokens=5)
+    written = [json.loads(line) for line in (tmp_path / "out" / "answers.jsonl").read_text().splitlines()]
+    assert written == rows and [r["answer"] for r in rows] == [r["answer"] for r in records]
+    assert all(0 <= r["rouge_l"] <= 1 and r["memory_slots"] == 4 + 1 for r in rows)
+
+
+def test_ccmem_generate_command_writes_the_output_file(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    from tests.unit.test_cli import run_cli
+
+    test_file = tmp_path / "test.jsonl"
+    pwc.write_jsonl([{"input": "w1 w2 w3 w4 w5", "prompt": "w6 w7", "answer": "w8"}] * 2, test_file)
+    out = tmp_path / "answers.jsonl"
+    code, text = run_cli(
+        monkeypatch, capsys, "generate", str(test_file), "--model", str(tiny_model_dir), "--method", "icformer",
+        "-O", "num_query_tokens=2", "--max-new-tokens", "3", "-o", str(out),
+    )  # fmt: skip
+    assert code == 0, text
+    assert "2 answers" in text and len(out.read_text().splitlines()) == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"input": "w1", "prompt": "w2"}) + "\n")
+    code, text = run_cli(monkeypatch, capsys, "generate", str(bad), "--model", str(tiny_model_dir))
+    assert code != 0 and "bad.jsonl:1: missing field 'answer'" in " ".join(text.split())

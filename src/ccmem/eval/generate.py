@@ -1,0 +1,68 @@
+"""Answers for a Prompt-with-Context file (the IC-Former seed's ``generate.py``): for each record, compress its
+``input`` into a fresh memory, ask its ``prompt``, generate greedily until the end of the answer, and write one
+JSON line per record (the reference answer and its ROUGE-L beside the output), whatever the method.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ccmem.api import CompressedLM
+from ccmem.data.pwc import pwc_example
+from ccmem.data.records import to_sample
+from ccmem.eval.harness import read_context, rouge_l
+from ccmem.fileio import atomic_path
+
+
+def answer_records(
+    session: CompressedLM, records: Sequence[dict[str, str]], *, max_new_tokens: int = 256
+) -> Iterator[dict[str, Any]]:
+    """One output row per PwC record (``input``, ``prompt``, ``answer``), in order."""
+    tokenizer = session.lm.tokenizer
+    stops = set(session.format.stop_ids())
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        stops.add(int(tokenizer.eos_token_id))
+    for i, record in enumerate(records):
+        example = pwc_example(f"record {i + 1}", record)
+        query = to_sample(tokenizer, example, system=session.system_prompt)
+        read_context(session, example)
+        tokens: list[int] = []
+        with torch.no_grad():
+            for token in session.stream_ids(query.tail[: query.answer_start], max_new_tokens, stop_ids=stops):
+                if token in stops:
+                    break
+                tokens.append(token)
+        output = str(tokenizer.decode(tokens, skip_special_tokens=True)).strip()
+        yield {
+            "id": i,
+            "prompt": record["prompt"],
+            "answer": record["answer"],
+            "output": output,
+            "rouge_l": round(rouge_l(output, record["answer"]), 4),
+            "memory_slots": session.memory.num_slots,
+        }
+
+
+def generate_file(
+    session: CompressedLM,
+    records: Sequence[dict[str, str]],
+    output: Path,
+    *,
+    max_new_tokens: int = 256,
+    progress: Callable[[int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Answer ``records`` and write them to ``output`` (JSON lines, written atomically); return the rows."""
+    rows = []
+    for row in answer_records(session, records, max_new_tokens=max_new_tokens):
+        rows.append(row)
+        if progress:
+            progress(len(rows))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(output) as tmp:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return rows
