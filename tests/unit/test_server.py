@@ -340,6 +340,52 @@ def test_sessions_compressing_at_once_get_the_memories_they_get_one_at_a_time(tm
     second.close()
 
 
+def test_an_answer_never_read_still_frees_its_session(engine):
+    """A client gone before its answer began: closing the unread pieces releases the session's lock."""
+
+    async def scenario():
+        await engine.create_session("", "s", None)
+        _, pieces = await engine.chat("", [user("first")], Params(max_new_tokens=3), session="s")
+        await pieces.aclose()  # never iterated
+        _, again = await asyncio.wait_for(engine.chat("", [user("second")], Params(max_new_tokens=3), session="s"), 10)
+        return "".join([p async for p in again])
+
+    asyncio.run(scenario())
+    assert engine.store.get("s").turns == 1  # the unread answer was not saved; the second one was
+
+
+def test_a_session_deleted_and_made_again_is_not_answered_from_the_old_memory(client, engine):
+    client.post("/v1/sessions", json={"name": "s"})
+    ask(client, [user("the secret is w1 w2 w3 w4 w5 w6")], session="s")
+    assert engine.store.get("s").version == 2
+    fresh = make_engine(engine.store.root.parent / "fresh")
+    for store in (engine.store, fresh.store):  # deleted and made again by another worker: versions start over
+        if store.exists("s"):
+            store.delete("s")  # behind this engine's back (its RAM still holds version 2 of the old one)
+        store.create("s", engine.identity, {})
+        for version in (0, 1):
+            store.save("s", engine.base.memory, engine.base.history, expect_version=version)
+    reply = ask(client, [user("what is the secret")], session="s").json()
+    with TestClient(create_app(fresh)) as other:
+        expected = ask(other, [user("what is the secret")], session="s").json()
+    assert reply["choices"][0]["message"]["content"] == expected["choices"][0]["message"]["content"]
+    assert reply["ccmem"]["memory_slots"] == expected["ccmem"]["memory_slots"]
+    fresh.close()
+
+
+def test_a_store_that_fails_is_a_503_not_a_client_error(client, engine, monkeypatch):
+    from ccmem.serve.sessions import StoreError
+
+    def down(*args, **kwargs):
+        raise StoreError("the session store at redis://x is unreachable")
+
+    monkeypatch.setattr(engine.store, "get", down)
+    monkeypatch.setattr(engine.store, "count", down)
+    response = ask(client, [user("hi")], session="s")
+    assert response.status_code == 503 and "unreachable" in response.json()["error"]["message"]
+    assert client.get("/health").status_code == 503
+
+
 # ---------------------------------------------------------------- a real server and the official client
 
 

@@ -27,7 +27,7 @@ import logging
 import queue
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -94,6 +94,29 @@ class Answer:
     memory_bytes: int = 0
     session: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class AnswerPieces:
+    """The text pieces of one answer, as they are generated. :meth:`aclose` (also called when iteration ends)
+    releases the session's lock, even if the pieces were never read (a client gone before the answer began)."""
+
+    def __init__(self, pieces: AsyncGenerator[str, None], lock: contextlib.AbstractAsyncContextManager[Any] | None):
+        self._pieces = pieces
+        self._lock = lock
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        try:
+            async for piece in self._pieces:
+                yield piece
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop generating (if still going) and release the session; safe to call more than once."""
+        await self._pieces.aclose()
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            await lock.__aexit__(None, None, None)
 
 
 # ---------------------------------------------------------------- the model worker
@@ -284,7 +307,8 @@ class Engine:
         self.store.max_sessions = self.limits.max_sessions
         self.identity = base.method.memory_meta(base.lm)
         self.worker = ModelWorker(base, self.limits.max_batch)
-        self._live: OrderedDict[tuple[str, str], tuple[int, CompressedLM]] = OrderedDict()
+        # (created, version) names one saved state of a session, also across a delete and re-create elsewhere
+        self._live: OrderedDict[tuple[str, str], tuple[tuple[float, int], CompressedLM]] = OrderedDict()
         self._prefixes: OrderedDict[str, CompressedLM] = OrderedDict()
         self._systems: dict[str | None, CompressedLM] = {base.system_prompt: base.fork()}
 
@@ -321,7 +345,7 @@ class Engine:
         record = self.store.get(name, owner)
         check_identity(record, self.identity)
         live = self._live.get((owner, name))
-        if live is not None and live[0] == record.version:
+        if live is not None and live[0] == (record.created, record.version):
             self._live.move_to_end((owner, name))
             return record, live[1].fork()
         if record.version == 0:  # created, but its first save never happened (a crash): start it afresh
@@ -337,8 +361,8 @@ class Engine:
 
         return record, await self.worker.call(read)
 
-    def _keep_live(self, owner: str, name: str, version: int, session: CompressedLM) -> None:
-        self._live[(owner, name)] = (version, session)
+    def _keep_live(self, owner: str, name: str, record: SessionRecord, session: CompressedLM) -> None:
+        self._live[(owner, name)] = ((record.created, record.version), session)
         self._live.move_to_end((owner, name))
         while len(self._live) > self.limits.live_sessions:
             self._live.popitem(last=False)
@@ -376,10 +400,11 @@ class Engine:
 
     async def chat(
         self, owner: str, messages: Sequence[Message], params: Params, session: str | None = None
-    ) -> tuple[Answer, AsyncIterator[str]]:
+    ) -> tuple[Answer, AnswerPieces]:
         """Prepare an answer (errors in the request are raised here) and return it with its text pieces.
 
         The session is saved once the pieces have all been produced; a failure before that leaves it unchanged.
+        The caller must read the pieces to the end or ``aclose()`` them: the session stays locked until then.
         """
         if params.max_new_tokens > self.limits.max_new_tokens:
             raise RequestError(
@@ -423,7 +448,7 @@ class Engine:
             if lock is not None:
                 await lock.__aexit__(None, None, None)
             raise
-        return answer, self._pieces(owner, session, record, state, query, query_ids, params, answer, lock)
+        return answer, AnswerPieces(self._pieces(owner, session, record, state, query, query_ids, params, answer), lock)
 
     def _query(self, state: CompressedLM, query: Message, params: Params) -> torch.Tensor:
         ids = state.query_ids([query])
@@ -442,48 +467,44 @@ class Engine:
         query_ids: torch.Tensor,
         params: Params,
         answer: Answer,
-        lock: contextlib.AbstractAsyncContextManager[Any] | None,
-    ) -> AsyncIterator[str]:
-        try:
-            sampling = Sampling(params.temperature, params.top_p, params.seed)
-            tokens = self.worker.generate(state.memory, query_ids, params.max_new_tokens, sampling)
-            text = TextStream(state.lm.tokenizer)
-            answer.finish_reason = "length"
-            held = ""  # text kept back while it could still be the start of a stop string
-            while True:
-                item = await tokens.get()
-                if item is None:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                answer.completion_tokens += 1
-                if item in self.worker.stop_ids:
-                    answer.finish_reason = "stop"
-                    break
-                held += text.push(item)
-                cut = _stop_at(held, params.stop)
-                if cut is not None:
-                    held = held[:cut]
-                    answer.finish_reason = "stop"
-                    break
-                keep = _longest_stop_prefix(held, params.stop)
-                if len(held) > keep:
-                    answer.text += held[: len(held) - keep]
-                    yield held[: len(held) - keep]
-                    held = held[len(held) - keep :]
-            if held:
-                answer.text += held
-                yield held
-            if name is not None and record is not None:
-                reply = answer.text.strip()
-                await self.worker.fold(state, [[query, {"role": "assistant", "content": reply}]])
-                saved = self.store.save(name, state.memory, state.history, owner, expect_version=record.version)
-                self._keep_live(owner, name, saved.version, state)
-            answer.memory_slots = state.memory.num_slots
-            answer.memory_bytes = state.memory.nbytes
-        finally:
-            if lock is not None:
-                await lock.__aexit__(None, None, None)
+    ) -> AsyncGenerator[str, None]:
+        # the session's lock is held by AnswerPieces around this generator
+        sampling = Sampling(params.temperature, params.top_p, params.seed)
+        tokens = self.worker.generate(state.memory, query_ids, params.max_new_tokens, sampling)
+        text = TextStream(state.lm.tokenizer)
+        answer.finish_reason = "length"
+        held = ""  # text kept back while it could still be the start of a stop string
+        while True:
+            item = await tokens.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            answer.completion_tokens += 1
+            if item in self.worker.stop_ids:
+                answer.finish_reason = "stop"
+                break
+            held += text.push(item)
+            cut = _stop_at(held, params.stop)
+            if cut is not None:
+                held = held[:cut]
+                answer.finish_reason = "stop"
+                break
+            keep = _longest_stop_prefix(held, params.stop)
+            if len(held) > keep:
+                answer.text += held[: len(held) - keep]
+                yield held[: len(held) - keep]
+                held = held[len(held) - keep :]
+        if held:
+            answer.text += held
+            yield held
+        if name is not None and record is not None:
+            reply = answer.text.strip()
+            await self.worker.fold(state, [[query, {"role": "assistant", "content": reply}]])
+            saved = self.store.save(name, state.memory, state.history, owner, expect_version=record.version)
+            self._keep_live(owner, name, saved, state)
+        answer.memory_slots = state.memory.num_slots
+        answer.memory_bytes = state.memory.nbytes
 
     async def _from_prefix(self, owner: str, system: str | None, before: list[Message]) -> tuple[CompressedLM, int]:
         """The memory of the longest prefix of ``before`` held (at turn boundaries), and how many messages it covers."""

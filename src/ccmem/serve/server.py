@@ -28,17 +28,19 @@ from fastapi import Depends, FastAPI, Header, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ccmem.api import ContextTooLongError
 from ccmem.chat import Message
-from ccmem.serve.engine import Answer, ConflictError, Engine, Params
+from ccmem.serve.engine import Answer, AnswerPieces, ConflictError, Engine, Params
 from ccmem.serve.sessions import (
     NAME_RULE,
     SessionError,
     SessionExistsError,
     SessionMismatchError,
     SessionRecord,
+    StoreError,
     UnknownSessionError,
     VersionConflictError,
     check_name,
@@ -183,6 +185,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (404, "no such model or session"),
         (409, "the request conflicts with the session's state"),
         (413, "a message is too large"),
+        (503, "the session store cannot be reached"),
     ]
 }
 
@@ -261,7 +264,9 @@ def create_app(engine: Engine, *, tokens: Sequence[str] = ()) -> FastAPI:
     @app.exception_handler(SessionError)
     async def session_error(request: Request, err: SessionError) -> JSONResponse:
         status, code = 400, "invalid_session"
-        if isinstance(err, UnknownSessionError):
+        if isinstance(err, StoreError):  # the store itself failed (Redis gone): not the request's fault
+            status, code = 503, "store_unavailable"
+        elif isinstance(err, UnknownSessionError):
             status, code = 404, "session_not_found"
         elif isinstance(err, SessionExistsError | SessionMismatchError | VersionConflictError | ConflictError):
             status, code = 409, "session_conflict"
@@ -272,9 +277,13 @@ def create_app(engine: Engine, *, tokens: Sequence[str] = ()) -> FastAPI:
         code = "context_length_exceeded" if isinstance(err, ContextTooLongError) else "invalid_request"
         return error_response(400, str(err), code)
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": engine.model_id} | engine.stats()
+    @app.get("/health", responses={503: ERRORS[503]})
+    async def health() -> Any:
+        try:
+            stats = engine.stats()
+        except StoreError as err:
+            return error_response(503, str(err), "store_unavailable")
+        return {"status": "ok", "model": engine.model_id} | stats
 
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
     async def models(who: Owner) -> ModelList:
@@ -328,12 +337,17 @@ def create_app(engine: Engine, *, tokens: Sequence[str] = ()) -> FastAPI:
         answer, pieces = await engine.chat(who, messages, params, session=body.session)
         ident = f"chatcmpl-{secrets.token_hex(12)}"
         created = int(time.time())
-        if body.stream:
+        if body.stream:  # the background task frees the session even if the stream never starts
             return StreamingResponse(
-                _events(ident, created, engine.model_id, answer, pieces), media_type="text/event-stream"
+                _events(ident, created, engine.model_id, answer, pieces),
+                media_type="text/event-stream",
+                background=BackgroundTask(pieces.aclose),
             )
-        async for _ in pieces:
-            pass
+        try:
+            async for _ in pieces:
+                pass
+        finally:
+            await pieces.aclose()
         return _completion(ident, created, engine.model_id, answer)
 
     return app
@@ -378,9 +392,7 @@ def _completion(ident: str, created: int, model: str, answer: Answer) -> ChatCom
     )
 
 
-async def _events(
-    ident: str, created: int, model: str, answer: Answer, pieces: AsyncIterator[str]
-) -> AsyncIterator[str]:
+async def _events(ident: str, created: int, model: str, answer: Answer, pieces: AnswerPieces) -> AsyncIterator[str]:
     """Server-sent events as OpenAI streams them: a role chunk, content chunks, a finish chunk, ``[DONE]``."""
 
     def chunk(delta: dict[str, str], finish: str | None = None, **extra: Any) -> str:
@@ -394,16 +406,19 @@ async def _events(
         }
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    yield chunk({"role": "assistant", "content": ""})
     try:
-        async for piece in pieces:
-            yield chunk({"content": piece})
-    except Exception as err:  # the status line is sent already: report the failure in the stream
-        yield f"data: {json.dumps({'error': {'message': str(err), 'type': 'server_error', 'code': None}})}\n\n"
-        return
-    info = _completion(ident, created, model, answer)
-    yield chunk({}, answer.finish_reason, usage=info.usage.model_dump(), ccmem=info.ccmem.model_dump())
-    yield "data: [DONE]\n\n"
+        yield chunk({"role": "assistant", "content": ""})
+        try:
+            async for piece in pieces:
+                yield chunk({"content": piece})
+        except Exception as err:  # the status line is sent already: report the failure in the stream
+            yield f"data: {json.dumps({'error': {'message': str(err), 'type': 'server_error', 'code': None}})}\n\n"
+            return
+        info = _completion(ident, created, model, answer)
+        yield chunk({}, answer.finish_reason, usage=info.usage.model_dump(), ccmem=info.ccmem.model_dump())
+        yield "data: [DONE]\n\n"
+    finally:  # a client gone mid-stream: stop generating, free the session (unsaved)
+        await pieces.aclose()
 
 
 def bind(host: str, port: int) -> Any:
