@@ -72,11 +72,6 @@ class StreamLayout:
         """The most positions one forward uses: reading a block after a full cache, or compressing a block."""
         return max(self.kept_slots + self.block, self.sink + self.comp_slots + self.block + self.n_tok)
 
-    def fills_within(self) -> int:
-        """Tokens read before the memory holds all it ever will (then its size is constant)."""
-        groups = self.comp_slots // self.n_tok if self.n_tok else 0
-        return self.sink + self.window + groups * self.block + self.block
-
     def check(self, limit: int | None) -> None:
         """Raise :class:`StreamOptionError` naming the option that does not fit."""
         for name in ("sink", "window", "comp_slots"):

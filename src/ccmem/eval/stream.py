@@ -377,6 +377,7 @@ def plot(rows: list[StreamRow], path: Path) -> Path:
         top.set_title(f"{rows[0].model}: {rows[0].tokens} tokens, context {rows[0].max_positions} (dotted)")
     top.set_ylabel("perplexity per bucket")
     bottom.set_ylabel("KV memory held (KiB)")
+    bottom.set_ylim(bottom=0)
     bottom.set_xlabel("position in the stream (tokens)")
     top.legend()
     fig.tight_layout()
