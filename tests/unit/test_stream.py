@@ -122,6 +122,7 @@ def test_oldest_groups_merge_into_a_running_average():
     assert values.tolist() == pytest.approx([3.0, 3.0, 6.0, 6.0])
     assert stream.memory.positions[0][0, 0].tolist() == [0, 1, 2, 3, -1, -1, 6, 7, *range(8, 16)]
     assert stream.memory.segment_lengths() == {"sink": 4, "compressed": 4, "window": 8}
+    stream.memory.check(lm.kv_shape)  # a sound Memory: blends at -1, every other slot below next_position
 
 
 def test_memory_is_constant_over_a_stream_ten_times_the_model_positions():
