@@ -152,6 +152,17 @@ def test_memory_is_constant_over_a_stream_ten_times_the_model_positions():
     assert full.perplexity_after_1x is None and full.perplexity_1x is not None
 
 
+@pytest.mark.parametrize("family", ["mistral", "gemma3", "gpt-neox"])
+def test_other_rope_families_stream_past_their_positions(family):
+    lm = tiny_model(family, positions=64)
+    settings = StreamSettings(max_positions=0, sink=2, window=8, comp_slots=8, block=16)
+    ids = torch.randint(3, VOCAB, (256,), generator=torch.Generator().manual_seed(6)).tolist()
+    for name in ("ccm-concat", "streaming-llm"):
+        row = run_method(lm, name, ids, settings)
+        assert row.tokens_read == 256 and row.max_position < 64 and row.peak_ratio == 1.0
+        assert math.isfinite(row.perplexity)
+
+
 def test_layouts_share_one_memory_budget():
     layouts = layouts_at_same_memory(sink=4, window=128, comp_slots=32, block=32, n_tok=4)
     kept = {name: lay.kept_slots for name, lay in layouts.items() if not lay.grow}
