@@ -841,7 +841,7 @@ def report(
 
 
 @app.command(
-    epilog="Examples:\n\n  ccmem stream   (Shakespeare, 10 x an emulated 256-position context, every method)\n\n"
+    epilog="Examples:\n\n  ccmem stream   (Shakespeare, 10 x an emulated 256-position context)\n\n"
     "  ccmem stream --text pg19/test --max-positions 0 --contexts 2 --window 1024 --comp-slots 128 --block 128\n\n"
     "  ccmem stream --methods ccm-concat,streaming-llm --adapter ccm-concat=runs/x/adapter.safetensors",
 )
@@ -863,7 +863,7 @@ def stream(
             "window), streaming-llm (sink + window), window (window alone), full (everything, until it would pass "
             "--max-positions or --full-cap-mib).",
         ),
-    ] = "ccm-concat,ccm-merge,streaming-llm,window,full",
+    ] = "ccm-concat,streaming-llm,window,full",
     max_positions: Annotated[
         int,
         typer.Option(

@@ -36,7 +36,7 @@ from ccmem.stream import (
 )
 
 STREAM_METHODS = ("ccm-concat", "ccm-merge", "streaming-llm", "window", "full")
-DEFAULT_METHODS = STREAM_METHODS
+DEFAULT_METHODS = ("ccm-concat", "streaming-llm", "window", "full")  # ccm-merge ships a persona-only adapter
 
 Progress = Callable[[str, int, int], None]  # (method, tokens read, tokens in all)
 
