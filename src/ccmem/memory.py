@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -205,17 +205,7 @@ class Memory:
             return t.detach() if device is None else t.detach().to(device)
 
         layers = [(pack_keys(move(k), storage), pack_values(move(v), storage)) for k, v in self.layers]
-        return CompactMemory(
-            storage=storage,
-            source_dtype=self.dtype or torch.float32,
-            layers=layers,
-            positions=[move(p) for p in self.positions],
-            next_position=self.next_position,
-            sink=self.sink,
-            window=self.window,
-            meta=dict(self.meta),
-            state={name: move(t) for name, t in self.state.items()},
-        )
+        return CompactMemory(storage, self.dtype or torch.float32, layers, **_bookkeeping(self, move))
 
     def save(self, path: str | os.PathLike[str], dtype: str | None = None) -> Path:
         """Write to a safetensors file atomically, keys/values at storage precision ``dtype`` (default: the
@@ -307,19 +297,24 @@ class CompactMemory:
         def move(t: torch.Tensor) -> torch.Tensor:
             return t if device is None else t.to(device)
 
-        return Memory(
-            layers=[(k.unpack(dtype, device), v.unpack(dtype, device)) for k, v in self.layers],
-            positions=[move(p) for p in self.positions],
-            next_position=self.next_position,
-            sink=self.sink,
-            window=self.window,
-            meta=dict(self.meta),
-            state={name: move(t) for name, t in self.state.items()},
-        )
+        layers = [(k.unpack(dtype, device), v.unpack(dtype, device)) for k, v in self.layers]
+        return Memory(layers=layers, **_bookkeeping(self, move))
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write to a safetensors file atomically, at this memory's storage precision; see :func:`save_memory`."""
         return save_memory(self, path)
+
+
+def _bookkeeping(memory: Memory | CompactMemory, move: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
+    """What a memory holds besides keys/values (positions, counters, identity, method state), carried exactly."""
+    return {
+        "positions": [move(p) for p in memory.positions],
+        "next_position": memory.next_position,
+        "sink": memory.sink,
+        "window": memory.window,
+        "meta": dict(memory.meta),
+        "state": {name: move(t) for name, t in memory.state.items()},
+    }
 
 
 def positions_for(start: int, length: int, like: torch.Tensor) -> torch.Tensor:
