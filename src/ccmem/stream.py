@@ -94,6 +94,13 @@ class StreamLayout:
             )
 
 
+#: The stream methods (the layouts below) and those run by default (ccm-merge ships a persona-only adapter).
+STREAM_METHODS = ("ccm-concat", "ccm-merge", "streaming-llm", "window", "full")
+DEFAULT_STREAM_METHODS = ("ccm-concat", "streaming-llm", "window", "full")
+#: The stream methods that compress what leaves the window with a trained adapter.
+COMPRESSING_METHODS = ("ccm-concat", "ccm-merge")
+
+
 def layouts_at_same_memory(sink: int, window: int, comp_slots: int, block: int, n_tok: int) -> dict[str, StreamLayout]:
     """The layout of each stream method, all keeping ``sink + comp_slots + window`` slots between blocks.
 

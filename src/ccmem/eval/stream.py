@@ -28,15 +28,15 @@ from ccmem.loading import LoadedModel
 from ccmem.memory import KV, Memory
 from ccmem.methods.base import logits_for
 from ccmem.stream import (
+    COMPRESSING_METHODS,
+    DEFAULT_STREAM_METHODS,
+    STREAM_METHODS,
     Compressor,
     KVStream,
     PositionLimitError,
     StreamOptionError,
     layouts_at_same_memory,
 )
-
-STREAM_METHODS = ("ccm-concat", "ccm-merge", "streaming-llm", "window", "full")
-DEFAULT_METHODS = ("ccm-concat", "streaming-llm", "window", "full")  # ccm-merge ships a persona-only adapter
 
 Progress = Callable[[str, int, int], None]  # (method, tokens read, tokens in all)
 
@@ -45,7 +45,7 @@ Progress = Callable[[str, int, int], None]  # (method, tokens read, tokens in al
 class StreamSettings:
     """One ``ccmem stream`` run (the CLI's options)."""
 
-    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_STREAM_METHODS))
     max_positions: int = 256  # the emulated context; 0: the model's own max_position_embeddings
     contexts: float = 10.0  # stream length, in contexts
     sink: int = 4
@@ -74,9 +74,9 @@ class StreamSettings:
             raise StreamOptionError(f"full_cap_mib must be positive, got {self.full_cap_mib}")
         if self.text is not None and not Path(self.text).exists():
             raise TextSourceError(f"no file or folder at {self.text} (--text)")
-        bad = [m for m in self.adapters if m not in ("ccm-concat", "ccm-merge")]
+        bad = [m for m in self.adapters if m not in COMPRESSING_METHODS]
         if bad:
-            raise StreamOptionError(f"an adapter is only for ccm-concat or ccm-merge, not {bad[0]!r}")
+            raise StreamOptionError(f"an adapter is only for {' or '.join(COMPRESSING_METHODS)}, not {bad[0]!r}")
 
     def fingerprint(self) -> str:
         blob = json.dumps({k: v for k, v in asdict(self).items() if k != "label"}, sort_keys=True, default=str)
