@@ -9,7 +9,9 @@ import pytest
 
 from ccmem import cli
 
-COMMANDS = ["demo", "chat", "serve", "compress", "ask", "methods", "models", "train", "eval", "report", "data"]
+COMMANDS = [
+    "demo", "chat", "serve", "compress", "ask", "generate", "methods", "models", "train", "eval", "report", "data",
+]  # fmt: skip
 
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
