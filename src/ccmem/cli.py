@@ -565,7 +565,7 @@ def eval_command(
         str,
         typer.Argument(
             help="Dataset loader: persona, dialogs, passages, icl, text, metaicl, lamp2, dailydialog, soda, unified, "
-            "pretrain."
+            "pretrain, pwc (PwC jsonl, or generated without --path), pile."
         ),
     ],
     path: Annotated[
