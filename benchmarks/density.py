@@ -41,14 +41,19 @@ from ccmem.train.config import DataConfig
 GIB = 2**30
 
 
-def history_memory(session: CompressedLM, dialogs: list[MemoryExample], tokens: int) -> tuple[Memory, int]:
-    """The memory after chaining the dialogs' exchanges until at least ``tokens`` tokens of history were read."""
+def history_memory(session: CompressedLM, dialogs: list[MemoryExample], tokens: int) -> tuple[Memory, int, int]:
+    """The memory after chaining the dialogs' exchanges until at least ``tokens`` chat tokens were read; with the
+    exchanges and chat tokens read (the text's tokens, not the positions <COMP> tokens also take)."""
     session.reset()
-    exchanges = 0
+    exchanges = read = 0
     for example in dialogs:
         for user, assistant in example.context:
-            if session.memory.next_position - session.memory.sink >= tokens:
-                return session.memory, exchanges
+            if read >= tokens:
+                return session.memory, exchanges, read
+            turn = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+            read += len(
+                session.lm.tokenizer.encode(session.format.delta(session.history, turn), add_special_tokens=False)
+            )
             session.remember(user, assistant)
             exchanges += 1
     raise ValueError(f"the dialogs hold fewer than {tokens} tokens of history; give more (--history-dialogs)")
@@ -100,7 +105,7 @@ def main() -> None:
     for name in methods:
         session = ccmem.load(lm, name)
         t0 = time.perf_counter()
-        memory, exchanges = history_memory(session, dialogs, args.history_tokens)
+        memory, exchanges, history_tokens = history_memory(session, dialogs, args.history_tokens)
         history_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         scored = persona_scores(session, examples, dtypes) if examples else {}
@@ -116,7 +121,7 @@ def main() -> None:
                 "method": name,
                 "adapter": adapter,
                 "memory_dtype": dtype,
-                "history_tokens": memory.next_position - memory.sink,
+                "history_tokens": history_tokens,
                 "history_exchanges": exchanges,
                 "memory_slots": memory.num_slots,
                 "kv_bytes": compact.nbytes,
