@@ -342,7 +342,7 @@ class Engine:
         return self.store.save(name, session.memory, session.history, owner, expect_version=record.version)
 
     async def _load(self, owner: str, name: str) -> tuple[SessionRecord, CompressedLM]:
-        record = self.store.get(name, owner)
+        record = await asyncio.to_thread(self.store.get, name, owner)
         check_identity(record, self.identity)
         live = self._live.get((owner, name))
         if live is not None and live[0] == (record.created, record.version):
@@ -501,7 +501,10 @@ class Engine:
         if name is not None and record is not None:
             reply = answer.text.strip()
             await self.worker.fold(state, [[query, {"role": "assistant", "content": reply}]])
-            saved = self.store.save(name, state.memory, state.history, owner, expect_version=record.version)
+            # off the event loop: a save writes a file and commits (fsync), other sessions' requests go on meanwhile
+            saved = await asyncio.to_thread(
+                self.store.save, name, state.memory, state.history, owner, expect_version=record.version
+            )
             self._keep_live(owner, name, saved, state)
         answer.memory_slots = state.memory.num_slots
         answer.memory_bytes = state.memory.nbytes
