@@ -436,3 +436,13 @@ def test_a_top_p_below_float_precision_keeps_the_most_likely_token():
 
     logits = torch.tensor([0.1, 3.0, 0.2])
     assert Sampling(temperature=2.0, top_p=5e-324).pick(logits, torch.Generator().manual_seed(0)) == 1
+
+
+def test_many_system_prompts_with_a_small_cache_keep_working(tmp_path):
+    engine = make_engine(tmp_path, prefix_cache=1)
+    with TestClient(create_app(engine)) as client:
+        for i in range(3):
+            messages = [{"role": "system", "content": f"prompt {i}"}, user("hi")]
+            assert ask(client, messages).status_code == 200
+        assert len(engine._systems) <= 2
+    engine.close()

@@ -331,9 +331,11 @@ class Engine:
                 fresh.reset()
                 return fresh
 
-            self._systems[system] = await self.worker.call(build)
-            if len(self._systems) > self.limits.prefix_cache:
+            built = await self.worker.call(build)
+            while len(self._systems) >= max(self.limits.prefix_cache, 2):  # keep the server's own prompt
                 self._systems.pop(next(k for k in self._systems if k != self.base.system_prompt))
+            self._systems[system] = built
+            return built.fork()
         return self._systems[system].fork()
 
     async def create_session(self, owner: str, name: str, system: str | None) -> SessionRecord:
