@@ -312,6 +312,15 @@ def serve(
             "requests for one session wait for each other (a lock per session in Redis). Default: $CCMEM_REDIS.",
         ),
     ] = None,
+    memory_dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--memory-dtype",
+            help=f"Precision sessions are kept at between requests, in RAM and in the store: {MEMORY_DTYPE_HELP}. "
+            "Half precision or int8 hold 2-4x more sessions per GiB (README: Memory density). Default: the "
+            "model's dtype.",
+        ),
+    ] = None,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/models, /v1/sessions) that keeps each
     conversation as a compressed memory."""
@@ -319,6 +328,7 @@ def serve(
     from ccmem.serve.server import bind, run
     from ccmem.serve.sessions import BaseSessionStore, SessionStore, default_store_root
 
+    storage = _memory_dtype(memory_dtype)
     bind(host, port).close()  # a port in use fails before the model loads
     tokens = token or [t.strip() for t in os.environ.get("CCMEM_TOKENS", "").split(",") if t.strip()]
     sessions: BaseSessionStore
@@ -339,7 +349,7 @@ def serve(
         max_sessions=max_sessions,
         max_batch=max_batch,
     )
-    engine = Engine(base, sessions, model_id=f"{model}:{method}", limits=limits)
+    engine = Engine(base, sessions, model_id=f"{model}:{method}", limits=limits, memory_dtype=storage)
     auth = f"{len(tokens)} bearer token(s)" if tokens else "no auth (open to anyone who can reach it)"
     console.print(f"[bold]ccmem serve[/]: {model}:{method} on http://{host}:{port}/v1, {auth}, store {where}")
     run(engine, host=host, port=port, tokens=tokens, log_level=log_level)

@@ -290,6 +290,12 @@ class CompactMemory:
     def slots_per_layer(self) -> list[int]:
         return [int(k.shape[-2]) for k, _ in self.layers]
 
+    @property
+    def num_slots(self) -> int:
+        """Key/value positions per layer (mean, rounded down, where layers differ), as :attr:`Memory.num_slots`."""
+        counts = self.slots_per_layer
+        return sum(counts) // len(counts) if counts else 0
+
     def expanded(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Memory:
         """The usable memory, keys/values in ``dtype`` (default: the dtype it was computed in) on ``device``."""
         dtype = dtype or self.source_dtype

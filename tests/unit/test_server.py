@@ -20,12 +20,14 @@ from tests.conftest import randomize_lora, tiny_model
 MODEL = "tiny:ccm-concat"
 
 
-def make_engine(tmp_path, **limits) -> Engine:
+def make_engine(tmp_path, memory_dtype=None, **limits) -> Engine:
     lm = tiny_model("llama-gqa", positions=2048)
     base = ccmem.load(lm, method="ccm-concat", n_tok=2, system_prompt="be brief")
     randomize_lora(base.method, lm)  # so that a wrong memory shows in the answers
     defaults = dict(max_new_tokens=16, max_input_tokens=400, max_message_bytes=400, max_sessions=8, max_messages=20)
-    return Engine(base, SessionStore(tmp_path / "store"), model_id=MODEL, limits=Limits(**(defaults | limits)))
+    limits = Limits(**(defaults | limits))
+    store = SessionStore(tmp_path / "store")
+    return Engine(base, store, model_id=MODEL, limits=limits, memory_dtype=memory_dtype)
 
 
 @pytest.fixture
@@ -446,3 +448,37 @@ def test_many_system_prompts_with_a_small_cache_keep_working(tmp_path):
             assert ask(client, messages).status_code == 200
         assert len(engine._systems) <= 2
     engine.close()
+
+
+def test_sessions_held_at_int8_take_less_memory_and_answer_alike_from_ram_and_from_the_store(tmp_path):
+    import shutil
+
+    from safetensors import safe_open
+
+    engine = make_engine(tmp_path / "a", memory_dtype="int8")
+    plain = make_engine(tmp_path / "b")
+    replies = {}
+    for name, e in (("int8", engine), ("float32", plain)):
+        with TestClient(create_app(e)) as client:
+            client.post("/v1/sessions", json={"name": "s"})
+            ask(client, [user("my number is w1 w2 w3")], session="s")
+            replies[name] = ask(client, [user("and again")], session="s").json()  # from the RAM copy
+    record = engine.store.get("s")
+    with safe_open(str(engine.store.memory_path(record)), "pt") as f:
+        assert f.metadata()["storage"] == "int8"
+    assert record.memory_bytes < plain.store.get("s").memory_bytes / 2  # scales cost more at head_dim 8
+    assert replies["int8"]["ccmem"]["memory_slots"] == replies["float32"]["ccmem"]["memory_slots"]
+    shutil.copytree(tmp_path / "a" / "store", tmp_path / "c" / "store")
+    restarted = make_engine(tmp_path / "c", memory_dtype="int8")  # the same session read back from a file
+    with TestClient(create_app(engine)) as warm, TestClient(create_app(restarted)) as cold:
+        assert (
+            ask(warm, [user("once more")], session="s").json()["choices"]
+            == ask(cold, [user("once more")], session="s").json()["choices"]
+        )
+    for e in (engine, plain, restarted):
+        e.close()
+
+
+def test_an_unknown_memory_dtype_is_refused_naming_the_choices(tmp_path):
+    with pytest.raises(ValueError, match="int8"):
+        make_engine(tmp_path, memory_dtype="int4")

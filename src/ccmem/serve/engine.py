@@ -36,7 +36,8 @@ import torch
 from ccmem.api import CompressedLM, add_batch
 from ccmem.chat import Message, TextStream
 from ccmem.generation import Sampling, decode_batch
-from ccmem.memory import Memory
+from ccmem.memory import CompactMemory, Memory
+from ccmem.precision import storage_name
 from ccmem.serve.sessions import BaseSessionStore, SessionError, SessionRecord, check_identity, settings_of
 
 logger = logging.getLogger(__name__)
@@ -298,8 +299,18 @@ def _prefix_key(owner: str, system: str | None, messages: Sequence[Message]) -> 
 class Engine:
     """Answers chat requests for one loaded model and method, keeping memories in a session store (SQLite or Redis)."""
 
-    def __init__(self, base: CompressedLM, store: BaseSessionStore, *, model_id: str, limits: Limits | None = None):
+    def __init__(
+        self,
+        base: CompressedLM,
+        store: BaseSessionStore,
+        *,
+        model_id: str,
+        limits: Limits | None = None,
+        memory_dtype: str | None = None,
+    ):
         self.base = base
+        #: Precision sessions are held at between requests, in RAM and in the store (None: the model's own).
+        self.memory_dtype = storage_name(memory_dtype) if memory_dtype is not None else None
         self.store = store
         self.model_id = model_id
         self.limits = limits or Limits()
@@ -308,7 +319,9 @@ class Engine:
         self.identity = base.method.memory_meta(base.lm)
         self.worker = ModelWorker(base, self.limits.max_batch)
         # (created, version) names one saved state of a session, also across a delete and re-create elsewhere
-        self._live: OrderedDict[tuple[str, str], tuple[tuple[float, int], CompressedLM]] = OrderedDict()
+        self._live: OrderedDict[tuple[str, str], tuple[tuple[float, int], Memory | CompactMemory, list[Message]]] = (
+            OrderedDict()
+        )
         self._prefixes: OrderedDict[str, CompressedLM] = OrderedDict()
         self._systems: dict[str | None, CompressedLM] = {base.system_prompt: base.fork()}
 
@@ -341,7 +354,11 @@ class Engine:
     async def create_session(self, owner: str, name: str, system: str | None) -> SessionRecord:
         session = await self._start(system if system is not None else self.base.system_prompt)
         record = self.store.create(name, self.identity, settings_of(session), owner)
-        return self.store.save(name, session.memory, session.history, owner, expect_version=record.version)
+        return self.store.save(name, self._held(session.memory), session.history, owner, expect_version=record.version)
+
+    def _held(self, memory: Memory) -> Memory | CompactMemory:
+        """``memory`` as sessions are held between requests (at :attr:`memory_dtype`, if set)."""
+        return memory.compact(self.memory_dtype) if self.memory_dtype is not None else memory
 
     async def _load(self, owner: str, name: str) -> tuple[SessionRecord, CompressedLM]:
         record = await asyncio.to_thread(self.store.get, name, owner)
@@ -349,7 +366,10 @@ class Engine:
         live = self._live.get((owner, name))
         if live is not None and live[0] == (record.created, record.version):
             self._live.move_to_end((owner, name))
-            return record, live[1].fork()
+            held, history = live[1], live[2]
+            session = self.base.fork()
+            session.restore(held.expanded() if isinstance(held, CompactMemory) else held, history)
+            return record, session
         if record.version == 0:  # created, but its first save never happened (a crash): start it afresh
             return record, await self._start(record.settings.get("system_prompt", self.base.system_prompt))
         lm = self.base.lm
@@ -363,8 +383,10 @@ class Engine:
 
         return record, await self.worker.call(read)
 
-    def _keep_live(self, owner: str, name: str, record: SessionRecord, session: CompressedLM) -> None:
-        self._live[(owner, name)] = ((record.created, record.version), session)
+    def _keep_live(
+        self, owner: str, name: str, record: SessionRecord, held: Memory | CompactMemory, history: list[Message]
+    ) -> None:
+        self._live[(owner, name)] = ((record.created, record.version), held, list(history))
         self._live.move_to_end((owner, name))
         while len(self._live) > self.limits.live_sessions:
             self._live.popitem(last=False)
@@ -504,10 +526,11 @@ class Engine:
             reply = answer.text.strip()
             await self.worker.fold(state, [[query, {"role": "assistant", "content": reply}]])
             # off the event loop: a save writes a file and commits (fsync), other sessions' requests go on meanwhile
+            kept = self._held(state.memory)
             saved = await asyncio.to_thread(
-                self.store.save, name, state.memory, state.history, owner, expect_version=record.version
+                self.store.save, name, kept, state.history, owner, expect_version=record.version
             )
-            self._keep_live(owner, name, saved, state)
+            self._keep_live(owner, name, saved, kept, state.history)
         answer.memory_slots = state.memory.num_slots
         answer.memory_bytes = state.memory.nbytes
 

@@ -38,7 +38,7 @@ from redis.exceptions import AuthenticationError, LockError, RedisError
 from redis.lock import Lock
 
 from ccmem.chat import Message
-from ccmem.memory import Memory, MemoryMismatchError
+from ccmem.memory import CompactMemory, Memory, MemoryMismatchError
 from ccmem.serve.sessions import (
     SCHEMA_VERSION,
     BaseSessionStore,
@@ -262,7 +262,7 @@ class RedisSessionStore(BaseSessionStore):
     def save(
         self,
         name: str,
-        memory: Memory,
+        memory: Memory | CompactMemory,
         transcript: Sequence[Message],
         owner: str = "",
         *,
@@ -416,7 +416,7 @@ class RedisSessionLock:
             logger.warning("could not release the lock of session %r: %s", self.name, err)
 
 
-def memory_bytes(memory: Memory) -> bytes:
+def memory_bytes(memory: Memory | CompactMemory) -> bytes:
     """``memory`` as the bytes of its safetensors file (:meth:`Memory.save`: same format, same checks on load)."""
     with tempfile.TemporaryDirectory(prefix="ccmem-redis-") as tmp:
         return memory.save(Path(tmp) / "memory.safetensors").read_bytes()

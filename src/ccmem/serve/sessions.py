@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ccmem.chat import Message
-from ccmem.memory import Memory, MemoryMismatchError
+from ccmem.memory import CompactMemory, Memory, MemoryMismatchError
 
 if TYPE_CHECKING:
     from ccmem.api import CompressedLM
@@ -163,7 +163,7 @@ class BaseSessionStore(abc.ABC):
     def save(
         self,
         name: str,
-        memory: Memory,
+        memory: Memory | CompactMemory,
         transcript: Sequence[Message],
         owner: str = "",
         *,
@@ -393,7 +393,7 @@ class SessionStore(BaseSessionStore):
     def save(
         self,
         name: str,
-        memory: Memory,
+        memory: Memory | CompactMemory,
         transcript: Sequence[Message],
         owner: str = "",
         *,
