@@ -10,13 +10,13 @@ hash of their title and the question wordings of each split are disjoint, as in 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
 from functools import lru_cache
 
 from ccmem.data.persona import PersonaDialog
+from ccmem.data.records import split_of
 from ccmem.fileio import package_dir
 
 GENERATOR_VERSION = "passages-v1"
@@ -75,11 +75,6 @@ def _shorten(text: str, limit: int = 600) -> str:
     return cut[: end + 1] if end > 100 else cut
 
 
-def _split_of(title: str) -> str:
-    bucket = int(hashlib.sha256(title.encode()).hexdigest(), 16) % 10
-    return "test" if bucket < 2 else "validation" if bucket < 3 else "train"
-
-
 def _phrase(rng: random.Random, article: dict[str, str]) -> str | None:
     """A few consecutive words of the extract that do not name the title."""
     words = article["extract"].split()
@@ -97,7 +92,7 @@ def _phrase(rng: random.Random, article: dict[str, str]) -> str | None:
 
 def generate(n: int, split: str, *, seed: int = 0, k: int = 3, n_options: int = 5) -> list[PersonaDialog]:
     """``n`` chats of ``split``: ``k`` shared articles (one turn each), then a question about one of them."""
-    pool = [a for a in articles() if _split_of(a["title"]) == split]
+    pool = [a for a in articles() if split_of(a["title"]) == split]
     if len(pool) < k + n_options:
         raise PassageSourceError(f"too few articles in the {split} split ({len(pool)})")
     rng = random.Random(f"{GENERATOR_VERSION}-{split}-{seed}")

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from ccmem.data.formats import document_split, split_file
-from ccmem.data.passages import _split_of, articles
-from ccmem.data.records import MemoryExample
+from ccmem.data.passages import articles
+from ccmem.data.records import MemoryExample, split_of
 from ccmem.fileio import DatasetFormatError, jsonl_records
 
 GENERATOR_VERSION = "pwc-wiki-v1"
@@ -109,7 +109,7 @@ def _quote(rng: random.Random, text: str) -> tuple[str, str] | None:
 
 def generate(n: int, split: str, *, seed: int = 0) -> list[dict[str, str]]:
     """``n`` PwC records of ``split`` (``input``, ``prompt``, ``answer``) from the packaged Wikipedia summaries."""
-    pool = [a for a in articles() if _split_of(a["title"]) == split]
+    pool = [a for a in articles() if split_of(a["title"]) == split]
     rng = random.Random(f"{GENERATOR_VERSION}-{split}-{seed}")
     out: list[dict[str, str]] = []
     while len(out) < n:

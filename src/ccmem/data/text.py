@@ -10,11 +10,10 @@ their name, so no document appears in two splits.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from pathlib import Path
 
-from ccmem.data.records import MemoryExample
+from ccmem.data.records import MemoryExample, split_of
 from ccmem.fileio import package_dir
 
 GENERATOR_VERSION = "text-v1"
@@ -45,11 +44,6 @@ def text_files(path: str | Path | None) -> list[Path]:
     return files
 
 
-def _split_of(name: str) -> str:
-    bucket = int(hashlib.sha256(name.encode()).hexdigest(), 16) % 10
-    return "test" if bucket < 2 else "validation" if bucket < 3 else "train"
-
-
 def _segments(text: str, size: int) -> list[str]:
     """Cut ``text`` into pieces of about ``size`` characters at line ends (a play's speeches)."""
     pieces, current = [], ""
@@ -75,7 +69,7 @@ def examples(
 ) -> list[MemoryExample]:
     """``n`` passages of ``split``: context segments, a bridge line, and the continuation to score."""
     files = text_files(path)
-    chosen = [f for f in files if _split_of(f.name) == split] or (files if path is not None else [])
+    chosen = [f for f in files if split_of(f.name) == split] or (files if path is not None else [])
     if not chosen:
         raise TextSourceError(f"no document falls in the {split} split")
     rng = random.Random(f"{GENERATOR_VERSION}-{split}-{seed}")

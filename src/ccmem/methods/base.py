@@ -281,7 +281,11 @@ class Method(ABC):
         return len(sample.sink) + sum(len(c) for c in sample.chunks) + len(sample.tail)
 
     def make_batch(self, samples: list[Sample], pad_id: int = 0) -> Any:
-        """Lay a batch of samples out for :meth:`training_loss`."""
+        """Lay a batch of samples out for :meth:`training_loss`.
+
+        The trainer counts the tokens it trains on from the batch: give it ``lengths`` (real tokens per row) or
+        an ``attention_mask``.
+        """
         raise NotImplementedError(f"method {self.name!r} cannot be trained")
 
     def training_loss(self, lm: LoadedModel, batch: Any) -> torch.Tensor:
