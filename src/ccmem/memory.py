@@ -66,8 +66,26 @@ class KVShape:
     dtype: torch.dtype
 
 
+class SlotCounts:
+    """Slot counts of a memory whose ``layers`` are ``(keys, values)`` pairs shaped ``[batch, heads, slots, dim]``
+    (:class:`Memory` and :class:`CompactMemory` alike)."""
+
+    layers: Sequence[tuple[Any, Any]]
+
+    @property
+    def slots_per_layer(self) -> list[int]:
+        """Key/value positions held by each layer."""
+        return [int(k.shape[-2]) for k, _ in self.layers]
+
+    @property
+    def num_slots(self) -> int:
+        """Key/value positions per layer (their mean, rounded down, where layers hold different numbers)."""
+        counts = self.slots_per_layer
+        return sum(counts) // len(counts) if counts else 0
+
+
 @dataclass
-class Memory:
+class Memory(SlotCounts):
     """Compressed key/value memory of one interaction.
 
     ``layers[i] = (keys, values)`` with shape ``[batch, kv_heads, slots_i, head_dim]``; ``next_position`` is
@@ -84,17 +102,6 @@ class Memory:
     state: dict[str, torch.Tensor] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- size
-
-    @property
-    def slots_per_layer(self) -> list[int]:
-        """Key/value positions held by each layer."""
-        return [int(k.shape[-2]) for k, _ in self.layers]
-
-    @property
-    def num_slots(self) -> int:
-        """Key/value positions per layer (their mean, rounded down, where layers hold different numbers)."""
-        counts = self.slots_per_layer
-        return sum(counts) // len(counts) if counts else 0
 
     @property
     def nbytes(self) -> int:
@@ -263,7 +270,7 @@ class Memory:
 
 
 @dataclass(frozen=True)
-class CompactMemory:
+class CompactMemory(SlotCounts):
     """A :class:`Memory` whose keys/values are held at a storage precision (``storage``): what a memory file
     holds, and what a server keeping many sessions in RAM can hold. :meth:`expanded` makes it usable again.
 
@@ -285,16 +292,6 @@ class CompactMemory:
         """Bytes held by keys and values, int8 scales included (as :attr:`Memory.nbytes`, ``state`` and
         positions are not counted)."""
         return sum(k.nbytes + v.nbytes for k, v in self.layers)
-
-    @property
-    def slots_per_layer(self) -> list[int]:
-        return [int(k.shape[-2]) for k, _ in self.layers]
-
-    @property
-    def num_slots(self) -> int:
-        """Key/value positions per layer (mean, rounded down, where layers differ), as :attr:`Memory.num_slots`."""
-        counts = self.slots_per_layer
-        return sum(counts) // len(counts) if counts else 0
 
     def expanded(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Memory:
         """The usable memory, keys/values in ``dtype`` (default: the dtype it was computed in) on ``device``."""
