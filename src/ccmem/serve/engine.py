@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ccmem.api import CompressedLM, add_batch
+from ccmem.api import CompressedLM, add_batch, check_room
 from ccmem.chat import Message, TextStream
 from ccmem.generation import Sampling, decode_batch
 from ccmem.memory import CompactMemory, Memory
@@ -476,8 +476,6 @@ class Engine:
 
     def _query(self, state: CompressedLM, query: Message, params: Params) -> torch.Tensor:
         ids = state.query_ids([query])
-        from ccmem.api import check_room
-
         check_room(state.lm, state.memory, ids.shape[1] + params.max_new_tokens)
         return ids
 
