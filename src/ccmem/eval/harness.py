@@ -33,6 +33,7 @@ from ccmem.api import SCORE_REDUCTIONS, CompressedLM, check_room, load, score_ba
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT
 from ccmem.data.records import MemoryExample, to_sample
 from ccmem.data.samples import Sample
+from ccmem.eval import textmetrics
 from ccmem.fileio import DatasetFormatError, jsonl_records
 from ccmem.loading import LoadedModel
 from ccmem.memory import Memory
@@ -108,22 +109,16 @@ def normalize(text: str) -> str:
     return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
 
 
+def answer_words(text: str) -> list[str]:
+    """The words of an answer after :func:`normalize`."""
+    return normalize(text).split()
+
+
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 over normalised words (longest common subsequence)."""
-    p, r = normalize(prediction).split(), normalize(reference).split()
-    if not p or not r:
-        return float(p == r)
-    prev = [0] * (len(r) + 1)
-    for a in p:
-        cur = [0]
-        for j, b in enumerate(r):
-            cur.append(prev[j] + 1 if a == b else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(p), lcs / len(r)
-    return 2 * precision * recall / (precision + recall)
+    """ROUGE-L F1 over normalised words (rouge-score's LCS); two answers with no word left agree."""
+    if not answer_words(prediction) and not answer_words(reference):
+        return 1.0  # rouge-score gives 0 when there is nothing to match
+    return textmetrics.rouge_l(prediction, reference, tokenize=answer_words)
 
 
 def _mean(values: Sequence[float]) -> float | None:
