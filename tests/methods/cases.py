@@ -44,6 +44,12 @@ CASES = [
     Case("knorm", {"ratio": 0.5}, growth=(2, 4, 6)),
     Case("expected-attention", {"ratio": 0.5, "n_future_positions": 16}, growth=(2, 4, 6)),
     Case("knorm", {"max_slots": 16}, growth=(4, 4, 4)),  # a slot cap: 16 slots in all, 12 of them the sink
+    # Ren et al.'s three sparse methods at compression ratio 0.5 keep 5 - 2, 9 - 4, 12 - 6 entries of the context.
+    Case("sentinel", {"compression_ratio": 0.5}, growth=(3, 5, 6)),
+    # Whole sentences overshoot by less than one sentence (each chunk is one here) and the next add makes it up.
+    Case("sentinel", {"compression_ratio": 0.5, "spans": "sentence"}, growth=(1, 5, 6)),
+    Case("local", {"compression_ratio": 0.5}, growth=(3, 5, 6)),
+    Case("scattered", {"compression_ratio": 0.5}, growth=(3, 5, 6)),
 ]
 
 

@@ -11,7 +11,7 @@ from ccmem.adapter import save_adapter
 from ccmem.api import CompressedLM
 from ccmem.data.samples import Sample
 from ccmem.memory import Memory, MemoryMismatchError
-from ccmem.registry import method_classes
+from ccmem.registry import method_class, method_classes
 from tests.conftest import tiny_model
 from tests.methods.cases import CASES, CHUNKS, cases
 
@@ -188,8 +188,9 @@ def test_memory_works_as_a_transformers_cache_in_generate():
 @pytest.mark.parametrize("case", cases(budgeted=True))
 def test_a_budget_that_keeps_everything_equals_full(case):
     lm = tiny_model()
-    options = {k: v for k, v in case.options.items() if k not in ("ratio", "max_slots")}
-    budgeted = CompressedLM(lm, ccmem.get_method(case.method, **options, ratio=1.0), system_prompt=SYSTEM)
+    keep_all = method_class(case.method).budget_options(1.0)
+    options = {k: v for k, v in case.options.items() if k not in ("ratio", "max_slots", *keep_all)}
+    budgeted = CompressedLM(lm, ccmem.get_method(case.method, **options, **keep_all), system_prompt=SYSTEM)
     full = CompressedLM(lm, ccmem.get_method("full"), system_prompt=SYSTEM)
     for s in (budgeted, full):
         for chunk in CHUNKS:
@@ -199,7 +200,7 @@ def test_a_budget_that_keeps_everything_equals_full(case):
     assert list(budgeted.stream_ids(QUERY, 5, stop_ids=set())) == list(full.stream_ids(QUERY, 5, stop_ids=set()))
 
 
-@pytest.mark.parametrize("case", cases(budgeted=True))
+@pytest.mark.parametrize("case", [c for c in cases(budgeted=True) if "ratio" in c.values[0].options])
 def test_budget_options_are_checked(case):
     with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\]"):
         ccmem.get_method(case.method, ratio=1.5)

@@ -215,7 +215,7 @@ def run_grid(
         for cell in (c for c in grid(settings) if c.task == task_name):
             method = base_method(cell.method)
             options = options_for(method, settings.options)
-            budget: dict[str, Any] = {"ratio": cell.budget} if cell.budget is not None else {}
+            budget = method_class(method).budget_options(cell.budget) if cell.budget is not None else {}
             adapter = settings.adapters.get(cell.method)
             session = load(lm, method=method, adapter=adapter, system_prompt=settings.system, **options, **budget)
             key = _key(task.name, method, cell.budget, config_hash, options, adapter_provenance(session)[0])
@@ -301,7 +301,8 @@ def run_decode_speed(
                 continue
             if progress:
                 progress(f"decode: {name} after {length} tokens")
-            options: dict[str, Any] = options_for(name, settings.options) | ({"ratio": budget} if budget else {})
+            kept = method_class(name).budget_options(budget) if budget else {}
+            options: dict[str, Any] = options_for(name, settings.options) | kept
             session = load(lm, method=name, system_prompt=settings.system, **options)
             session.add_ids(history[:length])
             query = session.query_ids("Go on.")

@@ -161,6 +161,12 @@ class Method(ABC):
         return specs
 
     @classmethod
+    def budget_options(cls, keep: float) -> dict[str, Any]:
+        """The options that make a :attr:`budgeted` method keep the share ``keep`` of the context
+        (``ccmem compare --budgets``); eviction methods call it ``ratio``."""
+        return {"ratio": keep}
+
+    @classmethod
     def summary(cls) -> str:
         """The first line of the docstring."""
         return (cls.__doc__ or "").strip().splitlines()[0].replace("``", "")
@@ -177,6 +183,7 @@ class Method(ABC):
             self._module = self.build(lm)
             if self._module is not None:
                 self._module.requires_grad_(False)  # a training recipe turns gradients on for what it trains
+                self._module.eval()  # no dropout outside training (the trainer switches it to train mode)
             self._built_for = lm.fingerprint
         elif self._built_for != lm.fingerprint:
             raise ValueError(

@@ -63,6 +63,19 @@ class AttentionPlan:
             order=plan.order.to(device),
         )
 
+    @classmethod
+    def from_allowed(cls, allowed: torch.Tensor, dtype: torch.dtype, device: torch.device) -> AttentionPlan:
+        """A plan of a plain boolean ``[B, Lq, Lk]`` mask (no merged columns; keys in cache order)."""
+        allowed = allowed if allowed.dim() == 3 else allowed[None]
+        batch, _, keys = allowed.shape
+        return cls(
+            mask=to_additive(allowed, dtype).to(device),
+            mix_index=torch.zeros(batch, 0, dtype=torch.long, device=device),
+            mix_weights=torch.zeros(batch, 0, 0, dtype=dtype, device=device),
+            allowed=allowed.to(device),
+            order=torch.arange(keys, device=device).expand(batch, keys),
+        )
+
     def mask_for(self, sliding_window: int | None) -> torch.Tensor:
         """The additive mask for a layer with this sliding window (``None``: full attention)."""
         if sliding_window is None or sliding_window >= self.allowed.shape[-1]:
