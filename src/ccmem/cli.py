@@ -1062,6 +1062,15 @@ def list_models() -> None:
     console.print(f"cache: {cache_dir()} (set CCMEM_CACHE to move it)")
 
 
+def _add_subcommands() -> None:
+    from ccmem.cli_repro import repro_app
+
+    app.add_typer(repro_app, name="repro")
+
+
+_add_subcommands()
+
+
 def main() -> None:
     """Console entry point: user errors become one red line and exit code 2, never a traceback."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

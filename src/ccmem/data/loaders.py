@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ccmem.data import dialogs, formats, icl, passages, persona, pwc, text
+from ccmem.data import dialogs, formats, icl, passages, persona, pwc, text, wikitext
 from ccmem.data.records import MemoryExample
 
 if TYPE_CHECKING:
@@ -184,6 +184,10 @@ LOADERS: dict[str, Loader] = {
     "text": lambda cfg, split: text.examples(
         cfg.n_train if split == "train" else cfg.n_eval, split, seed=cfg.seed, path=cfg.path
     ),
+    # WikiText-2 raw (a download at data.path) or its packaged stand-in, as passages for causal-LM finetuning.
+    "wikitext": lambda cfg, split: wikitext.examples(
+        cfg.n_train if split == "train" else cfg.n_eval, split, seed=cfg.seed, path=cfg.path
+    ),
 }
 
 
@@ -198,6 +202,7 @@ def data_version(cfg: DataConfig) -> str:
         "dialogs": dialogs.GENERATOR_VERSION,
         "passages": passages.GENERATOR_VERSION,
         "pwc": pwc.GENERATOR_VERSION,
+        "wikitext": wikitext.GENERATOR_VERSION,
     }
     if cfg.dataset == "mixture" and cfg.mixture:
         return "+".join(f"{versions.get(f, f)}:{w:g}" for f, w in cfg.mixture.items())
@@ -220,4 +225,4 @@ def load_examples(cfg: DataConfig, split: str = "train") -> list[MemoryExample]:
         raise FileNotFoundError(f"data.path {cfg.path} does not exist")
     examples = loader(cfg, split)
     limit = cfg.n_train if split == "train" else cfg.n_eval
-    return examples[:limit] if limit and cfg.path and cfg.dataset != "text" else examples
+    return examples[:limit] if limit and cfg.path and cfg.dataset not in ("text", "wikitext") else examples

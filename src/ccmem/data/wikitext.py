@@ -137,3 +137,49 @@ def packaged_text(split: str = "test", *, max_chars: int | None = None) -> str:
         out.append(piece)
         size += len(piece)
     return "".join(out)
+
+
+# ---------------------------------------------------------------------------- training passages
+
+GENERATOR_VERSION = "wikitext-passages-v1"
+
+
+def passages(text: str, chars: int = 600) -> list[str]:
+    """``text`` cut into passages of about ``chars`` characters at line ends (a longer line at a sentence end),
+    for causal-LM finetuning through ``ccmem train`` (``data.dataset=wikitext``)."""
+    if chars < 50:
+        raise ValueError(f"passages need at least 50 characters, got {chars}")
+    out, current = [], ""
+    for line in text.splitlines(keepends=True):
+        while len(line) > 2 * chars:  # one long paragraph: cut at a sentence end near the target
+            cut = line.find(". ", chars)
+            cut = cut + 2 if 0 < cut < 2 * chars else chars
+            out.append(current + line[:cut])
+            current, line = "", line[cut:]
+        current += line
+        if len(current) >= chars:
+            out.append(current)
+            current = ""
+    if current.strip():
+        out.append(current)
+    return [p for p in out if p.strip()]
+
+
+def examples(n: int, split: str, *, path: str | Path | None = None, seed: int = 0, chars: int = 600) -> list[Any]:
+    """Up to ``n`` passages of ``split`` as plain-text examples (one context segment each, nothing to answer:
+    methods trained with ``loss_on=all`` learn every token), in a seeded random order.
+
+    From a WikiText download at ``path`` (see :func:`read_wikitext`), else from :func:`packaged_text`.
+    """
+    import random
+
+    from ccmem.data.records import MemoryExample
+
+    text = read_wikitext(path, split) if path is not None else packaged_text(split, max_chars=(n + 8) * chars * 2)
+    pieces = passages(text, chars)
+    if not pieces:
+        raise DatasetFormatError(f"the {split} split of {path or 'the packaged text'} holds no text")
+    random.Random(f"{GENERATOR_VERSION}-{split}-{seed}").shuffle(pieces)
+    return [
+        MemoryExample(f"wikitext-{split}-{i}", [p], "", "", chat=False, task="text") for i, p in enumerate(pieces[:n])
+    ]

@@ -1,0 +1,208 @@
+"""``ccmem repro``: commands that reproduce a paper's claims, one table per claim (a sub-command of ``ccmem``)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from ccmem.loading import BUILTIN_MODELS, DEFAULT_MODEL
+
+repro_app = typer.Typer(help="Reproduce a paper's claims with ccmem's methods, one command per claim.")
+sentinel_app = typer.Typer(
+    help="Ren et al., EMNLP 2023 (seed 004): sentinel-token KV compression against local and scattered attention "
+    "at compression ratios 0.1 ... 0.9. Each (method, ratio) is LoRA-finetuned once through `ccmem train` "
+    "(runs/repro-METHOD-rR; rerunning reuses finished runs and resumes interrupted ones)."
+)
+repro_app.add_typer(sentinel_app, name="sentinel")
+console = Console()
+err_console = Console(stderr=True)
+
+Model = Annotated[
+    str, typer.Option("--model", "-m", help=f"The LM finetuned and measured ({', '.join(BUILTIN_MODELS)}, a folder).")
+]
+Ratios = Annotated[
+    str, typer.Option("--ratios", help="Comma-separated compression ratios r (share of the KV entries evicted).")
+]
+Steps = Annotated[int, typer.Option("--train-steps", min=1, help="LoRA finetuning steps per (method, ratio).")]
+Batch = Annotated[int, typer.Option("--batch-size", min=1, help="Finetuning batch size.")]
+Lr = Annotated[float, typer.Option("--lr", help="Finetuning learning rate.")]
+Wikitext = Annotated[
+    Path | None,
+    typer.Option(
+        "--wikitext",
+        help="WikiText-2 raw as downloaded (wikitext-2-raw/ with wiki.*.raw, or the HF wikitext-2-raw-v1 folder); "
+        "trains on its train split. Default: the packaged Wikipedia summaries (offline stand-in).",
+    ),
+]
+Seed = Annotated[int, typer.Option("--seed", help="Seed of the sampling and of the document draw.")]
+RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Where the finetuning runs go (one per method and ratio).")]
+OutDir = Annotated[Path, typer.Option("--out-dir", "-o", help="Where the JSONL rows, report.md and PNGs go.")]
+Adapter = Annotated[
+    list[str] | None,
+    typer.Option("--adapter", help="METHOD@RATIO=PATH: use this adapter instead of finetuning one (repeatable)."),
+]
+
+
+def _ratios(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--ratios takes numbers separated by commas, got {text!r}") from None
+
+
+def _adapters(specs: list[str] | None) -> dict[str, str]:
+    out = {}
+    for spec in specs or []:
+        key, sep, path = spec.partition("=")
+        if not sep or "@" not in key:
+            raise typer.BadParameter(f"--adapter takes METHOD@RATIO=PATH, got {spec!r}")
+        method, _, ratio = key.partition("@")
+        out[f"{method}@{float(ratio):g}"] = path
+    return out
+
+
+def _finish(claim: str, rows: list, out_dir: Path, seconds: float) -> None:
+    from ccmem.eval.sentinel_report import markdown, plot
+    from ccmem.eval.sentinel_repro import write_rows
+    from ccmem.fileio import atomic_path
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jsonl = write_rows(rows, out_dir / f"{claim}.jsonl")
+    report = markdown(claim, rows, seconds)
+    with atomic_path(out_dir / f"{claim}.md") as tmp:
+        tmp.write_text(report)
+    pngs = plot(claim, rows, out_dir)
+    console.print(report, markup=False, highlight=False)
+    console.print(f"wrote {jsonl}, {out_dir / f'{claim}.md'}, " + ", ".join(str(p) for p in pngs))
+
+
+def _run(claim: str, settings: object, out_dir: Path) -> None:
+    from rich.status import Status
+
+    from ccmem.eval.sentinel_repro import ReproSettings, run_generate, run_ppl
+    from ccmem.loading import load_model
+
+    assert isinstance(settings, ReproSettings)
+    try:
+        settings.check()
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    started = time.perf_counter()
+    with Status(f"loading {settings.model}...", console=err_console) as status:
+        lm = load_model(settings.model)
+
+        def progress(what: str) -> None:
+            status.update(f"[{(time.perf_counter() - started) / 60:.1f} min] {what}")
+            err_console.log(what)
+
+        rows = (run_ppl if claim == "ppl" else run_generate)(lm, settings, progress)
+    _finish(claim, rows, out_dir, time.perf_counter() - started)
+
+
+@sentinel_app.command(
+    epilog="Examples:\n\n  ccmem repro sentinel ppl   (offline: packaged text, 12 finetuning steps per cell)\n\n"
+    "  ccmem repro sentinel ppl --wikitext data/wikitext-2-raw --train-steps 600 --block-size 256 --test-blocks 1000"
+)
+def ppl(
+    model: Model = DEFAULT_MODEL,
+    ratios: Ratios = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
+    methods: Annotated[str, typer.Option("--methods", help="Methods to compare.")] = "sentinel,local,scattered",
+    wikitext: Wikitext = None,
+    block_size: Annotated[int, typer.Option("--block-size", min=2, help="Tokens per test block (paper: 256).")] = 128,
+    test_blocks: Annotated[int, typer.Option("--test-blocks", min=1, help="Test blocks scored.")] = 16,
+    train_steps: Steps = 12,
+    batch_size: Batch = 4,
+    lr: Lr = 3e-4,
+    adapter: Adapter = None,
+    seed: Seed = 0,
+    runs_dir: RunsDir = Path("runs"),
+    out_dir: OutDir = Path("results/sentinel"),
+) -> None:
+    """Claim 1: WikiText-2 test perplexity of sentinel, local and scattered attention, each LoRA-finetuned at each
+    compression ratio; one table in the seed's shape (method x ratio), ppl.jsonl, ppl.md and ppl-perplexity.png."""
+    from ccmem.eval.sentinel_repro import ReproSettings
+
+    settings = ReproSettings(
+        model=model,
+        methods=[m.strip() for m in methods.split(",") if m.strip()],
+        ratios=_ratios(ratios),
+        wikitext=str(wikitext) if wikitext else None,
+        block_size=block_size,
+        test_blocks=test_blocks,
+        train_steps=train_steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        runs_dir=str(runs_dir),
+        adapters=_adapters(adapter),
+    )
+    _run("ppl", settings, out_dir)
+
+
+@sentinel_app.command(
+    epilog="Examples:\n\n  ccmem repro sentinel generate   (offline: packaged news, 12 documents)\n\n"
+    "  ccmem repro sentinel generate --c4 'c4/en/c4-validation.*.json.gz' --docs 200 --judge PATH/pythia-1b"
+)
+def generate(
+    model: Model = DEFAULT_MODEL,
+    ratios: Ratios = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
+    c4: Annotated[
+        str | None,
+        typer.Option(
+            "--c4",
+            help="C4 documents as downloaded (c4-*.json.gz: a file, a folder or a glob). Default: gensim's packaged "
+            "Lee news corpus (offline stand-in).",
+        ),
+    ] = None,
+    docs: Annotated[int, typer.Option("--docs", min=1, help="Documents (paper: 200).")] = 12,
+    prefix_tokens: Annotated[int, typer.Option("--prefix-tokens", min=2, help="Prefix compressed into memory.")] = 96,
+    continuation_tokens: Annotated[
+        int, typer.Option("--continuation-tokens", min=1, help="Tokens sampled and compared with the real ones.")
+    ] = 24,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold.")] = 0.9,
+    judge: Annotated[
+        str,
+        typer.Option("--judge", help="The second LM whose perplexity measures naturalness (paper: Pythia-1B)."),
+    ] = "gemma3-270m",
+    encoder: Annotated[
+        str | None,
+        typer.Option("--encoder", help="BERTScore encoder (a folder or hub name). Default: packaged all-MiniLM-L6-v2."),
+    ] = None,
+    wikitext: Wikitext = None,
+    train_steps: Steps = 12,
+    batch_size: Batch = 4,
+    lr: Lr = 3e-4,
+    adapter: Adapter = None,
+    seed: Seed = 0,
+    runs_dir: RunsDir = Path("runs"),
+    out_dir: OutDir = Path("results/sentinel"),
+) -> None:
+    """Claim 2: continuations of document prefixes with sentinel vs local attention at each ratio, scored against
+    the real continuation (ROUGE-L, BERTScore) and for naturalness (a judge LM's perplexity); generate.jsonl,
+    generate.md and one PNG per metric. Reuses claim 1's finetuned adapters when they exist."""
+    from ccmem.eval.sentinel_repro import CLAIM2_METHODS, ReproSettings
+
+    settings = ReproSettings(
+        model=model,
+        methods=CLAIM2_METHODS,
+        ratios=_ratios(ratios),
+        wikitext=str(wikitext) if wikitext else None,
+        c4=c4,
+        n_docs=docs,
+        prefix_tokens=prefix_tokens,
+        continuation_tokens=continuation_tokens,
+        top_p=top_p,
+        judge=judge,
+        encoder=encoder,
+        train_steps=train_steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        runs_dir=str(runs_dir),
+        adapters=_adapters(adapter),
+    )
+    _run("generate", settings, out_dir)

