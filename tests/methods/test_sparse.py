@@ -156,3 +156,17 @@ def test_compare_budgets_become_compression_ratios():
 
     assert method_class("sentinel").budget_options(0.25) == {"compression_ratio": 0.75}
     assert method_class("snapkv").budget_options(0.25) == {"ratio": 0.25}
+
+
+def test_compare_runs_the_sparse_methods_at_each_budget_beside_the_others(tmp_path):
+    from ccmem.eval.compare import CompareSettings, run_grid
+
+    settings = CompareSettings(
+        methods=["full", "local", "sentinel", "scattered"], tasks=["persona"], budgets=[1 / 2, 1 / 4], n=2, system="Hi."
+    )
+    rows = list(run_grid(tiny_model(positions=8192), settings, tmp_path))
+    slots = {(r.method, r.budget): r.memory_slots for r in rows}
+    assert slots["local", 0.25] < slots["local", 0.5] < slots["full", None]
+    for share in (0.5, 0.25):  # the three keep the same number of entries at the same share
+        assert slots["sentinel", share] == pytest.approx(slots["local", share], abs=2)
+        assert slots["scattered", share] == slots["local", share]

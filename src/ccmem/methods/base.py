@@ -299,6 +299,13 @@ class Method(ABC):
         """Mean loss of one batch from :meth:`make_batch` (called while attached)."""
         raise NotImplementedError(f"method {self.name!r} cannot be trained")
 
+    def loss_count(self, batch: Any) -> int | None:
+        """How many items :meth:`training_loss` averages over in ``batch`` (labelled tokens by default), known
+        before the forward; the trainer weighs accumulated batches by it, so that gradient accumulation gives the
+        gradient of one batch holding them all. ``None``: unknown (accumulated batches then count alike)."""
+        labels = getattr(batch, "labels", None)
+        return int((labels[:, 1:] != -100).sum()) if isinstance(labels, torch.Tensor) else None
+
 
 # ---------------------------------------------------------------------------- helpers shared by methods
 

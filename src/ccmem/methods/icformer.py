@@ -267,3 +267,10 @@ class ICFormerMethod(Method):
     def training_loss(self, lm: LoadedModel, batch: Any) -> torch.Tensor:
         total, count = self.loss_terms(lm, batch)
         return total / count
+
+    def loss_count(self, batch: Any) -> int | None:
+        """The ``count`` of :meth:`loss_terms` without a forward: target tokens, or samples with a target."""
+        targets = [len(row.tail) - row.label_from for row in batch.rows]
+        if self.avg_level == "token":
+            return sum(targets)
+        return len({row.sample for row, n in zip(batch.rows, targets, strict=True) if n > 0})

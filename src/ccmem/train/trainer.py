@@ -103,13 +103,38 @@ class SampleDataset(torch.utils.data.Dataset):
 
 
 class CompressionTrainer(Trainer):
-    """The HF Trainer with a loss from the method and checkpoints of the trainable tensors only."""
+    """The HF Trainer with a loss from the method and checkpoints of the trainable tensors only.
+
+    Gradient accumulation is exact: each accumulated batch's mean loss is weighed by its share of the items
+    (:meth:`ccmem.methods.base.Method.loss_count`: labelled tokens, or samples for sentence-level averaging) of
+    the whole step, so ``batch_size=1, grad_accum=4`` gives the gradient of ``batch_size=4``.
+    """
+
+    def __init__(self, *args: Any, method: Method, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.method = method
+        self.model_accepts_loss_kwargs = True  # compute_loss normalises by num_items_in_batch itself
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | int | None:
+        counts = [self.method.loss_count(b["batch"]) for b in batch_samples]
+        if not counts or any(c is None for c in counts):
+            return None  # the Trainer then divides each batch's loss by the accumulation steps
+        total = torch.tensor(sum(c for c in counts if c is not None), device=device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            total = self.accelerator.gather(total).sum()
+        return total
 
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
         outputs = model(**inputs)
-        return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
+        loss = outputs["loss"]
+        count = self.method.loss_count(inputs["batch"]) if num_items_in_batch is not None else None
+        if count is not None:
+            loss = loss * count / num_items_in_batch  # this batch's share of the whole step's mean
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        return (loss, outputs) if return_outputs else loss
 
     def prediction_step(
         self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Any = None
@@ -313,6 +338,7 @@ def train(config: TrainConfig, *, lm: LoadedModel | None = None) -> TrainResult:
     if t.patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.patience))
     trainer = CompressionTrainer(
+        method=method,
         model=module,
         args=args,
         train_dataset=train_set,
