@@ -46,7 +46,9 @@ def test_claim_one_trains_each_cell_once_and_measures_perplexity(tmp_path):
         assert Path(r["adapter"]).is_file()
         assert r["kept_share"] == pytest.approx(0.5, abs=0.05)  # each keeps n - floor(r n) of each block
         assert "WikiText-2 raw" in r["data"] and r["blocks"] == 2 and r["tokens"] == 2 * 47
-    assert rows[0]["kept_share"] == 1.0
+    assert rows[0]["kept_share"] == 1.0 == rows[0]["kv_bytes_share"]
+    for r in rows[1:]:  # the memory object holds (1 - r) of full's bytes: 48 - floor(0.5 * 48) of 48 entries
+        assert r["kv_bytes_share"] == 0.5
     assert all(1 < r["perplexity"] < 1000 for r in rows)
     again = run_ppl(lm, s, progress=lambda _: None)  # finished runs are reused: the same adapters, the same numbers
     assert [r["perplexity"] for r in again] == pytest.approx([r["perplexity"] for r in rows])

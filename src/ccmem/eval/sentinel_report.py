@@ -106,6 +106,11 @@ def markdown(claim: str, rows: Sequence[dict[str, Any]], seconds: float) -> str:
             f"naturalness: perplexity of the continuation given its prefix under {first['judge']}."
         )
     body = [table(rows, key, title) for key, title, _ in METRICS[claim]]
+    if claim == "ppl" and all("kv_bytes_share" in r for r in rows):
+        body.append(
+            "KV memory after one block, measured on the memory object, as a share of full's:\n\n"
+            + table(rows, "kv_bytes_share", "KV bytes / full")
+        )
     verdict = verdict_ppl(rows) if claim == "ppl" else verdict_generate(rows)
     return "\n".join(head) + "\n\n" + "\n\n".join(body) + f"\n\n{verdict}\n\nTotal time: {seconds / 60:.1f} min.\n"
 

@@ -170,6 +170,7 @@ def run_ppl(lm: LoadedModel, settings: ReproSettings, progress: Progress) -> lis
     settings.check()
     blocks = test_blocks(lm, settings)
     rows = []
+    full_bytes = 0
     cells = [(REFERENCE, 0.0)] + [(m, r) for m in settings.methods for r in settings.ratios]
     for method, ratio in cells:
         started = time.perf_counter()
@@ -177,6 +178,9 @@ def run_ppl(lm: LoadedModel, settings: ReproSettings, progress: Progress) -> lis
         progress(f"perplexity: {method} at r={ratio:g}")
         session = _session(lm, method, ratio, adapter)
         measured = perplexity(lm, session.method, blocks)
+        session.add_ids(blocks[0])  # the memory really kept after one block, in bytes
+        full_bytes = full_bytes or session.memory.nbytes  # (the reference, first, keeps everything)
+        measured |= {"kv_bytes": session.memory.nbytes, "kv_bytes_share": session.memory.nbytes / full_bytes}
         rows.append(
             _row(settings, "ppl", method, ratio, adapter)
             | measured
