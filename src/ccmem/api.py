@@ -20,7 +20,7 @@ import torch
 from ccmem.adapter import Adapter, load_adapter, options_with_adapter, read_adapter, shipped_adapter
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat, Message, TextStream, check_messages
 from ccmem.generation import Sampling, decode, decode_batch
-from ccmem.loading import DEFAULT_MODEL, LoadedModel, load_model
+from ccmem.loading import DEFAULT_MODEL, AttentionError, LoadedModel, load_model
 from ccmem.memory import Memory
 from ccmem.methods.base import Method, logits_for, read_batch
 from ccmem.registry import DEFAULT_METHOD, get_method, method_class
@@ -386,6 +386,27 @@ def _check_shared(sessions: Sequence[CompressedLM], what: str) -> None:
             )
 
 
+def check_attention(lm: LoadedModel, method: Method) -> None:
+    """Refuse, before any work, a method that cannot run on the model's attention implementation.
+
+    Methods that mask or read attention switch the model to ccmem's own sdpa/eager variant while attached
+    (:func:`ccmem.patching.attention.compression_attention`), which refuses other kernels such as
+    flash_attention_2. Attaching once here turns that into an error at load time instead of at the first
+    compression (or the first request of a server). Models on sdpa or eager need no check.
+    """
+    current = lm.model.config._attn_implementation or "sdpa"
+    if current in ("sdpa", "eager"):
+        return
+    try:
+        with method.attached(lm):
+            pass
+    except ValueError as err:
+        raise AttentionError(
+            f"method {method.name!r} cannot run on {current} attention: {err}; methods that only read, such as "
+            "full and none, can"
+        ) from None
+
+
 def load(
     model: str | LoadedModel = DEFAULT_MODEL,
     method: str = DEFAULT_METHOD,
@@ -394,7 +415,7 @@ def load(
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
     sink: bool = True,
     attn_implementation: str = "sdpa",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     stage1: str | os.PathLike[str] | None = None,
     **method_options: Any,
 ) -> CompressedLM:
@@ -406,6 +427,8 @@ def load(
     ``stage1``: a stage-1 LoRA run (``ccmem train persona-full``) merged into the weights first; adapters
     trained on top of one require it.
     ``method_options`` are the method's options, e.g. ``n_tok=4, recurrent=False`` (``ccmem methods`` lists them).
+    ``attn_implementation``: sdpa (default), eager or flash_attention_2 (a CUDA GPU with flash_attn; only for
+    methods that read plainly, such as full and none). ``dtype``: float32 by default (flash_attention_2: bfloat16).
     A loaded model (``model=lm.lm``) can be shared by several sessions with different methods.
     """
     cls = method_class(method)
@@ -432,4 +455,5 @@ def load(
                 lm.name,
                 method,
             )
+    check_attention(lm, compression)
     return CompressedLM(lm, compression, system_prompt=system_prompt, sink=sink, adapter=found)

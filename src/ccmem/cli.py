@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT
-from ccmem.loading import BUILTIN_MODELS, DEFAULT_MODEL, cache_dir
+from ccmem.loading import BUILTIN_MODELS, DEFAULT_MODEL, HUB_SHORTCUTS, MODEL_DIR_ENV, cache_dir, shortcut_folder
 from ccmem.options import OptionError, parse_value
 from ccmem.registry import DEFAULT_METHOD, method_classes, method_names
 
@@ -32,10 +32,18 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help=f"Built-in name ({', '.join(BUILTIN_MODELS)}), local Hugging Face folder, .gguf file, "
-        "or hub id (online only).",
+        help=f"Built-in name ({', '.join(BUILTIN_MODELS)}), hub shortcut (llama-3.1-8b-instruct, mistral-7b, ...: "
+        f"`ccmem models`; offline: ${MODEL_DIR_ENV}/NAME), local Hugging Face folder, .gguf file, or hub id "
+        "(online only).",
     ),
 ]
+Attn = Literal["sdpa", "eager", "flash_attention_2"]
+ATTN_HELP = (
+    "Attention kernel: sdpa (default, any device), eager, or flash_attention_2 (needs the flash_attn package and "
+    "a CUDA GPU; loads the model there in bfloat16). Methods that mask or read attention (ccm-*, gist, sentinel, "
+    "h2o, snapkv, ...) run on sdpa or eager only; full and none read with any."
+)
+AttnOpt = Annotated[Attn, typer.Option("--attn", help=ATTN_HELP)]
 MethodOpt = Annotated[
     str, typer.Option("--method", help=f"Context method: {', '.join(method_names())} (see `ccmem methods`).")
 ]
@@ -131,19 +139,39 @@ def _session(
     options: dict[str, Any],
     system: str | None,
     stage1: Path | None,
+    attn: str = "sdpa",
 ) -> Any:
     import ccmem  # deferred: importing torch/transformers makes --help slow
     from ccmem.registry import get_method
 
     get_method(method, **options)  # a wrong option fails before the model loads
     with console.status(f"loading {model} with {method}..."):
-        session = ccmem.load(model, method=method, adapter=adapter, stage1=stage1, system_prompt=system, **options)
+        session = ccmem.load(
+            model,
+            method=method,
+            adapter=adapter,
+            stage1=stage1,
+            system_prompt=system,
+            attn_implementation=attn,
+            **options,
+        )
     if not session.adapter_trained:
         err_console.print(
             f"[yellow]note:[/] no trained adapter for {method} on {model}: it runs untrained, "
             "so answers will not use the compressed context. Pass --adapter PATH."
         )
     return session
+
+
+def _check_attention(lm: Any, names: list[str], options: dict[str, Any]) -> None:
+    """Refuse, right after loading, a method that cannot run on the model's attention (flash_attention_2 with
+    a method that masks or reads attention), instead of failing after the other methods ran."""
+    from ccmem.api import check_attention
+    from ccmem.eval.harness import options_for
+    from ccmem.registry import get_method
+
+    for name in dict.fromkeys(n.partition("@")[0] for n in names if n.partition("@")[0] in method_names()):
+        check_attention(lm, get_method(name, **options_for(name, options)))
 
 
 @app.command()
@@ -163,6 +191,7 @@ def demo(
     out: Annotated[
         Path | None, typer.Option("--out", help="Also append every row as JSON to this .jsonl file.")
     ] = None,
+    attn: AttnOpt = "sdpa",
 ) -> None:
     """Run the pre-defined conversations with every method and print answers, memory and time side by side."""
     from ccmem.demo import run_demo
@@ -176,7 +205,8 @@ def demo(
     for name in names:
         get_method(name, **options_for(name, options))  # fail fast on a typo, with the list of valid names
     with console.status(f"loading {model}..."):
-        lm = load_model(model)
+        lm = load_model(model, attn_implementation=attn)
+    _check_attention(lm, names, options)
     rows = []
     untrained = set()
     with console.status("running...") as status:
@@ -243,6 +273,7 @@ def chat(
         ),
     ] = None,
     store: StoreOpt = None,
+    attn: AttnOpt = "sdpa",
 ) -> None:
     """Chat interactively; each finished exchange is compressed into memory. Type /help for commands."""
     from ccmem.serve.chat import run_chat
@@ -250,7 +281,7 @@ def chat(
 
     if session_name is not None:
         check_name(session_name)  # before the model loads
-    session = _session(model, method, adapter, _options(n_tok, recurrent, option), system or None, stage1)
+    session = _session(model, method, adapter, _options(n_tok, recurrent, option), system or None, stage1, attn)
     binding = None
     if session_name is not None:
         binding = SessionBinding(SessionStore(store or default_store_root()), session_name)
@@ -321,6 +352,7 @@ def serve(
             "model's dtype.",
         ),
     ] = None,
+    attn: AttnOpt = "sdpa",
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/models, /v1/sessions) that keeps each
     conversation as a compressed memory."""
@@ -341,7 +373,7 @@ def serve(
     else:
         sessions = SessionStore(store or default_store_root())
         where = str(sessions.root)
-    base = _session(model, method, adapter, _options(n_tok, None, option), system or None, stage1)
+    base = _session(model, method, adapter, _options(n_tok, None, option), system or None, stage1, attn)
     limits = Limits(
         max_new_tokens=max_new_tokens,
         max_input_tokens=max_input_tokens,
@@ -397,6 +429,7 @@ def compress(
             "(expanded to the model's dtype). Default: the model's dtype.",
         ),
     ] = None,
+    attn: AttnOpt = "sdpa",
 ) -> None:
     """Compress a text file into a memory file that `ccmem ask` can answer from."""
     if out.exists() and out.resolve() == text_file.resolve():
@@ -410,7 +443,7 @@ def compress(
     if chunk_tokens is not None:
         options["max_chunk_tokens"] = chunk_tokens
     storage = _memory_dtype(memory_dtype)
-    session = _session(model, method, adapter, options, system or None, stage1)
+    session = _session(model, method, adapter, options, system or None, stage1, attn)
     with console.status(f"compressing {text_file}..."):
         session.add(text)
     path = session.save_memory(out, dtype=storage)
@@ -450,9 +483,10 @@ def ask(
     ] = None,
     stage1: Stage1Opt = None,
     max_new_tokens: MaxNewOpt = 128,
+    attn: AttnOpt = "sdpa",
 ) -> None:
     """Answer a question from a saved memory (same model, method and adapter as the one that wrote it)."""
-    session = _session(model, method, adapter, _options(n_tok, recurrent, option), None, stage1)
+    session = _session(model, method, adapter, _options(n_tok, recurrent, option), None, stage1, attn)
     session.load_memory(memory_file)
     if system is not None and system != (session.system_prompt or ""):
         raise OptionError(
@@ -481,6 +515,7 @@ def generate(
     system: SystemOpt = "",
     stage1: Stage1Opt = None,
     max_new_tokens: MaxNewOpt = 256,
+    attn: AttnOpt = "sdpa",
 ) -> None:
     """Answer every record of a PwC file from its compressed input; one JSON line per record (output, answer,
     ROUGE-L, memory slots)."""
@@ -488,7 +523,7 @@ def generate(
     from ccmem.eval.generate import generate_file
 
     records = read_pwc(test_file)
-    session = _session(model, method, adapter, _options(None, None, option), system or None, stage1)
+    session = _session(model, method, adapter, _options(None, None, option), system or None, stage1, attn)
     with console.status(f"answering {len(records)} records..."):
         rows = generate_file(session, records, output, max_new_tokens=max_new_tokens)
     mean = sum(r["rouge_l"] for r in rows) / len(rows) if rows else 0.0
@@ -500,6 +535,8 @@ def generate(
     epilog="Examples:\n\n  ccmem train persona-ccm-concat\n\n"
     "  ccmem train persona-ccm-merge train.max_steps=50 method.n_tok=2 run_id=try1\n\n"
     "  ccmem train persona-full  then  ccmem train persona-ccm-concat load_path=runs/persona-full\n\n"
+    "  ccmem train persona-ccm-concat model=llama-3.1-8b-instruct attn=eager   (attn: sdpa, eager, "
+    "flash_attention_2)\n\n"
     "  accelerate launch -m ccmem.cli train persona-ccm-concat   (several processes/GPUs)",
 )
 def train(
@@ -633,6 +670,7 @@ def eval_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="JSONL file the rows are appended to.")] = Path(
         "results/eval.jsonl"
     ),
+    attn: AttnOpt = "sdpa",
 ) -> None:
     """Evaluate several methods on the same examples: accuracy (option scoring), perplexity, optional generation.
 
@@ -663,7 +701,8 @@ def eval_command(
     )
     examples = load_examples(cfg, split)[:n]
     with console.status(f"loading {model}..."):
-        lm = load_model(model)
+        lm = load_model(model, attn_implementation=attn)
+    _check_attention(lm, names, options)
     if stage1 is not None:
         from ccmem.stage1 import merge_stage1
 
@@ -774,6 +813,7 @@ def compare(
     out_dir: Annotated[
         Path, typer.Option("--out-dir", "-o", help="Rows (rows.jsonl, decode.jsonl), report.md/.html and plots.")
     ] = Path("results/compare"),
+    attn: AttnOpt = "sdpa",
 ) -> None:
     """Run methods x tasks x memory budgets side by side and write an HTML + markdown report with plots.
 
@@ -802,7 +842,8 @@ def compare(
     )
     cells = grid(settings)
     with console.status(f"loading {model}..."):
-        lm = load_model(model)
+        lm = load_model(model, attn_implementation=attn)
+    _check_attention(lm, names, settings.options)
     rows = []
     with Progress(console=err_console, transient=True) as bar:
         task = bar.add_task("compare", total=len(cells) * n)
@@ -919,6 +960,7 @@ def stream(
     out_dir: Annotated[
         Path, typer.Option("--out-dir", "-o", help="Where rows.jsonl (this run's), report.md and stream.png go.")
     ] = Path("results/stream"),
+    attn: AttnOpt = "sdpa",
 ) -> None:
     """Read a text many times the model's context at constant memory: perplexity per position bucket, peak KV bytes
     and tokens/s of every method at the same memory, with positions re-based (RoPE keys re-rotated) as it slides."""
@@ -943,7 +985,8 @@ def stream(
     )
     settings.check()
     with console.status(f"loading {model}..."):
-        lm = load_model(model)
+        lm = load_model(model, attn_implementation=attn)
+    _check_attention(lm, settings.methods, {})
     check_layouts(lm, settings)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=True) as bar:
@@ -1054,12 +1097,23 @@ def list_methods(
 
 @app.command("models")
 def list_models() -> None:
-    """List the built-in (offline) models and where their dequantized copies are cached."""
+    """List the built-in (offline) models, where their dequantized copies are cached, and the hub shortcuts."""
     table = Table("name", "model", "install")
     for name, spec in BUILTIN_MODELS.items():
         table.add_row(name, spec.description, spec.install)
     console.print(table)
     console.print(f"cache: {cache_dir()} (set CCMEM_CACHE to move it)")
+    hub = Table("name", "hub id", "model", "where", title="hub shortcuts: need a download")
+    for name, shortcut in HUB_SHORTCUTS.items():
+        local = shortcut_folder(name)
+        where = f"local: {local}" if local else "hub download" + (" (gated: licence + login)" if shortcut.gated else "")
+        hub.add_row(name, shortcut.hub_id, shortcut.description, escape(where))
+    console.print(hub)
+    console.print(
+        f"offline: download a shortcut's model elsewhere and pass --model FOLDER, or put it in ${MODEL_DIR_ENV}/NAME "
+        f"(or the repo's own name, e.g. ${MODEL_DIR_ENV}/Llama-3.1-8B-Instruct)",
+        highlight=False,
+    )
 
 
 def _add_subcommands() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -22,7 +22,13 @@ console = Console()
 err_console = Console(stderr=True)
 
 Model = Annotated[
-    str, typer.Option("--model", "-m", help=f"The LM finetuned and measured ({', '.join(BUILTIN_MODELS)}, a folder).")
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help=f"The LM finetuned and measured ({', '.join(BUILTIN_MODELS)}, a hub shortcut of `ccmem models`, "
+        "a folder).",
+    ),
 ]
 Ratios = Annotated[
     str, typer.Option("--ratios", help="Comma-separated compression ratios r (share of the KV entries evicted).")
@@ -39,6 +45,14 @@ Wikitext = Annotated[
     ),
 ]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the sampling and of the document draw.")]
+Attn = Annotated[
+    Literal["sdpa", "eager", "flash_attention_2"],
+    typer.Option(
+        "--attn",
+        help="Attention kernel of the model (and judge): sdpa (default) or eager. sentinel, local and scattered "
+        "mask attention, so flash_attention_2 is refused for them.",
+    ),
+]
 RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Where the finetuning runs go (one per method and ratio).")]
 OutDir = Annotated[Path, typer.Option("--out-dir", "-o", help="Where the JSONL rows, report.md and PNGs go.")]
 Adapter = Annotated[
@@ -83,8 +97,10 @@ def _finish(claim: str, rows: list, out_dir: Path, seconds: float) -> None:
 def _run(claim: str, settings: object, out_dir: Path) -> None:
     from rich.status import Status
 
+    from ccmem.api import check_attention
     from ccmem.eval.sentinel_repro import ReproSettings, run_generate, run_ppl
     from ccmem.loading import load_model
+    from ccmem.registry import get_method
 
     assert isinstance(settings, ReproSettings)
     try:
@@ -93,7 +109,9 @@ def _run(claim: str, settings: object, out_dir: Path) -> None:
         raise typer.BadParameter(str(err)) from None
     started = time.perf_counter()
     with Status(f"loading {settings.model}...", console=err_console) as status:
-        lm = load_model(settings.model)
+        lm = load_model(settings.model, attn_implementation=settings.attn)
+        for name in dict.fromkeys(["local", *settings.methods]):  # local at ratio 0 is the reference
+            check_attention(lm, get_method(name))
 
         def progress(what: str) -> None:
             status.update(f"[{(time.perf_counter() - started) / 60:.1f} min] {what}")
@@ -121,6 +139,7 @@ def ppl(
     seed: Seed = 0,
     runs_dir: RunsDir = Path("runs"),
     out_dir: OutDir = Path("results/sentinel"),
+    attn: Attn = "sdpa",
 ) -> None:
     """Claim 1: WikiText-2 test perplexity of sentinel, local and scattered attention, each LoRA-finetuned at each
     compression ratio; one table in the seed's shape (method x ratio), ppl.jsonl, ppl.md and ppl-perplexity.png."""
@@ -128,6 +147,7 @@ def ppl(
 
     settings = ReproSettings(
         model=model,
+        attn=attn,
         methods=[m.strip() for m in methods.split(",") if m.strip()],
         ratios=_ratios(ratios),
         wikitext=str(wikitext) if wikitext else None,
@@ -180,6 +200,7 @@ def generate(
     seed: Seed = 0,
     runs_dir: RunsDir = Path("runs"),
     out_dir: OutDir = Path("results/sentinel"),
+    attn: Attn = "sdpa",
 ) -> None:
     """Claim 2: continuations of document prefixes with sentinel vs local attention at each ratio, scored against
     the real continuation (ROUGE-L, BERTScore) and for naturalness (a judge LM's perplexity); generate.jsonl,
@@ -188,6 +209,7 @@ def generate(
 
     settings = ReproSettings(
         model=model,
+        attn=attn,
         methods=CLAIM2_METHODS,
         ratios=_ratios(ratios),
         wikitext=str(wikitext) if wikitext else None,

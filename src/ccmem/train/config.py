@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT
-from ccmem.loading import DEFAULT_MODEL
+from ccmem.loading import ATTN_IMPLEMENTATIONS, DEFAULT_MODEL
 from ccmem.options import OptionError, coerce, parse_value
 from ccmem.registry import DEFAULT_METHOD, METHODS, check_options, get_method, method_class, method_classes
 
@@ -125,6 +125,7 @@ LATER_FIELDS: dict[str, Any] = {
     "data.templates": None,
     "data.mixture": None,
     "init_from": None,
+    "attn": "sdpa",
 }
 
 
@@ -150,6 +151,7 @@ class TrainConfig:
     run_id: str = ""
     output_dir: str = "runs"
     model: str = DEFAULT_MODEL
+    attn: str = "sdpa"  # the model's attention kernel: sdpa, eager or flash_attention_2 (see ccmem.loading)
     load_path: str | None = None  # stage-1 LoRA (a finished ``method.name=full`` run) merged before training
     # start the trainable state from an adapter file instead of from scratch ("shipped": the adapter ccmem
     # ships for this model and method); the run then continues training it on this run's data
@@ -221,6 +223,7 @@ ALIASES = {
     "n_comp": "method.n_tok",
     "comp_type": "method.name",
     "model_name": "model",
+    "attn_implementation": "attn",
     "early_stopping_patience": "train.patience",
 }
 
@@ -398,6 +401,8 @@ def check(config: TrainConfig) -> None:
     schedulers = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
     if t.scheduler not in schedulers:
         raise ConfigError(f"train.scheduler must be one of {', '.join(schedulers)}, got {t.scheduler!r}")
+    if config.attn not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(f"attn must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {config.attn!r}")
     if not config.run_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise ConfigError(f"run_id {config.run_id!r} may only hold letters, digits, '-', '_' and '.'")
 

@@ -30,6 +30,7 @@ from torch import nn
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 
 from ccmem.adapter import AdapterMismatchError, load_adapter, read_adapter, save_adapter, shipped_adapter
+from ccmem.api import check_attention
 from ccmem.data.loaders import data_version, load_examples
 from ccmem.data.records import to_sample
 from ccmem.data.samples import Sample
@@ -269,7 +270,7 @@ def train(config: TrainConfig, *, lm: LoadedModel | None = None) -> TrainResult:
         return done
     run_dir = config.run_dir
     method = get_method(config.method.name, **config.method.options)
-    lm = lm or load_model(config.model)
+    lm = lm or load_model(config.model, attn_implementation=config.attn)
     torch.manual_seed(config.train.seed)
     try:
         stage1_hash = merge_stage1(lm, config.load_path) if config.load_path else None
@@ -282,6 +283,7 @@ def train(config: TrainConfig, *, lm: LoadedModel | None = None) -> TrainResult:
         raise ConfigError(f"method {method.name!r} has no trainable state")
     if config.init_from:
         init_state(method, lm, config.init_from)
+    check_attention(lm, method)  # flash_attention_2 with a masking method: refused before the data is built
     state.requires_grad_(True)
     if config.train.gradient_checkpointing:
         lm.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
