@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -64,8 +64,13 @@ def decode(
     *,
     sampling: Sampling = Sampling(),
     stop_ids: set[int] = frozenset(),  # type: ignore[assignment]
+    stats: dict[str, Any] | None = None,
 ) -> Iterator[int]:
     """Yield generated token ids one by one after reading ``query`` (``[1, n]``) with ``memory``.
+
+    ``stats``, when given, is kept up to date while decoding: ``peak_kv_bytes`` (the largest the cache grew,
+    memory included), ``kv_bytes`` (its size now) and the method's own counters (``insertions``: reasoning
+    steps compressed).
 
     The method is attached for each model call only (and not at all if it does not change reading), so a
     generator left half-consumed never leaves hooks on the model. Generation stops after a token in
@@ -76,21 +81,31 @@ def decode(
     inputs = query
     for _ in range(max_new_tokens):
         with torch.no_grad(), method.attached(lm, reading=True):
-            out = lm.model(
+            out = lm.model.base_model(
                 input_ids=inputs,
                 cache=state.cache,
                 position_ids=positions(state.position, inputs.shape[1], lm.device),
                 use_cache=True,
-                logits_to_keep=1,
             )
             state.position += inputs.shape[1]
-            token = sampling.pick(out.logits[0, -1], generator)
+            state.fed += inputs[0].tolist()
+            state.hidden = out.last_hidden_state[:, -1]
+            token = sampling.pick(method.decode_logits(lm, state), generator)
             state.tokens.append(token)
             method.decode_step(lm, state)
+            if stats is not None:
+                _update(stats, state)
         yield token
         if token in stop_ids:
             return
         inputs = torch.tensor([[token]], device=lm.device)
+
+
+def _update(stats: dict[str, Any], state: DecodeState) -> None:
+    size = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in state.cache.layers)
+    stats["kv_bytes"] = size
+    stats["peak_kv_bytes"] = max(stats.get("peak_kv_bytes", 0), size)
+    stats.update({k: v for k, v in state.extra.items() if isinstance(v, int | float)})
 
 
 def decode_batch(

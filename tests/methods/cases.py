@@ -30,6 +30,8 @@ CASES = [
     Case("ccm-concat", {"n_tok": 3}, growth=(3, 6, 9)),
     Case("ccm-concat", {"n_tok": 2, "recurrent": False}, growth=(2, 4, 6)),
     Case("ccm-merge", {"n_tok": 3}, growth=(3, 3, 3)),  # constant as turns grow
+    # Context is compressed as by ccm-concat; its own policies act while it generates (tests/methods/test_reasoning.py).
+    Case("ccm-reason", {"n_tok": 3, "policy": "interval", "interval": 2}, growth=(3, 6, 9)),
     Case("gist", {"n_tok": 3}, growth=(3, 3, 3)),
     # IC-Former: the whole context so far -> num_query_tokens digests per chunk, then the FT marker.
     Case("icformer", {"num_query_tokens": 3, "num_hidden_layers": 2}, growth=(4, 4, 4)),

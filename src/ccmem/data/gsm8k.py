@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 from ccmem.fileio import DatasetFormatError, atomic_path, jsonl_records
 
@@ -573,3 +574,52 @@ def generate(n: int, split: str, seed: int = 0) -> list[Problem]:
     if len(problems) < n:
         raise RuntimeError(f"could only generate {len(problems)} distinct {split} problems of the {n} asked")
     return problems
+
+
+# ------------------------------------------------------------------------------------------ training samples
+
+TASK = "gsm8k"
+
+
+def training_answer(problem: Problem) -> str:
+    """What the model learns to write: the worked solution and the ``#### N`` line, calculator annotations removed
+    (the model does its own arithmetic in plain text)."""
+    return strip_calculator(problem.answer_text)
+
+
+def examples(problems: Sequence[Problem]) -> list[Any]:
+    """Problems as chat examples: the question is the user turn, the worked solution the answer."""
+    from ccmem.data.records import MemoryExample
+
+    return [MemoryExample(p.id, [], p.question, training_answer(p), task=TASK) for p in problems]
+
+
+def reasoning_sample(tokenizer: Any, question: str, solution: str, *, system: str | None = None) -> Any:
+    """The question and its worked solution tokenized as :func:`ccmem.data.samples.chat_sample` does, with the
+    token offsets of the solution's step ends (:func:`step_boundaries`) in ``steps``.
+
+    The solution is tokenized piece by piece between step ends, so every step end falls between two tokens.
+    ``steps["labelled"]`` holds every step end, ``steps["newline"]`` those at a line end; the end of the solution
+    itself is not one (nothing is left to compress before the end of the turn).
+    """
+    from ccmem.data.samples import chat_sample
+
+    frame = chat_sample(tokenizer, [], question, "", system=system)  # the question turn, then only the stop token
+    query, stop = frame.tail[: frame.answer_start], frame.tail[frame.answer_start :]
+    reply: list[int] = []
+    labelled, newline = [], []
+    start = 0
+    for end in [*step_boundaries(solution), len(solution)]:
+        if end <= start:
+            continue
+        reply += [int(t) for t in tokenizer.encode(solution[start:end], add_special_tokens=False)]
+        if end < len(solution.rstrip()):
+            labelled.append(len(reply))
+            if solution[end - 1] == "\n":
+                newline.append(len(reply))
+        start = end
+    return replace(
+        frame,
+        tail=query + reply + stop,
+        steps={"labelled": sorted(set(labelled)), "newline": sorted(set(newline))},
+    )

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ccmem.data import dialogs, formats, icl, passages, persona, pwc, text, wikitext
+from ccmem.data import dialogs, formats, gsm8k, icl, passages, persona, pwc, text, wikitext
 from ccmem.data.records import MemoryExample
 
 if TYPE_CHECKING:
@@ -184,6 +184,12 @@ LOADERS: dict[str, Loader] = {
     "text": lambda cfg, split: text.examples(
         cfg.n_train if split == "train" else cfg.n_eval, split, seed=cfg.seed, path=cfg.path
     ),
+    # GSM8K files at data.path (train.jsonl/test.jsonl), or arithmetic word problems generated in its format.
+    "gsm8k": lambda cfg, split: gsm8k.examples(
+        gsm8k.read_split(cfg.path, split)
+        if cfg.path
+        else gsm8k.generate(cfg.n_train if split == "train" else cfg.n_eval, split, seed=cfg.seed)
+    ),
     # WikiText-2 raw (a download at data.path) or its packaged stand-in, as passages for causal-LM finetuning.
     "wikitext": lambda cfg, split: wikitext.examples(
         cfg.n_train if split == "train" else cfg.n_eval, split, seed=cfg.seed, path=cfg.path
@@ -203,6 +209,7 @@ def data_version(cfg: DataConfig) -> str:
         "passages": passages.GENERATOR_VERSION,
         "pwc": pwc.GENERATOR_VERSION,
         "wikitext": wikitext.GENERATOR_VERSION,
+        "gsm8k": gsm8k.GENERATOR_VERSION,
     }
     if cfg.dataset == "mixture" and cfg.mixture:
         return "+".join(f"{versions.get(f, f)}:{w:g}" for f, w in cfg.mixture.items())

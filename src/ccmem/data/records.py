@@ -68,6 +68,10 @@ def text_sample(tokenizer: Any, segments: list[str], query: str, answer: str, *,
 
 def to_sample(tokenizer: Any, example: MemoryExample, *, system: str | None = None) -> Sample:
     """Tokenize ``example`` exactly as :class:`ccmem.CompressedLM` reads it at evaluation time."""
+    if example.task == "gsm8k":  # a reasoning trace: also where its steps end
+        from ccmem.data.gsm8k import reasoning_sample
+
+        return reasoning_sample(tokenizer, example.query, example.answer, system=system)
     if example.chat:
         return chat_sample(tokenizer, example.context, example.query, example.answer, system=system)
     return text_sample(tokenizer, example.context, example.query, example.answer, system=system)

@@ -21,6 +21,12 @@ class Sample:
     tail: list[int]
     sink: list[int] = field(default_factory=list)
     answer_start: int = 0
+    #: Token offsets into the answer (``tail[answer_start:]``) after which a reasoning step ends, by how they were
+    #: found (``labelled``: after a calculation or a conclusion; ``newline``: at a line end); reasoning
+    #: compression cuts the answer there.
+    steps: dict[str, list[int]] = field(default_factory=dict)
+    #: The chunks are trained on too (a reasoning trace cut into segments), not only the answer in the tail.
+    label_chunks: bool = False
 
     @property
     def tokens(self) -> list[int]:

@@ -12,6 +12,7 @@ from ccmem.methods import (  # noqa: F401 - imported to register them
     icformer,
     knorm,
     local,
+    reasoning,
     scattered,
     sentinel,
     snapkv,

@@ -100,6 +100,11 @@ class DecodeState:
     memory: Memory
     tokens: list[int]
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # a method's own bookkeeping while decoding
+    #: ``[1, hidden]``: the last layer's output at the last token fed (what the next token is predicted from).
+    hidden: torch.Tensor | None = None
+    #: Tokens fed by the loop so far (the query, then each generated token but the newest); ``fed[-1]`` is the
+    #: token ``hidden`` belongs to.
+    fed: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclass
@@ -276,6 +281,14 @@ class Method(ABC):
         if len(memories) != len(ids):
             raise ValueError(f"{len(memories)} memories but {len(ids)} id sequences")
         return [self.add(lm, m, i) for m, i in zip(memories, ids, strict=True)]
+
+    def decode_logits(self, lm: LoadedModel, state: DecodeState) -> torch.Tensor:
+        """The ``[vocab]`` logits the next token is picked from, after the loop fed ``state.fed[-1]``: the LM head
+        on ``state.hidden``. A method may first feed tokens of its own (compress the finished segment of a
+        reasoning trace) and return the logits after them. A method that overrides it sets
+        :attr:`decode_batchable` to False."""
+        assert state.hidden is not None
+        return logits_for(lm, state.hidden)[0]
 
     def decode_step(self, lm: LoadedModel, state: DecodeState) -> None:  # noqa: B027 - optional hook
         """Called by the generation loop after every generated token (evict, compress a finished segment...).

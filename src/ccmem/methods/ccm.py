@@ -55,14 +55,18 @@ class ParallelBatch:
 
 def lay_out(samples: list[Sample], pad_id: int, *, n_tok: int, update: str, recurrent: bool) -> ParallelBatch:
     """Lay out each sample as ``[sink][c1][C]...[ck][C][tail]`` and build the batched attention plan."""
-    plans, rows, slots, tail_start = [], [], [], []
+    plans, rows, slots, tail_start, chunk_labels = [], [], [], [], []
     for s in samples:
         plan = build_plan(
             [len(c) for c in s.chunks], n_tok, len(s.tail), sink_length=len(s.sink), update=update, recurrent=recurrent
         )
         row = list(s.sink)
+        labelled: list[int] = []  # positions of chunk tokens that are trained on (a reasoning trace's segments)
         for chunk in s.chunks:
+            if s.label_chunks:
+                labelled += range(len(row), len(row) + len(chunk))
             row += list(chunk) + [pad_id] * n_tok
+        chunk_labels.append(labelled)
         tail_start.append(len(row))
         row += list(s.tail)
         plans.append(plan)
@@ -80,6 +84,9 @@ def lay_out(samples: list[Sample], pad_id: int, *, n_tok: int, update: str, recu
         input_ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
         answer = tail_start[b] + sample.answer_start
         labels[b, answer : len(row)] = input_ids[b, answer : len(row)]
+        if chunk_labels[b]:
+            index = torch.tensor(chunk_labels[b], dtype=torch.long)
+            labels[b, index] = input_ids[b, index]
         comp_mask[b, : len(row)] = plans[b].comp
         slot_ids[b, : len(row)] = slots[b]
     return ParallelBatch(input_ids, labels, comp_mask, slot_ids, collate_plans(plans), lengths, tail_start)

@@ -1,0 +1,208 @@
+"""Reasoning compression (the CCM fork for GSM8K): while the model writes its solution, each finished step is
+compressed into <COMP> keys/values and its raw keys/values are dropped.
+
+A *policy* says where a step ends: every ``interval`` tokens (CCM's fixed chunks), at line ends (the fork's
+baseline), or where a small classifier on the LM's last hidden state says so with probability above
+``threshold`` (the fork's learned placement). When it fires after a token (and the step holds at least
+``min_segment`` tokens), the ``n_tok`` <COMP> tokens are fed with the conditional LoRA on, the step's raw
+entries leave the cache, and the next token is predicted from the last <COMP> token, exactly as training lays
+it out: ``[question][s1][C][s2][C]...[sk]``, every step read with the question and the <COMP> entries of the
+steps before it, labels on every solution token and none on <COMP> (:class:`ccmem.data.samples.Sample`
+``label_chunks``).
+
+The classifier is a linear head on the last hidden state (``hidden -> 1``), trained with the LoRA in the same
+masked forward (binary cross-entropy at every solution token: does a labelled step end after it?), saved in the
+adapter. Deciding costs one dot product per generated token, and a segment is compressed once, when it ends:
+the fork ran its classifier as a separate pass and recompressed at every step, which made it twice as slow as
+not compressing.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+from typing import ClassVar, cast
+
+import torch
+from torch import nn
+
+from ccmem.data.samples import Sample
+from ccmem.loading import LoadedModel
+from ccmem.methods.base import DecodeState, answer_loss, logits_for, option
+from ccmem.methods.ccm import CCMConcat, CompState, ParallelBatch
+from ccmem.modules import GATE_KWARG
+from ccmem.registry import register
+
+POLICIES = ("classifier", "newline", "interval", "none")
+
+
+class ReasoningState(CompState):
+    """:class:`CompState` plus the step-end classifier (a linear head on the last hidden state)."""
+
+    def __init__(self, state: CompState, hidden_size: int):
+        super().__init__(state.comp, state.lora)
+        self.classifier = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.classifier.weight)
+        nn.init.constant_(self.classifier.bias, -2.0)  # untrained: rarely fires
+
+
+@dataclass
+class ReasoningBatch(ParallelBatch):
+    """A parallel CCM batch plus the classifier's targets (1 where a labelled step ends after the token)."""
+
+    step_end: torch.Tensor | None = None  # [B, L] float: 1 / 0 at solution tokens, -1 elsewhere
+
+
+@register
+@dataclass
+class CCMReasoning(CCMConcat):
+    """CCM over the model's own reasoning: each finished step of a generated solution is compressed (GSM8K fork)."""
+
+    name: ClassVar[str] = "ccm-reason"
+    paper: ClassVar[str] = "Kim et al., CCM (ICLR 2024), as forked for GSM8K reasoning with learned <COMP> placement"
+    decode_batchable: ClassVar[bool] = False  # decode_logits compresses each session's own steps
+    runtime_options: ClassVar[frozenset[str]] = CCMConcat.runtime_options | {
+        "policy",
+        "interval",
+        "threshold",
+        "min_segment",
+    }
+
+    policy: str = option("classifier", f"where a reasoning step ends: {', '.join(POLICIES)}")
+    interval: int = option(32, "tokens per step for policy=interval")
+    threshold: float = option(0.5, "classifier probability above which a step ends (policy=classifier)")
+    min_segment: int = option(4, "fewest tokens a step holds before it may be compressed")
+    classifier_weight: float = option(1.0, "weight of the classifier's loss beside the LM loss in training")
+
+    def check_options(self) -> None:
+        super().check_options()
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"threshold must be in (0, 1) (a probability), got {self.threshold}")
+        if self.interval < 1 or self.min_segment < 1:
+            raise ValueError(f"interval and min_segment must be at least 1, got {self.interval}, {self.min_segment}")
+
+    def build(self, lm: LoadedModel) -> ReasoningState:
+        state = ReasoningState(super().build(lm), lm.model.config.get_text_config().hidden_size)
+        return state.to(lm.device)
+
+    def reasoning(self, lm: LoadedModel) -> ReasoningState:
+        return cast(ReasoningState, self.module_for(lm))
+
+    # ------------------------------------------------------------------ where steps end
+
+    def cuts(self, sample: Sample) -> list[int]:
+        """Answer-token offsets where this policy compresses ``sample``'s solution (the greedy rule decoding uses:
+        a step end at least ``min_segment`` tokens after the last cut)."""
+        n = len(sample.tail) - sample.answer_start
+        if self.policy == "none":
+            ends: list[int] = []
+        elif self.policy == "interval":
+            ends = list(range(self.interval, n, self.interval))
+        else:
+            ends = sample.steps.get("labelled" if self.policy == "classifier" else "newline", [])
+        out, last = [], 0
+        for end in ends:
+            if end - last >= self.min_segment and end < n:
+                out.append(end)
+                last = end
+        return out
+
+    def segmented(self, sample: Sample) -> Sample:
+        """``sample`` laid out for training: the question as the sink, the solution cut into chunks."""
+        answer = sample.tail[sample.answer_start :]
+        cuts = [0, *self.cuts(sample), len(answer)]
+        pieces = [answer[a:b] for a, b in itertools.pairwise(cuts)]
+        return replace(
+            sample,
+            sink=sample.sink + sample.tail[: sample.answer_start],
+            chunks=pieces[:-1],
+            tail=pieces[-1],
+            answer_start=0,
+            label_chunks=True,
+        )
+
+    def sample_length(self, sample: Sample) -> int:
+        return super().sample_length(self.segmented(sample)) if sample.steps else super().sample_length(sample)
+
+    # ------------------------------------------------------------------ training
+
+    def make_batch(self, samples: list[Sample], pad_id: int = 0) -> ReasoningBatch:
+        laid = [self.segmented(s) if s.steps or s.label_chunks else s for s in samples]
+        batch = self.lay_out(laid, pad_id)
+        step_end = torch.full(batch.input_ids.shape, -1.0)
+        for b, (s, row) in enumerate(zip(samples, laid, strict=True)):
+            ends = set(s.steps.get("labelled", []))
+            position, offset = len(row.sink), 0  # where answer token `offset` sits in the row
+            for piece in [*row.chunks, row.tail]:
+                for _ in piece:
+                    offset += 1
+                    step_end[b, position] = float(offset in ends)
+                    position += 1
+                position += self.n_tok if piece is not row.tail else 0
+        return ReasoningBatch(**vars(batch), step_end=step_end)
+
+    def training_loss(self, lm: LoadedModel, batch: ParallelBatch) -> torch.Tensor:
+        with self.attached(lm):
+            hidden = lm.model.base_model(**self._parallel_inputs(lm, batch)).last_hidden_state
+            loss = answer_loss(lm, hidden, batch.labels)
+            step_end = getattr(batch, "step_end", None)
+            if step_end is None or self.classifier_weight == 0:
+                return loss
+            target = step_end.to(hidden.device)
+            seen = target >= 0
+            logits = self.reasoning(lm).classifier(hidden[seen]).squeeze(-1).float()
+            return loss + self.classifier_weight * nn.functional.binary_cross_entropy_with_logits(logits, target[seen])
+
+    # ------------------------------------------------------------------ decoding
+
+    def step_ends(self, lm: LoadedModel, state: DecodeState) -> bool:
+        """Whether the policy ends a step after the token just fed (``state.fed[-1]``)."""
+        if self.policy == "none":
+            return False
+        generated = len(state.tokens) - state.extra.get("segment_start", 0)  # fed tokens of this step so far
+        if generated < self.min_segment:
+            return False
+        if self.policy == "interval":
+            return generated >= self.interval
+        if self.policy == "newline":
+            if not hasattr(self, "_newline"):
+                self._newline = newline_ids(lm)
+            return state.fed[-1] in self._newline
+        assert state.hidden is not None
+        head = self.reasoning(lm).classifier
+        probability = torch.sigmoid(head(state.hidden.to(head.weight.dtype))).item()
+        return probability > self.threshold
+
+    def decode_logits(self, lm: LoadedModel, state: DecodeState) -> torch.Tensor:
+        """Before the next token is picked: if the step just ended, compress it (its <COMP> tokens read the
+        question, the earlier <COMP> entries and the step; the step's raw entries are dropped) and predict the
+        next token from the last <COMP> token."""
+        if not state.tokens or not self.step_ends(lm, state):
+            return super().decode_logits(lm, state)
+        n_step = len(state.tokens) - state.extra.get("segment_start", 0)
+        embeds = self.state(lm).comp.weight[None].to(lm.model.dtype)
+        gate = torch.ones(1, self.n_tok, dtype=torch.bool, device=lm.device)
+        with self.attached(lm):
+            out = lm.model.base_model(
+                inputs_embeds=embeds,
+                cache=state.cache,
+                position_ids=torch.arange(state.position, state.position + self.n_tok, device=lm.device)[None],
+                use_cache=True,
+                **{GATE_KWARG: gate},
+            )
+        end = int(state.cache.layers[0].keys.shape[-2]) - self.n_tok  # the step's entries end here
+        for layer in state.cache.layers:  # drop the step's raw entries, keep its <COMP> entries
+            layer.keys = torch.cat([layer.keys[:, :, : end - n_step], layer.keys[:, :, end:]], dim=2)
+            layer.values = torch.cat([layer.values[:, :, : end - n_step], layer.values[:, :, end:]], dim=2)
+        state.position += self.n_tok
+        state.extra["segment_start"] = len(state.tokens)
+        state.extra["insertions"] = state.extra.get("insertions", 0) + 1
+        return logits_for(lm, out.last_hidden_state[:, -1])[0]
+
+
+def newline_ids(lm: LoadedModel) -> set[int]:
+    """Token ids whose text holds a line break (the newline policy ends a step after one)."""
+    size = len(lm.tokenizer) if hasattr(lm.tokenizer, "__len__") else lm.model.config.get_text_config().vocab_size
+    return {i for i in range(int(size)) if "\n" in str(lm.tokenizer.decode([i]))}

@@ -1,0 +1,162 @@
+"""Reasoning compression (``ccm-reason``): decoding compresses each finished step exactly as training lays it out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ccmem
+from ccmem.data import gsm8k
+from ccmem.generation import decode
+from ccmem.methods.base import DecodeState, logits_for, positions
+from ccmem.methods.reasoning import CCMReasoning
+from tests.conftest import tiny_model
+
+PROBLEM = gsm8k.generate(1, "train", seed=3)[0]
+
+
+def trained(lm, **options) -> CCMReasoning:
+    method = ccmem.get_method("ccm-reason", n_tok=2, min_segment=3, **options)
+    state = method.module_for(lm)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in state.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+    method.adapter_hash = "test"
+    return method
+
+
+def sample_for(lm):
+    return gsm8k.reasoning_sample(lm.tokenizer, PROBLEM.question, gsm8k.training_answer(PROBLEM))
+
+
+def teacher_forced(lm, method, sample) -> tuple[torch.Tensor, dict]:
+    """Logits of every answer token, fed one at a time through the decode hooks (as ``decode`` does)."""
+    query = torch.tensor([sample.tail[: sample.answer_start]])
+    memory = method.new_memory(lm)
+    state = DecodeState(cache=memory.to_cache(), position=0, memory=memory, tokens=[])
+    inputs, out = query, []
+    with torch.no_grad():
+        for token in sample.tail[sample.answer_start :]:
+            hidden = lm.model.base_model(
+                input_ids=inputs, cache=state.cache, position_ids=positions(state.position, inputs.shape[1], "cpu")
+            ).last_hidden_state
+            state.position += inputs.shape[1]
+            state.fed += inputs[0].tolist()
+            state.hidden = hidden[:, -1]
+            out.append(method.decode_logits(lm, state))
+            state.tokens.append(token)
+            inputs = torch.tensor([[token]])
+    return torch.stack(out), state.extra
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen2"])
+@pytest.mark.parametrize("policy", ["interval", "newline", "classifier"])
+def test_decoding_compresses_each_step_as_the_parallel_training_forward_reads_it(family, policy, monkeypatch):
+    lm = tiny_model(family, positions=512)
+    method = trained(lm, policy=policy, interval=7)
+    if policy == "newline":  # the tiny tokenizer shares ids between characters: give "\n" an id of its own
+        plain = lm.tokenizer.encode
+        monkeypatch.setattr(lm.tokenizer, "encode", lambda text, **kw: [2 if c == "\n" else plain(c)[0] for c in text])
+        monkeypatch.setattr(method, "_newline", {2}, raising=False)
+    sample = sample_for(lm)
+    if policy == "classifier":  # a classifier that fires at the labelled step ends only (as a trained one would)
+        ends = sample.steps["labelled"]
+        answer = sample.tail[sample.answer_start :]
+        monkeypatch.setattr(
+            CCMReasoning, "step_ends", lambda self, lm, state: (len(state.tokens) - state.extra.get("segment_start", 0)
+            >= self.min_segment and len(state.tokens) in ends and len(state.tokens) < len(answer))
+        )  # fmt: skip
+    recurrent, extra = teacher_forced(lm, method, sample)
+    batch = method.make_batch([sample])
+    with torch.no_grad(), method.attached(lm):
+        hidden = lm.model.base_model(**method._parallel_inputs(lm, batch)).last_hidden_state
+    keep = batch.labels[:, 1:] != -100
+    parallel = logits_for(lm, hidden[:, :-1][keep])
+    cuts = method.cuts(sample)
+    assert len(cuts) >= 2 and extra["insertions"] == len(cuts)
+    assert keep.sum() == len(sample.tail) - sample.answer_start  # every answer token is a label, no <COMP> is
+    torch.testing.assert_close(recurrent, parallel, atol=2e-5, rtol=1e-4)
+
+
+def test_compressing_steps_lowers_the_peak_cache_and_counts_insertions():
+    lm = tiny_model(positions=1024)
+    query = torch.tensor([lm.tokenizer.encode(PROBLEM.question)])
+    peaks = {}
+    for policy in ("none", "interval"):
+        method = trained(lm, policy=policy, interval=8)
+        stats: dict = {}
+        tokens = list(decode(lm, method, method.new_memory(lm), query, 60, stats=stats))
+        assert len(tokens) == 60
+        peaks[policy] = stats
+    assert peaks["none"].get("insertions", 0) == 0
+    assert peaks["interval"]["insertions"] == 60 // 8 - (60 % 8 == 0)  # a step of 8 tokens, then <COMP>
+    per_slot = peaks["none"]["peak_kv_bytes"] / (query.shape[1] + 59)  # the question and 59 fed tokens, raw
+    raw_at_most = query.shape[1] + peaks["interval"]["insertions"] * 2 + 8  # question, <COMP> entries, one step
+    assert peaks["interval"]["peak_kv_bytes"] <= per_slot * raw_at_most < peaks["none"]["peak_kv_bytes"]
+
+
+def test_the_classifier_learns_where_labelled_steps_end():
+    lm = tiny_model(positions=512)
+    method = ccmem.get_method("ccm-reason", n_tok=2, min_segment=3)
+    state = method.module_for(lm)
+    state.requires_grad_(True)
+    samples = [
+        gsm8k.reasoning_sample(lm.tokenizer, p.question, gsm8k.training_answer(p))
+        for p in gsm8k.generate(4, "train", seed=5)
+    ]
+    batch = method.make_batch(samples)
+    assert int((batch.step_end == 1).sum()) == sum(len(s.steps["labelled"]) for s in samples)
+    optimizer = torch.optim.Adam(state.classifier.parameters(), lr=0.05)
+    with method.attached(lm):
+        losses = []
+        for _ in range(40):
+            loss = method.training_loss(lm, batch)  # the LM loss (the LoRA is not trained here) + the classifier's
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0] - 0.15, losses
+
+
+def test_reasoning_samples_mark_step_ends_between_tokens():
+    lm = tiny_model()  # one token per character: offsets are character offsets
+    answer = gsm8k.training_answer(PROBLEM)
+    sample = sample_for(lm)
+    ends = [e for e in gsm8k.step_boundaries(answer) if e < len(answer.rstrip())]
+    assert sample.steps["labelled"] == ends
+    assert sample.steps["newline"] == [e for e in ends if answer[e - 1] == "\n"]
+    assert sample.tail[sample.answer_start : -1] == lm.tokenizer.encode(answer)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"threshold": 1.0}, r"threshold must be in \(0, 1\)"), ({"policy": "often"}, "policy must be one of")],
+)
+def test_bad_options_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        ccmem.get_method("ccm-reason", **options)
+
+
+def test_the_gsm8k_preset_trains_through_the_harness_and_its_adapter_keeps_the_classifier(tmp_path):
+    from ccmem.adapter import read_adapter
+    from ccmem.train.config import load_config
+    from ccmem.train.trainer import train
+
+    config = load_config(
+        "gsm8k-ccm-reason",
+        [
+            "train.max_steps=2",
+            "train.batch_size=2",
+            "train.eval_steps=2",
+            "train.save_steps=2",
+            "data.n_train=4",
+            "data.n_eval=2",
+            "train.gradient_checkpointing=false",
+            f"output_dir={tmp_path}",
+        ],
+    )
+    result = train(config, lm=tiny_model(positions=1024))
+    adapter = read_adapter(result.output)
+    assert any("classifier" in name for name in adapter.tensors)
+    assert adapter.method == "ccm-reason" and adapter.train_dataset == "gsm8k" and result.steps == 2
