@@ -228,3 +228,72 @@ def generate(
         adapters=_adapters(adapter),
     )
     _run("generate", settings, out_dir)
+
+
+@repro_app.command(
+    "gsm8k",
+    epilog="Examples:\n\n  ccmem train gsm8k-ccm-reason  then  ccmem repro gsm8k   (offline: generated problems)\n\n"
+    "  ccmem repro gsm8k --data grade_school_math/data --n 1319 --adapter runs/gsm8k-real/adapter.safetensors",
+)
+def gsm8k_table(
+    model: Model = DEFAULT_MODEL,
+    adapter: Annotated[
+        Path | None,
+        typer.Option("--adapter", help="A ccm-reason adapter (default: runs/gsm8k-ccm-reason/adapter.safetensors)."),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="GSM8K as downloaded (test.jsonl, or the grade_school_math folder). Default: arithmetic word "
+            "problems generated offline in GSM8K's format (test split).",
+        ),
+    ] = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="Problems solved by every policy.")] = 50,
+    policies: Annotated[
+        str,
+        typer.Option(
+            "--policies",
+            help="Comma-separated: none, interval:N (every N tokens), newline, classifier:TAU (the learned placement).",
+        ),
+    ] = "none,interval:32,newline,classifier:0.5,classifier:0.7,classifier:0.9",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest solution generated.")] = 256,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the generated problems.")] = 0,
+    attn: Attn = "sdpa",
+    out_dir: OutDir = Path("results/gsm8k"),
+) -> None:
+    """The GSM8K fork's table: per <COMP> placement policy of ccm-reason, accuracy, insertions per problem, peak KV
+    MB, wall time per problem and the classifier's share of it; rows.jsonl, report.md, accuracy-vs-kv.png."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ccmem.eval.reasoning import GSM8KSettings, markdown, run, write
+    from ccmem.loading import load_model
+
+    settings = GSM8KSettings(
+        adapter=str(adapter) if adapter else None,
+        data=str(data) if data else None,
+        n=n,
+        policies=[p.strip() for p in policies.split(",") if p.strip()],
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+    )
+    try:
+        settings.check()
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    if adapter is None and not Path("runs/gsm8k-ccm-reason/adapter.safetensors").is_file():
+        raise typer.BadParameter("no --adapter given and no runs/gsm8k-ccm-reason; run `ccmem train gsm8k-ccm-reason`")
+    lm = load_model(model, attn_implementation=attn)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        tasks: dict[str, object] = {}
+
+        def progress(policy: str, done: int, total: int) -> None:
+            if policy not in tasks:
+                tasks[policy] = bar.add_task(policy, total=total)
+            bar.update(tasks[policy], completed=done)  # type: ignore[arg-type]
+
+        rows = run(lm, settings, progress)
+    paths = write(rows, out_dir)
+    console.print(markdown(rows), markup=False, highlight=False)
+    console.print("wrote " + ", ".join(str(p) for p in paths))

@@ -160,3 +160,26 @@ def test_the_gsm8k_preset_trains_through_the_harness_and_its_adapter_keeps_the_c
     adapter = read_adapter(result.output)
     assert any("classifier" in name for name in adapter.tensors)
     assert adapter.method == "ccm-reason" and adapter.train_dataset == "gsm8k" and result.steps == 2
+
+
+def test_the_policy_table_runs_every_policy_on_the_same_problems(tmp_path):
+    from ccmem.adapter import save_adapter
+    from ccmem.eval.reasoning import GSM8KSettings, markdown, parse_policy, run, write
+
+    lm = tiny_model(positions=1024)
+    method = trained(lm)
+    path = save_adapter(method, lm, tmp_path / "adapter.safetensors")
+    settings = GSM8KSettings(
+        adapter=str(path), n=2, policies=["none", "interval:8", "classifier:0.5"], max_new_tokens=24
+    )
+    rows = run(lm, settings)
+    by = {r["policy"]: r for r in rows}
+    assert by["none"]["insertions"] == 0 and by["none"]["never_fired"] is None
+    assert by["interval:8"]["insertions"] == 2  # 23 tokens fed: steps end after 8 and 16
+    assert by["interval:8"]["peak_kv_mb"] < by["none"]["peak_kv_mb"]
+    assert 0 <= by["classifier:0.5"]["classifier_share"] < 1
+    assert "generated arithmetic problems" in by["none"]["data"]
+    assert {p.name for p in write(rows, tmp_path)} == {"rows.jsonl", "report.md", "accuracy-vs-kv.png"}
+    assert "| interval:8 |" in markdown(rows) and "Against `none`" in markdown(rows)
+    with pytest.raises(ValueError, match="unknown policy"):
+        parse_policy("sometimes")

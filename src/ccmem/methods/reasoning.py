@@ -20,6 +20,7 @@ not compressing.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, replace
 from typing import ClassVar, cast
 
@@ -171,8 +172,10 @@ class CCMReasoning(CCMConcat):
                 self._newline = newline_ids(lm)
             return state.fed[-1] in self._newline
         assert state.hidden is not None
+        started = time.perf_counter()
         head = self.reasoning(lm).classifier
         probability = torch.sigmoid(head(state.hidden.to(head.weight.dtype))).item()
+        state.extra["classifier_seconds"] = state.extra.get("classifier_seconds", 0.0) + time.perf_counter() - started
         return probability > self.threshold
 
     def decode_logits(self, lm: LoadedModel, state: DecodeState) -> torch.Tensor:
