@@ -205,7 +205,8 @@ def test_bad_text_sources_are_named(tmp_path):
 def test_settings_that_cannot_work_are_refused():
     lm = tiny_model("llama-gqa", positions=64)
     for settings, message in [
-        (StreamSettings(methods=["h2o"]), "unknown stream method 'h2o'"),
+        (StreamSettings(methods=["h2o"]), "'h2o' is not a stream method: a stream keeps constant memory"),
+        (StreamSettings(methods=["nonsense"]), "unknown stream method 'nonsense'"),
         (StreamSettings(max_positions=128), "more than the model's own 64"),
         (StreamSettings(max_positions=64, window=60), "more than the 64 allowed"),
         (StreamSettings(contexts=0), "contexts"),
@@ -252,7 +253,7 @@ def test_stream_help_explains_every_option():
     [
         (["--text", "/nonexistent/book.txt"], "no file or folder at /nonexistent/book.txt (--text)"),
         (["--window", "100"], "more than the 48 allowed"),
-        (["--methods", "full,h2o"], "unknown stream method 'h2o'"),
+        (["--methods", "full,h2o"], "'h2o' is not a stream method"),
     ],
 )
 def test_stream_bad_input_is_one_line(monkeypatch, capsys, tiny_model_dir, extra, message):

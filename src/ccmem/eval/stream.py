@@ -27,6 +27,7 @@ from ccmem.fileio import atomic_path
 from ccmem.loading import LoadedModel
 from ccmem.memory import KV, Memory
 from ccmem.methods.base import logits_for
+from ccmem.registry import method_names
 from ccmem.stream import (
     COMPRESSING_METHODS,
     DEFAULT_STREAM_METHODS,
@@ -63,6 +64,11 @@ class StreamSettings:
         unknown = [m for m in self.methods if m not in STREAM_METHODS]
         if unknown or not self.methods:
             problem = f"unknown stream method {unknown[0]!r}" if unknown else "methods names no method"
+            if unknown and unknown[0] in method_names():
+                problem = (
+                    f"{unknown[0]!r} is not a stream method: a stream keeps constant memory (sink + compressed "
+                    "blocks + window), and it has no layout for that"
+                )
             raise StreamOptionError(f"{problem}; stream methods: {', '.join(STREAM_METHODS)}")
         if self.max_positions < 0:
             raise StreamOptionError(f"max_positions must be 0 (the model's own) or positive, got {self.max_positions}")
