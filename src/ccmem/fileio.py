@@ -4,9 +4,11 @@ JSON-lines reader whose errors name the file and line."""
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import tempfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,22 +31,29 @@ class DatasetFormatError(ValueError):
 
 
 def jsonl_records(path: str | os.PathLike[str], what: str = "dataset file") -> Iterator[tuple[str, dict[str, Any]]]:
-    """``("<file>:<line>", record)`` for each non-empty line of a JSON-lines file of objects."""
+    """``("<file>:<line>", record)`` for each non-empty line of a JSON-lines file of objects (gzipped when its name
+    ends in ``.gz``, as C4's ``.json.gz`` shards); a line, encoding or archive that is not right is named."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no {what} at {path}")
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DatasetFormatError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise DatasetFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            yield where, record
+    line_no = 0
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{line_no}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DatasetFormatError(f"{where}: not valid JSON ({err.msg})") from None
+                if not isinstance(record, dict):
+                    raise DatasetFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
+                yield where, record
+    except UnicodeDecodeError:
+        raise DatasetFormatError(f"{path}: not UTF-8 text (near line {line_no + 1})") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise DatasetFormatError(f"{path}: not a complete gzip file ({err})") from None
 
 
 def _alive(pid: int) -> bool:

@@ -12,16 +12,14 @@ Every error is a :class:`~ccmem.fileio.DatasetFormatError` naming the file, and 
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
-import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from ccmem.data.formats import SPLIT_NAMES
-from ccmem.fileio import DatasetFormatError
+from ccmem.fileio import DatasetFormatError, jsonl_records
 
 RECORD_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 EVAL_HINT = "pip install 'ccmem[eval]'"
@@ -43,11 +41,11 @@ def records(path: str | Path, *, columns: tuple[str, ...] = ()) -> Iterator[tupl
     if path.name.endswith(".parquet"):
         yield from _parquet(path, columns)
     elif path.name.endswith(".gz"):
-        yield from _json_lines(path, gzipped=True)
+        yield from jsonl_records(path)
     elif path.name.endswith(".json"):
         yield from _json(path)
     elif path.name.endswith(".jsonl"):
-        yield from _json_lines(path)
+        yield from jsonl_records(path)
     else:
         raise DatasetFormatError(f"{path}: expected one of {', '.join(RECORD_SUFFIXES)}")
 
@@ -56,25 +54,6 @@ def _object(record: Any, where: str) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise DatasetFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
     return record
-
-
-def _json_lines(path: Path, *, gzipped: bool = False) -> Iterator[tuple[str, dict[str, Any]]]:
-    line_no = 0
-    try:
-        with gzip.open(path, "rt", encoding="utf-8") if gzipped else path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_no}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DatasetFormatError(f"{where}: not valid JSON ({err.msg})") from None
-                yield where, _object(record, where)
-    except UnicodeDecodeError:
-        raise DatasetFormatError(f"{path}: not UTF-8 text (near line {line_no + 1})") from None
-    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
-        raise DatasetFormatError(f"{path}: not a complete gzip file ({err})") from None
 
 
 def _json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -87,7 +66,7 @@ def _json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     except json.JSONDecodeError as err:
         if err.msg != "Extra data":
             raise DatasetFormatError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-        yield from _json_lines(path)  # JSON lines under a .json name
+        yield from jsonl_records(path)  # JSON lines under a .json name
         return
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
