@@ -174,3 +174,36 @@ def test_an_adapter_of_other_sizes_or_for_another_lm_is_refused_naming_the_misma
         ccmem.load(tiny_model("qwen2"), "icformer", adapter=path)
     # runtime options (chunking) may differ from training
     assert ccmem.load(tiny_model(), "icformer", adapter=path, use_chunk=True).method.use_chunk
+
+
+def test_reconstruction_is_the_greedy_continuation_of_digests_and_the_ae_marker():
+    from ccmem.methods.base import logits_for
+    from ccmem.modules.icformer import ICFormer
+
+    lm = tiny_model()
+    method = ccmem.get_method("icformer", num_query_tokens=3, num_hidden_layers=1)
+    method.module_for(lm)
+    context = torch.tensor([[5, 9, 14, 22, 30, 41]])
+    out = method.reconstruct(lm, context)
+    assert len(out) == 6
+    prompt = method.soft_prompt(lm, context, ICFormer.AE)
+    embeds = torch.cat([prompt, lm.model.get_input_embeddings()(torch.tensor([out[:-1]]))], dim=1)
+    with torch.no_grad():
+        hidden = lm.model.base_model(inputs_embeds=embeds).last_hidden_state
+    greedy = logits_for(lm, hidden[0, prompt.shape[1] - 1 :]).argmax(-1).tolist()
+    assert greedy == out  # the cached loop writes what one teacher-forced forward predicts
+
+
+def test_autoencoding_scores_compare_the_reconstruction_with_the_context(monkeypatch):
+    from ccmem.eval.autoencode import autoencode
+    from ccmem.methods.icformer import ICFormerMethod
+
+    lm = tiny_model()
+    method = ccmem.get_method("icformer", num_query_tokens=2, num_hidden_layers=1)
+    text = "abcd"
+    ids = lm.tokenizer.encode(text)
+    monkeypatch.setattr(ICFormerMethod, "reconstruct", lambda self, lm, context: [*ids[:2], 0, 0])
+    scores = autoencode(lm, method, [text])
+    assert scores["token_accuracy"] == 0.5 and scores["exact"] == 0
+    monkeypatch.setattr(ICFormerMethod, "reconstruct", lambda self, lm, context: list(ids))
+    assert autoencode(lm, method, [text])["exact"] == 1.0 == autoencode(lm, method, [text])["rouge_l"]

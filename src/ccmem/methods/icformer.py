@@ -151,13 +151,30 @@ class ICFormerMethod(Method):
         out = self.former(lm)(embed(ids), lengths)
         return list(out)
 
-    def soft_prompt(self, lm: LoadedModel, context: torch.Tensor) -> torch.Tensor:
-        """``[1, digests + 1, hidden]``: the digests of ``context`` (``[1, n]`` ids), then the FT marker."""
+    def soft_prompt(self, lm: LoadedModel, context: torch.Tensor, marker: int = ICFormer.FT) -> torch.Tensor:
+        """``[1, digests + 1, hidden]``: the digests of ``context`` (``[1, n]`` ids), then a marker (FT: answer a
+        prompt; AE: reconstruct the context; LM: continue it)."""
         sizes = self.split(int(context.shape[-1]))
         chunks = list(context.reshape(-1).split(sizes))
         digests = torch.cat(self.digests(lm, chunks), dim=0)
-        marker = self.former(lm).marker(ICFormer.FT, digests.dtype)
-        return torch.cat([digests, marker], dim=0)[None]
+        return torch.cat([digests, self.former(lm).marker(marker, digests.dtype)], dim=0)[None]
+
+    def reconstruct(self, lm: LoadedModel, context: torch.Tensor, max_new_tokens: int | None = None) -> list[int]:
+        """The context as the frozen LM writes it back, greedily, from its digests and the AE marker (what
+        pretraining teaches; ``max_new_tokens`` defaults to the context's length)."""
+        n = max_new_tokens or int(context.shape[-1])
+        cache = Memory().to_cache()
+        with torch.no_grad():
+            prompt = self.soft_prompt(lm, context, ICFormer.AE).to(lm.dtype)
+            hidden = run_decoder(lm, None, cache, 0, inputs_embeds=prompt).last_hidden_state
+            position, out = prompt.shape[1], []
+            for _ in range(n):
+                token = int(logits_for(lm, hidden[:, -1]).argmax(-1))
+                out.append(token)
+                ids = torch.tensor([[token]], device=lm.device)
+                hidden = run_decoder(lm, ids, cache, position).last_hidden_state
+                position += 1
+        return out
 
     def positions_needed(self, memory: Memory, n_tokens: int) -> int:
         seen = memory.state.get("context_ids")
