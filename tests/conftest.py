@@ -6,11 +6,13 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     Gemma3TextConfig,
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
     Qwen2Config,
+    T5Config,
 )
 
 from ccmem.loading import LoadedModel
@@ -28,6 +30,20 @@ CONFIGS = {
     "gpt-neox": lambda: GPTNeoXConfig(**COMMON, num_attention_heads=4),
     "gemma3": lambda: Gemma3TextConfig(
         **COMMON, num_attention_heads=4, num_key_value_heads=1, head_dim=8, sliding_window=512
+    ),
+    # Encoder-decoder (relative position bias in layer 0, shared by every layer); 8 buckets: distances really bucket.
+    "t5": lambda: T5Config(
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
     ),
 }
 
@@ -55,7 +71,8 @@ def tiny_model(family: str = "llama-gqa", attn: str = "sdpa", seed: int = 0, pos
     torch.manual_seed(seed)
     config = CONFIGS[family]()
     config.max_position_embeddings = positions
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    model = auto.from_config(config, attn_implementation=attn, dtype=torch.float32)
     model.eval()
     return LoadedModel(model=model, tokenizer=TinyTokenizer(), name=f"tiny-{family}")
 

@@ -284,6 +284,10 @@ def score_batch(
     item is a row of one padded forward (each row reads its own memory, as :func:`ccmem.methods.base.read_batch`)."""
     if reduce not in SCORE_REDUCTIONS:
         raise ValueError(f"reduce must be one of {SCORE_REDUCTIONS}, got {reduce!r}")
+    if lm.is_encoder_decoder:
+        raise NotImplementedError(
+            f"scoring options is not supported on encoder-decoder models yet ({lm.name}); use generate"
+        )
     memories, rows, targets = [], [], []
     for memory, query, options in items:
         if not options or any(len(o) == 0 for o in options):
@@ -455,5 +459,6 @@ def load(
                 lm.name,
                 method,
             )
+    compression.check_model(lm)  # a decoder-only method on an encoder-decoder model, before any work
     check_attention(lm, compression)
     return CompressedLM(lm, compression, system_prompt=system_prompt, sink=sink, adapter=found)

@@ -5,11 +5,15 @@ Chat, the server, evaluation and tests all generate through :func:`decode`, so a
 generated. :func:`decode_batch` decodes several sessions (each its own memory and query) in one padded
 forward per step, with the same tokens as :func:`decode` row by row. The memory itself is never changed:
 the loops work on a copy in a transformers cache.
+
+An encoder-decoder model (T5) reads the query in its encoder with the memory (the method's
+:meth:`~ccmem.methods.base.Method.encoder_states`); its decoder then starts from the decoder start token and
+cross-attends to those states.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -77,16 +81,19 @@ def decode(
     ``stop_ids`` (which is yielded) or ``max_new_tokens``.
     """
     generator = sampling.generator(lm.device)
-    state = DecodeState(cache=memory.to_cache(), position=memory.next_position, memory=memory, tokens=[])
-    inputs = query
+    if lm.is_encoder_decoder:
+        state, inputs, forward = _seq2seq_start(lm, method, memory, query)
+    else:
+        state = DecodeState(cache=memory.to_cache(), position=memory.next_position, memory=memory, tokens=[])
+        inputs = query
+
+        def forward(x: torch.Tensor) -> Any:
+            position_ids = positions(state.position, x.shape[1], lm.device)
+            return lm.model.base_model(input_ids=x, cache=state.cache, position_ids=position_ids, use_cache=True)
+
     for _ in range(max_new_tokens):
         with torch.no_grad(), method.attached(lm, reading=True):
-            out = lm.model.base_model(
-                input_ids=inputs,
-                cache=state.cache,
-                position_ids=positions(state.position, inputs.shape[1], lm.device),
-                use_cache=True,
-            )
+            out = forward(inputs)
             state.position += inputs.shape[1]
             state.fed += inputs[0].tolist()
             state.hidden = out.last_hidden_state[:, -1]
@@ -101,8 +108,29 @@ def decode(
         inputs = torch.tensor([[token]], device=lm.device)
 
 
+def _seq2seq_start(
+    lm: LoadedModel, method: Method, memory: Memory, query: torch.Tensor
+) -> tuple[DecodeState, torch.Tensor, Callable[[torch.Tensor], Any]]:
+    """Where an encoder-decoder model starts decoding: the query encoded with the memory once, the decoder's start
+    token, and the decoder's forward cross-attending to them (``state.position`` counts decoder positions)."""
+    from ccmem.patching.seq2seq import decoder_cache, decoder_of, decoder_start
+
+    with torch.no_grad(), method.attached(lm):
+        encoder_hidden = method.encoder_states(lm, memory, query)
+    state = DecodeState(cache=decoder_cache(), position=0, memory=memory, tokens=[])
+
+    def forward(x: torch.Tensor) -> Any:
+        return decoder_of(lm.model)(
+            input_ids=x, encoder_hidden_states=encoder_hidden, cache=state.cache, use_cache=True
+        )
+
+    return state, torch.tensor([[decoder_start(lm.model)]], device=lm.device), forward
+
+
 def _update(stats: dict[str, Any], state: DecodeState) -> None:
-    size = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in state.cache.layers)
+    from ccmem.patching.seq2seq import cache_bytes
+
+    size = cache_bytes(state.cache)
     stats["kv_bytes"] = size
     stats["peak_kv_bytes"] = max(stats.get("peak_kv_bytes", 0), size)
     stats.update({k: v for k, v in state.extra.items() if isinstance(v, int | float)})
@@ -139,7 +167,7 @@ def decode_batch(
     for i, q in enumerate(queries):
         if q.dim() != 2 or q.shape[0] != 1 or q.shape[1] == 0:
             raise ValueError(f"query {i} must be one non-empty sequence of ids, shape [1, n]; got {tuple(q.shape)}")
-    if not method.decode_batchable:
+    if not method.decode_batchable or lm.is_encoder_decoder:  # encoder-decoder: one session at a time
         rows = [
             decode(lm, method, m, q, k, sampling=s, stop_ids=stop_ids)
             for m, q, k, s in zip(memories, queries, limits, samplings, strict=True)

@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from ccmem.fileio import package_dir
 from ccmem.memory import KVShape
@@ -143,8 +150,18 @@ class LoadedModel:
         return int(cast(torch.Tensor, self.model.get_input_embeddings().weight).shape[0])
 
     @property
+    def is_encoder_decoder(self) -> bool:
+        """An encoder-decoder model (T5): compressing methods write memory in its encoder."""
+        return bool(getattr(self.model.config, "is_encoder_decoder", False))
+
+    @property
     def kv_shape(self) -> KVShape:
-        """Layers, key/value heads, head size and dtype of this model's cache, read off one real forward."""
+        """Layers, key/value heads, head size and dtype of this model's cache, read off one real forward (an
+        encoder-decoder model: of its encoder's self-attention, where memory is kept)."""
+        if self._kv_shape is None and self.is_encoder_decoder:
+            from ccmem.patching.seq2seq import encoder_kv_shape
+
+            self._kv_shape = encoder_kv_shape(self.model, self.dtype)
         if self._kv_shape is None:
             from transformers import DynamicCache
 
@@ -362,10 +379,21 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
 
 
+def _pretrained(spec: str | Path, **kwargs: Any) -> PreTrainedModel:
+    """``spec`` as a causal LM or, for an encoder-decoder model (T5, Flan-T5), as a sequence-to-sequence LM."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(spec, **kwargs)
+    except ValueError:  # transformers refuses a config that has no causal LM, such as T5's
+        config = AutoConfig.from_pretrained(spec, local_files_only=kwargs.get("local_files_only", False))
+        if not getattr(config, "is_encoder_decoder", False):
+            raise
+        return AutoModelForSeq2SeqLM.from_pretrained(spec, **kwargs)
+
+
 def _from_folder(path: Path, load_kw: dict[str, Any]) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"{path} is a folder but has no config.json; point at a Hugging Face model folder")
-    return AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path, **load_kw)
+    return AutoTokenizer.from_pretrained(path), _pretrained(path, **load_kw)
 
 
 def _from_hub(
@@ -375,7 +403,7 @@ def _from_hub(
     offline = hub_offline()
     try:
         tokenizer = AutoTokenizer.from_pretrained(hub_id, local_files_only=offline)
-        model = AutoModelForCausalLM.from_pretrained(hub_id, local_files_only=offline, **load_kw)
+        model = _pretrained(hub_id, local_files_only=offline, **load_kw)
     except OSError as err:  # transformers turns missing network, gated and unknown repos into OSError
         raise ModelNotFoundError(f"{help_text} (hub error: {err.__class__.__name__})") from err
     return tokenizer, model

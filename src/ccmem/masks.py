@@ -142,6 +142,7 @@ def build_plan(
     update: str = "concat",
     recurrent: bool = True,
     position_offset: int = 0,
+    bidirectional: bool = False,
 ) -> MaskPlan:
     """Build the attention plan of one parallel CCM sequence.
 
@@ -166,6 +167,18 @@ def build_plan(
 
     Non-recurrent (``recurrent=False``): chunks and their <COMP> see only themselves and the sink.
     Position ids are the sequence index (plus ``position_offset``), the same ids recurrent inference uses.
+
+    ``bidirectional=True`` is the encoder's plan (T5): the steps stay causal, since step t must not read
+    what comes later for recurrence to hold, but each step reads itself in full, as one encoder forward of the
+    step would. A chunk never reads its own <COMP> tokens, so the context is read as the plain encoder reads
+    it; the sink and the tail see themselves in full::
+
+                  c1 c1 C1 c2 c2 C2 t  t
+        c1        x  x  .  .  .  .  .  .
+        C1        x  x  x  .  .  .  .  .
+        c2        .  .  x  x  x  .  .  .      <- c2 sees all of its chunk, not C2
+        C2        .  .  x  x  x  x  .  .
+        t         .  .  x  .  .  x  x  x
     """
     if update not in ("concat", "merge"):
         raise ValueError(f"update must be 'concat' or 'merge', got {update!r}")
@@ -174,7 +187,10 @@ def build_plan(
     q_role, k_role = lay.role[:, None], lay.role[None, :]
     q_step, k_step = lay.step[:, None], lay.step[None, :]
     length = lay.length
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    if bidirectional:  # steps stay causal through _visible; inside a step only chunk -> its own <COMP> is cut
+        causal = ~((q_role == Role.CHUNK) & (k_role == Role.COMP) & (q_step == k_step))
+    else:
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
     allowed = _visible(q_role, q_step, k_role, k_step, merge, recurrent) & causal
 
     comp = lay.role == Role.COMP
@@ -216,6 +232,7 @@ def reference_allowed(
     sink_length: int = 0,
     update: str = "concat",
     recurrent: bool = True,
+    bidirectional: bool = False,
 ) -> list[list[bool]]:
     """Slow, literal version of ``build_plan(...).allowed``: what each token may read, spelled out.
 
@@ -230,14 +247,16 @@ def reference_allowed(
     rows = []
     for q in range(length):
         row = [False] * width
-        for k in range(q + 1):
+        for k in range(length if bidirectional else q + 1):
+            if bidirectional and roles[q] == Role.CHUNK and roles[k] == Role.COMP and steps[k] == steps[q]:
+                continue  # an encoder's chunk is read without its <COMP> tokens
             if roles[k] == Role.SINK:
                 row[k] = True
             elif roles[q] == Role.SINK:
                 continue
             elif steps[k] == steps[q]:
                 row[k] = True  # own chunk, own <COMP> so far, or own tail
-            elif roles[k] == Role.COMP and not merge and (recurrent or roles[q] == Role.TAIL):
+            elif roles[k] == Role.COMP and steps[k] < steps[q] and not merge and (recurrent or roles[q] == Role.TAIL):
                 row[k] = True  # concat memory: every older <COMP>
         if merge and roles[q] != Role.SINK and (recurrent or roles[q] == Role.TAIL):
             for m, pos in enumerate(comp_positions):

@@ -137,6 +137,9 @@ class Method(ABC):
     decode_batchable: ClassVar[bool] = True
     #: Options an adapter may have been trained with other values of, without its weights meaning something else.
     runtime_options: ClassVar[frozenset[str]] = frozenset()
+    #: The method also runs on encoder-decoder models (T5): it compresses in the encoder, and the decoder reads
+    #: :meth:`encoder_states`. False: decoder-only models only, an encoder-decoder one is refused (:meth:`check_model`).
+    encoder_decoder: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.check_options()
@@ -185,6 +188,7 @@ class Method(ABC):
     def module_for(self, lm: LoadedModel) -> nn.Module | None:
         """The trainable state for ``lm``, built on first use; one method instance serves one model."""
         if self._built_for is None:
+            self.check_model(lm)
             self._module = self.build(lm)
             if self._module is not None:
                 self._module.requires_grad_(False)  # a training recipe turns gradients on for what it trains
@@ -219,6 +223,7 @@ class Method(ABC):
         (:meth:`changes_reading`) then attach nothing. Re-entrant for the same method; another method attached
         to the same model at the same time is refused.
         """
+        self.check_model(lm)
         if reading and not self.changes_reading(lm):
             yield
             return
@@ -237,6 +242,18 @@ class Method(ABC):
             stack.callback(_ATTACHED.pop, model, None)
             self.install(lm, stack)
             yield
+
+    def check_model(self, lm: LoadedModel) -> None:
+        """Refuse a kind of model this method does not run on (an encoder-decoder model, unless
+        :attr:`encoder_decoder`), naming the method, the model and what runs on it instead."""
+        if lm.is_encoder_decoder and not self.encoder_decoder:
+            from ccmem.registry import method_classes
+
+            able = [name for name, cls in method_classes().items() if cls.encoder_decoder]
+            raise ValueError(
+                f"method {self.name!r} works on decoder-only models, but {lm.name} is an encoder-decoder model "
+                f"({lm.model.config.model_type}); on encoder-decoder models use {' or '.join(able)}"
+            )
 
     def install(self, lm: LoadedModel, stack: ExitStack) -> None:  # noqa: B027 - optional hook
         """Add hooks/attention functions to the model, registering their removal on ``stack``."""
@@ -281,6 +298,11 @@ class Method(ABC):
         if len(memories) != len(ids):
             raise ValueError(f"{len(memories)} memories but {len(ids)} id sequences")
         return [self.add(lm, m, i) for m, i in zip(memories, ids, strict=True)]
+
+    def encoder_states(self, lm: LoadedModel, memory: Memory, query: torch.Tensor) -> torch.Tensor:
+        """Encoder-decoder models (:attr:`encoder_decoder`): ``[1, n, hidden]``, what the decoder cross-attends to when
+        it answers ``query`` (``[1, n_query]``) from ``memory``. Called while attached."""
+        raise NotImplementedError(f"method {self.name!r} does not run on encoder-decoder models")
 
     def decode_logits(self, lm: LoadedModel, state: DecodeState) -> torch.Tensor:
         """The ``[vocab]`` logits the next token is picked from, after the loop fed ``state.fed[-1]``: the LM head
@@ -337,7 +359,10 @@ def answer_loss(lm: LoadedModel, hidden: torch.Tensor, labels: torch.Tensor) -> 
 
 
 def logits_for(lm: LoadedModel, hidden: torch.Tensor) -> torch.Tensor:
-    """The LM head's float logits for the given hidden states (with the model's final soft-capping, if any)."""
+    """The LM head's float logits for the given hidden states (with the model's final soft-capping, if any; a T5
+    decoder's output is first scaled by ``d_model ** -0.5``, as its model does where the head is tied)."""
+    if lm.is_encoder_decoder and getattr(lm.model.config, "scale_decoder_outputs", False):
+        hidden = hidden * lm.model.config.d_model**-0.5
     logits = lm.model.get_output_embeddings()(hidden).float()
     softcap = getattr(lm.model.config.get_text_config(), "final_logit_softcapping", None)
     if softcap:

@@ -8,6 +8,9 @@ Two ways to run the same computation, proven equal by ``tests/methods/test_ccm_e
 ``add`` (recurrent inference, one chunk at a time) and ``parallel_forward`` (training: a whole
 interaction in one masked forward, see :mod:`ccmem.masks`).
 
+On an encoder-decoder model (T5) the same methods compress in the encoder and the decoder reads only the
+compressed positions: :mod:`ccmem.methods.ccm_seq2seq` (tested by ``tests/methods/test_t5.py``).
+
 :class:`CompTokens` holds what CCM and gist (:mod:`ccmem.methods.gist`) share: the <COMP> embeddings and
 the conditional LoRA (one ``nn.Module``, :class:`CompState`), attaching them, and the parallel training forward.
 """
@@ -15,7 +18,7 @@ the conditional LoRA (one ``nn.Module``, :class:`CompState`), attaching them, an
 from __future__ import annotations
 
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
 
 import torch
@@ -25,6 +28,7 @@ from ccmem.data.samples import Sample
 from ccmem.loading import LoadedModel
 from ccmem.masks import MaskPlan, build_plan, collate_plans
 from ccmem.memory import KV, Memory, concat_layers, concat_positions, constant_positions, positions_for
+from ccmem.methods import ccm_seq2seq
 from ccmem.methods.base import LoRAOptions, Method, answer_loss, option, read_batch, run_decoder
 from ccmem.modules import GATE_KWARG, CompEmbeddings, LoRAGate, LoRASet, default_targets
 from ccmem.patching.attention import PLAN_KWARG, AttentionPlan, compression_attention
@@ -51,14 +55,24 @@ class ParallelBatch:
     plan: MaskPlan
     lengths: list[int]
     tail_start: list[int]
+    samples: list[Sample] = field(default_factory=list)  # as given (an encoder-decoder model lays them out anew)
 
 
-def lay_out(samples: list[Sample], pad_id: int, *, n_tok: int, update: str, recurrent: bool) -> ParallelBatch:
-    """Lay out each sample as ``[sink][c1][C]...[ck][C][tail]`` and build the batched attention plan."""
+def lay_out(
+    samples: list[Sample], pad_id: int, *, n_tok: int, update: str, recurrent: bool, bidirectional: bool = False
+) -> ParallelBatch:
+    """Lay out each sample as ``[sink][c1][C]...[ck][C][tail]`` and build the batched attention plan
+    (``bidirectional``: an encoder's plan, see :func:`ccmem.masks.build_plan`)."""
     plans, rows, slots, tail_start, chunk_labels = [], [], [], [], []
     for s in samples:
         plan = build_plan(
-            [len(c) for c in s.chunks], n_tok, len(s.tail), sink_length=len(s.sink), update=update, recurrent=recurrent
+            [len(c) for c in s.chunks],
+            n_tok,
+            len(s.tail),
+            sink_length=len(s.sink),
+            update=update,
+            recurrent=recurrent,
+            bidirectional=bidirectional,
         )
         row = list(s.sink)
         labelled: list[int] = []  # positions of chunk tokens that are trained on (a reasoning trace's segments)
@@ -89,7 +103,8 @@ def lay_out(samples: list[Sample], pad_id: int, *, n_tok: int, update: str, recu
             labels[b, index] = input_ids[b, index]
         comp_mask[b, : len(row)] = plans[b].comp
         slot_ids[b, : len(row)] = slots[b]
-    return ParallelBatch(input_ids, labels, comp_mask, slot_ids, collate_plans(plans), lengths, tail_start)
+    plan = collate_plans(plans)
+    return ParallelBatch(input_ids, labels, comp_mask, slot_ids, plan, lengths, tail_start, list(samples))
 
 
 @dataclass
@@ -115,6 +130,8 @@ class CompTokens(Method, LoRAOptions):
     # ------------------------------------------------------------------ state and attaching
 
     def build(self, lm: LoadedModel) -> CompState:
+        if lm.is_encoder_decoder:
+            return ccm_seq2seq.build(self, lm)
         embed = cast(torch.Tensor, lm.model.get_input_embeddings().weight)
         comp = CompEmbeddings(self.n_tok, embed.shape[1], init_from=embed.detach()).to(embed.device)
         targets = self.lora_targets or default_targets(lm.model)
@@ -129,6 +146,8 @@ class CompTokens(Method, LoRAOptions):
 
     def install(self, lm: LoadedModel, stack: ExitStack) -> None:
         """Hook the gated LoRA into the decoder, and switch attention to the variant that reads mask plans."""
+        if lm.is_encoder_decoder:
+            return ccm_seq2seq.install(self, lm, stack)
         state = self.state(lm)
         self._gate = LoRAGate()
         stack.callback(self._gate.install(lm.model.base_model).remove)
@@ -214,11 +233,15 @@ class CompTokens(Method, LoRAOptions):
         recomputes layers, and they must see the same hooks.
         """
         with self.attached(lm):
+            if lm.is_encoder_decoder:  # the encoder's masked forward and the decoder's logits on the answers
+                return ccm_seq2seq.parallel_forward(cast(CCM, self), lm, batch, logits=True)
             return lm.model(**self._parallel_inputs(lm, batch), **kwargs)
 
     def training_loss(self, lm: LoadedModel, batch: ParallelBatch) -> torch.Tensor:
         """Mean next-token loss over the answer tokens of one masked forward (logits only at labels)."""
         with self.attached(lm):
+            if lm.is_encoder_decoder:
+                return ccm_seq2seq.training_loss(cast(CCM, self), lm, batch)
             hidden = lm.model.base_model(**self._parallel_inputs(lm, batch)).last_hidden_state
             return answer_loss(lm, hidden, batch.labels)
 
@@ -231,6 +254,8 @@ class CCM(CompTokens):
     """Compressed Context Memory with <COMP> tokens and a conditional LoRA."""
 
     paper: ClassVar[str] = "Kim et al., Compressed Context Memory for Online Language Model Interaction, ICLR 2024"
+    #: On T5-family models the <COMP> tokens go into the encoder (:mod:`ccmem.methods.ccm_seq2seq`).
+    encoder_decoder: ClassVar[bool] = True
 
     recurrent: bool = option(
         True, "compress each chunk with the memory so far (False: each chunk alone, as for ICL demonstrations)"
@@ -248,6 +273,14 @@ class CCM(CompTokens):
     def positions_needed(self, memory: Memory, n_tokens: int) -> int:
         return n_tokens + -(-n_tokens // self.max_chunk_tokens) * self.n_tok
 
+    def add_sink(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
+        if lm.is_encoder_decoder:
+            return ccm_seq2seq.add_sink(lm, memory, ids)
+        return super().add_sink(lm, memory, ids)
+
+    def encoder_states(self, lm: LoadedModel, memory: Memory, query: torch.Tensor) -> torch.Tensor:
+        return ccm_seq2seq.encoder_states(lm, memory, query)
+
     def add(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
         for chunk in self._chunks(ids):
             memory = self.add_chunk(lm, memory, chunk)
@@ -255,6 +288,8 @@ class CCM(CompTokens):
 
     def add_chunk(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
         """One compression step: chunk ``ids`` and its <COMP> tokens, the <COMP> keys/values kept."""
+        if lm.is_encoder_decoder:
+            return ccm_seq2seq.add_chunk(self, lm, memory, ids)
         seen = memory if self.recurrent else memory.prefix(memory.sink)
         return self.fold(memory, self.compress_step(lm, seen, ids, memory.next_position), ids.shape[-1])
 
@@ -267,6 +302,8 @@ class CCM(CompTokens):
 
     def add_batch(self, lm: LoadedModel, memories: list[Memory], ids: list[torch.Tensor]) -> list[Memory]:
         """Step t compresses the t-th chunk of every interaction that has one, in one padded forward."""
+        if lm.is_encoder_decoder:  # one interaction at a time
+            return [self.add(lm, m, i) for m, i in zip(memories, ids, strict=True)]
         chunks = [self._chunks(i) for i in ids]
         out = list(memories)
         for t in range(max(len(c) for c in chunks)):
@@ -285,6 +322,8 @@ class CCM(CompTokens):
         memory), then read the tail with it. The reference that ``training_loss`` must equal, and the
         baseline of ``benchmarks/train_throughput.py``."""
         with self.attached(lm):
+            if lm.is_encoder_decoder:
+                return ccm_seq2seq.recurrent_loss(self, lm, sample)
             memory = self.new_memory(lm)
             if sample.sink:
                 memory = self.add_sink(lm, memory, torch.tensor([sample.sink], device=lm.device))

@@ -62,6 +62,7 @@ class CCMReasoning(CCMConcat):
     name: ClassVar[str] = "ccm-reason"
     paper: ClassVar[str] = "Kim et al., CCM (ICLR 2024), as forked for GSM8K reasoning with learned <COMP> placement"
     decode_batchable: ClassVar[bool] = False  # decode_logits compresses each session's own steps
+    encoder_decoder: ClassVar[bool] = False  # it compresses a decoder's own trace while it writes
     runtime_options: ClassVar[frozenset[str]] = CCMConcat.runtime_options | {
         "policy",
         "interval",

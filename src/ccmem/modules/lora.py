@@ -31,6 +31,8 @@ GATE_KWARG = "ccm_comp_mask"
 #: LoRA targets (attention projections) by model family; anything else uses the LLaMA names.
 LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "gpt_neox": ("query_key_value", "dense"),
+    "t5": ("q", "k", "v", "o"),
+    "mt5": ("q", "k", "v", "o"),
 }
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 

@@ -5,7 +5,10 @@ like ``sdpa`` / ``eager`` until a forward passes one of two keywords, which tran
 attention function of every layer:
 
 * ``ccm_plan=AttentionPlan``: parallel CCM training. The attention appends the merged <COMP> keys and values
-  (CCM-merge) and uses the plan's mask instead of the model's causal one.
+  (CCM-merge) and uses the plan's mask instead of the model's causal one. In an encoder, which keeps no cache,
+  a plan also carries the memory's keys/values to read before the new tokens' (``prefix``), records the new
+  tokens' own keys/values (``captured``), and replaces a relative-position model's bias (T5's
+  ``position_bias``, computed from contiguous positions) by one built from the true positions.
 * ``ccm_capture=AttentionCapture``: KV methods that rank entries by attention (H2O, SnapKV, TOVA) or by the
   queries (Expected Attention). The attention still runs as sdpa/eager; in addition, for just the newest
   queries the capture asks for, their softmax weights (summed over those queries) and/or the queries themselves
@@ -49,6 +52,14 @@ class AttentionPlan:
     allowed: torch.Tensor  # [B, L, L + M] bool
     order: torch.Tensor  # [B, L + M]
     windows: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: ``[B, heads, L, P + L + M]``: the relative position bias every layer adds to its scores instead of the one the
+    #: model passes (T5 builds its own from contiguous positions; see :mod:`ccmem.patching.seq2seq`).
+    position_bias: torch.Tensor | None = None
+    #: Per layer, ``P`` keys/values read before this forward's own (a memory, where the stack keeps no cache: an
+    #: encoder). Key columns are then ``[prefix | sequence | merged]``, and ``mask`` covers all of them.
+    prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    #: Filled, when given, with each layer's own keys/values of this forward (after projection, before the prefix).
+    captured: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @classmethod
     def from_mask_plan(cls, plan: MaskPlan, dtype: torch.dtype, device: torch.device) -> AttentionPlan:
@@ -206,8 +217,20 @@ def _make(base: str) -> Callable[..., Any]:
         if capture is not None:
             capture.record(module, query, key, attention_mask, kwargs.get("scaling"), kwargs.get("softcap"))
         if plan is not None:
+            layer = getattr(module, "layer_idx", None)
+            if plan.captured is not None:
+                plan.captured[len(plan.captured) if layer is None else layer] = (key, value)
             key, value = _with_merged(key, plan), _with_merged(value, plan)
+            if plan.prefix is not None:
+                if layer is None:
+                    raise RuntimeError(
+                        f"{type(module).__name__} has no layer_idx: ccmem cannot tell which memory it reads"
+                    )
+                past_key, past_value = plan.prefix[layer]
+                key, value = torch.cat([past_key, key], dim=2), torch.cat([past_value, value], dim=2)
             attention_mask = plan.mask_for(kwargs.get("sliding_window")).to(query.dtype)
+            if plan.position_bias is not None:
+                kwargs["position_bias"] = plan.position_bias.to(query.dtype)
         if base == "sdpa":
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         return _eager_for(module)(module, query, key, value, attention_mask, **kwargs)
