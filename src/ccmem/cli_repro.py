@@ -80,9 +80,9 @@ def _adapters(specs: list[str] | None) -> dict[str, str]:
 
 
 def _finish(claim: str, rows: list, out_dir: Path, seconds: float) -> None:
-    from ccmem.eval.sentinel_report import markdown, plot
-    from ccmem.eval.sentinel_repro import write_rows
     from ccmem.fileio import atomic_path
+    from ccmem.repro.sentinel import write_rows
+    from ccmem.repro.sentinel_report import markdown, plot
 
     out_dir.mkdir(parents=True, exist_ok=True)
     jsonl = write_rows(rows, out_dir / f"{claim}.jsonl")
@@ -98,9 +98,9 @@ def _run(claim: str, settings: object, out_dir: Path) -> None:
     from rich.status import Status
 
     from ccmem.api import check_attention
-    from ccmem.eval.sentinel_repro import ReproSettings, run_generate, run_ppl
     from ccmem.loading import load_model
     from ccmem.registry import get_method
+    from ccmem.repro.sentinel import ReproSettings, run_generate, run_ppl
 
     assert isinstance(settings, ReproSettings)
     try:
@@ -143,7 +143,7 @@ def ppl(
 ) -> None:
     """Claim 1: WikiText-2 test perplexity of sentinel, local and scattered attention, each LoRA-finetuned at each
     compression ratio; one table in the seed's shape (method x ratio), ppl.jsonl, ppl.md and ppl-perplexity.png."""
-    from ccmem.eval.sentinel_repro import ReproSettings
+    from ccmem.repro.sentinel import ReproSettings
 
     settings = ReproSettings(
         model=model,
@@ -205,7 +205,7 @@ def generate(
     """Claim 2: continuations of document prefixes with sentinel vs local attention at each ratio, scored against
     the real continuation (ROUGE-L, BERTScore) and for naturalness (a judge LM's perplexity); generate.jsonl,
     generate.md and one PNG per metric. Reuses claim 1's finetuned adapters when they exist."""
-    from ccmem.eval.sentinel_repro import CLAIM2_METHODS, ReproSettings
+    from ccmem.repro.sentinel import CLAIM2_METHODS, ReproSettings
 
     settings = ReproSettings(
         model=model,
@@ -266,8 +266,8 @@ def gsm8k_table(
     MB, wall time per problem and the classifier's share of it; rows.jsonl, report.md, accuracy-vs-kv.png."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ccmem.eval.reasoning import GSM8KSettings, markdown, run, write
     from ccmem.loading import load_model
+    from ccmem.repro.gsm8k import GSM8KSettings, markdown, run, write
 
     settings = GSM8KSettings(
         adapter=str(adapter) if adapter else None,

@@ -148,10 +148,15 @@ def test_a_method_that_evicts_while_decoding_is_decoded_row_by_row(monkeypatch):
 
 
 def test_every_method_that_hooks_decoding_declares_it_cannot_batch_it():
-    """A method overriding decode_step with decode_batchable left True would get wrong tokens in a batch."""
-    hooked = {n for n, cls in method_classes().items() if cls.decode_step is not Method.decode_step}
+    """A method overriding decode_step or decode_logits with decode_batchable left True would get wrong tokens in a
+    batch."""
+    hooked = {
+        n
+        for n, cls in method_classes().items()
+        if cls.decode_step is not Method.decode_step or cls.decode_logits is not Method.decode_logits
+    }
     assert hooked == {n for n, cls in method_classes().items() if not cls.decode_batchable}
-    assert "streaming-llm" in hooked
+    assert {"streaming-llm", "ccm-reason"} <= hooked
 
 
 def test_rows_with_nothing_to_generate_and_bad_arguments():

@@ -164,7 +164,7 @@ def test_the_gsm8k_preset_trains_through_the_harness_and_its_adapter_keeps_the_c
 
 def test_the_policy_table_runs_every_policy_on_the_same_problems(tmp_path):
     from ccmem.adapter import save_adapter
-    from ccmem.eval.reasoning import GSM8KSettings, markdown, parse_policy, run, write
+    from ccmem.repro.gsm8k import GSM8KSettings, markdown, parse_policy, run, write
 
     lm = tiny_model(positions=1024)
     method = trained(lm)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from ccmem.eval import sentinel_repro
-from ccmem.eval.sentinel_report import markdown, plot, verdict_generate, verdict_ppl
-from ccmem.eval.sentinel_repro import ReproSettings, run_generate, run_ppl
+from ccmem.repro import sentinel as sentinel_repro
+from ccmem.repro.sentinel import ReproSettings, run_generate, run_ppl
+from ccmem.repro.sentinel_report import markdown, plot, verdict_generate, verdict_ppl
 from tests.conftest import tiny_model
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"

@@ -14,19 +14,24 @@ import torch
 
 from ccmem.eval.textmetrics import rouge_l
 from ccmem.loading import LoadedModel
-from ccmem.methods.icformer import ICFormerMethod
+from ccmem.methods.base import Method
 
 
-def autoencode(lm: LoadedModel, method: ICFormerMethod, texts: Sequence[str]) -> dict[str, Any]:
-    """Reconstruction scores of ``texts`` (each cut to the method's ``max_seq_len`` tokens)."""
+def autoencode(lm: LoadedModel, method: Method, texts: Sequence[str]) -> dict[str, Any]:
+    """Reconstruction scores of ``texts`` (each cut to the method's ``max_seq_len`` tokens) for a method that can
+    write its context back (``reconstruct``: IC-Former's AE marker)."""
+    reconstruct = getattr(method, "reconstruct", None)
+    if reconstruct is None:
+        raise ValueError(f"method {method.name!r} cannot write its context back: autoencoding needs an AE objective")
     if not texts:
         raise ValueError("autoencoding needs at least one text")
+    limit = int(getattr(method, "max_seq_len", 0)) or None
     rows = []
     for text in texts:
-        ids = [int(t) for t in lm.tokenizer.encode(text, add_special_tokens=False)][: method.max_seq_len]
+        ids = [int(t) for t in lm.tokenizer.encode(text, add_special_tokens=False)][:limit]
         if not ids:
             raise ValueError(f"text {text[:40]!r} has no tokens to reconstruct")
-        out = method.reconstruct(lm, torch.tensor([ids], device=lm.device))
+        out = reconstruct(lm, torch.tensor([ids], device=lm.device))
         decoded, original = str(lm.tokenizer.decode(out)), str(lm.tokenizer.decode(ids))
         rows.append(
             {
@@ -42,6 +47,6 @@ def autoencode(lm: LoadedModel, method: ICFormerMethod, texts: Sequence[str]) ->
         "token_accuracy": sum(r["token_accuracy"] for r in rows) / n,
         "exact": sum(r["exact"] for r in rows) / n,
         "rouge_l": sum(r["rouge_l"] for r in rows) / n,
-        "digests": method.num_query_tokens,
+        "digests": getattr(method, "num_query_tokens", None),
         "rows": rows,
     }

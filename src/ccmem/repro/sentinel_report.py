@@ -1,4 +1,4 @@
-"""Tables, verdicts and plots of ``ccmem repro sentinel`` rows (:mod:`ccmem.eval.sentinel_repro`).
+"""Tables, verdicts and plots of ``ccmem repro sentinel`` rows (:mod:`ccmem.repro.sentinel`).
 
 Tables have the seed's shape: one line per method, one column per compression ratio. A verdict counts the
 ratios at which the claim holds on the rows given, so the README can state it with the numbers.
