@@ -26,7 +26,7 @@ def session(case, lm=None, **kwargs) -> CompressedLM:
     )
 
 
-def randomize_state(method, lm, seed=0) -> None:
+def randomize_state(method, lm, seed=0, scale=0.1) -> None:
     """Non-trivial trained state, so that a test passing with an untrained (zero-update) adapter proves nothing."""
     state = method.module_for(lm)
     if state is None:
@@ -34,7 +34,7 @@ def randomize_state(method, lm, seed=0) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in state.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * 0.1)
+            p.add_(torch.randn(p.shape, generator=generator) * scale)
 
 
 def test_every_registered_method_has_a_case():

@@ -11,17 +11,14 @@ from ccmem.generation import decode
 from ccmem.methods.base import DecodeState, logits_for, positions
 from ccmem.methods.reasoning import CCMReasoning
 from tests.conftest import tiny_model
+from tests.methods.test_contract import randomize_state
 
 PROBLEM = gsm8k.generate(1, "train", seed=3)[0]
 
 
 def trained(lm, **options) -> CCMReasoning:
     method = ccmem.get_method("ccm-reason", n_tok=2, min_segment=3, **options)
-    state = method.module_for(lm)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in state.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+    randomize_state(method, lm, seed=0, scale=0.05)
     method.adapter_hash = "test"
     return method
 

@@ -12,6 +12,7 @@ from ccmem.data.samples import Sample
 from ccmem.methods.base import logits_for
 from ccmem.sparse_masks import budget
 from tests.conftest import tiny_model
+from tests.methods.test_contract import randomize_state
 
 SPARSE = ["sentinel", "local", "scattered"]
 RATIOS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
@@ -20,11 +21,7 @@ RATIOS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 def trained(name: str, lm, **options):
     """The method with a non-trivial LoRA (and sentinel embeddings), as if loaded from an adapter."""
     method = ccmem.get_method(name, **options)
-    state = method.module_for(lm)
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in state.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+    randomize_state(method, lm, seed=3, scale=0.05)
     method.adapter_hash = "test"
     return method
 
