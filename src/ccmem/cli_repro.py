@@ -259,6 +259,15 @@ def gsm8k_table(
     ] = "none,interval:32,newline,classifier:0.5,classifier:0.7,classifier:0.9",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest solution generated.")] = 256,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the generated problems.")] = 0,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size",
+            min=1,
+            help="Problems decoded together in one padded forward per step (each row compresses its own steps; "
+            "same answers as one at a time). Time per problem is a batch's time over its size.",
+        ),
+    ] = 8,
     attn: Attn = "sdpa",
     out_dir: OutDir = Path("results/gsm8k"),
 ) -> None:
@@ -276,6 +285,7 @@ def gsm8k_table(
         policies=[p.strip() for p in policies.split(",") if p.strip()],
         max_new_tokens=max_new_tokens,
         seed=seed,
+        batch_size=batch_size,
     )
     try:
         settings.check()

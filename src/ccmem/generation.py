@@ -21,7 +21,7 @@ import torch
 
 from ccmem.loading import LoadedModel
 from ccmem.memory import Memory
-from ccmem.methods.base import DecodeState, Method, pad_rows, positions
+from ccmem.methods.base import DecodeRows, DecodeState, Method, pad_rows, positions
 
 T = TypeVar("T")
 
@@ -130,7 +130,10 @@ def _seq2seq_start(
 def _update(stats: dict[str, Any], state: DecodeState) -> None:
     from ccmem.patching.seq2seq import cache_bytes
 
-    size = cache_bytes(state.cache)
+    _count(stats, cache_bytes(state.cache), state)
+
+
+def _count(stats: dict[str, Any], size: int, state: DecodeState) -> None:
     stats["kv_bytes"] = size
     stats["peak_kv_bytes"] = max(stats.get("peak_kv_bytes", 0), size)
     stats.update({k: v for k, v in state.extra.items() if isinstance(v, int | float)})
@@ -145,6 +148,7 @@ def decode_batch(
     *,
     sampling: Sampling | Sequence[Sampling] = Sampling(),
     stop_ids: set[int] = frozenset(),  # type: ignore[assignment]
+    stats: Sequence[dict[str, Any]] | None = None,
 ) -> Iterator[list[int | None]]:
     """:func:`decode` for several sessions at once: each step yields one entry per row, the token generated for
     that row, or ``None`` once the row has finished (its stop token yielded, or its ``max_new_tokens`` reached).
@@ -152,9 +156,12 @@ def decode_batch(
     Row ``i`` reads ``queries[i]`` (``[1, n_i]``) with ``memories[i]``; memories may differ in length and
     positions. ``max_new_tokens`` and ``sampling`` are one for all rows or one per row (a row's seed gives
     the tokens :func:`decode` gives with that seed). All active rows share one padded forward per step
-    (:func:`~ccmem.methods.base.pad_rows`); rows leave the batch as they finish. A method that cannot
-    decode in a batch (:attr:`~ccmem.methods.base.Method.decode_batchable` False: it hooks each step) has its
-    rows decoded one by one in step with each other: the same tokens, without the speed-up.
+    (:func:`~ccmem.methods.base.pad_rows`); rows leave the batch as they finish. A method may change rows as
+    they decode (``ccm-reason`` compresses each row's finished steps) through
+    :meth:`~ccmem.methods.base.Method.decode_logits_batch`. A method that cannot decode in a batch
+    (:attr:`~ccmem.methods.base.Method.decode_batchable` False: it hooks each step) has its rows decoded one by
+    one in step with each other: the same tokens, without the speed-up. ``stats``, one dict per row, are kept
+    as :func:`decode` keeps its ``stats`` (KV bytes count each row's own entries, not the padding).
     Arguments are checked when called, before the first step.
     """
     n = len(memories)
@@ -167,13 +174,16 @@ def decode_batch(
     for i, q in enumerate(queries):
         if q.dim() != 2 or q.shape[0] != 1 or q.shape[1] == 0:
             raise ValueError(f"query {i} must be one non-empty sequence of ids, shape [1, n]; got {tuple(q.shape)}")
+    if stats is not None and len(stats) != n:
+        raise ValueError(f"stats has {len(stats)} dicts for {n} rows; give one per row")
+    row_stats = list(stats) if stats is not None else None
     if not method.decode_batchable or lm.is_encoder_decoder:  # encoder-decoder: one session at a time
         rows = [
-            decode(lm, method, m, q, k, sampling=s, stop_ids=stop_ids)
-            for m, q, k, s in zip(memories, queries, limits, samplings, strict=True)
+            decode(lm, method, m, q, k, sampling=s, stop_ids=stop_ids, stats=row_stats[b] if row_stats else None)
+            for b, (m, q, k, s) in enumerate(zip(memories, queries, limits, samplings, strict=True))
         ]
         return _in_step(rows, limits, stop_ids)
-    return _decode_padded(lm, method, memories, queries, limits, samplings, stop_ids)
+    return _decode_padded(lm, method, memories, queries, limits, samplings, stop_ids, row_stats)
 
 
 def _per_row(value: T | Sequence[T], n: int, name: str) -> list[T]:
@@ -206,48 +216,58 @@ def _decode_padded(
     limits: list[int],
     samplings: list[Sampling],
     stop_ids: set[int],
+    stats: list[dict[str, Any]] | None,
 ) -> Iterator[list[int | None]]:
-    """The batched loop: the queries read in one padded forward, then one forward per step for the active rows."""
+    """The batched loop: the queries read in one padded forward, then one forward per step for the active rows;
+    the method's :meth:`~ccmem.methods.base.Method.decode_logits_batch` sees every step."""
     active = [b for b, k in enumerate(limits) if k > 0]  # batch row i decodes session active[i]
     if not active:
         return
     generators = [s.generator(lm.device) for s in samplings]
-    rows = pad_rows(lm, [memories[b] for b in active], [queries[b] for b in active])
-    cache, inputs, mask, position_ids = rows.cache, rows.inputs, rows.attention_mask, rows.position_ids
-    next_position = torch.tensor([[memories[b].next_position + queries[b].shape[1]] for b in active], device=lm.device)
+    padded = pad_rows(lm, [memories[b] for b in active], [queries[b] for b in active])
+    batch = DecodeRows(
+        cache=padded.cache,
+        attention_mask=padded.attention_mask,
+        rows=[DecodeState(cache=None, position=memories[b].next_position, memory=memories[b], tokens=[]) for b in active],
+    )
+    inputs, position_ids = padded.inputs, padded.position_ids
+    fed = [queries[b][0].tolist() for b in active]
+    shape = lm.kv_shape
+    entry_bytes = 2 * shape.layers * shape.kv_heads * shape.head_dim * shape.dtype.itemsize  # one token, all layers
     counts = [0] * len(memories)
     while True:
         with torch.no_grad(), method.attached(lm, reading=True):
-            out = lm.model(
+            out = lm.model.base_model(
                 input_ids=inputs,
-                attention_mask=mask,
+                attention_mask=batch.attention_mask,
                 position_ids=position_ids,
-                cache=cache,
+                cache=batch.cache,
                 use_cache=True,
-                logits_to_keep=1,
             )
-            tokens = [samplings[b].pick(out.logits[i, -1], generators[b]) for i, b in enumerate(active)]
+            for i, row in enumerate(batch.rows):
+                row.position += len(fed[i])
+                row.fed += fed[i]
+                row.hidden = out.last_hidden_state[i : i + 1, -1]
+            logits = method.decode_logits_batch(lm, batch)
+            tokens = [samplings[b].pick(logits[i], generators[b]) for i, b in enumerate(active)]
         step: list[int | None] = [None] * len(memories)
         keep = []
+        entries = batch.attention_mask.sum(dim=1).tolist()
         for i, (b, token) in enumerate(zip(active, tokens, strict=True)):
             step[b] = token
             counts[b] += 1
+            batch.rows[i].tokens.append(token)
+            if stats is not None:
+                _count(stats[b], int(entries[i]) * entry_bytes, batch.rows[i])
             if token not in stop_ids and counts[b] < limits[b]:
                 keep.append(i)
         yield step
         if not keep:
             return
         if len(keep) < len(active):
-            index = torch.tensor(keep, device=lm.device)
-            mask, next_position = mask[index], next_position[index]
-            # Columns that every remaining row pads (the finished rows' longer memories) are dropped.
-            first = int(mask.any(dim=0).nonzero()[0])
-            mask = mask[:, first:]
-            for layer in cache.layers:
-                layer.keys = layer.keys[index, :, first:]
-                layer.values = layer.values[index, :, first:]
+            batch.compact(keep)  # the finished rows leave, and the columns only they used
             active = [active[i] for i in keep]
-        inputs = torch.tensor([[tokens[i]] for i in keep], device=lm.device)
-        position_ids = next_position
-        next_position = next_position + 1
-        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+        fed = [[tokens[i]] for i in keep]
+        inputs = torch.tensor(fed, device=lm.device)
+        position_ids = torch.tensor([[row.position] for row in batch.rows], device=lm.device)
+        batch.attention_mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(len(active), 1)], dim=1)

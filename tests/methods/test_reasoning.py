@@ -93,6 +93,42 @@ def test_compressing_steps_lowers_the_peak_cache_and_counts_insertions():
     assert peaks["interval"]["peak_kv_bytes"] <= per_slot * raw_at_most < peaks["none"]["peak_kv_bytes"]
 
 
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen2"])
+@pytest.mark.parametrize("policy", ["interval", "newline", "classifier"])
+def test_problems_of_different_lengths_decoded_in_one_batch_give_the_answers_of_one_at_a_time(family, policy):
+    from ccmem.generation import decode_batch
+
+    lm = tiny_model(family, positions=1024)
+    method = trained(lm, policy=policy, interval=5, threshold=0.5)
+    if policy == "newline":  # the tiny vocabulary has no line break: pretend some frequent ids hold one
+        method._newline = set(range(0, lm.model.config.vocab_size, 3))
+    if policy == "classifier":  # a head that fires on some tokens and not on others
+        torch.manual_seed(1)
+        head = method.reasoning(lm).classifier
+        torch.nn.init.normal_(head.weight, std=4 / head.in_features**0.5)
+        torch.nn.init.zeros_(head.bias)
+    problems = gsm8k.generate(4, "test", seed=11)
+    queries = [torch.tensor([lm.tokenizer.encode(p.question[: 40 + 25 * i])]) for i, p in enumerate(problems)]
+    limits = [30, 18, 30, 24]  # rows leave the batch at different steps
+    memory = method.new_memory(lm)
+    alone, alone_stats = [], []
+    for query, limit in zip(queries, limits, strict=True):
+        stats: dict = {}
+        alone.append(list(decode(lm, method, memory, query, limit, stats=stats)))
+        alone_stats.append(stats)
+    batch_stats: list[dict] = [{} for _ in queries]
+    together: list[list[int]] = [[] for _ in queries]
+    for step in decode_batch(lm, method, [memory] * 4, queries, limits, stats=batch_stats):
+        for row, token in enumerate(step):
+            if token is not None:
+                together[row].append(token)
+    assert together == alone
+    insertions = [s.get("insertions", 0) for s in alone_stats]
+    assert sum(insertions) >= 4 and len(set(insertions)) > 1 or policy == "interval"  # rows compress at own times
+    assert [s.get("insertions", 0) for s in batch_stats] == insertions
+    assert [s["peak_kv_bytes"] for s in batch_stats] == [s["peak_kv_bytes"] for s in alone_stats]
+
+
 def test_the_classifier_learns_where_labelled_steps_end():
     lm = tiny_model(positions=512)
     method = ccmem.get_method("ccm-reason", n_tok=2, min_segment=3)
@@ -167,9 +203,12 @@ def test_the_policy_table_runs_every_policy_on_the_same_problems(tmp_path):
     method = trained(lm)
     path = save_adapter(method, lm, tmp_path / "adapter.safetensors")
     settings = GSM8KSettings(
-        adapter=str(path), n=2, policies=["none", "interval:8", "classifier:0.5"], max_new_tokens=24
+        adapter=str(path), n=3, policies=["none", "interval:8", "classifier:0.5"], max_new_tokens=24, batch_size=2
     )
     rows = run(lm, settings)
+    one_by_one = run(lm, GSM8KSettings(**{**vars(settings), "batch_size": 1}))
+    measured = ("accuracy", "insertions", "peak_kv_mb", "tokens_per_problem")
+    assert [[r[k] for k in measured] for r in rows] == [[r[k] for k in measured] for r in one_by_one]
     by = {r["policy"]: r for r in rows}
     assert by["none"]["insertions"] == 0 and by["none"]["never_fired"] is None
     assert by["interval:8"]["insertions"] == 2  # 23 tokens fed: steps end after 8 and 16

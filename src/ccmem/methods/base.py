@@ -108,6 +108,42 @@ class DecodeState:
 
 
 @dataclass
+class DecodeRows:
+    """What the batched loop (:func:`ccmem.generation.decode_batch`) holds: one padded cache for every active
+    row, and each row's own :class:`DecodeState` (its ``position``, ``tokens``, ``fed``, ``hidden``, ``extra``;
+    its ``cache`` is None, the rows share :attr:`cache`).
+
+    ``attention_mask`` ``[rows, columns]`` is 1 on each row's real cache entries, 0 on padding; it always has as
+    many columns as the cache, and a row's newest entries are its last columns. A method's
+    :meth:`Method.decode_logits_batch` may feed tokens for some rows (append columns, masked out for the
+    others) and mark entries dropped in the mask, then call :meth:`compact`.
+    """
+
+    cache: Any
+    attention_mask: torch.Tensor
+    rows: list[DecodeState]
+
+    def compact(self, keep_rows: Sequence[int] | None = None) -> None:
+        """Keep only ``keep_rows`` (all if None) and free the columns no kept row uses: every row's real entries
+        move to the right, in order, and columns that are padding in every row leave the cache."""
+        mask = self.attention_mask.bool()
+        if keep_rows is not None:
+            index = torch.tensor(list(keep_rows), dtype=torch.long, device=mask.device)
+            mask = mask[index]
+            self.rows = [self.rows[i] for i in keep_rows]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[index], layer.values[index]
+        width = int(mask.sum(dim=1).max()) if mask.numel() else 0
+        # A stable sort puts each row's padding first and its real entries after, both in their order.
+        order = torch.sort(mask.to(torch.int8), dim=1, stable=True).indices[:, mask.shape[1] - width :]
+        self.attention_mask = torch.gather(mask, 1, order).long()
+        for layer in self.cache.layers:
+            b, h, _, d = layer.keys.shape
+            gather = order[:, None, :, None].expand(b, h, width, d)
+            layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
+
+
+@dataclass
 class Method(ABC):
     """A way to keep context: ``add`` folds new context tokens into a :class:`Memory`.
 
@@ -132,8 +168,9 @@ class Method(ABC):
     budgeted: ClassVar[bool] = False
     #: ``add_batch`` reads several interactions in padded forwards (equal to one at a time), not in a loop.
     batchable: ClassVar[bool] = False
-    #: Decoding needs no per-session hook (:meth:`decode_step` does nothing), so ``decode_batch`` may decode
-    #: several sessions in one padded forward per step; False makes it decode them one by one.
+    #: ``decode_batch`` may decode several sessions in one padded forward per step: the method has no per-session
+    #: :meth:`decode_step`, and its :meth:`decode_logits_batch` does for a batch what :meth:`decode_logits` does
+    #: for one session. False makes it decode them one by one.
     decode_batchable: ClassVar[bool] = True
     #: Options an adapter may have been trained with other values of, without its weights meaning something else.
     runtime_options: ClassVar[frozenset[str]] = frozenset()
@@ -307,10 +344,16 @@ class Method(ABC):
     def decode_logits(self, lm: LoadedModel, state: DecodeState) -> torch.Tensor:
         """The ``[vocab]`` logits the next token is picked from, after the loop fed ``state.fed[-1]``: the LM head
         on ``state.hidden``. A method may first feed tokens of its own (compress the finished segment of a
-        reasoning trace) and return the logits after them. A method that overrides it sets
-        :attr:`decode_batchable` to False."""
+        reasoning trace) and return the logits after them. A method that overrides it overrides
+        :meth:`decode_logits_batch` to match, or sets :attr:`decode_batchable` to False."""
         assert state.hidden is not None
         return logits_for(lm, state.hidden)[0]
+
+    def decode_logits_batch(self, lm: LoadedModel, batch: DecodeRows) -> torch.Tensor:
+        """:meth:`decode_logits` for every row of a padded batch at once: ``[rows, vocab]``, row ``i`` equal to what
+        :meth:`decode_logits` gives for ``batch.rows[i]`` decoded alone."""
+        hidden = torch.cat([row.hidden for row in batch.rows if row.hidden is not None])
+        return logits_for(lm, hidden)
 
     def decode_step(self, lm: LoadedModel, state: DecodeState) -> None:  # noqa: B027 - optional hook
         """Called by the generation loop after every generated token (evict, compress a finished segment...).
@@ -524,6 +567,7 @@ def read_batch(
 __all__ = [
     "KINDS",
     "BatchRead",
+    "DecodeRows",
     "DecodeState",
     "LoRAOptions",
     "Method",

@@ -29,7 +29,7 @@ from torch import nn
 
 from ccmem.data.samples import Sample
 from ccmem.loading import LoadedModel
-from ccmem.methods.base import DecodeState, answer_loss, logits_for, option
+from ccmem.methods.base import DecodeRows, DecodeState, answer_loss, logits_for, option
 from ccmem.methods.ccm import CCMConcat, CompState, ParallelBatch
 from ccmem.modules import GATE_KWARG
 from ccmem.registry import register
@@ -61,7 +61,6 @@ class CCMReasoning(CCMConcat):
 
     name: ClassVar[str] = "ccm-reason"
     paper: ClassVar[str] = "Kim et al., CCM (ICLR 2024), as forked for GSM8K reasoning with learned <COMP> placement"
-    decode_batchable: ClassVar[bool] = False  # decode_logits compresses each session's own steps
     encoder_decoder: ClassVar[bool] = False  # it compresses a decoder's own trace while it writes
     runtime_options: ClassVar[frozenset[str]] = CCMConcat.runtime_options | {
         "policy",
@@ -205,6 +204,40 @@ class CCMReasoning(CCMConcat):
         state.extra["insertions"] = state.extra.get("insertions", 0) + 1
         return logits_for(lm, out.last_hidden_state[:, -1])[0]
 
+
+    def decode_logits_batch(self, lm: LoadedModel, batch: DecodeRows) -> torch.Tensor:
+        """:meth:`decode_logits` for a padded batch: the rows whose step just ended feed their <COMP> tokens in
+        one forward (new columns masked out for the other rows), drop their step's raw entries, and predict
+        from their last <COMP> token; the others predict from the token they were fed."""
+        logits = super().decode_logits_batch(lm, batch)
+        fire = [bool(row.tokens) and self.step_ends(lm, row) for row in batch.rows]
+        if not any(fire):
+            return logits
+        n_rows, width, n = len(batch.rows), batch.attention_mask.shape[1], self.n_tok
+        fired = torch.tensor(fire, device=lm.device)[:, None].expand(n_rows, n)
+        embeds = self.state(lm).comp.weight[None].to(lm.model.dtype).expand(n_rows, -1, -1)
+        mask = torch.cat([batch.attention_mask, fired.long()], dim=1)
+        starts = torch.tensor([[row.position] for row in batch.rows], device=lm.device)
+        with self.attached(lm):
+            out = lm.model.base_model(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                position_ids=starts + torch.arange(n, device=lm.device),
+                cache=batch.cache,
+                use_cache=True,
+                **{GATE_KWARG: fired},
+            )
+        for i, row in enumerate(batch.rows):
+            if fire[i]:
+                n_step = len(row.tokens) - row.extra.get("segment_start", 0)
+                mask[i, width - n_step : width] = 0  # the step's raw entries, the row's newest before its <COMP>
+                row.position += n
+                row.extra["segment_start"] = len(row.tokens)
+                row.extra["insertions"] = row.extra.get("insertions", 0) + 1
+                logits[i] = logits_for(lm, out.last_hidden_state[i : i + 1, -1])[0]
+        batch.attention_mask = mask
+        batch.compact()
+        return logits
 
 def newline_ids(lm: LoadedModel) -> set[int]:
     """Token ids whose text holds a line break (the newline policy ends a step after one)."""
