@@ -228,7 +228,10 @@ def _decode_padded(
     batch = DecodeRows(
         cache=padded.cache,
         attention_mask=padded.attention_mask,
-        rows=[DecodeState(cache=None, position=memories[b].next_position, memory=memories[b], tokens=[]) for b in active],
+        rows=[
+            DecodeState(cache=None, position=m.next_position, memory=m, tokens=[])
+            for m in (memories[b] for b in active)
+        ],
     )
     inputs, position_ids = padded.inputs, padded.position_ids
     fed = [queries[b][0].tolist() for b in active]

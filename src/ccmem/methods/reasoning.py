@@ -204,7 +204,6 @@ class CCMReasoning(CCMConcat):
         state.extra["insertions"] = state.extra.get("insertions", 0) + 1
         return logits_for(lm, out.last_hidden_state[:, -1])[0]
 
-
     def decode_logits_batch(self, lm: LoadedModel, batch: DecodeRows) -> torch.Tensor:
         """:meth:`decode_logits` for a padded batch: the rows whose step just ended feed their <COMP> tokens in
         one forward (new columns masked out for the other rows), drop their step's raw entries, and predict
@@ -238,6 +237,7 @@ class CCMReasoning(CCMConcat):
         batch.attention_mask = mask
         batch.compact()
         return logits
+
 
 def newline_ids(lm: LoadedModel) -> set[int]:
     """Token ids whose text holds a line break (the newline policy ends a step after one)."""
