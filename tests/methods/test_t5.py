@@ -312,8 +312,3 @@ def test_the_training_recipe_trains_t5(tmp_path):
     assert session.adapter_trained
     session.add("hello there")
     assert session.memory.state["encoder_out"].shape[1] == session.memory.num_slots
-
-
-def test_gist_refuses_to_build_its_state_for_an_encoder_decoder_model():
-    with pytest.raises(ValueError, match="method 'gist' works on decoder-only models"):
-        get_method("gist").module_for(tiny_model("t5"))

@@ -177,6 +177,14 @@ class CompTokens(Method, LoRAOptions):
 
     # ------------------------------------------------------------------ recurrent inference
 
+    def add_sink(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
+        if lm.is_encoder_decoder:  # the sink's encoder keys/values and final hidden states
+            return ccm_seq2seq.add_sink(lm, memory, ids)
+        return super().add_sink(lm, memory, ids)
+
+    def encoder_states(self, lm: LoadedModel, memory: Memory, query: torch.Tensor) -> torch.Tensor:
+        return ccm_seq2seq.encoder_states(lm, memory, query)
+
     def _comp_inputs(self, lm: LoadedModel, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings of ``ids`` followed by the <COMP> tokens, and the <COMP> mask."""
         embeds = lm.model.get_input_embeddings()(ids)
@@ -204,7 +212,8 @@ class CompTokens(Method, LoRAOptions):
 
     # ------------------------------------------------------------------ parallel training
 
-    def lay_out(self, samples: list[Sample], pad_id: int) -> ParallelBatch:
+    def lay_out(self, samples: list[Sample], pad_id: int, *, bidirectional: bool = False) -> ParallelBatch:
+        """The masked layout of ``samples`` for one parallel forward (``bidirectional``: an encoder's, T5)."""
         raise NotImplementedError
 
     def make_batch(self, samples: list[Sample], pad_id: int = 0) -> ParallelBatch:
@@ -234,14 +243,14 @@ class CompTokens(Method, LoRAOptions):
         """
         with self.attached(lm):
             if lm.is_encoder_decoder:  # the encoder's masked forward and the decoder's logits on the answers
-                return ccm_seq2seq.parallel_forward(cast(CCM, self), lm, batch, logits=True)
+                return ccm_seq2seq.parallel_forward(self, lm, batch, logits=True)
             return lm.model(**self._parallel_inputs(lm, batch), **kwargs)
 
     def training_loss(self, lm: LoadedModel, batch: ParallelBatch) -> torch.Tensor:
         """Mean next-token loss over the answer tokens of one masked forward (logits only at labels)."""
         with self.attached(lm):
             if lm.is_encoder_decoder:
-                return ccm_seq2seq.training_loss(cast(CCM, self), lm, batch)
+                return ccm_seq2seq.training_loss(self, lm, batch)
             hidden = lm.model.base_model(**self._parallel_inputs(lm, batch)).last_hidden_state
             return answer_loss(lm, hidden, batch.labels)
 
@@ -272,14 +281,6 @@ class CCM(CompTokens):
 
     def positions_needed(self, memory: Memory, n_tokens: int) -> int:
         return n_tokens + -(-n_tokens // self.max_chunk_tokens) * self.n_tok
-
-    def add_sink(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
-        if lm.is_encoder_decoder:
-            return ccm_seq2seq.add_sink(lm, memory, ids)
-        return super().add_sink(lm, memory, ids)
-
-    def encoder_states(self, lm: LoadedModel, memory: Memory, query: torch.Tensor) -> torch.Tensor:
-        return ccm_seq2seq.encoder_states(lm, memory, query)
 
     def add(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
         for chunk in self._chunks(ids):
@@ -314,8 +315,10 @@ class CCM(CompTokens):
                 out[b] = self.fold(out[b], comp, chunks[b][t].shape[-1])
         return out
 
-    def lay_out(self, samples: list[Sample], pad_id: int) -> ParallelBatch:
-        return lay_out(samples, pad_id, n_tok=self.n_tok, update=self.update, recurrent=self.recurrent)
+    def lay_out(self, samples: list[Sample], pad_id: int, *, bidirectional: bool = False) -> ParallelBatch:
+        return lay_out(
+            samples, pad_id, n_tok=self.n_tok, update=self.update, recurrent=self.recurrent, bidirectional=bidirectional
+        )
 
     def recurrent_loss(self, lm: LoadedModel, sample: Sample) -> torch.Tensor:
         """The same loss computed the slow way: compress chunk by chunk (backpropagating through the

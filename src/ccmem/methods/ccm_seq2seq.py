@@ -1,7 +1,8 @@
 """CCM on encoder-decoder models (T5): <COMP> tokens in the encoder, the decoder reads only what was compressed.
 
 The fork's ``ccm_t5`` as ccmem does it, through the same methods (``ccm-concat``, ``ccm-merge``) and without a
-forked model file: :class:`ccmem.methods.ccm.CCM` hands an encoder-decoder model to the functions here.
+forked model file: :class:`ccmem.methods.ccm.CCM` hands an encoder-decoder model to the functions here. ``gist``
+(the fork's ``gist_t5``, :mod:`ccmem.methods.gist`) uses them too, with one <COMP> block after the whole context.
 
 The encoder reads ``[sink][c1][C1][c2][C2]...[ck][Ck][query]`` with CCM's plan (:func:`ccmem.masks.build_plan`
 with ``bidirectional=True``): causal over steps, as recurrence needs, but each step read in full as one encoder
@@ -163,7 +164,9 @@ def add_sink(lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
     return memory.with_layers(layers, positions, advance=n, sink=memory.sink + n, state=state)
 
 
-def compress_step(method: CCM, lm: LoadedModel, seen: Memory, ids: torch.Tensor, start: int) -> tuple[list[KV], Any]:
+def compress_step(
+    method: CompTokens, lm: LoadedModel, seen: Memory, ids: torch.Tensor, start: int
+) -> tuple[list[KV], torch.Tensor]:
     """Keys/values and final hidden states of the <COMP> tokens after encoding chunk ``ids`` (from ``start``)
     with ``seen``; the chunk reads itself (not its <COMP> tokens), the <COMP> tokens read everything."""
     embeds, comp = method._comp_inputs(lm, ids)
@@ -276,19 +279,19 @@ def _labels(samples: list[Sample], device: torch.device) -> torch.Tensor:
     return labels.to(device)
 
 
-def encoder_batch(method: CCM, batch: ParallelBatch) -> tuple[ParallelBatch, list[Sample]]:
-    """The encoder's layout of a batch from ``make_batch``: its samples with the tail cut to the query (padding
-    is masked, so its id does not matter)."""
-    from ccmem.methods.ccm import lay_out
-
+def encoder_batch(method: CompTokens, batch: ParallelBatch) -> tuple[ParallelBatch, list[Sample]]:
+    """The encoder's layout of a batch from ``make_batch``: its samples with the tail cut to the query, laid out
+    by the method's own rule (CCM: a <COMP> block per chunk; gist: one after the whole context), bidirectional
+    within each step (padding is masked, so its id does not matter)."""
     if not batch.samples:
         raise ValueError("this batch carries no samples; lay it out with make_batch")
     queries = [Sample(s.chunks, split(s)[0], s.sink) for s in batch.samples]
-    laid = lay_out(queries, 0, n_tok=method.n_tok, update=method.update, recurrent=method.recurrent, bidirectional=True)
-    return laid, batch.samples
+    return method.lay_out(queries, 0, bidirectional=True), batch.samples
 
 
-def parallel_forward(method: CCM, lm: LoadedModel, batch: ParallelBatch, *, logits: bool = False) -> Seq2SeqForward:
+def parallel_forward(
+    method: CompTokens, lm: LoadedModel, batch: ParallelBatch, *, logits: bool = False
+) -> Seq2SeqForward:
     """Every compression step of a batch in one masked encoder forward (call it while attached); ``logits``: also
     the decoder's on the answers, reading only what a memory and the query give it."""
     check_encoder_decoder(lm, method.name)
@@ -326,7 +329,7 @@ def parallel_forward(method: CCM, lm: LoadedModel, batch: ParallelBatch, *, logi
     return forward
 
 
-def training_loss(method: CCM, lm: LoadedModel, batch: ParallelBatch) -> torch.Tensor:
+def training_loss(method: CompTokens, lm: LoadedModel, batch: ParallelBatch) -> torch.Tensor:
     """Mean decoder loss on the answers, the decoder cross-attending to the compressed positions and the query."""
     forward = parallel_forward(method, lm, batch)
     return answer_loss(lm, forward.encoder_hidden, forward.labels, encoder_attention_mask=forward.cross_mask.long())
