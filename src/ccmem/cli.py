@@ -911,8 +911,9 @@ def stream(
         typer.Option(
             "--methods",
             help="Comma-separated, all at the same memory: ccm-concat and ccm-merge (sink + compressed blocks + "
-            "window), streaming-llm (sink + window), window (window alone), full (everything, until it would pass "
-            "--max-positions or --full-cap-mib).",
+            "window), sentinel, local and scattered (sink + the entries their sparse attention keeps of each "
+            "leaving block, oldest dropped past --comp-slots + window), streaming-llm (sink + window), window "
+            "(window alone), full (everything, until it would pass --max-positions or --full-cap-mib).",
         ),
     ] = "ccm-concat,streaming-llm,window,full",
     max_positions: Annotated[
@@ -954,7 +955,20 @@ def stream(
     ] = None,
     adapter: Annotated[
         list[str] | None,
-        typer.Option("--adapter", help="METHOD=PATH of a ccm-* adapter (repeatable). Default: the shipped one."),
+        typer.Option(
+            "--adapter",
+            help="METHOD=PATH of a ccm-*, sentinel, local or scattered adapter (repeatable). Default: the shipped "
+            "one (ccm-*); the sparse methods run untrained without one (`ccmem train sentinel-clm`).",
+        ),
+    ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--option",
+            "-O",
+            help="Option KEY=VALUE of the sparse methods (sentinel, local, scattered), repeatable, e.g. "
+            "-O compression_ratio=0.75; an adapter's own settings fill in the rest.",
+        ),
     ] = None,
     label: Annotated[str, typer.Option("--label", help="Free text stored in each row to tell runs apart.")] = "",
     out_dir: Annotated[
@@ -981,12 +995,13 @@ def stream(
         full_cap_mib=full_cap_mib,
         text=str(text) if text is not None else None,
         adapters={name: str(path) for name, path in _adapters(adapter).items()},
+        options=_options(None, None, option),
         label=label,
     )
     settings.check()
     with console.status(f"loading {model}..."):
         lm = load_model(model, attn_implementation=attn)
-    _check_attention(lm, settings.methods, {})
+    _check_attention(lm, settings.methods, settings.options)
     check_layouts(lm, settings)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=True) as bar:

