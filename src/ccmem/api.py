@@ -284,14 +284,24 @@ def score_batch(
     item is a row of one padded forward (each row reads its own memory, as :func:`ccmem.methods.base.read_batch`)."""
     if reduce not in SCORE_REDUCTIONS:
         raise ValueError(f"reduce must be one of {SCORE_REDUCTIONS}, got {reduce!r}")
-    if lm.is_encoder_decoder:
-        raise NotImplementedError(
-            f"scoring options is not supported on encoder-decoder models yet ({lm.name}); use generate"
-        )
-    memories, rows, targets = [], [], []
-    for memory, query, options in items:
+    for _, _, options in items:
         if not options or any(len(o) == 0 for o in options):
             raise ValueError("give at least one option, and no empty option")
+    picked = _seq2seq_logprobs(lm, method, items) if lm.is_encoder_decoder else _decoder_logprobs(lm, method, items)
+    flat = [float(p.sum() if reduce == "sum" else p.mean()) for p in picked]
+    out, at = [], 0
+    for _, _, options in items:
+        out.append(flat[at : at + len(options)])
+        at += len(options)
+    return out
+
+
+def _decoder_logprobs(
+    lm: LoadedModel, method: Method, items: Sequence[tuple[Memory, Sequence[int], Sequence[Sequence[int]]]]
+) -> list[torch.Tensor]:
+    """Each option's token log-probabilities, every option of every item a row of one padded forward."""
+    memories, rows, targets = [], [], []
+    for memory, query, options in items:
         for option in options:
             row = [*query, *option[:-1]]
             check_room(lm, memory, len(row))
@@ -303,12 +313,21 @@ def score_batch(
         # logits only where an option's tokens are predicted: the last len(option) positions of each row
         hidden = torch.cat([read.hidden[r, -len(t) :] for r, t in enumerate(targets)])
         logprobs = torch.log_softmax(logits_for(lm, hidden), dim=-1)
-    picked = logprobs.gather(1, torch.cat(targets)[:, None])[:, 0].split([len(t) for t in targets])
-    flat = [float(p.sum() if reduce == "sum" else p.mean()) for p in picked]
-    out, at = [], 0
-    for _, _, options in items:
-        out.append(flat[at : at + len(options)])
-        at += len(options)
+    return list(logprobs.gather(1, torch.cat(targets)[:, None])[:, 0].split([len(t) for t in targets]))
+
+
+def _seq2seq_logprobs(
+    lm: LoadedModel, method: Method, items: Sequence[tuple[Memory, Sequence[int], Sequence[Sequence[int]]]]
+) -> list[torch.Tensor]:
+    """Encoder-decoder: each item's query is encoded with its memory once (:meth:`Method.encoder_states`), then
+    the decoder, cross-attending to that, reads all the item's options in one padded forward."""
+    from ccmem.methods.ccm_seq2seq import option_logprobs
+
+    out: list[torch.Tensor] = []
+    for memory, query, options in items:
+        with torch.no_grad(), method.attached(lm):
+            hidden = method.encoder_states(lm, memory, torch.tensor([list(query)], dtype=torch.long, device=lm.device))
+            out += option_logprobs(lm, hidden, options)
     return out
 
 

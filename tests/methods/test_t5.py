@@ -250,10 +250,16 @@ def test_a_decoder_only_method_refuses_an_encoder_decoder_model(name):
         pass
 
 
-def test_scoring_options_is_refused_on_an_encoder_decoder_model():
-    session = ccmem.load(tiny_model("t5"), "ccm-concat", n_tok=2, system_prompt=None)
-    with pytest.raises(NotImplementedError, match="not supported on encoder-decoder models"):
-        session.score_ids(QUERY, [[50], [51]])
+def test_option_scores_are_the_decoders_log_likelihood_given_the_memory():
+    """Scoring (``ccmem eval``'s accuracy and perplexity) reads the answer with the decoder, as generation does;
+    more in ``tests/unit/test_eval_t5.py``."""
+    lm = tiny_model("t5")
+    session = ccmem.load(lm, "ccm-concat", n_tok=2, system_prompt=None)
+    randomize_lora(session.method, lm, scale=0.5)
+    for chunk in CHUNKS:
+        session.add_ids(chunk)
+    logprobs = torch.log_softmax(answer_logits(session), -1).gather(1, torch.tensor(ANSWER)[:, None])[:, 0]
+    assert session.score_ids(QUERY, [ANSWER, [50]]) == pytest.approx([float(logprobs.sum()), float(logprobs[0])])
 
 
 def test_the_encoder_decoder_path_refuses_a_decoder_only_model():

@@ -27,6 +27,7 @@ the decoder's logits agree.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -149,19 +150,25 @@ def encoder_out(memory: Memory) -> torch.Tensor | None:
     return out
 
 
+def append_raw(lm: LoadedModel, memory: Memory, ids: torch.Tensor, **changes: Any) -> Memory:
+    """``memory`` with ``ids`` kept uncompressed after it: encoded reading the memory and themselves in full,
+    their keys/values and final hidden states appended (other memory fields as in ``changes``)."""
+    check_encoder_decoder(lm, "this memory")
+    n = ids.shape[1]
+    square = torch.ones(n, n, dtype=torch.bool)
+    encoded = encode(lm, memory, lm.model.get_input_embeddings()(ids), square, memory.next_position)
+    layers, positions = _appended(memory, encoded, n)
+    previous = encoder_out(memory)
+    out = encoded.hidden if previous is None else torch.cat([previous.to(encoded.hidden.dtype), encoded.hidden], 1)
+    return memory.with_layers(layers, positions, advance=n, state={**memory.state, ENCODER_OUT: out}, **changes)
+
+
 def add_sink(lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
     """Keep ``ids`` uncompressed at the front of the memory: their keys/values and final hidden states."""
     check_encoder_decoder(lm, "this memory")
     if memory.num_slots != memory.sink:
         raise ValueError("the attention sink must be added before any other context")
-    n = ids.shape[1]
-    square = torch.ones(n, n, dtype=torch.bool)  # the sink reads itself in full
-    encoded = encode(lm, memory, lm.model.get_input_embeddings()(ids), square, memory.next_position)
-    layers, positions = _appended(memory, encoded, n)
-    previous = encoder_out(memory)
-    out = encoded.hidden if previous is None else torch.cat([previous, encoded.hidden], dim=1)
-    state = {**memory.state, ENCODER_OUT: out}
-    return memory.with_layers(layers, positions, advance=n, sink=memory.sink + n, state=state)
+    return append_raw(lm, memory, ids, sink=memory.sink + ids.shape[1])
 
 
 def compress_step(
@@ -209,6 +216,11 @@ def encoder_states(lm: LoadedModel, memory: Memory, query: torch.Tensor) -> torc
     ``memory``: the memory's final hidden states, then the query's, encoded reading the memory."""
     check_encoder_decoder(lm, "reading a query with a memory")
     n = query.shape[1]
+    if n == 0:  # nothing to encode: the decoder reads the memory alone
+        held = encoder_out(memory)
+        if held is None:
+            raise ValueError("the decoder has nothing to read: the memory is empty and so is the query")
+        return held
     square = torch.ones(n, n, dtype=torch.bool)
     encoded = encode(lm, memory, lm.model.get_input_embeddings()(query), square, memory.next_position)
     previous = encoder_out(memory)
@@ -223,6 +235,23 @@ def decoder_logits(lm: LoadedModel, encoder_hidden: torch.Tensor, labels: torch.
         **kwargs,
     )
     return logits_for(lm, out.last_hidden_state)
+
+
+def option_logprobs(
+    lm: LoadedModel, encoder_hidden: torch.Tensor, options: Sequence[Sequence[int]]
+) -> list[torch.Tensor]:
+    """Each option's token log-probabilities (``[len(option)]``) written by the decoder after its start token,
+    cross-attending to ``encoder_hidden`` (``[1, n, d]``); all options in one padded forward (the decoder is
+    causal, so padding after an option does not change it)."""
+    if not options or any(len(o) == 0 for o in options):
+        raise ValueError("give at least one option, and no empty option")
+    labels = torch.full((len(options), max(len(o) for o in options)), -100, dtype=torch.long)
+    for r, option in enumerate(options):
+        labels[r, : len(option)] = torch.tensor(list(option), dtype=torch.long)
+    labels = labels.to(encoder_hidden.device)
+    logits = decoder_logits(lm, encoder_hidden.expand(len(options), -1, -1), labels)
+    picked = torch.log_softmax(logits, dim=-1).gather(2, labels.clamp(min=0)[..., None])[..., 0]
+    return [picked[r, : len(option)] for r, option in enumerate(options)]
 
 
 def answer_loss(lm: LoadedModel, encoder_hidden: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -342,6 +371,7 @@ __all__ = [
     "add_chunk",
     "add_sink",
     "answer_loss",
+    "append_raw",
     "build",
     "check_encoder_decoder",
     "compress_step",
@@ -351,6 +381,7 @@ __all__ = [
     "encoder_states",
     "fold",
     "install",
+    "option_logprobs",
     "parallel_forward",
     "recurrent_loss",
     "training_loss",

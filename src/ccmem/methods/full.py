@@ -2,6 +2,11 @@
 
 ``full`` can also be finetuned (stage 1 of the CCM recipe): an always-on LoRA trained with full attention,
 saved as an ordinary adapter; ``ccmem.load(..., stage1=RUN)`` and ``load_path=RUN`` merge it into the weights.
+
+Both also run on encoder-decoder models (T5), as the baselines of a T5 comparison: ``full`` keeps every context
+token's encoder keys/values and final hidden states (each ``add`` read in full, reading what came before, as
+the compressing methods read a chunk), so the decoder cross-attends to the whole context; ``none`` keeps only
+the sink's. ``full``'s stage-1 LoRA is for decoders only.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ import torch
 from ccmem.data.samples import Sample
 from ccmem.loading import LoadedModel
 from ccmem.memory import Memory
+from ccmem.methods import ccm_seq2seq
 from ccmem.methods.base import LoRAOptions, Method, answer_loss, positions_after, read_batch, read_raw
 from ccmem.modules import LoRASet, default_targets
+from ccmem.patching.attention import compression_attention
 from ccmem.registry import register
 
 
@@ -40,16 +47,28 @@ class FullContext(Method, LoRAOptions):
     name: ClassVar[str] = "full"
     trainable: ClassVar[bool] = True
     batchable: ClassVar[bool] = True
+    encoder_decoder: ClassVar[bool] = True
     runtime_options: ClassVar[frozenset[str]] = frozenset({"lora_dropout"})
 
     def check_options(self) -> None:
         self.check_lora_options()
 
+    @staticmethod
+    def _refuse_encoder_decoder(lm: LoadedModel) -> None:
+        if lm.is_encoder_decoder:
+            raise NotImplementedError(
+                f"finetuning full (its stage-1 LoRA) is for decoder-only models; {lm.name} is an encoder-decoder "
+                "model, where full runs as it is (train ccm-concat, ccm-merge or gist on it instead)"
+            )
+
     def build(self, lm: LoadedModel) -> LoRASet:
+        self._refuse_encoder_decoder(lm)
         targets = self.lora_targets or default_targets(lm.model)
         return LoRASet(lm.model.base_model, targets, self.lora_rank, self.lora_alpha, self.lora_dropout)
 
     def _lora_active(self, lm: LoadedModel) -> bool:
+        if lm.is_encoder_decoder:
+            return False  # no stage-1 LoRA there (build refuses one)
         lora = cast(LoRASet, self.module_for(lm))
         # Neither loaded nor being trained: B is zero, so the plain model, without the hooks' cost.
         return self.adapter_hash != "untrained" or any(p.requires_grad for p in lora.parameters())
@@ -58,16 +77,30 @@ class FullContext(Method, LoRAOptions):
         return self._lora_active(lm)
 
     def install(self, lm: LoadedModel, stack: ExitStack) -> None:
+        if lm.is_encoder_decoder:  # the encoder reads a memory through ccmem's attention
+            stack.enter_context(compression_attention(lm.model))
         if not self._lora_active(lm):
             return
         for handle in cast(LoRASet, self.module_for(lm)).attach(lm.model.base_model, gate=None):
             stack.callback(handle.remove)
 
+    def add_sink(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
+        if lm.is_encoder_decoder:
+            return ccm_seq2seq.add_sink(lm, memory, ids)
+        return super().add_sink(lm, memory, ids)
+
+    def encoder_states(self, lm: LoadedModel, memory: Memory, query: torch.Tensor) -> torch.Tensor:
+        return ccm_seq2seq.encoder_states(lm, memory, query)
+
     def add(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
+        if lm.is_encoder_decoder:
+            return ccm_seq2seq.append_raw(lm, memory, ids, window=memory.window + ids.shape[-1])
         layers, positions = read_raw(lm, memory, ids)
         return memory.with_layers(layers, positions, advance=ids.shape[-1], window=memory.window + ids.shape[-1])
 
     def add_batch(self, lm: LoadedModel, memories: list[Memory], ids: list[torch.Tensor]) -> list[Memory]:
+        if lm.is_encoder_decoder:  # one interaction at a time
+            return super().add_batch(lm, memories, ids)
         read = read_batch(lm, memories, ids)
         out = []
         for m, layers, n in zip(memories, read.layers, read.n_new, strict=True):
@@ -89,6 +122,7 @@ class FullContext(Method, LoRAOptions):
         return FlatBatch(ids, labels, mask)
 
     def training_loss(self, lm: LoadedModel, batch: FlatBatch) -> torch.Tensor:
+        self._refuse_encoder_decoder(lm)
         with self.attached(lm):
             hidden = lm.model.base_model(
                 input_ids=batch.input_ids.to(lm.device),
@@ -105,9 +139,22 @@ class NoContext(Method):
 
     name: ClassVar[str] = "none"
     uses_positions: ClassVar[bool] = False
+    encoder_decoder: ClassVar[bool] = True  # the decoder reads the sink's encoder outputs and the query's
 
     def changes_reading(self, lm: LoadedModel) -> bool:
         return False
+
+    def install(self, lm: LoadedModel, stack: ExitStack) -> None:
+        if lm.is_encoder_decoder:  # the encoder reads the sink through ccmem's attention
+            stack.enter_context(compression_attention(lm.model))
+
+    def add_sink(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
+        if lm.is_encoder_decoder:
+            return ccm_seq2seq.add_sink(lm, memory, ids)
+        return super().add_sink(lm, memory, ids)
+
+    def encoder_states(self, lm: LoadedModel, memory: Memory, query: torch.Tensor) -> torch.Tensor:
+        return ccm_seq2seq.encoder_states(lm, memory, query)
 
     batchable: ClassVar[bool] = True  # nothing to read
 
