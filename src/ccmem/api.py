@@ -45,6 +45,35 @@ def check_room(lm: LoadedModel, memory: Memory, n_new: int) -> None:
         )
 
 
+def make_room(lm: LoadedModel, memory: Memory, n_new: int) -> Memory:
+    """``memory``, ready to read ``n_new`` more tokens: as it is while they fit below the model's last position;
+    past it, re-based (:func:`ccmem.rope.compact_positions`: every slot moved to the position of its index, keys
+    re-rotated) so a chat or session goes on however long it runs, as long as the slots it holds and the new
+    tokens fit. Refused (:class:`ContextTooLongError`, before any work) where they do not, or where the model's
+    keys cannot be moved (no RoPE, or length-dependent RoPE)."""
+    from ccmem.rope import RopeError, compact_positions, layer_frequencies
+
+    limit = lm.max_positions
+    if limit is None or memory.next_position + n_new <= limit:
+        return memory
+    held = max(memory.slots_per_layer, default=0)
+    if held + n_new > limit:
+        raise ContextTooLongError(
+            f"{n_new} new tokens after the {held} slots this memory holds need {held + n_new} positions, but the "
+            f"model allows {limit}; call reset() to start over, send less at once, or use a method that keeps "
+            "fewer slots"
+        )
+    try:
+        freqs = layer_frequencies(lm)
+    except RopeError as err:
+        raise ContextTooLongError(
+            f"this interaction would reach position {memory.next_position + n_new}, but the model allows {limit}, "
+            f"and its positions cannot be re-based ({err}); call reset() to start over"
+        ) from None
+    logger.info("positions re-based: %d slots moved from up to %d to 0..%d", held, memory.next_position, held - 1)
+    return compact_positions(memory, freqs)
+
+
 class CompressedLM:
     """A language model whose context lives in a compressed memory managed by one method.
 
@@ -140,9 +169,9 @@ class CompressedLM:
 
     def _fold(self, ids: torch.Tensor) -> None:
         """Compress ``ids`` into memory; the memory changes only if the whole add succeeds."""
-        self._check_room(self.method.positions_needed(self.memory, ids.shape[1]))
+        memory = make_room(self.lm, self.memory, self.method.positions_needed(self.memory, ids.shape[1]))
         with torch.no_grad(), self.method.attached(self.lm):
-            self.memory = self.method.add(self.lm, self.memory, ids)
+            self.memory = self.method.add(self.lm, memory, ids)
 
     def remember(self, user: str, assistant: str) -> Memory:
         """Fold a finished exchange into memory (what a chat does after each answer)."""
@@ -195,7 +224,8 @@ class CompressedLM:
         return torch.tensor([ids], dtype=torch.long, device=self.lm.device)
 
     def _check_room(self, n_new: int) -> None:
-        check_room(self.lm, self.memory, n_new)
+        """Make room for ``n_new`` tokens: the memory is re-based where it would pass the model's positions."""
+        self.memory = make_room(self.lm, self.memory, n_new)
 
     def query_ids(self, prompt: str | Sequence[Message]) -> torch.Tensor:
         """Token ids of a question, formatted as a new user turn that asks for an answer."""
@@ -240,6 +270,7 @@ class CompressedLM:
         if not options or any(len(o) == 0 for o in options):
             raise ValueError("give at least one option, and no empty option")
         targets = [self._check_ids(o, "option")[0].tolist() for o in options]
+        self._check_room(len(query) + max(len(t) for t in targets) - 1)
         return score_batch(self.lm, self.method, [(self.memory, query, targets)], reduce=reduce)[0]
 
     def score(self, prompt: str | Sequence[Message], options: Sequence[str], *, reduce: str = "sum") -> list[float]:
@@ -355,7 +386,7 @@ def generate_batch(
     for s, query, limit in zip(sessions, queries, limits, strict=True):
         if limit < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {limit}")
-        check_room(s.lm, s.memory, query.shape[1] + limit)
+        s._check_room(query.shape[1] + limit)
     stops = first.format.stop_ids()
     sampling = [Sampling(temperature, top_p, one) for one in seeds]
     memories = [s.memory for s in sessions]
@@ -382,10 +413,10 @@ def add_batch(sessions: Sequence[CompressedLM], contexts: Sequence[Sequence[Mess
     if any(not m for m in messages):
         raise ValueError("nothing to add: a message list is empty")
     ids = [s._ids(s.format.delta(s.history, m)) for s, m in zip(sessions, messages, strict=True)]
-    for s, i in zip(sessions, ids, strict=True):
-        s._check_room(s.method.positions_needed(s.memory, i.shape[1]))
+    needed = [s.method.positions_needed(s.memory, i.shape[1]) for s, i in zip(sessions, ids, strict=True)]
+    roomy = [make_room(s.lm, s.memory, n) for s, n in zip(sessions, needed, strict=True)]  # all checked before work
     with torch.no_grad(), first.method.attached(first.lm):
-        memories = first.method.add_batch(first.lm, [s.memory for s in sessions], ids)
+        memories = first.method.add_batch(first.lm, roomy, ids)
     for s, m, memory in zip(sessions, messages, memories, strict=True):
         s.memory = memory
         s.history = s.history + m

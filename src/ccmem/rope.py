@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ccmem.loading import LoadedModel
+from ccmem.memory import Memory
 
 #: RoPE variants whose frequencies are fixed, so a key at position p is exactly R(p)·k.
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
@@ -41,11 +42,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def rotation(
     delta: torch.Tensor | int, n: int, inv_freq: torch.Tensor, like: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos`` and ``sin`` (``[n, 2·len(inv_freq)]``, dtype and device of ``like``) of a move by ``delta`` positions
-    (an int, or ``[n]``: one per slot). The angle is computed in float64, so moving a key far and back returns it
-    to float32 rounding."""
-    delta_t = torch.as_tensor(delta, device=like.device).to(torch.float64).expand(n)
-    angle = delta_t[:, None] * inv_freq.to(device=like.device, dtype=torch.float64)[None]
+    """``cos`` and ``sin`` (``[..., n, 2·len(inv_freq)]``, dtype and device of ``like``) of a move by ``delta``
+    positions (an int, ``[n]``: one per slot, or ``[..., n]``: one per head and slot). The angle is computed in
+    float64, so moving a key far and back returns it to float32 rounding."""
+    delta_t = torch.as_tensor(delta, device=like.device).to(torch.float64)
+    if delta_t.dim() == 0:
+        delta_t = delta_t.expand(n)
+    angle = delta_t[..., None] * inv_freq.to(device=like.device, dtype=torch.float64)
     angle = torch.cat([angle, angle], dim=-1)
     return angle.cos().to(like.dtype), angle.sin().to(like.dtype)
 
@@ -62,7 +65,8 @@ def apply_rotation(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
 
 
 def rotate_keys(keys: torch.Tensor, delta: torch.Tensor | int, inv_freq: torch.Tensor) -> torch.Tensor:
-    """``keys`` (``[..., n, head_dim]``) moved by ``delta`` positions (an int, or ``[n]``: one per slot)."""
+    """``keys`` (``[..., n, head_dim]``) moved by ``delta`` positions (an int, ``[n]``: one per slot, or the shape
+    of the keys without ``head_dim``: one per head and slot)."""
     if isinstance(delta, int) and delta == 0:
         return keys
     return apply_rotation(keys, *rotation(delta, keys.shape[-2], inv_freq, keys))
@@ -99,3 +103,29 @@ def layer_frequencies(lm: LoadedModel) -> list[torch.Tensor]:
         )
     tables = {id(f): f.detach().float() for f in freqs}  # layers that share a table share one tensor
     return [tables[id(f)] for f in freqs]
+
+
+def compact_positions(memory: Memory, freqs: list[torch.Tensor]) -> Memory:
+    """``memory`` with every slot moved to the position of its index in its layer (StreamingLLM's rule), keys
+    re-rotated, so the next token comes right after the last slot: position ids stop growing with the length of
+    the interaction, and only the slots held count against the model's limit.
+
+    Distances between slots shrink to their order (a ccm-concat group written after a 500-token chunk now sits
+    next to the one before it), which changes what the model reads; this is the price of going past the model's
+    positions, as in StreamingLLM. A blended slot (position -1: CCM-merge's average of groups written at several
+    positions) has no single position; it moves by as much as ``next_position`` does, so it keeps its distance to
+    the text that follows, which is exact for every part of the blend since rotation is linear.
+    ``freqs`` are :func:`layer_frequencies` of the model that wrote the memory.
+    """
+    if len(freqs) != len(memory.layers):
+        raise RopeError(f"{len(freqs)} frequency tables for a memory of {len(memory.layers)} layers")
+    next_position = max(memory.slots_per_layer, default=0)
+    shift = next_position - memory.next_position
+    layers, positions = [], []
+    for (k, v), position, f in zip(memory.layers, memory.positions, freqs, strict=True):
+        index = torch.arange(k.shape[-2], device=position.device).expand_as(position)
+        blend = position < 0
+        delta = torch.where(blend, torch.full_like(position, shift), index - position)
+        layers.append((rotate_keys(k, delta, f) if bool(delta.any()) else k, v))
+        positions.append(torch.where(blend, position, index))
+    return memory.with_layers(layers, positions, next_position=next_position)

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ccmem.api import CompressedLM, add_batch, check_room
+from ccmem.api import CompressedLM, add_batch, make_room
 from ccmem.chat import Message, TextStream
 from ccmem.generation import Sampling, decode_batch
 from ccmem.memory import CompactMemory, Memory
@@ -476,7 +476,7 @@ class Engine:
 
     def _query(self, state: CompressedLM, query: Message, params: Params) -> torch.Tensor:
         ids = state.query_ids([query])
-        check_room(state.lm, state.memory, ids.shape[1] + params.max_new_tokens)
+        state.memory = make_room(state.lm, state.memory, ids.shape[1] + params.max_new_tokens)
         return ids
 
     async def _pieces(

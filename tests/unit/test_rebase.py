@@ -1,0 +1,113 @@
+"""Chats and sessions past the model's positions: the memory is re-based (slots moved to the positions of their
+indices, keys re-rotated) instead of refused, while what it holds and the new tokens fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from ccmem.api import CompressedLM, ContextTooLongError, make_room
+from ccmem.memory import Memory
+from ccmem.methods.base import logits_for
+from ccmem.registry import get_method
+from ccmem.rope import compact_positions, layer_frequencies
+from tests.conftest import VOCAB, randomize_lora, tiny_model
+
+TURN = "the weather is fine"
+
+
+def keys_at(lm, ids: torch.Tensor, positions: torch.Tensor) -> list:
+    cache = DynamicCache()
+    with torch.no_grad():
+        lm.model.base_model(input_ids=ids, position_ids=positions[None], cache=cache, use_cache=True)
+    return Memory.layers_of(cache)
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "gemma3", "gpt-neox"])
+def test_compacting_moves_each_slot_to_its_index_and_blends_with_the_next_position(family):
+    lm = tiny_model(family)
+    ids = torch.randint(3, VOCAB, (1, 5), generator=torch.Generator().manual_seed(0))
+    written = torch.tensor([0, 1, 40, 90, 91])
+    layers = keys_at(lm, ids, written)
+    heads = layers[0][0].shape[1]
+    positions = [written.clone()[None, None].expand(1, heads, 5).clone() for _ in layers]
+    for p in positions:
+        p[..., 2] = -1  # slot 2 stands for a blend of groups written at several positions
+    memory = Memory(layers=layers, positions=positions, next_position=100)
+    compact = compact_positions(memory, layer_frequencies(lm))
+    assert compact.next_position == 5 and compact.positions[0][0, 0].tolist() == [0, 1, -1, 3, 4]
+    compact.check(lm.kv_shape)
+    # Layer 0's keys depend only on their token and position: a moved slot equals the key computed there.
+    there = keys_at(lm, ids, torch.tensor([0, 1, 40 - 95, 3, 4]))  # the blend moves as next_position: by -95
+    torch.testing.assert_close(compact.layers[0][0], there[0][0], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(compact.layers[0][1], layers[0][1])  # values carry no position
+
+
+def test_a_merged_memory_read_after_compacting_gives_the_same_logits():
+    # ccm-merge without a sink holds only blends: they all move as the next position does, so every distance
+    # the next tokens see is kept, and re-basing changes nothing but position ids.
+    lm = tiny_model(positions=512)
+    session = CompressedLM(lm, get_method("ccm-merge", n_tok=2), system_prompt=None)
+    randomize_lora(session.method, lm)
+    for _ in range(4):
+        session.add_ids(list(range(3, 60)))
+    query = torch.tensor([list(range(5, 15))])
+
+    def last_logits(memory: Memory) -> torch.Tensor:
+        cache = memory.to_cache()
+        with torch.no_grad(), session.method.attached(lm, reading=True):
+            out = lm.model.base_model(
+                input_ids=query,
+                position_ids=torch.arange(memory.next_position, memory.next_position + 10)[None],
+                cache=cache,
+            )
+        return logits_for(lm, out.last_hidden_state[0])
+
+    compact = compact_positions(session.memory, layer_frequencies(lm))
+    assert session.memory.next_position > 200 and compact.next_position == session.memory.num_slots == 2
+    torch.testing.assert_close(last_logits(compact), last_logits(session.memory), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["ccm-concat", "ccm-merge"])
+def test_a_chat_goes_on_past_the_models_positions(method):
+    lm = tiny_model(positions=128)
+    session = CompressedLM(lm, get_method(method, n_tok=2), system_prompt="be brief")
+    randomize_lora(session.method, lm)
+    rebased, last = 0, 0
+    for turn in range(12):  # about 1,000 positions of turns, questions and answers against 128
+        session.add([{"role": "user", "content": f"{TURN} {turn}"}])
+        answer = session.generate("and now?", max_new_tokens=8)
+        session.remember("and now?", answer)
+        assert session.memory.next_position <= 128
+        rebased += session.memory.next_position < last
+        last = session.memory.next_position
+    assert rebased >= 3
+    session.memory.check(lm.kv_shape)
+    assert session.memory.num_slots < 128
+    sink = session.memory.sink
+    assert session.memory.positions[0][0, 0, :sink].tolist() == list(range(sink))  # the sink never moves
+
+
+def test_memory_that_leaves_no_room_is_still_refused():
+    lm = tiny_model(positions=64)
+    session = CompressedLM(lm, get_method("full"), system_prompt=None)
+    session.add_ids(list(range(3, 50)))
+    with pytest.raises(ContextTooLongError, match="need 67 positions, but the model allows 64"):
+        session.add_ids(list(range(3, 23)))
+    assert session.memory.num_slots == 47  # unchanged
+
+
+def test_make_room_leaves_a_memory_that_fits_as_it_is_and_refuses_models_it_cannot_rebase(monkeypatch):
+    lm = tiny_model(positions=64)
+    session = CompressedLM(lm, get_method("ccm-concat", n_tok=2), system_prompt=None)
+    session.add_ids(list(range(3, 40)))
+    assert make_room(lm, session.memory, 10) is session.memory
+    from ccmem import rope
+
+    def no_rope(_lm):
+        raise rope.RopeError("this model has no rotary embedding")
+
+    monkeypatch.setattr(rope, "layer_frequencies", no_rope)
+    with pytest.raises(ContextTooLongError, match=r"cannot be re-based .*no rotary embedding"):
+        make_room(lm, session.memory, 40)
