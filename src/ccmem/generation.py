@@ -22,6 +22,7 @@ import torch
 from ccmem.loading import LoadedModel
 from ccmem.memory import Memory
 from ccmem.methods.base import DecodeRows, DecodeState, Method, pad_rows, positions
+from ccmem.modules import GATE_KWARG
 
 T = TypeVar("T")
 
@@ -151,7 +152,8 @@ def decode_batch(
     stats: Sequence[dict[str, Any]] | None = None,
 ) -> Iterator[list[int | None]]:
     """:func:`decode` for several sessions at once: each step yields one entry per row, the token generated for
-    that row, or ``None`` once the row has finished (its stop token yielded, or its ``max_new_tokens`` reached).
+    that row, or ``None`` where it gave none: it has finished (its stop token yielded, or its ``max_new_tokens``
+    reached), or it spent the step feeding tokens of its method's own (``ccm-reason`` compressing a step).
 
     Row ``i`` reads ``queries[i]`` (``[1, n_i]``) with ``memories[i]``; memories may differ in length and
     positions. ``max_new_tokens`` and ``sampling`` are one for all rows or one per row (a row's seed gives
@@ -219,7 +221,9 @@ def _decode_padded(
     stats: list[dict[str, Any]] | None,
 ) -> Iterator[list[int | None]]:
     """The batched loop: the queries read in one padded forward, then one forward per step for the active rows;
-    the method's :meth:`~ccmem.methods.base.Method.decode_logits_batch` sees every step."""
+    the method's :meth:`~ccmem.methods.base.Method.decode_logits_batch` sees every step, and a row it gives
+    embeddings to feed (``DecodeState.feed``: <COMP> tokens) feeds them in the next forward, beside the other
+    rows' tokens, instead of a token of its own."""
     active = [b for b, k in enumerate(limits) if k > 0]  # batch row i decodes session active[i]
     if not active:
         return
@@ -233,36 +237,36 @@ def _decode_padded(
             for m in (memories[b] for b in active)
         ],
     )
-    inputs, position_ids = padded.inputs, padded.position_ids
-    fed = [queries[b][0].tolist() for b in active]
+    inputs: dict[str, torch.Tensor] = {"input_ids": padded.inputs, "position_ids": padded.position_ids}
+    widths = [int(q.shape[1]) for q in (queries[b] for b in active)]
+    fed: list[list[int]] = [queries[b][0].tolist() for b in active]
     shape = lm.kv_shape
     entry_bytes = 2 * shape.layers * shape.kv_heads * shape.head_dim * shape.dtype.itemsize  # one token, all layers
     counts = [0] * len(memories)
     while True:
-        with torch.no_grad(), method.attached(lm, reading=True):
-            out = lm.model.base_model(
-                input_ids=inputs,
-                attention_mask=batch.attention_mask,
-                position_ids=position_ids,
-                cache=batch.cache,
-                use_cache=True,
-            )
+        gated = GATE_KWARG in inputs  # some row feeds <COMP> tokens: the method's gated LoRA must be on
+        with torch.no_grad(), method.attached(lm, reading=not gated):
+            out = lm.model.base_model(attention_mask=batch.attention_mask, cache=batch.cache, use_cache=True, **inputs)
             for i, row in enumerate(batch.rows):
-                row.position += len(fed[i])
+                row.position += widths[i]
                 row.fed += fed[i]
                 row.hidden = out.last_hidden_state[i : i + 1, -1]
             logits = method.decode_logits_batch(lm, batch)
-            tokens = [samplings[b].pick(logits[i], generators[b]) for i, b in enumerate(active)]
+            tokens = [
+                None if row.feed is not None else samplings[b].pick(logits[i], generators[b])
+                for i, (b, row) in enumerate(zip(active, batch.rows, strict=True))
+            ]
         step: list[int | None] = [None] * len(memories)
         keep = []
         entries = batch.attention_mask.sum(dim=1).tolist()
         for i, (b, token) in enumerate(zip(active, tokens, strict=True)):
-            step[b] = token
-            counts[b] += 1
-            batch.rows[i].tokens.append(token)
-            if stats is not None:
+            if token is not None:
+                step[b] = token
+                counts[b] += 1
+                batch.rows[i].tokens.append(token)
+            if stats is not None and token is not None:  # as decode counts: after a step's compression
                 _count(stats[b], int(entries[i]) * entry_bytes, batch.rows[i])
-            if token not in stop_ids and counts[b] < limits[b]:
+            if token is None or (token not in stop_ids and counts[b] < limits[b]):
                 keep.append(i)
         yield step
         if not keep:
@@ -270,7 +274,40 @@ def _decode_padded(
         if len(keep) < len(active):
             batch.compact(keep)  # the finished rows leave, and the columns only they used
             active = [active[i] for i in keep]
-        fed = [[tokens[i]] for i in keep]
-        inputs = torch.tensor(fed, device=lm.device)
-        position_ids = torch.tensor([[row.position] for row in batch.rows], device=lm.device)
-        batch.attention_mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(len(active), 1)], dim=1)
+            tokens = [tokens[i] for i in keep]
+        inputs, widths, fed = _next_inputs(lm, batch, tokens)
+
+
+@torch.no_grad()
+def _next_inputs(
+    lm: LoadedModel, batch: DecodeRows, tokens: list[int | None]
+) -> tuple[dict[str, torch.Tensor], list[int], list[list[int]]]:
+    """The next forward's inputs: each row's new token, or the embeddings its method asked to feed (right-aligned,
+    padding masked out); the batch's mask grows by the widest row. Also each row's width and fed token ids."""
+    device = lm.device
+    feeds = [row.feed for row in batch.rows]
+    widths = [1 if f is None else int(f.shape[0]) for f in feeds]
+    fed = [[t] if t is not None else [] for t in tokens]
+    positions = [row.position for row in batch.rows]
+    if all(f is None for f in feeds):  # every row feeds a token: plain ids, one column
+        batch.attention_mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(len(tokens), 1)], dim=1)
+        ids = torch.tensor(fed, device=device)
+        return {"input_ids": ids, "position_ids": torch.tensor([[p] for p in positions], device=device)}, widths, fed
+    width = max(widths)
+    embed = lm.model.get_input_embeddings()
+    x = embed(torch.zeros(len(tokens), width, dtype=torch.long, device=device))
+    mask = batch.attention_mask.new_zeros(len(tokens), width)
+    position_ids = torch.zeros(len(tokens), width, dtype=torch.long, device=device)
+    gate = torch.zeros(len(tokens), width, dtype=torch.bool, device=device)
+    for i, (row, feed, token) in enumerate(zip(batch.rows, feeds, tokens, strict=True)):
+        n = widths[i]
+        if feed is not None:
+            x[i, width - n :] = feed.to(x.dtype)
+            gate[i, width - n :] = True
+            row.feed = None
+        else:
+            x[i, -1] = embed(torch.tensor([token], device=device))[0]
+        mask[i, width - n :] = 1
+        position_ids[i, width - n :] = torch.arange(row.position, row.position + n, device=device)
+    batch.attention_mask = torch.cat([batch.attention_mask, mask], dim=1)
+    return {"inputs_embeds": x, "position_ids": position_ids, GATE_KWARG: gate}, widths, fed

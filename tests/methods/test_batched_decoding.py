@@ -54,9 +54,13 @@ def batched(lm, method, memories, sampling=None, stop_ids=frozenset(), limits=LI
         )
     )
     rows = [[step[b] for step in steps] for b in range(len(memories))]
-    for row in rows:  # a row's tokens, then None to the end: never a token after it finished
+    # A row's tokens, then None to the end: never a token after it finished. A method that feeds tokens of its
+    # own (ccm-reason's <COMP>) leaves a row without a token in the steps it spends on them.
+    feeds = type(method).decode_logits_batch is not Method.decode_logits_batch
+    for row in rows:
         n = sum(t is not None for t in row)
-        assert all(t is not None for t in row[:n]) and all(t is None for t in row[n:])
+        last = max((i for i, t in enumerate(row) if t is not None), default=-1)
+        assert all(t is None for t in row[last + 1 :]) and (feeds or last == n - 1)
     assert any(t is not None for t in steps[-1])  # no step in which every row had already finished
     return [[t for t in row if t is not None] for row in rows]
 

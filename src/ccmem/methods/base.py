@@ -105,6 +105,9 @@ class DecodeState:
     #: Tokens fed by the loop so far (the query, then each generated token but the newest); ``fed[-1]`` is the
     #: token ``hidden`` belongs to.
     fed: list[int] = dataclasses.field(default_factory=list)
+    #: Batched loop only: ``[n, hidden]`` embeddings a method asks to feed this row next, with the gated LoRA on
+    #: (<COMP> tokens), instead of a token. The row gives no token this step; the next is predicted after them.
+    feed: torch.Tensor | None = None
 
 
 @dataclass
@@ -114,9 +117,10 @@ class DecodeRows:
     its ``cache`` is None, the rows share :attr:`cache`).
 
     ``attention_mask`` ``[rows, columns]`` is 1 on each row's real cache entries, 0 on padding; it always has as
-    many columns as the cache, and a row's newest entries are its last columns. A method's
-    :meth:`Method.decode_logits_batch` may feed tokens for some rows (append columns, masked out for the
-    others) and mark entries dropped in the mask, then call :meth:`compact`.
+    many columns as the cache, and a row's real entries are in the order they were written (its newest are its
+    last real columns). A method's :meth:`Method.decode_logits_batch` may mark entries dropped in the mask, and
+    ask for embeddings to be fed to a row in the next forward (``DecodeState.feed``), in one forward with the
+    other rows' tokens.
     """
 
     cache: Any
@@ -351,7 +355,9 @@ class Method(ABC):
 
     def decode_logits_batch(self, lm: LoadedModel, batch: DecodeRows) -> torch.Tensor:
         """:meth:`decode_logits` for every row of a padded batch at once: ``[rows, vocab]``, row ``i`` equal to what
-        :meth:`decode_logits` gives for ``batch.rows[i]`` decoded alone."""
+        :meth:`decode_logits` gives for ``batch.rows[i]`` decoded alone. Where :meth:`decode_logits` would feed
+        tokens of its own first, this sets the row's ``feed`` instead (its logits row is then not used): the loop
+        feeds them in its next forward, beside the other rows' tokens, and asks again."""
         hidden = torch.cat([row.hidden for row in batch.rows if row.hidden is not None])
         return logits_for(lm, hidden)
 

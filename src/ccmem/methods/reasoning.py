@@ -205,37 +205,21 @@ class CCMReasoning(CCMConcat):
         return logits_for(lm, out.last_hidden_state[:, -1])[0]
 
     def decode_logits_batch(self, lm: LoadedModel, batch: DecodeRows) -> torch.Tensor:
-        """:meth:`decode_logits` for a padded batch: the rows whose step just ended feed their <COMP> tokens in
-        one forward (new columns masked out for the other rows), drop their step's raw entries, and predict
-        from their last <COMP> token; the others predict from the token they were fed."""
+        """:meth:`decode_logits` for a padded batch, without forwards of its own: a row whose step just ended gets
+        its <COMP> tokens as ``feed`` (the loop feeds them in its next forward, beside the other rows' tokens);
+        once they are read, the step's raw entries are dropped from the mask and the next token is predicted
+        from the last <COMP> token, as :meth:`decode_logits` does for one session."""
         logits = super().decode_logits_batch(lm, batch)
-        fire = [bool(row.tokens) and self.step_ends(lm, row) for row in batch.rows]
-        if not any(fire):
-            return logits
-        n_rows, width, n = len(batch.rows), batch.attention_mask.shape[1], self.n_tok
-        fired = torch.tensor(fire, device=lm.device)[:, None].expand(n_rows, n)
-        embeds = self.state(lm).comp.weight[None].to(lm.model.dtype).expand(n_rows, -1, -1)
-        mask = torch.cat([batch.attention_mask, fired.long()], dim=1)
-        starts = torch.tensor([[row.position] for row in batch.rows], device=lm.device)
-        with self.attached(lm):
-            out = lm.model.base_model(
-                inputs_embeds=embeds,
-                attention_mask=mask,
-                position_ids=starts + torch.arange(n, device=lm.device),
-                cache=batch.cache,
-                use_cache=True,
-                **{GATE_KWARG: fired},
-            )
         for i, row in enumerate(batch.rows):
-            if fire[i]:
-                n_step = len(row.tokens) - row.extra.get("segment_start", 0)
-                mask[i, width - n_step : width] = 0  # the step's raw entries, the row's newest before its <COMP>
-                row.position += n
+            n_step = row.extra.pop("compressing", None)
+            if n_step is not None:  # its <COMP> tokens were just read: its last n_tok real entries
+                real = batch.attention_mask[i].nonzero().flatten()
+                batch.attention_mask[i, real[len(real) - self.n_tok - n_step : len(real) - self.n_tok]] = 0
                 row.extra["segment_start"] = len(row.tokens)
                 row.extra["insertions"] = row.extra.get("insertions", 0) + 1
-                logits[i] = logits_for(lm, out.last_hidden_state[i : i + 1, -1])[0]
-        batch.attention_mask = mask
-        batch.compact()
+            elif row.tokens and self.step_ends(lm, row):
+                row.extra["compressing"] = len(row.tokens) - row.extra.get("segment_start", 0)
+                row.feed = self.state(lm).comp.weight.to(lm.model.dtype)
         return logits
 
 
