@@ -233,6 +233,8 @@ def generate(
 @repro_app.command(
     "gsm8k",
     epilog="Examples:\n\n  ccmem train gsm8k-ccm-reason  then  ccmem repro gsm8k   (offline: generated problems)\n\n"
+    "  ccmem train gsm8k-full; ccmem train gsm8k-ccm-reason load_path=runs/gsm8k-full; "
+    "ccmem repro gsm8k --stage1 runs/gsm8k-full   (a model that cannot solve the problems alone)\n\n"
     "  ccmem repro gsm8k --data grade_school_math/data --n 1319 --adapter runs/gsm8k-real/adapter.safetensors",
 )
 def gsm8k_table(
@@ -240,6 +242,14 @@ def gsm8k_table(
     adapter: Annotated[
         Path | None,
         typer.Option("--adapter", help="A ccm-reason adapter (default: runs/gsm8k-ccm-reason/adapter.safetensors)."),
+    ] = None,
+    stage1: Annotated[
+        Path | None,
+        typer.Option(
+            "--stage1",
+            help="The stage-1 LoRA run the adapter was trained on top of (`ccmem train gsm8k-full`), merged into "
+            "the model first.",
+        ),
     ] = None,
     data: Annotated[
         Path | None,
@@ -280,6 +290,7 @@ def gsm8k_table(
 
     settings = GSM8KSettings(
         adapter=str(adapter) if adapter else None,
+        stage1=str(stage1) if stage1 else None,
         data=str(data) if data else None,
         n=n,
         policies=[p.strip() for p in policies.split(",") if p.strip()],

@@ -219,3 +219,27 @@ def test_the_policy_table_runs_every_policy_on_the_same_problems(tmp_path):
     assert "| interval:8 |" in markdown(rows) and "Against `none`" in markdown(rows)
     with pytest.raises(ValueError, match="unknown policy"):
         parse_policy("sometimes")
+
+
+def test_the_two_stage_recipe_trains_and_its_table_runs_on_the_stage1_model(tmp_path):
+    """Stage 1 (gsm8k-full: an always-on LoRA teaching the solutions), stage 2 (gsm8k-ccm-reason on top of it),
+    and the policy table with the stage-1 run merged first, as README's commands do."""
+    from ccmem.repro.gsm8k import GSM8KSettings, run
+    from ccmem.train.config import load_config
+    from ccmem.train.trainer import train
+
+    small = ["train.max_steps=2", "train.batch_size=2", "train.eval_steps=2", "train.save_steps=2"]
+    small += ["data.n_train=4", "data.n_eval=2", "train.gradient_checkpointing=false"]
+    stage1 = train(
+        load_config("gsm8k-full", [*small, f"output_dir={tmp_path}", "run_id=s1"]), lm=tiny_model(positions=1024)
+    )
+    stage2 = train(
+        load_config("gsm8k-ccm-reason", [*small, f"output_dir={tmp_path}", "run_id=s2", f"load_path={tmp_path}/s1"]),
+        lm=tiny_model(positions=1024),
+    )
+    lm = tiny_model(positions=1024)
+    settings = GSM8KSettings(adapter=str(stage2.output), n=2, policies=["interval:8"], max_new_tokens=12)
+    with pytest.raises(ValueError, match="trained on top of stage-1 LoRA"):
+        run(lm, settings)  # the adapter needs its stage-1 run
+    rows = run(lm, GSM8KSettings(**{**vars(settings), "stage1": str(tmp_path / "s1")}))
+    assert rows[0]["stage1"] == str(tmp_path / "s1") and lm.stage1 is not None and stage1.steps == 2

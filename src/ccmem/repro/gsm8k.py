@@ -40,6 +40,7 @@ def parse_policy(text: str) -> dict[str, Any]:
 @dataclass
 class GSM8KSettings:
     adapter: str | None = None  # a ccm-reason adapter; None: runs/gsm8k-ccm-reason/adapter.safetensors
+    stage1: str | None = None  # the stage-1 LoRA run the adapter was trained on top of (ccmem train gsm8k-full)
     data: str | None = None  # GSM8K (a test.jsonl or the grade_school_math folder); None: generated problems
     n: int = 50
     policies: Sequence[str] = DEFAULT_POLICIES
@@ -84,7 +85,13 @@ def run(
     rows = []
     for text in settings.policies:
         session = ccmem.load(
-            lm, "ccm-reason", adapter=adapter, system_prompt=settings.system, **settings.options, **parse_policy(text)
+            lm,
+            "ccm-reason",
+            adapter=adapter,
+            stage1=settings.stage1,
+            system_prompt=settings.system,
+            **settings.options,
+            **parse_policy(text),
         )
         stops = session.format.stop_ids() | ({lm.tokenizer.eos_token_id} - {None})
         correct, insertions, peaks, seconds, tokens, classifier, silent = 0, 0, [], 0.0, 0, 0.0, 0
@@ -128,6 +135,7 @@ def run(
                 "data": settings.data_name,
                 "model": lm.name,
                 "adapter": str(adapter),
+                "stage1": settings.stage1,
                 "max_new_tokens": settings.max_new_tokens,
                 "batch_size": settings.batch_size,
             }
@@ -140,7 +148,9 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     base = next((r for r in rows if r["policy"] == "none"), None)
     lines = [
         f"GSM8K reasoning compression: {rows[0]['problems']} problems of {rows[0]['data']}, {rows[0]['model']}, "
-        f"adapter {rows[0]['adapter']}, greedy, up to {rows[0]['max_new_tokens']} new tokens, "
+        f"adapter {rows[0]['adapter']}"
+        + (f" on stage-1 LoRA {rows[0]['stage1']}" if rows[0].get("stage1") else "")
+        + f", greedy, up to {rows[0]['max_new_tokens']} new tokens, "
         f"{rows[0].get('batch_size', 1)} problems decoded together (time per problem: a batch's time / its size).",
         "",
         "| policy | accuracy | <COMP> insertions | peak KV MB | s / problem | classifier share | memory stayed raw |",
