@@ -352,14 +352,31 @@ def _seq2seq_logprobs(
 ) -> list[torch.Tensor]:
     """Encoder-decoder: each item's query is encoded with its memory once (:meth:`Method.encoder_states`), then
     the decoder, cross-attending to that, reads all the item's options in one padded forward."""
-    from ccmem.methods.ccm_seq2seq import option_logprobs
-
     out: list[torch.Tensor] = []
     for memory, query, options in items:
         with torch.no_grad(), method.attached(lm):
             hidden = method.encoder_states(lm, memory, torch.tensor([list(query)], dtype=torch.long, device=lm.device))
-            out += option_logprobs(lm, hidden, options)
+            out += _decoder_option_logprobs(lm, hidden, options)
     return out
+
+
+def _decoder_option_logprobs(
+    lm: LoadedModel, encoder_hidden: torch.Tensor, options: Sequence[Sequence[int]]
+) -> list[torch.Tensor]:
+    """Each option's token log-probabilities (``[len(option)]``) written by an encoder-decoder model's decoder
+    after its start token, cross-attending to ``encoder_hidden`` (``[1, n, d]``); all options in one padded
+    forward (the decoder is causal, so padding after an option does not change it)."""
+    from ccmem.patching.seq2seq import decoder_of, shift_right
+
+    labels = torch.full((len(options), max(len(o) for o in options)), -100, dtype=torch.long)
+    for r, option in enumerate(options):
+        labels[r, : len(option)] = torch.tensor(list(option), dtype=torch.long)
+    labels = labels.to(encoder_hidden.device)
+    out = decoder_of(lm.model)(
+        input_ids=shift_right(lm.model, labels), encoder_hidden_states=encoder_hidden.expand(len(options), -1, -1)
+    )
+    picked = torch.log_softmax(logits_for(lm, out.last_hidden_state), dim=-1).gather(2, labels.clamp(min=0)[..., None])
+    return [picked[r, : len(option), 0] for r, option in enumerate(options)]
 
 
 def generate_batch(

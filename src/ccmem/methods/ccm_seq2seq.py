@@ -27,7 +27,6 @@ the decoder's logits agree.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -237,23 +236,6 @@ def decoder_logits(lm: LoadedModel, encoder_hidden: torch.Tensor, labels: torch.
     return logits_for(lm, out.last_hidden_state)
 
 
-def option_logprobs(
-    lm: LoadedModel, encoder_hidden: torch.Tensor, options: Sequence[Sequence[int]]
-) -> list[torch.Tensor]:
-    """Each option's token log-probabilities (``[len(option)]``) written by the decoder after its start token,
-    cross-attending to ``encoder_hidden`` (``[1, n, d]``); all options in one padded forward (the decoder is
-    causal, so padding after an option does not change it)."""
-    if not options or any(len(o) == 0 for o in options):
-        raise ValueError("give at least one option, and no empty option")
-    labels = torch.full((len(options), max(len(o) for o in options)), -100, dtype=torch.long)
-    for r, option in enumerate(options):
-        labels[r, : len(option)] = torch.tensor(list(option), dtype=torch.long)
-    labels = labels.to(encoder_hidden.device)
-    logits = decoder_logits(lm, encoder_hidden.expand(len(options), -1, -1), labels)
-    picked = torch.log_softmax(logits, dim=-1).gather(2, labels.clamp(min=0)[..., None])[..., 0]
-    return [picked[r, : len(option)] for r, option in enumerate(options)]
-
-
 def answer_loss(lm: LoadedModel, encoder_hidden: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """Mean loss of the decoder on the answer tokens (logits formed only where there is a label)."""
     labels = labels.to(encoder_hidden.device)
@@ -381,7 +363,6 @@ __all__ = [
     "encoder_states",
     "fold",
     "install",
-    "option_logprobs",
     "parallel_forward",
     "recurrent_loss",
     "training_loss",
