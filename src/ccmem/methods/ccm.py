@@ -29,7 +29,7 @@ from ccmem.loading import LoadedModel
 from ccmem.masks import MaskPlan, build_plan, collate_plans
 from ccmem.memory import KV, Memory, concat_layers, concat_positions, constant_positions, positions_for
 from ccmem.methods import ccm_seq2seq
-from ccmem.methods.base import LoRAOptions, Method, answer_loss, option, read_batch, run_decoder
+from ccmem.methods.base import LoRAOptions, answer_loss, option, read_batch, run_decoder
 from ccmem.modules import GATE_KWARG, CompEmbeddings, LoRAGate, LoRASet, default_targets
 from ccmem.patching.attention import PLAN_KWARG, AttentionPlan, compression_attention
 from ccmem.registry import register
@@ -108,7 +108,7 @@ def lay_out(
 
 
 @dataclass
-class CompTokens(Method, LoRAOptions):
+class CompTokens(ccm_seq2seq.EncoderMemory, LoRAOptions):
     """<COMP> tokens with a conditional LoRA (shared by CCM and gist; not registered itself)."""
 
     kind: ClassVar[str] = "learned"
@@ -176,14 +176,6 @@ class CompTokens(Method, LoRAOptions):
         return options, tensors
 
     # ------------------------------------------------------------------ recurrent inference
-
-    def add_sink(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
-        if lm.is_encoder_decoder:  # the sink's encoder keys/values and final hidden states
-            return ccm_seq2seq.add_sink(lm, memory, ids)
-        return super().add_sink(lm, memory, ids)
-
-    def encoder_states(self, lm: LoadedModel, memory: Memory, query: torch.Tensor) -> torch.Tensor:
-        return ccm_seq2seq.encoder_states(lm, memory, query)
 
     def _comp_inputs(self, lm: LoadedModel, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings of ``ids`` followed by the <COMP> tokens, and the <COMP> mask."""

@@ -37,7 +37,7 @@ from torch import nn
 from ccmem.data.samples import Sample
 from ccmem.loading import LoadedModel
 from ccmem.memory import KV, Memory, concat_layers, concat_positions, positions_for
-from ccmem.methods.base import logits_for
+from ccmem.methods.base import Method, logits_for
 from ccmem.modules import GATE_KWARG, CompEmbeddings, LoRAGate, LoRASet, default_targets
 from ccmem.patching.attention import PLAN_KWARG, AttentionPlan, compression_attention
 from ccmem.patching.seq2seq import decoder_of, encoder_of, relative_bias, shift_right
@@ -226,6 +226,20 @@ def encoder_states(lm: LoadedModel, memory: Memory, query: torch.Tensor) -> torc
     return encoded.hidden if previous is None else torch.cat([previous.to(encoded.hidden.dtype), encoded.hidden], 1)
 
 
+class EncoderMemory(Method):
+    """A method whose memory on an encoder-decoder model holds encoder outputs (``ccm-*``, ``gist``, ``full``,
+    ``none``): the sink's encoder keys/values and final hidden states, and the decoder cross-attending to
+    :func:`encoder_states`. On a decoder-only model the sink is the base method's."""
+
+    def add_sink(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
+        if lm.is_encoder_decoder:
+            return add_sink(lm, memory, ids)
+        return super().add_sink(lm, memory, ids)
+
+    def encoder_states(self, lm: LoadedModel, memory: Memory, query: torch.Tensor) -> torch.Tensor:
+        return encoder_states(lm, memory, query)
+
+
 def decoder_logits(lm: LoadedModel, encoder_hidden: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """The decoder's ``[B, A, vocab]`` logits for the answers ``labels`` (teacher forcing, -100 = padding)."""
     out = decoder_of(lm.model)(
@@ -349,6 +363,7 @@ def training_loss(method: CompTokens, lm: LoadedModel, batch: ParallelBatch) -> 
 __all__ = [
     "ENCODER_OUT",
     "Encoded",
+    "EncoderMemory",
     "Seq2SeqForward",
     "add_chunk",
     "add_sink",

@@ -21,7 +21,7 @@ from ccmem.data.samples import Sample
 from ccmem.loading import LoadedModel
 from ccmem.memory import Memory
 from ccmem.methods import ccm_seq2seq
-from ccmem.methods.base import LoRAOptions, Method, answer_loss, positions_after, read_batch, read_raw
+from ccmem.methods.base import LoRAOptions, answer_loss, positions_after, read_batch, read_raw
 from ccmem.modules import LoRASet, default_targets
 from ccmem.patching.attention import compression_attention
 from ccmem.registry import register
@@ -38,7 +38,7 @@ class FlatBatch:
 
 @register
 @dataclass
-class FullContext(Method, LoRAOptions):
+class FullContext(ccm_seq2seq.EncoderMemory, LoRAOptions):
     """Keep every context token in the key/value cache (the upper bound on quality and on memory).
 
     Its LoRA options are for finetuning it with full attention (stage 1 of the CCM recipe).
@@ -84,14 +84,6 @@ class FullContext(Method, LoRAOptions):
         for handle in cast(LoRASet, self.module_for(lm)).attach(lm.model.base_model, gate=None):
             stack.callback(handle.remove)
 
-    def add_sink(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
-        if lm.is_encoder_decoder:
-            return ccm_seq2seq.add_sink(lm, memory, ids)
-        return super().add_sink(lm, memory, ids)
-
-    def encoder_states(self, lm: LoadedModel, memory: Memory, query: torch.Tensor) -> torch.Tensor:
-        return ccm_seq2seq.encoder_states(lm, memory, query)
-
     def add(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
         if lm.is_encoder_decoder:
             return ccm_seq2seq.append_raw(lm, memory, ids, window=memory.window + ids.shape[-1])
@@ -134,7 +126,7 @@ class FullContext(Method, LoRAOptions):
 
 @register
 @dataclass
-class NoContext(Method):
+class NoContext(ccm_seq2seq.EncoderMemory):
     """Drop the context (keep only the attention sink): the lower bound every compression must beat."""
 
     name: ClassVar[str] = "none"
@@ -147,14 +139,6 @@ class NoContext(Method):
     def install(self, lm: LoadedModel, stack: ExitStack) -> None:
         if lm.is_encoder_decoder:  # the encoder reads the sink through ccmem's attention
             stack.enter_context(compression_attention(lm.model))
-
-    def add_sink(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
-        if lm.is_encoder_decoder:
-            return ccm_seq2seq.add_sink(lm, memory, ids)
-        return super().add_sink(lm, memory, ids)
-
-    def encoder_states(self, lm: LoadedModel, memory: Memory, query: torch.Tensor) -> torch.Tensor:
-        return ccm_seq2seq.encoder_states(lm, memory, query)
 
     batchable: ClassVar[bool] = True  # nothing to read
 
