@@ -15,42 +15,9 @@ from ccmem.data.samples import Sample
 from ccmem.methods import ccm_seq2seq
 from ccmem.registry import get_method
 from tests.conftest import lora_pairs, randomize_lora, tiny_model
+from tests.methods.t5_case import ANSWER, CHUNKS, QUERY, SINK, TOL, memory_after, step_by_step, trained_looking
 
-SINK = [5, 6, 7]
-CHUNKS = [[10, 11, 12, 13], [20, 21, 22], [30, 31, 32, 33, 34]]
-QUERY = [40, 41, 42]
-ANSWER = [50, 51, 52, 1]
-TOL = 1e-5
 N_TOK = 2
-
-
-def trained_looking(lm):
-    """A gist method whose LoRA and gist embeddings are random, so a wrong gate, mask or bias shows."""
-    method = get_method("gist", n_tok=N_TOK)
-    randomize_lora(method, lm, scale=0.5)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        comp = method.module_for(lm).comp.weight
-        comp.copy_(torch.randn(comp.shape, generator=generator))
-    return method
-
-
-def memory_after(lm, method, chunks=CHUNKS, sink=SINK):
-    """The memory after adding ``chunks`` one ``add`` at a time (gist recompresses all of them each time)."""
-    memory = method.new_memory(lm)
-    if sink:
-        memory = method.add_sink(lm, memory, torch.tensor([sink]))
-    for chunk in chunks:
-        memory = method.add(lm, memory, torch.tensor([chunk]))
-    return memory
-
-
-def step_by_step(lm, method, chunks=CHUNKS, sink=SINK):
-    with torch.no_grad(), method.attached(lm):
-        memory = memory_after(lm, method, chunks, sink)
-        hidden = method.encoder_states(lm, memory, torch.tensor([QUERY]))
-        logits = ccm_seq2seq.decoder_logits(lm, hidden, torch.tensor([ANSWER]))
-    return memory, logits[0]
 
 
 def sample(chunks=CHUNKS, sink=SINK) -> Sample:
@@ -61,7 +28,7 @@ def sample(chunks=CHUNKS, sink=SINK) -> Sample:
 @pytest.mark.parametrize("sink", [SINK, []])
 def test_parallel_encoder_forward_equals_adding_the_context(attn, sink):
     lm = tiny_model("t5", attn)
-    method = trained_looking(lm)
+    method = trained_looking("gist", lm, n_tok=N_TOK)
     with torch.no_grad():
         forward = method.parallel_forward(lm, method.make_batch([sample(sink=sink)]))
     memory, logits = step_by_step(lm, method, sink=sink)
@@ -80,7 +47,7 @@ def test_the_decoder_reads_only_the_gist_positions_not_the_context():
     changes the answer only through the gist tokens (without the LoRA and gist embeddings it still changes, so
     the context really reaches them)."""
     lm = tiny_model("t5")
-    method = trained_looking(lm)
+    method = trained_looking("gist", lm, n_tok=N_TOK)
     with torch.no_grad():
         forward = method.parallel_forward(lm, method.make_batch([sample()]))
     context = sum(len(c) for c in CHUNKS)
@@ -95,7 +62,7 @@ def test_the_decoder_reads_only_the_gist_positions_not_the_context():
 
 def test_adding_in_pieces_equals_adding_the_context_at_once():
     lm = tiny_model("t5")
-    method = trained_looking(lm)
+    method = trained_looking("gist", lm, n_tok=N_TOK)
     pieces, _ = step_by_step(lm, method)
     whole, _ = step_by_step(lm, method, chunks=[[t for c in CHUNKS for t in c]])
     torch.testing.assert_close(pieces.state["encoder_out"], whole.state["encoder_out"], atol=TOL, rtol=0)
@@ -104,7 +71,7 @@ def test_adding_in_pieces_equals_adding_the_context_at_once():
 
 def test_training_loss_and_gradients_equal_backprop_through_add():
     lm = tiny_model("t5")
-    method = trained_looking(lm)
+    method = trained_looking("gist", lm, n_tok=N_TOK)
     params = list(method.module_for(lm).parameters())
     for p in params:
         p.requires_grad_(True)
@@ -127,7 +94,7 @@ def test_training_loss_and_gradients_equal_backprop_through_add():
 
 def test_batched_parallel_forward_equals_one_sample_at_a_time():
     lm = tiny_model("t5")
-    method = trained_looking(lm)
+    method = trained_looking("gist", lm, n_tok=N_TOK)
     samples = [sample(), Sample([[60, 61], [62, 63, 64, 65]], [70, 71, 72, 73, 74], [], answer_start=2)]
     with torch.no_grad():
         batched = method.parallel_forward(lm, method.make_batch(samples))

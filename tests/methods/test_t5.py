@@ -19,34 +19,7 @@ from ccmem.methods import ccm_seq2seq
 from ccmem.patching.seq2seq import encoder_of, relative_bias
 from ccmem.registry import get_method, method_classes
 from tests.conftest import lora_pairs, randomize_lora, tiny_model
-
-SINK = [5, 6, 7]
-CHUNKS = [[10, 11, 12, 13], [20, 21, 22], [30, 31, 32, 33, 34]]
-QUERY = [40, 41, 42]
-ANSWER = [50, 51, 52, 1]
-TOL = 1e-5
-
-
-def trained_looking(name: str, lm, **options):
-    """A method whose LoRA and <COMP> embeddings are random, so a wrong gate, mask or bias shows."""
-    method = get_method(name, n_tok=2, **options)
-    randomize_lora(method, lm, scale=0.5)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        comp = method.module_for(lm).comp.weight
-        comp.copy_(torch.randn(comp.shape, generator=generator))
-    return method
-
-
-def step_by_step(lm, method, chunks=CHUNKS, sink=SINK, query=QUERY, answer=ANSWER):
-    """Compress chunk by chunk, read the query with the memory; the memory and the decoder's answer logits."""
-    with torch.no_grad(), method.attached(lm):
-        memory = method.add_sink(lm, method.new_memory(lm), torch.tensor([sink]))
-        for chunk in chunks:
-            memory = method.add(lm, memory, torch.tensor([chunk]))
-        hidden = method.encoder_states(lm, memory, torch.tensor([query]))
-        logits = ccm_seq2seq.decoder_logits(lm, hidden, torch.tensor([answer]))
-    return memory, logits[0]
+from tests.methods.t5_case import ANSWER, CHUNKS, QUERY, SINK, TOL, step_by_step, trained_looking
 
 
 def parallel(lm, method, samples):
