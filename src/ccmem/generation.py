@@ -295,7 +295,8 @@ def _next_inputs(
         return {"input_ids": ids, "position_ids": torch.tensor([[p] for p in positions], device=device)}, widths, fed
     width = max(widths)
     embed = lm.model.get_input_embeddings()
-    x = embed(torch.zeros(len(tokens), width, dtype=torch.long, device=device))
+    token_embeds = embed(torch.tensor([[0 if t is None else t] for t in tokens], device=device))  # [B, 1, H]
+    x = token_embeds.new_zeros(len(tokens), width, token_embeds.shape[-1])  # padding: masked out below
     mask = batch.attention_mask.new_zeros(len(tokens), width)
     position_ids = torch.zeros(len(tokens), width, dtype=torch.long, device=device)
     gate = torch.zeros(len(tokens), width, dtype=torch.bool, device=device)
@@ -306,7 +307,7 @@ def _next_inputs(
             gate[i, width - n :] = True
             row.feed = None
         else:
-            x[i, -1] = embed(torch.tensor([token], device=device))[0]
+            x[i, -1] = token_embeds[i, 0]
         mask[i, width - n :] = 1
         position_ids[i, width - n :] = torch.arange(row.position, row.position + n, device=device)
     batch.attention_mask = torch.cat([batch.attention_mask, mask], dim=1)
