@@ -300,7 +300,7 @@ def _next_inputs(
     mask = batch.attention_mask.new_zeros(len(tokens), width)
     position_ids = torch.zeros(len(tokens), width, dtype=torch.long, device=device)
     gate = torch.zeros(len(tokens), width, dtype=torch.bool, device=device)
-    for i, (row, feed, token) in enumerate(zip(batch.rows, feeds, tokens, strict=True)):
+    for i, (row, feed) in enumerate(zip(batch.rows, feeds, strict=True)):
         n = widths[i]
         if feed is not None:
             x[i, width - n :] = feed.to(x.dtype)

@@ -232,3 +232,41 @@ def test_unified_preset_trains_on_the_mixture(tmp_path):
     assert config.data.dataset == "mixture" and config.train.group_by_length
     result = train(config, lm=tiny_model(positions=8192))
     assert result.steps == 2 and read_adapter(result.output).train_dataset == "mixture"
+
+
+def test_stream_preset_trains_every_block_on_text_read_as_a_stream(tmp_path):
+    """The streaming adapter's data: a contiguous stretch of a play cut into ~32-token blocks (before spaces) that
+    tokenize as the whole stretch does, every block a label (language modelling from the blocks before it)."""
+    from ccmem.data import text
+    from ccmem.data.records import to_sample
+    from ccmem.registry import get_method
+
+    lm = tiny_model(positions=2048)
+    examples = text.stream_examples(6, "train")
+    for example in examples:
+        stretch = "".join(example.context) + example.answer
+        document = next(p for p in text.packaged_plays() if example.id.startswith(p.stem + "-stream"))
+        assert stretch in document.read_text(encoding="utf-8", errors="replace")
+        sample = to_sample(lm.tokenizer, example)
+        assert sample.tokens == lm.tokenizer.encode(stretch, add_special_tokens=False)
+        blocks = [*example.context, example.answer]
+        assert len(blocks) >= 9 and all(50 <= len(b) <= 160 for b in blocks)  # ~100 characters, cut at spaces
+    held_out = {e.id.split("-stream")[0] for e in text.stream_examples(6, "validation")}
+    assert held_out and not held_out & {e.id.split("-stream")[0] for e in examples}
+
+    batch = get_method("ccm-concat", n_tok=4).make_batch([to_sample(lm.tokenizer, examples[0])])
+    sample = to_sample(lm.tokenizer, examples[0])
+    assert int((batch.labels != -100).sum()) == len(sample.tokens)  # every token of every block, no <COMP>
+
+    config = _config(
+        tmp_path,
+        "init_from=null",
+        "data.n_train=8",
+        "train.max_steps=2",
+        "data.max_length=4000",
+        preset="stream-ccm-concat",
+    )
+    preset = load_config("stream-ccm-concat", [])
+    assert (preset.data.dataset, preset.data.system, preset.init_from) == ("text-stream", None, "shipped")
+    result = train(config, lm=lm)
+    assert result.steps == 2 and read_adapter(result.output).train_dataset == "text-stream"

@@ -184,6 +184,10 @@ LOADERS: dict[str, Loader] = {
     "text": lambda cfg, split: text.examples(
         cfg.n_train if split == "train" else cfg.n_eval, split, seed=cfg.seed, path=cfg.path
     ),
+    # Text read block by block as `ccmem stream` reads it, every block trained on (streaming compression).
+    "text-stream": lambda cfg, split: text.stream_examples(
+        cfg.n_train if split == "train" else cfg.n_eval, split, seed=cfg.seed, path=cfg.path
+    ),
     # GSM8K files at data.path (train.jsonl/test.jsonl), or arithmetic word problems generated in its format.
     "gsm8k": lambda cfg, split: gsm8k.examples(
         gsm8k.read_split(cfg.path, split)
@@ -205,6 +209,7 @@ def data_version(cfg: DataConfig) -> str:
         "persona": persona.GENERATOR_VERSION,
         "icl": icl.GENERATOR_VERSION,
         "text": text.GENERATOR_VERSION,
+        "text-stream": text.STREAM_VERSION,
         "dialogs": dialogs.GENERATOR_VERSION,
         "passages": passages.GENERATOR_VERSION,
         "pwc": pwc.GENERATOR_VERSION,
@@ -232,4 +237,6 @@ def load_examples(cfg: DataConfig, split: str = "train") -> list[MemoryExample]:
         raise FileNotFoundError(f"data.path {cfg.path} does not exist")
     examples = loader(cfg, split)
     limit = cfg.n_train if split == "train" else cfg.n_eval
-    return examples[:limit] if limit and cfg.path and cfg.dataset not in ("text", "wikitext") else examples
+    return (
+        examples[:limit] if limit and cfg.path and cfg.dataset not in ("text", "text-stream", "wikitext") else examples
+    )

@@ -74,4 +74,7 @@ def to_sample(tokenizer: Any, example: MemoryExample, *, system: str | None = No
         return reasoning_sample(tokenizer, example.query, example.answer, system=system)
     if example.chat:
         return chat_sample(tokenizer, example.context, example.query, example.answer, system=system)
-    return text_sample(tokenizer, example.context, example.query, example.answer, system=system)
+    sample = text_sample(tokenizer, example.context, example.query, example.answer, system=system)
+    if example.task == "stream":  # text read as a stream: every block is language-modelled, not only the last
+        sample.label_chunks = True
+    return sample

