@@ -49,9 +49,12 @@ def teacher_forced(lm, method, sample) -> tuple[torch.Tensor, dict]:
 
 @pytest.mark.parametrize("family", ["llama-gqa", "qwen2"])
 @pytest.mark.parametrize("policy", ["interval", "newline", "classifier"])
-def test_decoding_compresses_each_step_as_the_parallel_training_forward_reads_it(family, policy, monkeypatch):
+@pytest.mark.parametrize("keep_last", [0, 2])
+def test_decoding_compresses_each_step_as_the_parallel_training_forward_reads_it(
+    family, policy, keep_last, monkeypatch
+):
     lm = tiny_model(family, positions=512)
-    method = trained(lm, policy=policy, interval=7)
+    method = trained(lm, policy=policy, interval=7, keep_last=keep_last)
     if policy == "newline":  # the tiny tokenizer shares ids between characters: give "\n" an id of its own
         plain = lm.tokenizer.encode
         monkeypatch.setattr(lm.tokenizer, "encode", lambda text, **kw: [2 if c == "\n" else plain(c)[0] for c in text])
@@ -94,12 +97,14 @@ def test_compressing_steps_lowers_the_peak_cache_and_counts_insertions():
 
 
 @pytest.mark.parametrize("family", ["llama-gqa", "qwen2"])
-@pytest.mark.parametrize("policy", ["interval", "newline", "classifier"])
-def test_problems_of_different_lengths_decoded_in_one_batch_give_the_answers_of_one_at_a_time(family, policy):
+@pytest.mark.parametrize(("policy", "keep_last"), [("interval", 0), ("newline", 0), ("classifier", 0), ("interval", 2)])
+def test_problems_of_different_lengths_decoded_in_one_batch_give_the_answers_of_one_at_a_time(
+    family, policy, keep_last
+):
     from ccmem.generation import decode_batch
 
     lm = tiny_model(family, positions=1024)
-    method = trained(lm, policy=policy, interval=5, threshold=0.5)
+    method = trained(lm, policy=policy, interval=5, threshold=0.5, keep_last=keep_last)
     if policy == "newline":  # the tiny vocabulary has no line break: pretend some frequent ids hold one
         method._newline = set(range(0, lm.model.config.vocab_size, 3))
     if policy == "classifier":  # a head that fires on some tokens and not on others
@@ -164,7 +169,11 @@ def test_reasoning_samples_mark_step_ends_between_tokens():
 
 @pytest.mark.parametrize(
     ("options", "message"),
-    [({"threshold": 1.0}, r"threshold must be in \(0, 1\)"), ({"policy": "often"}, "policy must be one of")],
+    [
+        ({"threshold": 1.0}, r"threshold must be in \(0, 1\)"),
+        ({"policy": "often"}, "policy must be one of"),
+        ({"keep_last": -1}, "keep_last must not be negative"),
+    ],
 )
 def test_bad_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message):

@@ -67,6 +67,7 @@ class CCMReasoning(CCMConcat):
         "interval",
         "threshold",
         "min_segment",
+        "keep_last",
     }
 
     policy: str = option("classifier", f"where a reasoning step ends: {', '.join(POLICIES)}")
@@ -74,6 +75,9 @@ class CCMReasoning(CCMConcat):
     threshold: float = option(0.5, "classifier probability above which a step ends (policy=classifier)")
     min_segment: int = option(4, "fewest tokens a step holds before it may be compressed")
     classifier_weight: float = option(1.0, "weight of the classifier's loss beside the LM loss in training")
+    keep_last: int = option(
+        0, "last raw tokens of a compressed step kept in the cache (where its result is written); 0: drop all (fork)"
+    )
 
     def check_options(self) -> None:
         super().check_options()
@@ -83,6 +87,8 @@ class CCMReasoning(CCMConcat):
             raise ValueError(f"threshold must be in (0, 1) (a probability), got {self.threshold}")
         if self.interval < 1 or self.min_segment < 1:
             raise ValueError(f"interval and min_segment must be at least 1, got {self.interval}, {self.min_segment}")
+        if self.keep_last < 0:
+            raise ValueError(f"keep_last must not be negative (raw tokens kept per step), got {self.keep_last}")
 
     def build(self, lm: LoadedModel) -> ReasoningState:
         state = ReasoningState(super().build(lm), lm.model.config.get_text_config().hidden_size)
@@ -132,6 +138,14 @@ class CCMReasoning(CCMConcat):
     def make_batch(self, samples: list[Sample], pad_id: int = 0) -> ReasoningBatch:
         laid = [self.segmented(s) if s.steps or s.label_chunks else s for s in samples]
         batch = self.lay_out(laid, pad_id)
+        if self.keep_last:  # a step's last raw tokens stay readable by every later step, as decoding keeps them
+            for b, row in enumerate(laid):
+                start = len(row.sink)
+                for piece in row.chunks:
+                    end = start + len(piece)
+                    kept = end - min(self.keep_last, len(piece))
+                    batch.plan.allowed[b, end + self.n_tok : batch.lengths[b], kept:end] = True
+                    start = end + self.n_tok
         step_end = torch.full(batch.input_ids.shape, -1.0)
         for b, (s, row) in enumerate(zip(samples, laid, strict=True)):
             ends = set(s.steps.get("labelled", []))
@@ -195,10 +209,11 @@ class CCMReasoning(CCMConcat):
                 use_cache=True,
                 **{GATE_KWARG: gate},
             )
-        end = int(state.cache.layers[0].keys.shape[-2]) - self.n_tok  # the step's entries end here
-        for layer in state.cache.layers:  # drop the step's raw entries, keep its <COMP> entries
-            layer.keys = torch.cat([layer.keys[:, :, : end - n_step], layer.keys[:, :, end:]], dim=2)
-            layer.values = torch.cat([layer.values[:, :, : end - n_step], layer.values[:, :, end:]], dim=2)
+        total = int(state.cache.layers[0].keys.shape[-2])
+        a, b = total - self.n_tok - n_step, total - self.n_tok - min(self.keep_last, n_step)  # the entries to drop
+        for layer in state.cache.layers:  # drop the step's raw entries but its last `keep_last`; keep its <COMP>
+            layer.keys = torch.cat([layer.keys[:, :, :a], layer.keys[:, :, b:]], dim=2)
+            layer.values = torch.cat([layer.values[:, :, :a], layer.values[:, :, b:]], dim=2)
         state.position += self.n_tok
         state.extra["segment_start"] = len(state.tokens)
         state.extra["insertions"] = state.extra.get("insertions", 0) + 1
@@ -214,7 +229,8 @@ class CCMReasoning(CCMConcat):
             n_step = row.extra.pop("compressing", None)
             if n_step is not None:  # its <COMP> tokens were just read: its last n_tok real entries
                 real = batch.attention_mask[i].nonzero().flatten()
-                batch.attention_mask[i, real[len(real) - self.n_tok - n_step : len(real) - self.n_tok]] = 0
+                end = len(real) - self.n_tok - min(self.keep_last, n_step)
+                batch.attention_mask[i, real[len(real) - self.n_tok - n_step : end]] = 0
                 row.extra["segment_start"] = len(row.tokens)
                 row.extra["insertions"] = row.extra.get("insertions", 0) + 1
             elif row.tokens and self.step_ends(lm, row):
