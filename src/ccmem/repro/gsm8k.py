@@ -138,6 +138,8 @@ def run(
                 "stage1": settings.stage1,
                 "max_new_tokens": settings.max_new_tokens,
                 "batch_size": settings.batch_size,
+                "n_tok": session.method.options()["n_tok"],
+                "keep_last": session.method.options()["keep_last"],
             }
         )
     return rows
@@ -150,6 +152,11 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
         f"GSM8K reasoning compression: {rows[0]['problems']} problems of {rows[0]['data']}, {rows[0]['model']}, "
         f"adapter {rows[0]['adapter']}"
         + (f" on stage-1 LoRA {rows[0]['stage1']}" if rows[0].get("stage1") else "")
+        + (
+            f" ({rows[0]['n_tok']} <COMP> per step, last {rows[0]['keep_last']} raw tokens of a step kept)"
+            if rows[0].get("keep_last")
+            else ""
+        )
         + f", greedy, up to {rows[0]['max_new_tokens']} new tokens, "
         f"{rows[0].get('batch_size', 1)} problems decoded together (time per problem: a batch's time / its size).",
         "",
