@@ -180,13 +180,14 @@ def test_bad_options_are_refused(options, message):
         ccmem.get_method("ccm-reason", **options)
 
 
-def test_the_gsm8k_preset_trains_through_the_harness_and_its_adapter_keeps_the_classifier(tmp_path):
+@pytest.mark.parametrize("preset", ["gsm8k-ccm-reason", "gsm8k-ccm-reason-keep"])
+def test_the_gsm8k_preset_trains_through_the_harness_and_its_adapter_keeps_the_classifier(tmp_path, preset):
     from ccmem.adapter import read_adapter
     from ccmem.train.config import load_config
     from ccmem.train.trainer import train
 
     config = load_config(
-        "gsm8k-ccm-reason",
+        preset,
         [
             "train.max_steps=2",
             "train.batch_size=2",
@@ -202,6 +203,7 @@ def test_the_gsm8k_preset_trains_through_the_harness_and_its_adapter_keeps_the_c
     adapter = read_adapter(result.output)
     assert any("classifier" in name for name in adapter.tensors)
     assert adapter.method == "ccm-reason" and adapter.train_dataset == "gsm8k" and result.steps == 2
+    assert adapter.options["keep_last"] == config.method.keep_last  # loading the adapter keeps its raw tokens
 
 
 def test_the_policy_table_runs_every_policy_on_the_same_problems(tmp_path):
