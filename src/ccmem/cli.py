@@ -957,8 +957,10 @@ def stream(
         list[str] | None,
         typer.Option(
             "--adapter",
-            help="METHOD=PATH of a ccm-*, sentinel, local or scattered adapter (repeatable). Default: the shipped "
-            "one (ccm-*); the sparse methods run untrained without one (`ccmem train sentinel-clm`).",
+            help="METHOD=PATH of a ccm-*, sentinel, local or scattered adapter (repeatable). Default for ccm-*: the "
+            "shipped streaming adapter (ccm-concat: trained on text read block by block, `ccmem train "
+            "stream-ccm-concat`), else the shipped chat one; the sparse methods run untrained without one "
+            "(`ccmem train sentinel-clm`).",
         ),
     ] = None,
     option: Annotated[

@@ -344,3 +344,35 @@ def test_stream_command_runs_the_sparse_methods_with_their_options(tiny_model_di
     assert [r["method"] for r in rows] == ["sentinel", "local", "scattered", "window"]
     assert all(r["tokens_read"] == 144 and r["memory_slots"] == 18 for r in rows)
     assert "| sentinel |" in " ".join(result.output.split())
+
+
+def test_ccm_streams_with_the_shipped_streaming_adapter_unless_given_one(monkeypatch, tmp_path):
+    """``ccmem stream`` reads ccm-concat through ``ccm-concat-stream.safetensors`` where one ships for the model
+    (trained on text read block by block); an --adapter given by the user wins."""
+    import ccmem
+    from ccmem import adapter as adapters
+    from ccmem.adapter import save_adapter
+    from tests.methods.test_contract import randomize_state
+
+    lm = tiny_model("llama-gqa", positions=64)
+    files = {}
+    for label, seed in (("stream", 0), ("mine", 1)):
+        method = ccmem.get_method("ccm-concat", n_tok=2)
+        randomize_state(method, lm, seed=seed, scale=0.05)
+        files[label] = save_adapter(method, lm, tmp_path / f"{label}.safetensors")
+    hashes = {k: ccmem.load(lm, method="ccm-concat", adapter=str(p)).method.adapter_hash for k, p in files.items()}
+    asked = []
+
+    def shipped(model_name, method):
+        asked.append(method)
+        return files["stream"] if method == "ccm-concat-stream" else None
+
+    monkeypatch.setattr(adapters, "shipped_adapter", shipped)
+    ids = torch.randint(3, VOCAB, (96,), generator=torch.Generator().manual_seed(2)).tolist()
+    settings = StreamSettings(
+        methods=["ccm-concat"], max_positions=0, contexts=1.5, sink=2, window=8, comp_slots=4, block=16
+    )
+    assert run_method(lm, "ccm-concat", ids, settings, text="random").adapter == hashes["stream"]
+    assert "ccm-concat-stream" in asked
+    settings.adapters = {"ccm-concat": str(files["mine"])}
+    assert run_method(lm, "ccm-concat", ids, settings, text="random").adapter == hashes["mine"]

@@ -167,12 +167,21 @@ def stream_text(tokenizer: Any, path: str | Path | None, n_tokens: int) -> tuple
 # ---------------------------------------------------------------------------- one method
 
 
+def stream_adapter(lm: LoadedModel, name: str) -> str | None:
+    """The adapter ccmem ships for streaming with CCM ``name`` (``<name>-stream.safetensors``, trained by the
+    ``stream-<name>`` preset on text read block by block), if one ships for this model."""
+    from ccmem.adapter import shipped_adapter
+
+    path = shipped_adapter(lm.name, f"{name}-stream")
+    return str(path) if path is not None else None
+
+
 def ccm_compressor(lm: LoadedModel, name: str, adapter: str | None) -> tuple[Compressor, int, str]:
-    """The compression step of CCM ``name`` with its adapter (the shipped one by default): the compressor,
-    its ``n_tok`` and the adapter's hash."""
+    """The compression step of CCM ``name`` with its adapter (default: the shipped streaming adapter, else the
+    shipped chat one): the compressor, its ``n_tok`` and the adapter's hash."""
     from ccmem.api import load
 
-    session = load(lm, method=name, adapter=adapter, system_prompt=None)
+    session = load(lm, method=name, adapter=adapter or stream_adapter(lm, name), system_prompt=None)
     method: Any = session.method
 
     def compress(seen: Memory, ids: torch.Tensor, start: int) -> list[KV]:
