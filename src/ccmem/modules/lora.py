@@ -143,17 +143,20 @@ class LoRASet(nn.Module):
             pair = self.pair(path)
 
             def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor, pair: LoRAPair = pair) -> Any:
-                x = args[0] if dropout is None else dropout(args[0])
+                x = args[0]
+                if gate is not None:
+                    value = gate.value
+                    if value is None:
+                        return out
+                    if value.shape != x.shape[:-1]:
+                        raise RuntimeError(
+                            f"LoRA gate of shape {tuple(value.shape)} does not match the input "
+                            f"{tuple(x.shape[:-1])}; set the gate for the sequence being run"
+                        )
+                if dropout is not None:
+                    x = dropout(x)
                 if gate is None:
                     return torch.add(out, pair.unscaled(x), alpha=pair.scale)
-                value = gate.value
-                if value is None:
-                    return out
-                if value.shape != x.shape[:-1]:
-                    raise RuntimeError(
-                        f"LoRA gate of shape {tuple(value.shape)} does not match the input "
-                        f"{tuple(x.shape[:-1])}; set the gate for the sequence being run"
-                    )
                 return torch.addcmul(out, pair.unscaled(x), gate.factor(x.dtype), value=pair.scale)
 
             handles.append(model.get_submodule(path).register_forward_hook(hook))
