@@ -40,6 +40,30 @@ def test_gated_lora_only_changes_gated_positions_and_detaches_cleanly():
     assert torch.equal(holder.proj(x), base)  # detached: the layer is the plain one again
 
 
+def test_hooked_lora_equals_its_pair_scaled_and_gated_also_with_dropout():
+    """The fused hook computes ``W x + g * scale * B A x``; with dropout (training), the dropout reads only the
+    LoRA branch, and a forward with the gate off is the plain layer."""
+    torch.manual_seed(0)
+    holder = _Holder()
+    lora = LoRASet(holder, ["proj"], rank=2, alpha=6.0, dropout=0.5)
+    pair = lora.pair("proj")
+    nn.init.normal_(pair.B)
+    gate = LoRAGate()
+    x = torch.randn(2, 4, 8)
+    base = holder.proj(x)
+    lora.attach(holder, gate)
+    mask = torch.tensor([[True, False, False, True], [False, False, True, False]])
+    lora.eval()  # dropout off: exact
+    gate.set(mask)
+    torch.testing.assert_close(holder.proj(x), base + pair(x) * mask[..., None])
+    lora.train()
+    gate.set(None)
+    assert torch.equal(holder.proj(x), base)
+    gate.set(mask)
+    trained = holder.proj(x)
+    assert torch.equal(trained[~mask], base[~mask]) and not torch.allclose(trained[mask], (base + pair(x))[mask])
+
+
 def test_always_on_lora_changes_every_token():
     torch.manual_seed(0)
     holder = _Holder()
