@@ -58,6 +58,20 @@ def _segments(text: str, size: int) -> list[str]:
     return pieces
 
 
+def split_documents(path: str | Path | None, split: str, *, min_chars: int) -> dict[Path, str]:
+    """The documents of ``split`` (assigned by a hash of their file name; a user's own files when none falls in
+    it) longer than ``min_chars``, with their text; a clear error when there is none."""
+    files = text_files(path)
+    chosen = [f for f in files if split_of(f.name) == split] or (files if path is not None else [])
+    if not chosen:
+        raise TextSourceError(f"no document falls in the {split} split")
+    texts = {f: f.read_text(encoding="utf-8", errors="replace") for f in chosen}
+    usable = {f: t for f, t in texts.items() if len(t) > min_chars}
+    if not usable:
+        raise TextSourceError(f"every document of the {split} split is shorter than {min_chars} characters")
+    return usable
+
+
 def examples(
     n: int,
     split: str,
@@ -69,16 +83,10 @@ def examples(
     segment_chars: int = 500,
 ) -> list[MemoryExample]:
     """``n`` passages of ``split``: context segments, a bridge line, and the continuation to score."""
-    files = text_files(path)
-    chosen = [f for f in files if split_of(f.name) == split] or (files if path is not None else [])
-    if not chosen:
-        raise TextSourceError(f"no document falls in the {split} split")
-    rng = random.Random(f"{GENERATOR_VERSION}-{split}-{seed}")
-    texts = {f: f.read_text(encoding="utf-8", errors="replace") for f in chosen}
     window = context_chars + answer_chars + 200
-    usable = [f for f, t in texts.items() if len(t) > window * 2]
-    if not usable:
-        raise TextSourceError(f"every document of the {split} split is shorter than {window * 2} characters")
+    texts = split_documents(path, split, min_chars=window * 2)
+    usable = list(texts)
+    rng = random.Random(f"{GENERATOR_VERSION}-{split}-{seed}")
     out = []
     for i in range(n):
         f = usable[i % len(usable)]
@@ -128,18 +136,12 @@ def stream_examples(
 ) -> list[MemoryExample]:
     """``n`` stretches of text read as ``ccmem stream`` reads them: ``chars`` of a document cut into blocks of
     about ``block_chars`` characters (about 32 tokens, the stream's default block), each block compressed in
-    turn, and *every* block after the first trained on, as language modelling given the compressed memory of the
-    blocks before it (``task="stream"``; :func:`ccmem.data.records.to_sample` labels the chunks). Documents are
-    split as in :func:`examples`, so no document is in two splits."""
-    files = text_files(path)
-    chosen = [f for f in files if split_of(f.name) == split] or (files if path is not None else [])
-    if not chosen:
-        raise TextSourceError(f"no document falls in the {split} split")
+    turn, and *every* block trained on, as language modelling given the compressed memory of the blocks before it
+    (the first has none; ``task="stream"``: :func:`ccmem.data.records.to_sample` labels the chunks). Documents
+    are split by :func:`split_documents`, so no document is in two splits."""
+    texts = split_documents(path, split, min_chars=chars * 2)
+    usable = list(texts)
     rng = random.Random(f"{STREAM_VERSION}-{split}-{seed}")
-    texts = {f: f.read_text(encoding="utf-8", errors="replace") for f in chosen}
-    usable = [f for f, t in texts.items() if len(t) > chars * 2]
-    if not usable:
-        raise TextSourceError(f"every document of the {split} split is shorter than {chars * 2} characters")
     out = []
     for i in range(n):
         f = usable[i % len(usable)]
