@@ -92,21 +92,42 @@ def decode(
             position_ids = positions(state.position, x.shape[1], lm.device)
             return lm.model.base_model(input_ids=x, cache=state.cache, position_ids=position_ids, use_cache=True)
 
+    feed: torch.Tensor | None = None  # embeddings the method feeds right after the token (Method.feed_after)
     for _ in range(max_new_tokens):
-        with torch.no_grad(), method.attached(lm, reading=True):
-            out = forward(inputs)
-            state.position += inputs.shape[1]
+        with torch.no_grad(), method.attached(lm, reading=feed is None):
+            # the token, or the token then the method's embeddings (gated LoRA on), in one forward
+            out = forward(inputs) if feed is None else _forward_with_feed(lm, state, inputs, feed)
+            state.position += inputs.shape[1] + (0 if feed is None else int(feed.shape[0]))
             state.fed += inputs[0].tolist()
             state.hidden = out.last_hidden_state[:, -1]
             token = sampling.pick(method.decode_logits(lm, state), generator)
             state.tokens.append(token)
             method.decode_step(lm, state)
+            feed = method.feed_after(lm, state)
             if stats is not None:
                 _update(stats, state)
         yield token
         if token in stop_ids:
             return
         inputs = torch.tensor([[token]], device=lm.device)
+
+
+def _forward_with_feed(lm: LoadedModel, state: DecodeState, ids: torch.Tensor, feed: torch.Tensor) -> Any:
+    """One decoder forward over the token ``ids`` (``[1, 1]``) followed by ``feed`` (``[n, hidden]``), the gate on
+    at the fed positions only."""
+    if lm.is_encoder_decoder:
+        raise NotImplementedError("feeding a method's embeddings while decoding runs on decoder-only models")
+    embeds = torch.cat([lm.model.get_input_embeddings()(ids), feed[None].to(lm.model.dtype)], dim=1)
+    width = int(embeds.shape[1])
+    gate = torch.zeros(1, width, dtype=torch.bool, device=lm.device)
+    gate[:, ids.shape[1] :] = True
+    return lm.model.base_model(
+        inputs_embeds=embeds,
+        cache=state.cache,
+        position_ids=positions(state.position, width, lm.device),
+        use_cache=True,
+        **{GATE_KWARG: gate},
+    )
 
 
 def _seq2seq_start(
@@ -256,6 +277,10 @@ def _decode_padded(
                 None if row.feed is not None else samplings[b].pick(logits[i], generators[b])
                 for i, (b, row) in enumerate(zip(active, batch.rows, strict=True))
             ]
+            for row, token in zip(batch.rows, tokens, strict=True):
+                if token is not None:
+                    row.tokens.append(token)
+                    row.feed = method.feed_after(lm, row)  # fed right after the token, in the next forward
         step: list[int | None] = [None] * len(memories)
         keep = []
         entries = batch.attention_mask.sum(dim=1).tolist()
@@ -263,7 +288,6 @@ def _decode_padded(
             if token is not None:
                 step[b] = token
                 counts[b] += 1
-                batch.rows[i].tokens.append(token)
             if stats is not None and token is not None:  # as decode counts: after a step's compression
                 _count(stats[b], int(entries[i]) * entry_bytes, batch.rows[i])
             if token is None or (token not in stop_ids and counts[b] < limits[b]):
@@ -282,11 +306,12 @@ def _decode_padded(
 def _next_inputs(
     lm: LoadedModel, batch: DecodeRows, tokens: list[int | None]
 ) -> tuple[dict[str, torch.Tensor], list[int], list[list[int]]]:
-    """The next forward's inputs: each row's new token, or the embeddings its method asked to feed (right-aligned,
-    padding masked out); the batch's mask grows by the widest row. Also each row's width and fed token ids."""
+    """The next forward's inputs: each row's new token, the embeddings its method asked to feed, or both (the token
+    first), right-aligned with padding masked out; the batch's mask grows by the widest row. Also each row's width
+    and fed token ids."""
     device = lm.device
     feeds = [row.feed for row in batch.rows]
-    widths = [1 if f is None else int(f.shape[0]) for f in feeds]
+    widths = [(t is not None) + (0 if f is None else int(f.shape[0])) for t, f in zip(tokens, feeds, strict=True)]
     fed = [[t] if t is not None else [] for t in tokens]
     positions = [row.position for row in batch.rows]
     if all(f is None for f in feeds):  # every row feeds a token: plain ids, one column
@@ -302,12 +327,12 @@ def _next_inputs(
     gate = torch.zeros(len(tokens), width, dtype=torch.bool, device=device)
     for i, (row, feed) in enumerate(zip(batch.rows, feeds, strict=True)):
         n = widths[i]
+        if tokens[i] is not None:
+            x[i, width - n] = token_embeds[i, 0]
         if feed is not None:
-            x[i, width - n :] = feed.to(x.dtype)
-            gate[i, width - n :] = True
+            x[i, width - len(feed) :] = feed.to(x.dtype)
+            gate[i, width - len(feed) :] = True
             row.feed = None
-        else:
-            x[i, -1] = token_embeds[i, 0]
         mask[i, width - n :] = 1
         position_ids[i, width - n :] = torch.arange(row.position, row.position + n, device=device)
     batch.attention_mask = torch.cat([batch.attention_mask, mask], dim=1)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import pytest
 import torch
 
 import ccmem
 from ccmem.data import gsm8k
-from ccmem.generation import decode
-from ccmem.methods.base import DecodeState, logits_for, positions
+from ccmem.generation import Sampling, decode
+from ccmem.methods.base import logits_for
 from ccmem.methods.reasoning import CCMReasoning
 from tests.conftest import tiny_model
 from tests.methods.test_contract import randomize_state
@@ -27,46 +29,53 @@ def sample_for(lm):
     return gsm8k.reasoning_sample(lm.tokenizer, PROBLEM.question, gsm8k.training_answer(PROBLEM))
 
 
+@dataclass(frozen=True)
+class Forced(Sampling):
+    """Picks the given tokens in turn (teacher forcing through the real loop) and keeps the logits it was given."""
+
+    tokens: tuple[int, ...] = ()
+    seen: list[torch.Tensor] = field(default_factory=list, compare=False)
+
+    def pick(self, logits: torch.Tensor, generator: torch.Generator) -> int:
+        self.seen.append(logits.detach().clone())
+        return self.tokens[len(self.seen) - 1]
+
+
 def teacher_forced(lm, method, sample) -> tuple[torch.Tensor, dict]:
-    """Logits of every answer token, fed one at a time through the decode hooks (as ``decode`` does)."""
+    """Logits of every answer token, the answer fed one token at a time by ``decode`` (its hooks and forwards)."""
+    answer = sample.tail[sample.answer_start :]
+    forced, stats = Forced(tokens=tuple(answer)), {}
     query = torch.tensor([sample.tail[: sample.answer_start]])
-    memory = method.new_memory(lm)
-    state = DecodeState(cache=memory.to_cache(), position=0, memory=memory, tokens=[])
-    inputs, out = query, []
-    with torch.no_grad():
-        for token in sample.tail[sample.answer_start :]:
-            hidden = lm.model.base_model(
-                input_ids=inputs, cache=state.cache, position_ids=positions(state.position, inputs.shape[1], "cpu")
-            ).last_hidden_state
-            state.position += inputs.shape[1]
-            state.fed += inputs[0].tolist()
-            state.hidden = hidden[:, -1]
-            out.append(method.decode_logits(lm, state))
-            state.tokens.append(token)
-            inputs = torch.tensor([[token]])
-    return torch.stack(out), state.extra
+    assert list(decode(lm, method, method.new_memory(lm), query, len(answer), sampling=forced, stats=stats)) == answer
+    return torch.stack(forced.seen), stats
+
+
+def fires_at_labelled_ends(monkeypatch, sample) -> None:
+    """A classifier that fires at the labelled step ends only (as a trained one would)."""
+    ends, n = sample.steps["labelled"], len(sample.tail) - sample.answer_start
+    monkeypatch.setattr(
+        CCMReasoning, "step_ends", lambda self, lm, state: (len(state.tokens) - state.extra.get("segment_start", 0)
+        >= self.min_segment and len(state.tokens) in ends and len(state.tokens) < n)
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("family", ["llama-gqa", "qwen2"])
-@pytest.mark.parametrize("policy", ["interval", "newline", "classifier"])
+@pytest.mark.parametrize("policy", ["interval", "newline", "classifier", "classifier-lookahead"])
 @pytest.mark.parametrize("keep_last", [0, 2])
 def test_decoding_compresses_each_step_as_the_parallel_training_forward_reads_it(
     family, policy, keep_last, monkeypatch
 ):
     lm = tiny_model(family, positions=512)
-    method = trained(lm, policy=policy, interval=7, keep_last=keep_last)
+    lookahead = policy == "classifier-lookahead"
+    policy = policy.removesuffix("-lookahead")
+    method = trained(lm, policy=policy, interval=7, keep_last=keep_last, lookahead=lookahead)
     if policy == "newline":  # the tiny tokenizer shares ids between characters: give "\n" an id of its own
         plain = lm.tokenizer.encode
         monkeypatch.setattr(lm.tokenizer, "encode", lambda text, **kw: [2 if c == "\n" else plain(c)[0] for c in text])
         monkeypatch.setattr(method, "_newline", {2}, raising=False)
     sample = sample_for(lm)
-    if policy == "classifier":  # a classifier that fires at the labelled step ends only (as a trained one would)
-        ends = sample.steps["labelled"]
-        answer = sample.tail[sample.answer_start :]
-        monkeypatch.setattr(
-            CCMReasoning, "step_ends", lambda self, lm, state: (len(state.tokens) - state.extra.get("segment_start", 0)
-            >= self.min_segment and len(state.tokens) in ends and len(state.tokens) < len(answer))
-        )  # fmt: skip
+    if policy == "classifier":
+        fires_at_labelled_ends(monkeypatch, sample)
     recurrent, extra = teacher_forced(lm, method, sample)
     batch = method.make_batch([sample])
     with torch.no_grad(), method.attached(lm):
@@ -77,6 +86,42 @@ def test_decoding_compresses_each_step_as_the_parallel_training_forward_reads_it
     assert len(cuts) >= 2 and extra["insertions"] == len(cuts)
     assert keep.sum() == len(sample.tail) - sample.answer_start  # every answer token is a label, no <COMP> is
     torch.testing.assert_close(recurrent, parallel, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("policy", "lookahead", "extra_forwards"), [("interval", False, False),
+    ("newline", False, False), ("classifier", True, False), ("classifier", False, True)])  # fmt: skip
+def test_a_step_known_to_end_when_its_last_token_is_picked_costs_no_forward_of_its_own(
+    policy, lookahead, extra_forwards, monkeypatch
+):
+    lm = tiny_model(positions=512)
+    method = trained(lm, policy=policy, interval=7, lookahead=lookahead)
+    sample = sample_for(lm)
+    answer = sample.tail[sample.answer_start :]
+    method._newline = {answer[e - 1] for e in sample.steps["labelled"]}  # the tiny vocabulary has no line break
+    if policy == "classifier":
+        fires_at_labelled_ends(monkeypatch, sample)
+    forwards = []
+    hook = lm.model.base_model.register_forward_hook(lambda module, args, out: forwards.append(1))
+    try:
+        _, stats = teacher_forced(lm, method, sample)
+    finally:
+        hook.remove()
+    assert stats["insertions"] >= 2
+    assert len(forwards) == len(answer) + (stats["insertions"] if extra_forwards else 0)
+
+
+def test_the_lookahead_classifier_learns_each_step_end_one_token_early():
+    lm = tiny_model(positions=512)
+    sample = sample_for(lm)
+    targets = {}
+    for lookahead in (False, True):
+        method = ccmem.get_method("ccm-reason", n_tok=2, min_segment=3, lookahead=lookahead)
+        step_end = method.make_batch([sample]).step_end[0]
+        targets[lookahead] = step_end[step_end >= 0]  # one per answer token, in order
+    ends = torch.tensor(sample.steps["labelled"]) - 1  # the answer tokens after which a step ends (0-based)
+    assert len(ends) >= 3 and ends.min() >= 1
+    assert torch.equal(targets[False].nonzero().flatten(), ends)
+    assert torch.equal(targets[True].nonzero().flatten(), ends - 1)  # decided at the token before
 
 
 def test_compressing_steps_lowers_the_peak_cache_and_counts_insertions():
@@ -97,14 +142,18 @@ def test_compressing_steps_lowers_the_peak_cache_and_counts_insertions():
 
 
 @pytest.mark.parametrize("family", ["llama-gqa", "qwen2"])
-@pytest.mark.parametrize(("policy", "keep_last"), [("interval", 0), ("newline", 0), ("classifier", 0), ("interval", 2)])
+@pytest.mark.parametrize(
+    ("policy", "keep_last", "lookahead"),
+    [("interval", 0, False), ("newline", 0, False), ("classifier", 0, False), ("classifier", 0, True),
+     ("interval", 2, False)],
+)  # fmt: skip
 def test_problems_of_different_lengths_decoded_in_one_batch_give_the_answers_of_one_at_a_time(
-    family, policy, keep_last
+    family, policy, keep_last, lookahead
 ):
     from ccmem.generation import decode_batch
 
     lm = tiny_model(family, positions=1024)
-    method = trained(lm, policy=policy, interval=5, threshold=0.5, keep_last=keep_last)
+    method = trained(lm, policy=policy, interval=5, threshold=0.5, keep_last=keep_last, lookahead=lookahead)
     if policy == "newline":  # the tiny vocabulary has no line break: pretend some frequent ids hold one
         method._newline = set(range(0, lm.model.config.vocab_size, 3))
     if policy == "classifier":  # a head that fires on some tokens and not on others

@@ -361,6 +361,13 @@ class Method(ABC):
         hidden = torch.cat([row.hidden for row in batch.rows if row.hidden is not None])
         return logits_for(lm, hidden)
 
+    def feed_after(self, lm: LoadedModel, state: DecodeState) -> torch.Tensor | None:
+        """Called by both generation loops once a token is picked (``state.tokens[-1]``, not yet fed; ``state.hidden``
+        is still what it was picked from): ``[n, hidden]`` embeddings to feed right after it, in the same forward,
+        with the gated LoRA on (the <COMP> tokens of a reasoning step that ends with this token), or None. The
+        next :meth:`decode_logits` / :meth:`decode_logits_batch` then sees ``state.hidden`` after them."""
+        return None
+
     def decode_step(self, lm: LoadedModel, state: DecodeState) -> None:  # noqa: B027 - optional hook
         """Called by the generation loop after every generated token (evict, compress a finished segment...).
         A method that overrides it sets :attr:`decode_batchable` to False."""
