@@ -106,7 +106,8 @@ class DecodeState:
     #: token ``hidden`` belongs to.
     fed: list[int] = dataclasses.field(default_factory=list)
     #: Batched loop only: ``[n, hidden]`` embeddings a method asks to feed this row next, with the gated LoRA on
-    #: (<COMP> tokens), instead of a token. The row gives no token this step; the next is predicted after them.
+    #: (<COMP> tokens). Set by :meth:`Method.decode_logits_batch`: instead of a token (the row gives none this
+    #: step; the next is predicted after them); set from :meth:`Method.feed_after`: right after the row's token.
     feed: torch.Tensor | None = None
 
 
