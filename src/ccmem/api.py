@@ -366,15 +366,13 @@ def _decoder_option_logprobs(
     """Each option's token log-probabilities (``[len(option)]``) written by an encoder-decoder model's decoder
     after its start token, cross-attending to ``encoder_hidden`` (``[1, n, d]``); all options in one padded
     forward (the decoder is causal, so padding after an option does not change it)."""
-    from ccmem.patching.seq2seq import decoder_of, shift_right
+    from ccmem.patching.seq2seq import teacher_forced
 
     labels = torch.full((len(options), max(len(o) for o in options)), -100, dtype=torch.long)
     for r, option in enumerate(options):
         labels[r, : len(option)] = torch.tensor(list(option), dtype=torch.long)
     labels = labels.to(encoder_hidden.device)
-    out = decoder_of(lm.model)(
-        input_ids=shift_right(lm.model, labels), encoder_hidden_states=encoder_hidden.expand(len(options), -1, -1)
-    )
+    out = teacher_forced(lm.model, encoder_hidden.expand(len(options), -1, -1), labels)
     picked = torch.log_softmax(logits_for(lm, out.last_hidden_state), dim=-1).gather(2, labels.clamp(min=0)[..., None])
     return [picked[r, : len(option), 0] for r, option in enumerate(options)]
 

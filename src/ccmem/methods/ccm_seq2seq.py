@@ -40,7 +40,7 @@ from ccmem.memory import KV, Memory, concat_layers, concat_positions, positions_
 from ccmem.methods.base import Method, logits_for
 from ccmem.modules import GATE_KWARG, CompEmbeddings, LoRAGate, LoRASet, default_targets
 from ccmem.patching.attention import PLAN_KWARG, AttentionPlan, compression_attention
-from ccmem.patching.seq2seq import decoder_of, encoder_of, relative_bias, shift_right
+from ccmem.patching.seq2seq import encoder_of, relative_bias, teacher_forced
 
 if TYPE_CHECKING:
     from ccmem.methods.ccm import CCM, CompState, CompTokens, ParallelBatch
@@ -242,18 +242,13 @@ class EncoderMemory(Method):
 
 def decoder_logits(lm: LoadedModel, encoder_hidden: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """The decoder's ``[B, A, vocab]`` logits for the answers ``labels`` (teacher forcing, -100 = padding)."""
-    out = decoder_of(lm.model)(
-        input_ids=shift_right(lm.model, labels.to(encoder_hidden.device)),
-        encoder_hidden_states=encoder_hidden,
-        **kwargs,
-    )
-    return logits_for(lm, out.last_hidden_state)
+    return logits_for(lm, teacher_forced(lm.model, encoder_hidden, labels, **kwargs).last_hidden_state)
 
 
 def answer_loss(lm: LoadedModel, encoder_hidden: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """Mean loss of the decoder on the answer tokens (logits formed only where there is a label)."""
     labels = labels.to(encoder_hidden.device)
-    out = decoder_of(lm.model)(input_ids=shift_right(lm.model, labels), encoder_hidden_states=encoder_hidden, **kwargs)
+    out = teacher_forced(lm.model, encoder_hidden, labels, **kwargs)
     keep = labels != -100
     if not bool(keep.any()):
         raise ValueError("this batch has no answer tokens to train on (an encoder-decoder sample needs an answer)")

@@ -67,6 +67,13 @@ def shift_right(model: PreTrainedModel, labels: torch.Tensor) -> torch.Tensor:
     return shifted.masked_fill(shifted == -100, int(pad) if pad is not None else 0)
 
 
+def teacher_forced(model: PreTrainedModel, encoder_hidden: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> Any:
+    """The decoder's output (``last_hidden_state`` ``[B, A, d]``) reading ``labels`` (``[B, A]``, -100 = padding)
+    after its start token, cross-attending to ``encoder_hidden``: what training and option scoring both read."""
+    labels = labels.to(encoder_hidden.device)
+    return decoder_of(model)(input_ids=shift_right(model, labels), encoder_hidden_states=encoder_hidden, **kwargs)
+
+
 def decoder_cache() -> EncoderDecoderCache:
     """An empty cache for the decoder's self-attention and its cross-attention keys/values."""
     return EncoderDecoderCache(DynamicCache(), DynamicCache())
