@@ -10,7 +10,7 @@ import torch
 import ccmem
 from ccmem.data import gsm8k
 from ccmem.generation import Sampling, decode
-from ccmem.methods.base import logits_for
+from ccmem.methods.base import DecodeState, logits_for
 from ccmem.methods.reasoning import CCMReasoning
 from tests.conftest import tiny_model
 from tests.methods.test_contract import randomize_state
@@ -113,15 +113,34 @@ def test_a_step_known_to_end_when_its_last_token_is_picked_costs_no_forward_of_i
 def test_the_lookahead_classifier_learns_each_step_end_one_token_early():
     lm = tiny_model(positions=512)
     sample = sample_for(lm)
-    targets = {}
+    rows = {}
     for lookahead in (False, True):
         method = ccmem.get_method("ccm-reason", n_tok=2, min_segment=3, lookahead=lookahead)
-        step_end = method.make_batch([sample]).step_end[0]
-        targets[lookahead] = step_end[step_end >= 0]  # one per answer token, in order
-    ends = torch.tensor(sample.steps["labelled"]) - 1  # the answer tokens after which a step ends (0-based)
-    assert len(ends) >= 3 and ends.min() >= 1
-    assert torch.equal(targets[False].nonzero().flatten(), ends)
-    assert torch.equal(targets[True].nonzero().flatten(), ends - 1)  # decided at the token before
+        rows[lookahead] = method.make_batch([sample]).step_end[0]  # per row position: 1, 0, or -1 (no target)
+    fired = rows[False].eq(1).nonzero().flatten()  # the tokens after which a labelled step ends
+    assert len(fired) == len(sample.steps["labelled"]) >= 3
+    seen = rows[True] >= 0
+    expected = (fired - 1)[seen[fired - 1]]  # decided at the token before (none where <COMP> sits between)
+    assert len(expected) >= 3 and torch.equal(rows[True].eq(1).nonzero().flatten(), expected)
+    # A piece's last token has no lookahead target: <COMP> follows it, not the token it would be read with.
+    assert int((rows[False] >= 0).sum() - seen.sum()) == len(method.cuts(sample)) + 1
+
+
+def test_the_lookahead_classifier_reads_the_picked_token():
+    lm = tiny_model(positions=512)
+    method = trained(lm, policy="classifier", lookahead=True)
+    head = method.reasoning(lm).classifier
+    hidden = lm.model.config.hidden_size
+    assert head.in_features == 2 * hidden  # [the state the token is picked from; the token's embedding]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.weight[0, hidden:] = lm.model.get_input_embeddings().weight[7]  # fires on token 7 alone
+        head.bias.fill_(-0.5 * float(head.weight[0, hidden:].pow(2).sum()))
+    state = DecodeState(cache=None, position=0, memory=None, tokens=[1, 2, 3, 4, 5], hidden=torch.zeros(1, hidden))
+    assert method.step_ends(lm, state) is False
+    state.tokens.append(7)
+    assert method.step_ends(lm, state) is True and method.feed_after(lm, state) is not None
+    assert state.extra["compressing"] == 6  # the step's tokens, the picked one included
 
 
 def test_compressing_steps_lowers_the_peak_cache_and_counts_insertions():

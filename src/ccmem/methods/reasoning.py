@@ -17,8 +17,8 @@ the fork ran its classifier as a separate pass and recompressed at every step, w
 not compressing.
 
 Where a step's end is known when its last token is *picked* (the interval and newline policies, and the
-classifier trained with ``lookahead``: it reads the state the token is picked from, and learned "does a step
-end after the next token?"), the token and the step's <COMP> tokens are fed in one forward
+classifier trained with ``lookahead``: it reads the state the token is picked from and that token's input
+embedding), the token and the step's <COMP> tokens are fed in one forward
 (:meth:`~ccmem.methods.base.Method.feed_after`), so compressing costs no forward of its own. The fork's
 classifier reads the state after the token, so its <COMP> tokens need a forward of their own: on a 56-token
 solution of 3.5 steps, 6% more forwards than not compressing.
@@ -45,11 +45,12 @@ POLICIES = ("classifier", "newline", "interval", "none")
 
 
 class ReasoningState(CompState):
-    """:class:`CompState` plus the step-end classifier (a linear head on the last hidden state)."""
+    """:class:`CompState` plus the step-end classifier: a linear head on the last hidden state, or with
+    ``lookahead`` on that state and the input embedding of the token just picked (``[hidden; embedding]``)."""
 
-    def __init__(self, state: CompState, hidden_size: int):
+    def __init__(self, state: CompState, hidden_size: int, lookahead: bool = False):
         super().__init__(state.comp, state.lora)
-        self.classifier = nn.Linear(hidden_size, 1)
+        self.classifier = nn.Linear(hidden_size * (2 if lookahead else 1), 1)
         nn.init.zeros_(self.classifier.weight)
         nn.init.constant_(self.classifier.bias, -2.0)  # untrained: rarely fires
 
@@ -88,8 +89,9 @@ class CCMReasoning(CCMConcat):
     )
     lookahead: bool = option(
         False,
-        "the classifier decides from the state before a step's last token (trained one token ahead), so that token "
-        "and its <COMP> go in one forward; false: from the state after it, one extra forward per step (fork)",
+        "the classifier decides when a step's last token is picked (from the state it is picked from and the "
+        "token's embedding), so that token and its <COMP> go in one forward; false: from the state after it, "
+        "one extra forward per step (fork)",
     )
 
     def check_options(self) -> None:
@@ -104,7 +106,7 @@ class CCMReasoning(CCMConcat):
             raise ValueError(f"keep_last must not be negative (raw tokens kept per step), got {self.keep_last}")
 
     def build(self, lm: LoadedModel) -> ReasoningState:
-        state = ReasoningState(super().build(lm), lm.model.config.get_text_config().hidden_size)
+        state = ReasoningState(super().build(lm), lm.model.config.get_text_config().hidden_size, self.lookahead)
         return state.to(lm.device)
 
     def reasoning(self, lm: LoadedModel) -> ReasoningState:
@@ -160,14 +162,17 @@ class CCMReasoning(CCMConcat):
                     batch.plan.allowed[b, end + self.n_tok : batch.lengths[b], kept:end] = True
                     start = end + self.n_tok
         step_end = torch.full(batch.input_ids.shape, -1.0)
-        ahead = int(self.lookahead)  # with lookahead, a token's target: does a step end after the *next* token?
+        # With lookahead, answer token k's target is whether a step ends after token k + 1 (read with that
+        # token's embedding); a piece's last token has none (<COMP> follows it, not the next token).
+        ahead = int(self.lookahead)
         for b, (s, row) in enumerate(zip(samples, laid, strict=True)):
             ends = set(s.steps.get("labelled", []))
             position, offset = len(row.sink), 0  # where answer token `offset` sits in the row
             for piece in [*row.chunks, row.tail]:
-                for _ in piece:
+                for i in range(len(piece)):
                     offset += 1
-                    step_end[b, position] = float(offset + ahead in ends)
+                    if not (ahead and i == len(piece) - 1):
+                        step_end[b, position] = float(offset + ahead in ends)
                     position += 1
                 position += self.n_tok if piece is not row.tail else 0
         return ReasoningBatch(**vars(batch), step_end=step_end)
@@ -181,7 +186,11 @@ class CCMReasoning(CCMConcat):
                 return loss
             target = step_end.to(hidden.device)
             seen = target >= 0
-            logits = self.reasoning(lm).classifier(hidden[seen]).squeeze(-1).float()
+            features = hidden
+            if self.lookahead:  # the state a token is picked from, and that token's embedding
+                following = torch.roll(batch.input_ids.to(hidden.device), -1, dims=1)
+                features = torch.cat([hidden, lm.model.get_input_embeddings()(following)], dim=-1)
+            logits = self.reasoning(lm).classifier(features[seen]).squeeze(-1).float()
             return loss + self.classifier_weight * nn.functional.binary_cross_entropy_with_logits(logits, target[seen])
 
     # ------------------------------------------------------------------ decoding
@@ -195,7 +204,8 @@ class CCMReasoning(CCMConcat):
 
     def step_ends(self, lm: LoadedModel, state: DecodeState) -> bool:
         """Whether the policy ends the step after its newest token (``state.tokens[-1]``). The classifier reads
-        ``state.hidden``: the state after that token, or with :attr:`lookahead` the state it was picked from."""
+        ``state.hidden``: the state after that token, or with :attr:`lookahead` the state it was picked from and
+        the token's embedding."""
         if self.policy == "none" or not state.tokens:
             return False
         generated = len(state.tokens) - state.extra.get("segment_start", 0)  # tokens of this step so far
@@ -210,7 +220,11 @@ class CCMReasoning(CCMConcat):
         assert state.hidden is not None
         started = time.perf_counter()
         head = self.reasoning(lm).classifier
-        probability = torch.sigmoid(head(state.hidden.to(head.weight.dtype))).item()
+        features = state.hidden
+        if self.lookahead:  # decided at pick time: the state the token was picked from, and the token
+            token = torch.tensor([state.tokens[-1]], device=state.hidden.device)
+            features = torch.cat([features, lm.model.get_input_embeddings()(token)], dim=-1)
+        probability = torch.sigmoid(head(features.to(head.weight.dtype))).item()
         state.extra["classifier_seconds"] = state.extra.get("classifier_seconds", 0.0) + time.perf_counter() - started
         return probability > self.threshold
 
