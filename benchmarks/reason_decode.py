@@ -72,7 +72,8 @@ def main() -> None:
             for policy in seconds:
                 spent, tokens, fired = timed(lm, session, queries, policy, args.tokens)
                 seconds[policy] += spent
-                insertions = fired if policy != "none" else 0
+                if policy != "none":
+                    insertions = fired  # the same every repeat: decoding is greedy
         lookahead = bool(getattr(session.method, "lookahead", False))
         rows.append(
             {

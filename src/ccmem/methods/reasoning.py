@@ -208,7 +208,7 @@ class CCMReasoning(CCMConcat):
         the token's embedding."""
         if self.policy == "none" or not state.tokens:
             return False
-        generated = len(state.tokens) - state.extra.get("segment_start", 0)  # tokens of this step so far
+        generated = self._step_length(state)
         if generated < self.min_segment:
             return False
         if self.policy == "interval":
@@ -233,8 +233,7 @@ class CCMReasoning(CCMConcat):
         it in one forward (the next :meth:`decode_logits` drops the step's raw entries)."""
         if not self.decides_at_pick or not self.step_ends(lm, state):
             return None
-        state.extra["compressing"] = len(state.tokens) - state.extra.get("segment_start", 0)
-        return self.state(lm).comp.weight.to(lm.model.dtype)
+        return self._compress_after(lm, state)
 
     def decode_logits(self, lm: LoadedModel, state: DecodeState) -> torch.Tensor:
         """Before the next token is picked: if the step just ended, compress it (its <COMP> tokens read the
@@ -243,7 +242,7 @@ class CCMReasoning(CCMConcat):
         (:meth:`feed_after`), or, for the fork's classifier, are fed here in a forward of their own."""
         n_step = state.extra.pop("compressing", None)
         if n_step is None and not self.decides_at_pick and self.step_ends(lm, state):
-            n_step = len(state.tokens) - state.extra.get("segment_start", 0)
+            n_step = self._step_length(state)
             embeds = self.state(lm).comp.weight[None].to(lm.model.dtype)
             gate = torch.ones(1, self.n_tok, dtype=torch.bool, device=lm.device)
             with self.attached(lm):
@@ -280,9 +279,19 @@ class CCMReasoning(CCMConcat):
                 batch.attention_mask[i, real[len(real) - self.n_tok - n_step : end]] = 0
                 self._step_compressed(row)
             elif not self.decides_at_pick and self.step_ends(lm, row):
-                row.extra["compressing"] = len(row.tokens) - row.extra.get("segment_start", 0)
-                row.feed = self.state(lm).comp.weight.to(lm.model.dtype)
+                row.feed = self._compress_after(lm, row)
         return logits
+
+    @staticmethod
+    def _step_length(state: DecodeState) -> int:
+        """Tokens of the current step so far (since the last compressed one)."""
+        return len(state.tokens) - state.extra.get("segment_start", 0)
+
+    def _compress_after(self, lm: LoadedModel, state: DecodeState) -> torch.Tensor:
+        """Mark the current step as being compressed and return its <COMP> embeddings, for the loop to feed; once
+        they are read, :meth:`decode_logits` / :meth:`decode_logits_batch` drop the step's raw entries."""
+        state.extra["compressing"] = self._step_length(state)
+        return self.state(lm).comp.weight.to(lm.model.dtype)
 
     @staticmethod
     def _step_compressed(state: DecodeState) -> None:
