@@ -83,10 +83,9 @@ def test_compression_never_runs_the_lm_decoder_over_the_context():
     assert seen == [3 + 1] * len(lm.model.base_model.layers)  # the digests and the FT marker, once per layer
 
 
-@pytest.mark.parametrize("digest_prior", ["none", "segment"])
-def test_padded_contexts_give_the_digests_each_gives_alone(digest_prior):
+def test_padded_contexts_give_the_digests_each_gives_alone():
     lm = tiny_model()
-    method = icformer(digest_prior=digest_prior)
+    method = icformer()
     randomize_state(method, lm)
     chunks = [torch.arange(10, 17), torch.arange(30, 33), torch.arange(50, 55)]
     with torch.no_grad():
@@ -94,43 +93,6 @@ def test_padded_contexts_give_the_digests_each_gives_alone(digest_prior):
         alone = [method.digests(lm, [c])[0] for c in chunks]
     for a, b in zip(together, alone, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-
-
-def test_the_segment_prior_makes_an_untrained_former_read_each_digests_own_segment():
-    """Changing the last quarter of the context moves the last digest; without the prior (the paper's pattern)
-    the first digest, which reads no later digest, moves as much (both read a near-uniform mix of the context),
-    with it far less (its broadest head, slope 1/4, still reads a little of segments 3 away)."""
-    from ccmem.modules.icformer import ICFormer
-
-    torch.manual_seed(0)
-    context = torch.randn(1, 32, 32)
-    changed = context.clone()
-    changed[:, 24:] = torch.randn(1, 8, 32)
-    moved = {}
-    for prior in (False, True):
-        former = ICFormer(32, num_hidden_layers=2, num_query_tokens=4, num_heads=4, segment_prior=prior)
-        with torch.no_grad():
-            delta = (former(changed) - former(context)).norm(dim=-1)[0]
-        moved[prior] = (delta[0] / delta[3]).item()
-    assert moved[False] > 0.5 and moved[True] < moved[False] / 3, moved
-
-
-def test_the_segment_prior_trains_and_is_part_of_the_adapter(tmp_path):
-    lm = tiny_model()
-    method = icformer(digest_prior="segment")
-    former = method.former(lm)
-    assert former.prior_log_slope is not None and former.prior_log_slope.shape == (2, 4)
-    sample = Sample([list(range(10, 22))], [40, 41, 5, 6], [5], answer_start=2)
-    former.requires_grad_(True)  # as the trainer sets it
-    with method.attached(lm):
-        method.training_loss(lm, method.make_batch([sample])).backward()
-    assert former.prior_log_slope.grad is not None and former.prior_log_slope.grad.abs().sum() > 0
-    path = save_adapter(method, lm, tmp_path / "icformer.safetensors")
-    assert ccmem.load(tiny_model(), "icformer", adapter=path).method.digest_prior == "segment"
-    with pytest.raises(AdapterMismatchError, match="trained with digest_prior='segment', but digest_prior='none'"):
-        ccmem.load(tiny_model(), "icformer", adapter=path, digest_prior="none")
-    with pytest.raises(ValueError, match="digest_prior must be one of none, segment"):
-        icformer(digest_prior="local")
 
 
 def test_training_loss_equals_reading_the_answer_after_the_compressed_memory():

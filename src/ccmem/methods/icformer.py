@@ -35,7 +35,6 @@ from ccmem.registry import register
 
 OBJECTIVES = ("finetune", "pretrain")
 AVG_LEVELS = ("token", "sentence")
-DIGEST_PRIORS = ("none", "segment")
 
 
 @dataclass
@@ -83,9 +82,6 @@ class ICFormerMethod(Method):
     max_seq_len: int = option(512, "longest context compressed at once (longer: an error, or chunks with use_chunk)")
     use_chunk: bool = option(False, "split a context longer than max_seq_len into chunks, digests concatenated")
     max_chunk_len: int = option(512, "longest chunk with use_chunk (the context is cut into equal chunks)")
-    digest_prior: str = option(
-        "none", "none (the paper) or segment: the former starts reading each digest's own 1/q of the context"
-    )
     objective: str = option("finetune", "training loss: finetune (answer after digests + prompt) or pretrain")
     avg_level: str = option("token", "loss reduction: token (mean over all targets) or sentence (of sample means)")
 
@@ -93,8 +89,6 @@ class ICFormerMethod(Method):
         for key in ("num_hidden_layers", "num_query_tokens", "max_seq_len", "max_chunk_len"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1 (got {getattr(self, key)})")
-        if self.digest_prior not in DIGEST_PRIORS:
-            raise ValueError(f"digest_prior must be one of {', '.join(DIGEST_PRIORS)} (got {self.digest_prior!r})")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})")
         if self.avg_level not in AVG_LEVELS:
@@ -116,7 +110,6 @@ class ICFormerMethod(Method):
             num_heads=heads,
             intermediate_size=getattr(cfg, "intermediate_size", None),
             init_from=embed.detach(),
-            segment_prior=self.digest_prior == "segment",
         )
         return former.to(device=embed.device, dtype=embed.dtype)
 

@@ -24,13 +24,6 @@ Where ccmem differs from the reference code, and why:
   attend to previous digests); the reference code feeds the first layer's digest embeddings to every layer.
 * The final norm's weight starts at the LM embeddings' RMS, so an untrained former already emits inputs of the
   LM's embedding scale (the reference starts at 1, fine for LLaMA-7B's scale, far off for small LMs).
-* ``segment_prior`` (off by default: the paper's pattern) adds a learned locality bias to each layer's reading
-  of the context: digest ``i`` of ``q`` "sits" at the centre of the context's ``i``-th ``1/q`` segment, and
-  head ``h`` subtracts ``slope_h * distance`` (in segments) from its scores for context tokens (not for
-  digests). The slopes start spread over heads from 4 (a digest reads its own segment) to 1/4 (a few segments
-  around it) and train with the rest. An untrained former then pools each segment into its own digest, instead
-  of every digest reading a near-uniform mix of the whole context, which is what the LM must undo when it
-  reconstructs the context in order.
 * Contexts of different lengths are batched (right-padded, masked, each row with its own digest positions), so
   training uses padded batches instead of the reference's one-sample loop; a padded row computes exactly what
   it computes alone.
@@ -92,14 +85,13 @@ class ICFormerLayer(nn.Module):
     def forward(
         self, digests: torch.Tensor, context: torch.Tensor, key_positions: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        """``mask``: ``[batch, 1 or heads, q, n + q]``, boolean (True: read) or additive."""
         q_len = digests.shape[1]
         d = self.digest_norm(digests)
         kv_in = torch.cat([self.context_norm(context), d], dim=1)
         q = rotary(self._split(self.q_proj(d)), key_positions[:, -q_len:], self.theta)
         k = rotary(self._split(self.k_proj(kv_in)), key_positions, self.theta)
         v = self._split(self.v_proj(kv_in))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
         digests = digests + self.o_proj(out.transpose(1, 2).reshape(digests.shape))
         h = self.mlp_norm(digests)
         return digests + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
@@ -124,7 +116,6 @@ class ICFormer(nn.Module):
         intermediate_size: int | None = None,
         rope_theta: float = 10000.0,
         init_from: torch.Tensor | None = None,
-        segment_prior: bool = False,
     ):
         super().__init__()
         if hidden_size % num_heads or (hidden_size // num_heads) % 2:
@@ -142,11 +133,6 @@ class ICFormer(nn.Module):
             for _ in range(num_hidden_layers)
         )
         self.norm = RMSNorm(hidden_size, scale=scale)
-        self.prior_log_slope: nn.Parameter | None = None  # per layer and head, log of the slope (docstring)
-        if segment_prior:
-            spread = torch.linspace(0.0, 1.0, num_heads) if num_heads > 1 else torch.zeros(1)
-            slopes = 4.0 * (1.0 / 16.0) ** spread  # 4 ... 1/4
-            self.prior_log_slope = nn.Parameter(slopes.log().repeat(num_hidden_layers, 1))
         for layer in self.layers:
             for module in layer.modules():
                 if isinstance(module, nn.Linear):
@@ -170,25 +156,9 @@ class ICFormer(nn.Module):
         causal = torch.ones(q, q, dtype=torch.bool, device=device).tril()
         mask = torch.cat([(cols[None] < real[:, None])[:, None].expand(batch, q, n), causal.expand(batch, q, q)], 2)
         hidden = self.digest.to(context.dtype)[None].expand(batch, q, -1)
-        for layer, layer_mask in zip(self.layers, self._layer_masks(mask, real, n, context.dtype), strict=True):
-            hidden = layer(hidden, context, key_positions, layer_mask)
+        for layer in self.layers:
+            hidden = layer(hidden, context, key_positions, mask)
         return self.norm(hidden)
-
-    def _layer_masks(self, mask: torch.Tensor, real: torch.Tensor, n: int, dtype: torch.dtype) -> list[torch.Tensor]:
-        """Each layer's attention mask: ``mask`` (``[batch, q, n + q]``, True: read) as is, or with the segment
-        prior an additive one per head: ``-slope * distance`` on the context part, ``-inf`` where not read."""
-        if self.prior_log_slope is None:
-            return [mask[:, None]] * len(self.layers)
-        q = self.num_query_tokens
-        segment = real.float()[:, None, None] / q  # [batch, 1, 1]
-        centre = (torch.arange(q, device=real.device).float()[None, :, None] + 0.5) * segment
-        token = torch.arange(n, device=real.device).float()[None, None, :] + 0.5
-        distance = ((centre - token).abs() / segment)[:, None]  # [batch, 1, q, n], in segments
-        masks = []
-        for log_slope in self.prior_log_slope:
-            bias = F.pad(-log_slope.exp()[None, :, None, None] * distance, (0, q)).to(dtype)
-            masks.append(bias.masked_fill(~mask[:, None], float("-inf")))
-        return masks
 
     def marker(self, which: int, dtype: torch.dtype) -> torch.Tensor:
         """One marker embedding as ``[1, hidden]``."""
