@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from ccmem.adapter import AdapterMismatchError, read_adapter
 from ccmem.api import load
+from ccmem.data.loaders import load_examples
 from ccmem.memory import MemoryMismatchError
 from ccmem.train.config import ConfigError, load_config, preset_names
 from ccmem.train.trainer import train
@@ -232,6 +233,16 @@ def test_unified_preset_trains_on_the_mixture(tmp_path):
     assert config.data.dataset == "mixture" and config.train.group_by_length
     result = train(config, lm=tiny_model(positions=8192))
     assert result.steps == 2 and read_adapter(result.output).train_dataset == "mixture"
+    # the second run of the recipe continues from the first's adapter on other draws of the same mixture
+    more = _config(
+        tmp_path / "more", f"init_from={result.output}", "data.n_train=10", "train.max_steps=2",
+        "data.mixture={dialogs: 0.6, persona: 0.2, icl: 0.2}", "data.max_length=4000",
+        preset="unified-ccm-concat-continue",
+    )  # fmt: skip
+    assert load_config("unified-ccm-concat-continue", []).init_from == "runs/unified-ccm-concat/adapter.safetensors"
+    first_draws = {repr((e.context, e.query, e.answer)) for e in load_examples(config.data)}
+    assert not first_draws & {repr((e.context, e.query, e.answer)) for e in load_examples(more.data)}
+    assert train(more, lm=tiny_model(positions=8192)).steps == 2
 
 
 def test_stream_preset_trains_every_block_on_text_read_as_a_stream(tmp_path):
@@ -267,6 +278,7 @@ def test_stream_preset_trains_every_block_on_text_read_as_a_stream(tmp_path):
         preset="stream-ccm-concat",
     )
     preset = load_config("stream-ccm-concat", [])
-    assert (preset.data.dataset, preset.data.system, preset.init_from) == ("text-stream", None, "shipped")
+    assert (preset.data.dataset, preset.data.system) == ("text-stream", None)
+    assert preset.init_from == "runs/unified-ccm-concat/adapter.safetensors"  # the chat adapter it started from
     result = train(config, lm=lm)
     assert result.steps == 2 and read_adapter(result.output).train_dataset == "text-stream"
