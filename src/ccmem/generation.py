@@ -21,7 +21,7 @@ import torch
 
 from ccmem.loading import LoadedModel
 from ccmem.memory import Memory
-from ccmem.methods.base import DecodeRows, DecodeState, Method, pad_rows, positions
+from ccmem.methods.base import DecodeRows, DecodeState, Method, pad_rows, positions, run_decoder
 from ccmem.modules import GATE_KWARG
 
 T = TypeVar("T")
@@ -118,16 +118,9 @@ def _forward_with_feed(lm: LoadedModel, state: DecodeState, ids: torch.Tensor, f
     if lm.is_encoder_decoder:
         raise NotImplementedError("feeding a method's embeddings while decoding runs on decoder-only models")
     embeds = torch.cat([lm.model.get_input_embeddings()(ids), feed[None].to(lm.model.dtype)], dim=1)
-    width = int(embeds.shape[1])
-    gate = torch.zeros(1, width, dtype=torch.bool, device=lm.device)
+    gate = torch.zeros(1, int(embeds.shape[1]), dtype=torch.bool, device=lm.device)
     gate[:, ids.shape[1] :] = True
-    return lm.model.base_model(
-        inputs_embeds=embeds,
-        cache=state.cache,
-        position_ids=positions(state.position, width, lm.device),
-        use_cache=True,
-        **{GATE_KWARG: gate},
-    )
+    return run_decoder(lm, None, state.cache, state.position, inputs_embeds=embeds, **{GATE_KWARG: gate})
 
 
 def _seq2seq_start(

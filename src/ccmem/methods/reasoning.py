@@ -36,7 +36,7 @@ from torch import nn
 
 from ccmem.data.samples import Sample
 from ccmem.loading import LoadedModel
-from ccmem.methods.base import DecodeRows, DecodeState, answer_loss, option
+from ccmem.methods.base import DecodeRows, DecodeState, answer_loss, option, run_decoder
 from ccmem.methods.ccm import CCMConcat, CompState, ParallelBatch
 from ccmem.modules import GATE_KWARG
 from ccmem.registry import register
@@ -246,13 +246,7 @@ class CCMReasoning(CCMConcat):
             embeds = self.state(lm).comp.weight[None].to(lm.model.dtype)
             gate = torch.ones(1, self.n_tok, dtype=torch.bool, device=lm.device)
             with self.attached(lm):
-                out = lm.model.base_model(
-                    inputs_embeds=embeds,
-                    cache=state.cache,
-                    position_ids=torch.arange(state.position, state.position + self.n_tok, device=lm.device)[None],
-                    use_cache=True,
-                    **{GATE_KWARG: gate},
-                )
+                out = run_decoder(lm, None, state.cache, state.position, inputs_embeds=embeds, **{GATE_KWARG: gate})
             state.position += self.n_tok
             state.hidden = out.last_hidden_state[:, -1]
         if n_step is None:
