@@ -186,11 +186,8 @@ class CCMReasoning(CCMConcat):
                 return loss
             target = step_end.to(hidden.device)
             seen = target >= 0
-            features = hidden
-            if self.lookahead:  # the state a token is picked from, and that token's embedding
-                following = torch.roll(batch.input_ids.to(hidden.device), -1, dims=1)
-                features = torch.cat([hidden, lm.model.get_input_embeddings()(following)], dim=-1)
-            logits = self.reasoning(lm).classifier(features[seen]).squeeze(-1).float()
+            following = torch.roll(batch.input_ids.to(hidden.device), -1, dims=1)  # the token picked from each state
+            logits = self.reasoning(lm).classifier(self._head_input(lm, hidden, following)[seen]).squeeze(-1).float()
             return loss + self.classifier_weight * nn.functional.binary_cross_entropy_with_logits(logits, target[seen])
 
     # ------------------------------------------------------------------ decoding
@@ -220,11 +217,8 @@ class CCMReasoning(CCMConcat):
         assert state.hidden is not None
         started = time.perf_counter()
         head = self.reasoning(lm).classifier
-        features = state.hidden
-        if self.lookahead:  # decided at pick time: the state the token was picked from, and the token
-            token = torch.tensor([state.tokens[-1]], device=state.hidden.device)
-            features = torch.cat([features, lm.model.get_input_embeddings()(token)], dim=-1)
-        probability = torch.sigmoid(head(features.to(head.weight.dtype))).item()
+        picked = torch.tensor([state.tokens[-1]], device=state.hidden.device)
+        probability = torch.sigmoid(head(self._head_input(lm, state.hidden, picked).to(head.weight.dtype))).item()
         state.extra["classifier_seconds"] = state.extra.get("classifier_seconds", 0.0) + time.perf_counter() - started
         return probability > self.threshold
 
@@ -275,6 +269,13 @@ class CCMReasoning(CCMConcat):
             elif not self.decides_at_pick and self.step_ends(lm, row):
                 row.feed = self._compress_after(lm, row)
         return logits
+
+    def _head_input(self, lm: LoadedModel, hidden: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+        """What the step-end classifier reads: ``hidden``, or with :attr:`lookahead` ``[hidden; embedding of the
+        token picked from it]`` (``picked``: ids shaped as ``hidden`` without its last dimension)."""
+        if not self.lookahead:
+            return hidden
+        return torch.cat([hidden, lm.model.get_input_embeddings()(picked)], dim=-1)
 
     @staticmethod
     def _step_length(state: DecodeState) -> int:
