@@ -219,10 +219,24 @@ def test_init_from_starts_from_an_adapter_and_refuses_one_of_another_shape(tmp_p
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
     assert warm.fingerprint() != _config(tmp_path / "b", preset="persona-ccm-merge").fingerprint()
-    with pytest.raises(ConfigError, match=r"init_from: .*n_tok=4.*n_tok=2"):
-        train(_config(tmp_path / "c", f"init_from={first.output}", "method.n_tok=2"), lm=tiny_model())
+    with pytest.raises(ConfigError, match=r"init_from: .*lora_rank=8.*lora_rank=4"):
+        train(_config(tmp_path / "c", f"init_from={first.output}", "method.lora_rank=4"), lm=tiny_model())
     with pytest.raises(ConfigError, match="ships no ccm-concat adapter for tiny"):
         train(_config(tmp_path / "d", "init_from=shipped"), lm=tiny_model())
+
+
+@pytest.mark.parametrize("n_tok", [2, 6])
+def test_init_from_carries_a_ccm_adapter_over_to_another_n_tok(tmp_path, n_tok):
+    """Fewer (or more) <COMP> tokens per step start from an adapter's LoRA and its first <COMP> embeddings."""
+    first = train(_config(tmp_path / "a", "train.max_steps=2"), lm=tiny_model())
+    warm = _config(tmp_path / "b", f"init_from={first.output}", f"method.n_tok={n_tok}", "train.lr=1e-12",
+                   "train.max_steps=1")  # fmt: skip
+    a, b = load_file(first.output), load_file(train(warm, lm=tiny_model()).output)
+    assert a.keys() == b.keys() and b["comp.weight"].shape[0] == n_tok
+    expected = a["comp.weight"][torch.arange(n_tok) % 4]
+    torch.testing.assert_close(b["comp.weight"], expected, rtol=0, atol=1e-6)
+    for key in (k for k in a if k != "comp.weight"):
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
 
 
 def test_unified_preset_trains_on_the_mixture(tmp_path):

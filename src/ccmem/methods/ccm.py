@@ -155,6 +155,16 @@ class CompTokens(ccm_seq2seq.EncoderMemory, LoRAOptions):
             stack.callback(handle.remove)
         stack.enter_context(compression_attention(lm.model))
 
+    def warm_start(
+        self, differing: dict[str, tuple[Any, Any]], tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor] | None:
+        """Start from an adapter with another ``n_tok``: its LoRA as it is, and its first ``n_tok`` <COMP>
+        embeddings (a run with more <COMP> tokens than the adapter repeats its embeddings in turn)."""
+        if set(differing) != {"n_tok"}:
+            return None
+        weight = tensors["comp.weight"]
+        return tensors | {"comp.weight": weight[torch.arange(self.n_tok) % weight.shape[0]].clone()}
+
     @classmethod
     def legacy_adapter(
         cls, state: dict[str, torch.Tensor], meta: dict[str, str]

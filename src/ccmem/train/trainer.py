@@ -16,6 +16,7 @@ hold only the trainable tensors, so they stay a few MB.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -385,7 +386,8 @@ def init_state(method: Method, lm: LoadedModel, source: str) -> None:
     """Start ``method``'s trainable state from an adapter file (``init_from``; "shipped": ccmem's own).
 
     The adapter may come from another method with the same state (a ``ccm-concat`` adapter can start a
-    ``ccm-merge`` run), but options that shape the state (``n_tok``, LoRA rank and targets ...) must agree.
+    ``ccm-merge`` run). Options that shape the state (``n_tok``, LoRA rank and targets ...) must agree, unless
+    the method can carry the state over (:meth:`Method.warm_start`: CCM and gist across ``n_tok``).
     """
     path = shipped_adapter(lm.name, method.name) if source == "shipped" else Path(source)
     if path is None:
@@ -393,12 +395,21 @@ def init_state(method: Method, lm: LoadedModel, source: str) -> None:
     try:
         adapter = read_adapter(path)
         ours = method.options()
-        for key, value in adapter.options.items():
-            if key in ours and key not in method.runtime_options and _canonical(ours[key]) != _canonical(value):
+        differing = {
+            key: (value, ours[key])
+            for key, value in adapter.options.items()
+            if key in ours and key not in method.runtime_options and _canonical(ours[key]) != _canonical(value)
+        }
+        if differing:
+            tensors = method.warm_start(differing, adapter.tensors)
+            if tensors is None:
+                key, (value, mine) = next(iter(differing.items()))
                 raise AdapterMismatchError(
-                    f"{path} was trained with {key}={value!r}, this run has {key}={ours[key]!r}; set method.{key} "
+                    f"{path} was trained with {key}={value!r}, this run has {key}={mine!r}; set method.{key} "
                     f"to {value!r} or start from scratch"
                 )
+            logger.info("carrying %s over to %s", path, ", ".join(f"{k}={v[1]!r}" for k, v in differing.items()))
+            adapter = dataclasses.replace(adapter, tensors=tensors)
         load_adapter(method, lm, adapter)
     except (AdapterMismatchError, FileNotFoundError) as err:
         raise ConfigError(f"init_from: {err}") from None
