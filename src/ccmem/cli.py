@@ -813,6 +813,7 @@ def compare(
     out_dir: Annotated[
         Path, typer.Option("--out-dir", "-o", help="Rows (rows.jsonl, decode.jsonl), report.md/.html and plots.")
     ] = Path("results/compare"),
+    stage1: Stage1Opt = None,
     attn: AttnOpt = "sdpa",
 ) -> None:
     """Run methods x tasks x memory budgets side by side and write an HTML + markdown report with plots.
@@ -825,6 +826,7 @@ def compare(
     from ccmem.eval.compare import CompareSettings, grid, run_decode_speed, run_grid
     from ccmem.eval.compare_report import write_compare_report
     from ccmem.loading import load_model
+    from ccmem.stage1 import merge_stage1, stage1_file
 
     adapters = {name: str(path) for name, path in _adapters(adapter).items()}
     names = _method_list(methods, model, ("baseline", "learned", "training-free"))
@@ -841,9 +843,13 @@ def compare(
         decode_budget=_fraction(decode_budget),
     )
     cells = grid(settings)
+    if stage1 is not None:
+        stage1_file(stage1)  # before loading the model: a wrong path is said at once
     with console.status(f"loading {model}..."):
         lm = load_model(model, attn_implementation=attn)
     _check_attention(lm, names, settings.options)
+    if stage1 is not None:  # every method then reads the finetuned weights: full is the stage-1 reference
+        merge_stage1(lm, stage1)
     rows = []
     with Progress(console=err_console, transient=True) as bar:
         task = bar.add_task("compare", total=len(cells) * n)
@@ -861,7 +867,8 @@ def compare(
                 lm, settings, out_dir, progress=lambda text: bar.update(step, description=text)
             )
     header = (
-        f"{lm.name}; {n} examples per task; budgets {budgets} of the context for training-free methods; "
+        f"{lm.name}{f' with stage-1 LoRA {lm.stage1} merged in' if lm.stage1 else ''}; {n} examples per task; "
+        f"budgets {budgets} of the context for training-free methods; "
         f"system prompt {settings.system!r} kept by every method."
     )
     paths = write_compare_report(rows, decode_rows, out_dir, header=header)

@@ -28,7 +28,8 @@ class Stage1Error(ValueError):
     """A stage-1 LoRA that is missing, malformed, made for another model, or merged twice."""
 
 
-def _file(path: str | os.PathLike[str]) -> Path:
+def stage1_file(path: str | os.PathLike[str]) -> Path:
+    """The stage-1 LoRA file of a run folder (or the file itself); refused with what was expected if none."""
     file = Path(path)
     if file.is_dir():
         file = file / ADAPTER_FILE if (file / ADAPTER_FILE).is_file() else file / LEGACY_STAGE1_FILE
@@ -42,7 +43,7 @@ def merge_stage1(lm: LoadedModel, path: str | os.PathLike[str]) -> str:
     from ccmem.adapter import AdapterMismatchError, load_adapter, read_adapter
     from ccmem.registry import get_method
 
-    file = _file(path)
+    file = stage1_file(path)
     try:
         with safe_open(str(file), framework="pt") as f:
             meta = f.metadata() or {}

@@ -132,3 +132,27 @@ def test_gap_closed_is_the_share_of_the_none_to_full_distance():
     ppl = [row("full", perplexity=20.0), row("none", perplexity=80.0), row("ccm-merge", perplexity=40.0)]
     assert gap_closed(ppl, ppl[2], "perplexity") == pytest.approx(0.5)
     assert gap_closed(rows[2:], rows[2], "accuracy") is None
+
+
+def test_a_stage1_grid_keeps_its_rows_apart_from_the_plain_models(tmp_path, monkeypatch, capsys):
+    """`--stage1`: every method reads the finetuned weights (full is then the stage-1 reference); a grid cached
+    on the plain model is never reused for it, nor the other way round."""
+    from ccmem.stage1 import merge_stage1
+    from ccmem.train.config import load_config
+    from ccmem.train.trainer import train
+    from tests.unit.test_training import TINY
+
+    stage1 = train(load_config("persona-full", [f"output_dir={tmp_path}", "model=tiny", *TINY,
+                                                "train.max_steps=2", "train.lr=1e-2"]), lm=tiny_model())  # fmt: skip
+    settings = CompareSettings(**(SETTINGS | {"methods": ["full", "none"], "tasks": ["persona"], "options": {}}))
+    plain = list(run_grid(tiny_model(positions=8192), settings, tmp_path / "grid"))
+    lm = tiny_model(positions=8192)
+    merge_stage1(lm, stage1.run_dir)
+    finetuned = list(run_grid(lm, settings, tmp_path / "grid"))
+    assert len((tmp_path / "grid" / "rows.jsonl").read_text().splitlines()) == 4  # measured anew, kept apart
+    assert all(r.extra.get("stage1") == lm.stage1 for r in finetuned) and not any("stage1" in r.extra for r in plain)
+    assert {r.config_hash for r in plain}.isdisjoint(r.config_hash for r in finetuned)
+    assert finetuned[0].perplexity != pytest.approx(plain[0].perplexity)
+    args = ["--methods", "full", "--tasks", "persona", "--n", "1", "--no-decode", "--out-dir", str(tmp_path / "x")]
+    code, text = run_cli(monkeypatch, capsys, "compare", "--stage1", str(tmp_path / "nothing"), *args)
+    assert code != 0 and "no stage-1 LoRA at" in " ".join(text.split())

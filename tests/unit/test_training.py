@@ -40,7 +40,11 @@ def _config(tmp_path, *extra: str, preset: str = "persona-ccm-concat"):
 
 
 def test_presets_cover_the_recipe_and_overrides_are_typed_and_checked():
-    assert {"persona-ccm-concat", "persona-ccm-merge", "persona-full"} <= set(preset_names())
+    assert {"persona-ccm-concat", "persona-ccm-merge", "persona-full", "unified-full"} <= set(preset_names())
+    for name in preset_names():  # every preset parses, with a known method and its options
+        assert load_config(name, []).run_id == name
+    stage2 = load_config("unified-ccm-concat-stage2", [])  # the two stages of the general recipe
+    assert (stage2.load_path, stage2.init_from, stage2.method.name) == ("runs/unified-full", "shipped", "ccm-concat")
     config = load_config("persona-ccm-merge", ["train.lr=1e-4", "method.n_tok=2", "method.lora_targets=[q_proj]"])
     assert (config.run_id, config.train.lr, config.method.n_tok) == ("persona-ccm-merge", 1e-4, 2)
     assert config.method.lora_targets == ("q_proj",)
@@ -170,6 +174,11 @@ def test_stage1_lora_then_stage2_on_top_and_load_path_for_another_model_is_refus
     with pytest.raises(MemoryMismatchError, match=r"stage1='[0-9a-f]+', but this model has stage1=''"):
         load(tiny_model(), "ccm-concat").load_memory(memory)
     load(tiny_model(), "ccm-concat", adapter=stage2.output, stage1=stage1.run_dir).load_memory(memory)
+    # An adapter trained without stage 1 may start a stage-2 run: the result belongs to the stage-1 weights.
+    plain = train(_config(tmp_path, "train.max_steps=1", "run_id=plain"), lm=tiny_model())
+    warm = train(_config(tmp_path, "train.max_steps=1", "run_id=warm", f"load_path={stage1.run_dir}",
+                         f"init_from={plain.output}"), lm=tiny_model())  # fmt: skip
+    assert read_adapter(warm.output).stage1 == read_adapter(stage2.output).stage1 != ""
     with pytest.raises(ConfigError, match="was trained for model 'tiny-llama-gqa'"):
         train(
             _config(tmp_path, "train.max_steps=2", "run_id=other", f"load_path={stage1.run_dir}"),

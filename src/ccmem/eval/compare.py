@@ -210,7 +210,8 @@ def run_grid(
     for task_name in settings.tasks:
         task = TASKS[task_name]
         examples = task_examples(task, settings.n)
-        eval_settings = settings.eval_settings(task, lm.name)
+        # weights with a stage-1 LoRA merged in are another model: their rows never stand in for the plain one's
+        eval_settings = settings.eval_settings(task, f"{lm.name}+stage1:{lm.stage1}" if lm.stage1 else lm.name)
         config_hash = eval_settings.fingerprint(task.name, len(examples))
         for cell in (c for c in grid(settings) if c.task == task_name):
             method = base_method(cell.method)

@@ -387,7 +387,8 @@ def init_state(method: Method, lm: LoadedModel, source: str) -> None:
 
     The adapter may come from another method with the same state (a ``ccm-concat`` adapter can start a
     ``ccm-merge`` run). Options that shape the state (``n_tok``, LoRA rank and targets ...) must agree, unless
-    the method can carry the state over (:meth:`Method.warm_start`: CCM and gist across ``n_tok``).
+    the method can carry the state over (:meth:`Method.warm_start`: CCM and gist across ``n_tok``). An adapter
+    trained on another stage-1 LoRA (or none) may start a run on this one: the result records this run's.
     """
     path = shipped_adapter(lm.name, method.name) if source == "shipped" else Path(source)
     if path is None:
@@ -410,6 +411,10 @@ def init_state(method: Method, lm: LoadedModel, source: str) -> None:
                 )
             logger.info("carrying %s over to %s", path, ", ".join(f"{k}={v[1]!r}" for k, v in differing.items()))
             adapter = dataclasses.replace(adapter, tensors=tensors)
+        if adapter.stage1 != (lm.stage1 or ""):  # a starting point only: stage 2 on another stage 1 is a new run
+            logger.info("starting from %s, trained on stage-1 %s, on top of stage-1 %s", path,
+                        adapter.stage1 or "none", lm.stage1 or "none")  # fmt: skip
+            adapter = dataclasses.replace(adapter, stage1=lm.stage1 or "")
         load_adapter(method, lm, adapter)
     except (AdapterMismatchError, FileNotFoundError) as err:
         raise ConfigError(f"init_from: {err}") from None
