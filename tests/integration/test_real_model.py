@@ -43,7 +43,7 @@ def test_full_equals_transformers_generate_on_a_chat(smollm):
 
 def test_ccm_compresses_a_conversation_into_fewer_slots(smollm):
     full = ccmem.load(smollm, method="full")
-    concat = ccmem.load(smollm, method="ccm-concat", n_tok=4)
+    concat = ccmem.load(smollm, method="ccm-concat")  # the shipped adapter's n_tok
     for session in (full, concat):
         for i in range(3):
             session.remember(f"Fact number {i}: the code word is alpha{i}.", "Noted.")
