@@ -412,8 +412,7 @@ def init_state(method: Method, lm: LoadedModel, source: str) -> None:
             logger.info("carrying %s over to %s", path, ", ".join(f"{k}={v[1]!r}" for k, v in differing.items()))
             adapter = dataclasses.replace(adapter, tensors=tensors)
         if adapter.stage1 != (lm.stage1 or ""):  # a starting point only: stage 2 on another stage 1 is a new run
-            logger.info("starting from %s, trained on stage-1 %s, on top of stage-1 %s", path,
-                        adapter.stage1 or "none", lm.stage1 or "none")  # fmt: skip
+            logger.info("starting from %s (stage-1 %r) on top of stage-1 %r", path, adapter.stage1, lm.stage1)
             adapter = dataclasses.replace(adapter, stage1=lm.stage1 or "")
         load_adapter(method, lm, adapter)
     except (AdapterMismatchError, FileNotFoundError) as err:
