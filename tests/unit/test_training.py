@@ -44,7 +44,8 @@ def test_presets_cover_the_recipe_and_overrides_are_typed_and_checked():
     for name in preset_names():  # every preset parses, with a known method and its options
         assert load_config(name, []).run_id == name
     stage2 = load_config("unified-ccm-concat-stage2", [])  # the two stages of the general recipe
-    assert (stage2.load_path, stage2.init_from, stage2.method.name) == ("runs/unified-full", "shipped", "ccm-concat")
+    assert (stage2.load_path, stage2.method.name) == ("runs/unified-full", "ccm-concat")
+    assert stage2.init_from == "runs/unified-ccm-concat-3/adapter.safetensors"  # the 4-token run it was measured from
     config = load_config("persona-ccm-merge", ["train.lr=1e-4", "method.n_tok=2", "method.lora_targets=[q_proj]"])
     assert (config.run_id, config.train.lr, config.method.n_tok) == ("persona-ccm-merge", 1e-4, 2)
     assert config.method.lora_targets == ("q_proj",)
