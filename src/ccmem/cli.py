@@ -700,6 +700,10 @@ def eval_command(
         seed=seed,
     )
     examples = load_examples(cfg, split)[:n]
+    if stage1 is not None:
+        from ccmem.stage1 import stage1_file
+
+        stage1_file(stage1)  # before loading the model: a wrong path is said at once
     with console.status(f"loading {model}..."):
         lm = load_model(model, attn_implementation=attn)
     _check_attention(lm, names, options)

@@ -280,3 +280,21 @@ def test_serve_refuses_a_store_whose_database_is_not_one(monkeypatch, capsys, tm
     (tmp_path / "sessions.db").write_bytes(b"definitely not sqlite" * 64)
     code, out = run_cli(monkeypatch, capsys, "serve", "--store", str(tmp_path), "--port", "0", "--model", "x")
     assert code == 2 and "is not a ccmem session database" in " ".join(out.split()) and "Traceback" not in out
+
+
+@pytest.mark.parametrize("command", ["eval", "compare"])
+def test_a_missing_stage1_run_is_refused_before_the_model_loads(monkeypatch, capsys, tmp_path, command):
+    """Loading a model takes a while; a mistyped --stage1 path must not cost that wait before it is said."""
+    import ccmem.loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before --stage1 was checked")
+
+    monkeypatch.setattr(ccmem.loading, "load_model", no_load)
+    args = ["--methods", "full", "--n", "1", "--stage1", str(tmp_path / "nothing")]
+    if command == "eval":
+        args = ["persona", *args, "--out", str(tmp_path / "rows.jsonl")]
+    else:
+        args += ["--tasks", "persona", "--out-dir", str(tmp_path / "x")]
+    code, text = run_cli(monkeypatch, capsys, command, *args)
+    assert code != 0 and "no stage-1 LoRA at" in " ".join(text.split())
