@@ -83,9 +83,10 @@ def test_compression_never_runs_the_lm_decoder_over_the_context():
     assert seen == [3 + 1] * len(lm.model.base_model.layers)  # the digests and the FT marker, once per layer
 
 
-def test_padded_contexts_give_the_digests_each_gives_alone():
+@pytest.mark.parametrize("locality", [True, False])
+def test_padded_contexts_give_the_digests_each_gives_alone(locality):
     lm = tiny_model()
-    method = icformer()
+    method = icformer(locality=locality)
     randomize_state(method, lm)
     chunks = [torch.arange(10, 17), torch.arange(30, 33), torch.arange(50, 55)]
     with torch.no_grad():
@@ -207,3 +208,42 @@ def test_autoencoding_scores_compare_the_reconstruction_with_the_context(monkeyp
     assert scores["token_accuracy"] == 0.5 and scores["exact"] == 0
     monkeypatch.setattr(ICFormerMethod, "reconstruct", lambda self, lm, context: list(ids))
     assert autoencode(lm, method, [text])["exact"] == 1.0 == autoencode(lm, method, [text])["rouge_l"]
+
+
+def test_an_untrained_former_with_locality_starts_as_a_copy_of_its_segments():
+    """``locality=True``: each digest sits on its segment and passes its embeddings through, so with a digest per
+    token the untrained digests are (nearest to) the context's own tokens, in order, whatever the length; the
+    paper's layout starts from digests that say nothing of the context."""
+    lm = tiny_model()
+    table = torch.nn.functional.normalize(lm.model.get_input_embeddings().weight.detach().float(), dim=-1)
+
+    def nearest(method, context):
+        with torch.no_grad():
+            digests = method.digests(lm, [context])[0].float()
+        return (torch.nn.functional.normalize(digests, dim=-1) @ table.T).argmax(-1)
+
+    for n in (8, 5):
+        context = torch.randint(3, lm.model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(n))
+        copied = (nearest(icformer(num_query_tokens=n, locality=True), context) == context).float().mean()
+        assert copied >= 0.9
+        assert (nearest(icformer(num_query_tokens=n, locality=False), context) == context).float().mean() < 0.5
+    # four distinct tokens per digest: each digest is closer to its own segment's tokens than to any other's
+    context = 3 + torch.randperm(lm.model.config.vocab_size - 3, generator=torch.Generator().manual_seed(1))[:16]
+    with torch.no_grad():
+        digests = icformer(num_query_tokens=4, locality=True).digests(lm, [context])[0].float()
+    closeness = (torch.nn.functional.normalize(digests, dim=-1) @ table[context].T).view(4, 4, 4).mean(-1)
+    assert torch.equal(closeness.argmax(-1), torch.arange(4))  # [digest, segment]: the diagonal wins
+
+
+def test_the_locality_penalty_trains_and_is_saved_with_the_former(tmp_path):
+    lm = tiny_model()
+    method = icformer(locality=True)
+    former = method.module_for(lm).requires_grad_(True)  # as a training recipe turns it on
+    slopes = [name for name, _ in former.named_parameters() if "log_slope" in name]
+    assert len(slopes) == 2  # one per layer
+    digests = method.digests(lm, [torch.arange(3, 12)])[0]
+    digests.pow(2).sum().backward()
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for n, p in former.named_parameters() if n in slopes)
+    path = save_adapter(method, lm, tmp_path / "icformer.safetensors")
+    with pytest.raises(AdapterMismatchError, match="trained with locality=True, but locality=False"):
+        ccmem.load(tiny_model(), "icformer", adapter=path, locality=False)

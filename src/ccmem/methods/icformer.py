@@ -84,6 +84,11 @@ class ICFormerMethod(Method):
     max_chunk_len: int = option(512, "longest chunk with use_chunk (the context is cut into equal chunks)")
     objective: str = option("finetune", "training loss: finetune (answer after digests + prompt) or pretrain")
     avg_level: str = option("token", "loss reduction: token (mean over all targets) or sentence (of sample means)")
+    locality: bool = option(
+        True,
+        "digests at the centres of their context segments with a learned distance penalty, starting as a copy of "
+        "their segments (ccmem's, learns in a CPU budget); false: the paper's layout (digests after the context)",
+    )
 
     def check_options(self) -> None:
         for key in ("num_hidden_layers", "num_query_tokens", "max_seq_len", "max_chunk_len"):
@@ -110,6 +115,7 @@ class ICFormerMethod(Method):
             num_heads=heads,
             intermediate_size=getattr(cfg, "intermediate_size", None),
             init_from=embed.detach(),
+            locality=self.locality,
         )
         return former.to(device=embed.device, dtype=embed.dtype)
 

@@ -12,9 +12,10 @@ The attention pattern of one chunk of ``n`` context tokens and ``q`` digests::
     query d(q-1)          1  1  1  ...  1      |  1  1  1  ...  1
 
 Context tokens are never queries (no context self-attention), so a layer costs ``O(q * (n + q))`` instead of
-the LM's ``O(n^2)`` over all its layers: that is where the compression speed comes from. Positions are rotary,
-as in the paper: context token ``j`` at position ``j``, digest ``i`` at ``n + i`` (the digests read the context
-"after" it).
+the LM's ``O(n^2)`` over all its layers: that is where the compression speed comes from. Positions are rotary:
+context token ``j`` at position ``j``; digest ``i`` at ``n + i`` in the paper's layout (``locality=False``: the
+digests read the context "after" it), or, by default, at the centre of the ``i``-th of ``q`` equal segments of
+the context, ``(i + 1/2) n / q - 1/2`` (``locality=True``, see below).
 
 Where ccmem differs from the reference code, and why:
 
@@ -24,6 +25,15 @@ Where ccmem differs from the reference code, and why:
   attend to previous digests); the reference code feeds the first layer's digest embeddings to every layer.
 * The final norm's weight starts at the LM embeddings' RMS, so an untrained former already emits inputs of the
   LM's embedding scale (the reference starts at 1, fine for LLaMA-7B's scale, far off for small LMs).
+* ``locality=True`` (the default) gives the former a start it can learn from in a CPU budget. After the paper's
+  layout and random init, 100 pretraining steps here left the frozen LM writing back 0.2% of a context's tokens
+  (chance): a digest placed after the context can only find "its" part through the relative distance
+  ``n + i - j``, which changes with every context length. So each digest sits at the centre of its segment, each
+  head subtracts a learned distance penalty ``slope * |p_digest - p_key| / max(1, n / q)`` from its scores
+  (ALiBi-like, in segment lengths, slopes spread from sharp to broad at init), and the value and output
+  projections start as the identity: an untrained former emits, per digest, a distance-weighted mean of its
+  segment's embeddings, which the LM already reads as text (a copy of the context when ``n <= q``). Training
+  moves on from there; nothing is frozen. ``locality=False`` is the paper's layout, kept for comparison.
 * Contexts of different lengths are batched (right-padded, masked, each row with its own digest positions), so
   training uses padded batches instead of the reference's one-sample loop; a padded row computes exactly what
   it computes alone.
@@ -65,9 +75,11 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tens
 class ICFormerLayer(nn.Module):
     """Digest queries over ``[context; digests]`` keys/values, then a gated MLP (both pre-norm, residual)."""
 
-    def __init__(self, hidden: int, heads: int, intermediate: int, theta: float):
+    def __init__(self, hidden: int, heads: int, intermediate: int, theta: float, locality: bool = False):
         super().__init__()
         self.heads, self.head_dim, self.theta = heads, hidden // heads, theta
+        # per-head distance penalty (log of the slope, so it stays positive): 1/4 .. 4 per segment length
+        self.log_slope = nn.Parameter(torch.linspace(-1.4, 1.4, heads)) if locality else None
         self.context_norm = RMSNorm(hidden)
         self.digest_norm = RMSNorm(hidden)
         self.q_proj = nn.Linear(hidden, hidden, bias=False)
@@ -83,15 +95,25 @@ class ICFormerLayer(nn.Module):
         return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
 
     def forward(
-        self, digests: torch.Tensor, context: torch.Tensor, key_positions: torch.Tensor, mask: torch.Tensor
+        self,
+        digests: torch.Tensor,
+        context: torch.Tensor,
+        key_positions: torch.Tensor,
+        mask: torch.Tensor,
+        distance: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``distance`` (``[batch, q, n + q]``, in segment lengths) is what the locality penalty scales."""
         q_len = digests.shape[1]
         d = self.digest_norm(digests)
         kv_in = torch.cat([self.context_norm(context), d], dim=1)
         q = rotary(self._split(self.q_proj(d)), key_positions[:, -q_len:], self.theta)
         k = rotary(self._split(self.k_proj(kv_in)), key_positions, self.theta)
         v = self._split(self.v_proj(kv_in))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+        bias: torch.Tensor = mask[:, None]
+        if self.log_slope is not None and distance is not None:
+            penalty = self.log_slope.exp().to(q.dtype)[None, :, None, None] * distance[:, None].to(q.dtype)
+            bias = torch.where(mask[:, None], -penalty, torch.finfo(q.dtype).min)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         digests = digests + self.o_proj(out.transpose(1, 2).reshape(digests.shape))
         h = self.mlp_norm(digests)
         return digests + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
@@ -116,8 +138,10 @@ class ICFormer(nn.Module):
         intermediate_size: int | None = None,
         rope_theta: float = 10000.0,
         init_from: torch.Tensor | None = None,
+        locality: bool = False,
     ):
         super().__init__()
+        self.locality = locality
         if hidden_size % num_heads or (hidden_size // num_heads) % 2:
             raise ValueError(f"hidden_size {hidden_size} must split into {num_heads} heads of even size")
         generator = torch.Generator().manual_seed(0)
@@ -126,10 +150,14 @@ class ICFormer(nn.Module):
             scale = float(init_from.float().pow(2).mean().sqrt())
         else:
             mean, std, scale = torch.zeros(hidden_size), torch.ones(hidden_size), 1.0
-        self.digest = nn.Parameter(mean + 0.1 * std * torch.randn(num_query_tokens, hidden_size, generator=generator))
+        # with locality the digests start small: their positions pick their segments, the segment is the content
+        digest_scale = 0.01 if locality else 1.0
+        self.digest = nn.Parameter(
+            digest_scale * (mean + 0.1 * std * torch.randn(num_query_tokens, hidden_size, generator=generator))
+        )
         self.markers = nn.Parameter(mean + 0.1 * std * torch.randn(3, hidden_size, generator=generator))
         self.layers = nn.ModuleList(
-            ICFormerLayer(hidden_size, num_heads, intermediate_size or 4 * hidden_size, rope_theta)
+            ICFormerLayer(hidden_size, num_heads, intermediate_size or 4 * hidden_size, rope_theta, locality)
             for _ in range(num_hidden_layers)
         )
         self.norm = RMSNorm(hidden_size, scale=scale)
@@ -137,6 +165,11 @@ class ICFormer(nn.Module):
             for module in layer.modules():
                 if isinstance(module, nn.Linear):
                     nn.init.normal_(module.weight, std=0.02, generator=generator)
+            if locality:  # values pass through: an untrained former emits its segments' (weighted) embeddings
+                block = cast(ICFormerLayer, layer)
+                with torch.no_grad():
+                    block.v_proj.weight.copy_(torch.eye(hidden_size))
+                    block.o_proj.weight.copy_(torch.eye(hidden_size))
 
     @property
     def num_query_tokens(self) -> int:
@@ -151,13 +184,21 @@ class ICFormer(nn.Module):
         lengths = lengths or [n] * batch
         real = torch.tensor(lengths, device=device)
         cols = torch.arange(n, device=device)
-        digest_pos = real[:, None] + torch.arange(q, device=device)
-        key_positions = torch.cat([cols.expand(batch, n), digest_pos], dim=1)
+        slots = torch.arange(q, device=device)
+        distance = None
+        if self.locality:  # the centre of each digest's segment; distances in segment lengths (at least a token)
+            segment = real[:, None].float() / q
+            digest_pos = (slots + 0.5) * segment - 0.5
+            key_positions = torch.cat([cols.float().expand(batch, n), digest_pos], dim=1)
+            distance = (digest_pos[:, :, None] - key_positions[:, None, :]).abs() / segment.clamp(min=1.0)[:, :, None]
+        else:
+            digest_pos = real[:, None] + slots
+            key_positions = torch.cat([cols.expand(batch, n), digest_pos], dim=1)
         causal = torch.ones(q, q, dtype=torch.bool, device=device).tril()
         mask = torch.cat([(cols[None] < real[:, None])[:, None].expand(batch, q, n), causal.expand(batch, q, q)], 2)
         hidden = self.digest.to(context.dtype)[None].expand(batch, q, -1)
         for layer in self.layers:
-            hidden = layer(hidden, context, key_positions, mask)
+            hidden = layer(hidden, context, key_positions, mask, distance)
         return self.norm(hidden)
 
     def marker(self, which: int, dtype: torch.dtype) -> torch.Tensor:
