@@ -552,6 +552,16 @@ def train(
     show_config: Annotated[bool, typer.Option("--show-config", help="Print the resolved config and exit.")] = False,
     show_keys: Annotated[bool, typer.Option("--show-keys", help="List every config key with its type.")] = False,
     show_presets: Annotated[bool, typer.Option("--show-presets", help="List the named presets.")] = False,
+    export_checkpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--export-checkpoint",
+            metavar="STEP|latest",
+            help="Train nothing: write the adapter of this run's checkpoint-STEP (or its latest) to "
+            "RUN/checkpoint-STEP/adapter.safetensors, to use a run stopped early. Give the run's own preset and "
+            "overrides; resuming it later is not affected.",
+        ),
+    ] = None,
 ) -> None:
     """Train a method's adapter (or a stage-1 LoRA: method.name=full) on the HF Trainer; rerunning resumes.
 
@@ -578,6 +588,15 @@ def train(
     config = load_config(preset, list(overrides or []) + (["wandb=true"] if wandb else []))
     if show_config:
         console.print(yaml.safe_dump(config.to_dict(), sort_keys=False), highlight=False)
+        return
+    if export_checkpoint is not None:
+        from ccmem.train.trainer import export_checkpoint as export
+
+        which = export_checkpoint.strip().lower()
+        if which != "latest" and not which.isdigit():
+            raise typer.BadParameter(f"--export-checkpoint must be a step number or 'latest', got {export_checkpoint!r}")
+        path = export(config, None if which == "latest" else int(which))
+        console.print(f"wrote {path}")
         return
     from ccmem.train.trainer import train as run_training
 

@@ -298,3 +298,11 @@ def test_a_missing_stage1_run_is_refused_before_the_model_loads(monkeypatch, cap
         args += ["--tasks", "persona", "--out-dir", str(tmp_path / "x")]
     code, text = run_cli(monkeypatch, capsys, command, *args)
     assert code != 0 and "no stage-1 LoRA at" in " ".join(text.split())
+
+
+def test_export_checkpoint_takes_a_step_or_latest_and_names_a_run_without_checkpoints(monkeypatch, capsys, tmp_path):
+    code, text = run_cli(monkeypatch, capsys, "train", "persona-ccm-concat", "--export-checkpoint", "banana")
+    assert code != 0 and "must be a step number or 'latest'" in " ".join(text.split())
+    args = ["train", "persona-ccm-concat", f"output_dir={tmp_path}", "--export-checkpoint", "latest"]
+    code, text = run_cli(monkeypatch, capsys, *args)
+    assert code != 0 and "has no checkpoint in" in " ".join(text.split())

@@ -306,3 +306,35 @@ def test_stream_preset_trains_every_block_on_text_read_as_a_stream(tmp_path):
     assert preset.init_from == "runs/unified-ccm-concat/adapter.safetensors"  # the chat adapter it started from
     result = train(config, lm=lm)
     assert result.steps == 2 and read_adapter(result.output).train_dataset == "text-stream"
+
+
+def test_a_checkpoint_of_a_stopped_run_exports_as_an_adapter(tmp_path, monkeypatch, capsys):
+    """A run stopped before max_steps (the session ended) is usable: checkpoint-N becomes an adapter that holds
+    that checkpoint's tensors, loads like a finished run's, and says which step of which schedule it is."""
+    import shutil
+
+    from ccmem.train.trainer import export_checkpoint
+
+    config = _config(tmp_path, "train.patience=0")
+    train(config, lm=tiny_model())
+    run = config.run_dir
+    shutil.rmtree(run / "checkpoint-4")  # as if the session had ended after step 2
+    (run / "adapter.safetensors").unlink()
+    (run / "summary.json").unlink()
+    path = export_checkpoint(config, lm=tiny_model())  # the latest: 2
+    assert path == run / "checkpoint-2" / "adapter.safetensors"
+    saved = load_file(run / "checkpoint-2" / "model.safetensors")
+    adapter = read_adapter(path)
+    assert adapter.extra["steps"] == 2 and "of a 4-step schedule" in adapter.extra["exported_checkpoint"]
+    assert adapter.extra["eval_loss"] is not None
+    for key, value in adapter.tensors.items():
+        torch.testing.assert_close(value, saved[f"method_state.{key}"])
+    session = load(tiny_model(), "ccm-concat", adapter=path, system_prompt="Hi.")
+    session.remember("My cat is Tom.", "Nice.")
+    assert session.memory.num_slots > 0
+    with pytest.raises(ConfigError, match="has no checkpoint-3; it has: 2"):
+        export_checkpoint(config, 3, lm=tiny_model())
+    with pytest.raises(ConfigError, match=r"train.lr: 0.01 -> 0.001"):  # another config is not this run
+        export_checkpoint(_config(tmp_path, "train.patience=0", "train.lr=1e-3"), lm=tiny_model())
+    # the run resumes as before
+    assert train(config, lm=tiny_model()).resumed_from.endswith("checkpoint-2")

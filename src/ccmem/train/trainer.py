@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 
@@ -380,6 +380,64 @@ def train(config: TrainConfig, *, lm: LoadedModel | None = None) -> TrainResult:
         with atomic_path(run_dir / "summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
     return TrainResult(run_dir, output, trainer.state.global_step, seconds, module.tokens_seen, eval_loss, resume)
+
+
+def export_checkpoint(config: TrainConfig, step: int | None = None, *, lm: LoadedModel | None = None) -> Path:
+    """Write the adapter of one checkpoint of ``config``'s run (default: its latest) and return its path.
+
+    A run stopped before ``train.max_steps`` (a session that ran out of time, a loss that stopped improving)
+    is then usable as it is: ``runs/<run_id>/checkpoint-N/adapter.safetensors`` loads like a finished run's
+    adapter and records which step of which schedule it is. Resuming the run later is not affected.
+    """
+    prepare_run_dir(config)  # the run's own config, or refused naming what differs
+    run_dir = config.run_dir
+    steps = {
+        int(p.name.split("-")[1]): p
+        for p in run_dir.glob("checkpoint-*")
+        if p.name.split("-")[1].isdigit() and (p / CHECKPOINT_WEIGHTS).is_file()
+    }
+    if not steps:
+        raise ConfigError(f"run {config.run_id!r} has no checkpoint in {run_dir} to export")
+    step = max(steps) if step is None else step
+    if step not in steps:
+        raise ConfigError(f"run {config.run_id!r} has no checkpoint-{step}; it has: {', '.join(map(str, sorted(steps)))}")
+    folder = steps[step]
+    method = get_method(config.method.name, **config.method.options)
+    lm = lm or load_model(config.model, attn_implementation=config.attn)
+    try:
+        stage1_hash = merge_stage1(lm, config.load_path) if config.load_path else None
+    except Stage1Error as err:
+        raise ConfigError(f"load_path: {err}") from None
+    state = method.module_for(lm)
+    if state is None:
+        raise ConfigError(f"method {method.name!r} has no trainable state")
+    prefix = "method_state."  # TrainingModule's attribute: the Trainer saved the state under it
+    saved = {k[len(prefix) :]: v for k, v in load_file(str(folder / CHECKPOINT_WEIGHTS)).items() if k.startswith(prefix)}
+    result = state.load_state_dict(saved, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ConfigError(
+            f"{folder} does not hold this run's {method.name} state (missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]})"
+        )
+    eval_loss = None
+    trainer_state = folder / "trainer_state.json"
+    if trainer_state.is_file():
+        history = json.loads(trainer_state.read_text()).get("log_history", [])
+        eval_loss = next((r["eval_loss"] for r in reversed(history) if "eval_loss" in r and r.get("step") == step), None)
+    output = folder / ADAPTER_FILE
+    extra = {
+        "run_id": config.run_id,
+        "config_hash": config.fingerprint(),
+        "steps": step,
+        "exported_checkpoint": f"checkpoint-{step} of a {config.train.max_steps}-step schedule",
+        "eval_loss": eval_loss,
+        "data": config.data.dataset,
+        "data_version": data_version(config.data),
+        "stage1": stage1_hash,
+        "config": config.to_dict(),
+    }
+    save_adapter(method, lm, output, extra=extra)
+    return output
 
 
 def init_state(method: Method, lm: LoadedModel, source: str) -> None:
