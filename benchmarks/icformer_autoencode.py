@@ -1,11 +1,14 @@
 """How much of a context an IC-Former's digests keep: the frozen LM writes the context back from the digests and
-the AE marker (``ccmem.eval.autoencode``), for an untrained former and a trained one, on the same texts.
+the AE marker (``ccmem.eval.autoencode``), for untrained formers (the paper's layout and ccmem's ``locality``
+start) and trained ones, on the same texts.
 
     python benchmarks/icformer_autoencode.py --adapter runs/icformer-pretrain/adapter.safetensors
-    python benchmarks/icformer_autoencode.py --adapter A.safetensors --texts 8 --tokens 256
+    python benchmarks/icformer_autoencode.py --adapter A.safetensors --adapter B.safetensors --texts 8 --tokens 512
+    python benchmarks/icformer_autoencode.py --tokens 512 --no-greedy      # teacher-forced scores only (fast)
 
 Texts are spans of the packaged plays' test split (documents never trained on; ``ccmem.data.text``), cut to
-``--tokens`` tokens; reconstruction is greedy, as long as the context.
+``--tokens`` tokens. Teacher-forced: loss and accuracy of each token after the digests, the AE marker and the
+true earlier tokens (one forward); greedy: the reconstruction written token by token, as long as the context.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from ccmem.loading import DEFAULT_MODEL, load_model
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapter", required=True, help="a trained icformer adapter (icformer-pretrain's)")
+    parser.add_argument(
+        "--adapter", action="append", default=[], help="a trained icformer adapter (icformer-pretrain's); repeatable"
+    )
+    parser.add_argument("--no-greedy", action="store_true", help="teacher-forced scores only (skips the slow part)")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--texts", type=int, default=4, help="texts reconstructed by each former")
     parser.add_argument("--tokens", type=int, default=128, help="tokens per text")
@@ -35,10 +41,15 @@ def main() -> None:
         ids = lm.tokenizer.encode("".join(example.context), add_special_tokens=False)[: args.tokens]
         texts.append(str(lm.tokenizer.decode(ids)))
     rows = []
-    for label, adapter in (("untrained", None), ("trained", args.adapter)):
+    formers: list[tuple[str, str | None, dict[str, bool]]] = [
+        ("untrained, paper layout", None, {"locality": False}),
+        ("untrained, locality", None, {"locality": True}),
+    ]
+    formers += [("trained", adapter, {}) for adapter in args.adapter]
+    for label, adapter, options in formers:
         started = time.perf_counter()
-        session = ccmem.load(lm, "icformer", adapter=adapter, system_prompt=None)
-        scores = autoencode(lm, session.method, texts)
+        session = ccmem.load(lm, "icformer", adapter=adapter, system_prompt=None, **options)
+        scores = autoencode(lm, session.method, texts, greedy=not args.no_greedy)
         scores.pop("rows")
         rows.append(
             {"former": label, "adapter": str(adapter), **scores, "seconds": round(time.perf_counter() - started)}

@@ -208,6 +208,29 @@ def test_autoencoding_scores_compare_the_reconstruction_with_the_context(monkeyp
     assert scores["token_accuracy"] == 0.5 and scores["exact"] == 0
     monkeypatch.setattr(ICFormerMethod, "reconstruct", lambda self, lm, context: list(ids))
     assert autoencode(lm, method, [text])["exact"] == 1.0 == autoencode(lm, method, [text])["rouge_l"]
+    # teacher-forced: the cross-entropy and accuracy of each context token after [digests][AE][earlier tokens]
+    with torch.no_grad():
+        logits = method.reconstruction_logits(lm, torch.tensor([ids])).float()
+    scores = autoencode(lm, method, [text])
+    assert scores["forced_loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids))))
+    assert scores["forced_accuracy"] == float((logits.argmax(-1) == torch.tensor(ids)).float().mean())
+
+    def no_greedy(self, lm, context):
+        raise AssertionError("greedy=False must not reconstruct token by token")
+
+    monkeypatch.setattr(ICFormerMethod, "reconstruct", no_greedy)
+    assert "token_accuracy" not in autoencode(lm, method, [text], greedy=False)
+
+
+def test_teacher_forced_reconstruction_reads_what_greedy_reconstruction_reads():
+    lm = tiny_model()
+    method = ccmem.get_method("icformer", num_query_tokens=3, num_hidden_layers=1)
+    randomize_state(method, lm)
+    context = torch.tensor([[5, 9, 14, 22, 30, 41]])
+    with torch.no_grad():
+        out = method.reconstruct(lm, context)
+        logits = method.reconstruction_logits(lm, torch.tensor([out]))
+    assert logits.argmax(-1).tolist() == out  # fed its own reconstruction, each next token is the greedy one
 
 
 def test_an_untrained_former_with_locality_starts_as_a_copy_of_its_segments():

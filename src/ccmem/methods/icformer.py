@@ -182,6 +182,14 @@ class ICFormerMethod(Method):
                 position += 1
         return out
 
+    def reconstruction_logits(self, lm: LoadedModel, context: torch.Tensor) -> torch.Tensor:
+        """``[n, vocab]``: the frozen LM's next-token logits for each of the ``n`` context tokens (``[1, n]`` ids),
+        teacher-forced after its digests and the AE marker (one forward; what the AE loss of pretraining reads)."""
+        prompt = self.soft_prompt(lm, context, ICFormer.AE).to(lm.dtype)
+        embeds = torch.cat([prompt, lm.model.get_input_embeddings()(context.to(lm.device))], dim=1)
+        hidden = lm.model.base_model(inputs_embeds=embeds).last_hidden_state
+        return logits_for(lm, hidden[0, prompt.shape[1] - 1 : -1])
+
     def positions_needed(self, memory: Memory, n_tokens: int) -> int:
         seen = memory.state.get("context_ids")
         total = n_tokens + (int(seen.shape[-1]) if seen is not None else 0)
