@@ -25,15 +25,18 @@ Where ccmem differs from the reference code, and why:
   attend to previous digests); the reference code feeds the first layer's digest embeddings to every layer.
 * The final norm's weight starts at the LM embeddings' RMS, so an untrained former already emits inputs of the
   LM's embedding scale (the reference starts at 1, fine for LLaMA-7B's scale, far off for small LMs).
-* ``locality=True`` (the default) gives the former a start it can learn from in a CPU budget. After the paper's
+* ``locality=True`` (the default) gives the former a start that the LM can already read. After the paper's
   layout and random init, 100 pretraining steps here left the frozen LM writing back 0.2% of a context's tokens
   (chance): a digest placed after the context can only find "its" part through the relative distance
   ``n + i - j``, which changes with every context length. So each digest sits at the centre of its segment, each
   head subtracts a learned distance penalty ``slope * |p_digest - p_key| / max(1, n / q)`` from its scores
   (ALiBi-like, in segment lengths, sharp at init: slopes 4 to 16), and the value and output
   projections start as the identity: an untrained former emits, per digest, a distance-weighted mean of its
-  segment's embeddings, which the LM already reads as text (a copy of the context when ``n <= q``). Training
-  moves on from there; nothing is frozen. ``locality=False`` is the paper's layout, kept for comparison.
+  segment's embeddings, which the LM already reads as text (a copy of the context when ``n <= q``: teacher-forced
+  reconstruction of 128-token passages from 128 untrained digests 0.74 nats per token, 88% right, against 5.04
+  and 23% in the paper's layout; README). Training moves on from there; nothing is frozen. Whether pretraining
+  then learns to compress 4:1 within a CPU budget is still open (40 steps traded the copy for a weaker reliance
+  on the digests). ``locality=False`` is the paper's layout, kept for comparison.
 * Contexts of different lengths are batched (right-padded, masked, each row with its own digest positions), so
   training uses padded batches instead of the reference's one-sample loop; a padded row computes exactly what
   it computes alone.
