@@ -594,7 +594,9 @@ def train(
 
         which = export_checkpoint.strip().lower()
         if which != "latest" and not which.isdigit():
-            raise typer.BadParameter(f"--export-checkpoint must be a step number or 'latest', got {export_checkpoint!r}")
+            raise typer.BadParameter(
+                f"--export-checkpoint must be a step number or 'latest', got {export_checkpoint!r}"
+            )
         path = export(config, None if which == "latest" else int(which))
         console.print(f"wrote {path}")
         return

@@ -270,3 +270,23 @@ def test_the_locality_penalty_trains_and_is_saved_with_the_former(tmp_path):
     path = save_adapter(method, lm, tmp_path / "icformer.safetensors")
     with pytest.raises(AdapterMismatchError, match="trained with locality=True, but locality=False"):
         ccmem.load(tiny_model(), "icformer", adapter=path, locality=False)
+
+
+def test_pretrain_min_len_mixes_context_lengths_drawn_per_text_and_continues_right_after_the_cut():
+    method = icformer(objective="pretrain", max_seq_len=12, pretrain_min_len=3)
+    texts = [Sample([list(range(10 + 40 * i, 40 + 40 * i))], [], [5]) for i in range(12)]
+    cuts = []
+    for sample in texts:
+        batch = method.make_batch([sample])
+        text = sample.chunks[0]
+        context = batch.rows[0].tail
+        assert batch.rows[0].marker == 0 and 3 <= len(context) <= 12 and context == text[: len(context)]
+        assert batch.rows[1].tail == text[len(context) : len(context) + 12]  # the continuation starts at the cut
+        assert method.make_batch([sample]).rows[0].tail == context  # the same cut every epoch
+        assert method.sample_length(sample) == len(sample.sink) + 3 + 1 + max(len(context), len(batch.rows[1].tail))
+        cuts.append(len(context))
+    assert len(set(cuts)) > 3  # lengths vary between texts
+    assert [len(method.make_batch([s]).rows[0].tail) for s in texts] == cuts
+    assert all(len(icformer(objective="pretrain", max_seq_len=12).make_batch([s]).rows[0].tail) == 12 for s in texts)
+    with pytest.raises(ValueError, match="pretrain_min_len must be between 0"):
+        icformer(max_seq_len=12, pretrain_min_len=13)

@@ -14,12 +14,16 @@ does); that costs one former pass over the context and one LM pass over the dige
 Training (the LM stays frozen; the former is the one trainable module): ``objective=finetune`` lays out
 ``[sink][digests][FT][prompt answer]`` with the loss on the answer; ``objective=pretrain`` autoencodes the context
 (``[sink][digests][AE][context]``) and models its continuation (``[sink][digests][LM][continuation]``: the tokens
-after the first ``max_seq_len``). ``avg_level`` is the loss reduction: ``token`` averages over every target token
-of the batch, ``sentence`` averages each sample's tokens first (the reference's gradient manager, as a loss).
+after the first ``max_seq_len``; with ``pretrain_min_len``, the cut is drawn per text between it and
+``max_seq_len``, so batches mix compression ratios). ``avg_level`` is the loss reduction: ``token`` averages
+over every target token of the batch, ``sentence`` averages each sample's tokens first (the reference's
+gradient manager, as a loss).
 """
 
 from __future__ import annotations
 
+import random
+import zlib
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
@@ -74,7 +78,7 @@ class ICFormerMethod(Method):
     trainable: ClassVar[bool] = True
     needs_adapter: ClassVar[bool] = True
     runtime_options: ClassVar[frozenset[str]] = frozenset(
-        {"max_seq_len", "use_chunk", "max_chunk_len", "objective", "avg_level"}
+        {"max_seq_len", "use_chunk", "max_chunk_len", "objective", "avg_level", "pretrain_min_len"}
     )
 
     num_hidden_layers: int = option(3, "layers of the former")
@@ -84,6 +88,11 @@ class ICFormerMethod(Method):
     max_chunk_len: int = option(512, "longest chunk with use_chunk (the context is cut into equal chunks)")
     objective: str = option("finetune", "training loss: finetune (answer after digests + prompt) or pretrain")
     avg_level: str = option("token", "loss reduction: token (mean over all targets) or sentence (of sample means)")
+    pretrain_min_len: int = option(
+        0,
+        "pretraining: cut each text's context at a length drawn per text between this and max_seq_len, so batches "
+        "mix compression ratios (at num_query_tokens: one digest per token); 0: always max_seq_len, as the paper",
+    )
     locality: bool = option(
         True,
         "digests at the centres of their context segments with a learned distance penalty, starting as a copy of "
@@ -96,6 +105,11 @@ class ICFormerMethod(Method):
                 raise ValueError(f"{key} must be at least 1 (got {getattr(self, key)})")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})")
+        if not 0 <= self.pretrain_min_len <= self.max_seq_len:
+            raise ValueError(
+                f"pretrain_min_len must be between 0 (off) and max_seq_len={self.max_seq_len} "
+                f"(got {self.pretrain_min_len})"
+            )
         if self.avg_level not in AVG_LEVELS:
             raise ValueError(f"avg_level must be one of {', '.join(AVG_LEVELS)} (got {self.avg_level!r})")
 
@@ -217,7 +231,12 @@ class ICFormerMethod(Method):
             context = [t for c in sample.chunks for t in c]
             return context, [(ICFormer.FT, list(sample.tail), sample.answer_start)]
         text = [t for c in sample.chunks for t in c] + list(sample.tail)
-        context, rest = text[: self.max_seq_len], text[self.max_seq_len : 2 * self.max_seq_len]
+        cut = self.max_seq_len
+        if self.pretrain_min_len and len(text) > self.pretrain_min_len:
+            # the same length for the same text in every epoch and process: seeded by the text itself
+            seed = zlib.crc32(" ".join(map(str, text[:64])).encode())
+            cut = random.Random(seed).randint(self.pretrain_min_len, self.max_seq_len)
+        context, rest = text[:cut], text[cut : cut + self.max_seq_len]
         rows = [(ICFormer.AE, context, 0)]
         if rest:
             rows.append((ICFormer.LM, rest, 0))

@@ -400,7 +400,9 @@ def export_checkpoint(config: TrainConfig, step: int | None = None, *, lm: Loade
         raise ConfigError(f"run {config.run_id!r} has no checkpoint in {run_dir} to export")
     step = max(steps) if step is None else step
     if step not in steps:
-        raise ConfigError(f"run {config.run_id!r} has no checkpoint-{step}; it has: {', '.join(map(str, sorted(steps)))}")
+        raise ConfigError(
+            f"run {config.run_id!r} has no checkpoint-{step}; it has: {', '.join(map(str, sorted(steps)))}"
+        )
     folder = steps[step]
     method = get_method(config.method.name, **config.method.options)
     lm = lm or load_model(config.model, attn_implementation=config.attn)
@@ -412,7 +414,9 @@ def export_checkpoint(config: TrainConfig, step: int | None = None, *, lm: Loade
     if state is None:
         raise ConfigError(f"method {method.name!r} has no trainable state")
     prefix = "method_state."  # TrainingModule's attribute: the Trainer saved the state under it
-    saved = {k[len(prefix) :]: v for k, v in load_file(str(folder / CHECKPOINT_WEIGHTS)).items() if k.startswith(prefix)}
+    saved = {
+        k[len(prefix) :]: v for k, v in load_file(str(folder / CHECKPOINT_WEIGHTS)).items() if k.startswith(prefix)
+    }
     result = state.load_state_dict(saved, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ConfigError(
@@ -423,7 +427,9 @@ def export_checkpoint(config: TrainConfig, step: int | None = None, *, lm: Loade
     trainer_state = folder / "trainer_state.json"
     if trainer_state.is_file():
         history = json.loads(trainer_state.read_text()).get("log_history", [])
-        eval_loss = next((r["eval_loss"] for r in reversed(history) if "eval_loss" in r and r.get("step") == step), None)
+        eval_loss = next(
+            (r["eval_loss"] for r in reversed(history) if "eval_loss" in r and r.get("step") == step), None
+        )
     output = folder / ADAPTER_FILE
     extra = {
         "run_id": config.run_id,
