@@ -111,6 +111,11 @@ def test_adapter_variants_run_side_by_side_with_the_gap_they_close(tmp_path):
     paths = write_compare_report(rows, [], tmp_path)
     report = paths["markdown"].read_text()
     assert "| ccm-concat@other |" in report and "gap closed" in report and "Accuracy by distance" in report
+    # every table row has its header's cells, with budget columns and without (a run of learned methods only)
+    own_only = write_compare_report([r for r in rows if r.budget is None], [], tmp_path / "own")
+    for text in (report, own_only["markdown"].read_text()):
+        tables = [block.splitlines() for block in text.split("\n\n") if block.startswith("|")]
+        assert tables and all(len({line.count("|") for line in table}) == 1 for table in tables), text
     with pytest.raises(ValueError, match="needs an adapter"):
         CompareSettings(methods=["ccm-concat@x"], tasks=["persona"])
     with pytest.raises(ValueError, match="not among the methods"):

@@ -83,7 +83,7 @@ def task_table(rows: Sequence[EvalRow], task: str) -> str:
         for b in budgets:
             row = cells.get(b)
             budget_cells.append(f"{_fmt(_value(row, metric), metric)} ({row.memory_slots:.0f})" if row else "")
-        lines.append(f"| {name} | {kind} | {own_text} | {share_text} | {' | '.join(budget_cells)} |")
+        lines.append("| " + " | ".join([name, kind, own_text, share_text, *budget_cells]) + " |")
     direction = "higher is better" if metric == "accuracy" else "lower is better"
     note = (
         f"\n{metric} ({direction}); in brackets: mean KV slots per layer, the system prompt's included; gap closed: "
