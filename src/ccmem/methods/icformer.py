@@ -96,7 +96,7 @@ class ICFormerMethod(Method):
     locality: bool = option(
         True,
         "digests at the centres of their context segments with a learned distance penalty, starting as a copy of "
-        "their segments (ccmem's, learns in a CPU budget); false: the paper's layout (digests after the context)",
+        "their segments, which the LM already reads (ccmem's); false: the paper's layout (digests after the context)",
     )
 
     def check_options(self) -> None:

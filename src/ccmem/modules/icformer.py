@@ -84,7 +84,7 @@ class ICFormerLayer(nn.Module):
         self.heads, self.head_dim, self.theta = heads, hidden // heads, theta
         # per-head distance penalty (log of the slope, so it stays positive), 4 .. 16 per segment length at init:
         # sharp, so a digest starts as its segment's central tokens, which the LM reads as text (measured: at one
-        # digest per token the frozen SmolLM2 writes a 128-token passage back with 90% of tokens right; with
+        # digest per token the frozen SmolLM2 writes 128-token passages back with 88% of tokens right; with
         # slopes from 1/4 to 4 the blends read as noise, worse than no context); training may widen them
         self.log_slope = nn.Parameter(torch.linspace(math.log(4), math.log(16), heads)) if locality else None
         self.context_norm = RMSNorm(hidden)
