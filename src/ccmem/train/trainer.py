@@ -215,7 +215,7 @@ def prepare_run_dir(config: TrainConfig) -> str | None:
     """
     run_dir = config.run_dir
     saved = run_dir / "config.yaml"
-    checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    checkpoints = _checkpoints(run_dir)
     if saved.is_file() and (checkpoints or (run_dir / "summary.json").is_file()):
         old = with_later_fields(yaml.safe_load(saved.read_text()))
         new = config.to_dict()
@@ -226,7 +226,12 @@ def prepare_run_dir(config: TrainConfig) -> str | None:
                 + "; ".join(changed)
                 + ". Use a new run_id, or the original settings."
             )
-    return str(checkpoints[-1]) if checkpoints else None
+    return str(checkpoints[max(checkpoints)]) if checkpoints else None
+
+
+def _checkpoints(run_dir: Path) -> dict[int, Path]:
+    """The run's ``checkpoint-N`` folders by step."""
+    return {int(p.name.split("-")[1]): p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()}
 
 
 def finished_run(config: TrainConfig) -> TrainResult | None:
@@ -259,17 +264,9 @@ def _precision(name: str) -> str:
     return name
 
 
-def train(config: TrainConfig, *, lm: LoadedModel | None = None) -> TrainResult:
-    """Run (or resume) the training described by ``config``; returns where the result is and what it cost.
-
-    A run that already finished with the same config is not trained again: its result is returned as it is.
-    """
-    resume = prepare_run_dir(config)
-    done = finished_run(config)
-    if done is not None:
-        logger.warning("run %s already finished (%d steps): %s", config.run_id, done.steps, done.output)
-        return done
-    run_dir = config.run_dir
+def _method_state(config: TrainConfig, lm: LoadedModel | None) -> tuple[Method, LoadedModel, nn.Module, str | None]:
+    """The run's method, its model (loaded unless given; stage-1 LoRA merged in, frozen) and its freshly built
+    trainable state, seeded; and the stage-1 hash."""
     method = get_method(config.method.name, **config.method.options)
     lm = lm or load_model(config.model, attn_implementation=config.attn)
     torch.manual_seed(config.train.seed)
@@ -282,6 +279,21 @@ def train(config: TrainConfig, *, lm: LoadedModel | None = None) -> TrainResult:
     state = method.module_for(lm)
     if state is None:
         raise ConfigError(f"method {method.name!r} has no trainable state")
+    return method, lm, state, stage1_hash
+
+
+def train(config: TrainConfig, *, lm: LoadedModel | None = None) -> TrainResult:
+    """Run (or resume) the training described by ``config``; returns where the result is and what it cost.
+
+    A run that already finished with the same config is not trained again: its result is returned as it is.
+    """
+    resume = prepare_run_dir(config)
+    done = finished_run(config)
+    if done is not None:
+        logger.warning("run %s already finished (%d steps): %s", config.run_id, done.steps, done.output)
+        return done
+    run_dir = config.run_dir
+    method, lm, state, stage1_hash = _method_state(config, lm)
     if config.init_from:
         init_state(method, lm, config.init_from)
     check_attention(lm, method)  # flash_attention_2 with a masking method: refused before the data is built
@@ -391,11 +403,7 @@ def export_checkpoint(config: TrainConfig, step: int | None = None, *, lm: Loade
     """
     prepare_run_dir(config)  # the run's own config, or refused naming what differs
     run_dir = config.run_dir
-    steps = {
-        int(p.name.split("-")[1]): p
-        for p in run_dir.glob("checkpoint-*")
-        if p.name.split("-")[1].isdigit() and (p / CHECKPOINT_WEIGHTS).is_file()
-    }
+    steps = {step: p for step, p in _checkpoints(run_dir).items() if (p / CHECKPOINT_WEIGHTS).is_file()}
     if not steps:
         raise ConfigError(f"run {config.run_id!r} has no checkpoint in {run_dir} to export")
     step = max(steps) if step is None else step
@@ -404,15 +412,7 @@ def export_checkpoint(config: TrainConfig, step: int | None = None, *, lm: Loade
             f"run {config.run_id!r} has no checkpoint-{step}; it has: {', '.join(map(str, sorted(steps)))}"
         )
     folder = steps[step]
-    method = get_method(config.method.name, **config.method.options)
-    lm = lm or load_model(config.model, attn_implementation=config.attn)
-    try:
-        stage1_hash = merge_stage1(lm, config.load_path) if config.load_path else None
-    except Stage1Error as err:
-        raise ConfigError(f"load_path: {err}") from None
-    state = method.module_for(lm)
-    if state is None:
-        raise ConfigError(f"method {method.name!r} has no trainable state")
+    method, lm, state, stage1_hash = _method_state(config, lm)
     prefix = "method_state."  # TrainingModule's attribute: the Trainer saved the state under it
     saved = {
         k[len(prefix) :]: v for k, v in load_file(str(folder / CHECKPOINT_WEIGHTS)).items() if k.startswith(prefix)
