@@ -149,6 +149,48 @@ def save_adapter(
     return path
 
 
+def pack_adapter(
+    source: str | os.PathLike[str],
+    target: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | None = None,
+    runtime: dict[str, Any] | None = None,
+) -> Path:
+    """Copy an adapter to ``target`` with its floating tensors cast to ``dtype`` (e.g. ``torch.float16``: half
+    the bytes of a shipped file; loading casts them back to the model's dtype) and ``runtime`` options set as its
+    defaults (only options the method lets change after training, such as icformer's ``use_chunk``: the options
+    the weights were trained with stay as they were). The metadata records what was packed."""
+    adapter = read_adapter(source)
+    cls = method_class(adapter.method)
+    runtime = runtime or {}
+    fixed = sorted(k for k in runtime if k not in cls.runtime_options)
+    if fixed:
+        raise AdapterMismatchError(
+            f"{fixed[0]!r} is not a runtime option of {adapter.method} (those are: "
+            f"{', '.join(sorted(cls.runtime_options)) or 'none'}); the weights were trained with "
+            f"{fixed[0]}={adapter.options.get(fixed[0])!r}"
+        )
+    options = check_options(adapter.method, adapter.options | runtime)
+    tensors = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+        for k, v in adapter.tensors.items()
+    }
+    with safe_open(str(adapter.path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    extra = adapter.extra | {
+        "packed": {"from": adapter.hash, "dtype": str(dtype).replace("torch.", "") if dtype else None, **runtime}
+    }
+    meta |= {
+        "format_version": FORMAT_VERSION,
+        "options": json.dumps(options, sort_keys=True),
+        "extra": json.dumps(extra, sort_keys=True, default=str),
+    }
+    target = Path(target)
+    with atomic_path(target) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return target
+
+
 def options_with_adapter(name: str, adapter: Adapter, given: dict[str, Any]) -> dict[str, Any]:
     """The options to build method ``name`` with: the adapter's, with ``given`` ones that do not conflict."""
     cls = method_class(name)

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT
 from ccmem.loading import BUILTIN_MODELS, DEFAULT_MODEL, HUB_SHORTCUTS, MODEL_DIR_ENV, cache_dir, shortcut_folder
-from ccmem.options import OptionError, parse_value
+from ccmem.options import OptionError, parse_pairs
 from ccmem.registry import DEFAULT_METHOD, method_classes, method_names
 
 app = typer.Typer(
@@ -104,12 +104,7 @@ StoreOpt = Annotated[
 
 def _options(n_tok: int | None, recurrent: bool | None, pairs: list[str] | None) -> dict[str, Any]:
     """Method options from ``-O key=value`` pairs and the shortcut flags (values parsed as YAML scalars)."""
-    options: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise OptionError(f"-O {pair!r} must look like KEY=VALUE, e.g. -O n_tok=2")
-        options[key.strip()] = parse_value(raw)
+    options = parse_pairs(pairs or [])
     if n_tok is not None:
         options["n_tok"] = n_tok
     if recurrent is not None:

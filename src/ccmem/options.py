@@ -43,6 +43,17 @@ def parse_value(raw: str, kind: Any = None) -> Any:
     return value
 
 
+def parse_pairs(pairs: list[str], flag: str = "-O") -> dict[str, Any]:
+    """``KEY=VALUE`` pairs from the command line as a dict, values parsed by :func:`parse_value`."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise OptionError(f"{flag} {pair!r} must look like KEY=VALUE, e.g. {flag} n_tok=2")
+        options[key.strip()] = parse_value(raw)
+    return options
+
+
 def _allows(kind: Any, wanted: type) -> bool:
     allowed = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
     return any((typing.get_origin(a) or a) is wanted for a in allowed)

@@ -114,6 +114,38 @@ def test_training_loss_equals_reading_the_answer_after_the_compressed_memory():
     torch.testing.assert_close(trained, read, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("marker", ["lm", "ft"])
+def test_marker_lm_reads_a_continuation_as_pretraining_trained_it(marker):
+    """With marker=lm the memory is [digests][LM]: a continuation scored after it is pretraining's LM row."""
+    from ccmem.methods.icformer import Row
+
+    lm = tiny_model()
+    method = icformer(objective="pretrain", max_seq_len=6, marker=marker)
+    randomize_state(method, lm)
+    sample = Sample([[10, 11, 12, 13, 14, 15]], [16, 17, 18, 19], [5])
+    batch = method.make_batch([sample])
+    batch.rows = [Row(0, [5], 1, [16, 17, 18, 19], 1)]  # the LM row, scored from its second token on
+    with torch.no_grad(), method.attached(lm):
+        total, count = method.loss_terms(lm, batch)
+        memory = method.add_sink(lm, method.new_memory(lm), torch.tensor([[5]]))
+        memory = method.add(lm, memory, torch.tensor([[10, 11, 12, 13, 14, 15]]))
+        tail = torch.tensor([[16, 17, 18, 19]])
+        hidden = run_decoder(lm, tail, memory.to_cache(), memory.next_position).last_hidden_state
+        labels = tail.clone()
+        labels[:, 0] = -100
+        read = answer_loss(lm, hidden, labels)
+    assert count == 3
+    if marker == "lm":
+        torch.testing.assert_close(total / count, read, atol=1e-5, rtol=0)
+    else:  # the FT marker is another input: the option is what decides which one the memory ends with
+        assert abs(float(total / count - read)) > 1e-4
+
+
+def test_an_unknown_marker_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match="marker must be one of ft, lm, ae"):
+        icformer(marker="xx")
+
+
 SAMPLES = [
     Sample([[10, 11, 12, 13, 14, 15]], [40, 41, 42], [5], answer_start=1),
     Sample([[20, 21, 22]], [43, 44, 45, 46, 47, 48], [5], answer_start=2),
@@ -175,6 +207,36 @@ def test_an_adapter_of_other_sizes_or_for_another_lm_is_refused_naming_the_misma
         ccmem.load(tiny_model("qwen2"), "icformer", adapter=path)
     # runtime options (chunking) may differ from training
     assert ccmem.load(tiny_model(), "icformer", adapter=path, use_chunk=True).method.use_chunk
+
+
+def test_a_packed_half_precision_adapter_loads_with_its_runtime_defaults_and_keeps_its_training_options(tmp_path):
+    import subprocess
+    import sys
+
+    from ccmem.adapter import pack_adapter, read_adapter
+
+    lm = tiny_model()
+    method = icformer()
+    randomize_state(method, lm)
+    path = save_adapter(method, lm, tmp_path / "trained.safetensors")
+    packed = pack_adapter(path, tmp_path / "packed.safetensors", dtype=torch.float16, runtime={"use_chunk": True})
+    adapter = read_adapter(packed)
+    assert {str(t.dtype) for t in adapter.tensors.values()} == {"torch.float16"}
+    assert adapter.extra["packed"] == {"from": read_adapter(path).hash, "dtype": "float16", "use_chunk": True}
+    session = ccmem.load(tiny_model(), "icformer", adapter=packed)
+    assert session.method.use_chunk and session.method.num_query_tokens == 3
+    for name, value in session.method.former(session.lm).state_dict().items():  # float32 again, rounded once
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, method.former(lm).state_dict()[name].half().float())
+    assert not ccmem.load(tiny_model(), "icformer", adapter=packed, use_chunk=False).method.use_chunk
+    with pytest.raises(AdapterMismatchError, match="'num_query_tokens' is not a runtime option of icformer"):
+        pack_adapter(path, tmp_path / "bad.safetensors", runtime={"num_query_tokens": 8})
+    script = subprocess.run(
+        [sys.executable, "scripts/pack_adapter.py", str(path), str(tmp_path / "s.safetensors"), "-O", "use_chunk"],
+        capture_output=True,
+        text=True,
+    )
+    assert script.returncode == 2 and "-O 'use_chunk' must look like KEY=VALUE" in script.stderr
 
 
 def test_reconstruction_is_the_greedy_continuation_of_digests_and_the_ae_marker():

@@ -48,6 +48,11 @@ def test_pwc_and_pile_files_are_read_in_their_own_format():
         ({"input": "text", "prompt": "q?"}, "bad.jsonl:2: missing field 'answer'"),
         ({"input": "", "prompt": "q?", "answer": "a"}, "bad.jsonl:2: field 'input' must be a non-empty string"),
         ({"input": "text", "prompt": 3, "answer": "a"}, "bad.jsonl:2: field 'prompt' must be a non-empty string"),
+        (
+            {"input": "t", "prompt": "q?", "answer": "a", "options": ["b", "c"]},
+            "bad.jsonl:2: field 'options' must contain the answer 'a'",
+        ),
+        ({"input": "t", "prompt": "q?", "answer": "a", "options": "a"}, "bad.jsonl:2: field 'options' must be a list"),
     ],
 )
 def test_a_bad_pwc_record_is_named_by_file_line_and_field(tmp_path, record, message):
@@ -75,6 +80,20 @@ def test_the_generator_is_seeded_and_its_splits_share_no_context(tmp_path):
     assert pwc.read_pwc(pwc.write_jsonl(test, tmp_path / "test.jsonl")) == test
     made = load_examples(DataConfig(dataset="pwc", n_train=5, seed=3), "train")  # no path: generated
     assert [e.answer for e in made] == [r["answer"] for r in a[:5]]
+
+
+def test_generated_records_carry_the_answer_among_distractors_of_its_kind():
+    records = pwc.generate(60, "test", seed=1)
+    titles = {a["title"] for a in pwc.articles()}
+    for r in records:
+        assert len(r["options"]) == pwc.N_OPTIONS == len(set(r["options"])) and r["answer"] in r["options"]
+        if r["prompt"] in pwc.PROMPTS["title"]:
+            assert set(r["options"]) <= titles
+        if r["prompt"].startswith(("Which words come", "Continue the quote")):  # runs of the same article
+            assert all(o in " ".join(r["input"].split()) for o in r["options"])
+    assert len({r["options"].index(r["answer"]) for r in records}) == pwc.N_OPTIONS  # the answer is not always first
+    examples = load_examples(DataConfig(dataset="pwc", n_train=5, seed=1), "test")
+    assert all(e.options and e.answer in e.options for e in examples)
 
 
 def test_reference_option_names_point_to_the_harness_keys():

@@ -10,8 +10,11 @@ assigned to splits by a hash of their line, so no record is in two splits. Error
 
 Offline, :func:`generate` writes PwC records from the packaged Wikipedia summaries (``passages.articles``):
 one or two articles as the context, and a prompt of one of several kinds (describe, title, continue a quote,
-first sentence), each with an answer read off the articles. Articles are split by a hash of their title, as
-``passages`` does, so test contexts are never trained on.
+first sentence), each with an answer read off the articles, and ``options``: the answer among three
+distractors of the same kind (other articles' descriptions, titles or first sentences, preferring an article in
+the context; other 5-word runs of the same article for a quote), so ``ccmem eval pwc`` also scores accuracy.
+Articles are split by a hash of their title, as ``passages`` does, so test contexts are never trained on.
+A PwC file may carry the same optional ``options`` field (a list of strings holding the answer).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from ccmem.data.records import MemoryExample, split_of
 from ccmem.fileio import DatasetFormatError, jsonl_records
 
 GENERATOR_VERSION = "pwc-wiki-v1"
+OPTIONS_VERSION = "pwc-options-v1"  # distractors draw from their own generator: the records stay those of v1
+N_OPTIONS = 4
 PWC_FIELDS = ("input", "prompt", "answer")
 
 
@@ -64,7 +69,12 @@ def pile(path: Path, split: str) -> list[MemoryExample]:
 def pwc_example(where: str, record: dict[str, Any]) -> MemoryExample:
     """One PwC record: ``input`` compressed, ``prompt`` asked, ``answer`` expected."""
     context, prompt, answer = (_text(record, key, where) for key in PWC_FIELDS)
-    return MemoryExample(where, [context], prompt_text(prompt), answer, chat=False, task="pwc")
+    options = record.get("options") or []
+    if not isinstance(options, list) or not all(isinstance(o, str) and o.strip() for o in options):
+        raise DatasetFormatError(f"{where}: field 'options' must be a list of non-empty strings")
+    if options and answer not in options:
+        raise DatasetFormatError(f"{where}: field 'options' must contain the answer {answer!r}")
+    return MemoryExample(where, [context], prompt_text(prompt), answer, list(options), chat=False, task="pwc")
 
 
 def prompt_text(prompt: str) -> str:
@@ -76,11 +86,12 @@ def pwc(path: Path, split: str) -> list[MemoryExample]:
     return [pwc_example(where, r) for where, r in _records(path, split)]
 
 
-def read_pwc(path: Path) -> list[dict[str, str]]:
+def read_pwc(path: Path) -> list[dict[str, Any]]:
     """Every record of a PwC file (all fields checked), in file order: what ``ccmem generate`` answers."""
     out = []
     for where, record in jsonl_records(path):
-        out.append({key: _text(record, key, where) for key in PWC_FIELDS})
+        pwc_example(where, record)  # checks every field, the optional options too
+        out.append({key: record[key] for key in (*PWC_FIELDS, "options") if key in record})
     return out
 
 
@@ -107,11 +118,41 @@ def _quote(rng: random.Random, text: str) -> tuple[str, str] | None:
     return " ".join(words[start : start + 5]), " ".join(words[start + 5 : start + 10])
 
 
-def generate(n: int, split: str, *, seed: int = 0) -> list[dict[str, str]]:
-    """``n`` PwC records of ``split`` (``input``, ``prompt``, ``answer``) from the packaged Wikipedia summaries."""
+def _clean(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _distractors(
+    rng: random.Random, kind: str, answer: str, shown: list[dict], target: dict, pool: list[dict]
+) -> list[str]:
+    """``N_OPTIONS - 1`` distinct wrong answers of the answer's kind (see the module docstring)."""
+    if kind == "continue":
+        words = target["extract"].split()
+        starts = list(range(len(words) - 4))
+        rng.shuffle(starts)
+        candidates = [" ".join(words[s : s + 5]) for s in starts]
+    else:
+        others = [a for a in shown if a is not target]  # the other article in the context: the hardest
+        rest = rng.sample(pool, min(len(pool), 4 * N_OPTIONS))
+        read = {"describe": lambda a: a["description"], "title": lambda a: a["title"]}.get(
+            kind, lambda a: _first_sentence(a["extract"])
+        )
+        candidates = [read(a) for a in others + rest if a is not target]
+    out: list[str] = []
+    for candidate in map(_clean, candidates):
+        if candidate and candidate != answer and candidate not in out:
+            out.append(candidate)
+        if len(out) == N_OPTIONS - 1:
+            break
+    return out
+
+
+def generate(n: int, split: str, *, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` PwC records of ``split`` (``input``, ``prompt``, ``answer``, ``options``) from the packaged Wikipedia
+    summaries."""
     pool = [a for a in articles() if split_of(a["title"]) == split]
     rng = random.Random(f"{GENERATOR_VERSION}-{split}-{seed}")
-    out: list[dict[str, str]] = []
+    out: list[dict[str, Any]] = []
     while len(out) < n:
         shown = rng.sample(pool, rng.choice((1, 1, 2)))
         target = rng.choice(shown)
@@ -129,7 +170,11 @@ def generate(n: int, split: str, *, seed: int = 0) -> list[dict[str, str]]:
             if quote is None:
                 continue
             prompt, answer = template.format(phrase=quote[0]), quote[1]
-        out.append({"input": context, "prompt": prompt, "answer": re.sub(r"\s+", " ", answer).strip()})
+        answer = _clean(answer)
+        options_rng = random.Random(f"{OPTIONS_VERSION}-{split}-{seed}-{len(out)}")
+        options = [answer, *_distractors(options_rng, kind, answer, shown, target, pool)]
+        options_rng.shuffle(options)
+        out.append({"input": context, "prompt": prompt, "answer": answer, "options": options})
     return out
 
 
@@ -137,7 +182,7 @@ def generated(n: int, split: str, *, seed: int = 0) -> list[MemoryExample]:
     return [pwc_example(f"{GENERATOR_VERSION}:{split}:{i}", r) for i, r in enumerate(generate(n, split, seed=seed))]
 
 
-def write_jsonl(records: list[dict[str, str]], path: Path) -> Path:
+def write_jsonl(records: list[dict[str, Any]], path: Path) -> Path:
     """Write records as PwC jsonl (one object per line)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")

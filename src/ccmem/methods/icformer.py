@@ -3,7 +3,8 @@ the context.
 
 ``num_query_tokens`` digest tokens cross-attend to the context's token embeddings (the frozen LM's own embedding
 layer) in a ``num_hidden_layers``-layer former (:mod:`ccmem.modules.icformer`); the digests are soft-prompt
-embeddings, and the memory is the frozen LM's keys/values of ``[digests][FT]`` read after the sink. The LM's
+embeddings, and the memory is the frozen LM's keys/values of ``[digests][FT]`` read after the sink (``marker=lm``
+reads ``[digests][LM]`` instead: a pretrained former continuing a text, as its LM rows were trained). The LM's
 decoder layers run over ``q`` digests per chunk plus one marker, never over the context.
 
 A context longer than ``max_seq_len`` is refused unless ``use_chunk``; then (as the reference) it is split into
@@ -38,6 +39,7 @@ from ccmem.modules.icformer import ICFormer
 from ccmem.registry import register
 
 OBJECTIVES = ("finetune", "pretrain")
+MARKERS = {"ft": ICFormer.FT, "lm": ICFormer.LM, "ae": ICFormer.AE}
 AVG_LEVELS = ("token", "sentence")
 
 
@@ -78,7 +80,7 @@ class ICFormerMethod(Method):
     trainable: ClassVar[bool] = True
     needs_adapter: ClassVar[bool] = True
     runtime_options: ClassVar[frozenset[str]] = frozenset(
-        {"max_seq_len", "use_chunk", "max_chunk_len", "objective", "avg_level", "pretrain_min_len"}
+        {"max_seq_len", "use_chunk", "max_chunk_len", "objective", "avg_level", "pretrain_min_len", "marker"}
     )
 
     num_hidden_layers: int = option(3, "layers of the former")
@@ -99,7 +101,15 @@ class ICFormerMethod(Method):
         "their segments, which the LM already reads (ccmem's); false: the paper's layout (digests after the context)",
     )
 
+    marker: str = option(
+        "ft",
+        "the learned marker read after the digests in the memory: ft (answer a prompt: finetuned formers), lm "
+        "(continue the text: what pretraining's continuation rows read), ae (write the context back)",
+    )
+
     def check_options(self) -> None:
+        if self.marker not in MARKERS:
+            raise ValueError(f"marker must be one of {', '.join(MARKERS)} (got {self.marker!r})")
         for key in ("num_hidden_layers", "num_query_tokens", "max_seq_len", "max_chunk_len"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1 (got {getattr(self, key)})")
@@ -214,7 +224,7 @@ class ICFormerMethod(Method):
             raise ValueError("icformer cannot compress an empty context")
         previous = memory.state.get("context_ids")
         context = ids if previous is None else torch.cat([previous.to(ids.device), ids], dim=-1)
-        prompt = self.soft_prompt(lm, context)
+        prompt = self.soft_prompt(lm, context, MARKERS[self.marker])
         base = memory.prefix(memory.sink)
         cache = base.to_cache()
         run_decoder(lm, None, cache, memory.sink, inputs_embeds=prompt.to(lm.dtype))

@@ -121,6 +121,7 @@ class OptimConfig:
 LATER_FIELDS: dict[str, Any] = {
     "train.group_by_length": False,
     "method.max_chunk_tokens": 512,
+    "method.marker": "ft",  # icformer
     "data.turns": 0,
     "data.templates": None,
     "data.mixture": None,
