@@ -1,18 +1,20 @@
 """Compression latency: IC-Former vs CCM vs gist on the same 512-token contexts, in one run.
 
-IC-Former runs a 3-layer former over the context's embeddings and the LM over its digests only; CCM and gist
-(the ICAE-like baseline) run the whole LM over the context plus their <COMP> tokens. Each method compresses
-the same contexts (interleaved, so a busy machine slows all alike), each timed ``--repeats`` times after one
-warm-up; the fastest of the repeats per context (the least disturbed by other processes), then the median over
-contexts, is reported with the FLOPs per compressed context token counted by ``torch.utils.flop_counter``
-(matrix products: the former, the LM, the LoRA). Two IC-Former rows: ``icformer`` is the whole ``add`` (the
-former, then the LM's keys/values of the digests: ccmem's memory), ``icformer-digests`` the former alone (what
-the paper times as compression; the LM reads the digests afterwards, as the prompt is read). The methods keep
-the same number of memory slots (``--slots``). Weights are untrained (latency does not depend on them).
+IC-Former runs a small former (``--layers``: 3 by default, as the paper) over the context's embeddings and the LM
+over its digests only; CCM and gist (the ICAE-like baseline) run the whole LM over the context plus their <COMP>
+tokens. Each method compresses the same contexts (interleaved, so a busy machine slows all alike), each timed
+``--repeats`` times after one warm-up; the fastest of the repeats per context (the least disturbed by other
+processes), then the median over contexts, is reported with the FLOPs per compressed context token counted by
+``torch.utils.flop_counter`` (matrix products: the former, the LM, the LoRA). Two IC-Former rows: ``icformer`` is
+the whole ``add`` (the former, then the LM's keys/values of the digests: ccmem's memory), ``icformer-digests`` the
+former alone (what the paper times as compression; the LM reads the digests afterwards, as the prompt is read). The
+methods keep the same number of memory slots (``--slots``). Weights are untrained (latency does not depend on
+them).
 Run:
 
     python benchmarks/icformer_latency.py                       # SmolLM2-135M, 5 contexts of 512 tokens
     python benchmarks/icformer_latency.py --contexts 10 --out results/icformer_latency.json
+    python benchmarks/icformer_latency.py --slots 32 --layers 1     # the shipped former's size (16:1 at 512)
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, default=5, help="contexts timed (default 5)")
     parser.add_argument("--tokens", type=int, default=512, help="tokens per context (default 512)")
     parser.add_argument("--slots", type=int, default=128, help="memory slots of every method (default 128)")
+    parser.add_argument(
+        "--layers", type=int, default=3, help="layers of the former (default 3, the paper's; the shipped one has 1)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timings per context and method (default 3)")
     parser.add_argument("--out", help="write the result as JSON to this file")
     args = parser.parse_args()
@@ -55,7 +60,9 @@ def main() -> None:
     torch.set_grad_enabled(False)
     lm = load_model(args.model)
     methods = {
-        "icformer": get_method("icformer", num_query_tokens=args.slots, max_seq_len=args.tokens),
+        "icformer": get_method(
+            "icformer", num_query_tokens=args.slots, num_hidden_layers=args.layers, max_seq_len=args.tokens
+        ),
         "ccm-concat": get_method("ccm-concat", n_tok=args.slots, max_chunk_tokens=args.tokens),
         "gist": get_method("gist", n_tok=args.slots),
     }
@@ -101,6 +108,7 @@ def main() -> None:
         "contexts": len(spans),
         "tokens": args.tokens,
         "slots": args.slots,
+        "former_layers": args.layers,
         "repeats": args.repeats,
         "threads": torch.get_num_threads(),
         "methods": rows,

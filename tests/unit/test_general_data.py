@@ -171,6 +171,8 @@ def test_mixture_shares_examples_by_weight_and_reports_versions():
     assert tasks.count("dialogs") == 20 and tasks.count("icl") == 10 and tasks.count("passages") == 10
     assert tasks != sorted(tasks)  # shuffled together
     assert data_version(cfg) == "dialogs-v1:0.5+icl-v1:0.25+passages-v1:0.25"
+    with_pwc = load_examples(DataConfig(dataset="mixture", mixture={"persona": 0.5, "pwc": 0.5}, n_train=8), "train")
+    assert sorted(e.task for e in with_pwc) == ["persona"] * 4 + ["pwc"] * 4  # IC-Former's data mixes in too
 
 
 def test_mixture_family_without_data_is_refused(tmp_path):

@@ -84,6 +84,7 @@ MIXTURE_DEFAULTS: dict[str, dict[str, Any]] = {
     "icl": {"k": 8},
     "passages": {"k": 3},
     "text": {},
+    "pwc": {},  # generated PwC-style questions (IC-Former's finetuning data)
 }
 
 
