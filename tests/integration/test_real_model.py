@@ -115,3 +115,22 @@ def test_parallel_equals_recurrent_on_smollm2(smollm, name):
         parallel = method.parallel_forward(smollm, batch).logits[0, batch.tail_start[0] :]
         _, recurrent, _ = recurrent_logits(smollm, method, chunks, tail, sink)
     torch.testing.assert_close(parallel, recurrent, atol=2e-4, rtol=0)  # measured: 6e-5 on logits of ~30
+
+
+def test_shipped_icformer_answers_held_out_pwc_questions_from_its_digests(smollm):
+    """The shipped former (1 layer, 32 digests, float16 file) picks held-out answers far better than no context."""
+    from ccmem.adapter import read_adapter, shipped_adapter
+    from ccmem.data.loaders import load_examples
+    from ccmem.eval.harness import EvalSettings, compare
+    from ccmem.train.config import DataConfig
+
+    path = shipped_adapter("smollm2-135m", "icformer")
+    assert path is not None and path.stat().st_size < 10e6
+    assert read_adapter(path).options["use_chunk"]  # a long chat is chunked, not refused
+    examples = load_examples(DataConfig(dataset="pwc", n_eval=24), "test")
+    settings = EvalSettings(system=None)
+    rows = {r.method: r for r in compare(smollm, ["none", "icformer"], examples, dataset="pwc", settings=settings)}
+    assert rows["icformer"].adapter != "untrained" and rows["icformer"].memory_slots == 33
+    # measured on 100 questions: accuracy 0.71 against none 0.37, answer perplexity 10.6 against 45.1
+    assert rows["icformer"].accuracy >= rows["none"].accuracy + 0.15
+    assert rows["icformer"].perplexity < rows["none"].perplexity / 2
