@@ -132,18 +132,31 @@ def save_adapter(
     module = method.module_for(lm)
     if module is None:
         raise ValueError(f"method {method.name!r} has no trainable state to save")
-    path = Path(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    return _write(Path(path), tensors, method.name, method.options(), lm.fingerprint, lm.name, lm.stage1, extra)
+
+
+def _write(
+    path: Path,
+    tensors: dict[str, torch.Tensor],
+    method: str,
+    options: dict[str, Any],
+    model: str,
+    model_name: str,
+    stage1: str | None,
+    extra: dict[str, Any] | None,
+) -> Path:
+    """The one writer of the adapter format (atomically): what :func:`read_adapter` reads back."""
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "method": method.name,
-        "options": json.dumps(method.options(), sort_keys=True),
-        "model": lm.fingerprint,
-        "model_name": lm.name,
-        "stage1": lm.stage1 or "",
+        "method": method,
+        "options": json.dumps(options, sort_keys=True),
+        "model": model,
+        "model_name": model_name,
+        "stage1": stage1 or "",
         "extra": json.dumps(extra or {}, sort_keys=True, default=str),
     }
-    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path
@@ -175,20 +188,12 @@ def pack_adapter(
         k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
         for k, v in adapter.tensors.items()
     }
-    with safe_open(str(adapter.path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
     extra = adapter.extra | {
         "packed": {"from": adapter.hash, "dtype": str(dtype).replace("torch.", "") if dtype else None, **runtime}
     }
-    meta |= {
-        "format_version": FORMAT_VERSION,
-        "options": json.dumps(options, sort_keys=True),
-        "extra": json.dumps(extra, sort_keys=True, default=str),
-    }
-    target = Path(target)
-    with atomic_path(target) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-    return target
+    return _write(
+        Path(target), tensors, adapter.method, options, adapter.model, adapter.model_name, adapter.stage1, extra
+    )
 
 
 def options_with_adapter(name: str, adapter: Adapter, given: dict[str, Any]) -> dict[str, Any]:
