@@ -118,13 +118,14 @@ def test_training_loss_equals_reading_the_answer_after_the_compressed_memory():
 def test_marker_lm_reads_a_continuation_as_pretraining_trained_it(marker):
     """With marker=lm the memory is [digests][LM]: a continuation scored after it is pretraining's LM row."""
     from ccmem.methods.icformer import Row
+    from ccmem.modules.icformer import ICFormer
 
     lm = tiny_model()
     method = icformer(objective="pretrain", max_seq_len=6, marker=marker)
     randomize_state(method, lm)
     sample = Sample([[10, 11, 12, 13, 14, 15]], [16, 17, 18, 19], [5])
     batch = method.make_batch([sample])
-    batch.rows = [Row(0, [5], 1, [16, 17, 18, 19], 1)]  # the LM row, scored from its second token on
+    batch.rows = [Row(0, [5], ICFormer.LM, [16, 17, 18, 19], 1)]  # the LM row, scored from its second token on
     with torch.no_grad(), method.attached(lm):
         total, count = method.loss_terms(lm, batch)
         memory = method.add_sink(lm, method.new_memory(lm), torch.tensor([[5]]))
