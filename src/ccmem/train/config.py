@@ -116,12 +116,11 @@ class OptimConfig:
     seed: int = 42
 
 
-#: Fields added after runs were made, with the default that keeps the behaviour those runs had: a config
-#: at that default hashes as before, and an older run's config.yaml without the field still resumes.
+#: Fields of the config itself added after runs were made, with the default that keeps the behaviour those runs
+#: had: a config at that default hashes as before, and an older run's config.yaml without the field still resumes.
+#: Method options need no entry here (see :data:`HASHED_METHOD_OPTIONS`).
 LATER_FIELDS: dict[str, Any] = {
     "train.group_by_length": False,
-    "method.max_chunk_tokens": 512,
-    "method.marker": "ft",  # icformer
     "data.turns": 0,
     "data.templates": None,
     "data.mixture": None,
@@ -129,20 +128,53 @@ LATER_FIELDS: dict[str, Any] = {
     "attn": "sdpa",
 }
 
+#: The method options that every config hash has included since hashes were first saved (frozen: never edit).
+#: Any other option (``max_chunk_tokens`` and ``marker`` came later, and so will every option added from now on)
+#: enters the hash only when set away from its default, and an older run's config.yaml that lacks it resumes with
+#: the default. So a new method option needs no bookkeeping, only a default that keeps the behaviour runs had.
+HASHED_METHOD_OPTIONS: dict[str, frozenset[str]] = {
+    name: frozenset(options.split())
+    for name, options in {
+        "ccm-concat": "lora_rank lora_alpha lora_dropout lora_targets n_tok recurrent",
+        "ccm-merge": "lora_rank lora_alpha lora_dropout lora_targets n_tok recurrent",
+        "ccm-reason": "lora_rank lora_alpha lora_dropout lora_targets n_tok recurrent policy interval threshold "
+        "min_segment classifier_weight keep_last lookahead",
+        "expected-attention": "ratio max_slots n_future_positions n_sink use_covariance use_vnorm epsilon",
+        "full": "lora_rank lora_alpha lora_dropout lora_targets",
+        "gist": "lora_rank lora_alpha lora_dropout lora_targets n_tok",
+        "h2o": "ratio max_slots recent",
+        "icformer": "num_hidden_layers num_query_tokens max_seq_len use_chunk max_chunk_len objective avg_level "
+        "pretrain_min_len locality",
+        "knorm": "ratio max_slots",
+        "local": "lora_rank lora_alpha lora_dropout lora_targets compression_ratio loss_on seed",
+        "none": "",
+        "scattered": "lora_rank lora_alpha lora_dropout lora_targets compression_ratio loss_on seed",
+        "sentinel": "lora_rank lora_alpha lora_dropout lora_targets compression_ratio loss_on seed spans min_span "
+        "max_span",
+        "snapkv": "ratio max_slots window_size kernel_size",
+        "streaming-llm": "ratio max_slots n_sink",
+        "tova": "ratio max_slots",
+    }.items()
+}
+
 
 def with_later_fields(saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved config dict with the :data:`LATER_FIELDS` it predates filled in at their defaults."""
+    """A saved config dict with the fields it predates filled in at their defaults: the :data:`LATER_FIELDS`, and
+    every option its method has gained since (at the option's default)."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
     for key, default in LATER_FIELDS.items():
         section, _, name = key.rpartition(".")
-        if section == "method" and name not in _method_options(out.get("method", {}).get("name", "")):
-            continue  # an option of other methods only
         (out.setdefault(section, {}) if section else out).setdefault(name, default)
+    method = out.get("method")
+    if isinstance(method, dict) and method.get("name") in METHODS:
+        for option, default in _method_defaults(method["name"]).items():
+            method.setdefault(option, default)
     return out
 
 
-def _method_options(name: str) -> list[str]:
-    return [spec.name for spec in method_classes()[name].option_specs()] if name in METHODS else []
+def _method_defaults(name: str) -> dict[str, Any]:
+    """Every option of method ``name`` at its default, as a saved config writes it."""
+    return {k: v for k, v in MethodConfig(name).to_dict().items() if k != "name"}
 
 
 @dataclass
@@ -182,6 +214,11 @@ class TrainConfig:
             node = d[section] if section else d
             if name in node and node[name] == default:
                 del node[name]  # as before the field existed: older runs and presets keep their hash
+        hashed = HASHED_METHOD_OPTIONS.get(self.method.name, frozenset())
+        defaults = _method_defaults(self.method.name)
+        for option in [o for o in d["method"] if o != "name" and o not in hashed]:
+            if d["method"][option] == defaults.get(option):
+                del d["method"][option]  # a later option at its default: as before it existed
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
