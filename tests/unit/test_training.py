@@ -142,8 +142,8 @@ def test_a_finished_run_is_a_no_op_and_resume_with_a_changed_config_is_refused(t
     saved.write_text(saved.read_text().replace("  group_by_length: false\n", ""))
     assert "group_by_length" not in saved.read_text()
     # ... as does one made before its method gained an option (any option: no list of them to keep up to date)
-    saved.write_text(saved.read_text().replace("  max_chunk_tokens: 512\n", ""))
-    assert "max_chunk_tokens" not in saved.read_text()
+    saved.write_text(saved.read_text().replace("  lora_dropout: 0.0\n", ""))
+    assert "lora_dropout" not in saved.read_text()
     assert train(config, lm=tiny_model()).resumed_from
     # ...but not with another value: that would change the data order mid-run.
     with pytest.raises(ConfigError, match=r"train.group_by_length: False -> True"):
@@ -152,27 +152,27 @@ def test_a_finished_run_is_a_no_op_and_resume_with_a_changed_config_is_refused(t
         train(_config(tmp_path, "train.max_steps=2", "train.lr=1e-3"), lm=tiny_model())
 
 
-def test_a_method_option_added_later_enters_the_hash_only_away_from_its_default(monkeypatch):
-    from ccmem.train import config as config_module
-
-    plain = load_config(None, ["method.name=ccm-concat"])
-    hashed_always = plain.fingerprint()
-    # Were n_tok an option added after the frozen list, a config at its default would hash as if it did not exist
-    # (so runs made before it keep their hash), and one that sets it would not.
-    frozen = config_module.HASHED_METHOD_OPTIONS["ccm-concat"]
-    monkeypatch.setitem(config_module.HASHED_METHOD_OPTIONS, "ccm-concat", frozen - {"n_tok"})
-    assert plain.fingerprint() != hashed_always
-    assert load_config(None, ["method.name=ccm-concat", "method.n_tok=7"]).fingerprint() != plain.fingerprint()
-    # max_chunk_tokens came after the hashes were first saved: the persona preset still hashes as it did then
-    assert load_config("persona-ccm-concat", ["method.max_chunk_tokens=256"]).fingerprint() != "c93635b8109f"
-
-
-def test_the_frozen_hash_list_names_real_options():
-    from ccmem.registry import method_classes
-    from ccmem.train.config import HASHED_METHOD_OPTIONS
-
-    for name, cls in method_classes().items():
-        assert HASHED_METHOD_OPTIONS.get(name, frozenset()) <= {spec.name for spec in cls.option_specs()}, name
+def test_a_run_made_before_an_option_existed_keeps_its_hash_until_the_option_is_set(tmp_path):
+    config = _config(tmp_path, "train.max_steps=1", "train.eval_steps=1", "train.save_steps=1")
+    train(config, lm=tiny_model())
+    # As if the run had been made before lora_dropout and train.weight_decay existed: its config.yaml lacks them and
+    # its summary holds the hash of a config without them.
+    saved = config.run_dir / "config.yaml"
+    saved.write_text(saved.read_text().replace("  lora_dropout: 0.0\n", "").replace("  weight_decay: 0.0\n", ""))
+    older = {k: dict(v) if isinstance(v, dict) else v for k, v in config.to_dict().items()}
+    del older["method"]["lora_dropout"], older["train"]["weight_decay"]
+    summary = json.loads((config.run_dir / "summary.json").read_text())
+    summary["config_hash"] = config.fingerprint(older)
+    (config.run_dir / "summary.json").write_text(json.dumps(summary))
+    assert config.fingerprint(older) != config.fingerprint()  # the fields were hashed...
+    assert train(config, lm=tiny_model()).finished_before  # ...but the run knew neither: still the same run
+    with pytest.raises(ConfigError, match=r"another config.*method.lora_dropout: 0.0 -> 0.1"):
+        train(
+            _config(
+                tmp_path, "train.max_steps=1", "train.eval_steps=1", "train.save_steps=1", "method.lora_dropout=0.1"
+            ),
+            lm=tiny_model(),
+        )
 
 
 def test_a_run_that_fails_before_training_does_not_block_its_run_id(tmp_path):

@@ -116,11 +116,15 @@ class OptimConfig:
     seed: int = 42
 
 
-#: Fields of the config itself added after runs were made, with the default that keeps the behaviour those runs
-#: had: a config at that default hashes as before, and an older run's config.yaml without the field still resumes.
-#: Method options need no entry here (see :data:`HASHED_METHOD_OPTIONS`).
+#: Fields added before runs recorded which fields they knew, with the default that keeps the behaviour those runs
+#: had: a config at that default hashes as before the field existed. Nothing needs adding here any more: a run's
+#: config.yaml names every field it knew, so a field or method option added later is filled in at its default when
+#: the run resumes (:func:`with_later_fields`) and left out of its hash while at that default
+#: (:meth:`TrainConfig.fingerprint` with ``known``). A new option only needs a default that keeps what runs did.
 LATER_FIELDS: dict[str, Any] = {
     "train.group_by_length": False,
+    "method.max_chunk_tokens": 512,
+    "method.marker": "ft",
     "data.turns": 0,
     "data.templates": None,
     "data.mixture": None,
@@ -128,53 +132,29 @@ LATER_FIELDS: dict[str, Any] = {
     "attn": "sdpa",
 }
 
-#: The method options that every config hash has included since hashes were first saved (frozen: never edit).
-#: Any other option (``max_chunk_tokens`` and ``marker`` came later, and so will every option added from now on)
-#: enters the hash only when set away from its default, and an older run's config.yaml that lacks it resumes with
-#: the default. So a new method option needs no bookkeeping, only a default that keeps the behaviour runs had.
-HASHED_METHOD_OPTIONS: dict[str, frozenset[str]] = {
-    name: frozenset(options.split())
-    for name, options in {
-        "ccm-concat": "lora_rank lora_alpha lora_dropout lora_targets n_tok recurrent",
-        "ccm-merge": "lora_rank lora_alpha lora_dropout lora_targets n_tok recurrent",
-        "ccm-reason": "lora_rank lora_alpha lora_dropout lora_targets n_tok recurrent policy interval threshold "
-        "min_segment classifier_weight keep_last lookahead",
-        "expected-attention": "ratio max_slots n_future_positions n_sink use_covariance use_vnorm epsilon",
-        "full": "lora_rank lora_alpha lora_dropout lora_targets",
-        "gist": "lora_rank lora_alpha lora_dropout lora_targets n_tok",
-        "h2o": "ratio max_slots recent",
-        "icformer": "num_hidden_layers num_query_tokens max_seq_len use_chunk max_chunk_len objective avg_level "
-        "pretrain_min_len locality",
-        "knorm": "ratio max_slots",
-        "local": "lora_rank lora_alpha lora_dropout lora_targets compression_ratio loss_on seed",
-        "none": "",
-        "scattered": "lora_rank lora_alpha lora_dropout lora_targets compression_ratio loss_on seed",
-        "sentinel": "lora_rank lora_alpha lora_dropout lora_targets compression_ratio loss_on seed spans min_span "
-        "max_span",
-        "snapkv": "ratio max_slots window_size kernel_size",
-        "streaming-llm": "ratio max_slots n_sink",
-        "tova": "ratio max_slots",
-    }.items()
-}
-
 
 def with_later_fields(saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved config dict with the fields it predates filled in at their defaults: the :data:`LATER_FIELDS`, and
-    every option its method has gained since (at the option's default)."""
+    """A saved config dict with every field and method option it predates filled in at its default."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
-    for key, default in LATER_FIELDS.items():
-        section, _, name = key.rpartition(".")
-        (out.setdefault(section, {}) if section else out).setdefault(name, default)
-    method = out.get("method")
-    if isinstance(method, dict) and method.get("name") in METHODS:
-        for option, default in _method_defaults(method["name"]).items():
-            method.setdefault(option, default)
+    name = out.get("method", {}).get("name", DEFAULT_METHOD) if isinstance(out.get("method"), dict) else None
+    if name not in METHODS:
+        return out  # an unknown method: the comparison with the new config names it
+    for key, default in TrainConfig(method=MethodConfig(name)).to_dict().items():
+        if isinstance(default, dict) and isinstance(out.get(key, {}), dict):
+            out[key] = {**default, **out.get(key, {})}
+        else:
+            out.setdefault(key, default)
     return out
 
 
-def _method_defaults(name: str) -> dict[str, Any]:
-    """Every option of method ``name`` at its default, as a saved config writes it."""
-    return {k: v for k, v in MethodConfig(name).to_dict().items() if k != "name"}
+def _drop_unknown_defaults(d: dict[str, Any], known: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """Delete from config dict ``d`` every field (sections recursed into) that ``known`` lacks and that is at its
+    value in ``defaults``: what a run made before the field existed hashed without."""
+    for key in list(d):
+        if isinstance(d[key], dict) and isinstance(known.get(key), dict):
+            _drop_unknown_defaults(d[key], known[key], defaults.get(key, {}))
+        elif key not in known and key in defaults and d[key] == defaults[key]:
+            del d[key]
 
 
 @dataclass
@@ -198,15 +178,23 @@ class TrainConfig:
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.run_id
 
+    def defaults(self) -> dict[str, Any]:
+        """The config dict of a run of this method with every other field at its default."""
+        return TrainConfig(method=MethodConfig(self.method.name)).to_dict()
+
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["method"] = self.method.to_dict()
         d["data"], d["train"] = dataclasses.asdict(self.data), dataclasses.asdict(self.train)
         return d
 
-    def fingerprint(self) -> str:
-        """Hash of everything that changes what is trained (not where it is written)."""
+    def fingerprint(self, known: dict[str, Any] | None = None) -> str:
+        """Hash of everything that changes what is trained (not where it is written). ``known``: the config dict a
+        run saved; fields and method options it lacks (added since) are left out while at their default, so the
+        run keeps the hash it recorded."""
         d = self.to_dict()
+        if known is not None:
+            _drop_unknown_defaults(d, known, self.defaults())
         for key in ("run_id", "output_dir", "wandb"):
             d.pop(key)
         for key, default in LATER_FIELDS.items():
@@ -214,11 +202,6 @@ class TrainConfig:
             node = d[section] if section else d
             if name in node and node[name] == default:
                 del node[name]  # as before the field existed: older runs and presets keep their hash
-        hashed = HASHED_METHOD_OPTIONS.get(self.method.name, frozenset())
-        defaults = _method_defaults(self.method.name)
-        for option in [o for o in d["method"] if o != "name" and o not in hashed]:
-            if d["method"][option] == defaults.get(option):
-                del d["method"][option]  # a later option at its default: as before it existed
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

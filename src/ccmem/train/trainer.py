@@ -241,7 +241,9 @@ def finished_run(config: TrainConfig) -> TrainResult | None:
     if not (summary_file.is_file() and output.is_file()):
         return None
     summary = json.loads(summary_file.read_text())
-    if summary.get("config_hash") != config.fingerprint():
+    saved = run_dir / "config.yaml"
+    known = yaml.safe_load(saved.read_text()) if saved.is_file() else None
+    if summary.get("config_hash") != config.fingerprint(known):
         raise ConfigError(
             f"run {config.run_id!r} already finished with another config (hash {summary.get('config_hash')}); "
             "use a new run_id"
