@@ -139,12 +139,17 @@ def with_later_fields(saved: dict[str, Any]) -> dict[str, Any]:
     name = out.get("method", {}).get("name", DEFAULT_METHOD) if isinstance(out.get("method"), dict) else None
     if name not in METHODS:
         return out  # an unknown method: the comparison with the new config names it
-    for key, default in TrainConfig(method=MethodConfig(name)).to_dict().items():
+    for key, default in _defaults(name).items():
         if isinstance(default, dict) and isinstance(out.get(key, {}), dict):
             out[key] = {**default, **out.get(key, {})}
         else:
             out.setdefault(key, default)
     return out
+
+
+def _defaults(method: str) -> dict[str, Any]:
+    """The config dict of a run of ``method`` with every other field at its default."""
+    return TrainConfig(method=MethodConfig(method)).to_dict()
 
 
 def _drop_unknown_defaults(d: dict[str, Any], known: dict[str, Any], defaults: dict[str, Any]) -> None:
@@ -178,10 +183,6 @@ class TrainConfig:
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.run_id
 
-    def defaults(self) -> dict[str, Any]:
-        """The config dict of a run of this method with every other field at its default."""
-        return TrainConfig(method=MethodConfig(self.method.name)).to_dict()
-
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["method"] = self.method.to_dict()
@@ -194,7 +195,7 @@ class TrainConfig:
         run keeps the hash it recorded."""
         d = self.to_dict()
         if known is not None:
-            _drop_unknown_defaults(d, known, self.defaults())
+            _drop_unknown_defaults(d, known, _defaults(self.method.name))
         for key in ("run_id", "output_dir", "wandb"):
             d.pop(key)
         for key, default in LATER_FIELDS.items():
