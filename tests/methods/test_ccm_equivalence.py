@@ -154,3 +154,70 @@ def test_parallel_training_loss_and_gradients_equal_backprop_through_the_recurre
     assert any(g.abs().sum() > 0 for g in parallel_grads[1:])
     for a, b in zip(parallel_grads, recurrent_grads, strict=True):
         torch.testing.assert_close(a, b, atol=TOL, rtol=1e-3)
+
+
+def _learned_merge(lm, n_tok=2, recurrent=True, gate_scale=0.3, seed=1):
+    """A ccm-merge with ``weighting=learned`` whose gate is random (zero would be the plain mean)."""
+    method = get_method("ccm-merge", n_tok=n_tok, recurrent=recurrent, weighting="learned")
+    randomize_lora(method, lm)
+    gate = method.state(lm).merge_gate
+    with torch.no_grad():
+        gate.copy_(torch.randn(gate.shape, generator=torch.Generator().manual_seed(seed)) * gate_scale)
+    return method
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "gpt-neox", "qwen2", "gemma3"])
+@pytest.mark.parametrize("recurrent", [True, False])
+def test_learned_merge_parallel_equals_recurrent(family, recurrent):
+    """Learned weighting keeps the backbone: the parallel softmax over steps equals the recurrent running
+    log-normaliser, for the chunks and the tail, and memory stays n_tok slots."""
+    lm = tiny_model(family)
+    method = _learned_merge(lm, recurrent=recurrent)
+    batch = method.make_batch([Sample(CHUNKS, TAIL, SINK)])
+    with torch.no_grad():
+        parallel = method.parallel_forward(lm, batch).logits[0]
+        chunk_logits, tail_logits, memory = recurrent_logits(lm, method, CHUNKS, TAIL, SINK)
+    start = batch.tail_start[0]
+    torch.testing.assert_close(parallel[start : start + len(TAIL)], tail_logits, atol=TOL, rtol=0)
+    offset = len(SINK)
+    for chunk, logits in zip(CHUNKS, chunk_logits, strict=True):
+        torch.testing.assert_close(parallel[offset : offset + len(chunk)], logits, atol=TOL, rtol=0)
+        offset += len(chunk) + method.n_tok
+    assert memory.num_slots == len(SINK) + 2
+
+
+def test_learned_merge_weights_steps_unequally_and_starts_as_the_mean():
+    """With its gate at zero a learned merge is the paper's running mean exactly; a trained gate gives the
+    steps other weights (the tail's logits move), and a batch still equals its rows one at a time."""
+    lm = tiny_model("llama-gqa")
+    mean = get_method("ccm-merge", n_tok=2)
+    randomize_lora(mean, lm)
+    zero = get_method("ccm-merge", n_tok=2, weighting="learned")
+    zero.state(lm).load_state_dict(mean.state(lm).state_dict(), strict=False)  # the same <COMP> and LoRA
+    learned = _learned_merge(lm, gate_scale=1.0)
+    learned.state(lm).load_state_dict(mean.state(lm).state_dict(), strict=False)
+    samples = [Sample(CHUNKS, TAIL, SINK), Sample([[50, 51], [52, 53, 54, 55]], [60, 61, 62, 63], [])]
+    with torch.no_grad():
+        methods = {"mean": mean, "zero": zero, "learned": learned}
+        logits = {name: m.parallel_forward(lm, m.make_batch(samples[:1])).logits[0] for name, m in methods.items()}
+        _, zero_tail, _ = recurrent_logits(lm, zero, CHUNKS, TAIL, SINK)
+        _, mean_tail, _ = recurrent_logits(lm, mean, CHUNKS, TAIL, SINK)
+        batched = learned.parallel_forward(lm, learned.make_batch(samples)).logits
+        for b, sample in enumerate(samples):
+            single_batch = learned.make_batch([sample])
+            single = learned.parallel_forward(lm, single_batch).logits[0]
+            torch.testing.assert_close(batched[b, : single_batch.lengths[0]], single, atol=TOL, rtol=0)
+    torch.testing.assert_close(logits["zero"], logits["mean"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(zero_tail, mean_tail, atol=1e-6, rtol=0)
+    assert (logits["learned"] - logits["mean"]).abs().max() > 1e-3
+
+
+def test_learned_merge_gate_gets_gradients():
+    """The gate is part of the trainable state: the parallel loss reaches it."""
+    lm = tiny_model("llama-gqa")
+    method = _learned_merge(lm)
+    state = method.state(lm)
+    state.requires_grad_(True)
+    sample = Sample(CHUNKS, [*TAIL, 43, 44], SINK, answer_start=2)
+    method.training_loss(lm, method.make_batch([sample])).backward()
+    assert state.merge_gate.grad is not None and state.merge_gate.grad.abs().sum() > 0

@@ -376,3 +376,23 @@ def test_ccm_streams_with_the_shipped_streaming_adapter_unless_given_one(monkeyp
     assert "ccm-concat-stream" in asked
     settings.adapters = {"ccm-concat": str(files["mine"])}
     assert run_method(lm, "ccm-concat", ids, settings, text="random").adapter == hashes["mine"]
+
+
+def test_a_learned_merge_adapter_is_refused_by_name_in_a_stream(tmp_path):
+    """A stream blends its oldest groups by block count, which a merge trained with learned weighting never saw:
+    the run stops with the option named instead of silently averaging."""
+    import ccmem
+    from ccmem.adapter import save_adapter
+    from tests.methods.test_contract import randomize_state
+
+    lm = tiny_model("llama-gqa", positions=64)
+    method = ccmem.get_method("ccm-merge", n_tok=2, weighting="learned")
+    randomize_state(method, lm, scale=0.05)
+    path = save_adapter(method, lm, tmp_path / "learned.safetensors")
+    ids = torch.randint(3, VOCAB, (96,), generator=torch.Generator().manual_seed(2)).tolist()
+    settings = StreamSettings(
+        methods=["ccm-merge"], max_positions=0, contexts=1.5, sink=2, window=8, comp_slots=4, block=16
+    )
+    settings.adapters = {"ccm-merge": str(path)}
+    with pytest.raises(StreamOptionError, match="weighting='learned'"):
+        run_method(lm, "ccm-merge", ids, settings, text="random")

@@ -275,6 +275,25 @@ def test_init_from_carries_a_ccm_adapter_over_to_another_n_tok(tmp_path, n_tok):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
 
 
+def test_init_from_starts_a_learned_merge_from_a_concat_adapter_at_the_mean(tmp_path):
+    """``method.weighting=learned`` starts from an adapter that never had a gate (it predates the option, which
+    it was trained at the default of): LoRA and <COMP> carried over, the gate at zero (the running mean); with
+    ``n_tok`` changed too. The gate then trains."""
+    first = train(_config(tmp_path / "a", "train.max_steps=2"), lm=tiny_model())
+    warm = _config(tmp_path / "b", f"init_from={first.output}", "method.weighting=learned", "method.n_tok=2",
+                   "train.lr=1e-12", "train.max_steps=1", preset="persona-ccm-merge")  # fmt: skip
+    a, b = load_file(first.output), load_file(train(warm, lm=tiny_model()).output)
+    assert set(b) == set(a) | {"merge_gate"}
+    assert b["merge_gate"].abs().max() < 1e-9
+    torch.testing.assert_close(b["comp.weight"], a["comp.weight"][:2], rtol=0, atol=1e-6)
+    # Dialogs of several turns (a one-turn memory is its only step: nothing to weigh, no gradient for the gate).
+    trained = _config(tmp_path / "c", f"init_from={first.output}", "method.weighting=learned", "train.lr=1e-2",
+                      "train.max_steps=2", "data.k=3", "data.small_talk=2", preset="persona-ccm-merge")  # fmt: skip
+    result = train(trained, lm=tiny_model())
+    assert load_file(result.output)["merge_gate"].abs().max() > 1e-4
+    assert read_adapter(result.output).options["weighting"] == "learned"
+
+
 def test_unified_preset_trains_on_the_mixture(tmp_path):
     config = _config(
         tmp_path, "init_from=null", "data.n_train=10", "data.mixture={dialogs: 0.6, persona: 0.2, icl: 0.2}",

@@ -183,6 +183,11 @@ def ccm_compressor(lm: LoadedModel, name: str, adapter: str | None) -> tuple[Com
 
     session = load(lm, method=name, adapter=adapter or stream_adapter(lm, name), system_prompt=None)
     method: Any = session.method
+    if getattr(method, "weighting", "mean") != "mean":  # the stream blends its oldest groups by block count
+        raise StreamOptionError(
+            f"{name} with weighting={method.weighting!r} (adapter {method.adapter_hash}) cannot stream yet: a stream "
+            "merges its oldest groups by the blocks each stands for; use an adapter trained with weighting='mean'"
+        )
 
     def compress(seen: Memory, ids: torch.Tensor, start: int) -> list[KV]:
         with method.attached(lm):

@@ -243,10 +243,14 @@ class Method(ABC):
         return self._module
 
     def warm_start(
-        self, differing: dict[str, tuple[Any, Any]], tensors: dict[str, torch.Tensor]
+        self,
+        differing: dict[str, tuple[Any, Any]],
+        tensors: dict[str, torch.Tensor],
+        fresh: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor] | None:
         """Map an adapter's tensors trained with other shape options to this method's shapes, to start a
-        training run from (``init_from``). ``differing``: option name -> (the adapter's value, this method's).
+        training run from (``init_from``). ``differing``: option name -> (the adapter's value, this method's);
+        ``fresh``: the tensors of this method's newly built state (for parts the adapter lacks).
         ``None`` (the default): the state cannot be carried over, and the run is refused with the option named."""
         return None
 

@@ -31,17 +31,22 @@ from ccmem.memory import KV, Memory, concat_layers, concat_positions, constant_p
 from ccmem.methods import ccm_seq2seq
 from ccmem.methods.base import LoRAOptions, answer_loss, option, read_batch, run_decoder
 from ccmem.modules import GATE_KWARG, CompEmbeddings, LoRAGate, LoRASet, default_targets
-from ccmem.patching.attention import PLAN_KWARG, AttentionPlan, compression_attention
+from ccmem.patching.attention import PLAN_KWARG, AttentionPlan, compression_attention, merge_scores
 from ccmem.registry import register
+
+#: How CCM-merge weighs the steps it averages (``ccm-merge``'s ``weighting`` option).
+MERGE_WEIGHTINGS = ("mean", "learned")
 
 
 class CompState(nn.Module):
-    """The trainable state of a <COMP>-token method: ``comp`` embeddings and the conditional ``lora``."""
+    """The trainable state of a <COMP>-token method: ``comp`` embeddings and the conditional ``lora`` (and, for
+    CCM-merge with ``weighting=learned``, the ``merge_gate`` that scores each step's <COMP> values)."""
 
-    def __init__(self, comp: CompEmbeddings, lora: LoRASet):
+    def __init__(self, comp: CompEmbeddings, lora: LoRASet, merge_gate: torch.Tensor | None = None):
         super().__init__()
         self.comp = comp
         self.lora = lora
+        self.merge_gate = None if merge_gate is None else nn.Parameter(merge_gate)
 
 
 @dataclass
@@ -156,7 +161,7 @@ class CompTokens(ccm_seq2seq.EncoderMemory, LoRAOptions):
         stack.enter_context(compression_attention(lm.model))
 
     def warm_start(
-        self, differing: dict[str, tuple[Any, Any]], tensors: dict[str, torch.Tensor]
+        self, differing: dict[str, tuple[Any, Any]], tensors: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor] | None:
         """Start from an adapter with another ``n_tok``: its LoRA as it is, and its first ``n_tok`` <COMP>
         embeddings (a run with more <COMP> tokens than the adapter repeats its embeddings in turn)."""
@@ -228,6 +233,7 @@ class CompTokens(ccm_seq2seq.EncoderMemory, LoRAOptions):
         embeds = lm.model.get_input_embeddings()(ids)
         embeds = self.state(lm).comp.fill(embeds, comp, batch.slots.to(device))
         plan = AttentionPlan.from_mask_plan(batch.plan, embeds.dtype, device)
+        plan.merge_gate = getattr(self.state(lm), "merge_gate", None)
         return {
             "inputs_embeds": embeds,
             "attention_mask": plan.mask[..., : ids.shape[1]],
@@ -358,17 +364,64 @@ class CCMMerge(CCM):
     name: ClassVar[str] = "ccm-merge"
     update: ClassVar[str] = "merge"
 
+    weighting: str = option(
+        "mean",
+        "how each step weighs in the merged slots: 'mean' (the paper's running average, 1/t each) or 'learned' (a "
+        "softmax over steps of a learned score of each step's <COMP> values, per layer, head and slot; starts as "
+        "the mean)",
+    )
+
+    def check_options(self) -> None:
+        super().check_options()
+        if self.weighting not in MERGE_WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {MERGE_WEIGHTINGS}, got {self.weighting!r}")
+
+    def build(self, lm: LoadedModel) -> CompState:
+        state = super().build(lm)
+        if self.weighting == "learned":
+            if lm.is_encoder_decoder:
+                raise ValueError(
+                    "ccm-merge weighting='learned' works on decoder-only models; use weighting='mean' on T5"
+                )
+            shape = lm.kv_shape
+            state.merge_gate = nn.Parameter(torch.zeros(shape.layers, shape.kv_heads, shape.head_dim, device=lm.device))
+        return state
+
+    def warm_start(
+        self, differing: dict[str, tuple[Any, Any]], tensors: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor] | None:
+        """Also start learned weighting from a mean-merge (or concat) adapter: its gate at zero, the mean."""
+        if differing.get("weighting") == ("mean", "learned"):
+            tensors = tensors | {"merge_gate": fresh["merge_gate"]}
+            differing = {k: v for k, v in differing.items() if k != "weighting"}
+            if not differing:
+                return tensors
+        return super().warm_start(differing, tensors, fresh)
+
     def fold(self, memory: Memory, comp: list[KV], n_chunk: int) -> Memory:
         t = int(memory.state.get("merge_steps", torch.tensor(0))) + 1
         state = {**memory.state, "merge_steps": torch.tensor(t)}
+        gate = cast(CompState, self._module).merge_gate if self._module is not None else None
+        scores = None if gate is None else torch.stack([merge_scores(v, gate[i]) for i, (_, v) in enumerate(comp)])
         if t == 1:  # Mem(1) = h(1): the first <COMP> block goes in after the sink as it is
             first = super().fold(memory, comp, n_chunk)
+            if scores is not None:
+                state["merge_log_norm"] = scores
             return first.with_layers(first.layers, first.positions, state=state)
+        keep: list[Any] = [1 - 1 / t] * len(comp)  # the running mean
+        take: list[Any] = [1 / t] * len(comp)
+        if scores is not None:  # Mem(t) = sum_i exp(s_i) h(i) / sum_i exp(s_i), with a running log-normaliser
+            norm = torch.logaddexp(memory.state["merge_log_norm"], scores)
+            state["merge_log_norm"] = norm
+            keep = list((memory.state["merge_log_norm"] - norm).exp()[..., None].unbind(0))
+            take = list((scores - norm).exp()[..., None].unbind(0))
         s = memory.sink
         layers = []
-        for (k, v), (ck, cv) in zip(memory.layers, comp, strict=True):
-            mk = k[..., s:, :] * (1 - 1 / t) + ck / t
-            mv = v[..., s:, :] * (1 - 1 / t) + cv / t
+        for (k, v), (ck, cv), a, b in zip(memory.layers, comp, keep, take, strict=True):
+            if isinstance(a, torch.Tensor):
+                a, b = a.to(k.dtype), b.to(k.dtype)
+            mk = k[..., s:, :] * a + ck * b
+            mv = v[..., s:, :] * a + cv * b
             layers.append((torch.cat([k[..., :s, :], mk], -2), torch.cat([v[..., :s, :], mv], -2)))
         positions = [torch.cat([p[..., :s], constant_positions(-1, self.n_tok, p)], -1) for p in memory.positions]
         return memory.with_layers(layers, positions, advance=n_chunk + self.n_tok, state=state)

@@ -60,6 +60,9 @@ class AttentionPlan:
     prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     #: Filled, when given, with each layer's own keys/values of this forward (after projection, before the prefix).
     captured: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    #: ``[layers, kv_heads, head_dim]``: CCM-merge with ``weighting=learned``. Each merged entry is then a softmax,
+    #: over the steps ``mix_weights`` averages, of :func:`merge_scores` of their values, instead of the plain mean.
+    merge_gate: torch.Tensor | None = None
 
     @classmethod
     def from_mask_plan(cls, plan: MaskPlan, dtype: torch.dtype, device: torch.device) -> AttentionPlan:
@@ -161,15 +164,47 @@ class AttentionCapture:
         return view
 
 
-def _with_merged(states: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
-    """Append the merged <COMP> entries ``mix_weights @ states[comp]`` after the sequence axis."""
+#: Scores of a learned merge are ``gate·value`` times this, so that the optimiser's steps on the zero-initialised
+#: gate move them as fast as the LoRA's (a re-parametrisation: no effect on what can be learned).
+MERGE_GATE_SCALE = 8.0
+
+
+def merge_scores(values: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``[batch, kv_heads, slots]`` float32 scores of the <COMP> ``values`` (``[batch, kv_heads, slots, dim]``)
+    under one layer's ``gate`` (``[kv_heads, dim]``): a merged slot is the softmax-weighted mean of its steps."""
+    return (values.float() * gate.float()[None, :, None, :]).sum(-1) * MERGE_GATE_SCALE
+
+
+def learned_mix(mix_weights: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """``[batch, kv_heads, M, M]`` weights: merged entry ``m`` is the softmax of ``scores`` over the <COMP>
+    positions that ``mix_weights`` (``[batch, M, M]``) averages for it; padding rows get zeros, never NaN."""
+    member = (mix_weights > 0)[:, None]
+    logits = scores[:, :, None, :].masked_fill(~member, float("-inf"))
+    logits = logits.masked_fill(~member.any(-1, keepdim=True), 0.0)
+    return torch.softmax(logits, dim=-1) * member
+
+
+def _with_merged(
+    key: torch.Tensor, value: torch.Tensor, plan: AttentionPlan, layer: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append the merged <COMP> entries ``mix_weights @ states[comp]`` after the sequence axis (a learned merge:
+    :func:`learned_mix` of the values' scores instead of ``mix_weights``)."""
     if plan.mix_index.shape[-1] == 0:
-        return states
-    batch, heads, _, dim = states.shape
-    index = plan.mix_index[:, None, :, None].expand(batch, heads, -1, dim)
-    comp = states.gather(2, index)
-    merged = plan.mix_weights[:, None].to(states.dtype) @ comp
-    return torch.cat([states, merged], dim=2)
+        return key, value
+
+    def comp_of(states: torch.Tensor) -> torch.Tensor:
+        batch, heads, _, dim = states.shape
+        return states.gather(2, plan.mix_index[:, None, :, None].expand(batch, heads, -1, dim))
+
+    comp_key, comp_value = comp_of(key), comp_of(value)
+    if plan.merge_gate is None:
+        weights = plan.mix_weights[:, None].to(key.dtype)
+    else:
+        if layer is None:
+            raise RuntimeError("a learned ccm-merge needs attention modules with a layer_idx")
+        scores = merge_scores(comp_value, plan.merge_gate[layer])
+        weights = learned_mix(plan.mix_weights, scores).to(key.dtype)
+    return torch.cat([key, weights @ comp_key], dim=2), torch.cat([value, weights @ comp_value], dim=2)
 
 
 def _generic_eager(
@@ -220,7 +255,7 @@ def _make(base: str) -> Callable[..., Any]:
             layer = getattr(module, "layer_idx", None)
             if plan.captured is not None:
                 plan.captured[len(plan.captured) if layer is None else layer] = (key, value)
-            key, value = _with_merged(key, plan), _with_merged(value, plan)
+            key, value = _with_merged(key, value, plan, layer)
             if plan.prefix is not None:
                 if layer is None:
                     raise RuntimeError(

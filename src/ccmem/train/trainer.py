@@ -22,7 +22,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import yaml
@@ -462,13 +462,16 @@ def init_state(method: Method, lm: LoadedModel, source: str) -> None:
     try:
         adapter = read_adapter(path)
         ours = method.options()
+        # An option the adapter does not record is one added after it was made: it was trained at its default.
+        theirs = {**{o.name: o.default for o in method.option_specs()}, **adapter.options}
         differing = {
             key: (value, ours[key])
-            for key, value in adapter.options.items()
+            for key, value in theirs.items()
             if key in ours and key not in method.runtime_options and _canonical(ours[key]) != _canonical(value)
         }
         if differing:
-            tensors = method.warm_start(differing, adapter.tensors)
+            fresh = cast(nn.Module, method.module_for(lm)).state_dict()
+            tensors = method.warm_start(differing, adapter.tensors, fresh)
             if tensors is None:
                 key, (value, mine) = next(iter(differing.items()))
                 raise AdapterMismatchError(
