@@ -208,12 +208,14 @@ def options_with_adapter(name: str, adapter: Adapter, given: dict[str, Any]) -> 
         given = check_options(name, given)
     except OptionError as err:
         raise AdapterMismatchError(str(err)) from None
+    # An option the adapter does not record was added after it was made: it was trained at the default.
+    trained = {spec.name: spec.default for spec in cls.option_specs()} | adapter.options
     for key, value in given.items():
-        if key in cls.runtime_options or key not in adapter.options:
+        if key in cls.runtime_options or key not in trained:
             continue
-        if adapter.options[key] != value:
+        if trained[key] != value:
             raise AdapterMismatchError(
-                f"adapter {adapter.path} was trained with {key}={adapter.options[key]!r}, but {key}={value!r} was "
+                f"adapter {adapter.path} was trained with {key}={trained[key]!r}, but {key}={value!r} was "
                 f"asked; leave {key} out to use the adapter's value, or use an adapter trained with {key}={value!r}"
             )
     return adapter.options | given

@@ -254,3 +254,19 @@ def test_a_memory_file_edited_by_hand_is_refused_with_what_is_wrong(tmp_path, ed
     save_file(tensors, str(path), metadata=meta)
     with pytest.raises(MemoryMismatchError, match=message):
         session.load_memory(path)
+
+
+def test_an_option_newer_than_the_adapter_counts_as_trained_at_its_default(tmp_path):
+    """An adapter made before an option existed (``weighting`` on ccm-merge) was trained at its default: asking
+    another value is refused with the option named, not with a confusing missing-tensor error."""
+    import dataclasses
+
+    from ccmem.adapter import options_with_adapter
+
+    lm = tiny_model()
+    path = save_adapter(get_method("ccm-merge", n_tok=2), lm, tmp_path / "merge.safetensors")
+    adapter = read_adapter(path)
+    older = dataclasses.replace(adapter, options={k: v for k, v in adapter.options.items() if k != "weighting"})
+    assert options_with_adapter("ccm-merge", older, {"weighting": "mean"})["weighting"] == "mean"
+    with pytest.raises(AdapterMismatchError, match="trained with weighting='mean', but weighting='learned'"):
+        options_with_adapter("ccm-merge", older, {"weighting": "learned"})
