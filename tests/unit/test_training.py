@@ -290,8 +290,15 @@ def test_init_from_starts_a_learned_merge_from_a_concat_adapter_at_the_mean(tmp_
     trained = _config(tmp_path / "c", f"init_from={first.output}", "method.weighting=learned", "train.lr=1e-2",
                       "train.max_steps=2", "data.k=3", "data.small_talk=2", preset="persona-ccm-merge")  # fmt: skip
     result = train(trained, lm=tiny_model())
-    assert load_file(result.output)["merge_gate"].abs().max() > 1e-4
+    gate = load_file(result.output)["merge_gate"]
+    assert gate.abs().max() > 1e-4
     assert read_adapter(result.output).options["weighting"] == "learned"
+    # Another gate_scale keeps every score (the gate rescaled); a trained gate cannot become a mean merge.
+    rescaled = _config(tmp_path / "d", f"init_from={result.output}", "method.weighting=learned", "train.lr=1e-12",
+                       "method.gate_scale=128", "train.max_steps=1", preset="persona-ccm-merge")  # fmt: skip
+    torch.testing.assert_close(load_file(train(rescaled, lm=tiny_model()).output)["merge_gate"], gate / 2)
+    with pytest.raises(ConfigError, match="weighting='learned', this run has weighting='mean'"):
+        train(_config(tmp_path / "e", f"init_from={result.output}", preset="persona-ccm-merge"), lm=tiny_model())
 
 
 def test_unified_preset_trains_on_the_mixture(tmp_path):

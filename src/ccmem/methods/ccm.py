@@ -233,7 +233,7 @@ class CompTokens(ccm_seq2seq.EncoderMemory, LoRAOptions):
         embeds = lm.model.get_input_embeddings()(ids)
         embeds = self.state(lm).comp.fill(embeds, comp, batch.slots.to(device))
         plan = AttentionPlan.from_mask_plan(batch.plan, embeds.dtype, device)
-        plan.merge_gate = getattr(self.state(lm), "merge_gate", None)
+        plan.merge_gate = self.scaled_gate()
         return {
             "inputs_embeds": embeds,
             "attention_mask": plan.mask[..., : ids.shape[1]],
@@ -264,6 +264,10 @@ class CompTokens(ccm_seq2seq.EncoderMemory, LoRAOptions):
 
     def sample_length(self, sample: Sample) -> int:
         return super().sample_length(sample) + self.n_tok * len(sample.chunks)
+
+    def scaled_gate(self) -> torch.Tensor | None:
+        """The gate that scores steps for a learned merge (``[layers, kv_heads, head_dim]``), else ``None``."""
+        return None
 
 
 @dataclass
@@ -371,10 +375,22 @@ class CCMMerge(CCM):
         "the mean)",
     )
 
+    gate_scale: float = option(
+        64.0,
+        "weighting=learned: a step's score is gate_scale·(gate·value/|value|); like lora_alpha, a re-parametrisation "
+        "(larger: the zero-initialised gate moves the scores faster at the same learning rate)",
+    )
+
     def check_options(self) -> None:
         super().check_options()
         if self.weighting not in MERGE_WEIGHTINGS:
             raise ValueError(f"weighting must be one of {MERGE_WEIGHTINGS}, got {self.weighting!r}")
+        if not self.gate_scale > 0:
+            raise ValueError(f"gate_scale must be positive (got {self.gate_scale})")
+
+    def scaled_gate(self) -> torch.Tensor | None:
+        gate = cast(CompState, self._module).merge_gate if self._module is not None else None
+        return None if gate is None else gate * self.gate_scale
 
     def build(self, lm: LoadedModel) -> CompState:
         state = super().build(lm)
@@ -390,18 +406,24 @@ class CCMMerge(CCM):
     def warm_start(
         self, differing: dict[str, tuple[Any, Any]], tensors: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor] | None:
-        """Also start learned weighting from a mean-merge (or concat) adapter: its gate at zero, the mean."""
-        if differing.get("weighting") == ("mean", "learned"):
+        """Also start learned weighting from a mean-merge (or concat) adapter: its gate at zero, the mean; and from
+        a gate trained with another ``gate_scale``: rescaled, so that every score stays as it was."""
+        differing = dict(differing)
+        weighting = differing.pop("weighting", None)
+        if weighting == ("mean", "learned"):
             tensors = tensors | {"merge_gate": fresh["merge_gate"]}
-            differing = {k: v for k, v in differing.items() if k != "weighting"}
-            if not differing:
-                return tensors
-        return super().warm_start(differing, tensors, fresh)
+        elif weighting is not None:  # a trained gate has no mean-merge counterpart: refused, the option named
+            return None
+        if "gate_scale" in differing:
+            theirs, ours = differing.pop("gate_scale")
+            if "merge_gate" in tensors:
+                tensors = tensors | {"merge_gate": tensors["merge_gate"] * (theirs / ours)}
+        return tensors if not differing else super().warm_start(differing, tensors, fresh)
 
     def fold(self, memory: Memory, comp: list[KV], n_chunk: int) -> Memory:
         t = int(memory.state.get("merge_steps", torch.tensor(0))) + 1
         state = {**memory.state, "merge_steps": torch.tensor(t)}
-        gate = cast(CompState, self._module).merge_gate if self._module is not None else None
+        gate = self.scaled_gate()
         scores = None if gate is None else torch.stack([merge_scores(v, gate[i]) for i, (_, v) in enumerate(comp)])
         if t == 1:  # Mem(1) = h(1): the first <COMP> block goes in after the sink as it is
             first = super().fold(memory, comp, n_chunk)

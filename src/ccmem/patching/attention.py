@@ -60,8 +60,9 @@ class AttentionPlan:
     prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     #: Filled, when given, with each layer's own keys/values of this forward (after projection, before the prefix).
     captured: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
-    #: ``[layers, kv_heads, head_dim]``: CCM-merge with ``weighting=learned``. Each merged entry is then a softmax,
-    #: over the steps ``mix_weights`` averages, of :func:`merge_scores` of their values, instead of the plain mean.
+    #: ``[layers, kv_heads, head_dim]``: CCM-merge with ``weighting=learned`` (its gate times ``gate_scale``). Each
+    #: merged entry is then a softmax, over the steps ``mix_weights`` averages, of :func:`merge_scores` of their
+    #: values, instead of the plain mean.
     merge_gate: torch.Tensor | None = None
 
     @classmethod
@@ -164,15 +165,12 @@ class AttentionCapture:
         return view
 
 
-#: Scores of a learned merge are ``gate·value`` times this, so that the optimiser's steps on the zero-initialised
-#: gate move them as fast as the LoRA's (a re-parametrisation: no effect on what can be learned).
-MERGE_GATE_SCALE = 8.0
-
-
 def merge_scores(values: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """``[batch, kv_heads, slots]`` float32 scores of the <COMP> ``values`` (``[batch, kv_heads, slots, dim]``)
-    under one layer's ``gate`` (``[kv_heads, dim]``): a merged slot is the softmax-weighted mean of its steps."""
-    return (values.float() * gate.float()[None, :, None, :]).sum(-1) * MERGE_GATE_SCALE
+    under one layer's ``gate`` (``[kv_heads, dim]``, the method's scale included): a merged slot is the
+    softmax-weighted mean of its steps. Values are normalised, so a score is bounded by ``|gate|``."""
+    unit = torch.nn.functional.normalize(values.float(), dim=-1, eps=1e-6)
+    return (unit * gate.float()[None, :, None, :]).sum(-1)
 
 
 def learned_mix(mix_weights: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
