@@ -44,6 +44,9 @@ from ccmem.rope import apply_rotation, layer_frequencies, rotation
 #: ``compressor(seen, ids, start)``: keys/values of the slots that stand for ``ids`` (``[1, n]``), read after
 #: the memory ``seen`` from position ``start``; their positions start at ``start + n`` (CCM's <COMP> tokens).
 Compressor = Callable[[Memory, torch.Tensor, int], list[KV]]
+#: ``scorer(group)``: ``[layers, batch, kv_heads, slots]`` log-weights of a new group's slots when groups merge (a
+#: CCM-merge trained with ``weighting=learned``); without one, merged groups weigh by the blocks they stand for.
+Scorer = Callable[[list[KV]], torch.Tensor]
 
 
 class StreamOptionError(ValueError):
@@ -167,6 +170,7 @@ class KVStream:
         layout: StreamLayout,
         *,
         compressor: Compressor | None = None,
+        scorer: Scorer | None = None,
         limit: int | None = None,
     ):
         if (compressor is None) == layout.compresses:
@@ -180,6 +184,8 @@ class KVStream:
         self.memory = Memory()
         self.window_ids = torch.zeros(1, 0, dtype=torch.long, device=lm.device)
         self.weights: list[int] = []  # per compressed group: the blocks it stands for
+        self.scorer = scorer
+        self.log_weights: list[torch.Tensor] = []  # per compressed group, with a scorer: log sum exp of its scores
         self.tokens_read = 0
         self.peak_bytes = 0  # the largest key/value cache one forward ran with
         self.slot_bytes = 0
@@ -251,6 +257,8 @@ class KVStream:
             over = _length(comp) - self.layout.comp_slots
             return self._rotate(_slots(comp, over, _length(comp)), -over) if over > 0 else comp
         self.weights.append(1)
+        if self.scorer is not None:
+            self.log_weights.append(self.scorer(group))
         if _length(comp) > self.layout.comp_slots:
             comp = self._merge_oldest(comp)
         return comp
@@ -260,10 +268,20 @@ class KVStream:
         t = self.layout.n_tok
         w0, w1 = self.weights[0], self.weights[1]
         older, newer = _slots(comp, 0, t), self._rotate(_slots(comp, t, 2 * t), -t)
-        blend = [
-            ((k0 * w0 + k1 * w1) / (w0 + w1), (v0 * w0 + v1 * w1) / (w0 + w1))
-            for (k0, v0), (k1, v1) in zip(older, newer, strict=True)
-        ]
+        if self.scorer is not None:  # a learned merge: each slot's softmax weights, per layer and head
+            l0, l1 = self.log_weights[:2]
+            norm = torch.logaddexp(l0, l1)
+            self.log_weights[:2] = [norm]
+            a, b = (l0 - norm).exp()[..., None], (l1 - norm).exp()[..., None]
+            blend = [
+                (k0 * a[i].to(k0.dtype) + k1 * b[i].to(k0.dtype), v0 * a[i].to(v0.dtype) + v1 * b[i].to(v0.dtype))
+                for i, ((k0, v0), (k1, v1)) in enumerate(zip(older, newer, strict=True))
+            ]
+        else:
+            blend = [
+                ((k0 * w0 + k1 * w1) / (w0 + w1), (v0 * w0 + v1 * w1) / (w0 + w1))
+                for (k0, v0), (k1, v1) in zip(older, newer, strict=True)
+            ]
         self.weights[:2] = [w0 + w1]
         return _cat([blend, self._rotate(_slots(comp, 2 * t, _length(comp)), -t)])
 

@@ -378,21 +378,48 @@ def test_ccm_streams_with_the_shipped_streaming_adapter_unless_given_one(monkeyp
     assert run_method(lm, "ccm-concat", ids, settings, text="random").adapter == hashes["mine"]
 
 
-def test_a_learned_merge_adapter_is_refused_by_name_in_a_stream(tmp_path):
-    """A stream blends its oldest groups by block count, which a merge trained with learned weighting never saw:
-    the run stops with the option named instead of silently averaging."""
+def test_a_learned_merge_blends_groups_by_its_scores():
+    """With a scorer (a merge trained with weighting=learned) the oldest groups blend by the softmax of their
+    slots' scores, per layer and head, as the chat memory does: here group g scores log g, so the five oldest
+    groups become sum g*g / sum g = 55/15."""
+    lm = tiny_model("llama-gqa", positions=64)
+    ids = torch.randint(3, VOCAB, (1, 4 + 8 + 6 * 4), generator=torch.Generator().manual_seed(4))
+
+    def scorer(group):
+        return torch.stack([v[..., 0].log() for _, v in group])  # the fake group's value is its number
+
+    layout = StreamLayout(4, 8, comp_slots=4, block=4, n_tok=2)
+    stream = KVStream(lm, layout, compressor=fake_compressor(2), scorer=scorer, limit=64)
+    with torch.no_grad():
+        for a in range(0, ids.shape[1], 4):
+            stream.read(ids[:, a : a + 4])
+    values = stream.memory.layers[0][1][0, 0, 4:8, 0]
+    assert values.tolist() == pytest.approx([55 / 15, 55 / 15, 6.0, 6.0])
+    stream.memory.check(lm.kv_shape)
+
+
+def test_a_learned_merge_adapter_streams_with_its_gate(tmp_path):
+    """``ccmem stream`` reads a learned-merge adapter's gate: its stream differs from the same adapter's with
+    the gate at zero (block-count weights), which streams exactly like a mean merge."""
     import ccmem
     from ccmem.adapter import save_adapter
     from tests.methods.test_contract import randomize_state
 
     lm = tiny_model("llama-gqa", positions=64)
-    method = ccmem.get_method("ccm-merge", n_tok=2, weighting="learned")
-    randomize_state(method, lm, scale=0.05)
-    path = save_adapter(method, lm, tmp_path / "learned.safetensors")
     ids = torch.randint(3, VOCAB, (96,), generator=torch.Generator().manual_seed(2)).tolist()
     settings = StreamSettings(
         methods=["ccm-merge"], max_positions=0, contexts=1.5, sink=2, window=8, comp_slots=4, block=16
     )
-    settings.adapters = {"ccm-merge": str(path)}
-    with pytest.raises(StreamOptionError, match="weighting='learned'"):
-        run_method(lm, "ccm-merge", ids, settings, text="random")
+    nll = {}
+    method = ccmem.get_method("ccm-merge", n_tok=2, weighting="learned")
+    randomize_state(method, lm, scale=0.05)
+    for label, gate in (("learned", 1.0), ("zero", 0.0)):
+        with torch.no_grad():
+            method.state(lm).merge_gate.mul_(gate)
+        settings.adapters = {"ccm-merge": str(save_adapter(method, lm, tmp_path / f"{label}.safetensors"))}
+        nll[label] = run_method(lm, "ccm-merge", ids, settings, text="random").perplexity
+    mean = ccmem.get_method("ccm-merge", n_tok=2)
+    mean.state(lm).load_state_dict(method.state(lm).state_dict(), strict=False)  # the same <COMP> and LoRA
+    settings.adapters = {"ccm-merge": str(save_adapter(mean, lm, tmp_path / "mean.safetensors"))}
+    assert run_method(lm, "ccm-merge", ids, settings, text="random").perplexity == pytest.approx(nll["zero"])
+    assert nll["learned"] != pytest.approx(nll["zero"])

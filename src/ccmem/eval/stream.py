@@ -38,6 +38,7 @@ from ccmem.stream import (
     Compressor,
     KVStream,
     PositionLimitError,
+    Scorer,
     StreamOptionError,
     layouts_at_same_memory,
 )
@@ -176,24 +177,28 @@ def stream_adapter(lm: LoadedModel, name: str) -> str | None:
     return str(path) if path is not None else None
 
 
-def ccm_compressor(lm: LoadedModel, name: str, adapter: str | None) -> tuple[Compressor, int, str]:
+def ccm_compressor(lm: LoadedModel, name: str, adapter: str | None) -> tuple[Compressor, int, str, Scorer | None]:
     """The compression step of CCM ``name`` with its adapter (default: the shipped streaming adapter, else the
-    shipped chat one): the compressor, its ``n_tok`` and the adapter's hash."""
+    shipped chat one): the compressor, its ``n_tok``, the adapter's hash, and how merged groups weigh their slots
+    (a merge trained with learned weighting: its gate's scores; otherwise ``None``, by the blocks they stand for)."""
     from ccmem.api import load
+    from ccmem.patching.attention import merge_scores
 
     session = load(lm, method=name, adapter=adapter or stream_adapter(lm, name), system_prompt=None)
     method: Any = session.method
-    if getattr(method, "weighting", "mean") != "mean":  # the stream blends its oldest groups by block count
-        raise StreamOptionError(
-            f"{name} with weighting={method.weighting!r} (adapter {method.adapter_hash}) cannot stream yet: a stream "
-            "merges its oldest groups by the blocks each stands for; use an adapter trained with weighting='mean'"
-        )
 
     def compress(seen: Memory, ids: torch.Tensor, start: int) -> list[KV]:
         with method.attached(lm):
             return list(method.compress_step(lm, seen, ids, start))
 
-    return compress, int(method.n_tok), str(method.adapter_hash)
+    gate = method.scaled_gate()
+    scorer: Scorer | None = None
+    if gate is not None:
+
+        def scorer(group: list[KV]) -> torch.Tensor:
+            return torch.stack([merge_scores(v, gate[i]) for i, (_, v) in enumerate(group)]).detach()
+
+    return compress, int(method.n_tok), str(method.adapter_hash), scorer
 
 
 def sparse_compressor(
@@ -270,15 +275,16 @@ def run_method(
     """Stream ``ids`` with one method at the memory the settings give every method."""
     limit = context_limit(lm, settings)
     compressor: Compressor | None = None
+    scorer: Scorer | None = None
     n_tok, adapter = 0, "-"
     reader: contextlib.AbstractContextManager[None] = contextlib.nullcontext()  # attaches a sparse method's LoRA
     if name.startswith("ccm-"):
-        compressor, n_tok, adapter = ccm_compressor(lm, name, settings.adapters.get(name))
+        compressor, n_tok, adapter, scorer = ccm_compressor(lm, name, settings.adapters.get(name))
     elif name in SPARSE_STREAM_METHODS:
         compressor, method = sparse_compressor(lm, name, settings.adapters.get(name), settings.options)
         adapter, reader = method.adapter_hash, method.attached(lm, reading=True)
     layout = layouts_at_same_memory(settings.sink, settings.window, settings.comp_slots, settings.block, n_tok)[name]
-    stream = KVStream(lm, layout, compressor=compressor, limit=limit)
+    stream = KVStream(lm, layout, compressor=compressor, scorer=scorer, limit=limit)
     tensor = torch.tensor([ids], dtype=torch.long, device=lm.device)
     bucket = settings.bucket_tokens or limit
     n_buckets = -(-len(ids) // bucket)
