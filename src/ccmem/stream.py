@@ -12,7 +12,8 @@ reads one block of tokens with the cache; what no longer fits the window leaves 
 compressor (CCM), the tokens leaving the window are read once more, with the sink and the compressed slots,
 followed by ``n_tok`` <COMP> tokens, whose keys/values join the compressed segment as one *group*. When the
 groups pass ``C`` slots, the two oldest are merged into one (their average, weighted by the blocks each stands
-for: the oldest group becomes CCM-merge's running average of everything old). Slots that move to another index
+for: the oldest group becomes CCM-merge's running average of everything old; with a ``scorer``, a merge trained
+with ``weighting=learned``, by the softmax of its slots' scores instead). Slots that move to another index
 have their keys re-rotated (:func:`ccmem.rope.rotate_keys`).
 
 A sparse method (``sentinel``, ``local``, ``scattered``) compresses a leaving block by reading it through its
@@ -115,7 +116,8 @@ class StreamLayout:
             )
 
 
-#: The stream methods (the layouts below) and those run by default (ccm-merge ships a persona-only adapter).
+#: The stream methods (the layouts below) and those run by default (ccm-merge has no streaming adapter: its chat one
+#: was never trained on text read as a stream reads it).
 SPARSE_STREAM_METHODS = ("sentinel", "local", "scattered")
 STREAM_METHODS = ("ccm-concat", "ccm-merge", "streaming-llm", "window", "full", *SPARSE_STREAM_METHODS)
 DEFAULT_STREAM_METHODS = ("ccm-concat", "streaming-llm", "window", "full")

@@ -42,11 +42,11 @@ class CompState(nn.Module):
     """The trainable state of a <COMP>-token method: ``comp`` embeddings and the conditional ``lora`` (and, for
     CCM-merge with ``weighting=learned``, the ``merge_gate`` that scores each step's <COMP> values)."""
 
-    def __init__(self, comp: CompEmbeddings, lora: LoRASet, merge_gate: torch.Tensor | None = None):
+    def __init__(self, comp: CompEmbeddings, lora: LoRASet):
         super().__init__()
         self.comp = comp
         self.lora = lora
-        self.merge_gate = None if merge_gate is None else nn.Parameter(merge_gate)
+        self.merge_gate: nn.Parameter | None = None  # set by CCMMerge.build
 
 
 @dataclass
