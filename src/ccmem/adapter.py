@@ -196,6 +196,12 @@ def pack_adapter(
     )
 
 
+def trained_options(adapter: Adapter, method: type[Method] | Method) -> dict[str, Any]:
+    """The options ``adapter`` was trained with, every option of ``method`` named: one the adapter does not record
+    was added after it was made, so it was trained at its default (the later-fields rule of training configs)."""
+    return {spec.name: spec.default for spec in method.option_specs()} | adapter.options
+
+
 def options_with_adapter(name: str, adapter: Adapter, given: dict[str, Any]) -> dict[str, Any]:
     """The options to build method ``name`` with: the adapter's, with ``given`` ones that do not conflict."""
     cls = method_class(name)
@@ -208,8 +214,7 @@ def options_with_adapter(name: str, adapter: Adapter, given: dict[str, Any]) -> 
         given = check_options(name, given)
     except OptionError as err:
         raise AdapterMismatchError(str(err)) from None
-    # An option the adapter does not record was added after it was made: it was trained at the default.
-    trained = {spec.name: spec.default for spec in cls.option_specs()} | adapter.options
+    trained = trained_options(adapter, cls)
     for key, value in given.items():
         if key in cls.runtime_options or key not in trained:
             continue

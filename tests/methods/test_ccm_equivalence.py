@@ -50,20 +50,25 @@ def test_parallel_forward_equals_recurrent_inference(family, attn, name, recurre
     lm = tiny_model(family, attn)
     method = get_method(name, n_tok=2, recurrent=recurrent)
     randomize_lora(method, lm)
+    memory = assert_parallel_equals_recurrent(lm, method)
+    expected_slots = len(SINK) + (2 * len(CHUNKS) if name == "ccm-concat" else 2)
+    assert memory.num_slots == expected_slots
+
+
+def assert_parallel_equals_recurrent(lm, method):
+    """The tail's logits and every chunk's (chunk t read Mem(t-1) in both computations) agree between one masked
+    forward and compressing chunk by chunk; returns the recurrent memory."""
     batch = method.make_batch([Sample(CHUNKS, TAIL, SINK)])
     with torch.no_grad():
         parallel = method.parallel_forward(lm, batch).logits[0]
         chunk_logits, tail_logits, memory = recurrent_logits(lm, method, CHUNKS, TAIL, SINK)
-
     start = batch.tail_start[0]
     torch.testing.assert_close(parallel[start : start + len(TAIL)], tail_logits, atol=TOL, rtol=0)
-    # Context tokens too: chunk t read Mem(t-1) in both computations.
     offset = len(SINK)
     for chunk, logits in zip(CHUNKS, chunk_logits, strict=True):
         torch.testing.assert_close(parallel[offset : offset + len(chunk)], logits, atol=TOL, rtol=0)
         offset += len(chunk) + method.n_tok
-    expected_slots = len(SINK) + (2 * len(CHUNKS) if name == "ccm-concat" else 2)
-    assert memory.num_slots == expected_slots
+    return memory
 
 
 def test_equivalence_is_not_vacuous():
@@ -172,17 +177,7 @@ def test_learned_merge_parallel_equals_recurrent(family, recurrent):
     """Learned weighting keeps the backbone: the parallel softmax over steps equals the recurrent running
     log-normaliser, for the chunks and the tail, and memory stays n_tok slots."""
     lm = tiny_model(family)
-    method = _learned_merge(lm, recurrent=recurrent)
-    batch = method.make_batch([Sample(CHUNKS, TAIL, SINK)])
-    with torch.no_grad():
-        parallel = method.parallel_forward(lm, batch).logits[0]
-        chunk_logits, tail_logits, memory = recurrent_logits(lm, method, CHUNKS, TAIL, SINK)
-    start = batch.tail_start[0]
-    torch.testing.assert_close(parallel[start : start + len(TAIL)], tail_logits, atol=TOL, rtol=0)
-    offset = len(SINK)
-    for chunk, logits in zip(CHUNKS, chunk_logits, strict=True):
-        torch.testing.assert_close(parallel[offset : offset + len(chunk)], logits, atol=TOL, rtol=0)
-        offset += len(chunk) + method.n_tok
+    memory = assert_parallel_equals_recurrent(lm, _learned_merge(lm, recurrent=recurrent))
     assert memory.num_slots == len(SINK) + 2
 
 

@@ -182,7 +182,6 @@ def ccm_compressor(lm: LoadedModel, name: str, adapter: str | None) -> tuple[Com
     shipped chat one): the compressor, its ``n_tok``, the adapter's hash, and how merged groups weigh their slots
     (a merge trained with learned weighting: its gate's scores; otherwise ``None``, by the blocks they stand for)."""
     from ccmem.api import load
-    from ccmem.patching.attention import merge_scores
 
     session = load(lm, method=name, adapter=adapter or stream_adapter(lm, name), system_prompt=None)
     method: Any = session.method
@@ -191,13 +190,7 @@ def ccm_compressor(lm: LoadedModel, name: str, adapter: str | None) -> tuple[Com
         with method.attached(lm):
             return list(method.compress_step(lm, seen, ids, start))
 
-    gate = method.scaled_gate()
-    scorer: Scorer | None = None
-    if gate is not None:
-
-        def scorer(group: list[KV]) -> torch.Tensor:
-            return torch.stack([merge_scores(v, gate[i]) for i, (_, v) in enumerate(group)]).detach()
-
+    scorer: Scorer | None = method.step_scores if method.scaled_gate() is not None else None
     return compress, int(method.n_tok), str(method.adapter_hash), scorer
 
 

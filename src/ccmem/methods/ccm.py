@@ -269,6 +269,12 @@ class CompTokens(ccm_seq2seq.EncoderMemory, LoRAOptions):
         """The gate that scores steps for a learned merge (``[layers, kv_heads, head_dim]``), else ``None``."""
         return None
 
+    def step_scores(self, comp: list[KV]) -> torch.Tensor | None:
+        """``[layers, batch, kv_heads, n_tok]`` scores of one step's <COMP> keys/values under a learned merge's
+        gate (:func:`~ccmem.patching.attention.merge_scores`), else ``None``: every step weighs the same."""
+        gate = self.scaled_gate()
+        return None if gate is None else torch.stack([merge_scores(v, gate[i]) for i, (_, v) in enumerate(comp)])
+
 
 @dataclass
 class CCM(CompTokens):
@@ -423,8 +429,7 @@ class CCMMerge(CCM):
     def fold(self, memory: Memory, comp: list[KV], n_chunk: int) -> Memory:
         t = int(memory.state.get("merge_steps", torch.tensor(0))) + 1
         state = {**memory.state, "merge_steps": torch.tensor(t)}
-        gate = self.scaled_gate()
-        scores = None if gate is None else torch.stack([merge_scores(v, gate[i]) for i, (_, v) in enumerate(comp)])
+        scores = self.step_scores(comp)
         if t == 1:  # Mem(1) = h(1): the first <COMP> block goes in after the sink as it is
             first = super().fold(memory, comp, n_chunk)
             if scores is not None:

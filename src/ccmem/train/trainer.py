@@ -30,7 +30,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 
-from ccmem.adapter import AdapterMismatchError, load_adapter, read_adapter, save_adapter, shipped_adapter
+from ccmem.adapter import (
+    AdapterMismatchError,
+    load_adapter,
+    read_adapter,
+    save_adapter,
+    shipped_adapter,
+    trained_options,
+)
 from ccmem.api import check_attention
 from ccmem.data.loaders import data_version, load_examples
 from ccmem.data.records import to_sample
@@ -462,8 +469,7 @@ def init_state(method: Method, lm: LoadedModel, source: str) -> None:
     try:
         adapter = read_adapter(path)
         ours = method.options()
-        # An option the adapter does not record is one added after it was made: it was trained at its default.
-        theirs = {**{o.name: o.default for o in method.option_specs()}, **adapter.options}
+        theirs = trained_options(adapter, method)
         differing = {
             key: (value, ours[key])
             for key, value in theirs.items()
