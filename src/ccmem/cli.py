@@ -801,9 +801,9 @@ def compare(
         typer.Option(
             "--tasks",
             help="persona (facts in a chat, accuracy), icl (in-context classification, accuracy), "
-            "text (Shakespeare continuation, perplexity), dialogs-5 / dialogs-10 / dialogs-20 (varied fact dialogs "
-            "of that many turns with held-out wordings and fact kinds, accuracy, by distance too), passages (QA "
-            "over Wikipedia passages shared in a chat, accuracy).",
+            "text (Shakespeare continuation, perplexity), dialogs-5 / dialogs-10 / dialogs-15 / dialogs-20 (varied "
+            "fact dialogs of that many turns with held-out wordings and fact kinds, accuracy, by distance too), "
+            "passages (QA over Wikipedia passages shared in a chat, accuracy).",
         ),
     ] = "persona,icl,text",
     budgets: Annotated[

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -194,6 +195,44 @@ def test_mixture_weight_on_the_command_line_is_a_mapping():
     assert config.data.mixture == {"dialogs": 0.7, "text": 0.3}
     with pytest.raises(ConfigError, match=r"data\.mixture\.text must be float"):
         load_config("persona-ccm-concat", ["data.dataset=mixture", "data.mixture={dialogs: 0.7, text: lots}"])
+
+
+def test_mixture_family_settings_reach_that_family_only():
+    mixture = {"dialogs": 0.5, "persona": 0.5}
+    default = load_examples(DataConfig(dataset="mixture", mixture=mixture, n_train=120), "train")
+    config = load_config(
+        "persona-ccm-concat",
+        ["data.dataset=mixture", "data.mixture={dialogs: 0.5, persona: 0.5}", "data.families={dialogs: {turns: 40}}"],
+    )
+    assert config.data.families == {"dialogs": {"turns": 40}}
+    longer = load_examples(dataclasses.replace(config.data, n_train=120), "train")
+    turns = {
+        cfg: [len(e.context) for e in found if e.task == "dialogs"] for cfg, found in (("20", default), ("40", longer))
+    }
+    assert max(turns["20"]) <= 20 < max(turns["40"]) <= 40  # the generator's default is 1-20 turns
+    persona = [[len(e.context) for e in found if e.task == "persona"] for found in (default, longer)]
+    assert persona[0] == persona[1]  # the other family is drawn as before
+
+
+@pytest.mark.parametrize(
+    ("families", "match"),
+    [
+        ("{chats: {turns: 30}}", r"'chats' is not in data\.mixture"),
+        ("{dialogs: {length: 30}}", r"data\.families\.dialogs: unknown setting 'length'; settings: k, turns"),
+        ("{dialogs: {turns: 0}}", r"data\.families\.dialogs\.turns must be at least 1, got 0"),
+        ("{dialogs: {turns: many}}", r"data\.families\.dialogs\.turns must be int"),
+    ],
+)
+def test_bad_family_settings_are_refused_by_name(families, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(
+            "persona-ccm-concat", ["data.dataset=mixture", "data.mixture={dialogs: 1.0}", f"data.families={families}"]
+        )
+
+
+def test_family_settings_without_a_mixture_are_refused():
+    with pytest.raises(ConfigError, match=r"data\.families sets families of a mixture"):
+        load_config("persona-ccm-concat", ["data.families={persona: {k: 2}}"])
 
 
 def test_data_command_writes_dialogs_the_loader_reads_back_and_names_a_bad_template_line(monkeypatch, capsys, tmp_path):

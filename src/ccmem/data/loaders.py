@@ -92,8 +92,16 @@ class MixtureError(ValueError):
     """A mixture that cannot be built (an unknown family, a weight with no data)."""
 
 
-def check_mixture(weights: dict[str, float] | None) -> dict[str, float]:
-    """The weights of ``data.mixture`` if they can make a mixture (known families, none negative, not all zero)."""
+#: What ``data.families`` may set for a family (the DataConfig fields the family loaders read).
+FAMILY_SETTINGS = ("k", "turns", "small_talk")
+
+
+def check_mixture(
+    weights: dict[str, float] | None, families: dict[str, dict[str, int]] | None = None
+) -> dict[str, float]:
+    """The weights of ``data.mixture`` if they can make a mixture (known families, none negative, not all zero),
+    and ``data.families`` if it only sets known settings of families in it, to values of at least 1 (0 for
+    ``small_talk``)."""
     if not weights:
         raise MixtureError("dataset 'mixture' needs data.mixture, e.g. {dialogs: 0.6, icl: 0.2, text: 0.2}")
     for family, weight in weights.items():
@@ -103,12 +111,24 @@ def check_mixture(weights: dict[str, float] | None) -> dict[str, float]:
             raise MixtureError(f"data.mixture: weight of {family!r} must not be negative, got {weight}")
     if sum(weights.values()) <= 0:
         raise MixtureError("data.mixture: the weights sum to zero")
+    for family, settings in (families or {}).items():
+        if family not in weights:
+            raise MixtureError(f"data.families: {family!r} is not in data.mixture ({', '.join(weights)})")
+        for key, value in settings.items():
+            if key not in FAMILY_SETTINGS:
+                raise MixtureError(
+                    f"data.families.{family}: unknown setting {key!r}; settings: {', '.join(FAMILY_SETTINGS)}"
+                )
+            if value < (0 if key == "small_talk" else 1):
+                raise MixtureError(
+                    f"data.families.{family}.{key} must be at least {int(key != 'small_talk')}, got {value}"
+                )
     return weights
 
 
 def _mixture(cfg: DataConfig, split: str) -> list[MemoryExample]:
     """Families drawn by weight (``data.mixture``), shuffled together with the data seed."""
-    weights = check_mixture(cfg.mixture)
+    weights = check_mixture(cfg.mixture, cfg.families)
     total = sum(weights.values())
     n = cfg.n_train if split == "train" else cfg.n_eval
     mixed: list[MemoryExample] = []
@@ -122,9 +142,10 @@ def _mixture(cfg: DataConfig, split: str) -> list[MemoryExample]:
             path=None,
             eval_path=None,
             mixture=None,
+            families=None,
             n_train=share,
             n_eval=share,
-            **MIXTURE_DEFAULTS[family],
+            **(MIXTURE_DEFAULTS[family] | (cfg.families or {}).get(family, {})),
         )
         try:
             found = LOADERS[family](sub, split)

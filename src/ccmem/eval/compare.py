@@ -68,7 +68,7 @@ TASKS: dict[str, Task] = {
         answer_chars=300,
     ),
 }
-for _turns in (5, 10, 20):
+for _turns in (5, 10, 15, 20):  # 15: the "15-exchange dialogs"
     TASKS[f"dialogs-{_turns}"] = Task(
         f"dialogs-{_turns}",
         f"varied fact dialogs: 3-5 facts in {_turns} turns, unseen wordings and kinds",

@@ -85,6 +85,8 @@ class DataConfig:
     # mixture: family -> weight, e.g. {dialogs: 0.6, icl: 0.15, passages: 0.15, text: 0.1}; n_train and n_eval
     # are shared out by weight, each family with its own defaults (ccmem.data.loaders.MIXTURE_DEFAULTS)
     mixture: dict[str, float] | None = None
+    # a family's own settings inside a mixture, over those defaults: e.g. {dialogs: {turns: 30}} for longer dialogs
+    families: dict[str, dict[str, int]] | None = None
     seed: int = 0
     max_length: int = 1024  # longest sample in tokens; longer ones are skipped (and counted)
     system: str | None = DEFAULT_SYSTEM_PROMPT  # kept uncompressed as the attention sink, as at inference
@@ -394,9 +396,11 @@ def check(config: TrainConfig) -> None:
         if d.dataset != "mixture":
             raise ConfigError(f"data.mixture is set but data.dataset is {d.dataset!r}; set data.dataset=mixture")
         try:
-            check_mixture(d.mixture)
+            check_mixture(d.mixture, d.families)
         except MixtureError as err:
             raise ConfigError(str(err)) from None
+    elif d.families:
+        raise ConfigError("data.families sets families of a mixture; set data.dataset=mixture and data.mixture too")
     for key in ("n_eval", "k", "max_length"):
         if getattr(d, key) < 1:
             raise ConfigError(f"data.{key} must be at least 1, got {getattr(d, key)}")
