@@ -27,6 +27,14 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
+
+def _note_when_piped(text: str) -> None:
+    """A line on stderr where no progress bar shows (output to a file or a pipe): long runs in the background still
+    say how far they got."""
+    if not err_console.is_terminal:
+        err_console.print(text, highlight=False, markup=False)
+
+
 ModelOpt = Annotated[
     str,
     typer.Option(
@@ -876,8 +884,13 @@ def compare(
         finished: dict[object, int] = {}
 
         def progress(cell: object, i: int, total: int) -> None:
+            label = getattr(cell, "label", str(cell))
+            if i == total and finished.get(cell) != total:
+                _note_when_piped(
+                    f"{label}: {total} examples done ({len(finished) + (cell not in finished)}/{len(cells)} cells)"
+                )
             finished[cell] = i
-            bar.update(task, completed=sum(finished.values()), description=getattr(cell, "label", str(cell)))
+            bar.update(task, completed=sum(finished.values()), description=label)
 
         rows = list(run_grid(lm, settings, out_dir, progress=progress))
         decode_rows = []
@@ -1039,6 +1052,8 @@ def stream(
         def progress(method: str, done: int, total: int) -> None:
             if method not in tasks:
                 tasks[method] = bar.add_task(method, total=total)
+            if done == total:
+                _note_when_piped(f"{method}: {total} tokens read")
             bar.update(tasks[method], completed=done)
 
         rows = run_stream(lm, settings, out_dir, progress=progress)

@@ -80,6 +80,7 @@ def test_compare_command_line(monkeypatch, capsys, tmp_path, tiny_model_dir):
     assert (tmp_path / "report.html").is_file() and (tmp_path / "quality_vs_kv_icl.png").is_file()
     methods = [json.loads(line)["method"] for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert methods == ["full", "none", "knorm"]
+    assert "icl: knorm at 1/2: 2 examples done (3/3 cells)" in text  # no bar when piped: a line per cell
     code, text = run_cli(monkeypatch, capsys, "compare", "--tasks", "poetry", "--out-dir", str(tmp_path))
     assert code == 2 and "unknown task 'poetry'" in text
     code, text = run_cli(monkeypatch, capsys, "compare", "--budgets", "1/0", "--out-dir", str(tmp_path))
