@@ -5,7 +5,9 @@ fold each exchange into a ``ccm-merge`` memory trained with ``weighting=learned`
 chat does) and read each turn's final weight from the running log-normaliser the memory carries:
 ``w_i = exp(s_i - log sum_j exp(s_j))``, per layer, head and slot, then averaged over them. The paper's running mean
 gives every one of ``T`` turns ``1/T``; the report gives ``T·w`` (1.0 = the mean's weight) for turns that state or
-correct a fact and for small-talk turns, and by position in the dialog (first, middle, last thirds).
+correct a fact and for small-talk turns, and by position in the dialog (first, middle, last thirds); and how sharp
+the single softmaxes are: the effective number of turns each merged slot holds, and per layer how much more than
+their share the sharpest head and slot gives the fact turns.
 
 Run:
 
@@ -27,13 +29,29 @@ from ccmem.data import dialogs
 from ccmem.loading import DEFAULT_MODEL
 
 
-def turn_weights(norms: list[torch.Tensor]) -> torch.Tensor:
-    """``[T]`` final weights of the turns, averaged over layers, heads and slots, from the log-normaliser after each
-    turn (``norms[t]``: ``log sum_{i<=t} exp(s_i)``, any shape): ``s_t = N_t + log(1 - exp(N_{t-1} - N_t))``."""
+def all_weights(norms: list[torch.Tensor]) -> torch.Tensor:
+    """``[T, ...]`` final weight of each turn in every merged softmax (layer, batch, head, slot), from the
+    log-normaliser after each turn (``norms[t]``: ``log sum_{i<=t} exp(s_i)``): ``s_t = N_t + log(1 - exp(N_{t-1} -
+    N_t))``."""
     n = torch.stack([x.double() for x in norms])  # [T, ...]
     scores = n.clone()
     scores[1:] = n[1:] + torch.log1p(-torch.exp(n[:-1] - n[1:]).clamp(max=1 - 1e-12))
-    return torch.exp(scores - n[-1]).flatten(1).mean(1)
+    return torch.exp(scores - n[-1])
+
+
+def turn_weights(norms: list[torch.Tensor]) -> torch.Tensor:
+    """``[T]`` final weights of the turns, averaged over layers, heads and slots (:func:`all_weights`)."""
+    return all_weights(norms).flatten(1).mean(1)
+
+
+def sharpness(weights: torch.Tensor, facts: list[bool]) -> tuple[list[float], float]:
+    """Per layer, the weight the fact turns get over their share of the turns (1.0: no preference), the best head
+    and slot of the layer; and the median over all softmaxes of the effective number of turns, ``exp(entropy)``
+    (``T``: the mean; 1: one turn). ``weights``: ``[T, layers, batch, heads, slots]`` (:func:`all_weights`)."""
+    fact = torch.tensor(facts)
+    lift = weights[fact].sum(0) / fact.double().mean()  # [layers, batch, heads, slots]
+    entropy = -(weights * weights.clamp_min(1e-300).log()).sum(0)
+    return lift.flatten(1).max(1).values.tolist(), float(entropy.exp().median())
 
 
 def main() -> None:
@@ -62,7 +80,16 @@ def main() -> None:
             norms.append(session.memory.state["merge_log_norm"])
         weights = (turn_weights(norms) * len(norms)).tolist()  # 1.0 = the running mean's 1/T
         facts = [user not in chatter for user, _ in dialog.turns]
-        rows.append({"id": dialog.id, "weights": weights, "fact_turns": [i for i, f in enumerate(facts) if f]})
+        best_lift, effective = sharpness(all_weights(norms), facts) if any(facts) else ([], float("nan"))
+        rows.append(
+            {
+                "id": dialog.id,
+                "weights": weights,
+                "fact_turns": [i for i, f in enumerate(facts) if f],
+                "best_head_fact_lift_by_layer": best_lift,
+                "effective_turns": effective,
+            }
+        )
         said = [round(w, 2) for w, f in zip(weights, facts, strict=True) if f]
         talk_mean = statistics.fmean([w for w, f in zip(weights, facts, strict=True) if not f] or [0])
         print(f"{dialog.id}: fact turns {said}, small talk mean {talk_mean:.2f}")
@@ -84,11 +111,23 @@ def main() -> None:
         "small_talk_weight": statistics.fmean(talk),
         "fact_over_small_talk": statistics.fmean(fact) / statistics.fmean(talk),
         **{f"{k}_weight": v for k, v in thirds.items()},
+        # how far the sharpest head of each layer leans to the fact turns (1.0: not at all), mean over dialogs
+        "best_head_fact_lift_by_layer": [
+            round(statistics.fmean(layer), 3)
+            for layer in zip(*(r["best_head_fact_lift_by_layer"] for r in rows), strict=True)
+        ],
+        "effective_turns_median": statistics.median(r["effective_turns"] for r in rows),
     }
     print(
         f"\nT·weight (1.0 = the running mean): fact turns {summary['fact_turn_weight']:.2f} ({len(fact)}), "
         f"small talk {summary['small_talk_weight']:.2f} ({len(talk)}), ratio {summary['fact_over_small_talk']:.2f}; "
         + ", ".join(f"{k} {v:.2f}" for k, v in thirds.items())
+    )
+    lifts = summary["best_head_fact_lift_by_layer"]
+    print(
+        f"effective turns per merged slot (median; {args.turns} = the mean): {summary['effective_turns_median']:.1f}; "
+        f"the sharpest head's fact lift per layer: max {max(lifts):.2f} (layer {lifts.index(max(lifts))}), "
+        f"median {statistics.median(lifts):.2f}"
     )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
