@@ -207,7 +207,8 @@ def test_mixture_family_settings_reach_that_family_only():
     assert config.data.families == {"dialogs": {"turns": 40}}
     longer = load_examples(dataclasses.replace(config.data, n_train=120), "train")
     turns = {
-        cfg: [len(e.context) for e in found if e.task == "dialogs"] for cfg, found in (("20", default), ("40", longer))
+        most: [len(e.context) for e in found if e.task == "dialogs"]
+        for most, found in (("20", default), ("40", longer))
     }
     assert max(turns["20"]) <= 20 < max(turns["40"]) <= 40  # the generator's default is 1-20 turns
     persona = [[len(e.context) for e in found if e.task == "persona"] for found in (default, longer)]
