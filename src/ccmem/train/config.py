@@ -119,10 +119,11 @@ class OptimConfig:
 
 
 #: Fields added before runs recorded which fields they knew, with the default that keeps the behaviour those runs
-#: had: a config at that default hashes as before the field existed. Nothing needs adding here any more: a run's
-#: config.yaml names every field it knew, so a field or method option added later is filled in at its default when
-#: the run resumes (:func:`with_later_fields`) and left out of its hash while at that default
-#: (:meth:`TrainConfig.fingerprint` with ``known``). A new option only needs a default that keeps what runs did.
+#: had: a config at that default hashes as before the field existed. A run's config.yaml names every field it knew,
+#: so a field or method option added later is filled in at its default when the run resumes
+#: (:func:`with_later_fields`) and left out of its hash while at that default (:meth:`TrainConfig.fingerprint` with
+#: ``known``). A config with no saved run (a preset, whose hash shipped adapters record) has no ``known``: a new
+#: config field still goes here; a new method option only needs a default that keeps what runs did.
 LATER_FIELDS: dict[str, Any] = {
     "train.group_by_length": False,
     "method.max_chunk_tokens": 512,
@@ -130,6 +131,7 @@ LATER_FIELDS: dict[str, Any] = {
     "data.turns": 0,
     "data.templates": None,
     "data.mixture": None,
+    "data.families": None,
     "init_from": None,
     "attn": "sdpa",
 }
