@@ -39,11 +39,6 @@ def all_weights(norms: list[torch.Tensor]) -> torch.Tensor:
     return torch.exp(scores - n[-1])
 
 
-def turn_weights(norms: list[torch.Tensor]) -> torch.Tensor:
-    """``[T]`` final weights of the turns, averaged over layers, heads and slots (:func:`all_weights`)."""
-    return all_weights(norms).flatten(1).mean(1)
-
-
 def sharpness(weights: torch.Tensor, facts: list[bool]) -> tuple[list[float], float]:
     """Per layer, the weight the fact turns get over their share of the turns (1.0: no preference), the best head
     and slot of the layer; and the median over all softmaxes of the effective number of turns, ``exp(entropy)``
@@ -78,9 +73,10 @@ def main() -> None:
         for user, reply in dialog.turns:
             session.remember(user, reply)
             norms.append(session.memory.state["merge_log_norm"])
-        weights = (turn_weights(norms) * len(norms)).tolist()  # 1.0 = the running mean's 1/T
+        every = all_weights(norms)  # [T, layers, batch, heads, slots]
+        weights = (every.flatten(1).mean(1) * len(norms)).tolist()  # averaged; 1.0 = the running mean's 1/T
         facts = [user not in chatter for user, _ in dialog.turns]
-        best_lift, effective = sharpness(all_weights(norms), facts) if any(facts) else ([], float("nan"))
+        best_lift, effective = sharpness(every, facts) if any(facts) else ([], float("nan"))
         rows.append(
             {
                 "id": dialog.id,

@@ -119,10 +119,9 @@ def check_mixture(
                 raise MixtureError(
                     f"data.families.{family}: unknown setting {key!r}; settings: {', '.join(FAMILY_SETTINGS)}"
                 )
-            if value < (0 if key == "small_talk" else 1):
-                raise MixtureError(
-                    f"data.families.{family}.{key} must be at least {int(key != 'small_talk')}, got {value}"
-                )
+            least = 0 if key == "small_talk" else 1
+            if value < least:
+                raise MixtureError(f"data.families.{family}.{key} must be at least {least}, got {value}")
     return weights
 
 
