@@ -15,6 +15,7 @@ Run:
     python benchmarks/icformer_latency.py                       # SmolLM2-135M, 5 contexts of 512 tokens
     python benchmarks/icformer_latency.py --contexts 10 --out results/icformer_latency.json
     python benchmarks/icformer_latency.py --slots 32 --layers 1     # the shipped former's size (16:1 at 512)
+    python benchmarks/icformer_latency.py --slots 32 --layers 1 --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ from ccmem.data.text import text_files
 from ccmem.loading import DEFAULT_MODEL, load_model
 from ccmem.methods.base import Method
 from ccmem.registry import get_method
+
+
+#: The precisions ``--dtype`` takes.
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def contexts(tokenizer, n: int, length: int) -> list[torch.Tensor]:
@@ -54,11 +59,17 @@ def main() -> None:
         "--layers", type=int, default=3, help="layers of the former (default 3, the paper's; the shipped one has 1)"
     )
     parser.add_argument("--repeats", type=int, default=3, help="timings per context and method (default 3)")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(COMPUTE_DTYPES),
+        default="float32",
+        help="precision the LM and every method compute in (default float32; bfloat16 as on a GPU)",
+    )
     parser.add_argument("--out", help="write the result as JSON to this file")
     args = parser.parse_args()
 
     torch.set_grad_enabled(False)
-    lm = load_model(args.model)
+    lm = load_model(args.model, dtype=COMPUTE_DTYPES[args.dtype])
     methods = {
         "icformer": get_method(
             "icformer", num_query_tokens=args.slots, num_hidden_layers=args.layers, max_seq_len=args.tokens
@@ -110,6 +121,7 @@ def main() -> None:
         "slots": args.slots,
         "former_layers": args.layers,
         "repeats": args.repeats,
+        "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "methods": rows,
     }
