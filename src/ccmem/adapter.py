@@ -68,6 +68,12 @@ def shipped_adapter(model_name: str, method: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def shipped_adapter_names(model_name: str) -> list[str]:
+    """The adapters ccmem ships for ``model_name`` (file stems: ``ccm-concat``, ``ccm-concat-stream`` ...)."""
+    folder = Path(str(resources.files("ccmem") / "adapters" / model_name))
+    return sorted(p.stem for p in folder.glob("*.safetensors")) if folder.is_dir() else []
+
+
 def default_methods(model_name: str, kinds: tuple[str, ...] = ("baseline", "learned")) -> list[str]:
     """The registered methods of ``kinds`` worth running on ``model_name`` by default: learned methods only
     where an adapter ships for that model (untrained, their memory means nothing)."""

@@ -134,3 +134,23 @@ def test_shipped_icformer_answers_held_out_pwc_questions_from_its_digests(smollm
     # measured on 100 questions: accuracy 0.71 against none 0.37, answer perplexity 10.6 against 45.1
     assert rows["icformer"].accuracy >= rows["none"].accuracy + 0.15
     assert rows["icformer"].perplexity < rows["none"].perplexity / 2
+
+
+def test_every_preset_that_starts_from_a_shipped_adapter_can_start(smollm):
+    """A preset with ``init_from: shipped...`` agrees with the adapter ccmem ships today (or can carry it over):
+    ``unified-ccm-merge`` was refused once the shipped merge adapter became a learned-weighting one. Also
+    continuing the shipped adapters with their own presets, as the model card says."""
+    from ccmem.registry import get_method
+    from ccmem.train.config import load_config, preset_names
+    from ccmem.train.trainer import init_state
+
+    checked = []
+    for name, extra in [(p, []) for p in preset_names()] + [("unified-ccm-merge-learned", ["init_from=shipped"])]:
+        config = load_config(name, extra)
+        if config.model != smollm.name or not (config.init_from or "").startswith("shipped"):
+            continue
+        method = get_method(config.method.name, **config.method.options)
+        method.module_for(smollm)
+        init_state(method, smollm, config.init_from)  # raises ConfigError naming the option that does not fit
+        checked.append(name)
+    assert {"unified-ccm-merge", "unified-ccm-merge-learned"} <= set(checked)

@@ -259,6 +259,9 @@ def test_init_from_starts_from_an_adapter_and_refuses_one_of_another_shape(tmp_p
         train(_config(tmp_path / "c", f"init_from={first.output}", "method.lora_rank=4"), lm=tiny_model())
     with pytest.raises(ConfigError, match="ships no ccm-concat adapter for tiny"):
         train(_config(tmp_path / "d", "init_from=shipped"), lm=tiny_model())
+    # shipped:NAME: another of the model's shipped adapters (a merge run from the concat one); the error lists them
+    with pytest.raises(ConfigError, match=r"init_from=shipped:ccm-merge: ccmem ships no ccm-merge adapter .*ships: none"):
+        train(_config(tmp_path / "d", "init_from=shipped:ccm-merge"), lm=tiny_model())
 
 
 @pytest.mark.parametrize("n_tok", [2, 6])
@@ -299,6 +302,10 @@ def test_init_from_starts_a_learned_merge_from_a_concat_adapter_at_the_mean(tmp_
     torch.testing.assert_close(load_file(train(rescaled, lm=tiny_model()).output)["merge_gate"], gate / 2)
     with pytest.raises(ConfigError, match="weighting='learned', this run has weighting='mean'"):
         train(_config(tmp_path / "e", f"init_from={result.output}", preset="persona-ccm-merge"), lm=tiny_model())
+    # n_tok differing too (which alone would carry over): the error still names the option that cannot
+    with pytest.raises(ConfigError, match="weighting='learned', this run has weighting='mean'.*no mean-merge"):
+        train(_config(tmp_path / "f", f"init_from={result.output}", "method.n_tok=3", preset="persona-ccm-merge"),
+              lm=tiny_model())  # fmt: skip
 
 
 def test_unified_preset_trains_on_the_mixture(tmp_path):

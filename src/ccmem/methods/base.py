@@ -251,7 +251,8 @@ class Method(ABC):
         """Map an adapter's tensors trained with other shape options to this method's shapes, to start a
         training run from (``init_from``). ``differing``: option name -> (the adapter's value, this method's);
         ``fresh``: the tensors of this method's newly built state (for parts the adapter lacks).
-        ``None`` (the default): the state cannot be carried over, and the run is refused with the option named."""
+        ``None`` (the default): the state cannot be carried over, and the run is refused naming the first
+        differing option; raise ``ValueError`` to name the reason yourself."""
         return None
 
     @classmethod

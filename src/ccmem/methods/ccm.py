@@ -418,8 +418,12 @@ class CCMMerge(CCM):
         weighting = differing.pop("weighting", None)
         if weighting == ("mean", "learned"):
             tensors = tensors | {"merge_gate": fresh["merge_gate"]}
-        elif weighting is not None:  # a trained gate has no mean-merge counterpart: refused, the option named
-            return None
+        elif weighting is not None:
+            theirs, ours = weighting
+            raise ValueError(
+                f"trained with weighting={theirs!r}, this run has weighting={ours!r} (a learned gate has no "
+                f"mean-merge counterpart); set method.weighting={theirs} or start from scratch"
+            )
         if "gate_scale" in differing:
             theirs, ours = differing.pop("gate_scale")
             if "merge_gate" in tensors:

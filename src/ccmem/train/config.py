@@ -176,7 +176,8 @@ class TrainConfig:
     attn: str = "sdpa"  # the model's attention kernel: sdpa, eager or flash_attention_2 (see ccmem.loading)
     load_path: str | None = None  # stage-1 LoRA (a finished ``method.name=full`` run) merged before training
     # start the trainable state from an adapter file instead of from scratch ("shipped": the adapter ccmem
-    # ships for this model and method); the run then continues training it on this run's data
+    # ships for this model and method; "shipped:NAME": its shipped adapter NAME, e.g. shipped:ccm-concat);
+    # the run then continues training it on this run's data
     init_from: str | None = None
     wandb: bool = False
     method: MethodConfig = field(default_factory=MethodConfig)

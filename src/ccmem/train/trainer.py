@@ -36,6 +36,7 @@ from ccmem.adapter import (
     read_adapter,
     save_adapter,
     shipped_adapter,
+    shipped_adapter_names,
     trained_options,
 )
 from ccmem.api import check_attention
@@ -456,16 +457,15 @@ def export_checkpoint(config: TrainConfig, step: int | None = None, *, lm: Loade
 
 
 def init_state(method: Method, lm: LoadedModel, source: str) -> None:
-    """Start ``method``'s trainable state from an adapter file (``init_from``; "shipped": ccmem's own).
+    """Start ``method``'s trainable state from an adapter file (``init_from``: a path, or ccmem's own, see
+    :func:`init_path`).
 
     The adapter may come from another method with the same state (a ``ccm-concat`` adapter can start a
     ``ccm-merge`` run). Options that shape the state (``n_tok``, LoRA rank and targets ...) must agree, unless
     the method can carry the state over (:meth:`Method.warm_start`: CCM and gist across ``n_tok``). An adapter
     trained on another stage-1 LoRA (or none) may start a run on this one: the result records this run's.
     """
-    path = shipped_adapter(lm.name, method.name) if source == "shipped" else Path(source)
-    if path is None:
-        raise ConfigError(f"init_from=shipped: ccmem ships no {method.name} adapter for {lm.name}; give a file")
+    path = init_path(lm, method, source)
     try:
         adapter = read_adapter(path)
         ours = method.options()
@@ -477,7 +477,10 @@ def init_state(method: Method, lm: LoadedModel, source: str) -> None:
         }
         if differing:
             fresh = cast(nn.Module, method.module_for(lm)).state_dict()
-            tensors = method.warm_start(differing, adapter.tensors, fresh)
+            try:
+                tensors = method.warm_start(differing, adapter.tensors, fresh)
+            except ValueError as err:  # the method names what it cannot carry over
+                raise AdapterMismatchError(f"{path}: {err}") from None
             if tensors is None:
                 key, (value, mine) = next(iter(differing.items()))
                 raise AdapterMismatchError(
@@ -493,6 +496,23 @@ def init_state(method: Method, lm: LoadedModel, source: str) -> None:
     except (AdapterMismatchError, FileNotFoundError) as err:
         raise ConfigError(f"init_from: {err}") from None
     logger.info("initialised %s from %s (%s)", method.name, path, adapter.hash)
+
+
+def init_path(lm: LoadedModel, method: Method, source: str) -> Path:
+    """The file ``init_from`` names: a path; ``shipped``, the adapter ccmem ships for this model and method; or
+    ``shipped:NAME``, its shipped adapter ``NAME`` (``shipped:ccm-concat`` starts a ccm-merge run from the concat
+    adapter)."""
+    kind, _, name = source.partition(":")
+    if kind != "shipped":
+        return Path(source)
+    name = name or method.name
+    path = shipped_adapter(lm.name, name)
+    if path is None:
+        shipped = ", ".join(f"shipped:{n}" for n in shipped_adapter_names(lm.name)) or "none"
+        raise ConfigError(
+            f"init_from={source}: ccmem ships no {name} adapter for {lm.name} (it ships: {shipped}); give a file"
+        )
+    return path
 
 
 def _canonical(value: Any) -> Any:
