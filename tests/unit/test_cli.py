@@ -224,6 +224,54 @@ def test_chat_session_continues_where_it_stopped(monkeypatch, capsys, tiny_model
     assert code == 2 and "invalid session name" in out
 
 
+def test_a_chat_session_goes_on_through_the_python_api_and_the_server(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    """One session, three surfaces: ``ccmem chat --session`` makes it, the Python API and then the server continue it
+    from the same store, each seeing the turns before and adding to the memory."""
+    from fastapi.testclient import TestClient
+
+    import ccmem
+    from ccmem.serve.engine import Engine, Limits
+    from ccmem.serve.server import create_app
+    from ccmem.serve.sessions import SessionStore
+
+    store = tmp_path / "store"
+    monkeypatch.setattr("sys.stdin", io.StringIO("w1 w2 w3\nw4 w5\n/quit\n"))
+    code, out = run_cli(monkeypatch, capsys, "chat", "--model", str(tiny_model_dir), "--method", "ccm-concat",
+                        "--n-tok", "2", "--system", "", "--max-new-tokens", "3", "--session", "notes",
+                        "--store", str(store))  # fmt: skip
+    assert code == 0, out
+
+    # the Python API, as README shows it: the same model, method and options, the same store
+    session = ccmem.load(str(tiny_model_dir), method="ccm-concat", n_tok=2, system_prompt=None)
+    with SessionStore(store) as sessions:
+        record = sessions.open("notes", session)
+        chat_turns = record.transcript
+        assert record.turns == 2 and [m["role"] for m in chat_turns] == ["user", "assistant"] * 2
+        assert [chat_turns[0]["content"], chat_turns[2]["content"]] == ["w1 w2 w3", "w4 w5"]
+        assert session.history == chat_turns and session.memory.num_slots == 4  # two exchanges x 2 <COMP> slots
+        session.remember("w6 w7", "w8")
+        after_api = sessions.commit("notes", session, expect_version=record.version)
+    assert after_api.turns == 3 and after_api.transcript[:4] == chat_turns and after_api.memory_slots == 6
+
+    # the server, over the same store
+    base = ccmem.load(str(tiny_model_dir), method="ccm-concat", n_tok=2, system_prompt=None)
+    limits = Limits(max_new_tokens=4, max_input_tokens=400, max_message_bytes=400, max_sessions=8, max_messages=20)
+    engine = Engine(base, SessionStore(store), model_id="tiny:ccm-concat", limits=limits)
+    try:
+        with TestClient(create_app(engine)) as client:
+            assert client.get("/v1/sessions/notes").json()["turns"] == 3
+            body = {"model": "tiny:ccm-concat", "messages": [{"role": "user", "content": "w9"}], "max_tokens": 3}
+            response = client.post("/v1/chat/completions", json=body | {"session": "notes"})
+            assert response.status_code == 200, response.text
+            info = client.get("/v1/sessions/notes").json()
+        assert info["turns"] == 4 and info["memory_slots"] == 8
+    finally:
+        engine.close()
+    with SessionStore(store) as sessions:
+        final = sessions.get("notes")
+    assert final.transcript[:6] == after_api.transcript and final.transcript[6]["content"] == "w9"
+
+
 def test_serve_refuses_a_port_in_use_before_loading_the_model(monkeypatch, capsys, tmp_path):
     import socket
 

@@ -137,6 +137,29 @@ def test_a_session_made_with_another_method_is_a_conflict_that_names_it(tmp_path
     assert response.status_code == 409 and "method='full'" in response.json()["error"]["message"]
 
 
+def test_a_session_made_with_another_model_is_a_conflict_that_names_it(engine, client):
+    other = ccmem.load(tiny_model("qwen2", positions=2048), method="ccm-concat", n_tok=2, system_prompt="be brief")
+    engine.store.open("made-elsewhere", other)
+    response = ask(client, [user("hi")], session="made-elsewhere")
+    assert response.status_code == 409, response.text
+    assert "was made with model=" in response.json()["error"]["message"]
+    assert client.get("/v1/sessions/made-elsewhere").json()["turns"] == 0  # left as it was
+
+
+def test_a_session_made_with_another_adapter_is_a_conflict_that_names_it(tmp_path, engine, client):
+    from ccmem.adapter import save_adapter
+
+    lm = engine.base.lm
+    method = ccmem.get_method("ccm-concat", n_tok=2)
+    randomize_lora(method, lm, seed=7)
+    other = ccmem.load(lm, method="ccm-concat", adapter=save_adapter(method, lm, tmp_path / "x.safetensors"))
+    engine.store.open("made-elsewhere", other)
+    response = ask(client, [user("hi")], session="made-elsewhere")
+    assert response.status_code == 409, response.text
+    message = response.json()["error"]["message"]
+    assert f"adapter='{other.method.adapter_hash}'" in message and "adapter='untrained'" in message
+
+
 def test_session_endpoints_list_and_delete(client):
     for name in ("a", "b"):
         assert client.post("/v1/sessions", json={"name": name}).status_code == 201

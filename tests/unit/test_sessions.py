@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import ccmem
+from ccmem.adapter import save_adapter
 from ccmem.memory import Memory, MemoryMismatchError, positions_for
 from ccmem.serve.sessions import (
     SessionError,
@@ -31,7 +32,7 @@ from ccmem.serve.sessions import (
     check_name,
     owner_of,
 )
-from tests.conftest import tiny_model
+from tests.conftest import randomize_lora, tiny_model
 
 IDENTITY = {"model": "m", "method": "full"}
 
@@ -263,6 +264,55 @@ def test_a_session_made_with_another_method_is_refused_by_name(make_store, lm):
     store.open("talk", ccmem.load(lm, method="ccm-concat"))
     with pytest.raises(SessionMismatchError, match="method='ccm-concat'"):
         store.open("talk", ccmem.load(lm, method="full"))
+
+
+def adapter_file(lm, tmp_path, seed: int):
+    """A ccm-concat adapter for ``lm`` with its own (seeded, non-zero) trainable state."""
+    method = ccmem.get_method("ccm-concat", n_tok=2)
+    randomize_lora(method, lm, seed=seed)
+    return save_adapter(method, lm, tmp_path / f"{lm.name}-{seed}.safetensors")
+
+
+def test_a_session_made_with_another_model_is_refused_by_name(make_store, lm):
+    store = make_store()
+    first = ccmem.load(lm, method="ccm-concat", n_tok=2)
+    store.open("talk", first)
+    first.remember("my dog is rex", "nice")
+    store.commit("talk", first)
+    other = ccmem.load(tiny_model("qwen2"), method="ccm-concat", n_tok=2)  # same method and options
+    before = (list(other.history), other.memory)
+    with pytest.raises(SessionMismatchError, match=r"was made with model='\w+' \(model tiny-llama-gqa"):
+        store.open("talk", other)
+    assert (other.history, other.memory) == before  # nothing of the session leaked in
+    assert make_store().get("talk").turns == 1  # and the session is as it was
+
+
+def test_a_session_made_with_another_adapter_is_refused_by_name(make_store, lm, tmp_path):
+    store = make_store()
+    x, y = adapter_file(lm, tmp_path, seed=1), adapter_file(lm, tmp_path, seed=2)
+    first = ccmem.load(lm, method="ccm-concat", adapter=x)
+    store.open("talk", first)
+    first.remember("my dog is rex", "nice")
+    store.commit("talk", first)
+    made_with = first.method.adapter_hash
+    for other in (ccmem.load(lm, method="ccm-concat", adapter=y), ccmem.load(lm, method="ccm-concat", n_tok=2)):
+        used_with = other.method.adapter_hash  # another trained state, then none at all
+        before = (list(other.history), other.memory)
+        with pytest.raises(SessionMismatchError, match=f"adapter='{made_with}'.*adapter='{used_with}'"):
+            store.open("talk", other)
+        assert (other.history, other.memory) == before
+    again = ccmem.load(lm, method="ccm-concat", adapter=x)  # the adapter that made it: accepted
+    assert store.open("talk", again).turns == 1 and again.history == first.history
+
+
+def test_another_model_is_named_before_its_adapter(make_store, lm, tmp_path):
+    """Adapters are per model, so another model always brings another adapter: the model is what to name."""
+    store = make_store()
+    store.open("talk", ccmem.load(lm, method="ccm-concat", adapter=adapter_file(lm, tmp_path, seed=1)))
+    qwen = tiny_model("qwen2")
+    other = ccmem.load(qwen, method="ccm-concat", adapter=adapter_file(qwen, tmp_path, seed=1))
+    with pytest.raises(SessionMismatchError, match="was made with model="):
+        store.open("talk", other)
 
 
 def test_open_without_create_refuses_an_unknown_session(make_store, lm):

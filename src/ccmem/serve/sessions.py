@@ -474,7 +474,11 @@ def settings_of(session: CompressedLM) -> dict[str, Any]:
 
 def check_identity(record: SessionRecord, identity: dict[str, str]) -> None:
     """Refuse to use ``record`` with a model/method/adapter whose memory identity differs, naming the difference."""
-    for key in sorted(set(record.identity) | set(identity)):
+    # The most fundamental difference first: another model also means another adapter (adapters are per model),
+    # and "adapter" sorts before "model", so a plain sort would blame the adapter.
+    first = ("model", "stage1", "method", "adapter")
+    keys = set(record.identity) | set(identity)
+    for key in [k for k in first if k in keys] + sorted(keys - set(first)):
         have, want = record.identity.get(key, ""), identity.get(key, "")
         if have != want:
             made = record.settings
