@@ -397,3 +397,40 @@ def test_a_checkpoint_of_a_stopped_run_exports_as_an_adapter(tmp_path, monkeypat
         export_checkpoint(_config(tmp_path, "train.patience=0", "train.lr=1e-3"), lm=tiny_model())
     # the run resumes as before
     assert train(config, lm=tiny_model()).resumed_from.endswith("checkpoint-2")
+
+
+def test_shuffle_off_keeps_the_data_order_and_save_optimizer_off_checkpoints_tensors_only(tmp_path, monkeypatch):
+    """The IC-Former scripts' ``shuffle`` and ``save_optimizer`` (``train.shuffle``, ``train.save_optimizer``)."""
+    from ccmem.methods.ccm import CCM
+    from ccmem.registry import get_method
+    from ccmem.train.trainer import samples_for
+
+    batches: list[list[tuple[int, ...]]] = []
+    make_batch = CCM.make_batch
+
+    def recording(self, samples, pad_id=0):
+        batches.append([tuple(s.tail) for s in samples])
+        return make_batch(self, samples, pad_id)
+
+    monkeypatch.setattr(CCM, "make_batch", recording)
+    lm = tiny_model()
+    config = _config(tmp_path / "a", "train.shuffle=false", "train.save_optimizer=false")
+    expected = [tuple(s.tail) for s in samples_for(lm, config, get_method("ccm-concat"), "train")]
+
+    def trained_order(config) -> list[tuple[int, ...]]:
+        batches.clear()
+        train(config, lm=lm)
+        return [tail for batch in batches for tail in batch if tail in set(expected)]
+
+    assert trained_order(config) == expected  # 4 steps of 4: the 16 samples once, in the data's order
+    assert sorted(os.listdir(tmp_path / "a" / config.run_id / "checkpoint-4")) == sorted(
+        os.listdir(tmp_path / "a" / config.run_id / "checkpoint-2")
+    )
+    assert not any("optimizer" in f for f in os.listdir(tmp_path / "a" / config.run_id / "checkpoint-4"))
+    shuffled = _config(tmp_path / "b")  # the default: a random order, and checkpoints that can resume AdamW
+    order = trained_order(shuffled)
+    assert sorted(order) == sorted(expected) and order != expected
+    assert any("optimizer" in f for f in os.listdir(tmp_path / "b" / shuffled.run_id / "checkpoint-4"))
+    with pytest.raises(ConfigError, match="cannot keep the data's order"):
+        load_config("persona-ccm-concat", ["train.shuffle=false", "train.group_by_length=true"])
+    assert load_config("icformer-pretrain", ["train.shuffle=false"]).train.shuffle is False

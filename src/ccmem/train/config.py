@@ -109,6 +109,10 @@ class OptimConfig:
     # dialogs of 0-5 small-talk turns (benchmarks/length_grouping.py), but a slightly weaker concat adapter
     # there (README "Training"); off by default, and the presets reproduce the shipped adapters without it.
     group_by_length: bool = False
+    shuffle: bool = True  # draw batches in a fresh random order every epoch (False: the data's own order)
+    # checkpoints hold AdamW's state, the schedule and RNG (False: the trainable tensors only, a fraction of the
+    # size; a run resumed from one starts a fresh optimizer and learning-rate schedule)
+    save_optimizer: bool = True
     precision: str = "auto"  # auto (bf16 where the GPU has it, else fp32), bf16, fp16 or fp32
     eval_steps: int = 50
     save_steps: int = 50  # a checkpoint every this many steps (a multiple of eval_steps)
@@ -134,6 +138,8 @@ LATER_FIELDS: dict[str, Any] = {
     "data.families": None,
     "init_from": None,
     "attn": "sdpa",
+    "train.shuffle": True,
+    "train.save_optimizer": True,
 }
 
 
@@ -274,8 +280,8 @@ REFERENCE_KEYS: dict[str, tuple[str, str]] = {
     "save_interval": ("train.save_steps", "in batches: contexts / train.batch_size"),
     "clip_grad": ("train.max_grad_norm", "0 turns clipping off"),
     "max_norm": ("train.max_grad_norm", ""),
-    "shuffle": ("", "always on: the Trainer reshuffles every epoch"),
-    "save_optimizer": ("", "always on: checkpoints hold the optimizer and scheduler"),
+    "shuffle": ("train.shuffle", ""),
+    "save_optimizer": ("train.save_optimizer", ""),
     "max_new_tokens": ("", "an option of ccmem generate / ccmem eval"),
     "output_file": ("", "ccmem generate --output"),
 }
@@ -424,6 +430,11 @@ def check(config: TrainConfig) -> None:
         raise ConfigError(
             f"train.save_steps ({t.save_steps}) must be a multiple of train.eval_steps ({t.eval_steps}), "
             "so that the best checkpoint can be restored"
+        )
+    if t.group_by_length and not t.shuffle:
+        raise ConfigError(
+            "train.group_by_length draws batches of similar length in a random order; it cannot keep the data's "
+            "order (train.shuffle=false): turn one of them off"
         )
     if t.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError(f"train.precision must be auto, bf16, fp16 or fp32, got {t.precision!r}")
