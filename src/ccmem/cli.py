@@ -14,7 +14,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT
-from ccmem.loading import BUILTIN_MODELS, DEFAULT_MODEL, HUB_SHORTCUTS, MODEL_DIR_ENV, cache_dir, shortcut_folder
+from ccmem.loading import (
+    ATTN_HELP,
+    BUILTIN_MODELS,
+    DEFAULT_MODEL,
+    HUB_SHORTCUTS,
+    MODEL_DIR_ENV,
+    cache_dir,
+    shortcut_folder,
+)
 from ccmem.options import OptionError, parse_pairs
 from ccmem.registry import DEFAULT_METHOD, method_classes, method_names
 
@@ -46,11 +54,6 @@ ModelOpt = Annotated[
     ),
 ]
 Attn = Literal["sdpa", "eager", "flash_attention_2"]
-ATTN_HELP = (
-    "Attention kernel: sdpa (default, any device), eager, or flash_attention_2 (needs the flash_attn package and "
-    "a CUDA GPU; loads the model there in bfloat16). Methods that mask or read attention (ccm-*, gist, sentinel, "
-    "h2o, snapkv, ...) run on sdpa or eager only; full and none read with any."
-)
 AttnOpt = Annotated[Attn, typer.Option("--attn", help=ATTN_HELP)]
 MethodOpt = Annotated[
     str, typer.Option("--method", help=f"Context method: {', '.join(method_names())} (see `ccmem methods`).")
@@ -538,8 +541,7 @@ def generate(
     epilog="Examples:\n\n  ccmem train persona-ccm-concat\n\n"
     "  ccmem train persona-ccm-merge train.max_steps=50 method.n_tok=2 run_id=try1\n\n"
     "  ccmem train persona-full  then  ccmem train persona-ccm-concat load_path=runs/persona-full\n\n"
-    "  ccmem train persona-ccm-concat model=llama-3.1-8b-instruct attn=eager   (attn: sdpa, eager, "
-    "flash_attention_2)\n\n"
+    "  ccmem train persona-ccm-concat model=llama-3.1-8b-instruct --attn eager\n\n"
     "  accelerate launch -m ccmem.cli train persona-ccm-concat   (several processes/GPUs)",
 )
 def train(
@@ -552,6 +554,14 @@ def train(
         typer.Argument(help="key=value settings that override the preset, e.g. train.lr=1e-4 data.n_train=500."),
     ] = None,
     wandb: Annotated[bool, typer.Option("--wandb", help="Also log to Weights & Biases (never required).")] = False,
+    attn: Annotated[
+        Attn | None,
+        typer.Option(
+            "--attn",
+            help=ATTN_HELP
+            + " Sets the config key attn; without it, the preset's kernel (sdpa unless it names another).",
+        ),
+    ] = None,
     show_config: Annotated[bool, typer.Option("--show-config", help="Print the resolved config and exit.")] = False,
     show_keys: Annotated[bool, typer.Option("--show-keys", help="List every config key with its type.")] = False,
     show_presets: Annotated[bool, typer.Option("--show-presets", help="List the named presets.")] = False,
@@ -588,7 +598,10 @@ def train(
         for name, (target, note) in REFERENCE_KEYS.items():  # the IC-Former scripts' option names
             console.print(f"{name} -> {target or '-'}  [dim]{escape(note)}[/]", highlight=False)
         return
-    config = load_config(preset, list(overrides or []) + (["wandb=true"] if wandb else []))
+    overrides = list(overrides or [])
+    if attn is not None:
+        overrides = [*_unless_other_attn(overrides, attn), f"attn={attn}"]
+    config = load_config(preset, overrides + (["wandb=true"] if wandb else []))
     if show_config:
         console.print(yaml.safe_dump(config.to_dict(), sort_keys=False), highlight=False)
         return
@@ -616,6 +629,18 @@ def train(
         f"[bold]done[/]: {result.steps} steps, best eval loss {result.eval_loss}, "
         f"{result.tokens_per_second:.0f} tokens/s this session -> {result.output}"
     )
+
+
+def _unless_other_attn(overrides: list[str], attn: str) -> list[str]:
+    """``overrides`` unchanged, or an error where an ``attn=`` among them names another kernel than ``--attn``: two
+    settings on one command line that disagree are a mistake, not something to pick a winner for."""
+    from ccmem.train.config import parse_override
+
+    for text in overrides:
+        key, value = parse_override(text)
+        if key == "attn" and value != attn:
+            raise typer.BadParameter(f"--attn {attn} and the override {text!r} disagree; give the kernel once")
+    return overrides
 
 
 def _adapters(specs: list[str] | None) -> dict[str, Path]:

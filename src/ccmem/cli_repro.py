@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 import typer
 from rich.console import Console
 
-from ccmem.loading import BUILTIN_MODELS, DEFAULT_MODEL
+from ccmem.loading import ATTN_HELP, BUILTIN_MODELS, DEFAULT_MODEL
 
 repro_app = typer.Typer(help="Reproduce a paper's claims with ccmem's methods, one command per claim.")
 sentinel_app = typer.Typer(
@@ -53,6 +53,8 @@ Attn = Annotated[
         "mask attention, so flash_attention_2 is refused for them.",
     ),
 ]
+# The GSM8K table words --attn as every other command (ccm-reason masks attention: flash_attention_2 is refused).
+ReasonAttn = Annotated[Literal["sdpa", "eager", "flash_attention_2"], typer.Option("--attn", help=ATTN_HELP)]
 RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Where the finetuning runs go (one per method and ratio).")]
 OutDir = Annotated[Path, typer.Option("--out-dir", "-o", help="Where the JSONL rows, report.md and PNGs go.")]
 Adapter = Annotated[
@@ -278,7 +280,7 @@ def gsm8k_table(
             "same answers as one at a time). Time per problem is a batch's time over its size.",
         ),
     ] = 8,
-    attn: Attn = "sdpa",
+    attn: ReasonAttn = "sdpa",
     out_dir: OutDir = Path("results/gsm8k"),
 ) -> None:
     """The GSM8K fork's table: per <COMP> placement policy of ccm-reason, accuracy, insertions per problem, peak KV

@@ -104,6 +104,12 @@ MODEL_DIR_ENV = "CCMEM_MODEL_DIR"
 #: Attention kernels a model can be loaded with (``--attn``). ccmem's compression methods run their masks and
 #: attention reads on sdpa or eager only; flash_attention_2 serves the methods that read plainly (full, none, ...).
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+#: The ``--attn`` option's help, one text for every command that loads a model (``ccmem`` and ``ccmem repro``).
+ATTN_HELP = (
+    "Attention kernel: sdpa (default, any device), eager, or flash_attention_2 (needs the flash_attn package and "
+    "a CUDA GPU; loads the model there in bfloat16). Methods that mask or read attention (ccm-*, gist, sentinel, "
+    "h2o, snapkv, ...) run on sdpa or eager only; full and none read with any."
+)
 
 
 @dataclass

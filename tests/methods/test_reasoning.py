@@ -6,13 +6,15 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 import ccmem
 from ccmem.data import gsm8k
 from ccmem.generation import Sampling, decode
+from ccmem.loading import LoadedModel
 from ccmem.methods.base import DecodeState, logits_for
 from ccmem.methods.reasoning import CCMReasoning
-from tests.conftest import tiny_model
+from tests.conftest import COMMON, TinyTokenizer, tiny_model
 from tests.methods.test_contract import randomize_state
 
 PROBLEM = gsm8k.generate(1, "train", seed=3)[0]
@@ -298,6 +300,48 @@ def test_the_policy_table_runs_every_policy_on_the_same_problems(tmp_path):
     assert "| interval:8 |" in markdown(rows) and "Against `none`" in markdown(rows)
     with pytest.raises(ValueError, match="unknown policy"):
         parse_policy("sometimes")
+
+
+def test_a_policy_that_never_fires_says_the_memory_stayed_raw(tmp_path):
+    """A step longer than the whole generation: no <COMP> is ever inserted, and the row and table say so."""
+    from ccmem.adapter import save_adapter
+    from ccmem.repro.gsm8k import GSM8KSettings, markdown, run
+
+    lm = tiny_model(positions=1024)
+    path = save_adapter(trained(lm), lm, tmp_path / "adapter.safetensors")
+    settings = GSM8KSettings(adapter=str(path), n=3, policies=["interval:8", "interval:64"], max_new_tokens=24)
+    by = {r["policy"]: r for r in run(lm, settings)}
+    assert by["interval:8"]["insertions"] == 2 and by["interval:8"]["never_fired"] == 0
+    assert by["interval:64"]["insertions"] == 0 and by["interval:64"]["never_fired"] == 3
+    table = markdown(list(by.values()))
+    assert "memory stayed raw |" in table.splitlines()[2]
+    assert table.splitlines()[4].startswith("| interval:8 |") and table.splitlines()[4].endswith("| 0 of 3 |")
+    assert table.splitlines()[5].startswith("| interval:64 |") and table.splitlines()[5].endswith("| 3 of 3 |")
+
+
+def wider_llama() -> LoadedModel:
+    """A tiny LLaMA of another size than :func:`tiny_model`'s (hidden 48, not 32): another classifier head."""
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**COMMON, "hidden_size": 48}, num_attention_heads=4, num_key_value_heads=2)
+    config.max_position_embeddings = 1024
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
+    return LoadedModel(model=model, tokenizer=TinyTokenizer(), name="tiny-llama-wide")
+
+
+def test_a_reasoning_adapter_and_its_classifier_are_refused_on_another_model(tmp_path):
+    from ccmem.adapter import AdapterMismatchError, read_adapter, save_adapter
+    from ccmem.repro.gsm8k import GSM8KSettings, run
+
+    lm = tiny_model(positions=1024)
+    path = save_adapter(trained(lm), lm, tmp_path / "adapter.safetensors")
+    assert any("classifier" in name for name in read_adapter(path).tensors)
+    ccmem.load(tiny_model(positions=1024), "ccm-reason", adapter=path)  # the same model: loads
+    for other in (tiny_model("qwen2", positions=1024), wider_llama()):
+        with pytest.raises(AdapterMismatchError, match=f"trained for 'tiny-llama-gqa', not for '{other.name}'"):
+            ccmem.load(other, "ccm-reason", adapter=path, policy="classifier")
+    settings = GSM8KSettings(adapter=str(path), n=1, policies=["classifier:0.5"], max_new_tokens=4)
+    with pytest.raises(AdapterMismatchError, match=r"not for 'tiny-llama-wide'.*use an adapter trained for this"):
+        run(wider_llama(), settings)  # the table refuses it before decoding
 
 
 def test_the_two_stage_recipe_trains_and_its_table_runs_on_the_stage1_model(tmp_path):

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import ccmem
 from ccmem import loading
 from ccmem.api import check_attention
-from ccmem.loading import HUB_SHORTCUTS, AttentionError, ModelNotFoundError, load_model
+from ccmem.loading import ATTN_HELP, HUB_SHORTCUTS, AttentionError, ModelNotFoundError, load_model
 from ccmem.registry import get_method
 from tests.conftest import tiny_model
 from tests.unit.test_cli import run_cli
@@ -167,17 +167,62 @@ def test_attn_option_reaches_a_harness_command(monkeypatch, capsys, tmp_path, ti
     assert seen == ["eager"]
 
 
+def attn_help(command: list[str]) -> str:
+    """The help of ``ccmem COMMAND``'s ``--attn`` option, as typer built it."""
+    import typer.main
+
+    from ccmem.cli import app
+
+    found = typer.main.get_command(app)
+    for name in command:
+        found = found.commands[name]
+    return next(p for p in found.params if "--attn" in p.opts).help
+
+
 @pytest.mark.parametrize(
     "command",
     [
         ["demo"], ["chat"], ["serve"], ["compress"], ["ask"], ["generate"], ["eval"], ["compare"], ["stream"],
-        ["repro", "sentinel", "ppl"], ["repro", "sentinel", "generate"],
+        ["train"], ["repro", "sentinel", "ppl"], ["repro", "sentinel", "generate"], ["repro", "gsm8k"],
     ],
 )  # fmt: skip
 def test_every_command_that_loads_a_model_takes_attn(monkeypatch, capsys, command):
     code, text = run_cli(monkeypatch, capsys, *command, "--help")
     assert code == 0
     assert "--attn" in text
+    if command[:2] != ["repro", "sentinel"]:  # sentinel, local and scattered refuse flash: their help says so
+        assert attn_help(command).startswith(ATTN_HELP)  # the same choices and words everywhere
+
+
+def test_train_attn_option_sets_the_config_and_loads_with_it(monkeypatch, capsys, tmp_path):
+    from ccmem.train import trainer
+
+    run = ["train", "persona-ccm-concat", f"output_dir={tmp_path}", "run_id=attn"]
+    code, text = run_cli(monkeypatch, capsys, *run, "--attn", "eager", "--show-config")
+    assert code == 0 and "attn: eager" in text
+    code, text = run_cli(monkeypatch, capsys, *run, "--show-config")
+    assert code == 0 and "attn: sdpa" in text  # without --attn: the preset's kernel
+    code, text = run_cli(monkeypatch, capsys, *run, "attn=eager", "--attn", "eager", "--show-config")
+    assert code == 0 and "attn: eager" in text  # the same kernel twice is no conflict
+    asked = {}
+
+    def stop(spec, **kwargs):
+        asked.update(kwargs)
+        raise RuntimeError("stop before training")
+
+    monkeypatch.setattr(trainer, "load_model", stop)
+    code, text = run_cli(monkeypatch, capsys, *run, "--attn", "eager")
+    assert code == 2 and "stop before training" in text
+    assert asked["attn_implementation"] == "eager"
+
+
+def test_train_refuses_an_attn_override_that_disagrees_with_the_attn_option(monkeypatch, capsys, tmp_path):
+    code, text = run_cli(
+        monkeypatch, capsys, "train", "persona-ccm-concat", f"output_dir={tmp_path}", "attn=sdpa", "--attn", "eager",
+        "--show-config",
+    )  # fmt: skip
+    assert code == 2
+    assert "--attn eager and the override 'attn=sdpa' disagree" in " ".join(text.replace("│", " ").split())
 
 
 def test_train_takes_attn_as_a_config_key_and_loads_with_it(monkeypatch, tmp_path):
