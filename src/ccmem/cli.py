@@ -676,6 +676,14 @@ def eval_command(
     turns: Annotated[
         int, typer.Option("--turns", min=0, help="dialogs: turns per test dialog (0: 20); --k caps the facts.")
     ] = 0,
+    source: Annotated[
+        str,
+        typer.Option(
+            "--source",
+            help="passages, generated pwc: the text asked about: wiki (packaged Wikipedia summaries), news "
+            "(packaged news articles) or both.",
+        ),
+    ] = "wiki",
     seed: Annotated[int, typer.Option("--seed", help="Generator seed.")] = 0,
     model: ModelOpt = DEFAULT_MODEL,
     methods: Annotated[
@@ -727,6 +735,7 @@ def eval_command(
     to --out; `ccmem report` turns them into tables and a plot.
     """
     from ccmem.data.loaders import load_examples
+    from ccmem.data.news import check_source
     from ccmem.eval.harness import EvalSettings, check_options_apply, compare, options_for
     from ccmem.loading import load_model
     from ccmem.registry import get_method
@@ -738,6 +747,7 @@ def eval_command(
     for name in names:
         get_method(name, **options_for(name, options))
     storage = _memory_dtype(memory_dtype)
+    check_source(source, "--source")
     cfg = DataConfig(
         dataset=dataset,
         path=str(path) if path else None,
@@ -746,6 +756,7 @@ def eval_command(
         k=k,
         small_talk=small_talk,
         turns=turns,
+        source=source,
         seed=seed,
     )
     examples = load_examples(cfg, split)[:n]
@@ -767,8 +778,10 @@ def eval_command(
         score=score,
         method_options=options,
         memory_dtype=storage,
+        data={"source": source} if source != "wiki" else {},  # rows of the default keep their config hash
     )
-    table = Table(title=f"ccmem eval: {dataset}/{split}, {len(examples)} examples, {model}")
+    shown = dataset if source == "wiki" else f"{dataset} ({source})"
+    table = Table(title=f"ccmem eval: {shown}/{split}, {len(examples)} examples, {model}")
     for col in (
         "method",
         "adapter",
@@ -836,7 +849,8 @@ def compare(
             help="persona (facts in a chat, accuracy), icl (in-context classification, accuracy), "
             "text (Shakespeare continuation, perplexity), dialogs-5 / dialogs-10 / dialogs-15 / dialogs-20 (varied "
             "fact dialogs of that many turns with held-out wordings and fact kinds, accuracy, by distance too), "
-            "passages (QA over Wikipedia passages shared in a chat, accuracy).",
+            "passages (QA over Wikipedia passages shared in a chat, accuracy), passages-news (the same over news "
+            "articles).",
         ),
     ] = "persona,icl,text",
     budgets: Annotated[
@@ -1118,6 +1132,10 @@ def data(
         Path | None,
         typer.Option("--templates", help="dialogs: a template file (syntax: ccmem.data.templates); default: packaged."),
     ] = None,
+    source: Annotated[
+        str,
+        typer.Option("--source", help="passages: wiki (Wikipedia summaries), news (news articles) or both."),
+    ] = "wiki",
     tasks: Annotated[int, typer.Option("--tasks", min=1, help="icl: number of tasks.")] = 20,
     seed: Annotated[int, typer.Option("--seed", help="Generator seed (same seed, same files).")] = 0,
 ) -> None:
@@ -1128,6 +1146,8 @@ def data(
     """
     from ccmem.data import persona
 
+    if source != "wiki" and generator != "passages":
+        raise typer.BadParameter(f"--source chooses the text of passages; {generator!r} does not read it")
     if generator in ("persona", "dialogs", "passages"):
         from ccmem.data import dialogs, passages
 
@@ -1141,8 +1161,8 @@ def data(
                 made = dialogs.generate(n, split, seed=seed, facts=facts, turns=length, templates=templates)
                 version = dialogs.GENERATOR_VERSION
             else:
-                made = iter(passages.generate(n, split, seed=seed, k=k))
-                version = passages.GENERATOR_VERSION
+                made = iter(passages.generate(n, split, seed=seed, k=k, source=source))
+                version = passages.VERSIONS[source]
             persona.write_jsonl(out / f"{split}.jsonl", made)
         console.print(f"wrote {out}/train.jsonl, validation.jsonl, test.jsonl ({version})")
     elif generator == "icl":

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ccmem.data import dialogs, formats, gsm8k, icl, passages, persona, pwc, text, wikitext
+from ccmem.data import dialogs, formats, gsm8k, icl, news, passages, persona, pwc, text, wikitext
 from ccmem.data.records import MemoryExample
 
 if TYPE_CHECKING:
@@ -74,7 +74,8 @@ def _dialogs(cfg: DataConfig, split: str) -> list[MemoryExample]:
 
 def _passages(cfg: DataConfig, split: str) -> list[MemoryExample]:
     n = cfg.n_train if split == "train" else cfg.n_eval
-    return [persona_example(d, "passages") for d in passages.generate(n, split, seed=cfg.seed, k=min(cfg.k, 8))]
+    made = passages.generate(n, split, seed=cfg.seed, k=min(cfg.k, 8), source=cfg.source)
+    return [persona_example(d, "passages") for d in made]
 
 
 #: Each family's settings inside a mixture (its own k and lengths; data.k and friends set the single datasets).
@@ -182,10 +183,10 @@ def _icl(cfg: DataConfig, split: str) -> list[MemoryExample]:
 
 
 def _pwc(cfg: DataConfig, split: str) -> list[MemoryExample]:
-    """PwC jsonl files (``data.path``), or PwC-style records generated from the packaged Wikipedia summaries."""
+    """PwC jsonl files (``data.path``), or PwC-style records generated from packaged text (``data.source``)."""
     if cfg.path:
         return pwc.pwc(_path(cfg, split), split)
-    return pwc.generated(cfg.n_train if split == "train" else cfg.n_eval, split, seed=cfg.seed)
+    return pwc.generated(cfg.n_train if split == "train" else cfg.n_eval, split, seed=cfg.seed, source=cfg.source)
 
 
 LOADERS: dict[str, Loader] = {
@@ -232,8 +233,8 @@ def data_version(cfg: DataConfig) -> str:
         "text": text.GENERATOR_VERSION,
         "text-stream": text.STREAM_VERSION,
         "dialogs": dialogs.GENERATOR_VERSION,
-        "passages": passages.GENERATOR_VERSION,
-        "pwc": pwc.GENERATOR_VERSION,
+        "passages": passages.VERSIONS.get(cfg.source, passages.GENERATOR_VERSION),
+        "pwc": pwc.VERSIONS.get(cfg.source, pwc.GENERATOR_VERSION),
         "wikitext": wikitext.GENERATOR_VERSION,
         "gsm8k": gsm8k.GENERATOR_VERSION,
     }
@@ -242,6 +243,25 @@ def data_version(cfg: DataConfig) -> str:
     if cfg.dataset == "dialogs" and cfg.templates:
         return f"{dialogs.GENERATOR_VERSION}:{Path(cfg.templates).name}"
     return versions.get(cfg.dataset, cfg.dataset)
+
+
+#: The generators that ask about packaged text and read ``data.source`` (its Wikipedia summaries or news).
+SOURCE_DATASETS = ("passages", "pwc")
+
+
+def check_source(cfg: DataConfig) -> None:
+    """Refuse a ``data.source`` that names no source, or that no generator of ``cfg`` would read."""
+    news.check_source(cfg.source, "data.source")
+    if cfg.source == news.SOURCES[0]:
+        return
+    families = list(cfg.mixture or {}) if cfg.dataset == "mixture" else [cfg.dataset]
+    if not any(f in SOURCE_DATASETS for f in families):
+        raise ValueError(
+            f"data.source={cfg.source!r} chooses the text of the {' and '.join(SOURCE_DATASETS)} generators; "
+            f"dataset {cfg.dataset!r} has none of them"
+        )
+    if cfg.path:
+        raise ValueError(f"data.source={cfg.source!r} chooses generated text, but data.path reads files")
 
 
 def load_examples(cfg: DataConfig, split: str = "train") -> list[MemoryExample]:
@@ -256,6 +276,7 @@ def load_examples(cfg: DataConfig, split: str = "train") -> list[MemoryExample]:
         raise UnknownDatasetError(f"unknown dataset {cfg.dataset!r}; {hint}datasets: {', '.join(LOADERS)}") from None
     if cfg.path and not Path(cfg.path).exists():
         raise FileNotFoundError(f"data.path {cfg.path} does not exist")
+    check_source(cfg)
     examples = loader(cfg, split)
     limit = cfg.n_train if split == "train" else cfg.n_eval
     return (

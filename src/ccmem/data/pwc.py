@@ -14,6 +14,13 @@ first sentence), each with an answer read off the articles, and ``options``: the
 distractors of the same kind (other articles' descriptions, titles or first sentences, preferring an article in
 the context; other 5-word runs of the same article for a quote), so ``ccmem eval pwc`` also scores accuracy.
 Articles are split by a hash of their title, as ``passages`` does, so test contexts are never trained on.
+``source="news"`` (``pwc-news-v1``) draws the contexts from the packaged news stories instead
+(:mod:`ccmem.data.news`; split by a hash of their text). A story has no title or description, so there is no
+title or describe kind: one story is asked for its first sentence (its lead) or to continue a quote; two stories
+are asked to continue a quote or which story mentions a phrase from after its lead (answer: that story's lead;
+distractors: the other story's lead first, then other leads). ``source="both"`` (``pwc-mixed-v1``) draws each
+record from one source or the other at even odds; ``source="wiki"``, the default, makes the records of
+``pwc-wiki-v1`` unchanged.
 A PwC file may carry the same optional ``options`` field (a list of strings holding the answer).
 """
 
@@ -25,13 +32,17 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ccmem.data import news
 from ccmem.data.formats import document_split, split_file
+from ccmem.data.news import check_source, first_sentence
 from ccmem.data.passages import articles
 from ccmem.data.records import MemoryExample, split_of
 from ccmem.fileio import DatasetFormatError, jsonl_records
 
 GENERATOR_VERSION = "pwc-wiki-v1"
 OPTIONS_VERSION = "pwc-options-v1"  # distractors draw from their own generator: the records stay those of v1
+#: the generator version of each source (``wiki`` is the first version, unchanged)
+VERSIONS = {"wiki": GENERATOR_VERSION, "news": "pwc-news-v1", "both": "pwc-mixed-v1"}
 N_OPTIONS = 4
 PWC_FIELDS = ("input", "prompt", "answer")
 
@@ -103,11 +114,15 @@ PROMPTS = {
     "continue": ('Which words come right after "{phrase}" in the text?', 'Continue the quote: "{phrase}"'),
     "first": ("Repeat the first sentence of the text.", "What is the first sentence of the text?"),
 }
-
-
-def _first_sentence(text: str) -> str:
-    end = text.find(". ")
-    return text[: end + 1] if 0 < end < 300 else text[:200]
+#: news stories (no title): "which" asks which of two stories mentions a phrase, answered by that story's lead
+NEWS_PROMPTS = {
+    "which": (
+        'Which of the stories mentions "{phrase}"? Give its first sentence.',
+        'One story says "{phrase}". What is the first sentence of that story?',
+    ),
+    "continue": PROMPTS["continue"],
+    "first": ("Repeat the first sentence of the story.", "What is the first sentence of the story?"),
+}
 
 
 def _quote(rng: random.Random, text: str) -> tuple[str, str] | None:
@@ -135,7 +150,7 @@ def _distractors(
         others = [a for a in shown if a is not target]  # the other article in the context: the hardest
         rest = rng.sample(pool, min(len(pool), 4 * N_OPTIONS))
         read = {"describe": lambda a: a["description"], "title": lambda a: a["title"]}.get(
-            kind, lambda a: _first_sentence(a["extract"])
+            kind, lambda a: first_sentence(a["extract"])
         )
         candidates = [read(a) for a in others + rest if a is not target]
     out: list[str] = []
@@ -147,39 +162,83 @@ def _distractors(
     return out
 
 
-def generate(n: int, split: str, *, seed: int = 0) -> list[dict[str, Any]]:
+def generate(n: int, split: str, *, seed: int = 0, source: str = "wiki") -> list[dict[str, Any]]:
     """``n`` PwC records of ``split`` (``input``, ``prompt``, ``answer``, ``options``) from the packaged Wikipedia
-    summaries."""
-    pool = [a for a in articles() if split_of(a["title"]) == split]
-    rng = random.Random(f"{GENERATOR_VERSION}-{split}-{seed}")
+    summaries, news stories or both (``source``, see the module)."""
+    version = VERSIONS[check_source(source)]
+    pools: dict[str, list[dict[str, str]]] = {}
+    if source != "news":
+        pools["wiki"] = [a for a in articles() if split_of(a["title"]) == split]
+    if source != "wiki":
+        pools["news"] = list(news.articles(split))
+    options_version = OPTIONS_VERSION if source == "wiki" else f"{version}-options"
+    rng = random.Random(f"{version}-{split}-{seed}")
     out: list[dict[str, Any]] = []
     while len(out) < n:
-        shown = rng.sample(pool, rng.choice((1, 1, 2)))
-        target = rng.choice(shown)
-        kind = rng.choice([k for k in PROMPTS if len(shown) == 1 or k == "describe"])
-        context = "\n\n".join(f"{a['title']}\n{a['extract']}" if len(shown) > 1 else a["extract"] for a in shown)
-        template = rng.choice(PROMPTS[kind])
-        if kind == "describe":
-            prompt, answer = template.format(title=target["title"]), target["description"]
-        elif kind == "title":
-            prompt, answer = template, target["title"]
-        elif kind == "first":
-            prompt, answer = template, _first_sentence(target["extract"])
-        else:
-            quote = _quote(rng, target["extract"])
-            if quote is None:
-                continue
-            prompt, answer = template.format(phrase=quote[0]), quote[1]
+        drawn = source if source != "both" else rng.choice(("wiki", "news"))
+        pool = pools[drawn]
+        made = (_wiki_record if drawn == "wiki" else _news_record)(rng, pool)
+        if made is None:
+            continue
+        context, prompt, answer, kind, shown, target = made
         answer = _clean(answer)
-        options_rng = random.Random(f"{OPTIONS_VERSION}-{split}-{seed}-{len(out)}")
+        options_rng = random.Random(f"{options_version}-{split}-{seed}-{len(out)}")
         options = [answer, *_distractors(options_rng, kind, answer, shown, target, pool)]
         options_rng.shuffle(options)
         out.append({"input": context, "prompt": prompt, "answer": answer, "options": options})
     return out
 
 
-def generated(n: int, split: str, *, seed: int = 0) -> list[MemoryExample]:
-    return [pwc_example(f"{GENERATOR_VERSION}:{split}:{i}", r) for i, r in enumerate(generate(n, split, seed=seed))]
+Made = tuple[str, str, str, str, list[dict], dict]  # context, prompt, answer, kind, articles shown, the one asked
+
+
+def _wiki_record(rng: random.Random, pool: list[dict]) -> Made | None:
+    """One or two Wikipedia articles and a question about one (``pwc-wiki-v1``)."""
+    shown = rng.sample(pool, rng.choice((1, 1, 2)))
+    target = rng.choice(shown)
+    kind = rng.choice([k for k in PROMPTS if len(shown) == 1 or k == "describe"])
+    context = "\n\n".join(f"{a['title']}\n{a['extract']}" if len(shown) > 1 else a["extract"] for a in shown)
+    template = rng.choice(PROMPTS[kind])
+    if kind == "describe":
+        prompt, answer = template.format(title=target["title"]), target["description"]
+    elif kind == "title":
+        prompt, answer = template, target["title"]
+    elif kind == "first":
+        prompt, answer = template, first_sentence(target["extract"])
+    else:
+        quote = _quote(rng, target["extract"])
+        if quote is None:
+            return None
+        prompt, answer = template.format(phrase=quote[0]), quote[1]
+    return context, prompt, answer, kind, shown, target
+
+
+def _news_record(rng: random.Random, pool: list[dict]) -> Made | None:
+    """One or two news stories and a question about one (see the module)."""
+    shown = rng.sample(pool, rng.choice((1, 1, 2)))
+    target = rng.choice(shown)
+    kind = rng.choice(("first", "continue") if len(shown) == 1 else ("which", "continue"))
+    context = "\n\n".join(a["extract"] for a in shown)
+    template = rng.choice(NEWS_PROMPTS[kind])
+    if kind == "first":
+        return context, template, target["lead"], kind, shown, target
+    if kind == "which":
+        phrase = news.phrase_after_lead(rng, target, [a for a in shown if a is not target])
+        if phrase is None:
+            return None
+        return context, template.format(phrase=phrase), target["lead"], kind, shown, target
+    quote = _quote(rng, target["extract"])
+    # a quote the context holds twice has no one continuation; one with quotation marks reads badly in quotes
+    if quote is None or '"' in quote[0] or context.count(quote[0]) != 1:
+        return None
+    return context, template.format(phrase=quote[0]), quote[1], kind, shown, target
+
+
+def generated(n: int, split: str, *, seed: int = 0, source: str = "wiki") -> list[MemoryExample]:
+    """:func:`generate`'s records as examples, named by version, split and place."""
+    version = VERSIONS[check_source(source)]
+    records = generate(n, split, seed=seed, source=source)
+    return [pwc_example(f"{version}:{split}:{i}", r) for i, r in enumerate(records)]
 
 
 def write_jsonl(records: list[dict[str, Any]], path: Path) -> Path:

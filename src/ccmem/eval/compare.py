@@ -53,6 +53,7 @@ class Task:
     context_chars: int = 0  # text tasks: characters of context, and of the continuation scored
     answer_chars: int = 0
     turns: int = 0  # dialogs: turns per test dialog
+    source: str = "wiki"  # passages: the text asked about (wiki, news or both; ccmem.data.news)
 
 
 TASKS: dict[str, Task] = {
@@ -78,6 +79,9 @@ for _turns in (5, 10, 15, 20):  # 15: the issue's "15-exchange dialogs"
         turns=_turns,
     )
 TASKS["passages"] = Task("passages", "QA over 3 Wikipedia passages shared in a chat", "passages", "accuracy", k=3)
+TASKS["passages-news"] = Task(
+    "passages-news", "QA over 3 news articles shared in a chat", "passages", "accuracy", k=3, source="news"
+)
 DEFAULT_TASKS = ("persona", "icl", "text")
 DEFAULT_BUDGETS = (1 / 2, 1 / 4, 1 / 8, 1 / 16)
 
@@ -129,6 +133,8 @@ class CompareSettings:
     def eval_settings(self, task: Task, model: str) -> EvalSettings:
         data = {"k": task.k, "small_talk": task.small_talk, "seed": task.seed, "description": task.description,
                 "chars": [task.context_chars, task.answer_chars]}  # fmt: skip
+        if task.source != "wiki":  # the tasks that predate sources keep their config hash
+            data["source"] = task.source
         return EvalSettings(system=self.system, method_options=dict(self.options), data=data, model=model)
 
 
@@ -180,6 +186,7 @@ def task_examples(task: Task, n: int) -> list[Any]:
         small_talk=task.small_talk,
         seed=task.seed,
         turns=task.turns,
+        source=task.source,
     )
     return load_examples(config, "test")[:n]
 
@@ -229,7 +236,7 @@ def run_grid(
             row = evaluate(session, examples, dataset=task.name, settings=eval_settings, label=task.description,
                            progress=report)  # fmt: skip
             row.budget = cell.budget
-            row.extra["data_version"] = data_version(DataConfig(dataset=task.dataset))
+            row.extra["data_version"] = data_version(DataConfig(dataset=task.dataset, source=task.source))
             append_row(rows_file, _as_variant(row, cell.method))
             yield row
 

@@ -82,6 +82,9 @@ class DataConfig:
     small_talk: int = 2  # persona: most fact-free turns mixed into a dialog
     turns: int = 0  # dialogs: most turns per dialog (the test split: exactly this many); 0 = the generator's 1-20
     templates: str | None = None  # dialogs: a template file (see ccmem.data.templates); default: the packaged one
+    # passages, pwc (also inside a mixture): the text asked about: wiki (packaged Wikipedia summaries), news
+    # (packaged news articles) or both; each has its own generator version (ccmem.data.news)
+    source: str = "wiki"
     # mixture: family -> weight, e.g. {dialogs: 0.6, icl: 0.15, passages: 0.15, text: 0.1}; n_train and n_eval
     # are shared out by weight, each family with its own defaults (ccmem.data.loaders.MIXTURE_DEFAULTS)
     mixture: dict[str, float] | None = None
@@ -134,6 +137,7 @@ LATER_FIELDS: dict[str, Any] = {
     "method.marker": "ft",
     "data.turns": 0,
     "data.templates": None,
+    "data.source": "wiki",
     "data.mixture": None,
     "data.families": None,
     "init_from": None,
@@ -410,6 +414,12 @@ def check(config: TrainConfig) -> None:
             raise ConfigError(str(err)) from None
     elif d.families:
         raise ConfigError("data.families sets families of a mixture; set data.dataset=mixture and data.mixture too")
+    from ccmem.data.loaders import check_source
+
+    try:
+        check_source(d)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     for key in ("n_eval", "k", "max_length"):
         if getattr(d, key) < 1:
             raise ConfigError(f"data.{key} must be at least 1, got {getattr(d, key)}")
