@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from tests.conftest import COMMON, TinyTokenizer, tiny_model
 from tests.methods.test_contract import randomize_state
 
 PROBLEM = gsm8k.generate(1, "train", seed=3)[0]
+FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "gsm8k"
 
 
 def trained(lm, **options) -> CCMReasoning:
@@ -274,6 +277,62 @@ def test_the_gsm8k_preset_trains_through_the_harness_and_its_adapter_keeps_the_c
     assert any("classifier" in name for name in adapter.tensors)
     assert adapter.method == "ccm-reason" and adapter.train_dataset == "gsm8k" and result.steps == 2
     assert adapter.options["keep_last"] == config.method.keep_last  # loading the adapter keeps its raw tokens
+
+
+def test_the_gsm8k_preset_trains_on_the_real_file_format_with_the_forks_train_ratio(tmp_path, monkeypatch):
+    """The real-GSM8K path through the harness: the fixture's train.jsonl, 3 of its 5 problems trained on and 2
+    held out (``data.train_ratio=0.6``); the adapter loads, and the run read the fixture's problems, not generated
+    ones. (Without the ratio the fixture is too small to hold out GSM8K's 500: refused, see test_gsm8k_data.)"""
+    import ccmem.train.trainer as trainer
+    from ccmem.adapter import read_adapter
+    from ccmem.train.config import load_config
+
+    seen: dict[str, list] = {}
+    read = trainer.load_examples
+
+    def spy(cfg, split):
+        seen[split] = read(cfg, split)
+        return seen[split]
+
+    monkeypatch.setattr(trainer, "load_examples", spy)
+    small = ["train.max_steps=2", "train.batch_size=2", "train.eval_steps=2", "train.save_steps=2"]
+    small += ["train.gradient_checkpointing=false", "data.max_length=1000", "data.system=Hi."]
+    config = load_config(
+        "gsm8k-ccm-reason", [*small, f"output_dir={tmp_path}", f"data.path={FIXTURE}", "data.train_ratio=0.6"]
+    )
+    result = trainer.train(config, lm=tiny_model(positions=1024))
+    assert result.steps == 2
+    fixture = {p.question for p in gsm8k.read_jsonl(FIXTURE / "train.jsonl")}
+    train, validation = ({e.query for e in seen[s]} for s in ("train", "validation"))
+    assert (len(train), len(validation)) == (3, 2) and train | validation == fixture and not train & validation
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["train_examples"] == 3 and summary["data_version"] == f"files:{FIXTURE}"
+    adapter = read_adapter(result.output)
+    assert adapter.train_dataset == "gsm8k" and adapter.extra["config"]["data"]["train_ratio"] == 0.6
+    assert ccmem.load(tiny_model(positions=1024), "ccm-reason", adapter=result.output).adapter_trained
+
+
+def test_repro_gsm8k_reads_the_real_test_file_given_with_data(tmp_path, monkeypatch, capsys):
+    """``ccmem repro gsm8k --data <folder>`` end to end on the fixture, a tiny model standing in for SmolLM2."""
+    import sys
+
+    import ccmem.loading
+    from ccmem import cli
+    from ccmem.adapter import save_adapter
+
+    lm = tiny_model(positions=1024)
+    path = save_adapter(trained(lm), lm, tmp_path / "adapter.safetensors")
+    monkeypatch.setattr(ccmem.loading, "load_model", lambda *args, **kwargs: lm)
+    args = ["--data", str(FIXTURE), "--adapter", str(path), "--n", "2", "--policies", "none,interval:4"]
+    args += ["--max-new-tokens", "6", "--batch-size", "2", "--out-dir", str(tmp_path / "out")]
+    monkeypatch.setattr(sys, "argv", ["ccmem", "repro", "gsm8k", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert not exit_info.value.code, capsys.readouterr()
+    rows = [json.loads(line) for line in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
+    assert [r["policy"] for r in rows] == ["none", "interval:4"]
+    assert all(r["data"] == f"GSM8K test at {FIXTURE}" and r["problems"] == 2 for r in rows)
+    assert "| interval:4 |" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_the_policy_table_runs_every_policy_on_the_same_problems(tmp_path):

@@ -75,6 +75,84 @@ def test_read_split_holds_out_the_last_of_train_for_validation(tmp_path):
         read_split(FIXTURE, "dev")
 
 
+def test_train_ratio_holds_out_a_seeded_share_of_train_jsonl_never_a_question_on_both_sides(tmp_path):
+    """The fork's ``data.train_ratio``: that share of train.jsonl trains, the rest validates; test is untouched."""
+    questions = [p.question for p in read_jsonl(FIXTURE / "train.jsonl")]
+    parts = {s: read_split(FIXTURE, s, train_ratio=0.6, seed=0) for s in ("train", "validation", "test")}
+    assert (len(parts["train"]), len(parts["validation"])) == (3, 2)
+    train, validation = ({p.question for p in parts[s]} for s in ("train", "validation"))
+    assert not train & validation and train | validation == set(questions)
+    assert all(p.split == s for s, ps in parts.items() for p in ps)
+    assert [p.id for p in parts["train"]] == sorted(p.id for p in parts["train"])  # file order kept on each side
+    assert parts["test"] == read_split(FIXTURE, "test")
+    assert read_split(FIXTURE, "train", train_ratio=0.6, seed=0) == parts["train"]  # the same seed, the same draw
+    draws = {tuple(p.id for p in read_split(FIXTURE, "train", train_ratio=0.6, seed=seed)) for seed in range(8)}
+    assert len(draws) > 1  # data.seed draws it
+    # A single file is split as train.jsonl would be (read whole without a ratio, as before).
+    assert read_split(FIXTURE / "train.jsonl", "validation", train_ratio=0.6, seed=0) == parts["validation"]
+    # A question repeated in the file (spacing aside) stays on one side with its twin.
+    rows = [json.loads(line) for line in (FIXTURE / "train.jsonl").read_text().splitlines()]
+    rows.append({**rows[0], "question": "  " + rows[0]["question"].replace(" ", "  ")})
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for seed in range(8):
+        sides = [{p.id for p in read_split(tmp_path, s, train_ratio=0.5, seed=seed)} for s in ("train", "validation")]
+        assert not sides[0] & sides[1] and len(sides[0] | sides[1]) == 6
+        assert any({"train-0", "train-5"} <= side for side in sides)
+
+
+@pytest.mark.parametrize(
+    ("ratio", "message"),
+    [(0.0, r"must be in \(0, 1\)"), (1.0, r"must be in \(0, 1\)"), (0.05, "leaves no training problem"),
+     (0.95, "leaves no validation problem")],
+)  # fmt: skip
+def test_train_ratio_outside_0_1_or_leaving_a_side_empty_is_refused(ratio, message):
+    with pytest.raises(ValueError, match=message):
+        read_split(FIXTURE, "train", train_ratio=ratio)
+
+
+def test_train_ratio_on_generated_problems_holds_out_part_of_the_generated_training_set():
+    from ccmem.data.loaders import load_examples
+    from ccmem.train.config import DataConfig
+
+    cfg = DataConfig(dataset="gsm8k", n_train=20, n_eval=3, train_ratio=0.75, seed=4)
+    parts = {s: load_examples(cfg, s) for s in ("train", "validation", "test")}
+    assert [len(parts[s]) for s in ("train", "validation", "test")] == [15, 3, 3]  # validation: at most n_eval
+    pool = {p.question for p in generate(20, "train", seed=4)}
+    train, validation, test = ({e.query for e in parts[s]} for s in ("train", "validation", "test"))
+    assert len(train) == 15 and train | validation <= pool and not train & validation and not test & pool
+    assert [e.query for e in load_examples(cfg, "train")] == [e.query for e in parts["train"]]  # seeded
+    # Without the ratio: as before, the generator's own train and validation splits.
+    plain = DataConfig(dataset="gsm8k", n_train=20, n_eval=3, seed=4)
+    assert [e.query for e in load_examples(plain, "train")] == [p.question for p in generate(20, "train", seed=4)]
+    assert [e.query for e in load_examples(plain, "validation")] == [
+        p.question for p in generate(3, "validation", seed=4)
+    ]
+
+
+def test_too_small_a_train_jsonl_without_train_ratio_says_to_set_it():
+    from ccmem.data.loaders import load_examples
+    from ccmem.train.config import DataConfig
+
+    with pytest.raises(ValueError, match=r"too few to hold out 500.*data.train_ratio=0.8"):
+        load_examples(DataConfig(dataset="gsm8k", path=str(FIXTURE)), "validation")
+
+
+def test_the_forks_train_ratio_override_is_a_config_key_for_gsm8k_only():
+    from ccmem.train.config import ConfigError, load_config
+
+    config = load_config("gsm8k-ccm-reason", ["data.train_ratio=0.8"])  # the fork's own example
+    assert config.data.train_ratio == 0.8
+    assert config.fingerprint() != load_config("gsm8k-ccm-reason").fingerprint()
+    assert load_config("gsm8k-full").fingerprint() == "fdbbaf820adf"  # unset: the hash the shipped stage 1 records
+    for bad in ("1.5", "0", "-0.2", "nan"):
+        with pytest.raises(ConfigError, match=r"data.train_ratio must be in \(0, 1\)"):
+            load_config("gsm8k-ccm-reason", [f"data.train_ratio={bad}"])
+    with pytest.raises(ConfigError, match=r"applies to dataset gsm8k only.*dataset 'persona' has its own"):
+        load_config("persona-ccm-concat", ["data.train_ratio=0.8"])
+    with pytest.raises(ConfigError, match=r"data\.eval_path names a validation file: set one of them"):
+        load_config("gsm8k-ccm-reason", ["data.train_ratio=0.8", "data.eval_path=val.jsonl"])
+
+
 @pytest.mark.parametrize(
     ("record", "message"),
     [

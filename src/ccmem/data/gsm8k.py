@@ -10,7 +10,9 @@ one JSON object per line with two fields::
 last line is ``#### N``. :func:`read_jsonl` splits it into the worked ``solution`` (annotations kept) and
 the normalised final ``answer``. There is no official validation file: :func:`read_split` holds out the
 *last* ``n_validation`` problems of ``train.jsonl`` as validation (deterministic, no shuffling) and its
-``train`` split is the rest, so the two never overlap.
+``train`` split is the rest, so the two never overlap. Given a ``train_ratio`` instead (the fork's
+``data.train_ratio``), it keeps that share of ``train.jsonl`` for training and holds out the rest
+(:func:`hold_out`: a seeded draw of distinct questions, so a question repeated in the file stays on one side).
 
 :func:`generate` makes arithmetic word problems offline in exactly that format (seeded, versioned by
 ``GENERATOR_VERSION``). Every annotation's arithmetic is exact and every answer is a whole number. A
@@ -201,33 +203,83 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[Problem]:
 
 
 def read_split(
-    folder_or_file: str | os.PathLike[str], split: str, *, n_validation: int = VALIDATION_SIZE
+    folder_or_file: str | os.PathLike[str],
+    split: str,
+    *,
+    n_validation: int = VALIDATION_SIZE,
+    train_ratio: float | None = None,
+    seed: int = 0,
 ) -> list[Problem]:
     """One split of GSM8K, from a file or from a folder holding ``train.jsonl`` and ``test.jsonl``.
 
     A folder may be the official ``grade_school_math/data/`` or one above it. Validation is the last
     ``n_validation`` problems of ``train.jsonl``, in file order, and ``train`` is the problems before them.
-    A file is read whole, whatever ``split`` says; its problems are labelled ``split``.
+    With ``train_ratio``, ``train`` is that share of ``train.jsonl`` and validation the rest instead, drawn
+    with ``seed`` (:func:`hold_out`). A file is read whole, whatever ``split`` says, unless ``train_ratio``
+    splits it into ``train`` and ``validation`` as it would ``train.jsonl``; its problems are labelled ``split``.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    check_train_ratio(train_ratio)
     root = Path(folder_or_file)
     if not root.is_dir():
+        if train_ratio is not None and split != "test":
+            return _side(hold_out(read_jsonl(root), train_ratio, seed), split)
         return [replace(p, split=split) for p in read_jsonl(root)]
     name = "test.jsonl" if split == "test" else "train.jsonl"
     folder = next((d for d in (root, root / "data", root / "grade_school_math" / "data") if (d / name).is_file()), root)
     if split == "test":
         return [replace(p, split=split) for p in read_jsonl(folder / name)]
+    if train_ratio is not None:
+        return _side(hold_out(read_jsonl(folder / name), train_ratio, seed), split)
     if n_validation < 1:
         raise ValueError(f"n_validation must be at least 1, got {n_validation}")
     problems = read_jsonl(folder / name)
     if len(problems) <= n_validation:
         raise ValueError(
             f"{folder / name} has {len(problems)} problems, too few to hold out {n_validation} for "
-            "validation; pass a smaller n_validation"
+            "validation; pass a smaller n_validation, or hold out a share instead (train_ratio; in a training "
+            "config data.train_ratio=0.8)"
         )
     chosen = problems[-n_validation:] if split == "validation" else problems[:-n_validation]
     return [replace(p, split=split) for p in chosen]
+
+
+def check_train_ratio(train_ratio: float | None, name: str = "train_ratio") -> None:
+    """Refuse a share of training problems outside (0, 1); None (hold out a fixed number) passes."""
+    if train_ratio is not None and not 0 < train_ratio < 1:
+        raise ValueError(
+            f"{name} must be in (0, 1): the share of the training problems trained on, the rest held out for "
+            f"validation; got {train_ratio}"
+        )
+
+
+def hold_out(problems: Sequence[Problem], train_ratio: float, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
+    """``problems`` split into (train, validation), ``train_ratio`` of their distinct questions for training.
+
+    The distinct questions (whitespace aside) are put in an order drawn from ``seed`` and the first
+    ``round(train_ratio * n)`` go to ``train``: a problem whose question repeats is on the same side as its twin,
+    so the two splits never share a question. Each split keeps the problems' own order, labelled with its name.
+    """
+    check_train_ratio(train_ratio)
+    keys = [" ".join(p.question.split()) for p in problems]
+    questions = sorted(set(keys))  # not file order: the draw depends only on which questions there are
+    random.Random(f"gsm8k-hold-out-{seed}").shuffle(questions)
+    n_train = round(train_ratio * len(questions))
+    if not 0 < n_train < len(questions):
+        side = "training" if n_train == 0 else "validation"
+        raise ValueError(
+            f"train_ratio={train_ratio} of {len(questions)} distinct questions leaves no {side} problem; "
+            "choose a ratio that keeps at least one question on each side"
+        )
+    trained = set(questions[:n_train])
+    train = [replace(p, split="train") for p, k in zip(problems, keys, strict=True) if k in trained]
+    validation = [replace(p, split="validation") for p, k in zip(problems, keys, strict=True) if k not in trained]
+    return train, validation
+
+
+def _side(parts: tuple[list[Problem], list[Problem]], split: str) -> list[Problem]:
+    return parts[0] if split == "train" else parts[1]
 
 
 def write_jsonl(path: str | os.PathLike[str], problems: Iterable[Problem]) -> Path:

@@ -189,6 +189,22 @@ def _pwc(cfg: DataConfig, split: str) -> list[MemoryExample]:
     return pwc.generated(cfg.n_train if split == "train" else cfg.n_eval, split, seed=cfg.seed, source=cfg.source)
 
 
+def _gsm8k(cfg: DataConfig, split: str) -> list[MemoryExample]:
+    """GSM8K files at data.path (train.jsonl/test.jsonl), or arithmetic word problems generated in its format.
+
+    ``data.train_ratio`` (the fork's option) trains on that share of the training problems and holds out the rest
+    for validation (:func:`ccmem.data.gsm8k.hold_out`, drawn with ``data.seed``): of ``train.jsonl`` for files,
+    of the ``data.n_train`` generated training problems otherwise; at most ``data.n_eval`` of them are evaluated.
+    Without it, validation is the last 500 problems of ``train.jsonl``, or generated problems of its own split.
+    """
+    if cfg.path:
+        return gsm8k.examples(gsm8k.read_split(cfg.path, split, train_ratio=cfg.train_ratio, seed=cfg.seed))
+    if cfg.train_ratio is None or split == "test":
+        return gsm8k.examples(gsm8k.generate(cfg.n_train if split == "train" else cfg.n_eval, split, seed=cfg.seed))
+    train, validation = gsm8k.hold_out(gsm8k.generate(cfg.n_train, "train", seed=cfg.seed), cfg.train_ratio, cfg.seed)
+    return gsm8k.examples(train if split == "train" else validation[: cfg.n_eval])
+
+
 LOADERS: dict[str, Loader] = {
     "persona": _persona,
     "icl": _icl,
@@ -210,12 +226,7 @@ LOADERS: dict[str, Loader] = {
     "text-stream": lambda cfg, split: text.stream_examples(
         cfg.n_train if split == "train" else cfg.n_eval, split, seed=cfg.seed, path=cfg.path
     ),
-    # GSM8K files at data.path (train.jsonl/test.jsonl), or arithmetic word problems generated in its format.
-    "gsm8k": lambda cfg, split: gsm8k.examples(
-        gsm8k.read_split(cfg.path, split)
-        if cfg.path
-        else gsm8k.generate(cfg.n_train if split == "train" else cfg.n_eval, split, seed=cfg.seed)
-    ),
+    "gsm8k": _gsm8k,
     # WikiText-2 raw (a download at data.path) or its packaged stand-in, as passages for causal-LM finetuning.
     "wikitext": lambda cfg, split: wikitext.examples(
         cfg.n_train if split == "train" else cfg.n_eval, split, seed=cfg.seed, path=cfg.path
@@ -264,6 +275,27 @@ def check_source(cfg: DataConfig) -> None:
         raise ValueError(f"data.source={cfg.source!r} chooses generated text, but data.path reads files")
 
 
+#: The datasets whose validation split ``data.train_ratio`` can carve out of the training problems.
+TRAIN_RATIO_DATASETS = ("gsm8k",)
+
+
+def check_train_ratio(cfg: DataConfig) -> None:
+    """Refuse a ``data.train_ratio`` outside (0, 1), or one that the dataset of ``cfg`` would not read."""
+    if cfg.train_ratio is None:
+        return
+    gsm8k.check_train_ratio(cfg.train_ratio, "data.train_ratio")
+    if cfg.dataset not in TRAIN_RATIO_DATASETS:
+        raise ValueError(
+            f"data.train_ratio applies to dataset {' and '.join(TRAIN_RATIO_DATASETS)} only (it holds out a share "
+            f"of the training problems for validation); dataset {cfg.dataset!r} has its own validation split"
+        )
+    if cfg.eval_path:
+        raise ValueError(
+            "data.train_ratio holds the validation problems out of the training file, data.eval_path names a "
+            "validation file: set one of them"
+        )
+
+
 def load_examples(cfg: DataConfig, split: str = "train") -> list[MemoryExample]:
     """The examples of ``cfg.dataset`` for ``split`` (train, validation or test)."""
     if split not in SPLITS:
@@ -277,6 +309,7 @@ def load_examples(cfg: DataConfig, split: str = "train") -> list[MemoryExample]:
     if cfg.path and not Path(cfg.path).exists():
         raise FileNotFoundError(f"data.path {cfg.path} does not exist")
     check_source(cfg)
+    check_train_ratio(cfg)
     examples = loader(cfg, split)
     limit = cfg.n_train if split == "train" else cfg.n_eval
     return (

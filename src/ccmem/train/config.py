@@ -90,6 +90,9 @@ class DataConfig:
     mixture: dict[str, float] | None = None
     # a family's own settings inside a mixture, over those defaults: e.g. {dialogs: {turns: 30}} for longer dialogs
     families: dict[str, dict[str, int]] | None = None
+    # gsm8k (the fork's data.train_ratio): train on this share of the training problems and hold out the rest for
+    # validation, drawn with data.seed; None: GSM8K's last 500 training problems (files) or the generator's own split
+    train_ratio: float | None = None
     seed: int = 0
     max_length: int = 1024  # longest sample in tokens; longer ones are skipped (and counted)
     system: str | None = DEFAULT_SYSTEM_PROMPT  # kept uncompressed as the attention sink, as at inference
@@ -144,6 +147,7 @@ LATER_FIELDS: dict[str, Any] = {
     "attn": "sdpa",
     "train.shuffle": True,
     "train.save_optimizer": True,
+    "data.train_ratio": None,
 }
 
 
@@ -414,10 +418,11 @@ def check(config: TrainConfig) -> None:
             raise ConfigError(str(err)) from None
     elif d.families:
         raise ConfigError("data.families sets families of a mixture; set data.dataset=mixture and data.mixture too")
-    from ccmem.data.loaders import check_source
+    from ccmem.data.loaders import check_source, check_train_ratio
 
     try:
         check_source(d)
+        check_train_ratio(d)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     for key in ("n_eval", "k", "max_length"):
