@@ -18,6 +18,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 import ccmem
 from ccmem.data import text
 from ccmem.eval.autoencode import autoencode
@@ -48,8 +50,12 @@ def main() -> None:
     formers += [("trained", adapter, {}) for adapter in args.adapter]
     for label, adapter, options in formers:
         started = time.perf_counter()
-        session = ccmem.load(lm, "icformer", adapter=adapter, system_prompt=None, **options)
-        scores = autoencode(lm, session.method, texts, greedy=not args.no_greedy)
+        if adapter is None:  # built directly: ccmem.load would pick up the former that ships for this model
+            torch.manual_seed(0)
+            method = ccmem.get_method("icformer", **options)
+        else:
+            method = ccmem.load(lm, "icformer", adapter=adapter, system_prompt=None).method
+        scores = autoencode(lm, method, texts, greedy=not args.no_greedy)
         scores.pop("rows")
         rows.append(
             {"former": label, "adapter": str(adapter), **scores, "seconds": round(time.perf_counter() - started)}
