@@ -260,7 +260,7 @@ def test_init_from_starts_from_an_adapter_and_refuses_one_of_another_shape(tmp_p
     with pytest.raises(ConfigError, match="ships no ccm-concat adapter for tiny"):
         train(_config(tmp_path / "d", "init_from=shipped"), lm=tiny_model())
     # shipped:NAME: another of the model's shipped adapters (a merge run from the concat one); the error lists them
-    with pytest.raises(ConfigError, match=r"init_from=shipped:ccm-merge: ccmem ships no ccm-merge adapter .*: none"):
+    with pytest.raises(ConfigError, match=r"init_from=shipped:ccm-merge: ccmem ships no ccm-merge adapter .*: nothing"):
         train(_config(tmp_path / "d", "init_from=shipped:ccm-merge"), lm=tiny_model())
 
 

@@ -509,7 +509,7 @@ def init_path(lm: LoadedModel, method: Method, source: str) -> Path:
     name = name or method.name
     path = shipped_adapter(lm.name, name)
     if path is None:
-        shipped = ", ".join(f"shipped:{n}" for n in shipped_adapter_names(lm.name)) or "none"
+        shipped = ", ".join(f"shipped:{n}" for n in shipped_adapter_names(lm.name)) or "nothing"
         raise ConfigError(
             f"init_from={source}: ccmem ships no {name} adapter for {lm.name} (it ships: {shipped}); give a file"
         )
