@@ -15,7 +15,7 @@ distractors of the same kind (other articles' descriptions, titles or first sent
 the context; other 5-word runs of the same article for a quote), so ``ccmem eval pwc`` also scores accuracy.
 Articles are split by a hash of their title, as ``passages`` does, so test contexts are never trained on.
 ``source="news"`` (``pwc-news-v1``) draws the contexts from the packaged news stories instead
-(:mod:`ccmem.data.news`; split by a hash of their text). A story has no title or description, so there is no
+(:mod:`ccmem.data.news`; split by a hash of their lead). A story has no title or description, so there is no
 title or describe kind: one story is asked for its first sentence (its lead) or to continue a quote; two stories
 are asked to continue a quote or which story mentions a phrase from after its lead (answer: that story's lead;
 distractors: the other story's lead first, then other leads). ``source="both"`` (``pwc-mixed-v1``) draws each
