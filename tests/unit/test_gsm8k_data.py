@@ -363,3 +363,19 @@ def test_generate_rejects_bad_arguments():
     with pytest.raises(ValueError, match="must not be negative"):
         generate(-1, "train")
     assert generate(0, "test") == []
+
+
+def test_eval_path_holds_the_validation_and_test_problems():
+    """``data.eval_path`` was ignored by the gsm8k loader: validation came from train.jsonl whatever it said."""
+    from ccmem.data.loaders import load_examples
+    from ccmem.train.config import DataConfig
+
+    cfg = DataConfig(dataset="gsm8k", path=str(FIXTURE), eval_path=str(FIXTURE / "test.jsonl"))
+    test_questions = [p.question for p in read_jsonl(FIXTURE / "test.jsonl")]
+    assert [e.query for e in load_examples(cfg, "validation")] == test_questions
+    assert [e.query for e in load_examples(cfg, "test")] == test_questions
+    # validation is elsewhere, so the whole training file trains (5 problems: too few to hold 500 out of)
+    train_questions = [p.question for p in read_jsonl(FIXTURE / "train.jsonl")]
+    assert [e.query for e in load_examples(cfg, "train")] == train_questions
+    with pytest.raises(ValueError, match="too few to hold out 500"):
+        load_examples(DataConfig(dataset="gsm8k", path=str(FIXTURE)), "train")

@@ -213,7 +213,8 @@ def read_split(
     """One split of GSM8K, from a file or from a folder holding ``train.jsonl`` and ``test.jsonl``.
 
     A folder may be the official ``grade_school_math/data/`` or one above it. Validation is the last
-    ``n_validation`` problems of ``train.jsonl``, in file order, and ``train`` is the problems before them.
+    ``n_validation`` problems of ``train.jsonl``, in file order, and ``train`` is the problems before them
+    (``n_validation=0``: all of them, the validation problems being read from another file).
     With ``train_ratio``, ``train`` is that share of ``train.jsonl`` and validation the rest instead, drawn
     with ``seed`` (:func:`hold_out`). A file is read whole, whatever ``split`` says, unless ``train_ratio``
     splits it into ``train`` and ``validation`` as it would ``train.jsonl``; its problems are labelled ``split``.
@@ -232,9 +233,11 @@ def read_split(
         return [replace(p, split=split) for p in read_jsonl(folder / name)]
     if train_ratio is not None:
         return _side(hold_out(read_jsonl(folder / name), train_ratio, seed), split)
-    if n_validation < 1:
-        raise ValueError(f"n_validation must be at least 1, got {n_validation}")
+    if n_validation < 0 or (n_validation == 0 and split == "validation"):
+        raise ValueError(f"n_validation must be at least 1 to read a validation split, got {n_validation}")
     problems = read_jsonl(folder / name)
+    if n_validation == 0:  # validation comes from elsewhere (data.eval_path): train on the whole file
+        return [replace(p, split=split) for p in problems]
     if len(problems) <= n_validation:
         raise ValueError(
             f"{folder / name} has {len(problems)} problems, too few to hold out {n_validation} for "

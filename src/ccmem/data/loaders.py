@@ -196,7 +196,14 @@ def _gsm8k(cfg: DataConfig, split: str) -> list[MemoryExample]:
     for validation (:func:`ccmem.data.gsm8k.hold_out`, drawn with ``data.seed``): of ``train.jsonl`` for files,
     of the ``data.n_train`` generated training problems otherwise; at most ``data.n_eval`` of them are evaluated.
     Without it, validation is the last 500 problems of ``train.jsonl``, or generated problems of its own split.
+    ``data.eval_path`` (a GSM8K jsonl file, or a folder as ``data.path``) holds the validation and test problems
+    instead, as for the other datasets read from files, and then all of ``train.jsonl`` trains.
     """
+    if cfg.eval_path:
+        if split != "train":
+            return gsm8k.examples(gsm8k.read_split(cfg.eval_path, split))
+        if cfg.path:  # validation is read from eval_path: every problem of train.jsonl trains
+            return gsm8k.examples(gsm8k.read_split(cfg.path, split, n_validation=0))
     if cfg.path:
         return gsm8k.examples(gsm8k.read_split(cfg.path, split, train_ratio=cfg.train_ratio, seed=cfg.seed))
     if cfg.train_ratio is None or split == "test":
