@@ -142,7 +142,9 @@ def test_a_session_made_with_another_model_is_a_conflict_that_names_it(engine, c
     engine.store.open("made-elsewhere", other)
     response = ask(client, [user("hi")], session="made-elsewhere")
     assert response.status_code == 409, response.text
-    assert "was made with model=" in response.json()["error"]["message"]
+    message = response.json()["error"]["message"]
+    assert "was made with model=" in message and f"(model {other.lm.name}," in message
+    assert f"(model {engine.base.lm.name}," in message  # both models by name, not only a fingerprint
     assert client.get("/v1/sessions/made-elsewhere").json()["turns"] == 0  # left as it was
 
 

@@ -362,7 +362,7 @@ class Engine:
 
     async def _load(self, owner: str, name: str) -> tuple[SessionRecord, CompressedLM]:
         record = await asyncio.to_thread(self.store.get, name, owner)
-        check_identity(record, self.identity)
+        check_identity(record, self.identity, settings_of(self.base))
         live = self._live.get((owner, name))
         if live is not None and live[0] == (record.created, record.version):
             self._live.move_to_end((owner, name))

@@ -208,7 +208,7 @@ class BaseSessionStore(abc.ABC):
             record = self.create(name, identity, settings_of(session), owner)
             return self.save(name, session.memory, session.history, owner, expect_version=record.version)
         record = self.get(name, owner)
-        check_identity(record, identity)
+        check_identity(record, identity, settings_of(session))
         memory = self.memory(record, expect=identity, shape=session.lm.kv_shape, device=session.lm.device)
         if memory is not None:
             session.restore(memory, record.transcript)
@@ -472,8 +472,9 @@ def settings_of(session: CompressedLM) -> dict[str, Any]:
     }
 
 
-def check_identity(record: SessionRecord, identity: dict[str, str]) -> None:
-    """Refuse to use ``record`` with a model/method/adapter whose memory identity differs, naming the difference."""
+def check_identity(record: SessionRecord, identity: dict[str, str], settings: dict[str, Any] | None = None) -> None:
+    """Refuse to use ``record`` with a model/method/adapter whose memory identity differs, naming the difference
+    (and, given the :func:`settings_of` of what it is being used with, its model and method by name too)."""
     # The most fundamental difference first: another model also means another adapter (adapters are per model),
     # and "adapter" sorts before "model", so a plain sort would blame the adapter.
     first = ("model", "stage1", "method", "adapter")
@@ -482,10 +483,11 @@ def check_identity(record: SessionRecord, identity: dict[str, str]) -> None:
         have, want = record.identity.get(key, ""), identity.get(key, "")
         if have != want:
             made = record.settings
+            now = f" (model {settings.get('model')}, method {settings.get('method')})" if settings else ""
             raise SessionMismatchError(
                 f"session {record.name!r} was made with {key}={have!r} (model {made.get('model')}, method "
-                f"{made.get('method')}), but it is being used with {key}={want!r}; use the same model, method "
-                "and adapter, or start a new session"
+                f"{made.get('method')}), but it is being used with {key}={want!r}{now}; use the same model, "
+                "method and adapter, or start a new session"
             )
 
 
