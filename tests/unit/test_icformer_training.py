@@ -9,7 +9,7 @@ import pytest
 
 from ccmem.adapter import read_adapter
 from ccmem.api import load
-from ccmem.data import pwc
+from ccmem.data import passages, pwc
 from ccmem.data.loaders import load_examples
 from ccmem.fileio import DatasetFormatError
 from ccmem.train.config import ConfigError, DataConfig, load_config
@@ -84,7 +84,7 @@ def test_the_generator_is_seeded_and_its_splits_share_no_context(tmp_path):
 
 def test_generated_records_carry_the_answer_among_distractors_of_its_kind():
     records = pwc.generate(60, "test", seed=1)
-    titles = {a["title"] for a in pwc.articles()}
+    titles = {a["title"] for a in passages.articles()}
     for r in records:
         assert len(r["options"]) == pwc.N_OPTIONS == len(set(r["options"])) and r["answer"] in r["options"]
         if r["prompt"] in pwc.PROMPTS["title"]:

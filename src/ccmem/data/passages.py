@@ -115,17 +115,29 @@ def _phrase(rng: random.Random, article: dict[str, str]) -> str | None:
     return None
 
 
+def source_pools(split: str, source: str) -> dict[str, list[dict[str, str]]]:
+    """The texts of ``split`` that ``source`` draws from, by source: ``wiki`` (the Wikipedia summaries, split by a
+    hash of their title) and/or ``news`` (:func:`ccmem.data.news.articles`). Shared with the PwC generator."""
+    pools: dict[str, list[dict[str, str]]] = {}
+    if source != "news":
+        pools["wiki"] = [a for a in articles() if split_of(a["title"]) == split]
+    if source != "wiki":
+        pools["news"] = list(news.articles(split))
+    return pools
+
+
+def draw_source(rng: random.Random, source: str) -> str:
+    """The source of the next item: ``source`` itself, or for ``both`` one of the two at even odds."""
+    return source if source != "both" else rng.choice(("wiki", "news"))
+
+
 def generate(
     n: int, split: str, *, seed: int = 0, k: int = 3, n_options: int = 5, source: str = "wiki"
 ) -> list[PersonaDialog]:
     """``n`` chats of ``split``: ``k`` shared articles (one turn each), then a question about one of them; the
     articles are Wikipedia summaries, news stories or either (``source``, see the module)."""
     version = VERSIONS[check_source(source)]
-    pools: dict[str, list[dict[str, str]]] = {}
-    if source != "news":
-        pools["wiki"] = [a for a in articles() if split_of(a["title"]) == split]
-    if source != "wiki":
-        pools["news"] = list(news.articles(split))
+    pools = source_pools(split, source)
     for name, pool in pools.items():
         if len(pool) < k + n_options:
             what = "articles" if name == "wiki" else "news stories"
@@ -133,7 +145,7 @@ def generate(
     rng = random.Random(f"{version}-{split}-{seed}")
     out: list[PersonaDialog] = []
     while len(out) < n:
-        drawn = source if source != "both" else rng.choice(("wiki", "news"))
+        drawn = draw_source(rng, source)
         make = _wiki_chat if drawn == "wiki" else _news_chat
         chat = make(rng, pools[drawn], split, k, n_options)
         if chat is None:

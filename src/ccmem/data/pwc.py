@@ -35,8 +35,8 @@ from typing import Any
 from ccmem.data import news
 from ccmem.data.formats import document_split, split_file
 from ccmem.data.news import check_source, first_sentence
-from ccmem.data.passages import articles
-from ccmem.data.records import MemoryExample, split_of
+from ccmem.data.passages import draw_source, source_pools
+from ccmem.data.records import MemoryExample
 from ccmem.fileio import DatasetFormatError, jsonl_records
 
 GENERATOR_VERSION = "pwc-wiki-v1"
@@ -166,16 +166,12 @@ def generate(n: int, split: str, *, seed: int = 0, source: str = "wiki") -> list
     """``n`` PwC records of ``split`` (``input``, ``prompt``, ``answer``, ``options``) from the packaged Wikipedia
     summaries, news stories or both (``source``, see the module)."""
     version = VERSIONS[check_source(source)]
-    pools: dict[str, list[dict[str, str]]] = {}
-    if source != "news":
-        pools["wiki"] = [a for a in articles() if split_of(a["title"]) == split]
-    if source != "wiki":
-        pools["news"] = list(news.articles(split))
+    pools = source_pools(split, source)
     options_version = OPTIONS_VERSION if source == "wiki" else f"{version}-options"
     rng = random.Random(f"{version}-{split}-{seed}")
     out: list[dict[str, Any]] = []
     while len(out) < n:
-        drawn = source if source != "both" else rng.choice(("wiki", "news"))
+        drawn = draw_source(rng, source)
         pool = pools[drawn]
         made = (_wiki_record if drawn == "wiki" else _news_record)(rng, pool)
         if made is None:
