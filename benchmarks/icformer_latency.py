@@ -35,7 +35,6 @@ from ccmem.loading import DEFAULT_MODEL, load_model
 from ccmem.methods.base import Method
 from ccmem.registry import get_method
 
-
 #: The precisions ``--dtype`` takes.
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -63,6 +63,8 @@ def main() -> None:
     session = ccmem.load(args.model, "ccm-merge", adapter=args.adapter, system_prompt="You are a helpful assistant.")
     if getattr(session.method, "weighting", "mean") != "learned":
         parser.error(f"{args.adapter} was trained with weighting={session.method.weighting!r}: every turn weighs 1/T")
+    if getattr(session.method, "banks", 1) != 1:
+        parser.error(f"{args.adapter} merges into {session.method.banks} banks; this benchmark reads a single one")
     chatter = {user for user, _ in dialogs.small_talk()}
     start = session.memory
     rows = []

@@ -16,7 +16,8 @@ compression step at once (CCM, section 3.3)::
 ``tail``  what is read with the memory only: the query and, in training, its answer.
 
 Memory after step t, ``Mem(t)``:
-  concat: all of C1..Ct;  merge: the running average ``(1-1/t)·Mem(t-1) + (1/t)·Ct`` slot by slot.
+  concat: all of C1..Ct;  merge: the running average ``(1-1/t)·Mem(t-1) + (1/t)·Ct`` slot by slot (with
+  ``banks=B``: B running averages, step t going into bank ``(t-1) mod B``).
 Recurrent: chunk t and Ct see ``Mem(t-1)``; non-recurrent: they see only their own chunk (and the sink).
 The tail always sees ``Mem(k)``.
 
@@ -143,6 +144,7 @@ def build_plan(
     recurrent: bool = True,
     position_offset: int = 0,
     bidirectional: bool = False,
+    banks: int = 1,
 ) -> MaskPlan:
     """Build the attention plan of one parallel CCM sequence.
 
@@ -165,6 +167,10 @@ def build_plan(
         C2        .  .  .  x  x  x  .  .  | x  .
         t         .  .  .  .  .  .  x  .  | .  x
 
+    With ``banks=B`` (merge only) step t is averaged into bank ``(t-1) mod B`` only, and a reader sees the
+    merged entries of the last B steps, the latest state of every bank (``M1 = C1, M2 = C2, M3 = (C1 + C3) / 2``
+    for B = 2).
+
     Non-recurrent (``recurrent=False``): chunks and their <COMP> see only themselves and the sink.
     Position ids are the sequence index (plus ``position_offset``), the same ids recurrent inference uses.
 
@@ -182,6 +188,8 @@ def build_plan(
     """
     if update not in ("concat", "merge"):
         raise ValueError(f"update must be 'concat' or 'merge', got {update!r}")
+    if banks < 1:
+        raise ValueError(f"banks must be at least 1, got {banks}")
     lay = layout(chunk_lengths, n_tok, tail_length, sink_length)
     merge = update == "merge"
     q_role, k_role = lay.role[:, None], lay.role[None, :]
@@ -197,15 +205,17 @@ def build_plan(
     comp_pos = comp.nonzero().flatten()
     if merge:
         c_step, c_slot = lay.step[comp_pos], lay.slot[comp_pos]
-        same_slot = c_slot[:, None] == c_slot[None, :]
+        same_slot = (c_slot[:, None] == c_slot[None, :]) & ((c_step[:, None] - c_step[None, :]) % banks == 0)
         earlier = c_step[None, :] <= c_step[:, None]
-        mix_weights = (same_slot & earlier).to(torch.float32) / c_step[:, None].to(torch.float32)
-        # Merged entry of step s is Mem(s): read by chunk s+1 and its <COMP> (recurrent) and by the tail
-        # when s is the last step.
+        count = (c_step - 1) // banks + 1  # steps in the bank of each <COMP>, up to its own
+        mix_weights = (same_slot & earlier).to(torch.float32) / count[:, None].to(torch.float32)
+        # Merged entry of step s is its bank's memory after s: read by chunks s+1 .. s+B and their <COMP>
+        # (recurrent) and by the tail when s is among the last B steps (then no later step has updated the bank).
         reader = (lay.role[:, None] == Role.TAIL) | (
             recurrent & ((lay.role[:, None] == Role.CHUNK) | (lay.role[:, None] == Role.COMP))
         )
-        merged_cols = reader & (lay.step[:, None] == c_step[None, :] + 1)
+        behind = lay.step[:, None] - c_step[None, :]
+        merged_cols = reader & (behind >= 1) & (behind <= banks)
         allowed = torch.cat([allowed, merged_cols], dim=1)
         # In the recurrent cache the merged memory sits between the sink and the chunk being read.
         order = torch.cat([torch.arange(length) + len(comp_pos), sink_length + torch.arange(len(comp_pos))])
@@ -233,6 +243,7 @@ def reference_allowed(
     update: str = "concat",
     recurrent: bool = True,
     bidirectional: bool = False,
+    banks: int = 1,
 ) -> list[list[bool]]:
     """Slow, literal version of ``build_plan(...).allowed``: what each token may read, spelled out.
 
@@ -260,8 +271,8 @@ def reference_allowed(
                 row[k] = True  # concat memory: every older <COMP>
         if merge and roles[q] != Role.SINK and (recurrent or roles[q] == Role.TAIL):
             for m, pos in enumerate(comp_positions):
-                if steps[pos] == steps[q] - 1:
-                    row[length + m] = True  # Mem(t-1), the running average up to step t-1
+                if steps[q] - banks <= steps[pos] <= steps[q] - 1:
+                    row[length + m] = True  # each bank's memory before step t: its average up to its last step
         rows.append(row)
     return rows
 

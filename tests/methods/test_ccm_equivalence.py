@@ -55,17 +55,17 @@ def test_parallel_forward_equals_recurrent_inference(family, attn, name, recurre
     assert memory.num_slots == expected_slots
 
 
-def assert_parallel_equals_recurrent(lm, method):
+def assert_parallel_equals_recurrent(lm, method, chunks=CHUNKS):
     """The tail's logits and every chunk's (chunk t read Mem(t-1) in both computations) agree between one masked
     forward and compressing chunk by chunk; returns the recurrent memory."""
-    batch = method.make_batch([Sample(CHUNKS, TAIL, SINK)])
+    batch = method.make_batch([Sample(chunks, TAIL, SINK)])
     with torch.no_grad():
         parallel = method.parallel_forward(lm, batch).logits[0]
-        chunk_logits, tail_logits, memory = recurrent_logits(lm, method, CHUNKS, TAIL, SINK)
+        chunk_logits, tail_logits, memory = recurrent_logits(lm, method, chunks, TAIL, SINK)
     start = batch.tail_start[0]
     torch.testing.assert_close(parallel[start : start + len(TAIL)], tail_logits, atol=TOL, rtol=0)
     offset = len(SINK)
-    for chunk, logits in zip(CHUNKS, chunk_logits, strict=True):
+    for chunk, logits in zip(chunks, chunk_logits, strict=True):
         torch.testing.assert_close(parallel[offset : offset + len(chunk)], logits, atol=TOL, rtol=0)
         offset += len(chunk) + method.n_tok
     return memory
@@ -161,9 +161,9 @@ def test_parallel_training_loss_and_gradients_equal_backprop_through_the_recurre
         torch.testing.assert_close(a, b, atol=TOL, rtol=1e-3)
 
 
-def _learned_merge(lm, n_tok=2, recurrent=True, gate_scale=0.3, seed=1):
+def _learned_merge(lm, n_tok=2, recurrent=True, gate_scale=0.3, seed=1, banks=1):
     """A ccm-merge with ``weighting=learned`` whose gate is random (zero would be the plain mean)."""
-    method = get_method("ccm-merge", n_tok=n_tok, recurrent=recurrent, weighting="learned")
+    method = get_method("ccm-merge", n_tok=n_tok, recurrent=recurrent, weighting="learned", banks=banks)
     randomize_lora(method, lm)
     gate = method.state(lm).merge_gate
     with torch.no_grad():
@@ -179,6 +179,36 @@ def test_learned_merge_parallel_equals_recurrent(family, recurrent):
     lm = tiny_model(family)
     memory = assert_parallel_equals_recurrent(lm, _learned_merge(lm, recurrent=recurrent))
     assert memory.num_slots == len(SINK) + 2
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "gpt-neox", "mistral-window", "gemma3"])
+@pytest.mark.parametrize("weighting", ["mean", "learned"])
+@pytest.mark.parametrize("banks", [2, 3])
+def test_banked_merge_parallel_equals_recurrent(family, weighting, banks):
+    """ccm-merge with banks: step t averaged into bank t mod banks only; the parallel plan (each reader sees the
+    last ``banks`` merged entries) equals recurrent folding (the oldest bank merged and moved to the end), with
+    the mean and the learned weighting; memory is banks x n_tok slots once every bank has a step."""
+    lm = tiny_model(family)
+    method = (
+        _learned_merge(lm, banks=banks) if weighting == "learned" else get_method("ccm-merge", n_tok=2, banks=banks)
+    )
+    randomize_lora(method, lm)
+    chunks = [[10 + t, 11 + t, 12 + t][: 2 + t % 2] for t in range(0, 70, 10)]  # 7 steps: every bank merges
+    memory = assert_parallel_equals_recurrent(lm, method, chunks)
+    assert memory.num_slots == len(SINK) + 2 * banks
+
+
+def test_banked_merge_differs_from_one_running_mean():
+    """Not vacuous: with banks the tail reads other memory than the paper's single running mean."""
+    lm = tiny_model("llama-gqa")
+    chunks = [[10, 11], [20, 21, 22], [30, 31], [40, 41, 42]]
+    tails = []
+    for banks in (1, 2):
+        method = get_method("ccm-merge", n_tok=2, banks=banks)
+        randomize_lora(method, lm)
+        with torch.no_grad():
+            tails.append(recurrent_logits(lm, method, chunks, TAIL, SINK)[1])
+    assert (tails[0] - tails[1]).abs().max() > 1e-3
 
 
 def test_learned_merge_weights_steps_unequally_and_starts_as_the_mean():

@@ -39,6 +39,23 @@ def test_none_answers_as_if_there_were_no_context():
     assert list(with_context.stream_ids(query, 6, stop_ids=set())) == list(empty.stream_ids(query, 6, stop_ids=set()))
 
 
+def test_merge_banks_come_from_the_adapter_and_may_be_changed_at_load(tmp_path):
+    """A merge adapter records the banks it was trained with and loads with them; banks change no tensor, so a
+    user may try others at load (``-O banks=N``) without retraining."""
+    lm = tiny_model()
+    method = get_method("ccm-merge", n_tok=2, banks=3)
+    randomize_lora(method, lm)
+    path = save_adapter(method, lm, tmp_path / "m.safetensors")
+    assert ccmem.load(tiny_model(), "ccm-merge", adapter=path).method.banks == 3
+    session = ccmem.load(tiny_model(), "ccm-merge", adapter=path, banks=1, system_prompt=None)
+    assert session.method.banks == 1
+    for turn in range(4):
+        session.remember(f"turn {turn}", "ok")
+    assert session.memory.num_slots == 2
+    with pytest.raises(ValueError, match="banks must be at least 1"):
+        get_method("ccm-merge", banks=0)
+
+
 def _state(method, lm):
     return {k: v.clone() for k, v in method.module_for(lm).state_dict().items()}
 

@@ -20,10 +20,12 @@ chunk_lists = st.lists(st.integers(min_value=0, max_value=5), min_size=0, max_si
     sink=st.integers(0, 3),
     update=st.sampled_from(["concat", "merge"]),
     recurrent=st.booleans(),
+    banks=st.integers(1, 3),
 )
-def test_build_plan_matches_reference_loop(chunks, n_tok, tail, sink, update, recurrent):
-    plan = build_plan(chunks, n_tok, tail, sink_length=sink, update=update, recurrent=recurrent)
-    expected = reference_allowed(chunks, n_tok, tail, sink_length=sink, update=update, recurrent=recurrent)
+def test_build_plan_matches_reference_loop(chunks, n_tok, tail, sink, update, recurrent, banks):
+    banks = banks if update == "merge" else 1
+    plan = build_plan(chunks, n_tok, tail, sink_length=sink, update=update, recurrent=recurrent, banks=banks)
+    expected = reference_allowed(chunks, n_tok, tail, sink_length=sink, update=update, recurrent=recurrent, banks=banks)
     assert plan.allowed.tolist() == expected
 
 
@@ -48,6 +50,21 @@ def test_merge_weights_are_running_averages():
     weights = plan.mix_weights
     assert torch.allclose(weights[4], torch.tensor([1 / 3, 0, 1 / 3, 0, 1 / 3, 0]))
     assert torch.allclose(weights.sum(-1), torch.ones(6))
+
+
+def test_banked_merge_averages_each_bank_and_reads_every_bank():
+    """banks=2 over 5 steps of one <COMP>: steps 1, 3, 5 average in one bank, 2 and 4 in the other; the tail
+    reads the latest entry of each bank (steps 4 and 5), chunk 4 reads steps 2 and 3."""
+    plan = build_plan([1] * 5, 1, 1, update="merge", banks=2)
+    weights = plan.mix_weights
+    assert torch.allclose(weights[4], torch.tensor([1 / 3, 0, 1 / 3, 0, 1 / 3]))
+    assert torch.allclose(weights[3], torch.tensor([0, 1 / 2, 0, 1 / 2, 0]))
+    assert torch.allclose(weights[1], torch.tensor([0, 1.0, 0, 0, 0]))
+    length = 11  # 5 x (chunk + <COMP>) + tail
+    assert plan.allowed[-1, length:].tolist() == [False, False, False, True, True]
+    assert plan.allowed[6, length:].tolist() == [False, True, True, False, False]  # chunk of step 4
+    with pytest.raises(ValueError, match="banks"):
+        build_plan([1], 1, 1, update="merge", banks=0)
 
 
 def test_tail_reads_only_last_merged_memory():

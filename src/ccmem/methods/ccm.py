@@ -2,7 +2,9 @@
 
 After each context chunk, ``n_tok`` <COMP> tokens are run through the model with a conditional LoRA
 that is active only at their positions; their keys/values become the memory. *concat* keeps every
-step's <COMP> keys/values; *merge* keeps their running average, so memory stays ``n_tok`` slots.
+step's <COMP> keys/values; *merge* keeps their running average, so memory stays ``n_tok`` slots (ccmem's
+``banks`` option keeps several running averages, each over every ``banks``-th step: a step stated early then
+weighs ``1/ceil(t/banks)`` rather than ``1/t`` at constant ``banks · n_tok`` slots).
 
 Two ways to run the same computation, proven equal by ``tests/methods/test_ccm_equivalence.py``:
 ``add`` (recurrent inference, one chunk at a time) and ``parallel_forward`` (training: a whole
@@ -64,7 +66,14 @@ class ParallelBatch:
 
 
 def lay_out(
-    samples: list[Sample], pad_id: int, *, n_tok: int, update: str, recurrent: bool, bidirectional: bool = False
+    samples: list[Sample],
+    pad_id: int,
+    *,
+    n_tok: int,
+    update: str,
+    recurrent: bool,
+    bidirectional: bool = False,
+    banks: int = 1,
 ) -> ParallelBatch:
     """Lay out each sample as ``[sink][c1][C]...[ck][C][tail]`` and build the batched attention plan
     (``bidirectional``: an encoder's plan, see :func:`ccmem.masks.build_plan`)."""
@@ -78,6 +87,7 @@ def lay_out(
             update=update,
             recurrent=recurrent,
             bidirectional=bidirectional,
+            banks=banks,
         )
         row = list(s.sink)
         labelled: list[int] = []  # positions of chunk tokens that are trained on (a reasoning trace's segments)
@@ -120,7 +130,7 @@ class CompTokens(ccm_seq2seq.EncoderMemory, LoRAOptions):
     trainable: ClassVar[bool] = True
     needs_adapter: ClassVar[bool] = True
     batchable: ClassVar[bool] = True
-    runtime_options: ClassVar[frozenset[str]] = frozenset({"lora_dropout", "max_chunk_tokens"})
+    runtime_options: ClassVar[frozenset[str]] = frozenset({"lora_dropout", "max_chunk_tokens", "banks"})
     update: ClassVar[str] = "concat"
 
     n_tok: int = option(4, "<COMP> tokens per compression step: the memory slots one step writes")
@@ -335,7 +345,13 @@ class CCM(CompTokens):
 
     def lay_out(self, samples: list[Sample], pad_id: int, *, bidirectional: bool = False) -> ParallelBatch:
         return lay_out(
-            samples, pad_id, n_tok=self.n_tok, update=self.update, recurrent=self.recurrent, bidirectional=bidirectional
+            samples,
+            pad_id,
+            n_tok=self.n_tok,
+            update=self.update,
+            recurrent=self.recurrent,
+            bidirectional=bidirectional,
+            banks=getattr(self, "banks", 1),  # ccm-merge's option
         )
 
     def recurrent_loss(self, lm: LoadedModel, sample: Sample) -> torch.Tensor:
@@ -369,7 +385,8 @@ class CCMConcat(CCM):
 @register
 @dataclass
 class CCMMerge(CCM):
-    """CCM-merge: memory is the running average ``(1-1/t)·Mem(t-1) + (1/t)·h(t)``, constant ``n_tok`` slots."""
+    """CCM-merge: memory is the running average ``(1-1/t)·Mem(t-1) + (1/t)·h(t)``, constant ``n_tok`` slots
+    (``banks`` running averages of ``n_tok`` slots each, step t in bank ``(t-1) mod banks``)."""
 
     name: ClassVar[str] = "ccm-merge"
     update: ClassVar[str] = "merge"
@@ -387,8 +404,17 @@ class CCMMerge(CCM):
         "(larger: the zero-initialised gate moves the scores faster at the same learning rate)",
     )
 
+    banks: int = option(
+        1,
+        "groups of merged slots: step t (1, 2, ...) merges into group (t-1) mod banks, so memory is banks·n_tok "
+        "slots and a step weighs 1/ceil(t/banks) in its group instead of 1/t (1: the paper's single running "
+        "average); the adapter's value by default, another may be tried at load",
+    )
+
     def check_options(self) -> None:
         super().check_options()
+        if self.banks < 1:
+            raise ValueError(f"banks must be at least 1 (got {self.banks})")
         if self.weighting not in MERGE_WEIGHTINGS:
             raise ValueError(f"weighting must be one of {MERGE_WEIGHTINGS}, got {self.weighting!r}")
         if not self.gate_scale > 0:
@@ -400,6 +426,8 @@ class CCMMerge(CCM):
 
     def build(self, lm: LoadedModel) -> CompState:
         state = super().build(lm)
+        if self.banks > 1 and lm.is_encoder_decoder:
+            raise ValueError("ccm-merge banks > 1 works on decoder-only models; use banks=1 on T5")
         if self.weighting == "learned":
             if lm.is_encoder_decoder:
                 raise ValueError(
@@ -415,6 +443,7 @@ class CCMMerge(CCM):
         """Also start learned weighting from a mean-merge (or concat) adapter: its gate at zero, the mean; and from
         a gate trained with another ``gate_scale``: rescaled, so that every score stays as it was."""
         differing = dict(differing)
+        differing.pop("banks", None)  # banks group the same slots differently: no tensor changes
         weighting = differing.pop("weighting", None)
         if weighting == ("mean", "learned"):
             tensors = tensors | {"merge_gate": fresh["merge_gate"]}
@@ -431,28 +460,42 @@ class CCMMerge(CCM):
         return tensors if not differing else super().warm_start(differing, tensors, fresh)
 
     def fold(self, memory: Memory, comp: list[KV], n_chunk: int) -> Memory:
+        """Step ``t`` goes into bank ``(t-1) mod banks``. The first ``banks`` steps are appended as they are; from
+        then on the bank to update is always the one updated longest ago, the first block after the sink, so it is
+        merged and moved to the end: the cache holds the banks in the order of their last step, which is the
+        order of the merged columns in parallel training (:func:`ccmem.masks.build_plan`)."""
         t = int(memory.state.get("merge_steps", torch.tensor(0))) + 1
         state = {**memory.state, "merge_steps": torch.tensor(t)}
         scores = self.step_scores(comp)
-        if t == 1:  # Mem(1) = h(1): the first <COMP> block goes in after the sink as it is
+        if t <= self.banks:  # Mem(t) = h(t) in a bank of its own: appended after the sink and earlier banks
             first = super().fold(memory, comp, n_chunk)
             if scores is not None:
-                state["merge_log_norm"] = scores
+                held = memory.state.get("merge_log_norm")
+                state["merge_log_norm"] = scores if held is None else torch.cat([held, scores], -1)
             return first.with_layers(first.layers, first.positions, state=state)
-        keep: list[Any] = [1 - 1 / t] * len(comp)  # the running mean
-        take: list[Any] = [1 / t] * len(comp)
+        count = (t - 1) // self.banks + 1  # steps in this bank, this one included
+        n, s = self.n_tok, memory.sink
+        keep: list[Any] = [1 - 1 / count] * len(comp)  # the running mean
+        take: list[Any] = [1 / count] * len(comp)
         if scores is not None:  # Mem(t) = sum_i exp(s_i) h(i) / sum_i exp(s_i), with a running log-normaliser
-            norm = torch.logaddexp(memory.state["merge_log_norm"], scores)
-            state["merge_log_norm"] = norm
-            keep = list((memory.state["merge_log_norm"] - norm).exp()[..., None].unbind(0))
+            held = memory.state["merge_log_norm"]
+            norm = torch.logaddexp(held[..., :n], scores)
+            state["merge_log_norm"] = torch.cat([held[..., n:], norm], -1)
+            keep = list((held[..., :n] - norm).exp()[..., None].unbind(0))
             take = list((scores - norm).exp()[..., None].unbind(0))
-        s = memory.sink
         layers = []
         for (k, v), (ck, cv), a, b in zip(memory.layers, comp, keep, take, strict=True):
             if isinstance(a, torch.Tensor):
                 a, b = a.to(k.dtype), b.to(k.dtype)
-            mk = k[..., s:, :] * a + ck * b
-            mv = v[..., s:, :] * a + cv * b
-            layers.append((torch.cat([k[..., :s, :], mk], -2), torch.cat([v[..., :s, :], mv], -2)))
-        positions = [torch.cat([p[..., :s], constant_positions(-1, self.n_tok, p)], -1) for p in memory.positions]
-        return memory.with_layers(layers, positions, advance=n_chunk + self.n_tok, state=state)
+            mk = k[..., s : s + n, :] * a + ck * b
+            mv = v[..., s : s + n, :] * a + cv * b
+            layers.append(
+                (
+                    torch.cat([k[..., :s, :], k[..., s + n :, :], mk], -2),
+                    torch.cat([v[..., :s, :], v[..., s + n :, :], mv], -2),
+                )
+            )
+        positions = [
+            torch.cat([p[..., :s], p[..., s + n :], constant_positions(-1, n, p)], -1) for p in memory.positions
+        ]
+        return memory.with_layers(layers, positions, advance=n_chunk + n, state=state)
