@@ -39,19 +39,25 @@ def test_none_answers_as_if_there_were_no_context():
     assert list(with_context.stream_ids(query, 6, stop_ids=set())) == list(empty.stream_ids(query, 6, stop_ids=set()))
 
 
-def test_merge_banks_come_from_the_adapter_and_may_be_changed_at_load(tmp_path):
-    """A merge adapter records the banks it was trained with and loads with them; banks change no tensor, so a
-    user may try others at load (``-O banks=N``) without retraining."""
+def test_merge_banks_come_from_the_adapter_and_a_memory_keeps_them(tmp_path):
+    """A merge adapter records the banks it was trained with and loads with them; asking for others is refused
+    (the adapter learned to read that many), and so is a saved memory folded with other banks."""
     lm = tiny_model()
     method = get_method("ccm-merge", n_tok=2, banks=3)
     randomize_lora(method, lm)
     path = save_adapter(method, lm, tmp_path / "m.safetensors")
-    assert ccmem.load(tiny_model(), "ccm-merge", adapter=path).method.banks == 3
-    session = ccmem.load(tiny_model(), "ccm-merge", adapter=path, banks=1, system_prompt=None)
-    assert session.method.banks == 1
+    session = ccmem.load(tiny_model(), "ccm-merge", adapter=path, system_prompt=None)
+    assert session.method.banks == 3
     for turn in range(4):
         session.remember(f"turn {turn}", "ok")
-    assert session.memory.num_slots == 2
+    assert session.memory.num_slots == 2 * 3
+    with pytest.raises(AdapterMismatchError, match=r"trained with banks=3, but banks=1 was asked"):
+        ccmem.load(tiny_model(), "ccm-merge", adapter=path, banks=1)
+    session.save_memory(tmp_path / "memory.safetensors")
+    other = get_method("ccm-merge", n_tok=2, banks=2)
+    randomize_lora(other, lm)
+    with pytest.raises(ValueError, match="banks"):
+        CompressedLM(tiny_model(), other, system_prompt=None).load_memory(tmp_path / "memory.safetensors")
     with pytest.raises(ValueError, match="banks must be at least 1"):
         get_method("ccm-merge", banks=0)
 

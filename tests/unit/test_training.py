@@ -308,6 +308,20 @@ def test_init_from_starts_a_learned_merge_from_a_concat_adapter_at_the_mean(tmp_
               lm=tiny_model())  # fmt: skip
 
 
+def test_init_from_carries_a_merge_adapter_over_to_more_banks(tmp_path):
+    """Banks group the same slots differently: a one-bank merge adapter starts a banked run as it is, and the
+    result records its banks."""
+    first = train(_config(tmp_path / "a", "train.max_steps=1", preset="persona-ccm-merge"), lm=tiny_model())
+    warm = _config(tmp_path / "b", f"init_from={first.output}", "method.banks=3", "train.lr=1e-12",
+                   "train.max_steps=1", preset="persona-ccm-merge")  # fmt: skip
+    result = train(warm, lm=tiny_model())
+    a, b = load_file(first.output), load_file(result.output)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    assert read_adapter(result.output).options["banks"] == 3
+
+
 def test_unified_preset_trains_on_the_mixture(tmp_path):
     config = _config(
         tmp_path, "init_from=null", "data.n_train=10", "data.mixture={dialogs: 0.6, persona: 0.2, icl: 0.2}",

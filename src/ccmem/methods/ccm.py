@@ -130,7 +130,7 @@ class CompTokens(ccm_seq2seq.EncoderMemory, LoRAOptions):
     trainable: ClassVar[bool] = True
     needs_adapter: ClassVar[bool] = True
     batchable: ClassVar[bool] = True
-    runtime_options: ClassVar[frozenset[str]] = frozenset({"lora_dropout", "max_chunk_tokens", "banks"})
+    runtime_options: ClassVar[frozenset[str]] = frozenset({"lora_dropout", "max_chunk_tokens"})
     update: ClassVar[str] = "concat"
 
     n_tok: int = option(4, "<COMP> tokens per compression step: the memory slots one step writes")
@@ -408,7 +408,7 @@ class CCMMerge(CCM):
         1,
         "groups of merged slots: step t (1, 2, ...) merges into group (t-1) mod banks, so memory is banks·n_tok "
         "slots and a step weighs 1/ceil(t/banks) in its group instead of 1/t (1: the paper's single running "
-        "average); the adapter's value by default, another may be tried at load",
+        "average); an adapter keeps the value it was trained with (a run may start from another's: init_from)",
     )
 
     def check_options(self) -> None:
