@@ -145,7 +145,8 @@ def test_every_preset_that_starts_from_a_shipped_adapter_can_start(smollm):
     from ccmem.train.trainer import init_state
 
     checked = []
-    for name, extra in [(p, []) for p in preset_names()] + [("unified-ccm-merge-learned", ["init_from=shipped"])]:
+    continuing = [(name, ["init_from=shipped"]) for name in ("unified-ccm-merge-learned", "unified-ccm-merge-banks")]
+    for name, extra in [(p, []) for p in preset_names()] + continuing:
         config = load_config(name, extra)
         if config.model != smollm.name or not (config.init_from or "").startswith("shipped"):
             continue
@@ -153,4 +154,4 @@ def test_every_preset_that_starts_from_a_shipped_adapter_can_start(smollm):
         method.module_for(smollm)
         init_state(method, smollm, config.init_from)  # raises ConfigError naming the option that does not fit
         checked.append(name)
-    assert {"unified-ccm-merge", "unified-ccm-merge-learned"} <= set(checked)
+    assert {"unified-ccm-merge", "unified-ccm-merge-learned", "unified-ccm-merge-banks"} <= set(checked)

@@ -148,6 +148,7 @@ LATER_FIELDS: dict[str, Any] = {
     "train.shuffle": True,
     "train.save_optimizer": True,
     "data.train_ratio": None,
+    "method.banks": 1,
 }
 
 
