@@ -185,15 +185,17 @@ def test_learned_merge_parallel_equals_recurrent(family, recurrent):
 @pytest.mark.parametrize("weighting", ["mean", "learned"])
 @pytest.mark.parametrize("banks", [2, 3])
 def test_banked_merge_parallel_equals_recurrent(family, weighting, banks):
-    """ccm-merge with banks: step t averaged into bank t mod banks only; the parallel plan (each reader sees the
-    last ``banks`` merged entries) equals recurrent folding (the oldest bank merged and moved to the end), with
+    """ccm-merge with banks: step t averaged into bank (t-1) mod banks only; the parallel plan (each reader sees
+    the last ``banks`` merged entries) equals recurrent folding (the oldest bank merged and moved to the end), with
     the mean and the learned weighting; memory is banks x n_tok slots once every bank has a step."""
     lm = tiny_model(family)
-    method = (
-        _learned_merge(lm, banks=banks) if weighting == "learned" else get_method("ccm-merge", n_tok=2, banks=banks)
-    )
-    randomize_lora(method, lm)
-    chunks = [[10 + t, 11 + t, 12 + t][: 2 + t % 2] for t in range(0, 70, 10)]  # 7 steps: every bank merges
+    if weighting == "learned":
+        method = _learned_merge(lm, banks=banks)  # LoRA and gate random
+    else:
+        method = get_method("ccm-merge", n_tok=2, banks=banks)
+        randomize_lora(method, lm)
+    # 7 steps of 2 or 3 tokens: every bank merges at least once
+    chunks = [[10 + t, 11 + t, 12 + t][: 2 + (t // 10) % 2] for t in range(0, 70, 10)]
     memory = assert_parallel_equals_recurrent(lm, method, chunks)
     assert memory.num_slots == len(SINK) + 2 * banks
 
