@@ -1017,7 +1017,7 @@ def stream(
             "--comp-slots",
             min=0,
             help="Most compressed slots of ccm-concat (a multiple of the adapter's n_tok; older slots are merged); "
-            "ccm-merge keeps n_tok and a longer window.",
+            "ccm-merge keeps the banks x n_tok slots its adapter was trained with and a window of the rest.",
         ),
     ] = 16,
     block: Annotated[

@@ -13,8 +13,10 @@ compressor (CCM), the tokens leaving the window are read once more, with the sin
 followed by ``n_tok`` <COMP> tokens, whose keys/values join the compressed segment as one *group*. When the
 groups pass ``C`` slots, the two oldest are merged into one (their average, weighted by the blocks each stands
 for: the oldest group becomes CCM-merge's running average of everything old; with a ``scorer``, a merge trained
-with ``weighting=learned``, by the softmax of its slots' scores instead). Slots that move to another index
-have their keys re-rotated (:func:`ccmem.rope.rotate_keys`).
+with ``weighting=learned``, by the softmax of its slots' scores instead). A layout with ``banks`` (CCM-merge's
+option: ``C = banks · n_tok``) merges as that method does instead: the new group goes into the oldest bank, and
+the blend moves last, so block t of the compressed stream lands in bank ``(t-1) mod banks``. Slots that move to
+another index have their keys re-rotated (:func:`ccmem.rope.rotate_keys`).
 
 A sparse method (``sentinel``, ``local``, ``scattered``) compresses a leaving block by reading it through its
 sparse mask and keeping the entries later tokens may still see: ``1 - r`` of the block, each re-rotated onto
@@ -64,7 +66,9 @@ class StreamLayout:
     block that leaves a ``window`` of recent tokens, read ``block`` tokens at a time. ``grow``: keep everything
     (``full``). ``drop_oldest``: a compressor writes any number of slots per block (``sentinel``, ``local``,
     ``scattered`` keep the entries their sparse attention still sees), and compressed slots past ``comp_slots``
-    leave oldest first, since slots of unrelated tokens cannot be averaged."""
+    leave oldest first, since slots of unrelated tokens cannot be averaged. ``banks`` (CCM-merge with that
+    option; 0 for the others): ``comp_slots`` is ``banks`` groups, and a new group past them merges into the
+    oldest, which then moves last (without it, the two oldest groups merge)."""
 
     sink: int
     window: int
@@ -73,6 +77,7 @@ class StreamLayout:
     n_tok: int = 0
     grow: bool = False
     drop_oldest: bool = False
+    banks: int = 0
 
     @property
     def compresses(self) -> bool:
@@ -91,6 +96,12 @@ class StreamLayout:
 
     def check(self, limit: int | None) -> None:
         """Raise :class:`StreamOptionError` naming the option that does not fit."""
+        if self.banks and self.window < 0:
+            raise StreamOptionError(
+                f"ccm-merge's {self.banks} banks of {self.n_tok} slots need {self.comp_slots} slots, more than the "
+                f"{self.comp_slots + self.window} that comp_slots and window give the other methods; raise window "
+                "or comp_slots"
+            )
         for name in ("sink", "window", "comp_slots"):
             if getattr(self, name) < 0:
                 raise StreamOptionError(f"{name} must not be negative (got {getattr(self, name)})")
@@ -100,6 +111,11 @@ class StreamLayout:
             raise StreamOptionError(
                 f"a sparse method keeps the entries of the blocks leaving its window in comp_slots slots: give "
                 f"comp_slots at least 1 (got {self.comp_slots})"
+            )
+        if self.banks and self.comp_slots != self.banks * self.n_tok:
+            raise StreamOptionError(
+                f"a merge with {self.banks} banks of {self.n_tok} slots keeps comp_slots={self.banks * self.n_tok} "
+                f"(got {self.comp_slots})"
             )
         if self.n_tok and (self.comp_slots < self.n_tok or self.comp_slots % self.n_tok):
             raise StreamOptionError(
@@ -125,20 +141,23 @@ DEFAULT_STREAM_METHODS = ("ccm-concat", "streaming-llm", "window", "full")
 COMPRESSING_METHODS = ("ccm-concat", "ccm-merge", *SPARSE_STREAM_METHODS)
 
 
-def layouts_at_same_memory(sink: int, window: int, comp_slots: int, block: int, n_tok: int) -> dict[str, StreamLayout]:
+def layouts_at_same_memory(
+    sink: int, window: int, comp_slots: int, block: int, n_tok: int, *, banks: int = 1
+) -> dict[str, StreamLayout]:
     """The layout of each stream method, all keeping ``sink + comp_slots + window`` slots between blocks.
 
-    ``ccm-concat`` keeps them as given; ``ccm-merge`` one group of ``n_tok`` slots and a window longer by the
-    rest; ``sentinel``, ``local`` and ``scattered`` them as given, their compressed slots a queue of the entries
-    their sparse attention keeps; ``streaming-llm`` the sink and a window of the rest; ``window`` a window of
-    them all; ``full`` all.
+    ``ccm-concat`` keeps them as given; ``ccm-merge`` its ``banks`` groups of ``n_tok`` slots (the memory its
+    adapter was trained with) and a window of the rest; ``sentinel``, ``local`` and ``scattered`` them as given,
+    their compressed slots a queue of the entries their sparse attention keeps; ``streaming-llm`` the sink and a
+    window of the rest; ``window`` a window of them all; ``full`` all.
     """
     total = sink + comp_slots + window
     sparse = StreamLayout(sink, window, comp_slots, block, drop_oldest=True)
+    merged = banks * n_tok
     return {
         **dict.fromkeys(SPARSE_STREAM_METHODS, sparse),
         "ccm-concat": StreamLayout(sink, window, comp_slots, block, n_tok),
-        "ccm-merge": StreamLayout(sink, total - sink - n_tok, n_tok, block, n_tok),
+        "ccm-merge": StreamLayout(sink, total - sink - merged, merged, block, n_tok, banks=banks),
         "streaming-llm": StreamLayout(sink, total - sink, 0, block),
         "window": StreamLayout(0, total, 0, block),
         "full": StreamLayout(0, 0, 0, block, grow=True),
@@ -262,30 +281,51 @@ class KVStream:
         if self.scorer is not None:
             self.log_weights.append(self.scorer(group))
         if _length(comp) > self.layout.comp_slots:
-            comp = self._merge_oldest(comp)
+            comp = self._merge_into_oldest_bank(comp) if self.layout.banks else self._merge_oldest(comp)
         return comp
 
     def _merge_oldest(self, comp: list[KV]) -> list[KV]:
         """The two oldest groups become their weighted average; the groups after them move ``n_tok`` slots back."""
         t = self.layout.n_tok
-        w0, w1 = self.weights[0], self.weights[1]
         older, newer = _slots(comp, 0, t), self._rotate(_slots(comp, t, 2 * t), -t)
+        blend = self._blend(older, newer, 0, 1)
+        return _cat([blend, self._rotate(_slots(comp, 2 * t, _length(comp)), -t)])
+
+    def _merge_into_oldest_bank(self, comp: list[KV]) -> list[KV]:
+        """The newest group (last) merges into the oldest bank (first); the blend takes the last bank's slots and
+        the banks after the oldest move ``n_tok`` slots back (CCM-merge's fold with banks)."""
+        t, n = self.layout.n_tok, _length(comp)
+        last = n - 2 * t  # the index the blend takes
+        older, newer = self._rotate(_slots(comp, 0, t), last), self._rotate(_slots(comp, n - t, n), -t)
+        blend = self._blend(older, newer, 0, len(self.weights) - 1)
+        # _blend left the blend's weights at index 0: move them last, with the blend
+        self.weights.append(self.weights.pop(0))
+        if self.scorer is not None:
+            self.log_weights.append(self.log_weights.pop(0))
+        return _cat([self._rotate(_slots(comp, t, n - t), -t), blend])
+
+    def _blend(self, older: list[KV], newer: list[KV], i: int, j: int) -> list[KV]:
+        """The weighted average of groups ``i`` and ``j`` (already on the same slots); their weights become one
+        entry at index ``i``."""
+        w0, w1 = self.weights[i], self.weights[j]
         if self.scorer is not None:  # a learned merge: each slot's softmax weights, per layer and head
-            l0, l1 = self.log_weights[:2]
+            l0, l1 = self.log_weights[i], self.log_weights[j]
             norm = torch.logaddexp(l0, l1)
-            self.log_weights[:2] = [norm]
+            del self.log_weights[j]
+            self.log_weights[i] = norm
             a, b = (l0 - norm).exp()[..., None], (l1 - norm).exp()[..., None]
             blend = [
-                (k0 * a[i].to(k0.dtype) + k1 * b[i].to(k0.dtype), v0 * a[i].to(v0.dtype) + v1 * b[i].to(v0.dtype))
-                for i, ((k0, v0), (k1, v1)) in enumerate(zip(older, newer, strict=True))
+                (k0 * a[x].to(k0.dtype) + k1 * b[x].to(k0.dtype), v0 * a[x].to(v0.dtype) + v1 * b[x].to(v0.dtype))
+                for x, ((k0, v0), (k1, v1)) in enumerate(zip(older, newer, strict=True))
             ]
         else:
             blend = [
                 ((k0 * w0 + k1 * w1) / (w0 + w1), (v0 * w0 + v1 * w1) / (w0 + w1))
                 for (k0, v0), (k1, v1) in zip(older, newer, strict=True)
             ]
-        self.weights[:2] = [w0 + w1]
-        return _cat([blend, self._rotate(_slots(comp, 2 * t, _length(comp)), -t)])
+        del self.weights[j]
+        self.weights[i] = w0 + w1
+        return blend
 
     def _rotate(self, layers: list[KV], delta: int) -> list[KV]:
         """Keys moved by ``delta`` positions (values carry none); one cos/sin table per distinct RoPE table."""

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from ccmem import cli
 from ccmem.data.text import TextSourceError
-from ccmem.eval.stream import StreamSettings, run_method, run_stream, score_stream, stream_text
+from ccmem.eval.stream import StreamSettings, check_layouts, run_method, run_stream, score_stream, stream_text
 from ccmem.memory import Memory
 from ccmem.methods.base import logits_for
 from ccmem.rope import RopeError, layer_frequencies, rotate_keys
@@ -123,6 +123,78 @@ def test_oldest_groups_merge_into_a_running_average():
     assert stream.memory.positions[0][0, 0].tolist() == [0, 1, 2, 3, -1, -1, 6, 7, *range(8, 16)]
     assert stream.memory.segment_lengths() == {"sink": 4, "compressed": 4, "window": 8}
     stream.memory.check(lm.kv_shape)  # a sound Memory: blends at -1, every other slot below next_position
+
+
+def read_blocks(stream: KVStream, n_tokens: int) -> None:
+    """Read ``n_tokens`` random tokens 4 at a time (past a sink of 4 and a window of 8, a group per block)."""
+    ids = torch.randint(3, VOCAB, (1, n_tokens), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        for a in range(0, n_tokens, 4):
+            stream.read(ids[:, a : a + 4])
+
+
+def test_a_banked_merge_folds_block_t_into_bank_t_minus_1_mod_banks():
+    """ccm-merge with banks=2: groups 1, 3, 5 average into one bank and 2, 4, 6 into the other (CCM-merge's
+    fold: the new group joins the oldest bank, which moves last), not the two oldest groups into one."""
+    lm = tiny_model("llama-gqa", positions=64)
+    stream = KVStream(lm, StreamLayout(4, 8, comp_slots=4, block=4, n_tok=2, banks=2), compressor=fake_compressor(2))
+    read_blocks(stream, 4 + 8 + 5 * 4)
+    values = stream.memory.layers[0][1][0, 0, 4:8, 0]  # after 5 groups: bank 2 holds 2, 4; bank 1 holds 1, 3, 5
+    assert values.tolist() == pytest.approx([3.0, 3.0, 3.0, 3.0])
+    read_blocks(stream, 4)  # one more group
+    values = stream.memory.layers[0][1][0, 0, 4:8, 0]
+    assert values.tolist() == pytest.approx([3.0, 3.0, 4.0, 4.0])  # banks (1, 3, 5) then (2, 4, 6)
+    assert stream.weights == [3, 3]
+    assert stream.memory.positions[0][0, 0, :8].tolist() == [0, 1, 2, 3, -1, -1, -1, -1]
+    assert stream.memory.segment_lengths() == {"sink": 4, "compressed": 4, "window": 8}
+    stream.memory.check(lm.kv_shape)
+
+
+def test_a_banked_learned_merge_blends_each_bank_by_its_scores():
+    """With a scorer each bank is the softmax blend of its own groups: (1+9+25)/9 and (4+16+36)/12."""
+    lm = tiny_model("llama-gqa", positions=64)
+
+    def scorer(group):
+        return torch.stack([v[..., 0].log() for _, v in group])
+
+    layout = StreamLayout(4, 8, comp_slots=4, block=4, n_tok=2, banks=2)
+    stream = KVStream(lm, layout, compressor=fake_compressor(2), scorer=scorer)
+    read_blocks(stream, 4 + 8 + 6 * 4)
+    values = stream.memory.layers[0][1][0, 0, 4:8, 0]
+    assert values.tolist() == pytest.approx([35 / 9, 35 / 9, 56 / 12, 56 / 12])
+
+
+def test_a_banked_merge_adapter_streams_with_its_banks(tmp_path):
+    """``ccmem stream`` lays out ccm-merge as its adapter was trained: banks x n_tok compressed slots and a
+    window of the rest of the memory every method gets; too many banks for that memory is refused by name."""
+    import ccmem
+    from ccmem.adapter import save_adapter
+    from tests.methods.test_contract import randomize_state
+
+    lm = tiny_model("llama-gqa", positions=64)
+    method = ccmem.get_method("ccm-merge", n_tok=2, banks=3)
+    randomize_state(method, lm, scale=0.05)
+    adapter = str(save_adapter(method, lm, tmp_path / "banks.safetensors"))
+    ids = torch.randint(3, VOCAB, (160,), generator=torch.Generator().manual_seed(2)).tolist()
+    settings = StreamSettings(
+        methods=["ccm-merge", "streaming-llm"], max_positions=0, sink=2, window=8, comp_slots=4, block=8
+    )
+    settings.adapters = {"ccm-merge": adapter}
+    row = run_method(lm, "ccm-merge", ids, settings, text="random")
+    assert (row.layout["banks"], row.layout["comp_slots"], row.layout["window"]) == (3, 6, 6)
+    assert row.memory_slots == run_method(lm, "streaming-llm", ids, settings, text="random").memory_slots == 14
+    assert row.tokens_read == 160 and math.isfinite(row.perplexity)
+    settings.window = 1
+    with pytest.raises(StreamOptionError, match="3 banks of 2 slots need 6 slots, more than the 5"):
+        check_layouts(lm, settings)  # before any method runs (what `ccmem stream` calls first)
+    with pytest.raises(StreamOptionError, match="3 banks of 2 slots need 6 slots, more than the 5"):
+        run_method(lm, "ccm-merge", ids, settings, text="random")
+    concat = ccmem.get_method("ccm-concat", n_tok=3)
+    randomize_state(concat, lm, scale=0.05)
+    settings.methods, settings.window = ["ccm-concat"], 8
+    settings.adapters = {"ccm-concat": str(save_adapter(concat, lm, tmp_path / "concat3.safetensors"))}
+    with pytest.raises(StreamOptionError, match="comp_slots=4 must be a positive multiple of the 3 slots"):
+        check_layouts(lm, settings)  # the adapter's n_tok, read from its file
 
 
 def test_memory_is_constant_over_a_stream_ten_times_the_model_positions():

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -28,7 +28,7 @@ from ccmem.fileio import atomic_path
 from ccmem.loading import LoadedModel
 from ccmem.memory import KV, Memory
 from ccmem.methods.base import Method, logits_for
-from ccmem.registry import get_method, method_names
+from ccmem.registry import get_method, method_class, method_names
 from ccmem.rope import layer_frequencies, rotate_keys
 from ccmem.stream import (
     COMPRESSING_METHODS,
@@ -177,10 +177,20 @@ def stream_adapter(lm: LoadedModel, name: str) -> str | None:
     return str(path) if path is not None else None
 
 
-def ccm_compressor(lm: LoadedModel, name: str, adapter: str | None) -> tuple[Compressor, int, str, Scorer | None]:
+class CCMCompressor(NamedTuple):
+    """What a stream needs of a CCM method with its adapter."""
+
+    compress: Compressor
+    n_tok: int  # slots one compressed block writes
+    banks: int  # ccm-merge's groups of merged slots (1 for the others)
+    adapter: str  # the adapter's hash
+    scorer: Scorer | None  # how merged groups weigh their slots (None: by the blocks they stand for)
+
+
+def ccm_compressor(lm: LoadedModel, name: str, adapter: str | None) -> CCMCompressor:
     """The compression step of CCM ``name`` with its adapter (default: the shipped streaming adapter, else the
-    shipped chat one): the compressor, its ``n_tok``, the adapter's hash, and how merged groups weigh their slots
-    (a merge trained with learned weighting: its gate's scores; otherwise ``None``, by the blocks they stand for)."""
+    shipped chat one), with the layout that adapter was trained for (``n_tok``, ``banks``) and, for a merge
+    trained with learned weighting, its gate's scores."""
     from ccmem.api import load
 
     session = load(lm, method=name, adapter=adapter or stream_adapter(lm, name), system_prompt=None)
@@ -191,7 +201,8 @@ def ccm_compressor(lm: LoadedModel, name: str, adapter: str | None) -> tuple[Com
             return list(method.compress_step(lm, seen, ids, start))
 
     scorer: Scorer | None = method.step_scores if method.scaled_gate() is not None else None
-    return compress, int(method.n_tok), str(method.adapter_hash), scorer
+    banks = int(getattr(method, "banks", 1))  # only ccm-merge has the option
+    return CCMCompressor(compress, int(method.n_tok), banks, str(method.adapter_hash), scorer)
 
 
 def sparse_compressor(
@@ -269,14 +280,17 @@ def run_method(
     limit = context_limit(lm, settings)
     compressor: Compressor | None = None
     scorer: Scorer | None = None
-    n_tok, adapter = 0, "-"
+    n_tok, banks, adapter = 0, 1, "-"
     reader: contextlib.AbstractContextManager[None] = contextlib.nullcontext()  # attaches a sparse method's LoRA
     if name.startswith("ccm-"):
-        compressor, n_tok, adapter, scorer = ccm_compressor(lm, name, settings.adapters.get(name))
+        compressor, n_tok, banks, adapter, scorer = ccm_compressor(lm, name, settings.adapters.get(name))
     elif name in SPARSE_STREAM_METHODS:
         compressor, method = sparse_compressor(lm, name, settings.adapters.get(name), settings.options)
         adapter, reader = method.adapter_hash, method.attached(lm, reading=True)
-    layout = layouts_at_same_memory(settings.sink, settings.window, settings.comp_slots, settings.block, n_tok)[name]
+    layouts = layouts_at_same_memory(
+        settings.sink, settings.window, settings.comp_slots, settings.block, n_tok, banks=banks
+    )
+    layout = layouts[name]
     stream = KVStream(lm, layout, compressor=compressor, scorer=scorer, limit=limit)
     tensor = torch.tensor([ids], dtype=torch.long, device=lm.device)
     bucket = settings.bucket_tokens or limit
@@ -352,12 +366,29 @@ def context_limit(lm: LoadedModel, settings: StreamSettings) -> int:
     return settings.max_positions
 
 
-def check_layouts(lm: LoadedModel, settings: StreamSettings, n_tok: int = 4) -> None:
-    """Refuse settings whose layouts do not fit the context limit, before any work (names the option)."""
+def trained_layout(lm: LoadedModel, name: str, adapter: str | None) -> tuple[int, int]:
+    """``(n_tok, banks)`` of the adapter CCM ``name`` would stream with (read from the file, no model work), or
+    the method's defaults where no adapter ships."""
+    from ccmem.adapter import read_adapter, shipped_adapter, trained_options
+
+    path = adapter or stream_adapter(lm, name) or shipped_adapter(lm.name, name)
+    cls = method_class(name)
+    options = trained_options(read_adapter(path), cls) if path else {s.name: s.default for s in cls.option_specs()}
+    return int(options["n_tok"]), int(options.get("banks", 1))
+
+
+def check_layouts(lm: LoadedModel, settings: StreamSettings) -> None:
+    """Refuse settings whose layouts do not fit the context limit or the adapters, before any work (names the
+    option)."""
     settings.check()
     limit = context_limit(lm, settings)
-    layouts = layouts_at_same_memory(settings.sink, settings.window, settings.comp_slots, settings.block, n_tok)
     for name in settings.methods:
+        n_tok, banks = 4, 1
+        if name.startswith("ccm-"):
+            n_tok, banks = trained_layout(lm, name, settings.adapters.get(name))
+        layouts = layouts_at_same_memory(
+            settings.sink, settings.window, settings.comp_slots, settings.block, n_tok, banks=banks
+        )
         layouts[name].check(limit)
 
 
