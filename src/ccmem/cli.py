@@ -847,7 +847,8 @@ def compare(
         typer.Option(
             "--tasks",
             help="persona (facts in a chat, accuracy), icl (in-context classification, accuracy), "
-            "text (Shakespeare continuation, perplexity), dialogs-5 / dialogs-10 / dialogs-15 / dialogs-20 (varied "
+            "text (Shakespeare continuation, perplexity), text-long (the same with ~1,550 tokens of context in "
+            "~260-token chunks and ~510 scored), dialogs-5 / dialogs-10 / dialogs-15 / dialogs-20 (varied "
             "fact dialogs of that many turns with held-out wordings and fact kinds, accuracy, by distance too), "
             "passages (QA over Wikipedia passages shared in a chat, accuracy), passages-news (the same over news "
             "articles).",

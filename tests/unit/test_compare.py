@@ -162,3 +162,18 @@ def test_a_stage1_grid_keeps_its_rows_apart_from_the_plain_models(tmp_path, monk
     args = ["--methods", "full", "--tasks", "persona", "--n", "1", "--no-decode", "--out-dir", str(tmp_path / "x")]
     code, text = run_cli(monkeypatch, capsys, "compare", "--stage1", str(tmp_path / "nothing"), *args)
     assert code != 0 and "no stage-1 LoRA at" in " ".join(text.split())
+
+
+def test_the_long_text_task_is_the_issue_prose_setting_and_keeps_the_short_one_rows():
+    """text-long compresses ~5,000 characters in ~850-character chunks (~1,550 and ~260 tokens on SmolLM2) and
+    scores ~1,700 more; the short text task's settings (and so its cached rows) are unchanged by the new field."""
+    long_task, short_task = compare_module.TASKS["text-long"], compare_module.TASKS["text"]
+    examples = compare_module.task_examples(long_task, 3)
+    for ex in examples:
+        assert len(ex.context) in (5, 6, 7) and all(len(seg) <= 850 + 200 for seg in ex.context[:-1])
+        assert 4_900 <= sum(map(len, ex.context)) <= 5_000 and 1_500 <= len(ex.answer) <= 1_700
+    settings = CompareSettings(methods=["full"], tasks=["text", "text-long"])
+    short = settings.eval_settings(short_task, "m").data
+    assert "segment_chars" not in short and settings.eval_settings(long_task, "m").data["segment_chars"] == 850
+    fingerprints = {settings.eval_settings(t, "m").fingerprint("text", 3) for t in (short_task, long_task)}
+    assert len(fingerprints) == 2  # rows of the two settings never mix

@@ -52,6 +52,7 @@ class Task:
     seed: int = 0
     context_chars: int = 0  # text tasks: characters of context, and of the continuation scored
     answer_chars: int = 0
+    segment_chars: int = 500  # text tasks: characters per compressed segment (one add each)
     turns: int = 0  # dialogs: turns per test dialog
     source: str = "wiki"  # passages: the text asked about (wiki, news or both; ccmem.data.news)
 
@@ -67,6 +68,16 @@ TASKS: dict[str, Task] = {
         "perplexity",
         context_chars=1200,
         answer_chars=300,
+    ),
+    # the prose setting: ~1,550 tokens compressed in ~260-token chunks, then the perplexity of ~510 more
+    "text-long": Task(
+        "text-long",
+        "continuation perplexity: Shakespeare, 5,000 characters of context in 850-character chunks, 1,700 scored",
+        "text",
+        "perplexity",
+        context_chars=5000,
+        answer_chars=1700,
+        segment_chars=850,
     ),
 }
 for _turns in (5, 10, 15, 20):  # 15: the "15-exchange dialogs"
@@ -135,6 +146,8 @@ class CompareSettings:
                 "chars": [task.context_chars, task.answer_chars]}  # fmt: skip
         if task.source != "wiki":  # the tasks that predate sources keep their config hash
             data["source"] = task.source
+        if task.segment_chars != Task.segment_chars:  # likewise the text task that predates segment sizes
+            data["segment_chars"] = task.segment_chars
         return EvalSettings(system=self.system, method_options=dict(self.options), data=data, model=model)
 
 
@@ -176,7 +189,12 @@ def task_examples(task: Task, n: int) -> list[Any]:
         from ccmem.data import text
 
         return text.examples(
-            n, "test", seed=task.seed, context_chars=task.context_chars, answer_chars=task.answer_chars
+            n,
+            "test",
+            seed=task.seed,
+            context_chars=task.context_chars,
+            answer_chars=task.answer_chars,
+            segment_chars=task.segment_chars,
         )
     config = DataConfig(
         dataset=task.dataset,
