@@ -19,7 +19,8 @@ Memory after step t, ``Mem(t)``:
   concat: all of C1..Ct;  merge: the running average ``(1-1/t)·Mem(t-1) + (1/t)·Ct`` slot by slot (with
   ``banks=B``: B running averages, step t going into bank ``(t-1) mod B``).
 Recurrent: chunk t and Ct see ``Mem(t-1)``; non-recurrent: they see only their own chunk (and the sink).
-The tail always sees ``Mem(k)``.
+The tail always sees ``Mem(k)``, and with ``recent=R`` also the last R raw tokens of chunk k (a window of recent
+text kept beside the compressed memory; no chunk sees an earlier chunk's raw tokens).
 
 Merge needs keys that no token owns (averages of <COMP> keys). The plan therefore has ``M`` extra key
 columns after the ``L`` real ones: column ``L+m`` holds the merged key/value of the m-th <COMP> position,
@@ -145,6 +146,7 @@ def build_plan(
     position_offset: int = 0,
     bidirectional: bool = False,
     banks: int = 1,
+    recent: int = 0,
 ) -> MaskPlan:
     """Build the attention plan of one parallel CCM sequence.
 
@@ -171,6 +173,9 @@ def build_plan(
     merged entries of the last B steps, the latest state of every bank (``M1 = C1, M2 = C2, M3 = (C1 + C3) / 2``
     for B = 2).
 
+    With ``recent=R`` the tail also reads the last R tokens of the last chunk raw (R = 1 above: the tail's rows
+    get an ``x`` under the second ``c2``); the chunks and their <COMP> read as without it.
+
     Non-recurrent (``recurrent=False``): chunks and their <COMP> see only themselves and the sink.
     Position ids are the sequence index (plus ``position_offset``), the same ids recurrent inference uses.
 
@@ -190,6 +195,8 @@ def build_plan(
         raise ValueError(f"update must be 'concat' or 'merge', got {update!r}")
     if banks < 1:
         raise ValueError(f"banks must be at least 1, got {banks}")
+    if recent < 0 or (recent and bidirectional):
+        raise ValueError(f"recent must be non-negative, and 0 in an encoder's plan (got {recent})")
     lay = layout(chunk_lengths, n_tok, tail_length, sink_length)
     merge = update == "merge"
     q_role, k_role = lay.role[:, None], lay.role[None, :]
@@ -200,6 +207,12 @@ def build_plan(
     else:
         causal = torch.ones(length, length, dtype=torch.bool).tril()
     allowed = _visible(q_role, q_step, k_role, k_step, merge, recurrent) & causal
+    if recent and chunk_lengths:
+        last = len(chunk_lengths)
+        end = sink_length + sum(chunk_lengths) + n_tok * (last - 1)  # one past chunk k's last token
+        raw = torch.zeros(length, dtype=torch.bool)
+        raw[max(end - recent, end - chunk_lengths[-1]) : end] = True
+        allowed |= (lay.role == Role.TAIL)[:, None] & raw[None, :]
 
     comp = lay.role == Role.COMP
     comp_pos = comp.nonzero().flatten()
@@ -244,6 +257,7 @@ def reference_allowed(
     recurrent: bool = True,
     bidirectional: bool = False,
     banks: int = 1,
+    recent: int = 0,
 ) -> list[list[bool]]:
     """Slow, literal version of ``build_plan(...).allowed``: what each token may read, spelled out.
 
@@ -269,6 +283,9 @@ def reference_allowed(
                 row[k] = True  # own chunk, own <COMP> so far, or own tail
             elif roles[k] == Role.COMP and steps[k] < steps[q] and not merge and (recurrent or roles[q] == Role.TAIL):
                 row[k] = True  # concat memory: every older <COMP>
+            elif roles[q] == Role.TAIL and roles[k] == Role.CHUNK and steps[k] == len(chunk_lengths):
+                after = sum(1 for j in range(k + 1, length) if roles[j] == Role.CHUNK and steps[j] == steps[k])
+                row[k] = after < recent  # the raw window: the last chunk's last `recent` tokens
         if merge and roles[q] != Role.SINK and (recurrent or roles[q] == Role.TAIL):
             for m, pos in enumerate(comp_positions):
                 if steps[q] - banks <= steps[pos] <= steps[q] - 1:

@@ -156,6 +156,14 @@ class Memory(SlotCounts):
         layers = [(k.index_select(-2, index), v.index_select(-2, index)) for k, v in self.layers]
         return layers, [p.index_select(-1, index) for p in self.positions]
 
+    def without_window(self) -> Memory:
+        """This memory without its trailing window of raw slots (positions, method state and identity kept)."""
+        if not self.window:
+            return self
+        n = self.num_slots - self.window
+        layers = [(k[..., :n, :], v[..., :n, :]) for k, v in self.layers]
+        return self.with_layers(layers, [p[..., :n] for p in self.positions], window=0)
+
     def prefix(self, n: int) -> Memory:
         """The first ``n`` slots of every layer (e.g. only the sink); the window is dropped."""
         layers, positions = self.select(torch.arange(n, device=self.device))

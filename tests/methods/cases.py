@@ -32,6 +32,9 @@ CASES = [
     Case("ccm-merge", {"n_tok": 3}, growth=(3, 3, 3)),  # constant as turns grow
     Case("ccm-merge", {"n_tok": 3, "weighting": "learned"}, growth=(3, 3, 3)),  # steps weighed by a learned gate
     Case("ccm-merge", {"n_tok": 2, "banks": 2}, growth=(2, 4, 4)),  # two banks of 2 slots, then constant
+    # the latest chunk's last 3 (4) raw tokens beside the compressed slots: 2+3, 4+3, 6+3 and 2+4, 4+4, 4+3
+    Case("ccm-concat", {"n_tok": 2, "recent": 3}, growth=(5, 7, 9)),
+    Case("ccm-merge", {"n_tok": 2, "banks": 2, "recent": 4}, growth=(6, 8, 7)),
     # Context is compressed as by ccm-concat; its own policies act while it generates (tests/methods/test_reasoning.py).
     Case("ccm-reason", {"n_tok": 3, "policy": "interval", "interval": 2}, growth=(3, 6, 9)),
     Case("gist", {"n_tok": 3}, growth=(3, 3, 3)),

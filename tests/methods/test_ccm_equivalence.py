@@ -26,7 +26,8 @@ def _recurrent_logits(lm, method, chunks, tail, sink):
     memory = method.add_sink(lm, method.new_memory(lm), torch.tensor([sink]))
     chunk_logits = []
     for chunk in chunks:
-        seen = memory if getattr(method, "recurrent", True) else memory.prefix(memory.sink)
+        # a chunk is compressed without the previous chunk's raw tokens (``recent``): only the tail reads them
+        seen = memory.without_window() if getattr(method, "recurrent", True) else memory.prefix(memory.sink)
         out = lm.model(
             input_ids=torch.tensor([chunk]),
             cache=seen.to_cache(),
@@ -198,6 +199,72 @@ def test_banked_merge_parallel_equals_recurrent(family, weighting, banks):
     chunks = [[10 + t, 11 + t, 12 + t][: 2 + (t // 10) % 2] for t in range(0, 70, 10)]
     memory = assert_parallel_equals_recurrent(lm, method, chunks)
     assert memory.num_slots == len(SINK) + 2 * banks
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "gpt-neox", "qwen2"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"name": "ccm-concat", "recent": 2},
+        {"name": "ccm-concat", "recent": 9, "recurrent": False},  # more than the last chunk holds: all of it
+        {"name": "ccm-merge", "recent": 3},
+        {"name": "ccm-merge", "recent": 3, "banks": 2},
+    ],
+)
+def test_recent_raw_tokens_parallel_equal_recurrent(family, options):
+    """``recent``: the tail also reads the last chunk's last tokens raw; the masked forward (only the tail sees
+    them) equals compressing chunk by chunk (each add drops the previous chunk's raw tokens), and memory holds
+    the compressed slots plus at most ``recent`` raw ones, as its window."""
+    lm = tiny_model(family)
+    options = dict(options)  # the parameter is shared by every family
+    name = options.pop("name")
+    method = get_method(name, n_tok=2, **options)
+    randomize_lora(method, lm)
+    memory = assert_parallel_equals_recurrent(lm, method)
+    raw = min(options["recent"], len(CHUNKS[-1]))
+    compressed = 2 * len(CHUNKS) if name == "ccm-concat" else 2 * options.get("banks", 1)
+    assert memory.segment_lengths() == {"sink": len(SINK), "compressed": compressed, "window": raw}
+    comp_start = memory.next_position - 2  # the last chunk's <COMP> tokens; its raw tokens come right before them
+    assert memory.positions[0][0, 0, -raw:].tolist() == list(range(comp_start - raw, comp_start))
+
+
+def test_raw_tokens_change_what_the_tail_reads_and_not_the_compressed_slots():
+    """Not vacuous, and a memory's window is its own: the tail's logits move with ``recent``, while a memory made
+    with ``recent=3`` continued by ``recent=0`` (a runtime option: the same adapter, the same memory identity)
+    drops its raw tokens and holds exactly the compressed slots a ``recent=0`` session would."""
+    lm = tiny_model("llama-gqa")
+    kept = get_method("ccm-concat", n_tok=2, recent=3)
+    randomize_lora(kept, lm)
+    plain = get_method("ccm-concat", n_tok=2)
+    plain.state(lm).load_state_dict(kept.state(lm).state_dict())
+    assert kept.memory_meta(lm) == plain.memory_meta(lm)
+    with torch.no_grad():
+        tails = [recurrent_logits(lm, m, CHUNKS, TAIL, SINK)[1] for m in (kept, plain)]
+        assert (tails[0] - tails[1]).abs().max() > 1e-3
+        with kept.attached(lm):
+            memory = kept.add_sink(lm, kept.new_memory(lm), torch.tensor([SINK]))
+            memory = kept.add(lm, memory, torch.tensor([CHUNKS[0]]))
+        assert memory.window == 3
+        with plain.attached(lm):
+            continued = plain.add(lm, memory, torch.tensor([CHUNKS[1]]))
+            fresh = plain.add_sink(lm, plain.new_memory(lm), torch.tensor([SINK]))
+            for chunk in CHUNKS[:2]:
+                fresh = plain.add(lm, fresh, torch.tensor([chunk]))
+    assert continued.window == 0 and continued.num_slots == fresh.num_slots == len(SINK) + 4
+    for (k1, v1), (k2, v2) in zip(continued.layers, fresh.layers, strict=True):
+        torch.testing.assert_close(k1, k2, atol=1e-5, rtol=0)
+        torch.testing.assert_close(v1, v2, atol=1e-5, rtol=0)
+
+
+def test_recent_is_refused_where_it_cannot_hold():
+    """Sliding-window models (the raw tokens' order in the cache is not the masked forward's) and ccm-reason."""
+    method, lm = get_method("ccm-concat", recent=2), tiny_model("mistral-window")
+    with pytest.raises(ValueError, match="sliding-window layers: use recent=0"):
+        method.check_model(lm)
+    with pytest.raises(ValueError, match="keep_last, not recent"):
+        get_method("ccm-reason", recent=2)
+    with pytest.raises(ValueError, match="recent must be 0 or more"):
+        get_method("ccm-merge", recent=-1)
 
 
 def test_banked_merge_differs_from_one_running_mean():

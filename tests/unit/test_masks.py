@@ -21,12 +21,31 @@ chunk_lists = st.lists(st.integers(min_value=0, max_value=5), min_size=0, max_si
     update=st.sampled_from(["concat", "merge"]),
     recurrent=st.booleans(),
     banks=st.integers(1, 3),
+    recent=st.integers(0, 6),
 )
-def test_build_plan_matches_reference_loop(chunks, n_tok, tail, sink, update, recurrent, banks):
+def test_build_plan_matches_reference_loop(chunks, n_tok, tail, sink, update, recurrent, banks, recent):
     banks = banks if update == "merge" else 1
-    plan = build_plan(chunks, n_tok, tail, sink_length=sink, update=update, recurrent=recurrent, banks=banks)
-    expected = reference_allowed(chunks, n_tok, tail, sink_length=sink, update=update, recurrent=recurrent, banks=banks)
-    assert plan.allowed.tolist() == expected
+    kw = dict(sink_length=sink, update=update, recurrent=recurrent, banks=banks, recent=recent)
+    plan = build_plan(chunks, n_tok, tail, **kw)
+    assert plan.allowed.tolist() == reference_allowed(chunks, n_tok, tail, **kw)
+
+
+def test_recent_lets_only_the_tail_read_the_last_chunk_raw():
+    """The docstring's concat picture with recent=1: the tail rows gain the second c2, nothing else changes."""
+    plan = build_plan([2, 2], 1, 2, update="concat", recent=1)
+    picture = [
+        "x.......",
+        "xx......",
+        "xxx.....",
+        "..xx....",
+        "..xxx...",
+        "..xxxx..",
+        "..x.xxx.",
+        "..x.xxxx",
+    ]
+    assert ["".join("x" if v else "." for v in row) for row in plan.allowed.tolist()] == picture
+    wide = build_plan([2, 2], 1, 2, update="concat", recent=5).allowed  # at most the whole last chunk
+    assert wide[6].tolist() == [False, False, True, True, True, True, True, False]
 
 
 def test_concat_picture_from_docstring():

@@ -40,6 +40,21 @@ from ccmem.registry import register
 MERGE_WEIGHTINGS = ("mean", "learned")
 
 
+def _split_read(layers: list[KV], n_tok: int, raw: int) -> tuple[list[KV], list[KV]]:
+    """The last ``n_tok`` slots of a read (the <COMP> tokens'), and the ``raw`` slots before them."""
+    comp = [(k[..., -n_tok:, :], v[..., -n_tok:, :]) for k, v in layers]
+    kept = [(k[..., -n_tok - raw : -n_tok, :], v[..., -n_tok - raw : -n_tok, :]) for k, v in layers] if raw else []
+    return comp, kept
+
+
+def _sliding_window(lm: LoadedModel) -> bool:
+    """Whether some attention layer of the model only sees a sliding window (Mistral, Gemma 3, ...)."""
+    config = getattr(lm.model.config, "text_config", lm.model.config)
+    if getattr(config, "use_sliding_window", True) is False:
+        return False
+    return getattr(config, "sliding_window", None) is not None
+
+
 class CompState(nn.Module):
     """The trainable state of a <COMP>-token method: ``comp`` embeddings and the conditional ``lora`` (and, for
     CCM-merge with ``weighting=learned``, the ``merge_gate`` that scores each step's <COMP> values)."""
@@ -74,6 +89,7 @@ def lay_out(
     recurrent: bool,
     bidirectional: bool = False,
     banks: int = 1,
+    recent: int = 0,
 ) -> ParallelBatch:
     """Lay out each sample as ``[sink][c1][C]...[ck][C][tail]`` and build the batched attention plan
     (``bidirectional``: an encoder's plan, see :func:`ccmem.masks.build_plan`)."""
@@ -88,6 +104,7 @@ def lay_out(
             recurrent=recurrent,
             bidirectional=bidirectional,
             banks=banks,
+            recent=recent,
         )
         row = list(s.sink)
         labelled: list[int] = []  # positions of chunk tokens that are trained on (a reasoning trace's segments)
@@ -212,17 +229,32 @@ class CompTokens(ccm_seq2seq.EncoderMemory, LoRAOptions):
 
     def compress_step(self, lm: LoadedModel, seen: Memory, ids: torch.Tensor, start: int) -> list[KV]:
         """Keys/values of the <COMP> tokens after reading chunk ``ids`` (from position ``start``) with ``seen``."""
+        return self.read_chunk(lm, seen, ids, start)[0]
+
+    def read_chunk(
+        self, lm: LoadedModel, seen: Memory, ids: torch.Tensor, start: int, raw: int = 0
+    ) -> tuple[list[KV], list[KV]]:
+        """:meth:`compress_step`'s <COMP> keys/values, and those of the chunk's last ``raw`` tokens."""
         cache = seen.to_cache()
         embeds, comp = self._comp_inputs(lm, ids)
         run_decoder(lm, None, cache, start, inputs_embeds=embeds, **{GATE_KWARG: comp})
-        return [(k[..., -self.n_tok :, :], v[..., -self.n_tok :, :]) for k, v in Memory.layers_of(cache)]
+        return _split_read(Memory.layers_of(cache), self.n_tok, min(raw, ids.shape[-1]))
 
     def compress_batch(self, lm: LoadedModel, seen: list[Memory], ids: list[torch.Tensor]) -> list[list[KV]]:
         """:meth:`compress_step` for several chunks, each read with its own memory, in one padded forward
         (each memory's ``next_position`` is where its chunk starts)."""
+        return [comp for comp, _ in self.read_chunks(lm, seen, ids)]
+
+    def read_chunks(
+        self, lm: LoadedModel, seen: list[Memory], ids: list[torch.Tensor], raw: int = 0
+    ) -> list[tuple[list[KV], list[KV]]]:
+        """:meth:`read_chunk` for several chunks in one padded forward, as :meth:`compress_batch`."""
         inputs = [self._comp_inputs(lm, chunk)[0] for chunk in ids]
         read = read_batch(lm, seen, inputs, embeds=True, gate_last=self.n_tok)
-        return [[(k[..., -self.n_tok :, :], v[..., -self.n_tok :, :]) for k, v in layers] for layers in read.layers]
+        return [
+            _split_read(layers, self.n_tok, min(raw, chunk.shape[-1]))
+            for layers, chunk in zip(read.layers, ids, strict=True)
+        ]
 
     def comp_positions(self, comp: list[KV], start: int) -> list[torch.Tensor]:
         return [positions_for(start, self.n_tok, k) for k, _ in comp]
@@ -293,16 +325,34 @@ class CCM(CompTokens):
     paper: ClassVar[str] = "Kim et al., Compressed Context Memory for Online Language Model Interaction, ICLR 2024"
     #: On T5-family models the <COMP> tokens go into the encoder (:mod:`ccmem.methods.ccm_seq2seq`).
     encoder_decoder: ClassVar[bool] = True
+    #: ``recent`` changes what is kept beside the compressed slots, not what the weights mean.
+    runtime_options: ClassVar[frozenset[str]] = CompTokens.runtime_options | {"recent"}
 
     recurrent: bool = option(
         True, "compress each chunk with the memory so far (False: each chunk alone, as for ICL demonstrations)"
     )
     max_chunk_tokens: int = option(512, "longest chunk compressed in one step; longer context is split")
+    recent: int = option(
+        0,
+        "keys/values of the latest chunk's last `recent` tokens kept raw beside the compressed memory (a window "
+        "of recent text that the next chunk replaces; memory grows by at most this many slots; 0: none)",
+    )
 
     def check_options(self) -> None:
         super().check_options()
         if self.max_chunk_tokens < 1:
             raise ValueError(f"max_chunk_tokens must be at least 1 (got {self.max_chunk_tokens})")
+        if self.recent < 0:
+            raise ValueError(f"recent must be 0 or more tokens (got {self.recent})")
+
+    def check_model(self, lm: LoadedModel) -> None:
+        super().check_model(lm)
+        if self.recent and (lm.is_encoder_decoder or _sliding_window(lm)):
+            raise ValueError(
+                f"{self.name} recent={self.recent} keeps raw tokens beside the memory of decoder-only models with "
+                f"full attention; {lm.name} has {'an encoder' if lm.is_encoder_decoder else 'sliding-window layers'}"
+                ": use recent=0"
+            )
 
     def _chunks(self, ids: torch.Tensor) -> list[torch.Tensor]:
         return [ids[:, i : i + self.max_chunk_tokens] for i in range(0, ids.shape[1], self.max_chunk_tokens)]
@@ -316,11 +366,23 @@ class CCM(CompTokens):
         return memory
 
     def add_chunk(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
-        """One compression step: chunk ``ids`` and its <COMP> tokens, the <COMP> keys/values kept."""
+        """One compression step: chunk ``ids`` and its <COMP> tokens, the <COMP> keys/values kept (and, with
+        ``recent``, the chunk's last raw tokens in place of the previous chunk's)."""
         if lm.is_encoder_decoder:
             return ccm_seq2seq.add_chunk(self, lm, memory, ids)
+        memory = memory.without_window()  # the last chunk's raw tokens: already compressed into its <COMP>
         seen = memory if self.recurrent else memory.prefix(memory.sink)
-        return self.fold(memory, self.compress_step(lm, seen, ids, memory.next_position), ids.shape[-1])
+        comp, raw = self.read_chunk(lm, seen, ids, memory.next_position, self.recent)
+        return self._keep_raw(self.fold(memory, comp, ids.shape[-1]), raw, memory.next_position + ids.shape[-1])
+
+    def _keep_raw(self, memory: Memory, raw: list[KV], end: int) -> Memory:
+        """``memory`` with ``raw`` (the keys/values of the tokens just before position ``end``) as its window."""
+        n = int(raw[0][0].shape[-2]) if raw else 0
+        if not n:
+            return memory
+        layers = concat_layers([memory.layers, raw])
+        positions = concat_positions([memory.positions, [positions_for(end - n, n, k) for k, _ in raw]])
+        return memory.with_layers(layers, positions, window=n)
 
     def fold(self, memory: Memory, comp: list[KV], n_chunk: int) -> Memory:
         """``memory`` updated with the <COMP> keys/values of a chunk of ``n_chunk`` tokens (concat: appended)."""
@@ -337,10 +399,13 @@ class CCM(CompTokens):
         out = list(memories)
         for t in range(max(len(c) for c in chunks)):
             rows = [b for b, c in enumerate(chunks) if t < len(c)]
+            for b in rows:
+                out[b] = out[b].without_window()
             seen = [out[b] if self.recurrent else out[b].prefix(out[b].sink) for b in rows]
-            comps = self.compress_batch(lm, seen, [chunks[b][t] for b in rows])
-            for b, comp in zip(rows, comps, strict=True):
-                out[b] = self.fold(out[b], comp, chunks[b][t].shape[-1])
+            reads = self.read_chunks(lm, seen, [chunks[b][t] for b in rows], self.recent)
+            for b, (comp, raw) in zip(rows, reads, strict=True):
+                n = chunks[b][t].shape[-1]
+                out[b] = self._keep_raw(self.fold(out[b], comp, n), raw, out[b].next_position + n)
         return out
 
     def lay_out(self, samples: list[Sample], pad_id: int, *, bidirectional: bool = False) -> ParallelBatch:
@@ -352,6 +417,7 @@ class CCM(CompTokens):
             recurrent=self.recurrent,
             bidirectional=bidirectional,
             banks=getattr(self, "banks", 1),  # ccm-merge's option
+            recent=self.recent,
         )
 
     def recurrent_loss(self, lm: LoadedModel, sample: Sample) -> torch.Tensor:

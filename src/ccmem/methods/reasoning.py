@@ -102,6 +102,11 @@ class CCMReasoning(CCMConcat):
             raise ValueError(f"threshold must be in (0, 1) (a probability), got {self.threshold}")
         if self.interval < 1 or self.min_segment < 1:
             raise ValueError(f"interval and min_segment must be at least 1, got {self.interval}, {self.min_segment}")
+        if self.recent:
+            raise ValueError(
+                f"ccm-reason keeps a step's raw tokens with keep_last, not recent (got recent={self.recent}); "
+                "use keep_last"
+            )
         if self.keep_last < 0:
             raise ValueError(f"keep_last must not be negative (raw tokens kept per step), got {self.keep_last}")
 

@@ -149,6 +149,7 @@ LATER_FIELDS: dict[str, Any] = {
     "train.save_optimizer": True,
     "data.train_ratio": None,
     "method.banks": 1,
+    "method.recent": 0,
 }
 
 
