@@ -123,6 +123,22 @@ def _options(n_tok: int | None, recurrent: bool | None, pairs: list[str] | None)
     return options
 
 
+def _scoped_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """``-O`` options split into those for every method and those scoped to one (``-O METHOD:KEY=VALUE``, a
+    method or a variant such as ``ccm-concat@w150``)."""
+    shared: dict[str, Any] = {}
+    scoped: dict[str, dict[str, Any]] = {}
+    for key, value in options.items():
+        name, sep, option = key.rpartition(":")
+        if sep and not (name and option):
+            raise OptionError(f"-O {key}=... must look like METHOD:KEY=VALUE, e.g. -O ccm-concat@w150:recent=150")
+        if sep:
+            scoped.setdefault(name, {})[option] = value
+        else:
+            shared[key] = value
+    return shared, scoped
+
+
 def _method_list(methods: str | None, model: str, kinds: tuple[str, ...] = ("baseline", "learned")) -> list[str]:
     """The methods named on the command line, or the registry's default for the model."""
     from ccmem.adapter import default_methods
@@ -867,7 +883,16 @@ def compare(
             "ccm-concat@persona=old.safetensors) run beside the others. Repeatable.",
         ),
     ] = None,
-    option: OptionsOpt = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--option",
+            "-O",
+            help="KEY=VALUE method option, to every method that has it (e.g. -O ratio=0.25); METHOD:KEY=VALUE to "
+            "one method only, and METHOD@LABEL:KEY=VALUE adds a variant with it run beside the method (e.g. -O "
+            "ccm-concat@w150:recent=150). Repeatable.",
+        ),
+    ] = None,
     system: SystemOpt = DEFAULT_SYSTEM_PROMPT,
     decode: Annotated[
         bool, typer.Option("--decode/--no-decode", help="Also time decoding after histories of growing length.")
@@ -899,13 +924,16 @@ def compare(
     adapters = {name: str(path) for name, path in _adapters(adapter).items()}
     names = _method_list(methods, model, ("baseline", "learned", "training-free"))
     names += [v for v in adapters if v not in names]
+    options, own = _scoped_options(_options(None, None, option))
+    names += [v for v in own if v not in names]
     settings = CompareSettings(
         methods=names,
         adapters=adapters,
         tasks=[t.strip() for t in tasks.split(",") if t.strip()],
         budgets=[_fraction(b) for b in budgets.split(",") if b.strip()],
         n=n,
-        options=_options(None, None, option),
+        options=options,
+        variant_options=own,
         system=system or None,
         decode_lengths=[int(x) for x in decode_lengths.split(",") if x.strip()] if decode else [],
         decode_budget=_fraction(decode_budget),

@@ -9,6 +9,7 @@ import pytest
 from ccmem.eval import compare as compare_module
 from ccmem.eval.compare import CompareSettings, grid, run_decode_speed, run_grid
 from ccmem.eval.compare_report import write_compare_report
+from ccmem.options import OptionError
 from tests.conftest import tiny_model
 from tests.unit.test_cli import run_cli
 
@@ -177,3 +178,35 @@ def test_the_long_text_task_is_the_issue_prose_setting_and_keeps_the_short_one_r
     assert "segment_chars" not in short and settings.eval_settings(long_task, "m").data["segment_chars"] == 850
     fingerprints = {settings.eval_settings(t, "m").fingerprint("text", 3) for t in (short_task, long_task)}
     assert len(fingerprints) == 2  # rows of the two settings never mix
+
+
+def test_a_variant_with_options_of_its_own_runs_beside_its_method(tmp_path):
+    """``-O ccm-merge@w:recent=2`` runs ccm-merge a second time with that option (its own adapter, a row of its
+    own), while plain ``-O`` options still go to every method that has them; bad scopes are refused by name."""
+    lm = tiny_model(positions=8192)  # one token per character
+    settings = CompareSettings(
+        methods=["ccm-merge", "ccm-merge@w"],
+        tasks=["persona"],
+        n=2,
+        system="Hi.",
+        decode_lengths=[],
+        variant_options={"ccm-merge@w": {"recent": 2}},
+    )
+    rows = {r.extra.get("variant", r.method): r for r in run_grid(lm, settings, tmp_path)}
+    assert rows["ccm-merge"].options == {} and rows["ccm-merge@w"].options == {"recent": 2}
+    assert rows["ccm-merge@w"].memory_slots == rows["ccm-merge"].memory_slots + 2  # the last turn's 2 raw tokens
+    with pytest.raises(ValueError, match=r"needs an adapter .* or options of its own"):
+        CompareSettings(methods=["ccm-merge@w"])
+    with pytest.raises(ValueError, match="'knorm', which is not among the methods"):
+        CompareSettings(methods=["ccm-merge"], variant_options={"knorm": {"ratio": 0.5}})
+    with pytest.raises(OptionError, match="no method among ccm-merge has the option 'ratio'"):
+        CompareSettings(methods=["ccm-merge", "knorm"], variant_options={"ccm-merge": {"ratio": 0.5}})
+
+
+def test_compare_command_splits_scoped_options():
+    from ccmem.cli import _scoped_options
+
+    shared, scoped = _scoped_options({"ratio": 0.5, "ccm-concat@w:recent": 150, "ccm-merge:recent": 8})
+    assert shared == {"ratio": 0.5} and scoped == {"ccm-concat@w": {"recent": 150}, "ccm-merge": {"recent": 8}}
+    with pytest.raises(OptionError, match="must look like METHOD:KEY=VALUE"):
+        _scoped_options({":recent": 1})

@@ -109,6 +109,9 @@ class CompareSettings:
     budgets: Sequence[float] = DEFAULT_BUDGETS
     n: int = 30
     options: dict[str, Any] = field(default_factory=dict)  # method options, each to the methods that have it
+    # options of one method or variant only, over ``options``: {"ccm-concat@w150": {"recent": 150}} runs the
+    # variant (the method's own adapter unless ``adapters`` names one) beside the method with other values
+    variant_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     system: str | None = "You are a helpful assistant."
     decode_lengths: Sequence[int] = (128, 512, 1024)  # history tokens before decoding is timed
     decode_tokens: int = 32
@@ -123,14 +126,21 @@ class CompareSettings:
             raise ValueError("no methods to compare")
         for name in self.methods:
             cls = method_class(base_method(name))
-            if "@" in name and name not in self.adapters:
-                raise ValueError(f"method variant {name!r} needs an adapter: --adapter {name}=PATH")
+            if "@" in name and name not in self.adapters and name not in self.variant_options:
+                raise ValueError(
+                    f"method variant {name!r} needs an adapter (--adapter {name}=PATH) or options of its own "
+                    f"(-O {name}:KEY=VALUE)"
+                )
             if name in self.adapters and not cls.trainable:
                 raise ValueError(f"method {base_method(name)!r} takes no adapter")
         unused = [v for v in self.adapters if v not in self.methods]
         if unused:
             raise ValueError(f"adapter given for {unused[0]!r}, which is not among the methods compared")
         check_options_apply([base_method(m) for m in self.methods], self.options)
+        for name, own in self.variant_options.items():
+            if name not in self.methods:
+                raise ValueError(f"options given for {name!r}, which is not among the methods compared")
+            check_options_apply([base_method(name)], own)
         for b in self.budgets:
             if not 0 < b <= 1:
                 raise ValueError(f"budgets are shares of the context in (0, 1], got {b}")
@@ -240,7 +250,7 @@ def run_grid(
         config_hash = eval_settings.fingerprint(task.name, len(examples))
         for cell in (c for c in grid(settings) if c.task == task_name):
             method = base_method(cell.method)
-            options = options_for(method, settings.options)
+            options = options_for(method, settings.options) | settings.variant_options.get(cell.method, {})
             budget = method_class(method).budget_options(cell.budget) if cell.budget is not None else {}
             adapter = settings.adapters.get(cell.method)
             session = load(lm, method=method, adapter=adapter, system_prompt=settings.system, **options, **budget)
@@ -254,6 +264,7 @@ def run_grid(
             row = evaluate(session, examples, dataset=task.name, settings=eval_settings, label=task.description,
                            progress=report)  # fmt: skip
             row.budget = cell.budget
+            row.options = options  # a variant's own options included (the key of the cached row)
             row.extra["data_version"] = data_version(DataConfig(dataset=task.dataset, source=task.source))
             append_row(rows_file, _as_variant(row, cell.method))
             yield row
