@@ -30,37 +30,22 @@ def test_build_plan_matches_reference_loop(chunks, n_tok, tail, sink, update, re
     assert plan.allowed.tolist() == reference_allowed(chunks, n_tok, tail, **kw)
 
 
-def test_recent_lets_only_the_tail_read_the_last_chunk_raw():
-    """The docstring's concat picture with recent=1: the tail rows gain the second c2, nothing else changes."""
-    plan = build_plan([2, 2], 1, 2, update="concat", recent=1)
-    picture = [
-        "x.......",
-        "xx......",
-        "xxx.....",
-        "..xx....",
-        "..xxx...",
-        "..xxxx..",
-        "..x.xxx.",
-        "..x.xxxx",
-    ]
-    assert ["".join("x" if v else "." for v in row) for row in plan.allowed.tolist()] == picture
-    wide = build_plan([2, 2], 1, 2, update="concat", recent=5).allowed  # at most the whole last chunk
-    assert wide[6].tolist() == [False, False, True, True, True, True, True, False]
+def drawn(allowed: torch.Tensor) -> list[str]:
+    return ["".join("x" if v else "." for v in row) for row in allowed.tolist()]
 
 
-def test_concat_picture_from_docstring():
-    plan = build_plan([2, 2], 1, 2, update="concat")
-    picture = [
-        "x.......",
-        "xx......",
-        "xxx.....",
-        "..xx....",
-        "..xxx...",
-        "..xxxx..",
-        "..x..xx.",
-        "..x..xxx",
-    ]
-    assert ["".join("x" if v else "." for v in row) for row in plan.allowed.tolist()] == picture
+@pytest.mark.parametrize(
+    ("recent", "tail_rows"),
+    [
+        (0, ["..x..xx.", "..x..xxx"]),
+        (1, ["..x.xxx.", "..x.xxxx"]),  # recent=1: the tail rows gain the second c2, nothing else changes
+        (5, ["..xxxxx.", "..xxxxxx"]),  # at most the whole last chunk
+    ],
+)
+def test_concat_picture_from_docstring(recent, tail_rows):
+    plan = build_plan([2, 2], 1, 2, update="concat", recent=recent)
+    chunks = ["x.......", "xx......", "xxx.....", "..xx....", "..xxx...", "..xxxx.."]
+    assert drawn(plan.allowed) == chunks + tail_rows
 
 
 def test_merge_weights_are_running_averages():

@@ -49,7 +49,7 @@ def _split_read(layers: list[KV], n_tok: int, raw: int) -> tuple[list[KV], list[
 
 def _sliding_window(lm: LoadedModel) -> bool:
     """Whether some attention layer of the model only sees a sliding window (Mistral, Gemma 3, ...)."""
-    config = getattr(lm.model.config, "text_config", lm.model.config)
+    config = lm.model.config.get_text_config()
     if getattr(config, "use_sliding_window", True) is False:
         return False
     return getattr(config, "sliding_window", None) is not None
