@@ -65,6 +65,19 @@ def test_compare_runs_resumes_and_reports(tmp_path, monkeypatch):
     }
     knorm = {r.history_tokens: r for r in decode_rows if r.method == "knorm"}
     assert knorm[32].budget == pytest.approx(1 / 8) and knorm[32].memory_slots < 32
+    timed = (tmp_path / "decode.jsonl").read_text().splitlines()
+    assert run_decode_speed(lm, settings, tmp_path) == decode_rows  # cached: nothing timed again
+    assert (tmp_path / "decode.jsonl").read_text().splitlines() == timed
+
+    # A variant is timed with its own options (a raw window of 8 tokens holds 8 more slots); the method's rows
+    # with other options are not reported with it.
+    windowed = CompareSettings(**(SETTINGS | {"methods": ["ccm-merge", "ccm-merge@w8", "snapkv"],
+                                              "variant_options": {"ccm-merge@w8": {"recent": 8}}}))  # fmt: skip
+    merge = {(r.method, r.history_tokens): r for r in run_decode_speed(lm, windowed, tmp_path)}
+    assert set(merge) == {(m, n) for m in ("ccm-merge", "ccm-merge@w8", "snapkv") for n in (16, 32)}
+    assert merge[("ccm-merge@w8", 32)].options == {"recent": 8} and merge[("ccm-merge", 32)].options == {}
+    assert merge[("ccm-merge@w8", 32)].memory_slots == merge[("ccm-merge", 32)].memory_slots + 8
+    assert merge[("ccm-merge", 32)] in decode_rows and merge[("snapkv", 16)] in decode_rows  # reused
     paths = write_compare_report(rows, decode_rows, tmp_path, header="tiny")
     page = paths["html"].read_text()
     assert page.count("data:image/png;base64,") == 4  # three tasks and decode speed, embedded
@@ -118,6 +131,14 @@ def test_adapter_variants_run_side_by_side_with_the_gap_they_close(tmp_path):
     for text in (report, own_only["markdown"].read_text()):
         tables = [block.splitlines() for block in text.split("\n\n") if block.startswith("|")]
         assert tables and all(len({line.count("|") for line in table}) == 1 for table in tables), text
+    # decode speed is timed with each variant's own adapter: one with more <COMP> tokens holds more slots
+    wider = get_method("ccm-concat", n_tok=get_method("ccm-concat").n_tok + 2)
+    randomize_lora(wider, lm)
+    settings.adapters["ccm-concat@wider"] = str(save_adapter(wider, lm, tmp_path / "wider.safetensors"))
+    settings.methods = ["ccm-concat", "ccm-concat@wider"]
+    settings.decode_lengths, settings.decode_tokens, settings.decode_repeats = [24], 2, 1
+    slots = {r.method: r.memory_slots for r in run_decode_speed(lm, settings, tmp_path)}
+    assert slots["ccm-concat@wider"] == slots["ccm-concat"] + 2
     with pytest.raises(ValueError, match="needs an adapter"):
         CompareSettings(methods=["ccm-concat@x"], tasks=["persona"])
     with pytest.raises(ValueError, match="not among the methods"):

@@ -299,6 +299,8 @@ class DecodeRow:
     tokens_per_second: float
     model: str
     config_hash: str
+    options: dict[str, Any] = field(default_factory=dict)  # the method's (or variant's) own options, budget aside
+    adapter: str = "-"  # the hash of its adapter (as in eval rows; "-": none, "untrained")
 
 
 def decode_history(lm: LoadedModel, length: int) -> list[int]:
@@ -311,6 +313,12 @@ def decode_history(lm: LoadedModel, length: int) -> list[int]:
         if len(ids) >= length:
             return ids[:length]
     raise ValueError(f"the packaged text holds {len(ids)} tokens, fewer than the {length} asked for")
+
+
+def _decode_key(name: str, length: int, options: dict[str, Any], adapter: str) -> str:
+    """What makes a cached decode row reusable (beside the run's settings): the same method or variant, history,
+    options and adapter."""
+    return json.dumps([name, length, options, adapter], sort_keys=True)
 
 
 def run_decode_speed(
@@ -326,21 +334,28 @@ def run_decode_speed(
     )  # fmt: skip
     config_hash = hashlib.sha256(blob.encode()).hexdigest()[:12]
     cached = [DecodeRow(**rec) for _, rec in jsonl_records(path, "decode file")] if path.is_file() else []
-    done = {(r.method, r.history_tokens) for r in cached if r.config_hash == config_hash}
-    rows = [r for r in cached if r.config_hash == config_hash]
+    mine = (r for r in cached if r.config_hash == config_hash)
+    done = {_decode_key(r.method, r.history_tokens, r.options, r.adapter): r for r in mine}
     limit = lm.max_positions or max(settings.decode_lengths) + settings.decode_tokens + 64
     lengths = [n for n in settings.decode_lengths if n + settings.decode_tokens + 64 <= limit]
     history = decode_history(lm, max(lengths)) if lengths else []  # read once, cut per length
-    for name in dict.fromkeys(base_method(m) for m in settings.methods):  # variants decode as fast as their method
-        budget = settings.decode_budget if method_class(name).budgeted else None
+    rows = []
+    for name in settings.methods:  # a variant is timed with its own options and adapter (they may change its slots)
+        method = base_method(name)
+        budget = settings.decode_budget if method_class(method).budgeted else None
+        options = options_for(method, settings.options) | settings.variant_options.get(name, {})
+        kept = method_class(method).budget_options(budget) if budget else {}
+        session = load(lm, method=method, adapter=settings.adapters.get(name), system_prompt=settings.system,
+                       **options, **kept)  # fmt: skip
+        adapter = adapter_provenance(session)[0]
         for length in lengths:
-            if (name, length) in done:
+            key = _decode_key(name, length, options, adapter)
+            if key in done:
+                rows.append(done[key])
                 continue
             if progress:
                 progress(f"decode: {name} after {length} tokens")
-            kept = method_class(name).budget_options(budget) if budget else {}
-            options: dict[str, Any] = options_for(name, settings.options) | kept
-            session = load(lm, method=name, system_prompt=settings.system, **options)
+            session.reset()
             session.add_ids(history[:length])
             query = session.query_ids("Go on.")
             list(session.stream_ids(query, 2, stop_ids=set()))  # warm-up
@@ -351,7 +366,7 @@ def run_decode_speed(
                 seconds = min(seconds, time.perf_counter() - started)
             row = DecodeRow(
                 name, budget, length, session.memory.num_slots, session.memory.nbytes, n, round(n / seconds, 2),
-                lm.name, config_hash,
+                lm.name, config_hash, options, adapter,
             )  # fmt: skip
             append_row(path, row)
             rows.append(row)
