@@ -164,6 +164,20 @@ def test_delete_removes_the_memory_files(tmp_path):
     assert not list((tmp_path / "memories").rglob("*.safetensors"))
 
 
+def test_deleting_a_session_keeps_the_files_of_sessions_whose_name_starts_with_its_own(tmp_path):
+    store = SessionStore(tmp_path)
+    for name in ("zed", "zed.x", "zed.2"):  # "zed.2.1.safetensors" would match a plain "zed.*" pattern
+        store.create(name, IDENTITY, {})
+        store.save(name, memory_of(1), [{"role": "user", "content": name}])
+    store.delete("zed")
+    for name in ("zed.x", "zed.2"):
+        assert store.memory(store.get(name)) is not None  # their memories still load
+    assert sorted(p.name for p in (tmp_path / "memories").rglob("*.safetensors")) == [
+        "zed.2.1.safetensors",
+        "zed.x.1.safetensors",
+    ]
+
+
 def test_list_is_most_recent_first(make_store):
     store = make_store()
     for name in ("a", "b", "c"):
@@ -176,6 +190,19 @@ def test_a_file_that_is_not_a_database_is_a_clear_error(tmp_path):
     (tmp_path / "sessions.db").write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(StoreError, match="not a ccmem session database"):
         SessionStore(tmp_path)
+
+
+def test_another_applications_sqlite_database_is_refused_and_left_untouched(tmp_path):
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "sessions.db")
+    db.execute("CREATE TABLE sessions (id INTEGER PRIMARY KEY, data TEXT)")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match=r"another application \(tables: sessions\), not a ccmem session store"):
+        SessionStore(tmp_path)
+    db = sqlite3.connect(tmp_path / "sessions.db")
+    assert [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")] == ["sessions"]
 
 
 def test_a_missing_memory_file_is_a_clear_error(tmp_path):

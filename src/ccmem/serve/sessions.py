@@ -251,6 +251,12 @@ class SessionStore(BaseSessionStore):
 
     def _create_schema(self) -> None:
         with self._transaction() as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if tables and "store_info" not in tables:  # another application's database: never write into it
+                raise StoreError(
+                    f"{self.db_path} is an SQLite database of another application (tables: "
+                    f"{', '.join(sorted(tables))}), not a ccmem session store; point the store at another folder"
+                )
             db.execute("CREATE TABLE IF NOT EXISTS store_info (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             row = db.execute("SELECT value FROM store_info WHERE key='schema_version'").fetchone()
             if row is None:
@@ -309,11 +315,18 @@ class SessionStore(BaseSessionStore):
             return None
         return self._folder(record.owner) / f"{record.name}.{record.version}.safetensors"
 
-    def _sweep(self, owner: str, name: str, keep: int) -> None:
-        """Remove memory files of versions older than ``keep`` (left by a save that was killed before cleanup)."""
+    def _memory_files(self, owner: str, name: str) -> Iterator[tuple[int, Path]]:
+        """(version, path) of every memory file of session ``name``: ``NAME.VERSION.safetensors`` only, never the
+        files of a session whose name merely starts with ``NAME.`` (``zed.x.2.safetensors`` is not ``zed``'s)."""
         for path in self._folder(owner).glob(f"{name}.*.safetensors"):
             version = path.name[len(name) + 1 : -len(".safetensors")]
-            if version.isdigit() and int(version) < keep:
+            if version.isdigit():
+                yield int(version), path
+
+    def _sweep(self, owner: str, name: str, keep: int) -> None:
+        """Remove memory files of versions older than ``keep`` (left by a save that was killed before cleanup)."""
+        for version, path in self._memory_files(owner, name):
+            if version < keep:
                 with contextlib.suppress(OSError):
                     path.unlink()
 
@@ -439,7 +452,7 @@ class SessionStore(BaseSessionStore):
         with self._transaction() as db:
             db.execute("DELETE FROM messages WHERE owner=? AND name=?", (owner, name))
             db.execute("DELETE FROM sessions WHERE owner=? AND name=?", (owner, name))
-        for path in self._folder(owner).glob(f"{name}.*.safetensors"):
+        for _, path in self._memory_files(owner, name):
             with contextlib.suppress(OSError):
                 path.unlink()
 
