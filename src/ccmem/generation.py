@@ -36,8 +36,8 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be 0 (greedy) or positive, got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):
+            raise ValueError(f"temperature must be 0 (greedy) or a finite positive number, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (the probability mass sampled from), got {self.top_p}")
 
@@ -51,7 +51,10 @@ class Sampling:
     def pick(self, logits: torch.Tensor, generator: torch.Generator) -> int:
         if self.temperature == 0:
             return int(logits.argmax())
-        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        logits = logits.double()  # float64: a temperature below float32's range (1e-300) is not rounded to 0
+        # shifted so the largest is 0 first: a tiny temperature then sends the others to -inf (greedy in the
+        # limit) instead of overflowing every logit to inf, which softmax turns into NaN
+        probs = torch.softmax((logits - logits.max()) / self.temperature, dim=-1)
         if self.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             keep = sorted_probs.cumsum(0) - sorted_probs < self.top_p

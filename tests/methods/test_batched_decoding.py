@@ -131,6 +131,19 @@ def test_sampling_with_a_seed_per_row_equals_sampling_one_at_a_time(name):
     assert single != one_at_a_time(lm, method, memories)  # it really sampled
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 1e-39, 1e-6])
+def test_a_tiny_temperature_samples_the_greedy_token_instead_of_failing(temperature):
+    logits = torch.tensor([3.0, 7.5, -2.0, 7.25, float("-inf")])
+    generator = torch.Generator().manual_seed(0)
+    assert {Sampling(temperature=temperature).pick(logits, generator) for _ in range(20)} == {1}
+
+
+@pytest.mark.parametrize("temperature", [-0.1, float("inf"), float("nan")])
+def test_a_temperature_that_is_negative_or_not_finite_is_refused(temperature):
+    with pytest.raises(ValueError, match=r"temperature must be 0 \(greedy\) or a finite positive number"):
+        Sampling(temperature=temperature)
+
+
 def test_a_method_that_evicts_while_decoding_is_decoded_row_by_row(monkeypatch):
     """streaming-llm's decode_step acts on each session's own cache: every row still gets it, every step."""
     lm = tiny_model()
