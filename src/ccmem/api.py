@@ -41,7 +41,7 @@ def check_room(lm: LoadedModel, memory: Memory, n_new: int) -> None:
     if limit is not None and memory.next_position + n_new > limit:
         raise ContextTooLongError(
             f"this interaction would reach position {memory.next_position + n_new}, but the model allows "
-            f"{limit}; call reset() to start over, or use a method that keeps fewer positions"
+            f"{limit}; start a new conversation (Python: reset()), or use a method that keeps fewer positions"
         )
 
 
@@ -60,15 +60,15 @@ def make_room(lm: LoadedModel, memory: Memory, n_new: int) -> Memory:
     if held + n_new > limit:
         raise ContextTooLongError(
             f"{n_new} new tokens after the {held} slots this memory holds need {held + n_new} positions, but the "
-            f"model allows {limit}; call reset() to start over, send less at once, or use a method that keeps "
-            "fewer slots"
+            f"model allows {limit}; start a new conversation (Python: reset()), send less at once, or use a method "
+            "that keeps fewer slots"
         )
     try:
         freqs = layer_frequencies(lm)
     except RopeError as err:
         raise ContextTooLongError(
             f"this interaction would reach position {memory.next_position + n_new}, but the model allows {limit}, "
-            f"and its positions cannot be re-based ({err}); call reset() to start over"
+            f"and its positions cannot be re-based ({err}); start a new conversation (Python: reset())"
         ) from None
     logger.info("positions re-based: %d slots moved from up to %d to 0..%d", held, memory.next_position, held - 1)
     return compact_positions(memory, freqs)

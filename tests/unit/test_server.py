@@ -204,9 +204,31 @@ def test_streaming_gives_the_same_answer_as_non_streaming(client):
     chunks = [json.loads(e) for e in events[:-1]]
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
-    assert text.strip() == plain["choices"][0]["message"]["content"]
+    assert text == plain["choices"][0]["message"]["content"]  # the same characters, whitespace included
     assert chunks[-1]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
     assert chunks[-1]["usage"]["completion_tokens"] == plain["usage"]["completion_tokens"]
+
+
+def test_streamed_pieces_join_to_the_stripped_answer_the_session_saves():
+    from ccmem.serve.engine import _Trimmed
+
+    pieces = ["  ", "\n1.", " Banana", "\n", " ", "\n2.", " Kiwi\n", "\n", "  "]
+    trimmed = _Trimmed()
+    sent = [trimmed.push(p) for p in pieces]
+    assert "".join(sent) == "".join(pieces).strip() == "1. Banana\n \n2. Kiwi"
+    assert sent[:2] == ["", "1."]  # nothing waits longer than the whitespace it holds back
+
+
+def test_a_streamed_answer_is_saved_as_the_client_received_it(client):
+    assert client.post("/v1/sessions", json={"name": "st"}).status_code == 201
+    body = {"model": MODEL, "messages": [user("list fruits")], "max_tokens": 10, "stream": True, "session": "st"}
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+    # the client sends the whole conversation back: it extends what the session holds (nothing compressed twice)
+    again = ask(client, [user("list fruits"), assistant(text), user("more")], session="st")
+    assert again.status_code == 200, again.text
+    assert again.json()["ccmem"]["reused_messages"] == 2
 
 
 def test_a_stop_string_ends_the_answer_before_it(client):
@@ -286,7 +308,25 @@ def test_too_many_sessions_is_refused(tmp_path):
 def test_too_much_new_context_in_one_request_is_refused(client):
     long = [user("w " * 150), assistant("ok"), user("w " * 150), assistant("ok"), user("q")]
     response = ask(client, long)
-    assert response.status_code == 400 and "at most 400 per request" in response.json()["error"]["message"]
+    assert response.status_code == 400 and "more than the 400 this server" in response.json()["error"]["message"]
+
+
+def test_a_system_message_counts_against_the_input_limit_and_is_refused_before_it_is_read(tmp_path):
+    engine = make_engine(tmp_path, max_input_tokens=100)
+    system = {"role": "system", "content": "rule " * 40}  # 200 tokens of the tiny model, under the byte limit
+    with TestClient(create_app(engine)) as client:
+        refused = ask(client, [system, user("hi")])
+        assert refused.status_code == 400, refused.text
+        assert "its system message alone more than the 100" in refused.json()["error"]["message"]
+        made = client.post("/v1/sessions", json={"name": "s", "system_prompt": system["content"]})
+        assert made.status_code == 400 and "system message alone" in made.json()["error"]["message"]
+        assert system["content"] not in engine._systems  # never read
+        # under the limit alone, but not with the rest of the request: the whole request is counted
+        near = {"role": "system", "content": "rule " * 15}
+        over = ask(client, [near, user("x" * 60)])
+        assert over.status_code == 400 and "more than the 100" in over.json()["error"]["message"]
+        assert ask(client, [near, user("x" * 10)]).status_code == 200
+    engine.close()
 
 
 def test_a_port_in_use_is_a_clear_error():

@@ -86,7 +86,7 @@ class Params:
 class Answer:
     """What :meth:`Engine.chat` produced, filled while it streams: text, why it stopped, what it cost."""
 
-    text: str = ""
+    text: str = ""  # the pieces sent so far: the answer without leading or trailing whitespace once it is complete
     finish_reason: str = "stop"
     prompt_tokens: int = 0  # tokens read this request: new context compressed + the query
     completion_tokens: int = 0
@@ -352,7 +352,9 @@ class Engine:
         return self._systems[system].fork()
 
     async def create_session(self, owner: str, name: str, system: str | None) -> SessionRecord:
-        session = await self._start(system if system is not None else self.base.system_prompt)
+        system = system if system is not None else self.base.system_prompt
+        self._count_new_system(system)  # a system prompt over the input limit is refused before it is read
+        session = await self._start(system)
         record = self.store.create(name, self.identity, settings_of(session), owner)
         return self.store.save(name, self._held(session.memory), session.history, owner, expect_version=record.version)
 
@@ -399,6 +401,21 @@ class Engine:
 
     def _count(self, session: CompressedLM, messages: Sequence[Message]) -> int:
         return sum(len(session.lm.tokenizer.encode(m["content"], add_special_tokens=False)) for m in messages)
+
+    def _count_new_system(self, system: str | None) -> int:
+        """Tokens of ``system`` if no memory of it is held yet (it will be read), else 0; refused over the limit."""
+        if system is None or system in self._systems:
+            return 0
+        n = len(self.base.lm.tokenizer.encode(system, add_special_tokens=False))
+        self._check_input(n, "its system message alone ")
+        return n
+
+    def _check_input(self, n: int, what: str = "") -> None:
+        if n > self.limits.max_input_tokens:
+            raise RequestError(
+                f"this request adds {n} tokens of context, {what}more than the {self.limits.max_input_tokens} this "
+                "server reads per request: send the conversation in several requests"
+            )
 
     def _split(self, messages: Sequence[Message]) -> tuple[list[Message], Message]:
         if not messages or messages[-1]["role"] != "user":
@@ -455,15 +472,14 @@ class Engine:
                 if any(m["role"] == "system" for m in body):
                     raise RequestError("a system message may only come first")
                 before, query = self._split(body)
+                # a system prompt not read before is read by this request: it counts, and is refused before
+                # any work when it alone is over the limit
+                answer.prompt_tokens = self._count_new_system(system)
                 state, reused = await self._from_prefix(owner, system, before)
                 fold = before[reused:]
                 answer.reused_messages = reused
-            answer.prompt_tokens = self._count(state, [*fold, query])
-            if answer.prompt_tokens > self.limits.max_input_tokens:
-                raise RequestError(
-                    f"this request adds {answer.prompt_tokens} tokens of context; this server reads at most "
-                    f"{self.limits.max_input_tokens} per request: send the conversation in several requests"
-                )
+            answer.prompt_tokens += self._count(state, [*fold, query])
+            self._check_input(answer.prompt_tokens)
             await self.worker.fold(state, _group_turns(fold))
             if session is None:
                 self._remember_prefix(owner, system, before, state)
@@ -496,6 +512,7 @@ class Engine:
         text = TextStream(state.lm.tokenizer)
         answer.finish_reason = "length"
         held = ""  # text kept back while it could still be the start of a stop string
+        trimmed = _Trimmed()
         while True:
             item = await tokens.get()
             if item is None:
@@ -514,14 +531,17 @@ class Engine:
                 break
             keep = _longest_stop_prefix(held, params.stop)
             if len(held) > keep:
-                answer.text += held[: len(held) - keep]
-                yield held[: len(held) - keep]
+                piece = trimmed.push(held[: len(held) - keep])
                 held = held[len(held) - keep :]
-        if held:
-            answer.text += held
-            yield held
+                if piece:
+                    answer.text += piece
+                    yield piece
+        piece = trimmed.push(held)  # whitespace still held back at the end is dropped
+        if piece:
+            answer.text += piece
+            yield piece
         if name is not None and record is not None:
-            reply = answer.text.strip()
+            reply = answer.text  # exactly what the client received, streamed or not
             await self.worker.fold(state, [[query, {"role": "assistant", "content": reply}]])
             # off the event loop: a save writes a file and commits (fsync), other sessions' requests go on meanwhile
             kept = self._held(state.memory)
@@ -556,6 +576,28 @@ class Engine:
             "batches": len(self.worker.batches),
             "largest_batch": max(self.worker.batches, default=0),
         }
+
+
+class _Trimmed:
+    """Pieces of an answer without its leading and trailing whitespace: whitespace is held back until text follows
+    it, so that the pieces a client streams join to exactly the stripped text a non-streaming reply returns and
+    the session saves (a client that sends the conversation back then extends what the session holds)."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.pending = ""
+
+    def push(self, piece: str) -> str:
+        """What of ``piece`` can be sent now."""
+        if not self.started:
+            piece = piece.lstrip()
+            if not piece:
+                return ""
+            self.started = True
+        text = self.pending + piece
+        body = text.rstrip()
+        self.pending = text[len(body) :]
+        return body
 
 
 def _first_difference(a: Sequence[Message], b: Sequence[Message]) -> int:

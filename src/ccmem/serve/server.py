@@ -376,7 +376,7 @@ def _completion(ident: str, created: int, model: str, answer: Answer) -> ChatCom
         created=created,
         model=model,
         choices=[
-            Choice(index=0, message=AssistantMessage(content=answer.text.strip()), finish_reason=answer.finish_reason)  # type: ignore[arg-type]
+            Choice(index=0, message=AssistantMessage(content=answer.text), finish_reason=answer.finish_reason)  # type: ignore[arg-type]
         ],
         usage=Usage(
             prompt_tokens=answer.prompt_tokens,
