@@ -385,6 +385,8 @@ def serve(
     storage = _memory_dtype(memory_dtype)
     bind(host, port).close()  # a port in use fails before the model loads
     tokens = token or [t.strip() for t in os.environ.get("CCMEM_TOKENS", "").split(",") if t.strip()]
+    if any(not t.strip() for t in tokens):
+        raise ValueError("--token is empty: give a non-empty bearer token (an empty one would let any client in)")
     sessions: BaseSessionStore
     if redis_url:
         if store is not None:

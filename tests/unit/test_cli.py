@@ -284,6 +284,11 @@ def test_serve_refuses_a_port_in_use_before_loading_the_model(monkeypatch, capsy
     assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in " ".join(out.split()) and "Traceback" not in out
 
 
+def test_serve_refuses_an_empty_token(monkeypatch, capsys):
+    code, out = run_cli(monkeypatch, capsys, "serve", "--port", "0", "--token", " ", "--model", "no-such-model")
+    assert code == 2 and "--token is empty" in out and "Traceback" not in out
+
+
 def test_serve_runs_as_a_user_starts_it_and_answers_the_openai_client(tiny_model_dir, tmp_path):
     import os
     import socket

@@ -270,6 +270,8 @@ def test_a_session_is_visible_only_to_the_token_that_made_it(engine):
         ({"model": MODEL, "messages": [user("x")], "max_tokens": -1}, 400, "max_tokens"),
         ({"model": MODEL, "messages": [user("x")], "max_tokens": 10_000}, 400, "at most 16"),
         ({"model": MODEL, "messages": [user("x")], "temperature": "hot"}, 400, "temperature"),
+        ({"model": MODEL, "messages": [user("x")], "temperature": "NaN"}, 400, "temperature: Input should be a finite"),
+        ({"model": MODEL, "messages": [user("x")], "seed": 10**23}, 400, "seed: Input should be less than or equal"),
         ({"model": MODEL, "messages": [user("x")], "n": 3}, 400, "n"),
         ({"model": MODEL, "messages": [user("x"), assistant("y")]}, 400, "last message must be the user's"),
         ({"model": MODEL, "messages": [user("x"), {"role": "system", "content": "s"}, user("y")]}, 400, "first"),
@@ -293,6 +295,15 @@ def test_malformed_json_and_bad_session_paths_are_4xx(client):
     assert client.get("/v1/sessions/..%2F..%2Fetc").status_code in (400, 404)
     assert client.get("/v1/sessions/a b").status_code == 400
     assert client.post("/v1/sessions", json={"name": "../x"}).status_code == 400
+
+
+def test_a_retry_of_an_answered_request_is_told_so(client):
+    assert client.post("/v1/sessions", json={"name": "r"}).status_code == 201
+    system = {"role": "system", "content": "be brief"}
+    first = ask(client, [system, user("hi")], session="r").json()["choices"][0]["message"]["content"]
+    ask(client, [system, user("hi"), assistant(first), user("and?")], session="r")
+    retry = ask(client, [system, user("hi")], session="r")  # the first request again: a prefix of the session
+    assert retry.status_code == 409 and "are the start of the 5 the session holds" in retry.json()["error"]["message"]
 
 
 def test_too_many_sessions_is_refused(tmp_path):
@@ -533,6 +544,7 @@ def test_sessions_held_at_int8_take_less_memory_and_answer_alike_from_ram_and_fr
         assert f.metadata()["storage"] == "int8"
     assert record.memory_bytes < plain.store.get("s").memory_bytes / 2  # scales cost more at head_dim 8
     assert replies["int8"]["ccmem"]["memory_slots"] == replies["float32"]["ccmem"]["memory_slots"]
+    assert replies["int8"]["ccmem"]["memory_bytes"] == record.memory_bytes  # a reply says what is stored
     shutil.copytree(tmp_path / "a" / "store", tmp_path / "c" / "store")
     restarted = make_engine(tmp_path / "c", memory_dtype="int8")  # the same session read back from a file
     with TestClient(create_app(engine)) as warm, TestClient(create_app(restarted)) as cold:

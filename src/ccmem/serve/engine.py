@@ -428,6 +428,11 @@ class Engine:
         held = list(transcript)
         body = [m for m in held if m["role"] != "system"]
         if messages[0]["role"] == "system":
+            if len(messages) < len(held) and list(messages) == held[: len(messages)]:
+                raise ConflictError(
+                    f"these {len(messages)} messages are the start of the {len(held)} the session holds already "
+                    "(a retry of an answered request?); send the conversation with a new user message at the end"
+                )
             if list(messages[: len(held)]) != held:
                 raise ConflictError(
                     "these messages do not extend the session's conversation (they start with a system message, "
@@ -549,8 +554,10 @@ class Engine:
                 self.store.save, name, kept, state.history, owner, expect_version=record.version
             )
             self._keep_live(owner, name, saved, kept, state.history)
+            answer.memory_bytes = saved.memory_bytes  # as stored (at --memory-dtype), as the session endpoints say
+        else:
+            answer.memory_bytes = state.memory.nbytes
         answer.memory_slots = state.memory.num_slots
-        answer.memory_bytes = state.memory.nbytes
 
     async def _from_prefix(self, owner: str, system: str | None, before: list[Message]) -> tuple[CompressedLM, int]:
         """The memory of the longest prefix of ``before`` held (at turn boundaries), and how many messages it covers."""

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 1
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-NAME_RULE = "1-64 characters: letters, digits, '_', '-', '.', starting with a letter or digit"
+NAME_RULE = "1-64 characters: letters, digits, '_', '-', '.', starting with a letter or digit, without '..'"
 StoreT = TypeVar("StoreT", bound="BaseSessionStore")
 
 
