@@ -413,18 +413,15 @@ def serve(
 
 def read_text_file(path: Path) -> str:
     """A text file's contents; binary files are refused, and bytes that are not UTF-8 are replaced with a warning."""
-    data = path.read_bytes()
-    if b"\x00" in data[:8192]:
-        raise OptionError(f"{path} looks like a binary file (it holds NUL bytes); compress plain text")
+    from ccmem.data.text import TextSourceError, not_utf8, read_text
+
     try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        text = data.decode("utf-8", errors="replace")
-        err_console.print(
-            f"[yellow]warning:[/] {path} is not valid UTF-8: {text.count(chr(0xFFFD))} characters were replaced "
-            "by U+FFFD (convert it with e.g. `iconv -f latin1 -t utf-8` to keep them)"
-        )
-        return text
+        text, replaced = read_text(path)
+    except TextSourceError as err:
+        raise OptionError(f"{err}; compress plain text") from None
+    if replaced:
+        err_console.print(f"[yellow]warning:[/] {not_utf8(path, replaced)}", highlight=False)
+    return text
 
 
 @app.command()

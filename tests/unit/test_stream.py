@@ -268,10 +268,20 @@ def test_bad_text_sources_are_named(tmp_path):
     (tmp_path / "books" / "notes.md").write_text("not a book")
     with pytest.raises(TextSourceError, match=r"no \.txt file"):
         stream_text(tok, tmp_path / "books", 100)
-    (tmp_path / "books" / "1.txt").write_text("abc " * 10)
-    (tmp_path / "books" / "2.txt").write_text("xyz " * 100)
-    ids, _ = stream_text(tok, tmp_path / "books", 100)  # PG19 layout: books in name order
-    assert len(ids) == 100 and ids[:3] == tok.encode("abc")
+    (tmp_path / "books" / "9.txt").write_text("abc " * 10)
+    (tmp_path / "books" / "10.txt").write_text("xyz " * 100)
+    ids, _ = stream_text(tok, tmp_path / "books", 100)  # PG19 layout: books in numeric order
+    # a blank line between books (the first one's trailing space dropped)
+    assert len(ids) == 100 and ids[:44] == tok.encode("abc " * 9 + "abc\n\n" + "xyz")
+    (tmp_path / "books" / "11.txt").write_bytes(b"PK\x03\x04\x00\x00binary")
+    with pytest.raises(TextSourceError, match=r"11\.txt looks like a binary file"):
+        stream_text(tok, tmp_path / "books", 10_000)
+
+
+def test_text_that_is_not_utf8_is_streamed_with_a_warning(tmp_path, caplog):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 5)
+    ids, _ = stream_text(TinyTokenizer(), tmp_path / "latin1.txt", 12)
+    assert len(ids) == 12 and "latin1.txt is not valid UTF-8: 5 characters were replaced" in caplog.text
 
 
 def test_settings_that_cannot_work_are_refused():
@@ -282,6 +292,8 @@ def test_settings_that_cannot_work_are_refused():
         (StreamSettings(max_positions=128), "more than the model's own 64"),
         (StreamSettings(max_positions=64, window=60), "more than the 64 allowed"),
         (StreamSettings(contexts=0), "contexts"),
+        (StreamSettings(contexts=float("inf")), "contexts"),
+        (StreamSettings(methods=["window", "ccm-concat", "window"]), "methods lists 'window' more than once"),
     ]:
         with pytest.raises(StreamOptionError, match=message):
             run_stream(lm, settings)

