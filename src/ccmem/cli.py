@@ -301,14 +301,23 @@ def chat(
     from ccmem.serve.chat import run_chat
     from ccmem.serve.sessions import SessionBinding, SessionStore, check_name, default_store_root
 
-    if session_name is not None:
-        check_name(session_name)  # before the model loads
+    sessions = None
+    if session_name is not None:  # a bad name or store is said before the model loads
+        check_name(session_name)
+        sessions = SessionStore(store or default_store_root())
     session = _session(model, method, adapter, _options(n_tok, recurrent, option), system or None, stage1, attn)
     binding = None
-    if session_name is not None:
-        binding = SessionBinding(SessionStore(store or default_store_root()), session_name)
+    if sessions is not None and session_name is not None:
+        binding = SessionBinding(sessions, session_name)
+        asked = session.system_prompt
         record = binding.open(session)
         console.print(f"[dim]session {session_name}: {record.turns} earlier turns, {session.memory.num_slots} slots[/]")
+        if session.system_prompt != asked:
+            console.print(
+                f"[yellow]session {session_name} keeps the system prompt it was made with "
+                f"({session.system_prompt!r}); --system applies to new sessions[/]",
+                highlight=False,
+            )
     console.print(f"[bold]ccmem chat[/] ({model}, {method}). /help for commands, /quit to leave.")
     run_chat(session, console, max_new_tokens=max_new_tokens, temperature=temperature, binding=binding)
 

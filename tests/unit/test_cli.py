@@ -272,6 +272,25 @@ def test_a_chat_session_goes_on_through_the_python_api_and_the_server(monkeypatc
     assert final.transcript[:6] == after_api.transcript and final.transcript[6]["content"] == "w9"
 
 
+def test_a_chat_session_resumed_with_another_system_prompt_keeps_its_own_and_says_so(
+    monkeypatch, capsys, tiny_model_dir, tmp_path
+):
+    args = ["chat", "--model", str(tiny_model_dir), "--method", "ccm-concat", "--n-tok", "2", "--max-new-tokens", "2",
+            "--session", "s", "--store", str(tmp_path / "store")]  # fmt: skip
+    monkeypatch.setattr("sys.stdin", io.StringIO("w1\n/quit\n"))
+    assert run_cli(monkeypatch, capsys, *args, "--system", "be brief")[0] == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("/quit\n"))
+    code, out = run_cli(monkeypatch, capsys, *args, "--system", "be verbose")
+    assert code == 0 and "keeps the system prompt it was made with ('be brief')" in " ".join(out.split())
+
+
+def test_a_chat_store_that_is_a_file_is_refused_before_the_model_loads(monkeypatch, capsys, tmp_path):
+    (tmp_path / "file").write_text("x")
+    code, out = run_cli(monkeypatch, capsys, "chat", "--model", "no-such-model", "--session", "s",
+                        "--store", str(tmp_path / "file"))  # fmt: skip
+    assert code == 2 and "is a file; give a folder" in " ".join(out.split()) and "Traceback" not in out
+
+
 def test_serve_refuses_a_port_in_use_before_loading_the_model(monkeypatch, capsys, tmp_path):
     import socket
 

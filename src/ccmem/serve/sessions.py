@@ -231,6 +231,8 @@ class SessionStore(BaseSessionStore):
     def __init__(self, root: str | os.PathLike[str], *, max_sessions: int | None = None):
         self.root = Path(root).expanduser()
         self.max_sessions = max_sessions
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"the session store {self.root} is a file; give a folder (it holds sessions.db)")
         self.root.mkdir(parents=True, exist_ok=True)
         self.db_path = self.root / "sessions.db"
         self._lock = threading.RLock()
