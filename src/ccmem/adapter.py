@@ -232,6 +232,18 @@ def options_with_adapter(name: str, adapter: Adapter, given: dict[str, Any]) -> 
     return adapter.options | given
 
 
+def check_state_kind(method: Method, lm: LoadedModel, adapter: Adapter) -> None:
+    """Refuse an adapter of another method whose trainable state has nothing in common with ``method``'s (an
+    ``icformer`` former given to ``ccm-concat``), naming both methods; kindred states (a ``ccm-concat`` adapter for
+    ``ccm-merge``) pass, and their options are compared next."""
+    module = method.module_for(lm)
+    if adapter.method != method.name and module is not None and not set(module.state_dict()) & set(adapter.tensors):
+        raise AdapterMismatchError(
+            f"{adapter.path} is a {adapter.method} adapter, and {method.name} cannot start from it (their trainable "
+            f"states differ); give a {method.name} adapter"
+        )
+
+
 def load_adapter(method: Method, lm: LoadedModel, adapter: Adapter) -> None:
     """Fill ``method``'s trainable state for ``lm`` from ``adapter``; refuse one made for another model."""
     if adapter.model != lm.fingerprint:

@@ -259,6 +259,12 @@ def test_init_from_starts_from_an_adapter_and_refuses_one_of_another_shape(tmp_p
         train(_config(tmp_path / "c", f"init_from={first.output}", "method.lora_rank=4"), lm=tiny_model())
     with pytest.raises(ConfigError, match="ships no ccm-concat adapter for tiny"):
         train(_config(tmp_path / "d", "init_from=shipped"), lm=tiny_model())
+    # another method's adapter with nothing of this state: said so, not blamed on an option it does not have
+    for preset, options in (("icformer-finetune", "method.num_hidden_layers=1"), ("icformer-finetune", "train.seed=0")):
+        with pytest.raises(ConfigError, match=r"is a ccm-concat adapter, and icformer cannot start from it"):
+            train(_config(tmp_path / "e", f"init_from={first.output}", options, preset=preset), lm=tiny_model())
+    with pytest.raises(AdapterMismatchError, match=r"was trained for method 'ccm-concat', not 'icformer'"):
+        load(tiny_model(), "icformer", adapter=first.output)
     # shipped:NAME: another of the model's shipped adapters (a merge run from the concat one); the error lists them
     with pytest.raises(ConfigError, match=r"init_from=shipped:ccm-merge: ccmem ships no ccm-merge adapter .*: nothing"):
         train(_config(tmp_path / "d", "init_from=shipped:ccm-merge"), lm=tiny_model())

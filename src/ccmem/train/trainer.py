@@ -32,6 +32,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, Traini
 
 from ccmem.adapter import (
     AdapterMismatchError,
+    check_state_kind,
     load_adapter,
     read_adapter,
     save_adapter,
@@ -469,6 +470,7 @@ def init_state(method: Method, lm: LoadedModel, source: str) -> None:
     path = init_path(lm, method, source)
     try:
         adapter = read_adapter(path)
+        check_state_kind(method, lm, adapter)
         ours = method.options()
         theirs = trained_options(adapter, method)
         differing = {
