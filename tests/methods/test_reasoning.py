@@ -361,6 +361,27 @@ def test_the_policy_table_runs_every_policy_on_the_same_problems(tmp_path):
         parse_policy("sometimes")
 
 
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"policies": []}, "policies names no policy"),
+        ({"policies": ["none", "classifier:1.5"]}, r"policy 'classifier:1.5': threshold must be in \(0, 1\)"),
+        ({"policies": ["interval:abc"]}, "'abc' is not a whole number of tokens"),
+        ({"policies": ["classifier:high"]}, r"'high' is not a threshold in \(0, 1\)"),
+        ({"data": "EMPTY"}, "no GSM8K problem in"),
+    ],
+)
+def test_the_policy_table_refuses_what_would_fail_before_any_work(tmp_path, changes, message):
+    """Checked before the model loads: a bad last policy must not cost the runs of the ones before it."""
+    from ccmem.repro.gsm8k import GSM8KSettings
+
+    (tmp_path / "empty.jsonl").write_text("")
+    if changes.get("data") == "EMPTY":
+        changes = {"data": str(tmp_path / "empty.jsonl")}
+    with pytest.raises(ValueError, match=message):
+        GSM8KSettings(**changes).check()
+
+
 def test_a_policy_that_never_fires_says_the_memory_stayed_raw(tmp_path):
     """A step longer than the whole generation: no <COMP> is ever inserted, and the row and table say so."""
     from ccmem.adapter import save_adapter

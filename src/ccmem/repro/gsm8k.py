@@ -28,10 +28,14 @@ DEFAULT_POLICIES = ("none", "interval:32", "newline", "classifier:0.5", "classif
 def parse_policy(text: str) -> dict[str, Any]:
     """``"classifier:0.7"`` -> ``{"policy": "classifier", "threshold": 0.7}`` (the method's options)."""
     name, _, value = text.partition(":")
-    if name == "interval":
-        return {"policy": "interval", "interval": int(value or 32)}
-    if name == "classifier":
-        return {"policy": "classifier", "threshold": float(value or 0.5)}
+    try:
+        if name == "interval":
+            return {"policy": "interval", "interval": int(value or 32)}
+        if name == "classifier":
+            return {"policy": "classifier", "threshold": float(value or 0.5)}
+    except ValueError:
+        kind = "a whole number of tokens" if name == "interval" else "a threshold in (0, 1)"
+        raise ValueError(f"policy {text!r}: {value!r} is not {kind} (e.g. interval:32, classifier:0.5)") from None
     if name in ("none", "newline") and not value:
         return {"policy": name}
     raise ValueError(f"unknown policy {text!r}; use none, interval:N, newline or classifier:TAU")
@@ -51,13 +55,25 @@ class GSM8KSettings:
     options: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
+        """Refuse, before the model loads, what would fail later: a policy or option the method refuses (a
+        threshold outside (0, 1), ...), no policy at all, a data file with no problem."""
+        from ccmem.registry import get_method
+
+        if not self.policies:
+            raise ValueError("policies names no policy; use none, interval:N, newline or classifier:TAU")
         for p in self.policies:
-            parse_policy(p)
+            options = self.options | parse_policy(p)
+            try:
+                get_method("ccm-reason", **options)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"policy {p!r}: {err}") from None
         if self.n < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError(
                 f"n, max_new_tokens and batch_size must be at least 1, got {self.n}, {self.max_new_tokens}, "
                 f"{self.batch_size}"
             )
+        if self.data and not problems(self):
+            raise ValueError(f"no GSM8K problem in {self.data}")
 
     @property
     def data_name(self) -> str:
@@ -158,7 +174,8 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
             else ""
         )
         + f", greedy, up to {rows[0]['max_new_tokens']} new tokens, "
-        f"{rows[0].get('batch_size', 1)} problems decoded together (time per problem: a batch's time / its size).",
+        f"{min(rows[0].get('batch_size', 1), rows[0]['problems'])} problems decoded together (time per problem: a "
+        "batch's time / its size).",
         "",
         "| policy | accuracy | <COMP> insertions | peak KV MB | s / problem | classifier share | memory stayed raw |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -176,10 +193,10 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
                 continue
             saving = 1 - r["peak_kv_mb"] / base["peak_kv_mb"]
             time_ratio = r["seconds_per_problem"] / base["seconds_per_problem"] if base["seconds_per_problem"] else 0
-            drop = (base["accuracy"] - r["accuracy"]) / base["accuracy"] if base["accuracy"] else 0.0
+            drop = f"{(base['accuracy'] - r['accuracy']) / base['accuracy']:.0%}" if base["accuracy"] else "n/a"
             lines.append(
                 f"- {r['policy']}: peak KV {saving:+.0%} saved, time x{time_ratio:.2f}, relative accuracy drop "
-                f"{drop:.0%} (the fork: 24% at 29% saved, time x2.16)"
+                f"{drop} (the fork: 24% at 29% saved, time x2.16)"
             )
     return "\n".join(lines) + "\n"
 
