@@ -65,10 +65,15 @@ def test_read_split_holds_out_the_last_of_train_for_validation(tmp_path):
     assert [p.id for p in parts["validation"]] == ["train-3", "train-4"]  # traceable to train.jsonl's records
     assert all(p.split == s for s, ps in parts.items() for p in ps)
     assert len(parts["test"]) == 5
-    # The official repository's layout, one folder up, is found too; a single file is read whole.
+    # The official repository's layout, one folder up, is found too. A single file is read whole for test, and
+    # split for training: it never validates on the problems it trains on.
     shutil.copytree(FIXTURE, tmp_path / "grade_school_math" / "data")
     assert read_split(tmp_path, "test") == parts["test"]
-    assert [p.split for p in read_split(FIXTURE / "train.jsonl", "validation")] == ["validation"] * 5
+    assert [p.question for p in read_split(FIXTURE / "train.jsonl", "test")] == [p.question for p in train]
+    sides = [read_split(FIXTURE / "train.jsonl", s) for s in ("train", "validation")]
+    assert [len(s) for s in sides] == [4, 1] and not {p.question for p in sides[0]} & {p.question for p in sides[1]}
+    assert [p.split for p in sides[1]] == ["validation"]
+    assert len(read_split(FIXTURE / "train.jsonl", "train", n_validation=0)) == 5  # validated on another file
     with pytest.raises(ValueError, match="too few to hold out 500"):
         read_split(FIXTURE, "train")
     with pytest.raises(ValueError, match="split must be one of"):

@@ -216,17 +216,18 @@ def read_split(
     ``n_validation`` problems of ``train.jsonl``, in file order, and ``train`` is the problems before them
     (``n_validation=0``: all of them, the validation problems being read from another file).
     With ``train_ratio``, ``train`` is that share of ``train.jsonl`` and validation the rest instead, drawn
-    with ``seed`` (:func:`hold_out`). A file is read whole, whatever ``split`` says, unless ``train_ratio``
-    splits it into ``train`` and ``validation`` as it would ``train.jsonl``; its problems are labelled ``split``.
+    with ``seed`` (:func:`hold_out`). A file is read whole for ``test``; for ``train`` and ``validation`` it is
+    split as ``train.jsonl`` would be with ``train_ratio`` (default :data:`FILE_TRAIN_RATIO`), so that training
+    never validates on its own problems (``n_validation=0``, validation read from another file: all of it).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     check_train_ratio(train_ratio)
     root = Path(folder_or_file)
     if not root.is_dir():
-        if train_ratio is not None and split != "test":
-            return _side(hold_out(read_jsonl(root), train_ratio, seed), split)
-        return [replace(p, split=split) for p in read_jsonl(root)]
+        if split == "test" or (n_validation == 0 and split == "train"):
+            return [replace(p, split=split) for p in read_jsonl(root)]
+        return _side(hold_out(read_jsonl(root), train_ratio or FILE_TRAIN_RATIO, seed), split)
     name = "test.jsonl" if split == "test" else "train.jsonl"
     folder = next((d for d in (root, root / "data", root / "grade_school_math" / "data") if (d / name).is_file()), root)
     if split == "test":
@@ -246,6 +247,10 @@ def read_split(
         )
     chosen = problems[-n_validation:] if split == "validation" else problems[:-n_validation]
     return [replace(p, split=split) for p in chosen]
+
+
+#: the share of a single file's problems trained on when no ``train_ratio`` is given (the rest: validation)
+FILE_TRAIN_RATIO = 0.9
 
 
 def check_train_ratio(train_ratio: float | None, name: str = "train_ratio") -> None:

@@ -200,8 +200,9 @@ def _gsm8k(cfg: DataConfig, split: str) -> list[MemoryExample]:
     instead, as for the other datasets read from files, and then all of ``train.jsonl`` trains.
     """
     if cfg.eval_path:
-        if split != "train":
-            return gsm8k.examples(gsm8k.read_split(cfg.eval_path, split))
+        if split != "train":  # a file: all of it validates and tests (read_split splits a file only for training)
+            whole = split if Path(cfg.eval_path).is_dir() else "test"
+            return gsm8k.examples([dataclasses.replace(p, split=split) for p in gsm8k.read_split(cfg.eval_path, whole)])
         if cfg.path:  # validation is read from eval_path: every problem of train.jsonl trains
             return gsm8k.examples(gsm8k.read_split(cfg.path, split, n_validation=0))
     if cfg.path:
