@@ -42,6 +42,18 @@ def test_pwc_and_pile_files_are_read_in_their_own_format():
     assert answers == ["As early as the 7th century BC.", "In the leaves of plants."]
 
 
+def test_a_single_pwc_file_is_read_whole_for_test_and_split_for_training(tmp_path):
+    records = [{"input": f"context {i}", "prompt": f"q{i}?", "answer": f"a{i}"} for i in range(40)]
+    path = tmp_path / "one.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    test = load_examples(DataConfig(dataset="pwc", path=str(path), n_eval=100), "test")
+    assert [e.answer for e in test] == [r["answer"] for r in records]  # every record is evaluated
+    sides = [load_examples(DataConfig(dataset="pwc", path=str(path), n_train=0, n_eval=100), s)
+             for s in ("train", "validation")]  # fmt: skip
+    assert len(sides[0]) + len(sides[1]) == 40 and sides[1] and len(sides[1]) < len(sides[0])
+    assert not {e.answer for e in sides[0]} & {e.answer for e in sides[1]}
+
+
 @pytest.mark.parametrize(
     ("record", "message"),
     [

@@ -5,8 +5,10 @@
 * **PwC** (``{"input": context, "prompt": ..., "answer": ...}`` per line, sggetao/PwC; instruction finetuning and
   generation): the context is compressed, the prompt is the query, the answer is trained on / generated.
 
-A single file holds every split unless a folder gives ``train``/``validation``/``test`` files; then records are
-assigned to splits by a hash of their line, so no record is in two splits. Errors name the file, line and field.
+A folder gives ``train``/``validation``/``test`` files. A single file is read whole as the test split (what
+``ccmem eval`` and ``ccmem generate`` read), and for training its records are assigned to train or validation by
+a hash of their line (1 in 10 validates), so training never validates on what it trains on. Errors name the
+file, line and field.
 
 Offline, :func:`generate` writes PwC records from the packaged Wikipedia summaries (``passages.articles``):
 one or two articles as the context, and a prompt of one of several kinds (describe, title, continue a quote,
@@ -57,7 +59,13 @@ def _records(path: Path, split: str) -> list[tuple[str, dict[str, Any]]]:
                 raise
             return list(jsonl_records(path / "val.jsonl"))
     every = list(jsonl_records(path))
-    return [(where, r) for where, r in every if document_split(f"{path.name}:{where.rsplit(':', 1)[1]}") == split]
+    if split == "test":
+        return every
+
+    def side(where: str) -> str:
+        return "validation" if document_split(f"{path.name}:{where.rsplit(':', 1)[1]}") == "validation" else "train"
+
+    return [(where, r) for where, r in every if side(where) == split]
 
 
 def _text(record: dict[str, Any], key: str, where: str, *, allow_empty: bool = False) -> str:

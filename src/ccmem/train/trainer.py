@@ -205,6 +205,12 @@ class JsonlLogger(TrainerCallback):
 def samples_for(lm: LoadedModel, config: TrainConfig, method: Method, split: str) -> list[Sample]:
     """Tokenized samples of ``split``; ones longer than ``data.max_length`` once laid out are skipped (warned)."""
     examples = load_examples(config.data, split)
+    if not examples:
+        where = f" at {config.data.path}" if config.data.path else ""
+        raise ConfigError(
+            f"the {split} split of {config.data.dataset}{where} holds no example; give more data, or a folder with "
+            f"train/validation files (data.eval_path names the validation file)"
+        )
     samples = [to_sample(lm.tokenizer, e, system=config.data.system) for e in examples]
     kept = [s for s in samples if method.sample_length(s) <= config.data.max_length]
     if len(kept) < len(samples):
