@@ -149,6 +149,24 @@ def test_generate_answers_every_pwc_record_into_the_output_file(tmp_path):
     assert all(0 <= r["rouge_l"] <= 1 and r["memory_slots"] == 4 + 1 for r in rows)
 
 
+def test_pile_documents_are_evaluated_as_continuations(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    from tests.unit.test_cli import run_cli
+
+    examples = pwc.pile(Path(f"{FIXTURES}/pile/train.jsonl"), "test")  # a single file: all of it tests
+    records = [json.loads(line)["text"] for line in Path(f"{FIXTURES}/pile/train.jsonl").read_text().splitlines()]
+    assert len(examples) == len(records)
+    for e, text in zip(examples, records, strict=True):
+        assert text.startswith(e.context[0] + e.query + e.answer) and e.answer.strip() and not e.options
+        assert len(e.context[0]) <= pwc.PILE_CONTEXT_CHARS and len(e.answer) <= pwc.PILE_ANSWER_CHARS
+    out = tmp_path / "rows.jsonl"
+    code, text = run_cli(monkeypatch, capsys, "eval", "pile", "--path", f"{FIXTURES}/pile/train.jsonl", "--model",
+                         str(tiny_model_dir), "--methods", "none,full", "--n", "4", "--out", str(out))  # fmt: skip
+    assert code == 0, text
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["none", "full"] and all(r["perplexity"] > 1 for r in rows)
+    assert all(r["examples"] == 4 and r["accuracy"] is None for r in rows)
+
+
 def test_ccmem_generate_command_writes_the_output_file(monkeypatch, capsys, tmp_path, tiny_model_dir):
     from tests.unit.test_cli import run_cli
 

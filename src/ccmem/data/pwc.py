@@ -77,12 +77,35 @@ def _text(record: dict[str, Any], key: str, where: str, *, allow_empty: bool = F
     return value
 
 
+#: a Pile document evaluated (the test split): up to this many characters compressed, then the continuation scored
+PILE_CONTEXT_CHARS = 1600  # ~400 tokens: under IC-Former's max_seq_len of 512
+PILE_ANSWER_CHARS = 400
+
+
 def pile(path: Path, split: str) -> list[MemoryExample]:
-    """Pile documents (``text``) as single-segment contexts, for pretraining."""
-    return [
-        MemoryExample(where, [_text(r, "text", where)], "", "", chat=False, task="pile")
-        for where, r in _records(path, split)
-    ]
+    """Pile documents (``text``) as single-segment contexts, for pretraining (the method cuts them into what it
+    compresses and what it predicts). The test split is evaluated as continuation: up to
+    :data:`PILE_CONTEXT_CHARS` of a document's start compressed, its next word read as the query and the
+    :data:`PILE_ANSWER_CHARS` after it scored (perplexity); documents too short for that are left out."""
+    records = [(where, _text(r, "text", where)) for where, r in _records(path, split)]
+    if split != "test":
+        return [MemoryExample(where, [text], "", "", chat=False, task="pile") for where, text in records]
+    return [e for e in (_continuation(where, text) for where, text in records) if e is not None]
+
+
+def _continuation(where: str, text: str) -> MemoryExample | None:
+    text = text.strip()
+    cut = text.rfind(" ", 0, min(PILE_CONTEXT_CHARS, len(text) * 3 // 4))  # at a word, a quarter left at least
+    word = re.match(r"\s*\S+", text[cut:]) if cut > 0 else None
+    if word is None:
+        return None
+    rest = text[cut + word.end() :]
+    answer = rest[:PILE_ANSWER_CHARS]
+    if len(rest) > PILE_ANSWER_CHARS and " " in answer.strip():
+        answer = answer[: answer.rstrip().rfind(" ")]  # end at a word
+    if not answer.strip():
+        return None
+    return MemoryExample(where, [text[:cut]], word.group(0), answer, chat=False, task="pile")
 
 
 def pwc_example(where: str, record: dict[str, Any]) -> MemoryExample:
