@@ -553,6 +553,8 @@ def generate(
     from ccmem.eval.generate import generate_file
 
     records = read_pwc(test_file)
+    if not records:
+        raise OptionError(f"{test_file} holds no record; give a PwC jsonl file (input, prompt, answer per line)")
     session = _session(model, method, adapter, _options(None, None, option), system or None, stage1, attn)
     with console.status(f"answering {len(records)} records..."):
         rows = generate_file(session, records, output, max_new_tokens=max_new_tokens)

@@ -147,6 +147,19 @@ def test_generate_answers_every_pwc_record_into_the_output_file(tmp_path):
     written = [json.loads(line) for line in (tmp_path / "out" / "answers.jsonl").read_text().splitlines()]
     assert written == rows and [r["answer"] for r in rows] == [r["answer"] for r in records]
     assert all(0 <= r["rouge_l"] <= 1 and r["memory_slots"] == 4 + 1 for r in rows)
+    assert [r["id"] for r in rows] == [0, 1]  # the fixture's records carry no id: their place in the file
+
+
+def test_generate_keeps_record_ids_and_the_answers_before_a_record_that_fails(tmp_path):
+    from ccmem.eval.generate import generate_file
+
+    session = load(tiny_model(positions=512), "icformer", system_prompt=None, num_query_tokens=4, max_seq_len=40)
+    ok = {"input": "w1 w2 w3", "prompt": "w4", "answer": "w5"}
+    records = [ok | {"id": "q-17"}, ok | {"id": 3}, ok | {"input": "w " * 60}]  # the last: over max_seq_len
+    with pytest.raises(ValueError, match=r"record 3 \(id 2\): .*max_seq_len=40.*\(the 2 answers before it are in"):
+        generate_file(session, records, tmp_path / "answers.jsonl", max_new_tokens=2)
+    written = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in written] == ["q-17", 3]
 
 
 def test_pile_documents_are_evaluated_as_continuations(monkeypatch, capsys, tmp_path, tiny_model_dir):
@@ -179,6 +192,9 @@ def test_ccmem_generate_command_writes_the_output_file(monkeypatch, capsys, tmp_
     )  # fmt: skip
     assert code == 0, text
     assert "2 answers" in text and len(out.read_text().splitlines()) == 2
+    (tmp_path / "empty.jsonl").write_text("")
+    code, text = run_cli(monkeypatch, capsys, "generate", str(tmp_path / "empty.jsonl"), "--model", "no-such-model")
+    assert code == 2 and "empty.jsonl holds no record" in " ".join(text.split())
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"input": "w1", "prompt": "w2"}) + "\n")
     code, text = run_cli(monkeypatch, capsys, "generate", str(bad), "--model", str(tiny_model_dir))

@@ -133,7 +133,7 @@ def read_pwc(path: Path) -> list[dict[str, Any]]:
     out = []
     for where, record in jsonl_records(path):
         pwc_example(where, record)  # checks every field, the optional options too
-        out.append({key: record[key] for key in (*PWC_FIELDS, "options") if key in record})
+        out.append({key: record[key] for key in ("id", *PWC_FIELDS, "options") if key in record})
     return out
 
 

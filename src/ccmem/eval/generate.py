@@ -22,7 +22,9 @@ from ccmem.fileio import atomic_path
 def answer_records(
     session: CompressedLM, records: Sequence[dict[str, str]], *, max_new_tokens: int = 256
 ) -> Iterator[dict[str, Any]]:
-    """One output row per PwC record (``input``, ``prompt``, ``answer``), in order."""
+    """One output row per PwC record (``input``, ``prompt``, ``answer``), in order; its ``id`` is the record's own
+    when it has one, else its place in the file (0 for the first). A record that cannot be answered (a context too
+    long for the method) raises :class:`ValueError` naming it."""
     tokenizer = session.lm.tokenizer
     stops = set(session.format.stop_ids())
     if getattr(tokenizer, "eos_token_id", None) is not None:
@@ -30,7 +32,10 @@ def answer_records(
     for i, record in enumerate(records):
         example = pwc_example(f"record {i + 1}", record)
         query = to_sample(tokenizer, example, system=session.system_prompt)
-        read_context(session, example)
+        try:
+            read_context(session, example)
+        except ValueError as err:
+            raise ValueError(f"record {i + 1} (id {record.get('id', i)!r}): {err}") from None
         tokens: list[int] = []
         with torch.no_grad():
             for token in session.stream_ids(query.tail[: query.answer_start], max_new_tokens, stop_ids=stops):
@@ -39,7 +44,7 @@ def answer_records(
                 tokens.append(token)
         output = str(tokenizer.decode(tokens, skip_special_tokens=True)).strip()
         yield {
-            "id": i,
+            "id": record.get("id", i),
             "prompt": record["prompt"],
             "answer": record["answer"],
             "output": output,
@@ -56,13 +61,24 @@ def generate_file(
     max_new_tokens: int = 256,
     progress: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Answer ``records`` and write them to ``output`` (JSON lines, written atomically); return the rows."""
-    rows = []
-    for row in answer_records(session, records, max_new_tokens=max_new_tokens):
-        rows.append(row)
-        if progress:
-            progress(len(rows))
+    """Answer ``records`` and write them to ``output`` (JSON lines, written atomically); return the rows. If a
+    record fails, the answers before it are written (and the error, naming the record, says so)."""
+    rows: list[dict[str, Any]] = []
+    try:
+        for row in answer_records(session, records, max_new_tokens=max_new_tokens):
+            rows.append(row)
+            if progress:
+                progress(len(rows))
+    except ValueError as err:
+        if not rows:
+            raise
+        _write(rows, output)
+        raise ValueError(f"{err} (the {len(rows)} answers before it are in {output})") from None
+    _write(rows, output)
+    return rows
+
+
+def _write(rows: Sequence[dict[str, Any]], output: Path) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(output) as tmp:
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return rows
