@@ -518,12 +518,10 @@ def load(
         load_adapter(compression, lm, found)
     else:
         compression = get_method(method, **method_options)
-        if cls.needs_adapter:
-            logger.warning(
-                "no trained adapter for %s with %s: it runs untrained, answers will not use the context",
-                lm.name,
-                method,
-            )
     compression.check_model(lm)  # a decoder-only method on an encoder-decoder model, before any work
     check_attention(lm, compression)
+    if found is None and cls.needs_adapter:  # said once the model is known to be one the method runs on
+        logger.warning(
+            "no trained adapter for %s with %s: it runs untrained, answers will not use the context", lm.name, method
+        )
     return CompressedLM(lm, compression, system_prompt=system_prompt, sink=sink, adapter=found)

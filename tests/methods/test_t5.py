@@ -213,11 +213,12 @@ def test_the_memory_keeps_encoder_layers_and_only_the_encoder_is_adapted():
 
 
 @pytest.mark.parametrize("name", sorted(n for n, c in method_classes().items() if not c.encoder_decoder))
-def test_a_decoder_only_method_refuses_an_encoder_decoder_model(name):
+def test_a_decoder_only_method_refuses_an_encoder_decoder_model(name, caplog):
     with pytest.raises(
         ValueError, match=rf"method {name!r} works on decoder-only models.*encoder-decoder model \(t5\)"
     ):
         ccmem.load(tiny_model("t5"), name, system_prompt=None)  # refused at load, before any context is read
+    assert "no trained adapter" not in caplog.text  # no advice about adapters for a model it cannot run on
     method = get_method(name)
     with pytest.raises(ValueError, match="works on decoder-only models"), method.attached(tiny_model("t5")):
         pass
