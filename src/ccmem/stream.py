@@ -126,9 +126,9 @@ class StreamLayout:
             raise StreamOptionError("sink + comp_slots + window keep nothing; give the window at least one token")
         if limit is not None and not self.grow and self.positions_needed > limit:
             raise StreamOptionError(
-                f"sink {self.sink} + comp_slots {self.comp_slots} + window {self.window} + block {self.block} need "
-                f"{self.positions_needed} positions, more than the {limit} allowed (max_positions); lower window, "
-                "comp_slots or block, or raise max_positions"
+                f"{self.kept_slots} slots kept (sink + comp_slots + window, shared alike by every method) and a "
+                f"block of {self.block} need {self.positions_needed} positions, more than the {limit} allowed "
+                "(max_positions); lower window, comp_slots or block, or raise max_positions"
             )
 
 
