@@ -117,6 +117,26 @@ def test_malformed_files_name_file_line_and_field(tmp_path):
         load_examples(DataConfig(dataset="lamp2", path=str(lamp)), "validation")
 
 
+def test_dialog_releases_are_found_in_their_own_folder_layouts(tmp_path):
+    """DailyDialog's release: split folders with the dialogues beside their act and emotion annotations (which sort
+    first); Hugging Face's parquet export: the split only in the folder name (default/test/0000.parquet)."""
+    raw = (FIXTURES / "dailydialog_raw" / "dialogues_test.txt").read_text()
+    release = tmp_path / "release" / "test"
+    release.mkdir(parents=True)
+    (release / "dialogues_test.txt").write_text(raw)
+    (release / "dialogues_act_test.txt").write_text("1 2 3\n" * raw.count("\n"))
+    (release / "dialogues_emotion_test.txt").write_text("0 0 0\n" * raw.count("\n"))
+    expected = load_examples(DataConfig(dataset="dailydialog", path=str(FIXTURES / "dailydialog_raw")), "test")
+    found = load_examples(DataConfig(dataset="dailydialog", path=str(tmp_path / "release")), "test")
+    assert expected and [(e.context, e.answer) for e in found] == [(e.context, e.answer) for e in expected]
+    hub = tmp_path / "hub" / "default" / "validation"
+    hub.mkdir(parents=True)
+    shutil.copy(FIXTURES / "dailydialog" / "validation.parquet", hub / "0000.parquet")
+    expected = load_examples(DataConfig(dataset="dailydialog", path=str(FIXTURES / "dailydialog")), "validation")
+    found = load_examples(DataConfig(dataset="dailydialog", path=str(tmp_path / "hub")), "validation")
+    assert expected and [(e.context, e.answer) for e in found] == [(e.context, e.answer) for e in expected]
+
+
 def test_missing_paths_and_unknown_datasets_are_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"data.path .* does not exist"):
         load_examples(DataConfig(dataset="soda", path=str(tmp_path / "nope")), "train")

@@ -79,14 +79,21 @@ def field_of(record: dict[str, Any], key: str, kind: type, where: str) -> Any:
 
 
 def split_file(folder: Path, split: str, suffixes: tuple[str, ...] = (".jsonl", ".json", ".parquet", ".txt")) -> Path:
-    """The file for ``split`` in ``folder`` (names like train.jsonl, validation-00000.parquet, dialogues_dev.txt)."""
+    """The file for ``split`` in ``folder``: names like train.jsonl, validation-00000.parquet, dialogues_dev.txt, or
+    else a split folder (Hugging Face's default/test/0000.parquet). DailyDialog's annotation files beside the
+    dialogues (dialogues_act_test.txt, dialogues_emotion_test.txt) are never taken for them."""
     if folder.is_file():
         return folder
     names = SPLIT_NAMES[split]
-    found = sorted(
-        p
-        for p in folder.rglob("*")
-        if p.suffix in suffixes and any(re.search(rf"(^|[_\-/.]){n}([_\-.]|$)", p.name) for n in names)
+    candidates = [
+        p for p in folder.rglob("*") if p.suffix in suffixes and not re.search(r"(^|_)(act|emotion)_", p.name)
+    ]
+
+    def named(text: str) -> bool:
+        return any(re.search(rf"(^|[_\-/.]){n}([_\-./]|$)", text) for n in names)
+
+    found = sorted(p for p in candidates if named(p.name)) or sorted(
+        p for p in candidates if named(p.relative_to(folder).as_posix())
     )
     if not found:
         raise FileNotFoundError(f"no {split} file ({'/'.join(names)} with {', '.join(suffixes)}) in {folder}")
