@@ -315,9 +315,11 @@ def score_batch(
     item is a row of one padded forward (each row reads its own memory, as :func:`ccmem.methods.base.read_batch`)."""
     if reduce not in SCORE_REDUCTIONS:
         raise ValueError(f"reduce must be one of {SCORE_REDUCTIONS}, got {reduce!r}")
-    for _, _, options in items:
+    for _, query, options in items:
         if not options or any(len(o) == 0 for o in options):
             raise ValueError("give at least one option, and no empty option")
+        if len(query) == 0 and not lm.is_encoder_decoder:  # T5's decoder starts from its own start token
+            raise ValueError("give a query of at least one token: an option's first token is predicted from it")
     picked = _seq2seq_logprobs(lm, method, items) if lm.is_encoder_decoder else _decoder_logprobs(lm, method, items)
     flat = [float(p.sum() if reduce == "sum" else p.mean()) for p in picked]
     out, at = [], 0

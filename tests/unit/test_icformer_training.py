@@ -180,6 +180,22 @@ def test_pile_documents_are_evaluated_as_continuations(monkeypatch, capsys, tmp_
     assert all(r["examples"] == 4 and r["accuracy"] is None for r in rows)
 
 
+def test_continuations_without_a_query_are_scored_and_documents_without_an_answer_refused(tmp_path):
+    """``ccmem eval pretrain``: the next segment has no query before it (its first token is read as one); a pile
+    document of the training split has no answer at all (said, not a torch error)."""
+    from ccmem.eval.harness import evaluate
+
+    session = load(tiny_model(positions=2048), "full", system_prompt=None)
+    every = load_examples(DataConfig(dataset="pretrain", path=f"{FIXTURES}/pretrain", k=2), "train")
+    examples = [e for e in every if e.query == ""][:3]  # the plain-text documents' (the dialogs have a query)
+    assert len(examples) == 3
+    row = evaluate(session, examples, dataset="pretrain", split="train")
+    assert row.perplexity is not None and row.perplexity > 1 and row.examples == 3
+    documents = pwc.pile(Path(f"{FIXTURES}/pile/train.jsonl"), "train")
+    with pytest.raises(ValueError, match=r"has no answer to score .*--split test"):
+        evaluate(session, documents, dataset="pile", split="train")
+
+
 def test_ccmem_generate_command_writes_the_output_file(monkeypatch, capsys, tmp_path, tiny_model_dir):
     from tests.unit.test_cli import run_cli
 

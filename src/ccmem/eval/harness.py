@@ -200,6 +200,30 @@ def check_options_apply(names: Sequence[str], options: dict[str, Any]) -> None:
         )
 
 
+Scored = tuple[list[int], list[int], list[list[int]]]  # query, answer, options (token ids)
+
+
+def _scored(session: CompressedLM, example: MemoryExample, sample: Sample) -> Scored:
+    """What is scored for ``example``: the query's token ids, the answer's and the options' (the answer alone when
+    it has none). A continuation without a query (a pretraining document's next segment) reads the answer's first
+    token as its query, since nothing before it in the input predicts it; the rest is scored."""
+    query = list(sample.tail[: sample.answer_start])
+    answer = _encode(session, example.answer)
+    if not answer:
+        raise ValueError(
+            f"example {example.id!r} has no answer to score (a pretraining document of a train or validation split?); "
+            "evaluate a split whose examples have answers (--split test)"
+        )
+    if not query and not example.options and not session.lm.is_encoder_decoder:  # T5's decoder has a start token
+        query, answer = answer[:1], answer[1:]
+        if not answer:
+            raise ValueError(
+                f"example {example.id!r}: a one-token continuation without a query leaves nothing to score"
+            )
+    options = [_encode(session, o) for o in example.options] if example.options else [answer]
+    return query, answer, options
+
+
 def evaluate(
     session: CompressedLM,
     examples: Sequence[MemoryExample],
@@ -233,9 +257,7 @@ def evaluate(
     by_group: dict[str, dict[str, list[float]]] = {}  # "distance" -> "2-4" -> correct flags
     with torch.no_grad():
         for i, (example, sample) in enumerate(zip(examples, samples, strict=True)):
-            query = sample.tail[: sample.answer_start]
-            answer = _encode(session, example.answer)
-            options = [_encode(session, o) for o in example.options] if example.options else [answer]
+            query, answer, options = _scored(session, example, sample)
             if i % step == 0:  # compress the next group of contexts (and, batched, score its options)
                 t0 = time.perf_counter()
                 if batched:
@@ -250,11 +272,8 @@ def evaluate(
                     memories = [c.expanded() for c in stored]
                     held = [c.nbytes for c in stored]
                 if batched:
-                    group = list(zip(examples[i : i + step], samples[i : i + step], memories, strict=True))
-                    items = [
-                        (m, s.tail[: s.answer_start], [_encode(session, o) for o in (e.options or [e.answer])])
-                        for e, s, m in group
-                    ]
+                    group = zip(examples[i : i + step], samples[i : i + step], memories, strict=True)
+                    items = [(m, q, opts) for e, s, m in group for q, _, opts in [_scored(session, e, s)]]
                     group_scores = score_batch(session.lm, session.method, items, reduce=settings.score)
             session.memory = memories[i % step]
             tokens.append(sum(len(c) for c in sample.chunks))
