@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from ccmem.eval import compare as compare_module
 from ccmem.eval.compare import CompareSettings, grid, run_decode_speed, run_grid
@@ -106,6 +107,33 @@ def test_compare_command_line(monkeypatch, capsys, tmp_path, tiny_model_dir):
     assert code == 2 and "method 'knorm' takes no adapter" in " ".join(text.split())
 
 
+def test_a_rerun_keeps_cells_that_share_a_cached_row_and_remeasures_changed_weights(tmp_path, monkeypatch):
+    from ccmem.adapter import save_adapter
+    from ccmem.registry import get_method
+    from tests.conftest import randomize_lora
+
+    lm = tiny_model(positions=8192)
+    method = get_method("ccm-concat")
+    randomize_lora(method, lm)
+    path = str(save_adapter(method, lm, tmp_path / "a.safetensors"))
+    settings = CompareSettings(
+        methods=["none", "ccm-concat", "ccm-concat@dup"], adapters={"ccm-concat": path, "ccm-concat@dup": path},
+        tasks=["persona"], n=2, system="Hi.", decode_lengths=[],
+    )  # fmt: skip
+    names = [[r.extra.get("variant", r.method) for r in run_grid(lm, settings, tmp_path)] for _ in range(2)]
+    assert names[0] == names[1] == ["none", "ccm-concat", "ccm-concat@dup"]  # one cached row, two cells
+
+    def evaluated(*args, **kwargs):
+        raise RuntimeError("evaluated")
+
+    monkeypatch.setattr(compare_module, "evaluate", evaluated)
+    list(run_grid(lm, settings, tmp_path))  # the same weights: every cell cached
+    with torch.no_grad():
+        lm.model.get_input_embeddings().weight.mul_(2)  # other weights under the same name: measured anew
+    with pytest.raises(RuntimeError, match="evaluated"):
+        list(run_grid(lm, settings, tmp_path))
+
+
 def test_adapter_variants_run_side_by_side_with_the_gap_they_close(tmp_path):
     from ccmem.adapter import save_adapter
     from ccmem.registry import get_method
@@ -141,6 +169,9 @@ def test_adapter_variants_run_side_by_side_with_the_gap_they_close(tmp_path):
     assert slots["ccm-concat@wider"] == slots["ccm-concat"] + 2
     with pytest.raises(ValueError, match="needs an adapter"):
         CompareSettings(methods=["ccm-concat@x"], tasks=["persona"])
+    for options, variant in (({"ratio": 0.5}, {}), ({}, {"snapkv": {"max_slots": 40}})):
+        with pytest.raises(ValueError, match=r"-O (ratio|max_slots) would fix the size of snapkv, which --budgets"):
+            CompareSettings(methods=["snapkv"], tasks=["persona"], options=options, variant_options=variant)
     with pytest.raises(ValueError, match="not among the methods"):
         CompareSettings(methods=["full"], adapters={"ccm-merge@x": str(path)}, tasks=["persona"])
 

@@ -12,6 +12,7 @@ method (budgeted methods at ``decode_budget``), which is where a smaller cache p
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -34,7 +35,7 @@ from ccmem.eval.harness import (
     read_rows,
 )
 from ccmem.fileio import jsonl_records
-from ccmem.loading import LoadedModel
+from ccmem.loading import BUILTIN_MODELS, LoadedModel
 from ccmem.registry import method_class
 from ccmem.train.config import DataConfig
 
@@ -141,6 +142,18 @@ class CompareSettings:
             if name not in self.methods:
                 raise ValueError(f"options given for {name!r}, which is not among the methods compared")
             check_options_apply([base_method(name)], own)
+        for name in self.methods:  # a budgeted method's size is each column's budget: an option may not fix it
+            cls = method_class(base_method(name))
+            if not cls.budgeted:
+                continue
+            own = options_for(base_method(name), self.options) | self.variant_options.get(name, {})
+            sized = set(cls.budget_options(0.5)) | ({"max_slots"} & {spec.name for spec in cls.option_specs()})
+            clash = sorted(sized & set(own))
+            if clash:
+                raise ValueError(
+                    f"-O {clash[0]} would fix the size of {name}, which --budgets sets per column (the share of the "
+                    "context kept); give the shares with --budgets instead"
+                )
         for b in self.budgets:
             if not 0 < b <= 1:
                 raise ValueError(f"budgets are shares of the context in (0, 1], got {b}")
@@ -246,7 +259,8 @@ def run_grid(
         task = TASKS[task_name]
         examples = task_examples(task, settings.n)
         # weights with a stage-1 LoRA merged in are another model: their rows never stand in for the plain one's
-        eval_settings = settings.eval_settings(task, f"{lm.name}+stage1:{lm.stage1}" if lm.stage1 else lm.name)
+        model = model_key(lm)
+        eval_settings = settings.eval_settings(task, f"{model}+stage1:{lm.stage1}" if lm.stage1 else model)
         config_hash = eval_settings.fingerprint(task.name, len(examples))
         for cell in (c for c in grid(settings) if c.task == task_name):
             method = base_method(cell.method)
@@ -266,13 +280,21 @@ def run_grid(
             row.budget = cell.budget
             row.options = options  # a variant's own options included (the key of the cached row)
             row.extra["data_version"] = data_version(DataConfig(dataset=task.dataset, source=task.source))
-            append_row(rows_file, _as_variant(row, cell.method))
+            row = _as_variant(row, cell.method)
+            append_row(rows_file, row)
             yield row
 
 
+def model_key(lm: LoadedModel) -> str:
+    """What identifies the model in a cached row: a built-in model's name (its weights never change), else the
+    name with the weights' fingerprint, so that a folder whose weights were replaced is measured anew."""
+    return lm.name if lm.name in BUILTIN_MODELS else f"{lm.name}@{lm.fingerprint}"
+
+
 def _as_variant(row: EvalRow, name: str) -> EvalRow:
-    """``row`` named as the grid's method or variant (``ccm-concat@persona``): a cached row may have been made
-    under another name with the same adapter."""
+    """A copy of ``row`` named as the grid's method or variant (``ccm-concat@persona``): a cached row may have been
+    made under another name with the same adapter, and may stand for several cells."""
+    row = dataclasses.replace(row, extra=dict(row.extra))
     row.extra.pop("variant", None)
     if name != row.method:
         row.extra["variant"] = name
@@ -327,7 +349,7 @@ def run_decode_speed(
     """Time ``decode_tokens`` greedy tokens after each history length, per method; cached in ``decode.jsonl``."""
     path = out_dir / "decode.jsonl"
     blob = json.dumps(
-        {"lengths": list(settings.decode_lengths), "tokens": settings.decode_tokens, "model": lm.name,
+        {"lengths": list(settings.decode_lengths), "tokens": settings.decode_tokens, "model": model_key(lm),
          "budget": settings.decode_budget, "options": settings.options, "system": settings.system,
          "repeats": settings.decode_repeats},
         sort_keys=True,
