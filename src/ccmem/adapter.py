@@ -61,17 +61,25 @@ class Adapter:
         return str(self.extra.get("data") or data.get("dataset") or "?")
 
 
+def _shipped_folder(model_name: str) -> Path | None:
+    """Where ccmem's adapters for ``model_name`` lie: a plain name only (a model given as a path, say
+    ``/models/tiny``, has none; joined onto the adapters folder it would point into the model's own folder)."""
+    if not model_name or model_name != Path(model_name).name or model_name in (".", ".."):
+        return None
+    return Path(str(resources.files("ccmem") / "adapters" / model_name))
+
+
 def shipped_adapter(model_name: str, method: str) -> Path | None:
     """The adapter ccmem ships for ``(model, method)``, if any."""
-    candidate = resources.files("ccmem") / "adapters" / model_name / f"{method}.safetensors"
-    path = Path(str(candidate))
-    return path if path.is_file() else None
+    folder = _shipped_folder(model_name)
+    path = folder / f"{method}.safetensors" if folder is not None else None
+    return path if path is not None and path.is_file() else None
 
 
 def shipped_adapter_names(model_name: str) -> list[str]:
     """The adapters ccmem ships for ``model_name`` (file stems: ``ccm-concat``, ``ccm-concat-stream`` ...)."""
-    folder = Path(str(resources.files("ccmem") / "adapters" / model_name))
-    return sorted(p.stem for p in folder.glob("*.safetensors")) if folder.is_dir() else []
+    folder = _shipped_folder(model_name)
+    return sorted(p.stem for p in folder.glob("*.safetensors")) if folder is not None and folder.is_dir() else []
 
 
 def default_methods(model_name: str, kinds: tuple[str, ...] = ("baseline", "learned")) -> list[str]:

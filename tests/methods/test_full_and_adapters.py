@@ -293,3 +293,12 @@ def test_an_option_newer_than_the_adapter_counts_as_trained_at_its_default(tmp_p
     assert options_with_adapter("ccm-merge", older, {"weighting": "mean"})["weighting"] == "mean"
     with pytest.raises(AdapterMismatchError, match="trained with weighting='mean', but weighting='learned'"):
         options_with_adapter("ccm-merge", older, {"weighting": "learned"})
+
+
+def test_a_model_given_as_a_path_has_no_shipped_adapter_even_beside_its_own_weights(tmp_path):
+    """A model folder is not ccmem's adapters folder: a ``ccm-concat.safetensors`` inside it is never "shipped"."""
+    from ccmem.adapter import shipped_adapter, shipped_adapter_names
+
+    (tmp_path / "ccm-concat.safetensors").write_bytes(b"not an adapter")
+    assert shipped_adapter(str(tmp_path), "ccm-concat") is None and shipped_adapter_names(str(tmp_path)) == []
+    assert shipped_adapter("smollm2-135m", "ccm-concat") is not None  # the built-in model's still are
