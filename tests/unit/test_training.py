@@ -104,8 +104,15 @@ def test_resume_continues_where_the_run_stopped_and_ends_like_an_uninterrupted_r
 
     shutil.rmtree(run / "checkpoint-4")  # as if the session ended after step 2
     (run / "adapter.safetensors").unlink()
+    with (run / "log.jsonl").open("a") as log:
+        log.write('{"step": 4, "lo')  # a line a kill cut short, after the rows of steps 3-4 already logged
     resumed = train(config, lm=tiny_model())
     assert resumed.resumed_from and resumed.resumed_from.endswith("checkpoint-2")
+
+    def steps(run_dir):
+        return [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+    assert steps(run) == steps(full.run_dir)  # the log reads as the uninterrupted run's: no step twice
     a, b = load_file(full.output), load_file(resumed.output)
     assert a.keys() == b.keys()
     for key in a:

@@ -199,6 +199,27 @@ class JsonlLogger(TrainerCallback):
             f.write(json.dumps(row) + "\n")
 
 
+def _trim_log(path: Path, after: int) -> None:
+    """Drop the log rows of steps past ``after`` (the checkpoint a run resumes from): the steps an interrupted run
+    took beyond it are taken again, and their first rows would stand beside the new ones. A line a kill cut short
+    goes too."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if (step := _log_step(line)) is not None and step <= after]
+    if len(kept) < len(lines):
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(kept), encoding="utf-8")
+
+
+def _log_step(line: str) -> int | None:
+    """The step of a log row; None for a line that is not one (cut short)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 # ---------------------------------------------------------------------------- the run
 
 
@@ -381,6 +402,7 @@ def train(config: TrainConfig, *, lm: LoadedModel | None = None) -> TrainResult:
     )
     if resume:
         logger.info("resuming %s from %s", config.run_id, resume)
+        _trim_log(run_dir / "log.jsonl", after=int(Path(resume).name.split("-")[1]))
     _write_config(config)
     started = time.perf_counter()
     with method.attached(lm):
