@@ -24,8 +24,9 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_every_command_has_help(monkeypatch, capsys, command):
-    code, text = run_cli(monkeypatch, capsys, command, "--help")
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_every_command_has_help(monkeypatch, capsys, command, flag):
+    code, text = run_cli(monkeypatch, capsys, command, flag)
     assert code == 0
     assert "Usage: ccmem " + command in text
     if command in ("chat", "compress", "ask", "eval"):  # adapters trained on a stage-1 LoRA need it everywhere

@@ -108,6 +108,13 @@ def test_eval_then_report_from_the_command_line(monkeypatch, capsys, tmp_path, t
     assert (tmp_path / "rep" / "quality_vs_memory.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "rep" / "report.csv").read_text().count("\n") == 4
     assert markdown(read_rows([out])).count("\n") == 5
+    refused = [("bleu", "unknown metric 'bleu'; the quality metrics are accuracy"),
+               ("label", "unknown metric 'label'"), ("exact_match", "no row has exact_match")]  # fmt: skip
+    for metric, message in refused:
+        code, text = run_cli(
+            monkeypatch, capsys, "report", str(out), "--out-dir", str(tmp_path / "m"), "--metric", metric
+        )
+        assert code == 2 and message in " ".join(text.split()), text
     (tmp_path / "bad.jsonl").write_text('{"method": "full"}\n')
     code, text = run_cli(monkeypatch, capsys, "report", str(tmp_path / "bad.jsonl"))
     assert code == 2 and "bad.jsonl:1: not a ccmem eval row (missing field model" in " ".join(text.split())

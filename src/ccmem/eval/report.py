@@ -111,7 +111,11 @@ def plot(rows: Sequence[EvalRow], path: Path, metric: str | None = None) -> Path
         import matplotlib.pyplot as plt
     except ImportError:
         raise RuntimeError("the plot needs matplotlib: pip install 'ccmem[eval]'") from None
+    if metric is not None and metric not in QUALITY:
+        raise ValueError(f"unknown metric {metric!r}; the quality metrics are {', '.join(QUALITY)}")
     metric = metric or pick_metric(rows)
+    if not any(getattr(r, metric) is not None for r in rows):
+        raise ValueError(f"no row has {metric}; the rows have {pick_metric(rows)} (--metric {pick_metric(rows)})")
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for method in sorted({display_method(r) for r in rows}):
         points = sorted((r.memory_slots, getattr(r, metric)) for r in rows if display_method(r) == method)
