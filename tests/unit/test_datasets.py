@@ -117,6 +117,16 @@ def test_malformed_files_name_file_line_and_field(tmp_path):
         load_examples(DataConfig(dataset="lamp2", path=str(lamp)), "validation")
 
 
+def test_split_problems_say_what_to_do(tmp_path, caplog):
+    with pytest.raises(FileNotFoundError, match="LaMP does not publish test outputs: evaluate --split validation"):
+        load_examples(_config("lamp2", "lamp2"), "test")
+    load_examples(_config("metaicl", "metaicl"), "validation")  # glue-rte has no _dev file: its test file validates
+    assert "glue-rte: no glue-rte_4_100_dev.jsonl, so the test file validates" in caplog.text.replace(str(FIXTURES), "")
+    (tmp_path / "one.txt").write_text("a few words " * 50)  # one document, hashed into the train split
+    with pytest.raises(FileNotFoundError, match=r"falls in the validation split .* by a hash of their file name"):
+        load_examples(DataConfig(dataset="pretrain", path=str(tmp_path), k=2), "validation")
+
+
 def test_dialog_releases_are_found_in_their_own_folder_layouts(tmp_path):
     """DailyDialog's release: split folders with the dialogues beside their act and emotion annotations (which sort
     first); Hugging Face's parquet export: the split only in the folder name (default/test/0000.parquet)."""

@@ -18,6 +18,7 @@ Every error names the file, the line (or record) and the field.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import zlib
 from collections.abc import Iterator
@@ -26,6 +27,8 @@ from typing import Any
 
 from ccmem.data.records import MemoryExample
 from ccmem.fileio import DatasetFormatError, jsonl_records
+
+logger = logging.getLogger(__name__)
 
 SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
 LAMP2_MOVIE_TAGS = (
@@ -131,6 +134,8 @@ def metaicl(folder: Path, split: str, k: int) -> list[MemoryExample]:
         )
         if target is None:
             raise FileNotFoundError(f"{task_dir}: no {prefix}_{'/'.join(wanted)}.jsonl")
+        if split == "validation" and target.name.endswith("_test.jsonl"):
+            logger.warning("%s: no %s_dev.jsonl, so the test file validates (early stopping sees it)", task_dir, prefix)
         context = [_demo(x, y) for x, y, _ in demos[:k]]
         for i, (w, r) in enumerate(read_records(target)):
             query, answer, options = _metaicl_record(r, w)
@@ -163,7 +168,12 @@ def lamp2(folder: Path, split: str, k: int) -> list[MemoryExample]:
     outputs = folder / f"{name}_outputs.json"
     for p in (questions, outputs):
         if not p.is_file():
-            raise FileNotFoundError(f"LaMP-2 needs {p.name} in {folder} (as downloaded from the LaMP benchmark)")
+            hint = (
+                "; LaMP does not publish test outputs: evaluate --split validation (its dev files)"
+                if split == "test"
+                else ""
+            )
+            raise FileNotFoundError(f"LaMP-2 needs {p.name} in {folder} (as downloaded from the LaMP benchmark){hint}")
     try:
         gold_doc = json.loads(outputs.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -272,5 +282,8 @@ def pretrain(folder: Path, split: str, k: int, words_per_segment: int = 64) -> l
     for i in range(max(len(examples), len(chat))):
         mixed += examples[i : i + 1] + chat[i : i + 1]
     if not mixed:
-        raise FileNotFoundError(f"{folder}: no .txt documents or dialog .jsonl files for the {split} split")
+        raise FileNotFoundError(
+            f"{folder}: no .txt document or dialog .jsonl record falls in the {split} split (documents are assigned to "
+            "splits by a hash of their file name, 1 in 10 to validation and 1 in 10 to test; give more documents)"
+        )
     return mixed
