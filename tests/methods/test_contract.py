@@ -258,6 +258,19 @@ def test_streaming_llm_holds_the_cache_while_generating():
     assert sizes == [s.memory.num_slots + len(QUERY)] * 12  # without the hook it would grow by one per token
 
 
+@pytest.mark.parametrize("options", [{"ratio": 1}, {"max_slots": 10_000}])
+def test_streaming_llm_whose_budget_does_not_bind_generates_as_full(options):
+    """ratio=1 keeps everything (= full) and max_slots caps the cache: neither evicts while generating below it."""
+    lm = tiny_model()
+    answers = []
+    for name, opts in (("full", {}), ("streaming-llm", options)):
+        s = ccmem.load(lm, name, system_prompt="sys", **opts)
+        for chunk in CHUNKS:
+            s.add_ids(chunk)
+        answers.append(list(s.stream_ids(torch.tensor([QUERY]), 20, stop_ids=set())))
+    assert answers[0] == answers[1]
+
+
 @pytest.mark.parametrize("case", cases(batchable=True))
 def test_a_batch_of_padded_contexts_equals_one_at_a_time(case):
     """Two interactions of different lengths (one with more turns) in padded forwards: the same memories."""

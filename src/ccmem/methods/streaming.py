@@ -4,7 +4,8 @@ the most recent ones.
 As kvpress's ``StreamingLLMPress``: the first ``n_sink`` positions of the interaction and the most recent
 entries fill the budget; kept keys keep their positions (no re-rotation). While generating, the cache is held
 at the size it had once the query was read: each new token evicts the oldest entry after the sinks, so a long
-answer runs in constant memory as in the paper.
+answer runs in constant memory as in the paper. Where the budget does not bind, nothing is evicted while
+generating either: ``ratio=1`` generates as ``full`` does, and ``max_slots`` lets the cache grow up to it.
 """
 
 from __future__ import annotations
@@ -39,11 +40,17 @@ class StreamingLLM(KVEviction):
         scores = [c.candidate_positions(i).float() for i in range(len(c.layers))]  # newer ranks higher
         return Scores(scores, forced=[self.sink_mask(c, i, self.n_sink) for i in range(len(c.layers))])
 
+    def _decode_limit(self, size: int) -> float:
+        """The cache size generation holds, given its ``size`` once the query was read."""
+        if self.max_slots is not None:
+            return max(size, self.max_slots)
+        return float("inf") if self.ratio >= 1 else size
+
     def decode_step(self, lm: LoadedModel, state: DecodeState) -> None:
         """Hold the cache at its size after the query: each generated token evicts the oldest non-sink entry."""
         layers = state.cache.layers
         size = int(layers[0].keys.shape[-2])
-        limit = state.extra.setdefault("limit", size)
+        limit = state.extra.setdefault("limit", self._decode_limit(size))
         if size <= limit:
             return
         first = max(state.memory.sink, min(self.n_sink, size))  # entries before this are sinks
