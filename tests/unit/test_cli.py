@@ -208,6 +208,19 @@ def test_a_failing_chat_command_says_why_and_the_chat_goes_on(monkeypatch, capsy
     assert "slots (0 sink" in flat  # the chat went on, with its memory
 
 
+def test_a_message_past_the_models_positions_is_refused_and_the_chat_goes_on(
+    monkeypatch, capsys, tiny_model_dir, tmp_path
+):
+    lines = ["w1 w2", "/memory", "/quit"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    code, out = run_cli(monkeypatch, capsys, "chat", "--model", str(tiny_model_dir), "--method", "full",
+                        "--system", "", "--max-new-tokens", "100000")  # fmt: skip
+    flat = " ".join(out.split())
+    assert code == 0, out
+    assert "but the model allows" in flat and "nothing was remembered" in flat and "--max-new-tokens" in flat
+    assert "slots (0 sink" in flat  # the chat went on
+
+
 def test_chat_session_continues_where_it_stopped(monkeypatch, capsys, tiny_model_dir, tmp_path):
     common = ["chat", "--model", str(tiny_model_dir), "--method", "ccm-concat", "--n-tok", "2", "--system", ""]
     common += ["--max-new-tokens", "3", "--session", "notes", "--store", str(tmp_path / "store")]

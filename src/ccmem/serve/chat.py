@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.markup import escape
 
-from ccmem.api import CompressedLM
+from ccmem.api import CompressedLM, ContextTooLongError
 
 if TYPE_CHECKING:
     from ccmem.serve.sessions import SessionBinding
@@ -48,11 +48,18 @@ def run_chat(
             continue
         console.print("[bold blue]bot>[/] ", end="")
         pieces = []
-        for piece in session.stream(line, max_new_tokens=max_new_tokens, temperature=temperature):
-            pieces.append(piece)
-            console.print(piece, end="", highlight=False, markup=False)
-        console.print()
-        session.remember(line, "".join(pieces).strip())
+        try:
+            for piece in session.stream(line, max_new_tokens=max_new_tokens, temperature=temperature):
+                pieces.append(piece)
+                console.print(piece, end="", highlight=False, markup=False)
+            console.print()
+            session.remember(line, "".join(pieces).strip())
+        except ContextTooLongError as err:  # the chat goes on: the memory is as it was before this message
+            console.print(
+                f"\n[red]{escape(str(err))}[/]\n[dim](nothing was remembered; /reset starts over, a lower "
+                "--max-new-tokens leaves more room)[/]"
+            )
+            continue
         if binding is not None:
             try:
                 binding.commit(session)
