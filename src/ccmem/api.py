@@ -199,10 +199,13 @@ class CompressedLM:
         ``dtype``: storage precision of keys/values, ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"int8"``
         (per-channel scales; :mod:`ccmem.precision`); default: the model's dtype. :meth:`load_memory` reads any.
         """
-        memory = self.memory
+        memory = self.memory.with_layers(self.memory.layers, self.memory.positions)
         if self.system_prompt is not None and self.sink:
-            memory = memory.with_layers(memory.layers, memory.positions)
             memory.meta["system_prompt"] = self.system_prompt  # the sink it holds, restored by load_memory
+        if self.system_prompt is None and any(m["role"] != "system" for m in self.history):
+            # the chat template's own opening (SmolLM2's default system turn) is in the memory already: a loaded
+            # copy must not render it again before the next turn (load_memory)
+            memory.meta["conversation_started"] = "true"
         return memory.save(path, dtype=dtype)
 
     def load_memory(self, path: str | os.PathLike[str]) -> Memory:
@@ -215,6 +218,10 @@ class CompressedLM:
         )
         self.system_prompt = self.memory.meta.get("system_prompt", self.system_prompt)
         self.history = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
+        if self.system_prompt is None and self.memory.meta.get("conversation_started") == "true":
+            # turns are held, their text is not: an empty exchange stands for them, so the next turn renders as a
+            # continuation (without the template's opening, which the memory holds already)
+            self.history = [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]
         return self.memory
 
     # ------------------------------------------------------------------ generation

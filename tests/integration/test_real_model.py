@@ -155,3 +155,16 @@ def test_every_preset_that_starts_from_a_shipped_adapter_can_start(smollm):
         init_state(method, smollm, config.init_from)  # raises ConfigError naming the option that does not fit
         checked.append(name)
     assert {"unified-ccm-merge", "unified-ccm-merge-learned", "unified-ccm-merge-banks"} <= set(checked)
+
+
+def test_a_memory_without_a_system_prompt_reads_the_same_once_saved_and_loaded(smollm, tmp_path):
+    """SmolLM2's template opens a chat with its own system turn: the memory holds it, and a loaded copy must not
+    render it again before the next question (it did: the loaded memory chose another answer)."""
+    a = ccmem.load(smollm, "ccm-concat", system_prompt=None)
+    a.add([{"role": "user", "content": "My locker code is 4831."}, {"role": "assistant", "content": "Noted."}])
+    a.save_memory(tmp_path / "m.safetensors")
+    b = ccmem.load(smollm, "ccm-concat", system_prompt=None)
+    b.load_memory(tmp_path / "m.safetensors")
+    question = "What is my locker code?"
+    assert b.query_ids(question).tolist() == a.query_ids(question).tolist()
+    assert b.score(question, ["4831", "1234"]) == a.score(question, ["4831", "1234"])
