@@ -302,3 +302,16 @@ def test_a_model_given_as_a_path_has_no_shipped_adapter_even_beside_its_own_weig
     (tmp_path / "ccm-concat.safetensors").write_bytes(b"not an adapter")
     assert shipped_adapter(str(tmp_path), "ccm-concat") is None and shipped_adapter_names(str(tmp_path)) == []
     assert shipped_adapter("smollm2-135m", "ccm-concat") is not None  # the built-in model's still are
+
+
+def test_gist_refuses_a_context_past_the_models_positions_and_keeps_its_memory():
+    """Gist re-reads the whole context at every add, so re-basing cannot make room as it does for the others."""
+    s = ccmem.load(tiny_model(positions=256), "gist", system_prompt="sys")
+    with pytest.raises(ContextTooLongError, match=r"gist reads the whole context again .* the model allows 256"):
+        for i in range(40):
+            s.remember(f"turn {i} says {i * 7}", "ok")
+    held = s.memory
+    assert held.next_position <= 256
+    with pytest.raises(ContextTooLongError):
+        s.remember(f"turn {i} says {i * 7}", "ok")  # the same turn again
+    assert s.memory is held  # the refused turn left the memory as it was

@@ -48,6 +48,8 @@ class Gist(CompTokens):
         if len(memories) != len(ids):
             raise ValueError(f"{len(memories)} memories but {len(ids)} id sequences")
         contexts = [self._context(memory, new) for memory, new in zip(memories, ids, strict=True)]
+        for memory, context in zip(memories, contexts, strict=True):
+            self._check_positions(lm, memory.sink, int(context.shape[-1]))
         if lm.is_encoder_decoder:  # one interaction at a time
             return [self._add_encoder(lm, m, c) for m, c in zip(memories, contexts, strict=True)]
         bases = []
@@ -67,6 +69,21 @@ class Gist(CompTokens):
                 )
             )
         return out
+
+    def _check_positions(self, lm: LoadedModel, sink: int, context: int) -> None:
+        """Gist re-reads the whole context after the sink at every add, so moving the memory's slots to lower
+        positions (what lets other methods go on past the model's limit) cannot make room: refuse instead."""
+        from ccmem.api import ContextTooLongError
+
+        limit = None if lm.is_encoder_decoder else lm.max_positions
+        needed = sink + context + self.n_tok
+        if limit is not None and needed > limit:
+            raise ContextTooLongError(
+                f"gist reads the whole context again at every add: the sink ({sink}), the {context} tokens of context "
+                f"so far and {self.n_tok} gist tokens need {needed} positions, but the model allows "
+                f"{limit}; start a new conversation (Python: reset()), or use a method that compresses turn by turn "
+                "(ccm-concat, ccm-merge)"
+            )
 
     @staticmethod
     def _context(memory: Memory, new: torch.Tensor) -> torch.Tensor:
