@@ -285,8 +285,8 @@ class CompressedLM:
 
         ``reduce``: ``"sum"`` over the option's tokens, or ``"mean"`` (length-normalised); see :meth:`score_ids`.
         """
-        if not options or any(not isinstance(o, str) or not o for o in options):
-            raise ValueError("give at least one option, and no empty option (options are strings)")
+        if isinstance(options, str) or not options or any(not isinstance(o, str) or not o for o in options):
+            raise ValueError("give options as a list of non-empty strings, e.g. score(prompt, ['yes', 'no'])")
         ids = [self.lm.tokenizer.encode(o, add_special_tokens=False) for o in options]
         return self.score_ids(self.query_ids(prompt), ids, reduce=reduce)
 

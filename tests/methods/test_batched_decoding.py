@@ -138,6 +138,17 @@ def test_a_tiny_temperature_samples_the_greedy_token_instead_of_failing(temperat
     assert {Sampling(temperature=temperature).pick(logits, generator) for _ in range(20)} == {1}
 
 
+def test_a_seed_that_is_not_an_integer_is_refused():
+    with pytest.raises(ValueError, match="seed must be an integer, got '12'"):
+        Sampling(temperature=1.0, seed="12")  # type: ignore[arg-type]
+
+
+def test_score_refuses_options_given_as_one_string():
+    s = ccmem.load(tiny_model(), "full", system_prompt=None)
+    with pytest.raises(ValueError, match="options as a list of non-empty strings"):
+        s.score("Q?", "yes")  # type: ignore[arg-type]  # would score the letters y, e, s
+
+
 @pytest.mark.parametrize("temperature", [-0.1, float("inf"), float("nan")])
 def test_a_temperature_that_is_negative_or_not_finite_is_refused(temperature):
     with pytest.raises(ValueError, match=r"temperature must be 0 \(greedy\) or a finite positive number"):
