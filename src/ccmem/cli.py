@@ -500,7 +500,10 @@ def ask(
     ],
     question: Annotated[str, typer.Argument(help="What to ask about the compressed context.")],
     model: ModelOpt = DEFAULT_MODEL,
-    method: MethodOpt = DEFAULT_METHOD,
+    method: Annotated[
+        str | None,
+        typer.Option("--method", help="Context method; default: the one the memory was made with (its options too)."),
+    ] = None,
     adapter: AdapterOpt = None,
     n_tok: NTokOpt = None,
     recurrent: RecurrentOpt = None,
@@ -517,7 +520,20 @@ def ask(
     attn: AttnOpt = "sdpa",
 ) -> None:
     """Answer a question from a saved memory (same model, method and adapter as the one that wrote it)."""
-    session = _session(model, method, adapter, _options(n_tok, recurrent, option), None, stage1, attn)
+    options = _options(n_tok, recurrent, option)
+    if method is None:  # the memory's own method, and the options it was made with where no adapter carries them
+        from ccmem.memory import memory_meta
+        from ccmem.options import parse_value
+        from ccmem.registry import method_class
+
+        made = memory_meta(memory_file)
+        method = made.get("method", DEFAULT_METHOD)
+        cls = method_class(method)
+        if not cls.trainable:
+            declared = {spec.name for spec in cls.option_specs()}
+            kept = {k: None if v == "None" else parse_value(v) for k, v in made.items() if k in declared}
+            options = kept | options
+    session = _session(model, method, adapter, options, None, stage1, attn)
     session.load_memory(memory_file)
     if system is not None and system != (session.system_prompt or ""):
         raise OptionError(

@@ -464,6 +464,18 @@ def load_memory(
     return memory
 
 
+def memory_meta(path: str | os.PathLike[str]) -> dict[str, str]:
+    """What a memory file says it was made with (method, its options, model, system prompt), read from its header
+    alone; ``{}`` for a file that is not a readable ccmem memory (:func:`load_memory` says what is wrong)."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+        meta = json.loads(header.get("meta", "{}")) if header.get("format") == "ccmem.memory" else {}
+    except Exception:  # any unreadable file: the full load reports it properly
+        return {}
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
 def _read_compact(path: str | os.PathLike[str], expect: dict[str, str] | None) -> CompactMemory:
     """A memory file as stored, its header, identity and storage validated (the key/value tensors themselves are
     checked by :meth:`Memory.check` once expanded)."""

@@ -92,6 +92,18 @@ def test_compress_then_ask_from_the_memory_file(monkeypatch, capsys, tiny_model_
     assert "method='ccm-concat'" in out
 
 
+def test_ask_reads_the_method_and_its_options_from_the_memory_file(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12 " * 4)
+    memory = tmp_path / "snap.safetensors"
+    made = ["--model", str(tiny_model_dir), "--system", ""]
+    code, out = run_cli(monkeypatch, capsys, "compress", str(text), "-o", str(memory), "--method", "snapkv",
+                        "-O", "ratio=0.25", "-O", "window_size=4", *made)  # fmt: skip
+    assert code == 0, out
+    code, out = run_cli(monkeypatch, capsys, "ask", str(memory), "w3", "--max-new-tokens", "2", *made)
+    assert code == 0, out  # no --method: snapkv with ratio 0.25 and window_size 4, as the file says
+
+
 def test_chat_answers_and_compresses_each_exchange(monkeypatch, capsys, tiny_model_dir, tmp_path):
     saved = tmp_path / "chat.safetensors"
     lines = ["w1 w2 w3", "/memory", f"/save {saved}", "/reset", "/memory", "/quit"]
