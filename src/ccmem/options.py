@@ -7,6 +7,7 @@ both accept and refuse the same things with the same words.
 from __future__ import annotations
 
 import contextlib
+import re
 import types
 import typing
 from typing import Any
@@ -30,9 +31,13 @@ def type_name(kind: Any) -> str:
 
 
 def parse_value(raw: str, kind: Any = None) -> Any:
-    """Text from the command line as a YAML scalar or list (``4``, ``true``, ``[q_proj, v_proj]``, ``1e-4``)."""
-    if not raw.strip():
+    """Text from the command line as a YAML scalar or list (``4``, ``true``, ``[q_proj, v_proj]``, ``1e-4``); also
+    ``None`` (as ``ccmem methods`` shows a default) and a fraction such as ``1/8`` (as ``--budgets`` takes one)."""
+    if not raw.strip() or raw.strip() in ("None", "none"):
         return None
+    fraction = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)\s*", raw)
+    if fraction and float(fraction[2]) != 0:
+        return float(fraction[1]) / float(fraction[2])
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:

@@ -176,6 +176,15 @@ def test_methods_lists_kind_options_and_paper(monkeypatch, capsys):
     assert code == 0 and "-O recent=0" in text and "snapkv" not in text
 
 
+def test_an_option_is_given_as_methods_shows_it_or_as_a_fraction():
+    from ccmem.options import parse_pairs
+
+    # `ccmem methods` shows "-O max_slots=None"; --budgets takes 1/8, so -O ratio does too
+    assert parse_pairs(["max_slots=None", "ratio=1/8", "window_size=4", "n=3/0"]) == {
+        "max_slots": None, "ratio": 0.125, "window_size": 4, "n": "3/0"
+    }  # fmt: skip
+
+
 def test_demo_is_readable_in_an_80_column_terminal(monkeypatch, capsys, tiny_model_dir):
     monkeypatch.setattr(cli, "console", cli.Console(width=80, force_terminal=False))
     methods = "full,none,expected-attention,streaming-llm"
