@@ -77,7 +77,10 @@ def _adapters(specs: list[str] | None) -> dict[str, str]:
         if not sep or "@" not in key:
             raise typer.BadParameter(f"--adapter takes METHOD@RATIO=PATH, got {spec!r}")
         method, _, ratio = key.partition("@")
-        out[f"{method}@{float(ratio):g}"] = path
+        try:
+            out[f"{method}@{float(ratio):g}"] = path
+        except ValueError:
+            raise typer.BadParameter(f"--adapter takes METHOD@RATIO=PATH, RATIO a number; got {spec!r}") from None
     return out
 
 

@@ -78,7 +78,14 @@ def test_documents_too_short_for_the_prefix_are_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize(
     ("changes", "message"),
-    [({"ratios": [1.0]}, r"compression ratios in \[0, 1\)"), ({"methods": ["h2o"]}, "methods of this reproduction")],
+    [
+        ({"ratios": [1.0]}, r"compression ratios in \[0, 1\)"),
+        ({"methods": ["h2o"]}, "methods of this reproduction"),
+        ({"ratios": []}, "ratios names none"),
+        ({"methods": []}, "methods names none"),
+        ({"adapters": {"sentinel@0.3": "a.safetensors"}}, "--adapter sentinel@0.3 matches no cell of this run"),
+        ({"adapters": {"sentinel@0.5": "missing.safetensors"}}, "no adapter file at missing.safetensors"),
+    ],
 )
 def test_bad_settings_are_refused(tmp_path, changes, message):
     with pytest.raises(ValueError, match=message):

@@ -66,17 +66,31 @@ class ReproSettings:
     adapters: dict[str, str] = field(default_factory=dict)  # "method@ratio" -> adapter file, instead of training
 
     def check(self) -> None:
+        if not self.ratios or not self.methods:
+            raise ValueError(f"{'ratios' if not self.ratios else 'methods'} names none; give at least one")
         for r in self.ratios:
             if not 0 <= r < 1:
                 raise ValueError(f"ratios are compression ratios in [0, 1), got {r}")
         unknown = [m for m in self.methods if m not in CLAIM1_METHODS]
         if unknown:
             raise ValueError(f"methods of this reproduction: {', '.join(CLAIM1_METHODS)}; got {', '.join(unknown)}")
+        stray = [k for k in self.adapters if k.partition("@")[0] not in self.methods or k not in self._cells()]
+        if stray:
+            raise ValueError(
+                f"--adapter {stray[0]} matches no cell of this run (methods {', '.join(self.methods)} at ratios "
+                f"{', '.join(f'{r:g}' for r in self.ratios)})"
+            )
+        missing = [p for p in self.adapters.values() if not Path(p).is_file()]
+        if missing:
+            raise ValueError(f"--adapter: no adapter file at {missing[0]}")
         for name in ("block_size", "test_blocks", "train_steps", "batch_size", "n_docs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def _cells(self) -> set[str]:
+        return {f"{m}@{r:g}" for m in self.methods for r in self.ratios}
 
     def run_id(self, method: str, ratio: float) -> str:
         return f"repro-{method}-r{ratio:g}"
