@@ -131,7 +131,7 @@ def _scoped_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
     scoped: dict[str, dict[str, Any]] = {}
     for key, value in options.items():
         name, sep, option = key.rpartition(":")
-        if sep and not (name and option):
+        if (sep and not (name and option)) or name.endswith("@"):
             raise OptionError(f"-O {key}=... must look like METHOD:KEY=VALUE, e.g. -O ccm-concat@w150:recent=150")
         if sep:
             scoped.setdefault(name, {})[option] = value

@@ -55,7 +55,10 @@ def parse_pairs(pairs: list[str], flag: str = "-O") -> dict[str, Any]:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
             raise OptionError(f"{flag} {pair!r} must look like KEY=VALUE, e.g. {flag} n_tok=2")
-        options[key.strip()] = parse_value(raw)
+        value = parse_value(raw)
+        if key.strip() in options and options[key.strip()] != value:
+            raise OptionError(f"{flag} {key.strip()} is given twice, as {options[key.strip()]!r} and {value!r}")
+        options[key.strip()] = value
     return options
 
 
