@@ -68,7 +68,10 @@ AdapterOpt = Annotated[
 ]
 NTokOpt = Annotated[
     int | None,
-    typer.Option("--n-tok", help="Shortcut for -O n_tok=N: <COMP> tokens per step (ccm-*, gist; default 4)."),
+    typer.Option(
+        "--n-tok",
+        help="Shortcut for -O n_tok=N: <COMP> tokens per step (ccm-*, gist; default: the adapter's, else 4).",
+    ),
 ]
 RecurrentOpt = Annotated[
     bool | None,
@@ -268,9 +271,9 @@ def demo(
     )
     if untrained:
         console.print(
-            f"[yellow]{', '.join(sorted(untrained))}: no trained compression adapter ships for {model} yet, so "
-            "these rows show untrained <COMP> tokens (the context is effectively lost). Train one with the "
-            "training recipe, then pass it with ccmem chat --adapter.[/]"
+            f"[yellow]{', '.join(sorted(untrained))}: no trained adapter ships for {model} yet, so these rows "
+            "show the method untrained (what it keeps of the context is not what it was made to keep). Train one "
+            "with the method's training recipe (ccmem train --help), then pass it with --adapter.[/]"
         )
 
 
