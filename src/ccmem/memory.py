@@ -452,14 +452,11 @@ def load_memory(
     compact = _read_compact(path, expect)
     memory = compact.expanded(shape.dtype if shape is not None else dtype, device)
     memory.check(shape, where=f"memory {path}")
-    # what ccmem writes: one interaction, as many slots in every layer (a cache of layers of different lengths
-    # or several sequences would load, then fail deep inside the attention at the first question)
-    lengths = {int(k.shape[2]) for k, _ in memory.layers}
+    # what ccmem writes holds one interaction (several sequences would load, then fail deep inside the attention)
     batches = {int(k.shape[0]) for k, _ in memory.layers}
-    if len(lengths) > 1 or batches - {1}:
+    if batches - {1}:
         raise MemoryMismatchError(
-            f"memory {path} is damaged: its layers hold {sorted(batches)} sequence(s) of {sorted(lengths)} slots; "
-            "a ccmem memory holds one interaction with as many slots in every layer"
+            f"memory {path} is damaged: its layers hold {sorted(batches)} sequences; a ccmem memory holds one"
         )
     return memory
 

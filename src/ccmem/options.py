@@ -33,7 +33,7 @@ def type_name(kind: Any) -> str:
 def parse_value(raw: str, kind: Any = None) -> Any:
     """Text from the command line as a YAML scalar or list (``4``, ``true``, ``[q_proj, v_proj]``, ``1e-4``); also
     ``None`` (as ``ccmem methods`` shows a default) and a fraction such as ``1/8`` (as ``--budgets`` takes one)."""
-    if not raw.strip() or raw.strip() in ("None", "none"):
+    if not raw.strip() or raw.strip() == "None":  # not "none": a method is called that
         return None
     fraction = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)\s*", raw)
     if fraction and float(fraction[2]) != 0:
@@ -55,10 +55,7 @@ def parse_pairs(pairs: list[str], flag: str = "-O") -> dict[str, Any]:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
             raise OptionError(f"{flag} {pair!r} must look like KEY=VALUE, e.g. {flag} n_tok=2")
-        value = parse_value(raw)
-        if key.strip() in options and options[key.strip()] != value:
-            raise OptionError(f"{flag} {key.strip()} is given twice, as {options[key.strip()]!r} and {value!r}")
-        options[key.strip()] = value
+        options[key.strip()] = parse_value(raw)  # given twice: the last one counts, as for any command-line flag
     return options
 
 

@@ -243,7 +243,7 @@ def test_api_refuses_bad_input_with_clear_errors():
         list(session.stream_ids([7], 3, temperature=1.0, top_p=0))
     with pytest.raises(ValueError, match="temperature must be 0"):
         list(session.stream_ids([7], 3, temperature=-1))
-    with pytest.raises(ValueError, match="options are strings"):
+    with pytest.raises(ValueError, match="options as a list of non-empty strings"):
         session.score("question", ["yes", 3])  # type: ignore[list-item]
 
 

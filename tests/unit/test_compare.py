@@ -264,7 +264,3 @@ def test_compare_command_splits_scoped_options():
         _scoped_options({":recent": 1})
     with pytest.raises(OptionError, match="must look like METHOD:KEY=VALUE"):
         _scoped_options({"ccm-concat@:recent": 8})  # a variant without a label
-    from ccmem.options import parse_pairs
-
-    with pytest.raises(OptionError, match="-O ccm-concat@w:recent is given twice, as 8 and 16"):
-        parse_pairs(["ccm-concat@w:recent=8", "ccm-concat@w:recent=16"])
