@@ -74,7 +74,8 @@ class ReproSettings:
         unknown = [m for m in self.methods if m not in CLAIM1_METHODS]
         if unknown:
             raise ValueError(f"methods of this reproduction: {', '.join(CLAIM1_METHODS)}; got {', '.join(unknown)}")
-        stray = [k for k in self.adapters if k.partition("@")[0] not in self.methods or k not in self._cells()]
+        cells = {f"{m}@{r:g}" for m in self.methods for r in self.ratios}
+        stray = [k for k in self.adapters if k not in cells]
         if stray:
             raise ValueError(
                 f"--adapter {stray[0]} matches no cell of this run (methods {', '.join(self.methods)} at ratios "
@@ -88,9 +89,6 @@ class ReproSettings:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-    def _cells(self) -> set[str]:
-        return {f"{m}@{r:g}" for m in self.methods for r in self.ratios}
 
     def run_id(self, method: str, ratio: float) -> str:
         return f"repro-{method}-r{ratio:g}"
