@@ -21,7 +21,7 @@ from ccmem.adapter import Adapter, load_adapter, options_with_adapter, read_adap
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat, Message, TextStream, check_messages
 from ccmem.generation import Sampling, decode, decode_batch
 from ccmem.loading import DEFAULT_MODEL, AttentionError, LoadedModel, load_model
-from ccmem.memory import Memory
+from ccmem.memory import Memory, MemoryMismatchError
 from ccmem.methods.base import Method, logits_for, read_batch
 from ccmem.registry import DEFAULT_METHOD, get_method, method_class
 from ccmem.stage1 import merge_stage1
@@ -181,11 +181,18 @@ class CompressedLM:
         """Continue an interaction saved elsewhere (a session store): ``memory`` must be this model's and
         method's, ``history`` the transcript (system prompt first, if any) whose turns it holds."""
         memory.check(self.lm.kv_shape, where="the restored memory")
+        self._check_state(memory, "the restored memory")
         messages = check_messages(list(history))
         self.memory = memory
         self.history = messages
         if messages and messages[0]["role"] == "system":
             self.system_prompt = messages[0]["content"]
+
+    def _check_state(self, memory: Memory, where: str) -> None:
+        try:
+            self.method.check_memory(memory)
+        except ValueError as err:
+            raise MemoryMismatchError(f"{where} is damaged or hand-edited: {err}") from None
 
     def fork(self) -> CompressedLM:
         """A session with the same model, method and (immutable) memory whose later changes are its own."""
@@ -213,9 +220,11 @@ class CompressedLM:
 
         The chat history restarts from the memory's own system prompt (it is in the memory's sink).
         """
-        self.memory = Memory.load(
+        memory = Memory.load(
             path, expect=self.method.memory_meta(self.lm), shape=self.lm.kv_shape, device=self.lm.device
         )
+        self._check_state(memory, f"memory {path}")
+        self.memory = memory
         self.system_prompt = self.memory.meta.get("system_prompt", self.system_prompt)
         self.history = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
         if self.system_prompt is None and self.memory.meta.get("conversation_started") == "true":

@@ -274,3 +274,41 @@ def test_compress_stores_the_memory_at_the_precision_asked_and_ask_reads_it(
     code, out = run_cli(monkeypatch, capsys, "compress", str(text), "-o", str(memory), "--memory-dtype", "int4")
     assert code == 2 and "use one of float32, bfloat16, float16, int8" in " ".join(out.split())
     assert "Traceback" not in out
+
+
+def _set_state(name, value):
+    def edit(meta, t):
+        if value is None:
+            t.pop(f"state.{name}")
+        else:
+            t[f"state.{name}"] = value(t[f"state.{name}"])
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "edit", "message"),
+    [
+        ("h2o", {}, _set_state("attention_sum", lambda t: torch.zeros(3)), "attention_sum must be finite, of shape"),
+        ("h2o", {}, _set_state("attention_sum", lambda t: t * float("nan")), "state attention_sum must be finite"),
+        ("h2o", {}, _set_state("context_tokens", lambda t: -t), "context_tokens\\) must be a whole number >= 0"),
+        ("ccm-merge", {}, _set_state("merge_steps", None), "merged slots have no step count"),
+        ("ccm-merge", {}, _set_state("merge_steps", lambda t: t.float()), "must be a whole number >= 1"),
+        ("ccm-merge", {"weighting": "learned"}, _set_state("merge_log_norm", None), "needs finite state merge_log"),
+        (
+            "ccm-merge",
+            {"weighting": "learned"},
+            _set_state("merge_log_norm", lambda t: t[..., :1].clone()),
+            "merge_log_norm of shape",
+        ),
+    ],
+)
+def test_a_memory_file_with_hand_edited_method_state_is_refused_at_load(tmp_path, method, options, edit, message):
+    """Such files loaded, then crashed deep inside the method at the next add, or silently changed what it keeps."""
+    made = session(method, **options)
+    path = made.save_memory(tmp_path / "m.safetensors")
+    _edit_int8_file(path, edit)
+    fresh = CompressedLM(made.lm, made.method, system_prompt="sys")
+    with pytest.raises(MemoryMismatchError, match=f"is damaged or hand-edited: .*{message}"):
+        fresh.load_memory(path)
+    fresh.load_memory(made.save_memory(tmp_path / "ok.safetensors"))  # the unedited file loads

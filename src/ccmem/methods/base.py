@@ -319,6 +319,12 @@ class Method(ABC):
         """An empty memory for this model."""
         return Memory(meta=self.memory_meta(lm))
 
+    def check_memory(self, memory: Memory) -> None:
+        """Refuse (:class:`ValueError` naming it) a memory whose method state this method cannot continue from: a
+        damaged or hand-edited file. Called where a memory comes from outside (``load_memory``, a stored session);
+        the keys/values themselves are checked by :meth:`Memory.check`. Default: no state to check."""
+        return None
+
     def memory_meta(self, lm: LoadedModel) -> dict[str, str]:
         """Identity stamped into memories, checked when they are loaded again (a memory made on weights with a
         stage-1 LoRA merged in means something else to the plain model)."""

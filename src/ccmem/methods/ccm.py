@@ -525,6 +525,30 @@ class CCMMerge(CCM):
                 tensors = tensors | {"merge_gate": tensors["merge_gate"] * (theirs / ours)}
         return tensors if not differing else super().warm_start(differing, tensors, fresh)
 
+    def check_memory(self, memory: Memory) -> None:
+        """A merge continues from its step count, and a learned merge from each bank's log-normaliser."""
+        compressed = memory.segment_lengths()["compressed"] if memory.layers else 0
+        steps = memory.state.get("merge_steps")
+        if steps is None:
+            if compressed:
+                raise ValueError("its merged slots have no step count (state merge_steps)")
+            return
+        if steps.numel() != 1 or steps.is_floating_point() or int(steps) < 1:
+            raise ValueError(f"its step count (state merge_steps) must be a whole number >= 1, got {steps.tolist()}")
+        banks = min(int(steps), getattr(self, "banks", 1))
+        if compressed != banks * self.n_tok:
+            raise ValueError(
+                f"it holds {compressed} merged slots, not {banks} bank(s) of {self.n_tok} after {int(steps)} steps"
+            )
+        if self.scaled_gate() is None:
+            return
+        norm = memory.state.get("merge_log_norm")
+        k = memory.layers[0][0]
+        wanted = (len(memory.layers), k.shape[0], k.shape[1], compressed)
+        if norm is None or tuple(norm.shape) != wanted or not bool(torch.isfinite(norm).all()):
+            got = "none" if norm is None else f"{tuple(norm.shape)}"
+            raise ValueError(f"a learned merge needs finite state merge_log_norm of shape {wanted}, got {got}")
+
     def fold(self, memory: Memory, comp: list[KV], n_chunk: int) -> Memory:
         """Step ``t`` goes into bank ``(t-1) mod banks``. The first ``banks`` steps are appended as they are; from
         then on the bank to update is always the one updated longest ago, the first block after the sink, so it is

@@ -176,6 +176,25 @@ class KVEviction(Method):
         state |= {name: torch.stack(per_layer) for name, per_layer in carried.items()}
         return memory.with_layers(kept_layers, kept_positions, advance=n_new, state=state)
 
+    def check_memory(self, memory: Memory) -> None:
+        """An eviction method continues from the context tokens seen so far and, per kept entry, what it carries
+        (H2O's attention received): one value per layer, head and entry after the sink."""
+        seen = memory.state.get("context_tokens")
+        if seen is not None and (seen.numel() != 1 or seen.is_floating_point() or int(seen) < 0):
+            raise ValueError(
+                f"its context count (state context_tokens) must be a whole number >= 0, got {seen.tolist()}"
+            )
+        if not memory.layers:
+            return
+        k = memory.layers[0][0]
+        wanted = (len(memory.layers), k.shape[0], k.shape[1], k.shape[2] - memory.sink)
+        for name, tensor in memory.state.items():
+            if name != "context_tokens" and (tuple(tensor.shape) != wanted or not bool(torch.isfinite(tensor).all())):
+                raise ValueError(
+                    f"its state {name} must be finite, of shape {wanted} (layers, 1, heads, entries), "
+                    f"got {tuple(tensor.shape)}"
+                )
+
     @staticmethod
     def _select(scored: Scores, layer: int, candidate_positions: torch.Tensor, keep: int) -> torch.Tensor:
         """Indices (into the candidates) of the ``keep`` best entries per head, in position order."""
