@@ -368,6 +368,8 @@ def save_memory(memory: Memory | CompactMemory, path: str | os.PathLike[str], *,
     :func:`load_memory` expands keys/values to the model's dtype again. Positions and ``state`` are stored exactly.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder: give the memory file's name (e.g. {path / 'memory.safetensors'})")
     if isinstance(memory, Memory):
         memory = memory.compact(dtype or dtype_name(memory.dtype or torch.float32))
     elif dtype is not None and storage_name(dtype) != memory.storage:

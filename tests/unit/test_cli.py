@@ -219,13 +219,15 @@ def test_a_training_free_method_compresses_and_answers_from_the_command_line(
 def test_a_failing_chat_command_says_why_and_the_chat_goes_on(monkeypatch, capsys, tiny_model_dir, tmp_path):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a memory")
-    lines = ["w1 w2", f"/load {junk}", f"/load {tmp_path / 'missing.safetensors'}", "/memory", "/quit"]
+    lines = ["w1 w2", f"/load {junk}", f"/load {tmp_path / 'missing.safetensors'}", f"/save {tmp_path}", "/memory",
+             "/quit"]  # fmt: skip
     monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
     code, out = run_cli(monkeypatch, capsys, "chat", "--model", str(tiny_model_dir), "--method", "full",
                         "--system", "", "--max-new-tokens", "2")  # fmt: skip
     flat = " ".join(out.split())
     assert code == 0, out
     assert "is not a readable safetensors memory file" in flat and "no memory file at" in flat
+    assert f"{tmp_path} is a folder: give the memory file's name" in flat and "Errno" not in flat
     assert "slots (0 sink" in flat  # the chat went on, with its memory
 
 
