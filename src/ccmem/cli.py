@@ -806,6 +806,8 @@ def eval_command(
         seed=seed,
     )
     examples = load_examples(cfg, split)[:n]
+    if not examples:  # said before the model loads
+        raise OptionError(f"{dataset} has no {split} example{f' at {path}' if path else ''}; try another --split")
     if stage1 is not None:
         from ccmem.stage1 import stage1_file
 

@@ -196,6 +196,14 @@ def test_continuations_without_a_query_are_scored_and_documents_without_an_answe
         evaluate(session, documents, dataset="pile", split="train")
 
 
+def test_eval_of_an_empty_split_is_refused_before_the_model_loads(monkeypatch, capsys, tmp_path):
+    from tests.unit.test_cli import run_cli
+
+    (tmp_path / "test.jsonl").write_text("")
+    code, text = run_cli(monkeypatch, capsys, "eval", "pwc", "--path", str(tmp_path), "--model", "no-such-model")
+    assert code == 2 and "pwc has no test example at" in " ".join(text.split()) and "no-such-model" not in text
+
+
 def test_ccmem_generate_command_writes_the_output_file(monkeypatch, capsys, tmp_path, tiny_model_dir):
     from tests.unit.test_cli import run_cli
 
