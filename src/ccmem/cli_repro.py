@@ -283,6 +283,19 @@ def gsm8k_table(
             "same answers as one at a time). Time per problem is a batch's time over its size.",
         ),
     ] = 8,
+    system: Annotated[
+        str | None,
+        typer.Option("--system", help="System prompt of every problem (default: none, as the recipe trains)."),
+    ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--option",
+            "-O",
+            help="KEY=VALUE option of ccm-reason (repeatable; `ccmem methods ccm-reason`), e.g. -O min_segment=8; "
+            "the placement itself is --policies.",
+        ),
+    ] = None,
     attn: ReasonAttn = "sdpa",
     out_dir: OutDir = Path("results/gsm8k"),
 ) -> None:
@@ -291,9 +304,12 @@ def gsm8k_table(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ccmem.loading import load_model
+    from ccmem.options import parse_pairs
     from ccmem.repro.gsm8k import GSM8KSettings, markdown, run, write
 
     settings = GSM8KSettings(
+        system=system or None,
+        options=parse_pairs(option or []),
         adapter=str(adapter) if adapter else None,
         stage1=str(stage1) if stage1 else None,
         data=str(data) if data else None,

@@ -325,6 +325,7 @@ def test_repro_gsm8k_reads_the_real_test_file_given_with_data(tmp_path, monkeypa
     monkeypatch.setattr(ccmem.loading, "load_model", lambda *args, **kwargs: lm)
     args = ["--data", str(FIXTURE), "--adapter", str(path), "--n", "2", "--policies", "none,interval:4"]
     args += ["--max-new-tokens", "6", "--batch-size", "2", "--out-dir", str(tmp_path / "out")]
+    args += ["-O", "min_segment=2", "--system", "Solve it."]  # the method's own options and a system prompt
     monkeypatch.setattr(sys, "argv", ["ccmem", "repro", "gsm8k", *args])
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
@@ -332,6 +333,7 @@ def test_repro_gsm8k_reads_the_real_test_file_given_with_data(tmp_path, monkeypa
     rows = [json.loads(line) for line in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
     assert [r["policy"] for r in rows] == ["none", "interval:4"]
     assert all(r["data"] == f"GSM8K test at {FIXTURE}" and r["problems"] == 2 for r in rows)
+    assert all(r["min_segment"] == 2 and r["system"] == "Solve it." for r in rows)
     assert "| interval:4 |" in (tmp_path / "out" / "report.md").read_text()
 
 
@@ -369,6 +371,8 @@ def test_the_policy_table_runs_every_policy_on_the_same_problems(tmp_path):
         ({"policies": ["interval:abc"]}, "'abc' is not a whole number of tokens"),
         ({"policies": ["classifier:high"]}, r"'high' is not a threshold in \(0, 1\)"),
         ({"data": "EMPTY"}, "no GSM8K problem in"),
+        ({"options": {"threshold": 0.7}}, "-O threshold is what --policies sets"),
+        ({"options": {"min_segment": 0}}, "min_segment must be at least 1"),
     ],
 )
 def test_the_policy_table_refuses_what_would_fail_before_any_work(tmp_path, changes, message):

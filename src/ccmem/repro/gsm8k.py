@@ -61,6 +61,9 @@ class GSM8KSettings:
 
         if not self.policies:
             raise ValueError("policies names no policy; use none, interval:N, newline or classifier:TAU")
+        placed = sorted({"policy", "interval", "threshold"} & set(self.options))
+        if placed:
+            raise ValueError(f"-O {placed[0]} is what --policies sets for each row (e.g. --policies classifier:0.7)")
         for p in self.policies:
             options = self.options | parse_policy(p)
             try:
@@ -156,6 +159,8 @@ def run(
                 "batch_size": settings.batch_size,
                 "n_tok": session.method.options()["n_tok"],
                 "keep_last": session.method.options()["keep_last"],
+                "min_segment": session.method.options()["min_segment"],
+                "system": settings.system,
             }
         )
     return rows
