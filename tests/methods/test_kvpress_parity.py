@@ -78,3 +78,12 @@ def test_ccmem_keeps_the_positions_kvpress_keeps(smollm, press, name):
         assert ours.shape == theirs.shape, (r, ours.shape, theirs.shape)
         mismatches = _tie_tolerant_mismatches(ours, theirs, recorded.get("scores"))
         assert not mismatches, f"{press} on {name} at ratio {r}: " + "; ".join(mismatches[:3])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"epsilon": -1.0}, "epsilon must be >= 0"), ({"n_future_positions": 0}, "n_future_positions must be at least 1")],
+)
+def test_expected_attention_refuses_options_that_break_its_score(options, message):
+    with pytest.raises(ValueError, match=message):
+        ccmem.get_method("expected-attention", **options)

@@ -71,6 +71,9 @@ class ExpectedAttention(KVEviction):
         check_n_sink(self.n_sink)
         if self.n_future_positions < 1:
             raise ValueError(f"n_future_positions must be at least 1, got {self.n_future_positions}")
+        # the score is an expected attention probability: a negative offset would turn its ranking around
+        if not 0 <= self.epsilon < float("inf"):
+            raise ValueError(f"epsilon must be >= 0 and finite, got {self.epsilon}")
 
     def capture(self, n_new: int) -> AttentionCapture:
         return AttentionCapture(queries_wanted=None, want_weights=False, want_queries=True)
