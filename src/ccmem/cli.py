@@ -534,7 +534,7 @@ def ask(
         cls = method_class(method)
         if not cls.trainable:
             declared = {spec.name for spec in cls.option_specs()}
-            kept = {k: None if v == "None" else parse_value(v) for k, v in made.items() if k in declared}
+            kept = {k: parse_value(v) for k, v in made.items() if k in declared}  # "None" parses as None
             options = kept | options
     session = _session(model, method, adapter, options, None, stage1, attn)
     session.load_memory(memory_file)

@@ -146,7 +146,7 @@ class CompareSettings:
             cls = method_class(base_method(name))
             if not cls.budgeted:
                 continue
-            own = options_for(base_method(name), self.options) | self.variant_options.get(name, {})
+            own = self.options_of(name)
             sized = set(cls.budget_options(0.5)) | ({"max_slots"} & {spec.name for spec in cls.option_specs()})
             clash = sorted(sized & set(own))
             if clash:
@@ -163,6 +163,10 @@ class CompareSettings:
             raise ValueError(f"decode_budget must be in (0, 1], got {self.decode_budget}")
         if self.decode_repeats < 1 or self.decode_tokens < 1:
             raise ValueError("decode_repeats and decode_tokens must be at least 1")
+
+    def options_of(self, name: str) -> dict[str, Any]:
+        """The options method or variant ``name`` runs with: the shared ones it declares, then its own."""
+        return options_for(base_method(name), self.options) | self.variant_options.get(name, {})
 
     def eval_settings(self, task: Task, model: str) -> EvalSettings:
         data = {"k": task.k, "small_talk": task.small_talk, "seed": task.seed, "description": task.description,
@@ -264,7 +268,7 @@ def run_grid(
         config_hash = eval_settings.fingerprint(task.name, len(examples))
         for cell in (c for c in grid(settings) if c.task == task_name):
             method = base_method(cell.method)
-            options = options_for(method, settings.options) | settings.variant_options.get(cell.method, {})
+            options = settings.options_of(cell.method)
             budget = method_class(method).budget_options(cell.budget) if cell.budget is not None else {}
             adapter = settings.adapters.get(cell.method)
             session = load(lm, method=method, adapter=adapter, system_prompt=settings.system, **options, **budget)
@@ -365,7 +369,7 @@ def run_decode_speed(
     for name in settings.methods:  # a variant is timed with its own options and adapter (they may change its slots)
         method = base_method(name)
         budget = settings.decode_budget if method_class(method).budgeted else None
-        options = options_for(method, settings.options) | settings.variant_options.get(name, {})
+        options = settings.options_of(name)
         kept = method_class(method).budget_options(budget) if budget else {}
         session = load(lm, method=method, adapter=settings.adapters.get(name), system_prompt=settings.system,
                        **options, **kept)  # fmt: skip
