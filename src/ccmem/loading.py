@@ -256,6 +256,29 @@ def hub_offline() -> bool:
     return bool(huggingface_hub.constants.HF_HUB_OFFLINE) or any(f.lower() in ("1", "true", "yes") for f in flags)
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host answers a TCP connection within ``timeout`` seconds.
+
+    Without a network, huggingface_hub retries every file five times with back-off (about 25 s each, ~50 s
+    for a model): this check lets ccmem go straight to the local cache and its own message instead. Behind a
+    proxy (``HTTPS_PROXY``/``ALL_PROXY``) the host is reached through the proxy, so the check is skipped.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    import huggingface_hub.constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(huggingface_hub.constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def _looks_like_hub_id(spec: str) -> bool:
     parts = spec.split("/")
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
@@ -405,11 +428,14 @@ def _from_folder(path: Path, load_kw: dict[str, Any]) -> tuple[PreTrainedTokeniz
 def _from_hub(
     hub_id: str, load_kw: dict[str, Any], *, help_text: str
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
-    """Tokenizer and model of ``hub_id`` (from the local hub cache only when the hub is switched off)."""
+    """Tokenizer and model of ``hub_id`` (from the local hub cache only when the hub is switched off or cannot
+    be reached)."""
     offline = hub_offline()
+    unreachable = not offline and not hub_reachable()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(hub_id, local_files_only=offline)
-        model = _pretrained(hub_id, local_files_only=offline, **load_kw)
+        tokenizer = AutoTokenizer.from_pretrained(hub_id, local_files_only=offline or unreachable)
+        model = _pretrained(hub_id, local_files_only=offline or unreachable, **load_kw)
     except OSError as err:  # transformers turns missing network, gated and unknown repos into OSError
-        raise ModelNotFoundError(f"{help_text} (hub error: {err.__class__.__name__})") from err
+        why = "the hub cannot be reached and it is not in the local cache" if unreachable else "hub error"
+        raise ModelNotFoundError(f"{help_text} ({why}: {err.__class__.__name__})") from err
     return tokenizer, model

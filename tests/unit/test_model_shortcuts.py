@@ -107,6 +107,43 @@ def test_a_shortcut_finds_its_copy_under_the_model_dir_without_the_hub(
     assert lm.name == name and lm.model.config.model_type == "llama"
 
 
+def test_an_unreachable_hub_reads_only_the_local_cache_and_says_so(monkeypatch):
+    """Without a network, huggingface_hub retries each file five times (~50 s per model): ccmem asks the local cache
+    only, and its message says that the hub could not be reached."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(loading, "hub_offline", lambda: False)
+    monkeypatch.setattr(loading, "hub_reachable", lambda: False)
+    flags: list[bool] = []
+
+    def cache_only(name, **kwargs):
+        flags.append(kwargs.get("local_files_only", False))
+        raise OSError(f"{name} is not in the cache")
+
+    monkeypatch.setattr(loading.AutoTokenizer, "from_pretrained", cache_only)
+    with pytest.raises(ModelNotFoundError, match="cannot be reached and it is not in the local cache"):
+        load_model("someone/some-model")
+    assert flags == [True]
+
+
+def test_hub_reachable_tries_a_connection_unless_a_proxy_is_set(monkeypatch):
+    import socket
+
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    tried: list[tuple] = []
+
+    def refuse(address, timeout=None):
+        tried.append(address)
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    assert loading.hub_reachable() is False
+    assert tried == [("huggingface.co", 443)]
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # the proxy reaches the hub, not this machine
+    assert loading.hub_reachable() is True
+    assert len(tried) == 1
+
+
 def test_an_unknown_name_lists_the_shortcuts():
     with pytest.raises(ModelNotFoundError, match=r"hub shortcuts: llama-3\.1-8b-instruct"):
         load_model("llama-4")
