@@ -520,6 +520,8 @@ def load(
     """
     cls = method_class(method)
     get_method(method, **method_options)  # refuse a bad option before spending time on the model
+    if adapter is not None and not str(adapter).strip():
+        raise ValueError("adapter= is empty: pass an adapter file, or None for the shipped one")
     if adapter is not None and not cls.trainable:
         raise ValueError(f"method {method!r} takes no adapter; drop adapter= or pick a trainable method")
     lm = (

@@ -365,6 +365,12 @@ def load_model(
     ``attn_implementation``: one of :data:`ATTN_IMPLEMENTATIONS`. ``dtype``/``device`` default to float32 on
     the CPU; with flash_attention_2 to bfloat16 on ``cuda``.
     """
+    if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
+        raise ModelNotFoundError(
+            f"no model given ({spec!r}): pass a built-in name ({', '.join(BUILTIN_MODELS)}), a hub shortcut, a local "
+            "Hugging Face folder, a .gguf file or a hub id such as 'org/name'"
+        )
+    spec = str(spec)
     check_attn_implementation(attn_implementation)
     where, dtype = _device_and_dtype(attn_implementation, device, dtype)
     load_kw: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation, **kwargs}

@@ -64,6 +64,8 @@ def method_names() -> list[str]:
 def method_class(name: str) -> type[Method]:
     """The class registered as ``name``; unknown names list the valid ones."""
     methods = method_classes()
+    if not isinstance(name, str):
+        raise UnknownMethodError(f"a method is given by its name, not {name!r}; valid methods: {', '.join(methods)}")
     try:
         return methods[name]
     except KeyError:

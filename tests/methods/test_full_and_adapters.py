@@ -156,6 +156,10 @@ def test_one_loaded_model_serves_several_methods_in_turn():
         (lambda: get_method("ccm-concat", n_tok=0), ValueError, "n_tok must be at least 1"),
         (lambda: get_method("ccm-concat", ntok=2), ValueError, r"no option 'ntok' \(did you mean 'n_tok'\?\)"),
         (lambda: ccmem.load("no-such-model"), ValueError, "Built-in models: smollm2-135m"),
+        (lambda: ccmem.load(""), ValueError, r"no model given \(''\): pass a built-in name"),  # was '.', a folder
+        (lambda: ccmem.load(None), ValueError, "no model given"),
+        (lambda: ccmem.load(tiny_model(), method=None), UnknownMethodError, "given by its name, not None"),
+        (lambda: ccmem.load(tiny_model(), method="ccm-concat", adapter=""), ValueError, "adapter= is empty"),
         (
             lambda: ccmem.load(tiny_model(), method="none", adapter="x.safetensors"),
             ValueError,
