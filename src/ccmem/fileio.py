@@ -38,7 +38,8 @@ def jsonl_records(path: str | os.PathLike[str], what: str = "dataset file") -> I
         raise FileNotFoundError(f"no {what} at {path}")
     line_no = 0
     try:
-        with gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8") as f:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows tools) is dropped
             for line_no, line in enumerate(f, start=1):
                 if not line.strip():
                     continue

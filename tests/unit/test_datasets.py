@@ -171,3 +171,41 @@ def test_generated_files_are_read_back_by_the_loaders(monkeypatch, capsys, tmp_p
     code, text = run_cli(monkeypatch, capsys, "data", "icl", "-o", str(tmp_path / "i"), "--tasks", "2", "--k", "4")
     assert code == 0, text
     assert load_examples(DataConfig(dataset="metaicl", path=str(tmp_path / "i"), k=4), "test")
+
+
+@pytest.mark.parametrize(
+    ("dataset", "folder", "split"),
+    [
+        ("metaicl", "metaicl", "test"),
+        ("lamp2", "lamp2", "validation"),
+        ("dailydialog", "dailydialog", "train"),
+        ("dailydialog", "dailydialog_raw", "test"),
+        ("soda", "soda", "train"),
+        ("pretrain", "pretrain", "train"),
+        ("pwc", "pwc", "test"),
+        ("pile", "pile", "train"),
+        ("gsm8k", "gsm8k", "test"),
+    ],
+)
+def test_files_saved_with_a_byte_order_mark_and_windows_line_ends_read_the_same(tmp_path, dataset, folder, split):
+    """Windows tools save UTF-8 with a BOM and CRLF: every loader reads such a file as the plain one (JSON loaders
+    refused it; text loaders put U+FEFF into the first segment)."""
+    copy = tmp_path / folder
+    shutil.copytree(FIXTURES / folder, copy)
+    for file in copy.rglob("*"):
+        if file.suffix in (".jsonl", ".json", ".txt"):
+            file.write_bytes(b"\xef\xbb\xbf" + file.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+    plain = load_examples(_config(dataset, folder), split)
+    windows = load_examples(_config(dataset, str(copy)), split)
+    seen = [(e.context, e.query, e.answer) for e in windows]
+    assert plain and seen == [(e.context, e.query, e.answer) for e in plain]
+
+
+def test_plain_text_read_drops_the_byte_order_mark_and_windows_line_ends(tmp_path):
+    from ccmem.data.text import read_text
+
+    file = tmp_path / "notes.txt"
+    file.write_bytes(b"\xef\xbb\xbfMy notes\r\nline two\rline three\r\n")
+    assert read_text(file) == ("My notes\nline two\nline three\n", 0)
+    file.write_bytes(b"\xef\xbb\xbfcaf\xe9\r\n")  # latin-1 after a BOM: one replaced character, the BOM not counted
+    assert read_text(file) == ("caf\ufffd\n", 1)

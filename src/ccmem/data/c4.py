@@ -143,7 +143,7 @@ def packaged_documents(split: str = "test", n_docs: int | None = None, seed: int
     seen: set[str] = set()
 
     def ranked() -> Iterator[tuple[bytes, int, C4Document]]:
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8-sig") as f:
             for line_no, line in enumerate(f, start=1):
                 text = line.strip()
                 if not text or text in seen or split_of(text) != split:

@@ -63,7 +63,7 @@ def small_talk() -> tuple[tuple[str, str], ...]:
         if file.stem not in CHATTY_FILES:
             continue
         try:
-            convs = yaml.safe_load(file.read_text(encoding="utf-8")).get("conversations", [])
+            convs = yaml.safe_load(file.read_text(encoding="utf-8-sig")).get("conversations", [])
         except (yaml.YAMLError, AttributeError, UnicodeDecodeError):
             continue
         for conv in convs:

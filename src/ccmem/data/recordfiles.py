@@ -58,7 +58,7 @@ def _object(record: Any, where: str) -> dict[str, Any]:
 
 def _json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise DatasetFormatError(f"{path}: not UTF-8 text") from None
     try:

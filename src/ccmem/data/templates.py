@@ -140,7 +140,7 @@ def parse_templates(path: str | Path = DEFAULT_FILE) -> TemplateBank:
     globals_: dict[str, list[str]] = {g: [] for g in GLOBALS}
     kinds: dict[str, FactKind] = {}
     kind: FactKind | None = None
-    for line_no, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_no, raw in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue

@@ -61,15 +61,18 @@ def not_utf8(path: Path, replaced: int) -> str:
 
 def read_text(path: Path) -> tuple[str, int]:
     """A text file's contents and how many characters were not UTF-8 (replaced by U+FFFD); a binary file (NUL
-    bytes near its start) is refused with :class:`TextSourceError`."""
+    bytes near its start) is refused with :class:`TextSourceError`. Read as ``open()`` reads text: a byte-order
+    mark is dropped and Windows/old-Mac line ends become ``\\n``, so a file means the same tokens wherever it was
+    saved."""
     data = path.read_bytes()
     if b"\x00" in data[:8192]:
         raise TextSourceError(f"{path} looks like a binary file (it holds NUL bytes), not plain text")
     try:
-        return data.decode("utf-8"), 0
+        text, replaced = data.decode("utf-8-sig"), 0
     except UnicodeDecodeError:
-        text = data.decode("utf-8", errors="replace")
-        return text, text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+        text = data.decode("utf-8-sig", errors="replace")
+        replaced = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+    return text.replace("\r\n", "\n").replace("\r", "\n"), replaced
 
 
 def _segments(text: str, size: int) -> list[str]:
@@ -92,7 +95,7 @@ def split_documents(path: str | Path | None, split: str, *, min_chars: int) -> d
     chosen = [f for f in files if split_of(f.name) == split] or (files if path is not None else [])
     if not chosen:
         raise TextSourceError(f"no document falls in the {split} split")
-    texts = {f: f.read_text(encoding="utf-8", errors="replace") for f in chosen}
+    texts = {f: f.read_text(encoding="utf-8-sig", errors="replace") for f in chosen}
     usable = {f: t for f, t in texts.items() if len(t) > min_chars}
     if not usable:
         raise TextSourceError(f"every document of the {split} split is shorter than {min_chars} characters")

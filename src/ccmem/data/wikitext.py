@@ -73,7 +73,7 @@ def _file_lines(path: Path) -> list[str]:
     """The rows of one file, as the Hugging Face dataset holds them."""
     if path.name.endswith(LINE_SUFFIXES):
         try:
-            with path.open(encoding="utf-8") as f:  # universal newlines, as the dataset's builder reads it
+            with path.open(encoding="utf-8-sig") as f:  # universal newlines, as the dataset's builder reads it
                 rows = [line if line.strip() else "" for line in f]
         except UnicodeDecodeError:
             raise DatasetFormatError(f"{path}: not UTF-8 text; expected WikiText raw lines") from None
