@@ -701,6 +701,17 @@ def _adapters(specs: list[str] | None) -> dict[str, Path]:
     return adapters
 
 
+def _eval_data(examples: list, *, path: Path | None, source: str, generator: tuple[int, ...]) -> dict[str, str]:
+    """What the examples are, for the rows' config hash: a digest of their content when the user's files or
+    non-default generator settings made them; the default data gives ``{}`` (older rows keep their hash)."""
+    from ccmem.data.records import examples_digest
+
+    data = {"source": source} if source != "wiki" else {}
+    if path is not None or generator != (3, 2, 0, 0):  # --k, --small-talk, --turns, --seed defaults
+        data["examples"] = examples_digest(examples)
+    return data
+
+
 @app.command("eval")
 def eval_command(
     dataset: Annotated[
@@ -826,7 +837,8 @@ def eval_command(
         score=score,
         method_options=options,
         memory_dtype=storage,
-        data={"source": source} if source != "wiki" else {},  # rows of the default keep their config hash
+        data=_eval_data(examples, path=path, source=source, generator=(k, small_talk, turns, seed)),
+        data_path=str(path) if path else None,
     )
     shown = dataset if source == "wiki" else f"{dataset} ({source})"
     table = Table(title=f"ccmem eval: {shown}/{split}, {len(examples)} examples, {model}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,3 +172,30 @@ def test_batched_evaluation_gives_the_rows_of_one_at_a_time(method, task, tmp_pa
     assert batched.accuracy == one.accuracy and batched.memory_slots == one.memory_slots
     assert batched.perplexity == pytest.approx(one.perplexity, rel=1e-4)
     assert batched.config_hash == one.config_hash  # the batch size changes the speed, not what is measured
+
+
+def test_rows_of_other_data_never_share_a_config_hash(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    """The config hash covers what the examples hold: a user's edited file, or another --k, is another
+    measurement, and `ccmem report` says so instead of tabling the rows as comparable."""
+    fixtures = Path(__file__).resolve().parent.parent / "fixtures" / "metaicl"
+    edited = tmp_path / "edited"
+    shutil.copytree(fixtures, edited)
+    test_file = next(edited.rglob("*_test.jsonl"))
+    lines = test_file.read_text().splitlines()
+    record = json.loads(lines[0])
+    record["input"] = record["input"] + " (reworded)"
+    test_file.write_text("\n".join([json.dumps(record), *lines[1:]]) + "\n")
+    out = tmp_path / "eval.jsonl"
+    runs = (["metaicl", "--path", str(fixtures)], ["metaicl", "--path", str(edited)], ["icl"], ["icl", "--k", "2"])
+    for args in runs:
+        code, text = run_cli(
+            monkeypatch, capsys, "eval", *args, "--model", str(tiny_model_dir), "--n", "2", "--methods", "none",
+            "--out", str(out),
+        )  # fmt: skip
+        assert code == 0, text
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["config_hash"] != rows[1]["config_hash"]  # one reworded question
+    assert rows[2]["config_hash"] != rows[3]["config_hash"]  # another --k
+    assert [r["extra"].get("data_path") for r in rows] == [str(fixtures), str(edited), None, None]
+    warnings = mismatches(read_rows([out]))
+    assert len(warnings) == 2 and "rows of icl" in warnings[0] and "rows of metaicl" in warnings[1]

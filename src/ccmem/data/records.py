@@ -8,6 +8,7 @@ evaluation read the same records, so a loader written once serves ``ccmem train`
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,15 @@ class MemoryExample:
     def __post_init__(self) -> None:
         if self.options and self.answer not in self.options:
             raise ValueError(f"example {self.id}: the answer {self.answer!r} is not one of its options")
+
+
+def examples_digest(examples: list[MemoryExample]) -> str:
+    """A short hash of what the examples hold (context, query, answer, options): rows measured on other data
+    never share a config hash, whatever file or generator setting produced it."""
+    blob = json.dumps(
+        [[e.id, e.context, e.query, e.answer, e.options, e.chat] for e in examples], sort_keys=True, default=str
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def text_sample(tokenizer: Any, segments: list[str], query: str, answer: str, *, system: str | None = None) -> Sample:

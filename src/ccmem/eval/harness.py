@@ -81,6 +81,7 @@ class EvalSettings:
     model: str = ""  # which model, when rows of several models may meet
     batch_size: int = 8  # contexts compressed together by methods that batch (the same memories; only faster)
     memory_dtype: str | None = None  # answer from memories stored at this precision (ccmem.precision); None: as made
+    data_path: str | None = None  # the user's dataset file/folder, recorded in each row (its content is in ``data``)
 
     def __post_init__(self) -> None:
         if self.score not in SCORE_REDUCTIONS:
@@ -93,6 +94,7 @@ class EvalSettings:
     def fingerprint(self, dataset: str, n: int) -> str:
         settings = asdict(self)
         del settings["batch_size"]  # changes the speed, not what is measured
+        del settings["data_path"]  # where the data lies; what it holds is hashed through ``data``
         for key, default in (("score", "sum"), ("data", {}), ("model", ""), ("memory_dtype", None)):
             if settings[key] == default:
                 del settings[key]  # the default before the field existed: older rows keep their hash
@@ -326,6 +328,7 @@ def evaluate(
             **({"stage1": session.lm.stage1} if session.lm.stage1 else {}),
             **({"score": settings.score} if settings.score != "sum" else {}),
             **({"memory_dtype": settings.memory_dtype} if settings.memory_dtype else {}),
+            **({"data_path": settings.data_path} if settings.data_path else {}),
             **({"by": _group_accuracy(by_group)} if by_group else {}),
         },
         options=options_for(session.method.name, settings.method_options),
