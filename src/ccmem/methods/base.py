@@ -300,7 +300,8 @@ class Method(ABC):
 
     def check_model(self, lm: LoadedModel) -> None:
         """Refuse a kind of model this method does not run on (an encoder-decoder model, unless
-        :attr:`encoder_decoder`), naming the method, the model and what runs on it instead."""
+        :attr:`encoder_decoder`; a cache of keys and values of different shapes; logits that are not the LM
+        head's), naming the method, the model and what runs on it instead."""
         if lm.is_encoder_decoder and not self.encoder_decoder:
             from ccmem.registry import method_classes
 
@@ -309,6 +310,8 @@ class Method(ABC):
                 f"method {self.name!r} works on decoder-only models, but {lm.name} is an encoder-decoder model "
                 f"({lm.model.config.model_type}); on encoder-decoder models use {' or '.join(able)}"
             )
+        lm.kv_shape  # noqa: B018 - refuses keys and values of different shapes (measured once)
+        head_scale(lm)  # measured once, before any hook is installed
 
     def install(self, lm: LoadedModel, stack: ExitStack) -> None:  # noqa: B027 - optional hook
         """Add hooks/attention functions to the model, registering their removal on ``stack``."""
@@ -439,11 +442,52 @@ def logits_for(lm: LoadedModel, hidden: torch.Tensor) -> torch.Tensor:
     decoder's output is first scaled by ``d_model ** -0.5``, as its model does where the head is tied)."""
     if lm.is_encoder_decoder and getattr(lm.model.config, "scale_decoder_outputs", False):
         hidden = hidden * lm.model.config.d_model**-0.5
-    logits = lm.model.get_output_embeddings()(hidden).float()
+    logits = _softcapped(lm, lm.model.get_output_embeddings()(hidden).float())
+    scale = head_scale(lm)
+    return logits if scale == 1.0 else logits * scale
+
+
+def _softcapped(lm: LoadedModel, logits: torch.Tensor) -> torch.Tensor:
     softcap = getattr(lm.model.config.get_text_config(), "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
+def head_scale(lm: LoadedModel) -> float:
+    """The constant factor a model's own forward puts on its LM head's output (Cohere's ``logit_scale``,
+    Granite's ``1 / logits_scaling``, Falcon-H1's ``lm_head_multiplier``; 1 for most families), measured once per
+    model by comparing the model's logits with the head's on three tokens, so that scores computed from hidden
+    states equal the model's. A model whose logits are no constant multiple of the head's is refused."""
+    if lm._head_scale is not None:
+        return lm._head_scale
+    if lm.is_encoder_decoder:
+        lm._head_scale = 1.0
+        return 1.0
+    model = lm.model
+    ids = torch.arange(3, device=lm.device)[None]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            hidden = model.base_model(input_ids=ids).last_hidden_state
+            theirs = model(input_ids=ids).logits.float()
+            raw = model.get_output_embeddings()(hidden).float()
+    finally:
+        model.train(was_training)
+    mine = _softcapped(lm, raw)
+    atol = 1e-3 * float(theirs.abs().max()) + 1e-6
+    scale = 1.0
+    if not torch.allclose(mine, theirs, rtol=2e-2, atol=atol):
+        scale = float((raw * theirs).sum() / (raw * raw).sum().clamp_min(1e-30))
+        if mine is not raw or not torch.allclose(raw * scale, theirs, rtol=2e-2, atol=atol):
+            from ccmem.loading import UnsupportedModelError
+
+            raise UnsupportedModelError(
+                f"{lm.name} ({model.config.model_type}): the model's logits are not its LM head's output (times a "
+                "constant), so ccmem cannot score answers from its hidden states; use a model family whose "
+                "output layer is the LM head (LLaMA, Qwen2, Mistral, Gemma, Cohere, Granite ...)"
+            )
+    lm._head_scale = scale
+    return scale
 
 
 def positions(start: int, length: int, device: torch.device) -> torch.Tensor:

@@ -14,6 +14,7 @@ model's own rotary embedding, so any model whose rotary embedding covers the who
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,17 +25,30 @@ from ccmem.methods.base import option
 from ccmem.methods.eviction import Candidates, KVEviction, Scores, check_n_sink
 from ccmem.patching.attention import AttentionCapture
 from ccmem.registry import register
+from ccmem.rope import half_split_pairing
 
 
-def rotary_tables(lm: LoadedModel, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos, sin`` of the model's rotary embedding at ``positions`` (``[1, n]``), each ``[n, head_dim]``."""
+def rotary_tables(
+    lm: LoadedModel, positions: torch.Tensor, like: torch.Tensor, layer: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin`` of the model's rotary embedding of decoder layer ``layer`` at ``positions`` (``[1, n]``), each
+    ``[n, head_dim]`` (models with a RoPE per layer type, such as Gemma 3's local and global layers, get that
+    layer's)."""
     rotary = getattr(lm.model.base_model, "rotary_emb", None)
     if rotary is None:
         raise ValueError(
             f"expected-attention needs rotary position embeddings, which this {lm.model.config.model_type} model "
             "does not expose (model.rotary_emb); use a LLaMA-, Mistral- or Qwen-style model, or another method"
         )
-    cos, sin = rotary(like, positions.to(like.device))
+    if not half_split_pairing(lm):
+        raise ValueError(
+            f"expected-attention undoes LLaMA-style RoPE, but this {lm.model.config.model_type} model pairs "
+            "neighbouring dimensions; use another method"
+        )
+    extra = {}
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        extra["layer_type"] = lm.model.config.get_text_config().layer_types[layer]
+    cos, sin = rotary(like, positions.to(like.device), **extra)
     if cos.shape[-1] != like.shape[-1]:
         raise ValueError(
             f"expected-attention needs a rotary embedding over the whole head ({like.shape[-1]} dims), but this "
@@ -86,7 +100,7 @@ class ExpectedAttention(KVEviction):
         scores, forced = [], []
         for i, (k, _) in enumerate(c.layers):
             query = c.capture.queries[i].float()  # [B, Hq, n, d], rotated
-            cos, sin = rotary_tables(lm, new_positions, query)
+            cos, sin = rotary_tables(lm, new_positions, query, i)
             plain = query * cos - rotate_half(query) * sin  # undo the rotation: R_p^-1 = R_-p
             plain = plain[:, :, (new_positions[0] >= self.n_sink).to(plain.device)]
             sink = self.sink_mask(c, i, self.n_sink)
@@ -97,7 +111,7 @@ class ExpectedAttention(KVEviction):
             mean = plain.mean(dim=2)  # [B, Hq, d]
             centred = plain - mean[:, :, None]
             cov = centred.transpose(2, 3) @ centred / plain.shape[2]  # [B, Hq, d, d], biased as kvpress
-            rotation = self._average_rotation(lm, future, query)  # [d, d]
+            rotation = self._average_rotation(lm, future, query, i)  # [d, d]
             mean = mean @ rotation.T
             keys = c.keys(i).float().repeat_interleave(query.shape[1] // k.shape[1], dim=1)  # [B, Hq, C, d]
             d = query.shape[-1]
@@ -114,9 +128,9 @@ class ExpectedAttention(KVEviction):
             forced.append(sink)
         return Scores(scores, forced)
 
-    def _average_rotation(self, lm: LoadedModel, future: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def _average_rotation(self, lm: LoadedModel, future: torch.Tensor, like: torch.Tensor, layer: int) -> torch.Tensor:
         """``(1/F) Σ_p R_p`` over the future positions, as a ``[d, d]`` matrix acting on plain queries."""
-        cos, sin = rotary_tables(lm, future, like)
+        cos, sin = rotary_tables(lm, future, like, layer)
         d = like.shape[-1]
         half = d // 2
         swap = torch.zeros(d, d, device=cos.device)  # rotate_half as a matrix: [a; b] -> [-b; a]

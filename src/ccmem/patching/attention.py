@@ -20,6 +20,7 @@ No model file is forked.
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from ccmem.masks import MaskPlan, to_additive, windowed
 
 PLAN_KWARG = "ccm_plan"
 CAPTURE_KWARG = "ccm_capture"
+PROBE_KWARG = "ccm_probe"  # a list each attention call appends to: shows that keywords reach the attention
 BASE_IMPLEMENTATION = {"ccm_sdpa": "sdpa", "ccm_eager": "eager"}
 
 
@@ -247,6 +249,9 @@ def _make(base: str) -> Callable[..., Any]:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         plan: AttentionPlan | None = kwargs.pop(PLAN_KWARG, None)
         capture: AttentionCapture | None = kwargs.pop(CAPTURE_KWARG, None)
+        probe: list[int] | None = kwargs.pop(PROBE_KWARG, None)
+        if probe is not None:
+            probe.append(getattr(module, "layer_idx", -1))
         if capture is not None:
             capture.record(module, query, key, attention_mask, kwargs.get("scaling"), kwargs.get("softcap"))
         if plan is not None:
@@ -303,6 +308,30 @@ def compression_attention(model: PreTrainedModel) -> Iterator[None]:
         )
     model.set_attn_implementation(f"ccm_{current}")
     try:
+        _check_keywords_arrive(model)
         yield
     finally:
         model.set_attn_implementation(current)
+
+
+_KEYWORDS_ARRIVE: weakref.WeakKeyDictionary[PreTrainedModel, bool] = weakref.WeakKeyDictionary()
+
+
+def _check_keywords_arrive(model: PreTrainedModel) -> None:
+    """Refuse a model whose decoder layers drop the keywords a forward passes down (transformers' StableLM, for
+    one, does not hand them to its attention): ccmem's masks and captures would silently not apply. Checked once
+    per model with a one-token forward that every attention layer answers."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return
+    if model not in _KEYWORDS_ARRIVE:
+        seen: list[int] = []
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            model.base_model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), **{PROBE_KWARG: seen})
+        _KEYWORDS_ARRIVE[model] = bool(seen)
+    if not _KEYWORDS_ARRIVE[model]:
+        raise ValueError(
+            f"{type(model).__name__}'s layers do not pass a forward's keywords on to their attention, so ccmem "
+            "cannot mask or read its attention (its compression would silently not apply); use a model family "
+            "that does (LLaMA, Mistral, Qwen2, Gemma, Phi-3 ...)"
+        )

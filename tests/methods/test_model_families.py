@@ -1,0 +1,108 @@
+"""Families beyond the ones every test runs on: what ccmem follows exactly, and what it refuses with a reason.
+
+A family is either followed exactly (scores equal the model's own log-probabilities) or refused at load; never
+silently different.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+
+import ccmem
+from ccmem.loading import LoadedModel, UnsupportedModelError
+from tests.conftest import COMMON, VOCAB, TinyTokenizer
+
+
+def family(name: str, config) -> LoadedModel:
+    torch.manual_seed(0)
+    attn = "eager" if config.model_type == "gemma2" else "sdpa"  # transformers has no sdpa for Gemma-2
+    model = T.AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32).eval()
+    return LoadedModel(model=model, tokenizer=TinyTokenizer(), name=f"tiny-{name}")
+
+
+HEADS = dict(num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.mark.parametrize(
+    ("name", "config"),
+    [
+        ("cohere", lambda: T.CohereConfig(**COMMON, **HEADS, logit_scale=0.3)),  # logits = head(h) * logit_scale
+        ("granite", lambda: T.GraniteConfig(**COMMON, **HEADS, logits_scaling=4.0)),  # logits = head(h) / scaling
+        ("gemma2", lambda: T.Gemma2Config(**COMMON, **HEADS, head_dim=8, final_logit_softcapping=5.0)),
+    ],
+)
+@pytest.mark.parametrize("method", ["full", "h2o"])
+def test_scores_are_the_models_own_log_probabilities(name, config, method):
+    """Answers are scored from hidden states through the LM head: a family that scales or soft-caps the head's
+    output must get the same numbers as its own forward (Cohere and Granite were off by up to 3.3 nats)."""
+    lm = family(name, config())
+    session = ccmem.load(lm, method, system_prompt=None, **({"ratio": 1.0} if method == "h2o" else {}))
+    context = list(range(10, 30))
+    session.add_ids(context)
+    ours = torch.tensor(session.score_ids([80, 81], [[t] for t in range(VOCAB)]))
+    with torch.no_grad():
+        logits = lm.model(input_ids=torch.tensor([[*context, 80, 81]])).logits[0, -1]
+    assert torch.allclose(ours, torch.log_softmax(logits.float(), -1), atol=1e-4)
+
+
+def test_a_family_whose_layers_drop_the_attention_keywords_is_refused():
+    """transformers' StableLM layers do not pass a forward's keywords to their attention: ccmem's masks (local,
+    sentinel) would silently not apply and its captures (H2O, SnapKV) came back empty as a KeyError."""
+    lm = family("stablelm", T.StableLmConfig(**COMMON, **HEADS))
+    for method, options in (("local", {}), ("h2o", {"ratio": 0.5})):
+        session = ccmem.load(lm, method, system_prompt=None, **options)
+        with pytest.raises(ValueError, match="do not pass a forward's keywords on to their attention"):
+            session.add_ids(list(range(10, 30)))
+    plain = ccmem.load(lm, "full", system_prompt=None)  # full reads plainly: it runs
+    plain.add_ids(list(range(10, 30)))
+    assert plain.memory.num_slots == 20
+
+
+def test_keys_and_values_of_different_sizes_are_refused_at_load():
+    """DeepSeek-V3's multi-head latent attention caches keys of 12 and values of 6 per head: every method crashed
+    deep in torch; now ccmem.load says why."""
+    config = T.DeepseekV3Config(
+        **COMMON, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None,
+        qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=6, n_routed_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=16, first_k_dense_replace=1, n_group=1, topk_group=1,
+    )  # fmt: skip
+    lm = family("deepseek-v3", config)
+    for method in ("full", "streaming-llm"):
+        with pytest.raises(UnsupportedModelError, match="multi-head latent attention"):
+            ccmem.load(lm, method, system_prompt=None)
+
+
+def test_expected_attention_reads_each_layers_own_rope_on_gemma3():
+    """Gemma 3 has a RoPE per layer type (local and global layers): expected-attention raised a TypeError from
+    inside transformers; now each layer's queries are un-rotated with that layer's tables."""
+    from ccmem.methods.expected_attention import rotary_tables
+    from tests.conftest import tiny_model
+
+    lm = tiny_model("gemma3")
+    lm.model.config.layer_types = ["sliding_attention", "full_attention"]
+    lm.model.config.rope_parameters["sliding_attention"]["rope_theta"] = 10.0  # local and global RoPE differ
+    lm.model.base_model.rotary_emb = type(lm.model.base_model.rotary_emb)(lm.model.config)
+    positions, like = torch.arange(5, 9)[None], torch.zeros(1, 1, 4, 8)
+    local, full = rotary_tables(lm, positions, like, 0), rotary_tables(lm, positions, like, 1)
+    assert not torch.allclose(local[0], full[0])
+    session = ccmem.load(lm, "expected-attention", system_prompt=None, ratio=0.5)
+    session.add_ids(list(range(10, 30)))
+    assert session.memory.num_slots == 10
+
+
+def test_neighbour_paired_rope_is_refused_where_ccmem_would_rotate_keys():
+    """Cohere pairs dimensions 2j and 2j+1 for RoPE; re-basing keys with LLaMA's pairing silently corrupted them
+    (a chat or stream past the model's positions went on with wrong keys)."""
+    from ccmem.api import ContextTooLongError, make_room
+    from ccmem.rope import half_split_pairing
+
+    lm = family("cohere", T.CohereConfig(**{**COMMON, "max_position_embeddings": 32}, **HEADS))
+    assert not half_split_pairing(lm)
+    session = ccmem.load(lm, "streaming-llm", system_prompt=None, ratio=0.5, n_sink=4)
+    session.add_ids(list(range(3, 28)))
+    with pytest.raises(ContextTooLongError, match=r"cannot be re-based .*neighbouring dimensions"):
+        make_room(lm, session.memory, 20)
+    with pytest.raises(ValueError, match="pairs neighbouring dimensions"):
+        ccmem.load(lm, "expected-attention", system_prompt=None).add_ids(list(range(3, 20)))
