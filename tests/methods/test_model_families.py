@@ -106,3 +106,28 @@ def test_neighbour_paired_rope_is_refused_where_ccmem_would_rotate_keys():
         make_room(lm, session.memory, 20)
     with pytest.raises(ValueError, match="pairs neighbouring dimensions"):
         ccmem.load(lm, "expected-attention", system_prompt=None).add_ids(list(range(3, 20)))
+
+
+def test_full_runs_untrained_on_a_model_its_lora_cannot_adapt():
+    """`full` is the uncompressed reference: untrained it needs no LoRA, so it runs on GPT-2 (Conv1D projections),
+    while the learned methods say why they cannot."""
+    lm = family("gpt2", T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=256))
+    session = ccmem.load(lm, "full", system_prompt=None)
+    context = list(range(10, 30))
+    session.add_ids(context)
+    ours = torch.tensor(session.score_ids([80, 81], [[t] for t in range(VOCAB)]))
+    with torch.no_grad():
+        logits = lm.model(input_ids=torch.tensor([[*context, 80, 81]])).logits[0, -1]
+    assert torch.allclose(ours, torch.log_softmax(logits, -1), atol=1e-4)
+    with pytest.raises(ValueError, match=r"no torch\.nn\.Linear layers in its blocks .*Conv1D"):
+        ccmem.load(lm, "ccm-concat", system_prompt=None).add_ids(context)
+
+
+def test_lora_targets_that_are_not_linear_layers_name_the_linear_ones():
+    from ccmem.modules import LoRASet
+
+    lm = family("gpt-neox", T.GPTNeoXConfig(**COMMON, num_attention_heads=4))
+    with pytest.raises(ValueError, match=r"named \['rotary_emb'\] .* are GPTNeoXRotaryEmbedding, not torch"):
+        LoRASet(lm.model.base_model, ["rotary_emb"])
+    with pytest.raises(ValueError, match=r"linear layers: .*query_key_value"):
+        LoRASet(lm.model.base_model, ["q_proj"])

@@ -69,6 +69,8 @@ class FullContext(ccm_seq2seq.EncoderMemory, LoRAOptions):
     def _lora_active(self, lm: LoadedModel) -> bool:
         if lm.is_encoder_decoder:
             return False  # no stage-1 LoRA there (build refuses one)
+        if self.adapter_hash == "untrained" and self._built_for is None:
+            return False  # nothing loaded, nothing built to train: runs on models the LoRA cannot adapt (GPT-2)
         lora = cast(LoRASet, self.module_for(lm))
         # Neither loaded nor being trained: B is zero, so the plain model, without the hooks' cost.
         return self.adapter_hash != "untrained" or any(p.requires_grad for p in lora.parameters())

@@ -124,9 +124,25 @@ class LoRASet(nn.Module):
                 self.paths.append(path)
         if not self.paths:
             model_type = getattr(model.config.get_text_config(), "model_type", "?")  # type: ignore[union-attr,operator]
+            other = sorted({type(m).__name__ for p, m in model.named_modules() if p.rpartition(".")[2] in targets})
+            linear = sorted(
+                {p.rpartition(".")[2] for p, m in model.named_modules() if isinstance(m, nn.Linear) and "." in p}
+            )
+            if other:
+                raise ValueError(
+                    f"the layers named {list(targets)} of this {model_type} model are {', '.join(other)}, not "
+                    f"torch.nn.Linear, which ccmem's LoRA adapts; its linear layers are named: "
+                    f"{', '.join(linear) or 'none'} (pass those as lora_targets, or use another model family)"
+                )
+            if not linear:
+                raise ValueError(
+                    f"this {model_type} model has no torch.nn.Linear layers in its blocks (GPT-2-style models use "
+                    "Conv1D), so ccmem's LoRA cannot adapt it; use a model family with linear projections (LLaMA, "
+                    "Qwen2, Mistral, Gemma ...)"
+                )
             raise ValueError(
-                f"found no linear layer named {list(targets)} in this {model_type} model; "
-                "pass lora_targets with the names of its attention (or MLP) linear layers"
+                f"found no linear layer named {list(targets)} in this {model_type} model; pass lora_targets with the "
+                f"names of its attention (or MLP) linear layers: {', '.join(linear)}"
             )
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
