@@ -22,7 +22,7 @@ from ccmem.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat, Message, TextStream, c
 from ccmem.generation import Sampling, decode, decode_batch
 from ccmem.loading import DEFAULT_MODEL, AttentionError, LoadedModel, load_model
 from ccmem.memory import Memory, MemoryMismatchError
-from ccmem.methods.base import Method, logits_for, read_batch
+from ccmem.methods.base import Method, add_rows, logits_for, padding_is_exact, read_batch
 from ccmem.registry import DEFAULT_METHOD, get_method, method_class
 from ccmem.stage1 import merge_stage1
 
@@ -357,10 +357,15 @@ def _decoder_logprobs(
             memories.append(memory)
             rows.append(torch.tensor([row], dtype=torch.long, device=lm.device))
             targets.append(torch.tensor(option, dtype=torch.long, device=lm.device))
+    slots = [max(m.slots_per_layer, default=0) for m in memories]
     with torch.no_grad(), method.attached(lm, reading=True):
-        read = read_batch(lm, memories, rows)
+        if padding_is_exact(lm, slots, [r.shape[1] for r in rows]):
+            reads = [read_batch(lm, memories, rows).hidden]
+        else:  # a sliding window shorter than the padded rows: each row alone
+            reads = [read_batch(lm, [m], [r]).hidden for m, r in zip(memories, rows, strict=True)]
+        states = [h for read in reads for h in read]
         # logits only where an option's tokens are predicted: the last len(option) positions of each row
-        hidden = torch.cat([read.hidden[r, -len(t) :] for r, t in enumerate(targets)])
+        hidden = torch.cat([states[r][-len(t) :] for r, t in enumerate(targets)])
         logprobs = torch.log_softmax(logits_for(lm, hidden), dim=-1)
     return list(logprobs.gather(1, torch.cat(targets)[:, None])[:, 0].split([len(t) for t in targets]))
 
@@ -449,7 +454,7 @@ def add_batch(sessions: Sequence[CompressedLM], contexts: Sequence[Sequence[Mess
     needed = [s.method.positions_needed(s.memory, i.shape[1]) for s, i in zip(sessions, ids, strict=True)]
     roomy = [make_room(s.lm, s.memory, n) for s, n in zip(sessions, needed, strict=True)]  # all checked before work
     with torch.no_grad(), first.method.attached(first.lm):
-        memories = first.method.add_batch(first.lm, roomy, ids)
+        memories = add_rows(first.method, first.lm, roomy, ids)
     for s, m, memory in zip(sessions, messages, memories, strict=True):
         s.memory = memory
         s.history = s.history + m

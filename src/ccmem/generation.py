@@ -21,7 +21,7 @@ import torch
 
 from ccmem.loading import LoadedModel
 from ccmem.memory import Memory
-from ccmem.methods.base import DecodeRows, DecodeState, Method, pad_rows, positions, run_decoder
+from ccmem.methods.base import DecodeRows, DecodeState, Method, pad_rows, padding_is_exact, positions, run_decoder
 from ccmem.modules import GATE_KWARG
 
 T = TypeVar("T")
@@ -200,13 +200,32 @@ def decode_batch(
     if stats is not None and len(stats) != n:
         raise ValueError(f"stats has {len(stats)} dicts for {n} rows; give one per row")
     row_stats = list(stats) if stats is not None else None
-    if not method.decode_batchable or lm.is_encoder_decoder:  # encoder-decoder: one session at a time
+    if (
+        not method.decode_batchable
+        or lm.is_encoder_decoder
+        or not _padding_exact(lm, method, memories, queries, limits)
+    ):
         rows = [
             decode(lm, method, m, q, k, sampling=s, stop_ids=stop_ids, stats=row_stats[b] if row_stats else None)
             for b, (m, q, k, s) in enumerate(zip(memories, queries, limits, samplings, strict=True))
         ]
         return _in_step(rows, limits, stop_ids)
     return _decode_padded(lm, method, memories, queries, limits, samplings, stop_ids, row_stats)
+
+
+def _padding_exact(
+    lm: LoadedModel, method: Method, memories: Sequence[Memory], queries: Sequence[torch.Tensor], limits: list[int]
+) -> bool:
+    """Whether decoding the rows in one padded batch gives each row's own tokens (encoder-decoder models decode one
+    session at a time). On a sliding-window model the padding between a row's memory and its query counts against
+    the window: exact while the longest row, answer included, fits in it; a method that feeds tokens of its own
+    while decoding (ccm-reason's <COMP>) grows rows by more than the answer, so it decodes row by row there."""
+    if lm.is_encoder_decoder:
+        return False
+    if lm.sliding_window is not None and type(method).decode_logits_batch is not Method.decode_logits_batch:
+        return False
+    slots = [max(m.slots_per_layer, default=0) for m in memories]
+    return padding_is_exact(lm, slots, [int(q.shape[1]) + k for q, k in zip(queries, limits, strict=True)])
 
 
 def _per_row(value: T | Sequence[T], n: int, name: str) -> list[T]:

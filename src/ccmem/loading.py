@@ -192,6 +192,19 @@ class LoadedModel:
         return self._kv_shape
 
     @property
+    def sliding_window(self) -> int | None:
+        """The shortest window of a sliding-window attention layer (Mistral, Gemma 2/3, ...); ``None`` when every
+        layer attends to the whole cache."""
+        cfg = self.model.config.get_text_config()
+        window = getattr(cfg, "sliding_window", None)
+        if not window or getattr(cfg, "use_sliding_window", True) is False:
+            return None
+        types = getattr(cfg, "layer_types", None)
+        if types and not any("sliding" in str(t) for t in types):
+            return None
+        return int(window)
+
+    @property
     def max_positions(self) -> int | None:
         cfg = self.model.config.get_text_config()
         value = getattr(cfg, "max_position_embeddings", None)

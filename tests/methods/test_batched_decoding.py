@@ -88,12 +88,14 @@ def method_for(name: str, lm, **options) -> Method:
     return method
 
 
-@pytest.mark.parametrize("family", ["llama-gqa", "mistral", "qwen2", "gpt-neox", "gemma3"])
+@pytest.mark.parametrize("family", ["llama-gqa", "mistral", "qwen2", "gpt-neox", "gemma3", "mistral-window"])
 @pytest.mark.parametrize(
     ("name", "options"),
     [("full", {}), ("none", {}), ("ccm-concat", {"n_tok": 3}), ("ccm-merge", {"n_tok": 3}), ("h2o", {"ratio": 0.5})],
 )
 def test_greedy_batched_decoding_equals_one_session_at_a_time(family, name, options):
+    """mistral-window slides a window of 5 over the cache: the padding between a short row's memory and its query
+    would count against it, so such rows decode alone (they gave other tokens in one padded batch)."""
     lm = tiny_model(family)
     method = method_for(name, lm, **options)
     memories = [s.memory for s in sessions(lm, method)]
@@ -222,3 +224,38 @@ def test_generate_batch_answers_as_each_session_alone_and_refuses_mixed_sessions
         generate_batch([chats[0], CompressedLM(lm, ccmem.get_method("ccm-concat", n_tok=3))], ["a", "b"])
     with pytest.raises(ValueError, match="one prompt per session"):
         generate_batch(chats, prompts[:2])
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("h2o", {"ratio": 0.5}), ("expected-attention", {"ratio": 0.5, "n_future_positions": 16}), ("full", {})],
+)
+def test_a_sliding_window_model_compresses_and_scores_a_batch_as_one_at_a_time(name, options):
+    """add_batch and option scoring on a model whose window (5) is shorter than the padded rows: H2O and Expected
+    Attention kept other entries for the padded row, and scores read other keys."""
+    from ccmem.api import add_batch, score_batch
+
+    lm = tiny_model("mistral-window")
+    contexts = [[{"role": "user", "content": "abc defgh ijk"}], [{"role": "user", "content": "zz"}]]
+    together = [ccmem.load(lm, name, system_prompt="sys", **options) for _ in contexts]
+    add_batch(together, [[{"role": "user", "content": "q"}], [{"role": "user", "content": "a longer first turn"}]])
+    add_batch(together, contexts)
+    for b, context in enumerate(contexts):
+        alone = ccmem.load(lm, name, system_prompt="sys", **options)
+        alone.add([{"role": "user", "content": ["q", "a longer first turn"][b]}])
+        alone.add(context)
+        for mine, theirs in zip(together[b].memory.positions, alone.memory.positions, strict=True):
+            assert torch.equal(mine, theirs)
+    items = [(s.memory, [40, 41], [[5], [6, 7, 8], [9, 10]]) for s in together]
+    scores = score_batch(lm, together[0].method, items)
+    for (memory, query, options_ids), got in zip(items, scores, strict=True):
+        alone_scores = [score_batch(lm, together[0].method, [(memory, query, [o])])[0][0] for o in options_ids]
+        assert got == pytest.approx(alone_scores, abs=1e-5)
+
+
+def test_rows_batch_while_they_fit_in_the_window():
+    from ccmem.methods.base import padding_is_exact
+
+    assert padding_is_exact(tiny_model("llama-gqa"), [3, 200], [90, 1])  # no window: always one padded forward
+    windowed = tiny_model("mistral-window")  # a window of 5 cache columns
+    assert padding_is_exact(windowed, [2, 1], [3, 1]) and not padding_is_exact(windowed, [3, 1], [3, 1])

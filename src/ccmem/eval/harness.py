@@ -37,6 +37,7 @@ from ccmem.eval import textmetrics
 from ccmem.fileio import DatasetFormatError, jsonl_records
 from ccmem.loading import LoadedModel
 from ccmem.memory import Memory
+from ccmem.methods.base import add_rows
 from ccmem.options import OptionError
 from ccmem.precision import storage_name
 from ccmem.registry import method_class
@@ -156,7 +157,7 @@ def read_contexts(session: CompressedLM, samples: Sequence[Sample]) -> list[Memo
             ids = [torch.tensor([samples[i].chunks[t]], dtype=torch.long, device=lm.device) for i in rows]
             for i, x in zip(rows, ids, strict=True):
                 check_room(lm, memories[i], method.positions_needed(memories[i], x.shape[1]))
-            for i, memory in zip(rows, method.add_batch(lm, [memories[i] for i in rows], ids), strict=True):
+            for i, memory in zip(rows, add_rows(method, lm, [memories[i] for i in rows], ids), strict=True):
                 memories[i] = memory
     return memories
 

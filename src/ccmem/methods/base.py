@@ -597,6 +597,27 @@ def pad_rows(lm: LoadedModel, memories: Sequence[Memory], inputs: Sequence[torch
     return PaddedRows(cache, x, mask, position_ids, slots, n_new)
 
 
+def padding_is_exact(lm: LoadedModel, slots: Sequence[int], extents: Sequence[int]) -> bool:
+    """Whether rows of ``slots`` memory slots, each reading ``extents`` more positions, give in one padded forward
+    (:func:`pad_rows`) what each gives alone. A sliding-window layer counts its window in cache columns, so the
+    padding that :func:`pad_rows` puts between a shorter row's memory and its new tokens would push memory out of
+    the window: exact only while the longest padded row fits inside the window (or the model has none)."""
+    window = lm.sliding_window
+    return window is None or not slots or max(slots) + max(extents) <= window
+
+
+def add_rows(method: Method, lm: LoadedModel, memories: list[Memory], ids: list[torch.Tensor]) -> list[Memory]:
+    """``method.add_batch`` where one padded forward is exact (:func:`padding_is_exact`), else one row at a time:
+    the same memories either way. Called while attached."""
+    slots = [max(m.slots_per_layer, default=0) for m in memories]
+    extents = [
+        max(int(i.shape[-1]), method.positions_needed(m, int(i.shape[-1]))) for m, i in zip(memories, ids, strict=True)
+    ]
+    if padding_is_exact(lm, slots, extents):
+        return method.add_batch(lm, memories, ids)
+    return [method.add(lm, m, i) for m, i in zip(memories, ids, strict=True)]
+
+
 def read_batch(
     lm: LoadedModel,
     memories: list[Memory],
@@ -650,10 +671,12 @@ __all__ = [
     "Method",
     "OptionSpec",
     "PaddedRows",
+    "add_rows",
     "answer_loss",
     "logits_for",
     "option",
     "pad_rows",
+    "padding_is_exact",
     "positions",
     "positions_after",
     "read_batch",

@@ -47,14 +47,6 @@ def _split_read(layers: list[KV], n_tok: int, raw: int) -> tuple[list[KV], list[
     return comp, kept
 
 
-def _sliding_window(lm: LoadedModel) -> bool:
-    """Whether some attention layer of the model only sees a sliding window (Mistral, Gemma 3, ...)."""
-    config = lm.model.config.get_text_config()
-    if getattr(config, "use_sliding_window", True) is False:
-        return False
-    return getattr(config, "sliding_window", None) is not None
-
-
 class CompState(nn.Module):
     """The trainable state of a <COMP>-token method: ``comp`` embeddings and the conditional ``lora`` (and, for
     CCM-merge with ``weighting=learned``, the ``merge_gate`` that scores each step's <COMP> values)."""
@@ -347,7 +339,7 @@ class CCM(CompTokens):
 
     def check_model(self, lm: LoadedModel) -> None:
         super().check_model(lm)
-        if self.recent and (lm.is_encoder_decoder or _sliding_window(lm)):
+        if self.recent and (lm.is_encoder_decoder or lm.sliding_window is not None):
             raise ValueError(
                 f"{self.name} recent={self.recent} keeps raw tokens beside the memory of decoder-only models with "
                 f"full attention; {lm.name} has {'an encoder' if lm.is_encoder_decoder else 'sliding-window layers'}"
