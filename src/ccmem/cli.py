@@ -793,7 +793,7 @@ def eval_command(
     """
     from ccmem.data.loaders import load_examples
     from ccmem.data.news import check_source
-    from ccmem.eval.harness import EvalSettings, check_options_apply, compare, options_for
+    from ccmem.eval.harness import EvalSettings, check_adapters, check_options_apply, compare, options_for
     from ccmem.loading import load_model
     from ccmem.registry import get_method
     from ccmem.train.config import DataConfig
@@ -803,6 +803,7 @@ def eval_command(
     check_options_apply(names, options)
     for name in names:
         get_method(name, **options_for(name, options))
+    check_adapters(model, names, options, _adapters(adapter))  # a conflicting adapter before the model loads
     storage = _memory_dtype(memory_dtype)
     check_source(source, "--source")
     cfg = DataConfig(

@@ -66,6 +66,19 @@ def test_bad_input_is_one_line(monkeypatch, capsys, args, message):
     assert "Traceback" not in text
 
 
+def test_eval_refuses_an_option_its_adapter_contradicts_before_any_work(monkeypatch, capsys, tmp_path):
+    """The shipped ccm-concat adapter is recurrent: `-O recurrent=false` was refused only after `full` had run
+    and appended its row."""
+    from ccmem import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "eval.jsonl"
+    args = ["eval", "icl", "--methods", "full,ccm-concat", "-O", "recurrent=false", "--n", "2", "-o", str(out)]
+    code, text = run_cli(monkeypatch, capsys, *args)
+    assert code == 2 and "was trained with recurrent=True, but recurrent=False was asked" in " ".join(text.split())
+    assert not out.exists()
+
+
 def test_missing_file_argument_is_reported(monkeypatch, capsys, tmp_path):
     code, text = run_cli(monkeypatch, capsys, "ask", str(tmp_path / "missing.safetensors"), "hi")
     assert code == 2

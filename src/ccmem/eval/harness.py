@@ -361,6 +361,7 @@ def compare(
     settings = settings or EvalSettings()
     adapters = adapters or {}
     check_options_apply(methods, settings.method_options)
+    check_adapters(lm.name, methods, settings.method_options, adapters)
     for name in methods:
         options = options_for(name, settings.method_options)
         session = load(lm, method=name, adapter=adapters.get(name), system_prompt=settings.system, **options)
@@ -376,6 +377,23 @@ def compare(
         if out is not None:
             append_row(out, row)
         yield row
+
+
+def check_adapters(
+    model_name: str, methods: Sequence[str], options: dict[str, Any], adapters: dict[str, Path] | None = None
+) -> None:
+    """Refuse, before any method runs, an adapter (given, or shipped for ``model_name``) that is unreadable, made
+    for another method, or trained with an option that ``options`` contradicts (``-O recurrent=false`` against
+    a recurrent adapter): otherwise the methods before it ran and wrote their rows first."""
+    from ccmem.adapter import options_with_adapter, read_adapter, shipped_adapter
+    from ccmem.registry import method_class
+
+    for name in methods:
+        cls = method_class(name)
+        given = (adapters or {}).get(name)
+        path = given if given is not None else (shipped_adapter(model_name, name) if cls.needs_adapter else None)
+        if path is not None and cls.trainable:
+            options_with_adapter(name, read_adapter(path), options_for(name, options))
 
 
 def append_row(path: Path, row: Any) -> None:
