@@ -114,8 +114,12 @@ def test_creating_twice_and_unknown_sessions_say_so(make_store):
     store.create("s", IDENTITY, {})
     with pytest.raises(SessionExistsError, match="exists already"):
         store.create("s", IDENTITY, {})
-    with pytest.raises(UnknownSessionError, match="no session 'nope'"):
+    with pytest.raises(UnknownSessionError, match="no session 'nope'; create it first"):
         store.get("nope")
+    store.create("carol", IDENTITY, {})  # made by `ccmem chat --session carol`: no token
+    with pytest.raises(UnknownSessionError, match="no session 'carol' for this token") as err:
+        store.get("carol", owner=owner_of("secret"))  # a server with --token: chat cannot help; say whose it is
+    assert "ccmem chat --session carol creates it" not in str(err.value)
 
 
 def test_a_stale_version_is_refused_instead_of_dropping_turns(make_store):

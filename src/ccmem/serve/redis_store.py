@@ -200,7 +200,7 @@ class RedisSessionStore(BaseSessionStore):
             pipe.lrange(self._key("messages", owner, name), 0, -1)
             fields, messages = pipe.execute()
         if not fields:
-            raise unknown_session(name)
+            raise unknown_session(name, owner)
         return self._record(owner, name, fields, messages)
 
     @_reporting
@@ -308,7 +308,7 @@ class RedisSessionStore(BaseSessionStore):
         def attempt(pipe: Any) -> None:
             version = pipe.hget(key, "version")
             if version is None:
-                raise unknown_session(name)
+                raise unknown_session(name, owner)
             pipe.multi()
             pipe.delete(key, self._key("messages", owner, name), self._key("memory", owner, name, int(version)))
             pipe.srem(self._key("all"), self._member(owner, name))

@@ -108,8 +108,14 @@ class SessionRecord:
         return sum(1 for m in self.transcript if m["role"] == "user")
 
 
-def unknown_session(name: str) -> UnknownSessionError:
+def unknown_session(name: str, owner: str = "") -> UnknownSessionError:
     """The error for a session ``name`` that this owner does not have (the same words from every store)."""
+    if owner:  # a bearer token's: local sessions (ccmem chat, the Python API) belong to no token
+        return UnknownSessionError(
+            f"no session {name!r} for this token; a session belongs to the token that created it (sessions of "
+            "`ccmem chat --session` belong to none: a server started without --token reaches them); create it "
+            "with POST /v1/sessions"
+        )
     return UnknownSessionError(
         f"no session {name!r}; create it first (ccmem chat --session {name} creates it, the server "
         "creates one with POST /v1/sessions)"
@@ -363,7 +369,7 @@ class SessionStore(BaseSessionStore):
                 f"SELECT {self._COLUMNS} FROM sessions WHERE owner=? AND name=?", (owner, name)
             ).fetchone()
         if row is None:
-            raise unknown_session(name)
+            raise unknown_session(name, owner)
         return self._record(row)
 
     def exists(self, name: str, owner: str = "") -> bool:
