@@ -84,11 +84,12 @@ def shipped_adapter_names(model_name: str) -> list[str]:
 
 def default_methods(model_name: str, kinds: tuple[str, ...] = ("baseline", "learned")) -> list[str]:
     """The registered methods of ``kinds`` worth running on ``model_name`` by default: learned methods only
-    where an adapter ships for that model (untrained, their memory means nothing)."""
+    where an adapter ships for that model (untrained, their memory means nothing, or, for local and scattered
+    attention, they are not the methods the papers measured)."""
     return [
         name
         for name, cls in method_classes().items()
-        if cls.kind in kinds and (not cls.needs_adapter or shipped_adapter(model_name, name) is not None)
+        if cls.kind in kinds and (cls.kind != "learned" or shipped_adapter(model_name, name) is not None)
     ]
 
 

@@ -247,7 +247,7 @@ def demo(
         console.print(f"\n[bold]{escape(example)}[/]: {escape(question)}", highlight=False)
         table = Table(box=None, padding=(0, 1), show_edge=False, header_style="dim")
         table.add_column("method", no_wrap=True, min_width=width)
-        numbers = (("gen", 3), ("score", 5), ("slots", 5), ("KiB", 5), ("s", 4))
+        numbers = (("gen", 3), ("score", 5), ("slots", 5), ("KiB", 5), ("s", 5))
         # The answer gets what the terminal has left (one space between columns), at least 12 characters.
         answer = max(12, console.width - width - sum(d for _, d in numbers) - 2 * (len(numbers) + 1) - 1)
         table.add_column("answer", no_wrap=True, overflow="ellipsis", width=answer)
@@ -269,6 +269,20 @@ def demo(
         "\ngen: the generated answer contains the fact; score: the fact is the most likely of 4 options; "
         "slots/KiB: key/value memory kept; s: seconds to compress the conversation and answer."
     )
+    summary = Table(title="all questions", box=None, padding=(0, 1), show_edge=False, header_style="dim")
+    for col in ("method", "slots", "KiB", "right by generation", "right by scoring"):
+        summary.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
+    for name in dict.fromkeys(r.method for r in rows):
+        mine = [r for r in rows if r.method == name]
+        summary.add_row(
+            name + (" [yellow](untrained)[/]" if name in untrained else ""),
+            f"{sum(r.memory_slots for r in mine) / len(mine):.0f}",
+            f"{sum(r.memory_bytes for r in mine) / len(mine) / 1024:.0f}",
+            f"{sum(r.correct for r in mine)} / {len(mine)}",
+            f"{sum(r.option_correct for r in mine)} / {len(mine)}",
+        )
+    console.print()
+    console.print(summary)
     if untrained:
         console.print(
             f"[yellow]{', '.join(sorted(untrained))}: no trained adapter ships for {model} yet, so these rows "
@@ -867,6 +881,8 @@ def eval_command(
         def progress(method: str, i: int) -> None:
             done[method] = i
             bar.update(task, completed=sum(done.values()), description=method)
+            if i == len(examples) or i % max(1, len(examples) // 10) == 0:  # about every tenth, for logs
+                _note_when_piped(f"{method}: {i}/{len(examples)} examples")
 
         for row in compare(
             lm, names, examples, dataset=dataset, split=split, settings=settings,
@@ -1009,9 +1025,12 @@ def compare(
         decode_rows = []
         if settings.decode_lengths:
             step = bar.add_task("decode speed", total=None)
-            decode_rows = run_decode_speed(
-                lm, settings, out_dir, progress=lambda text: bar.update(step, description=text)
-            )
+
+            def decoding(text: str) -> None:
+                bar.update(step, description=text)
+                _note_when_piped(f"decode speed: {text}")
+
+            decode_rows = run_decode_speed(lm, settings, out_dir, progress=decoding)
     header = (
         f"{lm.name}{f' with stage-1 LoRA {lm.stage1} merged in' if lm.stage1 else ''}; {n} examples per task; "
         f"budgets {budgets} of the context for training-free methods; "

@@ -43,7 +43,7 @@ def run_session(session: CompressedLM, example: Example, max_new_tokens: int) ->
         session.remember(user, assistant)
     compress_seconds = time.perf_counter() - started
     method = session.method
-    adapter = ("trained" if session.adapter_trained else "untrained") if method.needs_adapter else "-"
+    adapter = ("untrained" if session.adapter is None else "trained") if method.kind == "learned" else "-"
     for question in example.questions:
         started = time.perf_counter()
         answer = session.generate(question.text, max_new_tokens=max_new_tokens)

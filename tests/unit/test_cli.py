@@ -209,6 +209,10 @@ def test_demo_is_readable_in_an_80_column_terminal(monkeypatch, capsys, tiny_mod
     assert sum("expected-attention" in line for line in lines) >= 3  # one row per question, name not cut
     answer_rows = [line for line in lines if line.lstrip().startswith("streaming-llm")]
     assert answer_rows and all(len(line) <= 80 for line in answer_rows)
+    # then one summary over all questions: a row per method with how many it got right both ways
+    summary = lines[next(i for i, line in enumerate(lines) if "all questions" in line) :]
+    assert "right by generation" in " ".join(summary) and "right by scoring" in " ".join(summary)
+    assert sum(line.lstrip().startswith(("full ", "none ", "expected-attention ")) for line in summary) == 3
 
 
 def test_a_training_free_method_compresses_and_answers_from_the_command_line(

@@ -26,6 +26,22 @@ SETTINGS = dict(
 )
 
 
+def test_default_methods_are_the_baselines_and_learned_methods_with_a_shipped_adapter():
+    """local and scattered need no adapter to run, but none ships: untrained, they were in every default demo and
+    compare grid, shown as learned methods."""
+    from ccmem.adapter import default_methods
+    from ccmem.api import load
+    from ccmem.eval.harness import adapter_provenance
+
+    names = default_methods("smollm2-135m")
+    assert names[:2] == ["full", "none"]
+    assert {"ccm-concat", "ccm-merge", "icformer"} <= set(names)
+    assert not {"local", "scattered", "gist", "sentinel"} & set(names)
+    assert default_methods("some/other-model") == ["full", "none"]
+    assert adapter_provenance(load(tiny_model(), "local")) == ("untrained", "-")  # marked, not "-"
+    assert adapter_provenance(load(tiny_model(), "snapkv")) == ("-", "-")
+
+
 def test_grid_runs_budgeted_methods_at_every_budget_and_the_others_once():
     cells = grid(CompareSettings(**SETTINGS))
     per_task = [(c.method, c.budget) for c in cells if c.task == "persona"]
@@ -191,6 +207,11 @@ def test_gap_closed_is_the_share_of_the_none_to_full_distance():
     ppl = [row("full", perplexity=20.0), row("none", perplexity=80.0), row("ccm-merge", perplexity=40.0)]
     assert gap_closed(ppl, ppl[2], "perplexity") == pytest.approx(0.5)
     assert gap_closed(rows[2:], rows[2], "accuracy") is None
+    # full scoring below none (one example): the worst score would have read as 100% of the gap
+    upside_down = [row("full", 0.0), row("none", 1.0), row("ccm-concat", 0.0)]
+    assert gap_closed(upside_down, upside_down[2], "accuracy") is None
+    worse_ppl = [row("full", perplexity=80.0), row("none", perplexity=20.0), row("ccm-merge", perplexity=80.0)]
+    assert gap_closed(worse_ppl, worse_ppl[2], "perplexity") is None
 
 
 def test_a_stage1_grid_keeps_its_rows_apart_from_the_plain_models(tmp_path, monkeypatch, capsys):

@@ -96,6 +96,7 @@ def test_eval_then_report_from_the_command_line(monkeypatch, capsys, tmp_path, t
         "--methods", "full,none,ccm-merge", "--out", str(out), "--label", "k=2",
     )  # fmt: skip
     assert code == 0, text
+    assert "ccm-merge: 3/3 examples" in text  # where no progress bar shows (a log), progress lines do
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["method"] for r in rows] == ["full", "none", "ccm-merge"]
     assert all(r["examples"] == 3 and r["config_hash"] and r["label"] == "k=2" for r in rows)

@@ -47,7 +47,8 @@ def _fmt(value: float | None, metric: str) -> str:
 
 def gap_closed(rows: Sequence[EvalRow], row: EvalRow, metric: str) -> float | None:
     """The share of the none -> full gap that ``row`` recovers (1.0: as good as full context; perplexity is
-    compared in log space), or None without both baselines or a gap. The baselines are the rows of kind
+    compared in log space), or None without both baselines or a gap (full no better than none, as on a sample
+    too small to tell them apart: a worst score would read as 100%). The baselines are the rows of kind
     ``baseline``: the one holding the most memory is the full context, the one holding the least none."""
     import math
 
@@ -60,7 +61,10 @@ def gap_closed(rows: Sequence[EvalRow], row: EvalRow, metric: str) -> float | No
         return None
     if metric == "perplexity":
         full, none, value = (math.log(max(v, 1e-9)) for v in (full, none, value))
-    return None if abs(full - none) < 1e-9 else (value - none) / (full - none)
+    better = none - full if metric == "perplexity" else full - none
+    if better < 1e-9:  # no gap, or the context made things worse: a share of it means nothing
+        return None
+    return (value - none) / (full - none)
 
 
 def task_table(rows: Sequence[EvalRow], task: str) -> str:

@@ -182,7 +182,7 @@ def generate_answer(session: CompressedLM, example: MemoryExample, query: list[i
 def adapter_provenance(session: CompressedLM) -> tuple[str, str]:
     """(adapter hash, "untrained" or "-"; the dataset it was trained on) for the row."""
     if session.adapter is None:
-        return ("untrained" if session.method.needs_adapter else "-"), "-"
+        return ("untrained" if session.method.kind == "learned" else "-"), "-"
     return session.adapter.hash, session.adapter.train_dataset
 
 
