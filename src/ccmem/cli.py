@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT
+from ccmem.consoles import console, err_console
 from ccmem.loading import (
     ATTN_HELP,
     BUILTIN_MODELS,
@@ -33,8 +33,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["--help", "-h"]},  # -h on every command, as on train
 )
-console = Console()
-err_console = Console(stderr=True)
 
 
 def _note_when_piped(text: str) -> None:
@@ -1037,7 +1035,7 @@ def compare(
         f"system prompt {settings.system!r} kept by every method."
     )
     paths = write_compare_report(rows, decode_rows, out_dir, header=header)
-    console.print(paths["markdown"].read_text(encoding="utf-8"), highlight=False, markup=False)
+    console.print(paths["markdown"].read_text(encoding="utf-8"), highlight=False, markup=False, soft_wrap=True)
     console.print(f"wrote {paths['html']} and {paths['markdown']} (rows: {out_dir / 'rows.jsonl'})")
 
 
@@ -1057,7 +1055,7 @@ def report(
 
     rows = read_rows(results)
     paths = write_report(rows, out_dir, metric)
-    console.print(markdown(rows), highlight=False, markup=False)
+    console.print(markdown(rows), highlight=False, markup=False, soft_wrap=True)
     for warning in mismatches(rows):
         console.print(f"[yellow]not comparable:[/] {escape(warning)}", highlight=False)
     console.print(f"wrote {paths['markdown']}, {paths['csv']}, {paths['plot']}")
@@ -1189,7 +1187,7 @@ def stream(
             bar.update(tasks[method], completed=done)
 
         rows = run_stream(lm, settings, out_dir, progress=progress)
-    console.print(markdown(rows), highlight=False, markup=False)
+    console.print(markdown(rows), highlight=False, markup=False, soft_wrap=True)
     console.print(f"wrote {out_dir / 'rows.jsonl'}, {out_dir / 'report.md'} and {out_dir / 'stream.png'}")
 
 

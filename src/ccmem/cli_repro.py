@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
-from rich.console import Console
 
+from ccmem.consoles import console, err_console
 from ccmem.loading import ATTN_HELP, BUILTIN_MODELS, DEFAULT_MODEL
 
 repro_app = typer.Typer(help="Reproduce a paper's claims with ccmem's methods, one command per claim.")
@@ -18,8 +18,6 @@ sentinel_app = typer.Typer(
     "(runs/repro-METHOD-rR; rerunning reuses finished runs and resumes interrupted ones)."
 )
 repro_app.add_typer(sentinel_app, name="sentinel")
-console = Console()
-err_console = Console(stderr=True)
 
 Model = Annotated[
     str,
@@ -337,5 +335,5 @@ def gsm8k_table(
 
         rows = run(lm, settings, progress)
     paths = write(rows, out_dir)
-    console.print(markdown(rows), markup=False, highlight=False)
+    console.print(markdown(rows), markup=False, highlight=False, soft_wrap=True)
     console.print("wrote " + ", ".join(str(p) for p in paths))

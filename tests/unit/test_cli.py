@@ -6,6 +6,7 @@ import io
 import sys
 
 import pytest
+from rich.console import Console
 
 from ccmem import cli
 
@@ -199,7 +200,7 @@ def test_an_option_is_given_as_methods_shows_it_or_as_a_fraction():
 
 
 def test_demo_is_readable_in_an_80_column_terminal(monkeypatch, capsys, tiny_model_dir):
-    monkeypatch.setattr(cli, "console", cli.Console(width=80, force_terminal=False))
+    monkeypatch.setattr(cli, "console", Console(width=80, force_terminal=False))
     methods = "full,none,expected-attention,streaming-llm"
     code, text = run_cli(monkeypatch, capsys, "demo", "--model", str(tiny_model_dir), "--methods", methods,
                          "--max-new-tokens", "12")  # fmt: skip
@@ -432,3 +433,19 @@ def test_export_checkpoint_takes_a_step_or_latest_and_names_a_run_without_checkp
     args = ["train", "persona-ccm-concat", f"output_dir={tmp_path}", "--export-checkpoint", "latest"]
     code, text = run_cli(monkeypatch, capsys, *args)
     assert code != 0 and "has no checkpoint in" in " ".join(text.split())
+
+
+def test_output_to_a_pipe_keeps_table_cells_whole():
+    """Rich assumes 80 columns off a terminal: `ccmem models > file` cut the hub ids users copy (meta-llama/Llama…)
+    and eval tables cut method names (ccm-c…). Piped, the consoles are 200 columns wide unless COLUMNS says."""
+    import os
+    import subprocess
+
+    code = "from ccmem.consoles import console, err_console; print(console.width, err_console.width)"
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    piped = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert piped.stdout.split() == ["200", "200"]
+    narrow = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**env, "COLUMNS": "100"}, check=True
+    )
+    assert narrow.stdout.split() == ["100", "100"]
