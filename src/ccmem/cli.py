@@ -574,7 +574,14 @@ def generate(
     method: MethodOpt = DEFAULT_METHOD,
     adapter: AdapterOpt = None,
     option: OptionsOpt = None,
-    system: SystemOpt = "",
+    system: Annotated[
+        str,
+        typer.Option(
+            "--system",
+            help="System prompt, kept uncompressed as the attention sink. Default: none (each record is answered "
+            "from its own input alone); give the one the adapter was trained with, if any.",
+        ),
+    ] = "",
     stage1: Stage1Opt = None,
     max_new_tokens: MaxNewOpt = 256,
     attn: AttnOpt = "sdpa",
@@ -730,7 +737,8 @@ def eval_command(
         str,
         typer.Argument(
             help="Dataset loader: persona, dialogs, passages, icl, text, metaicl, lamp2, dailydialog, soda, unified, "
-            "pretrain, pwc (PwC jsonl, or generated without --path), pile."
+            "pretrain, pwc (PwC jsonl, or generated without --path), pile, gsm8k, wikitext, text-stream, mixture "
+            "(`ccmem data --help` writes the generated ones to files)."
         ),
     ],
     path: Annotated[

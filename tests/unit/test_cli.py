@@ -449,3 +449,11 @@ def test_output_to_a_pipe_keeps_table_cells_whole():
         [sys.executable, "-c", code], capture_output=True, text=True, env={**env, "COLUMNS": "100"}, check=True
     )
     assert narrow.stdout.split() == ["100", "100"]
+
+
+def test_eval_help_names_every_dataset_loader(monkeypatch, capsys):
+    from ccmem.data.loaders import LOADERS
+
+    code, text = run_cli(monkeypatch, capsys, "eval", "--help")
+    words = set(" ".join(text.split()).replace(",", " ").replace("(", " ").split())
+    assert code == 0 and set(LOADERS) <= words, set(LOADERS) - words
