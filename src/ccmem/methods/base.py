@@ -310,8 +310,9 @@ class Method(ABC):
                 f"method {self.name!r} works on decoder-only models, but {lm.name} is an encoder-decoder model "
                 f"({lm.model.config.model_type}); on encoder-decoder models use {' or '.join(able)}"
             )
-        lm.kv_shape  # noqa: B018 - refuses keys and values of different shapes (measured once)
-        head_scale(lm)  # measured once, before any hook is installed
+        if (lm.model.config._attn_implementation or "sdpa") in ("sdpa", "eager"):  # else at first use
+            lm.kv_shape  # noqa: B018 - refuses keys and values of different shapes (measured once)
+            head_scale(lm)  # measured once, before any hook is installed
 
     def install(self, lm: LoadedModel, stack: ExitStack) -> None:  # noqa: B027 - optional hook
         """Add hooks/attention functions to the model, registering their removal on ``stack``."""
