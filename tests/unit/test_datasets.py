@@ -209,3 +209,21 @@ def test_plain_text_read_drops_the_byte_order_mark_and_windows_line_ends(tmp_pat
     assert read_text(file) == ("My notes\nline two\nline three\n", 0)
     file.write_bytes(b"\xef\xbb\xbfcaf\xe9\r\n")  # latin-1 after a BOM: one replaced character, the BOM not counted
     assert read_text(file) == ("caf\ufffd\n", 1)
+
+
+def test_a_text_file_without_line_breaks_gives_distinct_examples_cut_at_words(tmp_path, caplog):
+    """A document on one line (or paragraphs of one line each) gave n copies of one example whose query was the
+    whole file and whose answer was empty; the only file of a folder is read for every split, with a warning."""
+    words = ["harbour", "lantern", "quiet", "river", "stone", "morning", "ledger", "copper"]
+    text = " ".join(words[(i * 7 + i // 3) % len(words)] for i in range(2500)) + "."
+    (tmp_path / "one-line.txt").write_text(text)
+    found = load_examples(DataConfig(dataset="text", path=str(tmp_path), n_eval=4), "test")
+    assert len(found) == 4 and len({e.query for e in found}) == 4
+    for e in found:
+        assert e.answer.strip() and len(e.query) < 300 and len(e.context) >= 3
+        assert all(len(segment) < 600 for segment in e.context)
+        whole = "".join(e.context) + e.query + e.answer
+        assert whole in text and e.query.split()[0] in words  # cut between words, in the file's order
+    for split in ("train", "validation"):  # the one file's hash puts it in one split; the others read it too
+        load_examples(DataConfig(dataset="text", path=str(tmp_path), n_train=2, n_eval=2), split)
+    assert "none of the 1 text files" in caplog.text and "the splits share documents" in caplog.text

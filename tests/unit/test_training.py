@@ -461,3 +461,25 @@ def test_shuffle_off_keeps_the_data_order_and_save_optimizer_off_checkpoints_ten
     with pytest.raises(ConfigError, match="cannot keep the data's order"):
         load_config("persona-ccm-concat", ["train.shuffle=false", "train.group_by_length=true"])
     assert load_config("icformer-pretrain", ["train.shuffle=false"]).train.shuffle is False
+
+
+def test_one_data_file_for_both_splits_is_warned(tmp_path, caplog):
+    """A persona file as data.path is read for training and validation alike: early stopping then chose on
+    training data without a word."""
+    from ccmem.data import persona
+    from ccmem.data.records import to_sample
+    from ccmem.train.config import DataConfig
+    from ccmem.train.trainer import warn_shared_samples
+    from tests.conftest import TinyTokenizer
+
+    file = persona.write_jsonl(tmp_path / "mine.jsonl", list(persona.generate(4, "train")))
+
+    def samples(split: str, path=file):
+        return [
+            to_sample(TinyTokenizer(), e) for e in load_examples(DataConfig(dataset="persona", path=str(path)), split)
+        ]
+
+    assert warn_shared_samples(samples("train"), samples("validation")) == 4
+    assert "4 of 4 validation samples are also training samples" in caplog.text
+    held_out = persona.write_jsonl(tmp_path / "held.jsonl", list(persona.generate(3, "validation")))
+    assert warn_shared_samples(samples("train"), samples("validation", held_out)) == 0

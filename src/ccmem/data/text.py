@@ -10,12 +10,15 @@ their name, so no document appears in two splits.
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 from pathlib import Path
 
 from ccmem.data.records import MemoryExample, split_of
 from ccmem.fileio import package_dir
+
+logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = "text-v1"
 STREAM_VERSION = "text-stream-v1"
@@ -76,9 +79,15 @@ def read_text(path: Path) -> tuple[str, int]:
 
 
 def _segments(text: str, size: int) -> list[str]:
-    """Cut ``text`` into pieces of about ``size`` characters at line ends (a play's speeches)."""
+    """Cut ``text`` into pieces of about ``size`` characters at line ends (a play's speeches); a line longer than
+    ``size`` (a paragraph on one line, a file without line breaks) is cut before spaces instead."""
     pieces, current = [], ""
     for line in text.splitlines(keepends=True):
+        if len(line) > size:
+            words = _word_pieces(line, size)
+            pieces += [p for p in [current + words[0], *words[1:-1]] if p.strip()] if words else []
+            current = words[-1] if len(words) > 1 else ""
+            continue
         current += line
         if len(current) >= size:
             pieces.append(current)
@@ -92,7 +101,17 @@ def split_documents(path: str | Path | None, split: str, *, min_chars: int) -> d
     """The documents of ``split`` (assigned by a hash of their file name; a user's own files when none falls in
     it) longer than ``min_chars``, with their text; a clear error when there is none."""
     files = text_files(path)
-    chosen = [f for f in files if split_of(f.name) == split] or (files if path is not None else [])
+    chosen = [f for f in files if split_of(f.name) == split]
+    if not chosen and path is not None and files:
+        chosen = files
+        logger.warning(
+            "none of the %d text files at %s falls in the %s split (files are given a split by a hash of their "
+            "name), so all of them are read for it: the splits share documents. To keep them apart, pass a folder "
+            "with more files, or a held-out file as data.eval_path",
+            len(files),
+            path,
+            split,
+        )
     if not chosen:
         raise TextSourceError(f"no document falls in the {split} split")
     texts = {f: f.read_text(encoding="utf-8-sig", errors="replace") for f in chosen}
@@ -100,6 +119,9 @@ def split_documents(path: str | Path | None, split: str, *, min_chars: int) -> d
     if not usable:
         raise TextSourceError(f"every document of the {split} split is shorter than {min_chars} characters")
     return usable
+
+
+BRIDGE_CHARS = 200  # longest rest of a line that is the query of a text example; longer lines are cut at words
 
 
 def examples(
@@ -122,19 +144,32 @@ def examples(
         f = usable[i % len(usable)]
         text = texts[f]
         start = rng.randrange(0, len(text) - window)
-        start = text.find("\n", start) + 1  # begin at a line
-        context = text[start : start + context_chars]
+        line = text.find("\n", start)
+        if 0 <= line < start + segment_chars:
+            start = line + 1  # begin at a line
+            context = text[start : start + context_chars]
+        else:  # a long paragraph, or no line breaks at all: begin and end at a word
+            start = text.find(" ", start) + 1
+            context = text[start : max(text.rfind(" ", start, start + context_chars), start + 1)]
         rest = text[start + len(context) :]
-        bridge, _, after = rest.partition("\n")
+        line = rest.find("\n")
+        if 0 <= line <= BRIDGE_CHARS:  # the rest of the context's last line asks for the next ones
+            bridge, after, end = rest[:line], rest[line + 1 :], "\n"
+        else:  # prose on long lines: the query is the next few words, the answer continues it
+            cut = rest.find(" ", BRIDGE_CHARS // 2)
+            cut = cut if cut > 0 else len(rest)
+            bridge, after, end = rest[:cut], rest[cut:], ""
         answer = after[:answer_chars]
-        answer = answer[: answer.rfind(" ")] if " " in answer else answer  # end at a word
+        answer = answer[: answer.rfind(" ")] if " " in answer[1:] else answer  # end at a word
         if not bridge.strip():
             bridge = "\n"
+        if not answer.strip():
+            continue  # nothing left to score after this context
         out.append(
             MemoryExample(
                 f"{f.stem}-{i}",
                 _segments(context, segment_chars),
-                bridge + "\n",
+                bridge + end,
                 answer,
                 chat=False,
                 task="text",

@@ -243,6 +243,22 @@ def samples_for(lm: LoadedModel, config: TrainConfig, method: Method, split: str
     return kept
 
 
+def warn_shared_samples(train: list[Sample], validation: list[Sample]) -> int:
+    """Warn when validation samples are also training samples (a loader given one file reads it for both splits):
+    early stopping then picks the checkpoint that fits the training data best. Returns how many are shared."""
+    seen = {(tuple(map(tuple, s.chunks)), tuple(s.tail)) for s in train}
+    shared = sum((tuple(map(tuple, s.chunks)), tuple(s.tail)) in seen for s in validation)
+    if shared:
+        logger.warning(
+            "%d of %d validation samples are also training samples (one data file read for both splits?): the "
+            "validation loss and early stopping then measure the training data; give held-out data with "
+            "data.eval_path, or a folder with train and validation files",
+            shared,
+            len(validation),
+        )
+    return shared
+
+
 def prepare_run_dir(config: TrainConfig) -> str | None:
     """Check that an existing ``runs/<run_id>`` holds the same config; return the checkpoint to resume from.
 
@@ -342,6 +358,7 @@ def train(config: TrainConfig, *, lm: LoadedModel | None = None) -> TrainResult:
 
     train_set = SampleDataset(samples_for(lm, config, method, "train"))
     eval_set = SampleDataset(samples_for(lm, config, method, "validation"))
+    warn_shared_samples(train_set.samples, eval_set.samples)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     module = TrainingModule(lm, method, state)
     t = config.train
