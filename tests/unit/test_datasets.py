@@ -115,6 +115,13 @@ def test_malformed_files_name_file_line_and_field(tmp_path):
     (lamp / "dev_outputs.json").write_text(json.dumps({"task": "LaMP_2", "golds": []}))
     with pytest.raises(DatasetFormatError, match=r"dev_questions\.json:record 1: question id '200' has no"):
         load_examples(DataConfig(dataset="lamp2", path=str(lamp)), "validation")
+    shutil.copy(FIXTURES / "lamp2" / "dev_outputs.json", lamp / "dev_outputs.json")
+    golds = json.loads((lamp / "dev_outputs.json").read_text())
+    first = golds["golds"][0]
+    golds["golds"].append({"id": first["id"], "output": "romance" if first["output"] != "romance" else "comedy"})
+    (lamp / "dev_outputs.json").write_text(json.dumps(golds))  # a duplicated id silently swapped the answer
+    with pytest.raises(DatasetFormatError, match=rf"id '{first['id']}' appears twice, with outputs"):
+        load_examples(DataConfig(dataset="lamp2", path=str(lamp)), "validation")
 
 
 def test_split_problems_say_what_to_do(tmp_path, caplog):

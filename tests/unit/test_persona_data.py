@@ -40,6 +40,19 @@ def test_roundtrip_and_errors_name_file_line_and_field(tmp_path):
     path.write_text("{not json\n")
     with pytest.raises(DatasetFormatError, match=r"d\.jsonl:1: not valid JSON"):
         read_jsonl(path)
+    # found when the file is read, not after the model loaded and earlier methods ran
+    for change, message in [
+        ({"answer": "", "options": ["", "x"]}, "field 'answer' is empty"),
+        ({"options": [3, 4], "answer": "3"}, r"field 'options' must be a list of non-empty strings, got \[3, 4\]"),
+        ({"answer": "Oslo "}, r"field 'answer' \('Oslo '\) is not one of 'options'"),
+        (
+            {"turns": [{"role": "user", "content": "hi"}]},
+            r"field 'turns' must hold \[user, assistant\] string pairs, e\.g\.",
+        ),
+    ]:
+        path.write_text(json.dumps({**json.loads(lines[0]), **change}) + "\n")
+        with pytest.raises(DatasetFormatError, match=rf"d\.jsonl:1: {message}"):
+            read_jsonl(path)
 
 
 def test_chat_sample_labels_only_the_answer():

@@ -181,10 +181,22 @@ def lamp2(folder: Path, split: str, k: int) -> list[MemoryExample]:
     golds_list = gold_doc.get("golds") if isinstance(gold_doc, dict) else None
     if not isinstance(golds_list, list):
         raise DatasetFormatError(f"{outputs}: field 'golds' must be a list of {{'id', 'output'}}")
-    golds = {str(g.get("id")): g.get("output") for g in golds_list if isinstance(g, dict)}
-    examples = []
+    golds: dict[str, Any] = {}
+    for i, g in enumerate(golds_list):
+        if isinstance(g, dict):
+            gid = str(g.get("id"))
+            if gid in golds and golds[gid] != g.get("output"):
+                raise DatasetFormatError(
+                    f"{outputs}: golds record {i + 1}: id {gid!r} appears twice, with outputs {golds[gid]!r} and "
+                    f"{g.get('output')!r}; ids must be unique (which output is right cannot be told)"
+                )
+            golds[gid] = g.get("output")
+    examples, asked = [], set()
     for where, record in read_records(questions):
         qid = str(record.get("id"))
+        if qid in asked:
+            raise DatasetFormatError(f"{where}: question id {qid!r} appears twice; ids must be unique")
+        asked.add(qid)
         text = field_of(record, "input", str, where)
         profile = record.get("profile")
         if not isinstance(profile, list) or not all(isinstance(p, dict) for p in profile):

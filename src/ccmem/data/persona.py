@@ -427,11 +427,25 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[PersonaDialog]:
         for key, kind in (("turns", list), ("question", str), ("answer", str), ("options", list)):
             if not isinstance(record.get(key), kind):
                 raise DatasetFormatError(f"{where}: field {key!r} must be a {kind.__name__}")
-        if record["answer"] not in record["options"]:
-            raise DatasetFormatError(f"{where}: field 'answer' is not one of 'options'")
+        for key in ("question", "answer"):
+            if not record[key].strip():
+                raise DatasetFormatError(
+                    f"{where}: field {key!r} is empty; every dialog needs a question and its answer"
+                )
+        options = record["options"]
+        if not options or not all(isinstance(o, str) and o.strip() for o in options):
+            raise DatasetFormatError(f"{where}: field 'options' must be a list of non-empty strings, got {options!r}")
+        if record["answer"] not in options:
+            raise DatasetFormatError(
+                f"{where}: field 'answer' ({record['answer']!r}) is not one of 'options' ({options!r}); it must be one "
+                "of them exactly (spaces and case count)"
+            )
         turns = record["turns"]
         if not all(isinstance(t, list) and len(t) == 2 and all(isinstance(s, str) for s in t) for t in turns):
-            raise DatasetFormatError(f"{where}: field 'turns' must hold [user, assistant] string pairs")
+            raise DatasetFormatError(
+                f"{where}: field 'turns' must hold [user, assistant] string pairs, e.g. "
+                '[["I moved to Porto.", "Nice!"], ...] (not {"role", "content"} messages)'
+            )
         groups = record.get("groups", {})
         if not isinstance(groups, dict) or not all(isinstance(v, str) for v in groups.values()):
             raise DatasetFormatError(f"{where}: field 'groups' must map names to strings")
