@@ -200,3 +200,20 @@ def test_rows_of_other_data_never_share_a_config_hash(monkeypatch, capsys, tmp_p
     assert [r["extra"].get("data_path") for r in rows] == [str(fixtures), str(edited), None, None]
     warnings = mismatches(read_rows([out]))
     assert len(warnings) == 2 and "rows of icl" in warnings[0] and "rows of metaicl" in warnings[1]
+
+
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_an_example_too_long_for_the_model_is_named(batch_size):
+    """It said 'start a new conversation (Python: reset())' without saying which example of the file was at fault."""
+    from ccmem.api import ContextTooLongError
+    from ccmem.data.records import MemoryExample
+
+    examples = [
+        MemoryExample("short-1", ["abc"], "q", "a", chat=False),
+        MemoryExample("long-2", ["x" * 50, "y" * 50], "q", "a", chat=False),
+    ]
+    session = load(tiny_model(positions=64), "full", system_prompt=None)
+    settings = EvalSettings(batch_size=batch_size, system=None)
+    with pytest.raises(ContextTooLongError, match=r"example (short-1, )?long-2 does not fit .*model allows 64") as err:
+        evaluate(session, examples, dataset="mine", settings=settings)
+    assert "reset()" not in str(err.value)

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ccmem.api import SCORE_REDUCTIONS, CompressedLM, check_room, load, score_batch
+from ccmem.api import SCORE_REDUCTIONS, CompressedLM, ContextTooLongError, check_room, load, score_batch
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT
 from ccmem.data.records import MemoryExample, to_sample
 from ccmem.data.samples import Sample
@@ -259,51 +259,63 @@ def evaluate(
     group_scores: list[list[float]] = []
     by_group: dict[str, dict[str, list[float]]] = {}  # "distance" -> "2-4" -> correct flags
     with torch.no_grad():
-        for i, (example, sample) in enumerate(zip(examples, samples, strict=True)):
-            query, answer, options = _scored(session, example, sample)
-            if i % step == 0:  # compress the next group of contexts (and, batched, score its options)
-                t0 = time.perf_counter()
-                if batched:
-                    memories = read_contexts(session, samples[i : i + step])
+        i = 0
+        try:
+            for i, (example, sample) in enumerate(zip(examples, samples, strict=True)):
+                query, answer, options = _scored(session, example, sample)
+                if i % step == 0:  # compress the next group of contexts (and, batched, score its options)
+                    t0 = time.perf_counter()
+                    if batched:
+                        memories = read_contexts(session, samples[i : i + step])
+                    else:
+                        read_context(session, example)
+                        memories = [session.memory]
+                    compress_seconds += time.perf_counter() - t0
+                    held = [m.nbytes for m in memories]
+                    if (
+                        settings.memory_dtype is not None
+                    ):  # answer from the memory as a store holding it would give it back
+                        stored = [m.compact(settings.memory_dtype) for m in memories]
+                        memories = [c.expanded() for c in stored]
+                        held = [c.nbytes for c in stored]
+                    if batched:
+                        group = zip(examples[i : i + step], samples[i : i + step], memories, strict=True)
+                        items = [(m, q, opts) for e, s, m in group for q, _, opts in [_scored(session, e, s)]]
+                        group_scores = score_batch(session.lm, session.method, items, reduce=settings.score)
+                session.memory = memories[i % step]
+                tokens.append(sum(len(c) for c in sample.chunks))
+                slots.append(session.memory.num_slots)
+                nbytes.append(held[i % step])
+                reduce = settings.score if example.options else "sum"
+                scores = group_scores[i % step] if batched else session.score_ids(query, options, reduce=reduce)
+                if example.options:
+                    correct.append(
+                        float(example.options[max(range(len(scores)), key=scores.__getitem__)] == example.answer)
+                    )
+                    for name, value in example.groups.items():
+                        by_group.setdefault(name, {}).setdefault(value, []).append(correct[-1])
+                    # the answer is one of the options; perplexity needs its summed log-likelihood
+                    answer_at = example.options.index(example.answer)
+                    answer_score = scores[answer_at] * (len(options[answer_at]) if settings.score == "mean" else 1)
                 else:
-                    read_context(session, example)
-                    memories = [session.memory]
-                compress_seconds += time.perf_counter() - t0
-                held = [m.nbytes for m in memories]
-                if settings.memory_dtype is not None:  # answer from the memory as a store holding it would give it back
-                    stored = [m.compact(settings.memory_dtype) for m in memories]
-                    memories = [c.expanded() for c in stored]
-                    held = [c.nbytes for c in stored]
-                if batched:
-                    group = zip(examples[i : i + step], samples[i : i + step], memories, strict=True)
-                    items = [(m, q, opts) for e, s, m in group for q, _, opts in [_scored(session, e, s)]]
-                    group_scores = score_batch(session.lm, session.method, items, reduce=settings.score)
-            session.memory = memories[i % step]
-            tokens.append(sum(len(c) for c in sample.chunks))
-            slots.append(session.memory.num_slots)
-            nbytes.append(held[i % step])
-            reduce = settings.score if example.options else "sum"
-            scores = group_scores[i % step] if batched else session.score_ids(query, options, reduce=reduce)
-            if example.options:
-                correct.append(
-                    float(example.options[max(range(len(scores)), key=scores.__getitem__)] == example.answer)
-                )
-                for name, value in example.groups.items():
-                    by_group.setdefault(name, {}).setdefault(value, []).append(correct[-1])
-                # the answer is one of the options; perplexity needs its summed log-likelihood
-                answer_at = example.options.index(example.answer)
-                answer_score = scores[answer_at] * (len(options[answer_at]) if settings.score == "mean" else 1)
-            else:
-                answer_score = scores[0] * (len(answer) if batched and settings.score == "mean" else 1)
-            nll.append(-answer_score)
-            n_answer_tokens += len(answer)
-            if settings.generate:
-                text = generate_answer(session, example, query, settings.max_new_tokens)
-                em.append(float(normalize(text) == normalize(example.answer)))
-                contains.append(float(normalize(example.answer) in normalize(text)))
-                rouge.append(rouge_l(text, example.answer))
-            if progress:
-                progress(i + 1)
+                    answer_score = scores[0] * (len(answer) if batched and settings.score == "mean" else 1)
+                nll.append(-answer_score)
+                n_answer_tokens += len(answer)
+                if settings.generate:
+                    text = generate_answer(session, example, query, settings.max_new_tokens)
+                    em.append(float(normalize(text) == normalize(example.answer)))
+                    contains.append(float(normalize(example.answer) in normalize(text)))
+                    rouge.append(rouge_l(text, example.answer))
+                if progress:
+                    progress(i + 1)
+        except ContextTooLongError as err:
+            first = i - i % step
+            which = ", ".join(e.id for e in examples[first : first + step])
+            core = str(err).split("; start a new conversation")[0]
+            raise ContextTooLongError(
+                f"{dataset}: example {which} does not fit the model ({core}); shorten or drop it, or evaluate with a "
+                "method that keeps fewer positions"
+            ) from None
     adapter, train_dataset = adapter_provenance(session)
     return EvalRow(
         method=session.method.name,
