@@ -234,3 +234,33 @@ def test_a_text_file_without_line_breaks_gives_distinct_examples_cut_at_words(tm
     for split in ("train", "validation"):  # the one file's hash puts it in one split; the others read it too
         load_examples(DataConfig(dataset="text", path=str(tmp_path), n_train=2, n_eval=2), split)
     assert "none of the 1 text files" in caplog.text and "the splits share documents" in caplog.text
+
+
+def test_few_demonstrations_are_used_once_and_partial_options_and_cut_dialogs_are_said(tmp_path, caplog):
+    """A MetaICL task with fewer training records than k repeated one demonstration k times; a test file where
+    only some records have options gave an accuracy over a hidden subset; DailyDialog dialogs were cut to the last
+    k exchanges or skipped without a word, and a file of only short dialogs was 'no test example'."""
+    task = tmp_path / "meta" / "units"
+    task.mkdir(parents=True)
+    train = [{"input": f"Convert {n} kg to g", "output": f"{n}000 g", "options": []} for n in (2, 3)]
+    (task / "units_16_100_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    test = [
+        {"input": "Convert 5 kg to g", "output": "5000 g", "options": ["5000 g", "500 g"]},
+        {"input": "Convert 7 kg to g", "output": "7000 g"},
+    ]
+    (task / "units_16_100_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
+    found = load_examples(DataConfig(dataset="metaicl", path=str(tmp_path / "meta"), k=4), "train")
+    assert [len(e.context) for e in found] == [1, 1] and found[0].context != found[1].context
+    assert "2 training records, so each training example has 1 demonstrations, not k=4" in caplog.text
+    load_examples(DataConfig(dataset="metaicl", path=str(tmp_path / "meta"), k=4), "test")
+    assert "1 of 2 records have options: accuracy (option scoring) covers only those" in caplog.text
+    dd = tmp_path / "dd"
+    dd.mkdir()
+    lines = [" __eou__ ".join(f"u{i}-{j}" for j in range(n)) + " __eou__" for i, n in enumerate((2, 12, 4))]
+    (dd / "dialogues_test.txt").write_text("\n".join(lines) + "\n")
+    found = load_examples(DataConfig(dataset="dailydialog", path=str(dd), k=3), "test")
+    assert [len(e.context) for e in found] == [3, 1]
+    assert "1 dialogs with fewer than 4 utterances skipped; 1 cut to their last 3 exchanges" in caplog.text
+    (dd / "dialogues_test.txt").write_text(lines[0] + "\n")
+    with pytest.raises(DatasetFormatError, match="none of its 1 dialogs has the 4 utterances an example needs"):
+        load_examples(DataConfig(dataset="dailydialog", path=str(dd), k=3), "test")

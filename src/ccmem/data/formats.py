@@ -120,9 +120,15 @@ def metaicl(folder: Path, split: str, k: int) -> list[MemoryExample]:
             raise FileNotFoundError(f"{task_dir}: no {task_dir.name}_<k>_<seed>_train.jsonl")
         demos = [_metaicl_record(r, w) for w, r in read_records(train_files[0])]
         if split == "train":  # each training record is the query once, with k other records as demonstrations
+            if len(demos) - 1 < k:
+                logger.warning(
+                    "%s: %d training records, so each training example has %d demonstrations, not k=%d",
+                    train_files[0], len(demos), max(len(demos) - 1, 0), k,
+                )  # fmt: skip
             for i, (query, answer, options) in enumerate(demos):
                 others = [d for j, d in enumerate(demos) if j != i]
-                context = [_demo(x, y) for x, y, _ in (others[i % max(1, len(others)) :] + others)[:k]]
+                turn = i % max(1, len(others))
+                context = [_demo(x, y) for x, y, _ in (others[turn:] + others[:turn])[:k]]  # each one once
                 examples.append(
                     MemoryExample(f"{task_dir.name}-train-{i}", context, query, answer, options, False, task_dir.name)
                 )
@@ -137,8 +143,14 @@ def metaicl(folder: Path, split: str, k: int) -> list[MemoryExample]:
         if split == "validation" and target.name.endswith("_test.jsonl"):
             logger.warning("%s: no %s_dev.jsonl, so the test file validates (early stopping sees it)", task_dir, prefix)
         context = [_demo(x, y) for x, y, _ in demos[:k]]
-        for i, (w, r) in enumerate(read_records(target)):
-            query, answer, options = _metaicl_record(r, w)
+        records = [_metaicl_record(r, w) for w, r in read_records(target)]
+        with_options = sum(bool(options) for _, _, options in records)
+        if 0 < with_options < len(records):
+            logger.warning(
+                "%s: %d of %d records have options: accuracy (option scoring) covers only those; perplexity all",
+                target, with_options, len(records),
+            )  # fmt: skip
+        for i, (query, answer, options) in enumerate(records):
             examples.append(
                 MemoryExample(f"{task_dir.name}-{split}-{i}", context, query, answer, options, False, task_dir.name)
             )
@@ -246,16 +258,30 @@ def dialogs(path: Path, split: str, key: str, k: int, task: str) -> list[MemoryE
         )
     else:
         records = read_records(file)
+    short = cut = 0
     for where, record in records:
         utterances = field_of(record, key, list, where)
         if len(utterances) % 2:  # keep user/assistant pairs: drop the first utterance
             utterances = utterances[1:]
         if len(utterances) < 4:  # no earlier turn to remember
+            short += 1
             continue
-        pairs = [(utterances[i], utterances[i + 1]) for i in range(0, len(utterances) - 2, 2)][-k:]
+        pairs = [(utterances[i], utterances[i + 1]) for i in range(0, len(utterances) - 2, 2)]
+        cut += len(pairs) > k
         examples.append(
-            MemoryExample(f"{task}-{split}-{len(examples)}", pairs, utterances[-2], utterances[-1], task=task)
+            MemoryExample(f"{task}-{split}-{len(examples)}", pairs[-k:], utterances[-2], utterances[-1], task=task)
         )
+    if short and not examples:
+        raise DatasetFormatError(
+            f"{file}: none of its {short} dialogs has the 4 utterances an example needs (an earlier exchange to "
+            "remember, then a question and its answer)"
+        )
+    if short or cut:
+        logger.warning(
+            "%s: %d dialogs with fewer than 4 utterances skipped; %d cut to their last %d exchanges before the "
+            "question (k / --k sets how many are kept)",
+            file, short, cut, k,
+        )  # fmt: skip
     return examples
 
 
