@@ -264,3 +264,13 @@ def test_few_demonstrations_are_used_once_and_partial_options_and_cut_dialogs_ar
     (dd / "dialogues_test.txt").write_text(lines[0] + "\n")
     with pytest.raises(DatasetFormatError, match="none of its 1 dialogs has the 4 utterances an example needs"):
         load_examples(DataConfig(dataset="dailydialog", path=str(dd), k=3), "test")
+
+
+def test_a_folder_with_several_files_for_a_split_says_which_it_reads(tmp_path, caplog):
+    from ccmem.data import persona
+
+    persona.write_jsonl(tmp_path / "my_test_v2.jsonl", list(persona.generate(2, "test")))
+    persona.write_jsonl(tmp_path / "test_old.jsonl", list(persona.generate(3, "test", seed=1)))
+    found = load_examples(DataConfig(dataset="persona", path=str(tmp_path)), "test")
+    assert len(found) == 2
+    assert "2 files could be the test split (my_test_v2.jsonl, test_old.jsonl); reading my_test_v2.jsonl" in caplog.text

@@ -22,6 +22,9 @@ def test_rouge_l_and_normalisation():
     assert rouge_l("The cat sat.", "cat sat on the mat") == pytest.approx(2 * 1 * 0.5 / 1.5)
     assert rouge_l("Biscuit", "biscuit!") == 1.0
     assert rouge_l("dog", "cat") == 0.0
+    # Chinese and Japanese are written without spaces: each character counts as a word (was 0.0 unless exact)
+    assert rouge_l("高さは333メートル", "333メートル") == pytest.approx(2 * 5 / 8 * 1 / (5 / 8 + 1))
+    assert rouge_l("我住在北京", "北京") == pytest.approx(2 * 0.4 / 1.4)
 
 
 def _manual_choice(lm, example, system, reduce="sum"):

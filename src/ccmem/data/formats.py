@@ -100,6 +100,11 @@ def split_file(folder: Path, split: str, suffixes: tuple[str, ...] = (".jsonl", 
     )
     if not found:
         raise FileNotFoundError(f"no {split} file ({'/'.join(names)} with {', '.join(suffixes)}) in {folder}")
+    if len(found) > 1:
+        logger.warning(
+            "%s: %d files could be the %s split (%s); reading %s only: pass the file itself to choose",
+            folder, len(found), split, ", ".join(p.name for p in found[:4]), found[0].name,
+        )  # fmt: skip
     return found[0]
 
 

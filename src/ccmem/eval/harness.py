@@ -106,9 +106,14 @@ class EvalSettings:
 # ---------------------------------------------------------------------------- metrics
 
 
+#: Scripts written without spaces between words (Chinese, Japanese kana and kanji): each character is a word.
+UNSPACED = re.compile("([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff])")
+
+
 def normalize(text: str) -> str:
-    """Lower case, no punctuation or articles, single spaces (SQuAD-style answer normalisation)."""
-    text = re.sub(r"[^\w\s]", " ", text.lower())
+    """Lower case, no punctuation or articles, single spaces (SQuAD-style answer normalisation); characters of
+    scripts written without spaces are words of their own, so ROUGE-L gives Chinese or Japanese answers credit."""
+    text = UNSPACED.sub(r" \1 ", re.sub(r"[^\w\s]", " ", text.lower()))
     return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
 
 
