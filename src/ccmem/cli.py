@@ -628,7 +628,9 @@ def train(
         ),
     ] = None,
     show_config: Annotated[bool, typer.Option("--show-config", help="Print the resolved config and exit.")] = False,
-    show_keys: Annotated[bool, typer.Option("--show-keys", help="List every config key with its type.")] = False,
+    show_keys: Annotated[
+        bool, typer.Option("--show-keys", help="List every config key with its type and meaning.")
+    ] = False,
     show_presets: Annotated[bool, typer.Option("--show-presets", help="List the named presets.")] = False,
     export_checkpoint: Annotated[
         str | None,
@@ -649,17 +651,19 @@ def train(
     import yaml
 
     from ccmem.options import type_name
-    from ccmem.train.config import REFERENCE_KEYS, VALID_KEYS, load_config, method_keys, preset_names
+    from ccmem.train.config import REFERENCE_KEYS, VALID_KEYS, key_docs, load_config, method_keys, preset_names
 
     if show_presets:
         for name in preset_names():
             console.print(name)
         return
     if show_keys:
+        docs = key_docs()
         for key, kind in VALID_KEYS.items():
-            console.print(f"{key}  [dim]{escape(type_name(kind))}[/]", highlight=False)
-        for key, (kind, owners) in method_keys().items():
-            console.print(f"{key}  [dim]{escape(type_name(kind))}  (option of {', '.join(owners)})[/]", highlight=False)
+            console.print(f"{key}  [dim]{escape(type_name(kind))}[/]  {escape(docs.get(key, ''))}", highlight=False)
+        for key, (kind, owners, help_text) in method_keys().items():
+            owned = f"[dim](option of {', '.join(owners)})[/]"
+            console.print(f"{key}  [dim]{escape(type_name(kind))}[/]  {escape(help_text)} {owned}", highlight=False)
         for name, (target, note) in REFERENCE_KEYS.items():  # the IC-Former scripts' option names
             console.print(f"{name} -> {target or '-'}  [dim]{escape(note)}[/]", highlight=False)
         return

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,11 +74,11 @@ class MethodConfig:
 class DataConfig:
     """What to train on. ``dataset`` names a loader (see ``ccmem data --help``)."""
 
-    dataset: str = "persona"
+    dataset: str = "persona"  # the loader: a generator (persona, dialogs, icl, ...) or a file format (metaicl, ...)
     path: str | None = None  # file or folder in the dataset's own format; generators need none
     eval_path: str | None = None  # held-out file for early stopping; default: a validation split
     n_train: int = 2400  # examples to generate (generators) or keep (files; 0 = all)
-    n_eval: int = 64
+    n_eval: int = 64  # validation examples to generate (generators) or keep (files)
     k: int = 16  # demonstrations (MetaICL) / profile items (LaMP) / most facts (persona) per example
     small_talk: int = 2  # persona: most fact-free turns mixed into a dialog
     turns: int = 0  # dialogs: most turns per dialog (the test split: exactly this many); 0 = the generator's 1-20
@@ -93,7 +94,7 @@ class DataConfig:
     # gsm8k (the fork's data.train_ratio): train on this share of the training problems and hold out the rest for
     # validation, drawn with data.seed; None: GSM8K's last 500 training problems (files) or the generator's own split
     train_ratio: float | None = None
-    seed: int = 0
+    seed: int = 0  # seed of the generators and of the train_ratio draw
     max_length: int = 1024  # longest sample in tokens; longer ones are skipped (and counted)
     system: str | None = DEFAULT_SYSTEM_PROMPT  # kept uncompressed as the attention sink, as at inference
 
@@ -102,14 +103,14 @@ class DataConfig:
 class OptimConfig:
     """The optimisation recipe (the reference's defaults)."""
 
-    lr: float = 3e-4
-    scheduler: str = "cosine"
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_steps: int = 300
-    max_grad_norm: float = 1.0
+    lr: float = 3e-4  # peak learning rate of AdamW
+    scheduler: str = "cosine"  # learning-rate schedule after warm-up (any of transformers' names: cosine, linear, ...)
+    warmup_ratio: float = 0.05  # share of max_steps spent warming the learning rate up from 0
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    batch_size: int = 8  # samples per step on each device (padded together)
+    grad_accum: int = 1  # steps whose gradients are summed before an update (an effective batch of batch_size x this)
+    max_steps: int = 300  # optimizer updates in the run
+    max_grad_norm: float = 1.0  # gradient clipping: the global norm is scaled down to this (0: no clipping)
     gradient_checkpointing: bool = True  # trades ~30% more compute for much less activation memory
     # Batch samples of similar length (HF's LengthGroupedSampler): less padding, ~1.55x the tokens/s on persona
     # dialogs of 0-5 small-talk turns (benchmarks/length_grouping.py), but a slightly weaker concat adapter
@@ -120,12 +121,12 @@ class OptimConfig:
     # size; a run resumed from one starts a fresh optimizer and learning-rate schedule)
     save_optimizer: bool = True
     precision: str = "auto"  # auto (bf16 where the GPU has it, else fp32), bf16, fp16 or fp32
-    eval_steps: int = 50
+    eval_steps: int = 50  # validation loss every this many steps (what early stopping and the best checkpoint use)
     save_steps: int = 50  # a checkpoint every this many steps (a multiple of eval_steps)
-    save_total_limit: int = 2
+    save_total_limit: int = 2  # checkpoints kept on disk (the best one is always kept)
     patience: int = 0  # early stopping after this many evaluations without improvement (0: off)
-    logging_steps: int = 10
-    seed: int = 42
+    logging_steps: int = 10  # a row of log.jsonl (loss, learning rate) every this many steps
+    seed: int = 42  # seed of the initialisation, the batch order and dropout
 
 
 #: Fields added before runs recorded which fields they knew, with the default that keeps the behaviour those runs
@@ -186,16 +187,16 @@ def _drop_unknown_defaults(d: dict[str, Any], known: dict[str, Any], defaults: d
 class TrainConfig:
     """One training run. ``runs/<run_id>/`` holds its config, checkpoints, logs and the trained adapter."""
 
-    run_id: str = ""
-    output_dir: str = "runs"
-    model: str = DEFAULT_MODEL
+    run_id: str = ""  # the run's folder name under output_dir; rerunning the same run_id resumes it
+    output_dir: str = "runs"  # where run folders are made
+    model: str = DEFAULT_MODEL  # a built-in name, hub shortcut, local folder, .gguf file or hub id (as --model)
     attn: str = "sdpa"  # the model's attention kernel: sdpa, eager or flash_attention_2 (see ccmem.loading)
     load_path: str | None = None  # stage-1 LoRA (a finished ``method.name=full`` run) merged before training
     # start the trainable state from an adapter file instead of from scratch ("shipped": the adapter ccmem
     # ships for this model and method; "shipped:NAME": its shipped adapter NAME, e.g. shipped:ccm-concat);
     # the run then continues training it on this run's data
     init_from: str | None = None
-    wandb: bool = False
+    wandb: bool = False  # also log to Weights & Biases (needs its package and an account; TensorBoard needs none)
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: OptimConfig = field(default_factory=OptimConfig)
@@ -245,13 +246,53 @@ def _keys(cls: type, prefix: str = "") -> dict[str, Any]:
 VALID_KEYS = _keys(TrainConfig)
 
 
-def method_keys() -> dict[str, tuple[Any, list[str]]]:
-    """``method.<option>`` -> (type, the trainable methods that declare it): what ``method.*`` accepts."""
-    out: dict[str, tuple[Any, list[str]]] = {}
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field of config dataclass ``cls`` -> the comment that documents it in this file (on its line, else the
+    comment lines right above it): ``ccmem train --show-keys`` prints them, so the source stays the one place."""
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments = {
+        tok.start[0]: tok.string.lstrip("#").strip()
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT
+    }
+    lines = source.splitlines()
+    docs = {}
+    for f in dataclasses.fields(cls):
+        at = next((n for n, line in enumerate(lines, 1) if re.match(rf"\s*{f.name}\s*:", line)), None)
+        if at is None:
+            continue
+        if at in comments:
+            docs[f.name] = comments[at]
+            continue
+        above: list[str] = []
+        while at - 1 - len(above) in comments and lines[at - 2 - len(above)].lstrip().startswith("#"):
+            above.insert(0, comments[at - 1 - len(above)])
+        if above:
+            docs[f.name] = " ".join(above)
+    return docs
+
+
+def key_docs() -> dict[str, str]:
+    """Every dotted config key (as :data:`VALID_KEYS`) -> what it means."""
+    sections = {"": TrainConfig, "data.": DataConfig, "train.": OptimConfig}
+    docs = {f"{prefix}{name}": doc for prefix, cls in sections.items() for name, doc in field_docs(cls).items()}
+    docs["method.name"] = "the method trained (a trainable method of `ccmem methods`; full: a stage-1 LoRA)"
+    return docs
+
+
+def method_keys() -> dict[str, tuple[Any, list[str], str]]:
+    """``method.<option>`` -> (type, the trainable methods that declare it, what it means, as the first of them
+    says): what ``method.*`` accepts."""
+    out: dict[str, tuple[Any, list[str], str]] = {}
     for name, cls in method_classes().items():
         if cls.trainable:
             for spec in cls.option_specs():
-                out.setdefault(f"method.{spec.name}", (spec.type, []))[1].append(name)
+                out.setdefault(f"method.{spec.name}", (spec.type, [], spec.help))[1].append(name)
     return out
 
 
