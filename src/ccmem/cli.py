@@ -688,14 +688,15 @@ def train(
     from ccmem.train.trainer import train as run_training
 
     result = run_training(config)
+    loss = "-" if result.eval_loss is None else f"{result.eval_loss:.4f}"
     if result.finished_before:
         console.print(
-            f"run {config.run_id!r} already finished ({result.steps} steps, best eval loss {result.eval_loss}): "
+            f"run {config.run_id!r} already finished ({result.steps} steps, best eval loss {loss}): "
             f"nothing to do. Its adapter: {result.output}. Use a new run_id to train again."
         )
         return
     console.print(
-        f"[bold]done[/]: {result.steps} steps, best eval loss {result.eval_loss}, "
+        f"[bold]done[/]: {result.steps} steps, best eval loss {loss}, "
         f"{result.tokens_per_second:.0f} tokens/s this session -> {result.output}"
     )
 
@@ -1041,10 +1042,11 @@ def compare(
                 _note_when_piped(f"decode speed: {text}")
 
             decode_rows = run_decode_speed(lm, settings, out_dir, progress=decoding)
+    budgeted = any(r.budget is not None for r in rows)
     header = (
         f"{lm.name}{f' with stage-1 LoRA {lm.stage1} merged in' if lm.stage1 else ''}; {n} examples per task; "
-        f"budgets {budgets} of the context for training-free methods; "
-        f"system prompt {settings.system!r} kept by every method."
+        + (f"budgets {budgets} of the context for training-free methods; " if budgeted else "")
+        + f"system prompt {settings.system!r} kept by every method."
     )
     paths = write_compare_report(rows, decode_rows, out_dir, header=header)
     console.print(paths["markdown"].read_text(encoding="utf-8"), highlight=False, markup=False, soft_wrap=True)

@@ -112,6 +112,11 @@ def test_compare_command_line(monkeypatch, capsys, tmp_path, tiny_model_dir):
     methods = [json.loads(line)["method"] for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert methods == ["full", "none", "knorm"]
     assert "icl: knorm at 1/2: 2 examples done (3/3 cells)" in text  # no bar when piped: a line per cell
+    assert "budgets 1/2 of the context for training-free methods" in text
+    args = ["compare", "--model", str(tiny_model_dir), "--methods", "full,none", "--tasks", "icl", "--n", "2",
+            "--no-decode", "--out-dir", str(tmp_path / "plain")]  # fmt: skip
+    code, text = run_cli(monkeypatch, capsys, *args)
+    assert code == 0 and "budgets" not in text.split("system prompt")[0]  # no budgeted method ran: none named
     code, text = run_cli(monkeypatch, capsys, "compare", "--tasks", "poetry", "--out-dir", str(tmp_path))
     assert code == 2 and "unknown task 'poetry'" in text
     code, text = run_cli(monkeypatch, capsys, "compare", "--budgets", "1/0", "--out-dir", str(tmp_path))

@@ -344,7 +344,7 @@ def train(config: TrainConfig, *, lm: LoadedModel | None = None) -> TrainResult:
     resume = prepare_run_dir(config)
     done = finished_run(config)
     if done is not None:
-        logger.warning("run %s already finished (%d steps): %s", config.run_id, done.steps, done.output)
+        logger.info("run %s already finished (%d steps): %s", config.run_id, done.steps, done.output)
         return done
     run_dir = config.run_dir
     method, lm, state, stage1_hash = _method_state(config, lm)
