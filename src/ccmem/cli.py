@@ -631,7 +631,9 @@ def train(
     show_keys: Annotated[
         bool, typer.Option("--show-keys", help="List every config key with its type and meaning.")
     ] = False,
-    show_presets: Annotated[bool, typer.Option("--show-presets", help="List the named presets.")] = False,
+    show_presets: Annotated[
+        bool, typer.Option("--show-presets", help="List the named presets, each with what it trains.")
+    ] = False,
     export_checkpoint: Annotated[
         str | None,
         typer.Option(
@@ -651,11 +653,19 @@ def train(
     import yaml
 
     from ccmem.options import type_name
-    from ccmem.train.config import REFERENCE_KEYS, VALID_KEYS, key_docs, load_config, method_keys, preset_names
+    from ccmem.train.config import (
+        REFERENCE_KEYS,
+        VALID_KEYS,
+        key_docs,
+        load_config,
+        method_keys,
+        preset_names,
+        preset_summary,
+    )
 
     if show_presets:
         for name in preset_names():
-            console.print(name)
+            console.print(f"{name}  [dim]{escape(preset_summary(name))}[/]", highlight=False)
         return
     if show_keys:
         docs = key_docs()

@@ -470,3 +470,13 @@ def test_show_keys_explains_every_config_key(monkeypatch, capsys):
     flat = " ".join(text.split())
     assert code == 0 and "train.patience int early stopping after this many evaluations" in flat
     assert "method.n_tok int <COMP> tokens per compression step" in flat
+
+
+def test_show_presets_says_what_each_preset_trains(monkeypatch, capsys):
+    from ccmem.train.config import preset_names
+
+    code, text = run_cli(monkeypatch, capsys, "train", "--show-presets")
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert code == 0 and len(lines) == len(preset_names())
+    assert all(len(line.split(None, 1)) == 2 and len(line.split(None, 1)[1]) > 20 for line in lines)
+    assert any(line.startswith("persona-full  Stage 1 of the reference recipe") for line in lines)

@@ -395,6 +395,18 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+def preset_summary(name: str, width: int = 110) -> str:
+    """The first sentence of a preset's header comment (what it trains, on what), cut at a word to ``width``."""
+    header = []
+    for line in (PRESET_DIR / f"{name}.yaml").read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line.lstrip("#").strip())
+    text = " ".join(header)
+    sentence = re.split(r"(?<=\.)\s", text, maxsplit=1)[0]
+    return sentence if len(sentence) <= width else sentence[: sentence.rfind(" ", 0, width)] + " …"
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
