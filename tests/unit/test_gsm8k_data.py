@@ -175,6 +175,10 @@ def test_the_forks_train_ratio_override_is_a_config_key_for_gsm8k_only():
             "field 'answer' has a final answer '12,34' that is not a number",
         ),
         ({"question": "How many?", "answer": "#### 2", "split": 3}, "field 'split' must be a string"),
+        (
+            {"question": "How much?", "answer": "#### 3/4"},
+            "field 'answer' has a final answer '3/4' that is not a number (a number and a unit",
+        ),
     ],
 )
 def test_malformed_records_name_file_line_and_field(tmp_path, record, message):
@@ -183,6 +187,14 @@ def test_malformed_records_name_file_line_and_field(tmp_path, record, message):
     path.write_text(json.dumps(good) + "\n\n" + json.dumps(record) + "\n")
     with pytest.raises(DatasetFormatError, match=rf"bad\.jsonl:3: {re.escape(message)}"):
         read_jsonl(path)
+
+
+def test_a_final_answer_with_a_unit_is_read_as_its_number(tmp_path):
+    """Users' own problems end '#### 60 km/h' or '#### 15%': they were refused; the number is the answer."""
+    path = tmp_path / "mine.jsonl"
+    rows = [{"question": "How fast?", "answer": "120/2 = 60\n#### 60 km/h"}, {"question": "Tax?", "answer": "#### 15%"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [p.answer for p in read_jsonl(path)] == ["60", "15"]
 
 
 def test_missing_file_and_invalid_json_are_reported(tmp_path):

@@ -49,6 +49,7 @@ VALIDATION_SIZE = 500  # of GSM8K's 7,473 training problems, the last 500 make v
 _NUMBER_BODY = r"(?P<neg>[-−]?)\$?(?P<neg2>-?)(?P<num>(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)"
 _NUMBER = re.compile(r"(?<![\w.])" + _NUMBER_BODY)
 _FINAL = re.compile(r"####[ \t]*" + _NUMBER_BODY)
+_WITH_UNIT = re.compile(_NUMBER_BODY + r"[ \t]*[^\d\s.,/][^\d]*")  # a final answer with a unit after it
 _ANNOTATION = re.compile(r"<<[^<>\n]*>>")
 _RESULT = re.compile(r"(?:=[ \t]*\$?[ \t]*(?:<<[^<>\n]*>>)?|<<[^<>\n]*>>)[ \t]*\$?-?\d+(?:,\d{3})*(?:\.\d+)?")
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
@@ -166,9 +167,13 @@ def _parse_answer(where: str, text: str) -> tuple[str, str]:
     if not last.startswith("####"):
         raise DatasetFormatError(f"{where}: field 'answer' must end with a '#### <number>' line")
     final = normalise_number(last[4:])
+    unit = _WITH_UNIT.fullmatch(last[4:].strip()) if final is None else None
+    if unit is not None:  # '#### 60 km/h', '#### 15%': the number is the answer, the unit is read past
+        final = _canonical(unit)
     if final is None:
         raise DatasetFormatError(
-            f"{where}: field 'answer' has a final answer {last[4:].strip()!r} that is not a number"
+            f"{where}: field 'answer' has a final answer {last[4:].strip()!r} that is not a number (a number and "
+            "a unit, such as '60 km/h', is read as the number; write fractions as decimals)"
         )
     return "\n".join(lines[:-1]).rstrip(), final
 
