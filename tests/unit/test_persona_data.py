@@ -45,14 +45,21 @@ def test_roundtrip_and_errors_name_file_line_and_field(tmp_path):
         ({"answer": "", "options": ["", "x"]}, "field 'answer' is empty"),
         ({"options": [3, 4], "answer": "3"}, r"field 'options' must be a list of non-empty strings, got \[3, 4\]"),
         ({"answer": "Oslo "}, r"field 'answer' \('Oslo '\) is not one of 'options'"),
+        ({"turns": [["hi"]]}, r"field 'turns' must hold \[user, assistant\] string pairs, e\.g\."),
         (
-            {"turns": [{"role": "user", "content": "hi"}]},
-            r"field 'turns' must hold \[user, assistant\] string pairs, e\.g\.",
+            {"turns": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]},
+            r"field 'turns' given as messages must alternate user and assistant .*\['user', 'user'\]",
         ),
     ]:
         path.write_text(json.dumps({**json.loads(lines[0]), **change}) + "\n")
         with pytest.raises(DatasetFormatError, match=rf"d\.jsonl:1: {message}"):
             read_jsonl(path)
+    # chat logs in OpenAI's message shape read as the same pairs
+    record = json.loads(lines[0])
+    roles = ("user", "assistant")
+    messages = [{"role": r, "content": t} for pair in record["turns"] for r, t in zip(roles, pair, strict=True)]
+    path.write_text(json.dumps({**record, "turns": messages}) + "\n")
+    assert read_jsonl(path)[0].turns == [tuple(pair) for pair in record["turns"]]
 
 
 def test_chat_sample_labels_only_the_answer():

@@ -22,6 +22,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ccmem.fileio import DatasetFormatError, atomic_path, jsonl_records  # DatasetFormatError: also imported from here
 
@@ -420,6 +421,20 @@ def write_jsonl(path: str | os.PathLike[str], dialogs: Iterator[PersonaDialog] |
     return path
 
 
+def _message_pairs(turns: list[Any], where: str) -> list[Any]:
+    """``turns`` as ``[user, assistant]`` pairs: given so, or as chat messages (``{"role", "content"}``, OpenAI's
+    shape) that alternate user and assistant."""
+    if not turns or not all(isinstance(t, dict) for t in turns):
+        return turns
+    roles = [t.get("role") for t in turns]
+    if not all(isinstance(t.get("content"), str) for t in turns) or roles != ["user", "assistant"] * (len(turns) // 2):
+        raise DatasetFormatError(
+            f"{where}: field 'turns' given as messages must alternate user and assistant messages with string "
+            f"content, starting with user and ending with assistant (roles here: {roles})"
+        )
+    return [[turns[i]["content"], turns[i + 1]["content"]] for i in range(0, len(turns), 2)]
+
+
 def read_jsonl(path: str | os.PathLike[str]) -> list[PersonaDialog]:
     """Read persona dialogs; a malformed record is reported with its file, line and field."""
     dialogs = []
@@ -440,7 +455,7 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[PersonaDialog]:
                 f"{where}: field 'answer' ({record['answer']!r}) is not one of 'options' ({options!r}); it must be one "
                 "of them exactly (spaces and case count)"
             )
-        turns = record["turns"]
+        turns = _message_pairs(record["turns"], where)
         if not all(isinstance(t, list) and len(t) == 2 and all(isinstance(s, str) for s in t) for t in turns):
             raise DatasetFormatError(
                 f"{where}: field 'turns' must hold [user, assistant] string pairs, e.g. "
