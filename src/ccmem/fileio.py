@@ -47,9 +47,13 @@ def jsonl_records(path: str | os.PathLike[str], what: str = "dataset file") -> I
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise DatasetFormatError(f"{where}: not valid JSON ({err.msg})") from None
+                    hint = ""
+                    if line.rstrip().endswith(("{", "[", ",")):  # a line that opens or continues a pretty-printed one
+                        hint = "; a JSON-lines file holds one whole object per line (not pretty-printed JSON)"
+                    raise DatasetFormatError(f"{where}: not valid JSON ({err.msg}){hint}") from None
                 if not isinstance(record, dict):
-                    raise DatasetFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
+                    hint = " (one object per line, not a JSON list)" if isinstance(record, list) else ""
+                    raise DatasetFormatError(f"{where}: expected a JSON object, got {type(record).__name__}{hint}")
                 yield where, record
     except UnicodeDecodeError:
         raise DatasetFormatError(f"{path}: not UTF-8 text (near line {line_no + 1})") from None

@@ -40,6 +40,12 @@ def test_roundtrip_and_errors_name_file_line_and_field(tmp_path):
     path.write_text("{not json\n")
     with pytest.raises(DatasetFormatError, match=r"d\.jsonl:1: not valid JSON"):
         read_jsonl(path)
+    path.write_text(json.dumps(json.loads(lines[0]), indent=2) + "\n")  # pretty-printed: the usual mistake
+    with pytest.raises(DatasetFormatError, match=r"d\.jsonl:1: not valid JSON .*one whole object per line"):
+        read_jsonl(path)
+    path.write_text(json.dumps([json.loads(lines[0])]) + "\n")
+    with pytest.raises(DatasetFormatError, match=r"got list \(one object per line, not a JSON list\)"):
+        read_jsonl(path)
     # found when the file is read, not after the model loaded and earlier methods ran
     for change, message in [
         ({"answer": "", "options": ["", "x"]}, "field 'answer' is empty"),
