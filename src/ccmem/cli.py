@@ -752,7 +752,8 @@ def eval_command(
         str,
         typer.Argument(
             help="Dataset loader: persona, dialogs, passages, icl, text, metaicl, lamp2, dailydialog, soda, unified, "
-            "pretrain, pwc (PwC jsonl, or generated without --path), pile, gsm8k, wikitext, text-stream, mixture "
+            "pretrain, pwc (PwC jsonl, or generated without --path), pile, gsm8k (the final answer's accuracy: "
+            "`ccmem repro gsm8k`), wikitext, text-stream, mixture "
             "(`ccmem data --help` writes the generated ones to files)."
         ),
     ],
