@@ -187,15 +187,24 @@ def _session(
     return session
 
 
-def _check_attention(lm: Any, names: list[str], options: dict[str, Any]) -> None:
-    """Refuse, right after loading, a method that cannot run on the model's attention (flash_attention_2 with
-    a method that masks or reads attention), instead of failing after the other methods ran."""
-    from ccmem.api import check_attention
+def _check_methods(lm: Any, names: list[str], options: dict[str, Any]) -> None:
+    """Refuse, right after loading, a method that cannot run on this model (flash_attention_2 with a method that
+    masks or reads attention; a family whose attention, RoPE or layers a method cannot follow), instead of failing
+    after the other methods ran: each method reads a few tokens once, untrained, and the result is dropped."""
+    from ccmem.api import CompressedLM, check_attention
     from ccmem.eval.harness import options_for
     from ccmem.registry import get_method
 
+    ids = [int(i) for i in lm.tokenizer.encode("A short text that every method reads once before the run.")][:16]
     for name in dict.fromkeys(n.partition("@")[0] for n in names if n.partition("@")[0] in method_names()):
-        check_attention(lm, get_method(name, **options_for(name, options)))
+        method = get_method(name, **options_for(name, options))
+        check_attention(lm, method)
+        if lm.is_encoder_decoder or not ids or lm.model.config._attn_implementation not in ("sdpa", "eager"):
+            continue
+        try:
+            CompressedLM(lm, method, system_prompt=None).add_ids(ids)
+        except (ValueError, NotImplementedError) as err:
+            raise OptionError(f"method {name!r} cannot run on {lm.name}: {err}") from None
 
 
 @app.command()
@@ -230,7 +239,7 @@ def demo(
         get_method(name, **options_for(name, options))  # fail fast on a typo, with the list of valid names
     with console.status(f"loading {model}..."):
         lm = load_model(model, attn_implementation=attn)
-    _check_attention(lm, names, options)
+    _check_methods(lm, names, options)
     rows = []
     untrained = set()
     with console.status("running...") as status:
@@ -862,7 +871,7 @@ def eval_command(
         stage1_file(stage1)  # before loading the model: a wrong path is said at once
     with console.status(f"loading {model}..."):
         lm = load_model(model, attn_implementation=attn)
-    _check_attention(lm, names, options)
+    _check_methods(lm, names, options)
     if stage1 is not None:
         from ccmem.stage1 import merge_stage1
 
@@ -1026,7 +1035,7 @@ def compare(
         stage1_file(stage1)  # before loading the model: a wrong path is said at once
     with console.status(f"loading {model}..."):
         lm = load_model(model, attn_implementation=attn)
-    _check_attention(lm, names, settings.options)
+    _check_methods(lm, names, settings.options)
     if stage1 is not None:  # every method then reads the finetuned weights: full is the stage-1 reference
         merge_stage1(lm, stage1)
     rows = []
@@ -1198,7 +1207,7 @@ def stream(
     settings.check()
     with console.status(f"loading {model}..."):
         lm = load_model(model, attn_implementation=attn)
-    _check_attention(lm, settings.methods, settings.options)
+    _check_methods(lm, settings.methods, settings.options)
     check_layouts(lm, settings)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=True) as bar:

@@ -480,3 +480,24 @@ def test_show_presets_says_what_each_preset_trains(monkeypatch, capsys):
     assert code == 0 and len(lines) == len(preset_names())
     assert all(len(line.split(None, 1)) == 2 and len(line.split(None, 1)[1]) > 20 for line in lines)
     assert any(line.startswith("persona-full  Stage 1 of the reference recipe") for line in lines)
+
+
+def test_a_method_that_cannot_run_on_the_model_is_refused_before_any_method_runs(
+    monkeypatch, capsys, tmp_path, tiny_model_dir
+):
+    """expected-attention needs RoPE over the whole head; GPT-NeoX rotates part of it. demo and eval ran every
+    method before it (42 s on a real model) and then dropped their results."""
+    import shutil
+
+    from tests.conftest import tiny_model
+
+    folder = tmp_path / "neox"
+    tiny_model("gpt-neox").model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, folder / name)
+    for command in (["demo"], ["eval", "icl", "--n", "2", "-o", str(tmp_path / "rows.jsonl")]):
+        code, text = run_cli(monkeypatch, capsys, *command, "--model", str(folder), "--methods",
+                             "full,none,expected-attention")  # fmt: skip
+        flat = " ".join(text.split())
+        assert code == 2 and "method 'expected-attention' cannot run on" in flat and "rotates" in flat, text
+        assert "all questions" not in flat and not (tmp_path / "rows.jsonl").exists()  # nothing ran before it
