@@ -207,6 +207,7 @@ class CompressedLM:
         (per-channel scales; :mod:`ccmem.precision`); default: the model's dtype. :meth:`load_memory` reads any.
         """
         memory = self.memory.with_layers(self.memory.layers, self.memory.positions)
+        memory.meta["model_name"] = self.lm.name  # said when another model loads it (the check is by fingerprint)
         if self.system_prompt is not None and self.sink:
             memory.meta["system_prompt"] = self.system_prompt  # the sink it holds, restored by load_memory
         if self.system_prompt is None and any(m["role"] != "system" for m in self.history):

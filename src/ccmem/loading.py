@@ -441,14 +441,20 @@ def load_model(
 
 
 def _pretrained(spec: str | Path, **kwargs: Any) -> PreTrainedModel:
-    """``spec`` as a causal LM or, for an encoder-decoder model (T5, Flan-T5), as a sequence-to-sequence LM."""
+    """``spec`` as a causal LM or, for an encoder-decoder model (T5, Flan-T5), as a sequence-to-sequence LM. A
+    family that transformers gives no sdpa kernel (Gemma 2, Bloom, ...) loads with eager attention, as transformers
+    itself does when no kernel is asked for."""
     try:
         return AutoModelForCausalLM.from_pretrained(spec, **kwargs)
-    except ValueError:  # transformers refuses a config that has no causal LM, such as T5's
-        config = AutoConfig.from_pretrained(spec, local_files_only=kwargs.get("local_files_only", False))
-        if not getattr(config, "is_encoder_decoder", False):
-            raise
-        return AutoModelForSeq2SeqLM.from_pretrained(spec, **kwargs)
+    except ValueError as err:
+        no_sdpa = "scaled_dot_product_attention" in str(err) and kwargs.get("attn_implementation") == "sdpa"
+        if not no_sdpa:  # transformers refuses a config that has no causal LM, such as T5's
+            config = AutoConfig.from_pretrained(spec, local_files_only=kwargs.get("local_files_only", False))
+            if not getattr(config, "is_encoder_decoder", False):
+                raise
+            return AutoModelForSeq2SeqLM.from_pretrained(spec, **kwargs)
+    logger.warning("%s has no sdpa attention in transformers: loaded with eager attention", spec)
+    return _pretrained(spec, **{**kwargs, "attn_implementation": "eager"})
 
 
 def _from_folder(path: Path, load_kw: dict[str, Any]) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:

@@ -506,6 +506,11 @@ def _read_compact(path: str | os.PathLike[str], expect: dict[str, str] | None) -
         raise MemoryMismatchError(f"memory {path}: its metadata must map names to strings")
     for key, wanted in (expect or {}).items():
         found = meta.get(key, "")  # a key older memories lack reads as empty, like stage1 on plain weights
+        if found != wanted and key == "model" and meta.get("model_name"):
+            raise MemoryMismatchError(
+                f"memory {path} was made with model {meta['model_name']!r} (weights {found}), not with this one "
+                f"(weights {wanted}); load it with that model (--model {meta['model_name']})"
+            )
         if found != wanted:
             raise MemoryMismatchError(
                 f"memory {path} was made with {key}={found!r}, but this model has {key}={wanted!r}; "

@@ -319,3 +319,14 @@ def test_gist_refuses_a_context_past_the_models_positions_and_keeps_its_memory()
     with pytest.raises(ContextTooLongError):
         s.remember(f"turn {i} says {i * 7}", "ok")  # the same turn again
     assert s.memory is held  # the refused turn left the memory as it was
+
+
+def test_a_memory_of_another_model_names_that_model(tmp_path):
+    """It named two weight fingerprints ('056e5211b6a64e71' against '0da06685e6a1a980'): now the model it was
+    made with, as --model takes it."""
+    from ccmem.memory import MemoryMismatchError
+
+    path = CompressedLM(tiny_model(), get_method("full"), system_prompt="s").save_memory(tmp_path / "m.safetensors")
+    other = CompressedLM(tiny_model("qwen2"), get_method("full"), system_prompt="s")
+    with pytest.raises(MemoryMismatchError, match=r"made with model 'tiny-llama-gqa' .*--model tiny-llama-gqa"):
+        other.load_memory(path)

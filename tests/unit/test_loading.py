@@ -123,3 +123,22 @@ def importlib_spec(name, folder):
     spec = ModuleSpec(name, None, is_package=True)
     spec.submodule_search_locations = [str(folder)]
     return spec
+
+
+def test_a_family_without_an_sdpa_kernel_loads_with_eager_attention(tmp_path, tiny_model_dir, caplog):
+    """Gemma 2 has no sdpa kernel in transformers: the default --attn sdpa gave transformers' three-line error
+    about whisper; it loads with eager attention, as transformers does when no kernel is asked for."""
+    import shutil
+
+    import transformers as T
+
+    from tests.conftest import COMMON
+
+    folder = tmp_path / "gemma2"
+    config = T.Gemma2Config(**COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    T.AutoModelForCausalLM.from_config(config, attn_implementation="eager").save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, folder / name)
+    lm = load_model(str(folder))
+    assert lm.model.config._attn_implementation == "eager"
+    assert "has no sdpa attention in transformers: loaded with eager attention" in caplog.text
