@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -187,24 +188,31 @@ def _session(
     return session
 
 
-def _check_methods(lm: Any, names: list[str], options: dict[str, Any]) -> None:
+def _check_methods(lm: Any, names: list[str], options: dict[str, Any], *, skip: bool = False) -> list[str]:
     """Refuse, right after loading, a method that cannot run on this model (flash_attention_2 with a method that
     masks or reads attention; a family whose attention, RoPE or layers a method cannot follow), instead of failing
-    after the other methods ran: each method reads a few tokens once, untrained, and the result is dropped."""
+    after the other methods ran: each method reads a few tokens once, untrained, and the result is dropped.
+    ``skip`` (a default method list, not the user's): such a method is left out with a note instead. Returns the
+    names that run."""
     from ccmem.api import CompressedLM, check_attention
     from ccmem.eval.harness import options_for
     from ccmem.registry import get_method
 
     ids = [int(i) for i in lm.tokenizer.encode("A short text that every method reads once before the run.")][:16]
+    failed = set()
     for name in dict.fromkeys(n.partition("@")[0] for n in names if n.partition("@")[0] in method_names()):
         method = get_method(name, **options_for(name, options))
-        check_attention(lm, method)
-        if lm.is_encoder_decoder or not ids or lm.model.config._attn_implementation not in ("sdpa", "eager"):
-            continue
         try:
+            check_attention(lm, method)
+            if lm.is_encoder_decoder or not ids or lm.model.config._attn_implementation not in ("sdpa", "eager"):
+                continue
             CompressedLM(lm, method, system_prompt=None).add_ids(ids)
         except (ValueError, NotImplementedError) as err:
-            raise OptionError(f"method {name!r} cannot run on {lm.name}: {err}") from None
+            if not skip:
+                raise OptionError(f"method {name!r} cannot run on {lm.name}: {err}") from None
+            failed.add(name)
+            err_console.print(f"[yellow]left out {name}: it cannot run on {lm.name} ({err})[/]", highlight=False)
+    return [n for n in names if n.partition("@")[0] not in failed]
 
 
 @app.command()
@@ -239,7 +247,7 @@ def demo(
         get_method(name, **options_for(name, options))  # fail fast on a typo, with the list of valid names
     with console.status(f"loading {model}..."):
         lm = load_model(model, attn_implementation=attn)
-    _check_methods(lm, names, options)
+    names = _check_methods(lm, names, options, skip=methods is None)
     rows = []
     untrained = set()
     with console.status("running...") as status:
@@ -871,7 +879,7 @@ def eval_command(
         stage1_file(stage1)  # before loading the model: a wrong path is said at once
     with console.status(f"loading {model}..."):
         lm = load_model(model, attn_implementation=attn)
-    _check_methods(lm, names, options)
+    names = _check_methods(lm, names, options, skip=methods is None)
     if stage1 is not None:
         from ccmem.stage1 import merge_stage1
 
@@ -1035,7 +1043,10 @@ def compare(
         stage1_file(stage1)  # before loading the model: a wrong path is said at once
     with console.status(f"loading {model}..."):
         lm = load_model(model, attn_implementation=attn)
-    _check_methods(lm, names, settings.options)
+    kept = _check_methods(lm, names, settings.options, skip=methods is None)
+    if kept != names:  # a default method this model cannot run was left out
+        settings = dataclasses.replace(settings, methods=kept)
+        cells = grid(settings)
     if stage1 is not None:  # every method then reads the finetuned weights: full is the stage-1 reference
         merge_stage1(lm, stage1)
     rows = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import sys
 
 import pytest
@@ -501,3 +502,9 @@ def test_a_method_that_cannot_run_on_the_model_is_refused_before_any_method_runs
         flat = " ".join(text.split())
         assert code == 2 and "method 'expected-attention' cannot run on" in flat and "rotates" in flat, text
         assert "all questions" not in flat and not (tmp_path / "rows.jsonl").exists()  # nothing ran before it
+    # the default method list is ccmem's choice, not the user's: a method the model cannot run is left out, said
+    args = ["compare", "--model", str(folder), "--tasks", "icl", "--n", "1", "--budgets", "1/2", "--no-decode"]
+    code, text = run_cli(monkeypatch, capsys, *args, "--out-dir", str(tmp_path / "cmp"))
+    rows = [json.loads(line)["method"] for line in (tmp_path / "cmp" / "rows.jsonl").read_text().splitlines()]
+    assert code == 0 and "left out expected-attention: it cannot run on" in " ".join(text.split()), text
+    assert "expected-attention" not in rows and {"full", "none", "snapkv"} <= set(rows)
