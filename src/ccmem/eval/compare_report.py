@@ -182,7 +182,8 @@ def plot_quality(rows: Sequence[EvalRow], task: str, path: Path) -> Path:
 def _finish(plt: Any, fig: Any, ax: Any, title: str, path: Path) -> Path:
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="best")
+    if ax.get_legend_handles_labels()[0]:  # only full and none: they are annotated lines, nothing to list
+        ax.legend(fontsize=7, ncol=2, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
