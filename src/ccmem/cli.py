@@ -1054,16 +1054,17 @@ def compare(
         task = bar.add_task("compare", total=len(cells) * n)
         finished: dict[object, int] = {}
 
+        from_file: set[object] = set()
+
         def progress(cell: object, i: int, total: int) -> None:
             label = getattr(cell, "label", str(cell))
             if i == total and finished.get(cell) != total:
-                _note_when_piped(
-                    f"{label}: {total} examples done ({len(finished) + (cell not in finished)}/{len(cells)} cells)"
-                )
+                what = "read from rows.jsonl" if cell in from_file else f"{total} examples done"
+                _note_when_piped(f"{label}: {what} ({len(finished) + (cell not in finished)}/{len(cells)} cells)")
             finished[cell] = i
             bar.update(task, completed=sum(finished.values()), description=label)
 
-        rows = list(run_grid(lm, settings, out_dir, progress=progress))
+        rows = list(run_grid(lm, settings, out_dir, progress=progress, reused=from_file.add))
         decode_rows = []
         if settings.decode_lengths:
             step = bar.add_task("decode speed", total=None)

@@ -255,8 +255,10 @@ def run_grid(
     out_dir: Path,
     *,
     progress: Callable[[Cell, int, int], None] | None = None,
+    reused: Callable[[Cell], None] | None = None,
 ) -> Iterator[EvalRow]:
-    """Evaluate every cell not already in ``out_dir/rows.jsonl`` (with the same settings); yield every row."""
+    """Evaluate every cell not already in ``out_dir/rows.jsonl`` (with the same settings); yield every row.
+    ``progress(cell, done, total)`` follows the examples; ``reused(cell)`` is told of a cell read from the file."""
     rows_file = out_dir / "rows.jsonl"
     cached = {_row_key(r): r for r in read_cached(rows_file)}
     for task_name in settings.tasks:
@@ -274,6 +276,8 @@ def run_grid(
             session = load(lm, method=method, adapter=adapter, system_prompt=settings.system, **options, **budget)
             key = _key(task.name, method, cell.budget, config_hash, options, adapter_provenance(session)[0])
             if key in cached:
+                if reused:
+                    reused(cell)
                 if progress:
                     progress(cell, len(examples), len(examples))
                 yield _as_variant(cached[key], cell.method)
