@@ -68,6 +68,16 @@ def test_roundtrip_and_errors_name_file_line_and_field(tmp_path):
     assert read_jsonl(path)[0].turns == [tuple(pair) for pair in record["turns"]]
 
 
+def test_fields_the_format_does_not_have_are_named_as_ignored(tmp_path, caplog):
+    """A per-record system prompt was dropped without a word."""
+    path = write_jsonl(tmp_path / "d.jsonl", generate(2, "test"))
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    records[1] |= {"system": "You are a pirate.", "source": "chat log"}
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert len(read_jsonl(path)) == 2
+    assert "fields source, system are not part of the persona format and were ignored" in caplog.text
+
+
 def test_chat_sample_labels_only_the_answer():
     tok = TinyTokenizer()
     sample = chat_sample(tok, [("I live in Oslo.", "Noted!")], "Where do I live?", "Oslo", system="Be brief.")

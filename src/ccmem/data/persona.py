@@ -17,14 +17,17 @@ Record format (one JSON object per line)::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ccmem.fileio import DatasetFormatError, atomic_path, jsonl_records  # DatasetFormatError: also imported from here
+
+logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = "persona-v3"
 ACKS = ("Got it!", "Thanks for telling me.", "Nice, I'll remember that.", "Good to know.", "Noted!")
@@ -357,6 +360,9 @@ class PersonaDialog:
     groups: dict[str, str] = field(default_factory=dict)  # what evaluation breaks accuracy down by
 
 
+RECORD_FIELDS = frozenset(f.name for f in fields(PersonaDialog))  # what a persona JSON line may hold
+
+
 def split_values(kind: FactKind, split: str) -> list[str]:
     """The values a split may use: disjoint for train, validation and test (every ``HELD_OUT_EVERY``-th)."""
     return values_of_split(kind.values, split)
@@ -436,9 +442,12 @@ def _message_pairs(turns: list[Any], where: str) -> list[Any]:
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[PersonaDialog]:
-    """Read persona dialogs; a malformed record is reported with its file, line and field."""
+    """Read persona dialogs; a malformed record is reported with its file, line and field, and fields this format
+    does not have (a per-record ``system`` prompt, say) are named once, as ignored."""
     dialogs = []
+    ignored: set[str] = set()
     for where, record in jsonl_records(path):
+        ignored |= set(record) - RECORD_FIELDS
         for key, kind in (("turns", list), ("question", str), ("answer", str), ("options", list)):
             if not isinstance(record.get(key), kind):
                 raise DatasetFormatError(f"{where}: field {key!r} must be a {kind.__name__}")
@@ -476,4 +485,9 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[PersonaDialog]:
                 groups=dict(groups),
             )
         )
+    if ignored:
+        logger.warning(
+            "%s: fields %s are not part of the persona format and were ignored (it reads %s)",
+            path, ", ".join(sorted(ignored)), ", ".join(sorted(RECORD_FIELDS)),
+        )  # fmt: skip
     return dialogs
