@@ -76,6 +76,14 @@ def shipped_adapter(model_name: str, method: str) -> Path | None:
     return path if path is not None and path.is_file() else None
 
 
+def adapter_path(model_name: str, method: str, given: str | os.PathLike[str] | None = None) -> Path | None:
+    """The adapter file ``method`` runs with on ``model_name``: the one ``given``, else the one ccmem ships where
+    the method needs one (``None``: it runs without)."""
+    if given is not None:
+        return Path(given)
+    return shipped_adapter(model_name, method) if method_class(method).needs_adapter else None
+
+
 def shipped_adapter_names(model_name: str) -> list[str]:
     """The adapters ccmem ships for ``model_name`` (file stems: ``ccm-concat``, ``ccm-concat-stream`` ...)."""
     folder = _shipped_folder(model_name)

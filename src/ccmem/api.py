@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ccmem.adapter import Adapter, load_adapter, options_with_adapter, read_adapter, shipped_adapter
+from ccmem.adapter import Adapter, adapter_path, load_adapter, options_with_adapter, read_adapter
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat, Message, TextStream, check_messages
 from ccmem.generation import Sampling, decode, decode_batch
 from ccmem.loading import DEFAULT_MODEL, AttentionError, LoadedModel, load_model
@@ -537,7 +537,7 @@ def load(
     )
     if stage1 is not None:
         merge_stage1(lm, stage1)
-    path = Path(adapter) if adapter is not None else (shipped_adapter(lm.name, method) if cls.needs_adapter else None)
+    path = adapter_path(lm.name, method, adapter)
     found = read_adapter(path) if path is not None else None
     if found is not None:
         compression = get_method(method, **options_with_adapter(method, found, method_options))

@@ -258,6 +258,7 @@ def evaluate(
     compress_seconds = 0.0
     started = time.perf_counter()
     samples = [to_sample(session.lm.tokenizer, e, system=session.system_prompt) for e in examples]
+    scored = [_scored(session, e, s) for e, s in zip(examples, samples, strict=True)]  # every example checked first
     batched = session.method.batchable and session.sink and settings.batch_size > 1
     step = settings.batch_size if batched else 1
     memories: list[Memory] = []
@@ -267,7 +268,7 @@ def evaluate(
         i = 0
         try:
             for i, (example, sample) in enumerate(zip(examples, samples, strict=True)):
-                query, answer, options = _scored(session, example, sample)
+                query, answer, options = scored[i]
                 if i % step == 0:  # compress the next group of contexts (and, batched, score its options)
                     t0 = time.perf_counter()
                     if batched:
@@ -277,15 +278,13 @@ def evaluate(
                         memories = [session.memory]
                     compress_seconds += time.perf_counter() - t0
                     held = [m.nbytes for m in memories]
-                    if (
-                        settings.memory_dtype is not None
-                    ):  # answer from the memory as a store holding it would give it back
+                    # answer from the memory as a store holding it would give it back
+                    if settings.memory_dtype is not None:
                         stored = [m.compact(settings.memory_dtype) for m in memories]
                         memories = [c.expanded() for c in stored]
                         held = [c.nbytes for c in stored]
                     if batched:
-                        group = zip(examples[i : i + step], samples[i : i + step], memories, strict=True)
-                        items = [(m, q, opts) for e, s, m in group for q, _, opts in [_scored(session, e, s)]]
+                        items = [(m, q, opts) for m, (q, _, opts) in zip(memories, scored[i : i + step], strict=True)]
                         group_scores = score_batch(session.lm, session.method, items, reduce=settings.score)
                 session.memory = memories[i % step]
                 tokens.append(sum(len(c) for c in sample.chunks))
@@ -402,14 +401,11 @@ def check_adapters(
     """Refuse, before any method runs, an adapter (given, or shipped for ``model_name``) that is unreadable, made
     for another method, or trained with an option that ``options`` contradicts (``-O recurrent=false`` against
     a recurrent adapter): otherwise the methods before it ran and wrote their rows first."""
-    from ccmem.adapter import options_with_adapter, read_adapter, shipped_adapter
-    from ccmem.registry import method_class
+    from ccmem.adapter import adapter_path, options_with_adapter, read_adapter
 
     for name in methods:
-        cls = method_class(name)
-        given = (adapters or {}).get(name)
-        path = given if given is not None else (shipped_adapter(model_name, name) if cls.needs_adapter else None)
-        if path is not None and cls.trainable:
+        path = adapter_path(model_name, name, (adapters or {}).get(name))
+        if path is not None and method_class(name).trainable:
             options_with_adapter(name, read_adapter(path), options_for(name, options))
 
 
