@@ -25,7 +25,7 @@ from ccmem.methods.base import option
 from ccmem.methods.eviction import Candidates, KVEviction, Scores, check_n_sink
 from ccmem.patching.attention import AttentionCapture
 from ccmem.registry import register
-from ccmem.rope import half_split_pairing
+from ccmem.rope import half_split_pairing, rotate_half
 
 
 def rotary_tables(
@@ -40,11 +40,6 @@ def rotary_tables(
             f"expected-attention needs rotary position embeddings, which this {lm.model.config.model_type} model "
             "does not expose (model.rotary_emb); use a LLaMA-, Mistral- or Qwen-style model, or another method"
         )
-    if not half_split_pairing(lm):
-        raise ValueError(
-            f"expected-attention undoes LLaMA-style RoPE, but this {lm.model.config.model_type} model pairs "
-            "neighbouring dimensions; use another method"
-        )
     extra = {}
     if "layer_type" in inspect.signature(rotary.forward).parameters:
         extra["layer_type"] = lm.model.config.get_text_config().layer_types[layer]
@@ -55,11 +50,6 @@ def rotary_tables(
             f"model rotates {cos.shape[-1]}; use another method"
         )
     return cos[0].float(), sin[0].float()
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
 @register
@@ -88,6 +78,14 @@ class ExpectedAttention(KVEviction):
         # the score is an expected attention probability: a negative offset would turn its ranking around
         if not 0 <= self.epsilon < float("inf"):
             raise ValueError(f"epsilon must be >= 0 and finite, got {self.epsilon}")
+
+    def check_model(self, lm: LoadedModel) -> None:
+        super().check_model(lm)
+        if not half_split_pairing(lm):
+            raise ValueError(
+                f"expected-attention undoes LLaMA-style RoPE, but this {lm.model.config.model_type} model pairs "
+                "neighbouring dimensions; use another method"
+            )
 
     def capture(self, n_new: int) -> AttentionCapture:
         return AttentionCapture(queries_wanted=None, want_weights=False, want_queries=True)
