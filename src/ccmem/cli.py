@@ -752,13 +752,17 @@ def _adapters(specs: list[str] | None) -> dict[str, Path]:
     return adapters
 
 
-def _eval_data(examples: list, *, path: Path | None, source: str, generator: tuple[int, ...]) -> dict[str, str]:
+def _eval_data(examples: list, *, path: Path | None, source: str, generator: dict[str, int]) -> dict[str, str]:
     """What the examples are, for the rows' config hash: a digest of their content when the user's files or
-    non-default generator settings made them; the default data gives ``{}`` (older rows keep their hash)."""
+    generator settings other than ``ccmem eval``'s defaults made them; the default data gives ``{}`` (older rows
+    keep their hash)."""
+    import inspect
+
     from ccmem.data.records import examples_digest
 
+    defaults = inspect.signature(eval_command).parameters
     data = {"source": source} if source != "wiki" else {}
-    if path is not None or generator != (3, 2, 0, 0):  # --k, --small-talk, --turns, --seed defaults
+    if path is not None or any(value != defaults[name].default for name, value in generator.items()):
         data["examples"] = examples_digest(examples)
     return data
 
@@ -891,7 +895,12 @@ def eval_command(
         score=score,
         method_options=options,
         memory_dtype=storage,
-        data=_eval_data(examples, path=path, source=source, generator=(k, small_talk, turns, seed)),
+        data=_eval_data(
+            examples,
+            path=path,
+            source=source,
+            generator={"k": k, "small_talk": small_talk, "turns": turns, "seed": seed},
+        ),
         data_path=str(path) if path else None,
     )
     shown = dataset if source == "wiki" else f"{dataset} ({source})"

@@ -246,8 +246,12 @@ def samples_for(lm: LoadedModel, config: TrainConfig, method: Method, split: str
 def warn_shared_samples(train: list[Sample], validation: list[Sample]) -> int:
     """Warn when validation samples are also training samples (a loader given one file reads it for both splits):
     early stopping then picks the checkpoint that fits the training data best. Returns how many are shared."""
-    seen = {(tuple(map(tuple, s.chunks)), tuple(s.tail)) for s in train}
-    shared = sum((tuple(map(tuple, s.chunks)), tuple(s.tail)) in seen for s in validation)
+
+    def content(s: Sample) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:
+        return tuple(map(tuple, s.chunks)), tuple(s.tail)
+
+    seen = {content(s) for s in train}
+    shared = sum(content(s) in seen for s in validation)
     if shared:
         logger.warning(
             "%d of %d validation samples are also training samples (one data file read for both splits?): the "
