@@ -101,6 +101,7 @@ Stage1Opt = Annotated[
         "trained on top of one.",
     ),
 ]
+GSM8K_MAX_NEW_TOKENS = 256  # eval's default for worked solutions (the generated ones run ~60 tokens)
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens to generate per answer.")]
 MEMORY_DTYPE_HELP = (
     "float32, bfloat16, float16 (half the bytes) or int8 (a quarter, plus one float32 scale per key channel and "
@@ -773,8 +774,8 @@ def eval_command(
         str,
         typer.Argument(
             help="Dataset loader: persona, dialogs, passages, icl, text, metaicl, lamp2, dailydialog, soda, unified, "
-            "pretrain, pwc (PwC jsonl, or generated without --path), pile, gsm8k (the final answer's accuracy: "
-            "`ccmem repro gsm8k`), wikitext, text-stream, mixture "
+            "pretrain, pwc (PwC jsonl, or generated without --path), pile, gsm8k (with --generate, EM is the final "
+            "answer's accuracy; the fork's policy table: `ccmem repro gsm8k`), wikitext, text-stream, mixture "
             "(`ccmem data --help` writes the generated ones to files)."
         ),
     ],
@@ -816,9 +817,20 @@ def eval_command(
     recurrent: RecurrentOpt = None,
     option: OptionsOpt = None,
     generate: Annotated[
-        bool, typer.Option("--generate/--no-generate", help="Also generate answers (EM, contains, ROUGE-L).")
+        bool,
+        typer.Option(
+            "--generate/--no-generate",
+            help="Also generate answers (EM, contains, ROUGE-L; for gsm8k, EM is the final answer's accuracy).",
+        ),
     ] = False,
-    max_new_tokens: MaxNewOpt = 24,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--max-new-tokens",
+            min=1,
+            help="Most tokens to generate per answer. Default: 24, and 256 for gsm8k (worked solutions).",
+        ),
+    ] = None,
     score: Annotated[
         Literal["sum", "mean"],
         typer.Option(
@@ -861,6 +873,13 @@ def eval_command(
     for name in names:
         get_method(name, **options_for(name, options))
     check_adapters(model, names, options, _adapters(adapter))  # a conflicting adapter before the model loads
+    if max_new_tokens is None:
+        max_new_tokens = GSM8K_MAX_NEW_TOKENS if dataset == "gsm8k" else 24
+    if dataset == "gsm8k" and not generate:
+        err_console.print(
+            "note: gsm8k without --generate scores the worked solutions' perplexity only; add --generate for the "
+            "final answers' accuracy (EM)"
+        )
     storage = _memory_dtype(memory_dtype)
     check_source(source, "--source")
     cfg = DataConfig(
@@ -909,6 +928,7 @@ def eval_command(
         "method",
         "adapter",
         "accuracy",
+        "EM",
         "gen contains",
         "ROUGE-L",
         "perplexity",
@@ -937,7 +957,7 @@ def eval_command(
             adapters=_adapters(adapter), label=label, out=out, progress=progress,
         ):  # fmt: skip
             table.add_row(
-                row.method, row.adapter, fmt(row.accuracy), fmt(row.contains), fmt(row.rouge_l),
+                row.method, row.adapter, fmt(row.accuracy), fmt(row.exact_match), fmt(row.contains), fmt(row.rouge_l),
                 fmt(row.perplexity, 2), f"{row.memory_slots:.1f}", f"{row.memory_bytes / 1024:.0f}",
                 f"{row.tokens_per_second:.0f}",
             )  # fmt: skip

@@ -92,6 +92,22 @@ def test_generation_metrics_are_filled_when_asked():
     assert row.exact_match is not None and row.contains is not None and 0 <= row.rouge_l <= 1
 
 
+def test_gsm8k_exact_match_is_the_final_answers_accuracy(monkeypatch):
+    """GSM8K is scored by its final number, as lm-eval does: a right solution worded otherwise than the reference
+    counted 0 (the whole solution was compared), a wrong one containing the right number elsewhere must count 0."""
+    from ccmem.data import gsm8k
+    from ccmem.eval import harness
+
+    problems = gsm8k.generate(2, "test", seed=0)
+    examples = gsm8k.examples(problems)
+    said = {problems[0].question: f"My own steps.\n#### {problems[0].answer}", problems[1].question: "#### -1"}
+    monkeypatch.setattr(harness, "generate_answer", lambda session, example, query, n: said[example.query])
+    lm = tiny_model(positions=1024)  # a character-level tokenizer: worked solutions run long
+    row = evaluate(load(lm, "none"), examples, dataset="gsm8k", settings=EvalSettings(generate=True))
+    assert row.exact_match == 0.5
+    assert row.contains == 0.0  # contains and ROUGE-L still read the whole worked solution
+
+
 def test_eval_then_report_from_the_command_line(monkeypatch, capsys, tmp_path, tiny_model_dir):
     out = tmp_path / "eval.jsonl"
     code, text = run_cli(
@@ -220,3 +236,24 @@ def test_an_example_too_long_for_the_model_is_named(batch_size):
     with pytest.raises(ContextTooLongError, match=r"example (short-1, )?long-2 does not fit .*model allows 64") as err:
         evaluate(session, examples, dataset="mine", settings=settings)
     assert "reset()" not in str(err.value)
+
+
+def test_eval_gsm8k_generates_whole_solutions_by_default_and_says_without_generate(
+    monkeypatch, capsys, tmp_path, tiny_model_dir
+):
+    """24 new tokens (eval's default for short answers) never reach a worked solution's '#### N' line."""
+    from ccmem.eval import harness
+
+    asked = []
+    monkeypatch.setattr(harness, "generate_answer", lambda session, example, query, n: asked.append(n) or "#### 1")
+    common = ("eval", "gsm8k", "--model", str(tiny_model_dir), "--n", "2", "--methods", "none")
+    code, text = run_cli(monkeypatch, capsys, *common, "--generate", "--out", str(tmp_path / "a.jsonl"))
+    assert code == 0, text
+    assert asked == [256, 256] and "EM" in text
+    code, text = run_cli(monkeypatch, capsys, *common, "--out", str(tmp_path / "b.jsonl"))
+    assert code == 0 and "add --generate for the final answers' accuracy" in text
+    code, text = run_cli(
+        monkeypatch, capsys, "eval", "icl", "--model", str(tiny_model_dir), "--n", "2", "--k", "2", "--methods",
+        "none", "--generate", "--out", str(tmp_path / "c.jsonl"),
+    )  # fmt: skip
+    assert code == 0 and asked[2:] == [24, 24]

@@ -176,8 +176,8 @@ def test_the_forks_train_ratio_override_is_a_config_key_for_gsm8k_only():
         ),
         ({"question": "How many?", "answer": "#### 2", "split": 3}, "field 'split' must be a string"),
         (
-            {"question": "How much?", "answer": "#### 3/4"},
-            "field 'answer' has a final answer '3/4' that is not a number (a number and a unit",
+            {"question": "How much?", "answer": "#### 3/0"},
+            "field 'answer' has a final answer '3/0' that is not a number (a number and a unit",
         ),
     ],
 )
@@ -195,6 +195,17 @@ def test_a_final_answer_with_a_unit_is_read_as_its_number(tmp_path):
     rows = [{"question": "How fast?", "answer": "120/2 = 60\n#### 60 km/h"}, {"question": "Tax?", "answer": "#### 15%"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert [p.answer for p in read_jsonl(path)] == ["60", "15"]
+
+
+def test_a_final_answer_written_as_a_fraction_is_read_as_its_value(tmp_path):
+    """'#### 3/4' was refused; a fraction is an answer of its own, equal to its decimal when that ends."""
+    path = tmp_path / "mine.jsonl"
+    answers = ["#### 3/4", "#### 2/6", "#### -1/2", "#### 8 / 2"]
+    path.write_text("".join(json.dumps({"question": "How much?", "answer": a}) + "\n" for a in answers))
+    assert [p.answer for p in read_jsonl(path)] == ["0.75", "1/3", "-0.5", "4"]
+    assert is_correct("So each gets 3/4.\n#### 0.75", "3/4") and is_correct("#### 3/4", "0.75")
+    assert is_correct("#### 1/3 of the cake", "2/6") and not is_correct("#### 0.33", "1/3")
+    assert not is_correct("#### 3", "3/4")  # the numerator alone is not the answer
 
 
 def test_missing_file_and_invalid_json_are_reported(tmp_path):
@@ -230,6 +241,10 @@ def test_missing_file_and_invalid_json_are_reported(tmp_path):
         ("#### 7\n\nQuestion: Ann has 5 pens.\n#### 5", "7"),  # the first final answer counts
         ("The total is 18.\n####", "18"),  # an empty final line falls back to the last number
         ("It took 90 minutes, that is 1.5 hours.", "1.5"),
+        ("#### 3/4", "0.75"),
+        ("#### 1/3 of a pie", "1/3"),
+        ("#### 3/4/5", "3"),  # no fraction: read as before
+        ("48/2 = 24 apples", "24"),
     ],
 )
 def test_extract_answer(text, expected):
@@ -249,6 +264,10 @@ def test_extract_answer(text, expected):
         ("0.25", "0.25"),
         ("7.", "7"),
         ("12,34", None),
+        ("3/4", "0.75"),
+        ("10/4", "2.5"),
+        ("4/2", "2"),
+        ("1/0", None),
         ("seven", None),
         ("5 apples", None),
         ("", None),

@@ -49,6 +49,9 @@ VALIDATION_SIZE = 500  # of GSM8K's 7,473 training problems, the last 500 make v
 _NUMBER_BODY = r"(?P<neg>[-−]?)\$?(?P<neg2>-?)(?P<num>(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)"
 _NUMBER = re.compile(r"(?<![\w.])" + _NUMBER_BODY)
 _FINAL = re.compile(r"####[ \t]*" + _NUMBER_BODY)
+# A fraction as a final answer ('#### 3/4', '#### -1/3'): read as its exact value.
+_FRACTION_BODY = r"(?P<fneg>[-−]?)(?P<fnum>\d+)[ \t]*/[ \t]*(?P<fden>\d+)(?![\d.,/]*\d)"
+_FRACTION = re.compile(_FRACTION_BODY)
 _WITH_UNIT = re.compile(_NUMBER_BODY + r"[ \t]*[^\d\s.,/][^\d]*")  # a final answer with a unit after it
 _ANNOTATION = re.compile(r"<<[^<>\n]*>>")
 _RESULT = re.compile(r"(?:=[ \t]*\$?[ \t]*(?:<<[^<>\n]*>>)?|<<[^<>\n]*>>)[ \t]*\$?-?\d+(?:,\d{3})*(?:\.\d+)?")
@@ -83,12 +86,32 @@ def _canonical(match: re.Match[str]) -> str:
     return format(value.normalize(), "f")  # "3.50" -> "3.5"
 
 
+def _canonical_fraction(match: re.Match[str]) -> str | None:
+    """A fraction's canonical form: its decimal where that ends (``3/4`` -> ``0.75``, ``8/2`` -> ``4``), else
+    the reduced fraction (``2/6`` -> ``1/3``); None for a zero denominator."""
+    if int(match["fden"]) == 0:
+        return None
+    value = Fraction(int(match["fnum"]), int(match["fden"])) * (-1 if match["fneg"] else 1)
+    denominator = value.denominator
+    for prime in (2, 5):
+        while denominator % prime == 0:
+            denominator //= prime
+    if denominator != 1:
+        return f"{value.numerator}/{value.denominator}"
+    exact = Decimal(value.numerator) / Decimal(value.denominator)  # ends: only 2s and 5s divide it
+    return str(int(exact)) if exact == exact.to_integral_value() else format(exact.normalize(), "f")
+
+
 def normalise_number(text: str) -> str | None:
-    """The canonical form of a number written alone (``"$1,250.00"`` -> ``"1250"``), or None if it is not one."""
+    """The canonical form of a number written alone (``"$1,250.00"`` -> ``"1250"``, ``"3/4"`` -> ``"0.75"``),
+    or None if it is not one."""
     text = text.strip()
     text = text.removesuffix(".")
     match = re.fullmatch(_NUMBER_BODY, text)
-    return _canonical(match) if match else None
+    if match:
+        return _canonical(match)
+    fraction = _FRACTION.fullmatch(text)
+    return _canonical_fraction(fraction) if fraction else None
 
 
 def extract_answer(text: str) -> str | None:
@@ -96,7 +119,9 @@ def extract_answer(text: str) -> str | None:
     that goes on to invent another problem is judged by its first answer), else the last number in the text."""
     final = _FINAL.search(text)
     if final:
-        return _canonical(final)
+        fraction = _FRACTION.match(text, final.start("neg"))  # '#### 3/4' is three quarters, not 3
+        value = _canonical_fraction(fraction) if fraction else None
+        return value if value is not None else _canonical(final)
     numbers = list(_NUMBER.finditer(text))
     return _canonical(numbers[-1]) if numbers else None
 
@@ -173,7 +198,7 @@ def _parse_answer(where: str, text: str) -> tuple[str, str]:
     if final is None:
         raise DatasetFormatError(
             f"{where}: field 'answer' has a final answer {last[4:].strip()!r} that is not a number (a number and "
-            "a unit, such as '60 km/h', is read as the number; write fractions as decimals)"
+            "a unit, such as '60 km/h', is read as the number, and so is a fraction such as '3/4')"
         )
     return "\n".join(lines[:-1]).rstrip(), final
 

@@ -7,7 +7,9 @@ For every example the context is compressed segment by segment into the method's
   one must be the answer;
 * **perplexity**: of the reference answer given the memory (DailyDialog-style);
 * with ``generate``: greedy generation, scored by **exact match**, **contains** (the answer appears in the
-  generation) and **ROUGE-L** F1.
+  generation) and **ROUGE-L** F1. For GSM8K, exact match compares the final answers (the number after ``####``,
+  or the last number generated; :func:`ccmem.data.gsm8k.is_correct`), as GSM8K is scored, while contains and
+  ROUGE-L compare the whole worked solution.
 
 Each row records what it cost (mean memory slots and bytes, context tokens, compression throughput) and
 what produced it (method, model, adapter hash, the dataset it was trained on, data, config hash).
@@ -31,6 +33,7 @@ import torch
 
 from ccmem.api import SCORE_REDUCTIONS, CompressedLM, ContextTooLongError, check_room, load, score_batch
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT
+from ccmem.data import gsm8k
 from ccmem.data.records import MemoryExample, to_sample
 from ccmem.data.samples import Sample
 from ccmem.eval import textmetrics
@@ -56,7 +59,7 @@ class EvalRow:
     examples: int
     accuracy: float | None  # option scoring
     perplexity: float | None
-    exact_match: float | None
+    exact_match: float | None  # GSM8K: the final answer's accuracy
     contains: float | None
     rouge_l: float | None
     memory_slots: float  # mean key/value positions kept after the context
@@ -307,7 +310,10 @@ def evaluate(
                 n_answer_tokens += len(answer)
                 if settings.generate:
                     text = generate_answer(session, example, query, settings.max_new_tokens)
-                    em.append(float(normalize(text) == normalize(example.answer)))
+                    if example.task == gsm8k.TASK:  # a worked solution: its final number is the answer
+                        em.append(float(gsm8k.is_correct(text, example.answer)))
+                    else:
+                        em.append(float(normalize(text) == normalize(example.answer)))
                     contains.append(float(normalize(example.answer) in normalize(text)))
                     rouge.append(rouge_l(text, example.answer))
                 if progress:
