@@ -131,3 +131,16 @@ def test_lora_targets_that_are_not_linear_layers_name_the_linear_ones():
         LoRASet(lm.model.base_model, ["rotary_emb"])
     with pytest.raises(ValueError, match=r"linear layers: .*query_key_value"):
         LoRASet(lm.model.base_model, ["q_proj"])
+
+
+def test_knorm_warns_once_on_a_model_that_normalises_its_keys(caplog):
+    """Gemma 3 / Qwen3 apply k_norm: every key has (almost) the same norm, so knorm's ranking is noise."""
+    from tests.conftest import tiny_model
+
+    gemma = tiny_model("gemma3")
+    with caplog.at_level("WARNING", logger="ccmem.methods.knorm"):
+        session = ccmem.load(gemma, "knorm", ratio=0.5)
+        session.add("some context to compress " * 3)
+        ccmem.load(tiny_model(), "knorm", ratio=0.5).add("some context to compress")
+    warned = [r.getMessage() for r in caplog.records if "normalises its keys" in r.getMessage()]
+    assert len(warned) == 1 and "tiny-gemma3" in warned[0] and "snapkv" in warned[0]
