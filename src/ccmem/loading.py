@@ -18,7 +18,10 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -400,6 +403,31 @@ def load_model(
     check_attn_implementation(attn_implementation)
     where, dtype = _device_and_dtype(attn_implementation, device, dtype)
     load_kw: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation, **kwargs}
+    with _weights_bar(shown=spec not in BUILTIN_MODELS and sys.stderr.isatty()):
+        tokenizer, model = _load(spec, load_kw)
+    model.to(where)  # type: ignore[arg-type]
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
+
+
+@contextmanager
+def _weights_bar(shown: bool) -> Iterator[None]:
+    """transformers' "Loading weights" bar, kept only where it helps: in a terminal, for a model that takes a
+    while (in logs and pipes its carriage returns are noise; the built-in model loads in a second)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not shown:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not shown:
+            hf_logging.enable_progress_bar()
+
+
+def _load(spec: str, load_kw: dict[str, Any]) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """The tokenizer and model that ``spec`` names (see :func:`load_model`)."""
     path = Path(os.path.expanduser(spec))
     tokenizer: PreTrainedTokenizerBase
     model: PreTrainedModel
@@ -435,9 +463,7 @@ def load_model(
             f"{', '.join(HUB_SHORTCUTS)}; or pass a local Hugging Face folder, a .gguf file, or a hub id such as "
             "'org/name'"
         )
-    model.to(where)  # type: ignore[arg-type]
-    model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
+    return tokenizer, model
 
 
 def _pretrained(spec: str | Path, **kwargs: Any) -> PreTrainedModel:

@@ -142,3 +142,21 @@ def test_a_family_without_an_sdpa_kernel_loads_with_eager_attention(tmp_path, ti
     lm = load_model(str(folder))
     assert lm.model.config._attn_implementation == "eager"
     assert "has no sdpa attention in transformers: loaded with eager attention" in caplog.text
+
+
+def test_no_weights_bar_in_logs_and_the_users_bar_setting_is_kept(tiny_model_dir, capfd):
+    """transformers' "Loading weights" bar wrote carriage-return noise into serve/chat/stream logs."""
+    from transformers.utils import logging as hf_logging
+
+    from ccmem.loading import load_model
+
+    assert hf_logging.is_progress_bar_enabled()
+    load_model(str(tiny_model_dir))
+    assert "Loading weights" not in capfd.readouterr().err  # stderr is no terminal here
+    assert hf_logging.is_progress_bar_enabled()  # other libraries' bars stay as the user had them
+    hf_logging.disable_progress_bar()
+    try:
+        load_model(str(tiny_model_dir))
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
