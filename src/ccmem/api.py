@@ -183,10 +183,22 @@ class CompressedLM:
         memory.check(self.lm.kv_shape, where="the restored memory")
         self._check_state(memory, "the restored memory")
         messages = check_messages(list(history))
+        if messages and messages[0]["role"] == "system" and memory.sink:
+            self._check_sink(memory, messages[0]["content"], "the restored memory")
         self.memory = memory
         self.history = messages
         if messages and messages[0]["role"] == "system":
             self.system_prompt = messages[0]["content"]
+
+    def _check_sink(self, memory: Memory, system_prompt: str, where: str) -> None:
+        """The sink must be exactly the system prompt's tokens: a hand-edited count would leave part of the prompt
+        to be evicted or compressed, or keep context tokens as if they were the prompt."""
+        expected = self._ids(self.format.delta([], [{"role": "system", "content": system_prompt}])).shape[1]
+        if memory.sink != expected:
+            raise MemoryMismatchError(
+                f"{where} is damaged or hand-edited: its sink holds {memory.sink} slots, but its system prompt is "
+                f"{expected} tokens; save the memory again from the session that made it"
+            )
 
     def _check_state(self, memory: Memory, where: str) -> None:
         try:
@@ -225,6 +237,8 @@ class CompressedLM:
             path, expect=self.method.memory_meta(self.lm), shape=self.lm.kv_shape, device=self.lm.device
         )
         self._check_state(memory, f"memory {path}")
+        if "system_prompt" in memory.meta:
+            self._check_sink(memory, memory.meta["system_prompt"], f"memory {path}")
         self.memory = memory
         self.system_prompt = self.memory.meta.get("system_prompt", self.system_prompt)
         self.history = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []

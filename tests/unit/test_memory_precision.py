@@ -3,6 +3,8 @@ answers from a stored memory, old files, exact state, and damaged files refused 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -312,3 +314,20 @@ def test_a_memory_file_with_hand_edited_method_state_is_refused_at_load(tmp_path
     with pytest.raises(MemoryMismatchError, match=f"is damaged or hand-edited: .*{message}"):
         fresh.load_memory(path)
     fresh.load_memory(made.save_memory(tmp_path / "ok.safetensors"))  # the unedited file loads
+
+
+@pytest.mark.parametrize("shift", [-2, 3])
+def test_a_memory_whose_sink_is_not_its_system_prompt_is_refused_at_load_and_restore(tmp_path, shift):
+    """A hand-edited sink count loaded silently: part of the prompt became compressible context, or context
+    tokens were kept as if they were the prompt."""
+    made = session("ccm-concat")
+    path = made.save_memory(tmp_path / "m.safetensors")
+    _edit_int8_file(path, lambda meta, t: meta.update(sink=str(int(meta["sink"]) + shift)))
+    fresh = CompressedLM(made.lm, made.method, system_prompt="sys")
+    with pytest.raises(MemoryMismatchError, match=r"its sink holds \d+ slots, but its system prompt is"):
+        fresh.load_memory(path)
+    edited = dataclasses.replace(made.memory, sink=made.memory.sink + shift)
+    with pytest.raises(MemoryMismatchError, match="the restored memory is damaged or hand-edited: its sink"):
+        fresh.restore(edited, made.history)
+    fresh.load_memory(made.save_memory(tmp_path / "ok.safetensors"))  # the unedited file loads
+    fresh.restore(made.memory, made.history)
