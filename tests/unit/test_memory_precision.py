@@ -303,6 +303,20 @@ def _set_state(name, value):
             _set_state("merge_log_norm", lambda t: t[..., :1].clone()),
             "merge_log_norm of shape",
         ),
+        ("gist", {}, _set_state("context_ids", None), "slots after the sink have no context to extend"),
+        ("gist", {}, _set_state("context_ids", lambda t: t.float()), "must be token ids of shape \\(1, n\\)"),
+        ("gist", {}, _set_state("context_ids", lambda t: -t), "holds negative token ids"),
+        ("icformer", {}, _set_state("context_ids", lambda t: t[:, :0].clone()), "must be token ids of shape"),
+        (
+            "icformer",
+            {"num_query_tokens": 4, "use_chunk": True, "max_chunk_len": 8},
+            _set_state("context_ids", lambda t: t.repeat(1, 9)),
+            "context .* gives",
+        ),
+        ("local", {}, _set_state("index", lambda t: t[1:].clone()), "one whole number per entry after the sink"),
+        ("scattered", {}, _set_state("index", lambda t: t + 1000), "must lie in -1\\.\\."),
+        ("sentinel", {}, _set_state("context_tokens", None), "context count \\(state context_tokens\\)"),
+        ("local", {}, _set_state("index", None), "carry no context index"),
     ],
 )
 def test_a_memory_file_with_hand_edited_method_state_is_refused_at_load(tmp_path, method, options, edit, message):

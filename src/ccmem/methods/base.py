@@ -24,7 +24,7 @@ import dataclasses
 import typing
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -521,6 +521,29 @@ def positions_after(memory: Memory, layers: list, n_new: int) -> list[torch.Tens
     """Slot positions of ``layers`` that hold ``memory``'s slots followed by ``n_new`` tokens read after it."""
     new = [positions_for(memory.next_position, n_new, k) for k, _ in layers]
     return concat_positions([memory.positions, new])
+
+
+def check_context_ids(memory: Memory, slots_for: Callable[[int], int]) -> None:
+    """:meth:`Method.check_memory` of methods that re-read the whole context at every add (gist, icformer): the
+    context they keep (state ``context_ids``, token ids of shape ``(1, n)``) must be there whenever slots follow
+    the sink, and those slots must be what an ``n``-token context gives (``slots_for(n)``)."""
+    after = memory.num_slots - memory.sink
+    ids = memory.state.get("context_ids")
+    if ids is None:
+        if after:
+            raise ValueError(f"its {after} slots after the sink have no context to extend (state context_ids)")
+        return
+    if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 1 or ids.is_floating_point() or ids.dtype == torch.bool:
+        raise ValueError(
+            f"its context (state context_ids) must be token ids of shape (1, n), got {tuple(ids.shape)} {ids.dtype}"
+        )
+    if int(ids.min()) < 0:
+        raise ValueError("its context (state context_ids) holds negative token ids")
+    if after != slots_for(int(ids.shape[1])):
+        raise ValueError(
+            f"it holds {after} slots after the sink, but its {ids.shape[1]}-token context (state context_ids) gives "
+            f"{slots_for(int(ids.shape[1]))}"
+        )
 
 
 def read_raw(lm: LoadedModel, memory: Memory, ids: torch.Tensor, **kwargs: Any) -> tuple[list, list[torch.Tensor]]:

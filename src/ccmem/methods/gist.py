@@ -23,6 +23,7 @@ from ccmem.data.samples import Sample
 from ccmem.loading import LoadedModel
 from ccmem.memory import Memory, concat_layers, concat_positions
 from ccmem.methods import ccm_seq2seq
+from ccmem.methods.base import check_context_ids
 from ccmem.methods.ccm import CompTokens, ParallelBatch, lay_out
 from ccmem.registry import register
 
@@ -40,6 +41,9 @@ class Gist(CompTokens):
     def positions_needed(self, memory: Memory, n_tokens: int) -> int:
         # The context restarts right after the sink each time; only the first add places the gist tokens.
         return n_tokens + (0 if "context_ids" in memory.state else self.n_tok)
+
+    def check_memory(self, memory: Memory) -> None:
+        check_context_ids(memory, lambda n: self.n_tok)
 
     def add(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
         return self.add_batch(lm, [memory], [ids])[0]

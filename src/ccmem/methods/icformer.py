@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from ccmem.data.samples import Sample
 from ccmem.loading import LoadedModel
 from ccmem.memory import Memory, concat_positions, positions_for
-from ccmem.methods.base import Method, logits_for, option, run_decoder
+from ccmem.methods.base import Method, check_context_ids, logits_for, option, run_decoder
 from ccmem.modules.icformer import ICFormer
 from ccmem.registry import register
 
@@ -218,6 +218,9 @@ class ICFormerMethod(Method):
         seen = memory.state.get("context_ids")
         total = n_tokens + (int(seen.shape[-1]) if seen is not None else 0)
         return max(0, memory.sink + self.n_digests(total) + 1 - memory.next_position) if n_tokens else 0
+
+    def check_memory(self, memory: Memory) -> None:
+        check_context_ids(memory, lambda n: self.n_digests(n) + 1)  # the digests and the marker after them
 
     def add(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
         if ids.numel() == 0:

@@ -161,6 +161,29 @@ class SparseMethod(Method, LoRAOptions):
             embeds[sentinel.to(lm.device)] = state.sentinels.to(embeds.dtype)[slot[sentinel].to(lm.device)]
         return embeds
 
+    def check_memory(self, memory: Memory) -> None:
+        """Each kept entry after the sink carries a context index (state ``index``; a sentinel's may be the count
+        of context tokens seen, state ``context_tokens``): what decides the next add's layout."""
+        after = memory.num_slots - memory.sink
+        index, seen = memory.state.get("index"), memory.state.get("context_tokens")
+        if index is None:
+            if after:
+                raise ValueError(f"its {after} entries after the sink carry no context index (state index)")
+            return
+        if seen is None or seen.numel() != 1 or seen.is_floating_point() or int(seen) < 0:
+            got = "none" if seen is None else seen.tolist()
+            raise ValueError(f"its context count (state context_tokens) must be a whole number >= 0, got {got}")
+        if index.dim() != 1 or index.is_floating_point() or index.dtype == torch.bool or index.numel() != after:
+            raise ValueError(
+                f"its context index (state index) must hold one whole number per entry after the sink ({after}), "
+                f"got shape {tuple(index.shape)} {index.dtype}"
+            )
+        if index.numel() and (int(index.min()) < -1 or int(index.max()) > int(seen)):  # -1: outside the context
+            raise ValueError(
+                f"its context index (state index) must lie in -1..{int(seen)} (the context tokens seen), got "
+                f"{int(index.min())}..{int(index.max())}"
+            )
+
     def add(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
         n = int(ids.shape[-1])
         if n == 0:
