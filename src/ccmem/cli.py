@@ -959,7 +959,7 @@ def eval_command(
             table.add_row(
                 row.method, row.adapter, fmt(row.accuracy), fmt(row.exact_match), fmt(row.contains), fmt(row.rouge_l),
                 fmt(row.perplexity, 2), f"{row.memory_slots:.1f}", f"{row.memory_bytes / 1024:.0f}",
-                f"{row.tokens_per_second:.0f}",
+                fmt(row.tokens_per_second, 0),
             )  # fmt: skip
     console.print(table)
     console.print(f"rows appended to {out}")

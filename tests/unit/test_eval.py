@@ -63,6 +63,10 @@ def test_full_context_accuracy_equals_a_plain_forward_and_memory_columns_are_exa
     assert rows["ccm-concat"].memory_slots == sink + 4 * 3  # n_tok slots per demonstration
     assert rows["ccm-merge"].memory_slots == sink + 4  # constant
     assert rows["ccm-concat"].adapter == "untrained" and rows["none"].adapter == "-"
+    # `none` reads no context: a compression speed of millions of tokens/s was shown for it
+    assert rows["none"].tokens_per_second is None and rows["ccm-concat"].tokens_per_second > 0
+    none_line = next(line for line in markdown(list(rows.values())).splitlines() if line.startswith("| none"))
+    assert none_line.rstrip(" |").endswith("-")
 
 
 def test_length_normalised_scoring_changes_only_the_choice_and_is_recorded():

@@ -65,7 +65,7 @@ class EvalRow:
     memory_slots: float  # mean key/value positions kept after the context
     memory_bytes: float
     context_tokens: float  # mean tokens of context read
-    tokens_per_second: float  # context tokens compressed per second
+    tokens_per_second: float | None  # context tokens compressed per second (None: the method reads none)
     seconds: float
     config_hash: str
     label: str = ""  # free text to tell runs apart in reports (e.g. "k=4")
@@ -343,7 +343,9 @@ def evaluate(
         memory_slots=sum(slots) / len(slots),
         memory_bytes=sum(nbytes) / len(nbytes),
         context_tokens=sum(tokens) / len(tokens),
-        tokens_per_second=round(sum(tokens) / compress_seconds, 1) if compress_seconds else 0.0,
+        tokens_per_second=(
+            round(sum(tokens) / compress_seconds, 1) if compress_seconds and session.method.reads_context else None
+        ),
         seconds=round(time.perf_counter() - started, 2),
         config_hash=settings.fingerprint(dataset, len(examples)),
         label=label,

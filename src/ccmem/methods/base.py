@@ -167,6 +167,8 @@ class Method(ABC):
     needs_adapter: ClassVar[bool] = False
     #: False where added context does not use up positions (``none``), so no length limit applies to it.
     uses_positions: ClassVar[bool] = True
+    #: False where ``add`` drops the context unread (``none``): there is no compression speed to report.
+    reads_context: ClassVar[bool] = True
     #: The method reads attention scores (through :mod:`ccmem.patching`) to decide what to keep.
     needs_attention: ClassVar[bool] = False
     #: The method keeps a memory budget (``ratio`` of the context, or ``max_slots``).

@@ -133,6 +133,7 @@ class NoContext(ccm_seq2seq.EncoderMemory):
 
     name: ClassVar[str] = "none"
     uses_positions: ClassVar[bool] = False
+    reads_context: ClassVar[bool] = False
     encoder_decoder: ClassVar[bool] = True  # the decoder reads the sink's encoder outputs and the query's
 
     def changes_reading(self, lm: LoadedModel) -> bool:
