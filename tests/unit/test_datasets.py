@@ -218,6 +218,20 @@ def test_plain_text_read_drops_the_byte_order_mark_and_windows_line_ends(tmp_pat
     assert read_text(file) == ("caf\ufffd\n", 1)
 
 
+def test_the_text_loader_refuses_a_binary_file_and_warns_of_replaced_characters(tmp_path, caplog):
+    """eval/train on `text` read a user's files with a plain decode: a PDF renamed .txt became garbage examples,
+    and latin-1 bytes were replaced without a word (compress and stream already refused/warned)."""
+    from ccmem.data.text import TextSourceError
+
+    line = "The harbour master counted the boats at dawn and wrote their names in the ledger.\n"
+    (tmp_path / "doc.txt").write_bytes(b"%PDF-1.4\x00\x00" + line.encode() * 80)
+    with pytest.raises(TextSourceError, match="looks like a binary file"):
+        load_examples(DataConfig(dataset="text", path=str(tmp_path / "doc.txt"), n_eval=2), "test")
+    (tmp_path / "doc.txt").write_bytes(line.replace("dawn", "d\xe9but").encode("latin-1") * 80)
+    found = load_examples(DataConfig(dataset="text", path=str(tmp_path / "doc.txt"), n_eval=2), "test")
+    assert found and "is not valid UTF-8: 80 characters were replaced" in caplog.text
+
+
 def test_a_text_file_without_line_breaks_gives_distinct_examples_cut_at_words(tmp_path, caplog):
     """A document on one line (or paragraphs of one line each) gave n copies of one example whose query was the
     whole file and whose answer was empty; the only file of a folder is read for every split, with a warning."""

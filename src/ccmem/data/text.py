@@ -114,7 +114,11 @@ def split_documents(path: str | Path | None, split: str, *, min_chars: int) -> d
         )
     if not chosen:
         raise TextSourceError(f"no document falls in the {split} split")
-    texts = {f: f.read_text(encoding="utf-8-sig", errors="replace") for f in chosen}
+    texts = {}
+    for f in chosen:
+        texts[f], replaced = read_text(f)  # a binary file is refused
+        if replaced:
+            logger.warning(not_utf8(f, replaced))
     usable = {f: t for f, t in texts.items() if len(t) > min_chars}
     if not usable:
         raise TextSourceError(f"every document of the {split} split is shorter than {min_chars} characters")
