@@ -119,6 +119,58 @@ def test_resume_continues_where_the_run_stopped_and_ends_like_an_uninterrupted_r
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 
+def test_an_interrupted_checkpoint_is_set_aside_and_a_restart_without_one_keeps_one_log(tmp_path, caplog):
+    """A kill or a full disk while the Trainer wrote checkpoint-N left it half-written, and every rerun failed on it
+    ("Can't find a valid checkpoint"); a run killed before its first checkpoint logged its steps twice."""
+    import shutil
+
+    full = train(_config(tmp_path / "a", "train.patience=0"), lm=tiny_model())
+
+    def steps(run_dir):
+        return [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+    config = _config(tmp_path / "b", "train.patience=0")
+    run = config.run_dir
+    train(config, lm=tiny_model())
+    for done in ("adapter.safetensors", "summary.json"):
+        (run / done).unlink()
+    weights = run / "checkpoint-4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # cut short
+    resumed = train(config, lm=tiny_model())
+    assert resumed.resumed_from and resumed.resumed_from.endswith("checkpoint-2")
+    assert "model.safetensors is damaged" in caplog.text and (run / "incomplete-checkpoint-4").is_dir()
+    assert steps(run) == steps(full.run_dir)
+    a, b = load_file(full.output), load_file(resumed.output)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+    for folder in run.glob("*checkpoint-*"):  # killed before its first checkpoint: only log rows remain
+        shutil.rmtree(folder)
+    for done in ("adapter.safetensors", "summary.json"):
+        (run / done).unlink()
+    train(config, lm=tiny_model())
+    assert steps(run) == steps(full.run_dir)  # no step logged twice
+
+
+def test_a_second_process_training_the_same_run_is_refused(tmp_path):
+    """Two trainings with one run_id both ran, writing the same checkpoints and an interleaved log."""
+    config = _config(tmp_path, "train.max_steps=2")
+    config.run_dir.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); f.write('4242'); f.flush();"
+         " fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(config.run_dir / ".lock")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match=r"is being trained by another process \(pid 4242"):
+            train(config, lm=tiny_model())
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train(config, lm=tiny_model()).steps == 2  # free again once the other process is gone
+
+
 def test_group_by_length_batches_similar_dialogs_and_keeps_older_hashes(tmp_path):
     # 64 dialogs of 1-3 facts and 0-3 small-talk turns: enough for the sampler to sort groups of 4 batches.
     varied = ["data.n_train=64", "data.k=3", "data.small_talk=3", "data.max_length=1024"]

@@ -19,13 +19,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 import yaml
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked
+    fcntl = None  # type: ignore[assignment]
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
@@ -264,14 +273,32 @@ def warn_shared_samples(train: list[Sample], validation: list[Sample]) -> int:
 
 
 def prepare_run_dir(config: TrainConfig) -> str | None:
-    """Check that an existing ``runs/<run_id>`` holds the same config; return the checkpoint to resume from.
+    """Check that an existing ``runs/<run_id>`` holds the same config; return the checkpoint to resume from: the
+    latest complete one (:func:`checkpoint_complete`). Incomplete ones (a kill or a full disk while saving) are
+    moved aside to ``incomplete-checkpoint-N`` with a warning, so that the run resumes from the one before.
 
-    Nothing is written here: ``config.yaml`` is written once the data and model are ready, so a run that
-    fails before training starts does not block its run_id.
+    ``config.yaml`` is not written here but once the data and model are ready, so a run that fails before
+    training starts does not block its run_id.
     """
     run_dir = config.run_dir
     saved = run_dir / "config.yaml"
     checkpoints = _checkpoints(run_dir)
+    for step in sorted(checkpoints, reverse=True):
+        why = checkpoint_complete(checkpoints[step])
+        if why is None:
+            break
+        folder = checkpoints.pop(step)
+        aside = run_dir / f"incomplete-{folder.name}"
+        if aside.exists():
+            aside = run_dir / f"incomplete-{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        folder.rename(aside)
+        logger.warning(
+            "%s is incomplete (%s: saving it was interrupted); moved to %s, resuming from %s",
+            folder,
+            why,
+            aside.name,
+            f"checkpoint-{max(checkpoints)}" if checkpoints else "the start",
+        )
     if saved.is_file() and (checkpoints or (run_dir / "summary.json").is_file()):
         old = with_later_fields(yaml.safe_load(saved.read_text()))
         new = config.to_dict()
@@ -283,6 +310,27 @@ def prepare_run_dir(config: TrainConfig) -> str | None:
                 + ". Use a new run_id, or the original settings."
             )
     return str(checkpoints[max(checkpoints)]) if checkpoints else None
+
+
+def checkpoint_complete(folder: Path) -> str | None:
+    """Why ``folder`` cannot be resumed from, or None when it can: the Trainer writes a checkpoint file by file
+    and ``trainer_state.json`` last, so a checkpoint without it, or with weights whose header cannot be read, was
+    cut short."""
+    state = folder / "trainer_state.json"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "no trainer_state.json"
+    except (OSError, ValueError):
+        return "trainer_state.json is not readable JSON"
+    try:
+        with safe_open(str(folder / CHECKPOINT_WEIGHTS), "pt") as weights:
+            weights.keys()
+    except FileNotFoundError:
+        return f"no {CHECKPOINT_WEIGHTS}"
+    except Exception:  # safetensors raises its own error types for a cut file
+        return f"{CHECKPOINT_WEIGHTS} is damaged"
+    return None
 
 
 def _checkpoints(run_dir: Path) -> dict[int, Path]:
@@ -343,8 +391,41 @@ def _method_state(config: TrainConfig, lm: LoadedModel | None) -> tuple[Method, 
 def train(config: TrainConfig, *, lm: LoadedModel | None = None) -> TrainResult:
     """Run (or resume) the training described by ``config``; returns where the result is and what it cost.
 
-    A run that already finished with the same config is not trained again: its result is returned as it is.
+    A run that already finished with the same config is not trained again: its result is returned as it is. A
+    run that another process is training (the same run_id and output_dir) is refused.
     """
+    with run_lock(config):
+        return _train(config, lm)
+
+
+@contextmanager
+def run_lock(config: TrainConfig) -> Iterator[None]:
+    """Hold ``<run>/.lock`` while training: two processes on one run would write the same checkpoints and log
+    (interleaved steps, one's adapter over the other's). Under ``accelerate launch``, rank 0 holds it for all."""
+    if fcntl is None or os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    with (config.run_dir / ".lock").open("a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            raise ConfigError(
+                f"run {config.run_id!r} is being trained by another process (pid {holder}, {config.run_dir}); "
+                "wait for it to finish, or train under another run_id"
+            ) from None
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _train(config: TrainConfig, lm: LoadedModel | None) -> TrainResult:
     resume = prepare_run_dir(config)
     done = finished_run(config)
     if done is not None:
@@ -423,7 +504,8 @@ def train(config: TrainConfig, *, lm: LoadedModel | None = None) -> TrainResult:
     )
     if resume:
         logger.info("resuming %s from %s", config.run_id, resume)
-        _trim_log(run_dir / "log.jsonl", after=int(Path(resume).name.split("-")[1]))
+    # the steps past the checkpoint (all of them, without one) are taken again: their old rows go
+    _trim_log(run_dir / "log.jsonl", after=int(Path(resume).name.split("-")[1]) if resume else 0)
     _write_config(config)
     started = time.perf_counter()
     with method.attached(lm):
