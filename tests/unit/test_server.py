@@ -104,6 +104,28 @@ def test_a_session_survives_a_server_restart(tmp_path):
     engine.close()
 
 
+def test_a_damaged_stored_memory_is_a_server_error_that_hides_the_path_and_says_what_to_do(tmp_path, caplog):
+    """A cut memory file came back as a 400 'invalid request' naming the server's own file path."""
+    engine = make_engine(tmp_path)
+    with TestClient(create_app(engine)) as client:
+        client.post("/v1/sessions", json={"name": "cut"})
+        assert ask(client, [user("remember 42")], session="cut").status_code == 200
+        path = engine.store.memory_path(engine.store.get("cut"))
+    engine.close()
+    path.write_bytes(path.read_bytes()[:200])
+    engine = make_engine(tmp_path)  # restarted: the session is read from the store
+    with TestClient(create_app(engine)) as client:
+        reply = ask(client, [user("what number")], session="cut")
+        assert reply.status_code == 500 and reply.json()["error"]["code"] == "session_damaged"
+        message = reply.json()["error"]["message"]
+        assert "session 'cut' (version 2) cannot be restored" in message and "DELETE /v1/sessions/cut" in message
+        assert str(tmp_path) not in message and str(path) in caplog.text  # the file is in the server's log only
+        assert client.delete("/v1/sessions/cut").status_code in (200, 204)
+        assert client.post("/v1/sessions", json={"name": "cut"}).status_code == 201  # made anew
+        assert ask(client, [user("hello again")], session="cut").status_code == 200
+    engine.close()
+
+
 def test_a_failed_request_leaves_the_session_as_it_was(client, engine, monkeypatch):
     client.post("/v1/sessions", json={"name": "s"})
     ask(client, [user("hello")], session="s")

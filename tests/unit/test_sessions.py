@@ -209,6 +209,31 @@ def test_another_applications_sqlite_database_is_refused_and_left_untouched(tmp_
     assert [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")] == ["sessions"]
 
 
+def test_a_store_whose_index_was_deleted_is_refused_instead_of_starting_empty(tmp_path):
+    """With sessions.db gone, a new empty index hid every session and the next save reused their names."""
+    store = SessionStore(tmp_path)
+    store.create("bob", IDENTITY, {})
+    store.save("bob", memory_of(1), [{"role": "user", "content": "a"}])
+    store.close()
+    for leftover in tmp_path.glob("sessions.db*"):
+        leftover.unlink()
+    with pytest.raises(StoreError, match=r"holds 1 session memory files .* but no sessions\.db.*Put it back"):
+        SessionStore(tmp_path)
+    assert not (tmp_path / "sessions.db").exists()  # nothing was written
+
+
+def test_a_store_that_cannot_be_written_says_so_not_that_its_database_is_foreign(tmp_path, monkeypatch):
+    SessionStore(tmp_path).close()
+    monkeypatch.setattr(os, "access", lambda path, mode: mode != os.W_OK)
+
+    def unwritable(*args, **kwargs):
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    monkeypatch.setattr(sqlite3, "connect", unwritable)
+    with pytest.raises(StoreError, match=r"cannot be written .*give a folder this user can write"):
+        SessionStore(tmp_path)
+
+
 def test_a_missing_memory_file_is_a_clear_error(tmp_path):
     store = SessionStore(tmp_path)
     store.create("s", IDENTITY, {})

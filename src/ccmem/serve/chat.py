@@ -60,12 +60,38 @@ def run_chat(
                 "--max-new-tokens leaves more room)[/]"
             )
             continue
+        except KeyboardInterrupt:  # Ctrl-C stops the answer, not the chat (Ctrl-C at the prompt quits)
+            console.print("\n[dim](answer stopped; this exchange is not remembered)[/]")
+            continue
         if binding is not None:
-            try:
-                binding.commit(session)
-            except ValueError as err:  # e.g. another process saved the session meanwhile: say so, go on
-                console.print(f"[red]not saved: {escape(str(err))}[/]")
+            save(session, console, binding)
         console.print(f"[dim]memory: {session.memory.num_slots} slots, {session.memory.nbytes / 1024:.0f} KiB[/]")
+
+
+def save(session: CompressedLM, console: Console, binding: SessionBinding) -> None:
+    """Save the exchange to the session's store; a failure is said and the chat goes on. Where another process
+    saved the session meanwhile, the chat continues from that saved version (what this one added since could
+    never be saved over it), so no later exchange is lost the same way."""
+    from ccmem.serve.sessions import VersionConflictError
+
+    try:
+        binding.commit(session)
+    except VersionConflictError as err:
+        console.print(f"[red]not saved: {escape(str(err))}[/]")
+        try:
+            record = binding.open(session)
+        except (OSError, ValueError) as reload_error:
+            console.print(f"[red]could not read the saved version either: {escape(str(reload_error))}[/]")
+            return
+        console.print(
+            f"[yellow]continuing from the saved version {record.version} of session {binding.name!r} (another "
+            "process saved it); your last exchange is not in it[/]"
+        )
+    except Exception as err:  # a full disk, a read-only store: the memory still holds the exchange
+        console.print(
+            f"[red]not saved to the session store ({escape(str(err))}); the chat goes on, and the next exchange "
+            "saves this one with it once the store can be written[/]"
+        )
 
 
 def command(session: CompressedLM, console: Console, line: str, binding: SessionBinding | None = None) -> bool:

@@ -374,13 +374,10 @@ class Engine:
             return record, session
         if record.version == 0:  # created, but its first save never happened (a crash): start it afresh
             return record, await self._start(record.settings.get("system_prompt", self.base.system_prompt))
-        lm = self.base.lm
 
         def read() -> CompressedLM:
             session = self.base.fork()
-            memory = self.store.memory(record, expect=self.identity, shape=lm.kv_shape, device=lm.device)
-            assert memory is not None  # version > 0 has a memory file (store.memory raises if it is missing)
-            session.restore(memory, record.transcript)
+            self.store.restore(record, session, self.identity)  # version > 0: its memory file must be there
             return session
 
         return record, await self.worker.call(read)

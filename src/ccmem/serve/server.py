@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -36,6 +37,7 @@ from ccmem.chat import Message
 from ccmem.serve.engine import Answer, AnswerPieces, ConflictError, Engine, Params
 from ccmem.serve.sessions import (
     NAME_RULE,
+    DamagedSessionError,
     SessionError,
     SessionExistsError,
     SessionMismatchError,
@@ -179,6 +181,8 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+logger = logging.getLogger(__name__)
+
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in [
@@ -187,6 +191,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (404, "no such model or session"),
         (409, "the request conflicts with the session's state"),
         (413, "a message is too large"),
+        (500, "the session's stored memory is missing or damaged (the server log names the file)"),
         (503, "the session store cannot be reached"),
     ]
 }
@@ -268,6 +273,9 @@ def create_app(engine: Engine, *, tokens: Sequence[str] = ()) -> FastAPI:
         status, code = 400, "invalid_session"
         if isinstance(err, StoreError):  # the store itself failed (Redis gone): not the request's fault
             status, code = 503, "store_unavailable"
+        elif isinstance(err, DamagedSessionError):  # a stored file is broken: the server's fault, path logged only
+            logger.error("%s", err)
+            return error_response(500, err.public, "session_damaged")
         elif isinstance(err, UnknownSessionError):
             status, code = 404, "session_not_found"
         elif isinstance(err, SessionExistsError | SessionMismatchError | VersionConflictError | ConflictError):

@@ -71,6 +71,15 @@ class StoreError(SessionError):
     """The store's database cannot be used (not a SQLite file, made by a newer ccmem, ...)."""
 
 
+class DamagedSessionError(SessionError):
+    """The stored memory of a session cannot be read back (missing, cut short, hand-edited): the store's fault,
+    not the request's. ``public`` is the message without the store's file paths."""
+
+    def __init__(self, message: str, public: str):
+        super().__init__(message)
+        self.public = public
+
+
 class VersionConflictError(SessionError):
     """The session changed since it was read (another request or process saved it first)."""
 
@@ -215,10 +224,26 @@ class BaseSessionStore(abc.ABC):
             return self.save(name, session.memory, session.history, owner, expect_version=record.version)
         record = self.get(name, owner)
         check_identity(record, identity, settings_of(session))
-        memory = self.memory(record, expect=identity, shape=session.lm.kv_shape, device=session.lm.device)
-        if memory is not None:
-            session.restore(memory, record.transcript)
+        self.restore(record, session, identity)
         return record
+
+    def restore(self, record: SessionRecord, session: CompressedLM, identity: dict[str, str]) -> None:
+        """Put ``record``'s stored memory and transcript into ``session`` (nothing before the first save); a
+        memory that cannot be read back (missing, cut short, hand-edited) raises :class:`DamagedSessionError`."""
+        try:
+            memory = self.memory(record, expect=identity, shape=session.lm.kv_shape, device=session.lm.device)
+            if memory is not None:
+                session.restore(memory, record.transcript)
+        except MemoryMismatchError as err:
+            what = f"session {record.name!r} (version {record.version}) cannot be restored"
+            todo = (
+                f"delete the session to start it over (DELETE /v1/sessions/{record.name} on a server) or use another "
+                "name"
+            )
+            raise DamagedSessionError(
+                f"{what}: {err}; {todo}",
+                f"{what}: its stored memory is missing or damaged (the server log names the file); {todo}",
+            ) from None
 
     def commit(
         self, name: str, session: CompressedLM, owner: str = "", *, expect_version: int | None = None
@@ -243,6 +268,13 @@ class SessionStore(BaseSessionStore):
         self.db_path = self.root / "sessions.db"
         self._lock = threading.RLock()
         self._session_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        orphans = [] if self.db_path.exists() else list((self.root / "memories").rglob("*.safetensors"))
+        if orphans:  # a new empty index would hide these sessions, and the next save of a name would reuse it
+            raise StoreError(
+                f"the session store {self.root} holds {len(orphans)} session memory files (e.g. {orphans[0]}) but "
+                "no sessions.db, the index of its sessions and their transcripts: it was deleted or moved. Put it "
+                f"back, or move {self.root / 'memories'} away to start an empty store there"
+            )
         try:
             self._db = sqlite3.connect(self.db_path, timeout=30.0, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -250,6 +282,10 @@ class SessionStore(BaseSessionStore):
             self._db.execute("PRAGMA foreign_keys=ON")
             self._create_schema()
         except sqlite3.DatabaseError as err:
+            if not os.access(self.root, os.W_OK) or "readonly" in str(err):
+                raise StoreError(
+                    f"the session store {self.root} cannot be written ({err}); give a folder this user can write"
+                ) from None
             raise StoreError(
                 f"{self.db_path} is not a ccmem session database ({err}); point the store at another folder "
                 "or move that file away"

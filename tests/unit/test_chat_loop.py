@@ -1,0 +1,88 @@
+"""``ccmem chat``'s loop: what happens to the conversation when saving fails or the user interrupts an answer."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+
+import ccmem
+from ccmem.serve.chat import run_chat
+from ccmem.serve.sessions import SessionBinding, SessionStore
+from tests.conftest import tiny_model
+
+
+def _chat(session, lines, binding=None, **kwargs):
+    out = io.StringIO()
+    feed = iter(lines)
+
+    def read_line(prompt):
+        line = next(feed)
+        return line() if callable(line) else line
+
+    run_chat(session, Console(file=out, width=200), max_new_tokens=3, read_line=read_line, binding=binding)
+    return out.getvalue()
+
+
+def _session(lm):
+    return ccmem.load(lm, "ccm-concat", n_tok=2, system_prompt="Hi.")
+
+
+def test_a_chat_whose_session_another_process_saved_continues_from_that_version(tmp_path):
+    """Two `chat --session bob` at once: the second one's every later exchange was refused and lost."""
+    lm = tiny_model()
+    store = SessionStore(tmp_path)
+    mine, other = _session(lm), _session(lm)
+    binding, theirs = SessionBinding(store, "bob"), SessionBinding(store, "bob")
+    binding.open(mine)
+    theirs.open(other)
+
+    def other_process_saves():
+        other.remember("their turn", "ok")
+        theirs.commit(other)
+        return "my first turn"
+
+    text = _chat(mine, [other_process_saves, "my second turn", "/quit"], binding)
+    assert "not saved" in text and "continuing from the saved version 2" in " ".join(text.split())
+    stored = store.get("bob")
+    assert stored.version == 3 and [m["content"] for m in stored.transcript if m["role"] == "user"] == [
+        "their turn",
+        "my second turn",
+    ]  # the later exchange was saved on top of the other process's
+
+
+def test_a_save_that_fails_keeps_the_chat_and_the_next_save_holds_both_exchanges(tmp_path, monkeypatch):
+    lm = tiny_model()
+    store = SessionStore(tmp_path)
+    session, binding = _session(lm), SessionBinding(store, "s")
+    binding.open(session)
+    real = store.commit
+    calls = []
+
+    def disk_full(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "commit", disk_full)
+    text = _chat(session, ["first", "second", "/quit"], binding)
+    assert "not saved to the session store" in text and "No space left" in text
+    assert store.get("s").turns == 2
+
+
+def test_ctrl_c_during_an_answer_stops_it_and_the_chat_goes_on(monkeypatch):
+    """Ctrl-C mid-answer ended the whole chat (exit 130) and dropped the conversation."""
+    session = _session(tiny_model())
+    real = session.stream
+
+    def interrupted(prompt, **kwargs):
+        if prompt == "stop me":
+            yield "part"
+            raise KeyboardInterrupt
+        yield from real(prompt, **kwargs)
+
+    monkeypatch.setattr(session, "stream", interrupted)
+    text = _chat(session, ["stop me", "next", "/quit"])
+    assert "answer stopped; this exchange is not remembered" in text
+    assert [m["content"] for m in session.history if m["role"] == "user"] == ["next"]
