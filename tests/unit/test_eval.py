@@ -89,6 +89,40 @@ def test_length_normalised_scoring_changes_only_the_choice_and_is_recorded():
         EvalSettings(score="max")
 
 
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_an_option_that_is_a_prefix_of_another_is_scored_with_the_end_of_the_answer(batch_size):
+    """'63' among the options of '6305' always won a sum of log-probabilities (digits are one token each), whatever
+    the memory held: options that overlap so are scored with the end-of-answer token after them."""
+    from ccmem.data.records import MemoryExample
+
+    lm = tiny_model()
+    chat = MemoryExample("a", [("My locker is 6305.", "Noted.")], "Locker?", "6305", options=["63", "6305", "71"])
+    plain = MemoryExample("b", ["Locker 6305."], "Locker:", "6305", options=["63", "6305"], chat=False)
+    other = MemoryExample("c", ["Locker 6305."], "Locker:", "6305", options=["6305", "7105"], chat=False)
+    seen = []
+    import ccmem.eval.harness as harness
+
+    real = harness.score_batch
+
+    def spy(lm_, method, items, reduce="sum"):
+        seen.extend(opts for _, _, opts in items)
+        return real(lm_, method, items, reduce=reduce)
+
+    session = load(lm, "full", system_prompt="Hi.")
+    session.score_ids = lambda query, options, reduce="sum": seen.append(options) or [0.0] * len(options)
+    harness.score_batch, restore = spy, harness.score_batch
+    try:
+        evaluate(session, [chat, plain, other], dataset="persona", settings=EvalSettings(batch_size=batch_size))
+    finally:
+        harness.score_batch = restore
+    sample = to_sample(lm.tokenizer, chat, system="Hi.")
+    turn_end = sample.tail[sample.answer_start + 4]  # what the template puts after the 4 digits of the answer
+    enc = lm.tokenizer.encode
+    assert seen[0] == [[*enc("63"), turn_end], [*enc("6305"), turn_end], [*enc("71"), turn_end]]
+    assert seen[1] == [enc("63") + enc("\n"), enc("6305") + enc("\n")]
+    assert seen[2] == [enc("6305"), enc("7105")]  # options that do not overlap are scored as they are
+
+
 def test_generation_metrics_are_filled_when_asked():
     lm = tiny_model()
     examples = icl.examples(2, "test", k=2)

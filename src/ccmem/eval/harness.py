@@ -231,8 +231,28 @@ def _scored(session: CompressedLM, example: MemoryExample, sample: Sample) -> Sc
             raise ValueError(
                 f"example {example.id!r}: a one-token continuation without a query leaves nothing to score"
             )
-    options = [_encode(session, o) for o in example.options] if example.options else [answer]
+    if not example.options:
+        return query, answer, [answer]
+    options = [_encode(session, o) for o in example.options]
+    if any(a != b and a == b[: len(a)] for a in options for b in options):
+        # "63" among the options of "6305": a sum over the tokens of the longer option is never above the shorter
+        # one's, so the prefix always won; where options overlap so, each is scored with the end of the answer after it
+        end = _answer_end(session, example, sample, answer)
+        options = [o + end for o in options]
     return query, answer, options
+
+
+def _answer_end(session: CompressedLM, example: MemoryExample, sample: Sample, answer: list[int]) -> list[int]:
+    """The token that ends an answer: in a chat, the template's end of turn (what follows the answer in the
+    sample); in plain text, a line break."""
+    if example.chat:
+        after = [int(t) for t in sample.tail[sample.answer_start :]]
+        if after[: len(answer)] == answer and len(after) > len(answer):
+            return after[len(answer) : len(answer) + 1]
+        stops = sorted(session.format.stop_ids())
+        if stops:
+            return stops[:1]
+    return _encode(session, "\n")[:1]
 
 
 def evaluate(
@@ -307,7 +327,7 @@ def evaluate(
                 else:
                     answer_score = scores[0] * (len(answer) if batched and settings.score == "mean" else 1)
                 nll.append(-answer_score)
-                n_answer_tokens += len(answer)
+                n_answer_tokens += len(options[example.options.index(example.answer)] if example.options else answer)
                 if settings.generate:
                     text = generate_answer(session, example, query, settings.max_new_tokens)
                     if example.task == gsm8k.TASK:  # a worked solution: its final number is the answer
