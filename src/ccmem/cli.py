@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import os
 import sys
@@ -757,7 +758,6 @@ def _eval_data(examples: list, *, path: Path | None, source: str, generator: dic
     """What the examples are, for the rows' config hash: a digest of their content when the user's files or
     generator settings other than ``ccmem eval``'s defaults made them; the default data gives ``{}`` (older rows
     keep their hash)."""
-    import inspect
 
     from ccmem.data.records import examples_digest
 
@@ -895,7 +895,15 @@ def eval_command(
     )
     examples = load_examples(cfg, split)[:n]
     if not examples:  # said before the model loads
+        if path is not None and path.is_file():
+            raise OptionError(f"{path} holds no {dataset} example")
         raise OptionError(f"{dataset} has no {split} example{f' at {path}' if path else ''}; try another --split")
+    if path is not None and dataset in ("persona", "dialogs", "passages"):
+        defaults = inspect.signature(eval_command).parameters
+        given = {"k": k, "small_talk": small_talk, "turns": turns, "seed": seed}
+        ignored = [f"--{key.replace('_', '-')}" for key, value in given.items() if value != defaults[key].default]
+        if ignored:
+            err_console.print(f"note: {', '.join(ignored)} shape generated dialogs; a --path file is read as written")
     if stage1 is not None:
         from ccmem.stage1 import stage1_file
 
@@ -1126,11 +1134,11 @@ def report(
 ) -> None:
     """Aggregate eval rows (any mix of methods, datasets, adapters) into markdown/CSV tables and a PNG plot."""
     from ccmem.eval.harness import read_rows
-    from ccmem.eval.report import markdown, mismatches, write_report
+    from ccmem.eval.report import group_markdown, markdown, mismatches, write_report
 
     rows = read_rows(results)
     paths = write_report(rows, out_dir, metric)
-    console.print(markdown(rows), highlight=False, markup=False, soft_wrap=True)
+    console.print(markdown(rows) + group_markdown(rows), highlight=False, markup=False, soft_wrap=True)
     for warning in mismatches(rows):
         console.print(f"[yellow]not comparable:[/] {escape(warning)}", highlight=False)
     console.print(f"wrote {paths['markdown']}, {paths['csv']}, {paths['plot']}")

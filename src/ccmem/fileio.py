@@ -40,6 +40,11 @@ def jsonl_records(path: str | os.PathLike[str], what: str = "dataset file") -> I
     try:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rt", encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows tools) is dropped
+            head = f.read(4096).lstrip()
+            f.seek(0)
+            if head.startswith("["):  # a JSON list of objects (as many tools export), read whole
+                yield from _json_list(path, f.read())
+                return
             for line_no, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -52,13 +57,28 @@ def jsonl_records(path: str | os.PathLike[str], what: str = "dataset file") -> I
                         hint = "; a JSON-lines file holds one whole object per line (not pretty-printed JSON)"
                     raise DatasetFormatError(f"{where}: not valid JSON ({err.msg}){hint}") from None
                 if not isinstance(record, dict):
-                    hint = " (one object per line, not a JSON list)" if isinstance(record, list) else ""
+                    hint = " (one object per line, or the whole file one JSON list)" if isinstance(record, list) else ""
                     raise DatasetFormatError(f"{where}: expected a JSON object, got {type(record).__name__}{hint}")
                 yield where, record
     except UnicodeDecodeError:
         raise DatasetFormatError(f"{path}: not UTF-8 text (near line {line_no + 1})") from None
     except (gzip.BadGzipFile, EOFError, zlib.error) as err:
         raise DatasetFormatError(f"{path}: not a complete gzip file ({err})") from None
+
+
+def _json_list(path: Path, text: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``("<file>: item <i>", record)`` for each object of a file holding one JSON list."""
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DatasetFormatError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(records, list):
+        raise DatasetFormatError(f"{path}: expected JSON lines or a JSON list of objects")
+    for i, record in enumerate(records, start=1):
+        where = f"{path}: item {i}"
+        if not isinstance(record, dict):
+            raise DatasetFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield where, record
 
 
 def _alive(pid: int) -> bool:

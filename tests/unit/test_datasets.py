@@ -288,3 +288,19 @@ def test_a_folder_with_several_files_for_a_split_says_which_it_reads(tmp_path, c
     found = load_examples(DataConfig(dataset="persona", path=str(tmp_path)), "test")
     assert len(found) == 2
     assert "2 files could be the test split (my_test_v2.jsonl, test_old.jsonl); reading my_test_v2.jsonl" in caplog.text
+
+
+def test_passages_read_a_given_file_and_mixture_refuses_one(tmp_path, caplog):
+    """`eval passages --path FILE` evaluated generated passages while its rows named FILE; mixture ignored it too."""
+    from ccmem.data import persona
+
+    made = list(persona.generate(3, "test", seed=1))
+    path = persona.write_jsonl(tmp_path / "mine.jsonl", made)
+    found = load_examples(DataConfig(dataset="passages", path=str(path), n_eval=10), "test")
+    assert [e.answer for e in found] == [d.answer for d in made] and {e.task for e in found} == {"passages"}
+    with pytest.raises(ValueError, match=r"'mixture' draws from its families' generators and reads no data\.path"):
+        load_examples(DataConfig(dataset="mixture", path=str(path), mixture={"dialogs": 1.0}), "test")
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], lines[0], lines[1]]) + "\n")  # one record twice
+    persona.read_jsonl(path)
+    assert "1 ids occur more than once" in caplog.text

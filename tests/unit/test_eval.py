@@ -295,3 +295,37 @@ def test_eval_gsm8k_generates_whole_solutions_by_default_and_says_without_genera
         "none", "--generate", "--out", str(tmp_path / "c.jsonl"),
     )  # fmt: skip
     assert code == 0 and asked[2:] == [24, 24]
+
+
+def test_eval_on_a_file_says_which_generator_options_it_ignores_and_names_an_empty_file(
+    monkeypatch, capsys, tmp_path, tiny_model_dir
+):
+    from ccmem.data import persona
+
+    path = persona.write_jsonl(tmp_path / "mine.jsonl", list(persona.generate(2, "test")))
+    common = ("eval", "persona", "--path", str(path), "--model", str(tiny_model_dir), "--methods", "none")
+    code, text = run_cli(monkeypatch, capsys, *common, "--k", "5", "--out", str(tmp_path / "a.jsonl"))
+    assert code == 0 and "--k shape generated dialogs; a --path file is read as written" in text
+    path.write_text("\n")
+    code, text = run_cli(monkeypatch, capsys, *common, "--out", str(tmp_path / "b.jsonl"))
+    assert code == 2 and f"{path} holds no persona example" in " ".join(text.split()).replace("\n", "")
+
+
+def test_reports_give_accuracy_per_group_in_numeric_order(tmp_path):
+    """README promised accuracy per group (how far back the fact was, ...), but only the JSONL rows held it."""
+    from ccmem.data import dialogs
+    from ccmem.data.loaders import persona_example
+    from ccmem.eval.report import group_markdown
+
+    examples = [persona_example(d, "dialogs") for d in dialogs.generate(6, "test", facts=(1, 2), turns=(4, 6))]
+    row = evaluate(load(tiny_model(positions=2048), "full"), examples, dataset="dialogs", settings=EvalSettings())
+    distances = row.extra["by"]["distance"]
+    text = group_markdown([row])
+    header = next(line for line in text.splitlines() if line.startswith("| method") and "-" in line)
+    shown = [cell.strip() for cell in header.split("|")[2:-1]]
+    assert set(shown) == set(distances)
+    assert shown == sorted(shown, key=lambda v: int(v.split("-")[0].rstrip("+")))
+    assert "**dialogs: accuracy by distance**" in text
+    assert sum(g["n"] for g in distances.values()) == 6
+    write_report([row], tmp_path)
+    assert "accuracy by distance" in (tmp_path / "report.md").read_text()

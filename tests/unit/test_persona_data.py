@@ -43,15 +43,24 @@ def test_roundtrip_and_errors_name_file_line_and_field(tmp_path):
     path.write_text(json.dumps(json.loads(lines[0]), indent=2) + "\n")  # pretty-printed: the usual mistake
     with pytest.raises(DatasetFormatError, match=r"d\.jsonl:1: not valid JSON .*one whole object per line"):
         read_jsonl(path)
-    path.write_text(json.dumps([json.loads(lines[0])]) + "\n")
-    with pytest.raises(DatasetFormatError, match=r"got list \(one object per line, not a JSON list\)"):
+    records = [json.loads(line) for line in lines]
+    for listed in (json.dumps(records), json.dumps(records, indent=2)):  # a JSON list, as many tools export
+        path.write_text(listed)
+        assert [d.answer for d in read_jsonl(path)] == [d.answer for d in generate(3, "test")]
+    path.write_text(json.dumps(records[0]) + "\n" + json.dumps(records[1:]) + "\n")
+    with pytest.raises(DatasetFormatError, match=r"d\.jsonl:2: .*got list \(one object per line, or the whole"):
+        read_jsonl(path)
+    path.write_text(json.dumps([records[0], "x"]))
+    with pytest.raises(DatasetFormatError, match=r"d\.jsonl: item 2: expected a JSON object, got str"):
         read_jsonl(path)
     # found when the file is read, not after the model loaded and earlier methods ran
     for change, message in [
         ({"answer": "", "options": ["", "x"]}, "field 'answer' is empty"),
         ({"options": [3, 4], "answer": "3"}, r"field 'options' must be a list of non-empty strings, got \[3, 4\]"),
         ({"answer": "Oslo "}, r"field 'answer' \('Oslo '\) is not one of 'options'"),
-        ({"turns": [["hi"]]}, r"field 'turns' must hold \[user, assistant\] string pairs, e\.g\."),
+        ({"turns": [["hi"]]}, r"field 'turns' must hold \[user, assistant\] string pairs, e\.g\..*or chat messages"),
+        ({"options": ["Oslo"], "answer": "Oslo"}, "field 'options' must hold at least two different options"),
+        ({"options": ["Oslo", "Oslo", "Rome"], "answer": "Oslo"}, "field 'options' must hold at least two"),
         (
             {"turns": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]},
             r"field 'turns' given as messages must alternate user and assistant .*\['user', 'user'\]",

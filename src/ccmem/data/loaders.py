@@ -73,8 +73,11 @@ def _dialogs(cfg: DataConfig, split: str) -> list[MemoryExample]:
 
 
 def _passages(cfg: DataConfig, split: str) -> list[MemoryExample]:
-    n = cfg.n_train if split == "train" else cfg.n_eval
-    made = passages.generate(n, split, seed=cfg.seed, k=min(cfg.k, 8), source=cfg.source)
+    if cfg.path:  # a .jsonl file of passages as turns with a question (persona's record format, `ccmem data`)
+        made = persona.read_jsonl(formats.split_file(_path(cfg, split), split, (".jsonl",)))
+    else:
+        n = cfg.n_train if split == "train" else cfg.n_eval
+        made = passages.generate(n, split, seed=cfg.seed, k=min(cfg.k, 8), source=cfg.source)
     return [persona_example(d, "passages") for d in made]
 
 
@@ -316,6 +319,11 @@ def load_examples(cfg: DataConfig, split: str = "train") -> list[MemoryExample]:
         raise UnknownDatasetError(f"unknown dataset {cfg.dataset!r}; {hint}datasets: {', '.join(LOADERS)}") from None
     if cfg.path and not Path(cfg.path).exists():
         raise FileNotFoundError(f"data.path {cfg.path} does not exist")
+    if cfg.path and cfg.dataset == "mixture":
+        raise ValueError(
+            "dataset 'mixture' draws from its families' generators and reads no data.path; read a file with its "
+            "own dataset (e.g. dialogs, persona, pwc, text)"
+        )
     check_source(cfg)
     check_train_ratio(cfg)
     examples = loader(cfg, split)

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import random
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -459,6 +460,11 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[PersonaDialog]:
         options = record["options"]
         if not options or not all(isinstance(o, str) and o.strip() for o in options):
             raise DatasetFormatError(f"{where}: field 'options' must be a list of non-empty strings, got {options!r}")
+        if len(options) < 2 or len(set(options)) < len(options):
+            raise DatasetFormatError(
+                f"{where}: field 'options' must hold at least two different options (one option, or the same "
+                f"twice, is always chosen right or ties), got {options!r}"
+            )
         if record["answer"] not in options:
             raise DatasetFormatError(
                 f"{where}: field 'answer' ({record['answer']!r}) is not one of 'options' ({options!r}); it must be one "
@@ -468,7 +474,8 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[PersonaDialog]:
         if not all(isinstance(t, list) and len(t) == 2 and all(isinstance(s, str) for s in t) for t in turns):
             raise DatasetFormatError(
                 f"{where}: field 'turns' must hold [user, assistant] string pairs, e.g. "
-                '[["I moved to Porto.", "Nice!"], ...] (not {"role", "content"} messages)'
+                '[["I moved to Porto.", "Nice!"], ...], or chat messages [{"role": "user", "content": ...}, '
+                '{"role": "assistant", "content": ...}, ...]'
             )
         groups = record.get("groups", {})
         if not isinstance(groups, dict) or not all(isinstance(v, str) for v in groups.values()):
@@ -485,6 +492,13 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[PersonaDialog]:
                 groups=dict(groups),
             )
         )
+    ids = Counter(d.id for d in dialogs)
+    repeated = [i for i, count in ids.items() if count > 1]
+    if repeated:
+        logger.warning(
+            "%s: %d ids occur more than once (e.g. %r); rows and reports count each record, but they cannot be told "
+            "apart by id", path, len(repeated), repeated[0],
+        )  # fmt: skip
     if ignored:
         logger.warning(
             "%s: fields %s are not part of the persona format and were ignored (it reads %s)",

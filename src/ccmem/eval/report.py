@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from ccmem.eval.harness import EvalRow
 
@@ -58,6 +60,33 @@ def markdown(rows: Sequence[EvalRow]) -> str:
         cells = [display_method(r) if k == "method" else _cell(k, getattr(r, k)) for k, _ in keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _natural(text: str) -> list[Any]:
+    """Sort key in which numbers compare as numbers ("2-4" before "10+")."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", text) if part]
+
+
+def group_markdown(rows: Sequence[EvalRow]) -> str:
+    """Accuracy within each group of examples (``extra.by``: how far back the fact was, whether it was corrected,
+    ...), one table per dataset, label and grouping, a line per method; empty when no row has groups."""
+    tables: dict[tuple[str, str, str], list[EvalRow]] = defaultdict(list)
+    for r in rows:
+        for name in r.extra.get("by", {}):
+            tables[(r.dataset, r.label, name)].append(r)
+    parts = []
+    for (dataset, label, name), members in sorted(tables.items()):
+        values = sorted({v for r in members for v in r.extra["by"][name]}, key=_natural)
+        title = f"{dataset}{f' ({label})' if label else ''}: accuracy by {name}"
+        lines = [f"\n**{title}**\n", "| method | " + " | ".join(values) + " |", "|---|" + "---|" * len(values)]
+        for r in sorted(members, key=lambda r: r.memory_slots):
+            cells = []
+            for v in values:
+                got = r.extra["by"][name].get(v)
+                cells.append("-" if got is None else f"{got['accuracy']:.3f} ({got['n']})")
+            lines.append(f"| {display_method(r)} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines) + "\n")
+    return "".join(parts)
 
 
 def mismatches(rows: Sequence[EvalRow]) -> list[str]:
@@ -141,7 +170,7 @@ def write_report(rows: Sequence[EvalRow], out_dir: Path, metric: str | None = No
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "report.md"
     notes = "".join(f"\n> **Not comparable**: {w}\n" for w in mismatches(rows))
-    md.write_text(markdown(rows) + notes, encoding="utf-8")
+    md.write_text(markdown(rows) + group_markdown(rows) + notes, encoding="utf-8")
     return {
         "markdown": md,
         "csv": write_csv(rows, out_dir / "report.csv"),
