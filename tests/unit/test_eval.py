@@ -329,3 +329,48 @@ def test_reports_give_accuracy_per_group_in_numeric_order(tmp_path):
     assert sum(g["n"] for g in distances.values()) == 6
     write_report([row], tmp_path)
     assert "accuracy by distance" in (tmp_path / "report.md").read_text()
+
+
+def test_a_row_cut_by_a_crash_or_a_full_disk_never_blocks_reading_or_the_next_rows(tmp_path, monkeypatch, caplog):
+    """A full disk left half a row in rows.jsonl, and every rerun then failed on it ('not pretty-printed JSON')."""
+    import pathlib
+
+    from ccmem.eval.harness import append_row
+
+    path = tmp_path / "rows.jsonl"
+    append_row(path, _row("full", "h", 1))
+    with path.open("a") as f:
+        f.write('{"method": "no')  # a crash mid-row
+    assert [r.method for r in read_rows([path])] == ["full"] and "cut short" in caplog.text
+    append_row(path, _row("none", "h", 1))  # the cut row is dropped before the next one
+    assert [r.method for r in read_rows([path])] == ["full", "none"]
+
+    real_open = pathlib.Path.open
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            self.f.flush()
+            raise OSError(28, "No space left on device")
+
+    def opener(self, mode="r", *args, **kwargs):
+        f = real_open(self, mode, *args, **kwargs)
+        return FullDisk(f) if self == path and "a" in mode else f
+
+    monkeypatch.setattr(pathlib.Path, "open", opener)
+    before = path.read_bytes()
+    with pytest.raises(OSError, match=r"could not add a row to .*rows\.jsonl \(No space left on device\); the file"):
+        append_row(path, _row("ccm-concat", "h", 1))
+    assert path.read_bytes() == before

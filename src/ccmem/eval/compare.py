@@ -33,8 +33,8 @@ from ccmem.eval.harness import (
     evaluate,
     options_for,
     read_rows,
+    result_records,
 )
-from ccmem.fileio import jsonl_records
 from ccmem.loading import BUILTIN_MODELS, LoadedModel
 from ccmem.registry import method_class
 from ccmem.train.config import DataConfig
@@ -363,7 +363,7 @@ def run_decode_speed(
         sort_keys=True,
     )  # fmt: skip
     config_hash = hashlib.sha256(blob.encode()).hexdigest()[:12]
-    cached = [DecodeRow(**rec) for _, rec in jsonl_records(path, "decode file")] if path.is_file() else []
+    cached = [DecodeRow(**rec) for _, rec in result_records(path, "decode file")] if path.is_file() else []
     mine = (r for r in cached if r.config_hash == config_hash)
     done = {_decode_key(r.method, r.history_tokens, r.options, r.adapter): r for r in mine}
     limit = lm.max_positions or max(settings.decode_lengths) + settings.decode_tokens + 64

@@ -17,11 +17,14 @@ what produced it (method, model, adapter hash, the dataset it was trained on, da
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -44,6 +47,8 @@ from ccmem.methods.base import add_rows
 from ccmem.options import OptionError
 from ccmem.precision import storage_name
 from ccmem.registry import method_class
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -438,10 +443,38 @@ def check_adapters(
 
 
 def append_row(path: Path, row: Any) -> None:
-    """Append one result row (a dataclass) as a JSON line (written whole, so a crash never leaves half a row)."""
+    """Append one result row (a dataclass) as a JSON line. A write that fails (a full disk) is taken back, so the
+    file keeps whole rows only; a row that an earlier crash cut short at the end of the file is dropped first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(asdict(row)) + "\n")
+    data = (json.dumps(asdict(row)) + "\n").encode("utf-8")
+    with path.open("ab") as f:
+        end = f.seek(0, os.SEEK_END)
+        whole = _whole_rows_end(path, end)
+        if whole != end:
+            logger.warning("%s: its last row was cut short (a crash while writing it); dropped", path)
+            f.truncate(whole)
+            f.seek(whole)
+        try:
+            f.write(data)
+            f.flush()
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                f.truncate(whole)
+            raise OSError(err.errno, f"could not add a row to {path} ({err.strerror}); the file is as it was") from None
+
+
+def _whole_rows_end(path: Path, end: int) -> int:
+    """Where the file's whole lines end: ``end``, or just after its last line break when the last line is cut."""
+    if end == 0:
+        return 0
+    with path.open("rb") as f:
+        f.seek(end - 1)
+        if f.read(1) == b"\n":
+            return end
+        f.seek(max(0, end - (1 << 20)))
+        tail = f.read()
+    cut = tail.rfind(b"\n")
+    return end - len(tail) + cut + 1 if cut >= 0 else (0 if end <= (1 << 20) else end)
 
 
 def read_rows(paths: Sequence[Path]) -> list[EvalRow]:
@@ -451,9 +484,22 @@ def read_rows(paths: Sequence[Path]) -> list[EvalRow]:
     names = {f.name for f in fields}
     required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     for path in paths:
-        for where, record in jsonl_records(path, what="results file"):
+        for where, record in result_records(path, "results file"):
             missing = [k for k in required if k not in record]
             if missing:
                 raise DatasetFormatError(f"{where}: not a ccmem eval row (missing field {', '.join(missing[:4])})")
             rows.append(EvalRow(**{k: v for k, v in record.items() if k in names}))
     return rows
+
+
+def result_records(path: Path, what: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The records of a JSONL file that :func:`append_row` writes, as :func:`jsonl_records` gives them; a last row
+    that a crash cut short is left out with a warning (the next :func:`append_row` drops it)."""
+    size = path.stat().st_size if path.is_file() else 0
+    last_line = path.read_bytes().count(b"\n") + 1 if size and _whole_rows_end(path, size) != size else None
+    try:
+        yield from jsonl_records(path, what=what)
+    except DatasetFormatError as err:
+        if last_line is None or not str(err).startswith(f"{path}:{last_line}: not valid JSON"):
+            raise
+        logger.warning("%s: its last row was cut short (a crash while writing it); it is left out", path)
