@@ -716,7 +716,14 @@ def train(
         return
     from ccmem.train.trainer import train as run_training
 
-    result = run_training(config)
+    try:
+        result = run_training(config)
+    except KeyboardInterrupt:
+        err_console.print(
+            f"\ninterrupted: rerun the same command to resume run {config.run_id!r} from its last checkpoint "
+            f"(every train.save_steps={config.train.save_steps} steps, in {config.run_dir})"
+        )
+        raise
     loss = "-" if result.eval_loss is None else f"{result.eval_loss:.4f}"
     if result.finished_before:
         console.print(
@@ -867,6 +874,8 @@ def eval_command(
     from ccmem.registry import get_method
     from ccmem.train.config import DataConfig
 
+    if out.is_dir():
+        raise OptionError(f"--out {out} is a folder; give the JSONL file the rows go to, e.g. {out / 'eval.jsonl'}")
     names = _method_list(methods, model)
     options = _options(n_tok, recurrent, option)
     check_options_apply(names, options)
@@ -1076,6 +1085,8 @@ def compare(
         decode_budget=_fraction(decode_budget),
     )
     cells = grid(settings)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OptionError(f"--out-dir {out_dir} is a file; give a folder for rows.jsonl and the report")
     if stage1 is not None:
         stage1_file(stage1)  # before loading the model: a wrong path is said at once
     with console.status(f"loading {model}..."):

@@ -115,9 +115,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     write of the same file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale_temporaries(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    except OSError as err:  # said of the file asked for, not of the temporary's made-up name
+        raise OSError(err.errno, f"cannot write {path} ({err.strerror})") from None
     os.close(fd)
     try:
         yield Path(tmp)

@@ -508,3 +508,35 @@ def test_a_method_that_cannot_run_on_the_model_is_refused_before_any_method_runs
     rows = [json.loads(line)["method"] for line in (tmp_path / "cmp" / "rows.jsonl").read_text().splitlines()]
     assert code == 0 and "left out expected-attention: it cannot run on" in " ".join(text.split()), text
     assert "expected-attention" not in rows and {"full", "none", "snapkv"} <= set(rows)
+
+
+def test_output_paths_that_cannot_be_written_are_refused_before_the_work(monkeypatch, capsys, tmp_path):
+    """eval -o FOLDER evaluated everything, then failed; compare -o FILE likewise; a read-only folder was reported
+    under the temporary's made-up name."""
+    from ccmem.fileio import atomic_path
+
+    code, out = run_cli(monkeypatch, capsys, "eval", "persona", "--model", "/no/such/model", "--out", str(tmp_path))
+    assert code == 2 and "is a folder; give the JSONL file the rows go to" in " ".join(out.split())
+    taken = tmp_path / "taken"
+    taken.write_text("x")
+    code, out = run_cli(monkeypatch, capsys, "compare", "--model", "/no/such/model", "--out-dir", str(taken))
+    assert code == 2 and "is a file; give a folder" in " ".join(out.split())
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr("tempfile.mkstemp", lambda **kw: (_ for _ in ()).throw(PermissionError(13, "denied", "x.tmp")))
+    with (
+        pytest.raises(OSError, match=r"cannot write .*locked/memory\.safetensors \(denied\)"),
+        atomic_path(locked / "memory.safetensors"),
+    ):
+        pass
+
+
+def test_ctrl_c_in_train_says_how_to_resume(monkeypatch, capsys, tmp_path):
+    import ccmem.train.trainer as trainer
+
+    def interrupted(config, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "train", interrupted)
+    code, out = run_cli(monkeypatch, capsys, "train", "persona-ccm-concat", f"output_dir={tmp_path}")
+    assert code == 130 and "rerun the same command to resume run 'persona-ccm-concat'" in " ".join(out.split())
