@@ -29,11 +29,6 @@ from typing import Any, cast
 
 import torch
 import yaml
-
-try:
-    import fcntl
-except ImportError:  # Windows: runs are not locked
-    fcntl = None  # type: ignore[assignment]
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -59,6 +54,11 @@ from ccmem.methods.base import Method
 from ccmem.registry import get_method
 from ccmem.stage1 import ADAPTER_FILE, Stage1Error, merge_stage1
 from ccmem.train.config import ConfigError, TrainConfig, differences, with_later_fields
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked
+    fcntl = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
 
