@@ -1145,9 +1145,11 @@ def report(
 ) -> None:
     """Aggregate eval rows (any mix of methods, datasets, adapters) into markdown/CSV tables and a PNG plot."""
     from ccmem.eval.harness import read_rows
-    from ccmem.eval.report import group_markdown, markdown, mismatches, write_report
+    from ccmem.eval.report import group_markdown, latest_rows, markdown, mismatches, write_report
 
-    rows = read_rows(results)
+    rows, repeated = latest_rows(read_rows(results))
+    if repeated:
+        err_console.print(f"note: {repeated} rows were measured again later (reruns); the latest of each is shown")
     paths = write_report(rows, out_dir, metric)
     console.print(markdown(rows) + group_markdown(rows), highlight=False, markup=False, soft_wrap=True)
     for warning in mismatches(rows):

@@ -374,3 +374,18 @@ def test_a_row_cut_by_a_crash_or_a_full_disk_never_blocks_reading_or_the_next_ro
     with pytest.raises(OSError, match=r"could not add a row to .*rows\.jsonl \(No space left on device\); the file"):
         append_row(path, _row("ccm-concat", "h", 1))
     assert path.read_bytes() == before
+
+
+def test_report_shows_a_rerun_measurement_once(monkeypatch, capsys, tmp_path):
+    """A rerun of `ccmem eval` appends to the same file: reports showed both rows side by side."""
+    from ccmem.eval.harness import append_row
+
+    path = tmp_path / "eval.jsonl"
+    first, other, again = _row("full", "aaa", 10), _row("none", "aaa", 10), _row("full", "aaa", 10)
+    again.accuracy = 0.25
+    for row in (first, other, again):
+        append_row(path, row)
+    code, out = run_cli(monkeypatch, capsys, "report", str(path), "-o", str(tmp_path / "report"))
+    assert code == 0 and "1 rows were measured again later (reruns)" in out
+    lines = [line for line in (tmp_path / "report" / "report.md").read_text().splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in lines[1:]] == ["full", "none"] and "0.250" in lines[1]

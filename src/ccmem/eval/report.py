@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 from collections import defaultdict
 from collections.abc import Sequence
@@ -65,6 +66,21 @@ def markdown(rows: Sequence[EvalRow]) -> str:
 def _natural(text: str) -> list[Any]:
     """Sort key in which numbers compare as numbers ("2-4" before "10+")."""
     return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", text) if part]
+
+
+def latest_rows(rows: Sequence[EvalRow]) -> tuple[list[EvalRow], int]:
+    """``rows`` with each measurement once: a row measured again with everything the same (a rerun of
+    ``ccmem eval`` appends to the same file) replaces the earlier one in place. Returns the rows and how many
+    were replaced."""
+    kept: dict[str, EvalRow] = {}
+    for r in rows:
+        key = json.dumps(
+            [r.dataset, r.split, r.label, display_method(r), r.model, r.adapter, r.config_hash, r.options, r.budget],
+            sort_keys=True,
+            default=str,
+        )
+        kept[key] = r  # a later row of the same measurement wins; its place is the first one's
+    return list(kept.values()), len(rows) - len(kept)
 
 
 def group_markdown(rows: Sequence[EvalRow]) -> str:
