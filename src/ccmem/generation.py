@@ -46,10 +46,14 @@ class Sampling:
             raise ValueError(f"top_p must be in (0, 1] (the probability mass sampled from), got {self.top_p}")
 
     def generator(self, device: torch.device) -> torch.Generator:
-        """The random stream this sampling draws from (seeded with :attr:`seed` when given)."""
+        """The random stream this sampling draws from: seeded with :attr:`seed` when given (the same seed, the same
+        answer), else from the system's entropy (each call samples anew; an unseeded generator always started
+        from torch's one default seed, so "random" answers repeated)."""
         generator = torch.Generator(device=device)
         if self.seed is not None:
             generator.manual_seed(self.seed)
+        else:
+            generator.seed()
         return generator
 
     def pick(self, logits: torch.Tensor, generator: torch.Generator) -> int:

@@ -328,6 +328,24 @@ def test_a_retry_of_an_answered_request_is_told_so(client):
     assert retry.status_code == 409 and "are the start of the 5 the session holds" in retry.json()["error"]["message"]
 
 
+def test_a_resent_or_edited_history_without_a_system_message_is_not_appended_again(client):
+    """Without a leading system message, a client's retry of a whole history (or one edited past its first exchange)
+    was compressed and appended a second time: the session held every turn twice."""
+    assert client.post("/v1/sessions", json={"name": "h"}).status_code == 201
+    first = ask(client, [user("I live in Porto.")], session="h").json()["choices"][0]["message"]["content"]
+    whole = [user("I live in Porto."), assistant(first), user("and my cat is Tom")]
+    assert ask(client, whole, session="h").status_code == 200
+    assert client.get("/v1/sessions/h").json()["turns"] == 2
+    retry = ask(client, whole, session="h")
+    assert retry.status_code == 409 and "a retry of an answered request" in retry.json()["error"]["message"]
+    edited = [user("I live in Porto."), assistant(first), user("and my dog is Rex"), assistant("ok"), user("?")]
+    changed = ask(client, edited, session="h")
+    assert changed.status_code == 409 and "differ from it at message 2" in changed.json()["error"]["message"]
+    assert client.get("/v1/sessions/h").json()["turns"] == 2
+    again = ask(client, [user("I live in Porto.")], session="h")  # one new message, whatever it says, is new
+    assert again.status_code == 200 and client.get("/v1/sessions/h").json()["turns"] == 3
+
+
 def test_too_many_sessions_is_refused(tmp_path):
     engine = make_engine(tmp_path, max_sessions=2)
     with TestClient(create_app(engine)) as client:
@@ -536,6 +554,56 @@ def test_a_top_p_below_float_precision_keeps_the_most_likely_token():
 
     logits = torch.tensor([0.1, 3.0, 0.2])
     assert Sampling(temperature=2.0, top_p=5e-324).pick(logits, torch.Generator().manual_seed(0)) == 1
+
+
+def test_sampling_without_a_seed_varies_and_with_one_repeats(client):
+    """Unseeded sampling always started from torch's one default seed: 'random' answers were the same every time."""
+    body = {"temperature": 1.5, "max_tokens": 12}
+    unseeded = {
+        ask(client, [user("tell me something")], **body).json()["choices"][0]["message"]["content"] for _ in range(3)
+    }
+    assert len(unseeded) > 1
+    seeded = {
+        ask(client, [user("tell me something")], seed=7, **body).json()["choices"][0]["message"]["content"]
+        for _ in range(2)
+    }
+    assert len(seeded) == 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({"logprobs": True}, "logprobs"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"logit_bias": {"42": 5}}, "logit_bias"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}, "tools"),
+    ],
+)
+def test_openai_parameters_that_would_change_the_answer_are_refused_not_ignored(client, extra, named):
+    reply = ask(client, [user("hi")], **extra)
+    assert reply.status_code == 400 and f"{named} is not supported by ccmem serve" in reply.json()["error"]["message"]
+
+
+def test_openai_defaults_nulls_developer_role_lone_surrogates_and_model_lookup(client):
+    """What the openai client sends: null for 'the default', the 'developer' role; a lone surrogate was a 500."""
+    plain = ask(client, [user("hi")])
+    nulls = ask(client, [user("hi")], temperature=None, top_p=None, n=None, stream=None, stop=None, seed=None)
+    assert nulls.status_code == 200 and nulls.json()["choices"] == plain.json()["choices"]
+    harmless = ask(client, [user("hi")], logprobs=False, response_format={"type": "text"}, tool_choice="none",
+                   user="u1", metadata={"k": "v"})  # fmt: skip
+    assert harmless.status_code == 200 and harmless.json()["choices"] == plain.json()["choices"]
+    developer = ask(client, [{"role": "developer", "content": "be brief"}, user("hi")])
+    system = ask(client, [{"role": "system", "content": "be brief"}, user("hi")])
+    assert developer.status_code == 200 and developer.json()["choices"] == system.json()["choices"]
+    broken = client.post(
+        "/v1/chat/completions",
+        content=json.dumps({"model": MODEL, "messages": [user("a_SURROGATE_b")]}).replace("_SURROGATE_", "\\ud800"),
+        headers={"content-type": "application/json"},
+    )
+    assert broken.status_code == 400 and "not a Unicode character" in broken.json()["error"]["message"]
+    assert client.get(f"/v1/models/{MODEL}").json()["id"] == MODEL
+    assert client.get("/v1/models/other").status_code == 404
 
 
 def test_many_system_prompts_with_a_small_cache_keep_working(tmp_path):

@@ -9,9 +9,10 @@ How a request's messages meet the memory:
 
 - **With a session** (``session`` in the body): the stored memory holds the conversation so far. The request
   sends only the new messages, or the whole conversation: it is taken as whole when it starts with a system
-  message or repeats the session's transcript from its start; then it must extend the transcript exactly (else
-  409: start a new session). The new messages before the last (user) one are compressed first, the last one is
-  answered, and the exchange is compressed and saved as the session's next version, only once it succeeded.
+  message or repeats the session's transcript from its start (at least its first exchange); then it must extend
+  the transcript exactly (else 409: a retry of an answered request, or an edited history). The new messages
+  before the last (user) one are compressed first, the last one is answered, and the exchange is compressed and
+  saved as the session's next version, only once it succeeded.
 - **Without a session** (as plain OpenAI clients talk): the whole list is sent each time. The engine keeps the
   memories of recent conversations by the hash of their messages and reuses the longest prefix it holds, so
   only the messages it has not seen are compressed.
@@ -437,8 +438,21 @@ class Engine:
                     f"message {_first_difference(held, messages)}); send only the new messages, or start a new session"
                 )
             return list(messages[len(held) :])
-        if body and list(messages[: len(body)]) == body:
+        same = 0  # how many messages from the start repeat the transcript's (system prompt aside)
+        while same < min(len(body), len(messages)) and messages[same] == body[same]:
+            same += 1
+        if body and same == len(body):
             return list(messages[len(body) :])
+        if same >= 2:  # the first exchange repeated: the whole conversation, but not one that extends the session
+            if same == len(messages):
+                raise ConflictError(
+                    f"these {len(messages)} messages are the start of the conversation the session holds already (a "
+                    "retry of an answered request?); send the conversation with a new user message at the end"
+                )
+            raise ConflictError(
+                "these messages repeat the session's conversation from its start but differ from it at message "
+                f"{same}; send only the new messages, or start a new session"
+            )
         return list(messages)
 
     async def chat(

@@ -28,7 +28,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Header, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -63,9 +63,33 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="'developer' (OpenAI's newer name for instructions) is read as 'system'"
+    )
     content: str | list[TextPart]
     name: str | None = None
+
+
+def _unsupported(key: str, value: Any) -> bool:
+    """Whether an OpenAI parameter ccmem does not implement is set to something other than its 'off' value."""
+    if key in ("tool_choice", "function_call"):
+        return value not in ("none", "auto")
+    if key == "response_format":
+        return not (isinstance(value, dict) and value.get("type") == "text")
+    if key == "modalities":
+        return value != ["text"]
+    return bool(value)
+
+
+#: OpenAI parameters that would change the answer and that ccmem does not implement: refused when set, never
+#: silently ignored (fields ccmem has no use for that change nothing, such as ``user`` or ``metadata``, pass).
+UNSUPPORTED = (
+    "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "response_format", "tools",
+    "tool_choice", "functions", "function_call", "prediction", "audio", "modalities", "reasoning_effort",
+    "web_search_options",
+)  # fmt: skip
+#: Parameters whose explicit null means "the default", as OpenAI reads it (the openai client sends None as null).
+NULL_MEANS_DEFAULT = ("temperature", "top_p", "n", "stream", "stop", "max_tokens", "max_completion_tokens", "seed")
 
 
 class ChatRequest(BaseModel):
@@ -89,6 +113,20 @@ class ChatRequest(BaseModel):
     session: str | None = Field(
         default=None, pattern=SESSION_NAME, description="ccmem: answer from this stored session and save into it"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _openai_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = {k: v for k, v in data.items() if not (k in NULL_MEANS_DEFAULT and v is None)}
+        for key in UNSUPPORTED:
+            if data.get(key) is not None and _unsupported(key, data[key]):
+                raise ValueError(
+                    f"{key} is not supported by ccmem serve (it would change the answer, and ccmem does not "
+                    "implement it); leave it out"
+                )
+        return data
 
 
 class Usage(BaseModel):
@@ -299,6 +337,13 @@ def create_app(engine: Engine, *, tokens: Sequence[str] = ()) -> FastAPI:
     async def models(who: Owner) -> ModelList:
         return ModelList(data=[ModelCard(id=engine.model_id, created=started)])
 
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERRORS)
+    async def model(model_id: str, who: Owner) -> ModelCard:
+        if model_id != engine.model_id:
+            raise ApiError(404, f"model {model_id!r} is not served here; this server serves {engine.model_id!r}",
+                           "model_not_found")  # fmt: skip
+        return ModelCard(id=engine.model_id, created=started)
+
     @app.post("/v1/sessions", response_model=SessionInfo, status_code=201, responses=ERRORS)
     async def create_session(body: SessionCreate, who: Owner) -> SessionInfo:
         name = body.name or f"sess-{secrets.token_hex(8)}"
@@ -369,6 +414,16 @@ def _check_size(text: str, where: str, limit: int) -> None:
         raise ApiError(413, f"{where} is {size} bytes; this server takes at most {limit} per message", "too_large")
 
 
+def _check_text(text: str, where: str) -> None:
+    """JSON can carry a lone surrogate (``"\\ud800"``), which is no character: no tokenizer can read it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ApiError(
+            400, f"{where} holds {err.object[err.start : err.end]!a}, which is not a Unicode character", "invalid_text"
+        ) from None
+
+
 def _messages(messages: list[ChatMessage], max_messages: int, max_bytes: int) -> list[Message]:
     if len(messages) > max_messages:
         raise ApiError(400, f"{len(messages)} messages; this server takes at most {max_messages}", "too_many_messages")
@@ -376,7 +431,8 @@ def _messages(messages: list[ChatMessage], max_messages: int, max_bytes: int) ->
     for i, m in enumerate(messages):
         content = m.content if isinstance(m.content, str) else "".join(part.text for part in m.content)
         _check_size(content, f"messages.{i}.content", max_bytes)
-        out.append({"role": m.role, "content": content})
+        _check_text(content, f"messages.{i}.content")
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
     return out
 
 
