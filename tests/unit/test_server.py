@@ -216,9 +216,8 @@ def test_without_a_session_the_longest_known_prefix_is_reused(client, engine):
 def test_streaming_gives_the_same_answer_as_non_streaming(client):
     messages = [user("tell me something")]
     plain = ask(client, messages, max_tokens=10).json()
-    with client.stream(
-        "POST", "/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 10, "stream": True}
-    ) as response:
+    body = {"model": MODEL, "messages": messages, "max_tokens": 10, "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
@@ -228,7 +227,14 @@ def test_streaming_gives_the_same_answer_as_non_streaming(client):
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     assert text == plain["choices"][0]["message"]["content"]  # the same characters, whitespace included
     assert chunks[-1]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
-    assert chunks[-1]["usage"]["completion_tokens"] == plain["usage"]["completion_tokens"]
+    assert all("usage" not in c for c in chunks)  # as OpenAI: no usage unless asked for
+    # stream_options.include_usage: OpenAI's shape, a last chunk with no choices (clients read usage there)
+    with client.stream("POST", "/v1/chat/completions", json=body | {"stream_options": {"include_usage": True}}) as r:
+        counted = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert counted[-1]["choices"] == [] and counted[-1]["usage"] == plain["usage"]
+    assert all(c["usage"] is None for c in counted[:-1]) and counted[-2]["choices"][0]["finish_reason"]
+    refused = ask(client, messages, stream_options={"include_usage": True})
+    assert refused.status_code == 400 and "stream_options applies to streamed answers only" in refused.text
 
 
 def test_streamed_pieces_join_to_the_stripped_answer_the_session_saves():

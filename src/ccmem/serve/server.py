@@ -92,6 +92,12 @@ UNSUPPORTED = (
 NULL_MEANS_DEFAULT = ("temperature", "top_p", "n", "stream", "stop", "max_tokens", "max_completion_tokens", "seed")
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = Field(default=False, description="a last chunk, with no choices, carries the usage")
+
+
 class ChatRequest(BaseModel):
     """OpenAI's chat completion request (the fields ccmem uses; others are accepted and ignored)."""
 
@@ -107,6 +113,7 @@ class ChatRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     n: int = Field(default=1, ge=1, le=1, description="ccmem answers with one choice")
     stream: bool = False
+    stream_options: StreamOptions | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1, description="the random stream of sampling")
     stop: str | list[str] | None = Field(default=None, description="up to 4 strings that end the answer")
     user: str | None = None
@@ -120,6 +127,8 @@ class ChatRequest(BaseModel):
         if not isinstance(data, dict):
             return data
         data = {k: v for k, v in data.items() if not (k in NULL_MEANS_DEFAULT and v is None)}
+        if data.get("stream_options") is not None and not data.get("stream"):
+            raise ValueError("stream_options applies to streamed answers only; set stream to true or leave it out")
         for key in UNSUPPORTED:
             if data.get(key) is not None and _unsupported(key, data[key]):
                 raise ValueError(
@@ -394,7 +403,14 @@ def create_app(engine: Engine, *, tokens: Sequence[str] = ()) -> FastAPI:
         created = int(time.time())
         if body.stream:  # the background task frees the session even if the stream never starts
             return StreamingResponse(
-                _events(ident, created, engine.model_id, answer, pieces),
+                _events(
+                    ident,
+                    created,
+                    engine.model_id,
+                    answer,
+                    pieces,
+                    usage=body.stream_options is not None and body.stream_options.include_usage,
+                ),
                 media_type="text/event-stream",
                 background=BackgroundTask(pieces.aclose),
             )
@@ -458,16 +474,21 @@ def _completion(ident: str, created: int, model: str, answer: Answer) -> ChatCom
     )
 
 
-async def _events(ident: str, created: int, model: str, answer: Answer, pieces: AnswerPieces) -> AsyncIterator[str]:
-    """Server-sent events as OpenAI streams them: a role chunk, content chunks, a finish chunk, ``[DONE]``."""
+async def _events(
+    ident: str, created: int, model: str, answer: Answer, pieces: AnswerPieces, *, usage: bool = False
+) -> AsyncIterator[str]:
+    """Server-sent events as OpenAI streams them: a role chunk, content chunks, a finish chunk (with ccmem's memory
+    info), with ``usage`` a last chunk of no choices that carries the token counts (``usage: null`` before), then
+    ``[DONE]``."""
 
-    def chunk(delta: dict[str, str], finish: str | None = None, **extra: Any) -> str:
+    def chunk(delta: dict[str, str] | None, finish: str | None = None, **extra: Any) -> str:
         body = {
             "id": ident,
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}],
+            **({"usage": None} if usage else {}),
             **extra,
         }
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
@@ -481,7 +502,9 @@ async def _events(ident: str, created: int, model: str, answer: Answer, pieces: 
             yield f"data: {json.dumps({'error': {'message': str(err), 'type': 'server_error', 'code': None}})}\n\n"
             return
         info = _completion(ident, created, model, answer)
-        yield chunk({}, answer.finish_reason, usage=info.usage.model_dump(), ccmem=info.ccmem.model_dump())
+        yield chunk({}, answer.finish_reason, ccmem=info.ccmem.model_dump())
+        if usage:
+            yield chunk(None, usage=info.usage.model_dump())
         yield "data: [DONE]\n\n"
     finally:  # a client gone mid-stream: stop generating, free the session (unsaved)
         await pieces.aclose()
