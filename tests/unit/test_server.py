@@ -199,6 +199,21 @@ def test_session_endpoints_list_and_delete(client):
 # ---------------------------------------------------------------- without a session
 
 
+def test_prompt_tokens_count_what_was_read_chat_template_included(client, engine):
+    """usage.prompt_tokens counted only the messages' own text ('Hi' was 1 token); the template is read too."""
+    assert client.post("/v1/sessions", json={"name": "u"}).status_code == 201
+    first = ask(client, [user("Hi")], session="u").json()
+    assert first["usage"]["prompt_tokens"] == engine.base.fork().query_ids([user("Hi")]).shape[1]
+    a1 = first["choices"][0]["message"]["content"]
+    second = ask(client, [user("Hi"), assistant(a1), user("Hi again"), assistant("ok"), user("bye")], session="u")
+    mirror = engine.base.fork()  # the same conversation through the Python API
+    mirror.remember("Hi", a1)
+    fold = mirror.format.delta(mirror.history, [user("Hi again"), assistant("ok")])
+    mirror.remember("Hi again", "ok")
+    read = len(engine.base.lm.tokenizer.encode(fold)) + mirror.query_ids([user("bye")]).shape[1]
+    assert second.json()["usage"]["prompt_tokens"] == read
+
+
 def test_without_a_session_the_longest_known_prefix_is_reused(client, engine):
     q1 = ask(client, [user("I live in Oslo")]).json()["choices"][0]["message"]["content"]
     convo = [user("I live in Oslo"), assistant(q1), user("where do I live")]

@@ -397,6 +397,17 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
 
+    @staticmethod
+    def _rendered(session: CompressedLM, history: Sequence[Message], messages: Sequence[Message]) -> int:
+        """Tokens of ``messages`` as compressing them after ``history`` reads them: the chat template's rendering
+        of each group a chat compresses at once (:func:`_group_turns`)."""
+        held, count = list(history), 0
+        for group in _group_turns(messages):
+            text = session.format.delta(held, group)
+            count += len(session.lm.tokenizer.encode(text, add_special_tokens=False))
+            held += group
+        return count
+
     def _count(self, session: CompressedLM, messages: Sequence[Message]) -> int:
         return sum(len(session.lm.tokenizer.encode(m["content"], add_special_tokens=False)) for m in messages)
 
@@ -468,6 +479,7 @@ class Engine:
                 f"max_tokens is {params.max_new_tokens}, this server allows at most {self.limits.max_new_tokens}"
             )
         answer = Answer(session=session)
+        read_system = 0
         lock = self._lock(owner, session) if session is not None else None
         if lock is not None:
             await lock.__aenter__()
@@ -491,15 +503,21 @@ class Engine:
                 # a system prompt not read before is read by this request: it counts, and is refused before
                 # any work when it alone is over the limit
                 answer.prompt_tokens = self._count_new_system(system)
+                if answer.prompt_tokens:  # reported as read: the system turn as the template renders it
+                    read_system = self._rendered(self.base, [], [{"role": "system", "content": str(system)}])
                 state, reused = await self._from_prefix(owner, system, before)
                 fold = before[reused:]
                 answer.reused_messages = reused
             answer.prompt_tokens += self._count(state, [*fold, query])
             self._check_input(answer.prompt_tokens)
+            read_fold = self._rendered(state, state.history, fold)
             await self.worker.fold(state, _group_turns(fold))
             if session is None:
                 self._remember_prefix(owner, system, before, state)
             query_ids = await self.worker.call(lambda: self._query(state, query, params))
+            # usage counts every token this request read, chat template included (the limit above is checked
+            # on the messages' own tokens, before any work)
+            answer.prompt_tokens = read_system + read_fold + int(query_ids.shape[1])
         except BaseException:
             if lock is not None:
                 await lock.__aexit__(None, None, None)
