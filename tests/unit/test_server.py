@@ -577,6 +577,12 @@ def test_a_top_p_below_float_precision_keeps_the_most_likely_token():
     assert Sampling(temperature=2.0, top_p=5e-324).pick(logits, torch.Generator().manual_seed(0)) == 1
 
 
+def test_a_token_limit_over_the_servers_is_named_as_the_client_gave_it(client):
+    for field in ("max_tokens", "max_completion_tokens"):
+        reply = ask(client, [user("hi")], **{field: 10_000})
+        assert reply.status_code == 400 and f"{field} is 10000, this server allows at most 16" in reply.text
+
+
 def test_sampling_without_a_seed_varies_and_with_one_repeats(client):
     """Unseeded sampling always started from torch's one default seed: 'random' answers were the same every time."""
     body = {"temperature": 1.5, "max_tokens": 12}

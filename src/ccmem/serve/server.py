@@ -391,8 +391,12 @@ def create_app(engine: Engine, *, tokens: Sequence[str] = ()) -> FastAPI:
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise ApiError(400, "stop takes at most 4 non-empty strings", "invalid_stop")
+        asked = body.max_completion_tokens or body.max_tokens
+        if asked is not None and asked > limits.max_new_tokens:
+            which = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+            raise ApiError(400, f"{which} is {asked}, this server allows at most {limits.max_new_tokens}", "too_many")
         params = Params(
-            max_new_tokens=body.max_completion_tokens or body.max_tokens or min(256, limits.max_new_tokens),
+            max_new_tokens=asked or min(256, limits.max_new_tokens),
             temperature=body.temperature,
             top_p=body.top_p,
             seed=body.seed,
