@@ -9,11 +9,13 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -21,7 +23,7 @@ from ccmem.adapter import Adapter, adapter_path, load_adapter, options_with_adap
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat, Message, TextStream, check_messages
 from ccmem.generation import Sampling, decode, decode_batch
 from ccmem.loading import DEFAULT_MODEL, AttentionError, LoadedModel, load_model
-from ccmem.memory import Memory, MemoryMismatchError
+from ccmem.memory import Memory, MemoryMismatchError, check_meta
 from ccmem.methods.base import Method, add_rows, logits_for, padding_is_exact, read_batch
 from ccmem.registry import DEFAULT_METHOD, get_method, method_class
 from ccmem.stage1 import merge_stage1
@@ -57,6 +59,13 @@ def make_room(lm: LoadedModel, memory: Memory, n_new: int) -> Memory:
     if limit is None or memory.next_position + n_new <= limit:
         return memory
     held = max(memory.slots_per_layer, default=0)
+    if n_new > limit - memory.sink:
+        raise ContextTooLongError(
+            f"{n_new} new tokens at once (with room for the answer, when generating) and the {memory.sink}-token "
+            f"system prompt need {n_new + memory.sink} positions, but the model allows {limit}, whatever the memory "
+            "keeps: add the text in parts (several add() calls; each part is compressed before the next is read), "
+            "ask for fewer new tokens, or start a new conversation (Python: reset())"
+        )
     if held + n_new > limit:
         raise ContextTooLongError(
             f"{n_new} new tokens after the {held} slots this memory holds need {held + n_new} positions, but the "
@@ -72,6 +81,21 @@ def make_room(lm: LoadedModel, memory: Memory, n_new: int) -> Memory:
         ) from None
     logger.info("positions re-based: %d slots moved from up to %d to 0..%d", held, memory.next_position, held - 1)
     return compact_positions(memory, freqs)
+
+
+T = TypeVar("T")
+
+
+def _one_at_a_time(method: Callable[..., T]) -> Callable[..., T]:
+    """Calls that read or change a session's memory run one after another on that session: threads sharing one
+    session (a web app's handlers) lost turns when two folds read the same memory and the last write won."""
+
+    @functools.wraps(method)
+    def serialized(self: CompressedLM, *args: Any, **kwargs: Any) -> T:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return serialized
 
 
 class CompressedLM:
@@ -99,6 +123,7 @@ class CompressedLM:
         self.format = ChatFormat(lm.tokenizer)
         self.system_prompt = system_prompt
         self.sink = sink
+        self._lock = threading.RLock()  # calls on one session take turns (see _one_at_a_time)
         self.reset()
 
     @property
@@ -108,6 +133,7 @@ class CompressedLM:
 
     # ------------------------------------------------------------------ memory
 
+    @_one_at_a_time
     def reset(self) -> None:
         """Forget everything but the system prompt."""
         self.history: list[Message] = []
@@ -122,6 +148,7 @@ class CompressedLM:
                 self._fold(ids)
             self.history = system
 
+    @_one_at_a_time
     def add(self, context: str | Message | Sequence[Message]) -> Memory:
         """Compress new context: chat messages (formatted with the chat template) or plain text."""
         if isinstance(context, str):
@@ -140,6 +167,7 @@ class CompressedLM:
         self.history = self.history + messages  # only once the turns are really in memory
         return memory
 
+    @_one_at_a_time
     def add_ids(self, ids: torch.Tensor | Sequence[int]) -> Memory:
         """Compress context given as token ids (the method decides how to cut it)."""
         ids = self._check_ids(ids, "context")
@@ -177,10 +205,12 @@ class CompressedLM:
         """Fold a finished exchange into memory (what a chat does after each answer)."""
         return self.add([{"role": "user", "content": user}, {"role": "assistant", "content": assistant}])
 
+    @_one_at_a_time
     def restore(self, memory: Memory, history: Sequence[Message]) -> None:
         """Continue an interaction saved elsewhere (a session store): ``memory`` must be this model's and
         method's, ``history`` the transcript (system prompt first, if any) whose turns it holds."""
         memory.check(self.lm.kv_shape, where="the restored memory")
+        check_meta(memory.meta, self.method.memory_meta(self.lm), "the restored memory")
         self._check_state(memory, "the restored memory")
         messages = check_messages(list(history))
         if messages and messages[0]["role"] == "system" and memory.sink:
@@ -210,8 +240,10 @@ class CompressedLM:
         """A session with the same model, method and (immutable) memory whose later changes are its own."""
         twin = copy.copy(self)
         twin.history = list(self.history)
+        twin._lock = threading.RLock()
         return twin
 
+    @_one_at_a_time
     def save_memory(self, path: str | os.PathLike[str], dtype: str | None = None) -> Path:
         """Write the memory (safetensors, atomic) with the identity of this model and method.
 
@@ -228,6 +260,7 @@ class CompressedLM:
             memory.meta["conversation_started"] = "true"
         return memory.save(path, dtype=dtype)
 
+    @_one_at_a_time
     def load_memory(self, path: str | os.PathLike[str]) -> Memory:
         """Replace the memory by a saved one; refuse one made by another model, method or adapter, or a damaged one.
 
@@ -267,6 +300,7 @@ class CompressedLM:
             raise ValueError("the prompt is empty")
         return self._ids(self.format.delta(self.history, messages, generation_prompt=True))
 
+    @_one_at_a_time
     def stream_ids(
         self,
         query: torch.Tensor | Sequence[int],
@@ -288,6 +322,7 @@ class CompressedLM:
         stops = self.format.stop_ids() if stop_ids is None else stop_ids
         return decode(self.lm, self.method, self.memory, query, max_new_tokens, sampling=sampling, stop_ids=stops)
 
+    @_one_at_a_time
     def score_ids(
         self, query: torch.Tensor | Sequence[int], options: Sequence[Sequence[int]], *, reduce: str = "sum"
     ) -> list[float]:

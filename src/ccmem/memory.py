@@ -475,6 +475,23 @@ def memory_meta(path: str | os.PathLike[str]) -> dict[str, str]:
     return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
+def check_meta(meta: dict[str, str], expect: dict[str, str], where: str) -> None:
+    """Refuse (:class:`MemoryMismatchError`) a memory whose identity ``meta`` differs from ``expect`` (the model,
+    stage-1 LoRA, method, its options and adapter of the session that would use it)."""
+    for key, wanted in expect.items():
+        found = meta.get(key, "")  # a key older memories lack reads as empty, like stage1 on plain weights
+        if found != wanted and key == "model" and meta.get("model_name"):
+            raise MemoryMismatchError(
+                f"{where} was made with model {meta['model_name']!r} (weights {found}), not with this one "
+                f"(weights {wanted}); load it with that model (--model {meta['model_name']})"
+            )
+        if found != wanted:
+            raise MemoryMismatchError(
+                f"{where} was made with {key}={found!r}, but this session has {key}={wanted!r}; use it with the "
+                "same model, stage-1 LoRA, method, method options and adapter that made it"
+            )
+
+
 def _read_compact(path: str | os.PathLike[str], expect: dict[str, str] | None) -> CompactMemory:
     """A memory file as stored, its header, identity and storage validated (the key/value tensors themselves are
     checked by :meth:`Memory.check` once expanded)."""
@@ -504,18 +521,7 @@ def _read_compact(path: str | os.PathLike[str], expect: dict[str, str] | None) -
         raise MemoryMismatchError(f"memory {path}: its metadata is not valid JSON") from None
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise MemoryMismatchError(f"memory {path}: its metadata must map names to strings")
-    for key, wanted in (expect or {}).items():
-        found = meta.get(key, "")  # a key older memories lack reads as empty, like stage1 on plain weights
-        if found != wanted and key == "model" and meta.get("model_name"):
-            raise MemoryMismatchError(
-                f"memory {path} was made with model {meta['model_name']!r} (weights {found}), not with this one "
-                f"(weights {wanted}); load it with that model (--model {meta['model_name']})"
-            )
-        if found != wanted:
-            raise MemoryMismatchError(
-                f"memory {path} was made with {key}={found!r}, but this model has {key}={wanted!r}; "
-                "load it with the same model, stage-1 LoRA, method and adapter that wrote it"
-            )
+    check_meta(meta, expect or {}, f"memory {path}")
     n_layers = len([n for n in names if n.startswith("layers.") and n.endswith(".keys")])
     first = tensors.get("layers.0.keys")
     # files written before storage precisions (version 2 without "storage") hold keys/values as computed

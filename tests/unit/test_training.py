@@ -257,7 +257,7 @@ def test_stage1_lora_then_stage2_on_top_and_load_path_for_another_model_is_refus
     # A memory made on the stage-1 weights is refused by the plain model, whose keys and values differ.
     on_stage1.remember("I live in Oslo.", "Noted!")
     memory = on_stage1.save_memory(tmp_path / "m.safetensors")
-    with pytest.raises(MemoryMismatchError, match=r"stage1='[0-9a-f]+', but this model has stage1=''"):
+    with pytest.raises(MemoryMismatchError, match=r"stage1='[0-9a-f]+', but this session has stage1=''"):
         load(tiny_model(), "ccm-concat").load_memory(memory)
     load(tiny_model(), "ccm-concat", adapter=stage2.output, stage1=stage1.run_dir).load_memory(memory)
     # An adapter trained without stage 1 may start a stage-2 run: the result belongs to the stage-1 weights.

@@ -21,6 +21,7 @@ handle it without knowing what is inside.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import typing
 import weakref
 from abc import ABC, abstractmethod
@@ -39,6 +40,20 @@ from ccmem.options import type_name
 
 #: The model each method is attached to right now (weak: a dropped model is forgotten).
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, Method] = weakref.WeakKeyDictionary()
+#: One lock per model: threads take turns at it (a thread's forward must not run under another method's hooks).
+_MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The lock every :meth:`Method.attached` scope on ``model`` holds: re-entrant for the thread holding it, so
+    nested scopes work, while another thread waits for the scope to end."""
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
+
 
 KINDS = ("baseline", "learned", "training-free")
 
@@ -278,27 +293,30 @@ class Method(ABC):
 
         ``reading=True``: the scope only reads with a memory; methods that do not change reading
         (:meth:`changes_reading`) then attach nothing. Re-entrant for the same method; another method attached
-        to the same model at the same time is refused.
+        to the same model at the same time in the same thread is refused. Threads sharing a model take turns:
+        each scope holds the model's lock (:func:`model_lock`), so one thread's forward never runs under the
+        hooks another thread installed.
         """
         self.check_model(lm)
-        if reading and not self.changes_reading(lm):
-            yield
-            return
-        model = lm.model
-        current = _ATTACHED.get(model)
-        if current is self:
-            yield
-            return
-        if current is not None:
-            raise RuntimeError(
-                f"the model is in use by method {current.name!r}; finish that call before using {self.name!r} "
-                "(methods share a model one after another, not at the same time)"
-            )
-        with ExitStack() as stack:
-            _ATTACHED[model] = self
-            stack.callback(_ATTACHED.pop, model, None)
-            self.install(lm, stack)
-            yield
+        with model_lock(lm.model):
+            if reading and not self.changes_reading(lm):
+                yield
+                return
+            model = lm.model
+            current = _ATTACHED.get(model)
+            if current is self:
+                yield
+                return
+            if current is not None:
+                raise RuntimeError(
+                    f"the model is in use by method {current.name!r}; finish that call before using {self.name!r} "
+                    "(methods share a model one after another, not at the same time)"
+                )
+            with ExitStack() as stack:
+                _ATTACHED[model] = self
+                stack.callback(_ATTACHED.pop, model, None)
+                self.install(lm, stack)
+                yield
 
     def check_model(self, lm: LoadedModel) -> None:
         """Refuse a kind of model this method does not run on (an encoder-decoder model, unless
