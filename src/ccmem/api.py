@@ -354,20 +354,45 @@ class CompressedLM:
         scores = self.score(prompt, options, reduce=reduce)
         return max(range(len(scores)), key=scores.__getitem__)
 
-    def stream(self, prompt: str | Sequence[Message], max_new_tokens: int = 64, **kwargs: Any) -> Iterator[str]:
-        """Yield the answer to ``prompt`` as text pieces while it is generated."""
+    def stream(
+        self,
+        prompt: str | Sequence[Message],
+        max_new_tokens: int = 64,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> Iterator[str]:
+        """Yield the answer to ``prompt`` as text pieces while it is generated (greedy by default; ``temperature``,
+        ``top_p`` and ``seed`` as in :meth:`stream_ids`)."""
+        tokens = self.stream_ids(
+            self.query_ids(prompt), max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+        )  # made here, so that a wrong argument is said at the call, not at the first piece
+        return self._pieces(tokens)
+
+    def _pieces(self, tokens: Iterator[int]) -> Iterator[str]:
         stops = self.format.stop_ids()
         text = TextStream(self.lm.tokenizer)
-        for token in self.stream_ids(self.query_ids(prompt), max_new_tokens, **kwargs):
+        for token in tokens:
             if token in stops:
                 break
             piece = text.push(token)
             if piece:
                 yield piece
 
-    def generate(self, prompt: str | Sequence[Message], max_new_tokens: int = 64, **kwargs: Any) -> str:
-        """The answer to ``prompt`` given the memory (the memory itself is not changed)."""
-        return "".join(self.stream(prompt, max_new_tokens, **kwargs)).strip()
+    def generate(
+        self,
+        prompt: str | Sequence[Message],
+        max_new_tokens: int = 64,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> str:
+        """The answer to ``prompt`` given the memory (the memory itself is not changed); sampling as in
+        :meth:`stream`."""
+        pieces = self.stream(prompt, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        return "".join(pieces).strip()
 
 
 def score_batch(
@@ -573,6 +598,11 @@ def load(
     methods that read plainly, such as full and none). ``dtype``: float32 by default (flash_attention_2: bfloat16).
     A loaded model (``model=lm.lm``) can be shared by several sessions with different methods.
     """
+    if isinstance(model, CompressedLM):
+        raise ValueError(
+            "ccmem.load() takes a model, not a session: pass the session's model, ccmem.load(session.lm, ...), to "
+            "share its weights (or session.fork() for a branch of the same conversation)"
+        )
     cls = method_class(method)
     get_method(method, **method_options)  # refuse a bad option before spending time on the model
     if adapter is not None and not str(adapter).strip():

@@ -86,3 +86,13 @@ def test_one_add_longer_than_the_model_says_to_add_it_in_parts():
         session.add_ids(torch.randint(3, 90, (300,)).tolist())
     for part in range(3):  # the same text in parts goes in
         session.add_ids(torch.randint(3, 90, (100,), generator=torch.Generator().manual_seed(part)).tolist())
+
+
+def test_a_misspelt_sampling_argument_or_a_session_for_a_model_is_said_at_the_call():
+    session = ccmem.load(tiny_model(), "none", system_prompt="Hi.")
+    with pytest.raises(TypeError, match="generate"):
+        session.generate("hi", temprature=0.5)  # was a TypeError naming stream_ids(), at the first piece
+    with pytest.raises(TypeError, match="stream"):
+        session.stream("hi", temprature=0.5)
+    with pytest.raises(ValueError, match=r"not a session: pass the session's model, ccmem\.load\(session\.lm"):
+        ccmem.load(session, "full")
