@@ -99,7 +99,8 @@ class StreamOptions(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    """OpenAI's chat completion request (the fields ccmem uses; others are accepted and ignored)."""
+    """OpenAI's chat completion request: the fields ccmem uses; parameters that would change the answer and that
+    ccmem does not implement (:data:`UNSUPPORTED`) are refused; others, which change nothing, pass."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -124,6 +125,7 @@ class ChatRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _openai_defaults(cls, data: Any) -> Any:
+        """A null is the default; stream_options needs stream; an unsupported parameter that is set is refused."""
         if not isinstance(data, dict):
             return data
         data = {k: v for k, v in data.items() if not (k in NULL_MEANS_DEFAULT and v is None)}
@@ -394,7 +396,8 @@ def create_app(engine: Engine, *, tokens: Sequence[str] = ()) -> FastAPI:
         asked = body.max_completion_tokens or body.max_tokens
         if asked is not None and asked > limits.max_new_tokens:
             which = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-            raise ApiError(400, f"{which} is {asked}, this server allows at most {limits.max_new_tokens}", "too_many")
+            message = f"{which} is {asked}, this server allows at most {limits.max_new_tokens}"
+            raise ApiError(400, message, "max_tokens_too_large")
         params = Params(
             max_new_tokens=asked or min(256, limits.max_new_tokens),
             temperature=body.temperature,
