@@ -108,6 +108,17 @@ def file_hash(path: Path) -> str:
 def read_adapter(path: str | os.PathLike[str]) -> Adapter:
     """Read an adapter file; a file that is not one is refused with what it is instead."""
     path = Path(path)
+    if path.is_dir():  # a run's folder, or one of its checkpoints
+        inside = path / "adapter.safetensors"
+        if inside.is_file():
+            raise FileNotFoundError(f"{path} is a folder; its adapter is {inside}: pass that file")
+        if path.name.startswith("checkpoint-"):
+            raise FileNotFoundError(
+                f"{path} is a training checkpoint, not an adapter: write one from it with `ccmem train <the run's "
+                f"preset and overrides> --export-checkpoint {path.name.removeprefix('checkpoint-')}` and pass the "
+                "file it names"
+            )
+        raise FileNotFoundError(f"{path} is a folder, not an adapter file (a .safetensors written by ccmem train)")
     if not path.is_file():
         raise FileNotFoundError(f"no adapter file at {path}")
     try:

@@ -478,8 +478,15 @@ def memory_meta(path: str | os.PathLike[str]) -> dict[str, str]:
 def check_meta(meta: dict[str, str], expect: dict[str, str], where: str) -> None:
     """Refuse (:class:`MemoryMismatchError`) a memory whose identity ``meta`` differs from ``expect`` (the model,
     stage-1 LoRA, method, its options and adapter of the session that would use it)."""
-    for key, wanted in expect.items():
+    first = ("model", "stage1", "method", "adapter")  # an adapter carries its options: name it before them
+    for key in sorted(expect, key=lambda k: first.index(k) if k in first else len(first)):
+        wanted = expect[key]
         found = meta.get(key, "")  # a key older memories lack reads as empty, like stage1 on plain weights
+        if found != wanted and key == "adapter":
+            raise MemoryMismatchError(
+                f"{where} was made with adapter {found}, but this session runs adapter {wanted}; use the adapter "
+                "that made it (--adapter PATH; the hash is the first 16 hex digits of its sha256)"
+            )
         if found != wanted and key == "model" and meta.get("model_name"):
             raise MemoryMismatchError(
                 f"{where} was made with model {meta['model_name']!r} (weights {found}), not with this one "

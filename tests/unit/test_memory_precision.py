@@ -345,3 +345,18 @@ def test_a_memory_whose_sink_is_not_its_system_prompt_is_refused_at_load_and_res
         fresh.restore(edited, made.history)
     fresh.load_memory(made.save_memory(tmp_path / "ok.safetensors"))  # the unedited file loads
     fresh.restore(made.memory, made.history)
+
+
+def test_a_memory_of_another_adapter_names_the_adapter_not_an_option_it_set(tmp_path):
+    """`ccmem ask` without the --adapter that made the memory blamed n_tok (which the adapter sets)."""
+    made = session("ccm-concat")
+    path = made.save_memory(tmp_path / "m.safetensors")
+
+    def other_adapter(meta, tensors):
+        edited = meta["meta"].replace('"n_tok": "2"', '"n_tok": "4"')
+        meta["meta"] = edited.replace('"adapter": "untrained"', '"adapter": "0123abcd"')
+
+    _edit_int8_file(path, other_adapter)
+    fresh = CompressedLM(made.lm, made.method, system_prompt="sys")
+    with pytest.raises(MemoryMismatchError, match="was made with adapter 0123abcd, but this session runs adapter"):
+        fresh.load_memory(path)

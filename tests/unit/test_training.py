@@ -535,3 +535,32 @@ def test_one_data_file_for_both_splits_is_warned(tmp_path, caplog):
     assert "4 of 4 validation samples are also training samples" in caplog.text
     held_out = persona.write_jsonl(tmp_path / "held.jsonl", list(persona.generate(3, "validation")))
     assert warn_shared_samples(samples("train"), samples("validation", held_out)) == 0
+
+
+def test_adapters_from_a_users_own_training_files_are_named_so_and_misgiven_adapters_say_what_to_pass(
+    tmp_path, monkeypatch, capsys
+):
+    """A run's folder or checkpoint given as --adapter said only 'no adapter file'; rows said an adapter trained on
+    the user's files was trained on the generator of that name; an --adapter for a method not run was ignored."""
+    from ccmem.data import persona
+    from ccmem.eval.harness import adapter_provenance, check_adapters
+    from ccmem.options import OptionError
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "validation"):
+        persona.write_jsonl(data / f"{split}.jsonl", list(persona.generate(16 if split == "train" else 4, split)))
+    config = _config(tmp_path, "train.max_steps=2", f"data.path={data}")
+    result = train(config, lm=tiny_model())
+    session = load(tiny_model(), "ccm-concat", adapter=result.output, system_prompt="Hi.")
+    assert adapter_provenance(session)[1] == f"persona (files:{data})"
+    with pytest.raises(FileNotFoundError, match=r"is a folder; its adapter is .*adapter\.safetensors: pass that file"):
+        load(tiny_model(), "ccm-concat", adapter=config.run_dir)
+    with pytest.raises(FileNotFoundError, match=r"is a training checkpoint, not an adapter: .*--export-checkpoint 2"):
+        load(tiny_model(), "ccm-concat", adapter=config.run_dir / "checkpoint-2")
+    with pytest.raises(OptionError, match="--adapter names ccm-concat, which this run does not run"):
+        check_adapters("tiny", ["full", "none"], {}, {"ccm-concat": result.output})
+    (data / "validation.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no validation file .*data\.eval_path=FILE"):
+        train(_config(tmp_path, "train.max_steps=2", f"data.path={data}", "run_id=fails"), lm=tiny_model())
+    assert not (tmp_path / "fails").exists()  # a run that failed before training leaves no folder behind

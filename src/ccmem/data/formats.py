@@ -99,7 +99,12 @@ def split_file(folder: Path, split: str, suffixes: tuple[str, ...] = (".jsonl", 
         p for p in candidates if named(p.relative_to(folder).as_posix())
     )
     if not found:
-        raise FileNotFoundError(f"no {split} file ({'/'.join(names)} with {', '.join(suffixes)}) in {folder}")
+        hint = (
+            "; add one, or name a held-out file with data.eval_path=FILE (ccmem eval: --path FILE)"
+            if split == "validation"
+            else ""
+        )
+        raise FileNotFoundError(f"no {split} file ({'/'.join(names)} with {', '.join(suffixes)}) in {folder}{hint}")
     if len(found) > 1:
         logger.warning(
             "%s: %d files could be the %s split (%s); reading %s only: pass the file itself to choose",

@@ -196,7 +196,11 @@ def adapter_provenance(session: CompressedLM) -> tuple[str, str]:
     """(adapter hash, "untrained" or "-"; the dataset it was trained on) for the row."""
     if session.adapter is None:
         return ("untrained" if session.method.kind == "learned" else "-"), "-"
-    return session.adapter.hash, session.adapter.train_dataset
+    trained_on = session.adapter.train_dataset
+    version = str(session.adapter.extra.get("data_version", ""))
+    if version.startswith("files:"):  # the user's own files, not the generator of that name
+        trained_on = f"{trained_on} ({version})"
+    return session.adapter.hash, trained_on
 
 
 def options_for(name: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -436,6 +440,12 @@ def check_adapters(
     a recurrent adapter): otherwise the methods before it ran and wrote their rows first."""
     from ccmem.adapter import adapter_path, options_with_adapter, read_adapter
 
+    unused = sorted(set(adapters or {}) - set(methods))
+    if unused:
+        raise OptionError(
+            f"--adapter names {', '.join(unused)}, which this run does not run (methods: {', '.join(methods)}); "
+            "add it to --methods or drop that --adapter"
+        )
     for name in methods:
         path = adapter_path(model_name, name, (adapters or {}).get(name))
         if path is not None and method_class(name).trainable:

@@ -422,6 +422,9 @@ def run_lock(config: TrainConfig) -> Iterator[None]:
         try:
             yield
         finally:
+            if [p.name for p in config.run_dir.iterdir()] == [".lock"]:  # failed before anything was written
+                (config.run_dir / ".lock").unlink()
+                config.run_dir.rmdir()
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
