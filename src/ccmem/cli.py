@@ -765,7 +765,6 @@ def _eval_data(examples: list, *, path: Path | None, source: str, generator: dic
     """What the examples are, for the rows' config hash: a digest of their content when the user's files or
     generator settings other than ``ccmem eval``'s defaults made them; the default data gives ``{}`` (older rows
     keep their hash)."""
-
     from ccmem.data.records import examples_digest
 
     defaults = inspect.signature(eval_command).parameters
