@@ -353,7 +353,8 @@ def chat(
                 f"({session.system_prompt!r}); --system applies to new sessions[/]",
                 highlight=False,
             )
-    console.print(f"[bold]ccmem chat[/] ({model}, {method}). /help for commands, /quit to leave.")
+    which = f", adapter {session.adapter.hash} ({session.adapter.path})" if session.adapter is not None else ""
+    console.print(f"[bold]ccmem chat[/] ({model}, {method}{which}). /help for commands, /quit to leave.")
     run_chat(session, console, max_new_tokens=max_new_tokens, temperature=temperature, binding=binding)
 
 

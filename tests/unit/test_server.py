@@ -577,6 +577,19 @@ def test_a_top_p_below_float_precision_keeps_the_most_likely_token():
     assert Sampling(temperature=2.0, top_p=5e-324).pick(logits, torch.Generator().manual_seed(0)) == 1
 
 
+def test_health_names_the_adapter_that_answers(tmp_path):
+    from tests.unit.test_sessions import adapter_file
+
+    lm = tiny_model("llama-gqa", positions=2048)
+    path = adapter_file(lm, tmp_path, seed=3)
+    base = ccmem.load(lm, method="ccm-concat", n_tok=2, adapter=path)
+    engine = Engine(base, SessionStore(tmp_path / "store"), model_id=MODEL, limits=Limits())
+    with TestClient(create_app(engine)) as client:
+        health = client.get("/health").json()
+    engine.close()
+    assert health["adapter"] == base.adapter.hash and str(tmp_path) not in json.dumps(health)
+
+
 def test_a_token_limit_over_the_servers_is_named_as_the_client_gave_it(client):
     for field in ("max_tokens", "max_completion_tokens"):
         reply = ask(client, [user("hi")], **{field: 10_000})

@@ -605,7 +605,9 @@ class Engine:
             self._prefixes.popitem(last=False)
 
     def stats(self) -> dict[str, Any]:
+        adapter = self.base.adapter
         return {
+            "adapter": None if adapter is None else adapter.hash,  # which weights answer (no path: /health is open)
             "sessions": self.store.count(),
             "live_sessions": len(self._live),
             "prefix_cache": len(self._prefixes),
