@@ -389,3 +389,20 @@ def test_report_shows_a_rerun_measurement_once(monkeypatch, capsys, tmp_path):
     assert code == 0 and "1 rows were measured again later (reruns)" in out
     lines = [line for line in (tmp_path / "report" / "report.md").read_text().splitlines() if line.startswith("| ")]
     assert [line.split("|")[1].strip() for line in lines[1:]] == ["full", "none"] and "0.250" in lines[1]
+
+
+def test_reports_name_each_rows_options_and_write_plain_json(tmp_path):
+    """Two snapkv rows of other ratios read the same in report.md; report.csv held Python reprs; a NaN made the
+    rows file invalid JSON for strict parsers."""
+    from ccmem.eval.harness import append_row
+
+    low, high = _row("snapkv", "aaa", 10), _row("snapkv", "aaa", 10)
+    low.options, high.options = {"ratio": 0.25}, {"ratio": 0.5}
+    high.perplexity = float("nan")
+    text = markdown([low, high])
+    assert "| snapkv (ratio=0.25) |" in text and "| snapkv (ratio=0.5) |" in text
+    write_report([low, high], tmp_path, metric="accuracy")
+    assert '"{""ratio"": 0.25}"' in (tmp_path / "report.csv").read_text()  # JSON inside a CSV cell
+    append_row(tmp_path / "rows.jsonl", high)
+    assert json.loads((tmp_path / "rows.jsonl").read_text())["perplexity"] is None
+    assert "NaN" not in (tmp_path / "rows.jsonl").read_text()

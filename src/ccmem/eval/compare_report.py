@@ -153,14 +153,19 @@ def plot_quality(rows: Sequence[EvalRow], task: str, path: Path) -> Path:
     plt = _pyplot()
     metric = _metric(rows, task)
     fig, ax = plt.subplots(figsize=(7.2, 4.6))
-    names = sorted({r.method for r in rows})
-    baselines = sorted((n for n in names if method_class(n).kind == "baseline"), key=lambda n: -_bytes(rows, n))
-    for name in names:
-        points = sorted((r.memory_bytes / 1024, _value(r, metric)) for r in rows if r.method == name)
+    lines: dict[str, list[EvalRow]] = {}  # one line per method as the tables name it (variants apart)
+    for r in rows:
+        lines.setdefault(display_method(r), []).append(r)
+    kinds = {name: method_class(group[0].method).kind for name, group in lines.items()}
+    baselines = sorted(
+        (n for n in lines if kinds[n] == "baseline"), key=lambda n: -_bytes(lines[n], lines[n][0].method)
+    )
+    for name in sorted(lines):
+        points = sorted((r.memory_bytes / 1024, _value(r, metric)) for r in lines[name])
         points = [(x, y) for x, y in points if y is not None]
         if not points:
             continue
-        if method_class(name).kind == "baseline":  # full and none: reference lines
+        if kinds[name] == "baseline":  # full and none: reference lines
             shade = "black" if name == baselines[0] else "grey"
             ax.axhline(points[0][1], linestyle="--", color=shade, linewidth=1)
             ax.annotate(name, (points[0][0], points[0][1]), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -204,6 +209,7 @@ def plot_decode(rows: Sequence[DecodeRow], path: Path) -> Path:
         ax.plot([p[0] for p in points], [p[1] for p in points], "-o", label=label)
     ax.set_xlabel("history read before decoding (tokens)")
     ax.set_ylabel("greedy decode speed (tokens/s)")
+    ax.set_ylim(bottom=0)  # differences of a few percent must not look large
     models = ", ".join(sorted({r.model for r in rows}))
     return _finish(plt, fig, ax, f"decode speed against history length ({models})", path)
 

@@ -456,7 +456,7 @@ def append_row(path: Path, row: Any) -> None:
     """Append one result row (a dataclass) as a JSON line. A write that fails (a full disk) is taken back, so the
     file keeps whole rows only; a row that an earlier crash cut short at the end of the file is dropped first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = (json.dumps(asdict(row)) + "\n").encode("utf-8")
+    data = (json.dumps(_finite(asdict(row))) + "\n").encode("utf-8")
     with path.open("ab") as f:
         end = f.seek(0, os.SEEK_END)
         whole = _whole_rows_end(path, end)
@@ -471,6 +471,17 @@ def append_row(path: Path, row: Any) -> None:
             with contextlib.suppress(OSError):
                 f.truncate(whole)
             raise OSError(err.errno, f"could not add a row to {path} ({err.strerror}); the file is as it was") from None
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities as None: JSON has no NaN, and strict parsers refuse the rows otherwise."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _whole_rows_end(path: Path, end: int) -> int:

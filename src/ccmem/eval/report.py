@@ -58,9 +58,15 @@ def markdown(rows: Sequence[EvalRow]) -> str:
     ordered = sorted(rows, key=lambda r: (r.dataset, r.label, r.memory_slots))
     lines = ["| " + " | ".join(t for _, t in keys) + " |", "|" + "---|" * len(keys)]
     for r in ordered:
-        cells = [display_method(r) if k == "method" else _cell(k, getattr(r, k)) for k, _ in keys]
+        cells = [_method_cell(r) if k == "method" else _cell(k, getattr(r, k)) for k, _ in keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _method_cell(row: EvalRow) -> str:
+    """The method with the options it ran with (two snapkv rows of other ratios looked the same)."""
+    given = ", ".join(f"{k}={v}" for k, v in sorted(row.options.items()))
+    return display_method(row) + (f" ({given})" if given else "")
 
 
 def _natural(text: str) -> list[Any]:
@@ -132,8 +138,8 @@ def write_csv(rows: Sequence[EvalRow], path: Path) -> Path:
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
-        for r in rows:
-            writer.writerow(asdict(r))
+        for r in rows:  # nested fields (extra, options) as JSON, which other tools parse, not Python's repr
+            writer.writerow({k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in asdict(r).items()})
     return path
 
 
@@ -162,9 +168,14 @@ def plot(rows: Sequence[EvalRow], path: Path, metric: str | None = None) -> Path
     if not any(getattr(r, metric) is not None for r in rows):
         raise ValueError(f"no row has {metric}; the rows have {pick_metric(rows)} (--metric {pick_metric(rows)})")
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for method in sorted({display_method(r) for r in rows}):
-        points = sorted((r.memory_slots, getattr(r, metric)) for r in rows if display_method(r) == method)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+    tables = {(r.dataset, r.label) for r in rows}
+    lines: dict[str, list[EvalRow]] = {}  # one line per method within each table (dataset and label)
+    for r in rows:
+        name = display_method(r) + (f" [{r.dataset}{f', {r.label}' if r.label else ''}]" if len(tables) > 1 else "")
+        lines.setdefault(name, []).append(r)
+    for name, members in sorted(lines.items()):
+        points = sorted((r.memory_slots, getattr(r, metric)) for r in members)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
     ax.set_xscale("log")
     ax.set_xlabel("memory (key/value slots, log scale)")
     ax.set_ylabel(metric)

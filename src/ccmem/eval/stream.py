@@ -131,7 +131,7 @@ class StreamRow:
     memory_bytes: int  # key/value bytes held between blocks, largest over the stream
     peak_kv_bytes: int  # the largest key/value cache one forward ran with
     peak_kv_bytes_1x: int  # the same over the stream's first context only
-    peak_ratio: float  # peak_kv_bytes / peak_kv_bytes_1x; NaN for a method that stopped before the end
+    peak_ratio: float | None  # peak_kv_bytes / peak_kv_bytes_1x; None for a method that stopped before the end
     perplexity: float | None  # over every token this method predicted
     perplexity_1x: float | None  # over the first context
     perplexity_after_1x: float | None  # past the first context
@@ -351,7 +351,7 @@ def run_method(
         peak_kv_bytes=stream.peak_bytes,
         peak_kv_bytes_1x=peak_1x,
         # a method that stopped early (full past its cap) has no peak over the whole stream to compare
-        peak_ratio=stream.peak_bytes / peak_1x if peak_1x and stream.tokens_read == len(ids) else math.nan,
+        peak_ratio=stream.peak_bytes / peak_1x if peak_1x and stream.tokens_read == len(ids) else None,
         perplexity=_perplexity(nll),
         perplexity_1x=_perplexity(nll[:limit]),
         perplexity_after_1x=_perplexity(nll[limit:]),
