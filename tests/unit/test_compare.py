@@ -221,6 +221,22 @@ def test_gap_closed_is_the_share_of_the_none_to_full_distance():
     assert gap_closed(worse_ppl, worse_ppl[2], "perplexity") is None
 
 
+def test_a_gap_of_one_or_two_examples_is_flagged_under_the_table():
+    """c2's persona table printed 700% gap closed where full beat none by 1 of 12 examples, without a word."""
+    from ccmem.eval.compare_report import task_table
+    from ccmem.eval.harness import EvalRow
+
+    def row(method, accuracy, n):
+        slots = {"full": 200, "none": 10}.get(method, 40)
+        return EvalRow(method, "m", "-", "-", "persona", "test", n, accuracy, None, None, None, None, slots, 1, 1, 1,
+                       1, "h")  # fmt: skip
+
+    thin = task_table([row("full", 5 / 12, 12), row("none", 4 / 12, 12), row("ccm-concat", 11 / 12, 12)], "persona")
+    assert "700%" in thin and "beats none by 1 of 12 examples only" in thin
+    wide = task_table([row("full", 0.8, 100), row("none", 0.2, 100), row("ccm-concat", 0.65, 100)], "persona")
+    assert "75%" in wide and "examples only" not in wide
+
+
 def test_a_stage1_grid_keeps_its_rows_apart_from_the_plain_models(tmp_path, monkeypatch, capsys):
     """`--stage1`: every method reads the finetuned weights (full is then the stage-1 reference); a grid cached
     on the plain model is never reused for it, nor the other way round."""

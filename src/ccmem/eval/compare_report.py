@@ -67,6 +67,25 @@ def gap_closed(rows: Sequence[EvalRow], row: EvalRow, metric: str) -> float | No
     return (value - none) / (full - none)
 
 
+def _small_gap_note(rows: Sequence[EvalRow], metric: str) -> str:
+    """A warning where full beats none by fewer than 3 examples: a share of such a gap swings by 100% or more with
+    a single example (700% was printed on 12 examples)."""
+    ends = sorted((r for r in rows if method_class(r.method).kind == "baseline" and r.budget is None),
+                  key=lambda r: r.memory_slots)  # fmt: skip
+    if metric != "accuracy" or len(ends) < 2:
+        return ""
+    full, none = _value(ends[-1], metric), _value(ends[0], metric)
+    if full is None or none is None:
+        return ""
+    examples = round((full - none) * ends[-1].examples)
+    if not 0 < examples < 3:
+        return ""
+    return (
+        f"Full context beats none by {examples} of {ends[-1].examples} examples only: 'gap closed' moves by "
+        f"{1 / examples:.0%} with each example here; evaluate more examples (--n) before reading it.\n"
+    )
+
+
 def task_table(rows: Sequence[EvalRow], task: str) -> str:
     """Markdown: one line per method, the metric at each budget (budgeted methods) or at the method's own size,
     and the share of the none -> full gap each method closes at its own size."""
@@ -93,6 +112,7 @@ def task_table(rows: Sequence[EvalRow], task: str) -> str:
         f"\n{metric} ({direction}); in brackets: mean KV slots per layer, the system prompt's included; gap closed: "
         "(method - none) / (full - none)" + (", on log perplexity" if metric == "perplexity" else "") + ".\n"
     )
+    note += _small_gap_note(rows, metric)
     return "\n".join(lines) + "\n" + note + group_table(rows, "distance")
 
 
