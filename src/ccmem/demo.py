@@ -25,7 +25,7 @@ class DemoRow:
 
     example: str
     method: str
-    adapter: str  # "trained", "untrained" or "-" (methods without an adapter)
+    adapter: str  # the adapter file's hash (as eval rows give it), "untrained", or "-" (methods without an adapter)
     question: str
     answer: str
     correct: bool  # the free-generation answer contains the expected word
@@ -43,7 +43,7 @@ def run_session(session: CompressedLM, example: Example, max_new_tokens: int) ->
         session.remember(user, assistant)
     compress_seconds = time.perf_counter() - started
     method = session.method
-    adapter = ("untrained" if session.adapter is None else "trained") if method.kind == "learned" else "-"
+    adapter = ("untrained" if session.adapter is None else session.adapter.hash) if method.kind == "learned" else "-"
     for question in example.questions:
         started = time.perf_counter()
         answer = session.generate(question.text, max_new_tokens=max_new_tokens)

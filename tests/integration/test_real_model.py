@@ -83,7 +83,10 @@ def test_demo_command_runs_offline(tmp_path):
     none = [r for r in rows if r["method"] == "none"]
     assert all(r["option_correct"] for r in full)
     assert sum(r["option_correct"] for r in none) < len(none)
-    assert all(r["adapter"] == "trained" for r in merge)  # the shipped adapter, picked up by default
+    from ccmem.adapter import read_adapter, shipped_adapter
+
+    shipped = read_adapter(shipped_adapter("smollm2-135m", "ccm-merge")).hash
+    assert all(r["adapter"] == shipped for r in merge)  # the shipped adapter, picked up by default, by its hash
     assert "untrained" not in proc.stdout
 
 
