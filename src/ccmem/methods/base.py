@@ -543,6 +543,15 @@ def positions_after(memory: Memory, layers: list, n_new: int) -> list[torch.Tens
     return concat_positions([memory.positions, new])
 
 
+def context_count(memory: Memory) -> int | None:
+    """The context tokens a memory has seen (state ``context_tokens``, kept by eviction and sparse methods), or
+    None where it holds none; a value that is no whole number >= 0 (a hand-edited file) is refused."""
+    seen = memory.state.get("context_tokens")
+    if seen is not None and (seen.numel() != 1 or seen.is_floating_point() or int(seen) < 0):
+        raise ValueError(f"its context count (state context_tokens) must be a whole number >= 0, got {seen.tolist()}")
+    return None if seen is None else int(seen)
+
+
 def check_context_ids(memory: Memory, slots_for: Callable[[int], int]) -> None:
     """:meth:`Method.check_memory` of methods that re-read the whole context at every add (gist, icformer): the
     context they keep (state ``context_ids``, token ids of shape ``(1, n)``) must be there whenever slots follow

@@ -24,7 +24,7 @@ import torch
 
 from ccmem.loading import LoadedModel
 from ccmem.memory import KV, Memory
-from ccmem.methods.base import Method, option, positions_after, read_batch, run_decoder
+from ccmem.methods.base import Method, context_count, option, positions_after, read_batch, run_decoder
 from ccmem.patching.attention import CAPTURE_KWARG, AttentionCapture, compression_attention
 
 
@@ -179,11 +179,7 @@ class KVEviction(Method):
     def check_memory(self, memory: Memory) -> None:
         """An eviction method continues from the context tokens seen so far and, per kept entry, what it carries
         (H2O's attention received): one value per layer, head and entry after the sink."""
-        seen = memory.state.get("context_tokens")
-        if seen is not None and (seen.numel() != 1 or seen.is_floating_point() or int(seen) < 0):
-            raise ValueError(
-                f"its context count (state context_tokens) must be a whole number >= 0, got {seen.tolist()}"
-            )
+        context_count(memory)
         if not memory.layers:
             return
         k = memory.layers[0][0]

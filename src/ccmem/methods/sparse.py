@@ -26,7 +26,7 @@ from torch import nn
 from ccmem.data.samples import Sample
 from ccmem.loading import LoadedModel
 from ccmem.memory import Memory
-from ccmem.methods.base import LoRAOptions, Method, logits_for, option
+from ccmem.methods.base import LoRAOptions, Method, context_count, logits_for, option
 from ccmem.modules import LoRASet, default_targets
 from ccmem.patching.attention import PLAN_KWARG, AttentionPlan, compression_attention
 from ccmem.sparse_masks import Kind, SparseLayout
@@ -165,22 +165,21 @@ class SparseMethod(Method, LoRAOptions):
         """Each kept entry after the sink carries a context index (state ``index``; a sentinel's may be the count
         of context tokens seen, state ``context_tokens``): what decides the next add's layout."""
         after = memory.num_slots - memory.sink
-        index, seen = memory.state.get("index"), memory.state.get("context_tokens")
+        index, seen = memory.state.get("index"), context_count(memory)
         if index is None:
             if after:
                 raise ValueError(f"its {after} entries after the sink carry no context index (state index)")
             return
-        if seen is None or seen.numel() != 1 or seen.is_floating_point() or int(seen) < 0:
-            got = "none" if seen is None else seen.tolist()
-            raise ValueError(f"its context count (state context_tokens) must be a whole number >= 0, got {got}")
+        if seen is None:
+            raise ValueError("its context count (state context_tokens) must be a whole number >= 0, got none")
         if index.dim() != 1 or index.is_floating_point() or index.dtype == torch.bool or index.numel() != after:
             raise ValueError(
                 f"its context index (state index) must hold one whole number per entry after the sink ({after}), "
                 f"got shape {tuple(index.shape)} {index.dtype}"
             )
-        if index.numel() and (int(index.min()) < -1 or int(index.max()) > int(seen)):  # -1: outside the context
+        if index.numel() and (int(index.min()) < -1 or int(index.max()) > seen):  # -1: outside the context
             raise ValueError(
-                f"its context index (state index) must lie in -1..{int(seen)} (the context tokens seen), got "
+                f"its context index (state index) must lie in -1..{seen} (the context tokens seen), got "
                 f"{int(index.min())}..{int(index.max())}"
             )
 
