@@ -762,7 +762,16 @@ def _adapters(specs: list[str] | None) -> dict[str, Path]:
     return adapters
 
 
-def _eval_data(examples: list, *, path: Path | None, source: str, generator: dict[str, int]) -> dict[str, str]:
+TEMPLATES_HELP = (
+    "dialogs: the fact wordings and kinds, a template file (syntax: ccmem.data.templates) or a packaged bank: "
+    "default, or wide (adds exact strings such as e-mail addresses and booking codes, other people's facts, "
+    "more corrections)."
+)
+
+
+def _eval_data(
+    examples: list, *, path: Path | None, source: str, generator: dict[str, int | str | None]
+) -> dict[str, str]:
     """What the examples are, for the rows' config hash: a digest of their content when the user's files or
     generator settings other than ``ccmem eval``'s defaults made them; the default data gives ``{}`` (older rows
     keep their hash)."""
@@ -798,6 +807,7 @@ def eval_command(
     turns: Annotated[
         int, typer.Option("--turns", min=0, help="dialogs: turns per test dialog (0: 20); --k caps the facts.")
     ] = 0,
+    templates: Annotated[str | None, typer.Option("--templates", help=TEMPLATES_HELP)] = None,
     source: Annotated[
         str,
         typer.Option(
@@ -876,6 +886,15 @@ def eval_command(
 
     if out.is_dir():
         raise OptionError(f"--out {out} is a folder; give the JSONL file the rows go to, e.g. {out / 'eval.jsonl'}")
+    if templates is not None:
+        if dataset != "dialogs" or path is not None:
+            raise OptionError("--templates shapes generated dialogs only (dataset dialogs, without --path)")
+        from ccmem.data.dialogs import load_bank
+
+        try:
+            load_bank(templates)
+        except (OSError, ValueError) as err:
+            raise OptionError(f"--templates: {err}") from None
     names = _method_list(methods, model)
     options = _options(n_tok, recurrent, option)
     check_options_apply(names, options)
@@ -899,6 +918,7 @@ def eval_command(
         k=k,
         small_talk=small_talk,
         turns=turns,
+        templates=templates,
         source=source,
         seed=seed,
     )
@@ -909,7 +929,7 @@ def eval_command(
         raise OptionError(f"{dataset} has no {split} example{f' at {path}' if path else ''}; try another --split")
     if path is not None and dataset in ("persona", "dialogs", "passages"):
         defaults = inspect.signature(eval_command).parameters
-        given = {"k": k, "small_talk": small_talk, "turns": turns, "seed": seed}
+        given = {"k": k, "small_talk": small_talk, "turns": turns, "templates": templates, "seed": seed}
         ignored = [f"--{key.replace('_', '-')}" for key, value in given.items() if value != defaults[key].default]
         if ignored:
             err_console.print(f"note: {', '.join(ignored)} shape generated dialogs; a --path file is read as written")
@@ -935,7 +955,7 @@ def eval_command(
             examples,
             path=path,
             source=source,
-            generator={"k": k, "small_talk": small_talk, "turns": turns, "seed": seed},
+            generator={"k": k, "small_talk": small_talk, "turns": turns, "templates": templates, "seed": seed},
         ),
         data_path=str(path) if path else None,
     )
@@ -1317,7 +1337,7 @@ def data(
     ] = 20,
     templates: Annotated[
         Path | None,
-        typer.Option("--templates", help="dialogs: a template file (syntax: ccmem.data.templates); default: packaged."),
+        typer.Option("--templates", help=TEMPLATES_HELP),
     ] = None,
     source: Annotated[
         str,

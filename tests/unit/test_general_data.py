@@ -248,3 +248,102 @@ def test_data_command_writes_dialogs_the_loader_reads_back_and_names_a_bad_templ
     code, text = run_cli(monkeypatch, capsys, "data", "dialogs", "-o", str(tmp_path / "e"), "--templates", str(bad))
     assert code != 0 and f"{bad}:7: unknown placeholder {{town}}" in " ".join(text.split())
     assert "Traceback" not in text
+
+
+SHARED = """\
+include: facts.txt
+kind: parents_city
+values: Quito | Tartu | Nagoya | Rabat | Perth | Graz | Leeds | Cusco | Fargo | Sapporo | Split | Ghent
+say: My parents live in {value}.
+say@validation: Mum and dad are in {value}.
+say@test: My folks settled in {value}.
+ask: Where do my parents live?
+ask@validation: Which city are my parents in?
+ask@test: Remind me where my folks live.
+kind: colleague_city
+values: Quito | Tartu | Nagoya | Rabat | Perth | Graz | Leeds | Cusco | Fargo | Sapporo | Split | Ghent
+say: My colleague works from {value}.
+say@validation: My coworker is based in {value}.
+say@test: The colleague I sit next to on calls is in {value}.
+ask: Where does my colleague work?
+ask@validation: Which city is my coworker based in?
+ask@test: Where is my colleague based again?
+"""
+
+
+def test_include_adds_another_files_kinds_and_globals_first(tmp_path):
+    write(tmp_path, SMALL)
+    bank = parse_templates(write(tmp_path, SHARED, "wide.txt"))
+    assert list(bank.kinds) == ["city", "pet", "parents_city", "colleague_city"]
+    assert bank.acks == ["Got it.", "Thanks!"] and bank.path == tmp_path / "wide.txt"
+    assert bank.kinds["city"].where.startswith(f"{tmp_path / 'facts.txt'}:")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("include: missing.txt\n" + SMALL, "no template file missing.txt to include"),
+        ("include: self.txt\n" + SMALL, "includes itself"),
+        (SMALL + "include: facts.txt\n", "must come before the first 'kind:' line"),
+        ("include: facts.txt\n" + SMALL, "kind 'city' is defined twice"),
+    ],
+)
+def test_bad_include_is_refused_by_line(tmp_path, text, message):
+    write(tmp_path, SMALL)
+    with pytest.raises(TemplateError, match=message) as err:
+        parse_templates(write(tmp_path, text, "self.txt"))
+    assert str(tmp_path) in str(err.value)
+
+
+def test_options_offer_values_the_dialog_gave_another_kind_sharing_the_value_list(tmp_path):
+    write(tmp_path, SMALL)
+    bank = parse_templates(write(tmp_path, SHARED, "wide.txt"))
+    both = 0
+    for d in dialogs.generate(200, "train", seed=2, facts=(3, 3), turns=(3, 3), templates=bank, corrections=0.0):
+        stated = {
+            kind: v
+            for kind in ("parents_city", "colleague_city")
+            for v in bank.kinds[kind].values
+            if any(t.render(value=v) == user for t in bank.kinds[kind].templates["say"] for user, _ in d.turns)
+        }
+        asked = "parents_city" if "parents" in d.question else "colleague_city" if "colleague" in d.question else None
+        if asked and len(stated) == 2 and len(set(stated.values())) == 2:
+            both += 1
+            other = stated["colleague_city" if asked == "parents_city" else "parents_city"]
+            assert d.answer == stated[asked] and other in d.options, d
+    assert both >= 5
+
+
+def test_packaged_wide_bank_is_named_and_versioned():
+    wide = dialogs.load_bank("wide")
+    default = dialogs.load_bank()
+    assert set(default.kinds) < set(wide.kinds) and len(wide.kinds) >= len(default.kinds) + 15
+    assert data_version(DataConfig(dataset="dialogs", templates="wide")) == "dialogs-v1:wide"
+    assert data_version(DataConfig(dataset="dialogs")) == "dialogs-v1"
+    mixed = DataConfig(dataset="mixture", mixture={"dialogs": 0.5, "persona": 0.5}, templates="wide")
+    assert data_version(mixed) == "dialogs-v1:wide:0.5+persona-v3:0.5"
+    with pytest.raises(FileNotFoundError, match="packaged bank \\(default, wide\\)"):
+        dialogs.load_bank("wdie")
+
+
+def test_wide_bank_reaches_the_loader_and_eval_refuses_it_where_it_cannot_apply(monkeypatch, capsys):
+    from tests.unit.test_cli import run_cli
+
+    wide = dialogs.load_bank("wide")
+    new_questions = {t.text for name in set(wide.kinds) - set(dialogs.load_bank().kinds)
+                     for t in wide.kinds[name].for_split("ask", "test")}  # fmt: skip
+    cfg = DataConfig(dataset="dialogs", templates="wide", n_eval=60, turns=8)
+    asked = [e.query for e in load_examples(cfg, "test")]
+    assert any(q in new_questions for q in asked)
+    assert not any(
+        q in new_questions for q in (e.query for e in load_examples(dataclasses.replace(cfg, templates=None), "test"))
+    )
+    for args, message in [
+        (
+            ["dialogs", "--templates", "wdie"],
+            "--templates: no template file wdie: give a file's path or a packaged bank",
+        ),
+        (["persona", "--templates", "wide"], "--templates shapes generated dialogs only"),
+    ]:
+        code, text = run_cli(monkeypatch, capsys, "eval", *args, "--n", "2", "--methods", "none")
+        assert code != 0 and message in " ".join(text.split()) and "Traceback" not in text

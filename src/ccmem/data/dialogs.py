@@ -12,6 +12,11 @@ the test split also asks about kinds that never appear in training (``kind: ... 
 a built-in list and, when installed, the English conversations of ``chatterbot-corpus`` (real dialog lines,
 BSD-3; ``pip install --no-deps chatterbot-corpus==1.3.3``).
 
+``templates="wide"`` (``templates/facts-wide.txt``) adds to those kinds values that must come back exactly
+(e-mail addresses, booking codes, plates, postcodes), facts about other people by role (a colleague's city, a
+neighbour's job) whose kinds share a value list, so the options name values the dialog gave someone else, and
+more kinds of correction.
+
 Records are persona records (``ccmem.data.persona``) plus ``groups``, which evaluation breaks accuracy down
 by: ``distance`` (turns between the asked fact's last mention and the question), ``kind`` (``seen`` or
 ``held-out``) and ``corrected`` (``yes``/``no``).
@@ -153,10 +158,18 @@ def generate(
         answer_value = values[asked.name]
         forms = asked.for_split("answer", split)
         form = rng.choice(forms) if forms and rng.random() < sentence_answers else None
-        pool = [v for v in split_values(asked, split) if v != answer_value and v != old.get(asked.name)]
-        distractors = ([old[asked.name]] if asked.name in old else []) + rng.sample(
-            pool, min(n_options - 1 - (asked.name in old), len(pool))
-        )
+        # Values the dialog stated for other facts that the asked kind could also take (a colleague's city when
+        # asked about one's parents' city: kinds sharing a value list) are options too, so that a memory has to
+        # keep which fact each value belongs to. The packaged facts.txt has no such kinds.
+        fixed = [old[asked.name]] if asked.name in old else []
+        asked_values = set(split_values(asked, split))
+        for k in chosen:
+            v = values[k.name]
+            if k is not asked and v in asked_values and v != answer_value and v not in fixed:
+                fixed.append(v)
+        fixed = fixed[: n_options - 1]
+        pool = [v for v in split_values(asked, split) if v != answer_value and v not in fixed]
+        distractors = fixed + rng.sample(pool, min(n_options - 1 - len(fixed), len(pool)))
         option_values = [answer_value, *distractors]
         rng.shuffle(option_values)
         options = [form.render(value=v) if form else v for v in option_values]
@@ -171,9 +184,31 @@ def generate(
         yield PersonaDialog(f"{split}-{i}", split, GENERATOR_VERSION, dialog, question, answer, options, groups=groups)
 
 
+#: Packaged template banks by name (``data.templates=wide``, ``ccmem data dialogs --templates wide``).
+PACKAGED_BANKS = {"default": DEFAULT_FILE, "wide": DEFAULT_FILE.parent / "facts-wide.txt"}
+
+
+def bank_file(templates: str | Path | None = None) -> Path:
+    """The template file ``templates`` names: a packaged bank's name (:data:`PACKAGED_BANKS`) or a path."""
+    if templates is None or str(templates) in PACKAGED_BANKS:
+        return PACKAGED_BANKS[str(templates or "default")]
+    path = Path(templates)
+    if not path.is_file():
+        names = ", ".join(PACKAGED_BANKS)
+        raise FileNotFoundError(f"no template file {templates}: give a file's path or a packaged bank ({names})")
+    return path
+
+
+def bank_label(templates: str | Path | None) -> str | None:
+    """How data versions name a bank: None for the default one, else its packaged name or file name."""
+    if templates is None or str(templates) == "default":
+        return None
+    return str(templates) if str(templates) in PACKAGED_BANKS else Path(templates).name
+
+
 def load_bank(templates: str | Path | None = None) -> TemplateBank:
-    """The template bank of ``templates`` (a file), or the packaged one."""
-    return _cached_bank(str(Path(templates or DEFAULT_FILE).resolve()))
+    """The template bank of ``templates`` (a packaged bank's name or a file), or the packaged default."""
+    return _cached_bank(str(bank_file(templates).resolve()))
 
 
 @lru_cache(maxsize=4)

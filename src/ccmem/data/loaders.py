@@ -254,7 +254,7 @@ def data_version(cfg: DataConfig) -> str:
         "icl": icl.GENERATOR_VERSION,
         "text": text.GENERATOR_VERSION,
         "text-stream": text.STREAM_VERSION,
-        "dialogs": dialogs.GENERATOR_VERSION,
+        "dialogs": dialogs.GENERATOR_VERSION + (f":{label}" if (label := dialogs.bank_label(cfg.templates)) else ""),
         "passages": passages.VERSIONS.get(cfg.source, passages.GENERATOR_VERSION),
         "pwc": pwc.VERSIONS.get(cfg.source, pwc.GENERATOR_VERSION),
         "wikitext": wikitext.GENERATOR_VERSION,
@@ -262,8 +262,6 @@ def data_version(cfg: DataConfig) -> str:
     }
     if cfg.dataset == "mixture" and cfg.mixture:
         return "+".join(f"{versions.get(f, f)}:{w:g}" for f, w in cfg.mixture.items())
-    if cfg.dataset == "dialogs" and cfg.templates:
-        return f"{dialogs.GENERATOR_VERSION}:{Path(cfg.templates).name}"
     return versions.get(cfg.dataset, cfg.dataset)
 
 

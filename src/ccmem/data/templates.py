@@ -12,6 +12,10 @@ extended and held out like data. Syntax (blank lines and ``#`` comments ignored)
     fix: Actually, I moved to {value}; I left {old} in May.   # a correction ({old}: the earlier value)
     ask: In which city do I live?        # the question at the end (no placeholder)
     answer: You live in {value}.         # an answer sentence (optional; else the bare value)
+    include: facts.txt                   # every line of another file first (relative to this one)
+
+``include:`` builds a wider bank on top of another (``templates/facts-wide.txt`` adds exact-string and
+other-people kinds to the packaged ``facts.txt``); a kind may still be defined only once in all of them.
 
 A template belongs to exactly one split; :meth:`TemplateBank.check_disjoint` refuses a bank whose test (or
 validation) split shares a wording with training, and every error names the file, the line and what is wrong.
@@ -139,6 +143,22 @@ def parse_templates(path: str | Path = DEFAULT_FILE) -> TemplateBank:
         raise FileNotFoundError(f"no template file at {path}")
     globals_: dict[str, list[str]] = {g: [] for g in GLOBALS}
     kinds: dict[str, FactKind] = {}
+    _read_into(path, globals_, kinds, ())
+    if not kinds:
+        raise TemplateError(f"{path}: no 'kind:' line, so no fact to generate")
+    for g in ("ack",):
+        if not globals_[g]:
+            raise TemplateError(f"{path}: needs at least one '{g}:' line")
+    bank = TemplateBank(path, globals_["ack"], globals_["lead"], globals_["tail"], kinds)
+    bank.check_complete()
+    bank.check_disjoint()
+    return bank
+
+
+def _read_into(
+    path: Path, globals_: dict[str, list[str]], kinds: dict[str, FactKind], including: tuple[Path, ...]
+) -> None:
+    """Add the lines of one template file (and of the files it includes, first) to ``globals_`` and ``kinds``."""
     kind: FactKind | None = None
     for line_no, raw in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         line = raw.strip()
@@ -149,6 +169,16 @@ def parse_templates(path: str | Path = DEFAULT_FILE) -> TemplateBank:
         text = text.strip()
         if not sep or not text:
             raise TemplateError(f"{where}: expected 'key: text', got {line!r}")
+        if key == "include":
+            if kind is not None:
+                raise TemplateError(f"{where}: 'include:' must come before the first 'kind:' line")
+            target = (path.parent / text).resolve()
+            if target == path.resolve() or target in including:
+                raise TemplateError(f"{where}: {text} includes itself (directly or through another file)")
+            if not target.is_file():
+                raise TemplateError(f"{where}: no template file {text} to include (looked for {target})")
+            _read_into(target, globals_, kinds, (*including, path.resolve()))
+            continue
         if key == "kind":
             name, _, tag = text.partition("@")
             name = name.strip()
@@ -178,7 +208,7 @@ def parse_templates(path: str | Path = DEFAULT_FILE) -> TemplateBank:
             continue
         match = _KEY.match(key)
         if match is None or match["slot"] not in SLOTS:
-            known = ", ".join([*GLOBALS, "kind", "values", *SLOTS])
+            known = ", ".join([*GLOBALS, "include", "kind", "values", *SLOTS])
             raise TemplateError(f"{where}: unknown key {key!r} (known: {known}, with @validation/@test on slots)")
         slot, split = match["slot"], match["split"] or "train"
         if split not in SPLITS:
@@ -189,12 +219,3 @@ def parse_templates(path: str | Path = DEFAULT_FILE) -> TemplateBank:
             raise TemplateError(f"{where}: kind {kind.name!r} is held out (@test): its templates take no @split tag")
         _placeholders(text, slot, where)
         kind.templates[slot].append(Template(text, split, where))
-    if not kinds:
-        raise TemplateError(f"{path}: no 'kind:' line, so no fact to generate")
-    for g in ("ack",):
-        if not globals_[g]:
-            raise TemplateError(f"{path}: needs at least one '{g}:' line")
-    bank = TemplateBank(path, globals_["ack"], globals_["lead"], globals_["tail"], kinds)
-    bank.check_complete()
-    bank.check_disjoint()
-    return bank
