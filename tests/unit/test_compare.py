@@ -237,6 +237,25 @@ def test_a_gap_of_one_or_two_examples_is_flagged_under_the_table():
     assert "75%" in wide and "examples only" not in wide
 
 
+def test_budgeted_methods_get_their_gap_and_group_rows_and_more_slots_are_said():
+    """Training-free rows had no 'gap closed', were left out of the per-group tables (which showed distance only),
+    and a learned method holding more slots than the training-free one at 1/8 was said to beat it, unqualified."""
+    from ccmem.eval.compare_report import learned_vs_training_free, task_table
+    from ccmem.eval.harness import EvalRow
+
+    def row(method, accuracy, slots, budget=None):
+        by = {"distance": {"0-1": {"accuracy": accuracy, "n": 4}}, "corrected": {"yes": {"accuracy": 0.5, "n": 2}}}
+        return EvalRow(method, "m", "-", "-", "dialogs-5", "test", 100, accuracy, None, None, None, None, slots, 1, 1,
+                       1, 1, "h", extra={"by": by}, budget=budget)  # fmt: skip
+
+    rows = [row("full", 0.8, 200), row("none", 0.2, 10), row("ccm-concat", 0.65, 40), row("snapkv", 0.5, 25, 1 / 8)]
+    table = task_table(rows, "dialogs-5")
+    assert "0.500 (25), 50%" in table  # (0.5 - 0.2) / (0.8 - 0.2) at the budget
+    assert "| snapkv at 1/8 | 0.50 (4) |" in table and "Accuracy by corrected (whether the dialog corrected" in table
+    note, _more_than_any_budget = learned_vs_training_free(rows)
+    assert "beats the best training-free method at 1/8 of full, snapkv" in note and "holding 1.6x its slots" in note
+
+
 def test_a_stage1_grid_keeps_its_rows_apart_from_the_plain_models(tmp_path, monkeypatch, capsys):
     """`--stage1`: every method reads the finetuned weights (full is then the stage-1 reference); a grid cached
     on the plain model is never reused for it, nor the other way round."""

@@ -194,6 +194,16 @@ def _row(method: str, config_hash: str, examples: int, label: str = "8 demos") -
     )  # fmt: skip
 
 
+def test_a_ratio_sweep_is_one_comparable_table():
+    """-O options are each row's own (row.options): two runs of a sweep (`-O ratio=0.5`, then `-O ratio=0.25`) share
+    the config hash, so their full and none rows are not called "measured with different settings"."""
+    sweep = [EvalSettings(method_options={"ratio": r}).fingerprint("icl", 40) for r in (0.5, 0.25)]
+    assert sweep[0] == sweep[1] == EvalSettings().fingerprint("icl", 40)
+    assert EvalSettings(score="mean").fingerprint("icl", 40) != sweep[0]  # what changes the measure still counts
+    rows = [_row(m, h, 40) for h in sweep for m in ("full", "none", "snapkv")]
+    assert mismatches(rows) == []
+
+
 def test_report_flags_a_table_whose_rows_were_measured_on_different_examples(tmp_path):
     same = [_row("full", "aaa", 100), _row("none", "aaa", 100), _row("full", "ccc", 30, label="other")]
     assert mismatches(same) == []

@@ -111,15 +111,24 @@ def task_table(rows: Sequence[EvalRow], task: str) -> str:
         budget_cells = []
         for b in budgets:
             row = cells.get(b)
-            budget_cells.append(f"{_fmt(_value(row, metric), metric)} ({row.memory_slots:.0f})" if row else "")
+            at = gap_closed(rows, row, metric) if row else None
+            budget_cells.append(
+                f"{_fmt(_value(row, metric), metric)} ({row.memory_slots:.0f}){f', {at:.0%}' if at is not None else ''}"
+                if row
+                else ""
+            )
         lines.append("| " + " | ".join([name, kind, own_text, share_text, *budget_cells]) + " |")
     direction = "higher is better" if metric == "accuracy" else "lower is better"
     note = (
         f"\n{metric} ({direction}); in brackets: mean KV slots per layer, the system prompt's included; gap closed: "
-        "(method - none) / (full - none)" + (", on log perplexity" if metric == "perplexity" else "") + ".\n"
+        "(method - none) / (full - none)"
+        + (", on log perplexity" if metric == "perplexity" else "")
+        + (", also after each budget's slots" if budgets else "")
+        + ".\n"
     )
     note += _small_gap_note(rows, metric)
-    return "\n".join(lines) + "\n" + note + group_table(rows, "distance")
+    groups = dict.fromkeys(g for r in rows for g in r.extra.get("by", {}))
+    return "\n".join(lines) + "\n" + note + "".join(group_table(rows, g) for g in groups)
 
 
 def _leading_number(text: str) -> tuple[float, str]:
@@ -127,19 +136,30 @@ def _leading_number(text: str) -> tuple[float, str]:
     return (float(digits) if digits else float("inf"), text)
 
 
+#: What a breakdown's values mean, where its name does not say it (the others are named as they are).
+GROUP_MEANINGS = {
+    "distance": "turns between the asked fact's last mention and the question",
+    "kind": "whether the asked fact's kind appears in training",
+    "corrected": "whether the dialog corrected the asked fact",
+}
+
+
 def group_table(rows: Sequence[EvalRow], group: str) -> str:
-    """Markdown: accuracy of each method (at its own size) per value of ``group`` (e.g. turns between the fact
-    and the question), from the rows' per-example breakdown; empty when no row has one."""
-    own = [r for r in rows if r.budget is None and group in r.extra.get("by", {})]
-    if not own:
+    """Markdown: accuracy of each method (at its own size, and budgeted ones at each budget) per value of ``group``
+    (e.g. turns between the fact and the question), from the rows' per-example breakdown; empty when no row has
+    one."""
+    found = [r for r in rows if group in r.extra.get("by", {})]
+    if not found:
         return ""
-    values = sorted({v for r in own for v in r.extra["by"][group]}, key=_leading_number)
-    lines = [f"\nAccuracy by {group} (turns between the asked fact's last mention and the question; n in brackets):\n",
+    values = sorted({v for r in found for v in r.extra["by"][group]}, key=_leading_number)
+    meaning = f"{GROUP_MEANINGS[group]}; " if group in GROUP_MEANINGS else ""
+    lines = [f"\nAccuracy by {group} ({meaning}n in brackets):\n",
              f"| method | {' | '.join(values)} |", "|---|" + "---|" * len(values)]  # fmt: skip
-    for r in own:
+    for r in sorted(found, key=lambda r: (r.budget is not None, -(r.budget or 0))):
         cells = r.extra["by"][group]
         text = [f"{cells[v]['accuracy']:.2f} ({cells[v]['n']})" if v in cells else "" for v in values]
-        lines.append(f"| {display_method(r)} | {' | '.join(text)} |")
+        name = display_method(r) + (f" at {budget_text(r.budget)}" if r.budget is not None else "")
+        lines.append(f"| {name} | {' | '.join(text)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -162,10 +182,11 @@ def learned_vs_training_free(rows: Sequence[EvalRow], budget: float = 1 / 8) -> 
             for b in chosen:
                 best = max((r for r in free if r.budget == b), key=lambda r: r.accuracy or 0.0)
                 verdict = "beats" if (row.accuracy or 0) > (best.accuracy or 0) else "does not beat"
+                more = row.memory_slots / best.memory_slots if best.memory_slots else float("inf")
                 notes.append(
                     f"{task}: {display_method(row)} ({row.accuracy:.3f}, {row.memory_slots:.0f} slots) {verdict} the "
                     f"best training-free method at {budget_text(b)} of full, {best.method} ({best.accuracy:.3f}, "
-                    f"{best.memory_slots:.0f} slots)"
+                    f"{best.memory_slots:.0f} slots)" + (f", holding {more:.1f}x its slots" if more > 1.05 else "")
                 )
             if not fair:
                 notes.append(

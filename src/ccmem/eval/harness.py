@@ -104,6 +104,9 @@ class EvalSettings:
         settings = asdict(self)
         del settings["batch_size"]  # changes the speed, not what is measured
         del settings["data_path"]  # where the data lies; what it holds is hashed through ``data``
+        # -O options are each row's own (``EvalRow.options``, only those its method takes): hashing them here made
+        # the full and none rows of a ratio sweep "not comparable" with each other. {} keeps older rows' hash.
+        settings["method_options"] = {}
         for key, default in (("score", "sum"), ("data", {}), ("model", ""), ("memory_dtype", None)):
             if settings[key] == default:
                 del settings[key]  # the default before the field existed: older rows keep their hash
