@@ -149,6 +149,7 @@ def test_every_preset_that_starts_from_a_shipped_adapter_can_start(smollm):
 
     checked = []
     continuing = [(name, ["init_from=shipped"]) for name in ("unified-ccm-merge-learned", "unified-ccm-merge-banks")]
+    continuing.append(("unified-ccm-merge", ["init_from=shipped:ccm-concat"]))  # concat's 3 <COMP> carried to 8
     for name, extra in [(p, []) for p in preset_names()] + continuing:
         config = load_config(name, extra)
         if config.model != smollm.name or not (config.init_from or "").startswith("shipped"):
@@ -157,7 +158,12 @@ def test_every_preset_that_starts_from_a_shipped_adapter_can_start(smollm):
         method.module_for(smollm)
         init_state(method, smollm, config.init_from)  # raises ConfigError naming the option that does not fit
         checked.append(name)
-    assert {"unified-ccm-merge", "unified-ccm-merge-learned", "unified-ccm-merge-banks"} <= set(checked)
+    assert {
+        "unified-ccm-merge",
+        "unified-ccm-merge-learned",
+        "unified-ccm-merge-banks",
+        "unified-ccm-merge-wide",
+    } <= set(checked)
 
 
 def test_a_memory_without_a_system_prompt_reads_the_same_once_saved_and_loaded(smollm, tmp_path):
