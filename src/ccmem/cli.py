@@ -1366,7 +1366,7 @@ def data(
             elif generator == "dialogs":
                 facts, length = dialogs.split_shape(split, k, turns)
                 made = dialogs.generate(n, split, seed=seed, facts=facts, turns=length, templates=templates)
-                version = dialogs.GENERATOR_VERSION
+                version = dialogs.bank_version(dialogs.load_bank(templates))
             else:
                 made = iter(passages.generate(n, split, seed=seed, k=k, source=source))
                 version = passages.VERSIONS[source]

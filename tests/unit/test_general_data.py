@@ -320,6 +320,8 @@ def test_packaged_wide_bank_is_named_and_versioned():
     assert set(default.kinds) < set(wide.kinds) and len(wide.kinds) >= len(default.kinds) + 15
     assert data_version(DataConfig(dataset="dialogs", templates="wide")) == "dialogs-v1:wide"
     assert data_version(DataConfig(dataset="dialogs")) == "dialogs-v1"
+    made = {templates: next(dialogs.generate(1, "train", templates=templates)).version for templates in (None, "wide")}
+    assert made == {None: "dialogs-v1", "wide": "dialogs-v1:wide"}  # what `ccmem data dialogs` files record
     mixed = DataConfig(dataset="mixture", mixture={"dialogs": 0.5, "persona": 0.5}, templates="wide")
     assert data_version(mixed) == "dialogs-v1:wide:0.5+persona-v3:0.5"
     with pytest.raises(FileNotFoundError, match="packaged bank \\(default, wide\\)"):

@@ -128,6 +128,7 @@ def generate(
     if n_options < 2:
         raise ValueError(f"n_options must be at least 2, got {n_options}")
     chatter = small_talk()
+    version = bank_version(bank)
     rng = random.Random(f"{GENERATOR_VERSION}-{split}-{seed}")
     for i in range(n):
         total = rng.randint(*n_turns)
@@ -181,7 +182,7 @@ def generate(
             "corrected": "yes" if asked.name in old else "no",
             "turns": str(len(dialog)),
         }
-        yield PersonaDialog(f"{split}-{i}", split, GENERATOR_VERSION, dialog, question, answer, options, groups=groups)
+        yield PersonaDialog(f"{split}-{i}", split, version, dialog, question, answer, options, groups=groups)
 
 
 #: Packaged template banks by name (``data.templates=wide``, ``ccmem data dialogs --templates wide``).
@@ -204,6 +205,13 @@ def bank_label(templates: str | Path | None) -> str | None:
     if templates is None or str(templates) == "default":
         return None
     return str(templates) if str(templates) in PACKAGED_BANKS else Path(templates).name
+
+
+def bank_version(bank: TemplateBank) -> str:
+    """The version records made from ``bank`` carry: ``dialogs-v1``, ``dialogs-v1:wide``, ``dialogs-v1:mine.txt``."""
+    path = bank.path.resolve()
+    name = next((name for name, file in PACKAGED_BANKS.items() if file.resolve() == path), path.name)
+    return GENERATOR_VERSION if name == "default" else f"{GENERATOR_VERSION}:{name}"
 
 
 def load_bank(templates: str | Path | None = None) -> TemplateBank:
