@@ -349,3 +349,21 @@ def test_wide_bank_reaches_the_loader_and_eval_refuses_it_where_it_cannot_apply(
     ]:
         code, text = run_cli(monkeypatch, capsys, "eval", *args, "--n", "2", "--methods", "none")
         assert code != 0 and message in " ".join(text.split()) and "Traceback" not in text
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.dataset=persona", "data.templates=wide"], "dataset 'persona' has no dialogs"),
+        (["data.dataset=dialogs", "data.path=x.jsonl", "data.templates=wide"], "but data.path reads files"),
+        (["data.dataset=dialogs", "data.templates=wdie"], "no template file wdie: give a file's path or a packaged"),
+    ],
+)
+def test_templates_that_no_generator_reads_are_refused_before_training(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_templates_reach_the_dialogs_of_a_mixture():
+    config = load_config("unified-ccm-concat-wide", [])
+    assert config.data.templates == "wide" and data_version(config.data).startswith("dialogs-v1:wide:0.6+")

@@ -284,6 +284,21 @@ def check_source(cfg: DataConfig) -> None:
         raise ValueError(f"data.source={cfg.source!r} chooses generated text, but data.path reads files")
 
 
+def check_templates(cfg: DataConfig) -> None:
+    """Refuse a ``data.templates`` that names no template bank, or that no generator of ``cfg`` would read."""
+    if cfg.templates is None:
+        return
+    families = list(cfg.mixture or {}) if cfg.dataset == "mixture" else [cfg.dataset]
+    if "dialogs" not in families:
+        raise ValueError(
+            f"data.templates={cfg.templates!r} chooses the wordings of the dialogs generator; dataset "
+            f"{cfg.dataset!r} has no dialogs"
+        )
+    if cfg.path:
+        raise ValueError(f"data.templates={cfg.templates!r} shapes generated dialogs, but data.path reads files")
+    dialogs.load_bank(cfg.templates)  # a missing file or a bad line, named before the model loads
+
+
 #: The datasets whose validation split ``data.train_ratio`` can carve out of the training problems.
 TRAIN_RATIO_DATASETS = ("gsm8k",)
 

@@ -473,12 +473,13 @@ def check(config: TrainConfig) -> None:
             raise ConfigError(str(err)) from None
     elif d.families:
         raise ConfigError("data.families sets families of a mixture; set data.dataset=mixture and data.mixture too")
-    from ccmem.data.loaders import check_source, check_train_ratio
+    from ccmem.data.loaders import check_source, check_templates, check_train_ratio
 
     try:
         check_source(d)
+        check_templates(d)
         check_train_ratio(d)
-    except ValueError as err:
+    except (OSError, ValueError) as err:
         raise ConfigError(str(err)) from None
     for key in ("n_eval", "k", "max_length"):
         if getattr(d, key) < 1:
