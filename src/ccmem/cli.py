@@ -765,7 +765,7 @@ def _adapters(specs: list[str] | None) -> dict[str, Path]:
 TEMPLATES_HELP = (
     "dialogs: the fact wordings and kinds, a template file (syntax: ccmem.data.templates) or a packaged bank: "
     "default, or wide (adds exact strings such as e-mail addresses and booking codes, other people's facts, "
-    "more corrections)."
+    "more corrections). eval: rows are labelled 'templates NAME' unless --label says otherwise."
 )
 
 
@@ -895,6 +895,7 @@ def eval_command(
             load_bank(templates)
         except (OSError, ValueError) as err:
             raise OptionError(f"--templates: {err}") from None
+        label = label or f"templates {templates}"  # rows of another bank get a table of their own in reports
     names = _method_list(methods, model)
     options = _options(n_tok, recurrent, option)
     check_options_apply(names, options)
@@ -1355,6 +1356,8 @@ def data(
 
     if source != "wiki" and generator != "passages":
         raise typer.BadParameter(f"--source chooses the text of passages; {generator!r} does not read it")
+    if templates is not None and generator != "dialogs":
+        raise typer.BadParameter(f"--templates chooses the wordings of dialogs; {generator!r} does not read it")
     if generator in ("persona", "dialogs", "passages"):
         from ccmem.data import dialogs, passages
 

@@ -286,6 +286,7 @@ def test_include_adds_another_files_kinds_and_globals_first(tmp_path):
         ("include: self.txt\n" + SMALL, "includes itself"),
         (SMALL + "include: facts.txt\n", "must come before the first 'kind:' line"),
         ("include: facts.txt\n" + SMALL, "kind 'city' is defined twice"),
+        ("include: facts.txt\ninclude: ./facts.txt\nkind: x @test\n", "self.txt:2: ./facts.txt is already included"),
     ],
 )
 def test_bad_include_is_refused_by_line(tmp_path, text, message):
@@ -349,12 +350,15 @@ def test_wide_bank_reaches_the_loader_and_eval_refuses_it_where_it_cannot_apply(
     ]:
         code, text = run_cli(monkeypatch, capsys, "eval", *args, "--n", "2", "--methods", "none")
         assert code != 0 and message in " ".join(text.split()) and "Traceback" not in text
+    code, text = run_cli(monkeypatch, capsys, "data", "persona", "-o", "x", "--templates", "wide")
+    assert code != 0 and "--templates chooses the wordings of dialogs" in text and "Traceback" not in text
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["data.dataset=persona", "data.templates=wide"], "dataset 'persona' has no dialogs"),
+        (["data.dataset=persona", "data.templates=wide"], "dialogs generator; dataset 'persona' has none"),
+        (["data.dataset=mixture", "data.mixture={persona: 1}", "data.templates=wide"], "has no dialogs family"),
         (["data.dataset=dialogs", "data.path=x.jsonl", "data.templates=wide"], "but data.path reads files"),
         (["data.dataset=dialogs", "data.templates=wdie"], "no template file wdie: give a file's path or a packaged"),
     ],
@@ -367,3 +371,16 @@ def test_templates_that_no_generator_reads_are_refused_before_training(overrides
 def test_templates_reach_the_dialogs_of_a_mixture():
     config = load_config("unified-ccm-concat-wide", [])
     assert config.data.templates == "wide" and data_version(config.data).startswith("dialogs-v1:wide:0.6+")
+
+
+def test_eval_rows_of_another_bank_are_labelled_with_it(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    """Two `ccmem eval dialogs` runs, one with --templates wide, read as the same table of identical-looking rows."""
+    from ccmem.eval.harness import read_rows
+    from tests.unit.test_cli import run_cli
+
+    out = tmp_path / "rows.jsonl"
+    for extra in ([], ["--templates", "wide"], ["--templates", "wide", "--label", "mine"]):
+        code, text = run_cli(monkeypatch, capsys, "eval", "dialogs", "--n", "2", "--turns", "3", "--methods", "none",
+                             "--model", str(tiny_model_dir), "-o", str(out), *extra)  # fmt: skip
+        assert code == 0, text
+    assert [r.label for r in read_rows([out])] == ["", "templates wide", "mine"]

@@ -290,10 +290,8 @@ def check_templates(cfg: DataConfig) -> None:
         return
     families = list(cfg.mixture or {}) if cfg.dataset == "mixture" else [cfg.dataset]
     if "dialogs" not in families:
-        raise ValueError(
-            f"data.templates={cfg.templates!r} chooses the wordings of the dialogs generator; dataset "
-            f"{cfg.dataset!r} has no dialogs"
-        )
+        has = "data.mixture has no dialogs family" if cfg.dataset == "mixture" else f"dataset {cfg.dataset!r} has none"
+        raise ValueError(f"data.templates={cfg.templates!r} chooses the wordings of the dialogs generator; {has}")
     if cfg.path:
         raise ValueError(f"data.templates={cfg.templates!r} shapes generated dialogs, but data.path reads files")
     dialogs.load_bank(cfg.templates)  # a missing file or a bad line, named before the model loads

@@ -143,7 +143,7 @@ def parse_templates(path: str | Path = DEFAULT_FILE) -> TemplateBank:
         raise FileNotFoundError(f"no template file at {path}")
     globals_: dict[str, list[str]] = {g: [] for g in GLOBALS}
     kinds: dict[str, FactKind] = {}
-    _read_into(path, globals_, kinds, ())
+    _read_into(path, globals_, kinds, (), set())
     if not kinds:
         raise TemplateError(f"{path}: no 'kind:' line, so no fact to generate")
     for g in ("ack",):
@@ -156,7 +156,11 @@ def parse_templates(path: str | Path = DEFAULT_FILE) -> TemplateBank:
 
 
 def _read_into(
-    path: Path, globals_: dict[str, list[str]], kinds: dict[str, FactKind], including: tuple[Path, ...]
+    path: Path,
+    globals_: dict[str, list[str]],
+    kinds: dict[str, FactKind],
+    including: tuple[Path, ...],
+    included: set[Path],
 ) -> None:
     """Add the lines of one template file (and of the files it includes, first) to ``globals_`` and ``kinds``."""
     kind: FactKind | None = None
@@ -175,9 +179,12 @@ def _read_into(
             target = (path.parent / text).resolve()
             if target == path.resolve() or target in including:
                 raise TemplateError(f"{where}: {text} includes itself (directly or through another file)")
+            if target in included:
+                raise TemplateError(f"{where}: {text} is already included (each file once)")
+            included.add(target)
             if not target.is_file():
                 raise TemplateError(f"{where}: no template file {text} to include (looked for {target})")
-            _read_into(target, globals_, kinds, (*including, path.resolve()))
+            _read_into(target, globals_, kinds, (*including, path.resolve()), included)
             continue
         if key == "kind":
             name, _, tag = text.partition("@")
