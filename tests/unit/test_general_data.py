@@ -329,7 +329,7 @@ def test_packaged_wide_bank_is_named_and_versioned():
         dialogs.load_bank("wdie")
 
 
-def test_wide_bank_reaches_the_loader_and_eval_refuses_it_where_it_cannot_apply(monkeypatch, capsys):
+def test_wide_bank_reaches_the_loader_and_eval_refuses_it_where_it_cannot_apply(monkeypatch, capsys, tmp_path):
     from tests.unit.test_cli import run_cli
 
     wide = dialogs.load_bank("wide")
@@ -350,7 +350,7 @@ def test_wide_bank_reaches_the_loader_and_eval_refuses_it_where_it_cannot_apply(
     ]:
         code, text = run_cli(monkeypatch, capsys, "eval", *args, "--n", "2", "--methods", "none")
         assert code != 0 and message in " ".join(text.split()) and "Traceback" not in text
-    code, text = run_cli(monkeypatch, capsys, "data", "persona", "-o", "x", "--templates", "wide")
+    code, text = run_cli(monkeypatch, capsys, "data", "persona", "-o", str(tmp_path / "x"), "--templates", "wide")
     assert code != 0 and "--templates chooses the wordings of dialogs" in text and "Traceback" not in text
 
 
