@@ -320,6 +320,8 @@ def test_packaged_wide_bank_is_named_and_versioned():
     default = dialogs.load_bank()
     assert set(default.kinds) < set(wide.kinds) and len(wide.kinds) >= len(default.kinds) + 15
     assert data_version(DataConfig(dataset="dialogs", templates="wide")) == "dialogs-v1:wide"
+    packaged_path = str(dialogs.PACKAGED_BANKS["wide"])  # named as its records name it, not by its file name
+    assert data_version(DataConfig(dataset="dialogs", templates=packaged_path)) == "dialogs-v1:wide"
     assert data_version(DataConfig(dataset="dialogs")) == "dialogs-v1"
     made = {templates: next(dialogs.generate(1, "train", templates=templates)).version for templates in (None, "wide")}
     assert made == {None: "dialogs-v1", "wide": "dialogs-v1:wide"}  # what `ccmem data dialogs` files record

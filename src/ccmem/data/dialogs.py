@@ -200,13 +200,6 @@ def bank_file(templates: str | Path | None = None) -> Path:
     return path
 
 
-def bank_label(templates: str | Path | None) -> str | None:
-    """How data versions name a bank: None for the default one, else its packaged name or file name."""
-    if templates is None or str(templates) == "default":
-        return None
-    return str(templates) if str(templates) in PACKAGED_BANKS else Path(templates).name
-
-
 def bank_version(bank: TemplateBank) -> str:
     """The version records made from ``bank`` carry: ``dialogs-v1``, ``dialogs-v1:wide``, ``dialogs-v1:mine.txt``."""
     path = bank.path.resolve()

@@ -254,7 +254,10 @@ def data_version(cfg: DataConfig) -> str:
         "icl": icl.GENERATOR_VERSION,
         "text": text.GENERATOR_VERSION,
         "text-stream": text.STREAM_VERSION,
-        "dialogs": dialogs.GENERATOR_VERSION + (f":{label}" if (label := dialogs.bank_label(cfg.templates)) else ""),
+        # named by the bank the records themselves name (a path to a packaged file reads as that bank)
+        "dialogs": (
+            dialogs.bank_version(dialogs.load_bank(cfg.templates)) if cfg.templates else dialogs.GENERATOR_VERSION
+        ),
         "passages": passages.VERSIONS.get(cfg.source, passages.GENERATOR_VERSION),
         "pwc": pwc.VERSIONS.get(cfg.source, pwc.GENERATOR_VERSION),
         "wikitext": wikitext.GENERATOR_VERSION,
