@@ -215,6 +215,47 @@ def test_mixture_family_settings_reach_that_family_only():
     assert persona[0] == persona[1]  # the other family is drawn as before
 
 
+def test_min_turns_trains_on_long_dialogs_only_and_leaves_the_test_split_alone():
+    """data.min_turns (and a mixture's families.dialogs.min_turns): training and validation dialogs have at least
+    that many turns, so most questions ask about facts many turns back; test dialogs keep exactly data.turns."""
+    config = DataConfig(dataset="dialogs", n_train=60, n_eval=20, turns=16, min_turns=12)
+    for split in ("train", "validation"):
+        lengths = [len(e.context) for e in load_examples(config, split)]
+        assert min(lengths) >= 12 and max(lengths) <= 16
+    assert {len(e.context) for e in load_examples(config, "test")} == {16}
+    default = [len(e.context) for e in load_examples(dataclasses.replace(config, min_turns=0), "train")]
+    assert min(default) < 12  # without it, 1..turns
+    mixed = load_config(
+        "persona-ccm-concat",
+        [
+            "data.dataset=mixture",
+            "data.mixture={dialogs: 0.5, persona: 0.5}",
+            "data.families={dialogs: {turns: 30, min_turns: 25}}",
+            "data.n_train=60",
+        ],
+    )
+    found = load_examples(mixed.data, "train")
+    assert min(len(e.context) for e in found if e.task == "dialogs") >= 25
+    assert min(len(e.context) for e in found if e.task == "persona") < 25  # another family's own lengths
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["data.dataset=dialogs", "data.turns=10", "data.min_turns=12"], r"data\.min_turns \(12\) must not exceed"),
+        (["data.dataset=dialogs", "data.min_turns=24"], r"data\.turns \(0, that is 20\)"),
+        (["data.dataset=dialogs", "data.min_turns=-1"], r"data\.min_turns must not be negative"),
+        (
+            ["data.dataset=mixture", "data.mixture={dialogs: 1.0}", "data.families={dialogs: {min_turns: 30}}"],
+            r"data\.families\.dialogs: min_turns \(30\) must not exceed turns \(20\)",
+        ),
+    ],
+)
+def test_min_turns_above_the_most_turns_is_refused_before_training(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("persona-ccm-concat", overrides)
+
+
 @pytest.mark.parametrize(
     ("families", "match"),
     [

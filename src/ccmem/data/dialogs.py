@@ -79,13 +79,16 @@ def small_talk() -> tuple[tuple[str, str], ...]:
     return tuple(dict.fromkeys(pairs))
 
 
-def split_shape(split: str, k: int, turns: int) -> tuple[Range, Range]:
-    """(facts, turns) for a split: training and validation draw 1..k facts in 1..turns turns; the test split has
-    exactly ``turns`` turns and 3..k facts, so a benchmark controls the dialog length and asks among several facts."""
+def split_shape(split: str, k: int, turns: int, min_turns: int = 0) -> tuple[Range, Range]:
+    """(facts, turns) for a split: training and validation draw 1..k facts in ``min_turns``..turns turns (from 1
+    when ``min_turns`` is 0); the test split has exactly ``turns`` turns and 3..k facts, so a benchmark controls
+    the dialog length and asks among several facts."""
+    if min_turns > turns:
+        raise ValueError(f"the fewest turns ({min_turns}) must not exceed the most turns ({turns})")
     k = max(1, min(k, turns))
     if split == "test":
         return (min(3, k), k), turns
-    return (1, k), (1, turns)
+    return (1, k), (max(1, min_turns), turns)
 
 
 def _state(rng: random.Random, bank: TemplateBank, template: Template, value: str, embed: float) -> str:

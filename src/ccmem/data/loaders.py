@@ -67,7 +67,10 @@ def _dialogs(cfg: DataConfig, split: str) -> list[MemoryExample]:
         found = persona.read_jsonl(formats.split_file(_path(cfg, split), split, (".jsonl",)))
     else:
         n = cfg.n_train if split == "train" else cfg.n_eval
-        facts, turns = dialogs.split_shape(split, min(cfg.k, 6), cfg.turns or 20)
+        try:
+            facts, turns = dialogs.split_shape(split, min(cfg.k, 6), cfg.turns or 20, cfg.min_turns)
+        except ValueError as err:
+            raise ValueError(f"data.min_turns and data.turns: {err}") from None
         found = list(dialogs.generate(n, split, seed=cfg.seed, facts=facts, turns=turns, templates=cfg.templates))
     return [persona_example(d, "dialogs") for d in found]
 
@@ -83,7 +86,7 @@ def _passages(cfg: DataConfig, split: str) -> list[MemoryExample]:
 
 #: Each family's settings inside a mixture (its own k and lengths; data.k and friends set the single datasets).
 MIXTURE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "dialogs": {"k": 6, "turns": 20},
+    "dialogs": {"k": 6, "turns": 20, "min_turns": 0},
     "persona": {"k": 3, "small_talk": 5},
     "icl": {"k": 8},
     "passages": {"k": 3},
@@ -97,7 +100,7 @@ class MixtureError(ValueError):
 
 
 #: What ``data.families`` may set for a family (the DataConfig fields the family loaders read).
-FAMILY_SETTINGS = ("k", "turns", "small_talk")
+FAMILY_SETTINGS = ("k", "turns", "min_turns", "small_talk")
 
 
 def check_mixture(
@@ -105,7 +108,7 @@ def check_mixture(
 ) -> dict[str, float]:
     """The weights of ``data.mixture`` if they can make a mixture (known families, none negative, not all zero),
     and ``data.families`` if it only sets known settings of families in it, to values of at least 1 (0 for
-    ``small_talk``)."""
+    ``small_talk`` and ``min_turns``), with ``min_turns`` no more than ``turns``."""
     if not weights:
         raise MixtureError("dataset 'mixture' needs data.mixture, e.g. {dialogs: 0.6, icl: 0.2, text: 0.2}")
     for family, weight in weights.items():
@@ -123,9 +126,14 @@ def check_mixture(
                 raise MixtureError(
                     f"data.families.{family}: unknown setting {key!r}; settings: {', '.join(FAMILY_SETTINGS)}"
                 )
-            least = 0 if key == "small_talk" else 1
+            least = 0 if key in ("small_talk", "min_turns") else 1
             if value < least:
                 raise MixtureError(f"data.families.{family}.{key} must be at least {least}, got {value}")
+        shape = MIXTURE_DEFAULTS[family] | settings
+        if shape.get("min_turns", 0) > shape.get("turns", shape.get("min_turns", 0)):
+            raise MixtureError(
+                f"data.families.{family}: min_turns ({shape['min_turns']}) must not exceed turns ({shape['turns']})"
+            )
     return weights
 
 

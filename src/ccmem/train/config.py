@@ -82,6 +82,9 @@ class DataConfig:
     k: int = 16  # demonstrations (MetaICL) / profile items (LaMP) / most facts (persona) per example
     small_talk: int = 2  # persona: most fact-free turns mixed into a dialog
     turns: int = 0  # dialogs: most turns per dialog (the test split: exactly this many); 0 = the generator's 1-20
+    # dialogs: fewest turns per training and validation dialog (0: 1), for training on long dialogs only, where
+    # facts lie many turns before the question; the test split ignores it (it has exactly data.turns turns)
+    min_turns: int = 0
     templates: str | None = None  # dialogs: a template file (see ccmem.data.templates); default: the packaged one
     # passages, pwc (also inside a mixture): the text asked about: wiki (packaged Wikipedia summaries), news
     # (packaged news articles) or both; each has its own generator version (ccmem.data.news)
@@ -140,6 +143,7 @@ LATER_FIELDS: dict[str, Any] = {
     "method.max_chunk_tokens": 512,
     "method.marker": "ft",
     "data.turns": 0,
+    "data.min_turns": 0,
     "data.templates": None,
     "data.source": "wiki",
     "data.mixture": None,
@@ -484,9 +488,14 @@ def check(config: TrainConfig) -> None:
     for key in ("n_eval", "k", "max_length"):
         if getattr(d, key) < 1:
             raise ConfigError(f"data.{key} must be at least 1, got {getattr(d, key)}")
-    for key in ("n_train", "small_talk"):
+    for key in ("n_train", "small_talk", "min_turns", "turns"):
         if getattr(d, key) < 0:
             raise ConfigError(f"data.{key} must not be negative, got {getattr(d, key)}")
+    if d.dataset == "dialogs" and d.min_turns > (d.turns or 20):
+        raise ConfigError(
+            f"data.min_turns ({d.min_turns}) must not exceed data.turns ({d.turns or '0, that is 20'}): "
+            "raise data.turns or lower data.min_turns"
+        )
     t = config.train
     for key in ("batch_size", "grad_accum", "max_steps", "eval_steps", "save_steps", "logging_steps"):
         if getattr(t, key) < 1:
