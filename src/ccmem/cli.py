@@ -1336,6 +1336,15 @@ def data(
     turns: Annotated[
         int, typer.Option("--turns", min=1, help="dialogs: most turns (test dialogs: exactly this many).")
     ] = 20,
+    min_turns: Annotated[
+        int,
+        typer.Option(
+            "--min-turns",
+            min=0,
+            help="dialogs: fewest turns of a training or validation dialog (0: 1); long dialogs only, where facts "
+            "lie many turns back. Test dialogs keep exactly --turns.",
+        ),
+    ] = 0,
     templates: Annotated[
         Path | None,
         typer.Option("--templates", help=TEMPLATES_HELP),
@@ -1358,6 +1367,10 @@ def data(
         raise typer.BadParameter(f"--source chooses the text of passages; {generator!r} does not read it")
     if templates is not None and generator != "dialogs":
         raise typer.BadParameter(f"--templates chooses the wordings of dialogs; {generator!r} does not read it")
+    if min_turns and generator != "dialogs":
+        raise typer.BadParameter(f"--min-turns sets the length of dialogs; {generator!r} does not read it")
+    if min_turns > turns:
+        raise typer.BadParameter(f"--min-turns ({min_turns}) must not exceed --turns ({turns})")
     if generator in ("persona", "dialogs", "passages"):
         from ccmem.data import dialogs, passages
 
@@ -1367,7 +1380,7 @@ def data(
                 made = persona.generate(n, split, seed=seed, facts_per_dialog=facts, small_talk=chatter)
                 version = persona.GENERATOR_VERSION
             elif generator == "dialogs":
-                facts, length = dialogs.split_shape(split, k, turns)
+                facts, length = dialogs.split_shape(split, k, turns, min_turns)
                 made = dialogs.generate(n, split, seed=seed, facts=facts, turns=length, templates=templates)
                 version = dialogs.bank_version(dialogs.load_bank(templates))
             else:

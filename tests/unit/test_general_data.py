@@ -291,6 +291,25 @@ def test_data_command_writes_dialogs_the_loader_reads_back_and_names_a_bad_templ
     assert "Traceback" not in text
 
 
+def test_data_command_min_turns_writes_long_training_dialogs_and_refuses_what_it_cannot_do(
+    monkeypatch, capsys, tmp_path
+):
+    from tests.unit.test_cli import run_cli
+
+    code, text = run_cli(monkeypatch, capsys, "data", "dialogs", "-o", str(tmp_path / "d"), "--n-train", "20",
+                         "--n-test", "4", "--turns", "10", "--min-turns", "8")  # fmt: skip
+    assert code == 0
+    train = load_examples(DataConfig(dataset="dialogs", path=str(tmp_path / "d")), "train")
+    assert min(len(e.context) for e in train) >= 8
+    for args, says in (
+        (["persona", "--min-turns", "3"], "--min-turns sets the length of dialogs; 'persona' does not read it"),
+        (["dialogs", "--turns", "5", "--min-turns", "6"], "--min-turns (6) must not exceed --turns (5)"),
+    ):
+        code, text = run_cli(monkeypatch, capsys, "data", *args, "-o", str(tmp_path / "x"))
+        assert code != 0 and says in " ".join(text.replace("│", " ").split()) and "Traceback" not in text
+        assert not (tmp_path / "x").exists()
+
+
 SHARED = """\
 include: facts.txt
 kind: parents_city
