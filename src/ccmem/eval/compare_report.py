@@ -107,6 +107,8 @@ def task_table(rows: Sequence[EvalRow], task: str) -> str:
         own_text = f"{_fmt(_value(own, metric), metric)} ({own.memory_slots:.0f} slots)" if own else ""
         share = gap_closed(rows, own, metric) if own and method_class(own.method).kind != "baseline" else None
         share_text = f"{share:.0%}" if share is not None else ""
+        if own is None and any(b is not None for b in cells):  # a budgeted method has no size of its own
+            share_text = "at each budget"
         kind = method_class(next(iter(cells.values())).method).kind
         budget_cells = []
         for b in budgets:
