@@ -391,6 +391,18 @@ def test_packaged_wide_bank_is_named_and_versioned():
         dialogs.load_bank("wdie")
 
 
+def test_a_users_template_file_is_versioned_by_its_name_and_content(tmp_path):
+    """Two files of one name in other folders, or one file edited between two runs, got one data_version."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir(), (tmp_path / "c").mkdir()
+    first = write(tmp_path / "a", SMALL, "mine.txt")
+    same = write(tmp_path / "b", SMALL, "mine.txt")
+    edited = write(tmp_path / "c", SMALL.replace("Got it.", "Noted."), "mine.txt")
+    versions = [dialogs.bank_version(dialogs.parse_templates(p)) for p in (first, same, edited)]
+    assert versions[0].startswith("dialogs-v1:mine.txt@") and len(versions[0]) == len("dialogs-v1:mine.txt@") + 8
+    assert versions[0] == versions[1] != versions[2]
+    assert data_version(DataConfig(dataset="dialogs", templates=str(first))) == versions[0]
+
+
 def test_wide_bank_reaches_the_loader_and_eval_refuses_it_where_it_cannot_apply(monkeypatch, capsys, tmp_path):
     from tests.unit.test_cli import run_cli
 

@@ -24,6 +24,8 @@ by: ``distance`` (turns between the asked fact's last mention and the question),
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections.abc import Iterator
 from functools import lru_cache
@@ -204,10 +206,29 @@ def bank_file(templates: str | Path | None = None) -> Path:
 
 
 def bank_version(bank: TemplateBank) -> str:
-    """The version records made from ``bank`` carry: ``dialogs-v1``, ``dialogs-v1:wide``, ``dialogs-v1:mine.txt``."""
+    """The version records made from ``bank`` carry: ``dialogs-v1``, ``dialogs-v1:wide`` for the packaged banks,
+    ``dialogs-v1:mine.txt@1a2b3c4d`` for the user's own file: its name and a digest of what it says (included
+    files too), so two files of one name, or one file edited between two runs, are told apart."""
     path = bank.path.resolve()
-    name = next((name for name, file in PACKAGED_BANKS.items() if file.resolve() == path), path.name)
+    name = next((name for name, file in PACKAGED_BANKS.items() if file.resolve() == path), None)
+    if name is None:
+        return f"{GENERATOR_VERSION}:{path.name}@{bank_digest(bank)}"
     return GENERATOR_VERSION if name == "default" else f"{GENERATOR_VERSION}:{name}"
+
+
+def bank_digest(bank: TemplateBank) -> str:
+    """8 hex digits of what a bank generates from: its replies, leads, tails, kinds, values and wordings (not where
+    they were written: the same text in another folder has the same digest)."""
+    content = {
+        "acks": bank.acks,
+        "leads": bank.leads,
+        "tails": bank.tails,
+        "kinds": [
+            [k.name, k.held_out, k.values, {slot: [[t.text, t.split] for t in ts] for slot, ts in k.templates.items()}]
+            for k in bank.kinds.values()
+        ],
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def load_bank(templates: str | Path | None = None) -> TemplateBank:
