@@ -67,7 +67,11 @@ class ChatMessage(BaseModel):
         description="'developer' (OpenAI's newer name for instructions) is read as 'system'"
     )
     content: str | list[TextPart]
-    name: str | None = None
+    name: str | None = Field(
+        default=None,
+        description="accepted as OpenAI clients send it, not shown to the model (the chat template has no place for "
+        "a participant's name); put the name in the content where the model should read it",
+    )
 
 
 def _unsupported(key: str, value: Any) -> bool:
