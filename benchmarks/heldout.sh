@@ -2,7 +2,9 @@
 # Dialogs written by hand, unlike every generator in ccmem (other wordings and fact kinds, values that must come
 # back exactly, corrections, several people, 24-34 turns, CRLF and BOM files): how far the shipped adapters
 # generalise. The files (benchmarks/data/heldout-qa/, README there) are never trained on.
-#   bash benchmarks/heldout.sh [OUT_DIR] [CANDIDATE_CONCAT] [N]
+#   bash benchmarks/heldout.sh [OUT_DIR] [CANDIDATE_CONCAT] [N] [DATA_DIR]
+# DATA_DIR: benchmarks/data/heldout-qa (default) or the second set, benchmarks/data/heldout-qa2 (other writers'
+# habits: dates and numbers, 3-5 people, 36-50 turns, facts changed twice or only considered).
 # Runs full, none and the shipped ccm-concat and ccm-merge on each file (--label names the file), and, given
 # CANDIDATE_CONCAT, that concat adapter too (its rows carry its own adapter hash); then `ccmem report`.
 # N caps the examples per file (default: all). Run nothing else meanwhile: two torch processes on 2 cores slow
@@ -11,9 +13,10 @@ set -euo pipefail
 out="${1:-results/general/heldout-qa}"
 candidate="${2:-}"
 n="${3:-100}"
-data="$(dirname "$0")/data/heldout-qa"
+data="${4:-$(dirname "$0")/data/heldout-qa}"
 mkdir -p "$out"
-for file in short_crlf mixed corrections_people long; do
+for path in "$data"/*.jsonl; do
+  file="$(basename "$path" .jsonl)"
   ccmem eval dialogs --path "$data/$file.jsonl" --n "$n" --methods full,none,ccm-concat,ccm-merge \
     --label "$file" -o "$out/rows.jsonl"
   if [ -n "$candidate" ]; then

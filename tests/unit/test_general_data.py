@@ -458,3 +458,20 @@ def test_eval_rows_of_another_bank_are_labelled_with_it(monkeypatch, capsys, tmp
                              "--model", str(tiny_model_dir), "-o", str(out), *extra)  # fmt: skip
         assert code == 0, text
     assert [r.label for r in read_rows([out])] == ["", "templates wide", "mine"]
+
+
+@pytest.mark.parametrize("folder", ["heldout-qa", "heldout-qa2"])
+def test_the_hand_written_held_out_sets_read_as_dialogs_eval_reads_them(folder):
+    """benchmarks/heldout.sh evaluates every .jsonl file of these folders with `ccmem eval dialogs --path`: each must
+    load through that loader (CRLF and BOM files too), with its groups, and no dialog may repeat in another file."""
+    files = sorted((Path(__file__).parents[2] / "benchmarks" / "data" / folder).glob("*.jsonl"))
+    assert len(files) == 4
+    seen: set[str] = set()
+    for path in files:
+        examples = load_examples(DataConfig(dataset="dialogs", path=str(path)), "test")
+        assert len(examples) >= 20, path
+        for e in examples:
+            assert e.answer in e.options and e.groups and len(e.context) >= 1
+            key = e.query + "".join(user for user, _ in e.context)
+            assert key not in seen, f"{path}: {e.id} repeats a dialog"
+            seen.add(key)
