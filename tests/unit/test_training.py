@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from ccmem.adapter import AdapterMismatchError, read_adapter
@@ -209,6 +210,17 @@ def test_a_finished_run_is_a_no_op_and_resume_with_a_changed_config_is_refused(t
         train(_config(tmp_path, "train.max_steps=2", "train.group_by_length=true"), lm=tiny_model())
     with pytest.raises(ConfigError, match=r"train.lr: 0.01 -> 0.001"):
         train(_config(tmp_path, "train.max_steps=2", "train.lr=1e-3"), lm=tiny_model())
+
+
+def test_a_finished_mixture_run_hashes_against_its_saved_config():
+    """Rerunning a finished mixture run crashed (AttributeError deep in the hash) before it could say the run was
+    done: data.mixture and data.families are dicts whose default is None."""
+    config = load_config("unified-ccm-concat-long", [])
+    saved = yaml.safe_load(yaml.safe_dump(config.to_dict()))  # what the run's config.yaml holds
+    assert config.fingerprint(saved) == config.fingerprint()
+    older = yaml.safe_load(yaml.safe_dump(config.to_dict()))
+    del older["data"]["min_turns"]  # a run made before the field existed
+    assert config.fingerprint(older) == config.fingerprint()
 
 
 def test_a_run_made_before_an_option_existed_keeps_its_hash_until_the_option_is_set(tmp_path):

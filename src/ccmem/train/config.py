@@ -182,7 +182,7 @@ def _drop_unknown_defaults(d: dict[str, Any], known: dict[str, Any], defaults: d
     value in ``defaults``: what a run made before the field existed hashed without."""
     for key in list(d):
         if isinstance(d[key], dict) and isinstance(known.get(key), dict):
-            _drop_unknown_defaults(d[key], known[key], defaults.get(key, {}))
+            _drop_unknown_defaults(d[key], known[key], defaults.get(key) or {})  # a dict field may default to None
         elif key not in known and key in defaults and d[key] == defaults[key]:
             del d[key]
 
