@@ -249,6 +249,16 @@ def test_min_turns_trains_on_long_dialogs_only_and_leaves_the_test_split_alone()
             ["data.dataset=mixture", "data.mixture={dialogs: 1.0}", "data.families={dialogs: {min_turns: 30}}"],
             r"data\.families\.dialogs: min_turns \(30\) must not exceed turns \(20\)",
         ),
+        (  # the mixture's dialogs keep their family's own min_turns: a top-level one was silently ignored
+            ["data.dataset=mixture", "data.mixture={dialogs: 1.0}", "data.min_turns=15"],
+            r"set data\.families=\{dialogs: \{min_turns: N\}\} instead",
+        ),
+        (["data.dataset=persona", "data.min_turns=5"], r"generated dialogs; dataset 'persona' has none"),
+        (["data.dataset=dialogs", "data.path=x.jsonl", "data.min_turns=5"], r"data\.path is read as written"),
+        (
+            ["data.dataset=mixture", "data.mixture={dialogs: 0.5, text: 0.5}", "data.families={text: {min_turns: 5}}"],
+            r"data\.families\.text\.min_turns: only the dialogs family reads min_turns",
+        ),
     ],
 )
 def test_min_turns_above_the_most_turns_is_refused_before_training(overrides, match):

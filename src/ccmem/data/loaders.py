@@ -126,6 +126,10 @@ def check_mixture(
                 raise MixtureError(
                     f"data.families.{family}: unknown setting {key!r}; settings: {', '.join(FAMILY_SETTINGS)}"
                 )
+            if key == "min_turns" and family != "dialogs":
+                raise MixtureError(
+                    f"data.families.{family}.min_turns: only the dialogs family reads min_turns (generated dialogs)"
+                )
             least = 0 if key in ("small_talk", "min_turns") else 1
             if value < least:
                 raise MixtureError(f"data.families.{family}.{key} must be at least {least}, got {value}")

@@ -491,6 +491,14 @@ def check(config: TrainConfig) -> None:
     for key in ("n_train", "small_talk", "min_turns", "turns"):
         if getattr(d, key) < 0:
             raise ConfigError(f"data.{key} must not be negative, got {getattr(d, key)}")
+    if d.min_turns and d.dataset == "mixture":
+        raise ConfigError(
+            "data.min_turns sets the length of generated dialogs; inside a mixture each family has its own: "
+            "set data.families={dialogs: {min_turns: N}} instead"
+        )
+    if d.min_turns and (d.dataset != "dialogs" or d.path):
+        where = "data.path is read as written" if d.dataset == "dialogs" else f"dataset {d.dataset!r} has none"
+        raise ConfigError(f"data.min_turns sets the length of generated dialogs; {where}: leave it at 0")
     if d.dataset == "dialogs" and d.min_turns > (d.turns or 20):
         raise ConfigError(
             f"data.min_turns ({d.min_turns}) must not exceed data.turns ({d.turns or '0, that is 20'}): "
