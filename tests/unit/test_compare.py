@@ -252,6 +252,8 @@ def test_budgeted_methods_get_their_gap_and_group_rows_and_more_slots_are_said()
     table = task_table(rows, "dialogs-5")
     assert "0.500 (25), 50%" in table  # (0.5 - 0.2) / (0.8 - 0.2) at the budget
     assert "| snapkv | training-free |  | at each budget | 0.500 (25), 50% |" in table  # not an empty cell
+    alone = task_table([row("ccm-concat", 0.65, 40), row("snapkv", 0.5, 25, 1 / 8)], "dialogs-5")
+    assert "| snapkv | training-free |  |  | 0.500 (25) |" in alone  # no baselines, no gap anywhere to point at
     assert "| snapkv at 1/8 | 0.50 (4) |" in table and "Accuracy by corrected (whether the dialog corrected" in table
     note, _more_than_any_budget = learned_vs_training_free(rows)
     assert "beats the best training-free method at 1/8 of full, snapkv" in note and "holding 1.6x its slots" in note

@@ -107,18 +107,20 @@ def task_table(rows: Sequence[EvalRow], task: str) -> str:
         own_text = f"{_fmt(_value(own, metric), metric)} ({own.memory_slots:.0f} slots)" if own else ""
         share = gap_closed(rows, own, metric) if own and method_class(own.method).kind != "baseline" else None
         share_text = f"{share:.0%}" if share is not None else ""
-        if own is None and any(b is not None for b in cells):  # a budgeted method has no size of its own
-            share_text = "at each budget"
         kind = method_class(next(iter(cells.values())).method).kind
         budget_cells = []
+        gaps_at_budgets = False
         for b in budgets:
             row = cells.get(b)
             at = gap_closed(rows, row, metric) if row else None
+            gaps_at_budgets = gaps_at_budgets or at is not None
             budget_cells.append(
                 f"{_fmt(_value(row, metric), metric)} ({row.memory_slots:.0f}){f', {at:.0%}' if at is not None else ''}"
                 if row
                 else ""
             )
+        if own is None and gaps_at_budgets:  # a budgeted method has no size of its own: its gap is in those cells
+            share_text = "at each budget"
         lines.append("| " + " | ".join([name, kind, own_text, share_text, *budget_cells]) + " |")
     direction = "higher is better" if metric == "accuracy" else "lower is better"
     note = (
