@@ -1463,7 +1463,8 @@ def main() -> None:
     except Exception as err:
         if os.environ.get("CCMEM_DEBUG"):
             raise
-        err_console.print(f"[red]error:[/] {err}", highlight=False)
+        # escaped: a message that quotes a format ("[user, assistant] pairs") is not console markup
+        err_console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         err_console.print("[dim](set CCMEM_DEBUG=1 for the full traceback)[/]")
         sys.exit(2)
 

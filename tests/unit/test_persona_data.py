@@ -58,22 +58,37 @@ def test_roundtrip_and_errors_name_file_line_and_field(tmp_path):
         ({"answer": "", "options": ["", "x"]}, "field 'answer' is empty"),
         ({"options": [3, 4], "answer": "3"}, r"field 'options' must be a list of non-empty strings, got \[3, 4\]"),
         ({"answer": "Oslo "}, r"field 'answer' \('Oslo '\) is not one of 'options'"),
-        ({"turns": [["hi"]]}, r"field 'turns' must hold \[user, assistant\] string pairs, e\.g\..*or chat messages"),
+        ({"turns": [["hi"]]}, r"field 'turns' must hold \[user, assistant\] string pairs \(turn 1 .*or chat messages"),
         ({"options": ["Oslo"], "answer": "Oslo"}, "field 'options' must hold at least two different options"),
         ({"options": ["Oslo", "Oslo", "Rome"], "answer": "Oslo"}, "field 'options' must hold at least two"),
         (
             {"turns": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]},
             r"field 'turns' given as messages must alternate user and assistant .*\['user', 'user'\]",
         ),
+        (  # which turn, and what to do with an unanswered last one
+            {"turns": [["I live in Oslo.", "Nice!"], ["Anyway."]]},
+            r"field 'turns' must hold .* pairs \(turn 2 is \[\"Anyway\.\"\]; an unanswered last user turn needs",
+        ),
+        (
+            {"turns": [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "hi"}]},
+            r"field 'turns' given as messages .*roles here: \['system', 'user'\]\); a system message is not part",
+        ),
+        ({"options": None} | {"answer": 42}, r"field 'answer' must be a str, got 42 \(write it as \"42\"\)"),
     ]:
         path.write_text(json.dumps({**json.loads(lines[0]), **change}) + "\n")
         with pytest.raises(DatasetFormatError, match=rf"d\.jsonl:1: {message}"):
             read_jsonl(path)
-    # chat logs in OpenAI's message shape read as the same pairs
     record = json.loads(lines[0])
+    path.write_text(json.dumps({k: v for k, v in record.items() if k != "options"}) + "\n")
+    with pytest.raises(DatasetFormatError, match=r"d\.jsonl:1: field 'options' is missing; every record needs"):
+        read_jsonl(path)
+    # chat logs in OpenAI's message shape read as the same pairs, whatever the case of their roles
+
     roles = ("user", "assistant")
     messages = [{"role": r, "content": t} for pair in record["turns"] for r, t in zip(roles, pair, strict=True)]
     path.write_text(json.dumps({**record, "turns": messages}) + "\n")
+    assert read_jsonl(path)[0].turns == [tuple(pair) for pair in record["turns"]]
+    path.write_text(json.dumps({**record, "turns": [m | {"role": m["role"].title()} for m in messages]}) + "\n")
     assert read_jsonl(path)[0].turns == [tuple(pair) for pair in record["turns"]]
 
 
@@ -127,3 +142,13 @@ def test_small_talk_and_fact_ranges_and_the_validation_split():
         assert all({d.answer, *d.options} <= values[split] for d in generate(50, split, facts_per_dialog=(1, 7)))
     with pytest.raises(ValueError, match=r"small_talk must be a number or a \(min, max\) range"):
         next(generate(1, "train", small_talk=(2, 1)))
+
+
+def test_the_cli_prints_a_format_error_whole(monkeypatch, capsys, tmp_path):
+    """The console read '[user, assistant]' in the message as markup and dropped it: 'must hold  string pairs'."""
+    from tests.unit.test_cli import run_cli
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"turns": [["hi"]], "question": "q?", "answer": "a", "options": ["a", "b"]}) + "\n")
+    code, text = run_cli(monkeypatch, capsys, "eval", "dialogs", "--path", str(path), "--methods", "none")
+    assert code == 2 and "must hold [user, assistant] string pairs" in " ".join(text.split())

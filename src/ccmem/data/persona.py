@@ -433,11 +433,17 @@ def _message_pairs(turns: list[Any], where: str) -> list[Any]:
     shape) that alternate user and assistant."""
     if not turns or not all(isinstance(t, dict) for t in turns):
         return turns
-    roles = [t.get("role") for t in turns]
+    roles = [t["role"].lower() if isinstance(t.get("role"), str) else t.get("role") for t in turns]  # "User" too
     if not all(isinstance(t.get("content"), str) for t in turns) or roles != ["user", "assistant"] * (len(turns) // 2):
+        hint = (
+            "; a system message is not part of a memory dialog (ccmem's own system prompt is set with --system): "
+            "remove it"
+            if "system" in roles
+            else ""
+        )
         raise DatasetFormatError(
             f"{where}: field 'turns' given as messages must alternate user and assistant messages with string "
-            f"content, starting with user and ending with assistant (roles here: {roles})"
+            f"content, starting with user and ending with assistant (roles here: {roles}){hint}"
         )
     return [[turns[i]["content"], turns[i + 1]["content"]] for i in range(0, len(turns), 2)]
 
@@ -450,8 +456,19 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[PersonaDialog]:
     for where, record in jsonl_records(path):
         ignored |= set(record) - RECORD_FIELDS
         for key, kind in (("turns", list), ("question", str), ("answer", str), ("options", list)):
-            if not isinstance(record.get(key), kind):
-                raise DatasetFormatError(f"{where}: field {key!r} must be a {kind.__name__}")
+            if key not in record:
+                raise DatasetFormatError(
+                    f"{where}: field {key!r} is missing; every record needs turns, question, answer and options"
+                )
+            if not isinstance(record[key], kind):
+                raise DatasetFormatError(
+                    f"{where}: field {key!r} must be a {kind.__name__}, got {json.dumps(record[key])[:60]}"
+                    + (
+                        f' (write it as "{record[key]}")'
+                        if kind is str and isinstance(record[key], int | float)
+                        else ""
+                    )
+                )
         for key in ("question", "answer"):
             if not record[key].strip():
                 raise DatasetFormatError(
@@ -471,9 +488,18 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[PersonaDialog]:
                 "of them exactly (spaces and case count)"
             )
         turns = _message_pairs(record["turns"], where)
-        if not all(isinstance(t, list) and len(t) == 2 and all(isinstance(s, str) for s in t) for t in turns):
+        bad = next(
+            (
+                i
+                for i, t in enumerate(turns)
+                if not (isinstance(t, list) and len(t) == 2 and all(isinstance(s, str) for s in t))
+            ),
+            None,
+        )
+        if bad is not None:
             raise DatasetFormatError(
-                f"{where}: field 'turns' must hold [user, assistant] string pairs, e.g. "
+                f"{where}: field 'turns' must hold [user, assistant] string pairs (turn {bad + 1} is "
+                f'{json.dumps(turns[bad])[:60]}; an unanswered last user turn needs a reply, "" will do), e.g. '
                 '[["I moved to Porto.", "Nice!"], ...], or chat messages [{"role": "user", "content": ...}, '
                 '{"role": "assistant", "content": ...}, ...]'
             )
