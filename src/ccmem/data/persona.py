@@ -461,8 +461,9 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[PersonaDialog]:
                     f"{where}: field {key!r} is missing; every record needs turns, question, answer and options"
                 )
             if not isinstance(record[key], kind):
+                got = json.dumps(record[key], ensure_ascii=False)[:60]
                 raise DatasetFormatError(
-                    f"{where}: field {key!r} must be a {kind.__name__}, got {json.dumps(record[key])[:60]}"
+                    f"{where}: field {key!r} must be a {kind.__name__}, got {got}"
                     + (
                         f' (write it as "{record[key]}")'
                         if kind is str and isinstance(record[key], int | float)
@@ -497,9 +498,10 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[PersonaDialog]:
             None,
         )
         if bad is not None:
+            got = json.dumps(turns[bad], ensure_ascii=False)[:60]
             raise DatasetFormatError(
                 f"{where}: field 'turns' must hold [user, assistant] string pairs (turn {bad + 1} is "
-                f'{json.dumps(turns[bad])[:60]}; an unanswered last user turn needs a reply, "" will do), e.g. '
+                f'{got}; an unanswered last user turn needs a reply, "" will do), e.g. '
                 '[["I moved to Porto.", "Nice!"], ...], or chat messages [{"role": "user", "content": ...}, '
                 '{"role": "assistant", "content": ...}, ...]'
             )
