@@ -81,6 +81,10 @@ def small_talk() -> tuple[tuple[str, str], ...]:
     return tuple(dict.fromkeys(pairs))
 
 
+#: Most turns of a generated dialog when nothing sets them (``data.turns=0``).
+DEFAULT_TURNS = 20
+
+
 def split_shape(split: str, k: int, turns: int, min_turns: int = 0) -> tuple[Range, Range]:
     """(facts, turns) for a split: training and validation draw 1..k facts in ``min_turns``..turns turns (from 1
     when ``min_turns`` is 0); the test split has exactly ``turns`` turns and 3..k facts, so a benchmark controls
@@ -108,7 +112,7 @@ def generate(
     *,
     seed: int = 0,
     facts: Range = (1, 6),
-    turns: Range = (1, 20),
+    turns: Range = (1, DEFAULT_TURNS),
     n_options: int = 5,
     corrections: float = 0.25,
     embed: float = 0.5,

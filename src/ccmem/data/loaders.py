@@ -68,7 +68,7 @@ def _dialogs(cfg: DataConfig, split: str) -> list[MemoryExample]:
     else:
         n = cfg.n_train if split == "train" else cfg.n_eval
         try:
-            facts, turns = dialogs.split_shape(split, min(cfg.k, 6), cfg.turns or 20, cfg.min_turns)
+            facts, turns = dialogs.split_shape(split, min(cfg.k, 6), cfg.turns or dialogs.DEFAULT_TURNS, cfg.min_turns)
         except ValueError as err:
             raise ValueError(f"data.min_turns and data.turns: {err}") from None
         found = list(dialogs.generate(n, split, seed=cfg.seed, facts=facts, turns=turns, templates=cfg.templates))
@@ -86,7 +86,7 @@ def _passages(cfg: DataConfig, split: str) -> list[MemoryExample]:
 
 #: Each family's settings inside a mixture (its own k and lengths; data.k and friends set the single datasets).
 MIXTURE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "dialogs": {"k": 6, "turns": 20, "min_turns": 0},
+    "dialogs": {"k": 6, "turns": dialogs.DEFAULT_TURNS, "min_turns": 0},
     "persona": {"k": 3, "small_talk": 5},
     "icl": {"k": 8},
     "passages": {"k": 3},
@@ -134,7 +134,7 @@ def check_mixture(
             if value < least:
                 raise MixtureError(f"data.families.{family}.{key} must be at least {least}, got {value}")
         shape = MIXTURE_DEFAULTS[family] | settings
-        if shape.get("min_turns", 0) > shape.get("turns", shape.get("min_turns", 0)):
+        if family == "dialogs" and shape["min_turns"] > shape["turns"]:  # the only family with min_turns
             raise MixtureError(
                 f"data.families.{family}: min_turns ({shape['min_turns']}) must not exceed turns ({shape['turns']})"
             )

@@ -499,9 +499,11 @@ def check(config: TrainConfig) -> None:
     if d.min_turns and (d.dataset != "dialogs" or d.path):
         where = "data.path is read as written" if d.dataset == "dialogs" else f"dataset {d.dataset!r} has none"
         raise ConfigError(f"data.min_turns sets the length of generated dialogs; {where}: leave it at 0")
-    if d.dataset == "dialogs" and d.min_turns > (d.turns or 20):
+    from ccmem.data.dialogs import DEFAULT_TURNS
+
+    if d.dataset == "dialogs" and d.min_turns > (d.turns or DEFAULT_TURNS):
         raise ConfigError(
-            f"data.min_turns ({d.min_turns}) must not exceed data.turns ({d.turns or '0, that is 20'}): "
+            f"data.min_turns ({d.min_turns}) must not exceed data.turns ({d.turns or f'0, that is {DEFAULT_TURNS}'}): "
             "raise data.turns or lower data.min_turns"
         )
     t = config.train
