@@ -35,6 +35,9 @@ CASES = [
     # the latest chunk's last 3 (4) raw tokens beside the compressed slots: 2+3, 4+3, 6+3 and 2+4, 4+4, 4+3
     Case("ccm-concat", {"n_tok": 2, "recent": 3}, growth=(5, 7, 9)),
     Case("ccm-merge", {"n_tok": 2, "banks": 2, "recent": 4}, growth=(6, 8, 7)),
+    # Tokens with a digit kept raw: CHUNKS hold none (ids 51-60 are the tiny tokenizer's digits), so concat's growth;
+    # test_ccm_equivalence.py checks chunks that hold some.
+    Case("ccm-concat", {"n_tok": 2, "keep": "digits"}, growth=(2, 4, 6)),
     # Context is compressed as by ccm-concat; its own policies act while it generates (tests/methods/test_reasoning.py).
     Case("ccm-reason", {"n_tok": 3, "policy": "interval", "interval": 2}, growth=(3, 6, 9)),
     Case("gist", {"n_tok": 3}, growth=(3, 3, 3)),

@@ -315,3 +315,77 @@ def test_learned_merge_gate_gets_gradients():
     sample = Sample(CHUNKS, [*TAIL, 43, 44], SINK, answer_start=2)
     method.training_loss(lm, method.make_batch([sample])).backward()
     assert state.merge_gate.grad is not None and state.merge_gate.grad.abs().sum() > 0
+
+
+# Ids 51-60 are the digits 0-9 to the tiny tokenizer (tests/conftest.py): 2, 1 and 2 of them in these chunks.
+DIGIT_CHUNKS = [[10, 52, 11, 53], [20, 21, 22], [30, 55, 31, 32, 56]]
+DIGITS_AT = [[1, 3], [], [1, 4]]
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "gpt-neox", "qwen2"])
+@pytest.mark.parametrize("options", [{}, {"recent": 2}, {"recurrent": False}])
+def test_kept_digit_tokens_parallel_equal_recurrent(family, options):
+    """``keep='digits'``: every later chunk and the tail read a chunk's digit tokens raw; the masked forward equals
+    compressing chunk by chunk, and memory holds the <COMP> slots plus those tokens at their own positions."""
+    lm = tiny_model(family)
+    method = get_method("ccm-concat", n_tok=2, keep="digits", **options)
+    randomize_lora(method, lm)
+    memory = assert_parallel_equals_recurrent(lm, method, DIGIT_CHUNKS)
+    kept = sum(map(len, DIGITS_AT))
+    n = len(DIGIT_CHUNKS[-1])  # the window: the last chunk's last `recent` tokens, but those kept for good
+    window = len(set(range(n - options.get("recent", 0), n)) - set(DIGITS_AT[-1]))
+    assert memory.segment_lengths() == {"sink": len(SINK), "compressed": 2 * 3 + kept, "window": window}
+    start, expected = len(SINK), list(range(len(SINK)))
+    for chunk, at in zip(DIGIT_CHUNKS, DIGITS_AT, strict=True):
+        expected += [start + i for i in at] + [start + len(chunk), start + len(chunk) + 1]
+        start += len(chunk) + 2
+    held = memory.positions[0][0, 0].tolist()
+    assert held[: len(held) - window] == expected
+
+
+def test_kept_tokens_change_the_memory_and_a_batch_keeps_each_rows_own():
+    """Not vacuous: the tail reads other memory with ``keep`` (a digit-free chunk adds only its <COMP> slots), and
+    compressing rows with digits at different places in one padded forward gives each row's memory alone."""
+    lm = tiny_model("llama-gqa")
+    kept = get_method("ccm-concat", n_tok=2, keep="digits")
+    randomize_lora(kept, lm)
+    plain = get_method("ccm-concat", n_tok=2)
+    plain.state(lm).load_state_dict(kept.state(lm).state_dict())
+    with torch.no_grad():
+        (_, with_keep, _), (_, without, _) = (recurrent_logits(lm, m, DIGIT_CHUNKS, TAIL, SINK) for m in (kept, plain))
+    assert (with_keep - without).abs().max() > 1e-3
+    contexts = [DIGIT_CHUNKS, [[57, 58, 40], [41, 42]]]  # the second: 2 digits, then none
+    with torch.no_grad(), kept.attached(lm):
+        singles = []
+        for context in contexts:
+            m = kept.add_sink(lm, kept.new_memory(lm), torch.tensor([SINK]))
+            for chunk in context:
+                m = kept.add(lm, m, torch.tensor([chunk]))
+            singles.append(m)
+        memories = [kept.add_sink(lm, kept.new_memory(lm), torch.tensor([SINK])) for _ in contexts]
+        for step in range(3):
+            rows = [b for b, c in enumerate(contexts) if step < len(c)]
+            added = kept.add_batch(lm, [memories[b] for b in rows], [torch.tensor([contexts[b][step]]) for b in rows])
+            for b, m in zip(rows, added, strict=True):
+                memories[b] = m
+    assert singles[1].segment_lengths()["compressed"] == 2 * 2 + 2
+    for single, batched in zip(singles, memories, strict=True):
+        assert batched.num_slots == single.num_slots and batched.next_position == single.next_position
+        for (k1, v1), (k2, v2), p1, p2 in zip(
+            single.layers, batched.layers, single.positions, batched.positions, strict=True
+        ):
+            assert torch.equal(p1, p2)
+            torch.testing.assert_close(k1, k2, atol=1e-5, rtol=0)
+            torch.testing.assert_close(v1, v2, atol=1e-5, rtol=0)
+
+
+def test_keep_is_refused_where_it_cannot_hold():
+    """An unknown class, ccm-merge (slots averaged in place), ccm-reason (keep_last), sliding-window models."""
+    with pytest.raises(ValueError, match="keep must be one of"):
+        get_method("ccm-concat", keep="numbers")
+    with pytest.raises(ValueError, match="use ccm-concat"):
+        get_method("ccm-merge", keep="digits")
+    with pytest.raises(ValueError, match="keep_last, not keep"):
+        get_method("ccm-reason", keep="digits")
+    with pytest.raises(ValueError, match="sliding-window layers: leave keep out"):
+        get_method("ccm-concat", keep="digits").check_model(tiny_model("mistral-window"))

@@ -509,3 +509,19 @@ def test_a_learned_merge_adapter_streams_with_its_gate(tmp_path):
     settings.adapters = {"ccm-merge": str(save_adapter(mean, lm, tmp_path / "mean.safetensors"))}
     assert run_method(lm, "ccm-merge", ids, settings, text="random").perplexity == pytest.approx(nll["zero"])
     assert nll["learned"] != pytest.approx(nll["zero"])
+
+
+def test_a_concat_adapter_that_keeps_raw_tokens_is_refused_before_any_work(tmp_path):
+    """An adapter trained with ``keep`` grows by its kept tokens: a stream's fixed layout says so, by the option."""
+    import ccmem
+    from ccmem.adapter import save_adapter
+
+    lm = tiny_model("llama-gqa", positions=64)
+    method = ccmem.get_method("ccm-concat", n_tok=2, keep="digits")
+    method.module_for(lm)
+    settings = StreamSettings(methods=["ccm-concat"], max_positions=0, sink=2, window=8, comp_slots=4, block=8)
+    settings.adapters = {"ccm-concat": str(save_adapter(method, lm, tmp_path / "keep.safetensors"))}
+    with pytest.raises(StreamOptionError, match="keep='digits'"):
+        check_layouts(lm, settings)
+    with pytest.raises(StreamOptionError, match="keep='digits'"):
+        run_method(lm, "ccm-concat", list(range(3, 40)), settings, text="random")

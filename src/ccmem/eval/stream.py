@@ -203,6 +203,7 @@ def ccm_compressor(lm: LoadedModel, name: str, adapter: str | None) -> CCMCompre
 
     session = load(lm, method=name, adapter=adapter or stream_adapter(lm, name), system_prompt=None)
     method: Any = session.method
+    refuse_kept_tokens(name, adapter or "(shipped)", method.options())
 
     def compress(seen: Memory, ids: torch.Tensor, start: int) -> list[KV]:
         with method.attached(lm):
@@ -383,7 +384,18 @@ def trained_layout(lm: LoadedModel, name: str, adapter: str | None) -> tuple[int
     path = adapter or stream_adapter(lm, name) or shipped_adapter(lm.name, name)
     cls = method_class(name)
     options = trained_options(read_adapter(path), cls) if path else {s.name: s.default for s in cls.option_specs()}
+    refuse_kept_tokens(name, path, options)
     return int(options["n_tok"]), int(options.get("banks", 1))
+
+
+def refuse_kept_tokens(name: str, adapter: object, options: dict[str, Any]) -> None:
+    """A CCM adapter trained with ``keep`` holds a growing number of raw slots: a stream's layout has no room."""
+    if options.get("keep"):
+        raise StreamOptionError(
+            f"{name}'s adapter {adapter} keeps {options['keep']} raw (keep={options['keep']!r}), a growing number "
+            "of slots that a stream's fixed layout has no room for: stream with an adapter trained without keep "
+            "(the shipped streaming adapters are)"
+        )
 
 
 def check_layouts(lm: LoadedModel, settings: StreamSettings) -> None:

@@ -10,6 +10,11 @@ Two ways to run the same computation, proven equal by ``tests/methods/test_ccm_e
 ``add`` (recurrent inference, one chunk at a time) and ``parallel_forward`` (training: a whole
 interaction in one masked forward, see :mod:`ccmem.masks`).
 
+``keep`` (ccm-concat, decoder-only) holds some tokens of every chunk raw beside its <COMP> slots, for good:
+``keep='digits'`` the tokens with a digit, so that numbers, dates and codes are read back as written instead of
+through their compression (the memory's clearest loss on hand-written dialogs). They keep their own positions; in
+the parallel forward every later chunk and the tail may attend to them, as ``add`` keeps them in the cache.
+
 On an encoder-decoder model (T5) the same methods compress in the encoder and the decoder reads only the
 compressed positions: :mod:`ccmem.methods.ccm_seq2seq` (tested by ``tests/methods/test_t5.py``).
 
@@ -19,6 +24,7 @@ the conditional LoRA (one ``nn.Module``, :class:`CompState`), attaching them, an
 
 from __future__ import annotations
 
+import re
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
@@ -35,6 +41,9 @@ from ccmem.methods.base import LoRAOptions, answer_loss, option, read_batch, run
 from ccmem.modules import GATE_KWARG, CompEmbeddings, LoRAGate, LoRASet, default_targets
 from ccmem.patching.attention import PLAN_KWARG, AttentionPlan, compression_attention, merge_scores
 from ccmem.registry import register
+
+#: Token classes ``keep`` can hold raw in memory: the tokens whose text matches.
+KEEP_CLASSES = {"": None, "digits": re.compile(r"[0-9]")}
 
 #: How CCM-merge weighs the steps it averages (``ccm-merge``'s ``weighting`` option).
 MERGE_WEIGHTINGS = ("mean", "learned")
@@ -318,7 +327,7 @@ class CCM(CompTokens):
     #: On T5-family models the <COMP> tokens go into the encoder (:mod:`ccmem.methods.ccm_seq2seq`).
     encoder_decoder: ClassVar[bool] = True
     #: ``recent`` changes what is kept beside the compressed slots, not what the weights mean.
-    runtime_options: ClassVar[frozenset[str]] = CompTokens.runtime_options | {"recent"}
+    runtime_options: ClassVar[frozenset[str]] = CompTokens.runtime_options | {"recent", "keep"}
 
     recurrent: bool = option(
         True, "compress each chunk with the memory so far (False: each chunk alone, as for ICL demonstrations)"
@@ -330,15 +339,35 @@ class CCM(CompTokens):
         "of recent text that the next chunk replaces; memory grows by at most this many slots; 0: none)",
     )
 
+    keep: str = option(
+        "",
+        "tokens of each chunk kept raw in memory beside its <COMP> slots, for good: 'digits' (every token with a "
+        "digit: numbers, dates, codes come back exact; memory grows by those tokens); '' keeps none (ccm-concat)",
+    )
+
     def check_options(self) -> None:
         super().check_options()
+        if self.keep not in KEEP_CLASSES:
+            raise ValueError(f"keep must be one of {sorted(KEEP_CLASSES)}, got {self.keep!r}")
         if self.max_chunk_tokens < 1:
             raise ValueError(f"max_chunk_tokens must be at least 1 (got {self.max_chunk_tokens})")
         if self.recent < 0:
             raise ValueError(f"recent must be 0 or more tokens (got {self.recent})")
 
+    def build(self, lm: LoadedModel) -> CompState:
+        state = super().build(lm)
+        if self.keep:
+            self.keep_vocab(lm)
+        return state
+
     def check_model(self, lm: LoadedModel) -> None:
         super().check_model(lm)
+        if self.keep and (lm.is_encoder_decoder or lm.sliding_window is not None):
+            raise ValueError(
+                f"{self.name} keep={self.keep!r} keeps raw tokens in the memory of decoder-only models with full "
+                f"attention; {lm.name} has {'an encoder' if lm.is_encoder_decoder else 'sliding-window layers'}"
+                ": leave keep out"
+            )
         if self.recent and (lm.is_encoder_decoder or lm.sliding_window is not None):
             raise ValueError(
                 f"{self.name} recent={self.recent} keeps raw tokens beside the memory of decoder-only models with "
@@ -364,8 +393,57 @@ class CCM(CompTokens):
             return ccm_seq2seq.add_chunk(self, lm, memory, ids)
         memory = memory.without_window()  # the last chunk's raw tokens: already compressed into its <COMP>
         seen = memory if self.recurrent else memory.prefix(memory.sink)
-        comp, raw = self.read_chunk(lm, seen, ids, memory.next_position, self.recent)
-        return self._keep_raw(self.fold(memory, comp, ids.shape[-1]), raw, memory.next_position + ids.shape[-1])
+        kept = self.kept_positions(lm, ids[0])
+        comp, raw = self.read_chunk(
+            lm, seen, ids, memory.next_position, ids.shape[-1] if kept is not None else self.recent
+        )
+        return self._update(memory, comp, raw, ids.shape[-1], kept)
+
+    def _update(self, memory: Memory, comp: list[KV], raw: list[KV], n: int, kept: torch.Tensor | None) -> Memory:
+        """``memory`` after a chunk of ``n`` tokens: its kept tokens (``raw`` then holds the whole chunk), its
+        <COMP> slots, and its last ``recent`` tokens (those not kept already) as the window."""
+        start = memory.next_position
+        if kept is None:
+            return self._keep_raw(self.fold(memory, comp, n), raw, start + n)
+        memory = self.fold(self._append_raw(memory, raw, kept, start), comp, n)
+        recent = torch.arange(max(0, n - self.recent), n, device=kept.device)
+        return self._append_raw(memory, raw, recent[~torch.isin(recent, kept)], start, window=True)
+
+    @staticmethod
+    def _append_raw(memory: Memory, raw: list[KV], index: torch.Tensor, start: int, window: bool = False) -> Memory:
+        """``memory`` with the chunk tokens at ``index`` (``raw``: the chunk read from position ``start``)."""
+        if not len(index):
+            return memory
+        layers = [(k.index_select(-2, index), v.index_select(-2, index)) for k, v in raw]
+        at = start + index
+        positions = [at.to(k.device).expand(k.shape[0], k.shape[1], len(index)).clone() for k, _ in layers]
+        changes = {"window": len(index)} if window else {}
+        return memory.with_layers(
+            concat_layers([memory.layers, layers]), concat_positions([memory.positions, positions]), **changes
+        )
+
+    def kept_positions(self, lm: LoadedModel, ids: torch.Tensor) -> torch.Tensor | None:
+        """Indices of the tokens of ``ids`` (1-D) that ``keep`` holds raw, or ``None`` without ``keep``."""
+        if not self.keep:
+            return None
+        mask = self.keep_vocab(lm)
+        return torch.nonzero(mask[ids.cpu().clamp(0, len(mask) - 1)], as_tuple=True)[0].to(ids.device)
+
+    def keep_vocab(self, lm: LoadedModel | None = None) -> torch.Tensor:
+        """``[vocab]`` bool: the token ids whose text ``keep``'s class matches (computed once per tokenizer;
+        without ``lm``, the last one's: what laying out a batch reads after :meth:`build`)."""
+        cached = getattr(self, "_keep_vocab", None)
+        if lm is None or (cached is not None and cached[0] is lm.tokenizer):
+            if cached is None:
+                raise RuntimeError(f"{self.name} keep={self.keep!r}: build the method for a model before use")
+            return cast(torch.Tensor, cached[1])
+        pattern = KEEP_CLASSES[self.keep]
+        assert pattern is not None
+        size = int(cast(torch.Tensor, lm.model.get_input_embeddings().weight).shape[0])
+        text = lm.tokenizer.convert_ids_to_tokens(list(range(size)))
+        mask = torch.tensor([bool(pattern.search(t or "")) for t in text], dtype=torch.bool)
+        self._keep_vocab = (lm.tokenizer, mask)
+        return mask
 
     def _keep_raw(self, memory: Memory, raw: list[KV], end: int) -> Memory:
         """``memory`` with ``raw`` (the keys/values of the tokens just before position ``end``) as its window."""
@@ -394,10 +472,14 @@ class CCM(CompTokens):
             for b in rows:
                 out[b] = out[b].without_window()
             seen = [out[b] if self.recurrent else out[b].prefix(out[b].sink) for b in rows]
-            reads = self.read_chunks(lm, seen, [chunks[b][t] for b in rows], self.recent)
-            for b, (comp, raw) in zip(rows, reads, strict=True):
-                n = chunks[b][t].shape[-1]
-                out[b] = self._keep_raw(self.fold(out[b], comp, n), raw, out[b].next_position + n)
+            if self.keep:
+                kept = [self.kept_positions(lm, chunks[b][t][0]) for b in rows]
+                reads = self.read_chunks(lm, seen, [chunks[b][t] for b in rows], self.max_chunk_tokens)
+            else:
+                kept = [None] * len(rows)
+                reads = self.read_chunks(lm, seen, [chunks[b][t] for b in rows], self.recent)
+            for b, (comp, raw), k in zip(rows, reads, kept, strict=True):
+                out[b] = self._update(out[b], comp, raw, chunks[b][t].shape[-1], k)
         return out
 
     def lay_out(self, samples: list[Sample], pad_id: int, *, bidirectional: bool = False) -> ParallelBatch:
@@ -411,6 +493,21 @@ class CCM(CompTokens):
             banks=getattr(self, "banks", 1),  # ccm-merge's option
             recent=self.recent,
         )
+
+    def make_batch(self, samples: list[Sample], pad_id: int = 0) -> ParallelBatch:
+        batch = self.lay_out(samples, pad_id)
+        if self.keep:  # a chunk's kept tokens stay readable by whatever reads the memory after it, as in add
+            vocab = self.keep_vocab()
+            for b, sample in enumerate(samples):
+                start = len(sample.sink)
+                for chunk in sample.chunks:
+                    ids = torch.tensor(chunk, dtype=torch.long)
+                    end = start + len(ids)
+                    kept = start + torch.nonzero(vocab[ids.clamp(0, len(vocab) - 1)], as_tuple=True)[0]
+                    readers = end + self.n_tok if self.recurrent else batch.tail_start[b]
+                    batch.plan.allowed[b, readers : batch.lengths[b], kept] = True
+                    start = end + self.n_tok
+        return batch
 
     def recurrent_loss(self, lm: LoadedModel, sample: Sample) -> torch.Tensor:
         """The same loss computed the slow way: compress chunk by chunk (backpropagating through the
@@ -473,6 +570,11 @@ class CCMMerge(CCM):
         super().check_options()
         if self.banks < 1:
             raise ValueError(f"banks must be at least 1 (got {self.banks})")
+        if self.keep:
+            raise ValueError(
+                f"keep={self.keep!r} holds raw tokens beside concatenated slots: use ccm-concat (ccm-merge averages "
+                "its slots in place and has nowhere to keep them)"
+            )
         if self.weighting not in MERGE_WEIGHTINGS:
             raise ValueError(f"weighting must be one of {MERGE_WEIGHTINGS}, got {self.weighting!r}")
         if not self.gate_scale > 0:

@@ -107,6 +107,10 @@ class CCMReasoning(CCMConcat):
                 f"ccm-reason keeps a step's raw tokens with keep_last, not recent (got recent={self.recent}); "
                 "use keep_last"
             )
+        if self.keep:
+            raise ValueError(
+                f"ccm-reason keeps a step's raw tokens with keep_last, not keep (got keep={self.keep!r}); use keep_last"
+            )
         if self.keep_last < 0:
             raise ValueError(f"keep_last must not be negative (raw tokens kept per step), got {self.keep_last}")
 
