@@ -70,6 +70,9 @@ class TinyTokenizer:
         """The character each id encodes (``encode``'s inverse for ASCII: ids 51-60 are the digits 0-9)."""
         return [chr(int(i) - 3) if 2 < int(i) < VOCAB else None for i in ids]
 
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        return "".join(tokens)
+
 
 def tiny_model(family: str = "llama-gqa", attn: str = "sdpa", seed: int = 0, positions: int = 256) -> LoadedModel:
     torch.manual_seed(seed)

@@ -380,12 +380,40 @@ def test_kept_tokens_change_the_memory_and_a_batch_keeps_each_rows_own():
 
 
 def test_keep_is_refused_where_it_cannot_hold():
-    """An unknown class, ccm-merge (slots averaged in place), ccm-reason (keep_last), sliding-window models."""
-    with pytest.raises(ValueError, match="keep must be one of"):
+    """An unknown class, ccm-merge (slots averaged in place: no such option), ccm-reason (keep_last), sliding-window
+    models."""
+    from ccmem.eval.harness import options_for
+    from ccmem.options import OptionError
+
+    with pytest.raises(ValueError, match="keep must be one of nothing, digits, got 'numbers'"):
         get_method("ccm-concat", keep="numbers")
-    with pytest.raises(ValueError, match="use ccm-concat"):
+    with pytest.raises(OptionError, match="keep"):
         get_method("ccm-merge", keep="digits")
+    # so a shared `-O keep=digits` reaches ccm-concat and leaves the default eval list's ccm-merge alone
+    assert options_for("ccm-merge", {"keep": "digits"}) == {}
+    assert options_for("ccm-concat", {"keep": "digits"}) == {"keep": "digits"}
     with pytest.raises(ValueError, match="keep_last, not keep"):
         get_method("ccm-reason", keep="digits")
-    with pytest.raises(ValueError, match="sliding-window layers: leave keep out"):
+    assert get_method("ccm-reason", keep="nothing").kept_positions(tiny_model(), torch.tensor([51])) is None
+    with pytest.raises(ValueError, match="sliding-window layers: use keep=nothing"):
         get_method("ccm-concat", keep="digits").check_model(tiny_model("mistral-window"))
+
+
+def test_keep_reads_what_tokens_decode_to_not_their_spelling():
+    """Byte-fallback pieces (LLaMA-2, Mistral: a newline is ``<0x0A>``) and special tokens (``<|reserved_1|>``) are
+    spelled with digits but hold none: only tokens whose decoded text has a digit are kept."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    from ccmem.loading import LoadedModel
+
+    vocab = {"<unk>": 0, "<s>": 1, "<0x0A>": 2, "<0x31>": 3, "\u25815": 4, "\u2581cat": 5, "<|reserved_1|>": 6}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|reserved_1|>"]})
+    lm = tiny_model("llama-gqa")
+    lm = LoadedModel(model=lm.model, tokenizer=tokenizer, name=lm.name)
+    method = get_method("ccm-concat", n_tok=2, keep="digits")
+    kept = method.kept_positions(lm, torch.arange(7))
+    assert kept.tolist() == [3, 4]  # the byte "1" and "\u25815" (" 5"); not "<0x0A>" nor "<|reserved_1|>"

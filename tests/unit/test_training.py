@@ -492,18 +492,18 @@ def test_a_checkpoint_of_a_stopped_run_exports_as_an_adapter(tmp_path, monkeypat
 
 def test_shuffle_off_keeps_the_data_order_and_save_optimizer_off_checkpoints_tensors_only(tmp_path, monkeypatch):
     """The IC-Former scripts' ``shuffle`` and ``save_optimizer`` (``train.shuffle``, ``train.save_optimizer``)."""
-    from ccmem.methods.ccm import CCM
+    from ccmem.methods.ccm import CCMConcat
     from ccmem.registry import get_method
     from ccmem.train.trainer import samples_for
 
     batches: list[list[tuple[int, ...]]] = []
-    make_batch = CCM.make_batch
+    make_batch = CCMConcat.make_batch
 
     def recording(self, samples, pad_id=0):
         batches.append([tuple(s.tail) for s in samples])
         return make_batch(self, samples, pad_id)
 
-    monkeypatch.setattr(CCM, "make_batch", recording)
+    monkeypatch.setattr(CCMConcat, "make_batch", recording)
     lm = tiny_model()
     config = _config(tmp_path / "a", "train.shuffle=false", "train.save_optimizer=false")
     expected = [tuple(s.tail) for s in samples_for(lm, config, get_method("ccm-concat"), "train")]

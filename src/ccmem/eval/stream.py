@@ -390,7 +390,7 @@ def trained_layout(lm: LoadedModel, name: str, adapter: str | None) -> tuple[int
 
 def refuse_kept_tokens(name: str, adapter: object, options: dict[str, Any]) -> None:
     """A CCM adapter trained with ``keep`` holds a growing number of raw slots: a stream's layout has no room."""
-    if options.get("keep"):
+    if options.get("keep", "nothing") != "nothing":
         raise StreamOptionError(
             f"{name}'s adapter {adapter} keeps {options['keep']} raw (keep={options['keep']!r}), a growing number "
             "of slots that a stream's fixed layout has no room for: stream with an adapter trained without keep "

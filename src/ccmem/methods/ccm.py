@@ -10,10 +10,11 @@ Two ways to run the same computation, proven equal by ``tests/methods/test_ccm_e
 ``add`` (recurrent inference, one chunk at a time) and ``parallel_forward`` (training: a whole
 interaction in one masked forward, see :mod:`ccmem.masks`).
 
-``keep`` (ccm-concat, decoder-only) holds some tokens of every chunk raw beside its <COMP> slots, for good:
-``keep='digits'`` the tokens with a digit, so that numbers, dates and codes are read back as written instead of
-through their compression (the memory's clearest loss on hand-written dialogs). They keep their own positions; in
-the parallel forward every later chunk and the tail may attend to them, as ``add`` keeps them in the cache.
+ccm-concat's ``keep`` (decoder-only) holds some tokens of every chunk raw beside its <COMP> slots, for good:
+``keep='digits'`` the tokens whose decoded text has a digit, so that numbers, dates and codes are read back as
+written instead of through their compression (the memory's clearest loss on hand-written dialogs). They keep their
+own positions; in the parallel forward every later chunk and the tail may attend to them, as ``add`` keeps them in
+the cache.
 
 On an encoder-decoder model (T5) the same methods compress in the encoder and the decoder reads only the
 compressed positions: :mod:`ccmem.methods.ccm_seq2seq` (tested by ``tests/methods/test_t5.py``).
@@ -43,7 +44,20 @@ from ccmem.patching.attention import PLAN_KWARG, AttentionPlan, compression_atte
 from ccmem.registry import register
 
 #: Token classes ``keep`` can hold raw in memory: the tokens whose text matches.
-KEEP_CLASSES = {"": None, "digits": re.compile(r"[0-9]")}
+KEEP_CLASSES = {"nothing": None, "digits": re.compile(r"[0-9]")}
+
+
+def token_texts(lm: LoadedModel) -> list[str]:
+    """The text each token id of ``lm``'s embedding table stands for, as decoding writes it (byte-fallback pieces
+    such as ``<0x0A>`` are the byte, not their spelling), and ``""`` for special tokens and ids the tokenizer lacks."""
+    tokenizer = lm.tokenizer
+    size = int(cast(torch.Tensor, lm.model.get_input_embeddings().weight).shape[0])
+    special = set(getattr(tokenizer, "all_special_ids", None) or [])
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    special |= {i for i, token in added.items() if getattr(token, "special", False)}
+    pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
+    return ["" if p is None or i in special else tokenizer.convert_tokens_to_string([p]) for i, p in enumerate(pieces)]
+
 
 #: How CCM-merge weighs the steps it averages (``ccm-merge``'s ``weighting`` option).
 MERGE_WEIGHTINGS = ("mean", "learned")
@@ -327,7 +341,7 @@ class CCM(CompTokens):
     #: On T5-family models the <COMP> tokens go into the encoder (:mod:`ccmem.methods.ccm_seq2seq`).
     encoder_decoder: ClassVar[bool] = True
     #: ``recent`` changes what is kept beside the compressed slots, not what the weights mean.
-    runtime_options: ClassVar[frozenset[str]] = CompTokens.runtime_options | {"recent", "keep"}
+    runtime_options: ClassVar[frozenset[str]] = CompTokens.runtime_options | {"recent"}
 
     recurrent: bool = option(
         True, "compress each chunk with the memory so far (False: each chunk alone, as for ICL demonstrations)"
@@ -339,35 +353,15 @@ class CCM(CompTokens):
         "of recent text that the next chunk replaces; memory grows by at most this many slots; 0: none)",
     )
 
-    keep: str = option(
-        "",
-        "tokens of each chunk kept raw in memory beside its <COMP> slots, for good: 'digits' (every token with a "
-        "digit: numbers, dates, codes come back exact; memory grows by those tokens); '' keeps none (ccm-concat)",
-    )
-
     def check_options(self) -> None:
         super().check_options()
-        if self.keep not in KEEP_CLASSES:
-            raise ValueError(f"keep must be one of {sorted(KEEP_CLASSES)}, got {self.keep!r}")
         if self.max_chunk_tokens < 1:
             raise ValueError(f"max_chunk_tokens must be at least 1 (got {self.max_chunk_tokens})")
         if self.recent < 0:
             raise ValueError(f"recent must be 0 or more tokens (got {self.recent})")
 
-    def build(self, lm: LoadedModel) -> CompState:
-        state = super().build(lm)
-        if self.keep:
-            self.keep_vocab(lm)
-        return state
-
     def check_model(self, lm: LoadedModel) -> None:
         super().check_model(lm)
-        if self.keep and (lm.is_encoder_decoder or lm.sliding_window is not None):
-            raise ValueError(
-                f"{self.name} keep={self.keep!r} keeps raw tokens in the memory of decoder-only models with full "
-                f"attention; {lm.name} has {'an encoder' if lm.is_encoder_decoder else 'sliding-window layers'}"
-                ": leave keep out"
-            )
         if self.recent and (lm.is_encoder_decoder or lm.sliding_window is not None):
             raise ValueError(
                 f"{self.name} recent={self.recent} keeps raw tokens beside the memory of decoder-only models with "
@@ -394,6 +388,8 @@ class CCM(CompTokens):
         memory = memory.without_window()  # the last chunk's raw tokens: already compressed into its <COMP>
         seen = memory if self.recurrent else memory.prefix(memory.sink)
         kept = self.kept_positions(lm, ids[0])
+        if kept is not None and ids.shape[0] != 1:
+            raise ValueError(f"{self.name} keeps each interaction's own tokens: add one at a time, or use add_batch")
         comp, raw = self.read_chunk(
             lm, seen, ids, memory.next_position, ids.shape[-1] if kept is not None else self.recent
         )
@@ -423,27 +419,9 @@ class CCM(CompTokens):
         )
 
     def kept_positions(self, lm: LoadedModel, ids: torch.Tensor) -> torch.Tensor | None:
-        """Indices of the tokens of ``ids`` (1-D) that ``keep`` holds raw, or ``None`` without ``keep``."""
-        if not self.keep:
-            return None
-        mask = self.keep_vocab(lm)
-        return torch.nonzero(mask[ids.cpu().clamp(0, len(mask) - 1)], as_tuple=True)[0].to(ids.device)
-
-    def keep_vocab(self, lm: LoadedModel | None = None) -> torch.Tensor:
-        """``[vocab]`` bool: the token ids whose text ``keep``'s class matches (computed once per tokenizer;
-        without ``lm``, the last one's: what laying out a batch reads after :meth:`build`)."""
-        cached = getattr(self, "_keep_vocab", None)
-        if lm is None or (cached is not None and cached[0] is lm.tokenizer):
-            if cached is None:
-                raise RuntimeError(f"{self.name} keep={self.keep!r}: build the method for a model before use")
-            return cast(torch.Tensor, cached[1])
-        pattern = KEEP_CLASSES[self.keep]
-        assert pattern is not None
-        size = int(cast(torch.Tensor, lm.model.get_input_embeddings().weight).shape[0])
-        text = lm.tokenizer.convert_ids_to_tokens(list(range(size)))
-        mask = torch.tensor([bool(pattern.search(t or "")) for t in text], dtype=torch.bool)
-        self._keep_vocab = (lm.tokenizer, mask)
-        return mask
+        """Indices of the tokens of ``ids`` (1-D) kept raw in memory for good, or ``None``: none (ccm-concat's
+        ``keep`` holds some)."""
+        return None
 
     def _keep_raw(self, memory: Memory, raw: list[KV], end: int) -> Memory:
         """``memory`` with ``raw`` (the keys/values of the tokens just before position ``end``) as its window."""
@@ -472,12 +450,11 @@ class CCM(CompTokens):
             for b in rows:
                 out[b] = out[b].without_window()
             seen = [out[b] if self.recurrent else out[b].prefix(out[b].sink) for b in rows]
-            if self.keep:
-                kept = [self.kept_positions(lm, chunks[b][t][0]) for b in rows]
-                reads = self.read_chunks(lm, seen, [chunks[b][t] for b in rows], self.max_chunk_tokens)
-            else:
-                kept = [None] * len(rows)
-                reads = self.read_chunks(lm, seen, [chunks[b][t] for b in rows], self.recent)
+            kept = [self.kept_positions(lm, chunks[b][t][0]) for b in rows]
+            whole = any(k is not None for k in kept)  # then every row reads its chunk's keys/values back whole
+            reads = self.read_chunks(
+                lm, seen, [chunks[b][t] for b in rows], self.max_chunk_tokens if whole else self.recent
+            )
             for b, (comp, raw), k in zip(rows, reads, kept, strict=True):
                 out[b] = self._update(out[b], comp, raw, chunks[b][t].shape[-1], k)
         return out
@@ -493,21 +470,6 @@ class CCM(CompTokens):
             banks=getattr(self, "banks", 1),  # ccm-merge's option
             recent=self.recent,
         )
-
-    def make_batch(self, samples: list[Sample], pad_id: int = 0) -> ParallelBatch:
-        batch = self.lay_out(samples, pad_id)
-        if self.keep:  # a chunk's kept tokens stay readable by whatever reads the memory after it, as in add
-            vocab = self.keep_vocab()
-            for b, sample in enumerate(samples):
-                start = len(sample.sink)
-                for chunk in sample.chunks:
-                    ids = torch.tensor(chunk, dtype=torch.long)
-                    end = start + len(ids)
-                    kept = start + torch.nonzero(vocab[ids.clamp(0, len(vocab) - 1)], as_tuple=True)[0]
-                    readers = end + self.n_tok if self.recurrent else batch.tail_start[b]
-                    batch.plan.allowed[b, readers : batch.lengths[b], kept] = True
-                    start = end + self.n_tok
-        return batch
 
     def recurrent_loss(self, lm: LoadedModel, sample: Sample) -> torch.Tensor:
         """The same loss computed the slow way: compress chunk by chunk (backpropagating through the
@@ -535,6 +497,74 @@ class CCMConcat(CCM):
 
     name: ClassVar[str] = "ccm-concat"
     update: ClassVar[str] = "concat"
+    #: ``keep`` too: it adds raw slots beside the compressed ones, it does not change what the weights mean.
+    runtime_options: ClassVar[frozenset[str]] = CCM.runtime_options | {"keep"}
+
+    keep: str = option(
+        "nothing",
+        "tokens of each chunk kept raw in memory beside its <COMP> slots, for good: 'digits' (every token whose text "
+        "has a digit: numbers, dates, codes come back as written; memory grows by those tokens) or 'nothing'",
+    )
+
+    def check_options(self) -> None:
+        super().check_options()
+        if self.keep not in KEEP_CLASSES:
+            raise ValueError(f"keep must be one of {', '.join(KEEP_CLASSES)}, got {self.keep!r}")
+
+    def build(self, lm: LoadedModel) -> CompState:
+        state = super().build(lm)
+        if self.keeps:
+            self.keep_vocab(lm)
+        return state
+
+    @property
+    def keeps(self) -> bool:
+        return KEEP_CLASSES[self.keep] is not None
+
+    def check_model(self, lm: LoadedModel) -> None:
+        super().check_model(lm)
+        if self.keeps and (lm.is_encoder_decoder or lm.sliding_window is not None):
+            raise ValueError(
+                f"{self.name} keep={self.keep!r} keeps raw tokens in the memory of decoder-only models with full "
+                f"attention; {lm.name} has {'an encoder' if lm.is_encoder_decoder else 'sliding-window layers'}"
+                ": use keep=nothing"
+            )
+
+    def kept_positions(self, lm: LoadedModel, ids: torch.Tensor) -> torch.Tensor | None:
+        """Indices of the tokens of ``ids`` (1-D) that ``keep`` holds raw, or ``None`` without ``keep``."""
+        if not self.keeps:
+            return None
+        mask = self.keep_vocab(lm)
+        return torch.nonzero(mask[ids.cpu().clamp(0, len(mask) - 1)], as_tuple=True)[0].to(ids.device)
+
+    def keep_vocab(self, lm: LoadedModel | None = None) -> torch.Tensor:
+        """``[vocab]`` bool: the token ids whose text ``keep``'s class matches (computed once per tokenizer;
+        without ``lm``, the last one's: what laying out a batch reads after :meth:`build`)."""
+        cached = getattr(self, "_keep_vocab", None)
+        if lm is None or (cached is not None and cached[0] is lm.tokenizer):
+            if cached is None:
+                raise RuntimeError(f"{self.name} keep={self.keep!r}: build the method for a model before use")
+            return cast(torch.Tensor, cached[1])
+        pattern = KEEP_CLASSES[self.keep]
+        assert pattern is not None
+        mask = torch.tensor([bool(pattern.search(t)) for t in token_texts(lm)], dtype=torch.bool)
+        self._keep_vocab = (lm.tokenizer, mask)
+        return mask
+
+    def make_batch(self, samples: list[Sample], pad_id: int = 0) -> ParallelBatch:
+        batch = self.lay_out(samples, pad_id)
+        if self.keeps:  # a chunk's kept tokens stay readable by whatever reads the memory after it, as in add
+            vocab = self.keep_vocab()
+            for b, sample in enumerate(samples):
+                start = len(sample.sink)
+                for chunk in sample.chunks:
+                    ids = torch.tensor(chunk, dtype=torch.long)
+                    end = start + len(ids)
+                    kept = start + torch.nonzero(vocab[ids.clamp(0, len(vocab) - 1)], as_tuple=True)[0]
+                    readers = end + self.n_tok if self.recurrent else batch.tail_start[b]
+                    batch.plan.allowed[b, readers : batch.lengths[b], kept] = True
+                    start = end + self.n_tok
+        return batch
 
 
 @register
@@ -570,11 +600,6 @@ class CCMMerge(CCM):
         super().check_options()
         if self.banks < 1:
             raise ValueError(f"banks must be at least 1 (got {self.banks})")
-        if self.keep:
-            raise ValueError(
-                f"keep={self.keep!r} holds raw tokens beside concatenated slots: use ccm-concat (ccm-merge averages "
-                "its slots in place and has nowhere to keep them)"
-            )
         if self.weighting not in MERGE_WEIGHTINGS:
             raise ValueError(f"weighting must be one of {MERGE_WEIGHTINGS}, got {self.weighting!r}")
         if not self.gate_scale > 0:

@@ -107,7 +107,7 @@ class CCMReasoning(CCMConcat):
                 f"ccm-reason keeps a step's raw tokens with keep_last, not recent (got recent={self.recent}); "
                 "use keep_last"
             )
-        if self.keep:
+        if self.keeps:
             raise ValueError(
                 f"ccm-reason keeps a step's raw tokens with keep_last, not keep (got keep={self.keep!r}); use keep_last"
             )

@@ -155,6 +155,7 @@ LATER_FIELDS: dict[str, Any] = {
     "data.train_ratio": None,
     "method.banks": 1,
     "method.recent": 0,
+    "method.keep": "nothing",
 }
 
 
