@@ -343,6 +343,29 @@ def test_kept_digit_tokens_parallel_equal_recurrent(family, options):
     assert held[: len(held) - window] == expected
 
 
+# To the tiny tokenizer 35 is a space, 67 "@", 49 ".", 68-74 "A"-"G": "A1 BC D@E.F G" and "C D 2" as chunks.
+WORD_CHUNKS = [[68, 52, 35, 69, 70, 35, 71, 67, 72, 49, 73, 35, 74], [70, 35, 71, 35, 53]]
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen2"])
+@pytest.mark.parametrize("options", [{}, {"recent": 3}])
+def test_kept_values_are_whole_words_and_parallel_equals_recurrent(family, options):
+    """``keep='values'``: every token of a word (text between spaces) with a digit or an @ ("A1", " D@E.F", " 2"), in
+    the masked forward as in compressing chunk by chunk; ``digits`` keeps only the digit tokens of the same chunks."""
+    lm = tiny_model(family)
+    method = get_method("ccm-concat", n_tok=2, keep="values", **options)
+    randomize_lora(method, lm)
+    memory = assert_parallel_equals_recurrent(lm, method, WORD_CHUNKS)
+    assert [method.kept_positions(lm, torch.tensor(c)).tolist() for c in WORD_CHUNKS] == [
+        [0, 1, 5, 6, 7, 8, 9, 10],
+        [3, 4],
+    ]
+    digits = get_method("ccm-concat", n_tok=2, keep="digits")
+    assert [digits.kept_positions(lm, torch.tensor(c)).tolist() for c in WORD_CHUNKS] == [[1], [4]]
+    window = 1 if options else 0  # recent=3: the last chunk's "D", " ", "2", of which "D" alone is not kept already
+    assert memory.segment_lengths() == {"sink": len(SINK), "compressed": 2 * 2 + 8 + 2, "window": window}
+
+
 def test_kept_tokens_change_the_memory_and_a_batch_keeps_each_rows_own():
     """Not vacuous: the tail reads other memory with ``keep`` (a digit-free chunk adds only its <COMP> slots), and
     compressing rows with digits at different places in one padded forward gives each row's memory alone."""
@@ -385,7 +408,7 @@ def test_keep_is_refused_where_it_cannot_hold():
     from ccmem.eval.harness import options_for
     from ccmem.options import OptionError
 
-    with pytest.raises(ValueError, match="keep must be one of nothing, digits, got 'numbers'"):
+    with pytest.raises(ValueError, match="keep must be one of nothing, digits, values, got 'numbers'"):
         get_method("ccm-concat", keep="numbers")
     with pytest.raises(OptionError, match="keep"):
         get_method("ccm-merge", keep="digits")

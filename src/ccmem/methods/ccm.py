@@ -43,8 +43,9 @@ from ccmem.modules import GATE_KWARG, CompEmbeddings, LoRAGate, LoRASet, default
 from ccmem.patching.attention import PLAN_KWARG, AttentionPlan, compression_attention, merge_scores
 from ccmem.registry import register
 
-#: Token classes ``keep`` can hold raw in memory: the tokens whose text matches.
-KEEP_CLASSES = {"nothing": None, "digits": re.compile(r"[0-9]")}
+#: What ``keep`` can hold raw in memory: ``digits``, the tokens whose text has a digit; ``values``, every token of a
+#: word (text between spaces) that has a digit or an ``@``: whole dates, codes, e-mail addresses, "BA2490".
+KEEP_CLASSES = {"nothing": None, "digits": re.compile(r"[0-9]"), "values": re.compile(r"[0-9@]")}
 
 
 def token_texts(lm: LoadedModel) -> list[str]:
@@ -503,7 +504,8 @@ class CCMConcat(CCM):
     keep: str = option(
         "nothing",
         "tokens of each chunk kept raw in memory beside its <COMP> slots, for good: 'digits' (every token whose text "
-        "has a digit: numbers, dates, codes come back as written; memory grows by those tokens) or 'nothing'",
+        "has a digit: numbers, dates, codes come back as written; memory grows by those tokens), 'values' (every "
+        "token of a word with a digit or an @: whole codes, dates, e-mail addresses) or 'nothing'",
     )
 
     def check_options(self) -> None:
@@ -534,33 +536,44 @@ class CCMConcat(CCM):
         """Indices of the tokens of ``ids`` (1-D) that ``keep`` holds raw, or ``None`` without ``keep``."""
         if not self.keeps:
             return None
-        mask = self.keep_vocab(lm)
-        return torch.nonzero(mask[ids.cpu().clamp(0, len(mask) - 1)], as_tuple=True)[0].to(ids.device)
+        self.keep_vocab(lm)
+        return self._kept(ids.cpu()).to(ids.device)
 
-    def keep_vocab(self, lm: LoadedModel | None = None) -> torch.Tensor:
-        """``[vocab]`` bool: the token ids whose text ``keep``'s class matches (computed once per tokenizer;
-        without ``lm``, the last one's: what laying out a batch reads after :meth:`build`)."""
+    def _kept(self, ids: torch.Tensor) -> torch.Tensor:
+        """:meth:`kept_positions` with the tables of the last tokenizer (``ids``: 1-D, on the CPU)."""
+        matches, starts = self.keep_vocab()
+        ids = ids.clamp(0, len(matches) - 1)
+        hit = matches[ids]
+        if self.keep == "values":  # every token of a word that has a match: a word starts at a token led by a space
+            word = torch.cumsum(starts[ids].long(), 0)
+            hit = torch.isin(word, word[hit])
+        return torch.nonzero(hit, as_tuple=True)[0]
+
+    def keep_vocab(self, lm: LoadedModel | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[vocab]`` bools: the token ids whose text ``keep``'s class matches, and those whose text starts a word
+        (computed once per tokenizer; without ``lm``, the last one's: what laying out a batch reads after
+        :meth:`build`)."""
         cached = getattr(self, "_keep_vocab", None)
         if lm is None or (cached is not None and cached[0] is lm.tokenizer):
             if cached is None:
                 raise RuntimeError(f"{self.name} keep={self.keep!r}: build the method for a model before use")
-            return cast(torch.Tensor, cached[1])
+            return cast(tuple[torch.Tensor, torch.Tensor], cached[1])
         pattern = KEEP_CLASSES[self.keep]
         assert pattern is not None
-        mask = torch.tensor([bool(pattern.search(t)) for t in token_texts(lm)], dtype=torch.bool)
-        self._keep_vocab = (lm.tokenizer, mask)
-        return mask
+        texts = token_texts(lm)
+        matches = torch.tensor([bool(pattern.search(t)) for t in texts], dtype=torch.bool)
+        starts = torch.tensor([not t or t[0].isspace() for t in texts], dtype=torch.bool)
+        self._keep_vocab = (lm.tokenizer, (matches, starts))
+        return matches, starts
 
     def make_batch(self, samples: list[Sample], pad_id: int = 0) -> ParallelBatch:
         batch = self.lay_out(samples, pad_id)
         if self.keeps:  # a chunk's kept tokens stay readable by whatever reads the memory after it, as in add
-            vocab = self.keep_vocab()
             for b, sample in enumerate(samples):
                 start = len(sample.sink)
                 for chunk in sample.chunks:
-                    ids = torch.tensor(chunk, dtype=torch.long)
-                    end = start + len(ids)
-                    kept = start + torch.nonzero(vocab[ids.clamp(0, len(vocab) - 1)], as_tuple=True)[0]
+                    end = start + len(chunk)
+                    kept = start + self._kept(torch.tensor(chunk, dtype=torch.long))
                     readers = end + self.n_tok if self.recurrent else batch.tail_start[b]
                     batch.plan.allowed[b, readers : batch.lengths[b], kept] = True
                     start = end + self.n_tok
