@@ -43,12 +43,20 @@ def test_full_equals_transformers_generate_on_a_chat(smollm):
 
 def test_ccm_compresses_a_conversation_into_fewer_slots(smollm):
     full = ccmem.load(smollm, method="full")
-    concat = ccmem.load(smollm, method="ccm-concat")  # the shipped adapter's n_tok
-    for session in (full, concat):
+    concat = ccmem.load(smollm, method="ccm-concat")  # the shipped adapter's n_tok, and its keep=values
+    compressed_only = ccmem.load(smollm, method="ccm-concat", keep="nothing")
+    for session in (full, concat, compressed_only):
         for i in range(3):
             session.remember(f"Fact number {i}: the code word is alpha{i}.", "Noted.")
-    assert concat.memory.num_slots * 3 < full.memory.num_slots
-    assert concat.memory.nbytes * 3 < full.memory.nbytes
+    assert compressed_only.memory.num_slots * 3 < full.memory.num_slots
+    assert compressed_only.memory.nbytes * 3 < full.memory.nbytes
+    # keep=values also holds " {i}:" and " alpha{i}." of each turn raw: more slots, still well under full's
+    assert concat.method.keep == "values"
+    kept = compressed_only.memory.num_slots + sum(
+        len(concat.method.kept_positions(smollm, torch.tensor(smollm.tokenizer.encode(f" {i}: alpha{i}."))))
+        for i in range(3)
+    )
+    assert concat.memory.num_slots == kept < full.memory.num_slots / 2
     assert concat.generate("Say hello.", max_new_tokens=4)
 
 
