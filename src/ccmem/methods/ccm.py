@@ -554,7 +554,7 @@ class CCMConcat(CCM):
         (computed once per tokenizer; without ``lm``, the last one's: what laying out a batch reads after
         :meth:`build`)."""
         cached = getattr(self, "_keep_vocab", None)
-        if lm is None or (cached is not None and cached[0] is lm.tokenizer):
+        if lm is None or (cached is not None and cached[0] is lm.tokenizer and cached[2] == self.keep):
             if cached is None:
                 raise RuntimeError(f"{self.name} keep={self.keep!r}: build the method for a model before use")
             return cast(tuple[torch.Tensor, torch.Tensor], cached[1])
@@ -563,7 +563,7 @@ class CCMConcat(CCM):
         texts = token_texts(lm)
         matches = torch.tensor([bool(pattern.search(t)) for t in texts], dtype=torch.bool)
         starts = torch.tensor([not t or t[0].isspace() for t in texts], dtype=torch.bool)
-        self._keep_vocab = (lm.tokenizer, (matches, starts))
+        self._keep_vocab = (lm.tokenizer, (matches, starts), self.keep)
         return matches, starts
 
     def make_batch(self, samples: list[Sample], pad_id: int = 0) -> ParallelBatch:
