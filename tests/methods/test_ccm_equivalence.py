@@ -9,6 +9,7 @@ from ccmem.data.samples import Sample
 from ccmem.methods.base import positions
 from ccmem.registry import get_method
 from tests.conftest import lora_pairs, randomize_lora, tiny_model
+from tests.methods.test_contract import add_turn_by_turn_in_batches, assert_same_memory
 
 SINK = [5, 6, 7]
 CHUNKS = [[10, 11, 12, 13], [20, 21, 22], [30, 31, 32, 33, 34]]
@@ -386,20 +387,10 @@ def test_kept_tokens_change_the_memory_and_a_batch_keeps_each_rows_own():
                 m = kept.add(lm, m, torch.tensor([chunk]))
             singles.append(m)
         memories = [kept.add_sink(lm, kept.new_memory(lm), torch.tensor([SINK])) for _ in contexts]
-        for step in range(3):
-            rows = [b for b, c in enumerate(contexts) if step < len(c)]
-            added = kept.add_batch(lm, [memories[b] for b in rows], [torch.tensor([contexts[b][step]]) for b in rows])
-            for b, m in zip(rows, added, strict=True):
-                memories[b] = m
+        memories = add_turn_by_turn_in_batches(kept, lm, memories, contexts)
     assert singles[1].segment_lengths()["compressed"] == 2 * 2 + 2
     for single, batched in zip(singles, memories, strict=True):
-        assert batched.num_slots == single.num_slots and batched.next_position == single.next_position
-        for (k1, v1), (k2, v2), p1, p2 in zip(
-            single.layers, batched.layers, single.positions, batched.positions, strict=True
-        ):
-            assert torch.equal(p1, p2)
-            torch.testing.assert_close(k1, k2, atol=1e-5, rtol=0)
-            torch.testing.assert_close(v1, v2, atol=1e-5, rtol=0)
+        assert_same_memory(single, batched)
 
 
 def test_keep_is_refused_where_it_cannot_hold():

@@ -287,20 +287,32 @@ def test_a_batch_of_padded_contexts_equals_one_at_a_time(case):
     batch = [CompressedLM(lm, method, system_prompt=p) for p in (SYSTEM, "s")]
     memories = [b.memory for b in batch]
     with torch.no_grad(), method.attached(lm):
-        for step in range(3):
-            rows = [b for b, c in enumerate(contexts) if step < len(c)]
-            added = method.add_batch(lm, [memories[b] for b in rows], [torch.tensor([contexts[b][step]]) for b in rows])
-            for b, memory in zip(rows, added, strict=True):
-                memories[b] = memory
+        memories = add_turn_by_turn_in_batches(method, lm, memories, contexts)
     for single, batched in zip(singles, memories, strict=True):
-        assert batched.num_slots == single.num_slots and batched.next_position == single.next_position
-        assert batched.segment_lengths() == single.segment_lengths()
-        for (k1, v1), (k2, v2), p1, p2 in zip(
-            single.layers, batched.layers, single.positions, batched.positions, strict=True
-        ):
-            assert torch.equal(p1, p2)
-            torch.testing.assert_close(k1, k2, atol=1e-5, rtol=0)
-            torch.testing.assert_close(v1, v2, atol=1e-5, rtol=0)
+        assert_same_memory(single, batched)
+
+
+def add_turn_by_turn_in_batches(method, lm, memories, contexts):
+    """``memories`` after ``method.add_batch`` of turn t of every context that has one, t = 0, 1, ..."""
+    memories = list(memories)
+    for step in range(max(map(len, contexts))):
+        rows = [b for b, c in enumerate(contexts) if step < len(c)]
+        added = method.add_batch(lm, [memories[b] for b in rows], [torch.tensor([contexts[b][step]]) for b in rows])
+        for b, memory in zip(rows, added, strict=True):
+            memories[b] = memory
+    return memories
+
+
+def assert_same_memory(single, batched):
+    """The memory made in a batch holds the slots, segments, positions and keys/values made alone."""
+    assert batched.num_slots == single.num_slots and batched.next_position == single.next_position
+    assert batched.segment_lengths() == single.segment_lengths()
+    for (k1, v1), (k2, v2), p1, p2 in zip(
+        single.layers, batched.layers, single.positions, batched.positions, strict=True
+    ):
+        assert torch.equal(p1, p2)
+        torch.testing.assert_close(k1, k2, atol=1e-5, rtol=0)
+        torch.testing.assert_close(v1, v2, atol=1e-5, rtol=0)
 
 
 def test_the_harness_names_no_method():

@@ -26,6 +26,7 @@ the conditional LoRA (one ``nn.Module``, :class:`CompState`), attaching them, an
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
@@ -363,11 +364,17 @@ class CCM(CompTokens):
 
     def check_model(self, lm: LoadedModel) -> None:
         super().check_model(lm)
-        if self.recent and (lm.is_encoder_decoder or lm.sliding_window is not None):
+        if self.recent:
+            self.refuse_raw_tokens(lm, f"recent={self.recent}", "recent=0")
+
+    def refuse_raw_tokens(self, lm: LoadedModel, setting: str, fix: str) -> None:
+        """Raw tokens beside the memory (``recent``, ``keep``) hold their place in the cache of a decoder-only model
+        with full attention only: refuse ``setting`` on any other ``lm``, naming ``fix``."""
+        if lm.is_encoder_decoder or lm.sliding_window is not None:
             raise ValueError(
-                f"{self.name} recent={self.recent} keeps raw tokens beside the memory of decoder-only models with "
-                f"full attention; {lm.name} has {'an encoder' if lm.is_encoder_decoder else 'sliding-window layers'}"
-                ": use recent=0"
+                f"{self.name} {setting} keeps raw tokens beside the memory of decoder-only models with full "
+                f"attention; {lm.name} has {'an encoder' if lm.is_encoder_decoder else 'sliding-window layers'}"
+                f": use {fix}"
             )
 
     def _chunks(self, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -400,8 +407,10 @@ class CCM(CompTokens):
         """``memory`` after a chunk of ``n`` tokens: its kept tokens (``raw`` then holds the whole chunk), its
         <COMP> slots, and its last ``recent`` tokens (those not kept already) as the window."""
         start = memory.next_position
-        if kept is None:
-            return self._keep_raw(self.fold(memory, comp, n), raw, start + n)
+        if kept is None:  # ``raw`` holds the chunk's last ``recent`` tokens (or none)
+            last = torch.arange(raw[0][0].shape[-2], device=raw[0][0].device) if raw else torch.arange(0)
+            r = len(last)
+            return self._append_raw(self.fold(memory, comp, n), raw, last, start + n - r, window=True)
         memory = self.fold(self._append_raw(memory, raw, kept, start), comp, n)
         recent = torch.arange(max(0, n - self.recent), n, device=kept.device)
         return self._append_raw(memory, raw, recent[~torch.isin(recent, kept)], start, window=True)
@@ -423,15 +432,6 @@ class CCM(CompTokens):
         """Indices of the tokens of ``ids`` (1-D) kept raw in memory for good, or ``None``: none (ccm-concat's
         ``keep`` holds some)."""
         return None
-
-    def _keep_raw(self, memory: Memory, raw: list[KV], end: int) -> Memory:
-        """``memory`` with ``raw`` (the keys/values of the tokens just before position ``end``) as its window."""
-        n = int(raw[0][0].shape[-2]) if raw else 0
-        if not n:
-            return memory
-        layers = concat_layers([memory.layers, raw])
-        positions = concat_positions([memory.positions, [positions_for(end - n, n, k) for k, _ in raw]])
-        return memory.with_layers(layers, positions, window=n)
 
     def fold(self, memory: Memory, comp: list[KV], n_chunk: int) -> Memory:
         """``memory`` updated with the <COMP> keys/values of a chunk of ``n_chunk`` tokens (concat: appended)."""
@@ -471,6 +471,20 @@ class CCM(CompTokens):
             banks=getattr(self, "banks", 1),  # ccm-merge's option
             recent=self.recent,
         )
+
+    def show_raw(
+        self, batch: ParallelBatch, samples: list[Sample], pick: Callable[[list[int]], torch.Tensor], recurrent: bool
+    ) -> None:
+        """Let whatever reads the memory after each chunk of ``samples`` (laid out in ``batch``) attend to the chunk
+        tokens ``pick(chunk)`` indexes: the raw tokens that inference keeps in the cache beside its <COMP> slots
+        (every later position; only the tail's where chunks are compressed alone, not ``recurrent``)."""
+        for b, sample in enumerate(samples):
+            start = len(sample.sink)
+            for chunk in sample.chunks:
+                end = start + len(chunk)
+                readers = end + self.n_tok if recurrent else batch.tail_start[b]
+                batch.plan.allowed[b, readers : batch.lengths[b], start + pick(chunk)] = True
+                start = end + self.n_tok
 
     def recurrent_loss(self, lm: LoadedModel, sample: Sample) -> torch.Tensor:
         """The same loss computed the slow way: compress chunk by chunk (backpropagating through the
@@ -525,12 +539,8 @@ class CCMConcat(CCM):
 
     def check_model(self, lm: LoadedModel) -> None:
         super().check_model(lm)
-        if self.keeps and (lm.is_encoder_decoder or lm.sliding_window is not None):
-            raise ValueError(
-                f"{self.name} keep={self.keep!r} keeps raw tokens in the memory of decoder-only models with full "
-                f"attention; {lm.name} has {'an encoder' if lm.is_encoder_decoder else 'sliding-window layers'}"
-                ": use keep=nothing"
-            )
+        if self.keeps:
+            self.refuse_raw_tokens(lm, f"keep={self.keep!r}", "keep=nothing")
 
     def kept_positions(self, lm: LoadedModel, ids: torch.Tensor) -> torch.Tensor | None:
         """Indices of the tokens of ``ids`` (1-D) that ``keep`` holds raw, or ``None`` without ``keep``."""
@@ -548,6 +558,9 @@ class CCMConcat(CCM):
             word = torch.cumsum(starts[ids].long(), 0)
             hit = torch.isin(word, word[hit])
         return torch.nonzero(hit, as_tuple=True)[0]
+
+    def _kept_in(self, chunk: list[int]) -> torch.Tensor:
+        return self._kept(torch.tensor(chunk, dtype=torch.long))
 
     def keep_vocab(self, lm: LoadedModel | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``[vocab]`` bools: the token ids whose text ``keep``'s class matches, and those whose text starts a word
@@ -569,14 +582,7 @@ class CCMConcat(CCM):
     def make_batch(self, samples: list[Sample], pad_id: int = 0) -> ParallelBatch:
         batch = self.lay_out(samples, pad_id)
         if self.keeps:  # a chunk's kept tokens stay readable by whatever reads the memory after it, as in add
-            for b, sample in enumerate(samples):
-                start = len(sample.sink)
-                for chunk in sample.chunks:
-                    end = start + len(chunk)
-                    kept = start + self._kept(torch.tensor(chunk, dtype=torch.long))
-                    readers = end + self.n_tok if self.recurrent else batch.tail_start[b]
-                    batch.plan.allowed[b, readers : batch.lengths[b], kept] = True
-                    start = end + self.n_tok
+            self.show_raw(batch, samples, self._kept_in, recurrent=self.recurrent)
         return batch
 
 

@@ -159,17 +159,15 @@ class CCMReasoning(CCMConcat):
 
     # ------------------------------------------------------------------ training
 
+    def _last_kept(self, piece: list[int]) -> torch.Tensor:
+        """A step's last ``keep_last`` tokens (indices into the step)."""
+        return torch.arange(max(0, len(piece) - self.keep_last), len(piece))
+
     def make_batch(self, samples: list[Sample], pad_id: int = 0) -> ReasoningBatch:
         laid = [self.segmented(s) if s.steps or s.label_chunks else s for s in samples]
         batch = self.lay_out(laid, pad_id)
         if self.keep_last:  # a step's last raw tokens stay readable by every later step, as decoding keeps them
-            for b, row in enumerate(laid):
-                start = len(row.sink)
-                for piece in row.chunks:
-                    end = start + len(piece)
-                    kept = end - min(self.keep_last, len(piece))
-                    batch.plan.allowed[b, end + self.n_tok : batch.lengths[b], kept:end] = True
-                    start = end + self.n_tok
+            self.show_raw(batch, laid, self._last_kept, recurrent=True)  # decoding keeps them for every later token
         step_end = torch.full(batch.input_ids.shape, -1.0)
         # With lookahead, answer token k's target is whether a step ends after token k + 1 (read with that
         # token's embedding); a piece's last token has none (<COMP> follows it, not the next token).
