@@ -27,6 +27,10 @@ def _recurrent_logits(lm, method, chunks, tail, sink):
     memory = method.add_sink(lm, method.new_memory(lm), torch.tensor([sink]))
     chunk_logits = []
     for chunk in chunks:
+        if not chunk:  # nothing to read; `add` leaves memory as it is
+            chunk_logits.append(None)
+            memory = method.add(lm, memory, torch.tensor([chunk], dtype=torch.long))
+            continue
         # a chunk is compressed without the previous chunk's raw tokens (``recent``): only the tail reads them
         seen = memory.without_window() if getattr(method, "recurrent", True) else memory.prefix(memory.sink)
         out = lm.model(
@@ -134,6 +138,39 @@ def test_parallel_loss_uses_only_answer_tokens_and_matches_full_logits():
         logits[:, :-1].reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1), ignore_index=-100
     )
     torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("ccm-concat", {}),
+        ("ccm-concat", {"keep": "digits", "recent": 2}),
+        ("ccm-merge", {}),
+        ("ccm-merge", {"banks": 2}),
+    ],
+)
+def test_training_cuts_long_and_empty_chunks_as_add_does(name, options):
+    """A chunk longer than ``max_chunk_tokens`` is several compression steps to ``add``, an empty one none; the
+    masked forward and the step-by-step loss lay samples out the same way, so training reads what inference does."""
+    lm = tiny_model("llama-gqa")
+    method = get_method(name, n_tok=2, max_chunk_tokens=3, **options)
+    randomize_lora(method, lm)
+    chunks = [[10, 52, 11, 53, 12, 13, 14], [], [20, 21, 22], [30, 55, 31, 32, 56]]  # 7 tokens: 3 steps; none
+    sample = Sample(chunks, TAIL, SINK, answer_start=1)
+    fitted = method.fit_sample(sample)
+    assert fitted.chunks == [[10, 52, 11], [53, 12, 13], [14], [20, 21, 22], [30, 55, 31], [32, 56]]
+    assert method.fit_sample(fitted) is fitted
+    batch = method.make_batch([sample])
+    assert batch.lengths[0] == method.sample_length(fitted) == len(sample.tokens) + 2 * 6
+    with torch.no_grad():
+        parallel = method.parallel_forward(lm, batch).logits[0]
+        _, tail_logits, memory = recurrent_logits(lm, method, chunks, TAIL, SINK)  # `add` each chunk whole
+        loss = method.training_loss(lm, batch)
+        torch.testing.assert_close(loss, method.recurrent_loss(lm, sample), atol=TOL, rtol=0)
+    start = batch.tail_start[0]
+    torch.testing.assert_close(parallel[start : start + len(TAIL)], tail_logits, atol=TOL, rtol=0)
+    if name == "ccm-concat" and not options:
+        assert memory.num_slots == len(SINK) + 2 * 6
 
 
 @pytest.mark.parametrize("name", ["ccm-concat", "ccm-merge"])

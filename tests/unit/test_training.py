@@ -576,3 +576,19 @@ def test_adapters_from_a_users_own_training_files_are_named_so_and_misgiven_adap
     with pytest.raises(FileNotFoundError, match=r"no validation file .*data\.eval_path=FILE"):
         train(_config(tmp_path, "train.max_steps=2", f"data.path={data}", "run_id=fails"), lm=tiny_model())
     assert not (tmp_path / "fails").exists()  # a run that failed before training leaves no folder behind
+
+
+def test_training_samples_are_cut_into_the_chunks_add_would_compress(tmp_path):
+    """A turn longer than ``method.max_chunk_tokens`` is several compression steps at inference; the trainer cuts
+    it the same way, and measures ``data.max_length`` on the cut sample (a <COMP> block per piece)."""
+    from ccmem.registry import get_method
+    from ccmem.train.trainer import samples_for
+
+    lm = tiny_model()
+    whole = samples_for(lm, _config(tmp_path), get_method("ccm-concat"), "train")
+    assert max(len(c) for s in whole for c in s.chunks) > 6  # turns longer than the cut below
+    method = get_method("ccm-concat", max_chunk_tokens=6)
+    cut = samples_for(lm, _config(tmp_path, "method.max_chunk_tokens=6"), method, "train")
+    assert all(0 < len(c) <= 6 for s in cut for c in s.chunks)
+    assert [s.tokens for s in cut] == [s.tokens for s in whole]
+    assert all(len(a.chunks) > len(b.chunks) for a, b in zip(cut, whole, strict=True) if a.chunks != b.chunks)

@@ -418,6 +418,11 @@ class Method(ABC):
 
     # ------------------------------------------------------------------ training
 
+    def fit_sample(self, sample: Sample) -> Sample:
+        """``sample`` cut as this method's :meth:`add` would read its context (the trainer fits every sample
+        before it measures or lays one out, so that training sees what inference does). As it is by default."""
+        return sample
+
     def sample_length(self, sample: Sample) -> int:
         """Tokens the sample takes once laid out for training (``data.max_length`` is checked against it)."""
         return len(sample.sink) + sum(len(c) for c in sample.chunks) + len(sample.tail)

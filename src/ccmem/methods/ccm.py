@@ -25,6 +25,7 @@ the conditional LoRA (one ``nn.Module``, :class:`CompState`), attaching them, an
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -380,6 +381,15 @@ class CCM(CompTokens):
     def _chunks(self, ids: torch.Tensor) -> list[torch.Tensor]:
         return [ids[:, i : i + self.max_chunk_tokens] for i in range(0, ids.shape[1], self.max_chunk_tokens)]
 
+    def fit_sample(self, sample: Sample) -> Sample:
+        """``sample`` with its chunks cut as :meth:`add` cuts context: one longer than ``max_chunk_tokens`` becomes
+        several compression steps, an empty one none."""
+        step = self.max_chunk_tokens
+        if all(0 < len(c) <= step for c in sample.chunks):
+            return sample
+        chunks = [c[i : i + step] for c in sample.chunks for i in range(0, len(c), step)]
+        return dataclasses.replace(sample, chunks=chunks)
+
     def positions_needed(self, memory: Memory, n_tokens: int) -> int:
         return n_tokens + -(-n_tokens // self.max_chunk_tokens) * self.n_tok
 
@@ -460,6 +470,9 @@ class CCM(CompTokens):
                 out[b] = self._update(out[b], comp, raw, chunks[b][t].shape[-1], k)
         return out
 
+    def make_batch(self, samples: list[Sample], pad_id: int = 0) -> ParallelBatch:
+        return self.lay_out([self.fit_sample(s) for s in samples], pad_id)
+
     def lay_out(self, samples: list[Sample], pad_id: int, *, bidirectional: bool = False) -> ParallelBatch:
         return lay_out(
             samples,
@@ -490,6 +503,7 @@ class CCM(CompTokens):
         """The same loss computed the slow way: compress chunk by chunk (backpropagating through the
         memory), then read the tail with it. The reference that ``training_loss`` must equal, and the
         baseline of ``benchmarks/train_throughput.py``."""
+        sample = self.fit_sample(sample)
         with self.attached(lm):
             if lm.is_encoder_decoder:
                 return ccm_seq2seq.recurrent_loss(self, lm, sample)
@@ -580,6 +594,7 @@ class CCMConcat(CCM):
         return matches, starts
 
     def make_batch(self, samples: list[Sample], pad_id: int = 0) -> ParallelBatch:
+        samples = [self.fit_sample(s) for s in samples]
         batch = self.lay_out(samples, pad_id)
         if self.keeps:  # a chunk's kept tokens stay readable by whatever reads the memory after it, as in add
             self.show_raw(batch, samples, self._kept_in, recurrent=self.recurrent)

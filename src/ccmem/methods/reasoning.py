@@ -164,7 +164,7 @@ class CCMReasoning(CCMConcat):
         return torch.arange(max(0, len(piece) - self.keep_last), len(piece))
 
     def make_batch(self, samples: list[Sample], pad_id: int = 0) -> ReasoningBatch:
-        laid = [self.segmented(s) if s.steps or s.label_chunks else s for s in samples]
+        laid = [self.segmented(s) if s.steps or s.label_chunks else self.fit_sample(s) for s in samples]
         batch = self.lay_out(laid, pad_id)
         if self.keep_last:  # a step's last raw tokens stay readable by every later step, as decoding keeps them
             self.show_raw(batch, laid, self._last_kept, recurrent=True)  # decoding keeps them for every later token

@@ -241,7 +241,7 @@ def samples_for(lm: LoadedModel, config: TrainConfig, method: Method, split: str
             f"the {split} split of {config.data.dataset}{where} holds no example; give more data, or a folder with "
             f"train/validation files (data.eval_path names the validation file)"
         )
-    samples = [to_sample(lm.tokenizer, e, system=config.data.system) for e in examples]
+    samples = [method.fit_sample(to_sample(lm.tokenizer, e, system=config.data.system)) for e in examples]
     kept = [s for s in samples if method.sample_length(s) <= config.data.max_length]
     if len(kept) < len(samples):
         logger.warning(
