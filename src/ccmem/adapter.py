@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -193,7 +194,25 @@ def _write(
     }
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
+        _sort_metadata(tmp)
     return path
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors file's header with its metadata keys sorted: safetensors writes them in hash order,
+    another on every write, so the same adapter packed twice had two sha256s. The header keeps its length (it is
+    padded with spaces), so the tensors do not move."""
+    with open(path, "r+b") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        meta = header.pop("__metadata__", None)
+        if meta is None:
+            return
+        ordered = {"__metadata__": dict(sorted(meta.items())), **header}
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= size:  # equal but for the order; anything else is left as safetensors wrote it
+            f.seek(8)
+            f.write(text + b" " * (size - len(text)))
 
 
 def pack_adapter(

@@ -238,6 +238,8 @@ def test_a_packed_half_precision_adapter_loads_with_its_runtime_defaults_and_kee
         text=True,
     )
     assert script.returncode == 2 and "-O 'use_chunk' must look like KEY=VALUE" in script.stderr
+    again = pack_adapter(path, tmp_path / "again.safetensors", dtype=torch.float16, runtime={"use_chunk": True})
+    assert again.read_bytes() == packed.read_bytes()  # the same source packs to the same bytes (and sha256)
 
 
 def test_reconstruction_is_the_greedy_continuation_of_digests_and_the_ae_marker():
