@@ -80,13 +80,14 @@ def check_options(name: str, options: dict[str, Any], *, prefix: str = "") -> di
     cls = method_class(name)
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in dataclasses.fields(cls)]
+    offered = [v for v in valid if v not in cls.unsupported_options]  # the others are refused by the method itself
     out = {}
     for key, value in options.items():
         if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1)
+            close = difflib.get_close_matches(key, offered, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise OptionError(
-                f"method {name!r} has no option {key!r}{hint}; its options are: {', '.join(valid) or 'none'}"
+                f"method {name!r} has no option {key!r}{hint}; its options are: {', '.join(offered) or 'none'}"
             )
         out[key] = coerce(prefix + key, hints[key], value)
     return out

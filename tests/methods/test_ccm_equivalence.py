@@ -445,6 +445,11 @@ def test_keep_is_refused_where_it_cannot_hold():
     assert options_for("ccm-concat", {"keep": "digits"}) == {"keep": "digits"}
     with pytest.raises(ValueError, match="keep_last, not keep"):
         get_method("ccm-reason", keep="digits")
+    # nor does `ccmem methods ccm-reason` (or --show-keys) offer the options it refuses
+    from ccmem.registry import method_class
+
+    assert not {"keep", "recent"} & {spec.name for spec in method_class("ccm-reason").option_specs()}
+    assert options_for("ccm-reason", {"keep": "digits", "keep_last": 2}) == {"keep_last": 2}
     assert get_method("ccm-reason", keep="nothing").kept_positions(tiny_model(), torch.tensor([51])) is None
     with pytest.raises(ValueError, match="sliding-window layers: use keep=nothing"):
         get_method("ccm-concat", keep="digits").check_model(tiny_model("mistral-window"))

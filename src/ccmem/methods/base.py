@@ -196,6 +196,9 @@ class Method(ABC):
     decode_batchable: ClassVar[bool] = True
     #: Options an adapter may have been trained with other values of, without its weights meaning something else.
     runtime_options: ClassVar[frozenset[str]] = frozenset()
+    #: Options inherited from a parent class that this method refuses (its :meth:`check_options` says what to use
+    #: instead): left out of :meth:`option_specs`, so ``ccmem methods`` and ``--show-keys`` do not offer them.
+    unsupported_options: ClassVar[frozenset[str]] = frozenset()
     #: The method also runs on encoder-decoder models (T5): it compresses in the encoder, and the decoder reads
     #: :meth:`encoder_states`. False: decoder-only models only, an encoder-decoder one is refused (:meth:`check_model`).
     encoder_decoder: ClassVar[bool] = False
@@ -222,6 +225,8 @@ class Method(ABC):
         hints = typing.get_type_hints(cls)
         specs = []
         for f in dataclasses.fields(cls):
+            if f.name in cls.unsupported_options:
+                continue
             factory: Any = f.default_factory
             default = f.default if f.default is not dataclasses.MISSING else factory()
             specs.append(OptionSpec(f.name, hints[f.name], default, f.metadata.get("help", "")))

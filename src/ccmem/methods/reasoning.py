@@ -77,6 +77,7 @@ class CCMReasoning(CCMConcat):
         "min_segment",
         "keep_last",
     }
+    unsupported_options: ClassVar[frozenset[str]] = frozenset({"recent", "keep"})  # keep_last instead
     # `lookahead` is not a runtime option: it says what the classifier was trained to read.
 
     policy: str = option("classifier", f"where a reasoning step ends: {', '.join(POLICIES)}")
