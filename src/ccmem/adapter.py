@@ -61,6 +61,15 @@ class Adapter:
         data = config.get("data", {}) if isinstance(config, dict) else {}
         return str(self.extra.get("data") or data.get("dataset") or "?")
 
+    def trained_system(self, default: str | None) -> str | None:
+        """The system prompt the adapter was trained with (``data.system`` of its training config; None: none),
+        or ``default`` when its provenance does not say."""
+        config = self.extra.get("config", {})
+        data = config.get("data", {}) if isinstance(config, dict) else {}
+        if not isinstance(data, dict) or "system" not in data:
+            return default
+        return str(data["system"]) if data["system"] else None
+
 
 def _shipped_folder(model_name: str) -> Path | None:
     """Where ccmem's adapters for ``model_name`` lie: a plain name only (a model given as a path, say
@@ -261,7 +270,8 @@ def options_with_adapter(name: str, adapter: Adapter, given: dict[str, Any]) -> 
     if adapter.method != name:
         raise AdapterMismatchError(
             f"adapter {adapter.path} was trained for method {adapter.method!r}, not {name!r}; "
-            f"use --method {adapter.method} or an adapter trained for {name}"
+            f"use the method it was trained for (--method {adapter.method} where a command takes one) or an adapter "
+            f"trained for {name}"
         )
     try:
         given = check_options(name, given)
@@ -301,17 +311,20 @@ def load_adapter(method: Method, lm: LoadedModel, adapter: Adapter) -> None:
     if adapter.stage1 != (lm.stage1 or ""):
         raise AdapterMismatchError(
             f"adapter {adapter.path} was trained on top of stage-1 LoRA {adapter.stage1 or 'none'}, but this model has "
-            f"{lm.stage1 or 'none'} merged in; pass the same stage-1 run (ccmem.load(..., stage1=PATH))"
+            f"{lm.stage1 or 'none'} merged in; pass the same stage-1 run (--stage1 PATH; in Python ccmem.load(..., stage1=PATH))"
         )
     module = method.module_for(lm)
     if module is None:
         raise AdapterMismatchError(f"method {method.name!r} takes no adapter")
     expected = module.state_dict()
     if set(expected) != set(adapter.tensors):
-        differing = sorted(set(expected) ^ set(adapter.tensors))[:3]
+        made = ", ".join(f"{k}={v}" for k, v in sorted(adapter.options.items()) if k not in method.runtime_options)
+        missing, extra = sorted(set(expected) - set(adapter.tensors)), sorted(set(adapter.tensors) - set(expected))
+        sides = [f"{method.name} needs {missing[:3]}" if missing else "", f"it holds {extra[:3]}" if extra else ""]
         raise AdapterMismatchError(
-            f"adapter {adapter.path} does not fit this model's layers (e.g. {differing} is in one but not the other); "
-            "was it trained with other lora_targets?"
+            f"adapter {adapter.path} does not fit {method.name} on this model ({'; '.join(s for s in sides if s)}, "
+            f"of its trained weights): it was made by {adapter.method} with {made}; give options that match, or "
+            "an adapter trained with this method's"
         )
     for key, tensor in adapter.tensors.items():
         if tensor.shape != expected[key].shape:

@@ -55,6 +55,14 @@ Attn = Annotated[
 ReasonAttn = Annotated[Literal["sdpa", "eager", "flash_attention_2"], typer.Option("--attn", help=ATTN_HELP)]
 RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Where the finetuning runs go (one per method and ratio).")]
 OutDir = Annotated[Path, typer.Option("--out-dir", "-o", help="Where the JSONL rows, report.md and PNGs go.")]
+Overwrite = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace the rows and report already in --out-dir (without it an existing table is never overwritten: "
+        "the shipped results/ are measurements).",
+    ),
+]
 Adapter = Annotated[
     list[str] | None,
     typer.Option("--adapter", help="METHOD@RATIO=PATH: use this adapter instead of finetuning one (repeatable)."),
@@ -82,6 +90,16 @@ def _adapters(specs: list[str] | None) -> dict[str, str]:
     return out
 
 
+def check_out_dir(out_dir: Path, names: list[str], overwrite: bool) -> None:
+    """Refuse, before any work, to replace a table already in ``out_dir`` unless ``--overwrite`` says so."""
+    there = [name for name in names if (out_dir / name).exists()]
+    if there and not overwrite:
+        raise typer.BadParameter(
+            f"{out_dir / there[0]} exists (a table measured earlier); pass --overwrite to replace it, or "
+            "-o DIR to write elsewhere"
+        )
+
+
 def _finish(claim: str, rows: list, out_dir: Path, seconds: float) -> None:
     from ccmem.fileio import atomic_path
     from ccmem.repro.sentinel import write_rows
@@ -97,7 +115,7 @@ def _finish(claim: str, rows: list, out_dir: Path, seconds: float) -> None:
     console.print(f"wrote {jsonl}, {out_dir / f'{claim}.md'}, " + ", ".join(str(p) for p in pngs))
 
 
-def _run(claim: str, settings: object, out_dir: Path) -> None:
+def _run(claim: str, settings: object, out_dir: Path, overwrite: bool) -> None:
     from rich.status import Status
 
     from ccmem.api import check_attention
@@ -110,6 +128,7 @@ def _run(claim: str, settings: object, out_dir: Path) -> None:
         settings.check()
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
+    check_out_dir(out_dir, [f"{claim}.jsonl", f"{claim}.md"], overwrite)
     started = time.perf_counter()
     with Status(f"loading {settings.model}...", console=err_console) as status:
         lm = load_model(settings.model, attn_implementation=settings.attn)
@@ -142,6 +161,7 @@ def ppl(
     seed: Seed = 0,
     runs_dir: RunsDir = Path("runs"),
     out_dir: OutDir = Path("results/sentinel"),
+    overwrite: Overwrite = False,
     attn: Attn = "sdpa",
 ) -> None:
     """Claim 1: WikiText-2 test perplexity of sentinel, local and scattered attention, each LoRA-finetuned at each
@@ -163,7 +183,7 @@ def ppl(
         runs_dir=str(runs_dir),
         adapters=_adapters(adapter),
     )
-    _run("ppl", settings, out_dir)
+    _run("ppl", settings, out_dir, overwrite)
 
 
 @sentinel_app.command(
@@ -203,6 +223,7 @@ def generate(
     seed: Seed = 0,
     runs_dir: RunsDir = Path("runs"),
     out_dir: OutDir = Path("results/sentinel"),
+    overwrite: Overwrite = False,
     attn: Attn = "sdpa",
 ) -> None:
     """Claim 2: continuations of document prefixes with sentinel vs local attention at each ratio, scored against
@@ -230,21 +251,26 @@ def generate(
         runs_dir=str(runs_dir),
         adapters=_adapters(adapter),
     )
-    _run("generate", settings, out_dir)
+    _run("generate", settings, out_dir, overwrite)
 
 
 @repro_app.command(
     "gsm8k",
-    epilog="Examples:\n\n  ccmem train gsm8k-ccm-reason  then  ccmem repro gsm8k   (offline: generated problems)\n\n"
-    "  ccmem train gsm8k-full; ccmem train gsm8k-ccm-reason load_path=runs/gsm8k-full; "
-    "ccmem repro gsm8k --stage1 runs/gsm8k-full   (a model that cannot solve the problems alone)\n\n"
+    epilog="Examples:\n\n  ccmem repro gsm8k --stage1 results/gsm8k/gsm8k-full.safetensors --adapter "
+    "results/gsm8k/ccm-reason.safetensors --n 48 -o runs/gsm8k-table   (the shipped adapters, from a checkout)\n\n"
+    "  ccmem train gsm8k-full; ccmem train gsm8k-ccm-reason-keep load_path=runs/gsm8k-full; "
+    "ccmem repro gsm8k --stage1 runs/gsm8k-full   (offline: generated problems)\n\n"
     "  ccmem repro gsm8k --data grade_school_math/data --n 1319 --adapter runs/gsm8k-real/adapter.safetensors",
 )
 def gsm8k_table(
     model: Model = DEFAULT_MODEL,
     adapter: Annotated[
         Path | None,
-        typer.Option("--adapter", help="A ccm-reason adapter (default: runs/gsm8k-ccm-reason/adapter.safetensors)."),
+        typer.Option(
+            "--adapter",
+            help="A ccm-reason adapter (default: runs/gsm8k-ccm-reason-keep/adapter.safetensors, else "
+            "runs/gsm8k-ccm-reason/adapter.safetensors).",
+        ),
     ] = None,
     stage1: Annotated[
         Path | None,
@@ -283,7 +309,11 @@ def gsm8k_table(
     ] = 8,
     system: Annotated[
         str | None,
-        typer.Option("--system", help="System prompt of every problem (default: none, as the recipe trains)."),
+        typer.Option(
+            "--system",
+            help="System prompt of every problem (default: the one the adapter was trained with, recorded in it; "
+            '--system "" for none).',
+        ),
     ] = None,
     option: Annotated[
         list[str] | None,
@@ -296,6 +326,7 @@ def gsm8k_table(
     ] = None,
     attn: ReasonAttn = "sdpa",
     out_dir: OutDir = Path("results/gsm8k"),
+    overwrite: Overwrite = False,
 ) -> None:
     """The GSM8K fork's table: per <COMP> placement policy of ccm-reason, accuracy, insertions per problem, peak KV
     MB, wall time per problem and the classifier's share of it; rows.jsonl, report.md, accuracy-vs-kv.png."""
@@ -303,10 +334,10 @@ def gsm8k_table(
 
     from ccmem.loading import load_model
     from ccmem.options import parse_pairs
-    from ccmem.repro.gsm8k import GSM8KSettings, markdown, run, write
+    from ccmem.repro.gsm8k import DEFAULT_ADAPTERS, RECIPE, GSM8KSettings, default_adapter, markdown, run, write
 
     settings = GSM8KSettings(
-        system=system or None,
+        system=system,
         options=parse_pairs(option or []),
         adapter=str(adapter) if adapter else None,
         stage1=str(stage1) if stage1 else None,
@@ -321,8 +352,9 @@ def gsm8k_table(
         settings.check()
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
-    if adapter is None and not Path("runs/gsm8k-ccm-reason/adapter.safetensors").is_file():
-        raise typer.BadParameter("no --adapter given and no runs/gsm8k-ccm-reason; run `ccmem train gsm8k-ccm-reason`")
+    if adapter is None and default_adapter() is None:
+        raise typer.BadParameter(f"no --adapter given and none of {', '.join(DEFAULT_ADAPTERS)} exists; {RECIPE}")
+    check_out_dir(out_dir, ["rows.jsonl", "report.md"], overwrite)
     lm = load_model(model, attn_implementation=attn)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=True) as bar:

@@ -486,7 +486,19 @@ def _pretrained(spec: str | Path, **kwargs: Any) -> PreTrainedModel:
 def _from_folder(path: Path, load_kw: dict[str, Any]) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"{path} is a folder but has no config.json; point at a Hugging Face model folder")
-    return AutoTokenizer.from_pretrained(path), _pretrained(path, **load_kw)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:  # no tokenizer.json / tokenizer.model, or one transformers cannot build
+        raise ModelNotFoundError(
+            f"{path} holds a config.json but no tokenizer that loads ({str(err).splitlines()[0][:200]}); copy the "
+            "whole model folder (tokenizer.json or tokenizer.model, tokenizer_config.json, the weights)"
+        ) from err
+    weights = [*path.glob("*.safetensors"), *path.glob("*.bin"), *path.glob("*.safetensors.index.json")]
+    if not weights:
+        raise ModelNotFoundError(
+            f"{path} holds no weights (*.safetensors or *.bin); copy the whole model folder, weights included"
+        )
+    return tokenizer, _pretrained(path, **load_kw)
 
 
 def _from_hub(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -90,6 +92,14 @@ def test_adapter_roundtrip_fills_in_its_options_and_refuses_conflicts(tmp_path):
         ccmem.load(tiny_model(), "ccm-merge", adapter=path)
     with pytest.raises(AdapterMismatchError, match="trained for 'tiny-llama-gqa', not for 'tiny-qwen2'"):
         ccmem.load(tiny_model("qwen2"), "ccm-concat", adapter=path)
+    # weights that do not match the method's (a tensor lost, one too many): both sides named, and how it was made
+    from ccmem.adapter import load_adapter
+
+    key = sorted(adapter.tensors)[0]
+    tensors = {k: v for k, v in adapter.tensors.items() if k != key} | {"x.w": adapter.tensors[key]}
+    stray = dataclasses.replace(adapter, tensors=tensors)
+    with pytest.raises(AdapterMismatchError, match=rf"ccm-concat needs \['{key}'\]; it holds \['x.w'\].*n_tok=2"):
+        load_adapter(get_method("ccm-concat", **adapter.options), lm, stray)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00" * 16)
     with pytest.raises(AdapterMismatchError, match="not a readable safetensors adapter"):

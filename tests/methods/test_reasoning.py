@@ -335,8 +335,43 @@ def test_repro_gsm8k_reads_the_real_test_file_given_with_data(tmp_path, monkeypa
     rows = [json.loads(line) for line in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
     assert [r["policy"] for r in rows] == ["none", "interval:4"]
     assert all(r["data"] == f"GSM8K test at {FIXTURE}" and r["problems"] == 2 for r in rows)
-    assert all(r["min_segment"] == 2 and r["system"] == "Solve it." for r in rows)
+    assert all(r["min_segment"] == 2 and r["system"] == "Solve it." and r["attn"] for r in rows)
     assert "| interval:4 |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_repro_gsm8k_prompts_as_the_adapter_trained_and_keeps_an_earlier_table(tmp_path, monkeypatch, capsys):
+    """Without --system the problems get the system prompt recorded in the adapter (its training config's
+    data.system), not the chat template's own; an existing table is replaced only with --overwrite."""
+    import sys
+
+    import ccmem.loading
+    from ccmem import cli
+    from ccmem.adapter import save_adapter
+
+    lm = tiny_model(positions=1024)
+    extra = {"config": {"data": {"dataset": "gsm8k", "system": "Think in steps."}}}
+    path = save_adapter(trained(lm), lm, tmp_path / "adapter.safetensors", extra=extra)
+    monkeypatch.setattr(ccmem.loading, "load_model", lambda *args, **kwargs: lm)
+    out = tmp_path / "out"
+
+    def repro(*more: str) -> tuple[int, str]:
+        args = ["--data", str(FIXTURE), "--adapter", str(path), "--n", "1", "--policies", "none"]
+        monkeypatch.setattr(
+            sys, "argv", ["ccmem", "repro", "gsm8k", *args, "--max-new-tokens", "4", "-o", str(out), *more]
+        )
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+        captured = capsys.readouterr()
+        return int(exit_info.value.code or 0), captured.out + captured.err
+
+    assert repro()[0] == 0
+    rows = out / "rows.jsonl"
+    assert json.loads(rows.read_text())["system"] == "Think in steps."
+    first = rows.read_bytes()
+    code, text = repro("--system", "")
+    assert code != 0 and "--overwrite" in text and rows.read_bytes() == first
+    assert repro("--system", "", "--overwrite")[0] == 0
+    assert json.loads(rows.read_text())["system"] is None  # --system "": none
 
 
 def test_the_policy_table_runs_every_policy_on_the_same_problems(tmp_path):

@@ -144,6 +144,8 @@ def test_gsm8k_exact_match_is_the_final_answers_accuracy(monkeypatch):
     row = evaluate(load(lm, "none"), examples, dataset="gsm8k", settings=EvalSettings(generate=True))
     assert row.exact_match == 0.5
     assert row.contains == 0.0  # contains and ROUGE-L still read the whole worked solution
+    # a question with no context compresses nothing: no compression rate (it read 0.0 tokens/s)
+    assert evaluate(load(lm, "ccm-concat"), examples, dataset="gsm8k").tokens_per_second is None
 
 
 def test_eval_then_report_from_the_command_line(monkeypatch, capsys, tmp_path, tiny_model_dir):

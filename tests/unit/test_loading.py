@@ -17,6 +17,20 @@ def test_folder_without_config(tmp_path):
         load_model(str(tmp_path))
 
 
+def test_a_folder_copied_in_part_names_what_is_missing(tmp_path, tiny_model_dir):
+    """A folder with only config.json gave transformers' "Couldn't instantiate the backend tokenizer" about
+    sentencepiece; one without weights, a list of file names tried."""
+    import shutil
+
+    shutil.copy(tiny_model_dir / "config.json", tmp_path / "config.json")
+    with pytest.raises(ModelNotFoundError, match=rf"{tmp_path} holds a config.json but no tokenizer that loads"):
+        load_model(str(tmp_path))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, tmp_path / name)
+    with pytest.raises(ModelNotFoundError, match=r"holds no weights \(\*\.safetensors or \*\.bin\)"):
+        load_model(str(tmp_path))
+
+
 def test_missing_gguf(tmp_path):
     with pytest.raises(ModelNotFoundError, match=r"no GGUF file"):
         load_model(str(tmp_path / "x.gguf"))

@@ -272,8 +272,9 @@ def read_split(
     if len(problems) <= n_validation:
         raise ValueError(
             f"{folder / name} has {len(problems)} problems, too few to hold out {n_validation} for "
-            "validation; pass a smaller n_validation, or hold out a share instead (train_ratio; in a training "
-            "config data.train_ratio=0.8)"
+            "validation; hold out a share of them instead (in a training config data.train_ratio=0.8, in Python "
+            "read_split(..., train_ratio=0.8) or a smaller n_validation), or name a validation file with "
+            "data.eval_path"
         )
     chosen = problems[-n_validation:] if split == "validation" else problems[:-n_validation]
     return [replace(p, split=split) for p in chosen]

@@ -376,7 +376,9 @@ def evaluate(
         memory_bytes=sum(nbytes) / len(nbytes),
         context_tokens=sum(tokens) / len(tokens),
         tokens_per_second=(
-            round(sum(tokens) / compress_seconds, 1) if compress_seconds and session.method.reads_context else None
+            round(sum(tokens) / compress_seconds, 1)
+            if compress_seconds and sum(tokens) and session.method.reads_context
+            else None  # nothing compressed (a GSM8K question has no context): no rate to report
         ),
         seconds=round(time.perf_counter() - started, 2),
         config_hash=settings.fingerprint(dataset, len(examples)),

@@ -21,6 +21,9 @@ from ccmem.data import gsm8k
 from ccmem.fileio import atomic_path
 from ccmem.loading import LoadedModel
 
+#: Where the adapter is looked for when none is given: ccmem's recipe first (the fork's solves ~0 problems here).
+DEFAULT_ADAPTERS = ("runs/gsm8k-ccm-reason-keep/adapter.safetensors", "runs/gsm8k-ccm-reason/adapter.safetensors")
+
 #: Policies of the fork's table: ``none``, ``interval:N``, ``newline``, ``classifier:TAU``.
 DEFAULT_POLICIES = ("none", "interval:32", "newline", "classifier:0.5", "classifier:0.7", "classifier:0.9")
 
@@ -43,14 +46,14 @@ def parse_policy(text: str) -> dict[str, Any]:
 
 @dataclass
 class GSM8KSettings:
-    adapter: str | None = None  # a ccm-reason adapter; None: runs/gsm8k-ccm-reason/adapter.safetensors
+    adapter: str | None = None  # a ccm-reason adapter; None: the first of DEFAULT_ADAPTERS that exists
     stage1: str | None = None  # the stage-1 LoRA run the adapter was trained on top of (ccmem train gsm8k-full)
     data: str | None = None  # GSM8K (a test.jsonl or the grade_school_math folder); None: generated problems
     n: int = 50
     policies: Sequence[str] = DEFAULT_POLICIES
     max_new_tokens: int = 256
     batch_size: int = 8  # problems decoded together (padded); 1: one at a time
-    system: str | None = None
+    system: str | None = None  # None: the prompt the adapter was trained with; "": no system prompt
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -85,6 +88,19 @@ class GSM8KSettings:
         )
 
 
+#: What to run to get an adapter (and its stage 1) for this table.
+RECIPE = (
+    "train one with `ccmem train gsm8k-full` then `ccmem train gsm8k-ccm-reason-keep load_path=runs/gsm8k-full`, "
+    "and pass --stage1 runs/gsm8k-full (or use the shipped pair: --stage1 results/gsm8k/gsm8k-full.safetensors "
+    "--adapter results/gsm8k/ccm-reason.safetensors)"
+)
+
+
+def default_adapter() -> str | None:
+    """The first of :data:`DEFAULT_ADAPTERS` that exists (relative to the working directory), else None."""
+    return next((p for p in DEFAULT_ADAPTERS if Path(p).is_file()), None)
+
+
 def problems(settings: GSM8KSettings) -> list[gsm8k.Problem]:
     if settings.data:
         return gsm8k.read_split(settings.data, "test")[: settings.n]
@@ -96,11 +112,19 @@ def run(
 ) -> list[dict[str, Any]]:
     """One row per policy (see the module docstring)."""
     import ccmem
+    from ccmem.adapter import read_adapter
+    from ccmem.chat import DEFAULT_SYSTEM_PROMPT
     from ccmem.generation import decode_batch
 
     settings.check()
     chosen = problems(settings)
-    adapter = settings.adapter or "runs/gsm8k-ccm-reason/adapter.safetensors"
+    adapter = settings.adapter or default_adapter()
+    if adapter is None:
+        raise ValueError(f"no adapter given and none of {', '.join(DEFAULT_ADAPTERS)} exists; {RECIPE}")
+    system = (
+        settings.system if settings.system is not None else read_adapter(adapter).trained_system(DEFAULT_SYSTEM_PROMPT)
+    )
+    attn = str(getattr(lm.model.config, "_attn_implementation", None) or "?")
     rows = []
     for text in settings.policies:
         session = ccmem.load(
@@ -108,7 +132,7 @@ def run(
             "ccm-reason",
             adapter=adapter,
             stage1=settings.stage1,
-            system_prompt=settings.system,
+            system_prompt=system or None,
             **settings.options,
             **parse_policy(text),
         )
@@ -160,7 +184,8 @@ def run(
                 "n_tok": session.method.options()["n_tok"],
                 "keep_last": session.method.options()["keep_last"],
                 "min_segment": session.method.options()["min_segment"],
-                "system": settings.system,
+                "system": system or None,
+                "attn": attn,
             }
         )
     return rows
@@ -178,6 +203,7 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
             if rows[0].get("keep_last")
             else ""
         )
+        + (f", system prompt {rows[0]['system']!r}" if rows[0].get("system") else ", no system prompt")
         + f", greedy, up to {rows[0]['max_new_tokens']} new tokens, "
         f"{min(rows[0].get('batch_size', 1), rows[0]['problems'])} problems decoded together (time per problem: a "
         "batch's time / its size).",
