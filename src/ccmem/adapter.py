@@ -311,7 +311,8 @@ def load_adapter(method: Method, lm: LoadedModel, adapter: Adapter) -> None:
     if adapter.stage1 != (lm.stage1 or ""):
         raise AdapterMismatchError(
             f"adapter {adapter.path} was trained on top of stage-1 LoRA {adapter.stage1 or 'none'}, but this model has "
-            f"{lm.stage1 or 'none'} merged in; pass the same stage-1 run (--stage1 PATH; in Python ccmem.load(..., stage1=PATH))"
+            f"{lm.stage1 or 'none'} merged in; pass the same stage-1 run (--stage1 PATH; in Python "
+            "ccmem.load(..., stage1=PATH))"
         )
     module = method.module_for(lm)
     if module is None:

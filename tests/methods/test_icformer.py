@@ -20,6 +20,8 @@ def icformer(**options):
 
 def test_chunks_are_equal_cuts_of_at_most_max_chunk_len_and_overlong_context_names_use_chunk():
     chunked = icformer(use_chunk=True, max_chunk_len=4)
+    with pytest.raises(ValueError, match="max_chunk_len=16 is longer than max_seq_len=8"):  # chunks must fit it
+        icformer(use_chunk=True, max_seq_len=8, max_chunk_len=16)
     assert chunked.split(4) == [4] and chunked.split(5) == [3, 2] and chunked.split(9) == [3, 3, 3]
     assert sum(chunked.split(1000)) == 1000 and max(chunked.split(1000)) <= 4
     plain = icformer(max_seq_len=8)

@@ -87,7 +87,9 @@ class ICFormerMethod(Method):
     num_query_tokens: int = option(128, "digest tokens per chunk: the memory slots one chunk becomes")
     max_seq_len: int = option(512, "longest context compressed at once (longer: an error, or chunks with use_chunk)")
     use_chunk: bool = option(False, "split a context longer than max_seq_len into chunks, digests concatenated")
-    max_chunk_len: int = option(512, "longest chunk with use_chunk (the context is cut into equal chunks)")
+    max_chunk_len: int = option(
+        512, "longest chunk with use_chunk (the context is cut into equal chunks; at most max_seq_len)"
+    )
     objective: str = option("finetune", "training loss: finetune (answer after digests + prompt) or pretrain")
     avg_level: str = option("token", "loss reduction: token (mean over all targets) or sentence (of sample means)")
     pretrain_min_len: int = option(
@@ -119,6 +121,11 @@ class ICFormerMethod(Method):
             raise ValueError(
                 f"pretrain_min_len must be between 0 (off) and max_seq_len={self.max_seq_len} "
                 f"(got {self.pretrain_min_len})"
+            )
+        if self.use_chunk and self.max_chunk_len > self.max_seq_len:
+            raise ValueError(
+                f"max_chunk_len={self.max_chunk_len} is longer than max_seq_len={self.max_seq_len}: with use_chunk "
+                "each chunk is compressed at once, so it must fit max_seq_len; lower max_chunk_len or raise max_seq_len"
             )
         if self.avg_level not in AVG_LEVELS:
             raise ValueError(f"avg_level must be one of {', '.join(AVG_LEVELS)} (got {self.avg_level!r})")
@@ -159,7 +166,8 @@ class ICFormerMethod(Method):
             if n > self.max_seq_len:
                 raise ValueError(
                     f"the context has {n} tokens, more than max_seq_len={self.max_seq_len}; set use_chunk=true to "
-                    f"compress it in chunks of at most max_chunk_len={self.max_chunk_len}, or raise max_seq_len"
+                    f"compress it in chunks of at most max_chunk_len={min(self.max_chunk_len, self.max_seq_len)}, "
+                    "or raise max_seq_len"
                 )
             return [n]
         count = -(-n // self.max_chunk_len)
