@@ -167,7 +167,7 @@ class ICFormerMethod(Method):
                 raise ValueError(
                     f"the context has {n} tokens, more than max_seq_len={self.max_seq_len}; set use_chunk=true to "
                     f"compress it in chunks of at most max_chunk_len={min(self.max_chunk_len, self.max_seq_len)}, "
-                    "or raise max_seq_len"
+                    "or raise max_seq_len (-O use_chunk=true on the command line, method.use_chunk=true in training)"
                 )
             return [n]
         count = -(-n // self.max_chunk_len)
