@@ -398,7 +398,10 @@ def serve(
     max_batch: Annotated[
         int, typer.Option("--max-batch", min=1, help="Generation requests of different sessions decoded together.")
     ] = 8,
-    log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level (debug, info, warning).")] = "info",
+    log_level: Annotated[
+        Literal["critical", "error", "warning", "info", "debug", "trace"],
+        typer.Option("--log-level", help="uvicorn log level (checked before the model loads)."),
+    ] = "info",
     redis_url: Annotated[
         str | None,
         typer.Option(

@@ -364,6 +364,11 @@ def test_serve_refuses_an_empty_token(monkeypatch, capsys):
     assert code == 2 and "--token is empty" in out and "Traceback" not in out
 
 
+def test_serve_refuses_an_unknown_log_level_before_loading_the_model(monkeypatch, capsys):
+    code, out = run_cli(monkeypatch, capsys, "serve", "--port", "0", "--log-level", "loud", "--model", "no-such-model")
+    assert code == 2 and "'loud' is not one of" in out and "no-such-model" not in out  # it printed a bare 'loud'
+
+
 def test_serve_runs_as_a_user_starts_it_and_answers_the_openai_client(tiny_model_dir, tmp_path):
     import os
     import socket

@@ -340,6 +340,21 @@ def test_malformed_json_and_bad_session_paths_are_4xx(client):
     assert client.post("/v1/sessions", json={"name": "../x"}).status_code == 400
 
 
+def test_a_body_over_what_any_valid_request_holds_is_refused_before_it_is_read(client, monkeypatch):
+    import json as jsonlib
+
+    parsed = []
+    monkeypatch.setattr(jsonlib, "loads", lambda *a, **k: parsed.append(1))  # would the server parse it?
+    body = b'{"model": "x", "messages": [{"role": "user", "content": "' + b"x" * 200_000 + b'"}]}'
+    response = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    monkeypatch.undo()
+    assert response.status_code == 413 and "request body of 200061 bytes" in response.json()["error"]["message"]
+    assert not parsed
+    # the largest request the limits allow still passes the bound: 20 messages of 400 bytes, JSON-escaped
+    escaped = [{"role": "user", "content": "\u00e9" * 200} for _ in range(19)] + [user("x")]
+    assert client.post("/v1/chat/completions", json={"model": MODEL, "messages": escaped}).status_code != 413
+
+
 def test_a_retry_of_an_answered_request_is_told_so(client):
     assert client.post("/v1/sessions", json={"name": "r"}).status_code == 201
     system = {"role": "system", "content": "be brief"}
