@@ -296,7 +296,7 @@ def test_default_attn_keeps_an_older_run_hash(tmp_path):
     )
 
 
-def test_repro_passes_attn_to_the_model(monkeypatch, capsys):
+def test_repro_passes_attn_to_the_model(monkeypatch, capsys, tmp_path):
     asked = {}
 
     def stop(spec, **kwargs):
@@ -304,7 +304,7 @@ def test_repro_passes_attn_to_the_model(monkeypatch, capsys):
         raise RuntimeError("stop before loading")
 
     monkeypatch.setattr(loading, "load_model", stop)
-    code, text = run_cli(monkeypatch, capsys, "repro", "sentinel", "ppl", "--attn", "eager")
+    code, text = run_cli(monkeypatch, capsys, "repro", "sentinel", "ppl", "--attn", "eager", "-o", str(tmp_path))
     assert code == 2 and "stop before loading" in text
     assert asked["attn_implementation"] == "eager"
 
