@@ -363,6 +363,8 @@ def create_app(engine: Engine, *, tokens: Sequence[str] = ()) -> FastAPI:
             stats = engine.stats()
         except StoreError as err:
             return error_response(503, str(err), "store_unavailable")
+        if app.state.tokens:  # /health is open: store-wide counts would tell a token that others have sessions
+            stats = {k: v for k, v in stats.items() if k not in ("sessions", "live_sessions", "prefix_cache")}
         return {"status": "ok", "model": engine.model_id} | stats
 
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
