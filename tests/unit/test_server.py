@@ -705,3 +705,19 @@ def test_sessions_held_at_int8_take_less_memory_and_answer_alike_from_ram_and_fr
 def test_an_unknown_memory_dtype_is_refused_naming_the_choices(tmp_path):
     with pytest.raises(ValueError, match="int8"):
         make_engine(tmp_path, memory_dtype="int4")
+
+
+def test_serve_on_port_0_says_which_port_it_took_and_a_foreign_address_is_named(tmp_path, monkeypatch, capfd):
+    """The banner said port 0 and uvicorn, given a socket, prints none: the server could not be found."""
+    import re
+
+    import uvicorn
+
+    from ccmem.serve.server import bind, run
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
+    run(make_engine(tmp_path), port=0)
+    said = re.search(r"listening on http://127\.0\.0\.1:(\d+)/v1", capfd.readouterr().err)
+    assert said and int(said.group(1)) > 0
+    with pytest.raises(ValueError, match="is the address one of this machine's"):  # not "the port is in use"
+        bind("10.255.255.1", 0)

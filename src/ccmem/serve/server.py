@@ -555,10 +555,14 @@ def bind(host: str, port: int) -> Any:
         sock.bind(address)
     except OSError as err:
         sock.close()
-        raise ValueError(
-            f"cannot listen on {host}:{port}: {err.strerror}; another server may be using the port "
-            "(pick another with --port)"
-        ) from None
+        import errno
+
+        hint = (
+            "another server may be using the port (pick another with --port)"
+            if err.errno == errno.EADDRINUSE
+            else "is the address one of this machine's? (--host 127.0.0.1, or 0.0.0.0 for every interface)"
+        )
+        raise ValueError(f"cannot listen on {host}:{port}: {err.strerror}; {hint}") from None
     sock.listen(128)
     sock.set_inheritable(True)
     return sock
@@ -571,6 +575,10 @@ def run(
     import uvicorn
 
     sock = bind(host, port)
+    if port == 0:  # the system picked a free port: say which, or the server cannot be reached
+        import sys
+
+        print(f"ccmem serve: listening on http://{host}:{sock.getsockname()[1]}/v1", file=sys.stderr, flush=True)
     config = uvicorn.Config(create_app(engine, tokens=tokens), log_level=log_level)
     try:
         uvicorn.Server(config).run(sockets=[sock])
