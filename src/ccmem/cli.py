@@ -1266,12 +1266,17 @@ def stream(
     out_dir: Annotated[
         Path, typer.Option("--out-dir", "-o", help="Where rows.jsonl (this run's), report.md and stream.png go.")
     ] = Path("results/stream"),
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace the rows and report already in --out-dir (else refused, unread)."),
+    ] = False,
     attn: AttnOpt = "sdpa",
 ) -> None:
     """Read a text many times the model's context at constant memory: perplexity per position bucket, peak KV bytes
     and tokens/s of every method at the same memory, with positions re-based (RoPE keys re-rotated) as it slides."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from ccmem.cli_repro import check_out_dir
     from ccmem.eval.stream import StreamSettings, check_layouts, markdown, run_stream
     from ccmem.loading import load_model
 
@@ -1291,6 +1296,7 @@ def stream(
         label=label,
     )
     settings.check()
+    check_out_dir(out_dir, ["rows.jsonl", "report.md"], overwrite)
     with console.status(f"loading {model}..."):
         lm = load_model(model, attn_implementation=attn)
     _check_methods(lm, settings.methods, settings.options)

@@ -320,6 +320,8 @@ def test_stream_command_writes_rows_report_and_plot(tiny_model_dir, tmp_path):
     assert [r["method"] for r in rows] == ["ccm-concat", "streaming-llm", "window", "full"]
     assert all(r["tokens"] == 192 and r["max_position"] < 48 for r in rows)
     assert (out / "stream.png").stat().st_size > 0 and "streaming-llm" in (out / "report.md").read_text()
+    again = CliRunner().invoke(cli.app, args)  # the table is there: replaced only with --overwrite
+    assert again.exit_code == 2 and "--overwrite" in again.output and len((out / "rows.jsonl").read_text()) > 0
     printed = " ".join(result.output.split())
     assert "streaming-llm: 192 tokens read" in printed  # no bar when piped: a line per method
     assert "| full |" in printed and "stopped at token 48: reading on would pass position 48" in printed
@@ -344,7 +346,8 @@ def test_stream_help_explains_every_option():
         (["--methods", "local", "-O", "ratio=0.5"], "method 'local' has no option 'ratio'"),
     ],
 )
-def test_stream_bad_input_is_one_line(monkeypatch, capsys, tiny_model_dir, extra, message):
+def test_stream_bad_input_is_one_line(monkeypatch, capsys, tiny_model_dir, tmp_path, extra, message):
+    monkeypatch.chdir(tmp_path)  # the default --out-dir: a checkout's results/stream is refused (no --overwrite)
     args = ["ccmem", "stream", "--model", str(tiny_model_dir), "--max-positions", "48", "--window", "8", *extra]
     monkeypatch.setattr(sys, "argv", args)
     monkeypatch.delenv("CCMEM_DEBUG", raising=False)
