@@ -528,3 +528,19 @@ def test_a_concat_adapter_that_keeps_raw_tokens_is_refused_before_any_work(tmp_p
         check_layouts(lm, settings)
     with pytest.raises(StreamOptionError, match="keep='digits'"):
         run_method(lm, "ccm-concat", list(range(3, 40)), settings, text="random")
+
+
+def test_a_text_shorter_than_one_context_is_said_and_gives_no_peak_ratio(tmp_path, caplog):
+    """6 tokens read as "2 contexts" printed a met target (peak ratio 1.00) with no word that the text ran out."""
+    from ccmem.eval.stream import StreamSettings, run_stream
+
+    lm = tiny_model(positions=48)
+    text = tmp_path / "short.txt"
+    text.write_text(words(10))
+    settings = StreamSettings(
+        methods=["streaming-llm"], max_positions=48, contexts=2, sink=2, window=8, comp_slots=8, block=8, text=str(text)
+    )
+    with caplog.at_level("WARNING"):
+        (row,) = run_stream(lm, settings)
+    assert row.tokens < 48 and row.peak_ratio is None
+    assert "fewer than the 2 contexts asked (--contexts); past no context, so no peak ratio" in caplog.text

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -42,6 +43,8 @@ from ccmem.stream import (
     StreamOptionError,
     layouts_at_same_memory,
 )
+
+logger = logging.getLogger(__name__)
 
 # v2: the books of a folder in numeric order (PG19's 9.txt before 10.txt), a blank line between them
 STREAM_TEXT_VERSION = "stream-text-v2"
@@ -347,7 +350,10 @@ def run_method(
         peak_kv_bytes=stream.peak_bytes,
         peak_kv_bytes_1x=peak_1x,
         # a method that stopped early (full past its cap) has no peak over the whole stream to compare
-        peak_ratio=stream.peak_bytes / peak_1x if peak_1x and stream.tokens_read == len(ids) else None,
+        # and a stream that never went past one context has no ratio to tell (it would read 1.00 by construction)
+        peak_ratio=(
+            stream.peak_bytes / peak_1x if peak_1x and stream.tokens_read == len(ids) and len(ids) > limit else None
+        ),
         perplexity=_perplexity(nll),
         perplexity_1x=_perplexity(nll[:limit]),
         perplexity_after_1x=_perplexity(nll[limit:]),
@@ -422,7 +428,14 @@ def run_stream(
     """Every method of ``settings`` over the same stream; rows, ``report.md`` and ``stream.png`` into ``out_dir``."""
     check_layouts(lm, settings)
     limit = context_limit(lm, settings)
-    ids, source = stream_text(lm.tokenizer, settings.text, max(2, round(settings.contexts * limit)))
+    wanted = max(2, round(settings.contexts * limit))
+    ids, source = stream_text(lm.tokenizer, settings.text, wanted)
+    if len(ids) < wanted:
+        logger.warning(
+            "%s holds %d tokens, %.1f x a context of %d: fewer than the %g contexts asked (--contexts)%s",
+            source, len(ids), len(ids) / limit, limit, settings.contexts,
+            "; past no context, so no peak ratio" if len(ids) <= limit else "",
+        )  # fmt: skip
     rows = [run_method(lm, name, ids, settings, text=source, progress=progress) for name in settings.methods]
     if out_dir is not None:
         write_outputs(rows, out_dir)
