@@ -152,6 +152,19 @@ def test_whole_conversation_that_does_not_extend_the_session_is_a_conflict(clien
     assert "do not extend" in response.json()["error"]["message"]
 
 
+def test_an_edited_first_reply_is_a_conflict_not_a_second_copy_of_the_turns(client, engine):
+    """[u1, EDITED, u2] against a session holding [u1, a1, u2, a2] was taken as three new messages: the memory
+    then held u1 twice and the edited reply."""
+    client.post("/v1/sessions", json={"name": "e"})
+    first = ask(client, [user("My dog is Rex.")], session="e").json()["choices"][0]["message"]["content"]
+    ask(client, [user("My dog is Rex."), assistant(first), user("and?")], session="e")
+    held = client.get("/v1/sessions/e").json()
+    edited = ask(client, [user("My dog is Rex."), assistant("EDITED"), user("and?")], session="e")
+    assert edited.status_code == 409 and "first reply differs" in edited.json()["error"]["message"]
+    assert client.get("/v1/sessions/e").json() == held  # unchanged
+    assert ask(client, [user("My dog is Rex.")], session="e").status_code == 200  # a lone repeat: a new message
+
+
 def test_a_session_made_with_another_method_is_a_conflict_that_names_it(tmp_path, engine, client):
     other = ccmem.load(engine.base.lm, method="full", system_prompt="be brief")
     engine.store.open("made-elsewhere", other)

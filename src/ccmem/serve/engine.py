@@ -454,6 +454,12 @@ class Engine:
             same += 1
         if body and same == len(body):
             return list(messages[len(body) :])
+        edited_reply = same == 1 and len(messages) > 1 and messages[1]["role"] == "assistant"
+        if edited_reply:  # the first message and a reply other than the session's: a regenerated or edited history
+            raise ConflictError(
+                "these messages start as the session's conversation but its first reply differs (an edited or "
+                "regenerated answer?); send only the new messages, or start a new session"
+            )
         if same >= 2:  # the first exchange repeated: the whole conversation, but not one that extends the session
             if same == len(messages):
                 raise ConflictError(
