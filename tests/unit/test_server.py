@@ -117,6 +117,7 @@ def test_a_damaged_stored_memory_is_a_server_error_that_hides_the_path_and_says_
     with TestClient(create_app(engine)) as client:
         reply = ask(client, [user("what number")], session="cut")
         assert reply.status_code == 500 and reply.json()["error"]["code"] == "session_damaged"
+        assert reply.json()["error"]["type"] == "server_error"  # not the client's: it was invalid_request_error
         message = reply.json()["error"]["message"]
         assert "session 'cut' (version 2) cannot be restored" in message and "DELETE /v1/sessions/cut" in message
         assert str(tmp_path) not in message and str(path) in caplog.text  # the file is in the server's log only
@@ -330,6 +331,9 @@ def test_a_session_is_visible_only_to_the_token_that_made_it(engine):
         ({"model": MODEL, "messages": [user("x")], "temperature": "NaN"}, 400, "temperature: Input should be a finite"),
         ({"model": MODEL, "messages": [user("x")], "seed": 10**23}, 400, "seed: Input should be less than or equal"),
         ({"model": MODEL, "messages": [user("x")], "n": 3}, 400, "n"),
+        ({"model": MODEL, "messages": [user("x")], "stream": "yes"}, 400, "stream: Input should be a valid boolean"),
+        ({"model": MODEL, "messages": [user("x")], "max_tokens": True}, 400, "max_tokens: Input should be a valid"),
+        ({"model": MODEL, "messages": [user("x")], "max_tokens": "3"}, 400, "max_tokens: Input should be a valid"),
         ({"model": MODEL, "messages": [user("x"), assistant("y")]}, 400, "last message must be the user's"),
         ({"model": MODEL, "messages": [user("x"), {"role": "system", "content": "s"}, user("y")]}, 400, "first"),
         ({"model": MODEL, "messages": [user("x" * 500)]}, 413, "at most 400"),

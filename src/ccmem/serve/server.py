@@ -110,16 +110,19 @@ class ChatRequest(BaseModel):
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    # strict: "3", true and "yes" are refused as OpenAI refuses them, not read as 3, 1 and true
+    max_tokens: int | None = Field(default=None, ge=1, strict=True)
+    max_completion_tokens: int | None = Field(default=None, ge=1, strict=True)
     temperature: float = Field(
         default=0.0, ge=0.0, le=2.0, allow_inf_nan=False, description="0 (the default here) decodes greedily"
     )
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    n: int = Field(default=1, ge=1, le=1, description="ccmem answers with one choice")
-    stream: bool = False
+    n: int = Field(default=1, ge=1, le=1, strict=True, description="ccmem answers with one choice")
+    stream: bool = Field(default=False, strict=True)
     stream_options: StreamOptions | None = None
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1, description="the random stream of sampling")
+    seed: int | None = Field(
+        default=None, ge=-(2**63), le=2**64 - 1, strict=True, description="the random stream of sampling"
+    )
     stop: str | list[str] | None = Field(default=None, description="up to 4 strings that end the answer")
     user: str | None = None
     session: str | None = Field(
@@ -345,7 +348,7 @@ def create_app(engine: Engine, *, tokens: Sequence[str] = ()) -> FastAPI:
             status, code = 503, "store_unavailable"
         elif isinstance(err, DamagedSessionError):  # a stored file is broken: the server's fault, path logged only
             logger.error("%s", err)
-            return error_response(500, err.public, "session_damaged")
+            return error_response(500, err.public, "session_damaged", "server_error")
         elif isinstance(err, UnknownSessionError):
             status, code = 404, "session_not_found"
         elif isinstance(err, SessionExistsError | SessionMismatchError | VersionConflictError | ConflictError):
