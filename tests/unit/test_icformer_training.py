@@ -136,6 +136,16 @@ def test_icformer_pretrain_preset_trains_on_the_pile_format(tmp_path):
     )
     result = train(config, lm=tiny_model(positions=512))
     assert result.steps == 2 and read_adapter(result.output).options["objective"] == "pretrain"
+    # the finetune preset on the same text: refused before training, with the objective to use (it failed at
+    # step 0 with "this batch has no target tokens to train on")
+    finetune = load_config(
+        "icformer-finetune",
+        [f"output_dir={tmp_path}/ft", "data.dataset=pile", f"data.path={FIXTURES}/pile", *TINY],
+    )
+    with pytest.raises(
+        ConfigError, match=r"no train sample of pile has a token to train on.*method.objective=pretrain"
+    ):
+        train(finetune, lm=tiny_model(positions=512))
 
 
 def test_generate_answers_every_pwc_record_into_the_output_file(tmp_path):

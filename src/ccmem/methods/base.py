@@ -428,6 +428,11 @@ class Method(ABC):
         before it measures or lays one out, so that training sees what inference does). As it is by default."""
         return sample
 
+    def has_targets(self, sample: Sample) -> bool:
+        """Whether training on ``sample`` has tokens to predict; the trainer refuses data where none has, before
+        training. Default: assumed (methods that language-model the whole text train on any sample)."""
+        return True
+
     def sample_length(self, sample: Sample) -> int:
         """Tokens the sample takes once laid out for training (``data.max_length`` is checked against it)."""
         return len(sample.sink) + sum(len(c) for c in sample.chunks) + len(sample.tail)

@@ -263,6 +263,11 @@ class ICFormerMethod(Method):
             rows.append((ICFormer.LM, rest, 0))
         return context, rows
 
+    def has_targets(self, sample: Sample) -> bool:
+        if self.objective == "pretrain":  # the context is reconstructed (and continued): any text trains
+            return any(sample.chunks) or bool(sample.tail)
+        return sample.answer_start < len(sample.tail)  # finetune: the answer after the prompt
+
     def sample_length(self, sample: Sample) -> int:
         context, rows = self._targets(sample)
         return len(sample.sink) + self.n_digests(len(context)) + 1 + max(len(tail) for _, tail, _ in rows)

@@ -242,6 +242,15 @@ def samples_for(lm: LoadedModel, config: TrainConfig, method: Method, split: str
             f"train/validation files (data.eval_path names the validation file)"
         )
     samples = [method.fit_sample(to_sample(lm.tokenizer, e, system=config.data.system)) for e in examples]
+    if not any(method.has_targets(s) for s in samples):  # caught here, not as an empty batch at step 0
+        hint = ""
+        if getattr(method, "objective", None) == "finetune":
+            hint = " (icformer's finetune objective trains on answers: PwC records; plain text such as the Pile "
+            hint += "needs method.objective=pretrain, the icformer-pretrain preset)"
+        raise ConfigError(
+            f"no {split} sample of {config.data.dataset} has a token to train on for {method.name}: its records "
+            f"have no answer{hint}"
+        )
     kept = [s for s in samples if method.sample_length(s) <= config.data.max_length]
     if len(kept) < len(samples):
         logger.warning(
