@@ -55,18 +55,22 @@ class Adapter:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def train_dataset(self) -> str:
-        """The dataset the adapter was trained on, from its provenance ("?" when it does not say)."""
+    def _train_data(self) -> dict[str, Any]:
+        """The ``data`` section of the training config in its provenance ({} when it does not record one)."""
         config = self.extra.get("config", {})
         data = config.get("data", {}) if isinstance(config, dict) else {}
-        return str(self.extra.get("data") or data.get("dataset") or "?")
+        return data if isinstance(data, dict) else {}
+
+    @property
+    def train_dataset(self) -> str:
+        """The dataset the adapter was trained on, from its provenance ("?" when it does not say)."""
+        return str(self.extra.get("data") or self._train_data.get("dataset") or "?")
 
     def trained_system(self, default: str | None) -> str | None:
         """The system prompt the adapter was trained with (``data.system`` of its training config; None: none),
         or ``default`` when its provenance does not say."""
-        config = self.extra.get("config", {})
-        data = config.get("data", {}) if isinstance(config, dict) else {}
-        if not isinstance(data, dict) or "system" not in data:
+        data = self._train_data
+        if "system" not in data:
             return default
         return str(data["system"]) if data["system"] else None
 

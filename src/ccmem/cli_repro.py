@@ -334,7 +334,7 @@ def gsm8k_table(
 
     from ccmem.loading import load_model
     from ccmem.options import parse_pairs
-    from ccmem.repro.gsm8k import DEFAULT_ADAPTERS, RECIPE, GSM8KSettings, default_adapter, markdown, run, write
+    from ccmem.repro.gsm8k import GSM8KSettings, markdown, resolve_adapter, run, write
 
     settings = GSM8KSettings(
         system=system,
@@ -350,10 +350,9 @@ def gsm8k_table(
     )
     try:
         settings.check()
+        resolve_adapter(settings.adapter)  # before the model loads
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
-    if adapter is None and default_adapter() is None:
-        raise typer.BadParameter(f"no --adapter given and none of {', '.join(DEFAULT_ADAPTERS)} exists; {RECIPE}")
     check_out_dir(out_dir, ["rows.jsonl", "report.md"], overwrite)
     lm = load_model(model, attn_implementation=attn)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -96,9 +96,13 @@ RECIPE = (
 )
 
 
-def default_adapter() -> str | None:
-    """The first of :data:`DEFAULT_ADAPTERS` that exists (relative to the working directory), else None."""
-    return next((p for p in DEFAULT_ADAPTERS if Path(p).is_file()), None)
+def resolve_adapter(given: str | None) -> str:
+    """``given``, else the first of :data:`DEFAULT_ADAPTERS` that exists (relative to the working directory); none:
+    a ``ValueError`` saying how to get one."""
+    found = given or next((p for p in DEFAULT_ADAPTERS if Path(p).is_file()), None)
+    if found is None:
+        raise ValueError(f"no adapter given and none of {', '.join(DEFAULT_ADAPTERS)} exists; {RECIPE}")
+    return found
 
 
 def problems(settings: GSM8KSettings) -> list[gsm8k.Problem]:
@@ -118,9 +122,7 @@ def run(
 
     settings.check()
     chosen = problems(settings)
-    adapter = settings.adapter or default_adapter()
-    if adapter is None:
-        raise ValueError(f"no adapter given and none of {', '.join(DEFAULT_ADAPTERS)} exists; {RECIPE}")
+    adapter = resolve_adapter(settings.adapter)
     system = (
         settings.system if settings.system is not None else read_adapter(adapter).trained_system(DEFAULT_SYSTEM_PROMPT)
     )

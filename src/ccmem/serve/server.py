@@ -17,10 +17,12 @@ with status 400 (bad request), 401, 404 (unknown model or session), 409 (a sessi
 
 from __future__ import annotations
 
+import errno
 import hmac
 import json
 import logging
 import secrets
+import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Any, Literal
@@ -558,8 +560,6 @@ def bind(host: str, port: int) -> Any:
         sock.bind(address)
     except OSError as err:
         sock.close()
-        import errno
-
         hint = (
             "another server may be using the port (pick another with --port)"
             if err.errno == errno.EADDRINUSE
@@ -579,8 +579,6 @@ def run(
 
     sock = bind(host, port)
     if port == 0:  # the system picked a free port: say which, or the server cannot be reached
-        import sys
-
         print(f"ccmem serve: listening on http://{host}:{sock.getsockname()[1]}/v1", file=sys.stderr, flush=True)
     config = uvicorn.Config(create_app(engine, tokens=tokens), log_level=log_level)
     try:
