@@ -320,8 +320,9 @@ def test_stream_command_writes_rows_report_and_plot(tiny_model_dir, tmp_path):
     assert [r["method"] for r in rows] == ["ccm-concat", "streaming-llm", "window", "full"]
     assert all(r["tokens"] == 192 and r["max_position"] < 48 for r in rows)
     assert (out / "stream.png").stat().st_size > 0 and "streaming-llm" in (out / "report.md").read_text()
+    written = (out / "rows.jsonl").read_bytes()
     again = CliRunner().invoke(cli.app, args)  # the table is there: replaced only with --overwrite
-    assert again.exit_code == 2 and "--overwrite" in again.output and len((out / "rows.jsonl").read_text()) > 0
+    assert again.exit_code == 2 and "--overwrite" in again.output and (out / "rows.jsonl").read_bytes() == written
     printed = " ".join(result.output.split())
     assert "streaming-llm: 192 tokens read" in printed  # no bar when piped: a line per method
     assert "| full |" in printed and "stopped at token 48: reading on would pass position 48" in printed
