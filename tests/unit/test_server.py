@@ -316,6 +316,21 @@ def test_a_session_is_visible_only_to_the_token_that_made_it(engine):
         assert health.status_code == 200 and "sessions" not in health.json()  # no count of others' sessions
 
 
+def test_a_request_without_a_valid_token_is_refused_before_its_body_is_read(engine):
+    """The token was checked only after FastAPI had read and parsed the body: a stranger's malformed JSON got a
+    400 naming what was wrong in it, and an oversized one cost the server its reading."""
+    with TestClient(create_app(engine, tokens=["alpha"])) as client:
+        broken = {"content": b"{not json", "headers": {"content-type": "application/json"}}
+        refused = client.post("/v1/chat/completions", **broken)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        huge = client.post("/v1/chat/completions", **broken | {"headers": {"content-length": str(10**9)}})
+        assert huge.status_code == 401
+        token = {"Authorization": "Bearer alpha", "content-type": "application/json"}
+        allowed = client.post("/v1/chat/completions", content=b"{not json", headers=token)
+        assert allowed.status_code == 400  # with the token, the body is read and its error named
+        assert client.get("/health").status_code == 200
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -406,7 +421,10 @@ def test_too_many_sessions_is_refused(tmp_path):
         assert client.post("/v1/sessions", json={}).status_code == 201
         assert client.post("/v1/sessions", json={}).status_code == 201
         refused = client.post("/v1/sessions", json={})
-        assert refused.status_code == 400 and "limit of 2 sessions" in refused.json()["error"]["message"]
+        # 409, not 429: the openai client retries a 429, and retrying cannot free a session
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "session_limit_reached"
+        assert "limit of 2 sessions; delete one first" in refused.json()["error"]["message"]
+        assert "--max-sessions" in refused.json()["error"]["message"]
     engine.close()
 
 
@@ -658,13 +676,26 @@ def test_openai_parameters_that_would_change_the_answer_are_refused_not_ignored(
     assert reply.status_code == 400 and f"{named} is not supported by ccmem serve" in reply.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("extra", "hint"),
+    [({"temprature": 1.5}, "did you mean 'temperature'?"), ({"max_token": 3}, "did you mean 'max_tokens'?"),
+     ({"top_k": 5}, "ccmem serve takes ")],
+)  # fmt: skip
+def test_an_unknown_parameter_is_refused_and_named_not_ignored(client, extra, hint):
+    """A misspelled temperature used to be dropped: the client got a greedy answer and no word about it."""
+    reply = ask(client, [user("hi")], **extra)
+    message = reply.json()["error"]["message"]
+    assert reply.status_code == 400 and f"unrecognized request argument {next(iter(extra))!r}" in message
+    assert hint in message
+
+
 def test_openai_defaults_nulls_developer_role_lone_surrogates_and_model_lookup(client):
     """What the openai client sends: null for 'the default', the 'developer' role; a lone surrogate was a 500."""
     plain = ask(client, [user("hi")])
     nulls = ask(client, [user("hi")], temperature=None, top_p=None, n=None, stream=None, stop=None, seed=None)
     assert nulls.status_code == 200 and nulls.json()["choices"] == plain.json()["choices"]
     harmless = ask(client, [user("hi")], logprobs=False, response_format={"type": "text"}, tool_choice="none",
-                   user="u1", metadata={"k": "v"})  # fmt: skip
+                   user="u1", metadata={"k": "v"}, store=False, parallel_tool_calls=True)  # fmt: skip
     assert harmless.status_code == 200 and harmless.json()["choices"] == plain.json()["choices"]
     developer = ask(client, [{"role": "developer", "content": "be brief"}, user("hi")])
     system = ask(client, [{"role": "system", "content": "be brief"}, user("hi")])

@@ -42,14 +42,15 @@ from ccmem.memory import CompactMemory, Memory, MemoryMismatchError
 from ccmem.serve.sessions import (
     SCHEMA_VERSION,
     BaseSessionStore,
-    SessionError,
     SessionExistsError,
+    SessionLimitError,
     SessionRecord,
     StoreError,
     UnknownSessionError,
     VersionConflictError,
     check_name,
     check_update,
+    limit_message,
     unknown_session,
 )
 
@@ -236,7 +237,7 @@ class RedisSessionStore(BaseSessionStore):
             if pipe.exists(key):
                 raise SessionExistsError(f"a session named {name!r} exists already; pick another name")
             if self.max_sessions is not None and int(pipe.scard(everyone)) >= self.max_sessions:
-                raise SessionError(f"the store holds its limit of {self.max_sessions} sessions; delete one first")
+                raise SessionLimitError(limit_message(self.max_sessions))
             now = time.time()
             pipe.multi()
             pipe.hset(

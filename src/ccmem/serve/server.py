@@ -12,11 +12,13 @@ Endpoints (OpenAPI schema at ``/openapi.json``, docs at ``/docs``):
 
 With tokens configured, every request but ``/health`` needs ``Authorization: Bearer <token>``, and a session
 is visible only to the token that made it. Errors are OpenAI-shaped ``{"error": {"message", "type", "code"}}``
-with status 400 (bad request), 401, 404 (unknown model or session), 409 (a session conflict), 413 (too large).
+with status 400 (bad request), 401, 404 (unknown model or session), 409 (a session conflict, or the session limit
+reached), 413 (too large).
 """
 
 from __future__ import annotations
 
+import difflib
 import errno
 import hmac
 import json
@@ -42,6 +44,7 @@ from ccmem.serve.sessions import (
     DamagedSessionError,
     SessionError,
     SessionExistsError,
+    SessionLimitError,
     SessionMismatchError,
     SessionRecord,
     StoreError,
@@ -94,6 +97,10 @@ UNSUPPORTED = (
     "tool_choice", "functions", "function_call", "prediction", "audio", "modalities", "reasoning_effort",
     "web_search_options",
 )  # fmt: skip
+#: OpenAI parameters that change nothing in ccmem's answer: accepted and not used.
+INERT = (
+    "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier", "prompt_cache_key", "verbosity",
+)  # fmt: skip
 #: Parameters whose explicit null means "the default", as OpenAI reads it (the openai client sends None as null).
 NULL_MEANS_DEFAULT = ("temperature", "top_p", "n", "stream", "stop", "max_tokens", "max_completion_tokens", "seed")
 
@@ -105,10 +112,12 @@ class StreamOptions(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    """OpenAI's chat completion request: the fields ccmem uses; parameters that would change the answer and that
-    ccmem does not implement (:data:`UNSUPPORTED`) are refused; others, which change nothing, pass."""
+    """OpenAI's chat completion request: the fields ccmem uses. OpenAI parameters that would change the answer and
+    that ccmem does not implement (:data:`UNSUPPORTED`) are refused when set, those that change nothing
+    (:data:`INERT`) pass, and any other name is refused as OpenAI refuses it (a misspelled ``temprature`` must not
+    quietly decode greedily)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
@@ -134,10 +143,19 @@ class ChatRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _openai_defaults(cls, data: Any) -> Any:
-        """A null is the default; stream_options needs stream; an unsupported parameter that is set is refused."""
+        """A null is the default; stream_options needs stream; an unsupported parameter that is set is refused, an
+        unknown one too (naming the closest known one)."""
         if not isinstance(data, dict):
             return data
-        data = {k: v for k, v in data.items() if not (k in NULL_MEANS_DEFAULT and v is None)}
+        known = set(cls.model_fields)
+        for key in data:
+            if key not in known and key not in UNSUPPORTED and key not in INERT:
+                close = difflib.get_close_matches(str(key), sorted(known | set(INERT)), n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ValueError(
+                    f"unrecognized request argument {key!r}; {hint}ccmem serve takes {', '.join(sorted(known))}"
+                )
+        data = {k: v for k, v in data.items() if k not in INERT and not (k in NULL_MEANS_DEFAULT and v is None)}
         if data.get("stream_options") is not None and not data.get("stream"):
             raise ValueError("stream_options applies to streamed answers only; set stream to true or leave it out")
         for key in UNSUPPORTED:
@@ -146,7 +164,7 @@ class ChatRequest(BaseModel):
                     f"{key} is not supported by ccmem serve (it would change the answer, and ccmem does not "
                     "implement it); leave it out"
                 )
-        return data
+        return {k: v for k, v in data.items() if k not in UNSUPPORTED}
 
 
 class Usage(BaseModel):
@@ -247,7 +265,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (400, "the request is malformed or asks for more than the server allows"),
         (401, "a bearer token is required, or the one given is not accepted"),
         (404, "no such model or session"),
-        (409, "the request conflicts with the session's state"),
+        (409, "the request conflicts with the session's state, or the store holds its limit of sessions"),
         (413, "a message is too large"),
         (500, "the session's stored memory is missing or damaged (the server log names the file)"),
         (503, "the session store cannot be reached"),
@@ -283,14 +301,25 @@ def _info(record: SessionRecord) -> SessionInfo:
 # ---------------------------------------------------------------- the app
 
 
+UNAUTHORIZED = "give a valid bearer token: Authorization: Bearer <token>"
+
+
+def _accepted(tokens: tuple[str, ...], authorization: str | None) -> str | None:
+    """The bearer token of an ``Authorization`` header if it is one of ``tokens``, else None."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.encode(), t.encode()) for t in tokens):
+        return None
+    return token
+
+
 def owner(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
     """The owner of the request: its bearer token's hash (401 without a valid one), or "" on an open server."""
     tokens: tuple[str, ...] = request.app.state.tokens
     if not tokens:
         return ""
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.encode(), t.encode()) for t in tokens):
-        raise ApiError(401, "give a valid bearer token: Authorization: Bearer <token>", "invalid_api_key")
+    token = _accepted(tokens, authorization)
+    if token is None:
+        raise ApiError(401, UNAUTHORIZED, "invalid_api_key")
     return owner_of(token)
 
 
@@ -316,7 +345,14 @@ def create_app(engine: Engine, *, tokens: Sequence[str] = ()) -> FastAPI:
     body_limit = 6 * limits.max_messages * limits.max_message_bytes + 65_536
 
     @app.middleware("http")
-    async def refuse_oversized_bodies(request: Request, call_next: Any) -> Any:
+    async def refuse_early(request: Request, call_next: Any) -> Any:
+        """Refuse, before the body is read: a request to the API without a valid token, and a body too large."""
+        if (
+            app.state.tokens
+            and request.url.path.startswith("/v1/")
+            and _accepted(app.state.tokens, request.headers.get("authorization")) is None
+        ):
+            return error_response(401, UNAUTHORIZED, "invalid_api_key")
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > body_limit:
             return error_response(
@@ -353,6 +389,8 @@ def create_app(engine: Engine, *, tokens: Sequence[str] = ()) -> FastAPI:
             return error_response(500, err.public, "session_damaged", "server_error")
         elif isinstance(err, UnknownSessionError):
             status, code = 404, "session_not_found"
+        elif isinstance(err, SessionLimitError):  # 409, not 429: retrying (as OpenAI clients do on 429) cannot help
+            status, code = 409, "session_limit_reached"
         elif isinstance(err, SessionExistsError | SessionMismatchError | VersionConflictError | ConflictError):
             status, code = 409, "session_conflict"
         return error_response(status, str(err), code)

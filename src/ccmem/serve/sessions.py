@@ -67,6 +67,17 @@ class SessionMismatchError(SessionError):
     """The session was made with another model, method, adapter or options than the one asked to use it."""
 
 
+class SessionLimitError(SessionError):
+    """The store holds as many sessions as it may (``max_sessions``): one must be deleted first."""
+
+
+def limit_message(max_sessions: int) -> str:
+    return (
+        f"the store holds its limit of {max_sessions} sessions; delete one first (DELETE /v1/sessions/NAME, or "
+        "SessionStore.delete) or give the server a larger --max-sessions"
+    )
+
+
 class StoreError(SessionError):
     """The store's database cannot be used (not a SQLite file, made by a newer ccmem, ...)."""
 
@@ -437,7 +448,7 @@ class SessionStore(BaseSessionStore):
             if self.max_sessions is not None:
                 n = int(db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0])
                 if n >= self.max_sessions:
-                    raise SessionError(f"the store holds its limit of {self.max_sessions} sessions; delete one first")
+                    raise SessionLimitError(limit_message(self.max_sessions))
             try:
                 db.execute(
                     "INSERT INTO sessions (owner, name, identity, settings, created, updated) VALUES (?,?,?,?,?,?)",
