@@ -57,7 +57,13 @@ ModelOpt = Annotated[
 Attn = Literal["sdpa", "eager", "flash_attention_2"]
 AttnOpt = Annotated[Attn, typer.Option("--attn", help=ATTN_HELP)]
 MethodOpt = Annotated[
-    str, typer.Option("--method", help=f"Context method: {', '.join(method_names())} (see `ccmem methods`).")
+    str | None,
+    typer.Option(
+        "--method",
+        help=f"Context method: {', '.join(method_names())} (see `ccmem methods`). Default: the method --adapter was "
+        f"trained for, else {DEFAULT_METHOD}.",
+        show_default=False,
+    ),
 ]
 AdapterOpt = Annotated[
     Path | None,
@@ -161,7 +167,7 @@ def _method_list(methods: str | None, model: str, kinds: tuple[str, ...] = ("bas
 
 def _session(
     model: str,
-    method: str,
+    method: str | None,
     adapter: Path | None,
     options: dict[str, Any],
     system: str | None,
@@ -169,8 +175,11 @@ def _session(
     attn: str = "sdpa",
 ) -> Any:
     import ccmem  # deferred: importing torch/transformers makes --help slow
+    from ccmem.adapter import read_adapter
     from ccmem.registry import get_method
 
+    if method is None:  # the adapter's own method (an icformer adapter needs no --method icformer)
+        method = read_adapter(adapter).method if adapter is not None else DEFAULT_METHOD
     get_method(method, **options)  # a wrong option fails before the model loads
     with console.status(f"loading {model} with {method}..."):
         session = ccmem.load(
@@ -311,7 +320,7 @@ def demo(
 @app.command()
 def chat(
     model: ModelOpt = DEFAULT_MODEL,
-    method: MethodOpt = DEFAULT_METHOD,
+    method: MethodOpt = None,
     adapter: AdapterOpt = None,
     n_tok: NTokOpt = None,
     recurrent: RecurrentOpt = None,
@@ -354,7 +363,7 @@ def chat(
                 highlight=False,
             )
     which = f", adapter {session.adapter.hash} ({session.adapter.path})" if session.adapter is not None else ""
-    console.print(f"[bold]ccmem chat[/] ({model}, {method}{which}). /help for commands, /quit to leave.")
+    console.print(f"[bold]ccmem chat[/] ({model}, {session.method.name}{which}). /help for commands, /quit to leave.")
     run_chat(session, console, max_new_tokens=max_new_tokens, temperature=temperature, binding=binding)
 
 
@@ -366,7 +375,7 @@ def chat(
 )
 def serve(
     model: ModelOpt = DEFAULT_MODEL,
-    method: MethodOpt = DEFAULT_METHOD,
+    method: MethodOpt = None,
     adapter: AdapterOpt = None,
     n_tok: NTokOpt = None,
     option: OptionsOpt = None,
@@ -453,9 +462,9 @@ def serve(
         max_sessions=max_sessions,
         max_batch=max_batch,
     )
-    engine = Engine(base, sessions, model_id=f"{model}:{method}", limits=limits, memory_dtype=storage)
+    engine = Engine(base, sessions, model_id=f"{model}:{base.method.name}", limits=limits, memory_dtype=storage)
     auth = f"{len(tokens)} bearer token(s)" if tokens else "no auth (open to anyone who can reach it)"
-    console.print(f"[bold]ccmem serve[/]: {model}:{method} on http://{host}:{port}/v1, {auth}, store {where}")
+    console.print(f"[bold]ccmem serve[/]: {engine.model_id} on http://{host}:{port}/v1, {auth}, store {where}")
     run(engine, host=host, port=port, tokens=tokens, log_level=log_level)
 
 
@@ -479,7 +488,7 @@ def compress(
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the memory (.safetensors).")],
     model: ModelOpt = DEFAULT_MODEL,
-    method: MethodOpt = DEFAULT_METHOD,
+    method: MethodOpt = None,
     adapter: AdapterOpt = None,
     n_tok: NTokOpt = None,
     recurrent: RecurrentOpt = None,
@@ -567,10 +576,10 @@ def ask(
         made = memory_meta(memory_file)
         method = made.get("method", DEFAULT_METHOD)
         cls = method_class(method)
-        if not cls.trainable:
-            declared = {spec.name for spec in cls.option_specs()}
-            kept = {k: parse_value(v) for k, v in made.items() if k in declared}  # "None" parses as None
-            options = kept | options
+        # options an adapter does not carry (all, for untrained methods) are the memory's where it records them
+        declared = {spec.name for spec in cls.option_specs() if not cls.trainable or spec.name in cls.runtime_options}
+        kept = {k: parse_value(v) for k, v in made.items() if k in declared}  # "None" parses as None
+        options = kept | options
     session = _session(model, method, adapter, options, None, stage1, attn)
     session.load_memory(memory_file)
     if system is not None and system != (session.system_prompt or ""):
@@ -584,7 +593,8 @@ def ask(
 
 
 @app.command(
-    epilog="Example:\n\n  ccmem generate pwc/test.jsonl --method METHOD --adapter RUN/adapter.safetensors -o out.jsonl"
+    epilog="Example:\n\n  ccmem generate pwc/test.jsonl --adapter RUN/adapter.safetensors -o out.jsonl\n\n"
+    "(without --method, the method the adapter was trained for)"
 )
 def generate(
     test_file: Annotated[
@@ -594,7 +604,7 @@ def generate(
         "output.jsonl"
     ),
     model: ModelOpt = DEFAULT_MODEL,
-    method: MethodOpt = DEFAULT_METHOD,
+    method: MethodOpt = None,
     adapter: AdapterOpt = None,
     option: OptionsOpt = None,
     system: Annotated[
@@ -1037,7 +1047,8 @@ def compare(
             "~260-token chunks and ~510 scored), dialogs-5 / dialogs-10 / dialogs-15 / dialogs-20 (varied "
             "fact dialogs of that many turns with held-out wordings and fact kinds, accuracy, by distance too), "
             "passages (QA over Wikipedia passages shared in a chat, accuracy), passages-news (the same over news "
-            "articles).",
+            "articles), pwc (IC-Former's PwC-style prompts over 1-2 Wikipedia summaries, 4 options, accuracy), "
+            "pwc-news (the same over news stories).",
         ),
     ] = "persona,icl,text",
     budgets: Annotated[

@@ -492,6 +492,11 @@ def check_meta(meta: dict[str, str], expect: dict[str, str], where: str) -> None
                 f"{where} was made with model {meta['model_name']!r} (weights {found}), not with this one "
                 f"(weights {wanted}); load it with that model (--model {meta['model_name']})"
             )
+        if found != wanted and key not in first and key not in meta:
+            raise MemoryMismatchError(
+                f"{where} was saved by an older ccmem that did not record {key} (this session has {key}="
+                f"{wanted!r}); compress its context again"
+            )
         if found != wanted:
             raise MemoryMismatchError(
                 f"{where} was made with {key}={found!r}, but this session has {key}={wanted!r}; use it with the "

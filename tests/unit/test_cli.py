@@ -9,6 +9,7 @@ import sys
 import pytest
 from rich.console import Console
 
+import ccmem
 from ccmem import cli
 
 COMMANDS = [
@@ -117,6 +118,30 @@ def test_ask_reads_the_method_and_its_options_from_the_memory_file(monkeypatch, 
     assert code == 0, out
     code, out = run_cli(monkeypatch, capsys, "ask", str(memory), "w3", "--max-new-tokens", "2", *made)
     assert code == 0, out  # no --method: snapkv with ratio 0.25 and window_size 4, as the file says
+
+
+def test_compress_takes_the_adapters_method_and_ask_the_icformer_marker_from_the_memory(
+    monkeypatch, capsys, tiny_model_dir, tmp_path
+):
+    """The marker's keys/values are in an icformer memory: `ask -O marker=...` used to be accepted with no effect."""
+    from ccmem.adapter import save_adapter
+    from ccmem.loading import load_model
+    from tests.methods.test_contract import randomize_state
+
+    lm = load_model(str(tiny_model_dir))
+    method = ccmem.get_method("icformer", num_query_tokens=2, num_hidden_layers=1)
+    randomize_state(method, lm)
+    adapter = save_adapter(method, lm, tmp_path / "former.safetensors")
+    text = tmp_path / "notes.txt"
+    text.write_text("w1 w2 w3 w4 w5 w6 w7 w8")
+    memory = tmp_path / "notes.safetensors"
+    common = ["--model", str(tiny_model_dir), "--adapter", str(adapter), "--system", ""]
+    code, out = run_cli(monkeypatch, capsys, "compress", str(text), "-o", str(memory), "-O", "marker=lm", *common)
+    assert code == 0, out  # no --method: the adapter's (it was ccm-concat, which refused an icformer adapter)
+    code, out = run_cli(monkeypatch, capsys, "ask", str(memory), "w3", "--max-new-tokens", "2", *common)
+    assert code == 0, out  # no -O: the memory's marker
+    code, out = run_cli(monkeypatch, capsys, "ask", str(memory), "w3", "-O", "marker=ft", *common)
+    assert code == 2 and "was made with marker='lm', but this session has marker='ft'" in " ".join(out.split())
 
 
 def test_chat_answers_and_compresses_each_exchange(monkeypatch, capsys, tiny_model_dir, tmp_path):

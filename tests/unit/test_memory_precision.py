@@ -360,3 +360,15 @@ def test_a_memory_of_another_adapter_names_the_adapter_not_an_option_it_set(tmp_
     fresh = CompressedLM(made.lm, made.method, system_prompt="sys")
     with pytest.raises(MemoryMismatchError, match="was made with adapter 0123abcd, but this session runs adapter"):
         fresh.load_memory(path)
+
+
+def test_a_setting_an_older_memory_did_not_record_is_named_as_missing_not_as_empty():
+    """A memory saved before ccmem recorded an option (icformer's marker) read as "made with marker=''"."""
+    from ccmem.memory import check_meta
+
+    expect = {"model": "m", "method": "icformer", "marker": "ft"}
+    with pytest.raises(MemoryMismatchError, match=r"saved by an older ccmem that did not record marker .*compress"):
+        check_meta({"model": "m", "method": "icformer"}, expect, "memory x")
+    with pytest.raises(MemoryMismatchError, match="made with marker='lm', but this session has marker='ft'"):
+        check_meta({"model": "m", "method": "icformer", "marker": "lm"}, expect, "memory x")
+    check_meta({"model": "m", "method": "icformer", "marker": "ft"}, expect, "memory x")

@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from ccmem.data.samples import Sample
 from ccmem.loading import LoadedModel
 from ccmem.memory import Memory, concat_positions, positions_for
-from ccmem.methods.base import Method, check_context_ids, logits_for, option, run_decoder
+from ccmem.methods.base import ContextTooLongError, Method, check_context_ids, logits_for, option, run_decoder
 from ccmem.modules.icformer import ICFormer
 from ccmem.registry import register
 
@@ -164,7 +164,7 @@ class ICFormerMethod(Method):
             raise ValueError("icformer cannot compress an empty context")
         if not self.use_chunk:
             if n > self.max_seq_len:
-                raise ValueError(
+                raise ContextTooLongError(
                     f"the context has {n} tokens, more than max_seq_len={self.max_seq_len}; set use_chunk=true to "
                     f"compress it in chunks of at most max_chunk_len={min(self.max_chunk_len, self.max_seq_len)}, "
                     "or raise max_seq_len (-O use_chunk=true on the command line, method.use_chunk=true in training)"
@@ -173,6 +173,11 @@ class ICFormerMethod(Method):
         count = -(-n // self.max_chunk_len)
         size = -(-n // count)  # equal chunks, as the reference cuts them
         return [min(size, n - i) for i in range(0, n, size)]
+
+    def memory_meta(self, lm: LoadedModel) -> dict[str, str]:
+        """The marker's keys/values are part of the memory (read after the digests), so a memory records it: read
+        by a session set to another marker, it would quietly answer with the one it holds."""
+        return super().memory_meta(lm) | {"marker": self.marker}
 
     def n_digests(self, n: int) -> int:
         return self.num_query_tokens * len(self.split(n))
