@@ -24,17 +24,13 @@ from ccmem.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat, Message, TextStream, c
 from ccmem.generation import Sampling, decode, decode_batch
 from ccmem.loading import DEFAULT_MODEL, AttentionError, LoadedModel, load_model
 from ccmem.memory import Memory, MemoryMismatchError, check_meta
-from ccmem.methods.base import Method, add_rows, logits_for, padding_is_exact, read_batch
+from ccmem.methods.base import ContextTooLongError, Method, add_rows, logits_for, padding_is_exact, read_batch
 from ccmem.registry import DEFAULT_METHOD, get_method, method_class
 from ccmem.stage1 import merge_stage1
 
 logger = logging.getLogger(__name__)
 
 SCORE_REDUCTIONS = ("sum", "mean")  # how an option's token log-probabilities become one score
-
-
-class ContextTooLongError(ValueError):
-    """The interaction would pass the model's maximum position."""
 
 
 def check_room(lm: LoadedModel, memory: Memory, n_new: int) -> None:

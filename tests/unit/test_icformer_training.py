@@ -148,6 +148,24 @@ def test_icformer_pretrain_preset_trains_on_the_pile_format(tmp_path):
         train(finetune, lm=tiny_model(positions=512))
 
 
+def test_a_context_over_max_seq_len_names_its_record_in_training_and_in_eval(tmp_path):
+    """Training and eval said "the context has N tokens, more than max_seq_len", and not which record has it."""
+    from ccmem.api import ContextTooLongError
+    from ccmem.eval.harness import evaluate
+
+    config = load_config(
+        "icformer-finetune", [f"output_dir={tmp_path}", f"data.path={FIXTURES}/pwc", "method.max_seq_len=6", *TINY]
+    )
+    with pytest.raises(ConfigError, match=r"train example tests/fixtures/pwc/train.jsonl:\d+: the context has \d+ "
+                       r"tokens, more than max_seq_len=6; set use_chunk=true"):  # fmt: skip
+        train(config, lm=tiny_model(positions=512))
+    session = load(tiny_model(positions=512), "icformer", system_prompt=None, num_query_tokens=4, max_seq_len=6)
+    examples = load_examples(DataConfig(dataset="pwc", path=f"{FIXTURES}/pwc"), "test")
+    with pytest.raises(ContextTooLongError, match=r"pwc: example tests/fixtures/pwc/test.jsonl:1 does not fit .*"
+                       r"more than max_seq_len=6"):  # fmt: skip
+        evaluate(session, examples, dataset="pwc", split="test")
+
+
 def test_generate_answers_every_pwc_record_into_the_output_file(tmp_path):
     from ccmem.eval.generate import generate_file
 
@@ -188,6 +206,17 @@ def test_pile_documents_are_evaluated_as_continuations(monkeypatch, capsys, tmp_
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["method"] for r in rows] == ["none", "full"] and all(r["perplexity"] > 1 for r in rows)
     assert all(r["examples"] == 4 and r["accuracy"] is None for r in rows)
+
+
+def test_pile_documents_too_short_to_score_are_left_out_with_a_warning(tmp_path, caplog):
+    """They were dropped silently: `ccmem eval pile --n 100` on short documents scored fewer with no word why."""
+    lines = [{"text": "one two three four five six seven eight nine ten " * 4}, {"text": "too short"}, {"text": "x"}]
+    path = tmp_path / "pile.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with caplog.at_level("WARNING", logger="ccmem.data.pwc"):
+        examples = pwc.pile(path, "test")
+    assert len(examples) == 1
+    assert "2 of 3 documents are too short" in caplog.text and f"{path}:2" in caplog.text
 
 
 def test_continuations_without_a_query_are_scored_and_documents_without_an_answer_refused(tmp_path):

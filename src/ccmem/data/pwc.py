@@ -29,6 +29,7 @@ A PwC file may carry the same optional ``options`` field (a list of strings hold
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 from pathlib import Path
@@ -40,6 +41,8 @@ from ccmem.data.news import check_source, first_sentence
 from ccmem.data.passages import draw_source, source_pools
 from ccmem.data.records import MemoryExample
 from ccmem.fileio import DatasetFormatError, jsonl_records
+
+logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = "pwc-wiki-v1"
 OPTIONS_VERSION = "pwc-options-v1"  # distractors draw from their own generator: the records stay those of v1
@@ -90,7 +93,16 @@ def pile(path: Path, split: str) -> list[MemoryExample]:
     records = [(where, _text(r, "text", where)) for where, r in _records(path, split)]
     if split != "test":
         return [MemoryExample(where, [text], "", "", chat=False, task="pile") for where, text in records]
-    return [e for e in (_continuation(where, text) for where, text in records) if e is not None]
+    made = [(where, _continuation(where, text)) for where, text in records]
+    examples = [e for _, e in made if e is not None]
+    if len(examples) < len(records):
+        short = next(where for where, e in made if e is None)
+        logger.warning(
+            "%s: %d of %d documents are too short to leave a continuation to score after their context (first: "
+            "%s); they are left out",
+            path, len(records) - len(examples), len(records), short,
+        )  # fmt: skip
+    return examples
 
 
 def _continuation(where: str, text: str) -> MemoryExample | None:

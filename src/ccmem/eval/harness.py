@@ -355,7 +355,7 @@ def evaluate(
             which = ", ".join(e.id for e in examples[first : first + step])
             core = str(err).split("; start a new conversation")[0]
             raise ContextTooLongError(
-                f"{dataset}: example {which} does not fit the model ({core}); shorten or drop it, or evaluate with a "
+                f"{dataset}: example {which} does not fit ({core}); shorten or drop it, or evaluate with a "
                 "method that keeps fewer positions"
             ) from None
     adapter, train_dataset = adapter_provenance(session)

@@ -45,6 +45,11 @@ _MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.We
 _MODEL_LOCKS_GUARD = threading.Lock()
 
 
+class ContextTooLongError(ValueError):
+    """The context cannot be read as asked: it would pass the model's maximum position, or a method's own limit
+    on what it compresses at once (the message names the option that lifts it)."""
+
+
 def model_lock(model: nn.Module) -> threading.RLock:
     """The lock every :meth:`Method.attached` scope on ``model`` holds: re-entrant for the thread holding it, so
     nested scopes work, while another thread waits for the scope to end."""

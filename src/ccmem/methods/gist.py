@@ -23,7 +23,7 @@ from ccmem.data.samples import Sample
 from ccmem.loading import LoadedModel
 from ccmem.memory import Memory, concat_layers, concat_positions
 from ccmem.methods import ccm_seq2seq
-from ccmem.methods.base import check_context_ids
+from ccmem.methods.base import ContextTooLongError, check_context_ids
 from ccmem.methods.ccm import CompTokens, ParallelBatch, lay_out
 from ccmem.registry import register
 
@@ -77,8 +77,6 @@ class Gist(CompTokens):
     def _check_positions(self, lm: LoadedModel, sink: int, context: int) -> None:
         """Gist re-reads the whole context after the sink at every add, so moving the memory's slots to lower
         positions (what lets other methods go on past the model's limit) cannot make room: refuse instead."""
-        from ccmem.api import ContextTooLongError
-
         limit = None if lm.is_encoder_decoder else lm.max_positions
         needed = sink + context + self.n_tok
         if limit is not None and needed > limit:

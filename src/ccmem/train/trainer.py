@@ -50,7 +50,7 @@ from ccmem.data.records import to_sample
 from ccmem.data.samples import Sample
 from ccmem.fileio import atomic_path
 from ccmem.loading import LoadedModel, load_model
-from ccmem.methods.base import Method
+from ccmem.methods.base import ContextTooLongError, Method
 from ccmem.registry import get_method
 from ccmem.stage1 import ADAPTER_FILE, Stage1Error, merge_stage1
 from ccmem.train.config import ConfigError, TrainConfig, differences, with_later_fields
@@ -251,7 +251,13 @@ def samples_for(lm: LoadedModel, config: TrainConfig, method: Method, split: str
             f"no {split} sample of {config.data.dataset} has a token to train on for {method.name}: its records "
             f"have no answer{hint}"
         )
-    kept = [s for s in samples if method.sample_length(s) <= config.data.max_length]
+    lengths = []
+    for example, sample in zip(examples, samples, strict=True):
+        try:
+            lengths.append(method.sample_length(sample))
+        except ContextTooLongError as err:  # a method's own limit (icformer's max_seq_len): name the record
+            raise ConfigError(f"{split} example {example.id}: {err}") from None
+    kept = [s for s, n in zip(samples, lengths, strict=True) if n <= config.data.max_length]
     if len(kept) < len(samples):
         logger.warning(
             "%s: skipped %d samples longer than %d tokens", split, len(samples) - len(kept), config.data.max_length
