@@ -332,7 +332,7 @@ def gsm8k_table(
     MB, wall time per problem and the classifier's share of it; rows.jsonl, report.md, accuracy-vs-kv.png."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ccmem.loading import load_model
+    from ccmem.loading import load_model, local_config
     from ccmem.options import parse_pairs
     from ccmem.repro.gsm8k import GSM8KSettings, markdown, resolve_adapter, run, write
 
@@ -348,6 +348,14 @@ def gsm8k_table(
         seed=seed,
         batch_size=batch_size,
     )
+    config = local_config(model)  # a T5 folder is refused for what it is, not for the adapter it lacks
+    if config is not None and config.get("is_encoder_decoder"):
+        raise typer.BadParameter(
+            f"ccm-reason compresses a decoder's own reasoning while it writes, but {model} is an encoder-decoder "
+            f"model ({config.get('model_type', '?')}); give a decoder-only model (LLaMA, Mistral, Qwen2 ...). On "
+            "T5, ccm-concat, ccm-merge and gist run (ccmem eval)",
+            param_hint="'--model'",
+        )
     try:
         settings.check()
         resolve_adapter(settings.adapter)  # before the model loads

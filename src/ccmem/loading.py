@@ -326,6 +326,20 @@ def shortcut_folder(name: str) -> Path | None:
     return None
 
 
+def local_config(spec: str) -> dict[str, Any] | None:
+    """The ``config.json`` of model ``spec`` where it is on this disk (a folder, or a hub shortcut's local copy),
+    read without loading anything; None where it is not (a hub id, a built-in, a .gguf file) or is no JSON object."""
+    path = Path(os.path.expanduser(spec))
+    folder = path if (path / "config.json").is_file() else shortcut_folder(spec)
+    if folder is None:
+        return None
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def _offline_help(name: str) -> str:
     """How to run hub shortcut ``name`` without hub access."""
     spec = HUB_SHORTCUTS[name]

@@ -339,6 +339,26 @@ def test_repro_gsm8k_reads_the_real_test_file_given_with_data(tmp_path, monkeypa
     assert "| interval:4 |" in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_repro_gsm8k_refuses_an_encoder_decoder_folder_for_its_family_not_its_missing_adapter(
+    tmp_path, monkeypatch, capsys
+):
+    """`repro gsm8k -m <T5 folder>` with no adapter said "no adapter given", so the user trained one first."""
+    import sys
+
+    import ccmem.loading
+    from ccmem import cli
+
+    folder = tmp_path / "t5"
+    tiny_model("t5").model.config.save_pretrained(folder)
+    monkeypatch.setattr(ccmem.loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.chdir(tmp_path)  # no default adapter here
+    monkeypatch.setattr(sys, "argv", ["ccmem", "repro", "gsm8k", "--model", str(folder), "-o", "out"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    text = " ".join(capsys.readouterr().err.replace("│", " ").split())  # the error box's borders
+    assert exit_info.value.code == 2 and "is an encoder-decoder model (t5)" in text and "no adapter" not in text
+
+
 def test_repro_gsm8k_prompts_as_the_adapter_trained_and_keeps_an_earlier_table(tmp_path, monkeypatch, capsys):
     """Without --system the problems get the system prompt recorded in the adapter (its training config's
     data.system), not the chat template's own; an existing table is replaced only with --overwrite."""

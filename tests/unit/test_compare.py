@@ -298,6 +298,17 @@ def test_the_long_text_task_is_the_issue_prose_setting_and_keeps_the_short_one_r
     assert len(fingerprints) == 2  # rows of the two settings never mix
 
 
+def test_the_pwc_tasks_score_generated_questions_over_their_options(tmp_path):
+    """IC-Former's PwC-style questions were only in `ccmem eval pwc`, not in the side-by-side grid."""
+    settings = CompareSettings(methods=["full", "none"], tasks=["pwc", "pwc-news"], n=2, decode_lengths=[])
+    rows = list(run_grid(tiny_model(positions=2048), settings, tmp_path))
+    assert {(r.dataset, r.method) for r in rows} == {(t, m) for t in ("pwc", "pwc-news") for m in ("full", "none")}
+    assert all(r.examples == 2 and r.accuracy is not None for r in rows)
+    wiki, news = (compare_module.task_examples(compare_module.TASKS[t], 2) for t in ("pwc", "pwc-news"))
+    assert all(len(e.options) == 4 and e.answer in e.options for e in wiki + news)
+    assert {e.context[0] for e in wiki}.isdisjoint({e.context[0] for e in news})
+
+
 def test_a_variant_with_options_of_its_own_runs_beside_its_method(tmp_path):
     """``-O ccm-merge@w:recent=2`` runs ccm-merge a second time with that option (its own adapter, a row of its
     own), while plain ``-O`` options still go to every method that has them; bad scopes are refused by name."""

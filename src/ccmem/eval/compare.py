@@ -94,6 +94,11 @@ TASKS["passages"] = Task("passages", "QA over 3 Wikipedia passages shared in a c
 TASKS["passages-news"] = Task(
     "passages-news", "QA over 3 news articles shared in a chat", "passages", "accuracy", k=3, source="news"
 )
+# IC-Former's instruction data: a prompt about 1-2 packaged articles (or news stories), scored over 4 options
+TASKS["pwc"] = Task("pwc", "PwC-style questions over 1-2 Wikipedia summaries, 4 options", "pwc", "accuracy")
+TASKS["pwc-news"] = Task(
+    "pwc-news", "PwC-style questions over 1-2 news stories, 4 options", "pwc", "accuracy", source="news"
+)
 DEFAULT_TASKS = ("persona", "icl", "text")
 DEFAULT_BUDGETS = (1 / 2, 1 / 4, 1 / 8, 1 / 16)
 
