@@ -157,38 +157,47 @@ def test_a_temperature_that_is_negative_or_not_finite_is_refused(temperature):
         Sampling(temperature=temperature)
 
 
-def test_a_method_that_evicts_while_decoding_is_decoded_row_by_row(monkeypatch):
-    """streaming-llm's decode_step acts on each session's own cache: every row still gets it, every step."""
+def test_streaming_llm_evicts_in_one_padded_batch_what_each_row_evicts_alone():
+    """streaming-llm's decode_step evicts from each session's own cache, so its rows were decoded one by one: now
+    the batch masks out the entries each row evicts, in one forward per step, with each row's own peak KV."""
     lm = tiny_model()
     method = ccmem.get_method("streaming-llm", ratio=0.5)
-    assert not method.decode_batchable
     memories = [s.memory for s in sessions(lm, method)]
-    calls = []
-    original = method.decode_step
-
-    def spy(lm_, state):
-        original(lm_, state)
-        calls.append(int(state.cache.layers[0].keys.shape[0]))  # batch size of the cache it evicts from
-
-    monkeypatch.setattr(method, "decode_step", spy)
-    single = one_at_a_time(lm, method, memories)
-    calls.clear()
-    assert batched(lm, method, memories) == single
-    assert calls == [1] * sum(LIMITS)
+    limits = [12, 3, 9, 7]  # long enough that every row evicts while it decodes
+    alone_stats, together_stats = [{} for _ in memories], [{} for _ in memories]
+    single = [
+        list(decode(lm, method, m, torch.tensor([q]), k, stats=st))
+        for m, q, k, st in zip(memories, QUERIES, limits, alone_stats, strict=True)
+    ]
+    forwards = []
+    original = lm.model.base_model.forward
+    lm.model.base_model.forward = lambda *a, **k: forwards.append(k["attention_mask"].shape[0]) or original(*a, **k)
+    try:
+        steps = list(decode_batch(lm, method, memories, [torch.tensor([q]) for q in QUERIES], limits,
+                                  stats=together_stats))  # fmt: skip
+    finally:
+        del lm.model.base_model.forward
+    assert [[t for t in (step[b] for step in steps) if t is not None] for b in range(4)] == single
+    assert len(forwards) == max(limits) and forwards[0] == 4  # one forward per step, all rows in the first
+    assert [st["peak_kv_bytes"] for st in together_stats] == [st["peak_kv_bytes"] for st in alone_stats]
+    size = [m.num_slots + len(q) for m, q in zip(memories, QUERIES, strict=True)]
+    entry = alone_stats[0]["peak_kv_bytes"] // size[0]
+    held = [0, 2, 3]  # held at their size after the query: they evicted (row 1, 1 token read, is all sinks)
+    assert [alone_stats[b]["peak_kv_bytes"] for b in held] == [size[b] * entry for b in held]
 
 
 def test_every_method_that_hooks_decoding_either_batches_its_hook_or_declares_it_cannot():
-    """A method overriding decode_step, or decode_logits without decode_logits_batch, with decode_batchable left
+    """A method overriding decode_step, or decode_logits, without decode_logits_batch, with decode_batchable left
     True would get wrong tokens in a batch."""
     classes = method_classes()
     unbatched = {
         n
         for n, cls in classes.items()
-        if cls.decode_step is not Method.decode_step
-        or (cls.decode_logits is not Method.decode_logits and cls.decode_logits_batch is Method.decode_logits_batch)
+        if (cls.decode_step is not Method.decode_step or cls.decode_logits is not Method.decode_logits)
+        and cls.decode_logits_batch is Method.decode_logits_batch
     }
     assert unbatched == {n for n, cls in classes.items() if not cls.decode_batchable}
-    assert "streaming-llm" in unbatched and classes["ccm-reason"].decode_batchable  # ccm-reason batches its hook
+    assert classes["ccm-reason"].decode_batchable and classes["streaming-llm"].decode_batchable
 
 
 def test_rows_with_nothing_to_generate_and_bad_arguments():

@@ -424,7 +424,8 @@ class Method(ABC):
 
     def decode_step(self, lm: LoadedModel, state: DecodeState) -> None:  # noqa: B027 - optional hook
         """Called by the generation loop after every generated token (evict, compress a finished segment...).
-        A method that overrides it sets :attr:`decode_batchable` to False."""
+        A method that overrides it does the same to a padded batch in :meth:`decode_logits_batch` (masking out
+        what it evicts), or sets :attr:`decode_batchable` to False."""
 
     # ------------------------------------------------------------------ training
 

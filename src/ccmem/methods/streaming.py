@@ -6,6 +6,7 @@ entries fill the budget; kept keys keep their positions (no re-rotation). While 
 at the size it had once the query was read: each new token evicts the oldest entry after the sinks, so a long
 answer runs in constant memory as in the paper. Where the budget does not bind, nothing is evicted while
 generating either: ``ratio=1`` generates as ``full`` does, and ``max_slots`` lets the cache grow up to it.
+Sessions decoded together (``decode_batch``) evict the same entries, masked out of the padded batch.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from ccmem.loading import LoadedModel
-from ccmem.methods.base import DecodeState, option
+from ccmem.methods.base import DecodeRows, DecodeState, option
 from ccmem.methods.eviction import Candidates, KVEviction, Scores, check_n_sink
 from ccmem.registry import register
 
@@ -28,7 +29,6 @@ class StreamingLLM(KVEviction):
 
     name: ClassVar[str] = "streaming-llm"
     paper: ClassVar[str] = "Xiao et al., Efficient Streaming Language Models with Attention Sinks, ICLR 2024"
-    decode_batchable: ClassVar[bool] = False  # decode_step evicts from each session's own cache
 
     n_sink: int = option(4, "first positions of the interaction always kept (the system prompt counts)")
 
@@ -57,3 +57,15 @@ class StreamingLLM(KVEviction):
         for layer in layers:
             layer.keys = torch.cat([layer.keys[:, :, :first], layer.keys[:, :, first + 1 :]], dim=2)
             layer.values = torch.cat([layer.values[:, :, :first], layer.values[:, :, first + 1 :]], dim=2)
+
+    def decode_logits_batch(self, lm: LoadedModel, batch: DecodeRows) -> torch.Tensor:
+        """:meth:`decode_step` for every row of a padded batch: the entry a row alone would evict is masked out
+        (its column is freed when the batch is re-packed). Kept keys keep their positions either way, so the row
+        attends to exactly what it attends to alone."""
+        for i, row in enumerate(batch.rows):
+            real = batch.attention_mask[i].nonzero().flatten()  # the row's entries, in the order written
+            size = int(real.numel())
+            first = max(row.memory.sink, min(self.n_sink, size))  # entries before this are sinks
+            if size > row.extra.setdefault("limit", self._decode_limit(size)) and first < size:
+                batch.attention_mask[i, real[first]] = 0
+        return super().decode_logits_batch(lm, batch)
