@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,7 +22,7 @@ import torch
 
 from ccmem.adapter import Adapter, adapter_path, load_adapter, options_with_adapter, read_adapter
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat, Message, TextStream, check_messages
-from ccmem.generation import Sampling, decode, decode_batch
+from ccmem.generation import Sampling, check_max_new_tokens, decode, decode_batch
 from ccmem.loading import DEFAULT_MODEL, AttentionError, LoadedModel, load_model
 from ccmem.memory import Memory, MemoryMismatchError, check_meta
 from ccmem.methods.base import ContextTooLongError, Method, add_rows, logits_for, padding_is_exact, read_batch
@@ -113,6 +114,8 @@ class CompressedLM:
         sink: bool = True,
         adapter: Adapter | None = None,
     ):
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise ValueError(f"system_prompt must be text or None (no system prompt), got {system_prompt!r}")
         self.lm = lm
         self.method = method
         self.adapter = adapter
@@ -308,8 +311,7 @@ class CompressedLM:
         stop_ids: set[int] | None = None,
     ) -> Iterator[int]:
         """Yield generated token ids one by one, reading ``query`` with the memory (greedy by default)."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
         sampling = Sampling(temperature, top_p, seed)
         query = self._check_ids(query, "query")
         if query.numel() == 0:
@@ -487,18 +489,17 @@ def generate_batch(
         raise ValueError(f"give one prompt per session ({len(sessions)} sessions, {len(prompts)} prompts)")
     _check_shared(sessions, "batched generation")
     first = sessions[0]
-    limits = [max_new_tokens] * len(sessions) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    seeds = list(seed) if isinstance(seed, Sequence) else [seed] * len(sessions)
+    limits, seeds = (_each(value, len(sessions)) for value in (max_new_tokens, seed))
     if len(limits) != len(sessions) or len(seeds) != len(sessions):
         raise ValueError("give max_new_tokens and seed once, or once per session")
-    queries = [s.query_ids(p) for s, p in zip(sessions, prompts, strict=True)]
-    for s, query, limit in zip(sessions, queries, limits, strict=True):
-        if limit < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {limit}")
-        s._check_room(query.shape[1] + limit)
-    stops = first.format.stop_ids()
+    limits = [check_max_new_tokens(k) for k in limits]
     sampling = [Sampling(temperature, top_p, one) for one in seeds]
-    memories = [s.memory for s in sessions]
+    with _holding(sessions):  # as generate: a concurrent add to one of them is not lost to make_room's write
+        queries = [s.query_ids(p) for s, p in zip(sessions, prompts, strict=True)]
+        for s, query, limit in zip(sessions, queries, limits, strict=True):
+            s._check_room(query.shape[1] + limit)
+        memories = [s.memory for s in sessions]
+    stops = first.format.stop_ids()
     answers: list[list[int]] = [[] for _ in sessions]
     for step in decode_batch(first.lm, first.method, memories, queries, limits, sampling=sampling, stop_ids=stops):
         for answer, token in zip(answers, step, strict=True):
@@ -521,19 +522,40 @@ def add_batch(sessions: Sequence[CompressedLM], contexts: Sequence[Sequence[Mess
     messages = [check_messages(list(c)) for c in contexts]
     if any(not m for m in messages):
         raise ValueError("nothing to add: a message list is empty")
-    ids = [s._ids(s.format.delta(s.history, m)) for s, m in zip(sessions, messages, strict=True)]
-    needed = [s.method.positions_needed(s.memory, i.shape[1]) for s, i in zip(sessions, ids, strict=True)]
-    roomy = [make_room(s.lm, s.memory, n) for s, n in zip(sessions, needed, strict=True)]  # all checked before work
-    with torch.no_grad(), first.method.attached(first.lm):
-        memories = add_rows(first.method, first.lm, roomy, ids)
-    for s, m, memory in zip(sessions, messages, memories, strict=True):
-        s.memory = memory
-        s.history = s.history + m
+    if len({id(s) for s in sessions}) < len(sessions):
+        raise ValueError("a session is given twice; add its messages in one list")
+    with _holding(sessions):  # as add: each session's memory is read and replaced with no other call between
+        ids = [s._ids(s.format.delta(s.history, m)) for s, m in zip(sessions, messages, strict=True)]
+        needed = [s.method.positions_needed(s.memory, i.shape[1]) for s, i in zip(sessions, ids, strict=True)]
+        roomy = [make_room(s.lm, s.memory, n) for s, n in zip(sessions, needed, strict=True)]  # checked before work
+        with torch.no_grad(), first.method.attached(first.lm):
+            memories = add_rows(first.method, first.lm, roomy, ids)
+        for s, m, memory in zip(sessions, messages, memories, strict=True):
+            s.memory = memory
+            s.history = s.history + m
     return memories
+
+
+def _each(value: Any, n: int) -> list[Any]:
+    """A batch argument as one value per session: a list as it is, one value (a text too) ``n`` times."""
+    return list(value) if isinstance(value, Sequence) and not isinstance(value, str | bytes) else [value] * n
+
+
+@contextmanager
+def _holding(sessions: Sequence[CompressedLM]) -> Iterator[None]:
+    """Hold every session's lock (each once, in one global order, so two batches over the same sessions never
+    wait on each other crosswise), as the session's own calls hold it (:func:`_one_at_a_time`)."""
+    with ExitStack() as stack:
+        for s in sorted({id(s): s for s in sessions}.values(), key=id):
+            stack.enter_context(s._lock)
+        yield
 
 
 def _check_shared(sessions: Sequence[CompressedLM], what: str) -> None:
     """Refuse sessions that do not share one loaded model and one method (options and adapter included)."""
+    for i, s in enumerate(sessions):
+        if not isinstance(s, CompressedLM):
+            raise ValueError(f"session {i} is a {type(s).__name__}, not a session: give what ccmem.load() returns")
     first = sessions[0]
     meaning = first.method.memory_meta(first.lm)
     for i, s in enumerate(sessions):

@@ -13,6 +13,7 @@ cross-attends to those states.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -36,6 +37,10 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise ValueError(f"{name} must be a number, got {value!r}")
         if not 0 <= self.temperature < float("inf"):
             raise ValueError(f"temperature must be 0 (greedy) or a finite positive number, got {self.temperature}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
@@ -69,6 +74,15 @@ class Sampling:
             keep[0] = True  # the most likely token always stays (a top_p below float precision keeps only it)
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
         return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def check_max_new_tokens(value: Any) -> int:
+    """``value`` if it is a whole number of tokens (at least 1), else a ``ValueError`` naming it."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise ValueError(f"max_new_tokens must be a whole number of tokens, got {value!r}")
+    if value < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {value}")
+    return int(value)
 
 
 def decode(

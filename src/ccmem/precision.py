@@ -27,8 +27,13 @@ _ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 INT8_MAX = 127
 
 
-def storage_name(name: str) -> str:
-    """The canonical storage precision for ``name`` (``bf16`` -> ``bfloat16``); refuse an unknown one."""
+def storage_name(name: str | torch.dtype) -> str:
+    """The canonical storage precision for ``name`` (``bf16`` -> ``bfloat16``, ``torch.float16`` -> ``float16``);
+    refuse an unknown one."""
+    if isinstance(name, torch.dtype):
+        name = dtype_name(name)
+    if not isinstance(name, str):
+        raise ValueError(f"memory storage dtype must be a name such as 'bfloat16' or a torch.dtype, got {name!r}")
     key = _ALIASES.get(name.strip().lower(), name.strip().lower())
     if key not in STORAGE_DTYPES:
         raise ValueError(

@@ -96,3 +96,73 @@ def test_a_misspelt_sampling_argument_or_a_session_for_a_model_is_said_at_the_ca
         session.stream("hi", temprature=0.5)
     with pytest.raises(ValueError, match=r"not a session: pass the session's model, ccmem\.load\(session\.lm"):
         ccmem.load(session, "full")
+
+
+@pytest.mark.parametrize("batch", ["generate_batch", "add_batch"])
+def test_batched_calls_hold_each_sessions_lock_as_its_own_calls_do(monkeypatch, batch):
+    """generate_batch re-based a session's memory (make_room) without its lock: an add() another thread finished
+    meanwhile was overwritten by the memory read before it."""
+    from ccmem import api
+
+    lm = tiny_model(positions=64)
+    sessions = [ccmem.load(lm, "ccm-concat", n_tok=1, system_prompt=f"sys {i}") for i in range(2)]
+    held = []
+    original = api.make_room
+
+    def taken_elsewhere(lock) -> bool:  # whether another thread could not take the lock now
+        got = []
+
+        def probe():
+            got.append(lock.acquire(blocking=False))
+            if got[0]:
+                lock.release()
+
+        thread = threading.Thread(target=probe)
+        thread.start()
+        thread.join()
+        return not got[0]
+
+    def spy(lm_, memory, n):
+        held.append([taken_elsewhere(s._lock) for s in sessions])
+        return original(lm_, memory, n)
+
+    monkeypatch.setattr(api, "make_room", spy)
+    if batch == "generate_batch":
+        ccmem.generate_batch(sessions, ["a question?", "another?"], max_new_tokens=2)
+    else:
+        api.add_batch(sessions, [[{"role": "user", "content": "hi"}]] * 2)
+    assert held and all(all(row) for row in held)
+    with pytest.raises(ValueError, match="a session is given twice"):
+        api.add_batch([sessions[0], sessions[0]], [[{"role": "user", "content": "hi"}]] * 2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_new_tokens": 2.5}, "max_new_tokens must be a whole number of tokens, got 2.5"),
+        ({"max_new_tokens": "5"}, "max_new_tokens must be a whole number of tokens, got '5'"),
+        ({"max_new_tokens": None}, "max_new_tokens must be a whole number of tokens, got None"),
+        ({"temperature": "hot"}, "temperature must be a number, got 'hot'"),
+        ({"top_p": None}, "top_p must be a number, got None"),
+        ({"temperature": 1.0, "seed": "abc"}, "seed must be an integer, got 'abc'"),
+    ],
+)
+def test_a_generation_argument_of_the_wrong_type_is_named_at_the_call(kwargs, message):
+    """They were TypeErrors from inside the loop ('<' not supported ...), and for stream() only at the first piece."""
+    session = ccmem.load(tiny_model(), "full", system_prompt="Hi.")
+    with pytest.raises(ValueError, match=message):
+        session.stream("hi", **kwargs)  # no piece asked for
+    with pytest.raises(ValueError, match=message):
+        ccmem.generate_batch([session], ["hi"], **kwargs)
+
+
+def test_a_system_prompt_that_is_not_text_and_a_batch_of_models_are_refused(tmp_path):
+    lm = tiny_model()
+    with pytest.raises(ValueError, match="system_prompt must be text or None"):
+        ccmem.load(lm, "full", system_prompt=5)  # was saved, then refused by its own session as a damaged file
+    with pytest.raises(ValueError, match="session 0 is a LoadedModel, not a session"):
+        ccmem.generate_batch([lm], ["a"])
+    session = ccmem.load(lm, "full", system_prompt="Hi.")
+    session.add("some context")
+    path = session.save_memory(tmp_path / "m.safetensors", dtype=torch.float16)  # a torch dtype, as load() takes
+    assert ccmem.load(lm, "full", system_prompt="Hi.").load_memory(path).num_slots == session.memory.num_slots
