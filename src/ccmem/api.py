@@ -34,16 +34,6 @@ logger = logging.getLogger(__name__)
 SCORE_REDUCTIONS = ("sum", "mean")  # how an option's token log-probabilities become one score
 
 
-def check_room(lm: LoadedModel, memory: Memory, n_new: int) -> None:
-    """Refuse, before any work, to read ``n_new`` more tokens after ``memory`` past the model's last position."""
-    limit = lm.max_positions
-    if limit is not None and memory.next_position + n_new > limit:
-        raise ContextTooLongError(
-            f"this interaction would reach position {memory.next_position + n_new}, but the model allows "
-            f"{limit}; start a new conversation (Python: reset()), or use a method that keeps fewer positions"
-        )
-
-
 def make_room(lm: LoadedModel, memory: Memory, n_new: int) -> Memory:
     """``memory``, ready to read ``n_new`` more tokens: as it is while they fit below the model's last position;
     past it, re-based (:func:`ccmem.rope.compact_positions`: every slot moved to the position of its index, keys
@@ -424,9 +414,9 @@ def _decoder_logprobs(
     """Each option's token log-probabilities, every option of every item a row of one padded forward."""
     memories, rows, targets = [], [], []
     for memory, query, options in items:
+        memory = make_room(lm, memory, len(query) + max(len(o) for o in options) - 1)  # as score_ids does
         for option in options:
             row = [*query, *option[:-1]]
-            check_room(lm, memory, len(row))
             memories.append(memory)
             rows.append(torch.tensor([row], dtype=torch.long, device=lm.device))
             targets.append(torch.tensor(option, dtype=torch.long, device=lm.device))

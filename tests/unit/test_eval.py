@@ -14,7 +14,7 @@ from ccmem.data import icl
 from ccmem.data.records import to_sample
 from ccmem.eval.harness import EvalRow, EvalSettings, compare, evaluate, read_rows, rouge_l
 from ccmem.eval.report import markdown, mismatches, write_report
-from tests.conftest import tiny_model
+from tests.conftest import randomize_lora, tiny_model
 from tests.unit.test_cli import run_cli
 
 
@@ -286,6 +286,25 @@ def test_an_example_too_long_for_the_model_is_named(batch_size):
     with pytest.raises(ContextTooLongError, match=r"example (short-1, )?long-2 does not fit .*model allows 64") as err:
         evaluate(session, examples, dataset="mine", settings=settings)
     assert "reset()" not in str(err.value)
+
+
+def test_a_dialog_longer_than_the_model_is_evaluated_by_a_compressing_method_batched_or_not():
+    """The batched path refused it at the model's last position where a chat re-bases its memory and
+    goes on: ccm-concat could not be evaluated on dialogs longer than the model's context."""
+    from ccmem.data.records import MemoryExample
+
+    turns = [(f"t{i}", "ok") for i in range(30)]  # far past 128 positions, 1 slot per turn
+    examples = [MemoryExample(f"long-{k}", turns[k:], "what?", "yes", ["yes", "no"], chat=True) for k in range(3)]
+    rows = []
+    for batch_size in (1, 8):
+        session = load(tiny_model(positions=128), "ccm-concat", n_tok=1, system_prompt="Hi.")
+        randomize_lora(session.method, session.lm)
+        rows.append(evaluate(session, examples, dataset="mine", settings=EvalSettings(batch_size=batch_size)))
+    assert rows[0].examples == rows[1].examples == 3 and rows[0].memory_slots == rows[1].memory_slots
+    assert rows[0].perplexity == pytest.approx(rows[1].perplexity, rel=1e-4)  # batched re-bases as add does
+    full = load(tiny_model(positions=128), "full", system_prompt="Hi.")
+    with pytest.raises(ValueError, match=r"example long-0(, long-1, long-2)? does not fit .*model allows 128"):
+        evaluate(full, examples, dataset="mine", settings=EvalSettings(batch_size=8))
 
 
 def test_eval_gsm8k_generates_whole_solutions_by_default_and_says_without_generate(

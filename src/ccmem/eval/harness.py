@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ccmem.api import SCORE_REDUCTIONS, CompressedLM, ContextTooLongError, check_room, load, score_batch
+from ccmem.api import SCORE_REDUCTIONS, CompressedLM, ContextTooLongError, load, make_room, score_batch
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT
 from ccmem.data import gsm8k
 from ccmem.data.records import MemoryExample, to_sample
@@ -163,7 +163,8 @@ def read_context(session: CompressedLM, example: MemoryExample) -> None:
 
 def read_contexts(session: CompressedLM, samples: Sequence[Sample]) -> list[Memory]:
     """The memories of several examples' contexts (each from the session's sink), compressed in padded batches:
-    step t adds the t-th segment of every example that has one (:meth:`Method.add_batch`)."""
+    step t adds the t-th segment of every example that has one (:meth:`Method.add_batch`). A dialog longer than
+    the model's positions goes on as a chat does: its memory is re-based once it would pass them (:func:`make_room`)."""
     session.reset()
     memories = [session.memory] * len(samples)
     method, lm = session.method, session.lm
@@ -171,8 +172,8 @@ def read_contexts(session: CompressedLM, samples: Sequence[Sample]) -> list[Memo
         for t in range(max(len(s.chunks) for s in samples)):
             rows = [i for i, s in enumerate(samples) if t < len(s.chunks)]
             ids = [torch.tensor([samples[i].chunks[t]], dtype=torch.long, device=lm.device) for i in rows]
-            for i, x in zip(rows, ids, strict=True):
-                check_room(lm, memories[i], method.positions_needed(memories[i], x.shape[1]))
+            for i, x in zip(rows, ids, strict=True):  # re-based past the model's last position, as add does
+                memories[i] = make_room(lm, memories[i], method.positions_needed(memories[i], x.shape[1]))
             for i, memory in zip(rows, add_rows(method, lm, [memories[i] for i in rows], ids), strict=True):
                 memories[i] = memory
     return memories
