@@ -899,6 +899,9 @@ def eval_command(
 
     if out.is_dir():
         raise OptionError(f"--out {out} is a folder; give the JSONL file the rows go to, e.g. {out / 'eval.jsonl'}")
+    if path is not None and path.is_file() and out.resolve() == path.resolve():
+        raise OptionError(f"--out {out} is the --path data file: the rows would be appended to your examples; "
+                          "give another file, e.g. --out results/eval.jsonl")  # fmt: skip
     if templates is not None:
         if dataset != "dialogs" or path is not None:
             raise OptionError("--templates shapes generated dialogs only (dataset dialogs, without --path)")

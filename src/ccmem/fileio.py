@@ -53,7 +53,14 @@ def jsonl_records(path: str | os.PathLike[str], what: str = "dataset file") -> I
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
                     hint = ""
-                    if line.rstrip().endswith(("{", "[", ",")):  # a line that opens or continues a pretty-printed one
+                    stripped = line.strip()
+                    if stripped.endswith(",") and stripped.startswith("{"):  # a whole object, then a list's comma
+                        try:
+                            json.loads(stripped[:-1])
+                            hint = "; drop the comma after the object: a JSON-lines file has no separators"
+                        except json.JSONDecodeError:
+                            pass
+                    if not hint and stripped.endswith(("{", "[", ",")):  # opens or continues a pretty-printed one
                         hint = "; a JSON-lines file holds one whole object per line (not pretty-printed JSON)"
                     raise DatasetFormatError(f"{where}: not valid JSON ({err.msg}){hint}") from None
                 if not isinstance(record, dict):

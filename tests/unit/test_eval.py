@@ -437,3 +437,49 @@ def test_reports_name_each_rows_options_and_write_plain_json(tmp_path):
     append_row(tmp_path / "rows.jsonl", high)
     assert json.loads((tmp_path / "rows.jsonl").read_text())["perplexity"] is None
     assert "NaN" not in (tmp_path / "rows.jsonl").read_text()
+
+
+def test_reports_name_the_memory_precision_and_options_wherever_a_method_is_named():
+    """A full row held at int8 read `full` like the float one, in the main table, the group tables and the
+    not-comparable note; the group tables dropped snapkv's ratio too."""
+    from ccmem.eval.report import group_markdown, mismatches
+
+    plain, packed, low, high = (
+        _row("full", "aaa", 4),
+        _row("full", "bbb", 4),
+        _row("snapkv", "aaa", 4),
+        _row("snapkv", "aaa", 4),
+    )
+    packed.extra["memory_dtype"] = "int8"
+    low.options, high.options = {"ratio": 0.25}, {"ratio": 0.5}
+    for r in (plain, packed, low, high):
+        r.extra["by"] = {"kind": {"pet": {"accuracy": 1.0, "n": 4}}}
+    rows = [plain, packed, low, high]
+    assert "| full (int8 memory) |" in markdown(rows) and "| full |" in markdown(rows)
+    groups = group_markdown(rows)
+    assert "| full (int8 memory) |" in groups and "| snapkv (ratio=0.25) |" in groups
+    note = " ".join(mismatches(rows))
+    assert "full (int8 memory)" in note and "snapkv (ratio=0.5)" in note
+
+
+def test_own_files_folders_of_json_lists_ids_and_a_trailing_comma(tmp_path, monkeypatch, capsys):
+    from ccmem.data.loaders import load_examples
+    from ccmem.fileio import DatasetFormatError
+    from ccmem.train.config import DataConfig
+
+    record = {"turns": [["I live in Lisbon.", "ok"]], "question": "Where do I live?", "answer": "Lisbon",
+              "options": ["Paris", "Lisbon"]}  # fmt: skip
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "test.json").write_text(json.dumps([record, record]))  # was: no test file (test with .jsonl)
+    examples = load_examples(DataConfig(dataset="dialogs", path=str(folder)), "test")
+    assert [e.id for e in examples] == ["item-1", "item-2"]  # were 'line- item 1', 'line- item 2'
+    lines = tmp_path / "commas.jsonl"
+    lines.write_text(json.dumps(record) + ",\n" + json.dumps(record) + "\n")
+    with pytest.raises(DatasetFormatError, match=r"commas.jsonl:1: .*drop the comma after the object"):
+        load_examples(DataConfig(dataset="dialogs", path=str(lines)), "test")
+    own = tmp_path / "own.jsonl"
+    own.write_text(json.dumps(record) + "\n")
+    code, text = run_cli(monkeypatch, capsys, "eval", "dialogs", "--path", str(own), "-o", str(own), "--model", "x")
+    assert code == 2 and "is the --path data file" in " ".join(text.split())
+    assert own.read_text() == json.dumps(record) + "\n"

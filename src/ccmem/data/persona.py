@@ -448,6 +448,12 @@ def _message_pairs(turns: list[Any], where: str) -> list[Any]:
     return [[turns[i]["content"], turns[i + 1]["content"]] for i in range(0, len(turns), 2)]
 
 
+def _record_name(where: str) -> str:
+    """The id of a record that has none: ``line-7`` (``file:7``) or ``item-7`` (``file: item 7``, a JSON list)."""
+    place = where.rpartition(":")[2].strip()
+    return place.replace("item ", "item-") if place.startswith("item ") else f"line-{place}"
+
+
 def read_jsonl(path: str | os.PathLike[str]) -> list[PersonaDialog]:
     """Read persona dialogs; a malformed record is reported with its file, line and field, and fields this format
     does not have (a per-record ``system`` prompt, say) are named once, as ignored."""
@@ -510,7 +516,7 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[PersonaDialog]:
             raise DatasetFormatError(f"{where}: field 'groups' must map names to strings")
         dialogs.append(
             PersonaDialog(
-                id=str(record.get("id", f"line-{where.rpartition(':')[2]}")),
+                id=str(record.get("id", _record_name(where))),
                 split=str(record.get("split", "")),
                 version=str(record.get("version", "")),
                 turns=[(u, a) for u, a in turns],

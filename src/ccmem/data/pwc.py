@@ -56,7 +56,7 @@ def _records(path: Path, split: str) -> list[tuple[str, dict[str, Any]]]:
     """Records of ``split``: the split's own file in a folder, else the lines of one file hashed into splits."""
     if path.is_dir():
         try:
-            return list(jsonl_records(split_file(path, split, (".jsonl",))))
+            return list(jsonl_records(split_file(path, split, (".jsonl", ".json"))))
         except FileNotFoundError:
             if split != "validation" or not (path / "val.jsonl").is_file():  # the Pile's name for it
                 raise

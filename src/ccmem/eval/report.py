@@ -35,9 +35,11 @@ QUALITY = ("accuracy", "contains", "rouge_l", "exact_match", "perplexity")
 
 def display_method(row: EvalRow) -> str:
     """The method as reports name it: ``full (stage 1)`` when a stage-1 LoRA was merged in, ``(mean score)``
-    when options were scored by length-normalised log-likelihood."""
+    when options were scored by length-normalised log-likelihood, ``(int8 memory)`` when the memory was held at
+    another precision (``--memory-dtype``)."""
     name = str(row.extra.get("variant") or row.method) + (" (stage 1)" if row.extra.get("stage1") else "")
-    return name + (" (mean score)" if row.extra.get("score") == "mean" else "")
+    name += " (mean score)" if row.extra.get("score") == "mean" else ""
+    return name + (f" ({row.extra['memory_dtype']} memory)" if row.extra.get("memory_dtype") else "")
 
 
 def _cell(key: str, value: object) -> str:
@@ -58,12 +60,12 @@ def markdown(rows: Sequence[EvalRow]) -> str:
     ordered = sorted(rows, key=lambda r: (r.dataset, r.label, r.memory_slots))
     lines = ["| " + " | ".join(t for _, t in keys) + " |", "|" + "---|" * len(keys)]
     for r in ordered:
-        cells = [_method_cell(r) if k == "method" else _cell(k, getattr(r, k)) for k, _ in keys]
+        cells = [method_label(r) if k == "method" else _cell(k, getattr(r, k)) for k, _ in keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _method_cell(row: EvalRow) -> str:
+def method_label(row: EvalRow) -> str:
     """The method with the options it ran with (two snapkv rows of other ratios looked the same)."""
     given = ", ".join(f"{k}={v}" for k, v in sorted(row.options.items()))
     return display_method(row) + (f" ({given})" if given else "")
@@ -106,7 +108,7 @@ def group_markdown(rows: Sequence[EvalRow]) -> str:
             for v in values:
                 got = r.extra["by"][name].get(v)
                 cells.append("-" if got is None else f"{got['accuracy']:.3f} ({got['n']})")
-            lines.append(f"| {display_method(r)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {method_label(r)} | " + " | ".join(cells) + " |")
         parts.append("\n".join(lines) + "\n")
     return "".join(parts)
 
@@ -122,7 +124,7 @@ def mismatches(rows: Sequence[EvalRow]) -> list[str]:
         if len(by_hash) < 2:
             continue
         parts = "; ".join(
-            f"{h}: {', '.join(display_method(r) for r in group)} ({', '.join(sorted({str(r.examples) for r in group}))}"
+            f"{h}: {', '.join(method_label(r) for r in group)} ({', '.join(sorted({str(r.examples) for r in group}))}"
             " examples)"
             for h, group in sorted(by_hash.items())
         )
@@ -169,7 +171,8 @@ def plot(rows: Sequence[EvalRow], path: Path, metric: str | None = None) -> Path
         raise ValueError(f"no row has {metric}; the rows have {pick_metric(rows)} (--metric {pick_metric(rows)})")
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     tables = {(r.dataset, r.label) for r in rows}
-    lines: dict[str, list[EvalRow]] = {}  # one line per method within each table (dataset and label)
+    # one line per method within each table (dataset and label); its rows at other options are points on it
+    lines: dict[str, list[EvalRow]] = {}
     for r in rows:
         name = display_method(r) + (f" [{r.dataset}{f', {r.label}' if r.label else ''}]" if len(tables) > 1 else "")
         lines.setdefault(name, []).append(r)
