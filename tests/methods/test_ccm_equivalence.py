@@ -404,6 +404,27 @@ def test_kept_values_are_whole_words_and_parallel_equals_recurrent(family, optio
     assert memory.segment_lengths() == {"sink": len(SINK), "compressed": 2 * 2 + 8 + 2, "window": window}
 
 
+def _ids(text: str) -> list[int]:
+    return [ord(c) + 3 for c in text]  # the tiny tokenizer's ids for ASCII up to "Z" (one character each)
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen2"])
+def test_kept_names_are_capitalised_words_inside_a_sentence_and_parallel_equals_recurrent(family):
+    """``keep='names'``: ``values`` and every capitalised word but a sentence's first and "I" ("Biscuit" in "My dog
+    is called Biscuit." came back as "Bibbi" from 3 <COMP> slots), in the masked forward as chunk by chunk."""
+    lm = tiny_model(family)
+    method = get_method("ccm-concat", n_tok=2, keep="names")
+    randomize_lora(method, lm)
+    chunks = [_ids("AB CD. EF I GH"), _ids("5 XY")]
+    assert_parallel_equals_recurrent(lm, method, chunks)
+    assert [method.kept_positions(lm, torch.tensor(c)).tolist() for c in chunks] == [
+        [2, 3, 4, 5, 11, 12, 13],  # " CD." and " GH": not "AB" (first), " EF" (after a full stop), " I"
+        [0, 1, 2, 3],  # "5" (a value) and " XY" (a name: no sentence ended before it)
+    ]
+    values = get_method("ccm-concat", n_tok=2, keep="values")
+    assert [values.kept_positions(lm, torch.tensor(c)).tolist() for c in chunks] == [[], [0]]
+
+
 def test_kept_tokens_change_the_memory_and_a_batch_keeps_each_rows_own():
     """Not vacuous: the tail reads other memory with ``keep`` (a digit-free chunk adds only its <COMP> slots), and
     compressing rows with digits at different places in one padded forward gives each row's memory alone."""
@@ -436,7 +457,7 @@ def test_keep_is_refused_where_it_cannot_hold():
     from ccmem.eval.harness import options_for
     from ccmem.options import OptionError
 
-    with pytest.raises(ValueError, match="keep must be one of nothing, digits, values, got 'numbers'"):
+    with pytest.raises(ValueError, match="keep must be one of nothing, digits, values, names, got 'numbers'"):
         get_method("ccm-concat", keep="numbers")
     with pytest.raises(OptionError, match="keep"):
         get_method("ccm-merge", keep="digits")

@@ -46,8 +46,17 @@ from ccmem.patching.attention import PLAN_KWARG, AttentionPlan, compression_atte
 from ccmem.registry import register
 
 #: What ``keep`` can hold raw in memory: ``digits``, the tokens whose text has a digit; ``values``, every token of a
-#: word (text between spaces) that has a digit or an ``@``: whole dates, codes, e-mail addresses, "BA2490".
-KEEP_CLASSES = {"nothing": None, "digits": re.compile(r"[0-9]"), "values": re.compile(r"[0-9@]")}
+#: word (text between spaces) that has a digit or an ``@``: whole dates, codes, e-mail addresses, "BA2490";
+#: ``names``, those of ``values`` and every token of a capitalised word inside a sentence (not its first word, not
+#: "I"): names of people, pets, places, brands ("called Biscuit", "moved to Porto").
+KEEP_CLASSES = {
+    "nothing": None,
+    "digits": re.compile(r"[0-9]"),
+    "values": re.compile(r"[0-9@]"),
+    "names": re.compile(r"[0-9@]"),
+}
+#: The text of a token that ends a sentence (the next word is capitalised whatever it is).
+SENTENCE_END = re.compile(r"[.!?:;\n\"“”]\s*$")
 
 
 def token_texts(lm: LoadedModel) -> list[str]:
@@ -533,7 +542,8 @@ class CCMConcat(CCM):
         "nothing",
         "tokens of each chunk kept raw in memory beside its <COMP> slots, for good: 'digits' (every token whose text "
         "has a digit: numbers, dates, codes come back as written; memory grows by those tokens), 'values' (every "
-        "token of a word with a digit or an @: whole codes, dates, e-mail addresses) or 'nothing'",
+        "token of a word with a digit or an @: whole codes, dates, e-mail addresses), 'names' ('values' and every "
+        "capitalised word inside a sentence: names of people, pets, places) or 'nothing'",
     )
 
     def check_options(self) -> None:
@@ -568,10 +578,27 @@ class CCMConcat(CCM):
         matches, starts = self.keep_vocab()
         ids = ids.clamp(0, len(matches) - 1)
         hit = matches[ids]
-        if self.keep == "values":  # every token of a word that has a match: a word starts at a token led by a space
+        if self.keep == "names":
+            hit = hit | self._name_starts(ids.tolist(), starts)
+        if self.keep in ("values", "names"):  # every token of a word with a match: a word starts at a spaced token
             word = torch.cumsum(starts[ids].long(), 0)
             hit = torch.isin(word, word[hit])
         return torch.nonzero(hit, as_tuple=True)[0]
+
+    def _name_starts(self, ids: list[int], starts: torch.Tensor) -> torch.Tensor:
+        """Where a capitalised word starts that is not a sentence's first (nor "I"): a token whose text begins with
+        a capital, led by a space or after a whitespace token, with no sentence end (``.!?:;``, a line break, a
+        quote, a special token) since the word before it."""
+        capital, blank, ends = self._name_vocab
+        out = torch.zeros(len(ids), dtype=torch.bool)
+        first, after_space = True, True  # a chunk starts a sentence
+        for p, token in enumerate(ids):
+            if blank[token]:  # whitespace: a line break starts a sentence, a space a word
+                first, after_space = first or ends[token], True
+                continue
+            out[p] = capital[token] and not first and (after_space or bool(starts[token]))
+            first, after_space = ends[token], False
+        return out
 
     def _kept_in(self, chunk: list[int]) -> torch.Tensor:
         return self._kept(torch.tensor(chunk, dtype=torch.long))
@@ -590,6 +617,14 @@ class CCMConcat(CCM):
         texts = token_texts(lm)
         matches = torch.tensor([bool(pattern.search(t)) for t in texts], dtype=torch.bool)
         starts = torch.tensor([not t or t[0].isspace() for t in texts], dtype=torch.bool)
+        # names: tokens whose text begins with a capital ("I" and "I'm" are no names), whitespace-only tokens, and
+        # tokens after which a sentence starts (its end, a line break, a quote; special tokens, whose text is "")
+        words = [t.strip() for t in texts]
+        self._name_vocab = (
+            [w[:1].isupper() and w != "I" and not w.startswith(("I'", "I’")) for w in words],
+            [bool(t) and not w for t, w in zip(texts, words, strict=True)],
+            [not t or bool(SENTENCE_END.search(t)) for t in texts],
+        )
         self._keep_vocab = (lm.tokenizer, (matches, starts), self.keep)
         return matches, starts
 
