@@ -28,9 +28,15 @@ class UnknownDatasetError(ValueError):
     """A dataset name with no loader."""
 
 
+def _dialog_records(cfg: DataConfig, split: str) -> list[persona.PersonaDialog]:
+    """The records of ``split`` at ``data.path`` in the dialog format persona, dialogs and passages share: the file,
+    or the split's ``.jsonl`` / ``.json`` file in a folder."""
+    return persona.read_jsonl(formats.split_file(_path(cfg, split), split, (".jsonl", ".json")))
+
+
 def _persona(cfg: DataConfig, split: str) -> list[MemoryExample]:
     if cfg.path:  # a .jsonl file (eval_path for the held-out splits) or a folder written by `ccmem data persona`
-        dialogs = persona.read_jsonl(formats.split_file(_path(cfg, split), split, (".jsonl", ".json")))
+        dialogs = _dialog_records(cfg, split)
     else:
         n = cfg.n_train if split == "train" else cfg.n_eval
         facts, chatter = min(cfg.k, len(persona.FACTS)), min(cfg.small_talk, len(persona.SMALL_TALK))
@@ -64,7 +70,7 @@ def persona_example(d: persona.PersonaDialog, task: str = "persona") -> MemoryEx
 
 def _dialogs(cfg: DataConfig, split: str) -> list[MemoryExample]:
     if cfg.path:  # a .jsonl file of dialogs (persona's record format)
-        found = persona.read_jsonl(formats.split_file(_path(cfg, split), split, (".jsonl", ".json")))
+        found = _dialog_records(cfg, split)
     else:
         n = cfg.n_train if split == "train" else cfg.n_eval
         try:
@@ -77,7 +83,7 @@ def _dialogs(cfg: DataConfig, split: str) -> list[MemoryExample]:
 
 def _passages(cfg: DataConfig, split: str) -> list[MemoryExample]:
     if cfg.path:  # a .jsonl file of passages as turns with a question (persona's record format, `ccmem data`)
-        made = persona.read_jsonl(formats.split_file(_path(cfg, split), split, (".jsonl", ".json")))
+        made = _dialog_records(cfg, split)
     else:
         n = cfg.n_train if split == "train" else cfg.n_eval
         made = passages.generate(n, split, seed=cfg.seed, k=min(cfg.k, 8), source=cfg.source)

@@ -439,6 +439,10 @@ class Method(ABC):
         training. Default: assumed (methods that language-model the whole text train on any sample)."""
         return True
 
+    def no_targets_hint(self) -> str:
+        """What to change when no sample :meth:`has_targets` (said with the trainer's refusal); "" if nothing."""
+        return ""
+
     def sample_length(self, sample: Sample) -> int:
         """Tokens the sample takes once laid out for training (``data.max_length`` is checked against it)."""
         return len(sample.sink) + sum(len(c) for c in sample.chunks) + len(sample.tail)

@@ -617,14 +617,15 @@ class CCMConcat(CCM):
         texts = token_texts(lm)
         matches = torch.tensor([bool(pattern.search(t)) for t in texts], dtype=torch.bool)
         starts = torch.tensor([not t or t[0].isspace() for t in texts], dtype=torch.bool)
-        # names: tokens whose text begins with a capital ("I" and "I'm" are no names), whitespace-only tokens, and
-        # tokens after which a sentence starts (its end, a line break, a quote; special tokens, whose text is "")
-        words = [t.strip() for t in texts]
-        self._name_vocab = (
-            [w[:1].isupper() and w != "I" and not w.startswith(("I'", "I’")) for w in words],
-            [bool(t) and not w for t, w in zip(texts, words, strict=True)],
-            [not t or bool(SENTENCE_END.search(t)) for t in texts],
-        )
+        if self.keep == "names":
+            # tokens whose text begins with a capital ("I" and "I'm" are no names), whitespace-only tokens, and
+            # tokens after which a sentence starts (its end, a line break, a quote; special tokens, whose text is "")
+            words = [t.strip() for t in texts]
+            self._name_vocab = (
+                [w[:1].isupper() and w != "I" and not w.startswith(("I'", "I’")) for w in words],
+                [bool(t) and not w for t, w in zip(texts, words, strict=True)],
+                [not t or bool(SENTENCE_END.search(t)) for t in texts],
+            )
         self._keep_vocab = (lm.tokenizer, (matches, starts), self.keep)
         return matches, starts
 

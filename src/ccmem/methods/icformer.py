@@ -273,6 +273,14 @@ class ICFormerMethod(Method):
             return any(sample.chunks) or bool(sample.tail)
         return sample.answer_start < len(sample.tail)  # finetune: the answer after the prompt
 
+    def no_targets_hint(self) -> str:
+        if self.objective != "finetune":
+            return ""
+        return (
+            "icformer's finetune objective trains on answers: PwC records; plain text such as the Pile needs "
+            "method.objective=pretrain, the icformer-pretrain preset"
+        )
+
     def sample_length(self, sample: Sample) -> int:
         context, rows = self._targets(sample)
         return len(sample.sink) + self.n_digests(len(context)) + 1 + max(len(tail) for _, tail, _ in rows)

@@ -46,17 +46,22 @@ class StreamingLLM(KVEviction):
             return max(size, self.max_slots)
         return float("inf") if self.ratio >= 1 else size
 
+    def _evicted(self, state: DecodeState, size: int) -> int | None:
+        """Which of the ``size`` entries (in the order written) this step evicts: the oldest after the sinks, once
+        the cache is past the size it had after the query (remembered in ``state.extra``); None if none goes."""
+        first = max(state.memory.sink, min(self.n_sink, size))  # entries before this are sinks
+        limit = state.extra.setdefault("limit", self._decode_limit(size))
+        return first if size > limit and first < size else None
+
     def decode_step(self, lm: LoadedModel, state: DecodeState) -> None:
         """Hold the cache at its size after the query: each generated token evicts the oldest non-sink entry."""
         layers = state.cache.layers
-        size = int(layers[0].keys.shape[-2])
-        limit = state.extra.setdefault("limit", self._decode_limit(size))
-        if size <= limit:
+        gone = self._evicted(state, int(layers[0].keys.shape[-2]))
+        if gone is None:
             return
-        first = max(state.memory.sink, min(self.n_sink, size))  # entries before this are sinks
         for layer in layers:
-            layer.keys = torch.cat([layer.keys[:, :, :first], layer.keys[:, :, first + 1 :]], dim=2)
-            layer.values = torch.cat([layer.values[:, :, :first], layer.values[:, :, first + 1 :]], dim=2)
+            layer.keys = torch.cat([layer.keys[:, :, :gone], layer.keys[:, :, gone + 1 :]], dim=2)
+            layer.values = torch.cat([layer.values[:, :, :gone], layer.values[:, :, gone + 1 :]], dim=2)
 
     def decode_logits_batch(self, lm: LoadedModel, batch: DecodeRows) -> torch.Tensor:
         """:meth:`decode_step` for every row of a padded batch: the entry a row alone would evict is masked out
@@ -64,8 +69,7 @@ class StreamingLLM(KVEviction):
         attends to exactly what it attends to alone."""
         for i, row in enumerate(batch.rows):
             real = batch.attention_mask[i].nonzero().flatten()  # the row's entries, in the order written
-            size = int(real.numel())
-            first = max(row.memory.sink, min(self.n_sink, size))  # entries before this are sinks
-            if size > row.extra.setdefault("limit", self._decode_limit(size)) and first < size:
-                batch.attention_mask[i, real[first]] = 0
+            gone = self._evicted(row, int(real.numel()))
+            if gone is not None:
+                batch.attention_mask[i, real[gone]] = 0
         return super().decode_logits_batch(lm, batch)

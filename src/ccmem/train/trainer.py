@@ -243,13 +243,10 @@ def samples_for(lm: LoadedModel, config: TrainConfig, method: Method, split: str
         )
     samples = [method.fit_sample(to_sample(lm.tokenizer, e, system=config.data.system)) for e in examples]
     if not any(method.has_targets(s) for s in samples):  # caught here, not as an empty batch at step 0
-        hint = ""
-        if getattr(method, "objective", None) == "finetune":
-            hint = " (icformer's finetune objective trains on answers: PwC records; plain text such as the Pile "
-            hint += "needs method.objective=pretrain, the icformer-pretrain preset)"
+        hint = method.no_targets_hint()
         raise ConfigError(
             f"no {split} sample of {config.data.dataset} has a token to train on for {method.name}: its records "
-            f"have no answer{hint}"
+            f"have no answer{f' ({hint})' if hint else ''}"
         )
     lengths = []
     for example, sample in zip(examples, samples, strict=True):
