@@ -179,7 +179,7 @@ def test_group_by_length_batches_similar_dialogs_and_keeps_older_hashes(tmp_path
     padding = {}
     for grouped in (False, True):
         config = _config(tmp_path / str(grouped), *varied, f"train.group_by_length={grouped}")
-        train(config, lm=tiny_model())
+        train(config, lm=tiny_model(positions=1024))  # every dialog fits: none is skipped for its length
         padding[grouped] = json.loads((config.run_dir / "summary.json").read_text())["padding_fraction"]
     assert padding[True] < padding[False], padding
     # A config at the default hashes as it did before the field existed, so shipped runs still match presets.
@@ -252,6 +252,16 @@ def test_a_run_that_fails_before_training_does_not_block_its_run_id(tmp_path):
         train(config, lm=tiny_model())
     assert not (config.run_dir / "config.yaml").exists()
     assert train(_config(tmp_path, "train.max_steps=1", "train.eval_steps=1", "train.save_steps=1"), lm=tiny_model())
+
+
+def test_samples_past_the_models_positions_are_skipped_as_over_long_ones_are(tmp_path, caplog):
+    # data.max_length (1024) is above this model's 130 positions: the samples between them were trained on with
+    # positions the model never had (an IndexError for learned positions, silent for RoPE).
+    with caplog.at_level("WARNING", logger="ccmem.train.trainer"):
+        train(_config(tmp_path, "train.max_steps=1", "train.eval_steps=1"), lm=tiny_model(positions=130))
+    assert "skipped 4 samples longer than the model's 130 positions" in caplog.text
+    with pytest.raises(ConfigError, match=r"no train sample fits the model's 64 positions \(the shortest takes"):
+        train(_config(tmp_path / "short"), lm=tiny_model(positions=64))
 
 
 def test_stage1_lora_then_stage2_on_top_and_load_path_for_another_model_is_refused(tmp_path):

@@ -254,13 +254,14 @@ def samples_for(lm: LoadedModel, config: TrainConfig, method: Method, split: str
             lengths.append(method.sample_length(sample))
         except ContextTooLongError as err:  # a method's own limit (icformer's max_seq_len): name the record
             raise ConfigError(f"{split} example {example.id}: {err}") from None
-    kept = [s for s, n in zip(samples, lengths, strict=True) if n <= config.data.max_length]
+    limit, why = config.data.max_length, f"data.max_length={config.data.max_length}"
+    if lm.max_positions is not None and lm.max_positions < limit:  # past them RoPE runs silently off its range
+        limit, why = lm.max_positions, f"the model's {lm.max_positions} positions"
+    kept = [s for s, n in zip(samples, lengths, strict=True) if n <= limit]
     if len(kept) < len(samples):
-        logger.warning(
-            "%s: skipped %d samples longer than %d tokens", split, len(samples) - len(kept), config.data.max_length
-        )
+        logger.warning("%s: skipped %d samples longer than %s", split, len(samples) - len(kept), why)
     if not kept:
-        raise ConfigError(f"no {split} sample fits data.max_length={config.data.max_length}")
+        raise ConfigError(f"no {split} sample fits {why} (the shortest takes {min(lengths)} tokens once laid out)")
     return kept
 
 
