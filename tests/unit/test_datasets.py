@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -304,3 +305,29 @@ def test_passages_read_a_given_file_and_mixture_refuses_one(tmp_path, caplog):
     path.write_text("\n".join([lines[0], lines[0], lines[1]]) + "\n")  # one record twice
     persona.read_jsonl(path)
     assert "1 ids occur more than once" in caplog.text
+
+
+def test_eval_path_holds_the_validation_examples_of_generated_and_text_datasets(tmp_path, caplog):
+    """data.eval_path was read only by the loaders of download formats: generated persona dialogs, text and
+    text-stream validated on their own split whatever file it named, and a missing file was "no validation
+    file in FILE"."""
+    from ccmem.data import persona
+
+    made = list(persona.generate(3, "test", seed=7))
+    held = persona.write_jsonl(tmp_path / "held.jsonl", made)
+    cfg = DataConfig(dataset="persona", eval_path=str(held), n_train=4, n_eval=10)
+    assert [e.answer for e in load_examples(cfg, "validation")] == [d.answer for d in made]
+    assert len(load_examples(cfg, "train")) == 4  # training stays generated
+    line = "The harbour master counted the boats at dawn and wrote their names in the ledger.\n"
+    (tmp_path / "held.txt").write_text(line.replace("boats", "held-out boats") * 120)
+    (tmp_path / "train.txt").write_text(line * 120)
+    for dataset in ("text", "text-stream"):
+        cfg = DataConfig(dataset=dataset, path=str(tmp_path / "train.txt"), eval_path=str(tmp_path / "held.txt"))
+        caplog.clear()
+        found = load_examples(dataclasses.replace(cfg, n_eval=2), "validation")
+        assert found and all("held-out" in "".join(map(str, e.context)) + e.answer for e in found)
+        assert "splits share documents" not in caplog.text  # a held-out file is not split again
+    with pytest.raises(FileNotFoundError, match=r"data.eval_path .*nope.jsonl does not exist"):
+        load_examples(DataConfig(dataset="persona", eval_path=str(tmp_path / "nope.jsonl")), "validation")
+    with pytest.raises(ValueError, match=r"drop data\.eval_path"):
+        load_examples(DataConfig(dataset="mixture", mixture={"dialogs": 1.0}, eval_path=str(held)), "validation")

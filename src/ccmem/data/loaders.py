@@ -179,6 +179,12 @@ def _mixture(cfg: DataConfig, split: str) -> list[MemoryExample]:
     return mixed
 
 
+def _held(cfg: DataConfig) -> bool:
+    """Whether ``data.path`` is a held-out file of a held-out split (``data.eval_path``, :func:`load_examples`):
+    every document in it belongs to the split."""
+    return cfg.eval_path is not None and cfg.path == cfg.eval_path
+
+
 def _path(cfg: DataConfig, split: str) -> Path:
     if not cfg.path:
         raise ValueError(f"dataset {cfg.dataset!r} is read from files: set data.path to the downloaded folder")
@@ -234,6 +240,9 @@ def _gsm8k(cfg: DataConfig, split: str) -> list[MemoryExample]:
     return gsm8k.examples(train if split == "train" else validation[: cfg.n_eval])
 
 
+#: Loaders that read ``data.eval_path`` themselves (GSM8K's validation and test come whole from it).
+READS_EVAL_PATH = ("gsm8k",)
+
 LOADERS: dict[str, Loader] = {
     "persona": _persona,
     "icl": _icl,
@@ -249,11 +258,11 @@ LOADERS: dict[str, Loader] = {
     "pwc": _pwc,
     "pile": lambda cfg, split: pwc.pile(_path(cfg, split), split),
     "text": lambda cfg, split: text.examples(
-        cfg.n_train if split == "train" else cfg.n_eval, split, seed=cfg.seed, path=cfg.path
+        cfg.n_train if split == "train" else cfg.n_eval, split, seed=cfg.seed, path=cfg.path, held_out=_held(cfg)
     ),
     # Text read block by block as `ccmem stream` reads it, every block trained on (streaming compression).
     "text-stream": lambda cfg, split: text.stream_examples(
-        cfg.n_train if split == "train" else cfg.n_eval, split, seed=cfg.seed, path=cfg.path
+        cfg.n_train if split == "train" else cfg.n_eval, split, seed=cfg.seed, path=cfg.path, held_out=_held(cfg)
     ),
     "gsm8k": _gsm8k,
     # WikiText-2 raw (a download at data.path) or its packaged stand-in, as passages for causal-LM finetuning.
@@ -356,8 +365,16 @@ def load_examples(cfg: DataConfig, split: str = "train") -> list[MemoryExample]:
             "dataset 'mixture' draws from its families' generators and reads no data.path; read a file with its "
             "own dataset (e.g. dialogs, persona, pwc, text)"
         )
+    if cfg.eval_path and not Path(cfg.eval_path).exists():
+        raise FileNotFoundError(f"data.eval_path {cfg.eval_path} does not exist")
+    if cfg.eval_path and cfg.dataset == "mixture":
+        raise ValueError("dataset 'mixture' draws its validation examples from its generators: drop data.eval_path")
     check_source(cfg)
     check_train_ratio(cfg)
+    if cfg.eval_path and split != "train" and cfg.dataset not in READS_EVAL_PATH:
+        # The held-out splits are read from eval_path in the dataset's format, whether training data is a file
+        # or generated; documents there are not split again.
+        cfg = dataclasses.replace(cfg, path=cfg.eval_path, source=news.SOURCES[0], templates=None)
     examples = loader(cfg, split)
     limit = cfg.n_train if split == "train" else cfg.n_eval
     return (

@@ -106,11 +106,12 @@ def _segments(text: str, size: int) -> list[str]:
     return pieces
 
 
-def split_documents(path: str | Path | None, split: str, *, min_chars: int) -> dict[Path, str]:
+def split_documents(path: str | Path | None, split: str, *, min_chars: int, held_out: bool = False) -> dict[Path, str]:
     """The documents of ``split`` (assigned by a hash of their file name; a user's own files when none falls in
-    it) longer than ``min_chars``, with their text; a clear error when there is none."""
+    it; every file at ``path`` when it is ``held_out``, a validation file named as such) longer than
+    ``min_chars``, with their text; a clear error when there is none."""
     files = text_files(path)
-    chosen = [f for f in files if split_of(f.name) == split]
+    chosen = files if held_out else [f for f in files if split_of(f.name) == split]
     if not chosen and path is not None and files:
         chosen = files
         logger.warning(
@@ -139,13 +140,14 @@ def examples(
     *,
     seed: int = 0,
     path: str | Path | None = None,
+    held_out: bool = False,
     context_chars: int = 2000,
     answer_chars: int = 400,
     segment_chars: int = 500,
 ) -> list[MemoryExample]:
     """``n`` passages of ``split``: context segments, a bridge line, and the continuation to score."""
     window = context_chars + answer_chars + 200
-    texts = split_documents(path, split, min_chars=window * 2)
+    texts = split_documents(path, split, min_chars=window * 2, held_out=held_out)
     usable = list(texts)
     rng = random.Random(f"{GENERATOR_VERSION}-{split}-{seed}")
     out = []
@@ -205,6 +207,7 @@ def stream_examples(
     *,
     seed: int = 0,
     path: str | Path | None = None,
+    held_out: bool = False,
     chars: int = 1600,
     block_chars: int = 100,
 ) -> list[MemoryExample]:
@@ -213,7 +216,7 @@ def stream_examples(
     turn, and *every* block trained on, as language modelling given the compressed memory of the blocks before it
     (the first has none; ``task="stream"``: :func:`ccmem.data.records.to_sample` labels the chunks). Documents
     are split by :func:`split_documents`, so no document is in two splits."""
-    texts = split_documents(path, split, min_chars=chars * 2)
+    texts = split_documents(path, split, min_chars=chars * 2, held_out=held_out)
     usable = list(texts)
     rng = random.Random(f"{STREAM_VERSION}-{split}-{seed}")
     out = []
