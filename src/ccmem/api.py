@@ -31,6 +31,8 @@ from ccmem.stage1 import merge_stage1
 
 logger = logging.getLogger(__name__)
 
+Progress = Callable[[int, int], None]  # (tokens compressed so far, tokens to compress)
+
 SCORE_REDUCTIONS = ("sum", "mean")  # how an option's token log-probabilities become one score
 
 
@@ -138,12 +140,15 @@ class CompressedLM:
             self.history = system
 
     @_one_at_a_time
-    def add(self, context: str | Message | Sequence[Message]) -> Memory:
-        """Compress new context: chat messages (formatted with the chat template) or plain text."""
+    def add(self, context: str | Message | Sequence[Message], *, progress: Progress | None = None) -> Memory:
+        """Compress new context: chat messages (formatted with the chat template) or plain text.
+
+        ``progress(done, total)``, if given, is called with the tokens compressed so far after each part of a
+        long context (a chunked method's chunks: :meth:`Method.parts`)."""
         if isinstance(context, str):
             if not context.strip():
                 raise ValueError("nothing to add: the text is empty")
-            return self.add_ids(self._ids(context))
+            return self.add_ids(self._ids(context), progress=progress)
         if not isinstance(context, dict | list | tuple):
             raise ValueError(
                 f"add() takes text (a str) or chat messages ({{'role': ..., 'content': ...}} dicts), "
@@ -152,17 +157,17 @@ class CompressedLM:
         messages = check_messages(context)  # type: ignore[arg-type]
         if not messages:
             raise ValueError("nothing to add: the message list is empty")
-        memory = self.add_ids(self._ids(self.format.delta(self.history, messages)))
+        memory = self.add_ids(self._ids(self.format.delta(self.history, messages)), progress=progress)
         self.history = self.history + messages  # only once the turns are really in memory
         return memory
 
     @_one_at_a_time
-    def add_ids(self, ids: torch.Tensor | Sequence[int]) -> Memory:
-        """Compress context given as token ids (the method decides how to cut it)."""
+    def add_ids(self, ids: torch.Tensor | Sequence[int], *, progress: Progress | None = None) -> Memory:
+        """Compress context given as token ids (the method decides how to cut it); ``progress`` as for :meth:`add`."""
         ids = self._check_ids(ids, "context")
         if ids.numel() == 0:
             raise ValueError("nothing to add: no tokens")
-        self._fold(ids)
+        self._fold(ids, progress)
         return self.memory
 
     def _check_ids(self, ids: torch.Tensor | Sequence[int], what: str) -> torch.Tensor:
@@ -184,11 +189,18 @@ class CompressedLM:
             )
         return tensor
 
-    def _fold(self, ids: torch.Tensor) -> None:
-        """Compress ``ids`` into memory; the memory changes only if the whole add succeeds."""
-        memory = make_room(self.lm, self.memory, self.method.positions_needed(self.memory, ids.shape[1]))
+    def _fold(self, ids: torch.Tensor, progress: Progress | None = None) -> None:
+        """Compress ``ids`` into memory, part by part (:meth:`Method.parts`: a chunked method's chunks), re-based
+        between parts where needed; the memory changes only if the whole add succeeds."""
+        memory, done = self.memory, 0
         with torch.no_grad(), self.method.attached(self.lm):
-            self.memory = self.method.add(self.lm, memory, ids)
+            for part in self.method.parts(ids):
+                memory = make_room(self.lm, memory, self.method.positions_needed(memory, part.shape[1]))
+                memory = self.method.add(self.lm, memory, part)
+                done += part.shape[1]
+                if progress is not None:
+                    progress(done, ids.shape[1])
+        self.memory = memory
 
     def remember(self, user: str, assistant: str) -> Memory:
         """Fold a finished exchange into memory (what a chat does after each answer)."""

@@ -521,14 +521,25 @@ def compress(
     if chunk_tokens is not None:
         options["max_chunk_tokens"] = chunk_tokens
     storage = _memory_dtype(memory_dtype)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     session = _session(model, method, adapter, options, system or None, stage1, attn)
-    with console.status(f"compressing {text_file}..."):
-        session.add(text)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    read = 0
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task(f"compressing {text_file.name} (tokens)", total=None)
+
+        def progress(done: int, total: int) -> None:
+            nonlocal read
+            read = done
+            bar.update(task, completed=done, total=total)
+
+        session.add(text, progress=progress)
     path = session.save_memory(out, dtype=storage)
     mem = session.memory
     held = mem.compact(storage).nbytes if storage else mem.nbytes
     console.print(
-        f"wrote {path}: {mem.num_slots} slots, {held / 1024:.0f} KiB, {mem.next_position} positions read"
+        f"wrote {path}: {read} tokens in {mem.num_slots} slots, {held / 1024:.0f} KiB"
         + (f" (stored as {storage})" if storage else "")
     )
 
@@ -1310,7 +1321,7 @@ def stream(
         label=label,
     )
     settings.check()
-    check_out_dir(out_dir, ["rows.jsonl", "report.md"], overwrite)
+    check_out_dir(out_dir, ["rows.jsonl", "report.md", "stream.png"], overwrite)
     with console.status(f"loading {model}..."):
         lm = load_model(model, attn_implementation=attn)
     _check_methods(lm, settings.methods, settings.options)

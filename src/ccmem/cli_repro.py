@@ -91,7 +91,10 @@ def _adapters(specs: list[str] | None) -> dict[str, str]:
 
 
 def check_out_dir(out_dir: Path, names: list[str], overwrite: bool) -> None:
-    """Refuse, before any work, to replace a table already in ``out_dir`` unless ``--overwrite`` says so."""
+    """Refuse, before any work, an ``out_dir`` that is a file, or to replace a table already in it unless
+    ``--overwrite`` says so."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise typer.BadParameter(f"-o {out_dir} is a file, not a folder; give a folder for the results")
     there = [name for name in names if (out_dir / name).exists()]
     if there and not overwrite:
         raise typer.BadParameter(
@@ -361,7 +364,7 @@ def gsm8k_table(
         resolve_adapter(settings.adapter)  # before the model loads
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
-    check_out_dir(out_dir, ["rows.jsonl", "report.md"], overwrite)
+    check_out_dir(out_dir, ["rows.jsonl", "report.md", "accuracy-vs-kv.png"], overwrite)
     lm = load_model(model, attn_implementation=attn)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=True) as bar:

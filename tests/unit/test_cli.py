@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -98,7 +99,7 @@ def test_compress_then_ask_from_the_memory_file(monkeypatch, capsys, tiny_model_
         monkeypatch, capsys, "compress", str(text), "--out", str(memory), "--chunk-tokens", "5", *common
     )
     assert code == 0, out
-    assert "6 slots" in out  # 12 tokens -> 3 chunks of at most 5 -> 3 x 2 <COMP> slots
+    assert "12 tokens in 6 slots" in out  # 12 tokens -> 3 chunks of at most 5 -> 3 x 2 <COMP> slots
     assert "untrained" in " ".join(out.split())
     code, out = run_cli(monkeypatch, capsys, "ask", str(memory), "w3 w4", "--max-new-tokens", "3", *common)
     assert code == 0, out
@@ -570,3 +571,32 @@ def test_ctrl_c_in_train_says_how_to_resume(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(trainer, "train", interrupted)
     code, out = run_cli(monkeypatch, capsys, "train", "persona-ccm-concat", f"output_dir={tmp_path}")
     assert code == 130 and "rerun the same command to resume run 'persona-ccm-concat'" in " ".join(out.split())
+
+
+SHIPPED_GSM8K = Path(__file__).resolve().parents[2] / "results" / "gsm8k"
+GSM8K_PAIR = [
+    "--stage1",
+    str(SHIPPED_GSM8K / "gsm8k-full.safetensors"),
+    "--adapter",
+    str(SHIPPED_GSM8K / "ccm-reason.safetensors"),
+]
+
+
+@pytest.mark.parametrize("command", [["stream"], ["repro", "gsm8k", *GSM8K_PAIR]])
+def test_an_output_folder_that_is_a_file_or_holds_a_plot_is_refused_before_the_model_loads(
+    monkeypatch, capsys, tmp_path, command
+):
+    # `ccmem stream -o FILE` ran the whole stream, then failed with "[Errno 17] File exists"; a plot from an
+    # earlier run was replaced without --overwrite.
+    def flat(out: str) -> str:
+        return " ".join(out.replace("│", " ").split())
+
+    taken = tmp_path / "taken"
+    taken.write_text("results of another run")
+    code, out = run_cli(monkeypatch, capsys, *command, "-o", str(taken), "--model", "no/such-model")
+    assert code == 2 and "is a file, not a folder" in flat(out), out
+    plot = "stream.png" if command == ["stream"] else "accuracy-vs-kv.png"
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / plot).write_bytes(b"png")
+    code, out = run_cli(monkeypatch, capsys, *command, "-o", str(tmp_path / "old"), "--model", "no/such-model")
+    assert code == 2 and "pass --overwrite" in flat(out), out

@@ -111,3 +111,33 @@ def test_make_room_leaves_a_memory_that_fits_as_it_is_and_refuses_models_it_cann
     monkeypatch.setattr(rope, "layer_frequencies", no_rope)
     with pytest.raises(ContextTooLongError, match=r"cannot be re-based .*no rotary embedding"):
         make_room(lm, session.memory, 40)
+
+
+@pytest.mark.parametrize("method", ["ccm-concat", "ccm-merge"])
+def test_one_add_of_a_text_longer_than_the_models_positions_is_compressed_chunk_by_chunk(method):
+    # `ccmem compress` adds a whole book at once: a chunked method re-bases between its chunks, as a chat does
+    # between turns, instead of refusing the text for the positions it would need at once.
+    lm = tiny_model(positions=64)
+    session = CompressedLM(lm, get_method(method, n_tok=2, max_chunk_tokens=16), system_prompt=None)
+    randomize_lora(session.method, lm)
+    ids = torch.randint(3, VOCAB, (1, 300), generator=torch.Generator().manual_seed(1))
+    calls: list[tuple[int, int]] = []
+    session.add_ids(ids, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(min(300, 16 * i), 300) for i in range(1, 20)]  # one call per chunk: a progress bar's ticks
+    session.memory.check(lm.kv_shape)
+    assert session.memory.next_position <= 64
+    # Re-basing moves slots but changes no key's content relative to the others: the same memory as the parts
+    # added one at a time, each re-based where needed.
+    stepwise = CompressedLM(lm, session.method, system_prompt=None)
+    for part in session.method.parts(ids):
+        stepwise.add_ids(part)
+    for (k1, v1), (k2, v2) in zip(session.memory.layers, stepwise.memory.layers, strict=True):
+        torch.testing.assert_close(k1, k2)
+        torch.testing.assert_close(v1, v2)
+
+
+def test_a_method_that_reads_its_context_at_once_still_refuses_a_text_past_the_positions():
+    lm = tiny_model(positions=64)
+    session = CompressedLM(lm, get_method("full"), system_prompt=None)
+    with pytest.raises(ContextTooLongError, match="add the text in parts"):
+        session.add_ids(torch.randint(3, VOCAB, (1, 100), generator=torch.Generator().manual_seed(1)))

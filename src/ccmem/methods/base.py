@@ -373,6 +373,13 @@ class Method(ABC):
         limit before any work is done)."""
         return n_tokens if self.uses_positions else 0
 
+    def parts(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """``ids`` (shape ``[1, n]``) cut where adding the pieces one after another gives the memory that adding
+        them at once gives (a chunked method's chunks); between pieces the memory may be re-based
+        (:func:`ccmem.api.make_room`), so a text longer than the model's positions can be added in one call.
+        By default one piece: the method reads the whole context at once."""
+        return [ids]
+
     def add_sink(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
         """Keep ``ids`` (a system prompt, BOS) uncompressed at the front of the memory."""
         if memory.num_slots != memory.sink:

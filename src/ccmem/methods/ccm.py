@@ -402,6 +402,9 @@ class CCM(CompTokens):
     def positions_needed(self, memory: Memory, n_tokens: int) -> int:
         return n_tokens + -(-n_tokens // self.max_chunk_tokens) * self.n_tok
 
+    def parts(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        return self._chunks(ids)  # each chunk is a compression step of its own
+
     def add(self, lm: LoadedModel, memory: Memory, ids: torch.Tensor) -> Memory:
         for chunk in self._chunks(ids):
             memory = self.add_chunk(lm, memory, chunk)
