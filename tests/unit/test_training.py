@@ -468,6 +468,29 @@ def test_stream_preset_trains_every_block_on_text_read_as_a_stream(tmp_path):
     assert result.steps == 2 and read_adapter(result.output).train_dataset == "text-stream"
 
 
+def test_a_run_is_not_resumed_on_data_that_changed_since_it_started(tmp_path):
+    import shutil
+
+    from ccmem.data import persona
+
+    data = tmp_path / "data"
+    data.mkdir()
+    persona.write_jsonl(data / "train.jsonl", list(persona.generate(8, "train", seed=3)))
+    persona.write_jsonl(data / "validation.jsonl", list(persona.generate(4, "validation", seed=3)))
+    original = (data / "train.jsonl").read_bytes()
+    config = _config(tmp_path, "train.patience=0", f"data.path={data}")
+    train(config, lm=tiny_model())
+    run = config.run_dir
+    shutil.rmtree(run / "checkpoint-4")  # as if the session had ended after step 2
+    (run / "adapter.safetensors").unlink()
+    (run / "summary.json").unlink()
+    persona.write_jsonl(data / "train.jsonl", list(persona.generate(8, "train", seed=4)))  # the file was replaced
+    with pytest.raises(ConfigError, match=r"was started on other data \(data.path .*\): the samples it reads changed"):
+        train(config, lm=tiny_model())
+    (data / "train.jsonl").write_bytes(original)
+    assert train(config, lm=tiny_model()).resumed_from.endswith("checkpoint-2")
+
+
 def test_a_checkpoint_of_a_stopped_run_exports_as_an_adapter(tmp_path, monkeypatch, capsys):
     """A run stopped before max_steps (the session ended) is usable: checkpoint-N becomes an adapter that holds
     that checkpoint's tensors, loads like a finished run's, and says which step of which schedule it is."""

@@ -17,6 +17,7 @@ hold only the trainable tensors, so they stay a few MB.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -377,6 +378,43 @@ def _write_config(config: TrainConfig) -> None:
         tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
+DATA_RECORD = "data.json"  # what a run trains and validates on, to refuse resuming it on other data
+
+
+def data_digest(train: list[Sample], validation: list[Sample]) -> dict[str, Any]:
+    """A digest of the samples a run reads (their token ids, cuts and labels), with their counts."""
+    blob = json.dumps([[dataclasses.astuple(s) for s in split] for split in (train, validation)], sort_keys=True)
+    return {
+        "digest": hashlib.sha256(blob.encode()).hexdigest()[:16],
+        "train_samples": len(train),
+        "validation_samples": len(validation),
+    }
+
+
+def check_same_data(config: TrainConfig, record: dict[str, Any]) -> None:
+    """Refuse to resume a run whose data changed since it started (an edited or replaced ``data.path`` file, a
+    new generator version): its checkpoint was trained on the old samples and its step count indexes into them.
+    Runs from before the record existed are resumed as they are."""
+    path = config.run_dir / DATA_RECORD
+    if not path.is_file():
+        return
+    try:
+        before = json.loads(path.read_text())
+    except ValueError:
+        return
+    if before.get("digest") == record["digest"]:
+        return
+    counts = ", ".join(
+        f"{split} samples {before.get(f'{split}_samples', '?')} -> {record[f'{split}_samples']}"
+        for split in ("train", "validation")
+    )
+    where = f" (data.path {config.data.path})" if config.data.path else ""
+    raise ConfigError(
+        f"run {config.run_id!r} was started on other data{where}: the samples it reads changed since ({counts}); "
+        "resuming would go on with a checkpoint of the old data. Train under a new run_id, or restore the data"
+    )
+
+
 def _precision(name: str) -> str:
     if name == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
@@ -460,6 +498,9 @@ def _train(config: TrainConfig, lm: LoadedModel | None) -> TrainResult:
     train_set = SampleDataset(samples_for(lm, config, method, "train"))
     eval_set = SampleDataset(samples_for(lm, config, method, "validation"))
     warn_shared_samples(train_set.samples, eval_set.samples)
+    data_record = data_digest(train_set.samples, eval_set.samples)
+    if resume:
+        check_same_data(config, data_record)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     module = TrainingModule(lm, method, state)
     t = config.train
@@ -523,6 +564,8 @@ def _train(config: TrainConfig, lm: LoadedModel | None) -> TrainResult:
     # the steps past the checkpoint (all of them, without one) are taken again: their old rows go
     _trim_log(run_dir / "log.jsonl", after=int(Path(resume).name.split("-")[1]) if resume else 0)
     _write_config(config)
+    with atomic_path(run_dir / DATA_RECORD) as tmp:
+        tmp.write_text(json.dumps(data_record, indent=1))
     started = time.perf_counter()
     with method.attached(lm):
         trainer.train(resume_from_checkpoint=resume)
