@@ -485,3 +485,19 @@ def test_the_hand_written_held_out_sets_read_as_dialogs_eval_reads_them(folder):
             key = e.query + "".join(user for user, _ in e.context)
             assert key not in seen, f"{path}: {e.id} repeats a dialog"
             seen.add(key)
+
+
+def test_shape_settings_the_dataset_does_not_read_are_named_when_typed(tmp_path, caplog):
+    # data.turns with a dialogs file, data.k with a persona file, data.small_talk with dialogs: read by nothing,
+    # and said by nothing either (min_turns and templates were already refused).
+    with caplog.at_level("WARNING", logger="ccmem.train.config"):
+        load_config("persona-ccm-concat", ["data.dataset=dialogs", f"data.path={tmp_path}", "data.turns=30"])
+        load_config("persona-ccm-concat", ["data.dataset=dialogs", "data.small_talk=4", "data.turns=30"])
+        load_config("persona-ccm-concat", ["data.dataset=metaicl", f"data.path={tmp_path}", "data.k=4"])
+    assert "data.turns=30 is not read: it shapes generated dialogs examples, and data.path is read" in caplog.text
+    assert "data.small_talk=4 is not read: dataset 'dialogs' has no such setting (it is read by persona)" in caplog.text
+    assert caplog.text.count("is not read") == 2  # generated dialogs read turns; metaicl files read k
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ccmem.train.config"):
+        load_config("persona-ccm-concat", [f"data.path={tmp_path}"])  # the preset's own k and small_talk: not named
+    assert "is not read" not in caplog.text

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import logging
 import re
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from ccmem.chat import DEFAULT_SYSTEM_PROMPT
 from ccmem.loading import ATTN_IMPLEMENTATIONS, DEFAULT_MODEL
 from ccmem.options import OptionError, coerce, parse_value
 from ccmem.registry import DEFAULT_METHOD, METHODS, check_options, get_method, method_class, method_classes
+
+logger = logging.getLogger(__name__)
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -444,11 +447,42 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
         config = _apply(config, _flatten(read_yaml(path)))
         if not config.run_id:
             config.run_id = path.stem
-    config = _apply(config, dict(parse_override(o) for o in overrides))
+    given = dict(parse_override(o) for o in overrides)
+    config = _apply(config, given)
     if not config.run_id:
         config.run_id = f"{config.data.dataset}-{config.method.name}"
     check(config)
+    for key in unread_settings(config.data):
+        if f"data.{key}" in given:  # a preset's value is not the user's choice: only what they typed is named
+            logger.warning("data.%s=%s is not read: %s", key, given[f"data.{key}"], _why_unread(config.data, key))
     return config
+
+
+#: The dataset settings that shape examples, and the datasets that read each (generated, or from files).
+SHAPE_READERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # setting: (datasets that read it when generating, datasets that read it from data.path)
+    "k": (
+        ("persona", "dialogs", "passages", "icl"),
+        ("metaicl", "lamp2", "dailydialog", "soda", "unified", "pretrain", "icl"),
+    ),
+    "turns": (("dialogs",), ()),
+    "small_talk": (("persona",), ()),
+}
+
+
+def unread_settings(d: DataConfig) -> list[str]:
+    """The settings of :data:`SHAPE_READERS` that the loader of ``d`` does not read (given ``data.path`` or not)."""
+    return [key for key, (made, read) in SHAPE_READERS.items() if d.dataset not in (read if d.path else made)]
+
+
+def _why_unread(d: DataConfig, key: str) -> str:
+    if d.dataset == "mixture":
+        return f"each family of a mixture has its own; set data.families={{FAMILY: {{{key}: N}}}}"
+    made, read = SHAPE_READERS[key]
+    if d.path and d.dataset in made:
+        return f"it shapes generated {d.dataset} examples, and data.path is read as written"
+    readers = sorted(set(made) | set(read))
+    return f"dataset {d.dataset!r} has no such setting (it is read by {', '.join(readers)})"
 
 
 def check(config: TrainConfig) -> None:
