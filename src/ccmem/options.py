@@ -84,6 +84,13 @@ def coerce(key: str, kind: Any, value: Any) -> Any:
             return origin(str(v) for v in value)
         if origin is dict and isinstance(value, dict):
             value_type = (typing.get_args(option) or (str, str))[1]
+            for k, v in value.items():
+                if v is None and ":" in str(k):  # YAML's {a:1} is the key "a:1" with no value
+                    name, _, given = str(k).partition(":")
+                    raise OptionError(
+                        f"{key}: {{{k}}} reads as the key {k!r} with no value; YAML needs a space after the colon: "
+                        f"{{{name}: {given}}}"
+                    )
             return {str(k): coerce(f"{key}.{k}", value_type, v) for k, v in value.items()}
         if origin in (str, bool) and type(value) is origin:
             return value

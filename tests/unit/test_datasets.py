@@ -219,6 +219,19 @@ def test_plain_text_read_drops_the_byte_order_mark_and_windows_line_ends(tmp_pat
     assert read_text(file) == ("caf\ufffd\n", 1)
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+def test_a_unicode_file_with_a_byte_order_mark_reads_as_text_not_binary(tmp_path, encoding):
+    # Windows Notepad's "Unicode" is UTF-16 with a BOM: its NUL bytes made it "a binary file".
+    from ccmem.data.text import read_text
+
+    text = "Café notes\r\nline two — ok\n"
+    data = text.encode(encoding)
+    if encoding == "utf-16-be":
+        data = b"\xfe\xff" + data  # the big-endian codec writes no mark of its own
+    (tmp_path / "notes.txt").write_bytes(data)
+    assert read_text(tmp_path / "notes.txt") == ("Café notes\nline two — ok\n", 0)
+
+
 def test_the_text_loader_refuses_a_binary_file_and_warns_of_replaced_characters(tmp_path, caplog):
     """eval/train on `text` read a user's files with a plain decode: a PDF renamed .txt became garbage examples,
     and latin-1 bytes were replaced without a word (compress and stream already refused/warned)."""

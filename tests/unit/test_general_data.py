@@ -501,3 +501,9 @@ def test_shape_settings_the_dataset_does_not_read_are_named_when_typed(tmp_path,
     with caplog.at_level("WARNING", logger="ccmem.train.config"):
         load_config("persona-ccm-concat", [f"data.path={tmp_path}"])  # the preset's own k and small_talk: not named
     assert "is not read" not in caplog.text
+
+
+def test_a_mapping_written_without_a_space_after_the_colon_says_so():
+    # {dialogs:0.5} is YAML for the key "dialogs:0.5" with no value: it was "data.mixture.dialogs:0.5 cannot be empty"
+    with pytest.raises(ConfigError, match=r"YAML needs a space after the colon: \{dialogs: 0.5\}"):
+        load_config("persona-ccm-concat", ["data.dataset=mixture", "data.mixture={dialogs:0.5}"])

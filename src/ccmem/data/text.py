@@ -10,6 +10,7 @@ their name, so no document appears in two splits.
 
 from __future__ import annotations
 
+import codecs
 import logging
 import random
 import re
@@ -68,14 +69,26 @@ def read_text(path: Path) -> tuple[str, int]:
     mark is dropped and Windows/old-Mac line ends become ``\\n``, so a file means the same tokens wherever it was
     saved."""
     data = path.read_bytes()
-    if b"\x00" in data[:8192]:
+    encoding = _unicode_bom(data)  # UTF-16/32 (Windows Notepad's "Unicode") hold NUL bytes but are text
+    if encoding is None and b"\x00" in data[:8192]:
         raise TextSourceError(f"{path} looks like a binary file (it holds NUL bytes), not plain text")
+    encoding = encoding or "utf-8-sig"
     try:
-        text, replaced = data.decode("utf-8-sig"), 0
+        text, replaced = data.decode(encoding), 0
     except UnicodeDecodeError:
-        text = data.decode("utf-8-sig", errors="replace")
-        replaced = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+        text = data.decode(encoding, errors="replace")
+        original = data.decode(encoding.removesuffix("-sig"), errors="ignore").count("\ufffd")
+        replaced = text.count("\ufffd") - original
     return text.replace("\r\n", "\n").replace("\r", "\n"), replaced
+
+
+def _unicode_bom(data: bytes) -> str | None:
+    """The codec of a UTF-16 or UTF-32 file that starts with its byte-order mark (the codec drops the mark)."""
+    if data.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):  # before UTF-16: FF FE 00 00 starts as FF FE
+        return "utf-32"
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    return None
 
 
 def read_document(path: Path) -> str:
