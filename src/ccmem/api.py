@@ -53,20 +53,23 @@ def make_room(lm: LoadedModel, memory: Memory, n_new: int) -> Memory:
             f"{n_new} new tokens at once (with room for the answer, when generating) and the {memory.sink}-token "
             f"system prompt need {n_new + memory.sink} positions, but the model allows {limit}, whatever the memory "
             "keeps: add the text in parts (several add() calls; each part is compressed before the next is read), "
-            "ask for fewer new tokens, or start a new conversation (Python: reset())"
+            "ask for fewer new tokens, or start a new conversation (Python: reset())",
+            positions=limit,
         )
     if held + n_new > limit:
         raise ContextTooLongError(
             f"{n_new} new tokens after the {held} slots this memory holds need {held + n_new} positions, but the "
             f"model allows {limit}; start a new conversation (Python: reset()), send less at once, or use a method "
-            "that keeps fewer slots"
+            "that keeps fewer slots",
+            positions=limit,
         )
     try:
         freqs = layer_frequencies(lm)
     except RopeError as err:
         raise ContextTooLongError(
             f"this interaction would reach position {memory.next_position + n_new}, but the model allows {limit}, "
-            f"and its positions cannot be re-based ({err}); start a new conversation (Python: reset())"
+            f"and its positions cannot be re-based ({err}); start a new conversation (Python: reset())",
+            positions=limit,
         ) from None
     logger.info("positions re-based: %d slots moved from up to %d to 0..%d", held, memory.next_position, held - 1)
     return compact_positions(memory, freqs)

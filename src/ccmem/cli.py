@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from rich.markup import escape
@@ -27,6 +27,9 @@ from ccmem.loading import (
 )
 from ccmem.options import OptionError, parse_pairs
 from ccmem.registry import DEFAULT_METHOD, method_classes, method_names
+
+if TYPE_CHECKING:
+    from ccmem.methods.base import ContextTooLongError
 
 app = typer.Typer(
     help="Compressed Context Memory: keep a long LM interaction in a small compressed key/value memory.",
@@ -523,6 +526,8 @@ def compress(
     storage = _memory_dtype(memory_dtype)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from ccmem.methods.base import ContextTooLongError
+
     session = _session(model, method, adapter, options, system or None, stage1, attn)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     read = 0
@@ -534,13 +539,43 @@ def compress(
             read = done
             bar.update(task, completed=done, total=total)
 
-        session.add(text, progress=progress)
+        try:
+            session.add(text, progress=progress)
+        except ContextTooLongError as err:
+            raise OptionError(_compress_too_long(session, text_file, err)) from None
     path = session.save_memory(out, dtype=storage)
     mem = session.memory
     held = mem.compact(storage).nbytes if storage else mem.nbytes
     console.print(
         f"wrote {path}: {read} tokens in {mem.num_slots} slots, {held / 1024:.0f} KiB"
         + (f" (stored as {storage})" if storage else "")
+    )
+
+
+def _compress_too_long(session: Any, text_file: Path, err: ContextTooLongError) -> str:
+    """What to do when a text does not fit the model's positions, in the command's own terms (the API's error
+    names add() and reset()); a method's own limit (icformer's max_seq_len) keeps its message."""
+    limit = session.lm.max_positions
+    chunk = getattr(session.method, "max_chunk_tokens", None)
+    sink = session.memory.sink
+    if limit is None or err.positions is None:
+        return str(err)
+    if chunk is None:
+        return (
+            f"{text_file} is longer than the model's {limit} positions, and {session.method.name} reads the whole "
+            "text at once; compress it with a method that reads it chunk by chunk (ccm-concat, ccm-merge), or "
+            "compress a shorter text"
+        )
+    extra = session.method.positions_needed(session.memory, chunk) - chunk  # a chunk's <COMP> tokens
+    if chunk + extra + sink > limit:
+        return (
+            f"--chunk-tokens {chunk}: a chunk and its {extra} <COMP> tokens after the {sink}-token system prompt "
+            f"must fit the model's {limit} positions; give --chunk-tokens {limit - sink - extra} or less"
+        )
+    return (
+        f"{text_file}: the memory of {session.method.name} grew past what the model's {limit} positions hold beside "
+        f"a chunk of {chunk} tokens; give a smaller --chunk-tokens, keep fewer tokens raw (-O keep=nothing), "
+        "or use ccm-merge, whose memory stays the same size"
     )
 
 

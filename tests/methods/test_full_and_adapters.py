@@ -197,11 +197,14 @@ def test_empty_input_and_too_long_context():
 
 
 def test_a_failed_add_leaves_memory_and_history_untouched():
-    session = CompressedLM(tiny_model(), get_method("ccm-concat", n_tok=2, max_chunk_tokens=50), system_prompt="sys")
+    # 20 slots per 50-token chunk: the memory outgrows the 256 positions after several chunks were already folded
+    session = CompressedLM(tiny_model(), get_method("ccm-concat", n_tok=20, max_chunk_tokens=50), system_prompt="sys")
     session.add([{"role": "user", "content": "hello"}])
     before_memory, before_history = session.memory, list(session.history)
+    done: list[int] = []
     with pytest.raises(ContextTooLongError):
-        session.add([{"role": "user", "content": "x" * 400}])  # 8 chunks: the last ones pass the limit
+        session.add([{"role": "user", "content": "x" * 1000}], progress=lambda read, total: done.append(read))
+    assert len(done) > 2  # it failed part-way, not on the first chunk
     assert session.memory is before_memory
     assert session.history == before_history
 

@@ -600,3 +600,21 @@ def test_an_output_folder_that_is_a_file_or_holds_a_plot_is_refused_before_the_m
     (tmp_path / "old" / plot).write_bytes(b"png")
     code, out = run_cli(monkeypatch, capsys, *command, "-o", str(tmp_path / "old"), "--model", "no/such-model")
     assert code == 2 and "pass --overwrite" in flat(out), out
+
+
+def test_compress_says_in_its_own_options_why_a_text_does_not_fit(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    # The API's error named add() calls and reset(), which a `ccmem compress` user does not have.
+    text = tmp_path / "long.txt"
+    text.write_text(" ".join(f"w{i % 50}" for i in range(600)))  # 600 tokens; the tiny model has 256 positions
+    common = [str(text), "-o", str(tmp_path / "m.safetensors"), "--model", str(tiny_model_dir), "--system", ""]
+    cases = [
+        (["--method", "ccm-concat", "--chunk-tokens", "1000"], "give --chunk-tokens 252 or less"),
+        (["--method", "snapkv"], "snapkv reads the whole text at once; compress it with a method that reads it chunk"),
+        # 250 tokens + 4 <COMP> fit once; the second chunk also sees the first one's 4 slots: 258 > 256
+        (["--method", "ccm-concat", "--chunk-tokens", "250"], "the memory of ccm-concat grew past what the model's"),
+    ]
+    for extra, said in cases:
+        code, out = run_cli(monkeypatch, capsys, "compress", *common, *extra)
+        assert code == 2 and said in " ".join(out.split()) and "reset()" not in out, out
+    code, out = run_cli(monkeypatch, capsys, "compress", *common, "--method", "ccm-concat", "--chunk-tokens", "100")
+    assert code == 0 and "600 tokens in" in out, out  # past the 256 positions, chunk by chunk

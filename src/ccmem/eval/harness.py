@@ -357,7 +357,8 @@ def evaluate(
             core = str(err).split("; start a new conversation")[0]
             raise ContextTooLongError(
                 f"{dataset}: example {which} does not fit ({core}); shorten or drop it, or evaluate with a "
-                "method that keeps fewer positions"
+                "method that keeps fewer positions",
+                positions=err.positions,
             ) from None
     adapter, train_dataset = adapter_provenance(session)
     return EvalRow(

@@ -46,8 +46,13 @@ _MODEL_LOCKS_GUARD = threading.Lock()
 
 
 class ContextTooLongError(ValueError):
-    """The context cannot be read as asked: it would pass the model's maximum position, or a method's own limit
-    on what it compresses at once (the message names the option that lifts it)."""
+    """The context cannot be read as asked: it would pass the model's maximum position (``positions``: that
+    limit), or a method's own limit on what it compresses at once (``positions`` None; the message names the
+    option that lifts it)."""
+
+    def __init__(self, message: str, *, positions: int | None = None) -> None:
+        super().__init__(message)
+        self.positions = positions
 
 
 def model_lock(model: nn.Module) -> threading.RLock:

@@ -84,7 +84,8 @@ class Gist(CompTokens):
                 f"gist reads the whole context again at every add: the sink ({sink}), the {context} tokens of context "
                 f"so far and {self.n_tok} gist tokens need {needed} positions, but the model allows "
                 f"{limit}; start a new conversation (Python: reset()), or use a method that compresses turn by turn "
-                "(ccm-concat, ccm-merge)"
+                "(ccm-concat, ccm-merge)",
+                positions=limit,
             )
 
     @staticmethod
