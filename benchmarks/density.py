@@ -35,6 +35,7 @@ from ccmem.eval.harness import adapter_provenance, read_context
 from ccmem.fileio import atomic_path
 from ccmem.loading import load_model
 from ccmem.memory import Memory
+from ccmem.options import OptionError, parse_pairs
 from ccmem.precision import STORAGE_DTYPES, storage_name
 from ccmem.train.config import DataConfig
 
@@ -92,7 +93,14 @@ def main() -> None:
     parser.add_argument("--small-talk", type=int, default=5, help="Small-talk turns per persona dialog.")
     parser.add_argument("--seed", type=int, default=0, help="Persona generator seed.")
     parser.add_argument("--out", type=Path, default=Path("results/serve/density.jsonl"), help="JSONL rows (replaced).")
+    parser.add_argument(
+        "-O", "--option", action="append", default=[], help="Method option KEY=VALUE for every method (repeatable)."
+    )
     args = parser.parse_args()
+    try:
+        options = parse_pairs(args.option)
+    except OptionError as err:
+        parser.error(str(err))
 
     dtypes = [storage_name(d) for d in args.dtypes.split(",") if d.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -103,7 +111,7 @@ def main() -> None:
     dialogs = load_examples(chat, "test")[: args.history_dialogs]
     rows: list[dict[str, Any]] = []
     for name in methods:
-        session = ccmem.load(lm, name)
+        session = ccmem.load(lm, name, **options)
         t0 = time.perf_counter()
         memory, exchanges, history_tokens = history_memory(session, dialogs, args.history_tokens)
         history_seconds = time.perf_counter() - t0
@@ -119,6 +127,7 @@ def main() -> None:
             row: dict[str, Any] = {
                 "model": lm.name,
                 "method": name,
+                "options": {**options, **({"keep": session.method.keep} if hasattr(session.method, "keep") else {})},
                 "adapter": adapter,
                 "memory_dtype": dtype,
                 "history_tokens": history_tokens,

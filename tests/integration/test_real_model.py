@@ -43,15 +43,16 @@ def test_full_equals_transformers_generate_on_a_chat(smollm):
 
 def test_ccm_compresses_a_conversation_into_fewer_slots(smollm):
     full = ccmem.load(smollm, method="full")
-    concat = ccmem.load(smollm, method="ccm-concat")  # the shipped adapter's n_tok, and its keep=values
+    concat = ccmem.load(smollm, method="ccm-concat")  # the shipped adapter's n_tok, and its keep=names
     compressed_only = ccmem.load(smollm, method="ccm-concat", keep="nothing")
     for session in (full, concat, compressed_only):
         for i in range(3):
             session.remember(f"Fact number {i}: the code word is alpha{i}.", "Noted.")
     assert compressed_only.memory.num_slots * 3 < full.memory.num_slots
     assert compressed_only.memory.nbytes * 3 < full.memory.nbytes
-    # keep=values also holds " {i}:" and " alpha{i}." of each turn raw: more slots, still well under full's
-    assert concat.method.keep == "values"
+    # keep=names also holds " {i}:" and " alpha{i}." of each turn raw (no capitalised word inside a sentence
+    # here): more slots, still well under full's
+    assert concat.method.keep == "names"
     kept = compressed_only.memory.num_slots + sum(
         len(concat.method.kept_positions(smollm, torch.tensor(smollm.tokenizer.encode(f" {i}: alpha{i}."))))
         for i in range(3)
