@@ -75,6 +75,43 @@ def make_room(lm: LoadedModel, memory: Memory, n_new: int) -> Memory:
     return compact_positions(memory, freqs)
 
 
+def fold(
+    lm: LoadedModel, method: Method, memory: Memory, ids: torch.Tensor, progress: Progress | None = None
+) -> Memory:
+    """``memory`` with ``ids`` (``[1, n]``) compressed into it, part by part (:meth:`Method.parts`: a chunked
+    method's chunks), re-based between parts where needed (:func:`make_room`), so a text longer than the model's
+    positions goes in as one call. ``memory`` itself is not changed. Called while attached."""
+    done = 0
+    for part in method.parts(ids):
+        memory = make_room(lm, memory, method.positions_needed(memory, part.shape[1]))
+        memory = method.add(lm, memory, part)
+        done += part.shape[1]
+        if progress is not None:
+            progress(done, ids.shape[1])
+    return memory
+
+
+def fold_rows(lm: LoadedModel, method: Method, memories: list[Memory], ids: list[torch.Tensor]) -> list[Memory]:
+    """:func:`fold` for several interactions (each its own memory and ``[1, n_i]`` ids): the same memories as one
+    at a time. Rows whose new tokens fit the positions at once are read together (:func:`add_rows`: padded
+    forwards where the method can); a row that fits only part by part, re-based between parts, is folded alone.
+    Called while attached; nothing is changed in place, so a failure leaves every memory as it was."""
+    out: list[Memory | None] = [None] * len(memories)
+    batched: list[int] = []
+    roomy: list[Memory] = []
+    for i, (memory, x) in enumerate(zip(memories, ids, strict=True)):
+        try:
+            roomy.append(make_room(lm, memory, method.positions_needed(memory, x.shape[1])))
+            batched.append(i)
+        except ContextTooLongError:
+            if len(method.parts(x)) == 1:
+                raise
+            out[i] = fold(lm, method, memory, x)
+    for i, memory in zip(batched, add_rows(method, lm, roomy, [ids[i] for i in batched]), strict=True):
+        out[i] = memory
+    return [m for m in out if m is not None]
+
+
 T = TypeVar("T")
 
 
@@ -195,15 +232,8 @@ class CompressedLM:
     def _fold(self, ids: torch.Tensor, progress: Progress | None = None) -> None:
         """Compress ``ids`` into memory, part by part (:meth:`Method.parts`: a chunked method's chunks), re-based
         between parts where needed; the memory changes only if the whole add succeeds."""
-        memory, done = self.memory, 0
         with torch.no_grad(), self.method.attached(self.lm):
-            for part in self.method.parts(ids):
-                memory = make_room(self.lm, memory, self.method.positions_needed(memory, part.shape[1]))
-                memory = self.method.add(self.lm, memory, part)
-                done += part.shape[1]
-                if progress is not None:
-                    progress(done, ids.shape[1])
-        self.memory = memory
+            self.memory = fold(self.lm, self.method, self.memory, ids, progress)
 
     def remember(self, user: str, assistant: str) -> Memory:
         """Fold a finished exchange into memory (what a chat does after each answer)."""
@@ -518,7 +548,8 @@ def add_batch(sessions: Sequence[CompressedLM], contexts: Sequence[Sequence[Mess
     """:meth:`CompressedLM.add` of chat messages for several sessions at once: the same memories as one at a
     time, read in padded forwards where the method can (:attr:`~ccmem.methods.base.Method.batchable`).
 
-    Each session's memory and history change only if every session's context fits (all checked first).
+    Each session's memory and history change only if every session's context goes in; a context longer than the
+    model's positions goes in part by part, re-based between parts, as :meth:`CompressedLM.add` does.
     """
     if not sessions or len(contexts) != len(sessions):
         raise ValueError(f"give one message list per session ({len(sessions)} sessions, {len(contexts)} lists)")
@@ -531,10 +562,8 @@ def add_batch(sessions: Sequence[CompressedLM], contexts: Sequence[Sequence[Mess
         raise ValueError("a session is given twice; add its messages in one list")
     with _holding(sessions):  # as add: each session's memory is read and replaced with no other call between
         ids = [s._ids(s.format.delta(s.history, m)) for s, m in zip(sessions, messages, strict=True)]
-        needed = [s.method.positions_needed(s.memory, i.shape[1]) for s, i in zip(sessions, ids, strict=True)]
-        roomy = [make_room(s.lm, s.memory, n) for s, n in zip(sessions, needed, strict=True)]  # checked before work
         with torch.no_grad(), first.method.attached(first.lm):
-            memories = add_rows(first.method, first.lm, roomy, ids)
+            memories = fold_rows(first.lm, first.method, [s.memory for s in sessions], ids)
         for s, m, memory in zip(sessions, messages, memories, strict=True):
             s.memory = memory
             s.history = s.history + m

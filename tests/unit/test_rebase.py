@@ -141,3 +141,39 @@ def test_a_method_that_reads_its_context_at_once_still_refuses_a_text_past_the_p
     session = CompressedLM(lm, get_method("full"), system_prompt=None)
     with pytest.raises(ContextTooLongError, match="add the text in parts"):
         session.add_ids(torch.randint(3, VOCAB, (1, 100), generator=torch.Generator().manual_seed(1)))
+
+
+def test_a_batch_with_one_turn_longer_than_the_positions_gives_what_one_at_a_time_gives():
+    # A server folding several sessions' turns at once (add_batch), and eval reading several dialogs at once
+    # (read_contexts), take a turn past the model's positions part by part, as one session's add does.
+    from ccmem.api import add_batch
+    from ccmem.data.samples import Sample
+    from ccmem.eval.harness import read_contexts
+
+    lm = tiny_model(positions=64)
+    method = get_method("ccm-concat", n_tok=2, max_chunk_tokens=16)
+    randomize_lora(method, lm)
+    words = " ".join(f"w{i}" for i in range(60))
+    turns = [[{"role": "user", "content": "short"}], [{"role": "user", "content": words}]]
+    batched = [CompressedLM(lm, method, system_prompt=None) for _ in turns]
+    add_batch(batched, turns)
+    for session, turn in zip(batched, turns, strict=True):
+        alone = CompressedLM(lm, method, system_prompt=None)
+        alone.add(turn)
+        assert session.history == alone.history
+        assert session.memory.next_position <= 64
+        for (k1, v1), (k2, v2) in zip(session.memory.layers, alone.memory.layers, strict=True):
+            torch.testing.assert_close(k1, k2)
+            torch.testing.assert_close(v1, v2)
+    assert len(lm.tokenizer.encode(words)) > 64  # more than the model's positions in one turn
+
+    ids = torch.randint(3, VOCAB, (1, 200), generator=torch.Generator().manual_seed(2)).tolist()[0]
+    samples = [Sample(chunks=[ids[:10], ids[10:20]], tail=[5]), Sample(chunks=[ids[:10], ids], tail=[5])]  # 200 > 64
+    reader = CompressedLM(lm, method, system_prompt=None)
+    memories = read_contexts(reader, samples)
+    for sample, memory in zip(samples, memories, strict=True):
+        reader.reset()
+        for chunk in sample.chunks:
+            reader.add_ids(chunk)
+        for (k1, _), (k2, _) in zip(memory.layers, reader.memory.layers, strict=True):
+            torch.testing.assert_close(k1, k2)

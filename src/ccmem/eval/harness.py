@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ccmem.api import SCORE_REDUCTIONS, CompressedLM, ContextTooLongError, load, make_room, score_batch
+from ccmem.api import SCORE_REDUCTIONS, CompressedLM, ContextTooLongError, fold_rows, load, score_batch
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT
 from ccmem.data import gsm8k
 from ccmem.data.records import MemoryExample, to_sample
@@ -43,7 +43,6 @@ from ccmem.eval import textmetrics
 from ccmem.fileio import DatasetFormatError, jsonl_records
 from ccmem.loading import LoadedModel
 from ccmem.memory import Memory
-from ccmem.methods.base import add_rows
 from ccmem.options import OptionError
 from ccmem.precision import storage_name
 from ccmem.registry import method_class
@@ -164,7 +163,8 @@ def read_context(session: CompressedLM, example: MemoryExample) -> None:
 def read_contexts(session: CompressedLM, samples: Sequence[Sample]) -> list[Memory]:
     """The memories of several examples' contexts (each from the session's sink), compressed in padded batches:
     step t adds the t-th segment of every example that has one (:meth:`Method.add_batch`). A dialog longer than
-    the model's positions goes on as a chat does: its memory is re-based once it would pass them (:func:`make_room`)."""
+    the model's positions goes on as a chat does: its memory is re-based once it would pass them, part by part
+    where one segment does not fit at once (:func:`ccmem.api.fold_rows`)."""
     session.reset()
     memories = [session.memory] * len(samples)
     method, lm = session.method, session.lm
@@ -172,9 +172,8 @@ def read_contexts(session: CompressedLM, samples: Sequence[Sample]) -> list[Memo
         for t in range(max(len(s.chunks) for s in samples)):
             rows = [i for i, s in enumerate(samples) if t < len(s.chunks)]
             ids = [torch.tensor([samples[i].chunks[t]], dtype=torch.long, device=lm.device) for i in rows]
-            for i, x in zip(rows, ids, strict=True):  # re-based past the model's last position, as add does
-                memories[i] = make_room(lm, memories[i], method.positions_needed(memories[i], x.shape[1]))
-            for i, memory in zip(rows, add_rows(method, lm, [memories[i] for i in rows], ids), strict=True):
+            # re-based past the model's last position, part by part where one segment does not fit, as add does
+            for i, memory in zip(rows, fold_rows(lm, method, [memories[i] for i in rows], ids), strict=True):
                 memories[i] = memory
     return memories
 
