@@ -115,8 +115,9 @@ def default_methods(model_name: str, kinds: tuple[str, ...] = ("baseline", "lear
     ]
 
 
-def file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+def file_hash(path: str | os.PathLike[str]) -> str:
+    """The first 16 hex digits of the file's sha256: how model cards and result rows name an adapter file."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def read_adapter(path: str | os.PathLike[str]) -> Adapter:

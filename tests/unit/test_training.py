@@ -625,3 +625,14 @@ def test_training_samples_are_cut_into_the_chunks_add_would_compress(tmp_path):
     assert all(0 < len(c) <= 6 for s in cut for c in s.chunks)
     assert [s.tokens for s in cut] == [s.tokens for s in whole]
     assert all(len(a.chunks) > len(b.chunks) for a, b in zip(cut, whole, strict=True) if a.chunks != b.chunks)
+
+
+def test_an_adapter_file_is_named_by_its_hash_given_as_a_path_or_a_string(tmp_path):
+    import hashlib
+
+    from ccmem.adapter import file_hash
+
+    path = tmp_path / "adapter.safetensors"
+    path.write_bytes(b"not really weights")
+    expected = hashlib.sha256(b"not really weights").hexdigest()[:16]
+    assert file_hash(path) == file_hash(str(path)) == expected
