@@ -186,3 +186,14 @@ def test_a_memory_without_a_system_prompt_reads_the_same_once_saved_and_loaded(s
     question = "What is my locker code?"
     assert b.query_ids(question).tolist() == a.query_ids(question).tolist()
     assert b.score(question, ["4831", "1234"]) == a.score(question, ["4831", "1234"])
+
+
+def test_a_sentences_first_word_is_told_from_a_name_by_the_vocabulary(smollm):
+    """What keep=names holds at a sentence's start on the default model: names, not common words or interjections."""
+    from ccmem.methods.ccm import CommonWords
+
+    common = CommonWords(smollm.tokenizer)
+    for word in ("The", "Totally", "Hmm,", "Ooh", "I'm", "Yesterday", "Congrats!", "Parcels"):
+        assert common(word), word
+    for word in ("Aoife", "Hannah", "Kraków", "Siobhán's", "Biscuit"):
+        assert not common(word), word

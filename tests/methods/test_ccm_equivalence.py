@@ -410,19 +410,24 @@ def _ids(text: str) -> list[int]:
 
 @pytest.mark.parametrize("family", ["llama-gqa", "qwen2"])
 def test_kept_names_are_capitalised_words_inside_a_sentence_and_parallel_equals_recurrent(family):
-    """``keep='names'``: ``values`` and every capitalised word but a sentence's first and "I" ("Biscuit" in "My dog
-    is called Biscuit." came back as "Bibbi" from 3 <COMP> slots), in the masked forward as chunk by chunk."""
+    """``keep='names'``: ``values`` and every capitalised word inside a sentence but "I" ("Biscuit" in "My dog
+    is called Biscuit." came back as "Bibbi" from 3 <COMP> slots), and a sentence's first word where it is no
+    common word ("Aoife works as..." but not "Totally", "The"), in the masked forward as chunk by chunk."""
     lm = tiny_model(family)
     method = get_method("ccm-concat", n_tok=2, keep="names")
     randomize_lora(method, lm)
-    chunks = [_ids("AB CD. EF I GH"), _ids("5 XY")]
+    # The tiny tokenizer spells a character a token: a word is common when its lower-case form after a space takes
+    # no more tokens than " the" (4), i.e. 3 letters or fewer; "ABCD" and "GHIJ" count as names.
+    chunks = [_ids("AB CD. EF I GH"), _ids("5 XY"), _ids("ABCD EF. GHIJ KL. MN")]
     assert_parallel_equals_recurrent(lm, method, chunks)
     assert [method.kept_positions(lm, torch.tensor(c)).tolist() for c in chunks] == [
-        [2, 3, 4, 5, 11, 12, 13],  # " CD." and " GH": not "AB" (first), " EF" (after a full stop), " I"
+        [2, 3, 4, 5, 11, 12, 13],  # " CD." and " GH": not "AB", " EF" (first words, common), " I"
         [0, 1, 2, 3],  # "5" (a value) and " XY" (a name: no sentence ended before it)
+        list(range(17)),  # "ABCD" and " GHIJ" (first words, no common words), " EF." and " KL.", not " MN"
     ]
     values = get_method("ccm-concat", n_tok=2, keep="values")
-    assert [values.kept_positions(lm, torch.tensor(c)).tolist() for c in chunks] == [[], [0]]
+    assert [values.kept_positions(lm, torch.tensor(c)).tolist() for c in chunks] == [[], [0], []]
+
 
 
 def test_kept_tokens_change_the_memory_and_a_batch_keeps_each_rows_own():

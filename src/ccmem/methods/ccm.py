@@ -47,8 +47,9 @@ from ccmem.registry import register
 
 #: What ``keep`` can hold raw in memory: ``digits``, the tokens whose text has a digit; ``values``, every token of a
 #: word (text between spaces) that has a digit or an ``@``: whole dates, codes, e-mail addresses, "BA2490";
-#: ``names``, those of ``values`` and every token of a capitalised word inside a sentence (not its first word, not
-#: "I"): names of people, pets, places, brands ("called Biscuit", "moved to Porto").
+#: ``names``, those of ``values`` and every token of a capitalised word inside a sentence (not "I"): names of
+#: people, pets, places, brands ("called Biscuit", "moved to Porto"); and a sentence's capitalised first word when
+#: it is no common word (:class:`CommonWords`: "Aoife works as..." but not "Totally", "The", "Hmm").
 KEEP_CLASSES = {
     "nothing": None,
     "digits": re.compile(r"[0-9]"),
@@ -57,6 +58,60 @@ KEEP_CLASSES = {
 }
 #: The text of a token that ends a sentence (the next word is capitalised whatever it is).
 SENTENCE_END = re.compile(r"[.!?:;\n\"“”]\s*$")
+#: Chat interjections that a vocabulary spells in pieces but that are no names ("Hmm, ...", "Ooh, nice!").
+INTERJECTIONS = frozenset(
+    {
+        "hmm",
+        "hm",
+        "hmmm",
+        "ooh",
+        "oooh",
+        "brr",
+        "ugh",
+        "wow",
+        "bye",
+        "ouch",
+        "congratulations",
+        "congrats",
+        "haha",
+        "hehe",
+        "yay",
+        "aww",
+        "aw",
+        "oops",
+        "whoa",
+        "yikes",
+        "phew",
+        "meh",
+        "argh",
+        "ahh",
+        "ohh",
+        "uh",
+        "um",
+    }
+)
+
+
+class CommonWords:
+    """Whether a sentence's capitalised first word is a common word rather than a name: the tokenizer spells its
+    lower-case form (after a space) in as few tokens as " the", i.e. it is a word of its own in the vocabulary
+    ("Totally", "Parcels"), or it is a chat interjection; "Aoife", "Hannah", "Kraków" are not. A vocabulary
+    stands in for a word list, so no list ships for each language; common first names that a vocabulary holds
+    whole ("Tom") count as common words at a sentence's start (inside a sentence every capitalised word is kept)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.budget = self._pieces("the")
+        self.seen: dict[str, bool] = {}
+
+    def _pieces(self, word: str) -> int:
+        return len(self.tokenizer.encode(" " + word, add_special_tokens=False))
+
+    def __call__(self, word: str) -> bool:
+        word = re.split(r"['’]", word.strip().lower())[0].strip('.,!?;:"“”()')
+        if word not in self.seen:
+            self.seen[word] = not word.isalpha() or word in INTERJECTIONS or self._pieces(word) <= self.budget
+        return self.seen[word]
 
 
 def token_texts(lm: LoadedModel) -> list[str]:
@@ -546,7 +601,8 @@ class CCMConcat(CCM):
         "tokens of each chunk kept raw in memory beside its <COMP> slots, for good: 'digits' (every token whose text "
         "has a digit: numbers, dates, codes come back as written; memory grows by those tokens), 'values' (every "
         "token of a word with a digit or an @: whole codes, dates, e-mail addresses), 'names' ('values' and every "
-        "capitalised word inside a sentence: names of people, pets, places) or 'nothing'",
+        "capitalised word inside a sentence, or first in it and no common word: names of people, pets, places) or "
+        "'nothing'",
     )
 
     def check_options(self) -> None:
@@ -589,19 +645,28 @@ class CCMConcat(CCM):
         return torch.nonzero(hit, as_tuple=True)[0]
 
     def _name_starts(self, ids: list[int], starts: torch.Tensor) -> torch.Tensor:
-        """Where a capitalised word starts that is not a sentence's first (nor "I"): a token whose text begins with
-        a capital, led by a space or after a whitespace token, with no sentence end (``.!?:;``, a line break, a
-        quote, a special token) since the word before it."""
-        capital, blank, ends = self._name_vocab
+        """Where a name starts: a token whose text begins with a capital (not "I"), led by a space or after a
+        whitespace token, either inside a sentence (no sentence end, ``.!?:;``, a line break, a quote or a special
+        token, since the word before it) or first in its sentence and no common word (:class:`CommonWords`)."""
+        capital, blank, ends, texts, common = self._name_vocab
         out = torch.zeros(len(ids), dtype=torch.bool)
         first, after_space = True, True  # a chunk starts a sentence
         for p, token in enumerate(ids):
             if blank[token]:  # whitespace: a line break starts a sentence, a space a word
                 first, after_space = first or ends[token], True
                 continue
-            out[p] = capital[token] and not first and (after_space or bool(starts[token]))
+            if capital[token] and (after_space or bool(starts[token])):
+                out[p] = not first or not common(self._word_at(ids, p, starts, texts))
             first, after_space = ends[token], False
         return out
+
+    @staticmethod
+    def _word_at(ids: list[int], p: int, starts: torch.Tensor, texts: list[str]) -> str:
+        """The word whose first token is ``ids[p]``: it and the tokens after it that continue it with letters."""
+        word, q = texts[ids[p]], p + 1
+        while q < len(ids) and not starts[ids[q]] and texts[ids[q]][:1].isalpha():
+            word, q = word + texts[ids[q]], q + 1
+        return word
 
     def _kept_in(self, chunk: list[int]) -> torch.Tensor:
         return self._kept(torch.tensor(chunk, dtype=torch.long))
@@ -628,6 +693,8 @@ class CCMConcat(CCM):
                 [w[:1].isupper() and w != "I" and not w.startswith(("I'", "I’")) for w in words],
                 [bool(t) and not w for t, w in zip(texts, words, strict=True)],
                 [not t or bool(SENTENCE_END.search(t)) for t in texts],
+                texts,
+                CommonWords(lm.tokenizer),
             )
         self._keep_vocab = (lm.tokenizer, (matches, starts), self.keep)
         return matches, starts
