@@ -429,7 +429,6 @@ def test_kept_names_are_capitalised_words_inside_a_sentence_and_parallel_equals_
     assert [values.kept_positions(lm, torch.tensor(c)).tolist() for c in chunks] == [[], [0], []]
 
 
-
 def test_kept_tokens_change_the_memory_and_a_batch_keeps_each_rows_own():
     """Not vacuous: the tail reads other memory with ``keep`` (a digit-free chunk adds only its <COMP> slots), and
     compressing rows with digits at different places in one padded forward gives each row's memory alone."""
