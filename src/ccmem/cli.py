@@ -429,20 +429,22 @@ def serve(
         str | None,
         typer.Option(
             "--memory-dtype",
-            help=f"Precision sessions are kept at between requests, in RAM and in the store: {MEMORY_DTYPE_HELP}. "
-            "Half precision or int8 hold 2-4x more sessions per GiB (README: Memory density). Default: the "
-            "model's dtype.",
+            help=f"Precision sessions are kept at between requests, in RAM and in the store: {MEMORY_DTYPE_HELP}, "
+            "or `auto`: float16 for a model computing in float32 (bfloat16 for a memory past float16's range), "
+            "else the model's dtype. Half precision or int8 hold 2-4x more sessions per GiB; on the persona "
+            "benchmark float16 moved no answer (README: Memory density). Give float32 to keep them as computed.",
         ),
-    ] = None,
+    ] = "auto",
     attn: AttnOpt = "sdpa",
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/models, /v1/sessions) that keeps each
     conversation as a compressed memory."""
+    from ccmem.precision import dtype_name
     from ccmem.serve.engine import Engine, Limits
     from ccmem.serve.server import bind, run
     from ccmem.serve.sessions import BaseSessionStore, SessionStore, default_store_root
 
-    storage = _memory_dtype(memory_dtype)
+    storage = "auto" if (memory_dtype or "").strip().lower() == "auto" else _memory_dtype(memory_dtype)
     bind(host, port).close()  # a port in use fails before the model loads
     tokens = token or [t.strip() for t in os.environ.get("CCMEM_TOKENS", "").split(",") if t.strip()]
     if any(not t.strip() for t in tokens):
@@ -467,7 +469,11 @@ def serve(
     )
     engine = Engine(base, sessions, model_id=f"{model}:{base.method.name}", limits=limits, memory_dtype=storage)
     auth = f"{len(tokens)} bearer token(s)" if tokens else "no auth (open to anyone who can reach it)"
-    console.print(f"[bold]ccmem serve[/]: {engine.model_id} on http://{host}:{port}/v1, {auth}, store {where}")
+    held = engine.memory_dtype or dtype_name(base.lm.dtype)
+    console.print(
+        f"[bold]ccmem serve[/]: {engine.model_id} on http://{host}:{port}/v1, {auth}, store {where}, "
+        f"sessions held at {held}"
+    )
     run(engine, host=host, port=port, tokens=tokens, log_level=log_level)
 
 

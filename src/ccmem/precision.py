@@ -25,6 +25,20 @@ STORAGE_DTYPES: dict[str, torch.dtype] = {
 }
 _ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 INT8_MAX = 127
+#: The storage choice that picks a precision from the model's dtype (:func:`auto_storage`).
+AUTO = "auto"
+
+
+class PrecisionRangeError(ValueError):
+    """A memory holds values beyond what the storage precision can represent (float16 past 65504)."""
+
+
+def auto_storage(model_dtype: torch.dtype) -> str | None:
+    """The storage precision ``"auto"`` stands for: float16 for a model computing in float32 (half the bytes; on
+    the persona benchmark no answer moved, README: Memory density), else ``None``, the model's own dtype (a
+    half-precision model's memory is already half precision). Where a memory reaches past float16's range
+    (:class:`PrecisionRangeError`), the caller holds it at bfloat16 instead (as ``ccmem serve`` does)."""
+    return "float16" if model_dtype == torch.float32 else None
 
 
 def storage_name(name: str | torch.dtype) -> str:
@@ -87,7 +101,7 @@ def _pack(tensor: torch.Tensor, storage: str, reduce_dim: int, what: str) -> Pac
         if tensor.numel() and dtype == torch.float16:
             largest = float(tensor.abs().max())
             if largest > torch.finfo(torch.float16).max:
-                raise ValueError(
+                raise PrecisionRangeError(
                     f"{what} reach {largest:.3g}, beyond float16's range ({torch.finfo(torch.float16).max:.0f}); "
                     "store this memory as bfloat16 or int8"
                 )

@@ -750,6 +750,36 @@ def test_sessions_held_at_int8_take_less_memory_and_answer_alike_from_ram_and_fr
         e.close()
 
 
+def test_auto_holds_a_float32_models_sessions_at_float16_and_one_past_its_range_at_bfloat16(tmp_path):
+    """`ccmem serve`'s default (--memory-dtype auto): half the bytes of float32; a memory that float16 cannot
+    hold (a value past 65504) is kept at bfloat16 rather than refused or turned into inf."""
+    from safetensors import safe_open
+
+    from ccmem.precision import PrecisionRangeError
+
+    engine = make_engine(tmp_path / "a", memory_dtype="auto")
+    plain = make_engine(tmp_path / "b")
+    assert engine.memory_dtype == "float16"
+    for e in (engine, plain):
+        with TestClient(create_app(e)) as client:
+            client.post("/v1/sessions", json={"name": "s"})
+            assert ask(client, [user("my number is w1 w2 w3")], session="s").status_code == 200
+    record = engine.store.get("s")
+    with safe_open(str(engine.store.memory_path(record)), "pt") as f:
+        assert f.metadata()["storage"] == "float16"
+    assert record.memory_bytes * 2 == plain.store.get("s").memory_bytes
+
+    memory = engine.base.fork().memory
+    k, v = memory.layers[0]
+    memory.layers[0] = (k, v * 0 + 1e6)  # a value float16 cannot hold
+    assert engine._held(memory).storage == "bfloat16"
+    named = make_engine(tmp_path / "c", memory_dtype="float16")
+    with pytest.raises(PrecisionRangeError, match="bfloat16"):  # asked for float16 by name: said, not changed
+        named._held(memory)
+    for e in (engine, plain, named):
+        e.close()
+
+
 def test_an_unknown_memory_dtype_is_refused_naming_the_choices(tmp_path):
     with pytest.raises(ValueError, match="int8"):
         make_engine(tmp_path, memory_dtype="int4")

@@ -38,7 +38,7 @@ from ccmem.api import CompressedLM, add_batch, make_room
 from ccmem.chat import Message, TextStream
 from ccmem.generation import Sampling, decode_batch
 from ccmem.memory import CompactMemory, Memory
-from ccmem.precision import storage_name
+from ccmem.precision import AUTO, PrecisionRangeError, auto_storage, storage_name
 from ccmem.serve.sessions import BaseSessionStore, SessionError, SessionRecord, check_identity, settings_of
 
 logger = logging.getLogger(__name__)
@@ -310,6 +310,10 @@ class Engine:
         memory_dtype: str | None = None,
     ):
         self.base = base
+        #: ``memory_dtype="auto"``: float16 for a float32 model, bfloat16 for a memory past float16's range.
+        self.auto_dtype = isinstance(memory_dtype, str) and memory_dtype.strip().lower() == AUTO
+        if self.auto_dtype:
+            memory_dtype = auto_storage(base.lm.dtype)
         #: Precision sessions are held at between requests, in RAM and in the store (None: the model's own).
         self.memory_dtype = storage_name(memory_dtype) if memory_dtype is not None else None
         self.store = store
@@ -361,7 +365,14 @@ class Engine:
 
     def _held(self, memory: Memory) -> Memory | CompactMemory:
         """``memory`` as sessions are held between requests (at :attr:`memory_dtype`, if set)."""
-        return memory.compact(self.memory_dtype) if self.memory_dtype is not None else memory
+        if self.memory_dtype is None:
+            return memory
+        try:
+            return memory.compact(self.memory_dtype)
+        except PrecisionRangeError:
+            if not self.auto_dtype:
+                raise
+            return memory.compact("bfloat16")  # float16's range, not its precision, is what this memory lacks
 
     async def _load(self, owner: str, name: str) -> tuple[SessionRecord, CompressedLM]:
         record = await asyncio.to_thread(self.store.get, name, owner)
