@@ -523,6 +523,8 @@ def compress(
         raise OptionError(f"--out {out} is the input file; choose another path for the memory")
     if out.is_dir():
         raise OptionError(f"--out {out} is a directory; give a file path such as {out / 'memory.safetensors'}")
+    if out.exists() and not out.is_file():
+        raise OptionError(f"--out {out} is not a regular file (a device, pipe or socket); give a file path")
     text = read_text_file(text_file)
     if not text.strip():
         raise OptionError(f"{text_file} is empty: nothing to compress")

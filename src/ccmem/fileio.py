@@ -4,6 +4,7 @@ JSON-lines reader whose errors name the file and line."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import json
 import os
@@ -122,6 +123,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     write of the same file.
     """
     path = Path(path)
+    if path.is_dir() or (path.exists() and not path.is_symlink() and not path.is_file()):
+        # a rename would put a regular file where a device, pipe or socket was (as root: /dev/null)
+        kind = "a directory" if path.is_dir() else "not a regular file (a device, pipe or socket)"
+        raise OSError(errno.EINVAL, f"cannot write {path}: it is {kind}; give the path of a file")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         sweep_stale_temporaries(path)

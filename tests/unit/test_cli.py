@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -560,6 +561,24 @@ def test_output_paths_that_cannot_be_written_are_refused_before_the_work(monkeyp
         atomic_path(locked / "memory.safetensors"),
     ):
         pass
+
+
+def test_a_device_or_pipe_is_never_replaced_by_an_output_file(monkeypatch, capsys, tmp_path):
+    """As root, `compress -o /dev/null` replaced the device with a regular file (an atomic write renames a temporary
+    over its target): a target that is no regular file is refused, and left as it was."""
+    import stat
+
+    from ccmem.fileio import atomic_path
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    with pytest.raises(OSError, match="not a regular file"), atomic_path(pipe):
+        pass
+    text = tmp_path / "notes.txt"
+    text.write_text("My dog is called Biscuit.")
+    code, out = run_cli(monkeypatch, capsys, "compress", str(text), "-o", str(pipe), "--model", "/no/such/model")
+    assert code == 2 and "not a regular file" in " ".join(out.split())
+    assert stat.S_ISFIFO(pipe.stat().st_mode)
 
 
 def test_ctrl_c_in_train_says_how_to_resume(monkeypatch, capsys, tmp_path):
