@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import torch
 
 from ccmem.adapter import Adapter, adapter_path, load_adapter, options_with_adapter, read_adapter
-from ccmem.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat, Message, TextStream, check_messages
+from ccmem.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat, Message, TextStream, check_messages, check_text
 from ccmem.generation import Sampling, check_max_new_tokens, decode, decode_batch
 from ccmem.loading import DEFAULT_MODEL, AttentionError, LoadedModel, load_model
 from ccmem.memory import Memory, MemoryMismatchError, check_meta
@@ -318,6 +318,7 @@ class CompressedLM:
     # ------------------------------------------------------------------ generation
 
     def _ids(self, text: str) -> torch.Tensor:
+        check_text(text)
         ids = self.lm.tokenizer.encode(text, add_special_tokens=False)
         return torch.tensor([ids], dtype=torch.long, device=self.lm.device)
 
@@ -329,9 +330,11 @@ class CompressedLM:
         """Token ids of a question, formatted as a new user turn that asks for an answer."""
         if not isinstance(prompt, str | list | tuple | dict):
             raise ValueError(f"the prompt must be text or chat messages, got {type(prompt).__name__}")
+        if isinstance(prompt, str):
+            check_text(prompt, "the prompt")
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else check_messages(prompt)
         if not messages or not any(m["content"].strip() for m in messages):
-            raise ValueError("the prompt is empty")
+            raise ValueError("the prompt is empty: give a question or message with some text")
         return self._ids(self.format.delta(self.history, messages, generation_prompt=True))
 
     @_one_at_a_time

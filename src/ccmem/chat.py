@@ -18,6 +18,19 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."  # short: it stays uncomp
 ROLES = ("system", "user", "assistant")
 
 
+def check_text(text: str, where: str = "the text") -> None:
+    """Refuse text that holds a lone surrogate, which is no character: what Python makes of a byte that is not
+    UTF-8 on the command line or standard input (``surrogateescape``); no tokenizer can read it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = err.object[err.start : err.end]
+        raise ValueError(
+            f"{where} holds {bad!a} at character {err.start}, which is not a Unicode character (most likely a byte "
+            "that is not UTF-8, from a terminal or file in another encoding); give UTF-8 text"
+        ) from None
+
+
 def check_messages(messages: Sequence[Any]) -> list[Message]:
     """Validate chat messages; raise a clear error naming the bad one."""
     if isinstance(messages, dict):
@@ -30,6 +43,7 @@ def check_messages(messages: Sequence[Any]) -> list[Message]:
             raise ValueError(f"message {i} has role {msg['role']!r}; use one of {', '.join(ROLES)}")
         if not isinstance(msg["content"], str):
             raise ValueError(f"message {i} content must be a string")
+        check_text(msg["content"], f"message {i} content")
         out.append({"role": msg["role"], "content": msg["content"]})
     return out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import pytest
 from rich.console import Console
 
 import ccmem
@@ -86,3 +87,28 @@ def test_ctrl_c_during_an_answer_stops_it_and_the_chat_goes_on(monkeypatch):
     text = _chat(session, ["stop me", "next", "/quit"])
     assert "answer stopped; this exchange is not remembered" in text
     assert [m["content"] for m in session.history if m["role"] == "user"] == ["next"]
+
+
+def test_a_line_that_is_no_command_is_a_message_and_an_unknown_command_is_said():
+    """ "/etc/hosts is a file, right?" was taken for a command (the help was printed, the message never sent); a
+    mistyped "/bogus" printed the help without saying why."""
+    lm = tiny_model()
+    session = _session(lm)
+    text = _chat(session, ["/etc/hosts is a file, right?", "/bogus", "//slash first", "/save", "/quit"])
+    said = [m["content"] for m in session.history if m["role"] == "user"]
+    assert said == ["/etc/hosts is a file, right?", "/slash first"]
+    assert "unknown command /bogus" in text and "/save needs a PATH" in text
+
+
+def test_text_that_is_not_unicode_is_said_and_the_chat_goes_on():
+    """A byte that is not UTF-8 on standard input (a lone surrogate to Python) ended the chat with a tokenizer's
+    internal error, losing the memory of a chat without --session."""
+    lm = tiny_model()
+    session = _session(lm)
+    text = _chat(session, ["first", "bad \udcff byte", "third", "/quit"])
+    assert "not a Unicode character" in " ".join(text.split()) and "nothing was remembered" in text
+    assert [m["content"] for m in session.history if m["role"] == "user"] == ["first", "third"]
+    with pytest.raises(ValueError, match="not a Unicode character"):
+        session.add("notes \udcff")
+    with pytest.raises(ValueError, match="message 0 content holds"):
+        session.add([{"role": "user", "content": "\udcff"}])

@@ -17,7 +17,9 @@ from ccmem.api import CompressedLM, ContextTooLongError
 if TYPE_CHECKING:
     from ccmem.serve.sessions import SessionBinding
 
-HELP = "/memory  /save PATH  /load PATH  /reset  /quit"
+HELP = "/memory  /save PATH  /load PATH  /reset  /quit   (//text sends a message that starts with /)"
+#: What a line may start with to be a command rather than a message ("/etc/hosts is a file" is a message).
+COMMANDS = frozenset({"/memory", "/save", "/load", "/reset", "/quit", "/exit", "/help"})
 
 
 def run_chat(
@@ -42,7 +44,9 @@ def run_chat(
             return
         if not line:
             continue
-        if line.startswith("/"):
+        if line.startswith("//"):  # a message that starts with "/"
+            line = line[1:]
+        elif line.split(maxsplit=1)[0] in COMMANDS or (line.startswith("/") and " " not in line):
             if command(session, console, line, binding):
                 return
             continue
@@ -62,6 +66,9 @@ def run_chat(
             continue
         except KeyboardInterrupt:  # Ctrl-C stops the answer, not the chat (Ctrl-C at the prompt quits)
             console.print("\n[dim](answer stopped; this exchange is not remembered)[/]")
+            continue
+        except ValueError as err:  # text the model cannot take: said, and the chat goes on as it was
+            console.print(f"\n[red]{escape(str(err))}[/]\n[dim](nothing was remembered)[/]")
             continue
         if binding is not None:
             save(session, console, binding)
@@ -120,8 +127,12 @@ def command(session: CompressedLM, console: Console, line: str, binding: Session
                 return False
             session.load_memory(arg.strip())
             console.print("memory loaded")
-        else:
+        elif name in ("/save", "/load"):
+            console.print(f"[red]{name} needs a PATH[/]: {HELP}")
+        elif name == "/help":
             console.print(HELP)
+        else:
+            console.print(f"[red]unknown command {escape(name)}[/]; commands: {HELP}")
     except (OSError, ValueError) as err:  # the memory stays as it was
         console.print(f"[red]{escape(str(err))}[/]")
     return False
