@@ -344,3 +344,19 @@ def test_eval_path_holds_the_validation_examples_of_generated_and_text_datasets(
         load_examples(DataConfig(dataset="persona", eval_path=str(tmp_path / "nope.jsonl")), "validation")
     with pytest.raises(ValueError, match=r"drop data\.eval_path"):
         load_examples(DataConfig(dataset="mixture", mixture={"dialogs": 1.0}, eval_path=str(held)), "validation")
+
+
+def test_random_bytes_without_a_nul_are_binary_and_a_latin1_text_is_not(tmp_path):
+    """4 KB of random bytes with the NUL bytes taken out was read as text: a 134 MB memory of garbage."""
+    import random
+
+    from ccmem.data.text import TextSourceError, read_text
+
+    noise = bytes(b for b in random.Random(0).randbytes(4000) if b)
+    (tmp_path / "noise.txt").write_bytes(noise)
+    with pytest.raises(TextSourceError, match="looks like a binary file"):
+        read_text(tmp_path / "noise.txt")
+    latin1 = "Les élèves étaient très fâchés à côté de l'école; où êtes-vous? Ça déçoit.\n" * 20
+    (tmp_path / "fr.txt").write_bytes(latin1.encode("latin-1"))
+    text, replaced = read_text(tmp_path / "fr.txt")
+    assert replaced == sum(ord(c) > 127 for c in latin1) and text.count("\n") == 20  # read, with a warning

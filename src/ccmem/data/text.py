@@ -79,7 +79,24 @@ def read_text(path: Path) -> tuple[str, int]:
         text = data.decode(encoding, errors="replace")
         original = data.decode(encoding.removesuffix("-sig"), errors="ignore").count("\ufffd")
         replaced = text.count("\ufffd") - original
+    if _looks_binary(text, replaced):
+        raise TextSourceError(
+            f"{path} looks like a binary file ({replaced} of its {len(text)} characters are not UTF-8, or control "
+            "characters), not plain text; give a text file (or convert it: `iconv -f latin1 -t utf-8`)"
+        )
     return text.replace("\r\n", "\n").replace("\r", "\n"), replaced
+
+
+#: Share of a file's characters that may be bytes that are not UTF-8 or control characters before it counts as
+#: binary: a Latin-1 text has a few per cent (its accented letters), random bytes well over half.
+BINARY_SHARE = 0.3
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
+
+
+def _looks_binary(text: str, replaced: int) -> bool:
+    sample = text[:8192]
+    odd = (sample.count("\ufffd") if replaced else 0) + len(_CONTROL.findall(sample))
+    return len(sample) >= 16 and odd > BINARY_SHARE * len(sample)
 
 
 def _unicode_bom(data: bytes) -> str | None:
