@@ -799,3 +799,18 @@ def test_serve_on_port_0_says_which_port_it_took_and_a_foreign_address_is_named(
     assert said and int(said.group(1)) > 0
     with pytest.raises(ValueError, match="is the address one of this machine's"):  # not "the port is in use"
         bind("10.255.255.1", 0)
+
+
+def test_request_shape_errors_say_what_to_send(client):
+    """A bare POST /v1/sessions was refused although both fields are optional; malformed JSON said "9: JSON decode
+    error"; a body sent without its content type said "Input should be a valid dictionary"; deleting an unknown
+    session advised creating it first."""
+    assert client.post("/v1/sessions").status_code == 201
+    bad = client.post(
+        "/v1/chat/completions", content=b'{"model": "x", bad', headers={"content-type": "application/json"}
+    )
+    assert bad.status_code == 400 and "not valid JSON (at character 15)" in bad.json()["error"]["message"]
+    untyped = client.post("/v1/chat/completions", content=json.dumps({"model": MODEL, "messages": []}).encode())
+    assert untyped.status_code == 400 and "Content-Type: application/json" in untyped.json()["error"]["message"]
+    gone = client.delete("/v1/sessions/ghost")
+    assert gone.status_code == 404 and gone.json()["error"]["message"].startswith("no session 'ghost' to delete")

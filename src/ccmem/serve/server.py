@@ -376,7 +376,13 @@ def create_app(engine: Engine, *, tokens: Sequence[str] = ()) -> FastAPI:
         problems = []
         for e in err.errors()[:5]:
             where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
-            problems.append(f"{where or 'body'}: {e.get('msg', 'invalid')}")
+            if e.get("type") == "json_invalid":
+                at = e.get("loc", ("body", ""))[-1]
+                problems.append(f"the body is not valid JSON (at character {at}): {e.get('msg', '')}".rstrip(": "))
+            elif not where and e.get("type") in ("dict_type", "model_attributes_type"):
+                problems.append("the body must be a JSON object, sent with Content-Type: application/json")
+            else:
+                problems.append(f"{where or 'body'}: {e.get('msg', 'invalid')}")
         return error_response(400, "invalid request: " + "; ".join(problems), "invalid_request")
 
     @app.exception_handler(SessionError)
@@ -422,7 +428,8 @@ def create_app(engine: Engine, *, tokens: Sequence[str] = ()) -> FastAPI:
         return ModelCard(id=engine.model_id, created=started)
 
     @app.post("/v1/sessions", response_model=SessionInfo, status_code=201, responses=ERRORS)
-    async def create_session(body: SessionCreate, who: Owner) -> SessionInfo:
+    async def create_session(who: Owner, body: SessionCreate | None = None) -> SessionInfo:
+        body = body or SessionCreate()  # no body: both fields are optional
         name = body.name or f"sess-{secrets.token_hex(8)}"
         if body.system_prompt is not None:
             _check_size(body.system_prompt, "system_prompt", limits.max_message_bytes)
@@ -440,7 +447,10 @@ def create_app(engine: Engine, *, tokens: Sequence[str] = ()) -> FastAPI:
     @app.delete("/v1/sessions/{name}", response_model=Deleted, responses=ERRORS)
     async def delete_session(name: SessionName, who: Owner) -> Deleted:
         check_name(name)
-        engine.delete_session(who, name)
+        try:
+            engine.delete_session(who, name)
+        except UnknownSessionError:  # not "create it first": there is nothing to delete
+            raise UnknownSessionError(f"no session {name!r} to delete (GET /v1/sessions lists yours)") from None
         return Deleted(id=name)
 
     @app.post(
