@@ -477,6 +477,25 @@ def serve(
     run(engine, host=host, port=port, tokens=tokens, log_level=log_level)
 
 
+def _whole_numbers(text: str, option: str) -> list[int]:
+    """A comma-separated list of whole numbers, e.g. ``--decode-lengths 128,512``."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise OptionError(f"{option} takes whole numbers separated by commas (e.g. 128,512), got {text!r}") from None
+
+
+def check_output_file(out: Path, source: Path, option: str, example: str) -> None:
+    """Refuse, before any work, an output path that is the input file (it would be overwritten), a directory, or
+    no regular file (a device or pipe, which an atomic write would replace)."""
+    if out.exists() and out.resolve() == source.resolve():
+        raise OptionError(f"{option} {out} is the input file; choose another path for the output")
+    if out.is_dir():
+        raise OptionError(f"{option} {out} is a directory; give a file path such as {out / example}")
+    if out.exists() and not out.is_file():
+        raise OptionError(f"{option} {out} is not a regular file (a device, pipe or socket); give a file path")
+
+
 def read_text_file(path: Path) -> str:
     """A text file's contents; binary files are refused, and bytes that are not UTF-8 are replaced with a warning."""
     from ccmem.data.text import TextSourceError, not_utf8, read_text
@@ -519,12 +538,7 @@ def compress(
     attn: AttnOpt = "sdpa",
 ) -> None:
     """Compress a text file into a memory file that `ccmem ask` can answer from."""
-    if out.exists() and out.resolve() == text_file.resolve():
-        raise OptionError(f"--out {out} is the input file; choose another path for the memory")
-    if out.is_dir():
-        raise OptionError(f"--out {out} is a directory; give a file path such as {out / 'memory.safetensors'}")
-    if out.exists() and not out.is_file():
-        raise OptionError(f"--out {out} is not a regular file (a device, pipe or socket); give a file path")
+    check_output_file(out, text_file, "--out", "memory.safetensors")
     text = read_text_file(text_file)
     if not text.strip():
         raise OptionError(f"{text_file} is empty: nothing to compress")
@@ -652,7 +666,8 @@ def ask(
 )
 def generate(
     test_file: Annotated[
-        Path, typer.Argument(help="Prompt-with-Context jsonl (input, prompt, answer per line).", exists=True)
+        Path,
+        typer.Argument(help="Prompt-with-Context jsonl (input, prompt, answer per line).", exists=True, dir_okay=False),
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="JSONL file the answers are written to.")] = Path(
         "output.jsonl"
@@ -678,6 +693,7 @@ def generate(
     from ccmem.data.pwc import read_pwc
     from ccmem.eval.generate import generate_file
 
+    check_output_file(output, test_file, "--output", "output.jsonl")
     records = read_pwc(test_file)
     if not records:
         raise OptionError(f"{test_file} holds no record; give a PwC jsonl file (input, prompt, answer per line)")
@@ -1154,7 +1170,7 @@ def compare(
     """
     from rich.progress import Progress
 
-    from ccmem.eval.compare import CompareSettings, grid, run_decode_speed, run_grid
+    from ccmem.eval.compare import CompareSettings, check_variants, grid, run_decode_speed, run_grid
     from ccmem.eval.compare_report import write_compare_report
     from ccmem.loading import load_model
     from ccmem.stage1 import merge_stage1, stage1_file
@@ -1173,9 +1189,10 @@ def compare(
         options=options,
         variant_options=own,
         system=system or None,
-        decode_lengths=[int(x) for x in decode_lengths.split(",") if x.strip()] if decode else [],
+        decode_lengths=_whole_numbers(decode_lengths, "--decode-lengths") if decode else [],
         decode_budget=_fraction(decode_budget),
     )
+    check_variants(settings, model)
     cells = grid(settings)
     if out_dir.exists() and not out_dir.is_dir():
         raise OptionError(f"--out-dir {out_dir} is a file; give a folder for rows.jsonl and the report")

@@ -581,6 +581,18 @@ def test_a_device_or_pipe_is_never_replaced_by_an_output_file(monkeypatch, capsy
     assert stat.S_ISFIFO(pipe.stat().st_mode)
 
 
+def test_generate_refuses_to_write_over_its_input_or_into_a_folder_before_any_work(monkeypatch, capsys, tmp_path):
+    """`generate pwc.jsonl -o pwc.jsonl` replaced the test file with the answers; `-o FOLDER` failed with a raw
+    OSError after every record was answered."""
+    pwc = tmp_path / "pwc.jsonl"
+    record = json.dumps({"input": "Ada was born in 1815.", "prompt": "When was Ada born?", "answer": "1815"})
+    pwc.write_text(record + "\n")
+    for out, message in [(pwc, "is the input file"), (tmp_path, "is a directory")]:
+        code, text = run_cli(monkeypatch, capsys, "generate", str(pwc), "-o", str(out), "--model", "/no/such/model")
+        assert code == 2 and message in " ".join(text.split())
+    assert pwc.read_text() == record + "\n"
+
+
 def test_ctrl_c_in_train_says_how_to_resume(monkeypatch, capsys, tmp_path):
     import ccmem.train.trainer as trainer
 

@@ -341,3 +341,20 @@ def test_compare_command_splits_scoped_options():
         _scoped_options({":recent": 1})
     with pytest.raises(OptionError, match="must look like METHOD:KEY=VALUE"):
         _scoped_options({"ccm-concat@:recent": 8})  # a variant without a label
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--methods", "none,snapkv", "--budgets", ","], "no budget given for snapkv"),
+        (["--methods", "none,snapkv", "-O", "snapkv@x:window_size=abc"], "snapkv@x: window_size must be int"),
+        (["--methods", "none", "--adapter", "ccm-concat@x=/no/such.safetensors"], "no adapter file at /no/such"),
+        (["--methods", "none", "--decode-lengths", "abc"], "--decode-lengths takes whole numbers"),
+        (["--methods", "none", "--decode-lengths", "-5"], "1 or more"),
+    ],
+)
+def test_compare_refuses_what_would_fail_or_vanish_mid_grid_before_the_model_loads(monkeypatch, capsys, args, message):
+    """`--budgets ,` dropped every budgeted method without a word; a variant's bad option value or missing adapter
+    stopped the grid at its cell, minutes in; `--decode-lengths -5` timed a history of -5 tokens."""
+    code, out = run_cli(monkeypatch, capsys, "compare", "--model", "/no/such/model", "--tasks", "persona", *args)
+    assert code == 2 and message in " ".join(out.split()), out

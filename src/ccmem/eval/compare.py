@@ -36,7 +36,7 @@ from ccmem.eval.harness import (
     result_records,
 )
 from ccmem.loading import BUILTIN_MODELS, LoadedModel
-from ccmem.registry import method_class
+from ccmem.registry import get_method, method_class
 from ccmem.train.config import DataConfig
 
 
@@ -162,6 +162,14 @@ class CompareSettings:
         for b in self.budgets:
             if not 0 < b <= 1:
                 raise ValueError(f"budgets are shares of the context in (0, 1], got {b}")
+        budgeted = [m for m in self.methods if method_class(base_method(m)).budgeted]
+        if budgeted and not self.budgets:
+            raise ValueError(
+                f"no budget given for {', '.join(budgeted)}: give the shares of the context they keep (--budgets "
+                "1/4,1/8), or leave them out of --methods"
+            )
+        if any(n < 1 for n in self.decode_lengths):
+            raise ValueError(f"decode lengths are history lengths in tokens, 1 or more; got {self.decode_lengths}")
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}")
         if not 0 < self.decode_budget <= 1:
@@ -192,6 +200,27 @@ class Cell:
     @property
     def label(self) -> str:
         return f"{self.task}: {self.method}" + (f" at {budget_text(self.budget)}" if self.budget else "")
+
+
+def check_variants(settings: CompareSettings, model_name: str) -> None:
+    """Refuse, before any cell runs, a method or variant whose option values do not parse (``-O
+    snapkv@x:window_size=abc``) or whose adapter file is missing, unreadable or made otherwise: the grid would
+    otherwise stop at that cell after minutes of the others."""
+    from ccmem.adapter import adapter_path, options_with_adapter, read_adapter
+
+    for name in settings.methods:
+        base = base_method(name)
+        cls = method_class(base)
+        options = settings.options_of(name)
+        if cls.budgeted and settings.budgets:
+            options = options | cls.budget_options(settings.budgets[0])
+        try:
+            get_method(base, **options)
+            path = adapter_path(model_name, base, settings.adapters.get(name))
+            if path is not None and cls.trainable:
+                options_with_adapter(base, read_adapter(path), options)
+        except (ValueError, TypeError, OSError) as err:
+            raise ValueError(f"{name}: {err}") from None
 
 
 def base_method(name: str) -> str:
