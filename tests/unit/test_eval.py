@@ -483,3 +483,44 @@ def test_own_files_folders_of_json_lists_ids_and_a_trailing_comma(tmp_path, monk
     code, text = run_cli(monkeypatch, capsys, "eval", "dialogs", "--path", str(own), "-o", str(own), "--model", "x")
     assert code == 2 and "is the --path data file" in " ".join(text.split())
     assert own.read_text() == json.dumps(record) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"memory_slots": None}, "field 'memory_slots' must be a number"),
+        ({"label": None}, "field 'label' must be text"),
+        ({"dataset": 5}, "field 'dataset' must be text"),
+        ({"accuracy": "high"}, "field 'accuracy' must be a number or null"),
+        ({"examples": "two"}, "field 'examples' must be a whole number"),
+        ({"extra": [1, 2]}, "field 'extra' must be an object"),
+        ({"options": [1]}, "field 'options' must be an object"),
+        ({"extra": {"by": "x"}}, "extra.by must map"),
+        ({"extra": {"by": {"turns": {"5": {"n": 3}}}}}, "extra.by.turns.5 must hold a numeric 'accuracy'"),
+    ],
+)
+def test_report_names_the_file_line_and_field_of_a_row_with_a_wrong_type(
+    monkeypatch, capsys, tmp_path, change, message
+):
+    """Such rows stopped `ccmem report` with "'<' not supported between instances of 'NoneType' and 'float'"."""
+    from dataclasses import asdict
+
+    from tests.unit.test_cli import run_cli
+
+    rows = tmp_path / "rows.jsonl"
+    good = asdict(_row("full", "aaa", 10))
+    rows.write_text(json.dumps(good) + "\n" + json.dumps(good | change) + "\n")
+    code, out = run_cli(monkeypatch, capsys, "report", str(rows), "-o", str(tmp_path / "report"))
+    assert code == 2 and f"{rows}:2: not a ccmem eval row ({message}" in " ".join(out.split()), out
+
+
+def test_report_checks_the_metric_before_writing_anything(tmp_path):
+    """`--metric bogus` was refused after report.md and report.csv were written."""
+    rows = [_row("full", "aaa", 10), _row("none", "aaa", 10)]
+    for metric, message in (
+        ("bogus", "unknown metric 'bogus'"),
+        ("rouge_l", "no row has rouge_l; the rows have accuracy"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            write_report(rows, tmp_path / metric, metric)
+        assert not (tmp_path / metric).exists()

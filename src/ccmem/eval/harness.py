@@ -515,8 +515,40 @@ def read_rows(paths: Sequence[Path]) -> list[EvalRow]:
             missing = [k for k in required if k not in record]
             if missing:
                 raise DatasetFormatError(f"{where}: not a ccmem eval row (missing field {', '.join(missing[:4])})")
+            problem = _row_problem(record)
+            if problem:
+                raise DatasetFormatError(f"{where}: not a ccmem eval row ({problem})")
             rows.append(EvalRow(**{k: v for k, v in record.items() if k in names}))
     return rows
+
+
+def _row_problem(record: dict[str, Any]) -> str | None:
+    """What in a row's fields has a type that :class:`EvalRow` does not hold (``memory_slots: null``, ``extra``
+    a list, a group of ``extra.by`` without its accuracy), or ``None``: the report would fail on it later."""
+
+    def number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    checks: dict[str, tuple[Callable[[Any], bool], str]] = {
+        "str": (lambda v: isinstance(v, str), "text"),
+        "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
+        "float": (number, "a number"),
+        "float | None": (lambda v: v is None or number(v), "a number or null"),
+        "dict[str, Any]": (lambda v: isinstance(v, dict), "an object"),
+    }
+    for f in dataclasses.fields(EvalRow):
+        if f.name in record and str(f.type) in checks:
+            ok, kind = checks[str(f.type)]
+            if not ok(record[f.name]):
+                return f"field {f.name!r} must be {kind}, got {record[f.name]!r}"
+    by = record.get("extra", {}).get("by", {})
+    if not isinstance(by, dict) or not all(isinstance(groups, dict) for groups in by.values()):
+        return "extra.by must map each grouping to its groups"
+    for name, groups in by.items():
+        for value, got in groups.items():
+            if not isinstance(got, dict) or not number(got.get("accuracy")) or not number(got.get("n")):
+                return f"extra.by.{name}.{value} must hold a numeric 'accuracy' and 'n', got {got!r}"
+    return None
 
 
 def result_records(path: Path, what: str) -> Iterator[tuple[str, dict[str, Any]]]:

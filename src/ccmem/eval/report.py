@@ -155,6 +155,19 @@ def pick_metric(rows: Sequence[EvalRow]) -> str:
     )
 
 
+def check_metric(rows: Sequence[EvalRow], metric: str | None) -> str:
+    """The metric to plot: ``metric``, which some row must have, or the first every row has."""
+    if metric is not None and metric not in QUALITY:
+        raise ValueError(f"unknown metric {metric!r}; the quality metrics are {', '.join(QUALITY)}")
+    if metric is None:
+        return pick_metric(rows)
+    if not any(getattr(r, metric) is not None for r in rows):
+        have = [m for m in QUALITY if any(getattr(r, m) is not None for r in rows)]
+        hint = f"the rows have {', '.join(have)} (--metric {have[0]})" if have else "the rows have no quality metric"
+        raise ValueError(f"no row has {metric}; {hint}")
+    return metric
+
+
 def plot(rows: Sequence[EvalRow], path: Path, metric: str | None = None) -> Path:
     """Quality against memory (KV slots, log scale), one line per method through its rows."""
     try:
@@ -164,11 +177,7 @@ def plot(rows: Sequence[EvalRow], path: Path, metric: str | None = None) -> Path
         import matplotlib.pyplot as plt
     except ImportError:
         raise RuntimeError("the plot needs matplotlib: pip install 'ccmem[eval]'") from None
-    if metric is not None and metric not in QUALITY:
-        raise ValueError(f"unknown metric {metric!r}; the quality metrics are {', '.join(QUALITY)}")
-    metric = metric or pick_metric(rows)
-    if not any(getattr(r, metric) is not None for r in rows):
-        raise ValueError(f"no row has {metric}; the rows have {pick_metric(rows)} (--metric {pick_metric(rows)})")
+    metric = check_metric(rows, metric)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     tables = {(r.dataset, r.label) for r in rows}
     # one line per method within each table (dataset and label); its rows at other options are points on it
@@ -197,6 +206,7 @@ def write_report(rows: Sequence[EvalRow], out_dir: Path, metric: str | None = No
     """``report.md``, ``report.csv`` and ``quality_vs_memory.png`` in ``out_dir``."""
     if not rows:
         raise ValueError("no result rows to report")
+    metric = check_metric(rows, metric)  # before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "report.md"
     notes = "".join(f"\n> **Not comparable**: {w}\n" for w in mismatches(rows))
