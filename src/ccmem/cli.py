@@ -95,8 +95,9 @@ OptionsOpt = Annotated[
     typer.Option(
         "--option",
         "-O",
-        help="Method option KEY=VALUE, repeatable (e.g. -O n_tok=2 -O ratio=0.25). With several methods, each "
-        "option goes to the methods that have it. `ccmem methods NAME` lists a method's options.",
+        help="Method option KEY=VALUE, repeatable (e.g. -O n_tok=2 -O ratio=0.25; a list: -O "
+        "lora_targets=[q_proj,v_proj]). Where a command runs several methods, each option goes to the methods that "
+        "have it. `ccmem methods NAME` lists a method's options.",
     ),
 ]
 SystemOpt = Annotated[
@@ -477,6 +478,19 @@ def serve(
     run(engine, host=host, port=port, tokens=tokens, log_level=log_level)
 
 
+def check_persona_shape(k: int, small_talk: int) -> None:
+    """The persona generator's limits, in the options' own names: a dialog holds one fact of each kind and its
+    small talk is drawn without repeats (eval would otherwise cap them silently)."""
+    from ccmem.data import persona
+
+    if k > len(persona.FACTS):
+        raise OptionError(f"--k {k}: persona dialogs hold at most {len(persona.FACTS)} facts (one of each kind)")
+    if small_talk > len(persona.SMALL_TALK):
+        raise OptionError(
+            f"--small-talk {small_talk}: persona dialogs hold at most {len(persona.SMALL_TALK)} small-talk turns"
+        )
+
+
 def _whole_numbers(text: str, option: str) -> list[int]:
     """A comma-separated list of whole numbers, e.g. ``--decode-lengths 128,512``."""
     try:
@@ -848,7 +862,7 @@ def _adapters(specs: list[str] | None) -> dict[str, Path]:
 TEMPLATES_HELP = (
     "dialogs: the fact wordings and kinds, a template file (syntax: ccmem.data.templates) or a packaged bank: "
     "default, or wide (adds exact strings such as e-mail addresses and booking codes, other people's facts, "
-    "more corrections). eval: rows are labelled 'templates NAME' unless --label says otherwise."
+    "more corrections). In `ccmem eval`, rows are labelled 'templates NAME' unless --label says otherwise."
 )
 
 
@@ -997,6 +1011,8 @@ def eval_command(
         )
     storage = _memory_dtype(memory_dtype)
     check_source(source, "--source")
+    if dataset == "persona" and path is None:
+        check_persona_shape(k, small_talk)
     cfg = DataConfig(
         dataset=dataset,
         path=str(path) if path else None,
@@ -1249,7 +1265,12 @@ def report(
         Path, typer.Option("--out-dir", "-o", help="Where report.md, report.csv and the plot go.")
     ] = Path("results/report"),
     metric: Annotated[
-        str | None, typer.Option("--metric", help="Quality metric to plot (default: accuracy if every row has it).")
+        str | None,
+        typer.Option(
+            "--metric",
+            help="Quality metric to plot: accuracy, contains, rouge_l, exact_match or perplexity (default: the first "
+            "of these that every row has).",
+        ),
     ] = None,
 ) -> None:
     """Aggregate eval rows (any mix of methods, datasets, adapters) into markdown/CSV tables and a PNG plot."""
@@ -1465,6 +1486,8 @@ def data(
         raise typer.BadParameter(f"--min-turns sets the length of dialogs; {generator!r} does not read it")
     if min_turns > turns:
         raise typer.BadParameter(f"--min-turns ({min_turns}) must not exceed --turns ({turns})")
+    if generator == "persona":
+        check_persona_shape(k, small_talk)
     if generator in ("persona", "dialogs", "passages"):
         from ccmem.data import dialogs, passages
 

@@ -33,7 +33,15 @@ Ratios = Annotated[
 ]
 Steps = Annotated[int, typer.Option("--train-steps", min=1, help="LoRA finetuning steps per (method, ratio).")]
 Batch = Annotated[int, typer.Option("--batch-size", min=1, help="Finetuning batch size.")]
-Lr = Annotated[float, typer.Option("--lr", help="Finetuning learning rate.")]
+
+
+def _positive(value: float) -> float:
+    if not value > 0:  # nan too
+        raise typer.BadParameter(f"must be positive, got {value}")
+    return value
+
+
+Lr = Annotated[float, typer.Option("--lr", help="Finetuning learning rate (positive).", callback=_positive)]
 Wikitext = Annotated[
     Path | None,
     typer.Option(

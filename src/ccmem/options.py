@@ -94,4 +94,5 @@ def coerce(key: str, kind: Any, value: Any) -> Any:
             return {str(k): coerce(f"{key}.{k}", value_type, v) for k, v in value.items()}
         if origin in (str, bool) and type(value) is origin:
             return value
-    raise OptionError(f"{key} must be {type_name(kind)}, got {value!r}")
+    hint = f" (a list: {key}=[{value}, ...])" if any(_allows(kind, t) for t in (list, tuple)) else ""
+    raise OptionError(f"{key} must be {type_name(kind)}, got {value!r}{hint}")

@@ -58,6 +58,10 @@ def test_methods_lists_the_registry(monkeypatch, capsys):
         (["train", "persona-ccm-concat", "train.learning_rate=1e-4"], "did you mean 'train.lr'?"),
         (["train", "persona-concat"], "did you mean 'persona-ccm-concat'?"),
         (["train", "persona-ccm-concat", "method.n_tok=four"], "method.n_tok must be int, got 'four'"),
+        (
+            ["chat", "--method", "ccm-concat", "-O", "lora_targets=q_proj", "--model", "none-model"],
+            "got 'q_proj' (a list: lora_targets=[q_proj, ...])",
+        ),
         (["eval", "persona", "--methods", "full,ccm-foo"], "unknown method 'ccm-foo'"),
         (["eval", "metaicl", "--methods", "full"], "set data.path to the downloaded folder"),
         (["data", "nonsense", "-o", "x"], "unknown generator 'nonsense'"),
@@ -649,3 +653,13 @@ def test_compress_says_in_its_own_options_why_a_text_does_not_fit(monkeypatch, c
         assert code == 2 and said in " ".join(out.split()) and "reset()" not in out, out
     code, out = run_cli(monkeypatch, capsys, "compress", *common, "--method", "ccm-concat", "--chunk-tokens", "100")
     assert code == 0 and "600 tokens in" in out, out  # past the 256 positions, chunk by chunk
+
+
+def test_persona_limits_are_said_in_the_options_names(monkeypatch, capsys, tmp_path):
+    """eval persona --k 100 silently made 7-fact dialogs; data persona refused it as "facts_per_dialog ... (1, 100)"."""
+    for command in (["eval", "persona", "--model", "/no/such/model"], ["data", "persona", "-o", str(tmp_path)]):
+        code, out = run_cli(monkeypatch, capsys, *command, "--k", "100")
+        assert code == 2 and "--k 100: persona dialogs hold at most 7 facts" in " ".join(out.split()), out
+        code, out = run_cli(monkeypatch, capsys, *command, "--small-talk", "50")
+        assert code == 2 and "--small-talk 50: persona dialogs hold at most 8" in " ".join(out.split()), out
+    assert not list(tmp_path.iterdir())

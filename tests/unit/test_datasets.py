@@ -156,7 +156,7 @@ def test_dialog_releases_are_found_in_their_own_folder_layouts(tmp_path):
 
 
 def test_missing_paths_and_unknown_datasets_are_explained(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"data.path .* does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"does not exist \(the data path: --path, or data.path"):
         load_examples(DataConfig(dataset="soda", path=str(tmp_path / "nope")), "train")
     with pytest.raises(ValueError, match=r"set data.path"):
         load_examples(DataConfig(dataset="soda"), "train")

@@ -131,3 +131,7 @@ def test_the_cli_lists_both_claims_and_refuses_a_bad_ratio(tmp_path):
     bad = runner.invoke(app, ["repro", "sentinel", "ppl", "--ratios", "0.5,1.2", "-o", str(tmp_path)])
     assert bad.exit_code != 0 and "compression ratios in [0, 1)" in bad.output
     assert not json.dumps(bad.output).count("Traceback")
+    # --lr -1 was refused as "train.lr must be positive" after the first perplexity was measured
+    bad = runner.invoke(app, ["repro", "sentinel", "ppl", "--lr", "-1", "-o", str(tmp_path / "lr")])
+    assert bad.exit_code == 2 and "--lr" in bad.output and "must be positive" in bad.output
+    assert not (tmp_path / "lr").exists()

@@ -359,7 +359,7 @@ def load_examples(cfg: DataConfig, split: str = "train") -> list[MemoryExample]:
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise UnknownDatasetError(f"unknown dataset {cfg.dataset!r}; {hint}datasets: {', '.join(LOADERS)}") from None
     if cfg.path and not Path(cfg.path).exists():
-        raise FileNotFoundError(f"data.path {cfg.path} does not exist")
+        raise FileNotFoundError(f"{cfg.path} does not exist (the data path: --path, or data.path in training)")
     if cfg.path and cfg.dataset == "mixture":
         raise ValueError(
             "dataset 'mixture' draws from its families' generators and reads no data.path; read a file with its "
