@@ -85,6 +85,22 @@ def test_metaicl_context_is_k_demonstrations_and_test_reads_test_file():
     assert len(sst[0].context) == 4 and sst[0].context[0] == "a gripping, beautifully acted film\npositive\n\n"
 
 
+def test_metaicl_reads_the_files_of_the_seed_asked_for_and_says_which_it_took(tmp_path, caplog):
+    """The first file in name order was read whatever the seed ("100" sorts before "13"), and a test query with
+    fewer demonstrations than k got no word."""
+    task = tmp_path / "taskA"
+    task.mkdir()
+    for seed in (13, 100):
+        record = {"input": f"seed {seed} demo", "output": "yes", "options": ["yes", "no"]}
+        (task / f"taskA_16_{seed}_train.jsonl").write_text((json.dumps(record) + "\n") * 4)
+        (task / f"taskA_16_{seed}_test.jsonl").write_text(json.dumps(record | {"input": f"seed {seed} q"}) + "\n")
+    chosen = load_examples(DataConfig(dataset="metaicl", path=str(tmp_path), k=8, seed=13), "test")
+    assert chosen[0].query.startswith("seed 13") and chosen[0].context[0].startswith("seed 13")
+    assert "4 training records, so each test query has 4 demonstrations, not k=8" in caplog.text
+    default = load_examples(DataConfig(dataset="metaicl", path=str(tmp_path), k=2, seed=0), "test")
+    assert default[0].query.startswith("seed 100") and "reading seed 100's" in caplog.text
+
+
 def test_generated_splits_never_share_items_and_are_seeded(tmp_path):
     train_words = {e.query for e in icl.examples(200, "train", k=2)} | {
         c.split("\n")[0] for e in icl.examples(200, "test", k=4) for c in e.context

@@ -116,8 +116,35 @@ def split_file(folder: Path, split: str, suffixes: tuple[str, ...] = (".jsonl", 
 # ---------------------------------------------------------------------------- MetaICL
 
 
-def metaicl(folder: Path, split: str, k: int) -> list[MemoryExample]:
-    """Every task folder under ``folder``: ``k`` train demonstrations as context, each test record as a query."""
+#: The seed MetaICL evaluates with by default: the files a folder with several seeds is read from, unless asked.
+METAICL_DEFAULT_SEED = 100
+
+
+def _metaicl_train_file(task_dir: Path, seed: int | None) -> Path:
+    """The ``<task>_<k>_<seed>_train.jsonl`` of ``task_dir`` to read: the one of ``seed``; else the only one; else
+    MetaICL's default seed 100 (or the smallest seed), said in the log."""
+    pattern = re.compile(rf"{re.escape(task_dir.name)}_(\d+)_(\d+)_train\.jsonl")
+    found = {}
+    for path in task_dir.glob(f"{task_dir.name}_*_train.jsonl"):
+        match = pattern.fullmatch(path.name)
+        found.setdefault(int(match.group(2)) if match else -1, []).append(path)
+    if not found:
+        raise FileNotFoundError(f"{task_dir}: no {task_dir.name}_<k>_<seed>_train.jsonl")
+    if seed is not None and seed in found:
+        return sorted(found[seed])[0]
+    if len(found) == 1:
+        return sorted(next(iter(found.values())))[0]
+    chosen = METAICL_DEFAULT_SEED if METAICL_DEFAULT_SEED in found else min(found)
+    logger.warning(
+        "%s: files of seeds %s and none of seed %s; reading seed %d's (MetaICL's default; --seed or data.seed "
+        "chooses another)", task_dir, ", ".join(str(s) for s in sorted(found) if s >= 0), seed, chosen,
+    )  # fmt: skip
+    return sorted(found[chosen])[0]
+
+
+def metaicl(folder: Path, split: str, k: int, seed: int | None = None) -> list[MemoryExample]:
+    """Every task folder under ``folder``: ``k`` train demonstrations as context, each test record as a query
+    (the train/dev/test files of ``seed``, see :func:`_metaicl_train_file`)."""
     tasks = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
     if not tasks:
         raise FileNotFoundError(
@@ -125,9 +152,7 @@ def metaicl(folder: Path, split: str, k: int) -> list[MemoryExample]:
         )
     examples = []
     for task_dir in tasks:
-        train_files = sorted(task_dir.glob(f"{task_dir.name}_*_train.jsonl"))
-        if not train_files:
-            raise FileNotFoundError(f"{task_dir}: no {task_dir.name}_<k>_<seed>_train.jsonl")
+        train_files = [_metaicl_train_file(task_dir, seed)]
         demos = [_metaicl_record(r, w) for w, r in read_records(train_files[0])]
         if split == "train":  # each training record is the query once, with k other records as demonstrations
             if len(demos) - 1 < k:
@@ -152,6 +177,11 @@ def metaicl(folder: Path, split: str, k: int) -> list[MemoryExample]:
             raise FileNotFoundError(f"{task_dir}: no {prefix}_{'/'.join(wanted)}.jsonl")
         if split == "validation" and target.name.endswith("_test.jsonl"):
             logger.warning("%s: no %s_dev.jsonl, so the test file validates (early stopping sees it)", task_dir, prefix)
+        if len(demos) < k:
+            logger.warning(
+                "%s: %d training records, so each test query has %d demonstrations, not k=%d",
+                train_files[0], len(demos), len(demos), k,
+            )  # fmt: skip
         context = [_demo(x, y) for x, y, _ in demos[:k]]
         records = [_metaicl_record(r, w) for w, r in read_records(target)]
         with_options = sum(bool(options) for _, _, options in records)

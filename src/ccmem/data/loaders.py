@@ -194,7 +194,7 @@ def _path(cfg: DataConfig, split: str) -> Path:
 def _unified(cfg: DataConfig, split: str) -> list[MemoryExample]:
     """MetaICL and SODA mixed (``data.path`` holds ``metaicl/`` and ``soda/``), alternating so batches see both."""
     root = _path(cfg, split)
-    icl = formats.metaicl(root / "metaicl", split, cfg.k)
+    icl = formats.metaicl(root / "metaicl", split, cfg.k, cfg.seed)
     chat = formats.dialogs(root / "soda", split, "dialogue", cfg.k, "soda")
     mixed: list[MemoryExample] = []
     for i in range(max(len(icl), len(chat))):
@@ -204,7 +204,7 @@ def _unified(cfg: DataConfig, split: str) -> list[MemoryExample]:
 
 def _icl(cfg: DataConfig, split: str) -> list[MemoryExample]:
     if cfg.path:
-        return formats.metaicl(_path(cfg, split), split, cfg.k)
+        return formats.metaicl(_path(cfg, split), split, cfg.k, cfg.seed)
     n = cfg.n_train if split == "train" else cfg.n_eval
     return icl.examples(n, split, k=cfg.k, seed=cfg.seed)
 
@@ -246,7 +246,7 @@ READS_EVAL_PATH = ("gsm8k",)
 LOADERS: dict[str, Loader] = {
     "persona": _persona,
     "icl": _icl,
-    "metaicl": lambda cfg, split: formats.metaicl(_path(cfg, split), split, cfg.k),
+    "metaicl": lambda cfg, split: formats.metaicl(_path(cfg, split), split, cfg.k, cfg.seed),
     "lamp2": lambda cfg, split: formats.lamp2(_path(cfg, split), split, cfg.k),
     "dailydialog": lambda cfg, split: formats.dialogs(_path(cfg, split), split, "dialog", cfg.k, "dailydialog"),
     "soda": lambda cfg, split: formats.dialogs(_path(cfg, split), split, "dialogue", cfg.k, "soda"),
