@@ -1470,6 +1470,9 @@ def data(
     ] = "wiki",
     tasks: Annotated[int, typer.Option("--tasks", min=1, help="icl: number of tasks.")] = 20,
     seed: Annotated[int, typer.Option("--seed", help="Generator seed (same seed, same files).")] = 0,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the dataset files already in --out (else they are kept).")
+    ] = False,
 ) -> None:
     """Write an offline dataset to files in the format its loader reads (persona-format JSONL, or MetaICL's layout).
 
@@ -1488,6 +1491,14 @@ def data(
         raise typer.BadParameter(f"--min-turns ({min_turns}) must not exceed --turns ({turns})")
     if generator == "persona":
         check_persona_shape(k, small_talk)
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"--out {out} is a file; give a folder for the dataset files")
+    held = sorted(out.glob("*.jsonl") if generator != "icl" else out.glob("*/*_train.jsonl")) if out.is_dir() else []
+    if held and not overwrite:
+        raise OptionError(
+            f"--out {out} already holds a dataset ({', '.join(p.name for p in held[:3])}); give --overwrite to "
+            "replace it, or another folder"
+        )
     if generator in ("persona", "dialogs", "passages"):
         from ccmem.data import dialogs, passages
 

@@ -663,3 +663,17 @@ def test_persona_limits_are_said_in_the_options_names(monkeypatch, capsys, tmp_p
         code, out = run_cli(monkeypatch, capsys, *command, "--small-talk", "50")
         assert code == 2 and "--small-talk 50: persona dialogs hold at most 8" in " ".join(out.split()), out
     assert not list(tmp_path.iterdir())
+
+
+def test_data_keeps_a_dataset_already_in_its_folder_unless_told_to_replace_it(monkeypatch, capsys, tmp_path):
+    """`ccmem data persona -o FOLDER` replaced a train.jsonl already there without a word; `-o FILE` said "[Errno 17]"."""
+    mine = tmp_path / "train.jsonl"
+    mine.write_text("my own data\n")
+    args = ["data", "persona", "-o", str(tmp_path), "--n-train", "2", "--n-test", "2"]
+    code, out = run_cli(monkeypatch, capsys, *args)
+    assert code == 2 and "already holds a dataset (train.jsonl)" in " ".join(out.split())
+    assert mine.read_text() == "my own data\n"
+    code, out = run_cli(monkeypatch, capsys, *args, "--overwrite")
+    assert code == 0 and mine.read_text() != "my own data\n"
+    code, out = run_cli(monkeypatch, capsys, "data", "icl", "-o", str(mine), "--tasks", "1")
+    assert code == 2 and "is a file; give a folder" in " ".join(out.split())
