@@ -1280,6 +1280,8 @@ def report(
     rows, repeated = latest_rows(read_rows(results))
     if repeated:
         err_console.print(f"note: {repeated} rows were measured again later (reruns); the latest of each is shown")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OptionError(f"--out-dir {out_dir} is a file; give a folder for report.md, report.csv and the plot")
     paths = write_report(rows, out_dir, metric)
     console.print(markdown(rows) + group_markdown(rows), highlight=False, markup=False, soft_wrap=True)
     for warning in mismatches(rows):

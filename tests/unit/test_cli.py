@@ -666,7 +666,8 @@ def test_persona_limits_are_said_in_the_options_names(monkeypatch, capsys, tmp_p
 
 
 def test_data_keeps_a_dataset_already_in_its_folder_unless_told_to_replace_it(monkeypatch, capsys, tmp_path):
-    """`ccmem data persona -o FOLDER` replaced a train.jsonl already there without a word; `-o FILE` said "[Errno 17]"."""
+    """`ccmem data persona -o FOLDER` replaced a train.jsonl already there without a word; `-o FILE` said
+    "[Errno 17]"."""
     mine = tmp_path / "train.jsonl"
     mine.write_text("my own data\n")
     args = ["data", "persona", "-o", str(tmp_path), "--n-train", "2", "--n-test", "2"]
