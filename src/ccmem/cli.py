@@ -1277,6 +1277,7 @@ def report(
     from ccmem.eval.harness import read_rows
     from ccmem.eval.report import group_markdown, latest_rows, markdown, mismatches, write_report
 
+    results = list({path.resolve(): path for path in results}.values())  # a file named twice is read once
     rows, repeated = latest_rows(read_rows(results))
     if repeated:
         err_console.print(f"note: {repeated} rows were measured again later (reruns); the latest of each is shown")

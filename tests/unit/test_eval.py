@@ -420,6 +420,18 @@ def test_report_shows_a_rerun_measurement_once(monkeypatch, capsys, tmp_path):
     assert code == 0 and "1 rows were measured again later (reruns)" in out
     lines = [line for line in (tmp_path / "report" / "report.md").read_text().splitlines() if line.startswith("| ")]
     assert [line.split("|")[1].strip() for line in lines[1:]] == ["full", "none"] and "0.250" in lines[1]
+    # the same file named twice is no rerun
+    code, out = run_cli(monkeypatch, capsys, "report", str(path), str(path), "-o", str(tmp_path / "twice"))
+    assert code == 0 and "1 rows were measured again later (reruns)" in out
+
+
+def test_report_names_the_budget_of_compare_rows():
+    """compare's four snapkv rows (one per budget) were all labelled `snapkv` in `ccmem report`."""
+    from ccmem.eval.report import method_label
+
+    row = _row("snapkv", "aaa", 10)
+    row.budget = 0.125
+    assert method_label(row) == "snapkv (budget=0.125)"
 
 
 def test_reports_name_each_rows_options_and_write_plain_json(tmp_path):

@@ -66,8 +66,10 @@ def markdown(rows: Sequence[EvalRow]) -> str:
 
 
 def method_label(row: EvalRow) -> str:
-    """The method with the options it ran with (two snapkv rows of other ratios looked the same)."""
-    given = ", ".join(f"{k}={v}" for k, v in sorted(row.options.items()))
+    """The method with the options it ran with (two snapkv rows of other ratios looked the same) and, for a
+    ``ccmem compare`` row, the budget it kept."""
+    pairs = sorted(row.options.items()) + ([("budget", f"{row.budget:g}")] if row.budget is not None else [])
+    given = ", ".join(f"{k}={v}" for k, v in pairs)
     return display_method(row) + (f" ({given})" if given else "")
 
 
