@@ -124,7 +124,7 @@ def _metaicl_train_file(task_dir: Path, seed: int | None) -> Path:
     """The ``<task>_<k>_<seed>_train.jsonl`` of ``task_dir`` to read: the one of ``seed``; else the only one; else
     MetaICL's default seed 100 (or the smallest seed), said in the log."""
     pattern = re.compile(rf"{re.escape(task_dir.name)}_(\d+)_(\d+)_train\.jsonl")
-    found = {}
+    found: dict[int, list[Path]] = {}
     for path in task_dir.glob(f"{task_dir.name}_*_train.jsonl"):
         match = pattern.fullmatch(path.name)
         found.setdefault(int(match.group(2)) if match else -1, []).append(path)
