@@ -98,7 +98,7 @@ def test_metaicl_reads_the_files_of_the_seed_asked_for_and_says_which_it_took(tm
     assert chosen[0].query.startswith("seed 13") and chosen[0].context[0].startswith("seed 13")
     assert "4 training records, so each test query has 4 demonstrations, not k=8" in caplog.text
     default = load_examples(DataConfig(dataset="metaicl", path=str(tmp_path), k=2, seed=0), "test")
-    assert default[0].query.startswith("seed 100") and "reading seed 100's" in caplog.text
+    assert default[0].query.startswith("seed 100") and "none of seed 0; read seed 100's" in caplog.text
 
 
 def test_generated_splits_never_share_items_and_are_seeded(tmp_path):

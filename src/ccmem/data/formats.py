@@ -120,9 +120,10 @@ def split_file(folder: Path, split: str, suffixes: tuple[str, ...] = (".jsonl", 
 METAICL_DEFAULT_SEED = 100
 
 
-def _metaicl_train_file(task_dir: Path, seed: int | None) -> Path:
+def _metaicl_train_file(task_dir: Path, seed: int | None) -> tuple[Path, int | None]:
     """The ``<task>_<k>_<seed>_train.jsonl`` of ``task_dir`` to read: the one of ``seed``; else the only one; else
-    MetaICL's default seed 100 (or the smallest seed), said in the log."""
+    MetaICL's default seed 100 (or the smallest seed), whose number is returned too (``None`` when no choice was
+    made), so that the caller says it once for all tasks."""
     pattern = re.compile(rf"{re.escape(task_dir.name)}_(\d+)_(\d+)_train\.jsonl")
     found: dict[int, list[Path]] = {}
     for path in task_dir.glob(f"{task_dir.name}_*_train.jsonl"):
@@ -131,15 +132,11 @@ def _metaicl_train_file(task_dir: Path, seed: int | None) -> Path:
     if not found:
         raise FileNotFoundError(f"{task_dir}: no {task_dir.name}_<k>_<seed>_train.jsonl")
     if seed is not None and seed in found:
-        return sorted(found[seed])[0]
+        return sorted(found[seed])[0], None
     if len(found) == 1:
-        return sorted(next(iter(found.values())))[0]
+        return sorted(next(iter(found.values())))[0], None
     chosen = METAICL_DEFAULT_SEED if METAICL_DEFAULT_SEED in found else min(found)
-    logger.warning(
-        "%s: files of seeds %s and none of seed %s; reading seed %d's (MetaICL's default; --seed or data.seed "
-        "chooses another)", task_dir, ", ".join(str(s) for s in sorted(found) if s >= 0), seed, chosen,
-    )  # fmt: skip
-    return sorted(found[chosen])[0]
+    return sorted(found[chosen])[0], chosen
 
 
 def metaicl(folder: Path, split: str, k: int, seed: int | None = None) -> list[MemoryExample]:
@@ -151,8 +148,12 @@ def metaicl(folder: Path, split: str, k: int, seed: int | None = None) -> list[M
             f"{folder}: expected one folder per MetaICL task (data/<task>/<task>_16_100_train.jsonl)"
         )
     examples = []
+    chosen: dict[int, list[str]] = {}  # seed read instead of ``seed`` -> the tasks it was read for
     for task_dir in tasks:
-        train_files = [_metaicl_train_file(task_dir, seed)]
+        train_file, fallback = _metaicl_train_file(task_dir, seed)
+        if fallback is not None:
+            chosen.setdefault(fallback, []).append(task_dir.name)
+        train_files = [train_file]
         demos = [_metaicl_record(r, w) for w, r in read_records(train_files[0])]
         if split == "train":  # each training record is the query once, with k other records as demonstrations
             if len(demos) - 1 < k:
@@ -194,6 +195,12 @@ def metaicl(folder: Path, split: str, k: int, seed: int | None = None) -> list[M
             examples.append(
                 MemoryExample(f"{task_dir.name}-{split}-{i}", context, query, answer, options, False, task_dir.name)
             )
+    for read, names in sorted(chosen.items()):
+        logger.warning(
+            "%s: %d task folder(s) (%s) have files of several seeds, none of seed %s; read seed %d's (MetaICL's "
+            "default; --seed or data.seed chooses another)",
+            folder, len(names), ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""), seed, read,
+        )  # fmt: skip
     return examples
 
 
