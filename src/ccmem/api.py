@@ -204,6 +204,8 @@ class CompressedLM:
     @_one_at_a_time
     def add_ids(self, ids: torch.Tensor | Sequence[int], *, progress: Progress | None = None) -> Memory:
         """Compress context given as token ids (the method decides how to cut it); ``progress`` as for :meth:`add`."""
+        if progress is not None and not callable(progress):
+            raise ValueError(f"progress must be a function progress(done, total), got {type(progress).__name__}")
         ids = self._check_ids(ids, "context")
         if ids.numel() == 0:
             raise ValueError("nothing to add: no tokens")
@@ -270,6 +272,7 @@ class CompressedLM:
         except ValueError as err:
             raise MemoryMismatchError(f"{where} is damaged or hand-edited: {err}") from None
 
+    @_one_at_a_time  # not halfway through another thread's reset() or add()
     def fork(self) -> CompressedLM:
         """A session with the same model, method and (immutable) memory whose later changes are its own."""
         twin = copy.copy(self)
@@ -380,7 +383,10 @@ class CompressedLM:
 
         ``reduce``: ``"sum"`` over the option's tokens, or ``"mean"`` (length-normalised); see :meth:`score_ids`.
         """
-        if isinstance(options, str) or not options or any(not isinstance(o, str) or not o for o in options):
+        if isinstance(options, str | bytes | set | frozenset | dict):  # a set has no order to match scores to
+            raise ValueError("give options as a list of non-empty strings, e.g. score(prompt, ['yes', 'no'])")
+        options = list(options) if options is not None else []  # a generator or array, read once
+        if not options or any(not isinstance(o, str) or not o for o in options):
             raise ValueError("give options as a list of non-empty strings, e.g. score(prompt, ['yes', 'no'])")
         ids = [self.lm.tokenizer.encode(o, add_special_tokens=False) for o in options]
         return self.score_ids(self.query_ids(prompt), ids, reduce=reduce)
@@ -442,6 +448,8 @@ def score_batch(
     item is a row of one padded forward (each row reads its own memory, as :func:`ccmem.methods.base.read_batch`)."""
     if reduce not in SCORE_REDUCTIONS:
         raise ValueError(f"reduce must be one of {SCORE_REDUCTIONS}, got {reduce!r}")
+    if not items:
+        raise ValueError("nothing to score: give at least one (memory, query, options) item")
     for _, query, options in items:
         if not options or any(len(o) == 0 for o in options):
             raise ValueError("give at least one option, and no empty option")
@@ -523,6 +531,7 @@ def generate_batch(
     """:meth:`CompressedLM.generate` for several sessions at once: the same answers as one at a time, decoded in
     one padded forward per step (:func:`ccmem.generation.decode_batch`). The sessions must share one loaded
     model and one method (same options and adapter); ``max_new_tokens`` and ``seed`` may be given per session."""
+    _check_batch_args(sessions, prompts, "prompt")
     if not sessions or len(prompts) != len(sessions):
         raise ValueError(f"give one prompt per session ({len(sessions)} sessions, {len(prompts)} prompts)")
     _check_shared(sessions, "batched generation")
@@ -554,8 +563,15 @@ def add_batch(sessions: Sequence[CompressedLM], contexts: Sequence[Sequence[Mess
     Each session's memory and history change only if every session's context goes in; a context longer than the
     model's positions goes in part by part, re-based between parts, as :meth:`CompressedLM.add` does.
     """
+    _check_batch_args(sessions, contexts, "message list")
     if not sessions or len(contexts) != len(sessions):
         raise ValueError(f"give one message list per session ({len(sessions)} sessions, {len(contexts)} lists)")
+    for i, context in enumerate(contexts):
+        if isinstance(context, str | dict):
+            raise ValueError(
+                f"context {i} is {type(context).__name__}; add_batch takes one list of chat messages per session, "
+                "e.g. [[{'role': 'user', 'content': '...'}], ...]"
+            )
     _check_shared(sessions, "batched compression")
     first = sessions[0]
     messages = [check_messages(list(c)) for c in contexts]
@@ -571,6 +587,15 @@ def add_batch(sessions: Sequence[CompressedLM], contexts: Sequence[Sequence[Mess
             s.memory = memory
             s.history = s.history + m
     return memories
+
+
+def _check_batch_args(sessions: Any, items: Any, what: str) -> None:
+    """Refuse a batch call given one session, or one text where a list of them is due (a string is a sequence:
+    each character would have been answered as a prompt of its own)."""
+    if isinstance(sessions, CompressedLM) or not isinstance(sessions, Sequence):
+        raise ValueError(f"give the sessions as a list (one {what} each), e.g. [session_a, session_b]")
+    if isinstance(items, str | bytes | dict) or not isinstance(items, Sequence):
+        raise ValueError(f"give a list with one {what} per session, e.g. ['first', 'second']")
 
 
 def _each(value: Any, n: int) -> list[Any]:

@@ -379,6 +379,21 @@ def check_attn_implementation(name: str) -> None:
         )
 
 
+#: The dtypes a model can be loaded in (``dtype=``), by name and as torch dtypes.
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _check_dtype(dtype: Any) -> torch.dtype | None:
+    """``dtype`` as a torch dtype (a name such as ``"bfloat16"`` is accepted); anything else is refused by name."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str) and dtype.strip().lower().removeprefix("torch.") in MODEL_DTYPES:
+        return MODEL_DTYPES[dtype.strip().lower().removeprefix("torch.")]
+    if isinstance(dtype, torch.dtype) and dtype in MODEL_DTYPES.values():
+        return dtype
+    raise ValueError(f"dtype {dtype!r} is not one a model computes in; give one of {', '.join(MODEL_DTYPES)}")
+
+
 def _device_and_dtype(
     attn_implementation: str, device: str | torch.device | None, dtype: torch.dtype | None
 ) -> tuple[torch.device, torch.dtype]:
@@ -415,6 +430,7 @@ def load_model(
         )
     spec = str(spec)
     check_attn_implementation(attn_implementation)
+    dtype = _check_dtype(dtype)
     where, dtype = _device_and_dtype(attn_implementation, device, dtype)
     load_kw: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation, **kwargs}
     with _weights_bar(shown=spec not in BUILTIN_MODELS and sys.stderr.isatty()):

@@ -166,3 +166,17 @@ def test_a_system_prompt_that_is_not_text_and_a_batch_of_models_are_refused(tmp_
     session.add("some context")
     path = session.save_memory(tmp_path / "m.safetensors", dtype=torch.float16)  # a torch dtype, as load() takes
     assert ccmem.load(lm, "full", system_prompt="Hi.").load_memory(path).num_slots == session.memory.num_slots
+
+
+def test_fork_waits_for_a_reset_in_another_thread():
+    """fork() took no turn: a copy made while reset() re-read the system prompt held an empty history and memory,
+    and its next add rendered the chat template's default system prompt into the memory, without an error."""
+    session = ccmem.load(tiny_model(), "full", system_prompt="Hi.")
+    forked = []
+    with session._lock:  # another call (a reset) is under way on this session
+        thread = threading.Thread(target=lambda: forked.append(session.fork()))
+        thread.start()
+        thread.join(timeout=0.5)
+        assert thread.is_alive() and not forked  # fork waits its turn
+    thread.join()
+    assert forked[0].history == session.history and forked[0].memory is session.memory

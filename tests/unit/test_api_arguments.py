@@ -1,0 +1,47 @@
+"""The Python API's arguments: a wrong kind of value is a ValueError that says what to give, never a result
+computed from a misread argument or an error from inside torch."""
+
+from __future__ import annotations
+
+import pytest
+
+import ccmem
+from ccmem.api import add_batch, generate_batch, score_batch
+from ccmem.loading import load_model
+from tests.conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def sessions():
+    lm = tiny_model()
+    first = ccmem.load(lm, "full", system_prompt="Hi.")
+    return first, first.fork()
+
+
+def test_a_text_where_a_list_is_due_is_refused_not_read_letter_by_letter(sessions):
+    """generate_batch([a, b], "ab") answered the prompts "a" and "b"."""
+    with pytest.raises(ValueError, match="one prompt per session"):
+        generate_batch(list(sessions), "ab", 2)
+    with pytest.raises(ValueError, match="sessions as a list"):
+        generate_batch(sessions[0], ["Q"], 2)
+    with pytest.raises(ValueError, match="context 0 is str; add_batch takes one list of chat messages"):
+        add_batch(list(sessions), ["hello there", "hi"])
+
+
+def test_options_must_be_an_ordered_list_and_may_come_from_a_generator(sessions):
+    """A set was scored in an order of its own; a generator was used up by the check and called empty."""
+    session = sessions[0]
+    with pytest.raises(ValueError, match="list of non-empty strings"):
+        session.score("Q?", {"yes", "no"})
+    scores = session.score("Q?", (o for o in ["yes", "no"]))
+    assert scores == session.score("Q?", ["yes", "no"])
+    with pytest.raises(ValueError, match="nothing to score"):
+        score_batch(session.lm, session.method, [])
+
+
+def test_progress_that_is_no_function_and_a_dtype_no_model_computes_in_are_refused(sessions):
+    with pytest.raises(ValueError, match=r"progress must be a function progress\(done, total\)"):
+        sessions[0].fork().add("some text", progress=5)
+    for dtype in ("bogus", "int8"):
+        with pytest.raises(ValueError, match="not one a model computes in; give one of float32, bfloat16"):
+            load_model("smollm2-135m", dtype=dtype)
