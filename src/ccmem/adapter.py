@@ -301,8 +301,8 @@ def check_state_kind(method: Method, lm: LoadedModel, adapter: Adapter) -> None:
     module = method.module_for(lm)
     if adapter.method != method.name and module is not None and not set(module.state_dict()) & set(adapter.tensors):
         raise AdapterMismatchError(
-            f"{adapter.path} is a {adapter.method} adapter, and {method.name} cannot start from it (their trainable "
-            f"states differ); give a {method.name} adapter"
+            f"{adapter.path} is {_a(adapter.method)} adapter, and {method.name} cannot start from it (their trainable "
+            f"states differ); give {_a(method.name)} adapter"
         )
 
 
@@ -343,3 +343,8 @@ def load_adapter(method: Method, lm: LoadedModel, adapter: Adapter) -> None:
     with torch.no_grad():
         module.load_state_dict({k: v.to(expected[k].dtype) for k, v in adapter.tensors.items()})
     method.adapter_hash = adapter.hash
+
+
+def _a(name: str) -> str:
+    """``a gist``, ``an icformer``: the article a method's name takes (by its first letter)."""
+    return ("an " if name[:1].lower() in "aeiou" else "a ") + name

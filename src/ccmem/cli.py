@@ -251,7 +251,7 @@ def demo(
 ) -> None:
     """Run the pre-defined conversations with every method and print answers, memory and time side by side."""
     from ccmem.demo import run_demo
-    from ccmem.eval.harness import check_options_apply, options_for
+    from ccmem.eval.harness import check_adapters, check_options_apply, options_for
     from ccmem.loading import load_model
     from ccmem.registry import get_method
 
@@ -260,6 +260,11 @@ def demo(
     check_options_apply(names, options)
     for name in names:
         get_method(name, **options_for(name, options))  # fail fast on a typo, with the list of valid names
+    check_adapters(model, names, options)  # an option the shipped adapter contradicts, before any method runs
+    if out is not None:
+        if out.is_dir():
+            raise OptionError(f"--out {out} is a directory; give a .jsonl file such as {out / 'demo.jsonl'}")
+        out.parent.mkdir(parents=True, exist_ok=True)
     with console.status(f"loading {model}..."):
         lm = load_model(model, attn_implementation=attn)
     names = _check_methods(lm, names, options, skip=methods is None)
@@ -317,7 +322,8 @@ def demo(
         console.print(
             f"[yellow]{', '.join(sorted(untrained))}: no trained adapter ships for {model} yet, so these rows "
             "show the method untrained (what it keeps of the context is not what it was made to keep). Train one "
-            "with the method's training recipe (ccmem train --help), then pass it with --adapter.[/]"
+            "with the method's training recipe (ccmem train --help), then evaluate it with `ccmem eval --adapter "
+            "METHOD=PATH` or `ccmem compare --adapter METHOD=PATH`.[/]"
         )
 
 
@@ -855,6 +861,8 @@ def _adapters(specs: list[str] | None) -> dict[str, Path]:
             raise typer.BadParameter(
                 f"--adapter {spec!r} must look like METHOD=PATH, e.g. ccm-concat=runs/x/adapter.safetensors"
             )
+        if method.strip() in adapters:
+            raise typer.BadParameter(f"--adapter names {method.strip()} twice; give one file per method")
         adapters[method.strip()] = Path(path)
     return adapters
 

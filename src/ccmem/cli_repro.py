@@ -103,6 +103,9 @@ def check_out_dir(out_dir: Path, names: list[str], overwrite: bool) -> None:
     ``--overwrite`` says so."""
     if out_dir.exists() and not out_dir.is_dir():
         raise typer.BadParameter(f"-o {out_dir} is a file, not a folder; give a folder for the results")
+    blocked = next((p for p in out_dir.parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:  # found before the work, not when the results are written
+        raise typer.BadParameter(f"-o {out_dir}: {blocked} is a file, so no folder can be made there")
     there = [name for name in names if (out_dir / name).exists()]
     if there and not overwrite:
         raise typer.BadParameter(

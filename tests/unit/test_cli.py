@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer
 from rich.console import Console
 
 import ccmem
@@ -678,3 +679,33 @@ def test_data_keeps_a_dataset_already_in_its_folder_unless_told_to_replace_it(mo
     assert code == 0 and mine.read_text() != "my own data\n"
     code, out = run_cli(monkeypatch, capsys, "data", "icl", "-o", str(mine), "--tasks", "1")
     assert code == 2 and "is a file; give a folder" in " ".join(out.split())
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_the_work(monkeypatch, capsys, tmp_path):
+    """stream and repro ran to the end and then failed to make -o under a file ("Not a directory"), losing the
+    results; demo --out FOLDER failed with a bare errno after loading the model; --adapter naming one method
+    twice kept the last file silently."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    code, out = run_cli(
+        monkeypatch, capsys, "stream", "--methods", "window", "-o", str(blocker / "sub"), "--model", "/x"
+    )
+    assert code == 2 and "is a file, so no folder can be made there" in " ".join(out.replace("│", " ").split())
+    from ccmem.cli_repro import check_out_dir  # what repro gsm8k and repro sentinel check their -o with
+
+    with pytest.raises(typer.BadParameter, match="is a file, so no folder can be made there"):
+        check_out_dir(blocker / "sub" / "deeper", ["rows.jsonl"], overwrite=False)
+    code, out = run_cli(monkeypatch, capsys, "demo", "--methods", "none", "--out", str(tmp_path), "--model", "/x/y")
+    assert code == 2 and "is a directory; give a .jsonl file" in " ".join(out.split()), out
+    twice = ["--adapter", "ccm-concat=a.safetensors", "--adapter", "ccm-concat=b.safetensors"]
+    code, out = run_cli(monkeypatch, capsys, "stream", *twice, "-o", str(tmp_path / "s"), "--model", "/x/y")
+    assert code == 2 and "--adapter names ccm-concat twice" in " ".join(out.replace("│", " ").split()), out
+
+
+def test_demo_refuses_an_option_the_shipped_adapter_contradicts_before_any_method_runs(monkeypatch, capsys, tmp_path):
+    """`demo --n-tok 2` ran full and none (their rows written) and then refused ccm-concat's 3-token adapter."""
+    out = tmp_path / "demo.jsonl"
+    args = ["demo", "--n-tok", "2", "--out", str(out), "--model", "smollm2-135m", "--methods", "full,ccm-concat"]
+    code, text = run_cli(monkeypatch, capsys, *args)
+    assert code == 2 and "n_tok=3" in text and "n_tok=2" in text
+    assert not out.exists()

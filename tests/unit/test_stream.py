@@ -295,6 +295,10 @@ def test_settings_that_cannot_work_are_refused():
         (StreamSettings(contexts=0), "contexts"),
         (StreamSettings(contexts=float("inf")), "contexts"),
         (StreamSettings(methods=["window", "ccm-concat", "window"]), "methods lists 'window' more than once"),
+        (  # an adapter that would not be used was ignored without a word
+            StreamSettings(methods=["window"], adapters={"ccm-merge": "x.safetensors"}),
+            "adapter is given for ccm-merge, which is not among the methods streamed",
+        ),
     ]:
         with pytest.raises(StreamOptionError, match=message):
             run_stream(lm, settings)

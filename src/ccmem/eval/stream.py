@@ -97,6 +97,12 @@ class StreamSettings:
         bad = [m for m in self.adapters if m not in COMPRESSING_METHODS]
         if bad:
             raise StreamOptionError(f"an adapter is only for {', '.join(COMPRESSING_METHODS)}, not {bad[0]!r}")
+        unused = [m for m in self.adapters if m not in self.methods]
+        if unused:
+            raise StreamOptionError(
+                f"an adapter is given for {unused[0]}, which is not among the methods streamed "
+                f"({', '.join(self.methods)}); add it to --methods or drop that --adapter"
+            )
         if self.options and not set(self.methods) & set(SPARSE_STREAM_METHODS):
             raise StreamOptionError(
                 f"method options ({', '.join(self.options)}) are for the sparse stream methods "
