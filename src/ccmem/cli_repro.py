@@ -79,9 +79,12 @@ Adapter = Annotated[
 
 def _ratios(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        ratios = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise typer.BadParameter(f"--ratios takes numbers separated by commas, got {text!r}") from None
+    if len(set(ratios)) < len(ratios):
+        raise typer.BadParameter(f"--ratios names a ratio twice ({text}); each is measured once")
+    return ratios
 
 
 def _adapters(specs: list[str] | None) -> dict[str, str]:

@@ -135,3 +135,5 @@ def test_the_cli_lists_both_claims_and_refuses_a_bad_ratio(tmp_path):
     bad = runner.invoke(app, ["repro", "sentinel", "ppl", "--lr", "-1", "-o", str(tmp_path / "lr")])
     assert bad.exit_code == 2 and "--lr" in bad.output and "must be positive" in bad.output
     assert not (tmp_path / "lr").exists()
+    twice = runner.invoke(app, ["repro", "sentinel", "ppl", "--ratios", "0.5,0.5", "-o", str(tmp_path / "twice")])
+    assert twice.exit_code == 2 and "names a ratio twice" in twice.output
