@@ -1421,12 +1421,17 @@ def stream(
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=True) as bar:
         tasks: dict[str, Any] = {}
+        tenths: dict[str, int] = {}  # piped: a line at each tenth of a method's stream, not only at its end
 
         def progress(method: str, done: int, total: int) -> None:
             if method not in tasks:
                 tasks[method] = bar.add_task(method, total=total)
+            tenth = done * 10 // max(total, 1)
             if done == total:
                 _note_when_piped(f"{method}: {total} tokens read")
+            elif tenth > tenths.get(method, 0):
+                tenths[method] = tenth
+                _note_when_piped(f"{method}: {done}/{total} tokens read ({tenth * 10}%)")
             bar.update(tasks[method], completed=done)
 
         rows = run_stream(lm, settings, out_dir, progress=progress)

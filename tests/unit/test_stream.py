@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 
 import pytest
@@ -329,6 +330,7 @@ def test_stream_command_writes_rows_report_and_plot(tiny_model_dir, tmp_path):
     assert again.exit_code == 2 and "--overwrite" in again.output and (out / "rows.jsonl").read_bytes() == written
     printed = " ".join(result.output.split())
     assert "streaming-llm: 192 tokens read" in printed  # no bar when piped: a line per method
+    assert re.search(r"streaming-llm: \d+/192 tokens read \(50%\)", printed)  # and at each tenth of it
     assert "| full |" in printed and "stopped at token 48: reading on would pass position 48" in printed
 
 
