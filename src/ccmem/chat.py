@@ -26,8 +26,9 @@ def check_text(text: str, where: str = "the text") -> None:
     except UnicodeEncodeError as err:
         bad = err.object[err.start : err.end]
         raise ValueError(
-            f"{where} holds {bad!a} at character {err.start}, which is not a Unicode character (most likely a byte "
-            "that is not UTF-8, from a terminal or file in another encoding); give UTF-8 text"
+            f"{where} holds {bad!a} at character {err.start}, which is not a Unicode character (a lone surrogate: "
+            "what a byte that is not UTF-8 becomes when read from a terminal or file in another encoding); give "
+            "UTF-8 text"
         ) from None
 
 

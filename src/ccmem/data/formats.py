@@ -153,13 +153,12 @@ def metaicl(folder: Path, split: str, k: int, seed: int | None = None) -> list[M
         train_file, fallback = _metaicl_train_file(task_dir, seed)
         if fallback is not None:
             chosen.setdefault(fallback, []).append(task_dir.name)
-        train_files = [train_file]
-        demos = [_metaicl_record(r, w) for w, r in read_records(train_files[0])]
+        demos = [_metaicl_record(r, w) for w, r in read_records(train_file)]
         if split == "train":  # each training record is the query once, with k other records as demonstrations
             if len(demos) - 1 < k:
                 logger.warning(
                     "%s: %d training records, so each training example has %d demonstrations, not k=%d",
-                    train_files[0], len(demos), max(len(demos) - 1, 0), k,
+                    train_file, len(demos), max(len(demos) - 1, 0), k,
                 )  # fmt: skip
             for i, (query, answer, options) in enumerate(demos):
                 others = [d for j, d in enumerate(demos) if j != i]
@@ -169,7 +168,7 @@ def metaicl(folder: Path, split: str, k: int, seed: int | None = None) -> list[M
                     MemoryExample(f"{task_dir.name}-train-{i}", context, query, answer, options, False, task_dir.name)
                 )
             continue
-        prefix = train_files[0].name.removesuffix("_train.jsonl")
+        prefix = train_file.name.removesuffix("_train.jsonl")
         wanted = ("dev", "test") if split == "validation" else ("test",)
         target = next(
             (task_dir / f"{prefix}_{s}.jsonl" for s in wanted if (task_dir / f"{prefix}_{s}.jsonl").is_file()), None
@@ -181,7 +180,7 @@ def metaicl(folder: Path, split: str, k: int, seed: int | None = None) -> list[M
         if len(demos) < k:
             logger.warning(
                 "%s: %d training records, so each test query has %d demonstrations, not k=%d",
-                train_files[0], len(demos), len(demos), k,
+                train_file, len(demos), len(demos), k,
             )  # fmt: skip
         context = [_demo(x, y) for x, y, _ in demos[:k]]
         records = [_metaicl_record(r, w) for w, r in read_records(target)]

@@ -37,7 +37,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ccmem.api import ContextTooLongError
-from ccmem.chat import Message
+from ccmem.chat import Message, check_text
 from ccmem.serve.engine import Answer, AnswerPieces, ConflictError, Engine, Params
 from ccmem.serve.sessions import (
     NAME_RULE,
@@ -516,11 +516,9 @@ def _check_size(text: str, where: str, limit: int) -> None:
 def _check_text(text: str, where: str) -> None:
     """JSON can carry a lone surrogate (``"\\ud800"``), which is no character: no tokenizer can read it."""
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise ApiError(
-            400, f"{where} holds {err.object[err.start : err.end]!a}, which is not a Unicode character", "invalid_text"
-        ) from None
+        check_text(text, where)
+    except ValueError as err:
+        raise ApiError(400, str(err), "invalid_text") from None
 
 
 def _messages(messages: list[ChatMessage], max_messages: int, max_bytes: int) -> list[Message]:
