@@ -65,19 +65,23 @@ def _allows(kind: Any, wanted: type) -> bool:
 
 
 def coerce(key: str, kind: Any, value: Any) -> Any:
-    """Check ``value`` against ``kind`` (ints are accepted for floats, lists for tuples); return it converted."""
+    """Check ``value`` against ``kind`` (ints are accepted for floats, lists for tuples, and text that reads as the
+    wanted type, as :func:`parse_value` reads the command line); return it converted."""
     allowed = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
     if value is None:
         if type(None) in allowed:
             return None
         raise OptionError(f"{key} cannot be empty")
+    if isinstance(value, str) and not _allows(kind, str):
+        # text where a number, flag or list is wanted (``n_tok="3"`` from a config file or the API): read it as the
+        # command line reads ``-O n_tok=3``, so every way in accepts and refuses the same things
+        parsed = parse_value(value, kind)
+        if parsed is not None and not isinstance(parsed, str):
+            return coerce(key, kind, parsed)
     for option in allowed:
         origin = typing.get_origin(option) or option
         if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
-        if origin is float and isinstance(value, str):
-            with contextlib.suppress(ValueError):  # YAML reads "3e-4" as a string
-                return float(value)
         if origin is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if origin in (list, tuple) and isinstance(value, list | tuple):

@@ -8,6 +8,7 @@ import pytest
 import ccmem
 from ccmem.api import add_batch, generate_batch, score_batch
 from ccmem.loading import load_model
+from ccmem.options import OptionError
 from tests.conftest import tiny_model
 
 
@@ -45,3 +46,15 @@ def test_progress_that_is_no_function_and_a_dtype_no_model_computes_in_are_refus
     for dtype in ("bogus", "int8"):
         with pytest.raises(ValueError, match="not one a model computes in; give one of float32, bfloat16"):
             load_model("smollm2-135m", dtype=dtype)
+
+
+def test_option_text_is_read_as_the_command_line_reads_it_whatever_its_type():
+    # the API, a config file and ``-O`` accept the same things: "3" for an int as "0.5" for a float
+    method = ccmem.get_method("ccm-concat", n_tok="3", keep="names")
+    assert method.n_tok == 3 and isinstance(method.n_tok, int)
+    assert ccmem.get_method("h2o", ratio="0.5").ratio == 0.5
+    assert ccmem.get_method("h2o", ratio="1/8").ratio == 0.125
+    with pytest.raises(OptionError, match=r"n_tok must be int, got 3\.5"):
+        ccmem.get_method("ccm-concat", n_tok="3.5")
+    with pytest.raises(OptionError, match="n_tok must be int, got 'three'"):
+        ccmem.get_method("ccm-concat", n_tok="three")
