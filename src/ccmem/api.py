@@ -450,7 +450,11 @@ def score_batch(
         raise ValueError(f"reduce must be one of {SCORE_REDUCTIONS}, got {reduce!r}")
     if not items:
         raise ValueError("nothing to score: give at least one (memory, query, options) item")
-    for _, query, options in items:
+    expect = method.memory_meta(lm)
+    for i, (memory, query, options) in enumerate(items):
+        where = f"item {i}'s memory" if len(items) > 1 else "the memory"
+        memory.check(lm.kv_shape, where=where)  # as restore and load_memory: another model's or method's memory
+        check_meta(memory.meta, expect, where)  # would be read without a word, its scores meaningless
         if not options or any(len(o) == 0 for o in options):
             raise ValueError("give at least one option, and no empty option")
         if len(query) == 0 and not lm.is_encoder_decoder:  # T5's decoder starts from its own start token

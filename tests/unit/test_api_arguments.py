@@ -8,6 +8,7 @@ import pytest
 import ccmem
 from ccmem.api import add_batch, generate_batch, score_batch
 from ccmem.loading import load_model
+from ccmem.memory import MemoryMismatchError
 from ccmem.options import OptionError
 from tests.conftest import tiny_model
 
@@ -58,3 +59,14 @@ def test_option_text_is_read_as_the_command_line_reads_it_whatever_its_type():
         ccmem.get_method("ccm-concat", n_tok="3.5")
     with pytest.raises(OptionError, match="n_tok must be int, got 'three'"):
         ccmem.get_method("ccm-concat", n_tok="three")
+
+
+def test_score_batch_refuses_a_memory_made_by_another_method(sessions):
+    session = sessions[0].fork()
+    other = ccmem.load(session.lm, method="gist")
+    other.add("The code word is plum.")
+    query = session.query_ids("What is the code word?")[0].tolist()
+    with pytest.raises(MemoryMismatchError, match="the memory was made with method='gist'"):
+        score_batch(session.lm, session.method, [(other.memory, query, [[5], [6]])])
+    session.add("The code word is plum.")
+    assert len(score_batch(session.lm, session.method, [(session.memory, query, [[5], [6]])])[0]) == 2
