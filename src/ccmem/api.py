@@ -36,12 +36,31 @@ Progress = Callable[[int, int], None]  # (tokens compressed so far, tokens to co
 SCORE_REDUCTIONS = ("sum", "mean")  # how an option's token log-probabilities become one score
 
 
-def make_room(lm: LoadedModel, memory: Memory, n_new: int) -> Memory:
+#: What to do when the new tokens alone pass the model's positions, by what reads them (:func:`make_room`).
+_TOO_LONG_FIX = {
+    "add": "add the text in parts (several add() calls; each part is compressed before the next is read)",
+    "generate": "ask for fewer new tokens (max_new_tokens), or add a long text to the memory first (add()) and ask a "
+    "short question about it",
+    "score": "add a long text to the memory first (add()) and score a short query about it, or shorten the options",
+}
+
+#: The new tokens, as the refusals name them.
+_NEW_TOKENS = {
+    "add": "{n} new tokens at once",
+    "generate": "the prompt with room for its answer ({n} tokens)",
+    "score": "the query with its longest option ({n} tokens)",
+}
+#: The second remedy where the memory's slots and the new tokens together pass the positions.
+_LESS = {"add": "send less at once", "generate": "ask for fewer new tokens", "score": "score shorter options"}
+
+
+def make_room(lm: LoadedModel, memory: Memory, n_new: int, reading: str = "add") -> Memory:
     """``memory``, ready to read ``n_new`` more tokens: as it is while they fit below the model's last position;
     past it, re-based (:func:`ccmem.rope.compact_positions`: every slot moved to the position of its index, keys
     re-rotated) so a chat or session goes on however long it runs, as long as the slots it holds and the new
     tokens fit. Refused (:class:`ContextTooLongError`, before any work) where they do not, or where the model's
-    keys cannot be moved (no RoPE, or length-dependent RoPE)."""
+    keys cannot be moved (no RoPE, or length-dependent RoPE). ``reading`` (``add``, ``generate``, ``score``) says
+    what the new tokens are, so the refusal names them and what to do."""
     from ccmem.rope import RopeError, compact_positions, layer_frequencies
 
     limit = lm.max_positions
@@ -50,17 +69,16 @@ def make_room(lm: LoadedModel, memory: Memory, n_new: int) -> Memory:
     held = max(memory.slots_per_layer, default=0)
     if n_new > limit - memory.sink:
         raise ContextTooLongError(
-            f"{n_new} new tokens at once (with room for the answer, when generating) and the {memory.sink}-token "
-            f"system prompt need {n_new + memory.sink} positions, but the model allows {limit}, whatever the memory "
-            "keeps: add the text in parts (several add() calls; each part is compressed before the next is read), "
-            "ask for fewer new tokens, or start a new conversation (Python: reset())",
+            f"{_NEW_TOKENS[reading].format(n=n_new)} and the {memory.sink}-token system prompt need "
+            f"{n_new + memory.sink} positions, but the model allows {limit}, whatever the memory keeps: "
+            f"{_TOO_LONG_FIX[reading]}",
             positions=limit,
         )
     if held + n_new > limit:
         raise ContextTooLongError(
-            f"{n_new} new tokens after the {held} slots this memory holds need {held + n_new} positions, but the "
-            f"model allows {limit}; start a new conversation (Python: reset()), send less at once, or use a method "
-            "that keeps fewer slots",
+            f"{_NEW_TOKENS[reading].format(n=n_new)} after the {held} slots this memory holds need {held + n_new} "
+            f"positions, but the model allows {limit}; start a new conversation (Python: reset()), "
+            f"{_LESS[reading]}, or use a method that keeps fewer slots",
             positions=limit,
         )
     try:
@@ -325,9 +343,9 @@ class CompressedLM:
         ids = self.lm.tokenizer.encode(text, add_special_tokens=False)
         return torch.tensor([ids], dtype=torch.long, device=self.lm.device)
 
-    def _check_room(self, n_new: int) -> None:
+    def _check_room(self, n_new: int, reading: str) -> None:
         """Make room for ``n_new`` tokens: the memory is re-based where it would pass the model's positions."""
-        self.memory = make_room(self.lm, self.memory, n_new)
+        self.memory = make_room(self.lm, self.memory, n_new, reading)
 
     def query_ids(self, prompt: str | Sequence[Message]) -> torch.Tensor:
         """Token ids of a question, formatted as a new user turn that asks for an answer."""
@@ -357,7 +375,7 @@ class CompressedLM:
         query = self._check_ids(query, "query")
         if query.numel() == 0:
             raise ValueError("the query has no tokens")
-        self._check_room(query.shape[1] + max_new_tokens)
+        self._check_room(query.shape[1] + max_new_tokens, "generate")
         stops = self.format.stop_ids() if stop_ids is None else stop_ids
         return decode(self.lm, self.method, self.memory, query, max_new_tokens, sampling=sampling, stop_ids=stops)
 
@@ -375,7 +393,7 @@ class CompressedLM:
         if not options or any(len(o) == 0 for o in options):
             raise ValueError("give at least one option, and no empty option")
         targets = [self._check_ids(o, "option")[0].tolist() for o in options]
-        self._check_room(len(query) + max(len(t) for t in targets) - 1)
+        self._check_room(len(query) + max(len(t) for t in targets) - 1, "score")
         return score_batch(self.lm, self.method, [(self.memory, query, targets)], reduce=reduce)[0]
 
     def score(self, prompt: str | Sequence[Message], options: Sequence[str], *, reduce: str = "sum") -> list[float]:
@@ -474,7 +492,7 @@ def _decoder_logprobs(
     """Each option's token log-probabilities, every option of every item a row of one padded forward."""
     memories, rows, targets = [], [], []
     for memory, query, options in items:
-        memory = make_room(lm, memory, len(query) + max(len(o) for o in options) - 1)  # as score_ids does
+        memory = make_room(lm, memory, len(query) + max(len(o) for o in options) - 1, "score")  # as score_ids does
         for option in options:
             row = [*query, *option[:-1]]
             memories.append(memory)
@@ -548,7 +566,7 @@ def generate_batch(
     with _holding(sessions):  # as generate: a concurrent add to one of them is not lost to make_room's write
         queries = [s.query_ids(p) for s, p in zip(sessions, prompts, strict=True)]
         for s, query, limit in zip(sessions, queries, limits, strict=True):
-            s._check_room(query.shape[1] + limit)
+            s._check_room(query.shape[1] + limit, "generate")
         memories = [s.memory for s in sessions]
     stops = first.format.stop_ids()
     answers: list[list[int]] = [[] for _ in sessions]

@@ -177,3 +177,17 @@ def test_a_batch_with_one_turn_longer_than_the_positions_gives_what_one_at_a_tim
             reader.add_ids(chunk)
         for (k1, _), (k2, _) in zip(memory.layers, reader.memory.layers, strict=True):
             torch.testing.assert_close(k1, k2)
+
+
+def test_a_prompt_or_query_past_the_positions_is_refused_in_the_words_of_the_call_that_read_it():
+    # generate and score do not add text: their refusals name the prompt or the query and what helps there
+    lm = tiny_model(positions=64)
+    session = CompressedLM(lm, get_method("full"), system_prompt=None)
+    long = torch.randint(3, VOCAB, (1, 50), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ContextTooLongError, match=r"the prompt with room for its answer \(90 tokens\).*max_new_tokens"):
+        list(session.stream_ids(long, max_new_tokens=40))
+    with pytest.raises(ContextTooLongError, match=r"the query with its longest option \(69 tokens\).*score a short"):
+        session.score_ids(long, [[5] * 20, [6]])
+    session.add_ids(list(range(3, 40)))
+    with pytest.raises(ContextTooLongError, match="after the 37 slots .* ask for fewer new tokens"):
+        list(session.stream_ids(long[:, :10], max_new_tokens=20))

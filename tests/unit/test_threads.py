@@ -122,9 +122,9 @@ def test_batched_calls_hold_each_sessions_lock_as_its_own_calls_do(monkeypatch, 
         thread.join()
         return not got[0]
 
-    def spy(lm_, memory, n):
+    def spy(lm_, memory, n, *reading):
         held.append([taken_elsewhere(s._lock) for s in sessions])
-        return original(lm_, memory, n)
+        return original(lm_, memory, n, *reading)
 
     monkeypatch.setattr(api, "make_room", spy)
     if batch == "generate_batch":
