@@ -189,5 +189,5 @@ def test_a_prompt_or_query_past_the_positions_is_refused_in_the_words_of_the_cal
     with pytest.raises(ContextTooLongError, match=r"the query with its longest option \(69 tokens\).*score a short"):
         session.score_ids(long, [[5] * 20, [6]])
     session.add_ids(list(range(3, 40)))
-    with pytest.raises(ContextTooLongError, match="after the 37 slots .* ask for fewer new tokens"):
+    with pytest.raises(ContextTooLongError, match=r"after the 37 slots .* ask for fewer new tokens"):
         list(session.stream_ids(long[:, :10], max_new_tokens=20))
