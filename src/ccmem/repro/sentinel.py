@@ -258,7 +258,7 @@ def continuations(session: Any, docs: list[Document], settings: ReproSettings) -
 
 def run_generate(lm: LoadedModel, settings: ReproSettings, progress: Progress) -> list[dict[str, Any]]:
     """Claim 2's rows: one per (method, ratio) of ``sentinel`` and ``local``, plus the reference."""
-    from ccmem.eval.textmetrics import bertscore, judge_perplexity, rouge_l
+    from ccmem.eval.textmetrics import bertscore, encoder_label, judge_perplexity, rouge_l
     from ccmem.loading import load_model
 
     settings.check()
@@ -283,22 +283,32 @@ def run_generate(lm: LoadedModel, settings: ReproSettings, progress: Progress) -
     for (method, ratio), (texts, adapter, seconds) in generated.items():
         progress(f"score: {method} at r={ratio:g}")
         scored = [i for i, t in enumerate(texts) if t.strip()]
-        bert = bertscore([texts[i] for i in scored], [references[i] for i in scored], encoder=settings.encoder)
-        naturalness = judge_perplexity([texts[i] for i in scored], judge, contexts=[prefixes[i] for i in scored])
+        # a cell whose every continuation is empty has no BERTScore or perplexity (None: "-" in the report), and
+        # must not cost the rows of every other cell
+        bert = (
+            bertscore([texts[i] for i in scored], [references[i] for i in scored], encoder=settings.encoder)
+            if scored
+            else None
+        )
+        naturalness = (
+            judge_perplexity([texts[i] for i in scored], judge, contexts=[prefixes[i] for i in scored])
+            if scored
+            else None
+        )
         rows.append(
             _row(settings, "generate", method, ratio, adapter)
             | {
                 "rouge_l": sum(rouge_l(texts[i], references[i]) for i in scored) / len(docs),
-                "bertscore_f1": bert.f1,
-                "judge_perplexity": naturalness.overall,
+                "bertscore_f1": bert.f1 if bert else None,
+                "judge_perplexity": naturalness.overall if naturalness else None,
                 "docs": len(docs),
                 "empty": len(docs) - len(scored),
                 "prefix_tokens": settings.prefix_tokens,
                 "continuation_tokens": settings.continuation_tokens,
                 "top_p": settings.top_p,
                 "data": settings.c4_name,
-                "encoder": f"{bert.encoder} (layer {bert.num_layers})",
-                "judge": naturalness.judge,
+                "encoder": f"{bert.encoder} (layer {bert.num_layers})" if bert else encoder_label(settings.encoder),
+                "judge": judge.name,
                 "seconds": round(seconds, 1),
                 "sample": texts[0][:200],
             }

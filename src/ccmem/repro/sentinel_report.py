@@ -37,12 +37,18 @@ def table(rows: Sequence[dict[str, Any]], key: str, title: str) -> str:
     value = {(r["method"], r["ratio"]): r[key] for r in rows}
     lines = [f"| {title} | " + " | ".join(f"r={x:g}" for x in ratios) + " |", "|---" * (len(ratios) + 1) + "|"]
     for method in _methods(rows):
-        cells = [f"{value[method, x]:.4g}" if (method, x) in value else "" for x in ratios]
+        cells = [_cell(value.get((method, x), "")) for x in ratios]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     reference = [r for r in rows if r["method"] == "full"]
     if reference:
-        lines.append(f"| full (not finetuned) | {reference[0][key]:.4g} |" + " |" * (len(ratios) - 1))
+        lines.append(f"| full (not finetuned) | {_cell(reference[0][key])} |" + " |" * (len(ratios) - 1))
     return "\n".join(lines)
+
+
+def _cell(value: float | str | None) -> str:
+    """A table cell: a number to 4 digits, ``-`` where it was not measured (a cell whose continuations were all
+    empty has no BERTScore), blank where the run had no such cell."""
+    return "-" if value is None else value if isinstance(value, str) else f"{value:.4g}"
 
 
 def verdict_ppl(rows: Sequence[dict[str, Any]]) -> str:
@@ -71,7 +77,7 @@ def verdict_generate(rows: Sequence[dict[str, Any]]) -> str:
     parts = []
     everywhere = True
     for key, title, lower in METRICS["generate"]:
-        value = {(r["method"], r["ratio"]): r[key] for r in rows}
+        value = {(r["method"], r["ratio"]): r[key] for r in rows if r[key] is not None}
         ratios = [x for x in _ratios(rows) if ("sentinel", x) in value and ("local", x) in value]
         better = [x for x in ratios if (value["sentinel", x] < value["local", x]) == lower]
         better = [x for x in better if value["sentinel", x] != value["local", x]]
@@ -126,10 +132,10 @@ def plot(claim: str, rows: Sequence[dict[str, Any]], folder: Path) -> list[Path]
     for key, title, _ in METRICS[claim]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for method in _methods(rows):
-            points = sorted((r["ratio"], r[key]) for r in rows if r["method"] == method)
+            points = sorted((r["ratio"], r[key]) for r in rows if r["method"] == method and r[key] is not None)
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
         for r in rows:
-            if r["method"] == "full":
+            if r["method"] == "full" and r[key] is not None:
                 ax.axhline(r[key], linestyle="--", color="grey", label="full (not finetuned)")
         ax.set_xlabel("compression ratio r (share of the KV cache evicted)")
         ax.set_ylabel(title)
