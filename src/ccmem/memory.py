@@ -275,6 +275,12 @@ class Memory(SlotCounts):
                 raise bad(f"layer {i}: positions of shape {tuple(pos.shape)} for keys of shape {tuple(k.shape)}")
             if pos.numel() and (int(pos.max()) >= max(self.next_position, 1) or int(pos.min()) < -1):
                 raise bad(f"layer {i} has slot positions outside -1..next_position-1 ({self.next_position - 1})")
+            if pos.shape[-1] > 1:  # two slots of one head at one position: a hand-edited or mis-merged table
+                ordered = pos.sort(dim=-1).values
+                twice = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)  # -1: an empty slot
+                if bool(twice.any()):
+                    at = int(ordered[..., 1:][twice][0])
+                    raise bad(f"layer {i} holds two slots of one head at position {at}; each position is held once")
 
 
 @dataclass(frozen=True)

@@ -277,6 +277,10 @@ def test_api_refuses_bad_input_with_clear_errors():
         (lambda meta, t: t.update({"layers.0.keys": t["layers.0.keys"][:, :1]}), "must have the same 4-D shape"),
         (lambda meta, t: t.pop("layers.1.positions"), "layers.1.positions is missing"),
         (lambda meta, t: [t.pop(k) for k in list(t) if k.startswith("layers.1.")], "1 layers, but the model has 2"),
+        (
+            lambda meta, t: t["layers.0.positions"][..., 1].copy_(t["layers.0.positions"][..., 0]),
+            "layer 0 holds two slots of one head at position 0",
+        ),
     ],
 )
 def test_a_memory_file_edited_by_hand_is_refused_with_what_is_wrong(tmp_path, edit, message):
