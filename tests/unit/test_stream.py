@@ -264,6 +264,14 @@ def test_bad_text_sources_are_named(tmp_path):
     (tmp_path / "empty.txt").write_text("   \n")
     with pytest.raises(TextSourceError, match=r"empty\.txt is empty"):
         stream_text(tok, tmp_path / "empty.txt", 100)
+    (tmp_path / "one.txt").write_text("word")  # a text of one token was called empty
+
+    class Words(TinyTokenizer):  # a word-level tokenizer drops the blank line after the text
+        def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+            return [3 + len(w) for w in text.split()]
+
+    with pytest.raises(TextSourceError, match=r"one\.txt is a single token"):
+        stream_text(Words(), tmp_path / "one.txt", 100)
     with pytest.raises(TextSourceError, match=r"no file or folder at .*missing"):
         stream_text(tok, tmp_path / "missing", 100)
     (tmp_path / "books").mkdir()

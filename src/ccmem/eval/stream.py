@@ -175,10 +175,10 @@ def stream_text(tokenizer: Any, path: str | Path | None, n_tokens: int) -> tuple
         if len(ids) >= n_tokens:
             break
     if len(ids) < 2:
-        where = (
-            f"{path} is empty" if path is not None and Path(path).is_file() else f"the .txt files at {source} are empty"
-        )
-        raise TextSourceError(f"no text to stream: {where} (--text)")
+        one = path is not None and Path(path).is_file()
+        where = f"{path} is" if one else f"the .txt files at {source} are"
+        what = "empty" if not ids else "a single token (a stream reads one and predicts the next: 2 at least)"
+        raise TextSourceError(f"no text to stream: {where} {what} (--text)")
     return ids, source
 
 
