@@ -358,3 +358,15 @@ def test_compare_refuses_what_would_fail_or_vanish_mid_grid_before_the_model_loa
     stopped the grid at its cell, minutes in; `--decode-lengths -5` timed a history of -5 tokens."""
     code, out = run_cli(monkeypatch, capsys, "compare", "--model", "/no/such/model", "--tasks", "persona", *args)
     assert code == 2 and message in " ".join(out.split()), out
+
+
+def test_a_decode_length_past_the_models_positions_is_said_not_silently_dropped(tmp_path, caplog):
+    lm = tiny_model(positions=128)
+    settings = CompareSettings(
+        methods=["none"], tasks=["persona"], n=1, system="Hi.", decode_lengths=[16, 100], decode_tokens=2,
+        decode_repeats=1,
+    )  # fmt: skip
+    with caplog.at_level("WARNING"):
+        rows = run_decode_speed(lm, settings, tmp_path)
+    assert [r.history_tokens for r in rows] == [16]
+    assert "decode speed is not timed after 100 tokens" in caplog.text and "128 positions" in caplog.text

@@ -536,3 +536,21 @@ def test_report_checks_the_metric_before_writing_anything(tmp_path):
         with pytest.raises(ValueError, match=message):
             write_report(rows, tmp_path / metric, metric)
         assert not (tmp_path / metric).exists()
+
+
+def test_the_report_plot_shows_a_method_that_holds_no_slot(tmp_path, monkeypatch):
+    """none without a system prompt holds 0 slots: a log axis left its point out of quality_vs_memory.png."""
+    import dataclasses
+
+    import matplotlib.pyplot as plt
+
+    from ccmem.eval.report import plot
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    rows = [dataclasses.replace(_row("none", "h", 4), memory_slots=0.0, accuracy=0.25), _row("full", "h", 4)]
+    plot(rows, tmp_path / "plot.png")
+    ax = figures[0].axes[0]
+    x, _ = ax.transData.transform((0.0, 0.25))
+    left, right = ax.transAxes.transform((0, 0))[0], ax.transAxes.transform((1, 0))[0]
+    assert left <= x <= right  # inside the axes, not at -inf

@@ -135,6 +135,10 @@ def test_verdicts_count_the_ratios_where_each_claim_holds():
     assert verdict_ppl(ppl).startswith("Claim 1 holds") and "lowest at 1 of 2 ratios (0.1)" in verdict_ppl(ppl)
     ppl[0]["perplexity"] = 20.0
     assert verdict_ppl(ppl).startswith("Claim 1 does not hold")
+    # --methods local,scattered (or sentinel alone) measures no comparison: said so, not "does not hold"
+    for left_out in (("sentinel",), ("local", "scattered")):
+        rows = [r for r in ppl if r["method"] not in left_out]
+        assert verdict_ppl(rows).startswith("Claim 1 is not tested on these rows")
     gen = [
         {"method": "sentinel", "ratio": 0.1, "rouge_l": 0.3, "bertscore_f1": 0.5, "judge_perplexity": 20.0},
         {"method": "local", "ratio": 0.1, "rouge_l": 0.2, "bertscore_f1": 0.6, "judge_perplexity": 30.0},

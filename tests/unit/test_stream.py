@@ -264,6 +264,14 @@ def test_bad_text_sources_are_named(tmp_path):
     (tmp_path / "empty.txt").write_text("   \n")
     with pytest.raises(TextSourceError, match=r"empty\.txt is empty"):
         stream_text(tok, tmp_path / "empty.txt", 100)
+    (tmp_path / "one.txt").write_text("word")  # a text of one token was called empty
+
+    class Words(TinyTokenizer):  # a word-level tokenizer drops the blank line after the text
+        def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+            return [3 + len(w) for w in text.split()]
+
+    with pytest.raises(TextSourceError, match=r"one\.txt is a single token"):
+        stream_text(Words(), tmp_path / "one.txt", 100)
     with pytest.raises(TextSourceError, match=r"no file or folder at .*missing"):
         stream_text(tok, tmp_path / "missing", 100)
     (tmp_path / "books").mkdir()
@@ -551,3 +559,14 @@ def test_a_text_shorter_than_one_context_is_said_and_gives_no_peak_ratio(tmp_pat
         (row,) = run_stream(lm, settings)
     assert row.tokens < 48 and row.peak_ratio is None
     assert "fewer than the 2 contexts asked (--contexts); past no context, so no peak ratio" in caplog.text
+
+
+def test_a_stream_whose_last_token_is_left_unread_still_has_a_peak_ratio():
+    """With (tokens - 1) a multiple of the block, the last token (which predicts nothing) is not read: the peak ratio
+    read None, as for a method that stopped early, though every token was scored."""
+    lm = tiny_model(positions=48)
+    settings = StreamSettings(max_positions=48, sink=2, window=8, comp_slots=8, block=1)
+    ids = torch.randint(3, VOCAB, (96,), generator=torch.Generator().manual_seed(7)).tolist()
+    row = run_method(lm, "streaming-llm", ids, settings)
+    assert row.stopped is None and row.tokens_read == 95 and row.buckets[-1]["tokens"] == 47
+    assert row.peak_ratio == 1.0

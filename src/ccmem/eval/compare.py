@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ from ccmem.eval.harness import (
 from ccmem.loading import BUILTIN_MODELS, LoadedModel
 from ccmem.registry import get_method, method_class
 from ccmem.train.config import DataConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -402,6 +405,12 @@ def run_decode_speed(
     done = {_decode_key(r.method, r.history_tokens, r.options, r.adapter): r for r in mine}
     limit = lm.max_positions or max(settings.decode_lengths) + settings.decode_tokens + 64
     lengths = [n for n in settings.decode_lengths if n + settings.decode_tokens + 64 <= limit]
+    skipped = [n for n in settings.decode_lengths if n not in lengths]
+    if skipped:  # said, not just missing from the table and the plot
+        logger.warning(
+            "decode speed is not timed after %s tokens: with the %d generated and the query, that passes the "
+            "model's %d positions (--decode-lengths)", ", ".join(map(str, skipped)), settings.decode_tokens, limit,
+        )  # fmt: skip
     history = decode_history(lm, max(lengths)) if lengths else []  # read once, cut per length
     rows = []
     for name in settings.methods:  # a variant is timed with its own options and adapter (they may change its slots)

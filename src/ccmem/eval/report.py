@@ -190,8 +190,10 @@ def plot(rows: Sequence[EvalRow], path: Path, metric: str | None = None) -> Path
     for name, members in sorted(lines.items()):
         points = sorted((r.memory_slots, getattr(r, metric)) for r in members)
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
-    ax.set_xscale("log")
-    ax.set_xlabel("memory (key/value slots, log scale)")
+    # symlog, not log: a method holding no slot (none without a system prompt, --system '') is a point at 0, where
+    # a log axis left it out of the plot without a word
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlabel("memory (key/value slots, log scale past 1)")
     ax.set_ylabel(metric)
     datasets = ", ".join(sorted({r.dataset for r in rows}))
     models = ", ".join(sorted({r.model for r in rows}))

@@ -129,7 +129,7 @@ class StreamRow:
     adapter: str  # file hash, "untrained", or "-"
     text: str
     tokens: int  # tokens of the stream
-    tokens_read: int  # tokens this method read before it stopped (all, unless it stopped)
+    tokens_read: int  # tokens this method read before it stopped (all but maybe the last, unless it stopped)
     max_positions: int  # the context limit the run emulated
     layout: dict[str, Any]  # sink, window, comp_slots, block, n_tok, grow
     rerotated: bool  # keys re-rotated as the window slides (positions re-based)
@@ -175,10 +175,10 @@ def stream_text(tokenizer: Any, path: str | Path | None, n_tokens: int) -> tuple
         if len(ids) >= n_tokens:
             break
     if len(ids) < 2:
-        where = (
-            f"{path} is empty" if path is not None and Path(path).is_file() else f"the .txt files at {source} are empty"
-        )
-        raise TextSourceError(f"no text to stream: {where} (--text)")
+        one = path is not None and Path(path).is_file()
+        where = f"{path} is" if one else f"the .txt files at {source} are"
+        what = "empty" if not ids else "a single token (a stream reads one and predicts the next: 2 at least)"
+        raise TextSourceError(f"no text to stream: {where} {what} (--text)")
     return ids, source
 
 
@@ -357,9 +357,8 @@ def run_method(
         peak_kv_bytes_1x=peak_1x,
         # a method that stopped early (full past its cap) has no peak over the whole stream to compare
         # and a stream that never went past one context has no ratio to tell (it would read 1.00 by construction)
-        peak_ratio=(
-            stream.peak_bytes / peak_1x if peak_1x and stream.tokens_read == len(ids) and len(ids) > limit else None
-        ),
+        # (the last token predicts nothing: a stream whose last block would hold it alone never reads it)
+        peak_ratio=stream.peak_bytes / peak_1x if peak_1x and stopped is None and len(ids) > limit else None,
         perplexity=_perplexity(nll),
         perplexity_1x=_perplexity(nll[:limit]),
         perplexity_after_1x=_perplexity(nll[limit:]),
