@@ -264,6 +264,22 @@ def test_samples_past_the_models_positions_are_skipped_as_over_long_ones_are(tmp
         train(_config(tmp_path / "short"), lm=tiny_model(positions=64))
 
 
+def test_records_without_an_answer_are_skipped_not_a_crash_at_the_step_that_draws_them(tmp_path, caplog):
+    """A MetaICL record with an empty output has no token to train on: the run stopped at whatever step (or
+    evaluation) drew a batch of it alone, "this batch has no answer tokens to train on"."""
+    task = tmp_path / "data" / "t"
+    task.mkdir(parents=True)
+    rows = [{"input": f"word {i}", "output": "" if i == 0 else "yes"} for i in range(4)]
+    for split in ("train", "dev"):
+        (task / f"t_4_100_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = ["data.dataset=metaicl", f"data.path={tmp_path / 'data'}", "train.batch_size=1", "train.shuffle=false"]
+    with caplog.at_level("WARNING", logger="ccmem.train.trainer"):
+        result = train(_config(tmp_path, *data, "train.max_steps=2"), lm=tiny_model())
+    assert result.steps == 2 and result.eval_loss is not None
+    assert "train: skipped 1 samples with no answer to train on (first: t-train-0)" in caplog.text
+    assert "validation: skipped 1 samples" in caplog.text
+
+
 def test_stage1_lora_then_stage2_on_top_and_load_path_for_another_model_is_refused(tmp_path):
     stage1 = train(_config(tmp_path, "train.max_steps=2", preset="persona-full"), lm=tiny_model())
     assert read_adapter(stage1.output).method == "full"  # stage 1 is an ordinary adapter of `full`

@@ -243,12 +243,20 @@ def samples_for(lm: LoadedModel, config: TrainConfig, method: Method, split: str
             f"train/validation files (data.eval_path names the validation file)"
         )
     samples = [method.fit_sample(to_sample(lm.tokenizer, e, system=config.data.system)) for e in examples]
-    if not any(method.has_targets(s) for s in samples):  # caught here, not as an empty batch at step 0
+    trains = [method.has_targets(s) for s in samples]
+    if not any(trains):  # caught here, not as an empty batch at step 0
         hint = method.no_targets_hint()
         raise ConfigError(
             f"no {split} sample of {config.data.dataset} has a token to train on for {method.name}: its records "
             f"have no answer{f' ({hint})' if hint else ''}"
         )
+    if not all(trains):  # a batch of them alone would have no loss: a crash at whatever step drew it
+        first = next(e.id for e, t in zip(examples, trains, strict=True) if not t)
+        logger.warning(
+            "%s: skipped %d samples with no answer to train on (first: %s)", split, trains.count(False), first
+        )
+        examples = [e for e, t in zip(examples, trains, strict=True) if t]
+        samples = [s for s, t in zip(samples, trains, strict=True) if t]
     lengths = []
     for example, sample in zip(examples, samples, strict=True):
         try:
