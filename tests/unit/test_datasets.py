@@ -379,6 +379,16 @@ def test_eval_path_of_pwc_pile_and_pretrain_is_read_whole_not_split_again(tmp_pa
         assert len(load_examples(cfg, "validation")) == n, dataset
 
 
+def test_pretrain_given_one_dialog_file_reads_its_dialogs_not_its_json_as_text(tmp_path):
+    """data.path naming one .jsonl file of pretrain was read as a text document: the model trained to continue
+    JSON syntax ('{"dialogue": ["Hi, ...'), without a word."""
+    file = shutil.copy(FIXTURES / "pretrain" / "dialogs.jsonl", tmp_path / "dialogs.jsonl")
+    cfg = DataConfig(dataset="pretrain", path=str(file), eval_path=str(file), n_eval=100)  # read whole
+    found = load_examples(cfg, "validation")
+    assert found and all(e.chat and e.task == "chat" for e in found)
+    assert not any("{" in str(e.context) for e in found)
+
+
 def test_random_bytes_without_a_nul_are_binary_and_a_latin1_text_is_not(tmp_path):
     """4 KB of random bytes with the NUL bytes taken out was read as text: a 134 MB memory of garbage."""
     import random

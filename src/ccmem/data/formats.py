@@ -346,7 +346,10 @@ def pretrain(
     """Plain-text documents (``*.txt``): up to ``k`` segments compressed, the next predicted; plus dialog files
     (``*.jsonl`` with a ``dialogue`` or ``dialog`` column) as chat examples. ``held_out``: ``folder`` holds only
     documents of ``split`` (a validation file or folder, ``data.eval_path``), read whole."""
-    texts = sorted(folder.rglob("*.txt")) if folder.is_dir() else [folder]
+    if folder.is_dir():
+        texts, chats = sorted(folder.rglob("*.txt")), sorted(folder.rglob("*.jsonl"))
+    else:  # one file: a dialog file, or a text document whatever its name
+        texts, chats = ([], [folder]) if folder.suffix == ".jsonl" else ([folder], [])
     examples = []
     for doc in texts:
         if document_split(doc.name) != split and not held_out:
@@ -360,7 +363,7 @@ def pretrain(
                     MemoryExample(f"{doc.stem}-{start}", window[:-1], "", window[-1], chat=False, task="text")
                 )
     chat = []
-    for file in sorted(folder.rglob("*.jsonl")) if folder.is_dir() else []:
+    for file in chats:
         first = next(read_records(file), None)
         key = "dialogue" if first and "dialogue" in first[1] else "dialog"
         every = dialogs(file, split, key, k, "chat")  # a single file holds all splits: split it by record
