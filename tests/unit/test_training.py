@@ -280,6 +280,24 @@ def test_records_without_an_answer_are_skipped_not_a_crash_at_the_step_that_draw
     assert "validation: skipped 1 samples" in caplog.text
 
 
+def test_missing_data_stage1_and_init_files_are_said_before_the_model_loads(tmp_path, monkeypatch):
+    """A data.path, load_path or init_from that is not there was found only once the model had loaded (20 s for
+    the default model, minutes for an 8B one)."""
+    import ccmem.train.trainer as trainer
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the files were checked")
+
+    monkeypatch.setattr(trainer, "load_model", never)
+    for setting, error in [
+        (f"data.path={tmp_path / 'nope'}", r"nope does not exist"),
+        (f"load_path={tmp_path / 'stage1'}", r"load_path: no stage-1 LoRA at"),
+        (f"init_from={tmp_path / 'a.safetensors'}", r"init_from: .*a\.safetensors does not exist"),
+    ]:
+        with pytest.raises((ConfigError, FileNotFoundError), match=error):
+            train(_config(tmp_path, setting))
+
+
 def test_stage1_lora_then_stage2_on_top_and_load_path_for_another_model_is_refused(tmp_path):
     stage1 = train(_config(tmp_path, "train.max_steps=2", preset="persona-full"), lm=tiny_model())
     assert read_adapter(stage1.output).method == "full"  # stage 1 is an ordinary adapter of `full`
