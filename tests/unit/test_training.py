@@ -70,6 +70,9 @@ def test_presets_cover_the_recipe_and_overrides_are_typed_and_checked():
         ("train.lr=-1", "train.lr must be positive"),
         ("data.dataset=nonsense", "unknown data.dataset 'nonsense'"),
         ("train.scheduler=cosin", "train.scheduler must be one of"),
+        ("train.lr=inf", "train.lr must be a finite number, got inf"),  # trained to NaN weights, reported done
+        ("train.max_grad_norm=nan", "train.max_grad_norm must be a finite number"),  # silently no clipping
+        ("train.weight_decay=nan", "train.weight_decay must be a finite number"),
     ]:
         with pytest.raises(ConfigError, match=message):
             load_config("persona-ccm-concat", [bad])
