@@ -301,6 +301,17 @@ def test_missing_data_stage1_and_init_files_are_said_before_the_model_loads(tmp_
             train(_config(tmp_path, setting))
 
 
+def test_a_run_that_diverged_to_nan_writes_no_adapter_and_says_so(tmp_path):
+    """At a learning rate that blows up, every tensor became NaN, log.jsonl showed a loss of 0.0 (the Trainer
+    replaced NaN losses) and the run said "done" beside an adapter of NaNs."""
+    config = _config(tmp_path, "train.lr=1e6", "train.max_grad_norm=0")
+    with pytest.raises(RuntimeError, match=r"training diverged: \d+ trained tensors hold NaN.*Lower train.lr"):
+        train(config, lm=tiny_model())
+    assert not (config.run_dir / "adapter.safetensors").exists()
+    losses = [json.loads(line).get("loss") for line in (config.run_dir / "log.jsonl").read_text().splitlines()]
+    assert any(loss != loss for loss in losses if loss is not None)  # NaN, as it was
+
+
 def test_stage1_lora_then_stage2_on_top_and_load_path_for_another_model_is_refused(tmp_path):
     stage1 = train(_config(tmp_path, "train.max_steps=2", preset="persona-full"), lm=tiny_model())
     assert read_adapter(stage1.output).method == "full"  # stage 1 is an ordinary adapter of `full`

@@ -553,6 +553,7 @@ def _train(config: TrainConfig, lm: LoadedModel | None) -> TrainResult:
         metric_for_best_model="eval_loss",
         greater_is_better=False,
         logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN, not replaced by the mean of the steps before
         report_to=report_to,
         seed=t.seed,
         data_seed=t.seed,
@@ -596,6 +597,13 @@ def _train(config: TrainConfig, lm: LoadedModel | None) -> TrainResult:
     with method.attached(lm):
         trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
+    diverged = [n for n, p in state.named_parameters() if not bool(torch.isfinite(p).all())]
+    if diverged:  # no finite checkpoint to restore: every evaluation was NaN
+        raise RuntimeError(
+            f"training diverged: {len(diverged)} trained tensors hold NaN or inf (first: {diverged[0]}; see the loss "
+            f"and grad_norm in {run_dir / 'log.jsonl'}), so no adapter was written. Lower train.lr (now "
+            f"{t.lr:g}) or keep train.max_grad_norm on, and train under a new run_id"
+        )
     eval_loss = trainer.state.best_metric
     summary = {
         "run_id": config.run_id,
