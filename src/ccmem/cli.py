@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -1535,6 +1536,11 @@ def data(
     elif generator == "icl":
         from ccmem.data import icl
 
+        for task_dir in {p.parent for p in held}:  # --overwrite: else the old tasks, k and seeds are read beside
+            for old in task_dir.glob(f"{task_dir.name}_*.jsonl"):
+                old.unlink()
+            with contextlib.suppress(OSError):
+                task_dir.rmdir()  # emptied (a task folder without files is refused by the loader)
         icl.write_metaicl(out, tasks, k=k, seed=seed)
         console.print(f"wrote {tasks} tasks in MetaICL layout under {out} ({icl.GENERATOR_VERSION})")
     else:

@@ -681,6 +681,21 @@ def test_data_keeps_a_dataset_already_in_its_folder_unless_told_to_replace_it(mo
     assert code == 2 and "is a file; give a folder" in " ".join(out.split())
 
 
+def test_data_icl_overwrite_replaces_the_old_tasks_and_demonstration_files(monkeypatch, capsys, tmp_path):
+    """`ccmem data icl --overwrite` wrote the new files beside the old ones: tasks past --tasks and the files of
+    another --k stayed, and the metaicl loader read them (3 tasks of 16 demonstrations, not 2 of 4)."""
+    from ccmem.data.loaders import load_examples
+    from ccmem.train.config import DataConfig
+
+    out = tmp_path / "icl"
+    assert run_cli(monkeypatch, capsys, "data", "icl", "-o", str(out), "--tasks", "3", "--k", "16")[0] == 0
+    code, text = run_cli(monkeypatch, capsys, "data", "icl", "-o", str(out), "--tasks", "2", "--k", "4", "--overwrite")
+    assert code == 0, text
+    assert sorted(p.name for p in out.glob("*/*_train.jsonl")) == ["icl0_4_0_train.jsonl", "icl1_4_0_train.jsonl"]
+    train = load_examples(DataConfig(dataset="metaicl", path=str(out), k=4, n_train=0), "train")
+    assert {e.task for e in train} == {"icl0", "icl1"} and len(train) == 2 * 4
+
+
 def test_outputs_that_cannot_be_written_are_refused_before_the_work(monkeypatch, capsys, tmp_path):
     """stream and repro ran to the end and then failed to make -o under a file ("Not a directory"), losing the
     results; demo --out FOLDER failed with a bare errno after loading the model; --adapter naming one method

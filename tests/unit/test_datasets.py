@@ -362,6 +362,33 @@ def test_eval_path_holds_the_validation_examples_of_generated_and_text_datasets(
         load_examples(DataConfig(dataset="mixture", mixture={"dialogs": 1.0}, eval_path=str(held)), "validation")
 
 
+def test_eval_path_of_pwc_pile_and_pretrain_is_read_whole_not_split_again(tmp_path):
+    """A held-out validation file (data.eval_path) of pwc and pile kept only the 1 in 10 of its lines that hash to
+    validation, and pretrain's only when its file name hashed there ("no document falls in the validation split")."""
+    pwc = tmp_path / "held.jsonl"
+    pwc.write_text(
+        "".join(json.dumps({"input": f"text {i}", "prompt": "Q?", "answer": f"a{i}"}) + "\n" for i in range(20))
+    )
+    pile = tmp_path / "pile_held.jsonl"
+    pile.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(20)))
+    doc = tmp_path / "heldout.txt"  # a name that hashes to the train split
+    doc.write_text(" ".join(f"w{i}" for i in range(400)))  # 7 segments of 64 words: 2 windows of k=3 + 1
+    assert document_split(doc.name) == "train"
+    for dataset, path, n in [("pwc", pwc, 20), ("pile", pile, 20), ("pretrain", doc, 2)]:
+        cfg = DataConfig(dataset=dataset, path=str(FIXTURES / dataset), eval_path=str(path), k=3, n_eval=100)
+        assert len(load_examples(cfg, "validation")) == n, dataset
+
+
+def test_pretrain_given_one_dialog_file_reads_its_dialogs_not_its_json_as_text(tmp_path):
+    """data.path naming one .jsonl file of pretrain was read as a text document: the model trained to continue
+    JSON syntax ('{"dialogue": ["Hi, ...'), without a word."""
+    file = shutil.copy(FIXTURES / "pretrain" / "dialogs.jsonl", tmp_path / "dialogs.jsonl")
+    cfg = DataConfig(dataset="pretrain", path=str(file), eval_path=str(file), n_eval=100)  # read whole
+    found = load_examples(cfg, "validation")
+    assert found and all(e.chat and e.task == "chat" for e in found)
+    assert not any("{" in str(e.context) for e in found)
+
+
 def test_random_bytes_without_a_nul_are_binary_and_a_latin1_text_is_not(tmp_path):
     """4 KB of random bytes with the NUL bytes taken out was read as text: a 134 MB memory of garbage."""
     import random

@@ -70,6 +70,9 @@ def test_presets_cover_the_recipe_and_overrides_are_typed_and_checked():
         ("train.lr=-1", "train.lr must be positive"),
         ("data.dataset=nonsense", "unknown data.dataset 'nonsense'"),
         ("train.scheduler=cosin", "train.scheduler must be one of"),
+        ("train.lr=inf", "train.lr must be a finite number, got inf"),  # trained to NaN weights, reported done
+        ("train.max_grad_norm=nan", "train.max_grad_norm must be a finite number"),  # silently no clipping
+        ("train.weight_decay=nan", "train.weight_decay must be a finite number"),
     ]:
         with pytest.raises(ConfigError, match=message):
             load_config("persona-ccm-concat", [bad])
@@ -262,6 +265,51 @@ def test_samples_past_the_models_positions_are_skipped_as_over_long_ones_are(tmp
     assert "skipped 4 samples longer than the model's 130 positions" in caplog.text
     with pytest.raises(ConfigError, match=r"no train sample fits the model's 64 positions \(the shortest takes"):
         train(_config(tmp_path / "short"), lm=tiny_model(positions=64))
+
+
+def test_records_without_an_answer_are_skipped_not_a_crash_at_the_step_that_draws_them(tmp_path, caplog):
+    """A MetaICL record with an empty output has no token to train on: the run stopped at whatever step (or
+    evaluation) drew a batch of it alone, "this batch has no answer tokens to train on"."""
+    task = tmp_path / "data" / "t"
+    task.mkdir(parents=True)
+    rows = [{"input": f"word {i}", "output": "" if i == 0 else "yes"} for i in range(4)]
+    for split in ("train", "dev"):
+        (task / f"t_4_100_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = ["data.dataset=metaicl", f"data.path={tmp_path / 'data'}", "train.batch_size=1", "train.shuffle=false"]
+    with caplog.at_level("WARNING", logger="ccmem.train.trainer"):
+        result = train(_config(tmp_path, *data, "train.max_steps=2"), lm=tiny_model())
+    assert result.steps == 2 and result.eval_loss is not None
+    assert "train: skipped 1 samples with no answer to train on (first: t-train-0)" in caplog.text
+    assert "validation: skipped 1 samples" in caplog.text
+
+
+def test_missing_data_stage1_and_init_files_are_said_before_the_model_loads(tmp_path, monkeypatch):
+    """A data.path, load_path or init_from that is not there was found only once the model had loaded (20 s for
+    the default model, minutes for an 8B one)."""
+    import ccmem.train.trainer as trainer
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the files were checked")
+
+    monkeypatch.setattr(trainer, "load_model", never)
+    for setting, error in [
+        (f"data.path={tmp_path / 'nope'}", r"nope does not exist"),
+        (f"load_path={tmp_path / 'stage1'}", r"load_path: no stage-1 LoRA at"),
+        (f"init_from={tmp_path / 'a.safetensors'}", r"init_from: .*a\.safetensors does not exist"),
+    ]:
+        with pytest.raises((ConfigError, FileNotFoundError), match=error):
+            train(_config(tmp_path, setting))
+
+
+def test_a_run_that_diverged_to_nan_writes_no_adapter_and_says_so(tmp_path):
+    """At a learning rate that blows up, every tensor became NaN, log.jsonl showed a loss of 0.0 (the Trainer
+    replaced NaN losses) and the run said "done" beside an adapter of NaNs."""
+    config = _config(tmp_path, "train.lr=1e6", "train.max_grad_norm=0")
+    with pytest.raises(RuntimeError, match=r"training diverged: \d+ trained tensors hold NaN.*Lower train.lr"):
+        train(config, lm=tiny_model())
+    assert not (config.run_dir / "adapter.safetensors").exists()
+    losses = [json.loads(line).get("loss") for line in (config.run_dir / "log.jsonl").read_text().splitlines()]
+    assert any(loss != loss for loss in losses if loss is not None)  # NaN, as it was
 
 
 def test_stage1_lora_then_stage2_on_top_and_load_path_for_another_model_is_refused(tmp_path):

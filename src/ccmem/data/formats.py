@@ -340,13 +340,19 @@ def document_split(name: str) -> str:
     return "test" if bucket == 0 else "validation" if bucket == 1 else "train"
 
 
-def pretrain(folder: Path, split: str, k: int, words_per_segment: int = 64) -> list[MemoryExample]:
+def pretrain(
+    folder: Path, split: str, k: int, words_per_segment: int = 64, *, held_out: bool = False
+) -> list[MemoryExample]:
     """Plain-text documents (``*.txt``): up to ``k`` segments compressed, the next predicted; plus dialog files
-    (``*.jsonl`` with a ``dialogue`` or ``dialog`` column) as chat examples."""
-    texts = sorted(folder.rglob("*.txt")) if folder.is_dir() else [folder]
+    (``*.jsonl`` with a ``dialogue`` or ``dialog`` column) as chat examples. ``held_out``: ``folder`` holds only
+    documents of ``split`` (a validation file or folder, ``data.eval_path``), read whole."""
+    if folder.is_dir():
+        texts, chats = sorted(folder.rglob("*.txt")), sorted(folder.rglob("*.jsonl"))
+    else:  # one file: a dialog file, or a text document whatever its name
+        texts, chats = ([], [folder]) if folder.suffix == ".jsonl" else ([folder], [])
     examples = []
     for doc in texts:
-        if document_split(doc.name) != split:
+        if document_split(doc.name) != split and not held_out:
             continue
         words = doc.read_text(encoding="utf-8-sig", errors="replace").split()
         segments = [" ".join(words[i : i + words_per_segment]) + " " for i in range(0, len(words), words_per_segment)]
@@ -357,11 +363,11 @@ def pretrain(folder: Path, split: str, k: int, words_per_segment: int = 64) -> l
                     MemoryExample(f"{doc.stem}-{start}", window[:-1], "", window[-1], chat=False, task="text")
                 )
     chat = []
-    for file in sorted(folder.rglob("*.jsonl")) if folder.is_dir() else []:
+    for file in chats:
         first = next(read_records(file), None)
         key = "dialogue" if first and "dialogue" in first[1] else "dialog"
         every = dialogs(file, split, key, k, "chat")  # a single file holds all splits: split it by record
-        chat += [e for j, e in enumerate(every) if document_split(f"{file.name}:{j}") == split]
+        chat += [e for j, e in enumerate(every) if held_out or document_split(f"{file.name}:{j}") == split]
     mixed = []  # interleave text and chat so every batch sees both
     for i in range(max(len(examples), len(chat))):
         mixed += examples[i : i + 1] + chat[i : i + 1]

@@ -212,7 +212,7 @@ def _icl(cfg: DataConfig, split: str) -> list[MemoryExample]:
 def _pwc(cfg: DataConfig, split: str) -> list[MemoryExample]:
     """PwC jsonl files (``data.path``), or PwC-style records generated from packaged text (``data.source``)."""
     if cfg.path:
-        return pwc.pwc(_path(cfg, split), split)
+        return pwc.pwc(_path(cfg, split), split, held_out=_held(cfg))
     return pwc.generated(cfg.n_train if split == "train" else cfg.n_eval, split, seed=cfg.seed, source=cfg.source)
 
 
@@ -254,9 +254,9 @@ LOADERS: dict[str, Loader] = {
     "dialogs": _dialogs,
     "passages": _passages,
     "mixture": _mixture,
-    "pretrain": lambda cfg, split: formats.pretrain(_path(cfg, split), split, cfg.k),
+    "pretrain": lambda cfg, split: formats.pretrain(_path(cfg, split), split, cfg.k, held_out=_held(cfg)),
     "pwc": _pwc,
-    "pile": lambda cfg, split: pwc.pile(_path(cfg, split), split),
+    "pile": lambda cfg, split: pwc.pile(_path(cfg, split), split, held_out=_held(cfg)),
     "text": lambda cfg, split: text.examples(
         cfg.n_train if split == "train" else cfg.n_eval, split, seed=cfg.seed, path=cfg.path, held_out=_held(cfg)
     ),

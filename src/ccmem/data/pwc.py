@@ -7,7 +7,8 @@
 
 A folder gives ``train``/``validation``/``test`` files. A single file is read whole as the test split (what
 ``ccmem eval`` and ``ccmem generate`` read), and for training its records are assigned to train or validation by
-a hash of their line (1 in 10 validates), so training never validates on what it trains on. Errors name the
+a hash of their line (1 in 10 validates), so training never validates on what it trains on; a validation file
+given as ``data.eval_path`` is read whole. Errors name the
 file, line and field.
 
 Offline, :func:`generate` writes PwC records from the packaged Wikipedia summaries (``passages.articles``):
@@ -52,8 +53,9 @@ N_OPTIONS = 4
 PWC_FIELDS = ("input", "prompt", "answer")
 
 
-def _records(path: Path, split: str) -> list[tuple[str, dict[str, Any]]]:
-    """Records of ``split``: the split's own file in a folder, else the lines of one file hashed into splits."""
+def _records(path: Path, split: str, held_out: bool = False) -> list[tuple[str, dict[str, Any]]]:
+    """Records of ``split``: the split's own file in a folder, else the lines of one file hashed into splits (all of
+    them for the test split, or when the file is ``held_out``: a validation file, ``data.eval_path``)."""
     if path.is_dir():
         try:
             return list(jsonl_records(split_file(path, split, (".jsonl", ".json"))))
@@ -62,7 +64,7 @@ def _records(path: Path, split: str) -> list[tuple[str, dict[str, Any]]]:
                 raise
             return list(jsonl_records(path / "val.jsonl"))
     every = list(jsonl_records(path))
-    if split == "test":
+    if split == "test" or held_out:
         return every
 
     def side(where: str) -> str:
@@ -85,12 +87,12 @@ PILE_CONTEXT_CHARS = 1600  # ~400 tokens: under IC-Former's max_seq_len of 512
 PILE_ANSWER_CHARS = 400
 
 
-def pile(path: Path, split: str) -> list[MemoryExample]:
+def pile(path: Path, split: str, held_out: bool = False) -> list[MemoryExample]:
     """Pile documents (``text``) as single-segment contexts, for pretraining (the method cuts them into what it
     compresses and what it predicts). The test split is evaluated as continuation: up to
     :data:`PILE_CONTEXT_CHARS` of a document's start compressed, its next word read as the query and the
     :data:`PILE_ANSWER_CHARS` after it scored (perplexity); documents too short for that are left out."""
-    records = [(where, _text(r, "text", where)) for where, r in _records(path, split)]
+    records = [(where, _text(r, "text", where)) for where, r in _records(path, split, held_out)]
     if split != "test":
         return [MemoryExample(where, [text], "", "", chat=False, task="pile") for where, text in records]
     made = [(where, _continuation(where, text)) for where, text in records]
@@ -136,8 +138,8 @@ def prompt_text(prompt: str) -> str:
     return prompt.strip() + "\n"
 
 
-def pwc(path: Path, split: str) -> list[MemoryExample]:
-    return [pwc_example(where, r) for where, r in _records(path, split)]
+def pwc(path: Path, split: str, held_out: bool = False) -> list[MemoryExample]:
+    return [pwc_example(where, r) for where, r in _records(path, split, held_out)]
 
 
 def read_pwc(path: Path) -> list[dict[str, Any]]:

@@ -447,9 +447,10 @@ class Method(ABC):
         return sample
 
     def has_targets(self, sample: Sample) -> bool:
-        """Whether training on ``sample`` has tokens to predict; the trainer refuses data where none has, before
-        training. Default: assumed (methods that language-model the whole text train on any sample)."""
-        return True
+        """Whether training on ``sample`` has tokens to predict; the trainer skips samples that have none (a batch
+        of them has no loss) and refuses data where none has, before training. Default: its answer, or its chunks
+        where they are trained on too (methods that language-model the whole text override this)."""
+        return sample.answer_start < len(sample.tail) or (sample.label_chunks and any(sample.chunks))
 
     def no_targets_hint(self) -> str:
         """What to change when no sample :meth:`has_targets` (said with the trainer's refusal); "" if nothing."""

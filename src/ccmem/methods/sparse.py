@@ -233,6 +233,9 @@ class SparseMethod(Method, LoRAOptions):
 
     # ------------------------------------------------------------------ training
 
+    def has_targets(self, sample: Sample) -> bool:
+        return self.loss_on == "all" or super().has_targets(sample)  # causal LM: every text trains
+
     def sample_length(self, sample: Sample) -> int:
         if not self.uses_sentinels:
             return super().sample_length(sample)

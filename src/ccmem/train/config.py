@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import json
 import logging
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -545,6 +546,9 @@ def check(config: TrainConfig) -> None:
     for key in ("batch_size", "grad_accum", "max_steps", "eval_steps", "save_steps", "logging_steps"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key} must be at least 1, got {getattr(t, key)}")
+    for key in ("lr", "weight_decay", "max_grad_norm"):  # nan passes every comparison below; inf lr trains NaN
+        if not math.isfinite(getattr(t, key)):
+            raise ConfigError(f"train.{key} must be a finite number, got {getattr(t, key)}")
     if not t.lr > 0:
         raise ConfigError(f"train.lr must be positive, got {t.lr}")
     if not 0 <= t.warmup_ratio < 1:

@@ -47,13 +47,13 @@ from ccmem.adapter import (
 )
 from ccmem.api import check_attention
 from ccmem.data.loaders import data_version, load_examples
-from ccmem.data.records import to_sample
+from ccmem.data.records import MemoryExample, to_sample
 from ccmem.data.samples import Sample
 from ccmem.fileio import atomic_path
 from ccmem.loading import LoadedModel, load_model
 from ccmem.methods.base import ContextTooLongError, Method
 from ccmem.registry import get_method
-from ccmem.stage1 import ADAPTER_FILE, Stage1Error, merge_stage1
+from ccmem.stage1 import ADAPTER_FILE, Stage1Error, merge_stage1, stage1_file
 from ccmem.train.config import ConfigError, TrainConfig, differences, with_later_fields
 
 try:
@@ -233,9 +233,12 @@ def _log_step(line: str) -> int | None:
 # ---------------------------------------------------------------------------- the run
 
 
-def samples_for(lm: LoadedModel, config: TrainConfig, method: Method, split: str) -> list[Sample]:
-    """Tokenized samples of ``split``; ones longer than ``data.max_length`` once laid out are skipped (warned)."""
-    examples = load_examples(config.data, split)
+def samples_for(
+    lm: LoadedModel, config: TrainConfig, method: Method, split: str, examples: list[MemoryExample] | None = None
+) -> list[Sample]:
+    """Tokenized samples of ``split`` (its ``examples``, read unless given); ones longer than ``data.max_length``
+    once laid out are skipped (warned)."""
+    examples = load_examples(config.data, split) if examples is None else examples
     if not examples:
         where = f" at {config.data.path}" if config.data.path else ""
         raise ConfigError(
@@ -243,12 +246,20 @@ def samples_for(lm: LoadedModel, config: TrainConfig, method: Method, split: str
             f"train/validation files (data.eval_path names the validation file)"
         )
     samples = [method.fit_sample(to_sample(lm.tokenizer, e, system=config.data.system)) for e in examples]
-    if not any(method.has_targets(s) for s in samples):  # caught here, not as an empty batch at step 0
+    trains = [method.has_targets(s) for s in samples]
+    if not any(trains):  # caught here, not as an empty batch at step 0
         hint = method.no_targets_hint()
         raise ConfigError(
             f"no {split} sample of {config.data.dataset} has a token to train on for {method.name}: its records "
             f"have no answer{f' ({hint})' if hint else ''}"
         )
+    if not all(trains):  # a batch of them alone would have no loss: a crash at whatever step drew it
+        first = next(e.id for e, t in zip(examples, trains, strict=True) if not t)
+        logger.warning(
+            "%s: skipped %d samples with no answer to train on (first: %s)", split, trains.count(False), first
+        )
+        examples = [e for e, t in zip(examples, trains, strict=True) if t]
+        samples = [s for s, t in zip(samples, trains, strict=True) if t]
     lengths = []
     for example, sample in zip(examples, samples, strict=True):
         try:
@@ -421,6 +432,17 @@ def _precision(name: str) -> str:
     return name
 
 
+def _check_files(config: TrainConfig) -> None:
+    """Refuse a ``load_path`` with no stage-1 LoRA, or an ``init_from`` file that is not there."""
+    try:
+        if config.load_path:
+            stage1_file(config.load_path)
+    except Stage1Error as err:
+        raise ConfigError(f"load_path: {err}") from None
+    if config.init_from and config.init_from.partition(":")[0] != "shipped" and not Path(config.init_from).exists():
+        raise ConfigError(f"init_from: {config.init_from} does not exist (an adapter file, or shipped[:NAME])")
+
+
 def _method_state(config: TrainConfig, lm: LoadedModel | None) -> tuple[Method, LoadedModel, nn.Module, str | None]:
     """The run's method, its model (loaded unless given; stage-1 LoRA merged in, frozen) and its freshly built
     trainable state, seeded; and the stage-1 hash."""
@@ -486,6 +508,10 @@ def _train(config: TrainConfig, lm: LoadedModel | None) -> TrainResult:
         logger.info("run %s already finished (%d steps): %s", config.run_id, done.steps, done.output)
         return done
     run_dir = config.run_dir
+    # The data and the files named are read before the model loads (minutes for a large one), so a wrong path or
+    # a malformed record is said at once.
+    examples = {split: load_examples(config.data, split) for split in ("train", "validation")}
+    _check_files(config)
     method, lm, state, stage1_hash = _method_state(config, lm)
     if config.init_from:
         init_state(method, lm, config.init_from)
@@ -495,8 +521,8 @@ def _train(config: TrainConfig, lm: LoadedModel | None) -> TrainResult:
         lm.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     lm.model.config.use_cache = False
 
-    train_set = SampleDataset(samples_for(lm, config, method, "train"))
-    eval_set = SampleDataset(samples_for(lm, config, method, "validation"))
+    train_set = SampleDataset(samples_for(lm, config, method, "train", examples["train"]))
+    eval_set = SampleDataset(samples_for(lm, config, method, "validation", examples["validation"]))
     warn_shared_samples(train_set.samples, eval_set.samples)
     data_record = data_digest(train_set.samples, eval_set.samples)
     if resume:
@@ -527,6 +553,7 @@ def _train(config: TrainConfig, lm: LoadedModel | None) -> TrainResult:
         metric_for_best_model="eval_loss",
         greater_is_better=False,
         logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN, not replaced by the mean of the steps before
         report_to=report_to,
         seed=t.seed,
         data_seed=t.seed,
@@ -570,6 +597,13 @@ def _train(config: TrainConfig, lm: LoadedModel | None) -> TrainResult:
     with method.attached(lm):
         trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
+    diverged = [n for n, p in state.named_parameters() if not bool(torch.isfinite(p).all())]
+    if diverged:  # no finite checkpoint to restore: every evaluation was NaN
+        raise RuntimeError(
+            f"training diverged: {len(diverged)} trained tensors hold NaN or inf (first: {diverged[0]}; see the loss "
+            f"and grad_norm in {run_dir / 'log.jsonl'}), so no adapter was written. Lower train.lr (now "
+            f"{t.lr:g}) or keep train.max_grad_norm on, and train under a new run_id"
+        )
     eval_loss = trainer.state.best_metric
     summary = {
         "run_id": config.run_id,
