@@ -123,6 +123,22 @@ def test_resume_continues_where_the_run_stopped_and_ends_like_an_uninterrupted_r
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 
+def test_a_resumed_run_stops_early_where_the_uninterrupted_run_stops(tmp_path):
+    # lr 2 on the tiny model: evaluations at steps 8 and 10 do not improve on step 6, so patience 2 stops at 10
+    extra = ("train.patience=2", "train.max_steps=12", "train.lr=2.0", "train.save_total_limit=6")
+    full = train(_config(tmp_path / "a", *extra), lm=tiny_model())
+    assert full.steps == 10
+    config = _config(tmp_path / "b", *extra)
+    train(config, lm=tiny_model())
+    import shutil
+
+    shutil.rmtree(config.run_dir / "checkpoint-10")  # as if the session ended after step 8 (one bad evaluation)
+    (config.run_dir / "adapter.safetensors").unlink()
+    resumed = train(config, lm=tiny_model())
+    assert resumed.resumed_from and resumed.resumed_from.endswith("checkpoint-8")
+    assert resumed.steps == 10  # not 12: the count of evaluations without improvement survived the interruption
+
+
 def test_an_interrupted_checkpoint_is_set_aside_and_a_restart_without_one_keeps_one_log(tmp_path, caplog):
     """A kill or a full disk while the Trainer wrote checkpoint-N left it half-written, and every rerun failed on it
     ("Can't find a valid checkpoint"); a run killed before its first checkpoint logged its steps twice."""

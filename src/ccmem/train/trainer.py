@@ -554,6 +554,9 @@ def _train(config: TrainConfig, lm: LoadedModel | None) -> TrainResult:
         greater_is_better=False,
         logging_steps=t.logging_steps,
         logging_nan_inf_filter=False,  # a NaN loss is logged as NaN, not replaced by the mean of the steps before
+        # a resumed run keeps early stopping's count of evaluations without improvement (transformers starts it
+        # again at 0 by default), so it stops where the uninterrupted run would
+        restore_callback_states_from_checkpoint=True,
         report_to=report_to,
         seed=t.seed,
         data_seed=t.seed,
