@@ -277,6 +277,14 @@ def test_api_refuses_bad_input_with_clear_errors():
         (lambda meta, t: t.update({"layers.0.keys": t["layers.0.keys"][:, :1]}), "must have the same 4-D shape"),
         (lambda meta, t: t.pop("layers.1.positions"), "layers.1.positions is missing"),
         (lambda meta, t: [t.pop(k) for k in list(t) if k.startswith("layers.1.")], "1 layers, but the model has 2"),
+        # layer 1 one slot short (and no window, which would count it): generating failed deep inside the attention
+        (
+            lambda meta, t: (
+                meta.update(window="0"),
+                t.update({k: v[:, :, :-1].clone() for k, v in t.items() if "s.1." in k}),
+            ),
+            r"its layers hold different numbers of slots \(12 to 13\)",
+        ),
     ],
 )
 def test_a_memory_file_edited_by_hand_is_refused_with_what_is_wrong(tmp_path, edit, message):
