@@ -92,6 +92,11 @@ def test_adapter_roundtrip_fills_in_its_options_and_refuses_conflicts(tmp_path):
         ccmem.load(tiny_model(), "ccm-merge", adapter=path)
     with pytest.raises(AdapterMismatchError, match="trained for 'tiny-llama-gqa', not for 'tiny-qwen2'"):
         ccmem.load(tiny_model("qwen2"), "ccm-concat", adapter=path)
+    # the same model in bfloat16 has other exact weights: said as such, not "for 'tiny-llama-gqa', not for 'tiny-..."
+    half = tiny_model()
+    half.model.to(torch.bfloat16)
+    with pytest.raises(AdapterMismatchError, match=r"other weights of 'tiny-llama-gqa' .*\(loaded as bfloat16\)"):
+        ccmem.load(half, "ccm-concat", adapter=path)
     # weights that do not match the method's (a tensor lost, one too many): both sides named, and how it was made
     from ccmem.adapter import load_adapter
 
