@@ -285,6 +285,7 @@ def test_api_refuses_bad_input_with_clear_errors():
         (lambda meta, t: t.update({"layers.0.keys": t["layers.0.keys"][:, :1]}), "must have the same 4-D shape"),
         (lambda meta, t: t.pop("layers.1.positions"), "layers.1.positions is missing"),
         (lambda meta, t: [t.pop(k) for k in list(t) if k.startswith("layers.1.")], "1 layers, but the model has 2"),
+        (lambda meta, t: t.clear(), r"holds no key/value layers, but counts 10 sink and 3 window slots"),
         # layer 1 one slot short (and no window, which would count it): generating failed deep inside the attention
         (
             lambda meta, t: (
