@@ -308,6 +308,14 @@ def check_state_kind(method: Method, lm: LoadedModel, adapter: Adapter) -> None:
 
 def load_adapter(method: Method, lm: LoadedModel, adapter: Adapter) -> None:
     """Fill ``method``'s trainable state for ``lm`` from ``adapter``; refuse one made for another model."""
+    if adapter.model != lm.fingerprint and adapter.model_name == lm.name:
+        # "trained for 'smollm2-135m', not for 'smollm2-135m'" was all a model loaded in bfloat16 was told
+        raise AdapterMismatchError(
+            f"adapter {adapter.path} was trained on other weights of {lm.name!r} than the ones loaded here (loaded "
+            f"as {str(lm.dtype).removeprefix('torch.')}): the match is on the exact weights, so the same model at "
+            "another dtype or revision differs; load it as it was trained (float32 unless trained in half "
+            "precision: ccmem.load(..., dtype=None)), or use an adapter trained for these weights"
+        )
     if adapter.model != lm.fingerprint:
         raise AdapterMismatchError(
             f"adapter {adapter.path} was trained for {adapter.model_name!r}, not for {lm.name!r} "

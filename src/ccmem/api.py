@@ -285,6 +285,12 @@ class CompressedLM:
             )
 
     def _check_state(self, memory: Memory, where: str) -> None:
+        counts = sorted(set(memory.slots_per_layer))
+        if len(counts) > 1:  # representable, but no method reads one: it failed deep inside the attention
+            raise MemoryMismatchError(
+                f"{where} is damaged or hand-edited: its layers hold different numbers of slots ({counts[0]} to "
+                f"{counts[-1]}), and every method reads memories whose layers hold the same number"
+            )
         try:
             self.method.check_memory(memory)
         except ValueError as err:

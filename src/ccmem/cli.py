@@ -659,15 +659,16 @@ def ask(
     options = _options(n_tok, recurrent, option)
     if method is None:  # the memory's own method, and the options it was made with where no adapter carries them
         from ccmem.memory import memory_meta
-        from ccmem.options import parse_value
         from ccmem.registry import method_class
 
         made = memory_meta(memory_file)
         method = made.get("method", DEFAULT_METHOD)
         cls = method_class(method)
-        # options an adapter does not carry (all, for untrained methods) are the memory's where it records them
-        declared = {spec.name for spec in cls.option_specs() if not cls.trainable or spec.name in cls.runtime_options}
-        kept = {k: parse_value(v) for k, v in made.items() if k in declared}  # "None" parses as None
+        # options an adapter does not carry (all, for a method made without one) are the memory's where it records
+        # them: a gist memory made untrained with --n-tok 2 was read at the default n_tok and refused
+        untrained = not cls.trainable or (adapter is None and made.get("adapter") == "untrained")
+        declared = {spec.name for spec in cls.option_specs() if untrained or spec.name in cls.runtime_options}
+        kept = {k: _recorded(v) for k, v in made.items() if k in declared}
         options = kept | options
     session = _session(model, method, adapter, options, None, stage1, attn)
     session.load_memory(memory_file)
@@ -679,6 +680,19 @@ def ask(
     for piece in session.stream(question, max_new_tokens=max_new_tokens):
         console.print(piece, end="", highlight=False, markup=False)
     console.print()
+
+
+def _recorded(raw: str) -> Any:
+    """A method option as a memory records it (its ``str``): ``None`` parses as None, a tuple such as
+    ``('q_proj', 'v_proj')`` (lora_targets) as that tuple."""
+    import ast
+
+    from ccmem.options import parse_value
+
+    if raw.startswith("("):
+        with contextlib.suppress(ValueError, SyntaxError):
+            return ast.literal_eval(raw)
+    return parse_value(raw)
 
 
 @app.command(

@@ -248,6 +248,8 @@ class Memory(SlotCounts):
             raise bad(f"{len(self.layers)} key/value layers but {len(self.positions)} position tables")
         if self.next_position < 0 or self.sink < 0 or self.window < 0:
             raise bad(f"negative next_position/sink/window ({self.next_position}/{self.sink}/{self.window})")
+        if not self.layers and (self.sink or self.window):  # a file stripped of its tensors loaded as empty
+            raise bad(f"it holds no key/value layers, but counts {self.sink} sink and {self.window} window slots")
         if shape is not None and self.layers and len(self.layers) != shape.layers:
             raise bad(f"{len(self.layers)} layers, but the model has {shape.layers}")
         batch = None

@@ -92,6 +92,11 @@ def test_adapter_roundtrip_fills_in_its_options_and_refuses_conflicts(tmp_path):
         ccmem.load(tiny_model(), "ccm-merge", adapter=path)
     with pytest.raises(AdapterMismatchError, match="trained for 'tiny-llama-gqa', not for 'tiny-qwen2'"):
         ccmem.load(tiny_model("qwen2"), "ccm-concat", adapter=path)
+    # the same model in bfloat16 has other exact weights: said as such, not "for 'tiny-llama-gqa', not for 'tiny-..."
+    half = tiny_model()
+    half.model.to(torch.bfloat16)
+    with pytest.raises(AdapterMismatchError, match=r"other weights of 'tiny-llama-gqa' .*\(loaded as bfloat16\)"):
+        ccmem.load(half, "ccm-concat", adapter=path)
     # weights that do not match the method's (a tensor lost, one too many): both sides named, and how it was made
     from ccmem.adapter import load_adapter
 
@@ -164,6 +169,9 @@ def test_one_loaded_model_serves_several_methods_in_turn():
     [
         (lambda: get_method("ccm-foo"), UnknownMethodError, "valid methods: full, none, ccm-concat"),
         (lambda: get_method("ccm-concat", n_tok=0), ValueError, "n_tok must be at least 1"),
+        (lambda: get_method("gist", lora_alpha=float("nan")), ValueError, r"lora_alpha must be positive and finite"),
+        (lambda: get_method("ccm-concat", lora_alpha=float("inf")), ValueError, "lora_alpha must be positive and"),
+        (lambda: get_method("ccm-merge", gate_scale=float("inf")), ValueError, "gate_scale must be positive and"),
         (lambda: get_method("ccm-concat", ntok=2), ValueError, r"no option 'ntok' \(did you mean 'n_tok'\?\)"),
         (lambda: ccmem.load("no-such-model"), ValueError, "Built-in models: smollm2-135m"),
         (lambda: ccmem.load(""), ValueError, r"no model given \(''\): pass a built-in name"),  # was '.', a folder
@@ -280,6 +288,15 @@ def test_api_refuses_bad_input_with_clear_errors():
         (
             lambda meta, t: t["layers.0.positions"][..., 1].copy_(t["layers.0.positions"][..., 0]),
             "layer 0 holds two slots of one head at position 0",
+        ),
+        (lambda meta, t: t.clear(), r"holds no key/value layers, but counts 10 sink and 3 window slots"),
+        # layer 1 one slot short (and no window, which would count it): generating failed deep inside the attention
+        (
+            lambda meta, t: (
+                meta.update(window="0"),
+                t.update({k: v[:, :, :-1].clone() for k, v in t.items() if "s.1." in k}),
+            ),
+            r"its layers hold different numbers of slots \(12 to 13\)",
         ),
     ],
 )

@@ -108,6 +108,15 @@ def test_neighbour_paired_rope_is_refused_where_ccmem_would_rotate_keys():
         ccmem.load(lm, "expected-attention", system_prompt=None).add_ids(list(range(3, 20)))
 
 
+def test_expected_attention_refuses_a_partial_rotary_model_at_load():
+    """GPT-NeoX rotates only part of each head (rotary_pct): expected-attention loaded and compressed short turns,
+    then the first add that evicted failed after its forward."""
+    from tests.conftest import tiny_model
+
+    with pytest.raises(ValueError, match=r"rotary embedding over the whole head \(8 dims\), but this model rotates 2"):
+        ccmem.load(tiny_model("gpt-neox"), "expected-attention", system_prompt=None, ratio=0.5)
+
+
 def test_full_runs_untrained_on_a_model_its_lora_cannot_adapt():
     """`full` is the uncompressed reference: untrained it needs no LoRA, so it runs on GPT-2 (Conv1D projections),
     while the learned methods say why they cannot."""

@@ -103,8 +103,8 @@ class LoRAOptions:
     def check_lora_options(self) -> None:
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank must be at least 1 (got {self.lora_rank})")
-        if self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be positive (got {self.lora_alpha})")
+        if not 0 < self.lora_alpha < float("inf"):  # nan and inf passed `<= 0`, and every key and value was NaN
+            raise ValueError(f"lora_alpha must be positive and finite (got {self.lora_alpha})")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1) (got {self.lora_dropout})")
         if self.lora_targets is not None:

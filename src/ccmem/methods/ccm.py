@@ -742,8 +742,8 @@ class CCMMerge(CCM):
             raise ValueError(f"banks must be at least 1 (got {self.banks})")
         if self.weighting not in MERGE_WEIGHTINGS:
             raise ValueError(f"weighting must be one of {MERGE_WEIGHTINGS}, got {self.weighting!r}")
-        if not self.gate_scale > 0:
-            raise ValueError(f"gate_scale must be positive (got {self.gate_scale})")
+        if not 0 < self.gate_scale < float("inf"):  # inf: a learned merge's slots came out NaN
+            raise ValueError(f"gate_scale must be positive and finite (got {self.gate_scale})")
 
     def scaled_gate(self) -> torch.Tensor | None:
         gate = cast(CompState, self._module).merge_gate if self._module is not None else None

@@ -86,6 +86,10 @@ class ExpectedAttention(KVEviction):
                 f"expected-attention undoes LLaMA-style RoPE, but this {lm.model.config.model_type} model pairs "
                 "neighbouring dimensions; use another method"
             )
+        # a rotary embedding over part of the head (GPT-NeoX, Pythia) was refused only by the first add that
+        # evicted, after its forward
+        head = torch.zeros(1, 1, 1, lm.kv_shape.head_dim, dtype=lm.dtype, device=lm.device)
+        rotary_tables(lm, torch.zeros(1, 1, dtype=torch.long), head)
 
     def capture(self, n_new: int) -> AttentionCapture:
         return AttentionCapture(queries_wanted=None, want_weights=False, want_queries=True)
