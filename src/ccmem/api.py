@@ -101,12 +101,27 @@ def fold(
     positions goes in as one call. ``memory`` itself is not changed. Called while attached."""
     done = 0
     for part in method.parts(ids):
-        memory = make_room(lm, memory, method.positions_needed(memory, part.shape[1]))
+        memory = make_room(lm, memory, _positions_for(lm, method, memory, part.shape[1]))
         memory = method.add(lm, memory, part)
         done += part.shape[1]
         if progress is not None:
             progress(done, ids.shape[1])
     return memory
+
+
+def _positions_for(lm: LoadedModel, method: Method, memory: Memory, n: int) -> int:
+    """:meth:`Method.positions_needed` for ``n`` new tokens; refused where the method's own tokens (its <COMP>
+    tokens, say) are what passes the model's positions, which adding the text in parts cannot help."""
+    needed = method.positions_needed(memory, n)
+    limit = lm.max_positions
+    if limit is not None and needed > n and memory.sink + n <= limit < memory.sink + needed:
+        raise ContextTooLongError(
+            f"{method.name} reads {needed - n} tokens of its own with the {n} new ones (its options: e.g. n_tok): "
+            f"{memory.sink + needed} positions{f' with the {memory.sink}-token system prompt' if memory.sink else ''}"
+            f", but the model allows {limit}; give {method.name} fewer tokens of its own (a smaller n_tok)",
+            positions=limit,
+        )
+    return needed
 
 
 def fold_rows(lm: LoadedModel, method: Method, memories: list[Memory], ids: list[torch.Tensor]) -> list[Memory]:
@@ -119,7 +134,7 @@ def fold_rows(lm: LoadedModel, method: Method, memories: list[Memory], ids: list
     roomy: list[Memory] = []
     for i, (memory, x) in enumerate(zip(memories, ids, strict=True)):
         try:
-            roomy.append(make_room(lm, memory, method.positions_needed(memory, x.shape[1])))
+            roomy.append(make_room(lm, memory, _positions_for(lm, method, memory, x.shape[1])))
             batched.append(i)
         except ContextTooLongError:
             if len(method.parts(x)) == 1:
@@ -295,6 +310,12 @@ class CompressedLM:
             self.method.check_memory(memory)
         except ValueError as err:
             raise MemoryMismatchError(f"{where} is damaged or hand-edited: {err}") from None
+        ids = memory.state.get("context_ids")  # gist, icformer: read again at the next add (an IndexError in torch)
+        if ids is not None and ids.numel() and int(ids.max()) >= self.lm.vocab_size:
+            raise MemoryMismatchError(
+                f"{where} is damaged or hand-edited: its context (state context_ids) holds token id {int(ids.max())}, "
+                f"outside this model's vocabulary (0..{self.lm.vocab_size - 1})"
+            )
 
     @_one_at_a_time  # not halfway through another thread's reset() or add()
     def fork(self) -> CompressedLM:

@@ -306,6 +306,7 @@ def _set_state(name, value):
         ("gist", {}, _set_state("context_ids", None), "slots after the sink have no context to extend"),
         ("gist", {}, _set_state("context_ids", lambda t: t.float()), "must be token ids of shape \\(1, n\\)"),
         ("gist", {}, _set_state("context_ids", lambda t: -t), "holds negative token ids"),
+        ("gist", {}, _set_state("context_ids", lambda t: t + 10_000), "outside this model's vocabulary"),
         ("icformer", {}, _set_state("context_ids", lambda t: t[:, :0].clone()), "must be token ids of shape"),
         (
             "icformer",

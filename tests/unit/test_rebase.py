@@ -191,3 +191,13 @@ def test_a_prompt_or_query_past_the_positions_is_refused_in_the_words_of_the_cal
     session.add_ids(list(range(3, 40)))
     with pytest.raises(ContextTooLongError, match=r"after the 37 slots .* ask for fewer new tokens"):
         list(session.stream_ids(long[:, :10], max_new_tokens=20))
+
+
+@pytest.mark.parametrize("method", ["ccm-concat", "gist"])
+def test_a_method_whose_own_tokens_pass_the_positions_says_so_not_to_add_the_text_in_parts(method):
+    lm = tiny_model(positions=64)
+    session = CompressedLM(lm, get_method(method, n_tok=60), system_prompt=None)
+    with pytest.raises(ContextTooLongError, match=rf"{method} reads 60 tokens of its own with the 20 new ones.*n_tok"):
+        session.add_ids(list(range(3, 23)))
+    with pytest.raises(ContextTooLongError, match="add the text in parts"):  # the text alone is too long
+        CompressedLM(lm, get_method("full"), system_prompt=None).add_ids(list(range(3, 70)))
