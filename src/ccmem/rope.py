@@ -29,6 +29,10 @@ from ccmem.memory import Memory
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 
 
+#: What re-basing is for, as the refusals say it (not only ``ccmem stream``: any session that outlives the positions).
+MOVING = "moving cached keys (what ccmem stream, and a chat or session past the model's positions, do)"
+
+
 class RopeError(ValueError):
     """A model whose cached keys cannot be moved to other positions."""
 
@@ -93,13 +97,13 @@ def layer_frequencies(lm: LoadedModel) -> list[torch.Tensor]:
     layers = int(cfg.num_hidden_layers)
     if rotary is None:
         raise RopeError(
-            f"{family} models have no rotary position embedding ccmem can re-base; ccmem stream needs a RoPE model "
+            f"{family} models have no rotary position embedding ccmem can re-base; {MOVING} needs a RoPE model "
             "(llama, mistral, qwen2, gemma3, gpt-neox)"
         )
     if not half_split_pairing(lm):
         raise RopeError(
             f"{family} rotates neighbouring dimensions as RoPE pairs, which ccmem's re-basing does not follow, so its "
-            "keys cannot be moved; ccmem stream needs LLaMA-style RoPE (llama, mistral, qwen2, gemma3, gpt-neox)"
+            f"keys cannot be moved; {MOVING} needs LLaMA-style RoPE (llama, mistral, qwen2, gemma3, gpt-neox)"
         )
     if isinstance(getattr(rotary, "inv_freq", None), torch.Tensor):
         kinds = [str(rotary.rope_type)] * layers
@@ -116,7 +120,7 @@ def layer_frequencies(lm: LoadedModel) -> list[torch.Tensor]:
     if bad:
         raise RopeError(
             f"{family} uses {bad[0]} RoPE, whose frequencies change with the sequence length, so cached keys "
-            f"cannot be moved exactly; ccmem stream supports RoPE types {', '.join(STATIC_ROPE)}"
+            f"cannot be moved exactly; {MOVING} supports RoPE types {', '.join(STATIC_ROPE)}"
         )
     tables = {id(f): f.detach().float() for f in freqs}  # layers that share a table share one tensor
     return [tables[id(f)] for f in freqs]
