@@ -214,6 +214,10 @@ def test_missing_file_and_invalid_json_are_reported(tmp_path):
     (tmp_path / "x.jsonl").write_text("{oops\n")
     with pytest.raises(DatasetFormatError, match=r"x\.jsonl:1: not valid JSON"):
         read_jsonl(tmp_path / "x.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    for split in ("train", "test"):  # training said "train_ratio=0.9 of 0 distinct questions leaves no problem"
+        with pytest.raises(DatasetFormatError, match=r"empty\.jsonl holds no GSM8K problem"):
+            read_split(tmp_path / "empty.jsonl", split)
 
 
 # ------------------------------------------------------------------------------------------ answers

@@ -229,6 +229,11 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[Problem]:
                 version=record.get("version", ""),
             )
         )
+    if not problems:  # said here, not as a train_ratio "leaving no training problem" or an empty evaluation
+        raise DatasetFormatError(
+            f"{path} holds no GSM8K problem: give one JSON object per line with 'question' and 'answer' (the worked "
+            "solution, ending in '#### <number>')"
+        )
     return problems
 
 
