@@ -1468,8 +1468,18 @@ def data(
         ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write into.")],
-    n_train: Annotated[int, typer.Option("--n-train", min=1, help="Training dialogs.")] = 2400,
-    n_test: Annotated[int, typer.Option("--n-test", min=1, help="Validation and test dialogs each.")] = 200,
+    n_train: Annotated[
+        int | None, typer.Option("--n-train", min=1, help="Training dialogs [default: 2400] (icl: see --k).")
+    ] = None,
+    n_test: Annotated[
+        int | None,
+        typer.Option(
+            "--n-test",
+            min=1,
+            help="Validation and test dialogs each [default: 200]; icl: dev queries per task [default: 20] "
+            "(its test queries are every held-out word).",
+        ),
+    ] = None,
     k: Annotated[
         int,
         typer.Option(
@@ -1522,6 +1532,8 @@ def data(
         raise typer.BadParameter(f"--min-turns ({min_turns}) must not exceed --turns ({turns})")
     if generator == "persona":
         check_persona_shape(k, small_talk)
+    if generator == "icl" and n_train is not None:  # it was read by no generator of icl's, without a word
+        raise typer.BadParameter("--n-train counts training dialogs; icl's training rows are its --k demonstrations")
     if out.exists() and not out.is_dir():
         raise OptionError(f"--out {out} is a file; give a folder for the dataset files")
     held = sorted(out.glob("*.jsonl") if generator != "icl" else out.glob("*/*_train.jsonl")) if out.is_dir() else []
@@ -1533,6 +1545,7 @@ def data(
     if generator in ("persona", "dialogs", "passages"):
         from ccmem.data import dialogs, passages
 
+        n_train, n_test = n_train or 2400, n_test or 200
         for split, n in (("train", n_train), ("validation", n_test), ("test", n_test)):
             if generator == "persona":
                 facts, chatter = ((1, k), (0, small_talk)) if split != "test" else (k, small_talk)
@@ -1555,7 +1568,7 @@ def data(
                 old.unlink()
             with contextlib.suppress(OSError):
                 task_dir.rmdir()  # emptied (a task folder without files is refused by the loader)
-        icl.write_metaicl(out, tasks, k=k, seed=seed)
+        icl.write_metaicl(out, tasks, k=k, n_test=n_test or 20, seed=seed)
         console.print(f"wrote {tasks} tasks in MetaICL layout under {out} ({icl.GENERATOR_VERSION})")
     else:
         raise typer.BadParameter(f"unknown generator {generator!r}; use persona, dialogs, passages or icl")

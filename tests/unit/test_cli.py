@@ -710,6 +710,15 @@ def test_data_icl_overwrite_replaces_the_old_tasks_and_demonstration_files(monke
     assert {e.task for e in train} == {"icl0", "icl1"} and len(train) == 2 * 4
 
 
+def test_data_icl_reads_n_test_and_refuses_n_train(monkeypatch, capsys, tmp_path):
+    # both were accepted and read by nothing: dev files held 20 queries whatever --n-test said
+    out = tmp_path / "icl"
+    assert run_cli(monkeypatch, capsys, "data", "icl", "-o", str(out), "--tasks", "1", "--n-test", "5")[0] == 0
+    assert len((out / "icl0" / "icl0_3_0_dev.jsonl").read_text().splitlines()) == 5
+    code, text = run_cli(monkeypatch, capsys, "data", "icl", "-o", str(tmp_path / "b"), "--n-train", "50")
+    assert code != 0 and "--k demonstrations" in text and not (tmp_path / "b").exists()
+
+
 def test_outputs_that_cannot_be_written_are_refused_before_the_work(monkeypatch, capsys, tmp_path):
     """stream and repro ran to the end and then failed to make -o under a file ("Not a directory"), losing the
     results; demo --out FOLDER failed with a bare errno after loading the model; --adapter naming one method
