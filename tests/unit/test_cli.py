@@ -522,6 +522,14 @@ def test_show_keys_explains_every_config_key(monkeypatch, capsys):
     flat = " ".join(text.split())
     assert code == 0 and "train.patience int early stopping after this many evaluations" in flat
     assert "method.n_tok int <COMP> tokens per compression step" in flat
+    # the schedules it names are the ones a config accepts (it said "any of transformers' names")
+    from ccmem.train.config import ConfigError, load_config
+
+    named = docs["train.scheduler"].split(":", 1)[1].replace(" or ", ", ").split(",")
+    for name in (n.strip() for n in named):
+        assert load_config(None, [f"train.scheduler={name}"]).train.scheduler == name
+    with pytest.raises(ConfigError, match=r"train\.scheduler must be one of"):
+        load_config(None, ["train.scheduler=inverse_sqrt"])
 
 
 def test_show_presets_says_what_each_preset_trains(monkeypatch, capsys):

@@ -111,7 +111,9 @@ class OptimConfig:
     """The optimisation recipe (the reference's defaults)."""
 
     lr: float = 3e-4  # peak learning rate of AdamW
-    scheduler: str = "cosine"  # learning-rate schedule after warm-up (any of transformers' names: cosine, linear, ...)
+    # learning-rate schedule after warm-up: linear, cosine, cosine_with_restarts, polynomial, constant or
+    # constant_with_warmup
+    scheduler: str = "cosine"
     warmup_ratio: float = 0.05  # share of max_steps spent warming the learning rate up from 0
     weight_decay: float = 0.0  # AdamW's decoupled weight decay
     batch_size: int = 8  # samples per step on each device (padded together)
