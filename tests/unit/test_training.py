@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,6 +77,10 @@ def test_presets_cover_the_recipe_and_overrides_are_typed_and_checked():
     ]:
         with pytest.raises(ConfigError, match=message):
             load_config("persona-ccm-concat", [bad])
+    # "~" at the start of a path key is the home folder: bash leaves data.path=~/x as it is
+    home = load_config(None, ["data.path=~/x", "output_dir=~/runs", "init_from=shipped"])
+    assert (home.data.path, home.output_dir) == (str(Path.home() / "x"), str(Path.home() / "runs"))
+    assert home.init_from == "shipped"
     with pytest.raises(ConfigError, match=r"multiple of train.eval_steps"):
         load_config(None, ["train.save_steps=30"])
     assert load_config(None, ["train.lr=1e-4"]).fingerprint() != load_config(None, []).fingerprint()

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -452,6 +453,7 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
             config.run_id = path.stem
     given = dict(parse_override(o) for o in overrides)
     config = _apply(config, given)
+    _expand_home(config)
     if not config.run_id:
         config.run_id = f"{config.data.dataset}-{config.method.name}"
     check(config)
@@ -459,6 +461,19 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
         if f"data.{key}" in given:  # a preset's value is not the user's choice: only what they typed is named
             logger.warning("data.%s=%s is not read: %s", key, given[f"data.{key}"], _why_unread(config.data, key))
     return config
+
+
+def _expand_home(config: TrainConfig) -> None:
+    """``~/data`` in a path key means the home folder, as in a shell: ``data.path=~/x`` is one word to bash, which
+    expands ``~`` only at a word's start, so the path reached ccmem as written."""
+
+    keys = [(config.data, "path"), (config.data, "eval_path")] + [
+        (config, name) for name in ("load_path", "init_from", "output_dir")
+    ]
+    for holder, name in keys:
+        value = getattr(holder, name)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(holder, name, os.path.expanduser(value))
 
 
 #: The dataset settings that shape examples, and the datasets that read each (generated, or from files).
