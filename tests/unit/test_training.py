@@ -128,6 +128,15 @@ def test_resume_continues_where_the_run_stopped_and_ends_like_an_uninterrupted_r
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 
+def test_a_run_folder_blocked_by_a_file_is_refused_by_name(tmp_path):
+    (tmp_path / "runs").write_text("not a folder")
+    with pytest.raises(ConfigError, match=r"runs is a file, so the run folder .* cannot be made; choose another"):
+        train(_config(tmp_path / "runs" / "sub"), lm=tiny_model())
+    (tmp_path / "persona-ccm-concat").write_text("")
+    with pytest.raises(ConfigError, match="persona-ccm-concat is a file"):
+        train(_config(tmp_path), lm=tiny_model())
+
+
 def test_a_resumed_run_stops_early_where_the_uninterrupted_run_stops(tmp_path):
     # lr 2 on the tiny model: evaluations at steps 8 and 10 do not improve on step 6, so patience 2 stops at 10
     extra = ("train.patience=2", "train.max_steps=12", "train.lr=2.0", "train.save_total_limit=6")

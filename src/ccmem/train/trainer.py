@@ -467,6 +467,12 @@ def train(config: TrainConfig, *, lm: LoadedModel | None = None) -> TrainResult:
     A run that already finished with the same config is not trained again: its result is returned as it is. A
     run that another process is training (the same run_id and output_dir) is refused.
     """
+    blocked = next((p for p in (config.run_dir, *config.run_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:  # else a bare "[Errno 20] Not a directory" from the lock file
+        raise ConfigError(
+            f"{blocked} is a file, so the run folder {config.run_dir} cannot be made; choose another output_dir or "
+            "run_id"
+        )
     with run_lock(config):
         return _train(config, lm)
 
