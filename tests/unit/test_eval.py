@@ -219,6 +219,22 @@ def test_report_flags_a_table_whose_rows_were_measured_on_different_examples(tmp
     assert "Not comparable" not in (tmp_path / "report.md").read_text()
 
 
+def test_a_report_that_fails_while_being_rewritten_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
+    import csv
+
+    rows = [_row("full", "aaa", 100), _row("none", "aaa", 100)]
+    written = write_report(rows, tmp_path)
+    before = {name: path.read_bytes() for name, path in written.items()}
+
+    def fail(self, row):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(csv.DictWriter, "writerow", fail)  # after the header: report.csv was left half written
+    with pytest.raises(OSError, match="disk full"):
+        write_report(rows, tmp_path)
+    assert {name: path.read_bytes() for name, path in written.items()} == before
+
+
 @pytest.mark.parametrize("task", ["icl", "text"])
 @pytest.mark.parametrize("method", ["full", "ccm-merge", "snapkv"])
 def test_batched_evaluation_gives_the_rows_of_one_at_a_time(method, task, tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ccmem.eval.harness import EvalRow
+from ccmem.fileio import atomic_path
 
 COLUMNS = (
     ("method", "method"),
@@ -139,7 +140,7 @@ def mismatches(rows: Sequence[EvalRow]) -> list[str]:
 
 def write_csv(rows: Sequence[EvalRow], path: Path) -> Path:
     fields = list(asdict(rows[0]))
-    with path.open("w", newline="", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for r in rows:  # nested fields (extra, options) as JSON, which other tools parse, not Python's repr
@@ -201,7 +202,8 @@ def plot(rows: Sequence[EvalRow], path: Path, metric: str | None = None) -> Path
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
 
@@ -214,7 +216,8 @@ def write_report(rows: Sequence[EvalRow], out_dir: Path, metric: str | None = No
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "report.md"
     notes = "".join(f"\n> **Not comparable**: {w}\n" for w in mismatches(rows))
-    md.write_text(markdown(rows) + group_markdown(rows) + notes, encoding="utf-8")
+    with atomic_path(md) as tmp:  # a report rewritten over an earlier one is whole, or the earlier one stays
+        tmp.write_text(markdown(rows) + group_markdown(rows) + notes, encoding="utf-8")
     return {
         "markdown": md,
         "csv": write_csv(rows, out_dir / "report.csv"),
