@@ -12,7 +12,7 @@ import torch
 from ccmem.api import load
 from ccmem.data import icl
 from ccmem.data.records import to_sample
-from ccmem.eval.harness import EvalRow, EvalSettings, compare, evaluate, read_rows, rouge_l
+from ccmem.eval.harness import EvalRow, EvalSettings, compare, contains_answer, evaluate, read_rows, rouge_l
 from ccmem.eval.report import markdown, mismatches, write_report
 from tests.conftest import randomize_lora, tiny_model
 from tests.unit.test_cli import run_cli
@@ -180,6 +180,14 @@ def test_eval_then_report_from_the_command_line(monkeypatch, capsys, tmp_path, t
     (tmp_path / "bad.jsonl").write_text('{"method": "full"}\n')
     code, text = run_cli(monkeypatch, capsys, "report", str(tmp_path / "bad.jsonl"))
     assert code == 2 and "bad.jsonl:1: not a ccmem eval row (missing field model" in " ".join(text.split())
+
+
+def test_contains_asks_for_the_answers_words_whole_not_a_substring():
+    assert contains_answer("She has 4 cats.", "4") and not contains_answer("She has 14 cats.", "4")
+    assert not contains_answer("I am tired.", "red") and contains_answer("It is RED, she said", "red")
+    assert contains_answer("They moved to New York City last year", "new york")
+    assert not contains_answer("New Yorkers", "new york") and not contains_answer("anything", "the")
+    assert contains_answer("我住在东京。", "东京")  # scripts without spaces: each character is a word
 
 
 def test_report_refuses_rows_without_a_shared_metric(tmp_path):

@@ -6,10 +6,10 @@ For every example the context is compressed segment by segment into the method's
   :meth:`ccmem.CompressedLM.score_ids`; ``score="mean"`` divides by the option's length) and the most likely
   one must be the answer;
 * **perplexity**: of the reference answer given the memory (DailyDialog-style);
-* with ``generate``: greedy generation, scored by **exact match**, **contains** (the answer appears in the
-  generation) and **ROUGE-L** F1. For GSM8K, exact match compares the final answers (the number after ``####``,
-  or the last number generated; :func:`ccmem.data.gsm8k.is_correct`), as GSM8K is scored, while contains and
-  ROUGE-L compare the whole worked solution.
+* with ``generate``: greedy generation, scored by **exact match**, **contains** (the answer's words appear
+  whole in the generation: :func:`contains_answer`) and **ROUGE-L** F1. For GSM8K, exact match compares the
+  final answers (the number after ``####``, or the last number generated; :func:`ccmem.data.gsm8k.is_correct`),
+  as GSM8K is scored, while contains and ROUGE-L compare the whole worked solution.
 
 Each row records what it cost (mean memory slots and bytes, context tokens, compression throughput) and
 what produced it (method, model, adapter hash, the dataset it was trained on, data, config hash).
@@ -125,6 +125,13 @@ def normalize(text: str) -> str:
     scripts written without spaces are words of their own, so ROUGE-L gives Chinese or Japanese answers credit."""
     text = UNSPACED.sub(r" \1 ", re.sub(r"[^\w\s]", " ", text.lower()))
     return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def contains_answer(text: str, answer: str) -> bool:
+    """Whether ``answer``'s words appear in ``text`` together and whole, after :func:`normalize`: "4" is not in
+    "14 cats", nor "red" in "tired" (a substring test counted both; measured before 2026-12-04 that way)."""
+    wanted = normalize(answer)
+    return bool(wanted) and f" {wanted} " in f" {normalize(text)} "
 
 
 def answer_words(text: str) -> list[str]:
@@ -346,7 +353,7 @@ def evaluate(
                         em.append(float(gsm8k.is_correct(text, example.answer)))
                     else:
                         em.append(float(normalize(text) == normalize(example.answer)))
-                    contains.append(float(normalize(example.answer) in normalize(text)))
+                    contains.append(float(contains_answer(text, example.answer)))
                     rouge.append(rouge_l(text, example.answer))
                 if progress:
                     progress(i + 1)
