@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+from safetensors import safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -127,12 +128,16 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     name: str
     stage1: str | None = None  # hash of a stage-1 LoRA merged into the weights (ccmem.stage1)
+    # the embedding rows the fingerprint reads, as stored in the checkpoint, where the model was loaded at a lower
+    # precision than they are stored in (a float32 checkpoint in bfloat16): the same model, the same fingerprint
+    stored_rows: torch.Tensor | None = field(default=None, repr=False, compare=False)
     _kv_shape: KVShape | None = field(default=None, repr=False, compare=False)
     _head_scale: float | None = field(default=None, repr=False, compare=False)
 
     @property
     def fingerprint(self) -> str:
-        """Hash of the architecture fields that decide key/value shapes plus a slice of the embeddings."""
+        """Hash of the architecture fields that decide key/value shapes plus a slice of the embeddings (as the
+        checkpoint stores them, whatever precision the model was loaded at: see :attr:`stored_rows`)."""
         cfg = self.model.config.get_text_config()
         fields = {
             k: getattr(cfg, k, None)
@@ -147,7 +152,8 @@ class LoadedModel:
         }
         digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
         emb = cast(torch.Tensor, self.model.get_input_embeddings().weight)
-        digest.update(emb[:8].detach().float().cpu().numpy().tobytes())
+        rows = self.stored_rows if self.stored_rows is not None else emb[:8].detach().float().cpu()
+        digest.update(rows.numpy().tobytes())
         return digest.hexdigest()[:16]
 
     @property
@@ -437,7 +443,48 @@ def load_model(
         tokenizer, model = _load(spec, load_kw)
     model.to(where)  # type: ignore[arg-type]
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=spec, stored_rows=_stored_rows(spec, model))
+
+
+def _stored_rows(spec: str, model: PreTrainedModel) -> torch.Tensor | None:
+    """The first 8 embedding rows as the checkpoint of ``spec`` stores them (float32), where ``model`` holds them
+    at a lower precision; None where they are held as stored (float32 holds every stored precision exactly) or
+    the checkpoint's safetensors cannot be found (a GGUF file, a hub model not in the cache)."""
+    weight = cast(torch.Tensor, model.get_input_embeddings().weight)
+    if weight.dtype == torch.float32:
+        return None
+    try:
+        folder = _checkpoint_folder(spec)
+        name = next(n for n, p in model.named_parameters() if p is weight)
+        for file in sorted(folder.glob("*.safetensors")) if folder is not None else []:
+            with safe_open(str(file), "pt") as f:
+                key = next((k for k in f.keys() if k == name or k.endswith("." + name.split(".", 1)[-1])), None)
+                if key is None:
+                    continue
+                rows = f.get_slice(key)[:8].float()
+            held = weight[:8].detach().cpu()
+            # the same model: the stored rows, rounded as the load rounded them, are the rows held
+            return rows if rows.shape == held.shape and torch.equal(rows.to(held.dtype), held) else None
+    except (OSError, StopIteration, ValueError, RuntimeError) as err:
+        logger.debug("no stored embedding rows for %s (%s): fingerprint from the loaded ones", spec, err)
+    return None
+
+
+def _checkpoint_folder(spec: str) -> Path | None:
+    """The local folder holding ``spec``'s weights: the built-in copy, a local folder, or the hub cache."""
+    if spec in BUILTIN_MODELS:
+        return _materialize_builtin(spec, torch.float32)
+    if spec in HUB_SHORTCUTS and shortcut_folder(spec) is not None:
+        return shortcut_folder(spec)
+    path = Path(os.path.expanduser(spec))
+    if path.is_dir():
+        return path
+    if path.suffix == ".gguf":
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(HUB_SHORTCUTS[spec].hub_id if spec in HUB_SHORTCUTS else spec, "config.json")
+    return Path(config).parent if isinstance(config, str) else None
 
 
 @contextmanager

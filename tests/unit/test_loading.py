@@ -174,3 +174,30 @@ def test_no_weights_bar_in_logs_and_the_users_bar_setting_is_kept(tiny_model_dir
         assert not hf_logging.is_progress_bar_enabled()
     finally:
         hf_logging.enable_progress_bar()
+
+
+def test_a_model_loaded_at_half_precision_keeps_its_identity_and_its_adapters(tiny_model_dir, tmp_path):
+    """Adapters and memories match a model by a fingerprint of its embeddings: a float32 checkpoint loaded in
+    bfloat16 (--attn flash_attention_2's default) was another model, and every adapter trained on it was refused."""
+    import torch
+
+    import ccmem
+    from ccmem.adapter import save_adapter
+
+    full = load_model(str(tiny_model_dir))
+    for dtype in (torch.bfloat16, torch.float16):
+        half = load_model(str(tiny_model_dir), dtype=dtype)
+        assert half.dtype == dtype and half.fingerprint == full.fingerprint
+    method = ccmem.get_method("ccm-concat", n_tok=2)
+    path = save_adapter(method, full, tmp_path / "adapter.safetensors")
+    half = load_model(str(tiny_model_dir), dtype=torch.bfloat16)
+    session = ccmem.load(half, "ccm-concat", adapter=path, system_prompt=None)
+    session.add("w1 w2 w3")
+    assert session.memory.num_slots == 2
+    # another checkpoint is still another model at half precision
+    from tests.conftest import tiny_model
+
+    tiny_model(seed=7).model.save_pretrained(tmp_path / "other")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "other" / name).write_bytes((tiny_model_dir / name).read_bytes())
+    assert load_model(str(tmp_path / "other"), dtype=torch.bfloat16).fingerprint != full.fingerprint
