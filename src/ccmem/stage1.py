@@ -66,9 +66,7 @@ def merge_stage1(lm: LoadedModel, path: str | os.PathLike[str]) -> str:
                 f"{file} is a {adapter.method} adapter; a stage-1 LoRA comes from a finished `method.name=full` run"
             )
         if adapter.model != lm.fingerprint:
-            raise Stage1Error(
-                f"{file} was trained for model {adapter.model_name!r}, not for {lm.name!r}; run stage 1 on this model"
-            )
+            raise _other_model(file, adapter.model_name, lm)
         method = get_method("full", **adapter.options)
         load_adapter(method, lm, adapter)
         lora = method.module_for(lm)
@@ -77,11 +75,19 @@ def merge_stage1(lm: LoadedModel, path: str | os.PathLike[str]) -> str:
     return digest
 
 
+def _other_model(file: Path, trained_for: str | None, lm: LoadedModel) -> Stage1Error:
+    """The refusal of a stage-1 LoRA made for another model (by the same name: other weights)."""
+    if trained_for == lm.name:  # "trained for 'x', not for 'x'" was all it said
+        return Stage1Error(
+            f"{file} was trained on other weights of {lm.name!r} than the ones loaded here (another checkpoint or "
+            "revision at that name); load the weights it was trained on, or run stage 1 on these"
+        )
+    return Stage1Error(f"{file} was trained for model {trained_for!r}, not for {lm.name!r}; run stage 1 on this model")
+
+
 def _merge_legacy(lm: LoadedModel, file: Path, meta: dict[str, str]) -> None:
     if meta.get("model") != lm.fingerprint:
-        raise Stage1Error(
-            f"{file} was trained for model {meta.get('model_name')!r}, not for {lm.name!r}; run stage 1 on this model"
-        )
+        raise _other_model(file, meta.get("model_name"), lm)
     state = load_file(str(file))
     scaling = float(meta["scaling"])
     with torch.no_grad():

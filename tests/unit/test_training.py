@@ -372,6 +372,11 @@ def test_stage1_lora_then_stage2_on_top_and_load_path_for_another_model_is_refus
         )
     with pytest.raises(ConfigError, match="load_path: no stage-1 LoRA at"):
         train(_config(tmp_path, "run_id=none", f"load_path={tmp_path}"), lm=tiny_model())
+    from ccmem.stage1 import Stage1Error, merge_stage1
+
+    # the same name, other weights: it said "trained for model 'tiny-llama-gqa', not for 'tiny-llama-gqa'"
+    with pytest.raises(Stage1Error, match="trained on other weights of 'tiny-llama-gqa' than the ones loaded"):
+        merge_stage1(tiny_model(seed=1), stage1.run_dir)
 
 
 def test_accelerate_launch_with_two_cpu_processes(tmp_path, tiny_model_dir):
