@@ -122,6 +122,11 @@ def test_resume_continues_where_the_run_stopped_and_ends_like_an_uninterrupted_r
         return [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
     assert steps(run) == steps(full.run_dir)  # the log reads as the uninterrupted run's: no step twice
+
+    def tokens(run_dir):
+        return [json.loads(line)["tokens"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+    assert tokens(run) == tokens(full.run_dir)  # counted from the run's start, not again from 0 after the resume
     a, b = load_file(full.output), load_file(resumed.output)
     assert a.keys() == b.keys()
     for key in a:

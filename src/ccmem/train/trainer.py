@@ -187,12 +187,15 @@ class CompressionTrainer(Trainer):
 
 
 class JsonlLogger(TrainerCallback):
-    """Every Trainer log line (loss, lr, eval_loss) as JSON, with throughput, in ``<run>/log.jsonl``."""
+    """Every Trainer log line (loss, lr, eval_loss) as JSON, with throughput, in ``<run>/log.jsonl``: ``tokens``
+    counts the run's tokens since its first step (a resumed run goes on from its checkpoint's count),
+    ``tokens_per_second`` this session's."""
 
     def __init__(self, path: Path, module: TrainingModule):
         self.path = path
         self.module = module
         self.started = time.perf_counter()
+        self.tokens_before = 0  # tokens trained on up to the checkpoint this session resumes from
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero or not logs:
@@ -201,7 +204,7 @@ class JsonlLogger(TrainerCallback):
         row = {
             "step": state.global_step,
             **logs,
-            "tokens": self.module.tokens_seen,
+            "tokens": self.tokens_before + self.module.tokens_seen,
             "tokens_per_second": round(self.module.tokens_seen / elapsed, 1) if elapsed else None,
             "padding_fraction": self.module.padding_fraction,
         }
@@ -209,17 +212,19 @@ class JsonlLogger(TrainerCallback):
             f.write(json.dumps(row) + "\n")
 
 
-def _trim_log(path: Path, after: int) -> None:
+def _trim_log(path: Path, after: int) -> int:
     """Drop the log rows of steps past ``after`` (the checkpoint a run resumes from): the steps an interrupted run
     took beyond it are taken again, and their first rows would stand beside the new ones. A line a kill cut short
-    goes too."""
+    goes too. Returns the ``tokens`` count of the last row kept (0 without one)."""
     if not path.is_file():
-        return
+        return 0
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     kept = [line for line in lines if (step := _log_step(line)) is not None and step <= after]
     if len(kept) < len(lines):
         with atomic_path(path) as tmp:
             tmp.write_text("".join(kept), encoding="utf-8")
+    counts = [row["tokens"] for row in map(json.loads, kept) if isinstance(row.get("tokens"), int)]
+    return counts[-1] if counts else 0
 
 
 def _log_step(line: str) -> int | None:
@@ -577,7 +582,8 @@ def _train(config: TrainConfig, lm: LoadedModel | None) -> TrainResult:
         bf16=precision == "bf16",
         fp16=precision == "fp16",
     )
-    callbacks: list[TrainerCallback] = [JsonlLogger(run_dir / "log.jsonl", module)]
+    log = JsonlLogger(run_dir / "log.jsonl", module)
+    callbacks: list[TrainerCallback] = [log]
     if _has("tensorboard"):
         from transformers.integrations import TensorBoardCallback
 
@@ -598,7 +604,7 @@ def _train(config: TrainConfig, lm: LoadedModel | None) -> TrainResult:
     if resume:
         logger.info("resuming %s from %s", config.run_id, resume)
     # the steps past the checkpoint (all of them, without one) are taken again: their old rows go
-    _trim_log(run_dir / "log.jsonl", after=int(Path(resume).name.split("-")[1]) if resume else 0)
+    log.tokens_before = _trim_log(run_dir / "log.jsonl", after=int(Path(resume).name.split("-")[1]) if resume else 0)
     _write_config(config)
     with atomic_path(run_dir / DATA_RECORD) as tmp:
         tmp.write_text(json.dumps(data_record, indent=1))
