@@ -347,6 +347,7 @@ def test_compare_command_splits_scoped_options():
     ("args", "message"),
     [
         (["--methods", "none,snapkv", "--budgets", ","], "no budget given for snapkv"),
+        (["--methods", "snapkv", "--budgets", "1/2,0.5"], "budget 0.5 is given twice in --budgets"),
         (["--methods", "none,snapkv", "-O", "snapkv@x:window_size=abc"], "snapkv@x: window_size must be int"),
         (["--methods", "none", "--adapter", "ccm-concat@x=/no/such.safetensors"], "no adapter file at /no/such"),
         (["--methods", "none", "--decode-lengths", "abc"], "--decode-lengths takes whole numbers"),

@@ -165,6 +165,9 @@ class CompareSettings:
         for b in self.budgets:
             if not 0 < b <= 1:
                 raise ValueError(f"budgets are shares of the context in (0, 1], got {b}")
+        twice = next((b for i, b in enumerate(self.budgets) if b in self.budgets[:i]), None)
+        if twice is not None:  # 1/2 and 0.5: one column, counted twice by the progress bar
+            raise ValueError(f"budget {twice:g} is given twice in --budgets (1/2 and 0.5 are one share); give it once")
         budgeted = [m for m in self.methods if method_class(base_method(m)).budgeted]
         if budgeted and not self.budgets:
             raise ValueError(
