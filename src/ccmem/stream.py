@@ -209,7 +209,8 @@ class KVStream:
         self.log_weights: list[torch.Tensor] = []  # per compressed group, with a scorer: log sum exp of its scores
         self.tokens_read = 0
         self.peak_bytes = 0  # the largest key/value cache one forward ran with
-        self.slot_bytes = 0
+        shape = lm.kv_shape  # keys and values of one slot, all layers: known before the first read (a cap checks it)
+        self.slot_bytes = 2 * shape.layers * shape.kv_heads * shape.head_dim * shape.dtype.itemsize
         self.max_position = -1  # the largest position id used
 
     @property

@@ -100,6 +100,21 @@ def test_rebased_window_equals_a_window_at_text_positions(family):
     torch.testing.assert_close(got[:-1], reference_window_nll(lm, ids, 24, 8)[:-1], atol=1e-4, rtol=1e-4)
 
 
+def test_a_memory_cap_stops_full_before_the_block_that_would_pass_it_the_first_one_too():
+    lm = tiny_model(positions=256)
+    ids = torch.randint(3, VOCAB, (1, 40), generator=torch.Generator().manual_seed(3))
+    grow = StreamLayout(sink=0, window=0, block=8, grow=True)
+    one = KVStream(lm, grow).slot_bytes
+    with torch.no_grad():
+        score_stream(lm, probe := KVStream(lm, grow), ids[:, :8])
+    assert probe.slot_bytes == one  # what a read measures is what was known before it
+    for cap_slots, stop in [(20, 16), (5, 0)]:  # the first block alone passes a 5-slot cap: it was read anyway
+        with torch.no_grad():
+            nll, stopped = score_stream(lm, KVStream(lm, grow), ids, cap_bytes=cap_slots * one)
+        assert stopped is not None and stopped.startswith(f"stopped at token {stop}:")
+        assert not nll[:stop].isnan().any() and nll[stop:].isnan().all()
+
+
 def fake_compressor(n_tok: int):
     """Group number g (from 1) written as keys and values all equal to g, so merges can be read off the values."""
     count = [0]
