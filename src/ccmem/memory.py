@@ -560,7 +560,13 @@ def _read_compact(path: str | os.PathLike[str], expect: dict[str, str] | None) -
             raise MemoryMismatchError(f"memory {path} is damaged: {missing[0]} is missing")
         keys, values = _packed_layer(tensors, i, recorded, path)
         layers.append((keys, values))
-        positions.append(tensors[f"layers.{i}.positions"].long())
+        table = tensors[f"layers.{i}.positions"]
+        if table.is_floating_point() or table.dtype == torch.bool:  # .long() made 2.7 a 2 and True a 1, silently
+            raise MemoryMismatchError(
+                f"memory {path} is damaged: layers.{i}.positions holds {dtype_name(table.dtype)} values; positions are "
+                "whole numbers"
+            )
+        positions.append(table.long())
     computed = header.get("computed_dtype", dtype_name(first.dtype) if first is not None else "float32")
     source = STORAGE_DTYPES.get(computed)
     if source is None or source == torch.int8:

@@ -290,6 +290,10 @@ def test_api_refuses_bad_input_with_clear_errors():
             "layer 0 holds two slots of one head at position 0",
         ),
         (lambda meta, t: t.clear(), r"holds no key/value layers, but counts 10 sink and 3 window slots"),
+        (
+            lambda meta, t: t.update({"layers.0.positions": t["layers.0.positions"].float() + 0.5}),
+            "layers.0.positions holds float32 values; positions are whole numbers",
+        ),
         # layer 1 one slot short (and no window, which would count it): generating failed deep inside the attention
         (
             lambda meta, t: (
