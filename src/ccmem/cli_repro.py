@@ -112,7 +112,7 @@ def check_out_dir(out_dir: Path, names: list[str], overwrite: bool) -> None:
     there = [name for name in names if (out_dir / name).exists()]
     if there and not overwrite:
         raise typer.BadParameter(
-            f"{out_dir / there[0]} exists (a table measured earlier); pass --overwrite to replace it, or "
+            f"{out_dir / there[0]} exists (measured earlier); pass --overwrite to replace it, or "
             "-o DIR to write elsewhere"
         )
 
@@ -145,7 +145,10 @@ def _run(claim: str, settings: object, out_dir: Path, overwrite: bool) -> None:
         settings.check()
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
-    check_out_dir(out_dir, [f"{claim}.jsonl", f"{claim}.md"], overwrite)
+    from ccmem.repro.sentinel_report import METRICS
+
+    plots = [f"{claim}-{key}.png" for key, _, _ in METRICS[claim]]  # as sentinel_report.plot names them
+    check_out_dir(out_dir, [f"{claim}.jsonl", f"{claim}.md", *plots], overwrite)
     started = time.perf_counter()
     with Status(f"loading {settings.model}...", console=err_console) as status:
         lm = load_model(settings.model, attn_implementation=settings.attn)

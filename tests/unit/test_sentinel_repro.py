@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,9 @@ def test_the_cli_lists_both_claims_and_refuses_a_bad_ratio(tmp_path):
     assert not (tmp_path / "lr").exists()
     twice = runner.invoke(app, ["repro", "sentinel", "ppl", "--ratios", "0.5,0.5", "-o", str(tmp_path / "twice")])
     assert twice.exit_code == 2 and "names a ratio twice" in twice.output
+    # a plot measured earlier is kept as the tables are, unless --overwrite
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "ppl-perplexity.png").write_bytes(b"earlier")
+    kept = runner.invoke(app, ["repro", "sentinel", "ppl", "--model", "/no/such", "-o", str(tmp_path / "plots")])
+    said = " ".join(re.sub("[│╭╮╰╯─]", " ", kept.output).split())  # rich's error box wraps the message
+    assert kept.exit_code == 2 and "plexity.png exists (measured earlier); pass --overwrite" in said, said
