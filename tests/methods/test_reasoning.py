@@ -429,7 +429,7 @@ def test_the_policy_table_runs_every_policy_on_the_same_problems(tmp_path):
         ({"policies": ["none", "classifier:1.5"]}, r"policy 'classifier:1.5': threshold must be in \(0, 1\)"),
         ({"policies": ["interval:abc"]}, "'abc' is not a whole number of tokens"),
         ({"policies": ["classifier:high"]}, r"'high' is not a threshold in \(0, 1\)"),
-        ({"data": "EMPTY"}, "no GSM8K problem in"),
+        ({"data": "EMPTY"}, "holds no GSM8K problem"),
         ({"options": {"threshold": 0.7}}, "-O threshold is what --policies sets"),
         ({"options": {"min_segment": 0}}, "min_segment must be at least 1"),
     ],
