@@ -30,6 +30,14 @@ def test_chunks_are_equal_cuts_of_at_most_max_chunk_len_and_overlong_context_nam
         plain.split(9)
     with pytest.raises(ValueError, match="empty context"):
         plain.split(0)
+    # max_chunk_len is 512 there, which use_chunk refuses over max_seq_len=8: the fix names both
+    with pytest.raises(ValueError, match="is longer than max_seq_len"):
+        icformer(max_seq_len=8, use_chunk=True)
+    with pytest.raises(ValueError, match="set use_chunk=true and max_chunk_len=8 "):
+        plain.split(9)
+    assert icformer(max_seq_len=8, use_chunk=True, max_chunk_len=8).split(9) == [5, 4]
+    with pytest.raises(ValueError, match="set use_chunk=true to compress it in chunks of at most max_chunk_len=4"):
+        icformer(max_seq_len=8, max_chunk_len=4).split(9)
     for bad, message in [
         ({"num_query_tokens": 0}, "num_query_tokens must be at least 1"),
         ({"avg_level": "word"}, "avg_level must be one of token, sentence"),

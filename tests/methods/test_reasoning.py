@@ -93,6 +93,20 @@ def test_decoding_compresses_each_step_as_the_parallel_training_forward_reads_it
     torch.testing.assert_close(recurrent, parallel, atol=2e-5, rtol=1e-4)
 
 
+def test_an_interval_shorter_than_min_segment_is_trained_where_decoding_compresses():
+    lm = tiny_model(positions=512)
+    method = ccmem.get_method("ccm-reason", n_tok=2, policy="interval", interval=3, min_segment=5)
+    randomize_state(method, lm, seed=0, scale=0.05)  # a step ends every 5 tokens (not at 6, the next multiple of 3)
+    sample = sample_for(lm)
+    recurrent, extra = teacher_forced(lm, method, sample)
+    batch = method.make_batch([sample])
+    with torch.no_grad(), method.attached(lm):
+        hidden = lm.model.base_model(**method._parallel_inputs(lm, batch)).last_hidden_state
+    parallel = logits_for(lm, hidden[:, :-1][batch.labels[:, 1:] != -100])
+    assert method.cuts(sample)[:2] == [5, 10] and extra["insertions"] == len(method.cuts(sample))
+    torch.testing.assert_close(recurrent, parallel, atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize(("policy", "lookahead", "extra_forwards"), [("interval", False, False),
     ("newline", False, False), ("classifier", True, False), ("classifier", False, True)])  # fmt: skip
 def test_a_step_known_to_end_when_its_last_token_is_picked_costs_no_forward_of_its_own(
@@ -429,7 +443,7 @@ def test_the_policy_table_runs_every_policy_on_the_same_problems(tmp_path):
         ({"policies": ["none", "classifier:1.5"]}, r"policy 'classifier:1.5': threshold must be in \(0, 1\)"),
         ({"policies": ["interval:abc"]}, "'abc' is not a whole number of tokens"),
         ({"policies": ["classifier:high"]}, r"'high' is not a threshold in \(0, 1\)"),
-        ({"data": "EMPTY"}, "no GSM8K problem in"),
+        ({"data": "EMPTY"}, "holds no GSM8K problem"),
         ({"options": {"threshold": 0.7}}, "-O threshold is what --policies sets"),
         ({"options": {"min_segment": 0}}, "min_segment must be at least 1"),
     ],

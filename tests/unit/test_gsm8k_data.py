@@ -249,6 +249,9 @@ def test_missing_file_and_invalid_json_are_reported(tmp_path):
         ("#### 1/3 of a pie", "1/3"),
         ("#### 3/4/5", "3"),  # no fraction: read as before
         ("48/2 = 24 apples", "24"),
+        ("Each friend gets 3/4.", "0.75"),  # without '####' too, a fraction is not its denominator
+        ("So she ate -1/3 of the pie", "-1/3"),
+        ("Ages 3-4 and 1/0", "0"),  # no fraction: the last number
     ],
 )
 def test_extract_answer(text, expected):

@@ -52,6 +52,7 @@ _FINAL = re.compile(r"####[ \t]*" + _NUMBER_BODY)
 # A fraction as a final answer ('#### 3/4', '#### -1/3'): read as its exact value.
 _FRACTION_BODY = r"(?P<fneg>[-−]?)(?P<fnum>\d+)[ \t]*/[ \t]*(?P<fden>\d+)(?![\d.,/]*\d)"
 _FRACTION = re.compile(_FRACTION_BODY)
+_LAST_FRACTION = re.compile(r"(?<![\w.,/])" + _FRACTION_BODY)  # one in running text, not inside a word or number
 _WITH_UNIT = re.compile(_NUMBER_BODY + r"[ \t]*[^\d\s.,/][^\d]*")  # a final answer with a unit after it
 _ANNOTATION = re.compile(r"<<[^<>\n]*>>")
 _RESULT = re.compile(r"(?:=[ \t]*\$?[ \t]*(?:<<[^<>\n]*>>)?|<<[^<>\n]*>>)[ \t]*\$?-?\d+(?:,\d{3})*(?:\.\d+)?")
@@ -116,14 +117,20 @@ def normalise_number(text: str) -> str | None:
 
 def extract_answer(text: str) -> str | None:
     """The final answer of a solution, normalised: the number after the first ``####`` that has one (so a model
-    that goes on to invent another problem is judged by its first answer), else the last number in the text."""
+    that goes on to invent another problem is judged by its first answer), else the last number in the text (a
+    fraction read whole, as after ``####``)."""
     final = _FINAL.search(text)
     if final:
         fraction = _FRACTION.match(text, final.start("neg"))  # '#### 3/4' is three quarters, not 3
         value = _canonical_fraction(fraction) if fraction else None
         return value if value is not None else _canonical(final)
     numbers = list(_NUMBER.finditer(text))
-    return _canonical(numbers[-1]) if numbers else None
+    if not numbers:
+        return None
+    # 'each gets 3/4.' ends in three quarters, not in its denominator 4
+    fraction = next((f for f in _LAST_FRACTION.finditer(text) if f.end() == numbers[-1].end()), None)
+    value = _canonical_fraction(fraction) if fraction else None
+    return value if value is not None else _canonical(numbers[-1])
 
 
 def is_correct(generated: str, reference: str) -> bool:

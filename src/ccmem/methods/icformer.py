@@ -164,10 +164,15 @@ class ICFormerMethod(Method):
             raise ValueError("icformer cannot compress an empty context")
         if not self.use_chunk:
             if n > self.max_seq_len:
+                fix = (  # use_chunk refuses a max_chunk_len over max_seq_len: then the fix names both
+                    f"set use_chunk=true to compress it in chunks of at most max_chunk_len={self.max_chunk_len}"
+                    if self.max_chunk_len <= self.max_seq_len
+                    else f"set use_chunk=true and max_chunk_len={self.max_seq_len} (it is {self.max_chunk_len}, "
+                    f"longer than max_seq_len) to compress it in chunks"
+                )
                 raise ContextTooLongError(
-                    f"the context has {n} tokens, more than max_seq_len={self.max_seq_len}; set use_chunk=true to "
-                    f"compress it in chunks of at most max_chunk_len={min(self.max_chunk_len, self.max_seq_len)}, "
-                    "or raise max_seq_len (-O use_chunk=true on the command line, method.use_chunk=true in training)"
+                    f"the context has {n} tokens, more than max_seq_len={self.max_seq_len}; {fix}, or raise "
+                    "max_seq_len (-O use_chunk=true on the command line, method.use_chunk=true in training)"
                 )
             return [n]
         count = -(-n // self.max_chunk_len)

@@ -130,8 +130,9 @@ class CCMReasoning(CCMConcat):
         n = len(sample.tail) - sample.answer_start
         if self.policy == "none":
             ends: list[int] = []
-        elif self.policy == "interval":
-            ends = list(range(self.interval, n, self.interval))
+        elif self.policy == "interval":  # as decoding: a step ends once it holds interval and min_segment tokens
+            every = max(self.interval, self.min_segment)
+            ends = list(range(every, n, every))
         else:
             ends = sample.steps.get("labelled" if self.policy == "classifier" else "newline", [])
         out, last = [], 0
