@@ -172,3 +172,21 @@ def test_the_cli_lists_both_claims_and_refuses_a_bad_ratio(tmp_path):
     kept = runner.invoke(app, ["repro", "sentinel", "ppl", "--model", "/no/such", "-o", str(tmp_path / "plots")])
     said = " ".join(re.sub("[│╭╮╰╯─]", " ", kept.output).split())  # rich's error box wraps the message
     assert kept.exit_code == 2 and "plexity.png exists (measured earlier); pass --overwrite" in said, said
+
+
+def test_a_judge_or_encoder_that_does_not_load_fails_before_any_cell_is_trained(tmp_path, monkeypatch):
+    # the judge was loaded only after every (method, ratio) was finetuned and generated: a judge not installed
+    # (gemma3-270m is an optional package) cost the whole run's work before its one-line error
+    def missing(spec, **kw):
+        raise RuntimeError(f"the built-in model {spec!r} needs its package")
+
+    monkeypatch.setattr("ccmem.loading.load_model", missing)
+    s = settings(tmp_path)
+    with pytest.raises(RuntimeError, match="needs its package"):
+        run_generate(tiny_model(), s, progress=lambda _: None)
+    assert not (tmp_path / "runs").exists()
+    judge = tiny_model("qwen2", seed=1)
+    monkeypatch.setattr("ccmem.loading.load_model", lambda spec, **kw: judge)
+    with pytest.raises(ValueError, match="no tuned layer"):
+        run_generate(tiny_model(), settings(tmp_path, encoder=str(tmp_path / "no-encoder")), progress=lambda _: None)
+    assert not (tmp_path / "runs").exists()

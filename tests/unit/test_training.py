@@ -331,6 +331,9 @@ def test_missing_data_stage1_and_init_files_are_said_before_the_model_loads(tmp_
         (f"data.path={tmp_path / 'nope'}", r"nope does not exist"),
         (f"load_path={tmp_path / 'stage1'}", r"load_path: no stage-1 LoRA at"),
         (f"init_from={tmp_path / 'a.safetensors'}", r"init_from: .*a\.safetensors does not exist"),
+        # a shipped adapter ccmem does not ship was found only once the model had loaded
+        ("init_from=shipped", r"init_from=shipped: ccmem ships no ccm-concat adapter for tiny"),
+        ("init_from=shipped:nope", r"init_from=shipped:nope: ccmem ships no nope adapter for tiny"),
     ]:
         with pytest.raises((ConfigError, FileNotFoundError), match=error):
             train(_config(tmp_path, setting))

@@ -148,6 +148,14 @@ def _bert_scorer(model_type: str, num_layers: int, device: str | None) -> Any:
         raise ValueError(f"{model_type}: {err}") from None
 
 
+def bertscore_encoder(encoder: str | Path | None = None, num_layers: int | None = None) -> str:
+    """Load the BERTScore encoder :func:`bertscore` would use (kept for it) and return its label; a missing
+    package, encoder or layer is refused here, before the work whose outputs it would score."""
+    model_type, name, layer = _encoder_and_layer(encoder, num_layers)
+    _bert_scorer(model_type, layer, None)  # cached: bertscore() on the default device reuses it
+    return f"{name} (layer {layer})"
+
+
 def bertscore(
     candidates: Sequence[str],
     references: Sequence[str],

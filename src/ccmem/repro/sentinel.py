@@ -258,11 +258,16 @@ def continuations(session: Any, docs: list[Document], settings: ReproSettings) -
 
 def run_generate(lm: LoadedModel, settings: ReproSettings, progress: Progress) -> list[dict[str, Any]]:
     """Claim 2's rows: one per (method, ratio) of ``sentinel`` and ``local``, plus the reference."""
-    from ccmem.eval.textmetrics import bertscore, encoder_label, judge_perplexity, rouge_l
+    from ccmem.eval.textmetrics import bertscore, bertscore_encoder, encoder_label, judge_perplexity, rouge_l
     from ccmem.loading import load_model
 
     settings.check()
     docs = documents(lm, settings)
+    # the judge and the encoder are loaded before any cell is finetuned or generated: a judge that is not
+    # installed, or an encoder that does not load, is said at once, not after every cell's work
+    progress(f"judge: loading {settings.judge}")
+    judge = load_model(settings.judge, attn_implementation=settings.attn)
+    bertscore_encoder(settings.encoder)
 
     def decode(ids: list[int]) -> str:
         return str(lm.tokenizer.decode(ids))
@@ -276,8 +281,6 @@ def run_generate(lm: LoadedModel, settings: ReproSettings, progress: Progress) -
         started = time.perf_counter()
         texts = [decode(t) for t in continuations(_session(lm, method, ratio, adapter), docs, settings)]
         generated[method, ratio] = (texts, adapter, time.perf_counter() - started)
-    progress(f"judge: loading {settings.judge}")
-    judge = load_model(settings.judge, attn_implementation=settings.attn)
     prefixes = [decode(d.prefix) for d in docs]
     rows = []
     for (method, ratio), (texts, adapter, seconds) in generated.items():

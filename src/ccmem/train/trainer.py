@@ -437,14 +437,15 @@ def _precision(name: str) -> str:
     return name
 
 
-def _check_files(config: TrainConfig) -> None:
-    """Refuse a ``load_path`` with no stage-1 LoRA, or an ``init_from`` file that is not there."""
+def _check_files(config: TrainConfig, model_name: str) -> None:
+    """Refuse a ``load_path`` with no stage-1 LoRA, or an ``init_from`` file that is not there (or a shipped
+    adapter ccmem does not ship for ``model_name``)."""
     try:
         if config.load_path:
             stage1_file(config.load_path)
     except Stage1Error as err:
         raise ConfigError(f"load_path: {err}") from None
-    if config.init_from and config.init_from.partition(":")[0] != "shipped" and not Path(config.init_from).exists():
+    if config.init_from and not init_path(model_name, config.method.name, config.init_from).exists():
         raise ConfigError(f"init_from: {config.init_from} does not exist (an adapter file, or shipped[:NAME])")
 
 
@@ -522,7 +523,7 @@ def _train(config: TrainConfig, lm: LoadedModel | None) -> TrainResult:
     # The data and the files named are read before the model loads (minutes for a large one), so a wrong path or
     # a malformed record is said at once.
     examples = {split: load_examples(config.data, split) for split in ("train", "validation")}
-    _check_files(config)
+    _check_files(config, lm.name if lm is not None else config.model)
     method, lm, state, stage1_hash = _method_state(config, lm)
     if config.init_from:
         init_state(method, lm, config.init_from)
@@ -706,7 +707,7 @@ def init_state(method: Method, lm: LoadedModel, source: str) -> None:
     the method can carry the state over (:meth:`Method.warm_start`: CCM and gist across ``n_tok``). An adapter
     trained on another stage-1 LoRA (or none) may start a run on this one: the result records this run's.
     """
-    path = init_path(lm, method, source)
+    path = init_path(lm.name, method.name, source)
     try:
         adapter = read_adapter(path)
         check_state_kind(method, lm, adapter)
@@ -740,19 +741,19 @@ def init_state(method: Method, lm: LoadedModel, source: str) -> None:
     logger.info("initialised %s from %s (%s)", method.name, path, adapter.hash)
 
 
-def init_path(lm: LoadedModel, method: Method, source: str) -> Path:
+def init_path(model_name: str, method_name: str, source: str) -> Path:
     """The file ``init_from`` names: a path; ``shipped``, the adapter ccmem ships for this model and method; or
     ``shipped:NAME``, its shipped adapter ``NAME`` (``shipped:ccm-concat`` starts a ccm-merge run from the concat
     adapter)."""
     kind, _, name = source.partition(":")
     if kind != "shipped":
         return Path(source)
-    name = name or method.name
-    path = shipped_adapter(lm.name, name)
+    name = name or method_name
+    path = shipped_adapter(model_name, name)
     if path is None:
-        shipped = ", ".join(f"shipped:{n}" for n in shipped_adapter_names(lm.name)) or "nothing"
+        shipped = ", ".join(f"shipped:{n}" for n in shipped_adapter_names(model_name)) or "nothing"
         raise ConfigError(
-            f"init_from={source}: ccmem ships no {name} adapter for {lm.name} (it ships: {shipped}); give a file"
+            f"init_from={source}: ccmem ships no {name} adapter for {model_name} (it ships: {shipped}); give a file"
         )
     return path
 
