@@ -402,7 +402,7 @@ class CompressedLM:
         query = self._check_ids(query, "query")
         if query.numel() == 0:
             raise ValueError("the query has no tokens")
-        self._check_room(query.shape[1] + max_new_tokens, "generate")
+        self._check_room(query.shape[1] + self.method.decode_positions(max_new_tokens), "generate")
         stops = self.format.stop_ids() if stop_ids is None else stop_ids
         return decode(self.lm, self.method, self.memory, query, max_new_tokens, sampling=sampling, stop_ids=stops)
 
@@ -593,7 +593,7 @@ def generate_batch(
     with _holding(sessions):  # as generate: a concurrent add to one of them is not lost to make_room's write
         queries = [s.query_ids(p) for s, p in zip(sessions, prompts, strict=True)]
         for s, query, limit in zip(sessions, queries, limits, strict=True):
-            s._check_room(query.shape[1] + limit, "generate")
+            s._check_room(query.shape[1] + s.method.decode_positions(limit), "generate")
         memories = [s.memory for s in sessions]
     stops = first.format.stop_ids()
     answers: list[list[int]] = [[] for _ in sessions]

@@ -523,3 +523,21 @@ def test_the_two_stage_recipe_trains_and_its_table_runs_on_the_stage1_model(tmp_
         run(lm, settings)  # the adapter needs its stage-1 run
     rows = run(lm, GSM8KSettings(**{**vars(settings), "stage1": str(tmp_path / "s1")}))
     assert rows[0]["stage1"] == str(tmp_path / "s1") and lm.stage1 is not None and stage1.steps == 2
+
+
+def test_room_is_made_for_the_comp_positions_decoding_feeds_not_only_for_the_tokens():
+    """With 4 <COMP> per 4-token step, 30 new tokens took 30 + 28 positions: a 40-position model decoded to
+    position 68 without a word, its RoPE past its range."""
+    from ccmem.api import ContextTooLongError
+
+    lm = tiny_model(positions=40)
+    session = ccmem.load(lm, "ccm-reason", system_prompt=None, policy="interval", interval=4, min_segment=1, n_tok=4)
+    assert session.method.decode_positions(30) == 30 + 4 * 7
+    with pytest.raises(ContextTooLongError, match=r"the prompt with room for its answer \(68 tokens\)"):
+        list(session.stream_ids([5] * 10, 30, stop_ids=set()))
+    stats: dict = {}
+    tokens = list(decode(lm, session.method, session.memory, torch.tensor([[5] * 4]), 12, stats=stats))
+    assert len(tokens) == 12 and 2 <= stats["insertions"] <= 3  # within the bound: 4 + 12 + 3 * 4 = 28 positions
+    assert session.method.decode_positions(12) == 12 + 4 * 3
+    assert len(list(session.stream_ids([5] * 4, 12, stop_ids=set()))) == 12  # 28 positions fit in 40
+    assert ccmem.get_method("ccm-reason", policy="none").decode_positions(30) == 30

@@ -373,6 +373,11 @@ class Method(ABC):
             meaning["adapter"] = self.adapter_hash
         return meta | meaning
 
+    def decode_positions(self, max_new_tokens: int) -> int:
+        """Position ids that generating up to ``max_new_tokens`` may use up, at most: as many, unless the method
+        feeds tokens of its own while it decodes (ccm-reason's <COMP>); room for them is made before decoding."""
+        return max_new_tokens
+
     def positions_needed(self, memory: Memory, n_tokens: int) -> int:
         """Position ids that adding ``n_tokens`` of context to ``memory`` uses up (checked against the model's
         limit before any work is done)."""

@@ -201,6 +201,14 @@ class CCMReasoning(CCMConcat):
 
     # ------------------------------------------------------------------ decoding
 
+    def decode_positions(self, max_new_tokens: int) -> int:
+        """The tokens, and ``n_tok`` <COMP> positions for each step that can end among them: a step holds at least
+        ``min_segment`` tokens (and ``interval`` under that policy)."""
+        if self.policy == "none":
+            return max_new_tokens
+        shortest = max(self.min_segment, self.interval if self.policy == "interval" else 1)
+        return max_new_tokens + self.n_tok * (max_new_tokens // shortest)
+
     @property
     def decides_at_pick(self) -> bool:
         """Whether a step's end is known when its last token is picked, before that token is fed: then the token

@@ -543,7 +543,9 @@ class Engine:
 
     def _query(self, state: CompressedLM, query: Message, params: Params) -> torch.Tensor:
         ids = state.query_ids([query])
-        state.memory = make_room(state.lm, state.memory, ids.shape[1] + params.max_new_tokens, "generate")
+        state.memory = make_room(
+            state.lm, state.memory, ids.shape[1] + state.method.decode_positions(params.max_new_tokens), "generate"
+        )
         return ids
 
     async def _pieces(
