@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 import typer
 
 from ccmem.consoles import console, err_console
+from ccmem.fileio import file_in_the_way
 from ccmem.loading import ATTN_HELP, BUILTIN_MODELS, DEFAULT_MODEL
 
 repro_app = typer.Typer(help="Reproduce a paper's claims with ccmem's methods, one command per claim.")
@@ -106,8 +107,8 @@ def check_out_dir(out_dir: Path, names: list[str], overwrite: bool) -> None:
     ``--overwrite`` says so."""
     if out_dir.exists() and not out_dir.is_dir():
         raise typer.BadParameter(f"-o {out_dir} is a file, not a folder; give a folder for the results")
-    blocked = next((p for p in out_dir.parents if p.exists() and not p.is_dir()), None)
-    if blocked is not None:  # found before the work, not when the results are written
+    blocked = file_in_the_way(out_dir.parent)
+    if blocked is not None:
         raise typer.BadParameter(f"-o {out_dir}: {blocked} is a file, so no folder can be made there")
     there = [name for name in names if (out_dir / name).exists()]
     if there and not overwrite:

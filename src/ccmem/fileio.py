@@ -115,6 +115,12 @@ def sweep_stale_temporaries(path: Path) -> list[Path]:
     return removed
 
 
+def file_in_the_way(folder: Path) -> Path | None:
+    """``folder`` or the first of its parents that exists and is not a folder (so ``folder`` cannot be made),
+    else None: found before long work, not when its results are written."""
+    return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.

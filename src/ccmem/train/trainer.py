@@ -49,7 +49,7 @@ from ccmem.api import check_attention
 from ccmem.data.loaders import data_version, load_examples
 from ccmem.data.records import MemoryExample, to_sample
 from ccmem.data.samples import Sample
-from ccmem.fileio import atomic_path
+from ccmem.fileio import atomic_path, file_in_the_way
 from ccmem.loading import LoadedModel, load_model
 from ccmem.methods.base import ContextTooLongError, Method
 from ccmem.registry import get_method
@@ -473,7 +473,7 @@ def train(config: TrainConfig, *, lm: LoadedModel | None = None) -> TrainResult:
     A run that already finished with the same config is not trained again: its result is returned as it is. A
     run that another process is training (the same run_id and output_dir) is refused.
     """
-    blocked = next((p for p in (config.run_dir, *config.run_dir.parents) if p.exists() and not p.is_dir()), None)
+    blocked = file_in_the_way(config.run_dir)
     if blocked is not None:  # else a bare "[Errno 20] Not a directory" from the lock file
         raise ConfigError(
             f"{blocked} is a file, so the run folder {config.run_dir} cannot be made; choose another output_dir or "
