@@ -229,7 +229,6 @@ class KVStream:
         cache = m.to_cache()
         hidden = run_decoder(self.lm, ids, cache, m.next_position).last_hidden_state
         layers = Memory.layers_of(cache)
-        self.slot_bytes = Memory(layers=_slots(layers, 0, 1)).nbytes  # keys and values of one slot, all layers
         self.peak_bytes = max(self.peak_bytes, Memory(layers=layers).nbytes)
         self.memory = m.with_layers(layers, positions_after(m, layers, n), advance=n, window=m.window + n)
         self.tokens_read += n

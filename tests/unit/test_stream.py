@@ -107,7 +107,7 @@ def test_a_memory_cap_stops_full_before_the_block_that_would_pass_it_the_first_o
     one = KVStream(lm, grow).slot_bytes
     with torch.no_grad():
         score_stream(lm, probe := KVStream(lm, grow), ids[:, :8])
-    assert probe.slot_bytes == one  # what a read measures is what was known before it
+    assert probe.memory.nbytes == 8 * one  # the size known before any read is what a read's slots take
     for cap_slots, stop in [(20, 16), (5, 0)]:  # the first block alone passes a 5-slot cap: it was read anyway
         with torch.no_grad():
             nll, stopped = score_stream(lm, KVStream(lm, grow), ids, cap_bytes=cap_slots * one)
