@@ -115,30 +115,34 @@ def test_compress_then_ask_from_the_memory_file(monkeypatch, capsys, tiny_model_
     assert "method='ccm-concat'" in out
 
 
-def test_ask_reads_the_method_and_its_options_from_the_memory_file(monkeypatch, capsys, tiny_model_dir, tmp_path):
-    text = tmp_path / "notes.txt"
-    text.write_text("w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12 " * 4)
+@pytest.mark.parametrize(
+    ("text", "made_with"),
+    [
+        # no --method at ask: snapkv with ratio 0.25 and window_size 4, as the file says
+        (
+            "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12 " * 4,
+            ["--method", "snapkv", "-O", "ratio=0.25", "-O", "window_size=4"],
+        ),
+        # a trainable method run untrained (no adapter carries its options): `ask` took only its runtime options
+        # from the memory, so a gist memory made with --n-tok 2 was refused for n_tok='4'
+        (
+            "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12",
+            ["--method", "gist", "--n-tok", "2", "-O", "lora_targets=[q_proj, v_proj]"],
+        ),
+    ],
+    ids=["snapkv", "untrained-gist"],
+)
+def test_ask_reads_the_method_and_its_options_from_the_memory_file(
+    monkeypatch, capsys, tiny_model_dir, tmp_path, text, made_with
+):
+    source = tmp_path / "notes.txt"
+    source.write_text(text)
     memory = tmp_path / "snap.safetensors"
     made = ["--model", str(tiny_model_dir), "--system", ""]
-    code, out = run_cli(monkeypatch, capsys, "compress", str(text), "-o", str(memory), "--method", "snapkv",
-                        "-O", "ratio=0.25", "-O", "window_size=4", *made)  # fmt: skip
+    code, out = run_cli(monkeypatch, capsys, "compress", str(source), "-o", str(memory), *made_with, *made)
     assert code == 0, out
     code, out = run_cli(monkeypatch, capsys, "ask", str(memory), "w3", "--max-new-tokens", "2", *made)
-    assert code == 0, out  # no --method: snapkv with ratio 0.25 and window_size 4, as the file says
-
-
-def test_ask_reads_every_option_of_a_memory_made_without_an_adapter(monkeypatch, capsys, tiny_model_dir, tmp_path):
-    """A trainable method run untrained (no adapter carries its options): `ask` took only its runtime options from
-    the memory, so a gist memory made with --n-tok 2 was refused for n_tok='4'."""
-    text = tmp_path / "notes.txt"
-    text.write_text("w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12")
-    memory = tmp_path / "notes.safetensors"
-    made = ["--model", str(tiny_model_dir), "--system", ""]
-    code, out = run_cli(monkeypatch, capsys, "compress", str(text), "-o", str(memory), "--method", "gist",
-                        "--n-tok", "2", "-O", "lora_targets=[q_proj, v_proj]", *made)  # fmt: skip
     assert code == 0, out
-    code, out = run_cli(monkeypatch, capsys, "ask", str(memory), "w3", "--max-new-tokens", "2", *made)
-    assert code == 0, out  # no --method: gist with n_tok 2 on q_proj and v_proj, as the file says
 
 
 def test_compress_takes_the_adapters_method_and_ask_the_icformer_marker_from_the_memory(
