@@ -117,12 +117,6 @@ def packaged_encoder() -> Path:
     return root / "model"
 
 
-def encoder_label(encoder: str | Path | None, num_layers: int | None = None) -> str:
-    """``name (layer N)``: how :func:`bertscore` names the encoder and layer it scores with."""
-    _, name, layer = _encoder_and_layer(encoder, num_layers)
-    return f"{name} (layer {layer})"
-
-
 def _encoder_and_layer(encoder: str | Path | None, num_layers: int | None) -> tuple[str, str, int]:
     """(what bert-score loads, the name to report, the layer)."""
     if encoder is None:

@@ -258,7 +258,7 @@ def continuations(session: Any, docs: list[Document], settings: ReproSettings) -
 
 def run_generate(lm: LoadedModel, settings: ReproSettings, progress: Progress) -> list[dict[str, Any]]:
     """Claim 2's rows: one per (method, ratio) of ``sentinel`` and ``local``, plus the reference."""
-    from ccmem.eval.textmetrics import bertscore, bertscore_encoder, encoder_label, judge_perplexity, rouge_l
+    from ccmem.eval.textmetrics import bertscore, bertscore_encoder, judge_perplexity, rouge_l
     from ccmem.loading import load_model
 
     settings.check()
@@ -267,7 +267,7 @@ def run_generate(lm: LoadedModel, settings: ReproSettings, progress: Progress) -
     # installed, or an encoder that does not load, is said at once, not after every cell's work
     progress(f"judge: loading {settings.judge}")
     judge = load_model(settings.judge, attn_implementation=settings.attn)
-    bertscore_encoder(settings.encoder)
+    encoder = bertscore_encoder(settings.encoder)  # its label, the same for every row
 
     def decode(ids: list[int]) -> str:
         return str(lm.tokenizer.decode(ids))
@@ -310,7 +310,7 @@ def run_generate(lm: LoadedModel, settings: ReproSettings, progress: Progress) -
                 "continuation_tokens": settings.continuation_tokens,
                 "top_p": settings.top_p,
                 "data": settings.c4_name,
-                "encoder": f"{bert.encoder} (layer {bert.num_layers})" if bert else encoder_label(settings.encoder),
+                "encoder": encoder,
                 "judge": judge.name,
                 "seconds": round(seconds, 1),
                 "sample": texts[0][:200],
