@@ -252,6 +252,9 @@ def test_missing_file_and_invalid_json_are_reported(tmp_path):
         ("Each friend gets 3/4.", "0.75"),  # without '####' too, a fraction is not its denominator
         ("So she ate -1/3 of the pie", "-1/3"),
         ("Ages 3-4 and 1/0", "0"),  # no fraction: the last number
+        ("#### - 5", "-5"),  # a minus apart from its number, after '####'
+        ("#### - 3/4", "-0.75"),
+        ("He had 10 - 5 = 5 left", "5"),  # in running text a minus between numbers is subtraction
     ],
 )
 def test_extract_answer(text, expected):

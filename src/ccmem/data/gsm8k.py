@@ -46,13 +46,16 @@ SPLITS = ("train", "validation", "test")
 VALIDATION_SIZE = 500  # of GSM8K's 7,473 training problems, the last 500 make validation
 
 # A number as written in text: optional minus and dollar sign, thousands commas, decimals; not inside a word.
-_NUMBER_BODY = r"(?P<neg>[-−]?)\$?(?P<neg2>-?)(?P<num>(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)"
+_SIGN = r"(?P<neg>[-−]?)"
+_NUMBER_REST = r"\$?(?P<neg2>-?)(?P<num>(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)"
+_NUMBER_BODY = _SIGN + _NUMBER_REST
 _NUMBER = re.compile(r"(?<![\w.])" + _NUMBER_BODY)
-_FINAL = re.compile(r"####[ \t]*" + _NUMBER_BODY)
-# A fraction as a final answer ('#### 3/4', '#### -1/3'): read as its exact value.
-_FRACTION_BODY = r"(?P<fneg>[-−]?)(?P<fnum>\d+)[ \t]*/[ \t]*(?P<fden>\d+)(?![\d.,/]*\d)"
-_FRACTION = re.compile(_FRACTION_BODY)
-_LAST_FRACTION = re.compile(r"(?<![\w.,/])" + _FRACTION_BODY)  # one in running text, not inside a word or number
+# After '####' a minus may stand apart ('#### - 5' is -5); in running text '10 - 5' is no negative number.
+_FINAL = re.compile(r"####[ \t]*" + _SIGN + r"[ \t]*" + _NUMBER_REST)
+# A fraction as a final answer ('#### 3/4', '#### -1/3', '#### - 1/3'): read as its exact value.
+_FRACTION_REST = r"(?P<fnum>\d+)[ \t]*/[ \t]*(?P<fden>\d+)(?![\d.,/]*\d)"
+_FRACTION = re.compile(r"(?P<fneg>[-−]?)[ \t]*" + _FRACTION_REST)
+_LAST_FRACTION = re.compile(r"(?<![\w.,/])(?P<fneg>[-−]?)" + _FRACTION_REST)  # in running text, not in a word or number
 _WITH_UNIT = re.compile(_NUMBER_BODY + r"[ \t]*[^\d\s.,/][^\d]*")  # a final answer with a unit after it
 _ANNOTATION = re.compile(r"<<[^<>\n]*>>")
 _RESULT = re.compile(r"(?:=[ \t]*\$?[ \t]*(?:<<[^<>\n]*>>)?|<<[^<>\n]*>>)[ \t]*\$?-?\d+(?:,\d{3})*(?:\.\d+)?")
