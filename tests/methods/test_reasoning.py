@@ -14,6 +14,7 @@ import ccmem
 from ccmem.data import gsm8k
 from ccmem.generation import Sampling, decode
 from ccmem.loading import LoadedModel
+from ccmem.methods import reasoning
 from ccmem.methods.base import DecodeState, logits_for
 from ccmem.methods.reasoning import CCMReasoning
 from tests.conftest import COMMON, TinyTokenizer, tiny_model
@@ -77,7 +78,7 @@ def test_decoding_compresses_each_step_as_the_parallel_training_forward_reads_it
     if policy == "newline":  # the tiny tokenizer shares ids between characters: give "\n" an id of its own
         plain = lm.tokenizer.encode
         monkeypatch.setattr(lm.tokenizer, "encode", lambda text, **kw: [2 if c == "\n" else plain(c)[0] for c in text])
-        monkeypatch.setattr(method, "_newline", {2}, raising=False)
+        monkeypatch.setattr(reasoning, "newline_ids", lambda lm: {2})
     sample = sample_for(lm)
     if policy == "classifier":
         fires_at_labelled_ends(monkeypatch, sample)
@@ -116,7 +117,8 @@ def test_a_step_known_to_end_when_its_last_token_is_picked_costs_no_forward_of_i
     method = trained(lm, policy=policy, interval=7, lookahead=lookahead)
     sample = sample_for(lm)
     answer = sample.tail[sample.answer_start :]
-    method._newline = {answer[e - 1] for e in sample.steps["labelled"]}  # the tiny vocabulary has no line break
+    ends = {answer[e - 1] for e in sample.steps["labelled"]}  # the tiny vocabulary has no line break
+    monkeypatch.setattr(reasoning, "newline_ids", lambda lm: ends)
     if policy == "classifier":
         fires_at_labelled_ends(monkeypatch, sample)
     with method.attached(lm):  # the first attach checks the model once (keywords reach its attention): not counted
@@ -188,14 +190,15 @@ def test_compressing_steps_lowers_the_peak_cache_and_counts_insertions():
      ("interval", 2, False)],
 )  # fmt: skip
 def test_problems_of_different_lengths_decoded_in_one_batch_give_the_answers_of_one_at_a_time(
-    family, policy, keep_last, lookahead
+    family, policy, keep_last, lookahead, monkeypatch
 ):
     from ccmem.generation import decode_batch
 
     lm = tiny_model(family, positions=1024)
     method = trained(lm, policy=policy, interval=5, threshold=0.5, keep_last=keep_last, lookahead=lookahead)
     if policy == "newline":  # the tiny vocabulary has no line break: pretend some frequent ids hold one
-        method._newline = set(range(0, lm.model.config.vocab_size, 3))
+        pretended = set(range(0, lm.model.config.vocab_size, 3))
+        monkeypatch.setattr(reasoning, "newline_ids", lambda lm: pretended)
     if policy == "classifier":  # a head that fires on some tokens and not on others
         torch.manual_seed(1)
         head = method.reasoning(lm).classifier
@@ -541,3 +544,25 @@ def test_room_is_made_for_the_comp_positions_decoding_feeds_not_only_for_the_tok
     assert session.method.decode_positions(12) == 12 + 4 * 3
     assert len(list(session.stream_ids([5] * 4, 12, stop_ids=set()))) == 12  # 28 positions fit in 40
     assert ccmem.get_method("ccm-reason", policy="none").decode_positions(30) == 30
+
+
+def test_the_newline_policy_reads_each_models_own_line_breaks():
+    """One method instance serving two models: each ends steps at its own tokenizer's line-break ids."""
+
+    class LineBreaksAt(TinyTokenizer):
+        def __init__(self, newline_id: int) -> None:
+            self.newline_id = newline_id
+
+        def __len__(self) -> int:
+            return 50
+
+        def decode(self, ids, skip_special_tokens: bool = True) -> str:
+            return "".join("\n" if int(i) == self.newline_id else "a" for i in ids)
+
+    method = ccmem.get_method("ccm-reason", policy="newline", min_segment=1)
+    first, second = tiny_model(), tiny_model()
+    first.tokenizer, second.tokenizer = LineBreaksAt(7), LineBreaksAt(9)
+    state = DecodeState(cache=None, position=0, memory=None, tokens=[5, 7])
+    assert method.step_ends(first, state) and not method.step_ends(second, state)
+    state.tokens[-1] = 9
+    assert not method.step_ends(first, state) and method.step_ends(second, state)

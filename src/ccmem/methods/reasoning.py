@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import itertools
 import time
+import weakref
 from dataclasses import dataclass, replace
-from typing import ClassVar, cast
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -228,9 +229,7 @@ class CCMReasoning(CCMConcat):
         if self.policy == "interval":
             return generated >= self.interval
         if self.policy == "newline":
-            if not hasattr(self, "_newline"):
-                self._newline = newline_ids(lm)
-            return state.tokens[-1] in self._newline
+            return state.tokens[-1] in newline_ids(lm)
         assert state.hidden is not None
         started = time.perf_counter()
         head = self.reasoning(lm).classifier
@@ -311,7 +310,16 @@ class CCMReasoning(CCMConcat):
         state.extra["insertions"] = state.extra.get("insertions", 0) + 1
 
 
-def newline_ids(lm: LoadedModel) -> set[int]:
-    """Token ids whose text holds a line break (the newline policy ends a step after one)."""
-    size = len(lm.tokenizer) if hasattr(lm.tokenizer, "__len__") else lm.model.config.get_text_config().vocab_size
-    return {i for i in range(int(size)) if "\n" in str(lm.tokenizer.decode([i]))}
+# Per tokenizer, not per method: one method instance may decode for models with other vocabularies.
+_NEWLINE_IDS: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
+
+
+def newline_ids(lm: LoadedModel) -> frozenset[int]:
+    """Token ids whose text holds a line break (the newline policy ends a step after one), found once per
+    tokenizer."""
+    found = _NEWLINE_IDS.get(lm.tokenizer)
+    if found is None:
+        size = len(lm.tokenizer) if hasattr(lm.tokenizer, "__len__") else lm.model.config.get_text_config().vocab_size
+        found = frozenset(i for i in range(int(size)) if "\n" in str(lm.tokenizer.decode([i])))
+        _NEWLINE_IDS[lm.tokenizer] = found
+    return found
