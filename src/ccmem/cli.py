@@ -732,9 +732,19 @@ def generate(
     records = read_pwc(test_file)
     if not records:
         raise OptionError(f"{test_file} holds no record; give a PwC jsonl file (input, prompt, answer per line)")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     session = _session(model, method, adapter, _options(None, None, option), system or None, stage1, attn)
-    with console.status(f"answering {len(records)} records..."):
-        rows = generate_file(session, records, output, max_new_tokens=max_new_tokens)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task(f"answering {test_file.name} (records)", total=len(records))
+        rows = generate_file(
+            session,
+            records,
+            output,
+            max_new_tokens=max_new_tokens,
+            progress=lambda done: bar.update(task, completed=done),
+        )
     mean = sum(r["rouge_l"] for r in rows) / len(rows) if rows else 0.0
     console.print(f"{len(rows)} answers -> {output} (mean ROUGE-L {mean:.3f})")
 

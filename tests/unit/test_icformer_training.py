@@ -178,14 +178,28 @@ def test_generate_answers_every_pwc_record_into_the_output_file(tmp_path):
     assert [r["id"] for r in rows] == [0, 1]  # the fixture's records carry no id: their place in the file
 
 
-def test_generate_keeps_record_ids_and_the_answers_before_a_record_that_fails(tmp_path):
-    from ccmem.eval.generate import generate_file
+def test_generate_refuses_a_record_too_long_before_answering_any(tmp_path, monkeypatch):
+    from ccmem.eval import generate
+
+    session = load(tiny_model(positions=512), "icformer", system_prompt=None, num_query_tokens=4, max_seq_len=40)
+    answered = []
+    monkeypatch.setattr(session, "stream_ids", lambda *a, **kw: answered.append(1) or iter([5, 6]))
+    ok = {"input": "w1 w2 w3", "prompt": "w4", "answer": "w5"}
+    records = [ok | {"id": "q-17"}, ok | {"id": 3}, ok | {"input": "w " * 60}]  # the last: over max_seq_len
+    with pytest.raises(ValueError, match=r"record 3 \(id 2\): .*max_seq_len=40") as refused:
+        generate.generate_file(session, records, tmp_path / "answers.jsonl", max_new_tokens=2)
+    assert not answered and not (tmp_path / "answers.jsonl").exists() and "answers before it" not in str(refused.value)
+
+
+def test_generate_keeps_record_ids_and_the_answers_before_a_record_that_fails(tmp_path, monkeypatch):
+    from ccmem.eval import generate
 
     session = load(tiny_model(positions=512), "icformer", system_prompt=None, num_query_tokens=4, max_seq_len=40)
     ok = {"input": "w1 w2 w3", "prompt": "w4", "answer": "w5"}
     records = [ok | {"id": "q-17"}, ok | {"id": 3}, ok | {"input": "w " * 60}]  # the last: over max_seq_len
+    monkeypatch.setattr(generate, "_length", lambda tokenizer, record: -len(record["input"]))  # the check misses it
     with pytest.raises(ValueError, match=r"record 3 \(id 2\): .*max_seq_len=40.*\(the 2 answers before it are in"):
-        generate_file(session, records, tmp_path / "answers.jsonl", max_new_tokens=2)
+        generate.generate_file(session, records, tmp_path / "answers.jsonl", max_new_tokens=2)
     written = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert [r["id"] for r in written] == ["q-17", 3]
 

@@ -29,16 +29,24 @@ def answer_records(
     stops = set(session.format.stop_ids())
     if getattr(tokenizer, "eos_token_id", None) is not None:
         stops.add(int(tokenizer.eos_token_id))
-    for i, record in enumerate(records):
+
+    def start(i: int) -> Iterator[int]:
+        """Record ``i``'s context compressed into a fresh memory, and its answer's tokens (lazily)."""
+        record = records[i]
         example = pwc_example(f"record {i + 1}", record)
         query = to_sample(tokenizer, example, system=session.system_prompt)
         try:
             read_context(session, example)
+            return session.stream_ids(query.tail[: query.answer_start], max_new_tokens, stop_ids=stops)
         except ValueError as err:
             raise ValueError(f"record {i + 1} (id {record.get('id', i)!r}): {err}") from None
+
+    if len(records) > 1:  # the longest record first, unanswered: one too long is refused before the others' work
+        start(max(range(len(records)), key=lambda i: _length(tokenizer, records[i])))
+    for i, record in enumerate(records):
         tokens: list[int] = []
         with torch.no_grad():
-            for token in session.stream_ids(query.tail[: query.answer_start], max_new_tokens, stop_ids=stops):
+            for token in start(i):
                 if token in stops:
                     break
                 tokens.append(token)
@@ -51,6 +59,10 @@ def answer_records(
             "rouge_l": round(rouge_l(output, record["answer"]), 4),
             "memory_slots": session.memory.num_slots,
         }
+
+
+def _length(tokenizer: Any, record: dict[str, str]) -> int:
+    return len(tokenizer.encode(record["input"])) + len(tokenizer.encode(record["prompt"]))
 
 
 def generate_file(
