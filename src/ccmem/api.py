@@ -421,7 +421,8 @@ class CompressedLM:
             raise ValueError("give at least one option, and no empty option")
         targets = [self._check_ids(o, "option")[0].tolist() for o in options]
         self._check_room(len(query) + max(len(t) for t in targets) - 1, "score")
-        return score_batch(self.lm, self.method, [(self.memory, query, targets)], reduce=reduce)[0]
+        # the session's memory was checked when it was restored or loaded, or made here: no scan per call
+        return score_batch(self.lm, self.method, [(self.memory, query, targets)], reduce=reduce, check=False)[0]
 
     def score(self, prompt: str | Sequence[Message], options: Sequence[str], *, reduce: str = "sum") -> list[float]:
         """Log-likelihood of each answer option to ``prompt`` given the memory (MetaICL-style scoring).
@@ -488,9 +489,13 @@ def score_batch(
     items: Sequence[tuple[Memory, Sequence[int], Sequence[Sequence[int]]]],
     *,
     reduce: str = "sum",
+    check: bool = True,
 ) -> list[list[float]]:
     """:meth:`CompressedLM.score_ids` for several ``(memory, query, options)`` at once: every option of every
-    item is a row of one padded forward (each row reads its own memory, as :func:`ccmem.methods.base.read_batch`)."""
+    item is a row of one padded forward (each row reads its own memory, as :func:`ccmem.methods.base.read_batch`).
+
+    Each memory is checked against the model first (:meth:`Memory.check`: a scan of every key and value) and its
+    method's settings always; ``check=False`` skips the scan, for memories this method just made for this model."""
     if reduce not in SCORE_REDUCTIONS:
         raise ValueError(f"reduce must be one of {SCORE_REDUCTIONS}, got {reduce!r}")
     if not items:
@@ -498,7 +503,8 @@ def score_batch(
     expect = method.memory_meta(lm)
     for i, (memory, query, options) in enumerate(items):
         where = f"item {i}'s memory" if len(items) > 1 else "the memory"
-        memory.check(lm.kv_shape, where=where)  # as restore and load_memory: another model's or method's memory
+        if check:
+            memory.check(lm.kv_shape, where=where)  # as restore and load_memory: another model's or method's memory
         check_meta(memory.meta, expect, where)  # would be read without a word, its scores meaningless
         if not options or any(len(o) == 0 for o in options):
             raise ValueError("give at least one option, and no empty option")

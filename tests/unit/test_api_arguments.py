@@ -8,7 +8,7 @@ import pytest
 import ccmem
 from ccmem.api import add_batch, generate_batch, score_batch
 from ccmem.loading import load_model
-from ccmem.memory import MemoryMismatchError
+from ccmem.memory import Memory, MemoryMismatchError
 from ccmem.options import OptionError
 from tests.conftest import tiny_model
 
@@ -70,3 +70,24 @@ def test_score_batch_refuses_a_memory_made_by_another_method(sessions):
         score_batch(session.lm, session.method, [(other.memory, query, [[5], [6]])])
     session.add("The code word is plum.")
     assert len(score_batch(session.lm, session.method, [(session.memory, query, [[5], [6]])])[0]) == 2
+
+
+def test_scoring_checks_a_given_memory_but_does_not_rescan_the_sessions_own(sessions, monkeypatch):
+    """A memory handed to score_batch is scanned (every key and value); the session's own, checked when it was
+    made, restored or loaded, is not scanned again at every score (40 ms for 2,000 slots of SmolLM2)."""
+    session = sessions[0].fork()
+    session.add("The code word is plum.")
+    query = session.query_ids("What is the code word?")[0].tolist()
+    scans = []
+    real = Memory.check
+    monkeypatch.setattr(Memory, "check", lambda self, *a, **kw: scans.append(1) or real(self, *a, **kw))
+    session.score_ids(query, [[5], [6]])
+    assert not scans
+    damaged = Memory(
+        layers=[(k.clone().fill_(float("nan")), v) for k, v in session.memory.layers],
+        positions=session.memory.positions, next_position=session.memory.next_position, sink=session.memory.sink,
+        window=session.memory.window, meta=session.memory.meta, state=session.memory.state,
+    )  # fmt: skip
+    with pytest.raises(MemoryMismatchError, match="NaN or infinite"):
+        score_batch(session.lm, session.method, [(damaged, query, [[5], [6]])])
+    assert scans

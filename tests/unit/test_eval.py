@@ -104,9 +104,9 @@ def test_an_option_that_is_a_prefix_of_another_is_scored_with_the_end_of_the_ans
 
     real = harness.score_batch
 
-    def spy(lm_, method, items, reduce="sum"):
+    def spy(lm_, method, items, reduce="sum", check=True):
         seen.extend(opts for _, _, opts in items)
-        return real(lm_, method, items, reduce=reduce)
+        return real(lm_, method, items, reduce=reduce, check=check)
 
     session = load(lm, "full", system_prompt="Hi.")
     session.score_ids = lambda query, options, reduce="sum": seen.append(options) or [0.0] * len(options)

@@ -327,7 +327,9 @@ def evaluate(
                         held = [c.nbytes for c in stored]
                     if batched:
                         items = [(m, q, opts) for m, (q, _, opts) in zip(memories, scored[i : i + step], strict=True)]
-                        group_scores = score_batch(session.lm, session.method, items, reduce=settings.score)
+                        group_scores = score_batch(
+                            session.lm, session.method, items, reduce=settings.score, check=False
+                        )  # memories just made by this session
                 session.memory = memories[i % step]
                 tokens.append(sum(len(c) for c in sample.chunks))
                 slots.append(session.memory.num_slots)
