@@ -447,12 +447,13 @@ def serve(
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/models, /v1/sessions) that keeps each
     conversation as a compressed memory."""
-    from ccmem.precision import dtype_name
+    from ccmem.precision import AUTO, dtype_name
     from ccmem.serve.engine import Engine, Limits
     from ccmem.serve.server import bind, run
     from ccmem.serve.sessions import BaseSessionStore, SessionStore, default_store_root
 
-    storage = "auto" if (memory_dtype or "").strip().lower() == "auto" else _memory_dtype(memory_dtype)
+    # checked before the model loads; the engine resolves "auto" against the model's dtype
+    storage = AUTO if (memory_dtype or "").strip().lower() == AUTO else _memory_dtype(memory_dtype)
     bind(host, port).close()  # a port in use fails before the model loads
     tokens = token or [t.strip() for t in os.environ.get("CCMEM_TOKENS", "").split(",") if t.strip()]
     if any(not t.strip() for t in tokens):
