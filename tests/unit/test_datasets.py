@@ -171,6 +171,16 @@ def test_dialog_releases_are_found_in_their_own_folder_layouts(tmp_path):
     assert expected and [(e.context, e.answer) for e in found] == [(e.context, e.answer) for e in expected]
 
 
+@pytest.mark.parametrize("rows", [None, 1])
+def test_dialogs_saved_by_datasets_to_json_as_json_lines_under_a_json_name_are_read(tmp_path, rows):
+    """``Dataset.to_json("test.json")`` writes JSON lines: the dialog loaders refused it as invalid JSON."""
+    lines = (FIXTURES / "soda" / "test.jsonl").read_text().splitlines()[:rows]
+    (tmp_path / "test.json").write_text("".join(line + "\n" for line in lines))
+    expected = load_examples(DataConfig(dataset="soda", path=str(FIXTURES / "soda")), "test")[: len(lines)]
+    found = load_examples(DataConfig(dataset="soda", path=str(tmp_path)), "test")
+    assert found and [(e.context, e.answer) for e in found] == [(e.context, e.answer) for e in expected]
+
+
 def test_missing_paths_and_unknown_datasets_are_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"does not exist \(the data path: --path, or data.path"):
         load_examples(DataConfig(dataset="soda", path=str(tmp_path / "nope")), "train")

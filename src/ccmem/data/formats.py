@@ -41,7 +41,8 @@ LAMP2_MOVIE_TAGS = (
 
 
 def read_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(where, record)`` for each record of a .jsonl, .json (a list, or {"data": [...]}) or .parquet file."""
+    """``(where, record)`` for each record of a .jsonl, .json (a list, {"data": [...]}, or JSON lines) or .parquet
+    file."""
     if not path.is_file():
         raise FileNotFoundError(f"no dataset file at {path}")
     if path.suffix == ".parquet":
@@ -56,9 +57,14 @@ def read_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         try:
             data = json.loads(path.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as err:
-            raise DatasetFormatError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+            if err.msg != "Extra data":
+                raise DatasetFormatError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+            yield from jsonl_records(path)  # JSON lines under a .json name: what datasets' to_json writes
+            return
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
+        elif isinstance(data, dict):
+            data = [data]  # JSON lines of one record
         if not isinstance(data, list):
             raise DatasetFormatError(f"{path}: expected a JSON list of records")
         for i, record in enumerate(data):
