@@ -181,6 +181,24 @@ def test_dialogs_saved_by_datasets_to_json_as_json_lines_under_a_json_name_are_r
     assert found and [(e.context, e.answer) for e in found] == [(e.context, e.answer) for e in expected]
 
 
+@pytest.mark.parametrize(
+    ("dataset", "name", "text"),
+    [
+        ("dailydialog", "test.json", '[{"dialog": ["Caf\u00e9?", "Yes.", "Tea?", "No."]}]'),
+        ("dailydialog", "dialogues_test.txt", "Caf\u00e9? __eou__ Yes. __eou__ Tea? __eou__ No. __eou__\n"),
+        ("lamp2", "dev_questions.json", "[]"),
+    ],
+)
+def test_a_dataset_file_in_another_encoding_is_refused_by_name(tmp_path, dataset, name, text):
+    """A Latin-1 file failed with Python's bare "'utf-8' codec can't decode byte 0xe9", naming no file."""
+    if dataset == "lamp2":
+        (tmp_path / "dev_outputs.json").write_text('{"golds": [{"id": "1", "output": "caf\u00e9"}]}', "latin-1")
+    (tmp_path / name).write_text(text, "latin-1")
+    bad = "dev_outputs.json" if dataset == "lamp2" else name
+    with pytest.raises(DatasetFormatError, match=rf"{bad}: not UTF-8 text \(byte \d+ is b'\\xe9'\)"):
+        load_examples(DataConfig(dataset=dataset, path=str(tmp_path)), "validation" if dataset == "lamp2" else "test")
+
+
 def test_missing_paths_and_unknown_datasets_are_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"does not exist \(the data path: --path, or data.path"):
         load_examples(DataConfig(dataset="soda", path=str(tmp_path / "nope")), "train")

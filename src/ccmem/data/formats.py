@@ -55,7 +55,7 @@ def read_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         return
     if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8-sig"))
+            data = json.loads(_utf8_text(path))
         except json.JSONDecodeError as err:
             if err.msg != "Extra data":
                 raise DatasetFormatError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
@@ -71,6 +71,17 @@ def read_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             yield f"{path}:record {i + 1}", _mapping(record, f"{path}:record {i + 1}")
         return
     yield from jsonl_records(path)
+
+
+def _utf8_text(path: Path) -> str:
+    """The text of ``path``, a byte-order mark dropped; a file in another encoding is refused by name (the bare
+    UnicodeDecodeError named neither the file nor what to do)."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DatasetFormatError(
+            f"{path}: not UTF-8 text (byte {err.start} is {err.object[err.start : err.start + 1]!r}); save it as UTF-8"
+        ) from None
 
 
 def _mapping(record: Any, where: str) -> dict[str, Any]:
@@ -239,7 +250,7 @@ def lamp2(folder: Path, split: str, k: int) -> list[MemoryExample]:
             )
             raise FileNotFoundError(f"LaMP-2 needs {p.name} in {folder} (as downloaded from the LaMP benchmark){hint}")
     try:
-        gold_doc = json.loads(outputs.read_text(encoding="utf-8-sig"))
+        gold_doc = json.loads(_utf8_text(outputs))
     except json.JSONDecodeError as err:
         raise DatasetFormatError(f"{outputs}:{err.lineno}: not valid JSON ({err.msg})") from None
     golds_list = gold_doc.get("golds") if isinstance(gold_doc, dict) else None
@@ -305,7 +316,7 @@ def dialogs(path: Path, split: str, key: str, k: int, task: str) -> list[MemoryE
     if file.suffix == ".txt":  # the original DailyDialog release: one dialog per line, utterances end in __eou__
         records = (
             (f"{file}:{i}", {key: [u.strip() for u in line.split("__eou__") if u.strip()]})
-            for i, line in enumerate(file.read_text(encoding="utf-8-sig").splitlines(), start=1)
+            for i, line in enumerate(_utf8_text(file).splitlines(), start=1)
             if line.strip()
         )
     else:
