@@ -190,6 +190,15 @@ def test_contains_asks_for_the_answers_words_whole_not_a_substring():
     assert contains_answer("我住在东京。", "东京")  # scripts without spaces: each character is a word
 
 
+def test_an_answer_that_is_an_article_is_not_matched_by_an_empty_generation():
+    """Option letter "A" normalised to "", so an empty (or "an") generation was an exact match with ROUGE-L 1."""
+    from ccmem.eval.harness import normalize
+
+    assert normalize("") != normalize("A") and normalize("an") != normalize("A") and normalize("a.") == normalize("A")
+    assert rouge_l("", "A") == 0.0 and rouge_l("A", "A") == 1.0 and normalize("The cat") == normalize("cat")
+    assert contains_answer("The answer is A.", "A") and not contains_answer("The answer is B.", "A")
+
+
 def test_report_refuses_rows_without_a_shared_metric(tmp_path):
     with pytest.raises(ValueError, match="no result rows"):
         write_report([], tmp_path)
