@@ -305,18 +305,22 @@ def test_rows_of_other_data_never_share_a_config_hash(monkeypatch, capsys, tmp_p
 
 
 @pytest.mark.parametrize("batch_size", [1, 8])
-def test_an_example_too_long_for_the_model_is_named(batch_size):
-    """It said 'start a new conversation (Python: reset())' without saying which example of the file was at fault."""
+@pytest.mark.parametrize("where", ["context", "answer"])
+def test_an_example_too_long_for_the_model_is_named(batch_size, where):
+    """It said 'start a new conversation (Python: reset())' without saying which example of the file was at fault;
+    then, batched, it named every example of the batch ('example short-1, long-2, short-3 does not fit')."""
     from ccmem.api import ContextTooLongError
     from ccmem.data.records import MemoryExample
 
+    long = (["x" * 50, "y" * 50], "a") if where == "context" else (["abc"], "z" * 70)
     examples = [
         MemoryExample("short-1", ["abc"], "q", "a", chat=False),
-        MemoryExample("long-2", ["x" * 50, "y" * 50], "q", "a", chat=False),
+        MemoryExample("long-2", long[0], "q", long[1], chat=False),
+        MemoryExample("short-3", ["abc"], "q", "a", chat=False),
     ]
     session = load(tiny_model(positions=64), "full", system_prompt=None)
     settings = EvalSettings(batch_size=batch_size, system=None)
-    with pytest.raises(ContextTooLongError, match=r"example (short-1, )?long-2 does not fit .*model allows 64") as err:
+    with pytest.raises(ContextTooLongError, match=r"example long-2 does not fit .*model allows 64") as err:
         evaluate(session, examples, dataset="mine", settings=settings)
     assert "reset()" not in str(err.value)
 
@@ -336,7 +340,7 @@ def test_a_dialog_longer_than_the_model_is_evaluated_by_a_compressing_method_bat
     assert rows[0].examples == rows[1].examples == 3 and rows[0].memory_slots == rows[1].memory_slots
     assert rows[0].perplexity == pytest.approx(rows[1].perplexity, rel=1e-4)  # batched re-bases as add does
     full = load(tiny_model(positions=128), "full", system_prompt="Hi.")
-    with pytest.raises(ValueError, match=r"example long-0(, long-1, long-2)? does not fit .*model allows 128"):
+    with pytest.raises(ValueError, match=r"example long-0 does not fit .*model allows 128"):
         evaluate(full, examples, dataset="mine", settings=EvalSettings(batch_size=8))
 
 

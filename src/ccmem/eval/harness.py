@@ -188,7 +188,12 @@ def read_contexts(session: CompressedLM, samples: Sequence[Sample]) -> list[Memo
             rows = [i for i, s in enumerate(samples) if t < len(s.chunks)]
             ids = [torch.tensor([samples[i].chunks[t]], dtype=torch.long, device=lm.device) for i in rows]
             # re-based past the model's last position, part by part where one segment does not fit, as add does
-            for i, memory in zip(rows, fold_rows(lm, method, [memories[i] for i in rows], ids), strict=True):
+            try:
+                folded = fold_rows(lm, method, [memories[i] for i in rows], ids)
+            except ContextTooLongError as err:
+                err.row = None if err.row is None else rows[err.row]  # the sample's index, not the step's row
+                raise
+            for i, memory in zip(rows, folded, strict=True):
                 memories[i] = memory
     return memories
 
@@ -367,7 +372,8 @@ def evaluate(
                     progress(i + 1)
         except ContextTooLongError as err:
             first = i - i % step
-            which = ", ".join(e.id for e in examples[first : first + step])
+            batch = examples[first : first + step]  # a batch's read or scoring names its row that did not fit
+            which = batch[err.row].id if err.row is not None else ", ".join(e.id for e in batch)
             core = str(err).split("; start a new conversation")[0]
             raise ContextTooLongError(
                 f"{dataset}: example {which} does not fit ({core}); shorten or drop it, or evaluate with a "
