@@ -102,6 +102,17 @@ def test_fields_the_format_does_not_have_are_named_as_ignored(tmp_path, caplog):
     assert "fields source, system are not part of the persona format and were ignored" in caplog.text
 
 
+def test_optional_fields_written_as_null_are_absent(tmp_path, caplog):
+    """pandas writes a gap as null: "id": null named two records 'None' (said as a repeated id), and
+    "groups": null was refused as not mapping names to strings."""
+    path = tmp_path / "mine.jsonl"
+    record = {"turns": [], "question": "Q?", "answer": "b", "options": ["a", "b"], "id": None, "groups": None}
+    path.write_text(json.dumps(record) + "\n" + json.dumps(record | {"id": 7}) + "\n")
+    dialogs = read_jsonl(path)
+    assert [d.id for d in dialogs] == ["line-1", "7"] and dialogs[0].groups == {}
+    assert "more than once" not in caplog.text
+
+
 def test_chat_sample_labels_only_the_answer():
     tok = TinyTokenizer()
     sample = chat_sample(tok, [("I live in Oslo.", "Noted!")], "Where do I live?", "Oslo", system="Be brief.")

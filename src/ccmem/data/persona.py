@@ -511,12 +511,12 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[PersonaDialog]:
                 '[["I moved to Porto.", "Nice!"], ...], or chat messages [{"role": "user", "content": ...}, '
                 '{"role": "assistant", "content": ...}, ...]'
             )
-        groups = record.get("groups", {})
+        groups = record.get("groups") or {}  # null: none, as an absent field (what pandas writes for a gap)
         if not isinstance(groups, dict) or not all(isinstance(v, str) for v in groups.values()):
             raise DatasetFormatError(f"{where}: field 'groups' must map names to strings")
         dialogs.append(
             PersonaDialog(
-                id=str(record.get("id", _record_name(where))),
+                id=str(record["id"]) if record.get("id") is not None else _record_name(where),
                 split=str(record.get("split", "")),
                 version=str(record.get("version", "")),
                 turns=[(u, a) for u, a in turns],
