@@ -199,6 +199,18 @@ def test_a_dataset_file_in_another_encoding_is_refused_by_name(tmp_path, dataset
         load_examples(DataConfig(dataset=dataset, path=str(tmp_path)), "validation" if dataset == "lamp2" else "test")
 
 
+def test_a_file_cut_to_n_examples_says_so(tmp_path, caplog):
+    """--n (data.n_eval) kept the first 100 records of a longer file without a word."""
+    record = {"turns": [], "question": "Q?", "answer": "b", "options": ["a", "b"]}
+    (tmp_path / "test.jsonl").write_text(2 * (json.dumps(record) + "\n"))
+    cfg = DataConfig(dataset="dialogs", path=str(tmp_path / "test.jsonl"), n_eval=1)
+    assert len(load_examples(cfg, "test")) == 1
+    assert "test.jsonl: reading the first 1 of its 2 test examples (data.n_eval; ccmem eval: --n)" in caplog.text
+    caplog.clear()
+    assert len(load_examples(dataclasses.replace(cfg, n_eval=2), "test")) == 2
+    assert "reading the first" not in caplog.text
+
+
 def test_missing_paths_and_unknown_datasets_are_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"does not exist \(the data path: --path, or data.path"):
         load_examples(DataConfig(dataset="soda", path=str(tmp_path / "nope")), "train")
