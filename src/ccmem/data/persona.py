@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import random
+import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -490,9 +491,17 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[PersonaDialog]:
                 f"twice, is always chosen right or ties), got {options!r}"
             )
         if record["answer"] not in options:
+            nfc = unicodedata.normalize("NFC", record["answer"])
+            twin = next((o for o in options if unicodedata.normalize("NFC", o) == nfc), None)
             raise DatasetFormatError(
                 f"{where}: field 'answer' ({record['answer']!r}) is not one of 'options' ({options!r}); it must be one "
                 "of them exactly (spaces and case count)"
+                + (
+                    f"; it looks like option {twin!r}, but its accented letters are other code points "
+                    f"({record['answer']!a} against {twin!a}: one NFC, the other NFD Unicode): save both the same way"
+                    if twin is not None
+                    else ""
+                )
             )
         turns = _message_pairs(record["turns"], where)
         bad = next(
