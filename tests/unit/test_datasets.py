@@ -171,6 +171,20 @@ def test_dialog_releases_are_found_in_their_own_folder_layouts(tmp_path):
     assert expected and [(e.context, e.answer) for e in found] == [(e.context, e.answer) for e in expected]
 
 
+def test_dailydialog_from_the_hub_reads_as_the_text_release_without_the_spaces_around_utterances(tmp_path):
+    """The hub's daily_dialog splits each line at __eou__ and keeps the spaces around every utterance: turns and
+    answers were read with them (' Fine, thanks. '), unlike the same dialogs from the text release."""
+    raw = (FIXTURES / "dailydialog_raw" / "dialogues_test.txt").read_text().splitlines()
+    rows = [{"dialog": line.split("__eou__")[:-1]} for line in raw if line.strip()]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert rows[0]["dialog"][1].startswith(" ")
+    expected = load_examples(DataConfig(dataset="dailydialog", path=str(FIXTURES / "dailydialog_raw")), "test")
+    found = load_examples(DataConfig(dataset="dailydialog", path=str(tmp_path)), "test")
+    assert expected and [(e.context, e.query, e.answer) for e in found] == [
+        (e.context, e.query, e.answer) for e in expected
+    ]
+
+
 @pytest.mark.parametrize("rows", [None, 1])
 def test_dialogs_saved_by_datasets_to_json_as_json_lines_under_a_json_name_are_read(tmp_path, rows):
     """``Dataset.to_json("test.json")`` writes JSON lines: the dialog loaders refused it as invalid JSON."""

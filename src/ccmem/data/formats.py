@@ -323,7 +323,9 @@ def dialogs(path: Path, split: str, key: str, k: int, task: str) -> list[MemoryE
         records = read_records(file)
     short = cut = 0
     for where, record in records:
-        utterances = field_of(record, key, list, where)
+        # Hugging Face's daily_dialog keeps the spaces around each utterance ("Say , Jim ... ? "): stripped, as the
+        # original text release is read, so that no turn or answer carries them
+        utterances = [u.strip() for u in field_of(record, key, list, where) if u.strip()]
         if len(utterances) % 2:  # keep user/assistant pairs: drop the first utterance
             utterances = utterances[1:]
         if len(utterances) < 4:  # no earlier turn to remember
