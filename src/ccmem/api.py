@@ -134,12 +134,16 @@ def fold_rows(lm: LoadedModel, method: Method, memories: list[Memory], ids: list
     roomy: list[Memory] = []
     for i, (memory, x) in enumerate(zip(memories, ids, strict=True)):
         try:
-            roomy.append(make_room(lm, memory, _positions_for(lm, method, memory, x.shape[1])))
-            batched.append(i)
-        except ContextTooLongError:
-            if len(method.parts(x)) == 1:
-                raise
-            out[i] = fold(lm, method, memory, x)
+            try:
+                roomy.append(make_room(lm, memory, _positions_for(lm, method, memory, x.shape[1])))
+                batched.append(i)
+            except ContextTooLongError:
+                if len(method.parts(x)) == 1:
+                    raise
+                out[i] = fold(lm, method, memory, x)
+        except ContextTooLongError as err:
+            err.row = i  # which interaction it is, for the caller to name
+            raise
     for i, memory in zip(batched, add_rows(method, lm, roomy, [ids[i] for i in batched]), strict=True):
         out[i] = memory
     return [m for m in out if m is not None]
@@ -524,8 +528,12 @@ def _decoder_logprobs(
 ) -> list[torch.Tensor]:
     """Each option's token log-probabilities, every option of every item a row of one padded forward."""
     memories, rows, targets = [], [], []
-    for memory, query, options in items:
-        memory = make_room(lm, memory, len(query) + max(len(o) for o in options) - 1, "score")  # as score_ids does
+    for i, (memory, query, options) in enumerate(items):
+        try:
+            memory = make_room(lm, memory, len(query) + max(len(o) for o in options) - 1, "score")  # as score_ids
+        except ContextTooLongError as err:
+            err.row = i
+            raise
         for option in options:
             row = [*query, *option[:-1]]
             memories.append(memory)

@@ -171,6 +171,60 @@ def test_dialog_releases_are_found_in_their_own_folder_layouts(tmp_path):
     assert expected and [(e.context, e.answer) for e in found] == [(e.context, e.answer) for e in expected]
 
 
+def test_dailydialog_from_the_hub_reads_as_the_text_release_without_the_spaces_around_utterances(tmp_path):
+    """The hub's daily_dialog splits each line at __eou__ and keeps the spaces around every utterance: turns and
+    answers were read with them (' Fine, thanks. '), unlike the same dialogs from the text release."""
+    raw = (FIXTURES / "dailydialog_raw" / "dialogues_test.txt").read_text().splitlines()
+    rows = [{"dialog": line.split("__eou__")[:-1]} for line in raw if line.strip()]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert rows[0]["dialog"][1].startswith(" ")
+    expected = load_examples(DataConfig(dataset="dailydialog", path=str(FIXTURES / "dailydialog_raw")), "test")
+    found = load_examples(DataConfig(dataset="dailydialog", path=str(tmp_path)), "test")
+    assert expected and [(e.context, e.query, e.answer) for e in found] == [
+        (e.context, e.query, e.answer) for e in expected
+    ]
+
+
+@pytest.mark.parametrize("rows", [None, 1])
+def test_dialogs_saved_by_datasets_to_json_as_json_lines_under_a_json_name_are_read(tmp_path, rows):
+    """``Dataset.to_json("test.json")`` writes JSON lines: the dialog loaders refused it as invalid JSON."""
+    lines = (FIXTURES / "soda" / "test.jsonl").read_text().splitlines()[:rows]
+    (tmp_path / "test.json").write_text("".join(line + "\n" for line in lines))
+    expected = load_examples(DataConfig(dataset="soda", path=str(FIXTURES / "soda")), "test")[: len(lines)]
+    found = load_examples(DataConfig(dataset="soda", path=str(tmp_path)), "test")
+    assert found and [(e.context, e.answer) for e in found] == [(e.context, e.answer) for e in expected]
+
+
+@pytest.mark.parametrize(
+    ("dataset", "name", "text"),
+    [
+        ("dailydialog", "test.json", '[{"dialog": ["Caf\u00e9?", "Yes.", "Tea?", "No."]}]'),
+        ("dailydialog", "dialogues_test.txt", "Caf\u00e9? __eou__ Yes. __eou__ Tea? __eou__ No. __eou__\n"),
+        ("lamp2", "dev_questions.json", "[]"),
+    ],
+)
+def test_a_dataset_file_in_another_encoding_is_refused_by_name(tmp_path, dataset, name, text):
+    """A Latin-1 file failed with Python's bare "'utf-8' codec can't decode byte 0xe9", naming no file."""
+    if dataset == "lamp2":
+        (tmp_path / "dev_outputs.json").write_text('{"golds": [{"id": "1", "output": "caf\u00e9"}]}', "latin-1")
+    (tmp_path / name).write_text(text, "latin-1")
+    bad = "dev_outputs.json" if dataset == "lamp2" else name
+    with pytest.raises(DatasetFormatError, match=rf"{bad}: not UTF-8 text \(byte \d+ is b'\\xe9'\)"):
+        load_examples(DataConfig(dataset=dataset, path=str(tmp_path)), "validation" if dataset == "lamp2" else "test")
+
+
+def test_a_file_cut_to_n_examples_says_so(tmp_path, caplog):
+    """--n (data.n_eval) kept the first 100 records of a longer file without a word."""
+    record = {"turns": [], "question": "Q?", "answer": "b", "options": ["a", "b"]}
+    (tmp_path / "test.jsonl").write_text(2 * (json.dumps(record) + "\n"))
+    cfg = DataConfig(dataset="dialogs", path=str(tmp_path / "test.jsonl"), n_eval=1)
+    assert len(load_examples(cfg, "test")) == 1
+    assert "test.jsonl: reading the first 1 of its 2 test examples (data.n_eval; ccmem eval: --n)" in caplog.text
+    caplog.clear()
+    assert len(load_examples(dataclasses.replace(cfg, n_eval=2), "test")) == 2
+    assert "reading the first" not in caplog.text
+
+
 def test_missing_paths_and_unknown_datasets_are_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"does not exist \(the data path: --path, or data.path"):
         load_examples(DataConfig(dataset="soda", path=str(tmp_path / "nope")), "train")

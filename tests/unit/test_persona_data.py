@@ -102,6 +102,27 @@ def test_fields_the_format_does_not_have_are_named_as_ignored(tmp_path, caplog):
     assert "fields source, system are not part of the persona format and were ignored" in caplog.text
 
 
+def test_optional_fields_written_as_null_are_absent(tmp_path, caplog):
+    """pandas writes a gap as null: "id": null named two records 'None' (said as a repeated id), and
+    "groups": null was refused as not mapping names to strings."""
+    path = tmp_path / "mine.jsonl"
+    record = {"turns": [], "question": "Q?", "answer": "b", "options": ["a", "b"], "id": None, "groups": None}
+    path.write_text(json.dumps(record) + "\n" + json.dumps(record | {"id": 7}) + "\n")
+    dialogs = read_jsonl(path)
+    assert [d.id for d in dialogs] == ["line-1", "7"] and dialogs[0].groups == {}
+    assert "more than once" not in caplog.text
+
+
+def test_an_answer_that_differs_from_its_option_only_in_unicode_form_is_said(tmp_path):
+    """'Zoë' typed on a Mac (NFD) against the option 'Zoë' (NFC) was refused as 'not one of options' while both
+    printed the same."""
+    path = tmp_path / "mine.jsonl"
+    record = {"turns": [], "question": "Name?", "answer": "Zoe\u0308", "options": ["Zo\u00eb", "Chlo\u00e9"]}
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(DatasetFormatError, match=r"mine.jsonl:1: .*looks like option 'Zo\u00eb'.*the other NFD"):
+        read_jsonl(path)
+
+
 def test_chat_sample_labels_only_the_answer():
     tok = TinyTokenizer()
     sample = chat_sample(tok, [("I live in Oslo.", "Noted!")], "Where do I live?", "Oslo", system="Be brief.")

@@ -41,7 +41,8 @@ LAMP2_MOVIE_TAGS = (
 
 
 def read_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(where, record)`` for each record of a .jsonl, .json (a list, or {"data": [...]}) or .parquet file."""
+    """``(where, record)`` for each record of a .jsonl, .json (a list, {"data": [...]}, or JSON lines) or .parquet
+    file."""
     if not path.is_file():
         raise FileNotFoundError(f"no dataset file at {path}")
     if path.suffix == ".parquet":
@@ -54,17 +55,33 @@ def read_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         return
     if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8-sig"))
+            data = json.loads(_utf8_text(path))
         except json.JSONDecodeError as err:
-            raise DatasetFormatError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+            if err.msg != "Extra data":
+                raise DatasetFormatError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+            yield from jsonl_records(path)  # JSON lines under a .json name: what datasets' to_json writes
+            return
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
+        elif isinstance(data, dict):
+            data = [data]  # JSON lines of one record
         if not isinstance(data, list):
             raise DatasetFormatError(f"{path}: expected a JSON list of records")
         for i, record in enumerate(data):
             yield f"{path}:record {i + 1}", _mapping(record, f"{path}:record {i + 1}")
         return
     yield from jsonl_records(path)
+
+
+def _utf8_text(path: Path) -> str:
+    """The text of ``path``, a byte-order mark dropped; a file in another encoding is refused by name (the bare
+    UnicodeDecodeError named neither the file nor what to do)."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DatasetFormatError(
+            f"{path}: not UTF-8 text (byte {err.start} is {err.object[err.start : err.start + 1]!r}); save it as UTF-8"
+        ) from None
 
 
 def _mapping(record: Any, where: str) -> dict[str, Any]:
@@ -233,7 +250,7 @@ def lamp2(folder: Path, split: str, k: int) -> list[MemoryExample]:
             )
             raise FileNotFoundError(f"LaMP-2 needs {p.name} in {folder} (as downloaded from the LaMP benchmark){hint}")
     try:
-        gold_doc = json.loads(outputs.read_text(encoding="utf-8-sig"))
+        gold_doc = json.loads(_utf8_text(outputs))
     except json.JSONDecodeError as err:
         raise DatasetFormatError(f"{outputs}:{err.lineno}: not valid JSON ({err.msg})") from None
     golds_list = gold_doc.get("golds") if isinstance(gold_doc, dict) else None
@@ -299,14 +316,16 @@ def dialogs(path: Path, split: str, key: str, k: int, task: str) -> list[MemoryE
     if file.suffix == ".txt":  # the original DailyDialog release: one dialog per line, utterances end in __eou__
         records = (
             (f"{file}:{i}", {key: [u.strip() for u in line.split("__eou__") if u.strip()]})
-            for i, line in enumerate(file.read_text(encoding="utf-8-sig").splitlines(), start=1)
+            for i, line in enumerate(_utf8_text(file).splitlines(), start=1)
             if line.strip()
         )
     else:
         records = read_records(file)
     short = cut = 0
     for where, record in records:
-        utterances = field_of(record, key, list, where)
+        # Hugging Face's daily_dialog keeps the spaces around each utterance ("Say , Jim ... ? "): stripped, as the
+        # original text release is read, so that no turn or answer carries them
+        utterances = [u.strip() for u in field_of(record, key, list, where) if u.strip()]
         if len(utterances) % 2:  # keep user/assistant pairs: drop the first utterance
             utterances = utterances[1:]
         if len(utterances) < 4:  # no earlier turn to remember

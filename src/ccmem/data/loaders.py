@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,8 @@ from ccmem.data.records import MemoryExample
 
 if TYPE_CHECKING:
     from ccmem.train.config import DataConfig
+
+logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 Loader = Callable[["DataConfig", str], list[MemoryExample]]
@@ -377,6 +380,11 @@ def load_examples(cfg: DataConfig, split: str = "train") -> list[MemoryExample]:
         cfg = dataclasses.replace(cfg, path=cfg.eval_path, source=news.SOURCES[0], templates=None)
     examples = loader(cfg, split)
     limit = cfg.n_train if split == "train" else cfg.n_eval
-    return (
-        examples[:limit] if limit and cfg.path and cfg.dataset not in ("text", "text-stream", "wikitext") else examples
-    )
+    if not (limit and cfg.path and cfg.dataset not in ("text", "text-stream", "wikitext")):
+        return examples
+    if len(examples) > limit:  # said: a file's later records were left out without a word
+        logger.warning(
+            "%s: reading the first %d of its %d %s examples (%s; ccmem eval: --n)",
+            cfg.path, limit, len(examples), split, "data.n_train" if split == "train" else "data.n_eval",
+        )  # fmt: skip
+    return examples[:limit]

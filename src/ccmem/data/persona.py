@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import random
+import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -490,9 +491,17 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[PersonaDialog]:
                 f"twice, is always chosen right or ties), got {options!r}"
             )
         if record["answer"] not in options:
+            nfc = unicodedata.normalize("NFC", record["answer"])
+            twin = next((o for o in options if unicodedata.normalize("NFC", o) == nfc), None)
             raise DatasetFormatError(
                 f"{where}: field 'answer' ({record['answer']!r}) is not one of 'options' ({options!r}); it must be one "
                 "of them exactly (spaces and case count)"
+                + (
+                    f"; it looks like option {twin!r}, but its accented letters are other code points "
+                    f"({record['answer']!a} against {twin!a}: one NFC, the other NFD Unicode): save both the same way"
+                    if twin is not None
+                    else ""
+                )
             )
         turns = _message_pairs(record["turns"], where)
         bad = next(
@@ -511,12 +520,12 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[PersonaDialog]:
                 '[["I moved to Porto.", "Nice!"], ...], or chat messages [{"role": "user", "content": ...}, '
                 '{"role": "assistant", "content": ...}, ...]'
             )
-        groups = record.get("groups", {})
+        groups = record.get("groups") or {}  # null: none, as an absent field (what pandas writes for a gap)
         if not isinstance(groups, dict) or not all(isinstance(v, str) for v in groups.values()):
             raise DatasetFormatError(f"{where}: field 'groups' must map names to strings")
         dialogs.append(
             PersonaDialog(
-                id=str(record.get("id", _record_name(where))),
+                id=str(record["id"]) if record.get("id") is not None else _record_name(where),
                 split=str(record.get("split", "")),
                 version=str(record.get("version", "")),
                 turns=[(u, a) for u, a in turns],

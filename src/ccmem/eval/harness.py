@@ -120,18 +120,26 @@ class EvalSettings:
 UNSPACED = re.compile("([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff])")
 
 
-def normalize(text: str) -> str:
+ARTICLES = ("a", "an", "the")
+
+
+def normalize(text: str, *, articles: bool = False) -> str:
     """Lower case, no punctuation or articles, single spaces (SQuAD-style answer normalisation); characters of
-    scripts written without spaces are words of their own, so ROUGE-L gives Chinese or Japanese answers credit."""
+    scripts written without spaces are words of their own, so ROUGE-L gives Chinese or Japanese answers credit.
+    A text of articles only keeps them (``articles``: every text does): an answer "A" (a multiple-choice letter)
+    normalised to nothing, which every empty or "an" generation matched exactly."""
     text = UNSPACED.sub(r" \1 ", re.sub(r"[^\w\s]", " ", text.lower()))
-    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+    words = text.split()
+    return " ".join([w for w in words if articles or w not in ARTICLES] or words)
 
 
 def contains_answer(text: str, answer: str) -> bool:
     """Whether ``answer``'s words appear in ``text`` together and whole, after :func:`normalize`: "4" is not in
-    "14 cats", nor "red" in "tired" (a substring test counted both; measured before 2026-12-04 that way)."""
+    "14 cats", nor "red" in "tired" (a substring test counted both; measured before 2026-12-04 that way). An
+    answer of articles only ("A") is looked for among the text's articles too."""
     wanted = normalize(answer)
-    return bool(wanted) and f" {wanted} " in f" {normalize(text)} "
+    bare = all(w in ARTICLES for w in wanted.split())
+    return bool(wanted) and f" {wanted} " in f" {normalize(text, articles=bare)} "
 
 
 def answer_words(text: str) -> list[str]:
@@ -180,7 +188,12 @@ def read_contexts(session: CompressedLM, samples: Sequence[Sample]) -> list[Memo
             rows = [i for i, s in enumerate(samples) if t < len(s.chunks)]
             ids = [torch.tensor([samples[i].chunks[t]], dtype=torch.long, device=lm.device) for i in rows]
             # re-based past the model's last position, part by part where one segment does not fit, as add does
-            for i, memory in zip(rows, fold_rows(lm, method, [memories[i] for i in rows], ids), strict=True):
+            try:
+                folded = fold_rows(lm, method, [memories[i] for i in rows], ids)
+            except ContextTooLongError as err:
+                err.row = None if err.row is None else rows[err.row]  # the sample's index, not the step's row
+                raise
+            for i, memory in zip(rows, folded, strict=True):
                 memories[i] = memory
     return memories
 
@@ -361,7 +374,8 @@ def evaluate(
                     progress(i + 1)
         except ContextTooLongError as err:
             first = i - i % step
-            which = ", ".join(e.id for e in examples[first : first + step])
+            batch = examples[first : first + step]  # a batch's read or scoring names its row that did not fit
+            which = batch[err.row].id if err.row is not None else ", ".join(e.id for e in batch)
             core = str(err).split("; start a new conversation")[0]
             raise ContextTooLongError(
                 f"{dataset}: example {which} does not fit ({core}); shorten or drop it, or evaluate with a "

@@ -53,6 +53,7 @@ class ContextTooLongError(ValueError):
     def __init__(self, message: str, *, positions: int | None = None) -> None:
         super().__init__(message)
         self.positions = positions
+        self.row: int | None = None  # in a batch (fold_rows, score_batch): the index of the row that does not fit
 
 
 def model_lock(model: nn.Module) -> threading.RLock:
