@@ -438,7 +438,7 @@ class CompressedLM:
         options = list(options) if options is not None else []  # a generator or array, read once
         if not options or any(not isinstance(o, str) or not o for o in options):
             raise ValueError("give options as a list of non-empty strings, e.g. score(prompt, ['yes', 'no'])")
-        ids = [self.lm.tokenizer.encode(o, add_special_tokens=False) for o in options]
+        ids = [self.format.answer_ids(o) for o in options]  # as an answer follows the generation prompt
         return self.score_ids(self.query_ids(prompt), ids, reduce=reduce)
 
     def choose(self, prompt: str | Sequence[Message], options: Sequence[str], *, reduce: str = "sum") -> int:

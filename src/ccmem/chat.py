@@ -8,6 +8,7 @@ already produce, so each chunk is exactly the text the full conversation would c
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +17,20 @@ logger = logging.getLogger(__name__)
 Message = dict[str, str]
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."  # short: it stays uncompressed in every memory
 ROLES = ("system", "user", "assistant")
+#: The plain format's generation prompt (a model without a chat template): the answer follows after a space.
+PLAIN_PROMPT = "Assistant:"
+_LINE_BREAKS: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
+
+
+def line_break_ids(tokenizer: Any, vocab_size: int | None = None) -> frozenset[int]:
+    """Ids of the tokens whose text holds a line break, found once per tokenizer (``vocab_size`` where the
+    tokenizer does not tell its own size; none where neither is known)."""
+    found = _LINE_BREAKS.get(tokenizer)
+    if found is None:
+        size = len(tokenizer) if hasattr(tokenizer, "__len__") else vocab_size
+        found = frozenset(i for i in range(int(size or 0)) if "\n" in str(tokenizer.decode([i])))
+        _LINE_BREAKS[tokenizer] = found
+    return found
 
 
 def check_text(text: str, where: str = "the text") -> None:
@@ -50,7 +65,11 @@ def check_messages(messages: Sequence[Any]) -> list[Message]:
 
 
 class ChatFormat:
-    """Renders messages with the tokenizer's chat template, or a plain ``Role: text`` format without one."""
+    """Renders messages with the tokenizer's chat template, or a plain ``Role: text`` format without one.
+
+    The plain format writes one turn per line (``User: ...``, ``Assistant: ...``): an answer follows the
+    generation prompt ``Assistant:`` after a space and ends at the line break, which is therefore a stop token.
+    """
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
@@ -61,7 +80,32 @@ class ChatFormat:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
             return str(text)
         text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
-        return text + ("Assistant:" if generation_prompt else "")
+        return text + (PLAIN_PROMPT if generation_prompt else "")
+
+    def _encode(self, text: str) -> list[int]:
+        return [int(t) for t in self.tokenizer.encode(text, add_special_tokens=False)]
+
+    def _after(self, head: str, text: str) -> list[int]:
+        """The tokens ``text`` gets where it follows ``head`` in one string (alone where the two merge)."""
+        before, whole = self._encode(head), self._encode(head + text)
+        return whole[len(before) :] if whole[: len(before)] == before else self._encode(text)
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """An assistant's answer as the conversation holds it right after the generation prompt: what training
+        labels and option scoring read. A chat template starts the answer on a line of its own, tokenized alone;
+        the plain format writes it after ``Assistant:`` and a space, which its first word carries (" Paris", one
+        token in byte-level BPE; "Paris" alone would be another), as in every rendered turn of the history."""
+        if not answer:
+            return []
+        return self._after(PLAIN_PROMPT, " " + answer) if not self.templated else self._encode(answer)
+
+    def end_of_turn_ids(self) -> list[int]:
+        """What ends an answer: the template's end-of-turn token (else EOS); in the plain format, the line break."""
+        if not self.templated:
+            return self._after("Assistant: a", "\n")
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        stops = self.stop_ids()
+        return [eos if eos in stops else min(stops)] if stops else []
 
     def delta(self, history: list[Message], new: list[Message], generation_prompt: bool = False) -> str:
         """Text that ``new`` adds after ``history``."""
@@ -73,8 +117,9 @@ class ChatFormat:
         return self.render(new, generation_prompt)
 
     def stop_ids(self) -> set[int]:
-        """Token ids that end an answer (EOS and the template's end-of-turn token)."""
-        ids = set()
+        """Token ids that end an answer: EOS and the template's end-of-turn token; in the plain format, the line
+        break too (tokens holding one), or the model writes the next ``User:`` turn itself."""
+        ids = set() if self.templated else set(line_break_ids(self.tokenizer, getattr(self.tokenizer, "vocab_size", 0)))
         eos = getattr(self.tokenizer, "eos_token_id", None)
         if isinstance(eos, int):
             ids.add(eos)

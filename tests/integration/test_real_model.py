@@ -197,3 +197,27 @@ def test_a_sentences_first_word_is_told_from_a_name_by_the_vocabulary(smollm):
         assert common(word), word
     for word in ("Aoife", "Hannah", "Kraków", "Siobhán's", "Biscuit"):
         assert not common(word), word
+
+
+def test_a_model_without_a_chat_template_answers_as_its_history_holds_answers(smollm):
+    """The plain ``Role: text`` format (no chat template): an answer was read glued to "Assistant:" ("Biscuit",
+    another token than the " Biscuit" of every rendered turn) and generation ran on into a "User:" turn of its own."""
+    import copy
+
+    from ccmem.data.samples import chat_sample
+    from ccmem.loading import LoadedModel
+
+    tokenizer = copy.deepcopy(smollm.tokenizer)
+    tokenizer.chat_template = None
+    turns = [("My dog is called Biscuit.", "Nice!")]
+    sample = chat_sample(tokenizer, turns, "What is my dog called?", "Biscuit", system="Be brief.")
+    whole = "System: Be brief.\nUser: My dog is called Biscuit.\nAssistant: Nice!\nUser: What is my dog called?\n"
+    whole += "Assistant: Biscuit\n"
+    assert sample.sink + sample.chunks[0] + sample.tail == tokenizer.encode(whole, add_special_tokens=False)
+    session = ccmem.load(LoadedModel(model=smollm.model, tokenizer=tokenizer, name="smollm2-plain"), "full",
+                         system_prompt="Be brief.")  # fmt: skip
+    session.remember(*turns[0])
+    answer = session.generate("What is my dog called?", max_new_tokens=40)
+    assert answer and "\n" not in answer and "User:" not in answer
+    scores = session.score("What is my dog called?", ["Biscuit", "Rex"])
+    assert scores[0] > scores[1]

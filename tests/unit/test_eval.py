@@ -116,9 +116,10 @@ def test_an_option_that_is_a_prefix_of_another_is_scored_with_the_end_of_the_ans
     finally:
         harness.score_batch = restore
     sample = to_sample(lm.tokenizer, chat, system="Hi.")
-    turn_end = sample.tail[sample.answer_start + 4]  # what the template puts after the 4 digits of the answer
+    answer = session.format.answer_ids  # in a chat, options are read as the answer follows the generation prompt
+    turn_end = sample.tail[sample.answer_start + len(answer("6305"))]  # what the format puts after the answer
     enc = lm.tokenizer.encode
-    assert seen[0] == [[*enc("63"), turn_end], [*enc("6305"), turn_end], [*enc("71"), turn_end]]
+    assert seen[0] == [[*answer("63"), turn_end], [*answer("6305"), turn_end], [*answer("71"), turn_end]]
     assert seen[1] == [enc("63") + enc("\n"), enc("6305") + enc("\n")]
     assert seen[2] == [enc("6305"), enc("7105")]  # options that do not overlap are scored as they are
 

@@ -61,9 +61,5 @@ def chat_sample(
         chunks.append(encode(fmt.delta(history, new)))
         history = history + new
     query = encode(fmt.delta(history, [{"role": "user", "content": question}], generation_prompt=True))
-    reply = encode(answer)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    stops = fmt.stop_ids()
-    if stops:  # the answer ends the turn, so the model learns to stop
-        reply.append(eos if eos in stops else min(stops))
+    reply = fmt.answer_ids(answer) + fmt.end_of_turn_ids()  # the answer ends the turn: the model learns to stop
     return Sample(chunks=chunks, tail=query + reply, sink=sink, answer_start=len(query))

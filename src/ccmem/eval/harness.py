@@ -251,7 +251,9 @@ def _scored(session: CompressedLM, example: MemoryExample, sample: Sample) -> Sc
     it has none). A continuation without a query (a pretraining document's next segment) reads the answer's first
     token as its query, since nothing before it in the input predicts it; the rest is scored."""
     query = list(sample.tail[: sample.answer_start])
-    answer = _encode(session, example.answer)
+    # a chat's answer and options as the sample's labels hold an answer: right after the generation prompt
+    encode = session.format.answer_ids if example.chat else functools.partial(_encode, session)
+    answer = encode(example.answer)
     if not answer:
         raise ValueError(
             f"example {example.id!r} has no answer to score (a pretraining document of a train or validation split?); "
@@ -265,7 +267,7 @@ def _scored(session: CompressedLM, example: MemoryExample, sample: Sample) -> Sc
             )
     if not example.options:
         return query, answer, [answer]
-    options = [_encode(session, o) for o in example.options]
+    options = [encode(o) for o in example.options]
     if any(a != b and a == b[: len(a)] for a in options for b in options):
         # "63" among the options of "6305": a sum over the tokens of the longer option is never above the shorter
         # one's, so the prefix always won; where options overlap so, each is scored with the end of the answer after it

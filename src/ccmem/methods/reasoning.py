@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import itertools
 import time
-import weakref
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar, cast
+from typing import ClassVar, cast
 
 import torch
 from torch import nn
 
+from ccmem.chat import line_break_ids
 from ccmem.data.samples import Sample
 from ccmem.loading import LoadedModel
 from ccmem.methods.base import DecodeRows, DecodeState, answer_loss, option, run_decoder
@@ -310,16 +310,7 @@ class CCMReasoning(CCMConcat):
         state.extra["insertions"] = state.extra.get("insertions", 0) + 1
 
 
-# Per tokenizer, not per method: one method instance may decode for models with other vocabularies.
-_NEWLINE_IDS: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
-
-
 def newline_ids(lm: LoadedModel) -> frozenset[int]:
     """Token ids whose text holds a line break (the newline policy ends a step after one), found once per
-    tokenizer."""
-    found = _NEWLINE_IDS.get(lm.tokenizer)
-    if found is None:
-        size = len(lm.tokenizer) if hasattr(lm.tokenizer, "__len__") else lm.model.config.get_text_config().vocab_size
-        found = frozenset(i for i in range(int(size)) if "\n" in str(lm.tokenizer.decode([i])))
-        _NEWLINE_IDS[lm.tokenizer] = found
-    return found
+    tokenizer (one method instance may decode for models with other vocabularies)."""
+    return line_break_ids(lm.tokenizer, lm.model.config.get_text_config().vocab_size)
