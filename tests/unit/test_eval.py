@@ -190,6 +190,19 @@ def test_contains_asks_for_the_answers_words_whole_not_a_substring():
     assert contains_answer("我住在东京。", "东京")  # scripts without spaces: each character is a word
 
 
+def test_an_answer_that_normalisation_empties_is_compared_with_what_it_keeps():
+    """Answers such as "A", "The" or "?!" lost every word to SQuAD's normalisation: an empty generation (or "The",
+    or "!?") then matched them exactly with ROUGE-L 1, and the right one was never "contained"."""
+    from ccmem.eval.harness import exact_match
+
+    assert exact_match("a.", "A") and not exact_match("", "A") and not exact_match("The", "A")
+    assert contains_answer("The answer is A.", "A") and not contains_answer("The answer is B.", "A")
+    assert rouge_l("A", "A") == 1.0 and rouge_l("", "A") == 0.0 and rouge_l("The", "A") == 0.0
+    assert exact_match("?!", "?!") and not exact_match("", "?!") and not exact_match("!?", "?!")
+    assert contains_answer("I say ?!", "?!") and rouge_l("!?", "?!") == 0.0
+    assert exact_match("The Cat!", "cat") and not contains_answer("anything", "the")  # the usual normalisation
+
+
 def test_report_refuses_rows_without_a_shared_metric(tmp_path):
     with pytest.raises(ValueError, match="no result rows"):
         write_report([], tmp_path)
