@@ -240,6 +240,16 @@ def test_report_flags_a_table_whose_rows_were_measured_on_different_examples(tmp
     assert "Not comparable" not in (tmp_path / "report.md").read_text()
 
 
+def test_a_plotted_metric_that_some_rows_lack_leaves_them_out_of_the_plot(tmp_path):
+    """`ccmem report --metric contains` over a method's rows with and without --generate, at the same memory,
+    stopped on comparing None with a number after report.md was written."""
+    import dataclasses
+
+    asked = dataclasses.replace(_row("none", "gen", 4), contains=0.25)
+    written = write_report([asked, _row("none", "plain", 4), _row("full", "plain", 4)], tmp_path, "contains")
+    assert written["plot"].stat().st_size > 0
+
+
 def test_a_report_that_fails_while_being_rewritten_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
     import csv
 

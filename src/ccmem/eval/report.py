@@ -189,7 +189,10 @@ def plot(rows: Sequence[EvalRow], path: Path, metric: str | None = None) -> Path
         name = display_method(r) + (f" [{r.dataset}{f', {r.label}' if r.label else ''}]" if len(tables) > 1 else "")
         lines.setdefault(name, []).append(r)
     for name, members in sorted(lines.items()):
-        points = sorted((r.memory_slots, getattr(r, metric)) for r in members)
+        # a row without the metric (--metric contains beside rows run without --generate) is no point
+        points = sorted((r.memory_slots, getattr(r, metric)) for r in members if getattr(r, metric) is not None)
+        if not points:
+            continue
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
     # symlog, not log: a method holding no slot (none without a system prompt, --system '') is a point at 0, where
     # a log axis left it out of the plot without a word
