@@ -250,6 +250,23 @@ def test_a_plotted_metric_that_some_rows_lack_leaves_them_out_of_the_plot(tmp_pa
     assert written["plot"].stat().st_size > 0
 
 
+def test_rows_of_two_models_say_their_model_in_the_report():
+    """`ccmem eval` rows of two models on one dataset share its table and config hash: the report showed two
+    "full" lines that nothing told apart, and no warning."""
+    import dataclasses
+
+    from ccmem.eval.report import group_markdown
+
+    by = {"distance": {"0-1": {"accuracy": 0.5, "n": 2}}}
+    rows = [dataclasses.replace(_row(m, "h", 4), model=model, extra={"by": by}) for model in ("small", "big")
+            for m in ("full", "none")]  # fmt: skip
+    assert mismatches(rows) == []
+    table = markdown(rows)
+    assert "| method | model |" in table and "| full | big |" in table and "| full | small |" in table
+    assert "| full [big] |" in group_markdown(rows) and "| none [small] |" in group_markdown(rows)
+    assert "model" not in markdown(rows[:2]) and "[small]" not in group_markdown(rows[:2])  # one model: as before
+
+
 def test_a_report_that_fails_while_being_rewritten_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
     import csv
 
