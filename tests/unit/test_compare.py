@@ -48,6 +48,8 @@ def test_grid_runs_budgeted_methods_at_every_budget_and_the_others_once():
     assert per_task == [("full", None), ("none", None), ("ccm-merge", None), ("knorm", 0.5), ("knorm", 0.25),
                         ("snapkv", 0.5), ("snapkv", 0.25)]  # fmt: skip
     assert len(cells) == 3 * 7
+    with pytest.raises(ValueError, match="method 'knorm' is given twice in --methods"):
+        CompareSettings(**(SETTINGS | {"methods": ["knorm", "none", "knorm"]}))
 
 
 def test_compare_runs_resumes_and_reports(tmp_path, monkeypatch):
@@ -352,6 +354,8 @@ def test_compare_command_splits_scoped_options():
         (["--methods", "none", "--adapter", "ccm-concat@x=/no/such.safetensors"], "no adapter file at /no/such"),
         (["--methods", "none", "--decode-lengths", "abc"], "--decode-lengths takes whole numbers"),
         (["--methods", "none", "--decode-lengths", "-5"], "1 or more"),
+        (["--methods", "full,none,full"], "--methods names full twice"),  # ran, and wrote its rows, twice
+        (["--methods", "none", "--tasks", "persona,icl,persona"], "task 'persona' is given twice in --tasks"),
     ],
 )
 def test_compare_refuses_what_would_fail_or_vanish_mid_grid_before_the_model_loads(monkeypatch, capsys, args, message):

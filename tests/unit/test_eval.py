@@ -267,6 +267,14 @@ def test_rows_of_two_models_say_their_model_in_the_report():
     assert "model" not in markdown(rows[:2]) and "[small]" not in group_markdown(rows[:2])  # one model: as before
 
 
+def test_eval_refuses_a_method_named_twice_before_the_model_loads(monkeypatch, capsys, tmp_path):
+    """`--methods full,none,full` evaluated full twice and appended its row twice."""
+    out = tmp_path / "rows.jsonl"
+    code, text = run_cli(monkeypatch, capsys, "eval", "persona", "--model", "/no/such/model", "--methods",
+                         "full,none,full", "-o", str(out))  # fmt: skip
+    assert code == 2 and "--methods names full twice" in " ".join(text.split()) and not out.exists()
+
+
 def test_a_report_that_fails_while_being_rewritten_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
     import csv
 

@@ -133,6 +133,11 @@ class CompareSettings:
             raise ValueError(f"unknown task {unknown[0]!r}; tasks: {', '.join(TASKS)}")
         if not self.methods:
             raise ValueError("no methods to compare")
+        # a name given twice: each of its cells would run, and be written to rows.jsonl, twice
+        for kind, names in (("task", self.tasks), ("method", self.methods)):
+            repeated = next((name for i, name in enumerate(names) if name in names[:i]), None)
+            if repeated is not None:
+                raise ValueError(f"{kind} {repeated!r} is given twice in --{kind}s; give it once")
         for name in self.methods:
             cls = method_class(base_method(name))
             if "@" in name and name not in self.adapters and name not in self.variant_options:
