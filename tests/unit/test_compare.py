@@ -221,6 +221,11 @@ def test_gap_closed_is_the_share_of_the_none_to_full_distance():
     assert gap_closed(upside_down, upside_down[2], "accuracy") is None
     worse_ppl = [row("full", perplexity=80.0), row("none", perplexity=20.0), row("ccm-merge", perplexity=80.0)]
     assert gap_closed(worse_ppl, worse_ppl[2], "perplexity") is None
+    # a full-context variant (--adapter full@stage1=...) beside full: the gap is still full's, in either order
+    stage1 = row("full", 0.95)
+    stage1.extra["variant"] = "full@stage1"
+    for both in ([stage1, *rows], [*rows, stage1]):
+        assert gap_closed(both, rows[2], "accuracy") == pytest.approx(0.75)
 
 
 def test_a_gap_of_one_or_two_examples_is_flagged_under_the_table():

@@ -46,10 +46,11 @@ def _fmt(value: float | None, metric: str) -> str:
 
 
 def _baselines(rows: Sequence[EvalRow]) -> list[EvalRow]:
-    """The rows of kind ``baseline`` at their own size, least memory first: none, then the full context."""
+    """The rows of kind ``baseline`` at their own size, least memory first: none, then the full context; a variant
+    (``full@stage1``, as large as ``full``) before the method itself, so that ``full`` stays the reference."""
     return sorted(
         (r for r in rows if method_class(r.method).kind == "baseline" and r.budget is None),
-        key=lambda r: r.memory_slots,
+        key=lambda r: (r.memory_slots, "variant" not in r.extra),
     )
 
 
