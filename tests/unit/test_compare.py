@@ -264,6 +264,10 @@ def test_budgeted_methods_get_their_gap_and_group_rows_and_more_slots_are_said()
     assert "| snapkv at 1/8 | 0.50 (4) |" in table and "Accuracy by corrected (whether the dialog corrected" in table
     note, _more_than_any_budget = learned_vs_training_free(rows)
     assert "beats the best training-free method at 1/8 of full, snapkv" in note and "holding 1.6x its slots" in note
+    windowed = row("snapkv", 0.6, 25, 1 / 8)  # a variant (-O snapkv@w8:window_size=8) is named as the table names it
+    windowed.extra["variant"] = "snapkv@w8"
+    note, _ = learned_vs_training_free([*rows, windowed])
+    assert "at 1/8 of full, snapkv@w8 (0.600, 25 slots)" in note
 
 
 def test_a_stage1_grid_keeps_its_rows_apart_from_the_plain_models(tmp_path, monkeypatch, capsys):

@@ -190,8 +190,9 @@ def learned_vs_training_free(rows: Sequence[EvalRow], budget: float = 1 / 8) -> 
                 more = row.memory_slots / best.memory_slots if best.memory_slots else float("inf")
                 notes.append(
                     f"{task}: {display_method(row)} ({row.accuracy:.3f}, {row.memory_slots:.0f} slots) {verdict} the "
-                    f"best training-free method at {budget_text(b)} of full, {best.method} ({best.accuracy:.3f}, "
-                    f"{best.memory_slots:.0f} slots)" + (f", holding {more:.1f}x its slots" if more > 1.05 else "")
+                    f"best training-free method at {budget_text(b)} of full, {display_method(best)} "
+                    f"({best.accuracy:.3f}, {best.memory_slots:.0f} slots)"
+                    + (f", holding {more:.1f}x its slots" if more > 1.05 else "")
                 )
             if not fair:
                 notes.append(
