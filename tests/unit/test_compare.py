@@ -228,6 +228,24 @@ def test_gap_closed_is_the_share_of_the_none_to_full_distance():
         assert gap_closed(both, rows[2], "accuracy") == pytest.approx(0.75)
 
 
+def test_none_holding_no_memory_stays_on_the_quality_plot(tmp_path, monkeypatch):
+    """With --system '' none holds 0 bytes: on a log axis its point and its label fell off the plot, leaving an
+    unnamed dashed line."""
+    from ccmem.eval import compare_report
+    from ccmem.eval.harness import EvalRow
+
+    def row(method, accuracy, nbytes):
+        return EvalRow(method, "m", "-", "-", "icl", "test", 4, accuracy, None, None, None, None, nbytes / 256,
+                       nbytes, 1, 1, 1, "h")  # fmt: skip
+
+    seen = []
+    finish = compare_report._finish
+    monkeypatch.setattr(compare_report, "_finish", lambda plt, fig, ax, *args: seen.append(ax.get_xlim()) or
+                        finish(plt, fig, ax, *args))  # fmt: skip
+    compare_report.plot_quality([row("full", 0.5, 12288), row("none", 0.0, 0)], "icl", tmp_path / "q.png")
+    assert seen[0][0] <= 0 <= seen[0][1]
+
+
 def test_a_gap_of_one_or_two_examples_is_flagged_under_the_table():
     """c2's persona table printed 700% gap closed where full beat none by 1 of 12 examples, without a word."""
     from ccmem.eval.compare_report import task_table

@@ -228,8 +228,10 @@ def plot_quality(rows: Sequence[EvalRow], task: str, path: Path) -> Path:
         ax.plot(
             [p[0] for p in points], [p[1] for p in points], style, label=name, markersize=7 if len(points) > 1 else 12
         )
-    ax.set_xscale("log")
-    ax.set_xlabel("KV memory per example (KiB, log scale)")
+    # symlog, not log: none without a system prompt (--system '') holds 0 bytes, and a log axis dropped its point
+    # and label, leaving an unnamed dashed line
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlabel("KV memory per example (KiB, log scale past 1)")
     ax.set_ylabel(metric + (" (lower is better)" if metric == "perplexity" else ""))
     if metric == "perplexity":
         ax.set_yscale("log")
