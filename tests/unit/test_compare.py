@@ -48,6 +48,8 @@ def test_grid_runs_budgeted_methods_at_every_budget_and_the_others_once():
     assert per_task == [("full", None), ("none", None), ("ccm-merge", None), ("knorm", 0.5), ("knorm", 0.25),
                         ("snapkv", 0.5), ("snapkv", 0.25)]  # fmt: skip
     assert len(cells) == 3 * 7
+    with pytest.raises(ValueError, match="method 'knorm' is given twice in --methods"):
+        CompareSettings(**(SETTINGS | {"methods": ["knorm", "none", "knorm"]}))
 
 
 def test_compare_runs_resumes_and_reports(tmp_path, monkeypatch):
@@ -219,6 +221,29 @@ def test_gap_closed_is_the_share_of_the_none_to_full_distance():
     assert gap_closed(upside_down, upside_down[2], "accuracy") is None
     worse_ppl = [row("full", perplexity=80.0), row("none", perplexity=20.0), row("ccm-merge", perplexity=80.0)]
     assert gap_closed(worse_ppl, worse_ppl[2], "perplexity") is None
+    # a full-context variant (--adapter full@stage1=...) beside full: the gap is still full's, in either order
+    stage1 = row("full", 0.95)
+    stage1.extra["variant"] = "full@stage1"
+    for both in ([stage1, *rows], [*rows, stage1]):
+        assert gap_closed(both, rows[2], "accuracy") == pytest.approx(0.75)
+
+
+def test_none_holding_no_memory_stays_on_the_quality_plot(tmp_path, monkeypatch):
+    """With --system '' none holds 0 bytes: on a log axis its point and its label fell off the plot, leaving an
+    unnamed dashed line."""
+    from ccmem.eval import compare_report
+    from ccmem.eval.harness import EvalRow
+
+    def row(method, accuracy, nbytes):
+        return EvalRow(method, "m", "-", "-", "icl", "test", 4, accuracy, None, None, None, None, nbytes / 256,
+                       nbytes, 1, 1, 1, "h")  # fmt: skip
+
+    seen = []
+    finish = compare_report._finish
+    monkeypatch.setattr(compare_report, "_finish", lambda plt, fig, ax, *args: seen.append(ax.get_xlim()) or
+                        finish(plt, fig, ax, *args))  # fmt: skip
+    compare_report.plot_quality([row("full", 0.5, 12288), row("none", 0.0, 0)], "icl", tmp_path / "q.png")
+    assert seen[0][0] <= 0 <= seen[0][1]
 
 
 def test_a_gap_of_one_or_two_examples_is_flagged_under_the_table():
@@ -257,6 +282,10 @@ def test_budgeted_methods_get_their_gap_and_group_rows_and_more_slots_are_said()
     assert "| snapkv at 1/8 | 0.50 (4) |" in table and "Accuracy by corrected (whether the dialog corrected" in table
     note, _more_than_any_budget = learned_vs_training_free(rows)
     assert "beats the best training-free method at 1/8 of full, snapkv" in note and "holding 1.6x its slots" in note
+    windowed = row("snapkv", 0.6, 25, 1 / 8)  # a variant (-O snapkv@w8:window_size=8) is named as the table names it
+    windowed.extra["variant"] = "snapkv@w8"
+    note, _ = learned_vs_training_free([*rows, windowed])
+    assert "at 1/8 of full, snapkv@w8 (0.600, 25 slots)" in note
 
 
 def test_a_stage1_grid_keeps_its_rows_apart_from_the_plain_models(tmp_path, monkeypatch, capsys):
@@ -352,6 +381,9 @@ def test_compare_command_splits_scoped_options():
         (["--methods", "none", "--adapter", "ccm-concat@x=/no/such.safetensors"], "no adapter file at /no/such"),
         (["--methods", "none", "--decode-lengths", "abc"], "--decode-lengths takes whole numbers"),
         (["--methods", "none", "--decode-lengths", "-5"], "1 or more"),
+        (["--methods", "none,local", "--budgets", "1/2,1e-7"], "local: compression_ratio must be in [0, 1)"),
+        (["--methods", "full,none,full"], "--methods names full twice"),  # ran, and wrote its rows, twice
+        (["--methods", "none", "--tasks", "persona,icl,persona"], "task 'persona' is given twice in --tasks"),
     ],
 )
 def test_compare_refuses_what_would_fail_or_vanish_mid_grid_before_the_model_loads(monkeypatch, capsys, args, message):

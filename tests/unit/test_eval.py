@@ -191,13 +191,17 @@ def test_contains_asks_for_the_answers_words_whole_not_a_substring():
     assert contains_answer("我住在东京。", "东京")  # scripts without spaces: each character is a word
 
 
-def test_an_answer_that_is_an_article_is_not_matched_by_an_empty_generation():
-    """Option letter "A" normalised to "", so an empty (or "an") generation was an exact match with ROUGE-L 1."""
-    from ccmem.eval.harness import normalize
+def test_an_answer_that_normalisation_empties_is_compared_with_what_it_keeps():
+    """Answers such as "A", "The" or "?!" lost every word to SQuAD's normalisation: an empty generation (or "The",
+    or "!?") then matched them exactly with ROUGE-L 1, and the right one was never "contained"."""
+    from ccmem.eval.harness import exact_match
 
-    assert normalize("") != normalize("A") and normalize("an") != normalize("A") and normalize("a.") == normalize("A")
-    assert rouge_l("", "A") == 0.0 and rouge_l("A", "A") == 1.0 and normalize("The cat") == normalize("cat")
+    assert exact_match("a.", "A") and not exact_match("", "A") and not exact_match("The", "A")
     assert contains_answer("The answer is A.", "A") and not contains_answer("The answer is B.", "A")
+    assert rouge_l("A", "A") == 1.0 and rouge_l("", "A") == 0.0 and rouge_l("The", "A") == 0.0
+    assert exact_match("?!", "?!") and not exact_match("", "?!") and not exact_match("!?", "?!")
+    assert contains_answer("I say ?!", "?!") and rouge_l("!?", "?!") == 0.0
+    assert exact_match("The Cat!", "cat") and not contains_answer("anything", "the")  # the usual normalisation
 
 
 def test_report_refuses_rows_without_a_shared_metric(tmp_path):
@@ -235,6 +239,41 @@ def test_report_flags_a_table_whose_rows_were_measured_on_different_examples(tmp
     assert "**Not comparable**" in (tmp_path / "report.md").read_text()
     write_report(same, tmp_path)
     assert "Not comparable" not in (tmp_path / "report.md").read_text()
+
+
+def test_a_plotted_metric_that_some_rows_lack_leaves_them_out_of_the_plot(tmp_path):
+    """`ccmem report --metric contains` over a method's rows with and without --generate, at the same memory,
+    stopped on comparing None with a number after report.md was written."""
+    import dataclasses
+
+    asked = dataclasses.replace(_row("none", "gen", 4), contains=0.25)
+    written = write_report([asked, _row("none", "plain", 4), _row("full", "plain", 4)], tmp_path, "contains")
+    assert written["plot"].stat().st_size > 0
+
+
+def test_rows_of_two_models_say_their_model_in_the_report():
+    """`ccmem eval` rows of two models on one dataset share its table and config hash: the report showed two
+    "full" lines that nothing told apart, and no warning."""
+    import dataclasses
+
+    from ccmem.eval.report import group_markdown
+
+    by = {"distance": {"0-1": {"accuracy": 0.5, "n": 2}}}
+    rows = [dataclasses.replace(_row(m, "h", 4), model=model, extra={"by": by}) for model in ("small", "big")
+            for m in ("full", "none")]  # fmt: skip
+    assert mismatches(rows) == []
+    table = markdown(rows)
+    assert "| method | model |" in table and "| full | big |" in table and "| full | small |" in table
+    assert "| full [big] |" in group_markdown(rows) and "| none [small] |" in group_markdown(rows)
+    assert "model" not in markdown(rows[:2]) and "[small]" not in group_markdown(rows[:2])  # one model: as before
+
+
+def test_eval_refuses_a_method_named_twice_before_the_model_loads(monkeypatch, capsys, tmp_path):
+    """`--methods full,none,full` evaluated full twice and appended its row twice."""
+    out = tmp_path / "rows.jsonl"
+    code, text = run_cli(monkeypatch, capsys, "eval", "persona", "--model", "/no/such/model", "--methods",
+                         "full,none,full", "-o", str(out))  # fmt: skip
+    assert code == 2 and "--methods names full twice" in " ".join(text.split()) and not out.exists()
 
 
 def test_a_report_that_fails_while_being_rewritten_leaves_the_earlier_one_whole(tmp_path, monkeypatch):

@@ -46,7 +46,8 @@ def test_rouge_l_stemming_and_tokenizer_are_options():
 
 def test_harness_rouge_l_keeps_answer_normalisation():
     assert answer_rouge_l("The cat sat.", "cat sat on the mat") == pytest.approx(2 * 1 * 0.5 / 1.5)
-    assert answer_rouge_l("The.", "a") == 1.0  # nothing left of either answer: they agree
+    assert answer_rouge_l(".", "") == 1.0  # nothing left of either answer: they agree
+    assert answer_rouge_l("The.", "a") == 0.0  # an answer of an article alone is compared with its article kept
     assert answer_rouge_l("Biscuit", "") == 0.0
 
 

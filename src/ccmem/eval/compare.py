@@ -133,6 +133,11 @@ class CompareSettings:
             raise ValueError(f"unknown task {unknown[0]!r}; tasks: {', '.join(TASKS)}")
         if not self.methods:
             raise ValueError("no methods to compare")
+        # a name given twice: each of its cells would run, and be written to rows.jsonl, twice
+        for kind, names in (("task", self.tasks), ("method", self.methods)):
+            repeated = next((name for i, name in enumerate(names) if name in names[:i]), None)
+            if repeated is not None:
+                raise ValueError(f"{kind} {repeated!r} is given twice in --{kind}s; give it once")
         for name in self.methods:
             cls = method_class(base_method(name))
             if "@" in name and name not in self.adapters and name not in self.variant_options:
@@ -218,10 +223,12 @@ def check_variants(settings: CompareSettings, model_name: str) -> None:
         base = base_method(name)
         cls = method_class(base)
         options = settings.options_of(name)
-        if cls.budgeted and settings.budgets:
-            options = options | cls.budget_options(settings.budgets[0])
+        # every budget: a share a method cannot keep (1e-7 evicts all of local's context) would stop its cell
+        sized = [options | cls.budget_options(b) for b in settings.budgets] if cls.budgeted else []
+        options = sized[0] if sized else options
         try:
-            get_method(base, **options)
+            for each in sized or [options]:
+                get_method(base, **each)
             path = adapter_path(model_name, base, settings.adapters.get(name))
             if path is not None and cls.trainable:
                 options_with_adapter(base, read_adapter(path), options)

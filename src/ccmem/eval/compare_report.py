@@ -46,10 +46,11 @@ def _fmt(value: float | None, metric: str) -> str:
 
 
 def _baselines(rows: Sequence[EvalRow]) -> list[EvalRow]:
-    """The rows of kind ``baseline`` at their own size, least memory first: none, then the full context."""
+    """The rows of kind ``baseline`` at their own size, least memory first: none, then the full context; a variant
+    (``full@stage1``, as large as ``full``) before the method itself, so that ``full`` stays the reference."""
     return sorted(
         (r for r in rows if method_class(r.method).kind == "baseline" and r.budget is None),
-        key=lambda r: r.memory_slots,
+        key=lambda r: (r.memory_slots, "variant" not in r.extra),
     )
 
 
@@ -189,8 +190,9 @@ def learned_vs_training_free(rows: Sequence[EvalRow], budget: float = 1 / 8) -> 
                 more = row.memory_slots / best.memory_slots if best.memory_slots else float("inf")
                 notes.append(
                     f"{task}: {display_method(row)} ({row.accuracy:.3f}, {row.memory_slots:.0f} slots) {verdict} the "
-                    f"best training-free method at {budget_text(b)} of full, {best.method} ({best.accuracy:.3f}, "
-                    f"{best.memory_slots:.0f} slots)" + (f", holding {more:.1f}x its slots" if more > 1.05 else "")
+                    f"best training-free method at {budget_text(b)} of full, {display_method(best)} "
+                    f"({best.accuracy:.3f}, {best.memory_slots:.0f} slots)"
+                    + (f", holding {more:.1f}x its slots" if more > 1.05 else "")
                 )
             if not fair:
                 notes.append(
@@ -226,8 +228,10 @@ def plot_quality(rows: Sequence[EvalRow], task: str, path: Path) -> Path:
         ax.plot(
             [p[0] for p in points], [p[1] for p in points], style, label=name, markersize=7 if len(points) > 1 else 12
         )
-    ax.set_xscale("log")
-    ax.set_xlabel("KV memory per example (KiB, log scale)")
+    # symlog, not log: none without a system prompt (--system '') holds 0 bytes, and a log axis dropped its point
+    # and label, leaving an unnamed dashed line
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlabel("KV memory per example (KiB, log scale past 1)")
     ax.set_ylabel(metric + (" (lower is better)" if metric == "perplexity" else ""))
     if metric == "perplexity":
         ax.set_yscale("log")

@@ -120,26 +120,44 @@ class EvalSettings:
 UNSPACED = re.compile("([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff])")
 
 
-ARTICLES = ("a", "an", "the")
-
-
-def normalize(text: str, *, articles: bool = False) -> str:
+def normalize(text: str, *, articles: bool = True, punctuation: bool = True) -> str:
     """Lower case, no punctuation or articles, single spaces (SQuAD-style answer normalisation); characters of
     scripts written without spaces are words of their own, so ROUGE-L gives Chinese or Japanese answers credit.
-    A text of articles only keeps them (``articles``: every text does): an answer "A" (a multiple-choice letter)
-    normalised to nothing, which every empty or "an" generation matched exactly."""
-    text = UNSPACED.sub(r" \1 ", re.sub(r"[^\w\s]", " ", text.lower()))
-    words = text.split()
-    return " ".join([w for w in words if articles or w not in ARTICLES] or words)
+    ``articles`` / ``punctuation`` False keep those (:func:`answer_normalizer`)."""
+    if punctuation:
+        text = re.sub(r"[^\w\s]", " ", text)
+    text = UNSPACED.sub(r" \1 ", text.lower())
+    return " ".join(w for w in text.split() if not (articles and w in ("a", "an", "the")))
+
+
+def _keep_articles(text: str) -> str:
+    return normalize(text, articles=False)
+
+
+def _keep_punctuation(text: str) -> str:
+    return normalize(text, articles=False, punctuation=False)
+
+
+def answer_normalizer(answer: str) -> Callable[[str], str]:
+    """How a generation is compared with ``answer``: after :func:`normalize`, or, for an answer it leaves no word
+    of ("A", "The", "?!"), with articles kept, then punctuation too. Under :func:`normalize` alone every
+    generation, an empty one included, matched such an answer exactly, and none contained it."""
+    return next((norm for norm in (normalize, _keep_articles, _keep_punctuation) if norm(answer)), normalize)
+
+
+def exact_match(text: str, answer: str) -> bool:
+    """Whether ``text`` is ``answer`` after :func:`answer_normalizer`'s normalisation."""
+    norm = answer_normalizer(answer)
+    return norm(text) == norm(answer)
 
 
 def contains_answer(text: str, answer: str) -> bool:
-    """Whether ``answer``'s words appear in ``text`` together and whole, after :func:`normalize`: "4" is not in
-    "14 cats", nor "red" in "tired" (a substring test counted both; measured before 2026-12-04 that way). An
-    answer of articles only ("A") is looked for among the text's articles too."""
-    wanted = normalize(answer)
-    bare = all(w in ARTICLES for w in wanted.split())
-    return bool(wanted) and f" {wanted} " in f" {normalize(text, articles=bare)} "
+    """Whether ``answer``'s words appear in ``text`` together and whole, after :func:`answer_normalizer`'s
+    normalisation: "4" is not in "14 cats", nor "red" in "tired" (a substring test counted both; measured before
+    2026-12-04 that way)."""
+    norm = answer_normalizer(answer)
+    wanted = norm(answer)
+    return bool(wanted) and f" {wanted} " in f" {norm(text)} "
 
 
 def answer_words(text: str) -> list[str]:
@@ -147,11 +165,21 @@ def answer_words(text: str) -> list[str]:
     return normalize(text).split()
 
 
+#: The word lists ROUGE-L reads under each normalisation (one function each: rouge-score's scorer is cached by it).
+_WORDS: dict[Callable[[str], str], Callable[[str], list[str]]] = {
+    normalize: answer_words,
+    _keep_articles: lambda text: _keep_articles(text).split(),
+    _keep_punctuation: lambda text: _keep_punctuation(text).split(),
+}
+
+
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 over normalised words (rouge-score's LCS); two answers with no word left agree."""
-    if not answer_words(prediction) and not answer_words(reference):
+    """ROUGE-L F1 over the words of :func:`answer_normalizer`'s normalisation (rouge-score's LCS); two answers
+    with no word left agree."""
+    words = _WORDS[answer_normalizer(reference)]
+    if not words(prediction) and not words(reference):
         return 1.0  # rouge-score gives 0 when there is nothing to match
-    return textmetrics.rouge_l(prediction, reference, tokenize=answer_words)
+    return textmetrics.rouge_l(prediction, reference, tokenize=words)
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -369,7 +397,7 @@ def evaluate(
                     if example.task == gsm8k.TASK:  # a worked solution: its final number is the answer
                         em.append(float(gsm8k.is_correct(text, example.answer)))
                     else:
-                        em.append(float(normalize(text) == normalize(example.answer)))
+                        em.append(float(exact_match(text, example.answer)))
                     contains.append(float(contains_answer(text, example.answer)))
                     rouge.append(rouge_l(text, example.answer))
                 if progress:

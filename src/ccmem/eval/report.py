@@ -16,6 +16,7 @@ from ccmem.fileio import atomic_path
 
 COLUMNS = (
     ("method", "method"),
+    ("model", "model"),  # shown where the rows hold several models
     ("adapter", "adapter"),
     ("train_dataset", "trained on"),
     ("dataset", "dataset"),
@@ -57,13 +58,24 @@ def _cell(key: str, value: object) -> str:
 
 def markdown(rows: Sequence[EvalRow]) -> str:
     """One line per row, grouped by dataset and label, with only the columns some row fills."""
-    keys = [(k, title) for k, title in COLUMNS if any(getattr(r, k) not in (None, "") for r in rows)]
-    ordered = sorted(rows, key=lambda r: (r.dataset, r.label, r.memory_slots))
+    several = _several_models(rows)
+    keys = [
+        (k, title)
+        for k, title in COLUMNS
+        if (k != "model" or several) and any(getattr(r, k) not in (None, "") for r in rows)
+    ]
+    ordered = sorted(rows, key=lambda r: (r.dataset, r.label, r.model, r.memory_slots))
     lines = ["| " + " | ".join(t for _, t in keys) + " |", "|" + "---|" * len(keys)]
     for r in ordered:
         cells = [method_label(r) if k == "method" else _cell(k, getattr(r, k)) for k, _ in keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _several_models(rows: Sequence[EvalRow]) -> bool:
+    """Whether ``rows`` come from more than one model: then each line says its model (``ccmem eval`` hashes no
+    model into its rows, so two models' rows of a dataset share a table and a config hash)."""
+    return len({r.model for r in rows}) > 1
 
 
 def method_label(row: EvalRow) -> str:
@@ -106,12 +118,13 @@ def group_markdown(rows: Sequence[EvalRow]) -> str:
         values = sorted({v for r in members for v in r.extra["by"][name]}, key=_natural)
         title = f"{dataset}{f' ({label})' if label else ''}: accuracy by {name}"
         lines = [f"\n**{title}**\n", "| method | " + " | ".join(values) + " |", "|---|" + "---|" * len(values)]
-        for r in sorted(members, key=lambda r: r.memory_slots):
+        several = _several_models(members)
+        for r in sorted(members, key=lambda r: (r.model, r.memory_slots)):
             cells = []
             for v in values:
                 got = r.extra["by"][name].get(v)
                 cells.append("-" if got is None else f"{got['accuracy']:.3f} ({got['n']})")
-            lines.append(f"| {method_label(r)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {method_label(r)}{f' [{r.model}]' if several else ''} | " + " | ".join(cells) + " |")
         parts.append("\n".join(lines) + "\n")
     return "".join(parts)
 
@@ -184,12 +197,17 @@ def plot(rows: Sequence[EvalRow], path: Path, metric: str | None = None) -> Path
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     tables = {(r.dataset, r.label) for r in rows}
     # one line per method within each table (dataset and label); its rows at other options are points on it
+    several = _several_models(rows)
     lines: dict[str, list[EvalRow]] = {}
     for r in rows:
         name = display_method(r) + (f" [{r.dataset}{f', {r.label}' if r.label else ''}]" if len(tables) > 1 else "")
+        name += f" ({r.model})" if several else ""  # one line per model: never joined across two
         lines.setdefault(name, []).append(r)
     for name, members in sorted(lines.items()):
-        points = sorted((r.memory_slots, getattr(r, metric)) for r in members)
+        # a row without the metric (--metric contains beside rows run without --generate) is no point
+        points = sorted((r.memory_slots, getattr(r, metric)) for r in members if getattr(r, metric) is not None)
+        if not points:
+            continue
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
     # symlog, not log: a method holding no slot (none without a system prompt, --system '') is a point at 0, where
     # a log axis left it out of the plot without a word
