@@ -146,6 +146,17 @@ def test_the_session_limit_is_enforced(make_store):
         store.create("c", IDENTITY, {})
 
 
+def test_a_record_read_before_another_save_is_told_to_read_again_not_that_its_memory_is_damaged(make_store):
+    """SQLite: the memory file of a record read before another process's save was swept, and reading it said
+    "missing" (a 500 "damaged: delete the session" from the server, for a healthy session)."""
+    store = make_store()
+    store.create("s", IDENTITY, {})
+    old = store.save("s", memory_of(1), [{"role": "user", "content": "a"}])
+    make_store().save("s", memory_of(2), [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    with pytest.raises(VersionConflictError, match="read it again"):
+        store.memory(old)
+
+
 def test_delete_removes_the_session_and_its_transcript(make_store):
     store = make_store()
     store.create("s", IDENTITY, {})

@@ -522,6 +522,15 @@ class SessionStore(BaseSessionStore):
         if path is None:
             return None
         if not path.is_file():
+            with self._lock:
+                current = self._db.execute(
+                    "SELECT version FROM sessions WHERE owner=? AND name=?", (record.owner, record.name)
+                ).fetchone()
+            if current is not None and current[0] != record.version:  # swept by a newer save: not damaged
+                raise VersionConflictError(
+                    f"session {record.name!r} was saved by another request since it was read (version "
+                    f"{current[0]}, read {record.version}); read it again"
+                )
             raise MemoryMismatchError(
                 f"the memory file of session {record.name!r} (version {record.version}) is missing: {path}"
             )
