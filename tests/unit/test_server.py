@@ -563,6 +563,23 @@ def test_a_session_deleted_and_made_again_is_not_answered_from_the_old_memory(cl
     fresh.close()
 
 
+def test_a_session_deleted_while_it_answers_is_made_again_without_the_old_exchange(engine):
+    """DELETE during an answer, then POST of the same name: the answer's save landed in the new session (same
+    version number, a transcript it extends), which then held the deleted conversation."""
+
+    async def scenario():
+        await engine.create_session("", "s", None)
+        _, pieces = await engine.chat("", [user("the old secret")], Params(max_new_tokens=3), session="s")
+        deleting = asyncio.ensure_future(engine.delete_session("", "s"))  # another request, while this one answers
+        await asyncio.sleep(0.05)
+        _ = [p async for p in pieces]
+        await asyncio.wait_for(deleting, 10)
+        await engine.create_session("", "s", None)
+
+    asyncio.run(scenario())
+    assert engine.store.get("s").transcript == [{"role": "system", "content": "be brief"}]
+
+
 def test_a_store_that_fails_is_a_503_not_a_client_error(client, engine, monkeypatch):
     from ccmem.serve.sessions import StoreError
 

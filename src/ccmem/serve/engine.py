@@ -402,9 +402,12 @@ class Engine:
         while len(self._live) > self.limits.live_sessions:
             self._live.popitem(last=False)
 
-    def delete_session(self, owner: str, name: str) -> None:
-        self.store.delete(name, owner)
-        self._live.pop((owner, name), None)
+    async def delete_session(self, owner: str, name: str) -> None:
+        """Delete the session once a request working on it has saved: a request still answering would otherwise save
+        its exchange into a session of the same name created after the delete."""
+        async with self._lock(owner, name):
+            self.store.delete(name, owner)
+            self._live.pop((owner, name), None)
 
     # ------------------------------------------------------------------ requests
 

@@ -448,7 +448,7 @@ def create_app(engine: Engine, *, tokens: Sequence[str] = ()) -> FastAPI:
     async def delete_session(name: SessionName, who: Owner) -> Deleted:
         check_name(name)
         try:
-            engine.delete_session(who, name)
+            await engine.delete_session(who, name)
         except UnknownSessionError:  # not "create it first": there is nothing to delete
             raise UnknownSessionError(f"no session {name!r} to delete (GET /v1/sessions lists yours)") from None
         return Deleted(id=name)
