@@ -425,6 +425,9 @@ def test_too_many_sessions_is_refused(tmp_path):
         assert refused.status_code == 409 and refused.json()["error"]["code"] == "session_limit_reached"
         assert "limit of 2 sessions; delete one first" in refused.json()["error"]["message"]
         assert "--max-sessions" in refused.json()["error"]["message"]
+        # refused before the model reads the new session's system prompt (it was read, then the limit checked)
+        with_system = client.post("/v1/sessions", json={"system_prompt": "a prompt never read"})
+        assert with_system.status_code == 409 and "a prompt never read" not in engine._systems
     engine.close()
 
 

@@ -359,9 +359,16 @@ class Engine:
     async def create_session(self, owner: str, name: str, system: str | None) -> SessionRecord:
         system = system if system is not None else self.base.system_prompt
         self._count_new_system(system)  # a system prompt over the input limit is refused before it is read
-        session = await self._start(system)
-        record = self.store.create(name, self.identity, settings_of(session), owner)
-        return self.store.save(name, self._held(session.memory), session.history, owner, expect_version=record.version)
+        async with self._lock(owner, name):  # a request for the new name waits until its first version is saved
+            # a name taken or the session limit reached is refused before the system prompt is read, too
+            record = self.store.create(name, self.identity, settings_of(self.base) | {"system_prompt": system}, owner)
+            try:
+                session = await self._start(system)
+            except BaseException:
+                self.store.delete(name, owner)
+                raise
+            memory = self._held(session.memory)
+            return self.store.save(name, memory, session.history, owner, expect_version=record.version)
 
     def _held(self, memory: Memory) -> Memory | CompactMemory:
         """``memory`` as sessions are held between requests (at :attr:`memory_dtype`, if set)."""
