@@ -242,6 +242,21 @@ def test_without_a_session_the_longest_known_prefix_is_reused(client, engine):
     assert third["usage"]["prompt_tokens"] < second["usage"]["prompt_tokens"] + len("where do I live") + len(a2) + 20
 
 
+def test_a_held_prefix_that_ends_inside_a_turn_is_not_reused(client, engine, tmp_path):
+    """[u1, a1, u2, u3] left the memory of [u1, a1, u2]; [u1, a1, u2, a2, u4] reused it and compressed a2 alone,
+    where a fresh server compresses u2 with its reply: the answer depended on what the cache held."""
+    assert ask(client, [user("u1"), assistant("a1"), user("u2"), user("u3")]).status_code == 200
+    convo = [user("u1"), assistant("a1"), user("u2"), assistant("a2"), user("u4")]
+    reply = ask(client, convo).json()
+    assert reply["ccmem"]["reused_messages"] == 0  # it was 3: u2 without its reply
+    fresh = make_engine(tmp_path / "fresh")
+    with TestClient(create_app(fresh)) as other:
+        expected = ask(other, convo).json()
+    fresh.close()
+    assert reply["choices"][0]["message"]["content"] == expected["choices"][0]["message"]["content"]
+    assert reply["ccmem"]["memory_slots"] == expected["ccmem"]["memory_slots"]
+
+
 def test_streaming_gives_the_same_answer_as_non_streaming(client):
     messages = [user("tell me something")]
     plain = ask(client, messages, max_tokens=10).json()

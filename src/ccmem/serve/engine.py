@@ -620,6 +620,8 @@ class Engine:
     async def _from_prefix(self, owner: str, system: str | None, before: list[Message]) -> tuple[CompressedLM, int]:
         """The memory of the longest prefix of ``before`` held (at turn boundaries), and how many messages it covers."""
         for n in range(len(before), 0, -1):
+            if n < len(before) and before[n]["role"] == "assistant" and before[n - 1]["role"] == "user":
+                continue  # inside a turn, which is compressed as one group (:func:`_group_turns`), not split there
             found = self._prefixes.get(_prefix_key(owner, system, before[:n]))
             if found is not None:
                 self._prefixes.move_to_end(_prefix_key(owner, system, before[:n]))
