@@ -446,6 +446,27 @@ def test_too_many_sessions_is_refused(tmp_path):
     engine.close()
 
 
+def test_a_session_too_full_to_keep_the_exchange_is_refused_before_the_answer_is_generated(tmp_path, monkeypatch):
+    """The answer was generated, then compressing the exchange into the session passed the model's positions: a 400
+    after the work, and the answer lost."""
+    lm = tiny_model("llama-gqa", positions=94)
+    base = ccmem.load(lm, method="full", system_prompt="be brief")
+    engine = Engine(base, SessionStore(tmp_path / "store"), model_id=MODEL, limits=Limits(max_new_tokens=16))
+    with TestClient(create_app(engine)) as client:
+        assert client.post("/v1/sessions", json={"name": "s"}).status_code == 201
+        assert ask(client, [user("m0 w")], session="s", max_tokens=16).status_code == 200
+        held = client.get("/v1/sessions/s").json()
+        generated = []
+        decode = ccmem.serve.engine.decode_batch
+        monkeypatch.setattr(ccmem.serve.engine, "decode_batch", lambda *a, **k: generated.append(1) or decode(*a, **k))
+        refused = ask(client, [user("m1 w")], session="s", max_tokens=16)
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
+        assert "keeping this exchange in the session" in refused.json()["error"]["message"]
+        assert not generated and client.get("/v1/sessions/s").json() == held
+        assert ask(client, [user("m1 w")], max_tokens=16).status_code == 200  # without a session nothing is kept
+    engine.close()
+
+
 def test_too_much_new_context_in_one_request_is_refused(client):
     long = [user("w " * 150), assistant("ok"), user("w " * 150), assistant("ok"), user("q")]
     response = ask(client, long)
