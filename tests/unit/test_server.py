@@ -329,6 +329,7 @@ def test_a_session_is_visible_only_to_the_token_that_made_it(engine):
         assert client.post("/v1/chat/completions", json=body, headers=alpha).status_code == 200
         health = client.get("/health")  # for load balancers, no token
         assert health.status_code == 200 and "sessions" not in health.json()  # no count of others' sessions
+        assert client.get("/openapi.json").status_code == 200  # open, as the README says: it holds no session
 
 
 def test_a_request_without_a_valid_token_is_refused_before_its_body_is_read(engine):
