@@ -402,8 +402,8 @@ def serve(
         list[str] | None,
         typer.Option(
             "--token",
-            help="Accept this bearer token (repeatable); then every request needs one, and a session is visible only "
-            "to the token that made it. Default: $CCMEM_TOKENS (comma-separated), else an open server.",
+            help="Accept this bearer token (repeatable); then every request to /v1/ needs one, and a session is "
+            "visible only to the token that made it. Default: $CCMEM_TOKENS (comma-separated), else an open server.",
         ),
     ] = None,
     max_new_tokens: Annotated[

@@ -242,6 +242,21 @@ def test_without_a_session_the_longest_known_prefix_is_reused(client, engine):
     assert third["usage"]["prompt_tokens"] < second["usage"]["prompt_tokens"] + len("where do I live") + len(a2) + 20
 
 
+def test_a_held_prefix_that_ends_inside_a_turn_is_not_reused(client, engine, tmp_path):
+    """[u1, a1, u2, u3] left the memory of [u1, a1, u2]; [u1, a1, u2, a2, u4] reused it and compressed a2 alone,
+    where a fresh server compresses u2 with its reply: the answer depended on what the cache held."""
+    assert ask(client, [user("u1"), assistant("a1"), user("u2"), user("u3")]).status_code == 200
+    convo = [user("u1"), assistant("a1"), user("u2"), assistant("a2"), user("u4")]
+    reply = ask(client, convo).json()
+    assert reply["ccmem"]["reused_messages"] == 0  # it was 3: u2 without its reply
+    fresh = make_engine(tmp_path / "fresh")
+    with TestClient(create_app(fresh)) as other:
+        expected = ask(other, convo).json()
+    fresh.close()
+    assert reply["choices"][0]["message"]["content"] == expected["choices"][0]["message"]["content"]
+    assert reply["ccmem"]["memory_slots"] == expected["ccmem"]["memory_slots"]
+
+
 def test_streaming_gives_the_same_answer_as_non_streaming(client):
     messages = [user("tell me something")]
     plain = ask(client, messages, max_tokens=10).json()
@@ -314,6 +329,7 @@ def test_a_session_is_visible_only_to_the_token_that_made_it(engine):
         assert client.post("/v1/chat/completions", json=body, headers=alpha).status_code == 200
         health = client.get("/health")  # for load balancers, no token
         assert health.status_code == 200 and "sessions" not in health.json()  # no count of others' sessions
+        assert client.get("/openapi.json").status_code == 200  # open, as the README says: it holds no session
 
 
 def test_a_request_without_a_valid_token_is_refused_before_its_body_is_read(engine):
@@ -425,6 +441,30 @@ def test_too_many_sessions_is_refused(tmp_path):
         assert refused.status_code == 409 and refused.json()["error"]["code"] == "session_limit_reached"
         assert "limit of 2 sessions; delete one first" in refused.json()["error"]["message"]
         assert "--max-sessions" in refused.json()["error"]["message"]
+        # refused before the model reads the new session's system prompt (it was read, then the limit checked)
+        with_system = client.post("/v1/sessions", json={"system_prompt": "a prompt never read"})
+        assert with_system.status_code == 409 and "a prompt never read" not in engine._systems
+    engine.close()
+
+
+def test_a_session_too_full_to_keep_the_exchange_is_refused_before_the_answer_is_generated(tmp_path, monkeypatch):
+    """The answer was generated, then compressing the exchange into the session passed the model's positions: a 400
+    after the work, and the answer lost."""
+    lm = tiny_model("llama-gqa", positions=94)
+    base = ccmem.load(lm, method="full", system_prompt="be brief")
+    engine = Engine(base, SessionStore(tmp_path / "store"), model_id=MODEL, limits=Limits(max_new_tokens=16))
+    with TestClient(create_app(engine)) as client:
+        assert client.post("/v1/sessions", json={"name": "s"}).status_code == 201
+        assert ask(client, [user("m0 w")], session="s", max_tokens=16).status_code == 200
+        held = client.get("/v1/sessions/s").json()
+        generated = []
+        decode = ccmem.serve.engine.decode_batch
+        monkeypatch.setattr(ccmem.serve.engine, "decode_batch", lambda *a, **k: generated.append(1) or decode(*a, **k))
+        refused = ask(client, [user("m1 w")], session="s", max_tokens=16)
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
+        assert "keeping this exchange in the session" in refused.json()["error"]["message"]
+        assert not generated and client.get("/v1/sessions/s").json() == held
+        assert ask(client, [user("m1 w")], max_tokens=16).status_code == 200  # without a session nothing is kept
     engine.close()
 
 
@@ -561,6 +601,23 @@ def test_a_session_deleted_and_made_again_is_not_answered_from_the_old_memory(cl
     assert reply["choices"][0]["message"]["content"] == expected["choices"][0]["message"]["content"]
     assert reply["ccmem"]["memory_slots"] == expected["ccmem"]["memory_slots"]
     fresh.close()
+
+
+def test_a_session_deleted_while_it_answers_is_made_again_without_the_old_exchange(engine):
+    """DELETE during an answer, then POST of the same name: the answer's save landed in the new session (same
+    version number, a transcript it extends), which then held the deleted conversation."""
+
+    async def scenario():
+        await engine.create_session("", "s", None)
+        _, pieces = await engine.chat("", [user("the old secret")], Params(max_new_tokens=3), session="s")
+        deleting = asyncio.ensure_future(engine.delete_session("", "s"))  # another request, while this one answers
+        await asyncio.sleep(0.05)
+        _ = [p async for p in pieces]
+        await asyncio.wait_for(deleting, 10)
+        await engine.create_session("", "s", None)
+
+    asyncio.run(scenario())
+    assert engine.store.get("s").transcript == [{"role": "system", "content": "be brief"}]
 
 
 def test_a_store_that_fails_is_a_503_not_a_client_error(client, engine, monkeypatch):

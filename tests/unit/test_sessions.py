@@ -146,6 +146,17 @@ def test_the_session_limit_is_enforced(make_store):
         store.create("c", IDENTITY, {})
 
 
+def test_a_record_read_before_another_save_is_told_to_read_again_not_that_its_memory_is_damaged(make_store):
+    """SQLite: the memory file of a record read before another process's save was swept, and reading it said
+    "missing" (a 500 "damaged: delete the session" from the server, for a healthy session)."""
+    store = make_store()
+    store.create("s", IDENTITY, {})
+    old = store.save("s", memory_of(1), [{"role": "user", "content": "a"}])
+    make_store().save("s", memory_of(2), [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    with pytest.raises(VersionConflictError, match="read it again"):
+        store.memory(old)
+
+
 def test_delete_removes_the_session_and_its_transcript(make_store):
     store = make_store()
     store.create("s", IDENTITY, {})
@@ -241,6 +252,27 @@ def test_a_missing_memory_file_is_a_clear_error(tmp_path):
     store.memory_path(record).unlink()
     with pytest.raises(MemoryMismatchError, match="is missing"):
         store.memory(record)
+
+
+def test_a_save_that_loses_a_race_leaves_the_winners_memory_file_alone(tmp_path):
+    """Two processes saving one session at once both wrote NAME.2.safetensors; the loser was refused by version,
+    but its file had replaced the winner's: version 2 held one process's transcript and the other's memory."""
+    mine, theirs = SessionStore(tmp_path), SessionStore(tmp_path)  # two processes on one store
+    mine.create("s", IDENTITY, {})
+    mine.save("s", memory_of(1), [{"role": "user", "content": "a"}])
+    read = mine.get
+
+    def read_then_the_other_process_saves(name, owner=""):
+        record = read(name, owner)
+        theirs.save("s", memory_of(2), [*record.transcript, {"role": "user", "content": "theirs"}])
+        return record
+
+    mine.get = read_then_the_other_process_saves  # type: ignore[method-assign]
+    with pytest.raises(VersionConflictError):
+        mine.save("s", memory_of(3), [{"role": "user", "content": "a"}, {"role": "user", "content": "mine"}])
+    record = theirs.get("s")
+    assert record.version == 2 and record.transcript[-1]["content"] == "theirs"
+    assert theirs.memory(record).meta["step"] == "2"  # their memory, not the loser's
 
 
 # ---------------------------------------------------------------- crash safety

@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ccmem.api import CompressedLM, add_batch, make_room
+from ccmem.api import CompressedLM, ContextTooLongError, add_batch, make_room
 from ccmem.chat import Message, TextStream
 from ccmem.generation import Sampling, decode_batch
 from ccmem.memory import CompactMemory, Memory
@@ -359,9 +359,16 @@ class Engine:
     async def create_session(self, owner: str, name: str, system: str | None) -> SessionRecord:
         system = system if system is not None else self.base.system_prompt
         self._count_new_system(system)  # a system prompt over the input limit is refused before it is read
-        session = await self._start(system)
-        record = self.store.create(name, self.identity, settings_of(session), owner)
-        return self.store.save(name, self._held(session.memory), session.history, owner, expect_version=record.version)
+        async with self._lock(owner, name):  # a request for the new name waits until its first version is saved
+            # a name taken or the session limit reached is refused before the system prompt is read, too
+            record = self.store.create(name, self.identity, settings_of(self.base) | {"system_prompt": system}, owner)
+            try:
+                session = await self._start(system)
+            except BaseException:
+                self.store.delete(name, owner)
+                raise
+            memory = self._held(session.memory)
+            return self.store.save(name, memory, session.history, owner, expect_version=record.version)
 
     def _held(self, memory: Memory) -> Memory | CompactMemory:
         """``memory`` as sessions are held between requests (at :attr:`memory_dtype`, if set)."""
@@ -402,9 +409,12 @@ class Engine:
         while len(self._live) > self.limits.live_sessions:
             self._live.popitem(last=False)
 
-    def delete_session(self, owner: str, name: str) -> None:
-        self.store.delete(name, owner)
-        self._live.pop((owner, name), None)
+    async def delete_session(self, owner: str, name: str) -> None:
+        """Delete the session once a request working on it has saved: a request still answering would otherwise save
+        its exchange into a session of the same name created after the delete."""
+        async with self._lock(owner, name):
+            self.store.delete(name, owner)
+            self._live.pop((owner, name), None)
 
     # ------------------------------------------------------------------ requests
 
@@ -531,7 +541,7 @@ class Engine:
             await self.worker.fold(state, _group_turns(fold))
             if session is None:
                 self._remember_prefix(owner, system, before, state)
-            query_ids = await self.worker.call(lambda: self._query(state, query, params))
+            query_ids = await self.worker.call(lambda: self._query(state, query, params, kept=session is not None))
             # usage counts every token this request read, chat template included (the limit above is checked
             # on the messages' own tokens, before any work)
             answer.prompt_tokens = read_system + read_fold + int(query_ids.shape[1])
@@ -541,12 +551,35 @@ class Engine:
             raise
         return answer, AnswerPieces(self._pieces(owner, session, record, state, query, query_ids, params, answer), lock)
 
-    def _query(self, state: CompressedLM, query: Message, params: Params) -> torch.Tensor:
+    def _query(self, state: CompressedLM, query: Message, params: Params, *, kept: bool = False) -> torch.Tensor:
         ids = state.query_ids([query])
         state.memory = make_room(
             state.lm, state.memory, ids.shape[1] + state.method.decode_positions(params.max_new_tokens), "generate"
         )
+        if kept:
+            self._check_room_to_keep(state, query, params.max_new_tokens)
         return ids
+
+    @staticmethod
+    def _check_room_to_keep(state: CompressedLM, query: Message, max_new_tokens: int) -> None:
+        """A session compresses each exchange after its answer: refused before the answer is generated where the
+        exchange, with an answer of ``max_new_tokens`` tokens, would not fit the model's positions beside the memory
+        (the answer was generated, then lost to a 400)."""
+        limit = state.lm.max_positions
+        if limit is None:
+            return
+        text = state.format.delta(state.history, [query, {"role": "assistant", "content": ""}])
+        n = len(state.lm.tokenizer.encode(text, add_special_tokens=False)) + max_new_tokens
+        first = state.method.parts(torch.zeros((1, n), dtype=torch.long))[0].shape[1]
+        held = max(state.memory.slots_per_layer, default=0)
+        need = held + state.method.positions_needed(state.memory, first)
+        if need > limit:
+            raise ContextTooLongError(
+                f"keeping this exchange in the session (its message and an answer of up to {max_new_tokens} tokens, "
+                f"compressed after the answer) needs {need} positions with the {held} slots its memory holds, but the "
+                f"model allows {limit}; start a new session, or ask for fewer tokens (max_tokens)",
+                positions=limit,
+            )
 
     async def _pieces(
         self,
@@ -610,6 +643,8 @@ class Engine:
     async def _from_prefix(self, owner: str, system: str | None, before: list[Message]) -> tuple[CompressedLM, int]:
         """The memory of the longest prefix of ``before`` held (at turn boundaries), and how many messages it covers."""
         for n in range(len(before), 0, -1):
+            if n < len(before) and before[n]["role"] == "assistant" and before[n - 1]["role"] == "user":
+                continue  # inside a turn, which is compressed as one group (:func:`_group_turns`), not split there
             found = self._prefixes.get(_prefix_key(owner, system, before[:n]))
             if found is not None:
                 self._prefixes.move_to_end(_prefix_key(owner, system, before[:n]))

@@ -10,7 +10,7 @@ Endpoints (OpenAPI schema at ``/openapi.json``, docs at ``/docs``):
 - ``POST /v1/sessions``, ``GET /v1/sessions``, ``GET /v1/sessions/{name}``, ``DELETE /v1/sessions/{name}``.
 - ``GET /health``.
 
-With tokens configured, every request but ``/health`` needs ``Authorization: Bearer <token>``, and a session
+With tokens configured, every request to ``/v1/`` needs ``Authorization: Bearer <token>``, and a session
 is visible only to the token that made it. Errors are OpenAI-shaped ``{"error": {"message", "type", "code"}}``
 with status 400 (bad request), 401, 404 (unknown model or session), 409 (a session conflict, or the session limit
 reached), 413 (too large).
@@ -448,7 +448,7 @@ def create_app(engine: Engine, *, tokens: Sequence[str] = ()) -> FastAPI:
     async def delete_session(name: SessionName, who: Owner) -> Deleted:
         check_name(name)
         try:
-            engine.delete_session(who, name)
+            await engine.delete_session(who, name)
         except UnknownSessionError:  # not "create it first": there is nothing to delete
             raise UnknownSessionError(f"no session {name!r} to delete (GET /v1/sessions lists yours)") from None
         return Deleted(id=name)

@@ -5,8 +5,9 @@ One :class:`SessionStore` is a folder::
     <root>/sessions.db                          SQLite (WAL): one row per session, one per transcript message
     <root>/memories/<owner>/<name>.<version>.safetensors   the memory of each saved version
 
-A save writes the new memory file first (atomically, under a new version number), then records the new
-version and the new transcript messages in one SQLite transaction, then removes the previous file. A process
+A save takes SQLite's write lock and checks the version it read, writes the new memory file (atomically, under
+the next version number), then commits the new version and the new transcript messages in that one transaction,
+then removes the previous file (so a save that loses a race never overwrites the winner's file). A process
 killed at any point leaves the last committed version loadable and the database consistent: a file of a version
 that was never committed is ignored (and overwritten by the next save of that version); a file of an older
 version that survived the kill is swept on the next save.
@@ -479,17 +480,18 @@ class SessionStore(BaseSessionStore):
         folder = self._folder(owner)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{name}.{version}.safetensors"
-        memory.save(path)  # atomic; not yet the session's memory: the commit below makes it so
         now = time.time()
         with self._transaction() as db:
             current = db.execute("SELECT version FROM sessions WHERE owner=? AND name=?", (owner, name)).fetchone()
             if current is None:
-                path.unlink(missing_ok=True)
                 raise UnknownSessionError(f"session {name!r} was deleted while it was being saved")
             if current[0] != record.version:
                 raise VersionConflictError(
                     f"session {name!r} was saved by another request meanwhile (version {current[0]}); retry"
                 )
+            # written under the write lock, once the version is known to be free: a save that loses the race to
+            # another process must not overwrite the memory file of the version that process just committed
+            memory.save(path)  # atomic; not yet the session's memory: the commit below makes it so
             db.executemany(
                 "INSERT INTO messages (owner, name, seq, role, content) VALUES (?,?,?,?,?)",
                 [(owner, name, i, m["role"], m["content"]) for i, m in enumerate(transcript) if i >= len(old)],
@@ -520,6 +522,15 @@ class SessionStore(BaseSessionStore):
         if path is None:
             return None
         if not path.is_file():
+            with self._lock:
+                current = self._db.execute(
+                    "SELECT version FROM sessions WHERE owner=? AND name=?", (record.owner, record.name)
+                ).fetchone()
+            if current is not None and current[0] != record.version:  # swept by a newer save: not damaged
+                raise VersionConflictError(
+                    f"session {record.name!r} was saved by another request since it was read (version "
+                    f"{current[0]}, read {record.version}); read it again"
+                )
             raise MemoryMismatchError(
                 f"the memory file of session {record.name!r} (version {record.version}) is missing: {path}"
             )
