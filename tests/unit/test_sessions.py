@@ -406,3 +406,23 @@ def test_another_model_is_named_before_its_adapter(make_store, lm, tmp_path):
 def test_open_without_create_refuses_an_unknown_session(make_store, lm):
     with pytest.raises(UnknownSessionError):
         make_store().open("nope", ccmem.load(lm, method="full"), create=False)
+
+
+def test_session_locks_do_not_pile_up_for_names_no_request_holds(tmp_path):
+    """A lock per name ever asked for (existing or not) was kept for good: any client could grow the server."""
+    import asyncio
+    import gc
+
+    store = SessionStore(tmp_path)
+
+    async def ask(name):
+        async with store.lock(name, "owner"):
+            assert store.lock(name, "owner") is store.lock(name, "owner")  # one lock per session while held
+            await asyncio.sleep(0)
+
+    async def many():
+        await asyncio.gather(*(ask(f"s{i}") for i in range(200)), ask("s1"), ask("s1"))
+
+    asyncio.run(many())
+    gc.collect()
+    assert len(store._session_locks) == 0

@@ -32,6 +32,7 @@ import re
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,7 +280,8 @@ class SessionStore(BaseSessionStore):
         self.root.mkdir(parents=True, exist_ok=True)
         self.db_path = self.root / "sessions.db"
         self._lock = threading.RLock()
-        self._session_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        # a lock lives while a request holds or awaits it: names asked for once do not pile up for good
+        self._session_locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = weakref.WeakValueDictionary()
         orphans = [] if self.db_path.exists() else list((self.root / "memories").rglob("*.safetensors"))
         if orphans:  # a new empty index would hide these sessions, and the next save of a name would reuse it
             raise StoreError(
@@ -358,7 +360,11 @@ class SessionStore(BaseSessionStore):
     def lock(self, name: str, owner: str = "") -> contextlib.AbstractAsyncContextManager[Any]:
         """An async lock held while one request works on the session (in this process; several processes on one
         SQLite store rely on :meth:`save`'s version check instead, and the Redis store locks across them)."""
-        return self._session_locks.setdefault((owner, name), asyncio.Lock())
+        with self._lock:  # get-or-make in one step: two threads asking at once share one lock
+            held = self._session_locks.get((owner, name))
+            if held is None:
+                held = self._session_locks[(owner, name)] = asyncio.Lock()
+            return held
 
     # ------------------------------------------------------------------ files
 
