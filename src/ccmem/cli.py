@@ -1178,7 +1178,13 @@ def compare(
         ),
     ] = "persona,icl,text",
     budgets: Annotated[
-        str, typer.Option("--budgets", help="Shares of the context kept by budgeted (training-free) methods.")
+        str,
+        typer.Option(
+            "--budgets",
+            help="Shares of the context kept by budgeted methods, each run at every budget: the training-free ones "
+            "(ratio = budget) and sentinel/local/scattered (compression_ratio = 1 - budget). The others run at their "
+            "own size.",
+        ),
     ] = "1/2,1/4,1/8,1/16",
     n: Annotated[int, typer.Option("--n", min=1, help="Examples per task.")] = 30,
     model: ModelOpt = DEFAULT_MODEL,
@@ -1287,7 +1293,7 @@ def compare(
     budgeted = any(r.budget is not None for r in rows)
     header = (
         f"{lm.name}{f' with stage-1 LoRA {lm.stage1} merged in' if lm.stage1 else ''}; {n} examples per task; "
-        + (f"budgets {budgets} of the context for training-free methods; " if budgeted else "")
+        + (f"budgets {budgets} of the context for budgeted methods; " if budgeted else "")
         + f"system prompt {settings.system!r} kept by every method."
     )
     paths = write_compare_report(rows, decode_rows, out_dir, header=header)
