@@ -114,7 +114,7 @@ def test_compare_command_line(monkeypatch, capsys, tmp_path, tiny_model_dir):
     methods = [json.loads(line)["method"] for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert methods == ["full", "none", "knorm"]
     assert "icl: knorm at 1/2: 2 examples done (3/3 cells)" in text  # no bar when piped: a line per cell
-    assert "budgets 1/2 of the context for training-free methods" in text
+    assert "budgets 1/2 of the context for budgeted methods" in text
     code, text = run_cli(monkeypatch, capsys, *args)  # a rerun reads every cell back, and says so
     assert code == 0 and "icl: knorm at 1/2: read from rows.jsonl (3/3 cells)" in text
     args = ["compare", "--model", str(tiny_model_dir), "--methods", "full,none", "--tasks", "icl", "--n", "2",
