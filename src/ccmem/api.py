@@ -432,6 +432,9 @@ class CompressedLM:
         """Log-likelihood of each answer option to ``prompt`` given the memory (MetaICL-style scoring).
 
         ``reduce``: ``"sum"`` over the option's tokens, or ``"mean"`` (length-normalised); see :meth:`score_ids`.
+        Where one option's tokens begin another's ("63" and "6305"), every option is scored with the end of the
+        answer after it (``ccmem eval``'s rule): a sum over the longer one's extra tokens could never beat the
+        shorter one, which then always won.
         """
         if isinstance(options, str | bytes | set | frozenset | dict):  # a set has no order to match scores to
             raise ValueError("give options as a list of non-empty strings, e.g. score(prompt, ['yes', 'no'])")
@@ -439,6 +442,8 @@ class CompressedLM:
         if not options or any(not isinstance(o, str) or not o for o in options):
             raise ValueError("give options as a list of non-empty strings, e.g. score(prompt, ['yes', 'no'])")
         ids = [self.format.answer_ids(o) for o in options]  # as an answer follows the generation prompt
+        if any(a != b and a == b[: len(a)] for a in ids for b in ids):
+            ids = [o + self.format.end_of_turn_ids()[:1] for o in ids]
         return self.score_ids(self.query_ids(prompt), ids, reduce=reduce)
 
     def choose(self, prompt: str | Sequence[Message], options: Sequence[str], *, reduce: str = "sum") -> int:

@@ -221,3 +221,9 @@ def test_a_model_without_a_chat_template_answers_as_its_history_holds_answers(sm
     assert answer and "\n" not in answer and "User:" not in answer
     scores = session.score("What is my dog called?", ["Biscuit", "Rex"])
     assert scores[0] > scores[1]
+
+
+def test_choose_picks_the_longer_number_the_memory_holds_over_its_prefix(smollm):
+    session = ccmem.load(smollm, method="full")
+    session.add([{"role": "user", "content": "My locker number is 6305."}, {"role": "assistant", "content": "Noted."}])
+    assert session.choose("What is my locker number?", ["63", "6305", "7105"]) == 1

@@ -91,3 +91,15 @@ def test_scoring_checks_a_given_memory_but_does_not_rescan_the_sessions_own(sess
     with pytest.raises(MemoryMismatchError, match="NaN or infinite"):
         score_batch(session.lm, session.method, [(damaged, query, [[5], [6]])])
     assert scans
+
+
+def test_options_where_one_begins_another_are_scored_with_the_end_of_the_answer(sessions):
+    """choose("Locker?", ["63", "6305"]) summed fewer log-probabilities for "63", which then always won; as in
+    ``ccmem eval``, such options are each scored with the end of the answer after them."""
+    session = sessions[0].fork()
+    query = session.query_ids("Locker?")
+    answer, end = session.format.answer_ids, session.format.end_of_turn_ids()[:1]
+    assert end
+    overlapping = session.score("Locker?", ["63", "6305"])
+    assert overlapping == session.score_ids(query, [answer("63") + end, answer("6305") + end])
+    assert session.score("Locker?", ["63", "71"]) == session.score_ids(query, [answer("63"), answer("71")])
