@@ -101,6 +101,18 @@ def test_metaicl_reads_the_files_of_the_seed_asked_for_and_says_which_it_took(tm
     assert default[0].query.startswith("seed 100") and "none of seed 0; read seed 100's" in caplog.text
 
 
+@pytest.mark.parametrize("options", [["yes"], ["yes", "no", "yes"], ["yes", ""]])
+def test_a_metaicl_record_whose_options_cannot_be_chosen_between_is_named(tmp_path, options):
+    """One option, or the same twice, made accuracy 1.0 (or a tie) whatever the memory held."""
+    task = tmp_path / "taskA"
+    task.mkdir()
+    good = {"input": "demo", "output": "yes", "options": ["yes", "no"]}
+    (task / "taskA_16_13_train.jsonl").write_text((json.dumps(good) + "\n") * 2)
+    (task / "taskA_16_13_test.jsonl").write_text(json.dumps(good | {"options": options}) + "\n")
+    with pytest.raises(DatasetFormatError, match=r"taskA_16_13_test.jsonl:1: field 'options' must "):
+        load_examples(DataConfig(dataset="metaicl", path=str(tmp_path), k=2, seed=13), "test")
+
+
 def test_generated_splits_never_share_items_and_are_seeded(tmp_path):
     train_words = {e.query for e in icl.examples(200, "train", k=2)} | {
         c.split("\n")[0] for e in icl.examples(200, "test", k=4) for c in e.context

@@ -65,6 +65,8 @@ def test_a_single_pwc_file_is_read_whole_for_test_and_split_for_training(tmp_pat
             "bad.jsonl:2: field 'options' must contain the answer 'a'",
         ),
         ({"input": "t", "prompt": "q?", "answer": "a", "options": "a"}, "bad.jsonl:2: field 'options' must be a list"),
+        ({"input": "t", "prompt": "q?", "answer": "a", "options": ["a"]}, "at least two different options"),
+        ({"input": "t", "prompt": "q?", "answer": "a", "options": ["a", "b", "a"]}, "at least two different options"),
     ],
 )
 def test_a_bad_pwc_record_is_named_by_file_line_and_field(tmp_path, record, message):

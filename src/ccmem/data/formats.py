@@ -224,6 +224,13 @@ def _metaicl_record(record: dict[str, Any], where: str) -> tuple[str, str, list[
     x = field_of(record, "input", str, where)
     y = field_of(record, "output", str, where)
     options = field_of(record, "options", list, where) if record.get("options") else []
+    if options and not all(isinstance(o, str) and o.strip() for o in options):
+        raise DatasetFormatError(f"{where}: field 'options' must be a list of non-empty strings, got {options!r}")
+    if options and (len(options) < 2 or len(set(options)) < len(options)):
+        raise DatasetFormatError(
+            f"{where}: field 'options' must hold at least two different options (one option, or the same twice, "
+            f"is always chosen right or ties), got {options!r}; leave it out to score the output alone"
+        )
     if options and y not in options:
         raise DatasetFormatError(f"{where}: field 'output' ({y!r}) is not one of 'options'")
     return f"{x}\n", y, options

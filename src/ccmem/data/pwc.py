@@ -128,6 +128,11 @@ def pwc_example(where: str, record: dict[str, Any]) -> MemoryExample:
     options = record.get("options") or []
     if not isinstance(options, list) or not all(isinstance(o, str) and o.strip() for o in options):
         raise DatasetFormatError(f"{where}: field 'options' must be a list of non-empty strings")
+    if options and (len(options) < 2 or len(set(options)) < len(options)):
+        raise DatasetFormatError(
+            f"{where}: field 'options' must hold at least two different options (one option, or the same twice, "
+            f"is always chosen right or ties), got {options!r}; leave it out to score the answer alone"
+        )
     if options and answer not in options:
         raise DatasetFormatError(f"{where}: field 'options' must contain the answer {answer!r}")
     return MemoryExample(where, [context], prompt_text(prompt), answer, list(options), chat=False, task="pwc")
