@@ -189,10 +189,15 @@ def decode_batch(
     sampling: Sampling | Sequence[Sampling] = Sampling(),
     stop_ids: set[int] = frozenset(),  # type: ignore[assignment]
     stats: Sequence[dict[str, Any]] | None = None,
+    stopped: Callable[[int], bool] | None = None,
 ) -> Iterator[list[int | None]]:
     """:func:`decode` for several sessions at once: each step yields one entry per row, the token generated for
     that row, or ``None`` where it gave none: it has finished (its stop token yielded, or its ``max_new_tokens``
-    reached), or it spent the step feeding tokens of its method's own (``ccm-reason`` compressing a step).
+    reached, or ``stopped(row)`` said so), or it spent the step feeding tokens of its method's own
+    (``ccm-reason`` compressing a step).
+
+    ``stopped``, asked after every step, ends a row early: its reader is gone (a client that disconnected, an
+    answer cut at a stop string), so the batch no longer decodes it.
 
     Row ``i`` reads ``queries[i]`` (``[1, n_i]``) with ``memories[i]``; memories may differ in length and
     positions. ``max_new_tokens`` and ``sampling`` are one for all rows or one per row (a row's seed gives
@@ -227,8 +232,8 @@ def decode_batch(
             decode(lm, method, m, q, k, sampling=s, stop_ids=stop_ids, stats=row_stats[b] if row_stats else None)
             for b, (m, q, k, s) in enumerate(zip(memories, queries, limits, samplings, strict=True))
         ]
-        return _in_step(rows, limits, stop_ids)
-    return _decode_padded(lm, method, memories, queries, limits, samplings, stop_ids, row_stats)
+        return _in_step(rows, limits, stop_ids, stopped)
+    return _decode_padded(lm, method, memories, queries, limits, samplings, stop_ids, row_stats, stopped)
 
 
 def _padding_exact(
@@ -254,7 +259,9 @@ def _per_row(value: T | Sequence[T], n: int, name: str) -> list[T]:
     return [value] * n
 
 
-def _in_step(rows: list[Iterator[int]], limits: list[int], stop_ids: set[int]) -> Iterator[list[int | None]]:
+def _in_step(
+    rows: list[Iterator[int]], limits: list[int], stop_ids: set[int], stopped: Callable[[int], bool] | None = None
+) -> Iterator[list[int | None]]:
     """Single-row decoders advanced together, with :func:`decode_batch`'s step format."""
     counts = [0] * len(rows)
     active = [k > 0 for k in limits]
@@ -266,6 +273,8 @@ def _in_step(rows: list[Iterator[int]], limits: list[int], stop_ids: set[int]) -
                 counts[b] += 1
                 active[b] = token not in stop_ids and counts[b] < limits[b]
         yield step
+        if stopped is not None:
+            active = [a and not stopped(b) for b, a in enumerate(active)]
 
 
 def _decode_padded(
@@ -277,6 +286,7 @@ def _decode_padded(
     samplings: list[Sampling],
     stop_ids: set[int],
     stats: list[dict[str, Any]] | None,
+    stopped: Callable[[int], bool] | None = None,
 ) -> Iterator[list[int | None]]:
     """The batched loop: the queries read in one padded forward, then one forward per step for the active rows;
     the method's :meth:`~ccmem.methods.base.Method.decode_logits_batch` sees every step, and a row it gives
@@ -330,6 +340,8 @@ def _decode_padded(
             if token is None or (token not in stop_ids and counts[b] < limits[b]):
                 keep.append(i)
         yield step
+        if stopped is not None:
+            keep = [i for i in keep if not stopped(active[i])]
         if not keep:
             return
         if len(keep) < len(active):

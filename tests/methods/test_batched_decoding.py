@@ -268,3 +268,27 @@ def test_rows_batch_while_they_fit_in_the_window():
     assert padding_is_exact(tiny_model("llama-gqa"), [3, 200], [90, 1])  # no window: always one padded forward
     windowed = tiny_model("mistral-window")  # a window of 5 cache columns
     assert padding_is_exact(windowed, [2, 1], [3, 1]) and not padding_is_exact(windowed, [3, 1], [3, 1])
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "mistral-window"])  # one padded batch, and rows in step
+def test_a_row_whose_reader_stopped_leaves_the_batch_and_the_others_decode_as_before(family):
+    """A server's client gone (or an answer cut at a stop string) kept its row in the batch to max_new_tokens."""
+    lm = tiny_model(family)
+    method = ccmem.get_method("full")
+    memories = [s.memory for s in sessions(lm, method)]
+    queries = [torch.tensor([q]) for q in QUERIES]
+    expected = list(decode_batch(lm, method, memories, queries, 6))
+    gone = set()
+
+    def stopped(row):
+        return row in gone
+
+    steps = []
+    for step in decode_batch(lm, method, memories, queries, 6, stopped=stopped):
+        steps.append(step)
+        if len(steps) == 2:
+            gone.add(1)  # row 1's reader leaves after its second token
+    assert [s[1] for s in steps] == [expected[0][1], expected[1][1]] + [None] * (len(steps) - 2)
+    assert [[t for i, t in enumerate(s) if i != 1] for s in steps] == [
+        [t for i, t in enumerate(s) if i != 1] for s in expected
+    ]

@@ -584,6 +584,67 @@ def test_an_answer_never_read_still_frees_its_session(engine):
     assert engine.store.get("s").turns == 1  # the unread answer was not saved; the second one was
 
 
+def test_an_answer_left_half_read_or_cut_at_a_stop_string_stops_its_decoding(engine, monkeypatch):
+    """The model thread decoded a row to max_tokens after its client had gone or its stop string had matched."""
+    told = []
+    real = engine.worker.generate
+
+    def generate(*args, cancelled=None, **kw):
+        told.append(cancelled)
+        return real(*args, cancelled=cancelled, **kw)
+
+    monkeypatch.setattr(engine.worker, "generate", generate)
+
+    async def left_after_one_piece():
+        _, pieces = await engine.chat("", [user("hello there")], Params(max_new_tokens=16))
+        async for _ in pieces:
+            assert not told[-1].is_set()  # still reading
+            break
+        await pieces.aclose()
+
+    asyncio.run(left_after_one_piece())
+    assert told[-1].is_set()
+
+    async def full_answer():
+        _, pieces = await engine.chat("", [user("go on")], Params(max_new_tokens=12))
+        return "".join([p async for p in pieces])
+
+    text = asyncio.run(full_answer())
+    stop = text.strip()[2:4]
+
+    async def cut():
+        _, pieces = await engine.chat("", [user("go on")], Params(max_new_tokens=12, stop=[stop]))
+        out = []
+        async for piece in pieces:
+            out.append(piece)
+        return "".join(out)
+
+    assert stop not in asyncio.run(cut()) and told[-1].is_set()
+
+
+def test_a_decoding_whose_reader_left_before_it_began_takes_no_place_in_a_batch(engine):
+    import torch
+
+    from ccmem.generation import Sampling
+
+    async def scenario():
+        release = threading.Event()
+        blocker = asyncio.ensure_future(engine.worker.call(release.wait))  # hold the worker while jobs queue
+        gone, staying = threading.Event(), threading.Event()
+        query = torch.tensor([[5, 6, 7]])
+        left = engine.worker.generate(engine.base.memory, query, 8, Sampling(), cancelled=gone)
+        kept = engine.worker.generate(engine.base.memory, query, 8, Sampling(), cancelled=staying)
+        gone.set()
+        release.set()
+        await blocker
+        items = [await kept.get() for _ in range(9)]
+        return await left.get(), items
+
+    first, items = asyncio.run(scenario())
+    assert first is None and items[-1] is None and len(items[:-1]) == 8
+    assert engine.worker.batches[-1] == 1  # the job whose reader left was not decoded
+
+
 def test_a_session_deleted_and_made_again_is_not_answered_from_the_old_memory(client, engine):
     client.post("/v1/sessions", json={"name": "s"})
     ask(client, [user("the secret is w1 w2 w3 w4 w5 w6")], session="s")
