@@ -932,3 +932,15 @@ def test_request_shape_errors_say_what_to_send(client):
     assert untyped.status_code == 400 and "Content-Type: application/json" in untyped.json()["error"]["message"]
     gone = client.delete("/v1/sessions/ghost")
     assert gone.status_code == 404 and gone.json()["error"]["message"].startswith("no session 'ghost' to delete")
+
+
+def test_a_session_system_prompt_has_the_limit_of_any_message(tmp_path):
+    """POST /v1/sessions capped system_prompt at 8,192 characters whatever --max-message-bytes allowed, while the
+    same prompt as a system message of a chat request passed."""
+    engine = make_engine(tmp_path, max_message_bytes=20_000, max_input_tokens=20_000)
+    with TestClient(create_app(engine)) as client:
+        long = client.post("/v1/sessions", json={"name": "a", "system_prompt": "w " * 5000})  # 10,000 bytes
+        assert long.status_code in (200, 201, 400), long.text  # 400: a context too long for the tiny model
+        over = client.post("/v1/sessions", json={"name": "b", "system_prompt": "w " * 10_001})
+        assert over.status_code == 413 and "at most 20000" in over.json()["error"]["message"]
+    engine.close()

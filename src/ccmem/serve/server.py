@@ -219,7 +219,9 @@ class SessionCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(default=None, pattern=SESSION_NAME, description=f"default: a random name; {NAME_RULE}")
-    system_prompt: str | None = Field(default=None, max_length=8192, description="default: the server's")
+    system_prompt: str | None = Field(
+        default=None, description="default: the server's; at most --max-message-bytes, as any message"
+    )
 
 
 class SessionInfo(BaseModel):
