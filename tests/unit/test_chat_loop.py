@@ -112,3 +112,24 @@ def test_text_that_is_not_unicode_is_said_and_the_chat_goes_on():
         session.add("notes \udcff")
     with pytest.raises(ValueError, match="message 0 content holds"):
         session.add([{"role": "user", "content": "\udcff"}])
+
+
+def test_a_chat_whose_session_another_process_deleted_says_so_once_and_goes_on_unsaved(tmp_path):
+    """Every later exchange said "not saved ... the next exchange saves this one", which could never happen."""
+    lm = tiny_model()
+    store = SessionStore(tmp_path)
+    session, binding = _session(lm), SessionBinding(store, "bob")
+    binding.open(session)
+
+    def deleted_elsewhere():
+        store.delete("bob")
+        return "my first turn"
+
+    text = " ".join(_chat(session, [deleted_elsewhere, "my second turn", "third", "/quit"], binding).split())
+    assert text.count("no longer in the store (another process deleted it)") == 1
+    assert "the next exchange saves" not in text and not store.exists("bob")
+    assert [m["content"] for m in session.history if m["role"] == "user"] == [
+        "my first turn",
+        "my second turn",
+        "third",
+    ]

@@ -70,26 +70,33 @@ def run_chat(
         except ValueError as err:  # text the model cannot take: said, and the chat goes on as it was
             console.print(f"\n[red]{escape(str(err))}[/]\n[dim](nothing was remembered)[/]")
             continue
-        if binding is not None:
-            save(session, console, binding)
+        if binding is not None and not save(session, console, binding):
+            binding = None  # the session is gone from the store: the chat goes on unsaved
         console.print(f"[dim]memory: {session.memory.num_slots} slots, {session.memory.nbytes / 1024:.0f} KiB[/]")
 
 
-def save(session: CompressedLM, console: Console, binding: SessionBinding) -> None:
+def save(session: CompressedLM, console: Console, binding: SessionBinding) -> bool:
     """Save the exchange to the session's store; a failure is said and the chat goes on. Where another process
     saved the session meanwhile, the chat continues from that saved version (what this one added since could
-    never be saved over it), so no later exchange is lost the same way."""
-    from ccmem.serve.sessions import VersionConflictError
+    never be saved over it), so no later exchange is lost the same way. False where the session is no longer in
+    the store (another process deleted it): the chat then goes on unsaved, as it says."""
+    from ccmem.serve.sessions import UnknownSessionError, VersionConflictError
 
     try:
         binding.commit(session)
+    except UnknownSessionError:
+        console.print(
+            f"[red]not saved: session {binding.name!r} is no longer in the store (another process deleted it)[/]\n"
+            "[dim](the chat goes on unsaved; /save PATH writes its memory to a file)[/]"
+        )
+        return False
     except VersionConflictError as err:
         console.print(f"[red]not saved: {escape(str(err))}[/]")
         try:
             record = binding.open(session)
         except (OSError, ValueError) as reload_error:
             console.print(f"[red]could not read the saved version either: {escape(str(reload_error))}[/]")
-            return
+            return True
         console.print(
             f"[yellow]continuing from the saved version {record.version} of session {binding.name!r} (another "
             "process saved it); your last exchange is not in it[/]"
@@ -99,6 +106,7 @@ def save(session: CompressedLM, console: Console, binding: SessionBinding) -> No
             f"[red]not saved to the session store ({escape(str(err))}); the chat goes on, and the next exchange "
             "saves this one with it once the store can be written[/]"
         )
+    return True
 
 
 def command(session: CompressedLM, console: Console, line: str, binding: SessionBinding | None = None) -> bool:
