@@ -121,12 +121,28 @@ def file_in_the_way(folder: Path) -> Path | None:
     return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
 
 
+def _fsync(path: str | os.PathLike[str]) -> None:
+    """Flush a file's data (or a folder's entries) to disk; a file system that cannot (some network mounts, or
+    folders on Windows) is left to its own guarantees."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
 
     A crash leaves the previous file intact; the temporary a killed process leaves behind is swept by the next
-    write of the same file.
+    write of the same file. The data is flushed to disk before the rename, and the rename after it, so a power
+    cut too leaves either file whole (what a session store's committed version relies on).
     """
     path = Path(path)
     if path.is_dir() or (path.exists() and not path.is_symlink() and not path.is_file()):
@@ -145,7 +161,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the permissions of an ordinary file
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -594,6 +594,24 @@ def test_output_paths_that_cannot_be_written_are_refused_before_the_work(monkeyp
         pass
 
 
+def test_an_atomic_write_reaches_the_disk_before_it_replaces_the_file(monkeypatch, tmp_path):
+    """Without fsync a power cut after the rename could leave an empty file where the previous one was, while a
+    session store's index (SQLite, synchronous=FULL) already named its new version."""
+    from ccmem.fileio import atomic_path
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd)
+    )
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(b))) or real_replace(a, b))
+    target = tmp_path / "memory.safetensors"
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert [kind for kind, _ in events] == ["fsync", "replace", "fsync"]
+    assert events[0][1].endswith(".tmp") and events[2][1] == str(tmp_path) and target.read_text() == "new"
+
+
 def test_a_device_or_pipe_is_never_replaced_by_an_output_file(monkeypatch, capsys, tmp_path):
     """As root, `compress -o /dev/null` replaced the device with a regular file (an atomic write renames a temporary
     over its target): a target that is no regular file is refused, and left as it was."""
