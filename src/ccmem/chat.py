@@ -100,9 +100,12 @@ class ChatFormat:
         return self._after(PLAIN_PROMPT, " " + answer) if not self.templated else self._encode(answer)
 
     def end_of_turn_ids(self) -> list[int]:
-        """What ends an answer: the template's end-of-turn token (else EOS); in the plain format, the line break."""
+        """What ends an answer: the template's end-of-turn token (else EOS); in the plain format, the line break
+        (EOS where the tokenizer cannot write one: T5's drops it)."""
         if not self.templated:
-            return self._after("Assistant: a", "\n")
+            ids = self._after("Assistant: a", "\n")
+            if ids and "\n" in str(self.tokenizer.decode(ids)):
+                return ids
         eos = getattr(self.tokenizer, "eos_token_id", None)
         stops = self.stop_ids()
         return [eos if eos in stops else min(stops)] if stops else []

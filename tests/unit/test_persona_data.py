@@ -130,10 +130,9 @@ def test_chat_sample_labels_only_the_answer():
     assert sample.chunks == [tok.encode("User: I live in Oslo.\nAssistant: Noted!\n")]
     question = tok.encode("User: Where do I live?\nAssistant:")
     assert sample.tail[: sample.answer_start] == question
-    # no chat template: the answer follows "Assistant:" after a space and ends its line, as every rendered turn does
-    assert sample.tail[sample.answer_start :] == tok.encode(" Oslo\n")
-    whole = "System: Be brief.\nUser: I live in Oslo.\nAssistant: Noted!\nUser: Where do I live?\nAssistant: Oslo\n"
-    assert sample.sink + sample.chunks[0] + sample.tail == tok.encode(whole)
+    # no chat template: the answer follows "Assistant:" after a space, as in every rendered turn; it ends with EOS,
+    # since this tokenizer cannot write the line break that ends a turn (test_real_model: one that can ends there)
+    assert sample.tail[sample.answer_start :] == [*tok.encode(" Oslo"), tok.eos_token_id]
 
 
 def test_chat_sample_tokenizes_exactly_like_inference():
