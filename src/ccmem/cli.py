@@ -97,7 +97,7 @@ OptionsOpt = Annotated[
         "--option",
         "-O",
         help="Method option KEY=VALUE, repeatable (e.g. -O n_tok=2 -O ratio=0.25; a list: -O "
-        "lora_targets=[q_proj,v_proj]). Where a command runs several methods, each option goes to the methods that "
+        "lora_targets=\\[q_proj,v_proj]). Where a command runs several methods, each option goes to the methods that "
         "have it. `ccmem methods NAME` lists a method's options.",
     ),
 ]
@@ -1469,14 +1469,14 @@ def data(
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write into.")],
     n_train: Annotated[
-        int | None, typer.Option("--n-train", min=1, help="Training dialogs [default: 2400] (icl: see --k).")
+        int | None, typer.Option("--n-train", min=1, help="Training dialogs \\[default: 2400] (icl: see --k).")
     ] = None,
     n_test: Annotated[
         int | None,
         typer.Option(
             "--n-test",
             min=1,
-            help="Validation and test dialogs each [default: 200]; icl: dev queries per task [default: 20] "
+            help="Validation and test dialogs each \\[default: 200]; icl: dev queries per task \\[default: 20] "
             "(its test queries are every held-out word).",
         ),
     ] = None,

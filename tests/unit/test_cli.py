@@ -39,6 +39,21 @@ def test_every_command_has_help(monkeypatch, capsys, command, flag):
         assert "--stage1" in text
 
 
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        ("chat", "-O lora_targets=[q_proj,v_proj])"),
+        ("data", "Training dialogs [default: 2400] (icl"),
+        ("data", "each [default: 200]; icl: dev queries per task [default: 20] (its"),
+    ],
+)
+def test_help_shows_square_brackets(monkeypatch, capsys, command, shown):
+    """Help is rich markup: '[default: 2400]' and '[q_proj,v_proj]' read as style tags and vanished from it."""
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option
+    code, text = run_cli(monkeypatch, capsys, command, "--help")
+    assert code == 0 and shown in " ".join(text.split()), text
+
+
 def test_methods_lists_the_registry(monkeypatch, capsys):
     code, text = run_cli(monkeypatch, capsys, "methods")
     assert code == 0
