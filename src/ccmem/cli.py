@@ -278,7 +278,7 @@ def demo(
             if row.adapter == "untrained":
                 untrained.add(row.method)
     console.print(f"[bold]ccmem demo on {model}: answers from memory[/]")
-    width = max(len(n) + (len(" (untrained)") if n in untrained else 0) for n in names)
+    width = max(len("method"), *(len(n) + (len(" (untrained)") if n in untrained else 0) for n in names))
     for example, question in dict.fromkeys((r.example, r.question) for r in rows):
         console.print(f"\n[bold]{escape(example)}[/]: {escape(question)}", highlight=False)
         table = Table(box=None, padding=(0, 1), show_edge=False, header_style="dim")

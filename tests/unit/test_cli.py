@@ -282,6 +282,17 @@ def test_demo_is_readable_in_an_80_column_terminal(monkeypatch, capsys, tiny_mod
     assert sum(line.lstrip().startswith(("full ", "none ", "expected-attention ")) for line in summary) == 3
 
 
+def test_demo_headers_are_whole_when_every_method_name_is_short(monkeypatch, capsys, tiny_model_dir):
+    """The method column was sized by the names alone: with full and none, its header ("method") was wider, the
+    table passed the terminal's width and rich cut the headers to "g…" and "slo…"."""
+    monkeypatch.setattr(cli, "console", Console(width=80, force_terminal=False))
+    code, text = run_cli(monkeypatch, capsys, "demo", "--model", str(tiny_model_dir), "--methods", "full,none",
+                         "--max-new-tokens", "2")  # fmt: skip
+    assert code == 0, text
+    headers = [line.split() for line in text.splitlines() if line.lstrip().startswith("method ")]
+    assert headers and all(h == ["method", "answer", "gen", "score", "slots", "KiB", "s"] for h in headers[:-1]), text
+
+
 def test_a_training_free_method_compresses_and_answers_from_the_command_line(
     monkeypatch, capsys, tmp_path, tiny_model_dir
 ):
