@@ -66,6 +66,11 @@ def test_methods_lists_the_registry(monkeypatch, capsys):
     [
         (["demo", "--methods", "full,ccm-foo"], "unknown method 'ccm-foo'; valid methods"),
         (["demo", "--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (
+            ["chat", "--method", "full", "--model", "SmolLM2-135M"],
+            "unknown model 'SmolLM2-135M' (did you mean 'smollm2-135m'?)",
+        ),
+        (["chat", "--method", "full", "--model", "mistral-7b-instruct"], "(did you mean 'mistral-7b-inst'?)"),
         (["chat", "--model", "/nonexistent/folder/x.gguf"], "no GGUF file"),
         (
             ["chat", "--method", "ccm-concat", "--n-tok", "0", "--model", "none-model"],
