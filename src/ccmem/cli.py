@@ -658,6 +658,7 @@ def ask(
     """Answer a question from a saved memory (same model, method and adapter as the one that wrote it)."""
     options = _options(n_tok, recurrent, option)
     if method is None:  # the memory's own method, and the options it was made with where no adapter carries them
+        from ccmem.adapter import adapter_path
         from ccmem.memory import memory_meta
         from ccmem.registry import method_class
 
@@ -666,7 +667,11 @@ def ask(
         cls = method_class(method)
         # options an adapter does not carry (all, for a method made without one) are the memory's where it records
         # them: a gist memory made untrained with --n-tok 2 was read at the default n_tok and refused
-        untrained = not cls.trainable or (adapter is None and made.get("adapter") == "untrained")
+        # (untrained here too: no --adapter, and none ships for this model; a memory made untrained on another model
+        # meets a shipped adapter, and is refused for its model, not for options the adapter does not have)
+        untrained = not cls.trainable or (
+            adapter_path(model, method, adapter) is None and made.get("adapter") == "untrained"
+        )
         declared = {spec.name for spec in cls.option_specs() if untrained or spec.name in cls.runtime_options}
         kept = {k: _recorded(v) for k, v in made.items() if k in declared}
         options = kept | options

@@ -189,6 +189,33 @@ def test_compress_takes_the_adapters_method_and_ask_the_icformer_marker_from_the
     assert code == 2 and "was made with marker='lm', but this session has marker='ft'" in " ".join(out.split())
 
 
+def test_ask_refuses_an_untrained_memory_for_what_it_is_where_an_adapter_ships(
+    monkeypatch, capsys, tiny_model_dir, tmp_path
+):
+    """A memory made untrained (a model without a shipped adapter) was asked with the options it records, the
+    adapter's lora_targets=None among them, against a model with a shipped adapter: the refusal named lora_targets
+    (an option the user never gave), not the memory's model or adapter."""
+    from ccmem import adapter as adapters
+    from ccmem.adapter import save_adapter
+    from ccmem.loading import load_model
+
+    text = tmp_path / "notes.txt"
+    text.write_text("w1 w2 w3 w4 w5 w6 w7 w8")
+    memory = tmp_path / "notes.safetensors"
+    common = ["--model", str(tiny_model_dir), "--system", ""]
+    code, out = run_cli(monkeypatch, capsys, "compress", str(text), "-o", str(memory), "--method", "ccm-concat",
+                        *common)  # fmt: skip
+    assert code == 0, out
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    save_adapter(ccmem.get_method("ccm-concat", lora_targets=["q_proj"]), load_model(str(tiny_model_dir)),
+                 shipped / "ccm-concat.safetensors")  # fmt: skip
+    monkeypatch.setattr(adapters, "_shipped_folder", lambda name: shipped)
+    code, out = run_cli(monkeypatch, capsys, "ask", str(memory), "w3", *common)
+    out = " ".join(out.split())
+    assert code == 2 and "lora_targets" not in out and "was made with adapter untrained" in out, out
+
+
 def test_chat_answers_and_compresses_each_exchange(monkeypatch, capsys, tiny_model_dir, tmp_path):
     saved = tmp_path / "chat.safetensors"
     lines = ["w1 w2 w3", "/memory", f"/save {saved}", "/reset", "/memory", "/quit"]
