@@ -265,6 +265,7 @@ def demo(
     if out is not None:
         if out.is_dir():
             raise OptionError(f"--out {out} is a directory; give a .jsonl file such as {out / 'demo.jsonl'}")
+        check_folder(out, "--out")
         out.parent.mkdir(parents=True, exist_ok=True)
     with console.status(f"loading {model}..."):
         lm = load_model(model, attn_implementation=attn)
@@ -506,6 +507,16 @@ def _whole_numbers(text: str, option: str) -> list[int]:
         raise OptionError(f"{option} takes whole numbers separated by commas (e.g. 128,512), got {text!r}") from None
 
 
+def check_folder(out: Path, option: str) -> None:
+    """Refuse, before any work, an output path under a file: its folder could not be made when the results are
+    written (for eval and compare, after the first method's work)."""
+    from ccmem.fileio import file_in_the_way
+
+    blocked = file_in_the_way(out.parent)
+    if blocked is not None:
+        raise OptionError(f"{option} {out}: {blocked} is a file, so no folder can be made there")
+
+
 def check_output_file(out: Path, source: Path, option: str, example: str) -> None:
     """Refuse, before any work, an output path that is the input file (it would be overwritten), a directory, or
     no regular file (a device or pipe, which an atomic write would replace)."""
@@ -515,6 +526,7 @@ def check_output_file(out: Path, source: Path, option: str, example: str) -> Non
         raise OptionError(f"{option} {out} is a directory; give a file path such as {out / example}")
     if out.exists() and not out.is_file():
         raise OptionError(f"{option} {out} is not a regular file (a device, pipe or socket); give a file path")
+    check_folder(out, option)
 
 
 def read_text_file(path: Path) -> str:
@@ -1011,6 +1023,7 @@ def eval_command(
 
     if out.is_dir():
         raise OptionError(f"--out {out} is a folder; give the JSONL file the rows go to, e.g. {out / 'eval.jsonl'}")
+    check_folder(out, "--out")
     if path is not None and path.is_file() and out.resolve() == path.resolve():
         raise OptionError(f"--out {out} is the --path data file: the rows would be appended to your examples; "
                           "give another file, e.g. --out results/eval.jsonl")  # fmt: skip
@@ -1240,6 +1253,7 @@ def compare(
     cells = grid(settings)
     if out_dir.exists() and not out_dir.is_dir():
         raise OptionError(f"--out-dir {out_dir} is a file; give a folder for rows.jsonl and the report")
+    check_folder(out_dir, "--out-dir")
     if stage1 is not None:
         stage1_file(stage1)  # before loading the model: a wrong path is said at once
     with console.status(f"loading {model}..."):
@@ -1311,6 +1325,7 @@ def report(
         err_console.print(f"note: {repeated} rows were measured again later (reruns); the latest of each is shown")
     if out_dir.exists() and not out_dir.is_dir():
         raise OptionError(f"--out-dir {out_dir} is a file; give a folder for report.md, report.csv and the plot")
+    check_folder(out_dir, "--out-dir")
     paths = write_report(rows, out_dir, metric)
     console.print(markdown(rows) + group_markdown(rows), highlight=False, markup=False, soft_wrap=True)
     for warning in mismatches(rows):
@@ -1541,6 +1556,7 @@ def data(
         raise typer.BadParameter("--n-train counts training dialogs; icl's training rows are its --k demonstrations")
     if out.exists() and not out.is_dir():
         raise OptionError(f"--out {out} is a file; give a folder for the dataset files")
+    check_folder(out, "--out")
     held = sorted(out.glob("*.jsonl") if generator != "icl" else out.glob("*/*_train.jsonl")) if out.is_dir() else []
     if held and not overwrite:
         raise OptionError(

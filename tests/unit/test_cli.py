@@ -109,6 +109,35 @@ def test_eval_refuses_an_option_its_adapter_contradicts_before_any_work(monkeypa
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["compress", "{notes}", "-o", "{file}/memory.safetensors", "--method", "full"],
+        ["generate", "{notes}", "-o", "{file}/sub/out.jsonl"],
+        ["eval", "persona", "--n", "1", "--methods", "full,none", "-o", "{file}/eval.jsonl"],
+        ["compare", "--methods", "full", "--tasks", "persona", "--n", "1", "--no-decode", "-o", "{file}/cmp"],
+        ["demo", "--methods", "full", "--out", "{file}/demo.jsonl"],
+        ["data", "persona", "-o", "{file}/data"],
+    ],
+)
+def test_an_output_path_under_a_file_is_refused_before_any_work(monkeypatch, capsys, tmp_path, args):
+    """eval and compare wrote their first rows only after the first method's (or cell's) work, and compress its
+    memory after the whole text: there, a folder that could not be made ('[Errno 17] File exists') was said."""
+    from ccmem import api, loading
+
+    def no_model(*args, **kwargs):
+        pytest.fail("the model was loaded")
+
+    monkeypatch.setattr(loading, "load_model", no_model)
+    monkeypatch.setattr(api, "load_model", no_model)
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"input": "w1 w2", "prompt": "w3", "answer": "w4"}\n')
+    (tmp_path / "file").write_text("a file, not a folder")
+    filled = [a.format(notes=notes, file=tmp_path / "file") for a in args]
+    code, text = run_cli(monkeypatch, capsys, *filled)
+    assert code == 2 and f"{tmp_path / 'file'} is a file, so no folder can be made there" in " ".join(text.split())
+
+
 def test_missing_file_argument_is_reported(monkeypatch, capsys, tmp_path):
     code, text = run_cli(monkeypatch, capsys, "ask", str(tmp_path / "missing.safetensors"), "hi")
     assert code == 2
