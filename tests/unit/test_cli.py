@@ -138,6 +138,16 @@ def test_an_output_path_under_a_file_is_refused_before_any_work(monkeypatch, cap
     assert code == 2 and f"{tmp_path / 'file'} is a file, so no folder can be made there" in " ".join(text.split())
 
 
+def test_compare_without_a_task_is_refused_before_the_model_loads(monkeypatch, capsys, tmp_path):
+    """--tasks ',' (or '') made an empty grid: the model loaded and decoding was timed for every method, then
+    'no result rows to report'."""
+    from ccmem import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    code, text = run_cli(monkeypatch, capsys, "compare", "--tasks", ",", "--methods", "full", "-o", str(tmp_path))
+    assert code == 2 and "no task to run; tasks: persona" in text
+
+
 def test_missing_file_argument_is_reported(monkeypatch, capsys, tmp_path):
     code, text = run_cli(monkeypatch, capsys, "ask", str(tmp_path / "missing.safetensors"), "hi")
     assert code == 2
