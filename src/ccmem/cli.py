@@ -167,6 +167,9 @@ def _method_list(methods: str | None, model: str, kinds: tuple[str, ...] = ("bas
         method_class(name.partition("@")[0])  # fail fast on a typo, with the list of valid names
     if not names:
         raise OptionError("--methods names no method")
+    twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    if twice is not None:  # it ran twice: demo counted each question twice, eval appended its rows twice
+        raise OptionError(f"--methods names {twice!r} twice; each method runs once")
     return names
 
 
