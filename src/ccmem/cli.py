@@ -1570,6 +1570,9 @@ def data(
         from ccmem.data import dialogs, passages
 
         n_train, n_test = n_train or 2400, n_test or 200
+        # every split is made before any is written: a split that cannot be made (too few held-out passages for
+        # --k) left the train file alone in --out, or beside the old validation and test files with --overwrite
+        splits = {}
         for split, n in (("train", n_train), ("validation", n_test), ("test", n_test)):
             if generator == "persona":
                 facts, chatter = ((1, k), (0, small_talk)) if split != "test" else (k, small_talk)
@@ -1582,7 +1585,9 @@ def data(
             else:
                 made = iter(passages.generate(n, split, seed=seed, k=k, source=source))
                 version = passages.VERSIONS[source]
-            persona.write_jsonl(out / f"{split}.jsonl", made)
+            splits[split] = list(made)
+        for split in splits:
+            persona.write_jsonl(out / f"{split}.jsonl", splits[split])
         console.print(f"wrote {out}/train.jsonl, validation.jsonl, test.jsonl ({version})")
     elif generator == "icl":
         from ccmem.data import icl

@@ -807,6 +807,18 @@ def test_data_keeps_a_dataset_already_in_its_folder_unless_told_to_replace_it(mo
     assert code == 2 and "is a file; give a folder" in " ".join(out.split())
 
 
+def test_data_writes_no_split_when_one_cannot_be_made(monkeypatch, capsys, tmp_path):
+    """--k larger than the validation split's held-out passages failed after train.jsonl was written: a lone train
+    file was left (refused as 'already holds a dataset' next time), and with --overwrite a new train file sat beside
+    the old validation and test files."""
+    for split in ("train", "validation", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("old\n")
+    args = ["data", "passages", "-o", str(tmp_path), "--k", "1000", "--n-train", "2", "--n-test", "2"]
+    code, text = run_cli(monkeypatch, capsys, *args, "--overwrite")
+    assert code == 2 and "too few articles in the validation split" in text
+    assert all((tmp_path / f"{split}.jsonl").read_text() == "old\n" for split in ("train", "validation", "test"))
+
+
 def test_data_icl_overwrite_replaces_the_old_tasks_and_demonstration_files(monkeypatch, capsys, tmp_path):
     """`ccmem data icl --overwrite` wrote the new files beside the old ones: tasks past --tasks and the files of
     another --k stayed, and the metaicl loader read them (3 tasks of 16 demonstrations, not 2 of 4)."""
