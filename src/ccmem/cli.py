@@ -97,7 +97,7 @@ OptionsOpt = Annotated[
         "--option",
         "-O",
         help="Method option KEY=VALUE, repeatable (e.g. -O n_tok=2 -O ratio=0.25; a list: -O "
-        "lora_targets=[q_proj,v_proj]). Where a command runs several methods, each option goes to the methods that "
+        "lora_targets=\\[q_proj,v_proj]). Where a command runs several methods, each option goes to the methods that "
         "have it. `ccmem methods NAME` lists a method's options.",
     ),
 ]
@@ -168,8 +168,8 @@ def _method_list(methods: str | None, model: str, kinds: tuple[str, ...] = ("bas
     if not names:
         raise OptionError("--methods names no method")
     twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
-    if twice is not None:  # it would run, and write its rows, twice
-        raise OptionError(f"--methods names {twice} twice; give it once")
+    if twice is not None:  # it ran twice: demo counted each question twice, eval appended its rows twice
+        raise OptionError(f"--methods names {twice!r} twice; each method runs once")
     return names
 
 
@@ -268,6 +268,7 @@ def demo(
     if out is not None:
         if out.is_dir():
             raise OptionError(f"--out {out} is a directory; give a .jsonl file such as {out / 'demo.jsonl'}")
+        check_folder(out, "--out")
         out.parent.mkdir(parents=True, exist_ok=True)
     with console.status(f"loading {model}..."):
         lm = load_model(model, attn_implementation=attn)
@@ -281,7 +282,7 @@ def demo(
             if row.adapter == "untrained":
                 untrained.add(row.method)
     console.print(f"[bold]ccmem demo on {model}: answers from memory[/]")
-    width = max(len(n) + (len(" (untrained)") if n in untrained else 0) for n in names)
+    width = max(len("method"), *(len(n) + (len(" (untrained)") if n in untrained else 0) for n in names))
     for example, question in dict.fromkeys((r.example, r.question) for r in rows):
         console.print(f"\n[bold]{escape(example)}[/]: {escape(question)}", highlight=False)
         table = Table(box=None, padding=(0, 1), show_edge=False, header_style="dim")
@@ -510,6 +511,16 @@ def _whole_numbers(text: str, option: str) -> list[int]:
         raise OptionError(f"{option} takes whole numbers separated by commas (e.g. 128,512), got {text!r}") from None
 
 
+def check_folder(out: Path, option: str) -> None:
+    """Refuse, before any work, an output path under a file: its folder could not be made when the results are
+    written (for eval and compare, after the first method's work)."""
+    from ccmem.fileio import file_in_the_way
+
+    blocked = file_in_the_way(out.parent)
+    if blocked is not None:
+        raise OptionError(f"{option} {out}: {blocked} is a file, so no folder can be made there")
+
+
 def check_output_file(out: Path, source: Path, option: str, example: str) -> None:
     """Refuse, before any work, an output path that is the input file (it would be overwritten), a directory, or
     no regular file (a device or pipe, which an atomic write would replace)."""
@@ -519,6 +530,7 @@ def check_output_file(out: Path, source: Path, option: str, example: str) -> Non
         raise OptionError(f"{option} {out} is a directory; give a file path such as {out / example}")
     if out.exists() and not out.is_file():
         raise OptionError(f"{option} {out} is not a regular file (a device, pipe or socket); give a file path")
+    check_folder(out, option)
 
 
 def read_text_file(path: Path) -> str:
@@ -662,6 +674,7 @@ def ask(
     """Answer a question from a saved memory (same model, method and adapter as the one that wrote it)."""
     options = _options(n_tok, recurrent, option)
     if method is None:  # the memory's own method, and the options it was made with where no adapter carries them
+        from ccmem.adapter import adapter_path
         from ccmem.memory import memory_meta
         from ccmem.registry import method_class
 
@@ -670,7 +683,11 @@ def ask(
         cls = method_class(method)
         # options an adapter does not carry (all, for a method made without one) are the memory's where it records
         # them: a gist memory made untrained with --n-tok 2 was read at the default n_tok and refused
-        untrained = not cls.trainable or (adapter is None and made.get("adapter") == "untrained")
+        # (untrained here too: no --adapter, and none ships for this model; a memory made untrained on another model
+        # meets a shipped adapter, and is refused for its model, not for options the adapter does not have)
+        untrained = not cls.trainable or (
+            adapter_path(model, method, adapter) is None and made.get("adapter") == "untrained"
+        )
         declared = {spec.name for spec in cls.option_specs() if untrained or spec.name in cls.runtime_options}
         kept = {k: _recorded(v) for k, v in made.items() if k in declared}
         options = kept | options
@@ -1020,6 +1037,7 @@ def eval_command(
 
     if out.is_dir():
         raise OptionError(f"--out {out} is a folder; give the JSONL file the rows go to, e.g. {out / 'eval.jsonl'}")
+    check_folder(out, "--out")
     if path is not None and path.is_file() and out.resolve() == path.resolve():
         raise OptionError(f"--out {out} is the --path data file: the rows would be appended to your examples; "
                           "give another file, e.g. --out results/eval.jsonl")  # fmt: skip
@@ -1255,6 +1273,7 @@ def compare(
     cells = grid(settings)
     if out_dir.exists() and not out_dir.is_dir():
         raise OptionError(f"--out-dir {out_dir} is a file; give a folder for rows.jsonl and the report")
+    check_folder(out_dir, "--out-dir")
     if stage1 is not None:
         stage1_file(stage1)  # before loading the model: a wrong path is said at once
     with console.status(f"loading {model}..."):
@@ -1326,6 +1345,7 @@ def report(
         err_console.print(f"note: {repeated} rows were measured again later (reruns); the latest of each is shown")
     if out_dir.exists() and not out_dir.is_dir():
         raise OptionError(f"--out-dir {out_dir} is a file; give a folder for report.md, report.csv and the plot")
+    check_folder(out_dir, "--out-dir")
     paths = write_report(rows, out_dir, metric)
     console.print(markdown(rows) + group_markdown(rows), highlight=False, markup=False, soft_wrap=True)
     for warning in mismatches(rows):
@@ -1489,14 +1509,14 @@ def data(
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write into.")],
     n_train: Annotated[
-        int | None, typer.Option("--n-train", min=1, help="Training dialogs [default: 2400] (icl: see --k).")
+        int | None, typer.Option("--n-train", min=1, help="Training dialogs \\[default: 2400] (icl: see --k).")
     ] = None,
     n_test: Annotated[
         int | None,
         typer.Option(
             "--n-test",
             min=1,
-            help="Validation and test dialogs each [default: 200]; icl: dev queries per task [default: 20] "
+            help="Validation and test dialogs each \\[default: 200]; icl: dev queries per task \\[default: 20] "
             "(its test queries are every held-out word).",
         ),
     ] = None,
@@ -1556,6 +1576,7 @@ def data(
         raise typer.BadParameter("--n-train counts training dialogs; icl's training rows are its --k demonstrations")
     if out.exists() and not out.is_dir():
         raise OptionError(f"--out {out} is a file; give a folder for the dataset files")
+    check_folder(out, "--out")
     held = sorted(out.glob("*.jsonl") if generator != "icl" else out.glob("*/*_train.jsonl")) if out.is_dir() else []
     if held and not overwrite:
         raise OptionError(
@@ -1566,6 +1587,9 @@ def data(
         from ccmem.data import dialogs, passages
 
         n_train, n_test = n_train or 2400, n_test or 200
+        # every split is made before any is written: a split that cannot be made (too few held-out passages for
+        # --k) left the train file alone in --out, or beside the old validation and test files with --overwrite
+        splits = {}
         for split, n in (("train", n_train), ("validation", n_test), ("test", n_test)):
             if generator == "persona":
                 facts, chatter = ((1, k), (0, small_talk)) if split != "test" else (k, small_talk)
@@ -1578,7 +1602,9 @@ def data(
             else:
                 made = iter(passages.generate(n, split, seed=seed, k=k, source=source))
                 version = passages.VERSIONS[source]
-            persona.write_jsonl(out / f"{split}.jsonl", made)
+            splits[split] = list(made)
+        for split in splits:
+            persona.write_jsonl(out / f"{split}.jsonl", splits[split])
         console.print(f"wrote {out}/train.jsonl, validation.jsonl, test.jsonl ({version})")
     elif generator == "icl":
         from ccmem.data import icl

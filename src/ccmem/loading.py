@@ -11,6 +11,7 @@ They load from ``$CCMEM_MODEL_DIR/<shortcut>`` (or ``<repo name>``) when that fo
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import importlib.util
@@ -535,8 +536,11 @@ def _load(spec: str, load_kw: dict[str, Any]) -> tuple[PreTrainedTokenizerBase, 
             f"and pass its local folder, or use a built-in model: {', '.join(BUILTIN_MODELS)}",
         )
     else:
+        names = {name.lower(): name for name in [*BUILTIN_MODELS, *HUB_SHORTCUTS]}
+        close = difflib.get_close_matches(spec.lower(), list(names), n=1)
+        hint = f" (did you mean {names[close[0]]!r}?)" if close else ""
         raise ModelNotFoundError(
-            f"unknown model {spec!r}. Built-in models: {', '.join(BUILTIN_MODELS)}; hub shortcuts: "
+            f"unknown model {spec!r}{hint}. Built-in models: {', '.join(BUILTIN_MODELS)}; hub shortcuts: "
             f"{', '.join(HUB_SHORTCUTS)}; or pass a local Hugging Face folder, a .gguf file, or a hub id such as "
             "'org/name'"
         )

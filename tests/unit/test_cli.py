@@ -39,6 +39,21 @@ def test_every_command_has_help(monkeypatch, capsys, command, flag):
         assert "--stage1" in text
 
 
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        ("chat", "-O lora_targets=[q_proj,v_proj])"),
+        ("data", "Training dialogs [default: 2400] (icl"),
+        ("data", "each [default: 200]; icl: dev queries per task [default: 20] (its"),
+    ],
+)
+def test_help_shows_square_brackets(monkeypatch, capsys, command, shown):
+    """Help is rich markup: '[default: 2400]' and '[q_proj,v_proj]' read as style tags and vanished from it."""
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option
+    code, text = run_cli(monkeypatch, capsys, command, "--help")
+    assert code == 0 and shown in " ".join(text.split()), text
+
+
 def test_methods_lists_the_registry(monkeypatch, capsys):
     code, text = run_cli(monkeypatch, capsys, "methods")
     assert code == 0
@@ -51,6 +66,11 @@ def test_methods_lists_the_registry(monkeypatch, capsys):
     [
         (["demo", "--methods", "full,ccm-foo"], "unknown method 'ccm-foo'; valid methods"),
         (["demo", "--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (
+            ["chat", "--method", "full", "--model", "SmolLM2-135M"],
+            "unknown model 'SmolLM2-135M' (did you mean 'smollm2-135m'?)",
+        ),
+        (["chat", "--method", "full", "--model", "mistral-7b-instruct"], "(did you mean 'mistral-7b-inst'?)"),
         (["chat", "--model", "/nonexistent/folder/x.gguf"], "no GGUF file"),
         (
             ["chat", "--method", "ccm-concat", "--n-tok", "0", "--model", "none-model"],
@@ -64,6 +84,9 @@ def test_methods_lists_the_registry(monkeypatch, capsys):
             "got 'q_proj' (a list: lora_targets=[q_proj, ...])",
         ),
         (["eval", "persona", "--methods", "full,ccm-foo"], "unknown method 'ccm-foo'"),
+        (["demo", "--methods", "full,none,full"], "--methods names 'full' twice; each method runs once"),
+        (["eval", "persona", "--methods", "snapkv, snapkv"], "--methods names 'snapkv' twice"),
+        (["compare", "--methods", "full,full"], "--methods names 'full' twice"),
         (["eval", "metaicl", "--methods", "full"], "set data.path to the downloaded folder"),
         (["data", "nonsense", "-o", "x"], "unknown generator 'nonsense'"),
         (["report", "/nonexistent/eval.jsonl"], "no results file at /nonexistent/eval.jsonl"),
@@ -87,6 +110,45 @@ def test_eval_refuses_an_option_its_adapter_contradicts_before_any_work(monkeypa
     code, text = run_cli(monkeypatch, capsys, *args)
     assert code == 2 and "was trained with recurrent=True, but recurrent=False was asked" in " ".join(text.split())
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["compress", "{notes}", "-o", "{file}/memory.safetensors", "--method", "full"],
+        ["generate", "{notes}", "-o", "{file}/sub/out.jsonl"],
+        ["eval", "persona", "--n", "1", "--methods", "full,none", "-o", "{file}/eval.jsonl"],
+        ["compare", "--methods", "full", "--tasks", "persona", "--n", "1", "--no-decode", "-o", "{file}/cmp"],
+        ["demo", "--methods", "full", "--out", "{file}/demo.jsonl"],
+        ["data", "persona", "-o", "{file}/data"],
+    ],
+)
+def test_an_output_path_under_a_file_is_refused_before_any_work(monkeypatch, capsys, tmp_path, args):
+    """eval and compare wrote their first rows only after the first method's (or cell's) work, and compress its
+    memory after the whole text: there, a folder that could not be made ('[Errno 17] File exists') was said."""
+    from ccmem import api, loading
+
+    def no_model(*args, **kwargs):
+        pytest.fail("the model was loaded")
+
+    monkeypatch.setattr(loading, "load_model", no_model)
+    monkeypatch.setattr(api, "load_model", no_model)
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"input": "w1 w2", "prompt": "w3", "answer": "w4"}\n')
+    (tmp_path / "file").write_text("a file, not a folder")
+    filled = [a.format(notes=notes, file=tmp_path / "file") for a in args]
+    code, text = run_cli(monkeypatch, capsys, *filled)
+    assert code == 2 and f"{tmp_path / 'file'} is a file, so no folder can be made there" in " ".join(text.split())
+
+
+def test_compare_without_a_task_is_refused_before_the_model_loads(monkeypatch, capsys, tmp_path):
+    """--tasks ',' (or '') made an empty grid: the model loaded and decoding was timed for every method, then
+    'no result rows to report'."""
+    from ccmem import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    code, text = run_cli(monkeypatch, capsys, "compare", "--tasks", ",", "--methods", "full", "-o", str(tmp_path))
+    assert code == 2 and "no task to run; tasks: persona" in text
 
 
 def test_missing_file_argument_is_reported(monkeypatch, capsys, tmp_path):
@@ -167,6 +229,33 @@ def test_compress_takes_the_adapters_method_and_ask_the_icformer_marker_from_the
     assert code == 0, out  # no -O: the memory's marker
     code, out = run_cli(monkeypatch, capsys, "ask", str(memory), "w3", "-O", "marker=ft", *common)
     assert code == 2 and "was made with marker='lm', but this session has marker='ft'" in " ".join(out.split())
+
+
+def test_ask_refuses_an_untrained_memory_for_what_it_is_where_an_adapter_ships(
+    monkeypatch, capsys, tiny_model_dir, tmp_path
+):
+    """A memory made untrained (a model without a shipped adapter) was asked with the options it records, the
+    adapter's lora_targets=None among them, against a model with a shipped adapter: the refusal named lora_targets
+    (an option the user never gave), not the memory's model or adapter."""
+    from ccmem import adapter as adapters
+    from ccmem.adapter import save_adapter
+    from ccmem.loading import load_model
+
+    text = tmp_path / "notes.txt"
+    text.write_text("w1 w2 w3 w4 w5 w6 w7 w8")
+    memory = tmp_path / "notes.safetensors"
+    common = ["--model", str(tiny_model_dir), "--system", ""]
+    code, out = run_cli(monkeypatch, capsys, "compress", str(text), "-o", str(memory), "--method", "ccm-concat",
+                        *common)  # fmt: skip
+    assert code == 0, out
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    save_adapter(ccmem.get_method("ccm-concat", lora_targets=["q_proj"]), load_model(str(tiny_model_dir)),
+                 shipped / "ccm-concat.safetensors")  # fmt: skip
+    monkeypatch.setattr(adapters, "_shipped_folder", lambda name: shipped)
+    code, out = run_cli(monkeypatch, capsys, "ask", str(memory), "w3", *common)
+    out = " ".join(out.split())
+    assert code == 2 and "lora_targets" not in out and "was made with adapter untrained" in out, out
 
 
 def test_chat_answers_and_compresses_each_exchange(monkeypatch, capsys, tiny_model_dir, tmp_path):
@@ -265,6 +354,17 @@ def test_demo_is_readable_in_an_80_column_terminal(monkeypatch, capsys, tiny_mod
     summary = lines[next(i for i, line in enumerate(lines) if "all questions" in line) :]
     assert "right by generation" in " ".join(summary) and "right by scoring" in " ".join(summary)
     assert sum(line.lstrip().startswith(("full ", "none ", "expected-attention ")) for line in summary) == 3
+
+
+def test_demo_headers_are_whole_when_every_method_name_is_short(monkeypatch, capsys, tiny_model_dir):
+    """The method column was sized by the names alone: with full and none, its header ("method") was wider, the
+    table passed the terminal's width and rich cut the headers to "g…" and "slo…"."""
+    monkeypatch.setattr(cli, "console", Console(width=80, force_terminal=False))
+    code, text = run_cli(monkeypatch, capsys, "demo", "--model", str(tiny_model_dir), "--methods", "full,none",
+                         "--max-new-tokens", "2")  # fmt: skip
+    assert code == 0, text
+    headers = [line.split() for line in text.splitlines() if line.lstrip().startswith("method ")]
+    assert headers and all(h == ["method", "answer", "gen", "score", "slots", "KiB", "s"] for h in headers[:-1]), text
 
 
 def test_a_training_free_method_compresses_and_answers_from_the_command_line(
@@ -723,6 +823,18 @@ def test_data_keeps_a_dataset_already_in_its_folder_unless_told_to_replace_it(mo
     assert code == 0 and mine.read_text() != "my own data\n"
     code, out = run_cli(monkeypatch, capsys, "data", "icl", "-o", str(mine), "--tasks", "1")
     assert code == 2 and "is a file; give a folder" in " ".join(out.split())
+
+
+def test_data_writes_no_split_when_one_cannot_be_made(monkeypatch, capsys, tmp_path):
+    """--k larger than the validation split's held-out passages failed after train.jsonl was written: a lone train
+    file was left (refused as 'already holds a dataset' next time), and with --overwrite a new train file sat beside
+    the old validation and test files."""
+    for split in ("train", "validation", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("old\n")
+    args = ["data", "passages", "-o", str(tmp_path), "--k", "1000", "--n-train", "2", "--n-test", "2"]
+    code, text = run_cli(monkeypatch, capsys, *args, "--overwrite")
+    assert code == 2 and "too few articles in the validation split" in text
+    assert all((tmp_path / f"{split}.jsonl").read_text() == "old\n" for split in ("train", "validation", "test"))
 
 
 def test_data_icl_overwrite_replaces_the_old_tasks_and_demonstration_files(monkeypatch, capsys, tmp_path):

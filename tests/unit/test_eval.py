@@ -273,7 +273,7 @@ def test_eval_refuses_a_method_named_twice_before_the_model_loads(monkeypatch, c
     out = tmp_path / "rows.jsonl"
     code, text = run_cli(monkeypatch, capsys, "eval", "persona", "--model", "/no/such/model", "--methods",
                          "full,none,full", "-o", str(out))  # fmt: skip
-    assert code == 2 and "--methods names full twice" in " ".join(text.split()) and not out.exists()
+    assert code == 2 and "--methods names 'full' twice" in " ".join(text.split()) and not out.exists()
 
 
 def test_a_report_that_fails_while_being_rewritten_leaves_the_earlier_one_whole(tmp_path, monkeypatch):

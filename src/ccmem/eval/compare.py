@@ -128,6 +128,8 @@ class CompareSettings:
     decode_repeats: int = 3  # the fastest of this many timings is kept (the others are disturbed by the machine)
 
     def __post_init__(self) -> None:
+        if not self.tasks:  # else the model loaded and the decode timing ran before "no result rows to report"
+            raise ValueError(f"no task to run; tasks: {', '.join(TASKS)}")
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             raise ValueError(f"unknown task {unknown[0]!r}; tasks: {', '.join(TASKS)}")
