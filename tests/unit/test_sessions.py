@@ -426,3 +426,12 @@ def test_session_locks_do_not_pile_up_for_names_no_request_holds(tmp_path):
     asyncio.run(many())
     gc.collect()
     assert len(store._session_locks) == 0
+
+
+def test_a_store_folder_under_a_file_is_a_clear_error(tmp_path):
+    """`ccmem serve --store afile/sub` said only "[Errno 20] Not a directory"."""
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(StoreError, match=r"afile/sub cannot be made: .*afile is a file; give a folder"):
+        SessionStore(tmp_path / "afile" / "sub")
+    with pytest.raises(StoreError, match=r"afile is a file; give a folder"):
+        SessionStore(tmp_path / "afile")

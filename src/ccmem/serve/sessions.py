@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ccmem.chat import Message
+from ccmem.fileio import file_in_the_way
 from ccmem.memory import CompactMemory, Memory, MemoryMismatchError
 
 if TYPE_CHECKING:
@@ -275,9 +276,16 @@ class SessionStore(BaseSessionStore):
     def __init__(self, root: str | os.PathLike[str], *, max_sessions: int | None = None):
         self.root = Path(root).expanduser()
         self.max_sessions = max_sessions
-        if self.root.exists() and not self.root.is_dir():
-            raise StoreError(f"the session store {self.root} is a file; give a folder (it holds sessions.db)")
-        self.root.mkdir(parents=True, exist_ok=True)
+        blocked = file_in_the_way(self.root)
+        if blocked is not None:
+            where = "is a file" if blocked == self.root else f"cannot be made: {blocked} is a file"
+            raise StoreError(f"the session store {self.root} {where}; give a folder (it holds sessions.db)")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StoreError(
+                f"cannot make the session store {self.root} ({err.strerror}); give a folder you can write"
+            ) from None
         self.db_path = self.root / "sessions.db"
         self._lock = threading.RLock()
         # a lock lives while a request holds or awaits it: names asked for once do not pile up for good
