@@ -858,9 +858,7 @@ def train(
 
         which = export_checkpoint.strip().lower()
         if which != "latest" and not which.isdigit():
-            raise typer.BadParameter(
-                f"--export-checkpoint must be a step number or 'latest', got {export_checkpoint!r}"
-            )
+            raise OptionError(f"--export-checkpoint must be a step number or 'latest', got {export_checkpoint!r}")
         path = export(config, None if which == "latest" else int(which))
         console.print(f"wrote {path}")
         return
@@ -895,7 +893,7 @@ def _unless_other_attn(overrides: list[str], attn: str) -> list[str]:
     for text in overrides:
         key, value = parse_override(text)
         if key == "attn" and value != attn:
-            raise typer.BadParameter(f"--attn {attn} and the override {text!r} disagree; give the kernel once")
+            raise OptionError(f"--attn {attn} and the override {text!r} disagree; give the kernel once")
     return overrides
 
 
@@ -904,11 +902,11 @@ def _adapters(specs: list[str] | None) -> dict[str, Path]:
     for spec in specs or []:
         method, sep, path = spec.partition("=")
         if not sep or not path:
-            raise typer.BadParameter(
+            raise OptionError(
                 f"--adapter {spec!r} must look like METHOD=PATH, e.g. ccm-concat=runs/x/adapter.safetensors"
             )
         if method.strip() in adapters:
-            raise typer.BadParameter(f"--adapter names {method.strip()} twice; give one file per method")
+            raise OptionError(f"--adapter names {method.strip()} twice; give one file per method")
         adapters[method.strip()] = Path(path)
     return adapters
 
@@ -1563,17 +1561,17 @@ def data(
     from ccmem.data import persona
 
     if source != "wiki" and generator != "passages":
-        raise typer.BadParameter(f"--source chooses the text of passages; {generator!r} does not read it")
+        raise OptionError(f"--source chooses the text of passages; {generator!r} does not read it")
     if templates is not None and generator != "dialogs":
-        raise typer.BadParameter(f"--templates chooses the wordings of dialogs; {generator!r} does not read it")
+        raise OptionError(f"--templates chooses the wordings of dialogs; {generator!r} does not read it")
     if min_turns and generator != "dialogs":
-        raise typer.BadParameter(f"--min-turns sets the length of dialogs; {generator!r} does not read it")
+        raise OptionError(f"--min-turns sets the length of dialogs; {generator!r} does not read it")
     if min_turns > turns:
-        raise typer.BadParameter(f"--min-turns ({min_turns}) must not exceed --turns ({turns})")
+        raise OptionError(f"--min-turns ({min_turns}) must not exceed --turns ({turns})")
     if generator == "persona":
         check_persona_shape(k, small_talk)
     if generator == "icl" and n_train is not None:  # it was read by no generator of icl's, without a word
-        raise typer.BadParameter("--n-train counts training dialogs; icl's training rows are its --k demonstrations")
+        raise OptionError("--n-train counts training dialogs; icl's training rows are its --k demonstrations")
     if out.exists() and not out.is_dir():
         raise OptionError(f"--out {out} is a file; give a folder for the dataset files")
     check_folder(out, "--out")
@@ -1617,7 +1615,7 @@ def data(
         icl.write_metaicl(out, tasks, k=k, n_test=n_test or 20, seed=seed)
         console.print(f"wrote {tasks} tasks in MetaICL layout under {out} ({icl.GENERATOR_VERSION})")
     else:
-        raise typer.BadParameter(f"unknown generator {generator!r}; use persona, dialogs, passages or icl")
+        raise OptionError(f"unknown generator {generator!r}; use persona, dialogs, passages or icl")
 
 
 @app.command("methods")

@@ -11,6 +11,7 @@ import typer
 from ccmem.consoles import console, err_console
 from ccmem.fileio import file_in_the_way
 from ccmem.loading import ATTN_HELP, BUILTIN_MODELS, DEFAULT_MODEL
+from ccmem.options import OptionError
 
 repro_app = typer.Typer(help="Reproduce a paper's claims with ccmem's methods, one command per claim.")
 sentinel_app = typer.Typer(
@@ -82,9 +83,9 @@ def _ratios(text: str) -> list[float]:
     try:
         ratios = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise typer.BadParameter(f"--ratios takes numbers separated by commas, got {text!r}") from None
+        raise OptionError(f"--ratios takes numbers separated by commas, got {text!r}") from None
     if len(set(ratios)) < len(ratios):
-        raise typer.BadParameter(f"--ratios names a ratio twice ({text}); each is measured once")
+        raise OptionError(f"--ratios names a ratio twice ({text}); each is measured once")
     return ratios
 
 
@@ -93,12 +94,12 @@ def _adapters(specs: list[str] | None) -> dict[str, str]:
     for spec in specs or []:
         key, sep, path = spec.partition("=")
         if not sep or "@" not in key:
-            raise typer.BadParameter(f"--adapter takes METHOD@RATIO=PATH, got {spec!r}")
+            raise OptionError(f"--adapter takes METHOD@RATIO=PATH, got {spec!r}")
         method, _, ratio = key.partition("@")
         try:
             out[f"{method}@{float(ratio):g}"] = path
         except ValueError:
-            raise typer.BadParameter(f"--adapter takes METHOD@RATIO=PATH, RATIO a number; got {spec!r}") from None
+            raise OptionError(f"--adapter takes METHOD@RATIO=PATH, RATIO a number; got {spec!r}") from None
     return out
 
 
@@ -106,13 +107,13 @@ def check_out_dir(out_dir: Path, names: list[str], overwrite: bool) -> None:
     """Refuse, before any work, an ``out_dir`` that is a file, or to replace a table already in it unless
     ``--overwrite`` says so."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise typer.BadParameter(f"-o {out_dir} is a file, not a folder; give a folder for the results")
+        raise OptionError(f"-o {out_dir} is a file, not a folder; give a folder for the results")
     blocked = file_in_the_way(out_dir.parent)
     if blocked is not None:
-        raise typer.BadParameter(f"-o {out_dir}: {blocked} is a file, so no folder can be made there")
+        raise OptionError(f"-o {out_dir}: {blocked} is a file, so no folder can be made there")
     there = [name for name in names if (out_dir / name).exists()]
     if there and not overwrite:
-        raise typer.BadParameter(
+        raise OptionError(
             f"{out_dir / there[0]} exists (measured earlier); pass --overwrite to replace it, or "
             "-o DIR to write elsewhere"
         )
@@ -145,7 +146,7 @@ def _run(claim: str, settings: object, out_dir: Path, overwrite: bool) -> None:
     try:
         settings.check()
     except ValueError as err:
-        raise typer.BadParameter(str(err)) from None
+        raise OptionError(str(err)) from None
     from ccmem.repro.sentinel_report import METRICS
 
     plots = [f"{claim}-{key}.png" for key, _, _ in METRICS[claim]]  # as sentinel_report.plot names them
@@ -371,17 +372,16 @@ def gsm8k_table(
     )
     config = local_config(model)  # a T5 folder is refused for what it is, not for the adapter it lacks
     if config is not None and config.get("is_encoder_decoder"):
-        raise typer.BadParameter(
-            f"ccm-reason compresses a decoder's own reasoning while it writes, but {model} is an encoder-decoder "
-            f"model ({config.get('model_type', '?')}); give a decoder-only model (LLaMA, Mistral, Qwen2 ...). On "
-            "T5, ccm-concat, ccm-merge and gist run (ccmem eval)",
-            param_hint="'--model'",
+        raise OptionError(
+            f"--model: ccm-reason compresses a decoder's own reasoning while it writes, but {model} is an "
+            f"encoder-decoder model ({config.get('model_type', '?')}); give a decoder-only model (LLaMA, Mistral, "
+            "Qwen2 ...). On T5, ccm-concat, ccm-merge and gist run (ccmem eval)"
         )
     try:
         settings.check()
         resolve_adapter(settings.adapter)  # before the model loads
     except ValueError as err:
-        raise typer.BadParameter(str(err)) from None
+        raise OptionError(str(err)) from None
     check_out_dir(out_dir, ["rows.jsonl", "report.md", "accuracy-vs-kv.png"], overwrite)
     lm = load_model(model, attn_implementation=attn)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

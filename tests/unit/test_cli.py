@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import typer
 from rich.console import Console
 
 import ccmem
 from ccmem import cli
+from ccmem.options import OptionError
 
 COMMANDS = [
     "demo", "chat", "serve", "compress", "ask", "generate", "methods", "models", "train", "eval", "report", "data",
@@ -873,7 +873,7 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_work(monkeypatch,
     assert code == 2 and "is a file, so no folder can be made there" in " ".join(out.replace("│", " ").split())
     from ccmem.cli_repro import check_out_dir  # what repro gsm8k and repro sentinel check their -o with
 
-    with pytest.raises(typer.BadParameter, match="is a file, so no folder can be made there"):
+    with pytest.raises(OptionError, match="is a file, so no folder can be made there"):
         check_out_dir(blocker / "sub" / "deeper", ["rows.jsonl"], overwrite=False)
     code, out = run_cli(monkeypatch, capsys, "demo", "--methods", "none", "--out", str(tmp_path), "--model", "/x/y")
     assert code == 2 and "is a directory; give a .jsonl file" in " ".join(out.split()), out

@@ -335,7 +335,9 @@ def words(n: int) -> str:
     return " ".join(f"w{(i * 7) % 50}" for i in range(n))
 
 
-def test_stream_command_writes_rows_report_and_plot(tiny_model_dir, tmp_path):
+def test_stream_command_writes_rows_report_and_plot(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from tests.unit.test_cli import run_cli
+
     text = tmp_path / "book.txt"
     text.write_text(words(400))
     out = tmp_path / "out"
@@ -349,8 +351,8 @@ def test_stream_command_writes_rows_report_and_plot(tiny_model_dir, tmp_path):
     assert all(r["tokens"] == 192 and r["max_position"] < 48 for r in rows)
     assert (out / "stream.png").stat().st_size > 0 and "streaming-llm" in (out / "report.md").read_text()
     written = (out / "rows.jsonl").read_bytes()
-    again = CliRunner().invoke(cli.app, args)  # the table is there: replaced only with --overwrite
-    assert again.exit_code == 2 and "--overwrite" in again.output and (out / "rows.jsonl").read_bytes() == written
+    code, again = run_cli(monkeypatch, capsys, *args)  # the table is there: replaced only with --overwrite
+    assert code == 2 and "--overwrite" in again and (out / "rows.jsonl").read_bytes() == written
     printed = " ".join(result.output.split())
     assert "streaming-llm: 192 tokens read" in printed  # no bar when piped: a line per method
     assert re.search(r"streaming-llm: \d+/192 tokens read \(50%\)", printed)  # and at each tenth of it
