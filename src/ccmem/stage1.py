@@ -38,6 +38,11 @@ def stage1_file(path: str | os.PathLike[str]) -> Path:
     return file
 
 
+def stage1_hash(path: str | os.PathLike[str]) -> str:
+    """The hash a stage-1 LoRA (a run folder or its file) is recorded by once merged (:attr:`LoadedModel.stage1`)."""
+    return hashlib.sha256(stage1_file(path).read_bytes()).hexdigest()[:16]
+
+
 def merge_stage1(lm: LoadedModel, path: str | os.PathLike[str]) -> str:
     """Add a finished stage-1 LoRA (a run folder or its file) into the base weights; returns its hash."""
     from ccmem.adapter import AdapterMismatchError, load_adapter, read_adapter
@@ -49,7 +54,7 @@ def merge_stage1(lm: LoadedModel, path: str | os.PathLike[str]) -> str:
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as err:
         raise Stage1Error(f"{file} is not a readable safetensors file: {err}") from None
-    digest = hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+    digest = stage1_hash(file)
     if lm.stage1 == digest:
         return digest  # already merged (models are shared between sessions)
     if lm.stage1 is not None:
