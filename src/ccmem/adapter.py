@@ -157,6 +157,8 @@ def read_adapter(path: str | os.PathLike[str]) -> Adapter:
             options, tensors = cls.legacy_adapter(tensors, meta)
         else:
             options = json.loads(meta.get("options", "{}"))
+            if not isinstance(options, dict):  # else "'list' object has no attribute 'items'", naming no file
+                raise ValueError(f"its options are {type(options).__name__}, not a JSON object of names and values")
         options = check_options(name, options)
         extra = json.loads(meta.get("extra", "{}"))
     except (KeyError, ValueError, NotImplementedError) as err:

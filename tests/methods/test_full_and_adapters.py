@@ -386,3 +386,17 @@ def test_an_adapter_refused_for_its_stage1_leaves_a_shared_model_unmerged(tmp_pa
         ccmem.load(shared, "ccm-concat", adapter=plain, stage1=stage1_path, system_prompt=None)
     assert shared.stage1 is None and torch.equal(shared.model.model.layers[0].self_attn.q_proj.weight, before)
     assert other.score("ab", ["c", "d"]) == scores
+
+
+@pytest.mark.parametrize("options", ["[2]", "null", '"n_tok=2"'])
+def test_an_adapter_whose_options_are_no_json_object_is_refused_as_damaged(tmp_path, options):
+    """Hand-edited options that are a list or null failed with "'list' object has no attribute 'items'"."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = save_adapter(get_method("ccm-concat", n_tok=2), tiny_model(), tmp_path / "a.safetensors")
+    with safe_open(str(path), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file(tensors, str(path), metadata=meta | {"options": options})
+    with pytest.raises(AdapterMismatchError, match=rf"{path} has damaged or unknown metadata: its options are"):
+        read_adapter(path)
