@@ -27,7 +27,7 @@ from ccmem.loading import DEFAULT_MODEL, AttentionError, LoadedModel, load_model
 from ccmem.memory import Memory, MemoryMismatchError, check_meta
 from ccmem.methods.base import ContextTooLongError, Method, add_rows, logits_for, padding_is_exact, read_batch
 from ccmem.registry import DEFAULT_METHOD, get_method, method_class
-from ccmem.stage1 import merge_stage1, stage1_hash
+from ccmem.stage1 import merge_stage1, read_stage1, stage1_hash
 
 logger = logging.getLogger(__name__)
 
@@ -757,6 +757,8 @@ def load(
         raise ValueError("adapter= is empty: pass an adapter file, or None for the shipped one")
     if adapter is not None and not cls.trainable:
         raise ValueError(f"method {method!r} takes no adapter; drop adapter= or pick a trainable method")
+    if stage1 is not None:
+        read_stage1(stage1)  # a wrong path or file is said before the model loads
     lm = (
         model
         if isinstance(model, LoadedModel)
