@@ -222,8 +222,8 @@ class LoadedModel:
 
 def cache_dir() -> Path:
     """Where dequantized built-in models are kept (``$CCMEM_CACHE`` or ``~/.cache/ccmem``)."""
-    root = os.environ.get("CCMEM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ccmem")
-    return Path(root)
+    root = os.environ.get("CCMEM_CACHE") or os.path.join("~", ".cache", "ccmem")
+    return Path(os.path.expanduser(root))  # as $CCMEM_MODEL_DIR: a "~" that no shell expanded (.env, systemd)
 
 
 def builtin_gguf_path(name: str) -> Path:

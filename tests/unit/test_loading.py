@@ -56,6 +56,10 @@ def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
 
     monkeypatch.setenv("CCMEM_CACHE", str(tmp_path / "elsewhere"))
     assert cache_dir() == tmp_path / "elsewhere"
+    # a "~" no shell expanded (an .env file, systemd's Environment=) made a folder named "~" in the working directory
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CCMEM_CACHE", "~/models-cache")
+    assert cache_dir() == tmp_path / "home" / "models-cache"
 
 
 def test_session_memory_carries_no_autograd_graph():
