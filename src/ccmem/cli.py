@@ -1615,6 +1615,12 @@ def list_methods(
                     f"  -O {spec.name}={spec.default!r}  [dim]({escape(spec.type_name)})[/] {escape(spec.help)}",
                     highlight=False,
                 )
+            if cls.trainable and cls.runtime_options:  # what scripts/pack_adapter.py -O may set
+                console.print(
+                    "  [dim]runtime options (an adapter runs with any value; the others must be the ones it was "
+                    f"trained with):[/] {', '.join(sorted(cls.runtime_options))}",
+                    highlight=False,
+                )
         elif specs:
             console.print("  [dim]options:[/] " + ", ".join(f"{s.name}={s.default!r}" for s in specs), highlight=False)
 
