@@ -157,6 +157,8 @@ def read_adapter(path: str | os.PathLike[str]) -> Adapter:
             options, tensors = cls.legacy_adapter(tensors, meta)
         else:
             options = json.loads(meta.get("options", "{}"))
+            if not isinstance(options, dict):  # else "'list' object has no attribute 'items'", naming no file
+                raise ValueError(f"its options are {type(options).__name__}, not a JSON object of names and values")
         options = check_options(name, options)
         extra = json.loads(meta.get("extra", "{}"))
     except (KeyError, ValueError, NotImplementedError) as err:
@@ -306,8 +308,9 @@ def check_state_kind(method: Method, lm: LoadedModel, adapter: Adapter) -> None:
         )
 
 
-def load_adapter(method: Method, lm: LoadedModel, adapter: Adapter) -> None:
-    """Fill ``method``'s trainable state for ``lm`` from ``adapter``; refuse one made for another model."""
+def load_adapter(method: Method, lm: LoadedModel, adapter: Adapter, *, merging: str | None = None) -> None:
+    """Fill ``method``'s trainable state for ``lm`` from ``adapter``; refuse one made for another model.
+    ``merging``: the hash of a stage-1 LoRA that is to be merged into ``lm`` next (checked in place of its own)."""
     if adapter.model != lm.fingerprint and adapter.model_name == lm.name:
         # "trained for 'smollm2-135m', not for 'smollm2-135m'" was all a model loaded in bfloat16 was told
         raise AdapterMismatchError(
@@ -321,10 +324,11 @@ def load_adapter(method: Method, lm: LoadedModel, adapter: Adapter) -> None:
             f"adapter {adapter.path} was trained for {adapter.model_name!r}, not for {lm.name!r} "
             "(its layers or weights differ); use an adapter trained for this model"
         )
-    if adapter.stage1 != (lm.stage1 or ""):
+    stage1 = merging or lm.stage1
+    if adapter.stage1 != (stage1 or ""):
         raise AdapterMismatchError(
             f"adapter {adapter.path} was trained on top of stage-1 LoRA {adapter.stage1 or 'none'}, but this model has "
-            f"{lm.stage1 or 'none'} merged in; pass the same stage-1 run (--stage1 PATH; in Python "
+            f"{stage1 or 'none'} merged in; pass the same stage-1 run (--stage1 PATH; in Python "
             "ccmem.load(..., stage1=PATH))"
         )
     module = method.module_for(lm)

@@ -27,7 +27,7 @@ from ccmem.loading import DEFAULT_MODEL, AttentionError, LoadedModel, load_model
 from ccmem.memory import Memory, MemoryMismatchError, check_meta
 from ccmem.methods.base import ContextTooLongError, Method, add_rows, logits_for, padding_is_exact, read_batch
 from ccmem.registry import DEFAULT_METHOD, get_method, method_class
-from ccmem.stage1 import merge_stage1
+from ccmem.stage1 import merge_stage1, read_stage1, stage1_hash
 
 logger = logging.getLogger(__name__)
 
@@ -757,22 +757,25 @@ def load(
         raise ValueError("adapter= is empty: pass an adapter file, or None for the shipped one")
     if adapter is not None and not cls.trainable:
         raise ValueError(f"method {method!r} takes no adapter; drop adapter= or pick a trainable method")
+    if stage1 is not None:
+        read_stage1(stage1)  # a wrong path or file is said before the model loads
     lm = (
         model
         if isinstance(model, LoadedModel)
         else load_model(model, dtype=dtype, attn_implementation=attn_implementation)
     )
-    if stage1 is not None:
-        merge_stage1(lm, stage1)
     path = adapter_path(lm.name, method, adapter)
     found = read_adapter(path) if path is not None else None
     if found is not None:
         compression = get_method(method, **options_with_adapter(method, found, method_options))
-        load_adapter(compression, lm, found)
+        # checked before the stage-1 LoRA goes into the weights: a refused adapter left a shared model merged
+        load_adapter(compression, lm, found, merging=stage1_hash(stage1) if stage1 is not None else None)
     else:
         compression = get_method(method, **method_options)
     compression.check_model(lm)  # a decoder-only method on an encoder-decoder model, before any work
     check_attention(lm, compression)
+    if stage1 is not None:
+        merge_stage1(lm, stage1)
     if found is None and cls.needs_adapter:  # said once the model is known to be one the method runs on
         logger.warning(
             "no trained adapter for %s with %s: it runs untrained, answers will not use the context", lm.name, method

@@ -1090,9 +1090,9 @@ def eval_command(
         if ignored:
             err_console.print(f"note: {', '.join(ignored)} shape generated dialogs; a --path file is read as written")
     if stage1 is not None:
-        from ccmem.stage1 import stage1_file
+        from ccmem.stage1 import read_stage1
 
-        stage1_file(stage1)  # before loading the model: a wrong path is said at once
+        read_stage1(stage1)  # before loading the model: a wrong path or file is said at once
     with console.status(f"loading {model}..."):
         lm = load_model(model, attn_implementation=attn)
     names = _check_methods(lm, names, options, skip=methods is None)
@@ -1248,7 +1248,7 @@ def compare(
     from ccmem.eval.compare import CompareSettings, check_variants, grid, run_decode_speed, run_grid
     from ccmem.eval.compare_report import write_compare_report
     from ccmem.loading import load_model
-    from ccmem.stage1 import merge_stage1, stage1_file
+    from ccmem.stage1 import merge_stage1, read_stage1
 
     adapters = {name: str(path) for name, path in _adapters(adapter).items()}
     names = _method_list(methods, model, ("baseline", "learned", "training-free"))
@@ -1273,7 +1273,7 @@ def compare(
         raise OptionError(f"--out-dir {out_dir} is a file; give a folder for rows.jsonl and the report")
     check_folder(out_dir, "--out-dir")
     if stage1 is not None:
-        stage1_file(stage1)  # before loading the model: a wrong path is said at once
+        read_stage1(stage1)  # before loading the model: a wrong path or file is said at once
     with console.status(f"loading {model}..."):
         lm = load_model(model, attn_implementation=attn)
     kept = _check_methods(lm, names, settings.options, skip=methods is None)
@@ -1637,6 +1637,12 @@ def list_methods(
             for spec in specs:
                 console.print(
                     f"  -O {spec.name}={spec.default!r}  [dim]({escape(spec.type_name)})[/] {escape(spec.help)}",
+                    highlight=False,
+                )
+            if cls.trainable and cls.runtime_options:  # what scripts/pack_adapter.py -O may set
+                console.print(
+                    "  [dim]runtime options (an adapter runs with any value; the others must be the ones it was "
+                    f"trained with):[/] {', '.join(sorted(cls.runtime_options))}",
                     highlight=False,
                 )
         elif specs:

@@ -8,6 +8,7 @@ import errno
 import gzip
 import json
 import os
+import shutil
 import tempfile
 import zlib
 from collections.abc import Iterator
@@ -103,14 +104,18 @@ def sweep_stale_temporaries(path: Path) -> list[Path]:
     """Remove temporaries of ``path`` left by a process that was killed mid-write (``kill -9``); return them.
 
     :func:`atomic_path` names its temporary ``.<name>.<pid>.<random>.tmp``; one whose writer is no longer
-    running can never be renamed into place, so it is only taking space.
+    running can never be renamed into place, so it is only taking space (a folder's, such as a built-in model's
+    copy in the cache, hundreds of MB).
     """
     removed = []
     for tmp in path.parent.glob(f".{path.name}.*.tmp"):
         parts = tmp.name[len(path.name) + 2 :].split(".")
         if len(parts) >= 3 and parts[0].isdigit() and not _alive(int(parts[0])):
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                if tmp.is_dir() and not tmp.is_symlink():
+                    shutil.rmtree(tmp)
+                else:
+                    tmp.unlink()
                 removed.append(tmp)
     return removed
 

@@ -38,7 +38,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from ccmem.fileio import package_dir
+from ccmem.fileio import package_dir, sweep_stale_temporaries
 from ccmem.memory import KVShape
 
 logger = logging.getLogger(__name__)
@@ -223,8 +223,8 @@ class LoadedModel:
 
 def cache_dir() -> Path:
     """Where dequantized built-in models are kept (``$CCMEM_CACHE`` or ``~/.cache/ccmem``)."""
-    root = os.environ.get("CCMEM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ccmem")
-    return Path(root)
+    root = os.environ.get("CCMEM_CACHE") or os.path.join("~", ".cache", "ccmem")
+    return Path(os.path.expanduser(root))  # as $CCMEM_MODEL_DIR: a "~" that no shell expanded (.env, systemd)
 
 
 def builtin_gguf_path(name: str) -> Path:
@@ -262,6 +262,7 @@ def _forget_quantization(model: PreTrainedModel) -> None:
 def _materialize_builtin(name: str, dtype: torch.dtype) -> Path:
     """Dequantize a built-in GGUF once into ``cache_dir()/models/<name>`` (atomic: tmp dir, then rename)."""
     target = cache_dir() / "models" / name
+    sweep_stale_temporaries(target)  # the copy of a first load killed midway (kill -9, out of memory): 500 MB
     if (target / "config.json").is_file():
         return target
     gguf = builtin_gguf_path(name)
@@ -270,7 +271,7 @@ def _materialize_builtin(name: str, dtype: torch.dtype) -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
     _forget_quantization(model)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}."))
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}.{os.getpid()}.", suffix=".tmp"))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -108,8 +108,10 @@ def _pack(tensor: torch.Tensor, storage: str, reduce_dim: int, what: str) -> Pac
         return PackedTensor(tensor.to(dtype))
     x = tensor.float()
     peak = x.abs().amax(dim=reduce_dim, keepdim=True) if x.numel() else x.sum(dim=reduce_dim, keepdim=True)
-    # an all-zero channel gets scale 1, so it packs to zeros instead of dividing by zero
-    scale = torch.where(peak > 0, peak / INT8_MAX, torch.ones_like(peak))
+    # an all-zero channel gets scale 1, so it packs to zeros instead of dividing by zero; so does one whose peak is
+    # so small (subnormal) that peak / 127 rounds to 0, which a file would record as a damaged scale
+    scale = peak / INT8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(x / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return PackedTensor(q, scale)
 

@@ -12,13 +12,16 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from ccmem.loading import LoadedModel
+
+if TYPE_CHECKING:
+    from ccmem.adapter import Adapter
 
 ADAPTER_FILE = "adapter.safetensors"
 LEGACY_STAGE1_FILE = "stage1_lora.safetensors"
@@ -38,10 +41,15 @@ def stage1_file(path: str | os.PathLike[str]) -> Path:
     return file
 
 
-def merge_stage1(lm: LoadedModel, path: str | os.PathLike[str]) -> str:
-    """Add a finished stage-1 LoRA (a run folder or its file) into the base weights; returns its hash."""
-    from ccmem.adapter import AdapterMismatchError, load_adapter, read_adapter
-    from ccmem.registry import get_method
+def stage1_hash(path: str | os.PathLike[str]) -> str:
+    """The hash a stage-1 LoRA (a run folder or its file) is recorded by once merged (:attr:`LoadedModel.stage1`)."""
+    return hashlib.sha256(stage1_file(path).read_bytes()).hexdigest()[:16]
+
+
+def read_stage1(path: str | os.PathLike[str]) -> tuple[Path, dict[str, str], Adapter | None]:
+    """A stage-1 LoRA's file, its metadata and its adapter (``None`` for a file of an older ccmem), refused when it
+    is none; read without the model, so that a wrong file is said before a model loads."""
+    from ccmem.adapter import AdapterMismatchError, read_adapter
 
     file = stage1_file(path)
     try:
@@ -49,22 +57,33 @@ def merge_stage1(lm: LoadedModel, path: str | os.PathLike[str]) -> str:
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as err:
         raise Stage1Error(f"{file} is not a readable safetensors file: {err}") from None
-    digest = hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+    if meta.get("format") == "ccmem.stage1":
+        return file, meta, None
+    try:
+        adapter = read_adapter(file)
+    except AdapterMismatchError as err:
+        raise Stage1Error(str(err)) from None
+    if adapter.method != "full":
+        raise Stage1Error(
+            f"{file} is a {adapter.method} adapter; a stage-1 LoRA comes from a finished `method.name=full` run"
+        )
+    return file, meta, adapter
+
+
+def merge_stage1(lm: LoadedModel, path: str | os.PathLike[str]) -> str:
+    """Add a finished stage-1 LoRA (a run folder or its file) into the base weights; returns its hash."""
+    from ccmem.adapter import load_adapter
+    from ccmem.registry import get_method
+
+    file, meta, adapter = read_stage1(path)
+    digest = stage1_hash(file)
     if lm.stage1 == digest:
         return digest  # already merged (models are shared between sessions)
     if lm.stage1 is not None:
         raise Stage1Error(f"this model already has stage-1 LoRA {lm.stage1} merged in; load a fresh model")
-    if meta.get("format") == "ccmem.stage1":
+    if adapter is None:
         _merge_legacy(lm, file, meta)
     else:
-        try:
-            adapter = read_adapter(file)
-        except AdapterMismatchError as err:
-            raise Stage1Error(str(err)) from None
-        if adapter.method != "full":
-            raise Stage1Error(
-                f"{file} is a {adapter.method} adapter; a stage-1 LoRA comes from a finished `method.name=full` run"
-            )
         if adapter.model != lm.fingerprint:
             raise _other_model(file, adapter.model_name, lm)
         method = get_method("full", **adapter.options)

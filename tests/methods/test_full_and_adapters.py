@@ -368,3 +368,35 @@ def test_a_memory_of_another_model_names_that_model(tmp_path):
     other = CompressedLM(tiny_model("qwen2"), get_method("full"), system_prompt="s")
     with pytest.raises(MemoryMismatchError, match=r"made with model 'tiny-llama-gqa' .*--model tiny-llama-gqa"):
         other.load_memory(path)
+
+
+def test_an_adapter_refused_for_its_stage1_leaves_a_shared_model_unmerged(tmp_path):
+    """ccmem.load(lm, ..., stage1=RUN) merged the stage-1 LoRA into the shared weights before it read the adapter:
+    refused, it left them merged, and every other session of that model was broken."""
+    lm = tiny_model()
+    stage1 = get_method("full")
+    randomize_lora(stage1, lm)
+    stage1_path = save_adapter(stage1, lm, tmp_path / "stage1.safetensors")
+    plain = save_adapter(get_method("ccm-concat", n_tok=2), lm, tmp_path / "plain.safetensors")
+    shared = tiny_model()
+    before = shared.model.model.layers[0].self_attn.q_proj.weight.clone()
+    other = ccmem.load(shared, "full", system_prompt=None)
+    scores = other.score("ab", ["c", "d"])
+    with pytest.raises(AdapterMismatchError, match="trained on top of stage-1 LoRA none"):
+        ccmem.load(shared, "ccm-concat", adapter=plain, stage1=stage1_path, system_prompt=None)
+    assert shared.stage1 is None and torch.equal(shared.model.model.layers[0].self_attn.q_proj.weight, before)
+    assert other.score("ab", ["c", "d"]) == scores
+
+
+@pytest.mark.parametrize("options", ["[2]", "null", '"n_tok=2"'])
+def test_an_adapter_whose_options_are_no_json_object_is_refused_as_damaged(tmp_path, options):
+    """Hand-edited options that are a list or null failed with "'list' object has no attribute 'items'"."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = save_adapter(get_method("ccm-concat", n_tok=2), tiny_model(), tmp_path / "a.safetensors")
+    with safe_open(str(path), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file(tensors, str(path), metadata=meta | {"options": options})
+    with pytest.raises(AdapterMismatchError, match=rf"{path} has damaged or unknown metadata: its options are"):
+        read_adapter(path)

@@ -328,6 +328,12 @@ def test_methods_lists_kind_options_and_paper(monkeypatch, capsys):
     assert "ccm-concat learned" in flat and "Kim et al." in flat
     code, text = run_cli(monkeypatch, capsys, "methods", "h2o")
     assert code == 0 and "-O recent=0" in text and "snapkv" not in text
+    # scripts/pack_adapter.py's help sends here for the options it may set: they were listed nowhere
+    code, text = run_cli(monkeypatch, capsys, "methods", "icformer")
+    assert code == 0 and "runtime options (an adapter runs with any value" in " ".join(text.split())
+    assert "avg_level, marker, max_chunk_len, max_seq_len, objective, pretrain_min_len, use_chunk" in " ".join(
+        text.split()
+    )
 
 
 def test_an_option_is_given_as_methods_shows_it_or_as_a_fraction():

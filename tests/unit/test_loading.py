@@ -56,6 +56,10 @@ def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
 
     monkeypatch.setenv("CCMEM_CACHE", str(tmp_path / "elsewhere"))
     assert cache_dir() == tmp_path / "elsewhere"
+    # a "~" no shell expanded (an .env file, systemd's Environment=) made a folder named "~" in the working directory
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CCMEM_CACHE", "~/models-cache")
+    assert cache_dir() == tmp_path / "home" / "models-cache"
 
 
 def test_session_memory_carries_no_autograd_graph():
@@ -97,6 +101,69 @@ def test_a_write_killed_midway_keeps_the_old_file_and_its_temporary_is_swept(tmp
         tmp.write_bytes(b"new contents")
     assert target.read_bytes() == b"new contents"
     assert list(tmp_path.iterdir()) == [target]
+
+
+class _Dequantized:
+    """What the fake GGUF loaders return: ``save_pretrained`` writes a model folder (stopping midway if ``slow``)."""
+
+    def __init__(self, slow: bool = False) -> None:
+        import types
+
+        self.slow, self.config = slow, types.SimpleNamespace()
+
+    def save_pretrained(self, folder, **kwargs) -> None:
+        import time
+        from pathlib import Path
+
+        (Path(folder) / "model.safetensors").write_bytes(b"x" * 1000)
+        if self.slow:
+            print("writing", flush=True)
+            time.sleep(60)
+        (Path(folder) / "config.json").write_text("{}")
+
+
+def fake_dequantizing(setattr, slow: bool) -> None:
+    """Make ``loading._materialize_builtin`` write :class:`_Dequantized` folders instead of reading a GGUF."""
+    import types
+    from pathlib import Path
+
+    from ccmem import loading
+
+    setattr(loading, "builtin_gguf_path", lambda name: Path("/nonexistent/model.gguf"))
+    setattr(loading, "AutoTokenizer", types.SimpleNamespace(from_pretrained=lambda *a, **k: _Dequantized()))
+    setattr(loading, "AutoModelForCausalLM", types.SimpleNamespace(from_pretrained=lambda *a, **k: _Dequantized(slow)))
+
+
+def test_a_first_load_killed_midway_leaves_no_copy_behind_once_the_next_one_ran(tmp_path, monkeypatch):
+    """``kill -9`` (or the out-of-memory killer) while the built-in model was dequantized into the cache left its
+    half-written copy (500 MB for SmolLM2) in a hidden folder that nothing ever removed."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    from ccmem import loading
+
+    script = (
+        "from tests.unit.test_loading import fake_dequantizing\n"
+        "from ccmem import loading\n"
+        "fake_dequantizing(setattr, slow=True)\n"
+        "loading._materialize_builtin('smollm2-135m', None)\n"
+    )
+    env = {**os.environ, "CCMEM_CACHE": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
+    proc.kill()
+    proc.wait()
+    time.sleep(0.1)
+    models = tmp_path / "models"
+    assert len([p for p in models.iterdir() if p.name.startswith(".smollm2-135m.")]) == 1
+    monkeypatch.setenv("CCMEM_CACHE", str(tmp_path))
+    fake_dequantizing(monkeypatch.setattr, slow=False)
+    target = loading._materialize_builtin("smollm2-135m", torch.float32)
+    assert (target / "config.json").is_file() and [p.name for p in models.iterdir()] == ["smollm2-135m"]
 
 
 def test_a_chunked_builtin_is_assembled_once_into_the_cache(monkeypatch, tmp_path):

@@ -373,3 +373,16 @@ def test_a_setting_an_older_memory_did_not_record_is_named_as_missing_not_as_emp
     with pytest.raises(MemoryMismatchError, match="made with marker='lm', but this session has marker='ft'"):
         check_meta({"model": "m", "method": "icformer", "marker": "lm"}, expect, "memory x")
     check_meta({"model": "m", "method": "icformer", "marker": "ft"}, expect, "memory x")
+
+
+def test_a_channel_of_subnormal_values_packs_to_int8_and_its_file_loads_again(tmp_path):
+    """A peak under 127 times the smallest float32 gave a scale of 0: held, it expanded to zeros, but saved, the
+    file was refused as damaged ("scales that are not finite and positive")."""
+    keys = torch.zeros(1, 2, 3, 4)
+    keys[0, 0, 0, 0] = 1e-44
+    values = keys.clone()
+    memory = Memory(layers=[(keys, values)], positions=[positions_for(0, 3, keys)], next_position=3)
+    compact = memory.compact("int8")
+    assert all(bool((p.scale > 0).all()) for p in compact.layers[0] if p.scale is not None)
+    back = Memory.load(memory.save(tmp_path / "tiny.safetensors", dtype="int8"))
+    assert torch.allclose(back.layers[0][0], keys, atol=1e-30) and torch.allclose(back.layers[0][1], values, atol=1e-30)

@@ -13,10 +13,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from ccmem.adapter import AdapterMismatchError, read_adapter
+from ccmem.adapter import AdapterMismatchError, read_adapter, save_adapter
 from ccmem.api import load
 from ccmem.data.loaders import load_examples
 from ccmem.memory import MemoryMismatchError
+from ccmem.registry import get_method
 from ccmem.train.config import ConfigError, load_config, preset_names
 from ccmem.train.trainer import train
 from tests.conftest import tiny_model
@@ -328,10 +329,15 @@ def test_missing_data_stage1_and_init_files_are_said_before_the_model_loads(tmp_
         raise AssertionError("the model was loaded before the files were checked")
 
     monkeypatch.setattr(trainer, "load_model", never)
+    # files that are there but not what the key takes were read only once the model had loaded, too
+    concat = save_adapter(get_method("ccm-concat", n_tok=2), tiny_model(), tmp_path / "concat.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 16)
     for setting, error in [
         (f"data.path={tmp_path / 'nope'}", r"nope does not exist"),
         (f"load_path={tmp_path / 'stage1'}", r"load_path: no stage-1 LoRA at"),
+        (f"load_path={concat}", r"load_path: .*concat\.safetensors is a ccm-concat adapter; a stage-1 LoRA comes"),
         (f"init_from={tmp_path / 'a.safetensors'}", r"init_from: .*a\.safetensors does not exist"),
+        (f"init_from={tmp_path / 'junk.safetensors'}", r"init_from: .*junk\.safetensors is not a readable"),
         # a shipped adapter ccmem does not ship was found only once the model had loaded
         ("init_from=shipped", r"init_from=shipped: ccmem ships no ccm-concat adapter for tiny"),
         ("init_from=shipped:nope", r"init_from=shipped:nope: ccmem ships no nope adapter for tiny"),

@@ -53,7 +53,7 @@ from ccmem.fileio import atomic_path, file_in_the_way
 from ccmem.loading import LoadedModel, load_model
 from ccmem.methods.base import ContextTooLongError, Method
 from ccmem.registry import get_method
-from ccmem.stage1 import ADAPTER_FILE, Stage1Error, merge_stage1, stage1_file
+from ccmem.stage1 import ADAPTER_FILE, Stage1Error, merge_stage1, read_stage1
 from ccmem.train.config import ConfigError, TrainConfig, differences, with_later_fields
 
 try:
@@ -438,15 +438,22 @@ def _precision(name: str) -> str:
 
 
 def _check_files(config: TrainConfig, model_name: str) -> None:
-    """Refuse a ``load_path`` with no stage-1 LoRA, or an ``init_from`` file that is not there (or a shipped
-    adapter ccmem does not ship for ``model_name``)."""
+    """Refuse a ``load_path`` with no stage-1 LoRA, or an ``init_from`` file that is not there or no adapter (or a
+    shipped adapter ccmem does not ship for ``model_name``)."""
     try:
         if config.load_path:
-            stage1_file(config.load_path)
+            read_stage1(config.load_path)
     except Stage1Error as err:
         raise ConfigError(f"load_path: {err}") from None
-    if config.init_from and not init_path(model_name, config.method.name, config.init_from).exists():
+    if not config.init_from:
+        return
+    path = init_path(model_name, config.method.name, config.init_from)
+    if not path.exists():
         raise ConfigError(f"init_from: {config.init_from} does not exist (an adapter file, or shipped[:NAME])")
+    try:
+        read_adapter(path)  # junk, a memory file, a run's folder: said before the model loads, not after
+    except (AdapterMismatchError, FileNotFoundError) as err:
+        raise ConfigError(f"init_from: {err}") from None
 
 
 def _method_state(config: TrainConfig, lm: LoadedModel | None) -> tuple[Method, LoadedModel, nn.Module, str | None]:
