@@ -10,8 +10,10 @@ of positions.
 Covered: every model whose keys are rotated by one static table of frequencies per layer in the
 ``rotate_half`` layout of transformers: LLaMA, Mistral, Qwen2 (one table), Gemma 3 (one table per layer type:
 local and global layers) and GPT-NeoX (partial rotary: only the first ``2·len(inv_freq)`` dimensions turn, the
-rest pass through). Refused with a clear error: models without RoPE, and RoPE whose frequencies depend on the
-sequence length (``dynamic`` NTK, ``longrope``), where a key's rotation is not a function of its position alone.
+rest pass through). Layers without RoPE in such a model (NoPE: SmolLM3's every fourth layer) keep their keys,
+which carry no position. Refused with a clear error: models without RoPE, and RoPE whose frequencies
+depend on the sequence length (``dynamic`` NTK, ``longrope``), where a key's rotation is not a function of its
+position alone.
 Attention scaling factors of ``yarn``/``llama3`` multiply cos and sin of every position alike, so a pure
 rotation by the difference is still exact.
 """
@@ -88,9 +90,16 @@ def half_split_pairing(lm: LoadedModel) -> bool:
     return bool(torch.equal(theirs(x), rotate_half(x)))
 
 
+def layers_without_rope(lm: LoadedModel) -> set[int]:
+    """Decoder layers whose keys get no rotary position at all (NoPE): those marked 0 in the config's
+    ``no_rope_layers`` (SmolLM3, Llama 4: 1 marks a layer with RoPE)."""
+    flags = getattr(lm.model.config.get_text_config(), "no_rope_layers", None) or []
+    return {i for i, uses_rope in enumerate(flags) if not uses_rope}
+
+
 def layer_frequencies(lm: LoadedModel) -> list[torch.Tensor]:
-    """Per decoder layer, the inverse frequencies its keys were rotated with; :class:`RopeError` if there are none
-    or they change with the sequence length."""
+    """Per decoder layer, the inverse frequencies its keys were rotated with (zeros for a layer without RoPE: its
+    keys do not turn); :class:`RopeError` if there are none or they change with the sequence length."""
     cfg = lm.model.config.get_text_config()
     family = getattr(cfg, "model_type", type(lm.model).__name__)
     rotary: Any = getattr(lm.model.base_model, "rotary_emb", None)
@@ -123,7 +132,8 @@ def layer_frequencies(lm: LoadedModel) -> list[torch.Tensor]:
             f"cannot be moved exactly; {MOVING} supports RoPE types {', '.join(STATIC_ROPE)}"
         )
     tables = {id(f): f.detach().float() for f in freqs}  # layers that share a table share one tensor
-    return [tables[id(f)] for f in freqs]
+    nope = layers_without_rope(lm)  # rotating their keys would corrupt them: they were never rotated
+    return [torch.zeros_like(tables[id(f)]) if i in nope else tables[id(f)] for i, f in enumerate(freqs)]
 
 
 def compact_positions(memory: Memory, freqs: list[torch.Tensor]) -> Memory:

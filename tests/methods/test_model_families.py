@@ -92,6 +92,23 @@ def test_expected_attention_reads_each_layers_own_rope_on_gemma3():
     assert session.memory.num_slots == 10
 
 
+def test_expected_attention_does_not_rotate_the_queries_of_a_layer_without_rope():
+    """SmolLM3 gives every fourth layer no RoPE (NoPE): expected-attention un-rotated that layer's queries and
+    rotated their statistics to future positions anyway, so what it kept there depended on how far ahead it
+    looked; a NoPE layer's future queries are its present ones."""
+    config = T.SmolLM3Config(**COMMON, **HEADS, pad_token_id=0, no_rope_layers=[1, 0])
+    lm = family("smollm3", config)
+    kept = []
+    for ahead in (1, 512):
+        session = ccmem.load(
+            lm, "expected-attention", system_prompt=None, ratio=0.5, n_sink=0, use_vnorm=False, n_future_positions=ahead
+        )
+        session.add_ids(list(range(10, 50)))
+        kept.append([p[0].tolist() for p in session.memory.positions])
+    assert kept[0][0] != kept[1][0]  # the RoPE layer: looking further ahead turns the statistics
+    assert kept[0][1] == kept[1][1]  # the NoPE layer: nothing turns
+
+
 def test_neighbour_paired_rope_is_refused_where_ccmem_would_rotate_keys():
     """Cohere pairs dimensions 2j and 2j+1 for RoPE; re-basing keys with LLaMA's pairing silently corrupted them
     (a chat or stream past the model's positions went on with wrong keys)."""

@@ -44,6 +44,30 @@ def test_compacting_moves_each_slot_to_its_index_and_blends_with_the_next_positi
     torch.testing.assert_close(compact.layers[0][1], layers[0][1])  # values carry no position
 
 
+def test_compacting_leaves_the_keys_of_layers_without_rope_as_they_are():
+    """SmolLM3 gives every fourth layer no RoPE (NoPE): re-basing rotated those keys too, which were
+    never rotated, so a chat past the model's positions read corrupted keys there."""
+    from transformers import AutoModelForCausalLM, SmolLM3Config
+
+    from ccmem.loading import LoadedModel
+    from tests.conftest import COMMON, TinyTokenizer
+
+    config = SmolLM3Config(
+        **{**COMMON, "num_hidden_layers": 4}, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0
+    )
+    assert config.no_rope_layers == [1, 1, 1, 0]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
+    lm = LoadedModel(model=model, tokenizer=TinyTokenizer(), name="tiny-smollm3")
+    # One token reads only itself, so in every layer its key depends on its position alone.
+    ids = torch.tensor([[17]])
+    layers = keys_at(lm, ids, torch.tensor([90]))
+    positions = [torch.full((1, k.shape[1], 1), 90) for k, _ in layers]
+    compact = compact_positions(Memory(layers=layers, positions=positions, next_position=91), layer_frequencies(lm))
+    for (moved, _), (there, _) in zip(compact.layers, keys_at(lm, ids, torch.tensor([0])), strict=True):
+        torch.testing.assert_close(moved, there, atol=2e-5, rtol=1e-4)
+
+
 def test_a_merged_memory_read_after_compacting_gives_the_same_logits():
     # ccm-merge without a sink holds only blends: they all move as the next position does, so every distance
     # the next tokens see is kept, and re-basing changes nothing but position ids.

@@ -25,7 +25,7 @@ from ccmem.methods.base import option
 from ccmem.methods.eviction import Candidates, KVEviction, Scores, check_n_sink
 from ccmem.patching.attention import AttentionCapture
 from ccmem.registry import register
-from ccmem.rope import half_split_pairing, rotate_half
+from ccmem.rope import half_split_pairing, layers_without_rope, rotate_half
 
 
 def rotary_tables(
@@ -33,7 +33,7 @@ def rotary_tables(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos, sin`` of the model's rotary embedding of decoder layer ``layer`` at ``positions`` (``[1, n]``), each
     ``[n, head_dim]`` (models with a RoPE per layer type, such as Gemma 3's local and global layers, get that
-    layer's)."""
+    layer's; a layer without RoPE, such as SmolLM3's every fourth, gets no rotation: cos 1, sin 0)."""
     rotary = getattr(lm.model.base_model, "rotary_emb", None)
     if rotary is None:
         raise ValueError(
@@ -49,6 +49,8 @@ def rotary_tables(
             f"expected-attention needs a rotary embedding over the whole head ({like.shape[-1]} dims), but this "
             f"model rotates {cos.shape[-1]}; use another method"
         )
+    if layer in layers_without_rope(lm):  # its queries were never rotated, nor will future ones be
+        return torch.ones_like(cos[0], dtype=torch.float32), torch.zeros_like(sin[0], dtype=torch.float32)
     return cos[0].float(), sin[0].float()
 
 
