@@ -602,7 +602,14 @@ def compress(
             session.add(text, progress=progress)
         except ContextTooLongError as err:
             raise OptionError(_compress_too_long(session, text_file, err)) from None
-    path = session.save_memory(out, dtype=storage)
+    from ccmem.precision import PrecisionRangeError
+
+    try:
+        path = session.save_memory(out, dtype=storage)
+    except PrecisionRangeError as err:  # said after the whole compression: the work is kept, at bfloat16
+        err_console.print(f"[yellow]{escape(str(err))}: stored as bfloat16 instead (float16's exponent range)[/]")
+        storage = "bfloat16"
+        path = session.save_memory(out, dtype=storage)
     mem = session.memory
     held = mem.compact(storage).nbytes if storage else mem.nbytes
     console.print(

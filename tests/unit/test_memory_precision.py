@@ -278,6 +278,37 @@ def test_compress_stores_the_memory_at_the_precision_asked_and_ask_reads_it(
     assert "Traceback" not in out
 
 
+def test_compress_keeps_its_work_at_bfloat16_where_float16_cannot_hold_the_memory(
+    monkeypatch, capsys, tiny_model_dir, tmp_path
+):
+    """--memory-dtype float16 failed after the whole compression where a value passed float16's range, and
+    nothing was saved (serve's auto falls back to bfloat16 there; compress now does too, and says so)."""
+    from ccmem.api import CompressedLM
+    from ccmem.precision import PrecisionRangeError
+    from tests.unit.test_cli import run_cli
+
+    real = CompressedLM.save_memory
+
+    def beyond_float16(self, path, *, dtype=None):
+        if dtype == "float16":
+            raise PrecisionRangeError("keys reach 7.1e+04, beyond float16's range (65504)")
+        return real(self, path, dtype=dtype)
+
+    monkeypatch.setattr(CompressedLM, "save_memory", beyond_float16)
+    text = tmp_path / "notes.txt"
+    text.write_text("w1 w2 w3 w4 w5 w6")
+    memory = tmp_path / "notes.safetensors"
+    code, out = run_cli(
+        monkeypatch, capsys, "compress", str(text), "-o", str(memory), "--memory-dtype", "float16",
+        "--model", str(tiny_model_dir), "--method", "full", "--system", "",
+    )  # fmt: skip
+    said = " ".join(out.split())
+    assert code == 0, out
+    assert "beyond float16's range (65504): stored as bfloat16 instead" in said and "stored as bfloat16)" in said
+    with safe_open(str(memory), "pt") as f:
+        assert f.metadata()["storage"] == "bfloat16"
+
+
 def _set_state(name, value):
     def edit(meta, t):
         if value is None:
