@@ -1533,10 +1533,13 @@ def data(
             help="persona/dialogs: most facts per dialog; passages: passages per chat; icl: demonstrations.",
         ),
     ] = 3,
-    small_talk: Annotated[int, typer.Option("--small-talk", min=0, help="persona: most small-talk turns.")] = 2,
+    small_talk: Annotated[
+        int | None, typer.Option("--small-talk", min=0, help="persona: most small-talk turns \\[default: 2].")
+    ] = None,
     turns: Annotated[
-        int, typer.Option("--turns", min=1, help="dialogs: most turns (test dialogs: exactly this many).")
-    ] = 20,
+        int | None,
+        typer.Option("--turns", min=1, help="dialogs: most turns (test dialogs: exactly this many) \\[default: 20]."),
+    ] = None,
     min_turns: Annotated[
         int,
         typer.Option(
@@ -1554,7 +1557,7 @@ def data(
         str,
         typer.Option("--source", help="passages: wiki (Wikipedia summaries), news (news articles) or both."),
     ] = "wiki",
-    tasks: Annotated[int, typer.Option("--tasks", min=1, help="icl: number of tasks.")] = 20,
+    tasks: Annotated[int | None, typer.Option("--tasks", min=1, help="icl: number of tasks \\[default: 20].")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Generator seed (same seed, same files).")] = 0,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace the dataset files already in --out (else they are kept).")
@@ -1567,6 +1570,13 @@ def data(
     """
     from ccmem.data import persona
 
+    if generator not in ("persona", "dialogs", "passages", "icl"):
+        raise OptionError(f"unknown generator {generator!r}; use persona, dialogs, passages or icl")
+    for flag, value, reader in (("--small-talk", small_talk, "persona"), ("--turns", turns, "dialogs"),
+                                ("--tasks", tasks, "icl")):  # fmt: skip
+        if value is not None and generator != reader:  # it was read by no generator of this one's, without a word
+            raise OptionError(f"{flag} shapes {reader} data; {generator!r} does not read it")
+    small_talk, turns, tasks = 2 if small_talk is None else small_talk, turns or 20, tasks or 20
     if source != "wiki" and generator != "passages":
         raise OptionError(f"--source chooses the text of passages; {generator!r} does not read it")
     if templates is not None and generator != "dialogs":
@@ -1611,7 +1621,7 @@ def data(
         for split in splits:
             persona.write_jsonl(out / f"{split}.jsonl", splits[split])
         console.print(f"wrote {out}/train.jsonl, validation.jsonl, test.jsonl ({version})")
-    elif generator == "icl":
+    else:  # icl
         from ccmem.data import icl
 
         for task_dir in {p.parent for p in held}:  # --overwrite: else the old tasks, k and seeds are read beside
@@ -1621,8 +1631,6 @@ def data(
                 task_dir.rmdir()  # emptied (a task folder without files is refused by the loader)
         icl.write_metaicl(out, tasks, k=k, n_test=n_test or 20, seed=seed)
         console.print(f"wrote {tasks} tasks in MetaICL layout under {out} ({icl.GENERATOR_VERSION})")
-    else:
-        raise OptionError(f"unknown generator {generator!r}; use persona, dialogs, passages or icl")
 
 
 @app.command("methods")

@@ -89,6 +89,11 @@ def test_methods_lists_the_registry(monkeypatch, capsys):
         (["compare", "--methods", "full,full"], "--methods names 'full' twice"),
         (["eval", "metaicl", "--methods", "full"], "set data.path to the downloaded folder"),
         (["data", "nonsense", "-o", "x"], "unknown generator 'nonsense'"),
+        (["data", "nonsense", "-o", "x", "--turns", "4"], "unknown generator 'nonsense'"),
+        # each was read by no generator of these, without a word
+        (["data", "persona", "-o", "x", "--turns", "10"], "--turns shapes dialogs data; 'persona' does not read it"),
+        (["data", "dialogs", "-o", "x", "--small-talk", "3"], "--small-talk shapes persona data; 'dialogs' does not"),
+        (["data", "passages", "-o", "x", "--tasks", "3"], "--tasks shapes icl data; 'passages' does not read it"),
         (["report", "/nonexistent/eval.jsonl"], "no results file at /nonexistent/eval.jsonl"),
     ],
 )
