@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import inspect
 import logging
 import os
@@ -1571,7 +1572,9 @@ def data(
     from ccmem.data import persona
 
     if generator not in ("persona", "dialogs", "passages", "icl"):
-        raise OptionError(f"unknown generator {generator!r}; use persona, dialogs, passages or icl")
+        close = difflib.get_close_matches(generator, ["persona", "dialogs", "passages", "icl"], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise OptionError(f"unknown generator {generator!r}{hint}; use persona, dialogs, passages or icl")
     for flag, value, reader in (("--small-talk", small_talk, "persona"), ("--turns", turns, "dialogs"),
                                 ("--tasks", tasks, "icl")):  # fmt: skip
         if value is not None and generator != reader:  # it was read by no generator of this one's, without a word

@@ -90,6 +90,8 @@ def test_methods_lists_the_registry(monkeypatch, capsys):
         (["eval", "metaicl", "--methods", "full"], "set data.path to the downloaded folder"),
         (["data", "nonsense", "-o", "x"], "unknown generator 'nonsense'"),
         (["data", "nonsense", "-o", "x", "--turns", "4"], "unknown generator 'nonsense'"),
+        (["data", "persna", "-o", "x"], "unknown generator 'persna' (did you mean 'persona'?)"),
+        (["compare", "--tasks", "persna"], "unknown task 'persna' (did you mean 'persona'?)"),
         # each was read by no generator of these, without a word
         (["data", "persona", "-o", "x", "--turns", "10"], "--turns shapes dialogs data; 'persona' does not read it"),
         (["data", "dialogs", "-o", "x", "--small-talk", "3"], "--small-talk shapes persona data; 'dialogs' does not"),

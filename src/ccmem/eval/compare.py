@@ -13,6 +13,7 @@ method (budgeted methods at ``decode_budget``), which is where a smaller cache p
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import hashlib
 import json
@@ -132,7 +133,9 @@ class CompareSettings:
             raise ValueError(f"no task to run; tasks: {', '.join(TASKS)}")
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
-            raise ValueError(f"unknown task {unknown[0]!r}; tasks: {', '.join(TASKS)}")
+            close = difflib.get_close_matches(unknown[0], list(TASKS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown task {unknown[0]!r}{hint}; tasks: {', '.join(TASKS)}")
         if not self.methods:
             raise ValueError("no methods to compare")
         # a name given twice: each of its cells would run, and be written to rows.jsonl, twice
