@@ -631,3 +631,38 @@ def test_the_report_plot_shows_a_method_that_holds_no_slot(tmp_path, monkeypatch
     x, _ = ax.transData.transform((0.0, 0.25))
     left, right = ax.transAxes.transform((0, 0))[0], ax.transAxes.transform((1, 0))[0]
     assert left <= x <= right  # inside the axes, not at -inf
+
+
+@pytest.mark.parametrize("generate", [False, True])
+def test_an_example_too_long_for_full_is_refused_before_the_methods_ahead_of_it_run(tmp_path, generate):
+    """eval --methods none,full wrote none's rows, then failed at full; refused up front exactly where full fails."""
+    from ccmem.api import ContextTooLongError
+    from ccmem.data.records import MemoryExample
+    from ccmem.eval.harness import check_full_fits
+
+    example = MemoryExample("long", [("My locker is 6305.", "Noted."), ("I like tea.", "Nice.")], "Locker?", "6305",
+                            options=["63", "6305", "7105"])  # fmt: skip
+    settings = EvalSettings(system="Hi.", generate=generate, max_new_tokens=4)
+    sample = to_sample(tiny_model().tokenizer, example, system="Hi.")
+    total = len(sample.sink) + sum(len(c) for c in sample.chunks) + len(sample.tail)
+    verdicts = []
+    for positions in range(total - 4, total + 6):  # around the edge: the check says what full then does
+        lm = tiny_model(positions=positions)
+        try:
+            evaluate(load(lm, "full", system_prompt="Hi."), [example], dataset="persona", settings=settings)
+            fits = True
+        except ContextTooLongError:
+            fits = False
+        try:
+            check_full_fits(lm, [example], dataset="persona", settings=settings)
+            said = True
+        except ContextTooLongError:
+            said = False
+        verdicts.append((positions, fits, said))
+    assert all(fits == said for _, fits, said in verdicts), verdicts
+    assert any(not fits for _, fits, _ in verdicts) and any(fits for _, fits, _ in verdicts)
+    lm = tiny_model(positions=next(p for p, fits, _ in verdicts if not fits))
+    out = tmp_path / "rows.jsonl"
+    with pytest.raises(ContextTooLongError, match=r"example long needs .* positions with full"):
+        list(compare(lm, ["none", "full"], [example], dataset="persona", settings=settings, out=out))
+    assert not out.exists()  # none did not run first

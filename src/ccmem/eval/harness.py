@@ -474,6 +474,8 @@ def compare(
     adapters = adapters or {}
     check_options_apply(methods, settings.method_options)
     check_adapters(lm.name, methods, settings.method_options, adapters)
+    if "full" in methods[1:]:
+        check_full_fits(lm, examples, dataset=dataset, settings=settings)
     for name in methods:
         options = options_for(name, settings.method_options)
         session = load(lm, method=name, adapter=adapters.get(name), system_prompt=settings.system, **options)
@@ -489,6 +491,30 @@ def compare(
         if out is not None:
             append_row(out, row)
         yield row
+
+
+def check_full_fits(
+    lm: LoadedModel, examples: Sequence[MemoryExample], *, dataset: str, settings: EvalSettings
+) -> None:
+    """Refuse, before the methods ahead of it run, an example too long for ``full``, which holds every token: its
+    context and what is read after it (the answer or longest option; with ``generate``, the answer's tokens) must
+    fit the model's positions, where the other methods may compress the context to fit."""
+    limit = lm.max_positions
+    if limit is None or lm.is_encoder_decoder:
+        return
+    for example in examples:
+        sample = to_sample(lm.tokenizer, example, system=settings.system)
+        longest = max((len(lm.tokenizer.encode(o, add_special_tokens=False)) for o in example.options), default=0)
+        after = max(len(sample.tail), sample.answer_start + longest) - 1  # the last token is predicted, not read
+        if settings.generate:
+            after = max(after, sample.answer_start + settings.max_new_tokens)
+        need = len(sample.sink) + sum(len(c) for c in sample.chunks) + after
+        if need > limit:
+            raise ContextTooLongError(
+                f"{dataset}: example {example.id} needs {need} positions with full (the whole context), but the model "
+                f"allows {limit}; drop full from --methods, or shorten or drop the example",
+                positions=limit,
+            )
 
 
 def check_adapters(
