@@ -638,7 +638,7 @@ def test_an_example_too_long_for_full_is_refused_before_the_methods_ahead_of_it_
     """eval --methods none,full wrote none's rows, then failed at full; refused up front exactly where full fails."""
     from ccmem.api import ContextTooLongError
     from ccmem.data.records import MemoryExample
-    from ccmem.eval.harness import check_full_fits
+    from ccmem.eval.harness import check_whole_context_fits
 
     example = MemoryExample("long", [("My locker is 6305.", "Noted."), ("I like tea.", "Nice.")], "Locker?", "6305",
                             options=["63", "6305", "7105"])  # fmt: skip
@@ -654,7 +654,7 @@ def test_an_example_too_long_for_full_is_refused_before_the_methods_ahead_of_it_
         except ContextTooLongError:
             fits = False
         try:
-            check_full_fits(lm, [example], dataset="persona", settings=settings)
+            check_whole_context_fits(lm, "full", [example], dataset="persona", settings=settings)
             said = True
         except ContextTooLongError:
             said = False

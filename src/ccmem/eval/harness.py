@@ -474,8 +474,9 @@ def compare(
     adapters = adapters or {}
     check_options_apply(methods, settings.method_options)
     check_adapters(lm.name, methods, settings.method_options, adapters)
-    if "full" in methods[1:]:
-        check_full_fits(lm, examples, dataset=dataset, settings=settings)
+    whole = next((name for name in methods[1:] if method_class(name).holds_every_token), None)
+    if whole is not None:  # a method that runs after others and cannot fit: said before they run
+        check_whole_context_fits(lm, whole, examples, dataset=dataset, settings=settings)
     for name in methods:
         options = options_for(name, settings.method_options)
         session = load(lm, method=name, adapter=adapters.get(name), system_prompt=settings.system, **options)
@@ -493,12 +494,13 @@ def compare(
         yield row
 
 
-def check_full_fits(
-    lm: LoadedModel, examples: Sequence[MemoryExample], *, dataset: str, settings: EvalSettings
+def check_whole_context_fits(
+    lm: LoadedModel, name: str, examples: Sequence[MemoryExample], *, dataset: str, settings: EvalSettings
 ) -> None:
-    """Refuse, before the methods ahead of it run, an example too long for ``full``, which holds every token: its
-    context and what is read after it (the answer or longest option; with ``generate``, the answer's tokens) must
-    fit the model's positions, where the other methods may compress the context to fit."""
+    """Refuse, before the methods ahead of it run, an example too long for method ``name``, which holds every
+    token (:attr:`Method.holds_every_token`): its context and what is read after it (the answer or longest
+    option; with ``generate``, the answer's tokens) must fit the model's positions, where other methods may
+    compress the context to fit."""
     limit = lm.max_positions
     if limit is None or lm.is_encoder_decoder:
         return
@@ -511,8 +513,8 @@ def check_full_fits(
         need = len(sample.sink) + sum(len(c) for c in sample.chunks) + after
         if need > limit:
             raise ContextTooLongError(
-                f"{dataset}: example {example.id} needs {need} positions with full (the whole context), but the model "
-                f"allows {limit}; drop full from --methods, or shorten or drop the example",
+                f"{dataset}: example {example.id} needs {need} positions with {name} (the whole context), but the "
+                f"model allows {limit}; drop {name} from --methods, or shorten or drop the example",
                 positions=limit,
             )
 

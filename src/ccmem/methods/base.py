@@ -199,6 +199,9 @@ class Method(ABC):
     needs_attention: ClassVar[bool] = False
     #: The method keeps a memory budget (``ratio`` of the context, or ``max_slots``).
     budgeted: ClassVar[bool] = False
+    #: The memory holds every context token (``full``): an interaction longer than the model's positions cannot
+    #: be re-based to fit, so the harness checks the examples' lengths before any method of a run starts.
+    holds_every_token: ClassVar[bool] = False
     #: ``add_batch`` reads several interactions in padded forwards (equal to one at a time), not in a loop.
     batchable: ClassVar[bool] = False
     #: ``decode_batch`` may decode several sessions in one padded forward per step: the method has no per-session

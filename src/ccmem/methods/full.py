@@ -46,6 +46,7 @@ class FullContext(ccm_seq2seq.EncoderMemory, LoRAOptions):
 
     name: ClassVar[str] = "full"
     trainable: ClassVar[bool] = True
+    holds_every_token: ClassVar[bool] = True
     batchable: ClassVar[bool] = True
     encoder_decoder: ClassVar[bool] = True
     runtime_options: ClassVar[frozenset[str]] = frozenset({"lora_dropout"})
