@@ -32,6 +32,17 @@ class DatasetFormatError(ValueError):
     """A data file that does not have the expected format; the message names file, line and field."""
 
 
+def read_utf8(path: str | os.PathLike[str]) -> str:
+    """The text of ``path``, a byte-order mark dropped; a file in another encoding is refused by name (the bare
+    UnicodeDecodeError named neither the file nor what to do)."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DatasetFormatError(
+            f"{path}: not UTF-8 text (byte {err.start} is {err.object[err.start : err.start + 1]!r}); save it as UTF-8"
+        ) from None
+
+
 def jsonl_records(path: str | os.PathLike[str], what: str = "dataset file") -> Iterator[tuple[str, dict[str, Any]]]:
     """``("<file>:<line>", record)`` for each non-empty line of a JSON-lines file of objects (gzipped when its name
     ends in ``.gz``, as C4's ``.json.gz`` shards); a line, encoding or archive that is not right is named."""

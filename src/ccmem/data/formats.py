@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ccmem.data.records import MemoryExample
-from ccmem.fileio import DatasetFormatError, jsonl_records
+from ccmem.fileio import DatasetFormatError, jsonl_records, read_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -54,40 +54,11 @@ def read_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             yield f"{path}:record {i + 1}", record
         return
     if path.suffix == ".json":
-        try:
-            data = json.loads(_utf8_text(path))
-        except json.JSONDecodeError as err:
-            if err.msg != "Extra data":
-                raise DatasetFormatError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-            yield from jsonl_records(path)  # JSON lines under a .json name: what datasets' to_json writes
-            return
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        elif isinstance(data, dict):
-            data = [data]  # JSON lines of one record
-        if not isinstance(data, list):
-            raise DatasetFormatError(f"{path}: expected a JSON list of records")
-        for i, record in enumerate(data):
-            yield f"{path}:record {i + 1}", _mapping(record, f"{path}:record {i + 1}")
+        from ccmem.data.recordfiles import json_records  # it reads formats' split names: imported here
+
+        yield from json_records(path)
         return
     yield from jsonl_records(path)
-
-
-def _utf8_text(path: Path) -> str:
-    """The text of ``path``, a byte-order mark dropped; a file in another encoding is refused by name (the bare
-    UnicodeDecodeError named neither the file nor what to do)."""
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DatasetFormatError(
-            f"{path}: not UTF-8 text (byte {err.start} is {err.object[err.start : err.start + 1]!r}); save it as UTF-8"
-        ) from None
-
-
-def _mapping(record: Any, where: str) -> dict[str, Any]:
-    if not isinstance(record, dict):
-        raise DatasetFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    return record
 
 
 def field_of(record: dict[str, Any], key: str, kind: type, where: str) -> Any:
@@ -257,7 +228,7 @@ def lamp2(folder: Path, split: str, k: int) -> list[MemoryExample]:
             )
             raise FileNotFoundError(f"LaMP-2 needs {p.name} in {folder} (as downloaded from the LaMP benchmark){hint}")
     try:
-        gold_doc = json.loads(_utf8_text(outputs))
+        gold_doc = json.loads(read_utf8(outputs))
     except json.JSONDecodeError as err:
         raise DatasetFormatError(f"{outputs}:{err.lineno}: not valid JSON ({err.msg})") from None
     golds_list = gold_doc.get("golds") if isinstance(gold_doc, dict) else None
@@ -323,7 +294,7 @@ def dialogs(path: Path, split: str, key: str, k: int, task: str) -> list[MemoryE
     if file.suffix == ".txt":  # the original DailyDialog release: one dialog per line, utterances end in __eou__
         records = (
             (f"{file}:{i}", {key: [u.strip() for u in line.split("__eou__") if u.strip()]})
-            for i, line in enumerate(_utf8_text(file).splitlines(), start=1)
+            for i, line in enumerate(read_utf8(file).splitlines(), start=1)
             if line.strip()
         )
     else:

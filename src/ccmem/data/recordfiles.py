@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ccmem.data.formats import SPLIT_NAMES
-from ccmem.fileio import DatasetFormatError, jsonl_records
+from ccmem.fileio import DatasetFormatError, jsonl_records, read_utf8
 
 RECORD_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 EVAL_HINT = "pip install 'ccmem[eval]'"
@@ -43,7 +43,7 @@ def records(path: str | Path, *, columns: tuple[str, ...] = ()) -> Iterator[tupl
     elif path.name.endswith(".gz"):
         yield from jsonl_records(path)
     elif path.name.endswith(".json"):
-        yield from _json(path)
+        yield from json_records(path)
     elif path.name.endswith(".jsonl"):
         yield from jsonl_records(path)
     else:
@@ -56,13 +56,11 @@ def _object(record: Any, where: str) -> dict[str, Any]:
     return record
 
 
-def _json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def json_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, record)`` for each record of a ``.json`` file: a list of objects, ``{"data": [...]}``, one
+    object, or JSON lines under a ``.json`` name."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise DatasetFormatError(f"{path}: not UTF-8 text") from None
-    try:
-        data = json.loads(text)
+        data = json.loads(read_utf8(path))
     except json.JSONDecodeError as err:
         if err.msg != "Extra data":
             raise DatasetFormatError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
