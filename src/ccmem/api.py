@@ -442,7 +442,7 @@ class CompressedLM:
         if not options or any(not isinstance(o, str) or not o for o in options):
             raise ValueError("give options as a list of non-empty strings, e.g. score(prompt, ['yes', 'no'])")
         ids = [self.format.answer_ids(o) for o in options]  # as an answer follows the generation prompt
-        if any(a != b and a == b[: len(a)] for a in ids for b in ids):
+        if one_begins_another(ids):
             ids = [o + self.format.end_of_turn_ids()[:1] for o in ids]
         return self.score_ids(self.query_ids(prompt), ids, reduce=reduce)
 
@@ -490,6 +490,12 @@ class CompressedLM:
         :meth:`stream`."""
         pieces = self.stream(prompt, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         return "".join(pieces).strip()
+
+
+def one_begins_another(options: Sequence[list[int]]) -> bool:
+    """Whether one option's tokens begin another's ("63" and "6305"): a sum of log-probabilities over the longer
+    one's extra tokens can never beat the shorter one, so such options are scored with the end of the answer."""
+    return any(a != b and a == b[: len(a)] for a in options for b in options)
 
 
 def score_batch(

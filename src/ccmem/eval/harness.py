@@ -34,7 +34,15 @@ from typing import Any
 
 import torch
 
-from ccmem.api import SCORE_REDUCTIONS, CompressedLM, ContextTooLongError, fold_rows, load, score_batch
+from ccmem.api import (
+    SCORE_REDUCTIONS,
+    CompressedLM,
+    ContextTooLongError,
+    fold_rows,
+    load,
+    one_begins_another,
+    score_batch,
+)
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT
 from ccmem.data import gsm8k
 from ccmem.data.records import MemoryExample, to_sample
@@ -296,7 +304,7 @@ def _scored(session: CompressedLM, example: MemoryExample, sample: Sample) -> Sc
     if not example.options:
         return query, answer, [answer]
     options = [encode(o) for o in example.options]
-    if any(a != b and a == b[: len(a)] for a in options for b in options):
+    if one_begins_another(options):
         # "63" among the options of "6305": a sum over the tokens of the longer option is never above the shorter
         # one's, so the prefix always won; where options overlap so, each is scored with the end of the answer after it
         end = _answer_end(session, example, sample, answer)
