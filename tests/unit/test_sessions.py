@@ -193,6 +193,53 @@ def test_deleting_a_session_keeps_the_files_of_sessions_whose_name_starts_with_i
     ]
 
 
+def killed_mid_write(path) -> None:
+    """Leave what ``kill -9`` leaves when it hits a write of ``path``: the temporary of atomic_path."""
+    script = (
+        "import time\n"
+        "from ccmem.fileio import atomic_path\n"
+        f"with atomic_path({str(path)!r}) as tmp:\n"
+        "    tmp.write_bytes(b'half a memory')\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), *sys.path]))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_deleting_a_session_removes_the_temporary_of_a_write_that_was_killed(tmp_path):
+    store = SessionStore(tmp_path)
+    for name in ("zed", "zed.x"):
+        store.create(name, IDENTITY, {})
+        store.save(name, memory_of(1), [{"role": "user", "content": name}])
+    folder = tmp_path / "memories" / "local"
+    killed_mid_write(folder / "zed.2.safetensors")  # the store stays open: only delete can sweep it
+    killed_mid_write(folder / "zed.x.2.safetensors")
+    store.delete("zed")
+    assert [p.name for p in folder.glob(".*.tmp")] == [next(folder.glob(".zed.x.2.*.tmp")).name]
+
+
+def test_opening_a_store_sweeps_temporaries_of_killed_writes_and_nothing_else(tmp_path):
+    store = SessionStore(tmp_path)
+    store.create("s", IDENTITY, {})
+    store.save("s", memory_of(1), [{"role": "user", "content": "a"}])
+    store.close()
+    folder = tmp_path / "memories" / "local"
+    killed_mid_write(folder / "s.2.safetensors")
+    killed_mid_write(tmp_path / "notes.txt")  # not a memory file: not the store's to remove
+    running = folder / f".s.2.safetensors.{os.getpid()}.abc123.tmp"  # a save still running (this process)
+    users = [folder / ".s.tmp", folder / ".s.2.safetensors.tmp", folder / ".s.2.safetensors.1x.a.tmp", running]
+    for path in users:
+        path.write_text("kept")
+    SessionStore(tmp_path).close()
+    assert sorted(folder.glob(".*.tmp")) == sorted(users)
+    assert len(list(tmp_path.glob(".notes.txt.*.tmp"))) == 1
+    assert store.memory(SessionStore(tmp_path).get("s")) is not None
+
+
 def test_list_is_most_recent_first(make_store):
     store = make_store()
     for name in ("a", "b", "c"):

@@ -10,7 +10,8 @@ the next version number), then commits the new version and the new transcript me
 then removes the previous file (so a save that loses a race never overwrites the winner's file). A process
 killed at any point leaves the last committed version loadable and the database consistent: a file of a version
 that was never committed is ignored (and overwritten by the next save of that version); a file of an older
-version that survived the kill is swept on the next save.
+version that survived the kill is swept on the next save; the temporary file of a write that was killed is swept
+when the store is opened and when its session is deleted.
 
 Sessions belong to an *owner* (the hash of a bearer token for the server; ``""`` for local use): another owner
 neither sees nor can guess them (its lookups answer "no such session", as for a name never used).
@@ -39,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ccmem.chat import Message
-from ccmem.fileio import file_in_the_way
+from ccmem.fileio import file_in_the_way, sweep_stale_temporaries
 from ccmem.memory import CompactMemory, Memory, MemoryMismatchError
 
 if TYPE_CHECKING:
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 1
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# the temporary of a memory file being written (fileio.atomic_path's naming): .NAME.VERSION.safetensors.PID.RANDOM.tmp
+TEMPORARY_PATTERN = re.compile(r"^\.(?P<file>(?P<name>.+)\.\d+\.safetensors)\.\d+\.[a-z0-9_]+\.tmp$")
 NAME_RULE = "1-64 characters: letters, digits, '_', '-', '.', starting with a letter or digit, without '..'"
 StoreT = TypeVar("StoreT", bound="BaseSessionStore")
 
@@ -312,6 +315,7 @@ class SessionStore(BaseSessionStore):
                 f"{self.db_path} is not a ccmem session database ({err}); point the store at another folder "
                 "or move that file away"
             ) from None
+        self._sweep_temporaries()
 
     # ------------------------------------------------------------------ schema
 
@@ -399,6 +403,17 @@ class SessionStore(BaseSessionStore):
             if version < keep:
                 with contextlib.suppress(OSError):
                     path.unlink()
+
+    def _sweep_temporaries(self, owner: str | None = None, name: str | None = None) -> None:
+        """Remove the temporaries of memory files whose writer was killed mid-write (of one session, or of all);
+        only files named as the store names them, and only of a writer no longer running (a save in progress in
+        another process keeps its own)."""
+        folders = [self._folder(owner)] if owner is not None else (self.root / "memories").glob("*")
+        for folder in folders:
+            for tmp in folder.glob(".*.tmp"):
+                match = TEMPORARY_PATTERN.match(tmp.name)
+                if match and NAME_PATTERN.match(match["name"]) and name in (None, match["name"]):
+                    sweep_stale_temporaries(folder / match["file"])
 
     # ------------------------------------------------------------------ queries
 
@@ -526,6 +541,7 @@ class SessionStore(BaseSessionStore):
         for _, path in self._memory_files(owner, name):
             with contextlib.suppress(OSError):
                 path.unlink()
+        self._sweep_temporaries(owner, name)
 
     # ------------------------------------------------------------------ memories
 
