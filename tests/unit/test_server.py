@@ -242,6 +242,23 @@ def test_without_a_session_the_longest_known_prefix_is_reused(client, engine):
     assert third["usage"]["prompt_tokens"] < second["usage"]["prompt_tokens"] + len("where do I live") + len(a2) + 20
 
 
+def test_reused_messages_never_counts_the_system_message(client):
+    """With a session, the same conversation sent with its system message counted one more reused message than
+    sent without it; without a session the system message was never counted."""
+    system = {"role": "system", "content": "be brief"}
+    counts = []
+    for name, lead in (("plain", []), ("whole", [system])):
+        client.post("/v1/sessions", json={"name": name})
+        a1 = ask(client, [user("hi")], session=name).json()["choices"][0]["message"]["content"]
+        reply = ask(client, [*lead, user("hi"), assistant(a1), user("again")], session=name)
+        counts.append(reply.json()["ccmem"]["reused_messages"])
+    a1 = ask(client, [system, user("hello")]).json()["choices"][0]["message"]["content"]
+    ask(client, [system, user("hello"), assistant(a1), user("q")])  # keeps the memory of [system, hello, a1]
+    reply = ask(client, [system, user("hello"), assistant(a1), user("q"), assistant("z"), user("r")])
+    counts.append(reply.json()["ccmem"]["reused_messages"])
+    assert counts == [2, 2, 2]
+
+
 def test_a_held_prefix_that_ends_inside_a_turn_is_not_reused(client, engine, tmp_path):
     """[u1, a1, u2, u3] left the memory of [u1, a1, u2]; [u1, a1, u2, a2, u4] reused it and compressed a2 alone,
     where a fresh server compresses u2 with its reply: the answer depended on what the cache held."""

@@ -91,7 +91,7 @@ class Answer:
     finish_reason: str = "stop"
     prompt_tokens: int = 0  # tokens read this request: new context compressed + the query
     completion_tokens: int = 0
-    reused_messages: int = 0  # messages whose memory was found (session or prefix cache), not compressed again
+    reused_messages: int = 0  # user/assistant messages whose memory was found (session or prefix cache): not read
     memory_slots: int = 0
     memory_bytes: int = 0
     session: str | None = None
@@ -540,7 +540,10 @@ class Engine:
                     raise RequestError("the session holds all of these messages already; send a new user message")
                 if any(m["role"] == "system" for m in new):
                     raise ConflictError("a session's system prompt is set when it is created; start a new session")
-                answer.reused_messages = len(messages) - len(new)
+                # the system message is not counted, sent or not (as without a session): the count is the same
+                # for the same conversation however the client sends it
+                held = messages[: len(messages) - len(new)]
+                answer.reused_messages = sum(1 for m in held if m["role"] != "system")
                 fold, query = self._split(new)
             else:
                 record = None

@@ -179,7 +179,10 @@ class MemoryInfo(BaseModel):
     session: str | None
     memory_slots: int
     memory_bytes: int
-    reused_messages: int
+    reused_messages: int = Field(
+        description="the user and assistant messages of the request whose memory the server held already (the "
+        "session's, or a conversation prefix it kept), so not read again; the system message is never counted"
+    )
 
 
 class AssistantMessage(BaseModel):
