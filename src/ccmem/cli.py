@@ -415,7 +415,13 @@ def serve(
         int, typer.Option("--max-input-tokens", min=1, help="The most tokens of new context one request may add.")
     ] = 4096,
     max_message_bytes: Annotated[
-        int, typer.Option("--max-message-bytes", min=1, help="The most UTF-8 bytes in one message (413 beyond).")
+        int,
+        typer.Option(
+            "--max-message-bytes",
+            min=1,
+            help="The most UTF-8 bytes in one user or system message (413 beyond); an assistant message (a reply "
+            "sent back) may be longer, within the request's total of 256 messages of this size.",
+        ),
     ] = 32768,
     max_sessions: Annotated[
         int, typer.Option("--max-sessions", min=1, help="The most sessions the store may hold, all tokens together.")

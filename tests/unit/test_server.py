@@ -421,6 +421,25 @@ def test_a_body_over_what_any_valid_request_holds_is_refused_before_it_is_read(c
     assert client.post("/v1/chat/completions", json={"model": MODEL, "messages": escaped}).status_code != 413
 
 
+def test_the_servers_own_reply_sent_back_is_not_refused_by_the_message_size_limit(tmp_path):
+    """With a --max-message-bytes below the length of an answer, the client that sends the whole conversation back
+    (as OpenAI clients do) got 413 for the assistant message the server itself had written."""
+    engine = make_engine(tmp_path, max_message_bytes=10)
+    with TestClient(create_app(engine)) as client:
+        client.post("/v1/sessions", json={"name": "s"})
+        for session in ("s", None):
+            a1 = ask(client, [user("hi")], session=session, max_tokens=16).json()["choices"][0]["message"]["content"]
+            assert len(a1.encode()) > 10  # the premise: the answer is longer than a message may be
+            again = ask(client, [user("hi"), assistant(a1), user("more")], session=session)
+            assert again.status_code == 200, again.text
+        # what the client writes keeps the limit, and the request its total (20 messages of 10 bytes)
+        refused = ask(client, [user("x" * 11)])
+        assert refused.status_code == 413 and "messages.0.content is 11 bytes" in refused.text
+        refused = ask(client, [user("hi"), assistant("y" * 199), user("more")])
+        assert refused.status_code == 413 and "205 bytes in all; this server takes at most 200" in refused.text
+    engine.close()
+
+
 def test_a_retry_of_an_answered_request_is_told_so(client):
     assert client.post("/v1/sessions", json={"name": "r"}).status_code == 201
     system = {"role": "system", "content": "be brief"}

@@ -57,7 +57,7 @@ class ConflictError(SessionError):
 class Limits:
     """Bounds on what one request or the whole server may ask for."""
 
-    max_message_bytes: int = 32_768  # UTF-8 bytes of one message's content
+    max_message_bytes: int = 32_768  # UTF-8 bytes of one user or system message (an assistant one: of the total)
     max_messages: int = 256  # messages in one request
     max_new_tokens: int = 512  # the most a request may ask to generate
     max_input_tokens: int = 4_096  # tokens of new context one request may add (what is compressed or read)

@@ -527,14 +527,27 @@ def _check_text(text: str, where: str) -> None:
 
 
 def _messages(messages: list[ChatMessage], max_messages: int, max_bytes: int) -> list[Message]:
+    """The request's messages; a user or system message over ``max_bytes`` is refused. An assistant message is a
+    reply sent back (OpenAI clients resend the whole list), which the server may have written longer than a
+    small ``max_bytes``: it counts only in the request's total, ``max_messages * max_bytes`` as before."""
     if len(messages) > max_messages:
         raise ApiError(400, f"{len(messages)} messages; this server takes at most {max_messages}", "too_many_messages")
     out = []
+    total = 0
     for i, m in enumerate(messages):
         content = m.content if isinstance(m.content, str) else "".join(part.text for part in m.content)
-        _check_size(content, f"messages.{i}.content", max_bytes)
+        if m.role != "assistant":
+            _check_size(content, f"messages.{i}.content", max_bytes)
+        total += len(content.encode("utf-8", errors="surrogatepass"))
         _check_text(content, f"messages.{i}.content")
         out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    if total > max_messages * max_bytes:
+        raise ApiError(
+            413,
+            f"the messages hold {total} bytes in all; this server takes at most {max_messages * max_bytes} "
+            f"({max_messages} messages of at most {max_bytes} bytes)",
+            "too_large",
+        )
     return out
 
 
