@@ -133,3 +133,19 @@ def test_a_chat_whose_session_another_process_deleted_says_so_once_and_goes_on_u
         "my second turn",
         "third",
     ]
+
+
+def test_save_refuses_a_file_that_exists_unless_told_to_overwrite(tmp_path):
+    """/save PATH replaced whatever file was at PATH, without a word (a mistyped name lost another memory)."""
+    session = _session(tiny_model())
+    kept = tmp_path / "notes.txt"
+    kept.write_text("mine")
+    text = _chat(session, [f"/save {kept}", "/save --overwrite", "/quit"])
+    assert kept.read_text() == "mine" and "exists" in text and f"/save --overwrite {kept} replaces it" in text
+    assert "/save needs a PATH" in text
+    spaced = tmp_path / "my memory.safetensors"
+    text = _chat(session, [f"/save {spaced}", "hello", f"/save --overwrite {spaced}", "/help", "/quit"])
+    assert text.count("saved to") == 2 and "exists" not in text and "/save [--overwrite] PATH" in text
+    again = _session(session.lm)
+    again.load_memory(spaced)
+    assert again.memory.num_slots == session.memory.num_slots  # the second save, after "hello", replaced the first

@@ -1,12 +1,14 @@
 """``ccmem chat``: an interactive loop; each finished exchange is folded into the session's compressed memory.
 
-Commands: ``/memory`` (what the memory holds), ``/save PATH``, ``/load PATH``, ``/reset``, ``/quit``. A command
-that fails (a missing or foreign memory file) says why and the chat goes on with its memory unchanged.
+Commands: ``/memory`` (what the memory holds), ``/save PATH`` (``/save --overwrite PATH`` replaces a file that
+exists), ``/load PATH``, ``/reset``, ``/quit``. A command that fails (a missing or foreign memory file) says why
+and the chat goes on with its memory unchanged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -17,7 +19,7 @@ from ccmem.api import CompressedLM, ContextTooLongError
 if TYPE_CHECKING:
     from ccmem.serve.sessions import SessionBinding
 
-HELP = "/memory  /save PATH  /load PATH  /reset  /quit   (//text sends a message that starts with /)"
+HELP = "/memory  /save [--overwrite] PATH  /load PATH  /reset  /quit   (//text sends a message that starts with /)"
 #: What a line may start with to be a command rather than a message ("/etc/hosts is a file" is a message).
 COMMANDS = frozenset({"/memory", "/save", "/load", "/reset", "/quit", "/exit", "/help"})
 
@@ -109,9 +111,16 @@ def save(session: CompressedLM, console: Console, binding: SessionBinding) -> bo
     return True
 
 
+def _overwrite(arg: str) -> tuple[bool, str]:
+    """``(True, PATH)`` for ``--overwrite PATH``, else ``(False, PATH)`` (a path may hold spaces)."""
+    flag, _, rest = arg.strip().partition(" ")
+    return (True, rest.strip()) if flag == "--overwrite" else (False, arg.strip())
+
+
 def command(session: CompressedLM, console: Console, line: str, binding: SessionBinding | None = None) -> bool:
     """Handle a /command; True means quit."""
     name, _, arg = line.partition(" ")
+    overwrite, arg = _overwrite(arg) if name == "/save" else (False, arg)
     try:
         if name in ("/quit", "/exit"):
             return True
@@ -124,8 +133,11 @@ def command(session: CompressedLM, console: Console, line: str, binding: Session
             mem = session.memory
             segments = ", ".join(f"{n} {kind}" for kind, n in mem.segment_lengths().items())
             console.print(f"{mem.num_slots} slots ({segments}), {mem.nbytes} bytes, next position {mem.next_position}")
-        elif name == "/save" and arg.strip():
-            console.print(f"saved to {session.save_memory(arg.strip())}")
+        elif name == "/save" and arg:
+            if Path(arg).exists() and not overwrite:  # a typo must not replace another memory, or any file
+                console.print(f"[red]{escape(arg)} exists[/]; /save --overwrite {escape(arg)} replaces it")
+                return False
+            console.print(f"saved to {session.save_memory(arg)}")
         elif name == "/load" and arg.strip():
             if binding is not None:
                 console.print(
