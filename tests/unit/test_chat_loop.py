@@ -149,3 +149,14 @@ def test_save_refuses_a_file_that_exists_unless_told_to_overwrite(tmp_path):
     again = _session(session.lm)
     again.load_memory(spaced)
     assert again.memory.num_slots == session.memory.num_slots  # the second save, after "hello", replaced the first
+
+
+def test_save_and_load_read_a_tilde_as_the_home_folder(tmp_path, monkeypatch):
+    """No shell expands "~" in a chat line: /save ~/m.safetensors made a folder named "~" in the working folder."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home").mkdir()
+    session = _session(tiny_model())
+    text = _chat(session, ["hello", "/save ~/m.safetensors", "/load ~/m.safetensors", "/quit"])
+    assert (tmp_path / "home" / "m.safetensors").is_file() and not (tmp_path / "~").exists()
+    assert "memory loaded" in text

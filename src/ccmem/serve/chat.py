@@ -7,6 +7,7 @@ and the chat goes on with its memory unchanged.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -120,7 +121,9 @@ def _overwrite(arg: str) -> tuple[bool, str]:
 def command(session: CompressedLM, console: Console, line: str, binding: SessionBinding | None = None) -> bool:
     """Handle a /command; True means quit."""
     name, _, arg = line.partition(" ")
-    overwrite, arg = _overwrite(arg) if name == "/save" else (False, arg)
+    overwrite, arg = _overwrite(arg) if name == "/save" else (False, arg.strip())
+    if name in ("/save", "/load") and arg:
+        arg = os.path.expanduser(arg)  # no shell expanded it: "~/m.safetensors" made a folder named "~" here
     try:
         if name in ("/quit", "/exit"):
             return True
@@ -138,14 +141,14 @@ def command(session: CompressedLM, console: Console, line: str, binding: Session
                 console.print(f"[red]{escape(arg)} exists[/]; /save --overwrite {escape(arg)} replaces it")
                 return False
             console.print(f"saved to {session.save_memory(arg)}")
-        elif name == "/load" and arg.strip():
+        elif name == "/load" and arg:
             if binding is not None:
                 console.print(
                     "[red]/load replaces the memory, which a stored session cannot take; chat without "
                     "--session to load a memory file[/]"
                 )
                 return False
-            session.load_memory(arg.strip())
+            session.load_memory(arg)
             console.print("memory loaded")
         elif name in ("/save", "/load"):
             console.print(f"[red]{name} needs a PATH[/]: {HELP}")
