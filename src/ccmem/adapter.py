@@ -271,6 +271,17 @@ def trained_options(adapter: Adapter, method: type[Method] | Method) -> dict[str
     return {spec.name: spec.default for spec in method.option_specs()} | adapter.options
 
 
+#: Options that name a set (of layers): given in another order than the adapter records them, they agree.
+UNORDERED_OPTIONS = frozenset({"lora_targets"})
+
+
+def _same_names(trained: Any, given: Any) -> bool:
+    """Whether two values of an :data:`UNORDERED_OPTIONS` option name the same things, in any order."""
+    if not isinstance(trained, list | tuple) or not isinstance(given, list | tuple):
+        return bool(trained == given)
+    return sorted(map(str, trained)) == sorted(map(str, given))
+
+
 def options_with_adapter(name: str, adapter: Adapter, given: dict[str, Any]) -> dict[str, Any]:
     """The options to build method ``name`` with: the adapter's, with ``given`` ones that do not conflict."""
     cls = method_class(name)
@@ -288,7 +299,9 @@ def options_with_adapter(name: str, adapter: Adapter, given: dict[str, Any]) -> 
     for key, value in given.items():
         if key in cls.runtime_options or key not in trained:
             continue
-        if trained[key] != value:
+        if key in UNORDERED_OPTIONS and _same_names(trained[key], value):
+            given[key] = trained[key]  # the adapter's order: memories made either way then match
+        elif trained[key] != value:
             raise AdapterMismatchError(
                 f"adapter {adapter.path} was trained with {key}={trained[key]!r}, but {key}={value!r} was "
                 f"asked; leave {key} out to use the adapter's value, or use an adapter trained with {key}={value!r}"
