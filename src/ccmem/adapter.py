@@ -231,6 +231,10 @@ def _sort_metadata(path: Path) -> None:
             f.write(text + b" " * (size - len(text)))
 
 
+#: Precisions :func:`pack_adapter` stores weights in (loading casts them back to the model's dtype).
+PACK_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def pack_adapter(
     source: str | os.PathLike[str],
     target: str | os.PathLike[str],
@@ -242,6 +246,9 @@ def pack_adapter(
     the bytes of a shipped file; loading casts them back to the model's dtype) and ``runtime`` options set as its
     defaults (only options the method lets change after training, such as icformer's ``use_chunk``: the options
     the weights were trained with stay as they were). The metadata records what was packed."""
+    if dtype is not None and dtype not in PACK_DTYPES:  # int8 truncated every weight to a whole number
+        names = ", ".join(str(d).removeprefix("torch.") for d in PACK_DTYPES)
+        raise ValueError(f"dtype={dtype!r} is not a precision an adapter's weights are stored in: give one of {names}")
     adapter = read_adapter(source)
     cls = method_class(adapter.method)
     runtime = runtime or {}
