@@ -185,3 +185,20 @@ def test_knorm_warns_once_on_a_model_that_normalises_its_keys(caplog):
         ccmem.load(tiny_model(), "knorm", ratio=0.5).add("some context to compress")
     warned = [r.getMessage() for r in caplog.records if "normalises its keys" in r.getMessage()]
     assert len(warned) == 1 and "tiny-gemma3" in warned[0] and "snapkv" in warned[0]
+
+
+@pytest.mark.parametrize(("method", "rows"), [("ccm-concat", "comp.weight"), ("sentinel", "sentinels")])
+def test_new_token_embeddings_start_at_the_scale_the_model_reads_its_inputs_at(method, rows):
+    """Gemma's embedding layer multiplies rows by sqrt(hidden_size): <COMP> and <CL>/<CR> embeddings, started from
+    the stored rows, were sqrt(32) times smaller than every ordinary token the model read."""
+    from ccmem.modules import CompEmbeddings
+    from tests.conftest import tiny_model
+
+    for name, scale in (("gemma3", 32**0.5), ("llama-gqa", 1.0)):
+        lm = tiny_model(name)
+        stored = lm.model.get_input_embeddings().weight.detach()
+        reads = lm.model.get_input_embeddings()(torch.arange(4))
+        torch.testing.assert_close(reads, stored[:4] * scale)  # what the family does
+        built = ccmem.get_method(method).module_for(lm).state_dict()[rows]
+        from_stored = CompEmbeddings(len(built), stored.shape[1], init_from=stored).weight  # the same draw
+        torch.testing.assert_close(built, from_stored * scale)
