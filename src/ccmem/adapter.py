@@ -231,6 +231,10 @@ def _sort_metadata(path: Path) -> None:
             f.write(text + b" " * (size - len(text)))
 
 
+#: Precisions :func:`pack_adapter` stores weights in (loading casts them back to the model's dtype).
+PACK_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def pack_adapter(
     source: str | os.PathLike[str],
     target: str | os.PathLike[str],
@@ -242,6 +246,9 @@ def pack_adapter(
     the bytes of a shipped file; loading casts them back to the model's dtype) and ``runtime`` options set as its
     defaults (only options the method lets change after training, such as icformer's ``use_chunk``: the options
     the weights were trained with stay as they were). The metadata records what was packed."""
+    if dtype is not None and dtype not in PACK_DTYPES:  # int8 truncated every weight to a whole number
+        names = ", ".join(str(d).removeprefix("torch.") for d in PACK_DTYPES)
+        raise ValueError(f"dtype={dtype!r} is not a precision an adapter's weights are stored in: give one of {names}")
     adapter = read_adapter(source)
     cls = method_class(adapter.method)
     runtime = runtime or {}
@@ -271,6 +278,17 @@ def trained_options(adapter: Adapter, method: type[Method] | Method) -> dict[str
     return {spec.name: spec.default for spec in method.option_specs()} | adapter.options
 
 
+#: Options that name a set (of layers): given in another order than the adapter records them, they agree.
+UNORDERED_OPTIONS = frozenset({"lora_targets"})
+
+
+def _same_names(trained: Any, given: Any) -> bool:
+    """Whether two values of an :data:`UNORDERED_OPTIONS` option name the same things, in any order."""
+    if not isinstance(trained, list | tuple) or not isinstance(given, list | tuple):
+        return bool(trained == given)
+    return sorted(map(str, trained)) == sorted(map(str, given))
+
+
 def options_with_adapter(name: str, adapter: Adapter, given: dict[str, Any]) -> dict[str, Any]:
     """The options to build method ``name`` with: the adapter's, with ``given`` ones that do not conflict."""
     cls = method_class(name)
@@ -288,7 +306,9 @@ def options_with_adapter(name: str, adapter: Adapter, given: dict[str, Any]) -> 
     for key, value in given.items():
         if key in cls.runtime_options or key not in trained:
             continue
-        if trained[key] != value:
+        if key in UNORDERED_OPTIONS and _same_names(trained[key], value):
+            given[key] = trained[key]  # the adapter's order: memories made either way then match
+        elif trained[key] != value:
             raise AdapterMismatchError(
                 f"adapter {adapter.path} was trained with {key}={trained[key]!r}, but {key}={value!r} was "
                 f"asked; leave {key} out to use the adapter's value, or use an adapter trained with {key}={value!r}"

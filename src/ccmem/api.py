@@ -705,6 +705,15 @@ def _check_shared(sessions: Sequence[CompressedLM], what: str) -> None:
                 f"session {i} uses method {s.method.name!r} with other options or adapter than session 0 "
                 f"({first.method.name!r}); {what} needs one method for all sessions"
             )
+        # options that only change how it runs are not in the memory's meaning, but the batch runs every row with
+        # session 0's method: a ccm-reason row with its own threshold was decoded with session 0's
+        differ = sorted(k for k, v in s.method.options().items() if first.method.options().get(k) != v)
+        if differ:
+            raise ValueError(
+                f"session {i} runs {s.method.name} with {differ[0]}={getattr(s.method, differ[0])!r}, session 0 with "
+                f"{differ[0]}={getattr(first.method, differ[0])!r}; {what} runs every session with one method and "
+                "its options: batch sessions of the same options, or call each one alone"
+            )
 
 
 def check_attention(lm: LoadedModel, method: Method) -> None:

@@ -596,19 +596,19 @@ def compress(
 
     session = _session(model, method, adapter, options, system or None, stage1, attn)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    read = 0
+    read = length = 0
     with Progress(*columns, console=err_console, transient=True) as bar:
         task = bar.add_task(f"compressing {text_file.name} (tokens)", total=None)
 
         def progress(done: int, total: int) -> None:
-            nonlocal read
-            read = done
+            nonlocal read, length
+            read, length = done, total
             bar.update(task, completed=done, total=total)
 
         try:
             session.add(text, progress=progress)
         except ContextTooLongError as err:
-            raise OptionError(_compress_too_long(session, text_file, err)) from None
+            raise OptionError(_compress_too_long(session, text_file, err, length)) from None
     from ccmem.precision import PrecisionRangeError
 
     try:
@@ -625,9 +625,10 @@ def compress(
     )
 
 
-def _compress_too_long(session: Any, text_file: Path, err: ContextTooLongError) -> str:
-    """What to do when a text does not fit the model's positions, in the command's own terms (the API's error
-    names add() and reset()); a method's own limit (icformer's max_seq_len) keeps its message."""
+def _compress_too_long(session: Any, text_file: Path, err: ContextTooLongError, length: int = 0) -> str:
+    """What to do when a text (of ``length`` tokens; 0: not known) does not fit the model's positions, in the
+    command's own terms (the API's error names add() and reset()); a method's own limit (icformer's max_seq_len)
+    keeps its message."""
     limit = session.lm.max_positions
     chunk = getattr(session.method, "max_chunk_tokens", None)
     sink = session.memory.sink
@@ -645,10 +646,24 @@ def _compress_too_long(session: Any, text_file: Path, err: ContextTooLongError) 
             f"--chunk-tokens {chunk}: a chunk and its {extra} <COMP> tokens after the {sink}-token system prompt "
             f"must fit the model's {limit} positions; give --chunk-tokens {limit - sink - extra} or less"
         )
+    fixes = ["give a smaller --chunk-tokens"]  # the chunk beside the memory is what does not fit
+    if getattr(session.method, "update", None) == "concat" and length:
+        # each chunk leaves its <COMP> slots in the memory, so smaller chunks leave more of them (at --chunk-tokens 1
+        # "give a smaller --chunk-tokens" could not be followed); the last chunk reads every earlier chunk's slots
+        fitting = [c for c in range(1, limit) if -(-length // c) * extra + c + sink <= limit]
+        span = f"{fitting[0]} to {fitting[-1]} fit this text" if fitting else ""
+        if not fitting:
+            fixes = [f"no --chunk-tokens fits its {length} tokens at {extra} <COMP> tokens a chunk: give fewer --n-tok"]
+        elif chunk < fitting[0]:
+            fixes = [f"give a larger --chunk-tokens ({span}: fewer chunks leave fewer slots)"]
+        elif chunk > fitting[-1]:
+            fixes = [f"give a smaller --chunk-tokens ({span})"]
+        else:
+            fixes = []  # the chunks fit: what the memory keeps beside them does not
+    fixes += ["keep fewer tokens raw (-O keep=nothing)", "use ccm-merge, whose memory stays the same size"]
     return (
         f"{text_file}: the memory of {session.method.name} grew past what the model's {limit} positions hold beside "
-        f"a chunk of {chunk} tokens; give a smaller --chunk-tokens, keep fewer tokens raw (-O keep=nothing), "
-        "or use ccm-merge, whose memory stays the same size"
+        f"a chunk of {chunk} tokens; {', '.join(fixes[:-1])}, or {fixes[-1]}"
     )
 
 

@@ -80,12 +80,21 @@ def rotate_keys(keys: torch.Tensor, delta: torch.Tensor | int, inv_freq: torch.T
 
 def half_split_pairing(lm: LoadedModel) -> bool:
     """Whether the model rotates dimension ``j`` with ``j + d/2`` (LLaMA's pairing, which ccmem's rotations use),
-    read off its model file's own ``rotate_half``; Cohere's pairs neighbours (``2j`` with ``2j+1``)."""
+    read off its model file's own ``rotate_half``; Cohere's pairs neighbours (``2j`` with ``2j+1``), and so do
+    GPT-J and CodeGen (``rotate_every_two``). :class:`RopeError` for a model file that shows neither."""
     import inspect
 
-    theirs = getattr(inspect.getmodule(type(lm.model.base_model)), "rotate_half", None)
-    if theirs is None:
-        return True
+    module = inspect.getmodule(type(lm.model.base_model))
+    theirs = getattr(module, "rotate_half", None)
+    if theirs is None and hasattr(module, "rotate_every_two"):
+        return False
+    if theirs is None:  # Llama 4 and DeepSeek-V2 pair neighbours through complex numbers; taken as LLaMA's before
+        family = getattr(lm.model.config.get_text_config(), "model_type", type(lm.model).__name__)
+        raise RopeError(
+            f"{family}'s model file has no rotate_half, so ccmem cannot tell which dimensions its RoPE rotates "
+            "together; moving cached keys and expected-attention need LLaMA-style RoPE (llama, mistral, qwen2, "
+            "gemma3, gpt-neox)"
+        )
     x = torch.arange(1.0, 5.0)
     return bool(torch.equal(theirs(x), rotate_half(x)))
 

@@ -235,6 +235,16 @@ def test_generate_batch_answers_as_each_session_alone_and_refuses_mixed_sessions
         generate_batch(chats, prompts[:2])
 
 
+def test_generate_batch_refuses_sessions_whose_runtime_options_differ():
+    """Options that change only how a method runs (ccm-reason's threshold, policy) are not in a memory's meaning,
+    so sessions differing in them passed as one method, and every row was decoded with session 0's."""
+    lm = tiny_model()
+    low, high = (CompressedLM(lm, ccmem.get_method("ccm-reason", n_tok=1, threshold=t)) for t in (0.1, 0.9))
+    with pytest.raises(ValueError, match=r"session 1 runs ccm-reason with threshold=0.9, session 0 with threshold=0.1"):
+        generate_batch([low, high], ["a", "b"])
+    assert len(generate_batch([low, low], ["a", "b"], max_new_tokens=2)) == 2
+
+
 @pytest.mark.parametrize(
     ("name", "options"),
     [("h2o", {"ratio": 0.5}), ("expected-attention", {"ratio": 0.5, "n_future_positions": 16}), ("full", {})],

@@ -400,3 +400,14 @@ def test_an_adapter_whose_options_are_no_json_object_is_refused_as_damaged(tmp_p
     save_file(tensors, str(path), metadata=meta | {"options": options})
     with pytest.raises(AdapterMismatchError, match=rf"{path} has damaged or unknown metadata: its options are"):
         read_adapter(path)
+
+
+def test_lora_targets_given_in_another_order_agree_with_the_adapter(tmp_path):
+    """lora_targets names a set of layers: ["v_proj", "q_proj"] was refused as a conflict with an adapter trained
+    on ("q_proj", "v_proj"); the adapter's order is kept, so memories made either way match."""
+    lm = tiny_model()
+    path = save_adapter(get_method("ccm-concat", n_tok=2, lora_targets=("q_proj", "v_proj")), lm, tmp_path / "a.st")
+    session = ccmem.load(lm, "ccm-concat", adapter=path, system_prompt=None, lora_targets=["v_proj", "q_proj"])
+    assert session.method.lora_targets == ("q_proj", "v_proj")
+    with pytest.raises(AdapterMismatchError, match=r"trained with lora_targets=\('q_proj', 'v_proj'\)"):
+        ccmem.load(lm, "ccm-concat", adapter=path, lora_targets=["v_proj", "k_proj"])

@@ -242,6 +242,10 @@ def test_a_packed_half_precision_adapter_loads_with_its_runtime_defaults_and_kee
     assert not ccmem.load(tiny_model(), "icformer", adapter=packed, use_chunk=False).method.use_chunk
     with pytest.raises(AdapterMismatchError, match="'num_query_tokens' is not a runtime option of icformer"):
         pack_adapter(path, tmp_path / "bad.safetensors", runtime={"num_query_tokens": 8})
+    # int8 was taken: every weight cut to a whole number, and the adapter loaded without a word
+    with pytest.raises(ValueError, match=r"dtype=torch.int8 is not a precision .*: give one of float16, bfloat16"):
+        pack_adapter(path, tmp_path / "int8.safetensors", dtype=torch.int8)
+    assert not (tmp_path / "int8.safetensors").exists()
     script = subprocess.run(
         [sys.executable, "scripts/pack_adapter.py", str(path), str(tmp_path / "s.safetensors"), "-O", "use_chunk"],
         capture_output=True,

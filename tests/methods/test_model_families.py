@@ -126,6 +126,20 @@ def test_neighbour_paired_rope_is_refused_where_ccmem_would_rotate_keys():
         ccmem.load(lm, "expected-attention", system_prompt=None).add_ids(list(range(3, 20)))
 
 
+def test_rope_pairing_of_a_model_file_without_rotate_half_is_read_or_refused():
+    """A model file without rotate_half was taken as LLaMA's pairing: GPT-J's rotate_every_two pairs neighbours,
+    and Llama 4 rotates neighbours through complex numbers, so ccmem would have turned their keys wrongly."""
+    from ccmem.rope import RopeError, half_split_pairing
+
+    gptj = T.GPTJConfig(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=1
+    )
+    assert not half_split_pairing(family("gptj", gptj))
+    llama4 = T.Llama4TextConfig(**COMMON, **HEADS, head_dim=8, intermediate_size_mlp=64, num_local_experts=1)
+    with pytest.raises(RopeError, match="llama4_text's model file has no rotate_half, so ccmem cannot tell"):
+        half_split_pairing(family("llama4", llama4))
+
+
 def test_expected_attention_refuses_a_partial_rotary_model_at_load():
     """GPT-NeoX rotates only part of each head (rotary_pct): expected-attention loaded and compressed short turns,
     then the first add that evicted failed after its forward."""
@@ -171,3 +185,20 @@ def test_knorm_warns_once_on_a_model_that_normalises_its_keys(caplog):
         ccmem.load(tiny_model(), "knorm", ratio=0.5).add("some context to compress")
     warned = [r.getMessage() for r in caplog.records if "normalises its keys" in r.getMessage()]
     assert len(warned) == 1 and "tiny-gemma3" in warned[0] and "snapkv" in warned[0]
+
+
+@pytest.mark.parametrize(("method", "rows"), [("ccm-concat", "comp.weight"), ("sentinel", "sentinels")])
+def test_new_token_embeddings_start_at_the_scale_the_model_reads_its_inputs_at(method, rows):
+    """Gemma's embedding layer multiplies rows by sqrt(hidden_size): <COMP> and <CL>/<CR> embeddings, started from
+    the stored rows, were sqrt(32) times smaller than every ordinary token the model read."""
+    from ccmem.modules import CompEmbeddings
+    from tests.conftest import tiny_model
+
+    for name, scale in (("gemma3", 32**0.5), ("llama-gqa", 1.0)):
+        lm = tiny_model(name)
+        stored = lm.model.get_input_embeddings().weight.detach()
+        reads = lm.model.get_input_embeddings()(torch.arange(4))
+        torch.testing.assert_close(reads, stored[:4] * scale)  # what the family does
+        built = ccmem.get_method(method).module_for(lm).state_dict()[rows]
+        from_stored = CompEmbeddings(len(built), stored.shape[1], init_from=stored).weight  # the same draw
+        torch.testing.assert_close(built, from_stored * scale)

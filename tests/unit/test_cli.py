@@ -805,6 +805,10 @@ def test_compress_says_in_its_own_options_why_a_text_does_not_fit(monkeypatch, c
         (["--method", "snapkv"], "snapkv reads the whole text at once; compress it with a method that reads it chunk"),
         # 250 tokens + 4 <COMP> fit once; the second chunk also sees the first one's 4 slots: 258 > 256
         (["--method", "ccm-concat", "--chunk-tokens", "250"], "the memory of ccm-concat grew past what the model's"),
+        (["--method", "ccm-concat", "--chunk-tokens", "250"], "give a smaller --chunk-tokens (10 to 244 fit"),
+        # each 1-token chunk left 4 <COMP> slots: "give a smaller --chunk-tokens" could not be followed
+        (["--method", "ccm-concat", "--chunk-tokens", "1"], "give a larger --chunk-tokens (10 to 244 fit this text"),
+        (["--method", "ccm-concat", "--chunk-tokens", "1", "--n-tok", "60"], "no --chunk-tokens fits its 600 tokens"),
     ]
     for extra, said in cases:
         code, out = run_cli(monkeypatch, capsys, "compress", *common, *extra)

@@ -403,3 +403,16 @@ def test_a_decode_length_past_the_models_positions_is_said_not_silently_dropped(
         rows = run_decode_speed(lm, settings, tmp_path)
     assert [r.history_tokens for r in rows] == [16]
     assert "decode speed is not timed after 100 tokens" in caplog.text and "128 positions" in caplog.text
+
+
+def test_decode_timings_of_weights_with_a_stage1_lora_are_not_those_of_the_plain_model(tmp_path):
+    """The decode cache's key named the model but not its stage-1 LoRA: a run with --stage1 reported the timings
+    made without it (as the result rows already did not)."""
+    only_full = {"methods": ["full"], "tasks": ["text"], "decode_lengths": [16], "options": {}}
+    settings = CompareSettings(**(SETTINGS | only_full))
+    lm = tiny_model()
+    plain = run_decode_speed(lm, settings, tmp_path)
+    lm.stage1 = "0123456789abcdef"  # as ccmem.stage1.merge_stage1 marks merged weights
+    merged = run_decode_speed(lm, settings, tmp_path)
+    assert len((tmp_path / "decode.jsonl").read_text().splitlines()) == 2  # timed again, not reused
+    assert merged[0].config_hash != plain[0].config_hash

@@ -469,3 +469,12 @@ def test_random_bytes_without_a_nul_are_binary_and_a_latin1_text_is_not(tmp_path
     (tmp_path / "fr.txt").write_bytes(latin1.encode("latin-1"))
     text, replaced = read_text(tmp_path / "fr.txt")
     assert replaced == sum(ord(c) > 127 for c in latin1) and text.count("\n") == 20  # read, with a warning
+
+
+def test_a_damaged_parquet_dialog_file_is_refused_in_one_line_naming_it(tmp_path):
+    """formats' parquet reader let pyarrow's ArrowInvalid through ("Could not open Parquet input source ...") with
+    its traceback, where the other readers name the file in a DatasetFormatError."""
+    data = (FIXTURES / "dailydialog" / "validation.parquet").read_bytes()
+    (tmp_path / "validation.parquet").write_bytes(data[: len(data) // 2] + data[-8:])  # cut, footer kept
+    with pytest.raises(DatasetFormatError, match=r"validation.parquet: not a readable parquet file"):
+        load_examples(DataConfig(dataset="dailydialog", path=str(tmp_path)), "validation")

@@ -45,18 +45,10 @@ def read_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     file."""
     if not path.is_file():
         raise FileNotFoundError(f"no dataset file at {path}")
-    if path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise DatasetFormatError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-        for i, record in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{path}:record {i + 1}", record
-        return
-    if path.suffix == ".json":
-        from ccmem.data.recordfiles import json_records  # it reads formats' split names: imported here
+    from ccmem.data.recordfiles import records  # it reads formats' split names: imported here
 
-        yield from json_records(path)
+    if path.suffix in (".parquet", ".json"):
+        yield from records(path)  # a damaged parquet file: one line naming it, not pyarrow's traceback
         return
     yield from jsonl_records(path)
 

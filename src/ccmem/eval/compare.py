@@ -316,9 +316,7 @@ def run_grid(
     for task_name in settings.tasks:
         task = TASKS[task_name]
         examples = task_examples(task, settings.n)
-        # weights with a stage-1 LoRA merged in are another model: their rows never stand in for the plain one's
-        model = model_key(lm)
-        eval_settings = settings.eval_settings(task, f"{model}+stage1:{lm.stage1}" if lm.stage1 else model)
+        eval_settings = settings.eval_settings(task, model_key(lm))
         config_hash = eval_settings.fingerprint(task.name, len(examples))
         for cell in (c for c in grid(settings) if c.task == task_name):
             method = base_method(cell.method)
@@ -347,8 +345,10 @@ def run_grid(
 
 def model_key(lm: LoadedModel) -> str:
     """What identifies the model in a cached row: a built-in model's name (its weights never change), else the
-    name with the weights' fingerprint, so that a folder whose weights were replaced is measured anew."""
-    return lm.name if lm.name in BUILTIN_MODELS else f"{lm.name}@{lm.fingerprint}"
+    name with the weights' fingerprint, so that a folder whose weights were replaced is measured anew. Weights with
+    a stage-1 LoRA merged in are another model: their rows and timings never stand in for the plain one's."""
+    model = lm.name if lm.name in BUILTIN_MODELS else f"{lm.name}@{lm.fingerprint}"
+    return f"{model}+stage1:{lm.stage1}" if lm.stage1 else model
 
 
 def _as_variant(row: EvalRow, name: str) -> EvalRow:

@@ -41,7 +41,7 @@ from ccmem.masks import MaskPlan, build_plan, collate_plans
 from ccmem.memory import KV, Memory, concat_layers, concat_positions, constant_positions, positions_for
 from ccmem.methods import ccm_seq2seq
 from ccmem.methods.base import LoRAOptions, answer_loss, option, read_batch, run_decoder
-from ccmem.modules import GATE_KWARG, CompEmbeddings, LoRAGate, LoRASet, default_targets
+from ccmem.modules import GATE_KWARG, CompEmbeddings, LoRAGate, LoRASet, default_targets, embedding_rows
 from ccmem.patching.attention import PLAN_KWARG, AttentionPlan, compression_attention, merge_scores
 from ccmem.registry import register
 
@@ -246,8 +246,8 @@ class CompTokens(ccm_seq2seq.EncoderMemory, LoRAOptions):
     def build(self, lm: LoadedModel) -> CompState:
         if lm.is_encoder_decoder:
             return ccm_seq2seq.build(self, lm)
-        embed = cast(torch.Tensor, lm.model.get_input_embeddings().weight)
-        comp = CompEmbeddings(self.n_tok, embed.shape[1], init_from=embed.detach()).to(embed.device)
+        embed = embedding_rows(lm.model.get_input_embeddings())
+        comp = CompEmbeddings(self.n_tok, embed.shape[1], init_from=embed).to(embed.device)
         targets = self.lora_targets or default_targets(lm.model)
         lora = LoRASet(lm.model.base_model, targets, self.lora_rank, self.lora_alpha, self.lora_dropout)
         return CompState(comp, lora)

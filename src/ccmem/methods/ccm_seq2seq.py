@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -38,7 +38,7 @@ from ccmem.data.samples import Sample
 from ccmem.loading import LoadedModel
 from ccmem.memory import KV, Memory, concat_layers, concat_positions, positions_for
 from ccmem.methods.base import Method, logits_for
-from ccmem.modules import GATE_KWARG, CompEmbeddings, LoRAGate, LoRASet, default_targets
+from ccmem.modules import GATE_KWARG, CompEmbeddings, LoRAGate, LoRASet, default_targets, embedding_rows
 from ccmem.patching.attention import PLAN_KWARG, AttentionPlan, compression_attention
 from ccmem.patching.seq2seq import encoder_of, relative_bias, teacher_forced
 
@@ -66,8 +66,8 @@ def build(method: CompTokens, lm: LoadedModel) -> CompState:
     from ccmem.methods.ccm import CompState
 
     check_encoder_decoder(lm, method.name)
-    embed = cast(torch.Tensor, lm.model.get_input_embeddings().weight)
-    comp = CompEmbeddings(method.n_tok, embed.shape[1], init_from=embed.detach()).to(embed.device)
+    embed = embedding_rows(lm.model.get_input_embeddings())
+    comp = CompEmbeddings(method.n_tok, embed.shape[1], init_from=embed).to(embed.device)
     targets = method.lora_targets or default_targets(lm.model)
     encoder = encoder_of(lm.model)
     lora = LoRASet(encoder, targets, method.lora_rank, method.lora_alpha, method.lora_dropout)

@@ -35,6 +35,7 @@ from ccmem.data.samples import Sample
 from ccmem.loading import LoadedModel
 from ccmem.memory import Memory, concat_positions, positions_for
 from ccmem.methods.base import ContextTooLongError, Method, check_context_ids, logits_for, option, run_decoder
+from ccmem.modules import embedding_rows
 from ccmem.modules.icformer import ICFormer
 from ccmem.registry import register
 
@@ -134,7 +135,7 @@ class ICFormerMethod(Method):
 
     def build(self, lm: LoadedModel) -> ICFormer:
         cfg = lm.model.config.get_text_config()
-        embed = cast(torch.Tensor, lm.model.get_input_embeddings().weight)
+        embed = embedding_rows(lm.model.get_input_embeddings())  # the digests are read as input embeddings
         hidden = int(embed.shape[1])
         heads = int(getattr(cfg, "num_attention_heads", 0) or 1)
         if hidden % heads or (hidden // heads) % 2:

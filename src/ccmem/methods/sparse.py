@@ -27,7 +27,7 @@ from ccmem.data.samples import Sample
 from ccmem.loading import LoadedModel
 from ccmem.memory import Memory
 from ccmem.methods.base import LoRAOptions, Method, context_count, logits_for, option
-from ccmem.modules import LoRASet, default_targets
+from ccmem.modules import LoRASet, default_targets, embedding_rows
 from ccmem.patching.attention import PLAN_KWARG, AttentionPlan, compression_attention
 from ccmem.sparse_masks import Kind, SparseLayout
 
@@ -132,7 +132,7 @@ class SparseMethod(Method, LoRAOptions):
                 "<CL>/<CR> sentinel tokens embeddings; use a model family that takes inputs_embeds"
             )
         self._pieces = _piece_reader(lm.tokenizer)
-        return SentinelState(cast(torch.Tensor, embeddings.weight).detach(), lora)
+        return SentinelState(embedding_rows(embeddings), lora)
 
     def lora(self, lm: LoadedModel) -> LoRASet:
         module = self.module_for(lm)

@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
+
+
+def embedding_rows(layer: nn.Module) -> torch.Tensor:
+    """The input embedding table as the model reads it: Gemma's layer scales its rows by sqrt(hidden_size), so
+    new-token embeddings started from the stored rows were that many times smaller than every other input."""
+    weight = cast(torch.Tensor, layer.weight).detach()
+    probe = torch.arange(min(8, weight.shape[0]), device=weight.device)
+    with torch.no_grad():
+        read, stored = layer(probe).float(), weight[probe].float()
+    norm = float(stored.pow(2).sum())
+    scale = float((read * stored).sum()) / norm if norm > 0 else 1.0
+    return weight if abs(scale - 1.0) < 1e-3 else weight * scale
 
 
 class CompEmbeddings(nn.Module):
