@@ -114,6 +114,13 @@ def _positions_for(lm: LoadedModel, method: Method, memory: Memory, n: int) -> i
     tokens, say) are what passes the model's positions, which adding the text in parts cannot help."""
     needed = method.positions_needed(memory, n)
     limit = lm.max_positions
+    fix = method.positions_fix()
+    if limit is not None and fix and memory.next_position + needed > limit:
+        raise ContextTooLongError(  # positions None: the method's options lift it, not the text's length
+            f"{method.name} would hold {memory.next_position + needed} positions after reading these {n} tokens"
+            f"{f' (the {memory.sink}-token system prompt included)' if memory.sink else ''}, but the model allows "
+            f"{limit}; {fix}"
+        )
     if limit is not None and needed > n and memory.sink + n <= limit < memory.sink + needed:
         raise ContextTooLongError(
             f"{method.name} reads {needed - n} tokens of its own with the {n} new ones (its options: e.g. n_tok): "

@@ -31,6 +31,8 @@ from ccmem.options import OptionError, parse_pairs
 from ccmem.registry import DEFAULT_METHOD, method_classes, method_names
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from ccmem.methods.base import ContextTooLongError
 
 app = typer.Typer(
@@ -1531,7 +1533,8 @@ def data(
         str,
         typer.Argument(
             help="persona (chat facts, one wording per kind), dialogs (varied fact dialogs from a template file), "
-            "passages (QA over shared Wikipedia passages) or icl (in-context classification)."
+            "passages (QA over shared Wikipedia passages), pwc (IC-Former's PwC-style records: input, prompt, answer, "
+            "options) or icl (in-context classification)."
         ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write into.")],
@@ -1548,13 +1551,14 @@ def data(
         ),
     ] = None,
     k: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--k",
             min=1,
-            help="persona/dialogs: most facts per dialog; passages: passages per chat; icl: demonstrations.",
+            help="persona/dialogs: most facts per dialog; passages: passages per chat; icl: demonstrations "
+            "\\[default: 3].",
         ),
-    ] = 3,
+    ] = None,
     small_talk: Annotated[
         int | None, typer.Option("--small-talk", min=0, help="persona: most small-talk turns \\[default: 2].")
     ] = None,
@@ -1577,7 +1581,7 @@ def data(
     ] = None,
     source: Annotated[
         str,
-        typer.Option("--source", help="passages: wiki (Wikipedia summaries), news (news articles) or both."),
+        typer.Option("--source", help="passages, pwc: wiki (Wikipedia summaries), news (news articles) or both."),
     ] = "wiki",
     tasks: Annotated[int | None, typer.Option("--tasks", min=1, help="icl: number of tasks \\[default: 20].")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Generator seed (same seed, same files).")] = 0,
@@ -1592,17 +1596,20 @@ def data(
     """
     from ccmem.data import persona
 
-    if generator not in ("persona", "dialogs", "passages", "icl"):
-        close = difflib.get_close_matches(generator, ["persona", "dialogs", "passages", "icl"], n=1)
+    generators = ["persona", "dialogs", "passages", "pwc", "icl"]
+    if generator not in generators:
+        close = difflib.get_close_matches(generator, generators, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise OptionError(f"unknown generator {generator!r}{hint}; use persona, dialogs, passages or icl")
+        raise OptionError(f"unknown generator {generator!r}{hint}; use persona, dialogs, passages, pwc or icl")
     for flag, value, reader in (("--small-talk", small_talk, "persona"), ("--turns", turns, "dialogs"),
                                 ("--tasks", tasks, "icl")):  # fmt: skip
         if value is not None and generator != reader:  # it was read by no generator of this one's, without a word
             raise OptionError(f"{flag} shapes {reader} data; {generator!r} does not read it")
-    small_talk, turns, tasks = 2 if small_talk is None else small_talk, turns or 20, tasks or 20
-    if source != "wiki" and generator != "passages":
-        raise OptionError(f"--source chooses the text of passages; {generator!r} does not read it")
+    if k is not None and generator == "pwc":
+        raise OptionError("--k counts facts, passages or demonstrations; a pwc record holds one or two articles")
+    small_talk, turns, tasks, k = 2 if small_talk is None else small_talk, turns or 20, tasks or 20, k or 3
+    if source != "wiki" and generator not in ("passages", "pwc"):
+        raise OptionError(f"--source chooses the text of passages and pwc; {generator!r} does not read it")
     if templates is not None and generator != "dialogs":
         raise OptionError(f"--templates chooses the wordings of dialogs; {generator!r} does not read it")
     if min_turns and generator != "dialogs":
@@ -1622,14 +1629,15 @@ def data(
             f"--out {out} already holds a dataset ({', '.join(p.name for p in held[:3])}); give --overwrite to "
             "replace it, or another folder"
         )
-    if generator in ("persona", "dialogs", "passages"):
-        from ccmem.data import dialogs, passages
+    if generator in ("persona", "dialogs", "passages", "pwc"):
+        from ccmem.data import dialogs, passages, pwc
 
         n_train, n_test = n_train or 2400, n_test or 200
         # every split is made before any is written: a split that cannot be made (too few held-out passages for
         # --k) left the train file alone in --out, or beside the old validation and test files with --overwrite
-        splits = {}
+        splits: dict[str, list[Any]] = {}  # dialogs (persona's format), or PwC records
         for split, n in (("train", n_train), ("validation", n_test), ("test", n_test)):
+            made: Iterator[Any]
             if generator == "persona":
                 facts, chatter = ((1, k), (0, small_talk)) if split != "test" else (k, small_talk)
                 made = persona.generate(n, split, seed=seed, facts_per_dialog=facts, small_talk=chatter)
@@ -1638,12 +1646,18 @@ def data(
                 facts, length = dialogs.split_shape(split, k, turns, min_turns)
                 made = dialogs.generate(n, split, seed=seed, facts=facts, turns=length, templates=templates)
                 version = dialogs.bank_version(dialogs.load_bank(templates))
-            else:
+            elif generator == "passages":
                 made = iter(passages.generate(n, split, seed=seed, k=k, source=source))
                 version = passages.VERSIONS[source]
+            else:  # the records `ccmem eval pwc` and `ccmem train data.dataset=pwc` generate with this seed
+                made = iter(pwc.generate(n, split, seed=seed, source=source))
+                version = pwc.VERSIONS[source]
             splits[split] = list(made)
         for split in splits:
-            persona.write_jsonl(out / f"{split}.jsonl", splits[split])
+            if generator == "pwc":
+                pwc.write_jsonl(splits[split], out / f"{split}.jsonl")
+            else:
+                persona.write_jsonl(out / f"{split}.jsonl", splits[split])
         console.print(f"wrote {out}/train.jsonl, validation.jsonl, test.jsonl ({version})")
     else:  # icl
         from ccmem.data import icl

@@ -9,7 +9,7 @@ import torch
 import ccmem
 from ccmem.adapter import AdapterMismatchError, save_adapter
 from ccmem.data.samples import Sample
-from ccmem.methods.base import answer_loss, run_decoder
+from ccmem.methods.base import ContextTooLongError, answer_loss, run_decoder
 from tests.conftest import tiny_model
 from tests.methods.test_contract import randomize_state
 
@@ -57,6 +57,25 @@ def test_an_overlong_or_empty_context_is_refused_through_the_api():
     method, lm = s.method, s.lm
     with pytest.raises(ValueError, match="empty context"), method.attached(lm):
         method.add(lm, method.new_memory(lm), torch.zeros(1, 0, dtype=torch.long))
+
+
+def test_digests_past_the_model_positions_are_refused_naming_the_options_not_adding_in_parts():
+    """The digests of the whole context pass the model's positions however the text is added, but the refusal said
+    "N new tokens at once ... add the text in parts" (N being the digests, not the text's tokens), and `ccmem
+    compress` that the text was longer than the positions."""
+    s = ccmem.CompressedLM(
+        tiny_model(positions=64), icformer(num_query_tokens=16, use_chunk=True, max_chunk_len=8), system_prompt=None
+    )
+    with pytest.raises(ContextTooLongError) as refused:
+        s.add_ids(list(range(10, 42)))  # 32 tokens: 4 chunks of 16 digests and the marker, 65 positions
+    message = str(refused.value)
+    assert "would hold 65 positions after reading these 32 tokens, but the model allows 64" in message
+    assert "max_chunk_len" in message and "num_query_tokens" in message and "in parts" not in message
+    assert refused.value.positions is None  # the method's options lift it (ccmem compress keeps this message)
+    s.add_ids(list(range(10, 34)))  # 3 chunks: 49 positions fit
+    with pytest.raises(ContextTooLongError, match="would hold 65 positions after reading these 8 tokens"):
+        s.add_ids(list(range(34, 42)))  # the context so far counts
+    assert s.memory.num_slots == 49
 
 
 @pytest.mark.parametrize("family", ["llama-gqa", "qwen2", "gpt-neox", "gemma3", "mistral-window"])

@@ -278,3 +278,35 @@ def test_ccmem_generate_command_writes_the_output_file(monkeypatch, capsys, tmp_
     bad.write_text(json.dumps({"input": "w1", "prompt": "w2"}) + "\n")
     code, text = run_cli(monkeypatch, capsys, "generate", str(bad), "--model", str(tiny_model_dir))
     assert code != 0 and "bad.jsonl:1: missing field 'answer'" in " ".join(text.split())
+
+
+def test_ccmem_data_pwc_writes_the_generated_records_that_eval_and_train_read(monkeypatch, capsys, tmp_path):
+    """`ccmem generate` needs a PwC file, and eval's help sends users to `ccmem data` for the generated datasets,
+    but `ccmem data pwc` was 'unknown generator': the offline PwC-style data could not be written to files."""
+    from tests.unit.test_cli import run_cli
+
+    code, text = run_cli(monkeypatch, capsys, "data", "pwc", "-o", str(tmp_path), "--n-train", "6", "--n-test", "3")
+    assert code == 0, text
+    assert "pwc-wiki-v1" in text
+    for split, n in (("train", 6), ("validation", 3), ("test", 3)):
+        written = pwc.read_pwc(tmp_path / f"{split}.jsonl")
+        assert written == pwc.generate(n, split), split  # the records eval and training generate with this seed
+    examples = load_examples(DataConfig(dataset="pwc", path=str(tmp_path)), "test")
+    assert [e.answer for e in examples] == [e.answer for e in pwc.generated(3, "test")]
+    code, text = run_cli(monkeypatch, capsys, "data", "pwc", "-o", str(tmp_path / "k"), "--k", "2")
+    assert code == 2 and "a pwc record holds one or two articles" in " ".join(text.split())
+
+
+def test_max_epoch_and_save_interval_count_contexts_per_optimizer_step_with_grad_accum(tmp_path):
+    """A step is one optimizer update, batch_size x grad_accum contexts; --show-keys divided by batch_size alone,
+    so save_interval and max_epoch came out grad_accum times too many contexts apart."""
+    from ccmem.train.config import REFERENCE_KEYS
+
+    for key in ("max_epoch", "save_interval"):
+        assert "(train.batch_size x train.grad_accum)" in REFERENCE_KEYS[key][1], key
+    steps = ["train.batch_size=1", "train.grad_accum=2", "train.eval_steps=1", "train.save_steps=1"]
+    config = load_config("icformer-finetune", [f"output_dir={tmp_path}", f"data.path={FIXTURES}/pwc", *TINY, *steps])
+    result = train(config, lm=tiny_model(positions=512))
+    log = [json.loads(line) for line in (result.output.parent / "log.jsonl").read_text().splitlines()]
+    # 4 training contexts: epochs x n_train / (batch_size x grad_accum) = 1 x 4 / (1 x 2) = 2 steps make one epoch
+    assert [row["epoch"] for row in log if "eval_loss" in row] == [0.5, 1.0]

@@ -387,6 +387,12 @@ class Method(ABC):
         limit before any work is done)."""
         return n_tokens if self.uses_positions else 0
 
+    def positions_fix(self) -> str:
+        """What to change where the memory after an ``add`` would pass the model's positions however the text is
+        added (a method that rebuilds its memory from the whole context each time, so adding it in parts or after
+        a re-base cannot help); "" where the positions are the new text's own (the harness says what helps then)."""
+        return ""
+
     def parts(self, ids: torch.Tensor) -> list[torch.Tensor]:
         """``ids`` (shape ``[1, n]``) cut where adding the pieces one after another gives the memory that adding
         them at once gives (a chunked method's chunks); between pieces the memory may be re-based

@@ -238,6 +238,13 @@ class ICFormerMethod(Method):
         total = n_tokens + (int(seen.shape[-1]) if seen is not None else 0)
         return max(0, memory.sink + self.n_digests(total) + 1 - memory.next_position) if n_tokens else 0
 
+    def positions_fix(self) -> str:
+        return (
+            f"each add turns the whole context so far into {self.num_query_tokens} digests per chunk, however it is "
+            "added: give it longer chunks (a larger max_chunk_len, and max_seq_len), fewer digests (a smaller "
+            "num_query_tokens: a former trained with them), or a shorter context"
+        )
+
     def check_memory(self, memory: Memory) -> None:
         check_context_ids(memory, lambda n: self.n_digests(n) + 1)  # the digests and the marker after them
 

@@ -339,8 +339,9 @@ REFERENCE_KEYS: dict[str, tuple[str, str]] = {
     "seed": ("train.seed", ""),
     "lr": ("train.lr", ""),
     "gradient_accumulation": ("train.batch_size", "a padded batch equals the reference's accumulated samples"),
-    "max_epoch": ("train.max_steps", "epochs x data.n_train / train.batch_size"),
-    "save_interval": ("train.save_steps", "in batches: contexts / train.batch_size"),
+    # a step is one optimizer update: batch_size x grad_accum contexts (per process)
+    "max_epoch": ("train.max_steps", "epochs x data.n_train / (train.batch_size x train.grad_accum)"),
+    "save_interval": ("train.save_steps", "in optimizer steps: contexts / (train.batch_size x train.grad_accum)"),
     "clip_grad": ("train.max_grad_norm", "0 turns clipping off"),
     "max_norm": ("train.max_grad_norm", ""),
     "shuffle": ("train.shuffle", ""),
