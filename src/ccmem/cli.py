@@ -1070,6 +1070,12 @@ def eval_command(
     if path is not None and path.is_file() and out.resolve() == path.resolve():
         raise OptionError(f"--out {out} is the --path data file: the rows would be appended to your examples; "
                           "give another file, e.g. --out results/eval.jsonl")  # fmt: skip
+    if path is not None and path.is_dir() and out.resolve().is_relative_to(path.resolve()):
+        # The folder's split file (test.jsonl) is found by its name: rows written there would join the examples.
+        raise OptionError(
+            f"--out {out} is inside the --path data folder {path}: the rows could be appended to "
+            "your examples or read as them; give a file elsewhere, e.g. --out results/eval.jsonl"
+        )
     if templates is not None:
         if dataset != "dialogs" or path is not None:
             raise OptionError("--templates shapes generated dialogs only (dataset dialogs, without --path)")

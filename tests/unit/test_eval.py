@@ -572,6 +572,13 @@ def test_own_files_folders_of_json_lists_ids_and_a_trailing_comma(tmp_path, monk
     code, text = run_cli(monkeypatch, capsys, "eval", "dialogs", "--path", str(own), "-o", str(own), "--model", "x")
     assert code == 2 and "is the --path data file" in " ".join(text.split())
     assert own.read_text() == json.dumps(record) + "\n"
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "test.jsonl").write_text(json.dumps(record) + "\n")  # the file --path data reads; rows were appended
+    code, text = run_cli(monkeypatch, capsys, "eval", "dialogs", "--path", str(data), "-o", str(data / "test.jsonl"),
+                         "--model", "x")  # fmt: skip
+    assert code == 2 and "is inside the --path data folder" in " ".join(text.split())
+    assert (data / "test.jsonl").read_text() == json.dumps(record) + "\n"
 
 
 @pytest.mark.parametrize(
