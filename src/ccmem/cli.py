@@ -30,6 +30,11 @@ from ccmem.loading import (
 from ccmem.options import OptionError, parse_pairs
 from ccmem.registry import DEFAULT_METHOD, method_classes, method_names
 
+try:  # typer 0.2x runs on its own copy of click
+    from typer._click.exceptions import ClickException
+except ImportError:  # older typer on click itself
+    from click.exceptions import ClickException  # type: ignore[assignment]
+
 if TYPE_CHECKING:
     from ccmem.methods.base import ContextTooLongError
 
@@ -1702,9 +1707,21 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("ccmem.api").setLevel(logging.ERROR)  # the commands print their own note on adapters
     try:
-        app(prog_name="ccmem")
+        # not standalone: click's usage errors come here, to be said in one line like ccmem's own, not in a panel
+        code = app(prog_name="ccmem", standalone_mode=False)
     except KeyboardInterrupt:
         sys.exit(130)
+    except typer.Abort:
+        err_console.print("[red]Aborted.[/]")
+        sys.exit(1)
+    except ClickException as err:
+        if type(err).__name__ == "NoArgsIsHelpError":
+            sys.exit(2)  # the help was printed as the error was made
+        err_console.print(f"[red]error:[/] {escape(err.format_message())}", highlight=False)
+        ctx = getattr(err, "ctx", None)
+        if ctx is not None and ctx.command.get_help_option(ctx) is not None:
+            err_console.print(f"Try '{escape(ctx.command_path)} {ctx.help_option_names[0]}' for help.", style="dim")
+        sys.exit(err.exit_code)
     except Exception as err:
         if os.environ.get("CCMEM_DEBUG"):
             raise
@@ -1712,6 +1729,7 @@ def main() -> None:
         err_console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         err_console.print("[dim](set CCMEM_DEBUG=1 for the full traceback)[/]")
         sys.exit(2)
+    sys.exit(code)  # a command's own exit status (typer.Exit); None is 0
 
 
 if __name__ == "__main__":

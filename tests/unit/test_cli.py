@@ -106,6 +106,29 @@ def test_bad_input_is_one_line(monkeypatch, capsys, args, message):
     assert "Traceback" not in text
 
 
+@pytest.mark.parametrize(
+    ("args", "message", "command"),
+    [
+        (["eval", "persona", "--n", "abc"], "error: Invalid value for '--n': ", "ccmem eval"),
+        (["compress"], "error: Missing argument 'text_file'.", "ccmem compress"),
+        (["chat", "--bogus"], "error: No such option: --bogus", "ccmem chat"),
+        (["eval", "persona", "--attn", "foo"], "error: Invalid value for '--attn': ", "ccmem eval"),
+        (["bogus"], "error: No such command 'bogus'.", "ccmem"),
+        (["repro", "--bogus"], "error: No such option: --bogus", "ccmem repro"),
+        (["repro", "sentinel", "ppl", "--lr", "-1"], "error: Invalid value for '--lr': ", "ccmem repro sentinel ppl"),
+    ],
+)  # fmt: skip
+def test_a_usage_error_is_one_line_with_the_help_hint(monkeypatch, capsys, args, message, command):
+    """click's own refusals (a missing argument, a bad number, an unknown option) printed typer's boxed panel,
+    unlike ccmem's own one-line errors."""
+    monkeypatch.setenv("COLUMNS", "1000")
+    code, text = run_cli(monkeypatch, capsys, *args)
+    lines = text.splitlines()
+    assert code == 2
+    assert len(lines) == 2 and lines[0].startswith(message), text
+    assert lines[1] == f"Try '{command} --help' for help."
+
+
 def test_eval_refuses_an_option_its_adapter_contradicts_before_any_work(monkeypatch, capsys, tmp_path):
     """The shipped ccm-concat adapter is recurrent: `-O recurrent=false` was refused only after `full` had run
     and appended its row."""
