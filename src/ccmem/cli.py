@@ -455,8 +455,9 @@ def serve(
     ] = "auto",
     attn: AttnOpt = "sdpa",
 ) -> None:
-    """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/models, /v1/sessions) that keeps each
-    conversation as a compressed memory."""
+    """Serve an OpenAI-compatible API that keeps each conversation as a compressed memory.
+
+    Endpoints: /v1/chat/completions, /v1/models, /v1/sessions."""
     from ccmem.precision import AUTO, dtype_name
     from ccmem.serve.engine import Engine, Limits
     from ccmem.serve.server import bind, run
@@ -757,8 +758,9 @@ def generate(
     max_new_tokens: MaxNewOpt = 256,
     attn: AttnOpt = "sdpa",
 ) -> None:
-    """Answer every record of a PwC file from its compressed input; one JSON line per record (output, answer,
-    ROUGE-L, memory slots)."""
+    """Answer every record of a PwC file from its compressed input, one JSON line per record.
+
+    Each line holds the output, the answer, ROUGE-L and the memory slots."""
     from ccmem.data.pwc import read_pwc
     from ccmem.eval.generate import generate_file
 
@@ -1455,8 +1457,10 @@ def stream(
     ] = False,
     attn: AttnOpt = "sdpa",
 ) -> None:
-    """Read a text many times the model's context at constant memory: perplexity per position bucket, peak KV bytes
-    and tokens/s of every method at the same memory, with positions re-based (RoPE keys re-rotated) as it slides."""
+    """Read a text many times the model's context at constant memory, for every method at the same memory.
+
+    Measures perplexity per position bucket, peak KV bytes and tokens/s, with positions re-based (RoPE keys
+    re-rotated) as it slides."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ccmem.cli_repro import check_out_dir

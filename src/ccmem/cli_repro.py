@@ -15,8 +15,8 @@ from ccmem.options import OptionError
 
 repro_app = typer.Typer(help="Reproduce a paper's claims with ccmem's methods, one command per claim.")
 sentinel_app = typer.Typer(
-    help="Ren et al., EMNLP 2023 (seed 004): sentinel-token KV compression against local and scattered attention "
-    "at compression ratios 0.1 ... 0.9. Each (method, ratio) is LoRA-finetuned once through `ccmem train` "
+    help="Ren et al., EMNLP 2023: sentinel-token KV compression against local and scattered attention.\n\n"
+    "Seed 004, at compression ratios 0.1 ... 0.9. Each (method, ratio) is LoRA-finetuned once through `ccmem train` "
     "(runs/repro-METHOD-rR; rerunning reuses finished runs and resumes interrupted ones)."
 )
 repro_app.add_typer(sentinel_app, name="sentinel")
@@ -186,8 +186,10 @@ def ppl(
     overwrite: Overwrite = False,
     attn: Attn = "sdpa",
 ) -> None:
-    """Claim 1: WikiText-2 test perplexity of sentinel, local and scattered attention, each LoRA-finetuned at each
-    compression ratio; one table in the seed's shape (method x ratio), ppl.jsonl, ppl.md and ppl-perplexity.png."""
+    """Claim 1: WikiText-2 test perplexity of sentinel, local and scattered attention at each compression ratio.
+
+    Each is LoRA-finetuned at each ratio; one table in the seed's shape (method x ratio), ppl.jsonl, ppl.md and
+    ppl-perplexity.png."""
     from ccmem.repro.sentinel import ReproSettings
 
     settings = ReproSettings(
@@ -248,9 +250,10 @@ def generate(
     overwrite: Overwrite = False,
     attn: Attn = "sdpa",
 ) -> None:
-    """Claim 2: continuations of document prefixes with sentinel vs local attention at each ratio, scored against
-    the real continuation (ROUGE-L, BERTScore) and for naturalness (a judge LM's perplexity); generate.jsonl,
-    generate.md and one PNG per metric. Reuses claim 1's finetuned adapters when they exist."""
+    """Claim 2: continuations of document prefixes with sentinel vs local attention at each ratio.
+
+    Scored against the real continuation (ROUGE-L, BERTScore) and for naturalness (a judge LM's perplexity);
+    generate.jsonl, generate.md and one PNG per metric. Reuses claim 1's finetuned adapters when they exist."""
     from ccmem.repro.sentinel import CLAIM2_METHODS, ReproSettings
 
     settings = ReproSettings(
@@ -350,8 +353,10 @@ def gsm8k_table(
     out_dir: OutDir = Path("results/gsm8k"),
     overwrite: Overwrite = False,
 ) -> None:
-    """The GSM8K fork's table: per <COMP> placement policy of ccm-reason, accuracy, insertions per problem, peak KV
-    MB, wall time per problem and the classifier's share of it; rows.jsonl, report.md, accuracy-vs-kv.png."""
+    """The GSM8K fork's table: accuracy and cost of each <COMP> placement policy of ccm-reason.
+
+    Per policy: accuracy, insertions per problem, peak KV MB, wall time per problem and the classifier's share of
+    it; rows.jsonl, report.md, accuracy-vs-kv.png."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ccmem.loading import load_model, local_config

@@ -39,6 +39,35 @@ def test_every_command_has_help(monkeypatch, capsys, command, flag):
         assert "--stage1" in text
 
 
+def _groups(group=None, path=()):
+    """Every command group of ccmem (the top level, repro, repro sentinel, ...) as its words after `ccmem`."""
+    import typer
+
+    group = group or typer.main.get_command(cli.app)
+    yield path
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):
+            yield from _groups(command, (*path, name))
+
+
+@pytest.mark.parametrize("group", list(_groups()), ids=lambda g: " ".join(("ccmem", *g)))
+def test_every_command_summary_in_a_group_help_is_one_whole_sentence(monkeypatch, capsys, group):
+    """The summaries of serve, generate, stream and the repro commands broke mid-sentence in `ccmem --help`: typer
+    shows the docstring's first paragraph with its line breaks, so '... that keeps each' ended a row."""
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per row, unless the summary itself holds a line break
+    code, text = run_cli(monkeypatch, capsys, *group, "--help")
+    assert code == 0
+    panel = text[text.index("─ Commands ─") :]
+    rows = panel[: panel.index("╰")].splitlines()[1:]
+    assert rows
+    for row in rows:
+        name, _, summary = row.strip("│ ").partition(" ")
+        assert name, f"a summary goes on over two rows: {row.strip()}"
+        summary = summary.strip()
+        assert summary.endswith(".") and not summary.endswith("..."), f"{name}: {summary!r}"
+        assert len(summary) <= 110, f"{name}: a summary is one short sentence, not {len(summary)} characters"
+
+
 @pytest.mark.parametrize(
     ("command", "shown"),
     [
