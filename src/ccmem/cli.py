@@ -1703,7 +1703,20 @@ def _add_subcommands() -> None:
     app.add_typer(repro_app, name="repro")
 
 
+def _unwrap_docstrings(typer_app: typer.Typer) -> None:
+    """One line per paragraph of each command's docstring: typer's help keeps the source's line breaks, so a
+    paragraph wrapped in the code broke mid-sentence on screen; rich wraps it to the terminal instead."""
+    for info in typer_app.registered_commands:
+        doc = info.help or inspect.getdoc(info.callback)
+        if doc:
+            info.help = "\n\n".join(" ".join(paragraph.split()) for paragraph in doc.split("\n\n"))
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _unwrap_docstrings(group.typer_instance)
+
+
 _add_subcommands()
+_unwrap_docstrings(app)
 
 
 def main() -> None:

@@ -68,6 +68,29 @@ def test_every_command_summary_in_a_group_help_is_one_whole_sentence(monkeypatch
         assert len(summary) <= 110, f"{name}: a summary is one short sentence, not {len(summary)} characters"
 
 
+def _commands(group=None, path=()):
+    """Every command and group of ccmem as its words after `ccmem`."""
+    import typer
+
+    group = group or typer.main.get_command(cli.app)
+    for name, command in group.commands.items():
+        yield (*path, name)
+        if hasattr(command, "commands"):
+            yield from _commands(command, (*path, name))
+
+
+@pytest.mark.parametrize("command", list(_commands()), ids=" ".join)
+def test_a_commands_description_breaks_lines_only_between_paragraphs(monkeypatch, capsys, command):
+    """typer kept the docstring's line breaks, so `ccmem eval --help` broke '... are appended' / 'to --out;' at
+    the source's wrap, whatever the terminal's width."""
+    monkeypatch.setenv("COLUMNS", "1000")
+    code, text = run_cli(monkeypatch, capsys, *command, "--help")
+    assert code == 0
+    description = text[text.index("Usage:") : text.index("╭")].splitlines()[1:]
+    for line in filter(str.strip, description):
+        assert line.rstrip().endswith("."), f"a paragraph broke mid-sentence: {line.strip()!r}"
+
+
 @pytest.mark.parametrize(
     ("command", "shown"),
     [
