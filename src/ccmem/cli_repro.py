@@ -172,10 +172,14 @@ def _run(claim: str, settings: object, out_dir: Path, overwrite: bool) -> None:
 def ppl(
     model: Model = DEFAULT_MODEL,
     ratios: Ratios = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
-    methods: Annotated[str, typer.Option("--methods", help="Methods to compare.")] = "sentinel,local,scattered",
+    methods: Annotated[
+        str, typer.Option("--methods", help="Comma-separated methods to compare: sentinel, local, scattered.")
+    ] = "sentinel,local,scattered",
     wikitext: Wikitext = None,
     block_size: Annotated[int, typer.Option("--block-size", min=2, help="Tokens per test block (paper: 256).")] = 128,
-    test_blocks: Annotated[int, typer.Option("--test-blocks", min=1, help="Test blocks scored.")] = 16,
+    test_blocks: Annotated[
+        int, typer.Option("--test-blocks", min=1, help="Test blocks whose perplexity is measured.")
+    ] = 16,
     train_steps: Steps = 12,
     batch_size: Batch = 4,
     lr: Lr = 3e-4,
@@ -225,8 +229,12 @@ def generate(
             "Lee news corpus (offline stand-in).",
         ),
     ] = None,
-    docs: Annotated[int, typer.Option("--docs", min=1, help="Documents (paper: 200).")] = 12,
-    prefix_tokens: Annotated[int, typer.Option("--prefix-tokens", min=2, help="Prefix compressed into memory.")] = 96,
+    docs: Annotated[
+        int, typer.Option("--docs", min=1, help="Documents whose prefix is compressed and continued (paper: 200).")
+    ] = 12,
+    prefix_tokens: Annotated[
+        int, typer.Option("--prefix-tokens", min=2, help="Tokens of each document's prefix compressed into memory.")
+    ] = 96,
     continuation_tokens: Annotated[
         int, typer.Option("--continuation-tokens", min=1, help="Tokens sampled and compared with the real ones.")
     ] = 24,

@@ -91,6 +91,36 @@ def test_a_commands_description_breaks_lines_only_between_paragraphs(monkeypatch
         assert line.rstrip().endswith("."), f"a paragraph broke mid-sentence: {line.strip()!r}"
 
 
+def _leaf_commands():
+    """(words after `ccmem`, click command) of every command that runs, in groups too."""
+    import typer
+
+    def walk(group, path):
+        for name, command in group.commands.items():
+            if hasattr(command, "commands"):
+                yield from walk(command, (*path, name))
+            else:
+                yield (*path, name), command
+
+    return list(walk(typer.main.get_command(cli.app), ()))
+
+
+@pytest.mark.parametrize(
+    ("words", "command"), _leaf_commands(), ids=lambda x: " ".join(x) if isinstance(x, tuple) else ""
+)
+def test_every_option_has_help_that_explains_it_and_names_its_own_default(words, command):
+    """`ccmem repro sentinel generate --help` said of --docs only 'Documents (paper: 200).'"""
+    import re
+
+    for param in command.params:
+        text = (getattr(param, "help", None) or "").strip()
+        outside_parentheses = re.sub(r"\([^()]*\)", "", text).replace(".", " ").split()
+        assert len(outside_parentheses) >= 2 and text.endswith((".", ")")), f"{' '.join(words)} {param.name}: {text!r}"
+        if param.default not in (None, "") and getattr(param, "show_default", True) is not False:
+            for named in re.findall(r"default:\s*([\w./-]+)", text, flags=re.IGNORECASE):
+                assert named == str(param.default), f"{' '.join(words)} {param.name}: help says {named}"
+
+
 @pytest.mark.parametrize(
     ("command", "shown"),
     [
