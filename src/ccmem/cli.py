@@ -30,6 +30,11 @@ from ccmem.loading import (
 from ccmem.options import OptionError, parse_pairs
 from ccmem.registry import DEFAULT_METHOD, method_classes, method_names
 
+try:  # typer 0.2x runs on its own copy of click
+    from typer._click.exceptions import ClickException
+except ImportError:  # older typer on click itself
+    from click.exceptions import ClickException  # type: ignore[assignment]
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -458,8 +463,9 @@ def serve(
     ] = "auto",
     attn: AttnOpt = "sdpa",
 ) -> None:
-    """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/models, /v1/sessions) that keeps each
-    conversation as a compressed memory."""
+    """Serve an OpenAI-compatible API that keeps each conversation as a compressed memory.
+
+    Endpoints: /v1/chat/completions, /v1/models, /v1/sessions."""
     from ccmem.precision import AUTO, dtype_name
     from ccmem.serve.engine import Engine, Limits
     from ccmem.serve.server import bind, run
@@ -775,8 +781,9 @@ def generate(
     max_new_tokens: MaxNewOpt = 256,
     attn: AttnOpt = "sdpa",
 ) -> None:
-    """Answer every record of a PwC file from its compressed input; one JSON line per record (output, answer,
-    ROUGE-L, memory slots)."""
+    """Answer every record of a PwC file from its compressed input, one JSON line per record.
+
+    Each line holds the output, the answer, ROUGE-L and the memory slots."""
     from ccmem.data.pwc import read_pwc
     from ccmem.eval.generate import generate_file
 
@@ -1479,8 +1486,10 @@ def stream(
     ] = False,
     attn: AttnOpt = "sdpa",
 ) -> None:
-    """Read a text many times the model's context at constant memory: perplexity per position bucket, peak KV bytes
-    and tokens/s of every method at the same memory, with positions re-based (RoPE keys re-rotated) as it slides."""
+    """Read a text many times the model's context at constant memory, for every method at the same memory.
+
+    Measures perplexity per position bucket, peak KV bytes and tokens/s, with positions re-based (RoPE keys
+    re-rotated) as it slides."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ccmem.cli_repro import check_out_dir
@@ -1735,7 +1744,20 @@ def _add_subcommands() -> None:
     app.add_typer(repro_app, name="repro")
 
 
+def _unwrap_docstrings(typer_app: typer.Typer) -> None:
+    """One line per paragraph of each command's docstring: typer's help keeps the source's line breaks, so a
+    paragraph wrapped in the code broke mid-sentence on screen; rich wraps it to the terminal instead."""
+    for info in typer_app.registered_commands:
+        doc = info.help or inspect.getdoc(info.callback)
+        if doc:
+            info.help = "\n\n".join(" ".join(paragraph.split()) for paragraph in doc.split("\n\n"))
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _unwrap_docstrings(group.typer_instance)
+
+
 _add_subcommands()
+_unwrap_docstrings(app)
 
 
 def main() -> None:
@@ -1743,9 +1765,21 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("ccmem.api").setLevel(logging.ERROR)  # the commands print their own note on adapters
     try:
-        app(prog_name="ccmem")
+        # not standalone: click's usage errors come here, to be said in one line like ccmem's own, not in a panel
+        code = app(prog_name="ccmem", standalone_mode=False)
     except KeyboardInterrupt:
         sys.exit(130)
+    except typer.Abort:
+        err_console.print("[red]Aborted.[/]")
+        sys.exit(1)
+    except ClickException as err:
+        if type(err).__name__ == "NoArgsIsHelpError":
+            sys.exit(2)  # the help was printed as the error was made
+        err_console.print(f"[red]error:[/] {escape(err.format_message())}", highlight=False)
+        ctx = getattr(err, "ctx", None)
+        if ctx is not None and ctx.command.get_help_option(ctx) is not None:
+            err_console.print(f"Try '{escape(ctx.command_path)} {ctx.help_option_names[0]}' for help.", style="dim")
+        sys.exit(err.exit_code)
     except Exception as err:
         if os.environ.get("CCMEM_DEBUG"):
             raise
@@ -1753,6 +1787,7 @@ def main() -> None:
         err_console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         err_console.print("[dim](set CCMEM_DEBUG=1 for the full traceback)[/]")
         sys.exit(2)
+    sys.exit(code)  # a command's own exit status (typer.Exit); None is 0
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ from ccmem.options import OptionError
 
 repro_app = typer.Typer(help="Reproduce a paper's claims with ccmem's methods, one command per claim.")
 sentinel_app = typer.Typer(
-    help="Ren et al., EMNLP 2023 (seed 004): sentinel-token KV compression against local and scattered attention "
-    "at compression ratios 0.1 ... 0.9. Each (method, ratio) is LoRA-finetuned once through `ccmem train` "
+    help="Ren et al., EMNLP 2023: sentinel-token KV compression against local and scattered attention.\n\n"
+    "Seed 004, at compression ratios 0.1 ... 0.9. Each (method, ratio) is LoRA-finetuned once through `ccmem train` "
     "(runs/repro-METHOD-rR; rerunning reuses finished runs and resumes interrupted ones)."
 )
 repro_app.add_typer(sentinel_app, name="sentinel")
@@ -172,10 +172,14 @@ def _run(claim: str, settings: object, out_dir: Path, overwrite: bool) -> None:
 def ppl(
     model: Model = DEFAULT_MODEL,
     ratios: Ratios = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
-    methods: Annotated[str, typer.Option("--methods", help="Methods to compare.")] = "sentinel,local,scattered",
+    methods: Annotated[
+        str, typer.Option("--methods", help="Comma-separated methods to compare: sentinel, local, scattered.")
+    ] = "sentinel,local,scattered",
     wikitext: Wikitext = None,
     block_size: Annotated[int, typer.Option("--block-size", min=2, help="Tokens per test block (paper: 256).")] = 128,
-    test_blocks: Annotated[int, typer.Option("--test-blocks", min=1, help="Test blocks scored.")] = 16,
+    test_blocks: Annotated[
+        int, typer.Option("--test-blocks", min=1, help="Test blocks whose perplexity is measured.")
+    ] = 16,
     train_steps: Steps = 12,
     batch_size: Batch = 4,
     lr: Lr = 3e-4,
@@ -186,8 +190,10 @@ def ppl(
     overwrite: Overwrite = False,
     attn: Attn = "sdpa",
 ) -> None:
-    """Claim 1: WikiText-2 test perplexity of sentinel, local and scattered attention, each LoRA-finetuned at each
-    compression ratio; one table in the seed's shape (method x ratio), ppl.jsonl, ppl.md and ppl-perplexity.png."""
+    """Claim 1: WikiText-2 test perplexity of sentinel, local and scattered attention at each compression ratio.
+
+    Each is LoRA-finetuned at each ratio; one table in the seed's shape (method x ratio), ppl.jsonl, ppl.md and
+    ppl-perplexity.png."""
     from ccmem.repro.sentinel import ReproSettings
 
     settings = ReproSettings(
@@ -223,8 +229,12 @@ def generate(
             "Lee news corpus (offline stand-in).",
         ),
     ] = None,
-    docs: Annotated[int, typer.Option("--docs", min=1, help="Documents (paper: 200).")] = 12,
-    prefix_tokens: Annotated[int, typer.Option("--prefix-tokens", min=2, help="Prefix compressed into memory.")] = 96,
+    docs: Annotated[
+        int, typer.Option("--docs", min=1, help="Documents whose prefix is compressed and continued (paper: 200).")
+    ] = 12,
+    prefix_tokens: Annotated[
+        int, typer.Option("--prefix-tokens", min=2, help="Tokens of each document's prefix compressed into memory.")
+    ] = 96,
     continuation_tokens: Annotated[
         int, typer.Option("--continuation-tokens", min=1, help="Tokens sampled and compared with the real ones.")
     ] = 24,
@@ -248,9 +258,10 @@ def generate(
     overwrite: Overwrite = False,
     attn: Attn = "sdpa",
 ) -> None:
-    """Claim 2: continuations of document prefixes with sentinel vs local attention at each ratio, scored against
-    the real continuation (ROUGE-L, BERTScore) and for naturalness (a judge LM's perplexity); generate.jsonl,
-    generate.md and one PNG per metric. Reuses claim 1's finetuned adapters when they exist."""
+    """Claim 2: continuations of document prefixes with sentinel vs local attention at each ratio.
+
+    Scored against the real continuation (ROUGE-L, BERTScore) and for naturalness (a judge LM's perplexity);
+    generate.jsonl, generate.md and one PNG per metric. Reuses claim 1's finetuned adapters when they exist."""
     from ccmem.repro.sentinel import CLAIM2_METHODS, ReproSettings
 
     settings = ReproSettings(
@@ -350,8 +361,10 @@ def gsm8k_table(
     out_dir: OutDir = Path("results/gsm8k"),
     overwrite: Overwrite = False,
 ) -> None:
-    """The GSM8K fork's table: per <COMP> placement policy of ccm-reason, accuracy, insertions per problem, peak KV
-    MB, wall time per problem and the classifier's share of it; rows.jsonl, report.md, accuracy-vs-kv.png."""
+    """The GSM8K fork's table: accuracy and cost of each <COMP> placement policy of ccm-reason.
+
+    Per policy: accuracy, insertions per problem, peak KV MB, wall time per problem and the classifier's share of
+    it; rows.jsonl, report.md, accuracy-vs-kv.png."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ccmem.loading import load_model, local_config

@@ -39,6 +39,88 @@ def test_every_command_has_help(monkeypatch, capsys, command, flag):
         assert "--stage1" in text
 
 
+def _groups(group=None, path=()):
+    """Every command group of ccmem (the top level, repro, repro sentinel, ...) as its words after `ccmem`."""
+    import typer
+
+    group = group or typer.main.get_command(cli.app)
+    yield path
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):
+            yield from _groups(command, (*path, name))
+
+
+@pytest.mark.parametrize("group", list(_groups()), ids=lambda g: " ".join(("ccmem", *g)))
+def test_every_command_summary_in_a_group_help_is_one_whole_sentence(monkeypatch, capsys, group):
+    """The summaries of serve, generate, stream and the repro commands broke mid-sentence in `ccmem --help`: typer
+    shows the docstring's first paragraph with its line breaks, so '... that keeps each' ended a row."""
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per row, unless the summary itself holds a line break
+    code, text = run_cli(monkeypatch, capsys, *group, "--help")
+    assert code == 0
+    panel = text[text.index("─ Commands ─") :]
+    rows = panel[: panel.index("╰")].splitlines()[1:]
+    assert rows
+    for row in rows:
+        name, _, summary = row.strip("│ ").partition(" ")
+        assert name, f"a summary goes on over two rows: {row.strip()}"
+        summary = summary.strip()
+        assert summary.endswith(".") and not summary.endswith("..."), f"{name}: {summary!r}"
+        assert len(summary) <= 110, f"{name}: a summary is one short sentence, not {len(summary)} characters"
+
+
+def _commands(group=None, path=()):
+    """Every command and group of ccmem as its words after `ccmem`."""
+    import typer
+
+    group = group or typer.main.get_command(cli.app)
+    for name, command in group.commands.items():
+        yield (*path, name)
+        if hasattr(command, "commands"):
+            yield from _commands(command, (*path, name))
+
+
+@pytest.mark.parametrize("command", list(_commands()), ids=" ".join)
+def test_a_commands_description_breaks_lines_only_between_paragraphs(monkeypatch, capsys, command):
+    """typer kept the docstring's line breaks, so `ccmem eval --help` broke '... are appended' / 'to --out;' at
+    the source's wrap, whatever the terminal's width."""
+    monkeypatch.setenv("COLUMNS", "1000")
+    code, text = run_cli(monkeypatch, capsys, *command, "--help")
+    assert code == 0
+    description = text[text.index("Usage:") : text.index("╭")].splitlines()[1:]
+    for line in filter(str.strip, description):
+        assert line.rstrip().endswith("."), f"a paragraph broke mid-sentence: {line.strip()!r}"
+
+
+def _leaf_commands():
+    """(words after `ccmem`, click command) of every command that runs, in groups too."""
+    import typer
+
+    def walk(group, path):
+        for name, command in group.commands.items():
+            if hasattr(command, "commands"):
+                yield from walk(command, (*path, name))
+            else:
+                yield (*path, name), command
+
+    return list(walk(typer.main.get_command(cli.app), ()))
+
+
+@pytest.mark.parametrize(
+    ("words", "command"), _leaf_commands(), ids=lambda x: " ".join(x) if isinstance(x, tuple) else ""
+)
+def test_every_option_has_help_that_explains_it_and_names_its_own_default(words, command):
+    """`ccmem repro sentinel generate --help` said of --docs only 'Documents (paper: 200).'"""
+    import re
+
+    for param in command.params:
+        text = (getattr(param, "help", None) or "").strip()
+        outside_parentheses = re.sub(r"\([^()]*\)", "", text).replace(".", " ").split()
+        assert len(outside_parentheses) >= 2 and text.endswith((".", ")")), f"{' '.join(words)} {param.name}: {text!r}"
+        if param.default not in (None, "") and getattr(param, "show_default", True) is not False:
+            for named in re.findall(r"default:\s*([\w./-]+)", text, flags=re.IGNORECASE):
+                assert named == str(param.default), f"{' '.join(words)} {param.name}: help says {named}"
+
+
 @pytest.mark.parametrize(
     ("command", "shown"),
     [
@@ -104,6 +186,29 @@ def test_bad_input_is_one_line(monkeypatch, capsys, args, message):
     assert code == 2
     assert message in " ".join(text.split())
     assert "Traceback" not in text
+
+
+@pytest.mark.parametrize(
+    ("args", "message", "command"),
+    [
+        (["eval", "persona", "--n", "abc"], "error: Invalid value for '--n': ", "ccmem eval"),
+        (["compress"], "error: Missing argument 'text_file'.", "ccmem compress"),
+        (["chat", "--bogus"], "error: No such option: --bogus", "ccmem chat"),
+        (["eval", "persona", "--attn", "foo"], "error: Invalid value for '--attn': ", "ccmem eval"),
+        (["bogus"], "error: No such command 'bogus'.", "ccmem"),
+        (["repro", "--bogus"], "error: No such option: --bogus", "ccmem repro"),
+        (["repro", "sentinel", "ppl", "--lr", "-1"], "error: Invalid value for '--lr': ", "ccmem repro sentinel ppl"),
+    ],
+)  # fmt: skip
+def test_a_usage_error_is_one_line_with_the_help_hint(monkeypatch, capsys, args, message, command):
+    """click's own refusals (a missing argument, a bad number, an unknown option) printed typer's boxed panel,
+    unlike ccmem's own one-line errors."""
+    monkeypatch.setenv("COLUMNS", "1000")
+    code, text = run_cli(monkeypatch, capsys, *args)
+    lines = text.splitlines()
+    assert code == 2
+    assert len(lines) == 2 and lines[0].startswith(message), text
+    assert lines[1] == f"Try '{command} --help' for help."
 
 
 def test_eval_refuses_an_option_its_adapter_contradicts_before_any_work(monkeypatch, capsys, tmp_path):
