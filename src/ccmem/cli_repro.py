@@ -13,8 +13,11 @@ from ccmem.fileio import file_in_the_way
 from ccmem.loading import ATTN_HELP, BUILTIN_MODELS, DEFAULT_MODEL
 from ccmem.options import OptionError
 
-repro_app = typer.Typer(help="Reproduce a paper's claims with ccmem's methods, one command per claim.")
+repro_app = typer.Typer(
+    help="Reproduce a paper's claims with ccmem's methods, one command per claim.", no_args_is_help=True
+)
 sentinel_app = typer.Typer(
+    no_args_is_help=True,
     help="Ren et al., EMNLP 2023: sentinel-token KV compression against local and scattered attention.\n\n"
     "Seed 004, at compression ratios 0.1 ... 0.9. Each (method, ratio) is LoRA-finetuned once through `ccmem train` "
     "(runs/repro-METHOD-rR; rerunning reuses finished runs and resumes interrupted ones)."

@@ -69,7 +69,8 @@ def method_class(name: str) -> type[Method]:
     try:
         return methods[name]
     except KeyError:
-        close = difflib.get_close_matches(name, list(methods), n=1)
+        lowered = {m.lower(): m for m in methods}  # method names are lower case: 'CCM-CONCAT' means 'ccm-concat'
+        close = [lowered[name.lower()]] if name.lower() in lowered else difflib.get_close_matches(name, methods, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise UnknownMethodError(f"unknown method {name!r}{hint}; valid methods: {', '.join(methods)}") from None
 

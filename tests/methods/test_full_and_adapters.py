@@ -173,6 +173,7 @@ def test_one_loaded_model_serves_several_methods_in_turn():
         (lambda: get_method("ccm-concat", lora_alpha=float("inf")), ValueError, "lora_alpha must be positive and"),
         (lambda: get_method("ccm-merge", gate_scale=float("inf")), ValueError, "gate_scale must be positive and"),
         (lambda: get_method("ccm-concat", ntok=2), ValueError, r"no option 'ntok' \(did you mean 'n_tok'\?\)"),
+        (lambda: get_method("CCM-CONCAT"), UnknownMethodError, r"did you mean 'ccm-concat'\?"),  # case alone
         (lambda: ccmem.load("no-such-model"), ValueError, "Built-in models: smollm2-135m"),
         (lambda: ccmem.load(""), ValueError, r"no model given \(''\): pass a built-in name"),  # was '.', a folder
         (lambda: ccmem.load(None), ValueError, "no model given"),

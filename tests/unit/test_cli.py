@@ -29,6 +29,13 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     return int(exit_info.value.code or 0), out.out + out.err
 
 
+@pytest.mark.parametrize("group", [["repro"], ["repro", "sentinel"]])
+def test_a_group_given_no_command_shows_its_help(monkeypatch, capsys, group):
+    """As a bare ``ccmem`` does: the commands to choose from, not only "Missing command"."""
+    code, text = run_cli(monkeypatch, capsys, *group)
+    assert code == 2 and "Usage: ccmem " + " ".join(group) in text and "Commands" in text
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_every_command_has_help(monkeypatch, capsys, command, flag):
