@@ -357,10 +357,14 @@ def _offline_help(name: str) -> str:
         if spec.gated
         else ""
     )
+    root = os.environ.get(MODEL_DIR_ENV)
+    looked = (  # set, but neither folder is there: say where it looked, not only to set it
+        f" (${MODEL_DIR_ENV} is {root}, which holds no {name}/ or {folder}/ folder with a config.json)" if root else ""
+    )
     return (
         f"{name!r} is a hub shortcut for {spec.hub_id}, which needs a download.{gated} Without hub access, download it "
         f"where there is (huggingface-cli download {spec.hub_id} --local-dir DIR/{folder}), copy DIR here and pass "
-        f"--model DIR/{folder}, or set {MODEL_DIR_ENV}=DIR so that --model {name} finds it"
+        f"--model DIR/{folder}, or set {MODEL_DIR_ENV}=DIR so that --model {name} finds it{looked}"
     )
 
 

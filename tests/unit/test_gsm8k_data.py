@@ -208,6 +208,18 @@ def test_a_final_answer_written_as_a_fraction_is_read_as_its_value(tmp_path):
     assert not is_correct("#### 3", "3/4")  # the numerator alone is not the answer
 
 
+def test_a_mixed_number_is_read_whole(tmp_path):
+    """'#### 1 1/2' was read as 1 (its whole part) and 'takes 2 3/4 hours' as 0.75 (its fraction), so a right
+    answer written as a mixed number was scored wrong; a file's '#### 1 1/2' was refused as no number."""
+    assert extract_answer("#### 1 1/2") == "1.5" and extract_answer("#### -2 1/4 cups") == "-2.25"
+    assert extract_answer("So it takes 2 3/4 hours.") == "2.75" and extract_answer("He ate 1 1/3") == "4/3"
+    assert is_correct("#### 1 1/2", "1.5") and is_correct("#### 1.5", "1 1/2") and not is_correct("#### 1 1/2", "1")
+    assert normalise_number("3 1/2") == "3.5" and normalise_number("5 apples") is None
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"question": "How much?", "answer": "3/2 = 1 1/2\n#### 1 1/2"}) + "\n")
+    assert [p.answer for p in read_jsonl(path)] == ["1.5"]
+
+
 def test_missing_file_and_invalid_json_are_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match="no GSM8K file"):
         read_jsonl(tmp_path / "absent.jsonl")

@@ -91,6 +91,16 @@ def test_offline_a_shortcut_says_how_to_point_at_a_local_folder(monkeypatch):
     assert "gated" in message  # the meta-llama repos need a licence and a login
 
 
+def test_offline_a_shortcut_not_under_the_model_dir_says_where_it_looked(monkeypatch, tmp_path):
+    """With $CCMEM_MODEL_DIR set, a shortcut whose folder is not there was told only to set it."""
+    (tmp_path / "Mistral-7B").mkdir()  # a near miss: not the shortcut's name nor the repo's
+    monkeypatch.setenv("CCMEM_MODEL_DIR", str(tmp_path))
+    hub_down(monkeypatch)
+    with pytest.raises(ModelNotFoundError) as err:
+        load_model("mistral-7b")
+    assert f"$CCMEM_MODEL_DIR is {tmp_path}, which holds no mistral-7b/ or Mistral-7B-v0.1/ folder" in str(err.value)
+
+
 @pytest.mark.parametrize(
     ("name", "folder"),
     [("llama-7b", "llama-7b"), ("mistral-7b", "Mistral-7B-v0.1")],  # the shortcut's name, or the repo's own

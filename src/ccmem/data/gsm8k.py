@@ -56,6 +56,10 @@ _FINAL = re.compile(r"####[ \t]*" + _SIGN + r"[ \t]*" + _NUMBER_REST)
 _FRACTION_REST = r"(?P<fnum>\d+)[ \t]*/[ \t]*(?P<fden>\d+)(?![\d.,/]*\d)"
 _FRACTION = re.compile(r"(?P<fneg>[-−]?)[ \t]*" + _FRACTION_REST)
 _LAST_FRACTION = re.compile(r"(?<![\w.,/])(?P<fneg>[-−]?)" + _FRACTION_REST)  # in running text, not in a word or number
+# A mixed number ('#### 1 1/2', 'it takes 2 3/4 hours'): the whole part and the fraction are one value.
+_MIXED_REST = r"(?P<whole>\d+)[ \t]+" + _FRACTION_REST
+_MIXED = re.compile(r"(?P<fneg>[-−]?)[ \t]*" + _MIXED_REST)
+_LAST_MIXED = re.compile(r"(?<![\w.,/])(?P<fneg>[-−]?)" + _MIXED_REST)
 _WITH_UNIT = re.compile(_NUMBER_BODY + r"[ \t]*[^\d\s.,/][^\d]*")  # a final answer with a unit after it
 _ANNOTATION = re.compile(r"<<[^<>\n]*>>")
 _RESULT = re.compile(r"(?:=[ \t]*\$?[ \t]*(?:<<[^<>\n]*>>)?|<<[^<>\n]*>>)[ \t]*\$?-?\d+(?:,\d{3})*(?:\.\d+)?")
@@ -92,10 +96,12 @@ def _canonical(match: re.Match[str]) -> str:
 
 def _canonical_fraction(match: re.Match[str]) -> str | None:
     """A fraction's canonical form: its decimal where that ends (``3/4`` -> ``0.75``, ``8/2`` -> ``4``), else
-    the reduced fraction (``2/6`` -> ``1/3``); None for a zero denominator."""
+    the reduced fraction (``2/6`` -> ``1/3``), a mixed number's whole part included (``1 1/2`` -> ``1.5``); None for
+    a zero denominator."""
     if int(match["fden"]) == 0:
         return None
-    value = Fraction(int(match["fnum"]), int(match["fden"])) * (-1 if match["fneg"] else 1)
+    whole = int(match.groupdict().get("whole") or 0)
+    value = (whole + Fraction(int(match["fnum"]), int(match["fden"]))) * (-1 if match["fneg"] else 1)
     denominator = value.denominator
     for prime in (2, 5):
         while denominator % prime == 0:
@@ -114,7 +120,7 @@ def normalise_number(text: str) -> str | None:
     match = re.fullmatch(_NUMBER_BODY, text)
     if match:
         return _canonical(match)
-    fraction = _FRACTION.fullmatch(text)
+    fraction = _MIXED.fullmatch(text) or _FRACTION.fullmatch(text)
     return _canonical_fraction(fraction) if fraction else None
 
 
@@ -124,14 +130,16 @@ def extract_answer(text: str) -> str | None:
     fraction read whole, as after ``####``)."""
     final = _FINAL.search(text)
     if final:
-        fraction = _FRACTION.match(text, final.start("neg"))  # '#### 3/4' is three quarters, not 3
+        # '#### 3/4' is three quarters, not 3; '#### 1 1/2' is one and a half, not 1
+        fraction = _MIXED.match(text, final.start("neg")) or _FRACTION.match(text, final.start("neg"))
         value = _canonical_fraction(fraction) if fraction else None
         return value if value is not None else _canonical(final)
     numbers = list(_NUMBER.finditer(text))
     if not numbers:
         return None
-    # 'each gets 3/4.' ends in three quarters, not in its denominator 4
-    fraction = next((f for f in _LAST_FRACTION.finditer(text) if f.end() == numbers[-1].end()), None)
+    # 'each gets 3/4.' ends in three quarters, not in its denominator 4 ('takes 2 3/4 hours': two and three quarters)
+    ending = (f for pattern in (_LAST_MIXED, _LAST_FRACTION) for f in pattern.finditer(text))
+    fraction = next((f for f in ending if f.end() == numbers[-1].end()), None)
     value = _canonical_fraction(fraction) if fraction else None
     return value if value is not None else _canonical(numbers[-1])
 
