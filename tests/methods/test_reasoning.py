@@ -433,6 +433,8 @@ def test_the_policy_table_runs_every_policy_on_the_same_problems(tmp_path):
     assert "generated arithmetic problems" in by["none"]["data"]
     assert {p.name for p in write(rows, tmp_path)} == {"rows.jsonl", "report.md", "accuracy-vs-kv.png"}
     assert "| interval:8 |" in markdown(rows) and "Against `none`" in markdown(rows)
+    assert "3 problems of generated" in markdown(rows)
+    assert "1 problem of generated" in markdown([{**r, "problems": 1} for r in rows])  # not "1 problems"
     saved = 1 - by["interval:8"]["peak_kv_mb"] / by["none"]["peak_kv_mb"]  # said as a saving, not "+7% saved"
     assert f"- interval:8: peak KV {saved:.0%} saved, time x" in markdown(rows)
     with pytest.raises(ValueError, match="unknown policy"):

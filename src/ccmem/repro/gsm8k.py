@@ -197,7 +197,8 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The fork's table, with the change against ``none`` where it was measured."""
     base = next((r for r in rows if r["policy"] == "none"), None)
     lines = [
-        f"GSM8K reasoning compression: {rows[0]['problems']} problems of {rows[0]['data']}, {rows[0]['model']}, "
+        f"GSM8K reasoning compression: {rows[0]['problems']} problem{'' if rows[0]['problems'] == 1 else 's'} of "
+        f"{rows[0]['data']}, {rows[0]['model']}, "
         f"adapter {rows[0]['adapter']}"
         + (f" on stage-1 LoRA {rows[0]['stage1']}" if rows[0].get("stage1") else "")
         + (
