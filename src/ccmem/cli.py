@@ -1122,6 +1122,17 @@ def eval_command(
         source=source,
         seed=seed,
     )
+    if path is None:  # a generator that does not read an option would ignore it without a word
+        from ccmem.data.loaders import check_source as check_source_read
+
+        for flag, changed, readers in (("--small-talk", small_talk != 2, ("persona", "mixture")),
+                                       ("--turns", turns != 0, ("dialogs", "mixture"))):  # fmt: skip
+            if changed and dataset not in readers:
+                raise OptionError(f"{flag} shapes {readers[0]} data; dataset {dataset!r} does not read it")
+        try:
+            check_source_read(cfg)
+        except ValueError as err:
+            raise OptionError(str(err).replace("data.source=", "--source ")) from None
     examples = load_examples(cfg, split)[:n]
     if not examples:  # said before the model loads
         if path is not None and path.is_file():

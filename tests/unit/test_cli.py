@@ -185,6 +185,9 @@ def test_methods_lists_the_registry(monkeypatch, capsys):
         (["data", "persona", "-o", "x", "--turns", "10"], "--turns shapes dialogs data; 'persona' does not read it"),
         (["data", "dialogs", "-o", "x", "--small-talk", "3"], "--small-talk shapes persona data; 'dialogs' does not"),
         (["data", "passages", "-o", "x", "--tasks", "3"], "--tasks shapes icl data; 'passages' does not read it"),
+        (["eval", "persona", "--turns", "5", "--methods", "full"], "--turns shapes dialogs data; dataset 'persona'"),
+        (["eval", "dialogs", "--small-talk", "5", "--methods", "full"], "--small-talk shapes persona data; dataset"),
+        (["eval", "persona", "--source", "news", "--methods", "full"], "--source 'news' chooses the text of the"),
         (["report", "/nonexistent/eval.jsonl"], "no results file at /nonexistent/eval.jsonl"),
     ],
 )
