@@ -69,6 +69,22 @@ def test_length_dependent_rope_is_refused():
         layer_frequencies(lm)
 
 
+def test_a_model_whose_keys_cannot_be_re_based_is_refused_before_full_reads_the_stream(monkeypatch):
+    """`--methods full,window` on a model without movable RoPE keys ran full over the whole stream, then failed at
+    window (KVStream's frequencies), and full's row was lost with it."""
+    import ccmem.eval.stream as stream_eval
+
+    lm = tiny_model("llama-gqa", positions=64)
+    lm.model.base_model.rotary_emb.rope_type = "dynamic"
+    ran = []
+    monkeypatch.setattr(stream_eval, "run_method", lambda lm, name, *a, **k: ran.append(name))
+    settings = StreamSettings(methods=["full", "window"], max_positions=64, sink=2, window=8, comp_slots=4, block=8)
+    with pytest.raises(RopeError, match="dynamic RoPE"):
+        run_stream(lm, settings)
+    assert ran == []
+    check_layouts(lm, StreamSettings(methods=["full"], max_positions=64))  # full alone moves no key: it runs
+
+
 def reference_window_nll(lm, ids: torch.Tensor, window: int, block: int) -> torch.Tensor:
     """A sliding window the slow way: keys stay at their text positions, nothing is re-rotated."""
     nll = torch.full((ids.shape[1],), math.nan)
