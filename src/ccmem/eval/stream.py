@@ -424,6 +424,16 @@ def check_layouts(lm: LoadedModel, settings: StreamSettings) -> None:
             settings.sink, settings.window, settings.comp_slots, settings.block, n_tok, banks=banks
         )
         layouts[name].check(limit)
+    # an adapter of another model, dtype or method is refused where it loads: load each now, not once the methods
+    # ahead of it have read the whole stream
+    from ccmem.adapter import shipped_adapter
+
+    for name in settings.methods:
+        given = settings.adapters.get(name)
+        if name.startswith("ccm-") and (given or stream_adapter(lm, name) or shipped_adapter(lm.name, name)):
+            ccm_compressor(lm, name, given)
+        elif name in SPARSE_STREAM_METHODS and given:
+            sparse_compressor(lm, name, given, settings.options)
 
 
 # ---------------------------------------------------------------------------- the run
