@@ -69,6 +69,39 @@ def test_length_dependent_rope_is_refused():
         layer_frequencies(lm)
 
 
+def test_a_model_whose_keys_cannot_be_re_based_is_refused_before_full_reads_the_stream(monkeypatch):
+    """`--methods full,window` on a model without movable RoPE keys ran full over the whole stream, then failed at
+    window (KVStream's frequencies), and full's row was lost with it."""
+    import ccmem.eval.stream as stream_eval
+
+    lm = tiny_model("llama-gqa", positions=64)
+    lm.model.base_model.rotary_emb.rope_type = "dynamic"
+    ran = []
+    monkeypatch.setattr(stream_eval, "run_method", lambda lm, name, *a, **k: ran.append(name))
+    settings = StreamSettings(methods=["full", "window"], max_positions=64, sink=2, window=8, comp_slots=4, block=8)
+    with pytest.raises(RopeError, match="dynamic RoPE"):
+        run_stream(lm, settings)
+    assert ran == []
+    check_layouts(lm, StreamSettings(methods=["full"], max_positions=64))  # full alone moves no key: it runs
+
+
+def test_an_adapter_of_another_model_is_refused_before_any_method_streams(tmp_path):
+    """An adapter trained on other weights (or for another method) passed the up-front checks (only its options were
+    read) and was refused when its method loaded it, after full had read the whole stream."""
+    import ccmem
+    from ccmem.adapter import AdapterMismatchError, save_adapter
+
+    trained_on, used_with = tiny_model("llama-gqa", positions=64, seed=0), tiny_model("llama-gqa", positions=64, seed=1)
+    method = ccmem.get_method("ccm-concat", n_tok=2)
+    method.module_for(trained_on)
+    path = str(save_adapter(method, trained_on, tmp_path / "other.safetensors"))
+    for name, why in [("ccm-concat", "other weights"), ("sentinel", "trained for method 'ccm-concat'")]:
+        settings = StreamSettings(methods=["full", name], max_positions=64, sink=2, window=8, comp_slots=4, block=8)
+        settings.adapters = {name: path}
+        with pytest.raises(AdapterMismatchError, match=why):
+            check_layouts(used_with, settings)
+
+
 def reference_window_nll(lm, ids: torch.Tensor, window: int, block: int) -> torch.Tensor:
     """A sliding window the slow way: keys stay at their text positions, nothing is re-rotated."""
     nll = torch.full((ids.shape[1],), math.nan)

@@ -410,10 +410,12 @@ def refuse_kept_tokens(name: str, adapter: object, options: dict[str, Any]) -> N
 
 
 def check_layouts(lm: LoadedModel, settings: StreamSettings) -> None:
-    """Refuse settings whose layouts do not fit the context limit or the adapters, before any work (names the
-    option)."""
+    """Refuse settings whose layouts do not fit the context limit or the adapters, and a model whose keys cannot
+    be re-based, before any work (names the option, or why the keys cannot move)."""
     settings.check()
     limit = context_limit(lm, settings)
+    if any(name != "full" for name in settings.methods):
+        layer_frequencies(lm)  # RopeError now, not after full (which re-bases nothing) has read the whole stream
     for name in settings.methods:
         n_tok, banks = 4, 1
         if name.startswith("ccm-"):
@@ -422,6 +424,16 @@ def check_layouts(lm: LoadedModel, settings: StreamSettings) -> None:
             settings.sink, settings.window, settings.comp_slots, settings.block, n_tok, banks=banks
         )
         layouts[name].check(limit)
+    # an adapter of another model, dtype or method is refused where it loads: load each now, not once the methods
+    # ahead of it have read the whole stream
+    from ccmem.adapter import shipped_adapter
+
+    for name in settings.methods:
+        given = settings.adapters.get(name)
+        if name.startswith("ccm-") and (given or stream_adapter(lm, name) or shipped_adapter(lm.name, name)):
+            ccm_compressor(lm, name, given)
+        elif name in SPARSE_STREAM_METHODS and given:
+            sparse_compressor(lm, name, given, settings.options)
 
 
 # ---------------------------------------------------------------------------- the run
