@@ -414,8 +414,6 @@ def check_layouts(lm: LoadedModel, settings: StreamSettings) -> None:
     be re-based, before any work (names the option, or why the keys cannot move)."""
     settings.check()
     limit = context_limit(lm, settings)
-    if any(name != "full" for name in settings.methods):
-        layer_frequencies(lm)  # RopeError now, not after full (which re-bases nothing) has read the whole stream
     for name in settings.methods:
         n_tok, banks = 4, 1
         if name.startswith("ccm-"):
@@ -424,6 +422,8 @@ def check_layouts(lm: LoadedModel, settings: StreamSettings) -> None:
             settings.sink, settings.window, settings.comp_slots, settings.block, n_tok, banks=banks
         )
         layouts[name].check(limit)
+        if not layouts[name].grow:  # RopeError now, not after a method that re-bases nothing read the whole stream
+            layer_frequencies(lm)
     # an adapter of another model, dtype or method is refused where it loads: load each now, not once the methods
     # ahead of it have read the whole stream
     from ccmem.adapter import shipped_adapter
