@@ -20,7 +20,7 @@ sentinel_app = typer.Typer(
     no_args_is_help=True,
     help="Ren et al., EMNLP 2023: sentinel-token KV compression against local and scattered attention.\n\n"
     "Seed 004, at compression ratios 0.1 ... 0.9. Each (method, ratio) is LoRA-finetuned once through `ccmem train` "
-    "(runs/repro-METHOD-rR; rerunning reuses finished runs and resumes interrupted ones)."
+    "(runs/repro-METHOD-rR; rerunning reuses finished runs and resumes interrupted ones).",
 )
 repro_app.add_typer(sentinel_app, name="sentinel")
 

@@ -416,3 +416,14 @@ def test_decode_timings_of_weights_with_a_stage1_lora_are_not_those_of_the_plain
     merged = run_decode_speed(lm, settings, tmp_path)
     assert len((tmp_path / "decode.jsonl").read_text().splitlines()) == 2  # timed again, not reused
     assert merged[0].config_hash != plain[0].config_hash
+
+
+def test_a_task_too_long_for_full_is_refused_before_any_cell_runs(tmp_path):
+    """With 1,024 positions the persona cells ran and wrote their rows, and then full stopped on the long-text task;
+    ccmem eval had said so up front since 2026-12-04."""
+    from ccmem.methods.base import ContextTooLongError
+
+    settings = CompareSettings(methods=["none", "full"], tasks=["persona", "text"], n=1, decode_lengths=[])
+    with pytest.raises(ContextTooLongError, match=r"text: example .* needs \d+ positions with full"):
+        next(run_grid(tiny_model(positions=1024), settings, tmp_path))
+    assert not (tmp_path / "rows.jsonl").exists()

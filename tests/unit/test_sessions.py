@@ -6,6 +6,7 @@ Tests taking ``make_store`` pin the contract every store keeps and run on SQLite
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -320,6 +321,53 @@ def test_a_save_that_loses_a_race_leaves_the_winners_memory_file_alone(tmp_path)
     record = theirs.get("s")
     assert record.version == 2 and record.transcript[-1]["content"] == "theirs"
     assert theirs.memory(record).meta["step"] == "2"  # their memory, not the loser's
+
+
+def test_a_delete_leaves_the_memory_of_a_session_another_process_makes_right_after_it(tmp_path):
+    """The delete removed the memory files after its commit: another process that re-created the name and saved
+    in between lost its version 1's file."""
+    mine, theirs = SessionStore(tmp_path), SessionStore(tmp_path)
+    mine.create("s", IDENTITY, {})
+    mine.save("s", memory_of(1), [{"role": "user", "content": "old"}])
+    commit = mine._transaction
+
+    @contextlib.contextmanager
+    def then_the_other_process_recreates_it():
+        with commit() as db:
+            yield db
+        if not theirs.exists("s"):
+            theirs.create("s", IDENTITY, {})
+            theirs.save("s", memory_of(2), [{"role": "user", "content": "new"}])
+
+    mine._transaction = then_the_other_process_recreates_it  # type: ignore[method-assign]
+    mine.delete("s")
+    record = theirs.get("s")
+    assert record.transcript == [{"role": "user", "content": "new"}]
+    assert theirs.memory(record).meta["step"] == "2"
+
+
+class _SavingBetweenStatements:
+    """A connection that lets another process save once, just before the transcript of a record is read."""
+
+    def __init__(self, db, save):
+        self.db, self.save = db, save
+
+    def execute(self, sql, *args):
+        if sql.startswith("SELECT role, content") and self.save is not None:
+            save, self.save = self.save, None
+            save()
+        return self.db.execute(sql, *args)
+
+
+def test_a_record_never_pairs_one_versions_row_with_the_next_versions_transcript(tmp_path):
+    mine, theirs = SessionStore(tmp_path), SessionStore(tmp_path)
+    mine.create("s", IDENTITY, {})
+    mine.save("s", memory_of(1), [{"role": "user", "content": "a"}])
+    both = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    mine._db = _SavingBetweenStatements(mine._db, lambda: theirs.save("s", memory_of(2), both))  # type: ignore
+    record = mine.get("s")
+    assert (record.version, len(record.transcript)) in ((1, 1), (2, 2))
+    assert mine.get("s").version == 2
 
 
 # ---------------------------------------------------------------- crash safety

@@ -32,6 +32,7 @@ from ccmem.eval.harness import (
     adapter_provenance,
     append_row,
     check_options_apply,
+    check_whole_context_fits,
     evaluate,
     options_for,
     read_rows,
@@ -313,9 +314,15 @@ def run_grid(
     ``progress(cell, done, total)`` follows the examples; ``reused(cell)`` is told of a cell read from the file."""
     rows_file = out_dir / "rows.jsonl"
     cached = {_row_key(r): r for r in read_cached(rows_file)}
+    examples_of = {name: task_examples(TASKS[name], settings.n) for name in settings.tasks}
+    whole = next((m for m in settings.methods if method_class(base_method(m)).holds_every_token), None)
+    for task_name in settings.tasks if whole is not None else ():  # a task too long for it: said before any cell
+        task = TASKS[task_name]
+        eval_settings = settings.eval_settings(task, model_key(lm))
+        check_whole_context_fits(lm, whole, examples_of[task_name], dataset=task.name, settings=eval_settings)
     for task_name in settings.tasks:
         task = TASKS[task_name]
-        examples = task_examples(task, settings.n)
+        examples = examples_of[task_name]
         eval_settings = settings.eval_settings(task, model_key(lm))
         config_hash = eval_settings.fingerprint(task.name, len(examples))
         for cell in (c for c in grid(settings) if c.task == task_name):

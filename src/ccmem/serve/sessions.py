@@ -365,6 +365,17 @@ class SessionStore(BaseSessionStore):
                 raise
             self._db.execute("COMMIT")
 
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        """One read transaction: its statements see one version of the store, so a session's row and its
+        transcript never come from two saves of another process."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                yield self._db
+            finally:
+                self._db.execute("COMMIT")
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -417,12 +428,12 @@ class SessionStore(BaseSessionStore):
 
     # ------------------------------------------------------------------ queries
 
-    def _record(self, row: tuple[Any, ...]) -> SessionRecord:
+    def _record(self, db: sqlite3.Connection, row: tuple[Any, ...]) -> SessionRecord:
+        """The record of a ``sessions`` row, with its transcript read in the same :meth:`_snapshot`."""
         owner, name, identity, settings, version, nbytes, slots, created, updated = row
-        with self._lock:
-            messages = self._db.execute(
-                "SELECT role, content FROM messages WHERE owner=? AND name=? ORDER BY seq", (owner, name)
-            ).fetchall()
+        messages = db.execute(
+            "SELECT role, content FROM messages WHERE owner=? AND name=? ORDER BY seq", (owner, name)
+        ).fetchall()
         return SessionRecord(
             name=name,
             owner=owner,
@@ -441,13 +452,11 @@ class SessionStore(BaseSessionStore):
     def get(self, name: str, owner: str = "") -> SessionRecord:
         """The session ``name`` of ``owner``; :class:`UnknownSessionError` if there is none."""
         check_name(name)
-        with self._lock:
-            row = self._db.execute(
-                f"SELECT {self._COLUMNS} FROM sessions WHERE owner=? AND name=?", (owner, name)
-            ).fetchone()
-        if row is None:
-            raise unknown_session(name, owner)
-        return self._record(row)
+        with self._snapshot() as db:
+            row = db.execute(f"SELECT {self._COLUMNS} FROM sessions WHERE owner=? AND name=?", (owner, name)).fetchone()
+            if row is None:
+                raise unknown_session(name, owner)
+            return self._record(db, row)
 
     def exists(self, name: str, owner: str = "") -> bool:
         check_name(name)
@@ -457,11 +466,11 @@ class SessionStore(BaseSessionStore):
 
     def list(self, owner: str = "") -> list[SessionRecord]:
         """The sessions of ``owner``, most recently updated first."""
-        with self._lock:
-            rows = self._db.execute(
+        with self._snapshot() as db:
+            rows = db.execute(
                 f"SELECT {self._COLUMNS} FROM sessions WHERE owner=? ORDER BY updated DESC", (owner,)
             ).fetchall()
-        return [self._record(row) for row in rows]
+            return [self._record(db, row) for row in rows]
 
     def count(self) -> int:
         """Sessions of all owners (the server's limit counts them all)."""
@@ -538,9 +547,11 @@ class SessionStore(BaseSessionStore):
         with self._transaction() as db:
             db.execute("DELETE FROM messages WHERE owner=? AND name=?", (owner, name))
             db.execute("DELETE FROM sessions WHERE owner=? AND name=?", (owner, name))
-        for _, path in self._memory_files(owner, name):
-            with contextlib.suppress(OSError):
-                path.unlink()
+            # under the write lock, which a save holds while it writes its file: after the commit, another
+            # process could re-create the name and save its version 1, whose file this would remove
+            for _, path in self._memory_files(owner, name):
+                with contextlib.suppress(OSError):
+                    path.unlink()
         self._sweep_temporaries(owner, name)
 
     # ------------------------------------------------------------------ memories
