@@ -137,7 +137,7 @@ def command(session: CompressedLM, console: Console, line: str, binding: Session
             segments = ", ".join(f"{n} {kind}" for kind, n in mem.segment_lengths().items())
             console.print(f"{mem.num_slots} slots ({segments}), {mem.nbytes} bytes, next position {mem.next_position}")
         elif name == "/save" and arg:
-            if Path(arg).exists() and not overwrite:  # a typo must not replace another memory, or any file
+            if Path(arg).exists() and not Path(arg).is_dir() and not overwrite:  # a typo must not replace a file
                 console.print(f"[red]{escape(arg)} exists[/]; /save --overwrite {escape(arg)} replaces it")
                 return False
             console.print(f"saved to {session.save_memory(arg)}")
