@@ -217,11 +217,26 @@ def test_a_prompt_or_query_past_the_positions_is_refused_in_the_words_of_the_cal
         list(session.stream_ids(long[:, :10], max_new_tokens=20))
 
 
-@pytest.mark.parametrize("method", ["ccm-concat", "gist"])
-def test_a_method_whose_own_tokens_pass_the_positions_says_so_not_to_add_the_text_in_parts(method):
+@pytest.mark.parametrize(
+    ("method", "message"),
+    [
+        ("ccm-concat", "ccm-concat reads 60 tokens of its own with the 20 new ones.*n_tok"),
+        ("gist", "gist would hold 80 positions after reading these 20 tokens.*smaller n_tok"),
+    ],
+)
+def test_a_method_whose_own_tokens_pass_the_positions_says_so_not_to_add_the_text_in_parts(method, message):
     lm = tiny_model(positions=64)
     session = CompressedLM(lm, get_method(method, n_tok=60), system_prompt=None)
-    with pytest.raises(ContextTooLongError, match=rf"{method} reads 60 tokens of its own with the 20 new ones.*n_tok"):
+    with pytest.raises(ContextTooLongError, match=message) as refused:
         session.add_ids(list(range(3, 23)))
+    assert "add the text in parts" not in str(refused.value)
     with pytest.raises(ContextTooLongError, match="add the text in parts"):  # the text alone is too long
         CompressedLM(lm, get_method("full"), system_prompt=None).add_ids(list(range(3, 70)))
+
+
+def test_gist_given_a_text_past_the_positions_is_not_told_to_add_it_in_parts():
+    """Gist reads the whole context again at every add: the advice to add the text in several calls cannot help."""
+    session = CompressedLM(tiny_model(positions=64), get_method("gist"), system_prompt=None)
+    with pytest.raises(ContextTooLongError, match="gist reads the whole context again at every add") as refused:
+        session.add_ids(list(range(3, 73)))
+    assert "add the text in parts" not in str(refused.value)

@@ -42,6 +42,13 @@ class Gist(CompTokens):
         # The context restarts right after the sink each time; only the first add places the gist tokens.
         return n_tokens + (0 if "context_ids" in memory.state else self.n_tok)
 
+    def positions_fix(self) -> str:
+        return (
+            "gist reads the whole context again at every add, so adding it in parts cannot help: a shorter context, "
+            "fewer gist tokens (a smaller n_tok), a new conversation (Python: reset()), or a method that compresses "
+            "turn by turn (ccm-concat, ccm-merge)"
+        )
+
     def check_memory(self, memory: Memory) -> None:
         check_context_ids(memory, lambda n: self.n_tok)
 
