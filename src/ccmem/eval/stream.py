@@ -527,7 +527,8 @@ def plot(rows: list[StreamRow], path: Path) -> Path:
         for ax in (top, bottom):
             ax.axvline(rows[0].max_positions, color="grey", linestyle=":", linewidth=1)
         top.set_title(f"{rows[0].model}: {rows[0].tokens} tokens, context {rows[0].max_positions} (dotted)")
-    top.set_ylabel("perplexity per bucket")
+    top.set_yscale("log")  # a window's spikes (thousands) would flatten every other method's line
+    top.set_ylabel("perplexity per bucket (log scale)")
     bottom.set_ylabel("KV memory held (KiB)")
     bottom.set_ylim(bottom=0)
     bottom.set_xlabel("position in the stream (tokens)")
