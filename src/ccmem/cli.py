@@ -873,7 +873,8 @@ def train(
     if show_presets:
         for name in preset_names():
             console.print(f"{name}  [dim]{escape(preset_summary(name))}[/]", highlight=False)
-        return
+        if not show_keys:  # both asked for: both shown, not the keys dropped without a word
+            return
     if show_keys:
         docs = key_docs()
         for key, kind in VALID_KEYS.items():
@@ -952,7 +953,7 @@ def _adapters(specs: list[str] | None) -> dict[str, Path]:
 TEMPLATES_HELP = (
     "dialogs: the fact wordings and kinds, a template file (syntax: ccmem.data.templates) or a packaged bank: "
     "default, or wide (adds exact strings such as e-mail addresses and booking codes, other people's facts, "
-    "more corrections). In `ccmem eval`, rows are labelled 'templates NAME' unless --label says otherwise."
+    "more corrections)."
 )
 
 
@@ -994,7 +995,12 @@ def eval_command(
     turns: Annotated[
         int, typer.Option("--turns", min=0, help="dialogs: turns per test dialog (0: 20); --k caps the facts.")
     ] = 0,
-    templates: Annotated[str | None, typer.Option("--templates", help=TEMPLATES_HELP)] = None,
+    templates: Annotated[
+        str | None,
+        typer.Option(
+            "--templates", help=TEMPLATES_HELP + " Rows are labelled 'templates NAME' unless --label says otherwise."
+        ),
+    ] = None,
     source: Annotated[
         str,
         typer.Option(

@@ -772,6 +772,8 @@ def test_show_presets_says_what_each_preset_trains(monkeypatch, capsys):
     assert code == 0 and len(lines) == len(preset_names())
     assert all(len(line.split(None, 1)) == 2 and len(line.split(None, 1)[1]) > 20 for line in lines)
     assert any(line.startswith("persona-full  Stage 1 of the reference recipe") for line in lines)
+    code, both = run_cli(monkeypatch, capsys, "train", "--show-presets", "--show-keys")
+    assert code == 0 and text.strip() in both and "train.scheduler" in both  # the keys were dropped without a word
 
 
 def test_a_method_that_cannot_run_on_the_model_is_refused_before_any_method_runs(
