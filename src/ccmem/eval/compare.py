@@ -316,10 +316,11 @@ def run_grid(
     cached = {_row_key(r): r for r in read_cached(rows_file)}
     examples_of = {name: task_examples(TASKS[name], settings.n) for name in settings.tasks}
     whole = next((m for m in settings.methods if method_class(base_method(m)).holds_every_token), None)
-    for task_name in settings.tasks if whole is not None else ():  # a task too long for it: said before any cell
-        task = TASKS[task_name]
-        eval_settings = settings.eval_settings(task, model_key(lm))
-        check_whole_context_fits(lm, whole, examples_of[task_name], dataset=task.name, settings=eval_settings)
+    if whole is not None:  # a task too long for it: said before any cell runs
+        for task_name in settings.tasks:
+            task = TASKS[task_name]
+            eval_settings = settings.eval_settings(task, model_key(lm))
+            check_whole_context_fits(lm, whole, examples_of[task_name], dataset=task.name, settings=eval_settings)
     for task_name in settings.tasks:
         task = TASKS[task_name]
         examples = examples_of[task_name]
