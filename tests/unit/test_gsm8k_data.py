@@ -138,8 +138,9 @@ def test_too_small_a_train_jsonl_without_train_ratio_says_to_set_it():
     from ccmem.data.loaders import load_examples
     from ccmem.train.config import DataConfig
 
-    with pytest.raises(ValueError, match=r"too few to hold out 500.*data.train_ratio=0.8"):
+    with pytest.raises(ValueError, match=r"too few to hold out 500.*data.train_ratio=0.8") as refused:
         load_examples(DataConfig(dataset="gsm8k", path=str(FIXTURE)), "validation")
+    assert "ccmem eval gsm8k --split test" in str(refused.value)  # what helps where no config can be set
 
 
 def test_the_forks_train_ratio_override_is_a_config_key_for_gsm8k_only():

@@ -297,7 +297,7 @@ def read_split(
             f"{folder / name} has {len(problems)} problems, too few to hold out {n_validation} for "
             "validation; hold out a share of them instead (in a training config data.train_ratio=0.8, in Python "
             "read_split(..., train_ratio=0.8) or a smaller n_validation), or name a validation file with "
-            "data.eval_path"
+            "data.eval_path; to evaluate, `ccmem eval gsm8k --split test` reads the folder's test.jsonl"
         )
     chosen = problems[-n_validation:] if split == "validation" else problems[:-n_validation]
     return [replace(p, split=split) for p in chosen]
