@@ -1802,7 +1802,8 @@ def main() -> None:
             raise
         # escaped: a message that quotes a format ("[user, assistant] pairs") is not console markup
         err_console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
-        err_console.print("[dim](set CCMEM_DEBUG=1 for the full traceback)[/]")
+        if not isinstance(err, (ValueError, OSError)):  # not a refusal of the user's input or files: a fault
+            err_console.print("[dim](set CCMEM_DEBUG=1 for the full traceback)[/]")
         sys.exit(2)
     sys.exit(code)  # a command's own exit status (typer.Exit); None is 0
 

@@ -195,7 +195,7 @@ def test_bad_input_is_one_line(monkeypatch, capsys, args, message):
     code, text = run_cli(monkeypatch, capsys, *args)
     assert code == 2
     assert message in " ".join(text.split())
-    assert "Traceback" not in text
+    assert "Traceback" not in text and "CCMEM_DEBUG" not in text  # a refusal, not a fault to debug
 
 
 @pytest.mark.parametrize(
@@ -1023,3 +1023,12 @@ def test_demo_refuses_an_option_the_shipped_adapter_contradicts_before_any_metho
     code, text = run_cli(monkeypatch, capsys, *args)
     assert code == 2 and "n_tok=3" in text and "n_tok=2" in text
     assert not out.exists()
+
+
+def test_a_fault_that_is_no_refusal_of_the_input_says_how_to_see_its_traceback(monkeypatch, capsys):
+    def broken() -> None:
+        raise RuntimeError("something inside broke")
+
+    monkeypatch.setattr(cli, "cache_dir", broken)
+    code, text = run_cli(monkeypatch, capsys, "models")
+    assert code == 2 and "error: something inside broke" in text and "CCMEM_DEBUG=1" in text
