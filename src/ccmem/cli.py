@@ -1128,12 +1128,14 @@ def eval_command(
         source=source,
         seed=seed,
     )
+    defaults = inspect.signature(eval_command).parameters  # what an option left alone holds
     if path is None:  # a generator that does not read an option would ignore it without a word
         from ccmem.data.loaders import check_source as check_source_read
 
-        for flag, changed, readers in (("--small-talk", small_talk != 2, ("persona", "mixture")),
-                                       ("--turns", turns != 0, ("dialogs", "mixture"))):  # fmt: skip
-            if changed and dataset not in readers:
+        for key, value, readers in (("small_talk", small_talk, ("persona", "mixture")),
+                                    ("turns", turns, ("dialogs", "mixture"))):  # fmt: skip
+            if value != defaults[key].default and dataset not in readers:
+                flag = "--" + key.replace("_", "-")
                 raise OptionError(f"{flag} shapes {readers[0]} data; dataset {dataset!r} does not read it")
         try:
             check_source_read(cfg)
@@ -1145,7 +1147,6 @@ def eval_command(
             raise OptionError(f"{path} holds no {dataset} example")
         raise OptionError(f"{dataset} has no {split} example{f' at {path}' if path else ''}; try another --split")
     if path is not None and dataset in ("persona", "dialogs", "passages"):
-        defaults = inspect.signature(eval_command).parameters
         given = {"k": k, "small_talk": small_talk, "turns": turns, "templates": templates, "seed": seed}
         ignored = [f"--{key.replace('_', '-')}" for key, value in given.items() if value != defaults[key].default]
         if ignored:
