@@ -111,6 +111,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def temporary_of(name: str) -> tuple[str, int] | None:
+    """``(file name, writer's pid)`` of a temporary that :func:`atomic_path` names ``.<name>.<pid>.<random>.tmp``;
+    None for any other name."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return None
+    parts = name[1 : -len(".tmp")].rsplit(".", 2)
+    return (parts[0], int(parts[1])) if len(parts) == 3 and parts[0] and parts[1].isdigit() else None
+
+
 def sweep_stale_temporaries(path: Path) -> list[Path]:
     """Remove temporaries of ``path`` left by a process that was killed mid-write (``kill -9``); return them.
 
@@ -120,8 +129,8 @@ def sweep_stale_temporaries(path: Path) -> list[Path]:
     """
     removed = []
     for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        parts = tmp.name[len(path.name) + 2 :].split(".")
-        if len(parts) >= 3 and parts[0].isdigit() and not _alive(int(parts[0])):
+        made = temporary_of(tmp.name)
+        if made is not None and made[0] == path.name and not _alive(made[1]):
             with contextlib.suppress(OSError):
                 if tmp.is_dir() and not tmp.is_symlink():
                     shutil.rmtree(tmp)

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ccmem.chat import Message
-from ccmem.fileio import file_in_the_way, sweep_stale_temporaries
+from ccmem.fileio import file_in_the_way, sweep_stale_temporaries, temporary_of
 from ccmem.memory import CompactMemory, Memory, MemoryMismatchError
 
 if TYPE_CHECKING:
@@ -48,8 +48,8 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 1
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-# the temporary of a memory file being written (fileio.atomic_path's naming): .NAME.VERSION.safetensors.PID.RANDOM.tmp
-TEMPORARY_PATTERN = re.compile(r"^\.(?P<file>(?P<name>.+)\.\d+\.safetensors)\.\d+\.[a-z0-9_]+\.tmp$")
+# a session's memory file: NAME.VERSION.safetensors
+MEMORY_FILE_PATTERN = re.compile(r"^(?P<name>.+)\.\d+\.safetensors$")
 NAME_RULE = "1-64 characters: letters, digits, '_', '-', '.', starting with a letter or digit, without '..'"
 StoreT = TypeVar("StoreT", bound="BaseSessionStore")
 
@@ -422,9 +422,10 @@ class SessionStore(BaseSessionStore):
         folders = [self._folder(owner)] if owner is not None else (self.root / "memories").glob("*")
         for folder in folders:
             for tmp in folder.glob(".*.tmp"):
-                match = TEMPORARY_PATTERN.match(tmp.name)
-                if match and NAME_PATTERN.match(match["name"]) and name in (None, match["name"]):
-                    sweep_stale_temporaries(folder / match["file"])
+                made = temporary_of(tmp.name)  # the memory file it was to become, and who wrote it
+                match = MEMORY_FILE_PATTERN.match(made[0]) if made is not None else None
+                if made and match and NAME_PATTERN.match(match["name"]) and name in (None, match["name"]):
+                    sweep_stale_temporaries(folder / made[0])
 
     # ------------------------------------------------------------------ queries
 
