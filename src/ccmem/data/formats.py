@@ -25,12 +25,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ccmem.data.recordfiles import SPLIT_NAMES, records
 from ccmem.data.records import MemoryExample
 from ccmem.fileio import DatasetFormatError, jsonl_records, read_utf8
 
 logger = logging.getLogger(__name__)
 
-SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
 LAMP2_MOVIE_TAGS = (
     "sci-fi", "based on a book", "comedy", "action", "twist ending", "dystopia", "dark comedy", "classic",
     "psychology", "fantasy", "romance", "thought-provoking", "social commentary", "violence", "true story",
@@ -45,8 +45,6 @@ def read_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     file."""
     if not path.is_file():
         raise FileNotFoundError(f"no dataset file at {path}")
-    from ccmem.data.recordfiles import records  # it reads formats' split names: imported here
-
     if path.suffix in (".parquet", ".json"):
         yield from records(path)  # a damaged parquet file: one line naming it, not pyarrow's traceback
         return

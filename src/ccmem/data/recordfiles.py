@@ -18,11 +18,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ccmem.data.formats import SPLIT_NAMES
 from ccmem.fileio import DatasetFormatError, jsonl_records, read_utf8
 
 RECORD_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 EVAL_HINT = "pip install 'ccmem[eval]'"
+#: The names a split's files answer to (``validation`` also to ``valid`` and ``dev``).
+SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
 
 
 def has_suffix(path: Path, suffixes: Iterable[str]) -> bool:
