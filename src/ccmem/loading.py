@@ -135,6 +135,14 @@ class LoadedModel:
     _kv_shape: KVShape | None = field(default=None, repr=False, compare=False)
     _head_scale: float | None = field(default=None, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        # ccmem runs the decoder stack as `model.base_model`. Llama 4's text CausalLM keeps its stack as `model` but
+        # names "language_model" as its base (the multimodal checkpoint's prefix, which loading needs), so
+        # base_model fell back to the whole CausalLM, whose forward gives logits where ccmem reads hidden states.
+        stack = getattr(self.model, "model", None)
+        if self.model.base_model is self.model and isinstance(stack, PreTrainedModel):
+            self.model.base_model_prefix = "model"
+
     @property
     def fingerprint(self) -> str:
         """Hash of the architecture fields that decide key/value shapes plus a slice of the embeddings (as the

@@ -202,3 +202,25 @@ def test_new_token_embeddings_start_at_the_scale_the_model_reads_its_inputs_at(m
         built = ccmem.get_method(method).module_for(lm).state_dict()[rows]
         from_stored = CompEmbeddings(len(built), stored.shape[1], init_from=stored).weight  # the same draw
         torch.testing.assert_close(built, from_stored * scale)
+
+
+def test_llama4_text_model_runs_its_decoder_stack():
+    """Llama 4's text CausalLM names "language_model" as its base while it keeps its stack as `model`, so ccmem ran
+    the whole CausalLM where it reads hidden states: every method failed on logits without last_hidden_state."""
+    from ccmem.registry import get_method
+    from tests.conftest import randomize_lora
+    from tests.methods.test_ccm_equivalence import assert_parallel_equals_recurrent
+
+    config = T.Llama4TextConfig(**COMMON, **HEADS, head_dim=8, intermediate_size_mlp=64, num_local_experts=1)
+    lm = family("llama4", config)
+    assert type(lm.model.base_model).__name__ == "Llama4TextModel"
+    session = ccmem.load(lm, "h2o", system_prompt=None, ratio=0.5)
+    context = list(range(10, 30))
+    session.add_ids(context)
+    assert session.memory.num_slots == 10
+    method = get_method("ccm-merge", n_tok=2)
+    randomize_lora(method, lm)
+    assert_parallel_equals_recurrent(lm, method)
+    # its RoPE turns neighbouring dimensions through complex numbers: refused by name, not run wrongly
+    with pytest.raises(ValueError, match="llama4_text's model file has no rotate_half"):
+        ccmem.load(lm, "expected-attention", system_prompt=None).add_ids(context)
