@@ -224,3 +224,19 @@ def test_llama4_text_model_runs_its_decoder_stack():
     # its RoPE turns neighbouring dimensions through complex numbers: refused by name, not run wrongly
     with pytest.raises(ValueError, match="llama4_text's model file has no rotate_half"):
         ccmem.load(lm, "expected-attention", system_prompt=None).add_ids(context)
+
+
+def test_expected_attention_undoes_yarn_rope_with_its_attention_factor():
+    """YaRN's tables carry its attention factor s (cos and sin times s): expected-attention undid the rotation with
+    them as if they were a pure rotation, so the queries it took statistics of came out s² too large, which moved
+    every score's temperature and so which entries it kept."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from ccmem.methods.expected_attention import rotary_tables, unrotate
+
+    rope = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 64}
+    lm = family("llama-yarn", T.LlamaConfig(**COMMON, **HEADS, rope_parameters=rope))
+    assert lm.model.base_model.rotary_emb.attention_scaling > 1.1
+    queries, positions = torch.randn(1, 4, 3, 8), torch.tensor([[5, 40, 90]])
+    turned, _ = apply_rotary_pos_emb(queries, queries, *lm.model.base_model.rotary_emb(queries, positions))
+    torch.testing.assert_close(unrotate(turned, *rotary_tables(lm, positions, turned)), queries, atol=1e-5, rtol=1e-4)

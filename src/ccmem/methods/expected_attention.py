@@ -54,6 +54,13 @@ def rotary_tables(
     return cos[0].float(), sin[0].float()
 
 
+def unrotate(query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``query`` as it was before the rotary embedding whose tables at its positions are ``cos``/``sin``. The tables
+    of YaRN RoPE carry its attention factor ``s`` (``s·R_p``), so the inverse is ``R_-p / s``, not ``s·R_-p``: the
+    query statistics would come out ``s²`` times too large (1.3 for YaRN's factor 4, as Qwen2.5 and gpt-oss use)."""
+    return (query * cos - rotate_half(query) * sin) / (cos * cos + sin * sin)
+
+
 @register
 @dataclass
 class ExpectedAttention(KVEviction):
@@ -105,7 +112,7 @@ class ExpectedAttention(KVEviction):
         for i, (k, _) in enumerate(c.layers):
             query = c.capture.queries[i].float()  # [B, Hq, n, d], rotated
             cos, sin = rotary_tables(lm, new_positions, query, i)
-            plain = query * cos - rotate_half(query) * sin  # undo the rotation: R_p^-1 = R_-p
+            plain = unrotate(query, cos, sin)
             plain = plain[:, :, (new_positions[0] >= self.n_sink).to(plain.device)]
             sink = self.sink_mask(c, i, self.n_sink)
             if plain.shape[2] == 0:  # nothing but sinks read: no statistics yet, keep the order of arrival
