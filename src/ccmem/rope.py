@@ -80,14 +80,20 @@ def rotate_keys(keys: torch.Tensor, delta: torch.Tensor | int, inv_freq: torch.T
 
 def half_split_pairing(lm: LoadedModel) -> bool:
     """Whether the model rotates dimension ``j`` with ``j + d/2`` (LLaMA's pairing, which ccmem's rotations use),
-    read off its model file's own ``rotate_half``; Cohere's pairs neighbours (``2j`` with ``2j+1``), and so do
-    GPT-J and CodeGen (``rotate_every_two``). :class:`RopeError` for a model file that shows neither."""
+    read off its model file's own ``rotate_half`` (GPT-OSS's ``_apply_rotary_emb``, which turns the two halves with
+    tables of ``d/2`` entries); Cohere's pairs neighbours (``2j`` with ``2j+1``), and so do GPT-J and CodeGen
+    (``rotate_every_two``). :class:`RopeError` for a model file that shows none of these."""
     import inspect
 
     module = inspect.getmodule(type(lm.model.base_model))
     theirs = getattr(module, "rotate_half", None)
     if theirs is None and hasattr(module, "rotate_every_two"):
         return False
+    halves = getattr(module, "_apply_rotary_emb", None)
+    if theirs is None and halves is not None:
+        x, cos, sin = torch.arange(1.0, 5.0), torch.tensor([0.6, 0.8]), torch.tensor([0.8, -0.6])
+        ours = x * torch.cat([cos, cos]) + rotate_half(x) * torch.cat([sin, sin])
+        return bool(torch.allclose(halves(x, cos, sin), ours))
     if theirs is None:  # Llama 4 and DeepSeek-V2 pair neighbours through complex numbers; taken as LLaMA's before
         family = getattr(lm.model.config.get_text_config(), "model_type", type(lm.model).__name__)
         raise RopeError(

@@ -17,7 +17,7 @@ from tests.conftest import COMMON, VOCAB, TinyTokenizer
 
 def family(name: str, config) -> LoadedModel:
     torch.manual_seed(0)
-    attn = "eager" if config.model_type == "gemma2" else "sdpa"  # transformers has no sdpa for Gemma-2
+    attn = "eager" if config.model_type in ("gemma2", "gpt_oss") else "sdpa"  # transformers has no sdpa for them
     model = T.AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32).eval()
     return LoadedModel(model=model, tokenizer=TinyTokenizer(), name=f"tiny-{name}")
 
@@ -240,3 +240,39 @@ def test_expected_attention_undoes_yarn_rope_with_its_attention_factor():
     queries, positions = torch.randn(1, 4, 3, 8), torch.tensor([[5, 40, 90]])
     turned, _ = apply_rotary_pos_emb(queries, queries, *lm.model.base_model.rotary_emb(queries, positions))
     torch.testing.assert_close(unrotate(turned, *rotary_tables(lm, positions, turned)), queries, atol=1e-5, rtol=1e-4)
+
+
+def test_gpt_oss_rope_is_read_as_llamas_pairing():
+    """GPT-OSS has no rotate_half: its _apply_rotary_emb turns the two halves of each head (LLaMA's pairing) with
+    tables of d/2 entries. Moving its keys and expected-attention were refused as an unknown pairing."""
+    import sys
+
+    from transformers import DynamicCache
+
+    from ccmem.memory import Memory
+    from ccmem.methods.expected_attention import rotary_tables, unrotate
+    from ccmem.rope import compact_positions, half_split_pairing, layer_frequencies
+
+    config = T.GptOssConfig(**COMMON, **HEADS, head_dim=8, num_local_experts=2, num_experts_per_tok=1)
+    lm = family("gpt-oss", config)
+    assert half_split_pairing(lm)
+
+    def keys_at(position):  # one token reads only itself: its keys depend on its position alone
+        cache = DynamicCache()
+        with torch.no_grad():
+            lm.model.base_model(input_ids=torch.tensor([[17]]), position_ids=torch.tensor([[position]]), cache=cache)
+        return Memory.layers_of(cache)
+
+    layers = keys_at(90)
+    memory = Memory(layers=layers, positions=[torch.full((1, 2, 1), 90) for _ in layers], next_position=91)
+    for (moved, _), (there, _) in zip(compact_positions(memory, layer_frequencies(lm)).layers, keys_at(0), strict=True):
+        torch.testing.assert_close(moved, there, atol=2e-5, rtol=1e-4)
+    # expected-attention undoes the model's own rotation of its queries
+    queries, positions = torch.randn(1, 4, 3, 8), torch.tensor([[5, 40, 90]])
+    turned, _ = sys.modules[type(lm.model).__module__].apply_rotary_pos_emb(
+        queries, queries, *lm.model.base_model.rotary_emb(queries, positions)
+    )
+    torch.testing.assert_close(unrotate(turned, *rotary_tables(lm, positions, turned)), queries, atol=1e-5, rtol=1e-4)
+    session = ccmem.load(lm, "expected-attention", system_prompt=None, ratio=0.5)
+    session.add_ids(list(range(10, 30)))
+    assert session.memory.num_slots == 10

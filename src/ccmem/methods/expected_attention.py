@@ -44,6 +44,10 @@ def rotary_tables(
     if "layer_type" in inspect.signature(rotary.forward).parameters:
         extra["layer_type"] = lm.model.config.get_text_config().layer_types[layer]
     cos, sin = rotary(like, positions.to(like.device), **extra)
+    frequencies = getattr(rotary, "inv_freq", None)
+    if isinstance(frequencies, torch.Tensor) and 2 * cos.shape[-1] == like.shape[-1] == 2 * len(frequencies):
+        # GPT-OSS's tables hold each frequency once (it turns the two halves with them); LLaMA's hold it twice
+        cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
     if cos.shape[-1] != like.shape[-1]:
         raise ValueError(
             f"expected-attention needs a rotary embedding over the whole head ({like.shape[-1]} dims), but this "
