@@ -276,3 +276,11 @@ def test_gpt_oss_rope_is_read_as_llamas_pairing():
     session = ccmem.load(lm, "expected-attention", system_prompt=None, ratio=0.5)
     session.add_ids(list(range(10, 30)))
     assert session.memory.num_slots == 10
+
+
+def test_expected_attention_on_a_model_without_rope_says_it_has_none():
+    """GPT-2 has learned absolute positions: expected-attention said its model file had no rotate_half, so ccmem
+    could not tell which dimensions its RoPE rotated, as if it had a RoPE of an unknown kind."""
+    lm = family("gpt2", T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=256))
+    with pytest.raises(ValueError, match="needs rotary position embeddings, which this gpt2 model does not expose"):
+        ccmem.load(lm, "expected-attention", system_prompt=None)

@@ -94,7 +94,8 @@ class ExpectedAttention(KVEviction):
 
     def check_model(self, lm: LoadedModel) -> None:
         super().check_model(lm)
-        if not half_split_pairing(lm):
+        # a model without RoPE (GPT-2) has no pairing: rotary_tables below says it has no RoPE
+        if getattr(lm.model.base_model, "rotary_emb", None) is not None and not half_split_pairing(lm):
             raise ValueError(
                 f"expected-attention undoes LLaMA-style RoPE, but this {lm.model.config.model_type} model pairs "
                 "neighbouring dimensions; use another method"
