@@ -119,7 +119,7 @@ def layer_frequencies(lm: LoadedModel) -> list[torch.Tensor]:
     family = getattr(cfg, "model_type", type(lm.model).__name__)
     rotary: Any = getattr(lm.model.base_model, "rotary_emb", None)
     layers = int(cfg.num_hidden_layers)
-    if rotary is None:
+    if rotary is None or getattr(cfg, "alibi", False):  # Falcon with ALiBi builds a rotary_emb it never applies
         raise RopeError(
             f"{family} models have no rotary position embedding ccmem can re-base; {MOVING} needs a RoPE model "
             "(llama, mistral, qwen2, gemma3, gpt-neox)"

@@ -240,3 +240,20 @@ def test_gist_given_a_text_past_the_positions_is_not_told_to_add_it_in_parts():
     with pytest.raises(ContextTooLongError, match="gist reads the whole context again at every add") as refused:
         session.add_ids(list(range(3, 73)))
     assert "add the text in parts" not in str(refused.value)
+
+
+def test_a_falcon_with_alibi_is_not_re_based_with_the_rope_it_does_not_use():
+    """Falcon with ALiBi (Falcon-RW) builds a rotary embedding but never rotates its keys: re-basing turned them
+    anyway, so a chat past the model's positions went on silently with corrupted keys."""
+    from transformers import AutoModelForCausalLM, FalconConfig
+
+    from ccmem.loading import LoadedModel
+    from ccmem.rope import RopeError
+    from tests.conftest import TinyTokenizer
+
+    config = FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
+    lm = LoadedModel(model=model, tokenizer=TinyTokenizer(), name="tiny-falcon-alibi")
+    with pytest.raises(RopeError, match="falcon models have no rotary position embedding ccmem can re-base"):
+        layer_frequencies(lm)
