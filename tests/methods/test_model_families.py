@@ -284,3 +284,22 @@ def test_expected_attention_on_a_model_without_rope_says_it_has_none():
     lm = family("gpt2", T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=256))
     with pytest.raises(ValueError, match="needs rotary position embeddings, which this gpt2 model does not expose"):
         ccmem.load(lm, "expected-attention", system_prompt=None)
+
+
+def test_attention_read_by_eviction_methods_includes_gpt_oss_sinks():
+    """GPT-OSS adds a learned sink logit per head to each softmax: the weights H2O, SnapKV and TOVA rank entries by
+    were read without it, so each query's row summed to 1 where the layer's own summed to less, unevenly."""
+    from ccmem.patching.attention import CAPTURE_KWARG, AttentionCapture, compression_attention
+
+    config = T.GptOssConfig(**COMMON, **HEADS, head_dim=8, num_local_experts=2, num_experts_per_tok=1)
+    lm = family("gpt-oss", config)
+    with torch.no_grad():
+        for layer in lm.model.base_model.layers:
+            layer.self_attn.sinks.copy_(torch.tensor([2.0, -1.0, 0.5, 3.0]))
+        ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+        capture = AttentionCapture(queries_wanted=3)
+        with compression_attention(lm.model):
+            lm.model(input_ids=ids, **{CAPTURE_KWARG: capture})
+        attentions = lm.model(input_ids=ids, output_attentions=True).attentions
+    for layer, weights in enumerate(attentions):
+        torch.testing.assert_close(capture.weights[layer], weights[:, :, -3:].sum(dim=2), atol=1e-5, rtol=0)

@@ -108,8 +108,8 @@ class AttentionCapture:
     """What one forward should record, per layer, about its newest ``queries`` queries (``None``: all of them).
 
     ``weights[layer]``: ``[batch, query_heads, keys]``, the softmax attention weights of those queries summed over
-    them (causally masked, as the layer computed them; soft-capping included). ``queries[layer]``:
-    ``[batch, query_heads, n, head_dim]``, the queries after position encoding.
+    them (causally masked, as the layer computed them; soft-capping and GPT-OSS's attention sinks included).
+    ``queries[layer]``: ``[batch, query_heads, n, head_dim]``, the queries after position encoding.
     """
 
     queries_wanted: int | None = None
@@ -129,6 +129,7 @@ class AttentionCapture:
         attention_mask: torch.Tensor | None,
         scaling: float | None,
         softcap: float | None,
+        sinks: torch.Tensor | None = None,
     ) -> None:
         layer = getattr(module, "layer_idx", None)
         if layer is None:
@@ -152,7 +153,12 @@ class AttentionCapture:
         else:  # sdpa with an implicit causal mask: query i of this forward sees keys up to k_len - q_len + i
             rows = torch.arange(q_len - n, q_len, device=q.device)[:, None] + (k_len - q_len)
             scores = scores.masked_fill(torch.arange(k_len, device=q.device)[None, :] > rows, float("-inf"))
-        weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a padding query may see no key at all
+        if sinks is None:
+            weights = torch.softmax(scores, dim=-1)
+        else:  # GPT-OSS: a learned logit per head takes part in the softmax and is dropped from its result
+            sink = sinks.float().reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+            weights = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+        weights = weights.nan_to_num(0.0)  # a padding query may see no key at all
         if self.query_mask is not None:
             weights = weights * self.query_mask[:, None, q_len - n :, None].to(weights.dtype)
         self.weights[layer] = weights.sum(dim=2)
@@ -253,7 +259,9 @@ def _make(base: str) -> Callable[..., Any]:
         if probe is not None:
             probe.append(getattr(module, "layer_idx", -1))
         if capture is not None:
-            capture.record(module, query, key, attention_mask, kwargs.get("scaling"), kwargs.get("softcap"))
+            capture.record(
+                module, query, key, attention_mask, kwargs.get("scaling"), kwargs.get("softcap"), kwargs.get("s_aux")
+            )
         if plan is not None:
             layer = getattr(module, "layer_idx", None)
             if plan.captured is not None:
