@@ -505,6 +505,15 @@ def test_a_session_too_full_to_keep_the_exchange_is_refused_before_the_answer_is
     engine.close()
 
 
+def test_an_empty_last_message_is_refused_before_the_messages_ahead_of_it_are_compressed(client, engine):
+    client.post("/v1/sessions", json={"name": "s"})
+    history = [user("w1 w2 w3"), assistant("w4"), user("w5 w6"), assistant("w7")]
+    for session in (None, "s"):
+        response = ask(client, [*history, user("  ")], session=session)
+        assert response.status_code == 400 and "is empty" in response.json()["error"]["message"]
+    assert engine.worker.fold_batches == [] and engine.store.get("s").turns == 0
+
+
 def test_too_much_new_context_in_one_request_is_refused(client):
     long = [user("w " * 150), assistant("ok"), user("w " * 150), assistant("ok"), user("q")]
     response = ask(client, long)
