@@ -160,3 +160,33 @@ def test_save_and_load_read_a_tilde_as_the_home_folder(tmp_path, monkeypatch):
     text = _chat(session, ["hello", "/save ~/m.safetensors", "/load ~/m.safetensors", "/quit"])
     assert (tmp_path / "home" / "m.safetensors").is_file() and not (tmp_path / "~").exists()
     assert "memory loaded" in text
+
+
+def test_a_chat_whose_session_another_process_deleted_and_made_again_does_not_save_into_the_new_one(tmp_path):
+    """The session deleted and made again elsewhere (DELETE, then POST /v1/sessions of the same name): a chat at the
+    new session's version saved its turns into it; at another version every save said "the next exchange saves
+    this one", and none ever could."""
+    lm = tiny_model()
+    store = SessionStore(tmp_path)
+    for turns_before in (0, 1):
+        session, binding = _session(lm), SessionBinding(store, f"bob{turns_before}")
+        binding.open(session)
+        for i in range(turns_before):
+            session.remember(f"my turn {i}", "ok")
+            binding.commit(session)
+
+        def made_again_elsewhere(name=binding.name, turns=turns_before):
+            store.delete(name)
+            theirs, other = _session(lm), SessionBinding(store, name)
+            other.open(theirs)
+            for _ in range(turns):
+                theirs.remember("their turn", "ok")
+                other.commit(theirs)
+            return "my next turn"
+
+        text = " ".join(_chat(session, [made_again_elsewhere, "and another", "/quit"], binding).split())
+        assert text.count("no longer in the store (another process deleted it)") == 1, text
+        assert "the next exchange saves" not in text
+        assert [m["content"] for m in store.get(binding.name).transcript if m["role"] == "user"] == ["their turn"] * (
+            turns_before
+        )

@@ -185,6 +185,35 @@ def test_a_lock_never_released_lapses_once_held_past_its_hold_limit(store):
     assert 0.6 <= waited < 2.0
 
 
+def test_a_client_gone_mid_stream_frees_its_session_at_once(store, tmp_path):
+    """The official client closes a streamed answer after a few chunks: the next request for the session is answered
+    at once, unsaved turn left out. The lock's release was awaited in the request the server had cancelled, so it
+    never ran and the session stayed locked until the lock's ttl lapsed (a 409 "busy" for a waiter meanwhile)."""
+    from openai import OpenAI
+
+    from tests.unit.test_server import MODEL, make_engine, serving
+
+    engine = make_engine(tmp_path, store=store(lock_wait=5.0), max_new_tokens=64)
+    try:
+        with serving(engine) as url:
+            client = OpenAI(base_url=url, api_key="-", max_retries=0)
+            client.post("/sessions", body={"name": "s"}, cast_to=dict)
+            body = dict(model=MODEL, max_tokens=64, extra_body={"session": "s"})
+            chunks = client.chat.completions.create(messages=[user("w1 w2 w3")], stream=True, **body)
+            for i, _ in enumerate(chunks):
+                if i == 2:
+                    break
+            chunks.close()  # gone mid-answer
+            started = time.monotonic()
+            client.chat.completions.create(messages=[user("w4")], **body)
+            waited = time.monotonic() - started
+        record = engine.store.get("s")
+    finally:
+        engine.close()
+    assert waited < 2.0
+    assert [m["content"] for m in record.transcript if m["role"] == "user"] == ["w4"]
+
+
 HOLDER = textwrap.dedent(
     """
     import sys, time

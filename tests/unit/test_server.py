@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -20,13 +21,13 @@ from tests.conftest import randomize_lora, tiny_model
 MODEL = "tiny:ccm-concat"
 
 
-def make_engine(tmp_path, memory_dtype=None, **limits) -> Engine:
+def make_engine(tmp_path, memory_dtype=None, store=None, **limits) -> Engine:
     lm = tiny_model("llama-gqa", positions=2048)
     base = ccmem.load(lm, method="ccm-concat", n_tok=2, system_prompt="be brief")
     randomize_lora(base.method, lm)  # so that a wrong memory shows in the answers
     defaults = dict(max_new_tokens=16, max_input_tokens=400, max_message_bytes=400, max_sessions=8, max_messages=20)
     limits = Limits(**(defaults | limits))
-    store = SessionStore(tmp_path / "store")
+    store = store if store is not None else SessionStore(tmp_path / "store")
     return Engine(base, store, model_id=MODEL, limits=limits, memory_dtype=memory_dtype)
 
 
@@ -504,6 +505,15 @@ def test_a_session_too_full_to_keep_the_exchange_is_refused_before_the_answer_is
     engine.close()
 
 
+def test_an_empty_last_message_is_refused_before_the_messages_ahead_of_it_are_compressed(client, engine):
+    client.post("/v1/sessions", json={"name": "s"})
+    history = [user("w1 w2 w3"), assistant("w4"), user("w5 w6"), assistant("w7")]
+    for session in (None, "s"):
+        response = ask(client, [*history, user("  ")], session=session)
+        assert response.status_code == 400 and "is empty" in response.json()["error"]["message"]
+    assert engine.worker.fold_batches == [] and engine.store.get("s").turns == 0
+
+
 def test_too_much_new_context_in_one_request_is_refused(client):
     long = [user("w " * 150), assistant("ok"), user("w " * 150), assistant("ok"), user("q")]
     response = ask(client, long)
@@ -733,22 +743,31 @@ def test_a_store_that_fails_is_a_503_not_a_client_error(client, engine, monkeypa
 # ---------------------------------------------------------------- a real server and the official client
 
 
-@pytest.fixture
-def live_server(engine):
+@contextlib.contextmanager
+def serving(engine, tokens=()):
+    """The URL of ``engine`` served by uvicorn on a free loopback port, in a thread, until the block ends."""
     import uvicorn
 
     sock = bind("127.0.0.1", 0)
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, tokens=["secret"]), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, tokens=tokens), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     for _ in range(100):
         if server.started:
             break
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def live_server(engine):
+    with serving(engine, tokens=["secret"]) as url:
+        yield url
 
 
 def test_the_official_openai_client_talks_to_a_live_server(live_server):

@@ -472,6 +472,10 @@ class Engine:
     def _split(self, messages: Sequence[Message]) -> tuple[list[Message], Message]:
         if not messages or messages[-1]["role"] != "user":
             raise RequestError("the last message must be the user's (the one to answer)")
+        if not messages[-1]["content"].strip():  # refused before the messages ahead of it are compressed
+            raise RequestError(
+                "the last message (the user's, to answer) is empty: give a question or message with text"
+            )
         return list(messages[:-1]), messages[-1]
 
     @staticmethod

@@ -407,14 +407,17 @@ class RedisSessionLock:
                 return
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._renewal is not None:
-            self._renewal.cancel()
-            await asyncio.gather(self._renewal, return_exceptions=True)
-            self._renewal = None
+        renewal, self._renewal = self._renewal, None
+        if renewal is not None:
+            renewal.cancel()  # it waits in a sleep (a renewal itself does not await): it renews no more
+        # released before anything is awaited: a request whose client went mid-stream runs this in a cancelled
+        # scope, where an await raises at once (the session then stayed locked for the lock's ttl)
         try:
             self._try(self._lock.release)
         except (LockError, StoreError) as err:  # lapsed, or Redis gone: the ttl frees it either way
             logger.warning("could not release the lock of session %r: %s", self.name, err)
+        if renewal is not None:
+            await asyncio.gather(renewal, return_exceptions=True)
 
 
 def memory_bytes(memory: Memory | CompactMemory) -> bytes:

@@ -626,15 +626,20 @@ class SessionBinding:
     name: str
     owner: str = ""
     version: int = 0
+    created: float | None = None  # which session of that name: one deleted and made again is another
 
     def open(self, session: CompressedLM) -> SessionRecord:
         """Load the stored session into ``session`` (or create it)."""
         record = self.store.open(self.name, session, self.owner)
-        self.version = record.version
+        self.version, self.created = record.version, record.created
         return record
 
     def commit(self, session: CompressedLM) -> SessionRecord:
-        """Save ``session`` as the next version; refuses if another process saved the session meanwhile."""
+        """Save ``session`` as the next version; refuses if another process saved the session meanwhile, or deleted
+        it (:class:`UnknownSessionError`, also where it made a session of the same name again)."""
+        # the version alone passes a session made again that reached this version: the save went into it
+        if self.created is not None and self.store.get(self.name, self.owner).created != self.created:
+            raise UnknownSessionError(f"session {self.name!r} was deleted and made again by another process")
         record = self.store.commit(self.name, session, self.owner, expect_version=self.version)
         self.version = record.version
         return record
