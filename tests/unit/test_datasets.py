@@ -478,3 +478,22 @@ def test_a_damaged_parquet_dialog_file_is_refused_in_one_line_naming_it(tmp_path
     (tmp_path / "validation.parquet").write_bytes(data[: len(data) // 2] + data[-8:])  # cut, footer kept
     with pytest.raises(DatasetFormatError, match=r"validation.parquet: not a readable parquet file"):
         load_examples(DataConfig(dataset="dailydialog", path=str(tmp_path)), "validation")
+
+
+def test_a_folder_named_like_a_data_file_is_passed_over_not_read(tmp_path):
+    """A folder called ``notes.txt`` beside the books (or ``test.jsonl``, as Spark names its output folders) was
+    read as a file: IsADirectoryError, where the files around it were a dataset."""
+    from ccmem.data.text import text_files
+
+    book = tmp_path / "books" / "10.txt"
+    book.parent.mkdir()
+    book.write_text("The harbour master counted the boats at dawn.\n" * 200)
+    (tmp_path / "books" / "notes.txt").mkdir()
+    assert text_files(tmp_path / "books") == [book]
+    assert load_examples(
+        DataConfig(dataset="pretrain", path=str(tmp_path / "books"), eval_path=str(tmp_path / "books")), "validation"
+    )
+    dialogs = tmp_path / "dialogs"
+    (dialogs / "test.jsonl").mkdir(parents=True)
+    shutil.copy(FIXTURES / "soda" / "test.jsonl", dialogs / "test.jsonl" / "part-00000.jsonl")
+    assert load_examples(DataConfig(dataset="soda", path=str(dialogs)), "test")

@@ -67,7 +67,9 @@ def split_file(folder: Path, split: str, suffixes: tuple[str, ...] = (".jsonl", 
         return folder
     names = SPLIT_NAMES[split]
     candidates = [
-        p for p in folder.rglob("*") if p.suffix in suffixes and not re.search(r"(^|_)(act|emotion)_", p.name)
+        p
+        for p in folder.rglob("*")
+        if p.suffix in suffixes and p.is_file() and not re.search(r"(^|_)(act|emotion)_", p.name)
     ]
 
     def named(text: str) -> bool:
@@ -334,7 +336,7 @@ def pretrain(
     (``*.jsonl`` with a ``dialogue`` or ``dialog`` column) as chat examples. ``held_out``: ``folder`` holds only
     documents of ``split`` (a validation file or folder, ``data.eval_path``), read whole."""
     if folder.is_dir():
-        texts, chats = sorted(folder.rglob("*.txt")), sorted(folder.rglob("*.jsonl"))
+        texts, chats = (sorted(p for p in folder.rglob(f"*{suffix}") if p.is_file()) for suffix in (".txt", ".jsonl"))
     else:  # one file: a dialog file, or a text document whatever its name
         texts, chats = ([], [folder]) if folder.suffix == ".jsonl" else ([folder], [])
     examples = []

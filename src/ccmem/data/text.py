@@ -44,7 +44,7 @@ def text_files(path: str | Path | None) -> list[Path]:
     if path is None:
         return packaged_plays()
     root = Path(path)
-    files = [root] if root.is_file() else sorted(root.rglob("*.txt"))
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*.txt") if p.is_file())  # not a folder
     if not files:
         raise TextSourceError(f"no .txt file at {root}")
     return files
