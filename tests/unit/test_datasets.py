@@ -101,6 +101,23 @@ def test_metaicl_reads_the_files_of_the_seed_asked_for_and_says_which_it_took(tm
     assert default[0].query.startswith("seed 100") and "none of seed 0; read seed 100's" in caplog.text
 
 
+def test_a_metaicl_task_both_meta_trained_on_and_tested_reads_the_test_files_of_its_seed(tmp_path):
+    """A task folder holding MetaICL's meta-training file (``_16384_100_train.jsonl``) beside its 16-shot test
+    files was read at k=16384 ("16384" sorts before "16_"), and evaluating it stopped on a missing
+    ``_16384_100_test.jsonl``."""
+    task = tmp_path / "taskA"
+    task.mkdir()
+    for k in (16, 16384):
+        record = {"input": f"k {k} demo", "output": "yes", "options": ["yes", "no"]}
+        (task / f"taskA_{k}_100_train.jsonl").write_text((json.dumps(record) + "\n") * 3)
+    record = {"input": "k 16 query", "output": "no", "options": ["yes", "no"]}
+    (task / "taskA_16_100_test.jsonl").write_text(json.dumps(record) + "\n")
+    found = load_examples(DataConfig(dataset="metaicl", path=str(tmp_path), k=2, seed=100), "test")
+    assert [e.query for e in found] == ["k 16 query\n"] and found[0].context[0].startswith("k 16 demo")
+    trained = load_examples(DataConfig(dataset="metaicl", path=str(tmp_path), k=2, seed=100), "train")
+    assert trained[0].query.startswith("k 16384 demo")  # meta-training reads the meta-training file
+
+
 @pytest.mark.parametrize("options", [["yes"], ["yes", "no", "yes"], ["yes", ""]])
 def test_a_metaicl_record_whose_options_cannot_be_chosen_between_is_named(tmp_path, options):
     """One option, or the same twice, made accuracy 1.0 (or a tie) whatever the memory held."""
