@@ -514,3 +514,22 @@ def test_a_folder_named_like_a_data_file_is_passed_over_not_read(tmp_path):
     (dialogs / "test.jsonl").mkdir(parents=True)
     shutil.copy(FIXTURES / "soda" / "test.jsonl", dialogs / "test.jsonl" / "part-00000.jsonl")
     assert load_examples(DataConfig(dataset="soda", path=str(dialogs)), "test")
+
+
+def test_a_folder_in_pg19_layout_gives_each_split_its_own_books(tmp_path, caplog):
+    """PG19's train/, validation/ and test/ folders were pooled and re-split by a hash of the book names: training
+    read PG19's test books and evaluation its training books, without a word."""
+    line = "The harbour master counted the boats at dawn and wrote their names in the ledger.\n"
+    for split in ("train", "validation", "test"):
+        for i in range(6):
+            (tmp_path / "pg19" / split / "nested").mkdir(parents=True, exist_ok=True)
+            (tmp_path / "pg19" / split / "nested" / f"{split}{i}.txt").write_text(f"{split} {i}. " + line * 80)
+    for split in ("train", "validation", "test"):
+        for dataset in ("text", "text-stream"):
+            cfg = DataConfig(dataset=dataset, path=str(tmp_path / "pg19"), n_train=30, n_eval=30)
+            books = {e.id.split("-")[0].rstrip("0123456789") for e in load_examples(cfg, split)}
+            assert books == {split}, (dataset, split)
+    assert "splits share documents" not in caplog.text
+    shutil.rmtree(tmp_path / "pg19" / "validation")
+    with pytest.raises(FileNotFoundError, match=r"holds split folders \(test, train\) but no validation folder"):
+        load_examples(DataConfig(dataset="text", path=str(tmp_path / "pg19")), "validation")
