@@ -101,6 +101,23 @@ def test_metaicl_reads_the_files_of_the_seed_asked_for_and_says_which_it_took(tm
     assert default[0].query.startswith("seed 100") and "none of seed 0; read seed 100's" in caplog.text
 
 
+def test_a_metaicl_task_both_meta_trained_on_and_tested_reads_the_test_files_of_its_seed(tmp_path):
+    """A task folder holding MetaICL's meta-training file (``_16384_100_train.jsonl``) beside its 16-shot test
+    files was read at k=16384 ("16384" sorts before "16_"), and evaluating it stopped on a missing
+    ``_16384_100_test.jsonl``."""
+    task = tmp_path / "taskA"
+    task.mkdir()
+    for k in (16, 16384):
+        record = {"input": f"k {k} demo", "output": "yes", "options": ["yes", "no"]}
+        (task / f"taskA_{k}_100_train.jsonl").write_text((json.dumps(record) + "\n") * 3)
+    record = {"input": "k 16 query", "output": "no", "options": ["yes", "no"]}
+    (task / "taskA_16_100_test.jsonl").write_text(json.dumps(record) + "\n")
+    found = load_examples(DataConfig(dataset="metaicl", path=str(tmp_path), k=2, seed=100), "test")
+    assert [e.query for e in found] == ["k 16 query\n"] and found[0].context[0].startswith("k 16 demo")
+    trained = load_examples(DataConfig(dataset="metaicl", path=str(tmp_path), k=2, seed=100), "train")
+    assert trained[0].query.startswith("k 16384 demo")  # meta-training reads the meta-training file
+
+
 @pytest.mark.parametrize("options", [["yes"], ["yes", "no", "yes"], ["yes", ""]])
 def test_a_metaicl_record_whose_options_cannot_be_chosen_between_is_named(tmp_path, options):
     """One option, or the same twice, made accuracy 1.0 (or a tie) whatever the memory held."""
@@ -478,3 +495,41 @@ def test_a_damaged_parquet_dialog_file_is_refused_in_one_line_naming_it(tmp_path
     (tmp_path / "validation.parquet").write_bytes(data[: len(data) // 2] + data[-8:])  # cut, footer kept
     with pytest.raises(DatasetFormatError, match=r"validation.parquet: not a readable parquet file"):
         load_examples(DataConfig(dataset="dailydialog", path=str(tmp_path)), "validation")
+
+
+def test_a_folder_named_like_a_data_file_is_passed_over_not_read(tmp_path):
+    """A folder called ``notes.txt`` beside the books (or ``test.jsonl``, as Spark names its output folders) was
+    read as a file: IsADirectoryError, where the files around it were a dataset."""
+    from ccmem.data.text import text_files
+
+    book = tmp_path / "books" / "10.txt"
+    book.parent.mkdir()
+    book.write_text("The harbour master counted the boats at dawn.\n" * 200)
+    (tmp_path / "books" / "notes.txt").mkdir()
+    assert text_files(tmp_path / "books") == [book]
+    assert load_examples(
+        DataConfig(dataset="pretrain", path=str(tmp_path / "books"), eval_path=str(tmp_path / "books")), "validation"
+    )
+    dialogs = tmp_path / "dialogs"
+    (dialogs / "test.jsonl").mkdir(parents=True)
+    shutil.copy(FIXTURES / "soda" / "test.jsonl", dialogs / "test.jsonl" / "part-00000.jsonl")
+    assert load_examples(DataConfig(dataset="soda", path=str(dialogs)), "test")
+
+
+def test_a_folder_in_pg19_layout_gives_each_split_its_own_books(tmp_path, caplog):
+    """PG19's train/, validation/ and test/ folders were pooled and re-split by a hash of the book names: training
+    read PG19's test books and evaluation its training books, without a word."""
+    line = "The harbour master counted the boats at dawn and wrote their names in the ledger.\n"
+    for split in ("train", "validation", "test"):
+        for i in range(6):
+            (tmp_path / "pg19" / split / "nested").mkdir(parents=True, exist_ok=True)
+            (tmp_path / "pg19" / split / "nested" / f"{split}{i}.txt").write_text(f"{split} {i}. " + line * 80)
+    for split in ("train", "validation", "test"):
+        for dataset in ("text", "text-stream"):
+            cfg = DataConfig(dataset=dataset, path=str(tmp_path / "pg19"), n_train=30, n_eval=30)
+            books = {e.id.split("-")[0].rstrip("0123456789") for e in load_examples(cfg, split)}
+            assert books == {split}, (dataset, split)
+    assert "splits share documents" not in caplog.text
+    shutil.rmtree(tmp_path / "pg19" / "validation")
+    with pytest.raises(FileNotFoundError, match=r"holds split folders \(test, train\) but no validation folder"):
+        load_examples(DataConfig(dataset="text", path=str(tmp_path / "pg19")), "validation")

@@ -67,7 +67,9 @@ def split_file(folder: Path, split: str, suffixes: tuple[str, ...] = (".jsonl", 
         return folder
     names = SPLIT_NAMES[split]
     candidates = [
-        p for p in folder.rglob("*") if p.suffix in suffixes and not re.search(r"(^|_)(act|emotion)_", p.name)
+        p
+        for p in folder.rglob("*")
+        if p.suffix in suffixes and p.is_file() and not re.search(r"(^|_)(act|emotion)_", p.name)
     ]
 
     def named(text: str) -> bool:
@@ -98,10 +100,13 @@ def split_file(folder: Path, split: str, suffixes: tuple[str, ...] = (".jsonl", 
 METAICL_DEFAULT_SEED = 100
 
 
-def _metaicl_train_file(task_dir: Path, seed: int | None) -> tuple[Path, int | None]:
+def _metaicl_train_file(task_dir: Path, seed: int | None, split: str = "train") -> tuple[Path, int | None]:
     """The ``<task>_<k>_<seed>_train.jsonl`` of ``task_dir`` to read: the one of ``seed``; else the only one; else
     MetaICL's default seed 100 (or the smallest seed), whose number is returned too (``None`` when no choice was
-    made), so that the caller says it once for all tasks."""
+    made), so that the caller says it once for all tasks. Of one seed's files of several ``k`` (a task both
+    meta-trained on, ``_16384_100_train.jsonl``, and tested, ``_16_100_{train,dev,test}.jsonl``), the one with
+    ``split``'s own file is read, the largest ``k`` first (it was the first in name order, whose test file may not
+    exist: "16384" sorts before "16_")."""
     pattern = re.compile(rf"{re.escape(task_dir.name)}_(\d+)_(\d+)_train\.jsonl")
     found: dict[int, list[Path]] = {}
     for path in task_dir.glob(f"{task_dir.name}_*_train.jsonl"):
@@ -109,12 +114,23 @@ def _metaicl_train_file(task_dir: Path, seed: int | None) -> tuple[Path, int | N
         found.setdefault(int(match.group(2)) if match else -1, []).append(path)
     if not found:
         raise FileNotFoundError(f"{task_dir}: no {task_dir.name}_<k>_<seed>_train.jsonl")
+    wanted = {"train": (), "validation": ("dev", "test"), "test": ("test",)}[split]
+
+    def rank(path: Path) -> tuple[bool, int]:
+        match = pattern.fullmatch(path.name)
+        prefix = path.name.removesuffix("_train.jsonl")
+        has_split = not wanted or any((task_dir / f"{prefix}_{s}.jsonl").is_file() for s in wanted)
+        return has_split, int(match.group(1)) if match else -1
+
+    def best(paths: list[Path]) -> Path:
+        return max(sorted(paths), key=rank)  # max keeps the first in name order among equals
+
     if seed is not None and seed in found:
-        return sorted(found[seed])[0], None
+        return best(found[seed]), None
     if len(found) == 1:
-        return sorted(next(iter(found.values())))[0], None
+        return best(next(iter(found.values()))), None
     chosen = METAICL_DEFAULT_SEED if METAICL_DEFAULT_SEED in found else min(found)
-    return sorted(found[chosen])[0], chosen
+    return best(found[chosen]), chosen
 
 
 def metaicl(folder: Path, split: str, k: int, seed: int | None = None) -> list[MemoryExample]:
@@ -128,7 +144,7 @@ def metaicl(folder: Path, split: str, k: int, seed: int | None = None) -> list[M
     examples = []
     chosen: dict[int, list[str]] = {}  # seed read instead of ``seed`` -> the tasks it was read for
     for task_dir in tasks:
-        train_file, fallback = _metaicl_train_file(task_dir, seed)
+        train_file, fallback = _metaicl_train_file(task_dir, seed, split)
         if fallback is not None:
             chosen.setdefault(fallback, []).append(task_dir.name)
         demos = [_metaicl_record(r, w) for w, r in read_records(train_file)]
@@ -334,7 +350,7 @@ def pretrain(
     (``*.jsonl`` with a ``dialogue`` or ``dialog`` column) as chat examples. ``held_out``: ``folder`` holds only
     documents of ``split`` (a validation file or folder, ``data.eval_path``), read whole."""
     if folder.is_dir():
-        texts, chats = sorted(folder.rglob("*.txt")), sorted(folder.rglob("*.jsonl"))
+        texts, chats = (sorted(p for p in folder.rglob(f"*{suffix}") if p.is_file()) for suffix in (".txt", ".jsonl"))
     else:  # one file: a dialog file, or a text document whatever its name
         texts, chats = ([], [folder]) if folder.suffix == ".jsonl" else ([folder], [])
     examples = []

