@@ -1072,7 +1072,7 @@ def eval_command(
     """
     from ccmem.data.loaders import load_examples
     from ccmem.data.news import check_source
-    from ccmem.eval.harness import EvalSettings, check_adapters, check_options_apply, compare, options_for
+    from ccmem.eval.harness import EvalSettings, check_adapters, check_options_apply, compare, options_for, read_rows
     from ccmem.loading import load_model
     from ccmem.registry import get_method
     from ccmem.train.config import DataConfig
@@ -1089,6 +1089,14 @@ def eval_command(
             f"--out {out} is inside the --path data folder {path}: the rows could be appended to "
             "your examples or read as them; give a file elsewhere, e.g. --out results/eval.jsonl"
         )
+    if out.is_file() and out.stat().st_size:  # rows appended to another kind of file: no report could read it
+        try:
+            read_rows([out])
+        except ValueError as err:
+            raise OptionError(
+                f"--out {out} holds something other than `ccmem eval` rows ({err}); the rows are appended to it: "
+                "give another file, e.g. --out results/eval.jsonl"
+            ) from None
     if templates is not None:
         if dataset != "dialogs" or path is not None:
             raise OptionError("--templates shapes generated dialogs only (dataset dialogs, without --path)")

@@ -419,6 +419,18 @@ def test_eval_on_a_file_says_which_generator_options_it_ignores_and_names_an_emp
     assert code == 2 and f"{path} holds no persona example" in " ".join(text.split()).replace("\n", "")
 
 
+def test_eval_refuses_an_out_file_of_other_records_before_any_work(monkeypatch, capsys, tmp_path):
+    """Rows appended to a stream's rows.jsonl or a dataset file could never be reported, and changed that file."""
+    other = tmp_path / "rows.jsonl"
+    other.write_text('{"method": "window", "tokens": 2560, "perplexity_1x": 41.2}\n')
+    code, text = run_cli(monkeypatch, capsys, "eval", "persona", "--model", "no-such-model", "--methods", "none",
+                         "--n", "1", "--out", str(other))  # fmt: skip
+    text = " ".join(text.split())
+    assert code == 2 and f"--out {other} holds something other than `ccmem eval` rows" in text, text
+    assert "missing field" in text and "Traceback" not in text
+    assert other.read_text() == '{"method": "window", "tokens": 2560, "perplexity_1x": 41.2}\n'
+
+
 def test_reports_give_accuracy_per_group_in_numeric_order(tmp_path):
     """README promised accuracy per group (how far back the fact was, ...), but only the JSONL rows held it."""
     from ccmem.data import dialogs
