@@ -972,6 +972,15 @@ def _eval_data(
     return data
 
 
+#: Datasets of ``ccmem train`` that ``ccmem eval`` cannot score, and what to run instead.
+TRAINING_ONLY = {
+    "wikitext": "its passages have no answer to score on any split; its perplexity under sentinel, local and "
+    "scattered is `ccmem repro sentinel ppl`, and `ccmem eval text` scores continuations",
+    "mixture": "its families' weights are data.mixture of `ccmem train`; evaluate each family on its own (ccmem "
+    "eval dialogs, persona, icl, passages, text or pwc)",
+}
+
+
 @app.command("eval")
 def eval_command(
     dataset: Annotated[
@@ -979,8 +988,8 @@ def eval_command(
         typer.Argument(
             help="Dataset loader: persona, dialogs, passages, icl, text, metaicl, lamp2, dailydialog, soda, unified, "
             "pretrain, pwc (PwC jsonl, or generated without --path), pile, gsm8k (with --generate, EM is the final "
-            "answer's accuracy; the fork's policy table: `ccmem repro gsm8k`), wikitext, text-stream, mixture "
-            "(`ccmem data --help` writes the generated ones to files)."
+            "answer's accuracy; the fork's policy table: `ccmem repro gsm8k`), text-stream (`ccmem data --help` "
+            "writes the generated ones to files)."
         ),
     ],
     path: Annotated[
@@ -1097,6 +1106,8 @@ def eval_command(
                 f"--out {out} holds something other than `ccmem eval` rows ({err}); the rows are appended to it: "
                 "give another file, e.g. --out results/eval.jsonl"
             ) from None
+    if dataset in TRAINING_ONLY:  # examples with nothing to score, or weights no eval option gives: said at once
+        raise OptionError(f"dataset {dataset!r} is training data: {TRAINING_ONLY[dataset]}")
     if templates is not None:
         if dataset != "dialogs" or path is not None:
             raise OptionError("--templates shapes generated dialogs only (dataset dialogs, without --path)")
@@ -1140,8 +1151,8 @@ def eval_command(
     if path is None:  # a generator that does not read an option would ignore it without a word
         from ccmem.data.loaders import check_source as check_source_read
 
-        for key, value, readers in (("small_talk", small_talk, ("persona", "mixture")),
-                                    ("turns", turns, ("dialogs", "mixture"))):  # fmt: skip
+        for key, value, readers in (("small_talk", small_talk, ("persona",)),
+                                    ("turns", turns, ("dialogs",))):  # fmt: skip
             if value != defaults[key].default and dataset not in readers:
                 flag = "--" + key.replace("_", "-")
                 raise OptionError(f"{flag} shapes {readers[0]} data; dataset {dataset!r} does not read it")

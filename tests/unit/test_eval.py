@@ -431,6 +431,19 @@ def test_eval_refuses_an_out_file_of_other_records_before_any_work(monkeypatch, 
     assert other.read_text() == '{"method": "window", "tokens": 2560, "perplexity_1x": 41.2}\n'
 
 
+@pytest.mark.parametrize(
+    ("dataset", "instead"), [("wikitext", "ccmem repro sentinel ppl"), ("mixture", "evaluate each family on its own")]
+)
+def test_eval_refuses_training_only_data_and_says_what_to_run(monkeypatch, capsys, tmp_path, dataset, instead):
+    """`eval --help` listed both, but wikitext's passages have nothing to score (the error then said to pass the
+    --split test it had), and no eval option gives a mixture its weights (the error named data.mixture)."""
+    code, text = run_cli(monkeypatch, capsys, "eval", dataset, "--model", "no-such-model", "--methods", "none",
+                         "--out", str(tmp_path / "rows.jsonl"))  # fmt: skip
+    text = " ".join(text.split())
+    assert code == 2 and f"dataset {dataset!r} is training data" in text and instead in text, text
+    assert not (tmp_path / "rows.jsonl").exists()
+
+
 def test_reports_give_accuracy_per_group_in_numeric_order(tmp_path):
     """README promised accuracy per group (how far back the fact was, ...), but only the JSONL rows held it."""
     from ccmem.data import dialogs
