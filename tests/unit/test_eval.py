@@ -268,6 +268,31 @@ def test_rows_of_two_models_say_their_model_in_the_report():
     assert "model" not in markdown(rows[:2]) and "[small]" not in group_markdown(rows[:2])  # one model: as before
 
 
+def test_rows_of_two_splits_say_their_split_in_the_report(tmp_path, monkeypatch):
+    """`ccmem eval persona --split validation` and `--split test` rows share the config hash of the default data:
+    the report showed two "full" lines that nothing told apart, no warning, and one plot line through both."""
+    import dataclasses
+
+    from ccmem.eval.report import group_markdown, plot
+
+    by = {"distance": {"0-1": {"accuracy": 0.5, "n": 2}}}
+    rows = [dataclasses.replace(_row(m, "h", 4), split=split, extra={"by": by}) for split in ("validation", "test")
+            for m in ("full", "none")]  # fmt: skip
+    table = markdown(rows)
+    assert "| method | adapter | trained on | dataset | split |" in table
+    assert "| full | - | - | icl | test |" in table and "| full | - | - | icl | validation |" in table
+    groups = group_markdown(rows)
+    assert "icl/test (8 demos): accuracy by distance" in groups and "icl/validation (8 demos)" in groups
+    assert "split" not in markdown(rows[:2]) and "icl/" not in group_markdown(rows[:2])  # one split: as before
+    from matplotlib.axes import Axes
+
+    shown, legend = [], Axes.legend
+    monkeypatch.setattr(Axes, "legend", lambda ax, **kw: shown.extend(ax.get_legend_handles_labels()[1]) or legend(ax))
+    plot(rows, tmp_path / "plot.png")
+    assert sorted(shown) == ["full [icl/test, 8 demos]", "full [icl/validation, 8 demos]",
+                             "none [icl/test, 8 demos]", "none [icl/validation, 8 demos]"]  # fmt: skip
+
+
 def test_eval_refuses_a_method_named_twice_before_the_model_loads(monkeypatch, capsys, tmp_path):
     """`--methods full,none,full` evaluated full twice and appended its row twice."""
     out = tmp_path / "rows.jsonl"
