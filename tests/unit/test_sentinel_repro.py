@@ -56,6 +56,16 @@ def test_claim_one_trains_each_cell_once_and_measures_perplexity(tmp_path):
     assert [p.name for p in plot("ppl", rows, tmp_path)] == ["ppl-perplexity.png"]
 
 
+def test_a_rerun_with_other_finetuning_settings_says_which_option_moves_the_runs(tmp_path):
+    """The runs' ids are the recipe's own, yet the refusal said "use a new run_id", an option repro does not have."""
+    from ccmem.train.config import ConfigError
+
+    lm = tiny_model()
+    run_ppl(lm, settings(tmp_path, methods=["local"]), progress=lambda _: None)
+    with pytest.raises(ConfigError, match=r"train\.max_steps: 1 -> 2.*Here: --runs-dir DIR finetunes every cell anew"):
+        run_ppl(lm, settings(tmp_path, methods=["local"], train_steps=2), progress=lambda _: None)
+
+
 def test_claim_two_samples_paired_continuations_and_scores_them(tmp_path, monkeypatch):
     lm = tiny_model()
     judge = tiny_model("qwen2", seed=1)
