@@ -104,6 +104,23 @@ def test_a_cell_whose_continuations_are_all_empty_keeps_every_row(tmp_path, monk
     assert len(plot("generate", rows, tmp_path)) == 3
 
 
+def test_the_report_says_which_cells_scored_fewer_documents():
+    """BERTScore and judge perplexity leave empty continuations out, ROUGE-L counts them as 0: a cell with empties
+    was averaged over other documents than its neighbours, and the report did not say so."""
+
+    def row(method, ratio, empty, bert):
+        return {"claim": "generate", "method": method, "ratio": ratio, "model": "m", "adapter": "a", "train_steps": 1,
+                "batch_size": 1, "lr": 1e-4, "seed": 0, "rouge_l": 0.1, "bertscore_f1": bert, "judge_perplexity": 9.0,
+                "docs": 12, "empty": empty, "prefix_tokens": 96, "continuation_tokens": 24, "top_p": 0.9, "data": "d",
+                "encoder": "e", "judge": "j"}  # fmt: skip
+
+    rows = [row("full", 0.0, 0, 0.3), row("sentinel", 0.5, 5, 0.4), row("local", 0.5, 0, 0.2)]
+    note = "(ROUGE-L counts them as 0; BERTScore and judge perplexity are over the others): sentinel at r=0.5: 5 of 12."
+    assert f"Empty continuations {note}" in markdown("generate", rows, 1.0)
+    rows[1]["empty"] = 0
+    assert "Empty continuations" not in markdown("generate", rows, 1.0)
+
+
 def test_documents_too_short_for_the_prefix_are_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="ask for fewer documents or shorter prefixes"):
         sentinel_repro.documents(tiny_model(), settings(tmp_path, prefix_tokens=100_000))
