@@ -1326,7 +1326,7 @@ def compare(
     """
     from rich.progress import Progress
 
-    from ccmem.eval.compare import CompareSettings, check_variants, grid, run_decode_speed, run_grid
+    from ccmem.eval.compare import CompareSettings, check_variants, grid, read_cached, run_decode_speed, run_grid
     from ccmem.eval.compare_report import write_compare_report
     from ccmem.loading import load_model
     from ccmem.stage1 import merge_stage1, read_stage1
@@ -1353,6 +1353,12 @@ def compare(
     if out_dir.exists() and not out_dir.is_dir():
         raise OptionError(f"--out-dir {out_dir} is a file; give a folder for rows.jsonl and the report")
     check_folder(out_dir, "--out-dir")
+    try:  # the rows a rerun resumes from; another command's rows.jsonl (ccmem stream's, repro gsm8k's) before loading
+        read_cached(out_dir / "rows.jsonl")
+    except ValueError as err:
+        raise OptionError(
+            f"--out-dir {out_dir} holds rows of another command ({err}); give a folder of its own to compare"
+        ) from None
     if stage1 is not None:
         read_stage1(stage1)  # before loading the model: a wrong path or file is said at once
     with console.status(f"loading {model}..."):
