@@ -972,6 +972,15 @@ def _eval_data(
     return data
 
 
+#: Datasets of ``ccmem train`` that ``ccmem eval`` cannot score, and what to run instead.
+TRAINING_ONLY = {
+    "wikitext": "its passages have no answer to score on any split; its perplexity under sentinel, local and "
+    "scattered is `ccmem repro sentinel ppl`, and `ccmem eval text` scores continuations",
+    "mixture": "its families' weights are data.mixture of `ccmem train`; evaluate each family on its own (ccmem "
+    "eval dialogs, persona, icl, passages, text or pwc)",
+}
+
+
 @app.command("eval")
 def eval_command(
     dataset: Annotated[
@@ -979,8 +988,8 @@ def eval_command(
         typer.Argument(
             help="Dataset loader: persona, dialogs, passages, icl, text, metaicl, lamp2, dailydialog, soda, unified, "
             "pretrain, pwc (PwC jsonl, or generated without --path), pile, gsm8k (with --generate, EM is the final "
-            "answer's accuracy; the fork's policy table: `ccmem repro gsm8k`), wikitext, text-stream, mixture "
-            "(`ccmem data --help` writes the generated ones to files)."
+            "answer's accuracy; the fork's policy table: `ccmem repro gsm8k`), text-stream (`ccmem data --help` "
+            "writes the generated ones to files)."
         ),
     ],
     path: Annotated[
@@ -1072,7 +1081,7 @@ def eval_command(
     """
     from ccmem.data.loaders import load_examples
     from ccmem.data.news import check_source
-    from ccmem.eval.harness import EvalSettings, check_adapters, check_options_apply, compare, options_for
+    from ccmem.eval.harness import EvalSettings, check_adapters, check_options_apply, compare, options_for, read_rows
     from ccmem.loading import load_model
     from ccmem.registry import get_method
     from ccmem.train.config import DataConfig
@@ -1089,6 +1098,16 @@ def eval_command(
             f"--out {out} is inside the --path data folder {path}: the rows could be appended to "
             "your examples or read as them; give a file elsewhere, e.g. --out results/eval.jsonl"
         )
+    if out.is_file() and out.stat().st_size:  # rows appended to another kind of file: no report could read it
+        try:
+            read_rows([out])
+        except ValueError as err:
+            raise OptionError(
+                f"--out {out} holds something other than `ccmem eval` rows ({err}); the rows are appended to it: "
+                "give another file, e.g. --out results/eval.jsonl"
+            ) from None
+    if dataset in TRAINING_ONLY:  # examples with nothing to score, or weights no eval option gives: said at once
+        raise OptionError(f"dataset {dataset!r} is training data: {TRAINING_ONLY[dataset]}")
     if templates is not None:
         if dataset != "dialogs" or path is not None:
             raise OptionError("--templates shapes generated dialogs only (dataset dialogs, without --path)")
@@ -1132,8 +1151,8 @@ def eval_command(
     if path is None:  # a generator that does not read an option would ignore it without a word
         from ccmem.data.loaders import check_source as check_source_read
 
-        for key, value, readers in (("small_talk", small_talk, ("persona", "mixture")),
-                                    ("turns", turns, ("dialogs", "mixture"))):  # fmt: skip
+        for key, value, readers in (("small_talk", small_talk, ("persona",)),
+                                    ("turns", turns, ("dialogs",))):  # fmt: skip
             if value != defaults[key].default and dataset not in readers:
                 flag = "--" + key.replace("_", "-")
                 raise OptionError(f"{flag} shapes {readers[0]} data; dataset {dataset!r} does not read it")
@@ -1307,7 +1326,7 @@ def compare(
     """
     from rich.progress import Progress
 
-    from ccmem.eval.compare import CompareSettings, check_variants, grid, run_decode_speed, run_grid
+    from ccmem.eval.compare import CompareSettings, check_variants, grid, read_cached, run_decode_speed, run_grid
     from ccmem.eval.compare_report import write_compare_report
     from ccmem.loading import load_model
     from ccmem.stage1 import merge_stage1, read_stage1
@@ -1334,6 +1353,12 @@ def compare(
     if out_dir.exists() and not out_dir.is_dir():
         raise OptionError(f"--out-dir {out_dir} is a file; give a folder for rows.jsonl and the report")
     check_folder(out_dir, "--out-dir")
+    try:  # the rows a rerun resumes from; another command's rows.jsonl (ccmem stream's, repro gsm8k's) before loading
+        read_cached(out_dir / "rows.jsonl")
+    except ValueError as err:
+        raise OptionError(
+            f"--out-dir {out_dir} holds rows of another command ({err}); give a folder of its own to compare"
+        ) from None
     if stage1 is not None:
         read_stage1(stage1)  # before loading the model: a wrong path or file is said at once
     with console.status(f"loading {model}..."):

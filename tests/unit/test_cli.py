@@ -176,7 +176,7 @@ def test_methods_lists_the_registry(monkeypatch, capsys):
         (["demo", "--methods", "full,none,full"], "--methods names 'full' twice; each method runs once"),
         (["eval", "persona", "--methods", "snapkv, snapkv"], "--methods names 'snapkv' twice"),
         (["compare", "--methods", "full,full"], "--methods names 'full' twice"),
-        (["eval", "metaicl", "--methods", "full"], "set data.path to the downloaded folder"),
+        (["eval", "metaicl", "--methods", "full"], "give the downloaded folder (--path, or data.path in training)"),
         (["data", "nonsense", "-o", "x"], "unknown generator 'nonsense'"),
         (["data", "nonsense", "-o", "x", "--turns", "4"], "unknown generator 'nonsense'"),
         (["data", "persna", "-o", "x"], "unknown generator 'persna' (did you mean 'persona'?)"),

@@ -393,6 +393,16 @@ def test_compare_refuses_what_would_fail_or_vanish_mid_grid_before_the_model_loa
     assert code == 2 and message in " ".join(out.split()), out
 
 
+def test_compare_into_another_commands_folder_is_refused_before_the_model_loads(monkeypatch, capsys, tmp_path):
+    """results/stream and results/gsm8k hold a rows.jsonl too: compare loaded the model, then stopped on it."""
+    (tmp_path / "rows.jsonl").write_text('{"policy": "none", "accuracy": 0.42, "peak_kv_mb": 37.45}\n')
+    code, out = run_cli(monkeypatch, capsys, "compare", "--model", "/no/such/model", "--tasks", "persona",
+                        "--methods", "none", "-o", str(tmp_path))  # fmt: skip
+    out = " ".join(out.split())
+    assert code == 2 and f"--out-dir {tmp_path} holds rows of another command" in out, out
+    assert "not a ccmem eval row" in out and "unknown model" not in out
+
+
 def test_a_decode_length_past_the_models_positions_is_said_not_silently_dropped(tmp_path, caplog):
     lm = tiny_model(positions=128)
     settings = CompareSettings(

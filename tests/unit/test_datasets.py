@@ -257,7 +257,7 @@ def test_a_file_cut_to_n_examples_says_so(tmp_path, caplog):
 def test_missing_paths_and_unknown_datasets_are_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"does not exist \(the data path: --path, or data.path"):
         load_examples(DataConfig(dataset="soda", path=str(tmp_path / "nope")), "train")
-    with pytest.raises(ValueError, match=r"set data.path"):
+    with pytest.raises(ValueError, match=r"give the downloaded folder \(--path, or data.path"):
         load_examples(DataConfig(dataset="soda"), "train")
     with pytest.raises(FileNotFoundError, match="no test file"):
         load_examples(DataConfig(dataset="dailydialog", path=str(FIXTURES / "lamp2")), "test")

@@ -268,6 +268,31 @@ def test_rows_of_two_models_say_their_model_in_the_report():
     assert "model" not in markdown(rows[:2]) and "[small]" not in group_markdown(rows[:2])  # one model: as before
 
 
+def test_rows_of_two_splits_say_their_split_in_the_report(tmp_path, monkeypatch):
+    """`ccmem eval persona --split validation` and `--split test` rows share the config hash of the default data:
+    the report showed two "full" lines that nothing told apart, no warning, and one plot line through both."""
+    import dataclasses
+
+    from ccmem.eval.report import group_markdown, plot
+
+    by = {"distance": {"0-1": {"accuracy": 0.5, "n": 2}}}
+    rows = [dataclasses.replace(_row(m, "h", 4), split=split, extra={"by": by}) for split in ("validation", "test")
+            for m in ("full", "none")]  # fmt: skip
+    table = markdown(rows)
+    assert "| method | adapter | trained on | dataset | split |" in table
+    assert "| full | - | - | icl | test |" in table and "| full | - | - | icl | validation |" in table
+    groups = group_markdown(rows)
+    assert "icl/test (8 demos): accuracy by distance" in groups and "icl/validation (8 demos)" in groups
+    assert "split" not in markdown(rows[:2]) and "icl/" not in group_markdown(rows[:2])  # one split: as before
+    from matplotlib.axes import Axes
+
+    shown, legend = [], Axes.legend
+    monkeypatch.setattr(Axes, "legend", lambda ax, **kw: shown.extend(ax.get_legend_handles_labels()[1]) or legend(ax))
+    plot(rows, tmp_path / "plot.png")
+    assert sorted(shown) == ["full [icl/test, 8 demos]", "full [icl/validation, 8 demos]",
+                             "none [icl/test, 8 demos]", "none [icl/validation, 8 demos]"]  # fmt: skip
+
+
 def test_eval_refuses_a_method_named_twice_before_the_model_loads(monkeypatch, capsys, tmp_path):
     """`--methods full,none,full` evaluated full twice and appended its row twice."""
     out = tmp_path / "rows.jsonl"
@@ -417,6 +442,31 @@ def test_eval_on_a_file_says_which_generator_options_it_ignores_and_names_an_emp
     path.write_text("\n")
     code, text = run_cli(monkeypatch, capsys, *common, "--out", str(tmp_path / "b.jsonl"))
     assert code == 2 and f"{path} holds no persona example" in " ".join(text.split()).replace("\n", "")
+
+
+def test_eval_refuses_an_out_file_of_other_records_before_any_work(monkeypatch, capsys, tmp_path):
+    """Rows appended to a stream's rows.jsonl or a dataset file could never be reported, and changed that file."""
+    other = tmp_path / "rows.jsonl"
+    other.write_text('{"method": "window", "tokens": 2560, "perplexity_1x": 41.2}\n')
+    code, text = run_cli(monkeypatch, capsys, "eval", "persona", "--model", "no-such-model", "--methods", "none",
+                         "--n", "1", "--out", str(other))  # fmt: skip
+    text = " ".join(text.split())
+    assert code == 2 and f"--out {other} holds something other than `ccmem eval` rows" in text, text
+    assert "missing field" in text and "Traceback" not in text
+    assert other.read_text() == '{"method": "window", "tokens": 2560, "perplexity_1x": 41.2}\n'
+
+
+@pytest.mark.parametrize(
+    ("dataset", "instead"), [("wikitext", "ccmem repro sentinel ppl"), ("mixture", "evaluate each family on its own")]
+)
+def test_eval_refuses_training_only_data_and_says_what_to_run(monkeypatch, capsys, tmp_path, dataset, instead):
+    """`eval --help` listed both, but wikitext's passages have nothing to score (the error then said to pass the
+    --split test it had), and no eval option gives a mixture its weights (the error named data.mixture)."""
+    code, text = run_cli(monkeypatch, capsys, "eval", dataset, "--model", "no-such-model", "--methods", "none",
+                         "--out", str(tmp_path / "rows.jsonl"))  # fmt: skip
+    text = " ".join(text.split())
+    assert code == 2 and f"dataset {dataset!r} is training data" in text and instead in text, text
+    assert not (tmp_path / "rows.jsonl").exists()
 
 
 def test_reports_give_accuracy_per_group_in_numeric_order(tmp_path):

@@ -56,6 +56,16 @@ def test_claim_one_trains_each_cell_once_and_measures_perplexity(tmp_path):
     assert [p.name for p in plot("ppl", rows, tmp_path)] == ["ppl-perplexity.png"]
 
 
+def test_a_rerun_with_other_finetuning_settings_says_which_option_moves_the_runs(tmp_path):
+    """The runs' ids are the recipe's own, yet the refusal said "use a new run_id", an option repro does not have."""
+    from ccmem.train.config import ConfigError
+
+    lm = tiny_model()
+    run_ppl(lm, settings(tmp_path, methods=["local"]), progress=lambda _: None)
+    with pytest.raises(ConfigError, match=r"train\.max_steps: 1 -> 2.*Here: --runs-dir DIR finetunes every cell anew"):
+        run_ppl(lm, settings(tmp_path, methods=["local"], train_steps=2), progress=lambda _: None)
+
+
 def test_claim_two_samples_paired_continuations_and_scores_them(tmp_path, monkeypatch):
     lm = tiny_model()
     judge = tiny_model("qwen2", seed=1)
@@ -92,6 +102,23 @@ def test_a_cell_whose_continuations_are_all_empty_keeps_every_row(tmp_path, monk
     report = markdown("generate", rows, 1.0)
     assert "| local | - |" in report and "BERTScore F1: sentinel better at 0 of 0 ratios" in report
     assert len(plot("generate", rows, tmp_path)) == 3
+
+
+def test_the_report_says_which_cells_scored_fewer_documents():
+    """BERTScore and judge perplexity leave empty continuations out, ROUGE-L counts them as 0: a cell with empties
+    was averaged over other documents than its neighbours, and the report did not say so."""
+
+    def row(method, ratio, empty, bert):
+        return {"claim": "generate", "method": method, "ratio": ratio, "model": "m", "adapter": "a", "train_steps": 1,
+                "batch_size": 1, "lr": 1e-4, "seed": 0, "rouge_l": 0.1, "bertscore_f1": bert, "judge_perplexity": 9.0,
+                "docs": 12, "empty": empty, "prefix_tokens": 96, "continuation_tokens": 24, "top_p": 0.9, "data": "d",
+                "encoder": "e", "judge": "j"}  # fmt: skip
+
+    rows = [row("full", 0.0, 0, 0.3), row("sentinel", 0.5, 5, 0.4), row("local", 0.5, 0, 0.2)]
+    note = "(ROUGE-L counts them as 0; BERTScore and judge perplexity are over the others): sentinel at r=0.5: 5 of 12."
+    assert f"Empty continuations {note}" in markdown("generate", rows, 1.0)
+    rows[1]["empty"] = 0
+    assert "Empty continuations" not in markdown("generate", rows, 1.0)
 
 
 def test_documents_too_short_for_the_prefix_are_a_clear_error(tmp_path):

@@ -190,7 +190,9 @@ def _held(cfg: DataConfig) -> bool:
 
 def _path(cfg: DataConfig, split: str) -> Path:
     if not cfg.path:
-        raise ValueError(f"dataset {cfg.dataset!r} is read from files: set data.path to the downloaded folder")
+        raise ValueError(
+            f"dataset {cfg.dataset!r} is read from files: give the downloaded folder (--path, or data.path in training)"
+        )
     return Path(cfg.eval_path if split != "train" and cfg.eval_path else cfg.path)
 
 

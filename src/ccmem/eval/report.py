@@ -20,6 +20,7 @@ COLUMNS = (
     ("adapter", "adapter"),
     ("train_dataset", "trained on"),
     ("dataset", "dataset"),
+    ("split", "split"),  # shown where the rows hold several splits
     ("label", "label"),
     ("examples", "n"),
     ("accuracy", "accuracy"),
@@ -58,13 +59,13 @@ def _cell(key: str, value: object) -> str:
 
 def markdown(rows: Sequence[EvalRow]) -> str:
     """One line per row, grouped by dataset and label, with only the columns some row fills."""
-    several = _several_models(rows)
+    several = {"model": _several_models(rows), "split": _several_splits(rows)}
     keys = [
         (k, title)
         for k, title in COLUMNS
-        if (k != "model" or several) and any(getattr(r, k) not in (None, "") for r in rows)
+        if several.get(k, True) and any(getattr(r, k) not in (None, "") for r in rows)
     ]
-    ordered = sorted(rows, key=lambda r: (r.dataset, r.label, r.model, r.memory_slots))
+    ordered = sorted(rows, key=lambda r: (r.dataset, r.split, r.label, r.model, r.memory_slots))
     lines = ["| " + " | ".join(t for _, t in keys) + " |", "|" + "---|" * len(keys)]
     for r in ordered:
         cells = [method_label(r) if k == "method" else _cell(k, getattr(r, k)) for k, _ in keys]
@@ -76,6 +77,12 @@ def _several_models(rows: Sequence[EvalRow]) -> bool:
     """Whether ``rows`` come from more than one model: then each line says its model (``ccmem eval`` hashes no
     model into its rows, so two models' rows of a dataset share a table and a config hash)."""
     return len({r.model for r in rows}) > 1
+
+
+def _several_splits(rows: Sequence[EvalRow]) -> bool:
+    """Whether ``rows`` were measured on more than one split: then each says its split (the config hash of default
+    data does not hold the split, so a validation row and a test row of a method looked the same)."""
+    return len({r.split for r in rows}) > 1
 
 
 def method_label(row: EvalRow) -> str:
@@ -109,14 +116,15 @@ def latest_rows(rows: Sequence[EvalRow]) -> tuple[list[EvalRow], int]:
 def group_markdown(rows: Sequence[EvalRow]) -> str:
     """Accuracy within each group of examples (``extra.by``: how far back the fact was, whether it was corrected,
     ...), one table per dataset, label and grouping, a line per method; empty when no row has groups."""
-    tables: dict[tuple[str, str, str], list[EvalRow]] = defaultdict(list)
+    tables: dict[tuple[str, str, str, str], list[EvalRow]] = defaultdict(list)
     for r in rows:
         for name in r.extra.get("by", {}):
-            tables[(r.dataset, r.label, name)].append(r)
+            tables[(r.dataset, r.split, r.label, name)].append(r)
+    splits = _several_splits(rows)
     parts = []
-    for (dataset, label, name), members in sorted(tables.items()):
+    for (dataset, split, label, name), members in sorted(tables.items()):
         values = sorted({v for r in members for v in r.extra["by"][name]}, key=_natural)
-        title = f"{dataset}{f' ({label})' if label else ''}: accuracy by {name}"
+        title = f"{dataset}{f'/{split}' if splits else ''}{f' ({label})' if label else ''}: accuracy by {name}"
         lines = [f"\n**{title}**\n", "| method | " + " | ".join(values) + " |", "|---|" + "---|" * len(values)]
         several = _several_models(members)
         for r in sorted(members, key=lambda r: (r.model, r.memory_slots)):
@@ -195,12 +203,14 @@ def plot(rows: Sequence[EvalRow], path: Path, metric: str | None = None) -> Path
         raise RuntimeError("the plot needs matplotlib: pip install 'ccmem[eval]'") from None
     metric = check_metric(rows, metric)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    tables = {(r.dataset, r.label) for r in rows}
-    # one line per method within each table (dataset and label); its rows at other options are points on it
+    splits = _several_splits(rows)
+    tables = {(r.dataset, r.split, r.label) for r in rows}
+    # one line per method within each table (dataset, split and label); its rows at other options are points on it
     several = _several_models(rows)
     lines: dict[str, list[EvalRow]] = {}
     for r in rows:
-        name = display_method(r) + (f" [{r.dataset}{f', {r.label}' if r.label else ''}]" if len(tables) > 1 else "")
+        table = r.dataset + (f"/{r.split}" if splits else "") + (f", {r.label}" if r.label else "")
+        name = display_method(r) + (f" [{table}]" if len(tables) > 1 else "")
         name += f" ({r.model})" if several else ""  # one line per model: never joined across two
         lines.setdefault(name, []).append(r)
     for name, members in sorted(lines.items()):

@@ -110,7 +110,7 @@ def adapter_for(lm: LoadedModel, settings: ReproSettings, method: str, ratio: fl
     given = settings.adapters.get(f"{method}@{ratio:g}")
     if given:
         return Path(given)
-    from ccmem.train.config import load_config
+    from ccmem.train.config import ConfigError, load_config
     from ccmem.train.trainer import train
 
     overrides = [
@@ -131,7 +131,13 @@ def adapter_for(lm: LoadedModel, settings: ReproSettings, method: str, ratio: fl
         overrides.append(f"data.path={settings.wikitext}")
     config = load_config(f"{method}-clm", overrides)
     progress(f"train {method} at r={ratio:g} ({settings.train_steps} steps)")
-    return train(config, lm=lm).output
+    try:
+        return train(config, lm=lm).output
+    except ConfigError as err:  # the run ids are this recipe's own: the user chooses their folder, not their names
+        raise ConfigError(
+            f"{err} Here: --runs-dir DIR finetunes every cell anew in another folder (or rerun with the "
+            f"--train-steps, --batch-size, --lr and --wikitext the runs in {settings.runs_dir} were made with)"
+        ) from None
 
 
 def _session(lm: LoadedModel, method: str, ratio: float, adapter: Path | None) -> Any:

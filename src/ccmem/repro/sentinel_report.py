@@ -118,6 +118,13 @@ def markdown(claim: str, rows: Sequence[dict[str, Any]], seconds: float) -> str:
             "KV memory after one block, measured on the memory object, as a share of full's:\n\n"
             + table(rows, "kv_bytes_share", "KV bytes / full")
         )
+    empty = [r for r in rows if r.get("empty")]
+    if claim == "generate" and empty:  # the cells' BERTScore and judge perplexity are then means over fewer documents
+        body.append(
+            "Empty continuations (ROUGE-L counts them as 0; BERTScore and judge perplexity are over the others): "
+            + ", ".join(f"{r['method']} at r={r['ratio']:g}: {r['empty']} of {r['docs']}" for r in empty)
+            + "."
+        )
     verdict = verdict_ppl(rows) if claim == "ppl" else verdict_generate(rows)
     return "\n".join(head) + "\n\n" + "\n\n".join(body) + f"\n\n{verdict}\n\nTotal time: {seconds / 60:.1f} min.\n"
 
