@@ -321,6 +321,39 @@ def test_a_streamed_answer_is_saved_as_the_client_received_it(client):
     assert again.json()["ccmem"]["reused_messages"] == 2
 
 
+def test_a_stream_that_fails_after_its_status_line_logs_the_fault_and_tells_the_client_no_internals(
+    client, engine, monkeypatch, caplog
+):
+    """A failure after a stream's 200 went out reached the client as its text (internals included) and the server's
+    log not at all; the request's own faults are told in full, as the error body of a refused request says them."""
+    from ccmem.serve.sessions import VersionConflictError
+
+    assert client.post("/v1/sessions", json={"name": "st"}).status_code == 201
+    body = {"model": MODEL, "messages": [user("list fruits")], "max_tokens": 4, "stream": True, "session": "st"}
+
+    def streamed_error() -> dict:
+        with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+        return events[-1]["error"]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk quota at /srv/ccmem/private")
+
+    monkeypatch.setattr(engine.store, "save", broken)
+    with caplog.at_level("ERROR", logger="ccmem.serve.server"):
+        error = streamed_error()
+    assert error["type"] == "server_error" and "/srv/ccmem" not in error["message"] and "log" in error["message"]
+    assert "disk quota at /srv/ccmem/private" in caplog.text  # the traceback is in the server's log
+
+    def raced(*args, **kwargs):
+        raise VersionConflictError("session 'st' was saved by another request meanwhile")
+
+    monkeypatch.setattr(engine.store, "save", raced)
+    error = streamed_error()
+    assert error["type"] == "invalid_request_error" and "saved by another request" in error["message"]
+
+
 def test_a_stop_string_ends_the_answer_before_it(client):
     full = ask(client, [user("go on")], max_tokens=12).json()["choices"][0]["message"]["content"]
     if len(full) < 4:
