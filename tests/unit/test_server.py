@@ -1032,3 +1032,38 @@ def test_a_session_system_prompt_has_the_limit_of_any_message(tmp_path):
         over = client.post("/v1/sessions", json={"name": "b", "system_prompt": "w " * 10_001})
         assert over.status_code == 413 and "at most 20000" in over.json()["error"]["message"]
     engine.close()
+
+
+def test_a_client_gone_while_its_turn_is_saved_leaves_the_session_locked_until_the_save_ends(engine, monkeypatch):
+    """The save of a streamed turn runs after its last piece; a client that left then cancelled the request while
+    the save went on in its thread, so the session's lock was freed before that save committed: the next request
+    read the version before it and was refused (409) after answering."""
+    from openai import OpenAI
+
+    saving, real = threading.Event(), engine.store.save
+
+    def slow(*args, **kwargs):
+        saving.set()
+        time.sleep(1.0)
+        return real(*args, **kwargs)
+
+    with serving(engine, tokens=["secret"]) as url:
+        client = OpenAI(base_url=url, api_key="secret", max_retries=0)
+        client.post("/sessions", body={"name": "gone"}, cast_to=dict)
+        monkeypatch.setattr(engine.store, "save", slow)  # the turns' saves, not the one that made the session
+        stream = client.chat.completions.create(
+            model=MODEL, messages=[user("hi there")], max_tokens=4, stream=True, extra_body={"session": "gone"}
+        )
+        leaving = threading.Thread(target=lambda: saving.wait(30) and stream.response.close())
+        leaving.start()
+        with contextlib.suppress(Exception):  # the read the client broke off
+            for _ in stream:
+                pass
+        leaving.join()
+        assert saving.is_set()
+        saving.clear()
+        reply = client.chat.completions.create(
+            model=MODEL, messages=[user("and now")], max_tokens=4, extra_body={"session": "gone"}
+        )
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        assert client.get("/sessions/gone", cast_to=dict)["turns"] == 2  # the turn of the client that left is kept
