@@ -303,3 +303,34 @@ def test_attention_read_by_eviction_methods_includes_gpt_oss_sinks():
         attentions = lm.model(input_ids=ids, output_attentions=True).attentions
     for layer, weights in enumerate(attentions):
         torch.testing.assert_close(capture.weights[layer], weights[:, :, -3:].sum(dim=2), atol=1e-5, rtol=0)
+
+
+def test_opt_parallel_forward_runs_the_compression_lora():
+    """OPT's CausalLM calls its decoder past the module whose hook sets the <COMP> gate, so the parallel forward
+    ran with the conditional LoRA off: silently other logits than compressing step by step."""
+    from ccmem.data.samples import Sample
+    from ccmem.methods.base import logits_for, positions
+    from ccmem.registry import get_method
+    from tests.conftest import randomize_lora
+    from tests.methods.test_ccm_equivalence import CHUNKS, SINK, TAIL
+
+    config = T.OPTConfig(
+        vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=256, word_embed_proj_dim=32,
+    )  # fmt: skip
+    lm = family("opt", config)
+    method = get_method("ccm-concat", n_tok=2)
+    randomize_lora(method, lm)
+    batch = method.make_batch([Sample(CHUNKS, TAIL, SINK)])
+    with torch.no_grad(), method.attached(lm):
+        parallel = method.parallel_forward(lm, batch).logits[0]
+        memory = method.add_sink(lm, method.new_memory(lm), torch.tensor([SINK]))
+        for chunk in CHUNKS:
+            memory = method.add(lm, memory, torch.tensor([chunk]))
+        tail = lm.model.base_model(
+            input_ids=torch.tensor([TAIL]),
+            cache=memory.to_cache(),
+            position_ids=positions(memory.next_position, len(TAIL), lm.device),
+        ).last_hidden_state
+    start = batch.tail_start[0]
+    torch.testing.assert_close(parallel[start : start + len(TAIL)], logits_for(lm, tail)[0], atol=1e-4, rtol=0)

@@ -1032,3 +1032,17 @@ def test_a_fault_that_is_no_refusal_of_the_input_says_how_to_see_its_traceback(m
     monkeypatch.setattr(cli, "cache_dir", broken)
     code, text = run_cli(monkeypatch, capsys, "models")
     assert code == 2 and "error: something inside broke" in text and "CCMEM_DEBUG=1" in text
+
+
+def test_serve_on_any_free_port_does_not_announce_port_0(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    """`--port 0` lets the system pick the port: the banner said http://127.0.0.1:0/v1, an address nothing answers
+    at (the port picked is said once the socket is bound)."""
+    import ccmem.serve.server as server
+
+    ran = []
+    monkeypatch.setattr(server, "run", lambda engine, **kw: ran.append(kw["port"]) or engine.close())
+    args = ["serve", "--port", "0", "--model", str(tiny_model_dir), "--method", "full", "--store", str(tmp_path / "s")]
+    code, out = run_cli(monkeypatch, capsys, *args)
+    assert code == 0 and ran == [0]
+    flat = " ".join(out.split())
+    assert ":0/v1" not in flat and "a free port" in flat

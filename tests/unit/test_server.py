@@ -321,6 +321,39 @@ def test_a_streamed_answer_is_saved_as_the_client_received_it(client):
     assert again.json()["ccmem"]["reused_messages"] == 2
 
 
+def test_a_stream_that_fails_after_its_status_line_logs_the_fault_and_tells_the_client_no_internals(
+    client, engine, monkeypatch, caplog
+):
+    """A failure after a stream's 200 went out reached the client as its text (internals included) and the server's
+    log not at all; the request's own faults are told in full, as the error body of a refused request says them."""
+    from ccmem.serve.sessions import VersionConflictError
+
+    assert client.post("/v1/sessions", json={"name": "st"}).status_code == 201
+    body = {"model": MODEL, "messages": [user("list fruits")], "max_tokens": 4, "stream": True, "session": "st"}
+
+    def streamed_error() -> dict:
+        with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+        return events[-1]["error"]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk quota at /srv/ccmem/private")
+
+    monkeypatch.setattr(engine.store, "save", broken)
+    with caplog.at_level("ERROR", logger="ccmem.serve.server"):
+        error = streamed_error()
+    assert error["type"] == "server_error" and "/srv/ccmem" not in error["message"] and "log" in error["message"]
+    assert "disk quota at /srv/ccmem/private" in caplog.text  # the traceback is in the server's log
+
+    def raced(*args, **kwargs):
+        raise VersionConflictError("session 'st' was saved by another request meanwhile")
+
+    monkeypatch.setattr(engine.store, "save", raced)
+    error = streamed_error()
+    assert error["type"] == "invalid_request_error" and "saved by another request" in error["message"]
+
+
 def test_a_stop_string_ends_the_answer_before_it(client):
     full = ask(client, [user("go on")], max_tokens=12).json()["choices"][0]["message"]["content"]
     if len(full) < 4:
@@ -999,3 +1032,38 @@ def test_a_session_system_prompt_has_the_limit_of_any_message(tmp_path):
         over = client.post("/v1/sessions", json={"name": "b", "system_prompt": "w " * 10_001})
         assert over.status_code == 413 and "at most 20000" in over.json()["error"]["message"]
     engine.close()
+
+
+def test_a_client_gone_while_its_turn_is_saved_leaves_the_session_locked_until_the_save_ends(engine, monkeypatch):
+    """The save of a streamed turn runs after its last piece; a client that left then cancelled the request while
+    the save went on in its thread, so the session's lock was freed before that save committed: the next request
+    read the version before it and was refused (409) after answering."""
+    from openai import OpenAI
+
+    saving, real = threading.Event(), engine.store.save
+
+    def slow(*args, **kwargs):
+        saving.set()
+        time.sleep(1.0)
+        return real(*args, **kwargs)
+
+    with serving(engine, tokens=["secret"]) as url:
+        client = OpenAI(base_url=url, api_key="secret", max_retries=0)
+        client.post("/sessions", body={"name": "gone"}, cast_to=dict)
+        monkeypatch.setattr(engine.store, "save", slow)  # the turns' saves, not the one that made the session
+        stream = client.chat.completions.create(
+            model=MODEL, messages=[user("hi there")], max_tokens=4, stream=True, extra_body={"session": "gone"}
+        )
+        leaving = threading.Thread(target=lambda: saving.wait(30) and stream.response.close())
+        leaving.start()
+        with contextlib.suppress(Exception):  # the read the client broke off
+            for _ in stream:
+                pass
+        leaving.join()
+        assert saving.is_set()
+        saving.clear()
+        reply = client.chat.completions.create(
+            model=MODEL, messages=[user("and now")], max_tokens=4, extra_body={"session": "gone"}
+        )
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        assert client.get("/sessions/gone", cast_to=dict)["turns"] == 2  # the turn of the client that left is kept

@@ -34,13 +34,14 @@ from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ccmem.data.samples import Sample
 from ccmem.loading import LoadedModel
 from ccmem.masks import MaskPlan, build_plan, collate_plans
 from ccmem.memory import KV, Memory, concat_layers, concat_positions, constant_positions, positions_for
 from ccmem.methods import ccm_seq2seq
-from ccmem.methods.base import LoRAOptions, answer_loss, option, read_batch, run_decoder
+from ccmem.methods.base import LoRAOptions, answer_loss, logits_for, option, read_batch, run_decoder
 from ccmem.modules import GATE_KWARG, CompEmbeddings, LoRAGate, LoRASet, default_targets, embedding_rows
 from ccmem.patching.attention import PLAN_KWARG, AttentionPlan, compression_attention, merge_scores
 from ccmem.registry import register
@@ -376,7 +377,9 @@ class CompTokens(ccm_seq2seq.EncoderMemory, LoRAOptions):
         with self.attached(lm):
             if lm.is_encoder_decoder:  # the encoder's masked forward and the decoder's logits on the answers
                 return ccm_seq2seq.parallel_forward(self, lm, batch, logits=True)
-            return lm.model(**self._parallel_inputs(lm, batch), **kwargs)
+            # through the decoder stack, whose hook sets the <COMP> gate: OPT's CausalLM calls past that module
+            out = lm.model.base_model(**self._parallel_inputs(lm, batch), **kwargs)
+            return CausalLMOutputWithPast(logits=logits_for(lm, out.last_hidden_state), cache=out.cache)
 
     def training_loss(self, lm: LoadedModel, batch: ParallelBatch) -> torch.Tensor:
         """Mean next-token loss over the answer tokens of one masked forward (logits only at labels)."""

@@ -89,7 +89,7 @@ def redacted(url: str) -> str:
 
 def _unreachable(url: str, err: BaseException) -> StoreError:
     """The error for a Redis that cannot be used; when nothing answers at ``url``, it says how to start one."""
-    message = f"cannot use Redis at {redacted(url)}: {err}"
+    message = f"cannot use Redis at {redacted(url)}: {str(err).rstrip('.')}"  # redis ends some with a period
     if isinstance(err, redis.ConnectionError | redis.TimeoutError) and not isinstance(err, AuthenticationError):
         port = urlsplit(url).port or 6379
         message += (

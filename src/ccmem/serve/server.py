@@ -598,7 +598,8 @@ async def _events(
             async for piece in pieces:
                 yield chunk({"content": piece})
         except Exception as err:  # the status line is sent already: report the failure in the stream
-            yield f"data: {json.dumps({'error': {'message': str(err), 'type': 'server_error', 'code': None}})}\n\n"
+            message, kind = _stream_failure(err)
+            yield f"data: {json.dumps({'error': {'message': message, 'type': kind, 'code': None}})}\n\n"
             return
         info = _completion(ident, created, model, answer)
         yield chunk({}, answer.finish_reason, ccmem=info.ccmem.model_dump())
@@ -607,6 +608,22 @@ async def _events(
         yield "data: [DONE]\n\n"
     finally:  # a client gone mid-stream: stop generating, free the session (unsaved)
         await pieces.aclose()
+
+
+def _stream_failure(err: Exception) -> tuple[str, str]:
+    """The message and type a stream reports for a failure after its status line went out, as the error body of a
+    request that failed before it would say them: the request's own faults in full; a damaged stored session
+    without the server's file path and an unexpected fault without its details, both logged here (the streamed
+    chunk was all there was of them: nothing reached the server's log)."""
+    if isinstance(err, DamagedSessionError):
+        logger.error("%s", err)
+        return err.public, "server_error"
+    if isinstance(err, StoreError):
+        return str(err), "server_error"
+    if isinstance(err, SessionError | ValueError):
+        return str(err), "invalid_request_error"
+    logger.error("a streamed answer failed", exc_info=err)
+    return f"the server failed while answering ({type(err).__name__}); its log has the details", "server_error"
 
 
 def bind(host: str, port: int) -> Any:
