@@ -160,6 +160,27 @@ def test_a_resumed_run_stops_early_where_the_uninterrupted_run_stops(tmp_path):
     assert resumed.steps == full.steps  # the count of evaluations without improvement survived the interruption
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [("train.patience=0", "train.max_steps=6"), ("train.patience=2", "train.max_steps=12", "train.lr=2.0")],
+    ids=["max_steps", "early_stopping"],
+)
+def test_a_run_stopped_before_its_adapter_was_written_writes_it_without_training_further(tmp_path, extra):
+    """A kill or a full disk after the last checkpoint and before adapter.safetensors: the rerun resumed from that
+    checkpoint and trained on, one step past max_steps (4 steps an epoch here) or eval_steps past an early stop."""
+    config = _config(tmp_path, *extra)
+    full = train(config, lm=tiny_model())
+    assert full.steps == 6  # the early-stopping run stops at 6 too: its evaluations at 4 and 6 do not improve
+    adapter = load_file(full.output)
+    for done in ("adapter.safetensors", "summary.json"):
+        (config.run_dir / done).unlink()
+    resumed = train(config, lm=tiny_model())
+    assert resumed.steps == 6 and max(int(p.name.split("-")[1]) for p in config.run_dir.glob("checkpoint-*")) == 6
+    assert json.loads((config.run_dir / "summary.json").read_text())["steps"] == 6
+    for key, value in load_file(resumed.output).items():  # the best checkpoint's tensors, as the run wrote them
+        torch.testing.assert_close(value, adapter[key])
+
+
 def test_an_interrupted_checkpoint_is_set_aside_and_a_restart_without_one_keeps_one_log(tmp_path, caplog):
     """A kill or a full disk while the Trainer wrote checkpoint-N left it half-written, and every rerun failed on it
     ("Can't find a valid checkpoint"); a run killed before its first checkpoint logged its steps twice."""

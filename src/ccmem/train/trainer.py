@@ -33,7 +33,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainerState, TrainingArguments
 
 from ccmem.adapter import (
     AdapterMismatchError,
@@ -617,9 +617,15 @@ def _train(config: TrainConfig, lm: LoadedModel | None) -> TrainResult:
     with atomic_path(run_dir / DATA_RECORD) as tmp:
         tmp.write_text(json.dumps(data_record, indent=1))
     started = time.perf_counter()
-    with method.attached(lm):
-        trainer.train(resume_from_checkpoint=resume)
+    stopped = _stopped(resume, t.max_steps)
+    if stopped is not None:  # trainer.train would take a step past the stop (one past max_steps, or eval_steps more)
+        logger.info("run %s had stopped at step %d; writing its adapter", config.run_id, stopped.global_step)
+        _restore(module, Path(stopped.best_model_checkpoint or str(resume)))
+    else:
+        with method.attached(lm):
+            trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
+    ended = stopped or trainer.state
     diverged = [n for n, p in state.named_parameters() if not bool(torch.isfinite(p).all())]
     if diverged:  # no finite checkpoint to restore: every evaluation was NaN
         raise RuntimeError(
@@ -627,12 +633,12 @@ def _train(config: TrainConfig, lm: LoadedModel | None) -> TrainResult:
             f"and grad_norm in {run_dir / 'log.jsonl'}), so no adapter was written. Lower train.lr (now "
             f"{t.lr:g}) or keep train.max_grad_norm on, and train under a new run_id"
         )
-    eval_loss = trainer.state.best_metric
+    eval_loss = ended.best_metric
     summary = {
         "run_id": config.run_id,
         "config_hash": config.fingerprint(),
-        "steps": trainer.state.global_step,
-        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "steps": ended.global_step,
+        "best_checkpoint": ended.best_model_checkpoint,
         "eval_loss": eval_loss,
         "train_seconds_this_session": round(seconds, 1),
         "tokens_this_session": module.tokens_seen,
@@ -650,7 +656,33 @@ def _train(config: TrainConfig, lm: LoadedModel | None) -> TrainResult:
         save_adapter(method, lm, output, extra=summary | {"config": config.to_dict()})
         with atomic_path(run_dir / "summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
-    return TrainResult(run_dir, output, trainer.state.global_step, seconds, module.tokens_seen, eval_loss, resume)
+    return TrainResult(run_dir, output, ended.global_step, seconds, module.tokens_seen, eval_loss, resume)
+
+
+def _stopped(resume: str | None, max_steps: int) -> TrainerState | None:
+    """The state of checkpoint ``resume`` if training had stopped there (``max_steps`` reached, or early stopping)
+    and only the adapter was left to write (a kill or a full disk in between), else None."""
+    if resume is None:
+        return None
+    state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+    control = state.stateful_callbacks.get("TrainerControl", {}).get("args", {})
+    if state.global_step < max_steps and not control.get("should_training_stop"):
+        return None
+    if state.best_model_checkpoint is not None and not Path(state.best_model_checkpoint).is_dir():
+        state.best_model_checkpoint = None  # moved or deleted since: the stop's own checkpoint, as the Trainer does
+    return state
+
+
+def _restore(module: TrainingModule, folder: Path) -> None:
+    """Load checkpoint ``folder``'s trainable tensors into ``module``, as the Trainer restores the best one."""
+    result = module.load_state_dict(load_file(str(folder / CHECKPOINT_WEIGHTS)), strict=False)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    lost = trainable & set(result.missing_keys)
+    if lost or result.unexpected_keys:
+        raise ConfigError(
+            f"{folder} does not hold this run's trained tensors (missing {sorted(lost)[:3]}, unexpected "
+            f"{result.unexpected_keys[:3]}); start a new run_id"
+        )
 
 
 def export_checkpoint(config: TrainConfig, step: int | None = None, *, lm: LoadedModel | None = None) -> Path:
