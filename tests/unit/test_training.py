@@ -214,6 +214,22 @@ def test_an_interrupted_checkpoint_is_set_aside_and_a_restart_without_one_keeps_
     assert steps(run) == steps(full.run_dir)  # no step logged twice
 
 
+def test_a_checkpoint_that_cannot_be_written_says_where_and_how_much_room_is_left(tmp_path, monkeypatch):
+    """A full disk while the Trainer wrote a checkpoint ended the run with torch's "[enforce fail at
+    inline_container.cc:672] . unexpected pos 56576 vs 56464", naming neither the disk nor the checkpoint."""
+    from transformers import Trainer
+
+    def full_disk(self, output_dir):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 56576 vs 56464")
+
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", full_disk)
+    config = _config(tmp_path, "train.max_steps=2")
+    with pytest.raises(
+        OSError, match=r"writing checkpoint-2 to .*persona-ccm-concat failed \(\[enforce .*MiB are free"
+    ):
+        train(config, lm=tiny_model())
+
+
 def test_a_second_process_training_the_same_run_is_refused(tmp_path):
     """Two trainings with one run_id both ran, writing the same checkpoints and an interleaved log."""
     config = _config(tmp_path, "train.max_steps=2")

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -173,6 +174,18 @@ class CompressionTrainer(Trainer):
         trainable = {n: p.detach().contiguous().cpu() for n, p in module.named_parameters() if p.requires_grad}
         with atomic_path(folder / CHECKPOINT_WEIGHTS) as tmp:
             save_file(trainable, str(tmp), metadata={"format": "pt"})
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        try:
+            super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as err:  # a full disk reads as torch's "enforce fail at inline_container.cc"
+            folder = Path(str(self.args.output_dir))
+            free = shutil.disk_usage(folder).free / 2**20
+            raise OSError(
+                f"writing checkpoint-{self.state.global_step} to {folder} failed ({err}); {free:.1f} MiB are free "
+                "there. Free some space (or lower train.save_total_limit) and rerun the same command: it resumes "
+                "from the last complete checkpoint"
+            ) from err
 
     def _issue_warnings_after_load(self, load_result: Any) -> None:
         # Checkpoints hold only trainable tensors: frozen base weights are "missing" by design.
