@@ -383,6 +383,22 @@ def test_missing_data_stage1_and_init_files_are_said_before_the_model_loads(tmp_
             train(_config(tmp_path, setting))
 
 
+def test_wandb_without_its_package_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """--wandb without the wandb package failed in the Trainer's constructor, once the data was read and the model
+    loaded (minutes for a large one), with transformers' "WandbCallback requires wandb to be installed"."""
+    import ccmem.train.trainer as trainer
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before wandb was checked")
+
+    monkeypatch.setattr(trainer, "load_model", never)
+    has = trainer._has
+    monkeypatch.setattr(trainer, "_has", lambda module: module != "wandb" and has(module))
+    with pytest.raises(ConfigError, match=r"wandb=true \(--wandb\) .* not installed: pip install wandb, or leave"):
+        train(_config(tmp_path, "wandb=true"))
+    assert not (tmp_path / "persona-ccm-concat").exists()
+
+
 def test_a_run_that_diverged_to_nan_writes_no_adapter_and_says_so(tmp_path):
     """At a learning rate that blows up, every tensor became NaN, log.jsonl showed a loss of 0.0 (the Trainer
     replaced NaN losses) and the run said "done" beside an adapter of NaNs."""

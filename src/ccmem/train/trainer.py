@@ -499,6 +499,11 @@ def train(config: TrainConfig, *, lm: LoadedModel | None = None) -> TrainResult:
             f"{blocked} is a file, so the run folder {config.run_dir} cannot be made; choose another output_dir or "
             "run_id"
         )
+    if config.wandb and not _has("wandb"):  # else the Trainer says so once the data and the model are loaded
+        raise ConfigError(
+            "wandb=true (--wandb) logs to Weights & Biases, whose package is not installed: pip install wandb, or "
+            "leave it off (log.jsonl and TensorBoard need no account)"
+        )
     with run_lock(config):
         return _train(config, lm)
 
