@@ -181,6 +181,22 @@ def test_a_run_stopped_before_its_adapter_was_written_writes_it_without_training
         torch.testing.assert_close(value, adapter[key])
 
 
+def test_the_best_evaluation_between_two_checkpoints_is_saved_so_that_it_is_the_one_restored(tmp_path, monkeypatch):
+    """With train.eval_steps below train.save_steps, a best evaluation at a step without a checkpoint was never
+    saved: the run restored the best earlier checkpoint, and its summary gave the unsaved evaluation's loss."""
+    from transformers import Trainer
+
+    losses = {1: 5.0, 2: 4.0, 3: 3.0, 4: 3.5, 5: 3.6, 6: 3.7}  # the best at step 3, between checkpoints 2 and 4
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, **kwargs: {"eval_loss": losses[self.state.global_step]})
+    config = _config(tmp_path, "train.max_steps=6", "train.eval_steps=1", "train.save_steps=2")
+    result = train(config, lm=tiny_model())
+    summary = json.loads((config.run_dir / "summary.json").read_text())
+    assert (result.eval_loss, Path(summary["best_checkpoint"]).name) == (3.0, "checkpoint-3")
+    best = load_file(config.run_dir / "checkpoint-3" / "model.safetensors")
+    for key, value in load_file(result.output).items():
+        torch.testing.assert_close(value, best[f"method_state.{key}"])
+
+
 def test_an_interrupted_checkpoint_is_set_aside_and_a_restart_without_one_keeps_one_log(tmp_path, caplog):
     """A kill or a full disk while the Trainer wrote checkpoint-N left it half-written, and every rerun failed on it
     ("Can't find a valid checkpoint"); a run killed before its first checkpoint logged its steps twice."""

@@ -175,6 +175,12 @@ class CompressionTrainer(Trainer):
         with atomic_path(folder / CHECKPOINT_WEIGHTS) as tmp:
             save_file(trainable, str(tmp), metadata={"format": "pt"})
 
+    def _determine_best_metric(self, metrics: dict[str, float], trial: Any) -> bool:
+        better = super()._determine_best_metric(metrics, trial)
+        if better:  # else a best between two save_steps is never saved: the end restores an older one
+            self.control.should_save = True
+        return better
+
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         try:
             super()._save_checkpoint(model, trial)
