@@ -87,6 +87,17 @@ def test_presets_cover_the_recipe_and_overrides_are_typed_and_checked():
     assert load_config(None, ["train.lr=1e-4"]).fingerprint() != load_config(None, []).fingerprint()
 
 
+def test_text_keys_take_the_text_typed_not_what_yaml_makes_of_it():
+    """A system prompt starting with "#" was read as a YAML comment, so training ran with no system prompt at all;
+    "Note: be brief" was refused as a mapping and run_id=007 as the number 7."""
+    config = load_config(None, ["data.system=# Rules: be brief", "run_id=007"])
+    assert (config.data.system, config.run_id) == ("# Rules: be brief", "007")
+    assert load_config(None, ["data.system=Note: be brief"]).data.system == "Note: be brief"
+    for off in ("data.system=null", "data.system=", "data.system=None", "data.system=~"):
+        assert load_config(None, [off]).data.system is None
+    assert load_config(None, ["train.lr=1e-4", "method.lora_targets=[q_proj]"]).train.lr == 1e-4
+
+
 def test_train_writes_adapter_logs_and_small_checkpoints_and_the_adapter_loads(tmp_path):
     lm = tiny_model()
     result = train(_config(tmp_path, "train.gradient_checkpointing=true", "train.grad_accum=2"), lm=lm)
