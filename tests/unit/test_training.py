@@ -396,6 +396,7 @@ def test_missing_data_stage1_and_init_files_are_said_before_the_model_loads(tmp_
     # files that are there but not what the key takes were read only once the model had loaded, too
     concat = save_adapter(get_method("ccm-concat", n_tok=2), tiny_model(), tmp_path / "concat.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 16)
+    (empty := tmp_path / "empty.jsonl").write_text("")
     for setting, error in [
         (f"data.path={tmp_path / 'nope'}", r"nope does not exist"),
         (f"load_path={tmp_path / 'stage1'}", r"load_path: no stage-1 LoRA at"),
@@ -405,6 +406,8 @@ def test_missing_data_stage1_and_init_files_are_said_before_the_model_loads(tmp_
         # a shipped adapter ccmem does not ship was found only once the model had loaded
         ("init_from=shipped", r"init_from=shipped: ccmem ships no ccm-concat adapter for tiny"),
         ("init_from=shipped:nope", r"init_from=shipped:nope: ccmem ships no nope adapter for tiny"),
+        # an empty validation file was found only once the model had loaded, and named as the training file
+        (f"data.eval_path={empty}", r"the validation split of persona at .*empty\.jsonl holds no example"),
     ]:
         with pytest.raises((ConfigError, FileNotFoundError), match=error):
             train(_config(tmp_path, setting))

@@ -263,12 +263,7 @@ def samples_for(
     """Tokenized samples of ``split`` (its ``examples``, read unless given); ones longer than ``data.max_length``
     once laid out are skipped (warned)."""
     examples = load_examples(config.data, split) if examples is None else examples
-    if not examples:
-        where = f" at {config.data.path}" if config.data.path else ""
-        raise ConfigError(
-            f"the {split} split of {config.data.dataset}{where} holds no example; give more data, or a folder with "
-            f"train/validation files (data.eval_path names the validation file)"
-        )
+    check_found(config, split, examples)
     samples = [method.fit_sample(to_sample(lm.tokenizer, e, system=config.data.system)) for e in examples]
     trains = [method.has_targets(s) for s in samples]
     if not any(trains):  # caught here, not as an empty batch at step 0
@@ -299,6 +294,17 @@ def samples_for(
     if not kept:
         raise ConfigError(f"no {split} sample fits {why} (the shortest takes {min(lengths)} tokens once laid out)")
     return kept
+
+
+def check_found(config: TrainConfig, split: str, examples: list[MemoryExample]) -> None:
+    """Refuse a ``split`` that holds no example."""
+    if not examples:
+        path = config.data.eval_path if split == "validation" and config.data.eval_path else config.data.path
+        where = f" at {path}" if path else ""
+        raise ConfigError(
+            f"the {split} split of {config.data.dataset}{where} holds no example; give more data, or a folder with "
+            f"train/validation files (data.eval_path names the validation file)"
+        )
 
 
 def warn_shared_samples(train: list[Sample], validation: list[Sample]) -> int:
@@ -554,6 +560,8 @@ def _train(config: TrainConfig, lm: LoadedModel | None) -> TrainResult:
     # The data and the files named are read before the model loads (minutes for a large one), so a wrong path or
     # a malformed record is said at once.
     examples = {split: load_examples(config.data, split) for split in ("train", "validation")}
+    for split, found in examples.items():
+        check_found(config, split, found)
     _check_files(config, lm.name if lm is not None else config.model)
     method, lm, state, stage1_hash = _method_state(config, lm)
     if config.init_from:
