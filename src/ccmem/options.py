@@ -42,6 +42,8 @@ def parse_value(raw: str, kind: Any = None) -> Any:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
+    if _allows(kind, str) and not isinstance(value, str) and raw.strip() not in ("null", "Null", "NULL", "~"):
+        return raw.strip()  # text where text is wanted: "Note: be brief" is no mapping, "# Rules" no YAML comment
     if isinstance(value, str) and _allows(kind, float):
         with contextlib.suppress(ValueError):  # YAML reads "3e-4" as a string
             value = float(value)

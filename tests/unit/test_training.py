@@ -87,6 +87,17 @@ def test_presets_cover_the_recipe_and_overrides_are_typed_and_checked():
     assert load_config(None, ["train.lr=1e-4"]).fingerprint() != load_config(None, []).fingerprint()
 
 
+def test_text_keys_take_the_text_typed_not_what_yaml_makes_of_it():
+    """A system prompt starting with "#" was read as a YAML comment, so training ran with no system prompt at all;
+    "Note: be brief" was refused as a mapping and run_id=007 as the number 7."""
+    config = load_config(None, ["data.system=# Rules: be brief", "run_id=007"])
+    assert (config.data.system, config.run_id) == ("# Rules: be brief", "007")
+    assert load_config(None, ["data.system=Note: be brief"]).data.system == "Note: be brief"
+    for off in ("data.system=null", "data.system=", "data.system=None", "data.system=~"):
+        assert load_config(None, [off]).data.system is None
+    assert load_config(None, ["train.lr=1e-4", "method.lora_targets=[q_proj]"]).train.lr == 1e-4
+
+
 def test_train_writes_adapter_logs_and_small_checkpoints_and_the_adapter_loads(tmp_path):
     lm = tiny_model()
     result = train(_config(tmp_path, "train.gradient_checkpointing=true", "train.grad_accum=2"), lm=lm)
@@ -160,6 +171,43 @@ def test_a_resumed_run_stops_early_where_the_uninterrupted_run_stops(tmp_path):
     assert resumed.steps == full.steps  # the count of evaluations without improvement survived the interruption
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [("train.patience=0", "train.max_steps=6"), ("train.patience=2", "train.max_steps=12", "train.lr=2.0")],
+    ids=["max_steps", "early_stopping"],
+)
+def test_a_run_stopped_before_its_adapter_was_written_writes_it_without_training_further(tmp_path, extra):
+    """A kill or a full disk after the last checkpoint and before adapter.safetensors: the rerun resumed from that
+    checkpoint and trained on, one step past max_steps (4 steps an epoch here) or eval_steps past an early stop."""
+    config = _config(tmp_path, *extra)
+    full = train(config, lm=tiny_model())
+    assert full.steps == 6  # the early-stopping run stops at 6 too: its evaluations at 4 and 6 do not improve
+    adapter = load_file(full.output)
+    for done in ("adapter.safetensors", "summary.json"):
+        (config.run_dir / done).unlink()
+    resumed = train(config, lm=tiny_model())
+    assert resumed.steps == 6 and max(int(p.name.split("-")[1]) for p in config.run_dir.glob("checkpoint-*")) == 6
+    assert json.loads((config.run_dir / "summary.json").read_text())["steps"] == 6
+    for key, value in load_file(resumed.output).items():  # the best checkpoint's tensors, as the run wrote them
+        torch.testing.assert_close(value, adapter[key])
+
+
+def test_the_best_evaluation_between_two_checkpoints_is_saved_so_that_it_is_the_one_restored(tmp_path, monkeypatch):
+    """With train.eval_steps below train.save_steps, a best evaluation at a step without a checkpoint was never
+    saved: the run restored the best earlier checkpoint, and its summary gave the unsaved evaluation's loss."""
+    from transformers import Trainer
+
+    losses = {1: 5.0, 2: 4.0, 3: 3.0, 4: 3.5, 5: 3.6, 6: 3.7}  # the best at step 3, between checkpoints 2 and 4
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, **kwargs: {"eval_loss": losses[self.state.global_step]})
+    config = _config(tmp_path, "train.max_steps=6", "train.eval_steps=1", "train.save_steps=2")
+    result = train(config, lm=tiny_model())
+    summary = json.loads((config.run_dir / "summary.json").read_text())
+    assert (result.eval_loss, Path(summary["best_checkpoint"]).name) == (3.0, "checkpoint-3")
+    best = load_file(config.run_dir / "checkpoint-3" / "model.safetensors")
+    for key, value in load_file(result.output).items():
+        torch.testing.assert_close(value, best[f"method_state.{key}"])
+
+
 def test_an_interrupted_checkpoint_is_set_aside_and_a_restart_without_one_keeps_one_log(tmp_path, caplog):
     """A kill or a full disk while the Trainer wrote checkpoint-N left it half-written, and every rerun failed on it
     ("Can't find a valid checkpoint"); a run killed before its first checkpoint logged its steps twice."""
@@ -191,6 +239,22 @@ def test_an_interrupted_checkpoint_is_set_aside_and_a_restart_without_one_keeps_
         (run / done).unlink()
     train(config, lm=tiny_model())
     assert steps(run) == steps(full.run_dir)  # no step logged twice
+
+
+def test_a_checkpoint_that_cannot_be_written_says_where_and_how_much_room_is_left(tmp_path, monkeypatch):
+    """A full disk while the Trainer wrote a checkpoint ended the run with torch's "[enforce fail at
+    inline_container.cc:672] . unexpected pos 56576 vs 56464", naming neither the disk nor the checkpoint."""
+    from transformers import Trainer
+
+    def full_disk(self, output_dir):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 56576 vs 56464")
+
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", full_disk)
+    config = _config(tmp_path, "train.max_steps=2")
+    with pytest.raises(
+        OSError, match=r"writing checkpoint-2 to .*persona-ccm-concat failed \(\[enforce .*MiB are free"
+    ):
+        train(config, lm=tiny_model())
 
 
 def test_a_second_process_training_the_same_run_is_refused(tmp_path):
@@ -332,6 +396,7 @@ def test_missing_data_stage1_and_init_files_are_said_before_the_model_loads(tmp_
     # files that are there but not what the key takes were read only once the model had loaded, too
     concat = save_adapter(get_method("ccm-concat", n_tok=2), tiny_model(), tmp_path / "concat.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 16)
+    (empty := tmp_path / "empty.jsonl").write_text("")
     for setting, error in [
         (f"data.path={tmp_path / 'nope'}", r"nope does not exist"),
         (f"load_path={tmp_path / 'stage1'}", r"load_path: no stage-1 LoRA at"),
@@ -341,9 +406,27 @@ def test_missing_data_stage1_and_init_files_are_said_before_the_model_loads(tmp_
         # a shipped adapter ccmem does not ship was found only once the model had loaded
         ("init_from=shipped", r"init_from=shipped: ccmem ships no ccm-concat adapter for tiny"),
         ("init_from=shipped:nope", r"init_from=shipped:nope: ccmem ships no nope adapter for tiny"),
+        # an empty validation file was found only once the model had loaded, and named as the training file
+        (f"data.eval_path={empty}", r"the validation split of persona at .*empty\.jsonl holds no example"),
     ]:
         with pytest.raises((ConfigError, FileNotFoundError), match=error):
             train(_config(tmp_path, setting))
+
+
+def test_wandb_without_its_package_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """--wandb without the wandb package failed in the Trainer's constructor, once the data was read and the model
+    loaded (minutes for a large one), with transformers' "WandbCallback requires wandb to be installed"."""
+    import ccmem.train.trainer as trainer
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before wandb was checked")
+
+    monkeypatch.setattr(trainer, "load_model", never)
+    has = trainer._has
+    monkeypatch.setattr(trainer, "_has", lambda module: module != "wandb" and has(module))
+    with pytest.raises(ConfigError, match=r"wandb=true \(--wandb\) .* not installed: pip install wandb, or leave"):
+        train(_config(tmp_path, "wandb=true"))
+    assert not (tmp_path / "persona-ccm-concat").exists()
 
 
 def test_a_run_that_diverged_to_nan_writes_no_adapter_and_says_so(tmp_path):

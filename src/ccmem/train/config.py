@@ -132,7 +132,7 @@ class OptimConfig:
     save_optimizer: bool = True
     precision: str = "auto"  # auto (bf16 where the GPU has it, else fp32), bf16, fp16 or fp32
     eval_steps: int = 50  # validation loss every this many steps (what early stopping and the best checkpoint use)
-    save_steps: int = 50  # a checkpoint every this many steps (a multiple of eval_steps)
+    save_steps: int = 50  # a checkpoint every this many steps (a multiple of eval_steps), and at each best evaluation
     save_total_limit: int = 2  # checkpoints kept on disk (the best one is always kept)
     patience: int = 0  # early stopping after this many evaluations without improvement (0: off)
     logging_steps: int = 10  # a row of log.jsonl (loss, learning rate) every this many steps

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,7 +34,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainerState, TrainingArguments
 
 from ccmem.adapter import (
     AdapterMismatchError,
@@ -174,6 +175,24 @@ class CompressionTrainer(Trainer):
         with atomic_path(folder / CHECKPOINT_WEIGHTS) as tmp:
             save_file(trainable, str(tmp), metadata={"format": "pt"})
 
+    def _determine_best_metric(self, metrics: dict[str, float], trial: Any) -> bool:
+        better = super()._determine_best_metric(metrics, trial)
+        if better:  # else a best between two save_steps is never saved: the end restores an older one
+            self.control.should_save = True
+        return better
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        try:
+            super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as err:  # a full disk reads as torch's "enforce fail at inline_container.cc"
+            folder = Path(str(self.args.output_dir))
+            free = shutil.disk_usage(folder).free / 2**20
+            raise OSError(
+                f"writing checkpoint-{self.state.global_step} to {folder} failed ({err}); {free:.1f} MiB are free "
+                "there. Free some space (or lower train.save_total_limit) and rerun the same command: it resumes "
+                "from the last complete checkpoint"
+            ) from err
+
     def _issue_warnings_after_load(self, load_result: Any) -> None:
         # Checkpoints hold only trainable tensors: frozen base weights are "missing" by design.
         module = self.accelerator.unwrap_model(self.model)
@@ -244,12 +263,7 @@ def samples_for(
     """Tokenized samples of ``split`` (its ``examples``, read unless given); ones longer than ``data.max_length``
     once laid out are skipped (warned)."""
     examples = load_examples(config.data, split) if examples is None else examples
-    if not examples:
-        where = f" at {config.data.path}" if config.data.path else ""
-        raise ConfigError(
-            f"the {split} split of {config.data.dataset}{where} holds no example; give more data, or a folder with "
-            f"train/validation files (data.eval_path names the validation file)"
-        )
+    check_found(config, split, examples)
     samples = [method.fit_sample(to_sample(lm.tokenizer, e, system=config.data.system)) for e in examples]
     trains = [method.has_targets(s) for s in samples]
     if not any(trains):  # caught here, not as an empty batch at step 0
@@ -280,6 +294,17 @@ def samples_for(
     if not kept:
         raise ConfigError(f"no {split} sample fits {why} (the shortest takes {min(lengths)} tokens once laid out)")
     return kept
+
+
+def check_found(config: TrainConfig, split: str, examples: list[MemoryExample]) -> None:
+    """Refuse a ``split`` that holds no example."""
+    if not examples:
+        path = config.data.eval_path if split == "validation" and config.data.eval_path else config.data.path
+        where = f" at {path}" if path else ""
+        raise ConfigError(
+            f"the {split} split of {config.data.dataset}{where} holds no example; give more data, or a folder with "
+            f"train/validation files (data.eval_path names the validation file)"
+        )
 
 
 def warn_shared_samples(train: list[Sample], validation: list[Sample]) -> int:
@@ -486,6 +511,11 @@ def train(config: TrainConfig, *, lm: LoadedModel | None = None) -> TrainResult:
             f"{blocked} is a file, so the run folder {config.run_dir} cannot be made; choose another output_dir or "
             "run_id"
         )
+    if config.wandb and not _has("wandb"):  # else the Trainer says so once the data and the model are loaded
+        raise ConfigError(
+            "wandb=true (--wandb) logs to Weights & Biases, whose package is not installed: pip install wandb, or "
+            "leave it off (log.jsonl and TensorBoard need no account)"
+        )
     with run_lock(config):
         return _train(config, lm)
 
@@ -530,6 +560,8 @@ def _train(config: TrainConfig, lm: LoadedModel | None) -> TrainResult:
     # The data and the files named are read before the model loads (minutes for a large one), so a wrong path or
     # a malformed record is said at once.
     examples = {split: load_examples(config.data, split) for split in ("train", "validation")}
+    for split, found in examples.items():
+        check_found(config, split, found)
     _check_files(config, lm.name if lm is not None else config.model)
     method, lm, state, stage1_hash = _method_state(config, lm)
     if config.init_from:
@@ -617,9 +649,15 @@ def _train(config: TrainConfig, lm: LoadedModel | None) -> TrainResult:
     with atomic_path(run_dir / DATA_RECORD) as tmp:
         tmp.write_text(json.dumps(data_record, indent=1))
     started = time.perf_counter()
-    with method.attached(lm):
-        trainer.train(resume_from_checkpoint=resume)
+    stopped = _stopped(resume, t.max_steps)
+    if stopped is not None:  # trainer.train would take a step past the stop (one past max_steps, or eval_steps more)
+        logger.info("run %s had stopped at step %d; writing its adapter", config.run_id, stopped.global_step)
+        _restore(module, Path(stopped.best_model_checkpoint or str(resume)))
+    else:
+        with method.attached(lm):
+            trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
+    ended = stopped or trainer.state
     diverged = [n for n, p in state.named_parameters() if not bool(torch.isfinite(p).all())]
     if diverged:  # no finite checkpoint to restore: every evaluation was NaN
         raise RuntimeError(
@@ -627,12 +665,12 @@ def _train(config: TrainConfig, lm: LoadedModel | None) -> TrainResult:
             f"and grad_norm in {run_dir / 'log.jsonl'}), so no adapter was written. Lower train.lr (now "
             f"{t.lr:g}) or keep train.max_grad_norm on, and train under a new run_id"
         )
-    eval_loss = trainer.state.best_metric
+    eval_loss = ended.best_metric
     summary = {
         "run_id": config.run_id,
         "config_hash": config.fingerprint(),
-        "steps": trainer.state.global_step,
-        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "steps": ended.global_step,
+        "best_checkpoint": ended.best_model_checkpoint,
         "eval_loss": eval_loss,
         "train_seconds_this_session": round(seconds, 1),
         "tokens_this_session": module.tokens_seen,
@@ -650,7 +688,33 @@ def _train(config: TrainConfig, lm: LoadedModel | None) -> TrainResult:
         save_adapter(method, lm, output, extra=summary | {"config": config.to_dict()})
         with atomic_path(run_dir / "summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
-    return TrainResult(run_dir, output, trainer.state.global_step, seconds, module.tokens_seen, eval_loss, resume)
+    return TrainResult(run_dir, output, ended.global_step, seconds, module.tokens_seen, eval_loss, resume)
+
+
+def _stopped(resume: str | None, max_steps: int) -> TrainerState | None:
+    """The state of checkpoint ``resume`` if training had stopped there (``max_steps`` reached, or early stopping)
+    and only the adapter was left to write (a kill or a full disk in between), else None."""
+    if resume is None:
+        return None
+    state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+    control = state.stateful_callbacks.get("TrainerControl", {}).get("args", {})
+    if state.global_step < max_steps and not control.get("should_training_stop"):
+        return None
+    if state.best_model_checkpoint is not None and not Path(state.best_model_checkpoint).is_dir():
+        state.best_model_checkpoint = None  # moved or deleted since: the stop's own checkpoint, as the Trainer does
+    return state
+
+
+def _restore(module: TrainingModule, folder: Path) -> None:
+    """Load checkpoint ``folder``'s trainable tensors into ``module``, as the Trainer restores the best one."""
+    result = module.load_state_dict(load_file(str(folder / CHECKPOINT_WEIGHTS)), strict=False)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    lost = trainable & set(result.missing_keys)
+    if lost or result.unexpected_keys:
+        raise ConfigError(
+            f"{folder} does not hold this run's trained tensors (missing {sorted(lost)[:3]}, unexpected "
+            f"{result.unexpected_keys[:3]}); start a new run_id"
+        )
 
 
 def export_checkpoint(config: TrainConfig, step: int | None = None, *, lm: LoadedModel | None = None) -> Path:
