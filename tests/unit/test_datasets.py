@@ -85,6 +85,18 @@ def test_metaicl_context_is_k_demonstrations_and_test_reads_test_file():
     assert len(sst[0].context) == 4 and sst[0].context[0] == "a gripping, beautifully acted film\npositive\n\n"
 
 
+def test_metaicl_passes_over_hidden_and_archive_folders_beside_its_tasks(tmp_path):
+    """A Jupyter checkpoint or macOS archive folder beside the task folders refused the whole data folder as a task
+    without files ("no .ipynb_checkpoints_<k>_<seed>_train.jsonl")."""
+    meta = tmp_path / "meta"
+    shutil.copytree(FIXTURES / "metaicl", meta)
+    for stray in (".ipynb_checkpoints", "__MACOSX"):
+        (meta / stray).mkdir()
+        (meta / stray / "notes.txt").write_text("not a task")
+    expected = load_examples(_config("metaicl", "metaicl"), "test")
+    assert load_examples(DataConfig(dataset="metaicl", path=str(meta)), "test") == expected
+
+
 def test_metaicl_reads_the_files_of_the_seed_asked_for_and_says_which_it_took(tmp_path, caplog):
     """The first file in name order was read whatever the seed ("100" sorts before "13"), and a test query with
     fewer demonstrations than k got no word."""
