@@ -545,3 +545,17 @@ def test_a_folder_in_pg19_layout_gives_each_split_its_own_books(tmp_path, caplog
     shutil.rmtree(tmp_path / "pg19" / "validation")
     with pytest.raises(FileNotFoundError, match=r"holds split folders \(test, train\) but no validation folder"):
         load_examples(DataConfig(dataset="text", path=str(tmp_path / "pg19")), "validation")
+
+
+def test_pg19s_test_folder_itself_is_evaluated_whole(tmp_path, caplog):
+    """`--path pg19/test --split test` kept only the books whose name's hash fell in the test split (about a fifth),
+    silently shrinking the benchmark; a training folder is still split by the hash, so validation never trains."""
+    line = "The harbour master counted the boats at dawn and wrote their names in the ledger.\n"
+    for folder in ("test", "books"):
+        (tmp_path / folder).mkdir()
+        for i in range(20):
+            (tmp_path / folder / f"book{i}.txt").write_text(f"book {i}. " + line * 80)
+    read = load_examples(DataConfig(dataset="text", path=str(tmp_path / "test"), n_eval=100), "test")
+    assert {e.id.split("-")[0] for e in read} == {f"book{i}" for i in range(20)}
+    plain = load_examples(DataConfig(dataset="text", path=str(tmp_path / "books"), n_eval=100), "test")
+    assert len({e.id.split("-")[0] for e in plain}) < 20  # another folder's books go to splits by their hash
