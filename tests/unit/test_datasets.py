@@ -85,6 +85,18 @@ def test_metaicl_context_is_k_demonstrations_and_test_reads_test_file():
     assert len(sst[0].context) == 4 and sst[0].context[0] == "a gripping, beautifully acted film\npositive\n\n"
 
 
+def test_metaicl_passes_over_hidden_and_archive_folders_beside_its_tasks(tmp_path):
+    """A Jupyter checkpoint or macOS archive folder beside the task folders refused the whole data folder as a task
+    without files ("no .ipynb_checkpoints_<k>_<seed>_train.jsonl")."""
+    meta = tmp_path / "meta"
+    shutil.copytree(FIXTURES / "metaicl", meta)
+    for stray in (".ipynb_checkpoints", "__MACOSX"):
+        (meta / stray).mkdir()
+        (meta / stray / "notes.txt").write_text("not a task")
+    expected = load_examples(_config("metaicl", "metaicl"), "test")
+    assert load_examples(DataConfig(dataset="metaicl", path=str(meta)), "test") == expected
+
+
 def test_metaicl_reads_the_files_of_the_seed_asked_for_and_says_which_it_took(tmp_path, caplog):
     """The first file in name order was read whatever the seed ("100" sorts before "13"), and a test query with
     fewer demonstrations than k got no word."""
@@ -533,3 +545,17 @@ def test_a_folder_in_pg19_layout_gives_each_split_its_own_books(tmp_path, caplog
     shutil.rmtree(tmp_path / "pg19" / "validation")
     with pytest.raises(FileNotFoundError, match=r"holds split folders \(test, train\) but no validation folder"):
         load_examples(DataConfig(dataset="text", path=str(tmp_path / "pg19")), "validation")
+
+
+def test_pg19s_test_folder_itself_is_evaluated_whole(tmp_path, caplog):
+    """`--path pg19/test --split test` kept only the books whose name's hash fell in the test split (about a fifth),
+    silently shrinking the benchmark; a training folder is still split by the hash, so validation never trains."""
+    line = "The harbour master counted the boats at dawn and wrote their names in the ledger.\n"
+    for folder in ("test", "books"):
+        (tmp_path / folder).mkdir()
+        for i in range(20):
+            (tmp_path / folder / f"book{i}.txt").write_text(f"book {i}. " + line * 80)
+    read = load_examples(DataConfig(dataset="text", path=str(tmp_path / "test"), n_eval=100), "test")
+    assert {e.id.split("-")[0] for e in read} == {f"book{i}" for i in range(20)}
+    plain = load_examples(DataConfig(dataset="text", path=str(tmp_path / "books"), n_eval=100), "test")
+    assert len({e.id.split("-")[0] for e in plain}) < 20  # another folder's books go to splits by their hash

@@ -136,7 +136,9 @@ def _metaicl_train_file(task_dir: Path, seed: int | None, split: str = "train") 
 def metaicl(folder: Path, split: str, k: int, seed: int | None = None) -> list[MemoryExample]:
     """Every task folder under ``folder``: ``k`` train demonstrations as context, each test record as a query
     (the train/dev/test files of ``seed``, see :func:`_metaicl_train_file`)."""
-    tasks = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    # a folder that Jupyter or an archive tool leaves beside the tasks (.ipynb_checkpoints, __MACOSX) is none
+    found = folder.iterdir() if folder.is_dir() else []
+    tasks = sorted(p for p in found if p.is_dir() and not p.name.startswith((".", "__")))
     if not tasks:
         raise FileNotFoundError(
             f"{folder}: expected one folder per MetaICL task (data/<task>/<task>_16_100_train.jsonl)"

@@ -158,13 +158,17 @@ def split_folder(root: Path, split: str) -> Path | None:
 
 
 def split_documents(path: str | Path | None, split: str, *, min_chars: int, held_out: bool = False) -> dict[Path, str]:
-    """The documents of ``split`` (its own folder in PG19's layout, read whole, :func:`split_folder`; else assigned
-    by a hash of their file name; a user's own files when none falls in it; every file at ``path`` when it is
-    ``held_out``, a validation file named as such) longer than ``min_chars``, with their text; a clear error when
-    there is none."""
+    """The documents of ``split`` (its own folder in PG19's layout, read whole, :func:`split_folder`, as is a folder
+    named as the split, ``pg19/test``, for a split other than train; else assigned by a hash of their file name; a
+    user's own files when none falls in it; every file at ``path`` when it is ``held_out``, a validation file named
+    as such) longer than ``min_chars``, with their text; a clear error when there is none."""
     own = split_folder(Path(path), split) if path is not None and not held_out else None
     if own is not None:  # PG19's train/validation/test: its splits, not a hash over all of its books
         path, held_out = own, True
+    elif (
+        split != "train" and path is not None and Path(path).is_dir() and Path(path).name.lower() in SPLIT_NAMES[split]
+    ):
+        held_out = True  # PG19's test/ folder itself, evaluated: all of its books (a hash kept a fifth of them)
     files = text_files(path)
     chosen = files if held_out else [f for f in files if split_of(f.name) == split]
     if not chosen and path is not None and files:
