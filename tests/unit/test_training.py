@@ -18,7 +18,7 @@ from ccmem.api import load
 from ccmem.data.loaders import load_examples
 from ccmem.memory import MemoryMismatchError
 from ccmem.registry import get_method
-from ccmem.train.config import ConfigError, load_config, preset_names
+from ccmem.train.config import ConfigError, DataConfig, load_config, preset_names
 from ccmem.train.trainer import train
 from tests.conftest import tiny_model
 
@@ -96,6 +96,17 @@ def test_text_keys_take_the_text_typed_not_what_yaml_makes_of_it():
     for off in ("data.system=null", "data.system=", "data.system=None", "data.system=~"):
         assert load_config(None, [off]).data.system is None
     assert load_config(None, ["train.lr=1e-4", "method.lora_targets=[q_proj]"]).train.lr == 1e-4
+
+
+def test_an_empty_section_or_target_list_is_read_as_written(tmp_path):
+    """A config file's section with every line commented out (`data:` alone) was refused as an unknown key 'data';
+    method.lora_targets=[] trained the default targets while the run's config recorded []."""
+    path = tmp_path / "mine.yaml"
+    path.write_text("method:\n  name: ccm-concat\ndata:\n  # dataset: persona\ntrain:\n  max_steps: 7\n")
+    config = load_config(str(path))
+    assert (config.method.name, config.train.max_steps, config.data) == ("ccm-concat", 7, DataConfig())
+    with pytest.raises(ConfigError, match="lora_targets is empty"):
+        load_config(None, ["method.lora_targets=[]"])
 
 
 def test_train_writes_adapter_logs_and_small_checkpoints_and_the_adapter_loads(tmp_path):

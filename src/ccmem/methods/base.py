@@ -110,6 +110,11 @@ class LoRAOptions:
             raise ValueError(f"lora_dropout must be in [0, 1) (got {self.lora_dropout})")
         if self.lora_targets is not None:
             self.lora_targets = tuple(self.lora_targets)
+            if not self.lora_targets:  # it meant the default targets, while the run's config recorded []
+                raise ValueError(
+                    "lora_targets is empty: name the linear layers to adapt (e.g. [q_proj, v_proj]), or leave it "
+                    "unset for the model family's attention projections"
+                )
 
 
 @dataclass

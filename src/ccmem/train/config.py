@@ -373,6 +373,8 @@ def _coerce(key: str, value: Any) -> Any:
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
+        if v is None and any(key.startswith(f"{prefix}{k}.") for key in VALID_KEYS):
+            continue  # a section whose every line is commented out (`data:` alone): YAML reads it as null
         if isinstance(v, dict) and f"{prefix}{k}" not in VALID_KEYS and not prefix.startswith("method"):
             out.update(_flatten(v, f"{prefix}{k}."))
         else:
