@@ -735,12 +735,15 @@ def test_output_to_a_pipe_keeps_table_cells_whole():
     assert narrow.stdout.split() == ["100", "100"]
 
 
-def test_eval_help_names_every_dataset_loader(monkeypatch, capsys):
+def test_eval_help_names_every_dataset_loader_it_can_score(monkeypatch, capsys):
+    from ccmem.cli import TRAINING_ONLY
     from ccmem.data.loaders import LOADERS
 
     code, text = run_cli(monkeypatch, capsys, "eval", "--help")
     words = set(" ".join(text.split()).replace(",", " ").replace("(", " ").split())
-    assert code == 0 and set(LOADERS) <= words, set(LOADERS) - words
+    scored = set(LOADERS) - set(TRAINING_ONLY)
+    assert code == 0 and scored <= words, scored - words
+    assert not set(TRAINING_ONLY) & words  # training data is not offered for scoring
 
 
 def test_show_keys_explains_every_config_key(monkeypatch, capsys):
