@@ -345,8 +345,10 @@ class CompressedLM:
         """
         memory = self.memory.with_layers(self.memory.layers, self.memory.positions)
         memory.meta["model_name"] = self.lm.name  # said when another model loads it (the check is by fingerprint)
-        if self.system_prompt is not None and self.sink:
-            memory.meta["system_prompt"] = self.system_prompt  # the sink it holds, restored by load_memory
+        if self.system_prompt is not None and memory.sink:
+            # the sink it holds, restored by load_memory; not the session's flag: a memory without a sink loaded
+            # into a session with one was stamped with a prompt it does not hold, and refused as damaged next load
+            memory.meta["system_prompt"] = self.system_prompt
         if self.system_prompt is None and any(m["role"] != "system" for m in self.history):
             # the chat template's own opening (SmolLM2's default system turn) is in the memory already: a loaded
             # copy must not render it again before the next turn (load_memory)
