@@ -43,8 +43,10 @@ class Sampling:
                 raise ValueError(f"{name} must be a number, got {value!r}")
         if not 0 <= self.temperature < float("inf"):
             raise ValueError(f"temperature must be 0 (greedy) or a finite positive number, got {self.temperature}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+        if self.seed is not None and (not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool)):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None:  # a NumPy integer (np.random's seeds) is one, as max_new_tokens takes it
+            object.__setattr__(self, "seed", int(self.seed))
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             raise ValueError(f"seed must be a 64-bit integer (-2**63 to 2**64 - 1), got {self.seed}")
         if not 0 < self.top_p <= 1:
