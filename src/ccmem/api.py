@@ -23,7 +23,7 @@ import torch
 from ccmem.adapter import Adapter, adapter_path, load_adapter, options_with_adapter, read_adapter
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat, Message, TextStream, check_messages, check_text
 from ccmem.generation import Sampling, check_max_new_tokens, decode, decode_batch
-from ccmem.loading import DEFAULT_MODEL, AttentionError, LoadedModel, load_model
+from ccmem.loading import DEFAULT_MODEL, AttentionError, LoadedModel, _check_dtype, load_model
 from ccmem.memory import Memory, MemoryMismatchError, check_meta
 from ccmem.methods.base import ContextTooLongError, Method, add_rows, logits_for, padding_is_exact, read_batch
 from ccmem.registry import DEFAULT_METHOD, get_method, method_class
@@ -345,8 +345,10 @@ class CompressedLM:
         """
         memory = self.memory.with_layers(self.memory.layers, self.memory.positions)
         memory.meta["model_name"] = self.lm.name  # said when another model loads it (the check is by fingerprint)
-        if self.system_prompt is not None and self.sink:
-            memory.meta["system_prompt"] = self.system_prompt  # the sink it holds, restored by load_memory
+        if self.system_prompt is not None and memory.sink:
+            # the sink it holds, restored by load_memory; not the session's flag: a memory without a sink loaded
+            # into a session with one was stamped with a prompt it does not hold, and refused as damaged next load
+            memory.meta["system_prompt"] = self.system_prompt
         if self.system_prompt is None and any(m["role"] != "system" for m in self.history):
             # the chat template's own opening (SmolLM2's default system turn) is in the memory already: a loaded
             # copy must not render it again before the next turn (load_memory)
@@ -744,6 +746,23 @@ def check_attention(lm: LoadedModel, method: Method) -> None:
         ) from None
 
 
+def _check_loaded_as_asked(lm: LoadedModel, dtype: Any, attn_implementation: str) -> None:
+    """Refuse a ``dtype`` or ``attn_implementation`` the already loaded ``lm`` does not have: they apply when
+    :func:`load` loads a model, and were silently ignored for a loaded one (a float32 session asked for bfloat16)."""
+    asked = _check_dtype(dtype)
+    if asked is not None and asked != lm.model.dtype:
+        raise ValueError(
+            f"dtype={dtype!r}, but {lm.name} is loaded already, in {lm.model.dtype}; dtype applies when ccmem.load "
+            "loads a model: pass its name or folder, or drop dtype to share this one"
+        )
+    current = lm.model.config._attn_implementation or "sdpa"
+    if attn_implementation != "sdpa" and attn_implementation != current:  # "sdpa", the default, may be unasked
+        raise ValueError(
+            f"attn_implementation={attn_implementation!r}, but {lm.name} is loaded already, with {current}; it "
+            "applies when ccmem.load loads a model: pass its name or folder, or drop it to share this one"
+        )
+
+
 def load(
     model: str | LoadedModel = DEFAULT_MODEL,
     method: str = DEFAULT_METHOD,
@@ -766,7 +785,8 @@ def load(
     ``method_options`` are the method's options, e.g. ``n_tok=4, recurrent=False`` (``ccmem methods`` lists them).
     ``attn_implementation``: sdpa (default), eager or flash_attention_2 (a CUDA GPU with flash_attn; only for
     methods that read plainly, such as full and none). ``dtype``: float32 by default (flash_attention_2: bfloat16).
-    A loaded model (``model=lm.lm``) can be shared by several sessions with different methods.
+    A loaded model (``model=lm.lm``) can be shared by several sessions with different methods; ``dtype`` and
+    ``attn_implementation`` are then those it was loaded with (another is refused).
     """
     if isinstance(model, CompressedLM):
         raise ValueError(
@@ -781,6 +801,8 @@ def load(
         raise ValueError(f"method {method!r} takes no adapter; drop adapter= or pick a trainable method")
     if stage1 is not None:
         read_stage1(stage1)  # a wrong path or file is said before the model loads
+    if isinstance(model, LoadedModel):
+        _check_loaded_as_asked(model, dtype, attn_implementation)
     lm = (
         model
         if isinstance(model, LoadedModel)

@@ -43,8 +43,10 @@ class Sampling:
                 raise ValueError(f"{name} must be a number, got {value!r}")
         if not 0 <= self.temperature < float("inf"):
             raise ValueError(f"temperature must be 0 (greedy) or a finite positive number, got {self.temperature}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+        if self.seed is not None and (not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool)):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None:  # a NumPy integer (np.random's seeds) is one, as max_new_tokens takes it
+            object.__setattr__(self, "seed", int(self.seed))
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             raise ValueError(f"seed must be a 64-bit integer (-2**63 to 2**64 - 1), got {self.seed}")
         if not 0 < self.top_p <= 1:
@@ -76,12 +78,12 @@ class Sampling:
         return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def check_max_new_tokens(value: Any) -> int:
-    """``value`` if it is a whole number of tokens (at least 1), else a ``ValueError`` naming it."""
+def check_max_new_tokens(value: Any, least: int = 1) -> int:
+    """``value`` if it is a whole number of tokens (at least ``least``), else a ``ValueError`` naming it."""
     if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         raise ValueError(f"max_new_tokens must be a whole number of tokens, got {value!r}")
-    if value < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {value}")
+    if value < least:
+        raise ValueError(f"max_new_tokens must be at least {least}, got {value}")
     return int(value)
 
 
@@ -213,13 +215,27 @@ def decode_batch(
     n = len(memories)
     if len(queries) != n:
         raise ValueError(f"{n} memories but {len(queries)} queries")
-    limits = _per_row(max_new_tokens, n, "max_new_tokens")
+    # 0 is a row that gives nothing (a finished reader); 2.5 decoded 3 tokens, None failed inside the loop
+    limits = [check_max_new_tokens(k, least=0) for k in _per_row(max_new_tokens, n, "max_new_tokens")]
     samplings = _per_row(sampling, n, "sampling")
-    if any(k < 0 for k in limits):
-        raise ValueError(f"max_new_tokens must not be negative, got {list(limits)}")
+    for i, s in enumerate(samplings):
+        if not isinstance(s, Sampling):
+            raise ValueError(f"sampling {i} is a {type(s).__name__}; give Sampling(temperature, top_p, seed)")
     for i, q in enumerate(queries):
-        if q.dim() != 2 or q.shape[0] != 1 or q.shape[1] == 0:
-            raise ValueError(f"query {i} must be one non-empty sequence of ids, shape [1, n]; got {tuple(q.shape)}")
+        if not isinstance(q, torch.Tensor) or q.dim() != 2 or q.shape[0] != 1 or q.shape[1] == 0:
+            shape = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+            raise ValueError(f"query {i} must be one non-empty sequence of ids, shape [1, n]; got {shape}")
+        # else an IndexError or a dtype error from inside the embedding, naming no query
+        if q.is_floating_point() or q.is_complex() or q.dtype == torch.bool:
+            raise ValueError(f"query {i} must hold token ids (ints), got {q.dtype} values")
+        if int(q.min()) < 0 or int(q.max()) >= lm.vocab_size:
+            raise ValueError(
+                f"query {i} holds token id {int(q.max()) if int(q.min()) >= 0 else int(q.min())}, outside this "
+                f"model's vocabulary (0..{lm.vocab_size - 1})"
+            )
+    for i, m in enumerate(memories):
+        if not isinstance(m, Memory):
+            raise ValueError(f"memory {i} is a {type(m).__name__}, not a ccmem.Memory")
     if stats is not None and len(stats) != n:
         raise ValueError(f"stats has {len(stats)} dicts for {n} rows; give one per row")
     row_stats = list(stats) if stats is not None else None

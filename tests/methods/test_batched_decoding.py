@@ -216,6 +216,31 @@ def test_rows_with_nothing_to_generate_and_bad_arguments():
         decode_batch(lm, method, memories, [queries[0], torch.tensor([[]]).long(), *queries[2:]], 2)
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"max_new_tokens": 2.5}, "max_new_tokens must be a whole number of tokens, got 2.5"),  # decoded 3 tokens
+        ({"max_new_tokens": None}, "max_new_tokens must be a whole number"),  # a TypeError from inside the loop
+        ({"max_new_tokens": -1}, "max_new_tokens must be at least 0"),
+        ({"query": [40, 41]}, "query 0 must be one non-empty sequence of ids, shape \\[1, n\\]; got list"),
+        ({"query": torch.tensor([[40.0, 41.0]])}, "query 0 must hold token ids \\(ints\\), got torch.float32"),
+        ({"query": torch.tensor([[40, 500]])}, "query 0 holds token id 500, outside this model"),
+        ({"sampling": {"temperature": 1.0}}, "sampling 0 is a dict; give Sampling"),
+        ({"memory": None}, "memory 0 is a NoneType, not a ccmem.Memory"),
+    ],
+)
+def test_decode_batch_refuses_bad_arguments_by_name_before_the_first_step(change, message):
+    """Each of these failed inside torch (an IndexError from the embedding, a TypeError comparing None) or, for a
+    fractional max_new_tokens, decoded one token more than asked; README documents decode_batch as public."""
+    lm = tiny_model()
+    method = ccmem.get_method("full")
+    memory = CompressedLM(lm, method, system_prompt="sys").memory
+    args = {"memory": memory, "query": torch.tensor([QUERIES[0]]), "max_new_tokens": 2, "sampling": Sampling()}
+    args |= change
+    with pytest.raises(ValueError, match=message):
+        decode_batch(lm, method, [args["memory"]], [args["query"]], args["max_new_tokens"], sampling=args["sampling"])
+
+
 def test_generate_batch_answers_as_each_session_alone_and_refuses_mixed_sessions():
     lm = tiny_model()
     method = method_for("ccm-concat", lm, n_tok=2)

@@ -412,3 +412,20 @@ def test_lora_targets_given_in_another_order_agree_with_the_adapter(tmp_path):
     assert session.method.lora_targets == ("q_proj", "v_proj")
     with pytest.raises(AdapterMismatchError, match=r"trained with lora_targets=\('q_proj', 'v_proj'\)"):
         ccmem.load(lm, "ccm-concat", adapter=path, lora_targets=["v_proj", "k_proj"])
+
+
+@pytest.mark.parametrize("made", [{"system_prompt": None}, {"sink": False}])
+def test_a_memory_without_a_sink_saved_again_by_a_session_with_one_loads_again(made, tmp_path):
+    """Such a memory (no system prompt, or one compressed with the context) loaded into a session whose system
+    prompt is a sink was saved stamped with that prompt while holding no sink, so its next load refused it as
+    damaged or hand-edited."""
+    lm = tiny_model()
+    first = ccmem.load(lm, "full", **made)
+    first.add_ids([5, 6, 7])
+    first.save_memory(tmp_path / "first.safetensors")
+    second = ccmem.load(lm, "full", system_prompt="sys")
+    second.load_memory(tmp_path / "first.safetensors")
+    second.save_memory(tmp_path / "second.safetensors")
+    third = ccmem.load(lm, "full", system_prompt="sys")
+    assert third.load_memory(tmp_path / "second.safetensors").sink == 0
+    assert list(third.stream_ids([8, 9], 4, stop_ids=set())) == list(first.stream_ids([8, 9], 4, stop_ids=set()))

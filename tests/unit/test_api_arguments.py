@@ -49,6 +49,16 @@ def test_progress_that_is_no_function_and_a_dtype_no_model_computes_in_are_refus
             load_model("smollm2-135m", dtype=dtype)
 
 
+def test_a_dtype_or_attention_a_loaded_model_does_not_have_is_refused_not_ignored(sessions):
+    """ccmem.load(lm.lm, ..., dtype=torch.bfloat16) gave a float32 session without a word."""
+    lm = sessions[0].lm
+    with pytest.raises(ValueError, match=r"dtype='bfloat16', but tiny-llama-gqa is loaded already, in torch.float32"):
+        ccmem.load(lm, "full", dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"attn_implementation='eager', but .* loaded already, with sdpa"):
+        ccmem.load(lm, "full", attn_implementation="eager")
+    assert ccmem.load(lm, "full", dtype="float32", attn_implementation="sdpa").lm is lm  # what it has: shared
+
+
 def test_option_text_is_read_as_the_command_line_reads_it_whatever_its_type():
     # the API, a config file and ``-O`` accept the same things: "3" for an int as "0.5" for a float
     method = ccmem.get_method("ccm-concat", n_tok="3", keep="names")

@@ -156,6 +156,15 @@ def test_a_generation_argument_of_the_wrong_type_is_named_at_the_call(kwargs, me
         ccmem.generate_batch([session], ["hi"], **kwargs)
 
 
+def test_a_numpy_seed_is_an_integer_as_a_numpy_max_new_tokens_is():
+    """np.int64(7) was refused as 'seed must be an integer', while max_new_tokens took np.int64."""
+    np = pytest.importorskip("numpy")
+    session = ccmem.load(tiny_model(), "full", system_prompt="Hi.")
+    as_int = session.generate("hi", 4, temperature=1.0, seed=7)
+    assert session.generate("hi", np.int64(4), temperature=1.0, seed=np.int64(7)) == as_int
+    assert ccmem.generate_batch([session], ["hi"], 4, temperature=1.0, seed=[np.int64(7)]) == [as_int]
+
+
 def test_a_system_prompt_that_is_not_text_and_a_batch_of_models_are_refused(tmp_path):
     lm = tiny_model()
     with pytest.raises(ValueError, match="system_prompt must be text or None"):
