@@ -94,7 +94,7 @@ def adapter_path(model_name: str, method: str, given: str | os.PathLike[str] | N
     """The adapter file ``method`` runs with on ``model_name``: the one ``given``, else the one ccmem ships where
     the method needs one (``None``: it runs without)."""
     if given is not None:
-        return Path(given)
+        return Path(given).expanduser()
     return shipped_adapter(model_name, method) if method_class(method).needs_adapter else None
 
 

@@ -375,7 +375,7 @@ def save_memory(memory: Memory | CompactMemory, path: str | os.PathLike[str], *,
     default: the memory's own dtype, or a compact memory's own precision); the file records it, and
     :func:`load_memory` expands keys/values to the model's dtype again. Positions and ``state`` are stored exactly.
     """
-    path = Path(path)
+    path = Path(path).expanduser()  # "~/x" is the home folder, as for a model path (not a folder named "~")
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder: give the memory file's name (e.g. {path / 'memory.safetensors'})")
     if isinstance(memory, Memory):
@@ -515,7 +515,7 @@ def check_meta(meta: dict[str, str], expect: dict[str, str], where: str) -> None
 def _read_compact(path: str | os.PathLike[str], expect: dict[str, str] | None) -> CompactMemory:
     """A memory file as stored, its header, identity and storage validated (the key/value tensors themselves are
     checked by :meth:`Memory.check` once expanded)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no memory file at {path}")
     try:

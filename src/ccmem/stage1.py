@@ -33,7 +33,7 @@ class Stage1Error(ValueError):
 
 def stage1_file(path: str | os.PathLike[str]) -> Path:
     """The stage-1 LoRA file of a run folder (or the file itself); refused with what was expected if none."""
-    file = Path(path)
+    file = Path(path).expanduser()
     if file.is_dir():
         file = file / ADAPTER_FILE if (file / ADAPTER_FILE).is_file() else file / LEGACY_STAGE1_FILE
     if not file.is_file():

@@ -113,3 +113,29 @@ def test_options_where_one_begins_another_are_scored_with_the_end_of_the_answer(
     overlapping = session.score("Locker?", ["63", "6305"])
     assert overlapping == session.score_ids(query, [answer("63") + end, answer("6305") + end])
     assert session.score("Locker?", ["63", "71"]) == session.score_ids(query, [answer("63"), answer("71")])
+
+
+def test_a_path_under_home_written_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
+    """save_memory("~/m.safetensors") made a folder literally named "~" in the working folder (model paths and the
+    chat's /save expand "~"); memories, adapters and stage-1 files now read "~" as the home folder too."""
+    from ccmem.adapter import save_adapter
+    from ccmem.registry import get_method
+    from ccmem.stage1 import stage1_file
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    lm = tiny_model()
+    session = ccmem.load(lm, "full", system_prompt=None)
+    session.add("remember the number")
+    assert session.save_memory("~/m.safetensors") == home / "m.safetensors"
+    assert not (work / "~").exists()
+    fresh = ccmem.load(lm, "full", system_prompt=None)
+    fresh.load_memory("~/m.safetensors")
+    assert fresh.memory.num_slots == session.memory.num_slots
+    save_adapter(get_method("ccm-concat", n_tok=2), lm, home / "a.safetensors")
+    assert ccmem.load(lm, "ccm-concat", adapter="~/a.safetensors", system_prompt=None).adapter_trained
+    save_adapter(get_method("full"), lm, home / "stage1.safetensors")
+    assert stage1_file("~/stage1.safetensors") == home / "stage1.safetensors"
