@@ -194,15 +194,7 @@ class CompressionTrainer(Trainer):
             ) from err
 
     def _issue_warnings_after_load(self, load_result: Any) -> None:
-        # Checkpoints hold only trainable tensors: frozen base weights are "missing" by design.
-        module = self.accelerator.unwrap_model(self.model)
-        trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-        lost = trainable & set(load_result.missing_keys)
-        if lost or load_result.unexpected_keys:
-            raise RuntimeError(
-                f"checkpoint does not match this run (missing {sorted(lost)[:3]}, "
-                f"unexpected {load_result.unexpected_keys[:3]}); start a new run_id"
-            )
+        check_loaded(self.accelerator.unwrap_model(self.model), load_result, "checkpoint")
 
 
 class JsonlLogger(TrainerCallback):
@@ -707,13 +699,19 @@ def _stopped(resume: str | None, max_steps: int) -> TrainerState | None:
 
 def _restore(module: TrainingModule, folder: Path) -> None:
     """Load checkpoint ``folder``'s trainable tensors into ``module``, as the Trainer restores the best one."""
-    result = module.load_state_dict(load_file(str(folder / CHECKPOINT_WEIGHTS)), strict=False)
+    check_loaded(module, module.load_state_dict(load_file(str(folder / CHECKPOINT_WEIGHTS)), strict=False), str(folder))
+
+
+def check_loaded(module: nn.Module, result: Any, what: str) -> None:
+    """Refuse a checkpoint load (``result`` of ``load_state_dict(strict=False)``) that missed a trainable tensor of
+    ``module`` or brought one it lacks; frozen base weights are "missing" by design: checkpoints hold only trainable
+    tensors."""
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     lost = trainable & set(result.missing_keys)
     if lost or result.unexpected_keys:
-        raise ConfigError(
-            f"{folder} does not hold this run's trained tensors (missing {sorted(lost)[:3]}, unexpected "
-            f"{result.unexpected_keys[:3]}); start a new run_id"
+        raise RuntimeError(
+            f"{what} does not match this run (missing {sorted(lost)[:3]}, unexpected {result.unexpected_keys[:3]}); "
+            "start a new run_id"
         )
 
 
