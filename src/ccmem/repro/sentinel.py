@@ -134,6 +134,8 @@ def adapter_for(lm: LoadedModel, settings: ReproSettings, method: str, ratio: fl
     try:
         return train(config, lm=lm).output
     except ConfigError as err:  # the run ids are this recipe's own: the user chooses their folder, not their names
+        if not str(err).startswith(f"run {config.run_id!r}"):  # not a run made with other settings: as it is
+            raise
         raise ConfigError(
             f"{err} Here: --runs-dir DIR finetunes every cell anew in another folder (or rerun with the "
             f"--train-steps, --batch-size, --lr and --wikitext the runs in {settings.runs_dir} were made with)"
