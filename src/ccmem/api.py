@@ -23,7 +23,7 @@ import torch
 from ccmem.adapter import Adapter, adapter_path, load_adapter, options_with_adapter, read_adapter
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat, Message, TextStream, check_messages, check_text
 from ccmem.generation import Sampling, check_max_new_tokens, decode, decode_batch
-from ccmem.loading import DEFAULT_MODEL, AttentionError, LoadedModel, _check_dtype, load_model
+from ccmem.loading import DEFAULT_MODEL, AttentionError, LoadedModel, check_dtype, load_model
 from ccmem.memory import Memory, MemoryMismatchError, check_meta
 from ccmem.methods.base import ContextTooLongError, Method, add_rows, logits_for, padding_is_exact, read_batch
 from ccmem.registry import DEFAULT_METHOD, get_method, method_class
@@ -749,7 +749,7 @@ def check_attention(lm: LoadedModel, method: Method) -> None:
 def _check_loaded_as_asked(lm: LoadedModel, dtype: Any, attn_implementation: str) -> None:
     """Refuse a ``dtype`` or ``attn_implementation`` the already loaded ``lm`` does not have: they apply when
     :func:`load` loads a model, and were silently ignored for a loaded one (a float32 session asked for bfloat16)."""
-    asked = _check_dtype(dtype)
+    asked = check_dtype(dtype)
     if asked is not None and asked != lm.model.dtype:
         raise ValueError(
             f"dtype={dtype!r}, but {lm.name} is loaded already, in {lm.model.dtype}; dtype applies when ccmem.load "

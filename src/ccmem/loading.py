@@ -403,7 +403,7 @@ def check_attn_implementation(name: str) -> None:
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _check_dtype(dtype: Any) -> torch.dtype | None:
+def check_dtype(dtype: Any) -> torch.dtype | None:
     """``dtype`` as a torch dtype (a name such as ``"bfloat16"`` is accepted); anything else is refused by name."""
     if dtype is None:
         return None
@@ -450,7 +450,7 @@ def load_model(
         )
     spec = str(spec)
     check_attn_implementation(attn_implementation)
-    dtype = _check_dtype(dtype)
+    dtype = check_dtype(dtype)
     where, dtype = _device_and_dtype(attn_implementation, device, dtype)
     load_kw: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation, **kwargs}
     with _weights_bar(shown=spec not in BUILTIN_MODELS and sys.stderr.isatty()):
