@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from ccmem.methods.base import ContextTooLongError
+    from ccmem.serve.sessions import BaseSessionStore
 
 app = typer.Typer(
     help="Compressed Context Memory: keep a long LM interaction in a small compressed key/value memory.",
@@ -135,6 +136,33 @@ StoreOpt = Annotated[
         "~/.local/share/ccmem/sessions.",
     ),
 ]
+
+RedisOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--redis",
+        envvar="CCMEM_REDIS",
+        show_envvar=False,
+        help="Keep sessions in the Redis at this URL (redis://HOST:PORT/DB) instead of the SQLite --store, so that "
+        "several `ccmem serve` workers (behind one load balancer) and `ccmem chat --session` share them: any worker "
+        "answers any session, and requests for one session wait for each other (a lock per session in Redis). "
+        "Default: $CCMEM_REDIS.",
+    ),
+]
+
+
+def _session_store(store: Path | None, redis_url: str | None) -> tuple[BaseSessionStore, str]:
+    """The session store that ``--store`` or ``--redis`` names (else the default SQLite one), and where it is."""
+    from ccmem.serve.sessions import SessionStore, default_store_root
+
+    if redis_url:
+        if store is not None:
+            raise ValueError("give --store (SQLite) or --redis (or $CCMEM_REDIS), not both: sessions live in one place")
+        from ccmem.serve.redis_store import RedisSessionStore, redacted
+
+        return RedisSessionStore(redis_url), f"Redis {redacted(redis_url)}"
+    sessions = SessionStore(store or default_store_root())
+    return sessions, str(sessions.root)
 
 
 def _options(n_tok: int | None, recurrent: bool | None, pairs: list[str] | None) -> dict[str, Any]:
@@ -362,16 +390,17 @@ def chat(
         ),
     ] = None,
     store: StoreOpt = None,
+    redis_url: RedisOpt = None,
     attn: AttnOpt = "sdpa",
 ) -> None:
     """Chat interactively; each finished exchange is compressed into memory. Type /help for commands."""
     from ccmem.serve.chat import run_chat
-    from ccmem.serve.sessions import SessionBinding, SessionStore, check_name, default_store_root
+    from ccmem.serve.sessions import SessionBinding, check_name
 
     sessions = None
     if session_name is not None:  # a bad name or store is said before the model loads
         check_name(session_name)
-        sessions = SessionStore(store or default_store_root())
+        sessions, _ = _session_store(store, redis_url)
     session = _session(model, method, adapter, _options(n_tok, recurrent, option), system or None, stage1, attn)
     binding = None
     if sessions is not None and session_name is not None:
@@ -440,17 +469,7 @@ def serve(
         Literal["critical", "error", "warning", "info", "debug", "trace"],
         typer.Option("--log-level", help="uvicorn log level (checked before the model loads)."),
     ] = "info",
-    redis_url: Annotated[
-        str | None,
-        typer.Option(
-            "--redis",
-            envvar="CCMEM_REDIS",
-            show_envvar=False,
-            help="Keep sessions in the Redis at this URL (redis://HOST:PORT/DB) instead of the SQLite --store, so that "
-            "several `ccmem serve` workers (behind one load balancer) share them: any worker answers any session, and "
-            "requests for one session wait for each other (a lock per session in Redis). Default: $CCMEM_REDIS.",
-        ),
-    ] = None,
+    redis_url: RedisOpt = None,
     memory_dtype: Annotated[
         str | None,
         typer.Option(
@@ -469,7 +488,6 @@ def serve(
     from ccmem.precision import AUTO, dtype_name
     from ccmem.serve.engine import Engine, Limits
     from ccmem.serve.server import bind, run
-    from ccmem.serve.sessions import BaseSessionStore, SessionStore, default_store_root
 
     # checked before the model loads; the engine resolves "auto" against the model's dtype
     storage = AUTO if (memory_dtype or "").strip().lower() == AUTO else _memory_dtype(memory_dtype)
@@ -477,16 +495,7 @@ def serve(
     tokens = token or [t.strip() for t in os.environ.get("CCMEM_TOKENS", "").split(",") if t.strip()]
     if any(not t.strip() for t in tokens):
         raise ValueError("--token is empty: give a non-empty bearer token (an empty one would let any client in)")
-    sessions: BaseSessionStore
-    if redis_url:
-        if store is not None:
-            raise ValueError("give --store (SQLite) or --redis (or $CCMEM_REDIS), not both: sessions live in one place")
-        from ccmem.serve.redis_store import RedisSessionStore, redacted
-
-        sessions, where = RedisSessionStore(redis_url), f"Redis {redacted(redis_url)}"
-    else:
-        sessions = SessionStore(store or default_store_root())
-        where = str(sessions.root)
+    sessions, where = _session_store(store, redis_url)
     base = _session(model, method, adapter, _options(n_tok, None, option), system or None, stage1, attn)
     limits = Limits(
         max_new_tokens=max_new_tokens,

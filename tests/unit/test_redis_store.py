@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import signal
 import subprocess
@@ -319,3 +320,22 @@ def test_two_serve_workers_share_sessions_and_never_interleave_one(tiny_model_di
             worker.terminate()
         for worker in workers:
             worker.wait(timeout=20)
+
+
+def test_chat_keeps_its_session_in_the_redis_that_serve_shares(monkeypatch, capsys, tiny_model_dir, redis_url):
+    """`ccmem chat --session` had no --redis: beside `ccmem serve --redis` it kept its sessions in SQLite, another
+    store, so the chat and the server never shared one."""
+    name = f"chat-{uuid.uuid4().hex[:8]}"
+    common = ["chat", "--model", str(tiny_model_dir), "--method", "ccm-concat", "--n-tok", "2", "--system", ""]
+    common += ["--max-new-tokens", "3", "--session", name, "--redis", redis_url]
+    monkeypatch.setattr("sys.stdin", io.StringIO("w1 w2 w3\n/quit\n"))
+    code, out = run_cli(monkeypatch, capsys, *common)
+    assert code == 0, out
+    store = RedisSessionStore(redis_url)
+    try:
+        assert store.get(name).turns == 1  # what a `ccmem serve --redis` worker reads
+    finally:
+        store.delete(name)
+        store.close()
+    code, out = run_cli(monkeypatch, capsys, *common, "--store", str(tiny_model_dir))
+    assert code == 2 and "not both" in out
