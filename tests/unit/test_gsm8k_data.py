@@ -283,6 +283,8 @@ def test_extract_answer(text, expected):
         ("12.0", "12"),
         ("3.50", "3.5"),
         ("-3", "-3"),
+        ("+5", "5"),  # '#### +5' in a data file was refused as no number, while extract_answer reads 5
+        ("+ 1/2", "0.5"),
         ("-0.0", "0"),
         ("0.25", "0.25"),
         ("7.", "7"),

@@ -117,6 +117,8 @@ def normalise_number(text: str) -> str | None:
     or None if it is not one."""
     text = text.strip()
     text = text.removesuffix(".")
+    if text.startswith("+"):  # '#### +5', as extract_answer reads it
+        text = text[1:].lstrip()
     match = re.fullmatch(_NUMBER_BODY, text)
     if match:
         return _canonical(match)
