@@ -83,6 +83,18 @@ def test_a_pile_line_without_text_is_named(tmp_path):
         load_examples(DataConfig(dataset="pile", path=str(tmp_path)), "train")
 
 
+def test_an_empty_pile_document_is_left_out_with_a_word_not_the_whole_file_refused(tmp_path, caplog):
+    """One empty document (the Pile holds some) refused a whole file of them."""
+    lines = [{"text": "a first document"}, {"text": "  "}, {"text": "a second document"}, {"text": 7}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines[:3]))
+    read = load_examples(DataConfig(dataset="pile", path=str(tmp_path), n_train=0), "train")
+    assert [e.context[0] for e in read] == ["a first document", "a second document"]
+    assert "1 empty documents are left out (first: " in caplog.text and "train.jsonl:2" in caplog.text
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with pytest.raises(DatasetFormatError, match=r"train.jsonl:4: field 'text' must be a non-empty string"):
+        load_examples(DataConfig(dataset="pile", path=str(tmp_path), n_train=0), "train")
+
+
 def test_the_generator_is_seeded_and_its_splits_share_no_context(tmp_path):
     a, b = pwc.generate(40, "train", seed=3), pwc.generate(40, "train", seed=3)
     assert a == b and a != pwc.generate(40, "train", seed=4)

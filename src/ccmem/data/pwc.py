@@ -92,7 +92,11 @@ def pile(path: Path, split: str, held_out: bool = False) -> list[MemoryExample]:
     compresses and what it predicts). The test split is evaluated as continuation: up to
     :data:`PILE_CONTEXT_CHARS` of a document's start compressed, its next word read as the query and the
     :data:`PILE_ANSWER_CHARS` after it scored (perplexity); documents too short for that are left out."""
-    records = [(where, _text(r, "text", where)) for where, r in _records(path, split, held_out)]
+    read = [(where, _text(r, "text", where, allow_empty=True)) for where, r in _records(path, split, held_out)]
+    records = [(where, text) for where, text in read if text.strip()]
+    if len(records) < len(read):  # a dump of millions of documents holds a few empty ones: not worth refusing it
+        empty = next(where for where, text in read if not text.strip())
+        logger.warning("%s: %d empty documents are left out (first: %s)", path, len(read) - len(records), empty)
     if split != "test":
         return [MemoryExample(where, [text], "", "", chat=False, task="pile") for where, text in records]
     made = [(where, _continuation(where, text)) for where, text in records]
