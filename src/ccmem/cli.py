@@ -882,8 +882,6 @@ def train(
     if show_presets:
         for name in preset_names():
             console.print(f"{name}  [dim]{escape(preset_summary(name))}[/]", highlight=False)
-        if not show_keys:  # both asked for: both shown, not the keys dropped without a word
-            return
     if show_keys:
         docs = key_docs()
         for key, kind in VALID_KEYS.items():
@@ -893,6 +891,7 @@ def train(
             console.print(f"{key}  [dim]{escape(type_name(kind))}[/]  {escape(help_text)} {owned}", highlight=False)
         for name, (target, note) in REFERENCE_KEYS.items():  # the IC-Former scripts' option names
             console.print(f"{name} -> {target or '-'}  [dim]{escape(note)}[/]", highlight=False)
+    if (show_presets or show_keys) and not show_config:  # each listing asked for is shown, then the config if asked
         return
     overrides = list(overrides or [])
     if attn is not None:

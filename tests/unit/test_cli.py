@@ -777,6 +777,9 @@ def test_show_presets_says_what_each_preset_trains(monkeypatch, capsys):
     assert any(line.startswith("persona-full  Stage 1 of the reference recipe") for line in lines)
     code, both = run_cli(monkeypatch, capsys, "train", "--show-presets", "--show-keys")
     assert code == 0 and text.strip() in both and "train.scheduler" in both  # the keys were dropped without a word
+    # and --show-config beside them was dropped too
+    code, all_three = run_cli(monkeypatch, capsys, "train", "persona-full", "--show-presets", "--show-config")
+    assert code == 0 and text.strip() in all_three and "run_id: persona-full" in all_three
 
 
 def test_a_method_that_cannot_run_on_the_model_is_refused_before_any_method_runs(
