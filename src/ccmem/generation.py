@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import torch
 
 from ccmem.loading import LoadedModel
-from ccmem.memory import Memory
+from ccmem.memory import Memory, check_meta
 from ccmem.methods.base import DecodeRows, DecodeState, Method, pad_rows, padding_is_exact, positions, run_decoder
 from ccmem.modules import GATE_KWARG
 
@@ -233,9 +233,12 @@ def decode_batch(
                 f"query {i} holds token id {int(q.max()) if int(q.min()) >= 0 else int(q.min())}, outside this "
                 f"model's vocabulary (0..{lm.vocab_size - 1})"
             )
+    expect = method.memory_meta(lm)
     for i, m in enumerate(memories):
         if not isinstance(m, Memory):
             raise ValueError(f"memory {i} is a {type(m).__name__}, not a ccmem.Memory")
+        # another method's memory (a snapkv one decoded by ccm-concat) decoded without a word, as score_batch refuses
+        check_meta(m.meta, expect, f"memory {i}")
     if stats is not None and len(stats) != n:
         raise ValueError(f"stats has {len(stats)} dicts for {n} rows; give one per row")
     row_stats = list(stats) if stats is not None else None

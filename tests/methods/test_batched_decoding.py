@@ -241,6 +241,22 @@ def test_decode_batch_refuses_bad_arguments_by_name_before_the_first_step(change
         decode_batch(lm, method, [args["memory"]], [args["query"]], args["max_new_tokens"], sampling=args["sampling"])
 
 
+def test_decode_batch_refuses_a_memory_another_method_made():
+    """score_batch refused another method's memory; decode_batch decoded it without a word (a snapkv memory read by
+    ccm-concat: tokens from a memory the method never made)."""
+    from ccmem.memory import MemoryMismatchError
+
+    lm = tiny_model()
+    other = ccmem.load(lm, "snapkv", system_prompt="sys", ratio=0.5)
+    other.add("w1 w2 w3 w4 w5 w6")
+    method = ccmem.get_method("full")
+    query = torch.tensor([QUERIES[0]])
+    with pytest.raises(MemoryMismatchError, match="memory 0 was made with method='snapkv'"):
+        next(decode_batch(lm, method, [other.memory], [query], 2))
+    own = CompressedLM(lm, method, system_prompt="sys").memory
+    assert next(decode_batch(lm, method, [own], [query], 2))  # its own method's memory decodes
+
+
 def test_generate_batch_answers_as_each_session_alone_and_refuses_mixed_sessions():
     lm = tiny_model()
     method = method_for("ccm-concat", lm, n_tok=2)
