@@ -289,6 +289,8 @@ class CompressedLM:
     def restore(self, memory: Memory, history: Sequence[Message]) -> None:
         """Continue an interaction saved elsewhere (a session store): ``memory`` must be this model's and
         method's, ``history`` the transcript (system prompt first, if any) whose turns it holds."""
+        if not isinstance(memory, Memory):  # else an AttributeError from inside the check
+            raise ValueError(f"memory is a {type(memory).__name__}: give a ccmem.Memory (load one with load_memory)")
         memory.check(self.lm.kv_shape, where="the restored memory")
         check_meta(memory.meta, self.method.memory_meta(self.lm), "the restored memory")
         self._check_state(memory, "the restored memory")

@@ -139,3 +139,10 @@ def test_a_path_under_home_written_with_a_tilde_is_the_home_folder(tmp_path, mon
     assert ccmem.load(lm, "ccm-concat", adapter="~/a.safetensors", system_prompt=None).adapter_trained
     save_adapter(get_method("full"), lm, home / "stage1.safetensors")
     assert stage1_file("~/stage1.safetensors") == home / "stage1.safetensors"
+
+
+def test_restoring_something_that_is_no_memory_is_refused_by_name(sessions):
+    """restore(None, []) raised an AttributeError from inside the memory check."""
+    first, _ = sessions
+    with pytest.raises(ValueError, match=r"memory is a NoneType: give a ccmem\.Memory"):
+        first.fork().restore(None, [])
