@@ -192,6 +192,8 @@ class CompressedLM:
     ):
         if system_prompt is not None and not isinstance(system_prompt, str):
             raise ValueError(f"system_prompt must be text or None (no system prompt), got {system_prompt!r}")
+        if not isinstance(sink, bool):  # sink="no" counted as True
+            raise ValueError(f"sink must be True or False (keep the system prompt as an attention sink), got {sink!r}")
         self.lm = lm
         self.method = method
         self.adapter = adapter

@@ -146,3 +146,9 @@ def test_restoring_something_that_is_no_memory_is_refused_by_name(sessions):
     first, _ = sessions
     with pytest.raises(ValueError, match=r"memory is a NoneType: give a ccmem\.Memory"):
         first.fork().restore(None, [])
+
+
+def test_a_sink_that_is_not_true_or_false_is_refused():
+    """sink="no" was taken as True (a non-empty string), keeping the sink it asked to drop."""
+    with pytest.raises(ValueError, match="sink must be True or False"):
+        ccmem.load(tiny_model(), "full", sink="no")
