@@ -383,6 +383,23 @@ def test_a_session_is_visible_only_to_the_token_that_made_it(engine):
         assert client.get("/openapi.json").status_code == 200  # open, as the README says: it holds no session
 
 
+def test_a_token_cannot_tell_from_its_usage_which_system_prompts_another_token_used(engine):
+    """The memory of a system prompt was kept for all tokens, so a request's usage (the prompt's tokens counted as
+    read, or not) told a token whether another had already sent that exact system prompt."""
+    with TestClient(create_app(engine, tokens=["alpha", "beta"])) as client:
+        messages = [{"role": "system", "content": "w7 w8 w9 are the secret words"}, user("hi")]
+        body = {"model": MODEL, "messages": messages, "max_tokens": 2}
+
+        def used(token: str) -> int:
+            reply = client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {token}"})
+            assert reply.status_code == 200, reply.text
+            return reply.json()["usage"]["prompt_tokens"]
+
+        first_alpha, again_alpha = used("alpha"), used("alpha")
+        assert again_alpha < first_alpha  # alpha's own prompt is kept for alpha: not read twice
+        assert used("beta") == first_alpha  # beta reads it as if no one had sent it
+
+
 def test_a_request_without_a_valid_token_is_refused_before_its_body_is_read(engine):
     """The token was checked only after FastAPI had read and parsed the body: a stranger's malformed JSON got a
     400 naming what was wrong in it, and an oversized one cost the server its reading."""

@@ -350,7 +350,8 @@ class Engine:
             OrderedDict()
         )
         self._prefixes: OrderedDict[str, CompressedLM] = OrderedDict()
-        self._systems: dict[str | None, CompressedLM] = {base.system_prompt: base.fork()}
+        # sessions started from a system prompt, by (owner, prompt); the server's own prompt is everyone's ("")
+        self._systems: dict[tuple[str, str | None], CompressedLM] = {("", base.system_prompt): base.fork()}
 
     def close(self) -> None:
         self.worker.close()
@@ -361,9 +362,15 @@ class Engine:
         """The store's lock of one session: requests for it never interleave (across processes with Redis)."""
         return self.store.lock(name, owner)
 
-    async def _start(self, system: str | None) -> CompressedLM:
-        """A fresh session with ``system`` as its sink (computed once per system prompt)."""
-        if system not in self._systems:
+    def _system_key(self, owner: str, system: str | None) -> tuple[str, str | None]:
+        """Where the sink of ``system`` is kept: the server's own prompt for all, another one per token owner (a
+        shared one told a token, by its usage counting no system prompt read, that another token had used it)."""
+        return ("", system) if system == self.base.system_prompt else (owner, system)
+
+    async def _start(self, owner: str, system: str | None) -> CompressedLM:
+        """A fresh session with ``system`` as its sink (computed once per system prompt and token owner)."""
+        key = self._system_key(owner, system)
+        if key not in self._systems:
 
             def build() -> CompressedLM:
                 fresh = self.base.fork()
@@ -373,19 +380,19 @@ class Engine:
 
             built = await self.worker.call(build)
             while len(self._systems) >= max(self.limits.prefix_cache, 2):  # keep the server's own prompt
-                self._systems.pop(next(k for k in self._systems if k != self.base.system_prompt))
-            self._systems[system] = built
+                self._systems.pop(next(k for k in self._systems if k != ("", self.base.system_prompt)))
+            self._systems[key] = built
             return built.fork()
-        return self._systems[system].fork()
+        return self._systems[key].fork()
 
     async def create_session(self, owner: str, name: str, system: str | None) -> SessionRecord:
         system = system if system is not None else self.base.system_prompt
-        self._count_new_system(system)  # a system prompt over the input limit is refused before it is read
+        self._count_new_system(owner, system)  # a system prompt over the input limit is refused before it is read
         async with self._lock(owner, name):  # a request for the new name waits until its first version is saved
             # a name taken or the session limit reached is refused before the system prompt is read, too
             record = self.store.create(name, self.identity, settings_of(self.base) | {"system_prompt": system}, owner)
             try:
-                session = await self._start(system)
+                session = await self._start(owner, system)
             except BaseException:
                 self.store.delete(name, owner)
                 raise
@@ -414,7 +421,7 @@ class Engine:
             session.restore(held.expanded() if isinstance(held, CompactMemory) else held, history)
             return record, session
         if record.version == 0:  # created, but its first save never happened (a crash): start it afresh
-            return record, await self._start(record.settings.get("system_prompt", self.base.system_prompt))
+            return record, await self._start(owner, record.settings.get("system_prompt", self.base.system_prompt))
 
         def read() -> CompressedLM:
             session = self.base.fork()
@@ -454,9 +461,10 @@ class Engine:
     def _count(self, session: CompressedLM, messages: Sequence[Message]) -> int:
         return sum(len(session.lm.tokenizer.encode(m["content"], add_special_tokens=False)) for m in messages)
 
-    def _count_new_system(self, system: str | None) -> int:
-        """Tokens of ``system`` if no memory of it is held yet (it will be read), else 0; refused over the limit."""
-        if system is None or system in self._systems:
+    def _count_new_system(self, owner: str, system: str | None) -> int:
+        """Tokens of ``system`` if no memory of it is held yet for ``owner`` (it will be read), else 0; refused over
+        the limit."""
+        if system is None or self._system_key(owner, system) in self._systems:
             return 0
         n = len(self.base.lm.tokenizer.encode(system, add_special_tokens=False))
         self._check_input(n, "its system message alone ")
@@ -558,7 +566,7 @@ class Engine:
                 before, query = self._split(body)
                 # a system prompt not read before is read by this request: it counts, and is refused before
                 # any work when it alone is over the limit
-                answer.prompt_tokens = self._count_new_system(system)
+                answer.prompt_tokens = self._count_new_system(owner, system)
                 if answer.prompt_tokens:  # reported as read: the system turn as the template renders it
                     read_system = self._rendered(self.base, [], [{"role": "system", "content": str(system)}])
                 state, reused = await self._from_prefix(owner, system, before)
@@ -682,7 +690,7 @@ class Engine:
             if found is not None:
                 self._prefixes.move_to_end(_prefix_key(owner, system, before[:n]))
                 return found.fork(), n
-        return await self._start(system), 0
+        return await self._start(owner, system), 0
 
     def _remember_prefix(self, owner: str, system: str | None, before: list[Message], state: CompressedLM) -> None:
         if not before:
