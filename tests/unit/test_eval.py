@@ -293,6 +293,26 @@ def test_rows_of_two_splits_say_their_split_in_the_report(tmp_path, monkeypatch)
                              "none [icl/test, 8 demos]", "none [icl/validation, 8 demos]"]  # fmt: skip
 
 
+def test_rows_of_other_settings_are_other_lines_in_the_plot(tmp_path, monkeypatch):
+    """report.md flags rows of one table measured with other settings ("Not comparable"), but the plot joined a
+    method's rows of both settings (--n 2 and --n 3) into one line."""
+    import dataclasses
+
+    from matplotlib.axes import Axes
+
+    from ccmem.eval.report import plot
+
+    rows = [_row("full", "aaaaaaaaaaaa", 4), dataclasses.replace(_row("full", "bbbbbbbbbbbb", 4), memory_slots=9.0)]
+    assert mismatches(rows)
+    shown, legend = [], Axes.legend
+    monkeypatch.setattr(Axes, "legend", lambda ax, **kw: shown.extend(ax.get_legend_handles_labels()[1]) or legend(ax))
+    plot(rows, tmp_path / "plot.png")
+    assert sorted(shown) == ["full {aaaaaaaa}", "full {bbbbbbbb}"]
+    shown.clear()
+    plot(rows[:1], tmp_path / "one.png")
+    assert shown == ["full"]  # one setting: as before
+
+
 def test_eval_refuses_a_method_named_twice_before_the_model_loads(monkeypatch, capsys, tmp_path):
     """`--methods full,none,full` evaluated full twice and appended its row twice."""
     out = tmp_path / "rows.jsonl"

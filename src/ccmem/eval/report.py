@@ -207,11 +207,16 @@ def plot(rows: Sequence[EvalRow], path: Path, metric: str | None = None) -> Path
     tables = {(r.dataset, r.split, r.label) for r in rows}
     # one line per method within each table (dataset, split and label); its rows at other options are points on it
     several = _several_models(rows)
+    # a table whose rows were measured with other settings (report.md says "Not comparable"): one line per setting
+    hashes: dict[tuple[str, str, str], set[str]] = defaultdict(set)
+    for r in rows:
+        hashes[(r.dataset, r.split, r.label)].add(r.config_hash)
     lines: dict[str, list[EvalRow]] = {}
     for r in rows:
         table = r.dataset + (f"/{r.split}" if splits else "") + (f", {r.label}" if r.label else "")
         name = display_method(r) + (f" [{table}]" if len(tables) > 1 else "")
         name += f" ({r.model})" if several else ""  # one line per model: never joined across two
+        name += f" {{{r.config_hash[:8]}}}" if len(hashes[(r.dataset, r.split, r.label)]) > 1 else ""
         lines.setdefault(name, []).append(r)
     for name, members in sorted(lines.items()):
         # a row without the metric (--metric contains beside rows run without --generate) is no point
