@@ -228,10 +228,11 @@ def decode_batch(
         # else an IndexError or a dtype error from inside the embedding, naming no query
         if q.is_floating_point() or q.is_complex() or q.dtype == torch.bool:
             raise ValueError(f"query {i} must hold token ids (ints), got {q.dtype} values")
-        if int(q.min()) < 0 or int(q.max()) >= lm.vocab_size:
+        low, high = int(q.min()), int(q.max())  # each a pass over the query, and a device sync on a GPU
+        if low < 0 or high >= lm.vocab_size:
             raise ValueError(
-                f"query {i} holds token id {int(q.max()) if int(q.min()) >= 0 else int(q.min())}, outside this "
-                f"model's vocabulary (0..{lm.vocab_size - 1})"
+                f"query {i} holds token id {high if low >= 0 else low}, outside this model's vocabulary "
+                f"(0..{lm.vocab_size - 1})"
             )
     expect = method.memory_meta(lm)
     for i, m in enumerate(memories):
