@@ -69,6 +69,15 @@ ModelOpt = Annotated[
 ]
 Attn = Literal["sdpa", "eager", "flash_attention_2"]
 AttnOpt = Annotated[Attn, typer.Option("--attn", help=ATTN_HELP)]
+Quantize = Literal["none", "int8"]
+QuantizeOpt = Annotated[
+    Quantize,
+    typer.Option(
+        "--quantize",
+        help="Weights: none (as loaded, float32) or int8 (int8 linear layers for decoding on a CPU: each token about "
+        "1.6x faster there, answers nearly the same; README: int8 weights). Not for GPUs or training.",
+    ),
+]
 MethodOpt = Annotated[
     str | None,
     typer.Option(
@@ -217,6 +226,7 @@ def _session(
     system: str | None,
     stage1: Path | None,
     attn: str = "sdpa",
+    quantize: str = "none",
 ) -> Any:
     import ccmem  # deferred: importing torch/transformers makes --help slow
     from ccmem.adapter import read_adapter
@@ -233,6 +243,7 @@ def _session(
             stage1=stage1,
             system_prompt=system,
             attn_implementation=attn,
+            quantize=quantize,
             **options,
         )
     if not session.adapter_trained:
@@ -392,6 +403,7 @@ def chat(
     store: StoreOpt = None,
     redis_url: RedisOpt = None,
     attn: AttnOpt = "sdpa",
+    quantize: QuantizeOpt = "none",
 ) -> None:
     """Chat interactively; each finished exchange is compressed into memory. Type /help for commands."""
     from ccmem.serve.chat import run_chat
@@ -401,7 +413,8 @@ def chat(
     if session_name is not None:  # a bad name or store is said before the model loads
         check_name(session_name)
         sessions, _ = _session_store(store, redis_url)
-    session = _session(model, method, adapter, _options(n_tok, recurrent, option), system or None, stage1, attn)
+    options = _options(n_tok, recurrent, option)
+    session = _session(model, method, adapter, options, system or None, stage1, attn, quantize)
     binding = None
     if sessions is not None and session_name is not None:
         binding = SessionBinding(sessions, session_name)
@@ -481,6 +494,7 @@ def serve(
         ),
     ] = "auto",
     attn: AttnOpt = "sdpa",
+    quantize: QuantizeOpt = "none",
 ) -> None:
     """Serve an OpenAI-compatible API that keeps each conversation as a compressed memory.
 
@@ -496,7 +510,8 @@ def serve(
     if any(not t.strip() for t in tokens):
         raise ValueError("--token is empty: give a non-empty bearer token (an empty one would let any client in)")
     sessions, where = _session_store(store, redis_url)
-    base = _session(model, method, adapter, _options(n_tok, None, option), system or None, stage1, attn)
+    options = _options(n_tok, None, option)
+    base = _session(model, method, adapter, options, system or None, stage1, attn, quantize)
     limits = Limits(
         max_new_tokens=max_new_tokens,
         max_input_tokens=max_input_tokens,
@@ -597,6 +612,7 @@ def compress(
         ),
     ] = None,
     attn: AttnOpt = "sdpa",
+    quantize: QuantizeOpt = "none",
 ) -> None:
     """Compress a text file into a memory file that `ccmem ask` can answer from."""
     check_output_file(out, text_file, "--out", "memory.safetensors")
@@ -611,7 +627,7 @@ def compress(
 
     from ccmem.methods.base import ContextTooLongError
 
-    session = _session(model, method, adapter, options, system or None, stage1, attn)
+    session = _session(model, method, adapter, options, system or None, stage1, attn, quantize)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     read = length = 0
     with Progress(*columns, console=err_console, transient=True) as bar:
@@ -716,6 +732,7 @@ def ask(
     stage1: Stage1Opt = None,
     max_new_tokens: MaxNewOpt = 128,
     attn: AttnOpt = "sdpa",
+    quantize: QuantizeOpt = "none",
 ) -> None:
     """Answer a question from a saved memory (same model, method and adapter as the one that wrote it)."""
     options = _options(n_tok, recurrent, option)
@@ -737,7 +754,7 @@ def ask(
         declared = {spec.name for spec in cls.option_specs() if untrained or spec.name in cls.runtime_options}
         kept = {k: _recorded(v) for k, v in made.items() if k in declared}
         options = kept | options
-    session = _session(model, method, adapter, options, None, stage1, attn)
+    session = _session(model, method, adapter, options, None, stage1, attn, quantize)
     session.load_memory(memory_file)
     if system is not None and system != (session.system_prompt or ""):
         raise OptionError(
@@ -789,6 +806,7 @@ def generate(
     stage1: Stage1Opt = None,
     max_new_tokens: MaxNewOpt = 256,
     attn: AttnOpt = "sdpa",
+    quantize: QuantizeOpt = "none",
 ) -> None:
     """Answer every record of a PwC file from its compressed input, one JSON line per record.
 
@@ -802,7 +820,8 @@ def generate(
         raise OptionError(f"{test_file} holds no record; give a PwC jsonl file (input, prompt, answer per line)")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    session = _session(model, method, adapter, _options(None, None, option), system or None, stage1, attn)
+    options = _options(None, None, option)
+    session = _session(model, method, adapter, options, system or None, stage1, attn, quantize)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=True) as bar:
         task = bar.add_task(f"answering {test_file.name} (records)", total=len(records))
@@ -1081,6 +1100,7 @@ def eval_command(
         "results/eval.jsonl"
     ),
     attn: AttnOpt = "sdpa",
+    quantize: QuantizeOpt = "none",
 ) -> None:
     """Evaluate several methods on the same examples: accuracy (option scoring), perplexity, optional generation.
 
@@ -1182,6 +1202,11 @@ def eval_command(
         from ccmem.stage1 import read_stage1
 
         read_stage1(stage1)  # before loading the model: a wrong path or file is said at once
+    if quantize != "none":  # a GPU (flash_attention_2) is refused before the model loads
+        from ccmem.loading import device_and_dtype
+        from ccmem.quantize import check_target
+
+        check_target(quantize, model, *device_and_dtype(attn, None, None))
     with console.status(f"loading {model}..."):
         lm = load_model(model, attn_implementation=attn)
     names = _check_methods(lm, names, options, skip=methods is None)
@@ -1189,6 +1214,10 @@ def eval_command(
         from ccmem.stage1 import merge_stage1
 
         merge_stage1(lm, stage1)
+    if quantize != "none":  # after the stage-1 merge, which needs float weights
+        from ccmem.quantize import quantize_weights
+
+        quantize_weights(lm, quantize)
     settings = EvalSettings(
         generate=generate,
         max_new_tokens=max_new_tokens,

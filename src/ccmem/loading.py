@@ -40,6 +40,7 @@ from transformers import (
 
 from ccmem.fileio import package_dir, sweep_stale_temporaries
 from ccmem.memory import KVShape
+from ccmem.quantize import check_quantize, check_target, quantize_weights
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     name: str
     stage1: str | None = None  # hash of a stage-1 LoRA merged into the weights (ccmem.stage1)
+    quantized: str | None = None  # the weights' quantization (ccmem.quantize), None for float weights
     # the embedding rows the fingerprint reads, as stored in the checkpoint, where the model was loaded at a lower
     # precision than they are stored in (a float32 checkpoint in bfloat16): the same model, the same fingerprint
     stored_rows: torch.Tensor | None = field(default=None, repr=False, compare=False)
@@ -414,7 +416,7 @@ def check_dtype(dtype: Any) -> torch.dtype | None:
     raise ValueError(f"dtype {dtype!r} is not one a model computes in; give one of {', '.join(MODEL_DTYPES)}")
 
 
-def _device_and_dtype(
+def device_and_dtype(
     attn_implementation: str, device: str | torch.device | None, dtype: torch.dtype | None
 ) -> tuple[torch.device, torch.dtype]:
     """float32 on the CPU unless given; flash_attention_2 runs only on a CUDA GPU in half precision, so there
@@ -435,13 +437,16 @@ def load_model(
     dtype: torch.dtype | None = None,
     attn_implementation: str = "sdpa",
     device: str | torch.device | None = None,
+    quantize: str | None = None,
     **kwargs: Any,
 ) -> LoadedModel:
     """Load ``spec``: a built-in name, a hub shortcut (:data:`HUB_SHORTCUTS`), a local HF folder, a ``.gguf``
     file, or a hub id (online only).
 
     ``attn_implementation``: one of :data:`ATTN_IMPLEMENTATIONS`. ``dtype``/``device`` default to float32 on
-    the CPU; with flash_attention_2 to bfloat16 on ``cuda``.
+    the CPU; with flash_attention_2 to bfloat16 on ``cuda``. ``quantize="int8"``: int8 linear layers for decoding
+    on a CPU (:mod:`ccmem.quantize`; a stage-1 LoRA cannot be merged into them afterwards: :func:`ccmem.load`
+    merges it first).
     """
     if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
         raise ModelNotFoundError(
@@ -449,15 +454,21 @@ def load_model(
             "Hugging Face folder, a .gguf file or a hub id such as 'org/name'"
         )
     spec = str(spec)
+    quantize = check_quantize(quantize)
     check_attn_implementation(attn_implementation)
     dtype = check_dtype(dtype)
-    where, dtype = _device_and_dtype(attn_implementation, device, dtype)
+    where, dtype = device_and_dtype(attn_implementation, device, dtype)
+    if quantize is not None:  # before the weights load
+        check_target(quantize, spec, where, dtype)
     load_kw: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation, **kwargs}
     with _weights_bar(shown=spec not in BUILTIN_MODELS and sys.stderr.isatty()):
         tokenizer, model = _load(spec, load_kw)
     model.to(where)  # type: ignore[arg-type]
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, name=spec, stored_rows=_stored_rows(spec, model))
+    lm = LoadedModel(model=model, tokenizer=tokenizer, name=spec, stored_rows=_stored_rows(spec, model))
+    if quantize is not None:
+        quantize_weights(lm, quantize)
+    return lm
 
 
 def _stored_rows(spec: str, model: PreTrainedModel) -> torch.Tensor | None:

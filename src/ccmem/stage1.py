@@ -81,6 +81,11 @@ def merge_stage1(lm: LoadedModel, path: str | os.PathLike[str]) -> str:
         return digest  # already merged (models are shared between sessions)
     if lm.stage1 is not None:
         raise Stage1Error(f"this model already has stage-1 LoRA {lm.stage1} merged in; load a fresh model")
+    if lm.quantized is not None:
+        raise Stage1Error(
+            f"a stage-1 LoRA is merged into float weights, and {lm.name} holds {lm.quantized} ones; merge first, then "
+            f"quantize: ccmem.load(..., stage1=..., quantize={lm.quantized!r}) and --stage1 with --quantize do that"
+        )
     if adapter is None:
         _merge_legacy(lm, file, meta)
     else:

@@ -107,8 +107,12 @@ class EvalSettings:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
 
-    def fingerprint(self, dataset: str, n: int) -> str:
+    def fingerprint(self, dataset: str, n: int, weights: str | None = None) -> str:
+        """The hash of what a row measures: these settings, the dataset, ``n`` examples, and the model's weight
+        quantization (``weights``, ccmem.quantize; None for float weights keeps the hash rows had before)."""
         settings = asdict(self)
+        if weights is not None:
+            settings["weights"] = weights
         del settings["batch_size"]  # changes the speed, not what is measured
         del settings["data_path"]  # where the data lies; what it holds is hashed through ``data``
         # -O options are each row's own (``EvalRow.options``, only those its method takes): hashing them here made
@@ -443,10 +447,11 @@ def evaluate(
             else None  # nothing compressed (a GSM8K question has no context): no rate to report
         ),
         seconds=round(time.perf_counter() - started, 2),
-        config_hash=settings.fingerprint(dataset, len(examples)),
+        config_hash=settings.fingerprint(dataset, len(examples), session.lm.quantized),
         label=label,
         extra={
             **({"stage1": session.lm.stage1} if session.lm.stage1 else {}),
+            **({"weights": session.lm.quantized} if session.lm.quantized else {}),
             **({"score": settings.score} if settings.score != "sum" else {}),
             **({"memory_dtype": settings.memory_dtype} if settings.memory_dtype else {}),
             **({"data_path": settings.data_path} if settings.data_path else {}),

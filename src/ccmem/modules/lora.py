@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ccmem.quantize import QuantizeError, is_linear
+
 GATE_KWARG = "ccm_comp_mask"
 
 #: LoRA targets (attention projections) by model family; anything else uses the LLaMA names.
@@ -118,16 +120,17 @@ class LoRASet(nn.Module):
         self.pairs = nn.ModuleDict()
         self.paths: list[str] = []
         for path, module in model.named_modules():
-            if path.rpartition(".")[2] in targets and isinstance(module, nn.Linear):
-                pair = LoRAPair(module.in_features, module.out_features, rank, alpha, module.weight.dtype)
-                self.pairs[_key(path)] = pair.to(module.weight.device)
+            if path.rpartition(".")[2] in targets and is_linear(module):
+                # an int8 layer (ccmem.quantize) computes in float32 on the CPU; its weight is a method there
+                float_layer = isinstance(module, nn.Linear)
+                dtype = module.weight.dtype if float_layer else torch.float32
+                pair = LoRAPair(int(module.in_features), int(module.out_features), rank, alpha, dtype)
+                self.pairs[_key(path)] = pair.to(module.weight.device if float_layer else "cpu")
                 self.paths.append(path)
         if not self.paths:
             model_type = getattr(model.config.get_text_config(), "model_type", "?")  # type: ignore[union-attr,operator]
             other = sorted({type(m).__name__ for p, m in model.named_modules() if p.rpartition(".")[2] in targets})
-            linear = sorted(
-                {p.rpartition(".")[2] for p, m in model.named_modules() if isinstance(m, nn.Linear) and "." in p}
-            )
+            linear = sorted({p.rpartition(".")[2] for p, m in model.named_modules() if is_linear(m) and "." in p})
             if other:
                 raise ValueError(
                     f"the layers named {list(targets)} of this {model_type} model are {', '.join(other)}, not "
@@ -180,6 +183,11 @@ class LoRASet(nn.Module):
 
     def merge_into(self, model: nn.Module) -> None:
         """Add ``scale·B·A`` into the adapted layers' weights for good (stage 1 of the CCM recipe)."""
+        if any(not isinstance(model.get_submodule(path), nn.Linear) for path in self.paths):
+            raise QuantizeError(
+                "a LoRA is merged into float weights, and this model's linear layers hold int8 ones; merge first, "
+                "then quantize (ccmem.load(..., stage1=..., quantize='int8') does it in that order)"
+            )
         with torch.no_grad():
             for path in self.paths:
                 pair = self.pair(path)

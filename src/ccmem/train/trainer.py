@@ -53,6 +53,7 @@ from ccmem.data.samples import Sample
 from ccmem.fileio import atomic_path, file_in_the_way
 from ccmem.loading import LoadedModel, load_model
 from ccmem.methods.base import ContextTooLongError, Method
+from ccmem.quantize import QuantizeError, refuse_quantized
 from ccmem.registry import get_method
 from ccmem.stage1 import ADAPTER_FILE, Stage1Error, merge_stage1, read_stage1
 from ccmem.train.config import ConfigError, TrainConfig, differences, with_later_fields
@@ -478,6 +479,10 @@ def _method_state(config: TrainConfig, lm: LoadedModel | None) -> tuple[Method, 
     trainable state, seeded; and the stage-1 hash."""
     method = get_method(config.method.name, **config.method.options)
     lm = lm or load_model(config.model, attn_implementation=config.attn)
+    try:
+        refuse_quantized(lm, "training")
+    except QuantizeError as err:
+        raise ConfigError(str(err)) from None
     torch.manual_seed(config.train.seed)
     try:
         stage1_hash = merge_stage1(lm, config.load_path) if config.load_path else None
