@@ -16,6 +16,7 @@ Run:
     python benchmarks/icformer_latency.py --contexts 10 --out results/icformer_latency.json
     python benchmarks/icformer_latency.py --slots 32 --layers 1     # the shipped former's size (16:1 at 512)
     python benchmarks/icformer_latency.py --slots 32 --layers 1 --dtype bfloat16
+    python benchmarks/icformer_latency.py --quantize float16        # float16 weights for every method (ccmem.quantize)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ccmem.data.text import text_files
 from ccmem.loading import DEFAULT_MODEL, load_model
 from ccmem.methods.base import Method
+from ccmem.quantize import quantize_weights
 from ccmem.registry import get_method
 
 #: The precisions ``--dtype`` takes.
@@ -64,9 +66,18 @@ def main() -> None:
         default="float32",
         help="precision the LM and every method compute in (default float32; bfloat16 as on a GPU)",
     )
+    parser.add_argument(
+        "--quantize",
+        choices=["none", "float16"],
+        default="none",
+        help="the LM's weights while timed: none (as --dtype) or float16 linear layers (ccmem.quantize; needs "
+        "float32). FLOPs are counted with float32 layers either way: packed ones do the same products",
+    )
     parser.add_argument("--out", help="write the result as JSON to this file")
     args = parser.parse_args()
 
+    if args.quantize != "none" and args.dtype != "float32":
+        parser.error("--quantize packs float32 weights; drop --dtype")
     torch.set_grad_enabled(False)
     lm = load_model(args.model, dtype=COMPUTE_DTYPES[args.dtype])
     methods = {
@@ -93,6 +104,10 @@ def main() -> None:
         with counter:
             step(spans[0])
         flops[name] = counter.get_total_flops() / spans[0].shape[1]
+    if args.quantize != "none":  # the FLOPs above were counted on float layers, which the counter sees
+        quantize_weights(lm, args.quantize)
+        for step in steps.values():  # warm-up of the packed kernels
+            step(spans[0])
     for span in spans:
         for name, step in steps.items():
             runs = []
@@ -121,6 +136,7 @@ def main() -> None:
         "former_layers": args.layers,
         "repeats": args.repeats,
         "dtype": args.dtype,
+        "weights": lm.quantized or args.dtype,
         "threads": torch.get_num_threads(),
         "methods": rows,
     }

@@ -22,6 +22,7 @@ printed. Run::
     python benchmarks/serve_decode.py                                # SmolLM2-135M, the defaults below
     python benchmarks/serve_decode.py --history-tokens 1000 --sessions 4 --repeats 2
     python benchmarks/serve_decode.py --threads 1 --clock cpu        # on a machine busy with other work
+    python benchmarks/serve_decode.py --quantize float16             # float16 weights (ccmem.quantize)
 
 Both clocks are recorded in every row; ``--clock`` picks the one the ratios use.
 """
@@ -72,6 +73,7 @@ class SpeedRow:
     threads: int
     config_hash: str
     run: str  # when the run started (UTC): the rows of one run share it
+    weights: str = "float32"  # the model's linear layers: float32, or float16 (--quantize float16)
 
 
 @dataclass
@@ -87,6 +89,7 @@ class RatioRow:
     model: str
     config_hash: str
     run: str
+    weights: str = "float32"
 
 
 def chat_history(fmt: ChatFormat, tokens: int, seed: int) -> tuple[list[tuple[str, str]], int]:
@@ -166,6 +169,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="dialog generator seed of the first session (default 0)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument(
+        "--quantize",
+        choices=["none", "float16"],
+        default="none",
+        help="the model's weights: none (float32) or float16 linear layers (ccmem.quantize), which read half the "
+        "bytes per token on a CPU (default: none)",
+    )
+    parser.add_argument(
         "--clock",
         choices=["wall", "cpu"],
         default="wall",
@@ -187,7 +197,8 @@ def main() -> None:
     run = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     config_hash = hashlib.sha256(json.dumps(vars(args), default=str, sort_keys=True).encode()).hexdigest()[:12]
 
-    lm = ccmem.load_model(args.model)
+    lm = ccmem.load_model(args.model, quantize=args.quantize)
+    weights = lm.quantized or "float32"
     fmt = ChatFormat(lm.tokenizer)
     histories, history_tokens = zip(
         *(chat_history(fmt, args.history_tokens, args.seed + i) for i in range(args.sessions)), strict=True
@@ -206,7 +217,7 @@ def main() -> None:
             "speed", benchmark, variant, method, len(sessions), round(history),
             round(statistics.mean(s.memory.num_slots for s in sessions)), sum(s.memory.nbytes for s in sessions),
             n, round(times[0], 4), round(n * len(sessions) / times[0], 2), round(times[1], 4),
-            round(n * len(sessions) / times[1], 2), lm.name, threads, config_hash, run,
+            round(n * len(sessions) / times[1], 2), lm.name, threads, config_hash, run, weights,
         )  # fmt: skip
         rows.append(out)
         return out
@@ -264,12 +275,13 @@ def main() -> None:
         )
     )
     ratio_rows = [
-        RatioRow("ratio", name, round(r, 2), t, args.clock, r >= t, lm.name, config_hash, run) for name, r, t in ratios
+        RatioRow("ratio", name, round(r, 2), t, args.clock, r >= t, lm.name, config_hash, run, weights)
+        for name, r, t in ratios
     ]
 
     for r in [*rows, *ratio_rows]:
         append_row(args.out, r)
-    print(f"\n{lm.name}, {threads} threads, {n} new tokens per session, best of {args.repeats}:")
+    print(f"\n{lm.name} ({weights} weights), {threads} threads, {n} new tokens per session, best of {args.repeats}:")
     print(f"{'configuration':<30} {'sessions':>8} {'history':>8} {'slots':>6} {'tokens/s':>9} {'tokens/CPU-s':>13}")
     for r in rows:
         name = f"{r.method} {r.variant}"

@@ -757,8 +757,8 @@ def _check_loaded_as_asked(lm: LoadedModel, dtype: Any, attn_implementation: str
     bfloat16). Quantizing a shared model in place would change the sessions already reading it."""
     if quantize is not None and lm.quantized != quantize:
         raise QuantizeError(
-            f"quantize={quantize!r}, but {lm.name} is loaded already with {lm.quantized or 'float'} weights; quantize "
-            "applies when ccmem.load loads a model: pass its name or folder, or quantize it yourself "
+            f"quantize={quantize!r}, but {lm.name} is loaded already with {lm.quantized or 'its float32'} weights; "
+            "quantize applies when ccmem.load loads a model: pass its name or folder, or quantize it yourself "
             "(ccmem.quantize.quantize_weights) before any session reads it"
         )
     asked = check_dtype(dtype)
@@ -798,8 +798,8 @@ def load(
     ``method_options`` are the method's options, e.g. ``n_tok=4, recurrent=False`` (``ccmem methods`` lists them).
     ``attn_implementation``: sdpa (default), eager or flash_attention_2 (a CUDA GPU with flash_attn; only for
     methods that read plainly, such as full and none). ``dtype``: float32 by default (flash_attention_2: bfloat16).
-    ``quantize="int8"``: int8 linear layers for decoding on a CPU, about 1.6x faster per token there
-    (:mod:`ccmem.quantize`); a ``stage1`` LoRA is merged into the float weights first.
+    ``quantize="float16"``: linear layers with float16 weights multiplied in float32, for decoding on a CPU (half
+    the bytes read per token: :mod:`ccmem.quantize`); a ``stage1`` LoRA is merged into the float weights first.
     A loaded model (``model=lm.lm``) can be shared by several sessions with different methods; ``dtype``,
     ``attn_implementation`` and ``quantize`` are then those it was loaded with (another is refused).
     """

@@ -444,9 +444,9 @@ def load_model(
     file, or a hub id (online only).
 
     ``attn_implementation``: one of :data:`ATTN_IMPLEMENTATIONS`. ``dtype``/``device`` default to float32 on
-    the CPU; with flash_attention_2 to bfloat16 on ``cuda``. ``quantize="int8"``: int8 linear layers for decoding
-    on a CPU (:mod:`ccmem.quantize`; a stage-1 LoRA cannot be merged into them afterwards: :func:`ccmem.load`
-    merges it first).
+    the CPU; with flash_attention_2 to bfloat16 on ``cuda``. ``quantize="float16"``: linear layers with float16
+    weights for decoding on a CPU (:mod:`ccmem.quantize`; a stage-1 LoRA cannot be merged into them afterwards:
+    :func:`ccmem.load` merges it first).
     """
     if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
         raise ModelNotFoundError(

@@ -1,25 +1,31 @@
-"""int8 weights for decoding on a CPU: ``ccmem.load(..., quantize="int8")``, ``--quantize int8`` on the commands
-that run a model (chat, serve, compress, ask, generate, eval).
+"""float16 weights for decoding on a CPU: ``ccmem.load(..., quantize="float16")``, ``--quantize float16`` on the
+commands that run a model (chat, serve, compress, ask, generate, eval).
 
 The model's linear layers (attention and MLP projections, and the LM head) are replaced by PyTorch's dynamically
-quantized linear layers: weights held as int8 with one float32 scale per tensor, activations quantized per
-forward, the matmul done by the CPU's int8 kernels (fbgemm / oneDNN on x86, qnnpack on ARM). Embeddings, norms and
-the key/value cache stay float32, so a memory made with int8 weights has the layout and dtype of one made
-without them, and either model can read it (the values differ by the weights' rounding).
+quantized linear layers with float16 weights: the weights are held in float16 and multiplied in float32 by the
+CPU's fbgemm kernels, so each forward reads half the bytes and rounds nothing but the weights (to 11 significant
+bits). Embeddings, norms and the key/value cache stay float32, so a memory made this way has the layout and dtype
+of one made without, and either model can read it.
 
 Why: on a CPU, one decoding step of a small model is bound by reading its weights (540 MB per token for
-SmolLM2-135M in float32; README, Decoding speed). int8 weights read a quarter of that, so each step is cheaper,
-and the part of a step that a compressed memory saves (attending to and copying a long cache) becomes a larger
-share of it. Measured on the 2-core machine of this project: README, "int8 weights".
+SmolLM2-135M in float32; README, Serving speed). Half of that makes each step about twice as fast here, and the
+part of a step that a compressed memory saves (attending to and copying a long cache) a larger share of it.
+Measured on the 2-core machine of this project: README, "float16 weights".
 
-What stays float: ccmem's own trainable state (LoRA pairs, <COMP> embeddings, classifiers, the IC-Former), which
-hooks onto the quantized layers as it does onto float ones. What it excludes: training (int8 layers have no
+Not int8: PyTorch's int8 dynamic quantization also rounds every layer's *input* to 8 bits, one scale per tensor,
+and SmolLM2's activations have outlier channels; it decoded a little faster but doubled the perplexity of
+packaged prose (59 → 151, per-channel weight scales 139) and dropped full-context persona accuracy from 0.63 to
+0.41 (README). float16 weights moved that perplexity by less than 0.01%.
+
+What stays float32: ccmem's own trainable state (LoRA pairs, <COMP> embeddings, classifiers, the IC-Former),
+which hooks onto the packed layers as it does onto float ones. What it excludes: training (packed layers have no
 gradients), merging a stage-1 LoRA into the weights afterwards (merge first: :func:`ccmem.load` does, when given
-both), GPUs (use bfloat16 there), and models loaded in another dtype than float32.
+both), GPUs (load the model in bfloat16 there: ``dtype=``), and models loaded in another dtype than float32.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +36,8 @@ if TYPE_CHECKING:
     from ccmem.loading import LoadedModel
 
 #: The weight quantizations ``quantize=`` accepts.
-WEIGHT_SCHEMES = ("int8",)
+WEIGHT_SCHEMES = ("float16",)
+_ALIASES = {"fp16": "float16", "half": "float16"}
 
 
 class QuantizeError(ValueError):
@@ -46,28 +53,31 @@ def check_quantize(value: Any) -> str | None:
     name = value.strip().lower()
     if name in ("", "none"):
         return None
+    name = _ALIASES.get(name, name)
     if name not in WEIGHT_SCHEMES:
         raise QuantizeError(
             f"quantize={value!r} is not a weight quantization ccmem knows; use one of: {', '.join(WEIGHT_SCHEMES)} "
-            "(or none for float weights)"
+            "(or none for the weights as loaded); int8 was measured and left out: it rounds each layer's input too, "
+            "which doubled SmolLM2's perplexity"
         )
     return name
 
 
 def dynamic_linear_type() -> type[nn.Module]:
-    """The class of PyTorch's dynamically quantized linear layer (imported on first use)."""
+    """The class of PyTorch's dynamically quantized linear layer (imported on first use), whatever its weights'
+    dtype."""
     from torch.ao.nn.quantized.dynamic import Linear
 
     return Linear
 
 
 def is_linear(module: nn.Module) -> bool:
-    """Whether ``module`` is a linear layer ccmem's LoRA can hook: a float ``nn.Linear`` or an int8 one."""
+    """Whether ``module`` is a linear layer ccmem's LoRA can hook: a float ``nn.Linear`` or a packed one."""
     return isinstance(module, (nn.Linear, dynamic_linear_type()))
 
 
 def quantize_weights(lm: LoadedModel, scheme: str) -> None:
-    """Replace ``lm``'s linear layers in place by int8 ones (``scheme``: one of :data:`WEIGHT_SCHEMES`).
+    """Replace ``lm``'s linear layers in place by packed ones (``scheme``: one of :data:`WEIGHT_SCHEMES`).
 
     Refused on a model that is not float32 on the CPU, and on one quantized already with another scheme (the same
     scheme again does nothing). Anything built on ``lm`` before (a method's LoRA, a session's memory) keeps
@@ -79,14 +89,16 @@ def quantize_weights(lm: LoadedModel, scheme: str) -> None:
     if lm.quantized == scheme:
         return
     if lm.quantized is not None:
-        raise QuantizeError(f"{lm.name} holds {lm.quantized} weights already; load it again to quantize as {scheme}")
+        raise QuantizeError(f"{lm.name} holds {lm.quantized} weights already; load it again to pack it as {scheme}")
     check_target(scheme, lm.name, lm.device, lm.model.dtype)
     was_training = lm.model.training
     with warnings.catch_warnings():
         # torch.ao's eager quantization is deprecated in favour of torchao; it is what torch itself ships, and
-        # ccmem pins torch, so the warning (one per layer) would only bury the user's output
+        # ccmem pins torch, so its warnings would only bury the user's output
         warnings.simplefilter("ignore")
-        torch.ao.quantization.quantize_dynamic(lm.model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        from torch.ao.quantization import float16_dynamic_qconfig, quantize_dynamic
+
+        quantize_dynamic(lm.model, {nn.Linear: float16_dynamic_qconfig}, dtype=torch.float16, inplace=True)
     lm.model.train(was_training)
     lm.quantized = scheme
 
@@ -103,14 +115,34 @@ def check_target(scheme: str, name: str, device: torch.device, dtype: torch.dtyp
             f"quantize={scheme!r} quantizes float32 weights, and {name} is loaded in {dtype}; load it in float32 "
             "(the default) to quantize it"
         )
-    if "none" in (torch.backends.quantized.engine or "none") or not torch.backends.quantized.supported_engines:
-        raise QuantizeError("this PyTorch build has no int8 CPU kernels (torch.backends.quantized); use float weights")
+    if not _kernels_run():
+        raise QuantizeError(
+            f"quantize={scheme!r} needs PyTorch's fbgemm kernels (x86 CPUs), which this build or CPU lacks "
+            f"(engine: {torch.backends.quantized.engine}); drop quantize"
+        )
+
+
+@functools.cache
+def _kernels_run() -> bool:
+    """Whether a packed float16 linear layer runs here (fbgemm: x86 builds of PyTorch), tried once."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torch.ao.quantization import float16_dynamic_qconfig, quantize_dynamic
+
+            probe = quantize_dynamic(
+                nn.Sequential(nn.Linear(4, 2)), {nn.Linear: float16_dynamic_qconfig}, dtype=torch.float16
+            )
+            probe(torch.ones(1, 4))
+    except (RuntimeError, NotImplementedError, AssertionError):
+        return False
+    return True
 
 
 def refuse_quantized(lm: LoadedModel, doing: str) -> None:
-    """Raise a :class:`QuantizeError` if ``lm`` holds quantized weights: ``doing`` needs float ones."""
+    """Raise a :class:`QuantizeError` if ``lm``'s linear layers are packed: ``doing`` needs its float32 layers."""
     if lm.quantized is not None:
         raise QuantizeError(
-            f"{doing} needs float weights, and {lm.name} holds {lm.quantized} weights; load it without quantize "
-            "(int8 weights are for decoding)"
+            f"{doing} needs the model's float32 linear layers, and {lm.name}'s are packed ({lm.quantized} weights, "
+            "ccmem.quantize); load it without quantize (packed weights are for decoding)"
         )

@@ -83,8 +83,9 @@ def merge_stage1(lm: LoadedModel, path: str | os.PathLike[str]) -> str:
         raise Stage1Error(f"this model already has stage-1 LoRA {lm.stage1} merged in; load a fresh model")
     if lm.quantized is not None:
         raise Stage1Error(
-            f"a stage-1 LoRA is merged into float weights, and {lm.name} holds {lm.quantized} ones; merge first, then "
-            f"quantize: ccmem.load(..., stage1=..., quantize={lm.quantized!r}) and --stage1 with --quantize do that"
+            f"a stage-1 LoRA is merged into the model's float32 linear layers, and {lm.name}'s are packed "
+            f"({lm.quantized} weights); merge first, then quantize: ccmem.load(..., stage1=..., "
+            f"quantize={lm.quantized!r}) and --stage1 with --quantize do that"
         )
     if adapter is None:
         _merge_legacy(lm, file, meta)

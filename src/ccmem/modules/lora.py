@@ -121,7 +121,7 @@ class LoRASet(nn.Module):
         self.paths: list[str] = []
         for path, module in model.named_modules():
             if path.rpartition(".")[2] in targets and is_linear(module):
-                # an int8 layer (ccmem.quantize) computes in float32 on the CPU; its weight is a method there
+                # a packed layer (ccmem.quantize) computes in float32 on the CPU; its weight is a method there
                 float_layer = isinstance(module, nn.Linear)
                 dtype = module.weight.dtype if float_layer else torch.float32
                 pair = LoRAPair(int(module.in_features), int(module.out_features), rank, alpha, dtype)
@@ -185,8 +185,8 @@ class LoRASet(nn.Module):
         """Add ``scale·B·A`` into the adapted layers' weights for good (stage 1 of the CCM recipe)."""
         if any(not isinstance(model.get_submodule(path), nn.Linear) for path in self.paths):
             raise QuantizeError(
-                "a LoRA is merged into float weights, and this model's linear layers hold int8 ones; merge first, "
-                "then quantize (ccmem.load(..., stage1=..., quantize='int8') does it in that order)"
+                "a LoRA is merged into float weights, and this model's linear layers are packed (ccmem.quantize); "
+                "merge first, then quantize (ccmem.load(..., stage1=..., quantize='float16') does it in that order)"
             )
         with torch.no_grad():
             for path in self.paths:
