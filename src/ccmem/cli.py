@@ -69,12 +69,12 @@ ModelOpt = Annotated[
 ]
 Attn = Literal["sdpa", "eager", "flash_attention_2"]
 AttnOpt = Annotated[Attn, typer.Option("--attn", help=ATTN_HELP)]
-Quantize = Literal["none", "float16"]
+Quantize = Literal["float16"]
 QuantizeOpt = Annotated[
-    Quantize,
+    Quantize | None,
     typer.Option(
         "--quantize",
-        help="Weights of the linear layers: none (as loaded, float32) or float16 (held in half precision and "
+        help="Pack the linear layers' weights: float16 (held in half precision and "
         "multiplied in float32 by the CPU's fbgemm kernels: half the bytes read per token, so decoding on a CPU is "
         "about twice as fast, answers the same; README: float16 weights). Not for GPUs (load bfloat16 there) or "
         "training.",
@@ -228,7 +228,7 @@ def _session(
     system: str | None,
     stage1: Path | None,
     attn: str = "sdpa",
-    quantize: str = "none",
+    quantize: str | None = None,
 ) -> Any:
     import ccmem  # deferred: importing torch/transformers makes --help slow
     from ccmem.adapter import read_adapter
@@ -405,7 +405,7 @@ def chat(
     store: StoreOpt = None,
     redis_url: RedisOpt = None,
     attn: AttnOpt = "sdpa",
-    quantize: QuantizeOpt = "none",
+    quantize: QuantizeOpt = None,
 ) -> None:
     """Chat interactively; each finished exchange is compressed into memory. Type /help for commands."""
     from ccmem.serve.chat import run_chat
@@ -496,7 +496,7 @@ def serve(
         ),
     ] = "auto",
     attn: AttnOpt = "sdpa",
-    quantize: QuantizeOpt = "none",
+    quantize: QuantizeOpt = None,
 ) -> None:
     """Serve an OpenAI-compatible API that keeps each conversation as a compressed memory.
 
@@ -614,7 +614,7 @@ def compress(
         ),
     ] = None,
     attn: AttnOpt = "sdpa",
-    quantize: QuantizeOpt = "none",
+    quantize: QuantizeOpt = None,
 ) -> None:
     """Compress a text file into a memory file that `ccmem ask` can answer from."""
     check_output_file(out, text_file, "--out", "memory.safetensors")
@@ -734,7 +734,7 @@ def ask(
     stage1: Stage1Opt = None,
     max_new_tokens: MaxNewOpt = 128,
     attn: AttnOpt = "sdpa",
-    quantize: QuantizeOpt = "none",
+    quantize: QuantizeOpt = None,
 ) -> None:
     """Answer a question from a saved memory (same model, method and adapter as the one that wrote it)."""
     options = _options(n_tok, recurrent, option)
@@ -808,7 +808,7 @@ def generate(
     stage1: Stage1Opt = None,
     max_new_tokens: MaxNewOpt = 256,
     attn: AttnOpt = "sdpa",
-    quantize: QuantizeOpt = "none",
+    quantize: QuantizeOpt = None,
 ) -> None:
     """Answer every record of a PwC file from its compressed input, one JSON line per record.
 
@@ -1102,7 +1102,7 @@ def eval_command(
         "results/eval.jsonl"
     ),
     attn: AttnOpt = "sdpa",
-    quantize: QuantizeOpt = "none",
+    quantize: QuantizeOpt = None,
 ) -> None:
     """Evaluate several methods on the same examples: accuracy (option scoring), perplexity, optional generation.
 
@@ -1204,7 +1204,7 @@ def eval_command(
         from ccmem.stage1 import read_stage1
 
         read_stage1(stage1)  # before loading the model: a wrong path or file is said at once
-    if quantize != "none":  # a GPU (flash_attention_2) is refused before the model loads
+    if quantize is not None:  # a GPU (flash_attention_2) is refused before the model loads
         from ccmem.loading import device_and_dtype
         from ccmem.quantize import check_target
 
@@ -1216,7 +1216,7 @@ def eval_command(
         from ccmem.stage1 import merge_stage1
 
         merge_stage1(lm, stage1)
-    if quantize != "none":  # after the stage-1 merge, which needs float weights
+    if quantize is not None:  # after the stage-1 merge, which needs float weights
         from ccmem.quantize import quantize_weights
 
         quantize_weights(lm, quantize)
