@@ -524,9 +524,10 @@ def serve(
     engine = Engine(base, sessions, model_id=f"{model}:{base.method.name}", limits=limits, memory_dtype=storage)
     auth = f"{len(tokens)} bearer token(s)" if tokens else "no auth (open to anyone who can reach it)"
     held = engine.memory_dtype or dtype_name(base.lm.dtype)
+    weights = f" ({base.lm.quantized} weights)" if base.lm.quantized else ""
     address = f"http://{host}:{port}/v1" if port else f"{host}, a free port (said on the next line)"
     console.print(
-        f"[bold]ccmem serve[/]: {engine.model_id} on {address}, {auth}, store {where}, sessions held at {held}"
+        f"[bold]ccmem serve[/]: {engine.model_id}{weights} on {address}, {auth}, store {where}, sessions held at {held}"
     )
     run(engine, host=host, port=port, tokens=tokens, log_level=log_level)
 

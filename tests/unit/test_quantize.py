@@ -225,3 +225,15 @@ def test_a_machine_without_the_kernels_is_told_before_anything_changes(monkeypat
     with pytest.raises(QuantizeError, match=r"needs PyTorch's fbgemm kernels.*drop quantize"):
         quantize_weights(lm, "float16")
     assert lm.quantized is None and _packed_layers(lm) == 0
+
+
+def test_serve_says_its_weights_are_float16(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    import ccmem.serve.server as server
+    from tests.unit.test_cli import run_cli
+
+    served = []
+    monkeypatch.setattr(server, "run", lambda engine, **kw: served.append(engine.base.lm.quantized) or engine.close())
+    args = ["serve", "--model", str(tiny_model_dir), "--method", "full", "--store", str(tmp_path / "s")]
+    code, out = run_cli(monkeypatch, capsys, *args, "--quantize", "float16")
+    assert code == 0, out
+    assert served == ["float16"] and "(float16 weights)" in " ".join(out.split())
