@@ -372,7 +372,7 @@ def gsm8k_table(
 
     from ccmem.loading import load_model, local_config
     from ccmem.options import parse_pairs
-    from ccmem.repro.gsm8k import GSM8KSettings, markdown, resolve_adapter, run, write
+    from ccmem.repro.gsm8k import GSM8KSettings, markdown, problems, resolve_adapter, run, write
 
     settings = GSM8KSettings(
         system=system,
@@ -398,6 +398,9 @@ def gsm8k_table(
         resolve_adapter(settings.adapter)  # before the model loads
     except ValueError as err:
         raise OptionError(str(err)) from None
+    held = len(problems(settings)) if settings.data else n
+    if held < n:  # the table said "N problems" below, but nothing told the user the file ran out first
+        err_console.print(f"note: --n {n}, but {settings.data} holds {held} test problems: every policy solves those")
     check_out_dir(out_dir, ["rows.jsonl", "report.md", "accuracy-vs-kv.png"], overwrite)
     lm = load_model(model, attn_implementation=attn)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -356,6 +356,31 @@ def test_repro_gsm8k_reads_the_real_test_file_given_with_data(tmp_path, monkeypa
     assert "| interval:4 |" in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_repro_gsm8k_says_when_the_file_holds_fewer_problems_than_asked(tmp_path, monkeypatch, capsys):
+    """`--n 500` on a file of 4 problems made a table of 4 without a word."""
+    import sys
+
+    import ccmem.loading
+    from ccmem import cli
+    from ccmem.adapter import save_adapter
+    from ccmem.data import gsm8k
+
+    lm = tiny_model(positions=1024)
+    path = save_adapter(trained(lm), lm, tmp_path / "adapter.safetensors")
+    monkeypatch.setattr(ccmem.loading, "load_model", lambda *args, **kwargs: lm)
+    held = len(gsm8k.read_split(str(FIXTURE), "test"))
+    args = ["--data", str(FIXTURE), "--adapter", str(path), "--n", "500", "--policies", "none"]
+    args += ["--max-new-tokens", "2", "--out-dir", str(tmp_path / "out")]
+    monkeypatch.setattr(sys, "argv", ["ccmem", "repro", "gsm8k", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    out = capsys.readouterr()
+    assert not exit_info.value.code, out
+    assert f"--n 500, but {FIXTURE} holds {held} test problems" in " ".join(out.err.split())
+    rows = [json.loads(line) for line in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
+    assert rows[0]["problems"] == held < 500
+
+
 def test_repro_gsm8k_refuses_an_encoder_decoder_folder_for_its_family_not_its_missing_adapter(
     tmp_path, monkeypatch, capsys
 ):
