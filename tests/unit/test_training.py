@@ -828,3 +828,15 @@ def test_an_adapter_file_is_named_by_its_hash_given_as_a_path_or_a_string(tmp_pa
     path.write_bytes(b"not really weights")
     expected = hashlib.sha256(b"not really weights").hexdigest()[:16]
     assert file_hash(path) == file_hash(str(path)) == expected
+
+
+def test_a_run_resumes_with_its_paths_spelled_another_way(tmp_path):
+    """`model=/models/x/` resuming a run made with `model=/models/x` was refused as "another config"."""
+    folder = tmp_path / "models" / "tiny"
+    steps = ("train.max_steps=1", "train.eval_steps=1", "train.save_steps=1")
+    train(_config(tmp_path, *steps, f"model={folder}"), lm=tiny_model())
+    again = _config(tmp_path, *steps, f"model={folder}/")
+    assert train(again, lm=tiny_model()).finished_before  # the same run, not trained twice
+    assert again.model == str(folder)  # the run's own spelling
+    with pytest.raises(ConfigError, match=r"another config.*model: .*tiny' -> .*tiny-2'"):
+        train(_config(tmp_path, *steps, f"model={folder}-2"), lm=tiny_model())

@@ -349,6 +349,7 @@ def prepare_run_dir(config: TrainConfig) -> str | None:
         )
     if saved.is_file() and (checkpoints or (run_dir / "summary.json").is_file()):
         old = with_later_fields(yaml.safe_load(saved.read_text()))
+        _spell_paths_as_saved(config, old)
         new = config.to_dict()
         changed = [d for d in differences(old, new) if not d.startswith(("wandb", "output_dir"))]
         if changed:
@@ -358,6 +359,28 @@ def prepare_run_dir(config: TrainConfig) -> str | None:
                 + ". Use a new run_id, or the original settings."
             )
     return str(checkpoints[max(checkpoints)]) if checkpoints else None
+
+
+#: Config keys that name a file or folder, which one path may be spelled several ways (``dir`` and ``dir/``).
+PATH_KEYS = (("model",), ("load_path",), ("init_from",), ("data", "path"), ("data", "eval_path"))
+
+
+def _spell_paths_as_saved(config: TrainConfig, saved: dict[str, Any]) -> None:
+    """Where ``config`` names the path its saved run names, spelled otherwise (``model=/models/x/`` against
+    ``/models/x``, ``./data`` against ``data``), take the run's spelling: it is the same run, and refusing to resume
+    it over a trailing slash helped no one. The spelling is kept, not normalised, so the run's hash stays its own."""
+    for key in PATH_KEYS:
+        holder: Any = config
+        stored: Any = saved
+        for part in key[:-1]:
+            holder, stored = getattr(holder, part), (stored or {}).get(part)
+        given, was = getattr(holder, key[-1]), (stored or {}).get(key[-1])
+        if isinstance(given, str) and isinstance(was, str) and given != was and _same_path(given, was):
+            setattr(holder, key[-1], was)
+
+
+def _same_path(a: str, b: str) -> bool:
+    return os.path.normpath(os.path.expanduser(a)) == os.path.normpath(os.path.expanduser(b))
 
 
 def checkpoint_complete(folder: Path) -> str | None:
