@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -137,6 +138,26 @@ class CompressionTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.method = method
         self.model_accepts_loss_kwargs = True  # compute_loss normalises by num_items_in_batch itself
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """As the Trainer does; and where the checkpoint holds no scheduler state (``train.save_optimizer=false``),
+        the learning rate resumes at the checkpoint's step of its schedule: the Trainer started the schedule again,
+        warm-up included, in the middle of the run, and said nothing."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        scheduler = self.lr_scheduler
+        if checkpoint is None or scheduler is None or (Path(checkpoint) / "scheduler.pt").is_file():
+            return
+        steps = self.state.global_step
+        logger.warning(
+            "%s holds no optimizer state (train.save_optimizer=false): the optimizer's moments start again from zero; "
+            "the learning rate resumes at step %d of its schedule",
+            checkpoint,
+            steps,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": intended here
+            for _ in range(steps):
+                scheduler.step()
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | int | None:
         counts = [self.method.loss_count(b["batch"]) for b in batch_samples]
