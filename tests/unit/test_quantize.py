@@ -237,3 +237,30 @@ def test_serve_says_its_weights_are_float16(monkeypatch, capsys, tmp_path, tiny_
     code, out = run_cli(monkeypatch, capsys, *args, "--quantize", "float16")
     assert code == 0, out
     assert served == ["float16"] and "(float16 weights)" in " ".join(out.split())
+
+
+def _method_names():
+    from ccmem.registry import method_classes
+
+    return sorted(method_classes())
+
+
+@pytest.mark.parametrize("method", _method_names())
+def test_every_method_runs_on_packed_layers_as_on_float_ones(method):
+    """Each method's session on float16 weights remembers and answers, and its memory has the float32 model's shape
+    (methods that read q/k/v, hook layers or capture attention all go through the packed layers)."""
+    from ccmem.registry import method_class
+
+    takes = {spec.name for spec in method_class(method).option_specs()}
+    options = {"n_tok": 2} if "n_tok" in takes else {}
+    shapes = []
+    for packed in (False, True):
+        model = tiny_model(positions=1024)
+        if packed:
+            quantize_weights(model, "float16")
+        session = ccmem.load(model, method, system_prompt="Hi.", **options)
+        for user, answer in TURNS:
+            session.remember(user, answer)
+        assert isinstance(session.generate("which fact?", max_new_tokens=3), str)
+        shapes.append(session.memory.num_slots)
+    assert shapes[0] == shapes[1]
