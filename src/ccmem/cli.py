@@ -301,6 +301,7 @@ def demo(
         Path | None, typer.Option("--out", help="Also append every row as JSON to this .jsonl file.")
     ] = None,
     attn: AttnOpt = "sdpa",
+    quantize: QuantizeOpt = None,
 ) -> None:
     """Run the pre-defined conversations with every method and print answers, memory and time side by side."""
     from ccmem.demo import run_demo
@@ -320,7 +321,7 @@ def demo(
         check_folder(out, "--out")
         out.parent.mkdir(parents=True, exist_ok=True)
     with console.status(f"loading {model}..."):
-        lm = load_model(model, attn_implementation=attn)
+        lm = load_model(model, attn_implementation=attn, quantize=quantize)
     names = _check_methods(lm, names, options, skip=methods is None)
     rows = []
     untrained = set()
@@ -1358,6 +1359,7 @@ def compare(
     ] = Path("results/compare"),
     stage1: Stage1Opt = None,
     attn: AttnOpt = "sdpa",
+    quantize: QuantizeOpt = None,
 ) -> None:
     """Run methods x tasks x memory budgets side by side and write an HTML + markdown report with plots.
 
@@ -1368,7 +1370,8 @@ def compare(
 
     from ccmem.eval.compare import CompareSettings, check_variants, grid, read_cached, run_decode_speed, run_grid
     from ccmem.eval.compare_report import write_compare_report
-    from ccmem.loading import load_model
+    from ccmem.loading import device_and_dtype, load_model
+    from ccmem.quantize import check_target, quantize_weights
     from ccmem.stage1 import merge_stage1, read_stage1
 
     adapters = {name: str(path) for name, path in _adapters(adapter).items()}
@@ -1401,6 +1404,8 @@ def compare(
         ) from None
     if stage1 is not None:
         read_stage1(stage1)  # before loading the model: a wrong path or file is said at once
+    if quantize is not None:  # a GPU (flash_attention_2) is refused before the model loads
+        check_target(quantize, model, *device_and_dtype(attn, None, None))
     with console.status(f"loading {model}..."):
         lm = load_model(model, attn_implementation=attn)
     kept = _check_methods(lm, names, settings.options, skip=methods is None)
@@ -1409,6 +1414,8 @@ def compare(
         cells = grid(settings)
     if stage1 is not None:  # every method then reads the finetuned weights: full is the stage-1 reference
         merge_stage1(lm, stage1)
+    if quantize is not None:  # after the stage-1 merge, which needs float32 layers
+        quantize_weights(lm, quantize)
     rows = []
     with Progress(console=err_console, transient=True) as bar:
         task = bar.add_task("compare", total=len(cells) * n)
@@ -1568,6 +1575,7 @@ def stream(
         typer.Option("--overwrite", help="Replace the rows and report already in --out-dir (else refused, unread)."),
     ] = False,
     attn: AttnOpt = "sdpa",
+    quantize: QuantizeOpt = None,
 ) -> None:
     """Read a text many times the model's context at constant memory, for every method at the same memory.
 
@@ -1597,7 +1605,8 @@ def stream(
     settings.check()
     check_out_dir(out_dir, ["rows.jsonl", "report.md", "stream.png"], overwrite)
     with console.status(f"loading {model}..."):
-        lm = load_model(model, attn_implementation=attn)
+        lm = load_model(model, attn_implementation=attn, quantize=quantize)
+    settings.weights = lm.quantized
     _check_methods(lm, settings.methods, settings.options)
     check_layouts(lm, settings)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

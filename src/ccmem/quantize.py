@@ -1,5 +1,5 @@
 """float16 weights for decoding on a CPU: ``ccmem.load(..., quantize="float16")``, ``--quantize float16`` on the
-commands that run a model (chat, serve, compress, ask, generate, eval).
+commands that run a model (chat, serve, compress, ask, generate, eval, compare, stream, demo).
 
 The model's linear layers (attention and MLP projections, and the LM head) are replaced by PyTorch's dynamically
 quantized linear layers with float16 weights: the weights are held in float16 and multiplied in float32 by the

@@ -148,7 +148,7 @@ def test_training_on_packed_layers_is_refused(tmp_path):
 
 def spy_quantized(monkeypatch) -> list[str]:
     """Record the scheme of every model ccmem quantizes (through ccmem.load or eval)."""
-    from ccmem import api, quantize
+    from ccmem import api, loading, quantize
 
     seen: list[str] = []
     real = quantize.quantize_weights
@@ -159,6 +159,7 @@ def spy_quantized(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(api, "quantize_weights", spy)
     monkeypatch.setattr(quantize, "quantize_weights", spy)
+    monkeypatch.setattr(loading, "quantize_weights", spy)
     return seen
 
 
@@ -264,3 +265,52 @@ def test_every_method_runs_on_packed_layers_as_on_float_ones(method):
         assert isinstance(session.generate("which fact?", max_new_tokens=3), str)
         shapes.append(session.memory.num_slots)
     assert shapes[0] == shapes[1]
+
+
+def test_compare_with_float16_weights_measures_its_own_rows(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    """A compare rerun with --quantize reads no float32 row back (they decode at another speed), and a rerun with
+    it reads its own back."""
+    import json
+
+    from tests.unit.test_cli import run_cli
+
+    args = ["compare", "--model", str(tiny_model_dir), "--methods", "full,none", "--tasks", "icl", "--n", "2",
+            "--no-decode", "--out-dir", str(tmp_path)]  # fmt: skip
+    code, text = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, text
+    code, text = run_cli(monkeypatch, capsys, *args, "--quantize", "float16")
+    assert code == 0 and "read from rows.jsonl" not in text, text
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [r["extra"].get("weights") for r in rows] == [None, None, "float16", "float16"]
+    assert len({r["config_hash"] for r in rows}) == 2
+    code, text = run_cli(monkeypatch, capsys, *args, "--quantize", "float16")
+    assert code == 0 and "read from rows.jsonl (2/2 cells)" in text, text
+
+
+def test_stream_rows_say_their_weights(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    import json
+
+    from tests.unit.test_cli import run_cli
+
+    text = tmp_path / "book.txt"
+    text.write_text(" ".join(f"w{i % 50}" for i in range(200)))
+    args = ["stream", "--model", str(tiny_model_dir), "--text", str(text), "--max-positions", "48", "--contexts", "2",
+            "--sink", "2", "--window", "8", "--block", "8", "--methods", "streaming-llm,window"]  # fmt: skip
+    code, out = run_cli(monkeypatch, capsys, *args, "--out-dir", str(tmp_path / "a"))
+    assert code == 0, out
+    code, out = run_cli(monkeypatch, capsys, *args, "--out-dir", str(tmp_path / "b"), "--quantize", "float16")
+    assert code == 0, out
+    plain, packed = ([json.loads(x) for x in (tmp_path / d / "rows.jsonl").read_text().splitlines()] for d in "ab")
+    assert {r["weights"] for r in plain} == {None} and {r["weights"] for r in packed} == {"float16"}
+    assert plain[0]["config_hash"] != packed[0]["config_hash"]
+    assert abs(plain[0]["perplexity"] - packed[0]["perplexity"]) < 1e-2 * plain[0]["perplexity"]
+
+
+def test_demo_takes_quantize(monkeypatch, capsys, tiny_model_dir):
+    from tests.unit.test_cli import run_cli
+
+    seen = spy_quantized(monkeypatch)
+    code, out = run_cli(monkeypatch, capsys, "demo", "--model", str(tiny_model_dir), "--methods", "full", "--quantize",
+                        "float16", "--max-new-tokens", "2")  # fmt: skip
+    assert code == 0, out
+    assert seen == ["float16"]

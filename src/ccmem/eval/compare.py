@@ -325,7 +325,7 @@ def run_grid(
         task = TASKS[task_name]
         examples = examples_of[task_name]
         eval_settings = settings.eval_settings(task, model_key(lm))
-        config_hash = eval_settings.fingerprint(task.name, len(examples))
+        config_hash = eval_settings.fingerprint(task.name, len(examples), lm.quantized)
         for cell in (c for c in grid(settings) if c.task == task_name):
             method = base_method(cell.method)
             options = settings.options_of(cell.method)
@@ -354,9 +354,11 @@ def run_grid(
 def model_key(lm: LoadedModel) -> str:
     """What identifies the model in a cached row: a built-in model's name (its weights never change), else the
     name with the weights' fingerprint, so that a folder whose weights were replaced is measured anew. Weights with
-    a stage-1 LoRA merged in are another model: their rows and timings never stand in for the plain one's."""
+    a stage-1 LoRA merged in are another model: their rows and timings never stand in for the plain one's; nor do
+    packed weights' (ccmem.quantize), which answer alike but decode at another speed."""
     model = lm.name if lm.name in BUILTIN_MODELS else f"{lm.name}@{lm.fingerprint}"
-    return f"{model}+stage1:{lm.stage1}" if lm.stage1 else model
+    model = f"{model}+stage1:{lm.stage1}" if lm.stage1 else model
+    return f"{model}+weights:{lm.quantized}" if lm.quantized else model
 
 
 def _as_variant(row: EvalRow, name: str) -> EvalRow:

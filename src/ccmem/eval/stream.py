@@ -69,6 +69,7 @@ class StreamSettings:
     adapters: dict[str, str] = field(default_factory=dict)  # ccm-* method -> adapter file (default: shipped)
     options: dict[str, Any] = field(default_factory=dict)  # options of the sparse methods (compression_ratio...)
     label: str = ""
+    weights: str | None = None  # the model's packed weights (ccmem.quantize), None for its float32 layers
 
     def check(self) -> None:
         """Raise :class:`StreamOptionError` naming the option that cannot work."""
@@ -116,6 +117,8 @@ class StreamSettings:
 
     def fingerprint(self) -> str:
         settings = {k: v for k, v in asdict(self).items() if k != "label"}
+        if settings["weights"] is None:
+            del settings["weights"]  # as before the field existed: float32 runs keep their hash
         blob = json.dumps(settings | {"text_version": STREAM_TEXT_VERSION}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -148,6 +151,7 @@ class StreamRow:
     stopped: str | None  # why the method stopped early (full: positions or memory cap)
     config_hash: str
     label: str = ""
+    weights: str | None = None  # packed weights (ccmem.quantize), None for the model's float32 layers
 
 
 # ---------------------------------------------------------------------------- text
@@ -369,6 +373,7 @@ def run_method(
         stopped=stopped,
         config_hash=settings.fingerprint(),
         label=settings.label,
+        weights=settings.weights,
     )
 
 
