@@ -13,9 +13,9 @@ part of a step that a compressed memory saves (attending to and copying a long c
 Measured on the 2-core machine of this project: README, "float16 weights".
 
 Not int8: PyTorch's int8 dynamic quantization also rounds every layer's *input* to 8 bits, one scale per tensor,
-and SmolLM2's activations have outlier channels; it decoded a little faster but doubled the perplexity of
-packaged prose (59 → 151, per-channel weight scales 139) and dropped full-context persona accuracy from 0.63 to
-0.41 (README). float16 weights moved that perplexity by less than 0.01%.
+and SmolLM2's activations have outlier channels; it decoded a little faster but tripled the perplexity of
+packaged prose (38.3 → 114.9 in ``benchmarks/packed_weights.py``; per-channel weight scales did not help) and
+dropped full-context persona accuracy from 0.63 to 0.41 (README). float16 weights left that perplexity at 38.326.
 
 What stays float32: ccmem's own trainable state (LoRA pairs, <COMP> embeddings, classifiers, the IC-Former),
 which hooks onto the packed layers as it does onto float ones. What it excludes: training (packed layers have no
@@ -58,7 +58,7 @@ def check_quantize(value: Any) -> str | None:
         raise QuantizeError(
             f"quantize={value!r} is not a weight quantization ccmem knows; use one of: {', '.join(WEIGHT_SCHEMES)} "
             "(or none for the weights as loaded); int8 was measured and left out: it rounds each layer's input too, "
-            "which doubled SmolLM2's perplexity"
+            "which tripled SmolLM2's perplexity"
         )
     return name
 
