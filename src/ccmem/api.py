@@ -23,10 +23,10 @@ import torch
 from ccmem.adapter import Adapter, adapter_path, load_adapter, options_with_adapter, read_adapter
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat, Message, TextStream, check_messages, check_text
 from ccmem.generation import Sampling, check_max_new_tokens, decode, decode_batch
-from ccmem.loading import DEFAULT_MODEL, AttentionError, LoadedModel, check_dtype, device_and_dtype, load_model
+from ccmem.loading import DEFAULT_MODEL, AttentionError, LoadedModel, check_dtype, load_model
 from ccmem.memory import Memory, MemoryMismatchError, check_meta
 from ccmem.methods.base import ContextTooLongError, Method, add_rows, logits_for, padding_is_exact, read_batch
-from ccmem.quantize import QuantizeError, check_quantize, check_target, quantize_weights
+from ccmem.quantize import QuantizeError, check_before_loading, check_quantize, quantize_weights
 from ccmem.registry import DEFAULT_METHOD, get_method, method_class
 from ccmem.stage1 import merge_stage1, read_stage1, stage1_hash
 
@@ -820,7 +820,7 @@ def load(
     if isinstance(model, LoadedModel):
         _check_loaded_as_asked(model, dtype, attn_implementation, quantize)
     elif quantize is not None:  # refused before the weights load (a GPU, half precision)
-        check_target(quantize, str(model), *device_and_dtype(attn_implementation, None, check_dtype(dtype)))
+        check_before_loading(quantize, str(model), attn_implementation, check_dtype(dtype))
     lm = (
         model
         if isinstance(model, LoadedModel)

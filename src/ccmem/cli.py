@@ -1207,10 +1207,9 @@ def eval_command(
 
         read_stage1(stage1)  # before loading the model: a wrong path or file is said at once
     if quantize is not None:  # a GPU (flash_attention_2) is refused before the model loads
-        from ccmem.loading import device_and_dtype
-        from ccmem.quantize import check_target
+        from ccmem.quantize import check_before_loading
 
-        check_target(quantize, model, *device_and_dtype(attn, None, None))
+        check_before_loading(quantize, model, attn)
     with console.status(f"loading {model}..."):
         lm = load_model(model, attn_implementation=attn)
     names = _check_methods(lm, names, options, skip=methods is None)
@@ -1370,8 +1369,8 @@ def compare(
 
     from ccmem.eval.compare import CompareSettings, check_variants, grid, read_cached, run_decode_speed, run_grid
     from ccmem.eval.compare_report import write_compare_report
-    from ccmem.loading import device_and_dtype, load_model
-    from ccmem.quantize import check_target, quantize_weights
+    from ccmem.loading import load_model
+    from ccmem.quantize import check_before_loading, quantize_weights
     from ccmem.stage1 import merge_stage1, read_stage1
 
     adapters = {name: str(path) for name, path in _adapters(adapter).items()}
@@ -1405,7 +1404,7 @@ def compare(
     if stage1 is not None:
         read_stage1(stage1)  # before loading the model: a wrong path or file is said at once
     if quantize is not None:  # a GPU (flash_attention_2) is refused before the model loads
-        check_target(quantize, model, *device_and_dtype(attn, None, None))
+        check_before_loading(quantize, model, attn)
     with console.status(f"loading {model}..."):
         lm = load_model(model, attn_implementation=attn)
     kept = _check_methods(lm, names, settings.options, skip=methods is None)

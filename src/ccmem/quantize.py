@@ -122,6 +122,17 @@ def check_target(scheme: str, name: str, device: torch.device, dtype: torch.dtyp
         )
 
 
+def check_before_loading(
+    scheme: str, spec: str, attn_implementation: str = "sdpa", dtype: torch.dtype | None = None
+) -> None:
+    """:func:`check_target` for model ``spec`` about to be loaded with these arguments, where
+    :func:`ccmem.loading.load_model` would place it (flash_attention_2: a GPU), so that a refusal comes before the
+    weights load and not after."""
+    from ccmem.loading import device_and_dtype  # ccmem.loading imports this module
+
+    check_target(scheme, spec, *device_and_dtype(attn_implementation, None, dtype))
+
+
 @functools.cache
 def _kernels_run() -> bool:
     """Whether a packed float16 linear layer runs here (fbgemm: x86 builds of PyTorch), tried once."""
