@@ -334,3 +334,14 @@ def test_opt_parallel_forward_runs_the_compression_lora():
         ).last_hidden_state
     start = batch.tail_start[0]
     torch.testing.assert_close(parallel[start : start + len(TAIL)], logits_for(lm, tail)[0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["ccm-concat", "sentinel"])
+def test_a_family_whose_attention_ccmem_cannot_switch_says_so_before_naming_lora_targets(method):
+    """Falcon calls its attention itself: the LoRA error came first and told the user to pass lora_targets, which
+    then failed on the attention. The real obstacle is named first, whatever the targets."""
+    lm = family("falcon", T.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4))
+    for options in ({}, {"lora_targets": ("query_key_value", "dense")}):
+        with pytest.raises(ValueError, match="FalconForCausalLM does not route attention through") as err:
+            ccmem.load(lm, method, system_prompt=None, **options).add_ids(list(range(10, 20)))
+        assert "lora_targets" not in str(err.value)

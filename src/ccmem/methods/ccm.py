@@ -43,7 +43,13 @@ from ccmem.memory import KV, Memory, concat_layers, concat_positions, constant_p
 from ccmem.methods import ccm_seq2seq
 from ccmem.methods.base import LoRAOptions, answer_loss, logits_for, option, read_batch, run_decoder
 from ccmem.modules import GATE_KWARG, CompEmbeddings, LoRAGate, LoRASet, default_targets, embedding_rows
-from ccmem.patching.attention import PLAN_KWARG, AttentionPlan, compression_attention, merge_scores
+from ccmem.patching.attention import (
+    PLAN_KWARG,
+    AttentionPlan,
+    check_routes_attention,
+    compression_attention,
+    merge_scores,
+)
 from ccmem.registry import register
 
 #: What ``keep`` can hold raw in memory: ``digits``, the tokens whose text has a digit; ``values``, every token of a
@@ -247,6 +253,7 @@ class CompTokens(ccm_seq2seq.EncoderMemory, LoRAOptions):
     def build(self, lm: LoadedModel) -> CompState:
         if lm.is_encoder_decoder:
             return ccm_seq2seq.build(self, lm)
+        check_routes_attention(lm.model)  # before the LoRA, whose target hint would lead nowhere on such a model
         embed = embedding_rows(lm.model.get_input_embeddings())
         comp = CompEmbeddings(self.n_tok, embed.shape[1], init_from=embed).to(embed.device)
         targets = self.lora_targets or default_targets(lm.model)

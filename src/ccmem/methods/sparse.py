@@ -28,7 +28,7 @@ from ccmem.loading import LoadedModel
 from ccmem.memory import Memory
 from ccmem.methods.base import LoRAOptions, Method, context_count, logits_for, option
 from ccmem.modules import LoRASet, default_targets, embedding_rows
-from ccmem.patching.attention import PLAN_KWARG, AttentionPlan, compression_attention
+from ccmem.patching.attention import PLAN_KWARG, AttentionPlan, check_routes_attention, compression_attention
 from ccmem.sparse_masks import Kind, SparseLayout
 
 LOSS_ON = ("all", "answer")
@@ -121,6 +121,7 @@ class SparseMethod(Method, LoRAOptions):
     # ------------------------------------------------------------------ state and attaching
 
     def build(self, lm: LoadedModel) -> nn.Module:
+        check_routes_attention(lm.model)  # before the LoRA, whose target hint would lead nowhere here
         targets = self.lora_targets or default_targets(lm.model)
         lora = LoRASet(lm.model.base_model, targets, self.lora_rank, self.lora_alpha, self.lora_dropout)
         if not self.uses_sentinels:

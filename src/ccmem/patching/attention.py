@@ -293,6 +293,17 @@ def register() -> None:
     AttentionMaskInterface.register("ccm_eager", eager_mask)
 
 
+def check_routes_attention(model: PreTrainedModel) -> None:
+    """Refuse a model family whose attention ccmem cannot switch (its modules call attention themselves instead of
+    through transformers' AttentionInterface: Falcon, for one). Methods that mask or read attention call this
+    before building their state, so the error names the real obstacle, not a LoRA target that would then fail."""
+    if not model._can_set_attn_implementation():
+        raise ValueError(
+            f"{type(model).__name__} does not route attention through transformers' AttentionInterface, so "
+            "ccmem cannot read or mask its attention; use a model family that does (LLaMA, Mistral, Qwen2, ...)"
+        )
+
+
 @contextmanager
 def compression_attention(model: PreTrainedModel) -> Iterator[None]:
     """Switch ``model`` to the ccmem variant of its attention implementation for a scope, then switch back.
@@ -309,11 +320,7 @@ def compression_attention(model: PreTrainedModel) -> Iterator[None]:
             f"ccmem compression needs 'sdpa' or 'eager' attention, but the model uses {current!r}; "
             "load it with attn_implementation='sdpa' or 'eager' (ccmem ... --attn sdpa)"
         )
-    if not model._can_set_attn_implementation():
-        raise ValueError(
-            f"{type(model).__name__} does not route attention through transformers' AttentionInterface, so "
-            "ccmem cannot read or mask its attention; use a model family that does (LLaMA, Mistral, Qwen2, ...)"
-        )
+    check_routes_attention(model)
     model.set_attn_implementation(f"ccm_{current}")
     try:
         _check_keywords_arrive(model)
