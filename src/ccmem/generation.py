@@ -58,7 +58,7 @@ class Sampling:
         from torch's one default seed, so "random" answers repeated)."""
         generator = torch.Generator(device=device)
         if self.seed is not None:
-            generator.manual_seed(self.seed)
+            generator.manual_seed(_seed32(self.seed))
         else:
             generator.seed()
         return generator
@@ -76,6 +76,20 @@ class Sampling:
             keep[0] = True  # the most likely token always stays (a top_p below float precision keeps only it)
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
         return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _seed32(seed: int) -> int:
+    """The seed torch's CPU generator is given: ``seed`` itself from 0 to 2**32 - 1 (as before), any other 64-bit
+    seed mixed down to 32 bits (splitmix64's finalizer). The Mersenne Twister behind ``manual_seed`` keeps only a
+    seed's low 32 bits, so seeds 1 and 2**32 + 1 (or -1 and 2**32 - 1) sampled the same answer; now only chance
+    (2**-32) makes two seeds coincide."""
+    if 0 <= seed < 2**32:
+        return seed
+    mask = 2**64 - 1
+    z = seed & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return (z ^ (z >> 31)) & (2**32 - 1)
 
 
 def check_max_new_tokens(value: Any, least: int = 1) -> int:

@@ -343,3 +343,20 @@ def test_a_row_whose_reader_stopped_leaves_the_batch_and_the_others_decode_as_be
     assert [[t for i, t in enumerate(s) if i != 1] for s in steps] == [
         [t for i, t in enumerate(s) if i != 1] for s in expected
     ]
+
+
+def test_seeds_that_differ_above_32_bits_sample_differently_and_a_small_seed_samples_as_before():
+    """torch's CPU generator keeps a seed's low 32 bits: seeds 1 and 2**32 + 1 (an OpenAI client's 64-bit seed)
+    gave the same 'random' answer."""
+    logits = torch.zeros(1000)
+
+    def draws(seed: int) -> list[int]:
+        sampling = Sampling(temperature=1.0, seed=seed)
+        generator = sampling.generator(torch.device("cpu"))
+        return [sampling.pick(logits, generator) for _ in range(8)]
+
+    assert draws(1) != draws(2**32 + 1) != draws(2**63 + 1)
+    assert draws(-1) != draws(2**32 - 1)
+    assert draws(2**40) == draws(2**40)  # still a seed: it repeats
+    legacy = torch.Generator().manual_seed(7)  # seeds below 2**32 keep the answers they gave before
+    assert draws(7) == [Sampling(temperature=1.0).pick(logits, legacy) for _ in range(8)]
