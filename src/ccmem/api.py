@@ -26,9 +26,9 @@ from ccmem.generation import Sampling, check_max_new_tokens, decode, decode_batc
 from ccmem.loading import DEFAULT_MODEL, AttentionError, LoadedModel, check_dtype, load_model
 from ccmem.memory import Memory, MemoryMismatchError, check_meta
 from ccmem.methods.base import ContextTooLongError, Method, add_rows, logits_for, padding_is_exact, read_batch
-from ccmem.quantize import QuantizeError, check_before_loading, check_quantize, quantize_weights
+from ccmem.quantize import QuantizeError, check_quantize
 from ccmem.registry import DEFAULT_METHOD, get_method, method_class
-from ccmem.stage1 import merge_stage1, read_stage1, stage1_hash
+from ccmem.stage1 import change_weights, check_weight_changes, stage1_hash
 
 logger = logging.getLogger(__name__)
 
@@ -815,12 +815,11 @@ def load(
     if adapter is not None and not cls.trainable:
         raise ValueError(f"method {method!r} takes no adapter; drop adapter= or pick a trainable method")
     quantize = check_quantize(quantize)
-    if stage1 is not None:
-        read_stage1(stage1)  # a wrong path or file is said before the model loads
     if isinstance(model, LoadedModel):
         _check_loaded_as_asked(model, dtype, attn_implementation, quantize)
-    elif quantize is not None:  # refused before the weights load (a GPU, half precision)
-        check_before_loading(quantize, str(model), attn_implementation, check_dtype(dtype))
+        check_weight_changes(stage1, None, model.name)
+    else:
+        check_weight_changes(stage1, quantize, str(model), attn_implementation, check_dtype(dtype))
     lm = (
         model
         if isinstance(model, LoadedModel)
@@ -836,10 +835,7 @@ def load(
         compression = get_method(method, **method_options)
     compression.check_model(lm)  # a decoder-only method on an encoder-decoder model, before any work
     check_attention(lm, compression)
-    if stage1 is not None:
-        merge_stage1(lm, stage1)
-    if quantize is not None:  # after the stage-1 merge, which needs float weights
-        quantize_weights(lm, quantize)
+    change_weights(lm, stage1, quantize)
     if found is None and cls.needs_adapter:  # said once the model is known to be one the method runs on
         logger.warning(
             "no trained adapter for %s with %s: it runs untrained, answers will not use the context", lm.name, method

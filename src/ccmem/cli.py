@@ -1202,25 +1202,13 @@ def eval_command(
         ignored = [f"--{key.replace('_', '-')}" for key, value in given.items() if value != defaults[key].default]
         if ignored:
             err_console.print(f"note: {', '.join(ignored)} shape generated dialogs; a --path file is read as written")
-    if stage1 is not None:
-        from ccmem.stage1 import read_stage1
+    from ccmem.stage1 import change_weights, check_weight_changes
 
-        read_stage1(stage1)  # before loading the model: a wrong path or file is said at once
-    if quantize is not None:  # a GPU (flash_attention_2) is refused before the model loads
-        from ccmem.quantize import check_before_loading
-
-        check_before_loading(quantize, model, attn)
+    check_weight_changes(stage1, quantize, model, attn)
     with console.status(f"loading {model}..."):
         lm = load_model(model, attn_implementation=attn)
     names = _check_methods(lm, names, options, skip=methods is None)
-    if stage1 is not None:
-        from ccmem.stage1 import merge_stage1
-
-        merge_stage1(lm, stage1)
-    if quantize is not None:  # after the stage-1 merge, which needs float weights
-        from ccmem.quantize import quantize_weights
-
-        quantize_weights(lm, quantize)
+    change_weights(lm, stage1, quantize)  # every method then reads them: full is the stage-1 reference
     settings = EvalSettings(
         generate=generate,
         max_new_tokens=max_new_tokens,
@@ -1370,8 +1358,7 @@ def compare(
     from ccmem.eval.compare import CompareSettings, check_variants, grid, read_cached, run_decode_speed, run_grid
     from ccmem.eval.compare_report import write_compare_report
     from ccmem.loading import load_model
-    from ccmem.quantize import check_before_loading, quantize_weights
-    from ccmem.stage1 import merge_stage1, read_stage1
+    from ccmem.stage1 import change_weights, check_weight_changes
 
     adapters = {name: str(path) for name, path in _adapters(adapter).items()}
     names = _method_list(methods, model, ("baseline", "learned", "training-free"))
@@ -1401,20 +1388,14 @@ def compare(
         raise OptionError(
             f"--out-dir {out_dir} holds rows of another command ({err}); give a folder of its own to compare"
         ) from None
-    if stage1 is not None:
-        read_stage1(stage1)  # before loading the model: a wrong path or file is said at once
-    if quantize is not None:  # a GPU (flash_attention_2) is refused before the model loads
-        check_before_loading(quantize, model, attn)
+    check_weight_changes(stage1, quantize, model, attn)
     with console.status(f"loading {model}..."):
         lm = load_model(model, attn_implementation=attn)
     kept = _check_methods(lm, names, settings.options, skip=methods is None)
     if kept != names:  # a default method this model cannot run was left out
         settings = dataclasses.replace(settings, methods=kept)
         cells = grid(settings)
-    if stage1 is not None:  # every method then reads the finetuned weights: full is the stage-1 reference
-        merge_stage1(lm, stage1)
-    if quantize is not None:  # after the stage-1 merge, which needs float32 layers
-        quantize_weights(lm, quantize)
+    change_weights(lm, stage1, quantize)  # every method then reads them: full is the stage-1 reference
     rows = []
     with Progress(console=err_console, transient=True) as bar:
         task = bar.add_task("compare", total=len(cells) * n)

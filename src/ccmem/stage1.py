@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from ccmem.loading import LoadedModel
+from ccmem.quantize import check_before_loading, quantize_weights
 
 if TYPE_CHECKING:
     from ccmem.adapter import Adapter
@@ -68,6 +69,32 @@ def read_stage1(path: str | os.PathLike[str]) -> tuple[Path, dict[str, str], Ada
             f"{file} is a {adapter.method} adapter; a stage-1 LoRA comes from a finished `method.name=full` run"
         )
     return file, meta, adapter
+
+
+def check_weight_changes(
+    stage1: str | os.PathLike[str] | None,
+    quantize: str | None,
+    model: str,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype | None = None,
+) -> None:
+    """What :func:`change_weights` will do, checked before ``model`` loads, so that a refusal costs no load: the
+    stage-1 file is read (a wrong path or file), the quantize scheme checked where the model would run (a GPU, half
+    precision)."""
+    if stage1 is not None:
+        read_stage1(stage1)
+    if quantize is not None:
+        check_before_loading(quantize, model, attn_implementation, dtype)
+
+
+def change_weights(lm: LoadedModel, stage1: str | os.PathLike[str] | None, quantize: str | None) -> None:
+    """The weights every method then reads: the stage-1 LoRA merged in, then the linear layers packed (the merge
+    needs float layers). Called once the methods and adapter are known to run on ``lm``, so that a refusal never
+    leaves a shared model changed."""
+    if stage1 is not None:
+        merge_stage1(lm, stage1)
+    if quantize is not None:
+        quantize_weights(lm, quantize)
 
 
 def merge_stage1(lm: LoadedModel, path: str | os.PathLike[str]) -> str:

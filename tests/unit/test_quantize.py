@@ -148,7 +148,7 @@ def test_training_on_packed_layers_is_refused(tmp_path):
 
 def spy_quantized(monkeypatch) -> list[str]:
     """Record the scheme of every model ccmem quantizes (through ccmem.load or eval)."""
-    from ccmem import api, loading, quantize
+    from ccmem import loading, quantize, stage1
 
     seen: list[str] = []
     real = quantize.quantize_weights
@@ -157,7 +157,7 @@ def spy_quantized(monkeypatch) -> list[str]:
         real(lm, scheme)
         seen.append(lm.quantized)
 
-    monkeypatch.setattr(api, "quantize_weights", spy)
+    monkeypatch.setattr(stage1, "quantize_weights", spy)
     monkeypatch.setattr(quantize, "quantize_weights", spy)
     monkeypatch.setattr(loading, "quantize_weights", spy)
     return seen
