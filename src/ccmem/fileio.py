@@ -111,6 +111,32 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _started_after(pid: int, when: float) -> bool:
+    """Whether the process now running as ``pid`` started after ``when`` (seconds since the epoch): then it cannot
+    have written a file last changed at ``when``, and holds a PID the system reused after the writer died (quickly,
+    in a container). False where that cannot be told (no Linux ``/proc``)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime: clock ticks after boot
+        lines = Path("/proc/stat").read_text().splitlines()
+        boot = next(int(line.split()[1]) for line in lines if line.startswith("btime "))
+        # the boot time is whole seconds, so a start computed from it may be up to 1 s early: 2 s of slack
+        return boot + ticks / os.sysconf("SC_CLK_TCK") > when + 2
+    except (OSError, ValueError, IndexError, StopIteration):
+        return False
+
+
+def _writer_gone(tmp: Path, pid: int) -> bool:
+    """Whether the process that wrote temporary ``tmp`` (named with ``pid``) is gone: no process has that PID, or
+    the one that has it started after ``tmp`` was last written (a reused PID kept a dead writer's leftover)."""
+    if not _alive(pid):
+        return True
+    try:
+        return _started_after(pid, tmp.lstat().st_mtime)
+    except OSError:
+        return False
+
+
 def temporary_of(name: str) -> tuple[str, int] | None:
     """``(file name, writer's pid)`` of a temporary that :func:`atomic_path` names ``.<name>.<pid>.<random>.tmp``;
     None for any other name."""
@@ -124,13 +150,14 @@ def sweep_stale_temporaries(path: Path) -> list[Path]:
     """Remove temporaries of ``path`` left by a process that was killed mid-write (``kill -9``); return them.
 
     :func:`atomic_path` names its temporary ``.<name>.<pid>.<random>.tmp``; one whose writer is no longer
-    running can never be renamed into place, so it is only taking space (a folder's, such as a built-in model's
+    running (no process has its PID, or the one that has it started after the temporary was last written) can
+    never be renamed into place, so it is only taking space (a folder's, such as a built-in model's
     copy in the cache, hundreds of MB).
     """
     removed = []
     for tmp in path.parent.glob(f".{path.name}.*.tmp"):
         made = temporary_of(tmp.name)
-        if made is not None and made[0] == path.name and not _alive(made[1]):
+        if made is not None and made[0] == path.name and _writer_gone(tmp, made[1]):
             with contextlib.suppress(OSError):
                 if tmp.is_dir() and not tmp.is_symlink():
                     shutil.rmtree(tmp)

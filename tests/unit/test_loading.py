@@ -103,6 +103,32 @@ def test_a_write_killed_midway_keeps_the_old_file_and_its_temporary_is_swept(tmp
     assert list(tmp_path.iterdir()) == [target]
 
 
+def test_a_killed_writers_temporary_is_swept_even_when_its_pid_was_reused(tmp_path):
+    """In a container PIDs come round again quickly: a live process that took a killed writer's PID kept its
+    leftover forever. A process that started after the temporary was last written cannot be its writer."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from ccmem.fileio import sweep_stale_temporaries
+
+    target = tmp_path / "memory.safetensors"
+    newcomer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        reused = tmp_path / f".memory.safetensors.{newcomer.pid}.abc.tmp"  # written before the newcomer started
+        reused.write_bytes(b"x")
+        an_hour_ago = time.time() - 3600
+        os.utime(reused, (an_hour_ago, an_hour_ago))
+        mine = tmp_path / f".memory.safetensors.{os.getpid()}.def.tmp"  # a write in progress: kept
+        mine.write_bytes(b"y")
+        assert sweep_stale_temporaries(target) == [reused]
+        assert not reused.exists() and mine.exists()
+    finally:
+        newcomer.kill()
+        newcomer.wait()
+
+
 class _Dequantized:
     """What the fake GGUF loaders return: ``save_pretrained`` writes a model folder (stopping midway if ``slow``)."""
 
