@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from ccmem.fileio import atomic_path
 from ccmem.loading import LoadedModel
+from ccmem.memory import weights_differ
 from ccmem.options import OptionError
 from ccmem.registry import UnknownMethodError, check_options, method_class, method_classes
 
@@ -53,6 +54,7 @@ class Adapter:
     stage1: str  # hash of the stage-1 LoRA it was trained on top of ("" for none)
     hash: str  # of the file's bytes: what memories and result rows record
     extra: dict[str, Any] = field(default_factory=dict)
+    weights: str = ""  # LoadedModel.weights_digest of the model it was trained on ("": not recorded)
 
     @property
     def _train_data(self) -> dict[str, Any]:
@@ -173,6 +175,7 @@ def read_adapter(path: str | os.PathLike[str]) -> Adapter:
         stage1=meta.get("stage1", ""),
         hash=file_hash(path),
         extra=extra if isinstance(extra, dict) else {},
+        weights=meta.get("weights", ""),
     )
 
 
@@ -184,7 +187,8 @@ def save_adapter(
     if module is None:
         raise ValueError(f"method {method.name!r} has no trainable state to save")
     tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    return _write(Path(path), tensors, method.name, method.options(), lm.fingerprint, lm.name, lm.stage1, extra)
+    identity = (lm.fingerprint, lm.weights_digest or "", lm.name, lm.stage1)
+    return _write(Path(path), tensors, method.name, method.options(), *identity, extra)
 
 
 def _write(
@@ -193,6 +197,7 @@ def _write(
     method: str,
     options: dict[str, Any],
     model: str,
+    weights: str,
     model_name: str,
     stage1: str | None,
     extra: dict[str, Any] | None,
@@ -208,6 +213,8 @@ def _write(
         "stage1": stage1 or "",
         "extra": json.dumps(extra or {}, sort_keys=True, default=str),
     }
+    if weights:
+        meta["weights"] = weights
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
         _sort_metadata(tmp)
@@ -267,9 +274,8 @@ def pack_adapter(
     extra = adapter.extra | {
         "packed": {"from": adapter.hash, "dtype": str(dtype).replace("torch.", "") if dtype else None, **runtime}
     }
-    return _write(
-        Path(target), tensors, adapter.method, options, adapter.model, adapter.model_name, adapter.stage1, extra
-    )
+    identity = (adapter.model, adapter.weights, adapter.model_name, adapter.stage1)
+    return _write(Path(target), tensors, adapter.method, options, *identity, extra)
 
 
 def trained_options(adapter: Adapter, method: type[Method] | Method) -> dict[str, Any]:
@@ -343,6 +349,12 @@ def load_adapter(method: Method, lm: LoadedModel, adapter: Adapter, *, merging: 
         raise AdapterMismatchError(
             f"adapter {adapter.path} was trained for {adapter.model_name!r}, not for {lm.name!r} "
             "(its layers or weights differ); use an adapter trained for this model"
+        )
+    if weights_differ(adapter.weights, lm.weights_digest or ""):
+        raise AdapterMismatchError(
+            f"adapter {adapter.path} was trained on other weights ({adapter.model_name!r} as it names them) than "
+            f"{lm.name!r}'s, though their architecture and embeddings are the same (weights {adapter.weights}, here "
+            f"{lm.weights_digest}): a finetune or merged LoRA of one base; use an adapter trained for these weights"
         )
     stage1 = merging or lm.stage1
     if adapter.stage1 != (stage1 or ""):

@@ -40,7 +40,7 @@ from transformers import (
 
 from ccmem.fileio import package_dir, sweep_stale_temporaries
 from ccmem.memory import KVShape
-from ccmem.quantize import check_quantize, check_target, quantize_weights
+from ccmem.quantize import check_quantize, check_target, is_linear, quantize_weights
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +134,9 @@ class LoadedModel:
     # the embedding rows the fingerprint reads, as stored in the checkpoint, where the model was loaded at a lower
     # precision than they are stored in (a float32 checkpoint in bfloat16): the same model, the same fingerprint
     stored_rows: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    # "<dtype>:<hex>" of the weights themselves (weights_digest), taken when the model is wrapped, before a stage-1
+    # merge or packing: what tells apart two finetunes that share the embeddings the fingerprint reads
+    weights_digest: str | None = field(default=None, repr=False, compare=False)
     _kv_shape: KVShape | None = field(default=None, repr=False, compare=False)
     _head_scale: float | None = field(default=None, repr=False, compare=False)
 
@@ -144,6 +147,8 @@ class LoadedModel:
         stack = getattr(self.model, "model", None)
         if self.model.base_model is self.model and isinstance(stack, PreTrainedModel):
             self.model.base_model_prefix = "model"
+        if self.weights_digest is None:
+            self.weights_digest = weights_digest(self.model.base_model)
 
     @property
     def fingerprint(self) -> str:
@@ -469,6 +474,26 @@ def load_model(
     if quantize is not None:
         quantize_weights(lm, quantize)
     return lm
+
+
+def weights_digest(stack: torch.nn.Module) -> str:
+    """``"<dtype>:<16 hex>"``: the first 2 rows of every linear layer of ``stack`` (the decoder, or T5's encoder and
+    decoder) as held, hashed. A LoRA merged into a model, or a finetune of it, changes them while the embedding rows
+    the fingerprint reads stay; a model loaded at another precision holds other bytes, so the dtype is part of it
+    (:func:`ccmem.memory.weights_differ` compares only digests of one dtype). ``""`` where that cannot be read: a
+    layer already packed (ccmem.quantize) when the model was wrapped, weights not in memory (the meta device)."""
+    rows, dtypes = [], set()
+    for module in stack.modules():
+        if isinstance(module, torch.nn.Linear):
+            rows.append(module.weight.detach()[:2].reshape(-1))
+            dtypes.add(module.weight.dtype)
+        elif is_linear(module):
+            return ""  # packed: its weights were rounded, so not what a float model of the same checkpoint holds
+    if not rows or len(dtypes) != 1 or any(r.is_meta for r in rows):
+        return ""
+    flat = torch.cat([r.to(rows[0].device) for r in rows]).cpu().contiguous()
+    digest = hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+    return f"{str(dtypes.pop()).removeprefix('torch.')}:{digest}"
 
 
 def _stored_rows(spec: str, model: PreTrainedModel) -> torch.Tensor | None:

@@ -483,6 +483,17 @@ def memory_meta(path: str | os.PathLike[str]) -> dict[str, str]:
     return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
+def weights_differ(recorded: str, loaded: str) -> bool:
+    """Whether two :attr:`~ccmem.loading.LoadedModel.weights_digest` values (``"<dtype>:<hex>"``) name other
+    weights. Only digests taken at the same precision compare (a model loaded in bfloat16 rounds its weights, a
+    merged LoRA changes them less than that); an empty one (a file written before ccmem recorded it, a model whose
+    layers were packed when it was wrapped) compares with anything."""
+    if not recorded or not loaded:
+        return False
+    (recorded_dtype, _, recorded_hex), (loaded_dtype, _, loaded_hex) = recorded.partition(":"), loaded.partition(":")
+    return recorded_dtype == loaded_dtype and recorded_hex != loaded_hex
+
+
 def check_meta(meta: dict[str, str], expect: dict[str, str], where: str) -> None:
     """Refuse (:class:`MemoryMismatchError`) a memory whose identity ``meta`` differs from ``expect`` (the model,
     stage-1 LoRA, method, its options and adapter of the session that would use it)."""
@@ -490,6 +501,15 @@ def check_meta(meta: dict[str, str], expect: dict[str, str], where: str) -> None
     for key in sorted(expect, key=lambda k: first.index(k) if k in first else len(first)):
         wanted = expect[key]
         found = meta.get(key, "")  # a key older memories lack reads as empty, like stage1 on plain weights
+        if key == "weights":  # compared where both record it at one precision (weights_differ)
+            if weights_differ(found, wanted):
+                made_by = f" ({meta['model_name']!r} as it named it)" if meta.get("model_name") else ""
+                raise MemoryMismatchError(
+                    f"{where} was made by other weights{made_by} than this model's, though its architecture and "
+                    f"embeddings are the same (weights {found}, here {wanted}): a finetune or merged LoRA of the same "
+                    "base reads a memory differently; load it with the model that made it"
+                )
+            continue
         if found != wanted and key == "adapter":
             raise MemoryMismatchError(
                 f"{where} was made with adapter {found}, but this session runs adapter {wanted}; use the adapter "

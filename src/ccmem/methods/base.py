@@ -376,7 +376,12 @@ class Method(ABC):
     def memory_meta(self, lm: LoadedModel) -> dict[str, str]:
         """Identity stamped into memories, checked when they are loaded again (a memory made on weights with a
         stage-1 LoRA merged in means something else to the plain model)."""
-        meta = {"model": lm.fingerprint, "stage1": lm.stage1 or "", "method": self.name}
+        meta = {
+            "model": lm.fingerprint,
+            "weights": lm.weights_digest or "",
+            "stage1": lm.stage1 or "",
+            "method": self.name,
+        }
         meaning = {k: str(v) for k, v in self.options().items() if k not in self.runtime_options}
         if self.trainable:
             meaning["adapter"] = self.adapter_hash

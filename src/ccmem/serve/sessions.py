@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ccmem.chat import Message
 from ccmem.fileio import file_in_the_way, sweep_stale_temporaries, temporary_of
-from ccmem.memory import CompactMemory, Memory, MemoryMismatchError
+from ccmem.memory import CompactMemory, Memory, MemoryMismatchError, weights_differ
 
 if TYPE_CHECKING:
     from ccmem.api import CompressedLM
@@ -602,6 +602,8 @@ def check_identity(record: SessionRecord, identity: dict[str, str], settings: di
     keys = set(record.identity) | set(identity)
     for key in [k for k in first if k in keys] + sorted(keys - set(first)):
         have, want = record.identity.get(key, ""), identity.get(key, "")
+        if key == "weights" and not weights_differ(have, want):
+            continue  # recorded by newer sessions only, and compared at one precision
         if have != want:
             made = record.settings
             now = f" (model {settings.get('model')}, method {settings.get('method')})" if settings else ""
