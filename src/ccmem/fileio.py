@@ -111,53 +111,58 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _started_after(pid: int, when: float) -> bool:
-    """Whether the process now running as ``pid`` started after ``when`` (seconds since the epoch): then it cannot
-    have written a file last changed at ``when``, and holds a PID the system reused after the writer died (quickly,
-    in a container). False where that cannot be told (no Linux ``/proc``)."""
+def _start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks after boot (Linux ``/proc/<pid>/stat``, field 22); None where
+    that cannot be read. Two processes that held one PID in turn differ in it."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime: clock ticks after boot
-        lines = Path("/proc/stat").read_text().splitlines()
-        boot = next(int(line.split()[1]) for line in lines if line.startswith("btime "))
-        # the boot time is whole seconds, so a start computed from it may be up to 1 s early: 2 s of slack
-        return boot + ticks / os.sysconf("SC_CLK_TCK") > when + 2
-    except (OSError, ValueError, IndexError, StopIteration):
-        return False
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
-def _writer_gone(tmp: Path, pid: int) -> bool:
-    """Whether the process that wrote temporary ``tmp`` (named with ``pid``) is gone: no process has that PID, or
-    the one that has it started after ``tmp`` was last written (a reused PID kept a dead writer's leftover)."""
+def _writer_gone(pid: int, started: int | None) -> bool:
+    """Whether the process that wrote a temporary (named with its ``pid`` and, where known, its start ``started``)
+    is gone: no process has that PID, or the one that has it started at another time (the system reused the PID
+    after the writer died, quickly in a container)."""
     if not _alive(pid):
         return True
-    try:
-        return _started_after(pid, tmp.lstat().st_mtime)
-    except OSError:
-        return False
+    return started is not None and _start_ticks(pid) not in (None, started)
 
 
-def temporary_of(name: str) -> tuple[str, int] | None:
-    """``(file name, writer's pid)`` of a temporary that :func:`atomic_path` names ``.<name>.<pid>.<random>.tmp``;
-    None for any other name."""
+def temporary_prefix(name: str) -> str:
+    """The start of the name of a temporary that will become ``name`` (``mkstemp``/``mkdtemp`` add a random part and
+    ``.tmp``): the writer's pid and start, which :func:`sweep_stale_temporaries` reads back."""
+    started = _start_ticks(os.getpid())
+    return f".{name}.{os.getpid()}{'' if started is None else f'-{started}'}."
+
+
+def temporary_of(name: str) -> tuple[str, int, int | None] | None:
+    """``(file name, writer's pid, writer's start in clock ticks or None)`` of a temporary that :func:`atomic_path`
+    names ``.<name>.<pid>-<start>.<random>.tmp`` (``.<name>.<pid>.<random>.tmp`` where the start cannot be read,
+    and before ccmem recorded it); None for any other name."""
     if not (name.startswith(".") and name.endswith(".tmp")):
         return None
     parts = name[1 : -len(".tmp")].rsplit(".", 2)
-    return (parts[0], int(parts[1])) if len(parts) == 3 and parts[0] and parts[1].isdigit() else None
+    if len(parts) != 3 or not parts[0]:
+        return None
+    pid, _, started = parts[1].partition("-")
+    if not pid.isdigit() or (started and not started.isdigit()):
+        return None
+    return parts[0], int(pid), int(started) if started else None
 
 
 def sweep_stale_temporaries(path: Path) -> list[Path]:
     """Remove temporaries of ``path`` left by a process that was killed mid-write (``kill -9``); return them.
 
-    :func:`atomic_path` names its temporary ``.<name>.<pid>.<random>.tmp``; one whose writer is no longer
-    running (no process has its PID, or the one that has it started after the temporary was last written) can
-    never be renamed into place, so it is only taking space (a folder's, such as a built-in model's
+    :func:`atomic_path` names its temporary ``.<name>.<pid>-<start>.<random>.tmp``; one whose writer is no longer
+    running (no process has its PID, or the one that has it started at another time) can never be renamed into
+    place, so it is only taking space (a folder's, such as a built-in model's
     copy in the cache, hundreds of MB).
     """
     removed = []
     for tmp in path.parent.glob(f".{path.name}.*.tmp"):
         made = temporary_of(tmp.name)
-        if made is not None and made[0] == path.name and _writer_gone(tmp, made[1]):
+        if made is not None and made[0] == path.name and _writer_gone(made[1], made[2]):
             with contextlib.suppress(OSError):
                 if tmp.is_dir() and not tmp.is_symlink():
                     shutil.rmtree(tmp)
@@ -204,7 +209,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         sweep_stale_temporaries(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path.name), suffix=".tmp")
     except OSError as err:  # said of the file asked for, not of the temporary's made-up name
         raise OSError(err.errno, f"cannot write {path} ({err.strerror})") from None
     os.close(fd)

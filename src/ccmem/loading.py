@@ -38,7 +38,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from ccmem.fileio import package_dir, sweep_stale_temporaries
+from ccmem.fileio import package_dir, sweep_stale_temporaries, temporary_prefix
 from ccmem.memory import KVShape
 from ccmem.quantize import check_quantize, check_target, is_linear, quantize_weights
 
@@ -286,7 +286,7 @@ def _materialize_builtin(name: str, dtype: torch.dtype) -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
     _forget_quantization(model)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}.{os.getpid()}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=temporary_prefix(name), suffix=".tmp"))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

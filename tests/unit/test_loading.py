@@ -105,25 +105,29 @@ def test_a_write_killed_midway_keeps_the_old_file_and_its_temporary_is_swept(tmp
 
 def test_a_killed_writers_temporary_is_swept_even_when_its_pid_was_reused(tmp_path):
     """In a container PIDs come round again quickly: a live process that took a killed writer's PID kept its
-    leftover forever. A process that started after the temporary was last written cannot be its writer."""
+    leftover forever. A temporary records its writer's start too, and another start is another process."""
     import os
     import subprocess
     import sys
-    import time
 
-    from ccmem.fileio import sweep_stale_temporaries
+    from ccmem.fileio import _start_ticks, sweep_stale_temporaries, temporary_of, temporary_prefix
 
     target = tmp_path / "memory.safetensors"
+    mine = tmp_path / f"{temporary_prefix(target.name)}abc.tmp"  # this process's write in progress: kept
+    assert temporary_of(mine.name) == (target.name, os.getpid(), _start_ticks(os.getpid()))
+    mine.write_bytes(b"y")
+    older_format = tmp_path / f".memory.safetensors.{os.getpid()}.def.tmp"  # no start recorded: the PID alone
+    older_format.write_bytes(b"z")
     newcomer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        reused = tmp_path / f".memory.safetensors.{newcomer.pid}.abc.tmp"  # written before the newcomer started
+        started = _start_ticks(newcomer.pid)
+        assert started is not None
+        reused = tmp_path / f".memory.safetensors.{newcomer.pid}-{started + 1}.ghi.tmp"  # a writer before it
         reused.write_bytes(b"x")
-        an_hour_ago = time.time() - 3600
-        os.utime(reused, (an_hour_ago, an_hour_ago))
-        mine = tmp_path / f".memory.safetensors.{os.getpid()}.def.tmp"  # a write in progress: kept
-        mine.write_bytes(b"y")
+        same = tmp_path / f".memory.safetensors.{newcomer.pid}-{started}.jkl.tmp"  # the newcomer's own
+        same.write_bytes(b"w")
         assert sweep_stale_temporaries(target) == [reused]
-        assert not reused.exists() and mine.exists()
+        assert mine.exists() and older_format.exists() and same.exists()
     finally:
         newcomer.kill()
         newcomer.wait()
