@@ -23,6 +23,7 @@ printed. Run::
     python benchmarks/serve_decode.py --history-tokens 1000 --sessions 4 --repeats 2
     python benchmarks/serve_decode.py --threads 1 --clock cpu        # on a machine busy with other work
     python benchmarks/serve_decode.py --quantize float16             # float16 weights (ccmem.quantize)
+    python benchmarks/serve_decode.py --device cuda --dtype bfloat16 # on a GPU (benchmarks/gpu.sh)
 
 Both clocks are recorded in every row; ``--clock`` picks the one the ratios use.
 """
@@ -73,7 +74,8 @@ class SpeedRow:
     threads: int
     config_hash: str
     run: str  # when the run started (UTC): the rows of one run share it
-    weights: str = "float32"  # the model's linear layers: float32, or float16 (--quantize float16)
+    weights: str = "float32"  # the model's linear layers: float32, bfloat16 (--dtype), or float16 (--quantize)
+    device: str = "cpu"  # "cpu", or the GPU's name (--device cuda)
 
 
 @dataclass
@@ -90,6 +92,7 @@ class RatioRow:
     config_hash: str
     run: str
     weights: str = "float32"
+    device: str = "cpu"
 
 
 def chat_history(fmt: ChatFormat, tokens: int, seed: int) -> tuple[list[tuple[str, str]], int]:
@@ -175,6 +178,10 @@ def main() -> None:
         help="the model's weights: none (float32) or float16 linear layers (ccmem.quantize), which read half the "
         "bytes per token on a CPU (default: none)",
     )
+    parser.add_argument("--device", default="cpu", help="where the model runs: cpu or cuda (default: cpu)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's weights (default: float32)"
+    )
     parser.add_argument(
         "--clock",
         choices=["wall", "cpu"],
@@ -197,8 +204,11 @@ def main() -> None:
     run = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     config_hash = hashlib.sha256(json.dumps(vars(args), default=str, sort_keys=True).encode()).hexdigest()[:12]
 
-    lm = ccmem.load_model(args.model, quantize=args.quantize)
-    weights = lm.quantized or "float32"
+    lm = ccmem.load_model(args.model, quantize=args.quantize, device=args.device, dtype=getattr(torch, args.dtype))
+    weights = lm.quantized or args.dtype
+    if lm.device.type == "cuda" and args.clock == "cpu":
+        parser.error("--clock cpu times the CPU; on a GPU use the wall clock")
+    device = torch.cuda.get_device_name(lm.device) if lm.device.type == "cuda" else "cpu"
     fmt = ChatFormat(lm.tokenizer)
     histories, history_tokens = zip(
         *(chat_history(fmt, args.history_tokens, args.seed + i) for i in range(args.sessions)), strict=True
@@ -217,7 +227,7 @@ def main() -> None:
             "speed", benchmark, variant, method, len(sessions), round(history),
             round(statistics.mean(s.memory.num_slots for s in sessions)), sum(s.memory.nbytes for s in sessions),
             n, round(times[0], 4), round(n * len(sessions) / times[0], 2), round(times[1], 4),
-            round(n * len(sessions) / times[1], 2), lm.name, threads, config_hash, run, weights,
+            round(n * len(sessions) / times[1], 2), lm.name, threads, config_hash, run, weights, device,
         )  # fmt: skip
         rows.append(out)
         return out
@@ -275,13 +285,14 @@ def main() -> None:
         )
     )
     ratio_rows = [
-        RatioRow("ratio", name, round(r, 2), t, args.clock, r >= t, lm.name, config_hash, run, weights)
+        RatioRow("ratio", name, round(r, 2), t, args.clock, r >= t, lm.name, config_hash, run, weights, device)
         for name, r, t in ratios
     ]
 
     for r in [*rows, *ratio_rows]:
         append_row(args.out, r)
-    print(f"\n{lm.name} ({weights} weights), {threads} threads, {n} new tokens per session, best of {args.repeats}:")
+    where = device if lm.device.type == "cuda" else f"{threads} threads"
+    print(f"\n{lm.name} ({weights} weights), {where}, {n} new tokens per session, best of {args.repeats}:")
     print(f"{'configuration':<30} {'sessions':>8} {'history':>8} {'slots':>6} {'tokens/s':>9} {'tokens/CPU-s':>13}")
     for r in rows:
         name = f"{r.method} {r.variant}"

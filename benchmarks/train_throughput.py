@@ -7,6 +7,7 @@ without the help of batching. Run:
 
     python benchmarks/train_throughput.py                       # SmolLM2-135M, ccm-concat, 32 persona dialogs
     python benchmarks/train_throughput.py --method ccm-merge --samples 16
+    python benchmarks/train_throughput.py --device cuda --dtype bfloat16   # on a GPU (benchmarks/gpu.sh)
 """
 
 from __future__ import annotations
@@ -32,10 +33,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="parallel batch size (default 8)")
     parser.add_argument("--k", type=int, default=3, help="most facts per dialog (default 3)")
     parser.add_argument("--small-talk", type=int, default=2, help="most small-talk turns per dialog (default 2)")
+    parser.add_argument("--device", default="cpu", help="where the model trains: cpu or cuda (default: cpu)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's weights (default: float32)"
+    )
     parser.add_argument("--out", help="append the result as a JSON line to this file")
     args = parser.parse_args()
 
-    lm = load_model(args.model)
+    lm = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    on_gpu = lm.device.type == "cuda"
     method = get_method(args.method)
     for p in lm.model.parameters():
         p.requires_grad_(False)
@@ -65,8 +71,12 @@ def main() -> None:
     results = {}
     for name, run in runs:
         method.training_loss(lm, method.make_batch(samples[:2], pad)).backward()  # type: ignore[attr-defined]  # warm-up
+        if on_gpu:
+            torch.cuda.synchronize()  # the warm-up's kernels are not this run's time
         started = time.perf_counter()
         run()
+        if on_gpu:
+            torch.cuda.synchronize()  # a backward returns before its kernels finish
         seconds = time.perf_counter() - started
         results[name] = {"seconds": round(seconds, 2), "tokens_per_second": round(tokens / seconds, 1)}
         print(f"{name:>9}: {tokens} tokens in {seconds:.1f} s = {tokens / seconds:.0f} tokens/s", flush=True)
@@ -74,7 +84,8 @@ def main() -> None:
     ratio = results["parallel"]["tokens_per_second"] / recurrent_tps
     print(
         f"parallel / recurrent throughput: {ratio:.1f}x ({args.method}, {args.model}, {len(samples)} dialogs, "
-        f"batch {args.batch_size}, {torch.get_num_threads()} threads)"
+        f"batch {args.batch_size}, {lm.device} {args.dtype}"
+        f"{'' if on_gpu else f', {torch.get_num_threads()} threads'})"
     )
     if "parallel_batch1" in results:
         print(f"parallel (batch 1) / recurrent: {results['parallel_batch1']['tokens_per_second'] / recurrent_tps:.1f}x")
@@ -85,6 +96,8 @@ def main() -> None:
             "method": args.method,
             "samples": len(samples),
             "batch_size": args.batch_size,
+            "device": torch.cuda.get_device_name(lm.device) if on_gpu else "cpu",
+            "dtype": args.dtype,
             "tokens": tokens,
             **results,
             "ratio": round(ratio, 2),
