@@ -196,6 +196,7 @@ class CompressedLM:
         if not isinstance(sink, bool):  # sink="no" counted as True
             raise ValueError(f"sink must be True or False (keep the system prompt as an attention sink), got {sink!r}")
         self.lm = lm
+        lm.readers.add(self)
         self.method = method
         self.adapter = adapter
         self.format = ChatFormat(lm.tokenizer)
@@ -337,6 +338,7 @@ class CompressedLM:
     def fork(self) -> CompressedLM:
         """A session with the same model, method and (immutable) memory whose later changes are its own."""
         twin = copy.copy(self)
+        twin.lm.readers.add(twin)
         twin.history = list(self.history)
         twin._lock = threading.RLock()
         return twin

@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import tempfile
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -137,6 +138,8 @@ class LoadedModel:
     # "<dtype>:<hex>" of the weights themselves (weights_digest), taken when the model is wrapped, before a stage-1
     # merge or packing: what tells apart two finetunes that share the embeddings the fingerprint reads
     weights_digest: str | None = field(default=None, repr=False, compare=False)
+    # the sessions (ccmem.CompressedLM) reading this model: a stage-1 merge would change the weights under them
+    readers: weakref.WeakSet[Any] = field(default_factory=weakref.WeakSet, repr=False, compare=False)
     _kv_shape: KVShape | None = field(default=None, repr=False, compare=False)
     _head_scale: float | None = field(default=None, repr=False, compare=False)
 

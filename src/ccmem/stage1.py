@@ -9,6 +9,7 @@ top of a stage-1 LoRA is refused on a model that lacks it. Stage-1 files written
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 from pathlib import Path
@@ -108,6 +109,16 @@ def merge_stage1(lm: LoadedModel, path: str | os.PathLike[str]) -> str:
         return digest  # already merged (models are shared between sessions)
     if lm.stage1 is not None:
         raise Stage1Error(f"this model already has stage-1 LoRA {lm.stage1} merged in; load a fresh model")
+    if lm.readers:
+        gc.collect()  # a session dropped but held in a reference cycle reads nothing any more
+    if lm.readers:
+        many = len(lm.readers) > 1
+        raise Stage1Error(
+            f"{len(lm.readers)} session{'s' if many else ''} already read{'' if many else 's'} {lm.name}; merging "
+            f"stage-1 LoRA {digest} would change the weights under {'them' if many else 'it'} "
+            f"({'their' if many else 'its'} memories were made without it). Give the stage-1 sessions a model of "
+            f"their own, ccmem.load({lm.name!r}, ..., stage1=...), or merge before any session reads the model"
+        )
     if lm.quantized is not None:
         raise Stage1Error(
             f"a stage-1 LoRA is merged into the model's float32 linear layers, and {lm.name}'s are packed "

@@ -389,6 +389,33 @@ def test_an_adapter_refused_for_its_stage1_leaves_a_shared_model_unmerged(tmp_pa
     assert other.score("ab", ["c", "d"]) == scores
 
 
+def test_a_stage1_merge_into_a_model_other_sessions_read_is_refused_before_it_changes_them(tmp_path):
+    """ccmem.load(lm, ..., stage1=RUN) on a model a session already read merged into its weights: that session
+    then failed at its next call ("the memory was made with stage1=''"). The merge is refused while another session
+    reads the model, and allowed once none does."""
+    import gc
+
+    from ccmem.stage1 import Stage1Error
+
+    lm = tiny_model()
+    stage1 = get_method("full")
+    randomize_lora(stage1, lm)
+    stage1_path = save_adapter(stage1, lm, tmp_path / "stage1.safetensors")
+    shared = tiny_model()
+    other = ccmem.load(shared, "ccm-concat", n_tok=2, system_prompt=None)
+    other.add_ids([5, 6, 7])
+    scores = other.score_ids([8], [[9], [10]])
+    twin = other.fork()
+    with pytest.raises(Stage1Error, match=r"2 sessions already read tiny-llama-gqa; merging stage-1 LoRA"):
+        ccmem.load(shared, "ccm-concat", n_tok=2, stage1=stage1_path, system_prompt=None)
+    assert shared.stage1 is None and other.score_ids([8], [[9], [10]]) == scores  # nothing changed under them
+    del other, twin
+    gc.collect()
+    merged = ccmem.load(shared, "ccm-concat", n_tok=2, stage1=stage1_path, system_prompt=None)
+    assert shared.stage1 is not None and merged.lm is shared
+    ccmem.load(shared, "full", stage1=stage1_path, system_prompt=None)  # the same stage 1 again: nothing to merge
+
+
 @pytest.mark.parametrize("options", ["[2]", "null", '"n_tok=2"'])
 def test_an_adapter_whose_options_are_no_json_object_is_refused_as_damaged(tmp_path, options):
     """Hand-edited options that are a list or null failed with "'list' object has no attribute 'items'"."""
