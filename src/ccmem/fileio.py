@@ -172,6 +172,17 @@ def sweep_stale_temporaries(path: Path) -> list[Path]:
     return removed
 
 
+def readable_by_all(folder: Path) -> None:
+    """Give ``folder`` and what it holds the permissions of a folder and files made normally (what the umask
+    leaves of 0o777 and 0o666): ``mkdtemp`` makes the folder private, so a shared cache (``$CCMEM_CACHE`` filled
+    by root in an image, read by another user) could not be read, and the copy was made again or failed."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+    os.chmod(folder, 0o777 & ~umask)
+
+
 def file_in_the_way(folder: Path) -> Path | None:
     """``folder`` or the first of its parents that exists and is not a folder (so ``folder`` cannot be made),
     else None: found before long work, not when its results are written."""

@@ -39,7 +39,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from ccmem.fileio import package_dir, sweep_stale_temporaries, temporary_prefix
+from ccmem.fileio import package_dir, readable_by_all, sweep_stale_temporaries, temporary_prefix
 from ccmem.memory import KVShape
 from ccmem.quantize import check_quantize, check_target, is_linear, quantize_weights
 
@@ -293,6 +293,7 @@ def _materialize_builtin(name: str, dtype: torch.dtype) -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        readable_by_all(tmp)
         if target.exists():  # another process finished first
             shutil.rmtree(tmp)
         else:

@@ -196,6 +196,27 @@ def test_a_first_load_killed_midway_leaves_no_copy_behind_once_the_next_one_ran(
     assert (target / "config.json").is_file() and [p.name for p in models.iterdir()] == ["smollm2-135m"]
 
 
+def test_the_cached_copy_of_the_builtin_is_readable_by_other_users(tmp_path, monkeypatch):
+    """mkdtemp made the copy's folder 0700: a cache filled by root (a container image) could not be read by the
+    user the image runs as."""
+    import os
+    import stat
+
+    import torch
+
+    from ccmem import loading
+
+    monkeypatch.setenv("CCMEM_CACHE", str(tmp_path))
+    fake_dequantizing(monkeypatch.setattr, slow=False)
+    umask = os.umask(0o022)
+    try:
+        target = loading._materialize_builtin("smollm2-135m", torch.float32)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in target.iterdir()} == {0o644}
+
+
 def test_a_chunked_builtin_is_assembled_once_into_the_cache(monkeypatch, tmp_path):
     """gemma3-270m ships as four chunk packages; ccmem joins them (the package checks the SHA-256) into its cache."""
     import sys
