@@ -24,7 +24,7 @@ from ccmem.adapter import Adapter, adapter_path, load_adapter, options_with_adap
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat, Message, TextStream, check_messages, check_text
 from ccmem.generation import Sampling, check_max_new_tokens, decode, decode_batch
 from ccmem.loading import DEFAULT_MODEL, AttentionError, LoadedModel, check_dtype, load_model
-from ccmem.memory import Memory, MemoryMismatchError, check_meta
+from ccmem.memory import Memory, MemoryMismatchError, check_intact, check_meta
 from ccmem.methods.base import ContextTooLongError, Method, add_rows, logits_for, padding_is_exact, read_batch
 from ccmem.quantize import QuantizeError, check_quantize
 from ccmem.registry import DEFAULT_METHOD, get_method, method_class
@@ -301,6 +301,7 @@ class CompressedLM:
         messages = check_messages(list(history))
         if messages and messages[0]["role"] == "system" and memory.sink:
             self._check_sink(memory, messages[0]["content"], "the restored memory")
+        check_intact(memory, "the restored memory")
         self.memory = memory
         self.history = messages
         if messages and messages[0]["role"] == "system":
@@ -369,11 +370,12 @@ class CompressedLM:
         The chat history restarts from the memory's own system prompt (it is in the memory's sink).
         """
         memory = Memory.load(
-            path, expect=self.method.memory_meta(self.lm), shape=self.lm.kv_shape, device=self.lm.device
+            path, expect=self.method.memory_meta(self.lm), shape=self.lm.kv_shape, device=self.lm.device, verify=False
         )
         self._check_state(memory, f"memory {path}")
         if "system_prompt" in memory.meta:
             self._check_sink(memory, memory.meta["system_prompt"], f"memory {path}")
+        check_intact(memory, f"memory {path}")
         self.memory = memory
         self.system_prompt = self.memory.meta.get("system_prompt", self.system_prompt)
         self.history = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []

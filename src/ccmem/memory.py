@@ -28,6 +28,7 @@ completely when loaded; a loaded memory is in the model's dtype, whatever precis
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -100,6 +101,8 @@ class Memory(SlotCounts):
     window: int = 0
     meta: dict[str, str] = field(default_factory=dict)
     state: dict[str, torch.Tensor] = field(default_factory=dict)
+    # False for one read from a file whose contents differ from the digest it was saved with (load_memory's verify)
+    intact: bool = field(default=True, compare=False, repr=False)
 
     # ---------------------------------------------------------------- size
 
@@ -401,9 +404,24 @@ def save_memory(memory: Memory | CompactMemory, path: str | os.PathLike[str], *,
         "window": str(memory.window),
         "meta": json.dumps(memory.meta, sort_keys=True),
     }
+    metadata["digest"] = _content_digest(tensors, metadata)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return path
+
+
+def _content_digest(tensors: dict[str, torch.Tensor], header: dict[str, str]) -> str:
+    """sha256 (16 hex digits) of a memory file's contents as saved: every header field but ``digest`` and every
+    tensor's name, dtype, shape and bytes. What a file that passes every other check can still hold wrong (a
+    hand-edited ``window``, merge count or position) shows as a different digest."""
+    digest = hashlib.sha256()
+    for key in sorted(k for k in header if k != "digest"):
+        digest.update(f"{key}={header[key]}\0".encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{dtype_name(tensor.dtype)}:{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # hashed in place, no copy
+    return digest.hexdigest()[:16]
 
 
 def _int_field(header: dict[str, Any], key: str, path: Path) -> int:
@@ -453,13 +471,17 @@ def load_memory(
     shape: KVShape | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    verify: bool = True,
 ) -> Memory:
     """Read and validate a memory; refuse it when any ``expect`` entry differs from what it was saved with.
+
+    ``verify=False`` leaves the digest to the caller (:func:`check_intact`, after its own checks): the memory comes
+    back with ``intact`` False where its contents differ from what was saved.
 
     Keys/values come back in ``shape.dtype`` (the model's), else ``dtype``, else the dtype the memory was computed
     in, whatever storage precision the file holds (:func:`save_memory`); ``shape`` is then checked in full.
     """
-    compact = _read_compact(path, expect)
+    compact, intact = _read_compact(path, expect)
     memory = compact.expanded(shape.dtype if shape is not None else dtype, device)
     memory.check(shape, where=f"memory {path}")
     # what ccmem writes holds one interaction (several sequences would load, then fail deep inside the attention)
@@ -468,7 +490,22 @@ def load_memory(
         raise MemoryMismatchError(
             f"memory {path} is damaged: its layers hold {sorted(batches)} sequences; a ccmem memory holds one"
         )
+    memory.intact = intact
+    if verify:  # last: the checks above name what is wrong where they can
+        check_intact(memory, f"memory {path}")
     return memory
+
+
+def check_intact(memory: Memory, where: str) -> None:
+    """Refuse a memory read from a file whose contents no longer match the digest it was saved with. Callers that
+    check more (a method's state, the sink) load with ``verify=False`` and call this last, so that a specific
+    message comes first where there is one."""
+    if not memory.intact:
+        raise MemoryMismatchError(
+            f"{where} is damaged or hand-edited: its contents differ from what was saved (the digest in its header "
+            "no longer matches: a changed window, merge count or position passes every other check); compress the "
+            "context again, or use the file as ccmem wrote it"
+        )
 
 
 def memory_meta(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -532,9 +569,10 @@ def check_meta(meta: dict[str, str], expect: dict[str, str], where: str) -> None
             )
 
 
-def _read_compact(path: str | os.PathLike[str], expect: dict[str, str] | None) -> CompactMemory:
+def _read_compact(path: str | os.PathLike[str], expect: dict[str, str] | None) -> tuple[CompactMemory, bool]:
     """A memory file as stored, its header, identity and storage validated (the key/value tensors themselves are
-    checked by :meth:`Memory.check` once expanded)."""
+    checked by :meth:`Memory.check` once expanded), and whether its contents match the digest it was saved with
+    (True for a file written before ccmem recorded one)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no memory file at {path}")
@@ -591,6 +629,7 @@ def _read_compact(path: str | os.PathLike[str], expect: dict[str, str] | None) -
     source = STORAGE_DTYPES.get(computed)
     if source is None or source == torch.int8:
         raise MemoryMismatchError(f"memory {path}: computed_dtype {computed!r} is not a floating point dtype")
+    intact = "digest" not in header or header["digest"] == _content_digest(tensors, header)
     return CompactMemory(
         storage=recorded,
         source_dtype=source,
@@ -601,4 +640,4 @@ def _read_compact(path: str | os.PathLike[str], expect: dict[str, str] | None) -
         window=_int_field(header, "window", path),
         meta=meta,
         state={n.removeprefix("state."): t for n, t in tensors.items() if n.startswith("state.")},
-    )
+    ), intact

@@ -187,6 +187,27 @@ def _edit_int8_file(path, edit):
     save_file(tensors, str(path), metadata=meta)
 
 
+def test_a_hand_edit_that_passes_every_other_check_is_refused_by_the_digest(tmp_path):
+    """A window count or a merge step count changed by hand is still a well-formed memory: it loaded and read its
+    slots wrongly. The digest of what was saved refuses it; a file written before ccmem recorded one loads."""
+    made = session("ccm-merge", n_tok=2)
+    path = made.save_memory(tmp_path / "m.safetensors")
+    fresh = CompressedLM(made.lm, made.method, system_prompt="sys")
+    fresh.load_memory(path)  # as saved: intact
+
+    def more_merge_steps(meta, tensors):
+        name = next(k for k in tensors if k.startswith("state.") and "step" in k)
+        tensors[name] = tensors[name] + 1
+
+    _edit_int8_file(path, more_merge_steps)
+    with pytest.raises(MemoryMismatchError, match=r"damaged or hand-edited: its contents differ from what was saved"):
+        fresh.load_memory(path)
+    with pytest.raises(MemoryMismatchError, match=r"the digest in its header no longer matches"):
+        Memory.load(path)
+    _edit_int8_file(path, lambda meta, tensors: meta.pop("digest"))  # as an older ccmem wrote it
+    fresh.load_memory(path)
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [

@@ -40,8 +40,9 @@ def rewrite_without_digest(path) -> None:
     with safe_open(str(path), "pt") as f:
         header = dict(f.metadata())
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if "meta" in header:
+    if "meta" in header:  # nor its content digest (which covers the header)
         header["meta"] = json.dumps({k: v for k, v in json.loads(header["meta"]).items() if k != "weights"})
+        del header["digest"]
     else:
         del header["weights"]
     save_file(tensors, str(path), metadata=header)
