@@ -420,7 +420,7 @@ def _content_digest(tensors: dict[str, torch.Tensor], header: dict[str, str]) ->
     for name in sorted(tensors):
         tensor = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}:{dtype_name(tensor.dtype)}:{tuple(tensor.shape)}\0".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # hashed in place, no copy
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
