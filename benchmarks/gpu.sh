@@ -18,7 +18,7 @@ dtype=$([ "$device" = cuda ] && echo bfloat16 || echo float32)
 [ -f .gpu/transformers.zip ] || { echo "no .gpu/: run scripts/gpu_prepare.sh here first" >&2; exit 2; }
 site=$(mktemp -d)
 python3 -m zipfile -e .gpu/transformers.zip "$site"
-for wheel in .gpu/*.whl; do python3 -m zipfile -e "$wheel" "$site"; done  # chatterbot-corpus: dialog small talk
+python3 -m zipfile -e .gpu/chatterbot_corpus.zip "$site"  # the small talk of serve_decode's chat histories
 export PYTHONPATH="$site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 model=$(mktemp -d)/smollm2-random
 mkdir -p "$model" "$out"
