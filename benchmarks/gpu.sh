@@ -27,7 +27,8 @@ gunzip -c .gpu/smollm2/tokenizer.json.gz > "$model/tokenizer.json"
 python3 - "$model" <<'PY'
 import sys, torch, transformers
 from transformers import AutoConfig, AutoModelForCausalLM
-print("torch", torch.__version__, "transformers", transformers.__version__, "from", transformers.__file__, "cuda", torch.cuda.is_available())
+print("torch", torch.__version__, "transformers", transformers.__version__, "from", transformers.__file__)
+print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")
 torch.manual_seed(0)
 AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(sys.argv[1])).save_pretrained(sys.argv[1])
 PY

@@ -9,8 +9,9 @@
 # needs 5.24 (the `cache=` forward argument); its 13.5 MB wheel would not fit beside the tracked tree in the 64 MiB
 # that travels. So .gpu/ holds transformers 5.24 slimmed to the model families the benchmarks load (llama, plus
 # auto and encoder_decoder, which transformers imports itself): about 2.3 MB zipped. It also holds SmolLM2-135M's
-# config and tokenizer (0.6 MB gzipped) and chatterbot-corpus's English files (0.1 MB), which the dialog generator reads. The model's weights stay behind, and benchmarks/gpu.sh makes random ones
-# of that shape: throughput and speed ratios depend on shapes, not on trained values.
+# config and tokenizer (0.6 MB gzipped) and chatterbot-corpus's English files (45 KB), which the dialog generator
+# reads. The model's weights stay behind, and benchmarks/gpu.sh makes random ones of that shape: throughput and
+# speed ratios depend on shapes, not on trained values.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version=$(python -c "import transformers; print(transformers.__version__)")
