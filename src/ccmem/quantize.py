@@ -92,15 +92,20 @@ def quantize_weights(lm: LoadedModel, scheme: str) -> None:
         raise QuantizeError(f"{lm.name} holds {lm.quantized} weights already; load it again to pack it as {scheme}")
     check_target(scheme, lm.name, lm.device, lm.model.dtype)
     was_training = lm.model.training
+    _packed(lm.model, inplace=True)
+    lm.model.train(was_training)
+    lm.quantized = scheme
+
+
+def _packed(module: nn.Module, inplace: bool) -> nn.Module:
+    """``module`` with its ``nn.Linear`` layers replaced by packed float16 ones (in place, or a copy)."""
     with warnings.catch_warnings():
         # torch.ao's eager quantization is deprecated in favour of torchao; it is what torch itself ships, and
         # ccmem pins torch, so its warnings would only bury the user's output
         warnings.simplefilter("ignore")
         from torch.ao.quantization import float16_dynamic_qconfig, quantize_dynamic
 
-        quantize_dynamic(lm.model, {nn.Linear: float16_dynamic_qconfig}, dtype=torch.float16, inplace=True)
-    lm.model.train(was_training)
-    lm.quantized = scheme
+        return quantize_dynamic(module, {nn.Linear: float16_dynamic_qconfig}, dtype=torch.float16, inplace=inplace)
 
 
 def check_target(scheme: str, name: str, device: torch.device, dtype: torch.dtype) -> None:
@@ -137,14 +142,7 @@ def check_before_loading(
 def _kernels_run() -> bool:
     """Whether a packed float16 linear layer runs here (fbgemm: x86 builds of PyTorch), tried once."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from torch.ao.quantization import float16_dynamic_qconfig, quantize_dynamic
-
-            probe = quantize_dynamic(
-                nn.Sequential(nn.Linear(4, 2)), {nn.Linear: float16_dynamic_qconfig}, dtype=torch.float16
-            )
-            probe(torch.ones(1, 4))
+        _packed(nn.Sequential(nn.Linear(4, 2)), inplace=False)(torch.ones(1, 4))
     except (RuntimeError, NotImplementedError, AssertionError):
         return False
     return True
