@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT
+from ccmem.cli_sessions import RedisOpt, StoreOpt, session_store, sessions_app
 from ccmem.consoles import console, err_console
 from ccmem.loading import (
     ATTN_HELP,
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from ccmem.methods.base import ContextTooLongError
-    from ccmem.serve.sessions import BaseSessionStore
 
 app = typer.Typer(
     help="Compressed Context Memory: keep a long LM interaction in a small compressed key/value memory.",
@@ -139,41 +139,6 @@ MEMORY_DTYPE_HELP = (
     "float32, bfloat16, float16 (half the bytes) or int8 (a quarter, plus one float32 scale per key channel and "
     "per value slot)"
 )
-StoreOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--store",
-        help="Session store folder (SQLite index + memory files). Default: $CCMEM_SESSIONS or "
-        "~/.local/share/ccmem/sessions.",
-    ),
-]
-
-RedisOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--redis",
-        envvar="CCMEM_REDIS",
-        show_envvar=False,
-        help="Keep sessions in the Redis at this URL (redis://HOST:PORT/DB) instead of the SQLite --store, so that "
-        "several `ccmem serve` workers (behind one load balancer) and `ccmem chat --session` share them: any worker "
-        "answers any session, and requests for one session wait for each other (a lock per session in Redis). "
-        "Default: $CCMEM_REDIS.",
-    ),
-]
-
-
-def _session_store(store: Path | None, redis_url: str | None) -> tuple[BaseSessionStore, str]:
-    """The session store that ``--store`` or ``--redis`` names (else the default SQLite one), and where it is."""
-    from ccmem.serve.sessions import SessionStore, default_store_root
-
-    if redis_url:
-        if store is not None:
-            raise ValueError("give --store (SQLite) or --redis (or $CCMEM_REDIS), not both: sessions live in one place")
-        from ccmem.serve.redis_store import RedisSessionStore, redacted
-
-        return RedisSessionStore(redis_url), f"Redis {redacted(redis_url)}"
-    sessions = SessionStore(store or default_store_root())
-    return sessions, str(sessions.root)
 
 
 def _options(n_tok: int | None, recurrent: bool | None, pairs: list[str] | None) -> dict[str, Any]:
@@ -415,7 +380,7 @@ def chat(
     sessions = None
     if session_name is not None:  # a bad name or store is said before the model loads
         check_name(session_name)
-        sessions, _ = _session_store(store, redis_url)
+        sessions, _ = session_store(store, redis_url)
     options = _options(n_tok, recurrent, option)
     session = _session(model, method, adapter, options, system or None, stage1, attn, quantize)
     binding = None
@@ -512,7 +477,7 @@ def serve(
     tokens = token or [t.strip() for t in os.environ.get("CCMEM_TOKENS", "").split(",") if t.strip()]
     if any(not t.strip() for t in tokens):
         raise ValueError("--token is empty: give a non-empty bearer token (an empty one would let any client in)")
-    sessions, where = _session_store(store, redis_url)
+    sessions, where = session_store(store, redis_url)
     options = _options(n_tok, None, option)
     base = _session(model, method, adapter, options, system or None, stage1, attn, quantize)
     limits = Limits(
@@ -1814,6 +1779,7 @@ def _add_subcommands() -> None:
     from ccmem.cli_repro import repro_app
 
     app.add_typer(repro_app, name="repro")
+    app.add_typer(sessions_app, name="sessions")
 
 
 def _unwrap_docstrings(typer_app: typer.Typer) -> None:

@@ -29,7 +29,7 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     return int(exit_info.value.code or 0), out.out + out.err
 
 
-@pytest.mark.parametrize("group", [["repro"], ["repro", "sentinel"]])
+@pytest.mark.parametrize("group", [["repro"], ["repro", "sentinel"], ["sessions"]])
 def test_a_group_given_no_command_shows_its_help(monkeypatch, capsys, group):
     """As a bare ``ccmem`` does: the commands to choose from, not only "Missing command"."""
     code, text = run_cli(monkeypatch, capsys, *group)

@@ -121,6 +121,7 @@ def test_a_damaged_stored_memory_is_a_server_error_that_hides_the_path_and_says_
         assert reply.json()["error"]["type"] == "server_error"  # not the client's: it was invalid_request_error
         message = reply.json()["error"]["message"]
         assert "session 'cut' (version 2) cannot be restored" in message and "DELETE /v1/sessions/cut" in message
+        assert "ccmem sessions delete cut" in message
         assert str(tmp_path) not in message and str(path) in caplog.text  # the file is in the server's log only
         assert client.delete("/v1/sessions/cut").status_code in (200, 204)
         assert client.post("/v1/sessions", json={"name": "cut"}).status_code == 201  # made anew
@@ -576,9 +577,11 @@ def test_a_system_message_counts_against_the_input_limit_and_is_refused_before_i
     with TestClient(create_app(engine)) as client:
         refused = ask(client, [system, user("hi")])
         assert refused.status_code == 400, refused.text
-        assert "its system message alone more than the 100" in refused.json()["error"]["message"]
+        message = refused.json()["error"]["message"]
+        assert "system prompt is 200 tokens, more than the 100" in message and "shorten it" in message
+        assert "several requests" not in message  # a system prompt cannot be split
         made = client.post("/v1/sessions", json={"name": "s", "system_prompt": system["content"]})
-        assert made.status_code == 400 and "system message alone" in made.json()["error"]["message"]
+        assert made.status_code == 400 and "shorten it" in made.json()["error"]["message"]
         assert system["content"] not in engine._systems  # never read
         # under the limit alone, but not with the rest of the request: the whole request is counted
         near = {"role": "system", "content": "rule " * 15}
@@ -788,6 +791,53 @@ def test_a_store_that_fails_is_a_503_not_a_client_error(client, engine, monkeypa
     response = ask(client, [user("hi")], session="s")
     assert response.status_code == 503 and "unreachable" in response.json()["error"]["message"]
     assert client.get("/health").status_code == 503
+
+
+def test_a_failing_disk_is_a_503_and_a_create_it_breaks_leaves_no_session(client, engine, monkeypatch):
+    """A memory file that could not be written was a plain-text 500, and left a half-made session whose name the
+    client's retry then found taken."""
+    from ccmem.memory import Memory
+
+    save = Memory.save
+
+    def disk_full(self, path, *args, **kwargs):
+        raise OSError(28, f"cannot write {path} (No space left on device)")
+
+    monkeypatch.setattr(Memory, "save", disk_full)
+    made = client.post("/v1/sessions", json={"name": "s"})
+    assert made.status_code == 503, made.text
+    error = made.json()["error"]
+    assert error["code"] == "store_unavailable" and "No space left on device" in error["message"]
+    assert client.get("/v1/sessions/s").status_code == 404
+    monkeypatch.setattr(Memory, "save", save)
+    assert client.post("/v1/sessions", json={"name": "s"}).status_code == 201  # the retry
+    monkeypatch.setattr(Memory, "save", disk_full)
+    response = ask(client, [user("hi")], session="s")
+    assert response.status_code == 503 and response.json()["error"]["code"] == "store_unavailable"
+    assert engine.store.get("s").turns == 0
+
+
+def test_an_unexpected_fault_is_an_openai_shaped_500(engine, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(engine.store, "list", broken)
+    with TestClient(create_app(engine), raise_server_exceptions=False) as client:
+        response = client.get("/v1/sessions")
+    assert response.status_code == 500  # was a text/plain "Internal Server Error" no client could read
+    error = response.json()["error"]
+    assert error["type"] == "server_error" and "RuntimeError" in error["message"] and "a bug" not in error["message"]
+
+
+def test_bad_system_prompts_of_a_new_session_are_400s(client):
+    body = '{"name": "s", "system_prompt": "a \\ud800 b"}'  # JSON's escape of a lone surrogate; was a 500
+    made = client.post("/v1/sessions", content=body, headers={"Content-Type": "application/json"})
+    assert made.status_code == 400 and made.json()["error"]["code"] == "invalid_text"
+    assert client.post("/v1/sessions", json={"name": "s"}).status_code == 201
+    # a system message after the first is the same mistake with a session as without one
+    for session in (None, "s"):
+        response = ask(client, [user("hi"), {"role": "system", "content": "be brief"}, user("q")], session=session)
+        assert response.status_code == 400 and "may only come first" in response.json()["error"]["message"]
 
 
 # ---------------------------------------------------------------- a real server and the official client

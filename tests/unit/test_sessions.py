@@ -346,6 +346,69 @@ def test_a_delete_leaves_the_memory_of_a_session_another_process_makes_right_aft
     assert theirs.memory(record).meta["step"] == "2"
 
 
+class _FailingCommit:
+    """A connection whose first commit of a write fails, as a disk that filled up or went read-only makes it."""
+
+    def __init__(self, db):
+        self.db, self.writing, self.failed = db, False, False
+
+    def execute(self, sql, *args):
+        if sql == "BEGIN IMMEDIATE":
+            self.writing = True
+        elif sql == "COMMIT" and self.writing and not self.failed:
+            self.failed = True
+            raise sqlite3.OperationalError("disk I/O error")
+        elif sql in ("COMMIT", "ROLLBACK"):
+            self.writing = False
+        return self.db.execute(sql, *args)
+
+    def executemany(self, sql, rows):
+        return self.db.executemany(sql, rows)
+
+
+def test_a_delete_whose_commit_fails_leaves_the_session_whole(tmp_path):
+    """The memory files were unlinked before the commit: a failed delete left a listed session without memory."""
+    store = SessionStore(tmp_path)
+    store.create("s", IDENTITY, {})
+    store.save("s", memory_of(1), [{"role": "user", "content": "a"}])
+    store._db = _FailingCommit(store._db)
+    with pytest.raises(StoreError, match="failed .*disk I/O error.*retry"):
+        store.delete("s")
+    record = store.get("s")
+    assert record.version == 1 and record.transcript == [{"role": "user", "content": "a"}]
+    assert store.memory(record).meta["step"] == "1"
+    store.delete("s")  # the retry works, and removes the files
+    assert not store.exists("s") and not list((tmp_path / "memories").rglob("*.safetensors"))
+
+
+def test_a_save_whose_commit_fails_keeps_the_previous_version_and_leaves_no_file(tmp_path):
+    store = SessionStore(tmp_path)
+    store.create("s", IDENTITY, {})
+    store.save("s", memory_of(1), [{"role": "user", "content": "a"}])
+    store._db = _FailingCommit(store._db)
+    with pytest.raises(StoreError, match="disk I/O error"):
+        store.save("s", memory_of(2), [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+    record = store.get("s")
+    assert record.version == 1 and record.transcript == [{"role": "user", "content": "a"}]
+    assert store.memory(record).meta["step"] == "1"
+    assert sorted(p.name for p in (tmp_path / "memories").rglob("*.safetensors")) == ["s.1.safetensors"]
+    record = store.save("s", memory_of(2), [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+    assert record.version == 2 and store.memory(record).meta["step"] == "2"
+
+
+def test_a_memory_file_that_cannot_be_written_is_a_store_error_and_changes_nothing(tmp_path, monkeypatch):
+    store = SessionStore(tmp_path)
+    store.create("s", IDENTITY, {})
+
+    def disk_full(self, path, *args, **kwargs):
+        raise OSError(28, f"cannot write {path} (No space left on device)")
+
+    monkeypatch.setattr(Memory, "save", disk_full)
+    with pytest.raises(StoreError, match="No space left on device"):
+        store.save("s", memory_of(1), [{"role": "user", "content": "a"}])
+    assert store.get("s").version == 0
+
+
 class _SavingBetweenStatements:
     """A connection that lets another process save once, just before the transcript of a record is read."""
 

@@ -393,11 +393,12 @@ class Engine:
             record = self.store.create(name, self.identity, settings_of(self.base) | {"system_prompt": system}, owner)
             try:
                 session = await self._start(owner, system)
-            except BaseException:
-                self.store.delete(name, owner)
+                memory = self._held(session.memory)
+                return self.store.save(name, memory, session.history, owner, expect_version=record.version)
+            except BaseException:  # no half-made session left behind: the client's retry of the name must work
+                with contextlib.suppress(SessionError):
+                    self.store.delete(name, owner)
                 raise
-            memory = self._held(session.memory)
-            return self.store.save(name, memory, session.history, owner, expect_version=record.version)
 
     def _held(self, memory: Memory) -> Memory | CompactMemory:
         """``memory`` as sessions are held between requests (at :attr:`memory_dtype`, if set)."""
@@ -467,13 +468,18 @@ class Engine:
         if system is None or self._system_key(owner, system) in self._systems:
             return 0
         n = len(self.base.lm.tokenizer.encode(system, add_special_tokens=False))
-        self._check_input(n, "its system message alone ")
+        if n > self.limits.max_input_tokens:  # one message, read at once: it cannot be sent in parts
+            raise RequestError(
+                f"the system prompt is {n} tokens, more than the {self.limits.max_input_tokens} this server reads "
+                "per request, and it is read in one piece: shorten it (or start the server with a larger "
+                "--max-input-tokens)"
+            )
         return n
 
-    def _check_input(self, n: int, what: str = "") -> None:
+    def _check_input(self, n: int) -> None:
         if n > self.limits.max_input_tokens:
             raise RequestError(
-                f"this request adds {n} tokens of context, {what}more than the {self.limits.max_input_tokens} this "
+                f"this request adds {n} tokens of context, more than the {self.limits.max_input_tokens} this "
                 "server reads per request: send the conversation in several requests"
             )
 
@@ -539,6 +545,8 @@ class Engine:
             raise RequestError(
                 f"max_tokens is {params.max_new_tokens}, this server allows at most {self.limits.max_new_tokens}"
             )
+        if any(m["role"] == "system" for m in messages[1:]):  # the same mistake with a session or without
+            raise RequestError("a system message may only come first")
         answer = Answer(session=session)
         read_system = 0
         lock = self._lock(owner, session) if session is not None else None
@@ -561,8 +569,6 @@ class Engine:
                 record = None
                 system = messages[0]["content"] if messages[0]["role"] == "system" else self.base.system_prompt
                 body = list(messages[1:] if messages[0]["role"] == "system" else messages)
-                if any(m["role"] == "system" for m in body):
-                    raise RequestError("a system message may only come first")
                 before, query = self._split(body)
                 # a system prompt not read before is read by this request: it counts, and is refused before
                 # any work when it alone is over the limit

@@ -272,8 +272,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (404, "no such model or session"),
         (409, "the request conflicts with the session's state, or the store holds its limit of sessions"),
         (413, "a message is too large"),
-        (500, "the session's stored memory is missing or damaged (the server log names the file)"),
-        (503, "the session store cannot be reached"),
+        (
+            500,
+            "the session's stored memory is missing or damaged (the server log names the file), or the server "
+            "failed (its log has the details)",
+        ),
+        (503, "the session store cannot be reached or written"),
     ]
 }
 
@@ -411,6 +415,13 @@ def create_app(engine: Engine, *, tokens: Sequence[str] = ()) -> FastAPI:
         code = "context_length_exceeded" if isinstance(err, ContextTooLongError) else "invalid_request"
         return error_response(400, str(err), code)
 
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, err: Exception) -> JSONResponse:
+        # a fault of the server's own, as OpenAI-shaped as the others, so a client can say what happened; Starlette
+        # raises it on after this response, and uvicorn logs the traceback
+        message = f"the server failed while answering ({type(err).__name__}); its log has the details"
+        return error_response(500, message, "internal_error", "server_error")
+
     @app.get("/health", responses={503: ERRORS[503]})
     async def health() -> Any:
         try:
@@ -438,6 +449,7 @@ def create_app(engine: Engine, *, tokens: Sequence[str] = ()) -> FastAPI:
         name = body.name or f"sess-{secrets.token_hex(8)}"
         if body.system_prompt is not None:
             _check_size(body.system_prompt, "system_prompt", limits.max_message_bytes)
+            _check_text(body.system_prompt, "system_prompt")
         return _info(await engine.create_session(who, name, body.system_prompt))
 
     @app.get("/v1/sessions", response_model=SessionList, responses=ERRORS)

@@ -28,13 +28,14 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -45,6 +46,8 @@ from ccmem.memory import CompactMemory, Memory, MemoryMismatchError, weights_dif
 
 if TYPE_CHECKING:
     from ccmem.api import CompressedLM
+
+logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -79,13 +82,22 @@ class SessionLimitError(SessionError):
 
 def limit_message(max_sessions: int) -> str:
     return (
-        f"the store holds its limit of {max_sessions} sessions; delete one first (DELETE /v1/sessions/NAME, or "
-        "SessionStore.delete) or give the server a larger --max-sessions"
+        f"the store holds its limit of {max_sessions} sessions; delete one first (DELETE /v1/sessions/NAME, "
+        "`ccmem sessions delete NAME`, or SessionStore.delete) or give the server a larger --max-sessions"
     )
 
 
 class StoreError(SessionError):
     """The store's database cannot be used (not a SQLite file, made by a newer ccmem, ...)."""
+
+
+class StoreFailedError(StoreError):
+    """The store failed at an operation that a working one does (a disk full or read-only, a database locked too
+    long); ``cause`` is the database's or the file system's error."""
+
+    def __init__(self, message: str, cause: BaseException):
+        super().__init__(message)
+        self.cause = cause
 
 
 class DamagedSessionError(SessionError):
@@ -257,8 +269,8 @@ class BaseSessionStore(abc.ABC):
         except MemoryMismatchError as err:
             what = f"session {record.name!r} (version {record.version}) cannot be restored"
             todo = (
-                f"delete the session to start it over (DELETE /v1/sessions/{record.name} on a server) or use another "
-                "name"
+                f"delete the session to start it over (`ccmem sessions delete {record.name}`, or DELETE "
+                f"/v1/sessions/{record.name} on a server) or use another name"
             )
             raise DamagedSessionError(
                 f"{what}: {err}; {todo}",
@@ -309,13 +321,14 @@ class SessionStore(BaseSessionStore):
             self._db.execute("PRAGMA synchronous=FULL")  # a committed version survives a power cut too
             self._db.execute("PRAGMA foreign_keys=ON")
             self._create_schema()
-        except sqlite3.DatabaseError as err:
-            if not os.access(self.root, os.W_OK) or "readonly" in str(err):
+        except (sqlite3.DatabaseError, StoreFailedError) as failure:
+            cause = failure.cause if isinstance(failure, StoreFailedError) else failure
+            if not os.access(self.root, os.W_OK) or "readonly" in str(cause):
                 raise StoreError(
-                    f"the session store {self.root} cannot be written ({err}); give a folder this user can write"
+                    f"the session store {self.root} cannot be written ({cause}); give a folder this user can write"
                 ) from None
             raise StoreError(
-                f"{self.db_path} is not a ccmem session database ({err}); point the store at another folder "
+                f"{self.db_path} is not a ccmem session database ({cause}); point the store at another folder "
                 "or move that file away"
             ) from None
         self._sweep_temporaries()
@@ -356,28 +369,54 @@ class SessionStore(BaseSessionStore):
                     FOREIGN KEY (owner, name) REFERENCES sessions (owner, name) ON DELETE CASCADE)"""
             )
 
+    def _failed(self, err: sqlite3.Error | OSError) -> StoreFailedError:
+        """The store's own failure (a disk full or gone read-only, a database locked past the timeout) as a
+        :class:`StoreError`: the server answers 503, not the request's fault, and the CLI prints one line."""
+        return StoreFailedError(
+            f"the session store {self.root} failed ({err}); nothing of this change was kept: check that its disk "
+            "has room and that this user can write it, then retry",
+            err,
+        )
+
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE: other processes wait instead of failing mid-way)."""
+    def _transaction(self, undo: Sequence[Callable[[], object]] = ()) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE: other processes wait instead of failing mid-way). Whatever fails,
+        the COMMIT included, rolls it back whole, running ``undo`` first (still under the write lock, so another
+        process's write cannot come between); the store's own errors come out as :class:`StoreError`."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as err:
+                raise self._failed(err) from None
             try:
                 yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("COMMIT")
+            except BaseException as err:
+                for step in undo:
+                    with contextlib.suppress(OSError):
+                        step()
+                with contextlib.suppress(sqlite3.Error):  # a failed COMMIT may have ended the transaction already
+                    self._db.execute("ROLLBACK")
+                if isinstance(err, sqlite3.Error | OSError) and not isinstance(err, sqlite3.IntegrityError):
+                    raise self._failed(err) from None
                 raise
-            self._db.execute("COMMIT")
 
     @contextlib.contextmanager
     def _snapshot(self) -> Iterator[sqlite3.Connection]:
         """One read transaction: its statements see one version of the store, so a session's row and its
         transcript never come from two saves of another process."""
         with self._lock:
-            self._db.execute("BEGIN")
+            try:
+                self._db.execute("BEGIN")
+            except sqlite3.Error as err:
+                raise self._failed(err) from None
             try:
                 yield self._db
+            except sqlite3.Error as err:
+                raise self._failed(err) from None
             finally:
-                self._db.execute("COMMIT")
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
@@ -464,8 +503,8 @@ class SessionStore(BaseSessionStore):
 
     def exists(self, name: str, owner: str = "") -> bool:
         check_name(name)
-        with self._lock:
-            row = self._db.execute("SELECT 1 FROM sessions WHERE owner=? AND name=?", (owner, name)).fetchone()
+        with self._snapshot() as db:
+            row = db.execute("SELECT 1 FROM sessions WHERE owner=? AND name=?", (owner, name)).fetchone()
         return row is not None
 
     def list(self, owner: str = "") -> list[SessionRecord]:
@@ -478,8 +517,8 @@ class SessionStore(BaseSessionStore):
 
     def count(self) -> int:
         """Sessions of all owners (the server's limit counts them all)."""
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0])
+        with self._snapshot() as db:
+            return int(db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0])
 
     # ------------------------------------------------------------------ changes
 
@@ -520,10 +559,14 @@ class SessionStore(BaseSessionStore):
         old = record.transcript
         version = record.version + 1
         folder = self._folder(owner)
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise self._failed(err) from None
         path = folder / f"{name}.{version}.safetensors"
         now = time.time()
-        with self._transaction() as db:
+        undo: list[Callable[[], object]] = []
+        with self._transaction(undo) as db:
             current = db.execute("SELECT version FROM sessions WHERE owner=? AND name=?", (owner, name)).fetchone()
             if current is None:
                 raise UnknownSessionError(f"session {name!r} was deleted while it was being saved")
@@ -534,6 +577,7 @@ class SessionStore(BaseSessionStore):
             # written under the write lock, once the version is known to be free: a save that loses the race to
             # another process must not overwrite the memory file of the version that process just committed
             memory.save(path)  # atomic; not yet the session's memory: the commit below makes it so
+            undo.append(lambda: path.unlink(missing_ok=True))  # if that commit fails, the file is nobody's
             db.executemany(
                 "INSERT INTO messages (owner, name, seq, role, content) VALUES (?,?,?,?,?)",
                 [(owner, name, i, m["role"], m["content"]) for i, m in enumerate(transcript) if i >= len(old)],
@@ -546,16 +590,22 @@ class SessionStore(BaseSessionStore):
         return self.get(name, owner)
 
     def delete(self, name: str, owner: str = "") -> None:
-        """Remove the session, its transcript and its memory files."""
+        """Remove the session, its transcript and its memory files. A delete that fails (its commit included)
+        leaves the session whole: the files go only once the deletion is committed."""
         self.get(name, owner)  # unknown -> UnknownSessionError
         with self._transaction() as db:
             db.execute("DELETE FROM messages WHERE owner=? AND name=?", (owner, name))
             db.execute("DELETE FROM sessions WHERE owner=? AND name=?", (owner, name))
-            # under the write lock, which a save holds while it writes its file: after the commit, another
-            # process could re-create the name and save its version 1, whose file this would remove
-            for _, path in self._memory_files(owner, name):
-                with contextlib.suppress(OSError):
-                    path.unlink()
+        try:
+            # under a write lock again, which a save holds while it writes its file: between the two, another
+            # process may have re-created the name and saved its version 1, whose file must stay
+            with self._transaction() as db:
+                if db.execute("SELECT 1 FROM sessions WHERE owner=? AND name=?", (owner, name)).fetchone() is None:
+                    for _, path in self._memory_files(owner, name):
+                        with contextlib.suppress(OSError):
+                            path.unlink()
+        except StoreError as err:  # the session is gone; its files are left over, read by nothing
+            logger.warning("session %r was deleted but its memory files were not removed: %s", name, err)
         self._sweep_temporaries(owner, name)
 
     # ------------------------------------------------------------------ memories
@@ -567,8 +617,8 @@ class SessionStore(BaseSessionStore):
         if path is None:
             return None
         if not path.is_file():
-            with self._lock:
-                current = self._db.execute(
+            with self._snapshot() as db:
+                current = db.execute(
                     "SELECT version FROM sessions WHERE owner=? AND name=?", (record.owner, record.name)
                 ).fetchone()
             if current is not None and current[0] != record.version:  # swept by a newer save: not damaged
