@@ -514,9 +514,12 @@ def check_persona_shape(k: int, small_talk: int) -> None:
 def _whole_numbers(text: str, option: str) -> list[int]:
     """A comma-separated list of whole numbers, e.g. ``--decode-lengths 128,512``."""
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        numbers = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise OptionError(f"{option} takes whole numbers separated by commas (e.g. 128,512), got {text!r}") from None
+        numbers = []
+    if not numbers:  # '' read as no lengths at all skipped the work the option asks for, without a word
+        raise OptionError(f"{option} takes whole numbers separated by commas (e.g. 128,512), got {text!r}")
+    return numbers
 
 
 def check_folder(out: Path, option: str) -> None:

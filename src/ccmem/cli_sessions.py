@@ -69,6 +69,21 @@ def session_store(store: Path | None, redis_url: str | None) -> tuple[BaseSessio
     return sessions, str(sessions.root)
 
 
+def _existing_store(store: Path | None, redis_url: str | None) -> tuple[BaseSessionStore, str]:
+    """:func:`session_store`, refused where no SQLite store is yet: listing a mistyped ``--store`` said "no
+    sessions" and left a new empty store there."""
+    from ccmem.serve.sessions import default_store_root
+
+    if not redis_url:
+        root = (store or default_store_root()).expanduser()
+        if not (root / "sessions.db").is_file():
+            raise ValueError(
+                f"no session store at {root} (it has no sessions.db); give the --store that `ccmem chat --session` "
+                "or `ccmem serve` used (their default: $CCMEM_SESSIONS or ~/.local/share/ccmem/sessions)"
+            )
+    return session_store(store, redis_url)
+
+
 sessions_app = typer.Typer(
     no_args_is_help=True,
     help="List, show and delete the stored sessions of `ccmem chat --session`, the API and `ccmem serve`.\n\n"
@@ -91,7 +106,7 @@ def list_sessions(store: StoreOpt = None, redis_url: RedisOpt = None, token: Tok
     """The sessions of one token (or of none), most recently used first: turns, memory, what made them."""
     from ccmem.serve.sessions import owner_of
 
-    sessions, where = session_store(store, redis_url)
+    sessions, where = _existing_store(store, redis_url)
     with sessions:
         records = sessions.list(owner_of(token))
     if not records:
@@ -125,7 +140,7 @@ def show_session(
     from ccmem.serve.sessions import check_name, owner_of
 
     check_name(name)
-    sessions, _ = session_store(store, redis_url)
+    sessions, _ = _existing_store(store, redis_url)
     with sessions:
         record = sessions.get(name, owner_of(token))
     settings = record.settings
@@ -163,7 +178,7 @@ def delete_sessions(
     for name in names:
         check_name(name)
     owner = owner_of(token)
-    sessions, where = session_store(store, redis_url)
+    sessions, where = _existing_store(store, redis_url)
     with sessions:
         for name in names:
             sessions.get(name, owner)  # every name is known before any is deleted

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import sys
 import tempfile
 import weakref
@@ -574,11 +575,7 @@ def _load(spec: str, load_kw: dict[str, Any]) -> tuple[PreTrainedTokenizerBase, 
         else:
             tokenizer, model = _from_hub(HUB_SHORTCUTS[spec].hub_id, load_kw, help_text=_offline_help(spec))
     elif path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelNotFoundError(f"no GGUF file at {path}")
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **load_kw)
-        _forget_quantization(model)
+        tokenizer, model = _from_gguf(path, load_kw)
     elif path.is_dir():
         tokenizer, model = _from_folder(path, load_kw)
     elif _looks_like_hub_id(spec):
@@ -597,6 +594,29 @@ def _load(spec: str, load_kw: dict[str, Any]) -> tuple[PreTrainedTokenizerBase, 
             f"{', '.join(HUB_SHORTCUTS)}; or pass a local Hugging Face folder, a .gguf file, or a hub id such as "
             "'org/name'"
         )
+    return tokenizer, model
+
+
+def _from_gguf(path: Path, load_kw: dict[str, Any]) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """A GGUF file's tokenizer and model; a file that is none (empty, cut short, another format) is refused by
+    name, not with the reader's own words about buffers and offsets."""
+    if not path.is_file():
+        raise ModelNotFoundError(f"no GGUF file at {path}")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        what = "is empty" if not magic else "does not start as a GGUF file does (b'GGUF')"
+        raise ModelNotFoundError(f"{path} {what}; give a .gguf model file (e.g. from llama.cpp or the hub)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **load_kw)
+    except (struct.error, ValueError, KeyError, IndexError, EOFError) as err:
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise ModelNotFoundError(
+            f"{path} cannot be read as a GGUF model ({reason}): it may be cut short, or of an architecture or "
+            "quantization transformers does not read; give a complete .gguf file, or a Hugging Face model folder"
+        ) from None
+    _forget_quantization(model)
     return tokenizer, model
 
 

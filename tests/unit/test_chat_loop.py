@@ -162,6 +162,17 @@ def test_save_and_load_read_a_tilde_as_the_home_folder(tmp_path, monkeypatch):
     assert "memory loaded" in text
 
 
+def test_save_and_load_read_a_quoted_path_without_its_quotes(tmp_path, monkeypatch):
+    """Quoted as in a shell, '/save "my dir/m.safetensors"' made a folder named '"my' and said it saved."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my dir").mkdir()
+    session = _session(tiny_model())
+    lines = ["hello", '/save "my dir/m.safetensors"', "/load 'my dir/m.safetensors'", "/quit"]
+    text = _chat(session, lines)
+    assert (tmp_path / "my dir" / "m.safetensors").is_file() and not (tmp_path / '"my dir').exists()
+    assert "saved to my dir/m.safetensors" in text and "memory loaded" in text
+
+
 def test_a_chat_whose_session_another_process_deleted_and_made_again_does_not_save_into_the_new_one(tmp_path):
     """The session deleted and made again elsewhere (DELETE, then POST /v1/sessions of the same name): a chat at the
     new session's version saved its turns into it; at another version every save said "the next exchange saves

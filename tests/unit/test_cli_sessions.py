@@ -74,3 +74,12 @@ def test_a_damaged_session_that_no_chat_can_open_can_be_deleted(monkeypatch, cap
         path.write_bytes(b"cut short")
     code, text = run_cli(monkeypatch, capsys, "sessions", "delete", "alice", "--store", str(store), "--yes")
     assert code == 0 and "deleted alice" in text
+
+
+@pytest.mark.parametrize("command", [["list"], ["show", "alice"], ["delete", "alice", "--yes"]])
+def test_a_folder_that_holds_no_store_is_refused_and_left_as_it_was(monkeypatch, capsys, tmp_path, command):
+    """A mistyped --store listed "no sessions" and left a new empty store there."""
+    typo = tmp_path / "sesions"
+    code, text = run_cli(monkeypatch, capsys, "sessions", *command, "--store", str(typo))
+    assert code == 2 and "no session store at" in text and "--store" in text
+    assert not typo.exists()

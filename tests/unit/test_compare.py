@@ -381,6 +381,7 @@ def test_compare_command_splits_scoped_options():
         (["--methods", "none", "--adapter", "ccm-concat@x=/no/such.safetensors"], "no adapter file at /no/such"),
         (["--methods", "none", "--decode-lengths", "abc"], "--decode-lengths takes whole numbers"),
         (["--methods", "none", "--decode-lengths", "-5"], "1 or more"),
+        (["--methods", "none", "--decode-lengths", ""], "--decode-lengths takes whole numbers"),  # skipped decoding
         (["--methods", "none,local", "--budgets", "1/2,1e-7"], "local: compression_ratio must be in [0, 1)"),
         (["--methods", "full,none,full"], "--methods names 'full' twice"),  # ran, and wrote its rows, twice
         (["--methods", "none", "--tasks", "persona,icl,persona"], "task 'persona' is given twice in --tasks"),

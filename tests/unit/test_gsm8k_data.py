@@ -173,13 +173,14 @@ def test_the_forks_train_ratio_override_is_a_config_key_for_gsm8k_only():
         ({"question": "How many?", "answer": "Two.\n#### two"}, "field 'answer' has a final answer 'two' that is not"),
         (
             {"question": "How many?", "answer": "#### 12,34"},
-            "field 'answer' has a final answer '12,34' that is not a number",
+            "field 'answer' has a final answer '12,34' that is not one number",
         ),
         ({"question": "How many?", "answer": "#### 2", "split": 3}, "field 'split' must be a string"),
         (
             {"question": "How much?", "answer": "#### 3/0"},
-            "field 'answer' has a final answer '3/0' that is not a number (a number and a unit",
+            "field 'answer' has a final answer '3/0' that is not one number (a number and a unit",
         ),
+        ({"question": "Which?", "answer": "#### 5 or 6"}, "field 'answer' has a final answer '5 or 6' that is not"),
     ],
 )
 def test_malformed_records_name_file_line_and_field(tmp_path, record, message):
@@ -196,6 +197,18 @@ def test_a_final_answer_with_a_unit_is_read_as_its_number(tmp_path):
     rows = [{"question": "How fast?", "answer": "120/2 = 60\n#### 60 km/h"}, {"question": "Tax?", "answer": "#### 15%"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert [p.answer for p in read_jsonl(path)] == ["60", "15"]
+
+
+@pytest.mark.parametrize(
+    ("final", "value"),
+    [("- 5", "-5"), ("+ 5", "5"), ("3/4 cup", "0.75"), ("1 1/2 cups", "1.5"), ("5 1/2 hours", "5.5"), ("$ 12", "12")],
+)
+def test_a_reference_reads_as_a_generated_answer_does(tmp_path, final, value):
+    """A final answer that scoring read from a model's solution was refused in the user's own file."""
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"question": "How much?", "answer": f"Worked out.\n#### {final}"}) + "\n")
+    assert [p.answer for p in read_jsonl(path)] == [value]
+    assert extract_answer(f"So the answer is\n#### {final}") == value
 
 
 def test_a_final_answer_written_as_a_fraction_is_read_as_its_value(tmp_path):

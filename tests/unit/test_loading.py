@@ -36,6 +36,24 @@ def test_missing_gguf(tmp_path):
         load_model(str(tmp_path / "x.gguf"))
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"", "is empty"), (b"PK\x03\x04 a zip", "does not start as a GGUF file does"), (None, "cut short")],
+)
+def test_a_file_that_is_no_whole_gguf_is_named_not_described_in_bytes(tmp_path, content, message):
+    """A broken .gguf gave the reader's "unpack_from requires a buffer of at least 24 bytes", as a fault."""
+    from ccmem.loading import builtin_gguf_path
+
+    if content is None:  # the built-in model's file, cut short inside its header
+        with builtin_gguf_path("smollm2-135m").open("rb") as f:
+            content = f.read(200_000)
+    path = tmp_path / "model.gguf"
+    path.write_bytes(content)
+    with pytest.raises(ModelNotFoundError, match=rf"{path} .*{message}") as err:
+        load_model(str(path))
+    assert isinstance(err.value, ValueError)  # a refusal of the user's file, said in one line
+
+
 def test_hub_id_offline_says_how_to_use_a_local_folder(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFoundError, match="pass its local folder"):

@@ -372,7 +372,7 @@ def test_a_delete_whose_commit_fails_leaves_the_session_whole(tmp_path):
     store.create("s", IDENTITY, {})
     store.save("s", memory_of(1), [{"role": "user", "content": "a"}])
     store._db = _FailingCommit(store._db)
-    with pytest.raises(StoreError, match="failed .*disk I/O error.*retry"):
+    with pytest.raises(StoreError, match=r"failed .*disk I/O error.*retry"):
         store.delete("s")
     record = store.get("s")
     assert record.version == 1 and record.transcript == [{"role": "user", "content": "a"}]

@@ -47,11 +47,12 @@ VALIDATION_SIZE = 500  # of GSM8K's 7,473 training problems, the last 500 make v
 
 # A number as written in text: optional minus and dollar sign, thousands commas, decimals; not inside a word.
 _SIGN = r"(?P<neg>[-−]?)"
-_NUMBER_REST = r"\$?(?P<neg2>-?)(?P<num>(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)"
+_NUMBER_REST = r"\$?[ \t]*(?P<neg2>-?)(?P<num>(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)"
 _NUMBER_BODY = _SIGN + _NUMBER_REST
 _NUMBER = re.compile(r"(?<![\w.])" + _NUMBER_BODY)
-# After '####' a minus may stand apart ('#### - 5' is -5); in running text '10 - 5' is no negative number.
-_FINAL = re.compile(r"####[ \t]*" + _SIGN + r"[ \t]*" + _NUMBER_REST)
+# After '####' a minus may stand apart ('#### - 5' is -5; '#### + 5' is 5); in running text '10 - 5' is no
+# negative number.
+_FINAL = re.compile(r"####[ \t]*(?:\+[ \t]*)?" + _SIGN + r"[ \t]*" + _NUMBER_REST)
 # A fraction as a final answer ('#### 3/4', '#### -1/3', '#### - 1/3'): read as its exact value.
 _FRACTION_REST = r"(?P<fnum>\d+)[ \t]*/[ \t]*(?P<fden>\d+)(?![\d.,/]*\d)"
 _FRACTION = re.compile(r"(?P<fneg>[-−]?)[ \t]*" + _FRACTION_REST)
@@ -60,7 +61,6 @@ _LAST_FRACTION = re.compile(r"(?<![\w.,/])(?P<fneg>[-−]?)" + _FRACTION_REST)  
 _MIXED_REST = r"(?P<whole>\d+)[ \t]+" + _FRACTION_REST
 _MIXED = re.compile(r"(?P<fneg>[-−]?)[ \t]*" + _MIXED_REST)
 _LAST_MIXED = re.compile(r"(?<![\w.,/])(?P<fneg>[-−]?)" + _MIXED_REST)
-_WITH_UNIT = re.compile(_NUMBER_BODY + r"[ \t]*[^\d\s.,/][^\d]*")  # a final answer with a unit after it
 _ANNOTATION = re.compile(r"<<[^<>\n]*>>")
 _RESULT = re.compile(r"(?:=[ \t]*\$?[ \t]*(?:<<[^<>\n]*>>)?|<<[^<>\n]*>>)[ \t]*\$?-?\d+(?:,\d{3})*(?:\.\d+)?")
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
@@ -132,10 +132,7 @@ def extract_answer(text: str) -> str | None:
     fraction read whole, as after ``####``)."""
     final = _FINAL.search(text)
     if final:
-        # '#### 3/4' is three quarters, not 3; '#### 1 1/2' is one and a half, not 1
-        fraction = _MIXED.match(text, final.start("neg")) or _FRACTION.match(text, final.start("neg"))
-        value = _canonical_fraction(fraction) if fraction else None
-        return value if value is not None else _canonical(final)
+        return _final_value(text, final)[0]
     numbers = list(_NUMBER.finditer(text))
     if not numbers:
         return None
@@ -144,6 +141,16 @@ def extract_answer(text: str) -> str | None:
     fraction = next((f for f in ending if f.end() == numbers[-1].end()), None)
     value = _canonical_fraction(fraction) if fraction else None
     return value if value is not None else _canonical(numbers[-1])
+
+
+def _final_value(text: str, final: re.Match[str]) -> tuple[str, int]:
+    """The value of the final answer that ``final`` (a match of ``_FINAL`` in ``text``) starts, and where in
+    ``text`` it ends: '#### 3/4' is three quarters, not 3; '#### 1 1/2' one and a half, not 1."""
+    fraction = _MIXED.match(text, final.start("neg")) or _FRACTION.match(text, final.start("neg"))
+    value = _canonical_fraction(fraction) if fraction else None
+    if fraction is not None and value is not None:
+        return value, fraction.end()
+    return _canonical(final), final.end()
 
 
 def is_correct(generated: str, reference: str) -> bool:
@@ -211,14 +218,15 @@ def _parse_answer(where: str, text: str) -> tuple[str, str]:
     last = lines[-1].strip()
     if not last.startswith("####"):
         raise DatasetFormatError(f"{where}: field 'answer' must end with a '#### <number>' line")
-    final = normalise_number(last[4:])
-    unit = _WITH_UNIT.fullmatch(last[4:].strip()) if final is None else None
-    if unit is not None:  # '#### 60 km/h', '#### 15%': the number is the answer, the unit is read past
-        final = _canonical(unit)
-    if final is None:
+    # read as a generated solution's final answer is (extract_answer): a sign standing apart, a fraction or mixed
+    # number whole, a unit after it read past ('#### 60 km/h', '#### 15%', '#### 5 1/2 hours'); a second number
+    # after it ('#### 5 or 6') leaves the answer unclear
+    match = _FINAL.match(last)
+    final, end = _final_value(last, match) if match else (None, 0)
+    if final is None or re.search(r"\d", last[end:]):
         raise DatasetFormatError(
-            f"{where}: field 'answer' has a final answer {last[4:].strip()!r} that is not a number (a number and "
-            "a unit, such as '60 km/h', is read as the number, and so is a fraction such as '3/4')"
+            f"{where}: field 'answer' has a final answer {last[4:].strip()!r} that is not one number (a number and "
+            "a unit, such as '60 km/h', is read as the number, and so is a fraction such as '3/4' or '1 1/2')"
         )
     return "\n".join(lines[:-1]).rstrip(), final
 

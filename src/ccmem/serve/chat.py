@@ -123,6 +123,8 @@ def command(session: CompressedLM, console: Console, line: str, binding: Session
     name, _, arg = line.partition(" ")
     overwrite, arg = _overwrite(arg) if name == "/save" else (False, arg.strip())
     if name in ("/save", "/load") and arg:
+        if len(arg) >= 2 and arg[0] == arg[-1] and arg[0] in "'\"":  # quoted as in a shell: the quotes are no part
+            arg = arg[1:-1]  # of the path ('"my dir/m.safetensors"' made a folder named '"my')
         arg = os.path.expanduser(arg)  # no shell expanded it: "~/m.safetensors" made a folder named "~" here
     try:
         if name in ("/quit", "/exit"):
