@@ -220,6 +220,15 @@ class CompressedLM:
         if self.system_prompt is not None:
             system = [{"role": "system", "content": self.system_prompt}]
             ids = self._ids(self.format.delta([], system))
+            limit = self.lm.max_positions
+            if limit is not None and ids.shape[1] >= limit:  # else every later call failed, blaming its own text
+                raise ContextTooLongError(
+                    f"the system prompt is {ids.shape[1]} tokens as the chat template renders it, but {self.lm.name} "
+                    f"reads at most {limit} positions, the system prompt and a question together: shorten the "
+                    "system prompt (or put what it says into the memory with add(), which a compressing method "
+                    "reads in parts)",
+                    positions=limit,
+                )
             if self.sink:
                 with torch.no_grad(), self.method.attached(self.lm):
                     self.memory = self.method.add_sink(self.lm, self.memory, ids)
@@ -298,6 +307,11 @@ class CompressedLM:
         memory.check(self.lm.kv_shape, where="the restored memory")
         check_meta(memory.meta, self.method.memory_meta(self.lm), "the restored memory")
         self._check_state(memory, "the restored memory")
+        if isinstance(history, str) or not isinstance(history, Sequence):  # else a TypeError from list()
+            raise ValueError(
+                f"history is a {type(history).__name__}: give the transcript the memory holds, a list of "
+                "{'role': ..., 'content': ...} messages ([] for none)"
+            )
         messages = check_messages(list(history))
         if messages and messages[0]["role"] == "system" and memory.sink:
             self._check_sink(memory, messages[0]["content"], "the restored memory")
@@ -357,9 +371,9 @@ class CompressedLM:
             # the sink it holds, restored by load_memory; not the session's flag: a memory without a sink loaded
             # into a session with one was stamped with a prompt it does not hold, and refused as damaged next load
             memory.meta["system_prompt"] = self.system_prompt
-        if self.system_prompt is None and any(m["role"] != "system" for m in self.history):
-            # the chat template's own opening (SmolLM2's default system turn) is in the memory already: a loaded
-            # copy must not render it again before the next turn (load_memory)
+        if self.system_prompt is None and self.history:
+            # the chat template's opening (SmolLM2's default system turn, or a system message the user added) is in
+            # the memory already: a loaded copy must not render it again before the next turn (load_memory)
             memory.meta["conversation_started"] = "true"
         return memory.save(path, dtype=dtype)
 

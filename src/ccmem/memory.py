@@ -118,6 +118,8 @@ class Memory(SlotCounts):
 
     def segment_lengths(self, layer: int = 0) -> dict[str, int]:
         """``{"sink": n, "compressed": n, "window": n}`` slots of one layer."""
+        if self.layers and not 0 <= layer < len(self.layers):
+            raise ValueError(f"layer {layer}: this memory holds layers 0 to {len(self.layers) - 1}")
         total = self.slots_per_layer[layer] if self.layers else 0
         return {"sink": self.sink, "compressed": total - self.sink - self.window, "window": self.window}
 
@@ -371,6 +373,14 @@ def concat_positions(parts: Sequence[list[torch.Tensor]]) -> list[torch.Tensor]:
 # ---------------------------------------------------------------- persistence
 
 
+def _file_path(path: object, call: str) -> Path:
+    """A memory file's path as given (``~`` read as the home folder, as for a model path, not as a folder named
+    ``~``); anything but a non-empty str or path is refused in words, not by pathlib."""
+    if not isinstance(path, str | os.PathLike) or not str(path).strip():
+        raise ValueError(f"{call} takes the memory file's path (a str or Path), got {path!r}")
+    return Path(path).expanduser()
+
+
 def save_memory(memory: Memory | CompactMemory, path: str | os.PathLike[str], *, dtype: str | None = None) -> Path:
     """Write ``memory`` to a safetensors file atomically (a crash never leaves a half-written file).
 
@@ -378,11 +388,11 @@ def save_memory(memory: Memory | CompactMemory, path: str | os.PathLike[str], *,
     default: the memory's own dtype, or a compact memory's own precision); the file records it, and
     :func:`load_memory` expands keys/values to the model's dtype again. Positions and ``state`` are stored exactly.
     """
-    path = Path(path).expanduser()  # "~/x" is the home folder, as for a model path (not a folder named "~")
+    path = _file_path(path, "save_memory")
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder: give the memory file's name (e.g. {path / 'memory.safetensors'})")
     if isinstance(memory, Memory):
-        memory = memory.compact(dtype or dtype_name(memory.dtype or torch.float32))
+        memory = memory.compact(dtype if dtype is not None else dtype_name(memory.dtype or torch.float32))
     elif dtype is not None and storage_name(dtype) != memory.storage:
         memory = memory.expanded().compact(dtype)
     tensors = {}
@@ -573,7 +583,7 @@ def _read_compact(path: str | os.PathLike[str], expect: dict[str, str] | None) -
     """A memory file as stored, its header, identity and storage validated (the key/value tensors themselves are
     checked by :meth:`Memory.check` once expanded), and whether its contents match the digest it was saved with
     (True for a file written before ccmem recorded one)."""
-    path = Path(path).expanduser()
+    path = _file_path(path, "load_memory")
     if not path.is_file():
         raise FileNotFoundError(f"no memory file at {path}")
     try:

@@ -175,11 +175,16 @@ def test_every_preset_that_starts_from_a_shipped_adapter_can_start(smollm):
     } <= set(checked)
 
 
-def test_a_memory_without_a_system_prompt_reads_the_same_once_saved_and_loaded(smollm, tmp_path):
+@pytest.mark.parametrize("system_message", [False, True])
+def test_a_memory_without_a_system_prompt_reads_the_same_once_saved_and_loaded(smollm, tmp_path, system_message):
     """SmolLM2's template opens a chat with its own system turn: the memory holds it, and a loaded copy must not
-    render it again before the next question (it did: the loaded memory chose another answer)."""
+    render it again before the next question (it did: the loaded memory chose another answer). Nor when the only
+    thing held is a system message the user added (then the loaded copy put the default one after it)."""
     a = ccmem.load(smollm, "ccm-concat", system_prompt=None)
-    a.add([{"role": "user", "content": "My locker code is 4831."}, {"role": "assistant", "content": "Noted."}])
+    if system_message:
+        a.add([{"role": "system", "content": "You are a pirate named Redbeard. The locker code is 4831."}])
+    else:
+        a.add([{"role": "user", "content": "My locker code is 4831."}, {"role": "assistant", "content": "Noted."}])
     a.save_memory(tmp_path / "m.safetensors")
     b = ccmem.load(smollm, "ccm-concat", system_prompt=None)
     b.load_memory(tmp_path / "m.safetensors")

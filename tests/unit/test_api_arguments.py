@@ -152,3 +152,23 @@ def test_a_sink_that_is_not_true_or_false_is_refused():
     """sink="no" was taken as True (a non-empty string), keeping the sink it asked to drop."""
     with pytest.raises(ValueError, match="sink must be True or False"):
         ccmem.load(tiny_model(), "full", sink="no")
+
+
+def test_paths_histories_layers_and_storage_of_the_wrong_kind_are_refused_in_words(sessions, tmp_path):
+    """Each was a TypeError or IndexError from pathlib or list(); an empty storage dtype saved at the default."""
+    session = sessions[0]
+    with pytest.raises(ValueError, match="history is a NoneType: give the transcript"):
+        session.restore(session.memory, None)
+    with pytest.raises(ValueError, match="history is a str"):
+        session.restore(session.memory, "Hi.")
+    for call in (session.save_memory, session.load_memory):
+        with pytest.raises(ValueError, match=r"takes the memory file's path \(a str or Path\), got None"):
+            call(None)
+        with pytest.raises(ValueError, match="got ''"):
+            call("")
+    with pytest.raises(ValueError, match="unknown memory storage dtype ''"):
+        session.save_memory(tmp_path / "m.safetensors", dtype="")
+    assert not (tmp_path / "m.safetensors").exists()
+    layers = len(session.memory.layers)
+    with pytest.raises(ValueError, match=f"layer {layers}: this memory holds layers 0 to {layers - 1}"):
+        session.memory.segment_lengths(layers)

@@ -122,6 +122,16 @@ def test_memory_that_leaves_no_room_is_still_refused():
     assert session.memory.num_slots == 47  # unchanged
 
 
+@pytest.mark.parametrize(("method", "sink"), [("full", True), ("ccm-concat", True), ("ccm-concat", False)])
+def test_a_system_prompt_past_the_positions_is_refused_when_the_session_is_made(method, sink):
+    """It was accepted: the session then refused every add and question, each blaming its own text."""
+    lm = tiny_model(positions=64)
+    with pytest.raises(ContextTooLongError, match=r"the system prompt is \d+ tokens .* at most 64 positions") as err:
+        CompressedLM(lm, get_method(method), system_prompt="rule " * 80, sink=sink)
+    assert err.value.positions == 64 and "add the text in parts" not in str(err.value)
+    CompressedLM(lm, get_method(method), system_prompt="rule " * 8, sink=sink)  # one that fits is kept
+
+
 def test_make_room_leaves_a_memory_that_fits_as_it_is_and_refuses_models_it_cannot_rebase(monkeypatch):
     lm = tiny_model(positions=64)
     session = CompressedLM(lm, get_method("ccm-concat", n_tok=2), system_prompt=None)
