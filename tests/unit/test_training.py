@@ -268,6 +268,27 @@ def test_a_checkpoint_that_cannot_be_written_says_where_and_how_much_room_is_lef
         train(config, lm=tiny_model())
 
 
+@pytest.mark.parametrize("where", ["checkpoint", "adapter"])
+def test_weights_that_cannot_be_written_are_said_with_the_room_left_not_in_safetensors_words(
+    tmp_path, monkeypatch, where
+):
+    """safetensors' "Error while serializing: I/O error: No space left on device" is no OSError: it passed the
+    message that names the checkpoint and the free space."""
+    from safetensors import SafetensorError
+
+    import ccmem.adapter
+    import ccmem.train.trainer as trainer
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(trainer if where == "checkpoint" else ccmem.adapter, "save_file", full_disk)
+    config = _config(tmp_path, "train.max_steps=2")
+    what = r"checkpoint-2 to .*" if where == "checkpoint" else r".*adapter\.safetensors "
+    with pytest.raises(OSError, match=rf"writing {what}failed \(Error while serializing.*MiB are free"):
+        train(config, lm=tiny_model())
+
+
 def test_a_second_process_training_the_same_run_is_refused(tmp_path):
     """Two trainings with one run_id both ran, writing the same checkpoints and an interleaved log."""
     config = _config(tmp_path, "train.max_steps=2")
@@ -696,8 +717,14 @@ def test_a_checkpoint_of_a_stopped_run_exports_as_an_adapter(tmp_path, monkeypat
     shutil.rmtree(run / "checkpoint-4")  # as if the session had ended after step 2
     (run / "adapter.safetensors").unlink()
     (run / "summary.json").unlink()
-    path = export_checkpoint(config, lm=tiny_model())  # the latest: 2
+    # a checkpoint the run is writing meanwhile (weights there, trainer_state.json not yet): it was moved aside as
+    # incomplete, under the training run, which then died writing into it
+    (run / "checkpoint-3").mkdir()
+    shutil.copy(run / "checkpoint-2" / "model.safetensors", run / "checkpoint-3" / "model.safetensors")
+    path = export_checkpoint(config, lm=tiny_model())  # the latest complete one: 2
     assert path == run / "checkpoint-2" / "adapter.safetensors"
+    assert (run / "checkpoint-3" / "model.safetensors").is_file() and not list(run.glob("incomplete-*"))
+    shutil.rmtree(run / "checkpoint-3")
     saved = load_file(run / "checkpoint-2" / "model.safetensors")
     adapter = read_adapter(path)
     assert adapter.extra["steps"] == 2 and "of a 4-step schedule" in adapter.extra["exported_checkpoint"]

@@ -32,7 +32,7 @@ from typing import Any, cast
 
 import torch
 import yaml
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainerState, TrainingArguments
@@ -195,7 +195,10 @@ class CompressionTrainer(Trainer):
         module = self.accelerator.unwrap_model(self.model)
         trainable = {n: p.detach().contiguous().cpu() for n, p in module.named_parameters() if p.requires_grad}
         with atomic_path(folder / CHECKPOINT_WEIGHTS) as tmp:
-            save_file(trainable, str(tmp), metadata={"format": "pt"})
+            try:
+                save_file(trainable, str(tmp), metadata={"format": "pt"})
+            except SafetensorError as err:  # a full disk, in safetensors' own words: said as _save_checkpoint says it
+                raise OSError(str(err)) from err
 
     def _determine_best_metric(self, metrics: dict[str, float], trial: Any) -> bool:
         better = super()._determine_best_metric(metrics, trial)
@@ -341,13 +344,16 @@ def warn_shared_samples(train: list[Sample], validation: list[Sample]) -> int:
     return shared
 
 
-def prepare_run_dir(config: TrainConfig) -> str | None:
+def prepare_run_dir(config: TrainConfig, *, move_incomplete: bool = True) -> str | None:
     """Check that an existing ``runs/<run_id>`` holds the same config; return the checkpoint to resume from: the
     latest complete one (:func:`checkpoint_complete`). Incomplete ones (a kill or a full disk while saving) are
     moved aside to ``incomplete-checkpoint-N`` with a warning, so that the run resumes from the one before.
 
     ``config.yaml`` is not written here but once the data and model are ready, so a run that fails before
     training starts does not block its run_id.
+
+    ``move_incomplete=False`` (a reader such as :func:`export_checkpoint`, which may run while the run trains:
+    the checkpoint being written looks incomplete) leaves every folder where it is.
     """
     run_dir = config.run_dir
     saved = run_dir / "config.yaml"
@@ -357,6 +363,8 @@ def prepare_run_dir(config: TrainConfig) -> str | None:
         if why is None:
             break
         folder = checkpoints.pop(step)
+        if not move_incomplete:
+            continue
         aside = run_dir / f"incomplete-{folder.name}"
         if aside.exists():
             aside = run_dir / f"incomplete-{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -726,7 +734,14 @@ def _train(config: TrainConfig, lm: LoadedModel | None) -> TrainResult:
     }
     output = run_dir / ADAPTER_FILE
     if trainer.args.should_save:  # rank 0 only under `accelerate launch`
-        save_adapter(method, lm, output, extra=summary | {"config": config.to_dict()})
+        try:
+            save_adapter(method, lm, output, extra=summary | {"config": config.to_dict()})
+        except (OSError, SafetensorError) as err:
+            free = shutil.disk_usage(run_dir).free / 2**20
+            raise OSError(
+                f"writing {output} failed ({err}); {free:.1f} MiB are free there. Free some space and rerun the same "
+                "command: the run is complete, so it only writes the adapter"
+            ) from err
         with atomic_path(run_dir / "summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
     return TrainResult(run_dir, output, ended.global_step, seconds, module.tokens_seen, eval_loss, resume)
@@ -771,9 +786,11 @@ def export_checkpoint(config: TrainConfig, step: int | None = None, *, lm: Loade
     is then usable as it is: ``runs/<run_id>/checkpoint-N/adapter.safetensors`` loads like a finished run's
     adapter and records which step of which schedule it is. Resuming the run later is not affected.
     """
-    prepare_run_dir(config)  # the run's own config, or refused naming what differs
+    # the run's own config, or refused naming what differs; nothing moved: the run may be training meanwhile (it
+    # died when the checkpoint it was writing was moved aside as incomplete)
+    prepare_run_dir(config, move_incomplete=False)
     run_dir = config.run_dir
-    steps = {step: p for step, p in _checkpoints(run_dir).items() if (p / CHECKPOINT_WEIGHTS).is_file()}
+    steps = {step: p for step, p in _checkpoints(run_dir).items() if checkpoint_complete(p) is None}
     if not steps:
         raise ConfigError(f"run {config.run_id!r} has no checkpoint in {run_dir} to export")
     step = max(steps) if step is None else step
