@@ -376,3 +376,12 @@ def test_a_method_that_says_it_does_not_change_reading_reads_the_same_attached(c
     monkeypatch.setattr(s.method, "changes_reading", lambda lm: True)
     attached = s.score_ids(QUERY, [[50, 51], [52]]), list(s.stream_ids(QUERY, 4, stop_ids=set()))
     assert light == attached
+
+
+@pytest.mark.parametrize("name", list(method_classes()))
+def test_a_methods_runtime_options_are_options_it_has(name):
+    """ccm-reason listed ccm-concat's keep and recent as runtime options (`ccmem methods`), options it refuses."""
+    cls = method_class(name)
+    declared = {f.name for f in __import__("dataclasses").fields(cls)}
+    assert not cls.runtime_options & cls.unsupported_options
+    assert cls.runtime_options <= declared, sorted(cls.runtime_options - declared)

@@ -37,6 +37,8 @@ class Gist(CompTokens):
     paper: ClassVar[str] = "Mu et al., Learning to Compress Prompts with Gist Tokens, NeurIPS 2023"
     #: On T5-family models the gist tokens go into the encoder, after the context.
     encoder_decoder: ClassVar[bool] = True
+    # CompTokens' without max_chunk_tokens, an option gist has not (it reads its context at once)
+    runtime_options: ClassVar[frozenset[str]] = frozenset({"lora_dropout"})
 
     def positions_needed(self, memory: Memory, n_tokens: int) -> int:
         # The context restarts right after the sink each time; only the first add places the gist tokens.

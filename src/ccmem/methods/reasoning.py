@@ -71,14 +71,15 @@ class CCMReasoning(CCMConcat):
     name: ClassVar[str] = "ccm-reason"
     paper: ClassVar[str] = "Kim et al., CCM (ICLR 2024), as forked for GSM8K reasoning with learned <COMP> placement"
     encoder_decoder: ClassVar[bool] = False  # it compresses a decoder's own trace while it writes
-    runtime_options: ClassVar[frozenset[str]] = CCMConcat.runtime_options | {
+    unsupported_options: ClassVar[frozenset[str]] = frozenset({"recent", "keep"})  # keep_last instead
+    # CCMConcat's without the ones this method has not (`ccmem methods ccm-reason` listed keep and recent)
+    runtime_options: ClassVar[frozenset[str]] = (CCMConcat.runtime_options - unsupported_options) | {
         "policy",
         "interval",
         "threshold",
         "min_segment",
         "keep_last",
     }
-    unsupported_options: ClassVar[frozenset[str]] = frozenset({"recent", "keep"})  # keep_last instead
     # `lookahead` is not a runtime option: it says what the classifier was trained to read.
 
     policy: str = option("classifier", f"where a reasoning step ends: {', '.join(POLICIES)}")
