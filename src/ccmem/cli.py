@@ -885,6 +885,9 @@ def train(
     if (show_presets or show_keys) and not show_config:  # each listing asked for is shown, then the config if asked
         return
     overrides = list(overrides or [])
+    if preset is not None and "=" in preset and not Path(preset).exists():  # no preset, only overrides (--help:
+        overrides = [preset, *overrides]  # "omit to start from defaults"); it was "no preset 'a=b'"
+        preset = None
     if attn is not None:
         overrides = [*_unless_other_attn(overrides, attn), f"attn={attn}"]
     config = load_config(preset, overrides + (["wandb=true"] if wandb else []))

@@ -1052,3 +1052,10 @@ def test_serve_on_any_free_port_does_not_announce_port_0(monkeypatch, capsys, tm
     assert code == 0 and ran == [0]
     flat = " ".join(out.split())
     assert ":0/v1" not in flat and "a free port" in flat
+
+
+def test_train_given_only_overrides_starts_from_the_defaults(monkeypatch, capsys):
+    """--help says the preset may be omitted; `ccmem train train.max_steps=2` was "no preset 'train.max_steps=2'"."""
+    code, text = run_cli(monkeypatch, capsys, "train", "train.max_steps=2", "method.name=full", "--show-config")
+    assert code == 0, text
+    assert "max_steps: 2" in text and "name: full" in text
