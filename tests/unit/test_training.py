@@ -87,6 +87,38 @@ def test_presets_cover_the_recipe_and_overrides_are_typed_and_checked():
     assert load_config(None, ["train.lr=1e-4"]).fingerprint() != load_config(None, []).fingerprint()
 
 
+def test_a_config_file_s_errors_name_the_file_and_a_key_given_twice_is_refused(tmp_path):
+    """A bad value in the user's YAML file is reported with the file (it read as if typed on the command line),
+    and a key set twice is refused with both lines (PyYAML keeps the last one silently)."""
+    bad_value = tmp_path / "mine.yaml"
+    bad_value.write_text("train:\n  lr: abc\n")
+    with pytest.raises(ConfigError, match=r"^in .*mine.yaml: train.lr must be float, got 'abc'"):
+        load_config(str(bad_value))
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("trian:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match=r"^in .*typo.yaml: unknown config key 'trian.lr'; did you mean 'train.lr'"):
+        load_config(str(typo))
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("run_id: mine\ntrain:\n  lr: 1.0e-4\n  max_steps: 3\n  lr: 2.0e-4\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: 'lr' is given twice in one section \(lines 3 and 5\)"):
+        load_config(str(twice))
+    # the same key in two sections is two keys; the override on the command line is still named as such
+    fine = tmp_path / "fine.yaml"
+    fine.write_text("train:\n  seed: 1\ndata:\n  seed: 2\n")
+    config = load_config(str(fine), ["train.max_steps=7"])
+    assert (config.train.seed, config.data.seed, config.train.max_steps) == (1, 2, 7)
+    with pytest.raises(ConfigError, match=r"^train.lr must be float"):
+        load_config(str(fine), ["train.lr=abc"])
+    assert all(load_config(name).run_id == name for name in preset_names())  # every preset reads strictly
+
+
+def test_a_run_id_of_dots_only_is_refused_with_the_rule():
+    for bad in ("..", ".", "a/b"):
+        with pytest.raises(ConfigError, match=r"must hold at least one letter or digit, and nothing but letters"):
+            load_config(None, [f"run_id={bad}"])
+    assert load_config(None, ["run_id=v1.2_b-3"]).run_id == "v1.2_b-3"
+
+
 def test_text_keys_take_the_text_typed_not_what_yaml_makes_of_it():
     """A system prompt starting with "#" was read as a YAML comment, so training ran with no system prompt at all;
     "Note: be brief" was refused as a mapping and run_id=007 as the number 7."""

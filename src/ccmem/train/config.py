@@ -422,11 +422,30 @@ def preset_summary(name: str, width: int = 110) -> str:
     return sentence if len(sentence) <= width else sentence[: sentence.rfind(" ", 0, width)] + " …"
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently: a preset
+    copied and edited with ``lr`` set twice trained at whichever came last, with no word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise ConfigError(f"{key!r} is given twice in one section (lines {seen[key]} and {line}): keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}  # a SafeLoader
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read the config file {path}: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys")
     return data
@@ -451,7 +470,11 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
             close = difflib.get_close_matches(preset, preset_names(), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; presets: {', '.join(preset_names())}"
             raise ConfigError(f"no preset or config file {preset!r}{hint}")
-        config = _apply(config, _flatten(read_yaml(path)))
+        try:
+            config = _apply(config, _flatten(read_yaml(path)))
+        except ConfigError as err:  # a value of the file's, not of the command line: say where it is
+            message = str(err)
+            raise ConfigError(message if message.startswith(str(path)) else f"in {path}: {message}") from None
         if not config.run_id:
             config.run_id = path.stem
     given = dict(parse_override(o) for o in overrides)
@@ -593,7 +616,10 @@ def check(config: TrainConfig) -> None:
     if config.attn not in ATTN_IMPLEMENTATIONS:
         raise ConfigError(f"attn must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {config.attn!r}")
     if not config.run_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise ConfigError(f"run_id {config.run_id!r} may only hold letters, digits, '-', '_' and '.'")
+        raise ConfigError(
+            f"run_id {config.run_id!r} must hold at least one letter or digit, and nothing but letters, digits, "
+            "'-', '_' and '.' (it names the run's folder in output_dir, so '..' or 'a/b' could point outside it)"
+        )
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
