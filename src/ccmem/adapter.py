@@ -76,6 +76,17 @@ class Adapter:
             return default
         return str(data["system"]) if data["system"] else None
 
+    def system_note(self, used: str | None) -> str | None:
+        """What to tell a user running this adapter with the system prompt ``used`` (None: none) where it was
+        trained with another one (None where they agree, or its provenance does not say)."""
+        trained = self.trained_system(used)
+        if trained == used:
+            return None
+        return (
+            f"the adapter {self.path} was trained with the system prompt {trained!r}, and runs here with {used!r}; "
+            f"its memory may be read less well (--system {trained or ''!r} gives it its own)"
+        )
+
 
 def _shipped_folder(model_name: str) -> Path | None:
     """Where ccmem's adapters for ``model_name`` lie: a plain name only (a model given as a path, say

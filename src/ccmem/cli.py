@@ -125,6 +125,15 @@ SystemOpt = Annotated[
     str,
     typer.Option("--system", help="System prompt, kept uncompressed as the attention sink ('' for none)."),
 ]
+AdapterSystemOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--system",
+        help="System prompt, kept uncompressed as the attention sink ('' for none). Default: the one the adapter "
+        f"was trained with, as it records; else {DEFAULT_SYSTEM_PROMPT!r}.",
+        show_default=False,
+    ),
+]
 Stage1Opt = Annotated[
     Path | None,
     typer.Option(
@@ -194,7 +203,11 @@ def _session(
     stage1: Path | None,
     attn: str = "sdpa",
     quantize: str | None = None,
+    from_memory: bool = False,
 ) -> Any:
+    """A session of ``method`` on ``model``. ``system``: the system prompt ('' for none; None: the one the
+    adapter was trained with, as it records, else the default, since a memory is read best under the prompt its
+    adapter learned with). ``from_memory``: a saved memory will bring its own (no note on the prompt)."""
     import ccmem  # deferred: importing torch/transformers makes --help slow
     from ccmem.adapter import read_adapter
     from ccmem.registry import get_method
@@ -208,11 +221,24 @@ def _session(
             method=method,
             adapter=adapter,
             stage1=stage1,
-            system_prompt=system,
+            system_prompt=DEFAULT_SYSTEM_PROMPT if system is None else system or None,
             attn_implementation=attn,
             quantize=quantize,
             **options,
         )
+    if system is None and session.adapter is not None:
+        trained = session.adapter.trained_system(DEFAULT_SYSTEM_PROMPT)
+        if trained != session.system_prompt:
+            session.system_prompt = trained
+            session.reset()
+            err_console.print(
+                f"[dim]system prompt: {trained!r}, the one the adapter was trained with (--system sets another)[/]",
+                highlight=False,
+            )
+    elif (
+        not from_memory and session.adapter is not None and (note := session.adapter.system_note(session.system_prompt))
+    ):
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
     if not session.adapter_trained:
         err_console.print(
             f"[yellow]note:[/] no trained adapter for {method} on {model}: it runs untrained, "
@@ -355,7 +381,7 @@ def chat(
     n_tok: NTokOpt = None,
     recurrent: RecurrentOpt = None,
     option: OptionsOpt = None,
-    system: SystemOpt = DEFAULT_SYSTEM_PROMPT,
+    system: AdapterSystemOpt = None,
     stage1: Stage1Opt = None,
     max_new_tokens: MaxNewOpt = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy; higher samples more freely.")] = 0.0,
@@ -382,7 +408,7 @@ def chat(
         check_name(session_name)
         sessions, _ = session_store(store, redis_url)
     options = _options(n_tok, recurrent, option)
-    session = _session(model, method, adapter, options, system or None, stage1, attn, quantize)
+    session = _session(model, method, adapter, options, system, stage1, attn, quantize)
     binding = None
     if sessions is not None and session_name is not None:
         binding = SessionBinding(sessions, session_name)
@@ -412,7 +438,7 @@ def serve(
     adapter: AdapterOpt = None,
     n_tok: NTokOpt = None,
     option: OptionsOpt = None,
-    system: SystemOpt = DEFAULT_SYSTEM_PROMPT,
+    system: AdapterSystemOpt = None,
     stage1: Stage1Opt = None,
     store: StoreOpt = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
@@ -479,7 +505,7 @@ def serve(
         raise ValueError("--token is empty: give a non-empty bearer token (an empty one would let any client in)")
     sessions, where = session_store(store, redis_url)
     options = _options(n_tok, None, option)
-    base = _session(model, method, adapter, options, system or None, stage1, attn, quantize)
+    base = _session(model, method, adapter, options, system, stage1, attn, quantize)
     limits = Limits(
         max_new_tokens=max_new_tokens,
         max_input_tokens=max_input_tokens,
@@ -569,7 +595,7 @@ def compress(
     n_tok: NTokOpt = None,
     recurrent: RecurrentOpt = None,
     option: OptionsOpt = None,
-    system: SystemOpt = DEFAULT_SYSTEM_PROMPT,
+    system: AdapterSystemOpt = None,
     stage1: Stage1Opt = None,
     chunk_tokens: Annotated[
         int | None,
@@ -599,7 +625,7 @@ def compress(
 
     from ccmem.methods.base import ContextTooLongError
 
-    session = _session(model, method, adapter, options, system or None, stage1, attn, quantize)
+    session = _session(model, method, adapter, options, system, stage1, attn, quantize)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     read = length = 0
     with Progress(*columns, console=err_console, transient=True) as bar:
@@ -726,7 +752,9 @@ def ask(
         declared = {spec.name for spec in cls.option_specs() if untrained or spec.name in cls.runtime_options}
         kept = {k: _recorded(v) for k, v in made.items() if k in declared}
         options = kept | options
-    session = _session(model, method, adapter, options, None, stage1, attn, quantize)
+    # no system prompt of its own: the memory brings the one it was compressed with (a memory made with none
+    # records none, and must not be read with the default)
+    session = _session(model, method, adapter, options, "", stage1, attn, quantize, from_memory=True)
     session.load_memory(memory_file)
     if system is not None and system != (session.system_prompt or ""):
         raise OptionError(
@@ -793,7 +821,7 @@ def generate(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     options = _options(None, None, option)
-    session = _session(model, method, adapter, options, system or None, stage1, attn, quantize)
+    session = _session(model, method, adapter, options, system, stage1, attn, quantize)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=True) as bar:
         task = bar.add_task(f"answering {test_file.name} (records)", total=len(records))

@@ -353,6 +353,35 @@ def test_compress_takes_the_adapters_method_and_ask_the_icformer_marker_from_the
     assert code == 2 and "was made with marker='lm', but this session has marker='ft'" in " ".join(out.split())
 
 
+def test_compress_prompts_as_the_adapter_was_trained_unless_system_is_given(
+    monkeypatch, capsys, tiny_model_dir, tmp_path
+):
+    """Without --system a session takes the system prompt its adapter records (its training config's data.system),
+    as `repro gsm8k` does: it took the default, under which the adapter never learned to read a memory. A
+    --system that differs from the adapter's is kept, with a note."""
+    from ccmem.adapter import save_adapter
+    from ccmem.loading import load_model
+
+    lm = load_model(str(tiny_model_dir))
+    extra = {"config": {"data": {"dataset": "persona", "system": "w40 w41"}}}
+    adapter = save_adapter(ccmem.get_method("ccm-concat", n_tok=2), lm, tmp_path / "a.safetensors", extra=extra)
+    text = tmp_path / "notes.txt"
+    text.write_text("w1 w2 w3 w4 w5 w6 w7 w8")
+    memory = tmp_path / "notes.safetensors"
+    common = ["--model", str(tiny_model_dir), "--adapter", str(adapter)]
+    code, out = run_cli(monkeypatch, capsys, "compress", str(text), "-o", str(memory), *common)
+    out = " ".join(out.split())
+    assert code == 0 and "system prompt: 'w40 w41', the one the adapter was trained with" in out, out
+    code, out = run_cli(monkeypatch, capsys, "ask", str(memory), "w3", "--system", "", *common)
+    assert code == 2 and "compressed with the system prompt 'w40 w41'" in " ".join(out.split())
+    code, out = run_cli(monkeypatch, capsys, "compress", str(text), "-o", str(memory), "--system", "w7", *common)
+    out = " ".join(out.split())
+    assert code == 0 and "was trained with the system prompt 'w40 w41', and runs here with 'w7'" in out, out
+    code, out = run_cli(monkeypatch, capsys, "ask", str(memory), "w3", "--system", "w7", *common)
+    assert code == 0, out
+    assert ccmem.load(lm, "ccm-concat", adapter=adapter).adapter.system_note("w40 w41") is None
+
+
 def test_ask_refuses_an_untrained_memory_for_what_it_is_where_an_adapter_ships(
     monkeypatch, capsys, tiny_model_dir, tmp_path
 ):

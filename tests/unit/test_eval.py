@@ -69,6 +69,28 @@ def test_full_context_accuracy_equals_a_plain_forward_and_memory_columns_are_exa
     assert none_line.rstrip(" |").endswith("-")
 
 
+def test_a_method_run_under_another_system_prompt_than_its_adapter_learned_is_warned_about(tmp_path, caplog):
+    """Every method of a run keeps the run's system prompt (comparable rows), but an adapter trained under another
+    one reads its memory less well: the run says so, and how to give it its own."""
+    from ccmem.adapter import save_adapter
+    from ccmem.registry import get_method
+
+    lm = tiny_model()
+    examples = icl.examples(2, "test", k=1, seed=1)
+    extra = {"config": {"data": {"system": "Be brief."}}}
+    adapter = save_adapter(get_method("ccm-concat"), lm, tmp_path / "a.safetensors", extra=extra)
+
+    def notes(system: str) -> list[str]:
+        caplog.clear()
+        settings = EvalSettings(system=system)
+        list(compare(lm, ["ccm-concat"], examples, dataset="icl", settings=settings, adapters={"ccm-concat": adapter}))
+        return [r.getMessage() for r in caplog.records if "was trained with the system prompt" in r.getMessage()]
+
+    warned = notes("Hi.")
+    assert len(warned) == 1 and "ccm-concat: the adapter" in warned[0] and "(--system 'Be brief.'" in warned[0]
+    assert notes("Be brief.") == []
+
+
 def test_length_normalised_scoring_changes_only_the_choice_and_is_recorded():
     lm = tiny_model()
     examples = icl.examples(8, "test", k=2, seed=3)

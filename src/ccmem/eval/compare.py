@@ -236,10 +236,13 @@ def check_variants(settings: CompareSettings, model_name: str) -> None:
             for each in sized or [options]:
                 get_method(base, **each)
             path = adapter_path(model_name, base, settings.adapters.get(name))
-            if path is not None and cls.trainable:
-                options_with_adapter(base, read_adapter(path), options)
+            found = read_adapter(path) if path is not None and cls.trainable else None
+            if found is not None:
+                options_with_adapter(base, found, options)
         except (ValueError, TypeError, OSError) as err:
             raise ValueError(f"{name}: {err}") from None
+        if found is not None and (note := found.system_note(settings.system)):
+            logger.warning("%s: %s", name, note)  # every cell keeps the run's prompt: comparable rows
 
 
 def base_method(name: str) -> str:

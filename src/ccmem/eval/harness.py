@@ -493,6 +493,8 @@ def compare(
     for name in methods:
         options = options_for(name, settings.method_options)
         session = load(lm, method=name, adapter=adapters.get(name), system_prompt=settings.system, **options)
+        if session.adapter is not None and (note := session.adapter.system_note(settings.system)):
+            logger.warning("%s: %s", name, note)  # every method keeps the run's prompt: comparable rows
         row = evaluate(
             session,
             examples,
