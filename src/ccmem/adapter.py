@@ -83,9 +83,13 @@ class Adapter:
         if trained == used:
             return None
         return (
-            f"the adapter {self.path} was trained with the system prompt {trained!r}, and runs here with {used!r}; "
+            f"the adapter {self.path} was trained with {_prompt(trained)}, and runs here with {_prompt(used)}; "
             f"its memory may be read less well (--system {trained or ''!r} gives it its own)"
         )
+
+
+def _prompt(system: str | None) -> str:
+    return f"the system prompt {system!r}" if system is not None else "no system prompt"
 
 
 def _shipped_folder(model_name: str) -> Path | None:

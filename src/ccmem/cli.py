@@ -231,9 +231,9 @@ def _session(
         if trained != session.system_prompt:
             session.system_prompt = trained
             session.reset()
+            said = f"{trained!r}, the one" if trained is not None else "none, as"
             err_console.print(
-                f"[dim]system prompt: {trained!r}, the one the adapter was trained with (--system sets another)[/]",
-                highlight=False,
+                f"[dim]system prompt: {said} the adapter was trained with (--system sets another)[/]", highlight=False
             )
     elif (
         not from_memory and session.adapter is not None and (note := session.adapter.system_note(session.system_prompt))

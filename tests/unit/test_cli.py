@@ -376,10 +376,13 @@ def test_compress_prompts_as_the_adapter_was_trained_unless_system_is_given(
     assert code == 2 and "compressed with the system prompt 'w40 w41'" in " ".join(out.split())
     code, out = run_cli(monkeypatch, capsys, "compress", str(text), "-o", str(memory), "--system", "w7", *common)
     out = " ".join(out.split())
-    assert code == 0 and "was trained with the system prompt 'w40 w41', and runs here with 'w7'" in out, out
+    assert (
+        code == 0 and "was trained with the system prompt 'w40 w41', and runs here with the system prompt 'w7'" in out
+    ), out
     code, out = run_cli(monkeypatch, capsys, "ask", str(memory), "w3", "--system", "w7", *common)
     assert code == 0, out
-    assert ccmem.load(lm, "ccm-concat", adapter=adapter).adapter.system_note("w40 w41") is None
+    note = ccmem.load(lm, "ccm-concat", adapter=adapter).adapter.system_note
+    assert note("w40 w41") is None and "and runs here with no system prompt" in str(note(None))
 
 
 def test_ask_refuses_an_untrained_memory_for_what_it_is_where_an_adapter_ships(
