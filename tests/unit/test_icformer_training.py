@@ -42,6 +42,24 @@ def test_pwc_and_pile_files_are_read_in_their_own_format():
     assert answers == ["As early as the 7th century BC.", "In the leaves of plants."]
 
 
+def test_a_pwc_file_s_unknown_fields_are_named_not_silently_dropped(tmp_path, caplog):
+    """As the persona reader does: a user's ``meta`` field was ignored by eval and generate without a word."""
+    path = tmp_path / "mine.jsonl"
+    records = [
+        {"input": "Zoë lives in Bogotá.", "prompt": "Where?", "answer": "Bogotá", "meta": {"src": "crm"}},
+        {"id": "b", "input": "Tom is 40.", "prompt": "Age?", "answer": "40", "options": ["40", "14"], "unknown": 1},
+    ]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    for read in (lambda: pwc.read_pwc(path), lambda: load_examples(DataConfig(dataset="pwc", path=str(path)), "test")):
+        caplog.clear()
+        assert len(read()) == 2
+        said = [r.getMessage() for r in caplog.records if "not part of the PwC format" in r.getMessage()]
+        assert len(said) == 1 and "fields meta, unknown are not part" in said[0], said
+    caplog.clear()
+    pwc.read_pwc(Path(f"{FIXTURES}/pwc/test.jsonl"))
+    assert not [r for r in caplog.records if "not part of the PwC format" in r.getMessage()]
+
+
 def test_a_single_pwc_file_is_read_whole_for_test_and_split_for_training(tmp_path):
     records = [{"input": f"context {i}", "prompt": f"q{i}?", "answer": f"a{i}"} for i in range(40)]
     path = tmp_path / "one.jsonl"

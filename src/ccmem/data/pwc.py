@@ -148,15 +148,35 @@ def prompt_text(prompt: str) -> str:
 
 
 def pwc(path: Path, split: str, held_out: bool = False) -> list[MemoryExample]:
-    return [pwc_example(where, r) for where, r in _records(path, split, held_out)]
+    records = _records(path, split, held_out)
+    examples = [pwc_example(where, r) for where, r in records]
+    _say_ignored(path, records)
+    return examples
+
+
+#: every field a PwC record may hold
+PWC_RECORD_FIELDS = ("id", *PWC_FIELDS, "options")
+
+
+def _say_ignored(path: Path, records: list[tuple[str, dict[str, Any]]]) -> None:
+    """Name the fields of the user's records that the PwC format does not read (a field of theirs ignored
+    without a word looked read)."""
+    ignored = sorted({key for _, record in records for key in record} - set(PWC_RECORD_FIELDS))
+    if ignored:
+        logger.warning(
+            "%s: fields %s are not part of the PwC format and were ignored (it reads %s)",
+            path, ", ".join(ignored), ", ".join(PWC_RECORD_FIELDS),
+        )  # fmt: skip
 
 
 def read_pwc(path: Path) -> list[dict[str, Any]]:
     """Every record of a PwC file (all fields checked), in file order: what ``ccmem generate`` answers."""
     out = []
-    for where, record in jsonl_records(path):
+    records = list(jsonl_records(path))
+    for where, record in records:
         pwc_example(where, record)  # checks every field, the optional options too
-        out.append({key: record[key] for key in ("id", *PWC_FIELDS, "options") if key in record})
+        out.append({key: record[key] for key in PWC_RECORD_FIELDS if key in record})
+    _say_ignored(path, records)
     return out
 
 
