@@ -201,7 +201,18 @@ def test_a_final_answer_with_a_unit_is_read_as_its_number(tmp_path):
 
 @pytest.mark.parametrize(
     ("final", "value"),
-    [("- 5", "-5"), ("+ 5", "5"), ("3/4 cup", "0.75"), ("1 1/2 cups", "1.5"), ("5 1/2 hours", "5.5"), ("$ 12", "12")],
+    [
+        ("- 5", "-5"),
+        ("+ 5", "5"),
+        ("3/4 cup", "0.75"),
+        ("1 1/2 cups", "1.5"),
+        ("5 1/2 hours", "5.5"),
+        ("$ 12", "12"),
+        ("€7.50", "7.5"),
+        ("£ 3", "3"),
+        ("¥1,200", "1200"),
+        ("-€4", "-4"),
+    ],
 )
 def test_a_reference_reads_as_a_generated_answer_does(tmp_path, final, value):
     """A final answer that scoring read from a model's solution was refused in the user's own file."""

@@ -45,9 +45,9 @@ GENERATOR_VERSION = "arith-v1"
 SPLITS = ("train", "validation", "test")
 VALIDATION_SIZE = 500  # of GSM8K's 7,473 training problems, the last 500 make validation
 
-# A number as written in text: optional minus and dollar sign, thousands commas, decimals; not inside a word.
+# A number as written in text: optional minus and currency sign ($ € £ ¥), thousands commas, decimals; not in a word.
 _SIGN = r"(?P<neg>[-−]?)"
-_NUMBER_REST = r"\$?[ \t]*(?P<neg2>-?)(?P<num>(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)"
+_NUMBER_REST = r"[$€£¥]?[ \t]*(?P<neg2>-?)(?P<num>(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)"
 _NUMBER_BODY = _SIGN + _NUMBER_REST
 _NUMBER = re.compile(r"(?<![\w.])" + _NUMBER_BODY)
 # After '####' a minus may stand apart ('#### - 5' is -5; '#### + 5' is 5); in running text '10 - 5' is no
