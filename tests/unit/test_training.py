@@ -90,18 +90,19 @@ def test_presets_cover_the_recipe_and_overrides_are_typed_and_checked():
 def test_a_config_file_s_errors_name_the_file_and_a_key_given_twice_is_refused(tmp_path):
     """A bad value in the user's YAML file is reported with the file (it read as if typed on the command line),
     and a key set twice is refused with both lines (PyYAML keeps the last one silently)."""
-    bad_value = tmp_path / "mine.yaml"
-    bad_value.write_text("train:\n  lr: abc\n")
-    with pytest.raises(ConfigError, match=r"^in .*mine.yaml: train.lr must be float, got 'abc'"):
-        load_config(str(bad_value))
-    typo = tmp_path / "typo.yaml"
-    typo.write_text("trian:\n  lr: 1\n")
-    with pytest.raises(ConfigError, match=r"^in .*typo.yaml: unknown config key 'trian.lr'; did you mean 'train.lr'"):
-        load_config(str(typo))
-    twice = tmp_path / "twice.yaml"
-    twice.write_text("run_id: mine\ntrain:\n  lr: 1.0e-4\n  max_steps: 3\n  lr: 2.0e-4\n")
-    with pytest.raises(ConfigError, match=r"twice.yaml: 'lr' is given twice in one section \(lines 3 and 5\)"):
-        load_config(str(twice))
+    for name, text, message in [
+        ("mine", "train:\n  lr: abc\n", r"^in .*mine.yaml: train.lr must be float, got 'abc'"),
+        ("typo", "trian:\n  lr: 1\n", r"^in .*typo.yaml: unknown config key 'trian.lr'; did you mean 'train.lr'"),
+        (
+            "twice",
+            "run_id: mine\ntrain:\n  lr: 1.0e-4\n  max_steps: 3\n  lr: 2.0e-4\n",
+            r"twice.yaml: 'lr' is given twice in one section \(lines 3 and 5\)",
+        ),
+    ]:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_config(str(path))
     # the same key in two sections is two keys; the override on the command line is still named as such
     fine = tmp_path / "fine.yaml"
     fine.write_text("train:\n  seed: 1\ndata:\n  seed: 2\n")
