@@ -201,3 +201,21 @@ def test_a_chat_whose_session_another_process_deleted_and_made_again_does_not_sa
         assert [m["content"] for m in store.get(binding.name).transcript if m["role"] == "user"] == ["their turn"] * (
             turns_before
         )
+
+
+def test_an_option_a_command_does_not_know_is_refused_not_read_as_part_of_the_path(tmp_path, monkeypatch):
+    """'/save --force m.safetensors' wrote a folder named '--force m' in the working folder and said it saved;
+    '/reset all' cleared the memory and '/memory full' showed it, the extra words dropped without a word."""
+    monkeypatch.chdir(tmp_path)
+    session = _session(tiny_model())
+    text = _chat(session, ["hello", "/save --force m.safetensors", "/load --overwrite m.safetensors", "/quit"])
+    assert list(tmp_path.iterdir()) == [] and "saved to" not in text and "memory loaded" not in text
+    assert "/save does not know the option --force (it takes --overwrite)" in text
+    assert "/load does not know the option --overwrite (it takes no options)" in text
+    slots = session.memory.num_slots
+    text = _chat(session, ["/reset all", "/memory full", "/quit now", "/quit"])
+    assert session.memory.num_slots == slots > 0 and "memory cleared" not in text
+    assert "/reset takes no arguments, got 'all'" in text and "/memory takes no arguments" in text
+    assert "/quit takes no arguments" in text  # not quit: the chat went on to the next line
+    text = _chat(session, ["/save ./--force.safetensors", "/reset", "/quit"])
+    assert (tmp_path / "--force.safetensors").is_file() and "memory cleared" in text

@@ -118,10 +118,32 @@ def _overwrite(arg: str) -> tuple[bool, str]:
     return (True, rest.strip()) if flag == "--overwrite" else (False, arg.strip())
 
 
+def _misused(name: str, arg: str) -> str | None:
+    """Why ``name arg`` is not a command this chat runs as typed, or None. An option a command does not know
+    (``/save --force m.safetensors``) was taken for part of the path and wrote a folder named ``--force m`` in
+    the working directory; words after a command that takes none (``/reset all``) were dropped without a word."""
+    if name in ("/save", "/load"):
+        word = arg.split(maxsplit=1)[0] if arg else ""
+        if word.startswith("--"):
+            known = "--overwrite" if name == "/save" else "no options"
+            return (
+                f"{name} does not know the option {word} (it takes {known}); a path that starts with -- is "
+                f"written ./{word}"
+            )
+        return None
+    if arg and name in COMMANDS:
+        return f"{name} takes no arguments, got {arg!r}; nothing was done"
+    return None
+
+
 def command(session: CompressedLM, console: Console, line: str, binding: SessionBinding | None = None) -> bool:
     """Handle a /command; True means quit."""
     name, _, arg = line.partition(" ")
     overwrite, arg = _overwrite(arg) if name == "/save" else (False, arg.strip())
+    problem = _misused(name, arg)
+    if problem is not None:
+        console.print(f"[red]{escape(problem)}[/]: {HELP}")
+        return False
     if name in ("/save", "/load") and arg:
         if len(arg) >= 2 and arg[0] == arg[-1] and arg[0] in "'\"":  # quoted as in a shell: the quotes are no part
             arg = arg[1:-1]  # of the path ('"my dir/m.safetensors"' made a folder named '"my')
