@@ -765,3 +765,20 @@ def test_an_example_too_long_for_full_is_refused_before_the_methods_ahead_of_it_
     with pytest.raises(ContextTooLongError, match=r"example long needs .* positions with full"):
         list(compare(lm, ["none", "full"], [example], dataset="persona", settings=settings, out=out))
     assert not out.exists()  # none did not run first
+
+
+def test_accuracy_over_only_the_examples_with_options_says_how_many_it_is_over(caplog):
+    """A file where only some records have options reported accuracy over those alone, while the row said
+    examples: N for all of them: 1.000 over 2 of 6 read as 1.000 over 6."""
+    lm = tiny_model()
+    examples = icl.examples(6, "test", k=2, seed=3)
+    for e in examples[2:]:
+        e.options = []
+    with caplog.at_level("WARNING", logger="ccmem.eval.harness"):
+        row = evaluate(load(lm, "full"), examples, dataset="icl", settings=EvalSettings())
+    assert row.examples == 6 and row.extra["accuracy_examples"] == 2 and row.accuracy is not None
+    assert "accuracy is over the 2 of 6 examples that have answer options" in caplog.text
+    assert f"{row.accuracy:.3f} (of 2)" in markdown([row])
+    caplog.clear()
+    whole = evaluate(load(lm, "full"), examples[:2], dataset="icl", settings=EvalSettings())
+    assert "accuracy_examples" not in whole.extra and "(of" not in markdown([whole]) and not caplog.text

@@ -425,6 +425,13 @@ def evaluate(
                 positions=err.positions,
             ) from None
     adapter, train_dataset = adapter_provenance(session)
+    scored_some = 0 < len(correct) < len(examples)
+    if scored_some:  # the row says examples: N, which its accuracy is not over
+        logger.warning(
+            "%s, %s: accuracy is over the %d of %d examples that have answer options; the other %d are in the "
+            "perplexity and generation columns only",
+            dataset, session.method.name, len(correct), len(examples), len(examples) - len(correct),
+        )  # fmt: skip
     return EvalRow(
         method=session.method.name,
         model=session.lm.name,
@@ -456,6 +463,7 @@ def evaluate(
             **({"memory_dtype": settings.memory_dtype} if settings.memory_dtype else {}),
             **({"data_path": settings.data_path} if settings.data_path else {}),
             **({"by": _group_accuracy(by_group)} if by_group else {}),
+            **({"accuracy_examples": len(correct)} if scored_some else {}),
         },
         options=options_for(session.method.name, settings.method_options),
     )

@@ -69,6 +69,9 @@ def markdown(rows: Sequence[EvalRow]) -> str:
     lines = ["| " + " | ".join(t for _, t in keys) + " |", "|" + "---|" * len(keys)]
     for r in ordered:
         cells = [method_label(r) if k == "method" else _cell(k, getattr(r, k)) for k, _ in keys]
+        if "accuracy_examples" in r.extra and r.accuracy is not None:  # over fewer examples than the row holds
+            at = [k for k, _ in keys].index("accuracy")
+            cells[at] += f" (of {r.extra['accuracy_examples']})"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
