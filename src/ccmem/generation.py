@@ -27,6 +27,10 @@ from ccmem.modules import GATE_KWARG
 
 T = TypeVar("T")
 
+#: Tokens of answer a decoding loop's cache makes room for at the start (:meth:`Memory.to_cache`); a longer
+#: answer grows it by a quarter at a time.
+ROOM = 256
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -126,7 +130,8 @@ def decode(
     if lm.is_encoder_decoder:
         state, inputs, forward = _seq2seq_start(lm, method, memory, query)
     else:
-        state = DecodeState(cache=memory.to_cache(), position=memory.next_position, memory=memory, tokens=[])
+        room = int(query.shape[1]) + min(max_new_tokens, ROOM)  # each step then writes its entry in place
+        state = DecodeState(cache=memory.to_cache(room), position=memory.next_position, memory=memory, tokens=[])
         inputs = query
 
         def forward(x: torch.Tensor) -> Any:
@@ -330,7 +335,10 @@ def _decode_padded(
     if not active:
         return
     generators = [s.generator(lm.device) for s in samplings]
-    padded = pad_rows(lm, [memories[b] for b in active], [queries[b] for b in active])
+    widest = max(int(queries[b].shape[1]) for b in active)
+    padded = pad_rows(
+        lm, [memories[b] for b in active], [queries[b] for b in active], room=widest + min(max(limits), ROOM)
+    )
     batch = DecodeRows(
         cache=padded.cache,
         attention_mask=padded.attention_mask,

@@ -556,6 +556,7 @@ def test_a_failing_chat_command_says_why_and_the_chat_goes_on(monkeypatch, capsy
     flat = " ".join(out.split())
     assert code == 0, out
     assert "is not a readable safetensors memory file" in flat and "no memory file at" in flat
+    assert "`ccmem compress TEXT --out FILE` wrote (compress reads a text file into one)" in flat  # a text given
     assert f"{tmp_path} is a folder: give the memory file's name" in flat and "Errno" not in flat
     assert "slots (0 sink" in flat  # the chat went on, with its memory
 

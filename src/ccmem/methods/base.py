@@ -669,7 +669,7 @@ class PaddedRows:
     n_new: list[int]
 
 
-def pad_rows(lm: LoadedModel, memories: Sequence[Memory], inputs: Sequence[torch.Tensor]) -> PaddedRows:
+def pad_rows(lm: LoadedModel, memories: Sequence[Memory], inputs: Sequence[torch.Tensor], room: int = 0) -> PaddedRows:
     """Lay out rows of ``(memory, new tokens)`` for one forward where every row computes what it would alone.
 
     Memories are left-padded to the longest, new tokens right-aligned after them, so every row's last new
@@ -679,7 +679,8 @@ def pad_rows(lm: LoadedModel, memories: Sequence[Memory], inputs: Sequence[torch
         row 1   [ .  .  m1 m1 ][ .  n1 n1 ]     n: a new token; .: padding, masked out
                  cache columns   input columns
 
-    ``inputs`` are ``[1, n_i]`` ids, or ``[1, n_i, hidden]`` embeddings (all rows alike).
+    ``inputs`` are ``[1, n_i]`` ids, or ``[1, n_i, hidden]`` embeddings (all rows alike). ``room``: entries the
+    cache takes per row without copying itself (:meth:`Memory.to_cache`), for a decoding loop.
     """
     device = lm.device
     batch = len(memories)
@@ -701,7 +702,7 @@ def pad_rows(lm: LoadedModel, memories: Sequence[Memory], inputs: Sequence[torch
                 k[b, :, s_max - slots[b] :] = m.layers[layer][0][0]
                 v[b, :, s_max - slots[b] :] = m.layers[layer][1][0]
         layers.append((k, v))
-    cache = Memory(layers=layers).to_cache() if s_max else Memory().to_cache()
+    cache = Memory(layers=layers).to_cache(room) if s_max else Memory().to_cache(room)
     mask = torch.zeros(batch, s_max + n_max, dtype=torch.long, device=device)
     position_ids = torch.zeros(batch, n_max, dtype=torch.long, device=device)
     x = inputs[0].new_zeros(batch, n_max, *inputs[0].shape[2:])

@@ -37,6 +37,7 @@ from torch import nn
 from ccmem.chat import line_break_ids
 from ccmem.data.samples import Sample
 from ccmem.loading import LoadedModel
+from ccmem.memory import drop_entries
 from ccmem.methods.base import DecodeRows, DecodeState, answer_loss, option, run_decoder
 from ccmem.methods.ccm import CCMConcat, CompState, ParallelBatch
 from ccmem.modules import GATE_KWARG
@@ -265,8 +266,7 @@ class CCMReasoning(CCMConcat):
         total = int(state.cache.layers[0].keys.shape[-2])
         a, b = total - self.n_tok - n_step, total - self.n_tok - min(self.keep_last, n_step)  # the entries to drop
         for layer in state.cache.layers:  # drop the step's raw entries but its last `keep_last`; keep its <COMP>
-            layer.keys = torch.cat([layer.keys[:, :, :a], layer.keys[:, :, b:]], dim=2)
-            layer.values = torch.cat([layer.values[:, :, :a], layer.values[:, :, b:]], dim=2)
+            drop_entries(layer, a, b)
         self._step_compressed(state)
         return super().decode_logits(lm, state)
 

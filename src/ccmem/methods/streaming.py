@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 
 from ccmem.loading import LoadedModel
+from ccmem.memory import drop_entries
 from ccmem.methods.base import DecodeRows, DecodeState, option
 from ccmem.methods.eviction import Candidates, KVEviction, Scores, check_n_sink
 from ccmem.registry import register
@@ -60,8 +61,7 @@ class StreamingLLM(KVEviction):
         if gone is None:
             return
         for layer in layers:
-            layer.keys = torch.cat([layer.keys[:, :, :gone], layer.keys[:, :, gone + 1 :]], dim=2)
-            layer.values = torch.cat([layer.values[:, :, :gone], layer.values[:, :, gone + 1 :]], dim=2)
+            drop_entries(layer, gone, gone + 1)
 
     def decode_logits_batch(self, lm: LoadedModel, batch: DecodeRows) -> torch.Tensor:
         """:meth:`decode_step` for every row of a padded batch: the entry a row alone would evict is masked out
