@@ -782,3 +782,16 @@ def test_accuracy_over_only_the_examples_with_options_says_how_many_it_is_over(c
     caplog.clear()
     whole = evaluate(load(lm, "full"), examples[:2], dataset="icl", settings=EvalSettings())
     assert "accuracy_examples" not in whole.extra and "(of" not in markdown([whole]) and not caplog.text
+
+
+def test_examples_without_a_grouping_are_counted_under_none_not_left_out():
+    """A record without a given groups key was left out of that grouping's table: its groups' n summed to fewer
+    examples than the row holds, with no word of the rest."""
+    lm = tiny_model()
+    examples = icl.examples(5, "test", k=2, seed=3)
+    for e in examples[:3]:
+        e.groups = {"distance": "2-4"}
+    row = evaluate(load(lm, "full"), examples, dataset="icl", settings=EvalSettings())
+    by = row.extra["by"]["distance"]
+    assert by["2-4"]["n"] == 3 and by["(none)"]["n"] == 2
+    assert by["(none)"]["accuracy"] * 2 + by["2-4"]["accuracy"] * 3 == pytest.approx(row.accuracy * 5)

@@ -175,3 +175,15 @@ def test_the_cli_prints_a_format_error_whole(monkeypatch, capsys, tmp_path):
     path.write_text(json.dumps({"turns": [["hi"]], "question": "q?", "answer": "a", "options": ["a", "b"]}) + "\n")
     code, text = run_cli(monkeypatch, capsys, "eval", "dialogs", "--path", str(path), "--methods", "none")
     assert code == 2 and "must hold [user, assistant] string pairs" in " ".join(text.split())
+
+
+def test_a_group_that_is_not_a_string_is_named_with_its_value(tmp_path):
+    """'field groups must map names to strings' named neither the grouping at fault nor its value."""
+    path = tmp_path / "mine.jsonl"
+    record = {"turns": [], "question": "Q?", "answer": "b", "options": ["a", "b"], "groups": {"kind": "x", "hops": 3}}
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(DatasetFormatError, match=r"mine.jsonl:1: .*'hops' is int 3 \(write it as a string: \"3\"\)"):
+        read_jsonl(path)
+    path.write_text(json.dumps(record | {"groups": ["kind", "x"]}) + "\n")
+    with pytest.raises(DatasetFormatError, match=r"e\.g\. \{\"distance\": \"2-4\"\}; got list \['kind', 'x'\]"):
+        read_jsonl(path)

@@ -521,8 +521,17 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[PersonaDialog]:
                 '{"role": "assistant", "content": ...}, ...]'
             )
         groups = record.get("groups") or {}  # null: none, as an absent field (what pandas writes for a gap)
-        if not isinstance(groups, dict) or not all(isinstance(v, str) for v in groups.values()):
-            raise DatasetFormatError(f"{where}: field 'groups' must map names to strings")
+        if not isinstance(groups, dict):
+            raise DatasetFormatError(
+                f'{where}: field \'groups\' must map names to strings, e.g. {{"distance": "2-4"}}; got '
+                f"{type(groups).__name__} {groups!r:.60}"
+            )
+        for name, value in groups.items():
+            if not isinstance(value, str):  # a number too: "3" and 3 would make two groups of one value
+                raise DatasetFormatError(
+                    f"{where}: field 'groups' must map names to strings; {name!r} is {type(value).__name__} "
+                    f"{value!r:.60} (write it as a string: {json.dumps(str(value))})"
+                )
         dialogs.append(
             PersonaDialog(
                 id=str(record["id"]) if record.get("id") is not None else _record_name(where),

@@ -283,6 +283,9 @@ def check_options_apply(names: Sequence[str], options: dict[str, Any]) -> None:
         )
 
 
+#: The group of an example that lacks a grouping other examples have (``extra.by``).
+NO_GROUP = "(none)"
+
 Scored = tuple[list[int], list[int], list[list[int]]]  # query, answer, options (token ids)
 
 
@@ -361,6 +364,7 @@ def evaluate(
     memories: list[Memory] = []
     group_scores: list[list[float]] = []
     by_group: dict[str, dict[str, list[float]]] = {}  # "distance" -> "2-4" -> correct flags
+    groupings = sorted({name for e in examples if e.options for name in e.groups})
     with torch.no_grad():
         i = 0
         try:
@@ -395,7 +399,8 @@ def evaluate(
                     correct.append(
                         float(example.options[max(range(len(scores)), key=scores.__getitem__)] == example.answer)
                     )
-                    for name, value in example.groups.items():
+                    for name in groupings:  # an example without a grouping counts under "(none)", not nowhere
+                        value = example.groups.get(name, NO_GROUP)
                         by_group.setdefault(name, {}).setdefault(value, []).append(correct[-1])
                     # the answer is one of the options; perplexity needs its summed log-likelihood
                     answer_at = example.options.index(example.answer)
