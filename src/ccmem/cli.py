@@ -1221,7 +1221,7 @@ def eval_command(
             source=source,
             generator={"k": k, "small_talk": small_talk, "turns": turns, "templates": templates, "seed": seed},
         ),
-        data_path=str(path) if path else None,
+        data_path=str(path.resolve()) if path else None,  # "data.jsonl" told nothing once the run was elsewhere
     )
     shown = dataset if source == "wiki" else f"{dataset} ({source})"
     table = Table(title=f"ccmem eval: {shown}/{split}, {len(examples)} examples, {model}")

@@ -795,3 +795,16 @@ def test_examples_without_a_grouping_are_counted_under_none_not_left_out():
     by = row.extra["by"]["distance"]
     assert by["2-4"]["n"] == 3 and by["(none)"]["n"] == 2
     assert by["(none)"]["accuracy"] * 2 + by["2-4"]["accuracy"] * 3 == pytest.approx(row.accuracy * 5)
+
+
+def test_a_data_path_is_recorded_whole_not_as_typed(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    """`--path mine` was recorded as "mine": two runs in two folders looked alike in the rows."""
+    shutil.copytree(Path(__file__).resolve().parent.parent / "fixtures" / "metaicl", tmp_path / "mine")
+    monkeypatch.chdir(tmp_path)
+    code, text = run_cli(
+        monkeypatch, capsys, "eval", "metaicl", "--path", "mine", "--model", str(tiny_model_dir), "--n", "2",
+        "--methods", "none", "--out", "eval.jsonl",
+    )  # fmt: skip
+    assert code == 0, text
+    row = json.loads((tmp_path / "eval.jsonl").read_text().splitlines()[0])
+    assert row["extra"]["data_path"] == str((tmp_path / "mine").resolve())
