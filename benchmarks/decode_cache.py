@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from serve_decode import QUESTION, chat_history, session_with
+from serve_decode import QUESTION, add_timing_arguments, chat_history, parse_timing_arguments, session_with
 
 import ccmem
 from ccmem.chat import ChatFormat
@@ -62,31 +62,8 @@ def plain_cache() -> Iterator[None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="built-in model or path (default: %(default)s)")
-    parser.add_argument("--history-tokens", type=int, default=2000, help="chat history per session (default: 2000)")
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per session (default: 32)")
-    parser.add_argument("--sessions", type=int, default=8, help="sessions of the batched workload (default: 8)")
-    parser.add_argument("--repeats", type=int, default=5, help="timings per run; the fastest is kept (default: 5)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument(
-        "--quantize", choices=["none", "float16"], default="none", help="the model's weights (default: none)"
-    )
-    parser.add_argument(
-        "--clock",
-        choices=["wall", "cpu"],
-        default="wall",
-        help="seconds the ratios divide: wall clock or this process's CPU time (default: wall)",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path("results/serve/decode_cache.jsonl"),
-        help="JSONL file the rows are appended to (default: %(default)s)",
-    )
-    args = parser.parse_args()
-    if min(args.history_tokens, args.new_tokens, args.sessions, args.repeats) < 1:
-        parser.error("--history-tokens, --new-tokens, --sessions and --repeats must be at least 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    add_timing_arguments(parser, Path("results/serve/decode_cache.jsonl"))
+    args = parse_timing_arguments(parser)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     lm = ccmem.load_model(args.model, quantize=args.quantize)
     fmt = ChatFormat(lm.tokenizer)

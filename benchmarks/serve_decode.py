@@ -142,6 +142,52 @@ def decode_one(session: CompressedLM, query: torch.Tensor, n: int) -> Callable[[
     return run
 
 
+def add_timing_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
+    """The options every decoding-speed benchmark here shares: the histories, what is timed, how, and where the
+    rows go (``out`` by default)."""
+    parser.add_argument(
+        "--history-tokens", type=int, default=2000, help="chat history per session, in tokens (default: 2000)"
+    )
+    parser.add_argument(
+        "--new-tokens", type=int, default=32, help="tokens decoded per session in each timing (default: 32)"
+    )
+    parser.add_argument("--sessions", type=int, default=8, help="concurrent sessions (default: 8)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timings per configuration; the fastest is kept (default: 5)"
+    )
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--quantize",
+        choices=["none", "float16"],
+        default="none",
+        help="the model's weights: none (float32) or float16 linear layers (ccmem.quantize), which read half the "
+        "bytes per token on a CPU (default: none)",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="seconds the ratios divide: wall clock, or this process's CPU time, which other processes on a "
+        "shared machine disturb far less (with --threads 1 the two agree on an idle machine) (default: wall)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=out,
+        help="JSONL file the rows are appended to (default: %(default)s)",
+    )
+
+
+def parse_timing_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The parsed arguments, the counts checked, torch's threads set."""
+    args = parser.parse_args()
+    if min(args.history_tokens, args.new_tokens, args.sessions, args.repeats) < 1:
+        parser.error("--history-tokens, --new-tokens, --sessions and --repeats must be at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="built-in model or path (default: %(default)s)")
@@ -159,47 +205,13 @@ def main() -> None:
         default="ccm-concat",
         help="method of the concurrent sessions, batched vs one at a time (default: %(default)s)",
     )
-    parser.add_argument(
-        "--history-tokens", type=int, default=2000, help="chat history per session, in tokens (default: 2000)"
-    )
-    parser.add_argument(
-        "--new-tokens", type=int, default=32, help="tokens decoded per session in each timing (default: 32)"
-    )
-    parser.add_argument("--sessions", type=int, default=8, help="concurrent sessions (default: 8)")
-    parser.add_argument(
-        "--repeats", type=int, default=5, help="timings per configuration; the fastest is kept (default: 5)"
-    )
     parser.add_argument("--seed", type=int, default=0, help="dialog generator seed of the first session (default 0)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument(
-        "--quantize",
-        choices=["none", "float16"],
-        default="none",
-        help="the model's weights: none (float32) or float16 linear layers (ccmem.quantize), which read half the "
-        "bytes per token on a CPU (default: none)",
-    )
     parser.add_argument("--device", default="cpu", help="where the model runs: cpu or cuda (default: cpu)")
     parser.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's weights (default: float32)"
     )
-    parser.add_argument(
-        "--clock",
-        choices=["wall", "cpu"],
-        default="wall",
-        help="seconds the ratios divide: wall clock, or this process's CPU time, which other processes on a "
-        "shared machine disturb far less (with --threads 1 the two agree on an idle machine) (default: wall)",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path("results/serve/decode.jsonl"),
-        help="JSONL file the rows are appended to (default: %(default)s)",
-    )
-    args = parser.parse_args()
-    if min(args.history_tokens, args.new_tokens, args.sessions, args.repeats) < 1:
-        parser.error("--history-tokens, --new-tokens, --sessions and --repeats must be at least 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    add_timing_arguments(parser, Path("results/serve/decode.jsonl"))
+    args = parse_timing_arguments(parser)
     threads = torch.get_num_threads()
     run = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     config_hash = hashlib.sha256(json.dumps(vars(args), default=str, sort_keys=True).encode()).hexdigest()[:12]
