@@ -722,7 +722,8 @@ class CCMConcat(CCM):
 class CCMMerge(CCM):
     """CCM-merge: memory is the running average ``(1-1/t)·Mem(t-1) + (1/t)·h(t)``, at most ``banks``·``n_tok`` slots
     however long the context (``banks`` running averages of ``n_tok`` slots each, step t in bank ``(t-1) mod
-    banks``: the memory grows by ``n_tok`` slots a step until every bank holds one, then stays that size)."""
+    banks``: the memory grows by ``n_tok`` slots a step until every bank holds one, then stays that size; the
+    sink and ``recent`` raw tokens are beside them)."""
 
     name: ClassVar[str] = "ccm-merge"
     update: ClassVar[str] = "merge"
