@@ -25,13 +25,14 @@ from pathlib import Path
 
 import torch
 from serve_decode import QUESTION, add_timing_arguments, chat_history, parse_timing_arguments, session_with
+from transformers.cache_utils import DynamicLayer
 
 import ccmem
 from ccmem.chat import ChatFormat
 from ccmem.eval.harness import append_row
 from ccmem.generation import decode, decode_batch
 from ccmem.loading import DEFAULT_MODEL
-from ccmem.memory import Memory
+from ccmem.memory import Memory, RoomyLayer
 
 
 @dataclass(frozen=True)
@@ -50,13 +51,22 @@ class CacheRow:
 
 @contextmanager
 def plain_cache() -> Iterator[None]:
-    """Decoding loops get a plain ``DynamicCache`` (no room), as before ``to_cache`` took one."""
-    original = Memory.to_cache
+    """Decoding loops get plain ``DynamicCache`` layers (no room), as before ``to_cache`` and ``pad_rows`` took
+    one: the memory, or a padded batch's layout, copied into them."""
+    original, holding = Memory.to_cache, RoomyLayer.holding
+
+    def plain_layer(keys: torch.Tensor, values: torch.Tensor, held: int, room: int) -> DynamicLayer:
+        layer = DynamicLayer()
+        layer.update(keys[..., :held, :], values[..., :held, :])
+        return layer
+
     Memory.to_cache = lambda self, room=0: original(self)  # type: ignore[method-assign]
+    RoomyLayer.holding = plain_layer  # type: ignore[assignment,method-assign]
     try:
         yield
     finally:
         Memory.to_cache = original  # type: ignore[method-assign]
+        RoomyLayer.holding = holding  # type: ignore[method-assign]
 
 
 def main() -> None:

@@ -637,6 +637,16 @@ class RoomyLayer(DynamicLayer):
         self._v, self._v_len = self._append(self._v, self._v_len, value_states)
         return self.keys, self.values  # type: ignore[return-value]
 
+    @classmethod
+    def holding(cls, keys: torch.Tensor, values: torch.Tensor, held: int, room: int) -> RoomyLayer:
+        """A layer over the buffers ``keys`` and ``values`` themselves (``[batch, heads, held + spare, dim]``), their
+        first ``held`` entries filled: a batch laid out in place (:func:`~ccmem.methods.base.pad_rows`) is not
+        copied again. ``room``: the spare entries a buffer that runs out is grown by, at least."""
+        layer = cls(room)
+        layer._k, layer._v, layer._k_len, layer._v_len = keys, values, held, held
+        layer.device, layer.is_initialized = keys.device, True
+        return layer
+
     def drop(self, start: int, stop: int) -> None:
         """Remove entries ``start:stop`` (in the order written), the rest copied once into buffers with room."""
         for name in ("_k", "_v"):

@@ -80,3 +80,23 @@ def test_decoding_from_a_memory_writes_each_token_in_place_and_gives_the_tokens_
             lm.model.base_model(input_ids=x, cache=roomy)
         storages.add(roomy.layers[0].keys.untyped_storage().data_ptr())
     assert len(storages) == 1 and roomy.get_seq_length() == 6 + 2 + 7  # ten entries of room: the cache never copied
+
+
+def test_a_padded_batch_is_laid_out_once_with_room_and_zeros_where_a_shorter_memory_has_none():
+    """pad_rows filled zeroed tensors and the cache then copied them again; the padding must stay finite (masked
+    out, but a weight of 0 times NaN is NaN)."""
+    from ccmem.methods.base import pad_rows
+
+    lm = tiny_model()
+    session = ccmem.load(lm, method="full")
+    session.remember("w1 w2 w3 w4", "w5")
+    short = ccmem.load(lm, method="full").memory
+    padded = pad_rows(lm, [session.memory, short], [torch.tensor([[4, 6]]), torch.tensor([[5]])], room=3)
+    layer = padded.cache.layers[0]
+    n = session.memory.num_slots
+    assert isinstance(layer, RoomyLayer) and layer.keys.shape[2] == n and padded.slots == [n, short.num_slots]
+    assert torch.equal(layer.keys[0], session.memory.layers[0][0][0])
+    assert not layer.keys[1, :, : n - short.num_slots].any() and not layer.values[1, :, : n - short.num_slots].any()
+    storage = layer.keys.untyped_storage().data_ptr()
+    layer.update(*(torch.zeros(2, *layer.keys.shape[1:2], 3, layer.keys.shape[3]) for _ in range(2)))
+    assert layer.keys.untyped_storage().data_ptr() == storage and layer.get_seq_length() == n + 3

@@ -35,7 +35,7 @@ from torch import nn
 
 from ccmem.data.samples import Sample
 from ccmem.loading import LoadedModel
-from ccmem.memory import Memory, concat_positions, positions_for
+from ccmem.memory import Memory, RoomyLayer, concat_positions, positions_for
 from ccmem.options import type_name
 
 #: The model each method is attached to right now (weak: a dropped model is forgotten).
@@ -693,16 +693,19 @@ def pad_rows(lm: LoadedModel, memories: Sequence[Memory], inputs: Sequence[torch
     n_new = [int(x.shape[1]) for x in inputs]
     s_max, n_max = max(slots), max(n_new)
     shape = lm.kv_shape
-    layers = []
-    for layer in range(shape.layers):
-        k = torch.zeros(batch, shape.kv_heads, s_max, shape.head_dim, dtype=shape.dtype, device=device)
-        v = torch.zeros_like(k)
-        for b, m in enumerate(memories):
-            if slots[b]:
-                k[b, :, s_max - slots[b] :] = m.layers[layer][0][0]
-                v[b, :, s_max - slots[b] :] = m.layers[layer][1][0]
-        layers.append((k, v))
-    cache = Memory(layers=layers).to_cache(room) if s_max else Memory().to_cache(room)
+    cache = Memory().to_cache(room)
+    if s_max:  # each layer's keys and values laid out once, in buffers with the room after them
+        for layer in range(shape.layers):
+            k = torch.empty(batch, shape.kv_heads, s_max + room, shape.head_dim, dtype=shape.dtype, device=device)
+            v = torch.empty_like(k)
+            for b, m in enumerate(memories):
+                pad = s_max - slots[b]
+                k[b, :, :pad] = 0  # padding is masked out, but must be finite: a weight of 0 times NaN is NaN
+                v[b, :, :pad] = 0
+                if slots[b]:
+                    k[b, :, pad:s_max] = m.layers[layer][0][0]
+                    v[b, :, pad:s_max] = m.layers[layer][1][0]
+            cache.layers.append(RoomyLayer.holding(k, v, s_max, room))
     mask = torch.zeros(batch, s_max + n_max, dtype=torch.long, device=device)
     position_ids = torch.zeros(batch, n_max, dtype=torch.long, device=device)
     x = inputs[0].new_zeros(batch, n_max, *inputs[0].shape[2:])
