@@ -7,14 +7,17 @@ import contextlib
 import errno
 import gzip
 import json
+import logging
 import os
 import shutil
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 def package_dir(package: str) -> Path | None:
@@ -41,6 +44,20 @@ def read_utf8(path: str | os.PathLike[str]) -> str:
         raise DatasetFormatError(
             f"{path}: not UTF-8 text (byte {err.start} is {err.object[err.start : err.start + 1]!r}); save it as UTF-8"
         ) from None
+
+
+def say_ignored_fields(path: str | os.PathLike[str], found: Iterable[str], reads: Iterable[str], fmt: str) -> None:
+    """Warn once, naming the fields ``found`` in a user's records that the ``fmt`` format does not read (``reads``,
+    named in the warning in the order given): a field of theirs dropped without a word looked read."""
+    reads = list(reads)
+    ignored = sorted(set(found) - set(reads))
+    if ignored:
+        several = len(ignored) > 1
+        logger.warning(
+            "%s: field%s %s %s not part of the %s format and %s ignored (it reads %s)",
+            path, "s" if several else "", ", ".join(ignored), "are" if several else "is", fmt,
+            "were" if several else "was", ", ".join(reads),
+        )  # fmt: skip
 
 
 def jsonl_records(path: str | os.PathLike[str], what: str = "dataset file") -> Iterator[tuple[str, dict[str, Any]]]:

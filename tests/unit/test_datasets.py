@@ -559,3 +559,16 @@ def test_pg19s_test_folder_itself_is_evaluated_whole(tmp_path, caplog):
     assert {e.id.split("-")[0] for e in read} == {f"book{i}" for i in range(20)}
     plain = load_examples(DataConfig(dataset="text", path=str(tmp_path / "books"), n_eval=100), "test")
     assert len({e.id.split("-")[0] for e in plain}) < 20  # another folder's books go to splits by their hash
+
+
+def test_fields_a_metaicl_file_holds_beside_its_own_are_named_as_ignored(tmp_path, caplog):
+    """A 'label_text' field of the user's tasks was dropped without a word; MetaICL's own files say nothing."""
+    load_examples(_config("metaicl", "metaicl"), "test")
+    assert "ignored" not in caplog.text
+    shutil.copytree(FIXTURES / "metaicl", tmp_path / "meta")
+    test_file = next((tmp_path / "meta").rglob("*_test.jsonl"))
+    lines = test_file.read_text().splitlines()
+    test_file.write_text("\n".join([json.dumps(json.loads(lines[0]) | {"label_text": "yes"}), *lines[1:]]) + "\n")
+    load_examples(DataConfig(dataset="metaicl", path=str(tmp_path / "meta")), "test")
+    said = f"{test_file}: field label_text is not part of the MetaICL format and was ignored (it reads input, output"
+    assert said in caplog.text

@@ -464,3 +464,13 @@ def test_eval_path_holds_the_validation_and_test_problems():
     assert [e.query for e in load_examples(cfg, "train")] == train_questions
     with pytest.raises(ValueError, match="too few to hold out 500"):
         load_examples(DataConfig(dataset="gsm8k", path=str(FIXTURE)), "train")
+
+
+def test_fields_a_gsm8k_file_holds_beside_its_own_are_named_as_ignored(tmp_path, caplog):
+    """A user's 'rationale' or 'difficulty' field was dropped without a word; the official files say nothing."""
+    read_jsonl(FIXTURE / "test.jsonl")
+    assert "ignored" not in caplog.text
+    record = {"question": "How many?", "answer": "2+2 = 4\n#### 4", "difficulty": "easy", "source": "mine"}
+    (tmp_path / "mine.jsonl").write_text(json.dumps(record) + "\n")
+    assert len(read_jsonl(tmp_path / "mine.jsonl")) == 1
+    assert "fields difficulty, source are not part of the GSM8K format and were ignored" in caplog.text

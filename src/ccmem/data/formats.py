@@ -27,7 +27,7 @@ from typing import Any
 
 from ccmem.data.recordfiles import SPLIT_NAMES, records
 from ccmem.data.records import MemoryExample
-from ccmem.fileio import DatasetFormatError, jsonl_records, read_utf8
+from ccmem.fileio import DatasetFormatError, jsonl_records, read_utf8, say_ignored_fields
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def metaicl(folder: Path, split: str, k: int, seed: int | None = None) -> list[M
         train_file, fallback = _metaicl_train_file(task_dir, seed, split)
         if fallback is not None:
             chosen.setdefault(fallback, []).append(task_dir.name)
-        demos = [_metaicl_record(r, w) for w, r in read_records(train_file)]
+        demos = _metaicl_file(train_file)
         if split == "train":  # each training record is the query once, with k other records as demonstrations
             if len(demos) - 1 < k:
                 logger.warning(
@@ -179,7 +179,7 @@ def metaicl(folder: Path, split: str, k: int, seed: int | None = None) -> list[M
                 train_file, len(demos), len(demos), k,
             )  # fmt: skip
         context = [_demo(x, y) for x, y, _ in demos[:k]]
-        records = [_metaicl_record(r, w) for w, r in read_records(target)]
+        records = _metaicl_file(target)
         with_options = sum(bool(options) for _, _, options in records)
         if 0 < with_options < len(records):
             logger.warning(
@@ -197,6 +197,21 @@ def metaicl(folder: Path, split: str, k: int, seed: int | None = None) -> list[M
             folder, len(names), ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""), seed, read,
         )  # fmt: skip
     return examples
+
+
+#: What a MetaICL record may hold: ``task`` is read from the folder (MetaICL's files repeat it in every record).
+METAICL_FIELDS = ("input", "output", "options", "task")
+
+
+def _metaicl_file(path: Path) -> list[tuple[str, str, list[str]]]:
+    """Every record of one MetaICL file as ``(query, answer, options)``; fields it does not read are named."""
+    found: set[str] = set()
+    out = []
+    for where, record in read_records(path):
+        found |= set(record)
+        out.append(_metaicl_record(record, where))
+    say_ignored_fields(path, found, METAICL_FIELDS, "MetaICL")
+    return out
 
 
 def _metaicl_record(record: dict[str, Any], where: str) -> tuple[str, str, list[str]]:

@@ -39,7 +39,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from ccmem.fileio import DatasetFormatError, atomic_path, jsonl_records
+from ccmem.fileio import DatasetFormatError, atomic_path, jsonl_records, say_ignored_fields
 
 GENERATOR_VERSION = "arith-v1"
 SPLITS = ("train", "validation", "test")
@@ -231,6 +231,10 @@ def _parse_answer(where: str, text: str) -> tuple[str, str]:
     return "\n".join(lines[:-1]).rstrip(), final
 
 
+#: What a GSM8K record may hold: the two fields of the original files, and what :func:`write_jsonl` adds.
+RECORD_FIELDS = ("question", "answer", "id", "split", "version")
+
+
 def read_jsonl(path: str | os.PathLike[str]) -> list[Problem]:
     """Read a GSM8K JSON-lines file; a malformed record is reported with its file, line and field.
 
@@ -239,7 +243,9 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[Problem]:
     """
     path = Path(path)
     problems = []
+    found: set[str] = set()
     for index, (where, record) in enumerate(jsonl_records(path, what="GSM8K file")):
+        found |= set(record)
         for key in ("question", "answer"):
             if not isinstance(record.get(key), str) or not record[key].strip():
                 raise DatasetFormatError(f"{where}: field {key!r} must be a non-empty string")
@@ -257,6 +263,7 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[Problem]:
                 version=record.get("version", ""),
             )
         )
+    say_ignored_fields(path, found, RECORD_FIELDS, "GSM8K")
     if not problems:  # said here, not as a train_ratio "leaving no training problem" or an empty evaluation
         raise DatasetFormatError(
             f"{path} holds no GSM8K problem: give one JSON object per line with 'question' and 'answer' (the worked "

@@ -27,7 +27,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ccmem.fileio import DatasetFormatError, atomic_path, jsonl_records  # DatasetFormatError: also imported from here
+from ccmem.fileio import (  # DatasetFormatError: also imported from here
+    DatasetFormatError,
+    atomic_path,
+    jsonl_records,
+    say_ignored_fields,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -459,9 +464,9 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[PersonaDialog]:
     """Read persona dialogs; a malformed record is reported with its file, line and field, and fields this format
     does not have (a per-record ``system`` prompt, say) are named once, as ignored."""
     dialogs = []
-    ignored: set[str] = set()
+    found: set[str] = set()
     for where, record in jsonl_records(path):
-        ignored |= set(record) - RECORD_FIELDS
+        found |= set(record)
         for key, kind in (("turns", list), ("question", str), ("answer", str), ("options", list)):
             if key not in record:
                 raise DatasetFormatError(
@@ -551,9 +556,5 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[PersonaDialog]:
             "%s: %d ids occur more than once (e.g. %r); rows and reports count each record, but they cannot be told "
             "apart by id", path, len(repeated), repeated[0],
         )  # fmt: skip
-    if ignored:
-        logger.warning(
-            "%s: fields %s are not part of the persona format and were ignored (it reads %s)",
-            path, ", ".join(sorted(ignored)), ", ".join(sorted(RECORD_FIELDS)),
-        )  # fmt: skip
+    say_ignored_fields(path, found, sorted(RECORD_FIELDS), "persona")
     return dialogs

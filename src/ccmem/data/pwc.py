@@ -41,7 +41,7 @@ from ccmem.data.formats import document_split, split_file
 from ccmem.data.news import check_source, first_sentence
 from ccmem.data.passages import draw_source, source_pools
 from ccmem.data.records import MemoryExample
-from ccmem.fileio import DatasetFormatError, jsonl_records
+from ccmem.fileio import DatasetFormatError, jsonl_records, say_ignored_fields
 
 logger = logging.getLogger(__name__)
 
@@ -159,14 +159,7 @@ PWC_RECORD_FIELDS = ("id", *PWC_FIELDS, "options")
 
 
 def _say_ignored(path: Path, records: list[tuple[str, dict[str, Any]]]) -> None:
-    """Name the fields of the user's records that the PwC format does not read (a field of theirs ignored
-    without a word looked read)."""
-    ignored = sorted({key for _, record in records for key in record} - set(PWC_RECORD_FIELDS))
-    if ignored:
-        logger.warning(
-            "%s: fields %s are not part of the PwC format and were ignored (it reads %s)",
-            path, ", ".join(ignored), ", ".join(PWC_RECORD_FIELDS),
-        )  # fmt: skip
+    say_ignored_fields(path, (key for _, record in records for key in record), PWC_RECORD_FIELDS, "PwC")
 
 
 def read_pwc(path: Path) -> list[dict[str, Any]]:
