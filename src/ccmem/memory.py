@@ -186,9 +186,9 @@ class Memory(SlotCounts):
 
         ``room``: tokens each layer can take after the memory without copying it (:class:`RoomyLayer`). A decoding
         loop gives the tokens it will add, so each step writes its one entry in place: a plain ``DynamicCache``
-        copies every layer's whole cache at every step, which costs where the cache is long (``full`` with a
-        2,000-token chat decoded 1.12x faster with room, a 288-slot compressed memory as fast either way:
-        ``benchmarks/decode_cache.py``).
+        copies every layer's whole cache at every step, which costs most where the cache is long (on a 2-core
+        CPU, ``full`` with a 2,000-token chat decoded 1.01-1.12x faster with room, a batch of 8 compressed
+        memories 0.99-1.06x: ``benchmarks/decode_cache.py``).
         """
         if room:
             cache = DynamicCache()
