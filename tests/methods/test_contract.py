@@ -385,3 +385,19 @@ def test_a_methods_runtime_options_are_options_it_has(name):
     declared = {f.name for f in __import__("dataclasses").fields(cls)}
     assert not cls.runtime_options & cls.unsupported_options
     assert cls.runtime_options <= declared, sorted(cls.runtime_options - declared)
+
+
+def test_a_recent_window_wider_than_the_budget_keeps_its_newest_entries_and_says_so(caplog):
+    """h2o with recent=100 where the budget keeps 6: the six kept were an arbitrary pick among 100 tied "always
+    keep" entries, with no word that the window did not fit."""
+    lm = tiny_model()
+    ids = torch.arange(3, 43)[None]  # 40 context tokens
+    with caplog.at_level("WARNING", logger="ccmem.methods.eviction"):
+        for _ in range(2):  # said once
+            session = ccmem.load(lm, method="h2o", ratio=0.15, recent=100, system_prompt="")
+            memory = session.add_ids(ids)
+    kept = memory.positions[0][..., memory.sink :]
+    newest = torch.arange(memory.next_position - 6, memory.next_position)
+    assert kept.shape[-1] == 6 and torch.equal(kept, newest.expand_as(kept))
+    assert caplog.text.count("h2o: the 40 entries it always keeps") == 1
+    assert "more than the 6 its budget keeps here; only the newest 6 stay" in caplog.text

@@ -15,6 +15,7 @@ entries kept earlier compete with the new ones.
 
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from ccmem.loading import LoadedModel
 from ccmem.memory import KV, Memory
 from ccmem.methods.base import Method, context_count, option, positions_after, read_batch, run_decoder
 from ccmem.patching.attention import CAPTURE_KWARG, AttentionCapture, compression_attention
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -158,6 +161,8 @@ class KVEviction(Method):
                 state |= {name: torch.stack(per_layer) for name, per_layer in scored.carry.items()}
             return memory.with_layers(layers, positions, advance=n_new, state=state)
         assert scored is not None
+        if scored.forced is not None:
+            _say_forced_over_budget(self, int(scored.forced[0].sum(dim=-1).max()), keep)
         kept_layers, kept_positions = [], []
         carried: dict[str, list[torch.Tensor]] = {name: [] for name in scored.carry}
         for i, (k, v) in enumerate(layers):
@@ -194,11 +199,13 @@ class KVEviction(Method):
     @staticmethod
     def _select(scored: Scores, layer: int, candidate_positions: torch.Tensor, keep: int) -> torch.Tensor:
         """Indices (into the candidates) of the ``keep`` best entries per head, in position order."""
-        scores = scored.scores[layer].float()
+        scores = scored.scores[layer].double()  # float64: positions added below stay exact beside the scores
         if scored.forced is not None:
             forced = scored.forced[layer]
             best = scores[~forced].max() if bool((~forced).any()) else scores.new_tensor(0.0)
-            scores = torch.where(forced, best + 1, scores)
+            # forced entries rank above every other; among themselves the newest first, so a window wider than the
+            # budget (h2o's recent=100 where 50 are kept) keeps its newest entries, not an arbitrary pick of ties
+            scores = torch.where(forced, best + 1 + candidate_positions.to(scores.dtype), scores)
         index = scores.topk(keep, dim=-1).indices
         order = candidate_positions.gather(2, index).argsort(dim=-1)
         return index.gather(2, order)
@@ -218,6 +225,25 @@ class KVEviction(Method):
     def newest_mask(self, c: Candidates, layer: int, n: int) -> torch.Tensor:
         """Candidates among the ``n`` most recent context tokens (just read)."""
         return c.candidate_positions(layer) >= c.next_position - n
+
+
+_SAID_OVER_BUDGET: set[tuple[str, str]] = set()
+
+
+def _say_forced_over_budget(method: Method, forced: int, keep: int) -> None:
+    """Warn, once per method and options, that the entries it always keeps (a recent window, sinks) are more than
+    its budget: only the newest ``keep`` of them stay, which the option did not say."""
+    if forced <= keep:
+        return
+    key = (method.name, repr(method))
+    if key in _SAID_OVER_BUDGET:
+        return
+    _SAID_OVER_BUDGET.add(key)
+    logger.warning(
+        "%s: the %d entries it always keeps (its recent window or sinks) are more than the %d its budget keeps here; "
+        "only the newest %d stay (give a smaller window, or a larger ratio or max_slots)",
+        method.name, forced, keep, keep,
+    )  # fmt: skip
 
 
 def check_n_sink(n_sink: int) -> None:
