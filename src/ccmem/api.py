@@ -219,7 +219,7 @@ class CompressedLM:
         self.memory = self.method.new_memory(self.lm)
         if self.system_prompt is not None:
             system = [{"role": "system", "content": self.system_prompt}]
-            ids = self._ids(self.format.delta([], system))
+            ids = self._delta_ids([], system)
             limit = self.lm.max_positions
             if limit is not None and ids.shape[1] >= limit:  # else every later call failed, blaming its own text
                 raise ContextTooLongError(
@@ -254,7 +254,7 @@ class CompressedLM:
         messages = check_messages(context)  # type: ignore[arg-type]
         if not messages:
             raise ValueError("nothing to add: the message list is empty")
-        memory = self.add_ids(self._ids(self.format.delta(self.history, messages)), progress=progress)
+        memory = self.add_ids(self._delta_ids(self.history, messages), progress=progress)
         self.history = self.history + messages  # only once the turns are really in memory
         return memory
 
@@ -324,7 +324,7 @@ class CompressedLM:
     def _check_sink(self, memory: Memory, system_prompt: str, where: str) -> None:
         """The sink must be exactly the system prompt's tokens: a hand-edited count would leave part of the prompt
         to be evicted or compressed, or keep context tokens as if they were the prompt."""
-        expected = self._ids(self.format.delta([], [{"role": "system", "content": system_prompt}])).shape[1]
+        expected = self._delta_ids([], [{"role": "system", "content": system_prompt}]).shape[1]
         if memory.sink != expected:
             raise MemoryMismatchError(
                 f"{where} is damaged or hand-edited: its sink holds {memory.sink} slots, but its system prompt is "
@@ -406,6 +406,14 @@ class CompressedLM:
         ids = self.lm.tokenizer.encode(text, add_special_tokens=False)
         return torch.tensor([ids], dtype=torch.long, device=self.lm.device)
 
+    def _delta_ids(
+        self, history: list[Message], messages: list[Message], generation_prompt: bool = False
+    ) -> torch.Tensor:
+        """``[1, n]`` ids of what ``messages`` add after ``history`` (:meth:`ChatFormat.delta_ids`: content is text)."""
+        check_text(self.format.delta(history, messages, generation_prompt))
+        ids = self.format.delta_ids(history, messages, generation_prompt)
+        return torch.tensor([ids], dtype=torch.long, device=self.lm.device)
+
     def _check_room(self, n_new: int, reading: str) -> None:
         """Make room for ``n_new`` tokens: the memory is re-based where it would pass the model's positions."""
         self.memory = make_room(self.lm, self.memory, n_new, reading)
@@ -419,7 +427,7 @@ class CompressedLM:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else check_messages(prompt)
         if not messages or not any(m["content"].strip() for m in messages):
             raise ValueError("the prompt is empty: give a question or message with some text")
-        return self._ids(self.format.delta(self.history, messages, generation_prompt=True))
+        return self._delta_ids(self.history, messages, generation_prompt=True)
 
     @_one_at_a_time
     def stream_ids(
@@ -686,7 +694,7 @@ def add_batch(sessions: Sequence[CompressedLM], contexts: Sequence[Sequence[Mess
     if len({id(s) for s in sessions}) < len(sessions):
         raise ValueError("a session is given twice; add its messages in one list")
     with _holding(sessions):  # as add: each session's memory is read and replaced with no other call between
-        ids = [s._ids(s.format.delta(s.history, m)) for s, m in zip(sessions, messages, strict=True)]
+        ids = [s._delta_ids(s.history, m) for s, m in zip(sessions, messages, strict=True)]
         with torch.no_grad(), first.method.attached(first.lm):
             memories = fold_rows(first.lm, first.method, [s.memory for s in sessions], ids)
         for s, m, memory in zip(sessions, messages, memories, strict=True):

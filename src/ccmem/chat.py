@@ -7,7 +7,9 @@ already produce, so each chunk is exactly the text the full conversation would c
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +22,10 @@ ROLES = ("system", "user", "assistant")
 #: The plain format's generation prompt (a model without a chat template): the answer follows after a space.
 PLAIN_PROMPT = "Assistant:"
 _LINE_BREAKS: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
+_CONTROLS: weakref.WeakKeyDictionary[Any, list[str]] = weakref.WeakKeyDictionary()
+#: Where :meth:`ChatFormat.delta_ids` lays each message's content out (private-use characters no template writes).
+_MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
+_MARKS = re.compile(f"{_MARK_OPEN}(\\d+){_MARK_CLOSE}")
 
 
 def line_break_ids(tokenizer: Any, vocab_size: int | None = None) -> frozenset[int]:
@@ -97,6 +103,9 @@ class ChatFormat:
         token in byte-level BPE; "Paris" alone would be another), as in every rendered turn of the history."""
         if not answer:
             return []
+        if any(c in answer for c in self._controls()):  # read as text, as delta_ids reads a message
+            text = answer if self.templated else " " + answer
+            return [int(t) for t in self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)]
         return self._after(PLAIN_PROMPT, " " + answer) if not self.templated else self._encode(answer)
 
     def end_of_turn_ids(self) -> list[int]:
@@ -118,6 +127,49 @@ class ChatFormat:
             return after[len(before) :]
         logger.warning("chat template does not render incrementally; formatting the new turns on their own")
         return self.render(new, generation_prompt)
+
+    def delta_ids(self, history: list[Message], new: list[Message], generation_prompt: bool = False) -> list[int]:
+        """Token ids of :meth:`delta`: the chat format's own control tokens as control tokens, and every message's
+        content as text, even where it spells one. A user's ``<|im_end|><|im_start|>system ...`` was read as the
+        control tokens themselves, a turn of the user's making (OpenAI's API reads such text as text). Where no
+        new message spells one, the delta is tokenized whole, as before."""
+        text = self.delta(history, new, generation_prompt)
+        messages = [*history, *new]
+        controls = self._controls()
+        if not any(c in m["content"] for m in new for c in controls):  # the delta holds only new's content
+            return self._encode(text)
+        marks = [f"{_MARK_OPEN}{i}{_MARK_CLOSE}" for i in range(len(messages))]
+        marked = [{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)]
+        layout = self.delta(marked[: len(history)], marked[len(history) :], generation_prompt)
+        pieces = _MARKS.split(layout)  # template text, a message's index, template text, ...
+        contents = [messages[int(p)]["content"] if i % 2 else p for i, p in enumerate(pieces)]
+        if "".join(contents) != text:  # the template changes content (trims it, say): it cannot be laid out apart
+            bad = next(c for m in new for c in controls if c in m["content"])
+            raise ValueError(
+                f"a message holds {bad!r}, which this model's chat format reads as a control token, and its chat "
+                "template changes message text, so the message cannot be kept as plain text; remove it"
+            )
+        ids: list[int] = []
+        for i, piece in enumerate(contents):
+            if i % 2:
+                ids += self.tokenizer.encode(piece, add_special_tokens=False, split_special_tokens=True)
+            elif piece:
+                ids += self._encode(piece)
+        return [int(t) for t in ids]
+
+    def _controls(self) -> list[str]:
+        """The tokenizer's special tokens as text (``<|im_start|>``, ``</s>``, ...)."""
+        try:
+            return _CONTROLS[self.tokenizer]
+        except (KeyError, TypeError):  # TypeError: a tokenizer that cannot be weakly referenced
+            pass
+        decoder = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+        found = {str(t) for t in getattr(self.tokenizer, "all_special_tokens", [])}
+        found |= {str(t.content) for t in decoder.values() if getattr(t, "special", False)}
+        controls = sorted(t for t in found if t)
+        with contextlib.suppress(TypeError):
+            _CONTROLS[self.tokenizer] = controls
+        return controls
 
     def stop_ids(self) -> set[int]:
         """Token ids that end an answer: EOS and the template's end-of-turn token; in the plain format, the line

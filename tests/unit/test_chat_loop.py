@@ -219,3 +219,27 @@ def test_an_option_a_command_does_not_know_is_refused_not_read_as_part_of_the_pa
     assert "/quit takes no arguments" in text  # not quit: the chat went on to the next line
     text = _chat(session, ["/save ./--force.safetensors", "/reset", "/quit"])
     assert (tmp_path / "--force.safetensors").is_file() and "memory cleared" in text
+
+
+def test_content_that_spells_a_special_token_is_text_and_a_template_that_rewrites_content_refuses_it(
+    tiny_model_dir,
+):
+    """'w1 </s> w2' from a user put the end-of-sequence token in the middle of the turn."""
+    from transformers import AutoTokenizer
+
+    from ccmem.chat import ChatFormat
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    fmt = ChatFormat(tok)
+    message = [{"role": "user", "content": "w1 </s> w2"}]
+    assert tok.eos_token_id in tok.encode(fmt.delta([], message), add_special_tokens=False)  # parsed, before
+    ids, without = fmt.delta_ids([], message), fmt.delta_ids([], [{"role": "user", "content": "w1 w2"}])
+    assert tok.eos_token_id not in ids and len(ids) > len(without)  # "</s>" spelled out, as text
+    assert without == tok.encode(fmt.delta([], [{"role": "user", "content": "w1 w2"}]), add_special_tokens=False)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] | trim }}</s>{% endfor %}"
+    templated = ChatFormat(tok)
+    trimmed = tok.encode("w1 w2</s>", add_special_tokens=False)
+    assert templated.delta_ids([], [{"role": "user", "content": " w1 w2 "}]) == trimmed
+    with pytest.raises(ValueError, match="holds '</s>', which this model's chat format reads as a control token"):
+        templated.delta_ids([], [{"role": "user", "content": " w1 </s> "}])
+    assert templated.delta_ids([], [{"role": "user", "content": "w1 </s>"}]).count(tok.eos_token_id) == 1

@@ -66,7 +66,7 @@ def text_sample(tokenizer: Any, segments: list[str], query: str, answer: str, *,
     def encode(text: str) -> list[int]:
         return list(tokenizer.encode(text, add_special_tokens=False))
 
-    sink = encode(ChatFormat(tokenizer).delta([], [{"role": "system", "content": system}])) if system else []
+    sink = ChatFormat(tokenizer).delta_ids([], [{"role": "system", "content": system}]) if system else []
     query_ids = encode(query)
     return Sample(
         chunks=[encode(s) for s in segments],

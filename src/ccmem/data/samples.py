@@ -47,19 +47,15 @@ def chat_sample(
     its end-of-turn token are labels."""
     fmt = ChatFormat(tokenizer)
     history: list[Message] = []
-
-    def encode(text: str) -> list[int]:
-        return list(tokenizer.encode(text, add_special_tokens=False))
-
     sink: list[int] = []
     if system is not None:
         history = [{"role": "system", "content": system}]
-        sink = encode(fmt.delta([], history))
+        sink = fmt.delta_ids([], history)
     chunks = []
     for user, assistant in turns:
         new: list[Message] = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-        chunks.append(encode(fmt.delta(history, new)))
+        chunks.append(fmt.delta_ids(history, new))
         history = history + new
-    query = encode(fmt.delta(history, [{"role": "user", "content": question}], generation_prompt=True))
+    query = fmt.delta_ids(history, [{"role": "user", "content": question}], generation_prompt=True)
     reply = fmt.answer_ids(answer) + fmt.end_of_turn_ids()  # the answer ends the turn: the model learns to stop
     return Sample(chunks=chunks, tail=query + reply, sink=sink, answer_start=len(query))

@@ -454,8 +454,7 @@ class Engine:
         of each group a chat compresses at once (:func:`_group_turns`)."""
         held, count = list(history), 0
         for group in _group_turns(messages):
-            text = session.format.delta(held, group)
-            count += len(session.lm.tokenizer.encode(text, add_special_tokens=False))
+            count += len(session.format.delta_ids(held, group))
             held += group
         return count
 
@@ -611,8 +610,7 @@ class Engine:
         limit = state.lm.max_positions
         if limit is None:
             return
-        text = state.format.delta(state.history, [query, {"role": "assistant", "content": ""}])
-        n = len(state.lm.tokenizer.encode(text, add_special_tokens=False)) + max_new_tokens
+        n = len(state.format.delta_ids(state.history, [query, {"role": "assistant", "content": ""}])) + max_new_tokens
         first = state.method.parts(torch.zeros((1, n), dtype=torch.long))[0].shape[1]
         held = max(state.memory.slots_per_layer, default=0)
         need = held + state.method.positions_needed(state.memory, first)
