@@ -150,6 +150,11 @@ MEMORY_DTYPE_HELP = (
 )
 
 
+def _counted(n: int, noun: str) -> str:
+    """``1 token``, ``2 tokens``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _options(n_tok: int | None, recurrent: bool | None, pairs: list[str] | None) -> dict[str, Any]:
     """Method options from ``-O key=value`` pairs and the shortcut flags (values parsed as YAML scalars)."""
     options = parse_pairs(pairs or [])
@@ -651,7 +656,7 @@ def compress(
     mem = session.memory
     held = mem.compact(storage).nbytes if storage else mem.nbytes
     console.print(
-        f"wrote {path}: {read} tokens in {mem.num_slots} slots, {held / 1024:.0f} KiB"
+        f"wrote {path}: {_counted(read, 'token')} in {_counted(mem.num_slots, 'slot')}, {held / 1024:.0f} KiB"
         + (f" (stored as {storage})" if storage else "")
     )
 

@@ -1092,3 +1092,12 @@ def test_train_given_only_overrides_starts_from_the_defaults(monkeypatch, capsys
     code, text = run_cli(monkeypatch, capsys, "train", "train.max_steps=2", "method.name=full", "--show-config")
     assert code == 0, text
     assert "max_steps: 2" in text and "name: full" in text
+
+
+def test_compress_says_one_token_not_one_tokens(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    text = tmp_path / "one.txt"
+    text.write_text("w1")
+    common = ["--model", str(tiny_model_dir), "--method", "full", "--system", ""]
+    code, out = run_cli(monkeypatch, capsys, "compress", str(text), "--out", str(tmp_path / "m.safetensors"), *common)
+    assert code == 0, out
+    assert "1 token in 1 slot," in out
