@@ -590,9 +590,21 @@ def check_meta(meta: dict[str, str], expect: dict[str, str], where: str) -> None
             )
         if found != wanted:
             raise MemoryMismatchError(
-                f"{where} was made with {key}={found!r}, but this session has {key}={wanted!r}; use it with the "
-                "same model, stage-1 LoRA, method, method options and adapter that made it"
+                f"{where} was made with {key}={_shown(found)}, but this session has {key}={_shown(wanted)}; use it "
+                "with the same model, stage-1 LoRA, method, method options and adapter that made it"
             )
+
+
+def _shown(value: str) -> str:
+    """A recorded option as ``-O`` takes it: a number or flag bare (``ratio=0.125``: the file records text, and
+    ``ratio='0.125'`` read as if the option had been given as text), other text quoted."""
+    if value in ("True", "False"):
+        return value
+    try:
+        float(value)
+    except ValueError:
+        return repr(value)
+    return value
 
 
 class RoomyLayer(DynamicLayer):

@@ -438,3 +438,15 @@ def test_a_channel_of_subnormal_values_packs_to_int8_and_its_file_loads_again(tm
     assert all(bool((p.scale > 0).all()) for p in compact.layers[0] if p.scale is not None)
     back = Memory.load(memory.save(tmp_path / "tiny.safetensors", dtype="int8"))
     assert torch.allclose(back.layers[0][0], keys, atol=1e-30) and torch.allclose(back.layers[0][1], values, atol=1e-30)
+
+
+def test_a_memory_made_with_other_numeric_options_names_them_as_the_command_line_takes_them(tmp_path):
+    """ "made with ratio='0.25', but this session has ratio='0.5'" read as if the options were text."""
+    from tests.conftest import tiny_model
+
+    lm = tiny_model()
+    made = ccmem.load(lm, method="snapkv", ratio=0.25, system_prompt="")
+    made.add("hello there, this is a context to compress")
+    path = made.save_memory(tmp_path / "m.safetensors")
+    with pytest.raises(MemoryMismatchError, match=r"made with ratio=0\.25, but this session has ratio=0\.5;"):
+        ccmem.load(lm, method="snapkv", ratio=0.5, system_prompt="").load_memory(path)
