@@ -69,26 +69,31 @@ def make_room(lm: LoadedModel, memory: Memory, n_new: int, reading: str = "add")
         return memory
     held = max(memory.slots_per_layer, default=0)
     if n_new > limit - memory.sink:
-        raise ContextTooLongError(
+        fact = (
             f"{_NEW_TOKENS[reading].format(n=n_new)} and the {memory.sink}-token system prompt need "
-            f"{n_new + memory.sink} positions, but the model allows {limit}, whatever the memory keeps: "
-            f"{_TOO_LONG_FIX[reading]}",
-            positions=limit,
+            f"{n_new + memory.sink} positions, but the model allows {limit}, whatever the memory keeps"
         )
+        raise ContextTooLongError(f"{fact}: {_TOO_LONG_FIX[reading]}", positions=limit, fact=fact)
     if held + n_new > limit:
-        raise ContextTooLongError(
+        fact = (
             f"{_NEW_TOKENS[reading].format(n=n_new)} after the {held} slots this memory holds need {held + n_new} "
-            f"positions, but the model allows {limit}; start a new conversation (Python: reset()), "
-            f"{_LESS[reading]}, or use a method that keeps fewer slots",
+            f"positions, but the model allows {limit}"
+        )
+        raise ContextTooLongError(
+            f"{fact}; start a new conversation (Python: reset()), {_LESS[reading]}, or use a method that keeps "
+            "fewer slots",
             positions=limit,
+            fact=fact,
         )
     try:
         freqs = layer_frequencies(lm)
     except RopeError as err:
-        raise ContextTooLongError(
+        fact = (
             f"this interaction would reach position {memory.next_position + n_new}, but the model allows {limit}, "
-            f"and its positions cannot be re-based ({err}); start a new conversation (Python: reset())",
-            positions=limit,
+            f"and its positions cannot be re-based ({err})"
+        )
+        raise ContextTooLongError(
+            f"{fact}; start a new conversation (Python: reset())", positions=limit, fact=fact
         ) from None
     logger.info("positions re-based: %d slots moved from up to %d to 0..%d", held, memory.next_position, held - 1)
     return compact_positions(memory, freqs)

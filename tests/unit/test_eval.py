@@ -415,7 +415,8 @@ def test_rows_of_other_data_never_share_a_config_hash(monkeypatch, capsys, tmp_p
 @pytest.mark.parametrize("where", ["context", "answer"])
 def test_an_example_too_long_for_the_model_is_named(batch_size, where):
     """It said 'start a new conversation (Python: reset())' without saying which example of the file was at fault;
-    then, batched, it named every example of the batch ('example short-1, long-2, short-3 does not fit')."""
+    then, batched, it named every example of the batch ('example short-1, long-2, short-3 does not fit'); a context
+    too long for any memory told a `ccmem eval` user to make 'several add() calls'."""
     from ccmem.api import ContextTooLongError
     from ccmem.data.records import MemoryExample
 
@@ -429,7 +430,8 @@ def test_an_example_too_long_for_the_model_is_named(batch_size, where):
     settings = EvalSettings(batch_size=batch_size, system=None)
     with pytest.raises(ContextTooLongError, match=r"example long-2 does not fit .*model allows 64") as err:
         evaluate(session, examples, dataset="mine", settings=settings)
-    assert "reset()" not in str(err.value)
+    assert "reset()" not in str(err.value) and "add()" not in str(err.value)  # advice for Python callers
+    assert str(err.value).endswith("shorten or drop it, or evaluate with a method that keeps fewer positions")
 
 
 def test_a_dialog_longer_than_the_model_is_evaluated_by_a_compressing_method_batched_or_not():

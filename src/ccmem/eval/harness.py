@@ -423,7 +423,7 @@ def evaluate(
             first = i - i % step
             batch = examples[first : first + step]  # a batch's read or scoring names its row that did not fit
             which = batch[err.row].id if err.row is not None else ", ".join(e.id for e in batch)
-            core = str(err).split("; start a new conversation")[0]
+            core = err.fact  # the Python caller's remedy (reset(), several add() calls) is no use here
             raise ContextTooLongError(
                 f"{dataset}: example {which} does not fit ({core}); shorten or drop it, or evaluate with a "
                 "method that keeps fewer positions",

@@ -50,9 +50,11 @@ class ContextTooLongError(ValueError):
     limit), or a method's own limit on what it compresses at once (``positions`` None; the message names the
     option that lifts it)."""
 
-    def __init__(self, message: str, *, positions: int | None = None) -> None:
+    def __init__(self, message: str, *, positions: int | None = None, fact: str | None = None) -> None:
         super().__init__(message)
         self.positions = positions
+        #: What does not fit, without the remedy the message gives a Python caller (``ccmem eval`` gives its own).
+        self.fact = fact or message
         self.row: int | None = None  # in a batch (fold_rows, score_batch): the index of the row that does not fit
 
 
