@@ -28,7 +28,7 @@ from ccmem.modules import GATE_KWARG
 T = TypeVar("T")
 
 #: Tokens of answer a decoding loop's cache makes room for at the start (:meth:`Memory.to_cache`); a longer
-#: answer grows it by a quarter at a time.
+#: answer grows it by that room or a quarter of what it holds, whichever is more.
 ROOM = 256
 
 
