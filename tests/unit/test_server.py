@@ -1067,6 +1067,9 @@ def test_serve_on_port_0_says_which_port_it_took_and_a_foreign_address_is_named(
     from ccmem.serve.server import bind, run
 
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
+    # uvicorn's logging setup (dictConfig) closes every handler there is, pytest's log capture among them, which
+    # failed the next capture step ("I/O operation on closed file") after some other tests
+    monkeypatch.setattr(uvicorn.Config, "configure_logging", lambda self: None)
     run(make_engine(tmp_path), port=0)
     said = re.search(r"listening on http://127\.0\.0\.1:(\d+)/v1", capfd.readouterr().err)
     assert said and int(said.group(1)) > 0

@@ -677,4 +677,5 @@ def run(
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
+        sock.close()  # uvicorn closes it on a clean shutdown; not when its start fails (the port stayed bound)
         engine.close()
