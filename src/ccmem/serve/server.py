@@ -677,5 +677,5 @@ def run(
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
-        sock.close()  # uvicorn closes it on a clean shutdown; not when its start fails (the port stayed bound)
+        sock.close()  # however uvicorn returned: left to the garbage collector, it held the port until then
         engine.close()
