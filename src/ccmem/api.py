@@ -415,8 +415,7 @@ class CompressedLM:
         self, history: list[Message], messages: list[Message], generation_prompt: bool = False
     ) -> torch.Tensor:
         """``[1, n]`` ids of what ``messages`` add after ``history`` (:meth:`ChatFormat.delta_ids`: content is text)."""
-        check_text(self.format.delta(history, messages, generation_prompt))
-        ids = self.format.delta_ids(history, messages, generation_prompt)
+        ids = self.format.delta_ids(history, messages, generation_prompt, check=True)
         return torch.tensor([ids], dtype=torch.long, device=self.lm.device)
 
     def _check_room(self, n_new: int, reading: str) -> None:

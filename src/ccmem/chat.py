@@ -104,8 +104,7 @@ class ChatFormat:
         if not answer:
             return []
         if any(c in answer for c in self._controls()):  # read as text, as delta_ids reads a message
-            text = answer if self.templated else " " + answer
-            return [int(t) for t in self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)]
+            return self._encode_as_text(answer if self.templated else " " + answer)
         return self._after(PLAIN_PROMPT, " " + answer) if not self.templated else self._encode(answer)
 
     def end_of_turn_ids(self) -> list[int]:
@@ -128,12 +127,17 @@ class ChatFormat:
         logger.warning("chat template does not render incrementally; formatting the new turns on their own")
         return self.render(new, generation_prompt)
 
-    def delta_ids(self, history: list[Message], new: list[Message], generation_prompt: bool = False) -> list[int]:
+    def delta_ids(
+        self, history: list[Message], new: list[Message], generation_prompt: bool = False, *, check: bool = False
+    ) -> list[int]:
         """Token ids of :meth:`delta`: the chat format's own control tokens as control tokens, and every message's
         content as text, even where it spells one. A user's ``<|im_end|><|im_start|>system ...`` was read as the
         control tokens themselves, a turn of the user's making (OpenAI's API reads such text as text). Where no
-        new message spells one, the delta is tokenized whole, as before."""
+        new message spells one, the delta is tokenized whole, as before. ``check``: refuse text no tokenizer can
+        read first (:func:`check_text`), on the text rendered here."""
         text = self.delta(history, new, generation_prompt)
+        if check:
+            check_text(text)
         messages = [*history, *new]
         controls = self._controls()
         if not any(c in m["content"] for m in new for c in controls):  # the delta holds only new's content
@@ -152,10 +156,14 @@ class ChatFormat:
         ids: list[int] = []
         for i, piece in enumerate(contents):
             if i % 2:
-                ids += self.tokenizer.encode(piece, add_special_tokens=False, split_special_tokens=True)
+                ids += self._encode_as_text(piece)
             elif piece:
                 ids += self._encode(piece)
-        return [int(t) for t in ids]
+        return ids
+
+    def _encode_as_text(self, text: str) -> list[int]:
+        """``text``'s ids with every special token it spells read as its characters."""
+        return [int(t) for t in self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)]
 
     def _controls(self) -> list[str]:
         """The tokenizer's special tokens as text (``<|im_start|>``, ``</s>``, ...)."""
