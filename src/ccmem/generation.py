@@ -223,8 +223,8 @@ def decode_batch(
     Row ``i`` reads ``queries[i]`` (``[1, n_i]``) with ``memories[i]``; memories may differ in length and
     positions. ``max_new_tokens`` and ``sampling`` are one for all rows or one per row (a row's seed gives
     the tokens :func:`decode` gives with that seed). All active rows share one padded forward per step
-    (:func:`~ccmem.methods.base.pad_rows`); rows leave the batch as they finish. A method may change rows as
-    they decode (``ccm-reason`` compresses each row's finished steps) through
+    (:class:`DecodingBatch`, which a server uses to let rows join between steps); rows leave the batch as they
+    finish. A method may change rows as they decode (``ccm-reason`` compresses each row's finished steps) through
     :meth:`~ccmem.methods.base.Method.decode_logits_batch`. A method that cannot decode in a batch
     (:attr:`~ccmem.methods.base.Method.decode_batchable` False: it hooks each step) has its rows decoded one by
     one in step with each other: the same tokens, without the speed-up. ``stats``, one dict per row, are kept
@@ -238,27 +238,12 @@ def decode_batch(
     limits = [check_max_new_tokens(k, least=0) for k in _per_row(max_new_tokens, n, "max_new_tokens")]
     samplings = _per_row(sampling, n, "sampling")
     for i, s in enumerate(samplings):
-        if not isinstance(s, Sampling):
-            raise ValueError(f"sampling {i} is a {type(s).__name__}; give Sampling(temperature, top_p, seed)")
+        _check_sampling(i, s)
     for i, q in enumerate(queries):
-        if not isinstance(q, torch.Tensor) or q.dim() != 2 or q.shape[0] != 1 or q.shape[1] == 0:
-            shape = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
-            raise ValueError(f"query {i} must be one non-empty sequence of ids, shape [1, n]; got {shape}")
-        # else an IndexError or a dtype error from inside the embedding, naming no query
-        if q.is_floating_point() or q.is_complex() or q.dtype == torch.bool:
-            raise ValueError(f"query {i} must hold token ids (ints), got {q.dtype} values")
-        low, high = int(q.min()), int(q.max())  # each a pass over the query, and a device sync on a GPU
-        if low < 0 or high >= lm.vocab_size:
-            raise ValueError(
-                f"query {i} holds token id {high if low >= 0 else low}, outside this model's vocabulary "
-                f"(0..{lm.vocab_size - 1})"
-            )
+        _check_query(lm, i, q)
     expect = method.memory_meta(lm)
     for i, m in enumerate(memories):
-        if not isinstance(m, Memory):
-            raise ValueError(f"memory {i} is a {type(m).__name__}, not a ccmem.Memory")
-        # another method's memory (a snapkv one decoded by ccm-concat) decoded without a word, as score_batch refuses
-        check_meta(m.meta, expect, f"memory {i}")
+        _check_memory(i, m, expect)
     if stats is not None and len(stats) != n:
         raise ValueError(f"stats has {len(stats)} dicts for {n} rows; give one per row")
     row_stats = list(stats) if stats is not None else None
@@ -272,7 +257,37 @@ def decode_batch(
             for b, (m, q, k, s) in enumerate(zip(memories, queries, limits, samplings, strict=True))
         ]
         return _in_step(rows, limits, stop_ids, stopped)
-    return _decode_padded(lm, method, memories, queries, limits, samplings, stop_ids, row_stats, stopped)
+    batch = DecodingBatch(lm, method, stop_ids=stop_ids, stopped=stopped)
+    for b in range(n):
+        batch._enqueue(memories[b], queries[b], limits[b], samplings[b], row_stats[b] if row_stats else None)
+    return _steps(batch, n)
+
+
+def _check_sampling(i: int, s: Any) -> None:
+    if not isinstance(s, Sampling):
+        raise ValueError(f"sampling {i} is a {type(s).__name__}; give Sampling(temperature, top_p, seed)")
+
+
+def _check_query(lm: LoadedModel, i: int, q: Any) -> None:
+    if not isinstance(q, torch.Tensor) or q.dim() != 2 or q.shape[0] != 1 or q.shape[1] == 0:
+        shape = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+        raise ValueError(f"query {i} must be one non-empty sequence of ids, shape [1, n]; got {shape}")
+    # else an IndexError or a dtype error from inside the embedding, naming no query
+    if q.is_floating_point() or q.is_complex() or q.dtype == torch.bool:
+        raise ValueError(f"query {i} must hold token ids (ints), got {q.dtype} values")
+    low, high = int(q.min()), int(q.max())  # each a pass over the query, and a device sync on a GPU
+    if low < 0 or high >= lm.vocab_size:
+        raise ValueError(
+            f"query {i} holds token id {high if low >= 0 else low}, outside this model's vocabulary "
+            f"(0..{lm.vocab_size - 1})"
+        )
+
+
+def _check_memory(i: int, m: Any, expect: dict[str, str]) -> None:
+    if not isinstance(m, Memory):
+        raise ValueError(f"memory {i} is a {type(m).__name__}, not a ccmem.Memory")
+    # another method's memory (a snapkv one decoded by ccm-concat) decoded without a word, as score_batch refuses
+    check_meta(m.meta, expect, f"memory {i}")
 
 
 def _padding_exact(
@@ -316,81 +331,204 @@ def _in_step(
             active = [a and not stopped(b) for b, a in enumerate(active)]
 
 
-def _decode_padded(
-    lm: LoadedModel,
-    method: Method,
-    memories: Sequence[Memory],
-    queries: Sequence[torch.Tensor],
-    limits: list[int],
-    samplings: list[Sampling],
-    stop_ids: set[int],
-    stats: list[dict[str, Any]] | None,
-    stopped: Callable[[int], bool] | None = None,
-) -> Iterator[list[int | None]]:
-    """The batched loop: the queries read in one padded forward, then one forward per step for the active rows;
-    the method's :meth:`~ccmem.methods.base.Method.decode_logits_batch` sees every step, and a row it gives
-    embeddings to feed (``DecodeState.feed``: <COMP> tokens) feeds them in the next forward, beside the other
-    rows' tokens, instead of a token of its own."""
-    active = [b for b, k in enumerate(limits) if k > 0]  # batch row i decodes session active[i]
-    if not active:
-        return
-    generators = [s.generator(lm.device) for s in samplings]
-    widest = max(int(queries[b].shape[1]) for b in active)
-    padded = pad_rows(
-        lm, [memories[b] for b in active], [queries[b] for b in active], room=widest + min(max(limits), ROOM)
-    )
-    batch = DecodeRows(
-        cache=padded.cache,
-        attention_mask=padded.attention_mask,
-        rows=[
-            DecodeState(cache=None, position=m.next_position, memory=m, tokens=[])
-            for m in (memories[b] for b in active)
-        ],
-    )
-    inputs: dict[str, torch.Tensor] = {"input_ids": padded.inputs, "position_ids": padded.position_ids}
-    widths = [int(q.shape[1]) for q in (queries[b] for b in active)]
-    fed: list[list[int]] = [queries[b][0].tolist() for b in active]
-    shape = lm.kv_shape
-    entry_bytes = 2 * shape.layers * shape.kv_heads * shape.head_dim * shape.dtype.itemsize  # one token, all layers
-    counts = [0] * len(memories)
-    while True:
+def _steps(batch: DecodingBatch, n: int) -> Iterator[list[int | None]]:
+    """A :class:`DecodingBatch` of rows ``0..n-1`` stepped to its end, with :func:`decode_batch`'s step format."""
+    while batch.active:
+        tokens = batch.step()
+        yield [tokens.get(b) for b in range(n)]
+
+
+@dataclass
+class _Row:
+    memory: Memory
+    query: torch.Tensor
+    limit: int
+    sampling: Sampling
+    generator: torch.Generator
+    stats: dict[str, Any] | None
+    count: int = 0
+
+
+class DecodingBatch:
+    """A batched decoding that rows may join between steps (continuous batching, as serving engines do): the loop
+    behind :func:`decode_batch`, for a caller whose rows come while others decode (``ccmem serve``).
+
+    :meth:`add` checks a row as :func:`decode_batch` does and queues it under the id it returns; the next
+    :meth:`step` reads the queued rows' queries with their memories in one padded forward of their own, beside
+    the running rows' forward of their next tokens, then joins them to the running rows
+    (:meth:`~ccmem.methods.base.DecodeRows.joined`). Every row gets the tokens it would get decoded alone. A row
+    leaves when it gives a stop token or its ``max_new_tokens``, or where ``stopped(row)`` says so (asked before
+    every step: its reader is gone). Join only rows that :meth:`fits` (a method that cannot decode in a batch, or
+    padding a sliding window would not hold, decodes them on their own: :func:`decode`).
+    """
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        method: Method,
+        *,
+        stop_ids: set[int] = frozenset(),  # type: ignore[assignment]
+        stopped: Callable[[int], bool] | None = None,
+    ) -> None:
+        if not method.decode_batchable or lm.is_encoder_decoder:
+            what = "an encoder-decoder model" if lm.is_encoder_decoder else f"{method.name} (it hooks every step)"
+            raise ValueError(f"{what} cannot decode rows in one padded batch; decode_batch steps them one by one")
+        self.lm, self.method, self.stop_ids, self.stopped = lm, method, stop_ids, stopped
+        self._expect = method.memory_meta(lm)
+        self._rows: list[_Row] = []  # every row added, by id
+        self._queued: list[int] = []  # ids read in the next step
+        self._group: DecodeRows | None = None  # the running rows' cache, mask and states
+        self._ids: list[int] = []  # the id of each running row
+        self._last: list[int | None] = []  # each running row's token of the last step (None: it fed tokens)
+        self._keep: list[int] = []  # running rows (indices) that go on after the last step
+        shape = lm.kv_shape
+        self._entry_bytes = 2 * shape.layers * shape.kv_heads * shape.head_dim * shape.dtype.itemsize
+
+    def add(
+        self,
+        memory: Memory,
+        query: torch.Tensor,
+        max_new_tokens: int,
+        sampling: Sampling = Sampling(),
+        stats: dict[str, Any] | None = None,
+    ) -> int:
+        """Queue a row (checked as :func:`decode_batch` checks its rows; a ``ValueError`` names what is wrong) and
+        return its id; it decodes from the next :meth:`step`. A row of 0 tokens is finished at once."""
+        key = len(self._rows)
+        limit = check_max_new_tokens(max_new_tokens, least=0)
+        _check_sampling(key, sampling)
+        _check_query(self.lm, key, query)
+        _check_memory(key, memory, self._expect)
+        return self._enqueue(memory, query, limit, sampling, stats)
+
+    def _enqueue(
+        self, memory: Memory, query: torch.Tensor, limit: int, sampling: Sampling, stats: dict[str, Any] | None
+    ) -> int:
+        key = len(self._rows)
+        self._rows.append(_Row(memory, query, limit, sampling, sampling.generator(self.lm.device), stats))
+        if limit > 0:
+            self._queued.append(key)
+        return key
+
+    def fits(self, memory: Memory, query: torch.Tensor, max_new_tokens: int) -> bool:
+        """Whether a row of ``memory`` and ``query`` decoding up to ``max_new_tokens`` can join these rows and still
+        get its own tokens (and they theirs)."""
+        if self.lm.sliding_window is None:
+            return True
+        if type(self.method).decode_logits_batch is not Method.decode_logits_batch:
+            return False
+        rows = [self._rows[i] for i in self._queued]
+        slots = [max(r.memory.slots_per_layer, default=0) for r in rows] + [max(memory.slots_per_layer, default=0)]
+        extents = [int(r.query.shape[1]) + r.limit for r in rows] + [int(query.shape[1]) + max_new_tokens]
+        if self._group is not None:  # its columns so far and the most any running row still adds
+            slots.append(int(self._group.attention_mask.shape[1]) + 1)
+            extents.append(max(self._rows[i].limit - self._rows[i].count for i in self._ids))
+        return padding_is_exact(self.lm, slots, extents)
+
+    @property
+    def running(self) -> list[int]:
+        """Ids of the rows still decoding (queued ones included)."""
+        self._prune()
+        return [*self._ids, *self._queued]
+
+    @property
+    def active(self) -> bool:
+        """Whether any row is still to decode."""
+        return bool(self.running)
+
+    def step(self) -> dict[int, int | None]:
+        """One step of every running row (the running rows' forward, and one for the rows that join): ``{id:
+        token}``, ``None`` for a row that fed tokens of its method's own instead of giving one."""
+        self._prune()
+        tokens: list[int | None] = []
+        if self._group is not None:
+            inputs, widths, fed = _next_inputs(self.lm, self._group, self._last)
+            tokens += self._forward(self._group, self._ids, inputs, widths, fed)
+        if self._queued:
+            joining, self._queued = self._queued, []
+            rows = [self._rows[i] for i in joining]
+            widest = max(int(r.query.shape[1]) for r in rows)
+            room = widest + min(max(r.limit for r in rows), ROOM)
+            padded = pad_rows(self.lm, [r.memory for r in rows], [r.query for r in rows], room=room)
+            group = DecodeRows(
+                cache=padded.cache,
+                attention_mask=padded.attention_mask,
+                rows=[
+                    DecodeState(cache=None, position=r.memory.next_position, memory=r.memory, tokens=[]) for r in rows
+                ],
+            )
+            inputs = {"input_ids": padded.inputs, "position_ids": padded.position_ids}
+            widths = [int(r.query.shape[1]) for r in rows]
+            tokens += self._forward(group, joining, inputs, widths, [r.query[0].tolist() for r in rows])
+            if self._group is None:
+                self._group = group
+            else:
+                left = max(self._rows[i].limit - self._rows[i].count for i in [*self._ids, *joining])
+                self._group = self._group.joined(group, room=min(left, ROOM))
+            self._ids = [*self._ids, *joining]
+        out: dict[int, int | None] = {}
+        self._keep = []
+        if self._group is None:
+            return out
+        entries = self._group.attention_mask.sum(dim=1).tolist()
+        for i, (key, token) in enumerate(zip(self._ids, tokens, strict=True)):
+            row = self._rows[key]
+            out[key] = token
+            if token is not None:
+                row.count += 1
+                if row.stats is not None:  # as decode counts: after a step's compression
+                    _count(row.stats, int(entries[i]) * self._entry_bytes, self._group.rows[i])
+            if token is None or (token not in self.stop_ids and row.count < row.limit):
+                self._keep.append(i)
+        self._last = tokens
+        return out
+
+    def _forward(
+        self,
+        group: DecodeRows,
+        ids: list[int],
+        inputs: dict[str, torch.Tensor],
+        widths: list[int],
+        fed: list[list[int]],
+    ) -> list[int | None]:
+        """One forward of ``group`` over ``inputs``; each row's token picked (``None`` where its method feeds)."""
+        lm, method = self.lm, self.method
         gated = GATE_KWARG in inputs  # some row feeds <COMP> tokens: the method's gated LoRA must be on
         with torch.no_grad(), method.attached(lm, reading=not gated):
-            out = lm.model.base_model(attention_mask=batch.attention_mask, cache=batch.cache, use_cache=True, **inputs)
-            for i, row in enumerate(batch.rows):
+            out = lm.model.base_model(attention_mask=group.attention_mask, cache=group.cache, use_cache=True, **inputs)
+            for i, row in enumerate(group.rows):
                 row.position += widths[i]
                 row.fed += fed[i]
                 row.hidden = out.last_hidden_state[i : i + 1, -1]
-            logits = method.decode_logits_batch(lm, batch)
-            tokens = [
-                None if row.feed is not None else samplings[b].pick(logits[i], generators[b])
-                for i, (b, row) in enumerate(zip(active, batch.rows, strict=True))
-            ]
-            for row, token in zip(batch.rows, tokens, strict=True):
-                if token is not None:
-                    row.tokens.append(token)
-                    row.feed = method.feed_after(lm, row)  # fed right after the token, in the next forward
-        step: list[int | None] = [None] * len(memories)
-        keep = []
-        entries = batch.attention_mask.sum(dim=1).tolist()
-        for i, (b, token) in enumerate(zip(active, tokens, strict=True)):
-            if token is not None:
-                step[b] = token
-                counts[b] += 1
-            if stats is not None and token is not None:  # as decode counts: after a step's compression
-                _count(stats[b], int(entries[i]) * entry_bytes, batch.rows[i])
-            if token is None or (token not in stop_ids and counts[b] < limits[b]):
-                keep.append(i)
-        yield step
-        if stopped is not None:
-            keep = [i for i in keep if not stopped(active[i])]
-        if not keep:
+            logits = method.decode_logits_batch(lm, group)
+            tokens: list[int | None] = []
+            for i, (key, row) in enumerate(zip(ids, group.rows, strict=True)):
+                if row.feed is not None:
+                    tokens.append(None)
+                    continue
+                spec = self._rows[key]
+                token = spec.sampling.pick(logits[i], spec.generator)
+                row.tokens.append(token)
+                row.feed = method.feed_after(lm, row)  # fed right after the token, in the next forward
+                tokens.append(token)
+        return tokens
+
+    def _prune(self) -> None:
+        """Rows that finished in the last step, or whose reader is gone, leave the batch (and the columns only they
+        used)."""
+        if self._group is None:
             return
-        if len(keep) < len(active):
-            batch.compact(keep)  # the finished rows leave, and the columns only they used
-            active = [active[i] for i in keep]
-            tokens = [tokens[i] for i in keep]
-        inputs, widths, fed = _next_inputs(lm, batch, tokens)
+        keep = self._keep
+        if self.stopped is not None:
+            keep = [i for i in keep if not self.stopped(self._ids[i])]
+        if not keep:
+            self._group, self._ids, self._last, self._keep = None, [], [], []
+            return
+        if len(keep) < len(self._ids):
+            self._group.compact(keep)  # the finished rows leave, and the columns only they used
+            self._ids = [self._ids[i] for i in keep]
+            self._last = [self._last[i] for i in keep]
+        self._keep = list(range(len(keep)))
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import torch
 
 import ccmem
 from ccmem.api import CompressedLM, generate_batch
-from ccmem.generation import Sampling, decode, decode_batch
+from ccmem.generation import DecodingBatch, Sampling, decode, decode_batch
 from ccmem.methods.base import Method
 from ccmem.registry import method_classes
 from tests.conftest import randomize_lora, tiny_model
@@ -360,3 +360,105 @@ def test_seeds_that_differ_above_32_bits_sample_differently_and_a_small_seed_sam
     assert draws(2**40) == draws(2**40)  # still a seed: it repeats
     legacy = torch.Generator().manual_seed(7)  # seeds below 2**32 keep the answers they gave before
     assert draws(7) == [Sampling(temperature=1.0).pick(logits, legacy) for _ in range(8)]
+
+
+# ---------------------------------------------------------------- rows joining a running batch
+
+
+def joined(lm, method, memories, starts, sampling=None, stop_ids=frozenset(), limits=LIMITS, stats=None):
+    """Each row decoded by one DecodingBatch that row b joins before step ``starts[b]``: the rows' tokens, and the
+    most rows one step decoded."""
+    batch = DecodingBatch(lm, method, stop_ids=stop_ids)
+    sampling = sampling or [Sampling()] * len(memories)
+    rows: dict[int, int] = {}  # batch id -> row
+    tokens: list[list[int]] = [[] for _ in memories]
+    widest, step = 0, 0
+    while len(rows) < len(memories) or batch.active:
+        for b, start in enumerate(starts):
+            if start == step:
+                s = stats[b] if stats else None
+                rows[batch.add(memories[b], torch.tensor([QUERIES[b]]), limits[b], sampling[b], s)] = b
+        if batch.active:
+            got = batch.step()
+            widest = max(widest, len(got))
+            for key, token in got.items():
+                if token is not None:
+                    tokens[rows[key]].append(token)
+        step += 1
+    return tokens, widest
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "gemma3", "gpt-neox"])
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("full", {}), ("ccm-concat", {"n_tok": 3}), ("ccm-merge", {"n_tok": 3}), ("streaming-llm", {"ratio": 0.5})],
+)
+def test_rows_that_join_a_running_batch_get_the_tokens_and_logits_they_get_alone(family, name, options):
+    """A server's request that comes while others decode joins their batch at the next step (continuous batching):
+    its query is read in a padded forward of its own, then its cache is laid beside theirs."""
+    lm = tiny_model(family)
+    method = method_for(name, lm, **options)
+    memories = [s.memory for s in sessions(lm, method)]
+    limits = [9, 3, 8, 12]  # row 1 finishes before row 3 joins; streaming-llm evicts while joined
+    alone, together = [Recording() for _ in memories], [Recording() for _ in memories]
+    alone_stats, together_stats = [{} for _ in memories], [{} for _ in memories]
+    single = [
+        list(decode(lm, method, m, torch.tensor([q]), k, sampling=s, stats=st))
+        for m, q, k, s, st in zip(memories, QUERIES, limits, alone, alone_stats, strict=True)
+    ]
+    tokens, widest = joined(lm, method, memories, [0, 2, 2, 5], together, limits=limits, stats=together_stats)
+    assert tokens == single and widest == 3  # rows 0, 2 and 3 decoded together once 3 joined
+    assert_same_logits(alone, together)
+    assert [st["peak_kv_bytes"] for st in together_stats] == [st["peak_kv_bytes"] for st in alone_stats]
+
+
+@pytest.mark.parametrize("case", cases(decode_batchable=True))
+def test_every_batchable_method_decodes_rows_that_join_as_one_at_a_time(case):
+    """The contract, with trained state and a stop token that ends some rows early; a row joining at step 1 meets
+    rows that already feed tokens of their method's own (ccm-reason)."""
+    lm = tiny_model()
+    method = ccmem.get_method(case.method, **case.options)
+    randomize_state(method, lm)
+    memories = [s.memory for s in sessions(lm, method)]
+    single = one_at_a_time(lm, method, memories)
+    stop = {single[2][1]}
+    expected = one_at_a_time(lm, method, memories, stop_ids=stop)
+    assert joined(lm, method, memories, [1, 0, 3, 1], stop_ids=stop)[0] == expected
+
+
+def test_sampled_rows_that_join_sample_as_they_do_alone():
+    lm = tiny_model("qwen2")
+    method = method_for("ccm-concat", lm, n_tok=2)
+    memories = [s.memory for s in sessions(lm, method)]
+    sampling = [Sampling(temperature=1.5, top_p=0.9, seed=seed) for seed in (3, 4, 5, 3)]
+    assert joined(lm, method, memories, [0, 1, 1, 4], sampling)[0] == one_at_a_time(lm, method, memories, sampling)
+
+
+def test_a_row_joins_a_sliding_window_batch_only_while_the_padding_fits_the_window():
+    lm = tiny_model("mistral-window")  # a window of 5 cache columns
+    method = ccmem.get_method("full")
+    empty = CompressedLM(lm, method, system_prompt=None).memory
+    batch = DecodingBatch(lm, method)
+    assert batch.fits(empty, torch.tensor([[3]]), 2)  # alone, any row fits
+    batch.add(empty, torch.tensor([[3]]), 2)
+    assert batch.fits(empty, torch.tensor([[4]]), 2)  # 1 + 2 and 1 + 2 columns: within the window
+    assert not batch.fits(empty, torch.tensor([[4, 5, 6]]), 3)  # padded to 1 + 6 columns: past it
+    batch.step()  # running: 2 columns, 1 more token to come
+    assert batch.fits(empty, torch.tensor([[4]]), 1) and not batch.fits(empty, torch.tensor([[4]]), 4)
+
+
+def test_a_decoding_batch_refuses_a_method_that_hooks_every_step_and_bad_rows_by_name():
+    lm = tiny_model()
+    full = type(ccmem.get_method("full"))
+    hooking = type("Hooking", (full,), {"decode_batchable": False})  # as a method whose decode_step is per row
+    with pytest.raises(ValueError, match=r"full \(it hooks every step\) cannot decode rows in one padded batch"):
+        DecodingBatch(lm, hooking())
+    method = ccmem.get_method("full")
+    batch = DecodingBatch(lm, method)
+    memory = CompressedLM(lm, method).memory
+    batch.add(memory, torch.tensor([[3]]), 2)
+    with pytest.raises(ValueError, match="query 1 holds token id 999"):
+        batch.add(memory, torch.tensor([[999]]), 2)
+    with pytest.raises(ValueError, match="max_new_tokens must be a whole number"):
+        batch.add(memory, torch.tensor([[3]]), 2.5)
+    assert batch.add(memory, torch.tensor([[3]]), 0) == 1 and batch.running == [0]  # 0 tokens: finished at once

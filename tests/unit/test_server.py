@@ -137,7 +137,7 @@ def test_a_failed_request_leaves_the_session_as_it_was(client, engine, monkeypat
     def broken(*args, **kwargs):
         raise RuntimeError("the model failed")
 
-    monkeypatch.setattr("ccmem.serve.engine.decode_batch", broken)
+    monkeypatch.setattr("ccmem.serve.engine.DecodingBatch.step", broken)
     with pytest.raises(RuntimeError):  # the test client re-raises server errors
         ask(client, [user("this one fails")], session="s")
     monkeypatch.undo()
@@ -631,6 +631,42 @@ def test_concurrent_requests_are_decoded_together_with_the_same_answers(tmp_path
     single = asyncio.run(one_by_one())
     assert max(engine.worker.batches) == 1
     assert [text for text, _ in batched] == [text for text, _ in single]
+    engine.close()
+
+
+def test_a_request_that_comes_while_another_decodes_joins_its_batch_with_the_same_answers(tmp_path, monkeypatch):
+    """Continuous batching: a request came while another decoded waited for that whole answer, so requests that
+    arrive apart (as clients do) never shared a forward. Now its memory is read between the running batch's steps
+    and it joins the batch; each answer is what it is alone."""
+    from ccmem.generation import DecodingBatch
+
+    engine = make_engine(tmp_path)
+    first, second = [user("w1 w2 w3")], [user("w4 w5 w6 w7 w8 w9")]
+    params = Params(max_new_tokens=12)
+
+    async def answer(messages):
+        result, pieces = await engine.chat("", messages, params)
+        return "".join([p async for p in pieces]), result.completion_tokens
+
+    alone = [asyncio.run(answer(first)), asyncio.run(answer(second))]
+    assert engine.worker.batches == [1, 1] and alone[0][1] == 12  # the first answer is long enough to join
+    step, started = DecodingBatch.step, threading.Event()
+
+    def slow_step(self):  # a step as slow as a real model's, so the second request comes mid-answer
+        started.set()
+        time.sleep(0.05)
+        return step(self)
+
+    monkeypatch.setattr(DecodingBatch, "step", slow_step)
+
+    async def apart():
+        running = asyncio.ensure_future(answer(first))
+        await asyncio.to_thread(started.wait)
+        return list(await asyncio.gather(running, answer(second)))
+
+    engine.worker.batches.clear()
+    assert asyncio.run(apart()) == alone
+    assert engine.worker.batches == [2]  # one batch, the second request joined it
     engine.close()
 
 

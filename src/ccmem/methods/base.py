@@ -180,6 +180,29 @@ class DecodeRows:
             gather = order[:, None, :, None].expand(b, h, width, d)
             layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
 
+    def joined(self, other: DecodeRows, room: int = 0) -> DecodeRows:
+        """These rows and ``other``'s (after them) in one batch: each cache left-padded to the wider of the two, so
+        every row keeps its entries in order, its newest in the last column. ``room``: entries each layer then
+        takes without copying itself (:class:`~ccmem.memory.RoomyLayer`)."""
+        ours, theirs = self.attention_mask.shape[1], other.attention_mask.shape[1]
+        width, n = max(ours, theirs), len(self.rows)
+        mask = self.attention_mask.new_zeros(n + len(other.rows), width)
+        mask[:n, width - ours :] = self.attention_mask
+        mask[n:, width - theirs :] = other.attention_mask
+        cache = Memory().to_cache(room)
+        if len(self.cache.layers) != len(other.cache.layers):
+            raise ValueError("rows joined into one batch must come from the same model")
+        for a, b in zip(self.cache.layers, other.cache.layers, strict=True):
+            kv = []
+            for x, y in ((a.keys, b.keys), (a.values, b.values)):
+                # padding is masked out but must be finite (a weight of 0 times NaN is NaN): zeros
+                t = x.new_zeros(len(mask), x.shape[1], width + room, x.shape[-1])
+                t[:n, :, width - ours : width] = x
+                t[n:, :, width - theirs : width] = y
+                kv.append(t)
+            cache.layers.append(RoomyLayer.holding(kv[0], kv[1], width, room))
+        return DecodeRows(cache=cache, attention_mask=mask, rows=[*self.rows, *other.rows])
+
 
 @dataclass
 class Method(ABC):

@@ -2,8 +2,9 @@
 
 One loaded model and method serve every request. All model work runs on one worker thread (a method is
 attached to the model per call, and two threads attaching at once would mix their hooks); requests wait on
-it without blocking the event loop. Generation requests that are waiting together are decoded together, one
-padded forward per step for all of them (:func:`ccmem.generation.decode_batch`).
+it without blocking the event loop. Generation requests are decoded together, one padded forward per step for
+all of them (:class:`ccmem.generation.DecodingBatch`); one that comes while others decode joins them at the next
+step (continuous batching), and the worker runs waiting calls and compressions between steps.
 
 How a request's messages meet the memory:
 
@@ -36,7 +37,7 @@ import torch
 
 from ccmem.api import CompressedLM, ContextTooLongError, add_batch, make_room
 from ccmem.chat import Message, TextStream
-from ccmem.generation import Sampling, decode_batch
+from ccmem.generation import DecodingBatch, Sampling, decode_batch
 from ccmem.memory import CompactMemory, Memory
 from ccmem.precision import AUTO, PrecisionRangeError, auto_storage, storage_name
 from ccmem.serve.sessions import BaseSessionStore, SessionError, SessionRecord, check_identity, settings_of
@@ -161,6 +162,9 @@ class ModelWorker:
         self._jobs: queue.Queue[_Call | _Fold | _Generate | None] = queue.Queue()
         self.batches: list[int] = []  # size of each decoded batch (for stats and tests)
         self.fold_batches: list[int] = []  # sessions compressing together
+        self._waiting: list[_Generate] = []  # answers to decode once the running batch ends
+        self._folding: list[_Fold] = []  # compressions held back while a batch decodes
+        self._rows: dict[int, _Generate] = {}  # the running batch's answers, by row id
         self._thread = threading.Thread(target=self._run, name="ccmem-model", daemon=True)
         self._thread.start()
 
@@ -228,27 +232,49 @@ class ModelWorker:
             job = self._jobs.get()
             if job is None:
                 return
-            jobs = [job]
-            with contextlib.suppress(queue.Empty):
-                while True:
-                    more = self._jobs.get_nowait()
-                    if more is None:
-                        self._jobs.put(None)
-                        break
-                    jobs.append(more)
-            for call in (j for j in jobs if isinstance(j, _Call)):
-                try:
-                    result = call.fn()
-                except BaseException as err:  # handed to the awaiting request, which turns it into a response
-                    call.done(None, err)
-                else:
-                    call.done(result, None)
-            folds = [j for j in jobs if isinstance(j, _Fold)]
-            if folds:
-                self._fold(folds)
-            waiting = [j for j in jobs if isinstance(j, _Generate)]
-            for start in range(0, len(waiting), self.max_batch):
-                self._decode(waiting[start : start + self.max_batch])
+            self._serve([job, *self._drain()])
+            while self._waiting or self._folding:
+                if self._folding:  # compressions held back while a batch decoded
+                    folds, self._folding = self._folding, []
+                    self._fold(folds)
+                if self._waiting:  # answers that could not join a running batch (full, or not exactly)
+                    waiting, self._waiting = self._waiting[: self.max_batch], self._waiting[self.max_batch :]
+                    self._decode(waiting)
+
+    def _drain(self) -> list[_Call | _Fold | _Generate]:
+        """The jobs queued now, without waiting (a ``None``, the close, is left queued for :meth:`_run`)."""
+        jobs: list[_Call | _Fold | _Generate] = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                more = self._jobs.get_nowait()
+                if more is None:
+                    self._jobs.put(None)
+                    break
+                jobs.append(more)
+        return jobs
+
+    def _serve(self, jobs: list[_Call | _Fold | _Generate], batch: DecodingBatch | None = None) -> None:
+        """Calls in arrival order, then the compressions together; answers join ``batch`` (decoding) where they
+        fit, else wait for :meth:`_run`.
+
+        While a batch decodes, compressions are held back until they are at least as many as the answers decoding:
+        one compression alone costs several decoding steps, and read together they cost little more than one
+        (the exchanges of a batch's answers finish at about the same time); under light load they still run at
+        the next step."""
+        for call in (j for j in jobs if isinstance(j, _Call)):
+            try:
+                result = call.fn()
+            except BaseException as err:  # handed to the awaiting request, which turns it into a response
+                call.done(None, err)
+            else:
+                call.done(result, None)
+        self._folding += [j for j in jobs if isinstance(j, _Fold)]
+        if self._folding and (batch is None or len(self._folding) >= len(self._rows)):
+            folds, self._folding = self._folding, []
+            self._fold(folds)
+        for job in (j for j in jobs if isinstance(j, _Generate)):
+            if batch is None or not self._join(batch, job):
+                self._waiting.append(job)
 
     def _fold(self, jobs: list[_Fold]) -> None:
         """Step t compresses the t-th group of every job that has one, up to ``max_batch`` sessions per read."""
@@ -270,17 +296,49 @@ class ModelWorker:
             job.done(None, failed.get(i))
 
     def _decode(self, jobs: list[_Generate]) -> None:
+        """Decode ``jobs`` in one batch; between its steps, run the calls and compressions that came meanwhile and
+        let new answers join it (continuous batching), so requests that arrive apart still share forwards."""
+        lm, method = self.session.lm, self.session.method
+        if not method.decode_batchable or lm.is_encoder_decoder:
+            self._decode_apart(jobs)
+            return
+        batch = DecodingBatch(lm, method, stop_ids=self.stop_ids, stopped=self._stopped)
+        self._rows = {}
+        for job in jobs:
+            if not self._join(batch, job):
+                self._waiting.append(job)
+        if not self._rows:
+            return
+        self.batches.append(len(self._rows))  # the most rows it decodes at once, kept up to date as rows join
+        try:
+            while batch.active:
+                for key, token in batch.step().items():
+                    if token is not None:
+                        self._rows[key].emit(token)
+                running = set(batch.running)
+                for key in [k for k in self._rows if k not in running]:
+                    self._rows.pop(key).emit(None)  # finished: its reader need not wait for the others
+                self._serve(self._drain(), batch)
+                self.batches[-1] = max(self.batches[-1], len(self._rows))
+        except BaseException as err:
+            for job in self._rows.values():
+                job.emit(err)
+        finally:
+            self._rows = {}
+
+    def _decode_apart(self, jobs: list[_Generate]) -> None:
+        """Decode ``jobs`` with a method that cannot share a padded forward (it hooks each step) or an
+        encoder-decoder model: :func:`decode_batch` steps them one by one, side by side; none joins meanwhile."""
         for job in (j for j in jobs if j.cancelled.is_set()):  # its reader left before it began
             job.emit(None)
         jobs = [j for j in jobs if not j.cancelled.is_set()]
         if not jobs:
             return
         self.batches.append(len(jobs))
-        lm, method = self.session.lm, self.session.method
         try:
             steps = decode_batch(
-                lm,
-                method,
+                self.session.lm,
+                self.session.method,
                 [j.memory for j in jobs],
                 [j.query for j in jobs],
                 [j.limit for j in jobs],
@@ -298,6 +356,28 @@ class ModelWorker:
             return
         for job in jobs:
             job.emit(None)
+
+    def _stopped(self, key: int) -> bool:
+        job = self._rows.get(key)
+        return job is None or job.cancelled.is_set()
+
+    def _join(self, batch: DecodingBatch, job: _Generate) -> bool:
+        """Add ``job`` to ``batch`` if it has room and the row fits it exactly; False where it must wait. A job whose
+        reader already left is finished at once, one whose row is refused gets the error."""
+        if job.cancelled.is_set():  # its reader left before it began
+            job.emit(None)
+            return True
+        if len(self._rows) >= self.max_batch:
+            return False
+        if self._rows and not batch.fits(job.memory, job.query, job.limit):  # alone, a row always fits
+            return False
+        try:
+            key = batch.add(job.memory, job.query, job.limit, job.sampling)
+        except BaseException as err:
+            job.emit(err)
+            return True
+        self._rows[key] = job
+        return True
 
 
 # ---------------------------------------------------------------- the engine
