@@ -475,7 +475,13 @@ def serve(
         int, typer.Option("--max-sessions", min=1, help="The most sessions the store may hold, all tokens together.")
     ] = 1000,
     max_batch: Annotated[
-        int, typer.Option("--max-batch", min=1, help="Generation requests of different sessions decoded together.")
+        int,
+        typer.Option(
+            "--max-batch",
+            min=1,
+            help="The most generation requests of different sessions decoded together (a request that comes while "
+            "a batch decodes joins it up to this many).",
+        ),
     ] = 8,
     log_level: Annotated[
         Literal["critical", "error", "warning", "info", "debug", "trace"],

@@ -670,6 +670,43 @@ def test_a_request_that_comes_while_another_decodes_joins_its_batch_with_the_sam
     engine.close()
 
 
+def test_a_compression_held_back_while_a_batch_decodes_runs_within_a_bounded_number_of_steps(tmp_path, monkeypatch):
+    """A request whose earlier messages must be compressed first waits while fewer compressions than answers are
+    pending, but not for the whole batch: after FOLD_WAIT_STEPS steps it runs, and the request joins the batch."""
+    import ccmem.serve.engine as engine_module
+    from ccmem.generation import DecodingBatch
+
+    engine = make_engine(tmp_path)
+    params = Params(max_new_tokens=16)
+    history = [user("w1 w2"), assistant("w3"), user("w4 w5 w6")]
+
+    async def answer(messages):
+        result, pieces = await engine.chat("", messages, params)
+        return "".join([p async for p in pieces]), result.completion_tokens
+
+    alone = [asyncio.run(answer([user(f"w{i} w{i + 1}")])) for i in (7, 9)]
+    assert [n for _, n in alone] == [16, 16]  # both decode to the limit: the batch runs 16 steps
+    step, started = DecodingBatch.step, threading.Event()
+
+    def slow_step(self):
+        started.set()
+        time.sleep(0.05)
+        return step(self)
+
+    monkeypatch.setattr(DecodingBatch, "step", slow_step)
+    monkeypatch.setattr(engine_module, "FOLD_WAIT_STEPS", 2)
+
+    async def apart():
+        running = [asyncio.ensure_future(answer([user(f"w{i} w{i + 1}")])) for i in (7, 9)]
+        await asyncio.to_thread(started.wait)
+        return await asyncio.gather(*running, answer(history))
+
+    engine.worker.batches.clear()
+    got = asyncio.run(apart())
+    assert got[:2] == alone and engine.worker.batches == [3]  # its history compressed mid-batch, then it joined
+    engine.close()
+
+
 def test_sessions_compressing_at_once_get_the_memories_they_get_one_at_a_time(tmp_path):
     """Exchanges of different sessions finished together are compressed in one padded read (ccm add_batch)."""
     params = Params(max_new_tokens=4)

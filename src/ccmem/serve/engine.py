@@ -151,9 +151,14 @@ class _Generate:
         self.cancelled = cancelled  # set by the reader once it wants no more tokens: the row leaves the batch
 
 
+#: The most decoding steps a compression waits for others to be read with it while a batch decodes.
+FOLD_WAIT_STEPS = 16
+
+
 class ModelWorker:
     """The one thread that runs the model: calls in arrival order, then the waiting compressions read together,
-    then the waiting generations decoded together."""
+    then the waiting generations decoded together; generations that come while a batch decodes join it between
+    its steps (:meth:`_decode`)."""
 
     def __init__(self, session: CompressedLM, max_batch: int):
         self.session = session
@@ -164,6 +169,7 @@ class ModelWorker:
         self.fold_batches: list[int] = []  # sessions compressing together
         self._waiting: list[_Generate] = []  # answers to decode once the running batch ends
         self._folding: list[_Fold] = []  # compressions held back while a batch decodes
+        self._held = 0  # steps the oldest of them has waited
         self._rows: dict[int, _Generate] = {}  # the running batch's answers, by row id
         self._thread = threading.Thread(target=self._run, name="ccmem-model", daemon=True)
         self._thread.start()
@@ -257,10 +263,10 @@ class ModelWorker:
         """Calls in arrival order, then the compressions together; answers join ``batch`` (decoding) where they
         fit, else wait for :meth:`_run`.
 
-        While a batch decodes, compressions are held back until they are at least as many as the answers decoding:
-        one compression alone costs several decoding steps, and read together they cost little more than one
-        (the exchanges of a batch's answers finish at about the same time); under light load they still run at
-        the next step."""
+        While a batch decodes, compressions are held back until they are at least as many as the answers decoding,
+        or for :data:`FOLD_WAIT_STEPS` steps at most: one compression alone costs several decoding steps, and read
+        together they cost little more than one (the exchanges of a batch's answers finish at about the same time);
+        under light load they still run at the next step."""
         for call in (j for j in jobs if isinstance(j, _Call)):
             try:
                 result = call.fn()
@@ -269,8 +275,9 @@ class ModelWorker:
             else:
                 call.done(result, None)
         self._folding += [j for j in jobs if isinstance(j, _Fold)]
-        if self._folding and (batch is None or len(self._folding) >= len(self._rows)):
-            folds, self._folding = self._folding, []
+        self._held = self._held + 1 if self._folding and batch is not None else 0
+        if self._folding and (batch is None or len(self._folding) >= len(self._rows) or self._held > FOLD_WAIT_STEPS):
+            folds, self._folding, self._held = self._folding, [], 0
             self._fold(folds)
         for job in (j for j in jobs if isinstance(j, _Generate)):
             if batch is None or not self._join(batch, job):
