@@ -670,6 +670,41 @@ def test_a_request_that_comes_while_another_decodes_joins_its_batch_with_the_sam
     engine.close()
 
 
+def test_a_request_waiting_for_a_full_batch_takes_the_place_of_the_first_answer_that_finishes(tmp_path, monkeypatch):
+    """With --max-batch rows decoding, a new request waited for the whole batch to end; now it joins as soon as a
+    row leaves."""
+    from ccmem.generation import DecodingBatch
+
+    engine = make_engine(tmp_path, max_batch=2)
+    short, long = Params(max_new_tokens=3), Params(max_new_tokens=16)
+
+    async def answer(messages, params):
+        result, pieces = await engine.chat("", messages, params)
+        return "".join([p async for p in pieces]), result.completion_tokens
+
+    jobs = [([user("w1 w2")], short), ([user("w3 w4")], long), ([user("w5 w6")], long)]
+    alone = [asyncio.run(answer(m, p)) for m, p in jobs]
+    assert [n for _, n in alone] == [3, 16, 16]
+    step, started = DecodingBatch.step, threading.Event()
+
+    def slow_step(self):
+        started.set()
+        time.sleep(0.05)
+        return step(self)
+
+    monkeypatch.setattr(DecodingBatch, "step", slow_step)
+
+    async def three():
+        running = [asyncio.ensure_future(answer(m, p)) for m, p in jobs[:2]]
+        await asyncio.to_thread(started.wait)
+        return await asyncio.gather(*running, answer(*jobs[2]))
+
+    engine.worker.batches.clear()
+    assert asyncio.run(three()) == alone
+    assert engine.worker.batches == [2]  # one batch, never more than 2 rows: the third took the first's place
+    engine.close()
+
+
 def test_a_compression_held_back_while_a_batch_decodes_runs_within_a_bounded_number_of_steps(tmp_path, monkeypatch):
     """A request whose earlier messages must be compressed first waits while fewer compressions than answers are
     pending, but not for the whole batch: after FOLD_WAIT_STEPS steps it runs, and the request joins the batch."""

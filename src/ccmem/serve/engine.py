@@ -244,8 +244,7 @@ class ModelWorker:
                     folds, self._folding = self._folding, []
                     self._fold(folds)
                 if self._waiting:  # answers that could not join a running batch (full, or not exactly)
-                    waiting, self._waiting = self._waiting[: self.max_batch], self._waiting[self.max_batch :]
-                    self._decode(waiting)
+                    self._decode()
 
     def _drain(self) -> list[_Call | _Fold | _Generate]:
         """The jobs queued now, without waiting (a ``None``, the close, is left queued for :meth:`_run`)."""
@@ -279,9 +278,9 @@ class ModelWorker:
         if self._folding and (batch is None or len(self._folding) >= len(self._rows) or self._held > FOLD_WAIT_STEPS):
             folds, self._folding, self._held = self._folding, [], 0
             self._fold(folds)
-        for job in (j for j in jobs if isinstance(j, _Generate)):
-            if batch is None or not self._join(batch, job):
-                self._waiting.append(job)
+        self._waiting += [j for j in jobs if isinstance(j, _Generate)]
+        if batch is not None:  # in arrival order, as many as the batch has room for and fit it
+            self._waiting = [job for job in self._waiting if not self._join(batch, job)]
 
     def _fold(self, jobs: list[_Fold]) -> None:
         """Step t compresses the t-th group of every job that has one, up to ``max_batch`` sessions per read."""
@@ -302,18 +301,18 @@ class ModelWorker:
         for i, job in enumerate(jobs):
             job.done(None, failed.get(i))
 
-    def _decode(self, jobs: list[_Generate]) -> None:
-        """Decode ``jobs`` in one batch; between its steps, run the calls and compressions that came meanwhile and
-        let new answers join it (continuous batching), so requests that arrive apart still share forwards."""
+    def _decode(self) -> None:
+        """Decode the waiting answers in one batch; between its steps, run the calls and compressions that came
+        meanwhile and let waiting answers join it as rows finish (continuous batching), so requests that arrive
+        apart still share forwards."""
         lm, method = self.session.lm, self.session.method
         if not method.decode_batchable or lm.is_encoder_decoder:
+            jobs, self._waiting = self._waiting[: self.max_batch], self._waiting[self.max_batch :]
             self._decode_apart(jobs)
             return
         batch = DecodingBatch(lm, method, stop_ids=self.stop_ids, stopped=self._stopped)
         self._rows = {}
-        for job in jobs:
-            if not self._join(batch, job):
-                self._waiting.append(job)
+        self._waiting = [job for job in self._waiting if not self._join(batch, job)]
         if not self._rows:
             return
         self.batches.append(len(self._rows))  # the most rows it decodes at once, kept up to date as rows join
