@@ -634,12 +634,26 @@ def test_concurrent_requests_are_decoded_together_with_the_same_answers(tmp_path
     engine.close()
 
 
+def slow_steps(monkeypatch) -> threading.Event:
+    """Make each batched decoding step as slow as a real model's (50 ms), so that requests sent after the first
+    step has begun (the event returned) come while a batch decodes."""
+    from ccmem.generation import DecodingBatch
+
+    step, started = DecodingBatch.step, threading.Event()
+
+    def slow_step(self):
+        started.set()
+        time.sleep(0.05)
+        return step(self)
+
+    monkeypatch.setattr(DecodingBatch, "step", slow_step)
+    return started
+
+
 def test_a_request_that_comes_while_another_decodes_joins_its_batch_with_the_same_answers(tmp_path, monkeypatch):
     """Continuous batching: a request came while another decoded waited for that whole answer, so requests that
     arrive apart (as clients do) never shared a forward. Now its memory is read between the running batch's steps
     and it joins the batch; each answer is what it is alone."""
-    from ccmem.generation import DecodingBatch
-
     engine = make_engine(tmp_path)
     first, second = [user("w1 w2 w3")], [user("w4 w5 w6 w7 w8 w9")]
     params = Params(max_new_tokens=12)
@@ -650,14 +664,7 @@ def test_a_request_that_comes_while_another_decodes_joins_its_batch_with_the_sam
 
     alone = [asyncio.run(answer(first)), asyncio.run(answer(second))]
     assert engine.worker.batches == [1, 1] and alone[0][1] == 12  # the first answer is long enough to join
-    step, started = DecodingBatch.step, threading.Event()
-
-    def slow_step(self):  # a step as slow as a real model's, so the second request comes mid-answer
-        started.set()
-        time.sleep(0.05)
-        return step(self)
-
-    monkeypatch.setattr(DecodingBatch, "step", slow_step)
+    started = slow_steps(monkeypatch)
 
     async def apart():
         running = asyncio.ensure_future(answer(first))
@@ -673,8 +680,6 @@ def test_a_request_that_comes_while_another_decodes_joins_its_batch_with_the_sam
 def test_a_request_waiting_for_a_full_batch_takes_the_place_of_the_first_answer_that_finishes(tmp_path, monkeypatch):
     """With --max-batch rows decoding, a new request waited for the whole batch to end; now it joins as soon as a
     row leaves."""
-    from ccmem.generation import DecodingBatch
-
     engine = make_engine(tmp_path, max_batch=2)
     short, long = Params(max_new_tokens=3), Params(max_new_tokens=16)
 
@@ -685,14 +690,7 @@ def test_a_request_waiting_for_a_full_batch_takes_the_place_of_the_first_answer_
     jobs = [([user("w1 w2")], short), ([user("w3 w4")], long), ([user("w5 w6")], long)]
     alone = [asyncio.run(answer(m, p)) for m, p in jobs]
     assert [n for _, n in alone] == [3, 16, 16]
-    step, started = DecodingBatch.step, threading.Event()
-
-    def slow_step(self):
-        started.set()
-        time.sleep(0.05)
-        return step(self)
-
-    monkeypatch.setattr(DecodingBatch, "step", slow_step)
+    started = slow_steps(monkeypatch)
 
     async def three():
         running = [asyncio.ensure_future(answer(m, p)) for m, p in jobs[:2]]
@@ -709,7 +707,6 @@ def test_a_compression_held_back_while_a_batch_decodes_runs_within_a_bounded_num
     """A request whose earlier messages must be compressed first waits while fewer compressions than answers are
     pending, but not for the whole batch: after FOLD_WAIT_STEPS steps it runs, and the request joins the batch."""
     import ccmem.serve.engine as engine_module
-    from ccmem.generation import DecodingBatch
 
     engine = make_engine(tmp_path)
     params = Params(max_new_tokens=16)
@@ -721,14 +718,7 @@ def test_a_compression_held_back_while_a_batch_decodes_runs_within_a_bounded_num
 
     alone = [asyncio.run(answer([user(f"w{i} w{i + 1}")])) for i in (7, 9)]
     assert [n for _, n in alone] == [16, 16]  # both decode to the limit: the batch runs 16 steps
-    step, started = DecodingBatch.step, threading.Event()
-
-    def slow_step(self):
-        started.set()
-        time.sleep(0.05)
-        return step(self)
-
-    monkeypatch.setattr(DecodingBatch, "step", slow_step)
+    started = slow_steps(monkeypatch)
     monkeypatch.setattr(engine_module, "FOLD_WAIT_STEPS", 2)
 
     async def apart():
