@@ -7,12 +7,16 @@ both accept and refuse the same things with the same words.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import types
 import typing
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
+
+logger = logging.getLogger(__name__)
 
 
 class OptionError(ValueError):
@@ -57,8 +61,21 @@ def parse_pairs(pairs: list[str], flag: str = "-O") -> dict[str, Any]:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
             raise OptionError(f"{flag} {pair!r} must look like KEY=VALUE, e.g. {flag} n_tok=2")
-        options[key.strip()] = parse_value(raw)  # given twice: the last one counts, as for any command-line flag
+        options[key.strip()] = parse_value(raw)
+    say_repeated(pairs, flag)
     return options
+
+
+def say_repeated(pairs: Sequence[str], flag: str) -> None:
+    """Warn where one key is given two different values: the last one counts, as for any command-line flag (a
+    script may append an override to a command), but a typed command rarely means both."""
+    seen: dict[str, str] = {}
+    for pair in pairs:
+        key, _, raw = pair.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if key in seen and seen[key] != raw:
+            logger.warning("%s %s is given twice (%s, then %s): the last one counts", flag, key, seen[key], raw)
+        seen[key] = raw
 
 
 def _allows(kind: Any, wanted: type) -> bool:

@@ -499,6 +499,19 @@ def test_an_option_is_given_as_methods_shows_it_or_as_a_fraction():
     }  # fmt: skip
 
 
+def test_an_option_given_twice_with_two_values_is_said_and_the_last_one_counts(caplog):
+    from ccmem.options import parse_pairs
+    from ccmem.train.config import load_config
+
+    assert parse_pairs(["ratio=0.25", "n_tok=2", "ratio=0.5"]) == {"ratio": 0.5, "n_tok": 2}
+    assert "-O ratio is given twice (0.25, then 0.5): the last one counts" in caplog.text
+    caplog.clear()
+    assert parse_pairs(["ratio=0.5", "ratio= 0.5"]) == {"ratio": 0.5} and not caplog.text  # the same value: quiet
+    config = load_config("persona-ccm-concat", ["train.max_steps=10", "train.max_steps=20"])
+    assert config.train.max_steps == 20
+    assert "override train.max_steps is given twice (10, then 20): the last one counts" in caplog.text
+
+
 def test_demo_is_readable_in_an_80_column_terminal(monkeypatch, capsys, tiny_model_dir):
     monkeypatch.setattr(cli, "console", Console(width=80, force_terminal=False))
     methods = "full,none,expected-attention,streaming-llm"

@@ -25,7 +25,7 @@ import yaml
 
 from ccmem.chat import DEFAULT_SYSTEM_PROMPT
 from ccmem.loading import ATTN_IMPLEMENTATIONS, DEFAULT_MODEL
-from ccmem.options import OptionError, coerce, parse_value
+from ccmem.options import OptionError, coerce, parse_value, say_repeated
 from ccmem.registry import DEFAULT_METHOD, METHODS, check_options, get_method, method_class, method_classes
 
 logger = logging.getLogger(__name__)
@@ -478,6 +478,7 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
         if not config.run_id:
             config.run_id = path.stem
     given = dict(parse_override(o) for o in overrides)
+    say_repeated(overrides, "override")
     config = _apply(config, given)
     _expand_home(config)
     if not config.run_id:
