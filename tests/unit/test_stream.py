@@ -605,7 +605,7 @@ def test_a_concat_adapter_that_keeps_raw_tokens_is_refused_before_any_work(tmp_p
 
 def test_a_text_shorter_than_one_context_is_said_and_gives_no_peak_ratio(tmp_path, caplog):
     """6 tokens read as "2 contexts" printed a met target (peak ratio 1.00) with no word that the text ran out."""
-    from ccmem.eval.stream import StreamSettings, run_stream
+    from ccmem.eval.stream import StreamSettings, markdown, run_stream
 
     lm = tiny_model(positions=48)
     text = tmp_path / "short.txt"
@@ -617,6 +617,9 @@ def test_a_text_shorter_than_one_context_is_said_and_gives_no_peak_ratio(tmp_pat
         (row,) = run_stream(lm, settings)
     assert row.tokens < 48 and row.peak_ratio is None
     assert "fewer than the 2 contexts asked (--contexts); past no context, so no peak ratio" in caplog.text
+    share = f"{row.tokens / 48:.3g}x"  # a share of a context, not rounded to "0.0 x"
+    assert f"{row.tokens} tokens, {share} a context of 48" in caplog.text
+    assert f"{row.tokens} tokens = {share} a context of 48 positions" in markdown([row])
 
 
 def test_a_stream_whose_last_token_is_left_unread_still_has_a_peak_ratio():

@@ -454,7 +454,7 @@ def run_stream(
     ids, source = stream_text(lm.tokenizer, settings.text, wanted)
     if len(ids) < wanted:
         logger.warning(
-            "%s holds %d tokens, %.1f x a context of %d: fewer than the %g contexts asked (--contexts)%s",
+            "%s holds %d tokens, %.3gx a context of %d: fewer than the %g contexts asked (--contexts)%s",
             source, len(ids), len(ids) / limit, limit, settings.contexts,
             "; past no context, so no peak ratio" if len(ids) <= limit else "",
         )  # fmt: skip
@@ -498,8 +498,7 @@ def markdown(rows: list[StreamRow]) -> str:
         return ""
     r0 = rows[0]
     lines = [
-        f"{r0.model}; {r0.text}; {r0.tokens} tokens = {r0.tokens / r0.max_positions:.1f} x a context of "
-        f"{r0.max_positions} positions.\n",
+        f"{r0.model}; {r0.text}; {r0.tokens} tokens = {_times(r0)} a context of {r0.max_positions} positions.\n",
         "| method | adapter | sink / compressed / window | kept slots | kept KiB | peak KV KiB "
         f"| peak {_times(r0)} / 1x | ppl 1st context | ppl after | ppl all | tokens/s | note |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
