@@ -170,18 +170,21 @@ def main(argv: list[str] | None = None) -> int:
                 "leaks": leaks,
                 "secret_recalled": f"{recalled}/{args.clients}",
                 "largest_batch": engine.stats()["largest_batch"],
+                "answers_per_step": engine.stats()["answers_per_step"],
             }
         )
         for e in errors[:5]:
             print("error:", e, file=sys.stderr)
 
-        speeds = {}
+        speeds, occupancy = {}, {}
         for mode, offset in (("one at a time", args.clients), ("together", args.clients + args.batch_sessions)):
             group = plans(f"batch-{mode[:3]}-", args.batch_sessions, offset)
+            steps, stepped = engine.worker.steps, engine.worker.rows_stepped
             out, secs = asyncio.run(
                 run_clients(server.url, model_id, group, args.max_tokens, together=mode == "together")
             )
             speeds[mode] = sum(r["tokens"] for r in out) / secs
+            occupancy[mode] = (engine.worker.rows_stepped - stepped) / max(1, engine.worker.steps - steps)
         rows.append(
             {
                 "benchmark": "serve-batching",
@@ -191,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                 "tokens_per_s_one_at_a_time": round(speeds["one at a time"], 1),
                 "tokens_per_s_together": round(speeds["together"], 1),
                 "ratio": round(speeds["together"] / speeds["one at a time"], 2),
+                "answers_per_step_together": round(occupancy["together"], 2),  # 1.0 one at a time
             }
         )
     engine.close()

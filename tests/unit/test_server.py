@@ -664,6 +664,7 @@ def test_a_request_that_comes_while_another_decodes_joins_its_batch_with_the_sam
 
     alone = [asyncio.run(answer(first)), asyncio.run(answer(second))]
     assert engine.worker.batches == [1, 1] and alone[0][1] == 12  # the first answer is long enough to join
+    assert engine.stats()["answers_per_step"] == 1.0
     started = slow_steps(monkeypatch)
 
     async def apart():
@@ -674,6 +675,7 @@ def test_a_request_that_comes_while_another_decodes_joins_its_batch_with_the_sam
     engine.worker.batches.clear()
     assert asyncio.run(apart()) == alone
     assert engine.worker.batches == [2]  # one batch, the second request joined it
+    assert 1.0 < engine.stats()["answers_per_step"] < 2.0  # steps shared, over all the answers of this engine
     engine.close()
 
 

@@ -167,6 +167,8 @@ class ModelWorker:
         self._jobs: queue.Queue[_Call | _Fold | _Generate | None] = queue.Queue()
         self.batches: list[int] = []  # size of each decoded batch (for stats and tests)
         self.fold_batches: list[int] = []  # sessions compressing together
+        self.steps = 0  # batched decoding steps run
+        self.rows_stepped = 0  # answers decoded in them, summed: rows_stepped / steps is a batch's mean occupancy
         self._waiting: list[_Generate] = []  # answers to decode once the running batch ends
         self._folding: list[_Fold] = []  # compressions held back while a batch decodes
         self._held = 0  # steps the oldest of them has waited
@@ -318,7 +320,10 @@ class ModelWorker:
         self.batches.append(len(self._rows))  # the most rows it decodes at once, kept up to date as rows join
         try:
             while batch.active:
-                for key, token in batch.step().items():
+                tokens = batch.step()
+                self.steps += 1
+                self.rows_stepped += len(tokens)
+                for key, token in tokens.items():
                     if token is not None:
                         self._rows[key].emit(token)
                 running = set(batch.running)
@@ -798,6 +803,8 @@ class Engine:
             "prefix_cache": len(self._prefixes),
             "batches": len(self.worker.batches),
             "largest_batch": max(self.worker.batches, default=0),
+            # how full decoding steps are, on average: what continuous batching keeps up (1.0: one answer at a time)
+            "answers_per_step": round(self.worker.rows_stepped / self.worker.steps, 2) if self.worker.steps else 0.0,
         }
 
 
