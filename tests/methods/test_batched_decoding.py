@@ -462,3 +462,39 @@ def test_a_decoding_batch_refuses_a_method_that_hooks_every_step_and_bad_rows_by
     with pytest.raises(ValueError, match="max_new_tokens must be a whole number"):
         batch.add(memory, torch.tensor([[3]]), 2.5)
     assert batch.add(memory, torch.tensor([[3]]), 0) == 1 and batch.running == [0]  # 0 tokens: finished at once
+
+
+@pytest.mark.parametrize("name", ["ccm-concat", "streaming-llm"])
+def test_many_rows_joining_and_leaving_at_random_steps_decode_as_alone(name):
+    """Rows come at random steps (into a running batch, or after every row has left), with random lengths and a
+    stop token; each gets its own tokens."""
+    import random
+
+    rng = random.Random(7)
+    lm = tiny_model()
+    method = method_for(name, lm, **({"ratio": 0.5} if name == "streaming-llm" else {"n_tok": 2}))
+    base = sessions(lm, method)
+    picks = [rng.randrange(len(base)) for _ in range(8)]
+    memories = [base[p].memory for p in picks]
+    queries = [QUERIES[p] for p in picks]
+    limits = [rng.randint(1, 10) for _ in picks]
+    starts = sorted(rng.randint(0, 14) for _ in picks)
+    single = [
+        list(decode(lm, method, m, torch.tensor([q]), k)) for m, q, k in zip(memories, queries, limits, strict=True)
+    ]
+    stop = {single[0][0]}  # some rows meet it early
+    expected = [
+        list(decode(lm, method, m, torch.tensor([q]), k, stop_ids=stop))
+        for m, q, k in zip(memories, queries, limits, strict=True)
+    ]
+    batch = DecodingBatch(lm, method, stop_ids=stop)
+    rows, tokens, step = {}, [[] for _ in picks], 0
+    while len(rows) < len(picks) or batch.active:
+        for b, start in enumerate(starts):
+            if start == step:
+                rows[batch.add(memories[b], torch.tensor([queries[b]]), limits[b])] = b
+        for key, token in (batch.step() if batch.active else {}).items():
+            if token is not None:
+                tokens[rows[key]].append(token)
+        step += 1
+    assert tokens == expected
