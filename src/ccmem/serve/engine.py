@@ -243,7 +243,7 @@ class ModelWorker:
             self._serve([job, *self._drain()])
             while self._waiting or self._folding:
                 if self._folding:  # compressions held back while a batch decoded
-                    folds, self._folding = self._folding, []
+                    folds, self._folding, self._held = self._folding, [], 0
                     self._fold(folds)
                 if self._waiting:  # answers that could not join a running batch (full, or not exactly)
                     self._decode()
