@@ -297,12 +297,17 @@ def _padding_exact(
     session at a time). On a sliding-window model the padding between a row's memory and its query counts against
     the window: exact while the longest row, answer included, fits in it; a method that feeds tokens of its own
     while decoding (ccm-reason's <COMP>) grows rows by more than the answer, so it decodes row by row there."""
+    slots = [max(m.slots_per_layer, default=0) for m in memories]
+    return _exact(lm, method, slots, [int(q.shape[1]) + k for q, k in zip(queries, limits, strict=True)])
+
+
+def _exact(lm: LoadedModel, method: Method, slots: list[int], extents: list[int]) -> bool:
+    """:func:`_padding_exact` for rows of ``slots`` cache columns, each still to read ``extents`` more positions."""
     if lm.is_encoder_decoder:
         return False
     if lm.sliding_window is not None and type(method).decode_logits_batch is not Method.decode_logits_batch:
         return False
-    slots = [max(m.slots_per_layer, default=0) for m in memories]
-    return padding_is_exact(lm, slots, [int(q.shape[1]) + k for q, k in zip(queries, limits, strict=True)])
+    return padding_is_exact(lm, slots, extents)
 
 
 def _per_row(value: T | Sequence[T], n: int, name: str) -> list[T]:
@@ -346,7 +351,12 @@ class _Row:
     sampling: Sampling
     generator: torch.Generator
     stats: dict[str, Any] | None
-    count: int = 0
+    count: int = 0  # tokens given so far
+
+    @property
+    def left(self) -> int:
+        """Tokens it may still give."""
+        return self.limit - self.count
 
 
 class DecodingBatch:
@@ -358,8 +368,9 @@ class DecodingBatch:
     the running rows' forward of their next tokens, then joins them to the running rows
     (:meth:`~ccmem.methods.base.DecodeRows.joined`). Every row gets the tokens it would get decoded alone. A row
     leaves when it gives a stop token or its ``max_new_tokens``, or where ``stopped(row)`` says so (asked before
-    every step: its reader is gone). Join only rows that :meth:`fits` (a method that cannot decode in a batch, or
-    padding a sliding window would not hold, decodes them on their own: :func:`decode`).
+    every step: its reader is gone). Join only rows that :meth:`fits`: on a sliding-window model, a row whose
+    padding the window would not hold waits for another batch. A method that cannot decode in a batch (it hooks
+    every step) or an encoder-decoder model is refused: :func:`decode_batch` steps such rows one by one.
     """
 
     def __init__(
@@ -413,17 +424,13 @@ class DecodingBatch:
     def fits(self, memory: Memory, query: torch.Tensor, max_new_tokens: int) -> bool:
         """Whether a row of ``memory`` and ``query`` decoding up to ``max_new_tokens`` can join these rows and still
         get its own tokens (and they theirs)."""
-        if self.lm.sliding_window is None:
-            return True
-        if type(self.method).decode_logits_batch is not Method.decode_logits_batch:
-            return False
         rows = [self._rows[i] for i in self._queued]
         slots = [max(r.memory.slots_per_layer, default=0) for r in rows] + [max(memory.slots_per_layer, default=0)]
         extents = [int(r.query.shape[1]) + r.limit for r in rows] + [int(query.shape[1]) + max_new_tokens]
         if self._group is not None:  # its columns so far and the most any running row still adds
             slots.append(int(self._group.attention_mask.shape[1]) + 1)
-            extents.append(max(self._rows[i].limit - self._rows[i].count for i in self._ids))
-        return padding_is_exact(self.lm, slots, extents)
+            extents.append(max(self._rows[i].left for i in self._ids))
+        return _exact(self.lm, self.method, slots, extents)
 
     @property
     def running(self) -> list[int]:
@@ -463,7 +470,7 @@ class DecodingBatch:
             if self._group is None:
                 self._group = group
             else:
-                left = max(self._rows[i].limit - self._rows[i].count for i in [*self._ids, *joining])
+                left = max(self._rows[i].left for i in [*self._ids, *joining])
                 self._group = self._group.joined(group, room=min(left, ROOM))
             self._ids = [*self._ids, *joining]
         out: dict[int, int | None] = {}
